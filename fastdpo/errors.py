@@ -1,0 +1,70 @@
+"""Errors a user can cause, each with where it happened and how to fix it.
+
+    DataError: row 17, column 'chosen': is empty — drop the row or run 'fastdpo data filter'
+
+Both subclass ``ValueError`` so code that already catches ``ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class _UserError(ValueError):
+    """An error in the user's data or settings: a message, and optionally the row, the column and a fix."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        row: int | None = None,
+        column: str | None = None,
+        fix: str | None = None,
+    ) -> None:
+        self.message = message
+        self.row = row
+        self.column = column
+        self.fix = fix
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = []
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.column is not None:
+            where.append(f"column '{self.column}'")
+        text = f"{', '.join(where)}: {self.message}" if where else self.message
+        if self.fix:
+            text = f"{text} — {self.fix}"
+        return text
+
+    def __reduce__(self):
+        # Keep the fields when the error crosses a process boundary (dataloader workers, multiprocessing)
+        return (_rebuild, (type(self), self.message, self.row, self.column, self.fix))
+
+
+def _rebuild(cls, message, row, column, fix):
+    return cls(message, row=row, column=column, fix=fix)
+
+
+class DataError(_UserError):
+    """Something is wrong with a dataset: a row, a column, a file."""
+
+
+class ConfigError(_UserError):
+    """Something is wrong with a setting: ``column`` names the option."""
+
+
+def close_match(name: str, choices: Iterable[str]) -> str | None:
+    """The most similar of ``choices`` to ``name`` (for 'did you mean' hints), or None when none is close."""
+    matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_choice(option: str, value: str, choices: Iterable[str]) -> ConfigError:
+    """A ConfigError for ``option=value`` not among ``choices``, suggesting the closest one."""
+    choices = list(choices)
+    guess = close_match(value, choices)
+    fix = f"did you mean '{guess}'?" if guess else f"use one of {', '.join(repr(c) for c in choices)}"
+    return ConfigError(f"unknown value {value!r}", column=option, fix=fix)

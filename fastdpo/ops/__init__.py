@@ -1,0 +1,19 @@
+"""The ops layer: fused per-token log-probs, segment reductions over packed sequences, the loss family."""
+
+from fastdpo.ops.linear_logprobs import OUTPUT_NAMES, LinearLogprobs, linear_logprobs
+from fastdpo.ops.losses import LOSS_TYPES, REFERENCE_FREE, LossConfig, LossOutput, PairLogps, preference_loss
+from fastdpo.ops.segments import segment_mean, segment_sum
+
+__all__ = [
+    "LOSS_TYPES",
+    "OUTPUT_NAMES",
+    "REFERENCE_FREE",
+    "LinearLogprobs",
+    "LossConfig",
+    "LossOutput",
+    "PairLogps",
+    "linear_logprobs",
+    "preference_loss",
+    "segment_mean",
+    "segment_sum",
+]

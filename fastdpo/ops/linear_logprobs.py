@@ -1,0 +1,331 @@
+"""Per-token log-probs straight from hidden states and the LM head, without the ``[tokens, vocab]`` logits.
+
+The op, in plain torch (what ``impl="naive"`` does, and what every other impl must agree with)::
+
+    z = hidden @ weight.T (+ bias)                 # [N, V]
+    z = z * logit_scale
+    z = softcap * tanh(z / softcap)                # when softcap is set
+    z = z / temperature
+    logp = z.log_softmax(-1).gather(-1, targets)   # [N], 0 where targets == ignore_index
+
+``impl="torch"`` computes the same thing chunk by chunk of tokens: each chunk's logits live in one reused
+buffer (64 MiB of fp32 by default), the forward keeps only the log-sum-exp per token, and the backward
+recomputes each chunk's logits from it. Only tokens whose target is not ignored are ever computed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+OUTPUT_NAMES = ("logp", "entropy", "mean_logit", "is_top1", "log_sum_sq_probs")
+IMPLS = ("auto", "torch", "naive", "triton")
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+class LinearLogprobs(NamedTuple):
+    """Per-token results, each shaped like ``targets``, fp32 (fp64 for fp64 inputs), 0 at ignored positions.
+
+    Fields not asked for in ``outputs`` are None. Only ``logp`` carries gradients.
+    """
+
+    logp: Tensor
+    """log p(target | context)."""
+    entropy: Tensor | None
+    """Entropy of the next-token distribution, ``-Σ_v p_v log p_v``."""
+    mean_logit: Tensor | None
+    """Mean over the vocabulary of the transformed logits (what TRL logs as ``logits/chosen|rejected``)."""
+    is_top1: Tensor | None
+    """1.0 where the target is the first argmax of the logits (``mean_token_accuracy``), else 0.0."""
+    log_sum_sq_probs: Tensor | None
+    """``log Σ_v p_v²`` (the WPO weights)."""
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    outputs: tuple[str, ...] = ("logp",),
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> LinearLogprobs:
+    """Log-probs of ``targets`` under ``softmax(transform(hidden @ weight.T + bias))``, fused.
+
+    Args:
+        hidden: ``[..., H]`` fp32, fp16, bf16 (or fp64, for gradcheck).
+        weight: ``[V, H]``, the LM head.
+        targets: ``[...]`` int64, the next token per position; ``ignore_index`` where there is none.
+        bias: ``[V]`` or None.
+        logit_scale, softcap, temperature: applied in that order (as transformers' heads and TRL do).
+        impl: ``naive`` (full logits; the reference), ``torch`` (chunked, CPU and fallback), ``triton``
+            (CUDA kernels), ``auto`` (triton on CUDA when available, else torch).
+        outputs: which of ``logp, entropy, mean_logit, is_top1, log_sum_sq_probs`` to compute;
+            ``logp`` is always computed.
+        chunk_bytes: ``impl="torch"`` only: size of one chunk of fp32 logits.
+
+    Returns:
+        LinearLogprobs of per-token tensors shaped like ``targets``.
+    """
+    _check_args(hidden, weight, targets, bias, logit_scale, temperature, softcap, outputs, chunk_bytes)
+    impl = _resolve_impl(impl, hidden)
+    lead_shape = targets.shape
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    targets_1d = targets.reshape(-1)
+    transform = (float(logit_scale), None if softcap is None else float(softcap), float(temperature))
+    wanted = tuple(name in outputs for name in OUTPUT_NAMES[1:])
+    if impl == "naive":
+        results = _naive(hidden_2d, weight, bias, targets_1d, transform, ignore_index, wanted)
+    else:
+        results = _ChunkedLinearLogprobs.apply(
+            hidden_2d, weight, bias, targets_1d, transform, ignore_index, wanted, chunk_bytes
+        )
+    return LinearLogprobs(*(None if r is None else r.view(lead_shape) for r in results))
+
+
+def _check_args(hidden, weight, targets, bias, logit_scale, temperature, softcap, outputs, chunk_bytes) -> None:
+    if not isinstance(hidden, Tensor) or hidden.dim() < 1 or not hidden.is_floating_point():
+        raise ValueError("hidden: expected a floating-point tensor [..., H]")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError("weight: expected a floating-point tensor [V, H]")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: has H={weight.shape[1]} but hidden has H={hidden.shape[-1]}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight: the vocabulary is empty (V = 0)")
+    if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError("targets: expected an int64 tensor of token ids")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets: shape {tuple(targets.shape)} does not match hidden {tuple(hidden.shape[:-1])}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"bias: expected a tensor of shape ({weight.shape[0]},)")
+    for name, device in (("weight", weight.device), ("targets", targets.device)):
+        if device != hidden.device:
+            raise ValueError(f"{name}: on {device} but hidden is on {hidden.device}")
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale: must be finite, got {logit_scale}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap: must be > 0 or None, got {softcap}")
+    unknown = [name for name in outputs if name not in OUTPUT_NAMES]
+    if isinstance(outputs, str) or unknown:
+        raise ValueError(f"outputs: unknown {unknown or outputs!r}; choose from {OUTPUT_NAMES}")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes: must be positive, got {chunk_bytes}")
+
+
+def _resolve_impl(impl: str, hidden: Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: unknown {impl!r}; choose from {IMPLS}")
+    if impl == "triton":
+        raise ValueError(
+            "impl: 'triton' is not available in this version of fastdpo (the Triton kernels are the next "
+            "milestone); use impl='torch' or impl='auto'"
+        )
+    if impl == "auto":
+        # Until the Triton kernels land, the chunked torch path is the fused op on every device.
+        return "torch"
+    return impl
+
+
+def _acc_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """fp32, or fp64 when any input is fp64: the dtype logits and statistics are computed in."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _transform_(z: Tensor, transform: tuple[float, float | None, float]) -> Tensor:
+    """In place: ``z * logit_scale``, then the tanh softcap, then ``/ temperature``."""
+    scale, softcap, temperature = transform
+    if softcap is None:
+        if scale / temperature != 1.0:
+            z.mul_(scale / temperature)
+        return z
+    return z.mul_(scale / softcap).tanh_().mul_(softcap / temperature)
+
+
+def _naive(hidden, weight, bias, targets, transform, ignore_index, wanted):
+    """Full ``[N, V]`` logits, as a plain model head would: matmul in the input dtype, softmax in fp32."""
+    acc = _acc_dtype(hidden, weight, bias)
+    logits = torch.nn.functional.linear(
+        hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+    )
+    z = logits.to(acc)
+    scale, softcap, temperature = transform
+    z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    valid = targets != ignore_index
+    _check_targets(targets, valid, weight.shape[0])
+    safe_targets = torch.where(valid, targets, 0).long()
+    log_probs = torch.log_softmax(z, dim=-1)
+    logp = log_probs.gather(-1, safe_targets[:, None]).squeeze(-1).masked_fill(~valid, 0.0)
+    want_entropy, want_mean, want_top1, want_sq = wanted
+    with torch.no_grad():
+        probs = log_probs.exp()
+        entropy = -(probs * log_probs).sum(-1).masked_fill(~valid, 0.0) if want_entropy else None
+        mean_logit = z.mean(-1).masked_fill(~valid, 0.0) if want_mean else None
+        is_top1 = ((z.argmax(-1) == safe_targets) & valid).to(acc) if want_top1 else None
+        log_sum_sq = torch.logsumexp(2 * log_probs, dim=-1).masked_fill(~valid, 0.0) if want_sq else None
+    return logp, entropy, mean_logit, is_top1, log_sum_sq
+
+
+def _check_targets(targets: Tensor, valid: Tensor, vocab: int) -> None:
+    kept = targets[valid]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab):
+        bad = kept[(kept < 0) | (kept >= vocab)][0].item()
+        raise ValueError(f"targets: token id {bad} is outside the vocabulary [0, {vocab}) and is not ignore_index")
+
+
+def _chunk_rows(num_rows: int, vocab: int, chunk_bytes: int) -> int:
+    return max(1, min(num_rows, chunk_bytes // (4 * vocab)))
+
+
+class _ChunkedLinearLogprobs(torch.autograd.Function):
+    """Chunked over tokens; forward keeps lse [n_valid], backward recomputes each chunk's logits from it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transform, ignore_index, wanted, chunk_bytes):
+        acc = _acc_dtype(hidden, weight, bias)
+        valid = targets != ignore_index
+        _check_targets(targets, valid, weight.shape[0])
+        rows = valid.nonzero().squeeze(-1)
+        kept_targets = targets[rows].long()
+        n_valid, vocab = rows.numel(), weight.shape[0]
+        weight_acc = weight.to(acc)
+        bias_acc = None if bias is None else bias.to(acc)
+        lse = torch.empty(n_valid, dtype=acc, device=hidden.device)
+        stats = [torch.zeros(n_valid, dtype=acc, device=hidden.device) for _ in range(5)]
+        chunk = _chunk_rows(n_valid, vocab, chunk_bytes)
+        logits = torch.empty(chunk, vocab, dtype=acc, device=hidden.device) if n_valid else None
+        scratch = torch.empty_like(logits) if (n_valid and wanted[0]) else None
+        for start in range(0, n_valid, chunk):
+            stop = min(start + chunk, n_valid)
+            z = logits[: stop - start]
+            _project(hidden, rows[start:stop], weight_acc, bias_acc, transform, out=z)
+            _fold_chunk(z, kept_targets[start:stop], wanted, lse[start:stop], [s[start:stop] for s in stats], scratch)
+        logp_kept = stats[0]
+        results = [_scatter(logp_kept, rows, targets)]
+        for want, stat in zip(wanted, stats[1:], strict=True):
+            results.append(_scatter(stat, rows, targets) if want else None)
+        ctx.save_for_backward(hidden, weight, bias, rows, kept_targets, lse)
+        ctx.transform, ctx.chunk_bytes = transform, chunk_bytes
+        ctx.mark_non_differentiable(*(r for r in results[1:] if r is not None))
+        ctx.set_materialize_grads(False)
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_unused):
+        hidden, weight, bias, rows, kept_targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if grad_logp is None:
+            return (None,) * 8
+        acc = lse.dtype
+        weight_acc = weight.to(acc)
+        bias_acc = None if bias is None else bias.to(acc)
+        grad_kept = grad_logp.reshape(-1)[rows].to(acc)
+        n_valid, vocab = rows.numel(), weight.shape[0]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
+        chunk = _chunk_rows(n_valid, vocab, ctx.chunk_bytes)
+        softcapped = ctx.transform[1] is not None
+        logits = torch.empty(chunk, vocab, dtype=acc, device=hidden.device) if n_valid else None
+        tanh_buf = torch.empty_like(logits) if (n_valid and softcapped) else None
+        for start in range(0, n_valid, chunk):
+            stop = min(start + chunk, n_valid)
+            chunk_rows = rows[start:stop]
+            h = hidden[chunk_rows].to(acc)
+            dz = logits[: stop - start]
+            _logits_grad(
+                h, weight_acc, bias_acc, kept_targets[start:stop], lse[start:stop], grad_kept[start:stop],
+                ctx.transform, out=dz, tanh_buf=None if tanh_buf is None else tanh_buf[: stop - start],
+            )  # fmt: skip
+            if grad_hidden is not None:
+                grad_hidden[chunk_rows] = (dz @ weight_acc).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(dz.t(), h)
+            if grad_bias is not None:
+                grad_bias += dz.sum(0)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None, None, None, None, None,
+        )  # fmt: skip
+
+
+def _project(hidden, rows, weight_acc, bias_acc, transform, *, out):
+    """``out = transform(hidden[rows] @ W.T + b)`` in the accumulation dtype."""
+    torch.mm(hidden[rows].to(weight_acc.dtype), weight_acc.t(), out=out)
+    if bias_acc is not None:
+        out.add_(bias_acc)
+    return _transform_(out, transform)
+
+
+def _fold_chunk(z, targets, wanted, lse, stats, scratch):
+    """Turn one chunk of logits into lse and the per-token statistics; ``z`` is overwritten."""
+    want_entropy, want_mean, want_top1, want_sq = wanted
+    logp, entropy, mean_logit, is_top1, log_sum_sq = stats
+    target_logit = z.gather(1, targets[:, None]).squeeze(1)
+    if want_mean:
+        mean_logit.copy_(z.mean(1))
+    if want_top1:
+        # argmax returns the first maximum, so a tie with an earlier token is not a top-1 hit (as in TRL)
+        is_top1.copy_(z.argmax(1) == targets)
+    row_max = z.amax(1)
+    shifted = z.sub_(row_max[:, None])  # z - max, in place
+    # Entropy needs z - max and its exp side by side; otherwise exponentiate in place
+    exp = torch.exp(shifted, out=scratch[: z.shape[0]]) if want_entropy else shifted.exp_()
+    sum_exp = exp.sum(1)
+    log_sum_exp = sum_exp.log()
+    lse.copy_(row_max + log_sum_exp)
+    logp.copy_(target_logit - lse)
+    if want_entropy:
+        # H = log s - Σ e (z - m) / s, with e = exp(z - m) and s = Σ e
+        weighted = torch.bmm(exp[:, None, :], shifted[:, :, None]).view(-1)
+        entropy.copy_(log_sum_exp - weighted / sum_exp)
+    if want_sq:
+        # log Σ p² = log Σ e² - 2 log s; Σ e² >= 1 since the largest e is 1, so this cannot underflow
+        log_sum_sq.copy_(2 * torch.linalg.vector_norm(exp, dim=1).log() - 2 * log_sum_exp)
+
+
+def _logits_grad(h, weight_acc, bias_acc, targets, lse, grad, transform, *, out, tanh_buf):
+    """``out = ∂loss/∂(h W.T + b)`` for one chunk: ``g (onehot(y) - p)`` through the transform."""
+    scale, softcap, temperature = transform
+    torch.mm(h, weight_acc.t(), out=out)
+    if bias_acc is not None:
+        out.add_(bias_acc)
+    if softcap is None:
+        out.mul_(scale / temperature)
+        chain = scale / temperature
+    else:
+        tanh = torch.tanh(out.mul_(scale / softcap), out=tanh_buf)
+        torch.mul(tanh, softcap / temperature, out=out)
+        chain = scale / temperature
+    probs = out.sub_(lse[:, None]).exp_()
+    dz = probs.mul_(-grad[:, None])
+    dz.scatter_add_(1, targets[:, None], grad[:, None])
+    if softcap is not None:
+        dz.mul_(tanh.square_().neg_().add_(1.0))  # d tanh = 1 - tanh²
+    if chain != 1.0:
+        dz.mul_(chain)
+    return dz
+
+
+def _scatter(values_kept: Tensor, rows: Tensor, targets: Tensor) -> Tensor:
+    out = torch.zeros(targets.shape, dtype=values_kept.dtype, device=values_kept.device)
+    out[rows] = values_kept
+    return out

@@ -1,0 +1,193 @@
+"""linear_logprobs (naive and torch impls) against an fp64 reference written out here, independently."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fastdpo.ops import OUTPUT_NAMES, linear_logprobs
+
+IGNORE = -100
+ALL_OUTPUTS = OUTPUT_NAMES
+
+
+def reference(h, w, b, y, *, logit_scale=1.0, temperature=1.0, softcap=None):
+    """Every output from the full fp64 logits, by definition (no code shared with fastdpo)."""
+    h, w = h.double(), w.double()
+    z = h @ w.T
+    if b is not None:
+        z = z + b.double()
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    valid = y != IGNORE
+    safe = torch.where(valid, y, 0)
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, safe[..., None]).squeeze(-1) - lse
+    p = torch.softmax(z, dim=-1)
+    out = {
+        "logp": logp,
+        "entropy": -(p * torch.log(p)).nan_to_num().sum(-1),
+        "mean_logit": z.mean(-1),
+        "is_top1": (z.argmax(-1) == safe).double(),
+        "log_sum_sq_probs": torch.log((p * p).sum(-1)),
+    }
+    return {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in out.items()}
+
+
+def make(n, h, v, dtype, *, ignore="some", bias=False, seed=0, lead=None):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen) * 2.0
+    weight = torch.randn(v, h, generator=gen) / h**0.5
+    targets = torch.randint(0, v, (n,), generator=gen)
+    if ignore == "some":
+        targets[torch.rand(n, generator=gen) < 0.3] = IGNORE
+    elif ignore == "all":
+        targets[:] = IGNORE
+    b = torch.randn(v, generator=gen) if bias else None
+    if lead is not None:
+        hidden, targets = hidden.view(*lead, h), targets.view(*lead)
+    cast = [hidden.to(dtype), weight.to(dtype), None if b is None else b.to(dtype)]
+    return [None if t is None else t.requires_grad_() for t in cast] + [targets]
+
+
+def run(impl, hidden, weight, bias, targets, **kw):
+    return linear_logprobs(hidden, weight, targets, bias=bias, impl=impl, outputs=ALL_OUTPUTS, **kw)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+# Shapes chosen not to be multiples of anything: one token, primes, V = 1.
+SHAPES = list(itertools.product([1, 7, 130], [16, 40, 72], [1, 33, 1000, 5003]))
+TRANSFORMS = [{}, {"temperature": 0.7}, {"logit_scale": 1.7}, {"softcap": 4.0, "temperature": 1.3, "logit_scale": 0.9}]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n", "h", "v"), SHAPES)
+def test_values_and_grads_match_fp64(n, h, v, dtype):
+    # Tolerance: the fused impl may be off by at most 4x the error the plain full-logits path (naive) makes in
+    # the same input dtype, plus a floor of a few fp32 ulps of the value's scale (naive can be exact by luck).
+    hidden, weight, bias, targets = make(n, h, v, dtype, bias=(v % 2 == 1), seed=n * h + v)
+    kw = TRANSFORMS[(n + h + v) % len(TRANSFORMS)]
+    ref = reference(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets, **kw)
+    naive = run("naive", hidden, weight, bias, targets, **kw)
+    # 48 tokens per chunk: N=130 spans three chunks with a ragged last one. (Chunks of a few rows turn the
+    # backward GEMMs into GEMVs whose fp32 error grows with V; test_chunking_does_not_change_results covers them.)
+    fused = run("torch", hidden, weight, bias, targets, chunk_bytes=4 * v * 48, **kw)
+    for name in ("logp", "entropy", "mean_logit", "log_sum_sq_probs"):
+        scale = ref[name].abs().max().item() + 1.0
+        tol = 4 * max_err(getattr(naive, name), ref[name]) + 8 * torch.finfo(torch.float32).eps * scale
+        assert getattr(fused, name).dtype == torch.float32
+        assert max_err(getattr(fused, name), ref[name]) <= tol, name
+
+    # is_top1 is exact: both see the same (possibly fp16-rounded) inputs, and random logits have no near-ties
+    assert torch.equal(fused.is_top1, ref["is_top1"].float())
+
+    upstream = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref_bias = ref_inputs[2] if bias is not None else None
+    ref_logp = reference(ref_inputs[0], ref_inputs[1], ref_bias, targets, **kw)["logp"]
+    ref_grads = torch.autograd.grad((ref_logp * upstream).sum(), ref_inputs)
+    naive_grads = torch.autograd.grad((naive.logp * upstream).sum(), inputs)
+    fused_grads = torch.autograd.grad((fused.logp * upstream).sum(), inputs)
+    for name, ref_g, naive_g, fused_g in zip(
+        ("hidden", "weight", "bias"), ref_grads, naive_grads, fused_grads, strict=False
+    ):
+        assert fused_g.dtype == dtype and fused_g.shape == ref_g.shape
+        scale = ref_g.abs().max().item() + 1e-3
+        floor = 8 * max(torch.finfo(torch.float32).eps, torch.finfo(dtype).eps / 2) * scale
+        assert max_err(fused_g, ref_g) <= 4 * max_err(naive_g, ref_g) + floor, name
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch"])
+def test_all_targets_ignored_gives_zeros_and_zero_grads(impl):
+    hidden, weight, bias, targets = make(9, 16, 33, torch.float32, ignore="all", bias=True)
+    out = run(impl, hidden, weight, bias, targets)
+    for name in ALL_OUTPUTS:
+        assert torch.count_nonzero(getattr(out, name)) == 0
+    out.logp.sum().backward()
+    for t in (hidden, weight, bias):
+        assert t.grad is not None and torch.count_nonzero(t.grad) == 0
+
+
+def test_prompt_positions_cost_nothing_and_get_no_gradient():
+    hidden, weight, _, targets = make(40, 16, 50, torch.float32)
+    out = linear_logprobs(hidden, weight, targets, impl="torch")
+    out.logp.sum().backward()
+    ignored = targets == IGNORE
+    assert ignored.any() and torch.count_nonzero(hidden.grad[ignored]) == 0
+    assert torch.count_nonzero(out.logp[ignored]) == 0 and (out.logp[~ignored] < 0).all()
+
+
+def test_leading_dims_are_kept():
+    hidden, weight, _, targets = make(12, 16, 33, torch.float32, lead=(3, 4))
+    out = linear_logprobs(hidden, weight, targets, impl="torch", outputs=("logp", "entropy"))
+    assert out.logp.shape == (3, 4) and out.entropy.shape == (3, 4) and out.is_top1 is None
+    flat = linear_logprobs(hidden.reshape(12, 16), weight, targets.reshape(12), impl="naive")
+    torch.testing.assert_close(out.logp.reshape(12), flat.logp, rtol=0, atol=1e-5)
+
+
+def test_chunking_does_not_change_results():
+    hidden, weight, bias, targets = make(130, 40, 1000, torch.float64, bias=True)
+    kw = {"softcap": 3.0, "temperature": 0.8}
+    one = run("torch", hidden, weight, bias, targets, chunk_bytes=2**40, **kw)
+    many = run("torch", hidden, weight, bias, targets, chunk_bytes=4 * 1000 * 7, **kw)
+    for name in ALL_OUTPUTS:
+        torch.testing.assert_close(getattr(one, name), getattr(many, name), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", TRANSFORMS)
+def test_gradcheck_fp64(kw):
+    hidden, weight, bias, targets = make(7, 16, 33, torch.float64, bias=True, seed=3)
+    targets[2] = IGNORE
+
+    def fn(h, w, b):
+        return linear_logprobs(h, w, targets, bias=b, impl="torch", chunk_bytes=4 * 33 * 2, **kw).logp
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_only_logp_has_gradients():
+    hidden, weight, _, targets = make(7, 16, 33, torch.float32, ignore="none")
+    out = run("torch", hidden, weight, None, targets)
+    assert out.logp.requires_grad
+    assert not any(getattr(out, n).requires_grad for n in ALL_OUTPUTS[1:])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"impl": "fast"}, "impl"),
+        ({"impl": "triton"}, "impl"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"softcap": -1.0}, "softcap"),
+        ({"logit_scale": float("nan")}, "logit_scale"),
+        ({"outputs": ("logp", "entropyy")}, "outputs"),
+        ({"outputs": "entropy"}, "outputs"),
+        ({"bias": torch.zeros(5)}, "bias"),
+        ({"chunk_bytes": 0}, "chunk_bytes"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, argument):
+    hidden, weight, _, targets = make(4, 16, 33, torch.float32)
+    with pytest.raises(ValueError, match=rf"^{argument}:"):
+        linear_logprobs(hidden, weight, targets, **kwargs)
+
+
+def test_bad_tensors_name_the_argument():
+    hidden, weight, _, targets = make(4, 16, 33, torch.float32, ignore="none")
+    with pytest.raises(ValueError, match="^weight:"):
+        linear_logprobs(hidden, weight[:, :8], targets)
+    with pytest.raises(ValueError, match="^targets:"):
+        linear_logprobs(hidden, weight, targets.float())
+    with pytest.raises(ValueError, match="^targets:"):
+        linear_logprobs(hidden, weight, targets[:3])
+    for impl in ("naive", "torch"):
+        with pytest.raises(ValueError, match="^targets: token id 33 is outside"):
+            linear_logprobs(hidden, weight, torch.tensor([0, 33, 1, IGNORE]), impl=impl)
