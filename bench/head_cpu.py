@@ -1,0 +1,240 @@
+"""Head op fwd+bwd on CPU: fastdpo's chunked torch path against full logits, TRL, Liger and the bare GEMMs.
+
+    python -m bench.head_cpu [--tokens 8192] [--hidden 256] [--vocab 32000] [--repeats 3] [--threads 2]
+
+Every variant runs in its own process (threads pinned, one warm-up call not timed, then the median of
+``--repeats`` timed calls) so its peak RSS is measured from a baseline taken after setup and warm-up; "extra"
+memory excludes the inputs, the outputs and the gradients, which every variant must hold. All targets are
+valid tokens (nothing to skip), fp32 throughout. Results go to bench/results/head_cpu.{json,csv,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from fastdpo.atomic import atomic_open, atomic_write
+
+RESULTS = Path(__file__).parent / "results"
+
+VARIANTS = {
+    "full_logits": "full logits: h@W.T, log_softmax, gather (fastdpo impl='naive')",
+    "fastdpo_torch": "fastdpo linear_logprobs impl='torch' (64 MiB chunks)",
+    "trl_chunked": "TRL 1.16 ChunkedLogProbFunction (its fused_lm_head path; on CPU its tiles fold in torch ops)",
+    "liger_dpo": "Liger 0.8.5 LigerFusedLinearDPOLoss (compiled, no reference)",
+    "gemms_3": "bare GEMMs: h@W.T, dz@W, dz.T@h at full size (3 GEMMs)",
+}
+
+
+def _inputs(n: int, h: int, v: int):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=gen).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) * h**-0.5).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=gen)
+    upstream = torch.randn(n, generator=gen)
+    return hidden, weight, targets, upstream
+
+
+def _variant(name: str, hidden, weight, targets, upstream):
+    """A closure running one fwd+bwd, returning the tensors it keeps (outputs and gradients)."""
+    if name == "full_logits" or name == "fastdpo_torch":
+        from fastdpo.ops import linear_logprobs
+
+        impl = "naive" if name == "full_logits" else "torch"
+
+        def run():
+            logp = linear_logprobs(hidden, weight, targets, impl=impl).logp
+            (logp * upstream).sum().backward()
+            return [logp]
+
+    elif name == "trl_chunked":
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+        def run():
+            logp = ChunkedLogProbFunction.apply(
+                hidden, weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ()
+            )[0]
+            (logp * upstream).sum().backward()
+            return [logp]
+
+    elif name == "liger_dpo":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        loss_fn = LigerFusedLinearDPOLoss(use_ref_model=False, compiled=True)
+        seq = 256
+        rows = hidden.shape[0] // seq  # [chosen; rejected] rows of 256 tokens; one pair per chunk (Liger's default)
+
+        def run():
+            out = loss_fn(weight, hidden.view(rows, seq, -1), targets.view(rows, seq))
+            out[0].backward()
+            return [out[0]]
+
+    elif name == "gemms_3":
+
+        def run():
+            with torch.no_grad():
+                z = hidden @ weight.T
+                grad_hidden = z @ weight
+                grad_weight = z.T @ hidden
+            return [grad_hidden, grad_weight]
+
+    else:
+        raise ValueError(f"unknown variant {name!r}")
+    return run
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    from fastdpo.profiling import peak_rss, reset_peak_rss
+
+    torch.set_num_threads(args.threads)
+    hidden, weight, targets, upstream = _inputs(args.tokens, args.hidden, args.vocab)
+    run = _variant(args.worker, hidden, weight, targets, upstream)
+    start = time.perf_counter()
+    run()  # warm-up: lazy init, and torch.compile for Liger; reported, not counted
+    first_call = time.perf_counter() - start
+    times, extras = [], []
+    for _ in range(args.repeats):
+        hidden.grad = weight.grad = None
+        base = reset_peak_rss()
+        start = time.perf_counter()
+        kept = run()
+        times.append(time.perf_counter() - start)
+        kept += [t for t in (hidden.grad, weight.grad) if t is not None]
+        extras.append(peak_rss() - base - sum(t.nbytes for t in kept))
+        del kept
+    return {"variant": args.worker, "times": times, "first_call_s": first_call, "extra_bytes": max(extras)}
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("trl", "liger-kernel", "transformers", "fastdpo"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _run_all(args: argparse.Namespace) -> list[dict]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
+    results = []
+    for name in args.variants:
+        command = [sys.executable, "-m", "bench.head_cpu", "--worker", name]
+        command += ["--tokens", str(args.tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
+        command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+        if done.returncode != 0:
+            results.append({"variant": name, "error": done.stderr.strip().splitlines()[-1][:300]})
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def _table(results: list[dict], meta: dict) -> str:
+    base = next((r for r in results if r["variant"] == "full_logits" and "times" in r), None)
+    lines = [
+        f"Head op fwd+bwd, N={meta['tokens']} H={meta['hidden']} V={meta['vocab']} fp32, all targets valid; "
+        f"{meta['cpu']}, {meta['threads']} threads; torch {meta['versions']['torch']}, trl "
+        f"{meta['versions']['trl']}, liger-kernel {meta['versions']['liger-kernel']}; median of {meta['repeats']} "
+        "(min–max), after one warm-up call.",
+        "",
+        "| variant | time s (min–max) | vs full logits | extra peak MiB | first call s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "times" not in r:
+            lines.append(f"| {VARIANTS[r['variant']]} | failed: {r['error']} | | | |")
+            continue
+        median = statistics.median(r["times"])
+        ratio = f"{median / statistics.median(base['times']):.2f}x" if base else "n/a"
+        lines.append(
+            f"| {VARIANTS[r['variant']]} | {median:.2f} ({min(r['times']):.2f}–{max(r['times']):.2f}) | {ratio} "
+            f"| {r['extra_bytes'] / 2**20:.0f} | {r['first_call_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in results if "times" in r]
+    names = [r["variant"] for r in done]
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax_time.barh(names, [statistics.median(r["times"]) for r in done], color="tab:blue")
+    ax_time.set_xlabel("fwd+bwd seconds (median)")
+    ax_mem.barh(names, [r["extra_bytes"] / 2**20 for r in done], color="tab:orange")
+    ax_mem.set_xlabel("extra peak RSS, MiB")
+    ax_mem.set_yticklabels([])
+    fig.tight_layout()
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.head_cpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for head_cpu.{json,csv,md,png}")
+    parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(args)))
+        return
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+    results = _run_all(args)
+    meta = {
+        "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab, "repeats": args.repeats,
+        "threads": args.threads, "cpu": _cpu_name(), "versions": _versions(),
+        "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+    table = _table(results, meta)
+    atomic_write(args.out / "head_cpu.json", json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    with atomic_open(args.out / "head_cpu.csv") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["variant", "median_s", "min_s", "max_s", "extra_peak_mib", "first_call_s"])
+        for r in results:
+            if "times" in r:
+                writer.writerow([
+                    r["variant"], f"{statistics.median(r['times']):.4f}", f"{min(r['times']):.4f}",
+                    f"{max(r['times']):.4f}", f"{r['extra_bytes'] / 2**20:.1f}", f"{r['first_call_s']:.2f}",
+                ])  # fmt: skip
+    atomic_write(args.out / "head_cpu.md", table)
+    _plot(results, args.out / "head_cpu.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

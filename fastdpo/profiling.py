@@ -1,0 +1,55 @@
+"""Process memory measurement for tests and benchmarks: peak RSS since a baseline, on Linux.
+
+Linux keeps a high-water mark of resident memory (``VmHWM``); writing ``5`` to ``/proc/self/clear_refs`` resets it
+to the current RSS. So ``reset_peak_rss()`` after setup and warm-up, then ``peak_rss() - baseline`` after the work,
+is the extra memory the work needed at its peak, whatever freed it afterwards.
+
+Run measured code with ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment: glibc then serves every large
+allocation with its own mapping and returns it on free, so memory freed during warm-up is not silently reused
+(which would hide a peak) and freed buffers do not linger in the heap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_supported() -> bool:
+    """Whether this process can reset and read its peak RSS (Linux with a writable clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        _status_kib("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss() -> int:
+    """Resident memory of this process now, in bytes."""
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    """Peak resident memory since the last reset (or process start), in bytes."""
+    return _status_kib("VmHWM") * 1024
+
+
+def reset_peak_rss() -> int:
+    """Collect garbage, return free heap to the OS, reset the peak to now; returns that baseline in bytes."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the baseline is just less tight
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return peak_rss()

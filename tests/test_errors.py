@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+
+from fastdpo.atomic import atomic_open, atomic_write
+from fastdpo.errors import ConfigError, DataError, unknown_choice
+
+
+def test_data_error_names_row_column_and_fix():
+    err = DataError("is empty", row=17, column="chosen", fix="drop the row or run 'fastdpo data filter'")
+    assert isinstance(err, ValueError)
+    assert str(err) == "row 17, column 'chosen': is empty — drop the row or run 'fastdpo data filter'"
+    assert (err.row, err.column) == (17, "chosen")
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is DataError and str(again) == str(err) and again.fix == err.fix
+
+
+def test_config_error_suggests_the_close_match():
+    err = unknown_choice("loss_type", "simp0", ["sigmoid", "simpo", "ipo"])
+    assert isinstance(err, ConfigError) and isinstance(err, ValueError)
+    assert str(err) == "column 'loss_type': unknown value 'simp0' — did you mean 'simpo'?"
+    far = unknown_choice("loss_type", "zzz", ["sigmoid", "ipo"])
+    assert "use one of 'sigmoid', 'ipo'" in str(far)
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    target = tmp_path / "sub" / "out.json"
+    atomic_write(target, '{"a": 1}')
+    atomic_write(target, b"binary")
+    assert target.read_bytes() == b"binary"
+    assert os.listdir(target.parent) == ["out.json"]
+
+
+def test_atomic_open_keeps_the_old_file_on_error(tmp_path):
+    target = tmp_path / "keep.txt"
+    target.write_text("original")
+    with pytest.raises(RuntimeError), atomic_open(target) as handle:
+        handle.write("half written")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "original"
+    assert os.listdir(tmp_path) == ["keep.txt"]
+    with pytest.raises(ValueError, match="^mode:"), atomic_open(target, "a"):
+        pass
