@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from importlib import metadata
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from fastdpo.atomic import atomic_open, atomic_write
+from fastdpo.profiling import run_measured
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -139,18 +139,17 @@ def _cpu_name() -> str:
 
 
 def _run_all(args: argparse.Namespace) -> list[dict]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
     results = []
     for name in args.variants:
         command = [sys.executable, "-m", "bench.head_cpu", "--worker", name]
         command += ["--tokens", str(args.tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
         command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
-        if done.returncode != 0:
-            results.append({"variant": name, "error": done.stderr.strip().splitlines()[-1][:300]})
-            continue
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        try:
+            env = {"OMP_NUM_THREADS": str(args.threads)}
+            results.append(run_measured(command, env=env, cwd=Path(__file__).parents[1]))
+        except RuntimeError as error:
+            results.append({"variant": name, "error": str(error).strip().splitlines()[-1][:300]})
     return results
 
 

@@ -12,14 +12,13 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
 from fastdpo.ops import LossConfig, PairLogps, linear_logprobs, preference_loss
-from fastdpo.profiling import peak_rss, peak_rss_supported, reset_peak_rss
+from fastdpo.profiling import peak_rss, peak_rss_supported, reset_peak_rss, run_measured
 
 IMPLS = {"torch": "fastdpo fused head (chunked torch)", "naive": "full [tokens, vocab] logits"}
 
@@ -87,13 +86,12 @@ def _train(impl: str, steps: int, pairs: int, seq_len: int, vocab: int, seed: in
 
 
 def _run_worker(impl: str, args: argparse.Namespace) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     command = [sys.executable, "-m", "fastdpo.demo", "--worker", impl, "--steps", str(args.steps)]
     command += ["--pairs", str(args.pairs), "--seq-len", str(args.seq_len), "--vocab", str(args.vocab)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"demo worker for impl={impl} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return run_measured(command)
+    except RuntimeError as error:
+        raise SystemExit(f"demo worker for impl={impl}: {error}") from None
 
 
 def _report(results: list[dict], args: argparse.Namespace) -> str:

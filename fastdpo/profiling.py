@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
+import os
+import subprocess
 
 
 def _status_kib(field: str) -> int:
@@ -53,3 +56,15 @@ def reset_peak_rss() -> int:
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
     return peak_rss()
+
+
+def run_measured(command: list[str], *, env: dict[str, str] | None = None, cwd=None) -> dict:
+    """Run ``command`` in a fresh process with the allocator setting above; parse its last stdout line as JSON.
+
+    Raises RuntimeError with the end of its stderr when it fails.
+    """
+    full_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", **(env or {}))
+    done = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=cwd)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

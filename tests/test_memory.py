@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from fastdpo.profiling import peak_rss_supported
+from fastdpo.profiling import peak_rss_supported, run_measured
 
 SCRIPT = textwrap.dedent(
     """
@@ -38,12 +35,7 @@ SCRIPT = textwrap.dedent(
 
 
 def measure(n: int, h: int, v: int, impl: str) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(n), str(h), str(v), impl], capture_output=True, text=True, env=env
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_measured([sys.executable, "-c", SCRIPT, str(n), str(h), str(v), impl])
 
 
 @pytest.mark.slow

@@ -310,18 +310,16 @@ def _logits_grad(h, weight_acc, bias_acc, targets, lse, grad, transform, *, out,
         out.add_(bias_acc)
     if softcap is None:
         out.mul_(scale / temperature)
-        chain = scale / temperature
     else:
         tanh = torch.tanh(out.mul_(scale / softcap), out=tanh_buf)
         torch.mul(tanh, softcap / temperature, out=out)
-        chain = scale / temperature
     probs = out.sub_(lse[:, None]).exp_()
     dz = probs.mul_(-grad[:, None])
     dz.scatter_add_(1, targets[:, None], grad[:, None])
     if softcap is not None:
         dz.mul_(tanh.square_().neg_().add_(1.0))  # d tanh = 1 - tanh²
-    if chain != 1.0:
-        dz.mul_(chain)
+    if scale / temperature != 1.0:
+        dz.mul_(scale / temperature)
     return dz
 
 
