@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fastdpo.atomic import atomic_open, atomic_write
-from fastdpo.profiling import run_measured
+from fastdpo.profiling import peak_rss, reset_peak_rss, run_measured
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -96,8 +96,6 @@ def _variant(name: str, hidden, weight, targets, upstream):
 
 
 def _worker(args: argparse.Namespace) -> dict:
-    from fastdpo.profiling import peak_rss, reset_peak_rss
-
     torch.set_num_threads(args.threads)
     hidden, weight, targets, upstream = _inputs(args.tokens, args.hidden, args.vocab)
     run = _variant(args.worker, hidden, weight, targets, upstream)

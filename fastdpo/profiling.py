@@ -38,11 +38,6 @@ def peak_rss_supported() -> bool:
         return False
 
 
-def current_rss() -> int:
-    """Resident memory of this process now, in bytes."""
-    return _status_kib("VmRSS") * 1024
-
-
 def peak_rss() -> int:
     """Peak resident memory since the last reset (or process start), in bytes."""
     return _status_kib("VmHWM") * 1024

@@ -214,7 +214,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         for start in range(0, n_valid, chunk):
             stop = min(start + chunk, n_valid)
             z = logits[: stop - start]
-            _project(hidden, rows[start:stop], weight_acc, bias_acc, transform, out=z)
+            _transform_(_project(hidden[rows[start:stop]].to(acc), weight_acc, bias_acc, out=z), transform)
             _fold_chunk(z, kept_targets[start:stop], wanted, lse[start:stop], [s[start:stop] for s in stats], scratch)
         logp_kept = stats[0]
         results = [_scatter(logp_kept, rows, targets)]
@@ -267,12 +267,12 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         )  # fmt: skip
 
 
-def _project(hidden, rows, weight_acc, bias_acc, transform, *, out):
-    """``out = transform(hidden[rows] @ W.T + b)`` in the accumulation dtype."""
-    torch.mm(hidden[rows].to(weight_acc.dtype), weight_acc.t(), out=out)
+def _project(h, weight_acc, bias_acc, *, out):
+    """``out = h @ W.T + b``, the raw logits of one chunk, in the accumulation dtype."""
+    torch.mm(h, weight_acc.t(), out=out)
     if bias_acc is not None:
         out.add_(bias_acc)
-    return _transform_(out, transform)
+    return out
 
 
 def _fold_chunk(z, targets, wanted, lse, stats, scratch):
@@ -305,9 +305,7 @@ def _fold_chunk(z, targets, wanted, lse, stats, scratch):
 def _logits_grad(h, weight_acc, bias_acc, targets, lse, grad, transform, *, out, tanh_buf):
     """``out = ∂loss/∂(h W.T + b)`` for one chunk: ``g (onehot(y) - p)`` through the transform."""
     scale, softcap, temperature = transform
-    torch.mm(h, weight_acc.t(), out=out)
-    if bias_acc is not None:
-        out.add_(bias_acc)
+    _project(h, weight_acc, bias_acc, out=out)
     if softcap is None:
         out.mul_(scale / temperature)
     else:
