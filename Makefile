@@ -20,8 +20,10 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 
 # pytest exits 5 when it collects no tests; make treats that, like any non-zero exit, as a failure.
+# Triton reads TRITON_INTERPRET when it decorates kernels, so the interpreter tests get their own process.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not interpreter"
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m interpreter
 
 bench-cpu: $(VENV)/.installed
 	$(BIN)/python -m bench.head_cpu

@@ -1,9 +1,15 @@
 """Triton kernels of fastdpo, installed as ``fastdpo.kernels``.
 
 This layer holds ``@triton.jit`` kernels and their launchers only: no autograd, no model code. Importing it
-never imports Triton or compiles anything; each kernel module does that itself when it is first used.
-The fused log-prob kernels behind ``linear_logprobs(impl="triton")`` are the next milestone; until they land,
-``fastdpo.ops`` refuses ``impl="triton"`` with a clear error.
+never imports Triton or compiles anything; each kernel module does that itself when it is first imported
+(``fastdpo.ops`` imports ``fastdpo.kernels.linear_logprobs`` on the first ``impl="triton"`` call).
+
+- ``linear_logprobs``: the fused per-token log-prob forward (online softmax over vocabulary tiles, split across
+  programs) and backward (logit tiles recomputed from the saved lse; atomic or deterministic two-pass).
+- ``configs``: the tile table per (dtype, hidden size) and the opt-in tuner.
+
+``TRITON_INTERPRET=1`` must be set before ``fastdpo.kernels.linear_logprobs`` is imported to run the kernels
+on CPU tensors (tests only; bf16 is refused there).
 """
 
 from __future__ import annotations
@@ -16,5 +22,5 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-KERNELS: tuple[str, ...] = ()
-"""Names of the kernel families this build ships; empty until the fused log-prob kernels land."""
+KERNELS: tuple[str, ...] = ("linear_logprobs",)
+"""Names of the kernel families this build ships (modules of this package)."""

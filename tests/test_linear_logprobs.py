@@ -1,65 +1,25 @@
-"""linear_logprobs (naive and torch impls) against an fp64 reference written out here, independently."""
+"""linear_logprobs (naive and torch impls) against the independent fp64 reference in logprob_reference.py.
+
+The Triton impl runs the same comparisons under the interpreter in test_kernels_interpreter.py.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import os
 
 import pytest
 import torch
+from logprob_reference import IGNORE, make, max_err, reference
 
 from fastdpo.ops import OUTPUT_NAMES, linear_logprobs
 
-IGNORE = -100
 ALL_OUTPUTS = OUTPUT_NAMES
-
-
-def reference(h, w, b, y, *, logit_scale=1.0, temperature=1.0, softcap=None):
-    """Every output from the full fp64 logits, by definition (no code shared with fastdpo)."""
-    h, w = h.double(), w.double()
-    z = h @ w.T
-    if b is not None:
-        z = z + b.double()
-    z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
-    valid = y != IGNORE
-    safe = torch.where(valid, y, 0)
-    lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(-1, safe[..., None]).squeeze(-1) - lse
-    p = torch.softmax(z, dim=-1)
-    out = {
-        "logp": logp,
-        "entropy": -(p * torch.log(p)).nan_to_num().sum(-1),
-        "mean_logit": z.mean(-1),
-        "is_top1": (z.argmax(-1) == safe).double(),
-        "log_sum_sq_probs": torch.log((p * p).sum(-1)),
-    }
-    return {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in out.items()}
-
-
-def make(n, h, v, dtype, *, ignore="some", bias=False, seed=0, lead=None):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=gen) * 2.0
-    weight = torch.randn(v, h, generator=gen) / h**0.5
-    targets = torch.randint(0, v, (n,), generator=gen)
-    if ignore == "some":
-        targets[torch.rand(n, generator=gen) < 0.3] = IGNORE
-    elif ignore == "all":
-        targets[:] = IGNORE
-    b = torch.randn(v, generator=gen) if bias else None
-    if lead is not None:
-        hidden, targets = hidden.view(*lead, h), targets.view(*lead)
-    cast = [hidden.to(dtype), weight.to(dtype), None if b is None else b.to(dtype)]
-    return [None if t is None else t.requires_grad_() for t in cast] + [targets]
 
 
 def run(impl, hidden, weight, bias, targets, **kw):
     return linear_logprobs(hidden, weight, targets, bias=bias, impl=impl, outputs=ALL_OUTPUTS, **kw)
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 # Shapes chosen not to be multiples of anything: one token, primes, V = 1.
@@ -172,12 +132,28 @@ def test_only_logp_has_gradients():
         ({"outputs": "entropy"}, "outputs"),
         ({"bias": torch.zeros(5)}, "bias"),
         ({"chunk_bytes": 0}, "chunk_bytes"),
+        ({"grad_filter_eps": 1.0}, "grad_filter_eps"),
+        ({"grad_filter_eps": -0.1}, "grad_filter_eps"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, argument):
     hidden, weight, _, targets = make(4, 16, 33, torch.float32)
     with pytest.raises(ValueError, match=rf"^{argument}:"):
         linear_logprobs(hidden, weight, targets, **kwargs)
+
+
+def test_triton_on_cpu_or_fp64_says_what_to_use_instead():
+    hidden, weight, _, targets = make(4, 16, 33, torch.float32)
+    if importlib.util.find_spec("triton") is None:
+        match = "needs the triton package"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("under the interpreter, impl='triton' runs on CPU tensors")
+    else:
+        match = "needs CUDA tensors, got cpu; use impl='torch'"
+    with pytest.raises(ValueError, match=match):
+        linear_logprobs(hidden, weight, targets, impl="triton")
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32 inputs, got torch.float64"):
+        linear_logprobs(hidden.double(), weight.double(), targets, impl="triton")
 
 
 def test_bad_tensors_name_the_argument():

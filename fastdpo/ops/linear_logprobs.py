@@ -10,7 +10,8 @@ The op, in plain torch (what ``impl="naive"`` does, and what every other impl mu
 
 ``impl="torch"`` computes the same thing chunk by chunk of tokens: each chunk's logits live in one reused
 buffer (64 MiB of fp32 by default), the forward keeps only the log-sum-exp per token, and the backward
-recomputes each chunk's logits from it. Only tokens whose target is not ignored are ever computed.
+recomputes each chunk's logits from it. ``impl="triton"`` runs fused kernels (``fastdpo.kernels``) that never
+write a logit to memory. Either way, only tokens whose target is not ignored are ever computed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from fastdpo.kernels import triton_available
 
 OUTPUT_NAMES = ("logp", "entropy", "mean_logit", "is_top1", "log_sum_sq_probs")
 IMPLS = ("auto", "torch", "naive", "triton")
@@ -57,6 +60,8 @@ def linear_logprobs(
     impl: str = "auto",
     outputs: tuple[str, ...] = ("logp",),
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    deterministic: bool = False,
+    grad_filter_eps: float | None = None,
 ) -> LinearLogprobs:
     """Log-probs of ``targets`` under ``softmax(transform(hidden @ weight.T + bias))``, fused.
 
@@ -71,12 +76,19 @@ def linear_logprobs(
         outputs: which of ``logp, entropy, mean_logit, is_top1, log_sum_sq_probs`` to compute;
             ``logp`` is always computed.
         chunk_bytes: ``impl="torch"`` only: size of one chunk of fp32 logits.
+        deterministic: ``impl="triton"``: bitwise reproducible gradients (two backward passes, one more logit
+            recompute) instead of fp32 atomic adds. ``naive`` and ``torch`` are always deterministic.
+        grad_filter_eps: ``impl="triton"``: skip the backward work of logit tiles whose probabilities are all
+            below this and that hold no target (an approximation; None, the default, is exact). Each skipped
+            gradient term is ``g·p`` with ``p < grad_filter_eps``. ``naive`` and ``torch`` are always exact.
 
     Returns:
         LinearLogprobs of per-token tensors shaped like ``targets``.
     """
     _check_args(hidden, weight, targets, bias, logit_scale, temperature, softcap, outputs, chunk_bytes)
-    impl = _resolve_impl(impl, hidden)
+    if grad_filter_eps is not None and not 0.0 <= grad_filter_eps < 1.0:
+        raise ValueError(f"grad_filter_eps: must be in [0, 1) or None, got {grad_filter_eps}")
+    impl = _resolve_impl(impl, hidden, weight)
     lead_shape = targets.shape
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     targets_1d = targets.reshape(-1)
@@ -84,6 +96,11 @@ def linear_logprobs(
     wanted = tuple(name in outputs for name in OUTPUT_NAMES[1:])
     if impl == "naive":
         results = _naive(hidden_2d, weight, bias, targets_1d, transform, ignore_index, wanted)
+    elif impl == "triton":
+        backward_options = (bool(deterministic), grad_filter_eps)
+        results = _TritonLinearLogprobs.apply(
+            hidden_2d, weight, bias, targets_1d, transform, ignore_index, wanted, backward_options
+        )
     else:
         results = _ChunkedLinearLogprobs.apply(
             hidden_2d, weight, bias, targets_1d, transform, ignore_index, wanted, chunk_bytes
@@ -122,17 +139,28 @@ def _check_args(hidden, weight, targets, bias, logit_scale, temperature, softcap
         raise ValueError(f"chunk_bytes: must be positive, got {chunk_bytes}")
 
 
-def _resolve_impl(impl: str, hidden: Tensor) -> str:
+def _resolve_impl(impl: str, hidden: Tensor, weight: Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: unknown {impl!r}; choose from {IMPLS}")
-    if impl == "triton":
-        raise ValueError(
-            "impl: 'triton' is not available in this version of fastdpo (the Triton kernels are the next "
-            "milestone); use impl='torch' or impl='auto'"
-        )
+    triton_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     if impl == "auto":
-        # Until the Triton kernels land, the chunked torch path is the fused op on every device.
-        return "torch"
+        usable = hidden.is_cuda and hidden.dtype in triton_dtypes and weight.dtype in triton_dtypes
+        return "triton" if usable and triton_available() else "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError("impl: 'triton' needs the triton package (Linux x86_64 with a CUDA GPU); use 'torch'")
+        if hidden.dtype not in triton_dtypes or weight.dtype not in triton_dtypes:
+            raise ValueError(
+                f"impl: 'triton' takes fp16, bf16 or fp32 inputs, got {hidden.dtype} and {weight.dtype}; "
+                "use impl='torch' (e.g. for fp64 gradchecks)"
+            )
+        from fastdpo.kernels import linear_logprobs as kernels  # imports triton: only when asked for
+
+        if not hidden.is_cuda and not kernels.INTERPRETED:
+            raise ValueError(
+                f"impl: 'triton' needs CUDA tensors, got {hidden.device}; use impl='torch' on CPU (or set "
+                "TRITON_INTERPRET=1 before the first triton call, to test the kernels on CPU)"
+            )
     return impl
 
 
@@ -325,3 +353,52 @@ def _scatter(values_kept: Tensor, rows: Tensor, targets: Tensor) -> Tensor:
     out = torch.zeros(targets.shape, dtype=values_kept.dtype, device=values_kept.device)
     out[rows] = values_kept
     return out
+
+
+class _TritonLinearLogprobs(torch.autograd.Function):
+    """The fused Triton kernels: forward keeps lse [n_valid]; backward recomputes logit tiles from it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transform, ignore_index, wanted, backward_options):
+        from fastdpo.kernels import linear_logprobs as kernels
+
+        valid = targets != ignore_index
+        _check_targets(targets, valid, weight.shape[0])
+        rows = valid.nonzero().squeeze(-1)
+        kept_targets = targets[rows].long()
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)  # mixed inputs run in the wider dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        kernel_transform = kernels.Transform(*transform)
+        out = kernels.forward(h, w, b, rows, kept_targets, transform=kernel_transform, wanted=wanted)
+        results = [_scatter(out[1], rows, targets)]
+        for want, stat in zip(wanted, out[2:], strict=True):
+            results.append(_scatter(stat, rows, targets) if want else None)
+        ctx.save_for_backward(h, w, b, rows, kept_targets, out[0])
+        ctx.transform, ctx.backward_options = kernel_transform, backward_options
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(*(r for r in results[1:] if r is not None))
+        ctx.set_materialize_grads(False)
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_unused):
+        from fastdpo.kernels import linear_logprobs as kernels
+
+        if grad_logp is None:
+            return (None,) * 8
+        h, w, b, rows, kept_targets, lse = ctx.saved_tensors
+        deterministic, filter_eps = ctx.backward_options
+        need = tuple(ctx.needs_input_grad[:3])
+        grads = kernels.backward(
+            h, w, b, rows, kept_targets, lse, grad_logp.reshape(-1)[rows], transform=ctx.transform, need=need,
+            deterministic=deterministic, filter_eps=filter_eps,
+        )  # fmt: skip
+        hidden_dtype, weight_dtype, bias_dtype = ctx.input_dtypes
+        grad_hidden = None
+        if grads.hidden is not None:
+            grad_hidden = torch.zeros(h.shape, dtype=hidden_dtype, device=h.device)
+            grad_hidden[rows] = grads.hidden.to(hidden_dtype)
+        grad_weight = None if grads.weight is None else grads.weight.to(weight_dtype)
+        grad_bias = None if grads.bias is None else grads.bias.to(bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
