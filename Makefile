@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench-cpu clean
+.PHONY: demo test lint bench-cpu gpu-wheels kernel-report clean
 
 # torch goes first and pinned: a bare `torch` resolved by pip among the other dependencies pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,17 @@ test: lint
 
 bench-cpu: $(VENV)/.installed
 	$(BIN)/python -m bench.head_cpu
+
+# Compile every kernel for the H100 (sm_90) here, without a GPU, and report registers, spills and tensor-core use.
+kernel-report: $(VENV)/.installed
+	$(BIN)/python -m fastdpo.kernels.compile_report
+
+# Wheels for the packages a GPU machine's image lacks (Python 3.12 there), carried to it for bench/gpu.sh (see README.md).
+GPU_WHEELS := trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+gpu-wheels: $(VENV)/.installed
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d bench/wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -144,3 +144,9 @@ def tune(
     _TUNED[_key(hidden.dtype, hidden.shape[-1], backward=False)] = best_fwd
     _TUNED[_key(hidden.dtype, hidden.shape[-1], backward=True)] = best_bwd
     return best_fwd, best_bwd
+
+
+def tune_once(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> None:
+    """``tune`` on these rows unless their (dtype, H range) was tuned already in this process (``FASTDPO_TUNE=1``)."""
+    if _key(hidden.dtype, hidden.shape[-1], backward=False) not in _TUNED:
+        tune(hidden[rows], weight, targets)

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import TileConfig, forward_splits, pick_config
+from .configs import TileConfig, forward_splits, pick_config, tune_once
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """Triton reads TRITON_INTERPRET when it decorates the kernels below, i.e. when this module is imported."""
@@ -438,6 +438,8 @@ def forward(
     out = torch.empty(len(FORWARD_OUTPUTS), n, dtype=torch.float32, device=hidden.device)
     if n == 0:
         return out
+    if config is None and os.environ.get("FASTDPO_TUNE") == "1" and not INTERPRETED:
+        tune_once(hidden, weight, rows, targets)
     cfg = config or pick_config(hidden.dtype, size, interpreted=INTERPRETED)
     vtiles = triton.cdiv(vocab, cfg.block_v)
     row_tiles = triton.cdiv(n, cfg.block_n)

@@ -1,0 +1,252 @@
+"""Head op fwd+bwd on a CUDA GPU: fastdpo's Triton kernels against full logits, TRL, Liger FLCE and CCE.
+
+    python -m bench.head_gpu [--tokens 2048 8192 32768] [--hidden 2048 4096] [--vocab 32000 128256]
+                             [--dtype bf16] [--repeats 10] [--out bench/results/<device>]
+
+For every shape, each variant runs one fwd+bwd (loss = Σ upstream·logp, or the summed cross-entropy for the
+tools that only offer a loss) after warm-up calls that are not timed (they include Triton compilation and
+torch.compile, reported as ``first_call_s``); the time is the median of ``--repeats`` calls timed with CUDA
+events (min and max kept). Peak memory is ``max_memory_allocated`` above a baseline taken after setup, minus the
+gradients every variant must return. The yardstick is the 4 GEMMs of forward + recompute + backward
+(h@W.T twice, dz@W, dz.T@h) through cuBLAS on the same device, 8·N·H·V FLOPs: ``vs GEMMs`` is the variant's time
+over theirs, and TFLOP/s counts those 8·N·H·V FLOPs for every variant. Logits are scaled to a standard deviation
+of ``--logit-std`` so that the softmax is peaked, as in a trained model, which is what gradient filtering
+exploits. Results: ``<out>/head_gpu.{json,csv,md}`` with the device, driver and library versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from fastdpo.atomic import atomic_open, atomic_write
+
+RESULTS = Path(__file__).parent / "results"
+BF16_FILTER_EPS = 2.0**-12  # CCE's default ("high") for bf16: finfo(bf16).eps / 32
+
+VARIANTS = {
+    "gemms_4": "cuBLAS GEMMs: h@W.T twice, dz@W, dz.T@h (the yardstick)",
+    "fastdpo_triton": "fastdpo impl='triton' (atomic backward)",
+    "fastdpo_triton_det": "fastdpo impl='triton', deterministic=True",
+    "fastdpo_triton_filter": "fastdpo impl='triton', grad_filter_eps=2^-12",
+    "fastdpo_torch": "fastdpo impl='torch' (chunked, cuBLAS)",
+    "full_logits": "full logits (fastdpo impl='naive')",
+    "trl_chunked": "TRL 1.16 ChunkedLogProbFunction",
+    "liger_flce": "Liger 0.8.5 LigerFusedLinearCrossEntropyLoss (sum)",
+    "cce_nofilter": "cut-cross-entropy 25.1.1 cce, filter_eps=None",
+    "cce_default": "cut-cross-entropy 25.1.1 cce, filter_eps default ('high')",
+}
+
+
+def _inputs(n: int, h: int, v: int, dtype: torch.dtype, logit_std: float):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n, h, generator=gen, device="cuda").to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen, device="cuda") * (logit_std / h**0.5)).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=gen, device="cuda")
+    upstream = torch.randn(n, generator=gen, device="cuda")
+    return hidden, weight, targets, upstream
+
+
+def _variant(name: str, hidden, weight, targets, upstream):
+    """A closure running one fwd+bwd."""
+    if name.startswith("fastdpo") or name == "full_logits":
+        from fastdpo.ops import linear_logprobs
+
+        kw = {
+            "fastdpo_triton": {"impl": "triton"},
+            "fastdpo_triton_det": {"impl": "triton", "deterministic": True},
+            "fastdpo_triton_filter": {"impl": "triton", "grad_filter_eps": BF16_FILTER_EPS},
+            "fastdpo_torch": {"impl": "torch"},
+            "full_logits": {"impl": "naive"},
+        }[name]
+
+        def run():
+            (linear_logprobs(hidden, weight, targets, **kw).logp * upstream).sum().backward()
+
+    elif name == "trl_chunked":
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+        def run():
+            logp = ChunkedLogProbFunction.apply(
+                hidden, weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ()
+            )[0]
+            (logp * upstream).sum().backward()
+
+    elif name == "liger_flce":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+        def run():
+            loss_fn(weight, hidden, targets).backward()
+
+    elif name.startswith("cce"):
+        from cut_cross_entropy import linear_cross_entropy
+
+        kw = {"filter_eps": None} if name == "cce_nofilter" else {}
+
+        def run():
+            linear_cross_entropy(hidden, weight, targets, reduction="sum", impl="cce", **kw).backward()
+
+    elif name == "gemms_4":
+
+        def run():
+            with torch.no_grad():
+                z = hidden @ weight.T
+                z = hidden @ weight.T  # the recompute
+                hidden_grad = z @ weight
+                weight_grad = z.T @ hidden
+            del hidden_grad, weight_grad
+
+    else:
+        raise ValueError(f"unknown variant {name!r}")
+    return run
+
+
+def _measure(run, hidden, weight, repeats: int) -> dict:
+    def call():
+        hidden.grad = weight.grad = None
+        run()
+
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):  # warm-up: compilation, autotuning, cuBLAS handles
+        call()
+    stop.record()
+    torch.cuda.synchronize()
+    first_call_s = start.elapsed_time(stop) / 1e3
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        hidden.grad = weight.grad = None
+        start.record()
+        run()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    grads = sum(t.nbytes for t in (hidden.grad, weight.grad) if t is not None)
+    extra = torch.cuda.max_memory_allocated() - base - grads
+    hidden.grad = weight.grad = None
+    return {"times": times, "first_call_s": first_call_s, "extra_bytes": max(0, extra)}
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for package in ("triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers", "fastdpo"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _device() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        driver = "unknown"
+    return {"name": props.name, "sms": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}", "driver": driver}  # fmt: skip
+
+
+def run_shape(n: int, h: int, v: int, args: argparse.Namespace) -> list[dict]:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    hidden, weight, targets, upstream = _inputs(n, h, v, dtype, args.logit_std)
+    rows = []
+    for name in args.variants:
+        print(f"N={n} H={h} V={v} {name} ...", file=sys.stderr, flush=True)
+        row = {"tokens": n, "hidden": h, "vocab": v, "variant": name}
+        try:
+            row.update(_measure(_variant(name, hidden, weight, targets, upstream), hidden, weight, args.repeats))
+        except Exception as error:  # a tool that cannot run a shape (memory, support) is reported, not fatal
+            row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+            hidden.grad = weight.grad = None
+        torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def _table(results: list[dict], meta: dict) -> str:
+    dev = meta["device"]
+    lines = [
+        f"Head op fwd+bwd on {dev['name']} (driver {dev['driver']}, CUDA {meta['versions']['cuda']}), "
+        f"{meta['dtype']}, all targets valid, logit std {meta['logit_std']}; torch {meta['versions']['torch']}, "
+        f"triton {meta['versions']['triton']}, trl {meta['versions']['trl']}, liger-kernel "
+        f"{meta['versions']['liger-kernel']}, cut-cross-entropy {meta['versions']['cut-cross-entropy']}. "
+        f"Median of {meta['repeats']} (min–max) ms after warm-up; TFLOP/s counts 8·N·H·V.",
+        "",
+        "| N | H | V | variant | ms (min–max) | vs GEMMs | TFLOP/s | extra peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (n, h, v), group in itertools.groupby(results, key=lambda r: (r["tokens"], r["hidden"], r["vocab"])):
+        group = list(group)
+        gemm = next((r for r in group if r["variant"] == "gemms_4" and "times" in r), None)
+        for r in group:
+            label = VARIANTS[r["variant"]]
+            if "times" not in r:
+                lines.append(f"| {n} | {h} | {v} | {label} | failed: {r['error']} | | | |")
+                continue
+            median = statistics.median(r["times"])
+            ratio = f"{median / statistics.median(gemm['times']):.2f}x" if gemm else "n/a"
+            tflops = 8 * n * h * v / median / 1e12
+            lines.append(
+                f"| {n} | {h} | {v} | {label} | {median * 1e3:.2f} ({min(r['times']) * 1e3:.2f}–"
+                f"{max(r['times']) * 1e3:.2f}) | {ratio} | {tflops:.0f} | {r['extra_bytes'] / 2**20:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.head_gpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--logit-std", type=float, default=4.0)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device name>")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (the CPU benchmark is python -m bench.head_cpu)")
+    device = _device()
+    out = args.out or RESULTS / device["name"].replace(" ", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n, h, v in itertools.product(args.tokens, args.hidden, args.vocab):
+        results += run_shape(n, h, v, args)
+    meta = {"device": device, "versions": _versions(), "dtype": args.dtype, "logit_std": args.logit_std,
+            "repeats": args.repeats}  # fmt: skip
+    atomic_write(out / "head_gpu.json", json.dumps({"meta": meta, "results": results}, indent=1))
+    with atomic_open(out / "head_gpu.csv") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["tokens", "hidden", "vocab", "variant", "median_s", "min_s", "max_s", "extra_bytes", "error"])
+        for r in results:
+            t = r.get("times")
+            stats = [statistics.median(t), min(t), max(t)] if t else ["", "", ""]
+            writer.writerow([r["tokens"], r["hidden"], r["vocab"], r["variant"], *stats, r.get("extra_bytes", ""),
+                             r.get("error", "")])  # fmt: skip
+    table = _table(results, meta)
+    atomic_write(out / "head_gpu.md", table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

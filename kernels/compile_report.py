@@ -1,0 +1,169 @@
+"""Compile the fused log-prob kernels for a GPU architecture on any machine, and report what the compiler made.
+
+No GPU is needed: Triton's bundled ``ptxas`` and ``cuobjdump`` turn the kernels into sm_90 (H100) machine code
+here, which shows, before any device time is spent, whether every kernel variant compiles, how many registers
+and how much stack (spilled registers) and shared memory each uses, and whether the products run on Hopper's
+warpgroup tensor-core instructions (``HGMMA``). Run ``python -m fastdpo.kernels.compile_report``.
+Numbers come from the Triton installed here, which may be newer than a GPU machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from .configs import TABLE, TileConfig
+
+_POINTERS_16 = ("h_ptr", "w_ptr", "b_ptr")
+_FP32_POINTERS = ("part_ptr", "tgt_logit_ptr", "lse_ptr", "grad_ptr", "dh_ptr", "dw_ptr", "db_ptr", "out_ptr")
+_FP32_SCALARS = ("scale_over_t", "scale_over_cap", "cap_over_t", "filter_eps")
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    kernel: str
+    variant: str
+    registers: int
+    stack_bytes: int
+    local_loads: int
+    shared_bytes: int
+    hgmma: int
+
+
+def _tools() -> str | None:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return path if shutil.which("cuobjdump", path=path) else None
+
+
+def available() -> bool:
+    """Whether this Triton ships the NVIDIA tools needed to compile and inspect without a GPU."""
+    try:
+        return _tools() is not None
+    except ImportError:
+        return False
+
+
+def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
+    elem = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _POINTERS_16:
+            sig[name] = elem
+        elif name in _FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name in ("rows_ptr", "tgt_ptr"):
+            sig[name] = "*i64"
+        elif name in _FP32_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_kernel(fn, dtype: torch.dtype, constexprs: dict, *, num_warps: int, num_stages: int, arch: int = 90):
+    """Compile one kernel variant for ``sm_<arch>``; returns Triton's compiled kernel object."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(
+        fn=fn,
+        signature=_signature(fn, dtype, constexprs),
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+    )
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def inspect(compiled, kernel: str, variant: str) -> KernelReport:
+    """Registers, stack, local loads, shared memory and HGMMA count of a compiled kernel."""
+    tools = _tools()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([f"{tools}/cuobjdump", "--dump-resource-usage", path], capture_output=True, text=True)
+        sass = subprocess.run([f"{tools}/cuobjdump", "--dump-sass", path], capture_output=True, text=True).stdout
+    fields = {}
+    for line in usage.stdout.splitlines():
+        for item in line.split():
+            if ":" in item and item.split(":")[0] in ("REG", "STACK"):
+                key, value = item.split(":", 1)
+                fields[key] = int(value)
+    return KernelReport(
+        kernel=kernel,
+        variant=variant,
+        registers=fields.get("REG", -1),
+        stack_bytes=fields.get("STACK", -1),
+        local_loads=sass.count("LDL"),
+        shared_bytes=int(compiled.metadata.shared),
+        hgmma=sass.count("HGMMA"),
+    )
+
+
+def _meta(cfg: TileConfig, dtype: torch.dtype) -> dict:
+    return {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k,
+            "DOT_PRECISION": "tf32" if dtype == torch.float32 else "ieee"}  # fmt: skip
+
+
+def variants(dtype: torch.dtype, bucket: str = "large"):
+    """(kernel, variant, fn, constexprs, config) for every kernel at the table's config for this dtype."""
+    from . import linear_logprobs as k
+
+    dtype_class = "fp32" if dtype == torch.float32 else "16bit"
+    fwd, bwd = TABLE[(dtype_class, bucket, "forward")], TABLE[(dtype_class, bucket, "backward")]
+    plain = {"HAS_BIAS": False, "SOFTCAP": False}
+    full = {"HAS_BIAS": True, "SOFTCAP": True}
+    none = dict.fromkeys(("WANT_ENTROPY", "WANT_MEAN", "WANT_TOP1", "WANT_SQ"), False)
+    every = dict.fromkeys(none, True)
+    f_meta = {"GROUP_N": fwd.group_n, **_meta(fwd, dtype)}
+    b_meta = _meta(bwd, dtype)
+    atomic = {"NEED_DH": True, "NEED_DW": True, "GROUP_N": bwd.group_n, **b_meta}
+    combine_cfg = TileConfig(0, 0, 0, num_warps=4, num_stages=1)
+    yield "forward", "logp only", k._forward_kernel, {**plain, **none, **f_meta}, fwd
+    yield "forward", "all outputs, bias, softcap", k._forward_kernel, {**full, **every, **f_meta}, fwd
+    yield "combine", "-", k._combine_kernel, {"BLOCK": 128}, combine_cfg
+    yield "backward (atomic)", "dh, dW", k._backward_kernel, {**plain, "FILTER": False, "NEED_DB": False, **atomic}, bwd
+    yield "backward (atomic)", "dh, dW, db, bias, softcap, filter", k._backward_kernel, {
+        **full, "FILTER": True, "NEED_DB": True, **atomic}, bwd  # fmt: skip
+    yield "backward rows (deterministic)", "dh", k._backward_rows_kernel, {**plain, "FILTER": False, **b_meta}, bwd
+    yield "backward vocab (deterministic)", "dW, db, bias, softcap", k._backward_vocab_kernel, {
+        **full, "FILTER": False, "NEED_DW": True, "NEED_DB": True, **b_meta}, bwd  # fmt: skip
+
+
+def report(dtype: torch.dtype, arch: int = 90) -> list[KernelReport]:
+    found = []
+    for kernel, variant, fn, constexprs, cfg in variants(dtype):
+        compiled = compile_kernel(fn, dtype, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch)
+        found.append(inspect(compiled, kernel, variant))
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    import triton
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability without the dot (90 = H100)")
+    args = parser.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    print(f"sm_{args.arch}, {args.dtype}, triton {triton.__version__}, tile table 'large' (H > 1024)\n")
+    print("| kernel | variant | registers | stack bytes | local loads | shared bytes | HGMMA |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in report(dtype, args.arch):
+        cols = (r.kernel, r.variant, r.registers, r.stack_bytes, r.local_loads, r.shared_bytes, r.hgmma)
+        print("| " + " | ".join(str(c) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
