@@ -105,6 +105,30 @@ def _logit_tile(
 
 
 @triton.jit
+def _grouped_tile(pid, n_rows, n_cols, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+    """(row tile, column) of a program: GROUP_N consecutive row tiles run across all columns before the next
+    group starts, so that the rows and the columns' head tiles in flight stay in L2 together."""
+    per_group = GROUP_N * n_cols
+    first_tile = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(tl.cdiv(n_rows, BLOCK_N) - first_tile, GROUP_N)
+    return first_tile + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
+def _row_block(rows_ptr, tgt_ptr, lse_ptr, grad_ptr, offs_n, n_rows, WITH_GRAD: tl.constexpr):
+    """Per-row inputs of a block of kept rows: validity, index into hidden, target (and lse and dL/dlogp)."""
+    row_ok = offs_n < n_rows
+    rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
+    lse = tl.zeros(offs_n.shape, tl.float32)
+    grad = tl.zeros(offs_n.shape, tl.float32)
+    if WITH_GRAD:
+        lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
+        grad = tl.load(grad_ptr + offs_n, mask=row_ok, other=0.0)
+    return row_ok, rows, tgt, lse, grad
+
+
+@triton.jit
 def _forward_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, part_ptr, tgt_logit_ptr,
     n_rows, H, V, stride_h, stride_w, tiles_per_split, n_splits,
@@ -114,18 +138,9 @@ def _forward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # Grouped order: GROUP_N consecutive row tiles run across all splits before the next group starts.
-    pid = tl.program_id(0)
-    per_group = GROUP_N * n_splits
-    first_tile = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(tl.cdiv(n_rows, BLOCK_N) - first_tile, GROUP_N)
-    row_tile = first_tile + (pid % per_group) % group_size
-    split = (pid % per_group) // group_size
-
+    row_tile, split = _grouped_tile(tl.program_id(0), n_rows, n_splits, BLOCK_N, GROUP_N)
     offs_n = row_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < n_rows
-    rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0).to(tl.int64)
-    tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
+    row_ok, rows, tgt, _no_lse, _no_grad = _row_block(rows_ptr, tgt_ptr, rows_ptr, rows_ptr, offs_n, n_rows, False)
     run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_N,), tl.float32)
     run_ez = tl.zeros((BLOCK_N,), tl.float32)
@@ -252,20 +267,9 @@ def _backward_kernel(
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One (row tile, vocab tile) per program; dh, dW, db accumulated with fp32 atomic adds."""
-    pid = tl.program_id(0)
-    n_vtiles = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP_N * n_vtiles
-    first_tile = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(tl.cdiv(n_rows, BLOCK_N) - first_tile, GROUP_N)
-    row_tile = first_tile + (pid % per_group) % group_size
-    v_tile = (pid % per_group) // group_size
-
+    row_tile, v_tile = _grouped_tile(tl.program_id(0), n_rows, tl.cdiv(V, BLOCK_V), BLOCK_N, GROUP_N)
     offs_n = row_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < n_rows
-    rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0).to(tl.int64)
-    tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
-    grad = tl.load(grad_ptr + offs_n, mask=row_ok, other=0.0)
+    row_ok, rows, tgt, lse, grad = _row_block(rows_ptr, tgt_ptr, lse_ptr, grad_ptr, offs_n, n_rows, True)
     offs_v = (v_tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     col_ok = offs_v < V
     dz, skip = _grad_tile(
@@ -304,11 +308,7 @@ def _backward_rows_kernel(
 ):  # fmt: skip
     """Deterministic pass 1: a program owns BLOCK_N rows of dh and walks the whole vocabulary in order."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < n_rows
-    rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0).to(tl.int64)
-    tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
-    grad = tl.load(grad_ptr + offs_n, mask=row_ok, other=0.0)
+    row_ok, rows, tgt, lse, grad = _row_block(rows_ptr, tgt_ptr, lse_ptr, grad_ptr, offs_n, n_rows, True)
     offs_k = tl.arange(0, BLOCK_K)
     for v0 in range(0, V, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
@@ -345,11 +345,7 @@ def _backward_vocab_kernel(
     db = tl.zeros((BLOCK_V,), tl.float32)
     for n0 in range(0, n_rows, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        row_ok = offs_n < n_rows
-        rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0).to(tl.int64)
-        tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
-        lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
-        grad = tl.load(grad_ptr + offs_n, mask=row_ok, other=0.0)
+        row_ok, rows, tgt, lse, grad = _row_block(rows_ptr, tgt_ptr, lse_ptr, grad_ptr, offs_n, n_rows, True)
         dz, skip = _grad_tile(
             h_ptr, w_ptr, b_ptr, rows, row_ok, tgt, lse, grad, offs_v, col_ok, stride_h, stride_w, H,
             scale_over_t, scale_over_cap, cap_over_t, filter_eps,
