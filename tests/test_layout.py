@@ -71,6 +71,18 @@ def test_kernels_import_from_repo_root_and_elsewhere(kind, tmp_path):
     assert Path(from_root["fastdpo"]).parent == source / "fastdpo"  # the shadowing the layout must survive
     assert Path(from_root["kernels"]) == source / "kernels" / "__init__.py"
 
+    if kind == "regular":  # every module of the source tree made it into the wheel (a subpackage left off
+        # pyproject's package list would be missing)
+        shipped = {p.relative_to(wheel_site).as_posix() for p in wheel_site.rglob("*.py")}
+        expected = {
+            f"fastdpo/{p.relative_to(source / 'fastdpo').as_posix()}" for p in (source / "fastdpo").rglob("*.py")
+        }
+        expected |= {
+            f"fastdpo/kernels/{p.relative_to(source / 'kernels').as_posix()}"
+            for p in (source / "kernels").rglob("*.py")
+        }
+        assert shipped == expected, sorted(shipped ^ expected)
+
     from_elsewhere = probe(elsewhere, wheel_site)
     if kind == "regular":
         assert Path(from_elsewhere["kernels"]) == wheel_site / "fastdpo" / "kernels" / "__init__.py"

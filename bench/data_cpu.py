@@ -1,0 +1,140 @@
+"""Data-layer throughput on CPU: normalizing, tokenizing and checking synthetic preference pairs.
+
+    python -m bench.data_cpu [--rows 100000] [--num-proc 1 2]
+
+Synthetic standard-format pairs (prompts of ~30 words, completions of ~40, drawn from a fixed word list with a
+seeded generator) and the locally trained tiny tokenizer. Each stage is timed once on a fresh in-memory dataset
+with caching disabled, so nothing is read back from a previous run; rows/s = rows / wall seconds. Results go to
+bench/results/data_cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import datasets
+
+from fastdpo.atomic import atomic_write
+from fastdpo.data.formats import prepare_preferences
+from fastdpo.data.tiny_tokenizer import build_tiny_tokenizer
+from fastdpo.data.tokenize import tokenize_preferences
+
+RESULTS = Path(__file__).parent / "results"
+WORDS = tuple(
+    [
+        "the",
+        "sky",
+        "is",
+        "blue",
+        "green",
+        "clear",
+        "day",
+        "night",
+        "rain",
+        "sun",
+        "moon",
+        "plant",
+        "water",
+        "light",
+        "sugar",
+        "oxygen",
+        "bread",
+        "flour",
+        "yeast",
+        "salt",
+        "knead",
+        "bake",
+        "answer",
+        "question",
+        "explain",
+        "write",
+        "translate",
+        "morning",
+        "good",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+        "cat",
+    ]
+)
+
+
+def synthetic_pairs(rows: int, seed: int = 0) -> datasets.Dataset:
+    rng = random.Random(seed)
+
+    def sentence(n):
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    data = {"prompt": [], "chosen": [], "rejected": []}
+    for _ in range(rows):
+        data["prompt"].append(sentence(rng.randint(20, 40)) + "?")
+        data["chosen"].append(" " + sentence(rng.randint(30, 50)) + ".")
+        data["rejected"].append(" " + sentence(rng.randint(30, 50)) + ".")
+    return datasets.Dataset.from_dict(data)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def run(rows: int, num_procs: list[int]) -> list[dict]:
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
+    tokenizer = build_tiny_tokenizer()
+    raw = synthetic_pairs(rows)
+    results = []
+    for num_proc in num_procs:
+        proc = None if num_proc == 1 else num_proc
+        prepared, t_prepare = _timed(lambda p=proc: prepare_preferences(raw, num_proc=p))
+        _, t_tokenize = _timed(
+            lambda p=proc, d=prepared: tokenize_preferences(d, tokenizer, max_length=1024, num_proc=p)
+        )
+        results.append({"stage": "prepare_preferences", "num_proc": num_proc, "seconds": t_prepare})
+        results.append({"stage": "tokenize_preferences", "num_proc": num_proc, "seconds": t_tokenize})
+    try:
+        from fastdpo.data.quality import check_preferences
+    except ImportError:
+        return results
+    _, t_check = _timed(lambda: check_preferences(raw))
+    results.append({"stage": "check_preferences (no tokenizer)", "num_proc": 1, "seconds": t_check})
+    _, t_check_tok = _timed(lambda: check_preferences(raw, tokenizer, max_length=128))
+    results.append({"stage": "check_preferences (tokenizer, max_length=128)", "num_proc": 1, "seconds": t_check_tok})
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.data_cpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    results = run(args.rows, args.num_proc)
+    cpu = platform.processor() or platform.machine()
+    header = (
+        f"Data layer on {args.rows} synthetic standard pairs, tiny BPE tokenizer, {os.cpu_count()} CPUs ({cpu}), "
+        f"datasets {datasets.__version__}; one timed run per stage, caching off.\n\n"
+        "| stage | num_proc | seconds | rows/s |\n|---|---|---|---|\n"
+    )
+    table = header + "".join(
+        f"| {r['stage']} | {r['num_proc']} | {r['seconds']:.2f} | {args.rows / r['seconds']:,.0f} |\n" for r in results
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "data_cpu.json", json.dumps({"rows": args.rows, "results": results}, indent=1))
+    atomic_write(args.out / "data_cpu.md", table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

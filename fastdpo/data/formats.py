@@ -1,0 +1,223 @@
+"""Preference datasets in the shapes people bring, normalized to ``prompt``/``chosen``/``rejected``.
+
+``prepare_preferences`` takes a dataset (or anything ``load_data`` takes) and returns a ``datasets.Dataset`` with:
+
+- ``columns={"prompt": "input"}`` applied first (our name → the dataset's name), and the rating columns real
+  datasets use (``score_chosen``, ``chosen_rating``, ``chosen-rating`` …) renamed to ``chosen_score`` /
+  ``rejected_score``;
+- the format detected from the first row, or forced with ``format="standard" | "conversational"``: every row
+  must then match it (one DataError at the first row that does not);
+- an implicit prompt extracted when there is no ``prompt`` column, exactly as TRL 1.16's ``extract_prompt``
+  does: the longest common prefix of chosen and rejected (whole messages for conversations, characters for
+  strings). For strings this can end inside a word; such rows get ``prompt_split_mid_word = True``;
+- UltraFeedback-style rows (a string ``prompt`` next to whole conversations that begin with the user): the
+  prompt is taken from the conversations, as above; a string prompt next to completions that begin with the
+  assistant becomes one user message;
+- ``system`` (ours; TRL ignores the column): a system message put first in a conversational prompt that has
+  none, or ``system_template`` (default ``"{system}\\n\\n{prompt}"``) for strings; empty systems change nothing;
+- ``input``/``context`` (instruction datasets): joined to the prompt with ``input_template`` (default
+  ``"{prompt}\\n\\n{input}"``; for conversations, appended to the last user message); empty ones change nothing;
+- every other column (``tools``, ``chat_template_kwargs``, metadata) kept as it came.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+
+from fastdpo.data.load import load_data
+from fastdpo.data.schema import SCORE_ALIASES, is_message_list, source_version, value_format
+from fastdpo.errors import ConfigError, DataError, close_match, unknown_choice
+
+FORMATS = ("auto", "standard", "conversational")
+KNOWN_TARGETS = (
+    "prompt", "chosen", "rejected", "system", "input", "context", "chosen_score", "rejected_score", "status",
+    "tools", "chat_template_kwargs",
+)  # fmt: skip
+DEFAULT_SYSTEM_TEMPLATE = "{system}\n\n{prompt}"
+DEFAULT_INPUT_TEMPLATE = "{prompt}\n\n{input}"
+_VERSION = source_version(__file__)
+
+
+def extract_prompt(chosen, rejected) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected): TRL 1.16's implicit-prompt rule, reproduced exactly.
+
+    The prompt ends at the first position where chosen and rejected differ, moved back by one when the character
+    before it is a space (so the space starts the completions). As in TRL, when one is a prefix of the other the
+    scan stops at the last compared position, so the last shared element goes to the completions.
+    """
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def prepare_preferences(
+    data,
+    *,
+    columns: dict[str, str] | None = None,
+    format: str = "auto",
+    system_template: str = DEFAULT_SYSTEM_TEMPLATE,
+    input_template: str = DEFAULT_INPUT_TEMPLATE,
+    split: str = "train",
+    num_proc: int | None = None,
+) -> datasets.Dataset:
+    """Normalize a preference dataset (see the module docstring); returns a ``datasets.Dataset``."""
+    dataset = load_data(data, split=split)
+    if format not in FORMATS:
+        raise unknown_choice("format", format, FORMATS)
+    check_template("system_template", system_template, ("system", "prompt"))
+    check_template("input_template", input_template, ("prompt", "input"))
+    dataset = _rename(dataset, columns or {})
+    for name in ("chosen", "rejected"):
+        if name not in dataset.column_names:
+            raise _missing_column(name, dataset.column_names)
+    if len(dataset) == 0:
+        raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
+    kind = _detect_format(dataset, format)
+    _check_rows(dataset, kind)
+    fn_kwargs = {
+        "kind": kind,
+        "system_template": system_template,
+        "input_template": input_template,
+        "version": _VERSION,
+    }
+    has_prompt = "prompt" in dataset.column_names
+    return dataset.map(
+        _normalize_row,
+        fn_kwargs={**fn_kwargs, "has_prompt": has_prompt},
+        remove_columns=[c for c in ("system", "input", "context") if c in dataset.column_names],
+        num_proc=num_proc,
+        desc="Normalizing preference rows",
+    )
+
+
+def _rename(dataset: datasets.Dataset, columns: dict[str, str]) -> datasets.Dataset:
+    present = dataset.column_names
+    renames = {}
+    for ours, theirs in columns.items():
+        if ours not in KNOWN_TARGETS:
+            raise unknown_choice("columns", ours, KNOWN_TARGETS)
+        if theirs not in present:
+            raise _missing_column(theirs, present, mapped_to=ours)
+        if theirs != ours:
+            renames[theirs] = ours
+    clashes = [ours for theirs, ours in renames.items() if ours in present and ours not in renames]
+    if clashes:
+        raise DataError(
+            f"the dataset already has a column {clashes[0]!r}",
+            column=clashes[0],
+            fix=f"drop or rename it before mapping another column to {clashes[0]!r}",
+        )
+    dataset = dataset.rename_columns(renames) if renames else dataset
+    for ours, aliases in SCORE_ALIASES.items():
+        found = [a for a in aliases if a in dataset.column_names]
+        if ours not in dataset.column_names and found:  # the first alias in our order wins; others stay as they are
+            dataset = dataset.rename_column(found[0], ours)
+    return dataset
+
+
+def _missing_column(name: str, present: list[str], mapped_to: str | None = None) -> DataError:
+    guess = close_match(name, present)
+    hint = f"did you mean {guess!r}? " if guess else ""
+    target = mapped_to or name
+    fix = f"{hint}map your column with columns={{{target!r}: '<your column>'}} (columns present: {', '.join(present)})"
+    return DataError("column not found", column=name, fix=fix)
+
+
+def _detect_format(dataset: datasets.Dataset, format: str) -> str:
+    if format != "auto":
+        return format
+    first = dataset[0]
+    kind = value_format(first["chosen"])
+    if kind is None:
+        raise DataError(
+            f"expected a string or a list of {{'role', 'content'}} messages, got {type(first['chosen']).__name__}",
+            row=0,
+            column="chosen",
+            fix="fix the value, or run fastdpo.data.check_preferences to list every such row",
+        )
+    return kind
+
+
+def _check_rows(dataset: datasets.Dataset, kind: str) -> None:
+    """One DataError at the first row whose chosen/rejected (or conversational prompt) is not in ``kind``."""
+    names = ["chosen", "rejected"] + (["prompt"] if "prompt" in dataset.column_names else [])
+    for name in names:
+        for row, value in enumerate(dataset[name]):
+            got = value_format(value)
+            ok = got == kind or (name == "prompt" and got == "standard")  # a string prompt is fine for both
+            if ok and isinstance(value, str) and not value.strip() and name != "prompt":
+                raise DataError(
+                    "is empty", row=row, column=name, fix="drop the row (fastdpo.data.check_preferences lists them all)"
+                )
+            if not ok:
+                what = "None" if value is None else got or type(value).__name__
+                raise DataError(
+                    f"expected {'a string' if kind == 'standard' else 'a list of messages'} like the first row, "
+                    f"got {what}",
+                    row=row,
+                    column=name,
+                    fix="fix or drop the row (fastdpo.data.check_preferences lists every such row), or pass format=",
+                )
+
+
+def _normalize_row(example: dict, *, kind, has_prompt, system_template, input_template, version):
+    chosen, rejected = example["chosen"], example["rejected"]
+    out: dict[str, Any] = {}
+    prompt = example.get("prompt") if has_prompt else None
+    if kind == "conversational" and isinstance(prompt, str):
+        # UltraFeedback-style: whole conversations (starting with the user) next to a string copy of the prompt:
+        # the prompt is taken from the conversations. Completions that start with the assistant get it as a turn.
+        whole = chosen[0].get("role") != "assistant" and rejected[0].get("role") != "assistant"
+        prompt = None if whole else [{"role": "user", "content": prompt}]
+    if prompt is None:
+        prompt, chosen, rejected = extract_prompt(chosen, rejected)
+        if kind == "standard":
+            out["prompt_split_mid_word"] = bool(prompt and chosen and prompt[-1].isalnum() and chosen[0].isalnum())
+    extra = next((example.get(c) for c in ("input", "context") if example.get(c)), None)
+    if extra:
+        prompt = _join_input(prompt, extra, input_template)
+    if example.get("system"):
+        prompt = _add_system(prompt, example["system"], system_template)
+    out.update(prompt=prompt, chosen=chosen, rejected=rejected)
+    return out
+
+
+def _join_input(prompt, extra: str, template: str):
+    if isinstance(prompt, str):
+        return template.format(prompt=prompt, input=extra)
+    messages = [dict(m) for m in prompt]
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last_user is None:
+        messages.append({"role": "user", "content": extra})
+    else:
+        messages[last_user]["content"] = template.format(prompt=messages[last_user]["content"], input=extra)
+    return messages
+
+
+def _add_system(prompt, system: str, template: str):
+    if isinstance(prompt, str):
+        return template.format(system=system, prompt=prompt)
+    if prompt and prompt[0].get("role") == "system":
+        return prompt  # the conversation brings its own system message: it wins
+    return [{"role": "system", "content": system}, *prompt]
+
+
+def check_template(name: str, template: str, fields: tuple[str, ...]) -> None:
+    """ConfigError unless ``template`` formats with exactly ``fields``."""
+    try:
+        template.format(**dict.fromkeys(fields, ""))
+    except (KeyError, IndexError, ValueError) as error:
+        raise ConfigError(
+            f"cannot format {template!r} ({error})", column=name, fix=f"use the fields {', '.join(fields)}"
+        ) from None
+
+
+def is_conversational_dataset(dataset: datasets.Dataset) -> bool:
+    """Whether a normalized dataset holds conversations."""
+    return len(dataset) > 0 and is_message_list(dataset[0]["chosen"])

@@ -1,0 +1,96 @@
+"""Load a dataset from wherever a user keeps it: a ``datasets`` object, a local file, or a hub name.
+
+Local JSON Lines and JSON files are checked line by line first, so a broken line is reported by its number
+instead of as a parser traceback from deep inside ``datasets``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import datasets
+
+from fastdpo.errors import DataError
+
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_data(source, *, split: str | None = "train") -> datasets.Dataset | datasets.DatasetDict:
+    """A ``datasets.Dataset`` (or ``DatasetDict`` with ``split=None``) from ``source``.
+
+    Args:
+        source: a ``Dataset``/``DatasetDict``; a local ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` file; or a
+            hub name, passed to ``datasets.load_dataset``.
+        split: which split of a ``DatasetDict`` or hub dataset; None keeps them all.
+    """
+    if isinstance(source, datasets.DatasetDict):
+        return source if split is None else _pick_split(source, split, str(split))
+    if isinstance(source, datasets.Dataset):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise DataError(
+            f"cannot load a dataset from {type(source).__name__}",
+            fix="pass a datasets.Dataset, a path to a .jsonl/.json/.parquet/.csv file, or a hub name",
+        )
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        return _load_local(path, split)
+    loaded = datasets.load_dataset(str(source), split=split)
+    return loaded
+
+
+def _pick_split(data: datasets.DatasetDict, split: str, name: str) -> datasets.Dataset:
+    if split not in data:
+        raise DataError(f"{name} has no split {split!r}", fix=f"choose one of {', '.join(repr(s) for s in data)}")
+    return data[split]
+
+
+def _load_local(path: Path, split: str | None):
+    if not path.is_file():
+        raise DataError(f"{path}: no such file", fix="check the path (relative paths start from the current folder)")
+    kind = LOCAL_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}", fix="use .jsonl, .json, .parquet or .csv")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty", fix="point to a file with at least one row")
+    if kind == "json":
+        _check_json(path)
+    loaded = datasets.load_dataset(kind, data_files={"train": str(path)}, split="train")
+    return datasets.DatasetDict({"train": loaded}) if split is None else loaded
+
+
+def _check_json(path: Path) -> None:
+    """Raise DataError with the line number of the first line that is not valid JSON."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not valid UTF-8", fix="re-encode the file as UTF-8") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # one JSON document (a list of rows)
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}: line {error.lineno}, column {error.colno}: invalid JSON ({error.msg})",
+                fix="fix the file, or write one JSON object per line (.jsonl)",
+            ) from None
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}: line {number}: invalid JSON ({error.msg} at character {error.colno})",
+                fix="fix or remove that line",
+            ) from None
+        if not isinstance(value, dict):
+            raise DataError(
+                f"{path}: line {number}: expected a JSON object per line, got {type(value).__name__}",
+                fix='write each row as an object such as {"prompt": ..., "chosen": ..., "rejected": ...}',
+            )

@@ -1,0 +1,55 @@
+"""The normalized preference row, and small predicates every data module shares.
+
+After column mapping (``fastdpo.data.prepare_preferences``) a preference dataset has the columns ``prompt``,
+``chosen`` and ``rejected``, each either a string (the *standard* format) or a list of ``{"role", "content"}``
+messages (the *conversational* format), the same format in every row. Optional columns keep their meaning:
+``system`` (str), ``tools`` (list or JSON string), ``chat_template_kwargs`` (dict), ``chosen_score`` /
+``rejected_score`` (numbers), ``status`` (str, e.g. ``"tie"``). Every other column is kept as it came.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+# Names real datasets use for the two ratings, mapped to ours (UltraFeedback: score_chosen; distilabel: chosen_rating)
+SCORE_ALIASES: dict[str, tuple[str, ...]] = {
+    "chosen_score": ("chosen_score", "score_chosen", "chosen_rating", "chosen-rating", "rating_chosen", "chosen-score"),
+    "rejected_score": (
+        "rejected_score", "score_rejected", "rejected_rating", "rejected-rating", "rating_rejected", "rejected-score",
+    ),
+}  # fmt: skip
+
+
+def is_message(value: Any) -> bool:
+    """A chat message: a dict with a ``role`` (TRL's test) — ``content`` is checked by the quality report."""
+    return isinstance(value, dict) and "role" in value
+
+
+def is_message_list(value: Any) -> bool:
+    """A non-empty list whose first element is a chat message (how TRL tells conversational data apart)."""
+    return isinstance(value, list) and len(value) > 0 and is_message(value[0])
+
+
+def value_format(value: Any) -> str | None:
+    """``"standard"`` for a string, ``"conversational"`` for a message list, None for anything else."""
+    if isinstance(value, str):
+        return "standard"
+    if is_message_list(value):
+        return "conversational"
+    return None
+
+
+def source_version(*files: str) -> str:
+    """A hash of source files, passed to ``Dataset.map`` so that its cache notices when our code changes.
+
+    ``datasets`` fingerprints a mapped function by reference (module and name) when it can be imported, so an edit
+    to the function alone would silently reuse results cached by the previous version.
+    """
+    digest = hashlib.sha1()
+    for name in files:
+        digest.update(Path(name).read_bytes())
+    return digest.hexdigest()[:16]

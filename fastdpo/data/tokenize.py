@@ -1,0 +1,177 @@
+"""Tokenize normalized preference rows exactly as TRL 1.16's DPO trainer does, and truncate as its collator does.
+
+Per row (``TRL: DPOTrainer._prepare_dataset``):
+
+- strings: the EOS *string* is appended to ``chosen``/``rejected`` that do not end with it; then
+  ``tokenizer(prompt)``, ``tokenizer(prompt + chosen)``, ``tokenizer(prompt + rejected)`` (the tokenizer's own
+  special tokens, e.g. BOS);
+- conversations: ``apply_chat_template(prompt, add_generation_prompt=True)`` and ``apply_chat_template(prompt +
+  chosen)`` (and rejected), with the row's ``tools`` (a list or a JSON string) and ``chat_template_kwargs``; no
+  EOS is added;
+- the completion starts where the prompt's ids and both prompt+completion ids stop agreeing (usually the end of
+  the prompt): ``prompt_ids``, ``chosen_ids``, ``rejected_ids``.
+
+``max_length`` and ``truncation_mode`` are then applied per sequence, as TRL's ``DataCollatorForPreference`` does
+(``truncate``): ``keep_start`` keeps the first ``max_length`` tokens of prompt+completion, ``keep_end`` the last.
+Under ``keep_start`` a row whose prompt alone fills ``max_length`` has nothing left to learn from: TRL drops it
+silently; here it is dropped and counted. ``max_prompt_length`` (keep the prompt's end) and
+``max_completion_length`` (keep the completion's start) are fastdpo's own, applied before ``max_length``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import datasets
+
+from fastdpo.data.schema import is_message_list, source_version
+from fastdpo.errors import ConfigError, DataError, unknown_choice
+
+TRUNCATION_MODES = ("keep_start", "keep_end")
+_VERSION = source_version(__file__)
+
+
+@dataclass
+class TokenizedPreferences:
+    """The tokenized dataset, and every row dropped on the way (reason → row ids in the input)."""
+
+    dataset: datasets.Dataset
+    dropped_rows: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return {reason: len(rows) for reason, rows in self.dropped_rows.items()}
+
+
+def common_prefix_length(ids: list[int], other: list[int]) -> int:
+    n = 0
+    for a, b in zip(ids, other):  # noqa: B905 - stops at the shorter one on purpose
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _conversation_ids(example: dict, tokenizer) -> tuple[list[int], list[int], list[int]]:
+    tools = example.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
+
+    def encode(messages, **extra):
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs, **extra)["input_ids"]
+
+    prompt = example["prompt"]
+    return (
+        encode(prompt, add_generation_prompt=True),
+        encode(prompt + example["chosen"]),
+        encode(prompt + example["rejected"]),
+    )
+
+
+def _tokenize_batch(batch: dict, tokenizer, eos_token: str | None, version: str) -> dict:
+    """TRL's per-row rule on a batch: strings go through the fast tokenizer in one call per column."""
+    prompts, chosen, rejected = batch["prompt"], batch["chosen"], batch["rejected"]
+    if chosen and is_message_list(chosen[0]):
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        prompt_ids, chosen_full, rejected_full = map(
+            list, zip(*(_conversation_ids(r, tokenizer) for r in rows), strict=True)
+        )
+    else:
+        if eos_token is not None:
+            chosen = [c if c.endswith(eos_token) else c + eos_token for c in chosen]
+            rejected = [r if r.endswith(eos_token) else r + eos_token for r in rejected]
+        prompt_ids = tokenizer(prompts)["input_ids"]
+        chosen_full = tokenizer([p + c for p, c in zip(prompts, chosen, strict=True)])["input_ids"]
+        rejected_full = tokenizer([p + r for p, r in zip(prompts, rejected, strict=True)])["input_ids"]
+    out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    for p_ids, c_ids, r_ids in zip(prompt_ids, chosen_full, rejected_full, strict=True):
+        start = min(common_prefix_length(p_ids, c_ids), common_prefix_length(p_ids, r_ids))
+        out["prompt_ids"].append(p_ids[:start])
+        out["chosen_ids"].append(c_ids[start:])
+        out["rejected_ids"].append(r_ids[start:])
+    return out
+
+
+def tokenize_preferences(
+    dataset: datasets.Dataset,
+    tokenizer,
+    *,
+    max_length: int | None = 1024,
+    truncation_mode: str = "keep_start",
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    num_proc: int | None = None,
+) -> TokenizedPreferences:
+    """Add ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (untruncated, as TRL's prepared dataset holds them).
+
+    The rows TRL drops (prompt ≥ ``max_length`` under ``keep_start``) are dropped here too, and counted in
+    ``dropped_rows``; no other row is dropped (the quality report flags the rest). Truncation itself happens per
+    sequence when batches are built (``truncate``); ``max_prompt_length``/``max_completion_length``, when set,
+    are applied here.
+    """
+    if truncation_mode not in TRUNCATION_MODES:
+        raise unknown_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length),
+                        ("max_completion_length", max_completion_length)):  # fmt: skip
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"must be a positive integer or None, got {value!r}", column=name)
+    if len(dataset) and is_message_list(dataset[0]["chosen"]) and getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            "the dataset is conversational but the tokenizer has no chat template",
+            column="chosen",
+            fix="use a tokenizer with a chat template, or set tokenizer.chat_template",
+        )
+    if getattr(tokenizer, "eos_token", None) is None and len(dataset) and isinstance(dataset[0]["chosen"], str):
+        raise DataError(
+            "the tokenizer has no EOS token, which TRL appends to every completion",
+            fix="set tokenizer.eos_token (e.g. to the token your model ends answers with)",
+        )
+    tokenized = dataset.map(
+        _tokenize_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "eos_token": tokenizer.eos_token, "version": _VERSION},
+        num_proc=num_proc,
+        desc="Tokenizing preference rows",
+    )
+    if max_prompt_length is not None or max_completion_length is not None:
+        tokenized = tokenized.map(
+            _clip_lengths,
+            fn_kwargs={"max_prompt": max_prompt_length, "max_completion": max_completion_length, "version": _VERSION},
+            num_proc=num_proc,
+            desc="Clipping prompts and completions",
+        )
+    dropped: dict[str, list[int]] = {}
+    prompt_lengths = [len(ids) for ids in tokenized["prompt_ids"]]
+    if max_length is not None and truncation_mode == "keep_start":
+        dropped["prompt_fills_max_length"] = [i for i, n in enumerate(prompt_lengths) if n >= max_length]
+    dropped = {reason: rows for reason, rows in dropped.items() if rows}
+    if dropped:
+        gone = set().union(*map(set, dropped.values()))
+        tokenized = tokenized.select([i for i in range(len(tokenized)) if i not in gone])
+    return TokenizedPreferences(tokenized, dropped)
+
+
+def _clip_lengths(example: dict, *, max_prompt: int | None, max_completion: int | None, version: str) -> dict:
+    out = {}
+    if max_prompt is not None:
+        out["prompt_ids"] = example["prompt_ids"][-max_prompt:]
+    if max_completion is not None:
+        out["chosen_ids"] = example["chosen_ids"][:max_completion]
+        out["rejected_ids"] = example["rejected_ids"][:max_completion]
+    return out
+
+
+def truncate(
+    prompt_ids: list[int], completion_ids: list[int], max_length: int | None, truncation_mode: str = "keep_start"
+) -> tuple[list[int], list[int]]:
+    """(input_ids, completion_mask) of one sequence, as TRL's ``DataCollatorForPreference`` builds it."""
+    ids = list(prompt_ids) + list(completion_ids)
+    mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
+    if max_length is None:
+        return ids, mask
+    if truncation_mode == "keep_start":
+        return ids[:max_length], mask[:max_length]
+    if truncation_mode == "keep_end":
+        return ids[-max_length:], mask[-max_length:]
+    raise unknown_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)

@@ -1,0 +1,234 @@
+"""Loading files and normalizing every preference format: column maps, implicit prompts, system and input columns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+from tiny_tokenizer import build_tiny_tokenizer
+
+from fastdpo.data.formats import extract_prompt, prepare_preferences
+from fastdpo.data.load import load_data
+from fastdpo.data.tokenize import tokenize_preferences
+from fastdpo.errors import ConfigError, DataError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+datasets.disable_progress_bars()
+
+
+def rows(*items: dict) -> datasets.Dataset:
+    return datasets.Dataset.from_list(list(items))
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+
+
+def test_broken_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"chosen": "a", "rejected": "b"}\n\n{"chosen": "a", "rejected": \n{"chosen": "c"}\n')
+    with pytest.raises(DataError, match=r"data.jsonl: line 3: invalid JSON .* fix or remove that line"):
+        load_data(path)
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"chosen": "a", "rejected": "b"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"line 2: expected a JSON object per line, got list"):
+        load_data(path)
+
+
+def test_broken_json_document_names_line_and_column(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[\n {"chosen": "a", "rejected": "b"},\n {"chosen": "a" "rejected": "b"}\n]\n')
+    with pytest.raises(DataError, match=r"data.json: line 3, column 17: invalid JSON"):
+        load_data(path)
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"chosen": "a", "rejected": "b"}\n{"chosen": "\xff", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=r"line 2: not valid UTF-8"):
+        load_data(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [("missing.jsonl", None, "no such file"), ("data.txt", "x", "unknown file type '.txt'"), ("e.jsonl", "", "empty")],
+)
+def test_bad_files(tmp_path, name, content, match):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        load_data(path)
+
+
+def test_parquet_csv_json_and_dataset_dict_load_the_same_rows(tmp_path):
+    data = rows({"prompt": "p1", "chosen": "c1", "rejected": "r1"}, {"prompt": "p2", "chosen": "c2", "rejected": "r2"})
+    data.to_parquet(tmp_path / "d.parquet")
+    data.to_csv(tmp_path / "d.csv", index=False)
+    (tmp_path / "d.json").write_text(json.dumps(data.to_list()))
+    for name in ("d.parquet", "d.csv", "d.json"):
+        assert load_data(tmp_path / name).to_list() == data.to_list()
+    both = datasets.DatasetDict({"train": data, "test": data.select([0])})
+    assert len(load_data(both, split="test")) == 1
+    with pytest.raises(DataError, match="has no split 'validation'.*'train', 'test'"):
+        load_data(both, split="validation")
+
+
+# ---------------------------------------------------------------------------------------------- column mapping
+
+
+def test_distilabel_orca_columns_system_and_metadata():
+    data = prepare_preferences(FIXTURES / "distilabel_orca.jsonl", columns={"prompt": "input"})
+    raw = [json.loads(line) for line in (FIXTURES / "distilabel_orca.jsonl").read_text().splitlines()]
+    assert data[0]["prompt"] == f"{raw[0]['system']}\n\n{raw[0]['input']}"  # our system template
+    assert data[1]["prompt"] == raw[1]["input"]  # empty system: unchanged
+    assert data["status"] == [r["status"] for r in raw] and data["rating"] == [r["rating"] for r in raw]
+    assert data["chosen_score"] == [r["chosen_score"] for r in raw]
+
+
+def test_rating_column_aliases_become_scores():
+    data = prepare_preferences(rows({"prompt": "p", "chosen": "c", "rejected": "r", "score_chosen": 8, "chosen-rating"
+                                     : 7, "score_rejected": 2}))  # fmt: skip
+    assert data[0]["chosen_score"] == 8 and data[0]["rejected_score"] == 2  # the first alias in our order wins
+    assert data[0]["chosen-rating"] == 7  # the other one is kept as it was
+    data = prepare_preferences(rows({"prompt": "p", "chosen": "c", "rejected": "r", "chosen-rating": 7}))
+    assert data[0]["chosen_score"] == 7
+
+
+def test_missing_and_misspelled_columns_suggest_the_fix():
+    with pytest.raises(DataError, match=r"column 'chosen': column not found — did you mean 'choosen'\?"):
+        prepare_preferences(rows({"prompt": "p", "choosen": "c", "rejected": "r"}))
+    with pytest.raises(DataError, match=r"column 'inptu': column not found — did you mean 'input'\?"):
+        prepare_preferences(rows({"input": "p", "chosen": "c", "rejected": "r"}), columns={"prompt": "inptu"})
+    with pytest.raises(ConfigError, match=r"column 'columns': unknown value 'promt' — did you mean 'prompt'\?"):
+        prepare_preferences(rows({"input": "p", "chosen": "c", "rejected": "r"}), columns={"promt": "input"})
+    with pytest.raises(DataError, match="already has a column 'prompt'"):
+        prepare_preferences(
+            rows({"input": "p", "prompt": "q", "chosen": "c", "rejected": "r"}), columns={"prompt": "input"}
+        )
+
+
+def test_empty_dataset_and_bad_format_option():
+    with pytest.raises(DataError, match="no rows"):
+        prepare_preferences(datasets.Dataset.from_dict({"chosen": [], "rejected": []}))
+    with pytest.raises(ConfigError, match="did you mean 'standard'"):
+        prepare_preferences(rows({"chosen": "c", "rejected": "r"}), format="standrd")
+
+
+# -------------------------------------------------------------------------------------------- implicit prompts
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected"),
+    [("Q: sky? A: blue", "Q: sky? A: black"), ("same start then a", "same start then b"), ("ab", "abc"),
+     ("xyz", "xyz"), ("Q: hi A: yes", "Q: hi A: no"), ("a", "b")],
+)  # fmt: skip
+def test_implicit_string_prompt_matches_trl(chosen, rejected):
+    from trl.data_utils import extract_prompt as trl_extract
+
+    expected = trl_extract({"chosen": chosen, "rejected": rejected})
+    assert extract_prompt(chosen, rejected) == (expected["prompt"], expected["chosen"], expected["rejected"])
+
+
+def test_hh_rlhf_prompt_split_inside_a_word_is_flagged():
+    data = prepare_preferences(FIXTURES / "hh_rlhf.jsonl")
+    flags = data["prompt_split_mid_word"]
+    # rows 0, 1: "blue" vs "black" share "bl"; row 3: "Hi!" vs "Hello" share "H"; row 4: "42" vs "48" share "4".
+    # Row 2 differs at the first letter of a word, and TRL's space rule moves the space into the completions.
+    assert data[1]["prompt"].endswith("The answer is bl") and data[1]["chosen"] == "ue."
+    assert data[2]["prompt"].endswith("Assistant:") and data[2]["chosen"] == " Knead and bake."
+    assert flags == [True, True, False, True, True]
+
+
+def test_conversational_implicit_prompt_takes_whole_shared_turns():
+    data = prepare_preferences(FIXTURES / "ultrafeedback_binarized.jsonl")
+    multi = data[len(data) - 1]  # three shared turns, then the answers differ
+    assert [m["content"] for m in multi["prompt"]] == ["Translate 'good morning' into French.", "Bonjour.",
+                                                        "And in Spanish?"]  # fmt: skip
+    assert multi["chosen"] == [assistant("Buenos dias.")] and multi["rejected"] == [assistant("Bonjour.")]
+    assert data[0]["prompt"] == [user("What color is the sky on a clear day?")]
+
+
+def test_string_prompt_with_assistant_completions_becomes_a_user_turn():
+    data = prepare_preferences(rows({"prompt": "Hi?", "chosen": [assistant("Hello.")], "rejected": [assistant("No.")]}))
+    assert data[0]["prompt"] == [user("Hi?")]
+
+
+# ------------------------------------------------------------------------------------------ system and input
+
+
+def test_system_column_for_conversations():
+    data = prepare_preferences(
+        rows(
+            {"prompt": [user("Hi?")], "chosen": [assistant("Hello.")], "rejected": [assistant("No.")],
+             "system": "Be kind."},
+            {"prompt": [{"role": "system", "content": "Own."}, user("Hi?")], "chosen": [assistant("Hello.")],
+             "rejected": [assistant("No.")], "system": "Be kind."},
+        )
+    )  # fmt: skip
+    assert data[0]["prompt"] == [{"role": "system", "content": "Be kind."}, user("Hi?")]
+    assert data[1]["prompt"][0]["content"] == "Own."  # the conversation's own system message wins
+    assert "system" not in data.column_names
+
+
+def test_input_column_joined_by_the_template():
+    data = prepare_preferences(
+        rows({"prompt": "Summarize.", "input": "A long text.", "chosen": "c", "rejected": "r"},
+             {"prompt": "Summarize.", "input": "", "chosen": "c", "rejected": "r"}),
+        input_template="{prompt}\nInput: {input}",
+    )  # fmt: skip
+    assert data["prompt"] == ["Summarize.\nInput: A long text.", "Summarize."]
+    conv = prepare_preferences(
+        rows(
+            {
+                "prompt": [user("Summarize.")],
+                "context": "Text.",
+                "chosen": [assistant("S.")],
+                "rejected": [assistant("X")],
+            }
+        )
+    )
+    assert conv[0]["prompt"] == [user("Summarize.\n\nText.")]
+    with pytest.raises(ConfigError, match="column 'input_template'"):
+        prepare_preferences(rows({"prompt": "p", "chosen": "c", "rejected": "r"}), input_template="{prompt} {text}")
+
+
+# ------------------------------------------------------------------------------------------------- bad rows
+
+
+def test_mixed_formats_name_the_first_bad_row():
+    data = rows({"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": "c", "rejected": "r"},
+                {"prompt": "p", "chosen": None, "rejected": "r"})  # fmt: skip
+    with pytest.raises(DataError, match=r"row 2, column 'chosen': expected a string like the first row, got None"):
+        prepare_preferences(data)
+    with pytest.raises(DataError, match=r"row 0, column 'chosen': expected a list of messages"):
+        prepare_preferences(rows({"prompt": "p", "chosen": "c", "rejected": "r"}), format="conversational")
+    with pytest.raises(DataError, match=r"row 1, column 'rejected': is empty"):
+        prepare_preferences(rows({"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": "c",
+                                                                                   "rejected": "  "}))  # fmt: skip
+
+
+def test_tokenizer_without_chat_template_or_eos():
+    tok = build_tiny_tokenizer()
+    conv = prepare_preferences(FIXTURES / "conversational_tools.jsonl")
+    tok.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        tokenize_preferences(conv, tok)
+    tok = build_tiny_tokenizer()
+    tok.eos_token = None
+    with pytest.raises(DataError, match="no EOS token"):
+        tokenize_preferences(prepare_preferences(rows({"prompt": "p", "chosen": "c", "rejected": "r"})), tok)
+    with pytest.raises(ConfigError, match="did you mean 'keep_end'"):
+        tokenize_preferences(conv, build_tiny_tokenizer(), truncation_mode="keep_ends")

@@ -1,0 +1,121 @@
+"""Tokenization of every fixture and format equals TRL 1.16's, token for token, untruncated and truncated.
+
+TRL's own code does the reference work: ``DPOTrainer._prepare_dataset`` (called on a stub holding only the
+tokenizer it reads) for the prepared dataset, and ``DataCollatorForPreference`` for truncation.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import datasets
+import pytest
+from tiny_tokenizer import build_tiny_tokenizer
+
+from fastdpo.data.formats import prepare_preferences
+from fastdpo.data.tokenize import tokenize_preferences, truncate
+
+trl = pytest.importorskip("trl")
+from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+datasets.disable_progress_bars()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def trl_prepared(dataset, tokenizer, tmp_path, max_length=None, truncation_mode="keep_start") -> datasets.Dataset:
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path), max_length=max_length, truncation_mode=truncation_mode, bf16=False, report_to=[]
+    )
+    stub = types.SimpleNamespace(_tokenizer=tokenizer)
+    return trl.DPOTrainer._prepare_dataset(stub, dataset, tokenizer, args, "train")
+
+
+# (fixture, our options, what TRL is given: "raw" = the file as it is, "normalized" = our prompt/chosen/rejected)
+CASES = {
+    "hh_rlhf_implicit_prompt": ("hh_rlhf.jsonl", {}, "raw"),
+    "distilabel_orca_system_input": ("distilabel_orca.jsonl", {"columns": {"prompt": "input"}}, "normalized"),
+    "ultrafeedback_binarized": ("ultrafeedback_binarized.jsonl", {}, "normalized"),
+    "conversational_tools": ("conversational_tools.jsonl", {}, "raw"),
+}
+
+
+def _load_raw(name: str) -> datasets.Dataset:
+    return datasets.load_dataset("json", data_files=str(FIXTURES / name), split="train")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_token_ids_equal_trl_prepared_dataset(case, tokenizer, tmp_path):
+    name, options, trl_input = CASES[case]
+    ours = prepare_preferences(FIXTURES / name, **options)
+    tokenized = tokenize_preferences(ours, tokenizer, max_length=None)
+    assert not tokenized.dropped_rows
+    if trl_input == "raw":
+        reference = trl_prepared(_load_raw(name), tokenizer, tmp_path)
+    else:
+        keep = [c for c in ours.column_names if c in ("prompt", "chosen", "rejected", "tools")]
+        reference = trl_prepared(ours.select_columns(keep), tokenizer, tmp_path)
+    assert len(reference) == len(tokenized.dataset) > 0
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert tokenized.dataset[column] == reference[column], column
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
+def test_truncation_and_drops_equal_trl(case, truncation_mode, tokenizer, tmp_path):
+    name, options, _ = CASES[case]
+    ours = prepare_preferences(FIXTURES / name, **options)
+    full = tokenize_preferences(ours, tokenizer, max_length=None).dataset
+    prompt_lengths = sorted(len(ids) for ids in full["prompt_ids"])
+    # a limit inside the prompts of some rows: TRL drops those under keep_start; everything else gets truncated
+    max_length = prompt_lengths[len(prompt_lengths) // 2] + 1
+    tokenized = tokenize_preferences(ours, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
+    keep = [c for c in ours.column_names if c in ("prompt", "chosen", "rejected", "tools")]
+    reference_rows = trl_prepared(ours.select_columns(keep), tokenizer, tmp_path, max_length, truncation_mode)
+    if truncation_mode == "keep_start":
+        expected_drops = [i for i, ids in enumerate(full["prompt_ids"]) if len(ids) >= max_length]
+        assert tokenized.dropped_rows.get("prompt_fills_max_length", []) == expected_drops
+    else:
+        assert not tokenized.dropped_rows
+    assert len(reference_rows) == len(tokenized.dataset)
+
+    collator = DataCollatorForPreference(
+        pad_token_id=tokenizer.pad_token_id, max_length=max_length, truncation_mode=truncation_mode
+    )
+    for row, ref_row in zip(tokenized.dataset, reference_rows, strict=True):
+        batch = collator.torch_call([ref_row])
+        for k, completion in enumerate((row["chosen_ids"], row["rejected_ids"])):
+            ids, mask = truncate(row["prompt_ids"], completion, max_length, truncation_mode)
+            valid = batch["attention_mask"][k].bool()
+            assert ids == batch["input_ids"][k][valid].tolist()
+            assert mask == batch["completion_mask"][k][valid].tolist()
+
+
+def test_string_completions_get_the_eos_string_once(tokenizer):
+    rows = datasets.Dataset.from_list(
+        [
+            {"prompt": "Say hi.", "chosen": " Hi!", "rejected": " Hi!<|eos|>"},
+            {"prompt": "Q", "chosen": "a", "rejected": "b"},
+        ]
+    )
+    out = tokenize_preferences(prepare_preferences(rows), tokenizer, max_length=None).dataset
+    eos = tokenizer.eos_token_id
+    assert out[0]["chosen_ids"][-1] == eos and out[0]["rejected_ids"][-1] == eos
+    assert out[0]["chosen_ids"] == out[0]["rejected_ids"]  # the EOS string is not added twice
+    assert out[0]["prompt_ids"][0] == tokenizer.bos_token_id  # the tokenizer's own BOS, as TRL keeps it
+
+
+def test_prompt_only_and_completion_only_limits_are_ours(tokenizer):
+    rows = datasets.Dataset.from_list([{"prompt": "What color is the sky on a clear day?", "chosen": " Blue sky.",
+                                        "rejected": " It is green on a clear day."}])  # fmt: skip
+    full = tokenize_preferences(prepare_preferences(rows), tokenizer, max_length=None).dataset[0]
+    clipped = tokenize_preferences(
+        prepare_preferences(rows), tokenizer, max_length=None, max_prompt_length=3, max_completion_length=2
+    ).dataset[0]
+    assert clipped["prompt_ids"] == full["prompt_ids"][-3:]  # the prompt keeps its end
+    assert clipped["chosen_ids"] == full["chosen_ids"][:2] and clipped["rejected_ids"] == full["rejected_ids"][:2]
