@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import time
 from pathlib import Path
 
 import datasets
 
+from bench.head_cpu import _cpu_name
 from fastdpo.atomic import atomic_write
 from fastdpo.data.formats import prepare_preferences
 from fastdpo.data.tiny_tokenizer import build_tiny_tokenizer
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     results = run(args.rows, args.num_proc)
-    cpu = platform.processor() or platform.machine()
+    cpu = _cpu_name()
     header = (
         f"Data layer on {args.rows} synthetic standard pairs, tiny BPE tokenizer, {os.cpu_count()} CPUs ({cpu}), "
         f"datasets {datasets.__version__}; one timed run per stage, caching off.\n\n"

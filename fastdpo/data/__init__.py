@@ -1,24 +1,39 @@
 """The data layer: load preference and SFT datasets in any common shape, normalize, tokenize as TRL does, check.
 
-    from fastdpo.data import prepare_preferences, tokenize_preferences
+    from fastdpo.data import check_preferences, prepare_preferences, tokenize_preferences
     pairs = prepare_preferences("pairs.jsonl", columns={"prompt": "input"})
-    tokenized = tokenize_preferences(pairs, tokenizer, max_length=1024)   # .dataset, .dropped_rows
+    report = check_preferences(pairs, tokenizer, max_length=1024)          # .counts, .to_markdown()
+    clean, dropped = report.filter(pairs)                                   # every drop counted
+    tokenized = tokenize_preferences(clean, tokenizer, max_length=1024)    # .dataset, .dropped_rows
 
 Importing this package imports ``datasets`` and ``transformers``' tokenizer base, not torch kernels.
 """
 
 from fastdpo.data.formats import extract_prompt, prepare_preferences
 from fastdpo.data.load import load_data
+from fastdpo.data.pairs import PairsResult, build_pairs
+from fastdpo.data.quality import REASONS, QualityReport, check_preferences
 from fastdpo.data.schema import PREFERENCE_COLUMNS, SCORE_ALIASES
+from fastdpo.data.sft import TokenizedSFT, prepare_sft, tokenize_sft
+from fastdpo.data.split import split_by_prompt
 from fastdpo.data.tokenize import TokenizedPreferences, tokenize_preferences, truncate
 
 __all__ = [
     "PREFERENCE_COLUMNS",
+    "REASONS",
     "SCORE_ALIASES",
+    "PairsResult",
+    "QualityReport",
     "TokenizedPreferences",
+    "TokenizedSFT",
+    "build_pairs",
+    "check_preferences",
     "extract_prompt",
     "load_data",
     "prepare_preferences",
+    "prepare_sft",
+    "split_by_prompt",
     "tokenize_preferences",
+    "tokenize_sft",
     "truncate",
 ]

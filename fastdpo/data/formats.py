@@ -27,8 +27,15 @@ from typing import Any
 import datasets
 
 from fastdpo.data.load import load_data
-from fastdpo.data.schema import SCORE_ALIASES, is_message_list, source_version, value_format
-from fastdpo.errors import ConfigError, DataError, close_match, unknown_choice
+from fastdpo.data.schema import (
+    SCORE_ALIASES,
+    is_message_list,
+    missing_column,
+    rename_columns,
+    source_version,
+    value_format,
+)
+from fastdpo.errors import ConfigError, DataError, unknown_choice
 
 FORMATS = ("auto", "standard", "conversational")
 KNOWN_TARGETS = (
@@ -75,7 +82,7 @@ def prepare_preferences(
     dataset = _rename(dataset, columns or {})
     for name in ("chosen", "rejected"):
         if name not in dataset.column_names:
-            raise _missing_column(name, dataset.column_names)
+            raise missing_column(name, dataset.column_names)
     if len(dataset) == 0:
         raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
     kind = _detect_format(dataset, format)
@@ -97,36 +104,12 @@ def prepare_preferences(
 
 
 def _rename(dataset: datasets.Dataset, columns: dict[str, str]) -> datasets.Dataset:
-    present = dataset.column_names
-    renames = {}
-    for ours, theirs in columns.items():
-        if ours not in KNOWN_TARGETS:
-            raise unknown_choice("columns", ours, KNOWN_TARGETS)
-        if theirs not in present:
-            raise _missing_column(theirs, present, mapped_to=ours)
-        if theirs != ours:
-            renames[theirs] = ours
-    clashes = [ours for theirs, ours in renames.items() if ours in present and ours not in renames]
-    if clashes:
-        raise DataError(
-            f"the dataset already has a column {clashes[0]!r}",
-            column=clashes[0],
-            fix=f"drop or rename it before mapping another column to {clashes[0]!r}",
-        )
-    dataset = dataset.rename_columns(renames) if renames else dataset
+    dataset = rename_columns(dataset, columns, KNOWN_TARGETS)
     for ours, aliases in SCORE_ALIASES.items():
         found = [a for a in aliases if a in dataset.column_names]
         if ours not in dataset.column_names and found:  # the first alias in our order wins; others stay as they are
             dataset = dataset.rename_column(found[0], ours)
     return dataset
-
-
-def _missing_column(name: str, present: list[str], mapped_to: str | None = None) -> DataError:
-    guess = close_match(name, present)
-    hint = f"did you mean {guess!r}? " if guess else ""
-    target = mapped_to or name
-    fix = f"{hint}map your column with columns={{{target!r}: '<your column>'}} (columns present: {', '.join(present)})"
-    return DataError("column not found", column=name, fix=fix)
 
 
 def _detect_format(dataset: datasets.Dataset, format: str) -> str:

@@ -13,6 +13,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import datasets
+
+from fastdpo.errors import DataError, close_match, unknown_choice
+
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 # Names real datasets use for the two ratings, mapped to ours (UltraFeedback: score_chosen; distilabel: chosen_rating)
@@ -53,3 +57,33 @@ def source_version(*files: str) -> str:
     for name in files:
         digest.update(Path(name).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def missing_column(name: str, present: list[str], mapped_to: str | None = None) -> DataError:
+    """DataError for a column that is not there, suggesting the close match and the ``columns=`` map."""
+    guess = close_match(name, present)
+    hint = f"did you mean {guess!r}? " if guess else ""
+    target = mapped_to or name
+    fix = f"{hint}map your column with columns={{{target!r}: '<your column>'}} (columns present: {', '.join(present)})"
+    return DataError("column not found", column=name, fix=fix)
+
+
+def rename_columns(dataset: datasets.Dataset, columns: dict[str, str], known: tuple[str, ...]) -> datasets.Dataset:
+    """Apply a ``{our name: the dataset's name}`` map; our names must be in ``known``, theirs present, no clash."""
+    present = dataset.column_names
+    renames = {}
+    for ours, theirs in columns.items():
+        if ours not in known:
+            raise unknown_choice("columns", ours, known)
+        if theirs not in present:
+            raise missing_column(theirs, present, mapped_to=ours)
+        if theirs != ours:
+            renames[theirs] = ours
+    clashes = [ours for ours in renames.values() if ours in present and ours not in renames]
+    if clashes:
+        raise DataError(
+            f"the dataset already has a column {clashes[0]!r}",
+            column=clashes[0],
+            fix=f"drop or rename it before mapping another column to {clashes[0]!r}",
+        )
+    return dataset.rename_columns(renames) if renames else dataset

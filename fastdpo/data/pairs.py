@@ -1,0 +1,283 @@
+"""Rated multi-response rows (UltraFeedback-style raw data) → preference pairs.
+
+A row holds a ``prompt``, several ``completions`` (strings or message lists) and one score per completion,
+either in a parallel ``scores`` column or inside each completion when completions are dicts
+(``response_key="response", score_key="overall_score"``). ``build_pairs`` turns each row into pairs:
+
+- ``best_vs_worst``: one pair, the highest score against the lowest;
+- ``best_vs_random_lower``: one pair, the highest score against a completion drawn uniformly among those scored
+  more than ``margin`` below it (seeded per row, so the draw does not depend on the other rows);
+- ``all_above_margin``: every pair (i, j) with ``score_i - score_j > margin``, chosen = i, in (i, j) row order.
+
+The best (and the worst) is the first such completion in row order when several share the score. A row that
+yields no pair is dropped and counted, with its index, under one reason:
+
+- ``too_few_completions``: fewer than 2 completions;
+- ``bad_scores``: a score that is None, NaN, infinite or not a number, or not one score per completion;
+- ``bad_completions``: a completion that is neither a string nor a list of messages (e.g. None);
+- ``ties``: every score is equal, so no completion is better than another;
+- ``below_margin``: scores differ, but never by more than ``margin``.
+
+Rows are checked in that order. In the plain torch-free terms of one row with ``margin = 0``::
+
+    best = max(range(n), key=scores.__getitem__)       # first of the best
+    worst = min(range(n), key=scores.__getitem__)      # first of the worst
+    pair = (best, worst) if scores[best] > scores[worst] else None   # None → counted under "ties"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+
+from fastdpo.data.schema import value_format
+from fastdpo.errors import ConfigError, DataError, close_match, unknown_choice
+
+STRATEGIES = ("best_vs_worst", "best_vs_random_lower", "all_above_margin")
+DROP_REASONS = ("too_few_completions", "bad_scores", "bad_completions", "ties", "below_margin")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "source_row")
+
+
+@dataclass
+class PairsResult:
+    """The pairs and what was dropped: ``dropped[reason]`` rows, whose indices are ``dropped_rows[reason]``."""
+
+    dataset: datasets.Dataset | list[dict[str, Any]]
+    dropped: dict[str, int] = field(default_factory=dict)
+    dropped_rows: dict[str, list[int]] = field(default_factory=dict)
+    strategy: str = "best_vs_worst"
+    num_rows: int = 0  # input rows
+
+    def summary(self) -> str:
+        """One line, e.g. ``best_vs_worst: 8 pairs from 10 rows; dropped 2 rows (ties 1, bad_scores 1)``."""
+        counts = [f"{reason} {count}" for reason, count in self.dropped.items() if count]
+        total = sum(self.dropped.values())
+        dropped = f"dropped {_plural(total, 'row')} ({', '.join(counts)})" if total else "dropped none"
+        return f"{self.strategy}: {_plural(len(self.dataset), 'pair')} from {_plural(self.num_rows, 'row')}; {dropped}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def build_pairs(
+    dataset: datasets.Dataset | list[dict[str, Any]],
+    *,
+    strategy: str = "best_vs_worst",
+    prompt: str = "prompt",
+    completions: str = "completions",
+    scores: str = "scores",
+    response_key: str | None = None,
+    score_key: str | None = None,
+    margin: float = 0.0,
+    seed: int = 0,
+) -> PairsResult:
+    """Preference pairs from rows with several scored completions (see the module docstring for the rules).
+
+    Args:
+        dataset: a ``datasets.Dataset`` or a list of dicts; the result's ``.dataset`` is of the same kind.
+        strategy: ``"best_vs_worst"``, ``"best_vs_random_lower"`` or ``"all_above_margin"``.
+        prompt, completions, scores: the input columns. ``scores`` is not read when ``score_key`` is given
+            (a column of that name is then carried over like any other).
+        response_key, score_key: for completions that are dicts, the keys of the response and of its score.
+        margin: a pair needs ``chosen_score - rejected_score > margin`` (≥ 0).
+        seed: for ``best_vs_random_lower``; row ``i`` draws from its own generator seeded by (seed, i).
+
+    Returns:
+        ``PairsResult``: rows ``prompt, chosen, rejected, chosen_score, rejected_score, source_row`` (float scores,
+        the input row index) then every other input column, and the dropped counts and row indices.
+    """
+    _check_options(strategy, margin, seed)
+    columns = {"prompt": prompt, "completions": completions}
+    if score_key is None:
+        columns["scores"] = scores
+    carried = _carried_columns(dataset, columns)
+    prompts = column_values(dataset, prompt)
+    all_items = column_values(dataset, completions)
+    all_scores = column_values(dataset, scores) if score_key is None else [None] * len(all_items)
+    out: dict[str, list[Any]] = {name: [] for name in PAIR_COLUMNS}
+    dropped_rows: dict[str, list[int]] = {reason: [] for reason in DROP_REASONS}
+    for row, (items, row_scores) in enumerate(zip(all_items, all_scores, strict=True)):
+        parsed = _parse_row(row, items, row_scores, completions, response_key, score_key)
+        if isinstance(parsed, str):
+            dropped_rows[parsed].append(row)
+            continue
+        responses, values = parsed
+        pairs = _pick_pairs(strategy, values, margin, seed, row)
+        if isinstance(pairs, str):
+            dropped_rows[pairs].append(row)
+            continue
+        for i, j in pairs:
+            pair = (prompts[row], responses[i], responses[j], values[i], values[j], row)
+            for name, value in zip(PAIR_COLUMNS, pair, strict=True):
+                out[name].append(value)
+
+    result = {**out, **_carry(dataset, carried, out["source_row"])}
+    dropped = {reason: len(rows) for reason, rows in dropped_rows.items()}
+    if isinstance(dataset, datasets.Dataset):
+        features = _pair_features(dataset.features, prompt, completions, response_key, carried)
+        pairs_data = datasets.Dataset.from_dict(result, features=features)
+    else:
+        pairs_data = [dict(zip(result, values, strict=True)) for values in zip(*result.values(), strict=True)]
+    return PairsResult(pairs_data, dropped, dropped_rows, strategy=strategy, num_rows=len(dataset))
+
+
+def _check_options(strategy: str, margin: float, seed: int) -> None:
+    if strategy not in STRATEGIES:
+        raise unknown_choice("strategy", strategy, STRATEGIES)
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not margin >= 0 or math.isinf(margin):
+        raise ConfigError(f"must be a finite number ≥ 0, got {margin!r}", column="margin", fix="use e.g. margin=0.5")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ConfigError(f"must be an integer, got {seed!r}", column="seed")
+
+
+def _carried_columns(dataset, columns: dict[str, str]) -> list[str]:
+    """The input columns to carry over, after checking the dataset has rows and the ``columns`` (option → name)."""
+    present = table_columns(dataset)
+    if not len(dataset):
+        raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
+    for option, name in columns.items():
+        if name not in present:
+            raise missing_column(option, name, present)
+    carried = [name for name in present if name not in columns.values()]
+    for name in carried:
+        if name in PAIR_COLUMNS:
+            raise DataError(
+                "the dataset already has this output column", column=name, fix="drop or rename it before build_pairs"
+            )
+    return carried
+
+
+def _parse_row(row, items, row_scores, completions, response_key, score_key) -> tuple[list, list[float]] | str:
+    """(responses, scores) of one row, or the reason it is dropped; a DataError when the shape is plainly wrong."""
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise DataError(
+            f"expected a list of completions, got {type(items).__name__}", row=row, column=completions,
+            fix="pass the column that holds one list of responses per row as completions=",
+        )  # fmt: skip
+    if len(items) < 2:
+        return "too_few_completions"
+    if response_key is not None:
+        responses = [_get_key(row, item, response_key, completions, "response_key") for item in items]
+    elif any(isinstance(item, dict) for item in items):
+        keys = next(item for item in items if isinstance(item, dict)).keys()
+        raise DataError(
+            "completions are dicts", row=row, column=completions,
+            fix=f"pass response_key= (and score_key=) naming the fields; keys present: {', '.join(map(str, keys))}",
+        )  # fmt: skip
+    else:
+        responses = items
+    if score_key is not None:
+        row_scores = [_get_key(row, item, score_key, completions, "score_key") for item in items]
+    if not isinstance(row_scores, list) or len(row_scores) != len(responses):
+        return "bad_scores"
+    values = [_as_score(value) for value in row_scores]
+    if any(value is None for value in values):
+        return "bad_scores"
+    if any(value_format(response) is None for response in responses):
+        return "bad_completions"
+    return responses, values
+
+
+def _get_key(row: int, item: Any, key: str, completions: str, option: str) -> Any:
+    """``item[key]``; None for a None item (the row is then dropped), a DataError when the key is wrong."""
+    if item is None:
+        return None
+    if isinstance(item, dict) and key in item:
+        return item[key]
+    if not isinstance(item, dict):
+        raise DataError(
+            f"{option}={key!r} needs dict completions, got {type(item).__name__}", row=row, column=completions,
+            fix=f"leave {option} out for completions that are strings or message lists",
+        )  # fmt: skip
+    guess = close_match(key, [str(k) for k in item])
+    hint = f"did you mean {option}={guess!r}? " if guess else ""
+    raise DataError(
+        f"a completion has no key {key!r}", row=row, column=completions,
+        fix=f"{hint}keys present: {', '.join(map(str, item))}",
+    )  # fmt: skip
+
+
+def _as_score(value: Any) -> float | None:
+    """The score as a float, or None when it is missing, not a number, NaN or infinite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _pick_pairs(strategy: str, scores: list[float], margin: float, seed: int, row: int) -> list[tuple[int, int]] | str:
+    """(chosen, rejected) index pairs of one row, or the reason there are none ("ties" or "below_margin")."""
+    n = len(scores)
+    best = max(range(n), key=scores.__getitem__)  # max/min return the first of equal candidates
+    worst = min(range(n), key=scores.__getitem__)
+    if scores[best] == scores[worst]:
+        return "ties"
+    if strategy == "best_vs_worst":
+        return [(best, worst)] if scores[best] - scores[worst] > margin else "below_margin"
+    if strategy == "best_vs_random_lower":
+        eligible = [j for j in range(n) if scores[best] - scores[j] > margin]
+        return [(best, row_rng(seed, row).choice(eligible))] if eligible else "below_margin"
+    pairs = [(i, j) for i in range(n) for j in range(n) if scores[i] - scores[j] > margin]
+    return pairs or "below_margin"
+
+
+def row_rng(seed: int, row: int) -> random.Random:
+    """A generator for one row that depends only on (seed, row): stable across runs, processes and row order."""
+    digest = hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "big"))
+
+
+def _carry(dataset, carried: list[str], source_rows: list[int]) -> dict[str, list[Any]]:
+    """The other input columns, repeated for each pair taken from a row."""
+    columns = {}
+    for name in carried:
+        values = column_values(dataset, name)
+        columns[name] = [values[row] for row in source_rows]
+    return columns
+
+
+def _pair_features(features: datasets.Features, prompt, completions, response_key, carried) -> datasets.Features | None:
+    """The output features, from the input's (so an empty result keeps its types); None to let datasets infer."""
+    item = getattr(features[completions], "feature", None)
+    if response_key is not None:
+        item = item.get(response_key) if isinstance(item, dict) else None
+    if item is None:
+        return None
+    score, index = datasets.Value("float64"), datasets.Value("int64")
+    new = {"prompt": features[prompt], "chosen": item, "rejected": item, "chosen_score": score, "rejected_score": score}
+    return datasets.Features({**new, "source_row": index, **{name: features[name] for name in carried}})
+
+
+def table_columns(data: datasets.Dataset | list[dict[str, Any]]) -> list[str]:
+    """Column names of a Dataset, or of a list of dicts (every key of any row, in order of first appearance)."""
+    if isinstance(data, datasets.Dataset):
+        return list(data.column_names)
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise DataError(
+            f"expected a datasets.Dataset or a list of dicts, got {type(data).__name__}",
+            fix="load it first, e.g. with fastdpo.data.load_data",
+        )
+    return list(dict.fromkeys(key for row in data for key in row))
+
+
+def column_values(data: datasets.Dataset | list[dict[str, Any]], name: str) -> list[Any]:
+    """One column as a Python list (None where a dict row lacks the key), whatever format the Dataset has."""
+    if isinstance(data, datasets.Dataset):
+        return data.with_format(None)[name][:]
+    return [row.get(name) for row in data]
+
+
+def missing_column(option: str, name: str, present: list[str]) -> DataError:
+    """A DataError for column ``name`` (given as ``option=``) not in ``present``, suggesting the closest one."""
+    guess = close_match(name, present)
+    hint = f"did you mean {guess!r}? pass {option}={guess!r}" if guess else f"pass {option}='<your column>'"
+    return DataError("column not found", column=name, fix=f"{hint} (columns present: {', '.join(present)})")

@@ -1,0 +1,600 @@
+"""What is wrong with a preference dataset, row by row, before a single step is trained on it.
+
+    report = check_preferences(dataset, tokenizer, max_length=1024, min_score_margin=1.0)
+    print(report.to_markdown())
+    kept, dropped = report.filter(dataset, where="chosen_score >= 8")  # dropped: reason → rows, none silently
+
+The dataset is a ``datasets.Dataset`` or a list of dicts whose columns already have our names (``prompt``,
+``chosen``, ``rejected`` and the optional ``status``, ``chosen_score``, ``rejected_score``, ``tools``,
+``chat_template_kwargs``); its values are not trusted. Bad values are reported, never raised; only an unusable
+input as a whole (no ``chosen`` or ``rejected`` column) raises ``DataError``.
+
+Precedence: each problem is reported once per row, and never one that only follows from an earlier one.
+
+1. Values, per column (prompt, chosen, rejected): the first failing check of ``missing_field``, ``not_text``,
+   ``bad_message``, ``empty``, ``invalid_text``, ``roles_out_of_order``; a row may get one per column.
+2. The pair, for rows whose values all passed: ``mixed_format``, else ``identical``.
+3. Between rows, for rows that passed 1-2: ``duplicate``. The first copy is kept and carries every other finding;
+   later copies get ``duplicate`` and nothing else (exact copies are never ``contradictory``).
+4. The *valid pairs* (rows that passed 1-3) only: ``chat_template_error``, else ``prompt_fills_max_length``,
+   else ``will_be_truncated``; ``contradictory``; ``length_ratio``; the length statistics and the length bias.
+
+``tie``, else ``small_score_margin``, look only at ``status`` and the scores: every row but a later copy gets them.
+
+Token counts (with a tokenizer) approximate what ``tokenize_preferences`` builds: the prompt exactly
+(``tokenizer(prompt)`` with its special tokens, or the chat template with the generation prompt and the row's
+``tools``/``chat_template_kwargs``), plus each completion tokenized alone without special tokens (conversations:
+contents joined by newlines, the template's markers not counted), plus the EOS TRL appends to a string
+completion. The seam of the joined text and the template's per-turn markers shift the count by a few tokens, so
+``will_be_truncated`` can miss a row within a few tokens of ``max_length``; ``prompt_fills_max_length`` is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+
+from fastdpo.data.schema import PREFERENCE_COLUMNS
+from fastdpo.errors import DataError, close_match
+
+DROP, WARN = "drop", "warn"
+# Row reasons in precedence order (filter() counts a row under the first of its reasons in this order)
+REASONS: dict[str, tuple[str, str]] = {
+    "missing_field": (DROP, "prompt, chosen or rejected absent, None or NaN"),
+    "not_text": (DROP, "neither a string nor a list of messages"),
+    "bad_message": (DROP, "a message without a known role or a string content"),
+    "empty": (DROP, "empty or whitespace only"),
+    "invalid_text": (DROP, "lone surrogates or control characters"),
+    "roles_out_of_order": (DROP, "prompt not ending with a user/tool turn, or completion not starting with assistant"),
+    "mixed_format": (DROP, "strings and message lists in one row, or against the dataset's format"),
+    "identical": (DROP, "chosen == rejected"),
+    "duplicate": (DROP, "same prompt, chosen and rejected as an earlier row"),
+    "chat_template_error": (DROP, "the chat template failed on the prompt"),
+    "prompt_fills_max_length": (DROP, "the prompt alone has >= max_length tokens"),
+    "will_be_truncated": (WARN, "prompt + a completion longer than max_length (approximate)"),
+    "contradictory": (WARN, "another row prefers the other completion for the same prompt"),
+    "tie": (WARN, "status 'tie', or equal scores"),
+    "small_score_margin": (WARN, "chosen_score - rejected_score < min_score_margin"),
+    "length_ratio": (WARN, "one completion much longer than the other"),
+}
+DATASET_REASONS: dict[str, tuple[str, str]] = {
+    "empty_dataset": (WARN, "the dataset has no rows"),
+    "no_prompt_column": (WARN, "no prompt column: prompt checks skipped"),
+    "length_bias": (WARN, "chosen is mostly longer (or shorter) than rejected"),
+}
+ROLES = ("system", "user", "assistant", "tool")
+META_COLUMNS = ("status", "chosen_score", "rejected_score", "tools", "chat_template_kwargs")
+# C0 and C1 control characters except \t \n \r, and lone surrogates (not encodable as UTF-8)
+_INVALID_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+_ABSENT = object()  # a key missing from a row of a list input (None is a value there)
+_HIST_BINS = 10
+_CHUNK = 2048
+
+
+@dataclass
+class QualityReport:
+    """Every problem found, by reason (``rows``, ``counts``) and by row (``details``), and the length statistics.
+
+    ``severity`` maps every reason (row and dataset level) to ``"drop"`` or ``"warn"``; ``counts``/``rows`` hold
+    only the reasons found. ``length_stats`` and ``length_bias`` describe the valid pairs (see the module doc).
+    """
+
+    num_rows: int
+    counts: dict[str, int]
+    rows: dict[str, list[int]]
+    severity: dict[str, str]
+    details: dict[int, list[str]]
+    length_stats: dict[str, Any]
+    dataset_warnings: list[str]
+    format: str | None = None
+    length_bias: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["details"] = {str(row): notes for row, notes in self.details.items()}
+        return out
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_markdown(self, *, examples: int = 5) -> str:
+        """A table (reason | severity | rows | example row ids), the length statistics, the dataset warnings."""
+        lines = [f"# Preference data quality: {self.num_rows:,} rows ({self.format or 'no format'})", ""]
+        header = ["| reason | severity | rows | example row ids | meaning |", "|---|---|---|---|---|"]
+        lines += header if self.counts else ["No row has a problem."]
+        for reason, count in self.counts.items():
+            shown = ", ".join(map(str, self.rows[reason][:examples])) + (" …" if count > examples else "")
+            lines.append(f"| {reason} | {self.severity[reason]} | {count:,} | {shown} | {REASONS[reason][1]} |")
+        dropped = set(self.drop_rows())
+        warned = {row for reason, rows in self.rows.items() for row in rows} - dropped
+        lines += ["", f"{len(dropped):,} rows would be dropped; {len(warned):,} kept rows have warnings.", ""]
+        lines += [f"## Lengths ({self.length_stats.get('pairs', 0):,} valid pairs)", ""]
+        lines += ["| column | unit | min | mean | median | max |", "|---|---|---|---|---|---|"]
+        for unit in ("chars", "tokens"):
+            for c, s in (self.length_stats.get(unit) or {}).items():
+                lines += [f"| {c} | {unit} | {s['min']:,} | {s['mean']:,.1f} | {s['median']:,.1f} | {s['max']:,} |"]
+        lines += ["", "## Dataset warnings", ""] + ([f"- {w}" for w in self.dataset_warnings] or ["None."])
+        return "\n".join(lines) + "\n"
+
+    def drop_rows(self, reasons: Iterable[str] | str | None = None) -> list[int]:
+        """Sorted row ids with a ``"drop"`` reason, or with any of ``reasons`` (warnings included)."""
+        wanted = self._reasons(reasons)
+        return sorted({row for reason in wanted for row in self.rows.get(reason, ())})
+
+    def filter(
+        self,
+        dataset,
+        reasons: Iterable[str] | str | None = None,
+        *,
+        where: str | Callable[[Any], bool] | None = None,
+    ) -> tuple[Any, dict[str, int]]:
+        """``(kept, dropped)``: ``dataset`` without the rows of ``drop_rows(reasons)`` and those failing ``where``.
+
+        ``dropped`` counts each removed row once, under its first reason in ``REASONS`` order, or ``"where"``.
+        ``where``: a callable on a row (dict), or ``"<column> <op> <value>"`` (``parse_where``), e.g.
+        ``"chosen_score >= 8"``, ``"status != tie"``. A ``Dataset`` stays a ``Dataset``, a list a list.
+        """
+        num_rows, names = _size_and_columns(dataset)
+        if num_rows != self.num_rows:
+            fix = "filter the dataset the report was made from"
+            raise DataError(f"the report is for {self.num_rows} rows, this dataset has {num_rows}", fix=fix)
+        first_reason: dict[int, str] = {}
+        for reason in self._reasons(reasons):
+            for row in self.rows.get(reason, ()):
+                first_reason.setdefault(row, reason)
+        dropped = dict(Counter(first_reason.values()))
+        kept = [i for i in range(num_rows) if i not in first_reason]
+        if where is not None:
+            passing = _where_mask(dataset, names, where, kept)
+            dropped["where"] = sum(not ok for ok in passing)
+            kept = [i for i, ok in zip(kept, passing, strict=True) if ok]
+        if isinstance(dataset, datasets.Dataset):
+            return dataset.select(kept), dropped
+        return [dataset[i] for i in kept], dropped
+
+    def _reasons(self, reasons: Iterable[str] | str | None) -> list[str]:
+        if reasons is None:
+            return [r for r, (severity, _) in REASONS.items() if severity == DROP]
+        wanted = [reasons] if isinstance(reasons, str) else list(reasons)
+        for name in wanted:
+            if name in DATASET_REASONS:
+                raise DataError(f"{name!r} is about the whole dataset, not rows", fix="pass row reasons only")
+            if name not in REASONS:
+                hint = _did_you_mean(name, REASONS)
+                raise DataError(f"unknown reason {name!r}", fix=f"{hint}reasons are: {', '.join(REASONS)}")
+        return [r for r in REASONS if r in wanted]
+
+
+class _Findings:
+    """Reason → rows, and row → notes, filled check by check."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, set[int]] = {}
+        self.details: dict[int, list[str]] = {}
+
+    def add(self, row: int, reason: str, note: str = "", column: str | None = None) -> None:
+        self.rows.setdefault(reason, set()).add(row)
+        text = f"column '{column}': {reason}" if column else reason
+        self.details.setdefault(row, []).append(f"{text} ({note})" if note else text)
+
+
+def check_preferences(
+    dataset,
+    tokenizer=None,
+    *,
+    max_length: int | None = None,
+    min_score_margin: float | None = None,
+    length_ratio_warn: float | None = 3.0,
+) -> QualityReport:
+    """Check every row of a preference dataset (see the module docstring for the reasons and their precedence).
+
+    Args:
+        dataset: a ``datasets.Dataset`` or a list of dicts, columns named ``prompt``/``chosen``/``rejected``.
+        tokenizer: enables token statistics, and with ``max_length`` the truncation checks.
+        max_length: the training ``max_length`` (prompt + completion tokens).
+        min_score_margin: warn when ``chosen_score - rejected_score`` is below it.
+        length_ratio_warn: warn when one completion has more than this many times the other's characters
+            (None: off).
+    """
+    num_rows, names, columns = _read_columns(dataset)
+    found = _Findings()
+    warnings: list[str] = []
+    has_prompt = "prompt" in names
+    text_columns = [c for c in PREFERENCE_COLUMNS if c in names or c != "prompt"]
+    if num_rows == 0:
+        warnings.append("empty_dataset: the dataset has no rows")
+    elif not has_prompt:
+        warnings.append("no_prompt_column: prompt checks skipped (prepare_preferences extracts the implicit prompt)")
+    formats = {c: _check_values(columns[c], c, has_prompt, found) for c in text_columns}
+    majority = _majority_format(formats["chosen"])
+    valid, keys = _check_pairs(num_rows, columns, formats, majority, found)
+    pairs = _check_duplicates(valid, keys, found)
+    _check_metadata(num_rows, columns, found, min_score_margin, skip=found.rows.get("duplicate", set()))
+    length_stats, bias = _check_lengths(
+        pairs, columns, text_columns, majority, found,
+        tokenizer=tokenizer, max_length=max_length, length_ratio_warn=length_ratio_warn,
+    )  # fmt: skip
+    fraction = bias["chosen_longer_fraction"] if bias else None
+    if fraction is not None and not 0.3 <= fraction <= 0.7:
+        warnings.append(
+            f"length_bias: chosen is longer than rejected in {fraction:.0%} of the {bias['pairs_differing']:,} valid "
+            f"pairs whose lengths differ (mean {bias['mean_chosen_chars']:,.0f} vs {bias['mean_rejected_chars']:,.0f} "
+            f"characters): DPO learns to prefer {'longer' if fraction > 0.5 else 'shorter'} answers"
+        )
+    order = [r for r in REASONS if r in found.rows]
+    return QualityReport(
+        num_rows=num_rows,
+        counts={r: len(found.rows[r]) for r in order},
+        rows={r: sorted(found.rows[r]) for r in order},
+        severity={r: severity for r, (severity, _) in {**REASONS, **DATASET_REASONS}.items()},
+        details={row: found.details[row] for row in sorted(found.details)},
+        length_stats=length_stats,
+        dataset_warnings=warnings,
+        format=majority,
+        length_bias=bias,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ reading input
+
+
+def _size_and_columns(dataset) -> tuple[int, list[str]]:
+    if isinstance(dataset, datasets.Dataset):
+        return len(dataset), list(dataset.column_names)
+    if isinstance(dataset, (list, tuple)):
+        return len(dataset), list(dict.fromkeys(k for row in dataset if isinstance(row, Mapping) for k in row))
+    fix = "pass a datasets.Dataset or a list of dicts (prepare_preferences returns a Dataset)"
+    raise DataError(f"cannot check a {type(dataset).__name__}", fix=fix)
+
+
+def _read_columns(dataset) -> tuple[int, list[str], dict[str, list]]:
+    """Row count, column names, and the columns we look at as Python lists (column-wise: fast on Arrow)."""
+    num_rows, names = _size_and_columns(dataset)
+    missing = [c for c in ("chosen", "rejected") if c not in names]
+    if missing and (names or num_rows):  # an empty list has no columns: that is an empty dataset, not an error
+        hint = _did_you_mean(missing[0], names)
+        fix = f"{hint}rename your column (columns present: {', '.join(names) or 'none'}), or use prepare_preferences"
+        raise DataError("column not found", column=missing[0], fix=fix)
+    wanted = [c for c in (*PREFERENCE_COLUMNS, *META_COLUMNS) if c in names]
+    if isinstance(dataset, datasets.Dataset):
+        values = dataset.with_format(None).select_columns(wanted).to_dict() if wanted else {}
+    else:
+        values = {c: [row.get(c, _ABSENT) if isinstance(row, Mapping) else _ABSENT for row in dataset] for c in wanted}
+    for c in (*PREFERENCE_COLUMNS, *META_COLUMNS):  # every check then finds its column (maybe all absent)
+        values.setdefault(c, [_ABSENT] * num_rows)
+    return num_rows, names, values
+
+
+# ------------------------------------------------------------------------------------------------ 1. values
+
+
+def _check_values(values: list, column: str, has_prompt: bool, found: _Findings) -> list[str | None]:
+    """Each value's format (None when unreadable); the first failing check of each goes to ``found``."""
+    checked = [_check_value(value, column, has_prompt) for value in values]
+    for row, (_, reason, note) in enumerate(checked):
+        if reason:
+            found.add(row, reason, note, column=column)
+    return [kind for kind, _, _ in checked]
+
+
+def _check_value(value: Any, column: str, check_roles: bool) -> tuple[str | None, str | None, str]:
+    """(format, reason, note) for one prompt/chosen/rejected value; reason None when it is fine."""
+    if value is _ABSENT:
+        return None, "missing_field", "absent"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, "missing_field", repr(value)
+    if isinstance(value, str):
+        if not value or value.isspace():
+            return "standard", "empty", ""
+        return "standard", *_check_text(value)
+    if isinstance(value, list) and not value:
+        return None, "empty", "no messages"
+    if not isinstance(value, list) or not all(isinstance(m, Mapping) for m in value):
+        what = type(value).__name__ if not isinstance(value, list) else "list of non-messages"
+        return None, "not_text", what
+    return "conversational", *_check_messages(value, column, check_roles)
+
+
+def _check_text(text: str) -> tuple[str | None, str]:
+    bad = _INVALID_TEXT.search(text)
+    return (None, "") if bad is None else ("invalid_text", f"{bad.group()!r} at character {bad.start()}")
+
+
+def _check_messages(messages: list, column: str, check_roles: bool) -> tuple[str | None, str]:
+    for k, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            return "bad_message", f"message {k}: " + ("no role" if role is None else f"role {_short(role)}")
+        # an assistant turn that only calls tools has no content (OpenAI format; TRL's templates accept it)
+        if content is None and not (role == "assistant" and message.get("tool_calls")):
+            return "bad_message", f"message {k}: no content"
+        if content is not None and not isinstance(content, str):
+            return "bad_message", f"message {k}: content is {type(content).__name__}"
+    calls = any(m.get("tool_calls") for m in messages)
+    if not calls and all(not m["content"] or m["content"].isspace() for m in messages):
+        return "empty", "every content empty"
+    for k, message in enumerate(messages):
+        reason, note = _check_text(message.get("content") or "")
+        if reason:
+            return reason, f"message {k}: {note}"
+    if column == "prompt" and messages[-1]["role"] not in ("user", "tool"):
+        return "roles_out_of_order", f"prompt ends with {messages[-1]['role']}"
+    if column != "prompt" and check_roles and messages[0]["role"] != "assistant":
+        return "roles_out_of_order", f"starts with {messages[0]['role']}"
+    return None, ""
+
+
+def _did_you_mean(name: str, choices: Iterable[str]) -> str:
+    guess = close_match(str(name), choices)
+    return f"did you mean {guess!r}? " if guess else ""
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ------------------------------------------------------------------------------------------ 2-3. pairs and rows
+
+
+def _majority_format(formats: list[str | None]) -> str | None:
+    """The format most chosen values have; on a tie, the first row's (as prepare_preferences detects it)."""
+    counts = Counter(f for f in formats if f is not None)
+    best = max(counts.values(), default=0)
+    return next((f for f in formats if f is not None and counts[f] == best), None)
+
+
+def _check_pairs(num_rows, columns, formats, majority, found) -> tuple[list[int], list[tuple]]:
+    """mixed_format, else identical, for rows whose values passed; returns the rows that pass and their keys."""
+    valid, keys = [], []
+    names = list(formats)
+    for row in range(num_rows):
+        if row in found.details:
+            continue
+        kinds = [formats[c][row] for c in names]
+        if any(kind != majority for kind in kinds):
+            note = ", ".join(f"{c} {kind}" for c, kind in zip(names, kinds, strict=True))
+            found.add(row, "mixed_format", f"{note}; the dataset is {majority}")
+            continue
+        key = tuple(_key(columns[c][row]) for c in names)
+        if len(names) == 2:
+            key = ("", *key)
+        if key[1] == key[2]:
+            found.add(row, "identical")
+            continue
+        valid.append(row)
+        keys.append(key)
+    return valid, keys
+
+
+def _key(value: str | list) -> str:
+    """A string as it is; messages as JSON without None fields (Arrow gives every message every key, None-filled)."""
+    return value if isinstance(value, str) else json.dumps(_without_none(value), sort_keys=True, default=str)
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return [_without_none(v) for v in value] if isinstance(value, list) else value
+
+
+def _check_duplicates(valid: list[int], keys: list[tuple], found: _Findings) -> list[int]:
+    """duplicate for later copies, contradictory for rows reversing another; returns the first copies."""
+    first: dict[tuple, int] = {}
+    pairs = []
+    for row, key in zip(valid, keys, strict=True):
+        earlier = first.setdefault(key, row)
+        if earlier != row:
+            found.add(row, "duplicate", f"of row {earlier}")
+        else:
+            pairs.append(row)
+    for (prompt, chosen, rejected), row in first.items():
+        other = first.get((prompt, rejected, chosen))
+        if other is not None:
+            found.add(row, "contradictory", f"row {other} prefers the other completion")
+    return pairs
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN != NaN
+        return None
+    return float(value)
+
+
+def _check_metadata(num_rows, columns, found, min_score_margin, *, skip: set[int]) -> None:
+    """tie (status or equal scores), else small_score_margin."""
+    status, chosen_score, rejected_score = columns["status"], columns["chosen_score"], columns["rejected_score"]
+    for row in range(num_rows):
+        if row in skip:
+            continue
+        if isinstance(status[row], str) and status[row].strip().lower() == "tie":
+            found.add(row, "tie", f"status {_short(status[row])}")
+            continue
+        a, b = _number(chosen_score[row]), _number(rejected_score[row])
+        if a is None or b is None:
+            continue
+        if a == b:
+            found.add(row, "tie", f"both scores {a:g}")
+        elif min_score_margin is not None and a - b < min_score_margin:
+            found.add(row, "small_score_margin", f"{a:g} - {b:g} < {min_score_margin:g}")
+
+
+# ------------------------------------------------------------------------------------------------ 4. lengths
+
+
+def _chars(value: str | list) -> int:
+    return len(value) if isinstance(value, str) else sum(len(m.get("content") or "") for m in value)
+
+
+def _check_lengths(pairs, columns, text_columns, majority, found, *, tokenizer, max_length, length_ratio_warn):
+    """length_ratio, the token checks, and (length_stats, length_bias) over the valid pairs."""
+    chars = {c: [_chars(columns[c][row]) for row in pairs] for c in text_columns}
+    if length_ratio_warn is not None:
+        for row, a, b in zip(pairs, chars["chosen"], chars["rejected"], strict=True):
+            ratio = max(a, b) / max(1, min(a, b))
+            if ratio > length_ratio_warn:
+                found.add(row, "length_ratio", f"{ratio:.1f}x: chosen {a:,} chars, rejected {b:,}")
+    stats: dict[str, Any] = {"pairs": len(pairs), "chars": {c: _summary(v) for c, v in chars.items() if v}}
+    if tokenizer is not None and pairs:
+        tokens, errors = _token_counts(tokenizer, pairs, columns, text_columns, majority)
+        for k, error in errors.items():
+            found.add(pairs[k], "chat_template_error", error)
+        prompts = tokens.get("prompt") or [0] * len(pairs)
+        for k, row in enumerate(pairs):
+            if max_length is None or k in errors:
+                continue
+            longest = prompts[k] + max(tokens["chosen"][k], tokens["rejected"][k])
+            if prompts[k] >= max_length:
+                found.add(row, "prompt_fills_max_length", f"prompt {prompts[k]:,} tokens >= max_length {max_length:,}")
+            elif longest > max_length:
+                found.add(row, "will_be_truncated", f"~{longest:,} tokens > max_length {max_length:,}")
+        stats["tokens"] = {c: s for c, v in tokens.items() if (s := _summary([n for n in v if n is not None]))}
+    if not pairs:
+        return stats, None
+    longer = sum(a > b for a, b in zip(chars["chosen"], chars["rejected"], strict=True))
+    shorter = sum(a < b for a, b in zip(chars["chosen"], chars["rejected"], strict=True))
+    bias = {
+        "pairs": len(pairs),
+        "pairs_differing": longer + shorter,  # equal lengths say nothing about a length preference
+        "chosen_longer_fraction": round(longer / (longer + shorter), 4) if longer + shorter else None,
+        "mean_chosen_chars": round(float(np.mean(chars["chosen"])), 2),
+        "mean_rejected_chars": round(float(np.mean(chars["rejected"])), 2),
+    }
+    return stats, bias
+
+
+def _summary(values: list[int]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    array = np.asarray(values)
+    counts, edges = np.histogram(array, bins=_HIST_BINS)
+    return {
+        "min": int(array.min()),
+        "mean": round(float(array.mean()), 2),
+        "median": float(np.median(array)),
+        "max": int(array.max()),
+        "histogram": {"bin_edges": [round(float(e), 2) for e in edges], "counts": [int(c) for c in counts]},
+    }
+
+
+def _token_counts(tokenizer, pairs, columns, text_columns, majority) -> tuple[dict[str, list], dict[int, str]]:
+    """Per column, the token count of each valid pair (None where the chat template failed); errors by index."""
+    counts: dict[str, list] = {}
+    errors: dict[int, str] = {}
+    if "prompt" in text_columns:
+        prompts = [columns["prompt"][row] for row in pairs]
+        if majority == "standard":
+            counts["prompt"] = _encoded_lengths(tokenizer, prompts, special_tokens=True)
+        else:
+            counts["prompt"] = _chat_prompt_lengths(tokenizer, prompts, pairs, columns, errors)
+    eos = getattr(tokenizer, "eos_token", None)
+    for c in ("chosen", "rejected"):
+        values = [columns[c][row] for row in pairs]
+        if majority == "standard":
+            lengths = _encoded_lengths(tokenizer, values, special_tokens=False)
+            counts[c] = [n + (eos is not None and not v.endswith(eos)) for n, v in zip(lengths, values, strict=True)]
+        else:
+            texts = ["\n".join(m.get("content") or "" for m in v) for v in values]
+            counts[c] = _encoded_lengths(tokenizer, texts, special_tokens=False)
+    return counts, errors
+
+
+def _encoded_lengths(tokenizer, texts: list[str], *, special_tokens: bool) -> list[int]:
+    lengths: list[int] = []
+    for start in range(0, len(texts), _CHUNK):
+        encoded = tokenizer(
+            texts[start : start + _CHUNK],
+            add_special_tokens=special_tokens,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,  # no "longer than model_max_length" warning: measuring long rows is the point
+        )["input_ids"]
+        lengths.extend(len(ids) for ids in encoded)
+    return lengths
+
+
+def _chat_prompt_lengths(tokenizer, prompts, pairs, columns, errors: dict[int, str]) -> list[int | None]:
+    """Prompt tokens through the chat template: rendered row by row (each with its tools and kwargs), then
+    tokenized in batches without special tokens, which is what ``apply_chat_template(tokenize=True)`` does."""
+    rendered: list[str] = []
+    for k, row in enumerate(pairs):
+        tools, kwargs = columns["tools"][row], columns["chat_template_kwargs"][row]
+        try:
+            tools = json.loads(tools) if isinstance(tools, str) else None if tools is _ABSENT else tools
+            extra = {} if kwargs is None or kwargs is _ABSENT else dict(kwargs)
+            rendered.append(
+                tokenizer.apply_chat_template(
+                    prompts[k], tools=tools or None, tokenize=False, add_generation_prompt=True, **extra
+                )
+            )
+        except Exception as error:  # a user's template, tools or kwargs can raise anything: report it on the row
+            errors[k] = f"{type(error).__name__}: {str(error)[:60]}"
+    lengths = iter(_encoded_lengths(tokenizer, rendered, special_tokens=False))
+    return [None if k in errors else next(lengths) for k in range(len(pairs))]
+
+
+# ------------------------------------------------------------------------------------------------ where
+
+
+_WHERE = re.compile(r"^\s*([^\s<>=!]+)\s*(>=|<=|==|!=|>|<)\s*(.*?)\s*$")
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
+
+
+def parse_where(text: str, columns: Iterable[str]) -> tuple[str, Callable[[Any], bool]]:
+    """``"<column> <op> <value>"`` → (column, test of one value). None, NaN, and values that cannot be compared
+    with a number fail the test; a string value is compared with the column's value as a string."""
+    match = _WHERE.match(text)
+    if match is None or not match[3]:
+        raise DataError(
+            f"cannot read where={text!r}",
+            column="where",
+            fix="write '<column> <op> <value>' with op one of >=, <=, >, <, ==, != (e.g. 'chosen_score >= 8')",
+        )
+    column, op, raw = match[1], _OPS[match[2]], match[3]
+    columns = list(columns)
+    if column not in columns:
+        hint = _did_you_mean(column, columns)
+        raise DataError("unknown column in where", column=column, fix=f"{hint}columns: {', '.join(columns)}")
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        target: float | str = raw[1:-1]
+    else:
+        target = float(raw) if _NUMBER.match(raw) else raw
+
+    def test(value: Any) -> bool:
+        if value is None or value is _ABSENT or (isinstance(value, float) and math.isnan(value)):
+            return False
+        if isinstance(target, float):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                return False
+            return not math.isnan(value) and op(value, target)
+        return op(value if isinstance(value, str) else str(value), target)
+
+    return column, test
+
+
+def _where_mask(dataset, names: list[str], where, rows: list[int]) -> list[bool]:
+    """Whether each of ``rows`` passes ``where``."""
+    if isinstance(where, str):
+        column, test = parse_where(where, names)
+        if isinstance(dataset, datasets.Dataset):
+            values = dataset.with_format(None).select_columns([column]).to_dict()[column]
+        else:
+            values = [r.get(column) if isinstance(r, Mapping) else None for r in dataset]
+        return [test(values[i]) for i in rows]
+    if not callable(where):
+        raise DataError(f"where must be a string or a callable, got {type(where).__name__}", column="where")
+    if isinstance(dataset, datasets.Dataset):
+        return [bool(where(row)) for row in dataset.with_format(None).select(rows)]
+    return [bool(where(dataset[i])) for i in rows]

@@ -1,0 +1,468 @@
+"""SFT datasets: normalized columns, then ``input_ids``/``labels`` exactly as TRL 1.16's ``SFTTrainer`` builds them.
+
+``prepare_sft`` takes a dataset (or anything ``load_data`` takes) and returns a ``datasets.Dataset`` in one of
+three layouts, every row checked (one DataError at the first bad row):
+
+- ``text``: a non-empty string per row (language modeling);
+- ``messages``: a list of ``{"role", "content"}`` messages per row. A ShareGPT ``conversations`` column becomes
+  ``messages``, and ``from``/``value`` keys become ``role``/``content`` as TRL's ``maybe_convert_to_chatml`` does
+  (role *values* such as ``"human"``/``"gpt"`` are kept as they are, as in TRL);
+- ``prompt``/``completion``: both strings or both message lists.
+
+``columns={"text": "body"}`` maps our names to the dataset's first; ``tools`` and ``chat_template_kwargs`` keep
+their TRL meaning; every other column is kept as it came.
+
+``tokenize_sft`` then does what ``SFTTrainer._prepare_dataset`` does without packing, per row:
+
+- strings: the EOS *string* is appended to ``text``/``completion`` when missing, then ``tokenizer(text)``
+  (with the tokenizer's own special tokens, e.g. BOS); prompt/completion: ``tokenizer(prompt)`` and
+  ``tokenizer(prompt + completion)``;
+- conversations: ``apply_chat_template`` with the row's ``tools`` (a list or a JSON string) and
+  ``chat_template_kwargs``; the prompt alone with ``add_generation_prompt=True``; no EOS is added;
+- the completion starts where the prompt's ids and the prompt+completion ids stop agreeing;
+- ``labels`` are ``input_ids`` with -100 outside the completion (``completion_only_loss``, on by default for
+  prompt/completion data) and outside the chat template's assistant mask (``assistant_only_loss``);
+- with ``max_length``, both are cut to ``max_length`` tokens (``keep_start``: the first; ``keep_end``, which TRL
+  still accepts but deprecates: the last), and rows left with no label are dropped — silently in TRL, counted here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+from jinja2.exceptions import TemplateError
+
+from fastdpo.data.load import load_data
+from fastdpo.data.schema import is_message_list, missing_column, rename_columns, source_version, value_format
+from fastdpo.data.tokenize import common_prefix_length
+from fastdpo.errors import ConfigError, DataError, unknown_choice
+
+SFT_COLUMNS = ("text", "messages", "prompt", "completion", "tools", "chat_template_kwargs")
+SFT_TRUNCATION_MODES = ("keep_start", "keep_end")
+_VERSION = source_version(__file__)
+_CHECK_BATCH = 1000
+
+
+# --------------------------------------------------------------------------------------------------- prepare_sft
+
+
+def prepare_sft(
+    data,
+    *,
+    columns: dict[str, str] | None = None,
+    text_field: str = "text",
+    split: str = "train",
+    num_proc: int | None = None,
+) -> datasets.Dataset:
+    """Load, map columns, convert ShareGPT conversations, and check every row (see the module docstring).
+
+    Args:
+        data: a ``datasets.Dataset``/``DatasetDict``, a local file or a hub name (see ``load_data``).
+        columns: our name → the dataset's column, for ``text``, ``messages``, ``prompt``, ``completion``,
+            ``tools``, ``chat_template_kwargs``.
+        text_field: the dataset's text column (TRL's ``dataset_text_field``); the same as ``columns={"text": ...}``.
+        split: which split to load.
+        num_proc: processes for the ShareGPT conversion.
+    """
+    dataset = load_data(data, split=split)
+    columns = dict(columns or {})
+    if text_field != "text":
+        if columns.get("text", text_field) != text_field:
+            raise ConfigError(
+                f"{text_field!r} disagrees with columns['text'] = {columns['text']!r}",
+                column="text_field",
+                fix="set only one of them",
+            )
+        columns["text"] = text_field
+    dataset = rename_columns(dataset, columns, SFT_COLUMNS)
+    if len(dataset) == 0:
+        raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
+    dataset = _to_messages(dataset, num_proc)
+    layout = sft_layout(dataset.column_names)
+    _check_rows(dataset, layout)
+    return dataset
+
+
+def sft_layout(column_names: list[str]) -> str:
+    """``"prompt_completion"``, ``"messages"`` or ``"text"``: which columns the SFT rows are read from.
+
+    The order is TRL's: ``prompt`` with ``completion`` first, then ``messages`` (a ``text`` column beside
+    ``messages`` is ignored, as in TRL). ``prompt``/``completion`` beside ``text`` or ``messages`` is refused: TRL
+    would read the prompt and completion but put the EOS on the text, or tell the formats apart at random.
+    """
+    names = set(column_names)
+    if {"prompt", "completion"} <= names:
+        others = sorted(names & {"text", "messages"})
+        if others:
+            raise DataError(
+                f"the dataset has 'prompt'/'completion' and also {others[0]!r}: it is unclear which to train on",
+                column=others[0],
+                fix=f"drop or rename the columns you do not want (e.g. dataset.remove_columns({others[0]!r}))",
+            )
+        return "prompt_completion"
+    if "messages" in names:
+        return "messages"
+    if "text" in names:
+        return "text"
+    for have, missing in (("prompt", "completion"), ("completion", "prompt")):
+        if have in names:
+            raise missing_column(missing, column_names)
+    raise DataError(
+        "no SFT columns: expected 'text', 'messages' (or 'conversations'), or 'prompt' and 'completion'",
+        fix=f"map yours with columns={{'text': '<your column>'}} (columns present: {', '.join(column_names)})",
+    )
+
+
+def _to_messages(dataset: datasets.Dataset, num_proc: int | None) -> datasets.Dataset:
+    """``conversations`` → ``messages``, and ShareGPT ``from``/``value`` keys → ``role``/``content``."""
+    names = dataset.column_names
+    source = "messages" if "messages" in names else "conversations" if "conversations" in names else None
+    if source is None:
+        return dataset
+    first = dataset[0][source]
+    if not isinstance(first, list):
+        return dataset
+    # TRL converts when the first message has both keys, and then renames them in every message of every row
+    if first and isinstance(first[0], dict) and "from" in first[0] and "value" in first[0]:
+        return dataset.map(
+            _chatml_row,
+            fn_kwargs={"source": source, "version": _VERSION},
+            remove_columns=[source] if source == "conversations" else None,
+            num_proc=num_proc,
+            desc="Converting ShareGPT conversations to messages",
+        )
+    return dataset.rename_column("conversations", "messages") if source == "conversations" else dataset
+
+
+def _chatml_row(example: dict, *, source: str, version: str) -> dict:
+    messages = []
+    for message in example[source] or []:
+        message = dict(message) if isinstance(message, dict) else message
+        if isinstance(message, dict):
+            if "from" in message:
+                message["role"] = message.pop("from")
+            if "value" in message:
+                message["content"] = message.pop("value")
+        messages.append(message)
+    return {"messages": messages if example[source] is not None else None}
+
+
+def _check_rows(dataset: datasets.Dataset, layout: str) -> None:
+    """One DataError at the first row that does not fit ``layout`` (and the first row's format)."""
+    if layout == "text":
+        _scan(dataset, ["text"], lambda row: _check_string(row["text"], "text"))
+        return
+    if layout == "messages":
+        conversational = True
+        _scan(dataset, ["messages"], lambda row: _check_messages(row["messages"], "messages"))
+    else:
+        conversational = value_format(dataset[0]["completion"]) == "conversational"
+        _scan(dataset, ["prompt", "completion"], lambda row: _check_prompt_completion(row, conversational))
+    optional = [c for c in ("tools", "chat_template_kwargs") if c in dataset.column_names]
+    if conversational and optional:  # TRL reads them for conversations only
+        _scan(dataset, optional, _check_template_inputs)
+
+
+def _scan(dataset: datasets.Dataset, names: list[str], check) -> None:
+    """Run ``check(row)`` on every row; a ``(column, message, fix)`` it returns becomes a DataError at that row."""
+    start = 0
+    for batch in dataset.select_columns(names).iter(batch_size=_CHECK_BATCH):
+        for offset in range(len(batch[names[0]])):
+            problem = check({name: batch[name][offset] for name in names})
+            if problem is not None:
+                column, message, fix = problem
+                raise DataError(message, row=start + offset, column=column, fix=fix)
+        start += len(batch[names[0]])
+
+
+_FIX_ROW = "fix or drop the row"
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (None)"
+    if isinstance(value, str):
+        return "a string"
+    if is_message_list(value):
+        return "a list of messages"
+    return type(value).__name__
+
+
+def _check_string(value: Any, column: str, *, allow_empty: bool = False):
+    if not isinstance(value, str):
+        return column, f"expected a string like the first row, got {_describe(value)}", _FIX_ROW
+    if not allow_empty and not value.strip():
+        return column, "is empty", "drop the row"
+    return None
+
+
+def _check_messages(value: Any, column: str):
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if isinstance(value, list) else _describe(value)
+        fix = "parse it first (json.loads)" if isinstance(value, str) else _FIX_ROW
+        return column, f"expected a list of {{'role', 'content'}} messages, got {got}", fix
+    for number, message in enumerate(value):
+        if not isinstance(message, dict):
+            return column, f"message {number} is {_describe(message)}, not a {{'role', 'content'}} dict", _FIX_ROW
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            fix = "give every message a 'role' (ShareGPT 'from'/'value' is converted when the first message has both)"
+            return column, f"message {number} has no 'role'", fix
+        content = message.get("content")
+        if content is None and not message.get("tool_calls"):
+            return column, f"message {number} ({role}) has no 'content'", "give every message a 'content' string"
+        if content is not None and not isinstance(content, (str, list)):
+            return column, f"message {number} ({role}) has content {_describe(content)}", "make the content a string"
+    return None
+
+
+def _check_prompt_completion(row: dict, conversational: bool):
+    if conversational:
+        return _check_messages(row["completion"], "completion") or _check_messages(row["prompt"], "prompt")
+    problem = _check_string(row["completion"], "completion")
+    if problem is None and not isinstance(row["prompt"], str):
+        problem = "prompt", f"expected a string like 'completion', got {_describe(row['prompt'])}", _FIX_ROW
+    return problem  # an empty string prompt is fine: the completion is then learned from BOS alone
+
+
+def _check_template_inputs(row: dict):
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            return "tools", f"is not valid JSON ({error.msg})", "fix the JSON, or leave it empty (null)"
+    if tools is not None and not isinstance(tools, list):
+        return "tools", f"expected a list of tool schemas, got {_describe(tools)}", "fix or drop the row"
+    kwargs = row.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        return "chat_template_kwargs", f"expected a dict, got {_describe(kwargs)}", "fix or drop the row"
+    return None
+
+
+# -------------------------------------------------------------------------------------------------- tokenize_sft
+
+
+@dataclass
+class TokenizedSFT:
+    """The tokenized dataset (``input_ids``, ``labels``), and every row dropped on the way (reason → row ids)."""
+
+    dataset: datasets.Dataset
+    dropped_rows: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return {reason: len(rows) for reason, rows in self.dropped_rows.items()}
+
+
+def tokenize_sft(
+    dataset: datasets.Dataset,
+    tokenizer,
+    *,
+    max_length: int | None = 1024,
+    truncation_mode: str = "keep_start",
+    completion_only_loss: bool | None = None,
+    assistant_only_loss: bool = False,
+    chat_template: str | None = None,
+    num_proc: int | None = None,
+) -> TokenizedSFT:
+    """Add ``input_ids`` and ``labels`` (-100 where no loss), as ``SFTTrainer._prepare_dataset`` does unpacked.
+
+    Args:
+        dataset: rows as ``prepare_sft`` returns them.
+        tokenizer: a ``transformers`` tokenizer; it needs an EOS token for string data and a chat template (or
+            ``chat_template=``) for conversations.
+        max_length: cut ``input_ids``/``labels`` to this many tokens; None keeps them whole.
+        truncation_mode: ``"keep_start"`` or ``"keep_end"``.
+        completion_only_loss: learn only the completion of prompt/completion rows; None means "when the data
+            is prompt/completion" (TRL's rule).
+        assistant_only_loss: learn only the tokens in the chat template's ``{% generation %}`` blocks.
+        chat_template: used instead of the tokenizer's (TRL's trainer passes its training template here).
+        num_proc: processes for ``Dataset.map``.
+    """
+    if truncation_mode not in SFT_TRUNCATION_MODES:
+        raise unknown_choice("truncation_mode", truncation_mode, SFT_TRUNCATION_MODES)
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+        raise ConfigError(f"must be a positive integer or None, got {max_length!r}", column="max_length")
+    if len(dataset) == 0:
+        raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
+    layout = sft_layout(dataset.column_names)
+    conversational = layout == "messages" or (
+        layout == "prompt_completion" and value_format(dataset[0]["completion"]) == "conversational"
+    )
+    completion_only_loss = _resolve_options(
+        dataset, tokenizer, layout, conversational, completion_only_loss, assistant_only_loss, chat_template
+    )
+    fn_kwargs = {
+        "layout": layout,
+        "conversational": conversational,
+        "tokenizer": tokenizer,
+        "eos_token": tokenizer.eos_token,
+        "chat_template": chat_template,
+        "completion_only_loss": completion_only_loss,
+        "assistant_only_loss": assistant_only_loss,
+        "window": None if max_length is None else _window(max_length, truncation_mode),
+        "version": _VERSION,
+    }
+    # the first row alone first: a template without generation markers fails here, before the whole dataset
+    first = _tokenize_row(dataset[0], 0, **fn_kwargs)
+    if assistant_only_loss and not first["_has_assistant"]:
+        raise _no_assistant_error(dataset, 0, layout)
+    tokenized = dataset.map(
+        _tokenize_row, with_indices=True, fn_kwargs=fn_kwargs, num_proc=num_proc, desc="Tokenizing SFT rows"
+    )
+    if assistant_only_loss:
+        missing = next((i for i, ok in enumerate(tokenized["_has_assistant"]) if not ok), None)
+        if missing is not None:
+            raise _no_assistant_error(dataset, missing, layout)
+    dropped: dict[str, list[int]] = {}
+    if max_length is not None:  # TRL filters fully masked rows only when it truncates
+        gone = [i for i, learns in enumerate(tokenized["_has_labels"]) if not learns]
+        if gone:
+            dropped["no_labels_after_truncation"] = gone
+            gone_set = set(gone)
+            tokenized = tokenized.select([i for i in range(len(tokenized)) if i not in gone_set])
+    tokenized = tokenized.remove_columns([c for c in ("_has_assistant", "_has_labels") if c in tokenized.column_names])
+    return TokenizedSFT(tokenized, dropped)
+
+
+def _resolve_options(
+    dataset, tokenizer, layout, conversational, completion_only_loss, assistant_only_loss, chat_template
+) -> bool:
+    """Check the options against the data and the tokenizer; returns ``completion_only_loss`` resolved."""
+    for name in ("input_ids", "labels"):
+        if name in dataset.column_names:
+            raise DataError(
+                "the dataset already has this column, which tokenizing writes (TRL would skip tokenizing or keep it)",
+                column=name,
+                fix=f"drop it before tokenizing (dataset.remove_columns({name!r})), or use the dataset as it is",
+            )
+    if completion_only_loss is None:
+        completion_only_loss = layout == "prompt_completion"
+    elif completion_only_loss and layout != "prompt_completion":
+        raise ConfigError(
+            f"needs prompt/completion rows, but the data is {layout!r}",
+            column="completion_only_loss",
+            fix="set it to None or False, or give the data 'prompt' and 'completion' columns",
+        )
+    if assistant_only_loss and not conversational:
+        raise ConfigError(
+            "needs conversational rows (lists of messages), but the data is strings",
+            column="assistant_only_loss",
+            fix="set it to False, or use 'messages' (or conversational 'prompt'/'completion') data",
+        )
+    column = "messages" if layout == "messages" else "completion"
+    if conversational and chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            "the dataset is conversational but the tokenizer has no chat template",
+            column=column,
+            fix="use a tokenizer with a chat template, set tokenizer.chat_template, or pass chat_template=",
+        )
+    if not conversational and getattr(tokenizer, "eos_token", None) is None:
+        raise DataError(
+            "the tokenizer has no EOS token, which TRL appends to every text or completion",
+            column="text" if layout == "text" else "completion",
+            fix="set tokenizer.eos_token (e.g. to the token your model ends answers with)",
+        )
+    return bool(completion_only_loss)
+
+
+def _window(max_length: int, truncation_mode: str) -> tuple[int | None, int | None]:
+    return (None, max_length) if truncation_mode == "keep_start" else (-max_length, None)
+
+
+def _tokenize_row(
+    example: dict,
+    index: int,
+    *,
+    layout: str,
+    conversational: bool,
+    tokenizer,
+    eos_token: str | None,
+    chat_template: str | None,
+    completion_only_loss: bool,
+    assistant_only_loss: bool,
+    window: tuple[int | None, int | None] | None,
+    version: str,
+) -> dict:
+    assistant_mask = None
+    completion_start = 0
+    if conversational:
+        try:
+            input_ids, assistant_mask, completion_start = _encode_conversation(
+                example, layout, tokenizer, chat_template, assistant_only_loss
+            )
+        except TemplateError as error:
+            raise DataError(
+                f"the chat template failed: {error}",
+                row=index,
+                column="messages" if layout == "messages" else "completion",
+                fix="fix the row's messages (roles, order), or use a chat template that accepts them",
+            ) from None
+    elif layout == "text":
+        input_ids = tokenizer(_with_eos(example["text"], eos_token))["input_ids"]
+    else:
+        prompt_ids = tokenizer(example["prompt"])["input_ids"]
+        input_ids = tokenizer(example["prompt"] + _with_eos(example["completion"], eos_token))["input_ids"]
+        completion_start = common_prefix_length(prompt_ids, input_ids)
+    labels = list(input_ids)
+    if completion_only_loss:
+        labels = [-100] * completion_start + labels[completion_start:]
+    if assistant_mask is not None:
+        labels = [token if bit else -100 for token, bit in zip(labels, assistant_mask, strict=False)]
+    out: dict[str, Any] = {}
+    if assistant_only_loss:
+        out["_has_assistant"] = assistant_mask is not None and 1 in assistant_mask
+    if window is not None:
+        cut = slice(*window)
+        input_ids, labels = input_ids[cut], labels[cut]
+        out["_has_labels"] = any(label != -100 for label in labels)
+    out.update(input_ids=list(input_ids), labels=labels)
+    return out
+
+
+def _with_eos(text: str, eos_token: str) -> str:
+    return text if text.endswith(eos_token) else text + eos_token
+
+
+def _encode_conversation(example: dict, layout: str, tokenizer, chat_template, assistant_only_loss: bool):
+    """(input_ids, assistant mask or None, where the completion starts) of one conversational row."""
+    tools = example.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    kwargs = {"chat_template": chat_template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
+
+    def encode(messages, **extra):
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs, **extra)
+
+    if layout == "messages":
+        encoded = encode(example["messages"], return_assistant_tokens_mask=assistant_only_loss)
+        completion_start = 0
+    else:
+        prompt_ids = encode(example["prompt"], add_generation_prompt=True)["input_ids"]
+        encoded = encode(example["prompt"] + example["completion"], return_assistant_tokens_mask=assistant_only_loss)
+        completion_start = common_prefix_length(prompt_ids, encoded["input_ids"])
+    assistant_mask = list(encoded["assistant_masks"]) if assistant_only_loss else None
+    return list(encoded["input_ids"]), assistant_mask, completion_start
+
+
+def _no_assistant_error(dataset: datasets.Dataset, row: int, layout: str) -> DataError:
+    column = "messages" if layout == "messages" else "completion"
+    messages = dataset[row]["messages"] if layout == "messages" else dataset[row]["completion"]
+    roles = {m.get("role") for m in messages if isinstance(m, dict)}
+    if "assistant" not in roles:
+        return DataError(
+            f"has no assistant message to learn from (roles: {', '.join(sorted(map(str, roles)))})",
+            row=row,
+            column=column,
+            fix="drop the row, or rename its roles to 'assistant' (ShareGPT 'gpt' roles are not renamed)",
+        )
+    return DataError(
+        "has no assistant tokens in the chat template's assistant mask",
+        row=row,
+        column=column,
+        fix="the chat template needs {% generation %} markers around assistant turns: pass chat_template= with "
+        "them, or set assistant_only_loss=False",
+    )

@@ -1,0 +1,114 @@
+"""A held-out split grouped by prompt: no prompt lands in both parts.
+
+Preference data often holds several pairs per prompt (``build_pairs`` with ``all_above_margin``, or several
+annotators); a row-level split then leaks the eval prompts into training. ``split_by_prompt`` keeps each prompt's
+rows together. The rule, seeded and independent of Python's hash salting and of the input's row order:
+
+1. Rows are grouped by the prompt as a canonical string, ``json.dumps(prompt, sort_keys=True, ensure_ascii=False)``
+   (so a message list is one key whatever the order of its dicts' keys).
+2. Groups are visited in the order of ``blake2b(f"{seed}:" + key)``.
+3. A group joins eval when taking it leaves eval closer to the target (``test_size`` rows, or
+   ``test_size × rows``) than leaving it out, so a group that fits under the target always joins; the others
+   are skipped, and the visit stops once eval reaches the target. A group that would leave train empty is
+   skipped too, and when no group was taken the smallest one (the first in visiting order) is.
+
+So eval ends within one group (the largest) of the target, and both parts are non-empty. Rows keep their input
+order in each part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+from typing import Any
+
+import datasets
+
+from fastdpo.data.pairs import column_values, missing_column, table_columns
+from fastdpo.errors import ConfigError, DataError
+
+
+def split_by_prompt(
+    dataset: datasets.Dataset | list[dict[str, Any]],
+    *,
+    test_size: float | int = 0.1,
+    seed: int = 0,
+    prompt: str = "prompt",
+) -> tuple[datasets.Dataset, datasets.Dataset] | tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, eval) with no prompt in both (see the module docstring for the rule).
+
+    Args:
+        dataset: a ``datasets.Dataset`` (the parts are ``.select`` of it) or a list of dicts (lists of the same
+            dict objects back).
+        test_size: a fraction of the rows in (0, 1), or a number of rows, 1 ≤ test_size < rows.
+        seed: picks which prompts go to eval; the same seed gives the same split.
+        prompt: the column to group by.
+    """
+    present = table_columns(dataset)
+    if prompt not in present:
+        raise missing_column("prompt", prompt, present)
+    num_rows = len(dataset)
+    groups: dict[str, list[int]] = {}
+    for row, value in enumerate(column_values(dataset, prompt)):
+        groups.setdefault(prompt_key(value), []).append(row)
+    if len(groups) < 2:
+        raise DataError(
+            f"a split grouped by prompt needs at least 2 distinct prompts, found {len(groups)}",
+            column=prompt,
+            fix="add rows with other prompts, or split by row without grouping",
+        )
+    target = _target_rows(test_size, num_rows)
+    order = sorted(groups, key=lambda key: (_seeded_digest(seed, key), key))
+    eval_keys = _choose_groups([(key, len(groups[key])) for key in order], target, num_rows)
+    eval_rows = sorted(row for key in eval_keys for row in groups[key])
+    taken = set(eval_rows)
+    train_rows = [row for row in range(num_rows) if row not in taken]
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.select(train_rows), dataset.select(eval_rows)
+    return [dataset[row] for row in train_rows], [dataset[row] for row in eval_rows]
+
+
+def prompt_key(value: Any) -> str:
+    """The grouping key of a prompt: canonical JSON, so equal message lists give equal keys."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _seeded_digest(seed: int, key: str) -> bytes:
+    return hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+
+
+def _target_rows(test_size: float | int, num_rows: int) -> float:
+    """How many rows eval should get: ``test_size`` rows, or that fraction of ``num_rows``."""
+    if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real):
+        raise ConfigError(f"must be a number, got {test_size!r}", column="test_size", fix="use e.g. test_size=0.1")
+    if isinstance(test_size, numbers.Integral):
+        if not 1 <= test_size < num_rows:
+            raise ConfigError(
+                f"{test_size} rows out of {num_rows}",
+                column="test_size",
+                fix=f"use a number of rows from 1 to {num_rows - 1}, or a fraction in (0, 1)",
+            )
+        return float(test_size)
+    if not 0 < test_size < 1:
+        raise ConfigError(
+            f"{test_size!r} is not a fraction in (0, 1)", column="test_size", fix="use e.g. 0.1, or an int row count"
+        )
+    return float(test_size) * num_rows
+
+
+def _choose_groups(groups: list[tuple[str, int]], target: float, num_rows: int) -> list[str]:
+    """Keys of the eval groups, from (key, size) in visiting order (rule 3 of the module docstring)."""
+    chosen: list[str] = []
+    taken = 0
+    for key, size in groups:
+        if taken >= target:
+            break
+        closer = taken + size - target < target - taken
+        if closer and taken + size < num_rows:
+            chosen.append(key)
+            taken += size
+    if not chosen:
+        smallest = min(size for _, size in groups)
+        chosen.append(next(key for key, size in groups if size == smallest))
+    return chosen

@@ -1,0 +1,300 @@
+"""build_pairs (rated completions → preference pairs) and split_by_prompt (held-out split grouped by prompt)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import datasets
+import pytest
+
+from fastdpo.data.pairs import build_pairs
+from fastdpo.data.split import split_by_prompt
+from fastdpo.errors import ConfigError, DataError
+
+NAN = float("nan")
+# (prompt, completions, scores); the comment says what best_vs_worst must make of the row
+ROWS = [
+    ("p0", ["a", "b", "c"], [3, 1, 2]),  # a > b
+    ("p1", ["d", "e", "f", "g"], [5, 5, 2, 2]),  # d > f: the first of the tied best and of the tied worst
+    ("p2", ["h", "i"], [4, 4]),  # ties
+    ("p3", ["j"], [1]),  # too_few_completions
+    ("p4", ["k", "l"], [1, None]),  # bad_scores: None
+    ("p5", ["m", "n"], [1]),  # bad_scores: one score for two completions
+    ("p6", ["o", "p", "q"], [1.0, 2.5, NAN]),  # bad_scores: NaN
+    ("p7", ["r", "s", "t"], [2, 9, 7]),  # s > r
+    ("p8", ["u", "v"], [1.0, 2.0]),  # v > u, a difference of 1 only
+]
+NO_DROPS = {"too_few_completions": [], "bad_scores": [], "bad_completions": [], "ties": [], "below_margin": []}
+
+
+def rated_rows() -> list[dict]:
+    return [
+        {"prompt": p, "completions": c, "scores": s, "source": f"src{i}", "lang": "en"}
+        for i, (p, c, s) in enumerate(ROWS)
+    ]
+
+
+def pairs_of(dataset) -> list[tuple]:
+    rows = dataset.to_list() if isinstance(dataset, datasets.Dataset) else dataset
+    return [(r["source_row"], r["chosen"], r["rejected"], r["chosen_score"], r["rejected_score"]) for r in rows]
+
+
+def test_best_vs_worst_pairs_and_counted_drops():
+    result = build_pairs(rated_rows())
+    assert pairs_of(result.dataset) == [
+        (0, "a", "b", 3.0, 1.0),
+        (1, "d", "f", 5.0, 2.0),
+        (7, "s", "r", 9.0, 2.0),
+        (8, "v", "u", 2.0, 1.0),
+    ]
+    assert result.dropped_rows == {**NO_DROPS, "too_few_completions": [3], "bad_scores": [4, 5, 6], "ties": [2]}
+    assert result.dropped == {"too_few_completions": 1, "bad_scores": 3, "bad_completions": 0, "ties": 1,
+                              "below_margin": 0}  # fmt: skip
+    assert result.summary() == (
+        "best_vs_worst: 4 pairs from 9 rows; dropped 5 rows (too_few_completions 1, bad_scores 3, ties 1)"
+    )
+
+
+def test_best_vs_worst_applies_the_margin():
+    result = build_pairs(rated_rows(), margin=1.5)
+    assert [p[0] for p in pairs_of(result.dataset)] == [0, 1, 7]
+    assert result.dropped_rows["below_margin"] == [8]
+    # a difference equal to the margin is not enough: "> margin"
+    assert build_pairs(rated_rows(), margin=1.0).dropped_rows["below_margin"] == [8]
+
+
+def test_all_above_margin_makes_every_ordered_pair():
+    result = build_pairs(rated_rows(), strategy="all_above_margin")
+    assert pairs_of(result.dataset) == [
+        (0, "a", "b", 3.0, 1.0), (0, "a", "c", 3.0, 2.0), (0, "c", "b", 2.0, 1.0),
+        (1, "d", "f", 5.0, 2.0), (1, "d", "g", 5.0, 2.0), (1, "e", "f", 5.0, 2.0), (1, "e", "g", 5.0, 2.0),
+        (7, "s", "r", 9.0, 2.0), (7, "s", "t", 9.0, 7.0), (7, "t", "r", 7.0, 2.0),
+        (8, "v", "u", 2.0, 1.0),
+    ]  # fmt: skip
+    assert result.dropped_rows["ties"] == [2]
+
+    strict = build_pairs(rated_rows(), strategy="all_above_margin", margin=1.5)
+    assert pairs_of(strict.dataset) == [
+        (0, "a", "b", 3.0, 1.0),
+        (1, "d", "f", 5.0, 2.0), (1, "d", "g", 5.0, 2.0), (1, "e", "f", 5.0, 2.0), (1, "e", "g", 5.0, 2.0),
+        (7, "s", "r", 9.0, 2.0), (7, "s", "t", 9.0, 7.0), (7, "t", "r", 7.0, 2.0),
+    ]  # fmt: skip
+    assert strict.dropped_rows == {**NO_DROPS, "too_few_completions": [3], "bad_scores": [4, 5, 6], "ties": [2],
+                                   "below_margin": [8]}  # fmt: skip
+
+
+def test_best_vs_random_lower_draws_among_the_lower_ones():
+    allowed = {0: {"b", "c"}, 1: {"f", "g"}, 7: {"r", "t"}, 8: {"u"}}
+    seen: dict[int, set[str]] = {row: set() for row in allowed}
+    for seed in range(40):
+        result = build_pairs(rated_rows(), strategy="best_vs_random_lower", seed=seed)
+        pairs = pairs_of(result.dataset)
+        assert [(row, chosen) for row, chosen, *_ in pairs] == [(0, "a"), (1, "d"), (7, "s"), (8, "v")]
+        for row, _, rejected, _, _ in pairs:
+            assert rejected in allowed[row]
+            seen[row].add(rejected)
+        assert result.dropped_rows["ties"] == [2]
+    assert seen == allowed  # every lower completion gets drawn for some seed
+
+    # with margin 1.5 only b is far enough below a (3 - 2 = 1), and row 8 has no candidate at all
+    strict = build_pairs(rated_rows(), strategy="best_vs_random_lower", margin=1.5, seed=3)
+    assert pairs_of(strict.dataset)[0] == (0, "a", "b", 3.0, 1.0)
+    assert strict.dropped_rows["below_margin"] == [8]
+
+
+def test_best_vs_random_lower_is_seeded_per_row():
+    rows = [{"prompt": f"q{i}", "completions": list("abcdef"), "scores": [6, 5, 4, 3, 2, 1]} for i in range(30)]
+
+    def draw(data, seed):
+        return [r["rejected"] for r in build_pairs(data, strategy="best_vs_random_lower", seed=seed).dataset]
+
+    first = draw(rows, 7)
+    assert draw(rows, 7) == first
+    assert draw(rows, 8) != first
+    assert draw(datasets.Dataset.from_list(rows), 7) == first
+    # a row's draw depends on (seed, row index) only, not on the other rows
+    assert draw(rows[:10], 7) == first[:10]
+
+
+def test_other_columns_are_carried_and_dataset_matches_list():
+    rows = rated_rows()
+    from_list = build_pairs(rows, strategy="all_above_margin").dataset
+    from_dataset = build_pairs(datasets.Dataset.from_list(rows), strategy="all_above_margin").dataset
+    assert isinstance(from_dataset, datasets.Dataset) and isinstance(from_list, list)
+    assert from_dataset.column_names == [
+        "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "source_row", "source", "lang",
+    ]  # fmt: skip
+    assert from_dataset.to_list() == from_list
+    assert [(r["prompt"], r["source"]) for r in from_list[:4]] == [("p0", "src0")] * 3 + [("p1", "src1")]
+    assert all(r["lang"] == "en" for r in from_list)
+
+
+def test_renamed_prompt_column_becomes_prompt():
+    rows = [{"instruction": "q", "outputs": ["x", "y"], "ratings": [1, 2]}]
+    result = build_pairs(rows, prompt="instruction", completions="outputs", scores="ratings")
+    assert result.dataset == [
+        {"prompt": "q", "chosen": "y", "rejected": "x", "chosen_score": 2.0, "rejected_score": 1.0, "source_row": 0}
+    ]
+
+
+def test_message_list_completions():
+    user = [{"role": "user", "content": "hi"}]
+    good, bad = [{"role": "assistant", "content": "hello!"}], [{"role": "assistant", "content": "go away"}]
+    rows = [{"prompt": user, "completions": [bad, good], "scores": [1.5, 4.0]}]
+    result = build_pairs(datasets.Dataset.from_list(rows))
+    assert result.dataset.to_list() == [
+        {"prompt": user, "chosen": good, "rejected": bad, "chosen_score": 4.0, "rejected_score": 1.5, "source_row": 0}
+    ]
+    assert result.dataset.features["chosen"] == datasets.Dataset.from_list(rows).features["completions"].feature
+
+
+def test_dict_completions_with_response_and_score_keys():
+    rows = [
+        {"instruction": "q0", "completions": [
+            {"model": "m1", "response": "ok", "overall_score": 6.5},
+            {"model": "m2", "response": "great", "overall_score": 9.0},
+            {"model": "m3", "response": "bad", "overall_score": 2.0},
+        ]},
+        {"instruction": "q1", "completions": [
+            {"model": "m1", "response": "x", "overall_score": None},
+            {"model": "m2", "response": "y", "overall_score": 3.0},
+        ]},
+    ]  # fmt: skip
+    for data in (rows, datasets.Dataset.from_list(rows)):
+        result = build_pairs(data, prompt="instruction", response_key="response", score_key="overall_score")
+        got = result.dataset.to_list() if isinstance(data, datasets.Dataset) else result.dataset
+        assert got == [{"prompt": "q0", "chosen": "great", "rejected": "bad", "chosen_score": 9.0,
+                        "rejected_score": 2.0, "source_row": 0}]  # fmt: skip
+        assert result.dropped_rows["bad_scores"] == [1]
+
+    with pytest.raises(DataError, match="did you mean score_key='overall_score'"):
+        build_pairs(rows, prompt="instruction", response_key="response", score_key="overal_score")
+    dicts = [{"prompt": "q", "completions": [{"response": "x"}, {"response": "y"}], "scores": [1, 2]}]
+    with pytest.raises(DataError, match="pass response_key=") as err:
+        build_pairs(dicts)
+    assert err.value.row == 0 and err.value.column == "completions"
+
+
+def test_bad_completions_are_counted():
+    rows = [
+        {"prompt": "q", "completions": ["x", None], "scores": [1, 2]},
+        {"prompt": "q", "completions": ["x", 7], "scores": [1, 2]},
+        {"prompt": "q", "completions": None, "scores": None},
+    ]
+    result = build_pairs(rows)
+    assert result.dataset == []
+    assert result.dropped_rows == {**NO_DROPS, "bad_completions": [0, 1], "too_few_completions": [2]}
+
+
+def test_empty_result_keeps_the_column_types():
+    rows = [{"prompt": "q", "completions": ["x", "y"], "scores": [1.0, 1.0], "id": 4}]
+    result = build_pairs(datasets.Dataset.from_list(rows))
+    assert len(result.dataset) == 0
+    assert result.dataset.features["chosen"] == datasets.Value("string")
+    assert result.dataset.features["id"] == datasets.Value("int64")
+    assert result.summary() == "best_vs_worst: 0 pairs from 1 row; dropped 1 row (ties 1)"
+
+
+def test_pair_errors_name_the_fix():
+    rows = [{"prompt": "q", "completion": ["x", "y"], "scores": [1, 2]}]
+    with pytest.raises(DataError, match="did you mean 'completion'\\? pass completions='completion'") as err:
+        build_pairs(rows)
+    assert err.value.column == "completions"
+    with pytest.raises(ConfigError, match="did you mean 'best_vs_worst'") as cfg:
+        build_pairs(rated_rows(), strategy="best_vs_worse")
+    assert cfg.value.column == "strategy"
+    for margin in (-0.5, NAN, float("inf")):
+        with pytest.raises(ConfigError, match="margin"):
+            build_pairs(rated_rows(), margin=margin)
+    with pytest.raises(DataError, match="already has this output column"):
+        build_pairs([{**row, "chosen": "z"} for row in rated_rows()])
+    with pytest.raises(DataError, match="no rows"):
+        build_pairs(datasets.Dataset.from_dict({"prompt": [], "completions": [], "scores": []}))
+    with pytest.raises(DataError, match="expected a list of completions"):
+        build_pairs([{"prompt": "q", "completions": "x y", "scores": [1, 2]}])
+
+
+# ---- split_by_prompt ----
+
+
+def repeated_prompt_rows(n: int = 200, num_prompts: int = 37) -> list[dict]:
+    """Rows whose prompts repeat with very uneven group sizes (1 to ~25 rows)."""
+    rng = random.Random(1)
+    weights = [1 + (k % 7) ** 2 for k in range(num_prompts)]
+    prompts = rng.choices(range(num_prompts), weights=weights, k=n)
+    return [{"prompt": f"prompt {k}", "chosen": f"c{i}", "rejected": f"r{i}", "id": i} for i, k in enumerate(prompts)]
+
+
+def _prompts(rows) -> set[str]:
+    return {json.dumps(r["prompt"], sort_keys=True) for r in rows}
+
+
+@pytest.mark.parametrize("test_size", [0.1, 0.25, 0.5, 30])
+def test_split_keeps_prompts_apart_and_hits_the_target(test_size):
+    rows = repeated_prompt_rows()
+    train, held_out = split_by_prompt(rows, test_size=test_size, seed=3)
+    assert not _prompts(train) & _prompts(held_out)
+    assert sorted(r["id"] for r in train + held_out) == list(range(200))
+    assert [r["id"] for r in held_out] == sorted(r["id"] for r in held_out)  # input order kept
+    largest = max(sum(r["prompt"] == p for r in rows) for p in {r["prompt"] for r in rows})
+    target = test_size if isinstance(test_size, int) else test_size * len(rows)
+    assert abs(len(held_out) - target) <= largest, (len(held_out), target, largest)
+    assert 0 < len(held_out) < len(rows)
+
+
+def test_split_is_seeded_and_independent_of_row_order():
+    rows = repeated_prompt_rows()
+    first = split_by_prompt(rows, seed=5)
+    assert split_by_prompt(rows, seed=5) == first
+    assert any(split_by_prompt(rows, seed=s)[1] != first[1] for s in range(6, 10))
+    shuffled = rows[:]
+    random.Random(0).shuffle(shuffled)
+    _, held_out = split_by_prompt(shuffled, seed=5)
+    assert _prompts(held_out) == _prompts(first[1])
+
+
+def test_split_dataset_matches_list():
+    rows = repeated_prompt_rows()
+    train, held_out = split_by_prompt(datasets.Dataset.from_list(rows), test_size=0.2, seed=1)
+    assert isinstance(train, datasets.Dataset) and isinstance(held_out, datasets.Dataset)
+    list_train, list_held_out = split_by_prompt(rows, test_size=0.2, seed=1)
+    assert train.to_list() == list_train and held_out.to_list() == list_held_out
+
+
+def test_split_groups_conversational_prompts():
+    def convo(k, flip=False):
+        text = f"question {k % 4}"
+        turn = {"content": text, "role": "user"} if flip else {"role": "user", "content": text}
+        return [{"role": "system", "content": "be nice"}, turn]
+
+    # the same conversation with its dict keys in another order is the same prompt
+    rows = [{"prompt": convo(i, flip=(i // 4) % 2 == 1), "chosen": "c", "rejected": "r", "id": i} for i in range(40)]
+    train, held_out = split_by_prompt(rows, test_size=0.3, seed=0)
+    assert len(_prompts(train)) + len(_prompts(held_out)) == 4
+    assert not _prompts(train) & _prompts(held_out)
+    # target 12 rows: the first group (10) gets closer, a second (20) would be 8 over instead of 2 under
+    assert len(held_out) == 10 and len(_prompts(held_out)) == 1
+    _, from_dataset = split_by_prompt(datasets.Dataset.from_list(rows), test_size=0.3, seed=0)
+    assert from_dataset["id"][:] == [r["id"] for r in held_out]
+
+
+def test_split_always_leaves_both_parts_non_empty():
+    rows = [{"prompt": "a"}] * 3 + [{"prompt": "b"}] * 5
+    for test_size in (0.01, 0.99, 1, 7):
+        for seed in range(4):
+            train, held_out = split_by_prompt(rows, test_size=test_size, seed=seed)
+            assert train and held_out and not _prompts(train) & _prompts(held_out)
+    # 0.01 of 8 rows: no group fits, so the smallest one (3 rows) is taken
+    assert all(len(split_by_prompt(rows, test_size=0.01, seed=s)[1]) == 3 for s in range(4))
+
+
+def test_split_errors():
+    with pytest.raises(DataError, match="at least 2 distinct prompts, found 1"):
+        split_by_prompt([{"prompt": "same", "chosen": str(i)} for i in range(10)])
+    with pytest.raises(DataError, match="did you mean 'prompts'\\? pass prompt='prompts'"):
+        split_by_prompt([{"prompts": "a"}, {"prompts": "b"}])
+    rows = repeated_prompt_rows(20)
+    for bad in (0, 0.0, 1.0, -0.1, 1.5, 20, 25, -3, True, "0.1", NAN):
+        with pytest.raises(ConfigError, match="test_size"):
+            split_by_prompt(rows, test_size=bad)
