@@ -11,8 +11,11 @@ Importing this package imports ``datasets`` and ``transformers``' tokenizer base
 
 from fastdpo.data.formats import extract_prompt, prepare_preferences
 from fastdpo.data.load import load_data
+from fastdpo.data.packer import cpp_available, pack
+from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs
 from fastdpo.data.pairs import PairsResult, build_pairs
 from fastdpo.data.quality import REASONS, QualityReport, check_preferences
+from fastdpo.data.sampler import TokenBudgetBatchSampler
 from fastdpo.data.schema import PREFERENCE_COLUMNS, SCORE_ALIASES
 from fastdpo.data.sft import TokenizedSFT, prepare_sft, tokenize_sft
 from fastdpo.data.split import split_by_prompt
@@ -22,14 +25,20 @@ __all__ = [
     "PREFERENCE_COLUMNS",
     "REASONS",
     "SCORE_ALIASES",
+    "PackedBatch",
     "PairsResult",
     "QualityReport",
+    "TokenBudgetBatchSampler",
     "TokenizedPreferences",
     "TokenizedSFT",
     "build_pairs",
     "check_preferences",
+    "cpp_available",
+    "default_pack_length",
     "extract_prompt",
     "load_data",
+    "pack",
+    "pack_pairs",
     "prepare_preferences",
     "prepare_sft",
     "split_by_prompt",

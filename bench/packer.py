@@ -1,0 +1,129 @@
+"""Best-fit-decreasing packing: the Python backend against the C++ one on the same lengths.
+
+    python -m bench.packer [--items 1000000] [--low 10] [--high 1300] [--capacity 4096] [--repeats 3] [--seed 0]
+
+Lengths are drawn uniformly from low..high with a seeded numpy generator and packed into bins of ``capacity``
+with ``fastdpo.data.packer.pack``, once from a numpy int64 array and once from a Python list of ints (what
+``pack_pairs`` passes). Each (input, backend) pair is called once untimed, then timed ``repeats`` times, with a
+full garbage collection between calls outside the timed region; we report the median (min–max). The outputs of
+the two backends are compared for equality. Results go to bench/results/packer.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sysconfig
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from bench.head_cpu import _cpu_name
+from fastdpo.atomic import atomic_write
+from fastdpo.data.packer import cpp_available, pack
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _time(lengths, capacity: int, backend: str, repeats: int) -> tuple[list[float], list[list[int]]]:
+    bins = pack(lengths, capacity, backend=backend)  # untimed first call
+    seconds = []
+    for _ in range(repeats):
+        del bins
+        gc.collect()
+        start = time.perf_counter()
+        bins = pack(lengths, capacity, backend=backend)
+        seconds.append(time.perf_counter() - start)
+    return seconds, bins
+
+
+def _compiler() -> str:
+    command = (sysconfig.get_config_var("CXX") or "c++").split()[0]
+    if shutil.which(command) is None:
+        return "none"
+    result = subprocess.run([command, "--version"], capture_output=True, text=True, check=False)
+    return result.stdout.splitlines()[0] if result.stdout else command
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "c++ compiler": _compiler()}
+    try:
+        versions["fastdpo"] = metadata.version("fastdpo")
+    except metadata.PackageNotFoundError:
+        versions["fastdpo"] = "not installed"
+    return versions
+
+
+def _table(results: list[dict], meta: dict) -> str:
+    lines = [
+        f"BFD packing of {meta['items']:,} lengths uniform in {meta['low']}..{meta['high']} (seed {meta['seed']}) "
+        f"into bins of {meta['capacity']}: {meta['bins']:,} bins, {meta['fill']:.4%} full. "
+        f"{meta['cpu']}; Python {meta['versions']['python']}, numpy {meta['versions']['numpy']}, "
+        f"{meta['versions']['c++ compiler']}; median of {meta['repeats']} (min–max) after one untimed call, "
+        f"{meta['date']}. Both backends return identical bins: {meta['identical']}.",
+        "",
+        "| input | backend | seconds (min–max) | items/s | speedup over python |",
+        "|---|---|---|---:|---:|",
+    ]
+    for row in results:
+        lines.append(
+            f"| {row['input']} | {row['backend']} | {row['median_s']:.3f} ({row['min_s']:.3f}–{row['max_s']:.3f}) "
+            f"| {meta['items'] / row['median_s']:,.0f} | {row['speedup']:.1f}x |"
+        )
+    lines += ["", "Command: `python -m bench.packer" + "".join(f" --{k} {v}" for k, v in meta["args"].items()) + "`"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--low", type=int, default=10)
+    parser.add_argument("--high", type=int, default=1300)
+    parser.add_argument("--capacity", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not cpp_available():
+        raise SystemExit("fastdpo._packer is not built: reinstall with a C++ compiler ('pip install -e .')")
+
+    array = np.random.default_rng(args.seed).integers(args.low, args.high + 1, size=args.items, dtype=np.int64)
+    inputs = {"numpy int64 array": array, "list of ints": array.tolist()}
+    results, outputs = [], {}
+    for input_name, lengths in inputs.items():
+        python_s = None
+        for backend in ("python", "cpp"):
+            seconds, outputs[input_name, backend] = _time(lengths, args.capacity, backend, args.repeats)
+            median = statistics.median(seconds)
+            python_s = python_s or median
+            results.append(
+                {"input": input_name, "backend": backend, "median_s": median, "min_s": min(seconds),
+                 "max_s": max(seconds), "speedup": python_s / median, "seconds": seconds}
+            )  # fmt: skip
+            print(f"{input_name:>18} {backend:>6}: {median:.3f} s (median of {args.repeats})", flush=True)
+    reference = outputs["numpy int64 array", "python"]
+    identical = all(bins == reference for bins in outputs.values())
+    meta = {
+        "items": args.items, "low": args.low, "high": args.high, "capacity": args.capacity, "seed": args.seed,
+        "repeats": args.repeats, "bins": len(reference), "fill": int(array.sum()) / (len(reference) * args.capacity),
+        "identical": identical, "cpu": _cpu_name(), "versions": _versions(), "date": time.strftime("%Y-%m-%d"),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "packer.json", json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    table = _table(results, meta)
+    atomic_write(args.out / "packer.md", table)
+    print(table)
+    if not identical:
+        raise SystemExit("the backends disagree")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The model layer: run a Hugging Face causal LM body on a ``PackedBatch``; log-probs through the fused head.
+
+from fastdpo.model import packed_logps
+out = packed_logps(model, batch)          # .logp [R·L], .seq_logps [S], .seq_num_tokens [S]
+"""
+
+from fastdpo.model.packed import (
+    MASK_BACKENDS,
+    HeadSpec,
+    PackedLogps,
+    head_spec,
+    packed_hidden_states,
+    packed_logps,
+)
+
+__all__ = [
+    "MASK_BACKENDS",
+    "HeadSpec",
+    "PackedLogps",
+    "head_spec",
+    "packed_hidden_states",
+    "packed_logps",
+]

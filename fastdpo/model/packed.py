@@ -1,0 +1,331 @@
+"""Run a Hugging Face causal LM on a ``PackedBatch``: the body's hidden states, then the fused head's log-probs.
+
+What it does, in plain transformers + torch (eager/sdpa/flex; flash flattens the rows, see below)::
+
+    hidden = model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                 use_cache=False).last_hidden_state.flatten(0, 1)     # [R·L, H]
+    z = hidden @ lm_head.weight.T (+ bias); z = z * logit_scale; z = softcap * tanh(z / softcap)
+    logp = z.log_softmax(-1).gather(-1, targets)                                      # [R·L], 0 where -100
+    seq_logps = segment_sum(logp, batch.cu_seqlens)                                   # [S]
+
+Why no attention mask and no cache: transformers (``masking_utils._preprocess_mask_arguments``) derives the
+block-diagonal mask of packed sequences from ``position_ids`` only when ``attention_mask is None`` and
+``cache is None``. An all-ones mask, or ``use_cache`` left at the config's default (a ``DynamicCache`` is made),
+turns that detection off and every sequence silently attends to the ones before it in its row. The flash-attention
+path never builds a mask: it isolates sequences only through ``cu_seq_lens_q/k`` (or position ids at batch size 1),
+so for flash the rows are flattened into one row of ``R·L`` tokens and the batch's ``cu_seqlens`` are passed.
+
+The LM head is never called: ``head_spec`` reads its weight and the transformations the model family applies to the
+logits (Gemma-2/3 final soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``) and
+``fastdpo.ops.linear_logprobs`` computes the log-probs without the ``[tokens, vocab]`` logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from fastdpo.data.packing import IGNORE_INDEX, PackedBatch
+from fastdpo.errors import ConfigError
+from fastdpo.ops import LinearLogprobs, linear_logprobs, segment_sum
+
+# Attention implementations for which transformers builds the packed (block-diagonal) mask from position_ids.
+MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The LM head
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a causal LM's head computes from the last hidden state, as ``linear_logprobs`` takes it.
+
+    In plain torch (``logits``)::
+
+        z = hidden @ weight.T + bias
+        z = z * logit_scale
+        z = softcap * tanh(z / softcap)     # when softcap is set
+    """
+
+    weight: Tensor
+    """[V, H] the output embedding (the input embedding's weight when they are tied)."""
+    bias: Tensor | None = None
+    """[V] or None."""
+    logit_scale: float = 1.0
+    """Multiplies the logits: Cohere's ``logit_scale``; ``1 / logits_scaling`` for Granite (which divides)."""
+    softcap: float | None = None
+    """Gemma-2/3 ``final_logit_softcapping``; None for none."""
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """``[..., V]`` logits of ``hidden [..., H]``, materialized (a reference for tests and debugging)."""
+        z = nn.functional.linear(hidden, self.weight, self.bias) * self.logit_scale
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+
+@dataclass(frozen=True)
+class _HeadRule:
+    scale: str | None = None  # config attribute that multiplies the logits
+    divide: str | None = None  # config attribute that divides them
+    softcap: str | None = None  # config attribute of the tanh soft-cap
+
+
+_COHERE = _HeadRule(scale="logit_scale")
+_GRANITE = _HeadRule(divide="logits_scaling")
+_GEMMA = _HeadRule(softcap="final_logit_softcapping")
+
+# How each family's ForCausalLM.forward transforms `lm_head(hidden)`, read from transformers' modeling code. The same
+# config attribute means different things in different families (HyperCLOVA X multiplies by `logits_scaling`, Granite
+# divides; Gemma3ForConditionalGeneration ignores `final_logit_softcapping`, Gemma3ForCausalLM applies it), so only
+# the class decides. Classes not listed have a plain linear head, which is checked: see _HEAD_ATTRIBUTES.
+_HEAD_RULES: dict[str, _HeadRule] = {
+    "CohereForCausalLM": _COHERE,
+    "Cohere2ForCausalLM": _COHERE,
+    "Cohere2MoeForCausalLM": _COHERE,
+    "GraniteForCausalLM": _GRANITE,
+    "GraniteMoeForCausalLM": _GRANITE,
+    "GraniteMoeSharedForCausalLM": _GRANITE,
+    "GraniteMoeHybridForCausalLM": _GRANITE,
+    "Gemma2ForCausalLM": _GEMMA,
+    "Gemma3ForCausalLM": _GEMMA,
+}
+
+# Config attributes with which some transformers family changes its logits after the LM head, and the values that
+# leave them unchanged. A class not in _HEAD_RULES whose config sets one of these to anything else is refused.
+_HEAD_ATTRIBUTES: dict[str, tuple] = {
+    "final_logit_softcapping": (None,),
+    "logit_scale": (None, 1, 1.0),
+    "logits_scaling": (None, 1, 1.0),
+    "lm_head_multiplier": (None, 1, 1.0),
+    "output_multiplier": (None, 1, 1.0),
+    "logits_mup_width_multiplier": (None, 1, 1.0),
+    "output_logit_soft_cap": (None,),
+    "logits_soft_cap": (None,),
+    "mup_enabled": (None, False),
+}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # PEFT wrappers forward attributes to the transformers model; the class that decides the head is the inner one
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _config_value(config, name: str) -> float | None:
+    value = getattr(config, name, None)
+    return None if value is None else float(value)
+
+
+def head_spec(model: nn.Module) -> HeadSpec:
+    """The ``HeadSpec`` of a transformers ``*ForCausalLM`` model (or a PEFT wrapper of one).
+
+    Raises ConfigError when the model has no linear LM head (none, LoRA on the head, packed quantized weights) or when
+    its config sets a logit transformation fastdpo does not know for that class.
+    """
+    inner = _unwrap(model)
+    name = type(inner).__name__
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ConfigError(
+            f"{name} has no LM head (get_output_embeddings() is None)",
+            column="model",
+            fix="pass the *ForCausalLM model, not its base model",
+        )
+    weight = getattr(head, "weight", None)
+    # subclasses that only add hooks (FSDP2 wraps the class) are fine; ones with their own forward (quantized
+    # layers, custom heads) compute something else; LoRA's wrapper is no nn.Linear at all
+    plain = isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+    if not plain or weight is None or weight.dim() != 2:
+        shape = None if weight is None else tuple(weight.shape)
+        raise ConfigError(
+            f"{name}'s LM head is a {type(head).__name__} with weight {shape}, not a plain nn.Linear [V, H]",
+            column="model",
+            fix="merge adapters on the LM head and do not quantize it (e.g. bitsandbytes' llm_int8_skip_modules)",
+        )
+    config = inner.config.get_text_config()
+    rule = _HEAD_RULES.get(name)
+    if rule is None:
+        for attribute, neutral in _HEAD_ATTRIBUTES.items():
+            value = getattr(config, attribute, None)
+            if value not in neutral:
+                raise ConfigError(
+                    f"{name} sets {attribute}={value!r} in its config, and fastdpo does not know how this class "
+                    f"applies it to the logits (it knows {', '.join(sorted(_HEAD_RULES))})",
+                    column="model",
+                    fix="add the class to fastdpo.model.packed._HEAD_RULES after checking its forward, or use a "
+                    "supported family",
+                )
+        return HeadSpec(weight=weight, bias=head.bias)
+    logit_scale = 1.0
+    if rule.scale and (scale := _config_value(config, rule.scale)) is not None:
+        logit_scale *= scale
+    if rule.divide and (divisor := _config_value(config, rule.divide)) is not None:
+        logit_scale /= divisor
+    softcap = _config_value(config, rule.softcap) if rule.softcap else None
+    return HeadSpec(weight=weight, bias=head.bias, logit_scale=logit_scale, softcap=softcap)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The body on a packed batch
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _is_flash(attn_implementation: str) -> bool:
+    # transformers' own test (utils.generic.is_flash_attention_requested): any implementation named "*flash*"
+    # ("flash_attention_2/3/4", hub kernels such as "kernels-community/flash-attn3") goes through its flash path
+    return "flash" in attn_implementation
+
+
+@contextmanager
+def _attention(model: nn.Module, requested: str | None) -> Iterator[str]:
+    """The model's attention implementation, switched to ``requested`` for the duration when that differs."""
+    current = model.config._attn_implementation
+    if requested is None or requested == current:
+        yield current
+        return
+    try:
+        model.set_attn_implementation(requested)
+    except (ValueError, ImportError) as error:
+        raise ConfigError(
+            f"{type(_unwrap(model)).__name__} cannot run {requested!r}: {error}",
+            column="attn_implementation",
+            fix="use 'eager' (every model has it)",
+        ) from error
+    active = model.config._attn_implementation
+    if active == current:  # transformers only warns when a model cannot switch
+        raise ConfigError(
+            f"{type(_unwrap(model)).__name__} cannot switch attention from {current!r} at run time",
+            column="attn_implementation",
+            fix=f"load the model with attn_implementation={requested!r}",
+        )
+    try:
+        yield active
+    finally:
+        model.set_attn_implementation(current)
+
+
+def _check_batch(batch: PackedBatch) -> None:
+    if batch.input_ids.dim() != 2 or batch.position_ids.shape != batch.input_ids.shape:
+        raise ValueError(
+            f"batch: input_ids {tuple(batch.input_ids.shape)} and position_ids {tuple(batch.position_ids.shape)} "
+            "must both be [R, L]"
+        )
+    if batch.cu_seqlens.device.type == "cpu" and int(batch.cu_seqlens[-1]) != batch.input_ids.numel():
+        raise ValueError(
+            f"batch: cu_seqlens ends at {int(batch.cu_seqlens[-1])}, not at the {batch.input_ids.numel()} tokens "
+            "of input_ids (it must cover every row, row-end padding included)"
+        )
+
+
+def packed_hidden_states(
+    model: nn.Module, batch: PackedBatch, *, attn_implementation: str | None = None
+) -> torch.Tensor:
+    """``[R·L, H]`` last hidden states of the model's body (no LM head, no logits) on a packed batch.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (or a PEFT wrapper of one); its body is ``model.get_decoder()``.
+        batch: the packed batch; moved to the model's device when it is elsewhere.
+        attn_implementation: run with this attention implementation (switched with transformers'
+            ``set_attn_implementation`` for the call and switched back); None keeps the model's own. ``eager``,
+            ``sdpa`` and ``flex_attention`` get the packed mask from ``position_ids``; ``*flash*`` implementations get
+            ``cu_seq_lens_q/k`` over the rows flattened into one. Anything else is refused: transformers builds no
+            mask for it, so packed sequences would attend to each other.
+
+    Sequences never see each other: ``use_cache=False`` and no attention mask are both required for that (see the
+    module docstring), so neither can be passed.
+    """
+    _check_batch(batch)
+    device = model.get_input_embeddings().weight.device
+    if batch.input_ids.device != device:
+        batch = batch.to(device)
+    body = model.get_decoder()
+    with _attention(model, attn_implementation) as implementation:
+        if _is_flash(implementation):
+            # transformers' flash path isolates sequences only at batch size 1 (varlen kernels over one token axis)
+            output = body(
+                input_ids=batch.input_ids.reshape(1, -1),
+                position_ids=batch.position_ids.reshape(1, -1),
+                use_cache=False,
+                **batch.flash_attn_kwargs(),
+            )
+        elif implementation in MASK_BACKENDS:
+            output = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        else:
+            raise ConfigError(
+                f"attention implementation {implementation!r} gets no packed-sequence mask from transformers, so "
+                "packed sequences would attend to each other",
+                column="attn_implementation",
+                fix=f"use one of {', '.join(MASK_BACKENDS)} or a flash-attention implementation",
+            )
+    hidden = output.last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-probs on a packed batch
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PackedLogps(NamedTuple):
+    """Log-probs of one packed batch (``S`` segments, row-end padding segments included, where all are 0)."""
+
+    logp: Tensor
+    """[R·L] fp32 per-token log p(target); 0 where the target is -100 (prompt, padding, last token)."""
+    seq_logps: Tensor
+    """[S] fp32 sums of ``logp`` per segment of ``cu_seqlens``."""
+    seq_num_tokens: Tensor
+    """[S] int64 completion tokens (targets that are not -100) per segment."""
+    per_token: LinearLogprobs
+    """All per-token outputs asked for (``outputs=``), each [R·L]; ``per_token.logp is logp``."""
+
+
+def packed_logps(
+    model: nn.Module,
+    batch: PackedBatch,
+    *,
+    impl: str = "auto",
+    temperature: float = 1.0,
+    outputs: tuple[str, ...] = ("logp",),
+    attn_implementation: str | None = None,
+) -> PackedLogps:
+    """Per-token and per-sequence log-probs of ``batch.targets`` under ``model``, without materializing logits.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (or a PEFT wrapper of one).
+        batch: a ``PackedBatch`` (``fastdpo.data.packing.pack_pairs``).
+        impl: ``linear_logprobs`` implementation (``auto``, ``torch``, ``naive``, ``triton``).
+        temperature: divides the logits after the model's own head transformations.
+        outputs: per-token outputs of ``linear_logprobs`` (``logp`` always; ``entropy``, ``mean_logit``, ...).
+        attn_implementation: see ``packed_hidden_states``.
+
+    Gradients flow to the model's parameters unless called under ``torch.no_grad()`` (the reference pass).
+    """
+    spec = head_spec(model)
+    hidden = packed_hidden_states(model, batch, attn_implementation=attn_implementation)
+    targets = batch.targets.reshape(-1).to(hidden.device)
+    per_token = linear_logprobs(
+        hidden,
+        spec.weight,
+        targets,
+        bias=spec.bias,
+        logit_scale=spec.logit_scale,
+        softcap=spec.softcap,
+        temperature=temperature,
+        impl=impl,
+        outputs=outputs,
+    )
+    cu_seqlens = batch.cu_seqlens.to(hidden.device)
+    seq_logps = segment_sum(per_token.logp, cu_seqlens)
+    # exact integer counts: differences of the running count of completion tokens at the segment boundaries
+    running = nn.functional.pad((targets != IGNORE_INDEX).long().cumsum(0), (1, 0))
+    boundaries = cu_seqlens.long()
+    seq_num_tokens = running[boundaries[1:]] - running[boundaries[:-1]]
+    return PackedLogps(logp=per_token.logp, seq_logps=seq_logps, seq_num_tokens=seq_num_tokens, per_token=per_token)

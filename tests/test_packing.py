@@ -1,0 +1,116 @@
+"""pack_pairs: whole pairs in rows, positions restarting, next-token targets on completions only, segments."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fastdpo.data.packing import IGNORE_INDEX, default_pack_length, pack_pairs
+from fastdpo.data.tokenize import truncate
+from fastdpo.errors import ConfigError, DataError
+
+
+def pair(prompt: int, chosen: int, rejected: int, start: int = 1) -> dict:
+    """Token ids that say where they come from: prompt 1xx, chosen 2xx, rejected 3xx (+ start offset)."""
+    return {
+        "prompt_ids": [100 * start + i for i in range(prompt)],
+        "chosen_ids": [200 * start + i for i in range(chosen)],
+        "rejected_ids": [300 * start + i for i in range(rejected)],
+    }
+
+
+EXAMPLES = [pair(3, 2, 4, 1), pair(5, 3, 1, 2), pair(2, 6, 2, 3), pair(1, 1, 1, 4)]
+
+
+def sequences_of(batch):
+    """Each segment's tokens, read back through cu_seqlens over the flattened rows."""
+    flat = batch.input_ids.reshape(-1)
+    bounds = batch.cu_seqlens.tolist()
+    return [flat[a:b].tolist() for a, b in itertools.pairwise(bounds)]
+
+
+def test_every_sequence_is_whole_and_restarts_its_positions():
+    batch = pack_pairs(EXAMPLES, pack_length=16, backend="python")
+    seqs = sequences_of(batch)
+    flat_pos = batch.position_ids.reshape(-1)
+    bounds = batch.cu_seqlens.tolist()
+    for s, (a, b) in enumerate(itertools.pairwise(bounds)):
+        assert flat_pos[a:b].tolist() == list(range(b - a))  # restart at 0 in every segment, padding included
+        pair_index = int(batch.seq_pair[s])
+        if pair_index < 0:
+            continue
+        example = EXAMPLES[batch.pair_ids[pair_index]]
+        completion = example["chosen_ids"] if batch.seq_is_chosen[s] else example["rejected_ids"]
+        assert seqs[s] == example["prompt_ids"] + completion
+    assert sorted(batch.pair_ids) == [0, 1, 2, 3]
+    # chosen directly followed by the rejected of the same pair, in the same row
+    real = [s for s in range(len(seqs)) if batch.seq_pair[s] >= 0]
+    for first, second in zip(real[::2], real[1::2], strict=True):
+        assert batch.seq_pair[first] == batch.seq_pair[second] and batch.seq_is_chosen[first]
+        assert not batch.seq_is_chosen[second]
+    assert batch.cu_seqlens.dtype == torch.int32 and int(batch.cu_seqlens[-1]) == batch.input_ids.numel()
+    assert batch.max_seqlen == max(b - a for a, b in itertools.pairwise(bounds))
+
+
+def test_targets_are_the_next_completion_token_only():
+    batch = pack_pairs(EXAMPLES, pack_length=16, backend="python")
+    flat_ids, flat_targets = batch.input_ids.reshape(-1), batch.targets.reshape(-1)
+    bounds = batch.cu_seqlens.tolist()
+    for s, (a, b) in enumerate(itertools.pairwise(bounds)):
+        if batch.seq_pair[s] < 0:
+            assert (flat_targets[a:b] == IGNORE_INDEX).all()  # padding is never a target
+            continue
+        example = EXAMPLES[batch.pair_ids[int(batch.seq_pair[s])]]
+        n_prompt = len(example["prompt_ids"])
+        expected = [IGNORE_INDEX] * (n_prompt - 1) + flat_ids[a + n_prompt : b].tolist() + [IGNORE_INDEX]
+        assert flat_targets[a:b].tolist() == expected
+
+
+def test_padding_only_at_row_ends_and_counted():
+    batch = pack_pairs(EXAMPLES, pack_length=16, pad_token_id=7, backend="python")
+    real = sum(len(e["prompt_ids"]) * 2 + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in EXAMPLES)
+    assert batch.num_padding == batch.input_ids.numel() - real
+    assert batch.padding_fraction == pytest.approx(batch.num_padding / batch.input_ids.numel())
+    assert batch.input_ids.shape[1] <= 16
+    padded = pack_pairs(EXAMPLES, pack_length=16, pad_to_multiple_of=8, backend="python")
+    assert padded.input_ids.shape[1] % 8 == 0
+
+
+def test_truncation_is_per_sequence_as_trl():
+    long = pair(6, 9, 3)
+    batch = pack_pairs([long], pack_length=32, max_length=8, backend="python")
+    seqs = [s for s, p in zip(sequences_of(batch), batch.seq_pair.tolist(), strict=True) if p >= 0]
+    assert seqs[0] == truncate(long["prompt_ids"], long["chosen_ids"], 8)[0]
+    assert seqs[1] == long["prompt_ids"] + long["rejected_ids"][:2]
+    end = pack_pairs([long], pack_length=32, max_length=8, truncation_mode="keep_end", backend="python")
+    assert (
+        next(s for s, p in zip(sequences_of(end), end.seq_pair.tolist(), strict=True) if p >= 0)
+        == (long["prompt_ids"] + long["chosen_ids"])[-8:]
+    )
+
+
+def test_a_pair_longer_than_a_row_is_an_error_naming_the_row():
+    with pytest.raises(DataError, match=r"row 41: the pair is 14 tokens .* pack_length is 12 — raise pack_length"):
+        pack_pairs([pair(2, 2, 2), pair(4, 3, 3)], pack_length=12, row_ids=[40, 41], backend="python")
+    with pytest.raises(ConfigError, match="pack_length"):
+        pack_pairs(EXAMPLES, pack_length=1)
+    with pytest.raises(DataError, match="no pairs"):
+        pack_pairs([], pack_length=16)
+    with pytest.raises(DataError, match="row 0: a sequence of the pair is empty"):
+        pack_pairs([{"prompt_ids": [], "chosen_ids": [], "rejected_ids": [1]}], pack_length=16)
+
+
+def test_flash_attention_kwargs_cover_all_rows():
+    batch = pack_pairs(EXAMPLES, pack_length=16, backend="python")
+    kwargs = batch.flash_attn_kwargs()
+    assert kwargs["cu_seq_lens_q"] is batch.cu_seqlens and kwargs["max_length_k"] == batch.max_seqlen
+
+
+def test_default_pack_length_follows_the_attention_backend():
+    assert default_pack_length(1024, "sdpa") == default_pack_length(1024, "eager") == 2048  # fits any pair
+    assert default_pack_length(1024, "flash_attention_2") == 4096
+    assert default_pack_length(4096, "flex_attention") == 8192
+    with pytest.raises(ConfigError, match="max_length"):
+        default_pack_length(0)
