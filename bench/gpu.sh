@@ -30,10 +30,17 @@ mkdir -p "$out"
     "$PY" -m pip list 2>/dev/null | grep -i -E "^(trl|liger-kernel|cut-cross-entropy|transformers|datasets) "
 } > "$out/environment.txt" 2>&1
 
+# Each step has its own time limit (a device call may allow 10 minutes in all); head_gpu writes its results after
+# every shape, so a step cut short keeps what it measured. Extra arguments go to head_gpu (default: a short sweep;
+# pass e.g. --tokens 2048 8192 32768 --hidden 2048 4096 --vocab 32000 128256 for the full grid).
 status=0
-"$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.txt" 2>&1 || status=1
+timeout "${GPU_TEST_TIMEOUT:-240}" "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+    --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.txt" 2>&1 || status=1
 tail -3 "$out/gpu_tests.txt"
-"$PY" -m fastdpo.kernels.compile_report > "$out/kernel_report.md" 2>&1 || status=1
-"$PY" -m bench.head_gpu --out "$out" "${@:2}" > "$out/head_gpu.log" 2>&1 || status=1
+timeout 120 "$PY" -m fastdpo.kernels.compile_report > "$out/kernel_report.md" 2>&1 || status=1
+bench_args=("${@:2}")
+[ ${#bench_args[@]} -eq 0 ] && bench_args=(--tokens 8192 32768 --hidden 4096 --vocab 128256 --repeats 5)
+timeout "${GPU_BENCH_TIMEOUT:-300}" "$PY" -m bench.head_gpu --out "$out" "${bench_args[@]}" > "$out/head_gpu.log" 2>&1 \
+    || status=1
 cat "$out/head_gpu.md" 2>/dev/null
 exit $status

@@ -35,8 +35,10 @@ def _h_bucket(hidden_size: int) -> str:
 
 # (dtype class, H bucket, pass) -> config. Chosen by compiling for sm_90 with Triton's ptxas on a CPU machine
 # (fastdpo.kernels.compile_report, with the alignment hints real launches get): 128×128 tiles with 64-wide K steps
-# and 3 stages keep every operand load pipelined (96–160 KB of shared memory, under the H100's 228 KB) with no
-# register spills in the backward and a few dozen bytes in the forward; 256-wide vocabulary tiles spill hundreds.
+# and 3 stages keep every operand load pipelined (96–160 KB of shared memory, under the H100's 228 KB); the plain
+# atomic backward (dh, dW) spills nothing and the plain forward little, while bias + softcap + filtering or every
+# optional output add 30–370 bytes of spills (bench/results/kernel_report_sm90.md); 256-wide vocabulary tiles
+# spill hundreds even in the plain kernels.
 # Not yet timed on a GPU: `tune` is the way to correct them there.
 TABLE: dict[tuple[str, str, str], TileConfig] = {
     ("16bit", "small", "forward"): TileConfig(128, 128, 64, group_n=8, num_warps=8, num_stages=3),

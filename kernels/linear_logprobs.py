@@ -25,7 +25,8 @@ device; a split buffer for dW would need V·H·4 bytes per split. The price is r
 sums, so ``deterministic=True`` runs two passes instead, each program owning its outputs outright (rows of dh in
 the first, rows of dW and db in the second): bitwise reproducible, one extra recompute (10·n·H·V FLOPs).
 Gradient filtering (``filter_eps``) skips the dh/dW work of a tile whose probabilities are all below the
-threshold and that holds no target; the skipped terms are each ``g·p`` with ``p < filter_eps``.
+threshold and that holds no target; the skipped terms are each ``g·p·t'`` with ``p < filter_eps`` and ``t'`` the
+transform's derivative (``logit_scale / temperature`` without a softcap).
 """
 
 from __future__ import annotations
@@ -443,7 +444,7 @@ def forward(
     tiles_per_split = triton.cdiv(vtiles, max(1, min(splits, vtiles)))
     splits = triton.cdiv(vtiles, tiles_per_split)  # no empty split
     partials = torch.empty(_STATS, splits, n, dtype=torch.float32, device=hidden.device)
-    target_logit = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    target_logit = torch.full((n,), float("nan"), device=hidden.device)  # a target outside [0, V) stays NaN
     rows, targets = rows.contiguous(), targets.contiguous()
     want_entropy, want_mean, want_top1, want_sq = wanted
     _forward_kernel[(row_tiles * splits,)](

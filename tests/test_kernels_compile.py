@@ -2,8 +2,8 @@
 
 The interpreter runs kernels in numpy and accepts code the real compiler rejects (and vice versa); this test
 closes that gap without a GPU by compiling with Triton's bundled ptxas. It checks what can be checked off the
-device: compilation, a register count within the hardware's 255, and Hopper's warpgroup tensor-core
-instructions (HGMMA) in every kernel that multiplies matrices.
+device: compilation, Hopper's warpgroup tensor-core instructions (HGMMA) in every kernel that multiplies
+matrices, and no register spills in the plain bf16 atomic backward, the kernel most steps run.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def test_every_kernel_compiles_for_sm90_on_tensor_cores(dtype):
     reports = compile_report.report(dtype, arch=90)
     assert len(reports) == len(list(compile_report.variants(dtype)))
     for r in reports:
-        assert 0 < r.registers <= 255, r
+        if dtype == torch.bfloat16 and r.kernel == "backward (atomic)" and r.variant == "dh, dW":
+            assert r.stack_bytes == 0 and r.local_loads == 0, f"the table's backward config now spills: {r}"
         if r.kernel != "combine":
             assert r.hgmma > 0, f"{r.kernel} ({r.variant}) does not use HGMMA"

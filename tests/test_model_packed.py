@@ -120,7 +120,7 @@ def one_by_one_logps(model, sequences) -> torch.Tensor:
             sums.append(torch.zeros((), dtype=torch.float64))
             continue
         prompt, completion = seq
-        ids = torch.tensor(prompt + completion)
+        ids = torch.tensor(prompt + completion, device=next(model.parameters()).device)
         logits = model(input_ids=ids[None]).logits[0].double()
         logp = logits.log_softmax(-1)[:-1].gather(-1, ids[1:, None])[:, 0]
         sums.append(logp[len(prompt) - 1 :].sum())  # position t predicts token t + 1: completion from len(prompt)

@@ -98,8 +98,11 @@ def test_a_pair_longer_than_a_row_is_an_error_naming_the_row():
         pack_pairs(EXAMPLES, pack_length=1)
     with pytest.raises(DataError, match="no pairs"):
         pack_pairs([], pack_length=16)
-    with pytest.raises(DataError, match="row 0: a sequence of the pair is empty"):
-        pack_pairs([{"prompt_ids": [], "chosen_ids": [], "rejected_ids": [1]}], pack_length=16)
+    with pytest.raises(DataError, match="row 0, column 'chosen': no completion token"):
+        pack_pairs([{"prompt_ids": [5], "chosen_ids": [], "rejected_ids": [1]}], pack_length=16)
+    # a prompt that fills max_length under keep_start leaves nothing to learn: an error, not a silent zero signal
+    with pytest.raises(DataError, match="row 7, column 'chosen': no completion token .* truncation"):
+        pack_pairs([pair(10, 2, 2)], pack_length=64, max_length=8, row_ids=[7])
 
 
 def test_flash_attention_kwargs_cover_all_rows():

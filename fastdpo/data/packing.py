@@ -129,10 +129,16 @@ def pack_pairs(
         raise DataError("no pairs to pack", fix="check the dataset and the batch size")
     pairs = [_sequences(example, max_length, truncation_mode) for example in examples]
     lengths = [len(chosen[0]) + len(rejected[0]) for chosen, rejected in pairs]
-    for position, ((chosen, _), (rejected, _)) in enumerate(pairs):
-        if not chosen or not rejected:
-            row = position if row_ids is None else row_ids[position]
-            raise DataError("a sequence of the pair is empty", row=row, fix="drop the row (check_preferences flags it)")
+    for position, sequences in enumerate(pairs):
+        for name, (_, mask) in zip(("chosen", "rejected"), sequences, strict=True):
+            if not any(mask[1:]):  # position t predicts token t + 1: a completion token after the first position
+                row = position if row_ids is None else row_ids[position]
+                raise DataError(
+                    "no completion token to learn from (empty, or cut away by truncation)",
+                    row=row,
+                    column=name,
+                    fix="drop the row (tokenize_preferences drops prompts that fill max_length) or raise max_length",
+                )
     for position, length in enumerate(lengths):
         if length > pack_length:
             row = position if row_ids is None else row_ids[position]

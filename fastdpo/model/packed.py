@@ -150,6 +150,12 @@ def head_spec(model: nn.Module) -> HeadSpec:
             column="model",
             fix="merge adapters on the LM head and do not quantize it (e.g. bitsandbytes' llm_int8_skip_modules)",
         )
+    if type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id"):
+        raise ConfigError(
+            f"{name}'s LM head weight is sharded (FSDP2 DTensor or DeepSpeed ZeRO-3 parameter)",
+            column="model",
+            fix="gather the head weight before calling fastdpo.model (sharded heads are not supported yet)",
+        )
     config = inner.config.get_text_config()
     rule = _HEAD_RULES.get(name)
     if rule is None:

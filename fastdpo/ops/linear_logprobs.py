@@ -60,7 +60,7 @@ def linear_logprobs(
     impl: str = "auto",
     outputs: tuple[str, ...] = ("logp",),
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    deterministic: bool = False,
+    deterministic: bool | None = None,
     grad_filter_eps: float | None = None,
 ) -> LinearLogprobs:
     """Log-probs of ``targets`` under ``softmax(transform(hidden @ weight.T + bias))``, fused.
@@ -77,10 +77,12 @@ def linear_logprobs(
             ``logp`` is always computed.
         chunk_bytes: ``impl="torch"`` only: size of one chunk of fp32 logits.
         deterministic: ``impl="triton"``: bitwise reproducible gradients (two backward passes, one more logit
-            recompute) instead of fp32 atomic adds. ``naive`` and ``torch`` are always deterministic.
+            recompute) instead of fp32 atomic adds; None (default) follows
+            ``torch.are_deterministic_algorithms_enabled()``. ``naive`` and ``torch`` are always deterministic.
         grad_filter_eps: ``impl="triton"``: skip the backward work of logit tiles whose probabilities are all
             below this and that hold no target (an approximation; None, the default, is exact). Each skipped
-            gradient term is ``g·p`` with ``p < grad_filter_eps``. ``naive`` and ``torch`` are always exact.
+            gradient term is ``g·p·t'`` with ``p < grad_filter_eps`` and ``t'`` the transform's derivative
+            (``logit_scale / temperature`` without a softcap). ``naive`` and ``torch`` are always exact.
 
     Returns:
         LinearLogprobs of per-token tensors shaped like ``targets``.
@@ -97,6 +99,13 @@ def linear_logprobs(
     if impl == "naive":
         results = _naive(hidden_2d, weight, bias, targets_1d, transform, ignore_index, wanted)
     elif impl == "triton":
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        if hidden_2d.is_cuda and torch.is_autocast_enabled("cuda"):
+            # under autocast the head runs in the autocast dtype, as a plain nn.Linear would (tensor cores)
+            dtype = torch.get_autocast_dtype("cuda")
+            hidden_2d, weight = hidden_2d.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         backward_options = (bool(deterministic), grad_filter_eps)
         results = _TritonLinearLogprobs.apply(
             hidden_2d, weight, bias, targets_1d, transform, ignore_index, wanted, backward_options
