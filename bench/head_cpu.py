@@ -33,6 +33,7 @@ VARIANTS = {
     "fastdpo_torch": "fastdpo linear_logprobs impl='torch' (64 MiB chunks)",
     "trl_chunked": "TRL 1.16 ChunkedLogProbFunction (its fused_lm_head path; on CPU its tiles fold in torch ops)",
     "liger_dpo": "Liger 0.8.5 LigerFusedLinearDPOLoss (compiled, no reference)",
+    "fastdpo_fused_pair": "fastdpo fused_pair_loss, sigmoid DPO, reference log-probs given (3 GEMMs)",
     "gemms_3": "bare GEMMs: h@W.T, dz@W, dz.T@h at full size (3 GEMMs)",
 }
 
@@ -80,6 +81,24 @@ def _variant(name: str, hidden, weight, targets, upstream):
             out = loss_fn(weight, hidden.view(rows, seq, -1), targets.view(rows, seq))
             out[0].backward()
             return [out[0]]
+
+    elif name == "fastdpo_fused_pair":
+        from fastdpo.ops import LossConfig
+        from fastdpo.ops.fused_pair_loss import fused_pair_loss
+
+        seq = 256  # the same layout as liger_dpo: rows of 256 tokens, chosen rows first, then rejected
+        rows = hidden.shape[0] // seq
+        cu_seqlens = torch.arange(0, rows * seq + 1, seq, dtype=torch.int32)
+        seq_pair = torch.arange(rows) % (rows // 2)
+        seq_is_chosen = torch.arange(rows) < rows // 2
+        ref = torch.zeros(rows // 2)
+        config = LossConfig(loss_type="sigmoid", beta=0.1)
+
+        def run():
+            out = fused_pair_loss(hidden, weight, targets, cu_seqlens, seq_pair, seq_is_chosen, config,
+                                  ref_chosen=ref, ref_rejected=ref)  # fmt: skip
+            out.loss.backward()
+            return [out.loss]
 
     elif name == "gemms_3":
 
