@@ -1,0 +1,101 @@
+"""One preference step on a packed batch: the reference pass, then the policy pass and the loss.
+
+    out = preference_step(policy, batch, LossConfig(loss_type="sigmoid", beta=0.1), ref_model=reference)
+    out.loss.backward()
+
+The reference runs first, under ``torch.no_grad()``, on the same ``PackedBatch`` and keeps only its per-sequence
+log-probs (or they are given as ``ref_logps``, e.g. from a cache; reference-free types need none). The policy's
+body then runs once, and the head and loss go through ``fused_pair_loss`` (3 GEMMs, gradients formed in the
+forward) when the loss type allows it, else through ``linear_logprobs`` → ``segment_sum`` → ``preference_loss``.
+ORPO's NLL term is the token mean over prompt + chosen, as TRL computes it: on the plain path the policy head also
+scores the prompt tokens of the chosen sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastdpo.data.packing import IGNORE_INDEX, PackedBatch
+from fastdpo.model import head_spec, packed_hidden_states, packed_logps
+from fastdpo.ops import LossConfig, LossOutput, PairLogps, fused_pair_loss, linear_logprobs, preference_loss
+from fastdpo.ops.fused_pair_loss import _pair_segments, supports_fused
+from fastdpo.ops.segments import segment_sum
+
+
+def reference_logps(ref_model: nn.Module, batch: PackedBatch, *, impl: str = "auto") -> Tensor:
+    """``[P, 2]`` (chosen, rejected) log-prob sums of the reference, without gradients."""
+    with torch.no_grad():
+        out = packed_logps(ref_model, batch, impl=impl)
+    pairs = _pair_segments(batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen).to(out.seq_logps.device)
+    return out.seq_logps[pairs]
+
+
+def preference_step(
+    model: nn.Module,
+    batch: PackedBatch,
+    config: LossConfig,
+    *,
+    ref_model: nn.Module | None = None,
+    ref_logps: Tensor | None = None,
+    head_impl: str = "auto",
+    fused: bool = True,
+) -> LossOutput:
+    """The loss of ``batch`` under ``model`` (differentiable), with TRL's metrics in ``.metrics``.
+
+    Args:
+        model: the policy, a transformers ``*ForCausalLM``.
+        batch: a ``PackedBatch`` of whole pairs.
+        config: the loss (``LossConfig``: TRL's loss types and hyper-parameters).
+        ref_model, ref_logps: the reference model, or its ``[P, 2]`` log-prob sums; neither for reference-free types.
+        head_impl: ``linear_logprobs`` impl for the plain path and the reference.
+        fused: use ``fused_pair_loss`` where the loss type allows it.
+    """
+    if not config.reference_free and ref_logps is None:
+        if ref_model is None:
+            raise ValueError(f"loss_type {list(config.loss_types)} needs ref_model or ref_logps")
+        ref_logps = reference_logps(ref_model, batch, impl=head_impl)
+    ref_c, ref_r = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
+    spec = head_spec(model)
+    hidden = packed_hidden_states(model, batch)
+    device = hidden.device
+    targets = batch.targets.reshape(-1).to(device)
+    cu_seqlens, seq_pair, seq_is_chosen = (
+        t.to(device) for t in (batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen)
+    )
+    head = {"bias": spec.bias, "logit_scale": spec.logit_scale, "softcap": spec.softcap}
+    if fused and supports_fused(config):
+        return fused_pair_loss(hidden, spec.weight, targets, cu_seqlens, seq_pair, seq_is_chosen, config,
+                               ref_chosen=ref_c, ref_rejected=ref_r, **head)  # fmt: skip
+    pairs = _pair_segments(cu_seqlens, seq_pair, seq_is_chosen)
+    completion = targets != IGNORE_INDEX
+    if "orpo" in config.loss_types:
+        # ORPO's NLL scores every next token of the chosen sequences, prompt included: in the same head pass
+        segment = _segment_of_tokens(cu_seqlens)
+        in_chosen = seq_is_chosen[segment] & (seq_pair[segment] >= 0)
+        targets = torch.where(in_chosen, _next_token_targets(batch).to(device), targets)
+    logp = linear_logprobs(hidden, spec.weight, targets, impl=head_impl, **head).logp
+    sums = segment_sum(logp * completion, cu_seqlens)
+    counts = segment_sum(completion.to(logp.dtype), cu_seqlens)
+    chosen_nll = None
+    if "orpo" in config.loss_types:
+        scored = (targets != IGNORE_INDEX).to(logp.dtype)
+        nll_sum = -segment_sum(logp, cu_seqlens)[pairs[:, 0]].sum()
+        chosen_nll = nll_sum / segment_sum(scored, cu_seqlens)[pairs[:, 0]].sum().clamp(min=1.0)
+    pair_logps = PairLogps(sums[pairs[:, 0]], sums[pairs[:, 1]], ref_c, ref_r, counts[pairs[:, 0]],
+                           counts[pairs[:, 1]], chosen_nll)  # fmt: skip
+    return preference_loss(pair_logps, config)
+
+
+def _segment_of_tokens(cu_seqlens: Tensor) -> Tensor:
+    bounds = cu_seqlens.long()
+    return torch.repeat_interleave(torch.arange(len(bounds) - 1, device=bounds.device), bounds[1:] - bounds[:-1])
+
+
+def _next_token_targets(batch: PackedBatch) -> Tensor:
+    """``[R·L]``: the next token within the same segment at every position (prompt included), -100 at segment ends."""
+    flat = batch.input_ids.reshape(-1)
+    nxt = torch.cat([flat[1:], flat.new_full((1,), IGNORE_INDEX)])
+    ends = batch.cu_seqlens[1:].long() - 1
+    nxt[ends] = IGNORE_INDEX
+    return nxt
