@@ -1,0 +1,131 @@
+"""``DPOConfig``: TRL 1.16's DPO options with TRL's names and defaults, plus fastdpo's own, on TrainingArguments.
+
+A TRL user's arguments mean the same thing here. Differences, each deliberate:
+
+- ``bf16`` left unset is True only on a GPU that supports it (and without ``fp16``); on a CPU it is False (fp32),
+  where TRL's default would raise or autocast to bf16.
+- Options this version does not implement raise ``ConfigError`` naming the option instead of being ignored:
+  ``ld_alpha``, ``use_weighting``, ``sync_ref_model``, ``precompute_ref_log_probs`` (cached references come
+  with the reference issue), ``activation_offloading``.
+- ``padding_free`` (which TRL 1.16 warns about and ignores) is accepted with a warning: fastdpo always packs.
+- Ours: ``packing`` (on), ``pack_length`` (default ``fastdpo.data.default_pack_length``), ``max_tokens_per_batch``,
+  ``reference`` (``auto|separate|cached|adapter|none``), ``head_impl``, ``simpo_gamma``, ``cpo_alpha``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from fastdpo.errors import ConfigError, unknown_choice
+from fastdpo.ops import LossConfig
+from fastdpo.ops.linear_logprobs import IMPLS
+
+REFERENCES = ("auto", "separate", "cached", "adapter", "none")
+TRUNCATION_MODES = ("keep_start", "keep_end")
+# TRL options accepted by the dataclass but not implemented yet: (name, value that means "off")
+NOT_YET = {
+    "ld_alpha": None,
+    "use_weighting": False,
+    "sync_ref_model": False,
+    "precompute_ref_log_probs": False,
+    "activation_offloading": False,
+}
+
+
+@dataclass
+class DPOConfig(TrainingArguments):
+    """TrainingArguments plus the DPO options (TRL 1.16's names and defaults; see the module docstring)."""
+
+    # --- TRL 1.16 DPOConfig fields, same names and defaults
+    model_init_kwargs: dict | None = None
+    trust_remote_code: bool = False
+    router_aux_loss_coef: float | None = None
+    disable_dropout: bool = True
+    dataset_num_proc: int | None = None
+    max_length: int | None = 1024
+    truncation_mode: str = "keep_start"
+    padding_free: bool = False
+    pad_to_multiple_of: int | str | None = "auto"
+    precompute_ref_log_probs: bool = False
+    precompute_ref_batch_size: int | None = None
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+    ld_alpha: float | None = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    label_smoothing: float = 0.0
+    beta: float = 0.1
+    use_weighting: bool = False
+    discopop_tau: float = 0.05
+    activation_offloading: bool = False
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    pad_token: str | None = None
+    # --- TrainingArguments defaults TRL changes
+    learning_rate: float = 1e-6
+    logging_steps: float = 10
+    gradient_checkpointing: bool = True
+    bf16: bool | None = None
+    # --- fastdpo's own
+    packing: bool = True
+    pack_length: int | None = None
+    max_tokens_per_batch: int | None = None
+    reference: str = "auto"
+    head_impl: str = "auto"
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        if self.bf16 is None:
+            self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        self._check_options()
+        super().__post_init__()
+
+    def _check_options(self) -> None:
+        for name, off in NOT_YET.items():
+            if getattr(self, name) != off:
+                raise ConfigError(
+                    f"is not supported by this version of fastdpo (got {getattr(self, name)!r})",
+                    column=name,
+                    fix=f"leave it at {off!r}",
+                )
+        if self.padding_free:
+            warnings.warn("padding_free: fastdpo always packs sequences; the option changes nothing", stacklevel=3)
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise unknown_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        if self.reference not in REFERENCES:
+            raise unknown_choice("reference", self.reference, REFERENCES)
+        if self.head_impl not in IMPLS:
+            raise unknown_choice("head_impl", self.head_impl, IMPLS)
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"must be positive or None, got {self.max_length}", column="max_length")
+        if self.pack_length is not None and self.max_length is not None and self.pack_length < 2 * self.max_length:
+            raise ConfigError(
+                f"{self.pack_length} cannot hold a pair of two {self.max_length}-token sequences",
+                column="pack_length",
+                fix=f"use at least 2 * max_length = {2 * self.max_length}, or leave it unset",
+            )
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
+            raise ConfigError(f"must be positive, got {self.max_tokens_per_batch}", column="max_tokens_per_batch")
+        self.loss_config()  # validates the loss options (ConfigError naming the option)
+
+    def loss_config(self) -> LossConfig:
+        """The ``LossConfig`` these options describe."""
+        return LossConfig(
+            loss_type=list(self.loss_type),
+            loss_weights=self.loss_weights,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            discopop_tau=self.discopop_tau,
+            simpo_gamma=self.simpo_gamma,
+            cpo_alpha=self.cpo_alpha,
+        )

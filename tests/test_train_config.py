@@ -1,0 +1,64 @@
+"""DPOConfig: TRL 1.16's DPO fields with TRL's names and defaults; our own; unsupported options refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import transformers
+
+from fastdpo.errors import ConfigError
+from fastdpo.train.config import DPOConfig
+
+trl = pytest.importorskip("trl")
+
+
+def defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def test_every_trl_dpo_option_exists_with_the_same_default():
+    base = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    ours, theirs = defaults(DPOConfig), defaults(trl.DPOConfig)
+    dpo_fields = [name for name in theirs if name not in base]
+    assert len(dpo_fields) >= 20  # the test reads TRL's own list, not ours
+    for name in dpo_fields:
+        assert name in ours, name
+        assert ours[name] == theirs[name], name
+    # the TrainingArguments defaults TRL changes; bf16 is resolved in __post_init__ (see the next test)
+    for name in ("learning_rate", "logging_steps", "gradient_checkpointing", "bf16"):
+        assert ours[name] == theirs[name], name
+
+
+def test_bf16_unset_means_fp32_on_a_cpu(tmp_path):
+    config = DPOConfig(output_dir=str(tmp_path), report_to=[])
+    assert config.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert config.loss_config().loss_types == ("sigmoid",) and config.loss_config().beta == 0.1
+
+
+@pytest.mark.parametrize(
+    ("options", "column"),
+    [({"ld_alpha": 0.5}, "ld_alpha"), ({"use_weighting": True}, "use_weighting"),
+     ({"sync_ref_model": True}, "sync_ref_model"), ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
+     ({"activation_offloading": True}, "activation_offloading"), ({"beta": 0.0}, "beta"),
+     ({"loss_type": "sigmod"}, "loss_type"), ({"truncation_mode": "keep_middle"}, "truncation_mode"),
+     ({"reference": "cahced"}, "reference"), ({"head_impl": "fast"}, "head_impl"),
+     ({"pack_length": 1000}, "pack_length"), ({"label_smoothing": 0.6, "loss_type": "robust"}, "label_smoothing")],
+)  # fmt: skip
+def test_bad_or_unsupported_options_name_the_option(options, column, tmp_path):
+    with pytest.raises(ConfigError, match=rf"column '{column}'"):
+        DPOConfig(output_dir=str(tmp_path), report_to=[], **options)
+
+
+def test_padding_free_warns_and_a_string_loss_type_is_a_list(tmp_path):
+    with pytest.warns(UserWarning, match="always packs"):
+        config = DPOConfig(output_dir=str(tmp_path), report_to=[], padding_free=True, loss_type="ipo")
+    assert config.loss_type == ["ipo"]
+    assert DPOConfig(output_dir=str(tmp_path), report_to=[], pack_length=2048).pack_length == 2048
