@@ -33,8 +33,22 @@ from fastdpo.ops import (  # noqa: E402
     segment_sum,
 )
 
+_LAZY = {"DPOConfig": "fastdpo.train", "DPOTrainer": "fastdpo.train"}
+
+
+def __getattr__(name: str):
+    # The trainers import transformers' Trainer (seconds): only when asked for, so `import fastdpo` stays light.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastdpo' has no attribute {name!r}")
+
+
 __all__ = [
     "ConfigError",
+    "DPOConfig",
+    "DPOTrainer",
     "DataError",
     "LinearLogprobs",
     "LossConfig",

@@ -1,6 +1,7 @@
-"""Training: ``DPOConfig`` and the preference step on packed batches (the trainers that wrap them come next)."""
+"""Training: ``DPOConfig``, ``DPOTrainer`` and the preference step on packed batches."""
 
 from fastdpo.train.config import DPOConfig
+from fastdpo.train.dpo import DPOTrainer
 from fastdpo.train.step import preference_step, reference_logps
 
-__all__ = ["DPOConfig", "preference_step", "reference_logps"]
+__all__ = ["DPOConfig", "DPOTrainer", "preference_step", "reference_logps"]

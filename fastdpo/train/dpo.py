@@ -1,0 +1,152 @@
+"""``DPOTrainer``: transformers' Trainer running ``preference_step`` on packed batches.
+
+    trainer = DPOTrainer(model, ref_model=None, args=DPOConfig(...), train_dataset=ds, processing_class=tokenizer)
+    trainer.train()
+
+The Trainer's own seeded sampler picks ``per_device_train_batch_size`` pairs per step (the pairs TRL would see);
+the collator packs them (``pack_pairs``, ``pack_length`` from ``default_pack_length`` unless set), and
+``compute_loss`` runs the reference pass and the policy pass on that one packed batch. Datasets go through
+``prepare_preferences`` and ``tokenize_preferences`` (TRL-identical ids; the rows TRL drops are dropped and
+counted in ``self.dropped_rows``). Metrics carry TRL's names (``rewards/*``, ``logps/*``) plus ``padding_fraction``.
+
+This first version covers a model object (not a path), the ``separate`` reference (a frozen copy of the policy
+when ``ref_model`` is None) and ``none`` for reference-free losses; PEFT, cached references and the rest raise
+``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from fastdpo.data.formats import prepare_preferences
+from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs
+from fastdpo.data.tokenize import tokenize_preferences
+from fastdpo.errors import ConfigError
+from fastdpo.train.config import DPOConfig
+from fastdpo.train.step import preference_step
+
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+class PairPacker:
+    """Collator: a list of tokenized pairs → the fields of one ``PackedBatch`` (a dict the Trainer can move)."""
+
+    def __init__(self, *, pack_length: int, max_length: int | None, truncation_mode: str, pad_token_id: int) -> None:
+        self.pack_length, self.max_length = pack_length, max_length
+        self.truncation_mode, self.pad_token_id = truncation_mode, pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = pack_pairs(examples, pack_length=self.pack_length, max_length=self.max_length,
+                           truncation_mode=self.truncation_mode, pad_token_id=self.pad_token_id)  # fmt: skip
+        fields = {name: getattr(batch, name) for name in batch.__dataclass_fields__}
+        fields["pair_ids"] = torch.tensor(fields["pair_ids"], dtype=torch.long)
+        fields["max_seqlen"] = torch.tensor(fields["max_seqlen"])
+        fields["num_padding"] = torch.tensor(fields["num_padding"])
+        return fields
+
+
+def _as_batch(inputs: dict) -> PackedBatch:
+    fields = dict(inputs)
+    fields["pair_ids"] = fields["pair_ids"].tolist()
+    fields["max_seqlen"] = int(fields["max_seqlen"])
+    fields["num_padding"] = int(fields["num_padding"])
+    return PackedBatch(**fields)
+
+
+class DPOTrainer(Trainer):
+    """DPO (and its family) on packed batches; TRL 1.16's constructor arguments."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ref_model: nn.Module | None = None,
+        args: DPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        callbacks=None,
+        data_collator=None,
+        optimizers=(None, None),
+        compute_metrics=None,
+        tokenizer=None,
+    ) -> None:
+        args = args or DPOConfig(output_dir="trainer_output")
+        if tokenizer is not None:  # the old name, as the seed's example uses it
+            processing_class = processing_class or tokenizer
+        if isinstance(model, str):
+            raise ConfigError("loading a model by name is not supported yet", column="model", fix="pass the model")
+        if peft_config is not None:
+            raise ConfigError("PEFT is not supported yet", column="peft_config", fix="pass peft_config=None")
+        if args.reference not in ("auto", "separate", "none"):
+            raise ConfigError(f"{args.reference!r} is not supported yet", column="reference", fix="use 'auto'")
+        if processing_class is None:
+            raise ConfigError("a tokenizer is needed to tokenize the dataset", column="processing_class")
+        self.loss_config = args.loss_config()
+        self.dropped_rows: dict[str, dict[str, list[int]]] = {}
+        train_dataset = self._prepare(train_dataset, processing_class, args, "train")
+        if eval_dataset is not None:
+            eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
+        max_length = args.max_length
+        pack_length = args.pack_length or default_pack_length(max_length or 1024, _attention(model))
+        collator = data_collator or PairPacker(pack_length=pack_length, max_length=max_length,
+                                               truncation_mode=args.truncation_mode,
+                                               pad_token_id=processing_class.pad_token_id or 0)  # fmt: skip
+        args.remove_unused_columns = False  # the collator reads the token columns itself
+        if args.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers, compute_metrics=compute_metrics)  # fmt: skip
+        self.ref_model = None
+        if not self.loss_config.reference_free and args.reference != "none":
+            self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
+            self.ref_model.requires_grad_(False).eval()
+            self.ref_model.to(self.args.device)
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _prepare(self, dataset, tokenizer, args: DPOConfig, name: str):
+        if all(c in dataset.column_names for c in TOKEN_COLUMNS):
+            return dataset
+        prepared = prepare_preferences(dataset, num_proc=args.dataset_num_proc)
+        tokenized = tokenize_preferences(
+            prepared, tokenizer, max_length=args.max_length, truncation_mode=args.truncation_mode,
+            num_proc=args.dataset_num_proc,
+        )  # fmt: skip
+        self.dropped_rows[name] = tokenized.dropped_rows
+        return tokenized.dataset
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = _as_batch(inputs)
+        out = preference_step(model, batch, self.loss_config, ref_model=self.ref_model, head_impl=self.args.head_impl)
+        mode = "train" if model.training else "eval"
+        for name, value in out.metrics.items():
+            self._metrics[mode][name].append(float(value))
+        self._metrics[mode]["padding_fraction"].append(batch.padding_fraction)
+        return (out.loss, {}) if return_outputs else out.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(v) / len(v) for key, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+
+def _attention(model: nn.Module) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "sdpa"
