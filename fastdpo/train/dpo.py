@@ -97,7 +97,6 @@ class DPOTrainer(Trainer):
         collator = data_collator or PairPacker(pack_length=pack_length, max_length=max_length,
                                                truncation_mode=args.truncation_mode,
                                                pad_token_id=processing_class.pad_token_id or 0)  # fmt: skip
-        args.remove_unused_columns = False  # the collator reads the token columns itself
         if args.disable_dropout:
             for module in model.modules():
                 if isinstance(module, nn.Dropout):
@@ -111,6 +110,11 @@ class DPOTrainer(Trainer):
             self.ref_model.requires_grad_(False).eval()
             self.ref_model.to(self.args.device)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # the columns the collator reads (the Trainer drops the others when remove_unused_columns is on)
+        if self._signature_columns is None:
+            self._signature_columns = list(TOKEN_COLUMNS)
 
     def _prepare(self, dataset, tokenizer, args: DPOConfig, name: str):
         if all(c in dataset.column_names for c in TOKEN_COLUMNS):
