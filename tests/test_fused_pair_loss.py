@@ -86,3 +86,29 @@ def test_a_pair_without_its_rejected_segment_is_an_error():
     with pytest.raises(ValueError, match="one chosen and one rejected"):
         fused_pair_loss(h, w, targets, cu, broken, seq_is_chosen, LossConfig(), ref_chosen=ref[:, 0],
                         ref_rejected=ref[:, 1])  # fmt: skip
+
+
+def test_token_metrics_equal_their_definitions():
+    h, w, b, targets, cu, seq_pair, seq_is_chosen, ref = packed_case(seed=3)
+    kw = {"softcap": 5.0, "temperature": 0.8, "logit_scale": 1.3}
+    refs = {"ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+    got = fused_pair_loss(h, w, targets, cu, seq_pair, seq_is_chosen, LossConfig(), **refs, bias=b,
+                          chunk_bytes=4 * 97 * 20, token_metrics=True, **kw)  # fmt: skip
+    with torch.no_grad():  # by definition, from the full fp64 logits
+        z = (h @ w.T + b) * kw["logit_scale"]
+        z = kw["softcap"] * torch.tanh(z / kw["softcap"]) / kw["temperature"]
+        p = z.softmax(-1)
+        entropy = -(p * p.log()).sum(-1)
+        seg = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long())
+        done = targets != -100
+        chosen = done & seq_is_chosen[seg] & (seq_pair[seg] >= 0)
+        rejected = done & ~seq_is_chosen[seg] & (seq_pair[seg] >= 0)
+        top1 = z.argmax(-1) == targets
+    expected = {
+        "entropy": entropy[done].mean(),
+        "logits/chosen": z.mean(-1)[chosen].mean(),
+        "logits/rejected": z.mean(-1)[rejected].mean(),
+        "mean_token_accuracy": top1[chosen].double().mean(),
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(got.metrics[name], value, rtol=1e-10, atol=1e-12, msg=name)

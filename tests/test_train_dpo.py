@@ -55,8 +55,11 @@ def test_first_steps_match_trl(data, tmp_path):
     theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl")
     assert len(ours) == len(theirs) == 2
     # step 1: the same pairs through the same weights; step 2: after one identical optimizer step
-    for name in ("logps/chosen", "logps/rejected"):
-        assert ours[0][name] == pytest.approx(theirs[0][name], rel=1e-4), name
+    for name in ("logps/chosen", "logps/rejected", "entropy", "mean_token_accuracy", "num_tokens"):
+        assert ours[0][name] == pytest.approx(theirs[0][name], rel=1e-4, abs=1e-7), name
+    for name in ("logits/chosen", "logits/rejected"):  # means of ~0 over the vocabulary: an absolute bound
+        assert ours[0][name] == pytest.approx(theirs[0][name], abs=1e-5), name
+    assert ours[1]["num_tokens"] == theirs[1]["num_tokens"]
     for step in (0, 1):  # the gradient norms: the same gradients, before and after the first update
         assert ours[step]["grad_norm"] == pytest.approx(theirs[step]["grad_norm"], rel=1e-4)
     for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):

@@ -114,3 +114,14 @@ def test_reference_free_needs_nothing_and_dpo_needs_a_reference():
     # policy == reference: every log-ratio is 0, so the loss is log 2 and every reward is 0
     torch.testing.assert_close(out.loss, torch.tensor(0.6931471805599453, dtype=out.loss.dtype), rtol=1e-12, atol=0)
     assert float(out.metrics["rewards/margins"]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_token_metrics_agree_between_the_fused_and_plain_paths():
+    policy, reference = tiny_llama(0), tiny_llama(1)
+    batch = pack_pairs(make_pairs(seed=4), pack_length=32, backend="python")
+    config = LossConfig(loss_type="sigmoid", beta=BETA)
+    fused = preference_step(policy, batch, config, ref_model=reference, token_metrics=True, head_impl="torch")
+    plain = preference_step(policy, batch, config, ref_model=reference, token_metrics=True, fused=False,
+                            head_impl="torch")  # fmt: skip
+    for name in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
+        torch.testing.assert_close(fused.metrics[name], plain.metrics[name], rtol=1e-9, atol=1e-12, msg=name)

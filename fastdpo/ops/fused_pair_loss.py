@@ -54,6 +54,7 @@ def fused_pair_loss(
     softcap: float | None = None,
     ignore_index: int = -100,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    token_metrics: bool = False,
 ) -> LossOutput:
     """The preference loss of packed pairs, its gradient formed in the forward (see the module docstring).
 
@@ -64,6 +65,9 @@ def fused_pair_loss(
             padding); seq_is_chosen ``[S]``. Every pair ``0..P-1`` has one chosen and one rejected segment.
         config: the loss; ``supports_fused(config)`` must hold.
         ref_chosen, ref_rejected: ``[P]`` reference log-prob sums (not needed by reference-free types).
+        token_metrics: also compute TRL's per-token metrics from the same logits (a few passes over each chunk):
+            ``entropy`` (over all completion tokens), ``logits/chosen|rejected`` (mean logit over the completion
+            tokens), ``mean_token_accuracy`` (chosen completion tokens whose target is the first argmax).
 
     Returns:
         LossOutput whose ``loss`` carries the gradient to hidden, weight and bias; the rest is detached.
@@ -76,7 +80,7 @@ def fused_pair_loss(
     state: dict = {}
     loss = _FusedPairLoss.apply(
         hidden, weight, bias, targets, cu_seqlens, pairs_of, ref_chosen, ref_rejected, config, transform,
-        ignore_index, chunk_bytes, state,
+        ignore_index, chunk_bytes, token_metrics, state,
     )  # fmt: skip
     out = state["output"]
     return LossOutput(loss, out.per_pair.detach(), out.chosen_rewards.detach(), out.rejected_rewards.detach(),
@@ -99,7 +103,7 @@ def _pair_segments(cu_seqlens: Tensor, seq_pair: Tensor, seq_is_chosen: Tensor) 
 class _FusedPairLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, cu_seqlens, pairs_of, ref_chosen, ref_rejected, config,
-                transform, ignore_index, chunk_bytes, state):  # fmt: skip
+                transform, ignore_index, chunk_bytes, token_metrics, state):  # fmt: skip
         acc = _acc_dtype(hidden, weight, bias)
         device, num_pairs, vocab = hidden.device, pairs_of.shape[0], weight.shape[0]
         starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
@@ -117,6 +121,8 @@ class _FusedPairLoss(torch.autograd.Function):
         grad_b = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
         seq_logps = torch.zeros(num_pairs, 2, dtype=acc, device=device)
         zeros = torch.zeros(num_pairs, dtype=acc, device=device)
+        # per (pair, chosen/rejected) sums of entropy, mean logit and top-1 hits over completion tokens
+        token_sums = torch.zeros(3, num_pairs * 2, dtype=acc, device=device) if token_metrics else None
         for chunk in _chunks(tokens.sum(1), vocab, chunk_bytes):
             segs = pairs_of[chunk]  # [p, 2]
             rows, row_seg = _rows_of(segs, starts, ends, valid)
@@ -127,9 +133,16 @@ class _FusedPairLoss(torch.autograd.Function):
             tanh = z * (transform[2] / transform[1]) if transform[1] is not None else None  # for transform'
             logp = z.gather(1, y[:, None]).squeeze(1)
             row_max = z.amax(1)
+            if token_metrics:
+                mean_logit, is_top1 = z.mean(1), (z.argmax(1) == y).to(acc)  # argmax: the first maximum, as TRL
             exp = z.sub_(row_max[:, None]).exp_()  # in place: the chunk's buffer now holds exp(z - max)
             sum_exp = exp.sum(1)
             logp -= row_max + sum_exp.log()
+            if token_metrics:
+                # H = log s − Σ e·(z − m) / s with e = exp(z − m): z − m = log e, and xlogy(0, 0) = 0
+                entropy = sum_exp.log() - torch.special.xlogy(exp, exp).sum(1) / sum_exp
+                flat_seg = (chunk[:, None] * 2 + torch.arange(2, device=device)).view(-1)[row_seg]
+                token_sums.index_add_(1, flat_seg, torch.stack([entropy, mean_logit, is_top1]))
             live = torch.zeros(segs.numel(), dtype=acc, device=device).index_add_(0, row_seg, logp)
             live = live.view(-1, 2).requires_grad_()
             with torch.enable_grad():
@@ -148,6 +161,8 @@ class _FusedPairLoss(torch.autograd.Function):
         full = PairLogps(seq_logps[:, 0], seq_logps[:, 1], ref_chosen, ref_rejected, tokens[:, 0], tokens[:, 1])
         with torch.no_grad():
             state["output"] = output = preference_loss(full, config)
+            if token_metrics:
+                output.metrics.update(_token_metrics(token_sums.view(3, num_pairs, 2), tokens))
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                               None if grad_b is None else grad_b.to(bias.dtype))  # fmt: skip
         return output.loss.detach().clone()
@@ -156,7 +171,19 @@ class _FusedPairLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
-        return (*scaled, *([None] * 10))
+        return (*scaled, *([None] * 11))
+
+
+def _token_metrics(sums: Tensor, tokens: Tensor) -> dict[str, Tensor]:
+    """TRL's per-token metrics from per-(pair, side) sums ``[3, P, 2]`` and completion token counts ``[P, 2]``."""
+    entropy, logits, top1 = sums
+    count = tokens.to(sums.dtype)
+    return {
+        "entropy": entropy.sum() / count.sum().clamp(min=1),
+        "logits/chosen": logits[:, 0].sum() / count[:, 0].sum().clamp(min=1),
+        "logits/rejected": logits[:, 1].sum() / count[:, 1].sum().clamp(min=1),
+        "mean_token_accuracy": top1[:, 0].sum() / count[:, 0].sum().clamp(min=1),
+    }
 
 
 def _chunks(pair_tokens: Tensor, vocab: int, chunk_bytes: int) -> list[Tensor]:

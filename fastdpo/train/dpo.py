@@ -7,7 +7,8 @@ The Trainer's own seeded sampler picks ``per_device_train_batch_size`` pairs per
 the collator packs them (``pack_pairs``, ``pack_length`` from ``default_pack_length`` unless set), and
 ``compute_loss`` runs the reference pass and the policy pass on that one packed batch. Datasets go through
 ``prepare_preferences`` and ``tokenize_preferences`` (TRL-identical ids; the rows TRL drops are dropped and
-counted in ``self.dropped_rows``). Metrics carry TRL's names (``rewards/*``, ``logps/*``) plus ``padding_fraction``.
+counted in ``self.dropped_rows``). Metrics carry TRL's names (``rewards/*``, ``logps/*``, ``entropy``, ``logits/*``,
+``mean_token_accuracy``, ``num_tokens``) plus ``padding_fraction``.
 
 This first version covers a model object (not a path), the ``separate`` reference (a frozen copy of the policy
 when ``ref_model`` is None) and ``none`` for reference-free losses; PEFT, cached references and the rest raise
@@ -110,6 +111,7 @@ class DPOTrainer(Trainer):
             self.ref_model.requires_grad_(False).eval()
             self.ref_model.to(self.args.device)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._total_train_tokens = 0
 
     def _set_signature_columns_if_needed(self) -> None:
         # the columns the collator reads (the Trainer drops the others when remove_unused_columns is on)
@@ -129,11 +131,15 @@ class DPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = _as_batch(inputs)
-        out = preference_step(model, batch, self.loss_config, ref_model=self.ref_model, head_impl=self.args.head_impl)
+        out = preference_step(model, batch, self.loss_config, ref_model=self.ref_model,
+                              head_impl=self.args.head_impl, token_metrics=True)  # fmt: skip
         mode = "train" if model.training else "eval"
         for name, value in out.metrics.items():
             self._metrics[mode][name].append(float(value))
         self._metrics[mode]["padding_fraction"].append(batch.padding_fraction)
+        if mode == "train":  # every real token (prompts counted in both sequences of a pair), as TRL counts
+            self._total_train_tokens += batch.input_ids.numel() - batch.num_padding
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (out.loss, {}) if return_outputs else out.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

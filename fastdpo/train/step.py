@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from fastdpo.data.packing import IGNORE_INDEX, PackedBatch
 from fastdpo.model import head_spec, packed_hidden_states, packed_logps
 from fastdpo.ops import LossConfig, LossOutput, PairLogps, fused_pair_loss, linear_logprobs, preference_loss
-from fastdpo.ops.fused_pair_loss import _pair_segments, supports_fused
+from fastdpo.ops.fused_pair_loss import _pair_segments, _token_metrics, supports_fused
 from fastdpo.ops.segments import segment_sum
 
 
@@ -40,6 +40,7 @@ def preference_step(
     ref_logps: Tensor | None = None,
     head_impl: str = "auto",
     fused: bool = True,
+    token_metrics: bool = False,
 ) -> LossOutput:
     """The loss of ``batch`` under ``model`` (differentiable), with TRL's metrics in ``.metrics``.
 
@@ -50,6 +51,7 @@ def preference_step(
         ref_model, ref_logps: the reference model, or its ``[P, 2]`` log-prob sums; neither for reference-free types.
         head_impl: ``linear_logprobs`` impl for the plain path and the reference.
         fused: use ``fused_pair_loss`` where the loss type allows it.
+        token_metrics: add TRL's per-token metrics (entropy, logits/chosen|rejected, mean_token_accuracy).
     """
     if not config.reference_free and ref_logps is None:
         if ref_model is None:
@@ -66,7 +68,7 @@ def preference_step(
     head = {"bias": spec.bias, "logit_scale": spec.logit_scale, "softcap": spec.softcap}
     if fused and supports_fused(config):
         return fused_pair_loss(hidden, spec.weight, targets, cu_seqlens, seq_pair, seq_is_chosen, config,
-                               ref_chosen=ref_c, ref_rejected=ref_r, **head)  # fmt: skip
+                               ref_chosen=ref_c, ref_rejected=ref_r, token_metrics=token_metrics, **head)  # fmt: skip
     pairs = _pair_segments(cu_seqlens, seq_pair, seq_is_chosen)
     completion = targets != IGNORE_INDEX
     if "orpo" in config.loss_types:
@@ -74,7 +76,9 @@ def preference_step(
         segment = _segment_of_tokens(cu_seqlens)
         in_chosen = seq_is_chosen[segment] & (seq_pair[segment] >= 0)
         targets = torch.where(in_chosen, _next_token_targets(batch).to(device), targets)
-    logp = linear_logprobs(hidden, spec.weight, targets, impl=head_impl, **head).logp
+    outputs = ("logp", "entropy", "mean_logit", "is_top1") if token_metrics else ("logp",)
+    per_token = linear_logprobs(hidden, spec.weight, targets, impl=head_impl, outputs=outputs, **head)
+    logp = per_token.logp
     sums = segment_sum(logp * completion, cu_seqlens)
     counts = segment_sum(completion.to(logp.dtype), cu_seqlens)
     chosen_nll = None
@@ -84,7 +88,12 @@ def preference_step(
         chosen_nll = nll_sum / segment_sum(scored, cu_seqlens)[pairs[:, 0]].sum().clamp(min=1.0)
     pair_logps = PairLogps(sums[pairs[:, 0]], sums[pairs[:, 1]], ref_c, ref_r, counts[pairs[:, 0]],
                            counts[pairs[:, 1]], chosen_nll)  # fmt: skip
-    return preference_loss(pair_logps, config)
+    out = preference_loss(pair_logps, config)
+    if token_metrics:
+        stats = [per_token.entropy, per_token.mean_logit, per_token.is_top1]
+        sums = torch.stack([segment_sum(s.detach() * completion, cu_seqlens)[pairs] for s in stats])
+        out.metrics.update(_token_metrics(sums, torch.stack([counts[pairs[:, 0]], counts[pairs[:, 1]]], 1)))
+    return out
 
 
 def _segment_of_tokens(cu_seqlens: Tensor) -> Tensor:
