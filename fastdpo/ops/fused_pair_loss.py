@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdpo.ops.linear_logprobs import DEFAULT_CHUNK_BYTES, _acc_dtype, _project, _transform_
+from fastdpo.ops.linear_logprobs import DEFAULT_CHUNK_BYTES, _acc_dtype, _dz_from_probs_, _project, _transform_
 from fastdpo.ops.losses import LossConfig, LossOutput, PairLogps, preference_loss
+from fastdpo.ops.segments import segment_ids
 
 FUSED_LOSS_TYPES = frozenset(
     {"sigmoid", "cdpo", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
@@ -110,8 +111,7 @@ class _FusedPairLoss(torch.autograd.Function):
         valid = targets != ignore_index
         # completion token counts per pair (known before any logit): lengths for the length-normalized types
         counts = torch.zeros(len(starts), dtype=torch.long, device=device)
-        seg_of_token = torch.repeat_interleave(torch.arange(len(starts), device=device), ends - starts)
-        counts.index_add_(0, seg_of_token, valid.long())
+        counts.index_add_(0, segment_ids(cu_seqlens, len(targets)), valid.long())
         tokens = counts[pairs_of]  # [P, 2]
         weight_acc = weight.to(acc)
         bias_acc = None if bias is None else bias.to(acc)
@@ -151,7 +151,7 @@ class _FusedPairLoss(torch.autograd.Function):
                 pairs = PairLogps(chosen, rejected, ref_chosen, ref_rejected, tokens[:, 0], tokens[:, 1])
                 (grad_seq,) = torch.autograd.grad(preference_loss(pairs, config).loss, live)
             seq_logps[chunk] = live.detach()
-            dz = _logits_grad_(exp.div_(sum_exp[:, None]), y, grad_seq.view(-1)[row_seg], transform, tanh)
+            dz = _dz_from_probs_(exp.div_(sum_exp[:, None]), y, grad_seq.view(-1)[row_seg], transform, tanh)
             if grad_h is not None:
                 grad_h[rows] = (dz @ weight_acc).to(hidden.dtype)
             if grad_w is not None:
@@ -210,18 +210,3 @@ def _rows_of(segs: Tensor, starts: Tensor, ends: Tensor, valid: Tensor) -> tuple
         rows.append(span)
         owner.append(torch.full_like(span, k))
     return torch.cat(rows), torch.cat(owner)
-
-
-def _logits_grad_(probs: Tensor, targets: Tensor, grad: Tensor, transform, tanh: Tensor | None) -> Tensor:
-    """In place on ``probs`` (the softmax): ``grad·(onehot − probs)`` times the transform's derivative.
-
-    With a softcap, ``z = (c/T)·tanh(u)`` and ``dz/draw = (s/T)(1 − tanh²)``; ``tanh`` is ``z·T/c``.
-    """
-    scale, softcap, temperature = transform
-    dz = probs.mul_(-grad[:, None])
-    dz.scatter_add_(1, targets[:, None], grad[:, None])
-    if softcap is not None:
-        dz.mul_(tanh.square_().neg_().add_(1.0))
-    if scale / temperature != 1.0:
-        dz.mul_(scale / temperature)
-    return dz

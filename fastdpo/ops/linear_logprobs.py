@@ -349,6 +349,15 @@ def _logits_grad(h, weight_acc, bias_acc, targets, lse, grad, transform, *, out,
         tanh = torch.tanh(out.mul_(scale / softcap), out=tanh_buf)
         torch.mul(tanh, softcap / temperature, out=out)
     probs = out.sub_(lse[:, None]).exp_()
+    return _dz_from_probs_(probs, targets, grad, transform, tanh if softcap is not None else None)
+
+
+def _dz_from_probs_(probs: Tensor, targets: Tensor, grad: Tensor, transform, tanh: Tensor | None) -> Tensor:
+    """In place on the softmax ``probs``: ``grad·(onehot(y) − probs)`` times the transform's derivative.
+
+    With a softcap, ``z = (c/T)·tanh(u)`` and ``dz/draw = (s/T)(1 − tanh²)``; ``tanh`` (overwritten) is its tanh.
+    """
+    scale, softcap, temperature = transform
     dz = probs.mul_(-grad[:, None])
     dz.scatter_add_(1, targets[:, None], grad[:, None])
     if softcap is not None:

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 
-def _segment_ids(cu_seqlens: Tensor, num_tokens: int) -> Tensor:
+def segment_ids(cu_seqlens: Tensor, num_tokens: int) -> Tensor:
+    """``[T]``: the sequence each token belongs to (checks that ``cu_seqlens`` covers exactly ``num_tokens``)."""
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens: expected a 1-D tensor [S+1] of sequence boundaries")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -41,7 +42,7 @@ def segment_sum(values: Tensor, cu_seqlens: Tensor, weights: Tensor | None = Non
         raise ValueError(f"values: expected a 1-D tensor [T], got shape {tuple(values.shape)}")
     if weights is not None and weights.shape != values.shape:
         raise ValueError(f"weights: shape {tuple(weights.shape)} does not match values {tuple(values.shape)}")
-    ids = _segment_ids(cu_seqlens, values.numel())
+    ids = segment_ids(cu_seqlens, values.numel())
     dtype = torch.promote_types(values.dtype, torch.float32)
     terms = values.to(dtype) if weights is None else values.to(dtype) * weights.to(dtype)
     out = torch.zeros(cu_seqlens.numel() - 1, dtype=dtype, device=values.device)

@@ -20,7 +20,7 @@ from fastdpo.data.packing import IGNORE_INDEX, PackedBatch
 from fastdpo.model import head_spec, packed_hidden_states, packed_logps
 from fastdpo.ops import LossConfig, LossOutput, PairLogps, fused_pair_loss, linear_logprobs, preference_loss
 from fastdpo.ops.fused_pair_loss import _pair_segments, _token_metrics, supports_fused
-from fastdpo.ops.segments import segment_sum
+from fastdpo.ops.segments import segment_ids, segment_sum
 
 
 def reference_logps(ref_model: nn.Module, batch: PackedBatch, *, impl: str = "auto") -> Tensor:
@@ -73,7 +73,7 @@ def preference_step(
     completion = targets != IGNORE_INDEX
     if "orpo" in config.loss_types:
         # ORPO's NLL scores every next token of the chosen sequences, prompt included: in the same head pass
-        segment = _segment_of_tokens(cu_seqlens)
+        segment = segment_ids(cu_seqlens, len(targets))
         in_chosen = seq_is_chosen[segment] & (seq_pair[segment] >= 0)
         targets = torch.where(in_chosen, _next_token_targets(batch).to(device), targets)
     outputs = ("logp", "entropy", "mean_logit", "is_top1") if token_metrics else ("logp",)
@@ -94,11 +94,6 @@ def preference_step(
         sums = torch.stack([segment_sum(s.detach() * completion, cu_seqlens)[pairs] for s in stats])
         out.metrics.update(_token_metrics(sums, torch.stack([counts[pairs[:, 0]], counts[pairs[:, 1]]], 1)))
     return out
-
-
-def _segment_of_tokens(cu_seqlens: Tensor) -> Tensor:
-    bounds = cu_seqlens.long()
-    return torch.repeat_interleave(torch.arange(len(bounds) - 1, device=bounds.device), bounds[1:] - bounds[:-1])
 
 
 def _next_token_targets(batch: PackedBatch) -> Tensor:
