@@ -107,11 +107,12 @@ class _FusedPairLoss(torch.autograd.Function):
                 transform, ignore_index, chunk_bytes, token_metrics, state):  # fmt: skip
         acc = _acc_dtype(hidden, weight, bias)
         device, num_pairs, vocab = hidden.device, pairs_of.shape[0], weight.shape[0]
-        starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
         valid = targets != ignore_index
         # completion token counts per pair (known before any logit): lengths for the length-normalized types
-        counts = torch.zeros(len(starts), dtype=torch.long, device=device)
-        counts.index_add_(0, segment_ids(cu_seqlens, len(targets)), valid.long())
+        num_segments = cu_seqlens.numel() - 1
+        counts = torch.zeros(num_segments, dtype=torch.long, device=device)
+        token_seg = segment_ids(cu_seqlens, len(targets))
+        counts.index_add_(0, token_seg, valid.long())
         tokens = counts[pairs_of]  # [P, 2]
         weight_acc = weight.to(acc)
         bias_acc = None if bias is None else bias.to(acc)
@@ -125,7 +126,7 @@ class _FusedPairLoss(torch.autograd.Function):
         token_sums = torch.zeros(3, num_pairs * 2, dtype=acc, device=device) if token_metrics else None
         for chunk in _chunks(tokens.sum(1), vocab, chunk_bytes):
             segs = pairs_of[chunk]  # [p, 2]
-            rows, row_seg = _rows_of(segs, starts, ends, valid)
+            rows, row_seg = _rows_of(segs, token_seg, valid, num_segments)
             h = hidden[rows].to(acc)
             z = _transform_(_project(h, weight_acc, bias_acc, out=torch.empty(len(rows), vocab, dtype=acc,
                                                                                device=device)), transform)  # fmt: skip
@@ -201,12 +202,13 @@ def _chunks(pair_tokens: Tensor, vocab: int, chunk_bytes: int) -> list[Tensor]:
     return [torch.tensor(g, device=pair_tokens.device) for g in groups]
 
 
-def _rows_of(segs: Tensor, starts: Tensor, ends: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """The valid token rows of the segments ``segs`` ``[p, 2]``, and each row's position in ``segs.view(-1)``."""
-    rows, owner = [], []
-    for k, seg in enumerate(segs.view(-1).tolist()):
-        span = torch.arange(int(starts[seg]), int(ends[seg]), device=valid.device)
-        span = span[valid[span]]
-        rows.append(span)
-        owner.append(torch.full_like(span, k))
-    return torch.cat(rows), torch.cat(owner)
+def _rows_of(segs: Tensor, token_seg: Tensor, valid: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:
+    """The valid token rows of the segments ``segs`` ``[p, 2]``, and each row's position in ``segs.view(-1)``.
+
+    Tensor ops only (no per-segment host round trip): a segment → position map read at every token.
+    """
+    position = torch.full((num_segments,), -1, device=valid.device)
+    position[segs.view(-1)] = torch.arange(segs.numel(), device=valid.device)
+    owner = position[token_seg]
+    rows = torch.nonzero(valid & (owner >= 0)).squeeze(-1)
+    return rows, owner[rows]
