@@ -1,6 +1,6 @@
 """End-to-end DPO training on CPU: fastdpo's DPOTrainer against TRL 1.16's, in one run, same model and data.
 
-    python -m bench.dpo_cpu [--pairs 256] [--batch 8] [--steps 8] [--threads 2]
+    python -m bench.dpo_cpu [--pairs 256] [--batch 8] [--steps 8] [--threads 2] [--out bench/results]
 
 A tiny Llama (hidden 256, 4 layers, vocab 32000, sdpa, fp32) and 256 synthetic pairs (prompts of 5–60 words,
 completions of 5–200, seeded) tokenized by the locally trained tiny tokenizer. Both engines run with fp32
@@ -8,6 +8,12 @@ completions of 5–200, seeded) tokenized by the locally trained tiny tokenizer.
 process. Timed: ``trainer.train()`` only (setup and tokenization excluded and reported). Tokens are counted the
 same way for both: the ``num_tokens`` both trainers log (every real token of every sequence). Peak RSS is the
 whole process, measured from a baseline taken after setup. Results: bench/results/dpo_cpu.{json,md}.
+
+Useful FLOP/s: each worker records the real length of every sequence and the number of scored positions (whose
+next token is a completion token) of every step it trains on; ``bench.flops.dpo_step_flops`` turns them into the
+useful FLOPs of the run (policy forward + backward, reference forward; padding and recomputation not counted),
+the same count for both engines when they see the same pairs. It is held against this machine's fp32 GEMM rate,
+measured in a third process with the same threads: the best ``torch.mm`` rate over the step's GEMM shapes.
 """
 
 from __future__ import annotations
@@ -22,10 +28,14 @@ from pathlib import Path
 import torch
 
 from bench.data_cpu import WORDS
+from bench.flops import ModelShape, StepFlops, dpo_step_flops, gemm_rates, gemm_shapes
+from bench.head_cpu import _cpu_name, _versions
 from fastdpo.atomic import atomic_write
 from fastdpo.profiling import peak_rss, reset_peak_rss, run_measured
 
 RESULTS = Path(__file__).parent / "results"
+MODEL = {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}  # fmt: skip
 
 
 def _pairs(count: int, seed: int = 0) -> list[dict]:
@@ -38,27 +48,25 @@ def _pairs(count: int, seed: int = 0) -> list[dict]:
             for _ in range(count)]  # fmt: skip
 
 
-def _worker(args: argparse.Namespace) -> dict:
+def build_trainer(engine: str, *, pairs: int, batch: int, steps: int, threads: int):
+    """The engine's (``fastdpo`` or ``trl``) DPOTrainer on the tiny Llama and the pairs; and its setup seconds."""
     import datasets
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastdpo.data.tiny_tokenizer import build_tiny_tokenizer
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     datasets.disable_progress_bars()
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")  # fmt: skip
+    config = LlamaConfig(**MODEL, pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
     model, reference = LlamaForCausalLM(config), LlamaForCausalLM(config)
     reference.load_state_dict(model.state_dict())
-    data = datasets.Dataset.from_list(_pairs(args.pairs))
-    common = {"output_dir": f"/tmp/bench_dpo_{args.worker}", "per_device_train_batch_size": args.batch,
-              "max_steps": args.steps, "logging_steps": 1, "report_to": [], "bf16": False, "save_strategy": "no",
-              "seed": 0}  # fmt: skip
+    data = datasets.Dataset.from_list(_pairs(pairs))
+    common = {"output_dir": f"/tmp/bench_dpo_{engine}", "per_device_train_batch_size": batch, "max_steps": steps,
+              "logging_steps": 1, "report_to": [], "bf16": False, "save_strategy": "no", "seed": 0}  # fmt: skip
     start = time.perf_counter()
-    if args.worker == "fastdpo":
+    if engine == "fastdpo":
         from fastdpo.train import DPOConfig, DPOTrainer
 
         trainer = DPOTrainer(model, ref_model=reference, args=DPOConfig(**common), train_dataset=data,
@@ -68,14 +76,109 @@ def _worker(args: argparse.Namespace) -> dict:
 
         trainer = trl.DPOTrainer(model, ref_model=reference, args=trl.DPOConfig(**common), train_dataset=data,
                                  processing_class=tokenizer)  # fmt: skip
-    setup_s = time.perf_counter() - start
+    return trainer, time.perf_counter() - start
+
+
+def _step_lengths(engine: str, inputs: dict) -> dict:
+    """Real sequence lengths and scored positions of one batch, read from what the engine's model receives."""
+    if engine == "fastdpo":  # packed: segments of cu_seqlens, row-end padding segments have seq_pair -1
+        lengths = inputs["cu_seqlens"].diff()[inputs["seq_pair"] >= 0]
+        scored = (inputs["targets"] != -100).sum()
+    else:  # padded [chosen; rejected] rows; TRL scores the labels shifted by one: completion_mask[:, 1:]
+        lengths = inputs["attention_mask"].sum(1)
+        scored = inputs["completion_mask"][:, 1:].sum()
+    return {"seq_lens": sorted(lengths.tolist()), "scored": int(scored)}
+
+
+def record_lengths(trainer, engine: str) -> list[dict]:
+    """Append ``_step_lengths`` of every training batch to the returned list (wraps this trainer's compute_loss)."""
+    steps: list[dict] = []
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        if model.training:
+            steps.append(_step_lengths(engine, inputs))
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording
+    return steps
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    trainer, setup_s = build_trainer(args.worker, pairs=args.pairs, batch=args.batch, steps=args.steps,
+                                     threads=args.threads)  # fmt: skip
+    steps = record_lengths(trainer, args.worker)
     base = reset_peak_rss()
     start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - start
     logs = [log for log in trainer.state.log_history if "loss" in log]
     return {"engine": args.worker, "setup_s": setup_s, "train_s": train_s, "num_tokens": logs[-1]["num_tokens"],
-            "peak_extra_bytes": peak_rss() - base, "losses": [log["loss"] for log in logs]}  # fmt: skip
+            "peak_extra_bytes": peak_rss() - base, "losses": [log["loss"] for log in logs], "steps": steps}  # fmt: skip
+
+
+def _gemm_worker(args: argparse.Namespace) -> dict:
+    from transformers import LlamaConfig
+
+    torch.set_num_threads(args.threads)
+    shapes = gemm_shapes(ModelShape.from_config(LlamaConfig(**MODEL)), args.gemm_tokens)
+    rows = gemm_rates(shapes, repeats=args.gemm_repeats)
+    return {"threads": torch.get_num_threads(), "repeats": args.gemm_repeats, "shapes": rows,
+            "best_gflops": max(row["gflops"] for row in rows)}  # fmt: skip
+
+
+def useful_flops(result: dict, shape: ModelShape) -> dict:
+    """The run's useful FLOPs from the worker's per-step lengths: head on scored positions, and on every token."""
+    scored = sum((dpo_step_flops(shape, s["seq_lens"], head_tokens=s["scored"]) for s in result["steps"]),
+                 StepFlops(0, 0, 0, 0, 0, 0))  # fmt: skip
+    every = sum((dpo_step_flops(shape, s["seq_lens"]) for s in result["steps"]), StepFlops(0, 0, 0, 0, 0, 0))
+    tokens = sum(sum(s["seq_lens"]) for s in result["steps"])
+    if tokens != result["num_tokens"]:
+        raise RuntimeError(f"{result['engine']}: recorded {tokens} tokens, the trainer logged {result['num_tokens']}")
+    return {"useful_flops": scored.total, "useful_flops_head_all_tokens": every.total,
+            "useful_parts": vars(scored), "scored_positions": sum(s["scored"] for s in result["steps"])}  # fmt: skip
+
+
+def _table(args: argparse.Namespace, meta: dict, gemm: dict, results: list[dict]) -> str:
+    trl_row = results[0]
+    same = all(r["steps"] == trl_row["steps"] for r in results)
+    best = max(gemm["shapes"], key=lambda g: g["gflops"])
+    lines = [
+        f"DPO, tiny Llama (H=256, 4 layers, V=32000, fp32, sdpa), {args.pairs} pairs, batch {args.batch}, "
+        f"{args.steps} steps, {args.threads} threads; train() only. {meta['cpu']}; torch {meta['versions']['torch']}, "
+        f"transformers {meta['versions']['transformers']}, trl {meta['versions']['trl']}.",
+        "",
+        f"fp32 GEMM rate of this machine: {gemm['best_gflops']:.1f} GFLOP/s (torch.mm, {gemm['threads']} threads, "
+        f"best of {gemm['repeats']} runs; the fastest of the step's {len(gemm['shapes'])} GEMM shapes at "
+        f"{args.gemm_tokens} tokens, [{best['m']},{best['k']}]x[{best['k']},{best['n']}]; all in the json).",
+        "",
+        "| engine | train s | tokens | tokens/s | vs TRL | peak extra RSS MiB | vs TRL | setup s | useful GFLOP/s "
+        "| % of GEMM rate | % of GEMM rate, head on all tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rate = r["num_tokens"] / r["train_s"]
+        base_rate = trl_row["num_tokens"] / trl_row["train_s"]
+        gflops = r["useful_flops"] / r["train_s"] / 1e9
+        all_heads = r["useful_flops_head_all_tokens"] / r["train_s"] / 1e9
+        lines.append(
+            f"| {r['engine']} | {r['train_s']:.1f} | {r['num_tokens']:.0f} | {rate:,.0f} | {rate / base_rate:.2f}x | "
+            f"{r['peak_extra_bytes'] / 2**20:.0f} | {r['peak_extra_bytes'] / trl_row['peak_extra_bytes']:.2f}x | "
+            f"{r['setup_s']:.1f} | {gflops:.2f} | {100 * gflops / gemm['best_gflops']:.1f}% | "
+            f"{100 * all_heads / gemm['best_gflops']:.1f}% |"
+        )
+    lines += [
+        "",
+        "Useful FLOPs (bench/flops.py): matmuls only, over the real tokens of the sequences trained on — policy "
+        "forward + backward 6·P per token, reference forward 2·P, P = the body's linear weights "
+        f"({trl_row['body_params'] / 1e6:.2f}M) and, for the head ({trl_row['head_params'] / 1e6:.2f}M), only the "
+        f"{trl_row['scored_positions']} positions the loss reads (whose next token is a completion token); causal "
+        "attention within each sequence (forward 4·heads·head_dim·n(n+1)/2 per layer, backward 2x). Padding, "
+        "gradient-checkpointing recomputation, logits nobody reads and elementwise work are not counted. Last "
+        "column: the head on every real token (the usual 6·N per token).",
+        f"Sequence lengths recorded by both engines identical step by step: {'yes' if same else 'NO'}.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,38 +187,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", choices=("fastdpo", "trl"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--gemm-tokens", type=int, default=4096, help="rows of the timed GEMMs (a step's tokens)")
+    parser.add_argument("--gemm-repeats", type=int, default=5)
+    parser.add_argument("--worker", choices=("fastdpo", "trl", "gemm"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for dpo_cpu.{json,md}")
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(args)))
+        print(json.dumps(_gemm_worker(args) if args.worker == "gemm" else _worker(args)))
         return
-    results = []
-    for engine in ("trl", "fastdpo"):
-        print(f"running {engine} ...", file=sys.stderr, flush=True)
-        command = [sys.executable, "-m", "bench.dpo_cpu", "--worker", engine, "--pairs", str(args.pairs),
-                   "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
-        results.append(run_measured(command, env={"OMP_NUM_THREADS": str(args.threads)},
-                                    cwd=Path(__file__).parents[1]))  # fmt: skip
-    trl_row = results[0]
-    lines = [
-        f"DPO, tiny Llama (H=256, 4 layers, V=32000, fp32, sdpa), {args.pairs} pairs, batch {args.batch}, "
-        f"{args.steps} steps, {args.threads} threads; train() only.",
-        "",
-        "| engine | train s | tokens | tokens/s | vs TRL | peak extra RSS MiB | vs TRL | setup s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    from transformers import LlamaConfig
+
+    shape = ModelShape.from_config(LlamaConfig(**MODEL))
+    runs = {}
+    for worker in ("trl", "fastdpo", "gemm"):
+        print(f"running {worker} ...", file=sys.stderr, flush=True)
+        command = [sys.executable, "-m", "bench.dpo_cpu", "--worker", worker, "--pairs", str(args.pairs),
+                   "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads),
+                   "--gemm-tokens", str(args.gemm_tokens), "--gemm-repeats", str(args.gemm_repeats)]  # fmt: skip
+        runs[worker] = run_measured(command, env={"OMP_NUM_THREADS": str(args.threads)},
+                                    cwd=Path(__file__).parents[1])  # fmt: skip
+    results = [runs["trl"], runs["fastdpo"]]
     for r in results:
-        rate = r["num_tokens"] / r["train_s"]
-        base_rate = trl_row["num_tokens"] / trl_row["train_s"]
-        lines.append(
-            f"| {r['engine']} | {r['train_s']:.1f} | {r['num_tokens']:.0f} | {rate:,.0f} | {rate / base_rate:.2f}x | "
-            f"{r['peak_extra_bytes'] / 2**20:.0f} | {r['peak_extra_bytes'] / trl_row['peak_extra_bytes']:.2f}x | "
-            f"{r['setup_s']:.1f} |"
-        )
-    text = "\n".join(lines) + "\n"
+        r.update(useful_flops(r, shape), body_params=shape.body_params, head_params=shape.head_params)
+    meta = {"cpu": _cpu_name(), "versions": _versions(), "threads": args.threads, "pairs": args.pairs,
+            "batch": args.batch, "steps": args.steps, "model": MODEL}  # fmt: skip
+    text = _table(args, meta, runs["gemm"], results)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "dpo_cpu.json", json.dumps(results, indent=1))
+    atomic_write(args.out / "dpo_cpu.json", json.dumps({"meta": meta, "gemm": runs["gemm"], "results": results},
+                                                       indent=1))  # fmt: skip
     atomic_write(args.out / "dpo_cpu.md", text)
     print(text)
 
