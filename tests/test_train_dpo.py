@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from tiny_tokenizer import build_tiny_tokenizer
@@ -48,22 +50,47 @@ def run(trainer_cls, config_cls, load, data, tokenizer, tmp_path, name, **extra)
     return [log for log in trainer.state.log_history if "loss" in log]
 
 
-def test_first_steps_match_trl(data, tmp_path):
+# every loss type of TRL 1.16's DPOTrainer (ε where the type needs one), f-divergences, and a weighted mix
+PLAIN_TYPES = ("sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+               "apo_down", "discopop", "sft", "sigmoid_norm")  # fmt: skip
+TRL_CASES = {
+    **{name: {"loss_type": [name]} for name in PLAIN_TYPES},
+    "exo_pair": {"loss_type": ["exo_pair"], "label_smoothing": 1e-3},
+    "robust": {"loss_type": ["robust"], "label_smoothing": 0.1},
+    "aot_smoothed": {"loss_type": ["aot"], "label_smoothing": 0.1},
+    "js_divergence": {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"},
+    "alpha_divergence": {
+        "loss_type": ["sigmoid"],
+        "f_divergence_type": "alpha_divergence",
+        "f_alpha_divergence_coef": 0.3,
+    },
+    "forward_kl": {"loss_type": ["hinge"], "f_divergence_type": "forward_kl"},
+    "mix": {"loss_type": ["sigmoid", "sft", "ipo"], "loss_weights": [0.8, 0.2, 0.5]},
+}
+
+
+@pytest.mark.parametrize("case", TRL_CASES)
+def test_first_steps_match_trl(case, data, tmp_path):
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
-    ours = run(DPOTrainer, DPOConfig, load, data, tokenizer, tmp_path, "ours")
-    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl")
+    ours = run(DPOTrainer, DPOConfig, load, data, tokenizer, tmp_path, "ours", **TRL_CASES[case])
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **TRL_CASES[case])
     assert len(ours) == len(theirs) == 2
     # step 1: the same pairs through the same weights; step 2: after one identical optimizer step
-    for name in ("logps/chosen", "logps/rejected", "entropy", "mean_token_accuracy", "num_tokens"):
+    for name in ("logps/chosen", "logps/rejected", "entropy", "mean_token_accuracy", "num_tokens", "loss"):
         assert ours[0][name] == pytest.approx(theirs[0][name], rel=1e-4, abs=1e-7), name
     for name in ("logits/chosen", "logits/rejected"):  # means of ~0 over the vocabulary: an absolute bound
         assert ours[0][name] == pytest.approx(theirs[0][name], abs=1e-5), name
     assert ours[1]["num_tokens"] == theirs[1]["num_tokens"]
     for step in (0, 1):  # the gradient norms: the same gradients, before and after the first update
         assert ours[step]["grad_norm"] == pytest.approx(theirs[step]["grad_norm"], rel=1e-4)
-    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
-        assert ours[1][name] == pytest.approx(theirs[1][name], rel=1e-4, abs=1e-6), name
+    assert ours[1]["loss"] == pytest.approx(theirs[1]["loss"], rel=1e-4, abs=1e-6)
+    assert ours[1]["rewards/accuracies"] == theirs[1]["rewards/accuracies"]
+    # rewards are β·(π − ρ), differences of fp32 log-prob sums of size |logps| that the two engines round
+    # differently (fused head vs full log_softmax): a few ulps of |logps|, times β
+    ulp = torch.finfo(torch.float32).eps * max(abs(theirs[1]["logps/chosen"]), abs(theirs[1]["logps/rejected"]))
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert ours[1][name] == pytest.approx(theirs[1][name], rel=1e-4, abs=4 * 0.1 * ulp), name
     assert 0 < ours[0]["padding_fraction"] < 1
 
 
@@ -75,5 +102,141 @@ def test_unsupported_arguments_are_refused(tmp_path):
     args = DPOConfig(**common_args(tmp_path, "x"))
     with pytest.raises(ConfigError, match="peft_config"):
         DPOTrainer(load(), args=args, train_dataset=None, processing_class=tokenizer, peft_config={"r": 8})
-    with pytest.raises(ConfigError, match="column 'model'"):
-        DPOTrainer("some/model", args=args, processing_class=tokenizer)
+    with pytest.raises(ConfigError, match="column 'model'.*cannot load a model"):
+        DPOTrainer(str(tmp_path / "no-such-model"), args=args, processing_class=tokenizer)
+
+
+def synthetic_pairs(count: int, seed: int = 0):
+    import random
+
+    import datasets
+
+    rng = random.Random(seed)
+    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "blue", "red", "big", "house", "tree", "and"]
+
+    def text(low, high):
+        return " ".join(rng.choice(words) for _ in range(rng.randint(low, high)))
+
+    rows = [{"prompt": text(2, 12) + "?", "chosen": " " + text(1, 15) + ".", "rejected": " " + text(1, 15) + "."}
+            for _ in range(count)]  # fmt: skip
+    return datasets.Dataset.from_list(rows)
+
+
+def train_ours(load, data, tokenizer, tmp_path, name, **extra):
+    args = {**common_args(tmp_path, name), **extra}
+    trainer = DPOTrainer(model=load(), ref_model=load(), args=DPOConfig(**args), train_dataset=data,
+                         processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    return trainer, [log for log in trainer.state.log_history if "loss" in log]
+
+
+def test_every_pair_of_an_optimizer_step_weighs_the_same_under_gradient_accumulation(tmp_path):
+    # 7 pairs: step 1 takes pairs 1-4, step 2 pairs 5-7. With batch 2 and 2 accumulation steps, step 2 is a
+    # micro-batch of 2 pairs and one of 1; a mean of micro-batch means would weigh the lone pair double.
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    data = synthetic_pairs(7)
+    _, accumulated = train_ours(load, data, tokenizer, tmp_path, "ga", per_device_train_batch_size=2,
+                                gradient_accumulation_steps=2)  # fmt: skip
+    _, whole = train_ours(load, data, tokenizer, tmp_path, "whole", per_device_train_batch_size=4)
+    assert [log["num_tokens"] for log in accumulated] == [log["num_tokens"] for log in whole]  # same pairs per step
+    for step in (0, 1):  # fp32 sums in a different order: 1e-5 relative
+        for name in ("loss", "grad_norm", "rewards/margins"):
+            assert accumulated[step][name] == pytest.approx(whole[step][name], rel=1e-5), (step, name)
+
+
+def test_token_budget_batches(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    budget = 120
+    _, logs = train_ours(load, synthetic_pairs(24), tokenizer, tmp_path, "budget", max_tokens_per_batch=budget,
+                               max_steps=4)  # fmt: skip
+    tokens = [0] + [log["num_tokens"] for log in logs]
+    per_step = [b - a for a, b in itertools.pairwise(tokens)]
+    assert len(per_step) == 4 and all(0 < n <= budget for n in per_step), per_step
+    assert len(set(per_step)) > 1  # the pairs per step follow the budget, not a fixed count
+    assert all(log["tokens_per_second"] > 0 for log in logs)
+
+
+def test_a_non_finite_step_is_skipped_and_too_many_stop_training(tmp_path):
+    from fastdpo.train.common import NumericsError
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    data = synthetic_pairs(8)
+    poisoned_calls = {2}  # the policy body's 2nd forward (step 2; the reference is a separate model)
+    snapshots = []
+
+    def poison(module, inputs, output):
+        poison.calls += 1
+        return output * float("nan") if poison.calls in poisoned_calls else output
+
+    poison.calls = 0
+    policy = load()
+    policy.model.norm.register_forward_hook(poison)
+    args = DPOConfig(**{**common_args(tmp_path, "guard"), "max_steps": 3})
+    trainer = DPOTrainer(policy, ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append(policy.lm_head.weight.detach().clone())
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert torch.equal(snapshots[0], snapshots[1])  # step 2 moved nothing
+    assert not torch.equal(snapshots[1], snapshots[2])  # step 3 trained again
+    assert [log.get("nonfinite_steps", 0) for log in logs] == [0, 1, 1]
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+
+    poisoned_calls.update(range(1, 100))  # every step from now on: 2 in a row stop with a checkpoint
+    poison.calls = 0
+    args = DPOConfig(**{**common_args(tmp_path, "stop"), "max_steps": 5, "max_nonfinite_steps": 2})
+    trainer = DPOTrainer(policy, ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    with pytest.raises(NumericsError, match="2 optimizer steps in a row"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert (tmp_path / "stop" / "checkpoint-2" / "model.safetensors").exists()
+
+
+def test_model_given_as_a_path_loads_with_its_tokenizer_in_fp32(tmp_path):
+    from fastdpo.errors import ConfigError
+
+    tokenizer = build_tiny_tokenizer()
+    tiny_model(tokenizer, tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    args = DPOConfig(**{**common_args(tmp_path, "path"), "max_steps": 1})
+    trainer = DPOTrainer(str(tmp_path / "model"), args=args, train_dataset=synthetic_pairs(4))
+    assert trainer.model.dtype == torch.float32 and trainer.ref_model is not None
+    assert trainer.processing_class.pad_token_id == tokenizer.pad_token_id
+    trainer.train()
+    bad = DPOConfig(**{**common_args(tmp_path, "bad"), "model_init_kwargs": {"dtype": "float8"}})
+    with pytest.raises(ConfigError, match="model_init_kwargs"):
+        DPOTrainer(str(tmp_path / "model"), args=bad, train_dataset=synthetic_pairs(4))
+
+
+def test_evaluation_and_the_best_checkpoint_by_eval_reward_accuracy(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    args = DPOConfig(**{**common_args(tmp_path, "eval"), "max_steps": 4, "eval_strategy": "steps", "eval_steps": 2,
+                        "save_strategy": "steps", "save_steps": 2, "load_best_model_at_end": True,
+                        "metric_for_best_model": "eval_rewards/accuracies"})  # fmt: skip
+    trainer = DPOTrainer(load(), ref_model=load(), args=args, train_dataset=synthetic_pairs(8),
+                         eval_dataset=synthetic_pairs(5, seed=1), processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    evals = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert [log["step"] for log in evals] == [2, 4]
+    for log in evals:
+        for name in ("eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "eval_entropy"):
+            assert name in log, name
+    best = max(evals, key=lambda log: log["eval_rewards/accuracies"])  # ties: the first, as transformers keeps it
+    assert trainer.state.best_metric == best["eval_rewards/accuracies"]
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    from safetensors.torch import load_file
+
+    saved = load_file(f"{trainer.state.best_model_checkpoint}/model.safetensors")
+    torch.testing.assert_close(trainer.model.lm_head.weight.detach(), saved["lm_head.weight"], rtol=0, atol=0)
+    metrics = trainer.evaluate()  # the loaded best model, evaluated again: the same numbers
+    assert metrics["eval_rewards/accuracies"] == pytest.approx(best["eval_rewards/accuracies"])

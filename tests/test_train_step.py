@@ -125,3 +125,23 @@ def test_token_metrics_agree_between_the_fused_and_plain_paths():
                             head_impl="torch")  # fmt: skip
     for name in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
         torch.testing.assert_close(fused.metrics[name], plain.metrics[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
+def test_packed_and_unpacked_steps_give_the_same_gradients(loss_type):
+    # the same 6 pairs, once packed several to a row, once one batch per pair (nothing shared): per-pair losses are
+    # separable, so the packed batch mean must equal the mean of the single-pair losses, gradients included
+    policy, reference = tiny_llama(2), tiny_llama(3)
+    pairs = make_pairs(seed=7, count=6)
+    config = LossConfig(loss_type=loss_type, beta=BETA)
+    ref = None if config.reference_free else reference
+    packed = pack_pairs(pairs, pack_length=64, backend="python")
+    assert packed.input_ids.shape[0] < len(pairs)  # some row holds more than one pair
+    loss = preference_step(policy, packed, config, ref_model=ref, head_impl="torch").loss
+    grads = torch.autograd.grad(loss, list(policy.parameters()))
+    alone = sum(preference_step(policy, pack_pairs([p], pack_length=64), config, ref_model=ref, head_impl="torch").loss
+                for p in pairs) / len(pairs)  # fmt: skip
+    alone_grads = torch.autograd.grad(alone, list(policy.parameters()))
+    torch.testing.assert_close(loss, alone, rtol=1e-12, atol=0)  # fp64: rounding only
+    for (name, _), g, e in zip(policy.named_parameters(), grads, alone_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12, msg=name)

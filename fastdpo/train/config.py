@@ -9,7 +9,8 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
   with the reference issue), ``activation_offloading``.
 - ``padding_free`` (which TRL 1.16 warns about and ignores) is accepted with a warning: fastdpo always packs.
 - Ours: ``packing`` (on), ``pack_length`` (default ``fastdpo.data.default_pack_length``), ``max_tokens_per_batch``,
-  ``reference`` (``auto|separate|cached|adapter|none``), ``head_impl``, ``simpo_gamma``, ``cpo_alpha``.
+  ``reference`` (``auto|separate|cached|adapter|none``), ``head_impl``, ``simpo_gamma``, ``cpo_alpha``,
+  ``max_nonfinite_steps`` (the numerics guard, ``fastdpo.train.common.NumericsGuard``; 0 turns it off).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers import TrainingArguments
 from fastdpo.errors import ConfigError, unknown_choice
 from fastdpo.ops import LossConfig
 from fastdpo.ops.linear_logprobs import IMPLS
+from fastdpo.train.common import check_guard_option
 
 REFERENCES = ("auto", "separate", "cached", "adapter", "none")
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -79,6 +81,7 @@ class DPOConfig(TrainingArguments):
     head_impl: str = "auto"
     simpo_gamma: float = 0.5
     cpo_alpha: float = 1.0
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
@@ -114,6 +117,7 @@ class DPOConfig(TrainingArguments):
             )
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ConfigError(f"must be positive, got {self.max_tokens_per_batch}", column="max_tokens_per_batch")
+        check_guard_option(self.max_nonfinite_steps)
         self.loss_config()  # validates the loss options (ConfigError naming the option)
 
     def loss_config(self) -> LossConfig:

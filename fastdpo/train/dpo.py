@@ -18,16 +18,20 @@ when ``ref_model`` is None) and ``none`` for reference-free losses; PEFT, cached
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
+import time
+import warnings
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from fastdpo.data.formats import prepare_preferences
 from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs
-from fastdpo.data.tokenize import tokenize_preferences
+from fastdpo.data.sampler import TokenBudgetBatchSampler
+from fastdpo.data.tokenize import tokenize_preferences, truncate
 from fastdpo.errors import ConfigError
+from fastdpo.train.common import NumericsGuard, StepMetrics, load_causal_lm, load_tokenizer
 from fastdpo.train.config import DPOConfig
 from fastdpo.train.step import preference_step
 
@@ -59,8 +63,11 @@ def _as_batch(inputs: dict) -> PackedBatch:
     return PackedBatch(**fields)
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(NumericsGuard, Trainer):
     """DPO (and its family) on packed batches; TRL 1.16's constructor arguments."""
+
+    # compute_loss normalizes per pair over the whole optimizer step (see _get_num_items_in_batch)
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -79,15 +86,27 @@ class DPOTrainer(Trainer):
     ) -> None:
         args = args or DPOConfig(output_dir="trainer_output")
         if tokenizer is not None:  # the old name, as the seed's example uses it
+            warnings.warn("DPOTrainer(tokenizer=...) is deprecated: use processing_class", FutureWarning, stacklevel=2)
             processing_class = processing_class or tokenizer
-        if isinstance(model, str):
-            raise ConfigError("loading a model by name is not supported yet", column="model", fix="pass the model")
         if peft_config is not None:
             raise ConfigError("PEFT is not supported yet", column="peft_config", fix="pass peft_config=None")
         if args.reference not in ("auto", "separate", "none"):
             raise ConfigError(f"{args.reference!r} is not supported yet", column="reference", fix="use 'auto'")
+        if args.n_gpu > 1:
+            raise ConfigError(
+                f"one process drives {args.n_gpu} GPUs (torch DataParallel), which packed batches do not support",
+                column="n_gpu",
+                fix="launch one process per GPU: accelerate launch (or torchrun) your script",
+            )
+        if isinstance(model, str):
+            processing_class = processing_class or load_tokenizer(model)
+            model = load_causal_lm(model, args.model_init_kwargs, trust_remote_code=args.trust_remote_code,
+                                   column="model")  # fmt: skip
+        if isinstance(ref_model, str):
+            ref_model = load_causal_lm(ref_model, args.model_init_kwargs, trust_remote_code=args.trust_remote_code,
+                                       column="ref_model")  # fmt: skip
         if processing_class is None:
-            raise ConfigError("a tokenizer is needed to tokenize the dataset", column="processing_class")
+            processing_class = load_tokenizer(model)
         self.loss_config = args.loss_config()
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
@@ -110,8 +129,13 @@ class DPOTrainer(Trainer):
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
             self.ref_model.requires_grad_(False).eval()
             self.ref_model.to(self.args.device)
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = {"train": StepMetrics(), "eval": StepMetrics()}
         self._total_train_tokens = 0
+        self._last_log = (time.perf_counter(), 0)
+
+    def train(self, *args, **kwargs):
+        self._last_log = (time.perf_counter(), self._total_train_tokens)
+        return super().train(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
         # the columns the collator reads (the Trainer drops the others when remove_unused_columns is on)
@@ -129,18 +153,49 @@ class DPOTrainer(Trainer):
         self.dropped_rows[name] = tokenized.dropped_rows
         return tokenized.dataset
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Pairs in this optimizer step: the micro-batches of gradient accumulation, summed over processes."""
+        if not batch_samples or "pair_ids" not in batch_samples[0]:
+            return None
+        pairs = torch.tensor(sum(len(b["pair_ids"]) for b in batch_samples), device=device)
+        if self.accelerator.num_processes > 1:
+            pairs = self.accelerator.gather(pairs).sum()
+        return pairs
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = _as_batch(inputs)
         out = preference_step(model, batch, self.loss_config, ref_model=self.ref_model,
                               head_impl=self.args.head_impl, token_metrics=True)  # fmt: skip
         mode = "train" if model.training else "eval"
-        for name, value in out.metrics.items():
-            self._metrics[mode][name].append(float(value))
-        self._metrics[mode]["padding_fraction"].append(batch.padding_fraction)
+        values = {name: float(value) for name, value in out.metrics.items()}
+        self._metrics[mode].add({**values, "padding_fraction": batch.padding_fraction}, weight=batch.num_pairs)
         if mode == "train":  # every real token (prompts counted in both sequences of a pair), as TRL counts
             self._total_train_tokens += batch.input_ids.numel() - batch.num_padding
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        return (out.loss, {}) if return_outputs else out.loss
+        loss = out.loss
+        if num_items_in_batch is not None and model.training:
+            # out.loss is this micro-batch's mean over its pairs. Weighted by its share of the step's pairs (all
+            # micro-batches, all processes; DDP then averages over processes), every pair of the optimizer step
+            # counts the same however the pairs were split into micro-batches or packed.
+            loss = loss * (batch.num_pairs * self.accelerator.num_processes / num_items_in_batch)
+        return (loss, {}) if return_outputs else loss
+
+    def get_train_dataloader(self):
+        if self.args.max_tokens_per_batch is None:
+            return super().get_train_dataloader()
+        # Token-budget batches: the sampler is rank-aware itself, so accelerate must not shard it again
+        dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+        collator = self.data_collator
+        lengths = [_pair_length(example, self.args.max_length, self.args.truncation_mode) for example in dataset]
+        sampler = TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, seed=self.args.seed,
+                                          rank=self.args.process_index, world_size=self.args.world_size)  # fmt: skip
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
+                            num_workers=self.args.dataloader_num_workers,
+                            pin_memory=self.args.dataloader_pin_memory)  # fmt: skip
+        loader = self.accelerator.prepare(loader)
+        shard = getattr(loader, "batch_sampler", None)
+        if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
+            shard.num_processes, shard.process_index = 1, 0
+        return loader
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -150,12 +205,22 @@ class DPOTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(v) / len(v) for key, v in self._metrics[mode].items() if v}
+        metrics = self._metrics[mode].pop(self.accelerator, totals={"num_tokens": self._total_train_tokens})
+        if mode == "train" and "loss" in logs:
+            now = time.perf_counter()
+            last_time, last_tokens = self._last_log
+            metrics["tokens_per_second"] = (metrics["num_tokens"] - last_tokens) / max(now - last_time, 1e-9)
+            self._last_log = (now, metrics["num_tokens"])
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
         super().log(logs, start_time)
-        self._metrics[mode].clear()
+
+
+def _pair_length(example: dict, max_length: int | None, truncation_mode: str) -> int:
+    """Tokens of a pair once packed: prompt + chosen and prompt + rejected, each truncated as the collator does."""
+    return sum(len(truncate(example["prompt_ids"], example[name], max_length, truncation_mode)[0])
+               for name in ("chosen_ids", "rejected_ids"))  # fmt: skip
 
 
 def _attention(model: nn.Module) -> str:

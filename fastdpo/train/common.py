@@ -1,0 +1,167 @@
+"""Pieces both trainers share: loading a model named by a path, and the numerics guard.
+
+- ``load_causal_lm``: a model given as a path or hub name is loaded as TRL 1.16 loads it (``model_init_kwargs``
+  passed to ``from_pretrained``, ``dtype`` defaulting to float32 and given as a ``torch.dtype`` or one of
+  ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"auto"``; ``trust_remote_code`` from the config).
+- ``NumericsGuard``: a Trainer mixin. An optimizer step whose loss (on any micro-batch, any process) or gradient
+  norm is not finite is skipped: every gradient is dropped before ``optimizer.step()``, so no parameter and no
+  optimizer state moves (the learning-rate schedule still advances, as it does when fp16's scaler skips a step).
+  Skips are counted (``nonfinite_steps`` in the logs, cumulative) and warned about; ``max_nonfinite_steps`` in a
+  row save a checkpoint and stop training with ``NumericsError`` saying what was seen. The decision is the same on
+  every process: the gradient norm is already global, and the loss flags are reduced across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from fastdpo.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class NumericsError(RuntimeError):
+    """Training stopped after too many optimizer steps in a row with a non-finite loss or gradient."""
+
+
+def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_code: bool, column: str) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(name_or_path, **init_kwargs)`` with TRL's dtype rules."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(init_kwargs or {})
+    dtype = kwargs.get("dtype", "float32")
+    if isinstance(dtype, str) and dtype in DTYPES:
+        dtype = DTYPES[dtype]
+    elif not (isinstance(dtype, torch.dtype) or dtype in ("auto", None)):
+        raise ConfigError(
+            f"dtype {dtype!r} is not a dtype",
+            column="model_init_kwargs",
+            fix=f"use a torch.dtype or one of {', '.join(map(repr, [*DTYPES, 'auto']))}",
+        )
+    kwargs["dtype"] = dtype
+    kwargs.setdefault("trust_remote_code", trust_remote_code)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:  # not a directory with a config, not a valid hub name, or unreachable
+        raise ConfigError(
+            f"cannot load a model from {name_or_path!r} ({error.__class__.__name__}: {str(error).splitlines()[0]})",
+            column=column,
+            fix="pass a directory written by save_pretrained, a hub name, or a model object",
+        ) from error
+
+
+def load_tokenizer(model: nn.Module | str, column: str = "processing_class"):
+    """The tokenizer saved with ``model`` (a path, or a model loaded from one), as TRL finds it when none is given."""
+    from transformers import AutoTokenizer
+
+    source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not source:
+        raise ConfigError("a tokenizer is needed to tokenize the dataset", column=column, fix="pass processing_class")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"no tokenizer was given and none could be loaded from {source!r}",
+            column=column,
+            fix="pass processing_class=tokenizer",
+        ) from error
+
+
+class StepMetrics:
+    """Metrics of the micro-batches since the last log, averaged with a weight per micro-batch (pairs or tokens),
+    over every process: a micro-batch of 1 pair weighs half one of 2, however the step was split."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weight = 0.0
+
+    def add(self, values: dict[str, float], weight: float) -> None:
+        for name, value in values.items():
+            self.sums[name] += float(value) * weight
+        self.weight += weight
+
+    def pop(self, accelerator, totals: dict[str, float] | None = None) -> dict[str, float]:
+        """The weighted means, plus ``totals`` summed over processes; then start over."""
+        names, totals = sorted(self.sums), dict(totals or {})
+        values = torch.tensor([self.sums[n] for n in names] + [self.weight] + list(totals.values()),
+                              dtype=torch.float64, device=accelerator.device)  # fmt: skip
+        if accelerator.num_processes > 1:
+            values = accelerator.reduce(values, reduction="sum")
+        values = values.tolist()
+        weight = values[len(names)]
+        means = {n: v / weight for n, v in zip(names, values, strict=False)} if weight else {}
+        means.update(zip(totals, values[len(names) + 1 :], strict=True))
+        self.sums.clear()
+        self.weight = 0.0
+        return means
+
+
+class NumericsGuard:
+    """Trainer mixin: skip optimizer steps with a non-finite loss or gradient; stop after too many in a row.
+
+    Needs ``args.max_nonfinite_steps`` (0 turns the guard off).
+    """
+
+    _nonfinite_total = 0
+    _nonfinite_in_row = 0
+    _loss_nonfinite = False
+    _guard_message: str | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss)):
+            self._loss_nonfinite = True
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if not self.args.max_nonfinite_steps:
+            return grad_norm
+        bad_loss = torch.tensor(float(self._loss_nonfinite), device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            bad_loss = self.accelerator.reduce(bad_loss, reduction="sum")
+        self._loss_nonfinite = False
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        if math.isfinite(norm) and not bool(bad_loss):
+            self._nonfinite_in_row = 0
+            return grad_norm
+        for parameter in model.parameters():  # a parameter with no gradient is left alone by every torch optimizer
+            parameter.grad = None
+        self._nonfinite_total += 1
+        self._nonfinite_in_row += 1
+        step = self.state.global_step + 1
+        seen = f"loss {'not finite' if bool(bad_loss) else 'finite'}, gradient norm {norm}"
+        logger.warning("optimizer step %d skipped: %s (%d skipped so far)", step, seen, self._nonfinite_total)
+        if self._nonfinite_in_row >= self.args.max_nonfinite_steps:
+            self._guard_message = (
+                f"{self._nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"(the last, step {step}: {seen}); the parameters are those before the first of them, saved as "
+                f"checkpoint-{step} in {self.args.output_dir}. Lower the learning rate, check those batches' data, "
+                f"or train in fp32/bf16 instead of fp16; max_nonfinite_steps sets how many skips in a row stop"
+            )
+            self.control.should_save = True
+            self.control.should_training_stop = True
+        return grad_norm
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._nonfinite_total and "loss" in logs:
+            logs["nonfinite_steps"] = self._nonfinite_total
+        super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self._guard_message is not None:
+            message, self._guard_message = self._guard_message, None
+            raise NumericsError(message)
+        return output
+
+
+def check_guard_option(value: int) -> None:
+    if value < 0:
+        raise ConfigError(f"must be 0 (off) or positive, got {value}", column="max_nonfinite_steps")
