@@ -9,6 +9,7 @@ import torch
 from tiny_tokenizer import build_tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fastdpo.errors import ConfigError
 from fastdpo.train import DPOConfig
 from fastdpo.train.dpo import DPOTrainer
 
@@ -95,7 +96,6 @@ def test_first_steps_match_trl(case, data, tmp_path):
 
 
 def test_unsupported_arguments_are_refused(tmp_path):
-    from fastdpo.errors import ConfigError
 
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
@@ -202,7 +202,6 @@ def test_a_non_finite_step_is_skipped_and_too_many_stop_training(tmp_path):
 
 
 def test_model_given_as_a_path_loads_with_its_tokenizer_in_fp32(tmp_path):
-    from fastdpo.errors import ConfigError
 
     tokenizer = build_tiny_tokenizer()
     tiny_model(tokenizer, tmp_path / "model")
@@ -240,3 +239,29 @@ def test_evaluation_and_the_best_checkpoint_by_eval_reward_accuracy(tmp_path):
     torch.testing.assert_close(trainer.model.lm_head.weight.detach(), saved["lm_head.weight"], rtol=0, atol=0)
     metrics = trainer.evaluate()  # the loaded best model, evaluated again: the same numbers
     assert metrics["eval_rewards/accuracies"] == pytest.approx(best["eval_rewards/accuracies"])
+
+
+def test_moe_aux_loss_matches_trl(data, tmp_path):
+    # a tiny Mixtral: TRL adds the config's router_aux_loss_coef times the load-balancing loss and logs aux_loss
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           router_aux_loss_coef=0.5, pad_token_id=tokenizer.pad_token_id,
+                           attn_implementation="sdpa")  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
+
+    def load():
+        return MixtralForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32)
+
+    ours = run(DPOTrainer, DPOConfig, load, data, tokenizer, tmp_path, "ours")
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl")
+    for step in (0, 1):
+        assert ours[step]["aux_loss"] > 0
+        for name in ("aux_loss", "loss", "grad_norm", "logps/chosen"):
+            assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4), (step, name)
+    with pytest.raises(ConfigError, match="router_aux_loss_coef"):
+        DPOTrainer(tiny_model(tokenizer, tmp_path / "dense")(), args=DPOConfig(**common_args(tmp_path, "x"),
+                   router_aux_loss_coef=0.1), train_dataset=data, processing_class=tokenizer)  # fmt: skip

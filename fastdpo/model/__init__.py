@@ -6,18 +6,22 @@ out = packed_logps(model, batch)          # .logp [R·L], .seq_logps [S], .seq_n
 
 from fastdpo.model.packed import (
     MASK_BACKENDS,
+    BodyOutput,
     HeadSpec,
     PackedLogps,
     head_spec,
+    packed_body,
     packed_hidden_states,
     packed_logps,
 )
 
 __all__ = [
     "MASK_BACKENDS",
+    "BodyOutput",
     "HeadSpec",
     "PackedLogps",
     "head_spec",
+    "packed_body",
     "packed_hidden_states",
     "packed_logps",
 ]

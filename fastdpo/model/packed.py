@@ -231,6 +231,15 @@ def _check_batch(batch: PackedBatch) -> None:
         )
 
 
+class BodyOutput(NamedTuple):
+    """What ``packed_body`` returns."""
+
+    hidden: Tensor
+    """[R·L, H] last hidden states."""
+    router_logits: tuple[Tensor, ...] | None
+    """Mixture-of-experts models asked for them: one [R·L, experts] tensor per MoE layer; else None."""
+
+
 def packed_hidden_states(
     model: nn.Module, batch: PackedBatch, *, attn_implementation: str | None = None
 ) -> torch.Tensor:
@@ -248,11 +257,23 @@ def packed_hidden_states(
     Sequences never see each other: ``use_cache=False`` and no attention mask are both required for that (see the
     module docstring), so neither can be passed.
     """
+    return packed_body(model, batch, attn_implementation=attn_implementation).hidden
+
+
+def packed_body(
+    model: nn.Module,
+    batch: PackedBatch,
+    *,
+    attn_implementation: str | None = None,
+    output_router_logits: bool = False,
+) -> BodyOutput:
+    """``packed_hidden_states``, and a mixture-of-experts body's router logits when asked (for the aux loss)."""
     _check_batch(batch)
     device = model.get_input_embeddings().weight.device
     if batch.input_ids.device != device:
         batch = batch.to(device)
     body = model.get_decoder()
+    extra = {"output_router_logits": True} if output_router_logits else {}
     with _attention(model, attn_implementation) as implementation:
         if _is_flash(implementation):
             # transformers' flash path isolates sequences only at batch size 1 (varlen kernels over one token axis)
@@ -261,9 +282,10 @@ def packed_hidden_states(
                 position_ids=batch.position_ids.reshape(1, -1),
                 use_cache=False,
                 **batch.flash_attn_kwargs(),
+                **extra,
             )
         elif implementation in MASK_BACKENDS:
-            output = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+            output = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **extra)
         else:
             raise ConfigError(
                 f"attention implementation {implementation!r} gets no packed-sequence mask from transformers, so "
@@ -272,7 +294,8 @@ def packed_hidden_states(
                 fix=f"use one of {', '.join(MASK_BACKENDS)} or a flash-attention implementation",
             )
     hidden = output.last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1])
+    router_logits = getattr(output, "router_logits", None) if output_router_logits else None
+    return BodyOutput(hidden.reshape(-1, hidden.shape[-1]), router_logits)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs
 from fastdpo.data.sampler import TokenBudgetBatchSampler
 from fastdpo.data.tokenize import tokenize_preferences, truncate
 from fastdpo.errors import ConfigError
+from fastdpo.model.moe import router_aux_loss_coef
 from fastdpo.train.common import NumericsGuard, StepMetrics, load_causal_lm, load_tokenizer
 from fastdpo.train.config import DPOConfig
 from fastdpo.train.step import preference_step
@@ -117,6 +118,7 @@ class DPOTrainer(NumericsGuard, Trainer):
         collator = data_collator or PairPacker(pack_length=pack_length, max_length=max_length,
                                                truncation_mode=args.truncation_mode,
                                                pad_token_id=processing_class.pad_token_id or 0)  # fmt: skip
+        self.aux_loss_coef = router_aux_loss_coef(model, args.router_aux_loss_coef)
         if args.disable_dropout:
             for module in model.modules():
                 if isinstance(module, nn.Dropout):
@@ -164,8 +166,8 @@ class DPOTrainer(NumericsGuard, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = _as_batch(inputs)
-        out = preference_step(model, batch, self.loss_config, ref_model=self.ref_model,
-                              head_impl=self.args.head_impl, token_metrics=True)  # fmt: skip
+        out = preference_step(model, batch, self.loss_config, ref_model=self.ref_model, head_impl=self.args.head_impl,
+                              token_metrics=True, aux_loss_coef=self.aux_loss_coef)  # fmt: skip
         mode = "train" if model.training else "eval"
         values = {name: float(value) for name, value in out.metrics.items()}
         self._metrics[mode].add({**values, "padding_fraction": batch.padding_fraction}, weight=batch.num_pairs)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from fastdpo.data.packing import IGNORE_INDEX, PackedBatch
-from fastdpo.model import head_spec, packed_hidden_states, packed_logps
+from fastdpo.model import HeadSpec, head_spec, packed_body, packed_logps
+from fastdpo.model.moe import moe_aux_loss
 from fastdpo.ops import LossConfig, LossOutput, PairLogps, fused_pair_loss, linear_logprobs, preference_loss
 from fastdpo.ops.fused_pair_loss import _pair_segments, _token_metrics, supports_fused
 from fastdpo.ops.segments import segment_ids, segment_sum
@@ -41,6 +42,7 @@ def preference_step(
     head_impl: str = "auto",
     fused: bool = True,
     token_metrics: bool = False,
+    aux_loss_coef: float = 0.0,
 ) -> LossOutput:
     """The loss of ``batch`` under ``model`` (differentiable), with TRL's metrics in ``.metrics``.
 
@@ -52,14 +54,36 @@ def preference_step(
         head_impl: ``linear_logprobs`` impl for the plain path and the reference.
         fused: use ``fused_pair_loss`` where the loss type allows it.
         token_metrics: add TRL's per-token metrics (entropy, logits/chosen|rejected, mean_token_accuracy).
+        aux_loss_coef: mixture-of-experts models: add this times the router load-balancing loss (``aux_loss``).
     """
     if not config.reference_free and ref_logps is None:
         if ref_model is None:
             raise ValueError(f"loss_type {list(config.loss_types)} needs ref_model or ref_logps")
         ref_logps = reference_logps(ref_model, batch, impl=head_impl)
-    ref_c, ref_r = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
     spec = head_spec(model)
-    hidden = packed_hidden_states(model, batch)
+    body = packed_body(model, batch, output_router_logits=bool(aux_loss_coef))
+    out = _head_and_loss(batch, body.hidden, spec, config, ref_logps=ref_logps, head_impl=head_impl, fused=fused,
+                         token_metrics=token_metrics)  # fmt: skip
+    if aux_loss_coef:
+        aux = moe_aux_loss(model, body.router_logits, batch)
+        out.loss = out.loss + aux_loss_coef * aux.to(out.loss.device)
+        out.metrics["aux_loss"] = aux.detach()
+    return out
+
+
+def _head_and_loss(
+    batch: PackedBatch,
+    hidden: Tensor,
+    spec: HeadSpec,
+    config: LossConfig,
+    *,
+    ref_logps: Tensor | None,
+    head_impl: str,
+    fused: bool,
+    token_metrics: bool,
+) -> LossOutput:
+    """The head and the loss on the body's hidden states: ``fused_pair_loss``, or log-probs then the loss."""
+    ref_c, ref_r = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
     device = hidden.device
     targets = batch.targets.reshape(-1).to(device)
     cu_seqlens, seq_pair, seq_is_chosen = (
