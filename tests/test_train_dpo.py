@@ -265,3 +265,15 @@ def test_moe_aux_loss_matches_trl(data, tmp_path):
     with pytest.raises(ConfigError, match="router_aux_loss_coef"):
         DPOTrainer(tiny_model(tokenizer, tmp_path / "dense")(), args=DPOConfig(**common_args(tmp_path, "x"),
                    router_aux_loss_coef=0.1), train_dataset=data, processing_class=tokenizer)  # fmt: skip
+
+
+def test_rows_round_up_to_pad_to_multiple_of_and_a_tokenizer_without_pad_uses_eos(data, tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.pad_token = None
+    load = tiny_model(tokenizer, tmp_path / "model")
+    args = DPOConfig(**common_args(tmp_path, "pad"), pad_to_multiple_of=48)
+    trainer = DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    assert tokenizer.pad_token == tokenizer.eos_token
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    assert batch["input_ids"].shape[1] % 48 == 0
+    assert int(batch["num_padding"]) > 0 and bool((batch["input_ids"][:, -1] == tokenizer.eos_token_id).all())

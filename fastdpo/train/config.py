@@ -90,6 +90,14 @@ class DPOConfig(TrainingArguments):
             self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         self._check_options()
         super().__post_init__()
+        if isinstance(self.pad_to_multiple_of, str) and self.pad_to_multiple_of != "auto":  # from a CLI or YAML
+            text = self.pad_to_multiple_of.strip().lower()
+            if text not in ("none", "null") and not text.isdigit():
+                raise ConfigError(f"{self.pad_to_multiple_of!r} is not a number", column="pad_to_multiple_of",
+                                  fix="use a positive integer, 'auto' or None")  # fmt: skip
+            self.pad_to_multiple_of = None if text in ("none", "null") else int(text)
+        if self.pad_to_multiple_of == "auto":  # as TRL: only Neuron, which compiles once per shape, rounds
+            self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
 
     def _check_options(self) -> None:
         for name, off in NOT_YET.items():
@@ -101,6 +109,13 @@ class DPOConfig(TrainingArguments):
                 )
         if self.padding_free:
             warnings.warn("padding_free: fastdpo always packs sequences; the option changes nothing", stacklevel=3)
+        if self.pad_token is not None:  # deprecated in TRL 1.16, which warns and does not use it either
+            warnings.warn("pad_token is deprecated and unused: set tokenizer.pad_token instead", FutureWarning,
+                          stacklevel=3)  # fmt: skip
+        if self.use_liger_kernel:
+            message = ("use_liger_kernel: fastdpo's fused head already computes the loss without logits; "
+                       "transformers will still patch the model body with Liger's kernels")  # fmt: skip
+            warnings.warn(message, stacklevel=3)
         if self.truncation_mode not in TRUNCATION_MODES:
             raise unknown_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         if self.reference not in REFERENCES:

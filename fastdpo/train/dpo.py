@@ -42,13 +42,23 @@ TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 class PairPacker:
     """Collator: a list of tokenized pairs → the fields of one ``PackedBatch`` (a dict the Trainer can move)."""
 
-    def __init__(self, *, pack_length: int, max_length: int | None, truncation_mode: str, pad_token_id: int) -> None:
+    def __init__(
+        self,
+        *,
+        pack_length: int,
+        max_length: int | None,
+        truncation_mode: str,
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
         self.pack_length, self.max_length = pack_length, max_length
         self.truncation_mode, self.pad_token_id = truncation_mode, pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = pack_pairs(examples, pack_length=self.pack_length, max_length=self.max_length,
-                           truncation_mode=self.truncation_mode, pad_token_id=self.pad_token_id)  # fmt: skip
+                           truncation_mode=self.truncation_mode, pad_token_id=self.pad_token_id,
+                           pad_to_multiple_of=self.pad_to_multiple_of)  # fmt: skip
         fields = {name: getattr(batch, name) for name in batch.__dataclass_fields__}
         fields["pair_ids"] = torch.tensor(fields["pair_ids"], dtype=torch.long)
         fields["max_seqlen"] = torch.tensor(fields["max_seqlen"])
@@ -108,6 +118,12 @@ class DPOTrainer(NumericsGuard, Trainer):
                                        column="ref_model")  # fmt: skip
         if processing_class is None:
             processing_class = load_tokenizer(model)
+        text_tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds one
+        if text_tokenizer.pad_token is None:  # as TRL: the EOS token pads (never attended to, never a target)
+            text_tokenizer.pad_token = text_tokenizer.eos_token
+        if text_tokenizer.pad_token_id is None:
+            raise ConfigError("the tokenizer has neither a pad token nor an EOS token", column="processing_class",
+                              fix="set tokenizer.pad_token")  # fmt: skip
         self.loss_config = args.loss_config()
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
@@ -117,7 +133,8 @@ class DPOTrainer(NumericsGuard, Trainer):
         pack_length = args.pack_length or default_pack_length(max_length or 1024, _attention(model))
         collator = data_collator or PairPacker(pack_length=pack_length, max_length=max_length,
                                                truncation_mode=args.truncation_mode,
-                                               pad_token_id=processing_class.pad_token_id or 0)  # fmt: skip
+                                               pad_token_id=text_tokenizer.pad_token_id,
+                                               pad_to_multiple_of=args.pad_to_multiple_of)  # fmt: skip
         self.aux_loss_coef = router_aux_loss_coef(model, args.router_aux_loss_coef)
         if args.disable_dropout:
             for module in model.modules():
