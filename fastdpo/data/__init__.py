@@ -12,7 +12,14 @@ Importing this package imports ``datasets`` and ``transformers``' tokenizer base
 from fastdpo.data.formats import extract_prompt, prepare_preferences
 from fastdpo.data.load import load_data
 from fastdpo.data.packer import cpp_available, pack
-from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs
+from fastdpo.data.packing import (
+    PackedBatch,
+    bfd_bins_fifo,
+    default_pack_length,
+    pack_pairs,
+    pack_sft,
+    pack_sft_dataset,
+)
 from fastdpo.data.pairs import PairsResult, build_pairs
 from fastdpo.data.quality import REASONS, QualityReport, check_preferences
 from fastdpo.data.sampler import TokenBudgetBatchSampler
@@ -31,6 +38,7 @@ __all__ = [
     "TokenBudgetBatchSampler",
     "TokenizedPreferences",
     "TokenizedSFT",
+    "bfd_bins_fifo",
     "build_pairs",
     "check_preferences",
     "cpp_available",
@@ -39,6 +47,8 @@ __all__ = [
     "load_data",
     "pack",
     "pack_pairs",
+    "pack_sft",
+    "pack_sft_dataset",
     "prepare_preferences",
     "prepare_sft",
     "split_by_prompt",
