@@ -33,7 +33,7 @@ from fastdpo.ops import (  # noqa: E402
     segment_sum,
 )
 
-_LAZY = {"DPOConfig": "fastdpo.train", "DPOTrainer": "fastdpo.train"}
+_LAZY = {name: "fastdpo.train" for name in ("DPOConfig", "DPOTrainer", "SFTConfig", "SFTTrainer")}
 
 
 def __getattr__(name: str):
@@ -54,6 +54,8 @@ __all__ = [
     "LossConfig",
     "LossOutput",
     "PairLogps",
+    "SFTConfig",
+    "SFTTrainer",
     "__version__",
     "linear_logprobs",
     "preference_loss",

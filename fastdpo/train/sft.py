@@ -1,0 +1,458 @@
+"""``SFTTrainer``: transformers' Trainer running the SFT loss on packed batches through the fused head.
+
+    trainer = SFTTrainer(model, args=SFTConfig(...), train_dataset=ds, processing_class=tokenizer)
+    trainer.train()
+
+The same tokens land in the same optimizer step as with TRL 1.16's ``SFTTrainer`` (see ``SFTConfig`` for what
+``packing`` means), and the loss is TRL's: the negative log-likelihood of every label that is not -100 (the
+completion of prompt/completion rows by default), summed over a micro-batch and divided by the number of such
+labels in the whole optimizer step (all gradient-accumulation micro-batches; all processes when
+``average_tokens_across_devices``, with the ×processes factor that DDP's gradient averaging undoes). Nothing is
+padded and no ``[tokens, vocab]`` logits exist: ``linear_logprobs`` scores the targets from the hidden states.
+
+Datasets go through ``prepare_sft`` and ``tokenize_sft`` (TRL-identical ``input_ids``/``labels``; rows TRL drops
+are dropped and counted in ``self.dropped_rows``), then ``pack_sft_dataset`` when packing. Metrics carry TRL's
+names (``loss``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``, and ``eval_*``) plus ``padding_fraction``.
+
+This version takes a model object (not a path) and no PEFT config; options it does not implement raise
+``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import NamedTuple
+
+import datasets
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainingArguments
+
+from fastdpo.data.packing import IGNORE_INDEX, ROW_ATTENTION, PackedBatch, pack_sft, pack_sft_dataset
+from fastdpo.data.sft import prepare_sft, tokenize_sft
+from fastdpo.errors import ConfigError, DataError
+from fastdpo.model import head_spec, packed_body
+from fastdpo.model.moe import moe_aux_loss, router_aux_loss_coef
+from fastdpo.ops import linear_logprobs
+from fastdpo.train.sft_config import SFTConfig
+
+TOKEN_COLUMNS = ("input_ids", "labels", "seq_lengths")
+METRIC_OUTPUTS = ("logp", "entropy", "is_top1")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class SFTStepOutput(NamedTuple):
+    """The loss of one packed batch and the sums TRL's metrics are made of."""
+
+    loss: Tensor
+    """Scalar, differentiable: the summed per-token loss over the targets, divided by ``num_items`` (or by
+    ``num_targets`` when it is None), at least 1."""
+    num_targets: Tensor
+    """Targets that are not -100 in this batch (int64)."""
+    entropy_sum: Tensor
+    """Sum over those targets of the next-token entropy (detached)."""
+    top1_sum: Tensor
+    """How many of those targets are the first argmax of the logits (detached)."""
+    aux_loss: Tensor | None
+    """Mixture-of-experts models, when asked: the router load-balancing loss (differentiable, unweighted)."""
+
+
+def sft_step(
+    model: nn.Module,
+    batch: PackedBatch,
+    *,
+    loss_type: str = "nll",
+    num_items: Tensor | int | None = None,
+    head_impl: str = "auto",
+    aux_loss: bool = False,
+) -> SFTStepOutput:
+    """The SFT loss of ``batch`` under ``model``; in plain torch, with ``logits`` the model's on the packed rows::
+
+        logp = logits.log_softmax(-1).gather(-1, targets)            # 0 where targets == -100
+        loss = -(logp * (logp.exp().detach() if dft else 1)).sum() / num_items
+
+    Args:
+        model: a transformers ``*ForCausalLM``.
+        batch: a ``PackedBatch`` from ``pack_sft``.
+        loss_type: ``"nll"``, or ``"dft"`` (each token's loss weighted by its detached probability).
+        num_items: the divisor (the targets of the whole optimizer step); None divides by this batch's targets.
+        head_impl: the ``linear_logprobs`` implementation.
+        aux_loss: also return a mixture-of-experts model's router load-balancing loss over the real tokens.
+    """
+    spec = head_spec(model)
+    body = packed_body(model, batch, output_router_logits=aux_loss)
+    hidden = body.hidden
+    targets = batch.targets.reshape(-1).to(hidden.device)
+    head = {"bias": spec.bias, "logit_scale": spec.logit_scale, "softcap": spec.softcap}
+    per_token = linear_logprobs(hidden, spec.weight, targets, impl=head_impl, outputs=METRIC_OUTPUTS, **head)
+    logp = per_token.logp
+    token_loss = -logp if loss_type == "nll" else -logp * logp.detach().exp()
+    num_targets = (targets != IGNORE_INDEX).sum()
+    divisor = num_targets if num_items is None else torch.as_tensor(num_items, device=hidden.device)
+    loss = token_loss.sum() / divisor.clamp(min=1)
+    aux = moe_aux_loss(model, body.router_logits, batch).to(loss.device) if aux_loss else None
+    return SFTStepOutput(loss, num_targets, per_token.entropy.detach().sum(), per_token.is_top1.sum(), aux)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Collator
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class SequencePacker:
+    """Collator: tokenized examples (or packed rows with ``seq_lengths``) → the fields of one ``PackedBatch``."""
+
+    def __init__(self, *, pack_length: int | None, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pack_length, self.pad_token_id, self.pad_to_multiple_of = pack_length, pad_token_id, pad_to_multiple_of
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = pack_sft(examples, pack_length=self.pack_length, pad_token_id=self.pad_token_id,
+                         pad_to_multiple_of=self.pad_to_multiple_of)  # fmt: skip
+        fields = {name: getattr(batch, name) for name in batch.__dataclass_fields__}
+        for name in ("pair_ids", "max_seqlen", "num_padding"):  # tensors, so the Trainer can move the dict
+            fields[name] = torch.tensor(fields[name], dtype=torch.long)
+        return fields
+
+
+def batch_from_fields(fields: dict) -> PackedBatch:
+    """The ``PackedBatch`` a ``SequencePacker`` dict describes (after the Trainer moved it to the device)."""
+    plain = {"pair_ids": fields["pair_ids"].tolist(), "max_seqlen": int(fields["max_seqlen"]),
+             "num_padding": int(fields["num_padding"])}  # fmt: skip
+    return PackedBatch(**{**fields, **plain})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class SFTTrainer(Trainer):
+    """Supervised fine-tuning on packed batches; TRL 1.16's constructor arguments."""
+
+    # compute_loss divides by the targets of the whole optimizer step (num_items_in_batch): no further 1/GA
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: SFTConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func=None,
+        tokenizer=None,
+    ) -> None:
+        args = _sft_config(args)
+        processing_class = processing_class if processing_class is not None else tokenizer  # the old name
+        _refuse_unsupported(model, args, train_dataset, processing_class, compute_loss_func, compute_metrics,
+                            preprocess_logits_for_metrics, quantization_config, peft_config)  # fmt: skip
+        if args.model_init_kwargs is not None:
+            warnings.warn("model_init_kwargs: the model is already built, they are not used", stacklevel=2)
+        _set_special_tokens(model, processing_class, args, set_pad=data_collator is None)
+        self.aux_loss_coef = _enable_router_aux_loss(model, args)
+        self.dropped_rows: dict[str, dict[str, list[int]]] = {}
+        self._formatting_func = formatting_func
+        # TRL decides once, from the training data's columns, and applies the decision to every dataset
+        self.completion_only_loss = args.completion_only_loss
+        if self.completion_only_loss is None:
+            self.completion_only_loss = {"prompt", "completion"} <= set(_check_dataset(train_dataset, "train"))
+        if formatting_func is not None and self.completion_only_loss:
+            raise ConfigError(
+                "a formatted text has no completion to learn alone (completion_only_loss is on)",
+                column="formatting_func",
+                fix="format the data first, or set completion_only_loss=False",
+            )
+        train_dataset = self._prepare(train_dataset, processing_class, args, args.packing, "train")
+        if eval_dataset is not None:
+            eval_dataset = self._prepare_eval(eval_dataset, processing_class, args)
+        collator = data_collator or SequencePacker(pack_length=_pack_length(model, args),
+                                                   pad_token_id=processing_class.pad_token_id or 0,
+                                                   pad_to_multiple_of=args.pad_to_multiple_of)  # fmt: skip
+        super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs)  # fmt: skip
+        if self.args.n_gpu > 1:
+            raise ConfigError(f"{self.args.n_gpu} GPUs in one process would run nn.DataParallel", column="n_gpu",
+                              fix="launch with accelerate launch or torchrun, or make one GPU visible")  # fmt: skip
+        self.model_accepts_loss_kwargs = True  # transformers < 5.19 reads this instead of loss_is_scaled_for_ga
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._total_train_tokens = 0
+
+    # --- data
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # the columns the collator reads (the Trainer drops the others when remove_unused_columns is on)
+        if self._signature_columns is None:
+            self._signature_columns = list(TOKEN_COLUMNS)
+
+    def _prepare_eval(self, eval_dataset, tokenizer, args: SFTConfig):
+        packing = args.packing if args.eval_packing is None else args.eval_packing
+        if isinstance(eval_dataset, dict):
+            return {key: self._prepare(d, tokenizer, args, packing, key) for key, d in eval_dataset.items()}
+        return self._prepare(eval_dataset, tokenizer, args, packing, "eval")
+
+    def _prepare(self, dataset, tokenizer, args: SFTConfig, packing: bool, name: str) -> datasets.Dataset:
+        """TRL's ``_prepare_dataset``: tokenize (unless already), label, truncate or pack, shuffle."""
+        _check_dataset(dataset, name)
+        if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+            return _check_prepared(dataset, name)
+        if "seq_lengths" in dataset.column_names:  # already packed (e.g. self.eval_dataset given to evaluate again)
+            return dataset
+        if "input_ids" in dataset.column_names:
+            dataset = _label_tokenized(dataset, self.completion_only_loss, args.dataset_num_proc)
+            if args.max_length is not None and not packing:
+                dataset = self._truncate(dataset, args, name)
+        else:
+            if self._formatting_func is not None:
+                fn = self._formatting_func
+                dataset = dataset.map(lambda example: {"text": fn(example)}, num_proc=args.dataset_num_proc)
+            prepared = prepare_sft(dataset, text_field=args.dataset_text_field, num_proc=args.dataset_num_proc)
+            completion_only_loss = args.completion_only_loss  # an explicit True on other data is an error
+            if completion_only_loss is None:
+                is_prompt_completion = {"prompt", "completion"} <= set(prepared.column_names)
+                completion_only_loss = self.completion_only_loss and is_prompt_completion
+            tokenized = tokenize_sft(
+                prepared, tokenizer, max_length=None if packing else args.max_length,
+                truncation_mode=args.truncation_mode, completion_only_loss=completion_only_loss,
+                assistant_only_loss=args.assistant_only_loss, num_proc=args.dataset_num_proc,
+            )  # fmt: skip
+            dataset = tokenized.dataset
+            if tokenized.dropped_rows:
+                self.dropped_rows[name] = tokenized.dropped_rows
+        if packing:
+            if args.shuffle_dataset:  # TRL shuffles before packing too
+                dataset = dataset.shuffle(seed=args.seed)
+            dataset = pack_sft_dataset(dataset, args.max_length, strategy=args.packing_strategy,
+                                       num_proc=args.dataset_num_proc)  # fmt: skip
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    def _truncate(self, dataset: datasets.Dataset, args: SFTConfig, name: str) -> datasets.Dataset:
+        """Cut ``input_ids``/``labels`` to ``max_length`` and drop the rows left with no label (counted)."""
+        window = (None, args.max_length) if args.truncation_mode == "keep_start" else (-args.max_length, None)
+        dataset = dataset.map(_cut, fn_kwargs={"window": window}, num_proc=args.dataset_num_proc)
+        gone = [i for i, learns in enumerate(dataset["_has_labels"]) if not learns]
+        if gone:
+            self.dropped_rows[name] = {"no_labels_after_truncation": gone}
+            gone_set = set(gone)
+            dataset = dataset.select([i for i in range(len(dataset)) if i not in gone_set])
+        return dataset.remove_columns("_has_labels")
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        # a dataset passed here is prepared as the constructor prepares eval datasets
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._prepare_eval(eval_dataset, self.processing_class, self.args)
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    # --- loss and metrics
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
+        """Targets (labels that are not -100, after the causal shift) over the step's micro-batches and processes."""
+        if not batch_samples or "targets" not in batch_samples[0]:
+            return None
+        count = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batch_samples)
+        count = torch.tensor(count, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = batch_from_fields(inputs)
+        out = sft_step(model, batch, loss_type=self.args.loss_type, num_items=num_items_in_batch,
+                       head_impl=self.args.head_impl, aux_loss=bool(self.aux_loss_coef))  # fmt: skip
+        loss = out.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's targets and DDP averages the gradients over processes
+            loss = loss * self.accelerator.num_processes
+        if out.aux_loss is not None:
+            # a per-micro-batch mean (DDP averages it over processes): averaged over the accumulation steps, as TRL
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.aux_loss_coef * out.aux_loss / steps
+        self._record_metrics(out, batch, "train" if model.training else "eval")
+        return (loss, {}) if return_outputs else loss
+
+    def _record_metrics(self, out: SFTStepOutput, batch: PackedBatch, mode: str) -> None:
+        gather = self.accelerator.gather  # not gather_for_metrics: its end-of-data trimming counts samples, not ranks
+        sums = gather(torch.stack([out.num_targets.float(), out.entropy_sum.float(), out.top1_sum.float()])[None])
+        num_valid, entropy, top1 = sums.reshape(-1, 3).sum(0).tolist()
+        self._metrics[mode]["entropy"].append(entropy / num_valid if num_valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append(top1 / num_valid if num_valid > 0 else 0.0)
+        self._metrics[mode]["padding_fraction"].append(batch.padding_fraction)
+        if out.aux_loss is not None:
+            self._metrics[mode]["aux_loss"].append(float(gather(out.aux_loss.detach()[None]).mean()))
+        if mode == "train":  # every real token of the batch (padding excluded), as TRL counts
+            real = torch.tensor(batch.input_ids.numel() - batch.num_padding, device=out.num_targets.device)
+            self._total_train_tokens += int(gather(real[None]).sum())
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(v) / len(v) for key, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Constructor helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _sft_config(args) -> SFTConfig:
+    if args is None:
+        return SFTConfig(output_dir="trainer_output")
+    if isinstance(args, SFTConfig):
+        return args
+    if isinstance(args, TrainingArguments):  # as TRL: the same training arguments, SFT options at their defaults
+        values = args.to_dict()
+        values["hub_token"] = args.hub_token  # to_dict hides it
+        return SFTConfig(**values)
+    raise ConfigError(f"expected an SFTConfig, got {type(args).__name__}", column="args")
+
+
+def _refuse_unsupported(model, args, train_dataset, processing_class, compute_loss_func, compute_metrics,
+                        preprocess_logits_for_metrics, quantization_config, peft_config) -> None:  # fmt: skip
+    if isinstance(model, str):
+        raise ConfigError("loading a model by name is not supported yet", column="model", fix="pass the model")
+    for name, value in (("peft_config", peft_config), ("quantization_config", quantization_config)):
+        if value is not None:
+            raise ConfigError("is not supported yet", column=name, fix=f"pass {name}=None")
+    no_logits = "fastdpo never builds the [tokens, vocab] logits it would need"
+    for name, value in (("compute_loss_func", compute_loss_func), ("compute_metrics", compute_metrics),
+                        ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):  # fmt: skip
+        if value is not None:
+            raise ConfigError(f"is not supported: {no_logits}", column=name, fix=f"pass {name}=None")
+    if train_dataset is None:
+        raise ConfigError("a training dataset is required", column="train_dataset")
+    if processing_class is None:
+        raise ConfigError("a tokenizer is needed to tokenize the dataset", column="processing_class")
+    if not hasattr(processing_class, "get_vocab"):
+        fix = "pass the tokenizer (processors of vision-language models are not supported yet)"
+        raise ConfigError(f"expected a tokenizer, got {type(processing_class).__name__}", column="processing_class",
+                          fix=fix)  # fmt: skip
+    checkpointing = args.gradient_checkpointing_kwargs or {}
+    if checkpointing.get("selective"):
+        raise ConfigError("selective activation checkpointing is not supported yet",
+                          column="gradient_checkpointing_kwargs", fix="drop the 'selective' key")  # fmt: skip
+    checkpointing.pop("selective", None)
+
+
+def _set_special_tokens(model: nn.Module, tokenizer, args: SFTConfig, *, set_pad: bool) -> None:
+    """TRL's handling of ``eos_token``, ``pad_token`` and ``chat_template_path`` (on the tokenizer and the model)."""
+    vocab = tokenizer.get_vocab()
+    text_config = model.config.get_text_config()
+    generation = getattr(model, "generation_config", None)
+    if args.eos_token is not None:
+        if args.eos_token not in vocab:
+            raise ConfigError(f"{args.eos_token!r} is not in the tokenizer's vocabulary", column="eos_token")
+        tokenizer.eos_token = args.eos_token
+        text_config.eos_token_id = tokenizer.eos_token_id
+        if generation is not None:  # several EOS ids may stop generation: add this one
+            ids = generation.eos_token_id
+            ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+            if tokenizer.eos_token_id not in ids:
+                generation.eos_token_id = [tokenizer.eos_token_id, *ids]
+    if args.chat_template_path is not None:
+        with open(args.chat_template_path, encoding="utf-8") as file:
+            tokenizer.chat_template = file.read()
+    if set_pad:
+        pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+        if pad_token not in vocab:
+            raise ConfigError(f"{pad_token!r} is not in the tokenizer's vocabulary", column="pad_token",
+                              fix="set tokenizer.pad_token (or eos_token) to a token it has")  # fmt: skip
+        tokenizer.pad_token = pad_token
+        text_config.pad_token_id = tokenizer.pad_token_id
+        if generation is not None:
+            generation.pad_token_id = tokenizer.pad_token_id
+
+
+def _enable_router_aux_loss(model: nn.Module, args: SFTConfig) -> float:
+    """The aux-loss weight (0: none); the model's config says so too, as TRL sets it (and saves it)."""
+    coef = router_aux_loss_coef(model, args.router_aux_loss_coef)
+    text_config = model.config.get_text_config()
+    if hasattr(text_config, "router_aux_loss_coef"):
+        text_config.output_router_logits = bool(coef)
+        text_config.router_aux_loss_coef = coef
+    return coef
+
+
+def _pack_length(model: nn.Module, args: SFTConfig) -> int | None:
+    """Row capacity for unpacked steps (``pack_sft`` raises it to the longest sequence of a step)."""
+    if args.pack_length is not None or args.max_length is None:
+        return args.pack_length
+    attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    # eager/sdpa attend over whole rows (cost ∝ row length²): rows no longer than TRL's padded ones; kernels that
+    # work per sequence (flash, flex) lose nothing with long rows, which leave less padding
+    return args.max_length if attention in ROW_ATTENTION else max(args.max_length, 4096)
+
+
+def _label_tokenized(dataset: datasets.Dataset, completion_only_loss: bool, num_proc: int | None):
+    """A tokenized dataset without ``labels`` gets TRL's: ``input_ids`` with -100 outside its mask columns."""
+    names = dataset.column_names
+    if "labels" in names:
+        return dataset
+    wanted = ("completion_mask", "assistant_masks") if completion_only_loss else ("assistant_masks",)
+    masks = [c for c in wanted if c in names]
+
+    def labels(example: dict) -> dict:
+        bits = [example[c] for c in masks]
+        return {"labels": [t if all(b) else IGNORE_INDEX for t, *b in zip(example["input_ids"], *bits, strict=False)]}
+
+    return dataset.map(labels, remove_columns=masks, num_proc=num_proc)
+
+
+def _cut(example: dict, *, window: tuple[int | None, int | None]) -> dict:
+    cut = slice(*window)
+    labels = example["labels"][cut]
+    has_labels = any(label != IGNORE_INDEX for label in labels)
+    return {"input_ids": example["input_ids"][cut], "labels": labels, "_has_labels": has_labels}
+
+
+def _check_dataset(dataset, name: str) -> list[str]:
+    """The dataset's columns, after checking it is one this trainer takes."""
+    if not isinstance(dataset, datasets.Dataset):
+        raise ConfigError(f"the {name} dataset is a {type(dataset).__name__}", column=f"{name}_dataset",
+                          fix="pass a datasets.Dataset (iterable datasets are not supported yet)")  # fmt: skip
+    if {"image", "images"} & set(dataset.column_names):
+        raise ConfigError("vision datasets are not supported yet", column=f"{name}_dataset")
+    return dataset.column_names
+
+
+def _check_prepared(dataset: datasets.Dataset, name: str) -> datasets.Dataset:
+    names = dataset.column_names
+    if "input_ids" not in names:
+        raise DataError(
+            "skip_prepare_dataset needs tokenized rows",
+            column="input_ids",
+            fix=f"add 'input_ids' (and 'labels') to the {name} dataset, or drop skip_prepare_dataset",
+        )
+    if "labels" not in names and {"completion_mask", "assistant_masks"} & set(names):
+        raise DataError(
+            "has mask columns but no 'labels': skip_prepare_dataset would train on every token",
+            column="labels",
+            fix="add a 'labels' column (-100 where no loss) or drop skip_prepare_dataset",
+        )
+    return dataset

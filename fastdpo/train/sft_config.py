@@ -1,0 +1,153 @@
+"""``SFTConfig``: TRL 1.16's SFT options with TRL's names and defaults, plus fastdpo's own, on TrainingArguments.
+
+A TRL user's arguments mean the same thing here. Differences, each deliberate:
+
+- ``bf16`` left unset is True only on a GPU that supports it (and without ``fp16``); on a CPU it is False (fp32),
+  where TRL's default would autocast to bf16.
+- ``packing`` keeps TRL's default (False) and TRL's meaning: it decides *which sequences share an optimizer step*.
+  With ``packing=True`` the whole dataset is packed into rows of ``max_length`` tokens before training, exactly
+  as TRL packs it (``packing_strategy``; ``fastdpo.data.packing.pack_sft_dataset``), and each step takes
+  ``per_device_train_batch_size`` of those rows. With ``packing=False`` each step takes
+  ``per_device_train_batch_size`` examples, as TRL does. Either way fastdpo computes no padding: the examples of
+  a step are packed into rows of ``pack_length`` tokens (TRL pads them), which changes nothing in the loss.
+- ``padding_free`` changes nothing (fastdpo never pads) and is accepted with a warning; TRL refuses it without
+  packing unless ``max_length`` is None.
+- Options this version does not implement raise ``ConfigError`` naming the option instead of being ignored:
+  ``activation_offloading``, ``label_smoothing_factor`` (TRL deprecates it: it needs the full logits),
+  ``dataset_kwargs`` keys other than ``skip_prepare_dataset``, ``chat_template_path`` other than a ``.jinja``
+  file.
+- Ours: ``pack_length`` (row capacity for unpacked steps; default ``max_length`` for eager/sdpa attention, at
+  least 4096 for flash-style attention, never less than the longest sequence of the step), ``head_impl``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import TrainingArguments
+
+from fastdpo.data.packing import SFT_PACKING_STRATEGIES
+from fastdpo.errors import ConfigError, unknown_choice
+from fastdpo.ops.linear_logprobs import IMPLS
+
+LOSS_TYPES = ("nll", "dft")
+TRUNCATION_MODES = ("keep_start", "keep_end")
+# TRL options accepted by the dataclass but not implemented yet: (name, value that means "off")
+NOT_YET = {"activation_offloading": False, "label_smoothing_factor": 0.0}
+
+
+@dataclass
+class SFTConfig(TrainingArguments):
+    """TrainingArguments plus the SFT options (TRL 1.16's names and defaults; see the module docstring)."""
+
+    # fields TrainingArguments parses from a JSON string (the command line passes dicts that way)
+    _VALID_DICT_FIELDS: ClassVar[list[str]] = [
+        *TrainingArguments._VALID_DICT_FIELDS,
+        "model_init_kwargs",
+        "dataset_kwargs",
+    ]
+
+    # --- TRL 1.16 SFTConfig fields, same names and defaults
+    model_init_kwargs: dict[str, Any] | str | None = None
+    trust_remote_code: bool = False
+    router_aux_loss_coef: float | None = None
+    chat_template_path: str | None = None
+    dataset_text_field: str = "text"
+    dataset_kwargs: dict[str, Any] | str | None = None
+    dataset_num_proc: int | None = None
+    eos_token: str | None = None
+    max_length: int | None = 1024
+    truncation_mode: str = "keep_start"
+    shuffle_dataset: bool = False
+    packing: bool = False
+    packing_strategy: str = "bfd"
+    padding_free: bool = False
+    pad_to_multiple_of: int | str | None = "auto"
+    eval_packing: bool | None = None
+    completion_only_loss: bool | None = None
+    assistant_only_loss: bool = False
+    loss_type: str = "nll"
+    activation_offloading: bool = False
+    pad_token: str | None = None
+    # --- TrainingArguments defaults TRL changes
+    learning_rate: float = 2e-5
+    logging_steps: float = 10
+    gradient_checkpointing: bool = True
+    bf16: bool | None = None
+    # --- fastdpo's own
+    pack_length: int | None = None
+    head_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        self._normalize()
+        super().__post_init__()  # parses the dict fields given as JSON strings
+        self._check_options()
+
+    def _normalize(self) -> None:
+        # the CLI passes numbers as strings; "auto" pads nowhere (TRL pads to 128 on Neuron only)
+        if isinstance(self.pad_to_multiple_of, str):
+            text = self.pad_to_multiple_of.lower()
+            self.pad_to_multiple_of = None if text in ("auto", "none", "null") else _int(text, "pad_to_multiple_of")
+        if self.loss_type == "chunked_nll":
+            warnings.warn("loss_type='chunked_nll' is TRL's deprecated alias of 'nll'", FutureWarning, stacklevel=4)
+            self.loss_type = "nll"
+        if self.packing_strategy == "bfd-requeue":
+            warnings.warn("packing_strategy 'bfd-requeue' is now 'bfd_split'", FutureWarning, stacklevel=4)
+            self.packing_strategy = "bfd_split"
+        if self.truncation_mode == "keep_end":
+            warnings.warn("truncation_mode='keep_end' is deprecated in TRL 1.16", FutureWarning, stacklevel=4)
+        if self.pad_token is not None:
+            warnings.warn("pad_token is deprecated in TRL 1.16: set tokenizer.pad_token", FutureWarning, stacklevel=4)
+
+    def _check_options(self) -> None:
+        for name, off in NOT_YET.items():
+            if getattr(self, name) != off:
+                raise ConfigError(
+                    f"is not supported by this version of fastdpo (got {getattr(self, name)!r})",
+                    column=name,
+                    fix=f"leave it at {off!r}",
+                )
+        if self.padding_free:
+            warnings.warn("padding_free: fastdpo never pads sequences; the option changes nothing", stacklevel=4)
+        if self.loss_type not in LOSS_TYPES:
+            raise unknown_choice("loss_type", self.loss_type, LOSS_TYPES)
+        if self.packing_strategy not in SFT_PACKING_STRATEGIES:
+            raise unknown_choice("packing_strategy", self.packing_strategy, SFT_PACKING_STRATEGIES)
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise unknown_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        if self.head_impl not in IMPLS:
+            raise unknown_choice("head_impl", self.head_impl, IMPLS)
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"must be positive or None, got {self.max_length}", column="max_length")
+        if self.max_length is None and (self.packing or self.eval_packing):
+            raise ConfigError("packing needs max_length, the length of a packed row", column="max_length",
+                              fix="set max_length, or packing=False")  # fmt: skip
+        for name in ("pack_length", "pad_to_multiple_of"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"must be positive or None, got {value}", column=name)
+        if isinstance(self.dataset_kwargs, dict):
+            unknown = sorted(set(self.dataset_kwargs) - {"skip_prepare_dataset"})
+            if unknown:
+                raise ConfigError(f"unknown key {unknown[0]!r}", column="dataset_kwargs",
+                                  fix="the only key is 'skip_prepare_dataset'")  # fmt: skip
+        path = self.chat_template_path
+        if path is not None and not (os.path.isfile(path) and path.endswith((".jinja", ".j2"))):
+            raise ConfigError(
+                f"{path!r} is not a .jinja/.j2 file (cloning a tokenizer's template is not supported yet)",
+                column="chat_template_path",
+                fix="pass the path of a Jinja template file, or set processing_class.chat_template yourself",
+            )
+
+
+def _int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"expected an integer, 'auto' or None, got {text!r}", column=name) from None

@@ -1,0 +1,326 @@
+"""SFTTrainer end to end on a tiny Llama: parity with TRL 1.16's SFTTrainer, a naive loss check, SFT → DPO."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+
+import datasets
+import pytest
+import torch
+import transformers
+from tiny_tokenizer import build_tiny_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fastdpo.data.packing import pack_sft
+from fastdpo.data.tiny_tokenizer import CORPUS
+from fastdpo.errors import ConfigError, DataError
+from fastdpo.train import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, sft_step
+
+datasets.disable_progress_bars()
+WORDS = sorted(set(re.findall(r"[a-z]+", " ".join(CORPUS[:6]).lower())))  # words the tokenizer was trained on
+
+
+def sentence(rng: random.Random, low: int, high: int) -> str:
+    # words often repeat: the tiny model (tied embeddings) then gets some tokens right, so accuracy is not all 0
+    words = [rng.choice(WORDS)]
+    for _ in range(rng.randint(low, high) - 1):
+        words.append(words[-1] if rng.random() < 0.4 else rng.choice(WORDS))
+    return " ".join(words)
+
+
+def prompt_completion_rows(count: int, seed: int = 0) -> datasets.Dataset:
+    rng = random.Random(seed)
+    rows = [{"prompt": sentence(rng, 1, 12), "completion": " " + sentence(rng, 1, 10)} for _ in range(count)]
+    rows[3]["prompt"] = sentence(rng, 40, 40)  # longer than max_length: cut (packing) or dropped (not packing)
+    return datasets.Dataset.from_list(rows)
+
+
+def tokenized_rows(tokenizer, count: int, seed: int = 3) -> datasets.Dataset:
+    """Already tokenized rows with a completion mask, some longer than max_length (32)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        prompt = tokenizer(sentence(rng, 2, 20))["input_ids"]
+        completion = tokenizer(" " + sentence(rng, 2, 16), add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)})
+    return datasets.Dataset.from_list(rows)
+
+
+def message_rows(count: int, seed: int = 1) -> datasets.Dataset:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        turns = [
+            {"role": "user", "content": sentence(rng, 1, 8)},
+            {"role": "assistant", "content": sentence(rng, 1, 8)},
+        ]
+        if i % 3 == 0:
+            turns = [{"role": "system", "content": sentence(rng, 2, 6)}, *turns]
+        rows.append({"messages": turns})
+    return datasets.Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def load(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         attn_implementation="sdpa", tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    return lambda: LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def common_args(tmp_path, name: str, **extra) -> dict:
+    args = {"output_dir": str(tmp_path / name), "per_device_train_batch_size": 2, "max_steps": 2,
+            "learning_rate": 1e-2, "logging_steps": 1, "report_to": [], "bf16": False, "seed": 0,
+            "gradient_checkpointing": False, "save_strategy": "no", "max_length": 32,
+            "dataloader_pin_memory": False}  # fmt: skip
+    return {**args, **extra}
+
+
+def train(trainer_cls, config_cls, load, data, tokenizer, tmp_path, name, eval_data=None, **extra):
+    args = config_cls(**common_args(tmp_path, name, **extra))
+    trainer = trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer,
+                          eval_dataset=eval_data)  # fmt: skip
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    return trainer, logs + ([trainer.evaluate()] if eval_data is not None else [])
+
+
+# --------------------------------------------------------------------------------------------------- parity with TRL
+
+CASES = {
+    "packed_prompt_completion": (prompt_completion_rows(24), {"packing": True}),
+    "messages_with_eval": (message_rows(8), {"packing": False, "eval_data": message_rows(5, seed=7)}),
+    "grad_accumulation": (prompt_completion_rows(16, seed=2), {"packing": False, "gradient_accumulation_steps": 2}),
+    "tokenized_split_shuffled": (None, {"packing": True, "packing_strategy": "bfd_split", "shuffle_dataset": True,
+                                        "completion_only_loss": True}),
+}  # fmt: skip
+EVAL_METRICS = ("eval_loss", "eval_entropy", "eval_mean_token_accuracy")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_first_steps_match_trl(case, load, tokenizer, tmp_path):
+    trl = pytest.importorskip("trl")
+    data, options = CASES[case]
+    data = tokenized_rows(tokenizer, 12) if data is None else data
+    trainer, ours = train(SFTTrainer, SFTConfig, load, data, tokenizer, tmp_path, "ours", **options)
+    _, theirs = train(trl.SFTTrainer, trl.SFTConfig, load, data, tokenizer, tmp_path, "trl", **options)
+    if "eval_data" in options:
+        ours_eval, theirs_eval = ours.pop(), theirs.pop()
+        for name in EVAL_METRICS:
+            assert ours_eval[name] == pytest.approx(theirs_eval[name], rel=1e-4), name
+        assert ours_eval["eval_num_tokens"] == theirs_eval["eval_num_tokens"]
+    assert len(ours) == len(theirs) == 2
+    # step 1: the same tokens through the same weights; step 2: after one identical optimizer update (lr 1e-2)
+    for step in (0, 1):
+        for name in ("loss", "grad_norm", "mean_token_accuracy", "entropy"):
+            assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4), (step, name)
+        assert ours[step]["num_tokens"] == theirs[step]["num_tokens"], step
+    assert ours[1]["loss"] != pytest.approx(ours[0]["loss"], rel=1e-3)  # the update moved the model
+    assert max(ours[0]["mean_token_accuracy"], ours[1]["mean_token_accuracy"]) > 0  # a comparison that can fail
+    assert 0 <= ours[0]["padding_fraction"] < 1
+    if case == "packed_prompt_completion":  # TRL keeps the overlong row in packing (cut to max_length)
+        assert trainer.dropped_rows == {}
+    elif case == "grad_accumulation":  # and drops it when not packing: both drop the same row
+        assert trainer.dropped_rows == {"train": {"no_labels_after_truncation": [3]}}
+
+
+def test_moe_aux_loss_matches_trl(tokenizer, tmp_path):
+    # a tiny Mixtral: TRL adds router_aux_loss_coef times the load-balancing loss, over the accumulation steps
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    trl = pytest.importorskip("trl")
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           router_aux_loss_coef=0.5, pad_token_id=tokenizer.pad_token_id,
+                           attn_implementation="sdpa")  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
+
+    def load():
+        return MixtralForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32)
+
+    data, options = prompt_completion_rows(16, seed=2), {"gradient_accumulation_steps": 2}
+    _, ours = train(SFTTrainer, SFTConfig, load, data, tokenizer, tmp_path, "ours", **options)
+    _, theirs = train(trl.SFTTrainer, trl.SFTConfig, load, data, tokenizer, tmp_path, "trl", **options)
+    for step in (0, 1):
+        assert ours[step]["aux_loss"] > 0
+        for name in ("aux_loss", "loss", "grad_norm", "entropy"):
+            assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4), (step, name)
+
+
+# --------------------------------------------------------------------------------------- the loss against a naive one
+
+
+def naive_loss(model, examples, loss_type):
+    """Token mean of -log p over labels != -100 after the causal shift, padded batch, full logits."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), longest, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
+    target = labels[:, 1:]
+    valid = target != -100
+    token_logp = logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) * valid
+    weight = token_logp.detach().exp() if loss_type == "dft" else 1.0
+    return -(token_logp * weight).sum() / valid.sum()
+
+
+def random_examples(count: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        n = int(torch.randint(2, 14, (1,), generator=gen))
+        ids = torch.randint(3, 101, (n,), generator=gen)
+        labels = torch.where(torch.rand(n, generator=gen) < 0.3, -100, ids)
+        out.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    return out
+
+
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+def test_loss_and_gradients_equal_a_naive_padded_step(loss_type):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+    model = LlamaForCausalLM(config).double()
+    examples = random_examples(6, seed=0)
+    expected = naive_loss(model, examples, loss_type)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+
+    batch = pack_sft(examples, pack_length=16, backend="python")
+    assert batch.input_ids.shape[0] >= 2 and batch.num_padding > 0  # several rows, with row-end padding
+    out = sft_step(model, batch, loss_type=loss_type, head_impl="torch")
+    got_grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    # fp64 both ways: packed-vs-padded attention and chunked-vs-full head differ by rounding only
+    torch.testing.assert_close(out.loss, expected, rtol=1e-9, atol=1e-12)
+    for (name, _), g, e in zip(model.named_parameters(), got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-10, msg=name)
+    # a divisor for the whole step scales the loss; packed rows (seq_lengths) give the same loss as single sequences
+    assert float(sft_step(model, batch, num_items=1000).loss.detach()) == pytest.approx(
+        float(naive_loss(model, examples, "nll").detach()) * int(out.num_targets) / 1000, rel=1e-9
+    )
+    rows = [{"input_ids": a["input_ids"] + b["input_ids"], "labels": a["labels"] + b["labels"],
+             "seq_lengths": [len(a["input_ids"]), len(b["input_ids"])]}
+            for a, b in zip(examples[::2], examples[1::2], strict=True)]  # fmt: skip
+    packed_rows = sft_step(model, pack_sft(rows), loss_type=loss_type)
+    torch.testing.assert_close(packed_rows.loss, out.loss, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------ SFT then DPO
+
+
+def test_saved_sft_model_trains_with_dpo(load, tokenizer, tmp_path):
+    trainer, logs = train(SFTTrainer, SFTConfig, load, prompt_completion_rows(8), tokenizer, tmp_path, "sft")
+    assert len(logs) == 2
+    trainer.save_model(str(tmp_path / "sft_out"))
+    policy = LlamaForCausalLM.from_pretrained(tmp_path / "sft_out", dtype=torch.float32)
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "sft_out", dtype=torch.float32)
+    for (name, saved), trained in zip(policy.named_parameters(), trainer.model.parameters(), strict=True):
+        torch.testing.assert_close(saved, trained.detach(), rtol=0, atol=0, msg=name)
+    pairs = datasets.Dataset.from_list(
+        [
+            {"prompt": "what color is the sky", "chosen": " blue", "rejected": " dog"},
+            {"prompt": "mix flour and", "chosen": " water", "rejected": " the fox"},
+        ]
+    )
+    args = DPOConfig(**{**common_args(tmp_path, "dpo"), "max_steps": 1, "max_length": 32})
+    dpo = DPOTrainer(policy, ref_model=reference, args=args, train_dataset=pairs, processing_class=tokenizer)
+    dpo.train()
+    first = next(log for log in dpo.state.log_history if "loss" in log)
+    # policy == reference at the first step: every log-ratio is 0, so the loss is log 2
+    assert first["loss"] == pytest.approx(0.6931471805599453, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+
+
+def test_every_trl_sft_option_exists_with_the_same_default(tmp_path):
+    trl = pytest.importorskip("trl")
+
+    def defaults(cls):
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    base = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    ours, theirs = defaults(SFTConfig), defaults(trl.SFTConfig)
+    sft_fields = [name for name in theirs if name not in base]
+    assert len(sft_fields) >= 20  # the test reads TRL's own list, not ours
+    for name in [*sft_fields, "learning_rate", "logging_steps", "gradient_checkpointing", "bf16"]:
+        assert name in ours, name
+        assert ours[name] == theirs[name], name
+    config = SFTConfig(output_dir=str(tmp_path), report_to=[])
+    assert config.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())  # never an error on a CPU
+    assert config.pad_to_multiple_of is None and config.packing is False
+
+
+@pytest.mark.parametrize(
+    ("options", "column"),
+    [({"activation_offloading": True}, "activation_offloading"), ({"label_smoothing_factor": 0.1},
+      "label_smoothing_factor"), ({"loss_type": "nlll"}, "loss_type"), ({"packing_strategy": "bdf"},
+      "packing_strategy"), ({"truncation_mode": "keep_middle"}, "truncation_mode"), ({"head_impl": "fast"},
+      "head_impl"), ({"max_length": None, "packing": True}, "max_length"), ({"pack_length": 0}, "pack_length"),
+     ({"dataset_kwargs": {"skip_prepare": True}}, "dataset_kwargs"), ({"chat_template_path": "org/model"},
+      "chat_template_path"), ({"pad_to_multiple_of": "eight"}, "pad_to_multiple_of")],
+)  # fmt: skip
+def test_bad_or_unsupported_options_name_the_option(options, column, tmp_path):
+    with pytest.raises(ConfigError, match=rf"column '{column}'"):
+        SFTConfig(output_dir=str(tmp_path), report_to=[], **options)
+
+
+def test_aliases_and_no_op_options_warn(tmp_path):
+    with pytest.warns(FutureWarning, match="chunked_nll"):
+        assert SFTConfig(output_dir=str(tmp_path), report_to=[], loss_type="chunked_nll").loss_type == "nll"
+    with pytest.warns(UserWarning, match="never pads"):
+        SFTConfig(output_dir=str(tmp_path), report_to=[], padding_free=True)
+    assert SFTConfig(output_dir=str(tmp_path), report_to=[], pad_to_multiple_of="64").pad_to_multiple_of == 64
+
+
+def test_unsupported_trainer_arguments_are_refused(load, tokenizer, tmp_path):
+    args = SFTConfig(**common_args(tmp_path, "x"))
+    data = prompt_completion_rows(4)
+    cases = [({"peft_config": {"r": 8}}, "peft_config"), ({"compute_metrics": len}, "compute_metrics"),
+             ({"compute_loss_func": len}, "compute_loss_func"), ({"train_dataset": None}, "train_dataset"),
+             ({"processing_class": None}, "processing_class"), ({"model": "some/model"}, "model"),
+             ({"train_dataset": data.to_iterable_dataset()}, "train_dataset")]  # fmt: skip
+    for change, column in cases:
+        kwargs = {"model": load(), "args": args, "train_dataset": data, "processing_class": tokenizer, **change}
+        with pytest.raises(ConfigError, match=rf"column '{column}'"):
+            SFTTrainer(**kwargs)
+    bad = SFTConfig(**common_args(tmp_path, "y", eos_token="<|nope|>"))
+    with pytest.raises(ConfigError, match="column 'eos_token'"):
+        SFTTrainer(load(), args=bad, train_dataset=data, processing_class=tokenizer)
+
+
+def test_dataset_preparation_options(load, tokenizer, tmp_path):
+    args = SFTConfig(**common_args(tmp_path, "x", dataset_kwargs={"skip_prepare_dataset": True}))
+    rows = datasets.Dataset.from_list([{"input_ids": [1, 5, 6, 7], "labels": [-100, -100, 6, 7]}])
+    trainer = SFTTrainer(load(), args=args, train_dataset=rows, processing_class=tokenizer)
+    assert trainer.train_dataset.to_list() == rows.to_list()  # as given: no truncation, no packing
+    with pytest.raises(DataError, match="column 'labels'"):
+        SFTTrainer(load(), args=args, train_dataset=rows.remove_columns("labels").add_column("completion_mask",
+                   [[0, 0, 1, 1]]), processing_class=tokenizer)  # fmt: skip
+    # formatting_func makes the text; eval datasets pack with eval_packing and stay packed when evaluated again
+    args = SFTConfig(**common_args(tmp_path, "y", eval_packing=True))
+    data = prompt_completion_rows(6)
+    with pytest.raises(ConfigError, match="column 'formatting_func'"):  # TRL refuses it with completion_only_loss
+        SFTTrainer(load(), args=args, train_dataset=data, processing_class=tokenizer, formatting_func=str)
+    data = data.rename_columns({"prompt": "question", "completion": "answer"})
+    trainer = SFTTrainer(load(), args=args, train_dataset=data, eval_dataset=data, processing_class=tokenizer,
+                         formatting_func=lambda row: row["question"] + row["answer"])  # fmt: skip
+    first = trainer.train_dataset[0]["input_ids"]
+    assert first == tokenizer(data[0]["question"] + data[0]["answer"] + tokenizer.eos_token)["input_ids"]
+    assert set(trainer.train_dataset[0]["labels"]) != {-100} and "seq_lengths" in trainer.eval_dataset.column_names
+    again = trainer.evaluate(trainer.eval_dataset)
+    assert again["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
