@@ -3,6 +3,7 @@
 - ``load_causal_lm``: a model given as a path or hub name is loaded as TRL 1.16 loads it (``model_init_kwargs``
   passed to ``from_pretrained``, ``dtype`` defaulting to float32 and given as a ``torch.dtype`` or one of
   ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"auto"``; ``trust_remote_code`` from the config).
+- ``forward_as``: how the trainers run their packed step through a DDP/FSDP/DeepSpeed wrapper.
 - ``NumericsGuard``: a Trainer mixin. An optimizer step whose loss (on any micro-batch, any process) or gradient
   norm is not finite is skipped: every gradient is dropped before ``optimizer.step()``, so no parameter and no
   optimizer state moves (the learning-rate schedule still advances, as it does when fp16's scaler skips a step).
@@ -16,6 +17,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -24,6 +27,25 @@ from fastdpo.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@contextmanager
+def forward_as(module: nn.Module, forward: Callable) -> Iterator[None]:
+    """Within the block, ``module``'s forward is ``forward`` (an attribute of this instance only, removed after).
+
+    fastdpo never calls a causal LM's own forward (it would compute the logits), yet a DDP, FSDP or DeepSpeed
+    wrapper must see a forward pass through itself: DDP arms its gradient all-reduce in ``forward``, and without
+    that the processes' gradients silently diverge; FSDP gathers the root's parameters (the LM head among them)
+    in its pre-forward hook. So the trainers call the wrapper, and the wrapper's call of the inner model lands
+    here. The class is untouched and the instance is restored on exit.
+    """
+    if "forward" in vars(module):
+        raise RuntimeError(f"{type(module).__name__} already has an instance-level forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward
 
 
 class NumericsError(RuntimeError):

@@ -32,9 +32,10 @@ from fastdpo.data.sampler import TokenBudgetBatchSampler
 from fastdpo.data.tokenize import tokenize_preferences, truncate
 from fastdpo.errors import ConfigError
 from fastdpo.model.moe import router_aux_loss_coef
-from fastdpo.train.common import NumericsGuard, StepMetrics, load_causal_lm, load_tokenizer
+from fastdpo.ops import LossOutput
+from fastdpo.train.common import NumericsGuard, StepMetrics, forward_as, load_causal_lm, load_tokenizer
 from fastdpo.train.config import DPOConfig
-from fastdpo.train.step import preference_step
+from fastdpo.train.step import preference_step, reference_logps
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -183,8 +184,17 @@ class DPOTrainer(NumericsGuard, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = _as_batch(inputs)
-        out = preference_step(model, batch, self.loss_config, ref_model=self.ref_model, head_impl=self.args.head_impl,
-                              token_metrics=True, aux_loss_coef=self.aux_loss_coef)  # fmt: skip
+        ref_logps = None
+        if self.ref_model is not None:
+            ref_logps = reference_logps(self.ref_model, batch, impl=self.args.head_impl)
+        inner = self.accelerator.unwrap_model(model)
+
+        def packed_forward(*args, **kwargs) -> LossOutput:
+            return preference_step(inner, batch, self.loss_config, ref_logps=ref_logps, head_impl=self.args.head_impl,
+                                   token_metrics=True, aux_loss_coef=self.aux_loss_coef)  # fmt: skip
+
+        with forward_as(inner, packed_forward):
+            out = model()  # through the DDP/FSDP wrapper, if any (see forward_as)
         mode = "train" if model.training else "eval"
         values = {name: float(value) for name, value in out.metrics.items()}
         self._metrics[mode].add({**values, "padding_fraction": batch.padding_fraction}, weight=batch.num_pairs)
