@@ -277,3 +277,19 @@ def test_rows_round_up_to_pad_to_multiple_of_and_a_tokenizer_without_pad_uses_eo
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     assert batch["input_ids"].shape[1] % 48 == 0
     assert int(batch["num_padding"]) > 0 and bool((batch["input_ids"][:, -1] == tokenizer.eos_token_id).all())
+
+
+def test_packing_off_puts_each_pair_in_its_own_row_and_trains_the_same(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    data = synthetic_pairs(8)
+    common = {"per_device_train_batch_size": 4, "pack_length": 512}
+    packed_trainer, packed = train_ours(load, data, tokenizer, tmp_path, "packed", **common)
+    alone_trainer, alone = train_ours(load, data, tokenizer, tmp_path, "alone", packing=False, **common)
+    examples = [alone_trainer.train_dataset[i] for i in range(4)]
+    assert alone_trainer.data_collator(examples)["input_ids"].shape[0] == 4
+    assert packed_trainer.data_collator(examples)["input_ids"].shape[0] < 4
+    for step in (0, 1):  # fp32: attention over other rows' lengths rounds differently
+        for name in ("loss", "grad_norm", "logps/chosen", "num_tokens"):
+            assert alone[step][name] == pytest.approx(packed[step][name], rel=1e-5), (step, name)
+    assert alone[0]["padding_fraction"] > packed[0]["padding_fraction"]

@@ -117,6 +117,7 @@ def pack_pairs(
     pad_to_multiple_of: int | None = None,
     backend: str = "auto",
     row_ids: Sequence[int] | None = None,
+    one_pair_per_row: bool = False,
 ) -> PackedBatch:
     """Pack tokenized pairs into a ``PackedBatch``.
 
@@ -129,6 +130,8 @@ def pack_pairs(
         pad_to_multiple_of: round the row length up (e.g. 8 or 64 for tensor cores).
         backend: the packer backend (``auto``, ``python``, ``cpp``).
         row_ids: dataset row of each example, for error messages (default: the position).
+        one_pair_per_row: no packing across pairs: pair ``i`` alone in row ``i`` (rows padded to the longest pair;
+            ``DPOConfig(packing=False)``).
     """
     from fastdpo.data.packer import pack  # the packer backends are their own module
 
@@ -156,7 +159,7 @@ def pack_pairs(
                 row=row,
                 fix="raise pack_length to at least twice max_length, or lower max_length",
             )
-    bins = pack(lengths, pack_length, backend=backend)
+    bins = [[i] for i in range(len(lengths))] if one_pair_per_row else pack(lengths, pack_length, backend=backend)
     row_length = max(sum(lengths[i] for i in items) for items in bins)
     if pad_to_multiple_of:
         row_length = -(-row_length // pad_to_multiple_of) * pad_to_multiple_of

@@ -8,8 +8,9 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
   ``ld_alpha``, ``use_weighting``, ``sync_ref_model``, ``precompute_ref_log_probs`` (cached references come
   with the reference issue), ``activation_offloading``.
 - ``padding_free`` (which TRL 1.16 warns about and ignores) is accepted with a warning: fastdpo always packs.
-- Ours: ``packing`` (on), ``pack_length`` (default ``fastdpo.data.default_pack_length``), ``max_tokens_per_batch``,
-  ``reference`` (``auto|separate|cached|adapter|none``), ``head_impl``, ``simpo_gamma``, ``cpo_alpha``,
+- Ours: ``packing`` (on; off puts each pair alone in its own row), ``pack_length`` (default
+  ``fastdpo.data.default_pack_length``), ``max_tokens_per_batch``, ``reference``
+  (``auto|separate|cached|adapter|none``), ``head_impl``, ``simpo_gamma``, ``cpo_alpha``,
   ``max_nonfinite_steps`` (the numerics guard, ``fastdpo.train.common.NumericsGuard``; 0 turns it off).
 """
 

@@ -51,15 +51,17 @@ class PairPacker:
         truncation_mode: str,
         pad_token_id: int,
         pad_to_multiple_of: int | None = None,
+        packing: bool = True,
     ) -> None:
         self.pack_length, self.max_length = pack_length, max_length
         self.truncation_mode, self.pad_token_id = truncation_mode, pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_to_multiple_of, self.packing = pad_to_multiple_of, packing
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = pack_pairs(examples, pack_length=self.pack_length, max_length=self.max_length,
                            truncation_mode=self.truncation_mode, pad_token_id=self.pad_token_id,
-                           pad_to_multiple_of=self.pad_to_multiple_of)  # fmt: skip
+                           pad_to_multiple_of=self.pad_to_multiple_of,
+                           one_pair_per_row=not self.packing)  # fmt: skip
         fields = {name: getattr(batch, name) for name in batch.__dataclass_fields__}
         fields["pair_ids"] = torch.tensor(fields["pair_ids"], dtype=torch.long)
         fields["max_seqlen"] = torch.tensor(fields["max_seqlen"])
@@ -135,7 +137,8 @@ class DPOTrainer(NumericsGuard, Trainer):
         collator = data_collator or PairPacker(pack_length=pack_length, max_length=max_length,
                                                truncation_mode=args.truncation_mode,
                                                pad_token_id=text_tokenizer.pad_token_id,
-                                               pad_to_multiple_of=args.pad_to_multiple_of)  # fmt: skip
+                                               pad_to_multiple_of=args.pad_to_multiple_of,
+                                               packing=args.packing)  # fmt: skip
         self.aux_loss_coef = router_aux_loss_coef(model, args.router_aux_loss_coef)
         if args.disable_dropout:
             for module in model.modules():
