@@ -67,15 +67,18 @@ def tokenizer():
     return build_tiny_tokenizer()
 
 
+def tiny_llama_config(tokenizer) -> LlamaConfig:
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       attn_implementation="sdpa", tie_word_embeddings=True)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def load(tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         attn_implementation="sdpa", tie_word_embeddings=True)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(path)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(path)
     return lambda: LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 

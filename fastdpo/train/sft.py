@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import datasets
@@ -273,8 +275,14 @@ class SFTTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = batch_from_fields(inputs)
-        out = sft_step(model, batch, loss_type=self.args.loss_type, num_items=num_items_in_batch,
-                       head_impl=self.args.head_impl, aux_loss=bool(self.aux_loss_coef))  # fmt: skip
+        inner = self.accelerator.unwrap_model(model)
+
+        def packed_forward(*args, **kwargs) -> SFTStepOutput:
+            return sft_step(inner, batch, loss_type=self.args.loss_type, num_items=num_items_in_batch,
+                            head_impl=self.args.head_impl, aux_loss=bool(self.aux_loss_coef))  # fmt: skip
+
+        with _forward_replaced(inner, packed_forward):
+            out = model()  # through the DDP/FSDP wrapper, if any: it must see a forward (see _forward_replaced)
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's targets and DDP averages the gradients over processes
@@ -319,6 +327,25 @@ class SFTTrainer(Trainer):
 # ---------------------------------------------------------------------------------------------------------------------
 # Constructor helpers
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _forward_replaced(module: nn.Module, forward) -> Iterator[None]:
+    """Within the block, ``module.forward`` is ``forward`` (on this instance only; restored after).
+
+    A causal LM's own forward would compute the logits, yet a DDP/FSDP/DeepSpeed wrapper must see a forward pass
+    through itself: DDP arms its gradient all-reduce there (without it the processes' gradients silently diverge),
+    FSDP gathers the root's parameters there. So ``compute_loss`` calls the wrapper, whose call lands here.
+    """
+    previous = vars(module).get("forward")  # e.g. TRL's fused-head patch on a model TRL trained before
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
 
 
 def _sft_config(args) -> SFTConfig:

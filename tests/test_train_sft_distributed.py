@@ -1,0 +1,92 @@
+"""SFTTrainer in two processes (DDP over gloo on CPU, torchrun) takes the optimizer steps of one process.
+
+One process with 4 examples per step; two processes with 1 example each and 2 accumulation steps: the same 4
+examples per step, so the same loss and gradients if the loss is divided by the step's targets over both
+processes and both micro-batches (times 2, which DDP's averaging undoes) and DDP's all-reduce is armed by a
+forward through its wrapper. Run as a script, this file is the worker: ``python THIS OUT MODEL JSON_ARGS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).resolve()
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(tmp_path: Path, name: str, model: Path, processes: int, **options) -> dict:
+    out = tmp_path / name
+    out.mkdir()
+    worker = [str(HERE), str(out), str(model), json.dumps(options)]
+    if processes == 1:
+        command = [sys.executable, *worker]
+    else:
+        command = [TORCHRUN, "--nproc_per_node", str(processes), "--master_port", str(free_port()), *worker]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE.parents[1])]),
+    }
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "logs.json").read_text())
+    assert result["world_size"] == processes
+    return result["logs"]
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
+def test_two_processes_take_the_steps_of_one(tmp_path):
+    import torch
+    from test_train_sft import tiny_llama_config
+    from tiny_tokenizer import build_tiny_tokenizer
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(build_tiny_tokenizer())).save_pretrained(tmp_path / "model")
+    one = launch(tmp_path, "one", tmp_path / "model", 1, per_device_train_batch_size=4)
+    two = launch(tmp_path, "two", tmp_path / "model", 2, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    assert len(one) == len(two) == 2
+    for got, want in zip(two, one, strict=True):
+        assert got["num_tokens"] == want["num_tokens"]  # the same examples, counted over both processes
+        for name in ("loss", "grad_norm"):  # fp32 sums in another order
+            assert got[name] == pytest.approx(want[name], rel=1e-5), name
+
+
+def main() -> None:
+    import datasets
+    import torch
+    from test_train_sft import common_args, prompt_completion_rows
+    from tiny_tokenizer import build_tiny_tokenizer
+    from transformers import LlamaForCausalLM
+
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    out, model_dir, options = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    datasets.disable_progress_bars()
+    args = SFTConfig(**{**common_args(out, "run"), "disable_tqdm": True, "use_cpu": True, **options})
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = SFTTrainer(model, args=args, train_dataset=prompt_completion_rows(16, seed=2),
+                         processing_class=build_tiny_tokenizer())  # fmt: skip
+    trainer.train()
+    if trainer.args.process_index == 0:
+        logs = [log for log in trainer.state.log_history if "loss" in log]
+        (out / "logs.json").write_text(json.dumps({"world_size": trainer.args.world_size, "logs": logs}))
+
+
+if __name__ == "__main__":
+    main()
