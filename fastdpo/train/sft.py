@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import datasets
@@ -37,6 +35,7 @@ from fastdpo.errors import ConfigError, DataError
 from fastdpo.model import head_spec, packed_body
 from fastdpo.model.moe import moe_aux_loss, router_aux_loss_coef
 from fastdpo.ops import linear_logprobs
+from fastdpo.train.common import forward_as
 from fastdpo.train.sft_config import SFTConfig
 
 TOKEN_COLUMNS = ("input_ids", "labels", "seq_lengths")
@@ -281,8 +280,8 @@ class SFTTrainer(Trainer):
             return sft_step(inner, batch, loss_type=self.args.loss_type, num_items=num_items_in_batch,
                             head_impl=self.args.head_impl, aux_loss=bool(self.aux_loss_coef))  # fmt: skip
 
-        with _forward_replaced(inner, packed_forward):
-            out = model()  # through the DDP/FSDP wrapper, if any: it must see a forward (see _forward_replaced)
+        with forward_as(inner, packed_forward):
+            out = model()  # through the DDP/FSDP wrapper, if any: it must see a forward (see forward_as)
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's targets and DDP averages the gradients over processes
@@ -327,25 +326,6 @@ class SFTTrainer(Trainer):
 # ---------------------------------------------------------------------------------------------------------------------
 # Constructor helpers
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _forward_replaced(module: nn.Module, forward) -> Iterator[None]:
-    """Within the block, ``module.forward`` is ``forward`` (on this instance only; restored after).
-
-    A causal LM's own forward would compute the logits, yet a DDP/FSDP/DeepSpeed wrapper must see a forward pass
-    through itself: DDP arms its gradient all-reduce there (without it the processes' gradients silently diverge),
-    FSDP gathers the root's parameters there. So ``compute_loss`` calls the wrapper, whose call lands here.
-    """
-    previous = vars(module).get("forward")  # e.g. TRL's fused-head patch on a model TRL trained before
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if previous is None:
-            del module.forward
-        else:
-            module.forward = previous
 
 
 def _sft_config(args) -> SFTConfig:
