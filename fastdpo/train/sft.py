@@ -7,15 +7,20 @@ The same tokens land in the same optimizer step as with TRL 1.16's ``SFTTrainer`
 ``packing`` means), and the loss is TRL's: the negative log-likelihood of every label that is not -100 (the
 completion of prompt/completion rows by default), summed over a micro-batch and divided by the number of such
 labels in the whole optimizer step (all gradient-accumulation micro-batches; all processes when
-``average_tokens_across_devices``, with the ×processes factor that DDP's gradient averaging undoes). Nothing is
-padded and no ``[tokens, vocab]`` logits exist: ``linear_logprobs`` scores the targets from the hidden states.
+``average_tokens_across_devices``, with the ×processes factor that DDP's gradient averaging undoes). Only row ends
+are padded and no ``[tokens, vocab]`` logits exist: ``linear_logprobs`` scores the targets from the hidden states.
+Mixture-of-experts models add ``router_aux_loss_coef`` times the load-balancing loss, averaged over the
+accumulation steps, as TRL does (``aux_loss`` in the logs).
 
 Datasets go through ``prepare_sft`` and ``tokenize_sft`` (TRL-identical ``input_ids``/``labels``; rows TRL drops
 are dropped and counted in ``self.dropped_rows``), then ``pack_sft_dataset`` when packing. Metrics carry TRL's
 names (``loss``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``, and ``eval_*``) plus ``padding_fraction``.
 
 This version takes a model object (not a path) and no PEFT config; options it does not implement raise
-``ConfigError``.
+``ConfigError``: ``compute_loss_func``, ``compute_metrics`` and ``preprocess_logits_for_metrics`` (they need the
+logits), vision datasets, iterable datasets. ``assistant_only_loss`` needs a chat template with ``{% generation %}``
+markers (TRL swaps in a training template for some model families; here ``tokenize_sft`` names the row instead).
+``num_tokens`` counts real tokens; TRL's packed runs with ``pad_to_multiple_of`` also count their padding.
 """
 
 from __future__ import annotations

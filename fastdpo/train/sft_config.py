@@ -7,9 +7,12 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
 - ``packing`` keeps TRL's default (False) and TRL's meaning: it decides *which sequences share an optimizer step*.
   With ``packing=True`` the whole dataset is packed into rows of ``max_length`` tokens before training, exactly
   as TRL packs it (``packing_strategy``; ``fastdpo.data.packing.pack_sft_dataset``), and each step takes
-  ``per_device_train_batch_size`` of those rows. With ``packing=False`` each step takes
-  ``per_device_train_batch_size`` examples, as TRL does. Either way fastdpo computes no padding: the examples of
-  a step are packed into rows of ``pack_length`` tokens (TRL pads them), which changes nothing in the loss.
+  ``per_device_train_batch_size`` of those rows; as in TRL, every sequence is then cut to its first
+  ``max_length`` tokens whatever ``truncation_mode`` says, and rows left with no label are kept. With
+  ``packing=False`` each step takes ``per_device_train_batch_size`` examples (truncated, rows left with no label
+  dropped and counted), as TRL does. Either way the only padding is at row ends: TRL's packed rows are the rows of
+  the step (TRL flattens them into one), and unpacked examples are packed into rows of ``pack_length`` tokens
+  (TRL pads each to the longest example). Padding is no target, so the loss is the same.
 - ``padding_free`` changes nothing (fastdpo never pads) and is accepted with a warning; TRL refuses it without
   packing unless ``max_length`` is None.
 - Options this version does not implement raise ``ConfigError`` naming the option instead of being ignored:
