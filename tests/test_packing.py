@@ -92,7 +92,7 @@ def test_truncation_is_per_sequence_as_trl():
 
 
 def test_a_pair_longer_than_a_row_is_an_error_naming_the_row():
-    with pytest.raises(DataError, match=r"row 41: the pair is 14 tokens .* pack_length is 12 — raise pack_length"):
+    with pytest.raises(DataError, match=r"row 41: the pair \(chosen \+ rejected\) is 14 tokens but pack_length is 12"):
         pack_pairs([pair(2, 2, 2), pair(4, 3, 3)], pack_length=12, row_ids=[40, 41], backend="python")
     with pytest.raises(ConfigError, match="pack_length"):
         pack_pairs(EXAMPLES, pack_length=1)
@@ -112,8 +112,39 @@ def test_flash_attention_kwargs_cover_all_rows():
 
 
 def test_default_pack_length_follows_the_attention_backend():
-    assert default_pack_length(1024, "sdpa") == default_pack_length(1024, "eager") == 2048  # fits any pair
+    assert default_pack_length(1024, "sdpa") is default_pack_length(1024, "eager") is None  # the longest sequence
     assert default_pack_length(1024, "flash_attention_2") == 4096
     assert default_pack_length(4096, "flex_attention") == 8192
     with pytest.raises(ConfigError, match="max_length"):
         default_pack_length(0)
+
+
+def test_split_pairs_packs_sequences_into_rows_of_the_longest_sequence():
+    gen = torch.Generator().manual_seed(3)
+
+    def ids(n):
+        return torch.randint(5, 90, (n,), generator=gen).tolist()
+
+    examples = [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)}
+                for p, c, r in [(3, 9, 2), (7, 1, 4), (2, 2, 2), (5, 12, 6), (1, 3, 3)]]  # fmt: skip
+    batch = pack_pairs(examples, pack_length=None, split_pairs=True, backend="python")
+    longest = max(len(e["prompt_ids"]) + len(e[k]) for e in examples for k in ("chosen_ids", "rejected_ids"))
+    assert batch.input_ids.shape[1] == longest
+    assert batch.pair_ids == list(range(5))  # pairs numbered in input order
+    flat = batch.input_ids.reshape(-1).tolist()
+    cu = batch.cu_seqlens.tolist()
+    for segment, (pair, chosen) in enumerate(zip(batch.seq_pair.tolist(), batch.seq_is_chosen.tolist(), strict=True)):
+        if pair < 0:
+            continue
+        example = examples[pair]
+        expected = example["prompt_ids"] + example["chosen_ids" if chosen else "rejected_ids"]
+        assert flat[cu[segment] : cu[segment + 1]] == expected
+    assert sorted(batch.seq_pair[batch.seq_pair >= 0].tolist()) == sorted(list(range(5)) * 2)
+    rows_of = {}  # some pair is split over two rows: the packer placed its sequences independently
+    row_of_token = torch.arange(batch.input_ids.numel()) // batch.input_ids.shape[1]
+    for segment, pair in enumerate(batch.seq_pair.tolist()):
+        if pair >= 0:
+            rows_of.setdefault(pair, set()).add(int(row_of_token[cu[segment]]))
+    assert any(len(rows) == 2 for rows in rows_of.values())
+    assert batch.num_padding == batch.input_ids.numel() - sum(cu[s + 1] - cu[s] for s in range(len(cu) - 1)
+                                                              if batch.seq_pair[s] >= 0)  # fmt: skip

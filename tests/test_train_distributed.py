@@ -7,34 +7,19 @@ budget batches the processes hold different numbers of pairs; every pair must st
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch import TORCHRUN, launch
 from test_train_dpo import tiny_model
 from tiny_tokenizer import build_tiny_tokenizer
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).parent
-TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
 
-def launch(tmp_path: Path, name: str, model: Path, processes: int, **extra) -> dict:
-    out = tmp_path / name
-    out.mkdir()
-    worker = [str(HERE / "distributed_worker.py"), str(out), str(model), json.dumps(extra)]
-    command = [sys.executable, *worker] if processes == 1 else [
-        TORCHRUN, "--standalone", "--nproc_per_node", str(processes), *worker]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((out / "logs.json").read_text())
-    assert result["world_size"] == processes
-    return result["logs"]
+def run(tmp_path: Path, name: str, processes: int, **options) -> list[dict]:
+    return launch(WORKER, tmp_path / name, tmp_path / "model", processes, **options)
 
 
 def assert_same_steps(ours: list[dict], expected: list[dict]) -> None:
@@ -47,13 +32,12 @@ def assert_same_steps(ours: list[dict], expected: list[dict]) -> None:
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
 def test_two_processes_take_the_steps_of_one(tmp_path):
-    model = tmp_path / "model"
-    tiny_model(build_tiny_tokenizer(), model)
-    one = launch(tmp_path, "one", model, 1, per_device_train_batch_size=4)
-    two = launch(tmp_path, "two", model, 2, per_device_train_batch_size=2)
+    tiny_model(build_tiny_tokenizer(), tmp_path / "model")
+    one = run(tmp_path, "one", 1, per_device_train_batch_size=4)
+    two = run(tmp_path, "two", 2, per_device_train_batch_size=2)
     assert_same_steps(two, one)
     # token budgets: rank r takes every 2nd batch, so a step of 2 processes = 2 accumulated batches of one
     budget = {"max_tokens_per_batch": 150}
-    one = launch(tmp_path, "budget_one", model, 1, gradient_accumulation_steps=2, **budget)
-    two = launch(tmp_path, "budget_two", model, 2, **budget)
+    one = run(tmp_path, "budget_one", 1, gradient_accumulation_steps=2, **budget)
+    two = run(tmp_path, "budget_two", 2, **budget)
     assert_same_steps(two, one)

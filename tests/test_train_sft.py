@@ -295,7 +295,7 @@ def test_unsupported_trainer_arguments_are_refused(load, tokenizer, tmp_path):
     data = prompt_completion_rows(4)
     cases = [({"peft_config": {"r": 8}}, "peft_config"), ({"compute_metrics": len}, "compute_metrics"),
              ({"compute_loss_func": len}, "compute_loss_func"), ({"train_dataset": None}, "train_dataset"),
-             ({"processing_class": None}, "processing_class"), ({"model": "some/model"}, "model"),
+             ({"processing_class": None}, "processing_class"), ({"model": str(tmp_path / "no-such-model")}, "model"),
              ({"train_dataset": data.to_iterable_dataset()}, "train_dataset")]  # fmt: skip
     for change, column in cases:
         kwargs = {"model": load(), "args": args, "train_dataset": data, "processing_class": tokenizer, **change}
@@ -327,3 +327,27 @@ def test_dataset_preparation_options(load, tokenizer, tmp_path):
     assert set(trainer.train_dataset[0]["labels"]) != {-100} and "seq_lengths" in trainer.eval_dataset.column_names
     again = trainer.evaluate(trainer.eval_dataset)
     assert again["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
+
+
+def test_model_given_as_a_path_and_a_non_finite_step_skipped(tokenizer, tmp_path):
+    path = tmp_path / "model"
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    args = SFTConfig(**common_args(tmp_path, "path", max_steps=3))
+    trainer = SFTTrainer(str(path), args=args, train_dataset=prompt_completion_rows(8))
+    assert trainer.model.dtype == torch.float32 and trainer.processing_class.eos_token == tokenizer.eos_token
+
+    def poison(module, inputs, output):  # the 2nd forward (step 2) returns NaN hidden states
+        poison.calls += 1
+        return output * float("nan") if poison.calls == 2 else output
+
+    poison.calls = 0
+    trainer.model.model.norm.register_forward_hook(poison)
+    before = trainer.model.lm_head.weight.detach().clone()
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert [log.get("nonfinite_steps", 0) for log in logs] == [0, 1, 1]
+    assert all(log["tokens_per_second"] > 0 for log in logs)
+    assert not torch.equal(before, trainer.model.lm_head.weight)  # steps 1 and 3 trained
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -9,44 +9,14 @@ forward through its wrapper. Run as a script, this file is the worker: ``python 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch import TORCHRUN, launch
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve()
-TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(tmp_path: Path, name: str, model: Path, processes: int, **options) -> dict:
-    out = tmp_path / name
-    out.mkdir()
-    worker = [str(HERE), str(out), str(model), json.dumps(options)]
-    if processes == 1:
-        command = [sys.executable, *worker]
-    else:
-        command = [TORCHRUN, "--nproc_per_node", str(processes), "--master_port", str(free_port()), *worker]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE.parents[1])]),
-    }
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((out / "logs.json").read_text())
-    assert result["world_size"] == processes
-    return result["logs"]
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
@@ -58,8 +28,9 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
 
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(build_tiny_tokenizer())).save_pretrained(tmp_path / "model")
-    one = launch(tmp_path, "one", tmp_path / "model", 1, per_device_train_batch_size=4)
-    two = launch(tmp_path, "two", tmp_path / "model", 2, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    one = launch(HERE, tmp_path / "one", tmp_path / "model", 1, per_device_train_batch_size=4)
+    two = launch(HERE, tmp_path / "two", tmp_path / "model", 2, per_device_train_batch_size=1,
+                 gradient_accumulation_steps=2)  # fmt: skip
     assert len(one) == len(two) == 2
     for got, want in zip(two, one, strict=True):
         assert got["num_tokens"] == want["num_tokens"]  # the same examples, counted over both processes

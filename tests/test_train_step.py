@@ -127,16 +127,17 @@ def test_token_metrics_agree_between_the_fused_and_plain_paths():
         torch.testing.assert_close(fused.metrics[name], plain.metrics[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("split_pairs", [False, True])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
-def test_packed_and_unpacked_steps_give_the_same_gradients(loss_type):
+def test_packed_and_unpacked_steps_give_the_same_gradients(loss_type, split_pairs):
     # the same 6 pairs, once packed several to a row, once one batch per pair (nothing shared): per-pair losses are
     # separable, so the packed batch mean must equal the mean of the single-pair losses, gradients included
     policy, reference = tiny_llama(2), tiny_llama(3)
     pairs = make_pairs(seed=7, count=6)
     config = LossConfig(loss_type=loss_type, beta=BETA)
     ref = None if config.reference_free else reference
-    packed = pack_pairs(pairs, pack_length=64, backend="python")
-    assert packed.input_ids.shape[0] < len(pairs)  # some row holds more than one pair
+    packed = pack_pairs(pairs, pack_length=None if split_pairs else 64, backend="python", split_pairs=split_pairs)
+    assert packed.input_ids.shape[0] < 2 * len(pairs)  # some row holds more than one sequence
     loss = preference_step(policy, packed, config, ref_model=ref, head_impl="torch").loss
     grads = torch.autograd.grad(loss, list(policy.parameters()))
     alone = sum(preference_step(policy, pack_pairs([p], pack_length=64), config, ref_model=ref, head_impl="torch").loss

@@ -1,8 +1,9 @@
 """Pairs packed into rows with no padding between sequences: the ``PackedBatch`` every step runs on.
 
 ``pack_pairs`` takes tokenized pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``), truncates each sequence
-as TRL's collator does (``truncate``), and packs whole pairs (chosen then rejected, never split) into rows of at
-most ``pack_length`` tokens with best-fit-decreasing (``fastdpo.data.pack``). Rows are padded only up to the
+as TRL's collator does (``truncate``), and packs whole pairs (chosen then rejected), or with ``split_pairs`` the
+sequences themselves, into rows of at most ``pack_length`` tokens with best-fit-decreasing (``fastdpo.data.pack``).
+Both sequences of a pair are always in the same batch, so in the same step. Rows are padded only up to the
 longest row of the batch. Every token belongs to one segment of ``cu_seqlens``: a real sequence, or the padding
 at the end of a row (``seq_pair == -1``), so segment sums over ``cu_seqlens`` and flash-attention's varlen kernels
 see the same boundaries. ``position_ids`` restart at 0 in every segment: with no attention mask and no cache,
@@ -33,23 +34,22 @@ ROW_ATTENTION = ("eager", "sdpa")
 """Backends that attend over whole rows with a dense block mask: their attention cost grows with the row length²."""
 
 
-def default_pack_length(max_length: int, attn_implementation: str = "sdpa") -> int:
-    """The row length fastdpo packs to by default.
+def default_pack_length(max_length: int, attn_implementation: str = "sdpa") -> int | None:
+    """The row length fastdpo packs to by default; None: as long as the longest sequence of each batch.
 
-    eager/sdpa: ``2 * max_length``, the shortest row that fits any pair. Measured on CPU (bench/packing_cpu.py,
-    UltraFeedback-like lengths, max_length 1024): longer rows cut padding further (17–20% at 2048, 5–26% at
-    4096 falling with the batch size, against TRL's 33–37%), but these backends attend over the whole row, so
-    attention work grows to 2.7–3.4x TRL's at 4096 against 1.5x at 2048, and a 2-layer Llama body ran fwd+bwd
-    slower at 4096 than at 2048 at both widths tried (H=256, 1024). At 2048, packing beat TRL's padded batches
-    at H=1024 (456 vs 430 real tokens/s) and lost at H=256 (3,703 vs 4,042), where attention dominates: wider
-    models gain more. flash-attention and flex attention skip masked blocks (work per sequence, not per row):
-    ``max(2 * max_length, 4096)``, which brought padding to 5–12% at 16+ pairs per batch in the same table (not
-    yet timed on a GPU).
+    eager/sdpa attend over whole rows (a dense block mask): the attention work of a row grows with its length²,
+    so rows are kept as short as the data allows. The sequences (not the pairs) are packed, into rows as long as
+    the batch's longest sequence: a row holding whole pairs must be twice as long. Measured on CPU: rows of 2048
+    tokens holding pairs cost a 4-layer Llama (H=256) 15.5 s fwd+bwd for 4 batches of 8 pairs, sequence rows
+    9.9 s; the end-to-end numbers are in bench/results/dpo_cpu.md. Earlier (bench/packing_cpu.py,
+    UltraFeedback-like lengths, max_length 1024), rows holding pairs at 4096 ran slower than at 2048.
+    flash-attention and flex attention skip masked blocks (work per sequence, not per row): rows of
+    ``max(2 * max_length, 4096)``, which brought padding to 5–12% at 16+ pairs per batch (not yet timed on a GPU).
     """
     if max_length < 1:
         raise ConfigError(f"must be positive, got {max_length}", column="max_length")
     if attn_implementation in ROW_ATTENTION:
-        return 2 * max_length
+        return None
     return max(2 * max_length, 4096)
 
 
@@ -110,7 +110,7 @@ def _sequences(example: dict, max_length: int | None, truncation_mode: str) -> l
 def pack_pairs(
     examples: Sequence[dict],
     *,
-    pack_length: int,
+    pack_length: int | None,
     max_length: int | None = None,
     truncation_mode: str = "keep_start",
     pad_token_id: int = 0,
@@ -118,13 +118,14 @@ def pack_pairs(
     backend: str = "auto",
     row_ids: Sequence[int] | None = None,
     one_pair_per_row: bool = False,
+    split_pairs: bool = False,
 ) -> PackedBatch:
     """Pack tokenized pairs into a ``PackedBatch``.
 
     Args:
         examples: dicts with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``.
-        pack_length: the longest a row may be; a pair (chosen + rejected, after truncation) longer than this is a
-            DataError naming the row.
+        pack_length: the longest a row may be; an item longer than this is a DataError naming the row. None: as
+            long as the longest item of this batch.
         max_length, truncation_mode: per-sequence truncation, as TRL's collator applies it.
         pad_token_id: the id put in padding positions (never a target).
         pad_to_multiple_of: round the row length up (e.g. 8 or 64 for tensor cores).
@@ -132,15 +133,43 @@ def pack_pairs(
         row_ids: dataset row of each example, for error messages (default: the position).
         one_pair_per_row: no packing across pairs: pair ``i`` alone in row ``i`` (rows padded to the longest pair;
             ``DPOConfig(packing=False)``).
+        split_pairs: the packed items are the sequences, not the pairs: a pair's chosen and rejected may land in
+            different rows of the batch. For attention that computes whole rows (eager, sdpa), rows as long as the
+            longest sequence cost about half the attention of rows that must hold the longest pair.
     """
     from fastdpo.data.packer import pack  # the packer backends are their own module
 
-    if pack_length < 2:
-        raise ConfigError(f"must be at least 2 (a pair is two sequences), got {pack_length}", column="pack_length")
+    if pack_length is not None and pack_length < 2:
+        raise ConfigError(f"must be at least 2 (a sequence to learn from has 2 tokens), got {pack_length}",
+                          column="pack_length")  # fmt: skip
     if not examples:
         raise DataError("no pairs to pack", fix="check the dataset and the batch size")
     pairs = [_sequences(example, max_length, truncation_mode) for example in examples]
-    lengths = [len(chosen[0]) + len(rejected[0]) for chosen, rejected in pairs]
+    _check_completions(pairs, row_ids)
+    sequences = [sequence for pair in pairs for sequence in pair]  # 2i: chosen of pair i, 2i + 1: its rejected
+    if split_pairs and not one_pair_per_row:
+        lengths = [len(ids) for ids, _ in sequences]
+        what = "sequence"
+    else:
+        lengths = [len(chosen[0]) + len(rejected[0]) for chosen, rejected in pairs]
+        what = "pair (chosen + rejected)"
+    capacity = max(lengths) if pack_length is None else pack_length
+    for position, length in enumerate(lengths):
+        if length > capacity:
+            index = position // 2 if what == "sequence" else position
+            raise DataError(
+                f"the {what} is {length} tokens but pack_length is {capacity}",
+                row=index if row_ids is None else row_ids[index],
+                fix="raise pack_length (or leave it unset), or lower max_length",
+            )
+    bins = [[i] for i in range(len(lengths))] if one_pair_per_row else pack(lengths, capacity, backend=backend)
+    if what != "sequence":  # a pair is its two sequences, chosen first
+        bins = [[index for i in items for index in (2 * i, 2 * i + 1)] for items in bins]
+    return _fill_rows(bins, sequences, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                      keep_pair_order=what == "sequence")  # fmt: skip
+
+
+def _check_completions(pairs: list, row_ids: Sequence[int] | None) -> None:
     for position, sequences in enumerate(pairs):
         for name, (_, mask) in zip(("chosen", "rejected"), sequences, strict=True):
             if not any(mask[1:]):  # position t predicts token t + 1: a completion token after the first position
@@ -151,43 +180,38 @@ def pack_pairs(
                     column=name,
                     fix="drop the row (tokenize_preferences drops prompts that fill max_length) or raise max_length",
                 )
-    for position, length in enumerate(lengths):
-        if length > pack_length:
-            row = position if row_ids is None else row_ids[position]
-            raise DataError(
-                f"the pair is {length} tokens (chosen + rejected) but pack_length is {pack_length}",
-                row=row,
-                fix="raise pack_length to at least twice max_length, or lower max_length",
-            )
-    bins = [[i] for i in range(len(lengths))] if one_pair_per_row else pack(lengths, pack_length, backend=backend)
-    row_length = max(sum(lengths[i] for i in items) for items in bins)
+
+
+def _fill_rows(
+    bins: list[list[int]], sequences: list, *, pad_token_id: int, pad_to_multiple_of: int | None, keep_pair_order: bool
+) -> PackedBatch:
+    """The ``PackedBatch`` of ``bins`` (rows of sequence indices; ``2i``/``2i + 1`` are pair ``i``'s chosen and
+    rejected). Pairs are numbered in input order when ``keep_pair_order``, else in the order the rows meet them."""
+    row_length = max(sum(len(sequences[i][0]) for i in items) for items in bins)
     if pad_to_multiple_of:
         row_length = -(-row_length // pad_to_multiple_of) * pad_to_multiple_of
-
     input_ids = torch.full((len(bins), row_length), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(bins), row_length), dtype=torch.long)
     targets = torch.full((len(bins), row_length), IGNORE_INDEX, dtype=torch.long)
     seg_lengths: list[int] = []
     seq_pair: list[int] = []
     seq_is_chosen: list[bool] = []
-    pair_ids: list[int] = []
+    number: dict[int, int] = {i: i for i in range(len(sequences) // 2)} if keep_pair_order else {}
     for row, items in enumerate(bins):
         offset = 0
-        for item in items:
-            pair_index = len(pair_ids)
-            pair_ids.append(item)
-            for is_chosen, (ids, mask) in zip((True, False), pairs[item], strict=True):
-                n = len(ids)
-                input_ids[row, offset : offset + n] = torch.tensor(ids, dtype=torch.long)
-                position_ids[row, offset : offset + n] = torch.arange(n)
-                # position t predicts token t + 1; it is a target only where token t + 1 is a completion token
-                next_ids = torch.tensor(ids[1:], dtype=torch.long)
-                next_is_completion = torch.tensor(mask[1:], dtype=torch.bool)
-                targets[row, offset : offset + n - 1] = torch.where(next_is_completion, next_ids, IGNORE_INDEX)
-                seg_lengths.append(n)
-                seq_pair.append(pair_index)
-                seq_is_chosen.append(is_chosen)
-                offset += n
+        for index in items:
+            ids, mask = sequences[index]
+            n = len(ids)
+            input_ids[row, offset : offset + n] = torch.tensor(ids, dtype=torch.long)
+            position_ids[row, offset : offset + n] = torch.arange(n)
+            # position t predicts token t + 1; it is a target only where token t + 1 is a completion token
+            next_ids = torch.tensor(ids[1:], dtype=torch.long)
+            next_is_completion = torch.tensor(mask[1:], dtype=torch.bool)
+            targets[row, offset : offset + n - 1] = torch.where(next_is_completion, next_ids, IGNORE_INDEX)
+            seg_lengths.append(n)
+            seq_pair.append(number.setdefault(index // 2, len(number)))
+            seq_is_chosen.append(index % 2 == 0)
+            offset += n
         if offset < row_length:
             position_ids[row, offset:] = torch.arange(row_length - offset)
             seg_lengths.append(row_length - offset)
@@ -195,6 +219,7 @@ def pack_pairs(
             seq_is_chosen.append(False)
     cu_seqlens = torch.zeros(len(seg_lengths) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(seg_lengths, dtype=torch.int32).cumsum(0)
+    pair_ids = sorted(number, key=number.__getitem__)
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -204,7 +229,7 @@ def pack_pairs(
         seq_pair=torch.tensor(seq_pair, dtype=torch.long),
         seq_is_chosen=torch.tensor(seq_is_chosen, dtype=torch.bool),
         pair_ids=pair_ids,
-        num_padding=input_ids.numel() - sum(lengths),
+        num_padding=input_ids.numel() - sum(len(ids) for ids, _ in sequences),
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -93,6 +94,22 @@ def load_tokenizer(model: nn.Module | str, column: str = "processing_class"):
             column=column,
             fix="pass processing_class=tokenizer",
         ) from error
+
+
+class TokenRate:
+    """``tokens_per_second`` between two logs: tokens counted since the last call over the time since then."""
+
+    def __init__(self) -> None:
+        self.restart(0)
+
+    def restart(self, tokens: float) -> None:
+        self._time, self._tokens = time.perf_counter(), tokens
+
+    def __call__(self, tokens: float) -> float:
+        now = time.perf_counter()
+        rate = (tokens - self._tokens) / max(now - self._time, 1e-9)
+        self._time, self._tokens = now, tokens
+        return rate
 
 
 class StepMetrics:

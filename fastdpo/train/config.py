@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import TrainingArguments
@@ -42,6 +43,9 @@ NOT_YET = {
 @dataclass
 class DPOConfig(TrainingArguments):
     """TrainingArguments plus the DPO options (TRL 1.16's names and defaults; see the module docstring)."""
+
+    # fields TrainingArguments parses from a JSON string (a command line passes dicts that way)
+    _VALID_DICT_FIELDS: ClassVar[list[str]] = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
 
     # --- TRL 1.16 DPOConfig fields, same names and defaults
     model_init_kwargs: dict | None = None
@@ -125,11 +129,11 @@ class DPOConfig(TrainingArguments):
             raise unknown_choice("head_impl", self.head_impl, IMPLS)
         if self.max_length is not None and self.max_length < 1:
             raise ConfigError(f"must be positive or None, got {self.max_length}", column="max_length")
-        if self.pack_length is not None and self.max_length is not None and self.pack_length < 2 * self.max_length:
+        if self.pack_length is not None and self.max_length is not None and self.pack_length < self.max_length:
             raise ConfigError(
-                f"{self.pack_length} cannot hold a pair of two {self.max_length}-token sequences",
+                f"{self.pack_length} cannot hold a {self.max_length}-token sequence",
                 column="pack_length",
-                fix=f"use at least 2 * max_length = {2 * self.max_length}, or leave it unset",
+                fix=f"use at least max_length = {self.max_length}, or leave it unset",
             )
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ConfigError(f"must be positive, got {self.max_tokens_per_batch}", column="max_tokens_per_batch")

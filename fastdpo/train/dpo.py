@@ -4,7 +4,8 @@
     trainer.train()
 
 The Trainer's own seeded sampler picks ``per_device_train_batch_size`` pairs per step (the pairs TRL would see);
-the collator packs them (``pack_pairs``, ``pack_length`` from ``default_pack_length`` unless set), and
+the collator packs their sequences (``pack_pairs(split_pairs=True)``; rows as long as ``pack_length``, by default
+``default_pack_length``: the batch's longest sequence on eager/sdpa), and
 ``compute_loss`` runs the reference pass and the policy pass on that one packed batch. Datasets go through
 ``prepare_preferences`` and ``tokenize_preferences`` (TRL-identical ids; the rows TRL drops are dropped and
 counted in ``self.dropped_rows``). Metrics carry TRL's names (``rewards/*``, ``logps/*``, ``entropy``, ``logits/*``,
@@ -18,7 +19,6 @@ when ``ref_model`` is None) and ``none`` for reference-free losses; PEFT, cached
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 
 import torch
@@ -33,7 +33,7 @@ from fastdpo.data.tokenize import tokenize_preferences, truncate
 from fastdpo.errors import ConfigError
 from fastdpo.model.moe import router_aux_loss_coef
 from fastdpo.ops import LossOutput
-from fastdpo.train.common import NumericsGuard, StepMetrics, forward_as, load_causal_lm, load_tokenizer
+from fastdpo.train.common import NumericsGuard, StepMetrics, TokenRate, forward_as, load_causal_lm, load_tokenizer
 from fastdpo.train.config import DPOConfig
 from fastdpo.train.step import preference_step, reference_logps
 
@@ -46,13 +46,14 @@ class PairPacker:
     def __init__(
         self,
         *,
-        pack_length: int,
+        pack_length: int | None,
         max_length: int | None,
         truncation_mode: str,
         pad_token_id: int,
         pad_to_multiple_of: int | None = None,
         packing: bool = True,
     ) -> None:
+        # pack_length None: rows as long as each batch's longest sequence (see default_pack_length)
         self.pack_length, self.max_length = pack_length, max_length
         self.truncation_mode, self.pad_token_id = truncation_mode, pad_token_id
         self.pad_to_multiple_of, self.packing = pad_to_multiple_of, packing
@@ -61,7 +62,7 @@ class PairPacker:
         batch = pack_pairs(examples, pack_length=self.pack_length, max_length=self.max_length,
                            truncation_mode=self.truncation_mode, pad_token_id=self.pad_token_id,
                            pad_to_multiple_of=self.pad_to_multiple_of,
-                           one_pair_per_row=not self.packing)  # fmt: skip
+                           one_pair_per_row=not self.packing, split_pairs=True)  # fmt: skip
         fields = {name: getattr(batch, name) for name in batch.__dataclass_fields__}
         fields["pair_ids"] = torch.tensor(fields["pair_ids"], dtype=torch.long)
         fields["max_seqlen"] = torch.tensor(fields["max_seqlen"])
@@ -154,10 +155,10 @@ class DPOTrainer(NumericsGuard, Trainer):
             self.ref_model.to(self.args.device)
         self._metrics = {"train": StepMetrics(), "eval": StepMetrics()}
         self._total_train_tokens = 0
-        self._last_log = (time.perf_counter(), 0)
+        self._token_rate = TokenRate()
 
     def train(self, *args, **kwargs):
-        self._last_log = (time.perf_counter(), self._total_train_tokens)
+        self._token_rate.restart(self._total_train_tokens)
         return super().train(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -239,10 +240,7 @@ class DPOTrainer(NumericsGuard, Trainer):
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode].pop(self.accelerator, totals={"num_tokens": self._total_train_tokens})
         if mode == "train" and "loss" in logs:
-            now = time.perf_counter()
-            last_time, last_tokens = self._last_log
-            metrics["tokens_per_second"] = (metrics["num_tokens"] - last_tokens) / max(now - last_time, 1e-9)
-            self._last_log = (now, metrics["num_tokens"])
+            metrics["tokens_per_second"] = self._token_rate(metrics["num_tokens"])
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs.update(metrics)

@@ -16,11 +16,13 @@ Datasets go through ``prepare_sft`` and ``tokenize_sft`` (TRL-identical ``input_
 are dropped and counted in ``self.dropped_rows``), then ``pack_sft_dataset`` when packing. Metrics carry TRL's
 names (``loss``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``, and ``eval_*``) plus ``padding_fraction``.
 
-This version takes a model object (not a path) and no PEFT config; options it does not implement raise
-``ConfigError``: ``compute_loss_func``, ``compute_metrics`` and ``preprocess_logits_for_metrics`` (they need the
-logits), vision datasets, iterable datasets. ``assistant_only_loss`` needs a chat template with ``{% generation %}``
-markers (TRL swaps in a training template for some model families; here ``tokenize_sft`` names the row instead).
-``num_tokens`` counts real tokens; TRL's packed runs with ``pad_to_multiple_of`` also count their padding.
+A model may be given as a path (loaded with ``model_init_kwargs`` as TRL loads it, fp32 unless ``dtype`` says
+otherwise). Non-finite steps are skipped by ``NumericsGuard`` (``max_nonfinite_steps``). No PEFT config yet.
+Options it does not implement raise ``ConfigError``: ``compute_loss_func``, ``compute_metrics`` and
+``preprocess_logits_for_metrics`` (they need the logits), vision datasets, iterable datasets.
+``assistant_only_loss`` needs a chat template with ``{% generation %}`` markers (TRL swaps in a training template
+for some model families; here ``tokenize_sft`` names the row instead). ``num_tokens`` counts real tokens; TRL's
+packed runs with ``pad_to_multiple_of`` also count their padding.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from fastdpo.errors import ConfigError, DataError
 from fastdpo.model import head_spec, packed_body
 from fastdpo.model.moe import moe_aux_loss, router_aux_loss_coef
 from fastdpo.ops import linear_logprobs
-from fastdpo.train.common import forward_as
+from fastdpo.train.common import NumericsGuard, TokenRate, forward_as, load_causal_lm, load_tokenizer
 from fastdpo.train.sft_config import SFTConfig
 
 TOKEN_COLUMNS = ("input_ids", "labels", "seq_lengths")
@@ -137,7 +139,7 @@ def batch_from_fields(fields: dict) -> PackedBatch:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(NumericsGuard, Trainer):
     """Supervised fine-tuning on packed batches; TRL 1.16's constructor arguments."""
 
     # compute_loss divides by the targets of the whole optimizer step (num_items_in_batch): no further 1/GA
@@ -164,10 +166,16 @@ class SFTTrainer(Trainer):
     ) -> None:
         args = _sft_config(args)
         processing_class = processing_class if processing_class is not None else tokenizer  # the old name
+        if isinstance(model, str):
+            processing_class = processing_class or load_tokenizer(model)
+            model = load_causal_lm(model, args.model_init_kwargs, trust_remote_code=args.trust_remote_code,
+                                   column="model")  # fmt: skip
+        elif args.model_init_kwargs is not None:
+            warnings.warn("model_init_kwargs: the model is already built, they are not used", stacklevel=2)
+        if processing_class is None:
+            processing_class = load_tokenizer(model)
         _refuse_unsupported(model, args, train_dataset, processing_class, compute_loss_func, compute_metrics,
                             preprocess_logits_for_metrics, quantization_config, peft_config)  # fmt: skip
-        if args.model_init_kwargs is not None:
-            warnings.warn("model_init_kwargs: the model is already built, they are not used", stacklevel=2)
         _set_special_tokens(model, processing_class, args, set_pad=data_collator is None)
         self.aux_loss_coef = _enable_router_aux_loss(model, args)
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
@@ -197,6 +205,7 @@ class SFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = True  # transformers < 5.19 reads this instead of loss_is_scaled_for_ga
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._total_train_tokens = 0
+        self._token_rate = TokenRate()
 
     # --- data
 
@@ -318,9 +327,15 @@ class SFTTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def train(self, *args, **kwargs):
+        self._token_rate.restart(self._total_train_tokens)
+        return super().train(*args, **kwargs)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         metrics = {key: sum(v) / len(v) for key, v in self._metrics[mode].items() if v}
+        if mode == "train" and "loss" in logs:
+            metrics["tokens_per_second"] = self._token_rate(self._total_train_tokens)
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
@@ -347,8 +362,6 @@ def _sft_config(args) -> SFTConfig:
 
 def _refuse_unsupported(model, args, train_dataset, processing_class, compute_loss_func, compute_metrics,
                         preprocess_logits_for_metrics, quantization_config, peft_config) -> None:  # fmt: skip
-    if isinstance(model, str):
-        raise ConfigError("loading a model by name is not supported yet", column="model", fix="pass the model")
     for name, value in (("peft_config", peft_config), ("quantization_config", quantization_config)):
         if value is not None:
             raise ConfigError("is not supported yet", column=name, fix=f"pass {name}=None")

@@ -36,6 +36,7 @@ from transformers import TrainingArguments
 from fastdpo.data.packing import SFT_PACKING_STRATEGIES
 from fastdpo.errors import ConfigError, unknown_choice
 from fastdpo.ops.linear_logprobs import IMPLS
+from fastdpo.train.common import check_guard_option
 
 LOSS_TYPES = ("nll", "dft")
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -84,6 +85,7 @@ class SFTConfig(TrainingArguments):
     # --- fastdpo's own
     pack_length: int | None = None
     head_impl: str = "auto"
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
         if self.bf16 is None:
@@ -116,6 +118,7 @@ class SFTConfig(TrainingArguments):
                     column=name,
                     fix=f"leave it at {off!r}",
                 )
+        check_guard_option(self.max_nonfinite_steps)
         if self.padding_free:
             warnings.warn("padding_free: fastdpo never pads sequences; the option changes nothing", stacklevel=4)
         if self.loss_type not in LOSS_TYPES:

@@ -1,0 +1,41 @@
+"""Run a training worker script in 1 process, or in N under torchrun (DDP over gloo on CPU), for the tests.
+
+The worker takes ``OUT MODEL JSON_OPTIONS`` and its rank 0 writes ``OUT/logs.json`` as
+``{"world_size": N, "logs": [...]}``. Each launch gets its own free port: torchrun's ``--standalone`` and port 0
+rendezvous were seen to hang on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(worker: Path, out: Path, model: Path, processes: int, **options) -> list[dict]:
+    """The logged steps of ``worker`` run with ``options`` in ``processes`` processes."""
+    out.mkdir()
+    arguments = [str(worker), str(out), str(model), json.dumps(options)]
+    if processes == 1:
+        command = [sys.executable, *arguments]
+    else:
+        command = [TORCHRUN, "--nproc_per_node", str(processes), "--master_port", str(free_port()), *arguments]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "logs.json").read_text())
+    assert result["world_size"] == processes
+    return result["logs"]
