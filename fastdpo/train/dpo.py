@@ -5,15 +5,18 @@
 
 The Trainer's own seeded sampler picks ``per_device_train_batch_size`` pairs per step (the pairs TRL would see);
 the collator packs their sequences (``pack_pairs(split_pairs=True)``; rows as long as ``pack_length``, by default
-``default_pack_length``: the batch's longest sequence on eager/sdpa), and
-``compute_loss`` runs the reference pass and the policy pass on that one packed batch. Datasets go through
+``default_pack_length``: the batch's longest sequence on eager/sdpa), and ``compute_loss`` runs the reference pass
+and the policy pass on that one packed batch, through the DDP/FSDP wrapper's forward (``forward_as``).
+Every pair of an optimizer step weighs the same, whatever the micro-batches, processes or token budget
+(``max_tokens_per_batch``). Datasets go through
 ``prepare_preferences`` and ``tokenize_preferences`` (TRL-identical ids; the rows TRL drops are dropped and
 counted in ``self.dropped_rows``). Metrics carry TRL's names (``rewards/*``, ``logps/*``, ``entropy``, ``logits/*``,
-``mean_token_accuracy``, ``num_tokens``) plus ``padding_fraction``.
+``mean_token_accuracy``, ``num_tokens``, ``aux_loss`` for MoE) plus ``padding_fraction`` and ``tokens_per_second``;
+non-finite steps are skipped (``NumericsGuard``).
 
-This first version covers a model object (not a path), the ``separate`` reference (a frozen copy of the policy
-when ``ref_model`` is None) and ``none`` for reference-free losses; PEFT, cached references and the rest raise
-``ConfigError``.
+A model is an object or a path (``model_init_kwargs``). References: ``separate`` (``ref_model``, or a frozen copy
+of the policy when it is None) and ``none`` for reference-free losses; PEFT and cached or adapter references
+raise ``ConfigError`` in this version.
 """
 
 from __future__ import annotations

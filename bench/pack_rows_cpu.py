@@ -1,0 +1,102 @@
+"""Row layout on eager/sdpa: whole pairs in rows of 2·max_length against sequences in rows of the longest one.
+
+    python -m bench.pack_rows_cpu [--pairs 64] [--batch 8] [--repeats 2] [--threads 2]
+
+The DPO step of bench/dpo_cpu.py (tiny Llama H=256, 4 layers, V=32000, sdpa, fp32, gradient checkpointing) on
+the same batches of the same synthetic pairs, packed two ways: ``pack_pairs(pack_length=2048)`` (a row holds
+whole pairs, chosen and rejected together) and ``pack_pairs(pack_length=None, split_pairs=True)`` (the sequences
+are packed, into rows as long as the batch's longest sequence: fastdpo's default on eager/sdpa). sdpa computes
+every entry of each row's L×L mask, so the layout changes the attention work. Timed: ``preference_step`` forward
++ backward over all batches (reference pass included), best of ``--repeats`` after a warm-up batch. Results:
+bench/results/pack_rows_cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.dpo_cpu import MODEL, _pairs
+from fastdpo.atomic import atomic_write
+
+RESULTS = Path(__file__).parent / "results"
+LAYOUTS = {
+    "pairs in rows of 2048": {"pack_length": 2048},
+    "sequences in rows of the longest sequence": {"pack_length": None, "split_pairs": True},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import datasets
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastdpo.data import prepare_preferences, tokenize_preferences
+    from fastdpo.data.packing import pack_pairs
+    from fastdpo.data.tiny_tokenizer import build_tiny_tokenizer
+    from fastdpo.ops import LossConfig
+    from fastdpo.train import preference_step
+
+    parser = argparse.ArgumentParser(prog="python -m bench.pack_rows_cpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    datasets.disable_progress_bars()
+    tokenizer = build_tiny_tokenizer()
+    rows = datasets.Dataset.from_list(_pairs(args.pairs))
+    data = tokenize_preferences(prepare_preferences(rows), tokenizer, max_length=1024).dataset
+    torch.manual_seed(0)
+    config = LlamaConfig(**MODEL, pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
+    policy, reference = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    policy.gradient_checkpointing_enable()
+    policy.train()
+    loss_config = LossConfig(loss_type="sigmoid")
+    batches = [[data[i] for i in range(start, start + args.batch)] for start in range(0, len(data), args.batch)]
+    results = []
+    for name, options in LAYOUTS.items():
+        packed = [pack_pairs(examples, max_length=1024, **options) for examples in batches]
+        preference_step(policy, packed[0], loss_config, ref_model=reference).loss.backward()  # warm-up
+        times, losses = [], []
+        for _ in range(args.repeats):
+            policy.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            for batch in packed:
+                out = preference_step(policy, batch, loss_config, ref_model=reference)
+                out.loss.backward()
+                losses.append(float(out.loss.detach()))
+            times.append(time.perf_counter() - start)
+        shapes = [tuple(b.input_ids.shape) for b in packed]
+        padding = sum(b.num_padding for b in packed) / sum(b.input_ids.numel() for b in packed)
+        results.append({"layout": name, "seconds": min(times), "all_seconds": times, "losses": losses[: len(packed)],
+                        "rows": shapes, "attention_entries": sum(r * length**2 for r, length in shapes),
+                        "padding": padding})  # fmt: skip
+    base = results[0]
+    lines = [
+        f"DPO step fwd+bwd (reference included), tiny Llama H=256, 4 layers, V=32000, sdpa, fp32, checkpointing; "
+        f"{args.pairs} pairs in batches of {args.batch}; {args.threads} threads; best of {args.repeats}. "
+        f"torch {torch.__version__}.",
+        "",
+        "| layout | s (all batches) | vs pairs | padding | attention entries Σ rows·L² vs pairs |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r['layout']} | {r['seconds']:.2f} | {r['seconds'] / base['seconds']:.2f}x | "
+                     f"{r['padding']:.1%} | {r['attention_entries'] / base['attention_entries']:.2f}x |")  # fmt: skip
+    worst = max(abs(a - b) for a, b in zip(results[0]["losses"], results[1]["losses"], strict=True))
+    lines += ["", f"Largest loss difference between the layouts over the batches: {worst:.1e} (fp32 rounding)."]
+    text = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "pack_rows_cpu.json", json.dumps(results, indent=1))
+    atomic_write(args.out / "pack_rows_cpu.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
