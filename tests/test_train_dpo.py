@@ -293,3 +293,18 @@ def test_packing_off_puts_each_pair_in_its_own_row_and_trains_the_same(tmp_path)
         for name in ("loss", "grad_norm", "logps/chosen", "num_tokens"):
             assert alone[step][name] == pytest.approx(packed[step][name], rel=1e-5), (step, name)
     assert alone[0]["padding_fraction"] > packed[0]["padding_fraction"]
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "cpo", "orpo"])
+def test_reference_free_losses_train_without_a_reference(loss_type, tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    args = DPOConfig(**common_args(tmp_path, loss_type), loss_type=[loss_type])
+    trainer = DPOTrainer(load(), args=args, train_dataset=synthetic_pairs(4), processing_class=tokenizer)
+    assert trainer.ref_model is None  # no copy of the policy is made
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and logs[0]["loss"] != logs[1]["loss"]
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)
+    if loss_type in ("cpo", "orpo"):  # their NLL term is logged, as TRL's CPO/ORPO trainers log it
+        assert "nll_loss" in logs[0]
