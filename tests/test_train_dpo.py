@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from tiny_models import save_tiny_mixtral
 from tiny_tokenizer import build_tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -243,18 +244,8 @@ def test_evaluation_and_the_best_checkpoint_by_eval_reward_accuracy(tmp_path):
 
 def test_moe_aux_loss_matches_trl(data, tmp_path):
     # a tiny Mixtral: TRL adds the config's router_aux_loss_coef times the load-balancing loss and logs aux_loss
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           router_aux_loss_coef=0.5, pad_token_id=tokenizer.pad_token_id,
-                           attn_implementation="sdpa")  # fmt: skip
-    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
-
-    def load():
-        return MixtralForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32)
+    load = save_tiny_mixtral(tokenizer, tmp_path / "moe")
 
     ours = run(DPOTrainer, DPOConfig, load, data, tokenizer, tmp_path, "ours")
     theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl")

@@ -10,6 +10,7 @@ import datasets
 import pytest
 import torch
 import transformers
+from tiny_models import save_tiny_mixtral
 from tiny_tokenizer import build_tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -140,18 +141,8 @@ def test_first_steps_match_trl(case, load, tokenizer, tmp_path):
 
 def test_moe_aux_loss_matches_trl(tokenizer, tmp_path):
     # a tiny Mixtral: TRL adds router_aux_loss_coef times the load-balancing loss, over the accumulation steps
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     trl = pytest.importorskip("trl")
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           router_aux_loss_coef=0.5, pad_token_id=tokenizer.pad_token_id,
-                           attn_implementation="sdpa")  # fmt: skip
-    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
-
-    def load():
-        return MixtralForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32)
+    load = save_tiny_mixtral(tokenizer, tmp_path / "moe")
 
     data, options = prompt_completion_rows(16, seed=2), {"gradient_accumulation_steps": 2}
     _, ours = train(SFTTrainer, SFTConfig, load, data, tokenizer, tmp_path, "ours", **options)
