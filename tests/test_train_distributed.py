@@ -2,7 +2,8 @@
 
 Two processes with 2 pairs each must take the optimizer steps one process takes with 4 pairs: the same pairs, the
 same gradients (DDP's all-reduce armed by a forward through its wrapper), metrics gathered over both. With token
-budget batches the processes hold different numbers of pairs; every pair must still weigh the same.
+budget batches the processes hold different numbers of pairs; every pair must still weigh the same. A cached
+reference is computed by the first process and read by the other.
 """
 
 from __future__ import annotations
@@ -41,3 +42,10 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
     one = run(tmp_path, "budget_one", 1, gradient_accumulation_steps=2, **budget)
     two = run(tmp_path, "budget_two", 2, **budget)
     assert_same_steps(two, one)
+    # the cached reference: process 0 computes the file, process 1 waits and reads it
+    one = run(tmp_path, "cached_one", 1, per_device_train_batch_size=4, precompute_ref_log_probs=True,
+              ref_cache_dir=str(tmp_path / "cache_one"))  # fmt: skip
+    two = run(tmp_path, "cached_two", 2, per_device_train_batch_size=2, precompute_ref_log_probs=True,
+              ref_cache_dir=str(tmp_path / "cache_two"))  # fmt: skip
+    assert_same_steps(two, one)
+    assert len(list((tmp_path / "cache_two").glob("*.arrow"))) == 1  # one file, written once

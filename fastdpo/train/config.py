@@ -5,12 +5,12 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
 - ``bf16`` left unset is True only on a GPU that supports it (and without ``fp16``); on a CPU it is False (fp32),
   where TRL's default would raise or autocast to bf16.
 - Options this version does not implement raise ``ConfigError`` naming the option instead of being ignored:
-  ``ld_alpha``, ``use_weighting``, ``sync_ref_model``, ``precompute_ref_log_probs`` (cached references come
-  with the reference issue), ``activation_offloading``.
+  ``ld_alpha``, ``use_weighting``, ``sync_ref_model``, ``activation_offloading``. ``precompute_ref_log_probs``
+  selects the cached reference (``fastdpo.model.reference_cache``; files in ``ref_cache_dir``).
 - ``padding_free`` (which TRL 1.16 warns about and ignores) is accepted with a warning: fastdpo always packs.
 - Ours: ``packing`` (on; off puts each pair alone in its own row), ``pack_length`` (default
   ``fastdpo.data.default_pack_length``), ``max_tokens_per_batch``, ``reference``
-  (``auto|separate|cached|adapter|none``), ``head_impl``, ``simpo_gamma``, ``cpo_alpha``,
+  (``auto|separate|cached|adapter|none``), ``ref_cache_dir``, ``head_impl``, ``simpo_gamma``, ``cpo_alpha``,
   ``max_nonfinite_steps`` (the numerics guard, ``fastdpo.train.common.NumericsGuard``; 0 turns it off).
 """
 
@@ -35,7 +35,6 @@ NOT_YET = {
     "ld_alpha": None,
     "use_weighting": False,
     "sync_ref_model": False,
-    "precompute_ref_log_probs": False,
     "activation_offloading": False,
 }
 
@@ -87,6 +86,7 @@ class DPOConfig(TrainingArguments):
     simpo_gamma: float = 0.5
     cpo_alpha: float = 1.0
     max_nonfinite_steps: int = 10
+    ref_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):

@@ -35,12 +35,14 @@ from fastdpo.data.sampler import TokenBudgetBatchSampler
 from fastdpo.data.tokenize import tokenize_preferences, truncate
 from fastdpo.errors import ConfigError
 from fastdpo.model.moe import router_aux_loss_coef
+from fastdpo.model.reference_cache import cached_reference_logps
 from fastdpo.ops import LossOutput
 from fastdpo.train.common import NumericsGuard, StepMetrics, TokenRate, forward_as, load_causal_lm, load_tokenizer
 from fastdpo.train.config import DPOConfig
 from fastdpo.train.step import preference_step, reference_logps
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # TRL's names for precomputed reference log-probs
 
 
 class PairPacker:
@@ -70,6 +72,9 @@ class PairPacker:
         fields["pair_ids"] = torch.tensor(fields["pair_ids"], dtype=torch.long)
         fields["max_seqlen"] = torch.tensor(fields["max_seqlen"])
         fields["num_padding"] = torch.tensor(fields["num_padding"])
+        if all(name in examples[0] for name in REFERENCE_COLUMNS):  # cached reference: [P, 2] in pair order
+            fields["ref_logps"] = torch.tensor([[examples[i][name] for name in REFERENCE_COLUMNS]
+                                                for i in batch.pair_ids], dtype=torch.float32)  # fmt: skip
         return fields
 
 
@@ -108,8 +113,7 @@ class DPOTrainer(NumericsGuard, Trainer):
             processing_class = processing_class or tokenizer
         if peft_config is not None:
             raise ConfigError("PEFT is not supported yet", column="peft_config", fix="pass peft_config=None")
-        if args.reference not in ("auto", "separate", "none"):
-            raise ConfigError(f"{args.reference!r} is not supported yet", column="reference", fix="use 'auto'")
+        self.reference_mode = _reference_mode(args)
         if args.n_gpu > 1:
             raise ConfigError(
                 f"one process drives {args.n_gpu} GPUs (torch DataParallel), which packed batches do not support",
@@ -152,10 +156,15 @@ class DPOTrainer(NumericsGuard, Trainer):
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, compute_metrics=compute_metrics)  # fmt: skip
         self.ref_model = None
-        if not self.loss_config.reference_free and args.reference != "none":
+        if self.reference_mode == "separate":
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
             self.ref_model.requires_grad_(False).eval()
             self.ref_model.to(self.args.device)
+        elif self.reference_mode == "cached":  # computed once (or read), then no reference model is kept
+            reference = ref_model.to(self.args.device) if ref_model is not None else model
+            self.train_dataset = self._with_reference_logps(reference, self.train_dataset, "train")
+            if self.eval_dataset is not None:
+                self.eval_dataset = self._with_reference_logps(reference, self.eval_dataset, "eval")
         self._metrics = {"train": StepMetrics(), "eval": StepMetrics()}
         self._total_train_tokens = 0
         self._token_rate = TokenRate()
@@ -167,7 +176,23 @@ class DPOTrainer(NumericsGuard, Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         # the columns the collator reads (the Trainer drops the others when remove_unused_columns is on)
         if self._signature_columns is None:
-            self._signature_columns = list(TOKEN_COLUMNS)
+            self._signature_columns = [*TOKEN_COLUMNS, *REFERENCE_COLUMNS]
+
+    def _with_reference_logps(self, reference: nn.Module, dataset, name: str):
+        """``dataset`` with the reference's log-probs as columns, from the cache (computed on the first process
+        first; the others then read its file)."""
+        if isinstance(dataset, dict):
+            return {key: self._with_reference_logps(reference, part, f"{name}_{key}") for key, part in dataset.items()}
+        args = self.args
+        batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
+        with args.main_process_first(local=False, desc=f"reference log-probs ({name})"):
+            values = cached_reference_logps(reference, dataset, cache_dir=args.ref_cache_dir,
+                                            tokenizer=self.processing_class, max_length=args.max_length,
+                                            truncation_mode=args.truncation_mode, batch_size=batch_size,
+                                            head_impl=args.head_impl, progress=not args.disable_tqdm)  # fmt: skip
+        dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
+        dataset = dataset.add_column(REFERENCE_COLUMNS[0], values[:, 0].tolist())
+        return dataset.add_column(REFERENCE_COLUMNS[1], values[:, 1].tolist())
 
     def _prepare(self, dataset, tokenizer, args: DPOConfig, name: str):
         if all(c in dataset.column_names for c in TOKEN_COLUMNS):
@@ -190,9 +215,10 @@ class DPOTrainer(NumericsGuard, Trainer):
         return pairs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        ref_logps = inputs.pop("ref_logps", None)
         batch = _as_batch(inputs)
-        ref_logps = None
-        if self.ref_model is not None:
+        if ref_logps is None and self.ref_model is not None:
             ref_logps = reference_logps(self.ref_model, batch, impl=self.args.head_impl)
         inner = self.accelerator.unwrap_model(model)
 
@@ -248,6 +274,24 @@ class DPOTrainer(NumericsGuard, Trainer):
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
         super().log(logs, start_time)
+
+
+def _reference_mode(args: DPOConfig) -> str:
+    """``separate``, ``cached`` or ``none``: what ``reference`` (and TRL's ``precompute_ref_log_probs``) select."""
+    reference_free = args.loss_config().reference_free
+    mode = args.reference
+    if mode == "auto":
+        mode = "none" if reference_free else "cached" if args.precompute_ref_log_probs else "separate"
+    if mode == "adapter":
+        raise ConfigError("'adapter' is not supported yet (it comes with PEFT)", column="reference",
+                          fix="use 'separate' or 'cached'")  # fmt: skip
+    if args.precompute_ref_log_probs and mode != "cached" and not reference_free:
+        raise ConfigError(f"precompute_ref_log_probs=True asks for a cached reference, reference={mode!r} for another",
+                          column="reference", fix="use reference='cached' (or 'auto')")  # fmt: skip
+    if mode == "none" and not reference_free:
+        fix = "use 'auto', 'separate' or 'cached', or a reference-free loss (simpo, cpo, orpo)"
+        raise ConfigError(f"loss_type {list(args.loss_type)} needs a reference", column="reference", fix=fix)
+    return "none" if reference_free else mode
 
 
 def _pair_length(example: dict, max_length: int | None, truncation_mode: str) -> int:

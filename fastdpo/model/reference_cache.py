@@ -1,0 +1,224 @@
+"""Reference log-probs computed once over a dataset, stored on disk, reused across runs and beta sweeps.
+
+    logps = cached_reference_logps(reference, tokenized, cache_dir="~/.cache/fastdpo/reference_logps",
+                                   tokenizer=tokenizer, max_length=1024)   # [rows, 2] (chosen, rejected)
+
+The reference model runs once over the dataset (packed batches, no grad, a progress bar) and the per-pair sums
+are written as an Arrow file named by a key: a fingerprint of everything the values depend on — the model's
+weights and config, the tokenizer, the tokenized rows (every id, in order) and the truncation settings. A later
+call with the same key reads the file and runs no reference forward at all; any change of key computes a new
+file. A file is used only if its embedded key, row count and checksum match and every value is finite; anything
+else (a truncated or corrupted file, a stale one) is reported with a warning and rebuilt, never used. Files are
+written atomically (``fastdpo.atomic``), so an interrupted run leaves no half file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fastdpo.atomic import atomic_open
+from fastdpo.data.packing import pack_pairs
+from fastdpo.model.packed import packed_logps
+
+logger = logging.getLogger(__name__)
+FORMAT = "fastdpo-reference-logps-1"
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def default_cache_dir() -> Path:
+    """``$FASTDPO_CACHE/reference_logps``, else ``$XDG_CACHE_HOME/fastdpo/...``, else ``~/.cache/fastdpo/...``."""
+    root = os.environ.get("FASTDPO_CACHE")
+    if root is None:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastdpo")
+    return Path(root) / "reference_logps"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fingerprints
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter and buffer (names, shapes, dtypes, bytes) and of the model's config."""
+    digest = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary, special tokens and chat template (None: no tokenizer given)."""
+    if tokenizer is None:
+        return "none"
+    state = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.blake2b(json.dumps(state, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def rows_fingerprint(rows) -> tuple[str, int]:
+    """A hash of the token ids of every row, in order, and the number of rows.
+
+    ``rows``: a ``datasets.Dataset`` (hashed column by column from Arrow, in the dataset's order, fast) or any
+    sequence of dicts.
+    """
+    import numpy as np
+
+    digest = hashlib.blake2b(digest_size=16)
+    table = None
+    if hasattr(rows, "with_format") and hasattr(rows, "column_names"):
+        table = rows.with_format("arrow")[0 : len(rows)]  # applies any select/shuffle indices: logical order
+    for name in TOKEN_COLUMNS:
+        if table is not None:
+            column = table.column(name).combine_chunks()
+            offsets = column.offsets.to_numpy().astype("int64")
+            flat = column.flatten().to_numpy().astype("int64")
+        else:
+            lists = [rows[i][name] for i in range(len(rows))]
+            offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in lists])]).astype("int64")
+            flat = np.fromiter((t for ids in lists for t in ids), dtype="int64", count=int(offsets[-1]))
+        digest.update(name.encode())
+        digest.update((offsets - offsets[0]).tobytes())
+        digest.update(flat.tobytes())
+    return digest.hexdigest(), len(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Computing and caching
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def compute_reference_logps(
+    reference: nn.Module,
+    rows,
+    *,
+    max_length: int | None,
+    truncation_mode: str = "keep_start",
+    batch_size: int = 8,
+    head_impl: str = "auto",
+    progress: bool = True,
+) -> Tensor:
+    """``[rows, 2]`` fp32 (chosen, rejected) completion log-prob sums of ``reference``, no grad, packed batches.
+
+    ``rows`` is anything indexable holding ``prompt_ids``/``chosen_ids``/``rejected_ids`` (a tokenized dataset).
+    """
+    from fastdpo.ops.fused_pair_loss import _pair_segments
+
+    was_training = reference.training
+    reference.eval()
+    out = torch.empty(len(rows), 2, dtype=torch.float32)
+    starts = range(0, len(rows), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="reference log-probs", unit="batch")
+    try:
+        with torch.no_grad():
+            for start in starts:
+                examples = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+                batch = pack_pairs(examples, pack_length=None, max_length=max_length, truncation_mode=truncation_mode,
+                                   split_pairs=True, row_ids=list(range(start, start + len(examples))))  # fmt: skip
+                logps = packed_logps(reference, batch, impl=head_impl).seq_logps
+                pairs = _pair_segments(batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen).to(logps.device)
+                values = logps[pairs].float().cpu()  # [P, 2] in pair order
+                out[[start + i for i in batch.pair_ids]] = values
+    finally:
+        reference.train(was_training)
+    return out
+
+
+def cache_key(reference: nn.Module, rows, *, tokenizer, max_length: int | None, truncation_mode: str) -> dict:
+    """What the cached values depend on; its hash names the file."""
+    data, count = rows_fingerprint(rows)
+    return {"format": FORMAT, "model": model_fingerprint(reference), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "rows": data, "num_rows": count, "max_length": max_length, "truncation_mode": truncation_mode}  # fmt: skip
+
+
+def cached_reference_logps(
+    reference: nn.Module,
+    rows,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    tokenizer=None,
+    max_length: int | None,
+    truncation_mode: str = "keep_start",
+    batch_size: int = 8,
+    head_impl: str = "auto",
+    progress: bool = True,
+) -> Tensor:
+    """``[rows, 2]`` reference log-probs: read from the cache when a valid file has this key, else computed and
+    written. See the module docstring."""
+    key = cache_key(reference, rows, tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode)
+    name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
+    path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / f"{name}.arrow"
+    if path.exists():
+        values, problem = read_cache(path, key)
+        if values is not None:
+            logger.info("reference log-probs: %d rows read from %s", len(values), path)
+            return values
+        warnings.warn(f"reference log-prob cache {path} is not usable ({problem}): computing it again", stacklevel=2)
+    values = compute_reference_logps(reference, rows, max_length=max_length, truncation_mode=truncation_mode,
+                                     batch_size=batch_size, head_impl=head_impl, progress=progress)  # fmt: skip
+    if not bool(torch.isfinite(values).all()):
+        bad = torch.nonzero(~torch.isfinite(values).all(1)).flatten()[:5].tolist()
+        raise ValueError(f"reference log-probs are not finite at rows {bad}: the reference model overflows there")
+    write_cache(path, key, values)
+    return values
+
+
+def _checksum(values: Tensor) -> str:
+    return hashlib.sha256(values.contiguous().numpy().tobytes()).hexdigest()
+
+
+def write_cache(path: Path, key: dict, values: Tensor) -> None:
+    """Write ``values`` ``[rows, 2]`` fp32 with ``key`` and a checksum in the Arrow schema's metadata, atomically."""
+    import pyarrow as pa
+
+    table = pa.table({"ref_chosen_logps": values[:, 0].numpy(), "ref_rejected_logps": values[:, 1].numpy()})
+    meta = {"fastdpo_key": json.dumps(key, sort_keys=True), "fastdpo_checksum": _checksum(values)}
+    table = table.replace_schema_metadata(meta)
+    sink = io.BytesIO()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    with atomic_open(path, "wb") as handle:
+        handle.write(sink.getvalue())
+
+
+def read_cache(path: Path, key: dict) -> tuple[Tensor | None, str]:
+    """``(values, "")`` when the file at ``path`` is complete, has ``key`` and its checksum; else ``(None, why)``."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all()
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        chosen = torch.from_numpy(table.column("ref_chosen_logps").to_numpy().copy())
+        rejected = torch.from_numpy(table.column("ref_rejected_logps").to_numpy().copy())
+    except (pa.ArrowException, OSError, KeyError, UnicodeDecodeError) as error:
+        return None, f"unreadable: {error.__class__.__name__}"
+    if meta.get("fastdpo_key") != json.dumps(key, sort_keys=True):
+        return None, "its key does not match"
+    values = torch.stack([chosen, rejected], dim=1).float()
+    if len(values) != key["num_rows"]:
+        return None, f"{len(values)} rows for {key['num_rows']}"
+    if meta.get("fastdpo_checksum") != _checksum(values):
+        return None, "checksum mismatch"
+    if not bool(torch.isfinite(values).all()):
+        return None, "non-finite values"
+    return values, ""

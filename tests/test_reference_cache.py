@@ -1,0 +1,120 @@
+"""The cached reference: values equal a naive computation, reuse runs no reference forward, bad files are rebuilt."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from test_train_dpo import common_args, synthetic_pairs, tiny_model
+from test_train_step import make_pairs, naive_sums, tiny_llama
+from tiny_tokenizer import build_tiny_tokenizer
+
+from fastdpo.errors import ConfigError
+from fastdpo.model.reference_cache import cached_reference_logps, compute_reference_logps
+from fastdpo.train import DPOConfig, DPOTrainer
+
+
+class ForwardCounter:
+    """Counts forward passes of a model's body."""
+
+    def __init__(self, model):
+        self.calls = 0
+        model.get_decoder().register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        self.calls += 1
+
+
+def test_values_equal_a_naive_padded_computation():
+    model = tiny_llama(1)  # fp64
+    rows = make_pairs(seed=11, count=7)
+    got = compute_reference_logps(model, rows, max_length=None, batch_size=3, progress=False)
+    expected, _, _ = naive_sums(model, rows)
+    # stored in fp32: a few fp32 ulps of |logps|
+    torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-5)
+
+
+def test_second_call_reads_the_file_and_any_key_change_recomputes(tmp_path):
+    model = tiny_llama(2).float()
+    rows = make_pairs(seed=12, count=6)
+    counter = ForwardCounter(model)
+    common = {"cache_dir": tmp_path, "max_length": None, "batch_size": 4, "progress": False}
+    first = cached_reference_logps(model, rows, **common)
+    computed = counter.calls
+    assert computed == 2  # 6 rows in batches of 4
+    again = cached_reference_logps(model, rows, **common)
+    assert counter.calls == computed  # zero reference forwards
+    assert torch.equal(first, again)
+    cached_reference_logps(model, rows, **{**common, "max_length": 9})  # truncation changed: recomputed
+    assert counter.calls == computed + 2
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0  # weights changed: recomputed
+    cached_reference_logps(model, rows, **common)
+    assert counter.calls == computed + 4
+    assert len(list(tmp_path.glob("*.arrow"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_value", "garbage"])
+def test_a_corrupt_file_is_detected_and_rebuilt(damage, tmp_path):
+    model = tiny_llama(3).float()
+    rows = make_pairs(seed=13, count=5)
+    common = {"cache_dir": tmp_path, "max_length": None, "progress": False}
+    good = cached_reference_logps(model, rows, **common)
+    (path,) = tmp_path.glob("*.arrow")
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip_value":  # a value changed in place: the file still parses, the checksum catches it
+        needle = good[2, 0].numpy().tobytes()
+        at = bytes(data).find(needle)
+        assert at >= 0
+        data[at : at + 4] = torch.tensor(float(good[2, 0]) + 1.0).numpy().astype("float32").tobytes()
+    else:
+        data = bytearray(b"not an arrow file at all")
+    path.write_bytes(bytes(data))
+    counter = ForwardCounter(model)
+    with pytest.warns(UserWarning, match="not usable"):
+        rebuilt = cached_reference_logps(model, rows, **common)
+    assert counter.calls > 0 and torch.equal(rebuilt, good)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt file is valid: read without a warning
+        assert torch.equal(cached_reference_logps(model, rows, **common), good)
+
+
+def test_trainer_with_cached_reference_trains_as_with_a_separate_one_and_reuses_it(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    data = synthetic_pairs(8)
+    cache = {"ref_cache_dir": str(tmp_path / "cache")}
+
+    def train(name, **extra):
+        trainer = DPOTrainer(load(), args=DPOConfig(**common_args(tmp_path, name), **extra), train_dataset=data,
+                             eval_dataset=synthetic_pairs(3, seed=5), processing_class=tokenizer)  # fmt: skip
+        trainer.train()
+        return trainer, [log for log in trainer.state.log_history if "loss" in log]
+
+    separate, separate_logs = train("separate")
+    cached, cached_logs = train("cached", precompute_ref_log_probs=True, **cache)
+    assert separate.ref_model is not None and cached.ref_model is None  # no second copy of the weights
+    for step in (0, 1):  # the cache was computed in other batches: fp32 rounding of the reference sums
+        for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+            assert cached_logs[step][name] == pytest.approx(separate_logs[step][name], rel=1e-5, abs=1e-7), name
+    assert cached.evaluate()["eval_loss"] == pytest.approx(separate.evaluate()["eval_loss"], rel=1e-5)
+
+    policy = load()
+    counter = ForwardCounter(policy)
+    args = DPOConfig(**{**common_args(tmp_path, "beta"), "beta": 0.5}, reference="cached", **cache)
+    held_out = synthetic_pairs(3, seed=5)
+    DPOTrainer(policy, args=args, train_dataset=data, eval_dataset=held_out, processing_class=tokenizer)
+    assert counter.calls == 0  # another beta: the reference log-probs come from the files
+
+
+def test_reference_options_that_contradict_are_refused(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    for options, column in (({"precompute_ref_log_probs": True, "reference": "separate"}, "reference"),
+                            ({"reference": "none"}, "reference"), ({"reference": "adapter"}, "reference")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"column '{column}'"):
+            args = DPOConfig(**common_args(tmp_path, "x"), **options)
+            DPOTrainer(load(), args=args, train_dataset=synthetic_pairs(2), processing_class=tokenizer)
