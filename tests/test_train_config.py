@@ -46,7 +46,7 @@ def test_bf16_unset_means_fp32_on_a_cpu(tmp_path):
 @pytest.mark.parametrize(
     ("options", "column"),
     [({"ld_alpha": 0.5}, "ld_alpha"), ({"use_weighting": True}, "use_weighting"),
-     ({"sync_ref_model": True}, "sync_ref_model"),
+     ({"sync_ref_model": True, "reference": "cached"}, "sync_ref_model"),
      ({"activation_offloading": True}, "activation_offloading"), ({"beta": 0.0}, "beta"),
      ({"loss_type": "sigmod"}, "loss_type"), ({"truncation_mode": "keep_middle"}, "truncation_mode"),
      ({"reference": "cahced"}, "reference"), ({"head_impl": "fast"}, "head_impl"),

@@ -46,7 +46,7 @@ def data():
 
 
 def run(trainer_cls, config_cls, load, data, tokenizer, tmp_path, name, **extra):
-    trainer = trainer_cls(model=load(), ref_model=load(), args=config_cls(**common_args(tmp_path, name), **extra),
+    trainer = trainer_cls(model=load(), ref_model=load(), args=config_cls(**{**common_args(tmp_path, name), **extra}),
                           train_dataset=data, processing_class=tokenizer)  # fmt: skip
     trainer.train()
     return [log for log in trainer.state.log_history if "loss" in log]
@@ -299,3 +299,20 @@ def test_reference_free_losses_train_without_a_reference(loss_type, tmp_path):
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)
     if loss_type in ("cpo", "orpo"):  # their NLL term is logged, as TRL's CPO/ORPO trainers log it
         assert "nll_loss" in logs[0]
+
+
+def test_sync_ref_model_matches_trl(data, tmp_path):
+    # TR-DPO: the reference moves toward the policy after every step (α = 0.6); step 3 sees a moved reference
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    options = {"sync_ref_model": True, "ref_model_sync_steps": 1, "max_steps": 3, "per_device_train_batch_size": 1}
+    ours = run(DPOTrainer, DPOConfig, load, data, tokenizer, tmp_path, "ours", **options)
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **options)
+    plain = run(DPOTrainer, DPOConfig, load, data, tokenizer, tmp_path, "plain", **{**options, "sync_ref_model": False})
+    assert len(ours) == len(theirs) == 3
+    for step in (1, 2):
+        for name in ("loss", "grad_norm", "logps/chosen"):
+            assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4), (step, name)
+    assert ours[2]["rewards/margins"] != pytest.approx(plain[2]["rewards/margins"], rel=1e-3)  # the sync mattered
+    with pytest.raises(ConfigError, match="sync_ref_model"):
+        DPOConfig(**common_args(tmp_path, "x"), sync_ref_model=True, precompute_ref_log_probs=True)  # no model to move

@@ -3,6 +3,7 @@
 - ``load_causal_lm``: a model given as a path or hub name is loaded as TRL 1.16 loads it (``model_init_kwargs``
   passed to ``from_pretrained``, ``dtype`` defaulting to float32 and given as a ``torch.dtype`` or one of
   ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"auto"``; ``trust_remote_code`` from the config).
+- ``SyncReference``: TR-DPO's reference updates (``sync_ref_model``).
 - ``forward_as``: how the trainers run their packed step through a DDP/FSDP/DeepSpeed wrapper.
 - ``NumericsGuard``: a Trainer mixin. An optimizer step whose loss (on any micro-batch, any process) or gradient
   norm is not finite is skipped: every gradient is dropped before ``optimizer.step()``, so no parameter and no
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from fastdpo.errors import ConfigError
 
@@ -47,6 +49,23 @@ def forward_as(module: nn.Module, forward: Callable) -> Iterator[None]:
         yield
     finally:
         del module.forward
+
+
+class SyncReference(TrainerCallback):
+    """TR-DPO: every ``ref_model_sync_steps`` optimizer steps the reference moves toward the policy,
+    ``ref ← α·policy + (1 − α)·ref`` with ``α = ref_model_mixup_alpha`` (TRL's ``sync_ref_model``)."""
+
+    def __init__(self, reference: nn.Module, accelerator) -> None:
+        self.reference, self.accelerator = reference, accelerator
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % args.ref_model_sync_steps:
+            return
+        policy = self.accelerator.unwrap_model(model)
+        alpha = args.ref_model_mixup_alpha
+        with torch.no_grad():
+            for target, source in zip(self.reference.parameters(), policy.parameters(), strict=True):
+                target.mul_(1.0 - alpha).add_(source.to(target.device, target.dtype), alpha=alpha)
 
 
 class NumericsError(RuntimeError):

@@ -5,7 +5,7 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
 - ``bf16`` left unset is True only on a GPU that supports it (and without ``fp16``); on a CPU it is False (fp32),
   where TRL's default would raise or autocast to bf16.
 - Options this version does not implement raise ``ConfigError`` naming the option instead of being ignored:
-  ``ld_alpha``, ``use_weighting``, ``sync_ref_model``, ``activation_offloading``. ``precompute_ref_log_probs``
+  ``ld_alpha``, ``use_weighting``, ``activation_offloading``. ``precompute_ref_log_probs``
   selects the cached reference (``fastdpo.model.reference_cache``; files in ``ref_cache_dir``).
 - ``padding_free`` (which TRL 1.16 warns about and ignores) is accepted with a warning: fastdpo always packs.
 - Ours: ``packing`` (on; off puts each pair alone in its own row), ``pack_length`` (default
@@ -34,7 +34,6 @@ TRUNCATION_MODES = ("keep_start", "keep_end")
 NOT_YET = {
     "ld_alpha": None,
     "use_weighting": False,
-    "sync_ref_model": False,
     "activation_offloading": False,
 }
 
@@ -138,6 +137,10 @@ class DPOConfig(TrainingArguments):
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ConfigError(f"must be positive, got {self.max_tokens_per_batch}", column="max_tokens_per_batch")
         check_guard_option(self.max_nonfinite_steps)
+        if self.sync_ref_model and (self.precompute_ref_log_probs or self.reference in ("cached", "none")):
+            fix = "use sync_ref_model=False, or a separate reference"
+            raise ConfigError("updates a reference model; a cached or absent reference has none",
+                              column="sync_ref_model", fix=fix)  # fmt: skip
         self.loss_config()  # validates the loss options (ConfigError naming the option)
 
     def loss_config(self) -> LossConfig:

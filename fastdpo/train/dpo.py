@@ -37,7 +37,15 @@ from fastdpo.errors import ConfigError
 from fastdpo.model.moe import router_aux_loss_coef
 from fastdpo.model.reference_cache import cached_reference_logps
 from fastdpo.ops import LossOutput
-from fastdpo.train.common import NumericsGuard, StepMetrics, TokenRate, forward_as, load_causal_lm, load_tokenizer
+from fastdpo.train.common import (
+    NumericsGuard,
+    StepMetrics,
+    SyncReference,
+    TokenRate,
+    forward_as,
+    load_causal_lm,
+    load_tokenizer,
+)
 from fastdpo.train.config import DPOConfig
 from fastdpo.train.step import preference_step, reference_logps
 
@@ -160,6 +168,8 @@ class DPOTrainer(NumericsGuard, Trainer):
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
             self.ref_model.requires_grad_(False).eval()
             self.ref_model.to(self.args.device)
+            if args.sync_ref_model:
+                self.add_callback(SyncReference(self.ref_model, self.accelerator))
         elif self.reference_mode == "cached":  # computed once (or read), then no reference model is kept
             reference = ref_model.to(self.args.device) if ref_model is not None else model
             self.train_dataset = self._with_reference_logps(reference, self.train_dataset, "train")
@@ -288,6 +298,9 @@ def _reference_mode(args: DPOConfig) -> str:
     if args.precompute_ref_log_probs and mode != "cached" and not reference_free:
         raise ConfigError(f"precompute_ref_log_probs=True asks for a cached reference, reference={mode!r} for another",
                           column="reference", fix="use reference='cached' (or 'auto')")  # fmt: skip
+    if args.sync_ref_model and mode != "separate":
+        raise ConfigError(f"sync_ref_model updates a reference model; reference={mode!r} has none to update",
+                          column="sync_ref_model", fix="use reference='separate', or sync_ref_model=False")  # fmt: skip
     if mode == "none" and not reference_free:
         fix = "use 'auto', 'separate' or 'cached', or a reference-free loss (simpo, cpo, orpo)"
         raise ConfigError(f"loss_type {list(args.loss_type)} needs a reference", column="reference", fix=fix)
