@@ -14,9 +14,10 @@ counted in ``self.dropped_rows``). Metrics carry TRL's names (``rewards/*``, ``l
 ``mean_token_accuracy``, ``num_tokens``, ``aux_loss`` for MoE) plus ``padding_fraction`` and ``tokens_per_second``;
 non-finite steps are skipped (``NumericsGuard``).
 
-A model is an object or a path (``model_init_kwargs``). References: ``separate`` (``ref_model``, or a frozen copy
-of the policy when it is None) and ``none`` for reference-free losses; PEFT and cached or adapter references
-raise ``ConfigError`` in this version.
+A model is an object or a path (``model_init_kwargs``), optionally with a ``peft_config``. References:
+``separate`` (``ref_model``, or a frozen copy of the policy when it is None), ``cached`` (computed once, read from
+files), ``adapter`` (PEFT: adapters disabled, or a frozen copy of a trained adapter; no second copy of the weights)
+and ``none`` for reference-free losses.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import warnings
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from fastdpo.data.formats import prepare_preferences
 from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs
 from fastdpo.data.sampler import TokenBudgetBatchSampler
 from fastdpo.data.tokenize import tokenize_preferences, truncate
 from fastdpo.errors import ConfigError
+from fastdpo.model.adapters import adapter_reference, is_peft_model, prepare_adapter_model, wrap_with_adapter
 from fastdpo.model.moe import router_aux_loss_coef
 from fastdpo.model.reference_cache import cached_reference_logps
 from fastdpo.ops import LossOutput
@@ -119,9 +121,6 @@ class DPOTrainer(NumericsGuard, Trainer):
         if tokenizer is not None:  # the old name, as the seed's example uses it
             warnings.warn("DPOTrainer(tokenizer=...) is deprecated: use processing_class", FutureWarning, stacklevel=2)
             processing_class = processing_class or tokenizer
-        if peft_config is not None:
-            raise ConfigError("PEFT is not supported yet", column="peft_config", fix="pass peft_config=None")
-        self.reference_mode = _reference_mode(args)
         if args.n_gpu > 1:
             raise ConfigError(
                 f"one process drives {args.n_gpu} GPUs (torch DataParallel), which packed batches do not support",
@@ -137,6 +136,12 @@ class DPOTrainer(NumericsGuard, Trainer):
                                        column="ref_model")  # fmt: skip
         if processing_class is None:
             processing_class = load_tokenizer(model)
+        if peft_config is not None:
+            set_seed(args.seed)  # the adapter's random init, reproducible (and TRL's)
+            model = wrap_with_adapter(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
+        elif is_peft_model(model) and ref_model is None:  # a trained adapter: a frozen copy of it is the reference
+            model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=False)
+        self.reference_mode = _reference_mode(args, is_peft_model(model))
         text_tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds one
         if text_tokenizer.pad_token is None:  # as TRL: the EOS token pads (never attended to, never a target)
             text_tokenizer.pad_token = text_tokenizer.eos_token
@@ -228,9 +233,12 @@ class DPOTrainer(NumericsGuard, Trainer):
         inputs = dict(inputs)
         ref_logps = inputs.pop("ref_logps", None)
         batch = _as_batch(inputs)
+        inner = self.accelerator.unwrap_model(model)
         if ref_logps is None and self.ref_model is not None:
             ref_logps = reference_logps(self.ref_model, batch, impl=self.args.head_impl)
-        inner = self.accelerator.unwrap_model(model)
+        elif ref_logps is None and self.reference_mode == "adapter":
+            with adapter_reference(inner):
+                ref_logps = reference_logps(inner, batch, impl=self.args.head_impl)
 
         def packed_forward(*args, **kwargs) -> LossOutput:
             return preference_step(inner, batch, self.loss_config, ref_logps=ref_logps, head_impl=self.args.head_impl,
@@ -286,15 +294,17 @@ class DPOTrainer(NumericsGuard, Trainer):
         super().log(logs, start_time)
 
 
-def _reference_mode(args: DPOConfig) -> str:
-    """``separate``, ``cached`` or ``none``: what ``reference`` (and TRL's ``precompute_ref_log_probs``) select."""
+def _reference_mode(args: DPOConfig, is_peft: bool) -> str:
+    """``separate``, ``cached``, ``adapter`` or ``none``: what ``reference`` (and TRL's ``precompute_ref_log_probs``)
+    select for this model."""
     reference_free = args.loss_config().reference_free
     mode = args.reference
     if mode == "auto":
-        mode = "none" if reference_free else "cached" if args.precompute_ref_log_probs else "separate"
-    if mode == "adapter":
-        raise ConfigError("'adapter' is not supported yet (it comes with PEFT)", column="reference",
-                          fix="use 'separate' or 'cached'")  # fmt: skip
+        automatic = "cached" if args.precompute_ref_log_probs else "adapter" if is_peft else "separate"
+        mode = "none" if reference_free else automatic
+    if mode == "adapter" and not is_peft:
+        raise ConfigError("'adapter' needs a PEFT model (pass peft_config, or a PeftModel)", column="reference",
+                          fix="use 'separate' or 'cached', or pass peft_config")  # fmt: skip
     if args.precompute_ref_log_probs and mode != "cached" and not reference_free:
         raise ConfigError(f"precompute_ref_log_probs=True asks for a cached reference, reference={mode!r} for another",
                           column="reference", fix="use reference='cached' (or 'auto')")  # fmt: skip

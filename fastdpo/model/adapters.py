@@ -1,0 +1,87 @@
+"""PEFT adapters: a LoRA policy whose reference costs no second copy of the weights.
+
+- A new adapter (``peft_config`` given): the reference is the base model, i.e. the policy with its adapters
+  disabled, run under ``torch.no_grad()`` on the same packed batch.
+- A model that is already a ``PeftModel`` with a trained adapter (e.g. after LoRA SFT): its adapter is copied into a
+  frozen adapter named ``"ref"`` and the reference pass runs with that one active, so the reference is the SFT
+  model, as TRL 1.16 does.
+
+fastdpo computes log-probs from ``lm_head.weight`` directly, so an adapter on the LM head would never be applied or
+trained: it is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from fastdpo.errors import ConfigError
+
+REFERENCE_ADAPTER = "ref"
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def wrap_with_adapter(model: nn.Module, peft_config, *, gradient_checkpointing: bool) -> nn.Module:
+    """``get_peft_model(model, peft_config)``, checked and ready for training."""
+    try:
+        from peft import PeftConfig, get_peft_model
+    except ImportError as error:
+        raise ConfigError("needs the peft package", column="peft_config", fix="pip install 'fastdpo[peft]'") from error
+    if not isinstance(peft_config, PeftConfig):
+        raise ConfigError(f"expected a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}",
+                          column="peft_config")  # fmt: skip
+    if is_peft_model(model):
+        raise ConfigError("the model already has adapters and a peft_config was given too", column="peft_config",
+                          fix="merge and unload the adapter first (merge_and_unload), or pass peft_config=None to "
+                          "train the existing adapter")  # fmt: skip
+    model = get_peft_model(model, peft_config)
+    return prepare_adapter_model(model, gradient_checkpointing=gradient_checkpointing, new_adapter=True)
+
+
+def prepare_adapter_model(model: nn.Module, *, gradient_checkpointing: bool, new_adapter: bool) -> nn.Module:
+    """Refuse an adapter on the LM head; copy a trained adapter into the frozen ``"ref"`` one; make checkpointing work
+    with frozen embeddings (their outputs must require grad for the checkpointed layers to backpropagate)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+        raise ConfigError("an adapter on the LM head would never be trained: fastdpo reads lm_head.weight directly",
+                          column="peft_config", fix="remove 'lm_head' from target_modules")  # fmt: skip
+    if not new_adapter and REFERENCE_ADAPTER not in model.peft_config:
+        active = model.active_adapter
+        model.add_adapter(REFERENCE_ADAPTER, model.peft_config[active])
+        for name, parameter in model.named_parameters():
+            if f".{active}." in name:
+                model.get_parameter(name.replace(f".{active}.", f".{REFERENCE_ADAPTER}.")).data.copy_(parameter.data)
+        for name, parameter in model.named_parameters():
+            if f".{REFERENCE_ADAPTER}." in name:
+                parameter.requires_grad_(False)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+@contextmanager
+def adapter_reference(model: nn.Module) -> Iterator[None]:
+    """Within the block ``model`` computes the reference: its ``"ref"`` adapter if it has one, else no adapter."""
+    if REFERENCE_ADAPTER not in model.peft_config:
+        with model.disable_adapter():
+            yield
+        return
+    active = model.active_adapter
+    model.set_adapter(REFERENCE_ADAPTER)
+    try:
+        yield
+    finally:
+        model.set_adapter(active)
+        for name, parameter in model.named_parameters():  # set_adapter made "ref" trainable: freeze it again
+            if f".{REFERENCE_ADAPTER}." in name:
+                parameter.requires_grad_(False)

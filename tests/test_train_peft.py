@@ -1,0 +1,90 @@
+"""LoRA policies: the reference without a second copy of the weights, equal to TRL 1.16's."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_train_dpo import common_args, tiny_model
+from tiny_tokenizer import build_tiny_tokenizer
+
+from fastdpo.errors import ConfigError
+from fastdpo.train import DPOConfig, DPOTrainer
+
+peft = pytest.importorskip("peft")
+trl = pytest.importorskip("trl")
+
+
+@pytest.fixture(scope="module")
+def data():
+    import datasets
+
+    from fastdpo.data import prepare_preferences
+
+    datasets.disable_progress_bars()
+    rows = prepare_preferences("tests/fixtures/distilabel_orca.jsonl", columns={"prompt": "input"})
+    return rows.select_columns(["prompt", "chosen", "rejected"])
+
+
+def lora(**extra):
+    return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], **extra)
+
+
+def train(trainer_cls, config_cls, model, data, tokenizer, tmp_path, name, **extra):
+    args = config_cls(**{**common_args(tmp_path, name), "learning_rate": 5e-2})
+    trainer = trainer_cls(model=model, args=args, train_dataset=data, processing_class=tokenizer, **extra)
+    trainer.train()
+    return trainer, [log for log in trainer.state.log_history if "loss" in log]
+
+
+def assert_match(ours, theirs):
+    assert len(ours) == len(theirs) == 2
+    for step in (0, 1):
+        for name in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+            assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4), (step, name)
+    for name in ("rewards/chosen", "rewards/margins"):  # differences of fp32 sums: see test_train_dpo
+        assert ours[1][name] == pytest.approx(theirs[1][name], rel=1e-3, abs=2e-6), name
+
+
+def test_new_adapter_reference_is_the_base_model_as_in_trl(data, tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    trainer, ours = train(DPOTrainer, DPOConfig, load(), data, tokenizer, tmp_path, "ours", peft_config=lora())
+    _, theirs = train(trl.DPOTrainer, trl.DPOConfig, load(), data, tokenizer, tmp_path, "trl", peft_config=lora())
+    assert trainer.reference_mode == "adapter" and trainer.ref_model is None
+    assert ours[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # LoRA starts at zero: policy == base
+    assert_match(ours, theirs)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_trained_adapter_becomes_the_reference_as_in_trl(data, tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+
+    def adapted():  # an adapter already trained (as after LoRA SFT): B is not zero
+        torch.manual_seed(1)
+        model = peft.get_peft_model(load(), lora())
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.5)
+        return model
+
+    trainer, ours = train(DPOTrainer, DPOConfig, adapted(), data, tokenizer, tmp_path, "ours")
+    _, theirs = train(trl.DPOTrainer, trl.DPOConfig, adapted(), data, tokenizer, tmp_path, "trl")
+    assert "ref" in trainer.model.peft_config and trainer.ref_model is None
+    assert ours[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the reference is the adapted model itself
+    assert_match(ours, theirs)
+    frozen = [p for n, p in trainer.model.named_parameters() if ".ref." in n]
+    assert frozen and not any(p.requires_grad for p in frozen)
+
+
+def test_an_adapter_on_the_lm_head_is_refused(data, tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    model = tiny_model(tokenizer, tmp_path / "model")()
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ConfigError, match="lm_head"):
+        DPOTrainer(model, args=DPOConfig(**common_args(tmp_path, "x")), train_dataset=data,
+                   processing_class=tokenizer, peft_config=config)  # fmt: skip
