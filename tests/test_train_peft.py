@@ -32,7 +32,12 @@ def lora(**extra):
 
 
 def train(trainer_cls, config_cls, model, data, tokenizer, tmp_path, name, **extra):
-    args = config_cls(**{**common_args(tmp_path, name), "learning_rate": 5e-2})
+    if "SFT" in config_cls.__name__:
+        from test_train_sft import common_args as sft_args
+
+        args = config_cls(**{**sft_args(tmp_path, name), "learning_rate": 5e-2})
+    else:
+        args = config_cls(**{**common_args(tmp_path, name), "learning_rate": 5e-2})
     trainer = trainer_cls(model=model, args=args, train_dataset=data, processing_class=tokenizer, **extra)
     trainer.train()
     return trainer, [log for log in trainer.state.log_history if "loss" in log]
@@ -88,3 +93,23 @@ def test_an_adapter_on_the_lm_head_is_refused(data, tmp_path):
     with pytest.raises(ConfigError, match="lm_head"):
         DPOTrainer(model, args=DPOConfig(**common_args(tmp_path, "x")), train_dataset=data,
                    processing_class=tokenizer, peft_config=config)  # fmt: skip
+
+
+def test_lora_sft_matches_trl_and_its_adapter_is_the_dpo_reference(data, tmp_path):
+    from test_train_sft import prompt_completion_rows
+
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    rows = prompt_completion_rows(12)
+    sft, ours = train(SFTTrainer, SFTConfig, load(), rows, tokenizer, tmp_path, "sft", peft_config=lora())
+    _, theirs = train(trl.SFTTrainer, trl.SFTConfig, load(), rows, tokenizer, tmp_path, "trl", peft_config=lora())
+    for step in (0, 1):
+        for name in ("loss", "grad_norm", "mean_token_accuracy"):
+            assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4, abs=1e-7), (step, name)
+    # LoRA SFT → DPO: the SFT adapter keeps training and its frozen copy is the reference
+    dpo, logs = train(DPOTrainer, DPOConfig, sft.model, data, tokenizer, tmp_path, "dpo")
+    assert dpo.reference_mode == "adapter" and "ref" in dpo.model.peft_config
+    assert logs[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert logs[1]["loss"] != pytest.approx(math.log(2), rel=1e-4)

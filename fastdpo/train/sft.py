@@ -17,7 +17,8 @@ are dropped and counted in ``self.dropped_rows``), then ``pack_sft_dataset`` whe
 names (``loss``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``, and ``eval_*``) plus ``padding_fraction``.
 
 A model may be given as a path (loaded with ``model_init_kwargs`` as TRL loads it, fp32 unless ``dtype`` says
-otherwise). Non-finite steps are skipped by ``NumericsGuard`` (``max_nonfinite_steps``). No PEFT config yet.
+otherwise), and trained whole or through a PEFT adapter (``peft_config``, or a ``PeftModel``). Non-finite
+steps are skipped by ``NumericsGuard`` (``max_nonfinite_steps``).
 Options it does not implement raise ``ConfigError``: ``compute_loss_func``, ``compute_metrics`` and
 ``preprocess_logits_for_metrics`` (they need the logits), vision datasets, iterable datasets.
 ``assistant_only_loss`` needs a chat template with ``{% generation %}`` markers (TRL swaps in a training template
@@ -34,12 +35,13 @@ from typing import NamedTuple
 import datasets
 import torch
 from torch import Tensor, nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from fastdpo.data.packing import IGNORE_INDEX, ROW_ATTENTION, PackedBatch, pack_sft, pack_sft_dataset
 from fastdpo.data.sft import prepare_sft, tokenize_sft
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model import head_spec, packed_body
+from fastdpo.model.adapters import is_peft_model, prepare_adapter_model, wrap_with_adapter
 from fastdpo.model.moe import moe_aux_loss, router_aux_loss_coef
 from fastdpo.ops import linear_logprobs
 from fastdpo.train.common import NumericsGuard, TokenRate, forward_as, load_causal_lm, load_tokenizer
@@ -175,7 +177,12 @@ class SFTTrainer(NumericsGuard, Trainer):
         if processing_class is None:
             processing_class = load_tokenizer(model)
         _refuse_unsupported(model, args, train_dataset, processing_class, compute_loss_func, compute_metrics,
-                            preprocess_logits_for_metrics, quantization_config, peft_config)  # fmt: skip
+                            preprocess_logits_for_metrics, quantization_config)  # fmt: skip
+        if peft_config is not None:
+            set_seed(args.seed)  # the adapter's random init, reproducible (and TRL's)
+            model = wrap_with_adapter(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
+        elif is_peft_model(model):  # train the adapter it has
+            model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=True)
         _set_special_tokens(model, processing_class, args, set_pad=data_collator is None)
         self.aux_loss_coef = _enable_router_aux_loss(model, args)
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
@@ -361,10 +368,9 @@ def _sft_config(args) -> SFTConfig:
 
 
 def _refuse_unsupported(model, args, train_dataset, processing_class, compute_loss_func, compute_metrics,
-                        preprocess_logits_for_metrics, quantization_config, peft_config) -> None:  # fmt: skip
-    for name, value in (("peft_config", peft_config), ("quantization_config", quantization_config)):
-        if value is not None:
-            raise ConfigError("is not supported yet", column=name, fix=f"pass {name}=None")
+                        preprocess_logits_for_metrics, quantization_config) -> None:  # fmt: skip
+    if quantization_config is not None:
+        raise ConfigError("is not supported yet", column="quantization_config", fix="pass quantization_config=None")
     no_logits = "fastdpo never builds the [tokens, vocab] logits it would need"
     for name, value in (("compute_loss_func", compute_loss_func), ("compute_metrics", compute_metrics),
                         ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):  # fmt: skip
