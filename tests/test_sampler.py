@@ -53,3 +53,32 @@ def test_bad_settings():
         TokenBudgetBatchSampler(LENGTHS, 100, rank=3, world_size=2)
     with pytest.raises(DataError, match="no pairs"):
         TokenBudgetBatchSampler([], 100)
+
+
+def test_every_epoch_is_as_long_as_the_first_and_each_pass_has_every_pair_once():
+    # a pass over these 30 pairs makes 12 to 14 batches depending on its order, while transformers' Trainer runs
+    # len(sampler) steps every epoch and resumes in epoch global_step // len(sampler): an epoch is that many
+    # batches of the stream of passes
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 900) for _ in range(30)]
+    sampler = TokenBudgetBatchSampler(lengths, 1500, seed=4)
+    stream = []
+    for epoch in range(8):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 12
+        stream += batches
+    pass_sizes, seen, size = [], set(), 0
+    for batch in stream:  # cut where every pair has come: no pair twice before
+        assert not seen & set(batch)
+        seen, size = seen | set(batch), size + 1
+        if len(seen) == len(lengths):
+            pass_sizes, seen, size = [*pass_sizes, size], set(), 0
+    assert len(pass_sizes) == 7 and pass_sizes[0] == 12 and len(set(pass_sizes)) > 1, pass_sizes
+    two = [TokenBudgetBatchSampler(lengths, 1500, seed=4, rank=r, world_size=2) for r in range(2)]
+    for epoch in range(4):
+        for sampler in two:
+            sampler.set_epoch(epoch)
+        first, second = (list(sampler) for sampler in two)
+        assert len(first) == len(second) == len(two[0]) == 6
+        assert all(not set(a) & set(b) for a, b in zip(first, second, strict=True))

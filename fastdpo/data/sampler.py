@@ -5,6 +5,12 @@ seeded sampler, packed within the batch). With a token budget instead, each batc
 order until the next pair would overflow ``max_tokens``, so steps carry about the same work whatever the lengths.
 Several processes: the batches are dealt round-robin (``rank`` takes every ``world_size``-th), and the number of
 batches is cut to a multiple of ``world_size`` so that every process runs the same number of steps.
+
+How many batches a pass over the data makes depends on its order, while transformers' Trainer takes the length of
+the first epoch for every epoch: it runs that many steps an epoch (dropping a longer pass's last batches, stopping
+short of ``max_steps`` after a shorter one) and finds where to resume as ``global_step // steps_per_epoch``. So an
+epoch here is a fixed number of batches, ``len(sampler)`` (the first pass's), taken from the stream of passes
+(pass 0, then pass 1 in another order, ...): epoch 1 may end in pass 2. Each pair still comes once a pass.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import random
 from collections.abc import Iterator, Sequence
 
 from fastdpo.errors import ConfigError, DataError
+
+MAX_EMPTY_PASSES = 100  # a pass's batch count depends on its order; only a pathological dataset makes 0 so often
 
 
 class TokenBudgetBatchSampler:
@@ -39,15 +47,17 @@ class TokenBudgetBatchSampler:
         self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
+        self._pass_sizes: dict[int, int] = {}  # batches per process of each pass
 
     def set_epoch(self, epoch: int) -> None:
-        """A new order per epoch (same seed, same epoch: same batches), as DistributedSampler does."""
+        """The batches of epoch ``epoch`` next (same seed, same epoch: same batches), as DistributedSampler does."""
         self.epoch = epoch
 
-    def _all_batches(self) -> list[list[int]]:
+    def _batches_of_pass(self, number: int) -> list[list[int]]:
+        """The batches of pass ``number`` over the data, every process's (a multiple of ``world_size``)."""
         order = list(range(len(self.lengths)))
         if self.shuffle:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+            random.Random(f"{self.seed}:{number}").shuffle(order)
         batches, current, used = [], [], 0
         for index in order:
             n = self.lengths[index]
@@ -61,13 +71,32 @@ class TokenBudgetBatchSampler:
         usable = len(batches) - len(batches) % self.world_size
         return batches[:usable]
 
+    def _pass_size(self, number: int) -> int:
+        """This process's batches in pass ``number``."""
+        if number not in self._pass_sizes:
+            self._pass_sizes[number] = len(self._batches_of_pass(number)) // self.world_size
+        return self._pass_sizes[number]
+
     @property
     def unused_pairs(self) -> int:
-        """Pairs this epoch leaves out (the tail that did not make a full round of ``world_size`` batches)."""
-        return len(self.lengths) - sum(len(b) for b in self._all_batches())
+        """Pairs the first pass leaves out (the tail that did not make a full round of ``world_size`` batches)."""
+        return len(self.lengths) - sum(len(b) for b in self._batches_of_pass(0))
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._all_batches()[self.rank :: self.world_size]
+        # this process's batches number epoch·len .. (epoch + 1)·len in the stream of passes
+        start, stop = self.epoch * len(self), (self.epoch + 1) * len(self)
+        number, first, empty = 0, 0, 0  # a pass, the stream position of its first batch, empty passes in a row
+        while first < stop:
+            size = self._pass_size(number)
+            if first + size > start:
+                mine = self._batches_of_pass(number)[self.rank :: self.world_size]
+                yield from mine[max(start - first, 0) : stop - first]
+            empty = empty + 1 if size == 0 else 0
+            if empty > MAX_EMPTY_PASSES:
+                raise DataError(f"{empty} passes in a row made fewer than world_size={self.world_size} batches",
+                                fix="use fewer processes or a smaller max_tokens_per_batch")  # fmt: skip
+            first += size
+            number += 1
 
     def __len__(self) -> int:
-        return len(self._all_batches()) // self.world_size
+        return self._pass_size(0)
