@@ -49,6 +49,7 @@ from fastdpo.train.common import (
     load_tokenizer,
 )
 from fastdpo.train.config import DPOConfig
+from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.step import preference_step, reference_logps
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -96,7 +97,7 @@ def _as_batch(inputs: dict) -> PackedBatch:
     return PackedBatch(**fields)
 
 
-class DPOTrainer(NumericsGuard, Trainer):
+class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
     """DPO (and its family) on packed batches; TRL 1.16's constructor arguments."""
 
     # compute_loss normalizes per pair over the whole optimizer step (see _get_num_items_in_batch)

@@ -45,6 +45,7 @@ from fastdpo.model.adapters import is_peft_model, prepare_adapter_model, wrap_wi
 from fastdpo.model.moe import moe_aux_loss, router_aux_loss_coef
 from fastdpo.ops import linear_logprobs
 from fastdpo.train.common import NumericsGuard, TokenRate, forward_as, load_causal_lm, load_tokenizer
+from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.sft_config import SFTConfig
 
 TOKEN_COLUMNS = ("input_ids", "labels", "seq_lengths")
@@ -141,7 +142,7 @@ def batch_from_fields(fields: dict) -> PackedBatch:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class SFTTrainer(NumericsGuard, Trainer):
+class SFTTrainer(ResumableTrainer, NumericsGuard, Trainer):
     """Supervised fine-tuning on packed batches; TRL 1.16's constructor arguments."""
 
     # compute_loss divides by the targets of the whole optimizer step (num_items_in_batch): no further 1/GA

@@ -1,0 +1,169 @@
+"""Checkpoint and resume: N steps straight and the same run stopped at a checkpoint and resumed log the same steps.
+
+CPU, fp32, dropout off: the resumed run restores the weights, the optimizer and scheduler, the RNG and the
+trainers' own counters bit for bit and sees the same batches in the same order, so every number it logs after the
+checkpoint is the straight run's. The tolerance, 1e-6 relative, is a few fp32 ulps and far below the difference
+of a step on other data or other weights (different batches change the loss in the 2nd or 3rd digit).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import datasets
+import pytest
+import torch
+from tiny_tokenizer import build_tiny_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fastdpo.train import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+datasets.disable_progress_bars()
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "blue", "red", "big", "house", "tree", "and"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def load(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         attn_implementation="sdpa")  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    return lambda: LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def text(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def pairs(count: int, seed: int = 0) -> datasets.Dataset:
+    rng = random.Random(seed)
+    rows = [{"prompt": text(rng, 2, 12) + "?", "chosen": " " + text(rng, 1, 15) + ".",
+             "rejected": " " + text(rng, 1, 15) + "."} for _ in range(count)]  # fmt: skip
+    return datasets.Dataset.from_list(rows)
+
+
+def prompt_completions(count: int, seed: int = 0) -> datasets.Dataset:
+    rng = random.Random(seed)
+    rows = [{"prompt": text(rng, 1, 12), "completion": " " + text(rng, 1, 10)} for _ in range(count)]
+    return datasets.Dataset.from_list(rows)
+
+
+def args(tmp_path, name: str, config_cls, **extra):
+    # a large learning rate: every step moves the weights enough that a step replayed on the wrong weights or
+    # the wrong batch logs other numbers
+    values = {"output_dir": str(tmp_path / name), "per_device_train_batch_size": 4, "max_steps": 6,
+              "learning_rate": 3e-2, "logging_steps": 1, "report_to": [], "bf16": False, "seed": 0,
+              "save_strategy": "steps", "save_steps": 3, "max_length": 64, "dataloader_pin_memory": False}  # fmt: skip
+    return config_cls(**{**values, **extra})
+
+
+def straight_and_resumed(make_trainer, tmp_path, resume_at: int):
+    """The straight run's trainer and the resumed run's (a fresh trainer resuming from checkpoint-``resume_at``)."""
+    straight = make_trainer("straight")
+    straight.train()
+    resumed = make_trainer("resumed")
+    checkpoint = f"checkpoint-{resume_at}"
+    shutil.copytree(tmp_path / "straight" / checkpoint, tmp_path / "resumed" / checkpoint)
+    resumed.train(resume_from_checkpoint=True)  # the last checkpoint in its output_dir
+    return straight, resumed
+
+
+def assert_same_steps(straight, resumed, names: tuple[str, ...], resume_at: int) -> None:
+    logs = [[log for log in t.state.log_history if "loss" in log] for t in (straight, resumed)]
+    assert [log["step"] for log in logs[0]] == [log["step"] for log in logs[1]] == list(range(1, len(logs[0]) + 1))
+    after = [log for log in logs[0] if log["step"] > resume_at]
+    assert len(after) >= 3
+    for ours, theirs in zip(after, logs[1][resume_at:], strict=True):
+        for name in ("loss", "grad_norm", "learning_rate", "num_tokens", "epoch", *names):
+            assert theirs[name] == pytest.approx(ours[name], rel=1e-6), (ours["step"], name)
+    losses = [log["loss"] for log in logs[0]]
+    assert len(set(losses)) == len(losses)  # the steps differ: a replayed step would show
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0, msg=name)
+
+
+DPO_CASES = {
+    # 6 pairs, 4 a step: 2 steps an epoch; checkpoint-3 is mid-epoch 2 (1 batch to skip), then epoch 3
+    "batches": (6, {}),
+    # 14 pairs, 2 a micro-batch, 2 micro-batches a step: 4 steps an epoch (the last one micro-batch)
+    "grad_accumulation": (14, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}),
+    # token-budget batches, 10 pairs: 5 steps an epoch, checkpoint-3 mid-epoch 1
+    "token_budget": (10, {"max_tokens_per_batch": 200}),
+    # 5 pairs, budget 240: passes over the data of 3, 2, 3 batches. Epochs of 3, 2, 3 steps stopped the straight
+    # run at step 8 of 9 and put step 7 of the resumed run at global_step // 3 = epoch 2's first batch
+    "token_budget_short_pass": (5, {"max_tokens_per_batch": 240, "max_steps": 9, "save_steps": 6}),
+}
+
+
+@pytest.mark.parametrize("case", list(DPO_CASES))
+def test_dpo_resumes_exactly(case, tokenizer, load, tmp_path):
+    count, extra = DPO_CASES[case]
+    data = pairs(count)
+
+    def make_trainer(name):
+        config = args(tmp_path, name, DPOConfig, beta=0.5, **extra)
+        return DPOTrainer(load(), ref_model=load(), args=config, train_dataset=data, processing_class=tokenizer)
+
+    resume_at = extra.get("save_steps", 3)
+    straight, resumed = straight_and_resumed(make_trainer, tmp_path, resume_at)
+    assert_same_steps(straight, resumed, ("rewards/margins", "logps/chosen"), resume_at)
+
+
+SFT_CASES = {
+    # 16 rows packed into 13 rows of 32 tokens, 4 a step: 4 steps an epoch, checkpoint-3 mid-epoch 1
+    "packed": (16, {"packing": True}),
+    # 10 rows, 4 a step: 3 steps an epoch, checkpoint-3 at the end of epoch 1
+    "unpacked": (10, {"packing": False}),
+}
+
+
+@pytest.mark.parametrize("case", list(SFT_CASES))
+def test_sft_resumes_exactly(case, tokenizer, load, tmp_path):
+    count, extra = SFT_CASES[case]
+    data = prompt_completions(count)
+
+    def make_trainer(name):
+        config = args(tmp_path, name, SFTConfig, max_length=32, **extra)
+        return SFTTrainer(load(), args=config, train_dataset=data, processing_class=tokenizer)
+
+    straight, resumed = straight_and_resumed(make_trainer, tmp_path, 3)
+    assert_same_steps(straight, resumed, ("entropy", "mean_token_accuracy"), 3)
+
+
+def test_the_numerics_guard_counts_go_on_after_a_resume(tokenizer, load, tmp_path):
+    # steps 3 and 4 have NaN hidden states; 2 skips in a row stop training, at step 4 in both runs: the resumed
+    # run knows that step 3 was skipped (and that 1 step was skipped in all)
+    from fastdpo.train.common import NumericsError
+
+    data = prompt_completions(10)
+    trainers = []
+
+    def make_trainer(name):
+        config = args(tmp_path, name, SFTConfig, max_length=32, packing=False, max_nonfinite_steps=2)
+        trainer = SFTTrainer(load(), args=config, train_dataset=data, processing_class=tokenizer)
+
+        def poison(module, inputs, output):
+            return output * float("nan") if trainer.state.global_step + 1 in (3, 4) else output
+
+        trainer.model.model.norm.register_forward_hook(poison)
+        trainers.append(trainer)
+        return trainer
+
+    with pytest.raises(NumericsError, match="2 optimizer steps in a row"):
+        make_trainer("straight").train()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    with pytest.raises(NumericsError, match="2 optimizer steps in a row"):
+        make_trainer("resumed").train(resume_from_checkpoint=True)
+    for trainer in trainers:
+        logs = [log for log in trainer.state.log_history if "loss" in log]
+        assert [log.get("nonfinite_steps", 0) for log in logs] == [0, 0, 1, 2]
+        assert trainer.state.global_step == 4
