@@ -101,6 +101,8 @@ DPO_CASES = {
     # 5 pairs, budget 240: passes over the data of 3, 2, 3 batches. Epochs of 3, 2, 3 steps stopped the straight
     # run at step 8 of 9 and put step 7 of the resumed run at global_step // 3 = epoch 2's first batch
     "token_budget_short_pass": (5, {"max_tokens_per_batch": 240, "max_steps": 9, "save_steps": 6}),
+    # TR-DPO: the reference moves toward the policy every 2 steps, so the checkpoint must hold it
+    "sync_ref_model": (6, {"sync_ref_model": True, "ref_model_sync_steps": 2}),
 }
 
 

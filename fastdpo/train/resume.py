@@ -4,13 +4,15 @@ A transformers checkpoint holds the weights, the optimizer and scheduler, the RN
 resumed from it skips the batches it already trained on. fastdpo's trainers also keep running counts that are not
 in there: the tokens trained on (``num_tokens``, which would start again from 0), the numerics guard's skipped
 steps (``nonfinite_steps``, and the skips in a row that stop training), and, derived from the first, the start of
-``tokens_per_second``. ``ResumableTrainer`` writes them as JSON next to ``trainer_state.json``, one file per process
-(a count may be this process's own share, as DPO's tokens are), and reads them back when ``train`` is given
-``resume_from_checkpoint``::
+``tokens_per_second``. Nor is, with TR-DPO's ``sync_ref_model``, the reference model that training moves.
+``ResumableTrainer`` writes the counts as JSON next to ``trainer_state.json``, one file per process (a count may be
+this process's own share, as DPO's tokens are), and such a reference as ``ref_model.safetensors``, and reads them
+back when ``train`` is given ``resume_from_checkpoint``::
 
     class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer): ...
 
-A checkpoint without the file (written by another version) resumes with the counts at 0 and a warning.
+A checkpoint without these files (written by another version) resumes with the counts at 0, or the reference as
+it was given, and a warning.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import json
 import logging
 import os
 
+from safetensors.torch import load_model, save_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 logger = logging.getLogger(__name__)
 
 # every one an int that the trainer or a mixin of it sets: missing ones are left out of the file
 COUNTERS = ("_total_train_tokens", "_nonfinite_total", "_nonfinite_in_row")
+REFERENCE_FILE = "ref_model.safetensors"
 
 
 def counters_file(checkpoint: str, process_index: int) -> str:
@@ -56,13 +60,29 @@ def load_counters(trainer, checkpoint: str) -> None:
         rate.restart(getattr(trainer, "_total_train_tokens", 0))
 
 
+def moving_reference(trainer):
+    """The reference model when training changes it (TR-DPO's ``sync_ref_model``), else None."""
+    return getattr(trainer, "ref_model", None) if getattr(trainer.args, "sync_ref_model", False) else None
+
+
+def load_reference(reference, checkpoint: str) -> None:
+    path = os.path.join(checkpoint, REFERENCE_FILE)
+    if not os.path.isfile(path):
+        logger.warning("%s has no %s: the reference starts again from the one given", checkpoint, REFERENCE_FILE)
+        return
+    load_model(reference, path, device=str(next(reference.parameters()).device))
+
+
 class ResumableTrainer:
-    """Trainer mixin: ``COUNTERS`` saved with each checkpoint and restored when training resumes from one."""
+    """Trainer mixin: ``COUNTERS`` (and a moving reference) saved with each checkpoint, restored on resume."""
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
-        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        save_counters(self, os.path.join(self._get_output_dir(trial=trial), folder))
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        save_counters(self, folder)
+        reference = moving_reference(self)
+        if reference is not None and self.args.should_save:  # every process holds the same whole reference
+            save_model(reference, os.path.join(folder, REFERENCE_FILE))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
@@ -71,4 +91,6 @@ class ResumableTrainer:
             resume_from_checkpoint = checkpoint or True  # none found: transformers raises its own error
         if isinstance(checkpoint, str):
             load_counters(self, checkpoint)
+            if moving_reference(self) is not None:
+                load_reference(moving_reference(self), checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
