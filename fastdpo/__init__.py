@@ -34,6 +34,7 @@ from fastdpo.ops import (  # noqa: E402
 )
 
 _LAZY = {name: "fastdpo.train" for name in ("DPOConfig", "DPOTrainer", "SFTConfig", "SFTTrainer")}
+_LAZY["estimate_memory"] = "fastdpo.memory"
 
 
 def __getattr__(name: str):
@@ -57,6 +58,7 @@ __all__ = [
     "SFTConfig",
     "SFTTrainer",
     "__version__",
+    "estimate_memory",
     "linear_logprobs",
     "preference_loss",
     "segment_mean",

@@ -1,4 +1,6 @@
-"""impl="torch" never holds the [N, V] logits: peak RSS of fwd+bwd measured in a fresh process."""
+"""Memory: impl="torch" never holds the [N, V] logits (peak RSS of fwd+bwd measured in a fresh process), and
+``fastdpo.estimate_memory`` counts what a DPO step holds: by hand, against real models, against autograd's saved
+tensors, and against a measured peak."""
 
 from __future__ import annotations
 
@@ -6,7 +8,10 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
+from fastdpo import estimate_memory
+from fastdpo.errors import ConfigError
 from fastdpo.profiling import peak_rss_supported, run_measured
 
 SCRIPT = textwrap.dedent(
@@ -45,3 +50,185 @@ def test_torch_impl_peak_memory_is_independent_of_full_logits():
     # The chunked impl holds one 64 MiB chunk of logits (plus a same-size scratch) at a time.
     result = measure(16384, 256, 32000, "torch")
     assert result["extra_bytes"] < 400 * 2**20, result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fastdpo.estimate_memory
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Parameter totals of the published checkpoints (the safetensors metadata on the hub), not computed by fastdpo.
+PUBLISHED_PARAMS = {"llama-3.2-1b": 1_235_814_400, "llama-3-8b": 8_030_261_248, "qwen2.5-7b": 7_615_616_512}
+TINY = {"vocab_size": 211, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+
+
+def tiny_model(kind: str = "llama", **extra):
+    import transformers
+
+    torch.manual_seed(0)
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                    "qwen3": transformers.Qwen3Config}[kind]  # fmt: skip
+    config = config_class(**TINY, attn_implementation="sdpa", **extra)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_presets_have_the_published_parameter_counts(name):
+    estimate = estimate_memory(name, 1024)
+    assert estimate.params == PUBLISHED_PARAMS[name]
+    # hub names map to the same preset, without a download
+    hub = {"llama-3.2-1b": "meta-llama/Llama-3.2-1B", "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+           "qwen2.5-7b": "Qwen/Qwen2.5-7B"}[name]  # fmt: skip
+    assert estimate_memory(hub, 1024).params == PUBLISHED_PARAMS[name]
+
+
+SHAPES = [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {"tie_word_embeddings": False}),
+          ("qwen3", {"head_dim": 16})]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "extra"), SHAPES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_weights_are_the_bytes_of_the_model(kind, extra, precision):
+    model = tiny_model(kind, **extra).to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
+    nbytes = sum(p.nbytes for p in model.parameters())  # tied weights are one parameter: counted once
+    for config_or_name in (model.config, model.config.to_dict(), model):
+        estimate = estimate_memory(config_or_name, 512, precision=precision, reference="cached")
+        assert estimate.params == sum(p.numel() for p in model.parameters())
+        assert estimate.weights == nbytes
+    separate = estimate_memory(model.config, 512, precision=precision, reference="separate")
+    assert separate.reference >= nbytes  # a second copy (plus its pass when that is the peak)
+    assert separate.phases["optimizer step"]["reference"] == nbytes
+
+
+def test_config_read_from_a_local_folder(tmp_path):
+    model = tiny_model()
+    model.config.save_pretrained(tmp_path)
+    assert estimate_memory(str(tmp_path), 512).params == sum(p.numel() for p in model.parameters())
+
+
+def test_optimizer_state_and_gradients_per_trainable_parameter():
+    params = PUBLISHED_PARAMS["llama-3-8b"]
+    fp32 = estimate_memory("llama-3-8b", 4096, precision="fp32", reference="cached")
+    # AdamW: exp_avg and exp_avg_sq, each the size of the parameter (torch keeps them in the parameter's dtype)
+    assert fp32.optimizer == 2 * 4 * params
+    assert fp32.phases["optimizer step"]["gradients"] == 4 * params
+    bf16 = estimate_memory("llama-3-8b", 4096, precision="bf16", reference="cached")
+    assert bf16.optimizer == 2 * 2 * params
+    assert estimate_memory("llama-3-8b", 4096, optimizer="sgd").optimizer == 0
+    eight_bit = estimate_memory("llama-3-8b", 4096, optimizer="adamw_8bit").optimizer
+    assert 2 * params < eight_bit < 2.05 * params  # one byte per state, plus a fp32 scale per 256-value block
+
+
+def test_lora_parameters_by_hand():
+    # Llama-3-8B, rank 16: r·(in + out) per adapted linear layer, 32 layers
+    # q 4096+4096, k 4096+1024, v 4096+1024, o 4096+4096, gate and up 4096+14336 each, down 14336+4096
+    all_linear = 32 * 16 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 3 * (4096 + 14336))
+    assert all_linear == 41_943_040
+    estimate = estimate_memory("llama-3-8b", 4096, lora={"r": 16}, reference="adapter")
+    assert estimate.trainable_params == all_linear
+    # adapters are fp32 (PEFT upcasts bf16 ones): fp32 gradients and AdamW states, the frozen base in bf16
+    assert estimate.optimizer == 2 * 4 * all_linear
+    assert estimate.phases["optimizer step"]["gradients"] == 4 * all_linear
+    assert estimate.weights == 2 * PUBLISHED_PARAMS["llama-3-8b"] + 4 * all_linear
+    assert estimate.reference == estimate.phases["head forward"]["reference"] == 0
+    q_v = estimate_memory("llama-3-8b", 4096, lora={"r": 8, "target_modules": ["q_proj", "v_proj"]},
+                          reference="adapter")  # fmt: skip
+    assert q_v.trainable_params == 32 * 8 * ((4096 + 4096) + (4096 + 1024))
+
+
+def test_lora_parameters_as_peft_makes_them():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = {"r": 4, "target_modules": ["q_proj", "down_proj"]}
+    assert estimate_memory(model.base_model.model.config, 512, lora=lora, reference="adapter").trainable_params == (
+        trainable
+    )
+
+
+def test_the_peak_is_the_largest_phase_and_options_move_it_the_right_way():
+    estimate = estimate_memory("llama-3.2-1b", 8192)
+    totals = {name: sum(parts.values()) for name, parts in estimate.phases.items()}
+    assert estimate.total == max(totals.values()) == totals[estimate.phase]
+    assert "peak" in str(estimate) and estimate.phase in estimate.table()
+    assert estimate.fits(80) and not estimate.fits(estimate.total / 2**30)
+    no_checkpointing = estimate_memory("llama-3.2-1b", 8192, gradient_checkpointing=False)
+    assert no_checkpointing.total > estimate.total
+    assert estimate_memory("llama-3.2-1b", 16384).total > estimate.total
+    assert estimate_memory("llama-3.2-1b", 8192, reference="cached").total < estimate.total
+    lora = estimate_memory("llama-3.2-1b", 8192, lora={"r": 16}, reference="adapter")
+    assert lora.total < estimate.total
+
+
+@pytest.mark.parametrize(
+    ("bad", "column"),
+    [({"reference": "copy"}, "reference"), ({"precision": "fp16"}, "precision"), ({"optimizer": "adam"}, "optimizer"),
+     ({"reference": "adapter"}, "reference"), ({"lora": {"r": 8, "target_modules": ["lm_head"]}}, "lora"),
+     ({"lora": {"rank": 8}}, "lora")],
+)  # fmt: skip
+def test_bad_options_raise_config_errors(bad, column):
+    with pytest.raises(ConfigError) as error:
+        estimate_memory("llama-3-8b", 1024, **bad)
+    assert error.value.column == column
+
+
+def test_mixture_of_experts_is_refused():
+    with pytest.raises(ConfigError, match="mixture-of-experts"):
+        estimate_memory({**TINY, "num_local_experts": 4}, 512)
+
+
+def saved_bytes(model, batch) -> int:
+    """Bytes of the tensors autograd saves in the body's forward, each storage once, parameters excluded."""
+    from fastdpo.model import packed_body
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        packed_body(model, batch)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activations_are_what_autograd_saves(precision, lora):
+    from fastdpo.data.packing import pack_pairs
+
+    model = tiny_model().to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
+    options = {"lora": None, "reference": "separate"}
+    if lora:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+        options = {"lora": {"r": 4}, "reference": "adapter"}
+    gen = torch.Generator().manual_seed(0)
+    pairs = [{"prompt_ids": torch.randint(3, 211, (16,), generator=gen).tolist(),
+              "chosen_ids": torch.randint(3, 211, (48,), generator=gen).tolist(),
+              "rejected_ids": torch.randint(3, 211, (48,), generator=gen).tolist()} for _ in range(4)]  # fmt: skip
+    # 4 rows of two 64-token sequences: packed rows get the block mask (a row of one sequence would not)
+    batch = pack_pairs(pairs, pack_length=128, split_pairs=True)
+    assert batch.input_ids.shape == (4, 128)
+    counted = saved_bytes(model, batch)
+    estimate = estimate_memory(TINY, 512, precision=precision, gradient_checkpointing=False, max_length=128,
+                               device="cpu", **options)  # fmt: skip
+    # Counted tensor by tensor from the same code, so only a few bytes of bookkeeping may differ: 1%
+    assert estimate.phases["head forward"]["activations"] == pytest.approx(counted, rel=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not peak_rss_supported(), reason="needs Linux /proc/self/clear_refs")
+def test_estimate_within_20_percent_of_a_measured_dpo_step():
+    from bench.memory_cpu import CONFIGS, measure
+
+    # One configuration of bench/memory_cpu.py: a 2-layer H=256 Llama (V=32000), a separate reference, gradient
+    # checkpointing, 2048 tokens, two AdamW steps. The bench runs 11 such configurations (results in
+    # bench/results/memory_cpu.md). 20%: the issue's bound for CPU peak RSS, which holds allocator slack, MKL and
+    # thread buffers and page rounding the estimate does not count; nothing in the estimate is fitted to this run.
+    config = next(c for c in CONFIGS if c["name"] == "S sep ckpt 2k")
+    result = measure(config, steps=2, threads=2)
+    assert 0.8 < result["estimate_bytes"] / result["peak_bytes"] < 1.2, result
