@@ -316,3 +316,19 @@ def test_sync_ref_model_matches_trl(data, tmp_path):
     assert ours[2]["rewards/margins"] != pytest.approx(plain[2]["rewards/margins"], rel=1e-3)  # the sync mattered
     with pytest.raises(ConfigError, match="sync_ref_model"):
         DPOConfig(**common_args(tmp_path, "x"), sync_ref_model=True, precompute_ref_log_probs=True)  # no model to move
+
+
+def test_bf16_mixed_precision_trains(data, tmp_path):
+    # accelerate wraps the model's forward for autocast; the packed step replaces it for one call and runs under
+    # accelerator.autocast() instead (CPU autocast in bf16 here)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    model = load()
+    args = DPOConfig(**{**common_args(tmp_path, "bf16"), "bf16": True, "use_cpu": True})
+    trainer = DPOTrainer(model, ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)
+    assert logs[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
+    restored = vars(model).get("forward")  # accelerate's wrapper, put back after each step
+    assert restored is not None and "packed_forward" not in getattr(restored, "__qualname__", "")

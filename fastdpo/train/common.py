@@ -34,21 +34,25 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 @contextmanager
 def forward_as(module: nn.Module, forward: Callable) -> Iterator[None]:
-    """Within the block, ``module``'s forward is ``forward`` (an attribute of this instance only, removed after).
+    """Within the block, ``module``'s forward is ``forward`` (an attribute of this instance only, restored after).
 
     fastdpo never calls a causal LM's own forward (it would compute the logits), yet a DDP, FSDP or DeepSpeed
     wrapper must see a forward pass through itself: DDP arms its gradient all-reduce in ``forward``, and without
     that the processes' gradients silently diverge; FSDP gathers the root's parameters (the LM head among them)
     in its pre-forward hook. So the trainers call the wrapper, and the wrapper's call of the inner model lands
-    here. The class is untouched and the instance is restored on exit.
+    here. The class is untouched. An instance-level forward already there (accelerate's mixed-precision wrapper,
+    which runs the model's forward under autocast) is set aside and put back: the caller runs the block under
+    ``accelerator.autocast()`` instead.
     """
-    if "forward" in vars(module):
-        raise RuntimeError(f"{type(module).__name__} already has an instance-level forward")
+    previous = vars(module).get("forward")
     module.forward = forward
     try:
         yield
     finally:
-        del module.forward
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
 
 
 class SyncReference(TrainerCallback):

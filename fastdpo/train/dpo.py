@@ -235,18 +235,19 @@ class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
         ref_logps = inputs.pop("ref_logps", None)
         batch = _as_batch(inputs)
         inner = self.accelerator.unwrap_model(model)
-        if ref_logps is None and self.ref_model is not None:
-            ref_logps = reference_logps(self.ref_model, batch, impl=self.args.head_impl)
-        elif ref_logps is None and self.reference_mode == "adapter":
-            with adapter_reference(inner):
-                ref_logps = reference_logps(inner, batch, impl=self.args.head_impl)
 
         def packed_forward(*args, **kwargs) -> LossOutput:
             return preference_step(inner, batch, self.loss_config, ref_logps=ref_logps, head_impl=self.args.head_impl,
                                    token_metrics=True, aux_loss_coef=self.aux_loss_coef)  # fmt: skip
 
-        with forward_as(inner, packed_forward):
-            out = model()  # through the DDP/FSDP wrapper, if any (see forward_as)
+        with self.accelerator.autocast():  # mixed precision, as accelerate's forward wrapper would apply it
+            if ref_logps is None and self.ref_model is not None:
+                ref_logps = reference_logps(self.ref_model, batch, impl=self.args.head_impl)
+            elif ref_logps is None and self.reference_mode == "adapter":
+                with adapter_reference(inner):
+                    ref_logps = reference_logps(inner, batch, impl=self.args.head_impl)
+            with forward_as(inner, packed_forward):
+                out = model()  # through the DDP/FSDP wrapper, if any (see forward_as)
         mode = "train" if model.training else "eval"
         values = {name: float(value) for name, value in out.metrics.items()}
         self._metrics[mode].add({**values, "padding_fraction": batch.padding_fraction}, weight=batch.num_pairs)

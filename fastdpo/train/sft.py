@@ -302,8 +302,9 @@ class SFTTrainer(ResumableTrainer, NumericsGuard, Trainer):
             return sft_step(inner, batch, loss_type=self.args.loss_type, num_items=num_items_in_batch,
                             head_impl=self.args.head_impl, aux_loss=bool(self.aux_loss_coef))  # fmt: skip
 
-        with forward_as(inner, packed_forward):
-            out = model()  # through the DDP/FSDP wrapper, if any: it must see a forward (see forward_as)
+        # mixed precision as accelerate's forward wrapper would apply it; through the DDP/FSDP wrapper (forward_as)
+        with self.accelerator.autocast(), forward_as(inner, packed_forward):
+            out = model()
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's targets and DDP averages the gradients over processes
