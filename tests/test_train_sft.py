@@ -349,3 +349,10 @@ def test_bf16_mixed_precision_trains(load, tokenizer, tmp_path):
     _, logs = train(SFTTrainer, SFTConfig, load, prompt_completion_rows(8), tokenizer, tmp_path, "bf16", bf16=True,
                     use_cpu=True)  # fmt: skip
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)
+
+
+def test_tokenizer_is_a_deprecated_alias_of_processing_class(load, tokenizer, tmp_path):
+    args = SFTConfig(**common_args(tmp_path, "alias"))
+    with pytest.warns(FutureWarning, match="processing_class"):
+        trainer = SFTTrainer(load(), args=args, train_dataset=prompt_completion_rows(4), tokenizer=tokenizer)
+    assert trainer.processing_class is tokenizer

@@ -168,7 +168,9 @@ class SFTTrainer(ResumableTrainer, NumericsGuard, Trainer):
         tokenizer=None,
     ) -> None:
         args = _sft_config(args)
-        processing_class = processing_class if processing_class is not None else tokenizer  # the old name
+        if tokenizer is not None:  # the old name, as the seed's example uses it
+            warnings.warn("SFTTrainer(tokenizer=...) is deprecated: use processing_class", FutureWarning, stacklevel=2)
+            processing_class = processing_class if processing_class is not None else tokenizer
         if isinstance(model, str):
             processing_class = processing_class or load_tokenizer(model)
             model = load_causal_lm(model, args.model_init_kwargs, trust_remote_code=args.trust_remote_code,
