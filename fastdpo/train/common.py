@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from fastdpo.errors import ConfigError
+from fastdpo.data.tokenize import TRUNCATION_MODES
+from fastdpo.errors import ConfigError, unknown_choice
+from fastdpo.ops.linear_logprobs import IMPLS
 
 logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -224,6 +226,23 @@ class NumericsGuard:
         return output
 
 
-def check_guard_option(value: int) -> None:
-    if value < 0:
-        raise ConfigError(f"must be 0 (off) or positive, got {value}", column="max_nonfinite_steps")
+def check_shared_options(config, not_yet: dict) -> None:
+    """The checks ``DPOConfig`` and ``SFTConfig`` share: TRL options not implemented yet (``not_yet``: name → the
+    value that means off), ``max_nonfinite_steps``, ``truncation_mode``, ``head_impl`` and ``max_length``."""
+    for name, off in not_yet.items():
+        if getattr(config, name) != off:
+            raise ConfigError(
+                f"is not supported by this version of fastdpo (got {getattr(config, name)!r})",
+                column=name,
+                fix=f"leave it at {off!r}",
+            )
+    if config.max_nonfinite_steps < 0:
+        raise ConfigError(
+            f"must be 0 (off) or positive, got {config.max_nonfinite_steps}", column="max_nonfinite_steps"
+        )
+    if config.truncation_mode not in TRUNCATION_MODES:
+        raise unknown_choice("truncation_mode", config.truncation_mode, TRUNCATION_MODES)
+    if config.head_impl not in IMPLS:
+        raise unknown_choice("head_impl", config.head_impl, IMPLS)
+    if config.max_length is not None and config.max_length < 1:
+        raise ConfigError(f"must be positive or None, got {config.max_length}", column="max_length")

@@ -25,11 +25,9 @@ from transformers import TrainingArguments
 
 from fastdpo.errors import ConfigError, unknown_choice
 from fastdpo.ops import LossConfig
-from fastdpo.ops.linear_logprobs import IMPLS
-from fastdpo.train.common import check_guard_option
+from fastdpo.train.common import check_shared_options
 
 REFERENCES = ("auto", "separate", "cached", "adapter", "none")
-TRUNCATION_MODES = ("keep_start", "keep_end")
 # TRL options accepted by the dataclass but not implemented yet: (name, value that means "off")
 NOT_YET = {
     "ld_alpha": None,
@@ -104,13 +102,7 @@ class DPOConfig(TrainingArguments):
             self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
 
     def _check_options(self) -> None:
-        for name, off in NOT_YET.items():
-            if getattr(self, name) != off:
-                raise ConfigError(
-                    f"is not supported by this version of fastdpo (got {getattr(self, name)!r})",
-                    column=name,
-                    fix=f"leave it at {off!r}",
-                )
+        check_shared_options(self, NOT_YET)
         if self.padding_free:
             warnings.warn("padding_free: fastdpo always packs sequences; the option changes nothing", stacklevel=3)
         if self.pad_token is not None:  # deprecated in TRL 1.16, which warns and does not use it either
@@ -120,14 +112,8 @@ class DPOConfig(TrainingArguments):
             message = ("use_liger_kernel: fastdpo's fused head already computes the loss without logits; "
                        "transformers will still patch the model body with Liger's kernels")  # fmt: skip
             warnings.warn(message, stacklevel=3)
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise unknown_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         if self.reference not in REFERENCES:
             raise unknown_choice("reference", self.reference, REFERENCES)
-        if self.head_impl not in IMPLS:
-            raise unknown_choice("head_impl", self.head_impl, IMPLS)
-        if self.max_length is not None and self.max_length < 1:
-            raise ConfigError(f"must be positive or None, got {self.max_length}", column="max_length")
         if self.pack_length is not None and self.max_length is not None and self.pack_length < self.max_length:
             raise ConfigError(
                 f"{self.pack_length} cannot hold a {self.max_length}-token sequence",
@@ -136,7 +122,6 @@ class DPOConfig(TrainingArguments):
             )
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ConfigError(f"must be positive, got {self.max_tokens_per_batch}", column="max_tokens_per_batch")
-        check_guard_option(self.max_nonfinite_steps)
         if self.sync_ref_model and (self.precompute_ref_log_probs or self.reference in ("cached", "none")):
             fix = "use sync_ref_model=False, or a separate reference"
             raise ConfigError("updates a reference model; a cached or absent reference has none",

@@ -35,11 +35,9 @@ from transformers import TrainingArguments
 
 from fastdpo.data.packing import SFT_PACKING_STRATEGIES
 from fastdpo.errors import ConfigError, unknown_choice
-from fastdpo.ops.linear_logprobs import IMPLS
-from fastdpo.train.common import check_guard_option
+from fastdpo.train.common import check_shared_options
 
 LOSS_TYPES = ("nll", "dft")
-TRUNCATION_MODES = ("keep_start", "keep_end")
 # TRL options accepted by the dataclass but not implemented yet: (name, value that means "off")
 NOT_YET = {"activation_offloading": False, "label_smoothing_factor": 0.0}
 
@@ -111,26 +109,13 @@ class SFTConfig(TrainingArguments):
             warnings.warn("pad_token is deprecated in TRL 1.16: set tokenizer.pad_token", FutureWarning, stacklevel=4)
 
     def _check_options(self) -> None:
-        for name, off in NOT_YET.items():
-            if getattr(self, name) != off:
-                raise ConfigError(
-                    f"is not supported by this version of fastdpo (got {getattr(self, name)!r})",
-                    column=name,
-                    fix=f"leave it at {off!r}",
-                )
-        check_guard_option(self.max_nonfinite_steps)
+        check_shared_options(self, NOT_YET)
         if self.padding_free:
             warnings.warn("padding_free: fastdpo never pads sequences; the option changes nothing", stacklevel=4)
         if self.loss_type not in LOSS_TYPES:
             raise unknown_choice("loss_type", self.loss_type, LOSS_TYPES)
         if self.packing_strategy not in SFT_PACKING_STRATEGIES:
             raise unknown_choice("packing_strategy", self.packing_strategy, SFT_PACKING_STRATEGIES)
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise unknown_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
-        if self.head_impl not in IMPLS:
-            raise unknown_choice("head_impl", self.head_impl, IMPLS)
-        if self.max_length is not None and self.max_length < 1:
-            raise ConfigError(f"must be positive or None, got {self.max_length}", column="max_length")
         if self.max_length is None and (self.packing or self.eval_packing):
             raise ConfigError("packing needs max_length, the length of a packed row", column="max_length",
                               fix="set max_length, or packing=False")  # fmt: skip
