@@ -14,8 +14,8 @@ import shutil
 import datasets
 import pytest
 import torch
+from test_train_dpo import tiny_model
 from tiny_tokenizer import build_tiny_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastdpo.train import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -30,14 +30,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def load(tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         attn_implementation="sdpa")  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(path)
-    return lambda: LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return tiny_model(tokenizer, tmp_path_factory.mktemp("model"))
 
 
 def text(rng: random.Random, low: int, high: int) -> str:
