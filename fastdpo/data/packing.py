@@ -107,6 +107,12 @@ def _sequences(example: dict, max_length: int | None, truncation_mode: str) -> l
             for name in ("chosen_ids", "rejected_ids")]  # fmt: skip
 
 
+def pair_length(example: dict, max_length: int | None = None, truncation_mode: str = "keep_start") -> int:
+    """Tokens of a tokenized pair once packed: prompt + chosen and prompt + rejected, each truncated as
+    ``pack_pairs`` truncates it."""
+    return sum(len(ids) for ids, _ in _sequences(example, max_length, truncation_mode))
+
+
 def pack_pairs(
     examples: Sequence[dict],
     *,

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, set_seed
 
 from fastdpo.data.formats import prepare_preferences
-from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs
+from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs, pair_length
 from fastdpo.data.sampler import TokenBudgetBatchSampler
-from fastdpo.data.tokenize import tokenize_preferences, truncate
+from fastdpo.data.tokenize import tokenize_preferences
 from fastdpo.errors import ConfigError
 from fastdpo.model.adapters import adapter_reference, is_peft_model, prepare_adapter_model, wrap_with_adapter
 from fastdpo.model.moe import router_aux_loss_coef
@@ -267,7 +267,7 @@ class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
         # Token-budget batches: the sampler is rank-aware itself, so accelerate must not shard it again
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
         collator = self.data_collator
-        lengths = [_pair_length(example, self.args.max_length, self.args.truncation_mode) for example in dataset]
+        lengths = [pair_length(example, self.args.max_length, self.args.truncation_mode) for example in dataset]
         sampler = TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, seed=self.args.seed,
                                           rank=self.args.process_index, world_size=self.args.world_size)  # fmt: skip
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
@@ -317,12 +317,6 @@ def _reference_mode(args: DPOConfig, is_peft: bool) -> str:
         fix = "use 'auto', 'separate' or 'cached', or a reference-free loss (simpo, cpo, orpo)"
         raise ConfigError(f"loss_type {list(args.loss_type)} needs a reference", column="reference", fix=fix)
     return "none" if reference_free else mode
-
-
-def _pair_length(example: dict, max_length: int | None, truncation_mode: str) -> int:
-    """Tokens of a pair once packed: prompt + chosen and prompt + rejected, each truncated as the collator does."""
-    return sum(len(truncate(example["prompt_ids"], example[name], max_length, truncation_mode)[0])
-               for name in ("chosen_ids", "rejected_ids"))  # fmt: skip
 
 
 def _attention(model: nn.Module) -> str:
