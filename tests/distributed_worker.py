@@ -9,6 +9,7 @@ import sys
 
 import datasets
 import torch
+from launch import finish
 from test_train_dpo import common_args, synthetic_pairs
 from tiny_tokenizer import build_tiny_tokenizer
 from transformers import LlamaForCausalLM
@@ -28,9 +29,7 @@ def main() -> None:
     trainer = DPOTrainer(load(), ref_model=load(), args=args, train_dataset=synthetic_pairs(16),
                          processing_class=tokenizer)  # fmt: skip
     trainer.train()
-    if trainer.args.process_index == 0:
-        logs = [log for log in trainer.state.log_history if "loss" in log]
-        (out / "logs.json").write_text(json.dumps({"world_size": trainer.args.world_size, "logs": logs}))
+    finish(trainer, out)
 
 
 if __name__ == "__main__":

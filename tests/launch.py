@@ -25,6 +25,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def finish(trainer, out: Path) -> None:
+    """The worker's last step: rank 0 writes ``OUT/logs.json``, then every process leaves the process group.
+
+    A process that exits with gloo's threads still running aborts ("terminate called without an active
+    exception"), and torchrun then kills the others, possibly before rank 0 wrote its logs: seen on a 2-core CI
+    runner. So all ranks wait for rank 0's file and tear the group down before the interpreter exits.
+    """
+    import torch.distributed as dist
+
+    if trainer.args.process_index == 0:
+        logs = [log for log in trainer.state.log_history if "loss" in log]
+        (out / "logs.json").write_text(json.dumps({"world_size": trainer.args.world_size, "logs": logs}))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def launch(worker: Path, out: Path, model: Path, processes: int, **options) -> list[dict]:
     """The logged steps of ``worker`` run with ``options`` in ``processes`` processes."""
     out.mkdir()

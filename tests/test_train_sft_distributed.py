@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch import TORCHRUN, launch
+from launch import TORCHRUN, finish, launch
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve()
@@ -54,9 +54,7 @@ def main() -> None:
     trainer = SFTTrainer(model, args=args, train_dataset=prompt_completion_rows(16, seed=2),
                          processing_class=build_tiny_tokenizer())  # fmt: skip
     trainer.train()
-    if trainer.args.process_index == 0:
-        logs = [log for log in trainer.state.log_history if "loss" in log]
-        (out / "logs.json").write_text(json.dumps({"world_size": trainer.args.world_size, "logs": logs}))
+    finish(trainer, out)
 
 
 if __name__ == "__main__":
