@@ -261,7 +261,7 @@ def test_every_trl_sft_option_exists_with_the_same_default(tmp_path):
 
 @pytest.mark.parametrize(
     ("options", "column"),
-    [({"activation_offloading": True}, "activation_offloading"), ({"label_smoothing_factor": 0.1},
+    [({"label_smoothing_factor": 0.1},
       "label_smoothing_factor"), ({"loss_type": "nlll"}, "loss_type"), ({"packing_strategy": "bdf"},
       "packing_strategy"), ({"truncation_mode": "keep_middle"}, "truncation_mode"), ({"head_impl": "fast"},
       "head_impl"), ({"max_length": None, "packing": True}, "max_length"), ({"pack_length": 0}, "pack_length"),

@@ -23,7 +23,7 @@ logits (Gemma-2/3 final soft-capping, Cohere's ``logit_scale``, Granite's ``logi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from fastdpo.data.packing import IGNORE_INDEX, PackedBatch
 from fastdpo.errors import ConfigError
+from fastdpo.model.offload import offload_activations as _offload
 from fastdpo.ops import LinearLogprobs, linear_logprobs, segment_sum
 
 # Attention implementations for which transformers builds the packed (block-diagonal) mask from position_ids.
@@ -266,15 +267,21 @@ def packed_body(
     *,
     attn_implementation: str | None = None,
     output_router_logits: bool = False,
+    offload_activations: bool = False,
 ) -> BodyOutput:
-    """``packed_hidden_states``, and a mixture-of-experts body's router logits when asked (for the aux loss)."""
+    """``packed_hidden_states``, and a mixture-of-experts body's router logits when asked (for the aux loss).
+
+    ``offload_activations``: what autograd saves in the body waits in host memory until the backward
+    (``fastdpo.model.offload``; nothing moves on a CPU).
+    """
     _check_batch(batch)
     device = model.get_input_embeddings().weight.device
     if batch.input_ids.device != device:
         batch = batch.to(device)
     body = model.get_decoder()
     extra = {"output_router_logits": True} if output_router_logits else {}
-    with _attention(model, attn_implementation) as implementation:
+    offload = _offload(model) if offload_activations else nullcontext()
+    with _attention(model, attn_implementation) as implementation, offload:
         if _is_flash(implementation):
             # transformers' flash path isolates sequences only at batch size 1 (varlen kernels over one token axis)
             output = body(

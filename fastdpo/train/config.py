@@ -5,13 +5,21 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
 - ``bf16`` left unset is True only on a GPU that supports it (and without ``fp16``); on a CPU it is False (fp32),
   where TRL's default would raise or autocast to bf16.
 - Options this version does not implement raise ``ConfigError`` naming the option instead of being ignored:
-  ``ld_alpha``, ``use_weighting``, ``activation_offloading``. ``precompute_ref_log_probs``
-  selects the cached reference (``fastdpo.model.reference_cache``; files in ``ref_cache_dir``).
+  ``ld_alpha``, ``use_weighting``. ``precompute_ref_log_probs`` selects the cached reference
+  (``fastdpo.model.reference_cache``; files in ``ref_cache_dir``).
+- ``activation_offloading`` moves the policy body's saved activations to host memory (``fastdpo.model.offload``;
+  the copies do not overlap compute as TRL's do; nothing moves on a CPU).
+- ``train_sampling_strategy`` ``group_by_length`` and ``batch_rebalance`` are refused: they sort padded batches
+  (and fail on DPO's columns in TRL too); packed batches have no padding, and ``balance_ranks`` evens out tokens
+  across processes.
 - ``padding_free`` (which TRL 1.16 warns about and ignores) is accepted with a warning: fastdpo always packs.
 - Ours: ``packing`` (on; off puts each pair alone in its own row), ``pack_length`` (default
   ``fastdpo.data.default_pack_length``), ``max_tokens_per_batch``, ``reference``
   (``auto|separate|cached|adapter|none``), ``ref_cache_dir``, ``head_impl``, ``simpo_gamma``, ``cpo_alpha``,
-  ``max_nonfinite_steps`` (the numerics guard, ``fastdpo.train.common.NumericsGuard``; 0 turns it off).
+  ``max_nonfinite_steps`` (the numerics guard, ``fastdpo.train.common.NumericsGuard``; 0 turns it off),
+  ``ref_offload`` (a separate reference waits in host memory between its passes: ``HostResident``),
+  ``balance_ranks`` (several processes: each step's pairs are dealt so that every process packs about as many
+  tokens; the pairs of a step are the same as without it: ``fastdpo.data.sampler.RankBalancedBatchSampler``).
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ REFERENCES = ("auto", "separate", "cached", "adapter", "none")
 NOT_YET = {
     "ld_alpha": None,
     "use_weighting": False,
-    "activation_offloading": False,
 }
 
 
@@ -84,6 +91,8 @@ class DPOConfig(TrainingArguments):
     cpo_alpha: float = 1.0
     max_nonfinite_steps: int = 10
     ref_cache_dir: str | None = None
+    ref_offload: bool = False
+    balance_ranks: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
@@ -122,6 +131,15 @@ class DPOConfig(TrainingArguments):
             )
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ConfigError(f"must be positive, got {self.max_tokens_per_batch}", column="max_tokens_per_batch")
+        if self.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+            raise ConfigError(
+                f"{self.train_sampling_strategy!r} sorts examples to save padding; packed batches have none",
+                column="train_sampling_strategy",
+                fix="leave it at 'random'; balance_ranks=True already evens out tokens across processes",
+            )
+        if self.ref_offload and (self.precompute_ref_log_probs or self.reference in ("cached", "adapter", "none")):
+            raise ConfigError("moves a separate reference model between passes; this reference has none",
+                              column="ref_offload", fix="use ref_offload=False, or reference='separate'")  # fmt: skip
         if self.sync_ref_model and (self.precompute_ref_log_probs or self.reference in ("cached", "none")):
             fix = "use sync_ref_model=False, or a separate reference"
             raise ConfigError("updates a reference model; a cached or absent reference has none",

@@ -81,6 +81,7 @@ def sft_step(
     num_items: Tensor | int | None = None,
     head_impl: str = "auto",
     aux_loss: bool = False,
+    offload_activations: bool = False,
 ) -> SFTStepOutput:
     """The SFT loss of ``batch`` under ``model``; in plain torch, with ``logits`` the model's on the packed rows::
 
@@ -94,9 +95,11 @@ def sft_step(
         num_items: the divisor (the targets of the whole optimizer step); None divides by this batch's targets.
         head_impl: the ``linear_logprobs`` implementation.
         aux_loss: also return a mixture-of-experts model's router load-balancing loss over the real tokens.
+        offload_activations: the body's saved activations wait in host memory until the backward
+            (``fastdpo.model.offload``).
     """
     spec = head_spec(model)
-    body = packed_body(model, batch, output_router_logits=aux_loss)
+    body = packed_body(model, batch, output_router_logits=aux_loss, offload_activations=offload_activations)
     hidden = body.hidden
     targets = batch.targets.reshape(-1).to(hidden.device)
     head = {"bias": spec.bias, "logit_scale": spec.logit_scale, "softcap": spec.softcap}
@@ -302,7 +305,8 @@ class SFTTrainer(ResumableTrainer, NumericsGuard, Trainer):
 
         def packed_forward(*args, **kwargs) -> SFTStepOutput:
             return sft_step(inner, batch, loss_type=self.args.loss_type, num_items=num_items_in_batch,
-                            head_impl=self.args.head_impl, aux_loss=bool(self.aux_loss_coef))  # fmt: skip
+                            head_impl=self.args.head_impl, aux_loss=bool(self.aux_loss_coef),
+                            offload_activations=self.args.activation_offloading and model.training)  # fmt: skip
 
         # mixed precision as accelerate's forward wrapper would apply it; through the DDP/FSDP wrapper (forward_as)
         with self.accelerator.autocast(), forward_as(inner, packed_forward):

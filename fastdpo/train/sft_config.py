@@ -16,9 +16,11 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
 - ``padding_free`` changes nothing (fastdpo never pads) and is accepted with a warning; TRL refuses it without
   packing unless ``max_length`` is None.
 - Options this version does not implement raise ``ConfigError`` naming the option instead of being ignored:
-  ``activation_offloading``, ``label_smoothing_factor`` (TRL deprecates it: it needs the full logits),
+  ``label_smoothing_factor`` (TRL deprecates it: it needs the full logits),
   ``dataset_kwargs`` keys other than ``skip_prepare_dataset``, ``chat_template_path`` other than a ``.jinja``
   file.
+- ``activation_offloading`` moves the body's saved activations to host memory (``fastdpo.model.offload``; the
+  copies do not overlap compute as TRL's do; nothing moves on a CPU).
 - Ours: ``pack_length`` (row capacity for unpacked steps; default ``max_length`` for eager/sdpa attention, at
   least 4096 for flash-style attention, never less than the longest sequence of the step), ``head_impl``.
 """
@@ -39,7 +41,7 @@ from fastdpo.train.common import check_shared_options
 
 LOSS_TYPES = ("nll", "dft")
 # TRL options accepted by the dataclass but not implemented yet: (name, value that means "off")
-NOT_YET = {"activation_offloading": False, "label_smoothing_factor": 0.0}
+NOT_YET = {"label_smoothing_factor": 0.0}
 
 
 @dataclass

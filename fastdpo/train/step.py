@@ -43,6 +43,7 @@ def preference_step(
     fused: bool = True,
     token_metrics: bool = False,
     aux_loss_coef: float = 0.0,
+    offload_activations: bool = False,
 ) -> LossOutput:
     """The loss of ``batch`` under ``model`` (differentiable), with TRL's metrics in ``.metrics``.
 
@@ -55,13 +56,15 @@ def preference_step(
         fused: use ``fused_pair_loss`` where the loss type allows it.
         token_metrics: add TRL's per-token metrics (entropy, logits/chosen|rejected, mean_token_accuracy).
         aux_loss_coef: mixture-of-experts models: add this times the router load-balancing loss (``aux_loss``).
+        offload_activations: the body's saved activations wait in host memory until the backward
+            (``fastdpo.model.offload``).
     """
     if not config.reference_free and ref_logps is None:
         if ref_model is None:
             raise ValueError(f"loss_type {list(config.loss_types)} needs ref_model or ref_logps")
         ref_logps = reference_logps(ref_model, batch, impl=head_impl)
     spec = head_spec(model)
-    body = packed_body(model, batch, output_router_logits=bool(aux_loss_coef))
+    body = packed_body(model, batch, output_router_logits=bool(aux_loss_coef), offload_activations=offload_activations)
     out = _head_and_loss(batch, body.hidden, spec, config, ref_logps=ref_logps, head_impl=head_impl, fused=fused,
                          token_metrics=token_metrics)  # fmt: skip
     if aux_loss_coef:
