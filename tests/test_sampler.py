@@ -1,4 +1,5 @@
-"""Token-budget batches: budget respected, every pair once, seeded, disjoint across processes."""
+"""Token-budget batches: budget respected, every pair once, seeded, disjoint across processes; rank-balanced
+fixed-size batches: the same pairs per round, tokens evened out across processes."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import random
 
 import pytest
 
-from fastdpo.data.sampler import TokenBudgetBatchSampler
+from fastdpo.data.sampler import RankBalancedBatchSampler, TokenBudgetBatchSampler
 from fastdpo.errors import ConfigError, DataError
 
-LENGTHS = [random.Random(0).randint(20, 900) for _ in range(500)]
+_RNG = random.Random(0)
+LENGTHS = [_RNG.randint(20, 900) for _ in range(500)]  # one generator: varied lengths (a fresh one per item repeats)
 
 
 def test_budget_and_every_pair_once():
@@ -82,3 +84,48 @@ def test_every_epoch_is_as_long_as_the_first_and_each_pass_has_every_pair_once()
         first, second = (list(sampler) for sampler in two)
         assert len(first) == len(second) == len(two[0]) == 6
         assert all(not set(a) & set(b) for a, b in zip(first, second, strict=True))
+
+
+# --- RankBalancedBatchSampler: the same pairs per round as BatchSampler, dealt evenly by tokens
+
+
+def _rank_tokens(batches: list[list[int]], lengths: list[int], world_size: int) -> list[list[int]]:
+    """Per round, each process's token sum (process r takes batch r of each round, as accelerate shards)."""
+    rounds = [batches[i : i + world_size] for i in range(0, len(batches), world_size)]
+    return [[sum(lengths[i] for i in b) for b in r] for r in rounds if len(r) == world_size]
+
+
+@pytest.mark.parametrize(("world_size", "batch_size", "count"), [(2, 3, 61), (4, 2, 37), (3, 5, 150), (1, 4, 9)])
+def test_balanced_rounds_hold_the_same_pairs_and_even_tokens(world_size, batch_size, count):
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    lengths = LENGTHS[:count]
+    order = SequentialSampler(range(count))
+    plain = list(BatchSampler(order, batch_size, drop_last=False))
+    balanced = list(RankBalancedBatchSampler(order, batch_size, lengths=lengths, world_size=world_size))
+    assert len(balanced) == len(plain) == len(RankBalancedBatchSampler(order, batch_size, lengths=lengths,
+                                                                       world_size=world_size))  # fmt: skip
+    round_size = world_size * batch_size
+    full = count // round_size * world_size  # batches in full rounds; the tail is BatchSampler's own
+    for start in range(0, full, world_size):
+        got, want = balanced[start : start + world_size], plain[start : start + world_size]
+        assert sorted(i for b in got for i in b) == sorted(i for b in want for i in b)
+        assert all(len(b) == batch_size for b in got)  # every process keeps its batch size
+    assert balanced[full:] == plain[full:]
+    spread = [max(r) - min(r) for r in _rank_tokens(balanced, lengths, world_size)]
+    before = [max(r) - min(r) for r in _rank_tokens(plain, lengths, world_size)]
+    # greedy largest-first: no process is more than one pair's length above the lightest one
+    assert all(s <= max(lengths) for s in spread)
+    if world_size > 1:
+        assert sum(spread) < sum(before) / 3  # a factor well inside what the greedy deal gives on these lengths
+
+
+def test_balanced_drop_last_and_bad_world_size():
+    from torch.utils.data import SequentialSampler
+
+    sampler = RankBalancedBatchSampler(SequentialSampler(range(11)), 4, lengths=LENGTHS[:11], world_size=2,
+                                       drop_last=True)  # fmt: skip
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 2  # the 3-pair tail dropped, as BatchSampler drops it
+    with pytest.raises(ConfigError, match="world_size"):
+        RankBalancedBatchSampler(SequentialSampler(range(3)), 1, lengths=[1, 2, 3], world_size=0)

@@ -1,4 +1,6 @@
-"""Token-budget batches: as many pairs per step as fit a budget of real tokens (``max_tokens_per_batch``).
+"""Batch samplers: token budgets, and fixed-size batches dealt evenly over processes.
+
+Token-budget batches: as many pairs per step as fit a budget of real tokens (``max_tokens_per_batch``).
 
 The default step semantics are TRL's (a fixed number of pairs per device per step, picked by the Trainer's
 seeded sampler, packed within the batch). With a token budget instead, each batch takes pairs in a seeded random
@@ -11,12 +13,20 @@ the first epoch for every epoch: it runs that many steps an epoch (dropping a lo
 short of ``max_steps`` after a shorter one) and finds where to resume as ``global_step // steps_per_epoch``. So an
 epoch here is a fixed number of batches, ``len(sampler)`` (the first pass's), taken from the stream of passes
 (pass 0, then pass 1 in another order, ...): epoch 1 may end in pass 2. Each pair still comes once a pass.
+
+Balanced ranks (``RankBalancedBatchSampler``): with a fixed number of pairs per device, accelerate gives process
+``r`` the ``r``-th of every ``world_size`` consecutive batches, so the slowest process (the one that drew the long
+pairs) sets every step's pace. This sampler takes the same ``world_size × batch_size`` pairs a round would take
+and deals them again, longest first, each to the batch with the fewest tokens that still has room: every process
+keeps ``batch_size`` pairs, and the step's pairs are unchanged (so is the loss, up to summation order).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
+
+from torch.utils.data import BatchSampler, Sampler
 
 from fastdpo.errors import ConfigError, DataError
 
@@ -100,3 +110,43 @@ class TokenBudgetBatchSampler:
 
     def __len__(self) -> int:
         return self._pass_size(0)
+
+
+class RankBalancedBatchSampler(BatchSampler):
+    """``BatchSampler(sampler, batch_size, drop_last)`` whose every round of ``world_size`` batches holds the same
+    indices, dealt so that the batches' token sums (``lengths``) are as even as a greedy deal makes them.
+
+    A last round with fewer than ``world_size × batch_size`` indices is batched as ``BatchSampler`` would (accelerate
+    then tops it up as it does today). ``sampler`` stays an attribute: accelerate swaps in its seedable sampler.
+    """
+
+    def __init__(
+        self, sampler: Sampler, batch_size: int, *, lengths: Sequence[int], world_size: int, drop_last: bool = False
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        if world_size < 1:
+            raise ConfigError(f"must be positive, got {world_size}", column="world_size")
+        self.lengths, self.world_size = [int(n) for n in lengths], world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        round_size = self.batch_size * self.world_size
+        indices: list[int] = []
+        for index in self.sampler:
+            indices.append(index)
+            if len(indices) == round_size:
+                yield from self._deal(indices)
+                indices = []
+        for start in range(0, len(indices), self.batch_size):
+            batch = indices[start : start + self.batch_size]
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch
+
+    def _deal(self, indices: list[int]) -> list[list[int]]:
+        batches: list[list[int]] = [[] for _ in range(self.world_size)]
+        tokens = [0] * self.world_size
+        for index in sorted(indices, key=lambda i: -self.lengths[i]):  # stable: ties keep the sampler's order
+            open_batches = [b for b in range(self.world_size) if len(batches[b]) < self.batch_size]
+            target = min(open_batches, key=lambda b: tokens[b])
+            batches[target].append(index)
+            tokens[target] += self.lengths[index]
+        return batches

@@ -24,19 +24,23 @@ from __future__ import annotations
 
 import copy
 import warnings
+from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, set_seed
+from transformers.trainer_utils import seed_worker
 
 from fastdpo.data.formats import prepare_preferences
 from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs, pair_length
-from fastdpo.data.sampler import TokenBudgetBatchSampler
+from fastdpo.data.sampler import RankBalancedBatchSampler, TokenBudgetBatchSampler
 from fastdpo.data.tokenize import tokenize_preferences
 from fastdpo.errors import ConfigError
 from fastdpo.model.adapters import adapter_reference, is_peft_model, prepare_adapter_model, wrap_with_adapter
 from fastdpo.model.moe import router_aux_loss_coef
+from fastdpo.model.offload import HostResident
 from fastdpo.model.reference_cache import cached_reference_logps
 from fastdpo.ops import LossOutput
 from fastdpo.train.common import (
@@ -169,11 +173,14 @@ class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, compute_metrics=compute_metrics)  # fmt: skip
-        self.ref_model = None
+        self.ref_model, self._ref_resident = None, None
         if self.reference_mode == "separate":
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
             self.ref_model.requires_grad_(False).eval()
-            self.ref_model.to(self.args.device)
+            if args.ref_offload:  # in host memory; on the device only for its pass
+                self._ref_resident = HostResident(self.ref_model)
+            else:
+                self.ref_model.to(self.args.device)
             if args.sync_ref_model:
                 self.add_callback(SyncReference(self.ref_model, self.accelerator))
         elif self.reference_mode == "cached":  # computed once (or read), then no reference model is kept
@@ -238,11 +245,14 @@ class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
 
         def packed_forward(*args, **kwargs) -> LossOutput:
             return preference_step(inner, batch, self.loss_config, ref_logps=ref_logps, head_impl=self.args.head_impl,
-                                   token_metrics=True, aux_loss_coef=self.aux_loss_coef)  # fmt: skip
+                                   token_metrics=True, aux_loss_coef=self.aux_loss_coef,
+                                   offload_activations=self.args.activation_offloading and model.training)  # fmt: skip
 
         with self.accelerator.autocast():  # mixed precision, as accelerate's forward wrapper would apply it
             if ref_logps is None and self.ref_model is not None:
-                ref_logps = reference_logps(self.ref_model, batch, impl=self.args.head_impl)
+                resident = self._ref_resident.on(self.args.device) if self._ref_resident else nullcontext()
+                with resident:
+                    ref_logps = reference_logps(self.ref_model, batch, impl=self.args.head_impl)
             elif ref_logps is None and self.reference_mode == "adapter":
                 with adapter_reference(inner):
                     ref_logps = reference_logps(inner, batch, impl=self.args.head_impl)
@@ -262,20 +272,28 @@ class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
         return (loss, {}) if return_outputs else loss
 
     def get_train_dataloader(self):
-        if self.args.max_tokens_per_batch is None:
+        args = self.args
+        budget = args.max_tokens_per_batch is not None
+        if not budget and not (args.balance_ranks and args.world_size > 1):
             return super().get_train_dataloader()
-        # Token-budget batches: the sampler is rank-aware itself, so accelerate must not shard it again
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
-        collator = self.data_collator
-        lengths = [pair_length(example, self.args.max_length, self.args.truncation_mode) for example in dataset]
-        sampler = TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, seed=self.args.seed,
-                                          rank=self.args.process_index, world_size=self.args.world_size)  # fmt: skip
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
-                            num_workers=self.args.dataloader_num_workers,
-                            pin_memory=self.args.dataloader_pin_memory)  # fmt: skip
+        lengths = [pair_length(example, args.max_length, args.truncation_mode) for example in dataset]
+        if budget:  # rank-aware itself: accelerate must not shard it again (below)
+            sampler = TokenBudgetBatchSampler(lengths, args.max_tokens_per_batch, seed=args.seed,
+                                              rank=args.process_index, world_size=args.world_size)  # fmt: skip
+        else:  # the batches of every process, each step's dealt by tokens; accelerate's shard takes this rank's
+            sampler = RankBalancedBatchSampler(self._get_train_sampler(dataset), args.per_device_train_batch_size,
+                                               lengths=lengths, world_size=args.world_size,
+                                               drop_last=args.dataloader_drop_last)  # fmt: skip
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                            persistent_workers=args.dataloader_persistent_workers,
+                            prefetch_factor=args.dataloader_prefetch_factor,
+                            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers,
+                                                   rank=args.process_index))  # fmt: skip
         loader = self.accelerator.prepare(loader)
         shard = getattr(loader, "batch_sampler", None)
-        if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
+        if budget and shard is not None and getattr(shard, "batch_sampler", None) is sampler:
             shard.num_processes, shard.process_index = 1, 0
         return loader
 
@@ -310,6 +328,9 @@ def _reference_mode(args: DPOConfig, is_peft: bool) -> str:
     if args.precompute_ref_log_probs and mode != "cached" and not reference_free:
         raise ConfigError(f"precompute_ref_log_probs=True asks for a cached reference, reference={mode!r} for another",
                           column="reference", fix="use reference='cached' (or 'auto')")  # fmt: skip
+    if args.ref_offload and mode != "separate":
+        raise ConfigError(f"ref_offload moves a separate reference model; reference={mode!r} has none",
+                          column="ref_offload", fix="use ref_offload=False, or reference='separate'")  # fmt: skip
     if args.sync_ref_model and mode != "separate":
         raise ConfigError(f"sync_ref_model updates a reference model; reference={mode!r} has none to update",
                           column="sync_ref_model", fix="use reference='separate', or sync_ref_model=False")  # fmt: skip
