@@ -13,6 +13,7 @@ from fastdpo.model.packed import (
     packed_body,
     packed_hidden_states,
     packed_logps,
+    run_head,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "packed_body",
     "packed_hidden_states",
     "packed_logps",
+    "run_head",
 ]

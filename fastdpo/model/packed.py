@@ -15,14 +15,15 @@ turns that detection off and every sequence silently attends to the ones before 
 path never builds a mask: it isolates sequences only through ``cu_seq_lens_q/k`` (or position ids at batch size 1),
 so for flash the rows are flattened into one row of ``R·L`` tokens and the batch's ``cu_seqlens`` are passed.
 
-The LM head is never called: ``head_spec`` reads its weight and the transformations the model family applies to the
-logits (Gemma-2/3 final soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``) and
+The LM head's own forward is never run: ``run_head`` runs fastdpo's head function in its place (so wrappers'
+hooks on the head module still fire), and ``head_spec`` reads its weight and the transformations the model family
+applies to the logits (Gemma-2/3 final soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``) and
 ``fastdpo.ops.linear_logprobs`` computes the log-probs without the ``[tokens, vocab]`` logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from fastdpo.data.packing import IGNORE_INDEX, PackedBatch
 from fastdpo.errors import ConfigError
+from fastdpo.model.hooks import forward_as
 from fastdpo.model.offload import offload_activations as _offload
 from fastdpo.ops import LinearLogprobs, linear_logprobs, segment_sum
 
@@ -120,6 +122,42 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return get_base_model() if callable(get_base_model) else model
 
 
+def _ds_numel(weight: Tensor) -> int:
+    """A DeepSpeed ZeRO-3 parameter's full size (its ``numel()`` is 0 while it is partitioned)."""
+    return int(getattr(weight, "ds_numel", weight.numel()))
+
+
+class _Rest:
+    """What ``run_head``'s function returns beside its differentiable tensor, opaque to wrappers' output hooks."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+def run_head(model: nn.Module, fn: Callable, hidden: Tensor):
+    """``fn(hidden, head_spec(model))`` run as the LM head module's forward; ``fn`` returns ``(tensor, rest)``.
+
+    Returns ``(tensor, rest)``, where ``tensor`` is the head module's output: use it (not the one ``fn`` made) for
+    the loss. Calling the module, not reading its weight from outside, is what lets a wrapper that materializes
+    parameters around a module's forward and backward do so for the head: DeepSpeed ZeRO-3 gathers the weight in
+    its pre-forward hook and again before the head's backward (a hook on that output tensor), and FSDP2 does the
+    same when the head is sharded on its own. Without a wrapper it is a plain call.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:  # head_spec says what is wrong
+        head_spec(model)
+
+    def forward(states: Tensor):
+        tensor, rest = fn(states, head_spec(model))
+        return tensor, _Rest(rest)
+
+    with forward_as(head, forward):
+        tensor, rest = head(hidden)
+    return tensor, rest.value
+
+
 def _config_value(config, name: str) -> float | None:
     value = getattr(config, name, None)
     return None if value is None else float(value)
@@ -151,11 +189,11 @@ def head_spec(model: nn.Module) -> HeadSpec:
             column="model",
             fix="merge adapters on the LM head and do not quantize it (e.g. bitsandbytes' llm_int8_skip_modules)",
         )
-    if type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id"):
+    if type(weight).__name__ == "DTensor" or (hasattr(weight, "ds_id") and weight.numel() != _ds_numel(weight)):
         raise ConfigError(
-            f"{name}'s LM head weight is sharded (FSDP2 DTensor or DeepSpeed ZeRO-3 parameter)",
+            f"{name}'s LM head weight is sharded (FSDP2 DTensor or DeepSpeed ZeRO-3 parameter) outside its forward",
             column="model",
-            fix="gather the head weight before calling fastdpo.model (sharded heads are not supported yet)",
+            fix="compute log-probs through fastdpo.model (run_head calls the head module, so the wrapper gathers it)",
         )
     config = inner.config.get_text_config()
     rule = _HEAD_RULES.get(name)
@@ -344,20 +382,16 @@ def packed_logps(
 
     Gradients flow to the model's parameters unless called under ``torch.no_grad()`` (the reference pass).
     """
-    spec = head_spec(model)
     hidden = packed_hidden_states(model, batch, attn_implementation=attn_implementation)
     targets = batch.targets.reshape(-1).to(hidden.device)
-    per_token = linear_logprobs(
-        hidden,
-        spec.weight,
-        targets,
-        bias=spec.bias,
-        logit_scale=spec.logit_scale,
-        softcap=spec.softcap,
-        temperature=temperature,
-        impl=impl,
-        outputs=outputs,
-    )
+
+    def head(states: Tensor, spec: HeadSpec):
+        out = linear_logprobs(states, spec.weight, targets, bias=spec.bias, logit_scale=spec.logit_scale,
+                              softcap=spec.softcap, temperature=temperature, impl=impl, outputs=outputs)  # fmt: skip
+        return out.logp, out
+
+    logp, per_token = run_head(model, head, hidden)
+    per_token = per_token._replace(logp=logp)
     cu_seqlens = batch.cu_seqlens.to(hidden.device)
     seq_logps = segment_sum(per_token.logp, cu_seqlens)
     # exact integer counts: differences of the running count of completion tokens at the segment boundaries

@@ -4,7 +4,7 @@
   passed to ``from_pretrained``, ``dtype`` defaulting to float32 and given as a ``torch.dtype`` or one of
   ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"auto"``; ``trust_remote_code`` from the config).
 - ``SyncReference``: TR-DPO's reference updates (``sync_ref_model``).
-- ``forward_as``: how the trainers run their packed step through a DDP/FSDP/DeepSpeed wrapper.
+- ``deepspeed_zero3_reference``: a separate reference under DeepSpeed ZeRO-3.
 - ``NumericsGuard``: a Trainer mixin. An optimizer step whose loss (on any micro-batch, any process) or gradient
   norm is not finite is skipped: every gradient is dropped before ``optimizer.step()``, so no parameter and no
   optimizer state moves (the learning-rate schedule still advances, as it does when fp16's scaler skips a step).
@@ -15,12 +15,11 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -32,29 +31,6 @@ from fastdpo.ops.linear_logprobs import IMPLS
 
 logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@contextmanager
-def forward_as(module: nn.Module, forward: Callable) -> Iterator[None]:
-    """Within the block, ``module``'s forward is ``forward`` (an attribute of this instance only, restored after).
-
-    fastdpo never calls a causal LM's own forward (it would compute the logits), yet a DDP, FSDP or DeepSpeed
-    wrapper must see a forward pass through itself: DDP arms its gradient all-reduce in ``forward``, and without
-    that the processes' gradients silently diverge; FSDP gathers the root's parameters (the LM head among them)
-    in its pre-forward hook. So the trainers call the wrapper, and the wrapper's call of the inner model lands
-    here. The class is untouched. An instance-level forward already there (accelerate's mixed-precision wrapper,
-    which runs the model's forward under autocast) is set aside and put back: the caller runs the block under
-    ``accelerator.autocast()`` instead.
-    """
-    previous = vars(module).get("forward")
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if previous is None:
-            del module.forward
-        else:
-            module.forward = previous
 
 
 class SyncReference(TrainerCallback):
@@ -72,6 +48,29 @@ class SyncReference(TrainerCallback):
         with torch.no_grad():
             for target, source in zip(self.reference.parameters(), policy.parameters(), strict=True):
                 target.mul_(1.0 - alpha).add_(source.to(target.device, target.dtype), alpha=alpha)
+
+
+def deepspeed_zero3_reference(model: nn.Module, accelerator):
+    """A frozen reference under DeepSpeed ZeRO-3: its own engine (no optimizer), whose hooks gather each module's
+    parameters around its forward, as TRL prepares one. None when ZeRO-3 is not in use (the reference is then a
+    plain replica on the device)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    import deepspeed
+
+    config = copy.deepcopy(plugin.deepspeed_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    zero = config["zero_optimization"]
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hidden is not None:  # the sizes the Trainer sets from the model for its own engine, where left to "auto"
+        sizes = {"reduce_bucket_size": hidden * hidden, "stage3_param_persistence_threshold": 10 * hidden,
+                 "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden)}  # fmt: skip
+        zero.update({key: value for key, value in sizes.items() if zero.get(key, "auto") == "auto"})
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
 
 
 class NumericsError(RuntimeError):

@@ -39,6 +39,7 @@ from fastdpo.data.sampler import RankBalancedBatchSampler, TokenBudgetBatchSampl
 from fastdpo.data.tokenize import tokenize_preferences
 from fastdpo.errors import ConfigError
 from fastdpo.model.adapters import adapter_reference, is_peft_model, prepare_adapter_model, wrap_with_adapter
+from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import router_aux_loss_coef
 from fastdpo.model.offload import HostResident
 from fastdpo.model.reference_cache import cached_reference_logps
@@ -48,7 +49,7 @@ from fastdpo.train.common import (
     StepMetrics,
     SyncReference,
     TokenRate,
-    forward_as,
+    deepspeed_zero3_reference,
     load_causal_lm,
     load_tokenizer,
 )
@@ -173,17 +174,36 @@ class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, compute_metrics=compute_metrics)  # fmt: skip
-        self.ref_model, self._ref_resident = None, None
+        self.ref_model, self._ref_resident, self._ref_engine = None, None, None
         if self.reference_mode == "separate":
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
             self.ref_model.requires_grad_(False).eval()
-            if args.ref_offload:  # in host memory; on the device only for its pass
+            self._ref_engine = deepspeed_zero3_reference(self.ref_model, self.accelerator)
+            if self._ref_engine is not None:  # partitioned; the engine's hooks gather it module by module
+                if args.ref_offload:
+                    raise ConfigError(
+                        "DeepSpeed ZeRO-3 partitions the reference; ref_offload would move it whole",
+                        column="ref_offload",
+                        fix="use DeepSpeed's offload_param_device instead",
+                    )
+                if args.sync_ref_model:
+                    raise ConfigError(
+                        "is not supported under DeepSpeed ZeRO-3 yet",
+                        column="sync_ref_model",
+                        fix="use DDP or FSDP2, or sync_ref_model=False",
+                    )
+            elif args.ref_offload:  # in host memory; on the device only for its pass
                 self._ref_resident = HostResident(self.ref_model)
             else:
                 self.ref_model.to(self.args.device)
             if args.sync_ref_model:
                 self.add_callback(SyncReference(self.ref_model, self.accelerator))
         elif self.reference_mode == "cached":  # computed once (or read), then no reference model is kept
+            if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                raise ConfigError("the cached reference is computed before training, when ZeRO-3 has partitioned "
+                                  "the weights and no engine gathers them yet", column="precompute_ref_log_probs",
+                                  fix="compute the cache in a run without ZeRO-3 (same ref_cache_dir; it is reused), "
+                                      "or use a separate reference")  # fmt: skip
             reference = ref_model.to(self.args.device) if ref_model is not None else model
             self.train_dataset = self._with_reference_logps(reference, self.train_dataset, "train")
             if self.eval_dataset is not None:
@@ -228,6 +248,18 @@ class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
         self.dropped_rows[name] = tokenized.dropped_rows
         return tokenized.dataset
 
+    def _reference_pass(self, batch: PackedBatch) -> torch.Tensor:
+        """The separate reference's ``[P, 2]`` log-probs, through its root module's forward (a ZeRO-3 engine's
+        hooks track steps there), on the device only for the pass when it is host-resident (``ref_offload``)."""
+        reference = self.ref_model
+
+        def forward(*args, **kwargs) -> torch.Tensor:
+            return reference_logps(reference, batch, impl=self.args.head_impl)
+
+        resident = self._ref_resident.on(self.args.device) if self._ref_resident else nullcontext()
+        with resident, forward_as(reference, forward):
+            return reference()
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Pairs in this optimizer step: the micro-batches of gradient accumulation, summed over processes."""
         if not batch_samples or "pair_ids" not in batch_samples[0]:
@@ -250,9 +282,7 @@ class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
 
         with self.accelerator.autocast():  # mixed precision, as accelerate's forward wrapper would apply it
             if ref_logps is None and self.ref_model is not None:
-                resident = self._ref_resident.on(self.args.device) if self._ref_resident else nullcontext()
-                with resident:
-                    ref_logps = reference_logps(self.ref_model, batch, impl=self.args.head_impl)
+                ref_logps = self._reference_pass(batch)
             elif ref_logps is None and self.reference_mode == "adapter":
                 with adapter_reference(inner):
                     ref_logps = reference_logps(inner, batch, impl=self.args.head_impl)

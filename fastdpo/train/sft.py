@@ -40,11 +40,12 @@ from transformers import Trainer, TrainingArguments, set_seed
 from fastdpo.data.packing import IGNORE_INDEX, ROW_ATTENTION, PackedBatch, pack_sft, pack_sft_dataset
 from fastdpo.data.sft import prepare_sft, tokenize_sft
 from fastdpo.errors import ConfigError, DataError
-from fastdpo.model import head_spec, packed_body
+from fastdpo.model import HeadSpec, packed_body, run_head
 from fastdpo.model.adapters import is_peft_model, prepare_adapter_model, wrap_with_adapter
+from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import moe_aux_loss, router_aux_loss_coef
 from fastdpo.ops import linear_logprobs
-from fastdpo.train.common import NumericsGuard, TokenRate, forward_as, load_causal_lm, load_tokenizer
+from fastdpo.train.common import NumericsGuard, TokenRate, load_causal_lm, load_tokenizer
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.sft_config import SFTConfig
 
@@ -98,13 +99,16 @@ def sft_step(
         offload_activations: the body's saved activations wait in host memory until the backward
             (``fastdpo.model.offload``).
     """
-    spec = head_spec(model)
     body = packed_body(model, batch, output_router_logits=aux_loss, offload_activations=offload_activations)
     hidden = body.hidden
     targets = batch.targets.reshape(-1).to(hidden.device)
-    head = {"bias": spec.bias, "logit_scale": spec.logit_scale, "softcap": spec.softcap}
-    per_token = linear_logprobs(hidden, spec.weight, targets, impl=head_impl, outputs=METRIC_OUTPUTS, **head)
-    logp = per_token.logp
+
+    def head(states: Tensor, spec: HeadSpec):  # run as the LM head module's forward (wrappers' hooks: run_head)
+        per_token = linear_logprobs(states, spec.weight, targets, impl=head_impl, outputs=METRIC_OUTPUTS,
+                                    bias=spec.bias, logit_scale=spec.logit_scale, softcap=spec.softcap)  # fmt: skip
+        return per_token.logp, per_token
+
+    logp, per_token = run_head(model, head, hidden)
     token_loss = -logp if loss_type == "nll" else -logp * logp.detach().exp()
     num_targets = (targets != IGNORE_INDEX).sum()
     divisor = num_targets if num_items is None else torch.as_tensor(num_items, device=hidden.device)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdpo.data.packing import IGNORE_INDEX, PackedBatch
-from fastdpo.model import HeadSpec, head_spec, packed_body, packed_logps
+from fastdpo.model import HeadSpec, packed_body, packed_logps, run_head
 from fastdpo.model.moe import moe_aux_loss
 from fastdpo.ops import LossConfig, LossOutput, PairLogps, fused_pair_loss, linear_logprobs, preference_loss
 from fastdpo.ops.fused_pair_loss import _pair_segments, _token_metrics, supports_fused
@@ -63,9 +63,8 @@ def preference_step(
         if ref_model is None:
             raise ValueError(f"loss_type {list(config.loss_types)} needs ref_model or ref_logps")
         ref_logps = reference_logps(ref_model, batch, impl=head_impl)
-    spec = head_spec(model)
     body = packed_body(model, batch, output_router_logits=bool(aux_loss_coef), offload_activations=offload_activations)
-    out = _head_and_loss(batch, body.hidden, spec, config, ref_logps=ref_logps, head_impl=head_impl, fused=fused,
+    out = _head_and_loss(model, batch, body.hidden, config, ref_logps=ref_logps, head_impl=head_impl, fused=fused,
                          token_metrics=token_metrics)  # fmt: skip
     if aux_loss_coef:
         aux = moe_aux_loss(model, body.router_logits, batch)
@@ -75,9 +74,9 @@ def preference_step(
 
 
 def _head_and_loss(
+    model: nn.Module,
     batch: PackedBatch,
     hidden: Tensor,
-    spec: HeadSpec,
     config: LossConfig,
     *,
     ref_logps: Tensor | None,
@@ -85,17 +84,25 @@ def _head_and_loss(
     fused: bool,
     token_metrics: bool,
 ) -> LossOutput:
-    """The head and the loss on the body's hidden states: ``fused_pair_loss``, or log-probs then the loss."""
+    """The head and the loss on the body's hidden states: ``fused_pair_loss``, or log-probs then the loss; the head
+    runs as the LM head module's forward (``run_head``)."""
     ref_c, ref_r = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
     device = hidden.device
     targets = batch.targets.reshape(-1).to(device)
     cu_seqlens, seq_pair, seq_is_chosen = (
         t.to(device) for t in (batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen)
     )
-    head = {"bias": spec.bias, "logit_scale": spec.logit_scale, "softcap": spec.softcap}
     if fused and supports_fused(config):
-        return fused_pair_loss(hidden, spec.weight, targets, cu_seqlens, seq_pair, seq_is_chosen, config,
-                               ref_chosen=ref_c, ref_rejected=ref_r, token_metrics=token_metrics, **head)  # fmt: skip
+
+        def fused_head(states: Tensor, spec: HeadSpec):
+            out = fused_pair_loss(states, spec.weight, targets, cu_seqlens, seq_pair, seq_is_chosen, config,
+                                  ref_chosen=ref_c, ref_rejected=ref_r, token_metrics=token_metrics,
+                                  **_head_options(spec))  # fmt: skip
+            return out.loss, out
+
+        loss, out = run_head(model, fused_head, hidden)
+        out.loss = loss
+        return out
     pairs = _pair_segments(cu_seqlens, seq_pair, seq_is_chosen)
     completion = targets != IGNORE_INDEX
     if "orpo" in config.loss_types:
@@ -104,8 +111,13 @@ def _head_and_loss(
         in_chosen = seq_is_chosen[segment] & (seq_pair[segment] >= 0)
         targets = torch.where(in_chosen, _next_token_targets(batch).to(device), targets)
     outputs = ("logp", "entropy", "mean_logit", "is_top1") if token_metrics else ("logp",)
-    per_token = linear_logprobs(hidden, spec.weight, targets, impl=head_impl, outputs=outputs, **head)
-    logp = per_token.logp
+
+    def plain_head(states: Tensor, spec: HeadSpec):
+        per_token = linear_logprobs(states, spec.weight, targets, impl=head_impl, outputs=outputs,
+                                    **_head_options(spec))  # fmt: skip
+        return per_token.logp, per_token
+
+    logp, per_token = run_head(model, plain_head, hidden)
     sums = segment_sum(logp * completion, cu_seqlens)
     counts = segment_sum(completion.to(logp.dtype), cu_seqlens)
     chosen_nll = None
@@ -121,6 +133,10 @@ def _head_and_loss(
         sums = torch.stack([segment_sum(s.detach() * completion, cu_seqlens)[pairs] for s in stats])
         out.metrics.update(_token_metrics(sums, torch.stack([counts[pairs[:, 0]], counts[pairs[:, 1]]], 1)))
     return out
+
+
+def _head_options(spec: HeadSpec) -> dict:
+    return {"bias": spec.bias, "logit_scale": spec.logit_scale, "softcap": spec.softcap}
 
 
 def _next_token_targets(batch: PackedBatch) -> Tensor:
