@@ -3,24 +3,30 @@
 Two processes with 2 pairs each must take the optimizer steps one process takes with 4 pairs: the same pairs, the
 same gradients (DDP's all-reduce armed by a forward through its wrapper), metrics gathered over both. With token
 budget batches the processes hold different numbers of pairs; every pair must still weigh the same. A cached
-reference is computed by the first process and read by the other.
+reference is computed by the first process and read by the other. DeepSpeed ZeRO-3 (its CPU accelerator runs on
+gloo) partitions the policy and the reference and must take the same steps too.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
-from launch import TORCHRUN, launch
+from launch import ACCELERATE, TORCHRUN, launch
 from test_train_dpo import tiny_model
 from tiny_tokenizer import build_tiny_tokenizer
+
+import fastdpo
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
 
 def run(tmp_path: Path, name: str, processes: int, **options) -> list[dict]:
-    return launch(WORKER, tmp_path / name, tmp_path / "model", processes, **options)
+    result = launch(WORKER, tmp_path / name, tmp_path / "model", processes, **options)
+    assert not result["zero3_partitioned"] and result["engine"] != "DeepSpeedEngine"
+    return result["logs"]
 
 
 def assert_same_steps(ours: list[dict], expected: list[dict]) -> None:
@@ -49,3 +55,30 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
               ref_cache_dir=str(tmp_path / "cache_two"))  # fmt: skip
     assert_same_steps(two, one)
     assert len(list((tmp_path / "cache_two").glob("*.arrow"))) == 1  # one file, written once
+
+
+# What fastdpo/configs/accelerate/zero3.yaml asks of DeepSpeed, as TrainingArguments(deepspeed=...) takes it
+# (stage3_param_persistence_threshold 0: DeepSpeed keeps parameters under it whole, every one of this tiny model's)
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+         "gradient_clipping": "auto"}  # fmt: skip
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed next to this Python")
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_zero3_takes_the_steps_of_one_process(tmp_path):
+    # policy and reference partitioned over 2 processes (DeepSpeed's CPU accelerator, gloo); the fused head runs as
+    # the LM head module's forward, so ZeRO-3 gathers its weight for the forward and again for the backward
+    tiny_model(build_tiny_tokenizer(), tmp_path / "model")
+    one = run(tmp_path, "one", 1, per_device_train_batch_size=4)
+    two = launch(WORKER, tmp_path / "zero3", tmp_path / "model", 2, per_device_train_batch_size=2, deepspeed=ZERO3)
+    assert two["zero3_partitioned"] and two["engine"] == "DeepSpeedEngine"
+    assert_same_steps(two["logs"], one)
+    # the shipped accelerate config, through accelerate launch (DeepSpeed keeps this tiny model's parameters whole:
+    # all are under its default persistence threshold; the run above partitions them)
+    config = Path(fastdpo.__file__).parent / "configs" / "accelerate" / "zero3.yaml"
+    launched = launch(WORKER, tmp_path / "yaml", tmp_path / "model", 2, accelerate_config=config,
+                      per_device_train_batch_size=2)  # fmt: skip
+    assert launched["engine"] == "DeepSpeedEngine"
+    assert_same_steps(launched["logs"], one)

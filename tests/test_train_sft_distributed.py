@@ -8,6 +8,7 @@ forward through its wrapper. Run as a script, this file is the worker: ``python 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,8 +20,8 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve()
 
 
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
-def test_two_processes_take_the_steps_of_one(tmp_path):
+def assert_two_take_the_steps_of_one(tmp_path: Path, **two_options) -> None:
+    """One process with 4 examples per step vs two with 1 each and 2 accumulation steps (plus ``two_options``)."""
     import torch
     from test_train_sft import tiny_llama_config
     from tiny_tokenizer import build_tiny_tokenizer
@@ -28,14 +29,30 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
 
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(build_tiny_tokenizer())).save_pretrained(tmp_path / "model")
-    one = launch(HERE, tmp_path / "one", tmp_path / "model", 1, per_device_train_batch_size=4)
-    two = launch(HERE, tmp_path / "two", tmp_path / "model", 2, per_device_train_batch_size=1,
-                 gradient_accumulation_steps=2)  # fmt: skip
+    one = launch(HERE, tmp_path / "one", tmp_path / "model", 1, per_device_train_batch_size=4)["logs"]
+    result = launch(HERE, tmp_path / "two", tmp_path / "model", 2, per_device_train_batch_size=1,
+                    gradient_accumulation_steps=2, **two_options)  # fmt: skip
+    assert result["zero3_partitioned"] == ("deepspeed" in two_options)
+    two = result["logs"]
     assert len(one) == len(two) == 2
     for got, want in zip(two, one, strict=True):
         assert got["num_tokens"] == want["num_tokens"]  # the same examples, counted over both processes
         for name in ("loss", "grad_norm"):  # fp32 sums in another order
             assert got[name] == pytest.approx(want[name], rel=1e-5), name
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
+def test_two_processes_take_the_steps_of_one(tmp_path):
+    assert_two_take_the_steps_of_one(tmp_path)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_zero3_takes_the_steps_of_one_process(tmp_path):
+    # every parameter partitioned (the head's too: run_head lets ZeRO-3 gather it)
+    from test_train_distributed import ZERO3
+
+    assert_two_take_the_steps_of_one(tmp_path, deepspeed=ZERO3)
 
 
 def main() -> None:
