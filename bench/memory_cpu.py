@@ -224,6 +224,8 @@ def _table(results: list[dict], meta: dict) -> str:
 
 TABLE_OPTIONS = [
     ("full", "separate", {}),
+    ("full", "separate, ref_offload", {"ref_offload": True}),
+    ("full + activation_offloading", "separate, ref_offload", {"ref_offload": True, "activation_offloading": True}),
     ("full", "cached", {"reference": "cached"}),
     ("LoRA r=16", "adapter", {"lora": LORA, "reference": "adapter"}),
 ]
@@ -264,7 +266,9 @@ def estimates_table() -> str:
         "TRL's token metrics on, the fused head's 64 MiB chunks; a chunk holds whole pairs, and the largest pair is "
         "taken as 2048 completion tokens (the worst case; shorter completions make the head smaller); the reference "
         "head runs the Triton kernel. LoRA: rank 16 on every linear layer of the decoder layers, adapters in fp32 "
-        "(PEFT's default), run under autocast. 'Fits' leaves 10% of the card for the CUDA context, cuBLAS "
+        "(PEFT's default), run under autocast. ref_offload: the reference's weights on the GPU only for its pass; "
+        "activation_offloading: the body's saved activations in host memory, one layer's back for its backward "
+        "(host RAM must hold them). 'Fits' leaves 10% of the card for the CUDA context, cuBLAS "
         "workspaces and the caching allocator's fragmentation: an allowance, not a measurement. These sizes were not "
         "measured on a GPU; the same counting is within "
         "bench/results/memory_cpu.md's ratios of measured CPU peaks.",

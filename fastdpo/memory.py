@@ -37,7 +37,9 @@ memory over the run; ``bench/memory_cpu.py`` measures it (fp32 and bf16, full an
 ``bench/results/memory_cpu.md``). The CUDA-only paths (autocast with LoRA, flash attention, the Triton reference
 head) are counted from the code, not measured. Not modeled: fp32 master weights under autocast (``bf16=True`` on an
 fp32 model: 16 bytes per parameter plus autocast's weight copies), mixture-of-experts layers, FSDP/DeepSpeed
-sharding, the SFT step, eager attention, activation offloading.
+sharding, the SFT step, eager attention. ``ref_offload`` and ``activation_offloading`` are counted from the code
+(what leaves the device and when it comes back; tensors under the 1 MiB offloading threshold are neglected), not
+measured: on a CPU nothing moves.
 """
 
 from __future__ import annotations
@@ -195,6 +197,8 @@ class _Step:
     chunk_bytes: int
     token_metrics: bool
     device: str
+    ref_offload: bool = False
+    activation_offloading: bool = False
 
     @property
     def full(self) -> bool:
@@ -221,6 +225,8 @@ def estimate_memory(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     token_metrics: bool = True,
     device: str = "cuda",
+    ref_offload: bool = False,
+    activation_offloading: bool = False,
 ) -> MemoryEstimate:
     """The peak memory of one ``DPOTrainer`` training step (what is counted: the module docstring).
 
@@ -244,11 +250,16 @@ def estimate_memory(
         chunk_bytes, token_metrics: the fused head's chunk size, and whether it computes TRL's per-token metrics
             (DPOTrainer does).
         device: ``cuda`` (the reference head is the Triton kernel; bf16 steps run under autocast) or ``cpu``.
+        ref_offload: a separate reference in host memory, on the device only for its pass (``DPOConfig.ref_offload``).
+        activation_offloading: the body's saved activations in host memory, each layer's brought back for its
+            backward (``DPOConfig.activation_offloading``).
     """
     step = _step(config_or_name, tokens_per_batch, lora=lora, reference=reference, precision=precision,
                  gradient_checkpointing=gradient_checkpointing, attention=attention, max_length=max_length,
                  pair_tokens=pair_tokens, chunk_bytes=chunk_bytes, token_metrics=token_metrics,
-                 device=device)  # fmt: skip
+                 device=device, ref_offload=ref_offload, activation_offloading=activation_offloading)  # fmt: skip
+    if ref_offload and reference != "separate":
+        raise ConfigError(f"moves a separate reference; reference={reference!r} has none", column="ref_offload")
     if optimizer not in OPTIMIZERS:
         raise unknown_choice("optimizer", optimizer, OPTIMIZERS)
     shape, params = step.shape, step.shape.params()
@@ -260,10 +271,10 @@ def estimate_memory(
     state = 2 * trainable_bytes if per_parameter is None else per_parameter
     persistent = {
         "weights": params * step.bytes + (0 if step.full else trainable * 4),
-        "reference": params * step.bytes if step.reference == "separate" else 0,
+        "reference": params * step.bytes if step.reference == "separate" and not step.ref_offload else 0,
         "optimizer": int(trainable * state),
     }
-    phases = _phases(step, persistent, trainable * trainable_bytes)
+    phases = _phases(step, persistent, trainable * trainable_bytes, params * step.bytes)
     peak = max(phases, key=lambda name: sum(phases[name].values()))
     notes = ()
     if shape.model_type not in COUNTED_LAYOUTS:
@@ -337,7 +348,7 @@ def _layer_activations(step: _Step) -> int:
     return saved + len(step.lora_targets) * n * step.lora_rank * adapter_bytes  # lora_A's outputs
 
 
-def _phases(step: _Step, persistent: dict[str, int], gradients: int) -> dict[str, dict[str, int]]:
+def _phases(step: _Step, persistent: dict[str, int], gradients: int, weights: int) -> dict[str, dict[str, int]]:
     """The components at each moment of the step: persistent state plus what that moment holds."""
     s, n, b, full = step.shape, step.tokens, step.bytes, step.full
     h, i, vh = s.hidden, s.intermediate, s.vocab * s.hidden
@@ -375,10 +386,16 @@ def _phases(step: _Step, persistent: dict[str, int], gradients: int) -> dict[str
         head = hidden
         if step.device == "cpu":  # the chunked torch head; on CUDA the Triton kernel holds no logits
             head += weight_fp32 + min(n, step.chunk_bytes // (4 * s.vocab)) * s.vocab * 4
-        phases["reference forward"] = at(reference=max(body, head))
-    phases["head forward"] = at(activations=saved, head=head_forward)
-    phases["head backward"] = at(activations=saved, gradients=head_grad, head=head_grad + 2 * hidden)
-    phases["last layer backward"] = at(activations=saved + recompute, gradients=head_grad + layer_grads,
+        brought = weights if step.ref_offload else 0  # ref_offload: the weights come for this pass only
+        phases["reference forward"] = at(reference=brought + max(body, head))
+    # activation offloading: what the body saved waits in host memory; one layer's comes back for its backward
+    on_device = 0 if step.activation_offloading else saved
+    last_layer = (
+        (hidden + recompute if step.checkpointing else layer) if step.activation_offloading else saved + recompute
+    )
+    phases["head forward"] = at(activations=on_device, head=head_forward)
+    phases["head backward"] = at(activations=on_device, gradients=head_grad, head=head_grad + 2 * hidden)
+    phases["last layer backward"] = at(activations=last_layer, gradients=head_grad + layer_grads,
                                        temporaries=layer_backward + hidden)  # fmt: skip
     first_layer = shared + (hidden + recompute if step.checkpointing else layer)
     phases["first layer backward"] = at(activations=first_layer, gradients=gradients - embed_grad,

@@ -160,11 +160,28 @@ def test_the_peak_is_the_largest_phase_and_options_move_it_the_right_way():
     assert lora.total < estimate.total
 
 
+def test_offloading_options_move_what_they_move():
+    base = estimate_memory("llama-3-8b", 16384, gradient_checkpointing=False)
+    weights = base.params * 2  # bf16
+    # ref_offload: the reference's weights leave every phase but its own pass, where they come back
+    moved = estimate_memory("llama-3-8b", 16384, gradient_checkpointing=False, ref_offload=True)
+    for name, parts in moved.phases.items():
+        expected = base.phases[name]["reference"] - (0 if name == "reference forward" else weights)
+        assert parts["reference"] == expected, name
+    # activation offloading: nothing saved on the device while the head runs; the last layer's saved tensors
+    # (without checkpointing, one layer's) come back for its backward
+    offloaded = estimate_memory("llama-3-8b", 16384, gradient_checkpointing=False, activation_offloading=True)
+    assert offloaded.phases["head forward"]["activations"] == 0
+    saved = base.phases["head forward"]["activations"]
+    assert 0 < offloaded.phases["last layer backward"]["activations"] < saved / 8  # one of 32 layers, plus its input
+    assert offloaded.total < 0.6 * base.total  # without checkpointing, saved activations dominate this shape
+
+
 @pytest.mark.parametrize(
     ("bad", "column"),
     [({"reference": "copy"}, "reference"), ({"precision": "fp16"}, "precision"), ({"optimizer": "adam"}, "optimizer"),
      ({"reference": "adapter"}, "reference"), ({"lora": {"r": 8, "target_modules": ["lm_head"]}}, "lora"),
-     ({"lora": {"rank": 8}}, "lora")],
+     ({"lora": {"rank": 8}}, "lora"), ({"reference": "cached", "ref_offload": True}, "ref_offload")],
 )  # fmt: skip
 def test_bad_options_raise_config_errors(bad, column):
     with pytest.raises(ConfigError) as error:
