@@ -6,9 +6,10 @@
 The Trainer's own seeded sampler picks ``per_device_train_batch_size`` pairs per step (the pairs TRL would see);
 the collator packs their sequences (``pack_pairs(split_pairs=True)``; rows as long as ``pack_length``, by default
 ``default_pack_length``: the batch's longest sequence on eager/sdpa), and ``compute_loss`` runs the reference pass
-and the policy pass on that one packed batch, through the DDP/FSDP wrapper's forward (``forward_as``).
-Every pair of an optimizer step weighs the same, whatever the micro-batches, processes or token budget
-(``max_tokens_per_batch``). Datasets go through
+and the policy pass on that one packed batch, through the DDP/FSDP/DeepSpeed wrapper's forward (``forward_as``;
+the head runs as the LM head module's forward, ``run_head``). With several processes, each step's pairs are dealt
+by tokens (``balance_ranks``). Every pair of an optimizer step weighs the same, whatever the micro-batches,
+processes or token budget (``max_tokens_per_batch``). Datasets go through
 ``prepare_preferences`` and ``tokenize_preferences`` (TRL-identical ids; the rows TRL drops are dropped and
 counted in ``self.dropped_rows``). Metrics carry TRL's names (``rewards/*``, ``logps/*``, ``entropy``, ``logits/*``,
 ``mean_token_accuracy``, ``num_tokens``, ``aux_loss`` for MoE) plus ``padding_fraction`` and ``tokens_per_second``;
@@ -17,7 +18,8 @@ non-finite steps are skipped (``NumericsGuard``).
 A model is an object or a path (``model_init_kwargs``), optionally with a ``peft_config``. References:
 ``separate`` (``ref_model``, or a frozen copy of the policy when it is None), ``cached`` (computed once, read from
 files), ``adapter`` (PEFT: adapters disabled, or a frozen copy of a trained adapter; no second copy of the weights)
-and ``none`` for reference-free losses.
+and ``none`` for reference-free losses. A separate reference can wait in host memory between its passes
+(``ref_offload``); under DeepSpeed ZeRO-3 it gets its own engine.
 """
 
 from __future__ import annotations
