@@ -13,6 +13,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 from launch import ACCELERATE, TORCHRUN, launch
 from test_train_dpo import tiny_model
 from tiny_tokenizer import build_tiny_tokenizer
@@ -82,3 +83,20 @@ def test_deepspeed_zero3_takes_the_steps_of_one_process(tmp_path):
                       per_device_train_batch_size=2)  # fmt: skip
     assert launched["engine"] == "DeepSpeedEngine"
     assert_same_steps(launched["logs"], one)
+
+
+# accelerate enables FSDP only on accelerators: TrainingArguments' FSDP2 options, as fsdp2.yaml sets them
+FSDP2 = {"fsdp": "full_shard auto_wrap",
+         "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                         "reshard_after_forward": True}}  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_fsdp2_on_two_gpus_takes_the_steps_of_one_process(tmp_path):
+    # the trainer's FSDP2 path through accelerate (on CPU, only the sharded step runs: tests/test_fsdp2.py)
+    tiny_model(build_tiny_tokenizer(), tmp_path / "model")
+    gpu = {"use_cpu": False, "bf16": False, "gradient_checkpointing": True}
+    one = run(tmp_path, "one", 1, per_device_train_batch_size=4, **gpu)
+    two = run(tmp_path, "fsdp2", 2, per_device_train_batch_size=2, **gpu, **FSDP2)
+    assert_same_steps(two, one)
