@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,11 +28,15 @@ def free_port() -> int:
 
 
 def finish(trainer, out: Path) -> None:
-    """The worker's last step: rank 0 writes ``OUT/logs.json``, then every process leaves the process group.
+    """The worker's last step: rank 0 writes ``OUT/logs.json``; under several processes, all then wait for it and
+    leave at once.
 
-    A process that exits with gloo's threads still running aborts ("terminate called without an active
-    exception"), and torchrun then kills the others, possibly before rank 0 wrote its logs: seen on a 2-core CI
-    runner. So all ranks wait for rank 0's file and tear the group down before the interpreter exits.
+    Two ways to leave gloo that were seen to fail on a 2-core runner: exiting with its threads alive aborts the
+    process ("terminate called without an active exception", and torchrun then kills the others, possibly before
+    rank 0 wrote its logs); and destroying the process group while DDP's reducer still holds it hangs when the
+    trainer is freed (the reducer's last reference joins gloo's thread while holding the GIL that thread waits
+    for). So after a barrier every process ends with ``os._exit(0)``: the results are on disk, nothing is left to
+    tear down.
     """
     import torch.distributed as dist
 
@@ -44,8 +49,32 @@ def finish(trainer, out: Path) -> None:
                   "engine": type(trainer.model_wrapped).__name__}  # fmt: skip
         (out / "logs.json").write_text(json.dumps(result))
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        end_processes()
+
+
+def end_processes() -> None:
+    """Wait for every process, then exit without tearing gloo down (see ``finish``)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_processes(command: list[str], timeout: float = 300) -> None:
+    """Run a launcher command; on failure, fail with its stderr's end. On a timeout the launcher's whole process
+    group is killed: killing only the launcher would leave its workers running."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        raise AssertionError(f"{command[0]} ran over {timeout} s and was killed: {stderr[-3000:]}") from None
+    assert process.returncode == 0, stderr[-3000:]
 
 
 def launch(worker: Path, out: Path, model: Path, processes: int, accelerate_config: Path | None = None,
@@ -62,9 +91,7 @@ def launch(worker: Path, out: Path, model: Path, processes: int, accelerate_conf
         command = [sys.executable, *arguments]
     else:
         command = [TORCHRUN, "--nproc_per_node", str(processes), "--master_port", port, *arguments]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_processes(command)
     result = json.loads((out / "logs.json").read_text())
     assert result["world_size"] == processes
     return result

@@ -4,11 +4,9 @@ gradients (see tests/fsdp2_worker.py for why it shards by hand instead of throug
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
-from launch import HERE, TORCHRUN, free_port
+from launch import HERE, TORCHRUN, free_port, run_processes
 from test_train_dpo import tiny_model
 from tiny_tokenizer import build_tiny_tokenizer
 
@@ -20,9 +18,7 @@ def test_fully_sharded_step_has_the_gradients_of_one_process(tmp_path):
     tiny_model(build_tiny_tokenizer(), tmp_path / "model")
     command = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), str(HERE / "fsdp2_worker.py"),
                str(tmp_path), str(tmp_path / "model")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_processes(command)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2 and result["sharded"]  # every parameter a DTensor shard
     assert len(result["errors"]) == 21  # every parameter of the 2-layer model (untied head) has a gradient
