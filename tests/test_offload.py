@@ -116,43 +116,36 @@ def _spy_offload(monkeypatch) -> list:
     return seen
 
 
-def test_dpo_trainer_activation_offloading(tmp_path, monkeypatch):
-    tokenizer = build_tiny_tokenizer()
-    load = tiny_model(tokenizer, tmp_path / "model")
-    data = synthetic_pairs(8)
-    logs = {}
-    for offload in (False, True):
-        seen = _spy_offload(monkeypatch)
-        args = DPOConfig(**{**common_args(tmp_path, f"offload{offload}"), "gradient_checkpointing": True,
-                            "activation_offloading": offload, "max_steps": 3})  # fmt: skip
-        trainer = DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
-        trainer.train()
-        logs[offload] = [log for log in trainer.state.log_history if "loss" in log]
-        # the policy's body, once per training step (never the reference's pass: it saves nothing)
-        assert len(seen) == (3 if offload else 0)
-        assert all(context.offloaded_tensors > 0 for context in seen) if offload else True
-    for plain, offloaded in zip(logs[False], logs[True], strict=True):
-        for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
-            assert offloaded[name] == plain[name], name  # exact copies: identical steps
-
-
-def test_sft_trainer_activation_offloading(tmp_path, monkeypatch):
+def _offloading_trainer(kind: str, tmp_path, offload: bool):
     from test_train_sft import common_args as sft_args
     from test_train_sft import prompt_completion_rows
 
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
-    data = prompt_completion_rows(8)
+    if kind == "dpo":
+        args = DPOConfig(**{**common_args(tmp_path, f"dpo{offload}"), "gradient_checkpointing": True,
+                            "activation_offloading": offload, "max_steps": 3})  # fmt: skip
+        return DPOTrainer(load(), ref_model=load(), args=args, train_dataset=synthetic_pairs(8),
+                          processing_class=tokenizer)  # fmt: skip
+    args = SFTConfig(**sft_args(tmp_path, f"sft{offload}", activation_offloading=offload))
+    return SFTTrainer(load(), args=args, train_dataset=prompt_completion_rows(8), processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "sft"])
+def test_trainer_activation_offloading(tmp_path, monkeypatch, kind):
     logs = {}
     for offload in (False, True):
         seen = _spy_offload(monkeypatch)
-        args = SFTConfig(**sft_args(tmp_path, f"sft{offload}", activation_offloading=offload))
-        trainer = SFTTrainer(load(), args=args, train_dataset=data, processing_class=tokenizer)
+        trainer = _offloading_trainer(kind, tmp_path, offload)
         trainer.train()
         logs[offload] = [log for log in trainer.state.log_history if "loss" in log]
-        assert len(seen) == (2 if offload else 0)
+        # the policy's body, once per training step (never the reference's pass: it saves nothing)
+        assert len(seen) == (trainer.state.global_step if offload else 0) and trainer.state.global_step > 1
+        assert all(hooks.offloaded_tensors > 0 for hooks in seen)
+    names = ("loss", "grad_norm", *(("rewards/margins", "logps/chosen") if kind == "dpo" else ()))
     for plain, offloaded in zip(logs[False], logs[True], strict=True):
-        assert offloaded["loss"] == plain["loss"] and offloaded["grad_norm"] == plain["grad_norm"]
+        for name in names:
+            assert offloaded[name] == plain[name], name  # exact copies: identical steps
 
 
 def test_host_resident_moves_the_weights_only_inside_the_block(tmp_path):
