@@ -33,6 +33,8 @@ VARIANTS = {
     "fastdpo_torch": "fastdpo linear_logprobs impl='torch' (64 MiB chunks)",
     "trl_chunked": "TRL 1.16 ChunkedLogProbFunction (its fused_lm_head path; on CPU its tiles fold in torch ops)",
     "liger_dpo": "Liger 0.8.5 LigerFusedLinearDPOLoss (compiled, no reference)",
+    "liger_dpo_eager": "Liger 0.8.5 LigerFusedLinearDPOLoss (compiled=False, no reference)",
+    "fastdpo_liger_api": "fastdpo FusedLinearDPOLoss (Liger's call, no reference)",
     "fastdpo_fused_pair": "fastdpo fused_pair_loss, sigmoid DPO, reference log-probs given (3 GEMMs)",
     "gemms_3": "bare GEMMs: h@W.T, dz@W, dz.T@h at full size (3 GEMMs)",
 }
@@ -70,10 +72,15 @@ def _variant(name: str, hidden, weight, targets, upstream):
             (logp * upstream).sum().backward()
             return [logp]
 
-    elif name == "liger_dpo":
+    elif name in ("liger_dpo", "liger_dpo_eager", "fastdpo_liger_api"):
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-        loss_fn = LigerFusedLinearDPOLoss(use_ref_model=False, compiled=True)
+        from fastdpo.ops import FusedLinearDPOLoss
+
+        if name == "fastdpo_liger_api":
+            loss_fn = FusedLinearDPOLoss(use_ref_model=False)
+        else:
+            loss_fn = LigerFusedLinearDPOLoss(use_ref_model=False, compiled=name == "liger_dpo")
         seq = 256
         rows = hidden.shape[0] // seq  # [chosen; rejected] rows of 256 tokens; one pair per chunk (Liger's default)
 

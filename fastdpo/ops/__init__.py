@@ -1,5 +1,11 @@
 """The ops layer: fused per-token log-probs, segment reductions over packed sequences, the loss family."""
 
+from fastdpo.ops.fused_linear import (
+    FusedLinearCPOLoss,
+    FusedLinearDPOLoss,
+    FusedLinearORPOLoss,
+    FusedLinearSimPOLoss,
+)
 from fastdpo.ops.fused_pair_loss import FUSED_LOSS_TYPES, fused_pair_loss, supports_fused
 from fastdpo.ops.linear_logprobs import OUTPUT_NAMES, LinearLogprobs, linear_logprobs
 from fastdpo.ops.losses import LOSS_TYPES, REFERENCE_FREE, LossConfig, LossOutput, PairLogps, preference_loss
@@ -10,6 +16,10 @@ __all__ = [
     "LOSS_TYPES",
     "OUTPUT_NAMES",
     "REFERENCE_FREE",
+    "FusedLinearCPOLoss",
+    "FusedLinearDPOLoss",
+    "FusedLinearORPOLoss",
+    "FusedLinearSimPOLoss",
     "LinearLogprobs",
     "LossConfig",
     "LossOutput",

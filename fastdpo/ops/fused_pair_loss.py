@@ -56,7 +56,8 @@ def fused_pair_loss(
     ignore_index: int = -100,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     token_metrics: bool = False,
-) -> LossOutput:
+    return_logps: bool = False,
+) -> LossOutput | tuple[LossOutput, Tensor]:
     """The preference loss of packed pairs, its gradient formed in the forward (see the module docstring).
 
     Args:
@@ -69,6 +70,7 @@ def fused_pair_loss(
         token_metrics: also compute TRL's per-token metrics from the same logits (a few passes over each chunk):
             ``entropy`` (over all completion tokens), ``logits/chosen|rejected`` (mean logit over the completion
             tokens), ``mean_token_accuracy`` (chosen completion tokens whose target is the first argmax).
+        return_logps: also return the ``[P, 2]`` (chosen, rejected) log-prob sums, detached.
 
     Returns:
         LossOutput whose ``loss`` carries the gradient to hidden, weight and bias; the rest is detached.
@@ -84,8 +86,9 @@ def fused_pair_loss(
         ignore_index, chunk_bytes, token_metrics, state,
     )  # fmt: skip
     out = state["output"]
-    return LossOutput(loss, out.per_pair.detach(), out.chosen_rewards.detach(), out.rejected_rewards.detach(),
-                      out.metrics)  # fmt: skip
+    result = LossOutput(loss, out.per_pair.detach(), out.chosen_rewards.detach(), out.rejected_rewards.detach(),
+                        out.metrics)  # fmt: skip
+    return (result, state["seq_logps"]) if return_logps else result
 
 
 def _pair_segments(cu_seqlens: Tensor, seq_pair: Tensor, seq_is_chosen: Tensor) -> Tensor:
@@ -160,6 +163,7 @@ class _FusedPairLoss(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += dz.sum(0)
         full = PairLogps(seq_logps[:, 0], seq_logps[:, 1], ref_chosen, ref_rejected, tokens[:, 0], tokens[:, 1])
+        state["seq_logps"] = seq_logps
         with torch.no_grad():
             state["output"] = output = preference_loss(full, config)
             if token_metrics:
