@@ -77,6 +77,12 @@ def test_first_steps_match_trl(case, data, tmp_path):
     load = tiny_model(tokenizer, tmp_path / "model")
     ours = run(DPOTrainer, DPOConfig, load, data, tokenizer, tmp_path, "ours", **TRL_CASES[case])
     theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **TRL_CASES[case])
+    assert_first_steps_match(ours, theirs)
+    assert 0 < ours[0]["padding_fraction"] < 1
+
+
+def assert_first_steps_match(ours: list[dict], theirs: list[dict]) -> None:
+    """Two logged steps of fastdpo and of TRL on the same pairs and weights: the same values up to fp32 rounding."""
     assert len(ours) == len(theirs) == 2
     # step 1: the same pairs through the same weights; step 2: after one identical optimizer step
     for name in ("logps/chosen", "logps/rejected", "entropy", "mean_token_accuracy", "num_tokens", "loss"):
@@ -93,7 +99,6 @@ def test_first_steps_match_trl(case, data, tmp_path):
     ulp = torch.finfo(torch.float32).eps * max(abs(theirs[1]["logps/chosen"]), abs(theirs[1]["logps/rejected"]))
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert ours[1][name] == pytest.approx(theirs[1][name], rel=1e-4, abs=4 * 0.1 * ulp), name
-    assert 0 < ours[0]["padding_fraction"] < 1
 
 
 def test_unsupported_arguments_are_refused(tmp_path):

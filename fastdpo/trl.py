@@ -1,0 +1,149 @@
+"""Drop-in for TRL: change one import, keep the script.
+
+    from fastdpo.trl import DPOTrainer        # was: from trl import DPOTrainer
+    from trl import DPOConfig                 # unchanged, as every other argument
+
+``fastdpo.trl.DPOTrainer`` is a subclass of ``trl.DPOTrainer``: TRL's constructor does everything it does
+(argument checks, model loading, PEFT wrapping and the "ref" adapter, its own tokenization into ``prompt_ids`` /
+``chosen_ids`` / ``rejected_ids``, the reference model, ``precompute_ref_log_probs``, TR-DPO's callback, logging,
+saving, the model card). Two things are replaced, on this trainer instance only (no TRL or transformers class is
+patched):
+
+- the collator: the batch's pairs are packed without padding (``fastdpo.train.dpo.PairPacker``; the Trainer's
+  sampler still picks the same pairs per step as TRL), unless a ``data_collator`` is passed;
+- the loss: ``_compute_loss`` runs fastdpo's reference pass and policy pass on the packed batch
+  (``preference_step``: the fused head, segment sums, TRL's loss family), through the DDP/FSDP wrapper's forward,
+  and logs TRL's metrics under TRL's names the way TRL does (one value per micro-batch, averaged at each log).
+
+The loss of a micro-batch is the mean over its pairs, as TRL's (the Trainer then scales for gradient accumulation
+as it does for TRL). Options fastdpo does not implement raise ``ConfigError`` naming them: ``ld_alpha``,
+``use_weighting``, vision datasets, and ``compute_metrics`` (it needs the full logits, which are never built).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdpo.errors import ConfigError
+
+try:
+    import trl
+except ImportError as error:  # pragma: no cover - exercised in a process without TRL
+    raise ImportError(
+        "fastdpo.trl is a drop-in for TRL's trainers and needs TRL: pip install 'fastdpo[trl]' (TRL 1.16)"
+    ) from error
+
+SUPPORTED_TRL = ((1, 16), (1, 17))  # [first, last) minor versions tested
+
+
+def _check_version(version: str) -> None:
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED_TRL
+    if not low <= parts < high:
+        raise ImportError(
+            f"fastdpo.trl supports TRL {low[0]}.{low[1]}.x (the TRL it is tested against); TRL {version} is "
+            f"installed: pip install 'trl=={low[0]}.{low[1]}.*', or use fastdpo.DPOTrainer, which needs no TRL"
+        )
+
+
+_check_version(trl.__version__)
+
+from accelerate.utils import is_peft_model  # noqa: E402  (after the TRL check: its error comes first)
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+from trl.trainer.utils import use_adapter  # noqa: E402
+
+from fastdpo.data.packing import default_pack_length  # noqa: E402
+from fastdpo.model.hooks import forward_as  # noqa: E402
+from fastdpo.ops import LossConfig  # noqa: E402
+from fastdpo.train.dpo import PairPacker, _as_batch  # noqa: E402
+from fastdpo.train.step import preference_step, reference_logps  # noqa: E402
+
+
+def _refuse(args, compute_metrics) -> None:
+    for name, off in (("ld_alpha", None), ("use_weighting", False)):
+        if getattr(args, name, off) != off:
+            raise ConfigError(f"is not supported by fastdpo.trl (got {getattr(args, name)!r})", column=name,
+                              fix=f"leave it at {off!r}, or use trl.DPOTrainer for this run")  # fmt: skip
+    if compute_metrics is not None:
+        raise ConfigError(
+            "needs the full [tokens, vocab] logits, which fastdpo's fused head never builds",
+            column="compute_metrics",
+            fix="drop compute_metrics: every metric TRL logs is logged without it",
+        )
+
+
+class DPOTrainer(trl.DPOTrainer):
+    """``trl.DPOTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments."""
+
+    def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None) -> None:  # fmt: skip
+        _refuse(args, compute_metrics)
+        super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         quantization_config=quantization_config, peft_config=peft_config)  # fmt: skip
+        if self._is_vision_dataset:
+            raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
+                              fix="use trl.DPOTrainer for vision-language models")  # fmt: skip
+        args = self.args
+        if data_collator is None:
+            attention = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
+            self.data_collator = PairPacker(
+                pack_length=default_pack_length(args.max_length or 1024, attention), max_length=args.max_length,
+                truncation_mode=args.truncation_mode, pad_token_id=self._tokenizer.pad_token_id,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )  # fmt: skip
+        self.loss_config = LossConfig(loss_type=list(args.loss_type), loss_weights=args.loss_weights, beta=args.beta,
+                                      label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
+                                      f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+                                      discopop_tau=args.discopop_tau)  # fmt: skip
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if return_outputs:
+            raise ConfigError("return_outputs=True needs the full logits, which the fused head never builds",
+                              column="compute_metrics", fix="drop compute_metrics")  # fmt: skip
+        mode = "train" if self.model.training else "eval"
+        inputs = dict(inputs)
+        ref_logps = inputs.pop("ref_logps", None)
+        batch = _as_batch(inputs)
+        inner = self.accelerator.unwrap_model(model)
+        if ref_logps is None:
+            ref_logps = self._reference_logps(inner, batch)
+        aux_coef = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0
+
+        def packed_forward(*args, **kwargs):
+            return preference_step(inner, batch, self.loss_config, ref_logps=ref_logps, head_impl="auto",
+                                   token_metrics=True, aux_loss_coef=aux_coef)  # fmt: skip
+
+        with self.accelerator.autocast(), forward_as(inner, packed_forward):
+            out = model()  # through the DDP/FSDP wrapper (forward_as)
+        self._record(out, batch, mode)
+        return out.loss
+
+    def _reference_logps(self, inner, batch) -> torch.Tensor:
+        """``[P, 2]``: TRL's reference for this setup, on the packed batch."""
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is not None:
+                return reference_logps(self.accelerator.unwrap_model(self.ref_model), batch)
+            if not is_peft_model(inner):
+                raise ConfigError("no reference: TRL keeps none here", column="ref_model",
+                                  fix="pass ref_model, a peft_config, or precompute_ref_log_probs=True")  # fmt: skip
+            # as TRL: a new adapter's reference is the base (adapters off), a re-trained one's its "ref" copy
+            with use_adapter(inner, adapter_name="ref" if "ref" in inner.peft_config else None):
+                return reference_logps(inner, batch)
+
+    def _record(self, out, batch, mode: str) -> None:
+        """TRL's metrics of this micro-batch, gathered over processes: one value each, averaged at the next log."""
+        names = sorted(out.metrics)
+        values = torch.stack([out.metrics[name].detach().float().reshape(()) for name in names])
+        values = self.accelerator.gather(values.to(self.accelerator.device)[None]).mean(0)  # [processes, M] → [M]
+        for name, value in zip(names, values.tolist(), strict=True):
+            self._metrics[mode][name].append(value)
+        if mode == "train":  # every real token, prompts counted in both sequences of a pair, as TRL counts
+            tokens = torch.tensor(batch.input_ids.numel() - batch.num_padding, device=self.accelerator.device)
+            self._total_train_tokens += int(self.accelerator.gather(tokens).sum()) // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+__all__ = ["DPOTrainer"]

@@ -1,0 +1,116 @@
+"""``fastdpo.trl.DPOTrainer``: a TRL 1.16 script with only the import changed takes TRL's steps.
+
+Every run is the same script (``run`` of test_train_dpo: trl.DPOConfig, a model and a reference loaded from the
+same folder, the same data and tokenizer, ``bf16=False``) with ``trl.DPOTrainer`` or ``fastdpo.trl.DPOTrainer``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_train_dpo import TRL_CASES, assert_first_steps_match, common_args, data, run, tiny_model  # noqa: F401
+from tiny_tokenizer import build_tiny_tokenizer
+
+from fastdpo.errors import ConfigError
+
+trl = pytest.importorskip("trl")
+dropin = pytest.importorskip("fastdpo.trl")
+
+
+@pytest.mark.parametrize("case", TRL_CASES)
+def test_changing_the_import_keeps_trl_steps(case, data, tmp_path):  # noqa: F811
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin", **TRL_CASES[case])
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **TRL_CASES[case])
+    assert_first_steps_match(ours, theirs)
+    assert set(theirs[1]) <= set(ours[1])  # every metric TRL logs, under its name
+
+
+def test_five_steps_and_the_saved_model(data, tmp_path):  # noqa: F811
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    options = {"max_steps": 5, "per_device_train_batch_size": 1, "save_strategy": "steps", "save_steps": 5}
+    ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin", **options)
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **options)
+    assert len(ours) == len(theirs) == 5
+    for step, (got, want) in enumerate(zip(ours, theirs, strict=True)):
+        assert got["num_tokens"] == want["num_tokens"]
+        # the same optimizer steps at lr 1e-2: fp32 rounding differences grow with each step, so the bound widens
+        # from TRL parity's 1e-4 at step 1 to 1e-3 by step 5
+        for name in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+            assert got[name] == pytest.approx(want[name], rel=1e-4 * (1 + 2 * step)), (step, name)
+    saved = LlamaForCausalLM.from_pretrained(tmp_path / "dropin" / "checkpoint-5")
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "trl" / "checkpoint-5")
+    for (name, got), want in zip(saved.state_dict().items(), reference.state_dict().values(), strict=True):
+        # five AdamW steps at lr 1e-2: a weight moves by about lr x sign(gradient) per step
+        torch.testing.assert_close(got, want, rtol=0, atol=5e-3, msg=name)
+
+
+def test_precomputed_reference(data, tmp_path):  # noqa: F811
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    options = {"precompute_ref_log_probs": True}
+    ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin", **options)
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **options)
+    assert_first_steps_match(ours, theirs)
+
+
+def test_lora_with_the_adapter_reference(data, tmp_path):  # noqa: F811
+    from peft import LoraConfig
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    logs = {}
+    for name, cls in (("dropin", dropin.DPOTrainer), ("trl", trl.DPOTrainer)):
+        args = trl.DPOConfig(**common_args(tmp_path, name))
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        trainer = cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
+        assert trainer.ref_model is None  # the base with adapters off is the reference
+        trainer.train()
+        logs[name] = [log for log in trainer.state.log_history if "loss" in log]
+    assert_first_steps_match(logs["dropin"], logs["trl"])
+
+
+def test_options_it_does_not_implement_are_refused(data, tmp_path):  # noqa: F811
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    for option, column in (({"ld_alpha": 0.5}, "ld_alpha"), ({"use_weighting": True}, "use_weighting")):
+        args = trl.DPOConfig(**common_args(tmp_path, "x"), **option)
+        with pytest.raises(ConfigError, match=column):
+            dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    args = trl.DPOConfig(**common_args(tmp_path, "y"))
+    with pytest.raises(ConfigError, match="compute_metrics"):
+        dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer,
+                          compute_metrics=lambda prediction: {})  # fmt: skip
+
+
+def test_trl_version_outside_the_range_is_refused():
+    with pytest.raises(ImportError, match="TRL 1.16"):
+        dropin._check_version("1.17.0")
+    with pytest.raises(ImportError, match="TRL 1.16"):
+        dropin._check_version("0.19.1")
+    dropin._check_version("1.16.3")
+
+
+def test_the_dropin_runs_the_packed_fused_step(data, tmp_path, monkeypatch):  # noqa: F811
+    from fastdpo.train.dpo import PairPacker
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    calls = []
+    real = dropin.preference_step
+
+    def spy(model, batch, *args, **kwargs):
+        calls.append(batch.num_padding)
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(dropin, "preference_step", spy)
+    args = trl.DPOConfig(**common_args(tmp_path, "spy"))
+    trainer = dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    assert isinstance(trainer.data_collator, PairPacker)
+    trainer.train()
+    assert len(calls) == 2  # one packed step per optimizer step (batch 2, no accumulation)
+    assert isinstance(trainer, trl.DPOTrainer)  # TRL's class, so callbacks and isinstance checks keep working
