@@ -1,4 +1,4 @@
-"""End-to-end DPO training on CPU: fastdpo's DPOTrainer against TRL 1.16's, in one run, same model and data.
+"""End-to-end DPO training on CPU: fastdpo's DPOTrainer and the drop-in (``fastdpo.trl``) against TRL 1.16's.
 
     python -m bench.dpo_cpu [--pairs 256] [--batch 8] [--steps 8] [--threads 2] [--out bench/results]
 
@@ -34,6 +34,7 @@ from fastdpo.atomic import atomic_write
 from fastdpo.profiling import peak_rss, reset_peak_rss, run_measured
 
 RESULTS = Path(__file__).parent / "results"
+ENGINES = ("trl", "fastdpo", "fastdpo.trl")  # fastdpo.trl: TRL's script with only the import changed
 MODEL = {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}  # fmt: skip
 
@@ -49,7 +50,7 @@ def _pairs(count: int, seed: int = 0) -> list[dict]:
 
 
 def build_trainer(engine: str, *, pairs: int, batch: int, steps: int, threads: int):
-    """The engine's (``fastdpo`` or ``trl``) DPOTrainer on the tiny Llama and the pairs; and its setup seconds."""
+    """The engine's DPOTrainer (``ENGINES``) on the tiny Llama and the pairs; and its setup seconds."""
     import datasets
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,6 +72,13 @@ def build_trainer(engine: str, *, pairs: int, batch: int, steps: int, threads: i
 
         trainer = DPOTrainer(model, ref_model=reference, args=DPOConfig(**common), train_dataset=data,
                              processing_class=tokenizer)  # fmt: skip
+    elif engine == "fastdpo.trl":  # TRL's script with only the import changed
+        import trl
+
+        from fastdpo.trl import DPOTrainer as DropIn
+
+        trainer = DropIn(model, ref_model=reference, args=trl.DPOConfig(**common), train_dataset=data,
+                         processing_class=tokenizer)  # fmt: skip
     else:
         import trl
 
@@ -81,7 +89,7 @@ def build_trainer(engine: str, *, pairs: int, batch: int, steps: int, threads: i
 
 def _step_lengths(engine: str, inputs: dict) -> dict:
     """Real sequence lengths and scored positions of one batch, read from what the engine's model receives."""
-    if engine == "fastdpo":  # packed: segments of cu_seqlens, row-end padding segments have seq_pair -1
+    if engine.startswith("fastdpo"):  # packed: segments of cu_seqlens, row-end padding segments have seq_pair -1
         lengths = inputs["cu_seqlens"].diff()[inputs["seq_pair"] >= 0]
         scored = (inputs["targets"] != -100).sum()
     else:  # padded [chosen; rejected] rows; TRL scores the labels shifted by one: completion_mask[:, 1:]
@@ -176,7 +184,7 @@ def _table(args: argparse.Namespace, meta: dict, gemm: dict, results: list[dict]
         "attention within each sequence (forward 4·heads·head_dim·n(n+1)/2 per layer, backward 2x). Padding, "
         "gradient-checkpointing recomputation, logits nobody reads and elementwise work are not counted. Last "
         "column: the head on every real token (the usual 6·N per token).",
-        f"Sequence lengths recorded by both engines identical step by step: {'yes' if same else 'NO'}.",
+        f"Sequence lengths recorded by all engines identical step by step: {'yes' if same else 'NO'}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gemm-tokens", type=int, default=4096, help="rows of the timed GEMMs (a step's tokens)")
     parser.add_argument("--gemm-repeats", type=int, default=5)
-    parser.add_argument("--worker", choices=("fastdpo", "trl", "gemm"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*ENGINES, "gemm"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for dpo_cpu.{json,md}")
     args = parser.parse_args(argv)
     if args.worker:
@@ -199,14 +207,14 @@ def main(argv: list[str] | None = None) -> None:
 
     shape = ModelShape.from_config(LlamaConfig(**MODEL))
     runs = {}
-    for worker in ("trl", "fastdpo", "gemm"):
+    for worker in (*ENGINES, "gemm"):
         print(f"running {worker} ...", file=sys.stderr, flush=True)
         command = [sys.executable, "-m", "bench.dpo_cpu", "--worker", worker, "--pairs", str(args.pairs),
                    "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads),
                    "--gemm-tokens", str(args.gemm_tokens), "--gemm-repeats", str(args.gemm_repeats)]  # fmt: skip
         runs[worker] = run_measured(command, env={"OMP_NUM_THREADS": str(args.threads)},
                                     cwd=Path(__file__).parents[1])  # fmt: skip
-    results = [runs["trl"], runs["fastdpo"]]
+    results = [runs[engine] for engine in ENGINES]  # TRL first: the baseline of the ratios
     for r in results:
         r.update(useful_flops(r, shape), body_params=shape.body_params, head_params=shape.head_params)
     meta = {"cpu": _cpu_name(), "versions": _versions(), "threads": args.threads, "pairs": args.pairs,

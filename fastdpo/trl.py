@@ -1,6 +1,6 @@
 """Drop-in for TRL: change one import, keep the script.
 
-    from fastdpo.trl import DPOTrainer        # was: from trl import DPOTrainer
+    from fastdpo.trl import DPOTrainer        # was: from trl import DPOTrainer  (SFTTrainer likewise)
     from trl import DPOConfig                 # unchanged, as every other argument
 
 ``fastdpo.trl.DPOTrainer`` is a subclass of ``trl.DPOTrainer``: TRL's constructor does everything it does
@@ -56,6 +56,7 @@ from fastdpo.data.packing import default_pack_length  # noqa: E402
 from fastdpo.model.hooks import forward_as  # noqa: E402
 from fastdpo.ops import LossConfig  # noqa: E402
 from fastdpo.train.dpo import PairPacker, _as_batch  # noqa: E402
+from fastdpo.train.sft import PackedSFTLoss, SequencePacker, _pack_length  # noqa: E402
 from fastdpo.train.step import preference_step, reference_logps  # noqa: E402
 
 
@@ -146,4 +147,39 @@ class DPOTrainer(trl.DPOTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
 
-__all__ = ["DPOTrainer"]
+class SFTTrainer(PackedSFTLoss, trl.SFTTrainer):
+    """``trl.SFTTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments.
+
+    TRL prepares the dataset (tokenization, its labels, its packing into rows with ``seq_lengths``); the collator
+    packs a step's examples without padding between them, and the loss is TRL's (the NLL of every label that is not
+    -100 over the optimizer step's labels, ``dft`` too) from the fused head (``fastdpo.train.sft.sft_step``).
+    """
+
+    def __init__(self, model, args: trl.SFTConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, compute_loss_func=None, compute_metrics=None,
+                 callbacks=None, optimizers=(None, None), optimizer_cls_and_kwargs=None,
+                 preprocess_logits_for_metrics=None, quantization_config=None, peft_config=None,
+                 formatting_func=None) -> None:  # fmt: skip
+        for name, value in (("compute_loss_func", compute_loss_func), ("compute_metrics", compute_metrics),
+                            ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):  # fmt: skip
+            if value is not None:
+                raise ConfigError("needs the full [tokens, vocab] logits, which fastdpo's fused head never builds",
+                                  column=name, fix=f"drop {name}, or use trl.SFTTrainer for this run")  # fmt: skip
+        super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                         quantization_config=quantization_config, peft_config=peft_config,
+                         formatting_func=formatting_func)  # fmt: skip
+        if self._is_vision_dataset:
+            raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
+                              fix="use trl.SFTTrainer for vision-language models")  # fmt: skip
+        if getattr(self.args, "label_smoothing_factor", 0.0):
+            raise ConfigError("needs the full logits", column="label_smoothing_factor", fix="leave it at 0")
+        if data_collator is None:
+            self.data_collator = SequencePacker(pack_length=_pack_length(self.model, self.args),
+                                                pad_token_id=self._tokenizer.pad_token_id,
+                                                pad_to_multiple_of=self.args.pad_to_multiple_of)  # fmt: skip
+        self.aux_loss_coef = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0
+
+
+__all__ = ["DPOTrainer", "SFTTrainer"]

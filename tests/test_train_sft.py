@@ -18,6 +18,7 @@ from fastdpo.data.packing import pack_sft
 from fastdpo.data.tiny_tokenizer import CORPUS
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.train import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, sft_step
+from fastdpo.train.sft import SequencePacker
 
 datasets.disable_progress_bars()
 WORDS = sorted(set(re.findall(r"[a-z]+", " ".join(CORPUS[:6]).lower())))  # words the tokenizer was trained on
@@ -119,7 +120,29 @@ def test_first_steps_match_trl(case, load, tokenizer, tmp_path):
     data = tokenized_rows(tokenizer, 12) if data is None else data
     trainer, ours = train(SFTTrainer, SFTConfig, load, data, tokenizer, tmp_path, "ours", **options)
     _, theirs = train(trl.SFTTrainer, trl.SFTConfig, load, data, tokenizer, tmp_path, "trl", **options)
-    if "eval_data" in options:
+    assert_first_steps_match(ours, theirs, eval_data="eval_data" in options)
+    assert 0 <= ours[0]["padding_fraction"] < 1
+    if case == "packed_prompt_completion":  # TRL keeps the overlong row in packing (cut to max_length)
+        assert trainer.dropped_rows == {}
+    elif case == "grad_accumulation":  # and drops it when not packing: both drop the same row
+        assert trainer.dropped_rows == {"train": {"no_labels_after_truncation": [3]}}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_trl_script_with_the_import_changed(case, load, tokenizer, tmp_path):
+    # fastdpo.trl.SFTTrainer: TRL prepares the data, fastdpo packs and computes the loss
+    trl = pytest.importorskip("trl")
+    dropin = pytest.importorskip("fastdpo.trl")
+    data, options = CASES[case]
+    data = tokenized_rows(tokenizer, 12) if data is None else data
+    trainer, ours = train(dropin.SFTTrainer, trl.SFTConfig, load, data, tokenizer, tmp_path, "dropin", **options)
+    _, theirs = train(trl.SFTTrainer, trl.SFTConfig, load, data, tokenizer, tmp_path, "trl", **options)
+    assert isinstance(trainer.data_collator, SequencePacker) and isinstance(trainer, trl.SFTTrainer)
+    assert_first_steps_match(ours, theirs, eval_data="eval_data" in options)
+
+
+def assert_first_steps_match(ours: list[dict], theirs: list[dict], *, eval_data: bool) -> None:
+    if eval_data:
         ours_eval, theirs_eval = ours.pop(), theirs.pop()
         for name in EVAL_METRICS:
             assert ours_eval[name] == pytest.approx(theirs_eval[name], rel=1e-4), name
@@ -132,11 +155,6 @@ def test_first_steps_match_trl(case, load, tokenizer, tmp_path):
         assert ours[step]["num_tokens"] == theirs[step]["num_tokens"], step
     assert ours[1]["loss"] != pytest.approx(ours[0]["loss"], rel=1e-3)  # the update moved the model
     assert max(ours[0]["mean_token_accuracy"], ours[1]["mean_token_accuracy"]) > 0  # a comparison that can fail
-    assert 0 <= ours[0]["padding_fraction"] < 1
-    if case == "packed_prompt_completion":  # TRL keeps the overlong row in packing (cut to max_length)
-        assert trainer.dropped_rows == {}
-    elif case == "grad_accumulation":  # and drops it when not packing: both drop the same row
-        assert trainer.dropped_rows == {"train": {"no_labels_after_truncation": [3]}}
 
 
 def test_moe_aux_loss_matches_trl(tokenizer, tmp_path):

@@ -149,7 +149,66 @@ def batch_from_fields(fields: dict) -> PackedBatch:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class SFTTrainer(ResumableTrainer, NumericsGuard, Trainer):
+class PackedSFTLoss:
+    """Trainer mixin: the SFT loss and TRL's SFT metrics on ``SequencePacker`` batches (fastdpo's ``SFTTrainer`` and
+    the TRL drop-in, ``fastdpo.trl.SFTTrainer``). Needs ``self.aux_loss_coef`` (0.0: no router loss) and
+    ``self._metrics`` / ``self._total_train_tokens`` as TRL keeps them."""
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
+        """Targets (labels that are not -100, after the causal shift) over the step's micro-batches and processes."""
+        if not batch_samples or "targets" not in batch_samples[0]:
+            return None
+        count = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batch_samples)
+        count = torch.tensor(count, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = batch_from_fields(inputs)
+        inner = self.accelerator.unwrap_model(model)
+
+        def packed_forward(*args, **kwargs) -> SFTStepOutput:
+            return sft_step(inner, batch, loss_type=self.args.loss_type, num_items=num_items_in_batch,
+                            head_impl=getattr(self.args, "head_impl", "auto"), aux_loss=bool(self.aux_loss_coef),
+                            offload_activations=self.args.activation_offloading and model.training)  # fmt: skip
+
+        # mixed precision as accelerate's forward wrapper would apply it; through the DDP/FSDP wrapper (forward_as)
+        with self.accelerator.autocast(), forward_as(inner, packed_forward):
+            out = model()
+        loss = out.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's targets and DDP averages the gradients over processes
+            loss = loss * self.accelerator.num_processes
+        if out.aux_loss is not None:
+            # a per-micro-batch mean (DDP averages it over processes): averaged over the accumulation steps, as TRL
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.aux_loss_coef * out.aux_loss / steps
+        self._record_metrics(out, batch, "train" if model.training else "eval")
+        return (loss, {}) if return_outputs else loss
+
+    def _record_metrics(self, out: SFTStepOutput, batch: PackedBatch, mode: str) -> None:
+        gather = self.accelerator.gather  # not gather_for_metrics: its end-of-data trimming counts samples, not ranks
+        sums = gather(torch.stack([out.num_targets.float(), out.entropy_sum.float(), out.top1_sum.float()])[None])
+        num_valid, entropy, top1 = sums.reshape(-1, 3).sum(0).tolist()
+        self._metrics[mode]["entropy"].append(entropy / num_valid if num_valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append(top1 / num_valid if num_valid > 0 else 0.0)
+        self._metrics[mode]["padding_fraction"].append(batch.padding_fraction)
+        if out.aux_loss is not None:
+            self._metrics[mode]["aux_loss"].append(float(gather(out.aux_loss.detach()[None]).mean()))
+        if mode == "train":  # every real token of the batch (padding excluded), as TRL counts
+            real = torch.tensor(batch.input_ids.numel() - batch.num_padding, device=out.num_targets.device)
+            self._total_train_tokens += int(gather(real[None]).sum())
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+class SFTTrainer(PackedSFTLoss, ResumableTrainer, NumericsGuard, Trainer):
     """Supervised fine-tuning on packed batches; TRL 1.16's constructor arguments."""
 
     # compute_loss divides by the targets of the whole optimizer step (num_items_in_batch): no further 1/GA
@@ -293,59 +352,6 @@ class SFTTrainer(ResumableTrainer, NumericsGuard, Trainer):
 
     # --- loss and metrics
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
-        """Targets (labels that are not -100, after the causal shift) over the step's micro-batches and processes."""
-        if not batch_samples or "targets" not in batch_samples[0]:
-            return None
-        count = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batch_samples)
-        count = torch.tensor(count, device=device)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            count = self.accelerator.gather(count).sum()
-        return count
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = batch_from_fields(inputs)
-        inner = self.accelerator.unwrap_model(model)
-
-        def packed_forward(*args, **kwargs) -> SFTStepOutput:
-            return sft_step(inner, batch, loss_type=self.args.loss_type, num_items=num_items_in_batch,
-                            head_impl=self.args.head_impl, aux_loss=bool(self.aux_loss_coef),
-                            offload_activations=self.args.activation_offloading and model.training)  # fmt: skip
-
-        # mixed precision as accelerate's forward wrapper would apply it; through the DDP/FSDP wrapper (forward_as)
-        with self.accelerator.autocast(), forward_as(inner, packed_forward):
-            out = model()
-        loss = out.loss
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # num_items_in_batch counts every process's targets and DDP averages the gradients over processes
-            loss = loss * self.accelerator.num_processes
-        if out.aux_loss is not None:
-            # a per-micro-batch mean (DDP averages it over processes): averaged over the accumulation steps, as TRL
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = loss + self.aux_loss_coef * out.aux_loss / steps
-        self._record_metrics(out, batch, "train" if model.training else "eval")
-        return (loss, {}) if return_outputs else loss
-
-    def _record_metrics(self, out: SFTStepOutput, batch: PackedBatch, mode: str) -> None:
-        gather = self.accelerator.gather  # not gather_for_metrics: its end-of-data trimming counts samples, not ranks
-        sums = gather(torch.stack([out.num_targets.float(), out.entropy_sum.float(), out.top1_sum.float()])[None])
-        num_valid, entropy, top1 = sums.reshape(-1, 3).sum(0).tolist()
-        self._metrics[mode]["entropy"].append(entropy / num_valid if num_valid > 0 else 0.0)
-        self._metrics[mode]["mean_token_accuracy"].append(top1 / num_valid if num_valid > 0 else 0.0)
-        self._metrics[mode]["padding_fraction"].append(batch.padding_fraction)
-        if out.aux_loss is not None:
-            self._metrics[mode]["aux_loss"].append(float(gather(out.aux_loss.detach()[None]).mean()))
-        if mode == "train":  # every real token of the batch (padding excluded), as TRL counts
-            real = torch.tensor(batch.input_ids.numel() - batch.num_padding, device=out.num_targets.device)
-            self._total_train_tokens += int(gather(real[None]).sum())
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
     def train(self, *args, **kwargs):
         self._token_rate.restart(self._total_train_tokens)
         return super().train(*args, **kwargs)
@@ -444,8 +450,9 @@ def _enable_router_aux_loss(model: nn.Module, args: SFTConfig) -> float:
 
 def _pack_length(model: nn.Module, args: SFTConfig) -> int | None:
     """Row capacity for unpacked steps (``pack_sft`` raises it to the longest sequence of a step)."""
-    if args.pack_length is not None or args.max_length is None:
-        return args.pack_length
+    pack_length = getattr(args, "pack_length", None)  # fastdpo's option; TRL's SFTConfig has none
+    if pack_length is not None or args.max_length is None:
+        return pack_length
     attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
     # eager/sdpa attend over whole rows (cost ∝ row length²): rows no longer than TRL's padded ones; kernels that
     # work per sequence (flash, flex) lose nothing with long rows, which leave less padding
