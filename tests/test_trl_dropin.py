@@ -114,3 +114,26 @@ def test_the_dropin_runs_the_packed_fused_step(data, tmp_path, monkeypatch):  # 
     trainer.train()
     assert len(calls) == 2  # one packed step per optimizer step (batch 2, no accumulation)
     assert isinstance(trainer, trl.DPOTrainer)  # TRL's class, so callbacks and isinstance checks keep working
+
+
+def test_without_trl_one_clear_error():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['trl'] = None; import fastdpo.trl"  # as if TRL were not installed
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "pip install 'fastdpo[trl]'" in done.stderr.splitlines()[-1]  # the last line says what to install
+
+
+def test_sft_options_that_need_logits_are_refused(tmp_path):
+    from test_train_sft import common_args as sft_args
+    from test_train_sft import prompt_completion_rows
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    args = trl.SFTConfig(**sft_args(tmp_path, "sft"))
+    for name in ("compute_metrics", "compute_loss_func", "preprocess_logits_for_metrics"):
+        with pytest.raises(ConfigError, match=name):
+            dropin.SFTTrainer(load(), args=args, train_dataset=prompt_completion_rows(4), processing_class=tokenizer,
+                              **{name: lambda *a: None})  # fmt: skip
