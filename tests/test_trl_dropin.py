@@ -137,3 +137,63 @@ def test_sft_options_that_need_logits_are_refused(tmp_path):
         with pytest.raises(ConfigError, match=name):
             dropin.SFTTrainer(load(), args=args, train_dataset=prompt_completion_rows(4), processing_class=tokenizer,
                               **{name: lambda *a: None})  # fmt: skip
+
+
+# TRL options beyond the loss family, each through both trainers with the same script
+OPTION_CASES = {
+    "keep_end_truncation": {"truncation_mode": "keep_end", "max_length": 24},
+    "keep_start_truncation": {"max_length": 40},  # completions cut, none cut away (a zero gradient is noise)
+    "pad_to_multiple_of": {"pad_to_multiple_of": 8},
+    "gradient_accumulation": {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 1},
+    "precompute_batch_size": {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 3},
+    "gradient_checkpointing": {"gradient_checkpointing": True},
+    "dropout_kept": {"disable_dropout": False},
+}
+
+
+@pytest.mark.parametrize("case", OPTION_CASES)
+def test_trl_options_through_the_dropin(case, data, tmp_path):  # noqa: F811
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin", **OPTION_CASES[case])
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **OPTION_CASES[case])
+    assert_first_steps_match(ours, theirs)
+
+
+def test_sync_ref_model_through_the_dropin(data, tmp_path):  # noqa: F811
+    # TR-DPO: TRL's own callback moves the reference the drop-in reads; step 3 sees a moved reference
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    options = {"sync_ref_model": True, "ref_model_sync_steps": 1, "max_steps": 3, "per_device_train_batch_size": 1}
+    ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin", **options)
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **options)
+    for step in (1, 2):
+        for name in ("loss", "grad_norm", "rewards/margins"):
+            assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4, abs=1e-6), (step, name)
+
+
+def test_moe_aux_loss_through_the_dropin(data, tmp_path):  # noqa: F811
+    from tiny_models import save_tiny_mixtral
+
+    tokenizer = build_tiny_tokenizer()
+    load = save_tiny_mixtral(tokenizer, tmp_path / "moe")
+    ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin")
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl")
+    for step in (0, 1):
+        assert ours[step]["aux_loss"] > 0
+        for name in ("aux_loss", "loss", "grad_norm", "logps/chosen"):
+            assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4), (step, name)
+
+
+def test_model_as_a_path_with_its_reference_loaded_by_trl(data, tmp_path):  # noqa: F811
+    # no ref_model: TRL loads a second copy from the policy's path, as it does for its own trainer
+    tokenizer = build_tiny_tokenizer()
+    tiny_model(tokenizer, tmp_path / "model")
+    logs = {}
+    for name, cls in (("dropin", dropin.DPOTrainer), ("trl", trl.DPOTrainer)):
+        args = trl.DPOConfig(**common_args(tmp_path, name), model_init_kwargs={"dtype": "float32"})
+        trainer = cls(str(tmp_path / "model"), args=args, train_dataset=data, processing_class=tokenizer)
+        assert trainer.ref_model is not None
+        trainer.train()
+        logs[name] = [log for log in trainer.state.log_history if "loss" in log]
+    assert_first_steps_match(logs["dropin"], logs["trl"])
