@@ -1,0 +1,307 @@
+"""The ``fastdpo`` command: train from a YAML config whose every field a flag can override; inspect the setup.
+
+    fastdpo dpo --config run.yaml [--beta 0.2 ...] [--overwrite] [--debug]
+    fastdpo sft --config run.yaml [...]
+    fastdpo env [--json]
+
+A config is flat, as ``trl dpo --config`` takes it: the run's own keys (``RunArguments``: the model, the data and
+what to do with it) next to every field of ``DPOConfig`` / ``SFTConfig`` (fastdpo's configs, which carry TRL's
+names and defaults). Precedence: flags, then the YAML, then the defaults. An unknown key fails with the close
+match. The run directory (``output_dir``) gets:
+
+- ``config.yaml``: every field as resolved (what ran, re-runnable with ``--config``);
+- ``metrics.jsonl``: one JSON object per log (train and eval), with its step;
+- ``data_quality.md`` / ``.json`` (DPO): ``fastdpo.data.check_preferences`` of the training data, and the rows
+  removed (``data_filter: drop`` removes the rows with a "drop" reason, counted and warned about; ``none`` keeps
+  them, and the trainer then drops only what TRL would);
+- ``plots/*.png``: loss, ``rewards/margins``, ``rewards/accuracies`` (train and eval), refreshed at each evaluation
+  and at the end;
+- the Trainer's checkpoints and the final model.
+
+An existing, non-empty run directory is not written into without ``--overwrite``. Errors are one line on stderr
+(``fastdpo: error: ...``) and exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import logging
+import platform
+import sys
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from fastdpo.errors import ConfigError, DataError
+
+logger = logging.getLogger("fastdpo")
+
+
+@dataclass
+class RunArguments:
+    """The run's own keys (beside the trainer config's)."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "the policy: a folder or a hub name"})
+    ref_model_name_or_path: str | None = field(default=None, metadata={"help": "DPO: a separate reference model"})
+    dataset_name: str | None = field(default=None, metadata={"help": "a .jsonl/.json/.parquet/.csv file or hub name"})
+    dataset_train_split: str = field(default="train", metadata={"help": "the split to train on"})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "a split of the dataset to evaluate on"})
+    eval_fraction: float | None = field(
+        default=None, metadata={"help": "hold out this fraction of the rows by prompt (no prompt in both parts)"}
+    )
+    dataset_columns: dict | None = field(
+        default=None, metadata={"help": 'column names in the data, e.g. {"prompt": "question"}'}
+    )
+    data_filter: str = field(default="drop", metadata={"help": "'drop' rows with a drop reason, or 'none'"})
+
+
+COMMANDS = {"dpo": "DPOConfig", "sft": "SFTConfig"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # configs use TRL's field names, gradient_checkpointing among them, which transformers 5 warns about
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+    parser = _parser()
+    known, rest = parser.parse_known_args(argv)
+    if known.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if known.command == "env":
+            if rest:
+                raise ConfigError(f"unexpected arguments {rest}", column="env", fix="fastdpo env [--json]")
+            print(_env(as_json=known.json))
+            return 0
+        return _train(known, rest)
+    except (ConfigError, DataError, OSError) as error:
+        if known.debug:
+            raise
+        print(f"fastdpo: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdpo", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command")
+    for name, config in COMMANDS.items():
+        sub = commands.add_parser(
+            name,
+            help=f"train ({name.upper()}) from a YAML config",
+            description=f"Train with fastdpo's {config}. Every field of RunArguments and {config} can be set in "
+            f"the YAML file or as --field value (flags win); see fastdpo.cli's docstring for the run directory.",
+        )
+        sub.add_argument("--config", required=True, type=Path, help="the YAML file")
+        sub.add_argument("--overwrite", action="store_true", help="write into an existing run directory")
+        sub.add_argument("--debug", action="store_true", help="show tracebacks")
+    env = commands.add_parser("env", help="versions, device, head implementation, C++ packer")
+    env.add_argument("--json", action="store_true")
+    env.add_argument("--debug", action="store_true")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+
+def _train(known: argparse.Namespace, flags: list[str]) -> int:
+    import yaml
+
+    from fastdpo.train import DPOConfig, SFTConfig
+
+    config_cls = DPOConfig if known.command == "dpo" else SFTConfig
+    try:
+        values = yaml.safe_load(known.config.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{known.config} is not valid YAML ({str(error).splitlines()[0]})", column="config") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{known.config} holds a {type(values).__name__}, not a mapping of field: value",
+                          column="config")  # fmt: skip
+    run_args, args = _resolve(config_cls, values, flags)
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()) and not known.overwrite:
+        raise ConfigError(f"the run directory {out} exists and is not empty", column="output_dir",
+                          fix="pass --overwrite, or set another output_dir")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    _write_config(out / "config.yaml", run_args, args)
+    trainer = _build_trainer(known.command, run_args, args, out)
+    trainer.train()
+    trainer.save_model(str(out))
+    return 0
+
+
+def _resolve(config_cls, values: dict, flags: list[str]):
+    """``(RunArguments, config)`` from the YAML ``values`` overridden by ``flags``; unknown keys fail."""
+    from transformers import HfArgumentParser
+
+    known = {f.name for cls in (RunArguments, config_cls) for f in dataclasses.fields(cls) if f.init}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see --help for the fields"
+            raise ConfigError(f"unknown field {key!r} in the config", column=key, fix=hint)
+    parser = HfArgumentParser((RunArguments, config_cls))
+    parser.set_defaults(**values)
+    for action in parser._actions:  # the YAML may give what a flag must otherwise give
+        if action.dest in values:
+            action.required = False
+    try:
+        run_args, args, rest = parser.parse_args_into_dataclasses(args=flags, return_remaining_strings=True)
+    except SystemExit as error:  # argparse already printed the message
+        raise ConfigError("the flags above could not be parsed", column="flags") from error
+    if rest:
+        names = [r for r in rest if r.startswith("--")]
+        close = difflib.get_close_matches(names[0][2:], known, n=1) if names else []
+        hint = f"did you mean --{close[0]}?" if close else "see --help for the fields"
+        raise ConfigError(f"unknown flags {rest}", column="flags", fix=hint)
+    if run_args.model_name_or_path is None or run_args.dataset_name is None:
+        raise ConfigError("a run needs model_name_or_path and dataset_name", column="config",
+                          fix="set both in the YAML file or as flags")  # fmt: skip
+    if run_args.data_filter not in ("drop", "none"):
+        raise ConfigError(f"must be 'drop' or 'none', got {run_args.data_filter!r}", column="data_filter")
+    return run_args, args
+
+
+def _write_config(path: Path, run_args: RunArguments, args) -> None:
+    import yaml
+
+    from fastdpo.atomic import atomic_write
+
+    resolved = {**dataclasses.asdict(run_args), **{k: v for k, v in args.to_dict().items() if _plain(v)}}
+    atomic_write(path, yaml.safe_dump(resolved, sort_keys=True))
+
+
+def _plain(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, list, dict))
+
+
+def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
+    from fastdpo.data import check_preferences, prepare_preferences, prepare_sft, split_by_prompt
+    from fastdpo.train import DPOTrainer, SFTTrainer
+
+    columns = run_args.dataset_columns
+    prepare = prepare_preferences if command == "dpo" else prepare_sft
+    train = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_train_split)
+    evaluation = None
+    if run_args.dataset_test_split is not None:
+        evaluation = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_test_split)
+    elif run_args.eval_fraction is not None:
+        train, evaluation = split_by_prompt(train, test_size=run_args.eval_fraction, seed=args.seed)
+    callbacks = [RunFiles(out)]
+    if command == "dpo":
+        from fastdpo.atomic import atomic_write
+
+        report = check_preferences(train)
+        dropped: dict[str, int] = {}
+        if run_args.data_filter == "drop":
+            train, dropped = report.filter(train)
+            if dropped:
+                logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
+        atomic_write(out / "data_quality.md", report.to_markdown() + f"\nRows removed before training: {dropped}\n")
+        atomic_write(out / "data_quality.json", json.dumps({**report.to_dict(), "removed": dropped}, indent=1))
+        return DPOTrainer(run_args.model_name_or_path, ref_model=run_args.ref_model_name_or_path, args=args,
+                          train_dataset=train, eval_dataset=evaluation, callbacks=callbacks)  # fmt: skip
+    if run_args.ref_model_name_or_path is not None:
+        raise ConfigError("SFT has no reference model", column="ref_model_name_or_path", fix="remove it")
+    return SFTTrainer(run_args.model_name_or_path, args=args, train_dataset=train, eval_dataset=evaluation,
+                      callbacks=callbacks)  # fmt: skip
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class RunFiles(_callback_base()):
+    """Appends every log to ``metrics.jsonl`` and redraws ``plots/*.png`` at each evaluation and at the end."""
+
+    PLOTS = ("loss", "rewards/margins", "rewards/accuracies")
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.metrics = out / "metrics.jsonl"
+        self.metrics.write_text("")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.metrics.open("a") as handle:
+                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.plot()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.plot()
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        logs = [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+        (self.out / "plots").mkdir(exist_ok=True)
+        for name in self.PLOTS:
+            series = {label: [(log["step"], log[key]) for log in logs if key in log]
+                      for label, key in (("train", name), ("eval", f"eval_{name}"))}  # fmt: skip
+            if not any(series.values()):
+                continue
+            figure, axes = plt.subplots(figsize=(6, 4))
+            for label, points in series.items():
+                if points:
+                    axes.plot(*zip(*points, strict=True), marker="o", label=label)
+            axes.set_xlabel("step")
+            axes.set_ylabel(name)
+            axes.legend()
+            axes.grid(alpha=0.3)
+            figure.tight_layout()
+            figure.savefig(self.out / "plots" / f"{name.replace('/', '_')}.png")
+            plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------------------- env
+
+
+def _env(*, as_json: bool) -> str:
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for package in ("fastdpo", "torch", "transformers", "accelerate", "datasets", "trl", "peft", "triton",
+                    "deepspeed", "liger-kernel"):  # fmt: skip
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    try:
+        import fastdpo._packer  # noqa: F401
+
+        packer = True
+    except ImportError:
+        packer = False
+    triton_ok = versions["triton"] is not None and cuda
+    info = {
+        "versions": versions,
+        "device": device,
+        "cuda": cuda,
+        "head_impl_auto": "triton" if triton_ok else "torch",
+        "cpp_packer": packer,
+    }
+    if as_json:
+        return json.dumps(info, indent=1)
+    lines = [f"{name:14s} {version or 'not installed'}" for name, version in versions.items()]
+    built = "built" if packer else "not built (the Python packer gives the same bins)"
+    lines += [f"{'device':14s} {device}", f"{'head impl auto':14s} {info['head_impl_auto']}",
+              f"{'C++ packer':14s} {built}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
