@@ -3,6 +3,10 @@
     fastdpo dpo --config run.yaml [--beta 0.2 ...] [--overwrite] [--debug]
     fastdpo sft --config run.yaml [...]
     fastdpo env [--json]
+    fastdpo data check|stats DATA [--columns JSON] [--tokenizer T] [--max-length N] [--json]
+    fastdpo data filter DATA OUT [--drop REASONS] [--where 'chosen_score >= 8']
+    fastdpo data pairs DATA OUT [--strategy best_vs_worst] [--margin M]     (rated completions → pairs)
+    fastdpo data split DATA TRAIN_OUT EVAL_OUT [--test-size 0.1] [--seed 0] (held out by prompt)
 
 A config is flat, as ``trl dpo --config`` takes it: the run's own keys (``RunArguments``: the model, the data and
 what to do with it) next to every field of ``DPOConfig`` / ``SFTConfig`` (fastdpo's configs, which carry TRL's
@@ -18,6 +22,8 @@ match. The run directory (``output_dir``) gets:
   and at the end;
 - the Trainer's checkpoints and the final model.
 
+``data`` writes ``.jsonl``, ``.parquet`` or ``.csv`` files, each with ``<OUT>.dropped.json`` beside it (what was
+left out, and why), never over its input and never over an existing file without ``--overwrite``.
 An existing, non-empty run directory is not written into without ``--overwrite``. Errors are one line on stderr
 (``fastdpo: error: ...``) and exit status 2; ``--debug`` shows the traceback instead.
 """
@@ -68,10 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
     parser = _parser()
     known, rest = parser.parse_known_args(argv)
+    if known.command == "data" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if known.command is None:
         parser.print_help()
         return 2
     try:
+        if known.command == "data":
+            return _data(known)
         if known.command == "env":
             if rest:
                 raise ConfigError(f"unexpected arguments {rest}", column="env", fix="fastdpo env [--json]")
@@ -101,7 +111,47 @@ def _parser() -> argparse.ArgumentParser:
     env = commands.add_parser("env", help="versions, device, head implementation, C++ packer")
     env.add_argument("--json", action="store_true")
     env.add_argument("--debug", action="store_true")
+    data = commands.add_parser("data", help="check, filter, describe, pair and split preference data")
+    actions = data.add_subparsers(dest="action", required=True)
+    for name, help_text in DATA_ACTIONS.items():
+        action = actions.add_parser(name, help=help_text, description=help_text)
+        action.add_argument("data", help="a .jsonl/.json/.parquet/.csv file or a hub name")
+        if name in ("filter", "pairs"):
+            action.add_argument("out", type=Path, help="the file to write (.jsonl, .parquet or .csv)")
+        if name == "split":
+            action.add_argument("train_out", type=Path)
+            action.add_argument("eval_out", type=Path)
+            action.add_argument("--test-size", type=float, default=0.1, help="a fraction, or a number of rows")
+            action.add_argument("--seed", type=int, default=0)
+        if name in ("check", "stats", "filter", "split"):
+            action.add_argument("--columns", type=json.loads, default=None,
+                                help='column names in the data, e.g. \'{"prompt": "question"}\'')  # fmt: skip
+        if name in ("check", "stats"):
+            action.add_argument("--tokenizer", help="a tokenizer folder or hub name: token statistics")
+            action.add_argument("--max-length", type=int, help="with --tokenizer: flag rows that would be cut")
+            action.add_argument("--json", action="store_true")
+        if name == "filter":
+            action.add_argument("--drop", help="comma-separated reasons to drop (default: every 'drop' reason)")
+            action.add_argument("--where", help="keep only rows where '<column> <op> <value>' holds")
+        if name == "pairs":
+            action.add_argument("--strategy", default="best_vs_worst")
+            action.add_argument("--margin", type=float, default=0.0)
+            action.add_argument("--seed", type=int, default=0)
+            for column in ("prompt", "completions", "scores", "response_key", "score_key"):
+                action.add_argument(f"--{column.replace('_', '-')}", dest=column, default=None)
+        if name in ("filter", "pairs", "split"):
+            action.add_argument("--overwrite", action="store_true", help="replace existing output files")
+        action.add_argument("--debug", action="store_true")
     return parser
+
+
+DATA_ACTIONS = {
+    "check": "the quality report: every problem by reason and row, lengths, dataset warnings",
+    "stats": "length statistics (characters; tokens with --tokenizer)",
+    "filter": "write the data without the rows of the given reasons (and/or failing --where)",
+    "pairs": "rated multi-completion rows → preference pairs",
+    "split": "a held-out split with no prompt in both parts",
+}
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -263,6 +313,109 @@ class RunFiles(_callback_base()):
             figure.tight_layout()
             figure.savefig(self.out / "plots" / f"{name.replace('/', '_')}.png")
             plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def _data(known: argparse.Namespace) -> int:
+    from fastdpo.data import build_pairs, check_preferences, load_data, split_by_prompt
+
+    dataset = load_data(known.data)
+    if getattr(known, "columns", None):
+        dataset = _mapped(dataset, known.columns)
+    if known.action in ("check", "stats"):
+        tokenizer = None
+        if known.tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(known.tokenizer)
+        report = check_preferences(dataset, tokenizer, max_length=known.max_length)
+        if known.action == "stats":
+            print(json.dumps(report.length_stats, indent=1) if known.json else _stats_table(report.length_stats))
+        else:
+            print(report.to_json() if known.json else report.to_markdown())
+        return 0
+    if known.action == "filter":
+        reasons = known.drop.split(",") if known.drop else None
+        kept, dropped = check_preferences(dataset).filter(dataset, reasons, where=known.where)
+        _write(kept, known.out, known, {"input": known.data, "rows": len(dataset), "kept": len(kept),
+                                        "dropped": dropped})  # fmt: skip
+        print(f"kept {len(kept)} of {len(dataset)} rows; dropped {dropped} (see {_dropped_path(known.out)})")
+        return 0
+    if known.action == "pairs":
+        options = {k: getattr(known, k) for k in ("prompt", "completions", "scores", "response_key", "score_key")}
+        result = build_pairs(dataset, strategy=known.strategy, margin=known.margin, seed=known.seed,
+                             **{k: v for k, v in options.items() if v is not None})  # fmt: skip
+        _write(result.dataset, known.out, known, {"input": known.data, "rows": result.num_rows,
+                                                  "pairs": len(result.dataset), "dropped": result.dropped,
+                                                  "dropped_rows": result.dropped_rows})  # fmt: skip
+        print(f"{len(result.dataset)} pairs from {result.num_rows} rows; dropped {result.dropped}")
+        return 0
+    train, held_out = split_by_prompt(dataset, test_size=known.test_size, seed=known.seed)
+    summary = {"input": known.data, "rows": len(dataset), "train": len(train), "eval": len(held_out)}
+    _check_outputs([known.train_out, known.eval_out], known)
+    _write(train, known.train_out, known, summary)
+    _write(held_out, known.eval_out, known, summary)
+    print(f"train {len(train)} rows, eval {len(held_out)} rows; no prompt in both")
+    return 0
+
+
+def _mapped(dataset, columns: dict):
+    """``columns`` maps fastdpo's names to the data's (``{"prompt": "question"}``)."""
+    missing = [source for source in columns.values() if source not in dataset.column_names]
+    if missing:
+        raise DataError(f"columns {missing} are not in the data (it has {dataset.column_names})", column="columns",
+                        fix="map fastdpo's names to columns the data has")  # fmt: skip
+    return dataset.rename_columns({source: name for name, source in columns.items() if source != name})
+
+
+def _dropped_path(out: Path) -> Path:
+    return out.with_name(out.name + ".dropped.json")
+
+
+def _check_outputs(paths: list[Path], known: argparse.Namespace) -> None:
+    source = Path(known.data).resolve()
+    for path in paths:
+        if path.suffix not in WRITERS:
+            raise ConfigError(f"cannot write {path.name!r}", column="out", fix=f"use one of {', '.join(WRITERS)}")
+        if path.resolve() == source:
+            raise ConfigError(f"{path} is the input", column="out", fix="write to another file: inputs are kept")
+        for target in (path, _dropped_path(path)):
+            if target.exists() and not known.overwrite:
+                raise ConfigError(f"{target} exists", column="out", fix="pass --overwrite, or another path")
+
+
+WRITERS = {".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _write(dataset, out: Path, known: argparse.Namespace, summary: dict) -> None:
+    """``dataset`` to ``out`` and the summary beside it, each written to a temporary file and renamed."""
+    import os
+
+    from fastdpo.atomic import atomic_write
+
+    _check_outputs([out], known)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.partial{out.suffix}")
+    kind = WRITERS[out.suffix]
+    if kind == "json":
+        dataset.to_json(temporary, lines=True)
+    elif kind == "parquet":
+        dataset.to_parquet(temporary)
+    else:
+        dataset.to_csv(temporary, index=False)
+    os.replace(temporary, out)
+    atomic_write(_dropped_path(out), json.dumps(summary, indent=1, default=str))
+
+
+def _stats_table(stats: dict) -> str:
+    lines = [f"{stats.get('pairs', 0):,} valid pairs", "", "| column | unit | min | mean | median | max |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for unit in ("chars", "tokens"):
+        for column, s in (stats.get(unit) or {}).items():
+            lines.append(f"| {column} | {unit} | {s['min']:,} | {s['mean']:,.1f} | {s['median']:,.1f} | {s['max']:,} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------- env

@@ -117,10 +117,14 @@ def test_sft_run(workdir):
     assert (workdir / "sft_run" / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_every_subcommand_has_help(workdir):
-    for args in ([], ["dpo"], ["sft"], ["env"]):
-        done = fastdpo(*args, "--help", cwd=workdir)
-        assert done.returncode == 0 and "usage: fastdpo" in done.stdout, args
+def test_every_subcommand_has_help(capsys):
+    from fastdpo.cli import main
+
+    data = [["data", action] for action in ("check", "stats", "filter", "pairs", "split")]
+    for args in ([], ["dpo"], ["sft"], ["env"], ["data"], *data):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--help"])
+        assert exit_info.value.code == 0 and "usage: fastdpo" in capsys.readouterr().out, args
 
 
 def test_env_reports_versions_device_and_head(workdir):
@@ -129,3 +133,75 @@ def test_env_reports_versions_device_and_head(workdir):
     info = json.loads(done.stdout)
     assert info["versions"]["torch"] and info["versions"]["fastdpo"]
     assert info["head_impl_auto"] in ("torch", "triton") and isinstance(info["cpp_packer"], bool)
+
+
+# --- fastdpo data (in this process: main() prints and returns the exit status as the command does)
+
+MAPPED = ["--columns", '{"prompt": "question"}']
+
+
+@pytest.fixture
+def data_cli(workdir, monkeypatch, capsys):
+    from fastdpo.cli import main
+
+    monkeypatch.chdir(workdir)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code = main(["data", *args])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
+
+
+def test_data_check_and_stats(workdir, data_cli):
+    done = data_cli("check", "pairs.jsonl", *MAPPED, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["rows"]["identical"] == [5] and report["num_rows"] == 24
+    markdown = data_cli("check", "pairs.jsonl", *MAPPED).stdout
+    assert "| identical | drop | 1 | 5 |" in markdown
+    stats = data_cli("stats", "pairs.jsonl", *MAPPED, "--tokenizer", "model", "--json")
+    assert stats.returncode == 0, stats.stderr[-2000:]
+    lengths = json.loads(stats.stdout)
+    assert lengths["pairs"] == 23 and lengths["tokens"]["chosen"]["max"] >= lengths["tokens"]["chosen"]["min"] > 0
+
+
+def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_cli):
+    source = workdir / "pairs.jsonl"
+    before = hashlib.sha256(source.read_bytes()).hexdigest()
+    done = data_cli("filter", "pairs.jsonl", "clean.jsonl", *MAPPED)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before
+    summary = json.loads((workdir / "clean.jsonl.dropped.json").read_text())
+    assert summary["dropped"] == {"identical": 1} and summary["kept"] == 23
+    again = json.loads(data_cli("check", "clean.jsonl", "--json").stdout)
+    assert not any(again["severity"][reason] == "drop" for reason in again["counts"])  # nothing left to drop
+    assert again["num_rows"] == 23
+    for args in (["pairs.jsonl", "pairs.jsonl"], ["pairs.jsonl", "clean.jsonl"]):  # its input; an existing file
+        refused = data_cli("filter", *args, *MAPPED)
+        assert refused.returncode == 2 and "fastdpo: error: column 'out'" in refused.stderr, args
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before
+    where = data_cli("filter", "pairs.jsonl", "short.jsonl", *MAPPED, "--drop", "identical",
+                    "--where", "chosen != x")  # fmt: skip
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert json.loads((workdir / "short.jsonl.dropped.json").read_text())["dropped"] == {"identical": 1, "where": 0}
+
+
+def test_data_pairs_and_split(workdir, data_cli):
+    rows = [{"prompt": "q1?", "completions": ["a.", "b.", "c."], "scores": [3, 1, 2]},
+            {"prompt": "q2?", "completions": ["x."], "scores": [1]},
+            {"prompt": "q3?", "completions": ["y.", "z."], "scores": [2, 2]}]  # fmt: skip
+    (workdir / "rated.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = data_cli("pairs", "rated.jsonl", "rated_pairs.jsonl")
+    assert done.returncode == 0, done.stderr[-2000:]
+    pairs = [json.loads(line) for line in (workdir / "rated_pairs.jsonl").read_text().splitlines()]
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a.", "b.")]  # best against worst
+    summary = json.loads((workdir / "rated_pairs.jsonl.dropped.json").read_text())
+    assert summary["dropped_rows"]["too_few_completions"] == [1] and summary["dropped_rows"]["ties"] == [2]
+    split = data_cli("split", "pairs.jsonl", "train.jsonl", "eval.jsonl", *MAPPED, "--test-size", "0.25")  # fmt: skip
+    assert split.returncode == 0, split.stderr[-2000:]
+    train = [json.loads(line) for line in (workdir / "train.jsonl").read_text().splitlines()]
+    held_out = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
+    assert len(train) + len(held_out) == 24 and held_out
+    assert not {row["prompt"] for row in train} & {row["prompt"] for row in held_out}
