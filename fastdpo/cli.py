@@ -18,6 +18,7 @@ match. The run directory (``output_dir``) gets:
 - ``data_quality.md`` / ``.json`` (DPO): ``fastdpo.data.check_preferences`` of the training data, and the rows
   removed (``data_filter: drop`` removes the rows with a "drop" reason, counted and warned about; ``none`` keeps
   them, and the trainer then drops only what TRL would);
+- ``dropped_rows.json``: the rows tokenization dropped, by split and reason (DPO and SFT);
 - ``plots/*.png``: loss, ``rewards/margins``, ``rewards/accuracies`` (train and eval), refreshed at each evaluation
   and at the end;
 - the Trainer's checkpoints and the final model.
@@ -178,6 +179,10 @@ def _train(known: argparse.Namespace, flags: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _write_config(out / "config.yaml", run_args, args)
     trainer = _build_trainer(known.command, run_args, args, out)
+    from fastdpo.atomic import atomic_write
+
+    # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation)
+    atomic_write(out / "dropped_rows.json", json.dumps(trainer.dropped_rows, indent=1))
     trainer.train()
     trainer.save_model(str(out))
     return 0

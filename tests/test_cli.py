@@ -70,6 +70,7 @@ def test_dpo_run_writes_its_run_directory(workdir):
     quality = json.loads((out / "data_quality.json").read_text())
     assert quality["removed"] == {"identical": 1} and quality["rows"]["identical"] == [5]
     assert "Rows removed before training" in (out / "data_quality.md").read_text()
+    assert isinstance(json.loads((out / "dropped_rows.json").read_text()), dict)
     for name in ("loss", "rewards_margins", "rewards_accuracies"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     from transformers import AutoModelForCausalLM
@@ -115,6 +116,7 @@ def test_sft_run(workdir):
     logs = [json.loads(line) for line in (workdir / "sft_run" / "metrics.jsonl").read_text().splitlines()]
     assert [log["step"] for log in logs if "loss" in log] == [1, 2]
     assert (workdir / "sft_run" / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((workdir / "sft_run" / "dropped_rows.json").read_text()) == {}  # no row lost its labels
 
 
 def test_every_subcommand_has_help(capsys):
