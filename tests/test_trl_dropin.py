@@ -17,12 +17,27 @@ trl = pytest.importorskip("trl")
 dropin = pytest.importorskip("fastdpo.trl")
 
 
-@pytest.mark.parametrize("case", TRL_CASES)
+# TRL options beyond the loss family, each through both trainers with the same script
+OPTION_CASES = {
+    "keep_end_truncation": {"truncation_mode": "keep_end", "max_length": 24},
+    "keep_start_truncation": {"max_length": 40},  # completions cut, none cut away (a zero gradient is noise)
+    "pad_to_multiple_of": {"pad_to_multiple_of": 8},
+    "gradient_accumulation": {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 1},
+    "precompute": {"precompute_ref_log_probs": True},
+    "precompute_batch_size": {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 3},
+    "gradient_checkpointing": {"gradient_checkpointing": True},
+    "dropout_kept": {"disable_dropout": False},
+}
+
+
+@pytest.mark.parametrize("case", [*TRL_CASES, *OPTION_CASES])
 def test_changing_the_import_keeps_trl_steps(case, data, tmp_path):  # noqa: F811
+    # every loss-type case of the parity suite, and TRL options beyond the loss family
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
-    ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin", **TRL_CASES[case])
-    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **TRL_CASES[case])
+    options = {**TRL_CASES, **OPTION_CASES}[case]
+    ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin", **options)
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **options)
     assert_first_steps_match(ours, theirs)
     assert set(theirs[1]) <= set(ours[1])  # every metric TRL logs, under its name
 
@@ -47,15 +62,6 @@ def test_five_steps_and_the_saved_model(data, tmp_path):  # noqa: F811
     for (name, got), want in zip(saved.state_dict().items(), reference.state_dict().values(), strict=True):
         # five AdamW steps at lr 1e-2: a weight moves by about lr x sign(gradient) per step
         torch.testing.assert_close(got, want, rtol=0, atol=5e-3, msg=name)
-
-
-def test_precomputed_reference(data, tmp_path):  # noqa: F811
-    tokenizer = build_tiny_tokenizer()
-    load = tiny_model(tokenizer, tmp_path / "model")
-    options = {"precompute_ref_log_probs": True}
-    ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin", **options)
-    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **options)
-    assert_first_steps_match(ours, theirs)
 
 
 def test_lora_with_the_adapter_reference(data, tmp_path):  # noqa: F811
@@ -137,27 +143,6 @@ def test_sft_options_that_need_logits_are_refused(tmp_path):
         with pytest.raises(ConfigError, match=name):
             dropin.SFTTrainer(load(), args=args, train_dataset=prompt_completion_rows(4), processing_class=tokenizer,
                               **{name: lambda *a: None})  # fmt: skip
-
-
-# TRL options beyond the loss family, each through both trainers with the same script
-OPTION_CASES = {
-    "keep_end_truncation": {"truncation_mode": "keep_end", "max_length": 24},
-    "keep_start_truncation": {"max_length": 40},  # completions cut, none cut away (a zero gradient is noise)
-    "pad_to_multiple_of": {"pad_to_multiple_of": 8},
-    "gradient_accumulation": {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 1},
-    "precompute_batch_size": {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 3},
-    "gradient_checkpointing": {"gradient_checkpointing": True},
-    "dropout_kept": {"disable_dropout": False},
-}
-
-
-@pytest.mark.parametrize("case", OPTION_CASES)
-def test_trl_options_through_the_dropin(case, data, tmp_path):  # noqa: F811
-    tokenizer = build_tiny_tokenizer()
-    load = tiny_model(tokenizer, tmp_path / "model")
-    ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin", **OPTION_CASES[case])
-    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **OPTION_CASES[case])
-    assert_first_steps_match(ours, theirs)
 
 
 def test_sync_ref_model_through_the_dropin(data, tmp_path):  # noqa: F811
