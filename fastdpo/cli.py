@@ -200,13 +200,17 @@ def _resolve(config_cls, values: dict, flags: list[str]):
             raise ConfigError(f"unknown field {key!r} in the config", column=key, fix=hint)
     parser = HfArgumentParser((RunArguments, config_cls))
     parser.set_defaults(**values)
-    for action in parser._actions:  # the YAML may give what a flag must otherwise give
-        if action.dest in values:
+
+    def error(message: str):  # argparse's own error prints the whole usage and exits: one line instead
+        raise ConfigError(message, column="flags", fix="fastdpo dpo --help lists the fields")
+
+    parser.error = error
+    for action in parser._actions:
+        if action.dest in values:  # the YAML may give what a flag must otherwise give
             action.required = False
-    try:
-        run_args, args, rest = parser.parse_args_into_dataclasses(args=flags, return_remaining_strings=True)
-    except SystemExit as error:  # argparse already printed the message
-        raise ConfigError("the flags above could not be parsed", column="flags") from error
+        if action.type is dict:  # a dict field as a flag: JSON text
+            action.type = _json_dict
+    run_args, args, rest = parser.parse_args_into_dataclasses(args=flags, return_remaining_strings=True)
     if rest:
         names = [r for r in rest if r.startswith("--")]
         close = difflib.get_close_matches(names[0][2:], known, n=1) if names else []
@@ -215,9 +219,22 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     if run_args.model_name_or_path is None or run_args.dataset_name is None:
         raise ConfigError("a run needs model_name_or_path and dataset_name", column="config",
                           fix="set both in the YAML file or as flags")  # fmt: skip
+    if run_args.dataset_columns is not None and not isinstance(run_args.dataset_columns, dict):
+        raise ConfigError("must map fastdpo's column names to the data's", column="dataset_columns",
+                          fix='e.g. {"prompt": "question"}')  # fmt: skip
     if run_args.data_filter not in ("drop", "none"):
         raise ConfigError(f"must be 'drop' or 'none', got {run_args.data_filter!r}", column="data_filter")
     return run_args, args
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not JSON (e.g. \'{{"prompt": "question"}}\')') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
 
 
 def _write_config(path: Path, run_args: RunArguments, args) -> None:

@@ -97,7 +97,8 @@ def test_an_existing_run_directory_is_not_overwritten(workdir):
     [({"betta": 0.2}, [], "did you mean 'beta'?"),
      ({}, ["--bta", "0.3"], "did you mean --beta?"),
      ({"data_filter": "some"}, [], "column 'data_filter'"),
-     ({"loss_type": "sigmod"}, [], "column 'loss_type'")],
+     ({"loss_type": "sigmod"}, [], "column 'loss_type'"),
+     ({}, ["--dataset_columns", "{prompt"], "is not JSON")],
 )  # fmt: skip
 def test_bad_configs_fail_with_one_clear_line(workdir, config, flags, expected):
     path = workdir / "bad.yaml"
