@@ -25,7 +25,9 @@ match. The run directory (``output_dir``) gets:
 
 ``data`` writes ``.jsonl``, ``.parquet`` or ``.csv`` files, each with ``<OUT>.dropped.json`` beside it (what was
 left out, and why), never over its input and never over an existing file without ``--overwrite``.
-An existing, non-empty run directory is not written into without ``--overwrite``. Errors are one line on stderr
+An existing, non-empty run directory is not written into without ``--overwrite``; nothing is written before the
+trainer is built (data loaded, tokenized, checked), so a run that fails on its data leaves no directory behind.
+Errors are one line on stderr
 (``fastdpo: error: ...``) and exit status 2; ``--debug`` shows the traceback instead.
 """
 
@@ -176,13 +178,17 @@ def _train(known: argparse.Namespace, flags: list[str]) -> int:
     if out.exists() and any(out.iterdir()) and not known.overwrite:
         raise ConfigError(f"the run directory {out} exists and is not empty", column="output_dir",
                           fix="pass --overwrite, or set another output_dir")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    _write_config(out / "config.yaml", run_args, args)
-    trainer = _build_trainer(known.command, run_args, args, out)
+    # nothing is written before the trainer is built: a run that fails on its data or model leaves no directory to
+    # --overwrite next time
+    trainer, files = _build_trainer(known.command, run_args, args, out)
     from fastdpo.atomic import atomic_write
 
+    out.mkdir(parents=True, exist_ok=True)
+    _write_config(out / "config.yaml", run_args, args)
     # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation)
-    atomic_write(out / "dropped_rows.json", json.dumps(trainer.dropped_rows, indent=1))
+    files["dropped_rows.json"] = json.dumps(trainer.dropped_rows, indent=1)
+    for name, text in files.items():
+        atomic_write(out / name, text)
     trainer.train()
     trainer.save_model(str(out))
     return 0
@@ -251,6 +257,7 @@ def _plain(value) -> bool:
 
 
 def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
+    """The trainer, and the files (name → text) the run directory gets before training."""
     from fastdpo.data import check_preferences, prepare_preferences, prepare_sft, split_by_prompt
     from fastdpo.train import DPOTrainer, SFTTrainer
 
@@ -264,22 +271,22 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
         train, evaluation = split_by_prompt(train, test_size=run_args.eval_fraction, seed=args.seed)
     callbacks = [RunFiles(out)]
     if command == "dpo":
-        from fastdpo.atomic import atomic_write
-
         report = check_preferences(train)
         dropped: dict[str, int] = {}
         if run_args.data_filter == "drop":
             train, dropped = report.filter(train)
             if dropped:
                 logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
-        atomic_write(out / "data_quality.md", report.to_markdown() + f"\nRows removed before training: {dropped}\n")
-        atomic_write(out / "data_quality.json", json.dumps({**report.to_dict(), "removed": dropped}, indent=1))
-        return DPOTrainer(run_args.model_name_or_path, ref_model=run_args.ref_model_name_or_path, args=args,
-                          train_dataset=train, eval_dataset=evaluation, callbacks=callbacks)  # fmt: skip
+        files = {"data_quality.md": report.to_markdown() + f"\nRows removed before training: {dropped}\n",
+                 "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped}, indent=1)}  # fmt: skip
+        trainer = DPOTrainer(run_args.model_name_or_path, ref_model=run_args.ref_model_name_or_path, args=args,
+                             train_dataset=train, eval_dataset=evaluation, callbacks=callbacks)  # fmt: skip
+        return trainer, files
     if run_args.ref_model_name_or_path is not None:
         raise ConfigError("SFT has no reference model", column="ref_model_name_or_path", fix="remove it")
-    return SFTTrainer(run_args.model_name_or_path, args=args, train_dataset=train, eval_dataset=evaluation,
-                      callbacks=callbacks)  # fmt: skip
+    trainer = SFTTrainer(run_args.model_name_or_path, args=args, train_dataset=train, eval_dataset=evaluation,
+                         callbacks=callbacks)  # fmt: skip
+    return trainer, {}
 
 
 def _callback_base():
@@ -296,7 +303,10 @@ class RunFiles(_callback_base()):
     def __init__(self, out: Path) -> None:
         self.out = out
         self.metrics = out / "metrics.jsonl"
-        self.metrics.write_text("")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.metrics.write_text("")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

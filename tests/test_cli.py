@@ -109,6 +109,18 @@ def test_bad_configs_fail_with_one_clear_line(workdir, config, flags, expected):
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("fastdpo: error:") and expected in line, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+    assert not (workdir / "bad_run").exists()  # nothing written: the fixed config runs without --overwrite
+
+
+def test_a_run_that_fails_on_its_data_writes_nothing(workdir):
+    (workdir / "broken.jsonl").write_text('{"question": "q?", "chosen": "a."}\n')  # no rejected column
+    path = workdir / "broken.yaml"
+    config = {"model_name_or_path": "model", "dataset_name": "broken.jsonl", "dataset_columns": {"prompt": "question"},
+              "output_dir": "broken_run"}  # fmt: skip
+    path.write_text(yaml.safe_dump(config))
+    done = fastdpo("dpo", "--config", "broken.yaml", cwd=workdir)
+    assert done.returncode == 2 and "rejected" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+    assert not (workdir / "broken_run").exists()
 
 
 def test_sft_run(workdir):
