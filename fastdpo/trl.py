@@ -56,7 +56,9 @@ from fastdpo.data.packing import default_pack_length  # noqa: E402
 from fastdpo.model.hooks import forward_as  # noqa: E402
 from fastdpo.ops import LossConfig  # noqa: E402
 from fastdpo.train.dpo import PairPacker, _as_batch  # noqa: E402
-from fastdpo.train.sft import PackedSFTLoss, SequencePacker, _pack_length  # noqa: E402
+from fastdpo.train.sft import PackedSFTLoss, SequencePacker, _pack_length, refuse_logit_hooks  # noqa: E402
+
+TRL_FALLBACK = ", or use TRL's own trainer for this run"
 from fastdpo.train.step import preference_step, reference_logps  # noqa: E402
 
 
@@ -65,12 +67,7 @@ def _refuse(args, compute_metrics) -> None:
         if getattr(args, name, off) != off:
             raise ConfigError(f"is not supported by fastdpo.trl (got {getattr(args, name)!r})", column=name,
                               fix=f"leave it at {off!r}, or use trl.DPOTrainer for this run")  # fmt: skip
-    if compute_metrics is not None:
-        raise ConfigError(
-            "needs the full [tokens, vocab] logits, which fastdpo's fused head never builds",
-            column="compute_metrics",
-            fix="drop compute_metrics: every metric TRL logs is logged without it",
-        )
+    refuse_logit_hooks(TRL_FALLBACK, compute_metrics=compute_metrics)
 
 
 class DPOTrainer(trl.DPOTrainer):
@@ -160,11 +157,8 @@ class SFTTrainer(PackedSFTLoss, trl.SFTTrainer):
                  callbacks=None, optimizers=(None, None), optimizer_cls_and_kwargs=None,
                  preprocess_logits_for_metrics=None, quantization_config=None, peft_config=None,
                  formatting_func=None) -> None:  # fmt: skip
-        for name, value in (("compute_loss_func", compute_loss_func), ("compute_metrics", compute_metrics),
-                            ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):  # fmt: skip
-            if value is not None:
-                raise ConfigError("needs the full [tokens, vocab] logits, which fastdpo's fused head never builds",
-                                  column=name, fix=f"drop {name}, or use trl.SFTTrainer for this run")  # fmt: skip
+        refuse_logit_hooks(TRL_FALLBACK, compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
+                           preprocess_logits_for_metrics=preprocess_logits_for_metrics)  # fmt: skip
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,

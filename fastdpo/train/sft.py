@@ -385,15 +385,20 @@ def _sft_config(args) -> SFTConfig:
     raise ConfigError(f"expected an SFTConfig, got {type(args).__name__}", column="args")
 
 
+def refuse_logit_hooks(fix_suffix: str = "", **hooks) -> None:
+    """``ConfigError`` naming the first of ``hooks`` that is set: each needs the logits fastdpo never builds."""
+    for name, value in hooks.items():
+        if value is not None:
+            raise ConfigError("is not supported: fastdpo never builds the [tokens, vocab] logits it would need",
+                              column=name, fix=f"pass {name}=None{fix_suffix}")  # fmt: skip
+
+
 def _refuse_unsupported(model, args, train_dataset, processing_class, compute_loss_func, compute_metrics,
                         preprocess_logits_for_metrics, quantization_config) -> None:  # fmt: skip
     if quantization_config is not None:
         raise ConfigError("is not supported yet", column="quantization_config", fix="pass quantization_config=None")
-    no_logits = "fastdpo never builds the [tokens, vocab] logits it would need"
-    for name, value in (("compute_loss_func", compute_loss_func), ("compute_metrics", compute_metrics),
-                        ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):  # fmt: skip
-        if value is not None:
-            raise ConfigError(f"is not supported: {no_logits}", column=name, fix=f"pass {name}=None")
+    refuse_logit_hooks(compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
+                       preprocess_logits_for_metrics=preprocess_logits_for_metrics)  # fmt: skip
     if train_dataset is None:
         raise ConfigError("a training dataset is required", column="train_dataset")
     if processing_class is None:
