@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from fastdpo.errors import ConfigError, DataError
 
 logger = logging.getLogger("fastdpo")
@@ -289,13 +291,7 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
     return trainer, {}
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class RunFiles(_callback_base()):
+class RunFiles(TrainerCallback):
     """Appends every log to ``metrics.jsonl`` and redraws ``plots/*.png`` at each evaluation and at the end."""
 
     PLOTS = ("loss", "rewards/margins", "rewards/accuracies")
