@@ -54,7 +54,7 @@ from trl.trainer.utils import use_adapter  # noqa: E402
 
 from fastdpo.data.packing import default_pack_length  # noqa: E402
 from fastdpo.model.hooks import forward_as  # noqa: E402
-from fastdpo.ops import LossConfig  # noqa: E402
+from fastdpo.train.config import loss_config_of  # noqa: E402
 from fastdpo.train.dpo import PairPacker, _as_batch  # noqa: E402
 from fastdpo.train.sft import PackedSFTLoss, SequencePacker, _pack_length, refuse_logit_hooks  # noqa: E402
 
@@ -92,10 +92,7 @@ class DPOTrainer(trl.DPOTrainer):
                 truncation_mode=args.truncation_mode, pad_token_id=self._tokenizer.pad_token_id,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )  # fmt: skip
-        self.loss_config = LossConfig(loss_type=list(args.loss_type), loss_weights=args.loss_weights, beta=args.beta,
-                                      label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
-                                      f_alpha_divergence_coef=args.f_alpha_divergence_coef,
-                                      discopop_tau=args.discopop_tau)  # fmt: skip
+        self.loss_config = loss_config_of(args)
 
     def _compute_loss(self, model, inputs, return_outputs):
         if return_outputs:

@@ -148,14 +148,14 @@ class DPOConfig(TrainingArguments):
 
     def loss_config(self) -> LossConfig:
         """The ``LossConfig`` these options describe."""
-        return LossConfig(
-            loss_type=list(self.loss_type),
-            loss_weights=self.loss_weights,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            discopop_tau=self.discopop_tau,
-            simpo_gamma=self.simpo_gamma,
-            cpo_alpha=self.cpo_alpha,
-        )
+        return loss_config_of(self)
+
+
+def loss_config_of(args) -> LossConfig:
+    """The ``LossConfig`` of a ``DPOConfig``, fastdpo's or TRL's (the same field names; TRL's lacks ``simpo_gamma``
+    and ``cpo_alpha``, which then keep ``LossConfig``'s defaults)."""
+    extra = {name: getattr(args, name) for name in ("simpo_gamma", "cpo_alpha") if hasattr(args, name)}
+    return LossConfig(loss_type=list(args.loss_type), loss_weights=args.loss_weights, beta=args.beta,
+                      label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
+                      f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
+                      **extra)  # fmt: skip
