@@ -167,3 +167,77 @@ def test_bad_tensors_name_the_argument():
     for impl in ("naive", "torch"):
         with pytest.raises(ValueError, match="^targets: token id 33 is outside"):
             linear_logprobs(hidden, weight, torch.tensor([0, 33, 1, IGNORE]), impl=impl)
+
+
+@pytest.fixture
+def emulated_gpu_gemms(monkeypatch):
+    """The half-precision GPU branch of the chunked paths (``_HeadGemms``) on a CPU: ``torch.mm(..., out_dtype=)``
+    exists for CUDA only, so it is emulated by an fp64 product rounded to the requested dtype (a GPU accumulates in
+    fp32); the branch is switched on for bf16 inputs. What this checks is the branch's own logic: which operands stay
+    in bf16, that dz is rounded before the backward products, that dW accumulates over chunks, the chunk sizes."""
+    import sys
+
+    module = sys.modules["fastdpo.ops.linear_logprobs"]
+    real_mm, calls = torch.mm, []
+
+    def mm(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
+        assert a.dtype == b.dtype == torch.bfloat16, "the GPU branch multiplies bf16 operands"
+        calls.append(out_dtype)
+        return real_mm(a.double(), b.double()).to(out_dtype)
+
+    real_init = module._HeadGemms.__init__
+
+    def init(self, hidden, weight, bias, acc):
+        real_init(self, hidden, weight, bias, acc)
+        self.half = hidden.dtype == weight.dtype == torch.bfloat16
+        self.weight = weight if self.half else weight.to(acc)
+
+    monkeypatch.setattr(module.torch, "mm", mm)
+    monkeypatch.setattr(module._HeadGemms, "__init__", init)
+    return calls
+
+
+@pytest.mark.parametrize("op", ["linear_logprobs", "fused_pair_loss"])
+def test_gpu_half_branch_emulated(emulated_gpu_gemms, op):
+    from fastdpo.ops import LossConfig
+    from fastdpo.ops.fused_pair_loss import fused_pair_loss
+
+    gen = torch.Generator().manual_seed(3)
+    n, h, v = 42, 24, 53  # 6 sequences of 7 tokens: 3 pairs
+    hidden = torch.randn(n, h, generator=gen).bfloat16()
+    weight = torch.randn(v, h, generator=gen).bfloat16()
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[::5] = IGNORE
+    upstream = torch.randn(n, generator=gen, dtype=torch.float64)
+    cu_seqlens = torch.arange(0, n + 1, 7, dtype=torch.int32)
+    seq_pair, seq_is_chosen = torch.arange(6) % 3, torch.arange(6) < 3
+    config = LossConfig(loss_type="sigmoid", beta=0.1)
+    ref = torch.randn(3, 2, generator=gen, dtype=torch.float64) - 20
+
+    def run_op(hid, w, **kw):
+        hid, w = hid.detach().requires_grad_(), w.detach().requires_grad_()
+        if op == "linear_logprobs":
+            out = linear_logprobs(hid, w, targets, impl="torch", outputs=("logp", "entropy"), **kw)
+            value = out.logp
+            (value * upstream.to(value.dtype)).sum().backward()
+        else:
+            out = fused_pair_loss(hid, w, targets, cu_seqlens, seq_pair, seq_is_chosen, config,
+                                  ref_chosen=ref[:, 0].to(hid.dtype if hid.dtype == torch.float64 else torch.float32),
+                                  ref_rejected=ref[:, 1].to(hid.dtype if hid.dtype == torch.float64 else torch.float32),
+                                  **kw)  # fmt: skip
+            value = out.loss
+            value.backward()
+        return value.detach().double(), hid.grad, w.grad
+
+    expected, ref_dh, ref_dw = run_op(hidden.double(), weight.double())
+    got, dh, dw = run_op(hidden, weight, chunk_bytes=4 * v * 14)  # several chunks
+    assert emulated_gpu_gemms and set(emulated_gpu_gemms) == {torch.float32}  # the branch ran, fp32 results
+    assert dh.dtype == torch.bfloat16 and dw.dtype == torch.bfloat16
+    # forward: exact bf16 products accumulated beyond fp32, kept in fp32: fp32 rounding of values ~10-100 only
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+    # gradients: dz rounded to bf16 before the products (relative 2^-8) and the bf16 outputs (2^-8): a few 2^-8
+    for grad, ref_grad in ((dh, ref_dh), (dw, ref_dw)):
+        err = (grad.double() - ref_grad).norm() / ref_grad.norm()
+        assert err < 4 * 2.0**-8, err

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdpo.ops.linear_logprobs import DEFAULT_CHUNK_BYTES, _acc_dtype, _dz_from_probs_, _project, _transform_
+from fastdpo.ops.linear_logprobs import _acc_dtype, _dz_from_probs_, _HeadGemms, _transform_
 from fastdpo.ops.losses import LossConfig, LossOutput, PairLogps, preference_loss
 from fastdpo.ops.segments import segment_ids
 
@@ -54,7 +54,7 @@ def fused_pair_loss(
     temperature: float = 1.0,
     softcap: float | None = None,
     ignore_index: int = -100,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     token_metrics: bool = False,
     return_logps: bool = False,
 ) -> LossOutput | tuple[LossOutput, Tensor]:
@@ -117,8 +117,8 @@ class _FusedPairLoss(torch.autograd.Function):
         token_seg = segment_ids(cu_seqlens, len(targets))
         counts.index_add_(0, token_seg, valid.long())
         tokens = counts[pairs_of]  # [P, 2]
-        weight_acc = weight.to(acc)
-        bias_acc = None if bias is None else bias.to(acc)
+        gemms = _HeadGemms(hidden, weight, bias, acc)
+        chunk_bytes = gemms.chunk_bytes(chunk_bytes)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=device) if need_w else None
@@ -130,9 +130,8 @@ class _FusedPairLoss(torch.autograd.Function):
         for chunk in _chunks(tokens.sum(1), vocab, chunk_bytes):
             segs = pairs_of[chunk]  # [p, 2]
             rows, row_seg = _rows_of(segs, token_seg, valid, num_segments)
-            h = hidden[rows].to(acc)
-            z = _transform_(_project(h, weight_acc, bias_acc, out=torch.empty(len(rows), vocab, dtype=acc,
-                                                                               device=device)), transform)  # fmt: skip
+            h = gemms.rows(hidden[rows])
+            z = _transform_(gemms.logits(h), transform)
             y = targets[rows].long()
             tanh = z * (transform[2] / transform[1]) if transform[1] is not None else None  # for transform'
             logp = z.gather(1, y[:, None]).squeeze(1)
@@ -157,9 +156,9 @@ class _FusedPairLoss(torch.autograd.Function):
             seq_logps[chunk] = live.detach()
             dz = _dz_from_probs_(exp.div_(sum_exp[:, None]), y, grad_seq.view(-1)[row_seg], transform, tanh)
             if grad_h is not None:
-                grad_h[rows] = (dz @ weight_acc).to(hidden.dtype)
+                grad_h[rows] = gemms.grad_hidden(dz, hidden.dtype)
             if grad_w is not None:
-                grad_w.addmm_(dz.t(), h)
+                gemms.add_grad_weight(grad_w, dz, h)
             if grad_b is not None:
                 grad_b += dz.sum(0)
         full = PairLogps(seq_logps[:, 0], seq_logps[:, 1], ref_chosen, ref_rejected, tokens[:, 0], tokens[:, 1])

@@ -9,7 +9,8 @@ The op, in plain torch (what ``impl="naive"`` does, and what every other impl mu
     logp = z.log_softmax(-1).gather(-1, targets)   # [N], 0 where targets == ignore_index
 
 ``impl="torch"`` computes the same thing chunk by chunk of tokens: each chunk's logits live in one reused
-buffer (64 MiB of fp32 by default), the forward keeps only the log-sum-exp per token, and the backward
+buffer (64 MiB of fp32 by default; half-precision inputs on a GPU multiply on the tensor cores with fp32 results,
+see ``_HeadGemms``), the forward keeps only the log-sum-exp per token, and the backward
 recomputes each chunk's logits from it. ``impl="triton"`` runs fused kernels (``fastdpo.kernels``) that never
 write a logit to memory. Either way, only tokens whose target is not ignored are ever computed.
 """
@@ -27,6 +28,8 @@ from fastdpo.kernels import triton_available
 OUTPUT_NAMES = ("logp", "entropy", "mean_logit", "is_top1", "log_sum_sq_probs")
 IMPLS = ("auto", "torch", "naive", "triton")
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+GPU_CHUNK_BYTES = 2**30  # half-precision heads on a GPU: fewer, larger chunks (see _HeadGemms)
+HALF = (torch.float16, torch.bfloat16)
 
 
 class LinearLogprobs(NamedTuple):
@@ -59,7 +62,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     impl: str = "auto",
     outputs: tuple[str, ...] = ("logp",),
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     deterministic: bool | None = None,
     grad_filter_eps: float | None = None,
 ) -> LinearLogprobs:
@@ -75,7 +78,8 @@ def linear_logprobs(
             (CUDA kernels), ``auto`` (triton on CUDA when available, else torch).
         outputs: which of ``logp, entropy, mean_logit, is_top1, log_sum_sq_probs`` to compute;
             ``logp`` is always computed.
-        chunk_bytes: ``impl="torch"`` only: size of one chunk of fp32 logits.
+        chunk_bytes: ``impl="torch"`` only: size of one chunk of fp32 logits; None: 64 MiB, or 1 GiB for
+            half-precision inputs on a GPU (whose products allocate each chunk, see ``_HeadGemms``).
         deterministic: ``impl="triton"``: bitwise reproducible gradients (two backward passes, one more logit
             recompute) instead of fp32 atomic adds; None (default) follows
             ``torch.are_deterministic_algorithms_enabled()``. ``naive`` and ``torch`` are always deterministic.
@@ -144,7 +148,7 @@ def _check_args(hidden, weight, targets, bias, logit_scale, temperature, softcap
     unknown = [name for name in outputs if name not in OUTPUT_NAMES]
     if isinstance(outputs, str) or unknown:
         raise ValueError(f"outputs: unknown {unknown or outputs!r}; choose from {OUTPUT_NAMES}")
-    if chunk_bytes < 1:
+    if chunk_bytes is not None and chunk_bytes < 1:
         raise ValueError(f"chunk_bytes: must be positive, got {chunk_bytes}")
 
 
@@ -241,17 +245,18 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         rows = valid.nonzero().squeeze(-1)
         kept_targets = targets[rows].long()
         n_valid, vocab = rows.numel(), weight.shape[0]
-        weight_acc = weight.to(acc)
-        bias_acc = None if bias is None else bias.to(acc)
+        gemms = _HeadGemms(hidden, weight, bias, acc)
+        chunk_bytes = gemms.chunk_bytes(chunk_bytes)
         lse = torch.empty(n_valid, dtype=acc, device=hidden.device)
         stats = [torch.zeros(n_valid, dtype=acc, device=hidden.device) for _ in range(5)]
         chunk = _chunk_rows(n_valid, vocab, chunk_bytes)
-        logits = torch.empty(chunk, vocab, dtype=acc, device=hidden.device) if n_valid else None
-        scratch = torch.empty_like(logits) if (n_valid and wanted[0]) else None
+        # one reused buffer, except where the products allocate their fp32 result (half inputs on a GPU)
+        logits = torch.empty(chunk, vocab, dtype=acc, device=hidden.device) if n_valid and not gemms.half else None
+        scratch = torch.empty(chunk, vocab, dtype=acc, device=hidden.device) if (n_valid and wanted[0]) else None
         for start in range(0, n_valid, chunk):
             stop = min(start + chunk, n_valid)
-            z = logits[: stop - start]
-            _transform_(_project(hidden[rows[start:stop]].to(acc), weight_acc, bias_acc, out=z), transform)
+            buffer = None if logits is None else logits[: stop - start]
+            z = _transform_(gemms.logits(gemms.rows(hidden[rows[start:stop]]), out=buffer), transform)
             _fold_chunk(z, kept_targets[start:stop], wanted, lse[start:stop], [s[start:stop] for s in stats], scratch)
         logp_kept = stats[0]
         results = [_scatter(logp_kept, rows, targets)]
@@ -270,30 +275,29 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         if grad_logp is None:
             return (None,) * 8
         acc = lse.dtype
-        weight_acc = weight.to(acc)
-        bias_acc = None if bias is None else bias.to(acc)
+        gemms = _HeadGemms(hidden, weight, bias, acc)
         grad_kept = grad_logp.reshape(-1)[rows].to(acc)
         n_valid, vocab = rows.numel(), weight.shape[0]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
-        chunk = _chunk_rows(n_valid, vocab, ctx.chunk_bytes)
+        chunk = _chunk_rows(n_valid, vocab, gemms.chunk_bytes(ctx.chunk_bytes))
         softcapped = ctx.transform[1] is not None
-        logits = torch.empty(chunk, vocab, dtype=acc, device=hidden.device) if n_valid else None
-        tanh_buf = torch.empty_like(logits) if (n_valid and softcapped) else None
+        logits = torch.empty(chunk, vocab, dtype=acc, device=hidden.device) if n_valid and not gemms.half else None
+        tanh_buf = torch.empty(chunk, vocab, dtype=acc, device=hidden.device) if (n_valid and softcapped) else None
         for start in range(0, n_valid, chunk):
             stop = min(start + chunk, n_valid)
             chunk_rows = rows[start:stop]
-            h = hidden[chunk_rows].to(acc)
-            dz = logits[: stop - start]
-            _logits_grad(
-                h, weight_acc, bias_acc, kept_targets[start:stop], lse[start:stop], grad_kept[start:stop],
-                ctx.transform, out=dz, tanh_buf=None if tanh_buf is None else tanh_buf[: stop - start],
+            h = gemms.rows(hidden[chunk_rows])
+            dz = _logits_grad(
+                h, gemms, kept_targets[start:stop], lse[start:stop], grad_kept[start:stop], ctx.transform,
+                out=None if logits is None else logits[: stop - start],
+                tanh_buf=None if tanh_buf is None else tanh_buf[: stop - start],
             )  # fmt: skip
             if grad_hidden is not None:
-                grad_hidden[chunk_rows] = (dz @ weight_acc).to(hidden.dtype)
+                grad_hidden[chunk_rows] = gemms.grad_hidden(dz, hidden.dtype)
             if grad_weight is not None:
-                grad_weight.addmm_(dz.t(), h)
+                gemms.add_grad_weight(grad_weight, dz, h)
             if grad_bias is not None:
                 grad_bias += dz.sum(0)
         return (
@@ -304,12 +308,67 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         )  # fmt: skip
 
 
-def _project(h, weight_acc, bias_acc, *, out):
-    """``out = h @ W.T + b``, the raw logits of one chunk, in the accumulation dtype."""
-    torch.mm(h, weight_acc.t(), out=out)
-    if bias_acc is not None:
-        out.add_(bias_acc)
-    return out
+class _HeadGemms:
+    """The head's three products for one call of the chunked paths, in the precision the inputs allow.
+
+    Half-precision hidden and weight on a GPU multiply in their own dtype on the tensor cores with fp32 results
+    (``torch.mm(..., out_dtype=torch.float32)``): the logits are not rounded to the input dtype as a bf16
+    ``nn.Linear`` would round them, and no fp32 copy of the weight is made. dz is rounded to the input dtype before
+    the two backward products, as torch's own half-precision backward does, and dW accumulates over chunks in fp32.
+    Anything else (CPU, fp32, fp64, mixed dtypes) is upcast to the accumulation dtype and multiplied there.
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype):
+        self.acc = acc
+        self.half = hidden.is_cuda and hidden.dtype in HALF and weight.dtype == hidden.dtype and _mm_out_dtype()
+        self.weight = weight if self.half else weight.to(acc)
+        self.bias = None if bias is None else bias.to(acc)
+
+    def chunk_bytes(self, requested: int | None) -> int:
+        if requested is not None:
+            return requested
+        return GPU_CHUNK_BYTES if self.half else DEFAULT_CHUNK_BYTES
+
+    def rows(self, h: Tensor) -> Tensor:
+        """A chunk of hidden rows as the products take it."""
+        return h if self.half else h.to(self.acc)
+
+    def logits(self, h: Tensor, *, out: Tensor | None = None) -> Tensor:
+        """``h @ W.T + b``, the raw logits of one chunk, in the accumulation dtype (into ``out`` if given and used)."""
+        if self.half:
+            z = torch.mm(h, self.weight.t(), out_dtype=self.acc)
+        elif out is not None:
+            z = torch.mm(h, self.weight.t(), out=out)
+        else:
+            z = h @ self.weight.t()
+        if self.bias is not None:
+            z.add_(self.bias)
+        return z
+
+    def grad_hidden(self, dz: Tensor, dtype: torch.dtype) -> Tensor:
+        """``dz @ W`` in ``dtype``."""
+        return (dz.to(self.weight.dtype) if self.half else dz).mm(self.weight).to(dtype)
+
+    def add_grad_weight(self, grad_weight: Tensor, dz: Tensor, h: Tensor) -> None:
+        """``grad_weight += dz.T @ h`` (grad_weight in the accumulation dtype)."""
+        if self.half:
+            grad_weight.add_(torch.mm(dz.to(h.dtype).t(), h, out_dtype=grad_weight.dtype))
+        else:
+            grad_weight.addmm_(dz.t(), h)
+
+
+_MM_OUT_DTYPE: list[bool] = []
+
+
+def _mm_out_dtype() -> bool:
+    """Whether this torch has ``torch.mm(a, b, out_dtype=)`` for half inputs on CUDA (probed once)."""
+    if not _MM_OUT_DTYPE:
+        try:
+            a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
+            _MM_OUT_DTYPE.append(torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32)
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE.append(False)
+    return _MM_OUT_DTYPE[0]
 
 
 def _fold_chunk(z, targets, wanted, lse, stats, scratch):
@@ -339,10 +398,10 @@ def _fold_chunk(z, targets, wanted, lse, stats, scratch):
         log_sum_sq.copy_(2 * torch.linalg.vector_norm(exp, dim=1).log() - 2 * log_sum_exp)
 
 
-def _logits_grad(h, weight_acc, bias_acc, targets, lse, grad, transform, *, out, tanh_buf):
-    """``out = ∂loss/∂(h W.T + b)`` for one chunk: ``g (onehot(y) - p)`` through the transform."""
+def _logits_grad(h, gemms, targets, lse, grad, transform, *, out, tanh_buf):
+    """``∂loss/∂(h W.T + b)`` for one chunk (into ``out`` where given): ``g (onehot(y) - p)`` through the transform."""
     scale, softcap, temperature = transform
-    _project(h, weight_acc, bias_acc, out=out)
+    out = gemms.logits(h, out=out)
     if softcap is None:
         out.mul_(scale / temperature)
     else:
