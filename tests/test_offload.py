@@ -79,6 +79,14 @@ def test_what_the_hooks_move_and_keep():
     assert hooks.offloaded_bytes == big.numel() * 4
     back = hooks.unpack(packed)
     assert torch.equal(back, big) and back.data_ptr() != big.data_ptr()
+    # a dense tensor in another dimension order comes back with its strides (kernels may rely on the layout)
+    permuted = torch.randn(16, 8, 24).permute(2, 0, 1)
+    back = hooks.unpack(hooks.pack(permuted))
+    assert torch.equal(back, permuted) and back.stride() == permuted.stride()
+    # a view with gaps stays where it is: sdpa pads its mask to 8 columns and saves a narrower view, whose strides
+    # a fresh copy would lose (the memory-efficient backward then refused the copy on a GPU)
+    padded = torch.randn(4, 64, 72)[..., :66]
+    assert hooks.pack(padded) is padded and hooks.offloaded_tensors == 2
     # the defaults move nothing that lives on a CPU: there is no other memory to move it to
     default = ActivationOffload(model)
     assert default.pack(big) is big and default.offloaded_tensors == 0

@@ -60,9 +60,12 @@ class ActivationOffload:
             or tensor.device.type not in self.device_types
             or size < self.min_bytes
             or _storage(tensor) in self.kept_storages  # a view of a parameter
+            or not _dense(tensor)  # a view with gaps (e.g. sdpa's padded mask): its strides must survive
         ):
             return tensor
-        host = torch.empty(tensor.size(), dtype=tensor.dtype, device="cpu", pin_memory=self.pin)
+        # the same strides on the host and back: kernels may require the layout they saved (alignment, order)
+        host = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device="cpu",
+                                   pin_memory=self.pin)  # fmt: skip
         host.copy_(tensor, non_blocking=self.pin)  # ordered before any reuse of the tensor's memory (same stream)
         self.offloaded_tensors += 1
         self.offloaded_bytes += size
@@ -71,7 +74,9 @@ class ActivationOffload:
     @staticmethod
     def unpack(packed):
         if isinstance(packed, _Offloaded):
-            return packed.host.to(packed.device, non_blocking=packed.host.is_pinned())
+            host = packed.host
+            device = torch.empty_strided(host.size(), host.stride(), dtype=host.dtype, device=packed.device)
+            return device.copy_(host, non_blocking=host.is_pinned())
         return packed
 
 
@@ -84,6 +89,16 @@ def offload_activations(
     hooks = ActivationOffload(model, min_bytes=min_bytes, device_types=device_types)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
         yield hooks
+
+
+def _dense(tensor: Tensor) -> bool:
+    """Whether the tensor covers its memory exactly once, in some order of its dimensions (no gaps, no overlap)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(tensor.stride(), tensor.size(), strict=True) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _storage(tensor: Tensor) -> int | None:
