@@ -69,9 +69,9 @@ BACKENDS = ("eager", "sdpa")
 SHAPES = [(3, 5, 2), (7, 2, 4), (1, 6, 6), (4, 3, 1), (5, 5, 5), (2, 1, 8), (6, 4, 3)]
 
 
-def make_model(family: str) -> torch.nn.Module:
+def make_model(family: str, **overrides) -> torch.nn.Module:
     config_name, model_name, settings = FAMILIES[family]
-    config = getattr(transformers, config_name)(**{**COMMON, **settings})
+    config = getattr(transformers, config_name)(**{**COMMON, **settings, **overrides})
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config).eval()
     model.set_attn_implementation("eager")  # the reference backend; packed runs switch for the call
@@ -115,12 +115,13 @@ def segment_sequences(batch, examples):
 def one_by_one_logps(model, sequences) -> torch.Tensor:
     """[S] completion log-prob sums, each sequence alone through the full model (its own head); 0 for padding."""
     sums = []
+    device = next(model.parameters()).device
     for seq in sequences:
         if seq is None:
-            sums.append(torch.zeros((), dtype=torch.float64))
+            sums.append(torch.zeros((), dtype=torch.float64, device=device))
             continue
         prompt, completion = seq
-        ids = torch.tensor(prompt + completion, device=next(model.parameters()).device)
+        ids = torch.tensor(prompt + completion, device=device)
         logits = model(input_ids=ids[None]).logits[0].double()
         logp = logits.log_softmax(-1)[:-1].gather(-1, ids[1:, None])[:, 0]
         sums.append(logp[len(prompt) - 1 :].sum())  # position t predicts token t + 1: completion from len(prompt)
@@ -306,9 +307,16 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def gpu_case(family: str, dtype: torch.dtype):
-    """fp32 one-by-one reference, and the model in ``dtype`` on the GPU with the error plain eager has there."""
-    _, batch, sequences, expected = reference_case(family)
-    gpu_model = make_model(family).to("cuda", dtype)
+    """fp32 one-by-one reference, and the model in ``dtype`` on the GPU with the error plain eager has there.
+
+    Heads of 16 dimensions: flex attention's kernels take no fewer (the CPU cases use 8)."""
+    wide = {"head_dim": 16, **({"query_pre_attn_scalar": 16} if family.startswith("gemma") else {})}
+    model = make_model(family, **wide)
+    examples = make_examples()
+    batch = make_batch(examples)
+    sequences = segment_sequences(batch, examples)
+    expected = one_by_one_logps(model, sequences)
+    gpu_model = make_model(family, **wide).to("cuda", dtype)
     plain_error = (one_by_one_logps(gpu_model, sequences).cpu() - expected).abs().max().item()
     return gpu_model, batch.to("cuda"), expected, plain_error
 
