@@ -33,7 +33,7 @@ kernel-report: $(VENV)/.installed
 	$(BIN)/python -m fastdpo.kernels.compile_report
 
 # Wheels for the packages a GPU machine's image lacks (Python 3.12 there), carried to it for bench/gpu.sh (see README.md).
-GPU_WHEELS := trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+GPU_WHEELS := transformers==5.24.0 trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 gpu-wheels: $(VENV)/.installed
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -95,10 +95,11 @@ def _variant(name: str, hidden, weight, targets, upstream):
 
         seq = 256  # the same layout as liger_dpo: rows of 256 tokens, chosen rows first, then rejected
         rows = hidden.shape[0] // seq
-        cu_seqlens = torch.arange(0, rows * seq + 1, seq, dtype=torch.int32)
-        seq_pair = torch.arange(rows) % (rows // 2)
-        seq_is_chosen = torch.arange(rows) < rows // 2
-        ref = torch.zeros(rows // 2)
+        device = hidden.device
+        cu_seqlens = torch.arange(0, rows * seq + 1, seq, dtype=torch.int32, device=device)
+        seq_pair = torch.arange(rows, device=device) % (rows // 2)
+        seq_is_chosen = torch.arange(rows, device=device) < rows // 2
+        ref = torch.zeros(rows // 2, device=device)
         config = LossConfig(loss_type="sigmoid", beta=0.1)
 
         def run():

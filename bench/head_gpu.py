@@ -44,6 +44,8 @@ VARIANTS = {
     "liger_flce": "Liger 0.8.5 LigerFusedLinearCrossEntropyLoss (sum)",
     "cce_nofilter": "cut-cross-entropy 25.1.1 cce, filter_eps=None",
     "cce_default": "cut-cross-entropy 25.1.1 cce, filter_eps default ('high')",
+    "liger_dpo": "Liger 0.8.5 LigerFusedLinearDPOLoss (compiled, no reference; rows of 256)",
+    "fastdpo_fused_pair": "fastdpo fused_pair_loss, sigmoid DPO, reference given (3 GEMMs; rows of 256)",
 }
 
 
@@ -58,7 +60,15 @@ def _inputs(n: int, h: int, v: int, dtype: torch.dtype, logit_std: float):
 
 def _variant(name: str, hidden, weight, targets, upstream):
     """A closure running one fwd+bwd."""
-    if name.startswith("fastdpo") or name == "full_logits":
+    if name in ("liger_dpo", "fastdpo_fused_pair"):  # the pair losses, as the CPU benchmark runs them
+        from bench.head_cpu import _variant as pair_variant
+
+        keep = pair_variant(name, hidden, weight, targets, upstream)
+
+        def run():
+            keep()
+
+    elif name.startswith("fastdpo") or name == "full_logits":
         from fastdpo.ops import linear_logprobs
 
         kw = {

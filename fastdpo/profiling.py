@@ -53,13 +53,16 @@ def reset_peak_rss() -> int:
     return peak_rss()
 
 
-def run_measured(command: list[str], *, env: dict[str, str] | None = None, cwd=None) -> dict:
+def run_measured(
+    command: list[str], *, env: dict[str, str] | None = None, cwd=None, timeout: float | None = None
+) -> dict:
     """Run ``command`` in a fresh process with the allocator setting above; parse its last stdout line as JSON.
 
-    Raises RuntimeError with the end of its stderr when it fails.
+    Raises RuntimeError with the end of its stderr when it fails, ``subprocess.TimeoutExpired`` after ``timeout``
+    seconds.
     """
     full_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", **(env or {}))
-    done = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=cwd)
+    done = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

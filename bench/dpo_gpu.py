@@ -1,0 +1,342 @@
+"""End-to-end DPO on a CUDA GPU: fastdpo against TRL 1.16 (its defaults, a precomputed reference, use_liger_kernel).
+
+    python -m bench.dpo_gpu [--model 1b] [--data ultrafeedback short] [--engines ...] [--pairs 384]
+                            [--batch 8] [--steps 12] [--out bench/results/<device>]
+
+The model is a Llama with Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 query / 8 key-value heads, MLP 8192,
+vocab 128256, tied head), randomly initialised in bf16 on the GPU, and an identical copy as the reference; sdpa
+attention (the GPU image has no flash-attn). Text is synthetic words through the locally trained tiny tokenizer
+(ids stay under 590; the head still scores all 128256 entries). Two length distributions:
+
+- ``ultrafeedback``: lengths in tokens drawn like UltraFeedback-binarized's: prompt log-normal with median 100,
+  completions log-normal with median 230 (σ 0.9 and 0.8, clipped to [8, 1024] and [4, 1024]); max_length 1024
+  truncates the tail, as both trainers' default does.
+- ``short``: uniform short sequences, prompts of 16–48 tokens and completions of 16–64.
+
+Every engine runs in its own process with bf16=True and otherwise its defaults (gradient checkpointing on,
+max_length 1024, AdamW), batch ``--batch`` pairs, the same seed (so the same pairs per step). Measured:
+
+- ``first step s``: from ``train()`` to the end of the first optimizer step (kernel compilation, cuBLAS handles,
+  TRL's reference precomputation);
+- ``tokens/s``: real tokens (chosen and rejected sequences, prompt counted in both, as both trainers log
+  ``num_tokens``) of steps 2..N over their time, from a callback that synchronizes the device at every step end;
+- ``peak GiB``: ``torch.cuda.max_memory_allocated`` during ``train()`` (weights, reference, optimizer states and
+  activations), and the part above the baseline taken after setup (which holds both models' weights);
+- ``padding``: padded positions over all positions the model ran on;
+- ``TFLOP/s``: useful FLOPs (``bench.flops.dpo_step_flops``: policy forward+backward, reference forward, head on
+  the scored positions; no recomputation or padding) of steps 2..N over their time, and that as a share of this
+  device's bf16 GEMM rate, measured in its own process (``torch.mm`` 8192³, median of 20).
+
+Results: ``<out>/dpo_gpu.{json,md}``. ``--device cpu --model tiny`` runs the same code on a CPU (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.data_cpu import WORDS
+from bench.dpo_cpu import record_lengths
+from bench.flops import ModelShape, StepFlops, dpo_step_flops
+from fastdpo.atomic import atomic_write
+from fastdpo.profiling import run_measured
+
+RESULTS = Path(__file__).parent / "results"
+ENGINES = {  # in the order they run: a run cut short keeps the first
+    "trl": "TRL 1.16 DPOTrainer, defaults",
+    "fastdpo": "fastdpo DPOTrainer",
+    "fastdpo.trl": "fastdpo.trl drop-in (TRL's script, one import changed)",
+    "trl_precompute": "TRL, precompute_ref_log_probs=True",
+    "trl_liger": "TRL, use_liger_kernel=True",
+}
+MODELS = {
+    "1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096,
+           "tie_word_embeddings": True},
+    "tiny": {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048},
+}  # fmt: skip
+TOKENS_PER_WORD = 1.69  # the tiny tokenizer on bench.data_cpu.WORDS (measured over 1000 random words)
+
+
+def _length(rng: random.Random, kind: str, part: str) -> int:
+    """A length in tokens for ``part`` (prompt or completion) of the ``kind`` distribution."""
+    if kind == "short":
+        return rng.randint(16, 48) if part == "prompt" else rng.randint(16, 64)
+    median, sigma, low = (100, 0.9, 8) if part == "prompt" else (230, 0.8, 4)
+    return int(min(1024, max(low, rng.lognormvariate(0.0, sigma) * median)))
+
+
+def make_pairs(count: int, kind: str, seed: int = 0) -> list[dict]:
+    """Synthetic pairs whose token lengths follow ``kind`` (see the module docstring)."""
+    rng = random.Random(seed)
+
+    def text(tokens: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(max(1, round(tokens / TOKENS_PER_WORD))))
+
+    return [{"prompt": text(_length(rng, kind, "prompt")) + "?", "chosen": " " + text(_length(rng, kind, "completion")),
+             "rejected": " " + text(_length(rng, kind, "completion"))} for _ in range(count)]  # fmt: skip
+
+
+class StepClock:
+    """A TrainerCallback recording, at ``train()``'s start and every step's end, the device-synchronized time."""
+
+    def __init__(self, device: str):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.sync()
+                clock.begin = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.sync()
+                clock.ends.append(time.perf_counter())
+
+        self.device, self.begin, self.ends, self.callback = device, 0.0, [], _Callback()
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def build_trainer(engine: str, *, model: str, data: str, pairs: int, batch: int, steps: int, device: str):
+    """The engine's trainer on the model and pairs; and its setup seconds."""
+    import datasets
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastdpo.data.tiny_tokenizer import build_tiny_tokenizer
+
+    datasets.disable_progress_bars()
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = LlamaConfig(**MODELS[model], pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
+    with torch.device(device):
+        policy = LlamaForCausalLM(config).to(dtype)
+        reference = LlamaForCausalLM(config).to(dtype)
+    reference.load_state_dict(policy.state_dict())
+    dataset = datasets.Dataset.from_list(make_pairs(pairs, data))
+    common = {"output_dir": f"/tmp/bench_dpo_gpu_{engine}", "per_device_train_batch_size": batch, "max_steps": steps,
+              "logging_steps": 1, "report_to": [], "bf16": device == "cuda", "save_strategy": "no", "seed": 0,
+              "use_cpu": device == "cpu"}  # fmt: skip
+    start = time.perf_counter()
+    if engine == "fastdpo":
+        from fastdpo.train import DPOConfig, DPOTrainer
+
+        trainer = DPOTrainer(policy, ref_model=reference, args=DPOConfig(**common), train_dataset=dataset,
+                             processing_class=tokenizer)  # fmt: skip
+    else:
+        import trl
+
+        if engine == "trl_precompute":
+            common["precompute_ref_log_probs"] = True
+        if engine == "trl_liger":
+            common["use_liger_kernel"] = True
+        cls = trl.DPOTrainer
+        if engine == "fastdpo.trl":
+            from fastdpo.trl import DPOTrainer as cls
+        trainer = cls(policy, ref_model=reference, args=trl.DPOConfig(**common), train_dataset=dataset,
+                      processing_class=tokenizer)  # fmt: skip
+    return trainer, time.perf_counter() - start
+
+
+def _padding(engine: str, inputs: dict) -> tuple[int, int]:
+    """(padded positions, all positions) of one batch as the engine's model runs it."""
+    if engine.startswith("fastdpo"):
+        return int(inputs["num_padding"]), inputs["input_ids"].numel()
+    mask = inputs["attention_mask"]
+    return int(mask.numel() - mask.sum()), mask.numel()
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    device = args.device
+    trainer, setup_s = build_trainer(args.worker, model=args.model, data=args.data[0], pairs=args.pairs,
+                                     batch=args.batch, steps=args.steps, device=device)  # fmt: skip
+    steps = record_lengths(trainer, args.worker)
+    padding: list[tuple[int, int]] = []
+    compute_loss = trainer.compute_loss  # record_lengths' wrapper
+
+    def counting(model, inputs, *rest, **kwargs):
+        if model.training:
+            padding.append(_padding(args.worker, inputs))
+        return compute_loss(model, inputs, *rest, **kwargs)
+
+    trainer.compute_loss = counting
+    clock = StepClock(device)
+    trainer.add_callback(clock.callback)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    return {"engine": args.worker, "setup_s": setup_s, "first_step_s": clock.ends[0] - clock.begin,
+            "step_ends": [t - clock.begin for t in clock.ends], "num_tokens": logs[-1]["num_tokens"],
+            "losses": [log["loss"] for log in logs], "steps": steps, "padding": padding,
+            "peak_bytes": peak, "base_bytes": base if device == "cuda" else 0}  # fmt: skip
+
+
+def _gemm_worker(args: argparse.Namespace) -> dict:
+    """bf16 ``torch.mm`` rate at 8192³ on random data, median of 20 after 5 warm-ups, with CUDA events."""
+    n = 8192
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(n, n, generator=gen, device="cuda").bfloat16()
+    b = torch.randn(n, n, generator=gen, device="cuda").bfloat16()
+    out = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        torch.mm(a, b, out=out)
+    times = []
+    for _ in range(20):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b, out=out)
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    median = statistics.median(times)
+    return {"shape": [n, n, n], "median_s": median, "tflops": 2 * n**3 / median / 1e12}
+
+
+def summarize(result: dict, shape: ModelShape) -> dict:
+    """Steady-state rates over steps 2..N (one micro-batch per step), padding, and useful FLOPs."""
+    later = result["steps"][1:]
+    span = result["step_ends"][-1] - result["step_ends"][0]
+    tokens = sum(sum(s["seq_lens"]) for s in later)
+    flops = sum((dpo_step_flops(shape, s["seq_lens"], head_tokens=s["scored"]) for s in later),
+                StepFlops(0, 0, 0, 0, 0, 0)).total  # fmt: skip
+    padded = sum(p for p, _ in result["padding"])
+    positions = sum(n for _, n in result["padding"])
+    all_tokens = sum(sum(s["seq_lens"]) for s in result["steps"])
+    if all_tokens != result["num_tokens"]:
+        logged = result["num_tokens"]
+        raise RuntimeError(f"{result['engine']}: recorded {all_tokens} tokens, the trainer logged {logged}")
+    return {"tokens_per_s": tokens / span, "useful_tflops": flops / span / 1e12, "padding_fraction": padded / positions,
+            "mean_seq_len": all_tokens / sum(len(s["seq_lens"]) for s in result["steps"])}  # fmt: skip
+
+
+def _table(meta: dict, gemm: dict | None, results: dict[str, list[dict]]) -> str:
+    dev = meta["device"]
+    rate = f"{gemm['tflops']:.0f} TFLOP/s" if gemm else "not measured"
+    lines = [
+        f"DPO end to end on {dev['name']} (driver {dev['driver']}); model {meta['model']} "
+        f"({', '.join(f'{k}={v}' for k, v in MODELS[meta['model']].items())}), {meta['dtype']}, sdpa; "
+        f"batch {meta['batch']} pairs, {meta['steps']} steps; torch {meta['versions']['torch']}, transformers "
+        f"{meta['versions']['transformers']}, trl {meta['versions']['trl']}, liger-kernel "
+        f"{meta['versions']['liger-kernel']}. bf16 GEMM rate of this device: {rate} (torch.mm 8192³).",
+        "",
+        "| data | engine | tokens/s (steps 2..N) | vs TRL | peak GiB | above setup GiB | vs TRL | first step s "
+        "| padding | mean seq len | useful TFLOP/s | % of GEMM rate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for data, rows in results.items():
+        base = next((r for r in rows if r["engine"] == "trl" and "tokens_per_s" in r), None)
+        for r in rows:
+            if "tokens_per_s" not in r:
+                lines.append(f"| {data} | {ENGINES[r['engine']]} | failed: {r['error']} | | | | | | | | | |")
+                continue
+            speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
+            above = r["peak_bytes"] - r["base_bytes"]
+            mem = f"{r['peak_bytes'] / base['peak_bytes']:.2f}x" if base and base["peak_bytes"] else "n/a"
+            share = f"{100 * r['useful_tflops'] / gemm['tflops']:.1f}%" if gemm else "n/a"
+            lines.append(
+                f"| {data} | {ENGINES[r['engine']]} | {r['tokens_per_s']:,.0f} | {speed} "
+                f"| {r['peak_bytes'] / 2**30:.1f} | {above / 2**30:.1f} | {mem} | {r['first_step_s']:.1f} "
+                f"| {100 * r['padding_fraction']:.1f}% "
+                f"| {r['mean_seq_len']:.0f} | {r['useful_tflops']:.0f} | {share} |"
+            )
+    same = {data: len({json.dumps(r["steps"]) for r in rows if "steps" in r}) == 1 for data, rows in results.items()}
+    lines += [
+        "",
+        "Sequence lengths recorded by all engines identical step by step (the same pairs per step): "
+        + ", ".join(f"{data} {'yes' if ok else 'NO'}" for data, ok in same.items())
+        + ". Peak is the whole of `max_memory_allocated` during train(); 'vs TRL' compares those peaks.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.dpo_gpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="1b")
+    parser.add_argument("--data", nargs="+", choices=("ultrafeedback", "short"), default=["ultrafeedback", "short"])
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
+    parser.add_argument(
+        "--short-engines",
+        nargs="+",
+        choices=list(ENGINES),
+        default=["trl", "fastdpo"],
+        help="engines run on the short data (a subset keeps the run short)",
+    )
+    parser.add_argument("--pairs", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per engine process")
+    parser.add_argument("--worker", choices=(*ENGINES, "gemm"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device name>")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_gemm_worker(args) if args.worker == "gemm" else _worker(args)))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (--device cpu runs the smoke test)")
+    from transformers import LlamaConfig
+
+    from bench.head_gpu import _device, _versions
+
+    device = _device() if args.device == "cuda" else {"name": "cpu", "driver": "-"}
+    out = args.out or RESULTS / device["name"].replace(" ", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    shape = ModelShape.from_config(LlamaConfig(**MODELS[args.model]))
+    meta = {"device": device, "versions": _versions(), "model": args.model, "batch": args.batch, "steps": args.steps,
+            "pairs": args.pairs, "dtype": "bf16" if args.device == "cuda" else "fp32"}  # fmt: skip
+    gemm = None
+    if args.device == "cuda":
+        gemm = _run([sys.executable, "-m", "bench.dpo_gpu", "--worker", "gemm"], args.timeout)
+        gemm = None if "error" in gemm else gemm
+    results: dict[str, list[dict]] = {}
+    for data in args.data:
+        engines = args.engines if data == args.data[0] else [e for e in args.engines if e in args.short_engines]
+        for engine in engines:
+            print(f"{data}: {engine} ...", file=sys.stderr, flush=True)
+            command = [sys.executable, "-m", "bench.dpo_gpu", "--worker", engine, "--model", args.model, "--data", data,
+                       "--pairs", str(args.pairs), "--batch", str(args.batch), "--steps", str(args.steps),
+                       "--device", args.device]  # fmt: skip
+            result = _run(command, args.timeout) | {"engine": engine}
+            if "error" not in result:
+                result.update(summarize(result, shape))
+            results.setdefault(data, []).append(result)
+            _write(out, meta, gemm, results)  # after every engine: a run cut short keeps what it measured
+    print(_table(meta, gemm, results))
+
+
+def _run(command: list[str], timeout: float) -> dict:
+    """A worker's JSON result, or ``{"error": ...}`` (a failing engine is reported, not fatal)."""
+    import subprocess
+
+    try:
+        return run_measured(command, cwd=Path(__file__).parents[1], timeout=timeout)
+    except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raised = [line for line in lines if re.match(r"[\w.]*(Error|Exception|Expired)\b", line)]
+        return {"error": (raised or lines or [type(error).__name__])[-1][:300], "log": str(error)[-4000:]}
+
+
+def _write(out: Path, meta: dict, gemm: dict | None, results: dict[str, list[dict]]) -> None:
+    atomic_write(out / "dpo_gpu.json", json.dumps({"meta": meta, "gemm": gemm, "results": results}, indent=1))
+    atomic_write(out / "dpo_gpu.md", _table(meta, gemm, results))
+
+
+if __name__ == "__main__":
+    main()
