@@ -29,7 +29,9 @@ and ``kv`` the query and key widths, ``V`` vocabulary:
 - head: ``rows × V × 4`` bytes of fp32 logits per chunk, ``rows`` the larger of ``chunk_bytes / 4V`` and the largest
   pair's completion tokens (a chunk holds whole pairs); two chunks are alive once there are several, and one more
   for the entropy of TRL's token metrics; the fp32 gradient of a trained head weight (``4VH``); a fp32 copy of a
-  bf16 head weight (``4VH``); the gradient and output of the hidden states (``2bNH``).
+  bf16 head weight (``4VH``); the gradient and output of the hidden states (``2bNH``). Half precision on CUDA
+  (``_HeadGemms``): 1 GiB chunks by default, no fp32 weight copy, but each chunk's fp32 ``dz.T @ h`` (``4VH``, a
+  trained head only) and its dz rounded to the input dtype (``rows × V × b``).
 
 What it means: on CUDA, ``torch.cuda.max_memory_allocated()`` of the training process — the caching allocator's
 fragmentation, the CUDA context, cuBLAS workspaces and NCCL buffers come on top. On CPU, the growth of resident
@@ -47,7 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastdpo.errors import ConfigError, unknown_choice
-from fastdpo.ops.linear_logprobs import DEFAULT_CHUNK_BYTES
+from fastdpo.ops.linear_logprobs import DEFAULT_CHUNK_BYTES, GPU_CHUNK_BYTES
 
 GiB = 2**30
 COMPONENTS = ("weights", "reference", "gradients", "optimizer", "activations", "head", "temporaries")
@@ -222,7 +224,7 @@ def estimate_memory(
     attention: str = "sdpa",
     max_length: int = 1024,
     pair_tokens: int | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     token_metrics: bool = True,
     device: str = "cuda",
     ref_offload: bool = False,
@@ -247,8 +249,8 @@ def estimate_memory(
         max_length: the longest sequence; on sdpa DPOTrainer's rows are as long as a batch's longest sequence.
         pair_tokens: completion tokens of the largest pair in a batch (a head chunk holds whole pairs); default
             ``min(tokens_per_batch, 2 × max_length)``, the worst case.
-        chunk_bytes, token_metrics: the fused head's chunk size, and whether it computes TRL's per-token metrics
-            (DPOTrainer does).
+        chunk_bytes, token_metrics: the fused head's chunk size (None: what the head picks, 1 GiB for half precision
+            on CUDA, else 64 MiB), and whether it computes TRL's per-token metrics (DPOTrainer does).
         device: ``cuda`` (the reference head is the Triton kernel; bf16 steps run under autocast) or ``cpu``.
         ref_offload: a separate reference in host memory, on the device only for its pass (``DPOConfig.ref_offload``).
         activation_offloading: the body's saved activations in host memory, each layer's brought back for its
@@ -304,6 +306,9 @@ def _step(config_or_name, tokens: int, *, lora, reference, precision, **options)
     elif reference == "adapter":
         raise ConfigError("an adapter reference needs a LoRA policy", column="reference", fix="pass lora={'r': 16}")
     max_length = options.pop("max_length")
+    if options["chunk_bytes"] is None:
+        half_on_gpu = options["device"] == "cuda" and PRECISIONS[precision] == 2
+        options["chunk_bytes"] = GPU_CHUNK_BYTES if half_on_gpu else DEFAULT_CHUNK_BYTES
     pair_tokens = options.pop("pair_tokens") or min(tokens, 2 * max_length)
     return _Step(shape=ModelShape.from_config(_config(config_or_name)), tokens=tokens, bytes=PRECISIONS[precision],
                  lora_rank=rank, lora_targets=targets, reference=reference,
@@ -369,8 +374,11 @@ def _phases(step: _Step, persistent: dict[str, int], gradients: int, weights: in
     rows = min(n, max(step.chunk_bytes // (4 * s.vocab), step.pair_tokens))
     chunk = rows * s.vocab * 4
     live_chunks = (2 if rows < n else 1) + step.token_metrics  # the entropy takes one more
-    weight_fp32 = 4 * vh * (b != 4)  # the head multiplies in fp32
+    half_gemms = step.device == "cuda" and b == 2  # _HeadGemms: products in bf16, fp32 results
+    weight_fp32 = 4 * vh * (b != 4) * (not half_gemms)  # elsewhere the head multiplies in fp32
     in_loop = chunk * live_chunks + 2 * rows * h * 4
+    if half_gemms:  # the chunk's dz in bf16, and its fp32 dz.T @ h before it is added to the weight's gradient
+        in_loop += rows * s.vocab * b + 4 * vh * full
     at_save = chunk + head_grad * (b != 4)  # the fp32 weight gradient cast to the weight's dtype
     head_forward = 2 * hidden + weight_fp32 + 4 * vh * full + max(in_loop, at_save)
 
