@@ -1,0 +1,78 @@
+"""One entry point for the benchmarks: ``python -m bench run --suite cpu|gpu|all``, ``python -m bench list``.
+
+Each benchmark runs as its own module (``python -m bench.<name>``, in a fresh process, writing its files under
+bench/results/), one after another; a failing one is reported and the next still runs. The GPU suite is
+``bench/gpu.sh`` (tests, head op, end to end; see README "GPU"). Afterwards README.md's results blocks are
+refreshed from the files (``python -m bench.report``). Timings mean something only on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = {
+    "cpu": {
+        "head_cpu": "head op fwd+bwd against full logits, TRL's chunked path and Liger's DPO loss",
+        "dpo_cpu": "end-to-end DPO: TRL 1.16, fastdpo, the drop-in",
+        "dpo_profile": "where the end-to-end step's time goes",
+        "ref_cache_cpu": "cached reference against a separate one",
+        "memory_cpu": "measured peaks against fastdpo.estimate_memory",
+        "data_cpu": "data check and tokenization rows/s",
+        "packer": "the BFD packer, C++ against Python",
+        "packing_cpu": "padding and attention work, packed against TRL's padding",
+        "pack_rows_cpu": "pair rows against sequence rows on eager/sdpa",
+        "rank_balance": "tokens of the busiest process with and without rank balancing",
+    },
+    "gpu": {"gpu.sh": "gpu tests, head op (with cut-cross-entropy and Liger FLCE), end-to-end DPO, on a CUDA GPU"},
+}
+
+
+def _command(name: str) -> list[str]:
+    if name.endswith(".sh"):
+        return ["bash", str(ROOT / "bench" / name)]
+    return [sys.executable, "-m", f"bench.{name}"]
+
+
+def run(suite: str, only: list[str] | None = None) -> int:
+    names = [n for s in (("cpu", "gpu") if suite == "all" else (suite,)) for n in SUITES[s]]
+    names = [n for n in names if not only or n in only]
+    failed = []
+    for name in names:
+        print(f"bench: {name} ...", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call(_command(name), cwd=ROOT)
+        print(f"bench: {name}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
+        if code:
+            failed.append(name)
+    subprocess.call([sys.executable, "-m", "bench.report"], cwd=ROOT)
+    if failed:
+        print(f"bench: failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="run a suite")
+    run_parser.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu")
+    run_parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these (see: python -m bench list)")
+    sub.add_parser("list", help="list the benchmarks of each suite")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for suite, entries in SUITES.items():
+            for name, what in entries.items():
+                print(f"{suite:4} {name:14} {what}")
+        return 0
+    known = {n for entries in SUITES.values() for n in entries}
+    if args.only and set(args.only) - known:
+        parser.error(f"unknown benchmarks {sorted(set(args.only) - known)}; python -m bench list shows them")
+    return run(args.suite, args.only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
