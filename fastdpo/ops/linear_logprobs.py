@@ -337,10 +337,10 @@ class _HeadGemms:
         """``h @ W.T + b``, the raw logits of one chunk, in the accumulation dtype (into ``out`` if given and used)."""
         if self.half:
             z = torch.mm(h, self.weight.t(), out_dtype=self.acc)
-        elif out is not None:
+        else:  # into an accumulation-dtype buffer: autocast cannot lower the product's precision then
+            if out is None:
+                out = torch.empty(h.shape[0], self.weight.shape[0], dtype=self.acc, device=h.device)
             z = torch.mm(h, self.weight.t(), out=out)
-        else:
-            z = h @ self.weight.t()
         if self.bias is not None:
             z.add_(self.bias)
         return z
