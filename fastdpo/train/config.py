@@ -19,7 +19,10 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
   ``max_nonfinite_steps`` (the numerics guard, ``fastdpo.train.common.NumericsGuard``; 0 turns it off),
   ``ref_offload`` (a separate reference waits in host memory between its passes: ``HostResident``),
   ``balance_ranks`` (several processes: each step's pairs are dealt so that every process packs about as many
-  tokens; the pairs of a step are the same as without it: ``fastdpo.data.sampler.RankBalancedBatchSampler``).
+  tokens; the pairs of a step are the same as without it: ``fastdpo.data.sampler.RankBalancedBatchSampler``),
+  ``displacement_margin`` (warn once when ``logps/chosen`` has fallen by more than this fraction of its first logged
+  value, at least 1 nat, while reward accuracy rises: ``fastdpo.train.dpo.DisplacementWatch``; None: off; the change
+  is logged as ``logps/chosen_change`` either way).
 """
 
 from __future__ import annotations
@@ -93,10 +96,15 @@ class DPOConfig(TrainingArguments):
     ref_cache_dir: str | None = None
     ref_offload: bool = False
     balance_ranks: bool = True
+    displacement_margin: float | None = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
+        if self.displacement_margin is not None and not self.displacement_margin >= 0:
+            raise ConfigError(f"must be a fraction >= 0 or None, got {self.displacement_margin}",
+                              column="displacement_margin",
+                              fix="e.g. 0.1 (the default), or None to turn it off")  # fmt: skip
         if self.bf16 is None:
             self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         self._check_options()

@@ -340,10 +340,58 @@ class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
         metrics = self._metrics[mode].pop(self.accelerator, totals={"num_tokens": self._total_train_tokens})
         if mode == "train" and "loss" in logs:
             metrics["tokens_per_second"] = self._token_rate(metrics["num_tokens"])
+            if not hasattr(self, "_displacement"):
+                self._displacement = DisplacementWatch(self.args.displacement_margin)
+            self._displacement.update(metrics, learning_rate=self.args.learning_rate)
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
         super().log(logs, start_time)
+
+
+class LikelihoodDisplacementWarning(UserWarning):
+    """The chosen answers are becoming less likely while reward accuracy rises (``DisplacementWatch``)."""
+
+
+class DisplacementWatch:
+    """Watches ``logps/chosen`` against its value at the first training log and warns once on displacement.
+
+    DPO can raise reward accuracy while the chosen answers themselves become less likely: both log-probabilities
+    fall, the rejected ones faster, and greedy answers often get worse (likelihood displacement; common at high
+    learning rates). ``update`` adds ``logps/chosen_change`` (now minus the first log) to the metrics and warns with
+    ``LikelihoodDisplacementWarning`` the first time the chosen log-probability has fallen by more than
+    ``max(1, margin × |first value|)`` nats while ``rewards/accuracies`` is above its first value. ``margin`` None:
+    no watch (the change is still logged).
+    """
+
+    def __init__(self, margin: float | None):
+        self.margin, self.start, self.start_accuracy, self.warned = margin, None, None, False
+
+    def update(self, metrics: dict[str, float], *, learning_rate: float) -> bool:
+        """Record one log's metrics (in place: adds the change); True when this call warned."""
+        chosen, accuracy = metrics.get("logps/chosen"), metrics.get("rewards/accuracies")
+        if chosen is None or accuracy is None:
+            return False
+        if self.start is None:
+            self.start, self.start_accuracy = chosen, accuracy
+        metrics["logps/chosen_change"] = chosen - self.start
+        fallen = self.start - chosen
+        if self.warned or self.margin is None or fallen <= max(1.0, self.margin * abs(self.start)):
+            return False
+        if accuracy <= self.start_accuracy:
+            return False
+        self.warned = True
+        warnings.warn(
+            f"likelihood displacement: the chosen answers' log-probability (logps/chosen) fell from {self.start:.2f} "
+            f"to {chosen:.2f} while reward accuracy rose from {self.start_accuracy:.2f} to {accuracy:.2f}. The policy "
+            "pushes the rejected answers down faster than it keeps the chosen ones up, and its own answers often get "
+            "worse. What helps: add an SFT term on the chosen answers (loss_type=['sigmoid', 'sft'] with "
+            f"loss_weights=[1.0, 1.0], TRL's RPO) or lower the learning rate (now {learning_rate:g}). "
+            "displacement_margin=None turns this check off.",
+            LikelihoodDisplacementWarning,
+            stacklevel=2,
+        )
+        return True
 
 
 def _reference_mode(args: DPOConfig, is_peft: bool) -> str:
