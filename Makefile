@@ -1,9 +1,9 @@
-# Two commands do all set-up on a fresh machine with Python 3.11: `make demo` and `make test`.
+# Two commands do all set-up on a fresh machine with Python 3.11: `make quickstart` and `make test`.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench-cpu gpu-wheels kernel-report clean
+.PHONY: quickstart demo test lint bench-cpu gpu-wheels kernel-report clean
 
 # torch goes first and pinned: a bare `torch` resolved by pip among the other dependencies pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml setup.py csrc/packer.cpp
@@ -11,6 +11,10 @@ $(VENV)/.installed: pyproject.toml setup.py csrc/packer.cpp
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
 	touch $@
+
+# SFT then DPO of a tiny model on the built-in task, and the before/after report (writes runs/quickstart/)
+quickstart: $(VENV)/.installed
+	$(BIN)/fastdpo quickstart --out runs/quickstart --overwrite
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m fastdpo.demo

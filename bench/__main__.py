@@ -27,6 +27,7 @@ SUITES = {
         "packing_cpu": "padding and attention work, packed against TRL's padding",
         "pack_rows_cpu": "pair rows against sequence rows on eager/sdpa",
         "rank_balance": "tokens of the busiest process with and without rank balancing",
+        "quickstart_seeds": "the quickstart over seeds 0-2 against its targets",
     },
     "gpu": {"gpu.sh": "gpu tests, head op (with cut-cross-entropy and Liger FLCE), end-to-end DPO, on a CUDA GPU"},
 }

@@ -77,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # configs use TRL's field names, gradient_checkpointing among them, which transformers 5 warns about
     warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+    if argv[:1] == ["quickstart"]:  # its own parser (fastdpo.quickstart)
+        from fastdpo.quickstart import main as quickstart
+
+        try:
+            return quickstart(argv[1:])
+        except (ConfigError, DataError, OSError) as error:
+            if "--debug" in argv:
+                raise
+            print(f"fastdpo: error: {error}", file=sys.stderr)
+            return 2
     parser = _parser()
     known, rest = parser.parse_known_args(argv)
     if known.command == "data" and rest:
@@ -113,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", required=True, type=Path, help="the YAML file")
         sub.add_argument("--overwrite", action="store_true", help="write into an existing run directory")
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands.add_parser("quickstart", help="SFT then DPO of a tiny model on a built-in task, with a before/after "
+                        "report (fastdpo quickstart -h)")  # fmt: skip
     env = commands.add_parser("env", help="versions, device, head implementation, C++ packer")
     env.add_argument("--json", action="store_true")
     env.add_argument("--debug", action="store_true")

@@ -1,0 +1,131 @@
+"""fastdpo quickstart: the built-in task, its checker, and a short SFT → DPO run that must beat its reference."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+
+from fastdpo.cli import main as cli
+from fastdpo.errors import ConfigError
+from fastdpo.quickstart import (
+    Problem,
+    Settings,
+    build_char_tokenizer,
+    check,
+    length_baseline_accuracy,
+    make_data,
+    make_problem,
+    run,
+)
+from fastdpo.train import DPOConfig
+from fastdpo.train.dpo import DisplacementWatch, LikelihoodDisplacementWarning
+
+
+def test_problems_answers_and_slips():
+    assert Problem("next", 479, True).answer == "480" and Problem("next", 479, True).slip == "470"
+    assert Problem("prev", 480, True).answer == "479" and Problem("prev", 480, True).slip == "489"
+    assert Problem("next", 473, False).slip == "484" and Problem("prev", 473, False).slip == "462"
+    assert check(Problem("next", 479, True), " 480 ") and not check(Problem("next", 479, True), "470")
+    rng = random.Random(0)
+    for _ in range(2000):
+        problem = make_problem(rng)
+        assert len(problem.answer) == len(problem.slip) == len(str(problem.number)) and problem.answer != problem.slip
+        assert problem.hard == (problem.number % 10 == (9 if problem.command == "next" else 0))
+
+
+def test_data_held_out_and_length_proof():
+    sft, pairs, test_pairs, problems = make_data(0, sft_rows=3000, pairs=500, held_out=200)
+    held_out = {p.prompt for p in problems}
+    assert len(held_out) == 200 and not held_out & ({r["prompt"] for r in sft} | {p["prompt"] for p in pairs})
+    assert length_baseline_accuracy(test_pairs) == 0.5  # equal lengths: length cannot pick the chosen answer
+    rows = [(Problem(r["prompt"][:4], int(r["prompt"].split()[1]), True), r["completion"]) for r in sft]
+    hard = [(p, answer) for p, answer in rows if str(p.number)[-1] == ("9" if p.command == "next" else "0")]
+    slipped = sum(answer == p.slip for p, answer in hard)
+    assert 0.5 < slipped / len(hard) < 0.7  # the systematic slip, in 60% of the carry/borrow answers
+    assert all(answer == str(p.number + (1 if p.command == "next" else -1)) for p, answer in rows if (p, answer)
+               not in hard)  # fmt: skip
+    tokenizer = build_char_tokenizer()
+    ids = tokenizer("next: 479 ")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.decode(ids[1:]) == "next: 479 "
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    return out, run(out, Settings.short(seed=0), log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_short_quickstart_beats_its_reference(short_run):
+    out, report = short_run
+    policy = report["policy"]
+    assert policy["reward_margin"] > 0 and policy["reward_accuracy"] >= 0.7, policy
+    assert (out / "report.md").is_file() and (out / "dpo" / "config.json").is_file()
+
+
+def _dpo_from_sft(sft_dir, out, **options):
+    """DPO steps from the short run's SFT model (reference: the same SFT model), on fresh training pairs."""
+    import datasets
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from fastdpo.train import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    model, reference = LlamaForCausalLM.from_pretrained(sft_dir), LlamaForCausalLM.from_pretrained(sft_dir)
+    _, pairs, _, _ = make_data(1, sft_rows=0, pairs=2000, held_out=10)
+    args = DPOConfig(output_dir=str(out), max_steps=60, per_device_train_batch_size=32, logging_steps=5, report_to=[],
+                     save_strategy="no", use_cpu=True, bf16=False, weight_decay=0.0, lr_scheduler_type="constant",
+                     gradient_checkpointing=False, disable_tqdm=True, **options)  # fmt: skip
+    trainer = DPOTrainer(model, ref_model=reference, args=args, train_dataset=datasets.Dataset.from_list(pairs),
+                         processing_class=tokenizer)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LikelihoodDisplacementWarning)
+        trainer.train()
+    logs = [log for log in trainer.state.log_history if "logps/chosen_change" in log]
+    return [w for w in caught if w.category is LikelihoodDisplacementWarning], logs
+
+
+@pytest.mark.slow
+def test_displacement_is_flagged_for_plain_sigmoid_at_a_high_learning_rate(short_run, tmp_path):
+    # built to displace: plain sigmoid DPO at 1e-3 drives both log-probs down (reward accuracy still rises)
+    out, _ = short_run
+    flagged, logs = _dpo_from_sft(out / "sft", tmp_path, loss_type=["sigmoid"], learning_rate=1e-3)
+    assert len(flagged) == 1, [str(w.message) for w in flagged]
+    message = str(flagged[0].message)
+    assert "loss_type=['sigmoid', 'sft']" in message and "learning rate" in message
+    assert logs[-1]["logps/chosen_change"] < -1.0 and logs[-1]["rewards/accuracies"] > logs[0]["rewards/accuracies"]
+
+
+@pytest.mark.slow
+def test_rpo_at_a_low_learning_rate_is_not_flagged(short_run, tmp_path):
+    out, _ = short_run
+    flagged, logs = _dpo_from_sft(out / "sft", tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
+                                  learning_rate=1e-4)  # fmt: skip
+    assert not flagged and logs[-1]["logps/chosen_change"] > -1.0
+
+
+def test_displacement_watch_rules():
+    watch = DisplacementWatch(0.1)
+    first = {"logps/chosen": -50.0, "rewards/accuracies": 0.0}
+    assert not watch.update(first, learning_rate=1e-4) and first["logps/chosen_change"] == 0.0
+    # fallen 4 nats: under max(1, 0.1 × 50) = 5
+    assert not watch.update({"logps/chosen": -54.0, "rewards/accuracies": 0.9}, learning_rate=1e-4)
+    # fallen 6 nats, but accuracy did not rise: not displacement
+    assert not watch.update({"logps/chosen": -56.0, "rewards/accuracies": 0.0}, learning_rate=1e-4)
+    with pytest.warns(LikelihoodDisplacementWarning, match="fell from -50.00 to -56.00"):
+        assert watch.update({"logps/chosen": -56.0, "rewards/accuracies": 0.8}, learning_rate=1e-4)
+    assert not watch.update({"logps/chosen": -90.0, "rewards/accuracies": 1.0}, learning_rate=1e-4)  # once
+    off = DisplacementWatch(None)
+    metrics = {"logps/chosen": -1.0, "rewards/accuracies": 0.0}
+    off.update(metrics, learning_rate=1.0)
+    assert not off.update({"logps/chosen": -100.0, "rewards/accuracies": 1.0}, learning_rate=1.0)
+    with pytest.raises(ConfigError, match="displacement_margin"):
+        DPOConfig(output_dir="unused", displacement_margin=-0.5)
+
+
+def test_cli_refuses_a_non_empty_out_without_overwrite(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert cli(["quickstart", "--out", str(tmp_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "keep.txt").read_text() == "mine"
