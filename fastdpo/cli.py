@@ -77,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # configs use TRL's field names, gradient_checkpointing among them, which transformers 5 warns about
     warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
-    if argv[:1] == ["quickstart"]:  # its own parser (fastdpo.quickstart)
+    if argv[:1] in (["quickstart"], ["compare"]):  # their own parsers (fastdpo.quickstart, fastdpo.compare)
+        from fastdpo.compare import main as compare
         from fastdpo.quickstart import main as quickstart
 
         try:
-            return quickstart(argv[1:])
+            return (quickstart if argv[0] == "quickstart" else compare)(argv[1:])
         except (ConfigError, DataError, OSError) as error:
             if "--debug" in argv:
                 raise
@@ -125,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
     commands.add_parser("quickstart", help="SFT then DPO of a tiny model on a built-in task, with a before/after "
                         "report (fastdpo quickstart -h)")  # fmt: skip
+    commands.add_parser("compare", help="a policy against its reference, answer by answer: rewards, KL estimate, "
+                        "checker, edge-case prompts; markdown and HTML (fastdpo compare -h)")  # fmt: skip
     env = commands.add_parser("env", help="versions, device, head implementation, C++ packer")
     env.add_argument("--json", action="store_true")
     env.add_argument("--debug", action="store_true")

@@ -297,6 +297,8 @@ def run(out: Path, settings: Settings, *, log=print) -> dict:
     report = {"settings": asdict(settings), "seconds": {"sft": sft_s, "total": time.perf_counter() - start},
               "held_out_pairs": len(test_pairs), "length_only_accuracy": length_baseline_accuracy(test_pairs),
               "reference": asdict(before), "policy": asdict(after)}  # fmt: skip
+    # the held-out pairs, for ``fastdpo compare --pairs``
+    (out / "held_out_pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in test_pairs))
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(render(report))
     return report

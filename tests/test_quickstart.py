@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import warnings
+from html.parser import HTMLParser
 
 import pytest
 
 from fastdpo.cli import main as cli
+from fastdpo.compare import BUILTIN
 from fastdpo.errors import ConfigError
 from fastdpo.quickstart import (
     Problem,
@@ -129,3 +133,63 @@ def test_cli_refuses_a_non_empty_out_without_overwrite(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     assert cli(["quickstart", "--out", str(tmp_path)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "keep.txt").read_text() == "mine"
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.images, self.rows = [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.rows += tag == "tr"
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+
+@pytest.mark.slow
+def test_compare_on_edge_cases_writes_markdown_html_and_json(short_run, tmp_path):
+    out, _ = short_run
+    report_dir = tmp_path / "compare"
+    code = cli(["compare", "--policy", str(out / "dpo"), "--reference", str(out / "sft"), "--prompts", "builtin",
+                "--pairs", str(out / "held_out_pairs.jsonl"), "--samples", "2", "--max-new-tokens", "8",
+                "--out", str(report_dir)])  # fmt: skip
+    assert code == 0
+    data = json.loads((report_dir / "compare.json").read_text())
+    rows = {row["name"]: row for row in data["rows"]}
+    assert set(rows) == {name for name, _ in BUILTIN}
+    assert rows["near the context length"]["truncated"] and not rows["one character"]["truncated"]
+    for row in data["rows"]:
+        assert len(row["samples"]) == 2 and math.isfinite(row["kl_estimate"])
+        for answer in (row["policy"], row["reference"], *row["samples"]):
+            assert math.isfinite(answer["reward"]) and 1 <= answer["tokens"] <= 8
+    # the reference against itself has zero reward: the reward column is the policy-reference log-prob gap
+    assert data["pairs"]["pairs"] == 300 and data["pairs"]["reward_accuracy"] >= 0.7
+    page = _Page()
+    page.feed((report_dir / "compare.html").read_text())
+    assert page.rows == 1 + len(BUILTIN) and "table" in page.tags  # header + one row per prompt
+    assert page.images and page.images[0].startswith("data:image/png;base64,")  # self-contained
+    assert "| prompt | policy answer |" in (report_dir / "compare.md").read_text()
+
+
+@pytest.mark.slow
+def test_compare_with_the_task_checker(short_run, tmp_path):
+    out, _ = short_run
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastdpo.compare import compare, summary
+    from fastdpo.quickstart import check
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "dpo")
+    policy, reference = (AutoModelForCausalLM.from_pretrained(out / name) for name in ("dpo", "sft"))
+    _, _, _, problems = make_data(0)
+    problems = problems[:30]
+    rows = compare(policy, reference, tokenizer, [(p.command, p.prompt) for p in problems], samples=0,
+                   max_new_tokens=6, checkers=[lambda text, p=p: check(p, text) for p in problems])  # fmt: skip
+    stats = summary(rows)
+    assert stats["win_rate"] + stats["tie_rate"] + stats["loss_rate"] == pytest.approx(1.0)
+    assert all(isinstance(r.policy.correct, bool) for r in rows) and stats["kl_estimate"] is None
+    # the same model on both sides: every reward is exactly zero and nobody wins
+    same = compare(reference, reference, tokenizer, [(p.command, p.prompt) for p in problems[:5]], samples=1,
+                   max_new_tokens=6)  # fmt: skip
+    assert all(r.policy.reward == 0.0 and r.kl_estimate == 0.0 for r in same)
