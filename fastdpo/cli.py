@@ -77,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # configs use TRL's field names, gradient_checkpointing among them, which transformers 5 warns about
     warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
-    if argv[:1] in (["quickstart"], ["compare"]):  # their own parsers (fastdpo.quickstart, fastdpo.compare)
+    if argv[:1] in (["quickstart"], ["compare"], ["sweep"]):  # their own parsers (fastdpo.quickstart, ...)
         from fastdpo.compare import main as compare
         from fastdpo.quickstart import main as quickstart
+        from fastdpo.sweep import main as sweep
 
         try:
-            return (quickstart if argv[0] == "quickstart" else compare)(argv[1:])
+            return {"quickstart": quickstart, "compare": compare, "sweep": sweep}[argv[0]](argv[1:])
         except (ConfigError, DataError, OSError) as error:
             if "--debug" in argv:
                 raise
@@ -128,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
                         "report (fastdpo quickstart -h)")  # fmt: skip
     commands.add_parser("compare", help="a policy against its reference, answer by answer: rewards, KL estimate, "
                         "checker, edge-case prompts; markdown and HTML (fastdpo compare -h)")  # fmt: skip
+    commands.add_parser("sweep", help="one DPO run per beta on a cached reference, compared on held-out pairs, "
+                        "with a recommended beta (fastdpo sweep -h)")  # fmt: skip
     env = commands.add_parser("env", help="versions, device, head implementation, C++ packer")
     env.add_argument("--json", action="store_true")
     env.add_argument("--debug", action="store_true")
@@ -178,6 +181,12 @@ DATA_ACTIONS = {
 
 
 def _train(known: argparse.Namespace, flags: list[str]) -> int:
+    run_training(known, flags)
+    return 0
+
+
+def load_config(known: argparse.Namespace, flags: list[str]):
+    """``(RunArguments, DPOConfig | SFTConfig)`` of ``known.config`` (YAML) overridden by ``flags``."""
     import yaml
 
     from fastdpo.train import DPOConfig, SFTConfig
@@ -190,7 +199,12 @@ def _train(known: argparse.Namespace, flags: list[str]) -> int:
     if not isinstance(values, dict):
         raise ConfigError(f"{known.config} holds a {type(values).__name__}, not a mapping of field: value",
                           column="config")  # fmt: skip
-    run_args, args = _resolve(config_cls, values, flags)
+    return _resolve(config_cls, values, flags)
+
+
+def run_training(known: argparse.Namespace, flags: list[str]):
+    """``fastdpo dpo|sft``: the run directory, training, the final model; returns the trainer."""
+    run_args, args = load_config(known, flags)
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not known.overwrite:
         raise ConfigError(f"the run directory {out} exists and is not empty", column="output_dir",
@@ -208,7 +222,7 @@ def _train(known: argparse.Namespace, flags: list[str]) -> int:
         atomic_write(out / name, text)
     trainer.train()
     trainer.save_model(str(out))
-    return 0
+    return trainer
 
 
 def _resolve(config_cls, values: dict, flags: list[str]):

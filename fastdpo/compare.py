@@ -81,6 +81,8 @@ class Row:
 
 
 def _prompt_ids(tokenizer, prompt, limit: int) -> tuple[list[int], bool]:
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:  # token ids already
+        return (prompt[-limit:], True) if len(prompt) > limit else (prompt, False)
     if isinstance(prompt, list):
         if tokenizer.chat_template:
             text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

@@ -193,3 +193,42 @@ def test_compare_with_the_task_checker(short_run, tmp_path):
     same = compare(reference, reference, tokenizer, [(p.command, p.prompt) for p in problems[:5]], samples=1,
                    max_new_tokens=6)  # fmt: skip
     assert all(r.policy.reward == 0.0 and r.kl_estimate == 0.0 for r in same)
+
+
+@pytest.mark.slow
+def test_sweep_reuses_one_reference_cache_and_recommends_a_beta(short_run, tmp_path, monkeypatch):
+    import fastdpo.model.reference_cache as reference_cache
+
+    out, _ = short_run
+    pairs = tmp_path / "pairs.jsonl"
+    _, train_pairs, _, _ = make_data(3, sft_rows=0, pairs=400, held_out=10)
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in train_pairs))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: {out / 'sft'}\ndataset_name: {pairs}\neval_fraction: 0.1\nmax_steps: 8\n"
+                      "per_device_train_batch_size: 32\nlearning_rate: 0.0001\nloss_type: [sigmoid, sft]\n"
+                      "loss_weights: [1.0, 1.0]\nuse_cpu: true\nreport_to: []\nsave_strategy: 'no'\n"
+                      "gradient_checkpointing: false\ndisable_tqdm: true\n")  # fmt: skip
+    computed = []
+    real = reference_cache.compute_reference_logps
+    monkeypatch.setattr(reference_cache, "compute_reference_logps",
+                        lambda *a, **k: computed.append(1) or real(*a, **k))  # fmt: skip
+    sweep_dir = tmp_path / "sweep"
+    command = ["sweep", "--config", str(config), "--beta", "0.5,0.05", "--out", str(sweep_dir), "--kl-prompts", "4"]
+    assert cli(command) == 0
+    assert len(computed) == 2  # the training and the held-out rows, once, for the first β; the second read the files
+    result = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [r["beta"] for r in result["rows"]] == [0.05, 0.5] and result["recommended_beta"] in (0.05, 0.5)
+    for row in result["rows"]:
+        assert 0 <= row["reward_accuracy"] <= 1 and math.isfinite(row["kl_estimate"])
+        assert row["logps_chosen_reference"] == result["rows"][0]["logps_chosen_reference"]  # one reference
+    assert "Recommended: β =" in (sweep_dir / "sweep.md").read_text() and (sweep_dir / "sweep.png").is_file()
+    assert (sweep_dir / "beta_0.05" / "config.json").is_file() and (sweep_dir / "beta_0.5" / "config.json").is_file()
+
+
+def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: some/model\ndataset_name: pairs.jsonl\n")
+    assert cli(["sweep", "--config", str(config), "--beta", "0.1,-1", "--out", str(tmp_path / "a")]) == 2
+    assert "--beta" in capsys.readouterr().err
+    assert cli(["sweep", "--config", str(config), "--beta", "0.1,0.2", "--out", str(tmp_path / "b")]) == 2
+    assert "eval_fraction" in capsys.readouterr().err and not (tmp_path / "b").exists()

@@ -1,0 +1,155 @@
+"""One DPO run per β on a cached reference, and a recommendation: ``fastdpo sweep``.
+
+    fastdpo sweep --config run.yaml --beta 0.01,0.05,0.1,0.5 [--out runs/sweep] [--nll-rise 0.1]
+                  [--samples 2] [--kl-prompts 32] [--overwrite] [--field value ...]
+
+The config is the one ``fastdpo dpo`` takes (flags after the sweep's own override its fields) and must hold out
+evaluation data (``eval_fraction`` or ``dataset_test_split``). Each β trains in ``<out>/beta_<β>/`` with
+``precompute_ref_log_probs`` on and one shared ``<out>/ref_cache/``: the reference's log-probs over the training
+and evaluation rows are computed by the first run and read from disk by the others.
+
+Per β, on the held-out pairs: reward accuracy and margin, the chosen answers' log-probability under the policy
+(``logps/chosen``, the mean over pairs of each answer's sum) against the reference's, and a KL estimate (the mean
+over the policy's own samples, ``--samples`` per prompt on ``--kl-prompts`` held-out prompts, of
+``log π − log π_ref``; ``fastdpo.compare``).
+
+The rule: among the β whose held-out chosen NLL rose by less than ``--nll-rise`` (a fraction of the reference's),
+the one with the highest held-out reward accuracy (ties: the larger margin). If none qualifies, the β whose NLL
+rose least, said so. Output in ``--out``: ``sweep.json``, ``sweep.md``, ``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fastdpo.errors import ConfigError
+
+
+def parse_betas(text: str) -> list[float]:
+    try:
+        betas = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a comma-separated list of numbers", column="--beta",
+                          fix="e.g. --beta 0.01,0.05,0.1,0.5") from None  # fmt: skip
+    if not betas or any(not b > 0 for b in betas) or len(set(betas)) != len(betas):
+        raise ConfigError(f"needs distinct values > 0, got {text!r}", column="--beta", fix="e.g. --beta 0.05,0.1,0.5")
+    return sorted(betas)
+
+
+def recommend(rows: list[dict], nll_rise: float) -> tuple[float, str]:
+    """The recommended β and the sentence that says why (the rule in the module docstring)."""
+    ok = [r for r in rows if r["nll_rise"] < nll_rise]
+    if ok:
+        best = max(ok, key=lambda r: (r["reward_accuracy"], r["reward_margin"]))
+        return best["beta"], (f"β = {best['beta']:g}: the highest held-out reward accuracy "
+                              f"({best['reward_accuracy']:.1%}) among the β whose held-out chosen NLL rose by "
+                              f"less than {nll_rise:.0%} of the reference's")  # fmt: skip
+    best = min(rows, key=lambda r: r["nll_rise"])
+    return best["beta"], (f"β = {best['beta']:g}: no β kept the held-out chosen NLL within {nll_rise:.0%} of the "
+                          f"reference's; this one raised it least ({best['nll_rise']:+.1%})")  # fmt: skip
+
+
+def _evaluate(trainer, run_args, beta: float, samples: int, kl_prompts: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from fastdpo.compare import compare, summary
+
+    metrics = trainer.evaluate()
+    dataset = trainer.eval_dataset
+    reference_chosen = sum(dataset["ref_chosen_logps"]) / len(dataset)
+    policy_chosen = metrics["eval_logps/chosen"]
+    row = {"beta": beta, "reward_accuracy": metrics["eval_rewards/accuracies"],
+           "reward_margin": metrics["eval_rewards/margins"], "logps_chosen": policy_chosen,
+           "logps_chosen_reference": reference_chosen,
+           "nll_rise": (reference_chosen - policy_chosen) / max(abs(reference_chosen), 1e-9)}  # fmt: skip
+    if samples and kl_prompts:
+        reference = AutoModelForCausalLM.from_pretrained(run_args.ref_model_name_or_path or run_args.model_name_or_path)
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        reference.to(next(policy.parameters()).device)
+        prompts = [(f"held-out {i}", list(ids)) for i, ids in enumerate(dataset["prompt_ids"][:kl_prompts])]
+        rows = compare(policy, reference, trainer.processing_class, prompts, beta=beta, samples=samples,
+                       max_new_tokens=32)  # fmt: skip
+        row["kl_estimate"] = summary(rows)["kl_estimate"]
+    return row
+
+
+def table(rows: list[dict], recommendation: str) -> str:
+    lines = ["| β | reward accuracy | reward margin | chosen logps (reference) | NLL rise | KL estimate |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        kl = f"{r['kl_estimate']:.3f}" if r.get("kl_estimate") is not None else "-"
+        chosen = f"{r['logps_chosen']:.2f} ({r['logps_chosen_reference']:.2f})"
+        lines.append(f"| {r['beta']:g} | {r['reward_accuracy']:.1%} | {r['reward_margin']:.3f} | {chosen} | "
+                     f"{r['nll_rise']:+.1%} | {kl} |")  # fmt: skip
+    return "\n".join(["# fastdpo sweep", "", *lines, "", f"Recommended: {recommendation}."]) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    betas = [r["beta"] for r in rows]
+    panels = [("reward_accuracy", "held-out reward accuracy"), ("reward_margin", "held-out reward margin"),
+              ("nll_rise", "held-out chosen NLL rise"), ("kl_estimate", "KL estimate")]  # fmt: skip
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        ax.plot(betas, [r.get(key) if r.get(key) is not None else float("nan") for r in rows], marker="o")
+        ax.set_xscale("log")
+        ax.set_xlabel("β")
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastdpo.atomic import atomic_write
+    from fastdpo.cli import load_config, run_training
+
+    parser = argparse.ArgumentParser(prog="fastdpo sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True, help="the YAML file fastdpo dpo takes")
+    parser.add_argument("--beta", required=True, help="comma-separated values, e.g. 0.01,0.05,0.1,0.5")
+    parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    parser.add_argument("--nll-rise", type=float, default=0.1, help="the rule's limit on the chosen NLL's rise")
+    parser.add_argument("--samples", type=int, default=2, help="policy samples per prompt for the KL estimate")
+    parser.add_argument("--kl-prompts", type=int, default=32, help="held-out prompts for the KL estimate")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args, flags = parser.parse_known_args(argv)
+    betas = parse_betas(args.beta)
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{args.out} exists and is not empty", column="--out",
+                          fix="pass another --out, or --overwrite to replace the runs there")  # fmt: skip
+    known = argparse.Namespace(command="dpo", config=args.config, overwrite=args.overwrite, debug=args.debug)
+    run_args, _ = load_config(known, flags)
+    if run_args.eval_fraction is None and run_args.dataset_test_split is None:
+        raise ConfigError("a sweep compares the runs on held-out pairs, and the config holds none out",
+                          column="eval_fraction", fix="set eval_fraction (e.g. 0.1) or dataset_test_split")  # fmt: skip
+    rows = []
+    for beta in betas:
+        run_dir = args.out / f"beta_{beta:g}"
+        run_flags = [*flags, "--beta", str(beta), "--output_dir", str(run_dir), "--precompute_ref_log_probs", "true",
+                     "--ref_cache_dir", str(args.out / "ref_cache")]  # fmt: skip
+        print(f"sweep: β = {beta:g} → {run_dir}", flush=True)
+        trainer = run_training(known, run_flags)
+        rows.append(_evaluate(trainer, run_args, beta, args.samples, args.kl_prompts))
+        del trainer
+    chosen, why = recommend(rows, args.nll_rise)
+    text = table(rows, why)
+    atomic_write(args.out / "sweep.json", json.dumps({"rows": rows, "recommended_beta": chosen, "rule": why,
+                                                      "nll_rise": args.nll_rise}, indent=1))  # fmt: skip
+    atomic_write(args.out / "sweep.md", text)
+    plot(rows, args.out / "sweep.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
