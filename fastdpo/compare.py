@@ -295,11 +295,30 @@ def html_page(rows: list[Row], stats: dict, pairs: dict | None, beta: float) -> 
 # --------------------------------------------------------------------------------------------------------- CLI
 
 
+def builtin_prompts(context: int) -> list[tuple[str, object]]:
+    """The edge cases of ``BUILTIN``, the long one sized to about the whole ``context`` (so it is cut to fit)."""
+    near = "next: 1 " * max(1, context // 8)
+    return [(name, near if prompt is None else prompt) for name, prompt in BUILTIN]
+
+
+def write_report(out: Path, rows: list[Row], pairs: dict | None, beta: float) -> str:
+    """``compare.{json,md,html}`` in ``out``; returns the markdown."""
+    from fastdpo.atomic import atomic_write
+
+    stats = summary(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "compare.json", json.dumps({"summary": stats, "pairs": pairs, "rows": [asdict(r) for r in rows]},
+                                                  indent=1, ensure_ascii=False))  # fmt: skip
+    text = markdown(rows, stats, pairs, beta)
+    atomic_write(out / "compare.md", text)
+    atomic_write(out / "compare.html", html_page(rows, stats, pairs, beta))
+    return text
+
+
 def _load_prompts(spec: str, context: int, tokenizer):
     """(name, prompt) pairs, and per prompt a checker or None."""
     if spec == "builtin":
-        near = "next: 1 " * max(1, context // 8)  # about the whole context: cut to fit, keeping the end
-        return [(name, near if prompt is None else prompt) for name, prompt in BUILTIN], None
+        return builtin_prompts(context), None
     if spec == "quickstart":
         from fastdpo.quickstart import check, make_data
 
@@ -376,17 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(policy, reference, tokenizer, prompts, beta=args.beta, samples=args.samples,
                    max_new_tokens=args.max_new_tokens, checkers=checkers, seed=args.seed)  # fmt: skip
     pairs = pair_metrics(policy, reference, tokenizer, _load_pairs(args.pairs), beta=args.beta) if args.pairs else None
-    stats = summary(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    from fastdpo.atomic import atomic_write
-
-    atomic_write(args.out / "compare.json", json.dumps({"summary": stats, "pairs": pairs,
-                                                        "rows": [asdict(r) for r in rows]}, indent=1,
-                                                       ensure_ascii=False))  # fmt: skip
-    text = markdown(rows, stats, pairs, args.beta)
-    atomic_write(args.out / "compare.md", text)
-    atomic_write(args.out / "compare.html", html_page(rows, stats, pairs, args.beta))
-    print(text)
+    print(write_report(args.out, rows, pairs, args.beta))
     print(f"report: {args.out}/compare.{{md,html,json}}")
     return 0
 

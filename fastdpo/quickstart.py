@@ -15,7 +15,7 @@ Everything ships here; nothing is downloaded:
 - **The model**: a 4-layer Llama (hidden 128) built from a config, with a character-level tokenizer (digits, the
   two commands) trained here with ``tokenizers``.
 - **The runs**: ``fastdpo.SFTTrainer`` from scratch, then ``fastdpo.DPOTrainer`` with the SFT model as
-  reference.
+  reference, then ``fastdpo compare`` (edge-case prompts and held-out problems, in ``compare/``).
   - The DPO loss is TRL's RPO: ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, 1]``, β 0.1, lr 1e-4.
   - Plain sigmoid at a high learning rate displaces the chosen answers here: reward accuracy reaches 1.0 while
     their likelihood falls and greedy answers do not improve.
@@ -294,14 +294,29 @@ def run(out: Path, settings: Settings, *, log=print) -> dict:
     model.save_pretrained(out / "dpo")
     tokenizer.save_pretrained(out / "dpo")
     after = evaluate(model, tokenizer, test_pairs, test_problems, reference=reference, beta=settings.beta)
+    log("compare: the edge-case prompts and 20 held-out problems, answer by answer (compare/compare.html)")
+    compared = _compare(model, reference, tokenizer, test_pairs, test_problems[:20], out / "compare", settings.beta)
     report = {"settings": asdict(settings), "seconds": {"sft": sft_s, "total": time.perf_counter() - start},
               "held_out_pairs": len(test_pairs), "length_only_accuracy": length_baseline_accuracy(test_pairs),
-              "reference": asdict(before), "policy": asdict(after)}  # fmt: skip
+              "reference": asdict(before), "policy": asdict(after), "compare": compared}  # fmt: skip
     # the held-out pairs, for ``fastdpo compare --pairs``
     (out / "held_out_pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in test_pairs))
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(render(report))
     return report
+
+
+def _compare(model, reference, tokenizer, pairs: list[dict], problems: list[Problem], out: Path, beta: float) -> dict:
+    """``fastdpo compare`` on the built-in edge cases and some held-out problems (with the checker)."""
+    from fastdpo.compare import builtin_prompts, compare, pair_metrics, summary, write_report
+
+    edge = builtin_prompts(model.config.max_position_embeddings)
+    prompts = [*edge, *((p.command, p.prompt) for p in problems)]
+    checkers = [None] * len(edge) + [lambda text, p=p: check(p, text) for p in problems]
+    rows = compare(model, reference, tokenizer, prompts, beta=beta, samples=2, max_new_tokens=8, checkers=checkers)
+    held_out = pair_metrics(model, reference, tokenizer, pairs, beta=beta)
+    write_report(out, rows, held_out, beta)
+    return {**summary(rows), "held_out_pairs": held_out}
 
 
 def render(report: dict) -> str:
@@ -324,6 +339,15 @@ def render(report: dict) -> str:
         f"Length-only baseline accuracy on the same pairs: {report['length_only_accuracy']:.1%} "
         "(chosen and rejected have equal lengths).",
     ]
+    if "compare" in report:
+        c = report["compare"]
+        from fastdpo.compare import BUILTIN
+
+        lines += ["", f"Answer by answer (compare/compare.html): on {c['prompts']} prompts, {len(BUILTIN)} of them "
+                  "edge cases, the "
+                  f"KL estimate is {c['kl_estimate']:.3f}; on the checked ones the policy wins {c['win_rate']:.0%}, "
+                  f"ties {c['tie_rate']:.0%}, loses {c['loss_rate']:.0%}; likelihood displacement on the held-out "
+                  f"pairs: {'YES' if c['held_out_pairs']['displacement'] else 'no'}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -67,6 +67,11 @@ def test_short_quickstart_beats_its_reference(short_run):
     policy = report["policy"]
     assert policy["reward_margin"] > 0 and policy["reward_accuracy"] >= 0.7, policy
     assert (out / "report.md").is_file() and (out / "dpo" / "config.json").is_file()
+    # compare ran on the edge cases and 20 held-out problems, with the checker on the latter
+    assert report["compare"]["prompts"] == len(BUILTIN) + 20 and (out / "compare" / "compare.html").is_file()
+    rates = report["compare"]
+    assert rates["win_rate"] + rates["tie_rate"] + rates["loss_rate"] == pytest.approx(1)
+    assert "Answer by answer" in (out / "report.md").read_text()
 
 
 def _dpo_from_sft(sft_dir, out, **options):
