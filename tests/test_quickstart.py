@@ -126,6 +126,11 @@ def test_displacement_watch_rules():
     with pytest.warns(LikelihoodDisplacementWarning, match="fell from -50.00 to -56.00"):
         assert watch.update({"logps/chosen": -56.0, "rewards/accuracies": 0.8}, learning_rate=1e-4)
     assert not watch.update({"logps/chosen": -90.0, "rewards/accuracies": 1.0}, learning_rate=1e-4)  # once
+    quiet = DisplacementWatch(0.1)  # the other processes of a distributed run: found, not warned
+    quiet.update({"logps/chosen": -50.0, "rewards/accuracies": 0.0}, learning_rate=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LikelihoodDisplacementWarning)
+        assert quiet.update({"logps/chosen": -60.0, "rewards/accuracies": 0.9}, learning_rate=1e-4, warn=False)
     off = DisplacementWatch(None)
     metrics = {"logps/chosen": -1.0, "rewards/accuracies": 0.0}
     off.update(metrics, learning_rate=1.0)

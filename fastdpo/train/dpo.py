@@ -342,7 +342,8 @@ class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
             metrics["tokens_per_second"] = self._token_rate(metrics["num_tokens"])
             if not hasattr(self, "_displacement"):
                 self._displacement = DisplacementWatch(self.args.displacement_margin)
-            self._displacement.update(metrics, learning_rate=self.args.learning_rate)
+            self._displacement.update(metrics, learning_rate=self.args.learning_rate,
+                                      warn=self.is_world_process_zero())  # fmt: skip
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
@@ -367,8 +368,9 @@ class DisplacementWatch:
     def __init__(self, margin: float | None):
         self.margin, self.start, self.start_accuracy, self.warned = margin, None, None, False
 
-    def update(self, metrics: dict[str, float], *, learning_rate: float) -> bool:
-        """Record one log's metrics (in place: adds the change); True when this call warned."""
+    def update(self, metrics: dict[str, float], *, learning_rate: float, warn: bool = True) -> bool:
+        """Record one log's metrics (in place: adds the change); True when this call found displacement (and warned,
+        unless ``warn`` is False: the other processes of a distributed run stay quiet)."""
         chosen, accuracy = metrics.get("logps/chosen"), metrics.get("rewards/accuracies")
         if chosen is None or accuracy is None:
             return False
@@ -381,6 +383,8 @@ class DisplacementWatch:
         if accuracy <= self.start_accuracy:
             return False
         self.warned = True
+        if not warn:
+            return True
         warnings.warn(
             f"likelihood displacement: the chosen answers' log-probability (logps/chosen) fell from {self.start:.2f} "
             f"to {chosen:.2f} while reward accuracy rose from {self.start_accuracy:.2f} to {accuracy:.2f}. The policy "
