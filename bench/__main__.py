@@ -28,6 +28,7 @@ SUITES = {
         "pack_rows_cpu": "pair rows against sequence rows on eager/sdpa",
         "rank_balance": "tokens of the busiest process with and without rank balancing",
         "quickstart_seeds": "the quickstart over seeds 0-2 against its targets",
+        "memory_model": "the head op's memory per approach from formulas, against the measured peaks",
     },
     "gpu": {"gpu.sh": "gpu tests, head op (with cut-cross-entropy and Liger FLCE), end-to-end DPO, on a CUDA GPU"},
 }
