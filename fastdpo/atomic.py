@@ -53,3 +53,12 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def refuse_non_empty(path: Path, *, overwrite: bool, column: str, fix: str, what: str = "") -> None:
+    """``ConfigError`` when ``path`` is a non-empty folder and ``overwrite`` was not given: nothing a user wrote is
+    replaced without asking. ``what`` names the folder in the message (e.g. "the run directory ")."""
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        from fastdpo.errors import ConfigError
+
+        raise ConfigError(f"{what}{path} exists and is not empty", column=column, fix=fix)

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from fastdpo.atomic import refuse_non_empty
 from fastdpo.errors import ConfigError, DataError
 
 logger = logging.getLogger("fastdpo")
@@ -206,9 +207,13 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     """``fastdpo dpo|sft``: the run directory, training, the final model; returns the trainer."""
     run_args, args = load_config(known, flags)
     out = Path(args.output_dir)
-    if out.exists() and any(out.iterdir()) and not known.overwrite:
-        raise ConfigError(f"the run directory {out} exists and is not empty", column="output_dir",
-                          fix="pass --overwrite, or set another output_dir")  # fmt: skip
+    refuse_non_empty(
+        out,
+        overwrite=known.overwrite,
+        column="output_dir",
+        what="the run directory ",
+        fix="pass --overwrite, or set another output_dir",
+    )
     # nothing is written before the trainer is built: a run that fails on its data or model leaves no directory to
     # --overwrite next time
     trainer, files = _build_trainer(known.command, run_args, args, out)

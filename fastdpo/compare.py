@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from fastdpo.atomic import refuse_non_empty
 from fastdpo.errors import ConfigError, DataError
 
 BUILTIN = [
@@ -376,9 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"{args.out} exists and is not empty", column="--out",
-                          fix="pass another --out, or --overwrite to replace the report there")  # fmt: skip
+    refuse_non_empty(
+        args.out,
+        overwrite=args.overwrite,
+        column="--out",
+        fix="pass another --out, or --overwrite to replace the report there",
+    )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for name, folder in (("--policy", args.policy), ("--reference", args.reference)):

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.errors import ConfigError
+from fastdpo.atomic import refuse_non_empty
 
 COMMANDS = ("next", "prev")
 CHARS = "0123456789: " + "".join(sorted(set("nextprv")))
@@ -359,9 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"{args.out} exists and is not empty", column="--out",
-                          fix="pass another --out, or --overwrite to replace what is there")  # fmt: skip
+    refuse_non_empty(
+        args.out,
+        overwrite=args.overwrite,
+        column="--out",
+        fix="pass another --out, or --overwrite to replace what is there",
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings.short(args.seed) if args.short else Settings(seed=args.seed)
     report = run(args.out, settings)

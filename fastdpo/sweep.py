@@ -25,6 +25,7 @@ import json
 import sys
 from pathlib import Path
 
+from fastdpo.atomic import refuse_non_empty
 from fastdpo.errors import ConfigError
 
 
@@ -124,9 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args, flags = parser.parse_known_args(argv)
     betas = parse_betas(args.beta)
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"{args.out} exists and is not empty", column="--out",
-                          fix="pass another --out, or --overwrite to replace the runs there")  # fmt: skip
+    refuse_non_empty(
+        args.out,
+        overwrite=args.overwrite,
+        column="--out",
+        fix="pass another --out, or --overwrite to replace the runs there",
+    )
     known = argparse.Namespace(command="dpo", config=args.config, overwrite=args.overwrite, debug=args.debug)
     run_args, _ = load_config(known, flags)
     if run_args.eval_fraction is None and run_args.dataset_test_split is None:
