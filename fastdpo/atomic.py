@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,15 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
         handle.write(data)
 
 
+def save_figure(figure, path: str | os.PathLike, **kwargs) -> None:
+    """``figure.savefig(path, **kwargs)`` (matplotlib), written atomically; the format from the file's suffix."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    atomic_write(path, buffer.getvalue())
+
+
 def _fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not every filesystem lets a directory be opened for this
     with contextlib.suppress(OSError):
@@ -62,3 +72,32 @@ def refuse_non_empty(path: Path, *, overwrite: bool, column: str, fix: str, what
         from fastdpo.errors import ConfigError
 
         raise ConfigError(f"{what}{path} exists and is not empty", column=column, fix=fix)
+
+
+def check_output_dir(path: str | os.PathLike, *, needed_bytes: int = 0, column: str = "output_dir") -> None:
+    """``ConfigError`` when ``path`` cannot take a run's files: a file is in the way, the folder cannot be written
+    (probed with a temporary file in the deepest folder that exists; nothing is created), or its disk has less than
+    ``needed_bytes`` free."""
+    from fastdpo.errors import ConfigError
+
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{existing} is a file, so {path} cannot be a folder", column=column,
+                          fix=f"move the file, or set {column} to another path")  # fmt: skip
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fastdpo-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(f"cannot write into {existing} ({error.strerror})", column=column,
+                          fix=f"fix the folder's permissions, or set {column} to a folder you can write to"
+                          ) from None  # fmt: skip
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise ConfigError(
+            f"{existing} has {free / 2**30:.2f} GiB free and one checkpoint needs about {needed_bytes / 2**30:.2f} GiB",
+            column=column,
+            fix=f"free some space, set {column} on another disk, or save less (save_only_model, save_strategy='no')",
+        )

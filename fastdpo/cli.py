@@ -27,6 +27,11 @@ match. The run directory (``output_dir``) gets:
 left out, and why), never over its input and never over an existing file without ``--overwrite``.
 An existing, non-empty run directory is not written into without ``--overwrite``; nothing is written before the
 trainer is built (data loaded, tokenized, checked), so a run that fails on its data leaves no directory behind.
+``--resume`` goes on in its run directory from the last complete checkpoint (``--resume PATH``: that one), with
+the settings ``config.yaml`` recorded (``fastdpo.cli_resume`` says which may change); ``metrics.jsonl`` keeps the
+lines up to the checkpoint's step. The first Ctrl-C (SIGINT) or SIGTERM finishes the optimizer step under way,
+saves a checkpoint of it and exits with status 128 + the signal's number (130, 143), without the final model; a
+second one stops at once (``fastdpo.train.interrupt``).
 Errors are one line on stderr
 (``fastdpo: error: ...``) and exit status 2; ``--debug`` shows the traceback instead.
 """
@@ -34,11 +39,13 @@ Errors are one line on stderr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
 import logging
 import platform
+import signal
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -47,7 +54,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from fastdpo.atomic import refuse_non_empty
+from fastdpo.atomic import refuse_non_empty, save_figure
 from fastdpo.errors import ConfigError, DataError
 
 logger = logging.getLogger("fastdpo")
@@ -125,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--config", required=True, type=Path, help="the YAML file")
         sub.add_argument("--overwrite", action="store_true", help="write into an existing run directory")
+        sub.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
+                         help="go on from the last complete checkpoint in output_dir (or from CHECKPOINT)")  # fmt: skip
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
     commands.add_parser("quickstart", help="SFT then DPO of a tiny model on a built-in task, with a before/after "
                         "report (fastdpo quickstart -h)")  # fmt: skip
@@ -182,7 +191,22 @@ DATA_ACTIONS = {
 
 
 def _train(known: argparse.Namespace, flags: list[str]) -> int:
-    run_training(known, flags)
+    import shlex
+
+    from fastdpo.train.interrupt import TrainingInterrupted
+
+    try:
+        run_training(known, flags)
+    except TrainingInterrupted as stop:  # the first SIGINT/SIGTERM: a checkpoint, and no final model
+        again = shlex.join(["fastdpo", known.command, "--config", str(known.config), *flags, "--resume"])
+        saved = f"saved {stop.checkpoint}" if stop.checkpoint else "no checkpoint of it was saved"
+        print(f"fastdpo: stopped by {signal.Signals(stop.signum).name} after step {stop.step}: {saved}; "
+              f"resume with: {again}", file=sys.stderr)  # fmt: skip
+        return 128 + stop.signum
+    except KeyboardInterrupt:  # a second one (or one before training): stopped at once
+        print("fastdpo: stopped at once, with no checkpoint of the step under way; --resume goes on from the last "
+              "complete one", file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 
@@ -207,13 +231,20 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     """``fastdpo dpo|sft``: the run directory, training, the final model; returns the trainer."""
     run_args, args = load_config(known, flags)
     out = Path(args.output_dir)
-    refuse_non_empty(
-        out,
-        overwrite=known.overwrite,
-        column="output_dir",
-        what="the run directory ",
-        fix="pass --overwrite, or set another output_dir",
-    )
+    checkpoint = None
+    if getattr(known, "resume", None):  # into its own, non-empty run directory: that is the point
+        from fastdpo.cli_resume import checkpoint_to_resume, refuse_changed_config
+
+        checkpoint = checkpoint_to_resume(out, known.resume)
+        refuse_changed_config(out / "config.yaml", _resolved_config(run_args, args), overwrite=known.overwrite)
+    else:
+        refuse_non_empty(
+            out,
+            overwrite=known.overwrite,
+            column="output_dir",
+            what="the run directory ",
+            fix="pass --overwrite, or set another output_dir; or --resume to go on from its last checkpoint",
+        )
     # nothing is written before the trainer is built: a run that fails on its data or model leaves no directory to
     # --overwrite next time
     trainer, files = _build_trainer(known.command, run_args, args, out)
@@ -225,7 +256,7 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     files["dropped_rows.json"] = json.dumps(trainer.dropped_rows, indent=1)
     for name, text in files.items():
         atomic_write(out / name, text)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(out))
     return trainer
 
@@ -284,8 +315,11 @@ def _write_config(path: Path, run_args: RunArguments, args) -> None:
 
     from fastdpo.atomic import atomic_write
 
-    resolved = {**dataclasses.asdict(run_args), **{k: v for k, v in args.to_dict().items() if _plain(v)}}
-    atomic_write(path, yaml.safe_dump(resolved, sort_keys=True))
+    atomic_write(path, yaml.safe_dump(_resolved_config(run_args, args), sort_keys=True))
+
+
+def _resolved_config(run_args: RunArguments, args) -> dict:
+    return {**dataclasses.asdict(run_args), **{k: v for k, v in args.to_dict().items() if _plain(v)}}
 
 
 def _plain(value) -> bool:
@@ -335,8 +369,17 @@ class RunFiles(TrainerCallback):
         self.metrics = out / "metrics.jsonl"
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.metrics.write_text("")
+        if not state.is_world_process_zero:
+            return
+        kept = []
+        if state.global_step > 0 and self.metrics.is_file():  # resumed: the logs up to its checkpoint's step stay,
+            for line in self.metrics.read_text().splitlines():  # those after it are logged again
+                with contextlib.suppress(ValueError):  # a line a killed run left half-written
+                    if json.loads(line)["step"] <= state.global_step:
+                        kept.append(line + "\n")
+        from fastdpo.atomic import atomic_write
+
+        atomic_write(self.metrics, "".join(kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -373,7 +416,7 @@ class RunFiles(TrainerCallback):
             axes.legend()
             axes.grid(alpha=0.3)
             figure.tight_layout()
-            figure.savefig(self.out / "plots" / f"{name.replace('/', '_')}.png")
+            save_figure(figure, self.out / "plots" / f"{name.replace('/', '_')}.png")
             plt.close(figure)
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.atomic import refuse_non_empty
+from fastdpo.atomic import atomic_write, refuse_non_empty
 
 COMMANDS = ("next", "prev")
 CHARS = "0123456789: " + "".join(sorted(set("nextprv")))
@@ -300,9 +300,9 @@ def run(out: Path, settings: Settings, *, log=print) -> dict:
               "held_out_pairs": len(test_pairs), "length_only_accuracy": length_baseline_accuracy(test_pairs),
               "reference": asdict(before), "policy": asdict(after), "compare": compared}  # fmt: skip
     # the held-out pairs, for ``fastdpo compare --pairs``
-    (out / "held_out_pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in test_pairs))
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(render(report))
+    atomic_write(out / "held_out_pairs.jsonl", "".join(json.dumps(p) + "\n" for p in test_pairs))
+    atomic_write(out / "report.json", json.dumps(report, indent=1))
+    atomic_write(out / "report.md", render(report))
     return report
 
 

@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastdpo.atomic import refuse_non_empty
+from fastdpo.atomic import refuse_non_empty, save_figure
 from fastdpo.errors import ConfigError
 
 
@@ -106,7 +106,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("β")
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 

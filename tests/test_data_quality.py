@@ -173,7 +173,7 @@ def test_invalid_rows_get_no_pair_or_length_findings():
     }
 
 
-def test_tie_wins_over_small_margin_and_nan_scores_are_ignored():
+def test_tie_wins_over_small_margin_and_unreadable_scores_are_counted():
     rows = [
         pair(chosen_score=5, rejected_score=4.5, status="TIE "),
         pair(chosen="A", rejected="B", chosen_score=5, rejected_score=5),
@@ -182,9 +182,11 @@ def test_tie_wins_over_small_margin_and_nan_scores_are_ignored():
         pair(chosen="G", rejected="H", chosen_score=True, rejected_score=True),
     ]
     report = check_preferences(rows, min_score_margin=0.5)
-    assert report.rows == {"tie": [0, 1], "small_score_margin": [2]}
+    # NaN and booleans are no scores: counted (a warning), and neither a tie nor a margin
+    assert report.rows == {"tie": [0, 1], "small_score_margin": [2], "bad_score": [3, 4]}
     assert report.details[2] == ["small_score_margin (3 - 4 < 0.5)"]
-    assert check_preferences(rows).rows == {"tie": [0, 1]}
+    assert report.details[4] == ["column 'chosen_score': bad_score (True)", "column 'rejected_score': bad_score (True)"]
+    assert check_preferences(rows).rows == {"tie": [0, 1], "bad_score": [3, 4]}
 
 
 def test_control_characters_and_whitespace():

@@ -1,16 +1,19 @@
 """Load a dataset from wherever a user keeps it: a ``datasets`` object, a local file, or a hub name.
 
 Local JSON Lines and JSON files are checked line by line first, so a broken line is reported by its number
-instead of as a parser traceback from deep inside ``datasets``.
+instead of as a parser traceback from deep inside ``datasets``; so is a value Arrow cannot hold (a lone surrogate,
+an integer beyond 64 bits), when ``datasets`` fails on one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import datasets
+from datasets.exceptions import DatasetGenerationError
 
 from fastdpo.errors import DataError
 
@@ -57,8 +60,40 @@ def _load_local(path: Path, split: str | None):
         raise DataError(f"{path}: the file is empty", fix="point to a file with at least one row")
     if kind == "json":
         _check_json(path)
-    loaded = datasets.load_dataset(kind, data_files={"train": str(path)}, split="train")
+    try:
+        loaded = datasets.load_dataset(kind, data_files={"train": str(path)}, split="train")
+    except (DatasetGenerationError, ValueError) as error:  # Arrow or pandas refused a value
+        raise _unreadable(path, kind, error) from None
     return datasets.DatasetDict({"train": loaded}) if split is None else loaded
+
+
+_UNHOLDABLE_FIX = "fix or remove the value: Arrow holds no lone surrogate (\\ud800-\\udfff), no integer over 64 bits"
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
+    """DataError for a file ``datasets`` failed on: the first JSON Lines value Arrow cannot hold, by line and column
+    (found only now, on the error path), else the reader's own message."""
+    text = path.read_text(encoding="utf-8") if kind == "json" else ""
+    if text and not text.lstrip().startswith("["):  # _check_json has parsed every line: each is an object
+        for number, line in enumerate(text.splitlines(), start=1):
+            for column, value in (json.loads(line) if line.strip() else {}).items():
+                problem = _unholdable(value)
+                if problem:
+                    return DataError(f"{path}: line {number}: {problem}", column=column, fix=_UNHOLDABLE_FIX)
+    cause = error.__cause__ or error
+    return DataError(f"{path}: datasets cannot read it ({type(cause).__name__}: {str(cause)[:200]})",
+                     fix="check the file there (each column should hold one kind of value)")  # fmt: skip
+
+
+def _unholdable(value) -> str | None:
+    if isinstance(value, str):
+        bad = _SURROGATE.search(value)
+        return None if bad is None else f"a lone surrogate {bad.group()!r} at character {bad.start()}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if -(2**63) <= value < 2**63 else f"the integer {value} does not fit in 64 bits"
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next(filter(None, map(_unholdable, children)), None)
 
 
 def _check_json(path: Path) -> None:
@@ -72,13 +107,17 @@ def _check_json(path: Path) -> None:
     stripped = text.lstrip()
     if stripped.startswith("["):  # one JSON document (a list of rows)
         try:
-            json.loads(text)
+            rows = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(
                 f"{path}: line {error.lineno}, column {error.colno}: invalid JSON ({error.msg})",
                 fix="fix the file, or write one JSON object per line (.jsonl)",
             ) from None
+        if not rows:
+            raise DataError(f"{path}: the file holds an empty list", fix="point to a file with at least one row")
         return
+    if not stripped:  # datasets would fail with "Instruction 'train' corresponds to no data"
+        raise DataError(f"{path}: the file has only blank lines", fix="point to a file with at least one row")
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

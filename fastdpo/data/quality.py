@@ -19,7 +19,8 @@ Precedence: each problem is reported once per row, and never one that only follo
 4. The *valid pairs* (rows that passed 1-3) only: ``chat_template_error``, else ``prompt_fills_max_length``,
    else ``will_be_truncated``; ``contradictory``; ``length_ratio``; the length statistics and the length bias.
 
-``tie``, else ``small_score_margin``, look only at ``status`` and the scores: every row but a later copy gets them.
+``bad_score`` (a score present but not a number), ``tie``, else ``small_score_margin``, look only at ``status``
+and the scores: every row but a later copy gets them.
 
 Token counts (with a tokenizer) approximate what ``tokenize_preferences`` builds: the prompt exactly
 (``tokenizer(prompt)`` with its special tokens, or the chat template with the generation prompt and the row's
@@ -62,6 +63,7 @@ REASONS: dict[str, tuple[str, str]] = {
     "prompt_fills_max_length": (DROP, "the prompt alone has >= max_length tokens"),
     "will_be_truncated": (WARN, "prompt + a completion longer than max_length (approximate)"),
     "contradictory": (WARN, "another row prefers the other completion for the same prompt"),
+    "bad_score": (WARN, "chosen_score or rejected_score present but not a number (NaN, text)"),
     "tie": (WARN, "status 'tie', or equal scores"),
     "small_score_margin": (WARN, "chosen_score - rejected_score < min_score_margin"),
     "length_ratio": (WARN, "one completion much longer than the other"),
@@ -301,7 +303,7 @@ def _check_value(value: Any, column: str, check_roles: bool) -> tuple[str | None
     if not isinstance(value, list) or not all(isinstance(m, Mapping) for m in value):
         what = type(value).__name__ if not isinstance(value, list) else "list of non-messages"
         return None, "not_text", what
-    return "conversational", *_check_messages(value, column, check_roles)
+    return "conversational", *message_problem(value, column, check_roles)
 
 
 def _check_text(text: str) -> tuple[str | None, str]:
@@ -309,7 +311,9 @@ def _check_text(text: str) -> tuple[str | None, str]:
     return (None, "") if bad is None else ("invalid_text", f"{bad.group()!r} at character {bad.start()}")
 
 
-def _check_messages(messages: list, column: str, check_roles: bool) -> tuple[str | None, str]:
+def message_problem(messages: list, column: str, check_roles: bool) -> tuple[str | None, str]:
+    """(reason, note) for a list of message dicts: ``bad_message``, ``empty``, ``invalid_text`` or
+    ``roles_out_of_order`` (the completion's first role only when ``check_roles``); (None, "") when fine."""
     for k, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
@@ -411,11 +415,14 @@ def _number(value: Any) -> float | None:
 
 
 def _check_metadata(num_rows, columns, found, min_score_margin, *, skip: set[int]) -> None:
-    """tie (status or equal scores), else small_score_margin."""
+    """bad_score; tie (status or equal scores), else small_score_margin."""
     status, chosen_score, rejected_score = columns["status"], columns["chosen_score"], columns["rejected_score"]
     for row in range(num_rows):
         if row in skip:
             continue
+        for name, score in (("chosen_score", chosen_score[row]), ("rejected_score", rejected_score[row])):
+            if score is not _ABSENT and score is not None and _number(score) is None:
+                found.add(row, "bad_score", _short(score), column=name)
         if isinstance(status[row], str) and status[row].strip().lower() == "tie":
             found.add(row, "tie", f"status {_short(status[row])}")
             continue

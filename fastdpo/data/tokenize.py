@@ -21,12 +21,16 @@ silently; here it is dropped and counted. ``max_prompt_length`` (keep the prompt
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 
 import datasets
 
+from fastdpo.data.quality import message_problem
 from fastdpo.data.schema import is_message_list, source_version
 from fastdpo.errors import ConfigError, DataError, unknown_choice
+
+logger = logging.getLogger(__name__)
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 _VERSION = source_version(__file__)
@@ -116,12 +120,17 @@ def tokenize_preferences(
                         ("max_completion_length", max_completion_length)):  # fmt: skip
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"must be a positive integer or None, got {value!r}", column=name)
+    if len(dataset) == 0:  # e.g. report.filter dropped every row; a Dataset.map over no rows adds no columns
+        fix = "check the file or the split you loaded, and the quality report if you filtered"
+        raise DataError("the dataset has no rows", fix=fix)
     if len(dataset) and is_message_list(dataset[0]["chosen"]) and getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
             "the dataset is conversational but the tokenizer has no chat template",
             column="chosen",
             fix="use a tokenizer with a chat template, or set tokenizer.chat_template",
         )
+    if len(dataset) and is_message_list(dataset[0]["chosen"]):
+        _check_conversations(dataset)
     if getattr(tokenizer, "eos_token", None) is None and len(dataset) and isinstance(dataset[0]["chosen"], str):
         raise DataError(
             "the tokenizer has no EOS token, which TRL appends to every completion",
@@ -150,6 +159,39 @@ def tokenize_preferences(
         gone = set().union(*map(set, dropped.values()))
         tokenized = tokenized.select([i for i in range(len(tokenized)) if i not in gone])
     return TokenizedPreferences(tokenized, dropped)
+
+
+def _check_conversations(dataset: datasets.Dataset, *, batch_size: int = 2048) -> None:
+    """DataError at the first message a chat template cannot render (no role, no content); one counted warning
+    for the rows whose roles are out of order (TRL trains on them as they are, and so does fastdpo)."""
+    out_of_order: set[int] = set()
+    columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    batches = dataset.select_columns(columns).iter(batch_size)
+    for start, batch in zip(range(0, len(dataset), batch_size), batches, strict=True):
+        for column in columns:
+            for offset, messages in enumerate(batch[column]):
+                row = start + offset
+                if not isinstance(messages, list):
+                    raise DataError(f"expected a list of messages, got {type(messages).__name__}", row=row,
+                                    column=column, fix=_DROP_FIX)  # fmt: skip
+                reason, note = message_problem(messages, column, check_roles=True)
+                if reason == "bad_message":
+                    raise DataError(f"{note}: a chat template cannot render it", row=row, column=column,
+                                    fix=_DROP_FIX)  # fmt: skip
+                if reason == "roles_out_of_order":
+                    out_of_order.add(row)
+    if out_of_order:
+        logger.warning("%d of %d rows have their roles out of order (a prompt not ending with a user or tool turn, or "
+                       "a completion not starting with the assistant), rows %s: trained on as they are; "
+                       "fastdpo.data.check_preferences(...).filter drops them", len(out_of_order), len(dataset),
+                       _some(sorted(out_of_order)))  # fmt: skip
+
+
+_DROP_FIX = "fix the row, or drop such rows with fastdpo.data.check_preferences(dataset).filter(dataset)"
+
+
+def _some(rows: list[int], limit: int = 10) -> str:
+    return ", ".join(map(str, rows[:limit])) + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
 def _clip_lengths(example: dict, *, max_prompt: int | None, max_completion: int | None, version: str) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 
@@ -25,8 +26,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from fastdpo.atomic import check_output_dir
 from fastdpo.data.tokenize import TRUNCATION_MODES
-from fastdpo.errors import ConfigError, unknown_choice
+from fastdpo.errors import ConfigError, DataError, unknown_choice
 from fastdpo.ops.linear_logprobs import IMPLS
 
 logger = logging.getLogger(__name__)
@@ -96,10 +98,13 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as error:  # not a directory with a config, not a valid hub name, or unreachable
+        fix = "pass a directory written by save_pretrained, a hub name, or a model object"
+        if "custom code" in str(error) and not kwargs["trust_remote_code"]:  # off unless asked: never run it unasked
+            fix = f"read the code in {name_or_path}; if you trust it, set trust_remote_code=True"
         raise ConfigError(
             f"cannot load a model from {name_or_path!r} ({error.__class__.__name__}: {str(error).splitlines()[0]})",
             column=column,
-            fix="pass a directory written by save_pretrained, a hub name, or a model object",
+            fix=fix,
         ) from error
 
 
@@ -245,3 +250,69 @@ def check_shared_options(config, not_yet: dict) -> None:
         raise unknown_choice("head_impl", config.head_impl, IMPLS)
     if config.max_length is not None and config.max_length < 1:
         raise ConfigError(f"must be positive or None, got {config.max_length}", column="max_length")
+
+
+def check_reference(model: nn.Module, reference: nn.Module, tokenizer) -> None:
+    """ConfigError when ``reference`` cannot score the policy's token ids: another vocabulary size, or (when it was
+    saved with a tokenizer in a local folder) another tokenizer."""
+    sizes = [_vocab_size(m) for m in (model, reference)]
+    if None not in sizes and sizes[0] != sizes[1]:
+        raise ConfigError(
+            f"the reference's vocabulary has {sizes[1]} entries and the policy's {sizes[0]}: the same token id "
+            "would mean different tokens",
+            column="ref_model",
+            fix="use a reference that shares the policy's tokenizer (e.g. the model SFT started from), with its "
+            "embeddings resized as the policy's were",
+        )
+    folder = getattr(getattr(reference, "config", None), "_name_or_path", "")
+    if not folder or not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        return  # no tokenizer saved with it (or a hub name: nothing is downloaded to compare)
+    from transformers import AutoTokenizer
+
+    ours = getattr(tokenizer, "tokenizer", tokenizer).get_vocab()
+    theirs = AutoTokenizer.from_pretrained(folder).get_vocab()
+    if ours != theirs:
+        token = next((t for t in sorted(ours.keys() | theirs.keys()) if ours.get(t) != theirs.get(t)), None)
+        raise ConfigError(
+            f"the tokenizer saved with the reference ({folder}) differs from the policy's: token {token!r} has id "
+            f"{theirs.get(token)} there and {ours.get(token)} here",
+            column="ref_model",
+            fix="use a reference trained with the policy's tokenizer, or pass the matching processing_class",
+        )
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+    return getattr(head.weight, "ds_shape", head.weight.shape)[0]  # a ZeRO-3 partitioned weight is empty
+
+
+def report_dropped(dropped: dict[str, list[int]], before: int, after: int, split: str, max_length: int | None) -> None:
+    """One warning counting the rows tokenization dropped from ``split``; a DataError when none is left."""
+    if not dropped:
+        return
+    reasons = ", ".join(f"{len(rows)} {reason} (rows {_first(rows)})" for reason, rows in dropped.items())
+    if after == 0:
+        raise DataError(
+            f"no row of the {split} data is left to {'train' if split == 'train' else 'evaluate'} on: all {before} "
+            f"were dropped, {reasons}",
+            column=f"{split}_dataset",
+            fix=f"raise max_length (now {max_length}), set truncation_mode='keep_end', or shorten the prompts",
+        )
+    logger.warning("%s data: %d of %d rows dropped: %s", split, before - after, before, reasons)
+
+
+def _first(rows: list[int], limit: int = 5) -> str:
+    return ", ".join(map(str, rows[:limit])) + (", ..." if len(rows) > limit else "")
+
+
+def check_run_dir(args, model: nn.Module) -> None:
+    """``fastdpo.atomic.check_output_dir`` for ``args.output_dir`` with room for one checkpoint when training saves
+    them: the weights, plus AdamW's two fp32 moments of the trainable ones unless ``save_only_model``."""
+    needed = 0
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no":
+        needed = sum(p.numel() * p.element_size() for p in model.parameters())
+        if not args.save_only_model:
+            needed += 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    check_output_dir(args.output_dir, needed_bytes=needed)

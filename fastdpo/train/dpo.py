@@ -51,11 +51,15 @@ from fastdpo.train.common import (
     StepMetrics,
     SyncReference,
     TokenRate,
+    check_reference,
+    check_run_dir,
     deepspeed_zero3_reference,
     load_causal_lm,
     load_tokenizer,
+    report_dropped,
 )
 from fastdpo.train.config import DPOConfig
+from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.step import preference_step, reference_logps
 
@@ -104,7 +108,7 @@ def _as_batch(inputs: dict) -> PackedBatch:
     return PackedBatch(**fields)
 
 
-class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
+class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer):
     """DPO (and its family) on packed batches; TRL 1.16's constructor arguments."""
 
     # compute_loss normalizes per pair over the whole optimizer step (see _get_num_items_in_batch)
@@ -144,12 +148,18 @@ class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
                                        column="ref_model")  # fmt: skip
         if processing_class is None:
             processing_class = load_tokenizer(model)
+        if ref_model is not None:
+            check_reference(model, ref_model, processing_class)
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's random init, reproducible (and TRL's)
             model = wrap_with_adapter(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         elif is_peft_model(model) and ref_model is None:  # a trained adapter: a frozen copy of it is the reference
             model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=False)
+        check_run_dir(args, model)
         self.reference_mode = _reference_mode(args, is_peft_model(model))
+        if ref_model is not None and self.reference_mode == "none":
+            warnings.warn(f"ref_model is not used: loss_type {list(args.loss_type)} is reference-free", stacklevel=2)
+            ref_model = None
         text_tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds one
         if text_tokenizer.pad_token is None:  # as TRL: the EOS token pads (never attended to, never a target)
             text_tokenizer.pad_token = text_tokenizer.eos_token
@@ -248,6 +258,7 @@ class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer):
             num_proc=args.dataset_num_proc,
         )  # fmt: skip
         self.dropped_rows[name] = tokenized.dropped_rows
+        report_dropped(tokenized.dropped_rows, len(prepared), len(tokenized.dataset), name, args.max_length)
         return tokenized.dataset
 
     def _reference_pass(self, batch: PackedBatch) -> torch.Tensor:

@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 from safetensors.torch import load_model, save_model
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -73,21 +75,46 @@ def load_reference(reference, checkpoint: str) -> None:
     load_model(reference, path, device=str(next(reference.parameters()).device))
 
 
+def last_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The ``checkpoint-<step>`` in ``folder`` of the highest step that was completely written, or None.
+
+    Complete: its ``trainer_state.json``, which is written last, reads as JSON. A run killed while saving leaves a
+    folder without one: it is skipped with a warning, and left in place (a save of that step replaces it).
+    """
+    if not os.path.isdir(folder):
+        return None
+    steps = {}
+    for name in os.listdir(folder):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        if match and os.path.isdir(os.path.join(folder, name)):
+            steps[int(match.group(1))] = os.path.join(folder, name)
+    for step in sorted(steps, reverse=True):
+        try:
+            with open(os.path.join(steps[step], TRAINER_STATE_NAME), encoding="utf-8") as file:
+                json.load(file)
+            return steps[step]
+        except (OSError, ValueError):
+            logger.warning("%s was not completely written (the run stopped while saving it): skipped", steps[step])
+    return None
+
+
 class ResumableTrainer:
     """Trainer mixin: ``COUNTERS`` (and a moving reference) saved with each checkpoint, restored on resume."""
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        # ours first: the Trainer writes trainer_state.json last, so a checkpoint that has one is complete
+        # (last_checkpoint) and one that a kill cut short is not resumed from
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         save_counters(self, folder)
         reference = moving_reference(self)
         if reference is not None and self.args.should_save:  # every process holds the same whole reference
             save_model(reference, os.path.join(folder, REFERENCE_FILE))
+        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
-        if checkpoint is True:  # as transformers: the last checkpoint in output_dir
-            checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        if checkpoint is True:  # as transformers: the last checkpoint in output_dir (but a complete one)
+            checkpoint = last_checkpoint(self.args.output_dir)
             resume_from_checkpoint = checkpoint or True  # none found: transformers raises its own error
         if isinstance(checkpoint, str):
             load_counters(self, checkpoint)

@@ -45,7 +45,8 @@ from fastdpo.model.adapters import is_peft_model, prepare_adapter_model, wrap_wi
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import moe_aux_loss, router_aux_loss_coef
 from fastdpo.ops import linear_logprobs
-from fastdpo.train.common import NumericsGuard, TokenRate, load_causal_lm, load_tokenizer
+from fastdpo.train.common import NumericsGuard, TokenRate, check_run_dir, load_causal_lm, load_tokenizer
+from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.sft_config import SFTConfig
 
@@ -208,7 +209,7 @@ class PackedSFTLoss:
         return loss.detach(), None, None
 
 
-class SFTTrainer(PackedSFTLoss, ResumableTrainer, NumericsGuard, Trainer):
+class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer):
     """Supervised fine-tuning on packed batches; TRL 1.16's constructor arguments."""
 
     # compute_loss divides by the targets of the whole optimizer step (num_items_in_batch): no further 1/GA
@@ -252,6 +253,7 @@ class SFTTrainer(PackedSFTLoss, ResumableTrainer, NumericsGuard, Trainer):
             model = wrap_with_adapter(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         elif is_peft_model(model):  # train the adapter it has
             model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=True)
+        check_run_dir(args, model)
         _set_special_tokens(model, processing_class, args, set_pad=data_collator is None)
         self.aux_loss_coef = _enable_router_aux_loss(model, args)
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}

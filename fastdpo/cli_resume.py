@@ -1,0 +1,74 @@
+"""``fastdpo dpo|sft --resume``: which checkpoint a run goes on from, and that it goes on with the same settings.
+
+``--resume`` takes the last complete ``checkpoint-<step>`` in ``output_dir`` (``fastdpo.train.resume.last_checkpoint``:
+one a kill cut short is skipped), ``--resume PATH`` that checkpoint. The settings are compared with the run
+directory's ``config.yaml``: a field that changes what a step computes or which data it sees (anything outside
+``RESUME_MAY_CHANGE``) fails, naming each one with both values, unless ``--overwrite`` is given too (then a warning,
+and ``config.yaml`` records the new settings). A resumed run with, say, another learning rate or data file would
+otherwise look like one run in its run directory and logs while being two.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fastdpo.errors import ConfigError
+
+logger = logging.getLogger("fastdpo")
+
+# what a resumed run may change: how long it runs, how often it logs, saves and evaluates, where it reports, how
+# its data is loaded. max_steps / num_train_epochs are here to extend a run: a decaying learning-rate schedule then
+# decays over the new length from the step resumed at. dataset_test_split is the evaluation data only.
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "max_steps", "num_train_epochs", "resume_from_checkpoint", "local_rank", "ddp_timeout",
+    "save_steps", "save_strategy", "save_total_limit", "save_only_model", "save_on_each_node",
+    "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "log_level",
+    "log_level_replica", "log_on_each_node", "disable_tqdm", "skip_memory_metrics", "include_num_input_tokens_seen",
+    "report_to", "run_name", "project", "trackio_bucket_id", "trackio_space_id", "trackio_static_space_id",
+    "push_to_hub", "hub_always_push", "hub_model_id", "hub_private_repo", "hub_revision", "hub_strategy",
+    "hub_token", "dataset_test_split", "eval_steps", "eval_strategy", "eval_delay", "eval_on_start",
+    "eval_accumulation_steps", "per_device_eval_batch_size", "eval_do_concat_batches", "eval_use_gather_object",
+    "batch_eval_metrics", "prediction_loss_only", "include_for_metrics", "metric_for_best_model",
+    "greater_is_better", "load_best_model_at_end", "dataloader_num_workers", "dataloader_prefetch_factor",
+    "dataloader_persistent_workers", "dataloader_pin_memory", "dataloader_multiprocessing_context",
+    "torch_empty_cache_steps",
+})  # fmt: skip
+
+
+def checkpoint_to_resume(out: Path, resume: str | bool) -> str:
+    """``--resume``: the last complete checkpoint in ``out``; ``--resume PATH``: PATH, if it is a checkpoint."""
+    from fastdpo.train.resume import last_checkpoint
+
+    if resume is True:
+        checkpoint = last_checkpoint(out)
+        if checkpoint is None:
+            raise ConfigError(f"{out} has no complete checkpoint to resume from", column="resume",
+                              fix="run without --resume to start the run (--overwrite to start it over)")  # fmt: skip
+        return checkpoint
+    if not (Path(resume) / "trainer_state.json").is_file():
+        raise ConfigError(f"{resume} is not a complete checkpoint (it has no trainer_state.json)", column="resume",
+                          fix="give a checkpoint-<step> folder, or --resume alone: output_dir's last one")  # fmt: skip
+    return str(resume)
+
+
+def refuse_changed_config(recorded_path: Path, resolved: dict, *, overwrite: bool) -> None:
+    """``ConfigError`` naming the fields outside ``RESUME_MAY_CHANGE`` where ``resolved`` (the settings as
+    ``config.yaml`` records them) differs from ``recorded_path``; with ``overwrite``, a warning instead."""
+    import yaml
+
+    if not recorded_path.is_file():  # e.g. a run directory the Python API wrote
+        logger.warning("%s is missing: cannot check that the resumed run has the same settings", recorded_path)
+        return
+    recorded = yaml.safe_load(recorded_path.read_text()) or {}
+    current = yaml.safe_load(yaml.safe_dump(resolved))  # compared as recorded: through YAML
+    # a field only one side has comes from another version of fastdpo or transformers: not compared
+    changed = sorted(key for key in recorded.keys() & current.keys()
+                     if key not in RESUME_MAY_CHANGE and recorded[key] != current[key])  # fmt: skip
+    if not changed:
+        return
+    details = ", ".join(f"{key}: {recorded[key]!r} -> {current[key]!r}" for key in changed)
+    if not overwrite:
+        raise ConfigError(f"the settings differ from the run's, in {recorded_path} ({details})", column="resume",
+                          fix="resume with the recorded settings, or add --overwrite to go on with these")  # fmt: skip
+    logger.warning("resuming with settings that differ from %s: %s", recorded_path, details)

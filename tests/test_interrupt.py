@@ -1,0 +1,217 @@
+"""Interrupted runs, in real processes: a ``fastdpo dpo|sft`` run killed (SIGKILL) or stopped (SIGINT, SIGTERM)
+mid-run, then ``--resume``, logs every step once, each as an uninterrupted run of the same config logs it, and ends
+with its weights.
+
+CPU, fp32, dropout off: the resumed run restores the weights, the optimizer and scheduler, the RNG and the
+trainers' counters bit for bit and sees the same batches, so the tolerance is test_train_resume's (1e-6 relative,
+a few fp32 ulps; a step replayed on other weights or another batch changes the loss in the 2nd or 3rd digit). A
+run is 64 steps of ~25 ms, so that a signal sent when its first checkpoint is written lands with most of the run
+still to go (the tests assert that it did: no final model, steps left to train).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_train_dpo import tiny_model
+from test_train_resume import pairs, prompt_completions
+from tiny_tokenizer import build_tiny_tokenizer
+
+from fastdpo.cli import main
+from fastdpo.train.interrupt import stop_on_signals
+
+pytestmark = pytest.mark.slow
+MAX_STEPS = 64
+COMPARED = {"dpo": ("loss", "grad_norm", "learning_rate", "num_tokens", "rewards/margins", "logps/chosen"),
+            "sft": ("loss", "grad_norm", "learning_rate", "num_tokens", "entropy", "mean_token_accuracy")}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("interrupt")
+    tokenizer = build_tiny_tokenizer()
+    tiny_model(tokenizer, root / "model")
+    tokenizer.save_pretrained(root / "model")
+    pairs(24).to_json(root / "pairs.jsonl")
+    prompt_completions(24).to_json(root / "sft.jsonl")
+    # a large learning rate (test_train_resume's): a step replayed on the wrong weights or batch logs other numbers
+    common = {"model_name_or_path": str(root / "model"), "per_device_train_batch_size": 4, "max_steps": MAX_STEPS,
+              "learning_rate": 3e-2, "logging_steps": 1, "report_to": [], "bf16": False, "seed": 0,
+              "save_strategy": "steps", "save_steps": 4, "dataloader_pin_memory": False,
+              "disable_tqdm": True}  # fmt: skip
+    (root / "dpo.yaml").write_text(yaml.safe_dump({**common, "dataset_name": str(root / "pairs.jsonl"),
+                                                   "max_length": 64, "beta": 0.5}))  # fmt: skip
+    (root / "sft.yaml").write_text(yaml.safe_dump({**common, "dataset_name": str(root / "sft.jsonl"),
+                                                   "max_length": 32}))  # fmt: skip
+    return root
+
+
+# one thread, here and in the runs started: a tiny model gains nothing from two, and with other tests running
+# beside these, two threads wait for each other (runs 3x slower)
+THREADS = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def fastdpo(workdir: Path, command: str, out: Path, *flags: str) -> int:
+    """The command in this process (the runs that are not interrupted: no interpreter to start)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main([command, "--config", str(workdir / f"{command}.yaml"), "--output_dir", str(out), *flags])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def straight(workdir):
+    """The uninterrupted run of a command's config (run once, on first use)."""
+    runs = {}
+
+    def run(command: str) -> Path:
+        if command not in runs:
+            runs[command] = workdir / f"{command}_straight"
+            assert fastdpo(workdir, command, runs[command]) == 0
+        return runs[command]
+
+    return run
+
+
+def start(workdir: Path, command: str, out: Path) -> subprocess.Popen:
+    # stderr to a file: a pipe nobody reads until the end could fill up and block the run
+    with (workdir / f"{out.name}.stderr").open("w") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "fastdpo.cli", command, "--config", f"{command}.yaml",
+                                 "--output_dir", str(out)], cwd=workdir, env=THREADS, stdout=subprocess.DEVNULL,
+                                stderr=stderr)  # fmt: skip
+
+
+def wait_until(ready, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, f"the run ended (status {process.returncode}) before it could be interrupted"
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.005)
+
+
+def complete(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` was completely written: its trainer_state.json, the Trainer's last file, reads."""
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] >= 0
+    except (OSError, ValueError):
+        return False
+
+
+def logs(out: Path) -> list[dict]:
+    """The complete lines of ``out``'s metrics.jsonl (a run may be writing the last one)."""
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True) if (out / "metrics.jsonl").exists() else []
+    return [json.loads(line) for line in lines if line.endswith("\n")]
+
+
+def train_steps(out: Path) -> list[dict]:
+    return [log for log in logs(out) if "loss" in log]
+
+
+def assert_unfinished(out: Path) -> None:
+    assert not (out / "model.safetensors").exists()  # no final model: stopped before training ended
+    assert train_steps(out)[-1]["step"] < MAX_STEPS
+
+
+def assert_same_run(command: str, resumed: Path, straight: Path) -> None:
+    ours, theirs = train_steps(resumed), train_steps(straight)
+    assert [log["step"] for log in ours] == [log["step"] for log in theirs] == list(range(1, MAX_STEPS + 1))
+    for a, b in zip(theirs, ours, strict=True):
+        for name in COMPARED[command]:
+            assert b[name] == pytest.approx(a[name], rel=1e-6), (a["step"], name)
+    assert len({log["loss"] for log in theirs}) == MAX_STEPS  # the steps differ: a replayed step would show
+    weights, resumed_weights = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert weights.keys() == resumed_weights.keys()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-6, atol=0, msg=name)
+
+
+def test_a_killed_run_resumes_from_its_last_complete_checkpoint(workdir, straight, caplog):
+    reference = straight("dpo")
+    out = workdir / "killed"
+    process = start(workdir, "dpo", out)
+    wait_until(lambda: complete(out / "checkpoint-4"), process)
+    process.kill()
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert_unfinished(out)
+    saved = max(int(path.name.split("-")[1]) for path in out.glob("checkpoint-*") if complete(path))
+    # a checkpoint the kill cut short, as a kill while saving leaves it: weights, no trainer_state.json
+    partial = out / f"checkpoint-{saved + 4}"
+    if not partial.exists():
+        partial.mkdir()
+        (partial / "model.safetensors").write_bytes(b"cut short")
+    assert not complete(partial)
+    assert fastdpo(workdir, "dpo", out, "--resume") == 0
+    assert f"checkpoint-{saved + 4} was not completely written" in caplog.text
+    assert_same_run("dpo", out, reference)
+    assert complete(partial)  # saved again by the resumed run
+
+
+@pytest.mark.parametrize(("command", "signum"), [("dpo", signal.SIGINT), ("sft", signal.SIGTERM)])
+def test_a_signal_saves_a_checkpoint_and_stops_and_the_run_resumes(workdir, straight, command, signum):
+    reference = straight(command)
+    out = workdir / f"{command}_{signum.name}"
+    process = start(workdir, command, out)
+    wait_until(lambda: len(train_steps(out)) >= 2, process)
+    process.send_signal(signum)
+    assert process.wait(timeout=120) == 128 + signum  # 130, 143: the shell's status for a run a signal stopped
+    stderr = (workdir / f"{out.name}.stderr").read_text()
+    assert f"fastdpo: {signum.name}: finishing this optimizer step" in stderr  # at once, when the signal came
+    message = re.search(rf"fastdpo: stopped by {signum.name} after step (\d+): saved (\S+); resume with: (.*)", stderr)
+    assert message, stderr[-3000:]
+    step = int(message[1])
+    assert Path(message[2]) == out / f"checkpoint-{step}" and complete(out / f"checkpoint-{step}")
+    assert message[3].endswith(f"--output_dir {out} --resume")
+    assert "Traceback" not in stderr
+    assert_unfinished(out)
+    assert train_steps(out)[-1]["step"] == step  # stopped at the step it saved
+    assert fastdpo(workdir, command, out, "--resume") == 0
+    assert_same_run(command, out, reference)
+
+
+def test_resume_refuses_other_settings_and_a_directory_without_checkpoints(workdir, straight, capsys):
+    out = straight("dpo")
+    recorded = (out / "config.yaml").read_text()
+    # logging_steps may change; learning_rate and beta change what a step computes
+    code = fastdpo(workdir, "dpo", out, "--resume", "--learning_rate", "0.1", "--beta", "0.5", "--logging_steps", "2")
+    assert code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("fastdpo: error: column 'resume'") and "learning_rate: 0.03 -> 0.1" in line, line
+    assert "beta" not in line and "logging_steps" not in line and "--overwrite" in line
+    assert (out / "config.yaml").read_text() == recorded  # nothing written
+    assert fastdpo(workdir, "dpo", workdir / "never_ran", "--resume") == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("fastdpo: error: column 'resume'") and "no complete checkpoint" in line, line
+    assert not (workdir / "never_ran").exists()
+
+
+def test_a_second_signal_acts_as_before_and_the_handlers_are_restored():
+    callbacks = []
+    trainer = SimpleNamespace(args=SimpleNamespace(world_size=1), add_callback=callbacks.append,
+                              remove_callback=callbacks.remove)  # fmt: skip
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(trainer) as callback:
+        assert callbacks == [callback] and signal.getsignal(signal.SIGINT) not in before
+        os.kill(os.getpid(), signal.SIGINT)  # handled before os.kill returns to the next bytecode
+        assert callback.signum == signal.SIGINT
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # not reached
+    assert callbacks == [] and (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    trainer.args.world_size = 2  # processes would have to agree on the step: not handled
+    with stop_on_signals(trainer):
+        assert callbacks == [] and signal.getsignal(signal.SIGINT) is before[0]
