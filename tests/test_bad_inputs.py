@@ -299,6 +299,22 @@ def test_no_valid_row_left(split, model_dir, tokenizer, tmp_path):
            column=f"{split}_dataset", fix="raise max_length (now 32)", message="all 2 were dropped")  # fmt: skip
 
 
+def test_sft_rows_with_nothing_left_to_learn(model_dir, tokenizer, tmp_path, caplog):
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    long = {"prompt": "the cat sat " * 40, "completion": " a"}  # keep_start cuts its completion away
+    rows = [{"prompt": "the cat sat", "completion": " on the mat."}, long]
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_length=32, packing=False, report_to=[], bf16=False)
+    with caplog.at_level(logging.WARNING, logger="fastdpo.train.common"):
+        run = SFTTrainer(model(model_dir), args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tokenizer)  # fmt: skip
+    assert run.dropped_rows["train"] == {"no_labels_after_truncation": [1]}
+    assert "train data: 1 of 2 rows dropped: 1 no_labels_after_truncation (rows 1)" in caplog.text
+    build = lambda: SFTTrainer(model(model_dir), args=args, train_dataset=datasets.Dataset.from_list(rows[1:]),  # noqa: E731
+                               processing_class=tokenizer)  # fmt: skip
+    expect(DataError, build, column="train_dataset", fix="raise max_length (now 32)", message="all 1 were dropped")
+
+
 # ------------------------------------------------------------------------------------------------------ settings
 
 

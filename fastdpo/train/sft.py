@@ -45,7 +45,14 @@ from fastdpo.model.adapters import is_peft_model, prepare_adapter_model, wrap_wi
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import moe_aux_loss, router_aux_loss_coef
 from fastdpo.ops import linear_logprobs
-from fastdpo.train.common import NumericsGuard, TokenRate, check_run_dir, load_causal_lm, load_tokenizer
+from fastdpo.train.common import (
+    NumericsGuard,
+    TokenRate,
+    check_run_dir,
+    load_causal_lm,
+    load_tokenizer,
+    report_dropped,
+)
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.sft_config import SFTConfig
@@ -326,6 +333,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
             dataset = tokenized.dataset
             if tokenized.dropped_rows:
                 self.dropped_rows[name] = tokenized.dropped_rows
+                report_dropped(tokenized.dropped_rows, len(prepared), len(dataset), name, args.max_length)
         if packing:
             if args.shuffle_dataset:  # TRL shuffles before packing too
                 dataset = dataset.shuffle(seed=args.seed)
@@ -342,6 +350,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
         gone = [i for i, learns in enumerate(dataset["_has_labels"]) if not learns]
         if gone:
             self.dropped_rows[name] = {"no_labels_after_truncation": gone}
+            report_dropped(self.dropped_rows[name], len(dataset), len(dataset) - len(gone), name, args.max_length)
             gone_set = set(gone)
             dataset = dataset.select([i for i in range(len(dataset)) if i not in gone_set])
         return dataset.remove_columns("_has_labels")
