@@ -33,6 +33,7 @@ from fastdpo.data.schema import (
     missing_column,
     rename_columns,
     source_version,
+    template_inputs_problem,
     value_format,
 )
 from fastdpo.errors import ConfigError, DataError, unknown_choice
@@ -147,6 +148,21 @@ def _check_rows(dataset: datasets.Dataset, kind: str) -> None:
                     column=name,
                     fix="fix or drop the row (fastdpo.data.check_preferences lists every such row), or pass format=",
                 )
+    for name in ("system", "input", "context"):  # joined into the prompt as text: an int or a list would not fit
+        if name not in dataset.column_names:
+            continue
+        for row, value in enumerate(dataset[name]):
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"expected a string (or null), got {type(value).__name__}", row=row, column=name,
+                                fix="make it a string, or drop the row or the column")  # fmt: skip
+    optional = [c for c in ("tools", "chat_template_kwargs") if c in dataset.column_names]
+    if kind == "conversational" and optional:  # given to apply_chat_template with the messages (TRL: only then)
+        values = {c: dataset[c] for c in optional}
+        for row in range(len(dataset)):
+            problem = template_inputs_problem({c: values[c][row] for c in optional})
+            if problem is not None:
+                column, message, fix = problem
+                raise DataError(message, row=row, column=column, fix=fix)
 
 
 def _normalize_row(example: dict, *, kind, has_prompt, system_template, input_template, version):

@@ -256,10 +256,12 @@ def bfd_bins_fifo(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     first wins (a FIFO queue per room), where ``pack`` takes the lowest bin index. The two differ on some inputs
     (9 of 200 random ones in a check), so SFT packing, which must put the same sequences in the same rows as TRL,
     uses this one.
-    Lengths must be in ``1..capacity``.
+    Lengths must be integers in ``0..capacity`` (else a DataError names the first that is not), capacity ≥ 1.
     """
-    from fastdpo.data.packer import _Occupancy
+    from fastdpo.data.packer import _as_lengths, _check_capacity, _Occupancy
 
+    capacity = _check_capacity(capacity)  # ConfigError; below 1 the bit tree is never built (an endless loop)
+    lengths = _as_lengths(lengths, capacity).tolist()  # an item over capacity would get a bin of its own, silently
     order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)  # stable: ties keep input order
     rooms = _Occupancy(capacity + 1)
     waiting: dict[int, deque[int]] = {}
@@ -381,6 +383,8 @@ def pack_sft(
             raise DataError(f"has {len(labels)} labels for {len(ids)} input_ids", row=position, column="labels")
         lengths = example.get("seq_lengths")
         lengths = [len(ids)] if lengths is None else list(lengths)
+        if any(length < 0 for length in lengths):  # would slice from the end: tokens lost or repeated, silently
+            raise DataError(f"has a negative length {min(lengths)}", row=position, column="seq_lengths")
         if sum(lengths) != len(ids):
             raise DataError(f"adds up to {sum(lengths)}, not {len(ids)} tokens", row=position, column="seq_lengths")
         row, start = [], 0

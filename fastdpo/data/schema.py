@@ -10,6 +10,7 @@ messages (the *conversational* format), the same format in every row. Optional c
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,25 @@ def value_format(value: Any) -> str | None:
         return "standard"
     if is_message_list(value):
         return "conversational"
+    return None
+
+
+def template_inputs_problem(row: dict) -> tuple[str, str, str] | None:
+    """(column, message, fix) when a row's ``tools`` or ``chat_template_kwargs`` cannot be given to
+    ``apply_chat_template``: tools must be a list of JSON schemas (dicts), or that list as a JSON string; the kwargs
+    a dict. None when both are fine or absent."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            return "tools", f"is not valid JSON ({error.msg})", "fix the JSON, or leave it empty (null)"
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools)):
+        got = "a list holding a non-dict" if isinstance(tools, list) else type(tools).__name__
+        return "tools", f"expected a list of tool schemas (dicts), got {got}", "fix or drop the row"
+    kwargs = row.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        return "chat_template_kwargs", f"expected a dict, got {type(kwargs).__name__}", "fix or drop the row"
     return None
 
 

@@ -36,7 +36,14 @@ import datasets
 from jinja2.exceptions import TemplateError
 
 from fastdpo.data.load import load_data
-from fastdpo.data.schema import is_message_list, missing_column, rename_columns, source_version, value_format
+from fastdpo.data.schema import (
+    is_message_list,
+    missing_column,
+    rename_columns,
+    source_version,
+    template_inputs_problem,
+    value_format,
+)
 from fastdpo.data.tokenize import common_prefix_length
 from fastdpo.errors import ConfigError, DataError, unknown_choice
 
@@ -127,6 +134,10 @@ def _to_messages(dataset: datasets.Dataset, num_proc: int | None) -> datasets.Da
         return dataset
     # TRL converts when the first message has both keys, and then renames them in every message of every row
     if first and isinstance(first[0], dict) and "from" in first[0] and "value" in first[0]:
+        for row, value in enumerate(dataset[source]):  # the conversion iterates each value: a list, or None
+            if value is not None and not isinstance(value, list):
+                _, message, fix = _check_messages(value, source)
+                raise DataError(message, row=row, column=source, fix=fix)
         return dataset.map(
             _chatml_row,
             fn_kwargs={"source": source, "version": _VERSION},
@@ -163,7 +174,7 @@ def _check_rows(dataset: datasets.Dataset, layout: str) -> None:
         _scan(dataset, ["prompt", "completion"], lambda row: _check_prompt_completion(row, conversational))
     optional = [c for c in ("tools", "chat_template_kwargs") if c in dataset.column_names]
     if conversational and optional:  # TRL reads them for conversations only
-        _scan(dataset, optional, _check_template_inputs)
+        _scan(dataset, optional, template_inputs_problem)
 
 
 def _scan(dataset: datasets.Dataset, names: list[str], check) -> None:
@@ -226,21 +237,6 @@ def _check_prompt_completion(row: dict, conversational: bool):
     if problem is None and not isinstance(row["prompt"], str):
         problem = "prompt", f"expected a string like 'completion', got {_describe(row['prompt'])}", _FIX_ROW
     return problem  # an empty string prompt is fine: the completion is then learned from BOS alone
-
-
-def _check_template_inputs(row: dict):
-    tools = row.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as error:
-            return "tools", f"is not valid JSON ({error.msg})", "fix the JSON, or leave it empty (null)"
-    if tools is not None and not isinstance(tools, list):
-        return "tools", f"expected a list of tool schemas, got {_describe(tools)}", "fix or drop the row"
-    kwargs = row.get("chat_template_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        return "chat_template_kwargs", f"expected a dict, got {_describe(kwargs)}", "fix or drop the row"
-    return None
 
 
 # -------------------------------------------------------------------------------------------------- tokenize_sft
