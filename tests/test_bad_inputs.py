@@ -268,6 +268,30 @@ def test_conversations_with_a_tokenizer_without_chat_template():
     expect(DataError, lambda: tokenize_preferences(data, plain), column="chosen", fix="chat template")
 
 
+STRICT_TEMPLATE = (
+    "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def test_chat_template_that_refuses_a_row():
+    strict = build_tiny_tokenizer()
+    strict.chat_template = STRICT_TEMPLATE  # as Mistral's and Llama-2's templates do
+    twice = {**MESSAGES, "prompt": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}
+    data = prepare_preferences(datasets.Dataset.from_list([MESSAGES, MESSAGES, twice]))
+    expect(DataError, lambda: tokenize_preferences(data, strict), row=2, column="prompt", fix="chat_template_error",
+           message="the chat template failed: Conversation roles must alternate")  # fmt: skip
+    assert check_preferences(data, strict).rows["chat_template_error"] == [2]  # the filter drops it
+
+
+def test_chat_template_kwargs_that_set_what_tokenization_sets():
+    rows = [{**MESSAGES, "chat_template_kwargs": {"enable_thinking": False}},
+            {**MESSAGES, "chat_template_kwargs": {"return_dict": False}}]  # fmt: skip
+    expect(DataError, lambda: prepare_preferences(datasets.Dataset.from_list(rows)), row=1,
+           column="chat_template_kwargs", fix="remove it", message="sets return_dict")  # fmt: skip
+
+
 def test_tokenizer_without_pad_or_eos(model_dir, tmp_path):
     bare = build_tiny_tokenizer()
     bare.pad_token, bare.eos_token = None, None

@@ -64,7 +64,20 @@ def template_inputs_problem(row: dict) -> tuple[str, str, str] | None:
     kwargs = row.get("chat_template_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
         return "chat_template_kwargs", f"expected a dict, got {type(kwargs).__name__}", "fix or drop the row"
+    # Arrow gives every row every key of the column (None where a row has none): only values that are set count
+    reserved = sorted(
+        key for key, value in (kwargs or {}).items() if key in RESERVED_TEMPLATE_KWARGS and value is not None
+    )
+    if reserved:
+        return "chat_template_kwargs", f"sets {', '.join(reserved)}, which tokenization sets itself", "remove it"
     return None
+
+
+# apply_chat_template's own arguments, which tokenization passes: a row's chat_template_kwargs may not set them
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "tools", "documents", "tokenize", "return_dict", "return_tensors", "add_generation_prompt",
+    "continue_final_message", "return_assistant_tokens_mask", "padding", "truncation", "max_length",
+})  # fmt: skip
 
 
 def source_version(*files: str) -> str:

@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass, field
 
 import datasets
+from jinja2.exceptions import TemplateError
 
 from fastdpo.data.quality import message_problem
 from fastdpo.data.schema import is_message_list, source_version
@@ -73,14 +74,23 @@ def _conversation_ids(example: dict, tokenizer) -> tuple[list[int], list[int], l
     )
 
 
-def _tokenize_batch(batch: dict, tokenizer, eos_token: str | None, version: str) -> dict:
+def _rendered_ids(example: dict, row: int, tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """``_conversation_ids``, with a chat template that refuses the row (e.g. "roles must alternate") reported there."""
+    try:
+        return _conversation_ids(example, tokenizer)
+    except TemplateError as error:
+        raise DataError(f"the chat template failed: {str(error)[:200]}", row=row, column="prompt",
+                        fix="fix the row's messages, or drop such rows with fastdpo.data.check_preferences(dataset)"
+                        ".filter(dataset) (chat_template_error)") from None  # fmt: skip
+
+
+def _tokenize_batch(batch: dict, indices: list[int], tokenizer, eos_token: str | None, version: str) -> dict:
     """TRL's per-row rule on a batch: strings go through the fast tokenizer in one call per column."""
     prompts, chosen, rejected = batch["prompt"], batch["chosen"], batch["rejected"]
     if chosen and is_message_list(chosen[0]):
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        prompt_ids, chosen_full, rejected_full = map(
-            list, zip(*(_conversation_ids(r, tokenizer) for r in rows), strict=True)
-        )
+        encoded = [_rendered_ids(row, index, tokenizer) for row, index in zip(rows, indices, strict=True)]
+        prompt_ids, chosen_full, rejected_full = map(list, zip(*encoded, strict=True))
     else:
         if eos_token is not None:
             chosen = [c if c.endswith(eos_token) else c + eos_token for c in chosen]
@@ -139,6 +149,7 @@ def tokenize_preferences(
     tokenized = dataset.map(
         _tokenize_batch,
         batched=True,
+        with_indices=True,
         fn_kwargs={"tokenizer": tokenizer, "eos_token": tokenizer.eos_token, "version": _VERSION},
         num_proc=num_proc,
         desc="Tokenizing preference rows",
