@@ -47,6 +47,29 @@ def test_jsonl_line_that_is_not_an_object(tmp_path):
         load_data(path)
 
 
+def test_jsonl_check_holds_one_line_at_a_time(tmp_path):
+    import tracemalloc
+
+    from fastdpo.data.load import _check_json
+
+    path = tmp_path / "pairs.jsonl"
+    row = {"prompt": "word " * 200, "chosen": "yes " * 300, "rejected": "no " * 300}
+    path.write_text((json.dumps(row) + "\n") * 5000)  # ~13 MB
+    tracemalloc.start()
+    _check_json(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < path.stat().st_size / 20, peak  # was ~3x the file: its bytes, its text and its lines at once
+
+
+def test_jsonl_string_with_a_raw_line_separator_loads(tmp_path):
+    # U+2028 and U+0085 are valid inside JSON strings; str.splitlines would end a line there
+    path = tmp_path / "pairs.jsonl"
+    row = {"prompt": "a\u2028b", "chosen": "c\x85d", "rejected": "e"}
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert prepare_preferences(path)[0]["prompt"] == "a\u2028b"
+
+
 def test_broken_json_document_names_line_and_column(tmp_path):
     path = tmp_path / "data.json"
     path.write_text('[\n {"chosen": "a", "rejected": "b"},\n {"chosen": "a" "rejected": "b"}\n]\n')

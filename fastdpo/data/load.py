@@ -97,39 +97,58 @@ def _unholdable(value) -> str | None:
 
 
 def _check_json(path: Path) -> None:
-    """Raise DataError with the line number of the first line that is not valid JSON."""
+    """Raise DataError with the line number of the first line that is not valid JSON.
+
+    JSON Lines are read one line at a time, split at ``\\n`` only, as ``datasets`` reads them: the file is never
+    held whole (three copies of it were: bytes, text, lines), and a raw U+2028 or U+0085 inside a string, valid
+    JSON, does not end a line (``str.splitlines`` would split there).
+    """
+    with open(path, "rb") as handle:
+        first = b""
+        while not first and (chunk := handle.read(1 << 16)):
+            first = chunk.lstrip()[:1]
+    if first == b"[":  # one JSON document (a list of rows)
+        _check_json_document(path)
+        return
+    blank = True
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: line {number}: not valid UTF-8", fix="re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            blank = False
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}: line {number}: invalid JSON ({error.msg} at character {error.colno})",
+                    fix="fix or remove that line",
+                ) from None
+            if not isinstance(value, dict):
+                raise DataError(
+                    f"{path}: line {number}: expected a JSON object per line, got {type(value).__name__}",
+                    fix='write each row as an object such as {"prompt": ..., "chosen": ..., "rejected": ...}',
+                )
+    if blank:  # datasets would fail with "Instruction 'train' corresponds to no data"
+        raise DataError(f"{path}: the file has only blank lines", fix="point to a file with at least one row")
+
+
+def _check_json_document(path: Path) -> None:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: not valid UTF-8", fix="re-encode the file as UTF-8") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # one JSON document (a list of rows)
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{path}: line {error.lineno}, column {error.colno}: invalid JSON ({error.msg})",
-                fix="fix the file, or write one JSON object per line (.jsonl)",
-            ) from None
-        if not rows:
-            raise DataError(f"{path}: the file holds an empty list", fix="point to a file with at least one row")
-        return
-    if not stripped:  # datasets would fail with "Instruction 'train' corresponds to no data"
-        raise DataError(f"{path}: the file has only blank lines", fix="point to a file with at least one row")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{path}: line {number}: invalid JSON ({error.msg} at character {error.colno})",
-                fix="fix or remove that line",
-            ) from None
-        if not isinstance(value, dict):
-            raise DataError(
-                f"{path}: line {number}: expected a JSON object per line, got {type(value).__name__}",
-                fix='write each row as an object such as {"prompt": ..., "chosen": ..., "rejected": ...}',
-            )
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}: line {error.lineno}, column {error.colno}: invalid JSON ({error.msg})",
+            fix="fix the file, or write one JSON object per line (.jsonl)",
+        ) from None
+    if not rows:
+        raise DataError(f"{path}: the file holds an empty list", fix="point to a file with at least one row")
