@@ -29,6 +29,7 @@ SUITES = {
         "rank_balance": "tokens of the busiest process with and without rank balancing",
         "quickstart_seeds": "the quickstart over seeds 0-2 against its targets",
         "memory_model": "the head op's memory per approach from formulas, against the measured peaks",
+        "load_cpu": "200k pairs through check, tokenize and packing (peak RSS); RSS over 500 tiny training steps",
     },
     "gpu": {"gpu.sh": "gpu tests, head op (with cut-cross-entropy and Liger FLCE), end-to-end DPO, on a CUDA GPU"},
 }
