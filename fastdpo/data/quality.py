@@ -19,8 +19,7 @@ Precedence: each problem is reported once per row, and never one that only follo
 4. The *valid pairs* (rows that passed 1-3) only: ``chat_template_error``, else ``prompt_fills_max_length``,
    else ``will_be_truncated``; ``contradictory``; ``length_ratio``; the length statistics and the length bias.
 
-``bad_score`` (a score present but not a number), ``tie``, else ``small_score_margin``, look only at ``status``
-and the scores: every row but a later copy gets them.
+``bad_score``, ``tie``, else ``small_score_margin``, look only at ``status`` and the scores: all rows but later copies.
 
 Token counts (with a tokenizer) approximate what ``tokenize_preferences`` builds: the prompt exactly
 (``tokenizer(prompt)`` with its special tokens, or the chat template with the generation prompt and the row's
@@ -133,11 +132,7 @@ class QualityReport:
         return sorted({row for reason in wanted for row in self.rows.get(reason, ())})
 
     def filter(
-        self,
-        dataset,
-        reasons: Iterable[str] | str | None = None,
-        *,
-        where: str | Callable[[Any], bool] | None = None,
+        self, dataset, reasons: Iterable[str] | str | None = None, *, where: str | Callable[[Any], bool] | None = None
     ) -> tuple[Any, dict[str, int]]:
         """``(kept, dropped)``: ``dataset`` without the rows of ``drop_rows(reasons)`` and those failing ``where``.
 
@@ -204,8 +199,7 @@ def check_preferences(
         tokenizer: enables token statistics, and with ``max_length`` the truncation checks.
         max_length: the training ``max_length`` (prompt + completion tokens).
         min_score_margin: warn when ``chosen_score - rejected_score`` is below it.
-        length_ratio_warn: warn when one completion has more than this many times the other's characters
-            (None: off).
+        length_ratio_warn: warn when one completion has more than this many times the other's characters (None: off).
     """
     num_rows, names, columns = _read_columns(dataset)
     found = _Findings()
@@ -312,8 +306,7 @@ def _check_text(text: str) -> tuple[str | None, str]:
 
 
 def message_problem(messages: list, column: str, check_roles: bool) -> tuple[str | None, str]:
-    """(reason, note) for a list of message dicts: ``bad_message``, ``empty``, ``invalid_text`` or
-    ``roles_out_of_order`` (the completion's first role only when ``check_roles``); (None, "") when fine."""
+    """(reason, note) of a message list: bad_message, empty, invalid_text, roles_out_of_order; (None, "") if fine."""
     for k, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
