@@ -133,15 +133,16 @@ def tokenize_preferences(
     if len(dataset) == 0:  # e.g. report.filter dropped every row; a Dataset.map over no rows adds no columns
         fix = "check the file or the split you loaded, and the quality report if you filtered"
         raise DataError("the dataset has no rows", fix=fix)
-    if len(dataset) and is_message_list(dataset[0]["chosen"]) and getattr(tokenizer, "chat_template", None) is None:
+    conversational = is_message_list(dataset[0]["chosen"])
+    if conversational and getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
             "the dataset is conversational but the tokenizer has no chat template",
             column="chosen",
             fix="use a tokenizer with a chat template, or set tokenizer.chat_template",
         )
-    if len(dataset) and is_message_list(dataset[0]["chosen"]):
+    if conversational:
         _check_conversations(dataset)
-    if getattr(tokenizer, "eos_token", None) is None and len(dataset) and isinstance(dataset[0]["chosen"], str):
+    if getattr(tokenizer, "eos_token", None) is None and isinstance(dataset[0]["chosen"], str):
         raise DataError(
             "the tokenizer has no EOS token, which TRL appends to every completion",
             fix="set tokenizer.eos_token (e.g. to the token your model ends answers with)",
