@@ -38,7 +38,7 @@ RESUME_MAY_CHANGE = frozenset({
 
 def checkpoint_to_resume(out: Path, resume: str | bool) -> str:
     """``--resume``: the last complete checkpoint in ``out``; ``--resume PATH``: PATH, if it is a checkpoint."""
-    from fastdpo.train.resume import last_checkpoint
+    from fastdpo.train.resume import is_complete, last_checkpoint
 
     if resume is True:
         checkpoint = last_checkpoint(out)
@@ -46,8 +46,8 @@ def checkpoint_to_resume(out: Path, resume: str | bool) -> str:
             raise ConfigError(f"{out} has no complete checkpoint to resume from", column="resume",
                               fix="run without --resume to start the run (--overwrite to start it over)")  # fmt: skip
         return checkpoint
-    if not (Path(resume) / "trainer_state.json").is_file():
-        raise ConfigError(f"{resume} is not a complete checkpoint (it has no trainer_state.json)", column="resume",
+    if not is_complete(resume):
+        raise ConfigError(f"{resume} is not a complete checkpoint (no readable trainer_state.json)", column="resume",
                           fix="give a checkpoint-<step> folder, or --resume alone: output_dir's last one")  # fmt: skip
     return str(resume)
 

@@ -29,6 +29,8 @@ import threading
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from fastdpo.train.resume import is_complete
+
 logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -122,7 +124,7 @@ class InterruptibleTrainer:
             output = super().train(*args, **kwargs)
         if callback.stopped_at is not None and self.state.global_step < self.state.max_steps:
             folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            saved = os.path.isfile(os.path.join(folder, "trainer_state.json"))
+            saved = is_complete(folder)
             raise TrainingInterrupted(callback.signum, self.state.global_step, folder if saved else None)
         if callback.signum is not None:
             logger.warning("%s came after the last step: training finished", signal.Signals(callback.signum).name)

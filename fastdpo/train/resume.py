@@ -75,6 +75,16 @@ def load_reference(reference, checkpoint: str) -> None:
     load_model(reference, path, device=str(next(reference.parameters()).device))
 
 
+def is_complete(checkpoint: str | os.PathLike) -> bool:
+    """Whether ``checkpoint`` was written to the end: its ``trainer_state.json``, written last, reads as JSON."""
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as file:
+            json.load(file)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def last_checkpoint(folder: str | os.PathLike) -> str | None:
     """The ``checkpoint-<step>`` in ``folder`` of the highest step that was completely written, or None.
 
@@ -89,12 +99,9 @@ def last_checkpoint(folder: str | os.PathLike) -> str | None:
         if match and os.path.isdir(os.path.join(folder, name)):
             steps[int(match.group(1))] = os.path.join(folder, name)
     for step in sorted(steps, reverse=True):
-        try:
-            with open(os.path.join(steps[step], TRAINER_STATE_NAME), encoding="utf-8") as file:
-                json.load(file)
+        if is_complete(steps[step]):
             return steps[step]
-        except (OSError, ValueError):
-            logger.warning("%s was not completely written (the run stopped while saving it): skipped", steps[step])
+        logger.warning("%s was not completely written (the run stopped while saving it): skipped", steps[step])
     return None
 
 
