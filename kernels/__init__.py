@@ -6,6 +6,8 @@ never imports Triton or compiles anything; each kernel module does that itself w
 
 - ``linear_logprobs``: the fused per-token log-prob forward (online softmax over vocabulary tiles, split across
   programs) and backward (logit tiles recomputed from the saved lse; atomic or deterministic two-pass).
+- ``head_epilogue``: row kernels over a chunk of raw logits cuBLAS wrote (the chunked head on a GPU): log-sum-exp
+  and statistics in one read, dz in the input dtype in another.
 - ``configs``: the tile table per (dtype, hidden size) and the opt-in tuner.
 
 ``TRITON_INTERPRET=1`` must be set before ``fastdpo.kernels.linear_logprobs`` is imported to run the kernels
@@ -22,5 +24,5 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-KERNELS: tuple[str, ...] = ("linear_logprobs",)
+KERNELS: tuple[str, ...] = ("linear_logprobs", "head_epilogue")
 """Names of the kernel families this build ships (modules of this package)."""

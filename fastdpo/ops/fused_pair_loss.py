@@ -131,19 +131,15 @@ class _FusedPairLoss(torch.autograd.Function):
             segs = pairs_of[chunk]  # [p, 2]
             rows, row_seg = _rows_of(segs, token_seg, valid, num_segments)
             h = gemms.rows(hidden[rows])
-            z = _transform_(gemms.logits(h), transform)
             y = targets[rows].long()
-            tanh = z * (transform[2] / transform[1]) if transform[1] is not None else None  # for transform'
-            logp = z.gather(1, y[:, None]).squeeze(1)
-            row_max = z.amax(1)
+            if gemms.epilogue is not None:  # the raw logits read once per kernel (see _HeadGemms)
+                z = gemms.raw_logits(h)
+                wanted = (token_metrics,) * 3 + (False,)
+                lse, logp, entropy, mean_logit, is_top1, _ = gemms.stats(z, y, transform, wanted)
+            else:
+                stats = _chunk_stats(gemms, h, y, transform, token_metrics)
+                logp, entropy, mean_logit, is_top1, exp, sum_exp, tanh = stats
             if token_metrics:
-                mean_logit, is_top1 = z.mean(1), (z.argmax(1) == y).to(acc)  # argmax: the first maximum, as TRL
-            exp = z.sub_(row_max[:, None]).exp_()  # in place: the chunk's buffer now holds exp(z - max)
-            sum_exp = exp.sum(1)
-            logp -= row_max + sum_exp.log()
-            if token_metrics:
-                # H = log s − Σ e·(z − m) / s with e = exp(z − m): z − m = log e, and xlogy(0, 0) = 0
-                entropy = sum_exp.log() - torch.special.xlogy(exp, exp).sum(1) / sum_exp
                 flat_seg = (chunk[:, None] * 2 + torch.arange(2, device=device)).view(-1)[row_seg]
                 token_sums.index_add_(1, flat_seg, torch.stack([entropy, mean_logit, is_top1]))
             live = torch.zeros(segs.numel(), dtype=acc, device=device).index_add_(0, row_seg, logp)
@@ -154,13 +150,17 @@ class _FusedPairLoss(torch.autograd.Function):
                 pairs = PairLogps(chosen, rejected, ref_chosen, ref_rejected, tokens[:, 0], tokens[:, 1])
                 (grad_seq,) = torch.autograd.grad(preference_loss(pairs, config).loss, live)
             seq_logps[chunk] = live.detach()
-            dz = _dz_from_probs_(exp.div_(sum_exp[:, None]), y, grad_seq.view(-1)[row_seg], transform, tanh)
+            if gemms.epilogue is not None:
+                dz = gemms.dz(z, y, lse, grad_seq.view(-1)[row_seg], transform)
+            else:
+                dz = _dz_from_probs_(exp.div_(sum_exp[:, None]), y, grad_seq.view(-1)[row_seg], transform, tanh)
             if grad_h is not None:
                 grad_h[rows] = gemms.grad_hidden(dz, hidden.dtype)
             if grad_w is not None:
                 gemms.add_grad_weight(grad_w, dz, h)
             if grad_b is not None:
-                grad_b += dz.sum(0)
+                grad_b += dz.sum(0, dtype=acc)
+            z = exp = dz = None  # this chunk's buffers go before the next product allocates its own
         full = PairLogps(seq_logps[:, 0], seq_logps[:, 1], ref_chosen, ref_rejected, tokens[:, 0], tokens[:, 1])
         state["seq_logps"] = seq_logps
         with torch.no_grad():
@@ -176,6 +176,25 @@ class _FusedPairLoss(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
         return (*scaled, *([None] * 11))
+
+
+def _chunk_stats(gemms, h: Tensor, y: Tensor, transform, token_metrics: bool):
+    """Torch ops over one chunk's logits: logp, the token metrics (or None), exp(z − max) (in the chunk's buffer),
+    its row sums, and the softcap's tanh (None without one) for the transform's derivative."""
+    z = _transform_(gemms.logits(h), transform)
+    tanh = z * (transform[2] / transform[1]) if transform[1] is not None else None
+    logp = z.gather(1, y[:, None]).squeeze(1)
+    row_max = z.amax(1)
+    entropy = mean_logit = is_top1 = None
+    if token_metrics:
+        mean_logit, is_top1 = z.mean(1), (z.argmax(1) == y).to(z.dtype)  # argmax: the first maximum, as TRL
+    exp = z.sub_(row_max[:, None]).exp_()  # in place: the chunk's buffer now holds exp(z - max)
+    sum_exp = exp.sum(1)
+    logp -= row_max + sum_exp.log()
+    if token_metrics:
+        # H = log s − Σ e·(z − m) / s with e = exp(z − m): z − m = log e, and xlogy(0, 0) = 0
+        entropy = sum_exp.log() - torch.special.xlogy(exp, exp).sum(1) / sum_exp
+    return logp, entropy, mean_logit, is_top1, exp, sum_exp, tanh
 
 
 def _token_metrics(sums: Tensor, tokens: Tensor) -> dict[str, Tensor]:

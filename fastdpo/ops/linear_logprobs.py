@@ -252,11 +252,20 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         chunk = _chunk_rows(n_valid, vocab, chunk_bytes)
         # one reused buffer, except where the products allocate their fp32 result (half inputs on a GPU)
         logits = torch.empty(chunk, vocab, dtype=acc, device=hidden.device) if n_valid and not gemms.half else None
-        scratch = torch.empty(chunk, vocab, dtype=acc, device=hidden.device) if (n_valid and wanted[0]) else None
+        scratch = None
+        if n_valid and wanted[0] and gemms.epilogue is None:
+            scratch = torch.empty(chunk, vocab, dtype=acc, device=hidden.device)
         for start in range(0, n_valid, chunk):
             stop = min(start + chunk, n_valid)
+            h = gemms.rows(hidden[rows[start:stop]])
+            if gemms.epilogue is not None:  # one kernel reads the raw logits once (see _HeadGemms)
+                found = gemms.stats(gemms.raw_logits(h), kept_targets[start:stop], transform, wanted)
+                for value, target in zip(found, [lse, *stats], strict=True):
+                    if value is not None:
+                        target[start:stop] = value
+                continue
             buffer = None if logits is None else logits[: stop - start]
-            z = _transform_(gemms.logits(gemms.rows(hidden[rows[start:stop]]), out=buffer), transform)
+            z = _transform_(gemms.logits(h, out=buffer), transform)
             _fold_chunk(z, kept_targets[start:stop], wanted, lse[start:stop], [s[start:stop] for s in stats], scratch)
         logp_kept = stats[0]
         results = [_scatter(logp_kept, rows, targets)]
@@ -284,22 +293,29 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         chunk = _chunk_rows(n_valid, vocab, gemms.chunk_bytes(ctx.chunk_bytes))
         softcapped = ctx.transform[1] is not None
         logits = torch.empty(chunk, vocab, dtype=acc, device=hidden.device) if n_valid and not gemms.half else None
-        tanh_buf = torch.empty(chunk, vocab, dtype=acc, device=hidden.device) if (n_valid and softcapped) else None
+        tanh_buf = None
+        if n_valid and softcapped and gemms.epilogue is None:
+            tanh_buf = torch.empty(chunk, vocab, dtype=acc, device=hidden.device)
         for start in range(0, n_valid, chunk):
             stop = min(start + chunk, n_valid)
             chunk_rows = rows[start:stop]
             h = gemms.rows(hidden[chunk_rows])
-            dz = _logits_grad(
-                h, gemms, kept_targets[start:stop], lse[start:stop], grad_kept[start:stop], ctx.transform,
-                out=None if logits is None else logits[: stop - start],
-                tanh_buf=None if tanh_buf is None else tanh_buf[: stop - start],
-            )  # fmt: skip
+            if gemms.epilogue is not None:
+                z = gemms.raw_logits(h)
+                dz = gemms.dz(z, kept_targets[start:stop], lse[start:stop], grad_kept[start:stop], ctx.transform)
+                z = None  # freed before the next chunk's product allocates
+            else:
+                dz = _logits_grad(
+                    h, gemms, kept_targets[start:stop], lse[start:stop], grad_kept[start:stop], ctx.transform,
+                    out=None if logits is None else logits[: stop - start],
+                    tanh_buf=None if tanh_buf is None else tanh_buf[: stop - start],
+                )  # fmt: skip
             if grad_hidden is not None:
                 grad_hidden[chunk_rows] = gemms.grad_hidden(dz, hidden.dtype)
             if grad_weight is not None:
                 gemms.add_grad_weight(grad_weight, dz, h)
             if grad_bias is not None:
-                grad_bias += dz.sum(0)
+                grad_bias += dz.sum(0, dtype=acc)
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -314,8 +330,12 @@ class _HeadGemms:
     Half-precision hidden and weight on a GPU multiply in their own dtype on the tensor cores with fp32 results
     (``torch.mm(..., out_dtype=torch.float32)``): the logits are not rounded to the input dtype as a bf16
     ``nn.Linear`` would round them, and no fp32 copy of the weight is made. dz is rounded to the input dtype before
-    the two backward products, as torch's own half-precision backward does, and dW accumulates over chunks in fp32.
-    Anything else (CPU, fp32, fp64, mixed dtypes) is upcast to the accumulation dtype and multiplied there.
+    the two backward products, as torch's own half-precision backward does, and dW accumulates over chunks in fp32
+    (in the product's epilogue where ``torch.addmm(..., out_dtype=)`` allows it). Where Triton is installed, what
+    lies between the products runs in the kernels of ``fastdpo.kernels.head_epilogue`` (``epilogue``): one read of
+    each chunk's raw fp32 logits for the log-sum-exp and the statistics, one for a dz written in the input dtype,
+    in place of a dozen torch passes over the chunk. Anything else (CPU, fp32, fp64, mixed dtypes) is upcast to the
+    accumulation dtype and multiplied there, with torch's element-wise ops between.
     """
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype):
@@ -323,6 +343,7 @@ class _HeadGemms:
         self.half = hidden.is_cuda and hidden.dtype in HALF and weight.dtype == hidden.dtype and _mm_out_dtype()
         self.weight = weight if self.half else weight.to(acc)
         self.bias = None if bias is None else bias.to(acc)
+        self.epilogue = _epilogue_kernels(hidden) if self.half else None
 
     def chunk_bytes(self, requested: int | None) -> int:
         if requested is not None:
@@ -345,13 +366,28 @@ class _HeadGemms:
             z.add_(self.bias)
         return z
 
+    def raw_logits(self, h: Tensor) -> Tensor:
+        """``h @ W.T`` of one chunk in the accumulation dtype, without the bias (the epilogue kernels add it)."""
+        return torch.mm(h, self.weight.t(), out_dtype=self.acc) if self.half else torch.mm(h, self.weight.t())
+
+    def stats(self, z: Tensor, targets: Tensor, transform, wanted) -> list[Tensor | None]:
+        """Epilogue: ``[lse, logp, entropy, mean_logit, is_top1, log_sum_sq_probs]`` of raw logits ``z``."""
+        return self.epilogue.row_stats(z, self.bias, targets, self.epilogue.Transform(*transform), wanted)
+
+    def dz(self, z: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, transform) -> Tensor:
+        """Epilogue: ``∂loss/∂(h W.T + b)`` from raw logits ``z``, in the weight's dtype (z is then free)."""
+        transform = self.epilogue.Transform(*transform)
+        return self.epilogue.logits_grad(z, self.bias, targets, lse, grad, transform, self.weight.dtype)
+
     def grad_hidden(self, dz: Tensor, dtype: torch.dtype) -> Tensor:
         """``dz @ W`` in ``dtype``."""
         return (dz.to(self.weight.dtype) if self.half else dz).mm(self.weight).to(dtype)
 
     def add_grad_weight(self, grad_weight: Tensor, dz: Tensor, h: Tensor) -> None:
         """``grad_weight += dz.T @ h`` (grad_weight in the accumulation dtype)."""
-        if self.half:
+        if self.half and _addmm_out_dtype():
+            torch.addmm(grad_weight, dz.to(h.dtype).t(), h, out_dtype=grad_weight.dtype, out=grad_weight)
+        elif self.half:
             grad_weight.add_(torch.mm(dz.to(h.dtype).t(), h, out_dtype=grad_weight.dtype))
         else:
             grad_weight.addmm_(dz.t(), h)
@@ -369,6 +405,34 @@ def _mm_out_dtype() -> bool:
         except (RuntimeError, TypeError):
             _MM_OUT_DTYPE.append(False)
     return _MM_OUT_DTYPE[0]
+
+
+_ADDMM_OUT_DTYPE: list[bool] = []
+
+
+def _addmm_out_dtype() -> bool:
+    """Whether ``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)`` accumulates half products into an fp32 ``c``
+    correctly on CUDA here (probed once against the plain sum): dW then needs no fp32 temporary per chunk."""
+    if not _ADDMM_OUT_DTYPE:
+        try:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            a, b = (torch.randn(64, 64, device="cuda", generator=gen).bfloat16() for _ in range(2))
+            c = torch.randn(64, 64, device="cuda", generator=gen)
+            expected = c + a.float() @ b.float()
+            torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+            _ADDMM_OUT_DTYPE.append(bool(torch.allclose(c, expected, rtol=1e-4, atol=1e-4)))
+        except (RuntimeError, TypeError):
+            _ADDMM_OUT_DTYPE.append(False)
+    return _ADDMM_OUT_DTYPE[0]
+
+
+def _epilogue_kernels(hidden: Tensor):
+    """``fastdpo.kernels.head_epilogue`` for CUDA inputs where Triton is installed, else None (torch ops instead)."""
+    if not (hidden.is_cuda and triton_available()):
+        return None
+    from fastdpo.kernels import head_epilogue  # imports triton: only on a GPU
+
+    return head_epilogue
 
 
 def _fold_chunk(z, targets, wanted, lse, stats, scratch):
