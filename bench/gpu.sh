@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: install what its image lacks from bench/wheels (built on any machine with
-# `make gpu-wheels`), then run the `gpu` tests, the head-op benchmark and the end-to-end DPO benchmark, writing
+# `make gpu-wheels`), then run the `gpu` tests, the head-op benchmark and the end-to-end DPO benchmark (and, with
+# GPU_DPO_LARGE_ARGS set, a second end-to-end run into <OUT_DIR>/large), writing
 # everything to bench/results/<device>/ (or to the folder given as the first argument).
 #
 #     bash bench/gpu.sh [OUT_DIR] [PACK.tar.gz]
@@ -62,4 +63,9 @@ cat "$out/head_gpu.md" 2>/dev/null
 step dpo_gpu "${GPU_DPO_TIMEOUT:-210}" "$PY" -m bench.dpo_gpu --out "$out" \
     ${GPU_DPO_ARGS:---pairs 128 --steps 10 --timeout 90}
 cat "$out/dpo_gpu.md" 2>/dev/null
+# 4. optional: end to end at a second setting (e.g. a larger batch, where the logits outweigh the optimizer states)
+if [ -n "${GPU_DPO_LARGE_ARGS:-}" ]; then
+    step dpo_gpu_large "${GPU_DPO_LARGE_TIMEOUT:-150}" "$PY" -m bench.dpo_gpu --out "$out/large" $GPU_DPO_LARGE_ARGS
+    cat "$out/large/dpo_gpu.md" 2>/dev/null
+fi
 exit $status

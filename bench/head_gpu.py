@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import itertools
 import json
 import platform
@@ -38,7 +39,8 @@ VARIANTS = {
     "fastdpo_triton": "fastdpo impl='triton' (atomic backward)",
     "fastdpo_triton_det": "fastdpo impl='triton', deterministic=True",
     "fastdpo_triton_filter": "fastdpo impl='triton', grad_filter_eps=finfo(dtype).eps/32 (CCE's default)",
-    "fastdpo_torch": "fastdpo impl='torch' (chunked, cuBLAS)",
+    "fastdpo_torch": "fastdpo impl='torch' (chunked: cuBLAS products, Triton epilogue kernels)",
+    "fastdpo_torch_ops": "fastdpo impl='torch' with torch element-wise ops between the products (no epilogue)",
     "full_logits": "full logits (fastdpo impl='naive')",
     "trl_chunked": "TRL 1.16 ChunkedLogProbFunction",
     "liger_flce": "Liger 0.8.5 LigerFusedLinearCrossEntropyLoss (sum)",
@@ -77,11 +79,21 @@ def _variant(name: str, hidden, weight, targets, upstream):
             # CCE's default ("high"): finfo(dtype).eps / 32, i.e. 2^-12 for bf16, 2^-15 for fp16
             "fastdpo_triton_filter": {"impl": "triton", "grad_filter_eps": torch.finfo(hidden.dtype).eps / 32},
             "fastdpo_torch": {"impl": "torch"},
+            "fastdpo_torch_ops": {"impl": "torch"},
             "full_logits": {"impl": "naive"},
         }[name]
 
         def run():
-            (linear_logprobs(hidden, weight, targets, **kw).logp * upstream).sum().backward()
+            if name != "fastdpo_torch_ops":
+                (linear_logprobs(hidden, weight, targets, **kw).logp * upstream).sum().backward()
+                return
+            module = importlib.import_module("fastdpo.ops.linear_logprobs")  # the package's name is the function
+            kernels = module._epilogue_kernels
+            module._epilogue_kernels = lambda hidden: None  # the torch ops this change replaced, for an A/B
+            try:
+                (linear_logprobs(hidden, weight, targets, **kw).logp * upstream).sum().backward()
+            finally:
+                module._epilogue_kernels = kernels
 
     elif name == "trl_chunked":
         from trl.kernels import ChunkedLogProbFunction
