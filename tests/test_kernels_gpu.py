@@ -145,11 +145,15 @@ def test_gradient_filtering_stays_within_its_bound(deterministic):
     assert not torch.equal(fdw, dw), "nothing was skipped: the case does not exercise filtering"
 
 
-def test_auto_picks_triton_on_cuda():
-    from fastdpo.ops.linear_logprobs import _resolve_impl
+def test_auto_picks_the_cublas_path_with_epilogue_kernels_for_half_inputs_on_cuda():
+    from fastdpo.ops.linear_logprobs import _HeadGemms, _resolve_impl
 
     hidden, weight, _, _ = make(8, 64, 100, torch.bfloat16, seed=3)
-    assert _resolve_impl("auto", hidden, weight) == "triton"
+    assert _resolve_impl("auto", hidden, weight) == "torch"
+    gemms = _HeadGemms(hidden, weight, None, torch.float32)
+    assert gemms.half and gemms.epilogue is not None  # the fast branch, not fp32 products
+    assert _resolve_impl("auto", hidden.float(), weight.float()) == "triton"  # fp32: the fused kernels (tf32)
+    assert _resolve_impl("auto", hidden, weight.float()) == "triton"  # mixed (autocast with fp32 weights)
 
 
 def test_fused_pair_loss_in_bf16_matches_fp32_within_the_same_dtype_error():

@@ -158,7 +158,13 @@ def _resolve_impl(impl: str, hidden: Tensor, weight: Tensor) -> str:
     triton_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     if impl == "auto":
         usable = hidden.is_cuda and hidden.dtype in triton_dtypes and weight.dtype in triton_dtypes
-        return "triton" if usable and triton_available() else "torch"
+        if not (usable and triton_available()):
+            return "torch"
+        # half inputs of one dtype: cuBLAS products and the epilogue kernels (_HeadGemms) ran 2.1x faster than the
+        # fused kernels on an H200 (bench/results/NVIDIA_H200/run3); other dtype mixes keep the fused kernels, which
+        # take mixed and autocast inputs in the tensor cores' dtype where the chunked path would multiply in fp32
+        same_half = hidden.dtype in HALF and weight.dtype == hidden.dtype and _mm_out_dtype()
+        return "torch" if same_half else "triton"
     if impl == "triton":
         if not triton_available():
             raise ValueError("impl: 'triton' needs the triton package (Linux x86_64 with a CUDA GPU); use 'torch'")
