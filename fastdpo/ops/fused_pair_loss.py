@@ -160,7 +160,7 @@ class _FusedPairLoss(torch.autograd.Function):
                 gemms.add_grad_weight(grad_w, dz, h)
             if grad_b is not None:
                 grad_b += dz.sum(0, dtype=acc)
-            z = exp = dz = None  # this chunk's buffers go before the next product allocates its own
+            z = exp = dz = tanh = None  # this chunk's buffers go before the next product allocates its own
         full = PairLogps(seq_logps[:, 0], seq_logps[:, 1], ref_chosen, ref_rejected, tokens[:, 0], tokens[:, 1])
         state["seq_logps"] = seq_logps
         with torch.no_grad():

@@ -75,7 +75,8 @@ def linear_logprobs(
         bias: ``[V]`` or None.
         logit_scale, softcap, temperature: applied in that order (as transformers' heads and TRL do).
         impl: ``naive`` (full logits; the reference), ``torch`` (chunked, CPU and fallback), ``triton``
-            (CUDA kernels), ``auto`` (triton on CUDA when available, else torch).
+            (CUDA kernels), ``auto`` (on CUDA with Triton: torch for fp16/bf16 hidden and weight of one dtype,
+            whose products then run in cuBLAS with fused epilogue kernels; triton for other dtypes; else torch).
         outputs: which of ``logp, entropy, mean_logit, is_top1, log_sum_sq_probs`` to compute;
             ``logp`` is always computed.
         chunk_bytes: ``impl="torch"`` only: size of one chunk of fp32 logits; None: 64 MiB, or 1 GiB for
@@ -322,6 +323,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
                 gemms.add_grad_weight(grad_weight, dz, h)
             if grad_bias is not None:
                 grad_bias += dz.sum(0, dtype=acc)
+            dz = None  # gone before the next chunk's product allocates (its dz is a new tensor on a GPU)
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
