@@ -30,8 +30,9 @@ and ``kv`` the query and key widths, ``V`` vocabulary:
   pair's completion tokens (a chunk holds whole pairs); two chunks are alive once there are several, and one more
   for the entropy of TRL's token metrics; the fp32 gradient of a trained head weight (``4VH``); a fp32 copy of a
   bf16 head weight (``4VH``); the gradient and output of the hidden states (``2bNH``). Half precision on CUDA
-  (``_HeadGemms``): 1 GiB chunks by default, no fp32 weight copy, but each chunk's fp32 ``dz.T @ h`` (``4VH``, a
-  trained head only) and its dz rounded to the input dtype (``rows × V × b``).
+  (``_HeadGemms`` with its epilogue kernels): 1 GiB chunks by default, one chunk alive (the token metrics come
+  from the same kernel), no fp32 weight copy, the chunk's dz in the input dtype (``rows × V × b``); dW accumulates
+  inside the product. The reference's head there is the same chunked path (one fp32 chunk).
 
 What it means: on CUDA, ``torch.cuda.max_memory_allocated()`` of the training process — the caching allocator's
 fragmentation, the CUDA context, cuBLAS workspaces and NCCL buffers come on top. On CPU, the growth of resident
@@ -251,7 +252,7 @@ def estimate_memory(
             ``min(tokens_per_batch, 2 × max_length)``, the worst case.
         chunk_bytes, token_metrics: the fused head's chunk size (None: what the head picks, 1 GiB for half precision
             on CUDA, else 64 MiB), and whether it computes TRL's per-token metrics (DPOTrainer does).
-        device: ``cuda`` (the reference head is the Triton kernel; bf16 steps run under autocast) or ``cpu``.
+        device: ``cuda`` (bf16 steps run under autocast) or ``cpu``.
         ref_offload: a separate reference in host memory, on the device only for its pass (``DPOConfig.ref_offload``).
         activation_offloading: the body's saved activations in host memory, each layer's brought back for its
             backward (``DPOConfig.activation_offloading``).
@@ -377,8 +378,8 @@ def _phases(step: _Step, persistent: dict[str, int], gradients: int, weights: in
     half_gemms = step.device == "cuda" and b == 2  # _HeadGemms: products in bf16, fp32 results
     weight_fp32 = 4 * vh * (b != 4) * (not half_gemms)  # elsewhere the head multiplies in fp32
     in_loop = chunk * live_chunks + 2 * rows * h * 4
-    if half_gemms:  # the chunk's dz in bf16, and its fp32 dz.T @ h before it is added to the weight's gradient
-        in_loop += rows * s.vocab * b + 4 * vh * full
+    if half_gemms:  # the epilogue kernels: the raw fp32 chunk and its dz in bf16; dW accumulates in the product
+        in_loop = chunk + rows * s.vocab * b + 2 * rows * h * 4
     at_save = chunk + head_grad * (b != 4)  # the fp32 weight gradient cast to the weight's dtype
     head_forward = 2 * hidden + weight_fp32 + 4 * vh * full + max(in_loop, at_save)
 
@@ -392,7 +393,7 @@ def _phases(step: _Step, persistent: dict[str, int], gradients: int, weights: in
         attention = b * n * (2 * h + 2 * s.q + 2 * s.kv + 2 * s.q * repeated) + b * mask
         body = max(attention, b * n * (2 * h + 3 * i)) + shared + mask * (not step.checkpointing)
         head = hidden
-        if step.device == "cpu":  # the chunked torch head; on CUDA the Triton kernel holds no logits
+        if step.device == "cpu" or half_gemms:  # the chunked head (the Triton kernel of other CUDA dtypes keeps none)
             head += weight_fp32 + min(n, step.chunk_bytes // (4 * s.vocab)) * s.vocab * 4
         brought = weights if step.ref_offload else 0  # ref_offload: the weights come for this pass only
         phases["reference forward"] = at(reference=brought + max(body, head))
