@@ -148,6 +148,49 @@ def variants(dtype: torch.dtype, bucket: str = "large"):
         **full, "FILTER": False, "NEED_DW": True, "NEED_DB": True, **b_meta}, bwd  # fmt: skip
 
 
+def epilogue_variants():
+    """(kernel, variant, fn, constexprs) of the chunked head's epilogue kernels (``head_epilogue``), bf16 dz."""
+    from . import head_epilogue as e
+
+    every = dict.fromkeys(("WANT_ENTROPY", "WANT_MEAN", "WANT_TOP1", "WANT_SQ"), True)
+    none = dict.fromkeys(every, False)
+    block = {"BLOCK_N": e.BLOCK_N, "BLOCK_V": e.BLOCK_V}
+    plain, full = {"HAS_BIAS": False, "SOFTCAP": False}, {"HAS_BIAS": True, "SOFTCAP": True}
+    yield "epilogue stats", "lse, logp", e._row_stats_kernel, {**plain, **none, **block}
+    yield "epilogue stats", "all outputs, bias, softcap", e._row_stats_kernel, {**full, **every, **block}
+    yield "epilogue dz", "bf16 dz", e._grad_kernel, {**plain, **block}
+    yield "epilogue dz", "bf16 dz, bias, softcap", e._grad_kernel, {**full, **block}
+
+
+def compile_epilogue(fn, constexprs: dict, arch: int = 90):
+    """Compile an epilogue kernel as it runs: fp32 raw logits, bias and statistics, int64 targets, bf16 dz, and the
+    launcher's specialization of 16-aligned pointers, strides and vocabulary size (true of every common model)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import head_epilogue
+
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = {"tgt_ptr": "*i64", "dz_ptr": "*bf16"}.get(name, "*fp32")
+        else:
+            signature[name] = "fp32" if name in _FP32_SCALARS else "i32"
+    aligned = [
+        i for i, n in enumerate(fn.arg_names) if signature[n].startswith("*") or n in ("V", "stride_z", "stride_dz")
+    ]
+    source = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
+    )
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": head_epilogue.NUM_WARPS})
+
+
 def report(dtype: torch.dtype, arch: int = 90) -> list[KernelReport]:
     found = []
     for kernel, variant, fn, constexprs, cfg in variants(dtype):
@@ -167,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sm_{args.arch}, {args.dtype}, triton {triton.__version__}, tile table 'large' (H > 1024)\n")
     print("| kernel | variant | registers | stack bytes | local loads | shared bytes | HGMMA |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for r in report(dtype, args.arch):
+    reports = report(dtype, args.arch)
+    reports += [inspect(compile_epilogue(fn, cx, args.arch), kernel, v) for kernel, v, fn, cx in epilogue_variants()]
+    for r in reports:
         cols = (r.kernel, r.variant, r.registers, r.stack_bytes, r.local_loads, r.shared_bytes, r.hgmma)
         print("| " + " | ".join(str(c) for c in cols) + " |")
 

@@ -32,3 +32,15 @@ def test_every_kernel_compiles_for_sm90_on_tensor_cores(dtype):
             assert r.stack_bytes == 0 and r.local_loads == 0, f"the table's backward config now spills: {r}"
         if r.kernel != "combine":
             assert r.hgmma > 0, f"{r.kernel} ({r.variant}) does not use HGMMA"
+
+
+def test_epilogue_kernels_compile_without_spills_and_with_16_byte_loads():
+    # they stream each chunk of logits once: the loads of the raw fp32 logits must be 16 bytes wide, the bf16 dz
+    # stores too, and nothing may spill to local memory
+    for kernel, variant, fn, constexprs in compile_report.epilogue_variants():
+        compiled = compile_report.compile_epilogue(fn, constexprs, arch=90)
+        r = compile_report.inspect(compiled, kernel, variant)
+        assert r.stack_bytes == 0 and r.local_loads == 0, r
+        assert "ld.global.v4.b32" in compiled.asm["ptx"], f"{kernel} ({variant}): loads are not 16 bytes wide"
+        if kernel == "epilogue dz":
+            assert "st.global.v4.b32" in compiled.asm["ptx"], f"{kernel} ({variant}): dz stores are not 16 bytes wide"
