@@ -9,10 +9,11 @@ The op, in plain torch (what ``impl="naive"`` does, and what every other impl mu
     logp = z.log_softmax(-1).gather(-1, targets)   # [N], 0 where targets == ignore_index
 
 ``impl="torch"`` computes the same thing chunk by chunk of tokens: each chunk's logits live in one reused
-buffer (64 MiB of fp32 by default; half-precision inputs on a GPU multiply on the tensor cores with fp32 results,
-see ``_HeadGemms``), the forward keeps only the log-sum-exp per token, and the backward
-recomputes each chunk's logits from it. ``impl="triton"`` runs fused kernels (``fastdpo.kernels``) that never
-write a logit to memory. Either way, only tokens whose target is not ignored are ever computed.
+buffer (64 MiB of fp32 by default; half-precision inputs on a GPU multiply on the tensor cores with fp32 results
+in 1 GiB chunks, and Triton row kernels do the element-wise work between the products, see ``_HeadGemms``), the
+forward keeps only the log-sum-exp per token, and the backward recomputes each chunk's logits from it.
+``impl="triton"`` runs fused kernels (``fastdpo.kernels``) that never write a logit to memory. Either way, only
+tokens whose target is not ignored are ever computed.
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def linear_logprobs(
         targets: ``[...]`` int64, the next token per position; ``ignore_index`` where there is none.
         bias: ``[V]`` or None.
         logit_scale, softcap, temperature: applied in that order (as transformers' heads and TRL do).
-        impl: ``naive`` (full logits; the reference), ``torch`` (chunked, CPU and fallback), ``triton``
-            (CUDA kernels), ``auto`` (on CUDA with Triton: torch for fp16/bf16 hidden and weight of one dtype,
-            whose products then run in cuBLAS with fused epilogue kernels; triton for other dtypes; else torch).
+        impl: ``naive`` (full logits; the reference), ``torch`` (chunked; on a GPU with half inputs, cuBLAS
+            products and Triton epilogue kernels), ``triton`` (fused CUDA kernels, no logits at all), ``auto`` (on
+            CUDA with Triton: torch for fp16/bf16 hidden and weight of one dtype, triton for other dtypes; else
+            torch).
         outputs: which of ``logp, entropy, mean_logit, is_top1, log_sum_sq_probs`` to compute;
             ``logp`` is always computed.
         chunk_bytes: ``impl="torch"`` only: size of one chunk of fp32 logits; None: 64 MiB, or 1 GiB for
