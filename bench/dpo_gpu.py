@@ -28,6 +28,11 @@ max_length 1024, AdamW), batch ``--batch`` pairs, the same seed (so the same pai
   device's bf16 GEMM rate, measured in its own process (``torch.mm`` 8192³, median of 20).
 
 Results: ``<out>/dpo_gpu.{json,md}``. ``--device cpu --model tiny`` runs the same code on a CPU (a smoke test).
+
+``--profile`` instead runs each engine under ``torch.profiler`` for two steps after two unrecorded ones and writes
+``<out>/dpo_gpu_profile.md``: per engine, the device's busy time (the union of its kernels' intervals) against the
+steps' wall time — a step whose device sits idle is bound by the host — and the operators ranked by their own
+device time (CPU time on a CPU). Profiled steps run slower; their times are not benchmark results.
 """
 
 from __future__ import annotations
@@ -163,6 +168,8 @@ def _worker(args: argparse.Namespace) -> dict:
     device = args.device
     trainer, setup_s = build_trainer(args.worker, model=args.model, data=args.data[0], pairs=args.pairs,
                                      batch=args.batch, steps=args.steps, device=device)  # fmt: skip
+    if args.profile:
+        return _profile_worker(trainer, args.worker, device)
     steps = record_lengths(trainer, args.worker)
     padding: list[tuple[int, int]] = []
     compute_loss = trainer.compute_loss  # record_lengths' wrapper
@@ -186,6 +193,57 @@ def _worker(args: argparse.Namespace) -> dict:
             "step_ends": [t - clock.begin for t in clock.ends], "num_tokens": logs[-1]["num_tokens"],
             "losses": [log["loss"] for log in logs], "steps": steps, "padding": padding,
             "peak_bytes": peak, "base_bytes": base if device == "cuda" else 0}  # fmt: skip
+
+
+PROFILE_SKIP, PROFILE_ACTIVE = 2, 2  # steps run before recording (compilation, allocator growth), steps recorded
+
+
+def _profile_worker(trainer, engine: str, device: str) -> dict:
+    """Profile steps 3-4 of ``trainer.train()``: device busy time against wall time, and the top operators."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    from transformers import TrainerCallback
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    clock = StepClock(device)
+    with profile(activities=activities, schedule=schedule(wait=PROFILE_SKIP, warmup=0, active=PROFILE_ACTIVE)) as prof:
+
+        class _Step(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                prof.step()
+
+        trainer.add_callback(clock.callback)
+        trainer.add_callback(_Step())
+        trainer.train()
+    wall = clock.ends[PROFILE_SKIP + PROFILE_ACTIVE - 1] - clock.ends[PROFILE_SKIP - 1]
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
+    busy, last_end = 0.0, float("-inf")
+    for start, end in kernels:  # the union of the kernels' intervals, in µs
+        busy += max(0.0, end - max(start, last_end))
+        last_end = max(last_end, end)
+    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+    return {"engine": engine, "profile": {"wall_s": wall, "device_busy_s": busy / 1e6, "kernels": len(kernels),
+                                          "table": table}}  # fmt: skip
+
+
+def _profile_report(meta: dict, results: dict[str, list[dict]]) -> str:
+    lines = [f"DPO steps {PROFILE_SKIP + 1}–{PROFILE_SKIP + PROFILE_ACTIVE} under torch.profiler on "
+             f"{meta['device']['name']}; model {meta['model']}, batch {meta['batch']} pairs, {meta['dtype']}. Profiled "
+             "steps run slower than unprofiled ones: these are shares, not benchmark times.", "",
+             "| data | engine | wall s (2 steps) | device busy s | busy share | kernels |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    tables = []
+    for data, rows in results.items():
+        for r in rows:
+            if "profile" not in r:
+                lines.append(f"| {data} | {ENGINES[r['engine']]} | failed: {r.get('error', '?')} | | | |")
+                continue
+            p = r["profile"]
+            share = f"{100 * p['device_busy_s'] / p['wall_s']:.0f}%" if meta["dtype"] == "bf16" else "n/a (CPU)"
+            lines.append(f"| {data} | {ENGINES[r['engine']]} | {p['wall_s']:.3f} | {p['device_busy_s']:.3f} | {share} "
+                         f"| {p['kernels']} |")  # fmt: skip
+            tables += ["", f"{data}, {ENGINES[r['engine']]}:", "", "```", p["table"].rstrip("\n"), "```"]
+    return "\n".join(lines + tables) + "\n"
 
 
 def _gemm_worker(args: argparse.Namespace) -> dict:
@@ -285,7 +343,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=240, help="seconds per engine process")
     parser.add_argument("--worker", choices=(*ENGINES, "gemm"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device name>")
+    parser.add_argument("--profile", action="store_true", help="profile two steps per engine (see the docstring)")
     args = parser.parse_args(argv)
+    if args.profile and args.steps < PROFILE_SKIP + PROFILE_ACTIVE:
+        parser.error(f"--profile records steps {PROFILE_SKIP + 1}-{PROFILE_SKIP + PROFILE_ACTIVE}: give --steps of at "
+                     f"least {PROFILE_SKIP + PROFILE_ACTIVE}")  # fmt: skip
     if args.worker:
         print(json.dumps(_gemm_worker(args) if args.worker == "gemm" else _worker(args)))
         return
@@ -302,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"device": device, "versions": _versions(), "model": args.model, "batch": args.batch, "steps": args.steps,
             "pairs": args.pairs, "dtype": "bf16" if args.device == "cuda" else "fp32"}  # fmt: skip
     gemm = None
-    if args.device == "cuda":
+    if args.device == "cuda" and not args.profile:
         gemm = _run([sys.executable, "-m", "bench.dpo_gpu", "--worker", "gemm"], args.timeout)
         gemm = None if "error" in gemm else gemm
     results: dict[str, list[dict]] = {}
@@ -312,13 +374,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{data}: {engine} ...", file=sys.stderr, flush=True)
             command = [sys.executable, "-m", "bench.dpo_gpu", "--worker", engine, "--model", args.model, "--data", data,
                        "--pairs", str(args.pairs), "--batch", str(args.batch), "--steps", str(args.steps),
-                       "--device", args.device]  # fmt: skip
+                       "--device", args.device] + ["--profile"] * args.profile  # fmt: skip
             result = _run(command, args.timeout) | {"engine": engine}
+            results.setdefault(data, []).append(result)
+            if args.profile:
+                atomic_write(out / "dpo_gpu_profile.md", _profile_report(meta, results))
+                continue
             if "error" not in result:
                 result.update(summarize(result, shape))
-            results.setdefault(data, []).append(result)
             _write(out, meta, gemm, results)  # after every engine: a run cut short keeps what it measured
-    print(_table(meta, gemm, results))
+    print((out / "dpo_gpu_profile.md").read_text() if args.profile else _table(meta, gemm, results))
 
 
 def _run(command: list[str], timeout: float) -> dict:

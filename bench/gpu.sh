@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: install what its image lacks from bench/wheels (built on any machine with
 # `make gpu-wheels`), then run the `gpu` tests, the head-op benchmark and the end-to-end DPO benchmark (and, with
-# GPU_DPO_LARGE_ARGS set, a second end-to-end run into <OUT_DIR>/large), writing
+# GPU_DPO_LARGE_ARGS set, a second end-to-end run into <OUT_DIR>/large; with GPU_DPO_PROFILE_ARGS set, a profile of
+# the DPO step per engine), writing
 # everything to bench/results/<device>/ (or to the folder given as the first argument).
 #
 #     bash bench/gpu.sh [OUT_DIR] [PACK.tar.gz]
@@ -67,5 +68,11 @@ cat "$out/dpo_gpu.md" 2>/dev/null
 if [ -n "${GPU_DPO_LARGE_ARGS:-}" ]; then
     step dpo_gpu_large "${GPU_DPO_LARGE_TIMEOUT:-150}" "$PY" -m bench.dpo_gpu --out "$out/large" $GPU_DPO_LARGE_ARGS
     cat "$out/large/dpo_gpu.md" 2>/dev/null
+fi
+# 5. optional: where a DPO step's time goes (torch.profiler over two steps per engine; see bench/dpo_gpu.py)
+if [ -n "${GPU_DPO_PROFILE_ARGS:-}" ]; then
+    step dpo_gpu_profile "${GPU_DPO_PROFILE_TIMEOUT:-150}" "$PY" -m bench.dpo_gpu --profile --out "$out" \
+        $GPU_DPO_PROFILE_ARGS
+    head -12 "$out/dpo_gpu_profile.md" 2>/dev/null
 fi
 exit $status

@@ -1,0 +1,25 @@
+"""bench.dpo_gpu's --profile mode, run on a CPU with the tiny model (the GPU run has only the device to add)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bench import dpo_gpu
+
+
+def test_profile_mode_writes_the_busy_share_and_the_operator_table(tmp_path):
+    dpo_gpu.main(["--device", "cpu", "--model", "tiny", "--profile", "--engines", "fastdpo", "--data", "short",
+                  "--pairs", "8", "--batch", "2", "--steps", "4", "--out", str(tmp_path)])  # fmt: skip
+    report = (tmp_path / "dpo_gpu_profile.md").read_text()
+    row = re.search(r"\| short \| fastdpo DPOTrainer \| ([\d.]+) \| ([\d.]+) \| n/a \(CPU\) \| 0 \|", report)
+    assert row and float(row[1]) > 0, report  # two steps took time; a CPU run has no device kernels
+    assert "aten::mm" in report and "Self CPU" in report  # the operator table of the recorded steps
+    assert not (tmp_path / "dpo_gpu.json").exists()  # profiled steps are not benchmark results
+
+
+def test_profile_needs_the_steps_it_records(capsys):
+    with pytest.raises(SystemExit):
+        dpo_gpu.main(["--device", "cpu", "--profile", "--steps", "3"])
+    assert "--steps of at least 4" in capsys.readouterr().err
