@@ -215,3 +215,11 @@ def test_a_second_signal_acts_as_before_and_the_handlers_are_restored():
     trainer.args.world_size = 2  # processes would have to agree on the step: not handled
     with stop_on_signals(trainer):
         assert callbacks == [] and signal.getsignal(signal.SIGINT) is before[0]
+
+
+def test_the_interruption_is_exported_where_the_trainers_are():
+    import fastdpo.train
+    from fastdpo.train import interrupt
+
+    assert fastdpo.train.TrainingInterrupted is interrupt.TrainingInterrupted
+    assert issubclass(fastdpo.train.TrainingInterrupted, KeyboardInterrupt)  # a bare `except Exception` lets it pass

@@ -2,8 +2,18 @@
 
 from fastdpo.train.config import DPOConfig
 from fastdpo.train.dpo import DPOTrainer
+from fastdpo.train.interrupt import TrainingInterrupted
 from fastdpo.train.sft import SFTTrainer, sft_step
 from fastdpo.train.sft_config import SFTConfig
 from fastdpo.train.step import preference_step, reference_logps
 
-__all__ = ["DPOConfig", "DPOTrainer", "SFTConfig", "SFTTrainer", "preference_step", "reference_logps", "sft_step"]
+__all__ = [
+    "DPOConfig",
+    "DPOTrainer",
+    "SFTConfig",
+    "SFTTrainer",
+    "TrainingInterrupted",
+    "preference_step",
+    "reference_logps",
+    "sft_step",
+]
