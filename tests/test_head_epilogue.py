@@ -63,8 +63,15 @@ def test_kernels_equal_the_fp64_definitions(name, n, vocab, dtype, with_bias):
     z = (torch.randn(n, vocab, generator=gen) * 4).to(dtype)
     bias = torch.randn(vocab, generator=gen).to(dtype) if with_bias else None
     targets = torch.randint(0, vocab, (n,), generator=gen)
-    z[0, 1 % vocab] = z[0, 0]  # a tie for the maximum in row 0: the first index counts
+    # row 0: a tie for the maximum between the first and the last column (another tile), target on the last: the
+    # first index is the argmax, so no hit; row 1: the target is the argmax, a hit
+    last = vocab - 1
     z[0, 0] += 50
+    z[0, last] = z[0, 0]
+    if bias is not None:
+        bias[last] = bias[0]
+    targets[0] = last
+    targets[1 % n] = int(transformed(z, bias, TRANSFORMS[name])[1 % n].argmax())
     transform = TRANSFORMS[name]
     kernel_transform = module.Transform(
         transform.get("logit_scale", 1.0), transform.get("softcap"), transform.get("temperature", 1.0)
@@ -84,6 +91,7 @@ def test_kernels_equal_the_fp64_definitions(name, n, vocab, dtype, with_bias):
         assert value.dtype == torch.float32
         # fp32 arithmetic on values of magnitude <= ~60 over <= 203 terms: a few fp32 ulps of 60 (~4e-6)
         torch.testing.assert_close(value.double(), want, rtol=1e-5, atol=2e-5)
+    assert got[4][1 % n] == 1 and (vocab == 1 or got[4][0] == 0)
     assert [v is None for v in module.row_stats(z, bias, targets, kernel_transform, (False,) * 4)[2:]] == [True] * 4
 
     grad = torch.randn(n, generator=gen, dtype=torch.float64)
