@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
               "the GPU peak a little less (0.92x). fastdpo impl='torch' on the GPU was measured before commit "
               "'linear_logprobs backward: free each chunk's dz': until then the previous chunk's dz (C·b/4 = 512 "
               "MiB) was still alive when the next one was written, so that code's formula is 512 MiB more (3,050, "
-              "ratio 1.01); the fix is counted, not yet measured. fused_pair_loss already freed it."]  # fmt: skip
+              "ratio 1.01); the fix is counted and tested (no earlier chunk alive when a product is formed: "
+              "tests/test_head_epilogue.py), not yet measured on a GPU. fused_pair_loss already freed it."]  # fmt: skip
     text = "\n".join(lines) + "\n"
     atomic_write(args.out / "memory_model.json", json.dumps(rows, indent=1))
     atomic_write(args.out / "memory_model.md", text)

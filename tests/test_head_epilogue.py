@@ -190,3 +190,38 @@ def test_fused_pair_loss_with_the_epilogue_equals_the_plain_path(epilogue_on):
                                     bias=b64, token_metrics=True, **kw).metrics  # fmt: skip
     for key in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
         assert abs(got.metrics[key].item() - plain_metrics[key].item()) < 1e-5, key
+
+
+@pytest.mark.parametrize("op", ["linear_logprobs", "fused_pair_loss"])
+def test_one_chunk_of_logits_is_alive_at_a_time(epilogue_on, monkeypatch, op):
+    # what estimate_memory counts for the GPU path: when a chunk's product is formed, the previous chunk's logits and
+    # its dz are gone (on a GPU each product allocates; a dz still referenced from the last chunk would double them)
+    import weakref
+
+    module = sys.modules["fastdpo.ops.linear_logprobs"]
+    real_raw, real_dz, earlier, alive_at_product = module._HeadGemms.raw_logits, module._HeadGemms.dz, [], []
+
+    def raw_logits(self, h):
+        alive_at_product.append(sum(ref() is not None for ref in earlier))
+        z = real_raw(self, h)
+        earlier.append(weakref.ref(z))
+        return z
+
+    def dz(self, *args):
+        out = real_dz(self, *args)
+        earlier.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(module._HeadGemms, "raw_logits", raw_logits)
+    monkeypatch.setattr(module._HeadGemms, "dz", dz)
+    if op == "linear_logprobs":
+        hidden, weight, _, targets = make(37, 20, 203, torch.float32, seed=2)
+        out = linear_logprobs(hidden, weight, targets, impl="torch", chunk_bytes=4 * 203 * 8)
+        out.logp.sum().backward()
+    else:
+        h, w, _bias, targets, cu, seq_pair, seq_is_chosen, ref = packed_case(dtype=torch.float32)
+        loss = fused_pair_loss(h, w, targets, cu, seq_pair, seq_is_chosen, LossConfig(loss_type="sigmoid"),
+                               ref_chosen=ref[:, 0], ref_rejected=ref[:, 1], chunk_bytes=4 * 97 * 4).loss  # fmt: skip
+        loss.backward()
+    assert len(alive_at_product) >= 4, "the case needs several chunks"
+    assert max(alive_at_product) == 0, alive_at_product
