@@ -18,6 +18,7 @@ tokens whose target is not ignored are ever computed.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -403,37 +404,29 @@ class _HeadGemms:
             grad_weight.addmm_(dz.t(), h)
 
 
-_MM_OUT_DTYPE: list[bool] = []
-
-
+@functools.cache
 def _mm_out_dtype() -> bool:
     """Whether this torch has ``torch.mm(a, b, out_dtype=)`` for half inputs on CUDA (probed once)."""
-    if not _MM_OUT_DTYPE:
-        try:
-            a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
-            _MM_OUT_DTYPE.append(torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32)
-        except (RuntimeError, TypeError):
-            _MM_OUT_DTYPE.append(False)
-    return _MM_OUT_DTYPE[0]
+    try:
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError):
+        return False
 
 
-_ADDMM_OUT_DTYPE: list[bool] = []
-
-
+@functools.cache
 def _addmm_out_dtype() -> bool:
     """Whether ``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)`` accumulates half products into an fp32 ``c``
     correctly on CUDA here (probed once against the plain sum): dW then needs no fp32 temporary per chunk."""
-    if not _ADDMM_OUT_DTYPE:
-        try:
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            a, b = (torch.randn(64, 64, device="cuda", generator=gen).bfloat16() for _ in range(2))
-            c = torch.randn(64, 64, device="cuda", generator=gen)
-            expected = c + a.float() @ b.float()
-            torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-            _ADDMM_OUT_DTYPE.append(bool(torch.allclose(c, expected, rtol=1e-4, atol=1e-4)))
-        except (RuntimeError, TypeError):
-            _ADDMM_OUT_DTYPE.append(False)
-    return _ADDMM_OUT_DTYPE[0]
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        a, b = (torch.randn(64, 64, device="cuda", generator=gen).bfloat16() for _ in range(2))
+        c = torch.randn(64, 64, device="cuda", generator=gen)
+        expected = c + a.float() @ b.float()
+        torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+        return bool(torch.allclose(c, expected, rtol=1e-4, atol=1e-4))
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _epilogue_kernels(hidden: Tensor):
