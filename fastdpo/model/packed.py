@@ -14,6 +14,8 @@ block-diagonal mask of packed sequences from ``position_ids`` only when ``attent
 turns that detection off and every sequence silently attends to the ones before it in its row. The flash-attention
 path never builds a mask: it isolates sequences only through ``cu_seq_lens_q/k`` (or position ids at batch size 1),
 so for flash the rows are flattened into one row of ``R·L`` tokens and the batch's ``cu_seqlens`` are passed.
+fastdpo's own ``fastdpo_varlen`` (``fastdpo.model.attention``: causal attention per sequence, flash's varlen kernel
+inside torch on a GPU) runs the same way.
 
 The LM head's own forward is never run: ``run_head`` runs fastdpo's head function in its place (so wrappers'
 hooks on the head module still fire), and ``head_spec`` reads its weight and the transformations the model family
@@ -23,8 +25,8 @@ applies to the logits (Gemma-2/3 final soft-capping, Cohere's ``logit_scale``, G
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -33,12 +35,15 @@ from torch import Tensor, nn
 
 from fastdpo.data.packing import IGNORE_INDEX, PackedBatch
 from fastdpo.errors import ConfigError
+from fastdpo.model.attention import attends_per_sequence, register_varlen_attention, switched_attention
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.offload import offload_activations as _offload
 from fastdpo.ops import LinearLogprobs, linear_logprobs, segment_sum
 
 # Attention implementations for which transformers builds the packed (block-diagonal) mask from position_ids.
 MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
+
+register_varlen_attention()  # a name in transformers' registry; nothing runs until a model is switched to it
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -223,38 +228,13 @@ def head_spec(model: nn.Module) -> HeadSpec:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _is_flash(attn_implementation: str) -> bool:
-    # transformers' own test (utils.generic.is_flash_attention_requested): any implementation named "*flash*"
-    # ("flash_attention_2/3/4", hub kernels such as "kernels-community/flash-attn3") goes through its flash path
-    return "flash" in attn_implementation
-
-
-@contextmanager
-def _attention(model: nn.Module, requested: str | None) -> Iterator[str]:
-    """The model's attention implementation, switched to ``requested`` for the duration when that differs."""
-    current = model.config._attn_implementation
-    if requested is None or requested == current:
-        yield current
-        return
-    try:
-        model.set_attn_implementation(requested)
-    except (ValueError, ImportError) as error:
-        raise ConfigError(
-            f"{type(_unwrap(model)).__name__} cannot run {requested!r}: {error}",
-            column="attn_implementation",
-            fix="use 'eager' (every model has it)",
-        ) from error
-    active = model.config._attn_implementation
-    if active == current:  # transformers only warns when a model cannot switch
-        raise ConfigError(
-            f"{type(_unwrap(model)).__name__} cannot switch attention from {current!r} at run time",
-            column="attn_implementation",
-            fix=f"load the model with attn_implementation={requested!r}",
-        )
-    try:
-        yield active
-    finally:
-        model.set_attn_implementation(current)
+def _recomputes(model: nn.Module) -> bool:
+    """Whether a forward now will be recomputed in the backward (gradient checkpointing with gradients on)."""
+    inner = _unwrap(model)
+    # transformers 5 renamed is_gradient_checkpointing (deprecated, warns) to is_activation_checkpointing
+    new = hasattr(type(inner), "is_activation_checkpointing")
+    name = "is_activation_checkpointing" if new else "is_gradient_checkpointing"
+    return torch.is_grad_enabled() and bool(getattr(inner, name, False))
 
 
 def _check_batch(batch: PackedBatch) -> None:
@@ -290,8 +270,10 @@ def packed_hidden_states(
         attn_implementation: run with this attention implementation (switched with transformers'
             ``set_attn_implementation`` for the call and switched back); None keeps the model's own. ``eager``,
             ``sdpa`` and ``flex_attention`` get the packed mask from ``position_ids``; ``*flash*`` implementations get
-            ``cu_seq_lens_q/k`` over the rows flattened into one. Anything else is refused: transformers builds no
-            mask for it, so packed sequences would attend to each other.
+            ``cu_seq_lens_q/k`` over the rows flattened into one, and so does ``fastdpo_varlen``. Anything else is
+            refused: transformers builds no mask for it, so packed sequences would attend to each other. The switch
+            lasts for this call only, so it is refused where the backward would recompute the body (gradient
+            checkpointing with gradients on): hold ``fastdpo.model.use_attention`` across forward and backward.
 
     Sequences never see each other: ``use_cache=False`` and no attention mask are both required for that (see the
     module docstring), so neither can be passed.
@@ -319,8 +301,15 @@ def packed_body(
     body = model.get_decoder()
     extra = {"output_router_logits": True} if output_router_logits else {}
     offload = _offload(model) if offload_activations else nullcontext()
-    with _attention(model, attn_implementation) as implementation, offload:
-        if _is_flash(implementation):
+    if attn_implementation not in (None, _unwrap(model).config._attn_implementation) and _recomputes(model):
+        raise ConfigError(
+            f"switching attention to {attn_implementation!r} for one forward: gradient "
+            "checkpointing would recompute the layers in the backward with the model's own implementation",
+            column="attn_implementation",
+            fix="wrap forward and backward in fastdpo.model.use_attention([model], ...) instead",
+        )
+    with switched_attention(model, attn_implementation) as implementation, offload:
+        if attends_per_sequence(implementation):
             # transformers' flash path isolates sequences only at batch size 1 (varlen kernels over one token axis)
             output = body(
                 input_ids=batch.input_ids.reshape(1, -1),
