@@ -52,10 +52,9 @@ from accelerate.utils import is_peft_model  # noqa: E402  (after the TRL check: 
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
-from fastdpo.data.packing import default_pack_length  # noqa: E402
 from fastdpo.model.hooks import forward_as  # noqa: E402
 from fastdpo.train.config import loss_config_of  # noqa: E402
-from fastdpo.train.dpo import PairPacker, _as_batch  # noqa: E402
+from fastdpo.train.dpo import _as_batch, packer_for  # noqa: E402
 from fastdpo.train.sft import PackedSFTLoss, SequencePacker, _pack_length, refuse_logit_hooks  # noqa: E402
 
 TRL_FALLBACK = ", or use TRL's own trainer for this run"
@@ -85,13 +84,8 @@ class DPOTrainer(trl.DPOTrainer):
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.DPOTrainer for vision-language models")  # fmt: skip
         args = self.args
-        if data_collator is None:
-            attention = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
-            self.data_collator = PairPacker(
-                pack_length=default_pack_length(args.max_length or 1024, attention), max_length=args.max_length,
-                truncation_mode=args.truncation_mode, pad_token_id=self._tokenizer.pad_token_id,
-                pad_to_multiple_of=args.pad_to_multiple_of,
-            )  # fmt: skip
+        if data_collator is None:  # the model's own attention (TRL's config has no packed_attention)
+            self.data_collator = packer_for(self.model, args, None, self._tokenizer.pad_token_id)
         self.loss_config = loss_config_of(args)
 
     def _compute_loss(self, model, inputs, return_outputs):

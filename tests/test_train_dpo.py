@@ -81,6 +81,49 @@ def test_first_steps_match_trl(case, data, tmp_path):
     assert 0 < ours[0]["padding_fraction"] < 1
 
 
+def test_first_steps_match_trl_on_varlen_attention(data, tmp_path):
+    # packed_attention="varlen": each sequence attends only to itself, every batch in one row with no padding
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    ours = run(DPOTrainer, DPOConfig, load, data, tokenizer, tmp_path, "ours", packed_attention="varlen")
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl")
+    assert_first_steps_match(ours, theirs)
+    assert ours[0]["padding_fraction"] == 0
+
+
+def test_varlen_and_the_models_attention_train_alike_under_gradient_checkpointing(tmp_path, monkeypatch):
+    # the attention switch must hold through the backward, where checkpointing recomputes every layer
+    from transformers import AttentionInterface
+
+    from fastdpo.model import VARLEN, varlen_attention
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return varlen_attention(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, VARLEN, counted)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    data = synthetic_pairs(8)
+    common = {"per_device_train_batch_size": 4, "gradient_checkpointing": True}
+    varlen_trainer, varlen = train_ours(load, data, tokenizer, tmp_path, "varlen", packed_attention="varlen", **common)
+    # 2 steps × 2 layers × (reference forward, policy forward, the policy's recomputation in the backward)
+    assert len(calls) == 12 and calls.count(False) == 4
+    model_trainer, model = train_ours(load, data, tokenizer, tmp_path, "model", packed_attention="model", **common)
+    examples = [varlen_trainer.train_dataset[i] for i in range(4)]
+    one_row = varlen_trainer.data_collator(examples)
+    assert one_row["input_ids"].shape[0] == 1 and int(one_row["num_padding"]) == 0
+    assert model_trainer.data_collator(examples)["input_ids"].shape[0] > 1
+    for step in (0, 1):  # fp32: the two attentions sum in different orders (~1e-6 relative)
+        for name in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "num_tokens"):
+            assert varlen[step][name] == pytest.approx(model[step][name], rel=1e-4), (step, name)
+    for trainer in (varlen_trainer, model_trainer):  # switched back after the steps
+        assert trainer.model.config._attn_implementation == "sdpa"
+        assert trainer.ref_model.config._attn_implementation == "sdpa"
+
+
 def assert_first_steps_match(ours: list[dict], theirs: list[dict]) -> None:
     """Two logged steps of fastdpo and of TRL on the same pairs and weights: the same values up to fp32 rounding."""
     assert len(ours) == len(theirs) == 2

@@ -374,3 +374,33 @@ def test_tokenizer_is_a_deprecated_alias_of_processing_class(load, tokenizer, tm
     with pytest.warns(FutureWarning, match="processing_class"):
         trainer = SFTTrainer(load(), args=args, train_dataset=prompt_completion_rows(4), tokenizer=tokenizer)
     assert trainer.processing_class is tokenizer
+
+
+def test_varlen_and_the_models_attention_train_alike_under_gradient_checkpointing(load, tokenizer, tmp_path,
+                                                                                 monkeypatch):  # fmt: skip
+    # packed_attention="varlen" (fastdpo_varlen) against the model's own sdpa over packed rows: the same steps, and
+    # the switch holds through the backward, where checkpointing recomputes every layer
+    from transformers import AttentionInterface
+
+    from fastdpo.model import VARLEN, varlen_attention
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return varlen_attention(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, VARLEN, counted)
+    data = prompt_completion_rows(16, seed=3)
+    runs = {}
+    for attention, expected in (("varlen", VARLEN), ("model", None)):
+        trainer, logs = train(SFTTrainer, SFTConfig, load, data, tokenizer, tmp_path, attention, packing=False,
+                              gradient_checkpointing=True, packed_attention=attention)  # fmt: skip
+        assert trainer.packed_attention_impl == expected
+        assert trainer.model.config._attn_implementation == "sdpa"  # switched back after the steps
+        runs[attention] = logs
+    # 2 steps × 2 layers × (forward, recomputation in the backward); none from the sdpa run
+    assert len(calls) == 8 and calls.count(False) == 0
+    for step in (0, 1):  # fp32: the two attentions sum in different orders (~1e-6 relative)
+        for name in ("loss", "grad_norm", "entropy", "num_tokens"):
+            assert runs["varlen"][step][name] == pytest.approx(runs["model"][step][name], rel=1e-4), (step, name)

@@ -43,8 +43,11 @@ def default_pack_length(max_length: int, attn_implementation: str = "sdpa") -> i
     (bench/pack_rows_cpu.py: a 4-layer Llama, H=256, 8 batches of 8 pairs, DPO step fwd+bwd): 31.0 s with pairs
     in rows of 2048, 21.2 s with sequence rows (0.18x the attention entries, 11.9% padding against 17.5%).
     Earlier (bench/packing_cpu.py, UltraFeedback-like lengths), rows of pairs at 4096 ran slower than at 2048.
-    flash-attention and flex attention skip masked blocks (work per sequence, not per row): rows of
-    ``max(2 * max_length, 4096)``, which brought padding to 5–12% at 16+ pairs per batch (not yet timed on a GPU).
+    flex attention skips masked blocks (work per sequence, not per row): rows of ``max(2 * max_length, 4096)``,
+    which brought padding to 5–12% at 16+ pairs per batch (not yet timed on a GPU). The trainers pack each batch
+    into a single row, with no padding, for flash-attention and ``fastdpo_varlen``, which flatten the rows anyway
+    (``fastdpo.train.dpo.packer_for``); this function's answer for them is the row length a caller that wants
+    bounded rows would use.
     """
     if max_length < 1:
         raise ConfigError(f"must be positive, got {max_length}", column="max_length")

@@ -22,7 +22,9 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
   tokens; the pairs of a step are the same as without it: ``fastdpo.data.sampler.RankBalancedBatchSampler``),
   ``displacement_margin`` (warn once when ``logps/chosen`` has fallen by more than this fraction of its first logged
   value, at least 1 nat, while reward accuracy rises: ``fastdpo.train.dpo.DisplacementWatch``; None: off; the change
-  is logged as ``logps/chosen_change`` either way).
+  is logged as ``logps/chosen_change`` either way), ``packed_attention`` (``auto|varlen|model``: the attention the
+  packed steps run with; ``varlen`` is ``fastdpo_varlen``, causal attention per sequence with every batch in one
+  row and no padding; ``auto`` and ``model`` keep the model's own for now: ``fastdpo.model.packed_attention``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from transformers import TrainingArguments
 
 from fastdpo.errors import ConfigError, unknown_choice
+from fastdpo.model.attention import PACKED_ATTENTION
 from fastdpo.ops import LossConfig
 from fastdpo.train.common import check_shared_options
 
@@ -90,6 +93,7 @@ class DPOConfig(TrainingArguments):
     max_tokens_per_batch: int | None = None
     reference: str = "auto"
     head_impl: str = "auto"
+    packed_attention: str = "auto"
     simpo_gamma: float = 0.5
     cpo_alpha: float = 1.0
     max_nonfinite_steps: int = 10
@@ -131,6 +135,8 @@ class DPOConfig(TrainingArguments):
             warnings.warn(message, stacklevel=3)
         if self.reference not in REFERENCES:
             raise unknown_choice("reference", self.reference, REFERENCES)
+        if self.packed_attention not in PACKED_ATTENTION:
+            raise unknown_choice("packed_attention", self.packed_attention, PACKED_ATTENTION)
         if self.pack_length is not None and self.max_length is not None and self.pack_length < self.max_length:
             raise ConfigError(
                 f"{self.pack_length} cannot hold a {self.max_length}-token sequence",

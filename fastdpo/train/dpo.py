@@ -5,7 +5,10 @@
 
 The Trainer's own seeded sampler picks ``per_device_train_batch_size`` pairs per step (the pairs TRL would see);
 the collator packs their sequences (``pack_pairs(split_pairs=True)``; rows as long as ``pack_length``, by default
-``default_pack_length``: the batch's longest sequence on eager/sdpa), and ``compute_loss`` runs the reference pass
+the whole batch in one row when the steps' attention works per sequence (``fastdpo_varlen`` with
+``packed_attention="varlen"``, or flash-attention), else ``default_pack_length``: the batch's longest
+sequence on eager/sdpa). The steps run on that attention (``use_attention``, held through the backward, where
+gradient checkpointing recomputes the layers), and ``compute_loss`` runs the reference pass
 and the policy pass on that one packed batch, through the DDP/FSDP/DeepSpeed wrapper's forward (``forward_as``;
 the head runs as the LM head module's forward, ``run_head``). With several processes, each step's pairs are dealt
 by tokens (``balance_ranks``). Every pair of an optimizer step weighs the same, whatever the micro-batches,
@@ -41,6 +44,7 @@ from fastdpo.data.sampler import RankBalancedBatchSampler, TokenBudgetBatchSampl
 from fastdpo.data.tokenize import tokenize_preferences
 from fastdpo.errors import ConfigError
 from fastdpo.model.adapters import adapter_reference, is_peft_model, prepare_adapter_model, wrap_with_adapter
+from fastdpo.model.attention import attends_per_sequence, packed_attention, use_attention
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import router_aux_loss_coef
 from fastdpo.model.offload import HostResident
@@ -79,14 +83,19 @@ class PairPacker:
         pad_token_id: int,
         pad_to_multiple_of: int | None = None,
         packing: bool = True,
+        one_row: bool = False,
     ) -> None:
-        # pack_length None: rows as long as each batch's longest sequence (see default_pack_length)
+        # pack_length None: rows as long as each batch's longest sequence (see default_pack_length); one_row: the
+        # whole batch in one row, for attention that works per sequence (attends_per_sequence), with no padding
         self.pack_length, self.max_length = pack_length, max_length
         self.truncation_mode, self.pad_token_id = truncation_mode, pad_token_id
-        self.pad_to_multiple_of, self.packing = pad_to_multiple_of, packing
+        self.pad_to_multiple_of, self.packing, self.one_row = pad_to_multiple_of, packing, one_row
 
     def __call__(self, examples: list[dict]) -> dict:
-        batch = pack_pairs(examples, pack_length=self.pack_length, max_length=self.max_length,
+        pack_length = self.pack_length
+        if self.one_row:
+            pack_length = sum(pair_length(example, self.max_length, self.truncation_mode) for example in examples)
+        batch = pack_pairs(examples, pack_length=pack_length, max_length=self.max_length,
                            truncation_mode=self.truncation_mode, pad_token_id=self.pad_token_id,
                            pad_to_multiple_of=self.pad_to_multiple_of,
                            one_pair_per_row=not self.packing, split_pairs=True)  # fmt: skip
@@ -171,13 +180,9 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
-        max_length = args.max_length
-        pack_length = args.pack_length or default_pack_length(max_length or 1024, _attention(model))
-        collator = data_collator or PairPacker(pack_length=pack_length, max_length=max_length,
-                                               truncation_mode=args.truncation_mode,
-                                               pad_token_id=text_tokenizer.pad_token_id,
-                                               pad_to_multiple_of=args.pad_to_multiple_of,
-                                               packing=args.packing)  # fmt: skip
+        self.packed_attention_impl = packed_attention(args.packed_attention)
+        collator = data_collator or packer_for(model, args, self.packed_attention_impl, text_tokenizer.pad_token_id,
+                                               pack_length=args.pack_length, packing=args.packing)  # fmt: skip
         self.aux_loss_coef = router_aux_loss_coef(model, args.router_aux_loss_coef)
         if args.disable_dropout:
             for module in model.modules():
@@ -340,9 +345,14 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
             shard.num_processes, shard.process_index = 1, 0
         return loader
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # held across the backward: gradient checkpointing recomputes the layers there (use_attention)
+        with use_attention([self.model, self.ref_model], self.packed_attention_impl):
+            return super().training_step(model, inputs, num_items_in_batch)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), use_attention([self.model, self.ref_model], self.packed_attention_impl):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
@@ -435,5 +445,15 @@ def _reference_mode(args: DPOConfig, is_peft: bool) -> str:
     return "none" if reference_free else mode
 
 
-def _attention(model: nn.Module) -> str:
-    return getattr(model.config, "_attn_implementation", None) or "sdpa"
+def packer_for(model: nn.Module, args, attention: str | None, pad_token_id: int, *, pack_length: int | None = None,
+               packing: bool = True) -> PairPacker:  # fmt: skip
+    """The collator of a DPO config (fastdpo's or TRL's): rows of ``pack_length`` when set, else one row per batch
+    for attention that works per sequence, else ``default_pack_length`` for the attention the steps run with
+    (``attention``; None: the model's own)."""
+    attention = attention or getattr(model.config, "_attn_implementation", None) or "sdpa"
+    one_row = pack_length is None and packing and attends_per_sequence(attention)
+    if pack_length is None and not one_row:
+        pack_length = default_pack_length(args.max_length or 1024, attention)
+    return PairPacker(pack_length=pack_length, max_length=args.max_length, truncation_mode=args.truncation_mode,
+                      pad_token_id=pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of, packing=packing,
+                      one_row=one_row)  # fmt: skip

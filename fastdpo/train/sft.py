@@ -42,6 +42,7 @@ from fastdpo.data.sft import prepare_sft, tokenize_sft
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model import HeadSpec, packed_body, run_head
 from fastdpo.model.adapters import is_peft_model, prepare_adapter_model, wrap_with_adapter
+from fastdpo.model.attention import packed_attention, use_attention
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import moe_aux_loss, router_aux_loss_coef
 from fastdpo.ops import linear_logprobs
@@ -160,7 +161,15 @@ def batch_from_fields(fields: dict) -> PackedBatch:
 class PackedSFTLoss:
     """Trainer mixin: the SFT loss and TRL's SFT metrics on ``SequencePacker`` batches (fastdpo's ``SFTTrainer`` and
     the TRL drop-in, ``fastdpo.trl.SFTTrainer``). Needs ``self.aux_loss_coef`` (0.0: no router loss) and
-    ``self._metrics`` / ``self._total_train_tokens`` as TRL keeps them."""
+    ``self._metrics`` / ``self._total_train_tokens`` as TRL keeps them. Its steps run on
+    ``self.packed_attention_impl`` (None: the model's own; ``use_attention``, held through the backward)."""
+
+    packed_attention_impl: str | None = None
+
+    def training_step(self, *args, **kwargs):
+        # held across the backward: gradient checkpointing recomputes the layers there (use_attention)
+        with use_attention([self.model], self.packed_attention_impl):
+            return super().training_step(*args, **kwargs)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
         """Targets (labels that are not -100, after the causal shift) over the step's micro-batches and processes."""
@@ -211,7 +220,8 @@ class PackedSFTLoss:
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
+        attention = use_attention([self.model], self.packed_attention_impl)
+        with torch.no_grad(), self.compute_loss_context_manager(), attention:
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
@@ -278,7 +288,8 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
         train_dataset = self._prepare(train_dataset, processing_class, args, args.packing, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare_eval(eval_dataset, processing_class, args)
-        collator = data_collator or SequencePacker(pack_length=_pack_length(model, args),
+        self.packed_attention_impl = packed_attention(args.packed_attention)
+        collator = data_collator or SequencePacker(pack_length=_pack_length(model, args, self.packed_attention_impl),
                                                    pad_token_id=processing_class.pad_token_id or 0,
                                                    pad_to_multiple_of=args.pad_to_multiple_of)  # fmt: skip
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
@@ -464,14 +475,15 @@ def _enable_router_aux_loss(model: nn.Module, args: SFTConfig) -> float:
     return coef
 
 
-def _pack_length(model: nn.Module, args: SFTConfig) -> int | None:
-    """Row capacity for unpacked steps (``pack_sft`` raises it to the longest sequence of a step)."""
+def _pack_length(model: nn.Module, args: SFTConfig, attention: str | None = None) -> int | None:
+    """Row capacity for unpacked steps (``pack_sft`` raises it to the longest sequence of a step), for the attention
+    the steps run with (None: the model's own)."""
     pack_length = getattr(args, "pack_length", None)  # fastdpo's option; TRL's SFTConfig has none
     if pack_length is not None or args.max_length is None:
         return pack_length
-    attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    attention = attention or getattr(model.config, "_attn_implementation", None) or "sdpa"
     # eager/sdpa attend over whole rows (cost ∝ row length²): rows no longer than TRL's padded ones; kernels that
-    # work per sequence (flash, flex) lose nothing with long rows, which leave less padding
+    # work per sequence (flash, flex, fastdpo_varlen) lose nothing with long rows, which leave less padding
     return args.max_length if attention in ROW_ATTENTION else max(args.max_length, 4096)
 
 

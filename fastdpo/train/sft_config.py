@@ -22,7 +22,9 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
 - ``activation_offloading`` moves the body's saved activations to host memory (``fastdpo.model.offload``; the
   copies do not overlap compute as TRL's do; nothing moves on a CPU).
 - Ours: ``pack_length`` (row capacity for unpacked steps; default ``max_length`` for eager/sdpa attention, at
-  least 4096 for flash-style attention, never less than the longest sequence of the step), ``head_impl``.
+  least 4096 for flash-style attention, never less than the longest sequence of the step), ``head_impl``,
+  ``packed_attention`` (as ``DPOConfig``'s: ``auto|varlen|model``, the attention the packed steps run with;
+  ``fastdpo.model.packed_attention``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from transformers import TrainingArguments
 
 from fastdpo.data.packing import SFT_PACKING_STRATEGIES
 from fastdpo.errors import ConfigError, unknown_choice
+from fastdpo.model.attention import PACKED_ATTENTION
 from fastdpo.train.common import check_shared_options
 
 LOSS_TYPES = ("nll", "dft")
@@ -85,6 +88,7 @@ class SFTConfig(TrainingArguments):
     # --- fastdpo's own
     pack_length: int | None = None
     head_impl: str = "auto"
+    packed_attention: str = "auto"
     max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
@@ -118,6 +122,8 @@ class SFTConfig(TrainingArguments):
             raise unknown_choice("loss_type", self.loss_type, LOSS_TYPES)
         if self.packing_strategy not in SFT_PACKING_STRATEGIES:
             raise unknown_choice("packing_strategy", self.packing_strategy, SFT_PACKING_STRATEGIES)
+        if self.packed_attention not in PACKED_ATTENTION:
+            raise unknown_choice("packed_attention", self.packed_attention, PACKED_ATTENTION)
         if self.max_length is None and (self.packing or self.eval_packing):
             raise ConfigError("packing needs max_length, the length of a packed row", column="max_length",
                               fix="set max_length, or packing=False")  # fmt: skip
