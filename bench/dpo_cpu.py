@@ -34,7 +34,9 @@ from fastdpo.atomic import atomic_write
 from fastdpo.profiling import peak_rss, reset_peak_rss, run_measured
 
 RESULTS = Path(__file__).parent / "results"
-ENGINES = ("trl", "fastdpo", "fastdpo.trl")  # fastdpo.trl: TRL's script with only the import changed
+# fastdpo.trl: TRL's script with only the import changed; fastdpo_varlen: packed_attention="varlen" (each sequence
+# attends only to itself, one row per batch) against the default's sdpa over rows of the longest sequence
+ENGINES = ("trl", "fastdpo", "fastdpo_varlen", "fastdpo.trl")
 MODEL = {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}  # fmt: skip
 
@@ -67,11 +69,12 @@ def build_trainer(engine: str, *, pairs: int, batch: int, steps: int, threads: i
     common = {"output_dir": f"/tmp/bench_dpo_{engine}", "per_device_train_batch_size": batch, "max_steps": steps,
               "logging_steps": 1, "report_to": [], "bf16": False, "save_strategy": "no", "seed": 0}  # fmt: skip
     start = time.perf_counter()
-    if engine == "fastdpo":
+    if engine in ("fastdpo", "fastdpo_varlen"):
         from fastdpo.train import DPOConfig, DPOTrainer
 
-        trainer = DPOTrainer(model, ref_model=reference, args=DPOConfig(**common), train_dataset=data,
-                             processing_class=tokenizer)  # fmt: skip
+        attention = "varlen" if engine == "fastdpo_varlen" else "auto"
+        trainer = DPOTrainer(model, ref_model=reference, args=DPOConfig(**common, packed_attention=attention),
+                             train_dataset=data, processing_class=tokenizer)  # fmt: skip
     elif engine == "fastdpo.trl":  # TRL's script with only the import changed
         import trl
 

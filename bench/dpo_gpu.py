@@ -58,6 +58,7 @@ RESULTS = Path(__file__).parent / "results"
 ENGINES = {  # in the order they run: a run cut short keeps the first
     "trl": "TRL 1.16 DPOTrainer, defaults",
     "fastdpo": "fastdpo DPOTrainer",
+    "fastdpo_varlen": "fastdpo DPOTrainer, packed_attention='varlen'",
     "fastdpo.trl": "fastdpo.trl drop-in (TRL's script, one import changed)",
     "trl_precompute": "TRL, precompute_ref_log_probs=True",
     "trl_liger": "TRL, use_liger_kernel=True",
@@ -136,11 +137,12 @@ def build_trainer(engine: str, *, model: str, data: str, pairs: int, batch: int,
               "logging_steps": 1, "report_to": [], "bf16": device == "cuda", "save_strategy": "no", "seed": 0,
               "use_cpu": device == "cpu"}  # fmt: skip
     start = time.perf_counter()
-    if engine == "fastdpo":
+    if engine in ("fastdpo", "fastdpo_varlen"):
         from fastdpo.train import DPOConfig, DPOTrainer
 
-        trainer = DPOTrainer(policy, ref_model=reference, args=DPOConfig(**common), train_dataset=dataset,
-                             processing_class=tokenizer)  # fmt: skip
+        attention = "varlen" if engine == "fastdpo_varlen" else "auto"
+        trainer = DPOTrainer(policy, ref_model=reference, args=DPOConfig(**common, packed_attention=attention),
+                             train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
     else:
         import trl
 
