@@ -246,7 +246,8 @@ def estimate_memory(
         precision: ``bf16`` (the model loaded in bf16: weights, gradients, AdamW states and activations in bf16) or
             ``fp32``.
         gradient_checkpointing: DPOConfig's default is on.
-        attention: ``sdpa`` (transformers' default; packed rows get a block mask) or ``flash``.
+        attention: ``sdpa`` (transformers' default; packed rows get a block mask), ``flash``, or ``varlen``
+            (``packed_attention="varlen"``: on CUDA the same flash kernel, no mask, k and v not repeated).
         max_length: the longest sequence; on sdpa DPOTrainer's rows are as long as a batch's longest sequence.
         pair_tokens: completion tokens of the largest pair in a batch (a head chunk holds whole pairs); default
             ``min(tokens_per_batch, 2 × max_length)``, the worst case.
@@ -290,7 +291,7 @@ def _step(config_or_name, tokens: int, *, lora, reference, precision, **options)
     if not isinstance(tokens, int) or tokens < 1:
         raise ConfigError(f"must be a positive number of tokens, got {tokens!r}", column="tokens_per_batch")
     for option, value, choices in (("reference", reference, REFERENCES), ("precision", precision, PRECISIONS),
-                                   ("attention", options["attention"], ("sdpa", "flash")),
+                                   ("attention", options["attention"], ("sdpa", "flash", "varlen")),
                                    ("device", options["device"], ("cuda", "cpu"))):  # fmt: skip
         if value not in choices:
             raise unknown_choice(option, value, choices)

@@ -249,3 +249,13 @@ def test_estimate_within_20_percent_of_a_measured_dpo_step():
     config = next(c for c in CONFIGS if c["name"] == "S sep ckpt 2k")
     result = measure(config, steps=2, threads=2)
     assert 0.8 < result["estimate_bytes"] / result["peak_bytes"] < 1.2, result
+
+
+def test_per_sequence_attention_keeps_no_mask_and_no_repeated_keys():
+    # varlen runs torch's flash kernel on CUDA: counted as flash; masked sdpa adds the block mask and k/v repeated
+    # to every query head (Llama-3.2-1B: 32 query heads on 8 key-value heads)
+    sizes = {attention: estimate_memory("llama-3.2-1b", 8192, attention=attention).total
+             for attention in ("sdpa", "flash", "varlen")}  # fmt: skip
+    assert sizes["varlen"] == sizes["flash"] < sizes["sdpa"]
+    with pytest.raises(ConfigError, match="attention"):
+        estimate_memory("llama-3.2-1b", 8192, attention="eager")
