@@ -124,6 +124,20 @@ def test_use_attention_restores_after_an_error():
 # --- GPU: the flash kernel inside torch -----------------------------------------------------------------------------
 
 
+def test_flash_branch_call_matches_the_ops_schema_on_meta_tensors(monkeypatch):
+    # No GPU here: meta tensors run the op's shape functions, so the call (argument order, int32 offsets, scale) and
+    # its autograd formula are checked without numbers: grouped k/v come back with their own head count
+    monkeypatch.setattr(attention, "_flash_applies", lambda q: True)
+    meta = dict(device="meta", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = torch.empty(2, 8, 5, 16, **meta), torch.empty(2, 2, 5, 16, **meta), torch.empty(2, 2, 5, 16, **meta)
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32, device="meta")
+    out, _ = varlen_attention(torch.nn.Module(), q, k, v, None, scaling=0.25, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                              max_length_q=7, max_length_k=7)  # fmt: skip
+    assert out.shape == (2, 5, 8, 16) and out.dtype == torch.bfloat16
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
