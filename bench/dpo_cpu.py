@@ -69,25 +69,28 @@ def build_trainer(engine: str, *, pairs: int, batch: int, steps: int, threads: i
     common = {"output_dir": f"/tmp/bench_dpo_{engine}", "per_device_train_batch_size": batch, "max_steps": steps,
               "logging_steps": 1, "report_to": [], "bf16": False, "save_strategy": "no", "seed": 0}  # fmt: skip
     start = time.perf_counter()
+    trainer = engine_trainer(engine, model, reference, data, tokenizer, common)
+    return trainer, time.perf_counter() - start
+
+
+def engine_trainer(engine: str, policy, reference, dataset, tokenizer, common: dict):
+    """The trainer of ``engine`` (this module's ``ENGINES``, and bench/dpo_gpu.py's ``trl_precompute`` and
+    ``trl_liger``) with the config fields ``common``: TRL's DPOTrainer and DPOConfig at their defaults otherwise,
+    fastdpo's, or TRL's script with only the import changed (``fastdpo.trl``)."""
     if engine in ("fastdpo", "fastdpo_varlen"):
         from fastdpo.train import DPOConfig, DPOTrainer
 
         attention = "varlen" if engine == "fastdpo_varlen" else "auto"
-        trainer = DPOTrainer(model, ref_model=reference, args=DPOConfig(**common, packed_attention=attention),
-                             train_dataset=data, processing_class=tokenizer)  # fmt: skip
-    elif engine == "fastdpo.trl":  # TRL's script with only the import changed
-        import trl
+        return DPOTrainer(policy, ref_model=reference, args=DPOConfig(**common, packed_attention=attention),
+                          train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    import trl
 
-        from fastdpo.trl import DPOTrainer as DropIn
-
-        trainer = DropIn(model, ref_model=reference, args=trl.DPOConfig(**common), train_dataset=data,
-                         processing_class=tokenizer)  # fmt: skip
-    else:
-        import trl
-
-        trainer = trl.DPOTrainer(model, ref_model=reference, args=trl.DPOConfig(**common), train_dataset=data,
-                                 processing_class=tokenizer)  # fmt: skip
-    return trainer, time.perf_counter() - start
+    extra = {"trl_precompute": {"precompute_ref_log_probs": True}, "trl_liger": {"use_liger_kernel": True}}
+    cls = trl.DPOTrainer
+    if engine == "fastdpo.trl":
+        from fastdpo.trl import DPOTrainer as cls
+    return cls(policy, ref_model=reference, args=trl.DPOConfig(**common, **extra.get(engine, {})),
+               train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
 
 
 def _step_lengths(engine: str, inputs: dict) -> dict:

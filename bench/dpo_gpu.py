@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from bench.data_cpu import WORDS
-from bench.dpo_cpu import record_lengths
+from bench.dpo_cpu import engine_trainer, record_lengths
 from bench.flops import ModelShape, StepFlops, dpo_step_flops
 from fastdpo.atomic import atomic_write
 from fastdpo.profiling import run_measured
@@ -137,24 +137,7 @@ def build_trainer(engine: str, *, model: str, data: str, pairs: int, batch: int,
               "logging_steps": 1, "report_to": [], "bf16": device == "cuda", "save_strategy": "no", "seed": 0,
               "use_cpu": device == "cpu"}  # fmt: skip
     start = time.perf_counter()
-    if engine in ("fastdpo", "fastdpo_varlen"):
-        from fastdpo.train import DPOConfig, DPOTrainer
-
-        attention = "varlen" if engine == "fastdpo_varlen" else "auto"
-        trainer = DPOTrainer(policy, ref_model=reference, args=DPOConfig(**common, packed_attention=attention),
-                             train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
-    else:
-        import trl
-
-        if engine == "trl_precompute":
-            common["precompute_ref_log_probs"] = True
-        if engine == "trl_liger":
-            common["use_liger_kernel"] = True
-        cls = trl.DPOTrainer
-        if engine == "fastdpo.trl":
-            from fastdpo.trl import DPOTrainer as cls
-        trainer = cls(policy, ref_model=reference, args=trl.DPOConfig(**common), train_dataset=dataset,
-                      processing_class=tokenizer)  # fmt: skip
+    trainer = engine_trainer(engine, policy, reference, dataset, tokenizer, common)
     return trainer, time.perf_counter() - start
 
 
