@@ -15,6 +15,10 @@ patched):
   (``preference_step``: the fused head, segment sums, TRL's loss family), through the DDP/FSDP wrapper's forward,
   and logs TRL's metrics under TRL's names the way TRL does (one value per micro-batch, averaged at each log).
 
+It adds one thing TRL does not do: fastdpo's likelihood-displacement watch (``fastdpo.train.dpo.DisplacementWatch``
+with ``DPOConfig``'s default margin): ``logps/chosen_change`` in the training logs, and one
+``LikelihoodDisplacementWarning`` when the chosen answers grow less likely while reward accuracy rises.
+
 The loss of a micro-batch is the mean over its pairs, as TRL's (the Trainer then scales for gradient accumulation
 as it does for TRL). Options fastdpo does not implement raise ``ConfigError`` naming them: ``ld_alpha``,
 ``use_weighting``, vision datasets, and ``compute_metrics`` (it needs the full logits, which are never built).
@@ -53,8 +57,8 @@ from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
 from fastdpo.model.hooks import forward_as  # noqa: E402
-from fastdpo.train.config import loss_config_of  # noqa: E402
-from fastdpo.train.dpo import _as_batch, packer_for  # noqa: E402
+from fastdpo.train.config import DPOConfig, loss_config_of  # noqa: E402
+from fastdpo.train.dpo import DisplacementWatch, _as_batch, packer_for  # noqa: E402
 from fastdpo.train.sft import PackedSFTLoss, SequencePacker, _pack_length, refuse_logit_hooks  # noqa: E402
 
 TRL_FALLBACK = ", or use TRL's own trainer for this run"
@@ -87,6 +91,17 @@ class DPOTrainer(trl.DPOTrainer):
         if data_collator is None:  # the model's own attention (TRL's config has no packed_attention)
             self.data_collator = packer_for(self.model, args, None, self._tokenizer.pad_token_id)
         self.loss_config = loss_config_of(args)
+        self._displacement = DisplacementWatch(DPOConfig.displacement_margin)  # fastdpo's default margin
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # fastdpo's likelihood-displacement watch on the averages TRL's log is about to write (it clears them after)
+        if self.model.training and "loss" in logs:
+            watched = {name: sum(values) / len(values) for name, values in self._metrics["train"].items()
+                       if name in ("logps/chosen", "rewards/accuracies") and values}  # fmt: skip
+            self._displacement.update(watched, learning_rate=self.args.learning_rate, warn=self.is_world_process_zero())
+            if "logps/chosen_change" in watched:
+                logs["logps/chosen_change"] = watched["logps/chosen_change"]
+        super().log(logs, start_time)
 
     def _compute_loss(self, model, inputs, return_outputs):
         if return_outputs:

@@ -182,3 +182,23 @@ def test_model_as_a_path_with_its_reference_loaded_by_trl(data, tmp_path):  # no
         trainer.train()
         logs[name] = [log for log in trainer.state.log_history if "loss" in log]
     assert_first_steps_match(logs["dropin"], logs["trl"])
+
+
+def test_the_dropin_watches_likelihood_displacement(data, tmp_path):  # noqa: F811
+    from fastdpo.train.dpo import LikelihoodDisplacementWarning
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    trainer = dropin.DPOTrainer(load(), ref_model=load(), args=trl.DPOConfig(**common_args(tmp_path, "watch")),
+                                train_dataset=data, processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert logs[0]["logps/chosen_change"] == 0.0
+    assert logs[1]["logps/chosen_change"] == pytest.approx(logs[1]["logps/chosen"] - logs[0]["logps/chosen"])
+    # a later log whose chosen log-prob fell 100 nats while accuracy rose: warned, through TRL's own averaging
+    trainer.model.train()
+    trainer._metrics["train"]["logps/chosen"] = [logs[0]["logps/chosen"] - 50.0, logs[0]["logps/chosen"] - 150.0]
+    trainer._metrics["train"]["rewards/accuracies"] = [1.0, 1.0]
+    with pytest.warns(LikelihoodDisplacementWarning, match="fell from"):
+        trainer.log({"loss": 0.5})
+    assert trainer.state.log_history[-1]["logps/chosen_change"] == pytest.approx(-100.0)
