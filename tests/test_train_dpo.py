@@ -380,3 +380,24 @@ def test_bf16_mixed_precision_trains(data, tmp_path):
     assert logs[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
     restored = vars(model).get("forward")  # accelerate's wrapper, put back after each step
     assert restored is not None and "packed_forward" not in getattr(restored, "__qualname__", "")
+
+
+def test_fp32_weights_under_gpu_autocast_are_warned_about(tmp_path):
+    # warn_fp32_head reads only the flags, the device and the head's dtype: checked without a GPU
+    import types
+    import warnings
+
+    from fastdpo.train.common import SlowHeadWarning, warn_fp32_head
+
+    tokenizer = build_tiny_tokenizer()
+    model = tiny_model(tokenizer, tmp_path / "model")()  # fp32
+    gpu_bf16 = types.SimpleNamespace(bf16=True, fp16=False, device="cuda")
+    with pytest.warns(SlowHeadWarning, match="model_init_kwargs=\\{'dtype': 'bfloat16'\\}"):
+        assert warn_fp32_head(model, gpu_bf16)
+    with pytest.warns(SlowHeadWarning, match="'float16'"):
+        assert warn_fp32_head(model, types.SimpleNamespace(bf16=False, fp16=True, device="cuda:0"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowHeadWarning)
+        assert not warn_fp32_head(model.to(torch.bfloat16), gpu_bf16)  # weights already in bf16
+        assert not warn_fp32_head(model.float(), types.SimpleNamespace(bf16=True, fp16=False, device="cpu"))
+        assert not warn_fp32_head(model, types.SimpleNamespace(bf16=False, fp16=False, device="cuda"))
