@@ -48,6 +48,10 @@ VARIANTS = {
     "cce_default": "cut-cross-entropy 25.1.1 cce, filter_eps default ('high')",
     "liger_dpo": "Liger 0.8.5 LigerFusedLinearDPOLoss (compiled, no reference; rows of 256)",
     "fastdpo_fused_pair": "fastdpo fused_pair_loss, sigmoid DPO, reference given (3 GEMMs; rows of 256)",
+    # DPOTrainer on a model loaded in fp32 with bf16=True: the same inputs upcast to fp32, run under bf16 autocast
+    # (their extra memory counts the fp32 gradients of h and W, which the other rows leave out)
+    "fastdpo_fused_pair_fp32_autocast": "fastdpo fused_pair_loss as above, fp32 h and W under bf16 autocast",
+    "trl_chunked_fp32_autocast": "TRL 1.16 ChunkedLogProbFunction, fp32 h and W under bf16 autocast",
 }
 
 
@@ -62,7 +66,17 @@ def _inputs(n: int, h: int, v: int, dtype: torch.dtype, logit_std: float):
 
 def _variant(name: str, hidden, weight, targets, upstream):
     """A closure running one fwd+bwd."""
-    if name in ("liger_dpo", "fastdpo_fused_pair"):  # the pair losses, as the CPU benchmark runs them
+    if name.endswith("_fp32_autocast"):  # the variant on fp32 copies (leaves of their own), run under autocast
+        leaves = [hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()]
+        inner = _variant(name.removesuffix("_fp32_autocast"), *leaves, targets, upstream)
+
+        def run():
+            for leaf in leaves:  # _measure clears the bf16 leaves' gradients; these are cleared here
+                leaf.grad = None
+            with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+                inner()
+
+    elif name in ("liger_dpo", "fastdpo_fused_pair"):  # the pair losses, as the CPU benchmark runs them
         from bench.head_cpu import _variant as pair_variant
 
         keep = pair_variant(name, hidden, weight, targets, upstream)
