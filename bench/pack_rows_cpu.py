@@ -28,21 +28,15 @@ import torch
 
 from bench.dpo_cpu import MODEL, _pairs
 from fastdpo.atomic import atomic_write
-from fastdpo.data.packing import pack_pairs, pair_length
+from fastdpo.data.packing import pack_pairs
 from fastdpo.model import VARLEN, use_attention
 
 RESULTS = Path(__file__).parent / "results"
-LAYOUTS = {  # name: (pack_pairs options, attention); pack_length "batch": the batch's own tokens, so one row
+LAYOUTS = {  # name: (pack_pairs options, attention)
     "pairs in rows of 2048, sdpa": ({"pack_length": 2048}, "sdpa"),
     "sequences in rows of the longest sequence, sdpa": ({"pack_length": None, "split_pairs": True}, "sdpa"),
-    "one row per batch, fastdpo_varlen": ({"pack_length": "batch", "split_pairs": True}, VARLEN),
+    "one row per batch, fastdpo_varlen": ({"pack_length": None, "split_pairs": True, "one_row": True}, VARLEN),
 }
-
-
-def _pack(examples: list[dict], *, pack_length, **options):
-    if pack_length == "batch":
-        pack_length = sum(pair_length(example, 1024) for example in examples)
-    return pack_pairs(examples, pack_length=pack_length, max_length=1024, **options)
 
 
 def _attention_entries(batch, attention: str) -> int:
@@ -81,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = [[data[i] for i in range(start, start + args.batch)] for start in range(0, len(data), args.batch)]
     results = []
     for name, (options, attention) in LAYOUTS.items():
-        packed = [_pack(examples, **options) for examples in batches]
+        packed = [pack_pairs(examples, max_length=1024, **options) for examples in batches]
         with use_attention([policy, reference], attention):  # held across the backward (checkpointing recomputes)
             preference_step(policy, packed[0], loss_config, ref_model=reference).loss.backward()  # warm-up
             times, losses = [], []

@@ -148,3 +148,16 @@ def test_split_pairs_packs_sequences_into_rows_of_the_longest_sequence():
     assert any(len(rows) == 2 for rows in rows_of.values())
     assert batch.num_padding == batch.input_ids.numel() - sum(cu[s + 1] - cu[s] for s in range(len(cu) - 1)
                                                               if batch.seq_pair[s] >= 0)  # fmt: skip
+
+
+def test_one_row_holds_the_whole_batch_without_padding():
+    # max_length 6 truncates some of the sequences: the row holds exactly what truncation leaves, and nothing else
+    batch = pack_pairs(EXAMPLES, pack_length=None, max_length=6, split_pairs=True, one_row=True, backend="python")
+    expected = sum(len(truncate(e["prompt_ids"], e[name], 6, "keep_start")[0])
+                   for e in EXAMPLES for name in ("chosen_ids", "rejected_ids"))  # fmt: skip
+    assert batch.input_ids.shape == (1, expected) and batch.num_padding == 0
+    assert bool((batch.seq_pair >= 0).all()) and sorted(batch.pair_ids) == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="one_row"):
+        pack_pairs(EXAMPLES, pack_length=64, one_row=True)
+    with pytest.raises(ConfigError, match="one_row"):
+        pack_pairs(EXAMPLES, pack_length=None, one_row=True, one_pair_per_row=True)

@@ -128,6 +128,7 @@ def pack_pairs(
     row_ids: Sequence[int] | None = None,
     one_pair_per_row: bool = False,
     split_pairs: bool = False,
+    one_row: bool = False,
 ) -> PackedBatch:
     """Pack tokenized pairs into a ``PackedBatch``.
 
@@ -145,6 +146,8 @@ def pack_pairs(
         split_pairs: the packed items are the sequences, not the pairs: a pair's chosen and rejected may land in
             different rows of the batch. For attention that computes whole rows (eager, sdpa), rows as long as the
             longest sequence cost about half the attention of rows that must hold the longest pair.
+        one_row: every item in a single row as long as all of them (no padding), for attention that works per
+            sequence (flash-attention, ``fastdpo_varlen``); ``pack_length`` must then be None.
     """
     from fastdpo.data.packer import pack  # the packer backends are their own module
 
@@ -162,7 +165,10 @@ def pack_pairs(
     else:
         lengths = [len(chosen[0]) + len(rejected[0]) for chosen, rejected in pairs]
         what = "pair (chosen + rejected)"
-    capacity = max(lengths) if pack_length is None else pack_length
+    if one_row and (pack_length is not None or one_pair_per_row):
+        raise ConfigError("one_row packs a whole batch into one row: it takes no pack_length and no one_pair_per_row",
+                          column="pack_length", fix="leave pack_length unset, or use one_row=False")  # fmt: skip
+    capacity = sum(lengths) if one_row else max(lengths) if pack_length is None else pack_length
     for position, length in enumerate(lengths):
         if length > capacity:
             index = position // 2 if what == "sequence" else position

@@ -93,13 +93,10 @@ class PairPacker:
         self.pad_to_multiple_of, self.packing, self.one_row = pad_to_multiple_of, packing, one_row
 
     def __call__(self, examples: list[dict]) -> dict:
-        pack_length = self.pack_length
-        if self.one_row:
-            pack_length = sum(pair_length(example, self.max_length, self.truncation_mode) for example in examples)
-        batch = pack_pairs(examples, pack_length=pack_length, max_length=self.max_length,
+        batch = pack_pairs(examples, pack_length=self.pack_length, max_length=self.max_length,
                            truncation_mode=self.truncation_mode, pad_token_id=self.pad_token_id,
                            pad_to_multiple_of=self.pad_to_multiple_of,
-                           one_pair_per_row=not self.packing, split_pairs=True)  # fmt: skip
+                           one_pair_per_row=not self.packing, split_pairs=True, one_row=self.one_row)  # fmt: skip
         fields = {name: getattr(batch, name) for name in batch.__dataclass_fields__}
         fields["pair_ids"] = torch.tensor(fields["pair_ids"], dtype=torch.long)
         fields["max_seqlen"] = torch.tensor(fields["max_seqlen"])
