@@ -191,3 +191,42 @@ def test_fused_pair_loss_in_bf16_matches_fp32_within_the_same_dtype_error():
     assert abs(loss16.item() - loss32.item()) <= 2 * abs(plain.item() - loss32.item()) + 1e-5
     assert rel_err(dh16, dh32) <= 2 * rel_err(plain_dh, dh32) + 1e-4
     assert rel_err(dw16, dw32) <= 2 * rel_err(plain_dw, dw32) + 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_fp32_inputs_on_the_half_branch(dtype):
+    # bf16=True on a model loaded in fp32: the head's inputs are fp32 under autocast. They must multiply in the
+    # autocast dtype (the cuBLAS half branch, as an autocast nn.Linear would), giving bit for bit what inputs rounded
+    # to that dtype give without autocast, gradients in fp32. Before autocast_head_inputs, two of the fused head's
+    # three products ran in fp32 there.
+    from fastdpo.ops import LossConfig
+    from fastdpo.ops.fused_pair_loss import fused_pair_loss
+    from fastdpo.ops.linear_logprobs import _resolve_impl, autocast_head_inputs
+
+    n, h, v, seq = 4096, 2048, 128256, 256
+    hidden, weight, targets, upstream = make(n, h, v, dtype, seed=9)
+    rows = n // seq
+    cu_seqlens = torch.arange(0, n + 1, seq, dtype=torch.int32, device="cuda")
+    seq_pair, seq_is_chosen = torch.arange(rows, device="cuda") % (rows // 2), torch.arange(rows, device="cuda") < 8
+    ref = torch.randn(rows // 2, 2, device="cuda") * 10 - 1500
+    config = LossConfig(loss_type="sigmoid", beta=0.1)
+
+    def run(op, hid, w):
+        hid, w = hid.detach().requires_grad_(), w.detach().requires_grad_()
+        if op == "fused":
+            loss = fused_pair_loss(hid, w, targets, cu_seqlens, seq_pair, seq_is_chosen, config,
+                                   ref_chosen=ref[:, 0], ref_rejected=ref[:, 1]).loss  # fmt: skip
+        else:
+            loss = (linear_logprobs(hid, w, targets).logp * upstream).sum()
+        return loss, hid, w
+
+    for op in ("fused", "linear_logprobs"):
+        with torch.autocast("cuda", dtype=dtype):
+            assert _resolve_impl("auto", *autocast_head_inputs(hidden.float(), weight.float(), None)[:2]) == "torch"
+            loss, h32, w32 = run(op, hidden.float(), weight.float())
+        loss.backward()
+        expected, h16, w16 = run(op, hidden, weight)
+        expected.backward()
+        assert h32.grad.dtype == w32.grad.dtype == torch.float32
+        assert torch.equal(loss, expected), op
+        assert torch.equal(h32.grad, h16.grad.float()) and torch.equal(w32.grad, w16.grad.float()), op

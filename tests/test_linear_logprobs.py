@@ -241,3 +241,65 @@ def test_gpu_half_branch_emulated(emulated_gpu_gemms, op):
     for grad, ref_grad in ((dh, ref_dh), (dw, ref_dw)):
         err = (grad.double() - ref_grad).norm() / ref_grad.norm()
         assert err < 4 * 2.0**-8, err
+
+
+def _pair_inputs(n: int, h: int, v: int, seed: int):
+    """fp32 hidden and weight, targets with ignored positions, and 3 pairs of 7-token sequences (n = 42)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden, weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[::5] = IGNORE
+    return hidden, weight, targets, torch.randn(3, 2, generator=gen) - 20
+
+
+def _head_run(op: str, hidden, weight, targets, ref, **kw):
+    """The op's value and the gradients of hidden and weight (leaves of the given dtypes)."""
+    from fastdpo.ops import LossConfig
+    from fastdpo.ops.fused_pair_loss import fused_pair_loss
+
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    if op == "linear_logprobs":
+        value = linear_logprobs(hidden, weight, targets, impl="torch", outputs=("logp", "entropy"), **kw).logp.sum()
+    else:
+        cu_seqlens, seq_pair = torch.arange(0, 43, 7, dtype=torch.int32), torch.arange(6) % 3
+        value = fused_pair_loss(hidden, weight, targets, cu_seqlens, seq_pair, torch.arange(6) < 3,
+                                LossConfig(loss_type="sigmoid", beta=0.1), ref_chosen=ref[:, 0],
+                                ref_rejected=ref[:, 1], **kw).loss  # fmt: skip
+    return value, hidden, weight
+
+
+@pytest.mark.parametrize("op", ["linear_logprobs", "fused_pair_loss"])
+@pytest.mark.parametrize("emulated", [False, True], ids=["cpu_branch", "gpu_branch_emulated"])
+def test_autocast_multiplies_fp32_inputs_in_its_dtype(request, op, emulated):
+    # bf16=True on a model loaded in fp32: the head must multiply in bf16 as an autocast nn.Linear would, not in
+    # fp32 (autocast does not lower the chunked path's mm(out=) and addmm_; on a GPU that was ~10x slower). Under
+    # CPU autocast, fp32 inputs must give what bf16-rounded inputs give without autocast, bit for bit: the same
+    # products on the same bf16 operands. With the GPU branch emulated (its fixture asserts every out_dtype product
+    # takes bf16 operands), that branch is the one taken.
+    calls = request.getfixturevalue("emulated_gpu_gemms") if emulated else None
+    hidden, weight, targets, ref = _pair_inputs(42, 24, 53, seed=11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, h32, w32 = _head_run(op, hidden, weight, targets, ref, chunk_bytes=4 * 53 * 14)
+    value.backward()  # outside autocast, as a GPU backward runs
+    expected, h16, w16 = _head_run(op, hidden.bfloat16(), weight.bfloat16(), targets, ref, chunk_bytes=4 * 53 * 14)
+    expected.backward()
+    assert not emulated or calls, "the half-precision branch ran"
+    assert h32.grad.dtype == w32.grad.dtype == torch.float32  # gradients reach the fp32 leaves in their dtype
+    assert value.dtype == expected.dtype == torch.float32
+    assert torch.equal(value, expected)
+    assert torch.equal(h32.grad, h16.grad.float()) and torch.equal(w32.grad, w16.grad.float())
+    # and it is not what the fp32 inputs give without autocast (the inputs were rounded: bf16's 2^-8 shows)
+    assert not torch.equal(value, _head_run(op, hidden, weight, targets, ref)[0])
+
+
+def test_autocast_leaves_fp64_and_matching_inputs_alone():
+    from fastdpo.ops.linear_logprobs import autocast_head_inputs
+
+    h64, w64 = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    h16, w16 = torch.randn(3, 4).bfloat16(), torch.randn(5, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(a is b for a, b in zip(autocast_head_inputs(h64, w64, None), (h64, w64, None), strict=True))
+        assert all(a is b for a, b in zip(autocast_head_inputs(h16, w16, None), (h16, w16, None), strict=True))
+        lowered = autocast_head_inputs(h16.float(), w16.float(), torch.zeros(5))
+        assert [t.dtype for t in lowered] == [torch.bfloat16] * 3
+    assert autocast_head_inputs(h16.float(), w16, None)[0].dtype == torch.float32  # no autocast: unchanged

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import pytest
@@ -366,38 +367,30 @@ def test_sync_ref_model_matches_trl(data, tmp_path):
         DPOConfig(**common_args(tmp_path, "x"), sync_ref_model=True, precompute_ref_log_probs=True)  # no model to move
 
 
-def test_bf16_mixed_precision_trains(data, tmp_path):
+def test_bf16_mixed_precision_trains(data, tmp_path, monkeypatch):
     # accelerate wraps the model's forward for autocast; the packed step replaces it for one call and runs under
-    # accelerator.autocast() instead (CPU autocast in bf16 here)
+    # accelerator.autocast() instead (CPU autocast in bf16 here). The fp32 model's head multiplies in bf16 there, as
+    # an autocast nn.Linear head would (autocast_head_inputs): every head call gets bf16 operands
+    head_module = importlib.import_module("fastdpo.ops.linear_logprobs")  # the package exports the function
+
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
     model = load()
     args = DPOConfig(**{**common_args(tmp_path, "bf16"), "bf16": True, "use_cpu": True})
     trainer = DPOTrainer(model, ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    operands, real_init = [], head_module._HeadGemms.__init__
+
+    def spy(self, hidden, weight, bias, acc):
+        operands.append((hidden.dtype, weight.dtype))
+        real_init(self, hidden, weight, bias, acc)
+
+    monkeypatch.setattr(head_module._HeadGemms, "__init__", spy)
     trainer.train()
+    assert model.lm_head.weight.dtype == torch.float32  # the fp32 weights stay fp32 (autocast casts copies)
+    # 2 steps: the reference's head and the policy's fused head each time
+    assert len(operands) == 4 and set(operands) == {(torch.bfloat16, torch.bfloat16)}
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)
     assert logs[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
     restored = vars(model).get("forward")  # accelerate's wrapper, put back after each step
     assert restored is not None and "packed_forward" not in getattr(restored, "__qualname__", "")
-
-
-def test_fp32_weights_under_gpu_autocast_are_warned_about(tmp_path):
-    # warn_fp32_head reads only the flags, the device and the head's dtype: checked without a GPU
-    import types
-    import warnings
-
-    from fastdpo.train.common import SlowHeadWarning, warn_fp32_head
-
-    tokenizer = build_tiny_tokenizer()
-    model = tiny_model(tokenizer, tmp_path / "model")()  # fp32
-    gpu_bf16 = types.SimpleNamespace(bf16=True, fp16=False, device="cuda")
-    with pytest.warns(SlowHeadWarning, match="model_init_kwargs=\\{'dtype': 'bfloat16'\\}"):
-        assert warn_fp32_head(model, gpu_bf16)
-    with pytest.warns(SlowHeadWarning, match="'float16'"):
-        assert warn_fp32_head(model, types.SimpleNamespace(bf16=False, fp16=True, device="cuda:0"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", SlowHeadWarning)
-        assert not warn_fp32_head(model.to(torch.bfloat16), gpu_bf16)  # weights already in bf16
-        assert not warn_fp32_head(model.float(), types.SimpleNamespace(bf16=True, fp16=False, device="cpu"))
-        assert not warn_fp32_head(model, types.SimpleNamespace(bf16=False, fp16=False, device="cuda"))

@@ -22,7 +22,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdpo.ops.linear_logprobs import _acc_dtype, _dz_from_probs_, _HeadGemms, _transform_
+from fastdpo.ops.linear_logprobs import (
+    _acc_dtype,
+    _dz_from_probs_,
+    _HeadGemms,
+    _transform_,
+    autocast_head_inputs,
+    autocast_off,
+)
 from fastdpo.ops.losses import LossConfig, LossOutput, PairLogps, preference_loss
 from fastdpo.ops.segments import segment_ids
 
@@ -78,13 +85,15 @@ def fused_pair_loss(
     if not supports_fused(config):
         unsupported = sorted(set(config.loss_types) - FUSED_LOSS_TYPES)
         raise ValueError(f"config: fused_pair_loss does not take {unsupported}; use the plain path for them")
+    hidden, weight, bias = autocast_head_inputs(hidden, weight, bias)  # what an nn.Linear head would multiply
     pairs_of = _pair_segments(cu_seqlens, seq_pair, seq_is_chosen)
     transform = (float(logit_scale), None if softcap is None else float(softcap), float(temperature))
     state: dict = {}
-    loss = _FusedPairLoss.apply(
-        hidden, weight, bias, targets, cu_seqlens, pairs_of, ref_chosen, ref_rejected, config, transform,
-        ignore_index, chunk_bytes, token_metrics, state,
-    )  # fmt: skip
+    with autocast_off(hidden):
+        loss = _FusedPairLoss.apply(
+            hidden, weight, bias, targets, cu_seqlens, pairs_of, ref_chosen, ref_rejected, config, transform,
+            ignore_index, chunk_bytes, token_metrics, state,
+        )  # fmt: skip
     out = state["output"]
     result = LossOutput(loss, out.per_pair.detach(), out.chosen_rewards.detach(), out.rejected_rewards.detach(),
                         out.metrics)  # fmt: skip

@@ -18,6 +18,7 @@ tokens whose target is not ignored are ever computed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import NamedTuple
@@ -98,6 +99,7 @@ def linear_logprobs(
     _check_args(hidden, weight, targets, bias, logit_scale, temperature, softcap, outputs, chunk_bytes)
     if grad_filter_eps is not None and not 0.0 <= grad_filter_eps < 1.0:
         raise ValueError(f"grad_filter_eps: must be in [0, 1) or None, got {grad_filter_eps}")
+    hidden, weight, bias = autocast_head_inputs(hidden, weight, bias)
     impl = _resolve_impl(impl, hidden, weight)
     lead_shape = targets.shape
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
@@ -109,20 +111,46 @@ def linear_logprobs(
     elif impl == "triton":
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
-        if hidden_2d.is_cuda and torch.is_autocast_enabled("cuda"):
-            # under autocast the head runs in the autocast dtype, as a plain nn.Linear would (tensor cores)
-            dtype = torch.get_autocast_dtype("cuda")
-            hidden_2d, weight = hidden_2d.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
         backward_options = (bool(deterministic), grad_filter_eps)
-        results = _TritonLinearLogprobs.apply(
-            hidden_2d, weight, bias, targets_1d, transform, ignore_index, wanted, backward_options
-        )
+        with autocast_off(hidden_2d):
+            results = _TritonLinearLogprobs.apply(
+                hidden_2d, weight, bias, targets_1d, transform, ignore_index, wanted, backward_options
+            )
     else:
-        results = _ChunkedLinearLogprobs.apply(
-            hidden_2d, weight, bias, targets_1d, transform, ignore_index, wanted, chunk_bytes
-        )
+        with autocast_off(hidden_2d):
+            results = _ChunkedLinearLogprobs.apply(
+                hidden_2d, weight, bias, targets_1d, transform, ignore_index, wanted, chunk_bytes
+            )
     return LinearLogprobs(*(None if r is None else r.view(lead_shape) for r in results))
+
+
+def autocast_head_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The head's inputs as an ``nn.Linear`` head would multiply them: in autocast's dtype when autocast is on for
+    their device (``bf16=True`` on a model loaded in fp32), else unchanged.
+
+    The casts are autograd ops: gradients reach fp32 weights in fp32, each step's contribution rounded to the
+    autocast dtype as in every autocast ``nn.Linear``. Without them the chunked path would run its products in
+    fp32 (autocast does not lower ``mm(out=)`` or an in-place ``addmm_``), about an order of magnitude below the
+    half-precision tensor-core rate on a GPU. fp64 inputs are left alone, as autocast leaves them.
+    """
+    device_type = hidden.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    tensors = [t for t in (hidden, weight, bias) if t is not None]
+    if dtype not in HALF or any(t.dtype == torch.float64 for t in tensors) or all(t.dtype == dtype for t in tensors):
+        return hidden, weight, bias
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def autocast_off(tensor: Tensor):
+    """A context with autocast off on ``tensor``'s device: the chunked paths pick each product's precision
+    themselves (autocast would lower some of the element-wise work and the gradient products formed in the forward,
+    and leave the rest)."""
+    device_type = tensor.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check_args(hidden, weight, targets, bias, logit_scale, temperature, softcap, outputs, chunk_bytes) -> None:
@@ -164,9 +192,10 @@ def _resolve_impl(impl: str, hidden: Tensor, weight: Tensor) -> str:
         usable = hidden.is_cuda and hidden.dtype in triton_dtypes and weight.dtype in triton_dtypes
         if not (usable and triton_available()):
             return "torch"
-        # half inputs of one dtype: cuBLAS products and the epilogue kernels (_HeadGemms) ran 2.1x faster than the
-        # fused kernels on an H200 (bench/results/NVIDIA_H200/run3); other dtype mixes keep the fused kernels, which
-        # take mixed and autocast inputs in the tensor cores' dtype where the chunked path would multiply in fp32
+        # half inputs of one dtype (autocast's included, see autocast_head_inputs): cuBLAS products and the
+        # epilogue kernels (_HeadGemms) ran 2.1x faster than the fused kernels on an H200
+        # (bench/results/NVIDIA_H200/run3); other dtype mixes keep the fused kernels, which take mixed inputs in the
+        # tensor cores' dtype where the chunked path would multiply in fp32
         same_half = hidden.dtype in HALF and weight.dtype == hidden.dtype and _mm_out_dtype()
         return "torch" if same_half else "triton"
     if impl == "triton":
@@ -369,7 +398,7 @@ class _HeadGemms:
         """``h @ W.T + b``, the raw logits of one chunk, in the accumulation dtype (into ``out`` if given and used)."""
         if self.half:
             z = torch.mm(h, self.weight.t(), out_dtype=self.acc)
-        else:  # into an accumulation-dtype buffer: autocast cannot lower the product's precision then
+        else:  # into an accumulation-dtype buffer (autocast does not lower mm(out=): see autocast_head_inputs)
             if out is None:
                 out = torch.empty(h.shape[0], self.weight.shape[0], dtype=self.acc, device=h.device)
             z = torch.mm(h, self.weight.t(), out=out)

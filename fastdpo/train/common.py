@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections import defaultdict
 
 import torch
@@ -229,39 +228,6 @@ class NumericsGuard:
             message, self._guard_message = self._guard_message, None
             raise NumericsError(message)
         return output
-
-
-class SlowHeadWarning(UserWarning):
-    """A configuration in which fastdpo's fused head is known to run slower than it could (``warn_fp32_head``)."""
-
-
-def warn_fp32_head(model: nn.Module, args) -> bool:
-    """Warn (and return True) when a GPU run autocasts an fp32 model to bf16/fp16 (``bf16=True`` on weights loaded in
-    fp32, what a model path gives by default, as in TRL).
-
-    Two of ``fused_pair_loss``'s three products then run in fp32: ``_HeadGemms`` takes the dtype of its inputs, and
-    autocast does not lower ``mm(out=)`` or an in-place ``addmm_``. TRL's ``nn.Linear`` head is lowered to bf16
-    there, so the head is slower than TRL's in that configuration (not measured yet).
-    """
-    if not (getattr(args, "bf16", False) or getattr(args, "fp16", False)):
-        return False
-    if torch.device(args.device).type != "cuda":
-        return False
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if weight is None or weight.dtype != torch.float32:
-        return False
-    precision = "bf16" if getattr(args, "bf16", False) else "fp16"
-    warnings.warn(
-        f"the model's weights are fp32 and {precision}=True autocasts the body: fastdpo's DPO head then runs two of "
-        f"its three products in fp32 (not lowered like an nn.Linear under autocast), slower than TRL's head here. "
-        f"Loading the model in {precision} (model_init_kwargs={{'dtype': "
-        f"'{'bfloat16' if precision == 'bf16' else 'float16'}'}}) avoids it, with {precision} weights and optimizer "
-        "states instead of fp32 ones",
-        SlowHeadWarning,
-        stacklevel=3,
-    )
-    return True
 
 
 def check_shared_options(config, not_yet: dict) -> None:

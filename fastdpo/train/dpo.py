@@ -61,7 +61,6 @@ from fastdpo.train.common import (
     load_causal_lm,
     load_tokenizer,
     report_dropped,
-    warn_fp32_head,
 )
 from fastdpo.train.config import DPOConfig
 from fastdpo.train.interrupt import InterruptibleTrainer
@@ -163,7 +162,6 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         elif is_peft_model(model) and ref_model is None:  # a trained adapter: a frozen copy of it is the reference
             model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=False)
         check_run_dir(args, model)
-        warn_fp32_head(model, args)
         self.reference_mode = _reference_mode(args, is_peft_model(model))
         if ref_model is not None and self.reference_mode == "none":
             warnings.warn(f"ref_model is not used: loss_type {list(args.loss_type)} is reference-free", stacklevel=2)
