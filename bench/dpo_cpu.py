@@ -74,14 +74,16 @@ def build_trainer(engine: str, *, pairs: int, batch: int, steps: int, threads: i
 
 
 def engine_trainer(engine: str, policy, reference, dataset, tokenizer, common: dict):
-    """The trainer of ``engine`` (this module's ``ENGINES``, and bench/dpo_gpu.py's ``trl_precompute`` and
-    ``trl_liger``) with the config fields ``common``: TRL's DPOTrainer and DPOConfig at their defaults otherwise,
-    fastdpo's, or TRL's script with only the import changed (``fastdpo.trl``)."""
-    if engine in ("fastdpo", "fastdpo_varlen"):
+    """The trainer of ``engine`` (this module's ``ENGINES``, and bench/dpo_gpu.py's ``fastdpo_lean``,
+    ``trl_precompute`` and ``trl_liger``) with the config fields ``common``: TRL's DPOTrainer and DPOConfig at their
+    defaults otherwise, fastdpo's, or TRL's script with only the import changed (``fastdpo.trl``)."""
+    if engine in ("fastdpo", "fastdpo_varlen", "fastdpo_lean"):
         from fastdpo.train import DPOConfig, DPOTrainer
 
-        attention = "varlen" if engine == "fastdpo_varlen" else "auto"
-        return DPOTrainer(policy, ref_model=reference, args=DPOConfig(**common, packed_attention=attention),
+        options = {"packed_attention": "varlen" if engine == "fastdpo_varlen" else "auto"}
+        if engine == "fastdpo_lean":  # the reference and the saved activations wait in host memory
+            options.update(ref_offload=True, activation_offloading=True)
+        return DPOTrainer(policy, ref_model=reference, args=DPOConfig(**common, **options),
                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
     import trl
 
