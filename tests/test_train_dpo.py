@@ -125,6 +125,45 @@ def test_varlen_and_the_models_attention_train_alike_under_gradient_checkpointin
         assert trainer.ref_model.config._attn_implementation == "sdpa"
 
 
+def test_lean_activations_train_as_the_models_own_forwards_under_gradient_checkpointing(tmp_path, monkeypatch):
+    # lean_activations: the policy's norms and MLPs keep less; the same steps, and the switch holds through the
+    # backward, where checkpointing calls every layer's MLP again
+    from fastdpo.model import lean
+
+    calls, real = [], lean._lean_mlp
+
+    def counted(module, x):
+        calls.append(torch.is_grad_enabled())
+        return real(module, x)
+
+    monkeypatch.setattr(lean, "_lean_mlp", counted)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    data = synthetic_pairs(8)
+    common = {"per_device_train_batch_size": 4, "gradient_checkpointing": True}
+    lean_trainer, lean_logs = train_ours(load, data, tokenizer, tmp_path, "lean", lean_activations=True, **common)
+    # 2 steps × 2 layers × (the policy's forward, its recomputation in the backward); the reference keeps its own
+    assert len(calls) == 8 and all(calls)
+    assert all("forward" not in vars(m) for m in lean_trainer.model.modules())  # put back after the steps
+    _, own = train_ours(load, data, tokenizer, tmp_path, "own", **common)
+    for step in (0, 1):  # fp32: the same ops, the first norm's gradient summed in another order (~1e-7 relative)
+        for name in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+            assert lean_logs[step][name] == pytest.approx(own[step][name], rel=1e-5), (step, name)
+
+
+def test_lean_activations_are_refused_where_parameters_are_resharded():
+    import types
+
+    from fastdpo.train.common import check_lean_activations
+
+    fsdp = types.SimpleNamespace(args=types.SimpleNamespace(lean_activations=True), is_fsdp_enabled=True,
+                                 is_deepspeed_enabled=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="lean_activations.*FSDP"):
+        check_lean_activations(fsdp)
+    fsdp.args.lean_activations = False
+    check_lean_activations(fsdp)  # off: nothing to refuse
+
+
 def assert_first_steps_match(ours: list[dict], theirs: list[dict]) -> None:
     """Two logged steps of fastdpo and of TRL on the same pairs and weights: the same values up to fp32 rounding."""
     assert len(ours) == len(theirs) == 2

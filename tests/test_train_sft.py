@@ -404,3 +404,16 @@ def test_varlen_and_the_models_attention_train_alike_under_gradient_checkpointin
     for step in (0, 1):  # fp32: the two attentions sum in different orders (~1e-6 relative)
         for name in ("loss", "grad_norm", "entropy", "num_tokens"):
             assert runs["varlen"][step][name] == pytest.approx(runs["model"][step][name], rel=1e-4), (step, name)
+
+
+def test_lean_activations_train_as_the_models_own_forwards(load, tokenizer, tmp_path):
+    data = prompt_completion_rows(16, seed=3)
+    runs = {}
+    for lean in (True, False):
+        trainer, logs = train(SFTTrainer, SFTConfig, load, data, tokenizer, tmp_path, f"lean{lean}", packing=False,
+                              gradient_checkpointing=True, lean_activations=lean)  # fmt: skip
+        assert all("forward" not in vars(m) for m in trainer.model.modules())
+        runs[lean] = logs
+    for step in (0, 1):  # fp32: the first norm's gradient summed in another order (~1e-7 relative)
+        for name in ("loss", "grad_norm", "entropy"):
+            assert runs[True][step][name] == pytest.approx(runs[False][step][name], rel=1e-5), (step, name)

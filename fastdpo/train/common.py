@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from fastdpo.atomic import check_output_dir
 from fastdpo.data.tokenize import TRUNCATION_MODES
 from fastdpo.errors import ConfigError, DataError, unknown_choice
+from fastdpo.model.lean import use_lean_layers
 from fastdpo.ops.linear_logprobs import IMPLS
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,27 @@ class NumericsGuard:
             message, self._guard_message = self._guard_message, None
             raise NumericsError(message)
         return output
+
+
+def lean_layers(trainer):
+    """The context a training step runs in for ``lean_activations``: the policy's lean forwards
+    (``fastdpo.model.lean``), held through the backward; a no-op when the option is off."""
+    return use_lean_layers([trainer.model] if trainer.args.lean_activations else [])
+
+
+def check_lean_activations(trainer) -> None:
+    """Refuse ``lean_activations`` where the parameters leave between forward and backward (its backward reads them
+    again): FSDP, DeepSpeed ZeRO-3."""
+    if not trainer.args.lean_activations:
+        return
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    if trainer.is_fsdp_enabled or zero3:
+        raise ConfigError(
+            f"runs the norms and MLPs again in the backward with their parameters, which "
+            f"{'DeepSpeed ZeRO-3' if zero3 else 'FSDP'} has resharded by then",
+            column="lean_activations",
+            fix="use lean_activations=False with FSDP or DeepSpeed ZeRO-3",
+        )
 
 
 def check_shared_options(config, not_yet: dict) -> None:

@@ -24,7 +24,9 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
   value, at least 1 nat, while reward accuracy rises: ``fastdpo.train.dpo.DisplacementWatch``; None: off; the change
   is logged as ``logps/chosen_change`` either way), ``packed_attention`` (``auto|varlen|model``: the attention the
   packed steps run with; ``varlen`` is ``fastdpo_varlen``, causal attention per sequence with every batch in one
-  row and no padding; ``auto`` and ``model`` keep the model's own for now: ``fastdpo.model.packed_attention``).
+  row and no padding; ``auto`` and ``model`` keep the model's own for now: ``fastdpo.model.packed_attention``),
+  ``lean_activations`` (the policy's RMSNorms and SiLU-gated MLPs keep less for the backward, with the same
+  gradients: ``fastdpo.model.lean``; off by default until a GPU has timed it; refused under FSDP and ZeRO-3).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class DPOConfig(TrainingArguments):
     reference: str = "auto"
     head_impl: str = "auto"
     packed_attention: str = "auto"
+    lean_activations: bool = False
     simpo_gamma: float = 0.5
     cpo_alpha: float = 1.0
     max_nonfinite_steps: int = 10

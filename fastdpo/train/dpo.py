@@ -55,9 +55,11 @@ from fastdpo.train.common import (
     StepMetrics,
     SyncReference,
     TokenRate,
+    check_lean_activations,
     check_reference,
     check_run_dir,
     deepspeed_zero3_reference,
+    lean_layers,
     load_causal_lm,
     load_tokenizer,
     report_dropped,
@@ -188,6 +190,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, compute_metrics=compute_metrics)  # fmt: skip
+        check_lean_activations(self)
         self.ref_model, self._ref_resident, self._ref_engine = None, None, None
         if self.reference_mode == "separate":
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
@@ -344,7 +347,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # held across the backward: gradient checkpointing recomputes the layers there (use_attention)
-        with use_attention([self.model, self.ref_model], self.packed_attention_impl):
+        with use_attention([self.model, self.ref_model], self.packed_attention_impl), lean_layers(self):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -49,7 +49,9 @@ from fastdpo.ops import linear_logprobs
 from fastdpo.train.common import (
     NumericsGuard,
     TokenRate,
+    check_lean_activations,
     check_run_dir,
+    lean_layers,
     load_causal_lm,
     load_tokenizer,
     report_dropped,
@@ -168,7 +170,7 @@ class PackedSFTLoss:
 
     def training_step(self, *args, **kwargs):
         # held across the backward: gradient checkpointing recomputes the layers there (use_attention)
-        with use_attention([self.model], self.packed_attention_impl):
+        with use_attention([self.model], self.packed_attention_impl), lean_layers(self):
             return super().training_step(*args, **kwargs)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
@@ -295,6 +297,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs)  # fmt: skip
+        check_lean_activations(self)
         if self.args.n_gpu > 1:
             raise ConfigError(f"{self.args.n_gpu} GPUs in one process would run nn.DataParallel", column="n_gpu",
                               fix="launch with accelerate launch or torchrun, or make one GPU visible")  # fmt: skip

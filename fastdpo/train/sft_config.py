@@ -24,7 +24,7 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
 - Ours: ``pack_length`` (row capacity for unpacked steps; default ``max_length`` for eager/sdpa attention, at
   least 4096 for flash-style attention, never less than the longest sequence of the step), ``head_impl``,
   ``packed_attention`` (as ``DPOConfig``'s: ``auto|varlen|model``, the attention the packed steps run with;
-  ``fastdpo.model.packed_attention``).
+  ``fastdpo.model.packed_attention``), ``lean_activations`` (as ``DPOConfig``'s: ``fastdpo.model.lean``).
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class SFTConfig(TrainingArguments):
     pack_length: int | None = None
     head_impl: str = "auto"
     packed_attention: str = "auto"
+    lean_activations: bool = False
     max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:

@@ -1,0 +1,204 @@
+"""Lean activations (fastdpo.model.lean): the same gradients as the modules' own forwards, fewer bytes kept.
+
+The reference is the same model and packed batch with its own forwards: in fp64 the two may differ by summation
+order only; in bf16 the recomputation repeats the forward's ops on the same operands, so they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model_packed import FAMILIES, make_batch, make_examples, make_model
+
+from fastdpo.model import packed_logps
+from fastdpo.model.lean import lean_forward, use_lean_layers
+
+
+def _grads(model, batch, *, lean: bool, checkpointing: bool = True):
+    """Per-parameter gradients of a weighted sum of the packed batch's sequence log-probs."""
+    model.zero_grad(set_to_none=True)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    weights = None
+    with use_lean_layers([model] if lean else []) as switched:
+        out = packed_logps(model, batch, impl="torch")
+        weights = torch.linspace(-1, 1, len(out.seq_logps), dtype=out.seq_logps.dtype)
+        (out.seq_logps * weights).sum().backward()
+    assert all("forward" not in vars(m) for m in model.modules())  # every forward put back
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.seq_logps.detach(), grads, switched
+
+
+def _switchable(model) -> dict[str, int]:
+    kinds = {"norm": 0, "mlp": 0}
+    for module in model.modules():
+        if lean_forward(module) is not None:
+            kinds["norm" if type(module).__name__.endswith("RMSNorm") else "mlp"] += 1
+    return kinds
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gradients_match_the_models_own_in_fp64(family):
+    model = make_model(family).double()
+    batch = make_batch(make_examples())
+    value, grads, switched = _grads(model, batch, lean=False)
+    lean_value, lean_grads, lean_switched = _grads(model, batch, lean=True)
+    layers = model.config.num_hidden_layers
+    kinds = _switchable(model)
+    assert switched == 0 and lean_switched == kinds["norm"] + kinds["mlp"]
+    # Phi-3 fuses gate and up into one projection: its MLP keeps its own forward; the norms switch everywhere
+    assert kinds["mlp"] == (0 if family == "phi3" else layers), kinds
+    assert kinds["norm"] >= (0 if family == "cohere" else 2 * layers + 1), kinds  # Cohere's norm is a LayerNorm
+    torch.testing.assert_close(lean_value, value, rtol=0, atol=0)  # the forward's ops are the same ops
+    assert grads.keys() == lean_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        # fp64: summation order only (~1e-15 relative); a wrong term in a derivative is O(1)
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-10, atol=1e-13, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_bf16_gradients_are_bitwise_the_same(checkpointing):
+    model = make_model("qwen3").to(torch.bfloat16)  # q/k norms too
+    batch = make_batch(make_examples())
+    value, grads, _ = _grads(model, batch, lean=False, checkpointing=checkpointing)
+    lean_value, lean_grads, _ = _grads(model, batch, lean=True, checkpointing=checkpointing)
+    assert torch.equal(lean_value, value)
+    for name, grad in grads.items():
+        assert torch.equal(lean_grads[name], grad), name
+
+
+def test_under_autocast_the_recomputation_runs_in_the_forwards_precision():
+    # fp32 weights under CPU bf16 autocast: the backward (outside autocast) must recompute in bf16 as the forward
+    # ran, and down_proj's gradient reach its fp32 weight as autograd's cast would give it
+    model = make_model("llama")
+    batch = make_batch(make_examples())
+    results = []
+    for lean in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.train()
+        with use_lean_layers([model] if lean else []):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = packed_logps(model, batch, impl="torch")
+            out.seq_logps.sum().backward()
+        results.append((out.seq_logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (value, grads), (lean_value, lean_grads) = results
+    assert torch.equal(lean_value, value)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
+        if "layers." in name:
+            assert torch.equal(lean_grads[name], grad), name
+        else:  # the fp32 residual stream feeds the first norm's pow and mul and the residual add: summed in another
+            # order (the norm's two inside its backward), which moves the embedding's gradient by fp32 ulps only
+            torch.testing.assert_close(lean_grads[name], grad, rtol=1e-6, atol=1e-6 * grad.abs().max().item())
+
+
+def _saved_bytes(module, *inputs) -> int:
+    """Bytes of the distinct storages autograd saves in one forward of ``module`` (inputs and parameters left out:
+    they are alive anyway)."""
+    alive = {t.untyped_storage().data_ptr() for t in (*inputs, *module.parameters())}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in alive:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs)
+    return sum(storages.values())
+
+
+def test_a_llama_layer_keeps_56_kb_less_per_token_in_bf16():
+    # Llama-3.2-1B's widths (H 2048, I 8192) on 64 tokens, one MLP and one norm in bf16: the MLP keeps gate and up
+    # (2·2·I bytes per token) instead of gate, silu(gate), up and their product (4·2·I); the norm keeps nothing of
+    # its own beyond its input (which the caller holds) instead of the fp32 input and the normalized bf16 output
+    # (4H + 2H) and the fp32 rsqrt
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=8192)
+    n, h, i = 64, 2048, 8192
+    mlp, norm = LlamaMLP(config).to(torch.bfloat16), LlamaRMSNorm(h).to(torch.bfloat16)
+    x = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
+    own = {"mlp": _saved_bytes(mlp, x), "norm": _saved_bytes(norm, x)}
+    with use_lean_layers([mlp, norm]) as switched:
+        lean = {"mlp": _saved_bytes(mlp, x), "norm": _saved_bytes(norm, x)}
+    assert switched == 2
+    assert own["mlp"] == n * 4 * 2 * i and lean["mlp"] == n * 2 * 2 * i
+    assert own["norm"] == n * (4 * h + 2 * h + 4) and lean["norm"] == 0
+
+
+def test_other_forwards_are_left_alone():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=24, num_attention_heads=2, num_key_value_heads=2)
+    mlp = LlamaMLP(config)
+    assert lean_forward(mlp) is not None
+    mlp.forward = lambda x: x  # a forward set on the instance (a wrapper's): not ours to replace
+    assert lean_forward(mlp) is None
+    plain = LlamaMLP(config)
+    plain.down_proj = torch.nn.Sequential(torch.nn.Linear(24, 16))  # not an nn.Linear: its backward is not ours
+    assert lean_forward(plain) is None
+    assert lean_forward(torch.nn.Linear(3, 4)) is None
+
+
+def _peak_bytes(fn) -> int:
+    """The most bytes the CPU allocator held at once while ``fn`` ran, above what it held before (from the
+    profiler's allocation and free events, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())  # fmt: skip
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_the_mlps_forward_and_backward_peak_two_intermediates_lower():
+    # norm → MLP, forward and backward, bf16, many tokens on narrow H so that the [N, I] tensors dominate: autograd's
+    # MLP holds gate, silu(gate), up, their product and, in the product's backward, the incoming gradient and both
+    # factors' gradients (6 [N, I] at once); the lean one gate and up, and its backward writes each gradient over a
+    # buffer that is done with (4 at once). (What the norm keeps is checked by its saved bytes, above.)
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    n, h, i = 4096, 64, 256
+    config = LlamaConfig(hidden_size=h, intermediate_size=i, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    mlp, norm = LlamaMLP(config).bfloat16(), LlamaRMSNorm(h).bfloat16()
+    x = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(n, h, dtype=torch.bfloat16)
+
+    def step():
+        mlp(norm(x)).backward(grad)
+
+    peaks = {}
+    for lean in (False, True):
+        step()  # the parameters' .grad exist before the measured step: only activations and temporaries are counted
+        with use_lean_layers([mlp, norm] if lean else []):
+            peaks[lean] = _peak_bytes(step)
+    intermediate = n * i * 2
+    assert peaks[False] - peaks[True] >= 2 * intermediate, peaks  # measured: 2.35 [N, I] here
+    assert peaks[True] <= 5 * intermediate, peaks  # gate, up, two [N, I] temporaries, and the [N, H] tensors
+
+
+def test_a_lora_model_switches_its_norms_and_keeps_its_adapted_mlps():
+    # LoRA wraps down_proj, whose backward the lean MLP would bypass: the MLPs keep their own forward, the norms
+    # (frozen weights, inputs that need gradients) switch, and the adapters' gradients are the same
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(make_model("llama").double(), peft.LoraConfig(r=4, target_modules="all-linear"))
+    kinds = _switchable(model)
+    assert kinds == {"norm": 2 * model.config.num_hidden_layers + 1, "mlp": 0}
+    batch = make_batch(make_examples())
+    _, grads, _ = _grads(model, batch, lean=False)
+    _, lean_grads, switched = _grads(model, batch, lean=True)
+    assert switched == kinds["norm"] and grads.keys() == lean_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-10, atol=1e-13, msg=name)
