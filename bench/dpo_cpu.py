@@ -81,8 +81,8 @@ def engine_trainer(engine: str, policy, reference, dataset, tokenizer, common: d
         from fastdpo.train import DPOConfig, DPOTrainer
 
         options = {"packed_attention": "varlen" if engine == "fastdpo_varlen" else "auto"}
-        if engine == "fastdpo_lean":  # the reference and the saved activations wait in host memory
-            options.update(ref_offload=True, activation_offloading=True)
+        if engine == "fastdpo_lean":  # the reference and the saved activations in host memory, lean layers
+            options.update(ref_offload=True, activation_offloading=True, lean_activations=True)
         return DPOTrainer(policy, ref_model=reference, args=DPOConfig(**common, **options),
                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
     import trl
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gemm-tokens", type=int, default=4096, help="rows of the timed GEMMs (a step's tokens)")
     parser.add_argument("--gemm-repeats", type=int, default=5)
-    parser.add_argument("--worker", choices=(*ENGINES, "gemm"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*ENGINES, "fastdpo_lean", "gemm"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for dpo_cpu.{json,md}")
     args = parser.parse_args(argv)
     if args.worker:

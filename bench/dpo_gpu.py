@@ -17,7 +17,8 @@ Every engine runs in its own process with bf16=True and otherwise its defaults (
 max_length 1024, AdamW), batch ``--batch`` pairs, the same seed (so the same pairs per step); the engines named
 with an option (``ENGINES``) differ from their trainer's defaults in that option only. ``fastdpo_lean`` is the
 least memory fastdpo offers without changing the training: the reference's weights and the policy's checkpointed
-activations wait in host memory, each on the device only while needed. Measured:
+activations wait in host memory, each on the device only while needed, and the policy's norms and MLPs keep less
+for their backward (``lean_activations``). Measured:
 
 - ``first step s``: from ``train()`` to the end of the first optimizer step (kernel compilation, cuBLAS handles,
   TRL's reference precomputation);
@@ -62,7 +63,7 @@ ENGINES = {  # in the order they run: a run cut short keeps the first
     "trl": "TRL 1.16 DPOTrainer, defaults",
     "fastdpo": "fastdpo DPOTrainer",
     "fastdpo_varlen": "fastdpo DPOTrainer, packed_attention='varlen'",
-    "fastdpo_lean": "fastdpo DPOTrainer, ref_offload and activation_offloading",
+    "fastdpo_lean": "fastdpo DPOTrainer, ref_offload, activation_offloading, lean_activations",
     "fastdpo.trl": "fastdpo.trl drop-in (TRL's script, one import changed)",
     "trl_precompute": "TRL, precompute_ref_log_probs=True",
     "trl_liger": "TRL, use_liger_kernel=True",

@@ -29,13 +29,16 @@ SMALL = {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688, "num
          "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
 MEDIUM = {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
           "num_attention_heads": 8, "num_key_value_heads": 4}  # fmt: skip
+WIDE = {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
 WARMUP = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
           "num_attention_heads": 2, "num_key_value_heads": 1}  # fmt: skip
 
 
-def _run(name, model, tokens, *, precision="fp32", reference="separate", checkpointing=True, lora=False, row=512):
+def _run(name, model, tokens, *, precision="fp32", reference="separate", checkpointing=True, lora=False, row=512,
+         lean=False):  # fmt: skip
     return {"name": name, "model": model, "tokens": tokens, "precision": precision, "reference": reference,
-            "checkpointing": checkpointing, "lora": lora, "row": row}  # fmt: skip
+            "checkpointing": checkpointing, "lora": lora, "row": row, "lean": lean}  # fmt: skip
 
 
 CONFIGS = [
@@ -51,6 +54,10 @@ CONFIGS = [
     _run("M LoRA adapter ckpt 4k", MEDIUM, 4096, reference="adapter", lora=True),
     _run("M bf16 LoRA adapter 4k", MEDIUM, 4096, precision="bf16", reference="adapter", lora=True,
          checkpointing=False),
+    _run("W bf16 sep ckpt 16k", WIDE, 16384, precision="bf16"),
+    _run("W bf16 sep ckpt 16k lean", WIDE, 16384, precision="bf16", lean=True),
+    _run("W bf16 sep 8k", WIDE, 8192, precision="bf16", checkpointing=False),
+    _run("W bf16 sep 8k lean", WIDE, 8192, precision="bf16", checkpointing=False, lean=True),
 ]  # fmt: skip
 LORA = {"r": 16, "target_modules": "all-linear"}
 
@@ -120,26 +127,35 @@ def _build(config: dict, model_fields: dict):
 def _steps(config: dict, model, reference, optimizer, batch, steps: int) -> None:
     import torch
 
-    from fastdpo.model.adapters import adapter_reference
+    from fastdpo.model.lean import use_lean_layers
     from fastdpo.ops import LossConfig
-    from fastdpo.train.step import preference_step, reference_logps
 
     loss_config = LossConfig(loss_type="sigmoid", beta=0.1)
     cached = -100.0 - torch.rand(batch.num_pairs, 2)
     for _ in range(steps):
-        if config["reference"] == "separate":
-            ref_logps = reference_logps(reference, batch)
-        elif config["reference"] == "adapter":
-            with adapter_reference(model):
-                ref_logps = reference_logps(model, batch)
-        else:
-            ref_logps = cached
-        out = preference_step(model, batch, loss_config, ref_logps=ref_logps, token_metrics=True)
-        out.loss.backward()
-        del out
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with use_lean_layers([model] if config.get("lean") else []):
+            _step(config, model, reference, optimizer, batch, loss_config, cached)
+
+
+def _step(config: dict, model, reference, optimizer, batch, loss_config, cached) -> None:
+    import torch
+
+    from fastdpo.model.adapters import adapter_reference
+    from fastdpo.train.step import preference_step, reference_logps
+
+    if config["reference"] == "separate":
+        ref_logps = reference_logps(reference, batch)
+    elif config["reference"] == "adapter":
+        with adapter_reference(model):
+            ref_logps = reference_logps(model, batch)
+    else:
+        ref_logps = cached
+    out = preference_step(model, batch, loss_config, ref_logps=ref_logps, token_metrics=True)
+    out.loss.backward()
+    del out
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _worker(config: dict, steps: int, threads: int) -> dict:
@@ -170,7 +186,8 @@ def estimate(config: dict, pair_tokens: int):
     return estimate_memory(config["model"], config["tokens"], lora=LORA if config["lora"] else None,
                            reference=config["reference"], precision=config["precision"],
                            gradient_checkpointing=config["checkpointing"], max_length=config["row"],
-                           pair_tokens=pair_tokens, device="cpu")  # fmt: skip
+                           pair_tokens=pair_tokens, device="cpu",
+                           lean_activations=config.get("lean", False))  # fmt: skip
 
 
 def measure(config: dict, *, steps: int = 2, threads: int = 2) -> dict:
@@ -195,8 +212,10 @@ def _table(results: list[dict], meta: dict) -> str:
         f"{meta['threads']} threads; {meta['cpu']}; torch {meta['torch']}, transformers {meta['transformers']}, "
         f"peft {meta['peft']}.",
         "",
-        "S: Llama H=256, 2 layers, I=688, 4 heads / 2 kv, V=32000; M: H=512, 4 layers, I=1376, 8 / 4, V=32000. "
-        "sdpa, rows of 512 tokens; LoRA r=16 on every linear layer of the decoder layers.",
+        "S: Llama H=256, 2 layers, I=688, 4 heads / 2 kv, V=32000; M: H=512, 4 layers, I=1376, 8 / 4, V=32000; "
+        "W: H=256, 2 layers, I=1024, 4 / 2, V=4096 (a small head, so that the decoder layers set the peak). "
+        "sdpa, rows of 512 tokens; LoRA r=16 on every linear layer of the decoder layers; 'lean': "
+        "`lean_activations` (`fastdpo.model.lean`).",
         "",
         "| config | tokens | measured MiB | estimate MiB | estimate / measured | beyond weights: measured | "
         "estimate | ratio | peak phase (estimate) |",
@@ -226,6 +245,7 @@ TABLE_OPTIONS = [
     ("full", "separate", {}),
     ("full", "separate, ref_offload", {"ref_offload": True}),
     ("full + activation_offloading", "separate, ref_offload", {"ref_offload": True, "activation_offloading": True}),
+    ("full + lean_activations", "separate, ref_offload", {"ref_offload": True, "lean_activations": True}),
     ("full", "cached", {"reference": "cached"}),
     ("LoRA r=16", "adapter", {"lora": LORA, "reference": "adapter"}),
 ]
@@ -269,7 +289,8 @@ def estimates_table() -> str:
         "on every linear layer of the decoder layers, adapters in fp32 "
         "(PEFT's default), run under autocast. ref_offload: the reference's weights on the GPU only for its pass; "
         "activation_offloading: the body's saved activations in host memory, one layer's back for its backward "
-        "(host RAM must hold them). 'Fits' leaves 10% of the card for the CUDA context, cuBLAS "
+        "(host RAM must hold them); lean_activations: the RMSNorms keep only their inputs and the MLPs gate and up. "
+        "'Fits' leaves 10% of the card for the CUDA context, cuBLAS "
         "workspaces and the caching allocator's fragmentation: an allowance, not a measurement. These sizes were not "
         "measured on a GPU; the same counting is within bench/results/memory_cpu.md's ratios of measured CPU peaks, "
         "and within 0.96–1.03x of the peaks of a 1.24B Llama's full DPO steps on an H200 at 1.8k to 59k tokens "

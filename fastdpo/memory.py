@@ -26,6 +26,9 @@ and ``kv`` the query and key widths, ``V`` vocabulary:
   block mask converted to the query's dtype (``bN × row length``); the MLP keeps gate, silu(gate), up (``3bNI``);
   trained linear layers keep their inputs (``bN(2H + I)``, q/k/v and gate/up sharing one; an adapter keeps a copy in
   its own dtype when that differs or autocast runs). Checkpointed: ``bNH`` per layer, and the one recomputed.
+  With ``lean_activations`` (``fastdpo.model.lean``) each RMSNorm keeps only its input (``bNH``; the first norm's is
+  the checkpointed layer input), and in full fine-tuning the MLP keeps gate and up only (``2bNI``, down_proj's
+  input not kept).
 - head: ``rows × V × 4`` bytes of fp32 logits per chunk, ``rows`` the larger of ``chunk_bytes / 4V`` and the largest
   pair's completion tokens (a chunk holds whole pairs); two chunks are alive once there are several, and one more
   for the entropy of TRL's token metrics; the fp32 gradient of a trained head weight (``4VH``); a fp32 copy of a
@@ -202,6 +205,7 @@ class _Step:
     device: str
     ref_offload: bool = False
     activation_offloading: bool = False
+    lean_activations: bool = False
 
     @property
     def full(self) -> bool:
@@ -230,6 +234,7 @@ def estimate_memory(
     device: str = "cuda",
     ref_offload: bool = False,
     activation_offloading: bool = False,
+    lean_activations: bool = False,
 ) -> MemoryEstimate:
     """The peak memory of one ``DPOTrainer`` training step (what is counted: the module docstring).
 
@@ -257,11 +262,14 @@ def estimate_memory(
         ref_offload: a separate reference in host memory, on the device only for its pass (``DPOConfig.ref_offload``).
         activation_offloading: the body's saved activations in host memory, each layer's brought back for its
             backward (``DPOConfig.activation_offloading``).
+        lean_activations: the RMSNorms keep only their inputs and the MLPs (full fine-tuning) only gate and up
+            (``DPOConfig.lean_activations``, ``fastdpo.model.lean``).
     """
     step = _step(config_or_name, tokens_per_batch, lora=lora, reference=reference, precision=precision,
                  gradient_checkpointing=gradient_checkpointing, attention=attention, max_length=max_length,
                  pair_tokens=pair_tokens, chunk_bytes=chunk_bytes, token_metrics=token_metrics,
-                 device=device, ref_offload=ref_offload, activation_offloading=activation_offloading)  # fmt: skip
+                 device=device, ref_offload=ref_offload, activation_offloading=activation_offloading,
+                 lean_activations=lean_activations)  # fmt: skip
     if ref_offload and reference != "separate":
         raise ConfigError(f"moves a separate reference; reference={reference!r} has none", column="ref_offload")
     if optimizer not in OPTIMIZERS:
@@ -338,14 +346,17 @@ def _layer_activations(step: _Step) -> int:
     """Bytes autograd saves in one decoder layer's forward without checkpointing."""
     s, n, b = step.shape, step.tokens, step.bytes
     h, i = s.hidden, s.intermediate
-    saved = 2 * (4 * n * h + 4 * n + b * n * h * step.full)  # RMSNorms: fp32 input, rsqrt; normalized if trained
+    lean, lean_mlp = step.lean_activations, step.lean_activations and step.full  # LoRA's down_proj keeps its own
+    if lean:  # each RMSNorm keeps its input: the first norm's is the checkpointed layer input when checkpointing
+        saved = b * n * h * (2 - step.checkpointing) + b * n * (s.q + s.kv) * s.qk_norm
+    else:  # RMSNorms: fp32 input, rsqrt; normalized if trained
+        saved = 2 * (4 * n * h + 4 * n + b * n * h * step.full) + (4 + b * step.full) * n * (s.q + s.kv) * s.qk_norm
     key_width = s.q if step.sdpa and s.kv_heads < s.heads else s.kv  # masked sdpa: k, v repeated to every head
     saved += b * n * (2 * s.q + 2 * key_width) + 4 * n * s.heads  # q, k, v, the output; log-sum-exp
     saved += b * n * step.row_length * step.sdpa  # the block mask, in the query's dtype
-    saved += (4 + b * step.full) * n * (s.q + s.kv) * s.qk_norm
-    saved += 3 * b * n * i  # gate, silu(gate), up
-    if step.full:  # inputs of q/k/v (one tensor), gate/up (one), down_proj; o_proj's is attention's output
-        return saved + b * n * (2 * h + i)
+    saved += (2 if lean_mlp else 3) * b * n * i  # gate, silu(gate) (not when lean), up
+    if step.full:  # inputs of q/k/v (one tensor), gate/up (one), down_proj (not when lean); o_proj's is attention's
+        return saved + b * n * (2 * h + i * (not lean_mlp))
     linears, adapter_bytes = s.linears(), 2 if step.autocast else 4
     if step.autocast or b != 4:  # every adapted layer casts its input to the adapter's dtype: a copy each
         saved += sum(n * linears[name][0] * adapter_bytes for name in step.lora_targets)
@@ -363,10 +374,11 @@ def _phases(step: _Step, persistent: dict[str, int], gradients: int, weights: in
     hidden = b * n * h  # one [N, H] tensor: a layer input, the hidden states, their gradient
     mask = n * step.row_length * step.sdpa  # the boolean block mask, alive through a forward
     # once per model: final norm, rotary cos/sin, token ids; checkpointing keeps the mask for its recomputation
-    shared = 4 * n * h + 4 * n + hidden * full + 2 * b * n * s.head_dim + 8 * n + mask * step.checkpointing
+    final_norm = hidden if step.lean_activations else 4 * n * h + 4 * n + hidden * full
+    shared = final_norm + 2 * b * n * s.head_dim + 8 * n + mask * step.checkpointing
     saved = shared + s.layers * (hidden if step.checkpointing else layer)
     if not full and not step.checkpointing:  # frozen embeddings: the first norm's input needs no gradient
-        saved -= 4 * n * h + 4 * n
+        saved -= hidden if step.lean_activations else 4 * n * h + 4 * n
     recompute = layer if step.checkpointing else 0
     layer_backward = b * n * (h + 2 * i)  # the MLP's backward: incoming gradient, those of up, silu and their product
     layer_grads = s.layer_params() * b if full else s.lora_layer_params(step.lora_rank, step.lora_targets) * 4

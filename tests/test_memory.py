@@ -194,9 +194,10 @@ def test_mixture_of_experts_is_refused():
         estimate_memory({**TINY, "num_local_experts": 4}, 512)
 
 
-def saved_bytes(model, batch) -> int:
+def saved_bytes(model, batch, *, lean: bool = False) -> int:
     """Bytes of the tensors autograd saves in the body's forward, each storage once, parameters excluded."""
     from fastdpo.model import packed_body
+    from fastdpo.model.lean import use_lean_layers
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
@@ -207,14 +208,15 @@ def saved_bytes(model, batch) -> int:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), use_lean_layers([model] * lean):
         packed_body(model, batch)
     return sum(storages.values())
 
 
+@pytest.mark.parametrize("lean", [False, True], ids=["own", "lean_activations"])
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_activations_are_what_autograd_saves(precision, lora):
+def test_activations_are_what_autograd_saves(precision, lora, lean):
     from fastdpo.data.packing import pack_pairs
 
     model = tiny_model().to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
@@ -230,9 +232,9 @@ def test_activations_are_what_autograd_saves(precision, lora):
     # 4 rows of two 64-token sequences: packed rows get the block mask (a row of one sequence would not)
     batch = pack_pairs(pairs, pack_length=128, split_pairs=True)
     assert batch.input_ids.shape == (4, 128)
-    counted = saved_bytes(model, batch)
+    counted = saved_bytes(model, batch, lean=lean)
     estimate = estimate_memory(TINY, 512, precision=precision, gradient_checkpointing=False, max_length=128,
-                               device="cpu", **options)  # fmt: skip
+                               device="cpu", lean_activations=lean, **options)  # fmt: skip
     # Counted tensor by tensor from the same code, so only a few bytes of bookkeeping may differ: 1%
     assert estimate.phases["head forward"]["activations"] == pytest.approx(counted, rel=0.01)
 
