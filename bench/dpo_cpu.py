@@ -37,6 +37,7 @@ RESULTS = Path(__file__).parent / "results"
 # fastdpo.trl: TRL's script with only the import changed; fastdpo_varlen: packed_attention="varlen" (each sequence
 # attends only to itself, one row per batch) against the default's sdpa over rows of the longest sequence
 ENGINES = ("trl", "fastdpo", "fastdpo_varlen", "fastdpo.trl")
+OPTION_ENGINES = ("fastdpo_leanact", "fastdpo_lean")  # fastdpo with memory options: for workers (A/B) and dpo_gpu
 MODEL = {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}  # fmt: skip
 
@@ -74,15 +75,17 @@ def build_trainer(engine: str, *, pairs: int, batch: int, steps: int, threads: i
 
 
 def engine_trainer(engine: str, policy, reference, dataset, tokenizer, common: dict):
-    """The trainer of ``engine`` (this module's ``ENGINES``, and bench/dpo_gpu.py's ``fastdpo_lean``,
+    """The trainer of ``engine`` (this module's ``ENGINES`` and ``OPTION_ENGINES``, and bench/dpo_gpu.py's
     ``trl_precompute`` and ``trl_liger``) with the config fields ``common``: TRL's DPOTrainer and DPOConfig at their
     defaults otherwise, fastdpo's, or TRL's script with only the import changed (``fastdpo.trl``)."""
-    if engine in ("fastdpo", "fastdpo_varlen", "fastdpo_lean"):
+    if engine in ("fastdpo", "fastdpo_varlen", "fastdpo_leanact", "fastdpo_lean"):
         from fastdpo.train import DPOConfig, DPOTrainer
 
         options = {"packed_attention": "varlen" if engine == "fastdpo_varlen" else "auto"}
-        if engine == "fastdpo_lean":  # the reference and the saved activations in host memory, lean layers
-            options.update(ref_offload=True, activation_offloading=True, lean_activations=True)
+        if engine in ("fastdpo_leanact", "fastdpo_lean"):
+            options["lean_activations"] = True
+        if engine == "fastdpo_lean":  # and the reference and the saved activations in host memory
+            options.update(ref_offload=True, activation_offloading=True)
         return DPOTrainer(policy, ref_model=reference, args=DPOConfig(**common, **options),
                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
     import trl
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gemm-tokens", type=int, default=4096, help="rows of the timed GEMMs (a step's tokens)")
     parser.add_argument("--gemm-repeats", type=int, default=5)
-    parser.add_argument("--worker", choices=(*ENGINES, "fastdpo_lean", "gemm"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*ENGINES, *OPTION_ENGINES, "gemm"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for dpo_cpu.{json,md}")
     args = parser.parse_args(argv)
     if args.worker:

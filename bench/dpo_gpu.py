@@ -63,6 +63,7 @@ ENGINES = {  # in the order they run: a run cut short keeps the first
     "trl": "TRL 1.16 DPOTrainer, defaults",
     "fastdpo": "fastdpo DPOTrainer",
     "fastdpo_varlen": "fastdpo DPOTrainer, packed_attention='varlen'",
+    "fastdpo_leanact": "fastdpo DPOTrainer, lean_activations",
     "fastdpo_lean": "fastdpo DPOTrainer, ref_offload, activation_offloading, lean_activations",
     "fastdpo.trl": "fastdpo.trl drop-in (TRL's script, one import changed)",
     "trl_precompute": "TRL, precompute_ref_log_probs=True",

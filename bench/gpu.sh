@@ -54,7 +54,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 
 # 1. correctness at real shapes (the files holding `gpu` tests; collecting the others needs CPU-only peers)
 step gpu_tests "${GPU_TEST_TIMEOUT:-150}" "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider \
-    tests/test_kernels_gpu.py tests/test_offload.py tests/test_model_packed.py
+    tests/test_kernels_gpu.py tests/test_offload.py tests/test_model_packed.py tests/test_attention.py \
+    tests/test_lean.py
 tail -15 "$out/gpu_tests.log"
 # 2. the head op against its peers (results written after every shape)
 step head_gpu "${GPU_HEAD_TIMEOUT:-150}" "$PY" -m bench.head_gpu --out "$out" \

@@ -142,6 +142,9 @@ def test_other_forwards_are_left_alone():
     plain = LlamaMLP(config)
     plain.down_proj = torch.nn.Sequential(torch.nn.Linear(24, 16))  # not an nn.Linear: its backward is not ours
     assert lean_forward(plain) is None
+    in_place = LlamaMLP(config)
+    in_place.act_fn = torch.nn.SiLU(inplace=True)  # would overwrite the gate the lean MLP keeps
+    assert lean_forward(in_place) is None
     assert lean_forward(torch.nn.Linear(3, 4)) is None
 
 
@@ -202,3 +205,38 @@ def test_a_lora_model_switches_its_norms_and_keeps_its_adapted_mlps():
     assert switched == kinds["norm"] and grads.keys() == lean_grads.keys() and len(grads) > 10
     for name, grad in grads.items():
         torch.testing.assert_close(lean_grads[name], grad, rtol=1e-10, atol=1e-13, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_same_gradients_at_a_lower_peak():
+    # one decoder layer's MLP and norm at Llama-3.2-1B's widths on 16k tokens in bf16, under autocast on fp32
+    # weights and on bf16 weights: the gradients bit for bit, and max_memory_allocated at least 2 [N, I] lower
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    n, h, i = 16384, 2048, 8192
+    config = LlamaConfig(hidden_size=h, intermediate_size=i)
+    for weights, autocast in ((torch.bfloat16, False), (torch.float32, True)):
+        torch.manual_seed(0)
+        mlp, norm = LlamaMLP(config).to("cuda", weights), LlamaRMSNorm(h).to("cuda", weights)
+        x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+        results = {}
+        for lean in (False, True):
+            for p in (*mlp.parameters(), *norm.parameters(), x):
+                p.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            with use_lean_layers([mlp, norm] if lean else []):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    out = mlp(norm(x))
+                out.backward(grad.to(out.dtype))
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - start
+            grads = [t.grad.clone() for t in (x, *mlp.parameters(), *norm.parameters())]
+            results[lean] = (peak, grads)
+        for own, lean in zip(results[False][1], results[True][1], strict=True):
+            assert torch.equal(own, lean), (weights, autocast)
+        assert results[False][0] - results[True][0] >= 2 * n * i * 2, (weights, results[False][0], results[True][0])

@@ -67,7 +67,8 @@ def lean_forward(module: nn.Module) -> Callable | None:
     cls = type(module)
     if cls.__name__.endswith("RMSNorm") and not any(True for _ in module.children()):
         return functools.partial(_lean_norm, module, functools.partial(cls.forward, module))
-    if _is_gated_mlp(cls) and type(getattr(module, "down_proj", None)) is nn.Linear:
+    in_place = getattr(getattr(module, "act_fn", None), "inplace", False)  # would overwrite the gate it keeps
+    if _is_gated_mlp(cls) and type(getattr(module, "down_proj", None)) is nn.Linear and not in_place:
         return functools.partial(_lean_mlp, module)
     return None
 
@@ -155,7 +156,7 @@ class _GatedDown(torch.autograd.Function):
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1]).to(compute)
         grad_weight = grad_bias = None
         if need_weight:
-            grad_weight = product.reshape(-1, product.shape[-1]).t().mm(flat_grad).t().to(weight.dtype)
+            grad_weight = flat_grad.t().mm(product.reshape(-1, product.shape[-1])).to(weight.dtype)
         if need_bias:
             grad_bias = flat_grad.sum(0).to(ctx.bias_dtype)
         del product
@@ -163,15 +164,16 @@ class _GatedDown(torch.autograd.Function):
         # the product's two factors' gradients, each written over a buffer that is not needed after it: with SiLU
         # this part of the backward holds two [N, I] tensors fewer than autograd's own (fastdpo.memory)
         grad_up = grad_gate = None
-        if need_up:
-            grad_up = grad_product * activated if not silu else activated.mul_(grad_product)
-        if not silu:
-            activated_graph = activated
-        del activated
-        if need_gate:
-            grad_activated = grad_product.mul_(up)
-            if silu:
-                grad_gate = torch.ops.aten.silu_backward.grad_input(grad_activated, gate, grad_input=grad_activated)
-            else:
-                (grad_gate,) = torch.autograd.grad(activated_graph, leaf, grad_activated)
+        if silu:
+            if need_up:
+                grad_up = activated.mul_(grad_product)  # over act(gate): SiLU's derivative reads the gate only
+            del activated
+            if need_gate:  # act(gate)'s gradient, then the gate's, both over the product's gradient
+                grad_gate = grad_product.mul_(up)
+                torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        else:
+            if need_up:
+                grad_up = grad_product * activated.detach()
+            if need_gate:
+                (grad_gate,) = torch.autograd.grad(activated, leaf, grad_product.mul_(up))
         return grad_gate, grad_up, grad_weight, grad_bias, None
