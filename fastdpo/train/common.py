@@ -233,14 +233,15 @@ class NumericsGuard:
 
 def lean_layers(trainer):
     """The context a training step runs in for ``lean_activations``: the policy's lean forwards
-    (``fastdpo.model.lean``), held through the backward; a no-op when the option is off."""
-    return use_lean_layers([trainer.model] if trainer.args.lean_activations else [])
+    (``fastdpo.model.lean``), held through the backward; a no-op when the option is off or the config has none
+    (TRL's own, which the trainers take too)."""
+    return use_lean_layers([trainer.model] if getattr(trainer.args, "lean_activations", False) else [])
 
 
 def check_lean_activations(trainer) -> None:
     """Refuse ``lean_activations`` where the parameters leave between forward and backward (its backward reads them
     again): FSDP, DeepSpeed ZeRO-3."""
-    if not trainer.args.lean_activations:
+    if not getattr(trainer.args, "lean_activations", False):  # TRL's own configs (the drop-in) have no such field
         return
     zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
     if trainer.is_fsdp_enabled or zero3:
