@@ -173,7 +173,7 @@ def test_bad_tensors_name_the_argument():
 def emulated_gpu_gemms(monkeypatch):
     """The half-precision GPU branch of the chunked paths (``_HeadGemms``) on a CPU: ``torch.mm(..., out_dtype=)``
     exists for CUDA only, so it is emulated by an fp64 product rounded to the requested dtype (a GPU accumulates in
-    fp32); the branch is switched on for bf16 inputs. What this checks is the branch's own logic: which operands stay
+    fp32); the branch is switched on (``_half_branch``). What this checks is the branch's own logic: which operands stay
     in bf16, that dz is rounded before the backward products, that dW accumulates over chunks, the chunk sizes."""
     import sys
 
@@ -187,15 +187,8 @@ def emulated_gpu_gemms(monkeypatch):
         calls.append(out_dtype)
         return real_mm(a.double(), b.double()).to(out_dtype)
 
-    real_init = module._HeadGemms.__init__
-
-    def init(self, hidden, weight, bias, acc):
-        real_init(self, hidden, weight, bias, acc)
-        self.half = hidden.dtype == weight.dtype == torch.bfloat16
-        self.weight = weight if self.half else weight.to(acc)
-
     monkeypatch.setattr(module.torch, "mm", mm)
-    monkeypatch.setattr(module._HeadGemms, "__init__", init)
+    monkeypatch.setattr(module, "_half_branch", lambda device: True)
     return calls
 
 
@@ -269,22 +262,20 @@ def _head_run(op: str, hidden, weight, targets, ref, **kw):
 
 
 @pytest.mark.parametrize("op", ["linear_logprobs", "fused_pair_loss"])
-@pytest.mark.parametrize("emulated", [False, True], ids=["cpu_branch", "gpu_branch_emulated"])
-def test_autocast_multiplies_fp32_inputs_in_its_dtype(request, op, emulated):
-    # bf16=True on a model loaded in fp32: the head must multiply in bf16 as an autocast nn.Linear would, not in
-    # fp32 (autocast does not lower the chunked path's mm(out=) and addmm_; on a GPU that was ~10x slower). Under
-    # CPU autocast, fp32 inputs must give what bf16-rounded inputs give without autocast, bit for bit: the same
-    # products on the same bf16 operands. With the GPU branch emulated (its fixture asserts every out_dtype product
-    # takes bf16 operands), that branch is the one taken.
-    calls = request.getfixturevalue("emulated_gpu_gemms") if emulated else None
+def test_autocast_multiplies_fp32_inputs_in_its_dtype_on_the_half_branch(emulated_gpu_gemms, op):
+    # bf16=True on a model loaded in fp32: on a GPU the head must multiply in bf16 as an autocast nn.Linear would, not
+    # in fp32 (autocast does not lower the chunked path's mm(out=) and addmm_; there that was ~10x slower). With the
+    # GPU branch emulated (its fixture asserts every out_dtype product takes bf16 operands), fp32 inputs under
+    # autocast must give what bf16-rounded inputs give without autocast, bit for bit: the same products on the same
+    # bf16 operands, the gradients reaching the fp32 leaves in fp32
     hidden, weight, targets, ref = _pair_inputs(42, 24, 53, seed=11)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         value, h32, w32 = _head_run(op, hidden, weight, targets, ref, chunk_bytes=4 * 53 * 14)
     value.backward()  # outside autocast, as a GPU backward runs
     expected, h16, w16 = _head_run(op, hidden.bfloat16(), weight.bfloat16(), targets, ref, chunk_bytes=4 * 53 * 14)
     expected.backward()
-    assert not emulated or calls, "the half-precision branch ran"
-    assert h32.grad.dtype == w32.grad.dtype == torch.float32  # gradients reach the fp32 leaves in their dtype
+    assert emulated_gpu_gemms, "the half-precision branch ran"
+    assert h32.grad.dtype == w32.grad.dtype == torch.float32
     assert value.dtype == expected.dtype == torch.float32
     assert torch.equal(value, expected)
     assert torch.equal(h32.grad, h16.grad.float()) and torch.equal(w32.grad, w16.grad.float())
@@ -292,8 +283,26 @@ def test_autocast_multiplies_fp32_inputs_in_its_dtype(request, op, emulated):
     assert not torch.equal(value, _head_run(op, hidden, weight, targets, ref)[0])
 
 
-def test_autocast_leaves_fp64_and_matching_inputs_alone():
+@pytest.mark.parametrize("op", ["linear_logprobs", "fused_pair_loss"])
+def test_on_a_cpu_autocast_leaves_the_head_in_fp32(op):
+    # a CPU has no half-precision branch: the head keeps multiplying fp32 inputs in fp32 under autocast, and no op
+    # inside it is lowered (autocast_off), so it gives exactly what it gives without autocast
+    hidden, weight, targets, ref = _pair_inputs(42, 24, 53, seed=11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, h, w = _head_run(op, hidden, weight, targets, ref, chunk_bytes=4 * 53 * 14)
+    value.backward()
+    expected, h_plain, w_plain = _head_run(op, hidden, weight, targets, ref, chunk_bytes=4 * 53 * 14)
+    expected.backward()
+    assert torch.equal(value, expected)
+    assert torch.equal(h.grad, h_plain.grad) and torch.equal(w.grad, w_plain.grad)
+
+
+def test_autocast_leaves_fp64_and_matching_inputs_alone(monkeypatch):
+    import sys
+
     from fastdpo.ops.linear_logprobs import autocast_head_inputs
+
+    monkeypatch.setattr(sys.modules["fastdpo.ops.linear_logprobs"], "_half_branch", lambda device: True)
 
     h64, w64 = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     h16, w16 = torch.randn(3, 4).bfloat16(), torch.randn(5, 4).bfloat16()

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from test_linear_logprobs import emulated_gpu_gemms  # noqa: F401 (a fixture)
 from tiny_models import save_tiny_mixtral
 from tiny_tokenizer import build_tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -130,13 +131,20 @@ def test_lean_activations_train_as_the_models_own_forwards_under_gradient_checkp
     # backward, where checkpointing calls every layer's MLP again
     from fastdpo.model import lean
 
-    calls, real = [], lean._lean_mlp
+    calls, real_mlp, real_norm = [], lean._lean_mlp, lean._lean_norm
 
     def counted(module, x):
         calls.append(torch.is_grad_enabled())
-        return real(module, x)
+        return real_mlp(module, x)
+
+    norms = []
+
+    def counted_norm(module, forward, hidden, *args, **kwargs):
+        norms.append(torch.is_grad_enabled())
+        return real_norm(module, forward, hidden, *args, **kwargs)
 
     monkeypatch.setattr(lean, "_lean_mlp", counted)
+    monkeypatch.setattr(lean, "_lean_norm", counted_norm)
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
     data = synthetic_pairs(8)
@@ -144,6 +152,8 @@ def test_lean_activations_train_as_the_models_own_forwards_under_gradient_checkp
     lean_trainer, lean_logs = train_ours(load, data, tokenizer, tmp_path, "lean", lean_activations=True, **common)
     # 2 steps × 2 layers × (the policy's forward, its recomputation in the backward); the reference keeps its own
     assert len(calls) == 8 and all(calls)
+    # norms: 2 steps × (2 layers × 2 norms × (forward, recomputation) + the final norm once)
+    assert len(norms) == 2 * (2 * 2 * 2 + 1) and all(norms)
     assert all("forward" not in vars(m) for m in lean_trainer.model.modules())  # put back after the steps
     _, own = train_ours(load, data, tokenizer, tmp_path, "own", **common)
     for step in (0, 1):  # fp32: the same ops, the first norm's gradient summed in another order (~1e-7 relative)
@@ -406,10 +416,11 @@ def test_sync_ref_model_matches_trl(data, tmp_path):
         DPOConfig(**common_args(tmp_path, "x"), sync_ref_model=True, precompute_ref_log_probs=True)  # no model to move
 
 
-def test_bf16_mixed_precision_trains(data, tmp_path, monkeypatch):
+def test_bf16_mixed_precision_trains(data, tmp_path, monkeypatch, emulated_gpu_gemms):  # noqa: F811 (the fixture)
     # accelerate wraps the model's forward for autocast; the packed step replaces it for one call and runs under
-    # accelerator.autocast() instead (CPU autocast in bf16 here). The fp32 model's head multiplies in bf16 there, as
-    # an autocast nn.Linear head would (autocast_head_inputs): every head call gets bf16 operands
+    # accelerator.autocast() instead (CPU autocast in bf16 here). With the GPU's half-precision head branch emulated
+    # (test_linear_logprobs), the fp32 model's head multiplies in bf16, as an autocast nn.Linear head would
+    # (autocast_head_inputs): every head call gets bf16 operands
     head_module = importlib.import_module("fastdpo.ops.linear_logprobs")  # the package exports the function
 
     tokenizer = build_tiny_tokenizer()
@@ -428,6 +439,7 @@ def test_bf16_mixed_precision_trains(data, tmp_path, monkeypatch):
     assert model.lm_head.weight.dtype == torch.float32  # the fp32 weights stay fp32 (autocast casts copies)
     # 2 steps: the reference's head and the policy's fused head each time
     assert len(operands) == 4 and set(operands) == {(torch.bfloat16, torch.bfloat16)}
+    assert emulated_gpu_gemms and set(emulated_gpu_gemms) == {torch.float32}  # bf16 products, fp32 results
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(log["loss"])) for log in logs)
     assert logs[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1

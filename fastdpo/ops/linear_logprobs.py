@@ -125,16 +125,18 @@ def linear_logprobs(
 
 
 def autocast_head_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The head's inputs as an ``nn.Linear`` head would multiply them: in autocast's dtype when autocast is on for
-    their device (``bf16=True`` on a model loaded in fp32), else unchanged.
+    """The head's inputs as an ``nn.Linear`` head would multiply them on a GPU: in autocast's dtype when autocast is
+    on there (``bf16=True`` on a model loaded in fp32), else unchanged.
 
     The casts are autograd ops: gradients reach fp32 weights in fp32, each step's contribution rounded to the
     autocast dtype as in every autocast ``nn.Linear``. Without them the chunked path would run its products in
     fp32 (autocast does not lower ``mm(out=)`` or an in-place ``addmm_``), about an order of magnitude below the
-    half-precision tensor-core rate on a GPU. fp64 inputs are left alone, as autocast leaves them.
+    half-precision tensor-core rate. fp64 inputs are left alone, as autocast leaves them. Where the chunked path
+    has no half-precision products (``_half_branch``: a CPU) nothing is cast: it multiplies in fp32 anyway, and a
+    cast would only cost a rounded copy of the weight.
     """
     device_type = hidden.device.type
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+    if not (_half_branch(hidden.device) and torch.is_autocast_enabled(device_type)):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     tensors = [t for t in (hidden, weight, bias) if t is not None]
@@ -196,7 +198,7 @@ def _resolve_impl(impl: str, hidden: Tensor, weight: Tensor) -> str:
         # epilogue kernels (_HeadGemms) ran 2.1x faster than the fused kernels on an H200
         # (bench/results/NVIDIA_H200/run3); other dtype mixes keep the fused kernels, which take mixed inputs in the
         # tensor cores' dtype where the chunked path would multiply in fp32
-        same_half = hidden.dtype in HALF and weight.dtype == hidden.dtype and _mm_out_dtype()
+        same_half = hidden.dtype in HALF and weight.dtype == hidden.dtype and _half_branch(hidden.device)
         return "torch" if same_half else "triton"
     if impl == "triton":
         if not triton_available():
@@ -380,7 +382,7 @@ class _HeadGemms:
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype):
         self.acc = acc
-        self.half = hidden.is_cuda and hidden.dtype in HALF and weight.dtype == hidden.dtype and _mm_out_dtype()
+        self.half = _half_branch(hidden.device) and hidden.dtype in HALF and weight.dtype == hidden.dtype
         self.weight = weight if self.half else weight.to(acc)
         self.bias = None if bias is None else bias.to(acc)
         self.epilogue = _epilogue_kernels(hidden) if self.half else None
@@ -431,6 +433,12 @@ class _HeadGemms:
             grad_weight.add_(torch.mm(dz.to(h.dtype).t(), h, out_dtype=grad_weight.dtype))
         else:
             grad_weight.addmm_(dz.t(), h)
+
+
+def _half_branch(device: torch.device) -> bool:
+    """Whether the chunked paths multiply half-precision inputs in their own dtype on ``device`` (``_HeadGemms``):
+    CUDA where ``torch.mm(..., out_dtype=)`` exists."""
+    return device.type == "cuda" and _mm_out_dtype()
 
 
 @functools.cache
