@@ -15,7 +15,7 @@ attention (the GPU image has no flash-attn). Text is synthetic words through the
 
 Every engine runs in its own process with bf16=True and otherwise its defaults (gradient checkpointing on,
 max_length 1024, AdamW), batch ``--batch`` pairs, the same seed (so the same pairs per step); the engines named
-with an option (``ENGINES``) differ from their trainer's defaults in that option only. ``fastdpo_lean`` is the
+with options (``ENGINES``) differ from their trainer's defaults in those options only. ``fastdpo_lean`` is the
 least memory fastdpo offers without changing the training: the reference's weights and the policy's checkpointed
 activations wait in host memory, each on the device only while needed, and the policy's norms and MLPs keep less
 for their backward (``lean_activations``). Measured:

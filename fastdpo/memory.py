@@ -27,8 +27,8 @@ and ``kv`` the query and key widths, ``V`` vocabulary:
   trained linear layers keep their inputs (``bN(2H + I)``, q/k/v and gate/up sharing one; an adapter keeps a copy in
   its own dtype when that differs or autocast runs). Checkpointed: ``bNH`` per layer, and the one recomputed.
   With ``lean_activations`` (``fastdpo.model.lean``) each RMSNorm keeps only its input (``bNH``; the first norm's is
-  the checkpointed layer input), and in full fine-tuning the MLP keeps gate and up only (``2bNI``, down_proj's
-  input not kept).
+  the checkpointed layer input), and unless LoRA adapts down_proj the MLP keeps gate and up only (``2bNI``,
+  down_proj's input not kept).
 - head: ``rows × V × 4`` bytes of fp32 logits per chunk, ``rows`` the larger of ``chunk_bytes / 4V`` and the largest
   pair's completion tokens (a chunk holds whole pairs); two chunks are alive once there are several, and one more
   for the entropy of TRL's token metrics; the fp32 gradient of a trained head weight (``4VH``); a fp32 copy of a
@@ -262,8 +262,8 @@ def estimate_memory(
         ref_offload: a separate reference in host memory, on the device only for its pass (``DPOConfig.ref_offload``).
         activation_offloading: the body's saved activations in host memory, each layer's brought back for its
             backward (``DPOConfig.activation_offloading``).
-        lean_activations: the RMSNorms keep only their inputs and the MLPs (full fine-tuning) only gate and up
-            (``DPOConfig.lean_activations``, ``fastdpo.model.lean``).
+        lean_activations: the RMSNorms keep only their inputs and the MLPs only gate and up (not where LoRA adapts
+            down_proj) (``DPOConfig.lean_activations``, ``fastdpo.model.lean``).
     """
     step = _step(config_or_name, tokens_per_batch, lora=lora, reference=reference, precision=precision,
                  gradient_checkpointing=gradient_checkpointing, attention=attention, max_length=max_length,
@@ -346,7 +346,8 @@ def _layer_activations(step: _Step) -> int:
     """Bytes autograd saves in one decoder layer's forward without checkpointing."""
     s, n, b = step.shape, step.tokens, step.bytes
     h, i = s.hidden, s.intermediate
-    lean, lean_mlp = step.lean_activations, step.lean_activations and step.full  # LoRA's down_proj keeps its own
+    lean = step.lean_activations  # an adapted down_proj keeps the model's own MLP (fastdpo.model.lean)
+    lean_mlp = lean and "down_proj" not in step.lora_targets
     if lean:  # each RMSNorm keeps its input: the first norm's is the checkpointed layer input when checkpointing
         saved = b * n * h * (2 - step.checkpointing) + b * n * (s.q + s.kv) * s.qk_norm
     else:  # RMSNorms: fp32 input, rsqrt; normalized if trained

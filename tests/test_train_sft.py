@@ -406,13 +406,24 @@ def test_varlen_and_the_models_attention_train_alike_under_gradient_checkpointin
             assert runs["varlen"][step][name] == pytest.approx(runs["model"][step][name], rel=1e-4), (step, name)
 
 
-def test_lean_activations_train_as_the_models_own_forwards(load, tokenizer, tmp_path):
+def test_lean_activations_train_as_the_models_own_forwards(load, tokenizer, tmp_path, monkeypatch):
+    from fastdpo.model import lean as lean_module
+
+    calls, real = [], lean_module._lean_mlp
+
+    def counted(module, x):
+        calls.append(torch.is_grad_enabled())
+        return real(module, x)
+
+    monkeypatch.setattr(lean_module, "_lean_mlp", counted)
     data = prompt_completion_rows(16, seed=3)
     runs = {}
     for lean in (True, False):
         trainer, logs = train(SFTTrainer, SFTConfig, load, data, tokenizer, tmp_path, f"lean{lean}", packing=False,
                               gradient_checkpointing=True, lean_activations=lean)  # fmt: skip
         assert all("forward" not in vars(m) for m in trainer.model.modules())
+        # 2 steps × 2 layers × (forward, recomputation in the backward), and none when off
+        assert len(calls) == 8 and all(calls), (lean, calls)
         runs[lean] = logs
     for step in (0, 1):  # fp32: the first norm's gradient summed in another order (~1e-7 relative)
         for name in ("loss", "grad_norm", "entropy"):
