@@ -290,7 +290,7 @@ def pipeline_worker(data: Path, tokenizer_dir: Path, *, max_length: int, num_pro
 
     import fastdpo.train  # noqa: F401 - imported now: its import is no part of any stage
     from fastdpo.data import check_preferences, prepare_preferences, tokenize_preferences
-    from fastdpo.profiling import peak_rss, reset_peak_rss
+    from fastdpo.profiling import reset_peak_rss
 
     _pin_threads()
     datasets.disable_progress_bars()
@@ -299,9 +299,7 @@ def pipeline_worker(data: Path, tokenizer_dir: Path, *, max_length: int, num_pro
     sampler = RssSampler()
     sampler.start()
     records: list[dict] = []
-    # the kernel's high-water mark restarts here: the imports' and the warm-up's transients are no cost of the data
-    # (the process's whole-life peak, ru_maxrss, is reported beside it)
-    start_rss = reset_peak_rss()
+    start_rss = reset_peak_rss()  # VmHWM restarts here: imports and warm-up are no cost of the data (ru_maxrss is)
     prepared = _stage(records, sampler, "prepare_preferences (load JSONL, normalize)", 0,
                       lambda: prepare_preferences(str(data), num_proc=num_proc))  # fmt: skip
     records[-1]["rows"] = rows = len(prepared)
@@ -321,7 +319,7 @@ def pipeline_worker(data: Path, tokenizer_dir: Path, *, max_length: int, num_pro
                        len(train), lambda: _epoch(trainer.get_train_dataloader()))  # fmt: skip
     sampler.stop()
     usage, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    peak = max(peak_rss(), *(s["peak_sampled_bytes"] for s in records))
+    peak = max(records[-1]["hwm_bytes"], *(s["peak_sampled_bytes"] for s in records))  # VmHWM since the reset
     return {"stages": records, "start_rss_bytes": start_rss, "ru_maxrss_bytes": usage.ru_maxrss * 1024,
             "ru_maxrss_children_bytes": children.ru_maxrss * 1024, "peak_bytes": peak,
             "peak_above_start_bytes": peak - start_rss, "rows": rows, "kept": len(clean), "dropped_by_check": dropped,
