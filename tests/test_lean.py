@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_memory import bytes_saved_by
 from test_model_packed import FAMILIES, make_batch, make_examples, make_model
 
 from fastdpo.model import packed_logps
@@ -94,20 +95,8 @@ def test_under_autocast_the_recomputation_runs_in_the_forwards_precision():
 
 
 def _saved_bytes(module, *inputs) -> int:
-    """Bytes of the distinct storages autograd saves in one forward of ``module`` (inputs and parameters left out:
-    they are alive anyway)."""
-    alive = {t.untyped_storage().data_ptr() for t in (*inputs, *module.parameters())}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in alive:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(*inputs)
-    return sum(storages.values())
+    """Bytes autograd saves in one forward of ``module`` (inputs and parameters left out: they are alive anyway)."""
+    return bytes_saved_by(lambda: module(*inputs), alive=[*inputs, *module.parameters()])
 
 
 def test_an_mlp_and_a_norm_keep_32_and_24_kb_less_per_token_in_bf16():

@@ -199,17 +199,23 @@ def saved_bytes(model, batch, *, lean: bool = False) -> int:
     from fastdpo.model import packed_body
     from fastdpo.model.lean import use_lean_layers
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with use_lean_layers([model] * lean):
+        return bytes_saved_by(lambda: packed_body(model, batch), alive=list(model.parameters()))
+
+
+def bytes_saved_by(run, alive) -> int:
+    """Bytes of the distinct storages autograd saves while ``run()`` runs, those of the tensors ``alive`` left out."""
+    kept = {t.untyped_storage().data_ptr() for t in alive}
     storages: dict[int, int] = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
+        if storage.data_ptr() not in kept:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), use_lean_layers([model] * lean):
-        packed_body(model, batch)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
     return sum(storages.values())
 
 
