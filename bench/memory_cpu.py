@@ -19,6 +19,7 @@ nothing in it is fitted to these measurements.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -31,14 +32,17 @@ MEDIUM = {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1376, "n
           "num_attention_heads": 8, "num_key_value_heads": 4}  # fmt: skip
 WIDE = {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+TALL = {"vocab_size": 4096, "hidden_size": 128, "intermediate_size": 8192, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+ONE_BLOCK = 2**40  # the lean MLP's backward on all tokens at once (fastdpo.model.lean.MLP_CHUNK_ELEMENTS)
 WARMUP = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
           "num_attention_heads": 2, "num_key_value_heads": 1}  # fmt: skip
 
 
 def _run(name, model, tokens, *, precision="fp32", reference="separate", checkpointing=True, lora=False, row=512,
-         lean=False):  # fmt: skip
+         lean=False, mlp_block=None):  # fmt: skip
     return {"name": name, "model": model, "tokens": tokens, "precision": precision, "reference": reference,
-            "checkpointing": checkpointing, "lora": lora, "row": row, "lean": lean}  # fmt: skip
+            "checkpointing": checkpointing, "lora": lora, "row": row, "lean": lean, "mlp_block": mlp_block}  # fmt: skip
 
 
 CONFIGS = [
@@ -58,6 +62,9 @@ CONFIGS = [
     _run("W bf16 sep ckpt 16k lean", WIDE, 16384, precision="bf16", lean=True),
     _run("W bf16 sep 8k", WIDE, 8192, precision="bf16", checkpointing=False),
     _run("W bf16 sep 8k lean", WIDE, 8192, precision="bf16", checkpointing=False, lean=True),
+    _run("T bf16 sep ckpt 16k", TALL, 16384, precision="bf16"),
+    _run("T bf16 sep ckpt 16k lean, one block", TALL, 16384, precision="bf16", lean=True, mlp_block=ONE_BLOCK),
+    _run("T bf16 sep ckpt 16k lean", TALL, 16384, precision="bf16", lean=True),
 ]  # fmt: skip
 LORA = {"r": 16, "target_modules": "all-linear"}
 
@@ -158,6 +165,19 @@ def _step(config: dict, model, reference, optimizer, batch, loss_config, cached)
     optimizer.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def _mlp_blocks(config: dict):
+    """The lean MLP's block size of ``config`` (its ``mlp_block`` elements; None: the default) for the duration."""
+    from fastdpo.model import lean
+
+    default = lean.MLP_CHUNK_ELEMENTS
+    lean.MLP_CHUNK_ELEMENTS = config.get("mlp_block") or default
+    try:
+        yield
+    finally:
+        lean.MLP_CHUNK_ELEMENTS = default
+
+
 def _worker(config: dict, steps: int, threads: int) -> dict:
     import torch
 
@@ -173,7 +193,8 @@ def _worker(config: dict, steps: int, threads: int) -> dict:
     model, reference, optimizer = _build(config, config["model"])
     setup = reset_peak_rss() - base
     start = time.perf_counter()
-    _steps(config, model, reference, optimizer, batch, steps)
+    with _mlp_blocks(config):
+        _steps(config, model, reference, optimizer, batch, steps)
     seconds = time.perf_counter() - start
     weights = sum(p.nbytes for m in (model, reference) if m is not None for p in m.parameters())
     return {"peak_bytes": peak_rss() - base, "setup_bytes": setup, "weight_bytes": weights, "seconds": seconds,
@@ -183,11 +204,12 @@ def _worker(config: dict, steps: int, threads: int) -> dict:
 def estimate(config: dict, pair_tokens: int):
     from fastdpo.memory import estimate_memory
 
-    return estimate_memory(config["model"], config["tokens"], lora=LORA if config["lora"] else None,
-                           reference=config["reference"], precision=config["precision"],
-                           gradient_checkpointing=config["checkpointing"], max_length=config["row"],
-                           pair_tokens=pair_tokens, device="cpu",
-                           lean_activations=config.get("lean", False))  # fmt: skip
+    with _mlp_blocks(config):
+        return estimate_memory(config["model"], config["tokens"], lora=LORA if config["lora"] else None,
+                               reference=config["reference"], precision=config["precision"],
+                               gradient_checkpointing=config["checkpointing"], max_length=config["row"],
+                               pair_tokens=pair_tokens, device="cpu",
+                               lean_activations=config.get("lean", False))  # fmt: skip
 
 
 def measure(config: dict, *, steps: int = 2, threads: int = 2) -> dict:
@@ -213,9 +235,11 @@ def _table(results: list[dict], meta: dict) -> str:
         f"peft {meta['peft']}.",
         "",
         "S: Llama H=256, 2 layers, I=688, 4 heads / 2 kv, V=32000; M: H=512, 4 layers, I=1376, 8 / 4, V=32000; "
-        "W: H=256, 2 layers, I=1024, 4 / 2, V=4096 (a small head, so that the decoder layers set the peak). "
+        "W: H=256, 2 layers, I=1024, 4 / 2, V=4096 (a small head, so that the decoder layers set the peak); "
+        "T: H=128, 2 layers, I=8192, 4 / 2, V=4096 (an MLP wider than the rest, so that its backward sets the peak). "
         "sdpa, rows of 512 tokens; LoRA r=16 on every linear layer of the decoder layers; 'lean': "
-        "`lean_activations` (`fastdpo.model.lean`).",
+        "`lean_activations` (`fastdpo.model.lean`), whose MLP backward runs on blocks of 4096 tokens at I=8192 "
+        "('one block': on all tokens at once, as lean_activations first did).",
         "",
         "| config | tokens | measured MiB | estimate MiB | estimate / measured | beyond weights: measured | "
         "estimate | ratio | peak phase (estimate) |",

@@ -28,7 +28,8 @@ and ``kv`` the query and key widths, ``V`` vocabulary:
   its own dtype when that differs or autocast runs). Checkpointed: ``bNH`` per layer, and the one recomputed.
   With ``lean_activations`` (``fastdpo.model.lean``) each RMSNorm keeps only its input (``bNH``; the first norm's is
   the checkpointed layer input), and unless LoRA adapts down_proj the MLP keeps gate and up only (``2bNI``,
-  down_proj's input not kept).
+  down_proj's input not kept) and its backward needs two blocks of ``MLP_CHUNK_ELEMENTS`` beyond them instead of two
+  ``[N, I]`` (``_mlp_backward``).
 - head: ``rows × V × 4`` bytes of fp32 logits per chunk, ``rows`` the larger of ``chunk_bytes / 4V`` and the largest
   pair's completion tokens (a chunk holds whole pairs); two chunks are alive once there are several, and one more
   for the entropy of TRL's token metrics; the fp32 gradient of a trained head weight (``4VH``); a fp32 copy of a
@@ -53,6 +54,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastdpo.errors import ConfigError, unknown_choice
+from fastdpo.model import lean
 from fastdpo.ops.linear_logprobs import DEFAULT_CHUNK_BYTES, GPU_CHUNK_BYTES
 
 GiB = 2**30
@@ -367,6 +369,26 @@ def _layer_activations(step: _Step) -> int:
     return saved + len(step.lora_targets) * n * step.lora_rank * adapter_bytes  # lora_A's outputs
 
 
+def _mlp_backward(step: _Step) -> int:
+    """Bytes of temporaries at the peak of one MLP's backward.
+
+    The model's own MLP: two ``[N, I]`` beyond what its forward saved (``2bNI``). The lean
+    MLP (``fastdpo.model.lean``) works on blocks of ``lean.MLP_CHUNK_ELEMENTS // I`` tokens and writes the gradients of
+    gate and up over them: two blocks at a time (act(gate) and the product, then act(gate) and the product's
+    gradient); with several blocks, down_proj's weight gradient accumulates in fp32 (``4HI``), and on a CPU a bf16
+    block's product and incoming gradient are upcast for it.
+    """
+    s, n, b = step.shape, step.tokens, step.bytes
+    i = s.intermediate
+    if not step.lean_activations or "down_proj" in step.lora_targets:
+        return 2 * b * n * i
+    rows = min(n, max(1, lean.MLP_CHUNK_ELEMENTS // i))
+    trained = step.full  # down_proj's weight: only full training gives it a gradient (LoRA leaves it alone here)
+    accumulated = rows < n and trained
+    upcast = 4 * rows * (i + s.hidden) * (accumulated and b != 4 and step.device != "cuda")  # product, gradient
+    return 2 * b * rows * i + (4 * s.hidden * i + upcast) * accumulated
+
+
 def _phases(step: _Step, persistent: dict[str, int], gradients: int, weights: int) -> dict[str, dict[str, int]]:
     """The components at each moment of the step: persistent state plus what that moment holds."""
     s, n, b, full = step.shape, step.tokens, step.bytes, step.full
@@ -381,7 +403,7 @@ def _phases(step: _Step, persistent: dict[str, int], gradients: int, weights: in
     if not full and not step.checkpointing:  # frozen embeddings: the first norm's input needs no gradient
         saved -= hidden if step.lean_activations else 4 * n * h + 4 * n
     recompute = layer if step.checkpointing else 0
-    layer_backward = b * n * (h + 2 * i)  # the MLP's backward: incoming gradient, those of up, silu and their product
+    layer_backward = b * n * h + _mlp_backward(step)  # the incoming gradient, the MLP's temporaries
     layer_grads = s.layer_params() * b if full else s.lora_layer_params(step.lora_rank, step.lora_targets) * 4
     head_grad = vh * b if full else 0  # the LM head weight's gradient (the embedding's, when tied)
     embed_grad = vh * b if full and not s.tied else 0

@@ -13,13 +13,15 @@ keep less:
   source; 132 model families of transformers 5.24) with a plain ``nn.Linear`` ``down_proj`` (no hooks, a plain
   weight) and an activation without parameters, hooks or in-place writes keeps gate and up only. Its backward
   forms ``act_fn(gate) * up`` again (element-wise), down_proj's two products from it, then the gradients of gate
-  and up, freeing each temporary as soon as it is used: SiLU's derivative is the one autograd uses
-  (``aten.silu_backward``), any other activation's is autograd's own, on a recomputed ``act_fn(gate)``.
+  and up, block by block of tokens (``MLP_CHUNK_ELEMENTS``), writing them over gate and up where those are fresh
+  outputs of plain (or LoRA) linear layers: SiLU's derivative is the one autograd uses (``aten.silu_backward``),
+  any other activation's is autograd's own, on a recomputed ``act_fn(gate)``.
 
-What the peak gains, per token and decoder layer at Llama-3.2-1B's shape in bf16 under checkpointing: 32 KB in the
-MLP's backward (two ``[N, I]`` fewer) and 20 KB of the norms' saved tensors (``fastdpo.memory`` counts it;
-``tests/test_lean.py`` measures the saved bytes and the allocator's peak). What it costs: one more element-wise
-pass over each MLP's ``[N, I]`` and each norm in the backward. Not used where the parameters move between forward
+What the peak gains, per token and decoder layer at Llama-3.2-1B's shape in bf16 under checkpointing: 64 KB in the
+MLP's backward (four ``[N, I]`` fewer, less two blocks) and 20 KB of the norms' saved tensors (``fastdpo.memory``
+counts it; ``tests/test_lean.py`` measures the saved bytes and the allocator's peak). What it costs: one more
+element-wise pass over each MLP's ``[N, I]`` and each norm in the backward, and the MLP's products on blocks of
+4096 tokens at I = 8192 rather than on all of them. Not used where the parameters move between forward
 and backward (FSDP, DeepSpeed ZeRO-3: the trainers refuse the option there). A norm's input is kept as it is (the
 model's own norm keeps an fp32 copy in bf16 models): changing it in place after the norm ran is then an autograd
 error, not a silent change (no transformers decoder layer does it).
@@ -36,6 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from fastdpo.model.hooks import forward_as
+from fastdpo.ops.linear_logprobs import add_product
+
+MLP_CHUNK_ELEMENTS = 2**25
+"""The lean MLP's backward works on blocks of this many ``[tokens, I]`` elements (64 MiB in bf16): large enough
+that the block's products run at the GEMM rate, small enough that two blocks are small beside gate and up."""
 
 _GATED_MLP_FORWARDS = (
     "defforward(self,x):down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj",
@@ -122,7 +129,22 @@ def _lean_mlp(module: nn.Module, x: Tensor) -> Tensor:
     if not torch.is_grad_enabled():
         return module.down_proj(module.act_fn(gate) * up)
     down = module.down_proj
-    return _GatedDown.apply(gate, up, down.weight, down.bias, module.act_fn)
+    overwrite = _output_is_fresh(module.gate_proj) and _output_is_fresh(module.up_proj)
+    return _GatedDown.apply(gate, up, down.weight, down.bias, module.act_fn, overwrite)
+
+
+def _output_is_fresh(proj: nn.Module) -> bool:
+    """Whether ``proj``'s output is a new tensor nothing else holds: a plain ``nn.Linear`` or PEFT's LoRA ``Linear``
+    (without DoRA) on one, with no forward hooks (which could keep the output). Such an output, kept only by the
+    lean MLP, may take its own gradient in its place once the backward has read it."""
+    modules = [proj]
+    if type(proj) is not nn.Linear:
+        base = getattr(proj, "base_layer", None)
+        dora = any(getattr(proj, "use_dora", {}).values())
+        if not type(proj).__module__.startswith("peft.tuners.lora") or type(base) is not nn.Linear or dora:
+            return False
+        modules.append(base)
+    return not any(getattr(m, name) for m in modules for name in ("_forward_hooks", "_forward_pre_hooks"))
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
@@ -153,14 +175,49 @@ class _RecomputedNorm(torch.autograd.Function):
 
 
 class _GatedDown(torch.autograd.Function):
-    """``down_proj(act(gate) * up)`` keeping gate and up; the product is formed again in the backward."""
+    """``down_proj(act(gate) * up)`` keeping gate and up; the product is formed again in the backward.
+
+    The backward runs over blocks of ``MLP_CHUNK_ELEMENTS // I`` tokens: each block's ``act(gate) * up`` feeds
+    down_proj's weight gradient (one product over all tokens when one block holds them; otherwise accumulated over
+    the blocks in fp32, as a single half-precision GEMM accumulates inside, and rounded once), then the block's
+    gradients of gate and up are formed from it. Where gate and up are fresh outputs held by nothing else
+    (``overwrite``), those gradients are written over the block of gate and up they came from: the backward then
+    holds gate, up and two ``[block, I]`` temporaries, where autograd's MLP holds about six ``[N, I]`` at once
+    (``tests/test_lean.py`` measures both). The forward forms the product block by block too. A second
+    backward through the same graph (``retain_graph=True``) then fails on autograd's version check instead of
+    reading the overwritten tensors.
+    """
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, act):
+    def forward(ctx, gate, up, weight, bias, act, overwrite):
         ctx.act, ctx.autocast = act, _autocast_state(gate.device.type)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        width = up.shape[-1]
+        gates, ups = gate.reshape(-1, width), up.reshape(-1, width)
+        tokens = gates.shape[0]
+        rows = _block_rows(tokens, width)
+        out = None
+        for start in range(0, tokens or 1, rows):
+            block = slice(start, start + rows)
+            g = gates[block]
+            product = act(g)
+            fresh = product is not g and product._base is None  # not the gate itself (an identity activation)
+            if fresh and product.dtype == torch.promote_types(product.dtype, up.dtype):
+                product.mul_(ups[block])  # the same product, over act(gate)'s buffer
+            else:
+                product = product * ups[block]
+            ctx.product_dtype = product.dtype
+            result = nn.functional.linear(product, weight, bias)  # autocast lowers it as it lowers nn.Linear
+            del product
+            if rows >= tokens:
+                out = result
+            else:
+                if out is None:
+                    out = result.new_empty(tokens, result.shape[-1])
+                out[block] = result
+        ctx.overwrite = overwrite and _own_buffers(gate, up, ctx.product_dtype)
         ctx.save_for_backward(gate, up, weight)
-        return nn.functional.linear(act(gate) * up, weight, bias)  # autocast lowers it as it lowers nn.Linear
+        return out.view(*gate.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -168,36 +225,97 @@ class _GatedDown(torch.autograd.Function):
         need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
         enabled, dtype = ctx.autocast
         silu = isinstance(ctx.act, nn.SiLU) or type(ctx.act).__name__ == "SiLUActivation"
-        with torch.autocast(gate.device.type, dtype=dtype, enabled=enabled), torch.enable_grad():
-            leaf = gate.detach().requires_grad_(need_gate and not silu)
-            activated = ctx.act(leaf)  # SiLU's derivative needs only the gate: no graph kept then
-        product = activated.detach() * up
-        product_dtype = product.dtype
+        width = up.shape[-1]
+        # detached: the gradients may be written over them; views of them when overwriting (contiguous)
+        gates, ups = gate.detach().reshape(-1, width), up.detach().reshape(-1, width)
+        tokens = gates.shape[0]
+        rows = _block_rows(tokens, width)
+        whole = rows >= tokens
+        product_dtype = ctx.product_dtype
         # down_proj's backward as autograd forms it: in the dtype the forward's product ran in (autocast's, where
         # it cast the product, the weight and the bias), its results cast back to theirs
         compute = dtype if enabled and product_dtype != torch.float64 else product_dtype
-        product = product.to(compute)
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1]).to(compute)
         grad_weight = grad_bias = None
-        if need_weight:
-            grad_weight = flat_grad.t().mm(product.reshape(-1, product.shape[-1])).to(weight.dtype)
         if need_bias:
             grad_bias = flat_grad.sum(0).to(ctx.bias_dtype)
-        del product
-        grad_product = flat_grad.mm(weight.to(compute)).view(up.shape).to(product_dtype)
-        # the product's two factors' gradients, each written over a buffer that is not needed after it: with SiLU
-        # this part of the backward holds two [N, I] tensors fewer than autograd's own (fastdpo.memory)
-        grad_up = grad_gate = None
-        if silu:
-            if need_up:
-                grad_up = activated.mul_(grad_product)  # over act(gate): SiLU's derivative reads the gate only
-            del activated
-            if need_gate:  # act(gate)'s gradient, then the gate's, both over the product's gradient
-                grad_gate = grad_product.mul_(up)
-                torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        else:
-            if need_up:
-                grad_up = grad_product * activated.detach()
-            if need_gate:
-                (grad_gate,) = torch.autograd.grad(activated, leaf, grad_product.mul_(up))
-        return grad_gate, grad_up, grad_weight, grad_bias, None
+        if need_weight and not whole:  # over the blocks in fp32 (fp64 stays fp64), rounded once
+            grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(compute, torch.float32),
+                                      device=weight.device)  # fmt: skip
+        down = weight.to(compute)
+        grads_gate = grads_up = None
+        if not ctx.overwrite and not whole:
+            grads_gate = torch.empty_like(gates) if need_gate else None
+            grads_up = torch.empty_like(ups) if need_up else None
+        for start in range(0, tokens or 1, rows):
+            block = slice(start, start + rows)
+            g, u, dy = gates[block], ups[block], flat_grad[block]
+            with torch.autocast(gate.device.type, dtype=dtype, enabled=enabled), torch.enable_grad():
+                leaf = g.detach().requires_grad_(need_gate and not silu)
+                activated = ctx.act(leaf)  # SiLU's derivative needs only the gate: no graph kept then
+            if need_weight:
+                product = (activated.detach() * u).to(compute)
+                if whole:
+                    grad_weight = dy.t().mm(product).to(weight.dtype)
+                else:
+                    add_product(grad_weight, dy.t(), product)
+                del product
+            if not (need_gate or need_up):
+                continue
+            grad_product = dy.mm(down).to(product_dtype)
+            grad_up = None
+            if need_up:  # over act(gate) with SiLU, whose derivative reads the gate only
+                grad_up = activated.mul_(grad_product) if silu else grad_product * activated.detach()
+            if silu:
+                del activated
+            grad_gate = None
+            if need_gate:  # act(gate)'s gradient over the product's, then the gate's over that (or over the gate)
+                grad_product.mul_(u)
+                if silu:
+                    into = g if ctx.overwrite else grad_product
+                    grad_gate = torch.ops.aten.silu_backward.grad_input(grad_product, g, grad_input=into)
+                else:
+                    (grad_gate,) = torch.autograd.grad(activated, leaf, grad_product)
+            del grad_product
+            grads_gate = _place(grads_gate, grad_gate, g if ctx.overwrite else None, block, whole)
+            grads_up = _place(grads_up, grad_up, u if ctx.overwrite else None, block, whole)
+            del grad_gate, grad_up  # a block's temporaries must not live into the next block
+        if need_weight and not whole:
+            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.overwrite:
+            grads_gate, grads_up = gates if need_gate else None, ups if need_up else None
+        return (
+            None if grads_gate is None else grads_gate.view(gate.shape),
+            None if grads_up is None else grads_up.view(up.shape),
+            grad_weight, grad_bias, None, None,
+        )  # fmt: skip
+
+
+def _block_rows(tokens: int, width: int) -> int:
+    """Tokens per block of the lean MLP (``MLP_CHUNK_ELEMENTS``), at least one."""
+    return max(1, min(tokens, MLP_CHUNK_ELEMENTS // width))
+
+
+def _own_buffers(gate: Tensor, up: Tensor, product_dtype: torch.dtype) -> bool:
+    """Whether gate and up can take their gradients in place: contiguous, not views, not sharing memory, and in the
+    dtype of their gradients."""
+    return (
+        gate.is_contiguous() and up.is_contiguous() and gate._base is None and up._base is None
+        and gate.dtype == up.dtype == product_dtype and gate.shape == up.shape
+        and gate is not up
+    )  # fmt: skip
+
+
+def _place(whole_grad: Tensor | None, block_grad: Tensor | None, own: Tensor | None, block: slice, whole: bool):
+    """Put one block's gradient where it belongs: over its own buffer ``own``, into the preallocated gradient of
+    all tokens, or, when the block is all tokens, as it is. Returns the gradient of all tokens (or None)."""
+    if block_grad is None:
+        return whole_grad
+    if own is not None:
+        if block_grad.data_ptr() != own.data_ptr():
+            own.copy_(block_grad)
+        return whole_grad
+    if whole:
+        return block_grad
+    whole_grad[block].copy_(block_grad)
+    return whole_grad

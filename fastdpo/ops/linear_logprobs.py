@@ -427,12 +427,20 @@ class _HeadGemms:
 
     def add_grad_weight(self, grad_weight: Tensor, dz: Tensor, h: Tensor) -> None:
         """``grad_weight += dz.T @ h`` (grad_weight in the accumulation dtype)."""
-        if self.half and _addmm_out_dtype():
-            torch.addmm(grad_weight, dz.to(h.dtype).t(), h, out_dtype=grad_weight.dtype, out=grad_weight)
-        elif self.half:
-            grad_weight.add_(torch.mm(dz.to(h.dtype).t(), h, out_dtype=grad_weight.dtype))
+        add_product(grad_weight, (dz.to(h.dtype) if self.half else dz).t(), h)
+
+
+def add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in a wider dtype than half-precision ``a`` and ``b``: on CUDA the product runs
+    in their dtype on the tensor cores with ``acc``'s dtype as its result (in the GEMM's epilogue where
+    ``torch.addmm(..., out_dtype=)`` allows it); elsewhere ``a`` and ``b`` are upcast first."""
+    if a.dtype == b.dtype != acc.dtype and _half_branch(acc.device):
+        if _addmm_out_dtype():
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
         else:
-            grad_weight.addmm_(dz.t(), h)
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _half_branch(device: torch.device) -> bool:
