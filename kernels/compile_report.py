@@ -191,6 +191,42 @@ def compile_epilogue(fn, constexprs: dict, arch: int = 90):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": head_epilogue.NUM_WARPS})
 
 
+def norm_variants():
+    """(kernel, variant, fn, constexprs, num_warps) of the RMSNorm kernels (``rms_norm``) on bf16 rows."""
+    from . import rms_norm
+
+    for h in (2048, 4096):
+        block = {"BLOCK_H": h}
+        warps = rms_norm._num_warps(h)
+        yield "rms_norm forward", f"bf16, H={h}", rms_norm._forward_kernel, block, warps
+        yield "rms_norm backward", f"bf16, H={h}, dW", rms_norm._backward_kernel, {**block, "WANT_DW": True}, warps
+
+
+def compile_norm(fn, constexprs: dict, num_warps: int, arch: int = 90):
+    """Compile an RMSNorm kernel as it runs on a bf16 model: bf16 rows, weight and gradients, fp32 rsqrt and weight
+    gradient partials, 16-aligned pointers, width and row strides."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in ("rstd_ptr", "dw_ptr") else "*bf16"
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+    aligned = [i for i, n in enumerate(fn.arg_names) if signature[n].startswith("*") or n == "H" or "stride" in n]
+    source = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
+    )
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
 def report(dtype: torch.dtype, arch: int = 90) -> list[KernelReport]:
     found = []
     for kernel, variant, fn, constexprs, cfg in variants(dtype):
@@ -212,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     reports = report(dtype, args.arch)
     reports += [inspect(compile_epilogue(fn, cx, args.arch), kernel, v) for kernel, v, fn, cx in epilogue_variants()]
+    reports += [inspect(compile_norm(fn, cx, w, args.arch), kernel, v) for kernel, v, fn, cx, w in norm_variants()]
     for r in reports:
         cols = (r.kernel, r.variant, r.registers, r.stack_bytes, r.local_loads, r.shared_bytes, r.hgmma)
         print("| " + " | ".join(str(c) for c in cols) + " |")

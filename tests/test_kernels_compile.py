@@ -44,3 +44,13 @@ def test_epilogue_kernels_compile_without_spills_and_with_16_byte_loads():
         assert "ld.global.v4.b32" in compiled.asm["ptx"], f"{kernel} ({variant}): loads are not 16 bytes wide"
         if kernel == "epilogue dz":
             assert "st.global.v4.b32" in compiled.asm["ptx"], f"{kernel} ({variant}): dz stores are not 16 bytes wide"
+
+
+def test_norm_kernels_compile_without_spills_and_with_16_byte_row_accesses():
+    # one read of each bf16 row (and of its gradient): 16-byte loads and stores, nothing spilled, at H 2048 and 4096
+    for kernel, variant, fn, constexprs, warps in compile_report.norm_variants():
+        compiled = compile_report.compile_norm(fn, constexprs, warps, arch=90)
+        r = compile_report.inspect(compiled, kernel, variant)
+        assert r.stack_bytes == 0 and r.local_loads == 0, r
+        ptx = compiled.asm["ptx"]
+        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, f"{kernel} ({variant}): not 16 bytes wide"

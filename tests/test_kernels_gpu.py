@@ -230,3 +230,43 @@ def test_autocast_runs_fp32_inputs_on_the_half_branch(dtype):
         assert h32.grad.dtype == w32.grad.dtype == torch.float32
         assert torch.equal(loss, expected), op
         assert torch.equal(h32.grad, h16.grad.float()) and torch.equal(w32.grad, w16.grad.float()), op
+
+
+@pytest.mark.parametrize(("rows", "width"), [(59392, 2048), (16385, 4096), (4097 * 32, 128)])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_kernels_match_transformers_in_bf16(rows, width, weight_dtype):
+    # the lean norms' kernels at Llama-3.2-1B's and Llama-3-8B's widths and on Qwen3's per-head q/k norms (128),
+    # bf16 rows with bf16 weights and with fp32 weights (autocast's case): against the same module in fp64, their
+    # error may be twice the module's own (the row sums and the weight gradient's ~60k-term fp32 sum run in another
+    # order) plus two roundings of the result at the largest entry's scale; a wrong term would be O(1)
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from fastdpo.ops.rms_norm import fused_norm_applies, rms_norm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    norm = LlamaRMSNorm(width, eps=1e-5).to("cuda")
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(width, generator=gen, device="cuda"))
+    norm = norm.to(weight_dtype)
+    exact = LlamaRMSNorm(width, eps=1e-5).to("cuda", torch.float64)
+    exact.load_state_dict({k: v.double() for k, v in norm.state_dict().items()})
+    x = (2 * torch.randn(rows, width, generator=gen, device="cuda")).bfloat16()
+    grad = torch.randn(rows, width, generator=gen, device="cuda")
+    assert fused_norm_applies(x, norm.weight)
+
+    def run(fn, module, inputs):
+        module.weight.grad = None
+        leaf = inputs.detach().clone().requires_grad_()
+        out = fn(leaf)
+        out.backward(grad.to(out.dtype))
+        return [out.detach(), leaf.grad, module.weight.grad]
+
+    own = run(norm, norm, x)
+    got = run(lambda t: rms_norm(t, norm.weight, norm.variance_epsilon), norm, x)
+    ref = run(exact, exact, x.double())
+    for name, g, o, e in zip(("out", "grad x", "grad weight"), got, own, ref, strict=True):
+        assert g.dtype == o.dtype, name
+        scale = e.abs().max().item()
+        ulp = 2.0**-8 if g.dtype == torch.bfloat16 else 2.0**-23
+        error, own_error = (g.double() - e).abs().max().item(), (o.double() - e).abs().max().item()
+        assert error <= 2 * own_error + 2 * ulp * scale, (name, error, own_error, scale)

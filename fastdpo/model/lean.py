@@ -37,13 +37,21 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor, nn
 
+from fastdpo.kernels import triton_available
 from fastdpo.model.hooks import forward_as
 from fastdpo.ops.linear_logprobs import add_product
+from fastdpo.ops.rms_norm import fused_norm_applies, rms_norm
 
 MLP_CHUNK_ELEMENTS = 2**25
 """The lean MLP's backward works on blocks of this many ``[tokens, I]`` elements (64 MiB in bf16): large enough
 that the block's products run at the GEMM rate, small enough that two blocks are small beside gate and up."""
 
+_LLAMA_NORM_FORWARD = (
+    "defforward(self,hidden_states:torch.Tensor)->torch.Tensor:input_dtype=hidden_states.dtype"
+    "hidden_states=hidden_states.to(torch.float32)variance=hidden_states.pow(2).mean(-1,keepdim=True)"
+    "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)"
+    "returnself.weight*hidden_states.to(input_dtype)"
+)
 _GATED_MLP_FORWARDS = (
     "defforward(self,x):down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj",
     "defforward(self,x):returnself.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))",
@@ -77,7 +85,8 @@ def lean_forward(module: nn.Module) -> Callable | None:
         return None
     cls = type(module)
     if cls.__name__.endswith("RMSNorm") and not any(True for _ in module.children()):
-        return functools.partial(_lean_norm, module, functools.partial(cls.forward, module))
+        fused = _is_llama_norm(cls) and isinstance(getattr(module, "variance_epsilon", None), float)
+        return functools.partial(_lean_norm, module, functools.partial(cls.forward, module), fused)
     if _is_gated_mlp(cls) and _plain_down_and_act(module):
         return functools.partial(_lean_mlp, module)
     return None
@@ -117,9 +126,23 @@ def _is_gated_mlp(cls: type) -> bool:
     return body in _GATED_MLP_FORWARDS
 
 
-def _lean_norm(module: nn.Module, forward: Callable, hidden: Tensor, *args, **kwargs) -> Tensor:
-    if args or kwargs or not torch.is_grad_enabled():
+@functools.cache
+def _is_llama_norm(cls: type) -> bool:
+    """Whether ``cls.forward`` is, token for token, transformers' Llama-form RMSNorm (``fastdpo.ops.rms_norm``)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "".join(source.split()) == _LLAMA_NORM_FORWARD
+
+
+def _lean_norm(module: nn.Module, forward: Callable, fused: bool, hidden: Tensor, *args, **kwargs) -> Tensor:
+    if args or kwargs:
         return forward(hidden, *args, **kwargs)
+    if fused and fused_norm_applies(hidden, module.weight):  # on a GPU: the kernels, with or without gradients
+        return rms_norm(hidden, module.weight, module.variance_epsilon)
+    if not torch.is_grad_enabled():
+        return forward(hidden)
     params = [p for p in module.parameters(recurse=False)]
     return _RecomputedNorm.apply(hidden, forward, *params)
 
@@ -192,6 +215,7 @@ class _GatedDown(torch.autograd.Function):
     def forward(ctx, gate, up, weight, bias, act, overwrite):
         ctx.act, ctx.autocast = act, _autocast_state(gate.device.type)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.fused = _is_silu(act) and _fused_swiglu(gate, up)  # on a GPU: fastdpo.kernels.swiglu
         width = up.shape[-1]
         gates, ups = gate.reshape(-1, width), up.reshape(-1, width)
         tokens = gates.shape[0]
@@ -200,12 +224,15 @@ class _GatedDown(torch.autograd.Function):
         for start in range(0, tokens or 1, rows):
             block = slice(start, start + rows)
             g = gates[block]
-            product = act(g)
-            fresh = product is not g and product._base is None  # not the gate itself (an identity activation)
-            if fresh and product.dtype == torch.promote_types(product.dtype, up.dtype):
-                product.mul_(ups[block])  # the same product, over act(gate)'s buffer
+            if ctx.fused:
+                product = _swiglu().product(g, ups[block])
             else:
-                product = product * ups[block]
+                product = act(g)
+                fresh = product is not g and product._base is None  # not the gate itself (an identity activation)
+                if fresh and product.dtype == torch.promote_types(product.dtype, up.dtype):
+                    product.mul_(ups[block])  # the same product, over act(gate)'s buffer
+                else:
+                    product = product * ups[block]
             ctx.product_dtype = product.dtype
             result = nn.functional.linear(product, weight, bias)  # autocast lowers it as it lowers nn.Linear
             del product
@@ -224,7 +251,7 @@ class _GatedDown(torch.autograd.Function):
         gate, up, weight = ctx.saved_tensors
         need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
         enabled, dtype = ctx.autocast
-        silu = isinstance(ctx.act, nn.SiLU) or type(ctx.act).__name__ == "SiLUActivation"
+        silu = _is_silu(ctx.act)
         width = up.shape[-1]
         # detached: the gradients may be written over them; views of them when overwriting (contiguous)
         gates, ups = gate.detach().reshape(-1, width), up.detach().reshape(-1, width)
@@ -244,12 +271,18 @@ class _GatedDown(torch.autograd.Function):
                                       device=weight.device)  # fmt: skip
         down = weight.to(compute)
         grads_gate = grads_up = None
-        if not ctx.overwrite and not whole:
+        if not ctx.overwrite and (not whole or ctx.fused):
             grads_gate = torch.empty_like(gates) if need_gate else None
             grads_up = torch.empty_like(ups) if need_up else None
         for start in range(0, tokens or 1, rows):
             block = slice(start, start + rows)
             g, u, dy = gates[block], ups[block], flat_grad[block]
+            if ctx.fused:  # the element-wise work in two kernels, the gradients written where they belong
+                into = [None if t is None else t[block] for t in (grads_gate, grads_up)]
+                grad_weight = _fused_block(g, u, dy, down, grad_weight, (need_weight, need_gate, need_up), whole,
+                                           weight.dtype, compute, product_dtype, g if ctx.overwrite else into[0],
+                                           u if ctx.overwrite else into[1])  # fmt: skip
+                continue
             with torch.autocast(gate.device.type, dtype=dtype, enabled=enabled), torch.enable_grad():
                 leaf = g.detach().requires_grad_(need_gate and not silu)
                 activated = ctx.act(leaf)  # SiLU's derivative needs only the gate: no graph kept then
@@ -289,6 +322,43 @@ class _GatedDown(torch.autograd.Function):
             None if grads_up is None else grads_up.view(up.shape),
             grad_weight, grad_bias, None, None,
         )  # fmt: skip
+
+
+def _fused_block(g, u, dy, down, grad_weight, needs, whole, weight_dtype, compute, product_dtype, into_gate, into_up):
+    """One block of the lean MLP's backward on the kernels of ``fastdpo.kernels.swiglu``: down_proj's weight
+    gradient (formed when ``whole``, else added to ``grad_weight``), the gradients of gate and up written into
+    ``into_gate`` and ``into_up`` (gate and up themselves when they are owned); returns the weight gradient."""
+    kernels = _swiglu()
+    need_weight, need_gate, need_up = needs
+    if need_weight:
+        product = kernels.product(g, u, compute)
+        if whole:
+            grad_weight = dy.t().mm(product).to(weight_dtype)
+        else:
+            add_product(grad_weight, dy.t(), product)
+        del product
+    if need_gate or need_up:
+        grad_product = dy.mm(down).to(product_dtype)
+        kernels.gradients(g, u, grad_product, into_gate if need_gate else None, into_up if need_up else None)
+    return grad_weight
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _fused_swiglu(gate: Tensor, up: Tensor) -> bool:
+    """Whether the lean MLP's element-wise work runs in ``fastdpo.kernels.swiglu`` here: CUDA tensors the kernels
+    take, Triton installed."""
+    if not (gate.is_cuda and triton_available()):
+        return False
+    return _swiglu().supports(gate, up)
+
+
+def _swiglu():
+    from fastdpo.kernels import swiglu  # imports triton: only where the kernels run
+
+    return swiglu
 
 
 def _block_rows(tokens: int, width: int) -> int:

@@ -1,0 +1,54 @@
+"""``rms_norm``: transformers' Llama-form RMSNorm as one autograd op on the kernels of ``fastdpo.kernels.rms_norm``.
+
+    y = weight * (x.float() * rsqrt(mean(x.float()², -1) + eps)).to(x.dtype)
+
+It keeps its input and one fp32 value per row (the rsqrt) for the backward, where the module's own forward keeps an
+fp32 copy of the input, the rsqrt and the normalized rows, and its forward and backward are two kernels that read
+each row once instead of about twenty element-wise passes. The results equal the module's up to the order of the
+row's sum of squares (fp32) and, in the weight's gradient, the rounding of each product before the sum (autograd
+rounds them, the kernel sums in fp32). Triton only: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
+(tests); ``fused_norm_applies`` says where ``fastdpo.model.lean`` uses it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastdpo.kernels import triton_available
+
+
+def fused_norm_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``rms_norm`` runs on these tensors here: CUDA, Triton installed, dtypes and width the kernels take."""
+    if not (x.is_cuda and weight.is_cuda and triton_available()):
+        return False
+    from fastdpo.kernels import rms_norm as kernels
+
+    return kernels.supports(x, weight)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The Llama-form RMSNorm of ``x`` ``[..., H]`` with ``weight`` ``[H]`` (output dtype: the wider of the two)."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        from fastdpo.kernels import rms_norm as kernels
+
+        return kernels.forward(x, weight, eps)[0]
+    return _RMSNorm.apply(x, weight, eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        from fastdpo.kernels import rms_norm as kernels
+
+        out, rstd = kernels.forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from fastdpo.kernels import rms_norm as kernels
+
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_weight = kernels.backward(grad, x, weight, rstd, want_weight=ctx.needs_input_grad[1])
+        return grad_x if ctx.needs_input_grad[0] else None, grad_weight, None

@@ -1,0 +1,136 @@
+"""RMSNorm forward and backward, one read of each row: the lean norms' kernels on a GPU (``fastdpo.ops.rms_norm``).
+
+transformers' Llama-form RMSNorm (the forward of 140 model families in transformers 5.24) computes, per row of
+``H`` values::
+
+    x32 = x.float();  r = rsqrt(mean(x32²) + eps);  y = weight * (x32 · r).to(x.dtype)
+
+as seven element-wise passes over the row (several in fp32), and its autograd backward as a dozen more. Here:
+
+- ``forward``: per row, one program: the sum of squares in fp32, ``r``, the normalized row rounded to the input
+  dtype (as ``.to(x.dtype)`` rounds it), times the weight, rounded once to the output dtype (that of
+  ``weight * normalized`` in torch: the wider of the two); ``r`` is kept ([rows] fp32), nothing else.
+- ``backward``: per program a contiguous range of rows, each read once with its incoming gradient ``dy``:
+  ``dn = dy · w`` rounded to the input dtype (what autograd hands the cast back), then
+  ``dx = r·dn − r³·x·Σ(dn·x)/H``, written in the input dtype; ``Σ dy·n̂`` over the program's rows accumulates the
+  weight's gradient in fp32 (one partial row per program, summed by the launcher), where autograd sums rounded
+  products.
+
+Rows longer than ``MAX_H`` are not handled here (the caller keeps the module's own forward).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear_logprobs import INTERPRETED
+
+MAX_H = 16384
+"""The widest row one program holds (a Llama-3-405B hidden state is 16384)."""
+PROGRAMS_PER_SM = 4
+"""Backward programs per streaming multiprocessor: each accumulates the weight gradient over its rows."""
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, H, stride_x, stride_y, eps, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    ok = cols < H
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+    normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _backward_kernel(
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, rows_per_program, H, stride_dy, stride_x, stride_dx,
+    WANT_DW: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    ok = cols < H
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_H,), tl.float32)
+    first = pid * rows_per_program
+    last = tl.minimum(first + rows_per_program, n_rows)
+    for i in range(first, last):
+        row = tl.cast(i, tl.int64)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * stride_dy + cols, mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        dn = (dy * w).to(x_ptr.dtype.element_ty).to(tl.float32)
+        dot = tl.sum(dn * x, axis=0) / H
+        dx = rstd * dn - (rstd * rstd * rstd * dot) * x
+        tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        if WANT_DW:
+            dw += dy * (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    if WANT_DW:
+        tl.store(dw_ptr + pid * H + cols, dw, mask=ok)
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether these kernels take ``x`` ``[..., H]`` and ``weight`` ``[H]``: their dtypes, and ``H ≤ MAX_H``."""
+    return x.dtype in _DTYPES and weight.dtype in _DTYPES and weight.dim() == 1 and 0 < x.shape[-1] <= MAX_H
+
+
+def _block_h(h: int) -> int:
+    return triton.next_power_of_2(h)
+
+
+def _num_warps(h: int) -> int:
+    return 1 if INTERPRETED else min(16, max(4, _block_h(h) // 512))
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight * normalize(x)`` over the last dimension, and the fp32 ``rsqrt(mean(x²) + eps)`` of each row."""
+    h = x.shape[-1]
+    rows = x.reshape(-1, h)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+    if rows.shape[0]:
+        _forward_kernel[(rows.shape[0],)](
+            rows, weight.contiguous(), out, rstd, h, rows.stride(0), out.stride(0), eps,
+            BLOCK_H=_block_h(h), num_warps=_num_warps(h),
+        )  # fmt: skip
+    return out.view(*x.shape[:-1], h), rstd
+
+
+def backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, *, want_weight: bool,
+    programs: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The gradients of ``x`` (its dtype) and, if wanted, of ``weight`` (its dtype) from ``forward``'s ``rstd``.
+
+    ``programs``: how many programs share the rows (default ``PROGRAMS_PER_SM`` per multiprocessor); each writes
+    one fp32 partial row of the weight's gradient.
+    """
+    h = x.shape[-1]
+    rows, dy = x.reshape(-1, h), grad.reshape(-1, h)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    n = rows.shape[0]
+    dx = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    if programs is None:
+        programs = PROGRAMS_PER_SM * (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda
+                                      else 1)  # fmt: skip
+    programs = max(1, min(programs, n))
+    per_program = triton.cdiv(n, programs) if n else 1
+    programs = triton.cdiv(n, per_program) if n else 1
+    partial = torch.empty((programs, h) if want_weight else (1,), dtype=torch.float32, device=x.device)
+    if n:
+        _backward_kernel[(programs,)](
+            dy, rows, weight.contiguous(), rstd, dx, partial, n, per_program, h, dy.stride(0), rows.stride(0),
+            dx.stride(0), WANT_DW=want_weight, BLOCK_H=_block_h(h), num_warps=_num_warps(h),
+        )  # fmt: skip
+    grad_weight = None
+    if want_weight:
+        grad_weight = (partial.sum(0) if n else torch.zeros(h, device=x.device)).to(weight.dtype)
+    return dx.view(x.shape), grad_weight
