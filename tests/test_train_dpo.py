@@ -139,9 +139,9 @@ def test_lean_activations_train_as_the_models_own_forwards_under_gradient_checkp
 
     norms = []
 
-    def counted_norm(module, forward, hidden, *args, **kwargs):
+    def counted_norm(module, forward, fused, hidden, *args, **kwargs):
         norms.append(torch.is_grad_enabled())
-        return real_norm(module, forward, hidden, *args, **kwargs)
+        return real_norm(module, forward, fused, hidden, *args, **kwargs)
 
     monkeypatch.setattr(lean, "_lean_mlp", counted)
     monkeypatch.setattr(lean, "_lean_norm", counted_norm)
@@ -150,11 +150,14 @@ def test_lean_activations_train_as_the_models_own_forwards_under_gradient_checkp
     data = synthetic_pairs(8)
     common = {"per_device_train_batch_size": 4, "gradient_checkpointing": True}
     lean_trainer, lean_logs = train_ours(load, data, tokenizer, tmp_path, "lean", lean_activations=True, **common)
-    # 2 steps × 2 layers × (the policy's forward, its recomputation in the backward); the reference keeps its own
-    assert len(calls) == 8 and all(calls)
-    # norms: 2 steps × (2 layers × 2 norms × (forward, recomputation) + the final norm once)
-    assert len(norms) == 2 * (2 * 2 * 2 + 1) and all(norms)
-    assert all("forward" not in vars(m) for m in lean_trainer.model.modules())  # put back after the steps
+    # 2 steps × 2 layers × (the reference's forward without gradients, the policy's forward, its recomputation in
+    # the backward)
+    assert len(calls) == 2 * 2 * 3 and sum(calls) == 8
+    # norms: 2 steps × (2 layers × 2 norms × (reference, forward, recomputation) + the final norm, reference and
+    # policy)
+    assert len(norms) == 2 * (2 * 2 * 3 + 2) and sum(norms) == 2 * (2 * 2 * 2 + 1)
+    for model in (lean_trainer.model, lean_trainer.ref_model):  # put back after the steps
+        assert all("forward" not in vars(m) for m in model.modules())
     _, own = train_ours(load, data, tokenizer, tmp_path, "own", **common)
     for step in (0, 1):  # fp32: the same ops, the first norm's gradient summed in another order (~1e-7 relative)
         for name in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):

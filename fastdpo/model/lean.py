@@ -150,7 +150,8 @@ def _lean_norm(module: nn.Module, forward: Callable, fused: bool, hidden: Tensor
 def _lean_mlp(module: nn.Module, x: Tensor) -> Tensor:
     gate, up = module.gate_proj(x), module.up_proj(x)
     if not torch.is_grad_enabled():
-        return module.down_proj(module.act_fn(gate) * up)
+        fused = _is_silu(module.act_fn) and _fused_swiglu(gate, up)
+        return module.down_proj(_swiglu().product(gate, up) if fused else module.act_fn(gate) * up)
     down = module.down_proj
     overwrite = _output_is_fresh(module.gate_proj) and _output_is_fresh(module.up_proj)
     return _GatedDown.apply(gate, up, down.weight, down.bias, module.act_fn, overwrite)

@@ -232,10 +232,13 @@ class NumericsGuard:
 
 
 def lean_layers(trainer):
-    """The context a training step runs in for ``lean_activations``: the policy's lean forwards
-    (``fastdpo.model.lean``), held through the backward; a no-op when the option is off or the config has none
-    (TRL's own, which the trainers take too)."""
-    return use_lean_layers([trainer.model] if getattr(trainer.args, "lean_activations", False) else [])
+    """The context a training step runs in for ``lean_activations``: the lean forwards (``fastdpo.model.lean``) of
+    the policy, held through the backward, and of a separate reference (no gradients there: on a GPU its norms and
+    MLPs then run the same kernels); a no-op when the option is off or the config has none (TRL's own, which the
+    trainers take too)."""
+    if not getattr(trainer.args, "lean_activations", False):
+        return use_lean_layers([])
+    return use_lean_layers([trainer.model, getattr(trainer, "ref_model", None)])
 
 
 def check_lean_activations(trainer) -> None:
