@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: install what its image lacks from bench/wheels (built on any machine with
-# `make gpu-wheels`), then run the `gpu` tests, the head-op benchmark and the end-to-end DPO benchmark (and, with
+# `make gpu-wheels`), then run the `gpu` tests, the lean layers' benchmark (bench/layers_gpu.py), the head-op benchmark
+# and the end-to-end DPO benchmark (and, with
 # GPU_DPO_LARGE_ARGS set, a second end-to-end run into <OUT_DIR>/large; with GPU_DPO_PROFILE_ARGS set, a profile of
 # the DPO step per engine), writing
 # everything to bench/results/<device>/ (or to the folder given as the first argument).
@@ -57,6 +58,9 @@ step gpu_tests "${GPU_TEST_TIMEOUT:-150}" "$PY" -m pytest -m gpu -q -rA -p no:ca
     tests/test_kernels_gpu.py tests/test_offload.py tests/test_model_packed.py tests/test_attention.py \
     tests/test_lean.py
 tail -15 "$out/gpu_tests.log"
+# 1b. the lean layers' kernels against transformers' own norm and MLP (a few seconds)
+step layers_gpu "${GPU_LAYERS_TIMEOUT:-60}" "$PY" -m bench.layers_gpu --out "$out" ${GPU_LAYERS_ARGS:-}
+cat "$out/layers_gpu.md" 2>/dev/null
 # 2. the head op against its peers (results written after every shape)
 step head_gpu "${GPU_HEAD_TIMEOUT:-150}" "$PY" -m bench.head_gpu --out "$out" \
     ${GPU_HEAD_ARGS:---tokens 8192 32768 --hidden 2048 4096 --vocab 32000 128256 --repeats 5}

@@ -1,0 +1,182 @@
+"""One decoder layer's RMSNorm and gated MLP, forward + backward, as transformers runs them and as lean_activations.
+
+    python -m bench.layers_gpu [--tokens 16384 59392] [--hidden 2048] [--intermediate 8192] [--repeats 10]
+
+Variants, each on the same bf16 inputs and modules (transformers' ``LlamaRMSNorm`` and ``LlamaMLP``):
+
+- ``own``: the modules' own forwards under autograd;
+- ``lean_torch``: ``fastdpo.model.lean`` with its GPU kernels switched off (torch's element-wise ops between the
+  products, the MLP on blocks of tokens);
+- ``lean``: ``fastdpo.model.lean`` as the trainers run it (on a GPU: ``fastdpo.kernels.rms_norm`` and
+  ``fastdpo.kernels.swiglu``).
+
+For each: the norm alone and the MLP alone, forward + backward with gradients for the input and every weight, and
+both forwards without gradients (what a reference pass runs). Median of ``repeats`` (min–max) after two warm-up
+calls, CUDA events; the extra peak is ``max_memory_allocated`` above the inputs, parameters and their gradients.
+Results: ``<out>/layers_gpu.{json,md}`` (default ``bench/results/<device>/``). ``--device cpu`` runs the same code
+on a CPU with wall-clock timing and no memory figure (a smoke test: the kernels are GPU-only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.head_gpu import RESULTS, _device, _versions
+from fastdpo.atomic import atomic_write
+
+VARIANTS = {
+    "own": "transformers' modules (autograd)",
+    "lean_torch": "lean_activations, torch element-wise ops",
+    "lean": "lean_activations (GPU: Triton norm and SiLU-product kernels)",
+}
+PARTS = ("norm", "mlp", "norm + mlp, no grad")
+
+
+@contextlib.contextmanager
+def _variant(name: str, modules):
+    from fastdpo.model import lean
+
+    if name == "own":
+        yield
+        return
+    saved = lean.fused_norm_applies, lean._fused_swiglu
+    if name == "lean_torch":
+        lean.fused_norm_applies, lean._fused_swiglu = (lambda *a: False), (lambda *a: False)
+    try:
+        with lean.use_lean_layers(modules):
+            yield
+    finally:
+        lean.fused_norm_applies, lean._fused_swiglu = saved
+
+
+def _call(part: str, norm, mlp, x, grad):
+    if part == "norm":
+        norm(x).backward(grad)
+    elif part == "mlp":
+        mlp(x).backward(grad)
+    else:
+        with torch.no_grad():
+            mlp(norm(x))
+
+
+def _measure(part: str, norm, mlp, x, grad, repeats: int, device: torch.device) -> dict:
+    params = [x, *norm.parameters(), *mlp.parameters()]
+
+    def clear():
+        for p in params:
+            p.grad = None
+
+    cuda = device.type == "cuda"
+    for _ in range(3):  # warm-up: compilation, cuBLAS handles, the allocator's pools
+        clear()
+        _call(part, norm, mlp, x, grad)
+    clear()
+    if cuda:
+        torch.cuda.synchronize()
+        gradients = 0 if part.endswith("no grad") else sum(p.nbytes for p in params)  # the gradients to come
+        base = torch.cuda.memory_allocated() + gradients
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        clear()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        _call(part, norm, mlp, x, grad)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    extra = max(0, torch.cuda.max_memory_allocated() - base) if cuda else None
+    clear()
+    return {"times": times, "extra_bytes": extra}
+
+
+def run_shape(n: int, h: int, i: int, args, device: torch.device) -> list[dict]:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=h, intermediate_size=i)
+    norm = LlamaRMSNorm(h).to(device, torch.bfloat16)
+    mlp = LlamaMLP(config).to(device, torch.bfloat16)
+    x = torch.randn(n, h, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(n, h, device=device, dtype=torch.bfloat16)
+    rows = []
+    for part in PARTS:
+        for name in args.variants:
+            print(f"N={n} H={h} I={i} {part} {name} ...", file=sys.stderr, flush=True)
+            row = {"tokens": n, "hidden": h, "intermediate": i, "part": part, "variant": name}
+            try:
+                with _variant(name, [norm, mlp]):
+                    row.update(_measure(part, norm, mlp, x, grad, args.repeats, device))
+            except Exception as error:  # reported, not fatal: the next variant still runs
+                row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+            rows.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _table(results: list[dict], meta: dict) -> str:
+    dev = meta["device"]
+    lines = [
+        f"RMSNorm and gated MLP of one decoder layer on {dev['name']}, bf16, forward + backward (gradients of the "
+        f"input and every weight) and both forwards without gradients; torch {meta['versions']['torch']}, triton "
+        f"{meta['versions']['triton']}, transformers {meta['versions']['transformers']}. Median of {meta['repeats']} "
+        "(min–max) ms after warm-up; extra peak: max_memory_allocated above inputs, parameters and gradients.",
+        "",
+        "| N | H | I | part | variant | ms (min–max) | vs own | extra peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    own = {(r["tokens"], r["part"]): r for r in results if r["variant"] == "own" and "times" in r}
+    for r in results:
+        head = f"| {r['tokens']} | {r['hidden']} | {r['intermediate']} | {r['part']} | {VARIANTS[r['variant']]} |"
+        if "times" not in r:
+            lines.append(f"{head} failed: {r['error']} | | |")
+            continue
+        median = statistics.median(r["times"])
+        base = own.get((r["tokens"], r["part"]))
+        ratio = f"{median / statistics.median(base['times']):.2f}x" if base else "n/a"
+        memory = "n/a (CPU)" if r["extra_bytes"] is None else f"{r['extra_bytes'] / 2**20:.0f}"
+        lines.append(
+            f"{head} {median * 1e3:.2f} ({min(r['times']) * 1e3:.2f}–{max(r['times']) * 1e3:.2f}) | {ratio} | "
+            f"{memory} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.layers_gpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 59392])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device name>")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (or --device cpu for a smoke run)")
+    info = _device() if device.type == "cuda" else {"name": "CPU", "driver": "n/a"}
+    out = args.out or RESULTS / info["name"].replace(" ", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": info, "versions": _versions(), "repeats": args.repeats}
+    results = []
+    for n in args.tokens:
+        results += run_shape(n, args.hidden, args.intermediate, args, device)
+        atomic_write(out / "layers_gpu.json", json.dumps({"meta": meta, "results": results}, indent=1))
+        atomic_write(out / "layers_gpu.md", _table(results, meta))
+    print(_table(results, meta))
+
+
+if __name__ == "__main__":
+    main()
