@@ -9,26 +9,18 @@ temperature. ``tests/test_kernels_gpu.py`` runs the same paths in bf16 at real s
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 
 import pytest
 import torch
+from interpreter import MARKS
 from logprob_reference import IGNORE, make, max_err, reference
 from test_fused_pair_loss import packed_case, plain
 
 from fastdpo.ops import LossConfig, linear_logprobs
 from fastdpo.ops.fused_pair_loss import fused_pair_loss
 
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
-        reason="needs triton and TRITON_INTERPRET=1 set before the kernels are imported (its own pytest process)",
-    ),
-    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy, on the lanes the kernels mask out
-]
+pytestmark = MARKS
 
 TRANSFORMS = {
     "plain": {},

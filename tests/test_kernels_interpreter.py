@@ -10,24 +10,14 @@ The full shape and option matrix runs on impl="torch" in test_linear_logprobs.py
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from interpreter import MARKS
 from logprob_reference import IGNORE, make, max_err, reference
 
 from fastdpo.ops import OUTPUT_NAMES, linear_logprobs
 
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
-        reason="needs triton and TRITON_INTERPRET=1 set before the kernels are imported (its own pytest process)",
-    ),
-    # numpy warnings from lanes the kernels mask out (e.g. exp of -inf on padded columns)
-    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
-]
+pytestmark = MARKS
 
 
 def kernels():

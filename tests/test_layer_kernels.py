@@ -15,20 +15,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from interpreter import MARKS
 
-pytestmark = [
-    pytest.mark.interpreter,
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
-        reason="needs triton and TRITON_INTERPRET=1 set before the kernels are imported (its own pytest process)",
-    ),
-    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy, on the lanes the kernels mask out
-]
+pytestmark = MARKS
 
 ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10}
 
