@@ -314,6 +314,14 @@ def test_other_forwards_are_left_alone():
     torch.nn.utils.parametrize.register_parametrization(hooked.down_proj, "weight", torch.nn.Identity())
     assert lean_forward(hooked) is None  # a parametrized weight: F.linear on the parameter would bypass it
     assert lean_forward(torch.nn.Linear(3, 4)) is None
+    # gate_proj/up_proj whose output something else might hold: the lean MLP runs, but its gradients go to new tensors
+    fresh = LlamaMLP(config)
+    assert lean_module._output_is_fresh(fresh.gate_proj)
+    fresh.gate_proj.forward = fresh.gate_proj.forward  # a wrapper's forward on the instance (accelerate's)
+    assert not lean_module._output_is_fresh(fresh.gate_proj) and lean_forward(fresh) is not None
+    fresh.up_proj.register_forward_hook(lambda module, args, out: None)
+    assert not lean_module._output_is_fresh(fresh.up_proj)
+    assert not lean_module._output_is_fresh(torch.nn.Sequential(torch.nn.Linear(3, 4)))
 
 
 def _peak_bytes(fn) -> int:

@@ -43,8 +43,8 @@ from fastdpo.ops.linear_logprobs import add_product
 from fastdpo.ops.rms_norm import fused_norm_applies, rms_norm
 
 MLP_CHUNK_ELEMENTS = 2**25
-"""The lean MLP's backward works on blocks of this many ``[tokens, I]`` elements (64 MiB in bf16): large enough
-that the block's products run at the GEMM rate, small enough that two blocks are small beside gate and up."""
+"""The lean MLP's forward and backward work on blocks of this many ``[tokens, I]`` elements (64 MiB in bf16): large
+enough that a block's products run at the GEMM rate, small enough that two blocks are small beside gate and up."""
 
 _LLAMA_NORM_FORWARD = (
     "defforward(self,hidden_states:torch.Tensor)->torch.Tensor:input_dtype=hidden_states.dtype"
@@ -159,8 +159,9 @@ def _lean_mlp(module: nn.Module, x: Tensor) -> Tensor:
 
 def _output_is_fresh(proj: nn.Module) -> bool:
     """Whether ``proj``'s output is a new tensor nothing else holds: a plain ``nn.Linear`` or PEFT's LoRA ``Linear``
-    (without DoRA) on one, with no forward hooks (which could keep the output). Such an output, kept only by the
-    lean MLP, may take its own gradient in its place once the backward has read it."""
+    (without DoRA) on one, with no forward hooks (which could keep the output) and no forward replaced on the
+    instance. Such an output, kept only by the lean MLP, may take its own gradient in its place once the backward
+    has read it."""
     modules = [proj]
     if type(proj) is not nn.Linear:
         base = getattr(proj, "base_layer", None)
@@ -168,7 +169,8 @@ def _output_is_fresh(proj: nn.Module) -> bool:
         if not type(proj).__module__.startswith("peft.tuners.lora") or type(base) is not nn.Linear or dora:
             return False
         modules.append(base)
-    return not any(getattr(m, name) for m in modules for name in ("_forward_hooks", "_forward_pre_hooks"))
+    hooked = any(getattr(m, name) for m in modules for name in ("_forward_hooks", "_forward_pre_hooks"))
+    return not hooked and not any("forward" in vars(m) for m in modules)  # nor a wrapper's forward (accelerate's)
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
