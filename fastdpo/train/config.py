@@ -25,8 +25,10 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
   is logged as ``logps/chosen_change`` either way), ``packed_attention`` (``auto|varlen|model``: the attention the
   packed steps run with; ``varlen`` is ``fastdpo_varlen``, causal attention per sequence with every batch in one
   row and no padding; ``auto`` and ``model`` keep the model's own for now: ``fastdpo.model.packed_attention``),
-  ``lean_activations`` (the policy's RMSNorms and SiLU-gated MLPs keep less for the backward, with the same
-  gradients: ``fastdpo.model.lean``; off by default until a GPU has timed it; refused under FSDP and ZeRO-3).
+  ``lean_activations`` (the policy's RMSNorms and gated MLPs keep less for the backward, with the same gradients,
+  the MLPs working on blocks of tokens; on a GPU the Llama-form norms and SiLU MLPs, the reference's too, run
+  fastdpo's Triton kernels: ``fastdpo.model.lean``; off by default until a GPU has timed it; refused under FSDP and
+  ZeRO-3).
 """
 
 from __future__ import annotations
