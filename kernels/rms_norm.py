@@ -57,17 +57,17 @@ def _backward_kernel(
     ok = cols < H
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_H,), tl.float32)
-    first = pid * rows_per_program
-    last = tl.minimum(first + rows_per_program, n_rows)
-    for i in range(first, last):
-        row = tl.cast(i, tl.int64)
-        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + row * stride_dy + cols, mask=ok, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
+    first = pid.to(tl.int64) * rows_per_program
+    for offset in range(0, rows_per_program):  # the last program's range may run past the rows: masked
+        row = first + offset
+        live = cols < tl.where(row < n_rows, H, 0)  # the row's columns, none past the last row
+        x = tl.load(x_ptr + row * stride_x + cols, mask=live, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * stride_dy + cols, mask=live, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + tl.minimum(row, n_rows - 1))  # a real row's (its products are masked anyway)
         dn = (dy * w).to(x_ptr.dtype.element_ty).to(tl.float32)
         dot = tl.sum(dn * x, axis=0) / H
         dx = rstd * dn - (rstd * rstd * rstd * dot) * x
-        tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=live)
         if WANT_DW:
             dw += dy * (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     if WANT_DW:
