@@ -434,7 +434,7 @@ def add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b`` with ``acc`` in a wider dtype than half-precision ``a`` and ``b``: on CUDA the product runs
     in their dtype on the tensor cores with ``acc``'s dtype as its result (in the GEMM's epilogue where
     ``torch.addmm(..., out_dtype=)`` allows it); elsewhere ``a`` and ``b`` are upcast first."""
-    if a.dtype == b.dtype != acc.dtype and _half_branch(acc.device):
+    if a.dtype == b.dtype and a.dtype in HALF and acc.dtype != a.dtype and _half_branch(acc.device):
         if _addmm_out_dtype():
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
         else:
