@@ -3,6 +3,10 @@
     from fastdpo.trl import DPOTrainer        # was: from trl import DPOTrainer  (SFTTrainer likewise)
     from trl import DPOConfig                 # unchanged, as every other argument
 
+``fastdpo.trl.DPOConfig`` and ``fastdpo.trl.SFTConfig`` are TRL's configs with fastdpo's two step options added
+(``packed_attention``, ``lean_activations``, both off by default; see ``fastdpo.DPOConfig``): import them instead of
+TRL's to turn those on; anything that takes TRL's config takes them.
+
 ``fastdpo.trl.DPOTrainer`` is a subclass of ``trl.DPOTrainer``: TRL's constructor does everything it does
 (argument checks, model loading, PEFT wrapping and the "ref" adapter, its own tokenization into ``prompt_ids`` /
 ``chosen_ids`` / ``rejected_ids``, the reference model, ``precompute_ref_log_probs``, TR-DPO's callback, logging,
@@ -25,6 +29,8 @@ as it does for TRL). Options fastdpo does not implement raise ``ConfigError`` na
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -56,13 +62,42 @@ from accelerate.utils import is_peft_model  # noqa: E402  (after the TRL check: 
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
+from fastdpo.model.attention import PACKED_ATTENTION, packed_attention, use_attention  # noqa: E402
 from fastdpo.model.hooks import forward_as  # noqa: E402
-from fastdpo.train.config import DPOConfig, loss_config_of  # noqa: E402
+from fastdpo.train.common import check_lean_activations, lean_layers  # noqa: E402
+from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
+from fastdpo.train.config import loss_config_of  # noqa: E402
 from fastdpo.train.dpo import DisplacementWatch, _as_batch, packer_for  # noqa: E402
 from fastdpo.train.sft import PackedSFTLoss, SequencePacker, _pack_length, refuse_logit_hooks  # noqa: E402
+from fastdpo.train.step import preference_step, reference_logps  # noqa: E402
 
 TRL_FALLBACK = ", or use TRL's own trainer for this run"
-from fastdpo.train.step import preference_step, reference_logps  # noqa: E402
+
+
+_PACKED_ATTENTION_HELP = (f"attention of the packed steps, one of {PACKED_ATTENTION}: 'varlen' runs each sequence on "
+                          "its own (fastdpo.model.attention); 'auto' and 'model' keep the model's own")  # fmt: skip
+_LEAN_HELP = "RMSNorms and gated MLPs that keep less for the backward, same gradients (fastdpo.model.lean)"
+
+
+@dataclasses.dataclass
+class DPOConfig(trl.DPOConfig):
+    """``trl.DPOConfig`` with fastdpo's ``packed_attention`` and ``lean_activations`` (as ``fastdpo.DPOConfig``'s)."""
+
+    packed_attention: str = dataclasses.field(default="auto", metadata={"help": _PACKED_ATTENTION_HELP})
+    lean_activations: bool = dataclasses.field(default=False, metadata={"help": _LEAN_HELP})
+
+
+@dataclasses.dataclass
+class SFTConfig(trl.SFTConfig):
+    """``trl.SFTConfig`` with fastdpo's ``packed_attention`` and ``lean_activations`` (as ``fastdpo.SFTConfig``'s)."""
+
+    packed_attention: str = dataclasses.field(default="auto", metadata={"help": _PACKED_ATTENTION_HELP})
+    lean_activations: bool = dataclasses.field(default=False, metadata={"help": _LEAN_HELP})
+
+
+def _attention_of(args) -> str | None:
+    """The packed steps' attention implementation (None: the model's own); TRL's own configs have no option."""
+    return packed_attention(getattr(args, "packed_attention", "auto"))
 
 
 def _refuse(args, compute_metrics) -> None:
@@ -88,10 +123,21 @@ class DPOTrainer(trl.DPOTrainer):
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.DPOTrainer for vision-language models")  # fmt: skip
         args = self.args
-        if data_collator is None:  # the model's own attention (TRL's config has no packed_attention)
-            self.data_collator = packer_for(self.model, args, None, self._tokenizer.pad_token_id)
+        self.packed_attention_impl = _attention_of(args)
+        if data_collator is None:
+            self.data_collator = packer_for(self.model, args, self.packed_attention_impl, self._tokenizer.pad_token_id)
+        check_lean_activations(self)
         self.loss_config = loss_config_of(args)
-        self._displacement = DisplacementWatch(DPOConfig.displacement_margin)  # fastdpo's default margin
+        self._displacement = DisplacementWatch(FastDPOConfig.displacement_margin)  # fastdpo's default margin
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # held across the backward: gradient checkpointing recomputes the layers there (use_attention, lean)
+        with use_attention([self.model, self.ref_model], self.packed_attention_impl), lean_layers(self):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with use_attention([self.model, self.ref_model], self.packed_attention_impl):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # fastdpo's likelihood-displacement watch on the averages TRL's log is about to write (it clears them after)
@@ -175,11 +221,14 @@ class SFTTrainer(PackedSFTLoss, trl.SFTTrainer):
                               fix="use trl.SFTTrainer for vision-language models")  # fmt: skip
         if getattr(self.args, "label_smoothing_factor", 0.0):
             raise ConfigError("needs the full logits", column="label_smoothing_factor", fix="leave it at 0")
+        self.packed_attention_impl = _attention_of(self.args)
         if data_collator is None:
-            self.data_collator = SequencePacker(pack_length=_pack_length(self.model, self.args),
+            self.data_collator = SequencePacker(pack_length=_pack_length(self.model, self.args,
+                                                                         self.packed_attention_impl),
                                                 pad_token_id=self._tokenizer.pad_token_id,
                                                 pad_to_multiple_of=self.args.pad_to_multiple_of)  # fmt: skip
+        check_lean_activations(self)
         self.aux_loss_coef = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0
 
 
-__all__ = ["DPOTrainer", "SFTTrainer"]
+__all__ = ["DPOConfig", "DPOTrainer", "SFTConfig", "SFTTrainer"]

@@ -202,3 +202,78 @@ def test_the_dropin_watches_likelihood_displacement(data, tmp_path):  # noqa: F8
     with pytest.warns(LikelihoodDisplacementWarning, match="fell from"):
         trainer.log({"loss": 0.5})
     assert trainer.state.log_history[-1]["logps/chosen_change"] == pytest.approx(-100.0)
+
+
+def test_fastdpo_options_through_the_dropin_config(data, tmp_path, monkeypatch):  # noqa: F811
+    # fastdpo.trl.DPOConfig: TRL's config plus packed_attention and lean_activations. The drop-in runs its steps on
+    # fastdpo_varlen attention and lean layers (both counted, held through the backward under checkpointing) and
+    # takes TRL's steps as it does with trl.DPOConfig
+    from transformers import AttentionInterface
+
+    from fastdpo.model import VARLEN, lean, varlen_attention
+
+    attention_calls, lean_calls, real_mlp = [], [], lean._lean_mlp
+
+    def counted_attention(*args, **kwargs):
+        attention_calls.append(torch.is_grad_enabled())
+        return varlen_attention(*args, **kwargs)
+
+    def counted_mlp(module, x):
+        lean_calls.append(torch.is_grad_enabled())
+        return real_mlp(module, x)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, VARLEN, counted_attention)
+    monkeypatch.setattr(lean, "_lean_mlp", counted_mlp)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    options = {**common_args(tmp_path, "options"), "gradient_checkpointing": True}
+    args = dropin.DPOConfig(**options, packed_attention="varlen", lean_activations=True)
+    assert isinstance(args, trl.DPOConfig)
+    trainer = dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    assert trainer.packed_attention_impl == VARLEN and trainer.data_collator.one_row  # one row: nothing to pad
+    trainer.train()
+    ours = [log for log in trainer.state.log_history if "loss" in log]
+    # 2 steps × 2 layers × (the reference's forward, the policy's forward, its recomputation in the backward)
+    assert len(attention_calls) == len(lean_calls) == 12 and sum(lean_calls) == sum(attention_calls) == 8
+    assert trainer.model.config._attn_implementation == "sdpa"  # switched back after the steps
+    # the lean forwards put back (the models themselves carry a wrapped forward of accelerate's: not ours)
+    assert not [name for model in (trainer.model, trainer.ref_model) for name, m in model.named_modules()
+                if name and "forward" in vars(m)]  # fmt: skip
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", gradient_checkpointing=True)
+    assert_first_steps_match(ours, theirs)
+    with pytest.raises(ConfigError, match="packed_attention"):
+        dropin.DPOTrainer(load(), ref_model=load(), args=dropin.DPOConfig(**common_args(tmp_path, "bad"),
+                          packed_attention="flash"), train_dataset=data, processing_class=tokenizer)  # fmt: skip
+
+
+def test_sft_options_through_the_dropin_config(tmp_path, monkeypatch):
+    # fastdpo.trl.SFTConfig: lean_activations reaches the SFT drop-in's steps (counted), with TRL's steps
+    from test_train_sft import prompt_completion_rows, tiny_llama_config, train
+    from transformers import LlamaForCausalLM
+
+    from fastdpo.model import lean
+
+    calls, real_mlp = [], lean._lean_mlp
+
+    def counted_mlp(module, x):
+        calls.append(torch.is_grad_enabled())
+        return real_mlp(module, x)
+
+    monkeypatch.setattr(lean, "_lean_mlp", counted_mlp)
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(tmp_path / "model")
+
+    def load():
+        return LlamaForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+
+    rows = prompt_completion_rows(16, seed=3)
+    options = {"packing": False, "gradient_checkpointing": True}
+    trainer, ours = train(dropin.SFTTrainer, dropin.SFTConfig, load, rows, tokenizer, tmp_path, "lean",
+                          lean_activations=True, **options)  # fmt: skip
+    assert isinstance(trainer.args, trl.SFTConfig) and trainer.args.lean_activations
+    assert len(calls) == 8 and all(calls)  # 2 steps × 2 layers × (forward, recomputation in the backward)
+    _, theirs = train(trl.SFTTrainer, trl.SFTConfig, load, rows, tokenizer, tmp_path, "trl", **options)
+    for step in (0, 1):  # fp32: TRL's loss from full logits against the fused head's (~1e-6 relative)
+        for name in ("loss", "grad_norm"):
+            assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4), (step, name)
