@@ -29,7 +29,7 @@ from .linear_logprobs import INTERPRETED
 
 MAX_H = 16384
 """The widest row one program holds (a Llama-3-405B hidden state is 16384)."""
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 8
 """Backward programs per streaming multiprocessor: each accumulates the weight gradient over its rows."""
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
