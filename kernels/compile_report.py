@@ -195,7 +195,7 @@ def norm_variants():
     """(kernel, variant, fn, constexprs, num_warps) of the RMSNorm kernels (``rms_norm``) on bf16 rows."""
     from . import rms_norm
 
-    for h in (2048, 4096):
+    for h in (2048, 4096, rms_norm.MAX_H):
         block = {"BLOCK_H": h}
         warps = rms_norm._num_warps(h)
         yield "rms_norm forward", f"bf16, H={h}", rms_norm._forward_kernel, block, warps

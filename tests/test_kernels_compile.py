@@ -47,7 +47,8 @@ def test_epilogue_kernels_compile_without_spills_and_with_16_byte_loads():
 
 
 def test_norm_kernels_compile_without_spills_and_with_16_byte_row_accesses():
-    # one read of each bf16 row (and of its gradient): 16-byte loads and stores, nothing spilled, at H 2048 and 4096
+    # one read of each bf16 row (and of its gradient): 16-byte loads and stores, nothing spilled, at H 2048, 4096
+    # and the widest the kernels take (MAX_H)
     for kernel, variant, fn, constexprs, warps in compile_report.norm_variants():
         compiled = compile_report.compile_norm(fn, constexprs, warps, arch=90)
         r = compile_report.inspect(compiled, kernel, variant)
