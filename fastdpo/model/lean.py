@@ -261,6 +261,9 @@ class _GatedDown(torch.autograd.Function):
         tokens = gates.shape[0]
         rows = _block_rows(tokens, width)
         whole = rows >= tokens
+        # in place where it saves memory: on blocks, and with the kernels (which write there directly); on one block
+        # without them the gradients take the buffers of act(gate) and of the product's gradient, as autograd's would
+        overwrite = ctx.overwrite and (ctx.fused or not whole)
         product_dtype = ctx.product_dtype
         # down_proj's backward as autograd forms it: in the dtype the forward's product ran in (autocast's, where
         # it cast the product, the weight and the bias), its results cast back to theirs
@@ -274,7 +277,7 @@ class _GatedDown(torch.autograd.Function):
                                       device=weight.device)  # fmt: skip
         down = weight.to(compute)
         grads_gate = grads_up = None
-        if not ctx.overwrite and (not whole or ctx.fused):
+        if not overwrite and (not whole or ctx.fused):
             grads_gate = torch.empty_like(gates) if need_gate else None
             grads_up = torch.empty_like(ups) if need_up else None
         for start in range(0, tokens or 1, rows):
@@ -283,8 +286,8 @@ class _GatedDown(torch.autograd.Function):
             if ctx.fused:  # the element-wise work in two kernels, the gradients written where they belong
                 into = [None if t is None else t[block] for t in (grads_gate, grads_up)]
                 grad_weight = _fused_block(g, u, dy, down, grad_weight, (need_weight, need_gate, need_up), whole,
-                                           weight.dtype, compute, product_dtype, g if ctx.overwrite else into[0],
-                                           u if ctx.overwrite else into[1])  # fmt: skip
+                                           weight.dtype, compute, product_dtype, g if overwrite else into[0],
+                                           u if overwrite else into[1])  # fmt: skip
                 continue
             with torch.autocast(gate.device.type, dtype=dtype, enabled=enabled), torch.enable_grad():
                 leaf = g.detach().requires_grad_(need_gate and not silu)
@@ -308,17 +311,17 @@ class _GatedDown(torch.autograd.Function):
             if need_gate:  # act(gate)'s gradient over the product's, then the gate's over that (or over the gate)
                 grad_product.mul_(u)
                 if silu:
-                    into = g if ctx.overwrite else grad_product
+                    into = g if overwrite else grad_product
                     grad_gate = torch.ops.aten.silu_backward.grad_input(grad_product, g, grad_input=into)
                 else:
                     (grad_gate,) = torch.autograd.grad(activated, leaf, grad_product)
             del grad_product
-            grads_gate = _place(grads_gate, grad_gate, g if ctx.overwrite else None, block, whole)
-            grads_up = _place(grads_up, grad_up, u if ctx.overwrite else None, block, whole)
+            grads_gate = _place(grads_gate, grad_gate, g if overwrite else None, block, whole)
+            grads_up = _place(grads_up, grad_up, u if overwrite else None, block, whole)
             del grad_gate, grad_up  # a block's temporaries must not live into the next block
         if need_weight and not whole:
             grad_weight = grad_weight.to(weight.dtype)
-        if ctx.overwrite:
+        if overwrite:
             grads_gate, grads_up = gates if need_gate else None, ups if need_up else None
         return (
             None if grads_gate is None else grads_gate.view(gate.shape),
