@@ -122,6 +122,15 @@ def test_strided_rows_are_read_where_they_are():
     rows = wide[:, :24]  # rows with a stride of 48: read in place
     for t in (x, rows):
         torch.testing.assert_close(rms_norm(t, norm.weight, 1e-5), norm(t), rtol=4 * ULP[torch.float32], atol=1e-6)
+    # and the backward through a strided view: the input's gradient lands in the view's places only
+    grad = torch.randn(10, 24)
+    results = []
+    for fn in (lambda t: rms_norm(t, norm.weight, 1e-5), norm):
+        leaf = wide.clone().requires_grad_()
+        fn(leaf[:, :24]).backward(grad)
+        results.append(leaf.grad)
+    torch.testing.assert_close(results[0], results[1], rtol=4 * ULP[torch.float32], atol=1e-6)
+    assert torch.equal(results[0][:, 24:], torch.zeros(10, 24))
 
 
 def test_the_lean_layers_run_the_kernels_where_they_apply(monkeypatch):
