@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_logprobs import INTERPRETED, Transform, _tanh
+from .linear_logprobs import INTERPRETED, Transform, _fold_tile, _tanh
 
 BLOCK_N = 1
 BLOCK_V = 32 if INTERPRETED else 2048
@@ -76,24 +76,10 @@ def _row_stats_kernel(
             HAS_BIAS, SOFTCAP,
         )  # fmt: skip
         z_or_inf = tl.where(col_ok[None, :], z, float("-inf"))
-        tile_max = tl.max(z_or_inf, axis=1)
-        new_max = tl.maximum(run_max, tile_max)
-        alpha = tl.exp(run_max - new_max)
-        e = tl.where(col_ok[None, :], tl.exp(z - new_max[:, None]), 0.0)
-        run_sum = run_sum * alpha + tl.sum(e, axis=1)
-        if WANT_ENTROPY:
-            run_ez = run_ez * alpha + tl.sum(e * z, axis=1)
-        if WANT_SQ:
-            run_sq = run_sq * alpha * alpha + tl.sum(e * e, axis=1)
-        if WANT_MEAN:
-            run_z += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
-        if WANT_TOP1:
-            # argmax keeps the first maximum in a tile; the strict > keeps the earliest tile (as torch.argmax)
-            tile_idx = tl.argmax(z_or_inf, axis=1) + v0
-            better = tile_max > best
-            best_idx = tl.where(better, tile_idx, best_idx)
-            best = tl.where(better, tile_max, best)
-        run_max = new_max
+        run_max, run_sum, run_ez, run_sq, run_z, best, best_idx = _fold_tile(
+            z, z_or_inf, col_ok, v0, run_max, run_sum, run_ez, run_sq, run_z, best, best_idx,
+            WANT_ENTROPY, WANT_SQ, WANT_MEAN, WANT_TOP1,
+        )  # fmt: skip
     # the target's logit: one more load per row, transformed like the rest
     tgt_raw = tl.load(z_ptr + rows * stride_z + tgt, mask=row_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:

@@ -130,6 +130,34 @@ def _row_block(rows_ptr, tgt_ptr, lse_ptr, grad_ptr, offs_n, n_rows, WITH_GRAD: 
 
 
 @triton.jit
+def _fold_tile(
+    z, z_or_inf, col_ok, v0, run_max, run_sum, run_ez, run_sq, run_z, best, best_idx,
+    WANT_ENTROPY: tl.constexpr, WANT_SQ: tl.constexpr, WANT_MEAN: tl.constexpr, WANT_TOP1: tl.constexpr,
+):  # fmt: skip
+    """One ``[BLOCK_N, BLOCK_V]`` tile of transformed logits ``z`` (``z_or_inf``: -inf on padded columns) folded into
+    the running statistics of its rows: online max and Σe^(z-max), and optionally Σe·z, Σe², Σz and the first
+    argmax. Returns them in the order taken."""
+    tile_max = tl.max(z_or_inf, axis=1)
+    new_max = tl.maximum(run_max, tile_max)
+    alpha = tl.exp(run_max - new_max)
+    e = tl.where(col_ok[None, :], tl.exp(z - new_max[:, None]), 0.0)
+    run_sum = run_sum * alpha + tl.sum(e, axis=1)
+    if WANT_ENTROPY:
+        run_ez = run_ez * alpha + tl.sum(e * z, axis=1)
+    if WANT_SQ:
+        run_sq = run_sq * alpha * alpha + tl.sum(e * e, axis=1)
+    if WANT_MEAN:
+        run_z += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+    if WANT_TOP1:
+        # argmax keeps the first maximum in a tile; the strict > keeps the earliest tile (as torch.argmax)
+        tile_idx = tl.argmax(z_or_inf, axis=1) + v0
+        better = tile_max > best
+        best_idx = tl.where(better, tile_idx, best_idx)
+        best = tl.where(better, tile_max, best)
+    return new_max, run_sum, run_ez, run_sq, run_z, best, best_idx
+
+
+@triton.jit
 def _forward_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, part_ptr, tgt_logit_ptr,
     n_rows, H, V, stride_h, stride_w, tiles_per_split, n_splits,
@@ -164,24 +192,10 @@ def _forward_kernel(
         z_or_inf = tl.where(col_ok[None, :], z, float("-inf"))
         # The target logit, picked in-tile; only one split holds it, and it stores it after the loop.
         run_target += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
-        tile_max = tl.max(z_or_inf, axis=1)
-        new_max = tl.maximum(run_max, tile_max)
-        alpha = tl.exp(run_max - new_max)
-        e = tl.where(col_ok[None, :], tl.exp(z - new_max[:, None]), 0.0)
-        run_sum = run_sum * alpha + tl.sum(e, axis=1)
-        if WANT_ENTROPY:
-            run_ez = run_ez * alpha + tl.sum(e * z, axis=1)
-        if WANT_SQ:
-            run_sq = run_sq * alpha * alpha + tl.sum(e * e, axis=1)
-        if WANT_MEAN:
-            run_z += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
-        if WANT_TOP1:
-            # argmax keeps the first maximum in a tile; the strict > keeps the earliest tile (as torch.argmax)
-            tile_idx = tl.argmax(z_or_inf, axis=1) + v0
-            better = tile_max > best
-            best_idx = tl.where(better, tile_idx, best_idx)
-            best = tl.where(better, tile_max, best)
-        run_max = new_max
+        run_max, run_sum, run_ez, run_sq, run_z, best, best_idx = _fold_tile(
+            z, z_or_inf, col_ok, v0, run_max, run_sum, run_ez, run_sq, run_z, best, best_idx,
+            WANT_ENTROPY, WANT_SQ, WANT_MEAN, WANT_TOP1,
+        )  # fmt: skip
 
     tl.store(tgt_logit_ptr + offs_n, run_target, mask=row_ok & (tgt >= v_begin) & (tgt < v_end))
     out = part_ptr + split * n_rows + offs_n
