@@ -115,25 +115,28 @@ def _plain_down_and_act(mlp: nn.Module) -> bool:
 
 @functools.cache
 def _is_gated_mlp(cls: type) -> bool:
+    body = _forward_source(cls)
     try:
-        source = inspect.getsource(cls.forward)
         argument = next(iter(list(inspect.signature(cls.forward).parameters)[1:]), None)
-    except (OSError, TypeError, ValueError):
+    except (TypeError, ValueError):
         return False
-    if argument is None:
+    if body is None or argument is None:
         return False
-    body = "".join(source.split()).replace(f"({argument})", "(x)").replace(f",{argument})", ",x)")
-    return body in _GATED_MLP_FORWARDS
+    return body.replace(f"({argument})", "(x)").replace(f",{argument})", ",x)") in _GATED_MLP_FORWARDS
 
 
 @functools.cache
 def _is_llama_norm(cls: type) -> bool:
     """Whether ``cls.forward`` is, token for token, transformers' Llama-form RMSNorm (``fastdpo.ops.rms_norm``)."""
+    return _forward_source(cls) == _LLAMA_NORM_FORWARD
+
+
+def _forward_source(cls: type) -> str | None:
+    """The source of ``cls.forward`` without any whitespace (None where it has none to read)."""
     try:
-        source = inspect.getsource(cls.forward)
+        return "".join(inspect.getsource(cls.forward).split())
     except (OSError, TypeError):
-        return False
-    return "".join(source.split()) == _LLAMA_NORM_FORWARD
+        return None
 
 
 def _lean_norm(module: nn.Module, forward: Callable, fused: bool, hidden: Tensor, *args, **kwargs) -> Tensor:
