@@ -248,7 +248,10 @@ class _GatedDown(torch.autograd.Function):
                 if out is None:
                     out = result.new_empty(tokens, result.shape[-1])
                 out[block] = result
-        ctx.overwrite = overwrite and _own_buffers(gate, up, ctx.product_dtype)
+        # in place where it saves memory: on blocks, and with the kernels (which write there directly); on one block
+        # without them the gradients take the buffers of act(gate) and of the product's gradient, as autograd's would
+        in_place = ctx.fused or rows < tokens
+        ctx.overwrite = overwrite and in_place and _own_buffers(gate, up, ctx.product_dtype)
         ctx.save_for_backward(gate, up, weight)
         return out.view(*gate.shape[:-1], out.shape[-1])
 
@@ -264,9 +267,7 @@ class _GatedDown(torch.autograd.Function):
         tokens = gates.shape[0]
         rows = _block_rows(tokens, width)
         whole = rows >= tokens
-        # in place where it saves memory: on blocks, and with the kernels (which write there directly); on one block
-        # without them the gradients take the buffers of act(gate) and of the product's gradient, as autograd's would
-        overwrite = ctx.overwrite and (ctx.fused or not whole)
+        overwrite = ctx.overwrite
         product_dtype = ctx.product_dtype
         # down_proj's backward as autograd forms it: in the dtype the forward's product ran in (autocast's, where
         # it cast the product, the weight and the bias), its results cast back to theirs
