@@ -141,13 +141,7 @@ def test_every_gradient_the_mlp_asks_for_with_a_bias(act, rows, overwrite, block
     # on gate_proj (which could keep its output), into new tensors
     import itertools
 
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    config = LlamaConfig(hidden_size=16, intermediate_size=24, num_attention_heads=2, num_key_value_heads=2,
-                         mlp_bias=True, hidden_act=act)  # fmt: skip
-    torch.manual_seed(0)
-    mlp = LlamaMLP(config).double()
+    mlp = _small_mlp(torch.float64, mlp_bias=True, hidden_act=act)
     if rows is not None:
         blocks_of(rows, 24)
     if not overwrite:
