@@ -80,6 +80,12 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.dtype in _DTYPES and weight.dtype in _DTYPES and weight.dim() == 1 and 0 < x.shape[-1] <= MAX_H
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, H]`` with unit column stride (rows may keep any stride: the kernels take it)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def _block_h(h: int) -> int:
     return triton.next_power_of_2(h)
 
@@ -91,9 +97,7 @@ def _num_warps(h: int) -> int:
 def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight * normalize(x)`` over the last dimension, and the fp32 ``rsqrt(mean(x²) + eps)`` of each row."""
     h = x.shape[-1]
-    rows = x.reshape(-1, h)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x)
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
     if rows.shape[0]:
@@ -114,9 +118,7 @@ def backward(
     one fp32 partial row of the weight's gradient.
     """
     h = x.shape[-1]
-    rows, dy = x.reshape(-1, h), grad.reshape(-1, h)
-    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    rows, dy = _rows(x), _rows(grad)
     n = rows.shape[0]
     dx = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     if programs is None:
