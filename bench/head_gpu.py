@@ -244,10 +244,15 @@ def _table(results: list[dict], meta: dict) -> str:
             ratio = f"{median / statistics.median(gemm['times']):.2f}x" if gemm else "n/a"
             tflops = 8 * n * h * v / median / 1e12
             lines.append(
-                f"| {n} | {h} | {v} | {label} | {median * 1e3:.2f} ({min(r['times']) * 1e3:.2f}–"
-                f"{max(r['times']) * 1e3:.2f}) | {ratio} | {tflops:.0f} | {r['extra_bytes'] / 2**20:.0f} |"
+                f"| {n} | {h} | {v} | {label} | {ms_cell(r['times'])} | {ratio} | {tflops:.0f} | "
+                f"{r['extra_bytes'] / 2**20:.0f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def ms_cell(times: list[float]) -> str:
+    """A table cell of timings in seconds: the median and (min–max), in ms."""
+    return f"{statistics.median(times) * 1e3:.2f} ({min(times) * 1e3:.2f}–{max(times) * 1e3:.2f})"
 
 
 def main(argv: list[str] | None = None) -> None:

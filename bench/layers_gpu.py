@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench.head_gpu import RESULTS, _device, _versions
+from bench.head_gpu import RESULTS, _device, _versions, ms_cell
 from fastdpo.atomic import atomic_write
 
 VARIANTS = {
@@ -146,10 +146,7 @@ def _table(results: list[dict], meta: dict) -> str:
         base = own.get((r["tokens"], r["part"]))
         ratio = f"{median / statistics.median(base['times']):.2f}x" if base else "n/a"
         memory = "n/a (CPU)" if r["extra_bytes"] is None else f"{r['extra_bytes'] / 2**20:.0f}"
-        lines.append(
-            f"{head} {median * 1e3:.2f} ({min(r['times']) * 1e3:.2f}–{max(r['times']) * 1e3:.2f}) | {ratio} | "
-            f"{memory} |"
-        )
+        lines.append(f"{head} {ms_cell(r['times'])} | {ratio} | {memory} |")
     return "\n".join(lines) + "\n"
 
 
