@@ -165,30 +165,33 @@ def epilogue_variants():
 def compile_epilogue(fn, constexprs: dict, arch: int = 90):
     """Compile an epilogue kernel as it runs: fp32 raw logits, bias and statistics, int64 targets, bf16 dz, and the
     launcher's specialization of 16-aligned pointers, strides and vocabulary size (true of every common model)."""
+    from . import head_epilogue
+
+    def kind(name: str) -> str:
+        if name.endswith("_ptr"):
+            return {"tgt_ptr": "*i64", "dz_ptr": "*bf16"}.get(name, "*fp32")
+        return "fp32" if name in _FP32_SCALARS else "i32"
+
+    aligned = ("V", "stride_z", "stride_dz")
+    return _compile_source(fn, constexprs, kind, aligned, head_epilogue.NUM_WARPS, arch)
+
+
+def _compile_source(fn, constexprs: dict, kind, aligned: tuple[str, ...], num_warps: int, arch: int, **options):
+    """Compile ``fn`` with ``constexprs``, each other argument's type from ``kind(name)``, and pointers and the
+    integers named in ``aligned`` specialized as 16-divisible (as the launcher's arguments are on real models)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import head_epilogue
-
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = {"tgt_ptr": "*i64", "dz_ptr": "*bf16"}.get(name, "*fp32")
-        else:
-            signature[name] = "fp32" if name in _FP32_SCALARS else "i32"
-    aligned = [
-        i for i, n in enumerate(fn.arg_names) if signature[n].startswith("*") or n in ("V", "stride_z", "stride_dz")
-    ]
+    signature = {name: "constexpr" if name in constexprs else kind(name) for name in fn.arg_names}
+    divisible = [i for i, n in enumerate(fn.arg_names) if signature[n].startswith("*") or n in aligned]
     source = ASTSource(
         fn=fn,
         signature=signature,
         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
+        attrs={(i,): [["tt.divisibility", 16]] for i in divisible},
     )
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": head_epilogue.NUM_WARPS})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, **options})
 
 
 def norm_variants():
@@ -205,26 +208,49 @@ def norm_variants():
 def compile_norm(fn, constexprs: dict, num_warps: int, arch: int = 90):
     """Compile an RMSNorm kernel as it runs on a bf16 model: bf16 rows, weight and gradients, fp32 rsqrt and weight
     gradient partials, 16-aligned pointers, width and row strides."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in ("rstd_ptr", "dw_ptr") else "*bf16"
-        else:
-            signature[name] = "fp32" if name == "eps" else "i32"
-    aligned = [i for i, n in enumerate(fn.arg_names) if signature[n].startswith("*") or n == "H" or "stride" in n]
-    source = ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
-    )
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    def kind(name: str) -> str:
+        if name.endswith("_ptr"):
+            return "*fp32" if name in ("rstd_ptr", "dw_ptr") else "*bf16"
+        return "fp32" if name == "eps" else "i32"
+
+    aligned = tuple(n for n in fn.arg_names if n == "H" or "stride" in n)
+    return _compile_source(fn, constexprs, kind, aligned, num_warps, arch)
+
+
+def rope_variants():
+    """(kernel, variant, fn, constexprs, num_warps, table type) of the RoPE kernel (``rope``) on bf16 q and k heads:
+    Llama-3.2-1B's (32 q / 8 k heads of 64) and Qwen2.5-7B's (28 / 4 of 128), forward and backward; and Llama's
+    q heads with fp32 tables and results (autocast's case)."""
+    from . import rope
+
+    shapes = [("1B", "q", 32, 64, "bf16"), ("1B", "k", 8, 64, "bf16"), ("7B", "q", 28, 128, "bf16"),
+              ("7B", "k", 4, 128, "bf16"), ("1B", "q", 32, 64, "fp32")]  # fmt: skip
+    for model, which, heads, dim, tables in shapes:
+        block = {"HALF": dim // 2, "BLOCK_D": dim // 2, "BLOCK_HEADS": rope.block_heads(heads, dim)}
+        for backward in (False, True):
+            name = "rope backward" if backward else "rope forward"
+            variant = f"bf16, {model} {which}: {heads} heads of {dim}" + (", fp32 tables" if tables == "fp32" else "")
+            yield name, variant, rope._rope_kernel, {**block, "BACKWARD": backward}, rope.num_warps(heads, dim), tables
+
+
+def compile_rope(fn, constexprs: dict, num_warps: int, tables: str = "bf16", arch: int = 90):
+    """Compile the RoPE kernel as the launcher runs it: bf16 heads, ``tables``-typed cos, sin and results (the
+    gradient in the backward: ``x_ptr``; the bf16 input gradient: ``y_ptr``), unit strides along the head dimension
+    (specialized to 1), the other strides 16-divisible (head dims of 64 and 128), the launcher's options (no fused
+    multiply-adds)."""
+    from . import rope
+
+    unit = {name: 1 for name in ("sxd", "scd", "ssd", "syd")}
+    aligned = tuple(n for n in fn.arg_names if n.startswith("s") and n not in unit and n != "sin_ptr")
+    wide = ("cos_ptr", "sin_ptr", "x_ptr" if constexprs["BACKWARD"] else "y_ptr")
+
+    def kind(name: str) -> str:
+        if name.endswith("_ptr"):
+            return f"*{tables}" if name in wide else "*bf16"
+        return "i32"
+
+    return _compile_source(fn, {**constexprs, **unit}, kind, aligned, num_warps, arch, **rope.COMPILE_OPTIONS)
 
 
 def report(dtype: torch.dtype, arch: int = 90) -> list[KernelReport]:
@@ -249,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     reports = report(dtype, args.arch)
     reports += [inspect(compile_epilogue(fn, cx, args.arch), kernel, v) for kernel, v, fn, cx in epilogue_variants()]
     reports += [inspect(compile_norm(fn, cx, w, args.arch), kernel, v) for kernel, v, fn, cx, w in norm_variants()]
+    for kernel, v, fn, cx, w, tables in rope_variants():
+        reports.append(inspect(compile_rope(fn, cx, w, tables, args.arch), kernel, v))
     for r in reports:
         cols = (r.kernel, r.variant, r.registers, r.stack_bytes, r.local_loads, r.shared_bytes, r.hgmma)
         print("| " + " | ".join(str(c) for c in cols) + " |")

@@ -55,3 +55,18 @@ def test_norm_kernels_compile_without_spills_and_with_16_byte_row_accesses():
         assert r.stack_bytes == 0 and r.local_loads == 0, r
         ptx = compiled.asm["ptx"]
         assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, f"{kernel} ({variant}): not 16 bytes wide"
+
+
+def test_rope_kernel_compiles_without_spills_fused_multiply_adds_or_narrow_accesses():
+    # bit for bit torch's RoPE needs each product rounded before the sum: with fp32 tables and results (autocast's
+    # case) Triton's default FP fusion would contract them into FMAs (16 in the forward's PTX when enabled); the
+    # launcher turns it off. Every variant reads and writes its bf16 heads 16 bytes at a time, nothing spilled
+    import re
+
+    for kernel, variant, fn, constexprs, warps, tables in compile_report.rope_variants():
+        compiled = compile_report.compile_rope(fn, constexprs, warps, tables, arch=90)
+        r = compile_report.inspect(compiled, kernel, variant)
+        assert r.stack_bytes == 0 and r.local_loads == 0, r
+        ptx = compiled.asm["ptx"]
+        assert not re.search(r"\bfma\.", ptx), f"{kernel} ({variant}): fused multiply-adds"
+        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, f"{kernel} ({variant}): not 16 bytes wide"

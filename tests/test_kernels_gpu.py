@@ -270,3 +270,41 @@ def test_rms_norm_kernels_match_transformers_in_bf16(rows, width, weight_dtype):
         ulp = 2.0**-8 if g.dtype == torch.bfloat16 else 2.0**-23
         error, own_error = (g.double() - e).abs().max().item(), (o.double() - e).abs().max().item()
         assert error <= 2 * own_error + 2 * ulp * scale, (name, error, own_error, scale)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "q_heads", "k_heads", "dim", "table_dtype"),
+    [(59392, 32, 8, 64, torch.bfloat16), (16385, 28, 4, 128, torch.bfloat16), (4097, 32, 8, 64, torch.float32)],
+)
+def test_rope_kernel_equals_transformers_bit_for_bit_in_bf16(tokens, q_heads, k_heads, dim, table_dtype):
+    # Llama-3.2-1B's heads at batch 64's tokens, Qwen2.5-7B's (28/4 heads of 128), and autocast's case (fp32 tables,
+    # fp32 results): the kernel rounds where torch's ops round, so results and gradients are bit for bit equal
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from fastdpo.ops.rope import apply_rope, fused_rope_applies
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def projected(heads):  # [1, heads, tokens, dim] as Llama's attention hands it over: a transposed view
+        flat = torch.randn(1, tokens, heads * dim, generator=gen, device="cuda").bfloat16()
+        return flat.view(1, tokens, heads, dim).transpose(1, 2)
+
+    q, k = projected(q_heads), projected(k_heads)
+    positions = torch.randint(0, 1024, (1, tokens, 1), generator=gen, device="cuda").float()
+    freqs = positions * 500000.0 ** (-torch.arange(0, dim, 2, device="cuda").float() / dim)
+    angles = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = angles.cos().to(table_dtype), angles.sin().to(table_dtype)
+    assert fused_rope_applies(q, k, cos, sin, 1)
+    assert not fused_rope_applies(q, k, cos, sin, 2)  # heads on dim 2: the original
+    assert not fused_rope_applies(q[..., : dim - 2], k[..., : dim - 2], cos, sin, 1)  # a partial rotary head
+    assert not fused_rope_applies(q, k, cos.clone().requires_grad_(), sin, 1)
+    grads = [torch.randn(t.shape, generator=gen, device="cuda") for t in (q, k)]
+
+    def run(fn):
+        leaves = [t.detach().requires_grad_() for t in (q, k)]
+        outs = fn(*leaves, cos, sin)
+        torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads, outs, strict=True)])
+        return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+    for name, got, own in zip(("q", "k", "grad q", "grad k"), run(apply_rope), run(apply_rotary_pos_emb), strict=True):
+        assert got.dtype == own.dtype and torch.equal(got, own), (name, (got.double() - own.double()).abs().max())
