@@ -17,6 +17,12 @@ keep less:
   outputs of plain (or LoRA) linear layers: SiLU's derivative is the one autograd uses (``aten.silu_backward``),
   any other activation's is autograd's own, on a recomputed ``act_fn(gate)``.
 
+On a GPU with Triton, Llama-form norms run ``fastdpo.ops.rms_norm`` (keeping the input and one fp32 value per
+row), SiLU MLPs' element-wise work runs ``fastdpo.kernels.swiglu``, and a Llama-form ``apply_rotary_pos_emb``
+(transformers' own, token for token, in the attention's module: 119 families) is replaced for the duration in that
+module by one that runs ``fastdpo.ops.rope`` on CUDA heads (bit for bit the same results) and calls the function
+itself anywhere else. With or without gradients: a reference's forward runs them too.
+
 What the peak gains, per token and decoder layer at Llama-3.2-1B's shape in bf16 under checkpointing: 64 KB in the
 MLP's backward (four ``[N, I]`` fewer, less two blocks) and 20 KB of the norms' saved tensors (``fastdpo.memory``
 counts it; ``tests/test_lean.py`` measures the saved bytes and the allocator's peak). What it costs: one more
@@ -29,8 +35,10 @@ error, not a silent change (no transformers decoder layer does it).
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
+import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
@@ -41,6 +49,7 @@ from fastdpo.kernels import triton_available
 from fastdpo.model.hooks import forward_as
 from fastdpo.ops.linear_logprobs import add_product
 from fastdpo.ops.rms_norm import fused_norm_applies, rms_norm
+from fastdpo.ops.rope import apply_rope, fused_rope_applies
 
 MLP_CHUNK_ELEMENTS = 2**25
 """The lean MLP's forward and backward work on blocks of this many ``[tokens, I]`` elements (64 MiB in bf16): large
@@ -52,6 +61,11 @@ _LLAMA_NORM_FORWARD = (
     "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)"
     "returnself.weight*hidden_states.to(input_dtype)"
 )
+_LLAMA_ROPE = (
+    "deff(q,k,cos,sin,unsqueeze_dim=1):cos=cos.unsqueeze(unsqueeze_dim)sin=sin.unsqueeze(unsqueeze_dim)"
+    "q_embed=q*cos+rotate_half(q)*sink_embed=k*cos+rotate_half(k)*sinreturn(q_embed,k_embed)"
+)
+_LLAMA_ROTATE_HALF = "deff(x):x1=x[...,:x.shape[-1]//2]x2=x[...,x.shape[-1]//2:]returntorch.cat((-x2,x1),dim=-1)"
 _GATED_MLP_FORWARDS = (
     "defforward(self,x):down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj",
     "defforward(self,x):returnself.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))",
@@ -68,6 +82,7 @@ def use_lean_layers(models: Sequence[nn.Module | None]) -> Iterator[int]:
     """
     with ExitStack() as stack:
         count = 0
+        namespaces = {}
         for model in models:
             if model is None:
                 continue
@@ -76,6 +91,11 @@ def use_lean_layers(models: Sequence[nn.Module | None]) -> Iterator[int]:
                 if forward is not None:
                     stack.enter_context(forward_as(module, forward))
                     count += 1
+                space = _rope_namespace(type(module))
+                if space is not None:
+                    namespaces[id(space)] = space
+        for space in namespaces.values():
+            stack.enter_context(_fused_rope(space))
         yield count
 
 
@@ -137,6 +157,74 @@ def _forward_source(cls: type) -> str | None:
         return "".join(inspect.getsource(cls.forward).split())
     except (OSError, TypeError):
         return None
+
+
+def _rope_namespace(cls: type) -> dict | None:
+    """The module globals through which ``cls.forward`` calls a Llama-form ``apply_rotary_pos_emb`` (None: none);
+    looked at on each use, as another library may have replaced the function meanwhile (Liger-Kernel does)."""
+    space = _forward_globals(cls)
+    if space is None or space.get("torch") is not torch:
+        return None
+    rope = space["apply_rotary_pos_emb"]
+    rope = getattr(rope, "__fastdpo_original__", rope)  # ours, from a use that has not ended
+    return space if _is_llama_rope(rope, space.get("rotate_half")) else None
+
+
+@functools.cache
+def _forward_globals(cls: type) -> dict | None:
+    try:
+        forward = inspect.unwrap(cls.forward)  # transformers' deprecate_kwarg wraps attention forwards
+    except ValueError:
+        return None
+    space = getattr(forward, "__globals__", None)
+    return space if space is not None and "apply_rotary_pos_emb" in space else None
+
+
+@functools.cache
+def _is_llama_rope(rope, rotate_half) -> bool:
+    return _bare_source(rope) == _LLAMA_ROPE and _bare_source(rotate_half) == _LLAMA_ROTATE_HALF
+
+
+def _bare_source(fn) -> str | None:
+    """``fn``'s definition without decorators, docstring, name, annotations or whitespace (None: no source)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    if not isinstance(tree, ast.FunctionDef):
+        return None
+    body = tree.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    tree.body, tree.decorator_list, tree.name, tree.returns = body, [], "f", None
+    return "".join(ast.unparse(tree).split())
+
+
+@contextmanager
+def _fused_rope(space: dict) -> Iterator[None]:
+    """``space``'s ``apply_rotary_pos_emb`` on ``fastdpo.ops.rope`` where it applies (on a GPU), for the duration.
+
+    The replacement computes what the function computes, bit for bit, and calls the function itself wherever the
+    kernel does not apply: other models of the family (in the same module) see the same results meanwhile.
+    """
+    original = space["apply_rotary_pos_emb"]
+    if hasattr(original, "__fastdpo_original__"):  # a use of the lean layers around this one put it there
+        yield
+        return
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if fused_rope_applies(q, k, cos, sin, unsqueeze_dim):
+            return apply_rope(q, k, cos, sin)
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb.__fastdpo_original__ = original
+    space["apply_rotary_pos_emb"] = apply_rotary_pos_emb
+    try:
+        yield
+    finally:
+        if space.get("apply_rotary_pos_emb") is apply_rotary_pos_emb:
+            space["apply_rotary_pos_emb"] = original
 
 
 def _lean_norm(module: nn.Module, forward: Callable, fused: bool, hidden: Tensor, *args, **kwargs) -> Tensor:
