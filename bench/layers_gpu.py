@@ -1,20 +1,23 @@
-"""One decoder layer's RMSNorm and gated MLP, forward + backward, as transformers runs them and as lean_activations.
+"""One decoder layer's RMSNorm, gated MLP and RoPE, forward + backward, as transformers runs them and as
+lean_activations.
 
     python -m bench.layers_gpu [--tokens 16384 59392] [--hidden 2048] [--intermediate 8192] [--repeats 10]
 
-Variants, each on the same bf16 inputs and modules (transformers' ``LlamaRMSNorm`` and ``LlamaMLP``):
+Variants, each on the same bf16 inputs and modules (transformers' ``LlamaRMSNorm``, ``LlamaMLP`` and Llama's
+``apply_rotary_pos_emb`` on q and k heads of 64, a quarter as many k heads as q heads, as Llama-3.2-1B has them):
 
 - ``own``: the modules' own forwards under autograd;
 - ``lean_torch``: ``fastdpo.model.lean`` with its GPU kernels switched off (torch's element-wise ops between the
   products, the MLP on blocks of tokens);
-- ``lean``: ``fastdpo.model.lean`` as the trainers run it (on a GPU: ``fastdpo.kernels.rms_norm`` and
-  ``fastdpo.kernels.swiglu``).
+- ``lean``: ``fastdpo.model.lean`` as the trainers run it (on a GPU: ``fastdpo.kernels.rms_norm``,
+  ``fastdpo.kernels.swiglu`` and ``fastdpo.kernels.rope``).
 
-For each: the norm alone and the MLP alone, forward + backward with gradients for the input and every weight, and
-both forwards without gradients (what a reference pass runs). Median of ``repeats`` (min–max) after two warm-up
-calls, CUDA events; the extra peak is ``max_memory_allocated`` above the inputs, parameters and their gradients.
-Results: ``<out>/layers_gpu.{json,md}`` (default ``bench/results/<device>/``). ``--device cpu`` runs the same code
-on a CPU with wall-clock timing and no memory figure (a smoke test: the kernels are GPU-only).
+For each: the norm alone, the MLP alone and RoPE alone, forward + backward with gradients for the inputs and every
+weight, and the norm and MLP forwards without gradients (what a reference pass runs). Median of ``repeats``
+(min–max) after three warm-up calls, each timed between two device synchronizations; the extra peak is
+``max_memory_allocated`` above the inputs, parameters and their gradients. Results: ``<out>/layers_gpu.{json,md}``
+(default ``bench/results/<device>/``). ``--device cpu`` runs the same code on a CPU with no memory figure (a smoke
+test: the kernels are GPU-only).
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from fastdpo.atomic import atomic_write
 VARIANTS = {
     "own": "transformers' modules (autograd)",
     "lean_torch": "lean_activations, torch element-wise ops",
-    "lean": "lean_activations (GPU: Triton norm and SiLU-product kernels)",
+    "lean": "lean_activations (GPU: Triton norm, SiLU-product and RoPE kernels)",
 }
-PARTS = ("norm", "mlp", "norm + mlp, no grad")
+PARTS = ("norm", "mlp", "rope", "norm + mlp, no grad")
+HEAD_DIM = 64
 
 
 @contextlib.contextmanager
@@ -47,28 +51,35 @@ def _variant(name: str, modules):
     if name == "own":
         yield
         return
-    saved = lean.fused_norm_applies, lean._fused_swiglu
+    saved = lean.fused_norm_applies, lean._fused_swiglu, lean.fused_rope_applies
     if name == "lean_torch":
-        lean.fused_norm_applies, lean._fused_swiglu = (lambda *a: False), (lambda *a: False)
+        lean.fused_norm_applies = lean._fused_swiglu = lean.fused_rope_applies = lambda *a: False
     try:
         with lean.use_lean_layers(modules):
             yield
     finally:
-        lean.fused_norm_applies, lean._fused_swiglu = saved
+        lean.fused_norm_applies, lean._fused_swiglu, lean.fused_rope_applies = saved
 
 
-def _call(part: str, norm, mlp, x, grad):
+def _call(part: str, layer: dict):
+    from transformers.models.llama import modeling_llama
+
     if part == "norm":
-        norm(x).backward(grad)
+        layer["norm"](layer["x"]).backward(layer["grad"])
     elif part == "mlp":
-        mlp(x).backward(grad)
+        layer["mlp"](layer["x"]).backward(layer["grad"])
+    elif part == "rope":  # looked up as Llama's attention looks it up: where lean_activations replaces it
+        heads = [t.view(1, t.shape[0], -1, HEAD_DIM).transpose(1, 2) for t in (layer["q"], layer["k"])]
+        out = modeling_llama.apply_rotary_pos_emb(*heads, layer["cos"], layer["sin"])
+        torch.autograd.backward(out, [layer["grad_q"], layer["grad_k"]])
     else:
         with torch.no_grad():
-            mlp(norm(x))
+            layer["mlp"](layer["norm"](layer["x"]))
 
 
-def _measure(part: str, norm, mlp, x, grad, repeats: int, device: torch.device) -> dict:
-    params = [x, *norm.parameters(), *mlp.parameters()]
+def _measure(part: str, layer: dict, repeats: int, device: torch.device) -> dict:
+    norm, mlp = layer["norm"], layer["mlp"]
+    params = [layer["x"], layer["q"], layer["k"], *norm.parameters(), *mlp.parameters()]
 
     def clear():
         for p in params:
@@ -77,7 +88,7 @@ def _measure(part: str, norm, mlp, x, grad, repeats: int, device: torch.device) 
     cuda = device.type == "cuda"
     for _ in range(3):  # warm-up: compilation, cuBLAS handles, the allocator's pools
         clear()
-        _call(part, norm, mlp, x, grad)
+        _call(part, layer)
     clear()
     if cuda:
         torch.cuda.synchronize()
@@ -90,7 +101,7 @@ def _measure(part: str, norm, mlp, x, grad, repeats: int, device: torch.device) 
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        _call(part, norm, mlp, x, grad)
+        _call(part, layer)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -101,22 +112,30 @@ def _measure(part: str, norm, mlp, x, grad, repeats: int, device: torch.device) 
 
 def run_shape(n: int, h: int, i: int, args, device: torch.device) -> list[dict]:
     from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=h, intermediate_size=i)
-    norm = LlamaRMSNorm(h).to(device, torch.bfloat16)
-    mlp = LlamaMLP(config).to(device, torch.bfloat16)
-    x = torch.randn(n, h, device=device, dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(n, h, device=device, dtype=torch.bfloat16)
+    heads = max(1, h // HEAD_DIM)
+    config = LlamaConfig(hidden_size=h, intermediate_size=i, num_attention_heads=heads, head_dim=HEAD_DIM,
+                         num_key_value_heads=max(1, heads // 4))  # fmt: skip
+    bf16 = {"device": device, "dtype": torch.bfloat16}
+    layer = {"norm": LlamaRMSNorm(h).to(**bf16), "mlp": LlamaMLP(config).to(**bf16),
+             "attention": LlamaAttention(config, 0).to(**bf16), "x": torch.randn(n, h, **bf16, requires_grad=True),
+             "grad": torch.randn(n, h, **bf16)}  # fmt: skip
+    for name, count in (("q", heads), ("k", config.num_key_value_heads)):
+        layer[name] = torch.randn(n, count * HEAD_DIM, **bf16, requires_grad=True)
+        layer[f"grad_{name}"] = torch.randn(1, count, n, HEAD_DIM, **bf16)
+    positions = torch.arange(n, device=device)[None] % 1024  # packed sequences of up to 1024 tokens
+    rotary = LlamaRotaryEmbedding(config).to(device)
+    layer["cos"], layer["sin"] = rotary(layer["x"][None], positions)
     rows = []
     for part in PARTS:
         for name in args.variants:
             print(f"N={n} H={h} I={i} {part} {name} ...", file=sys.stderr, flush=True)
             row = {"tokens": n, "hidden": h, "intermediate": i, "part": part, "variant": name}
             try:
-                with _variant(name, [norm, mlp]):
-                    row.update(_measure(part, norm, mlp, x, grad, args.repeats, device))
+                with _variant(name, [layer["norm"], layer["mlp"], layer["attention"]]):
+                    row.update(_measure(part, layer, args.repeats, device))
             except Exception as error:  # reported, not fatal: the next variant still runs
                 row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
             rows.append(row)
@@ -128,8 +147,9 @@ def run_shape(n: int, h: int, i: int, args, device: torch.device) -> list[dict]:
 def _table(results: list[dict], meta: dict) -> str:
     dev = meta["device"]
     lines = [
-        f"RMSNorm and gated MLP of one decoder layer on {dev['name']}, bf16, forward + backward (gradients of the "
-        f"input and every weight) and both forwards without gradients; torch {meta['versions']['torch']}, triton "
+        f"RMSNorm, gated MLP and RoPE (heads of {HEAD_DIM}) of one decoder layer on {dev['name']}, bf16, forward + "
+        "backward (gradients of the inputs and every weight) and the norm and MLP forwards without gradients; torch "
+        f"{meta['versions']['torch']}, triton "
         f"{meta['versions']['triton']}, transformers {meta['versions']['transformers']}. Median of {meta['repeats']} "
         "(min–max) ms after warm-up; extra peak: max_memory_allocated above inputs, parameters and gradients.",
         "",
