@@ -352,6 +352,8 @@ def _layer_activations(step: _Step) -> int:
     lean_mlp = lean and "down_proj" not in step.lora_targets
     if lean:  # each RMSNorm keeps its input: the first norm's is the checkpointed layer input when checkpointing
         saved = b * n * h * (2 - step.checkpointing) + b * n * (s.q + s.kv) * s.qk_norm
+        if step.device == "cuda":  # the norm kernels' fp32 rsqrt per row (fastdpo.ops.rms_norm)
+            saved += 4 * n * (2 + (s.heads + s.kv_heads) * s.qk_norm)
     else:  # RMSNorms: fp32 input, rsqrt; normalized if trained
         saved = 2 * (4 * n * h + 4 * n + b * n * h * step.full) + (4 + b * step.full) * n * (s.q + s.kv) * s.qk_norm
     key_width = s.q if step.sdpa and s.kv_heads < s.heads else s.kv  # masked sdpa: k, v repeated to every head
@@ -375,8 +377,10 @@ def _mlp_backward(step: _Step) -> int:
     The model's own MLP: two ``[N, I]`` beyond what its forward saved (``2bNI``). The lean
     MLP (``fastdpo.model.lean``) works on blocks of ``lean.MLP_CHUNK_ELEMENTS // I`` tokens and writes the gradients of
     gate and up over them: two blocks at a time (act(gate) and the product, then act(gate) and the product's
-    gradient); with several blocks, down_proj's weight gradient accumulates in fp32 (``4HI``), and on a CPU a bf16
-    block's product and incoming gradient are upcast for it.
+    gradient), one on CUDA (the SiLU kernels form the product, then take the product's gradient, one after the
+    other; SiLU assumed, as in every Llama-layout family but Gemma's); with several blocks, down_proj's weight
+    gradient accumulates in fp32 (``4HI``), and on a CPU a bf16 block's product and incoming gradient are upcast for
+    it.
     """
     s, n, b = step.shape, step.tokens, step.bytes
     i = s.intermediate
@@ -385,8 +389,9 @@ def _mlp_backward(step: _Step) -> int:
     rows = min(n, max(1, lean.MLP_CHUNK_ELEMENTS // i))
     trained = step.full  # down_proj's weight: only full training gives it a gradient (LoRA leaves it alone here)
     accumulated = rows < n and trained
-    upcast = 4 * rows * (i + s.hidden) * (accumulated and b != 4 and step.device != "cuda")  # product, gradient
-    return 2 * b * rows * i + (4 * s.hidden * i + upcast) * accumulated
+    cuda = step.device == "cuda"
+    upcast = 4 * rows * (i + s.hidden) * (accumulated and b != 4 and not cuda)  # product, gradient
+    return (1 if cuda else 2) * b * rows * i + (4 * s.hidden * i + upcast) * accumulated
 
 
 def _phases(step: _Step, persistent: dict[str, int], gradients: int, weights: int) -> dict[str, dict[str, int]]:
