@@ -7,7 +7,7 @@ completions of 5–200, seeded) tokenized by the locally trained tiny tokenizer.
 (``bf16=False``) and otherwise their defaults (gradient checkpointing on, max_length 1024), each in its own
 process. Timed: ``trainer.train()`` only (setup and tokenization excluded and reported). Tokens are counted the
 same way for both: the ``num_tokens`` both trainers log (every real token of every sequence). Peak RSS is the
-whole process, measured from a baseline taken after setup. Results: bench/results/dpo_cpu.{json,md}.
+whole process, measured from a baseline taken after setup. Results: bench/results/dpo_cpu.{json,md,png}.
 
 Useful FLOP/s: each worker records the real length of every sequence and the number of scored positions (whose
 next token is a completion token) of every step it trains on; ``bench.flops.dpo_step_flops`` turns them into the
@@ -30,6 +30,7 @@ import torch
 from bench.data_cpu import WORDS
 from bench.flops import ModelShape, StepFlops, dpo_step_flops, gemm_rates, gemm_shapes
 from bench.head_cpu import _cpu_name, _versions
+from bench.plots import bar_panels
 from fastdpo.atomic import atomic_write
 from fastdpo.profiling import peak_rss, reset_peak_rss, run_measured
 
@@ -209,8 +210,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gemm-tokens", type=int, default=4096, help="rows of the timed GEMMs (a step's tokens)")
     parser.add_argument("--gemm-repeats", type=int, default=5)
     parser.add_argument("--worker", choices=(*ENGINES, *OPTION_ENGINES, "gemm"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for dpo_cpu.{json,md}")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for dpo_cpu.{json,md,png}")
+    parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/dpo_cpu.png from its json")
     args = parser.parse_args(argv)
+    if args.render:
+        render(args.render)
+        return
     if args.worker:
         print(json.dumps(_gemm_worker(args) if args.worker == "gemm" else _worker(args)))
         return
@@ -235,7 +240,29 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write(args.out / "dpo_cpu.json", json.dumps({"meta": meta, "gemm": runs["gemm"], "results": results},
                                                        indent=1))  # fmt: skip
     atomic_write(args.out / "dpo_cpu.md", text)
+    _plot(meta, results, args.out / "dpo_cpu.png")
     print(text)
+
+
+def _plot(meta: dict, results: list[dict], path: Path) -> None:
+    """tokens/s and peak extra RSS per engine (TRL's dashed)."""
+    names = [r["engine"] for r in results]
+    rates = [r["num_tokens"] / r["train_s"] for r in results]
+    peaks = [r["peak_extra_bytes"] / 2**20 for r in results]
+    title = (f"DPO end to end, tiny Llama (H=256, 4 layers, V=32000) fp32, batch {meta['batch']} pairs, "
+             f"{meta['steps']} steps, {meta['cpu']}, {meta['threads']} threads (dashed: TRL)")  # fmt: skip
+    bar_panels(path, title, [
+        {"title": "tokens/s", "labels": names, "values": rates, "unit": "real tokens per second, train()",
+         "reference": rates[0]},
+        {"title": "peak memory", "labels": names, "values": peaks, "unit": "peak extra RSS, MiB", "color": "tab:orange",
+         "reference": peaks[0]},
+    ])  # fmt: skip
+
+
+def render(folder: Path) -> None:
+    """Draw ``dpo_cpu.png`` from a stored ``dpo_cpu.json`` (its md, written by the run, stays as it is)."""
+    stored = json.loads((folder / "dpo_cpu.json").read_text())
+    _plot(stored["meta"], stored["results"], folder / "dpo_cpu.png")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ for their backward (``lean_activations``). Measured:
   the scored positions; no recomputation or padding) of steps 2..N over their time, and that as a share of this
   device's bf16 GEMM rate, measured in its own process (``torch.mm`` 8192³, median of 20).
 
-Results: ``<out>/dpo_gpu.{json,md}``. ``--device cpu --model tiny`` runs the same code on a CPU (a smoke test).
+Results: ``<out>/dpo_gpu.{json,md,png}``; ``--render DIR`` draws a stored run's png from its json.
+``--device cpu --model tiny`` runs the same code on a CPU (a smoke test).
 
 ``--profile`` instead runs each engine under ``torch.profiler`` for two steps after two unrecorded ones and writes
 ``<out>/dpo_gpu_profile.md``: per engine, the device's busy time (the union of its kernels' intervals) against the
@@ -55,6 +56,7 @@ import torch
 from bench.data_cpu import WORDS
 from bench.dpo_cpu import engine_trainer, record_lengths
 from bench.flops import ModelShape, StepFlops, dpo_step_flops
+from bench.plots import bar_panels
 from fastdpo.atomic import atomic_write
 from fastdpo.profiling import run_measured
 
@@ -335,7 +337,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", choices=(*ENGINES, "gemm"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device name>")
     parser.add_argument("--profile", action="store_true", help="profile two steps per engine (see the docstring)")
+    parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/dpo_gpu.png from its json")
     args = parser.parse_args(argv)
+    if args.render:
+        render(args.render)
+        return
     if args.profile and args.steps < PROFILE_SKIP + PROFILE_ACTIVE:
         parser.error(f"--profile records steps {PROFILE_SKIP + 1}-{PROFILE_SKIP + PROFILE_ACTIVE}: give --steps of at "
                      f"least {PROFILE_SKIP + PROFILE_ACTIVE}")  # fmt: skip
@@ -392,6 +398,35 @@ def _run(command: list[str], timeout: float) -> dict:
 def _write(out: Path, meta: dict, gemm: dict | None, results: dict[str, list[dict]]) -> None:
     atomic_write(out / "dpo_gpu.json", json.dumps({"meta": meta, "gemm": gemm, "results": results}, indent=1))
     atomic_write(out / "dpo_gpu.md", _table(meta, gemm, results))
+    _plot(meta, results, out / "dpo_gpu.png")
+
+
+def _plot(meta: dict, results: dict[str, list[dict]], path: Path) -> None:
+    """tokens/s and peak memory per engine, a pair of panels per data set; TRL's value dashed."""
+    panels = []
+    for data, rows in results.items():
+        done = [r for r in rows if "tokens_per_s" in r]
+        if not done:
+            continue
+        base = next((r for r in done if r["engine"] == "trl"), None)
+        names = [r["engine"] for r in done]
+        base_peak = base and base["peak_bytes"] / 2**30
+        panels += [
+            {"title": f"{data}: tokens/s", "labels": names, "values": [r["tokens_per_s"] for r in done],
+             "unit": "real tokens per second, steps 2..N", "reference": base and base["tokens_per_s"]},
+            {"title": f"{data}: peak memory", "labels": names, "values": [r["peak_bytes"] / 2**30 for r in done],
+             "unit": "max_memory_allocated, GiB", "color": "tab:orange", "reference": base_peak},
+        ]  # fmt: skip
+    if panels:
+        title = (f"DPO end to end on {meta['device']['name']}, model {meta['model']}, {meta['dtype']}, batch "
+                 f"{meta['batch']} pairs, {meta['steps']} steps (dashed: TRL)")  # fmt: skip
+        bar_panels(path, title, panels, columns=2)
+
+
+def render(folder: Path) -> None:
+    """Draw ``dpo_gpu.png`` of a stored run from its ``dpo_gpu.json`` (no GPU needed; the run's md stays as it is)."""
+    stored = json.loads((folder / "dpo_gpu.json").read_text())
+    _plot(stored["meta"], stored["results"], folder / "dpo_gpu.png")
 
 
 if __name__ == "__main__":

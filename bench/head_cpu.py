@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bench.plots import bar_panels
 from fastdpo.atomic import atomic_open, atomic_write
 from fastdpo.profiling import peak_rss, reset_peak_rss, run_measured
 
@@ -202,24 +203,17 @@ def _table(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(results: list[dict], meta: dict, path: Path) -> None:
     done = [r for r in results if "times" in r]
     names = [r["variant"] for r in done]
-    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax_time.barh(names, [statistics.median(r["times"]) for r in done], color="tab:blue")
-    ax_time.set_xlabel("fwd+bwd seconds (median)")
-    ax_mem.barh(names, [r["extra_bytes"] / 2**20 for r in done], color="tab:orange")
-    ax_mem.set_xlabel("extra peak RSS, MiB")
-    ax_mem.set_yticklabels([])
-    fig.tight_layout()
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=110)
-    plt.close(fig)
+    title = (f"Head op fwd+bwd, N={meta['tokens']} H={meta['hidden']} V={meta['vocab']} fp32, {meta['cpu']}, "
+             f"{meta['threads']} threads, median of {meta['repeats']}")  # fmt: skip
+    bar_panels(path, title, [
+        {"title": "time", "labels": names, "values": [statistics.median(r["times"]) for r in done],
+         "errors": [(min(r["times"]), max(r["times"])) for r in done], "unit": "seconds, median (min–max)"},
+        {"title": "memory", "labels": names, "values": [r["extra_bytes"] / 2**20 for r in done],
+         "unit": "extra peak RSS, MiB", "color": "tab:orange"},
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{max(r['times']):.4f}", f"{r['extra_bytes'] / 2**20:.1f}", f"{r['first_call_s']:.2f}",
                 ])  # fmt: skip
     atomic_write(args.out / "head_cpu.md", table)
-    _plot(results, args.out / "head_cpu.png")
+    _plot(results, meta, args.out / "head_cpu.png")
     print(table)
 
 

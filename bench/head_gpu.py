@@ -11,7 +11,8 @@ gradients every variant must return. The yardstick is the 4 GEMMs of forward + r
 (h@W.T twice, dz@W, dz.T@h) through cuBLAS on the same device, 8·N·H·V FLOPs: ``vs GEMMs`` is the variant's time
 over theirs, and TFLOP/s counts those 8·N·H·V FLOPs for every variant. Logits are scaled to a standard deviation
 of ``--logit-std`` so that the softmax is peaked, as in a trained model, which is what gradient filtering
-exploits. Results: ``<out>/head_gpu.{json,csv,md}`` with the device, driver and library versions.
+exploits. Results: ``<out>/head_gpu.{json,csv,md,png}`` with the device, driver and library versions (``--render DIR``
+draws a stored run's png from its json).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from bench.plots import bar_panels, timing_panel
 from fastdpo.atomic import atomic_open, atomic_write
 
 RESULTS = Path(__file__).parent / "results"
@@ -265,7 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device name>")
+    parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/head_gpu.png from its json")
     args = parser.parse_args(argv)
+    if args.render:
+        render(args.render)
+        return
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (the CPU benchmark is python -m bench.head_cpu)")
     device = _device()
@@ -291,6 +297,25 @@ def _write(out: Path, results: list[dict], meta: dict) -> None:
             writer.writerow([r["tokens"], r["hidden"], r["vocab"], r["variant"], *stats, r.get("extra_bytes", ""),
                              r.get("error", "")])  # fmt: skip
     atomic_write(out / "head_gpu.md", _table(results, meta))
+    _plot(results, meta, out / "head_gpu.png")
+
+
+def _plot(results: list[dict], meta: dict, path: Path) -> None:
+    """ms per variant, a panel per shape; the 4 GEMMs' time dashed."""
+    groups = itertools.groupby(results, key=lambda r: (r["tokens"], r["hidden"], r["vocab"]))
+    panels = [timing_panel(f"N={n} H={h} V={v}", list(rows), "gemms_4") for (n, h, v), rows in groups]
+    if any(panels):
+        dev = meta["device"]
+        title = (f"Head op fwd+bwd on {dev['name']}, {meta['dtype']}, median of {meta['repeats']} "
+                 "(dashed: the 4 GEMMs of forward, recompute and backward)")  # fmt: skip
+        bar_panels(path, title, [p for p in panels if p], columns=4)
+
+
+def render(folder: Path) -> None:
+    """Draw ``head_gpu.png`` of a stored run from its ``head_gpu.json`` (no GPU needed; its csv and md, written by
+    the run, stay as they are: their labels are the variants' of that run's code)."""
+    stored = json.loads((folder / "head_gpu.json").read_text())
+    _plot(stored["results"], stored["meta"], folder / "head_gpu.png")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Variants, each on the same bf16 inputs and modules (transformers' ``LlamaRMSNorm
 For each: the norm alone, the MLP alone and RoPE alone, forward + backward with gradients for the inputs and every
 weight, and the norm and MLP forwards without gradients (what a reference pass runs). Median of ``repeats``
 (min–max) after three warm-up calls, each timed between two device synchronizations; the extra peak is
-``max_memory_allocated`` above the inputs, parameters and their gradients. Results: ``<out>/layers_gpu.{json,md}``
+``max_memory_allocated`` above the inputs, parameters and their gradients. Results: ``<out>/layers_gpu.{json,md,png}``
 (default ``bench/results/<device>/``). ``--device cpu`` runs the same code on a CPU with no memory figure (a smoke
 test: the kernels are GPU-only).
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import statistics
 import sys
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from bench.head_gpu import RESULTS, _device, _versions, ms_cell
+from bench.plots import bar_panels, timing_panel
 from fastdpo.atomic import atomic_write
 
 VARIANTS = {
@@ -192,7 +194,17 @@ def main(argv: list[str] | None = None) -> None:
         results += run_shape(n, args.hidden, args.intermediate, args, device)
         atomic_write(out / "layers_gpu.json", json.dumps({"meta": meta, "results": results}, indent=1))
         atomic_write(out / "layers_gpu.md", _table(results, meta))
+        _plot(results, meta, out / "layers_gpu.png")
     print(_table(results, meta))
+
+
+def _plot(results: list[dict], meta: dict, path: Path) -> None:
+    """ms per variant, a panel per token count and part (transformers' own dashed)."""
+    groups = itertools.groupby(results, key=lambda r: (r["tokens"], r["part"]))
+    panels = [timing_panel(f"N={n}: {part}", list(rows), "own") for (n, part), rows in groups]
+    if any(panels):
+        title = f"One decoder layer's parts on {meta['device']['name']}, bf16 (dashed: transformers' own)"
+        bar_panels(path, title, [p for p in panels if p], columns=len(PARTS))
 
 
 if __name__ == "__main__":

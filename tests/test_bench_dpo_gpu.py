@@ -33,3 +33,4 @@ def test_lean_engine_trains_with_its_options(tmp_path):
     name = re.escape(dpo_gpu.ENGINES["fastdpo_lean"])
     row = re.search(rf"\| short \| {name} \| ([\d,]+) \|", report)
     assert row and int(row[1].replace(",", "")) > 0, report
+    assert (tmp_path / "dpo_gpu.png").read_bytes().startswith(b"\x89PNG")  # its chart beside the table

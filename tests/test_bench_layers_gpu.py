@@ -15,3 +15,4 @@ def test_every_part_and_variant_is_measured(tmp_path):
     assert all("error" not in r and len(r["times"]) == 2 and min(r["times"]) > 0 for r in results), results
     table = (tmp_path / "layers_gpu.md").read_text()
     assert table.count("| 37 | 32 | 96 |") == len(results) and "n/a (CPU)" in table
+    assert (tmp_path / "layers_gpu.png").read_bytes().startswith(b"\x89PNG")

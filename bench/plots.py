@@ -1,0 +1,87 @@
+"""The benchmarks' charts: horizontal bars, one panel per measured quantity, drawn from the results themselves.
+
+Every ``bench/results/**/<name>.png`` is drawn by the module that writes ``<name>.json`` beside it, from the same
+rows as its markdown table; ``--render DIR`` of ``bench.dpo_gpu`` and ``bench.head_gpu`` redraws a stored GPU run's
+files on any machine. matplotlib is a development dependency; where it is missing (a GPU image) the chart is skipped
+with a note, after the json and markdown are written.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+from fastdpo.atomic import atomic_open
+
+
+def bar_panels(path: Path, title: str, panels: list[dict], *, columns: int = 4, label_width: float = 3.2) -> bool:
+    """Draw ``panels`` side by side (``columns`` to a row) into ``path``; returns whether it was drawn.
+
+    A panel is ``{"title": str, "labels": [str], "values": [float], "unit": str}`` plus optionally ``"errors"``
+    (``[(low, high)]`` around each value, e.g. min and max of repeats) and ``"reference"`` (a value marked with a
+    dashed line, e.g. a baseline's). Bars run top to bottom in the order given, each annotated with its value.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"{path.name}: matplotlib is not installed here: no chart (its json and md are written)", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = max(len(p["labels"]) for p in panels)
+    across = min(columns, len(panels))
+    down = -(-len(panels) // across)
+    fig, axes = plt.subplots(down, across, figsize=(label_width + 3.6 * across, down * max(2.2, 0.9 + 0.34 * bars)),
+                             squeeze=False)  # fmt: skip
+    for index, ax in enumerate(axes.flat):
+        if index >= len(panels):
+            ax.set_visible(False)
+            continue
+        panel = panels[index]
+        positions = list(range(len(panel["values"])))[::-1]
+        errors = panel.get("errors")
+        xerr = None
+        if errors:
+            xerr = [[v - low for v, (low, _) in zip(panel["values"], errors, strict=True)],
+                    [high - v for v, (_, high) in zip(panel["values"], errors, strict=True)]]  # fmt: skip
+        ax.barh(positions, panel["values"], xerr=xerr, color=panel.get("color", "tab:blue"), capsize=2)
+        first = index % across == 0  # labels on the first panel of each row
+        ax.set_yticks(positions, panel["labels"] if first else [""] * len(positions), fontsize=8)
+        ax.set_title(panel["title"], fontsize=9)
+        ax.set_xlabel(panel["unit"], fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        if panel.get("reference") is not None:
+            ax.axvline(panel["reference"], color="0.4", linestyle="--", linewidth=0.8)
+        peak = max([*panel["values"], *(high for _, high in errors or [])], default=0)
+        ends = [high for _, high in errors] if errors else panel["values"]  # past the error bar
+        for y, value, end in zip(positions, panel["values"], ends, strict=True):
+            ax.text(end + 0.01 * peak, y, _number(value), va="center", fontsize=7)
+        ax.set_xlim(0, 1.18 * peak if peak > 0 else 1)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def timing_panel(title: str, rows: list[dict], baseline: str) -> dict | None:
+    """A panel of the rows' timings (``times`` in seconds, per ``variant``) in ms, median with min–max, the
+    ``baseline`` variant's median dashed; None when no row has timings (every variant failed)."""
+    done = [r for r in rows if "times" in r]
+    base = next((r for r in done if r["variant"] == baseline), None)
+    if not done:
+        return None
+    return {"title": title, "labels": [r["variant"] for r in done],
+            "values": [statistics.median(r["times"]) * 1e3 for r in done],
+            "errors": [(min(r["times"]) * 1e3, max(r["times"]) * 1e3) for r in done], "unit": "ms, median (min–max)",
+            "reference": base and statistics.median(base["times"]) * 1e3}  # fmt: skip
+
+
+def _number(value: float) -> str:
+    """A bar's value as the tables print such numbers: three significant digits, thousands separated."""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
