@@ -18,37 +18,35 @@ from torch import Tensor
 from fastdpo.kernels import triton_available
 
 
+def _kernels():
+    from fastdpo.kernels import rms_norm  # imports triton: only where the kernels run
+
+    return rms_norm
+
+
 def fused_norm_applies(x: Tensor, weight: Tensor) -> bool:
     """Whether ``rms_norm`` runs on these tensors here: CUDA, Triton installed, dtypes and width the kernels take."""
     if not (x.is_cuda and weight.is_cuda and triton_available()):
         return False
-    from fastdpo.kernels import rms_norm as kernels
-
-    return kernels.supports(x, weight)
+    return _kernels().supports(x, weight)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """The Llama-form RMSNorm of ``x`` ``[..., H]`` with ``weight`` ``[H]`` (output dtype: the wider of the two)."""
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
-        from fastdpo.kernels import rms_norm as kernels
-
-        return kernels.forward(x, weight, eps)[0]
+        return _kernels().forward(x, weight, eps)[0]
     return _RMSNorm.apply(x, weight, eps)
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        from fastdpo.kernels import rms_norm as kernels
-
-        out, rstd = kernels.forward(x, weight, eps)
+        out, rstd = _kernels().forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        from fastdpo.kernels import rms_norm as kernels
-
         x, weight, rstd = ctx.saved_tensors
-        grad_x, grad_weight = kernels.backward(grad, x, weight, rstd, want_weight=ctx.needs_input_grad[1])
+        grad_x, grad_weight = _kernels().backward(grad, x, weight, rstd, want_weight=ctx.needs_input_grad[1])
         return grad_x if ctx.needs_input_grad[0] else None, grad_weight, None
