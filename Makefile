@@ -6,11 +6,10 @@ BIN := $(VENV)/bin
 .PHONY: quickstart demo test lint bench-cpu gpu-wheels kernel-report clean
 
 # torch goes first and pinned: a bare `torch` resolved by pip among the other dependencies pulls a multi-GB CUDA build.
-# --no-compile: Python compiles a module's bytecode when it is first imported, only those used (saves ~30 s here).
 $(VENV)/.installed: pyproject.toml setup.py csrc/packer.cpp
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --no-compile torch==2.13.0
-	$(BIN)/pip install --no-compile -e '.[dev]'
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
 # SFT then DPO of a tiny model on the built-in task, and the before/after report (writes runs/quickstart/)
