@@ -25,9 +25,10 @@ lint: $(VENV)/.installed
 
 # pytest exits 5 when it collects no tests; make treats that, like any non-zero exit, as a failure.
 # Triton reads TRITON_INTERPRET when it decorates kernels, so the interpreter tests get their own process.
+# --durations: the slowest tests in every log, to watch the suite's time.
 test: lint
-	$(BIN)/python -m pytest -m "not interpreter"
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m interpreter
+	$(BIN)/python -m pytest -m "not interpreter" --durations=30
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m interpreter --durations=5
 
 bench-cpu: $(VENV)/.installed
 	$(BIN)/python -m bench.head_cpu
