@@ -101,11 +101,21 @@ def _prompt_ids(tokenizer, prompt, limit: int) -> tuple[list[int], bool]:
 
 @torch.no_grad()
 def _generate(model, ids: list[int], *, max_new_tokens: int, eos: int, sample: bool, generator=None) -> list[int]:
+    """Up to ``max_new_tokens`` after ``ids``, greedy or sampled (on the CPU generator), with the model's KV cache
+    where it returns one (each step then runs the new token only), else the whole sequence again at every step."""
     device = next(model.parameters()).device
-    current = torch.tensor([ids], device=device)
     out: list[int] = []
+    cache = None  # (keyword, cache): "cache" in transformers ≥ 5.x's renaming, "past_key_values" before it
     for _ in range(max_new_tokens):
-        logits = model(input_ids=current).logits[0, -1].float()
+        if cache is None:
+            output = model(input_ids=torch.tensor([ids + out], device=device), use_cache=not out)
+            if not out:
+                cache = next(((name, getattr(output, name)) for name in ("cache", "past_key_values")
+                              if getattr(output, name, None) is not None), None)  # fmt: skip
+        else:
+            output = model(input_ids=torch.tensor([out[-1:]], device=device), use_cache=True, **{cache[0]: cache[1]})
+            cache = (cache[0], getattr(output, cache[0]))  # the same object, or a new one (a legacy tuple cache)
+        logits = output.logits[0, -1].float()
         if sample:
             token = int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
         else:
@@ -113,7 +123,6 @@ def _generate(model, ids: list[int], *, max_new_tokens: int, eos: int, sample: b
         out.append(token)
         if token == eos:
             break
-        current = torch.cat([current, torch.tensor([[token]], device=device)], dim=1)
     return out
 
 
