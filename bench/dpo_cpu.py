@@ -38,7 +38,15 @@ RESULTS = Path(__file__).parent / "results"
 # fastdpo.trl: TRL's script with only the import changed; fastdpo_varlen: packed_attention="varlen" (each sequence
 # attends only to itself, one row per batch) against the default's sdpa over rows of the longest sequence
 ENGINES = ("trl", "fastdpo", "fastdpo_varlen", "fastdpo.trl")
-OPTION_ENGINES = ("fastdpo_leanact", "fastdpo_lean")  # fastdpo with memory options: for workers (A/B) and dpo_gpu
+FASTDPO_OPTIONS = {  # fastdpo's engines: the DPOConfig options each sets (the rest at their defaults)
+    "fastdpo": {},
+    "fastdpo_varlen": {"packed_attention": "varlen"},
+    "fastdpo_leanact": {"lean_activations": True},
+    "fastdpo_varlen_leanact": {"packed_attention": "varlen", "lean_activations": True},
+    # and the reference and the saved activations in host memory
+    "fastdpo_lean": {"lean_activations": True, "ref_offload": True, "activation_offloading": True},
+}
+OPTION_ENGINES = tuple(e for e in FASTDPO_OPTIONS if e not in ENGINES)  # for workers (A/B runs) and dpo_gpu
 MODEL = {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}  # fmt: skip
 
@@ -76,18 +84,13 @@ def build_trainer(engine: str, *, pairs: int, batch: int, steps: int, threads: i
 
 
 def engine_trainer(engine: str, policy, reference, dataset, tokenizer, common: dict):
-    """The trainer of ``engine`` (this module's ``ENGINES`` and ``OPTION_ENGINES``, and bench/dpo_gpu.py's
+    """The trainer of ``engine`` (this module's ``ENGINES`` and ``FASTDPO_OPTIONS``, and bench/dpo_gpu.py's
     ``trl_precompute`` and ``trl_liger``) with the config fields ``common``: TRL's DPOTrainer and DPOConfig at their
     defaults otherwise, fastdpo's, or TRL's script with only the import changed (``fastdpo.trl``)."""
-    if engine in ("fastdpo", "fastdpo_varlen", "fastdpo_leanact", "fastdpo_lean"):
+    if engine in FASTDPO_OPTIONS:
         from fastdpo.train import DPOConfig, DPOTrainer
 
-        options = {"packed_attention": "varlen" if engine == "fastdpo_varlen" else "auto"}
-        if engine in ("fastdpo_leanact", "fastdpo_lean"):
-            options["lean_activations"] = True
-        if engine == "fastdpo_lean":  # and the reference and the saved activations in host memory
-            options.update(ref_offload=True, activation_offloading=True)
-        return DPOTrainer(policy, ref_model=reference, args=DPOConfig(**common, **options),
+        return DPOTrainer(policy, ref_model=reference, args=DPOConfig(**common, **FASTDPO_OPTIONS[engine]),
                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
     import trl
 

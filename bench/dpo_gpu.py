@@ -18,7 +18,9 @@ max_length 1024, AdamW), batch ``--batch`` pairs, the same seed (so the same pai
 with options (``ENGINES``) differ from their trainer's defaults in those options only. ``fastdpo_lean`` is the
 least memory fastdpo offers without changing the training: the reference's weights and the policy's checkpointed
 activations wait in host memory, each on the device only while needed, and the policy's norms and MLPs keep less
-for their backward (``lean_activations``). Measured:
+for their backward (``lean_activations``). ``fastdpo_varlen_leanact`` is the candidate for speed and memory together:
+each sequence attending only to itself in torch's flash varlen kernel, and the lean layers with their Triton
+kernels (norms, SiLU products, RoPE). Measured:
 
 - ``first step s``: from ``train()`` to the end of the first optimizer step (kernel compilation, cuBLAS handles,
   TRL's reference precomputation);
@@ -66,6 +68,7 @@ ENGINES = {  # in the order they run: a run cut short keeps the first
     "fastdpo": "fastdpo DPOTrainer",
     "fastdpo_varlen": "fastdpo DPOTrainer, packed_attention='varlen'",
     "fastdpo_leanact": "fastdpo DPOTrainer, lean_activations",
+    "fastdpo_varlen_leanact": "fastdpo DPOTrainer, packed_attention='varlen', lean_activations",
     "fastdpo_lean": "fastdpo DPOTrainer, ref_offload, activation_offloading, lean_activations",
     "fastdpo.trl": "fastdpo.trl drop-in (TRL's script, one import changed)",
     "trl_precompute": "TRL, precompute_ref_log_probs=True",

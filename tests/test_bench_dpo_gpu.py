@@ -25,12 +25,14 @@ def test_profile_needs_the_steps_it_records(capsys):
     assert "--steps of at least 4" in capsys.readouterr().err
 
 
-def test_lean_engine_trains_with_its_options(tmp_path):
-    # the lowest-memory fastdpo engine builds and trains (its GPU memory is what the GPU run measures)
-    dpo_gpu.main(["--device", "cpu", "--model", "tiny", "--engines", "fastdpo_lean", "--data", "short",
+@pytest.mark.parametrize("engine", ["fastdpo_lean", "fastdpo_varlen_leanact"])
+def test_option_engines_train_with_their_options(tmp_path, engine):
+    # the lowest-memory fastdpo engine and the speed-and-memory candidate build and train (their GPU time and memory
+    # are what the GPU run measures)
+    dpo_gpu.main(["--device", "cpu", "--model", "tiny", "--engines", engine, "--data", "short",
                   "--pairs", "4", "--batch", "2", "--steps", "2", "--out", str(tmp_path)])  # fmt: skip
     report = (tmp_path / "dpo_gpu.md").read_text()
-    name = re.escape(dpo_gpu.ENGINES["fastdpo_lean"])
+    name = re.escape(dpo_gpu.ENGINES[engine])
     row = re.search(rf"\| short \| {name} \| ([\d,]+) \|", report)
     assert row and int(row[1].replace(",", "")) > 0, report
     assert (tmp_path / "dpo_gpu.png").read_bytes().startswith(b"\x89PNG")  # its chart beside the table
