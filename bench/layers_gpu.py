@@ -82,6 +82,8 @@ def _call(part: str, layer: dict):
 def _measure(part: str, layer: dict, repeats: int, device: torch.device) -> dict:
     norm, mlp = layer["norm"], layer["mlp"]
     params = [layer["x"], layer["q"], layer["k"], *norm.parameters(), *mlp.parameters()]
+    trained = {"norm": [layer["x"], *norm.parameters()], "mlp": [layer["x"], *mlp.parameters()],
+               "rope": [layer["q"], layer["k"]]}.get(part, [])  # what gets a gradient in this part  # fmt: skip
 
     def clear():
         for p in params:
@@ -94,7 +96,7 @@ def _measure(part: str, layer: dict, repeats: int, device: torch.device) -> dict
     clear()
     if cuda:
         torch.cuda.synchronize()
-        gradients = 0 if part.endswith("no grad") else sum(p.nbytes for p in params)  # the gradients to come
+        gradients = sum(p.nbytes for p in trained)  # the gradients to come
         base = torch.cuda.memory_allocated() + gradients
         torch.cuda.reset_peak_memory_stats()
     times = []
