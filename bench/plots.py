@@ -1,9 +1,10 @@
 """The benchmarks' charts: horizontal bars, one panel per measured quantity, drawn from the results themselves.
 
 Every ``bench/results/**/<name>.png`` is drawn by the module that writes ``<name>.json`` beside it, from the same
-rows as its markdown table; ``--render DIR`` of ``bench.dpo_gpu`` and ``bench.head_gpu`` redraws a stored GPU run's
-files on any machine. matplotlib is a development dependency; where it is missing (a GPU image) the chart is skipped
-with a note, after the json and markdown are written.
+rows as its markdown table; ``--render DIR`` of ``bench.dpo_cpu``, ``bench.dpo_gpu`` and ``bench.head_gpu`` draws a
+stored run's chart from its json on any machine (the run's own md and csv stay as they are). matplotlib is a
+development dependency; where it is missing (a GPU image) the chart is skipped with a note, after the json and
+markdown are written.
 """
 
 from __future__ import annotations
