@@ -10,7 +10,7 @@ backward, gradient clipping, fused ``torch.optim.AdamW``, gradients set to None.
 transformers' (non-reentrant). The measured peak is the process's resident memory at its highest during the steps
 above its resident memory before the models were built; a warm-up step on a one-layer model first initializes the
 libraries (thread pools, kernels), and the construction's own transient peak is reset away. So it holds the
-weights, and everything the steps add. Results: bench/results/memory_cpu.{json,md}.
+weights, and everything the steps add. Results: bench/results/memory_cpu.{json,md,png}.
 
 The estimate is computed from the same config and batch (``device="cpu"``, ``pair_tokens`` of the batch);
 nothing in it is fitted to these measurements.
@@ -335,9 +335,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--estimates", action="store_true", help="only write memory_estimates.md (no measuring)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/memory_cpu.png from its json")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker), args.steps, args.threads)))
+        return
+    if args.render:
+        stored = json.loads((args.render / "memory_cpu.json").read_text())
+        _plot(stored["results"], stored["meta"], args.render / "memory_cpu.png")
         return
     from fastdpo.atomic import atomic_write
 
@@ -365,7 +370,25 @@ def main(argv: list[str] | None = None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out / "memory_cpu.json", json.dumps({"meta": meta, "results": results}, indent=1))
         atomic_write(args.out / "memory_cpu.md", text)
+        _plot(results, meta, args.out / "memory_cpu.png")
     print(text)
+
+
+def _plot(results: list[dict], meta: dict, path: Path) -> None:
+    """Measured peak, estimate and their ratio per configuration."""
+    from bench.plots import bar_panels
+
+    names = [r["name"] for r in results]
+    measured = [r["peak_bytes"] / 2**20 for r in results]
+    estimated = [r["estimate_bytes"] / 2**20 for r in results]
+    title = (f"Peak memory of DPO steps on {meta['cpu']} ({meta['threads']} threads): measured peak RSS against "
+             "fastdpo.estimate_memory")  # fmt: skip
+    bar_panels(path, title, [
+        {"title": "measured", "labels": names, "values": measured, "unit": "peak RSS above the start, MiB"},
+        {"title": "estimated", "labels": names, "values": estimated, "unit": "estimate, MiB", "color": "tab:orange"},
+        {"title": "estimate / measured", "labels": names, "values": [e / m for e, m in zip(estimated, measured,
+         strict=True)], "unit": "ratio (dashed: 1)", "color": "tab:green", "reference": 1.0},
+    ], columns=3, label_width=4.2)  # fmt: skip
 
 
 if __name__ == "__main__":

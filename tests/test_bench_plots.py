@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import dpo_cpu, dpo_gpu, head_gpu
+from bench import dpo_cpu, dpo_gpu, head_gpu, memory_cpu
 from bench.plots import bar_panels, timing_panel
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -44,7 +44,7 @@ def test_a_timing_panel_is_in_ms_with_the_baselines_median_dashed():
 @pytest.mark.parametrize(
     ("module", "stored", "name"),
     [(dpo_gpu, "NVIDIA_H200/run4/batch64", "dpo_gpu"), (head_gpu, "NVIDIA_H200/run5", "head_gpu"),
-     (dpo_cpu, ".", "dpo_cpu")],
+     (dpo_cpu, ".", "dpo_cpu"), (memory_cpu, ".", "memory_cpu")],
 )  # fmt: skip
 def test_render_draws_a_stored_runs_chart_from_its_json_and_leaves_its_table(tmp_path, module, stored, name):
     shutil.copy(RESULTS / stored / f"{name}.json", tmp_path)
