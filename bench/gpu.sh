@@ -58,7 +58,7 @@ step gpu_tests "${GPU_TEST_TIMEOUT:-150}" "$PY" -m pytest -m gpu -q -rA -p no:ca
     tests/test_kernels_gpu.py tests/test_offload.py tests/test_model_packed.py tests/test_attention.py \
     tests/test_lean.py
 tail -15 "$out/gpu_tests.log"
-# 1b. the lean layers' kernels against transformers' own norm and MLP (a few seconds)
+# 1b. the lean layers' kernels against transformers' own norm, MLP and RoPE (seconds)
 step layers_gpu "${GPU_LAYERS_TIMEOUT:-60}" "$PY" -m bench.layers_gpu --out "$out" ${GPU_LAYERS_ARGS:-}
 cat "$out/layers_gpu.md" 2>/dev/null
 # 2. the head op against its peers (results written after every shape)
