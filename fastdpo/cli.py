@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
                         "checker, edge-case prompts; markdown and HTML (fastdpo compare -h)")  # fmt: skip
     commands.add_parser("sweep", help="one DPO run per beta on a cached reference, compared on held-out pairs, "
                         "with a recommended beta (fastdpo sweep -h)")  # fmt: skip
-    env = commands.add_parser("env", help="versions, device, head implementation, C++ packer")
+    env = commands.add_parser("env", help="versions, device, head implementation per dtype, lean kernels, C++ packer")
     env.add_argument("--json", action="store_true")
     env.add_argument("--debug", action="store_true")
     data = commands.add_parser("data", help="check, filter, describe, pair and split preference data")
@@ -526,6 +526,19 @@ def _stats_table(stats: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------- env
 
 
+def _auto_heads(device: str) -> dict[str, str]:
+    """What ``impl="auto"`` of the head ops picks here for bf16 and fp32 inputs (the ops' own choice, asked)."""
+    import torch
+
+    from fastdpo.ops.linear_logprobs import _resolve_impl
+
+    picks = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        hidden, weight = torch.empty(1, 8, dtype=dtype, device=device), torch.empty(4, 8, dtype=dtype, device=device)
+        picks[name] = _resolve_impl("auto", hidden, weight)
+    return picks
+
+
 def _env(*, as_json: bool) -> str:
     import torch
 
@@ -544,19 +557,22 @@ def _env(*, as_json: bool) -> str:
         packer = True
     except ImportError:
         packer = False
-    triton_ok = versions["triton"] is not None and cuda
     info = {
         "versions": versions,
         "device": device,
         "cuda": cuda,
-        "head_impl_auto": "triton" if triton_ok else "torch",
+        "head_impl_auto": _auto_heads("cuda" if cuda else "cpu"),
+        "lean_kernels": cuda and versions["triton"] is not None,
         "cpp_packer": packer,
     }
     if as_json:
         return json.dumps(info, indent=1)
     lines = [f"{name:14s} {version or 'not installed'}" for name, version in versions.items()]
     built = "built" if packer else "not built (the Python packer gives the same bins)"
-    lines += [f"{'device':14s} {device}", f"{'head impl auto':14s} {info['head_impl_auto']}",
+    heads = ", ".join(f"{dtype} → {impl}" for dtype, impl in info["head_impl_auto"].items())
+    lean = ("Triton RMSNorm, SiLU product and RoPE kernels" if info["lean_kernels"]
+            else "the modules' own ops (the kernels need CUDA and Triton)")  # fmt: skip
+    lines += [f"{'device':14s} {device}", f"{'head impl auto':14s} {heads}", f"{'lean layers':14s} {lean}",
               f"{'C++ packer':14s} {built}"]  # fmt: skip
     return "\n".join(lines)
 
