@@ -218,6 +218,23 @@ def compile_norm(fn, constexprs: dict, num_warps: int, arch: int = 90):
     return _compile_source(fn, constexprs, kind, aligned, num_warps, arch)
 
 
+def swiglu_variants():
+    """(kernel, variant, fn, constexprs, num_warps) of the SiLU-gated product kernels (``swiglu``) on bf16 blocks."""
+    from . import swiglu
+
+    block = {"BLOCK": swiglu.BLOCK}
+    yield "swiglu product", "bf16", swiglu._product_kernel, block, swiglu.NUM_WARPS
+    for gate, up, name in ((True, True, "d_gate, d_up"), (True, False, "d_gate"), (False, True, "d_up")):
+        yield "swiglu gradients", f"bf16, {name}", swiglu._gradients_kernel, \
+            {**block, "WANT_GATE": gate, "WANT_UP": up}, swiglu.NUM_WARPS  # fmt: skip
+
+
+def compile_swiglu(fn, constexprs: dict, num_warps: int, arch: int = 90):
+    """Compile a SiLU-product kernel as the lean MLP runs it: bf16 gate, up and gradients, 16-aligned pointers and
+    element count (a block of tokens times I)."""
+    return _compile_source(fn, constexprs, lambda n: "*bf16" if n.endswith("_ptr") else "i32", ("n",), num_warps, arch)
+
+
 def rope_variants():
     """(kernel, variant, fn, constexprs, num_warps, table type) of the RoPE kernel (``rope``) on bf16 q and k heads:
     Llama-3.2-1B's (32 q / 8 k heads of 64) and Qwen2.5-7B's (28 / 4 of 128), forward and backward; and Llama's
@@ -275,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     reports = report(dtype, args.arch)
     reports += [inspect(compile_epilogue(fn, cx, args.arch), kernel, v) for kernel, v, fn, cx in epilogue_variants()]
     reports += [inspect(compile_norm(fn, cx, w, args.arch), kernel, v) for kernel, v, fn, cx, w in norm_variants()]
+    reports += [inspect(compile_swiglu(fn, cx, w, args.arch), kernel, v) for kernel, v, fn, cx, w in swiglu_variants()]
     for kernel, v, fn, cx, w, tables in rope_variants():
         reports.append(inspect(compile_rope(fn, cx, w, tables, args.arch), kernel, v))
     for r in reports:

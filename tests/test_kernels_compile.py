@@ -70,3 +70,14 @@ def test_rope_kernel_compiles_without_spills_fused_multiply_adds_or_narrow_acces
         ptx = compiled.asm["ptx"]
         assert not re.search(r"\bfma\.", ptx), f"{kernel} ({variant}): fused multiply-adds"
         assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, f"{kernel} ({variant}): not 16 bytes wide"
+
+
+def test_swiglu_kernels_compile_without_spills_and_with_16_byte_accesses():
+    # element-wise over [block, I] bf16 tensors: every load and store 16 bytes wide, nothing spilled
+    for kernel, variant, fn, constexprs, warps in compile_report.swiglu_variants():
+        compiled = compile_report.compile_swiglu(fn, constexprs, warps, arch=90)
+        r = compile_report.inspect(compiled, kernel, variant)
+        assert r.stack_bytes == 0 and r.local_loads == 0, r
+        ptx = compiled.asm["ptx"]
+        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, f"{kernel} ({variant}): not 16 bytes wide"
+        assert "ld.global.b16" not in ptx and "st.global.b16" not in ptx, f"{kernel} ({variant}): 2-byte accesses"
