@@ -46,15 +46,20 @@ def test_epilogue_kernels_compile_without_spills_and_with_16_byte_loads():
             assert "st.global.v4.b32" in compiled.asm["ptx"], f"{kernel} ({variant}): dz stores are not 16 bytes wide"
 
 
+def wide_and_unspilled(compiled, kernel: str, variant: str) -> str:
+    """Assert that a row or element-wise kernel spills nothing and loads and stores 16 bytes at a time; its PTX."""
+    r = compile_report.inspect(compiled, kernel, variant)
+    assert r.stack_bytes == 0 and r.local_loads == 0, r
+    ptx = compiled.asm["ptx"]
+    assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, f"{kernel} ({variant}): not 16 bytes wide"
+    return ptx
+
+
 def test_norm_kernels_compile_without_spills_and_with_16_byte_row_accesses():
     # one read of each bf16 row (and of its gradient): 16-byte loads and stores, nothing spilled, at H 2048, 4096
     # and the widest the kernels take (MAX_H)
     for kernel, variant, fn, constexprs, warps in compile_report.norm_variants():
-        compiled = compile_report.compile_norm(fn, constexprs, warps, arch=90)
-        r = compile_report.inspect(compiled, kernel, variant)
-        assert r.stack_bytes == 0 and r.local_loads == 0, r
-        ptx = compiled.asm["ptx"]
-        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, f"{kernel} ({variant}): not 16 bytes wide"
+        wide_and_unspilled(compile_report.compile_norm(fn, constexprs, warps, arch=90), kernel, variant)
 
 
 def test_rope_kernel_compiles_without_spills_fused_multiply_adds_or_narrow_accesses():
@@ -65,19 +70,12 @@ def test_rope_kernel_compiles_without_spills_fused_multiply_adds_or_narrow_acces
 
     for kernel, variant, fn, constexprs, warps, tables in compile_report.rope_variants():
         compiled = compile_report.compile_rope(fn, constexprs, warps, tables, arch=90)
-        r = compile_report.inspect(compiled, kernel, variant)
-        assert r.stack_bytes == 0 and r.local_loads == 0, r
-        ptx = compiled.asm["ptx"]
+        ptx = wide_and_unspilled(compiled, kernel, variant)
         assert not re.search(r"\bfma\.", ptx), f"{kernel} ({variant}): fused multiply-adds"
-        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, f"{kernel} ({variant}): not 16 bytes wide"
 
 
 def test_swiglu_kernels_compile_without_spills_and_with_16_byte_accesses():
     # element-wise over [block, I] bf16 tensors: every load and store 16 bytes wide, nothing spilled
     for kernel, variant, fn, constexprs, warps in compile_report.swiglu_variants():
-        compiled = compile_report.compile_swiglu(fn, constexprs, warps, arch=90)
-        r = compile_report.inspect(compiled, kernel, variant)
-        assert r.stack_bytes == 0 and r.local_loads == 0, r
-        ptx = compiled.asm["ptx"]
-        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, f"{kernel} ({variant}): not 16 bytes wide"
+        ptx = wide_and_unspilled(compile_report.compile_swiglu(fn, constexprs, warps, arch=90), kernel, variant)
         assert "ld.global.b16" not in ptx and "st.global.b16" not in ptx, f"{kernel} ({variant}): 2-byte accesses"
