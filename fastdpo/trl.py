@@ -80,19 +80,21 @@ _LEAN_HELP = "RMSNorms and gated MLPs that keep less for the backward, same grad
 
 
 @dataclasses.dataclass
-class DPOConfig(trl.DPOConfig):
-    """``trl.DPOConfig`` with fastdpo's ``packed_attention`` and ``lean_activations`` (as ``fastdpo.DPOConfig``'s)."""
+class _StepOptions:
+    """fastdpo's two step options, added to TRL's configs below."""
 
     packed_attention: str = dataclasses.field(default="auto", metadata={"help": _PACKED_ATTENTION_HELP})
     lean_activations: bool = dataclasses.field(default=False, metadata={"help": _LEAN_HELP})
 
 
 @dataclasses.dataclass
-class SFTConfig(trl.SFTConfig):
-    """``trl.SFTConfig`` with fastdpo's ``packed_attention`` and ``lean_activations`` (as ``fastdpo.SFTConfig``'s)."""
+class DPOConfig(_StepOptions, trl.DPOConfig):
+    """``trl.DPOConfig`` with fastdpo's ``packed_attention`` and ``lean_activations`` (as ``fastdpo.DPOConfig``'s)."""
 
-    packed_attention: str = dataclasses.field(default="auto", metadata={"help": _PACKED_ATTENTION_HELP})
-    lean_activations: bool = dataclasses.field(default=False, metadata={"help": _LEAN_HELP})
+
+@dataclasses.dataclass
+class SFTConfig(_StepOptions, trl.SFTConfig):
+    """``trl.SFTConfig`` with fastdpo's ``packed_attention`` and ``lean_activations`` (as ``fastdpo.SFTConfig``'s)."""
 
 
 def _attention_of(args) -> str | None:
