@@ -377,8 +377,8 @@ def _mlp_backward(step: _Step) -> int:
     The model's own MLP: two ``[N, I]`` beyond what its forward saved (``2bNI``). The lean
     MLP (``fastdpo.model.lean``) works on blocks of ``lean.MLP_CHUNK_ELEMENTS // I`` tokens and writes the gradients of
     gate and up over them: two blocks at a time (act(gate) and the product, then act(gate) and the product's
-    gradient), one on CUDA (the SiLU kernels form the product, then take the product's gradient, one after the
-    other; SiLU assumed, as in every Llama-layout family but Gemma's); with several blocks, down_proj's weight
+    gradient), one on CUDA (the kernels form the product, then take the product's gradient, one after the other;
+    an activation they take is assumed: SiLU, or Gemma's tanh GELU); with several blocks, down_proj's weight
     gradient accumulates in fp32 (``4HI``), and on a CPU a bf16 block's product and incoming gradient are upcast for
     it.
     """

@@ -219,18 +219,20 @@ def compile_norm(fn, constexprs: dict, num_warps: int, arch: int = 90):
 
 
 def swiglu_variants():
-    """(kernel, variant, fn, constexprs, num_warps) of the SiLU-gated product kernels (``swiglu``) on bf16 blocks."""
+    """(kernel, variant, fn, constexprs, num_warps) of the gated-product kernels (``swiglu``) on bf16 blocks: SiLU
+    (Llama's), the tanh GELU (Gemma's) and GELU."""
     from . import swiglu
 
-    block = {"BLOCK": swiglu.BLOCK}
-    yield "swiglu product", "bf16", swiglu._product_kernel, block, swiglu.NUM_WARPS
-    for gate, up, name in ((True, True, "d_gate, d_up"), (True, False, "d_gate"), (False, True, "d_up")):
-        yield "swiglu gradients", f"bf16, {name}", swiglu._gradients_kernel, \
-            {**block, "WANT_GATE": gate, "WANT_UP": up}, swiglu.NUM_WARPS  # fmt: skip
+    for activation, code in swiglu.ACTIVATIONS.items():
+        block = {"BLOCK": swiglu.BLOCK, "ACT": code}
+        yield "gated product", f"bf16, {activation}", swiglu._product_kernel, block, swiglu.NUM_WARPS
+        for gate, up, name in ((True, True, "d_gate, d_up"), (True, False, "d_gate"), (False, True, "d_up")):
+            yield "gated gradients", f"bf16, {activation}, {name}", swiglu._gradients_kernel, \
+                {**block, "WANT_GATE": gate, "WANT_UP": up}, swiglu.NUM_WARPS  # fmt: skip
 
 
 def compile_swiglu(fn, constexprs: dict, num_warps: int, arch: int = 90):
-    """Compile a SiLU-product kernel as the lean MLP runs it: bf16 gate, up and gradients, 16-aligned pointers and
+    """Compile a gated-product kernel as the lean MLP runs it: bf16 gate, up and gradients, 16-aligned pointers and
     element count (a block of tokens times I)."""
     return _compile_source(fn, constexprs, lambda n: "*bf16" if n.endswith("_ptr") else "i32", ("n",), num_warps, arch)
 

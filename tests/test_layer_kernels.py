@@ -133,10 +133,11 @@ def test_strided_rows_are_read_where_they_are():
     assert torch.equal(results[0][:, 24:], torch.zeros(10, 24))
 
 
-def test_the_lean_layers_run_the_kernels_where_they_apply(monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_lean_layers_run_the_kernels_where_they_apply(monkeypatch, family):
     # a whole packed model with lean_activations, its Llama-form norms and its MLPs (on blocks of 5 tokens) on the
     # kernels (as on a GPU; here forced on CPU tensors under the interpreter): the same loss and gradients as its
-    # own forwards, in fp32
+    # own forwards, in fp32. Gemma 3: tanh-GELU MLPs on the kernels; its norms (x·(1 + w)) are not Llama's
     from test_model_packed import make_batch, make_examples, make_model
 
     from fastdpo.model import lean, packed_logps
@@ -152,15 +153,15 @@ def test_the_lean_layers_run_the_kernels_where_they_apply(monkeypatch):
     products = []
     real_product = swiglu().product
 
-    def counted_product(*args):
-        products.append(1)
-        return real_product(*args)
+    def counted_product(*args, **kwargs):
+        products.append(kwargs["activation"])
+        return real_product(*args, **kwargs)
 
     monkeypatch.setattr(lean, "fused_norm_applies", lambda x, weight: True)
     monkeypatch.setattr(lean, "rms_norm", counted)
     monkeypatch.setattr(lean, "_fused_swiglu", lambda gate, up: True)
     monkeypatch.setattr(swiglu(), "product", counted_product)
-    model = make_model("llama")
+    model = make_model(family)
     monkeypatch.setattr(lean, "MLP_CHUNK_ELEMENTS", 5 * model.config.intermediate_size)
     model.train()
     model.gradient_checkpointing_enable()
@@ -173,44 +174,106 @@ def test_the_lean_layers_run_the_kernels_where_they_apply(monkeypatch):
             out.seq_logps.sum().backward()
         results.append((out.seq_logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     layers = model.config.num_hidden_layers
-    assert len(calls) == 2 * (2 * layers) + 1, len(calls)  # forward and checkpoint recomputation, final norm once
+    norms = 2 * (2 * layers) + 1 if family == "llama" else 0  # forward and recomputation, the final norm once
+    assert len(calls) == norms, len(calls)
     blocks = -(-batch.input_ids.numel() // 5)
     assert len(products) == 3 * layers * blocks, len(products)  # forward, recomputation, backward: every block
+    assert set(products) == {"silu" if family == "llama" else "gelu_tanh"}
     (value, grads), (lean_value, lean_grads) = results
     torch.testing.assert_close(lean_value, value, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
     for name, grad in grads.items():
         torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
 
 
+def torch_activation(name: str):
+    """The torch ops the lean MLP runs without the kernels: ``act`` and ``act_backward(grad, gate)``."""
+    import functools
+
+    aten, gelu = torch.ops.aten, torch.nn.functional.gelu
+    return {
+        "silu": (torch.nn.functional.silu, aten.silu_backward),
+        "gelu_tanh": (functools.partial(gelu, approximate="tanh"),
+                      functools.partial(aten.gelu_backward, approximate="tanh")),
+        "gelu": (gelu, aten.gelu_backward),
+    }[name]  # fmt: skip
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
 @pytest.mark.parametrize(
     ("shape", "dtype"), [((7, 19), torch.float32), ((3, 5, 29), torch.float16), ((1, 1), torch.float32)]
 )
-def test_swiglu_kernels_equal_the_torch_ops(shape, dtype):
-    # the ops the lean MLP runs without the kernels: silu(gate) * up; silu(gate) * dp; silu_backward(dp * up, gate)
+def test_gated_kernels_equal_the_torch_ops(shape, dtype, activation):
+    # act(gate) * up; act(gate) * dp; act_backward(dp * up, gate): the ops the lean MLP runs otherwise
     import itertools
 
     k = swiglu()
+    forward, backward = torch_activation(activation)
     torch.manual_seed(3)
     gate, up, dp = ((3 * torch.randn(shape)).to(dtype) for _ in range(3))
-    act = torch.nn.functional.silu(gate)
+    act = forward(gate)
+    # two roundings of the result: the activation's fp32 transcendental (exp, erf) and how the tanh GELU is written
+    # (see fastdpo.kernels.swiglu) differ from torch's by an ulp or two of fp32, which can move a rounded result one
+    # step; on the product's scale for entries near zero
     close = {"rtol": 2 * ULP[dtype], "atol": 2 * ULP[dtype] * (act * up).abs().max().item()}
-    torch.testing.assert_close(k.product(gate, up), act * up, **close)
-    assert k.product(gate, up, torch.float32).dtype == torch.float32
+    torch.testing.assert_close(k.product(gate, up, activation=activation), act * up, **close)
+    assert k.product(gate, up, torch.float32, activation=activation).dtype == torch.float32
     want_up = act * dp
-    want_gate = torch.ops.aten.silu_backward(dp * up, gate)
+    want_gate = backward(dp * up, gate)
     for need_gate, need_up, in_place in itertools.product((False, True), repeat=3):
         g, u = gate.clone(), up.clone()
         into_gate = (g if in_place else torch.full_like(g, float("nan"))) if need_gate else None
         into_up = (u if in_place else torch.full_like(u, float("nan"))) if need_up else None
-        k.gradients(g, u, dp, into_gate, into_up)
-        # the same roundings as the torch ops, up to the last bit of the fp32 exp inside the sigmoid
+        k.gradients(g, u, dp, into_gate, into_up, activation=activation)
         if need_gate:
             torch.testing.assert_close(into_gate, want_gate, **close)
         if need_up:
             torch.testing.assert_close(into_up, want_up, **close)
         if not in_place:
             assert torch.equal(g, gate) and torch.equal(u, up)  # read only
+    with pytest.raises(ValueError, match="relu"):
+        k.product(gate, up, activation="relu")
     strided = torch.zeros(*shape[:-1], 2 * shape[-1], dtype=dtype)[..., ::2]
     if not strided.is_contiguous():  # (a single element is contiguous whatever its strides)
         with pytest.raises(ValueError, match="contiguous"):
             k.gradients(strided, up, dp, None, up.clone())
+
+
+def exact_tanh_gelu(gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tanh GELU, its derivative, and the derivative's scale (the sum of its two terms' sizes: it crosses zero
+    near -0.75, where a relative error means nothing), in fp64, written without cancellation: torch's own fp64
+    ``0.5x(1 + tanh z)`` is 0 once ``tanh z`` rounds to -1 (x below about -7), where the function is not."""
+    x = gate.double()
+    beta, kappa = (2 / torch.pi) ** 0.5, 0.044715
+    z = beta * (x + kappa * x**3)
+    sig, rest = torch.sigmoid(2 * z), torch.sigmoid(-2 * z)  # (1 + tanh z) / 2 and (1 - tanh z) / 2
+    second = 2 * x * sig * rest * beta * (1 + 3 * kappa * x**2)
+    return x * sig, sig + second, sig + second.abs()
+
+
+def test_tanh_gelu_kernels_are_as_close_to_fp64_as_torch():
+    # fp32, gates from -12 to 9: the kernels' act(gate) and act'(gate), each against the function in fp64, element
+    # by element no further from it than torch's own fp32 ops, or within a few ulps
+    k = swiglu()
+    forward, backward = torch_activation("gelu_tanh")
+    gate = torch.linspace(-12, 9, 1001)
+    ones = torch.ones_like(gate)
+    exact_act, exact_slope, slope_scale = exact_tanh_gelu(gate)
+    assert torch.allclose(exact_act, forward(gate.double()), rtol=1e-12, atol=1e-15)  # the same function
+    slope = torch.full_like(gate, float("nan"))
+    k.gradients(gate, ones, ones, slope, None, activation="gelu_tanh")
+    act = k.product(gate, ones, activation="gelu_tanh")
+    tiny = torch.finfo(torch.float32).tiny  # below it fp32 has no relative precision to speak of
+    ulps = torch.tensor(8 * ULP[torch.float32], dtype=torch.float64)  # a rounding of the result, fp32 exp's error
+    checks = [(act, forward(gate), exact_act, exact_act.abs()), (slope, backward(ones, gate), exact_slope, slope_scale)]
+    for got, own, exact, scale in checks:
+        error = (got.double() - exact).abs() / scale.clamp_min(tiny)
+        own_error = (own.double() - exact).abs() / scale.clamp_min(tiny)
+        worse = error > torch.maximum(own_error, ulps)
+        assert not worse.any(), (gate[worse][:5], error[worse][:5], own_error[worse][:5])
+    # where tanh z nears -1 torch's fp32 0.5x(1 + tanh z) cancels; the kernel keeps the relative precision that
+    # exp(2z) of an fp32 z has (its condition number 2|z|: a few ulps of z become 2|z| times as many of the result)
+    far = (gate < -4) & (exact_act.abs() > tiny)
+    z = (2 / torch.pi) ** 0.5 * (gate.double() + 0.044715 * gate.double() ** 3)
+    bound = (8 + 4 * z.abs()) * ULP[torch.float32]
+    assert (((act.double() - exact_act).abs() / exact_act.abs()) < bound)[far].all()
+    assert ((forward(gate).double() - exact_act).abs() / exact_act.abs())[far].max() > 1e-3  # torch's does not

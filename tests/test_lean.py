@@ -60,8 +60,12 @@ def test_gradients_match_the_models_own_in_fp64(family):
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
-def test_bf16_gradients_are_bitwise_the_same(checkpointing):
-    model = make_model("qwen3").to(torch.bfloat16)  # q/k norms too
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_bf16_gradients_are_bitwise_the_same(checkpointing, family):
+    # Qwen3: q/k norms too; Gemma 3: the tanh GELU, its derivative aten's gelu_backward as autograd's
+    model = make_model(family).to(torch.bfloat16)
+    if family == "gemma3":
+        assert {lean_module._gate_activation(m.mlp.act_fn) for m in model.model.layers} == {"gelu_tanh"}
     batch = make_batch(make_examples())
     value, grads, _ = _grads(model, batch, lean=False, checkpointing=checkpointing)
     lean_value, lean_grads, _ = _grads(model, batch, lean=True, checkpointing=checkpointing)
@@ -131,17 +135,20 @@ def blocks_of(monkeypatch):
     return set_rows
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh", "gelu", "gelu_new"])
 @pytest.mark.parametrize("rows", [None, 3], ids=["one_block", "blocks_of_3"])
 @pytest.mark.parametrize("overwrite", [True, False], ids=["in_place", "hooked_gate_proj"])
 def test_every_gradient_the_mlp_asks_for_with_a_bias(act, rows, overwrite, blocks_of):
     # down_proj with a bias, and every subset of (input, gate_proj, down_proj) needing gradients: fp64, lean against
-    # the module's own forward, SiLU's own derivative and the generic (autograd) one; the backward on one block or
+    # the module's own forward, with aten's derivative of SiLU and of both GELUs, and the generic (autograd) one of
+    # gelu_new (a python formula); the backward on one block or
     # on blocks of 3 of the 14 tokens (the last one short), writing the gradients over gate and up or, with a hook
     # on gate_proj (which could keep its output), into new tensors
     import itertools
 
     mlp = _small_mlp(torch.float64, mlp_bias=True, hidden_act=act)
+    assert lean_module._gate_activation(mlp.act_fn) == {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+                                                        "gelu": "gelu"}.get(act)  # fmt: skip
     if rows is not None:
         blocks_of(rows, 24)
     if not overwrite:
@@ -334,7 +341,8 @@ def _peak_bytes(fn) -> int:
     return peak
 
 
-def test_the_mlps_forward_and_backward_peak_lower_by_two_intermediates_and_by_more_on_blocks(blocks_of):
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_the_mlps_forward_and_backward_peak_lower_by_two_intermediates_and_by_more_on_blocks(act, blocks_of):
     # norm → MLP, forward and backward, bf16, many tokens on a narrow H so that the [N, I] tensors dominate (H/I =
     # 1/32). Autograd's MLP holds gate, silu(gate), up, their product and, in the product's backward, the incoming
     # gradient and both factors' gradients: about 6 [N, I] at once. The lean one keeps gate and up, and its backward
@@ -345,7 +353,8 @@ def test_the_mlps_forward_and_backward_peak_lower_by_two_intermediates_and_by_mo
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
     n, h, i = 4096, 32, 1024
-    config = LlamaConfig(hidden_size=h, intermediate_size=i, num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(hidden_size=h, intermediate_size=i, num_attention_heads=4, num_key_value_heads=2,
+                         hidden_act=act)  # fmt: skip
     torch.manual_seed(0)
     mlp, norm = LlamaMLP(config).bfloat16(), LlamaRMSNorm(h).bfloat16()
     x = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
@@ -361,11 +370,35 @@ def test_the_mlps_forward_and_backward_peak_lower_by_two_intermediates_and_by_mo
         step()  # the parameters' .grad exist before the measured step: only activations and temporaries are counted
         with use_lean_layers([mlp, norm] if lean else []):
             peaks[name] = _peak_bytes(step) / (n * i * 2)  # in [N, I] bf16 tensors
-    # measured: own 6.16, lean 4.11, blocks 2.59 [N, I]
+    # measured: own 6.16, lean 4.07, blocks 2.59 [N, I], the same with the tanh GELU
     assert peaks["own"] - peaks["lean"] >= 2, peaks
     assert peaks["lean"] <= 4.25, peaks  # gate, up, two [N, I] temporaries, and the [N, H] tensors (1/32 each)
     assert peaks["blocks"] <= 2.5 + 0.25, peaks
     assert peaks["own"] - peaks["blocks"] >= 3, peaks
+
+
+def test_which_activations_have_a_derivative_from_the_gate_alone():
+    # the torch ops whose aten backward (and kernels) the lean MLP uses; python formulas of the same functions round
+    # differently and keep autograd's own derivative
+    from torch import nn
+    from transformers import activations
+
+    known = {
+        nn.SiLU(): "silu", activations.SiLUActivation(): "silu", nn.GELU(): "gelu",
+        nn.GELU(approximate="tanh"): "gelu_tanh", activations.GELUTanh(): "gelu_tanh",
+        activations.GELUActivation(): "gelu", activations.ACT2FN["gelu_pytorch_tanh"]: "gelu_tanh",
+        activations.GELUTanh(use_gelu_tanh_python=True): None, activations.GELUActivation(use_gelu_python=True): None,
+        activations.NewGELUActivation(): None, activations.FastGELUActivation(): None, nn.ReLU(): None,
+        activations.ACT2FN["relu2"]: None,
+    }  # fmt: skip
+    for act, name in known.items():
+        assert lean_module._gate_activation(act) == name, act
+    x = torch.randn(50, dtype=torch.float64)
+    for act, name in known.items():  # and the name is the op the module runs
+        if name is not None:
+            torch.testing.assert_close(act(x), {"silu": nn.functional.silu(x), "gelu": nn.functional.gelu(x),
+                                                "gelu_tanh": nn.functional.gelu(x, approximate="tanh")}[name],
+                                       rtol=0, atol=0)  # fmt: skip
 
 
 def test_a_lora_model_switches_its_norms_and_keeps_its_adapted_mlps():
@@ -385,7 +418,8 @@ def test_a_lora_model_switches_its_norms_and_keeps_its_adapted_mlps():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_a_gpu_the_same_gradients_at_a_lower_peak():
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_on_a_gpu_the_same_gradients_at_a_lower_peak(act):
     # one decoder layer's MLP and norm at Llama-3.2-1B's widths on 16k tokens in bf16, under autocast on fp32
     # weights and on bf16 weights: the lean backward runs on 4 blocks of 4096 tokens (MLP_CHUNK_ELEMENTS), so
     # cuBLAS sums in another order and down_proj's weight gradient accumulates over the blocks in fp32: every
@@ -396,7 +430,7 @@ def test_on_a_gpu_the_same_gradients_at_a_lower_peak():
 
     n, h, i = 16384, 2048, 8192
     assert n // lean_module._block_rows(n, i) == 4
-    config = LlamaConfig(hidden_size=h, intermediate_size=i)
+    config = LlamaConfig(hidden_size=h, intermediate_size=i, hidden_act=act)  # the kernels' SiLU or tanh GELU
     for weights, autocast in ((torch.bfloat16, False), (torch.float32, True)):
         torch.manual_seed(0)
         mlp, norm = LlamaMLP(config).to("cuda", weights), LlamaRMSNorm(h).to("cuda", weights)

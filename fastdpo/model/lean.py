@@ -14,14 +14,15 @@ keep less:
   weight) and an activation without parameters, hooks or in-place writes keeps gate and up only. Its backward
   forms ``act_fn(gate) * up`` again (element-wise), down_proj's two products from it, then the gradients of gate
   and up, block by block of tokens (``MLP_CHUNK_ELEMENTS``), writing them over gate and up where those are fresh
-  outputs of plain (or LoRA) linear layers: SiLU's derivative is the one autograd uses (``aten.silu_backward``),
-  any other activation's is autograd's own, on a recomputed ``act_fn(gate)``.
+  outputs of plain (or LoRA) linear layers: for torch's SiLU and GELU (also its tanh form, Gemma's
+  ``gelu_pytorch_tanh``) the derivative is the one autograd uses (``aten.silu_backward``, ``aten.gelu_backward``),
+  formed from the gate alone; any other activation's is autograd's own, on a recomputed ``act_fn(gate)``.
 
 On a GPU with Triton, Llama-form norms run ``fastdpo.ops.rms_norm`` (keeping the input and one fp32 value per
-row), SiLU MLPs' element-wise work runs ``fastdpo.kernels.swiglu``, and a Llama-form ``apply_rotary_pos_emb``
-(transformers' own, token for token, in the attention's module: 119 families) is replaced for the duration in that
-module by one that runs ``fastdpo.ops.rope`` on CUDA heads (bit for bit the same results) and calls the function
-itself anywhere else. With or without gradients: a reference's forward runs them too.
+row), the SiLU and GELU MLPs' element-wise work runs ``fastdpo.kernels.swiglu``, and a Llama-form
+``apply_rotary_pos_emb`` (transformers' own, token for token, in the attention's module: 119 families) is replaced
+for the duration in that module by one that runs ``fastdpo.ops.rope`` on CUDA heads (bit for bit the same results)
+and calls the function itself anywhere else. With or without gradients: a reference's forward runs them too.
 
 What the peak gains, per token and decoder layer at Llama-3.2-1B's shape in bf16 under checkpointing: 64 KB in the
 MLP's backward (four ``[N, I]`` fewer, less two blocks) and 20 KB of the norms' saved tensors (``fastdpo.memory``
@@ -241,8 +242,9 @@ def _lean_norm(module: nn.Module, forward: Callable, fused: bool, hidden: Tensor
 def _lean_mlp(module: nn.Module, x: Tensor) -> Tensor:
     gate, up = module.gate_proj(x), module.up_proj(x)
     if not torch.is_grad_enabled():
-        fused = _is_silu(module.act_fn) and _fused_swiglu(gate, up)
-        return module.down_proj(_swiglu().product(gate, up) if fused else module.act_fn(gate) * up)
+        kind = _gate_activation(module.act_fn)
+        fused = kind is not None and _fused_swiglu(gate, up)
+        return module.down_proj(_swiglu().product(gate, up, activation=kind) if fused else module.act_fn(gate) * up)
     down = module.down_proj
     overwrite = _output_is_fresh(module.gate_proj) and _output_is_fresh(module.up_proj)
     return _GatedDown.apply(gate, up, down.weight, down.bias, module.act_fn, overwrite)
@@ -309,7 +311,8 @@ class _GatedDown(torch.autograd.Function):
     def forward(ctx, gate, up, weight, bias, act, overwrite):
         ctx.act, ctx.autocast = act, _autocast_state(gate.device.type)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.fused = _is_silu(act) and _fused_swiglu(gate, up)  # on a GPU: fastdpo.kernels.swiglu
+        ctx.activation = _gate_activation(act)
+        ctx.fused = ctx.activation is not None and _fused_swiglu(gate, up)  # on a GPU: fastdpo.kernels.swiglu
         width = up.shape[-1]
         gates, ups = gate.reshape(-1, width), up.reshape(-1, width)
         tokens = gates.shape[0]
@@ -319,7 +322,7 @@ class _GatedDown(torch.autograd.Function):
             block = slice(start, start + rows)
             g = gates[block]
             if ctx.fused:
-                product = _swiglu().product(g, ups[block])
+                product = _swiglu().product(g, ups[block], activation=ctx.activation)
             else:
                 product = act(g)
                 fresh = product is not g and product._base is None  # not the gate itself (an identity activation)
@@ -348,7 +351,7 @@ class _GatedDown(torch.autograd.Function):
         gate, up, weight = ctx.saved_tensors
         need_gate, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
         enabled, dtype = ctx.autocast
-        silu = _is_silu(ctx.act)
+        known = ctx.activation  # an op whose derivative aten forms from the gate alone, or None
         width = up.shape[-1]
         # detached: the gradients may be written over them; views of them when overwriting (contiguous)
         gates, ups = gate.detach().reshape(-1, width), up.detach().reshape(-1, width)
@@ -379,11 +382,11 @@ class _GatedDown(torch.autograd.Function):
                 into = [None if t is None else t[block] for t in (grads_gate, grads_up)]
                 grad_weight = _fused_block(g, u, dy, down, grad_weight, (need_weight, need_gate, need_up), whole,
                                            weight.dtype, compute, product_dtype, g if overwrite else into[0],
-                                           u if overwrite else into[1])  # fmt: skip
+                                           u if overwrite else into[1], known)  # fmt: skip
                 continue
             with torch.autocast(gate.device.type, dtype=dtype, enabled=enabled), torch.enable_grad():
-                leaf = g.detach().requires_grad_(need_gate and not silu)
-                activated = ctx.act(leaf)  # SiLU's derivative needs only the gate: no graph kept then
+                leaf = g.detach().requires_grad_(need_gate and not known)
+                activated = ctx.act(leaf)  # a known derivative needs only the gate: no graph kept then
             if need_weight:
                 product = (activated.detach() * u).to(compute)
                 if whole:
@@ -395,16 +398,15 @@ class _GatedDown(torch.autograd.Function):
                 continue
             grad_product = dy.mm(down).to(product_dtype)
             grad_up = None
-            if need_up:  # over act(gate) with SiLU, whose derivative reads the gate only
-                grad_up = activated.mul_(grad_product) if silu else grad_product * activated.detach()
-            if silu:
+            if need_up:  # over act(gate) where the derivative reads the gate only
+                grad_up = activated.mul_(grad_product) if known else grad_product * activated.detach()
+            if known:
                 del activated
             grad_gate = None
             if need_gate:  # act(gate)'s gradient over the product's, then the gate's over that (or over the gate)
                 grad_product.mul_(u)
-                if silu:
-                    into = g if overwrite else grad_product
-                    grad_gate = torch.ops.aten.silu_backward.grad_input(grad_product, g, grad_input=into)
+                if known:
+                    grad_gate = _activation_backward(known, grad_product, g, g if overwrite else grad_product)
                 else:
                     (grad_gate,) = torch.autograd.grad(activated, leaf, grad_product)
             del grad_product
@@ -422,14 +424,15 @@ class _GatedDown(torch.autograd.Function):
         )  # fmt: skip
 
 
-def _fused_block(g, u, dy, down, grad_weight, needs, whole, weight_dtype, compute, product_dtype, into_gate, into_up):
+def _fused_block(g, u, dy, down, grad_weight, needs, whole, weight_dtype, compute, product_dtype, into_gate, into_up,
+                 activation):  # fmt: skip
     """One block of the lean MLP's backward on the kernels of ``fastdpo.kernels.swiglu``: down_proj's weight
     gradient (formed when ``whole``, else added to ``grad_weight``), the gradients of gate and up written into
     ``into_gate`` and ``into_up`` (gate and up themselves when they are owned); returns the weight gradient."""
     kernels = _swiglu()
     need_weight, need_gate, need_up = needs
     if need_weight:
-        product = kernels.product(g, u, compute)
+        product = kernels.product(g, u, compute, activation=activation)
         if whole:
             grad_weight = dy.t().mm(product).to(weight_dtype)
         else:
@@ -437,12 +440,44 @@ def _fused_block(g, u, dy, down, grad_weight, needs, whole, weight_dtype, comput
         del product
     if need_gate or need_up:
         grad_product = dy.mm(down).to(product_dtype)
-        kernels.gradients(g, u, grad_product, into_gate if need_gate else None, into_up if need_up else None)
+        kernels.gradients(g, u, grad_product, into_gate if need_gate else None, into_up if need_up else None,
+                          activation=activation)  # fmt: skip
     return grad_weight
 
 
-def _is_silu(act: nn.Module) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+_GELU_FORMS = {"tanh": "gelu_tanh", "none": "gelu"}
+
+
+def _gate_activation(act: nn.Module) -> str | None:
+    """Which of torch's ``silu``, ``gelu(approximate="tanh")`` and ``gelu`` ``act`` runs, by the name the kernels
+    give it (``fastdpo.kernels.swiglu.ACTIVATIONS``): the lean MLP then forms its derivative from the gate alone,
+    with aten's own backward or the kernels. None for any other (autograd's derivative of a recomputed ``act``).
+
+    ``nn.SiLU``, ``nn.GELU`` and transformers' ``SiLUActivation``, ``GELUTanh`` (``gelu_pytorch_tanh``: Gemma's) and
+    ``GELUActivation`` (``gelu``) when they call torch's op (not their python formulas, which round differently).
+    """
+    cls = type(act)
+    if isinstance(act, nn.SiLU) or cls.__name__ == "SiLUActivation":
+        return "silu"
+    if cls is nn.GELU:
+        return _GELU_FORMS.get(act.approximate)
+    if cls.__name__ not in ("GELUTanh", "PytorchGELUTanh", "GELUActivation"):
+        return None
+    call = vars(act).get("act")  # their forward returns self.act(input)
+    if call is nn.functional.gelu:
+        return "gelu"
+    if isinstance(call, functools.partial) and call.func is nn.functional.gelu and not call.args:
+        return _GELU_FORMS.get(call.keywords.get("approximate")) if set(call.keywords) == {"approximate"} else None
+    return None
+
+
+def _activation_backward(activation: str, grad: Tensor, gate: Tensor, into: Tensor) -> Tensor:
+    """``act'(gate) · grad`` as autograd forms it for these ops (aten's backward of the activation), into ``into``
+    (which may be ``grad`` or ``gate``: element-wise, each element read before it is written)."""
+    if activation == "silu":
+        return torch.ops.aten.silu_backward.grad_input(grad, gate, grad_input=into)
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return torch.ops.aten.gelu_backward.grad_input(grad, gate, approximate=approximate, grad_input=into)
 
 
 def _fused_swiglu(gate: Tensor, up: Tensor) -> bool:
