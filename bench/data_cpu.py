@@ -1,11 +1,12 @@
 """Data-layer throughput on CPU: normalizing, tokenizing and checking synthetic preference pairs.
 
     python -m bench.data_cpu [--rows 100000] [--num-proc 1 2]
+    python -m bench.data_cpu --render bench/results   # only draw data_cpu.png from a stored data_cpu.json
 
 Synthetic standard-format pairs (prompts of ~30 words, completions of ~40, drawn from a fixed word list with a
 seeded generator) and the locally trained tiny tokenizer. Each stage is timed once on a fresh in-memory dataset
 with caching disabled, so nothing is read back from a previous run; rows/s = rows / wall seconds. Results go to
-bench/results/data_cpu.{json,md}.
+bench/results/data_cpu.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import datasets
 
 from bench.head_cpu import _cpu_name
+from bench.plots import bar_panels
 from fastdpo.atomic import atomic_write
 from fastdpo.data.formats import prepare_preferences
 from fastdpo.data.tiny_tokenizer import build_tiny_tokenizer
@@ -118,8 +120,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.data_cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for data_cpu.{json,md,png}")
+    parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/data_cpu.png from its json")
     args = parser.parse_args(argv)
+    if args.render:
+        stored = json.loads((args.render / "data_cpu.json").read_text())
+        _plot(stored["rows"], stored["results"], args.render / "data_cpu.png")
+        return
     results = run(args.rows, args.num_proc)
     cpu = _cpu_name()
     header = (
@@ -133,7 +140,21 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "data_cpu.json", json.dumps({"rows": args.rows, "results": results}, indent=1))
     atomic_write(args.out / "data_cpu.md", table)
+    _plot(args.rows, results, args.out / "data_cpu.png")
     print(table)
+
+
+def _plot(rows: int, results: list[dict], path: Path) -> None:
+    """rows/s and seconds per (stage, num_proc), as the table; a color per num_proc."""
+    labels = [f"{r['stage']}, num_proc={r['num_proc']}" for r in results]
+    procs = sorted({r["num_proc"] for r in results})
+    colors = [f"C{procs.index(r['num_proc'])}" for r in results]
+    bar_panels(path, f"Data layer on {rows:,} synthetic standard pairs, tiny BPE tokenizer; one timed run per stage", [
+        {"title": "throughput", "labels": labels, "values": [rows / r["seconds"] for r in results], "color": colors,
+         "unit": "rows per second"},
+        {"title": "time", "labels": labels, "values": [r["seconds"] for r in results], "color": colors,
+         "unit": "seconds"},
+    ], columns=2, label_width=4.2)  # fmt: skip
 
 
 if __name__ == "__main__":

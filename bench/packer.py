@@ -1,12 +1,13 @@
 """Best-fit-decreasing packing: the Python backend against the C++ one on the same lengths.
 
     python -m bench.packer [--items 1000000] [--low 10] [--high 1300] [--capacity 4096] [--repeats 3] [--seed 0]
+    python -m bench.packer --render bench/results   # only draw packer.png from a stored packer.json
 
 Lengths are drawn uniformly from low..high with a seeded numpy generator and packed into bins of ``capacity``
 with ``fastdpo.data.packer.pack``, once from a numpy int64 array and once from a Python list of ints (what
 ``pack_pairs`` passes). Each (input, backend) pair is called once untimed, then timed ``repeats`` times, with a
 full garbage collection between calls outside the timed region; we report the median (min–max). The outputs of
-the two backends are compared for equality. Results go to bench/results/packer.{json,md}.
+the two backends are compared for equality. Results go to bench/results/packer.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.head_cpu import _cpu_name
+from bench.plots import bar_panels
 from fastdpo.atomic import atomic_write
 from fastdpo.data.packer import cpp_available, pack
 
@@ -81,16 +83,20 @@ def _table(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.packer", description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--low", type=int, default=10)
     parser.add_argument("--high", type=int, default=1300)
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for packer.{json,md,png}")
+    parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/packer.png from its json")
+    args = parser.parse_args(argv)
+    if args.render:
+        render(args.render)
+        return
     if not cpp_available():
         raise SystemExit("fastdpo._packer is not built: reinstall with a C++ compiler ('pip install -e .')")
 
@@ -120,9 +126,33 @@ def main() -> None:
     atomic_write(args.out / "packer.json", json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     table = _table(results, meta)
     atomic_write(args.out / "packer.md", table)
+    _plot(results, meta, args.out / "packer.png")
     print(table)
     if not identical:
         raise SystemExit("the backends disagree")
+
+
+def _plot(results: list[dict], meta: dict, path: Path) -> None:
+    """Seconds (median, min–max), items/s and the speedup over python of each (input, backend), as the table."""
+    labels = [f"{r['input']}, {r['backend']}" for r in results]
+    backends = list(dict.fromkeys(r["backend"] for r in results))
+    colors = [f"C{backends.index(r['backend'])}" for r in results]  # a color per backend
+    title = (f"BFD packing of {meta['items']:,} lengths in {meta['low']}..{meta['high']} into bins of "
+             f"{meta['capacity']}, {meta['cpu']}, median of {meta['repeats']} (dashed: python)")  # fmt: skip
+    bar_panels(path, title, [
+        {"title": "time", "labels": labels, "values": [r["median_s"] * 1e3 for r in results], "color": colors,
+         "errors": [(r["min_s"] * 1e3, r["max_s"] * 1e3) for r in results], "unit": "ms, median (min–max)"},
+        {"title": "throughput", "labels": labels, "values": [meta["items"] / r["median_s"] / 1e6 for r in results],
+         "color": colors, "unit": "million items per second"},
+        {"title": "speedup over python", "labels": labels, "values": [r["speedup"] for r in results], "color": colors,
+         "unit": "python's time / this time", "reference": 1.0},
+    ], columns=3)  # fmt: skip
+
+
+def render(folder: Path) -> None:
+    """Draw ``packer.png`` from a stored ``packer.json`` (its md, written by the run, stays as it is)."""
+    stored = json.loads((folder / "packer.json").read_text())
+    _plot(stored["results"], stored["meta"], folder / "packer.png")
 
 
 if __name__ == "__main__":

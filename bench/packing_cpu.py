@@ -2,6 +2,7 @@
 
     python -m bench.packing_cpu [--pairs 20000] [--batch-sizes 4 8 16 32 64] [--pack-lengths 2048 4096 8192]
                                 [--model-timing]
+    python -m bench.packing_cpu --render bench/results   # only draw packing_cpu*.png from the stored json
 
 Lengths follow an UltraFeedback-like distribution (seeded): prompts uniform in 10–500 tokens, chosen and rejected
 completions uniform in 10–800, each sequence truncated to ``--max-length`` (1024, TRL's default) as TRL's collator
@@ -14,7 +15,7 @@ does. For each batch size B the pairs are taken in order, B at a time (the same 
 Reported: padding fraction, computed tokens per real token, and the attention work of eager/sdpa, which build a
 dense mask per row and so cost Σ rows L² (relative to TRL's). With ``--model-timing``, a tiny Llama body is run
 forward+backward on packed rows of each ``pack_length`` and on TRL-style padded batches, to time real tokens/s.
-Results go to bench/results/packing_cpu.{json,md}.
+Results go to bench/results/packing_cpu.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.plots import bar_panels
 from fastdpo.atomic import atomic_write
 
 RESULTS = Path(__file__).parent / "results"
@@ -144,8 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timing-hidden", type=int, nargs="+", default=[256], help="model widths to time")
     parser.add_argument("--timing-layers", type=int, default=4)
     parser.add_argument("--timing-repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for packing_cpu.{json,md,png}")
+    parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/packing_cpu*.png from their json")
     args = parser.parse_args(argv)
+    if args.render:
+        for stored in sorted(args.render.glob("packing_cpu*.json")):  # also runs stored under another name
+            _plot(json.loads(stored.read_text()), stored.with_suffix(".png"))
+        return
     lengths = ultrafeedback_like(args.pairs, args.max_length)
     table = padding_table(lengths, args.batch_sizes, args.pack_lengths)
     lines = [
@@ -172,7 +179,38 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "packing_cpu.json", json.dumps({"padding": table, "timing": timing}, indent=1))
     atomic_write(args.out / "packing_cpu.md", text)
+    _plot({"padding": table, "timing": timing}, args.out / "packing_cpu.png")
     print(text)
+
+
+def _plot(stored: dict, path: Path) -> None:
+    """The padding table's three columns per (B, variant), a color per variant; below, real tokens/s per variant of
+    each timed model width (dashed: TRL's padded batches, the first row of each)."""
+    rows = stored["padding"]
+    variants = list(dict.fromkeys(r["variant"] for r in [*rows, *stored["timing"]]))
+    labels = [f"B={r['batch_pairs']}, {r['variant']}" for r in rows]
+    colors = [f"C{variants.index(r['variant'])}" for r in rows]
+    panels = [
+        {"title": "padding", "labels": labels, "values": [100 * r["padding_fraction"] for r in rows],
+         "unit": "% of computed tokens"},
+        {"title": "computed / real tokens", "labels": labels, "values": [r["computed_per_real"] for r in rows],
+         "unit": "ratio (dashed: 1, no padding)", "reference": 1.0},
+        {"title": "attention work vs TRL (eager/sdpa: Σ rows L²)", "labels": labels,
+         "values": [r["attention_vs_trl"] for r in rows], "unit": "ratio (dashed: 1, TRL's)", "reference": 1.0},
+    ]  # fmt: skip
+    for panel in panels:
+        panel["color"] = colors
+    widths = dict.fromkeys(t.get("hidden") for t in stored["timing"])  # runs before widths were recorded: None
+    for hidden in widths:
+        timed = [t for t in stored["timing"] if t.get("hidden") == hidden]
+        panels.append({"title": "model fwd+bwd" + (f", H={hidden}" if hidden else ""),
+                       "labels": [t["variant"] for t in timed], "values": [t["real_tokens_per_s"] for t in timed],
+                       "unit": f"real tokens per second (dashed: {timed[0]['variant']})",
+                       "reference": timed[0]["real_tokens_per_s"],
+                       "color": [f"C{variants.index(t['variant'])}" for t in timed]})  # fmt: skip
+    title = ("Padding and attention work of batches of B pairs: TRL's padded batches against fastdpo's packed rows"
+             + ("; below, a Llama body's fwd+bwd on the first pairs" if widths else ""))  # fmt: skip
+    bar_panels(path, title, panels, columns=3, label_width=3.6)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """The benchmarks' charts: horizontal bars, one panel per measured quantity, drawn from the results themselves.
 
 Every ``bench/results/**/<name>.png`` is drawn by the module that writes ``<name>.json`` beside it, from the same
-rows as its markdown table; ``--render DIR`` of ``bench.dpo_cpu``, ``bench.dpo_gpu`` and ``bench.head_gpu`` draws a
-stored run's chart from its json on any machine (the run's own md and csv stay as they are). matplotlib is a
-development dependency; where it is missing (a GPU image) the chart is skipped with a note, after the json and
-markdown are written.
+rows as its markdown table; each such module's ``--render DIR`` (``bench.dpo_cpu``, ``bench.head_gpu``,
+``bench.packer``, ...) draws a stored run's chart from its json on any machine (the run's own md and csv stay as they
+are). matplotlib is a development dependency; where it is missing (a GPU image) the chart is skipped with a note,
+after the json and markdown are written.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ def bar_panels(path: Path, title: str, panels: list[dict], *, columns: int = 4, 
 
     A panel is ``{"title": str, "labels": [str], "values": [float], "unit": str}`` plus optionally ``"errors"``
     (``[(low, high)]`` around each value, e.g. min and max of repeats) and ``"reference"`` (a value marked with a
-    dashed line, e.g. a baseline's). Bars run top to bottom in the order given, each annotated with its value.
+    dashed line, e.g. a baseline's or a bar to stay under; the axis reaches it). Bars run top to bottom in the order
+    given, each annotated with its value; ``"color"`` may be one color or one per bar. Each row of panels is as tall
+    as its longest panel needs, and its first panel carries the labels (those of a row are meant to be the same).
     """
     try:
         import matplotlib
@@ -31,11 +33,12 @@ def bar_panels(path: Path, title: str, panels: list[dict], *, columns: int = 4, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = max(len(p["labels"]) for p in panels)
     across = min(columns, len(panels))
     down = -(-len(panels) // across)
-    fig, axes = plt.subplots(down, across, figsize=(label_width + 3.6 * across, down * max(2.2, 0.9 + 0.34 * bars)),
-                             squeeze=False)  # fmt: skip
+    heights = [max(2.2, 0.9 + 0.34 * max(len(p["labels"]) for p in panels[row * across : (row + 1) * across]))
+               for row in range(down)]  # fmt: skip
+    fig, axes = plt.subplots(down, across, figsize=(label_width + 3.6 * across, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})  # fmt: skip
     for index, ax in enumerate(axes.flat):
         if index >= len(panels):
             ax.set_visible(False)
@@ -55,7 +58,7 @@ def bar_panels(path: Path, title: str, panels: list[dict], *, columns: int = 4, 
         ax.tick_params(axis="x", labelsize=7)
         if panel.get("reference") is not None:
             ax.axvline(panel["reference"], color="0.4", linestyle="--", linewidth=0.8)
-        peak = max([*panel["values"], *(high for _, high in errors or [])], default=0)
+        peak = max([*panel["values"], *(high for _, high in errors or []), panel.get("reference") or 0], default=0)
         ends = [high for _, high in errors] if errors else panel["values"]  # past the error bar
         for y, value, end in zip(positions, panel["values"], ends, strict=True):
             ax.text(end + 0.01 * peak, y, _number(value), va="center", fontsize=7)

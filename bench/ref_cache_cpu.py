@@ -1,6 +1,7 @@
 """The cached reference on CPU: a run that computes the cache, a run that reuses it, and a separate reference.
 
     python -m bench.ref_cache_cpu [--pairs 256] [--batch 8] [--steps 8] [--threads 2]
+    python -m bench.ref_cache_cpu --render bench/results   # only draw ref_cache_cpu.png from its json
 
 fastdpo's DPOTrainer on bench/dpo_cpu.py's model and pairs, each run in its own process:
 
@@ -12,7 +13,7 @@ fastdpo's DPOTrainer on bench/dpo_cpu.py's model and pairs, each run in its own 
 
 Timed: construction (setup: tokenization, and for the first cached run the reference pass over every pair) and
 ``train()``. Peak RSS is the whole process above its state before construction. Results:
-bench/results/ref_cache_cpu.{json,md}.
+bench/results/ref_cache_cpu.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench.dpo_cpu import MODEL, _pairs
+from bench.plots import bar_panels
 from fastdpo.atomic import atomic_write
 from fastdpo.profiling import peak_rss, reset_peak_rss, run_measured
 
@@ -72,8 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for ref_cache_cpu.{json,md,png}")
+    parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/ref_cache_cpu.png from its json")
     args = parser.parse_args(argv)
+    if args.render:
+        _plot(json.loads((args.render / "ref_cache_cpu.json").read_text()), args.render / "ref_cache_cpu.png")
+        return
     if args.worker:
         print(json.dumps(_worker(args)))
         return
@@ -108,7 +114,23 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "ref_cache_cpu.json", json.dumps(results, indent=1))
     atomic_write(args.out / "ref_cache_cpu.md", text)
+    _plot(results, args.out / "ref_cache_cpu.png")
     print(text)
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    """Setup, train and total seconds and peak extra RSS per run, as the table; the separate reference's dashed."""
+    labels = [r["run"] for r in results]
+    columns = {"setup": [r["setup_s"] for r in results], "train()": [r["train_s"] for r in results],
+               "total": [r["setup_s"] + r["train_s"] for r in results]}  # fmt: skip
+    panels = [{"title": name, "labels": labels, "values": values, "unit": "seconds", "reference": values[0]}
+              for name, values in columns.items()]  # fmt: skip
+    peaks = [r["peak_extra_bytes"] / 2**20 for r in results]
+    panels.append({"title": "peak memory", "labels": labels, "values": peaks, "unit": "peak extra RSS, MiB",
+                   "color": "tab:orange", "reference": peaks[0]})  # fmt: skip
+    title = (f"fastdpo DPOTrainer on CPU, {len(results[0]['losses'])} steps: a reference cache computed, then reused,\n"
+             f"against a separate reference model (dashed: {labels[0]})")  # fmt: skip
+    bar_panels(path, title, panels, columns=2, label_width=2.0)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import dpo_cpu, dpo_gpu, head_gpu, memory_cpu
+from bench import data_cpu, dpo_cpu, dpo_gpu, head_gpu, memory_cpu, packer, packing_cpu, ref_cache_cpu
 from bench.plots import bar_panels, timing_panel
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -22,6 +22,15 @@ def test_panels_in_a_grid_with_errors_and_a_reference_are_drawn(tmp_path):
     path = tmp_path / "chart.png"
     assert bar_panels(path, "three panels on two rows", panels, columns=2)
     assert path.read_bytes().startswith(PNG)
+
+
+def test_each_row_of_panels_is_as_tall_as_its_longest_panel_needs(tmp_path):
+    long, short = {"labels": [f"bar {k}" for k in range(20)], "values": [1.0] * 20}, {"labels": ["a"], "values": [1.0]}
+    panels = [{"title": "t", "unit": "u", **bars} for bars in (long, long, short)]  # rows of 20 bars and of 1
+    path = tmp_path / "chart.png"
+    assert bar_panels(path, "rows of different heights", panels, columns=2)
+    height = int.from_bytes(path.read_bytes()[20:24], "big")  # the PNG header's IHDR: width, then height
+    assert height == pytest.approx(110 * ((0.9 + 0.34 * 20) + 2.2), abs=2)  # not two rows of 20 bars' height
 
 
 def test_without_matplotlib_no_chart_and_a_note(tmp_path, monkeypatch, capsys):
@@ -44,7 +53,9 @@ def test_a_timing_panel_is_in_ms_with_the_baselines_median_dashed():
 @pytest.mark.parametrize(
     ("module", "stored", "name"),
     [(dpo_gpu, "NVIDIA_H200/run4/batch64", "dpo_gpu"), (head_gpu, "NVIDIA_H200/run5", "head_gpu"),
-     (dpo_cpu, ".", "dpo_cpu"), (memory_cpu, ".", "memory_cpu")],
+     (dpo_cpu, ".", "dpo_cpu"), (memory_cpu, ".", "memory_cpu"), (packer, ".", "packer"),
+     (data_cpu, ".", "data_cpu"), (packing_cpu, ".", "packing_cpu"), (packing_cpu, ".", "packing_cpu_widths"),
+     (ref_cache_cpu, ".", "ref_cache_cpu")],
 )  # fmt: skip
 def test_render_draws_a_stored_runs_chart_from_its_json_and_leaves_its_table(tmp_path, module, stored, name):
     shutil.copy(RESULTS / stored / f"{name}.json", tmp_path)
