@@ -195,14 +195,17 @@ def _compile_source(fn, constexprs: dict, kind, aligned: tuple[str, ...], num_wa
 
 
 def norm_variants():
-    """(kernel, variant, fn, constexprs, num_warps) of the RMSNorm kernels (``rms_norm``) on bf16 rows."""
+    """(kernel, variant, fn, constexprs, num_warps) of the RMSNorm kernels (``rms_norm``) on bf16 rows, Llama's form
+    and Gemma's (``1 + w``, ``offset``)."""
     from . import rms_norm
 
-    for h in (2048, 4096, rms_norm.MAX_H):
-        block = {"BLOCK_H": h}
-        warps = rms_norm._num_warps(h)
-        yield "rms_norm forward", f"bf16, H={h}", rms_norm._forward_kernel, block, warps
-        yield "rms_norm backward", f"bf16, H={h}, dW", rms_norm._backward_kernel, {**block, "WANT_DW": True}, warps
+    for offset, form in ((False, ""), (True, ", Gemma form")):
+        for h in (2048, 4096, rms_norm.MAX_H):
+            block = {"BLOCK_H": h, "OFFSET": offset}
+            warps = rms_norm._num_warps(h)
+            yield "rms_norm forward", f"bf16, H={h}{form}", rms_norm._forward_kernel, block, warps
+            yield "rms_norm backward", f"bf16, H={h}, dW{form}", rms_norm._backward_kernel, \
+                {**block, "WANT_DW": True}, warps  # fmt: skip
 
 
 def compile_norm(fn, constexprs: dict, num_warps: int, arch: int = 90):

@@ -16,6 +16,14 @@ as seven element-wise passes over the row (several in fp32), and its autograd ba
   weight's gradient in fp32 (one partial row per program, summed by the launcher), where autograd sums rounded
   products.
 
+With ``offset`` the kernels compute the Gemma-form RMSNorm instead (Gemma 1–3, Qwen3.5, Qwen3-Next, ...: 13
+families in transformers 5.24), all in fp32 and rounded once, to the input dtype::
+
+    y = (x32 · r · (1 + weight.float())).to(x.dtype)
+
+and its backward without the roundings above (``dn = dy · (1 + w)`` and the weight's products stay fp32, as
+autograd keeps them there).
+
 Rows longer than ``MAX_H`` are not handled here (the caller keeps the module's own forward).
 """
 
@@ -36,14 +44,33 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, H, stride_x, stride_y, eps, BLOCK_H: tl.constexpr):
+def _normed(x, rstd, x_ptr, OFFSET: tl.constexpr):
+    """The normalized row as the form uses it: rounded to the input dtype (Llama's), or fp32 (Gemma's)."""
+    if OFFSET:
+        return x * rstd
+    return (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _scale(w_ptr, cols, ok, OFFSET: tl.constexpr):
+    """The weight as the form multiplies by it, in fp32: ``w``, or Gemma's ``1 + w``."""
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if OFFSET:
+        w = 1.0 + w
+    return w
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr, H, stride_x, stride_y, eps, OFFSET: tl.constexpr, BLOCK_H: tl.constexpr
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     ok = cols < H
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
-    normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    normed = _normed(x, rstd, x_ptr, OFFSET)
+    w = _scale(w_ptr, cols, ok, OFFSET)
     tl.store(y_ptr + row * stride_y + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=ok)
     tl.store(rstd_ptr + row, rstd)
 
@@ -51,12 +78,12 @@ def _forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, H, stride_x, stride_y, eps, B
 @triton.jit
 def _backward_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, rows_per_program, H, stride_dy, stride_x, stride_dx,
-    WANT_DW: tl.constexpr, BLOCK_H: tl.constexpr,
+    WANT_DW: tl.constexpr, OFFSET: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     ok = cols < H
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    w = _scale(w_ptr, cols, ok, OFFSET)
     dw = tl.zeros((BLOCK_H,), tl.float32)
     first = pid.to(tl.int64) * rows_per_program
     for offset in range(0, rows_per_program):  # the last program's range may run past the rows: masked
@@ -65,12 +92,14 @@ def _backward_kernel(
         x = tl.load(x_ptr + row * stride_x + cols, mask=live, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + row * stride_dy + cols, mask=live, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + tl.minimum(row, n_rows - 1))  # a real row's (its products are masked anyway)
-        dn = (dy * w).to(x_ptr.dtype.element_ty).to(tl.float32)
+        dn = dy * w
+        if not OFFSET:  # Llama's: what autograd hands back through the cast to the input dtype
+            dn = dn.to(x_ptr.dtype.element_ty).to(tl.float32)
         dot = tl.sum(dn * x, axis=0) / H
         dx = rstd * dn - (rstd * rstd * rstd * dot) * x
         tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=live)
         if WANT_DW:
-            dw += dy * (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+            dw += dy * _normed(x, rstd, x_ptr, OFFSET)
     if WANT_DW:
         tl.store(dw_ptr + pid * H + cols, dw, mask=ok)
 
@@ -94,15 +123,19 @@ def _num_warps(h: int) -> int:
     return 1 if INTERPRETED else min(16, max(4, _block_h(h) // 512))
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight * normalize(x)`` over the last dimension, and the fp32 ``rsqrt(mean(x²) + eps)`` of each row."""
+def forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight * normalize(x)`` over the last dimension (``offset``: Gemma's ``(1 + weight)``, see above), and the
+    fp32 ``rsqrt(mean(x²) + eps)`` of each row."""
     h = x.shape[-1]
     rows = _rows(x)
-    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out = torch.empty(rows.shape, dtype=x.dtype if offset else torch.promote_types(x.dtype, weight.dtype),
+                      device=x.device)  # fmt: skip
     rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
     if rows.shape[0]:
         _forward_kernel[(rows.shape[0],)](
-            rows, weight.contiguous(), out, rstd, h, rows.stride(0), out.stride(0), eps,
+            rows, weight.contiguous(), out, rstd, h, rows.stride(0), out.stride(0), eps, OFFSET=offset,
             BLOCK_H=_block_h(h), num_warps=_num_warps(h),
         )  # fmt: skip
     return out.view(*x.shape[:-1], h), rstd
@@ -110,9 +143,10 @@ def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Te
 
 def backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, *, want_weight: bool,
-    programs: int | None = None,
+    programs: int | None = None, offset: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """The gradients of ``x`` (its dtype) and, if wanted, of ``weight`` (its dtype) from ``forward``'s ``rstd``.
+    """The gradients of ``x`` (its dtype) and, if wanted, of ``weight`` (its dtype) from ``forward``'s ``rstd``
+    (``offset``: as given to ``forward``).
 
     ``programs``: how many programs share the rows (default ``PROGRAMS_PER_SM`` per multiprocessor); each writes
     one fp32 partial row of the weight's gradient.
@@ -131,7 +165,7 @@ def backward(
     if n:
         _backward_kernel[(programs,)](
             dy, rows, weight.contiguous(), rstd, dx, partial, n, per_program, h, dy.stride(0), rows.stride(0),
-            dx.stride(0), WANT_DW=want_weight, BLOCK_H=_block_h(h), num_warps=_num_warps(h),
+            dx.stride(0), WANT_DW=want_weight, OFFSET=offset, BLOCK_H=_block_h(h), num_warps=_num_warps(h),
         )  # fmt: skip
     grad_weight = None
     if want_weight:

@@ -234,36 +234,44 @@ def test_autocast_runs_fp32_inputs_on_the_half_branch(dtype):
 
 @pytest.mark.parametrize(("rows", "width"), [(59392, 2048), (16385, 4096), (4097 * 32, 128)])
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
-def test_rms_norm_kernels_match_transformers_in_bf16(rows, width, weight_dtype):
+@pytest.mark.parametrize("form", ["llama", "gemma"])
+def test_rms_norm_kernels_match_transformers_in_bf16(rows, width, weight_dtype, form):
     # the lean norms' kernels at Llama-3.2-1B's and Llama-3-8B's widths and on Qwen3's per-head q/k norms (128),
-    # bf16 rows with bf16 weights and with fp32 weights (autocast's case): against the same module in fp64, their
-    # error may be twice the module's own (the row sums and the weight gradient's ~60k-term fp32 sum run in another
-    # order) plus two roundings of the result at the largest entry's scale; a wrong term would be O(1)
+    # bf16 rows with bf16 weights and with fp32 weights (autocast's case), Llama's form and Gemma's (1 + w, all fp32):
+    # against the function in fp64 (the modules compute in fp32 whatever their dtype), their error may be twice the
+    # module's own (the row sums and the weight gradient's ~60k-term fp32 sum run in another order) plus two
+    # roundings of the result at the largest entry's scale; a wrong term would be O(1)
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from fastdpo.ops.rms_norm import fused_norm_applies, rms_norm
 
+    gemma = form == "gemma"
     gen = torch.Generator(device="cuda").manual_seed(0)
-    norm = LlamaRMSNorm(width, eps=1e-5).to("cuda")
+    norm = (Gemma3RMSNorm(width, eps=1e-6) if gemma else LlamaRMSNorm(width, eps=1e-5)).to("cuda")
     with torch.no_grad():
-        norm.weight.copy_(1 + 0.3 * torch.randn(width, generator=gen, device="cuda"))
+        norm.weight.copy_((0 if gemma else 1) + 0.3 * torch.randn(width, generator=gen, device="cuda"))
     norm = norm.to(weight_dtype)
-    exact = LlamaRMSNorm(width, eps=1e-5).to("cuda", torch.float64)
-    exact.load_state_dict({k: v.double() for k, v in norm.state_dict().items()})
+    eps = norm.eps if gemma else norm.variance_epsilon
+    weight64 = norm.weight.detach().double().requires_grad_()
+
+    def exact(t):
+        return (1 + weight64 if gemma else weight64) * (t * torch.rsqrt(t.square().mean(-1, keepdim=True) + eps))
+
     x = (2 * torch.randn(rows, width, generator=gen, device="cuda")).bfloat16()
     grad = torch.randn(rows, width, generator=gen, device="cuda")
     assert fused_norm_applies(x, norm.weight)
 
-    def run(fn, module, inputs):
-        module.weight.grad = None
+    def run(fn, weight, inputs):
+        weight.grad = None
         leaf = inputs.detach().clone().requires_grad_()
         out = fn(leaf)
         out.backward(grad.to(out.dtype))
-        return [out.detach(), leaf.grad, module.weight.grad]
+        return [out.detach(), leaf.grad, weight.grad]
 
-    own = run(norm, norm, x)
-    got = run(lambda t: rms_norm(t, norm.weight, norm.variance_epsilon), norm, x)
-    ref = run(exact, exact, x.double())
+    own = run(norm, norm.weight, x)
+    got = run(lambda t: rms_norm(t, norm.weight, eps, offset=gemma), norm.weight, x)
+    ref = run(exact, weight64, x.double())
     for name, g, o, e in zip(("out", "grad x", "grad weight"), got, own, ref, strict=True):
         assert g.dtype == o.dtype, name
         scale = e.abs().max().item()

@@ -47,6 +47,19 @@ def llama_norm(width: int, dtype: torch.dtype, eps: float = 1e-5):
     return norm.to(dtype)
 
 
+def gemma_norm(width: int, dtype: torch.dtype, eps: float = 1e-6):
+    """transformers' Gemma-form RMSNorm (``x·r·(1 + w)`` in fp32, rounded once), its weight around 0."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    norm = Gemma3RMSNorm(width, eps=eps)
+    with torch.no_grad():
+        norm.weight.copy_(0.3 * torch.randn(width))
+    return norm.to(dtype)
+
+
+NORMS = {"llama": (llama_norm, "variance_epsilon"), "gemma": (gemma_norm, "eps")}
+
+
 def run(fn, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor):
     x = x.detach().clone().requires_grad_()
     out = fn(x)
@@ -54,14 +67,15 @@ def run(fn, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor):
     return out.detach(), x.grad, weight.grad
 
 
-def check(got, own, exact, dtype, what):
+def check(got, own, exact, dtype, what, roundings: float = 2):
     scale = exact.abs().max().item()
     error = (got.double() - exact).abs().max().item()
     own_error = (own.double() - exact).abs().max().item()
-    # one rounding of the result in its dtype at the largest entry's scale beyond the module's own error
-    assert error <= own_error + 2 * ULP[dtype] * scale + 1e-12, (what, error, own_error, scale)
+    # ``roundings`` of the result in its dtype at the largest entry's scale beyond the module's own error
+    assert error <= own_error + roundings * ULP[dtype] * scale + 1e-12, (what, error, own_error, scale)
 
 
+@pytest.mark.parametrize("form", list(NORMS))
 @pytest.mark.parametrize(
     ("shape", "dtype", "weight_dtype", "programs"),
     [
@@ -72,26 +86,36 @@ def check(got, own, exact, dtype, what):
         ((9, 17), torch.float16, torch.float16, 1),
     ],
 )
-def test_forward_and_backward_match_transformers(shape, dtype, weight_dtype, programs, monkeypatch):
+def test_forward_and_backward_match_transformers(shape, dtype, weight_dtype, programs, form, monkeypatch):
+    # Llama's form (results: the wider dtype) and Gemma's (1 + w in fp32, results in the input's dtype)
     from fastdpo.ops.rms_norm import rms_norm
 
     torch.manual_seed(0)
     k = kernels()
     monkeypatch.setattr(k, "PROGRAMS_PER_SM", programs)  # on a CPU: PROGRAMS_PER_SM programs in all
     width = shape[-1]
-    norm = llama_norm(width, weight_dtype)
-    exact_norm = llama_norm(width, torch.float64)
-    exact_norm.load_state_dict({name: t.double() for name, t in norm.state_dict().items()})
+    make, eps = NORMS[form]
+    norm = make(width, weight_dtype)
+    # the function in fp64 (the modules themselves compute in fp32 whatever their dtype)
+    weight64 = norm.weight.detach().double().requires_grad_()
+    scale = weight64 if form == "llama" else 1 + weight64
+
+    def exact_norm(t):
+        return scale * (t * torch.rsqrt(t.square().mean(-1, keepdim=True) + getattr(norm, eps)))
+
     x = (2 * torch.randn(shape)).to(dtype)
     grad = torch.randn(shape)
     own = run(norm, x, norm.weight, grad)
     norm.weight.grad = None
-    got = run(lambda t: rms_norm(t, norm.weight, norm.variance_epsilon), x, norm.weight, grad)
-    exact = run(exact_norm, x.double(), exact_norm.weight, grad.double())
-    assert got[0].dtype == own[0].dtype == torch.promote_types(dtype, weight_dtype)
+    got = run(lambda t: rms_norm(t, norm.weight, getattr(norm, eps), offset=form == "gemma"), x, norm.weight, grad)
+    exact = run(exact_norm, x.double(), weight64, grad.double())
+    out_dtype = dtype if form == "gemma" else torch.promote_types(dtype, weight_dtype)
+    assert got[0].dtype == own[0].dtype == out_dtype
     assert got[1].dtype == dtype and got[2].dtype == weight_dtype
     for name, g, o, e in zip(("out", "grad x", "grad weight"), got, own, exact, strict=True):
-        check(g, o, e, dtype if name == "grad x" else o.dtype, name)
+        # Llama's form rounds the normalized rows and dn = dy·w to the input dtype (two roundings, each of which
+        # the kernels may place on the other side); Gemma's rounds only the result, as the module does
+        check(g, o, e, dtype if name == "grad x" else o.dtype, name, roundings=2 if form == "llama" else 0.5)
 
 
 def test_a_frozen_weight_gets_no_gradient_and_no_rows_are_nothing():
@@ -137,7 +161,7 @@ def test_strided_rows_are_read_where_they_are():
 def test_the_lean_layers_run_the_kernels_where_they_apply(monkeypatch, family):
     # a whole packed model with lean_activations, its Llama-form norms and its MLPs (on blocks of 5 tokens) on the
     # kernels (as on a GPU; here forced on CPU tensors under the interpreter): the same loss and gradients as its
-    # own forwards, in fp32. Gemma 3: tanh-GELU MLPs on the kernels; its norms (x·(1 + w)) are not Llama's
+    # own forwards, in fp32. Gemma 3: its tanh-GELU MLPs and its Gemma-form norms (x·r·(1 + w)) on the kernels
     from test_model_packed import make_batch, make_examples, make_model
 
     from fastdpo.model import lean, packed_logps
@@ -146,9 +170,9 @@ def test_the_lean_layers_run_the_kernels_where_they_apply(monkeypatch, family):
     calls = []
     real = ops.rms_norm
 
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
+    def counted(*args, **kwargs):
+        calls.append(kwargs["offset"])
+        return real(*args, **kwargs)
 
     products = []
     real_product = swiglu().product
@@ -174,8 +198,11 @@ def test_the_lean_layers_run_the_kernels_where_they_apply(monkeypatch, family):
             out.seq_logps.sum().backward()
         results.append((out.seq_logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     layers = model.config.num_hidden_layers
-    norms = 2 * (2 * layers) + 1 if family == "llama" else 0  # forward and recomputation, the final norm once
-    assert len(calls) == norms, len(calls)
+    # every RMSNorm of the layers (Gemma 3: four, and q/k norms) in the forward and the recomputation, the final once
+    in_layers = sum(type(m).__name__.endswith("RMSNorm") for m in model.model.layers.modules())
+    assert in_layers == (2 if family == "llama" else 6) * layers
+    assert len(calls) == 2 * in_layers + 1, len(calls)
+    assert set(calls) == {family == "gemma3"}  # Gemma's 1 + w form
     blocks = -(-batch.input_ids.numel() // 5)
     assert len(products) == 3 * layers * blocks, len(products)  # forward, recomputation, backward: every block
     assert set(products) == {"silu" if family == "llama" else "gelu_tanh"}

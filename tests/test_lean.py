@@ -401,6 +401,31 @@ def test_which_activations_have_a_derivative_from_the_gate_alone():
                                        rtol=0, atol=0)  # fmt: skip
 
 
+def test_which_norms_the_kernels_compute():
+    # on a GPU: Llama's form (weight * normed.to(dtype)) and Gemma's (normed * (1 + w), all fp32) by their source;
+    # a norm with another forward, or whose weight is not a plain parameter, keeps the recomputing lean norm
+    from test_model_packed import cached_model
+
+    expected = {family: "gemma" if family.startswith("gemma") else "llama" for family in FAMILIES if family != "cohere"}
+    for family, form in expected.items():
+        norms = [m for m in cached_model(family).modules() if type(m).__name__.endswith("RMSNorm")]
+        assert norms and {lean_module._norm_form(m) for m in norms} == {form}, family
+    assert not any(type(m).__name__.endswith("RMSNorm") for m in cached_model("cohere").modules())  # LayerNorms
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    class Scaled(Gemma3RMSNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert lean_module._norm_form(Scaled(8)) is None
+    plain = Gemma3RMSNorm(8)
+    plain.weight = torch.nn.Parameter(torch.zeros(8))
+    assert lean_module._norm_form(plain) == "gemma"
+    del plain.weight
+    plain.weight = torch.zeros(8)  # a buffer-like plain tensor: not the parameter the kernels' gradient is for
+    assert lean_module._norm_form(plain) is None
+
+
 def test_a_lora_model_switches_its_norms_and_keeps_its_adapted_mlps():
     # LoRA wraps down_proj, whose backward the lean MLP would bypass: the MLPs keep their own forward, the norms
     # (frozen weights, inputs that need gradients) switch, and the adapters' gradients are the same

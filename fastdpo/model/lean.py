@@ -18,8 +18,8 @@ keep less:
   ``gelu_pytorch_tanh``) the derivative is the one autograd uses (``aten.silu_backward``, ``aten.gelu_backward``),
   formed from the gate alone; any other activation's is autograd's own, on a recomputed ``act_fn(gate)``.
 
-On a GPU with Triton, Llama-form norms run ``fastdpo.ops.rms_norm`` (keeping the input and one fp32 value per
-row), the SiLU and GELU MLPs' element-wise work runs ``fastdpo.kernels.swiglu``, and a Llama-form
+On a GPU with Triton, Llama-form and Gemma-form (``1 + w``) norms run ``fastdpo.ops.rms_norm`` (keeping the input
+and one fp32 value per row), the SiLU and GELU MLPs' element-wise work runs ``fastdpo.kernels.swiglu``, and a Llama-form
 ``apply_rotary_pos_emb`` (transformers' own, token for token, in the attention's module: 119 families) is replaced
 for the duration in that module by one that runs ``fastdpo.ops.rope`` on CUDA heads (bit for bit the same results)
 and calls the function itself anywhere else. With or without gradients: a reference's forward runs them too.
@@ -62,6 +62,10 @@ _LLAMA_NORM_FORWARD = (
     "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)"
     "returnself.weight*hidden_states.to(input_dtype)"
 )
+_GEMMA_NORM_FORWARD = (
+    "deff(self,x):output=self._norm(x.float())output=output*(1.0+self.weight.float())returnoutput.type_as(x)"
+)
+_GEMMA_NORM = "deff(self,x):returnx*torch.rsqrt(x.pow(2).mean(-1,keepdim=True)+self.eps)"
 _LLAMA_ROPE = (
     "deff(q,k,cos,sin,unsqueeze_dim=1):cos=cos.unsqueeze(unsqueeze_dim)sin=sin.unsqueeze(unsqueeze_dim)"
     "q_embed=q*cos+rotate_half(q)*sink_embed=k*cos+rotate_half(k)*sinreturn(q_embed,k_embed)"
@@ -106,8 +110,8 @@ def lean_forward(module: nn.Module) -> Callable | None:
         return None
     cls = type(module)
     if cls.__name__.endswith("RMSNorm") and not any(True for _ in module.children()):
-        fused = _is_llama_norm(cls) and isinstance(getattr(module, "variance_epsilon", None), float)
-        return functools.partial(_lean_norm, module, functools.partial(cls.forward, module), fused)
+        form = _norm_form(module)
+        return functools.partial(_lean_norm, module, functools.partial(cls.forward, module), form)
     if _is_gated_mlp(cls) and _plain_down_and_act(module):
         return functools.partial(_lean_mlp, module)
     return None
@@ -150,6 +154,27 @@ def _is_gated_mlp(cls: type) -> bool:
 def _is_llama_norm(cls: type) -> bool:
     """Whether ``cls.forward`` is, token for token, transformers' Llama-form RMSNorm (``fastdpo.ops.rms_norm``)."""
     return _forward_source(cls) == _LLAMA_NORM_FORWARD
+
+
+@functools.cache
+def _is_gemma_norm(cls: type) -> bool:
+    """Whether ``cls.forward`` and ``cls._norm`` are, token for token, transformers' Gemma-form RMSNorm (weights
+    ``1 + w``, all in fp32: ``fastdpo.ops.rms_norm(offset=True)``)."""
+    norm = getattr(cls, "_norm", None)
+    return _bare_source(cls.forward) == _GEMMA_NORM_FORWARD and norm is not None and _bare_source(norm) == _GEMMA_NORM
+
+
+def _norm_form(module: nn.Module) -> str | None:
+    """Which RMSNorm the kernels compute for ``module`` (``fastdpo.ops.rms_norm``): "llama", "gemma" (its ``1 + w``
+    form), or None (the recomputing lean norm only); its epsilon must be a float, its weight a plain parameter."""
+    cls = type(module)
+    if type(getattr(module, "weight", None)) is not nn.Parameter:
+        return None
+    if _is_llama_norm(cls) and isinstance(getattr(module, "variance_epsilon", None), float):
+        return "llama"
+    if _is_gemma_norm(cls) and isinstance(getattr(module, "eps", None), float):
+        return "gemma"
+    return None
 
 
 def _forward_source(cls: type) -> str | None:
@@ -228,11 +253,12 @@ def _fused_rope(space: dict) -> Iterator[None]:
             space["apply_rotary_pos_emb"] = original
 
 
-def _lean_norm(module: nn.Module, forward: Callable, fused: bool, hidden: Tensor, *args, **kwargs) -> Tensor:
+def _lean_norm(module: nn.Module, forward: Callable, form: str | None, hidden: Tensor, *args, **kwargs) -> Tensor:
     if args or kwargs:
         return forward(hidden, *args, **kwargs)
-    if fused and fused_norm_applies(hidden, module.weight):  # on a GPU: the kernels, with or without gradients
-        return rms_norm(hidden, module.weight, module.variance_epsilon)
+    if form is not None and fused_norm_applies(hidden, module.weight):  # on a GPU: the kernels, with or without grad
+        gemma = form == "gemma"
+        return rms_norm(hidden, module.weight, module.eps if gemma else module.variance_epsilon, offset=gemma)
     if not torch.is_grad_enabled():
         return forward(hidden)
     params = [p for p in module.parameters(recurse=False)]
