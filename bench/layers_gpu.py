@@ -2,11 +2,12 @@
 lean_activations.
 
     python -m bench.layers_gpu [--tokens 16384 59392] [--hidden 2048] [--intermediate 8192] [--repeats 10]
-                               [--activation silu]
+                               [--activation silu] [--norm llama]
 
 Variants, each on the same bf16 inputs and modules (transformers' ``LlamaRMSNorm``, ``LlamaMLP`` and Llama's
 ``apply_rotary_pos_emb`` on q and k heads of 64, a quarter as many k heads as q heads, as Llama-3.2-1B has them;
-the MLP's activation ``--activation``, a transformers name: ``silu``, or ``gelu_pytorch_tanh`` for Gemma's):
+the MLP's activation ``--activation``, a transformers name: ``silu``, or ``gelu_pytorch_tanh`` for Gemma's; the
+norm ``--norm``: ``llama``, or ``gemma`` for Gemma 3's ``1 + w`` form):
 
 - ``own``: the modules' own forwards under autograd;
 - ``lean_torch``: ``fastdpo.model.lean`` with its GPU kernels switched off (torch's element-wise ops between the
@@ -125,7 +126,10 @@ def run_shape(n: int, h: int, i: int, args, device: torch.device) -> list[dict]:
     config = LlamaConfig(hidden_size=h, intermediate_size=i, num_attention_heads=heads, head_dim=HEAD_DIM,
                          num_key_value_heads=max(1, heads // 4), hidden_act=args.activation)  # fmt: skip
     bf16 = {"device": device, "dtype": torch.bfloat16}
-    layer = {"norm": LlamaRMSNorm(h).to(**bf16), "mlp": LlamaMLP(config).to(**bf16),
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    norm = Gemma3RMSNorm if args.norm == "gemma" else LlamaRMSNorm
+    layer = {"norm": norm(h).to(**bf16), "mlp": LlamaMLP(config).to(**bf16),
              "attention": LlamaAttention(config, 0).to(**bf16), "x": torch.randn(n, h, **bf16, requires_grad=True),
              "grad": torch.randn(n, h, **bf16)}  # fmt: skip
     for name, count in (("q", heads), ("k", config.num_key_value_heads)):
@@ -153,7 +157,8 @@ def run_shape(n: int, h: int, i: int, args, device: torch.device) -> list[dict]:
 def _table(results: list[dict], meta: dict) -> str:
     dev = meta["device"]
     lines = [
-        f"RMSNorm, gated MLP ({meta.get('activation', 'silu')}) and RoPE (heads of {HEAD_DIM}) of one decoder layer "
+        f"RMSNorm ({meta.get('norm', 'llama')} form), gated MLP ({meta.get('activation', 'silu')}) and RoPE (heads of "
+        f"{HEAD_DIM}) of one decoder layer "
         f"on {dev['name']}, bf16, forward + "
         "backward (gradients of the inputs and every weight) and the norm and MLP forwards without gradients; torch "
         f"{meta['versions']['torch']}, triton "
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--activation", default="silu", help="the MLP's, by transformers' name (ACT2FN)")
+    parser.add_argument("--norm", choices=("llama", "gemma"), default="llama", help="the RMSNorm's form")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device name>")
     args = parser.parse_args(argv)
@@ -194,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     info = _device() if device.type == "cuda" else {"name": "CPU", "driver": "n/a"}
     out = args.out or RESULTS / info["name"].replace(" ", "_")
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": info, "versions": _versions(), "repeats": args.repeats, "activation": args.activation}
+    meta = {"device": info, "versions": _versions(), "repeats": args.repeats, "activation": args.activation,
+            "norm": args.norm}  # fmt: skip
     results = []
     for n in args.tokens:
         results += run_shape(n, args.hidden, args.intermediate, args, device)
