@@ -162,7 +162,7 @@ def test_the_lean_layers_run_the_kernels_where_they_apply(monkeypatch, family):
     # a whole packed model with lean_activations, its Llama-form norms and its MLPs (on blocks of 5 tokens) on the
     # kernels (as on a GPU; here forced on CPU tensors under the interpreter): the same loss and gradients as its
     # own forwards, in fp32. Gemma 3: its tanh-GELU MLPs and its Gemma-form norms (x·r·(1 + w)) on the kernels
-    from test_model_packed import make_batch, make_examples, make_model
+    from test_model_packed import SHAPES, make_batch, make_examples, make_model
 
     from fastdpo.model import lean, packed_logps
     from fastdpo.ops import rms_norm as ops
@@ -186,10 +186,11 @@ def test_the_lean_layers_run_the_kernels_where_they_apply(monkeypatch, family):
     monkeypatch.setattr(lean, "_fused_swiglu", lambda gate, up: True)
     monkeypatch.setattr(swiglu(), "product", counted_product)
     model = make_model(family)
-    monkeypatch.setattr(lean, "MLP_CHUNK_ELEMENTS", 5 * model.config.intermediate_size)
+    rows = 5 if family == "llama" else 64  # Gemma 3 on one block
+    monkeypatch.setattr(lean, "MLP_CHUNK_ELEMENTS", rows * model.config.intermediate_size)
     model.train()
     model.gradient_checkpointing_enable()
-    batch = make_batch(make_examples())
+    batch = make_batch(make_examples(SHAPES if family == "llama" else SHAPES[:3]))  # Gemma: interpreter time
     results = []
     for use in (False, True):
         model.zero_grad(set_to_none=True)
@@ -203,7 +204,7 @@ def test_the_lean_layers_run_the_kernels_where_they_apply(monkeypatch, family):
     assert in_layers == (2 if family == "llama" else 6) * layers
     assert len(calls) == 2 * in_layers + 1, len(calls)
     assert set(calls) == {family == "gemma3"}  # Gemma's 1 + w form
-    blocks = -(-batch.input_ids.numel() // 5)
+    blocks = -(-batch.input_ids.numel() // rows)
     assert len(products) == 3 * layers * blocks, len(products)  # forward, recomputation, backward: every block
     assert set(products) == {"silu" if family == "llama" else "gelu_tanh"}
     (value, grads), (lean_value, lean_grads) = results
