@@ -21,7 +21,7 @@ from pathlib import Path
 import datasets
 
 from bench.head_cpu import _cpu_name
-from bench.plots import bar_panels
+from bench.plots import bar_panels, palette
 from fastdpo.atomic import atomic_write
 from fastdpo.data.formats import prepare_preferences
 from fastdpo.data.tiny_tokenizer import build_tiny_tokenizer
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> None:
 def _plot(rows: int, results: list[dict], path: Path) -> None:
     """rows/s and seconds per (stage, num_proc), as the table; a color per num_proc."""
     labels = [f"{r['stage']}, num_proc={r['num_proc']}" for r in results]
-    procs = sorted({r["num_proc"] for r in results})
-    colors = [f"C{procs.index(r['num_proc'])}" for r in results]
+    color = palette(sorted(r["num_proc"] for r in results))
+    colors = [color[r["num_proc"]] for r in results]
     bar_panels(path, f"Data layer on {rows:,} synthetic standard pairs, tiny BPE tokenizer; one timed run per stage", [
         {"title": "throughput", "labels": labels, "values": [rows / r["seconds"] for r in results], "color": colors,
          "unit": "rows per second"},

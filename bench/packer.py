@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.head_cpu import _cpu_name
-from bench.plots import bar_panels
+from bench.plots import bar_panels, palette
 from fastdpo.atomic import atomic_write
 from fastdpo.data.packer import cpp_available, pack
 
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
 def _plot(results: list[dict], meta: dict, path: Path) -> None:
     """Seconds (median, min–max), items/s and the speedup over python of each (input, backend), as the table."""
     labels = [f"{r['input']}, {r['backend']}" for r in results]
-    backends = list(dict.fromkeys(r["backend"] for r in results))
-    colors = [f"C{backends.index(r['backend'])}" for r in results]  # a color per backend
+    color = palette(r["backend"] for r in results)
+    colors = [color[r["backend"]] for r in results]
     title = (f"BFD packing of {meta['items']:,} lengths in {meta['low']}..{meta['high']} into bins of "
              f"{meta['capacity']}, {meta['cpu']}, median of {meta['repeats']} (dashed: python)")  # fmt: skip
     bar_panels(path, title, [

@@ -27,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.plots import bar_panels
+from bench.plots import bar_panels, palette
 from fastdpo.atomic import atomic_write
 
 RESULTS = Path(__file__).parent / "results"
@@ -187,9 +187,9 @@ def _plot(stored: dict, path: Path) -> None:
     """The padding table's three columns per (B, variant), a color per variant; below, real tokens/s per variant of
     each timed model width (dashed: TRL's padded batches, the first row of each)."""
     rows = stored["padding"]
-    variants = list(dict.fromkeys(r["variant"] for r in [*rows, *stored["timing"]]))
+    color = palette(r["variant"] for r in [*rows, *stored["timing"]])
     labels = [f"B={r['batch_pairs']}, {r['variant']}" for r in rows]
-    colors = [f"C{variants.index(r['variant'])}" for r in rows]
+    colors = [color[r["variant"]] for r in rows]
     panels = [
         {"title": "padding", "labels": labels, "values": [100 * r["padding_fraction"] for r in rows],
          "unit": "% of computed tokens"},
@@ -207,7 +207,7 @@ def _plot(stored: dict, path: Path) -> None:
                        "labels": [t["variant"] for t in timed], "values": [t["real_tokens_per_s"] for t in timed],
                        "unit": f"real tokens per second (dashed: {timed[0]['variant']})",
                        "reference": timed[0]["real_tokens_per_s"],
-                       "color": [f"C{variants.index(t['variant'])}" for t in timed]})  # fmt: skip
+                       "color": [color[t["variant"]] for t in timed]})  # fmt: skip
     title = ("Padding and attention work of batches of B pairs: TRL's padded batches against fastdpo's packed rows"
              + ("; below, a Llama body's fwd+bwd on the first pairs" if widths else ""))  # fmt: skip
     bar_panels(path, title, panels, columns=3, label_width=3.6)

@@ -71,6 +71,12 @@ def bar_panels(path: Path, title: str, panels: list[dict], *, columns: int = 4, 
     return True
 
 
+def palette(keys) -> dict:
+    """A matplotlib cycle color (``"C0"``, ``"C1"``, ...) per distinct key, in the order keys first appear: bars of
+    one group (a backend, a variant) share a color across panels."""
+    return {key: f"C{index}" for index, key in enumerate(dict.fromkeys(keys))}
+
+
 def timing_panel(title: str, rows: list[dict], baseline: str) -> dict | None:
     """A panel of the rows' timings (``times`` in seconds, per ``variant``) in ms, median with min–max, the
     ``baseline`` variant's median dashed; None when no row has timings (every variant failed)."""
