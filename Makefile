@@ -26,9 +26,13 @@ lint: $(VENV)/.installed
 # pytest exits 5 when it collects no tests; make treats that, like any non-zero exit, as a failure.
 # Triton reads TRITON_INTERPRET when it decorates kernels, so the interpreter tests get their own process.
 # --durations: the slowest tests in every log, to watch the suite's time.
+# -n $(WORKERS): pytest-xdist workers (CI has 2 cores). Each one single-threaded (OMP_NUM_THREADS=1): two workers of
+# two torch threads each on 2 cores made the suite 2x slower, not faster. --dist loadfile keeps a test file on one
+# worker, so module-scoped fixtures (the quickstart's run, trained models) are built once.
+WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -m "not interpreter" --durations=30
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m interpreter --durations=5
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not interpreter" -n $(WORKERS) --dist loadfile --durations=30
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -m interpreter -n $(WORKERS) --dist load --durations=5
 
 bench-cpu: $(VENV)/.installed
 	$(BIN)/python -m bench.head_cpu
