@@ -16,7 +16,7 @@ its ``num_proc`` workers (by PSS). What a user's script would keep (report, data
 Steps: ``DPOTrainer`` (and ``SFTTrainer``) on a tiny Llama (H=32, 2 layers), CPU fp32, 4 pairs a step, max_length
 128, logging every step, in a fresh process; RSS read at every step's end. Reported: RSS at step 50 and at the
 last step, the growth, the highest RSS in between, the least-squares slope (bytes a step; a leak shows there
-first). Results: bench/results/load_cpu.{json,md}.
+first). Results: bench/results/load_cpu.{json,md,png} (``--render DIR`` draws DIR/load_cpu.png from its json).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import random
 import resource
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from bench.rss import RssSampler, rss_bytes, status_kib
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,7 @@ WORD_TYPES = 40_000
 PROMPT_WORDS = (70, 1.0, 2000)  # lognormal median, sigma, cap
 COMPLETION_WORDS = (220, 0.6, 1500)
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")
+PEAK_BAR, GROWTH_BAR = 4e9, 50e6  # bytes: the bars, for the pipeline's peak RSS and for the RSS growth over steps
 
 
 # ---------------------------------------------------------------------------------------------------- the data
@@ -131,84 +133,6 @@ def train_tokenizer(path: Path, out: Path, *, vocab_size: int = 16_000, sample_r
     return fast
 
 
-# ---------------------------------------------------------------------------------------------------- memory
-
-
-def _status_kib() -> dict[str, int]:
-    wanted = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
-    fields = (line.partition(":") for line in Path("/proc/self/status").read_text().splitlines())
-    return {key: int(value.split()[0]) for key, _, value in fields if key in wanted}
-
-
-def _statm(pid: int | str) -> tuple[int, int]:
-    """(resident, resident anonymous) bytes of a process, from ``/proc/<pid>/statm``; (0, 0) if it is gone."""
-    try:
-        with open(f"/proc/{pid}/statm") as statm:
-            fields = statm.read().split()
-    except OSError:
-        return 0, 0
-    page = os.sysconf("SC_PAGE_SIZE")
-    return int(fields[1]) * page, (int(fields[1]) - int(fields[2])) * page
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident memory of a process, in bytes; 0 if it is gone."""
-    return _statm(pid)[0]
-
-
-def pss_bytes(pid: int | str = "self") -> int:
-    """Proportional set size of a process (its pages shared with others, e.g. a fork's parent, counted by share),
-    in bytes; 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            for line in rollup:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _children() -> list[int]:
-    pids = []
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return pids
-
-
-class RssSampler(threading.Thread):
-    """Samples every ``interval`` s the RSS of this process plus the PSS of its children (``num_proc`` workers are
-    forks: RSS would count the pages they share with this process again), and this process's anonymous RSS;
-    ``take_peak()`` returns and resets the highest of each since the last call (the kernel's VmHWM is exact, but
-    covers this process only and does not split anonymous from file-backed pages)."""
-
-    def __init__(self, interval: float = 0.02) -> None:
-        super().__init__(daemon=True)
-        self.interval, self.peaks = interval, [0, 0, 0]
-        self._stop_event = threading.Event()
-
-    def _sample(self) -> list[int]:
-        children = sum(pss_bytes(pid) for pid in _children())
-        rss, anon = _statm("self")
-        return [rss + children, anon, children]
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            self.peaks = [max(a, b) for a, b in zip(self.peaks, self._sample(), strict=True)]
-
-    def take_peak(self) -> tuple[int, int, int]:
-        """(process + children, anonymous of this process, children) peaks since the last call."""
-        peaks = [max(a, b) for a, b in zip(self.peaks, self._sample(), strict=True)]
-        self.peaks = [0, 0, 0]
-        return peaks[0], peaks[1], peaks[2]
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-
 # ---------------------------------------------------------------------------------------------------- pipeline
 
 
@@ -225,7 +149,7 @@ def _stage(records: list, sampler: RssSampler, name: str, rows: int, fn):
     out = fn()
     seconds = time.perf_counter() - start
     peak, anon, children = sampler.take_peak()
-    status = _status_kib()
+    status = status_kib()
     records.append({"stage": name, "rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
                     "rss_start_bytes": rss_start, "peak_sampled_bytes": peak, "peak_anon_bytes": anon,
                     "peak_children_bytes": children,
@@ -493,7 +417,7 @@ def _pipeline_table(result: dict) -> list[str]:
               f"{_mib(anon['peak_anon_bytes'])} MiB, in {anon['stage'].split(' (')[0]}; "
               f"{_mib(result['start_rss_bytes'])} MiB before the first stage (libraries imported, tokenizer loaded, "
               f"a warm-up on 64 rows). {total:.0f} s of stages, {result['process_seconds']:.0f} s with start-up. "
-              f"Bar, peak < 4 GB (4e9 bytes): {'met' if peak < 4e9 else 'NOT met'}."]  # fmt: skip
+              f"Bar, peak < 4 GB (4e9 bytes): {'met' if peak < PEAK_BAR else 'NOT met'}."]  # fmt: skip
     return lines
 
 
@@ -506,7 +430,7 @@ def _steps_table(results: list[dict]) -> list[str]:
         lines.append(f"| {r['kind']} | {r['steps']} | {r['seconds'] / r['steps']:.3f} | {_mib(g['rss_first_bytes'])} | "
                      f"{_mib(g['rss_last_bytes'])} | {g['growth_bytes'] / 1e6:+.1f} | "
                      f"{g['max_above_first_bytes'] / 1e6:.1f} | {g['slope_bytes_per_step'] / 1024:+.1f} | "
-                     f"{'met' if g['growth_bytes'] < 50e6 else 'NOT met'} |")  # fmt: skip
+                     f"{'met' if g['growth_bytes'] < GROWTH_BAR else 'NOT met'} |")  # fmt: skip
     return lines
 
 
@@ -547,12 +471,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--skip-sft", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/load_cpu.png from its json")
     parser.add_argument("--worker", choices=("pipeline", "steps"), help=argparse.SUPPRESS)
     for name in ("--data", "--tokenizer", "--kind"):
         parser.add_argument(name, help=argparse.SUPPRESS)
     for name, default in (("--max-length", 1024), ("--batch-size", 8), ("--train-rows", 1000), ("--leak-bytes", 0)):
         parser.add_argument(name, type=int, default=default, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.render:
+        _plot(json.loads((args.render / "load_cpu.json").read_text()), args.render / "load_cpu.png")
+        return
     if args.worker == "pipeline":
         num_proc = None if args.num_proc[0] == 1 else args.num_proc[0]
         result = pipeline_worker(Path(args.data), Path(args.tokenizer), max_length=args.max_length,
@@ -592,8 +520,32 @@ def run_all(args: argparse.Namespace) -> None:
     atomic_write(args.out / "load_cpu.json", json.dumps({"meta": meta, "pipelines": pipelines, "steps": steps},
                                                         indent=1) + "\n")  # fmt: skip
     atomic_write(args.out / "load_cpu.md", text)
+    _plot({"meta": meta, "pipelines": pipelines, "steps": steps}, args.out / "load_cpu.png")
     print(text)
     print(f"bench.load_cpu: {meta['seconds']:.0f} s", file=sys.stderr)
+
+
+def _plot(stored: dict, path: Path) -> None:
+    """Seconds and peak RSS of each pipeline stage, RSS growth of each trainer, as in the tables (dashed: the bars)."""
+    from bench.plots import bar_panels
+
+    panels, steps = [], stored["steps"]
+    for p in stored["pipelines"]:
+        names = [s["stage"].split(" (")[0] for s in p["stages"]]  # the table's stages, without their details
+        seconds = [s["seconds"] for s in p["stages"]]
+        peaks = [s["peak_sampled_bytes"] / MIB for s in p["stages"]]
+        panels.append({"title": f"num_proc={p['num_proc']}: wall time", "labels": names, "values": seconds,
+                       "unit": "seconds"})  # fmt: skip
+        unit = f"MiB (dashed: the bar, {PEAK_BAR / 1e9:.0f} GB)"
+        panels.append({"title": "peak RSS in the stage", "labels": names, "values": peaks, "color": "tab:orange",
+                       "reference": PEAK_BAR / MIB, "unit": unit})  # fmt: skip
+    first = steps[0]["growth"]["first_step"]
+    growth = [r["growth"]["growth_bytes"] / 1e6 for r in steps]
+    panels.append({"title": f"RSS growth from step {first} to the last", "labels": [r["kind"] for r in steps],
+                   "values": growth, "color": "tab:green", "reference": GROWTH_BAR / 1e6,
+                   "unit": f"MB (dashed: the bar, {GROWTH_BAR / 1e6:.0f} MB)"})  # fmt: skip
+    title = f"Load on CPU, {stored['meta']['cpu']}, {stored['meta']['date']}: the data pipeline's stages (top), RSS"
+    bar_panels(path, title + " over training steps (bottom)", panels, columns=2)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import data_cpu, dpo_cpu, dpo_gpu, head_gpu, memory_cpu, packer, packing_cpu, ref_cache_cpu
+from bench import data_cpu, dpo_cpu, dpo_gpu, head_gpu, load_cpu, memory_cpu, packer, packing_cpu, ref_cache_cpu
 from bench.plots import bar_panels, timing_panel
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -55,7 +55,7 @@ def test_a_timing_panel_is_in_ms_with_the_baselines_median_dashed():
     [(dpo_gpu, "NVIDIA_H200/run4/batch64", "dpo_gpu"), (head_gpu, "NVIDIA_H200/run5", "head_gpu"),
      (dpo_cpu, ".", "dpo_cpu"), (memory_cpu, ".", "memory_cpu"), (packer, ".", "packer"),
      (data_cpu, ".", "data_cpu"), (packing_cpu, ".", "packing_cpu"), (packing_cpu, ".", "packing_cpu_widths"),
-     (ref_cache_cpu, ".", "ref_cache_cpu")],
+     (ref_cache_cpu, ".", "ref_cache_cpu"), (load_cpu, ".", "load_cpu")],
 )  # fmt: skip
 def test_render_draws_a_stored_runs_chart_from_its_json_and_leaves_its_table(tmp_path, module, stored, name):
     shutil.copy(RESULTS / stored / f"{name}.json", tmp_path)
