@@ -100,11 +100,20 @@ def test_an_existing_run_directory_is_not_overwritten(workdir):
      ({"loss_type": "sigmod"}, [], "column 'loss_type'"),
      ({}, ["--dataset_columns", "{prompt"], "is not JSON")],
 )  # fmt: skip
-def test_bad_configs_fail_with_one_clear_line(workdir, config, flags, expected):
+def test_bad_configs_fail_with_one_clear_line(workdir, config, flags, expected, monkeypatch, capsys):
+    # in this process (main() prints and returns the status as the command does; argparse's own errors exit): a
+    # subprocess each would spend ~10 s importing; the tests above and below run the command itself
+    from fastdpo.cli import main
+
     path = workdir / "bad.yaml"
     path.write_text(yaml.safe_dump({"model_name_or_path": "model", "dataset_name": "pairs.jsonl",
                                     "output_dir": "bad_run", **config}))  # fmt: skip
-    done = fastdpo("dpo", "--config", "bad.yaml", *flags, cwd=workdir)
+    monkeypatch.chdir(workdir)
+    try:
+        code = main(["dpo", "--config", "bad.yaml", *flags])
+    except SystemExit as stop:
+        code = stop.code
+    done = subprocess.CompletedProcess([], code, *capsys.readouterr())
     assert done.returncode == 2
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("fastdpo: error:") and expected in line, done.stderr[-2000:]
