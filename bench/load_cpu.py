@@ -397,6 +397,11 @@ def _mib(value: float) -> str:
     return f"{value / MIB:,.0f}"
 
 
+def _stage_name(stage: dict) -> str:
+    """A stage's name without its details in parentheses."""
+    return stage["stage"].split(" (")[0]
+
+
 def _pipeline_table(result: dict) -> list[str]:
     lines = [f"Pipeline, num_proc={result['num_proc']} (RSS in MiB; anon + file: anonymous and file-backed pages, "
              "the latter mostly memory-mapped Arrow files):", "",
@@ -414,16 +419,17 @@ def _pipeline_table(result: dict) -> list[str]:
               f"{_mib(result['peak_bytes'])} MiB; datasets workers, counted by PSS: at most "
               f"{_mib(max(s['peak_children_bytes'] for s in result['stages']))} MiB together, the largest "
               f"{_mib(result['ru_maxrss_children_bytes'])} MiB by its RSS); anonymous memory peaked at "
-              f"{_mib(anon['peak_anon_bytes'])} MiB, in {anon['stage'].split(' (')[0]}; "
+              f"{_mib(anon['peak_anon_bytes'])} MiB, in {_stage_name(anon)}; "
               f"{_mib(result['start_rss_bytes'])} MiB before the first stage (libraries imported, tokenizer loaded, "
               f"a warm-up on 64 rows). {total:.0f} s of stages, {result['process_seconds']:.0f} s with start-up. "
-              f"Bar, peak < 4 GB (4e9 bytes): {'met' if peak < PEAK_BAR else 'NOT met'}."]  # fmt: skip
+              f"Bar, peak < {PEAK_BAR / 1e9:.0f} GB ({PEAK_BAR / 1e9:.0f}e9 bytes): "
+              f"{'met' if peak < PEAK_BAR else 'NOT met'}."]  # fmt: skip
     return lines
 
 
 def _steps_table(results: list[dict]) -> list[str]:
     lines = ["| trainer | steps | s/step | RSS at step 50 MiB | RSS at last step MiB | growth MB | "
-             "max above step 50 MB | slope KiB/step | bar: growth < 50 MB |",
+             f"max above step 50 MB | slope KiB/step | bar: growth < {GROWTH_BAR / 1e6:.0f} MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in results:
         g = r["growth"]
@@ -531,7 +537,7 @@ def _plot(stored: dict, path: Path) -> None:
 
     panels, steps = [], stored["steps"]
     for p in stored["pipelines"]:
-        names = [s["stage"].split(" (")[0] for s in p["stages"]]  # the table's stages, without their details
+        names = [_stage_name(s) for s in p["stages"]]
         seconds = [s["seconds"] for s in p["stages"]]
         peaks = [s["peak_sampled_bytes"] / MIB for s in p["stages"]]
         panels.append({"title": f"num_proc={p['num_proc']}: wall time", "labels": names, "values": seconds,

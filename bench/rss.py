@@ -16,8 +16,8 @@ def status_kib() -> dict[str, int]:
 def statm(pid: int | str) -> tuple[int, int]:
     """(resident, resident anonymous) bytes of a process, from ``/proc/<pid>/statm``; (0, 0) if it is gone."""
     try:
-        with open(f"/proc/{pid}/statm") as statm:
-            fields = statm.read().split()
+        with open(f"/proc/{pid}/statm") as file:
+            fields = file.read().split()
     except OSError:
         return 0, 0
     page = os.sysconf("SC_PAGE_SIZE")
