@@ -1,15 +1,12 @@
-"""A DPOTrainer run for tests/test_train_distributed.py: ``python distributed_worker.py OUT MODEL JSON_ARGS``.
+"""DPOTrainer runs for tests/test_train_distributed.py: ``python distributed_worker.py OUT MODEL JSON_RUNS``.
 
-Run alone, or under ``torchrun --nproc_per_node N`` (gloo on CPU). Rank 0 writes the logged steps to OUT/logs.json.
+Run alone, or under ``torchrun --nproc_per_node N`` (gloo on CPU). Rank 0 writes each run's logged steps to
+OUT/<run>/logs.json (``launch.serve``).
 """
-
-import json
-import pathlib
-import sys
 
 import datasets
 import torch
-from launch import finish
+from launch import serve
 from test_train_dpo import common_args, synthetic_pairs
 from tiny_tokenizer import build_tiny_tokenizer
 from transformers import LlamaForCausalLM
@@ -17,20 +14,18 @@ from transformers import LlamaForCausalLM
 from fastdpo.train import DPOConfig, DPOTrainer
 
 
-def main() -> None:
-    out, model_dir, extra = pathlib.Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+def train(out, model_dir: str, options: dict) -> DPOTrainer:
     datasets.disable_progress_bars()
-    tokenizer = build_tiny_tokenizer()
 
     def load():
         return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
-    args = DPOConfig(**{**common_args(out, "run"), "disable_tqdm": True, "use_cpu": True, **extra})
+    args = DPOConfig(**{**common_args(out, "run"), "disable_tqdm": True, "use_cpu": True, **options})
     trainer = DPOTrainer(load(), ref_model=load(), args=args, train_dataset=synthetic_pairs(16),
-                         processing_class=tokenizer)  # fmt: skip
+                         processing_class=build_tiny_tokenizer())  # fmt: skip
     trainer.train()
-    finish(trainer, out)
+    return trainer
 
 
 if __name__ == "__main__":
-    main()
+    serve(train)

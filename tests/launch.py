@@ -1,8 +1,10 @@
 """Run a training worker script in 1 process, or in N under torchrun or accelerate launch (gloo on CPU).
 
-The worker takes ``OUT MODEL JSON_OPTIONS`` and its rank 0 writes ``OUT/logs.json`` as ``{"world_size": N,
-"logs": [...], "zero3_partitioned": bool, "engine": wrapper class}`` (``finish``). Each launch gets its own free
-port: torchrun's ``--standalone`` and port 0 rendezvous were seen to hang on this machine.
+The worker takes ``OUT MODEL JSON_RUNS``: named runs, each a dict of trainer options, which every process trains in
+turn (``serve``): one launch pays the processes' start (~10 s of imports each) once for all its runs. After each,
+rank 0 writes ``OUT/<name>/logs.json`` as ``{"world_size": N, "logs": [...], "zero3_partitioned": bool, "engine":
+wrapper class}``. Each launch gets its own free port: torchrun's ``--standalone`` and port 0 rendezvous were seen to
+hang on this machine.
 """
 
 from __future__ import annotations
@@ -27,9 +29,38 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def finish(trainer, out: Path) -> None:
-    """The worker's last step: rank 0 writes ``OUT/logs.json``; under several processes, all then wait for it and
-    leave at once.
+def serve(train) -> None:
+    """The worker's main: ``train(out, model, options)`` trains one run and returns its trainer; each run of argv's
+    ``OUT MODEL JSON_RUNS`` trains in turn (the trainers of one process share accelerate's state, as transformers'
+    do), rank 0 writes its logs, and under several processes all then leave together (``end_processes``). Every
+    trainer stays referenced until then: none of their DDP reducers is freed while gloo runs."""
+    import torch.distributed as dist
+
+    out, model, runs = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    trainers = []
+    for name, options in runs.items():
+        trainers.append(train(out / name, model, options))
+        if trainers[-1].args.process_index == 0:
+            write_logs(trainers[-1], out / name)
+    if dist.is_available() and dist.is_initialized():
+        end_processes()
+
+
+def write_logs(trainer, out: Path) -> None:
+    """``out/logs.json``: the trainer's logged steps, its world size, whether ZeRO-3 partitioned its models, and the
+    class that wrapped the policy."""
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    models = [trainer.model, *([trainer.ref_model] if getattr(trainer, "ref_model", None) is not None else [])]
+    # under ZeRO-3, parameters over DeepSpeed's persistence threshold are partitioned: numel 0 outside a gather
+    partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for m in models for p in m.parameters())
+    result = {"world_size": trainer.args.world_size, "logs": logs, "zero3_partitioned": partitioned,
+              "engine": type(trainer.model_wrapped).__name__}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs.json").write_text(json.dumps(result))
+
+
+def end_processes() -> None:
+    """Wait for every process, then exit without tearing gloo down.
 
     Two ways to leave gloo that were seen to fail on a 2-core runner: exiting with its threads alive aborts the
     process ("terminate called without an active exception", and torchrun then kills the others, possibly before
@@ -38,22 +69,6 @@ def finish(trainer, out: Path) -> None:
     for). So after a barrier every process ends with ``os._exit(0)``: the results are on disk, nothing is left to
     tear down.
     """
-    import torch.distributed as dist
-
-    if trainer.args.process_index == 0:
-        logs = [log for log in trainer.state.log_history if "loss" in log]
-        models = [trainer.model, *([trainer.ref_model] if getattr(trainer, "ref_model", None) is not None else [])]
-        # under ZeRO-3, parameters over DeepSpeed's persistence threshold are partitioned: numel 0 outside a gather
-        partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for m in models for p in m.parameters())
-        result = {"world_size": trainer.args.world_size, "logs": logs, "zero3_partitioned": partitioned,
-                  "engine": type(trainer.model_wrapped).__name__}  # fmt: skip
-        (out / "logs.json").write_text(json.dumps(result))
-    if dist.is_available() and dist.is_initialized():
-        end_processes()
-
-
-def end_processes() -> None:
-    """Wait for every process, then exit without tearing gloo down (see ``finish``)."""
     import torch.distributed as dist
 
     dist.barrier()
@@ -77,12 +92,12 @@ def run_processes(command: list[str], timeout: float = 300) -> None:
     assert process.returncode == 0, stderr[-3000:]
 
 
-def launch(worker: Path, out: Path, model: Path, processes: int, accelerate_config: Path | None = None,
-           **options) -> dict:  # fmt: skip
-    """What ``worker`` run with ``options`` in ``processes`` processes wrote (``finish``): torchrun, or
-    ``accelerate launch --config_file accelerate_config``."""
+def launch(worker: Path, out: Path, model: Path, processes: int, runs: dict[str, dict],
+           accelerate_config: Path | None = None) -> dict[str, dict]:  # fmt: skip
+    """What ``worker`` wrote for each of ``runs`` (name: options), all trained by one launch of ``processes``
+    processes (``serve``): torchrun, or ``accelerate launch --config_file accelerate_config``."""
     out.mkdir()
-    arguments = [str(worker), str(out), str(model), json.dumps(options)]
+    arguments = [str(worker), str(out), str(model), json.dumps(runs)]
     port = str(free_port())
     if accelerate_config is not None:
         command = [ACCELERATE, "launch", "--config_file", str(accelerate_config), "--num_processes", str(processes),
@@ -92,6 +107,6 @@ def launch(worker: Path, out: Path, model: Path, processes: int, accelerate_conf
     else:
         command = [TORCHRUN, "--nproc_per_node", str(processes), "--master_port", port, *arguments]
     run_processes(command)
-    result = json.loads((out / "logs.json").read_text())
-    assert result["world_size"] == processes
-    return result
+    results = {name: json.loads((out / name / "logs.json").read_text()) for name in runs}
+    assert all(result["world_size"] == processes for result in results.values())
+    return results

@@ -24,10 +24,32 @@ pytestmark = pytest.mark.slow
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
 
-def run(tmp_path: Path, name: str, processes: int, **options) -> list[dict]:
-    result = launch(WORKER, tmp_path / name, tmp_path / "model", processes, **options)
-    assert not result["zero3_partitioned"] and result["engine"] != "DeepSpeedEngine"
-    return result["logs"]
+# the token budget runs: rank r takes every 2nd batch, so a step of 2 processes = 2 accumulated batches of one
+BUDGET = {"max_tokens_per_batch": 150}
+
+
+def ddp_runs(tmp_path: Path, processes: int, name: str, **options) -> dict[str, list[dict]]:
+    """Each run's logged steps, all trained in one launch of ``processes`` processes: 4 pairs per step (2 per
+    process), the token budget, and the cached reference (process 0 computes the file, process 1 waits and reads
+    it) written under ``tmp_path/cache_<name>``."""
+    pairs = {"per_device_train_batch_size": 4 // processes}
+    runs = {
+        "pairs": pairs,
+        "budget": {**BUDGET, "gradient_accumulation_steps": 2 // processes},
+        "cached": {**pairs, "precompute_ref_log_probs": True, "ref_cache_dir": str(tmp_path / f"cache_{name}")},
+    }
+    results = launch(WORKER, tmp_path / name, tmp_path / "model", processes, runs)
+    for result in results.values():
+        assert not result["zero3_partitioned"] and result["engine"] != "DeepSpeedEngine"
+    return {run: result["logs"] for run, result in results.items()}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
+    """The tiny model's folder, and the single-process runs both tests compare with."""
+    tmp_path = tmp_path_factory.mktemp("distributed")
+    tiny_model(build_tiny_tokenizer(), tmp_path / "model")
+    return tmp_path, ddp_runs(tmp_path, 1, "one")
 
 
 def assert_same_steps(ours: list[dict], expected: list[dict]) -> None:
@@ -39,22 +61,11 @@ def assert_same_steps(ours: list[dict], expected: list[dict]) -> None:
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
-def test_two_processes_take_the_steps_of_one(tmp_path):
-    tiny_model(build_tiny_tokenizer(), tmp_path / "model")
-    one = run(tmp_path, "one", 1, per_device_train_batch_size=4)
-    two = run(tmp_path, "two", 2, per_device_train_batch_size=2)
-    assert_same_steps(two, one)
-    # token budgets: rank r takes every 2nd batch, so a step of 2 processes = 2 accumulated batches of one
-    budget = {"max_tokens_per_batch": 150}
-    one = run(tmp_path, "budget_one", 1, gradient_accumulation_steps=2, **budget)
-    two = run(tmp_path, "budget_two", 2, **budget)
-    assert_same_steps(two, one)
-    # the cached reference: process 0 computes the file, process 1 waits and reads it
-    one = run(tmp_path, "cached_one", 1, per_device_train_batch_size=4, precompute_ref_log_probs=True,
-              ref_cache_dir=str(tmp_path / "cache_one"))  # fmt: skip
-    two = run(tmp_path, "cached_two", 2, per_device_train_batch_size=2, precompute_ref_log_probs=True,
-              ref_cache_dir=str(tmp_path / "cache_two"))  # fmt: skip
-    assert_same_steps(two, one)
+def test_two_processes_take_the_steps_of_one(one_process):
+    tmp_path, one = one_process
+    two = ddp_runs(tmp_path, 2, "two")
+    for run in ("pairs", "budget", "cached"):
+        assert_same_steps(two[run], one[run])
     assert len(list((tmp_path / "cache_two").glob("*.arrow"))) == 1  # one file, written once
 
 
@@ -68,19 +79,20 @@ ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold":
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed next to this Python")
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_deepspeed_zero3_takes_the_steps_of_one_process(tmp_path):
+def test_deepspeed_zero3_takes_the_steps_of_one_process(one_process):
     # policy and reference partitioned over 2 processes (DeepSpeed's CPU accelerator, gloo); the fused head runs as
     # the LM head module's forward, so ZeRO-3 gathers its weight for the forward and again for the backward
-    tiny_model(build_tiny_tokenizer(), tmp_path / "model")
-    one = run(tmp_path, "one", 1, per_device_train_batch_size=4)
-    two = launch(WORKER, tmp_path / "zero3", tmp_path / "model", 2, per_device_train_batch_size=2, deepspeed=ZERO3)
+    tmp_path, one = one_process
+    one = one["pairs"]
+    two = launch(WORKER, tmp_path / "zero3", tmp_path / "model", 2,
+                 {"zero3": {"per_device_train_batch_size": 2, "deepspeed": ZERO3}})["zero3"]  # fmt: skip
     assert two["zero3_partitioned"] and two["engine"] == "DeepSpeedEngine"
     assert_same_steps(two["logs"], one)
     # the shipped accelerate config, through accelerate launch (DeepSpeed keeps this tiny model's parameters whole:
     # all are under its default persistence threshold; the run above partitions them)
     config = Path(fastdpo.__file__).parent / "configs" / "accelerate" / "zero3.yaml"
-    launched = launch(WORKER, tmp_path / "yaml", tmp_path / "model", 2, accelerate_config=config,
-                      per_device_train_batch_size=2)  # fmt: skip
+    launched = launch(WORKER, tmp_path / "yaml", tmp_path / "model", 2, {"yaml": {"per_device_train_batch_size": 2}},
+                      accelerate_config=config)["yaml"]  # fmt: skip
     assert launched["engine"] == "DeepSpeedEngine"
     assert_same_steps(launched["logs"], one)
 
@@ -97,6 +109,8 @@ def test_fsdp2_on_two_gpus_takes_the_steps_of_one_process(tmp_path):
     # the trainer's FSDP2 path through accelerate (on CPU, only the sharded step runs: tests/test_fsdp2.py)
     tiny_model(build_tiny_tokenizer(), tmp_path / "model")
     gpu = {"use_cpu": False, "bf16": False, "gradient_checkpointing": True}
-    one = run(tmp_path, "one", 1, per_device_train_batch_size=4, **gpu)
-    two = run(tmp_path, "fsdp2", 2, per_device_train_batch_size=2, **gpu, **FSDP2)
-    assert_same_steps(two, one)
+    one = launch(WORKER, tmp_path / "one", tmp_path / "model", 1, {"one": {"per_device_train_batch_size": 4, **gpu}})
+    two = launch(WORKER, tmp_path / "fsdp2", tmp_path / "model", 2,
+                 {"fsdp2": {"per_device_train_batch_size": 2, **gpu, **FSDP2}})  # fmt: skip
+    assert not two["fsdp2"]["zero3_partitioned"] and two["fsdp2"]["engine"] != "DeepSpeedEngine"
+    assert_same_steps(two["fsdp2"]["logs"], one["one"]["logs"])

@@ -3,35 +3,42 @@
 One process with 4 examples per step; two processes with 1 example each and 2 accumulation steps: the same 4
 examples per step, so the same loss and gradients if the loss is divided by the step's targets over both
 processes and both micro-batches (times 2, which DDP's averaging undoes) and DDP's all-reduce is armed by a
-forward through its wrapper. Run as a script, this file is the worker: ``python THIS OUT MODEL JSON_ARGS``.
+forward through its wrapper. Run as a script, this file is the worker: ``python THIS OUT MODEL JSON_RUNS``
+(``launch.serve``).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import sys
 from pathlib import Path
 
 import pytest
-from launch import TORCHRUN, finish, launch
+from launch import TORCHRUN, launch, serve
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve()
 
 
-def assert_two_take_the_steps_of_one(tmp_path: Path, **two_options) -> None:
-    """One process with 4 examples per step vs two with 1 each and 2 accumulation steps (plus ``two_options``)."""
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The tiny model's folder, and the logged steps of one process with 4 examples per step (both tests' yardstick)."""
     import torch
     from test_train_sft import tiny_llama_config
     from tiny_tokenizer import build_tiny_tokenizer
     from transformers import LlamaForCausalLM
 
+    tmp_path = tmp_path_factory.mktemp("sft_distributed")
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(build_tiny_tokenizer())).save_pretrained(tmp_path / "model")
-    one = launch(HERE, tmp_path / "one", tmp_path / "model", 1, per_device_train_batch_size=4)["logs"]
-    result = launch(HERE, tmp_path / "two", tmp_path / "model", 2, per_device_train_batch_size=1,
-                    gradient_accumulation_steps=2, **two_options)  # fmt: skip
+    one = launch(HERE, tmp_path / "one", tmp_path / "model", 1, {"one": {"per_device_train_batch_size": 4}})
+    return tmp_path, one["one"]["logs"]
+
+
+def assert_two_take_the_steps_of_one(one_process, name: str, **two_options) -> None:
+    """Two processes with 1 example each and 2 accumulation steps (plus ``two_options``) vs ``one_process``."""
+    tmp_path, one = one_process
+    result = launch(HERE, tmp_path / name, tmp_path / "model", 2, {name: {"per_device_train_batch_size": 1,
+                    "gradient_accumulation_steps": 2, **two_options}})[name]  # fmt: skip
     assert result["zero3_partitioned"] == ("deepspeed" in two_options)
     two = result["logs"]
     assert len(one) == len(two) == 2
@@ -42,20 +49,20 @@ def assert_two_take_the_steps_of_one(tmp_path: Path, **two_options) -> None:
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
-def test_two_processes_take_the_steps_of_one(tmp_path):
-    assert_two_take_the_steps_of_one(tmp_path)
+def test_two_processes_take_the_steps_of_one(one_process):
+    assert_two_take_the_steps_of_one(one_process, "two")
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed next to this Python")
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_deepspeed_zero3_takes_the_steps_of_one_process(tmp_path):
+def test_deepspeed_zero3_takes_the_steps_of_one_process(one_process):
     # every parameter partitioned (the head's too: run_head lets ZeRO-3 gather it)
     from test_train_distributed import ZERO3
 
-    assert_two_take_the_steps_of_one(tmp_path, deepspeed=ZERO3)
+    assert_two_take_the_steps_of_one(one_process, "zero3", deepspeed=ZERO3)
 
 
-def main() -> None:
+def train(out: Path, model_dir: str, options: dict):
     import datasets
     import torch
     from test_train_sft import common_args, prompt_completion_rows
@@ -64,15 +71,14 @@ def main() -> None:
 
     from fastdpo.train import SFTConfig, SFTTrainer
 
-    out, model_dir, options = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     datasets.disable_progress_bars()
     args = SFTConfig(**{**common_args(out, "run"), "disable_tqdm": True, "use_cpu": True, **options})
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = SFTTrainer(model, args=args, train_dataset=prompt_completion_rows(16, seed=2),
                          processing_class=build_tiny_tokenizer())  # fmt: skip
     trainer.train()
-    finish(trainer, out)
+    return trainer
 
 
 if __name__ == "__main__":
-    main()
+    serve(train)
