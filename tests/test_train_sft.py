@@ -406,6 +406,24 @@ def test_varlen_and_the_models_attention_train_alike_under_gradient_checkpointin
             assert runs["varlen"][step][name] == pytest.approx(runs["model"][step][name], rel=1e-4), (step, name)
 
 
+def test_rows_are_as_long_as_the_longest_example_on_sdpa_and_one_row_on_varlen(load, tokenizer, tmp_path):
+    # sdpa attends over whole rows (work ∝ row length²): a step's examples go into rows as long as its longest one,
+    # several to a row; per-sequence attention (varlen) takes the step as one row
+    data = prompt_completion_rows(16, seed=3)
+    for attention in ("model", "varlen"):
+        args = SFTConfig(**common_args(tmp_path, attention, packing=False, packed_attention=attention))
+        trainer = SFTTrainer(model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+        examples = [trainer.train_dataset[i] for i in range(8)]
+        lengths = [len(example["input_ids"]) for example in examples]
+        batch = trainer.data_collator(examples)
+        rows, width = batch["input_ids"].shape
+        if attention == "model":
+            assert trainer.data_collator.pack_length is None
+            assert width == max(lengths) and rows < len(examples), (lengths, rows, width)
+        else:
+            assert rows == 1 and width == sum(lengths)
+
+
 def test_lean_activations_train_as_the_models_own_forwards(load, tokenizer, tmp_path, monkeypatch):
     from fastdpo.model import lean as lean_module
 

@@ -21,8 +21,9 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
   file.
 - ``activation_offloading`` moves the body's saved activations to host memory (``fastdpo.model.offload``; the
   copies do not overlap compute as TRL's do; nothing moves on a CPU).
-- Ours: ``pack_length`` (row capacity for unpacked steps; default ``max_length`` for eager/sdpa attention, at
-  least 4096 for flash-style attention, never less than the longest sequence of the step), ``head_impl``,
+- Ours: ``pack_length`` (row capacity for unpacked steps; default the step's longest sequence for eager/sdpa
+  attention, as DPO's, at least 4096 for flash-style attention, never less than the longest sequence of the step),
+  ``head_impl``,
   ``packed_attention`` (as ``DPOConfig``'s: ``auto|varlen|model``, the attention the packed steps run with;
   ``fastdpo.model.packed_attention``), ``lean_activations`` (as ``DPOConfig``'s: ``fastdpo.model.lean``).
 """
