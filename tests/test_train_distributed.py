@@ -28,7 +28,7 @@ WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 BUDGET = {"max_tokens_per_batch": 150}
 
 
-def ddp_runs(tmp_path: Path, processes: int, name: str, **options) -> dict[str, list[dict]]:
+def ddp_runs(tmp_path: Path, processes: int, name: str) -> dict[str, list[dict]]:
     """Each run's logged steps, all trained in one launch of ``processes`` processes: 4 pairs per step (2 per
     process), the token budget, and the cached reference (process 0 computes the file, process 1 waits and reads
     it) written under ``tmp_path/cache_<name>``."""
