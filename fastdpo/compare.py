@@ -129,12 +129,26 @@ def _generate(model, ids: list[int], *, max_new_tokens: int, eos: int, sample: b
 @torch.no_grad()
 def _logp(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
     """Σ log π(answer | prompt)."""
-    if not answer_ids:
-        return 0.0
+    return _logps(model, [(prompt_ids, answer_ids)])[0]
+
+
+@torch.no_grad()
+def _logps(model, items: list[tuple[list[int], list[int]]]) -> list[float]:
+    """Σ log π(answer | prompt) for each ``(prompt_ids, answer_ids)``; items whose prompts and answers have the same
+    lengths run as one batch, with no padding (a row attends to its own tokens only)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids + answer_ids], device=device)
-    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-    return float(logits.log_softmax(-1).gather(-1, ids[0, len(prompt_ids) :, None]).sum())
+    sums = [0.0] * len(items)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (prompt, answer) in enumerate(items):
+        if answer:  # an empty answer scores 0
+            groups.setdefault((len(prompt), len(answer)), []).append(i)
+    for (start, _), rows in groups.items():
+        ids = torch.tensor([items[i][0] + items[i][1] for i in rows], device=device)
+        logits = model(input_ids=ids).logits[:, start - 1 : -1].float()
+        scores = logits.log_softmax(-1).gather(-1, ids[:, start:, None]).sum((1, 2))
+        for i, score in zip(rows, scores.tolist(), strict=True):
+            sums[i] = score
+    return sums
 
 
 def _answer(policy, reference, tokenizer, prompt_ids, answer_ids, beta, checker=None) -> Answer:
@@ -176,16 +190,17 @@ def compare(policy, reference, tokenizer, prompts: list[tuple[str, object]], *, 
 def pair_metrics(policy, reference, tokenizer, pairs: list[dict], *, beta: float = 0.1) -> dict:
     """Reward accuracy and margin on preference pairs, and both models' mean chosen log-probability."""
     eos = [tokenizer.eos_token_id]
-    chosen_gap, rejected_gap, chosen_policy, chosen_reference = [], [], [], []
-    for pair in pairs:
-        prompt = tokenizer(pair["prompt"])["input_ids"]
-        chosen = tokenizer(pair["chosen"], add_special_tokens=False)["input_ids"] + eos
-        rejected = tokenizer(pair["rejected"], add_special_tokens=False)["input_ids"] + eos
-        pc, rc = _logp(policy, prompt, chosen), _logp(reference, prompt, chosen)
-        chosen_gap.append(pc - rc)
-        rejected_gap.append(_logp(policy, prompt, rejected) - _logp(reference, prompt, rejected))
-        chosen_policy.append(pc)
-        chosen_reference.append(rc)
+    prompts = [tokenizer(pair["prompt"])["input_ids"] for pair in pairs]
+
+    def answers(side: str) -> list[tuple[list[int], list[int]]]:
+        return [(prompt, tokenizer(pair[side], add_special_tokens=False)["input_ids"] + eos)
+                for prompt, pair in zip(prompts, pairs, strict=True)]  # fmt: skip
+
+    chosen, rejected = answers("chosen"), answers("rejected")
+    chosen_policy, chosen_reference = _logps(policy, chosen), _logps(reference, chosen)
+    rejected_policy, rejected_reference = _logps(policy, rejected), _logps(reference, rejected)
+    chosen_gap = [p - r for p, r in zip(chosen_policy, chosen_reference, strict=True)]
+    rejected_gap = [p - r for p, r in zip(rejected_policy, rejected_reference, strict=True)]
     margins = [beta * (c - r) for c, r in zip(chosen_gap, rejected_gap, strict=True)]
     n = len(pairs)
     chosen_policy_mean, chosen_reference_mean = sum(chosen_policy) / n, sum(chosen_reference) / n

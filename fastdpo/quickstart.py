@@ -191,19 +191,30 @@ def sequence_logps(model, tokenizer, prompts: list[str], completions: list[str])
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 6) -> list[str]:
+    """Each prompt's greedy answer, up to EOS or ``max_new_tokens``. Prompts of the same token length decode as one
+    batch, with no padding (a row attends to its own tokens only; batched products may round otherwise than a lone
+    row's), a row leaving it at its EOS."""
     model.eval()
-    answers = []
-    for prompt in prompts:
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-        out = []
+    encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    answers: list[list[int]] = [[] for _ in prompts]
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        groups.setdefault(len(ids), []).append(i)
+    for live in groups.values():
+        ids = torch.tensor([encoded[i] for i in live])
         for _ in range(max_new_tokens):
-            token = int(model(input_ids=ids).logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
+            tokens = model(input_ids=ids).logits[:, -1].argmax(-1)
+            going = tokens != tokenizer.eos_token_id
+            still = []
+            for i, token, on in zip(live, tokens.tolist(), going.tolist(), strict=True):
+                if on:
+                    answers[i].append(token)
+                    still.append(i)
+            live = still
+            if not live:
                 break
-            out.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-        answers.append(tokenizer.decode(out))
-    return answers
+            ids = torch.cat([ids[going], tokens[going, None]], dim=1)
+    return [tokenizer.decode(answer) for answer in answers]
 
 
 @dataclass

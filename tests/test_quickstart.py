@@ -205,6 +205,29 @@ def test_compare_with_the_task_checker(short_run, tmp_path):
     assert all(r.policy.reward == 0.0 and r.kl_estimate == 0.0 for r in same)
 
 
+def test_batched_greedy_answers_and_log_probs_equal_one_at_a_time(short_run):
+    # prompts of 1-, 2- and 3-digit numbers (token lengths differ) decode in batches of equal length; each answer
+    # and each log-probability must be what the prompt gets alone
+    out, _ = short_run
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastdpo.compare import _logp, _logps
+    from fastdpo.quickstart import greedy_answers
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "dpo")
+    model = AutoModelForCausalLM.from_pretrained(out / "dpo")
+    prompts = ["next: 9 ", "prev: 10 ", "next: 479 ", "prev: 480 ", "next: 5 ", "next: 99 ", "prev: 301 "]
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) == 3
+    answers = greedy_answers(model, tokenizer, prompts)
+    assert answers == [greedy_answers(model, tokenizer, [p])[0] for p in prompts]
+    items = [(tokenizer(p)["input_ids"], tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+             for p, a in zip(prompts, [*answers[:-1], ""], strict=True)]  # fmt: skip
+    items[-1] = (items[-1][0], [])  # an empty answer scores 0
+    alone = [_logp(model, *item) for item in items]
+    # fp32 sums of a few log-probs; a batched product may round otherwise than a lone row's
+    assert _logps(model, items) == pytest.approx(alone, rel=1e-5, abs=1e-6) and alone[-1] == 0.0
+
+
 @pytest.mark.slow
 def test_sweep_reuses_one_reference_cache_and_recommends_a_beta(short_run, tmp_path, monkeypatch):
     import fastdpo.model.reference_cache as reference_cache
