@@ -87,12 +87,19 @@ def straight(workdir):
     return run
 
 
+def _signals_by_default() -> None:
+    # a suite started as a shell's background job inherits SIGINT ignored, and ignored signals stay ignored
+    # (stop_on_signals): the run gets the disposition of a command typed at a terminal
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def start(workdir: Path, command: str, out: Path) -> subprocess.Popen:
     # stderr to a file: a pipe nobody reads until the end could fill up and block the run
     with (workdir / f"{out.name}.stderr").open("w") as stderr:
         return subprocess.Popen([sys.executable, "-m", "fastdpo.cli", command, "--config", f"{command}.yaml",
                                  "--output_dir", str(out)], cwd=workdir, env=THREADS, stdout=subprocess.DEVNULL,
-                                stderr=stderr)  # fmt: skip
+                                stderr=stderr, preexec_fn=_signals_by_default)  # fmt: skip
 
 
 def wait_until(ready, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -198,7 +205,15 @@ def test_resume_refuses_other_settings_and_a_directory_without_checkpoints(workd
     assert not (workdir / "never_ran").exists()
 
 
-def test_a_second_signal_acts_as_before_and_the_handlers_are_restored():
+@pytest.fixture
+def interactive_sigint():
+    """SIGINT raising KeyboardInterrupt, as Python sets it up at a terminal (not ignored, as in a background job)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_signal_acts_as_before_and_the_handlers_are_restored(interactive_sigint):
     callbacks = []
     trainer = SimpleNamespace(args=SimpleNamespace(world_size=1), add_callback=callbacks.append,
                               remove_callback=callbacks.remove)  # fmt: skip
