@@ -183,10 +183,12 @@ def sequence_logps(model, tokenizer, prompts: list[str], completions: list[str])
     for i, (p, c) in enumerate(rows):
         ids[i, : len(p) + len(c)] = torch.tensor(p + c)
         scored[i, len(p) : len(p) + len(c)] = True
+    device = next(model.parameters()).device  # the trainers leave a model on the GPU when there is one
+    ids, scored = ids.to(device), scored.to(device)
     logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id) | scored).logits.float()
     logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
     mask = scored[:, 1:]
-    return (logp * mask).sum(-1), mask.sum(-1)
+    return (logp * mask).sum(-1).cpu(), mask.sum(-1).cpu()
 
 
 @torch.no_grad()
@@ -200,8 +202,9 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
     groups: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         groups.setdefault(len(ids), []).append(i)
+    device = next(model.parameters()).device
     for live in groups.values():
-        ids = torch.tensor([encoded[i] for i in live])
+        ids = torch.tensor([encoded[i] for i in live], device=device)
         for _ in range(max_new_tokens):
             tokens = model(input_ids=ids).logits[:, -1].argmax(-1)
             going = tokens != tokenizer.eos_token_id
