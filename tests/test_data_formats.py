@@ -109,6 +109,27 @@ def test_parquet_csv_json_and_dataset_dict_load_the_same_rows(tmp_path):
         load_data(both, split="validation")
 
 
+def test_a_list_of_row_dicts_is_a_dataset_everywhere_and_bad_rows_are_named():
+    from fastdpo.data import prepare_sft, tokenize_sft
+
+    tokenizer = build_tiny_tokenizer()
+    listed = [{"prompt": "p1", "chosen": "c1", "rejected": "r1"}, {"prompt": "p2", "chosen": "c2", "rejected": "r2"}]
+    assert load_data(listed).to_list() == rows(*listed).to_list()
+    assert prepare_preferences(listed).to_list() == prepare_preferences(rows(*listed)).to_list()
+    # before: tokenize_preferences(list) failed with "'list' object has no attribute 'map'"
+    tokenized = tokenize_preferences(listed, tokenizer).dataset
+    assert tokenized.to_list() == tokenize_preferences(rows(*listed), tokenizer).dataset.to_list()
+    sft = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]
+    assert tokenize_sft(sft, tokenizer).dataset["input_ids"] == tokenize_sft(rows(*sft), tokenizer).dataset["input_ids"]
+    assert prepare_sft(sft).to_list() == prepare_sft(rows(*sft)).to_list()
+    with pytest.raises(DataError, match=r"row 1: is a str, not a dict of column values — pass one dict per row"):
+        tokenize_preferences([listed[0], "p2 c2 r2"], tokenizer)
+    with pytest.raises(DataError, match="the rows do not form one table: .* — give each column values of one type"):
+        load_data([listed[0], {"prompt": "p2", "chosen": [user("c2")], "rejected": "r2"}])
+    with pytest.raises(DataError, match="got tuple — load it first"):
+        tokenize_preferences(tuple(listed), tokenizer)
+
+
 # ---------------------------------------------------------------------------------------------- column mapping
 
 

@@ -1,4 +1,5 @@
-"""Load a dataset from wherever a user keeps it: a ``datasets`` object, a local file, or a hub name.
+"""Load a dataset from wherever a user keeps it: a ``datasets`` object, a list of row dicts, a local file, or a hub
+name.
 
 Local JSON Lines and JSON files are checked line by line first, so a broken line is reported by its number
 instead of as a parser traceback from deep inside ``datasets``; so is a value Arrow cannot hold (a lone surrogate,
@@ -13,6 +14,7 @@ import re
 from pathlib import Path
 
 import datasets
+import pyarrow
 from datasets.exceptions import DatasetGenerationError
 
 from fastdpo.errors import DataError
@@ -24,24 +26,44 @@ def load_data(source, *, split: str | None = "train") -> datasets.Dataset | data
     """A ``datasets.Dataset`` (or ``DatasetDict`` with ``split=None``) from ``source``.
 
     Args:
-        source: a ``Dataset``/``DatasetDict``; a local ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` file; or a
-            hub name, passed to ``datasets.load_dataset``.
+        source: a ``Dataset``/``DatasetDict``; a list of dicts, one per row; a local ``.jsonl``, ``.json``,
+            ``.parquet`` or ``.csv`` file; or a hub name, passed to ``datasets.load_dataset``.
         split: which split of a ``DatasetDict`` or hub dataset; None keeps them all.
     """
     if isinstance(source, datasets.DatasetDict):
         return source if split is None else _pick_split(source, split, str(split))
-    if isinstance(source, datasets.Dataset):
-        return source
+    if isinstance(source, (datasets.Dataset, list)):
+        return as_dataset(source)
     if not isinstance(source, (str, os.PathLike)):
         raise DataError(
             f"cannot load a dataset from {type(source).__name__}",
-            fix="pass a datasets.Dataset, a path to a .jsonl/.json/.parquet/.csv file, or a hub name",
+            fix="pass a datasets.Dataset, a list of row dicts, a path to a .jsonl/.json/.parquet/.csv file, or a hub "
+            "name",
         )
     path = Path(source)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         return _load_local(path, split)
     loaded = datasets.load_dataset(str(source), split=split)
     return loaded
+
+
+def as_dataset(data) -> datasets.Dataset:
+    """``data`` as a ``datasets.Dataset``: a Dataset as it is, a list of dicts (one per row) as a new one."""
+    if isinstance(data, datasets.Dataset):
+        return data
+    if not isinstance(data, list):
+        raise DataError(f"expected a datasets.Dataset or a list of row dicts, got {type(data).__name__}",
+                        fix="load it first, e.g. with fastdpo.data.load_data (files, hub names)")  # fmt: skip
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            fix = "pass one dict per row, e.g. {'prompt': ..., 'chosen': ..., 'rejected': ...}"
+            raise DataError(f"is a {type(row).__name__}, not a dict of column values", row=index, fix=fix)
+    try:
+        return datasets.Dataset.from_list(data)
+    except (pyarrow.lib.ArrowException, TypeError, ValueError) as error:
+        raise DataError(f"the rows do not form one table: {error}",
+                        fix="give each column values of one type in every row (all strings, or all message "
+                        "lists), or None where a row has none") from None  # fmt: skip
 
 
 def _pick_split(data: datasets.DatasetDict, split: str, name: str) -> datasets.Dataset:

@@ -35,7 +35,7 @@ from typing import Any
 import datasets
 from jinja2.exceptions import TemplateError
 
-from fastdpo.data.load import load_data
+from fastdpo.data.load import as_dataset, load_data
 from fastdpo.data.schema import (
     is_message_list,
     missing_column,
@@ -255,7 +255,7 @@ class TokenizedSFT:
 
 
 def tokenize_sft(
-    dataset: datasets.Dataset,
+    dataset: datasets.Dataset | list[dict],
     tokenizer,
     *,
     max_length: int | None = 1024,
@@ -268,7 +268,7 @@ def tokenize_sft(
     """Add ``input_ids`` and ``labels`` (-100 where no loss), as ``SFTTrainer._prepare_dataset`` does unpacked.
 
     Args:
-        dataset: rows as ``prepare_sft`` returns them.
+        dataset: rows as ``prepare_sft`` returns them (a Dataset, or a list of row dicts).
         tokenizer: a ``transformers`` tokenizer; it needs an EOS token for string data and a chat template (or
             ``chat_template=``) for conversations.
         max_length: cut ``input_ids``/``labels`` to this many tokens; None keeps them whole.
@@ -283,6 +283,7 @@ def tokenize_sft(
         raise unknown_choice("truncation_mode", truncation_mode, SFT_TRUNCATION_MODES)
     if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
         raise ConfigError(f"must be a positive integer or None, got {max_length!r}", column="max_length")
+    dataset = as_dataset(dataset)
     if len(dataset) == 0:
         raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
     layout = sft_layout(dataset.column_names)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import datasets
 from jinja2.exceptions import TemplateError
 
+from fastdpo.data.load import as_dataset
 from fastdpo.data.quality import message_problem
 from fastdpo.data.schema import is_message_list, source_version
 from fastdpo.errors import ConfigError, DataError, unknown_choice
@@ -108,7 +109,7 @@ def _tokenize_batch(batch: dict, indices: list[int], tokenizer, eos_token: str |
 
 
 def tokenize_preferences(
-    dataset: datasets.Dataset,
+    dataset: datasets.Dataset | list[dict],
     tokenizer,
     *,
     max_length: int | None = 1024,
@@ -124,6 +125,7 @@ def tokenize_preferences(
     sequence when batches are built (``truncate``); ``max_prompt_length``/``max_completion_length``, when set,
     are applied here.
     """
+    dataset = as_dataset(dataset)
     if truncation_mode not in TRUNCATION_MODES:
         raise unknown_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
     for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length),
