@@ -24,8 +24,9 @@ with ``DPOConfig``'s default margin): ``logps/chosen_change`` in the training lo
 ``LikelihoodDisplacementWarning`` when the chosen answers grow less likely while reward accuracy rises.
 
 The loss of a micro-batch is the mean over its pairs, as TRL's (the Trainer then scales for gradient accumulation
-as it does for TRL). Options fastdpo does not implement raise ``ConfigError`` naming them: ``ld_alpha``,
-``use_weighting``, vision datasets, and ``compute_metrics`` (it needs the full logits, which are never built).
+as it does for TRL). ``ld_alpha`` (LD-DPO) and ``use_weighting`` (WPO) run on the step's plain head path
+(``fastdpo.train.step``); ``ld_alpha`` outside [0, 1] is a ``ConfigError``. Refused with a ``ConfigError``: vision
+datasets, and ``compute_metrics`` (it needs the full logits, which are never built).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from fastdpo.model.attention import PACKED_ATTENTION, packed_attention, use_atte
 from fastdpo.model.hooks import forward_as  # noqa: E402
 from fastdpo.train.common import check_lean_activations, lean_layers  # noqa: E402
 from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
-from fastdpo.train.config import loss_config_of  # noqa: E402
+from fastdpo.train.config import check_weighting, loss_config_of  # noqa: E402
 from fastdpo.train.dpo import DisplacementWatch, _as_batch, packer_for  # noqa: E402
 from fastdpo.train.sft import PackedSFTLoss, SequencePacker, _pack_length, refuse_logit_hooks  # noqa: E402
 from fastdpo.train.step import preference_step, reference_logps  # noqa: E402
@@ -103,10 +104,8 @@ def _attention_of(args) -> str | None:
 
 
 def _refuse(args, compute_metrics) -> None:
-    for name, off in (("ld_alpha", None), ("use_weighting", False)):
-        if getattr(args, name, off) != off:
-            raise ConfigError(f"is not supported by fastdpo.trl (got {getattr(args, name)!r})", column=name,
-                              fix=f"leave it at {off!r}, or use trl.DPOTrainer for this run")  # fmt: skip
+    if args is not None:
+        check_weighting(args)
     refuse_logit_hooks(TRL_FALLBACK, compute_metrics=compute_metrics)
 
 
@@ -166,7 +165,8 @@ class DPOTrainer(trl.DPOTrainer):
 
         def packed_forward(*args, **kwargs):
             return preference_step(inner, batch, self.loss_config, ref_logps=ref_logps, head_impl="auto",
-                                   token_metrics=True, aux_loss_coef=aux_coef)  # fmt: skip
+                                   token_metrics=True, aux_loss_coef=aux_coef, ld_alpha=self.args.ld_alpha,
+                                   use_weighting=self.args.use_weighting)  # fmt: skip
 
         with self.accelerator.autocast(), forward_as(inner, packed_forward):
             out = model()  # through the DDP/FSDP wrapper (forward_as)
@@ -175,15 +175,16 @@ class DPOTrainer(trl.DPOTrainer):
 
     def _reference_logps(self, inner, batch) -> torch.Tensor:
         """``[P, 2]``: TRL's reference for this setup, on the packed batch."""
+        ld_alpha = self.args.ld_alpha
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is not None:
-                return reference_logps(self.accelerator.unwrap_model(self.ref_model), batch)
+                return reference_logps(self.accelerator.unwrap_model(self.ref_model), batch, ld_alpha=ld_alpha)
             if not is_peft_model(inner):
                 raise ConfigError("no reference: TRL keeps none here", column="ref_model",
                                   fix="pass ref_model, a peft_config, or precompute_ref_log_probs=True")  # fmt: skip
             # as TRL: a new adapter's reference is the base (adapters off), a re-trained one's its "ref" copy
             with use_adapter(inner, adapter_name="ref" if "ref" in inner.peft_config else None):
-                return reference_logps(inner, batch)
+                return reference_logps(inner, batch, ld_alpha=ld_alpha)
 
     def _record(self, out, batch, mode: str) -> None:
         """TRL's metrics of this micro-batch, gathered over processes: one value each, averaged at the next log."""

@@ -35,6 +35,28 @@ def test_values_equal_a_naive_padded_computation():
     torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-5)
 
 
+def test_ld_alpha_values_equal_a_naive_padded_computation_and_have_their_own_file(tmp_path):
+    from fastdpo.data import pack_pairs
+    from fastdpo.train.step import reference_logps
+
+    model = tiny_llama(4)  # fp64
+    rows = make_pairs(seed=14, count=7)
+    expected, _, _ = naive_sums(model, rows, ld_alpha=0.25)
+    assert not torch.allclose(expected, naive_sums(model, rows)[0])  # some pair has a tail
+    got = compute_reference_logps(model, rows, max_length=None, batch_size=3, progress=False, ld_alpha=0.25)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-5)  # stored in fp32, as above
+    batch = pack_pairs(rows, pack_length=None)  # the separate reference's pass on a training batch (pairs reordered)
+    torch.testing.assert_close(reference_logps(model, batch, ld_alpha=0.25), expected[batch.pair_ids],
+                               rtol=1e-10, atol=1e-10)  # fp64 sums in another order  # fmt: skip
+    common = {"cache_dir": tmp_path, "max_length": None, "progress": False}
+    plain = cached_reference_logps(model.float(), rows, **common)
+    weighted = cached_reference_logps(model, rows, **common, ld_alpha=0.25)
+    assert len(list(tmp_path.glob("*.arrow"))) == 2 and not torch.equal(plain, weighted)
+    counter = ForwardCounter(model)
+    assert torch.equal(cached_reference_logps(model, rows, **common, ld_alpha=0.25), weighted)
+    assert counter.calls == 0
+
+
 def test_second_call_reads_the_file_and_any_key_change_recomputes(tmp_path):
     model = tiny_llama(2).float()
     rows = make_pairs(seed=12, count=6)
@@ -96,10 +118,16 @@ def test_trainer_with_cached_reference_trains_as_with_a_separate_one_and_reuses_
 
     separate, separate_logs = train("separate")
     cached, cached_logs = train("cached", precompute_ref_log_probs=True, **cache)
+    _, separate_ld = train("separate_ld", ld_alpha=0.5)  # LD-DPO: the cache holds weighted sums
+    _, cached_ld = train("cached_ld", precompute_ref_log_probs=True, ld_alpha=0.5, **cache)
     assert separate.ref_model is not None and cached.ref_model is None  # no second copy of the weights
     for step in (0, 1):  # the cache was computed in other batches: fp32 rounding of the reference sums
         for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
             assert cached_logs[step][name] == pytest.approx(separate_logs[step][name], rel=1e-5, abs=1e-7), name
+            assert cached_ld[step][name] == pytest.approx(separate_ld[step][name], rel=1e-5, abs=1e-7), name
+    # some sequence has a tail past its pair's shorter side: LD-DPO's sums differ
+    names = ("logps/chosen", "logps/rejected")
+    assert any(cached_ld[s][n] != pytest.approx(cached_logs[s][n], rel=1e-3) for s in (0, 1) for n in names)
     assert cached.evaluate()["eval_loss"] == pytest.approx(separate.evaluate()["eval_loss"], rel=1e-5)
 
     policy = load()

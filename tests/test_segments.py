@@ -55,3 +55,19 @@ def test_bad_shapes_are_refused():
         segment_sum(torch.zeros(5), torch.tensor([0, 5]), torch.ones(4))
     with pytest.raises(ValueError, match="^cu_seqlens:"):
         segment_sum(torch.zeros(5), torch.tensor([0.0, 5.0]))
+
+
+def test_ld_token_weights_weigh_each_pairs_tail_past_the_shorter_side():
+    from fastdpo.ops.segments import ld_token_weights
+
+    # segments: pair 0 chosen (3 completion tokens), pair 0 rejected (1), a padding segment, pair 1 rejected (2) and
+    # pair 1 chosen (4): pairs need not be adjacent nor in order
+    x = -100
+    segments = [[x, x, 5, 6, 7, x], [x, 8, x], [x, x], [x, 1, 2, x], [x, 3, 4, 9, 9, x]]
+    targets = torch.tensor([t for segment in segments for t in segment])
+    cu_seqlens = torch.tensor([0, 6, 9, 11, 15, 21], dtype=torch.int32)
+    seq_pair, seq_is_chosen = torch.tensor([0, 0, -1, 1, 1]), torch.tensor([True, False, False, False, True])
+    a = 0.25
+    expected = [*[1, 1, 1, a, a, 1], *[1, 1, 1], *[1, 1], *[1, 1, 1, 1], *[1, 1, 1, a, a, 1]]
+    got = ld_token_weights(targets, cu_seqlens, seq_pair, seq_is_chosen, a)
+    assert got.dtype == torch.float32 and got.tolist() == expected

@@ -70,6 +70,11 @@ TRL_CASES = {
     },
     "forward_kl": {"loss_type": ["hinge"], "f_divergence_type": "forward_kl"},
     "mix": {"loss_type": ["sigmoid", "sft", "ipo"], "loss_weights": [0.8, 0.2, 0.5]},
+    # LD-DPO and WPO: the plain head path, token weights in both models' sums, pair weights on every loss type
+    "ld_alpha": {"loss_type": ["sigmoid"], "ld_alpha": 0.3},
+    "wpo": {"loss_type": ["sigmoid"], "use_weighting": True},
+    # (not with "sft": TRL 1.16 fails there, multiplying its expanded SFT loss in place by the weights)
+    "wpo_ld_mix": {"loss_type": ["sigmoid", "ipo"], "loss_weights": [0.8, 0.5], "use_weighting": True, "ld_alpha": 0.0},
 }
 
 

@@ -40,8 +40,9 @@ def make_pairs(seed: int = 0, count: int = 5) -> list[dict]:
              "rejected_ids": ids(int(torch.randint(1, 8, (1,), generator=gen)))} for _ in range(count)]  # fmt: skip
 
 
-def naive_sums(model, pairs, with_prompt=False):
-    """[B, 2] completion log-prob sums (and ORPO's prompt+chosen token mean NLL), padded batch, full logits."""
+def naive_sums(model, pairs, with_prompt=False, ld_alpha=None):
+    """[B, 2] completion log-prob sums (and ORPO's prompt+chosen token mean NLL), padded batch, full logits;
+    ``ld_alpha``: LD-DPO's, the completion tokens past the shorter side's length weighted by it."""
     seqs = [p["prompt_ids"] + p[k] for p in pairs for k in ("chosen_ids", "rejected_ids")]
     longest = max(map(len, seqs))
     ids = torch.zeros(len(seqs), longest, dtype=torch.long)
@@ -53,7 +54,11 @@ def naive_sums(model, pairs, with_prompt=False):
     sums, counts = [], []
     for i, s in enumerate(seqs):
         start = len(pairs[i // 2]["prompt_ids"]) - 1  # position t predicts token t + 1
-        sums.append(token_logp[i, start : len(s) - 1].sum())
+        completion = token_logp[i, start : len(s) - 1]
+        if ld_alpha is not None:
+            shared = min(len(pairs[i // 2]["chosen_ids"]), len(pairs[i // 2]["rejected_ids"]))
+            completion = torch.cat([completion[:shared], ld_alpha * completion[shared:]])
+        sums.append(completion.sum())
         counts.append(len(s) - 1 - start)
     sums = torch.stack(sums).view(-1, 2)
     counts = torch.tensor(counts, dtype=torch.float64).view(-1, 2)
@@ -99,6 +104,47 @@ def test_loss_and_gradients_equal_the_naive_padded_step(loss_type, fused):
     got = preference_step(policy, batch, config, ref_model=ref, fused=fused, head_impl="torch")
     got_grads = torch.autograd.grad(got.loss, list(policy.parameters()))
     # fp64 both ways: packed-vs-padded attention and chunked-vs-full head differ by rounding only
+    torch.testing.assert_close(got.loss, expected, rtol=1e-9, atol=1e-12)
+    for (name, _), g, e in zip(policy.named_parameters(), got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-10, msg=name)
+
+
+def naive_wpo_weights(model, pairs):
+    """[B] WPO pair weights (TRL 1.16's eq. 2): per sequence exp(mean over completion tokens of log p(y_t) −
+    log Σ_v p_v²), chosen × rejected; each sequence alone through the model, full logits, no gradient."""
+    means = []
+    with torch.no_grad():
+        for pair in pairs:
+            for key in ("chosen_ids", "rejected_ids"):
+                ids = torch.tensor([pair["prompt_ids"] + pair[key]])
+                logp = model(input_ids=ids).logits.log_softmax(-1)[0, :-1]
+                start = len(pair["prompt_ids"]) - 1
+                token = logp.gather(-1, ids[0, 1:, None])[:, 0]
+                aligned = token - torch.logsumexp(2 * logp, -1)
+                means.append(aligned[start:].mean())
+    weights = torch.exp(torch.stack(means)).view(-1, 2)
+    return weights[:, 0] * weights[:, 1]
+
+
+@pytest.mark.parametrize(("ld_alpha", "use_weighting"), [(0.3, False), (None, True), (0.0, True)])
+def test_ld_alpha_and_wpo_equal_the_naive_padded_step(ld_alpha, use_weighting):
+    policy, reference = tiny_llama(0), tiny_llama(1)
+    pairs = make_pairs(seed=3, count=6)
+    pi, _, _ = naive_sums(policy, pairs, ld_alpha=ld_alpha)
+    with torch.no_grad():
+        ref, _, _ = naive_sums(reference, pairs, ld_alpha=ld_alpha)
+    losses = -F.logsigmoid(BETA * ((pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1])))
+    weights = naive_wpo_weights(policy, pairs) if use_weighting else torch.ones(len(pairs), dtype=torch.float64)
+    assert use_weighting is bool((weights < 0.999).any())  # the weights are not all 1
+    expected = (losses * weights).mean()
+    expected_grads = torch.autograd.grad(expected, list(policy.parameters()))
+
+    batch = pack_pairs(pairs, pack_length=32, backend="python")
+    config = LossConfig(loss_type="sigmoid", beta=BETA)
+    got = preference_step(policy, batch, config, ref_model=reference, head_impl="torch", ld_alpha=ld_alpha,
+                          use_weighting=use_weighting)  # fmt: skip
+    got_grads = torch.autograd.grad(got.loss, list(policy.parameters()))
+    # fp64 both ways, as above; the weights carry no gradient in either
     torch.testing.assert_close(got.loss, expected, rtol=1e-9, atol=1e-12)
     for (name, _), g, e in zip(policy.named_parameters(), got_grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-10, msg=name)

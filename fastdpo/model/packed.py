@@ -39,6 +39,7 @@ from fastdpo.model.attention import attends_per_sequence, register_varlen_attent
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.offload import offload_activations as _offload
 from fastdpo.ops import LinearLogprobs, linear_logprobs, segment_sum
+from fastdpo.ops.segments import ld_token_weights
 
 # Attention implementations for which transformers builds the packed (block-diagonal) mask from position_ids.
 MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
@@ -358,6 +359,7 @@ def packed_logps(
     temperature: float = 1.0,
     outputs: tuple[str, ...] = ("logp",),
     attn_implementation: str | None = None,
+    ld_alpha: float | None = None,
 ) -> PackedLogps:
     """Per-token and per-sequence log-probs of ``batch.targets`` under ``model``, without materializing logits.
 
@@ -368,6 +370,8 @@ def packed_logps(
         temperature: divides the logits after the model's own head transformations.
         outputs: per-token outputs of ``linear_logprobs`` (``logp`` always; ``entropy``, ``mean_logit``, ...).
         attn_implementation: see ``packed_hidden_states``.
+        ld_alpha: LD-DPO (TRL's option): ``seq_logps`` weigh the completion tokens of a pair's sequences beyond the
+            length both sides share by ``ld_alpha`` (``fastdpo.ops.segments.ld_token_weights``); None: plain sums.
 
     Gradients flow to the model's parameters unless called under ``torch.no_grad()`` (the reference pass).
     """
@@ -382,7 +386,11 @@ def packed_logps(
     logp, per_token = run_head(model, head, hidden)
     per_token = per_token._replace(logp=logp)
     cu_seqlens = batch.cu_seqlens.to(hidden.device)
-    seq_logps = segment_sum(per_token.logp, cu_seqlens)
+    weights = None
+    if ld_alpha is not None:
+        tensors = (cu_seqlens, batch.seq_pair.to(hidden.device), batch.seq_is_chosen.to(hidden.device))
+        weights = ld_token_weights(targets, *tensors, ld_alpha, dtype=per_token.logp.dtype)
+    seq_logps = segment_sum(per_token.logp, cu_seqlens, weights)
     # exact integer counts: differences of the running count of completion tokens at the segment boundaries
     running = nn.functional.pad((targets != IGNORE_INDEX).long().cumsum(0), (1, 0))
     boundaries = cu_seqlens.long()

@@ -113,10 +113,12 @@ def compute_reference_logps(
     batch_size: int = 8,
     head_impl: str = "auto",
     progress: bool = True,
+    ld_alpha: float | None = None,
 ) -> Tensor:
     """``[rows, 2]`` fp32 (chosen, rejected) completion log-prob sums of ``reference``, no grad, packed batches.
 
-    ``rows`` is anything indexable holding ``prompt_ids``/``chosen_ids``/``rejected_ids`` (a tokenized dataset).
+    ``rows`` is anything indexable holding ``prompt_ids``/``chosen_ids``/``rejected_ids`` (a tokenized dataset);
+    ``ld_alpha``: LD-DPO's weighted sums (``packed_logps``).
     """
     from fastdpo.ops.fused_pair_loss import _pair_segments
 
@@ -134,7 +136,7 @@ def compute_reference_logps(
                 examples = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
                 batch = pack_pairs(examples, pack_length=None, max_length=max_length, truncation_mode=truncation_mode,
                                    split_pairs=True, row_ids=list(range(start, start + len(examples))))  # fmt: skip
-                logps = packed_logps(reference, batch, impl=head_impl).seq_logps
+                logps = packed_logps(reference, batch, impl=head_impl, ld_alpha=ld_alpha).seq_logps
                 pairs = _pair_segments(batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen).to(logps.device)
                 values = logps[pairs].float().cpu()  # [P, 2] in pair order
                 out[[start + i for i in batch.pair_ids]] = values
@@ -143,11 +145,14 @@ def compute_reference_logps(
     return out
 
 
-def cache_key(reference: nn.Module, rows, *, tokenizer, max_length: int | None, truncation_mode: str) -> dict:
-    """What the cached values depend on; its hash names the file."""
+def cache_key(reference: nn.Module, rows, *, tokenizer, max_length: int | None, truncation_mode: str,
+              ld_alpha: float | None = None) -> dict:  # fmt: skip
+    """What the cached values depend on; its hash names the file (``ld_alpha`` only when set, so that the files
+    of plain sums keep the names they had before the option existed)."""
     data, count = rows_fingerprint(rows)
-    return {"format": FORMAT, "model": model_fingerprint(reference), "tokenizer": tokenizer_fingerprint(tokenizer),
-            "rows": data, "num_rows": count, "max_length": max_length, "truncation_mode": truncation_mode}  # fmt: skip
+    key = {"format": FORMAT, "model": model_fingerprint(reference), "tokenizer": tokenizer_fingerprint(tokenizer),
+           "rows": data, "num_rows": count, "max_length": max_length, "truncation_mode": truncation_mode}  # fmt: skip
+    return key if ld_alpha is None else {**key, "ld_alpha": float(ld_alpha)}
 
 
 def cached_reference_logps(
@@ -161,10 +166,12 @@ def cached_reference_logps(
     batch_size: int = 8,
     head_impl: str = "auto",
     progress: bool = True,
+    ld_alpha: float | None = None,
 ) -> Tensor:
     """``[rows, 2]`` reference log-probs: read from the cache when a valid file has this key, else computed and
     written. See the module docstring."""
-    key = cache_key(reference, rows, tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode)
+    key = cache_key(reference, rows, tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode,
+                    ld_alpha=ld_alpha)  # fmt: skip
     name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / f"{name}.arrow"
     if path.exists():
@@ -174,7 +181,8 @@ def cached_reference_logps(
             return values
         warnings.warn(f"reference log-prob cache {path} is not usable ({problem}): computing it again", stacklevel=2)
     values = compute_reference_logps(reference, rows, max_length=max_length, truncation_mode=truncation_mode,
-                                     batch_size=batch_size, head_impl=head_impl, progress=progress)  # fmt: skip
+                                     batch_size=batch_size, head_impl=head_impl, progress=progress,
+                                     ld_alpha=ld_alpha)  # fmt: skip
     if not bool(torch.isfinite(values).all()):
         bad = torch.nonzero(~torch.isfinite(values).all(1)).flatten()[:5].tolist()
         raise ValueError(f"reference log-probs are not finite at rows {bad}: the reference model overflows there")

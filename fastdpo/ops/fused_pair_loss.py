@@ -31,6 +31,7 @@ from fastdpo.ops.linear_logprobs import (
     autocast_off,
 )
 from fastdpo.ops.losses import LossConfig, LossOutput, PairLogps, preference_loss
+from fastdpo.ops.segments import pair_segments as _pair_segments
 from fastdpo.ops.segments import segment_ids
 
 FUSED_LOSS_TYPES = frozenset(
@@ -98,19 +99,6 @@ def fused_pair_loss(
     result = LossOutput(loss, out.per_pair.detach(), out.chosen_rewards.detach(), out.rejected_rewards.detach(),
                         out.metrics)  # fmt: skip
     return (result, state["seq_logps"]) if return_logps else result
-
-
-def _pair_segments(cu_seqlens: Tensor, seq_pair: Tensor, seq_is_chosen: Tensor) -> Tensor:
-    """``[P, 2]`` segment index of each pair's (chosen, rejected)."""
-    real = seq_pair >= 0
-    num_pairs = int(seq_pair.max()) + 1 if bool(real.any()) else 0
-    index = torch.full((num_pairs, 2), -1, dtype=torch.long, device=seq_pair.device)
-    segments = torch.nonzero(real).squeeze(-1)
-    column = (~seq_is_chosen[segments]).long()
-    index[seq_pair[segments], column] = segments
-    if (num_pairs and bool((index < 0).any())) or segments.numel() != 2 * num_pairs:
-        raise ValueError("seq_pair/seq_is_chosen: every pair needs exactly one chosen and one rejected segment")
-    return index
 
 
 class _FusedPairLoss(torch.autograd.Function):

@@ -28,6 +28,40 @@ def segment_ids(cu_seqlens: Tensor, num_tokens: int) -> Tensor:
     return torch.repeat_interleave(segments, lengths.long(), output_size=num_tokens)
 
 
+def pair_segments(cu_seqlens: Tensor, seq_pair: Tensor, seq_is_chosen: Tensor) -> Tensor:
+    """``[P, 2]`` segment index of each pair's (chosen, rejected)."""
+    real = seq_pair >= 0
+    num_pairs = int(seq_pair.max()) + 1 if bool(real.any()) else 0
+    index = torch.full((num_pairs, 2), -1, dtype=torch.long, device=seq_pair.device)
+    segments = torch.nonzero(real).squeeze(-1)
+    column = (~seq_is_chosen[segments]).long()
+    index[seq_pair[segments], column] = segments
+    if (num_pairs and bool((index < 0).any())) or segments.numel() != 2 * num_pairs:
+        raise ValueError("seq_pair/seq_is_chosen: every pair needs exactly one chosen and one rejected segment")
+    return index
+
+
+def ld_token_weights(targets: Tensor, cu_seqlens: Tensor, seq_pair: Tensor, seq_is_chosen: Tensor,
+                     ld_alpha: float, dtype: torch.dtype = torch.float32) -> Tensor:  # fmt: skip
+    """``[T]`` LD-DPO token weights (TRL's ``ld_alpha``): in each sequence of a pair, 1 on its first
+    ``min(chosen, rejected)`` completion tokens (targets that are not -100; the length both sides share) and
+    ``ld_alpha`` on its completion tokens after them; 1 everywhere else (prompts, padding segments). ``dtype``: that
+    of the log-probs they weigh (``ld_alpha`` rounded to fp32 would bias fp64 sums)."""
+    completion = targets != -100
+    bounds = cu_seqlens.long()
+    running = torch.nn.functional.pad(completion.long().cumsum(0), (1, 0))  # completion tokens before each position
+    segment = segment_ids(cu_seqlens, completion.numel())
+    position = running[1:] - running[bounds[:-1]][segment]  # 1-based, at the completion tokens
+    shared = running[bounds[1:]] - running[bounds[:-1]]  # a segment's own count: no tail
+    pairs = pair_segments(cu_seqlens, seq_pair, seq_is_chosen)
+    if len(pairs):
+        pair_shared = torch.minimum(shared[pairs[:, 0]], shared[pairs[:, 1]])
+        shared = shared.index_put((pairs.reshape(-1),), pair_shared.repeat_interleave(2))
+    tail = completion & (position > shared[segment])
+    return torch.where(tail, torch.tensor(float(ld_alpha), dtype=dtype, device=tail.device),
+                       torch.tensor(1.0, dtype=dtype, device=tail.device))  # fmt: skip
+
+
 def segment_sum(values: Tensor, cu_seqlens: Tensor, weights: Tensor | None = None) -> Tensor:
     """``[S]`` sums of ``values * weights`` per sequence; empty sequences give 0.
 

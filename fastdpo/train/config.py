@@ -4,8 +4,9 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
 
 - ``bf16`` left unset is True only on a GPU that supports it (and without ``fp16``); on a CPU it is False (fp32),
   where TRL's default would raise or autocast to bf16.
-- Options this version does not implement raise ``ConfigError`` naming the option instead of being ignored:
-  ``ld_alpha``, ``use_weighting``. ``precompute_ref_log_probs`` selects the cached reference
+- ``ld_alpha`` (LD-DPO) and ``use_weighting`` (WPO) run on the plain head path (``fastdpo.train.step``), not the
+  fused pair loss; ``ld_alpha`` must lie in [0, 1], and ``use_weighting`` with ``aot``/``aot_unpaired`` is a
+  ``ConfigError`` (TRL raises ``NotImplementedError``). ``precompute_ref_log_probs`` selects the cached reference
   (``fastdpo.model.reference_cache``; files in ``ref_cache_dir``).
 - ``activation_offloading`` moves the policy body's saved activations to host memory (``fastdpo.model.offload``;
   the copies do not overlap compute as TRL's do; nothing moves on a CPU).
@@ -46,11 +47,6 @@ from fastdpo.ops import LossConfig
 from fastdpo.train.common import check_shared_options
 
 REFERENCES = ("auto", "separate", "cached", "adapter", "none")
-# TRL options accepted by the dataclass but not implemented yet: (name, value that means "off")
-NOT_YET = {
-    "ld_alpha": None,
-    "use_weighting": False,
-}
 
 
 @dataclass
@@ -128,7 +124,8 @@ class DPOConfig(TrainingArguments):
             self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
 
     def _check_options(self) -> None:
-        check_shared_options(self, NOT_YET)
+        check_shared_options(self, {})
+        check_weighting(self)
         if self.padding_free:
             warnings.warn("padding_free: fastdpo always packs sequences; the option changes nothing", stacklevel=3)
         if self.pad_token is not None:  # deprecated in TRL 1.16, which warns and does not use it either
@@ -168,6 +165,19 @@ class DPOConfig(TrainingArguments):
     def loss_config(self) -> LossConfig:
         """The ``LossConfig`` these options describe."""
         return loss_config_of(self)
+
+
+def check_weighting(args) -> None:
+    """``ld_alpha`` within [0, 1]; ``use_weighting`` not with the loss types that sort pairs (fastdpo's and TRL's
+    configs)."""
+    alpha = args.ld_alpha
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
+        fix = "1.0 weighs every token fully (plain DPO), 0.0 drops the tokens past the shorter side"
+        raise ConfigError(f"must be in [0, 1] or None, got {alpha!r}", column="ld_alpha", fix=fix)
+    sorting = sorted({"aot", "aot_unpaired"}.intersection(args.loss_type))
+    if args.use_weighting and sorting:
+        raise ConfigError(f"cannot weigh pairs under {sorting}, which sort them", column="use_weighting",
+                          fix="use_weighting=False, or another loss type")  # fmt: skip
 
 
 def loss_config_of(args) -> LossConfig:

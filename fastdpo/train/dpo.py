@@ -249,7 +249,8 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
             values = cached_reference_logps(reference, dataset, cache_dir=args.ref_cache_dir,
                                             tokenizer=self.processing_class, max_length=args.max_length,
                                             truncation_mode=args.truncation_mode, batch_size=batch_size,
-                                            head_impl=args.head_impl, progress=not args.disable_tqdm)  # fmt: skip
+                                            head_impl=args.head_impl, progress=not args.disable_tqdm,
+                                            ld_alpha=args.ld_alpha)  # fmt: skip
         dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
         dataset = dataset.add_column(REFERENCE_COLUMNS[0], values[:, 0].tolist())
         return dataset.add_column(REFERENCE_COLUMNS[1], values[:, 1].tolist())
@@ -272,7 +273,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         reference = self.ref_model
 
         def forward(*args, **kwargs) -> torch.Tensor:
-            return reference_logps(reference, batch, impl=self.args.head_impl)
+            return reference_logps(reference, batch, impl=self.args.head_impl, ld_alpha=self.args.ld_alpha)
 
         resident = self._ref_resident.on(self.args.device) if self._ref_resident else nullcontext()
         with resident, forward_as(reference, forward):
@@ -296,14 +297,15 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         def packed_forward(*args, **kwargs) -> LossOutput:
             return preference_step(inner, batch, self.loss_config, ref_logps=ref_logps, head_impl=self.args.head_impl,
                                    token_metrics=True, aux_loss_coef=self.aux_loss_coef,
-                                   offload_activations=self.args.activation_offloading and model.training)  # fmt: skip
+                                   offload_activations=self.args.activation_offloading and model.training,
+                                   ld_alpha=self.args.ld_alpha, use_weighting=self.args.use_weighting)  # fmt: skip
 
         with self.accelerator.autocast():  # mixed precision, as accelerate's forward wrapper would apply it
             if ref_logps is None and self.ref_model is not None:
                 ref_logps = self._reference_pass(batch)
             elif ref_logps is None and self.reference_mode == "adapter":
                 with adapter_reference(inner):
-                    ref_logps = reference_logps(inner, batch, impl=self.args.head_impl)
+                    ref_logps = reference_logps(inner, batch, impl=self.args.head_impl, ld_alpha=self.args.ld_alpha)
             with forward_as(inner, packed_forward):
                 out = model()  # through the DDP/FSDP wrapper, if any (see forward_as)
         mode = "train" if model.training else "eval"

@@ -8,7 +8,10 @@ log-probs (or they are given as ``ref_logps``, e.g. from a cache; reference-free
 body then runs once, and the head and loss go through ``fused_pair_loss`` (3 GEMMs, gradients formed in the
 forward) when the loss type allows it, else through ``linear_logprobs`` → ``segment_sum`` → ``preference_loss``.
 ORPO's NLL term is the token mean over prompt + chosen, as TRL computes it: on the plain path the policy head also
-scores the prompt tokens of the chosen sequences.
+scores the prompt tokens of the chosen sequences. TRL's two options that change what is summed run on the plain
+path: ``ld_alpha`` (LD-DPO: the completion tokens of a pair beyond the shorter side's length count ``ld_alpha`` times,
+in the policy's sums and the reference's) and ``use_weighting`` (WPO: each pair's loss times the product of its two
+sequences' ``exp(mean(log p(y_t) - log Σ_v p_v²))``, without gradient, from the same head pass).
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from fastdpo.model import HeadSpec, packed_body, packed_logps, run_head
 from fastdpo.model.moe import moe_aux_loss
 from fastdpo.ops import LossConfig, LossOutput, PairLogps, fused_pair_loss, linear_logprobs, preference_loss
 from fastdpo.ops.fused_pair_loss import _pair_segments, _token_metrics, supports_fused
-from fastdpo.ops.segments import segment_ids, segment_sum
+from fastdpo.ops.segments import ld_token_weights, segment_ids, segment_sum
 
 
-def reference_logps(ref_model: nn.Module, batch: PackedBatch, *, impl: str = "auto") -> Tensor:
-    """``[P, 2]`` (chosen, rejected) log-prob sums of the reference, without gradients."""
+def reference_logps(ref_model: nn.Module, batch: PackedBatch, *, impl: str = "auto",
+                    ld_alpha: float | None = None) -> Tensor:  # fmt: skip
+    """``[P, 2]`` (chosen, rejected) log-prob sums of the reference, without gradients (``ld_alpha``: LD-DPO's
+    weighted sums, ``ops.segments.ld_token_weights``)."""
     with torch.no_grad():
-        out = packed_logps(ref_model, batch, impl=impl)
+        out = packed_logps(ref_model, batch, impl=impl, ld_alpha=ld_alpha)
     pairs = _pair_segments(batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen).to(out.seq_logps.device)
     return out.seq_logps[pairs]
 
@@ -44,6 +49,8 @@ def preference_step(
     token_metrics: bool = False,
     aux_loss_coef: float = 0.0,
     offload_activations: bool = False,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
 ) -> LossOutput:
     """The loss of ``batch`` under ``model`` (differentiable), with TRL's metrics in ``.metrics``.
 
@@ -58,14 +65,19 @@ def preference_step(
         aux_loss_coef: mixture-of-experts models: add this times the router load-balancing loss (``aux_loss``).
         offload_activations: the body's saved activations wait in host memory until the backward
             (``fastdpo.model.offload``).
+        ld_alpha: TRL's LD-DPO option (None: off): the weight of each sequence's completion tokens beyond the
+            length the pair's two sides share, in the policy's sums and the reference's (``ld_token_weights``;
+            ``ref_logps``, when given, must be weighted the same way).
+        use_weighting: TRL's WPO option: weigh each pair's loss by the policy's length-normalized probabilities.
     """
     if not config.reference_free and ref_logps is None:
         if ref_model is None:
             raise ValueError(f"loss_type {list(config.loss_types)} needs ref_model or ref_logps")
-        ref_logps = reference_logps(ref_model, batch, impl=head_impl)
+        ref_logps = reference_logps(ref_model, batch, impl=head_impl, ld_alpha=ld_alpha)
     body = packed_body(model, batch, output_router_logits=bool(aux_loss_coef), offload_activations=offload_activations)
-    out = _head_and_loss(model, batch, body.hidden, config, ref_logps=ref_logps, head_impl=head_impl, fused=fused,
-                         token_metrics=token_metrics)  # fmt: skip
+    out = _head_and_loss(model, batch, body.hidden, config, ref_logps=ref_logps, head_impl=head_impl,
+                         fused=fused and ld_alpha is None and not use_weighting, token_metrics=token_metrics,
+                         ld_alpha=ld_alpha, use_weighting=use_weighting)  # fmt: skip
     if aux_loss_coef:
         aux = moe_aux_loss(model, body.router_logits, batch)
         out.loss = out.loss + aux_loss_coef * aux.to(out.loss.device)
@@ -83,6 +95,8 @@ def _head_and_loss(
     head_impl: str,
     fused: bool,
     token_metrics: bool,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
 ) -> LossOutput:
     """The head and the loss on the body's hidden states: ``fused_pair_loss``, or log-probs then the loss; the head
     runs as the LM head module's forward (``run_head``)."""
@@ -111,6 +125,8 @@ def _head_and_loss(
         in_chosen = seq_is_chosen[segment] & (seq_pair[segment] >= 0)
         targets = torch.where(in_chosen, _next_token_targets(batch).to(device), targets)
     outputs = ("logp", "entropy", "mean_logit", "is_top1") if token_metrics else ("logp",)
+    if use_weighting:
+        outputs += ("log_sum_sq_probs",)
 
     def plain_head(states: Tensor, spec: HeadSpec):
         per_token = linear_logprobs(states, spec.weight, targets, impl=head_impl, outputs=outputs,
@@ -118,7 +134,11 @@ def _head_and_loss(
         return per_token.logp, per_token
 
     logp, per_token = run_head(model, plain_head, hidden)
-    sums = segment_sum(logp * completion, cu_seqlens)
+    weights = None
+    if ld_alpha is not None:  # on the batch's own targets (ORPO's above also score the chosen prompts)
+        own_targets = batch.targets.reshape(-1).to(device)
+        weights = ld_token_weights(own_targets, cu_seqlens, seq_pair, seq_is_chosen, ld_alpha, dtype=logp.dtype)
+    sums = segment_sum(logp * completion, cu_seqlens, weights)
     counts = segment_sum(completion.to(logp.dtype), cu_seqlens)
     chosen_nll = None
     if "orpo" in config.loss_types:
@@ -127,7 +147,12 @@ def _head_and_loss(
         chosen_nll = nll_sum / segment_sum(scored, cu_seqlens)[pairs[:, 0]].sum().clamp(min=1.0)
     pair_logps = PairLogps(sums[pairs[:, 0]], sums[pairs[:, 1]], ref_c, ref_r, counts[pairs[:, 0]],
                            counts[pairs[:, 1]], chosen_nll)  # fmt: skip
-    out = preference_loss(pair_logps, config)
+    pair_weights = None
+    if use_weighting:  # WPO (its eq. 2), as TRL 1.16 computes it: no gradient through the weights
+        aligned = (logp.detach() - per_token.log_sum_sq_probs) * completion
+        mean = segment_sum(aligned, cu_seqlens) / counts.clamp(min=1.0)
+        pair_weights = torch.exp(mean[pairs[:, 0]]) * torch.exp(mean[pairs[:, 1]])
+    out = preference_loss(pair_logps, config, pair_weights=pair_weights)
     if token_metrics:
         stats = [per_token.entropy, per_token.mean_logit, per_token.is_top1]
         sums = torch.stack([segment_sum(s.detach() * completion, cu_seqlens)[pairs] for s in stats])
