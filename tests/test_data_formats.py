@@ -122,6 +122,13 @@ def test_a_list_of_row_dicts_is_a_dataset_everywhere_and_bad_rows_are_named():
     sft = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]
     assert tokenize_sft(sft, tokenizer).dataset["input_ids"] == tokenize_sft(rows(*sft), tokenizer).dataset["input_ids"]
     assert prepare_sft(sft).to_list() == prepare_sft(rows(*sft)).to_list()
+    # a key only later rows have is a column (None where a row lacks it), not dropped as from_list drops it
+    scored = load_data([listed[0], {**listed[1], "score_chosen": 3.0}])
+    assert scored["score_chosen"] == [None, 3.0]
+    from fastdpo.data import pack_sft_dataset
+
+    packed = pack_sft_dataset(tokenize_sft(sft, tokenizer).dataset.to_list(), 64)
+    assert packed["input_ids"] == pack_sft_dataset(tokenize_sft(sft, tokenizer).dataset, 64)["input_ids"]
     with pytest.raises(DataError, match=r"row 1: is a str, not a dict of column values — pass one dict per row"):
         tokenize_preferences([listed[0], "p2 c2 r2"], tokenizer)
     with pytest.raises(DataError, match="the rows do not form one table: .* — give each column values of one type"):

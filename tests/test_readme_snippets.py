@@ -2,7 +2,8 @@
 
 Each block is executed verbatim in a namespace that holds what the README leaves to the reader (``hidden``,
 ``lm_head``, ``tokenizer``, ``chats``, ``model`` ...): small tensors, the tests' tiny Llama and tokenizer, the
-fixture files. The only edit to a block's text is a placeholder path (``"path/to/model"``) replaced by a real one.
+fixture files. The only edits to a block's text: a placeholder path (``"path/to/model"``) replaced by a real one,
+and ``bf16=False`` added to TRL's config in the drop-in block (transformers refuses TRL's bf16 default on a CPU).
 Each test then checks what the block's comments promise. A block added to README without a test here fails
 ``test_every_python_block_is_run``.
 """

@@ -47,6 +47,8 @@ def test_bf16_unset_means_fp32_on_a_cpu(tmp_path):
     ("options", "column"),
     [({"ld_alpha": 1.5}, "ld_alpha"), ({"ld_alpha": -0.1}, "ld_alpha"),
      ({"use_weighting": True, "loss_type": "aot"}, "use_weighting"),
+     ({"ld_alpha": 0.5, "loss_type": "simpo"}, "ld_alpha"),
+     ({"use_weighting": True, "loss_type": "orpo"}, "use_weighting"),
      ({"sync_ref_model": True, "reference": "cached"}, "sync_ref_model"),
      ({"ref_offload": True, "reference": "cached"}, "ref_offload"), ({"beta": 0.0}, "beta"),
      ({"train_sampling_strategy": "group_by_length"}, "train_sampling_strategy"),

@@ -88,6 +88,31 @@ def test_first_steps_match_trl(case, data, tmp_path):
     assert 0 < ours[0]["padding_fraction"] < 1
 
 
+def test_ld_alpha_with_sft_matches_trl_where_chosen_and_rejected_lengths_differ(tmp_path):
+    # LD-DPO weighs the DPO sums, not the SFT term's token mean (TRL's), on pairs where either side is the longer
+    import datasets
+
+    dropin = pytest.importorskip("fastdpo.trl")
+    rows = [{"prompt": f"Question {i}?", "chosen": " yes" + " and more words" * (1 + i % 4), "rejected": " no."}
+            for i in range(8)]  # fmt: skip
+    for row in rows[1::2]:
+        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+    data = datasets.Dataset.from_list(rows)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    options = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "ld_alpha": 0.2,
+               "per_device_train_batch_size": 4}  # fmt: skip
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **options)
+    ours = run(DPOTrainer, DPOConfig, load, data, tokenizer, tmp_path, "ours", **options)
+    assert_first_steps_match(ours, theirs)
+    assert_first_steps_match(run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin",
+                                 **options), theirs)  # fmt: skip
+    plain = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "plain",
+                **{**options, "ld_alpha": None})  # fmt: skip
+    for name in ("logps/chosen", "logps/rejected"):  # the data has tails on both sides to weigh
+        assert theirs[0][name] != pytest.approx(plain[0][name], rel=1e-3), name
+
+
 def test_first_steps_match_trl_on_varlen_attention(data, tmp_path):
     # packed_attention="varlen": each sequence attends only to itself, every batch in one row with no padding
     tokenizer = build_tiny_tokenizer()

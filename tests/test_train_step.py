@@ -126,7 +126,7 @@ def naive_wpo_weights(model, pairs):
     return weights[:, 0] * weights[:, 1]
 
 
-@pytest.mark.parametrize(("ld_alpha", "use_weighting"), [(0.3, False), (None, True), (0.0, True)])
+@pytest.mark.parametrize(("ld_alpha", "use_weighting"), [(0.3, False), (None, True), (0.0, True), (1.0, False)])
 def test_ld_alpha_and_wpo_equal_the_naive_padded_step(ld_alpha, use_weighting):
     policy, reference = tiny_llama(0), tiny_llama(1)
     pairs = make_pairs(seed=3, count=6)
@@ -144,6 +144,9 @@ def test_ld_alpha_and_wpo_equal_the_naive_padded_step(ld_alpha, use_weighting):
     got = preference_step(policy, batch, config, ref_model=reference, head_impl="torch", ld_alpha=ld_alpha,
                           use_weighting=use_weighting)  # fmt: skip
     got_grads = torch.autograd.grad(got.loss, list(policy.parameters()))
+    if ld_alpha == 1.0:  # every weight 1: the plain step, fused path included, bit for bit
+        plain = preference_step(policy, batch, config, ref_model=reference, head_impl="torch")
+        assert torch.equal(got.loss, plain.loss)
     # fp64 both ways, as above; the weights carry no gradient in either
     torch.testing.assert_close(got.loss, expected, rtol=1e-9, atol=1e-12)
     for (name, _), g, e in zip(policy.named_parameters(), got_grads, expected_grads, strict=True):

@@ -81,7 +81,7 @@ def test_lora_with_the_adapter_reference(data, tmp_path):  # noqa: F811
     assert_first_steps_match(logs["dropin"], logs["trl"])
 
 
-def test_options_it_does_not_implement_are_refused(data, tmp_path):  # noqa: F811
+def test_out_of_range_options_and_what_it_does_not_implement_are_refused(data, tmp_path):  # noqa: F811
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
     # out of range, and weighting pairs that aot sorts (TRL raises NotImplementedError there)

@@ -48,7 +48,8 @@ def load_data(source, *, split: str | None = "train") -> datasets.Dataset | data
 
 
 def as_dataset(data) -> datasets.Dataset:
-    """``data`` as a ``datasets.Dataset``: a Dataset as it is, a list of dicts (one per row) as a new one."""
+    """``data`` as a ``datasets.Dataset``: a Dataset as it is, a list of dicts (one per row) as a new one, with a
+    column for every key of any row (None where a row lacks it)."""
     if isinstance(data, datasets.Dataset):
         return data
     if not isinstance(data, list):
@@ -58,8 +59,9 @@ def as_dataset(data) -> datasets.Dataset:
         if not isinstance(row, dict):
             fix = "pass one dict per row, e.g. {'prompt': ..., 'chosen': ..., 'rejected': ...}"
             raise DataError(f"is a {type(row).__name__}, not a dict of column values", row=index, fix=fix)
+    columns = list(dict.fromkeys(key for row in data for key in row))  # every row's keys (from_list: the first's)
     try:
-        return datasets.Dataset.from_list(data)
+        return datasets.Dataset.from_dict({name: [row.get(name) for row in data] for name in columns})
     except (pyarrow.lib.ArrowException, TypeError, ValueError) as error:
         raise DataError(f"the rows do not form one table: {error}",
                         fix="give each column values of one type in every row (all strings, or all message "

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fastdpo.data.load import as_dataset
 from fastdpo.data.tokenize import truncate
 from fastdpo.errors import ConfigError, DataError, unknown_choice
 
@@ -295,7 +296,7 @@ def bfd_bins_fifo(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def pack_sft_dataset(
-    dataset: datasets.Dataset, seq_length: int, *, strategy: str = "bfd", num_proc: int | None = None
+    dataset: datasets.Dataset | list[dict], seq_length: int, *, strategy: str = "bfd", num_proc: int | None = None
 ) -> datasets.Dataset:
     """Pack a tokenized SFT dataset (``input_ids``, ``labels``) into rows of at most ``seq_length`` tokens, as TRL.
 
@@ -314,7 +315,7 @@ def pack_sft_dataset(
         raise unknown_choice("packing_strategy", strategy, SFT_PACKING_STRATEGIES)
     if not isinstance(seq_length, int) or seq_length < 1:
         raise ConfigError(f"must be a positive integer to pack, got {seq_length!r}", column="max_length")
-    dataset = dataset.select_columns(["input_ids", "labels"])
+    dataset = as_dataset(dataset).select_columns(["input_ids", "labels"])
     return dataset.map(
         _pack_block,
         batched=True,

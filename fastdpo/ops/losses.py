@@ -137,6 +137,9 @@ class PairLogps:
     rejected_tokens: Tensor | None = None
     chosen_nll: Tensor | None = None
     """ORPO only: token-mean NLL over the whole prompt + chosen sequences of the micro-batch (TRL's choice)."""
+    chosen_unweighted: Tensor | None = None
+    """When ``chosen`` holds weighted sums (LD-DPO's ``ld_alpha``): the plain sums, for the SFT/CPO NLL term (TRL's
+    SFT term is the plain token mean)."""
 
 
 @dataclass
@@ -267,8 +270,10 @@ def _pair_loss(loss_type: str, pairs: PairLogps, config: LossConfig, extra: dict
 
 
 def _chosen_nll(pairs: PairLogps) -> Tensor:
-    """Token-mean NLL of the chosen completions over the micro-batch."""
-    return -pairs.chosen.sum() / pairs.chosen_tokens.sum().to(pairs.chosen.dtype).clamp(min=1.0)
+    """Token-mean NLL of the chosen completions over the micro-batch (of the plain sums when ``chosen`` is
+    weighted)."""
+    chosen = pairs.chosen if pairs.chosen_unweighted is None else pairs.chosen_unweighted
+    return -chosen.sum() / pairs.chosen_tokens.sum().to(chosen.dtype).clamp(min=1.0)
 
 
 def _log1mexp(x: Tensor) -> Tensor:

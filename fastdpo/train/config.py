@@ -6,8 +6,9 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
   where TRL's default would raise or autocast to bf16.
 - ``ld_alpha`` (LD-DPO) and ``use_weighting`` (WPO) run on the plain head path (``fastdpo.train.step``), not the
   fused pair loss; ``ld_alpha`` must lie in [0, 1], and ``use_weighting`` with ``aot``/``aot_unpaired`` is a
-  ``ConfigError`` (TRL raises ``NotImplementedError``). ``precompute_ref_log_probs`` selects the cached reference
-  (``fastdpo.model.reference_cache``; files in ``ref_cache_dir``).
+  ``ConfigError`` (TRL raises ``NotImplementedError``), as is either with a reference-free type.
+  ``precompute_ref_log_probs`` selects the cached reference (``fastdpo.model.reference_cache``; files in
+  ``ref_cache_dir``).
 - ``activation_offloading`` moves the policy body's saved activations to host memory (``fastdpo.model.offload``;
   the copies do not overlap compute as TRL's do; nothing moves on a CPU).
 - ``train_sampling_strategy`` ``group_by_length`` and ``batch_rebalance`` are refused: they sort padded batches
@@ -43,7 +44,7 @@ from transformers import TrainingArguments
 
 from fastdpo.errors import ConfigError, unknown_choice
 from fastdpo.model.attention import PACKED_ATTENTION
-from fastdpo.ops import LossConfig
+from fastdpo.ops import REFERENCE_FREE, LossConfig
 from fastdpo.train.common import check_shared_options
 
 REFERENCES = ("auto", "separate", "cached", "adapter", "none")
@@ -178,6 +179,13 @@ def check_weighting(args) -> None:
     if args.use_weighting and sorting:
         raise ConfigError(f"cannot weigh pairs under {sorting}, which sort them", column="use_weighting",
                           fix="use_weighting=False, or another loss type")  # fmt: skip
+    # TRL defines both for its DPO loss family; fastdpo's reference-free types (from TRL's CPO/ORPO trainers, which
+    # have neither) would give them a meaning of our own
+    free = sorted(REFERENCE_FREE.intersection(args.loss_type))
+    for name, off in (("ld_alpha", None), ("use_weighting", False)):
+        if free and getattr(args, name) != off:
+            raise ConfigError(f"is defined for TRL's DPO losses, not for {free}", column=name,
+                              fix=f"leave it at {off!r} with these loss types")  # fmt: skip
 
 
 def loss_config_of(args) -> LossConfig:

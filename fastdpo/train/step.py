@@ -70,6 +70,7 @@ def preference_step(
             ``ref_logps``, when given, must be weighted the same way).
         use_weighting: TRL's WPO option: weigh each pair's loss by the policy's length-normalized probabilities.
     """
+    ld_alpha = None if ld_alpha == 1.0 else ld_alpha  # every weight 1: the plain sums, and the fused path
     if not config.reference_free and ref_logps is None:
         if ref_model is None:
             raise ValueError(f"loss_type {list(config.loss_types)} needs ref_model or ref_logps")
@@ -134,11 +135,12 @@ def _head_and_loss(
         return per_token.logp, per_token
 
     logp, per_token = run_head(model, plain_head, hidden)
-    weights = None
+    plain = segment_sum(logp * completion, cu_seqlens)
+    sums, unweighted = plain, None
     if ld_alpha is not None:  # on the batch's own targets (ORPO's above also score the chosen prompts)
         own_targets = batch.targets.reshape(-1).to(device)
         weights = ld_token_weights(own_targets, cu_seqlens, seq_pair, seq_is_chosen, ld_alpha, dtype=logp.dtype)
-    sums = segment_sum(logp * completion, cu_seqlens, weights)
+        sums, unweighted = segment_sum(logp * completion, cu_seqlens, weights), plain[pairs[:, 0]]
     counts = segment_sum(completion.to(logp.dtype), cu_seqlens)
     chosen_nll = None
     if "orpo" in config.loss_types:
@@ -146,7 +148,7 @@ def _head_and_loss(
         nll_sum = -segment_sum(logp, cu_seqlens)[pairs[:, 0]].sum()
         chosen_nll = nll_sum / segment_sum(scored, cu_seqlens)[pairs[:, 0]].sum().clamp(min=1.0)
     pair_logps = PairLogps(sums[pairs[:, 0]], sums[pairs[:, 1]], ref_c, ref_r, counts[pairs[:, 0]],
-                           counts[pairs[:, 1]], chosen_nll)  # fmt: skip
+                           counts[pairs[:, 1]], chosen_nll, unweighted)  # fmt: skip
     pair_weights = None
     if use_weighting:  # WPO (its eq. 2), as TRL 1.16 computes it: no gradient through the weights
         aligned = (logp.detach() - per_token.log_sum_sq_probs) * completion
