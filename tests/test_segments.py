@@ -58,7 +58,7 @@ def test_bad_shapes_are_refused():
 
 
 def test_ld_token_weights_weigh_each_pairs_tail_past_the_shorter_side():
-    from fastdpo.ops.segments import ld_token_weights
+    from fastdpo.ops.segments import ld_token_weights, pair_segments
 
     # segments: pair 0 chosen (3 completion tokens), pair 0 rejected (1), a padding segment, pair 1 rejected (2) and
     # pair 1 chosen (4): pairs need not be adjacent nor in order
@@ -69,5 +69,5 @@ def test_ld_token_weights_weigh_each_pairs_tail_past_the_shorter_side():
     seq_pair, seq_is_chosen = torch.tensor([0, 0, -1, 1, 1]), torch.tensor([True, False, False, False, True])
     a = 0.25
     expected = [*[1, 1, 1, a, a, 1], *[1, 1, 1], *[1, 1], *[1, 1, 1, 1], *[1, 1, 1, a, a, 1]]
-    got = ld_token_weights(targets, cu_seqlens, seq_pair, seq_is_chosen, a)
+    got = ld_token_weights(targets, cu_seqlens, pair_segments(cu_seqlens, seq_pair, seq_is_chosen), a)
     assert got.dtype == torch.float32 and got.tolist() == expected

@@ -338,6 +338,12 @@ def packed_body(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def ld_weights(batch: PackedBatch, pairs: Tensor, ld_alpha: float) -> Tensor:
+    """LD-DPO's ``token_weights`` for ``packed_logps`` (``fastdpo.ops.segments.ld_token_weights``), in fp64: the
+    log-probs' dtype is not known before the pass, and ``segment_sum`` casts the weights to it."""
+    return ld_token_weights(batch.targets.reshape(-1), batch.cu_seqlens, pairs, ld_alpha, dtype=torch.float64)
+
+
 class PackedLogps(NamedTuple):
     """Log-probs of one packed batch (``S`` segments, row-end padding segments included, where all are 0)."""
 
@@ -359,7 +365,7 @@ def packed_logps(
     temperature: float = 1.0,
     outputs: tuple[str, ...] = ("logp",),
     attn_implementation: str | None = None,
-    ld_alpha: float | None = None,
+    token_weights: Tensor | None = None,
 ) -> PackedLogps:
     """Per-token and per-sequence log-probs of ``batch.targets`` under ``model``, without materializing logits.
 
@@ -370,8 +376,8 @@ def packed_logps(
         temperature: divides the logits after the model's own head transformations.
         outputs: per-token outputs of ``linear_logprobs`` (``logp`` always; ``entropy``, ``mean_logit``, ...).
         attn_implementation: see ``packed_hidden_states``.
-        ld_alpha: LD-DPO (TRL's option): ``seq_logps`` weigh the completion tokens of a pair's sequences beyond the
-            length both sides share by ``ld_alpha`` (``fastdpo.ops.segments.ld_token_weights``); None: plain sums.
+        token_weights: ``[R·L]`` weights of the tokens in ``seq_logps``' sums (LD-DPO's,
+            ``fastdpo.ops.segments.ld_token_weights``); None: plain sums.
 
     Gradients flow to the model's parameters unless called under ``torch.no_grad()`` (the reference pass).
     """
@@ -386,10 +392,7 @@ def packed_logps(
     logp, per_token = run_head(model, head, hidden)
     per_token = per_token._replace(logp=logp)
     cu_seqlens = batch.cu_seqlens.to(hidden.device)
-    weights = None
-    if ld_alpha is not None:
-        tensors = (cu_seqlens, batch.seq_pair.to(hidden.device), batch.seq_is_chosen.to(hidden.device))
-        weights = ld_token_weights(targets, *tensors, ld_alpha, dtype=per_token.logp.dtype)
+    weights = None if token_weights is None else token_weights.to(hidden.device)
     seq_logps = segment_sum(per_token.logp, cu_seqlens, weights)
     # exact integer counts: differences of the running count of completion tokens at the segment boundaries
     running = nn.functional.pad((targets != IGNORE_INDEX).long().cumsum(0), (1, 0))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fastdpo.atomic import atomic_open
 from fastdpo.data.packing import pack_pairs
-from fastdpo.model.packed import packed_logps
+from fastdpo.model.packed import ld_weights, packed_logps
 
 logger = logging.getLogger(__name__)
 FORMAT = "fastdpo-reference-logps-1"
@@ -118,7 +118,7 @@ def compute_reference_logps(
     """``[rows, 2]`` fp32 (chosen, rejected) completion log-prob sums of ``reference``, no grad, packed batches.
 
     ``rows`` is anything indexable holding ``prompt_ids``/``chosen_ids``/``rejected_ids`` (a tokenized dataset);
-    ``ld_alpha``: LD-DPO's weighted sums (``packed_logps``).
+    ``ld_alpha``: LD-DPO's weighted sums (``fastdpo.ops.segments.ld_token_weights``).
     """
     from fastdpo.ops.fused_pair_loss import _pair_segments
 
@@ -136,9 +136,10 @@ def compute_reference_logps(
                 examples = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
                 batch = pack_pairs(examples, pack_length=None, max_length=max_length, truncation_mode=truncation_mode,
                                    split_pairs=True, row_ids=list(range(start, start + len(examples))))  # fmt: skip
-                logps = packed_logps(reference, batch, impl=head_impl, ld_alpha=ld_alpha).seq_logps
-                pairs = _pair_segments(batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen).to(logps.device)
-                values = logps[pairs].float().cpu()  # [P, 2] in pair order
+                pairs = _pair_segments(batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen)
+                weights = None if ld_alpha is None else ld_weights(batch, pairs, ld_alpha)
+                logps = packed_logps(reference, batch, impl=head_impl, token_weights=weights).seq_logps
+                values = logps[pairs.to(logps.device)].float().cpu()  # [P, 2] in pair order
                 out[[start + i for i in batch.pair_ids]] = values
     finally:
         reference.train(was_training)

@@ -41,19 +41,19 @@ def pair_segments(cu_seqlens: Tensor, seq_pair: Tensor, seq_is_chosen: Tensor) -
     return index
 
 
-def ld_token_weights(targets: Tensor, cu_seqlens: Tensor, seq_pair: Tensor, seq_is_chosen: Tensor,
-                     ld_alpha: float, dtype: torch.dtype = torch.float32) -> Tensor:  # fmt: skip
+def ld_token_weights(targets: Tensor, cu_seqlens: Tensor, pairs: Tensor, ld_alpha: float,
+                     dtype: torch.dtype = torch.float32) -> Tensor:  # fmt: skip
     """``[T]`` LD-DPO token weights (TRL's ``ld_alpha``): in each sequence of a pair, 1 on its first
     ``min(chosen, rejected)`` completion tokens (targets that are not -100; the length both sides share) and
     ``ld_alpha`` on its completion tokens after them; 1 everywhere else (prompts, padding segments). ``dtype``: that
-    of the log-probs they weigh (``ld_alpha`` rounded to fp32 would bias fp64 sums)."""
+    of the log-probs they weigh (``ld_alpha`` rounded to fp32 would bias fp64 sums). ``pairs``: the ``[P, 2]``
+    segment index of each pair's (chosen, rejected), ``pair_segments``."""
     completion = targets != -100
     bounds = cu_seqlens.long()
     running = torch.nn.functional.pad(completion.long().cumsum(0), (1, 0))  # completion tokens before each position
     segment = segment_ids(cu_seqlens, completion.numel())
     position = running[1:] - running[bounds[:-1]][segment]  # 1-based, at the completion tokens
     shared = running[bounds[1:]] - running[bounds[:-1]]  # a segment's own count: no tail
-    pairs = pair_segments(cu_seqlens, seq_pair, seq_is_chosen)
     if len(pairs):
         pair_shared = torch.minimum(shared[pairs[:, 0]], shared[pairs[:, 1]])
         shared = shared.index_put((pairs.reshape(-1),), pair_shared.repeat_interleave(2))

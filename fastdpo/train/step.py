@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from fastdpo.data.packing import IGNORE_INDEX, PackedBatch
 from fastdpo.model import HeadSpec, packed_body, packed_logps, run_head
 from fastdpo.model.moe import moe_aux_loss
+from fastdpo.model.packed import ld_weights
 from fastdpo.ops import LossConfig, LossOutput, PairLogps, fused_pair_loss, linear_logprobs, preference_loss
 from fastdpo.ops.fused_pair_loss import _pair_segments, _token_metrics, supports_fused
 from fastdpo.ops.segments import ld_token_weights, segment_ids, segment_sum
@@ -31,10 +32,11 @@ def reference_logps(ref_model: nn.Module, batch: PackedBatch, *, impl: str = "au
                     ld_alpha: float | None = None) -> Tensor:  # fmt: skip
     """``[P, 2]`` (chosen, rejected) log-prob sums of the reference, without gradients (``ld_alpha``: LD-DPO's
     weighted sums, ``ops.segments.ld_token_weights``)."""
+    pairs = _pair_segments(batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen)
+    weights = None if ld_alpha is None else ld_weights(batch, pairs, ld_alpha)
     with torch.no_grad():
-        out = packed_logps(ref_model, batch, impl=impl, ld_alpha=ld_alpha)
-    pairs = _pair_segments(batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen).to(out.seq_logps.device)
-    return out.seq_logps[pairs]
+        out = packed_logps(ref_model, batch, impl=impl, token_weights=weights)
+    return out.seq_logps[pairs.to(out.seq_logps.device)]
 
 
 def preference_step(
@@ -139,7 +141,7 @@ def _head_and_loss(
     sums, unweighted = plain, None
     if ld_alpha is not None:  # on the batch's own targets (ORPO's above also score the chosen prompts)
         own_targets = batch.targets.reshape(-1).to(device)
-        weights = ld_token_weights(own_targets, cu_seqlens, seq_pair, seq_is_chosen, ld_alpha, dtype=logp.dtype)
+        weights = ld_token_weights(own_targets, cu_seqlens, pairs, ld_alpha, dtype=logp.dtype)
         sums, unweighted = segment_sum(logp * completion, cu_seqlens, weights), plain[pairs[:, 0]]
     counts = segment_sum(completion.to(logp.dtype), cu_seqlens)
     chosen_nll = None
