@@ -17,6 +17,7 @@ import datasets
 import pyarrow
 from datasets.exceptions import DatasetGenerationError
 
+from fastdpo.data.pairs import table_columns
 from fastdpo.errors import DataError
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -59,7 +60,7 @@ def as_dataset(data) -> datasets.Dataset:
         if not isinstance(row, dict):
             fix = "pass one dict per row, e.g. {'prompt': ..., 'chosen': ..., 'rejected': ...}"
             raise DataError(f"is a {type(row).__name__}, not a dict of column values", row=index, fix=fix)
-    columns = list(dict.fromkeys(key for row in data for key in row))  # every row's keys (from_list: the first's)
+    columns = table_columns(data)  # every row's keys (Dataset.from_list would keep the first row's only)
     try:
         return datasets.Dataset.from_dict({name: [row.get(name) for row in data] for name in columns})
     except (pyarrow.lib.ArrowException, TypeError, ValueError) as error:
