@@ -11,9 +11,10 @@ For every prompt, each model's greedy answer (and ``--samples`` sampled answers 
   a Monte-Carlo estimate of KL(π ‖ π_ref) per prompt, averaged over prompts;
 - with a checker (``--prompts quickstart``: the quickstart's held-out problems), each greedy answer's correctness
   and the policy's win / tie / loss rate against the reference;
-- with ``--pairs FILE`` (held-out preference pairs, prompt/chosen/rejected), reward accuracy and margin and both
-  models' mean log-probability of the chosen answers: lower under the policy while accuracy is high is
-  likelihood displacement, flagged in the report.
+- with ``--pairs FILE`` (held-out preference pairs in any format the trainers take: standard or conversational,
+  .jsonl/.json/.parquet/.csv, tokenized as they tokenize them), reward accuracy and margin and both models' mean
+  log-probability of the chosen answers: lower under the policy while accuracy is high is likelihood
+  displacement, flagged in the report.
 
 ``builtin`` prompts are edge cases: empty, one character, near the model's context length, Chinese and mixed
 script, emoji, code, a prompt-injection attempt, a repeated token, a multi-turn conversation (rendered with the
@@ -134,17 +135,20 @@ def _logp(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
 
 @torch.no_grad()
 def _logps(model, items: list[tuple[list[int], list[int]]]) -> list[float]:
-    """Σ log π(answer | prompt) for each ``(prompt_ids, answer_ids)``; items whose prompts and answers have the same
-    lengths run as one batch, with no padding (a row attends to its own tokens only)."""
+    """Σ log π(answer | prompt) for each ``(prompt_ids, answer_ids)``, over the answer tokens that have a token
+    before them (with an empty prompt the first answer token is context only, as in training); items whose prompts
+    and answers have the same lengths run as one batch, with no padding (a row attends to its own tokens only)."""
     device = next(model.parameters()).device
     sums = [0.0] * len(items)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (prompt, answer) in enumerate(items):
-        if answer:  # an empty answer scores 0
+        if len(prompt) + len(answer) > max(1, len(prompt)):  # an answer with no scored token scores 0
             groups.setdefault((len(prompt), len(answer)), []).append(i)
-    for (start, _), rows in groups.items():
+    for (prompt_length, _), rows in groups.items():
+        start = max(1, prompt_length)  # the first scored position
         ids = torch.tensor([items[i][0] + items[i][1] for i in rows], device=device)
-        logits = model(input_ids=ids).logits[:, start - 1 : -1].float()
+        logits = model(input_ids=ids).logits[:, start - 1 : -1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half → fp32; fp64 stays
         scores = logits.log_softmax(-1).gather(-1, ids[:, start:, None]).sum((1, 2))
         for i, score in zip(rows, scores.tolist(), strict=True):
             sums[i] = score
@@ -187,14 +191,31 @@ def compare(policy, reference, tokenizer, prompts: list[tuple[str, object]], *, 
 
 
 @torch.no_grad()
-def pair_metrics(policy, reference, tokenizer, pairs: list[dict], *, beta: float = 0.1) -> dict:
-    """Reward accuracy and margin on preference pairs, and both models' mean chosen log-probability."""
-    eos = [tokenizer.eos_token_id]
-    prompts = [tokenizer(pair["prompt"])["input_ids"] for pair in pairs]
+def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1) -> dict:
+    """Reward accuracy and margin on held-out preference pairs, both models' mean chosen log-probability, and
+    whether it fell under the policy while accuracy is high (likelihood displacement).
+
+    ``pairs`` takes what the trainers take (a ``datasets.Dataset``, a list of row dicts or a file; standard strings
+    or conversational message lists, system and input columns), prepared and tokenized as they do it
+    (``prepare_preferences``, ``tokenize_preferences``: a conversation through the tokenizer's chat template, EOS
+    after a string completion). Each sequence is scored whole up to the policy's context length
+    (``max_position_embeddings``), the end cut beyond it; pairs whose prompt fills the context are dropped, as the
+    trainers drop them, and counted in ``dropped_pairs``.
+    """
+    from fastdpo.data import prepare_preferences, tokenize_preferences
+    from fastdpo.data.tokenize import truncate
+
+    context = getattr(policy.config, "max_position_embeddings", None)
+    tokenized = tokenize_preferences(prepare_preferences(pairs), tokenizer, max_length=context)
+    rows = tokenized.dataset
+    if len(rows) == 0:
+        raise DataError(f"every pair's prompt fills the policy's context ({context} tokens)", column="prompt",
+                        fix="pass pairs with shorter prompts")  # fmt: skip
 
     def answers(side: str) -> list[tuple[list[int], list[int]]]:
-        return [(prompt, tokenizer(pair[side], add_special_tokens=False)["input_ids"] + eos)
-                for prompt, pair in zip(prompts, pairs, strict=True)]  # fmt: skip
+        # the prompts kept are shorter than the context: truncation cuts the answer's end only
+        return [(prompt, truncate(prompt, answer, context)[0][len(prompt) :])
+                for prompt, answer in zip(rows["prompt_ids"], rows[f"{side}_ids"], strict=True)]  # fmt: skip
 
     chosen, rejected = answers("chosen"), answers("rejected")
     chosen_policy, chosen_reference = _logps(policy, chosen), _logps(reference, chosen)
@@ -202,10 +223,11 @@ def pair_metrics(policy, reference, tokenizer, pairs: list[dict], *, beta: float
     chosen_gap = [p - r for p, r in zip(chosen_policy, chosen_reference, strict=True)]
     rejected_gap = [p - r for p, r in zip(rejected_policy, rejected_reference, strict=True)]
     margins = [beta * (c - r) for c, r in zip(chosen_gap, rejected_gap, strict=True)]
-    n = len(pairs)
+    n = len(rows)
     chosen_policy_mean, chosen_reference_mean = sum(chosen_policy) / n, sum(chosen_reference) / n
     result = {"pairs": n, "reward_accuracy": sum(m > 0 for m in margins) / n, "reward_margin": sum(margins) / n,
-              "logps_chosen_policy": chosen_policy_mean, "logps_chosen_reference": chosen_reference_mean}  # fmt: skip
+              "logps_chosen_policy": chosen_policy_mean, "logps_chosen_reference": chosen_reference_mean,
+              "dropped_pairs": sum(tokenized.dropped.values())}  # fmt: skip
     fallen = chosen_reference_mean - chosen_policy_mean
     result["displacement"] = result["reward_accuracy"] > 0.5 and fallen > max(1.0, 0.1 * abs(chosen_reference_mean))
     return result
@@ -256,6 +278,8 @@ def markdown(rows: list[Row], stats: dict, pairs: dict | None, beta: float) -> s
         lines.append(f"- {pairs['pairs']} held-out pairs: reward accuracy {pairs['reward_accuracy']:.1%}, margin "
                      f"{pairs['reward_margin']:.3f}; chosen log-prob policy {pairs['logps_chosen_policy']:.2f}, "
                      f"reference {pairs['logps_chosen_reference']:.2f}")  # fmt: skip
+        if pairs.get("dropped_pairs"):
+            lines.append(f"- {pairs['dropped_pairs']} more pairs dropped: their prompts fill the policy's context")
         if pairs["displacement"]:
             lines.append("- **likelihood displacement**: the policy finds the chosen answers less likely than the "
                          "reference does, although it ranks them above the rejected ones. Add an SFT term "
@@ -372,26 +396,13 @@ def _load_prompts(spec: str, context: int, tokenizer):
     return [(f"line {i}", line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)], None
 
 
-def _load_pairs(path: Path) -> list[dict]:
-    pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        missing = [c for c in ("prompt", "chosen", "rejected") if not isinstance(record.get(c), str)]
-        if missing:
-            raise DataError(f"{path}: line {number} lacks string {missing}", column=missing[0], row=number - 1,
-                            fix="standard pairs: prompt, chosen and rejected strings")  # fmt: skip
-        pairs.append(record)
-    return pairs
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastdpo compare", description=__doc__.splitlines()[0])
     parser.add_argument("--policy", type=Path, required=True, help="the trained model's folder")
     parser.add_argument("--reference", type=Path, required=True, help="the reference model's folder")
     parser.add_argument("--prompts", default="builtin", help="builtin (edge cases), quickstart, or a .txt/.jsonl file")
-    parser.add_argument("--pairs", type=Path, help="held-out preference pairs (.jsonl): accuracy, displacement")
+    parser.add_argument("--pairs", type=Path, help="held-out preference pairs (.jsonl/.json/.parquet/.csv, standard or "
+                        "conversational): accuracy, displacement")  # fmt: skip
     parser.add_argument("--samples", type=int, default=4, help="sampled policy answers per prompt (KL estimate)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="at most a quarter of the context")
     parser.add_argument("--beta", type=float, default=0.1)
@@ -422,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts, checkers = prompts[: args.limit], None if checkers is None else checkers[: args.limit]
     rows = compare(policy, reference, tokenizer, prompts, beta=args.beta, samples=args.samples,
                    max_new_tokens=args.max_new_tokens, checkers=checkers, seed=args.seed)  # fmt: skip
-    pairs = pair_metrics(policy, reference, tokenizer, _load_pairs(args.pairs), beta=args.beta) if args.pairs else None
+    pairs = pair_metrics(policy, reference, tokenizer, args.pairs, beta=args.beta) if args.pairs else None
     print(write_report(args.out, rows, pairs, args.beta))
     print(f"report: {args.out}/compare.{{md,html,json}}")
     return 0

@@ -1,0 +1,120 @@
+"""``fastdpo compare``'s held-out pairs (``pair_metrics``, ``--pairs``): pairs in the trainers' formats, scored on
+the trainers' token ids, against a token-by-token fp64 reference; empty prompts, answers cut at the context,
+prompts that fill it, and a bad file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_tokenizer import build_tiny_tokenizer
+from tokenizers import processors
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fastdpo.cli import main as cli
+from fastdpo.compare import pair_metrics
+from fastdpo.data import prepare_preferences, tokenize_preferences
+
+CONTEXT = 48
+BETA = 0.25
+
+
+def tiny_llama(tokenizer, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    return LlamaForCausalLM(config).double().eval()
+
+
+def no_bos(tokenizer):
+    # a tokenizer that adds nothing (as Qwen's): an empty prompt is then no token at all
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    return tokenizer
+
+
+def scored(model, prompt: list[int], answer: list[int]) -> float:
+    # one sequence at a time, whole, cut at the context; every answer token with a token before it
+    ids = (prompt + answer)[:CONTEXT]
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    return sum(float(logp[t - 1, ids[t]]) for t in range(max(1, len(prompt)), len(ids)))
+
+
+def expected(policy, reference, tokenizer, rows) -> dict:
+    tokenized = tokenize_preferences(prepare_preferences(rows), tokenizer, max_length=CONTEXT)
+    kept = tokenized.dataset
+
+    def sums(side: str) -> list[list[float]]:  # [policy, reference] per pair
+        pairs = zip(kept["prompt_ids"], kept[f"{side}_ids"], strict=True)
+        return [[scored(model, prompt, answer) for model in (policy, reference)] for prompt, answer in pairs]
+
+    chosen, rejected = sums("chosen"), sums("rejected")
+    margins = [BETA * ((cp - cr) - (rp - rr)) for (cp, cr), (rp, rr) in zip(chosen, rejected, strict=True)]
+    n = len(kept)
+    return {"pairs": n, "reward_accuracy": sum(m > 0 for m in margins) / n, "reward_margin": sum(margins) / n,
+            "logps_chosen_policy": sum(c[0] for c in chosen) / n,
+            "logps_chosen_reference": sum(c[1] for c in chosen) / n, "dropped_pairs": len(rows) - n,
+            "ids": kept}  # fmt: skip
+
+
+STANDARD = [
+    {"prompt": "What color is the sky?", "chosen": " Blue on a clear day.", "rejected": " Green."},
+    {"prompt": "", "chosen": "bonjour", "rejected": "buenos dias and more words"},  # empty prompt
+    {"prompt": "Explain photosynthesis:", "chosen": " plants turn light into sugar" * 20, "rejected": " no"},  # cut
+    {"prompt": "1 2 3 4 5 6 7 8 9 10 " * 6, "chosen": " 11", "rejected": " 12"},  # the prompt fills the context
+    {"prompt": "def add(a, b):", "chosen": " return a + b", "rejected": " return a - b"},
+]
+CONVERSATIONAL = [
+    {"prompt": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "6 * 7 ="}],
+     "chosen": [{"role": "assistant", "content": "42"}], "rejected": [{"role": "assistant", "content": "41"}]},
+    {"prompt": [{"role": "user", "content": "Translate 'good morning' into French"}],
+     "chosen": [{"role": "assistant", "content": "bonjour"}],
+     "rejected": [{"role": "assistant", "content": "buenos dias, the quick brown fox"}]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("rows", [STANDARD, CONVERSATIONAL], ids=["standard", "conversational"])
+@pytest.mark.parametrize("adds_bos", [True, False], ids=["bos", "no_bos"])
+def test_pair_metrics_scores_the_trainers_token_ids_against_a_token_by_token_reference(rows, adds_bos):
+    tokenizer = build_tiny_tokenizer() if adds_bos else no_bos(build_tiny_tokenizer())
+    policy, reference = tiny_llama(tokenizer, 0), tiny_llama(tokenizer, 1)
+    want = expected(policy, reference, tokenizer, rows)
+    ids = want.pop("ids")
+    if rows is STANDARD:  # the edge cases are there: an empty prompt, an answer past the context, one pair dropped
+        lengths = [len(p) + len(c) for p, c in zip(ids["prompt_ids"], ids["chosen_ids"], strict=True)]
+        assert want["dropped_pairs"] == 1 and max(lengths) > CONTEXT
+        assert ids["prompt_ids"][1] == ([tokenizer.bos_token_id] if adds_bos else [])
+    else:  # rendered by the chat template, as the trainers render it
+        assert (
+            ids["prompt_ids"][0]
+            == tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True)["input_ids"]
+        )
+    got = pair_metrics(policy, reference, tokenizer, rows, beta=BETA)
+    assert got.pop("displacement") is False  # (its rule: tests/test_quickstart.py's displacement tests)
+    # fp64 both ways, batched against one sequence at a time: equal to ~1e-12
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
+    assert 0 < got["reward_accuracy"] < 1 or rows is CONVERSATIONAL  # the draws give both signs on the standard rows
+    same = pair_metrics(policy, policy, tokenizer, rows, beta=BETA)  # policy = reference: no margin, no accuracy
+    assert same["reward_margin"] == 0 and same["reward_accuracy"] == 0
+
+
+def test_compare_cli_takes_a_conversational_pairs_file_and_names_a_bad_one(tmp_path, capsys):
+    tokenizer = build_tiny_tokenizer()
+    for name, seed in (("policy", 0), ("reference", 1)):
+        tiny_llama(tokenizer, seed).float().save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in CONVERSATIONAL))
+    common = ["compare", "--policy", str(tmp_path / "policy"), "--reference", str(tmp_path / "reference"),
+              "--limit", "1", "--samples", "0", "--max-new-tokens", "2"]  # fmt: skip
+    assert cli([*common, "--pairs", str(pairs), "--out", str(tmp_path / "out")]) == 0
+    reported = json.loads((tmp_path / "out" / "compare.json").read_text())["pairs"]
+    policy, reference = (LlamaForCausalLM.from_pretrained(tmp_path / name).double() for name in ("policy", "reference"))
+    want = pair_metrics(policy, reference, tokenizer, CONVERSATIONAL, beta=0.1)
+    # the CLI ran in fp32 (the saved models' dtype), the check in fp64: log-prob sums of ~10 tokens agree to 1e-4
+    assert reported["pairs"] == 2 and reported == pytest.approx(want, rel=1e-4, abs=1e-4)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
+    assert cli([*common, "--pairs", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out2")]) == 2
+    assert "rejected" in capsys.readouterr().err
