@@ -32,6 +32,7 @@ datasets, and ``compute_metrics`` (it needs the full logits, which are never bui
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -65,11 +66,18 @@ from trl.trainer.utils import use_adapter  # noqa: E402
 
 from fastdpo.model.attention import PACKED_ATTENTION, packed_attention, use_attention  # noqa: E402
 from fastdpo.model.hooks import forward_as  # noqa: E402
+from fastdpo.model.packed import head_softcap  # noqa: E402
 from fastdpo.train.common import check_lean_activations, lean_layers  # noqa: E402
 from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
 from fastdpo.train.config import check_weighting, loss_config_of  # noqa: E402
 from fastdpo.train.dpo import DisplacementWatch, _as_batch, packer_for  # noqa: E402
-from fastdpo.train.sft import PackedSFTLoss, SequencePacker, _pack_length, refuse_logit_hooks  # noqa: E402
+from fastdpo.train.sft import (  # noqa: E402
+    PackedSFTLoss,
+    SequencePacker,
+    _pack_length,
+    check_label_smoothing,
+    refuse_logit_hooks,
+)
 from fastdpo.train.step import preference_step, reference_logps  # noqa: E402
 
 TRL_FALLBACK = ", or use TRL's own trainer for this run"
@@ -214,16 +222,18 @@ class SFTTrainer(PackedSFTLoss, trl.SFTTrainer):
                  formatting_func=None) -> None:  # fmt: skip
         refuse_logit_hooks(TRL_FALLBACK, compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
                            preprocess_logits_for_metrics=preprocess_logits_for_metrics)  # fmt: skip
-        super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
-                         optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-                         quantization_config=quantization_config, peft_config=peft_config,
-                         formatting_func=formatting_func)  # fmt: skip
+        with warnings.catch_warnings():  # TRL's says label smoothing costs a second forward: not here
+            warnings.filterwarnings("ignore", message="`label_smoothing_factor` is deprecated", category=FutureWarning)
+            super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                             optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                             quantization_config=quantization_config, peft_config=peft_config,
+                             formatting_func=formatting_func)  # fmt: skip
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.SFTTrainer for vision-language models")  # fmt: skip
-        if getattr(self.args, "label_smoothing_factor", 0.0):
-            raise ConfigError("needs the full logits", column="label_smoothing_factor", fix="leave it at 0")
+        if self.args.label_smoothing_factor:
+            check_label_smoothing(self.args.label_smoothing_factor, self.args.loss_type, head_softcap(self.model))
         self.packed_attention_impl = _attention_of(self.args)
         if data_collator is None:
             self.data_collator = SequencePacker(pack_length=_pack_length(self.model, self.args,

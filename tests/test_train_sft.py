@@ -109,6 +109,9 @@ CASES = {
     "grad_accumulation": (prompt_completion_rows(16, seed=2), {"packing": False, "gradient_accumulation_steps": 2}),
     "tokenized_split_shuffled": (None, {"packing": True, "packing_strategy": "bfd_split", "shuffle_dataset": True,
                                         "completion_only_loss": True}),
+    # TRL: transformers' LabelSmoother on a second forward with the full logits; fastdpo: from the head's rows
+    "label_smoothing": (prompt_completion_rows(16, seed=5), {"packing": False, "gradient_accumulation_steps": 2,
+                        "label_smoothing_factor": 0.2, "eval_data": prompt_completion_rows(6, seed=8)}),
 }  # fmt: skip
 EVAL_METRICS = ("eval_loss", "eval_entropy", "eval_mean_token_accuracy")
 
@@ -279,8 +282,9 @@ def test_every_trl_sft_option_exists_with_the_same_default(tmp_path):
 
 @pytest.mark.parametrize(
     ("options", "column"),
-    [({"label_smoothing_factor": 0.1},
-      "label_smoothing_factor"), ({"loss_type": "nlll"}, "loss_type"), ({"packing_strategy": "bdf"},
+    [({"label_smoothing_factor": 1.5}, "label_smoothing_factor"),
+     ({"label_smoothing_factor": 0.1, "loss_type": "dft"}, "label_smoothing_factor"),
+     ({"loss_type": "nlll"}, "loss_type"), ({"packing_strategy": "bdf"},
       "packing_strategy"), ({"truncation_mode": "keep_middle"}, "truncation_mode"), ({"head_impl": "fast"},
       "head_impl"), ({"max_length": None, "packing": True}, "max_length"), ({"pack_length": 0}, "pack_length"),
      ({"dataset_kwargs": {"skip_prepare": True}}, "dataset_kwargs"), ({"chat_template_path": "org/model"},

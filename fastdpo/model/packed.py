@@ -169,6 +169,16 @@ def _config_value(config, name: str) -> float | None:
     return None if value is None else float(value)
 
 
+def head_softcap(model: nn.Module) -> float | None:
+    """The tanh soft-cap of the model's logits (``HeadSpec.softcap``), from its class and config alone: nothing of
+    the head is read (under ZeRO-3 its weight is partitioned outside its forward)."""
+    inner = _unwrap(model)
+    rule = _HEAD_RULES.get(type(inner).__name__)
+    if rule is None or rule.softcap is None:
+        return None
+    return _config_value(inner.config.get_text_config(), rule.softcap)
+
+
 def head_spec(model: nn.Module) -> HeadSpec:
     """The ``HeadSpec`` of a transformers ``*ForCausalLM`` model (or a PEFT wrapper of one).
 
@@ -220,8 +230,7 @@ def head_spec(model: nn.Module) -> HeadSpec:
         logit_scale *= scale
     if rule.divide and (divisor := _config_value(config, rule.divide)) is not None:
         logit_scale /= divisor
-    softcap = _config_value(config, rule.softcap) if rule.softcap else None
-    return HeadSpec(weight=weight, bias=head.bias, logit_scale=logit_scale, softcap=softcap)
+    return HeadSpec(weight=weight, bias=head.bias, logit_scale=logit_scale, softcap=head_softcap(inner))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,9 @@ from fastdpo.model.adapters import is_peft_model, prepare_adapter_model, wrap_wi
 from fastdpo.model.attention import packed_attention, use_attention
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import moe_aux_loss, router_aux_loss_coef
+from fastdpo.model.packed import head_softcap
 from fastdpo.ops import linear_logprobs
+from fastdpo.ops.label_smoothing import target_logit_gap
 from fastdpo.train.common import (
     NumericsGuard,
     TokenRate,
@@ -58,7 +60,7 @@ from fastdpo.train.common import (
 )
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.resume import ResumableTrainer
-from fastdpo.train.sft_config import SFTConfig
+from fastdpo.train.sft_config import SFTConfig, check_label_smoothing
 
 TOKEN_COLUMNS = ("input_ids", "labels", "seq_lengths")
 METRIC_OUTPUTS = ("logp", "entropy", "is_top1")
@@ -94,11 +96,15 @@ def sft_step(
     head_impl: str = "auto",
     aux_loss: bool = False,
     offload_activations: bool = False,
+    label_smoothing: float = 0.0,
 ) -> SFTStepOutput:
     """The SFT loss of ``batch`` under ``model``; in plain torch, with ``logits`` the model's on the packed rows::
 
         logp = logits.log_softmax(-1).gather(-1, targets)            # 0 where targets == -100
         loss = -(logp * (logp.exp().detach() if dft else 1)).sum() / num_items
+
+    With ``label_smoothing`` ε (``nll`` only), transformers' ``LabelSmoother``: ``(1 − ε)·loss + ε·`` the same sum
+    of ``−mean_v log p_v``, computed without the logits (``fastdpo.ops.label_smoothing``).
 
     Args:
         model: a transformers ``*ForCausalLM``.
@@ -109,7 +115,9 @@ def sft_step(
         aux_loss: also return a mixture-of-experts model's router load-balancing loss over the real tokens.
         offload_activations: the body's saved activations wait in host memory until the backward
             (``fastdpo.model.offload``).
+        label_smoothing: ε in [0, 1); not with ``dft`` nor with a soft-capped head (``ConfigError``).
     """
+    check_label_smoothing(label_smoothing, loss_type)
     body = packed_body(model, batch, output_router_logits=aux_loss, offload_activations=offload_activations)
     hidden = body.hidden
     targets = batch.targets.reshape(-1).to(hidden.device)
@@ -117,7 +125,12 @@ def sft_step(
     def head(states: Tensor, spec: HeadSpec):  # run as the LM head module's forward (wrappers' hooks: run_head)
         per_token = linear_logprobs(states, spec.weight, targets, impl=head_impl, outputs=METRIC_OUTPUTS,
                                     bias=spec.bias, logit_scale=spec.logit_scale, softcap=spec.softcap)  # fmt: skip
-        return per_token.logp, per_token
+        if not label_smoothing:
+            return per_token.logp, per_token
+        check_label_smoothing(label_smoothing, loss_type, spec.softcap)
+        # −log p_y + ε·(z_y − mean_v z_v) is (1 − ε)·NLL + ε·(−mean_v log p_v): minus it, as the log-prob
+        gap = target_logit_gap(states, spec.weight, targets, bias=spec.bias, logit_scale=spec.logit_scale)
+        return per_token.logp - label_smoothing * gap.to(per_token.logp.dtype), per_token
 
     logp, per_token = run_head(model, head, hidden)
     token_loss = -logp if loss_type == "nll" else -logp * logp.detach().exp()
@@ -190,7 +203,8 @@ class PackedSFTLoss:
         def packed_forward(*args, **kwargs) -> SFTStepOutput:
             return sft_step(inner, batch, loss_type=self.args.loss_type, num_items=num_items_in_batch,
                             head_impl=getattr(self.args, "head_impl", "auto"), aux_loss=bool(self.aux_loss_coef),
-                            offload_activations=self.args.activation_offloading and model.training)  # fmt: skip
+                            offload_activations=self.args.activation_offloading and model.training,
+                            label_smoothing=self.args.label_smoothing_factor)  # fmt: skip
 
         # mixed precision as accelerate's forward wrapper would apply it; through the DDP/FSDP wrapper (forward_as)
         with self.accelerator.autocast(), forward_as(inner, packed_forward):
@@ -422,6 +436,8 @@ def _refuse_unsupported(model, args, train_dataset, processing_class, compute_lo
                         preprocess_logits_for_metrics, quantization_config) -> None:  # fmt: skip
     if quantization_config is not None:
         raise ConfigError("is not supported yet", column="quantization_config", fix="pass quantization_config=None")
+    if args.label_smoothing_factor:
+        check_label_smoothing(args.label_smoothing_factor, args.loss_type, head_softcap(model))
     refuse_logit_hooks(compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
                        preprocess_logits_for_metrics=preprocess_logits_for_metrics)  # fmt: skip
     if train_dataset is None:

@@ -15,8 +15,10 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
   (TRL pads each to the longest example). Padding is no target, so the loss is the same.
 - ``padding_free`` changes nothing (fastdpo never pads) and is accepted with a warning; TRL refuses it without
   packing unless ``max_length`` is None.
+- ``label_smoothing_factor`` (which TRL 1.16 deprecates: its loss then takes a second forward with the full
+  logits) is computed without the logits (``fastdpo.ops.label_smoothing``); with ``loss_type="dft"`` (where TRL
+  ignores it) or a soft-capped head (Gemma 2) it is a ``ConfigError``.
 - Options this version does not implement raise ``ConfigError`` naming the option instead of being ignored:
-  ``label_smoothing_factor`` (TRL deprecates it: it needs the full logits),
   ``dataset_kwargs`` keys other than ``skip_prepare_dataset``, ``chat_template_path`` other than a ``.jinja``
   file.
 - ``activation_offloading`` moves the body's saved activations to host memory (``fastdpo.model.offload``; the
@@ -44,8 +46,6 @@ from fastdpo.model.attention import PACKED_ATTENTION
 from fastdpo.train.common import check_shared_options
 
 LOSS_TYPES = ("nll", "dft")
-# TRL options accepted by the dataclass but not implemented yet: (name, value that means "off")
-NOT_YET = {"label_smoothing_factor": 0.0}
 
 
 @dataclass
@@ -117,7 +117,8 @@ class SFTConfig(TrainingArguments):
             warnings.warn("pad_token is deprecated in TRL 1.16: set tokenizer.pad_token", FutureWarning, stacklevel=4)
 
     def _check_options(self) -> None:
-        check_shared_options(self, NOT_YET)
+        check_shared_options(self, {})
+        check_label_smoothing(self.label_smoothing_factor, self.loss_type)
         if self.padding_free:
             warnings.warn("padding_free: fastdpo never pads sequences; the option changes nothing", stacklevel=4)
         if self.loss_type not in LOSS_TYPES:
@@ -152,3 +153,18 @@ def _int(text: str, name: str) -> int:
         return int(text)
     except ValueError:
         raise ConfigError(f"expected an integer, 'auto' or None, got {text!r}", column=name) from None
+
+
+def check_label_smoothing(factor: float, loss_type: str, softcap: float | None = None) -> None:
+    """``ConfigError`` for a ``label_smoothing_factor`` the fused head cannot apply: outside [0, 1), with ``dft``
+    (TRL ignores it there), or with a soft-capped head (Gemma 2's ``final_logit_softcapping``)."""
+    if not 0.0 <= factor < 1.0:
+        raise ConfigError(f"must be in [0, 1), got {factor}", column="label_smoothing_factor")
+    if factor and loss_type != "nll":
+        raise ConfigError(f"applies to loss_type='nll' only (TRL ignores it with {loss_type!r})",
+                          column="label_smoothing_factor",
+                          fix="set label_smoothing_factor=0 or loss_type='nll'")  # fmt: skip
+    if factor and softcap is not None:
+        raise ConfigError("is not supported with a soft-capped LM head (final_logit_softcapping): the mean logit "
+                          "is then no longer linear in the head's weights, and fastdpo builds no logits",
+                          column="label_smoothing_factor", fix="set label_smoothing_factor=0")  # fmt: skip
