@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_sft import random_examples
+from test_train_sft import padded, random_examples
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.trainer_pt_utils import LabelSmoother
 
@@ -56,13 +56,7 @@ def test_gradients_keep_the_inputs_dtypes():
 
 def label_smoother_loss(model, examples, epsilon):
     """transformers' LabelSmoother on a padded batch with full logits (TRL 1.16's SFT loss with label smoothing)."""
-    longest = max(len(e["input_ids"]) for e in examples)
-    ids = torch.zeros(len(examples), longest, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    ids, labels, mask = padded(examples)
     outputs = model(input_ids=ids, attention_mask=mask)
     return LabelSmoother(epsilon=epsilon)(outputs, labels, shift_labels=True)
 

@@ -177,8 +177,8 @@ def test_moe_aux_loss_matches_trl(tokenizer, tmp_path):
 # --------------------------------------------------------------------------------------- the loss against a naive one
 
 
-def naive_loss(model, examples, loss_type):
-    """Token mean of -log p over labels != -100 after the causal shift, padded batch, full logits."""
+def padded(examples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, attention_mask) of examples padded at the right (labels -100 there)."""
     longest = max(len(e["input_ids"]) for e in examples)
     ids = torch.zeros(len(examples), longest, dtype=torch.long)
     labels = torch.full_like(ids, -100)
@@ -186,6 +186,12 @@ def naive_loss(model, examples, loss_type):
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    return ids, labels, mask
+
+
+def naive_loss(model, examples, loss_type):
+    """Token mean of -log p over labels != -100 after the causal shift, padded batch, full logits."""
+    ids, labels, mask = padded(examples)
     logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
     target = labels[:, 1:]
     valid = target != -100
