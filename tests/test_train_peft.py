@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -113,3 +114,61 @@ def test_lora_sft_matches_trl_and_its_adapter_is_the_dpo_reference(data, tmp_pat
     assert dpo.reference_mode == "adapter" and "ref" in dpo.model.peft_config
     assert logs[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert logs[1]["loss"] != pytest.approx(math.log(2), rel=1e-4)
+
+
+# QLoRA: bitsandbytes' 4-bit layers run on a CPU (dequantized to the compute dtype, fp32 here)
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+
+
+def nf4():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", ["dpo", "dpo_dropin", "sft", "sft_dropin"])
+def test_qlora_from_a_path_takes_trls_steps(kind, data, tmp_path):
+    # the model given by path with quantization_config, as TRL takes it: loaded in 4 bits, LoRA adapters in bf16
+    from test_train_sft import prompt_completion_rows
+
+    import fastdpo.trl as dropin
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    tiny_model(tokenizer, tmp_path / "model")
+    path = str(tmp_path / "model")
+    ours_cls, config_cls, theirs_cls, rows = {
+        "dpo": (DPOTrainer, DPOConfig, trl.DPOTrainer, data),
+        "dpo_dropin": (dropin.DPOTrainer, trl.DPOConfig, trl.DPOTrainer, data),
+        "sft": (SFTTrainer, SFTConfig, trl.SFTTrainer, prompt_completion_rows(12)),
+        "sft_dropin": (dropin.SFTTrainer, trl.SFTConfig, trl.SFTTrainer, prompt_completion_rows(12)),
+    }[kind]
+    their_config = trl.SFTConfig if "sft" in kind else trl.DPOConfig
+    extra = {"peft_config": lora(), "quantization_config": nf4()}
+    trainer, ours = train(ours_cls, config_cls, path, rows, tokenizer, tmp_path, "ours", **extra)
+    _, theirs = train(theirs_cls, their_config, path, rows, tokenizer, tmp_path, "trl", **extra)
+    base = trainer.model.get_base_model()
+    assert base.is_loaded_in_4bit and type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
+    for step in (0, 1):
+        for name in ("loss", "grad_norm"):
+            assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4, abs=1e-7), (step, name)
+
+
+@needs_bnb
+def test_quantization_config_needs_a_model_the_trainer_loads(data, tmp_path):
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    for trainer_cls, config_cls in ((DPOTrainer, DPOConfig), (SFTTrainer, SFTConfig)):
+        with pytest.raises(ConfigError, match="loaded already") as info:
+            trainer_cls(load(), args=config_cls(output_dir=str(tmp_path / "x"), report_to=[]), train_dataset=data,
+                        processing_class=tokenizer, quantization_config=nf4())  # fmt: skip
+        assert info.value.column == "quantization_config"
+    args = DPOConfig(output_dir=str(tmp_path / "y"), report_to=[], model_init_kwargs={"quantization_config": nf4()})
+    with pytest.raises(ConfigError, match="both"):
+        DPOTrainer(str(tmp_path / "model"), args=args, train_dataset=data, processing_class=tokenizer,
+                   quantization_config=nf4())  # fmt: skip

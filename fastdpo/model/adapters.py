@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from fastdpo.errors import ConfigError
@@ -45,6 +46,21 @@ def wrap_with_adapter(model: nn.Module, peft_config, *, gradient_checkpointing: 
                           "train the existing adapter")  # fmt: skip
     model = get_peft_model(model, peft_config)
     return prepare_adapter_model(model, gradient_checkpointing=gradient_checkpointing, new_adapter=True)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Loaded in 4 or 8 bits (bitsandbytes): the attributes transformers sets on such models."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def qlora_adapters_to_bf16(model: nn.Module) -> None:
+    """QLoRA as TRL 1.16 sets it up: on a quantized base, the trainable adapter parameters in bf16 (the QLoRA paper's
+    recipe), except DoRA's magnitude vectors (bf16 would swallow their small updates)."""
+    if not is_quantized(model):
+        return
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and "lora_magnitude_vector" not in name:
+            parameter.data = parameter.data.to(torch.bfloat16)
 
 
 def prepare_adapter_model(model: nn.Module, *, gradient_checkpointing: bool, new_adapter: bool) -> nn.Module:

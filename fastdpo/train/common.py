@@ -109,6 +109,27 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_
         ) from error
 
 
+def with_quantization(model, init_kwargs: dict | None, quantization_config) -> dict | None:
+    """``model_init_kwargs`` with TRL's ``quantization_config`` trainer argument merged in (for a model the trainer
+    loads by name or path); a ``ConfigError`` for a model object (it is loaded already, as TRL refuses it) or for a
+    quantization set in both places."""
+    if quantization_config is None:
+        return init_kwargs
+    if not isinstance(model, str):
+        raise ConfigError(
+            "the model is loaded already; quantization applies when the trainer loads it",
+            column="quantization_config",
+            fix="pass the model's name or path, or load it quantized (from_pretrained(..., quantization_config=...)) "
+            "and pass quantization_config=None",
+        )
+    kwargs = dict(init_kwargs or {})
+    if "quantization_config" in kwargs:
+        raise ConfigError("is set both as a trainer argument and in model_init_kwargs", column="quantization_config",
+                          fix="set it in one place, preferably the trainer argument")  # fmt: skip
+    kwargs["quantization_config"] = quantization_config
+    return kwargs
+
+
 def load_tokenizer(model: nn.Module | str, column: str = "processing_class"):
     """The tokenizer saved with ``model`` (a path, or a model loaded from one), as TRL finds it when none is given."""
     from transformers import AutoTokenizer

@@ -43,7 +43,13 @@ from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs, p
 from fastdpo.data.sampler import RankBalancedBatchSampler, TokenBudgetBatchSampler
 from fastdpo.data.tokenize import tokenize_preferences
 from fastdpo.errors import ConfigError
-from fastdpo.model.adapters import adapter_reference, is_peft_model, prepare_adapter_model, wrap_with_adapter
+from fastdpo.model.adapters import (
+    adapter_reference,
+    is_peft_model,
+    prepare_adapter_model,
+    qlora_adapters_to_bf16,
+    wrap_with_adapter,
+)
 from fastdpo.model.attention import attends_per_sequence, packed_attention, use_attention
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import router_aux_loss_coef
@@ -63,6 +69,7 @@ from fastdpo.train.common import (
     load_causal_lm,
     load_tokenizer,
     report_dropped,
+    with_quantization,
 )
 from fastdpo.train.config import DPOConfig
 from fastdpo.train.interrupt import InterruptibleTrainer
@@ -135,6 +142,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         data_collator=None,
         optimizers=(None, None),
         compute_metrics=None,
+        quantization_config=None,
         tokenizer=None,
     ) -> None:
         args = args or DPOConfig(output_dir="trainer_output")
@@ -147,12 +155,12 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
                 column="n_gpu",
                 fix="launch one process per GPU: accelerate launch (or torchrun) your script",
             )
+        init_kwargs = with_quantization(model, args.model_init_kwargs, quantization_config)
         if isinstance(model, str):
             processing_class = processing_class or load_tokenizer(model)
-            model = load_causal_lm(model, args.model_init_kwargs, trust_remote_code=args.trust_remote_code,
-                                   column="model")  # fmt: skip
-        if isinstance(ref_model, str):
-            ref_model = load_causal_lm(ref_model, args.model_init_kwargs, trust_remote_code=args.trust_remote_code,
+            model = load_causal_lm(model, init_kwargs, trust_remote_code=args.trust_remote_code, column="model")
+        if isinstance(ref_model, str):  # quantized as the policy, as TRL loads it
+            ref_model = load_causal_lm(ref_model, init_kwargs, trust_remote_code=args.trust_remote_code,
                                        column="ref_model")  # fmt: skip
         if processing_class is None:
             processing_class = load_tokenizer(model)
@@ -163,6 +171,8 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
             model = wrap_with_adapter(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         elif is_peft_model(model) and ref_model is None:  # a trained adapter: a frozen copy of it is the reference
             model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=False)
+        if is_peft_model(model):
+            qlora_adapters_to_bf16(model)
         check_run_dir(args, model)
         self.reference_mode = _reference_mode(args, is_peft_model(model))
         if ref_model is not None and self.reference_mode == "none":

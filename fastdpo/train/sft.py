@@ -41,7 +41,7 @@ from fastdpo.data.packing import IGNORE_INDEX, ROW_ATTENTION, PackedBatch, pack_
 from fastdpo.data.sft import prepare_sft, tokenize_sft
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model import HeadSpec, packed_body, run_head
-from fastdpo.model.adapters import is_peft_model, prepare_adapter_model, wrap_with_adapter
+from fastdpo.model.adapters import is_peft_model, prepare_adapter_model, qlora_adapters_to_bf16, wrap_with_adapter
 from fastdpo.model.attention import packed_attention, use_attention
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import moe_aux_loss, router_aux_loss_coef
@@ -57,6 +57,7 @@ from fastdpo.train.common import (
     load_causal_lm,
     load_tokenizer,
     report_dropped,
+    with_quantization,
 )
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.resume import ResumableTrainer
@@ -271,21 +272,23 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
         if tokenizer is not None:  # the old name, as the seed's example uses it
             warnings.warn("SFTTrainer(tokenizer=...) is deprecated: use processing_class", FutureWarning, stacklevel=2)
             processing_class = processing_class if processing_class is not None else tokenizer
+        init_kwargs = with_quantization(model, args.model_init_kwargs, quantization_config)
         if isinstance(model, str):
             processing_class = processing_class or load_tokenizer(model)
-            model = load_causal_lm(model, args.model_init_kwargs, trust_remote_code=args.trust_remote_code,
-                                   column="model")  # fmt: skip
+            model = load_causal_lm(model, init_kwargs, trust_remote_code=args.trust_remote_code, column="model")
         elif args.model_init_kwargs is not None:
             warnings.warn("model_init_kwargs: the model is already built, they are not used", stacklevel=2)
         if processing_class is None:
             processing_class = load_tokenizer(model)
         _refuse_unsupported(model, args, train_dataset, processing_class, compute_loss_func, compute_metrics,
-                            preprocess_logits_for_metrics, quantization_config)  # fmt: skip
+                            preprocess_logits_for_metrics)  # fmt: skip
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's random init, reproducible (and TRL's)
             model = wrap_with_adapter(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         elif is_peft_model(model):  # train the adapter it has
             model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=True)
+        if is_peft_model(model):
+            qlora_adapters_to_bf16(model)
         check_run_dir(args, model)
         _set_special_tokens(model, processing_class, args, set_pad=data_collator is None)
         self.aux_loss_coef = _enable_router_aux_loss(model, args)
@@ -433,9 +436,7 @@ def refuse_logit_hooks(fix_suffix: str = "", **hooks) -> None:
 
 
 def _refuse_unsupported(model, args, train_dataset, processing_class, compute_loss_func, compute_metrics,
-                        preprocess_logits_for_metrics, quantization_config) -> None:  # fmt: skip
-    if quantization_config is not None:
-        raise ConfigError("is not supported yet", column="quantization_config", fix="pass quantization_config=None")
+                        preprocess_logits_for_metrics) -> None:  # fmt: skip
     if args.label_smoothing_factor:
         check_label_smoothing(args.label_smoothing_factor, args.loss_type, head_softcap(model))
     refuse_logit_hooks(compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
