@@ -10,7 +10,8 @@
 
 A config is flat, as ``trl dpo --config`` takes it: the run's own keys (``RunArguments``: the model, the data and
 what to do with it) next to every field of ``DPOConfig`` / ``SFTConfig`` (fastdpo's configs, which carry TRL's
-names and defaults). Precedence: flags, then the YAML, then the defaults. An unknown key fails with the close
+names and defaults), and TRL's LoRA and bitsandbytes keys (``use_peft``, ``lora_r``, ``load_in_4bit``, ...:
+``fastdpo.cli_model``). Precedence: flags, then the YAML, then the defaults. An unknown key fails with the close
 match. The run directory (``output_dir``) gets:
 
 - ``config.yaml``: every field as resolved (what ran, re-runnable with ``--config``);
@@ -55,14 +56,15 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from fastdpo.atomic import refuse_non_empty, save_figure
+from fastdpo.cli_model import AdapterArguments, peft_and_quantization
 from fastdpo.errors import ConfigError, DataError
 
 logger = logging.getLogger("fastdpo")
 
 
 @dataclass
-class RunArguments:
-    """The run's own keys (beside the trainer config's)."""
+class RunArguments(AdapterArguments):
+    """The run's own keys (beside the trainer config's); LoRA and quantization: ``fastdpo.cli_model``."""
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "the policy: a folder or a hub name"})
     ref_model_name_or_path: str | None = field(default=None, metadata={"help": "DPO: a separate reference model"})
@@ -340,6 +342,8 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
     elif run_args.eval_fraction is not None:
         train, evaluation = split_by_prompt(train, test_size=run_args.eval_fraction, seed=args.seed)
     callbacks = [RunFiles(out)]
+    peft_config, quantization_config = peft_and_quantization(run_args, args.model_init_kwargs)
+    model = {"peft_config": peft_config, "quantization_config": quantization_config}
     if command == "dpo":
         report = check_preferences(train)
         dropped: dict[str, int] = {}
@@ -350,12 +354,12 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
         files = {"data_quality.md": report.to_markdown() + f"\nRows removed before training: {dropped}\n",
                  "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped}, indent=1)}  # fmt: skip
         trainer = DPOTrainer(run_args.model_name_or_path, ref_model=run_args.ref_model_name_or_path, args=args,
-                             train_dataset=train, eval_dataset=evaluation, callbacks=callbacks)  # fmt: skip
+                             train_dataset=train, eval_dataset=evaluation, callbacks=callbacks, **model)  # fmt: skip
         return trainer, files
     if run_args.ref_model_name_or_path is not None:
         raise ConfigError("SFT has no reference model", column="ref_model_name_or_path", fix="remove it")
     trainer = SFTTrainer(run_args.model_name_or_path, args=args, train_dataset=train, eval_dataset=evaluation,
-                         callbacks=callbacks)  # fmt: skip
+                         callbacks=callbacks, **model)  # fmt: skip
     return trainer, {}
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import math
 import random
 import subprocess
 import sys
@@ -98,7 +100,9 @@ def test_an_existing_run_directory_is_not_overwritten(workdir):
      ({}, ["--bta", "0.3"], "did you mean --beta?"),
      ({"data_filter": "some"}, [], "column 'data_filter'"),
      ({"loss_type": "sigmod"}, [], "column 'loss_type'"),
-     ({}, ["--dataset_columns", "{prompt"], "is not JSON")],
+     ({}, ["--dataset_columns", "{prompt"], "is not JSON"),
+     ({"load_in_4bit": True}, [], "column 'load_in_4bit': a quantized model trains through adapters only"),
+     ({"use_peft": True}, ["--load_in_4bit", "--load_in_8bit"], "pick one")],
 )  # fmt: skip
 def test_bad_configs_fail_with_one_clear_line(workdir, config, flags, expected, monkeypatch, capsys):
     # in this process (main() prints and returns the status as the command does; argparse's own errors exit): a
@@ -130,6 +134,23 @@ def test_a_run_that_fails_on_its_data_writes_nothing(workdir):
     done = fastdpo("dpo", "--config", "broken.yaml", cwd=workdir)
     assert done.returncode == 2 and "rejected" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
     assert not (workdir / "broken_run").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_qlora_dpo_run_from_trls_flags(workdir):
+    # TRL's ModelConfig flags: the model loaded in 4 bits, LoRA on q/v; the saved model is the adapter
+    flags = ["--use_peft", "--load_in_4bit", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"]
+    done = fastdpo("dpo", "--config", "dpo.yaml", "--output_dir", "qlora_run", "--max_steps", "2", *flags, cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = workdir / "qlora_run"
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["use_peft"] and resolved["load_in_4bit"] and resolved["lora_target_modules"] == ["q_proj", "v_proj"]
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [log["loss"] for log in train if "loss" in log]
+    # LoRA starts at zero: the policy is its reference (the 4-bit base), so the first loss is log 2
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), rel=1e-6)
 
 
 def test_sft_run(workdir):
@@ -238,3 +259,24 @@ def test_data_pairs_and_split(workdir, data_cli):
     held_out = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
     assert len(train) + len(held_out) == 24 and held_out
     assert not {row["prompt"] for row in train} & {row["prompt"] for row in held_out}
+
+
+def test_lora_and_quantization_keys_build_trls_configs(caplog):
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import peft_and_quantization
+    from fastdpo.errors import ConfigError
+
+    with caplog.at_level("WARNING", logger="fastdpo"):
+        assert peft_and_quantization(RunArguments(lora_r=8), None) == (None, None)
+    assert "['lora_r'] set but use_peft is false" in caplog.text  # counted, not silently dropped
+    lora, quantization = peft_and_quantization(RunArguments(use_peft=True, lora_r=8, use_dora=True), None)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.use_dora, quantization) == (8, 32, 0.05, True, None)
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import torch
+
+        qlora = RunArguments(use_peft=True, load_in_4bit=True, bnb_4bit_quant_type="fp4", use_bnb_nested_quant=True)
+        _, quantization = peft_and_quantization(qlora, {"dtype": "bfloat16"})
+        assert quantization.load_in_4bit and quantization.bnb_4bit_compute_dtype == torch.bfloat16
+        assert quantization.bnb_4bit_quant_type == "fp4" and quantization.bnb_4bit_use_double_quant
+    with pytest.raises(ConfigError, match="'nf4' or 'fp4'"):
+        peft_and_quantization(RunArguments(use_peft=True, load_in_4bit=True, bnb_4bit_quant_type="int4"), None)

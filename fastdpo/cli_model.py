@@ -1,0 +1,94 @@
+"""The LoRA and quantization keys of ``fastdpo dpo|sft`` configs: TRL 1.16's ``ModelConfig`` names and defaults.
+
+``use_peft: true`` trains a LoRA adapter (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``,
+``lora_modules_to_save``, ``use_rslora``, ``use_dora``; PEFT picks the target modules for known architectures when
+``lora_target_modules`` is unset), as ``trl dpo --use_peft`` does; the reference is then the base model.
+``load_in_4bit`` / ``load_in_8bit`` load the model with bitsandbytes (``bnb_4bit_quant_type``,
+``use_bnb_nested_quant``; 4-bit products in ``model_init_kwargs``' ``dtype``, float32 unless set), and need
+``use_peft``: a quantized model trains through adapters only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from fastdpo.errors import ConfigError
+
+logger = logging.getLogger("fastdpo")
+
+
+@dataclass
+class AdapterArguments:
+    """LoRA and bitsandbytes quantization, as TRL's ``ModelConfig`` names them."""
+
+    use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters; the reference is the base model"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "modules to adapt (default: PEFT's for the architecture)"}
+    )
+    lora_modules_to_save: list[str] | None = field(default=None, metadata={"help": "modules trained in full"})
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilized LoRA (alpha / sqrt(r))"})
+    use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "load the model in 8 bits (bitsandbytes)"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "load the model in 4 bits (bitsandbytes): QLoRA"})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "'nf4' or 'fp4'"})
+    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "quantize the quantization constants too"})
+
+
+_LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
+                "use_dora")  # fmt: skip
+
+
+def peft_and_quantization(run_args: AdapterArguments, model_init_kwargs: dict | None):
+    """``(peft_config, quantization_config)`` for the trainer (None for either when off); ``ConfigError`` for a
+    combination that cannot train, a warning for LoRA settings given without ``use_peft``."""
+    if run_args.load_in_4bit and run_args.load_in_8bit:
+        raise ConfigError("load_in_4bit and load_in_8bit are both set", column="load_in_4bit", fix="pick one")
+    quantized = run_args.load_in_4bit or run_args.load_in_8bit
+    if quantized and not run_args.use_peft:
+        raise ConfigError("a quantized model trains through adapters only",
+                          column="load_in_4bit" if run_args.load_in_4bit else "load_in_8bit",
+                          fix="set use_peft: true (QLoRA), or load the model unquantized")  # fmt: skip
+    defaults = {f.name: f.default for f in fields(AdapterArguments)}
+    ignored = [name for name in _LORA_FIELDS if getattr(run_args, name) != defaults[name]]
+    if ignored and not run_args.use_peft:
+        logger.warning("%s set but use_peft is false: no adapter is trained, and they are not used", ignored)
+    if run_args.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"must be 'nf4' or 'fp4', got {run_args.bnb_4bit_quant_type!r}", column="bnb_4bit_quant_type")
+    return (_lora(run_args) if run_args.use_peft else None), (_bnb(run_args, model_init_kwargs) if quantized else None)
+
+
+def _lora(run_args: AdapterArguments):
+    try:
+        from peft import LoraConfig
+    except ImportError as error:
+        raise ConfigError("needs the peft package", column="use_peft", fix="pip install 'fastdpo[peft]'") from error
+    return LoraConfig(task_type="CAUSAL_LM", r=run_args.lora_r, lora_alpha=run_args.lora_alpha,
+                      lora_dropout=run_args.lora_dropout, target_modules=run_args.lora_target_modules,
+                      modules_to_save=run_args.lora_modules_to_save, use_rslora=run_args.use_rslora,
+                      use_dora=run_args.use_dora, bias="none")  # fmt: skip
+
+
+def _bnb(run_args: AdapterArguments, model_init_kwargs: dict | None):
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    column = "load_in_4bit" if run_args.load_in_4bit else "load_in_8bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("needs the bitsandbytes package", column=column, fix="pip install bitsandbytes")
+    if run_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = (model_init_kwargs or {}).get("dtype", "float32")
+    compute = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
+    if not isinstance(compute, torch.dtype):
+        raise ConfigError(f"the 4-bit products run in model_init_kwargs' dtype, got {dtype!r}",
+                          column="model_init_kwargs", fix="set dtype to float32, bfloat16 or float16")  # fmt: skip
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute,
+                              bnb_4bit_quant_type=run_args.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=run_args.use_bnb_nested_quant)  # fmt: skip
