@@ -420,13 +420,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    models = []
     for name, folder in (("--policy", args.policy), ("--reference", args.reference)):
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"{folder} holds no model (no config.json)", column=name,
+        if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ConfigError(f"{folder} holds no model (no config.json, no adapter_config.json)", column=name,
                               fix="pass the folder a trainer saved (save_pretrained)")  # fmt: skip
+        try:  # a LoRA run's folder holds its adapter: transformers loads the base it names, then the adapter
+            models.append(AutoModelForCausalLM.from_pretrained(folder))
+        except (OSError, ValueError) as error:
+            fix = "pass the folder a trainer saved (save_pretrained)"
+            if (folder / "adapter_config.json").is_file():
+                fix = ("an adapter's base model (base_model_name_or_path in its adapter_config.json) is found from "
+                       "the directory you trained in: run from there, or edit that path")  # fmt: skip
+            raise ConfigError(f"cannot load {folder} ({str(error).splitlines()[0]})", column=name, fix=fix) from error
+    policy, reference = models
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
-    policy = AutoModelForCausalLM.from_pretrained(args.policy)
-    reference = AutoModelForCausalLM.from_pretrained(args.reference)
     context = getattr(policy.config, "max_position_embeddings", None) or 2048
     prompts, checkers = _load_prompts(args.prompts, context, tokenizer)
     if args.limit is not None:

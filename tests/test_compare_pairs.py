@@ -118,3 +118,32 @@ def test_compare_cli_takes_a_conversational_pairs_file_and_names_a_bad_one(tmp_p
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
     assert cli([*common, "--pairs", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out2")]) == 2
     assert "rejected" in capsys.readouterr().err
+
+
+def test_compare_loads_a_lora_runs_adapter_folder_and_names_a_missing_base(tmp_path, capsys, monkeypatch):
+    peft = pytest.importorskip("peft")
+    tokenizer = build_tiny_tokenizer()
+    monkeypatch.chdir(tmp_path)  # the adapter names its base by the relative path it was trained with, as a run does
+    tiny_llama(tokenizer, 0).float().save_pretrained("base")
+    tokenizer.save_pretrained("base")
+    adapted = peft.get_peft_model(
+        LlamaForCausalLM.from_pretrained("base"), peft.LoraConfig(r=4, target_modules=["q_proj"])
+    )
+    with torch.no_grad():  # a trained adapter: B no longer zero
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    adapted.save_pretrained("run")
+    tokenizer.save_pretrained("run")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in CONVERSATIONAL))
+    common = ["compare", "--policy", "run", "--reference", "base", "--limit", "1", "--samples", "0",
+              "--max-new-tokens", "2", "--pairs", "pairs.jsonl"]  # fmt: skip
+    assert cli([*common, "--out", "out"]) == 0
+    reported = json.loads((tmp_path / "out" / "compare.json").read_text())["pairs"]
+    base = LlamaForCausalLM.from_pretrained("base").double()
+    want = pair_metrics(adapted.double(), base, tokenizer, CONVERSATIONAL, beta=0.1)
+    # the policy is the adapter on its base (fp32 in the CLI, fp64 here): not the base alone
+    assert reported == pytest.approx(want, rel=1e-4, abs=1e-4) and reported["reward_margin"] != 0
+    (tmp_path / "base").rename(tmp_path / "moved")
+    assert cli([*common, "--reference", "moved", "--out", "out2"]) == 2
+    assert "base_model_name_or_path" in capsys.readouterr().err
