@@ -57,6 +57,7 @@ def _evaluate(trainer, run_args, beta: float, samples: int, kl_prompts: int) -> 
     from transformers import AutoModelForCausalLM
 
     from fastdpo.compare import compare, summary
+    from fastdpo.model.adapters import AdapterReference, is_peft_model
 
     metrics = trainer.evaluate()
     dataset = trainer.eval_dataset
@@ -67,9 +68,14 @@ def _evaluate(trainer, run_args, beta: float, samples: int, kl_prompts: int) -> 
            "logps_chosen_reference": reference_chosen,
            "nll_rise": (reference_chosen - policy_chosen) / max(abs(reference_chosen), 1e-9)}  # fmt: skip
     if samples and kl_prompts:
-        reference = AutoModelForCausalLM.from_pretrained(run_args.ref_model_name_or_path or run_args.model_name_or_path)
         policy = trainer.accelerator.unwrap_model(trainer.model)
-        reference.to(next(policy.parameters()).device)
+        if is_peft_model(policy) and run_args.ref_model_name_or_path is None:  # the reference it trained against:
+            # the same model with its adapter off
+            reference = AdapterReference(policy)
+        else:
+            reference = AutoModelForCausalLM.from_pretrained(run_args.ref_model_name_or_path
+                                                             or run_args.model_name_or_path)  # fmt: skip
+            reference.to(next(policy.parameters()).device)
         prompts = [(f"held-out {i}", list(ids)) for i, ids in enumerate(dataset["prompt_ids"][:kl_prompts])]
         rows = compare(policy, reference, trainer.processing_class, prompts, beta=beta, samples=samples,
                        max_new_tokens=32)  # fmt: skip

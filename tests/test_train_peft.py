@@ -172,3 +172,34 @@ def test_quantization_config_needs_a_model_the_trainer_loads(data, tmp_path):
     with pytest.raises(ConfigError, match="both"):
         DPOTrainer(str(tmp_path / "model"), args=args, train_dataset=data, processing_class=tokenizer,
                    quantization_config=nf4())  # fmt: skip
+
+
+def test_adapter_reference_runs_the_policy_as_its_reference(tmp_path):
+    # fastdpo sweep's KL estimate of a LoRA run: the reference it trained against, with no second copy of the weights
+    from fastdpo.compare import compare
+    from fastdpo.model.adapters import AdapterReference, prepare_adapter_model
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    base = load()
+    policy = peft.get_peft_model(load(), lora())
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    ids = torch.tensor([[1, 57, 9, 140, 33]])
+    reference = AdapterReference(policy)
+    torch.testing.assert_close(reference(input_ids=ids).logits, base(input_ids=ids).logits)  # adapters off
+    assert not torch.allclose(policy(input_ids=ids).logits, base(input_ids=ids).logits)  # and back on after
+    trained = prepare_adapter_model(policy, gradient_checkpointing=False, new_adapter=False)  # a frozen "ref" copy
+    copied = trained(input_ids=ids).logits
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                parameter.add_(1.0)  # the policy's adapter moves on; the reference's stays
+    before = trained(input_ids=ids).logits
+    torch.testing.assert_close(AdapterReference(trained)(input_ids=ids).logits, copied)  # the "ref" adapter
+    assert not torch.allclose(before, copied)
+    rows = compare(trained, AdapterReference(trained), tokenizer, [("p", "the cat")], samples=2, max_new_tokens=4)
+    assert rows[0].kl_estimate == rows[0].kl_estimate and rows[0].policy.tokens >= 1  # generated, finite
+    torch.testing.assert_close(trained(input_ids=ids).logits, before)  # the policy's adapter is active again

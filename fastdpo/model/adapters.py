@@ -101,3 +101,17 @@ def adapter_reference(model: nn.Module) -> Iterator[None]:
         for name, parameter in model.named_parameters():  # set_adapter made "ref" trainable: freeze it again
             if f".{REFERENCE_ADAPTER}." in name:
                 parameter.requires_grad_(False)
+
+
+class AdapterReference(nn.Module):
+    """A PEFT policy seen as its reference model: calls run it inside ``adapter_reference`` (its ``"ref"`` adapter,
+    or no adapter), so the reference takes no second copy of the weights, quantized ones included."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, *args, **kwargs):
+        with adapter_reference(self.model):
+            return self.model(*args, **kwargs)
