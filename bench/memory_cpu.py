@@ -272,6 +272,7 @@ TABLE_OPTIONS = [
     ("full + lean_activations", "separate, ref_offload", {"ref_offload": True, "lean_activations": True}),
     ("full", "cached", {"reference": "cached"}),
     ("LoRA r=16", "adapter", {"lora": LORA, "reference": "adapter"}),
+    ("QLoRA r=16 (4-bit NF4)", "adapter", {"lora": LORA, "reference": "adapter", "quantization": "4bit"}),
 ]
 TABLE_MODELS = {"llama-3.2-1b": "Llama-3.2-1B", "llama-3-8b": "Llama-3-8B", "qwen2.5-7b": "Qwen2.5-7B"}
 TABLE_TOKENS = (8192, 16384)
@@ -310,11 +311,13 @@ def estimates_table() -> str:
         "TRL's token metrics on, the fused head's 1 GiB chunks of fp32 logits (its default for half precision on a "
         "GPU); a chunk holds whole pairs, and the largest pair is taken as 2048 completion tokens (the worst case; "
         "shorter completions make the head smaller); the reference's head is the same chunked path. LoRA: rank 16 "
-        "on every linear layer of the decoder layers, adapters in fp32 "
-        "(PEFT's default), run under autocast. ref_offload: the reference's weights on the GPU only for its pass; "
-        "activation_offloading: the body's saved activations in host memory, one layer's back for its backward "
-        "(host RAM must hold them); lean_activations: the RMSNorms keep only their inputs and the MLPs gate and up. "
-        "'Fits' leaves 10% of the card for the CUDA context, cuBLAS "
+        "on every linear layer of the decoder layers, adapters in fp32 (PEFT's default), run under autocast; QLoRA: "
+        "the same adapters in bf16 (as TRL and fastdpo set them up) on the decoder layers' linear weights in "
+        "bitsandbytes' 4-bit NF4 (half a byte per weight and a fp32 absmax per 64; the storage checked byte for byte "
+        "against bitsandbytes' on a CPU, and the activations against what autograd saves there). ref_offload: the "
+        "reference's weights on the GPU only for its pass; activation_offloading: the body's saved activations in "
+        "host memory, one layer's back for its backward (host RAM must hold them); lean_activations: the RMSNorms "
+        "keep only their inputs and the MLPs gate and up. 'Fits' leaves 10% of the card for the CUDA context, cuBLAS "
         "workspaces and the caching allocator's fragmentation: an allowance, not a measurement. These sizes were not "
         "measured on a GPU; the same counting is within bench/results/memory_cpu.md's ratios of measured CPU peaks, "
         "and within 0.96–1.03x of the peaks of a 1.24B Llama's full DPO steps on an H200 at 1.8k to 59k tokens "

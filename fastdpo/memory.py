@@ -64,6 +64,7 @@ PRECISIONS = {"fp32": 4, "bf16": 2}
 # bytes of optimizer state per trainable parameter; None: two states of the parameter's own size
 OPTIMIZERS: dict[str, float | None] = {"adamw": None, "adamw_8bit": 2 + 2 * 4 / 256, "sgd": 0}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZATIONS = ("4bit", "4bit_nested", "8bit")  # bitsandbytes' storage: quantized_linear_bytes
 
 # The published config.json fields of the shapes in the README's table: estimates without a download.
 PRESETS: dict[str, dict] = {
@@ -208,10 +209,16 @@ class _Step:
     ref_offload: bool = False
     activation_offloading: bool = False
     lean_activations: bool = False
+    quantization: str | None = None
 
     @property
     def full(self) -> bool:
         return self.lora_rank is None
+
+    @property
+    def adapter_bytes(self) -> int:
+        # QLoRA's adapters in bf16 (TRL's and fastdpo's trainers cast them); else PEFT's fp32
+        return 2 if self.quantization else 4
 
     @property
     def autocast(self) -> bool:
@@ -237,6 +244,7 @@ def estimate_memory(
     ref_offload: bool = False,
     activation_offloading: bool = False,
     lean_activations: bool = False,
+    quantization: str | None = None,
 ) -> MemoryEstimate:
     """The peak memory of one ``DPOTrainer`` training step (what is counted: the module docstring).
 
@@ -266,12 +274,15 @@ def estimate_memory(
             backward (``DPOConfig.activation_offloading``).
         lean_activations: the RMSNorms keep only their inputs and the MLPs only gate and up (not where LoRA adapts
             down_proj) (``DPOConfig.lean_activations``, ``fastdpo.model.lean``).
+        quantization: QLoRA (needs ``lora``): the decoder layers' linear weights in bitsandbytes' ``4bit`` (NF4/FP4),
+            ``4bit_nested`` (``bnb_4bit_use_double_quant``) or ``8bit`` (``quantized_linear_bytes``); the adapters
+            in bf16; ``precision`` is the compute dtype (the other weights and the activations).
     """
     step = _step(config_or_name, tokens_per_batch, lora=lora, reference=reference, precision=precision,
                  gradient_checkpointing=gradient_checkpointing, attention=attention, max_length=max_length,
                  pair_tokens=pair_tokens, chunk_bytes=chunk_bytes, token_metrics=token_metrics,
                  device=device, ref_offload=ref_offload, activation_offloading=activation_offloading,
-                 lean_activations=lean_activations)  # fmt: skip
+                 lean_activations=lean_activations, quantization=quantization)  # fmt: skip
     if ref_offload and reference != "separate":
         raise ConfigError(f"moves a separate reference; reference={reference!r} has none", column="ref_offload")
     if optimizer not in OPTIMIZERS:
@@ -279,22 +290,49 @@ def estimate_memory(
     shape, params = step.shape, step.shape.params()
     if step.full:
         trainable, trainable_bytes = params, step.bytes
-    else:  # PEFT upcasts bf16 adapters to fp32
-        trainable, trainable_bytes = shape.layers * shape.lora_layer_params(step.lora_rank, step.lora_targets), 4
+    else:  # PEFT upcasts bf16 adapters to fp32 (QLoRA's: bf16)
+        trainable = shape.layers * shape.lora_layer_params(step.lora_rank, step.lora_targets)
+        trainable_bytes = step.adapter_bytes
     per_parameter = OPTIMIZERS[optimizer]
     state = 2 * trainable_bytes if per_parameter is None else per_parameter
+    base = base_weight_bytes(shape, step.bytes, step.quantization)
     persistent = {
-        "weights": params * step.bytes + (0 if step.full else trainable * 4),
-        "reference": params * step.bytes if step.reference == "separate" and not step.ref_offload else 0,
+        "weights": base + (0 if step.full else trainable * trainable_bytes),
+        "reference": base if step.reference == "separate" and not step.ref_offload else 0,
         "optimizer": int(trainable * state),
     }
-    phases = _phases(step, persistent, trainable * trainable_bytes, params * step.bytes)
+    phases = _phases(step, persistent, trainable * trainable_bytes, base)
     peak = max(phases, key=lambda name: sum(phases[name].values()))
     notes = ()
     if shape.model_type not in COUNTED_LAYOUTS:
         notes = (f"activations counted for the Llama layer; a {shape.model_type!r} layer may keep other tensors",)
     return MemoryEstimate(**phases[peak], phase=peak, phases=phases, params=params, trainable_params=trainable,
                           notes=notes)  # fmt: skip
+
+
+def base_weight_bytes(shape: ModelShape, b: int, quantization: str | None = None) -> int:
+    """Bytes of the model's own weights: ``b`` each, or the decoder layers' linear weights as bitsandbytes stores
+    them quantized (the rest, embeddings, norms, biases, the LM head, stay in ``b``)."""
+    if quantization is None:
+        return shape.params() * b
+    linears = shape.linears().values()
+    plain = shape.params() - shape.layers * sum(i * o for i, o in linears)
+    return plain * b + shape.layers * sum(quantized_linear_bytes(i, o, quantization) for i, o in linears)
+
+
+def quantized_linear_bytes(inputs: int, outputs: int, quantization: str) -> int:
+    """A linear weight as bitsandbytes keeps it: ``8bit``, a byte per weight and a fp32 scale per output row;
+    ``4bit``, two weights a byte and a fp32 absmax per block of 64; ``4bit_nested``, those absmax in 8 bits, with a
+    fp32 absmax per 256 of them and a fp32 offset. Not counted: the per-layer code tables (16 values; 256 more when
+    nested)."""
+    weights = inputs * outputs
+    if quantization == "8bit":
+        return weights + 4 * outputs
+    blocks = -(-weights // 64)
+    packed = -(-weights // 2)
+    if quantization == "4bit":
+        return packed + 4 * blocks
+    return packed + blocks + 4 * -(-blocks // 256) + 4
 
 
 def _step(config_or_name, tokens: int, *, lora, reference, precision, **options) -> _Step:
@@ -317,6 +355,12 @@ def _step(config_or_name, tokens: int, *, lora, reference, precision, **options)
                               fix="name linear layers of the decoder layers, or 'all-linear'")  # fmt: skip
     elif reference == "adapter":
         raise ConfigError("an adapter reference needs a LoRA policy", column="reference", fix="pass lora={'r': 16}")
+    if options["quantization"] is not None:
+        if options["quantization"] not in QUANTIZATIONS:
+            raise unknown_choice("quantization", options["quantization"], QUANTIZATIONS)
+        if lora is None:
+            raise ConfigError("a quantized model trains through adapters only", column="quantization",
+                              fix="pass lora={'r': 16} (QLoRA)")  # fmt: skip
     max_length = options.pop("max_length")
     if options["chunk_bytes"] is None:
         half_on_gpu = options["device"] == "cuda" and PRECISIONS[precision] == 2
@@ -362,8 +406,10 @@ def _layer_activations(step: _Step) -> int:
     saved += (2 if lean_mlp else 3) * b * n * i  # gate, silu(gate) (not when lean), up
     if step.full:  # inputs of q/k/v (one tensor), gate/up (one), down_proj (not when lean); o_proj's is attention's
         return saved + b * n * (2 * h + i * (not lean_mlp))
-    linears, adapter_bytes = s.linears(), 2 if step.autocast else 4
-    if step.autocast or b != 4:  # every adapted layer casts its input to the adapter's dtype: a copy each
+    linears, adapter_bytes = s.linears(), 2 if step.autocast else step.adapter_bytes
+    # QLoRA's bf16 adapters copy their inputs only when the activations are fp32
+    copies = b != adapter_bytes if step.quantization else step.autocast or b != 4
+    if copies:  # every adapted layer casts its input to the adapter's dtype: a copy each
         saved += sum(n * linears[name][0] * adapter_bytes for name in step.lora_targets)
     else:  # the adapters keep the inputs the trained layers would have kept
         shared = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"down_proj"})
@@ -408,8 +454,11 @@ def _phases(step: _Step, persistent: dict[str, int], gradients: int, weights: in
     if not full and not step.checkpointing:  # frozen embeddings: the first norm's input needs no gradient
         saved -= hidden if step.lean_activations else 4 * n * h + 4 * n
     recompute = layer if step.checkpointing else 0
-    layer_backward = b * n * h + _mlp_backward(step)  # the incoming gradient, the MLP's temporaries
-    layer_grads = s.layer_params() * b if full else s.lora_layer_params(step.lora_rank, step.lora_targets) * 4
+    # the incoming gradient, the MLP's temporaries; a quantized layer's weight, dequantized for the input's gradient
+    dequantized = b * max(i * o for i, o in s.linears().values()) if step.quantization else 0
+    layer_backward = b * n * h + _mlp_backward(step) + dequantized
+    layer_grads = (s.layer_params() * b if full
+                   else s.lora_layer_params(step.lora_rank, step.lora_targets) * step.adapter_bytes)  # fmt: skip
     head_grad = vh * b if full else 0  # the LM head weight's gradient (the embedding's, when tied)
     embed_grad = vh * b if full and not s.tied else 0
     # fused head: a chunk's buffer stays alive (as its dz) until the next chunk's dz is formed
@@ -432,7 +481,7 @@ def _phases(step: _Step, persistent: dict[str, int], gradients: int, weights: in
         repeated = step.sdpa and s.kv_heads < s.heads
         # layer input, normalized; q, k, v, the output, k and v repeated; the block mask in the query's dtype
         attention = b * n * (2 * h + 2 * s.q + 2 * s.kv + 2 * s.q * repeated) + b * mask
-        body = max(attention, b * n * (2 * h + 3 * i)) + shared + mask * (not step.checkpointing)
+        body = max(attention, b * n * (2 * h + 3 * i)) + shared + mask * (not step.checkpointing) + dequantized
         head = hidden
         if step.device == "cpu" or half_gemms:  # the chunked head (the Triton kernel of other CUDA dtypes keeps none)
             head += weight_fp32 + min(n, step.chunk_bytes // (4 * s.vocab)) * s.vocab * 4
