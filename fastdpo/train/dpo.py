@@ -18,7 +18,8 @@ counted in ``self.dropped_rows``). Metrics carry TRL's names (``rewards/*``, ``l
 ``mean_token_accuracy``, ``num_tokens``, ``aux_loss`` for MoE) plus ``padding_fraction`` and ``tokens_per_second``;
 non-finite steps are skipped (``NumericsGuard``).
 
-A model is an object or a path (``model_init_kwargs``), optionally with a ``peft_config``. References:
+A model is an object or a path (``model_init_kwargs``; quantized with ``quantization_config``, whose adapters then
+train in bf16, as TRL sets QLoRA up), optionally with a ``peft_config``. References:
 ``separate`` (``ref_model``, or a frozen copy of the policy when it is None), ``cached`` (computed once, read from
 files), ``adapter`` (PEFT: adapters disabled, or a frozen copy of a trained adapter; no second copy of the weights)
 and ``none`` for reference-free losses. A separate reference can wait in host memory between its passes

@@ -17,7 +17,8 @@ are dropped and counted in ``self.dropped_rows``), then ``pack_sft_dataset`` whe
 names (``loss``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``, and ``eval_*``) plus ``padding_fraction``.
 
 A model may be given as a path (loaded with ``model_init_kwargs`` as TRL loads it, fp32 unless ``dtype`` says
-otherwise), and trained whole or through a PEFT adapter (``peft_config``, or a ``PeftModel``). Non-finite
+otherwise; quantized with ``quantization_config``), and trained whole or through a PEFT adapter (``peft_config``, or
+a ``PeftModel``; on a quantized base its adapters train in bf16, as TRL sets QLoRA up). Non-finite
 steps are skipped by ``NumericsGuard`` (``max_nonfinite_steps``).
 Options it does not implement raise ``ConfigError``: ``compute_loss_func``, ``compute_metrics`` and
 ``preprocess_logits_for_metrics`` (they need the logits), vision datasets, iterable datasets.
