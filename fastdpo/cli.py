@@ -548,7 +548,7 @@ def _env(*, as_json: bool) -> str:
 
     versions = {"python": platform.python_version()}
     for package in ("fastdpo", "torch", "transformers", "accelerate", "datasets", "trl", "peft", "triton",
-                    "deepspeed", "liger-kernel"):  # fmt: skip
+                    "deepspeed", "liger-kernel", "bitsandbytes"):  # fmt: skip
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
