@@ -145,5 +145,7 @@ def test_compare_loads_a_lora_runs_adapter_folder_and_names_a_missing_base(tmp_p
     # the policy is the adapter on its base (fp32 in the CLI, fp64 here): not the base alone
     assert reported == pytest.approx(want, rel=1e-4, abs=1e-4) and reported["reward_margin"] != 0
     (tmp_path / "base").rename(tmp_path / "moved")
+    # offline: the adapter's "base" is then looked up on no hub (with one, ~20 s of retries here, then the same error)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert cli([*common, "--reference", "moved", "--out", "out2"]) == 2
     assert "base_model_name_or_path" in capsys.readouterr().err
