@@ -393,7 +393,7 @@ def _layer_activations(step: _Step) -> int:
     s, n, b = step.shape, step.tokens, step.bytes
     h, i = s.hidden, s.intermediate
     lean = step.lean_activations  # an adapted down_proj keeps the model's own MLP (fastdpo.model.lean)
-    lean_mlp = lean and "down_proj" not in step.lora_targets
+    lean_mlp = lean and _lean_mlp(step)
     if lean:  # each RMSNorm keeps its input: the first norm's is the checkpointed layer input when checkpointing
         saved = b * n * h * (2 - step.checkpointing) + b * n * (s.q + s.kv) * s.qk_norm
         if step.device == "cuda":  # the norm kernels' fp32 rsqrt per row (fastdpo.ops.rms_norm)
@@ -417,6 +417,12 @@ def _layer_activations(step: _Step) -> int:
     return saved + len(step.lora_targets) * n * step.lora_rank * adapter_bytes  # lora_A's outputs
 
 
+def _lean_mlp(step: _Step) -> bool:
+    """Whether ``lean_activations`` runs the lean MLP: not where LoRA adapts down_proj, nor on a quantized model (a
+    bitsandbytes down_proj is no plain ``nn.Linear``: ``fastdpo.model.lean`` keeps the model's own MLP)."""
+    return "down_proj" not in step.lora_targets and step.quantization is None
+
+
 def _mlp_backward(step: _Step) -> int:
     """Bytes of temporaries at the peak of one MLP's backward.
 
@@ -430,7 +436,7 @@ def _mlp_backward(step: _Step) -> int:
     """
     s, n, b = step.shape, step.tokens, step.bytes
     i = s.intermediate
-    if not step.lean_activations or "down_proj" in step.lora_targets:
+    if not (step.lean_activations and _lean_mlp(step)):
         return 2 * b * n * i
     rows = min(n, max(1, lean.MLP_CHUNK_ELEMENTS // i))
     trained = step.full  # down_proj's weight: only full training gives it a gradient (LoRA leaves it alone here)

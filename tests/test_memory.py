@@ -309,8 +309,9 @@ def test_quantized_weights_are_the_bytes_bitsandbytes_keeps(tmp_path, quantizati
 
 
 @needs_bnb
+@pytest.mark.parametrize("lean", [False, True], ids=["own", "lean_activations"])  # lean: the norms only (4-bit MLPs)
 @pytest.mark.parametrize("targets", ["all-linear", ("q_proj", "v_proj")], ids=["lora", "lora_qv"])
-def test_qlora_activations_are_what_autograd_saves(tmp_path, targets):
+def test_qlora_activations_are_what_autograd_saves(tmp_path, targets, lean):
     from fastdpo.data.packing import pack_pairs
     from fastdpo.model.adapters import qlora_adapters_to_bf16
 
@@ -323,9 +324,9 @@ def test_qlora_activations_are_what_autograd_saves(tmp_path, targets):
               "chosen_ids": torch.randint(3, 211, (48,), generator=gen).tolist(),
               "rejected_ids": torch.randint(3, 211, (48,), generator=gen).tolist()} for _ in range(4)]  # fmt: skip
     batch = pack_pairs(pairs, pack_length=128, split_pairs=True)
-    counted = saved_bytes(model, batch)
+    counted = saved_bytes(model, batch, lean=lean)
     estimate = estimate_memory(TINY, 512, precision="bf16", gradient_checkpointing=False, max_length=128,
                                device="cpu", lora={"r": 4, "target_modules": targets}, reference="adapter",
-                               quantization="4bit")  # fmt: skip
+                               quantization="4bit", lean_activations=lean)  # fmt: skip
     # as test_activations_are_what_autograd_saves: counted from the same code, 1% for bookkeeping
     assert estimate.phases["head forward"]["activations"] == pytest.approx(counted, rel=0.01)
