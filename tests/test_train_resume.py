@@ -110,7 +110,7 @@ def test_dpo_resumes_exactly(case, tokenizer, load, tmp_path):
 
     resume_at = extra.get("save_steps", 3)
     straight, resumed = straight_and_resumed(make_trainer, tmp_path, resume_at)
-    assert_same_steps(straight, resumed, ("rewards/margins", "logps/chosen"), resume_at)
+    assert_same_steps(straight, resumed, ("rewards/margins", "logps/chosen", "logps/chosen_change"), resume_at)
 
 
 SFT_CASES = {

@@ -202,6 +202,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, compute_metrics=compute_metrics)  # fmt: skip
         check_lean_activations(self)
+        self._displacement = DisplacementWatch(args.displacement_margin)
         self.ref_model, self._ref_resident, self._ref_engine = None, None, None
         if self.reference_mode == "separate":
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
@@ -374,8 +375,6 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         metrics = self._metrics[mode].pop(self.accelerator, totals={"num_tokens": self._total_train_tokens})
         if mode == "train" and "loss" in logs:
             metrics["tokens_per_second"] = self._token_rate(metrics["num_tokens"])
-            if not hasattr(self, "_displacement"):
-                self._displacement = DisplacementWatch(self.args.displacement_margin)
             self._displacement.update(metrics, learning_rate=self.args.learning_rate,
                                       warn=self.is_world_process_zero())  # fmt: skip
         if mode == "eval":
@@ -401,6 +400,13 @@ class DisplacementWatch:
 
     def __init__(self, margin: float | None):
         self.margin, self.start, self.start_accuracy, self.warned = margin, None, None, False
+
+    def state(self) -> dict:
+        """What a checkpoint keeps (``fastdpo.train.resume``): the first values and whether it warned."""
+        return {"start": self.start, "start_accuracy": self.start_accuracy, "warned": self.warned}
+
+    def load_state(self, state: dict) -> None:
+        self.start, self.start_accuracy, self.warned = state["start"], state["start_accuracy"], bool(state["warned"])
 
     def update(self, metrics: dict[str, float], *, learning_rate: float, warn: bool = True) -> bool:
         """Record one log's metrics (in place: adds the change); True when this call found displacement (and warned,

@@ -4,7 +4,9 @@ A transformers checkpoint holds the weights, the optimizer and scheduler, the RN
 resumed from it skips the batches it already trained on. fastdpo's trainers also keep running counts that are not
 in there: the tokens trained on (``num_tokens``, which would start again from 0), the numerics guard's skipped
 steps (``nonfinite_steps``, and the skips in a row that stop training), and, derived from the first, the start of
-``tokens_per_second``. Nor is, with TR-DPO's ``sync_ref_model``, the reference model that training moves.
+``tokens_per_second``; DPO's displacement watch (the first ``logps/chosen``, which ``logps/chosen_change`` and the
+warning are measured from, and whether it warned). Nor is, with TR-DPO's ``sync_ref_model``, the reference model
+that training moves.
 ``ResumableTrainer`` writes the counts as JSON next to ``trainer_state.json``, one file per process (a count may be
 this process's own share, as DPO's tokens are), and such a reference as ``ref_model.safetensors``, and reads them
 back when ``train`` is given ``resume_from_checkpoint``::
@@ -40,6 +42,9 @@ def counters_file(checkpoint: str, process_index: int) -> str:
 def save_counters(trainer, checkpoint: str) -> None:
     """Write ``trainer``'s counters into ``checkpoint`` (this process's file)."""
     counters = {name: int(getattr(trainer, name)) for name in COUNTERS if hasattr(trainer, name)}
+    watch = getattr(trainer, "_displacement", None)  # DPO: the first logged logps/chosen, the change's baseline
+    if watch is not None:
+        counters["displacement"] = watch.state()
     os.makedirs(checkpoint, exist_ok=True)
     with open(counters_file(checkpoint, trainer.args.process_index), "w", encoding="utf-8") as file:
         json.dump(counters, file, indent=2)
@@ -57,6 +62,9 @@ def load_counters(trainer, checkpoint: str) -> None:
     for name, value in counters.items():
         if name in COUNTERS:
             setattr(trainer, name, int(value))
+    watch = getattr(trainer, "_displacement", None)
+    if watch is not None and "displacement" in counters:
+        watch.load_state(counters["displacement"])
     rate = getattr(trainer, "_token_rate", None)
     if rate is not None:
         rate.restart(getattr(trainer, "_total_train_tokens", 0))
