@@ -212,7 +212,8 @@ class SFTTrainer(PackedSFTLoss, trl.SFTTrainer):
 
     TRL prepares the dataset (tokenization, its labels, its packing into rows with ``seq_lengths``); the collator
     packs a step's examples without padding between them, and the loss is TRL's (the NLL of every label that is not
-    -100 over the optimizer step's labels, ``dft`` too) from the fused head (``fastdpo.train.sft.sft_step``).
+    -100 over the optimizer step's labels, ``dft`` too, and ``label_smoothing_factor`` without TRL's second forward:
+    ``fastdpo.ops.label_smoothing``) from the fused head (``fastdpo.train.sft.sft_step``).
     """
 
     def __init__(self, model, args: trl.SFTConfig | None = None, data_collator=None, train_dataset=None,
