@@ -127,7 +127,7 @@ def nf4():
 
 
 @needs_bnb
-@pytest.mark.parametrize("kind", ["dpo", "dpo_dropin", "sft", "sft_dropin"])
+@pytest.mark.parametrize("kind", ["dpo", "dpo_dropin", "sft", "sft_dropin", "dpo_8bit"])
 def test_qlora_from_a_path_takes_trls_steps(kind, data, tmp_path):
     # the model given by path with quantization_config, as TRL takes it: loaded in 4 bits, LoRA adapters in bf16
     from test_train_sft import prompt_completion_rows
@@ -140,16 +140,23 @@ def test_qlora_from_a_path_takes_trls_steps(kind, data, tmp_path):
     path = str(tmp_path / "model")
     ours_cls, config_cls, theirs_cls, rows = {
         "dpo": (DPOTrainer, DPOConfig, trl.DPOTrainer, data),
+        "dpo_8bit": (DPOTrainer, DPOConfig, trl.DPOTrainer, data),
         "dpo_dropin": (dropin.DPOTrainer, trl.DPOConfig, trl.DPOTrainer, data),
         "sft": (SFTTrainer, SFTConfig, trl.SFTTrainer, prompt_completion_rows(12)),
         "sft_dropin": (dropin.SFTTrainer, trl.SFTConfig, trl.SFTTrainer, prompt_completion_rows(12)),
     }[kind]
     their_config = trl.SFTConfig if "sft" in kind else trl.DPOConfig
-    extra = {"peft_config": lora(), "quantization_config": nf4()}
+    if kind == "dpo_8bit":
+        from transformers import BitsAndBytesConfig
+
+        extra = {"peft_config": lora(), "quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    else:
+        extra = {"peft_config": lora(), "quantization_config": nf4()}
     trainer, ours = train(ours_cls, config_cls, path, rows, tokenizer, tmp_path, "ours", **extra)
     _, theirs = train(theirs_cls, their_config, path, rows, tokenizer, tmp_path, "trl", **extra)
     base = trainer.model.get_base_model()
-    assert base.is_loaded_in_4bit and type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    layer = "Linear8bitLt" if kind == "dpo_8bit" else "Linear4bit"
+    assert type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == layer
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
     for step in (0, 1):
