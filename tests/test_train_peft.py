@@ -116,7 +116,7 @@ def test_lora_sft_matches_trl_and_its_adapter_is_the_dpo_reference(data, tmp_pat
     assert logs[1]["loss"] != pytest.approx(math.log(2), rel=1e-4)
 
 
-# QLoRA: bitsandbytes' 4-bit layers run on a CPU (dequantized to the compute dtype, fp32 here)
+# QLoRA: bitsandbytes' 4- and 8-bit layers run on a CPU (dequantized to the compute dtype, fp32 here)
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 
 
@@ -129,7 +129,7 @@ def nf4():
 @needs_bnb
 @pytest.mark.parametrize("kind", ["dpo", "dpo_dropin", "sft", "sft_dropin", "dpo_8bit"])
 def test_qlora_from_a_path_takes_trls_steps(kind, data, tmp_path):
-    # the model given by path with quantization_config, as TRL takes it: loaded in 4 bits, LoRA adapters in bf16
+    # the model given by path with quantization_config, as TRL takes it: loaded in 4 (or 8) bits, adapters in bf16
     from test_train_sft import prompt_completion_rows
 
     import fastdpo.trl as dropin
