@@ -120,7 +120,7 @@ def compute_reference_logps(
     ``rows`` is anything indexable holding ``prompt_ids``/``chosen_ids``/``rejected_ids`` (a tokenized dataset);
     ``ld_alpha``: LD-DPO's weighted sums (``fastdpo.ops.segments.ld_token_weights``).
     """
-    from fastdpo.ops.fused_pair_loss import _pair_segments
+    from fastdpo.ops.segments import pair_segments
 
     was_training = reference.training
     reference.eval()
@@ -136,7 +136,7 @@ def compute_reference_logps(
                 examples = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
                 batch = pack_pairs(examples, pack_length=None, max_length=max_length, truncation_mode=truncation_mode,
                                    split_pairs=True, row_ids=list(range(start, start + len(examples))))  # fmt: skip
-                pairs = _pair_segments(batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen)
+                pairs = pair_segments(batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen)
                 weights = None if ld_alpha is None else ld_weights(batch, pairs, ld_alpha)
                 logps = packed_logps(reference, batch, impl=head_impl, token_weights=weights).seq_logps
                 values = logps[pairs.to(logps.device)].float().cpu()  # [P, 2] in pair order

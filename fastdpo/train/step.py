@@ -24,15 +24,15 @@ from fastdpo.model import HeadSpec, packed_body, packed_logps, run_head
 from fastdpo.model.moe import moe_aux_loss
 from fastdpo.model.packed import ld_weights
 from fastdpo.ops import LossConfig, LossOutput, PairLogps, fused_pair_loss, linear_logprobs, preference_loss
-from fastdpo.ops.fused_pair_loss import _pair_segments, _token_metrics, supports_fused
-from fastdpo.ops.segments import ld_token_weights, segment_ids, segment_sum
+from fastdpo.ops.fused_pair_loss import _token_metrics, supports_fused
+from fastdpo.ops.segments import ld_token_weights, pair_segments, segment_ids, segment_sum
 
 
 def reference_logps(ref_model: nn.Module, batch: PackedBatch, *, impl: str = "auto",
                     ld_alpha: float | None = None) -> Tensor:  # fmt: skip
     """``[P, 2]`` (chosen, rejected) log-prob sums of the reference, without gradients (``ld_alpha``: LD-DPO's
     weighted sums, ``ops.segments.ld_token_weights``)."""
-    pairs = _pair_segments(batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen)
+    pairs = pair_segments(batch.cu_seqlens, batch.seq_pair, batch.seq_is_chosen)
     weights = None if ld_alpha is None else ld_weights(batch, pairs, ld_alpha)
     with torch.no_grad():
         out = packed_logps(ref_model, batch, impl=impl, token_weights=weights)
@@ -120,7 +120,7 @@ def _head_and_loss(
         loss, out = run_head(model, fused_head, hidden)
         out.loss = loss
         return out
-    pairs = _pair_segments(cu_seqlens, seq_pair, seq_is_chosen)
+    pairs = pair_segments(cu_seqlens, seq_pair, seq_is_chosen)
     completion = targets != IGNORE_INDEX
     if "orpo" in config.loss_types:
         # ORPO's NLL scores every next token of the chosen sequences, prompt included: in the same head pass
