@@ -48,18 +48,17 @@ class _TargetLogitGap(torch.autograd.Function):
             gap[part] = (hidden[part].to(compute) * (weight[safe[part]].to(compute) - mean_row)).sum(-1)
         if bias is not None:
             gap += bias.to(compute)[safe] - bias.to(compute).mean()
-        ctx.save_for_backward(hidden, weight, safe, valid)
+        ctx.save_for_backward(hidden, weight, safe, valid, mean_row)  # [H]: not a second pass over the weight
         ctx.scale, ctx.has_bias, ctx.compute = scale, bias is not None, compute
         return torch.where(valid, gap * scale, 0.0)
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, safe, valid = ctx.saved_tensors
+        hidden, weight, safe, valid, mean_row = ctx.saved_tensors
         compute, vocab = ctx.compute, weight.shape[0]
         g = torch.where(valid, grad.to(compute) * ctx.scale, 0.0)  # d gap / d (hidden · row) per token
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            mean_row = _mean_row(weight, compute)
             grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
             for part in _chunks(hidden.shape[0]):
                 grad_hidden[part] = g[part, None] * (weight[safe[part]].to(compute) - mean_row)
