@@ -80,7 +80,7 @@ def prepare_preferences(
         raise unknown_choice("format", format, FORMATS)
     check_template("system_template", system_template, ("system", "prompt"))
     check_template("input_template", input_template, ("prompt", "input"))
-    dataset = _rename(dataset, columns or {})
+    dataset, _ = _rename(dataset, columns or {})
     for name in ("chosen", "rejected"):
         if name not in dataset.column_names:
             raise missing_column(name, dataset.column_names)
@@ -104,13 +104,19 @@ def prepare_preferences(
     )
 
 
-def _rename(dataset: datasets.Dataset, columns: dict[str, str]) -> datasets.Dataset:
-    dataset = rename_columns(dataset, columns, KNOWN_TARGETS)
+def _rename(dataset, columns: dict[str, str], present: list[str] | None = None):
+    """``columns`` applied, then the score aliases; ``present``: the column names, for a stream that does not know
+    them (``IterableDataset.column_names`` is None without features), read from its first row."""
+    present = list(dataset.column_names if present is None else present)
+    dataset = rename_columns(dataset, columns, KNOWN_TARGETS, present=present)
+    renamed = {theirs: ours for ours, theirs in columns.items()}
+    present = [renamed.get(name, name) for name in present]
     for ours, aliases in SCORE_ALIASES.items():
-        found = [a for a in aliases if a in dataset.column_names]
-        if ours not in dataset.column_names and found:  # the first alias in our order wins; others stay as they are
+        found = [a for a in aliases if a in present]
+        if ours not in present and found:  # the first alias in our order wins; others stay as they are
             dataset = dataset.rename_column(found[0], ours)
-    return dataset
+            present[present.index(found[0])] = ours
+    return dataset, present
 
 
 def _detect_format(dataset: datasets.Dataset, format: str) -> str:
@@ -133,28 +139,12 @@ def _check_rows(dataset: datasets.Dataset, kind: str) -> None:
     names = ["chosen", "rejected"] + (["prompt"] if "prompt" in dataset.column_names else [])
     for name in names:
         for row, value in enumerate(dataset[name]):
-            got = value_format(value)
-            ok = got == kind or (name == "prompt" and got == "standard")  # a string prompt is fine for both
-            if ok and isinstance(value, str) and not value.strip() and name != "prompt":
-                raise DataError(
-                    "is empty", row=row, column=name, fix="drop the row (fastdpo.data.check_preferences lists them all)"
-                )
-            if not ok:
-                what = "None" if value is None else got or type(value).__name__
-                raise DataError(
-                    f"expected {'a string' if kind == 'standard' else 'a list of messages'} like the first row, "
-                    f"got {what}",
-                    row=row,
-                    column=name,
-                    fix="fix or drop the row (fastdpo.data.check_preferences lists every such row), or pass format=",
-                )
+            _raise_if(value_problem(name, value, kind), row, name)
     for name in ("system", "input", "context"):  # joined into the prompt as text: an int or a list would not fit
         if name not in dataset.column_names:
             continue
         for row, value in enumerate(dataset[name]):
-            if value is not None and not isinstance(value, str):
-                raise DataError(f"expected a string (or null), got {type(value).__name__}", row=row, column=name,
-                                fix="make it a string, or drop the row or the column")  # fmt: skip
+            _raise_if(_text_problem(value), row, name)
     optional = [c for c in ("tools", "chat_template_kwargs") if c in dataset.column_names]
     if kind == "conversational" and optional:  # given to apply_chat_template with the messages (TRL: only then)
         values = {c: dataset[c] for c in optional}
@@ -163,6 +153,49 @@ def _check_rows(dataset: datasets.Dataset, kind: str) -> None:
             if problem is not None:
                 column, message, fix = problem
                 raise DataError(message, row=row, column=column, fix=fix)
+
+
+def check_row(example: dict, row: int, kind: str) -> None:
+    """The checks of ``_check_rows`` on one row (of a stream, read one row at a time): DataError at its first
+    problem, ``row`` naming it."""
+    for name in ("chosen", "rejected", "prompt"):
+        if name in example:
+            _raise_if(value_problem(name, example[name], kind), row, name)
+    for name in ("system", "input", "context"):
+        if name in example:
+            _raise_if(_text_problem(example[name]), row, name)
+    if kind == "conversational":
+        problem = template_inputs_problem(example)
+        if problem is not None:
+            column, message, fix = problem
+            raise DataError(message, row=row, column=column, fix=fix)
+
+
+def value_problem(name: str, value, kind: str) -> tuple[str, str] | None:
+    """(message, fix) when a ``chosen``/``rejected``/``prompt`` value does not fit ``kind`` (a string prompt fits
+    both formats), or a completion is an empty string; None when it fits."""
+    got = value_format(value)
+    ok = got == kind or (name == "prompt" and got == "standard")
+    if ok and isinstance(value, str) and not value.strip() and name != "prompt":
+        return "is empty", "drop the row (fastdpo.data.check_preferences lists them all)"
+    if ok:
+        return None
+    what = "None" if value is None else got or type(value).__name__
+    return (
+        f"expected {'a string' if kind == 'standard' else 'a list of messages'} like the first row, got {what}",
+        "fix or drop the row (fastdpo.data.check_preferences lists every such row), or pass format=",
+    )
+
+
+def _text_problem(value) -> tuple[str, str] | None:
+    if value is None or isinstance(value, str):
+        return None
+    return f"expected a string (or null), got {type(value).__name__}", "make it a string, or drop the row or the column"
+
+
+def _raise_if(problem: tuple[str, str] | None, row: int, column: str) -> None:
+    if problem is not None:
+        raise DataError(problem[0], row=row, column=column, fix=problem[1])
 
 
 def _normalize_row(example: dict, *, kind, has_prompt, system_template, input_template, version):

@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import datasets
-
 from fastdpo.errors import DataError, close_match, unknown_choice
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
@@ -101,9 +99,10 @@ def missing_column(name: str, present: list[str], mapped_to: str | None = None) 
     return DataError("column not found", column=name, fix=fix)
 
 
-def rename_columns(dataset: datasets.Dataset, columns: dict[str, str], known: tuple[str, ...]) -> datasets.Dataset:
-    """Apply a ``{our name: the dataset's name}`` map; our names must be in ``known``, theirs present, no clash."""
-    present = dataset.column_names
+def rename_columns(dataset, columns: dict[str, str], known: tuple[str, ...], *, present: list[str] | None = None):
+    """Apply a ``{our name: the dataset's name}`` map; our names must be in ``known``, theirs present, no clash.
+    ``present``: the dataset's column names, when it does not know them (a stream without features)."""
+    present = dataset.column_names if present is None else present
     renames = {}
     for ours, theirs in columns.items():
         if ours not in known:

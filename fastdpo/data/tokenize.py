@@ -126,29 +126,13 @@ def tokenize_preferences(
     are applied here.
     """
     dataset = as_dataset(dataset)
-    if truncation_mode not in TRUNCATION_MODES:
-        raise unknown_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
-    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length),
-                        ("max_completion_length", max_completion_length)):  # fmt: skip
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ConfigError(f"must be a positive integer or None, got {value!r}", column=name)
+    check_lengths(truncation_mode, max_length, max_prompt_length, max_completion_length)
     if len(dataset) == 0:  # e.g. report.filter dropped every row; a Dataset.map over no rows adds no columns
         fix = "check the file or the split you loaded, and the quality report if you filtered"
         raise DataError("the dataset has no rows", fix=fix)
-    conversational = is_message_list(dataset[0]["chosen"])
-    if conversational and getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(
-            "the dataset is conversational but the tokenizer has no chat template",
-            column="chosen",
-            fix="use a tokenizer with a chat template, or set tokenizer.chat_template",
-        )
-    if conversational:
+    check_tokenizer(tokenizer, dataset[0]["chosen"])
+    if is_message_list(dataset[0]["chosen"]):
         _check_conversations(dataset)
-    if getattr(tokenizer, "eos_token", None) is None and isinstance(dataset[0]["chosen"], str):
-        raise DataError(
-            "the tokenizer has no EOS token, which TRL appends to every completion",
-            fix="set tokenizer.eos_token (e.g. to the token your model ends answers with)",
-        )
     tokenized = dataset.map(
         _tokenize_batch,
         batched=True,
@@ -175,6 +159,32 @@ def tokenize_preferences(
     return TokenizedPreferences(tokenized, dropped)
 
 
+def check_lengths(truncation_mode: str, max_length, max_prompt_length, max_completion_length) -> None:
+    """ConfigError for an unknown ``truncation_mode`` or a length that is not a positive integer (or None)."""
+    if truncation_mode not in TRUNCATION_MODES:
+        raise unknown_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length),
+                        ("max_completion_length", max_completion_length)):  # fmt: skip
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"must be a positive integer or None, got {value!r}", column=name)
+
+
+def check_tokenizer(tokenizer, first_chosen) -> None:
+    """DataError when the tokenizer cannot tokenize rows like the first: a chat template for conversations, an EOS
+    token (appended to every completion) for strings."""
+    if is_message_list(first_chosen) and getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            "the dataset is conversational but the tokenizer has no chat template",
+            column="chosen",
+            fix="use a tokenizer with a chat template, or set tokenizer.chat_template",
+        )
+    if getattr(tokenizer, "eos_token", None) is None and isinstance(first_chosen, str):
+        raise DataError(
+            "the tokenizer has no EOS token, which TRL appends to every completion",
+            fix="set tokenizer.eos_token (e.g. to the token your model ends answers with)",
+        )
+
+
 def _check_conversations(dataset: datasets.Dataset, *, batch_size: int = 2048) -> None:
     """DataError at the first message a chat template cannot render (no role, no content); one counted warning
     for the rows whose roles are out of order (TRL trains on them as they are, and so does fastdpo)."""
@@ -184,21 +194,25 @@ def _check_conversations(dataset: datasets.Dataset, *, batch_size: int = 2048) -
     for start, batch in zip(range(0, len(dataset), batch_size), batches, strict=True):
         for column in columns:
             for offset, messages in enumerate(batch[column]):
-                row = start + offset
-                if not isinstance(messages, list):
-                    raise DataError(f"expected a list of messages, got {type(messages).__name__}", row=row,
-                                    column=column, fix=_DROP_FIX)  # fmt: skip
-                reason, note = message_problem(messages, column, check_roles=True)
-                if reason == "bad_message":
-                    raise DataError(f"{note}: a chat template cannot render it", row=row, column=column,
-                                    fix=_DROP_FIX)  # fmt: skip
-                if reason == "roles_out_of_order":
-                    out_of_order.add(row)
+                if not conversation_fits(messages, start + offset, column):
+                    out_of_order.add(start + offset)
     if out_of_order:
         logger.warning("%d of %d rows have their roles out of order (a prompt not ending with a user or tool turn, or "
                        "a completion not starting with the assistant), rows %s: trained on as they are; "
                        "fastdpo.data.check_preferences(...).filter drops them", len(out_of_order), len(dataset),
                        _some(sorted(out_of_order)))  # fmt: skip
+
+
+def conversation_fits(messages, row: int, column: str) -> bool:
+    """DataError when a chat template cannot render ``messages`` (not a list, a message without role or content);
+    False when their roles are out of order (trained on as they are, but worth a warning); True otherwise."""
+    if not isinstance(messages, list):
+        raise DataError(f"expected a list of messages, got {type(messages).__name__}", row=row, column=column,
+                        fix=_DROP_FIX)  # fmt: skip
+    reason, note = message_problem(messages, column, check_roles=True)
+    if reason == "bad_message":
+        raise DataError(f"{note}: a chat template cannot render it", row=row, column=column, fix=_DROP_FIX)
+    return reason != "roles_out_of_order"
 
 
 _DROP_FIX = "fix the row, or drop such rows with fastdpo.data.check_preferences(dataset).filter(dataset)"
