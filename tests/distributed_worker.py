@@ -1,6 +1,7 @@
 """DPOTrainer runs for tests/test_train_distributed.py: ``python distributed_worker.py OUT MODEL JSON_RUNS``.
 
-Run alone, or under ``torchrun --nproc_per_node N`` (gloo on CPU). Rank 0 writes each run's logged steps to
+Run alone, or under ``torchrun --nproc_per_node N`` (gloo on CPU). A run's ``stream: true`` streams the pairs
+(``to_iterable_dataset``). Rank 0 writes each run's logged steps to
 OUT/<run>/logs.json (``launch.serve``).
 """
 
@@ -20,8 +21,10 @@ def train(out, model_dir: str, options: dict) -> DPOTrainer:
     def load():
         return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
+    options = dict(options)
+    data = synthetic_pairs(16).to_iterable_dataset() if options.pop("stream", False) else synthetic_pairs(16)
     args = DPOConfig(**{**common_args(out, "run"), "disable_tqdm": True, "use_cpu": True, **options})
-    trainer = DPOTrainer(load(), ref_model=load(), args=args, train_dataset=synthetic_pairs(16),
+    trainer = DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data,
                          processing_class=build_tiny_tokenizer())  # fmt: skip
     trainer.train()
     return trainer

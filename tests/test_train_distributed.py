@@ -3,8 +3,8 @@
 Two processes with 2 pairs each must take the optimizer steps one process takes with 4 pairs: the same pairs, the
 same gradients (DDP's all-reduce armed by a forward through its wrapper), metrics gathered over both. With token
 budget batches the processes hold different numbers of pairs; every pair must still weigh the same. A cached
-reference is computed by the first process and read by the other. DeepSpeed ZeRO-3 (its CPU accelerator runs on
-gloo) partitions the policy and the reference and must take the same steps too.
+reference is computed by the first process and read by the other. A stream is shared by the processes. DeepSpeed
+ZeRO-3 (its CPU accelerator runs on gloo) partitions the policy and the reference and must take the same steps too.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def ddp_runs(tmp_path: Path, processes: int, name: str) -> dict[str, list[dict]]
         "pairs": pairs,
         "budget": {**BUDGET, "gradient_accumulation_steps": 2 // processes},
         "cached": {**pairs, "precompute_ref_log_probs": True, "ref_cache_dir": str(tmp_path / f"cache_{name}")},
+        # a stream: each process reads it whole and keeps its share of every 4 rows (accelerate's shard)
+        "stream": {**pairs, "stream": True},
     }
     results = launch(WORKER, tmp_path / name, tmp_path / "model", processes, runs)
     for result in results.values():
@@ -64,7 +66,7 @@ def assert_same_steps(ours: list[dict], expected: list[dict]) -> None:
 def test_two_processes_take_the_steps_of_one(one_process):
     tmp_path, one = one_process
     two = ddp_runs(tmp_path, 2, "two")
-    for run in ("pairs", "budget", "cached"):
+    for run in ("pairs", "budget", "cached", "stream"):
         assert_same_steps(two[run], one[run])
     assert len(list((tmp_path / "cache_two").glob("*.arrow"))) == 1  # one file, written once
 

@@ -363,3 +363,36 @@ def check_run_dir(args, model: nn.Module) -> None:
         if not args.save_only_model:
             needed += 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
     check_output_dir(args.output_dir, needed_bytes=needed)
+
+
+def check_stream_args(args, name: str, *, cached_reference: bool = False) -> None:
+    """ConfigError for what an iterable (streaming) ``name`` dataset cannot do with ``args``; accelerate is set to
+    give each process its own batches (``dispatch_batches=False``, as TRL sets it for streams)."""
+    fix_map_style = "load the data without streaming=True (a map-style Dataset)"
+    if name == "train" and args.max_steps <= 0:
+        raise ConfigError("an iterable train dataset has no length, so num_train_epochs cannot be turned into steps",
+                          column="max_steps", fix="set max_steps (the optimizer steps to train for)")  # fmt: skip
+    if cached_reference:
+        raise ConfigError("the cached reference is computed over the whole dataset before training, and a stream is "
+                          "only read as training goes", column="precompute_ref_log_probs",
+                          fix=f"{fix_map_style}, or use reference='separate' (or 'adapter' with PEFT)")  # fmt: skip
+    if name == "train" and getattr(args, "max_tokens_per_batch", None) is not None:
+        raise ConfigError("token-budget batches are drawn from the lengths of every row, which a stream does not "
+                          "know before it is read", column="max_tokens_per_batch",
+                          fix=f"use per_device_train_batch_size, or {fix_map_style}")  # fmt: skip
+    config = args.accelerator_config
+    if name == "train" and config.dispatch_batches is not False:
+        if config.dispatch_batches:
+            logger.warning("dispatch_batches=True is set to False for an iterable dataset: each process reads its "
+                           "own batches from the stream")  # fmt: skip
+        config.dispatch_batches = False
+    if name == "train" and getattr(args, "balance_ranks", False) and args.world_size > 1:
+        logger.info("balance_ranks does not apply to an iterable dataset: its lengths are not known ahead")
+
+
+def report_streams(streams) -> None:
+    """One warning per prepared stream that dropped or flagged rows (``StreamedPreferences.summary``)."""
+    for stream in streams:
+        summary = stream.summary()
+        if summary:
+            logger.warning("%s", summary)

@@ -14,7 +14,8 @@ the head runs as the LM head module's forward, ``run_head``). With several proce
 by tokens (``balance_ranks``). Every pair of an optimizer step weighs the same, whatever the micro-batches,
 processes or token budget (``max_tokens_per_batch``). Datasets go through
 ``prepare_preferences`` and ``tokenize_preferences`` (TRL-identical ids; the rows TRL drops are dropped and
-counted in ``self.dropped_rows``). Metrics carry TRL's names (``rewards/*``, ``logps/*``, ``entropy``, ``logits/*``,
+counted in ``self.dropped_rows``); streams (``datasets.IterableDataset``, with ``max_steps``) through
+``prepare_stream`` as they are read, and a dict of eval datasets under its keys. Metrics carry TRL's names (``rewards/*``, ``logps/*``, ``entropy``, ``logits/*``,
 ``mean_token_accuracy``, ``num_tokens``, ``aux_loss`` for MoE) plus ``padding_fraction`` and ``tokens_per_second``;
 non-finite steps are skipped (``NumericsGuard``).
 
@@ -34,6 +35,7 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
+from datasets import IterableDataset
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, set_seed
@@ -42,6 +44,7 @@ from transformers.trainer_utils import seed_worker
 from fastdpo.data.formats import prepare_preferences
 from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs, pair_length
 from fastdpo.data.sampler import RankBalancedBatchSampler, TokenBudgetBatchSampler
+from fastdpo.data.stream import StreamedPreferences, first_row, is_tokenized, prepare_stream
 from fastdpo.data.tokenize import tokenize_preferences
 from fastdpo.errors import ConfigError
 from fastdpo.model.adapters import (
@@ -65,11 +68,13 @@ from fastdpo.train.common import (
     check_lean_activations,
     check_reference,
     check_run_dir,
+    check_stream_args,
     deepspeed_zero3_reference,
     lean_layers,
     load_causal_lm,
     load_tokenizer,
     report_dropped,
+    report_streams,
     with_quantization,
 )
 from fastdpo.train.config import DPOConfig
@@ -187,6 +192,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
                               fix="set tokenizer.pad_token")  # fmt: skip
         self.loss_config = args.loss_config()
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
+        self._streams: list[StreamedPreferences] = []
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
@@ -243,7 +249,10 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
 
     def train(self, *args, **kwargs):
         self._token_rate.restart(self._total_train_tokens)
-        return super().train(*args, **kwargs)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            report_streams(self._streams)
 
     def _set_signature_columns_if_needed(self) -> None:
         # the columns the collator reads (the Trainer drops the others when remove_unused_columns is on)
@@ -268,6 +277,10 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         return dataset.add_column(REFERENCE_COLUMNS[1], values[:, 1].tolist())
 
     def _prepare(self, dataset, tokenizer, args: DPOConfig, name: str):
+        if isinstance(dataset, dict):  # several eval sets, evaluated (and logged) under their keys, as in TRL
+            return {key: self._prepare(part, tokenizer, args, f"{name}_{key}") for key, part in dataset.items()}
+        if isinstance(dataset, IterableDataset):
+            return self._prepare_stream(dataset, tokenizer, args, name)
         if all(c in dataset.column_names for c in TOKEN_COLUMNS):
             return dataset
         prepared = prepare_preferences(dataset, num_proc=args.dataset_num_proc)
@@ -278,6 +291,17 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         self.dropped_rows[name] = tokenized.dropped_rows
         report_dropped(tokenized.dropped_rows, len(prepared), len(tokenized.dataset), name, args.max_length)
         return tokenized.dataset
+
+    def _prepare_stream(self, dataset, tokenizer, args: DPOConfig, name: str):
+        """An iterable dataset, prepared lazily (``prepare_stream``); what needs the whole dataset is refused."""
+        check_stream_args(args, name, cached_reference=self.reference_mode == "cached")
+        if is_tokenized(first_row(dataset, name)):
+            return dataset
+        prepared = prepare_stream(dataset, tokenizer, max_length=args.max_length, truncation_mode=args.truncation_mode,
+                                  name=name)  # fmt: skip
+        self.dropped_rows[name] = prepared.dropped_rows  # filled as the stream is read
+        self._streams.append(prepared)
+        return prepared.dataset
 
     def _reference_pass(self, batch: PackedBatch) -> torch.Tensor:
         """The separate reference's ``[P, 2]`` log-probs, through its root module's forward (a ZeRO-3 engine's
@@ -336,7 +360,8 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
     def get_train_dataloader(self):
         args = self.args
         budget = args.max_tokens_per_batch is not None
-        if not budget and not (args.balance_ranks and args.world_size > 1):
+        balance = args.balance_ranks and args.world_size > 1 and not isinstance(self.train_dataset, IterableDataset)
+        if not budget and not balance:  # (a stream's batches are dealt as they come: its lengths are not known)
             return super().get_train_dataloader()
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
         lengths = [pair_length(example, args.max_length, args.truncation_mode) for example in dataset]
@@ -371,7 +396,8 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
+        # training's closing summary comes after the last evaluation has left the model in eval mode
+        mode = "train" if self.model.training or "train_runtime" in logs else "eval"
         metrics = self._metrics[mode].pop(self.accelerator, totals={"num_tokens": self._total_train_tokens})
         if mode == "train" and "loss" in logs:
             metrics["tokens_per_second"] = self._token_rate(metrics["num_tokens"])

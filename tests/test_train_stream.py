@@ -1,0 +1,165 @@
+"""Iterable (streaming) datasets: prepared lazily as map-style ones are, trained on as TRL 1.16 trains on them."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from test_train_dpo import assert_first_steps_match, common_args, synthetic_pairs, tiny_model
+from tiny_tokenizer import build_tiny_tokenizer
+
+from fastdpo.data import prepare_preferences, tokenize_preferences
+from fastdpo.data.stream import prepare_stream
+from fastdpo.errors import ConfigError, DataError
+from fastdpo.train import DPOConfig
+from fastdpo.train.dpo import DPOTrainer
+
+datasets = pytest.importorskip("datasets")
+trl = pytest.importorskip("trl")
+FIXTURE = "tests/fixtures/distilabel_orca.jsonl"
+TOKENS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def stream_file(path):
+    """The file as a stream: ``load_dataset(..., streaming=True)``, as a user streams a large file or hub dataset."""
+    return datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)
+
+
+def conversational(rows: list[dict]) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": row["prompt"]}],
+             "chosen": [{"role": "assistant", "content": row["chosen"]}],
+             "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in rows]  # fmt: skip
+
+
+def streamed_pairs(tmp_path, kind: str) -> str:
+    """A file of 18 pairs; row 3's prompt alone fills max_length=64 (TRL drops it, and so does fastdpo)."""
+    rows = synthetic_pairs(18).to_list()
+    rows[3]["prompt"] = " ".join(["word"] * 80) + "?"
+    return write_jsonl(tmp_path / f"{kind}.jsonl", rows if kind == "standard" else conversational(rows))
+
+
+def run(trainer_cls, config_cls, load, tokenizer, tmp_path, name, train, eval_dataset=None, **extra):
+    args = config_cls(**{**common_args(tmp_path, name), "eval_strategy": "steps", "eval_steps": 2,
+                         "per_device_eval_batch_size": 3, **extra})  # fmt: skip
+    trainer = trainer_cls(model=load(), ref_model=load(), args=args, train_dataset=train, eval_dataset=eval_dataset,
+                          processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    logs = trainer.state.log_history
+    evals = {key: value for log in logs for key, value in log.items() if key.endswith("_loss") and "eval" in key}
+    return trainer, [log for log in logs if "loss" in log], evals
+
+
+@pytest.mark.parametrize("kind", ["standard", "conversational"])
+def test_a_stream_trains_as_trl_trains_on_it(kind, tmp_path, caplog):
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    path = streamed_pairs(tmp_path, kind)
+    evals = lambda: {"held": datasets.load_dataset("json", data_files=path, split="train").select(range(8, 13)),  # noqa: E731
+                     "streamed": stream_file(path).skip(13)}  # fmt: skip
+    _, theirs, their_evals = run(trl.DPOTrainer, trl.DPOConfig, load, tokenizer, tmp_path, "trl", stream_file(path),
+                                 evals())  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        trainer, ours, our_evals = run(DPOTrainer, DPOConfig, load, tokenizer, tmp_path, "ours", stream_file(path),
+                                       evals())  # fmt: skip
+    assert_first_steps_match(ours, theirs)
+    # the eval losses: the same pairs through the same weights (the per-pair metric means are weighted by pairs in
+    # fastdpo, by batch in TRL, so only the loss, the Trainer's own mean, is compared)
+    assert set(our_evals) == set(their_evals) == {"eval_held_loss", "eval_streamed_loss"}
+    for key, value in their_evals.items():
+        assert our_evals[key] == pytest.approx(value, rel=1e-4), key
+    # two steps of 2 pairs read rows 0-4 (row 3 dropped): counted, once when read and once at the end
+    assert trainer.dropped_rows["train"] == {"prompt_fills_max_length": [3]}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("train stream: row 3 dropped (prompt_fills_max_length" in m for m in messages), messages
+    assert any("train stream: 1 dropped as prompt_fills_max_length (rows 3)" in m for m in messages), messages
+
+    dropin = pytest.importorskip("fastdpo.trl")  # the drop-in prepares streams with TRL's own code
+    _, drop, drop_evals = run(dropin.DPOTrainer, trl.DPOConfig, load, tokenizer, tmp_path, "dropin",
+                              stream_file(path), evals())  # fmt: skip
+    assert_first_steps_match(drop, theirs)
+    assert drop_evals == pytest.approx(their_evals, rel=1e-4)
+
+
+def test_a_stream_is_prepared_into_the_ids_of_a_map_style_dataset(tmp_path, caplog):
+    tokenizer = build_tiny_tokenizer()
+    # a raw file: columns mapped (input → prompt), the system column joined, scores renamed, as prepare_preferences
+    expected = tokenize_preferences(prepare_preferences(FIXTURE, columns={"prompt": "input"}), tokenizer,
+                                    max_length=64, max_prompt_length=20, max_completion_length=9).dataset  # fmt: skip
+    prepared = prepare_stream(stream_file(FIXTURE), tokenizer, columns={"prompt": "input"}, max_length=64,
+                              max_prompt_length=20, max_completion_length=9)  # fmt: skip
+    rows = list(prepared.dataset)
+    assert len(rows) == len(expected) == 5
+    for row, want in zip(rows, expected, strict=True):
+        assert {name: row[name] for name in TOKENS} == {name: want[name] for name in TOKENS}
+    assert max(len(row["prompt_ids"]) for row in rows) == 20 and max(len(row["chosen_ids"]) for row in rows) == 9
+    assert prepared.summary() is None
+
+    # conversations whose roles are out of order are trained on as they are (as TRL does): flagged and counted
+    rows = conversational(synthetic_pairs(6).to_list())
+    for index in (1, 4):
+        rows[index]["chosen"][0]["role"] = "user"
+    stream = datasets.Dataset.from_list(rows).to_iterable_dataset()
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        prepared = prepare_stream(stream, tokenizer, max_length=None, name="eval")
+        tokenized = list(prepared.dataset)
+    assert len(tokenized) == 6
+    assert prepared.flagged_rows == {"roles_out_of_order": [1, 4]} and prepared.dropped_rows == {}
+    assert sum("eval stream: row 1 trained on as it is (roles_out_of_order" in r.getMessage()
+               for r in caplog.records) == 1  # fmt: skip
+    assert prepared.summary() == "eval stream: 2 flagged as roles_out_of_order, trained on (rows 1, 4)"
+
+
+def test_bad_rows_of_a_stream_fail_where_they_are_read(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    rows = synthetic_pairs(8).to_list()
+    rows[5]["chosen"] = None
+    prepared = prepare_stream(stream_file(write_jsonl(tmp_path / "bad.jsonl", rows)), tokenizer)
+    iterator = iter(prepared.dataset)
+    with pytest.raises(DataError, match="row 5, column 'chosen': expected a string like the first row, got None") as e:
+        list(iterator)
+    assert f"its prompt begins {rows[5]['prompt'][:60]!r}" in str(e.value)  # to find it in a shuffled stream
+
+    messages = conversational(synthetic_pairs(4).to_list())
+    del messages[2]["rejected"][0]["role"]
+    stream = datasets.Dataset.from_list(messages).to_iterable_dataset()
+    with pytest.raises(DataError, match="row 2, column 'rejected': message 0: no role: a chat template cannot"):
+        list(prepare_stream(stream, tokenizer).dataset)
+
+    empty = datasets.Dataset.from_list(rows).to_iterable_dataset().filter(lambda row: False)
+    with pytest.raises(DataError, match="the train stream has no rows"):
+        prepare_stream(empty, tokenizer)
+    with pytest.raises(DataError, match="column 'chosen': column not found.*did you mean 'chosen_text'"):
+        prepare_stream(datasets.Dataset.from_list([{"prompt": "a", "chosen_text": "b", "rejected": "c"}])
+                       .to_iterable_dataset(), tokenizer)  # fmt: skip
+
+
+def test_what_a_stream_cannot_do_is_refused_with_the_option_to_change(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    stream = synthetic_pairs(8).to_iterable_dataset()
+
+    def trainer(**options):
+        args = DPOConfig(**{**common_args(tmp_path, "x"), **options})
+        return DPOTrainer(model=load(), args=args, train_dataset=stream, processing_class=tokenizer)
+
+    with pytest.raises(ConfigError, match="column 'max_steps': an iterable train dataset has no length"):
+        trainer(max_steps=-1)
+    with pytest.raises(ConfigError, match="column 'precompute_ref_log_probs'.*without streaming=True"):
+        trainer(precompute_ref_log_probs=True)
+    with pytest.raises(ConfigError, match="column 'max_tokens_per_batch'.*per_device_train_batch_size"):
+        trainer(max_tokens_per_batch=256)
+    # a stream that is already tokenized (TRL's columns) is taken as it is, and accelerate reads it per process
+    tokenized = tokenize_preferences(synthetic_pairs(8), tokenizer, max_length=64).dataset
+    args = DPOConfig(**common_args(tmp_path, "y"))
+    ready = DPOTrainer(model=load(), args=args, train_dataset=tokenized.to_iterable_dataset(),
+                       processing_class=tokenizer)  # fmt: skip
+    assert ready.args.accelerator_config.dispatch_batches is False
+    assert ready.dropped_rows == {}
+    ready.train()
+    assert ready.state.global_step == 2
