@@ -15,8 +15,9 @@ by tokens (``balance_ranks``). Every pair of an optimizer step weighs the same, 
 processes or token budget (``max_tokens_per_batch``). Datasets go through
 ``prepare_preferences`` and ``tokenize_preferences`` (TRL-identical ids; the rows TRL drops are dropped and
 counted in ``self.dropped_rows``); streams (``datasets.IterableDataset``, with ``max_steps``) through
-``prepare_stream`` as they are read, and a dict of eval datasets under its keys. Metrics carry TRL's names (``rewards/*``, ``logps/*``, ``entropy``, ``logits/*``,
-``mean_token_accuracy``, ``num_tokens``, ``aux_loss`` for MoE) plus ``padding_fraction`` and ``tokens_per_second``;
+``prepare_stream`` as they are read, and a dict of eval datasets under its keys. Metrics carry TRL's names
+(``rewards/*``, ``logps/*``, ``entropy``, ``logits/*``, ``mean_token_accuracy``, ``num_tokens``, ``aux_loss`` for
+MoE) plus ``padding_fraction`` and ``tokens_per_second``;
 non-finite steps are skipped (``NumericsGuard``).
 
 A model is an object or a path (``model_init_kwargs``; quantized with ``quantization_config``, whose adapters then
