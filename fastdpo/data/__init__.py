@@ -26,7 +26,7 @@ from fastdpo.data.sampler import TokenBudgetBatchSampler
 from fastdpo.data.schema import PREFERENCE_COLUMNS, SCORE_ALIASES
 from fastdpo.data.sft import TokenizedSFT, prepare_sft, tokenize_sft
 from fastdpo.data.split import split_by_prompt
-from fastdpo.data.stream import StreamedPreferences, prepare_stream
+from fastdpo.data.stream import PreparedStream, prepare_sft_stream, prepare_stream
 from fastdpo.data.tokenize import TokenizedPreferences, tokenize_preferences, truncate
 
 __all__ = [
@@ -35,8 +35,8 @@ __all__ = [
     "SCORE_ALIASES",
     "PackedBatch",
     "PairsResult",
+    "PreparedStream",
     "QualityReport",
-    "StreamedPreferences",
     "TokenBudgetBatchSampler",
     "TokenizedPreferences",
     "TokenizedSFT",
@@ -53,6 +53,7 @@ __all__ = [
     "pack_sft_dataset",
     "prepare_preferences",
     "prepare_sft",
+    "prepare_sft_stream",
     "prepare_stream",
     "split_by_prompt",
     "tokenize_preferences",

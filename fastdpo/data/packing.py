@@ -296,9 +296,14 @@ def bfd_bins_fifo(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def pack_sft_dataset(
-    dataset: datasets.Dataset | list[dict], seq_length: int, *, strategy: str = "bfd", num_proc: int | None = None
-) -> datasets.Dataset:
-    """Pack a tokenized SFT dataset (``input_ids``, ``labels``) into rows of at most ``seq_length`` tokens, as TRL.
+    dataset: datasets.Dataset | datasets.IterableDataset | list[dict],
+    seq_length: int,
+    *,
+    strategy: str = "bfd",
+    num_proc: int | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Pack a tokenized SFT dataset (``input_ids``, ``labels``) into rows of at most ``seq_length`` tokens, as TRL
+    (a stream lazily, block by block as it is read).
 
     The rows are those ``trl.data_utils.pack_dataset`` makes (TRL 1.16, ``SFTConfig(packing=True)``), row for row:
     the dataset is packed block by block of ``TRL_PACKING_BLOCK`` rows (per worker shard with ``num_proc``, as
@@ -315,12 +320,20 @@ def pack_sft_dataset(
         raise unknown_choice("packing_strategy", strategy, SFT_PACKING_STRATEGIES)
     if not isinstance(seq_length, int) or seq_length < 1:
         raise ConfigError(f"must be a positive integer to pack, got {seq_length!r}", column="max_length")
+    import datasets  # at run time: the module imports it for type checking only
+
+    fn_kwargs = {"seq_length": seq_length, "strategy": strategy}
+    if isinstance(dataset, datasets.IterableDataset):  # a stream: packed block by block as it is read
+        return dataset.select_columns(["input_ids", "labels"]).map(
+            _pack_block, batched=True, batch_size=TRL_PACKING_BLOCK, fn_kwargs=fn_kwargs,
+            remove_columns=["input_ids", "labels"],
+        )  # fmt: skip
     dataset = as_dataset(dataset).select_columns(["input_ids", "labels"])
     return dataset.map(
         _pack_block,
         batched=True,
         batch_size=TRL_PACKING_BLOCK,
-        fn_kwargs={"seq_length": seq_length, "strategy": strategy},
+        fn_kwargs=fn_kwargs,
         remove_columns=["input_ids", "labels"],
         num_proc=num_proc,
         desc=f"Packing SFT sequences ({strategy})",

@@ -129,11 +129,7 @@ def _to_messages(dataset: datasets.Dataset, num_proc: int | None) -> datasets.Da
     source = "messages" if "messages" in names else "conversations" if "conversations" in names else None
     if source is None:
         return dataset
-    first = dataset[0][source]
-    if not isinstance(first, list):
-        return dataset
-    # TRL converts when the first message has both keys, and then renames them in every message of every row
-    if first and isinstance(first[0], dict) and "from" in first[0] and "value" in first[0]:
+    if is_sharegpt(dataset[0][source]):
         for row, value in enumerate(dataset[source]):  # the conversion iterates each value: a list, or None
             if value is not None and not isinstance(value, list):
                 _, message, fix = _check_messages(value, source)
@@ -148,6 +144,14 @@ def _to_messages(dataset: datasets.Dataset, num_proc: int | None) -> datasets.Da
     return dataset.rename_column("conversations", "messages") if source == "conversations" else dataset
 
 
+def is_sharegpt(first) -> bool:
+    """Whether the first row's conversation is ShareGPT's: TRL converts when its first message has both ``from`` and
+    ``value``, and then renames them in every message of every row."""
+    return (
+        bool(first) and isinstance(first, list) and isinstance(first[0], dict) and {"from", "value"} <= first[0].keys()
+    )
+
+
 def _chatml_row(example: dict, *, source: str, version: str) -> dict:
     messages = []
     for message in example[source] or []:
@@ -159,6 +163,18 @@ def _chatml_row(example: dict, *, source: str, version: str) -> dict:
                 message["content"] = message.pop("value")
         messages.append(message)
     return {"messages": messages if example[source] is not None else None}
+
+
+def sft_row_problem(row: dict, layout: str, conversational: bool) -> tuple[str, str, str] | None:
+    """(column, message, fix) of one row's first problem under ``layout`` (what ``_check_rows`` checks column by
+    column), for rows read one at a time; None when the row is fine."""
+    if layout == "text":
+        return _check_string(row["text"], "text")
+    if layout == "messages":
+        problem = _check_messages(row["messages"], "messages")
+    else:
+        problem = _check_prompt_completion(row, conversational)
+    return problem if problem is not None or not conversational else template_inputs_problem(row)
 
 
 def _check_rows(dataset: datasets.Dataset, layout: str) -> None:
@@ -290,8 +306,14 @@ def tokenize_sft(
     conversational = layout == "messages" or (
         layout == "prompt_completion" and value_format(dataset[0]["completion"]) == "conversational"
     )
-    completion_only_loss = _resolve_options(
-        dataset, tokenizer, layout, conversational, completion_only_loss, assistant_only_loss, chat_template
+    completion_only_loss = resolve_options(
+        dataset.column_names,
+        tokenizer,
+        layout,
+        conversational,
+        completion_only_loss,
+        assistant_only_loss,
+        chat_template,
     )
     fn_kwargs = {
         "layout": layout,
@@ -307,14 +329,14 @@ def tokenize_sft(
     # the first row alone first: a template without generation markers fails here, before the whole dataset
     first = _tokenize_row(dataset[0], 0, **fn_kwargs)
     if assistant_only_loss and not first["_has_assistant"]:
-        raise _no_assistant_error(dataset, 0, layout)
+        raise no_assistant_error(_learned_messages(dataset[0], layout), 0, layout)
     tokenized = dataset.map(
         _tokenize_row, with_indices=True, fn_kwargs=fn_kwargs, num_proc=num_proc, desc="Tokenizing SFT rows"
     )
     if assistant_only_loss:
         missing = next((i for i, ok in enumerate(tokenized["_has_assistant"]) if not ok), None)
         if missing is not None:
-            raise _no_assistant_error(dataset, missing, layout)
+            raise no_assistant_error(_learned_messages(dataset[missing], layout), missing, layout)
     dropped: dict[str, list[int]] = {}
     if max_length is not None:  # TRL filters fully masked rows only when it truncates
         gone = [i for i, learns in enumerate(tokenized["_has_labels"]) if not learns]
@@ -326,12 +348,12 @@ def tokenize_sft(
     return TokenizedSFT(tokenized, dropped)
 
 
-def _resolve_options(
-    dataset, tokenizer, layout, conversational, completion_only_loss, assistant_only_loss, chat_template
+def resolve_options(
+    column_names, tokenizer, layout, conversational, completion_only_loss, assistant_only_loss, chat_template
 ) -> bool:
     """Check the options against the data and the tokenizer; returns ``completion_only_loss`` resolved."""
     for name in ("input_ids", "labels"):
-        if name in dataset.column_names:
+        if name in column_names:
             raise DataError(
                 "the dataset already has this column, which tokenizing writes (TRL would skip tokenizing or keep it)",
                 column=name,
@@ -445,9 +467,14 @@ def _encode_conversation(example: dict, layout: str, tokenizer, chat_template, a
     return list(encoded["input_ids"]), assistant_mask, completion_start
 
 
-def _no_assistant_error(dataset: datasets.Dataset, row: int, layout: str) -> DataError:
+def _learned_messages(row: dict, layout: str) -> list:
+    return row["messages"] if layout == "messages" else row["completion"]
+
+
+def no_assistant_error(messages: list, row: int, layout: str) -> DataError:
+    """DataError for a row whose ``messages`` (its completion's, for prompt/completion) leave no assistant token
+    to learn under ``assistant_only_loss``."""
     column = "messages" if layout == "messages" else "completion"
-    messages = dataset[row]["messages"] if layout == "messages" else dataset[row]["completion"]
     roles = {m.get("role") for m in messages if isinstance(m, dict)}
     if "assistant" not in roles:
         return DataError(

@@ -1,4 +1,4 @@
-"""Iterable (streaming) preference datasets, prepared lazily, row by row as training reads them.
+"""Iterable (streaming) preference and SFT datasets, prepared lazily, row by row as training reads them.
 
 A ``datasets.IterableDataset`` (``load_dataset(..., streaming=True)``, ``Dataset.to_iterable_dataset()``) has no
 length and is read, not held: ``prepare_stream`` chains lazy maps onto it that give each row what
@@ -13,6 +13,10 @@ length and is read, not held: ``prepare_stream`` chains lazy maps onto it that g
   are out of order are trained on as they are (TRL's behaviour); both are logged at the first such row and
   counted, with their rows, in ``dropped_rows`` / ``flagged_rows``, which fill as the stream is read (in this
   process: DataLoader workers count in their own copies) — ``summary()`` says what they hold.
+
+``prepare_sft_stream`` does the same for SFT rows: ``prepare_sft`` then ``tokenize_sft``'s ``input_ids`` and
+``labels`` (ShareGPT conversations converted as TRL converts them; a stream that is already tokenized labelled
+from its mask columns), the rows left without a label by ``max_length`` dropped and counted.
 
 What needs the whole dataset before the first step does not apply to a stream: the reference cache, token-budget
 batches and balancing ranks by tokens (the trainer refuses or skips them, and says so).
@@ -34,7 +38,20 @@ from fastdpo.data.formats import (
     check_row,
     check_template,
 )
-from fastdpo.data.schema import missing_column, value_format
+from fastdpo.data.schema import missing_column, rename_columns, value_format
+from fastdpo.data.sft import (
+    SFT_COLUMNS,
+    SFT_TRUNCATION_MODES,
+    _chatml_row,
+    _check_messages,
+    _learned_messages,
+    _tokenize_row,
+    is_sharegpt,
+    no_assistant_error,
+    resolve_options,
+    sft_layout,
+    sft_row_problem,
+)
 from fastdpo.data.tokenize import _clip_lengths, _tokenize_batch, check_lengths, check_tokenizer, conversation_fits
 from fastdpo.errors import DataError, unknown_choice
 
@@ -44,7 +61,7 @@ TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 @dataclass
-class StreamedPreferences:
+class PreparedStream:
     """A prepared stream, and what reading it has dropped or flagged so far (reason → stream rows)."""
 
     dataset: datasets.IterableDataset
@@ -100,7 +117,7 @@ def prepare_stream(
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
     name: str = "train",
-) -> StreamedPreferences:
+) -> PreparedStream:
     """The stream with ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` on every row it keeps (see the module
     docstring); nothing is read but its first row until the result is iterated."""
     if not isinstance(dataset, datasets.IterableDataset):
@@ -124,7 +141,7 @@ def prepare_stream(
         raise DataError(f"expected a string or a list of {{'role', 'content'}} messages, got {got}", row=0,
                         column="chosen", fix=fix)  # fmt: skip
     check_tokenizer(tokenizer, first_chosen)
-    prepared = StreamedPreferences(dataset, name=name)
+    prepared = PreparedStream(dataset, name=name)
     options = {
         "kind": kind, "has_prompt": "prompt" in present, "system_template": system_template,
         "input_template": input_template, "tokenizer": tokenizer, "max_length": max_length,
@@ -136,7 +153,7 @@ def prepare_stream(
 
 
 def _prepare_batch(batch: dict, indices: list[int], *, kind, has_prompt, system_template, input_template, tokenizer,
-                   max_length, truncation_mode, clip, prepared: StreamedPreferences) -> dict:  # fmt: skip
+                   max_length, truncation_mode, clip, prepared: PreparedStream) -> dict:  # fmt: skip
     """Check, normalize and tokenize one batch of stream rows (``indices``: their rows in the stream)."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     normalized: dict[str, list] = {}
@@ -178,10 +195,126 @@ def _prepare_batch(batch: dict, indices: list[int], *, kind, has_prompt, system_
 
 
 def _located(error: DataError, row: dict, name: str) -> DataError:
-    """``error`` with the stream named and the start of the row's prompt, to find the row by."""
-    prompt = row.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
-        prompt = prompt[-1].get("content")
-    where = f" (the {name} stream's row, counted as read" + (f"; its prompt begins {prompt[:60]!r})"
-                                                              if isinstance(prompt, str) else ")")  # fmt: skip
+    """``error`` with the stream named and the start of the row's text, to find the row by."""
+    text = next((row[c] for c in ("prompt", "text", "messages") if row.get(c) is not None), None)
+    if isinstance(text, list) and text and isinstance(text[-1], dict):
+        text = text[-1].get("content")
+    where = f" (the {name} stream's row, counted as read" + (f"; its text begins {text[:60]!r})"
+                                                              if isinstance(text, str) else ")")  # fmt: skip
     return DataError(error.message + where, row=error.row, column=error.column, fix=error.fix)
+
+
+# ------------------------------------------------------------------------------------------------------------- SFT
+
+
+def prepare_sft_stream(
+    dataset: datasets.IterableDataset,
+    tokenizer,
+    *,
+    columns: dict[str, str] | None = None,
+    text_field: str = "text",
+    max_length: int | None = 1024,
+    truncation_mode: str = "keep_start",
+    completion_only_loss: bool | None = None,
+    assistant_only_loss: bool = False,
+    chat_template: str | None = None,
+    formatting_func=None,
+    name: str = "train",
+) -> PreparedStream:
+    """An SFT stream with ``input_ids`` and ``labels`` on every row it keeps, as ``prepare_sft`` then
+    ``tokenize_sft`` give them (``formatting_func`` first, as TRL applies it), lazily; rows left without a label
+    by ``max_length`` are dropped and counted. A stream that is already tokenized (``input_ids``) gets TRL's labels
+    from its mask columns (``completion_mask`` under ``completion_only_loss``, ``assistant_masks``) and is cut the
+    same way."""
+    if not isinstance(dataset, datasets.IterableDataset):
+        raise DataError(f"expected a datasets.IterableDataset, got {type(dataset).__name__}",
+                        fix="use prepare_sft and tokenize_sft for a map-style dataset")  # fmt: skip
+    if truncation_mode not in SFT_TRUNCATION_MODES:
+        raise unknown_choice("truncation_mode", truncation_mode, SFT_TRUNCATION_MODES)
+    check_lengths(truncation_mode, max_length, None, None)
+    window = None if max_length is None else ((None, max_length) if truncation_mode == "keep_start"
+                                              else (-max_length, None))  # fmt: skip
+    first = first_row(dataset, name)
+    present = list(dataset.column_names or first)
+    prepared = PreparedStream(dataset, name=name)
+    if "input_ids" in present:  # tokenized: TRL's labels from the masks, then the cut
+        wanted = ("completion_mask", "assistant_masks") if completion_only_loss else ("assistant_masks",)
+        masks = [c for c in wanted if c in present] if "labels" not in present else []
+        options = {"masks": masks, "window": window, "prepared": prepared}
+        mapped = dataset.map(_tokenized_sft_row, with_indices=True, fn_kwargs=options)
+    else:
+        if formatting_func is not None:
+            dataset = dataset.map(lambda example: {"text": formatting_func(example)})
+            first, present = {**first, "text": formatting_func(first)}, [*present, "text"]
+        columns = dict(columns or {})
+        if text_field != "text":
+            columns.setdefault("text", text_field)
+        dataset = rename_columns(dataset, columns, SFT_COLUMNS, present=present)
+        renamed = {theirs: ours for ours, theirs in columns.items()}
+        first = {renamed.get(key, key): value for key, value in first.items()}
+        present = [renamed.get(key, key) for key in present]
+        source = "messages" if "messages" in present else "conversations" if "conversations" in present else None
+        value = first.get(source) if source else None
+        sharegpt = is_sharegpt(value)
+        if source == "conversations":
+            present = ["messages" if key == "conversations" else key for key in present]
+            first = {**first, "messages": value}
+        layout = sft_layout(present)
+        conversational = layout == "messages" or (
+            layout == "prompt_completion" and value_format(first["completion"]) == "conversational"
+        )
+        completion_only_loss = resolve_options(present, tokenizer, layout, conversational, completion_only_loss,
+                                               assistant_only_loss, chat_template)  # fmt: skip
+        tokenize = {
+            "layout": layout, "conversational": conversational, "tokenizer": tokenizer,
+            "eos_token": tokenizer.eos_token, "chat_template": chat_template,
+            "completion_only_loss": completion_only_loss, "assistant_only_loss": assistant_only_loss,
+            "window": window, "version": "",
+        }  # fmt: skip
+        options = {"source": source, "sharegpt": sharegpt, "tokenize": tokenize, "prepared": prepared}
+        mapped = dataset.map(_raw_sft_row, with_indices=True, fn_kwargs=options)
+    prepared.dataset = mapped.filter(lambda keep: keep, input_columns="_keep").remove_columns("_keep")
+    return prepared
+
+
+def _raw_sft_row(example: dict, index: int, *, source: str | None, sharegpt: bool, tokenize: dict,
+                 prepared: PreparedStream) -> dict:  # fmt: skip
+    layout, conversational = tokenize["layout"], tokenize["conversational"]
+    if sharegpt:  # ShareGPT from/value → role/content (TRL's conversion), conversations → messages
+        if example[source] is not None and not isinstance(example[source], list):
+            _, message, fix = _check_messages(example[source], source)
+            raise _located(DataError(message, row=index, column=source, fix=fix), example, prepared.name)
+        example = {**example, **_chatml_row(example, source=source, version="")}
+    elif source == "conversations":
+        example = {**example, "messages": example["conversations"]}
+    problem = sft_row_problem(example, layout, conversational)
+    if problem is not None:
+        column, message, fix = problem
+        raise _located(DataError(message, row=index, column=column, fix=fix), example, prepared.name)
+    out = _tokenize_row(example, index, **tokenize)
+    if tokenize["assistant_only_loss"] and not out.pop("_has_assistant"):
+        raise no_assistant_error(_learned_messages(example, layout), index, layout)
+    return _keep_if_labelled(out, index, tokenize["window"], prepared)
+
+
+def _tokenized_sft_row(example: dict, index: int, *, masks: list[str], window, prepared: PreparedStream) -> dict:
+    labels = example.get("labels")
+    if labels is None or masks:
+        bits = [example[c] for c in masks]
+        labels = [t if all(b) else -100 for t, *b in zip(example["input_ids"], *bits, strict=False)]
+    out = {"input_ids": example["input_ids"], "labels": labels}
+    if window is not None:
+        cut = slice(*window)
+        out = {"input_ids": out["input_ids"][cut], "labels": labels[cut]}
+        out["_has_labels"] = any(label != -100 for label in out["labels"])
+    return _keep_if_labelled(out, index, window, prepared)
+
+
+def _keep_if_labelled(out: dict, index: int, window, prepared: PreparedStream) -> dict:
+    keep = out.pop("_has_labels", True)
+    if not keep:
+        prepared.note("dropped", "no_labels_after_truncation", index,
+                      f"no completion token is left in the {'first' if window[0] is None else 'last'} "
+                      f"{window[1] or -window[0]} tokens")  # fmt: skip
+    out["_keep"] = keep
+    return out

@@ -391,7 +391,7 @@ def check_stream_args(args, name: str, *, cached_reference: bool = False) -> Non
 
 
 def report_streams(streams) -> None:
-    """One warning per prepared stream that dropped or flagged rows (``StreamedPreferences.summary``)."""
+    """One warning per prepared stream that dropped or flagged rows (``PreparedStream.summary``)."""
     for stream in streams:
         summary = stream.summary()
         if summary:

@@ -45,7 +45,7 @@ from transformers.trainer_utils import seed_worker
 from fastdpo.data.formats import prepare_preferences
 from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs, pair_length
 from fastdpo.data.sampler import RankBalancedBatchSampler, TokenBudgetBatchSampler
-from fastdpo.data.stream import StreamedPreferences, first_row, is_tokenized, prepare_stream
+from fastdpo.data.stream import PreparedStream, first_row, is_tokenized, prepare_stream
 from fastdpo.data.tokenize import tokenize_preferences
 from fastdpo.errors import ConfigError
 from fastdpo.model.adapters import (
@@ -193,7 +193,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
                               fix="set tokenizer.pad_token")  # fmt: skip
         self.loss_config = args.loss_config()
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
-        self._streams: list[StreamedPreferences] = []
+        self._streams: list[PreparedStream] = []
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
