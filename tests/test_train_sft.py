@@ -315,7 +315,7 @@ def test_unsupported_trainer_arguments_are_refused(load, tokenizer, tmp_path):
     cases = [({"peft_config": {"r": 8}}, "peft_config"), ({"compute_metrics": len}, "compute_metrics"),
              ({"compute_loss_func": len}, "compute_loss_func"), ({"train_dataset": None}, "train_dataset"),
              ({"processing_class": None}, "processing_class"), ({"model": str(tmp_path / "no-such-model")}, "model"),
-             ({"train_dataset": data.to_iterable_dataset()}, "train_dataset")]  # fmt: skip
+             ({"train_dataset": data.to_list()}, "train_dataset")]  # fmt: skip
     for change, column in cases:
         kwargs = {"model": load(), "args": args, "train_dataset": data, "processing_class": tokenizer, **change}
         with pytest.raises(ConfigError, match=rf"column '{column}'"):

@@ -123,7 +123,7 @@ def test_bad_rows_of_a_stream_fail_where_they_are_read(tmp_path):
     iterator = iter(prepared.dataset)
     with pytest.raises(DataError, match="row 5, column 'chosen': expected a string like the first row, got None") as e:
         list(iterator)
-    assert f"its prompt begins {rows[5]['prompt'][:60]!r}" in str(e.value)  # to find it in a shuffled stream
+    assert f"its text begins {rows[5]['prompt'][:60]!r}" in str(e.value)  # to find it in a shuffled stream
 
     messages = conversational(synthetic_pairs(4).to_list())
     del messages[2]["rejected"][0]["role"]
@@ -163,3 +163,74 @@ def test_what_a_stream_cannot_do_is_refused_with_the_option_to_change(tmp_path):
     assert ready.dropped_rows == {}
     ready.train()
     assert ready.state.global_step == 2
+
+
+# ------------------------------------------------------------------------------------------------------------- SFT
+
+SFT_STREAM_CASES = ["packed_prompt_completion", "messages_with_eval", "grad_accumulation", "tokenized_split_shuffled",
+                    "label_smoothing"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SFT_STREAM_CASES)
+def test_sft_on_a_stream_takes_trls_steps(case, tmp_path):
+    # TRL's SFT parity cases (tests/test_train_sft.py), each dataset streamed: packed as read, block by block
+    # (shuffled before packing and after, when asked), truncated rows dropped and counted, eval streams too
+    from test_train_sft import CASES, tokenized_rows, train
+    from test_train_sft import assert_first_steps_match as assert_sft_steps_match
+
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = sft_model(tokenizer, tmp_path)
+    data, options = CASES[case]
+    data = tokenized_rows(tokenizer, 12) if data is None else data
+    options = dict(options)
+    if case == "packed_prompt_completion":  # the stream's first rows: no token predicted right (accuracy 0 proves
+        options["shuffle_dataset"] = True  # little); shuffled by the stream's own buffer before packing, some are
+    streams = lambda: {"eval_data": options["eval_data"].to_iterable_dataset()} if "eval_data" in options else {}  # noqa: E731
+    trainer, ours = train(SFTTrainer, SFTConfig, load, data.to_iterable_dataset(), tokenizer, tmp_path, "ours",
+                          **{**options, **streams()})  # fmt: skip
+    _, theirs = train(trl.SFTTrainer, trl.SFTConfig, load, data.to_iterable_dataset(), tokenizer, tmp_path, "trl",
+                      **{**options, **streams()})  # fmt: skip
+    assert_sft_steps_match(ours, theirs, eval_data="eval_data" in options)
+    if case in ("grad_accumulation", "label_smoothing"):  # row 3's prompt fills max_length: TRL drops it too
+        assert trainer.dropped_rows["train"] == {"no_labels_after_truncation": [3]}
+    if case == "messages_with_eval":
+        dropin = pytest.importorskip("fastdpo.trl")  # TRL prepares the stream, fastdpo trains on it
+        _, drop = train(dropin.SFTTrainer, trl.SFTConfig, load, data.to_iterable_dataset(), tokenizer, tmp_path,
+                        "dropin", **{**options, **streams()})  # fmt: skip
+        theirs_again = train(trl.SFTTrainer, trl.SFTConfig, load, data.to_iterable_dataset(), tokenizer, tmp_path,
+                             "trl2", **{**options, **streams()})[1]  # fmt: skip
+        assert_sft_steps_match(drop, theirs_again, eval_data=True)
+
+
+def sft_model(tokenizer, tmp_path):
+    import torch
+    from test_train_sft import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(tmp_path / "sft_model")
+    return lambda: LlamaForCausalLM.from_pretrained(tmp_path / "sft_model", dtype=torch.float32)
+
+
+def test_sft_streams_are_checked_row_by_row_and_refuse_what_they_cannot_do(tmp_path):
+    from fastdpo.data.stream import prepare_sft_stream
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    sharegpt = [{"conversations": [{"from": "user", "value": f"question {i}"}, {"from": "assistant", "value": "ok"}]}
+                for i in range(5)]  # fmt: skip
+    sharegpt[2]["conversations"] = [{"from": "user", "value": "no answer"}, {"from": "assistant"}]
+    prepared = prepare_sft_stream(datasets.Dataset.from_list(sharegpt).to_iterable_dataset(), tokenizer)
+    with pytest.raises(DataError, match="row 2, column 'messages': message 1 \\(assistant\\) has no 'content'"):
+        list(prepared.dataset)
+    texts = datasets.Dataset.from_list([{"body": f"text {i}"} for i in range(3)]).to_iterable_dataset()
+    rows = list(prepare_sft_stream(texts, tokenizer, text_field="body").dataset)
+    expected = [tokenizer(f"text {i}{tokenizer.eos_token}")["input_ids"] for i in range(3)]
+    assert [row["input_ids"] for row in rows] == [row["labels"] for row in rows] == expected
+
+    args = SFTConfig(output_dir=str(tmp_path / "x"), max_steps=-1, report_to=[], bf16=False)
+    with pytest.raises(ConfigError, match="column 'max_steps': an iterable train dataset has no length"):
+        SFTTrainer(sft_model(tokenizer, tmp_path)(), args=args, train_dataset=texts.rename_column("body", "text"),
+                   processing_class=tokenizer)  # fmt: skip

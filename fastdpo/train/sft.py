@@ -21,7 +21,8 @@ otherwise; quantized with ``quantization_config``), and trained whole or through
 a ``PeftModel``; on a quantized base its adapters train in bf16, as TRL sets QLoRA up). Non-finite
 steps are skipped by ``NumericsGuard`` (``max_nonfinite_steps``).
 Options it does not implement raise ``ConfigError``: ``compute_loss_func``, ``compute_metrics`` and
-``preprocess_logits_for_metrics`` (they need the logits), vision datasets, iterable datasets.
+``preprocess_logits_for_metrics`` (they need the logits), vision datasets. Streams (``datasets.IterableDataset``,
+with ``max_steps``) are prepared as they are read (``prepare_sft_stream``), packed block by block as TRL packs them.
 ``assistant_only_loss`` needs a chat template with ``{% generation %}`` markers (TRL swaps in a training template
 for some model families; here ``tokenize_sft`` names the row instead). ``num_tokens`` counts real tokens; TRL's
 packed runs with ``pad_to_multiple_of`` also count their padding.
@@ -40,6 +41,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from fastdpo.data.packing import IGNORE_INDEX, ROW_ATTENTION, PackedBatch, pack_sft, pack_sft_dataset
 from fastdpo.data.sft import prepare_sft, tokenize_sft
+from fastdpo.data.stream import first_row, prepare_sft_stream
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model import HeadSpec, packed_body, run_head
 from fastdpo.model.adapters import is_peft_model, prepare_adapter_model, qlora_adapters_to_bf16, wrap_with_adapter
@@ -54,10 +56,12 @@ from fastdpo.train.common import (
     TokenRate,
     check_lean_activations,
     check_run_dir,
+    check_stream_args,
     lean_layers,
     load_causal_lm,
     load_tokenizer,
     report_dropped,
+    report_streams,
     with_quantization,
 )
 from fastdpo.train.interrupt import InterruptibleTrainer
@@ -294,6 +298,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
         _set_special_tokens(model, processing_class, args, set_pad=data_collator is None)
         self.aux_loss_coef = _enable_router_aux_loss(model, args)
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
+        self._streams: list = []
         self._formatting_func = formatting_func
         # TRL decides once, from the training data's columns, and applies the decision to every dataset
         self.completion_only_loss = args.completion_only_loss
@@ -339,9 +344,13 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
 
     def _prepare(self, dataset, tokenizer, args: SFTConfig, packing: bool, name: str) -> datasets.Dataset:
         """TRL's ``_prepare_dataset``: tokenize (unless already), label, truncate or pack, shuffle."""
-        _check_dataset(dataset, name)
+        names = _check_dataset(dataset, name)
+        if isinstance(dataset, datasets.IterableDataset):
+            check_stream_args(args, name)
         if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
-            return _check_prepared(dataset, name)
+            return _check_prepared(dataset, name, names)
+        if isinstance(dataset, datasets.IterableDataset):
+            return self._prepare_stream(dataset, tokenizer, args, packing, name, names)
         if "seq_lengths" in dataset.column_names:  # already packed (e.g. self.eval_dataset given to evaluate again)
             return dataset
         if "input_ids" in dataset.column_names:
@@ -375,6 +384,27 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
 
+    def _prepare_stream(self, dataset, tokenizer, args: SFTConfig, packing: bool, name: str, names: list[str]):
+        """``_prepare`` of a stream, lazily (``prepare_sft_stream``), the shuffles and packing where TRL has them."""
+        if "seq_lengths" in names:
+            return dataset
+        completion_only_loss = self.completion_only_loss if "input_ids" in names else args.completion_only_loss
+        if completion_only_loss is None:  # as _prepare decides it for raw rows
+            completion_only_loss = self.completion_only_loss and {"prompt", "completion"} <= set(names)
+        prepared = prepare_sft_stream(
+            dataset, tokenizer, text_field=args.dataset_text_field, max_length=None if packing else args.max_length,
+            truncation_mode=args.truncation_mode, completion_only_loss=completion_only_loss,
+            assistant_only_loss=args.assistant_only_loss, formatting_func=self._formatting_func, name=name,
+        )  # fmt: skip
+        self.dropped_rows[name] = prepared.dropped_rows  # filled as the stream is read
+        self._streams.append(prepared)
+        dataset = prepared.dataset
+        if packing:
+            if args.shuffle_dataset:
+                dataset = dataset.shuffle(seed=args.seed)
+            dataset = pack_sft_dataset(dataset, args.max_length, strategy=args.packing_strategy)
+        return dataset.shuffle(seed=args.seed) if args.shuffle_dataset else dataset
+
     def _truncate(self, dataset: datasets.Dataset, args: SFTConfig, name: str) -> datasets.Dataset:
         """Cut ``input_ids``/``labels`` to ``max_length`` and drop the rows left with no label (counted)."""
         window = (None, args.max_length) if args.truncation_mode == "keep_start" else (-args.max_length, None)
@@ -397,7 +427,10 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
 
     def train(self, *args, **kwargs):
         self._token_rate.restart(self._total_train_tokens)
-        return super().train(*args, **kwargs)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            report_streams(self._streams)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -533,17 +566,21 @@ def _cut(example: dict, *, window: tuple[int | None, int | None]) -> dict:
 
 
 def _check_dataset(dataset, name: str) -> list[str]:
-    """The dataset's columns, after checking it is one this trainer takes."""
-    if not isinstance(dataset, datasets.Dataset):
+    """The dataset's columns (a stream's from its first row when it does not know them), after checking it is one
+    this trainer takes."""
+    if isinstance(dataset, datasets.IterableDataset):
+        names = list(dataset.column_names or first_row(dataset, name))
+    elif isinstance(dataset, datasets.Dataset):
+        names = dataset.column_names
+    else:
         raise ConfigError(f"the {name} dataset is a {type(dataset).__name__}", column=f"{name}_dataset",
-                          fix="pass a datasets.Dataset (iterable datasets are not supported yet)")  # fmt: skip
-    if {"image", "images"} & set(dataset.column_names):
+                          fix="pass a datasets.Dataset or a datasets.IterableDataset")  # fmt: skip
+    if {"image", "images"} & set(names):
         raise ConfigError("vision datasets are not supported yet", column=f"{name}_dataset")
-    return dataset.column_names
+    return names
 
 
-def _check_prepared(dataset: datasets.Dataset, name: str) -> datasets.Dataset:
-    names = dataset.column_names
+def _check_prepared(dataset, name: str, names: list[str]):
     if "input_ids" not in names:
         raise DataError(
             "skip_prepare_dataset needs tokenized rows",
