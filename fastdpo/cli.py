@@ -18,8 +18,8 @@ match. The run directory (``output_dir``) gets:
 - ``metrics.jsonl``: one JSON object per log (train and eval), with its step;
 - ``data_quality.md`` / ``.json`` (DPO): ``fastdpo.data.check_preferences`` of the training data, and the rows
   removed (``data_filter: drop`` removes the rows with a "drop" reason, counted and warned about; ``none`` keeps
-  them, and the trainer then drops only what TRL would);
-- ``dropped_rows.json``: the rows tokenization dropped, by split and reason (DPO and SFT);
+  them, and the trainer then drops only what TRL would); none with ``dataset_streaming``;
+- ``dropped_rows.json``: the rows tokenization dropped, by split and reason (DPO and SFT; a stream's once read);
 - ``plots/*.png``: loss, ``rewards/margins``, ``rewards/accuracies`` (train and eval), refreshed at each evaluation
   and at the end;
 - the Trainer's checkpoints and the final model.
@@ -56,7 +56,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from fastdpo.atomic import refuse_non_empty, save_figure
-from fastdpo.cli_model import AdapterArguments, peft_and_quantization
+from fastdpo.cli_model import AdapterArguments, peft_and_quantization, streamed_splits
 from fastdpo.errors import ConfigError, DataError
 
 logger = logging.getLogger("fastdpo")
@@ -78,6 +78,9 @@ class RunArguments(AdapterArguments):
         default=None, metadata={"help": 'column names in the data, e.g. {"prompt": "question"}'}
     )
     data_filter: str = field(default="drop", metadata={"help": "'drop' rows with a drop reason, or 'none'"})
+    dataset_streaming: bool = field(
+        default=False, metadata={"help": "read the data as training goes (needs max_steps; no quality report)"}
+    )
 
 
 COMMANDS = {"dpo": "DPOConfig", "sft": "SFTConfig"}
@@ -260,6 +263,7 @@ def run_training(known: argparse.Namespace, flags: list[str]):
         atomic_write(out / name, text)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(out))
+    atomic_write(out / "dropped_rows.json", json.dumps(trainer.dropped_rows, indent=1))  # a stream's, now read
     return trainer
 
 
@@ -330,8 +334,27 @@ def _plain(value) -> bool:
 
 def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
     """The trainer, and the files (name → text) the run directory gets before training."""
-    from fastdpo.data import check_preferences, prepare_preferences, prepare_sft, split_by_prompt
     from fastdpo.train import DPOTrainer, SFTTrainer
+
+    if run_args.dataset_streaming:  # read as training goes: no quality report (it needs every row)
+        train, evaluation = streamed_splits(command, run_args)
+        files = {}
+    else:
+        train, evaluation, files = _loaded_splits(command, run_args, args.seed)
+    peft_config, quantization_config = peft_and_quantization(run_args, args.model_init_kwargs)
+    options = {"args": args, "train_dataset": train, "eval_dataset": evaluation, "callbacks": [RunFiles(out)],
+               "peft_config": peft_config, "quantization_config": quantization_config}  # fmt: skip
+    if command == "dpo":
+        return DPOTrainer(run_args.model_name_or_path, ref_model=run_args.ref_model_name_or_path, **options), files
+    if run_args.ref_model_name_or_path is not None:
+        raise ConfigError("SFT has no reference model", column="ref_model_name_or_path", fix="remove it")
+    return SFTTrainer(run_args.model_name_or_path, **options), files
+
+
+def _loaded_splits(command: str, run_args: RunArguments, seed: int):
+    """(train, eval or None, files): the data loaded and prepared; for DPO its quality report (the files) and
+    the rows it drops (``data_filter``)."""
+    from fastdpo.data import check_preferences, prepare_preferences, prepare_sft, split_by_prompt
 
     columns = run_args.dataset_columns
     prepare = prepare_preferences if command == "dpo" else prepare_sft
@@ -340,27 +363,18 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
     if run_args.dataset_test_split is not None:
         evaluation = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_test_split)
     elif run_args.eval_fraction is not None:
-        train, evaluation = split_by_prompt(train, test_size=run_args.eval_fraction, seed=args.seed)
-    callbacks = [RunFiles(out)]
-    peft_config, quantization_config = peft_and_quantization(run_args, args.model_init_kwargs)
-    model = {"peft_config": peft_config, "quantization_config": quantization_config}
-    if command == "dpo":
-        report = check_preferences(train)
-        dropped: dict[str, int] = {}
-        if run_args.data_filter == "drop":
-            train, dropped = report.filter(train)
-            if dropped:
-                logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
-        files = {"data_quality.md": report.to_markdown() + f"\nRows removed before training: {dropped}\n",
-                 "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped}, indent=1)}  # fmt: skip
-        trainer = DPOTrainer(run_args.model_name_or_path, ref_model=run_args.ref_model_name_or_path, args=args,
-                             train_dataset=train, eval_dataset=evaluation, callbacks=callbacks, **model)  # fmt: skip
-        return trainer, files
-    if run_args.ref_model_name_or_path is not None:
-        raise ConfigError("SFT has no reference model", column="ref_model_name_or_path", fix="remove it")
-    trainer = SFTTrainer(run_args.model_name_or_path, args=args, train_dataset=train, eval_dataset=evaluation,
-                         callbacks=callbacks, **model)  # fmt: skip
-    return trainer, {}
+        train, evaluation = split_by_prompt(train, test_size=run_args.eval_fraction, seed=seed)
+    if command != "dpo":
+        return train, evaluation, {}
+    report = check_preferences(train)
+    dropped: dict[str, int] = {}
+    if run_args.data_filter == "drop":
+        train, dropped = report.filter(train)
+        if dropped:
+            logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
+    files = {"data_quality.md": report.to_markdown() + f"\nRows removed before training: {dropped}\n",
+             "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped}, indent=1)}  # fmt: skip
+    return train, evaluation, files
 
 
 class RunFiles(TrainerCallback):

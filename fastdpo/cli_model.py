@@ -5,7 +5,8 @@
 ``lora_target_modules`` is unset), as ``trl dpo --use_peft`` does; the reference is then the base model.
 ``load_in_4bit`` / ``load_in_8bit`` load the model with bitsandbytes (``bnb_4bit_quant_type``,
 ``use_bnb_nested_quant``; 4-bit products in ``model_init_kwargs``' ``dtype``, float32 unless set), and need
-``use_peft``: a quantized model trains through adapters only.
+``use_peft``: a quantized model trains through adapters only. ``streamed_splits``: the data of a run with
+``dataset_streaming`` (TRL's ``ScriptArguments`` name), read as training goes.
 """
 
 from __future__ import annotations
@@ -92,3 +93,29 @@ def _bnb(run_args: AdapterArguments, model_init_kwargs: dict | None):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute,
                               bnb_4bit_quant_type=run_args.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=run_args.use_bnb_nested_quant)  # fmt: skip
+
+
+def streamed_splits(command: str, run_args) -> tuple:
+    """(train, eval or None) as streams (``dataset_streaming``), their columns renamed as ``dataset_columns`` says,
+    lazily. The quality report and its filter need every row: skipped, with a warning when ``data_filter`` asks."""
+    from fastdpo.data import load_stream
+    from fastdpo.data.formats import KNOWN_TARGETS
+    from fastdpo.data.schema import rename_columns
+    from fastdpo.data.sft import SFT_COLUMNS
+    from fastdpo.data.stream import first_row
+
+    if run_args.eval_fraction is not None:
+        fix = "evaluate on a split of its own (dataset_test_split), or drop dataset_streaming"
+        raise ConfigError("a stream cannot be split by prompt before it is read", column="eval_fraction", fix=fix)
+
+    def stream(split: str):
+        data = load_stream(run_args.dataset_name, split=split)
+        present = list(data.column_names or first_row(data, split))
+        known = KNOWN_TARGETS if command == "dpo" else SFT_COLUMNS
+        return rename_columns(data, run_args.dataset_columns or {}, known, present=present)
+
+    if command == "dpo" and run_args.data_filter == "drop":
+        logger.warning("dataset_streaming: the quality report and its filter (data_filter) need every row and are "
+                       "skipped; run 'fastdpo data check' on a sample of the data instead")  # fmt: skip
+    evaluation = stream(run_args.dataset_test_split) if run_args.dataset_test_split is not None else None
+    return stream(run_args.dataset_train_split), evaluation

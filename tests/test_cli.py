@@ -102,7 +102,9 @@ def test_an_existing_run_directory_is_not_overwritten(workdir):
      ({"loss_type": "sigmod"}, [], "column 'loss_type'"),
      ({}, ["--dataset_columns", "{prompt"], "is not JSON"),
      ({"load_in_4bit": True}, [], "column 'load_in_4bit': a quantized model trains through adapters only"),
-     ({"use_peft": True}, ["--load_in_4bit", "--load_in_8bit"], "pick one")],
+     ({"use_peft": True}, ["--load_in_4bit", "--load_in_8bit"], "pick one"),
+     ({"dataset_streaming": True, "eval_fraction": 0.25}, [], "column 'eval_fraction': a stream cannot be split"),
+     ({"dataset_streaming": True}, [], "column 'max_steps': an iterable train dataset has no length")],
 )  # fmt: skip
 def test_bad_configs_fail_with_one_clear_line(workdir, config, flags, expected, monkeypatch, capsys):
     # in this process (main() prints and returns the status as the command does; argparse's own errors exit): a
@@ -160,6 +162,26 @@ def test_sft_run(workdir):
     assert [log["step"] for log in logs if "loss" in log] == [1, 2]
     assert (workdir / "sft_run" / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((workdir / "sft_run" / "dropped_rows.json").read_text()) == {}  # no row lost its labels
+
+
+def test_streamed_runs(workdir):
+    # dataset_streaming (TRL's key): the file read as training goes, its columns renamed, a split to evaluate on
+    config = yaml.safe_load((workdir / "dpo.yaml").read_text())
+    del config["eval_fraction"]
+    config.update(dataset_streaming=True, dataset_test_split="train", output_dir="dpo_stream", max_steps=2)
+    (workdir / "dpo_stream.yaml").write_text(yaml.safe_dump(config))
+    done = fastdpo("dpo", "--config", "dpo_stream.yaml", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the quality report and its filter (data_filter) need every row and are skipped" in done.stderr
+    logs = [json.loads(line) for line in (workdir / "dpo_stream" / "metrics.jsonl").read_text().splitlines()]
+    assert [log["step"] for log in logs if "loss" in log] == [1, 2]
+    assert any("eval_loss" in log for log in logs)
+    assert json.loads((workdir / "dpo_stream" / "dropped_rows.json").read_text()) == {"train": {}, "eval": {}}
+    assert not (workdir / "dpo_stream" / "data_quality.json").exists()  # no report was made: none is written
+    done = fastdpo("sft", "--config", "sft.yaml", "--dataset_streaming", "--output_dir", "sft_stream", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = [json.loads(line) for line in (workdir / "sft_stream" / "metrics.jsonl").read_text().splitlines()]
+    assert [log["step"] for log in logs if "loss" in log] == [1, 2]
 
 
 def test_every_subcommand_has_help(capsys):

@@ -10,7 +10,7 @@ Importing this package imports ``datasets`` and ``transformers``' tokenizer base
 """
 
 from fastdpo.data.formats import extract_prompt, prepare_preferences
-from fastdpo.data.load import load_data
+from fastdpo.data.load import load_data, load_stream
 from fastdpo.data.packer import cpp_available, pack
 from fastdpo.data.packing import (
     PackedBatch,
@@ -47,6 +47,7 @@ __all__ = [
     "default_pack_length",
     "extract_prompt",
     "load_data",
+    "load_stream",
     "pack",
     "pack_pairs",
     "pack_sft",

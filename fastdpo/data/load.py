@@ -48,6 +48,30 @@ def load_data(source, *, split: str | None = "train") -> datasets.Dataset | data
     return loaded
 
 
+def load_stream(source, *, split: str = "train") -> datasets.IterableDataset:
+    """``source`` as a ``datasets.IterableDataset``, read as it is iterated: a stream as it is, a Dataset through
+    ``to_iterable_dataset``, a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a hub name with
+    ``load_dataset(..., streaming=True)``. A local file is not read ahead (a broken line fails where it is read)."""
+    if isinstance(source, datasets.IterableDataset):
+        return source
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        return load_data(source, split=split).to_iterable_dataset()
+    if not isinstance(source, (str, os.PathLike)):
+        raise DataError(f"cannot stream a dataset from {type(source).__name__}",
+                        fix="pass a datasets.IterableDataset or Dataset, a local file or a hub name")  # fmt: skip
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(
+                f"{path}: no such file", fix="check the path (relative paths start from the current folder)"
+            )
+        kind = LOCAL_SUFFIXES.get(path.suffix.lower())
+        if kind is None:
+            raise DataError(f"{path}: unknown file type {path.suffix!r}", fix="use .jsonl, .json, .parquet or .csv")
+        return datasets.load_dataset(kind, data_files={split: str(path)}, split=split, streaming=True)
+    return datasets.load_dataset(str(source), split=split, streaming=True)
+
+
 def as_dataset(data) -> datasets.Dataset:
     """``data`` as a ``datasets.Dataset``: a Dataset as it is, a list of dicts (one per row) as a new one, with a
     column for every key of any row (None where a row lacks it)."""
