@@ -115,6 +115,18 @@ def test_a_stream_is_prepared_into_the_ids_of_a_map_style_dataset(tmp_path, capl
     assert prepared.summary() == "eval stream: 2 flagged as roles_out_of_order, trained on (rows 1, 4)"
 
 
+def test_each_pass_over_a_stream_counts_its_drops_again():
+    # the Trainer reads a stream again once it ends before max_steps: a row dropped twice is counted twice, and said
+    rows = synthetic_pairs(6).to_list()
+    rows[4]["prompt"] = " ".join(["word"] * 40)
+    prepared = prepare_stream(datasets.Dataset.from_list(rows).to_iterable_dataset(), build_tiny_tokenizer(),
+                              max_length=32)  # fmt: skip
+    assert len(list(prepared.dataset)) == len(list(prepared.dataset)) == 5
+    assert prepared.dropped_rows == {"prompt_fills_max_length": [4, 4]}
+    assert prepared.summary() == ("train stream: 2 dropped as prompt_fills_max_length (rows 4, 4) (each pass over "
+                                  "the stream counts its rows again)")  # fmt: skip
+
+
 def test_bad_rows_of_a_stream_fail_where_they_are_read(tmp_path):
     tokenizer = build_tiny_tokenizer()
     rows = synthetic_pairs(8).to_list()

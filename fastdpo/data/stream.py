@@ -83,7 +83,9 @@ class PreparedStream:
         parts = [f"{len(rows)} dropped as {reason} (rows {_first(rows)})" for reason, rows in self.dropped_rows.items()]
         parts += [f"{len(rows)} flagged as {reason}, trained on (rows {_first(rows)})"
                   for reason, rows in self.flagged_rows.items()]  # fmt: skip
-        return f"{self.name} stream: {'; '.join(parts)}" if parts else None
+        repeats = any(len(set(rows)) < len(rows) for rows in (*self.dropped_rows.values(), *self.flagged_rows.values()))
+        again = " (each pass over the stream counts its rows again)" if repeats else ""
+        return f"{self.name} stream: {'; '.join(parts)}{again}" if parts else None
 
 
 def _first(rows: list[int], limit: int = 5) -> str:
