@@ -10,7 +10,7 @@ from test_train_dpo import assert_first_steps_match, common_args, synthetic_pair
 from tiny_tokenizer import build_tiny_tokenizer
 
 from fastdpo.data import prepare_preferences, tokenize_preferences
-from fastdpo.data.stream import prepare_stream
+from fastdpo.data.stream import STREAM_BATCH, prepare_stream
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.train import DPOConfig
 from fastdpo.train.dpo import DPOTrainer
@@ -129,13 +129,15 @@ def test_each_pass_over_a_stream_counts_its_drops_again():
 
 def test_bad_rows_of_a_stream_fail_where_they_are_read(tmp_path):
     tokenizer = build_tiny_tokenizer()
-    rows = synthetic_pairs(8).to_list()
-    rows[5]["chosen"] = None
+    rows = synthetic_pairs(150).to_list()
+    rows[100]["chosen"] = None  # in the second batch of rows the stream tokenizes together (STREAM_BATCH)
     prepared = prepare_stream(stream_file(write_jsonl(tmp_path / "bad.jsonl", rows)), tokenizer)
-    iterator = iter(prepared.dataset)
-    with pytest.raises(DataError, match="row 5, column 'chosen': expected a string like the first row, got None") as e:
-        list(iterator)
-    assert f"its text begins {rows[5]['prompt'][:60]!r}" in str(e.value)  # to find it in a shuffled stream
+    read = []
+    message = "row 100, column 'chosen': expected a string like the first row, got None"
+    with pytest.raises(DataError, match=message) as e:
+        read.extend(prepared.dataset)
+    assert len(read) == STREAM_BATCH  # the rows before the bad one's batch were trained on
+    assert f"its text begins {rows[100]['prompt'][:60]!r}" in str(e.value)  # to find it in a shuffled stream
 
     messages = conversational(synthetic_pairs(4).to_list())
     del messages[2]["rejected"][0]["role"]

@@ -58,6 +58,7 @@ from fastdpo.errors import DataError, unknown_choice
 logger = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+STREAM_BATCH = 64  # rows tokenized together
 
 
 @dataclass
@@ -149,7 +150,8 @@ def prepare_stream(
         "input_template": input_template, "tokenizer": tokenizer, "max_length": max_length,
         "truncation_mode": truncation_mode, "clip": (max_prompt_length, max_completion_length), "prepared": prepared,
     }  # fmt: skip
-    mapped = dataset.map(_prepare_batch, batched=True, with_indices=True, fn_kwargs=options)
+    # small batches: the first pairs reach training after 64 rows are tokenized, not 1000 (the default)
+    mapped = dataset.map(_prepare_batch, batched=True, batch_size=STREAM_BATCH, with_indices=True, fn_kwargs=options)
     prepared.dataset = mapped.filter(lambda keep: keep, input_columns="_keep").remove_columns("_keep")
     return prepared
 
