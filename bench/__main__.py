@@ -30,6 +30,7 @@ SUITES = {
         "quickstart_seeds": "the quickstart over seeds 0-2 against its targets",
         "memory_model": "the head op's memory per approach from formulas, against the measured peaks",
         "load_cpu": "200k pairs through check, tokenize and packing (peak RSS); RSS over 500 tiny training steps",
+        "stream_cpu": "200k pairs trained on as a stream against loaded first: first batch, memory, cache on disk",
     },
     "gpu": {"gpu.sh": "gpu tests, head op (with cut-cross-entropy and Liger FLCE), end-to-end DPO, on a CUDA GPU"},
 }
