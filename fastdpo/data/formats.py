@@ -80,7 +80,7 @@ def prepare_preferences(
         raise unknown_choice("format", format, FORMATS)
     check_template("system_template", system_template, ("system", "prompt"))
     check_template("input_template", input_template, ("prompt", "input"))
-    dataset, _ = _rename(dataset, columns or {})
+    dataset, _ = rename_preference_columns(dataset, columns or {})
     for name in ("chosen", "rejected"):
         if name not in dataset.column_names:
             raise missing_column(name, dataset.column_names)
@@ -96,7 +96,7 @@ def prepare_preferences(
     }
     has_prompt = "prompt" in dataset.column_names
     return dataset.map(
-        _normalize_row,
+        normalize_row,
         fn_kwargs={**fn_kwargs, "has_prompt": has_prompt},
         remove_columns=[c for c in ("system", "input", "context") if c in dataset.column_names],
         num_proc=num_proc,
@@ -104,7 +104,7 @@ def prepare_preferences(
     )
 
 
-def _rename(dataset, columns: dict[str, str], present: list[str] | None = None):
+def rename_preference_columns(dataset, columns: dict[str, str], present: list[str] | None = None):
     """``columns`` applied, then the score aliases; ``present``: the column names, for a stream that does not know
     them (``IterableDataset.column_names`` is None without features), read from its first row."""
     present = list(dataset.column_names if present is None else present)
@@ -198,7 +198,9 @@ def _raise_if(problem: tuple[str, str] | None, row: int, column: str) -> None:
         raise DataError(problem[0], row=row, column=column, fix=problem[1])
 
 
-def _normalize_row(example: dict, *, kind, has_prompt, system_template, input_template, version):
+def normalize_row(example: dict, *, kind, has_prompt, system_template, input_template, version):
+    """One row in our columns: the implicit prompt extracted, ``input``/``context`` and ``system`` joined in
+    (``version``: ``source_version``, for ``Dataset.map``'s cache)."""
     chosen, rejected = example["chosen"], example["rejected"]
     out: dict[str, Any] = {}
     prompt = example.get("prompt") if has_prompt else None

@@ -132,10 +132,10 @@ def _to_messages(dataset: datasets.Dataset, num_proc: int | None) -> datasets.Da
     if is_sharegpt(dataset[0][source]):
         for row, value in enumerate(dataset[source]):  # the conversion iterates each value: a list, or None
             if value is not None and not isinstance(value, list):
-                _, message, fix = _check_messages(value, source)
+                _, message, fix = messages_problem(value, source)
                 raise DataError(message, row=row, column=source, fix=fix)
         return dataset.map(
-            _chatml_row,
+            chatml_row,
             fn_kwargs={"source": source, "version": _VERSION},
             remove_columns=[source] if source == "conversations" else None,
             num_proc=num_proc,
@@ -152,7 +152,8 @@ def is_sharegpt(first) -> bool:
     )
 
 
-def _chatml_row(example: dict, *, source: str, version: str) -> dict:
+def chatml_row(example: dict, *, source: str, version: str) -> dict:
+    """``messages`` from a ShareGPT row's ``source`` column: ``from``/``value`` keys renamed ``role``/``content``."""
     messages = []
     for message in example[source] or []:
         message = dict(message) if isinstance(message, dict) else message
@@ -171,7 +172,7 @@ def sft_row_problem(row: dict, layout: str, conversational: bool) -> tuple[str, 
     if layout == "text":
         return _check_string(row["text"], "text")
     if layout == "messages":
-        problem = _check_messages(row["messages"], "messages")
+        problem = messages_problem(row["messages"], "messages")
     else:
         problem = _check_prompt_completion(row, conversational)
     return problem if problem is not None or not conversational else template_inputs_problem(row)
@@ -184,7 +185,7 @@ def _check_rows(dataset: datasets.Dataset, layout: str) -> None:
         return
     if layout == "messages":
         conversational = True
-        _scan(dataset, ["messages"], lambda row: _check_messages(row["messages"], "messages"))
+        _scan(dataset, ["messages"], lambda row: messages_problem(row["messages"], "messages"))
     else:
         conversational = value_format(dataset[0]["completion"]) == "conversational"
         _scan(dataset, ["prompt", "completion"], lambda row: _check_prompt_completion(row, conversational))
@@ -226,7 +227,8 @@ def _check_string(value: Any, column: str, *, allow_empty: bool = False):
     return None
 
 
-def _check_messages(value: Any, column: str):
+def messages_problem(value: Any, column: str):
+    """(column, message, fix) when ``value`` is not a non-empty list of messages with a role and content; else None."""
     if not isinstance(value, list) or not value:
         got = "an empty list" if isinstance(value, list) else _describe(value)
         fix = "parse it first (json.loads)" if isinstance(value, str) else _FIX_ROW
@@ -248,7 +250,7 @@ def _check_messages(value: Any, column: str):
 
 def _check_prompt_completion(row: dict, conversational: bool):
     if conversational:
-        return _check_messages(row["completion"], "completion") or _check_messages(row["prompt"], "prompt")
+        return messages_problem(row["completion"], "completion") or messages_problem(row["prompt"], "prompt")
     problem = _check_string(row["completion"], "completion")
     if problem is None and not isinstance(row["prompt"], str):
         problem = "prompt", f"expected a string like 'completion', got {_describe(row['prompt'])}", _FIX_ROW
@@ -327,16 +329,16 @@ def tokenize_sft(
         "version": _VERSION,
     }
     # the first row alone first: a template without generation markers fails here, before the whole dataset
-    first = _tokenize_row(dataset[0], 0, **fn_kwargs)
+    first = tokenize_sft_row(dataset[0], 0, **fn_kwargs)
     if assistant_only_loss and not first["_has_assistant"]:
-        raise no_assistant_error(_learned_messages(dataset[0], layout), 0, layout)
+        raise no_assistant_error(learned_messages(dataset[0], layout), 0, layout)
     tokenized = dataset.map(
-        _tokenize_row, with_indices=True, fn_kwargs=fn_kwargs, num_proc=num_proc, desc="Tokenizing SFT rows"
+        tokenize_sft_row, with_indices=True, fn_kwargs=fn_kwargs, num_proc=num_proc, desc="Tokenizing SFT rows"
     )
     if assistant_only_loss:
         missing = next((i for i, ok in enumerate(tokenized["_has_assistant"]) if not ok), None)
         if missing is not None:
-            raise no_assistant_error(_learned_messages(dataset[missing], layout), missing, layout)
+            raise no_assistant_error(learned_messages(dataset[missing], layout), missing, layout)
     dropped: dict[str, list[int]] = {}
     if max_length is not None:  # TRL filters fully masked rows only when it truncates
         gone = [i for i, learns in enumerate(tokenized["_has_labels"]) if not learns]
@@ -393,7 +395,7 @@ def _window(max_length: int, truncation_mode: str) -> tuple[int | None, int | No
     return (None, max_length) if truncation_mode == "keep_start" else (-max_length, None)
 
 
-def _tokenize_row(
+def tokenize_sft_row(
     example: dict,
     index: int,
     *,
@@ -467,7 +469,8 @@ def _encode_conversation(example: dict, layout: str, tokenizer, chat_template, a
     return list(encoded["input_ids"]), assistant_mask, completion_start
 
 
-def _learned_messages(row: dict, layout: str) -> list:
+def learned_messages(row: dict, layout: str) -> list:
+    """The messages a row learns from: ``messages``, or the ``completion`` of prompt/completion rows."""
     return row["messages"] if layout == "messages" else row["completion"]
 
 

@@ -33,26 +33,32 @@ from fastdpo.data.formats import (
     DEFAULT_INPUT_TEMPLATE,
     DEFAULT_SYSTEM_TEMPLATE,
     FORMATS,
-    _normalize_row,
-    _rename,
     check_row,
     check_template,
+    normalize_row,
+    rename_preference_columns,
 )
 from fastdpo.data.schema import missing_column, rename_columns, value_format
 from fastdpo.data.sft import (
     SFT_COLUMNS,
     SFT_TRUNCATION_MODES,
-    _chatml_row,
-    _check_messages,
-    _learned_messages,
-    _tokenize_row,
+    chatml_row,
     is_sharegpt,
+    learned_messages,
+    messages_problem,
     no_assistant_error,
     resolve_options,
     sft_layout,
     sft_row_problem,
+    tokenize_sft_row,
 )
-from fastdpo.data.tokenize import _clip_lengths, _tokenize_batch, check_lengths, check_tokenizer, conversation_fits
+from fastdpo.data.tokenize import (
+    check_lengths,
+    check_tokenizer,
+    clip_lengths,
+    conversation_fits,
+    tokenize_preference_batch,
+)
 from fastdpo.errors import DataError, unknown_choice
 
 logger = logging.getLogger(__name__)
@@ -132,7 +138,7 @@ def prepare_stream(
     check_template("input_template", input_template, ("prompt", "input"))
     check_lengths(truncation_mode, max_length, max_prompt_length, max_completion_length)
     first = first_row(dataset, name)
-    dataset, present = _rename(dataset, columns or {}, present=dataset.column_names or list(first))
+    dataset, present = rename_preference_columns(dataset, columns or {}, present=dataset.column_names or list(first))
     for needed in ("chosen", "rejected"):
         if needed not in present:
             raise missing_column(needed, present)
@@ -166,7 +172,7 @@ def _prepare_batch(batch: dict, indices: list[int], *, kind, has_prompt, system_
             check_row(row, index, kind)
         except DataError as error:  # a shuffled stream's row number alone does not find the row: its prompt does
             raise _located(error, row, prepared.name) from None
-        fields = _normalize_row(row, kind=kind, has_prompt=has_prompt, system_template=system_template,
+        fields = normalize_row(row, kind=kind, has_prompt=has_prompt, system_template=system_template,
                                 input_template=input_template, version="")  # fmt: skip
         fields.pop("prompt_split_mid_word", None)
         out = {**{k: v for k, v in row.items() if k not in ("system", "input", "context")}, **fields}
@@ -182,11 +188,11 @@ def _prepare_batch(batch: dict, indices: list[int], *, kind, has_prompt, system_
         for key, value in out.items():
             normalized.setdefault(key, []).append(value)
     eos = tokenizer.eos_token if kind == "standard" else None
-    tokens = _tokenize_batch(normalized, indices, tokenizer, eos, "")
+    tokens = tokenize_preference_batch(normalized, indices, tokenizer, eos, "")
     if clip != (None, None):
         for i in range(len(indices)):
             example = {name: tokens[name][i] for name in TOKEN_COLUMNS}
-            for name, value in _clip_lengths(example, max_prompt=clip[0], max_completion=clip[1], version="").items():
+            for name, value in clip_lengths(example, max_prompt=clip[0], max_completion=clip[1], version="").items():
                 tokens[name][i] = value
     tokens["_keep"] = []
     for prompt_ids, index in zip(tokens["prompt_ids"], indices, strict=True):
@@ -286,18 +292,18 @@ def _raw_sft_row(example: dict, index: int, *, source: str | None, sharegpt: boo
     layout, conversational = tokenize["layout"], tokenize["conversational"]
     if sharegpt:  # ShareGPT from/value → role/content (TRL's conversion), conversations → messages
         if example[source] is not None and not isinstance(example[source], list):
-            _, message, fix = _check_messages(example[source], source)
+            _, message, fix = messages_problem(example[source], source)
             raise _located(DataError(message, row=index, column=source, fix=fix), example, prepared.name)
-        example = {**example, **_chatml_row(example, source=source, version="")}
+        example = {**example, **chatml_row(example, source=source, version="")}
     elif source == "conversations":
         example = {**example, "messages": example["conversations"]}
     problem = sft_row_problem(example, layout, conversational)
     if problem is not None:
         column, message, fix = problem
         raise _located(DataError(message, row=index, column=column, fix=fix), example, prepared.name)
-    out = _tokenize_row(example, index, **tokenize)
+    out = tokenize_sft_row(example, index, **tokenize)
     if tokenize["assistant_only_loss"] and not out.pop("_has_assistant"):
-        raise no_assistant_error(_learned_messages(example, layout), index, layout)
+        raise no_assistant_error(learned_messages(example, layout), index, layout)
     return _keep_if_labelled(out, index, tokenize["window"], prepared)
 
 

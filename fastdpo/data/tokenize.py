@@ -85,7 +85,7 @@ def _rendered_ids(example: dict, row: int, tokenizer) -> tuple[list[int], list[i
                         ".filter(dataset) (chat_template_error)") from None  # fmt: skip
 
 
-def _tokenize_batch(batch: dict, indices: list[int], tokenizer, eos_token: str | None, version: str) -> dict:
+def tokenize_preference_batch(batch: dict, indices: list[int], tokenizer, eos_token: str | None, version: str) -> dict:
     """TRL's per-row rule on a batch: strings go through the fast tokenizer in one call per column."""
     prompts, chosen, rejected = batch["prompt"], batch["chosen"], batch["rejected"]
     if chosen and is_message_list(chosen[0]):
@@ -134,7 +134,7 @@ def tokenize_preferences(
     if is_message_list(dataset[0]["chosen"]):
         _check_conversations(dataset)
     tokenized = dataset.map(
-        _tokenize_batch,
+        tokenize_preference_batch,
         batched=True,
         with_indices=True,
         fn_kwargs={"tokenizer": tokenizer, "eos_token": tokenizer.eos_token, "version": _VERSION},
@@ -143,7 +143,7 @@ def tokenize_preferences(
     )
     if max_prompt_length is not None or max_completion_length is not None:
         tokenized = tokenized.map(
-            _clip_lengths,
+            clip_lengths,
             fn_kwargs={"max_prompt": max_prompt_length, "max_completion": max_completion_length, "version": _VERSION},
             num_proc=num_proc,
             desc="Clipping prompts and completions",
@@ -222,7 +222,8 @@ def _some(rows: list[int], limit: int = 10) -> str:
     return ", ".join(map(str, rows[:limit])) + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
-def _clip_lengths(example: dict, *, max_prompt: int | None, max_completion: int | None, version: str) -> dict:
+def clip_lengths(example: dict, *, max_prompt: int | None, max_completion: int | None, version: str) -> dict:
+    """``max_prompt_length`` (the prompt's end kept) and ``max_completion_length`` (the start kept) on one row."""
     out = {}
     if max_prompt is not None:
         out["prompt_ids"] = example["prompt_ids"][-max_prompt:]
