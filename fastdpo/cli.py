@@ -40,7 +40,6 @@ Errors are one line on stderr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
 import json
@@ -53,9 +52,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from transformers import TrainerCallback
-
-from fastdpo.atomic import refuse_non_empty, save_figure
+from fastdpo.atomic import refuse_non_empty
 from fastdpo.cli_model import AdapterArguments, peft_and_quantization, streamed_splits
 from fastdpo.errors import ConfigError, DataError
 
@@ -334,6 +331,7 @@ def _plain(value) -> bool:
 
 def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
     """The trainer, and the files (name → text) the run directory gets before training."""
+    from fastdpo.run_files import RunFiles  # transformers' Trainer (seconds to import): only for training
     from fastdpo.train import DPOTrainer, SFTTrainer
 
     if run_args.dataset_streaming:  # read as training goes: no quality report (it needs every row)
@@ -375,67 +373,6 @@ def _loaded_splits(command: str, run_args: RunArguments, seed: int):
     files = {"data_quality.md": report.to_markdown() + f"\nRows removed before training: {dropped}\n",
              "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped}, indent=1)}  # fmt: skip
     return train, evaluation, files
-
-
-class RunFiles(TrainerCallback):
-    """Appends every log to ``metrics.jsonl`` and redraws ``plots/*.png`` at each evaluation and at the end."""
-
-    PLOTS = ("loss", "rewards/margins", "rewards/accuracies")
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.metrics = out / "metrics.jsonl"
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        kept = []
-        if state.global_step > 0 and self.metrics.is_file():  # resumed: the logs up to its checkpoint's step stay,
-            for line in self.metrics.read_text().splitlines():  # those after it are logged again
-                with contextlib.suppress(ValueError):  # a line a killed run left half-written
-                    if json.loads(line)["step"] <= state.global_step:
-                        kept.append(line + "\n")
-        from fastdpo.atomic import atomic_write
-
-        atomic_write(self.metrics, "".join(kept))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            with self.metrics.open("a") as handle:
-                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.plot()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.plot()
-
-    def plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-
-        logs = [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
-        (self.out / "plots").mkdir(exist_ok=True)
-        for name in self.PLOTS:
-            series = {label: [(log["step"], log[key]) for log in logs if key in log]
-                      for label, key in (("train", name), ("eval", f"eval_{name}"))}  # fmt: skip
-            if not any(series.values()):
-                continue
-            figure, axes = plt.subplots(figsize=(6, 4))
-            for label, points in series.items():
-                if points:
-                    axes.plot(*zip(*points, strict=True), marker="o", label=label)
-            axes.set_xlabel("step")
-            axes.set_ylabel(name)
-            axes.legend()
-            axes.grid(alpha=0.3)
-            figure.tight_layout()
-            save_figure(figure, self.out / "plots" / f"{name.replace('/', '_')}.png")
-            plt.close(figure)
 
 
 # ---------------------------------------------------------------------------------------------------------- data
