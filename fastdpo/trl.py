@@ -25,8 +25,9 @@ with ``DPOConfig``'s default margin): ``logps/chosen_change`` in the training lo
 
 The loss of a micro-batch is the mean over its pairs, as TRL's (the Trainer then scales for gradient accumulation
 as it does for TRL). ``ld_alpha`` (LD-DPO) and ``use_weighting`` (WPO) run on the step's plain head path
-(``fastdpo.train.step``); ``ld_alpha`` outside [0, 1] is a ``ConfigError``. Refused with a ``ConfigError``: vision
-datasets, and ``compute_metrics`` (it needs the full logits, which are never built).
+(``fastdpo.train.step``); ``ld_alpha`` outside [0, 1] is a ``ConfigError``. Streams (``IterableDataset``) are
+prepared by TRL's own code, as in TRL. Refused with a ``ConfigError``: vision datasets, and ``compute_metrics`` (it
+needs the full logits, which are never built).
 """
 
 from __future__ import annotations
