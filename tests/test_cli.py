@@ -80,12 +80,27 @@ def test_dpo_run_writes_its_run_directory(workdir):
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2  # the final model reloads
 
 
-def test_an_existing_run_directory_is_not_overwritten(workdir):
+def in_process(*args: str, cwd: Path, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """``fastdpo ARGS`` through ``main()`` in this process (it prints and returns the status as the command does;
+    argparse's own errors exit): for runs that stop before training, which a subprocess would spend ~10 s importing
+    for. The runs that train use the command itself."""
+    from fastdpo.cli import main
+
+    monkeypatch.chdir(cwd)
+    try:
+        code = main(list(args))
+    except SystemExit as stop:
+        code = stop.code
+    return subprocess.CompletedProcess(list(args), code, *capsys.readouterr())
+
+
+def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, capsys):
     out = workdir / "kept_run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     before = hashlib.sha256((out / "notes.txt").read_bytes()).hexdigest()
-    done = fastdpo("dpo", "--config", "dpo.yaml", "--output_dir", "kept_run", cwd=workdir)
+    done = in_process("dpo", "--config", "dpo.yaml", "--output_dir", "kept_run", cwd=workdir, monkeypatch=monkeypatch,
+                      capsys=capsys)  # fmt: skip
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("fastdpo: error:")]
     assert len(errors) == 1 and "Traceback" not in done.stderr  # one line, no traceback
@@ -107,19 +122,10 @@ def test_an_existing_run_directory_is_not_overwritten(workdir):
      ({"dataset_streaming": True}, [], "column 'max_steps': an iterable train dataset has no length")],
 )  # fmt: skip
 def test_bad_configs_fail_with_one_clear_line(workdir, config, flags, expected, monkeypatch, capsys):
-    # in this process (main() prints and returns the status as the command does; argparse's own errors exit): a
-    # subprocess each would spend ~10 s importing; the tests above and below run the command itself
-    from fastdpo.cli import main
-
     path = workdir / "bad.yaml"
     path.write_text(yaml.safe_dump({"model_name_or_path": "model", "dataset_name": "pairs.jsonl",
                                     "output_dir": "bad_run", **config}))  # fmt: skip
-    monkeypatch.chdir(workdir)
-    try:
-        code = main(["dpo", "--config", "bad.yaml", *flags])
-    except SystemExit as stop:
-        code = stop.code
-    done = subprocess.CompletedProcess([], code, *capsys.readouterr())
+    done = in_process("dpo", "--config", "bad.yaml", *flags, cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 2
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("fastdpo: error:") and expected in line, done.stderr[-2000:]
@@ -127,13 +133,13 @@ def test_bad_configs_fail_with_one_clear_line(workdir, config, flags, expected, 
     assert not (workdir / "bad_run").exists()  # nothing written: the fixed config runs without --overwrite
 
 
-def test_a_run_that_fails_on_its_data_writes_nothing(workdir):
+def test_a_run_that_fails_on_its_data_writes_nothing(workdir, monkeypatch, capsys):
     (workdir / "broken.jsonl").write_text('{"question": "q?", "chosen": "a."}\n')  # no rejected column
     path = workdir / "broken.yaml"
     config = {"model_name_or_path": "model", "dataset_name": "broken.jsonl", "dataset_columns": {"prompt": "question"},
               "output_dir": "broken_run"}  # fmt: skip
     path.write_text(yaml.safe_dump(config))
-    done = fastdpo("dpo", "--config", "broken.yaml", cwd=workdir)
+    done = in_process("dpo", "--config", "broken.yaml", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 2 and "rejected" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
     assert not (workdir / "broken_run").exists()
 
