@@ -145,6 +145,14 @@ def test_bad_rows_of_a_stream_fail_where_they_are_read(tmp_path):
     with pytest.raises(DataError, match="row 2, column 'rejected': message 0: no role: a chat template cannot"):
         list(prepare_stream(stream, tokenizer).dataset)
 
+    def rows_without_features():  # a generator's stream: no features, and a row may lack a column
+        yield {"prompt": "a?", "chosen": " b.", "rejected": " c."}
+        yield {"prompt": "d?", "chosen": " e."}
+
+    stream = datasets.IterableDataset.from_generator(rows_without_features)
+    with pytest.raises(DataError, match="row 1, column 'rejected': expected a string like the first row, got None"):
+        list(prepare_stream(stream, tokenizer).dataset)
+
     empty = datasets.Dataset.from_list(rows).to_iterable_dataset().filter(lambda row: False)
     with pytest.raises(DataError, match="the train stream has no rows"):
         prepare_stream(empty, tokenizer)

@@ -158,9 +158,10 @@ def _check_rows(dataset: datasets.Dataset, kind: str) -> None:
 def check_row(example: dict, row: int, kind: str) -> None:
     """The checks of ``_check_rows`` on one row (of a stream, read one row at a time): DataError at its first
     problem, ``row`` naming it."""
-    for name in ("chosen", "rejected", "prompt"):
-        if name in example:
-            _raise_if(value_problem(name, example[name], kind), row, name)
+    for name in ("chosen", "rejected"):  # a row of a stream without features may lack one: None, refused
+        _raise_if(value_problem(name, example.get(name), kind), row, name)
+    if "prompt" in example:
+        _raise_if(value_problem("prompt", example["prompt"], kind), row, "prompt")
     for name in ("system", "input", "context"):
         if name in example:
             _raise_if(_text_problem(example[name]), row, name)
