@@ -325,7 +325,7 @@ def tokenize_sft(
         "chat_template": chat_template,
         "completion_only_loss": completion_only_loss,
         "assistant_only_loss": assistant_only_loss,
-        "window": None if max_length is None else _window(max_length, truncation_mode),
+        "window": None if max_length is None else truncation_window(max_length, truncation_mode),
         "version": _VERSION,
     }
     # the first row alone first: a template without generation markers fails here, before the whole dataset
@@ -391,8 +391,30 @@ def resolve_options(
     return bool(completion_only_loss)
 
 
-def _window(max_length: int, truncation_mode: str) -> tuple[int | None, int | None]:
+def truncation_window(max_length: int, truncation_mode: str) -> tuple[int | None, int | None]:
+    """The slice bounds that keep ``max_length`` tokens: the first (``keep_start``) or the last (``keep_end``)."""
     return (None, max_length) if truncation_mode == "keep_start" else (-max_length, None)
+
+
+def label_masks(column_names, completion_only_loss: bool) -> list[str]:
+    """The mask columns TRL builds a tokenized row's labels from: ``assistant_masks``, and ``completion_mask``
+    under ``completion_only_loss``, where present."""
+    wanted = ("completion_mask", "assistant_masks") if completion_only_loss else ("assistant_masks",)
+    return [c for c in wanted if c in column_names]
+
+
+def labels_from_masks(example: dict, masks: list[str]) -> list[int]:
+    """TRL's labels of a tokenized row: its ``input_ids``, -100 where any of the ``masks`` columns is 0."""
+    bits = [example[c] for c in masks]
+    return [t if all(b) else -100 for t, *b in zip(example["input_ids"], *bits, strict=False)]
+
+
+def cut_to_window(example: dict, *, window: tuple[int | None, int | None]) -> dict:
+    """``input_ids`` and ``labels`` cut to ``window`` (``truncation_window``), and whether a label is left."""
+    cut = slice(*window)
+    labels = example["labels"][cut]
+    return {"input_ids": example["input_ids"][cut], "labels": labels,
+            "_has_labels": any(label != -100 for label in labels)}  # fmt: skip
 
 
 def tokenize_sft_row(

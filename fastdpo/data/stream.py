@@ -41,9 +41,11 @@ from fastdpo.data.formats import (
 from fastdpo.data.schema import missing_column, rename_columns, value_format
 from fastdpo.data.sft import (
     SFT_COLUMNS,
-    SFT_TRUNCATION_MODES,
     chatml_row,
+    cut_to_window,
     is_sharegpt,
+    label_masks,
+    labels_from_masks,
     learned_messages,
     messages_problem,
     no_assistant_error,
@@ -51,6 +53,7 @@ from fastdpo.data.sft import (
     sft_layout,
     sft_row_problem,
     tokenize_sft_row,
+    truncation_window,
 )
 from fastdpo.data.tokenize import (
     check_lengths,
@@ -239,17 +242,13 @@ def prepare_sft_stream(
     if not isinstance(dataset, datasets.IterableDataset):
         raise DataError(f"expected a datasets.IterableDataset, got {type(dataset).__name__}",
                         fix="use prepare_sft and tokenize_sft for a map-style dataset")  # fmt: skip
-    if truncation_mode not in SFT_TRUNCATION_MODES:
-        raise unknown_choice("truncation_mode", truncation_mode, SFT_TRUNCATION_MODES)
-    check_lengths(truncation_mode, max_length, None, None)
-    window = None if max_length is None else ((None, max_length) if truncation_mode == "keep_start"
-                                              else (-max_length, None))  # fmt: skip
+    check_lengths(truncation_mode, max_length, None, None)  # (SFT's truncation modes are the preference ones)
+    window = None if max_length is None else truncation_window(max_length, truncation_mode)
     first = first_row(dataset, name)
     present = list(dataset.column_names or first)
     prepared = PreparedStream(dataset, name=name)
     if "input_ids" in present:  # tokenized: TRL's labels from the masks, then the cut
-        wanted = ("completion_mask", "assistant_masks") if completion_only_loss else ("assistant_masks",)
-        masks = [c for c in wanted if c in present] if "labels" not in present else []
+        masks = None if "labels" in present else label_masks(present, bool(completion_only_loss))
         options = {"masks": masks, "window": window, "prepared": prepared}
         mapped = dataset.map(_tokenized_sft_row, with_indices=True, fn_kwargs=options)
     else:
@@ -307,16 +306,15 @@ def _raw_sft_row(example: dict, index: int, *, source: str | None, sharegpt: boo
     return _keep_if_labelled(out, index, tokenize["window"], prepared)
 
 
-def _tokenized_sft_row(example: dict, index: int, *, masks: list[str], window, prepared: PreparedStream) -> dict:
-    labels = example.get("labels")
-    if labels is None or masks:
-        bits = [example[c] for c in masks]
-        labels = [t if all(b) else -100 for t, *b in zip(example["input_ids"], *bits, strict=False)]
+def _tokenized_sft_row(example: dict, index: int, *, masks: list[str] | None, window,
+                       prepared: PreparedStream) -> dict:  # fmt: skip
+    """``masks`` None: the row's own ``labels`` (every token where a row has none); else TRL's, from those mask
+    columns."""
+    labels = example.get("labels") if masks is None else None
+    labels = labels if labels is not None else labels_from_masks(example, masks or [])
     out = {"input_ids": example["input_ids"], "labels": labels}
     if window is not None:
-        cut = slice(*window)
-        out = {"input_ids": out["input_ids"][cut], "labels": labels[cut]}
-        out["_has_labels"] = any(label != -100 for label in out["labels"])
+        out = cut_to_window(out, window=window)
     return _keep_if_labelled(out, index, window, prepared)
 
 

@@ -40,7 +40,14 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments, set_seed
 
 from fastdpo.data.packing import IGNORE_INDEX, ROW_ATTENTION, PackedBatch, pack_sft, pack_sft_dataset
-from fastdpo.data.sft import prepare_sft, tokenize_sft
+from fastdpo.data.sft import (
+    cut_to_window,
+    label_masks,
+    labels_from_masks,
+    prepare_sft,
+    tokenize_sft,
+    truncation_window,
+)
 from fastdpo.data.stream import first_row, prepare_sft_stream
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model import HeadSpec, packed_body, run_head
@@ -407,8 +414,8 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
 
     def _truncate(self, dataset: datasets.Dataset, args: SFTConfig, name: str) -> datasets.Dataset:
         """Cut ``input_ids``/``labels`` to ``max_length`` and drop the rows left with no label (counted)."""
-        window = (None, args.max_length) if args.truncation_mode == "keep_start" else (-args.max_length, None)
-        dataset = dataset.map(_cut, fn_kwargs={"window": window}, num_proc=args.dataset_num_proc)
+        window = truncation_window(args.max_length, args.truncation_mode)
+        dataset = dataset.map(cut_to_window, fn_kwargs={"window": window}, num_proc=args.dataset_num_proc)
         gone = [i for i, learns in enumerate(dataset["_has_labels"]) if not learns]
         if gone:
             self.dropped_rows[name] = {"no_labels_after_truncation": gone}
@@ -548,21 +555,9 @@ def _label_tokenized(dataset: datasets.Dataset, completion_only_loss: bool, num_
     names = dataset.column_names
     if "labels" in names:
         return dataset
-    wanted = ("completion_mask", "assistant_masks") if completion_only_loss else ("assistant_masks",)
-    masks = [c for c in wanted if c in names]
-
-    def labels(example: dict) -> dict:
-        bits = [example[c] for c in masks]
-        return {"labels": [t if all(b) else IGNORE_INDEX for t, *b in zip(example["input_ids"], *bits, strict=False)]}
-
-    return dataset.map(labels, remove_columns=masks, num_proc=num_proc)
-
-
-def _cut(example: dict, *, window: tuple[int | None, int | None]) -> dict:
-    cut = slice(*window)
-    labels = example["labels"][cut]
-    has_labels = any(label != IGNORE_INDEX for label in labels)
-    return {"input_ids": example["input_ids"][cut], "labels": labels, "_has_labels": has_labels}
+    masks = label_masks(names, completion_only_loss)
+    return dataset.map(lambda example: {"labels": labels_from_masks(example, masks)}, remove_columns=masks,
+                       num_proc=num_proc)  # fmt: skip
 
 
 def _check_dataset(dataset, name: str) -> list[str]:
