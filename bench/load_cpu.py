@@ -160,7 +160,8 @@ def _stage(records: list, sampler: RssSampler, name: str, rows: int, fn):
     return out
 
 
-def _tiny_trainer(tokenizer, dataset, *, out: Path, batch_size: int, max_length: int, num_proc: int | None):
+def _tiny_trainer(tokenizer, dataset, *, out: Path, batch_size: int, max_length: int, num_proc: int | None,
+                  max_steps: int = -1):  # fmt: skip
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -172,7 +173,7 @@ def _tiny_trainer(tokenizer, dataset, *, out: Path, batch_size: int, max_length:
                          attn_implementation="sdpa")  # fmt: skip
     args = DPOConfig(output_dir=str(out), per_device_train_batch_size=batch_size, max_length=max_length,
                      report_to=[], save_strategy="no", bf16=False, use_cpu=True, seed=0, disable_tqdm=True,
-                     dataset_num_proc=num_proc, gradient_checkpointing=False)  # fmt: skip
+                     dataset_num_proc=num_proc, gradient_checkpointing=False, max_steps=max_steps)  # fmt: skip
     return DPOTrainer(LlamaForCausalLM(config), args=args, train_dataset=dataset, processing_class=tokenizer)
 
 

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.load_cpu import RESULTS, ROOT, THREAD_VARIABLES, _epoch, _pin_threads, train_tokenizer, write_pairs
+from bench.load_cpu import RESULTS, ROOT, _epoch, _pin_threads, _tiny_trainer, _worker_env, train_tokenizer, write_pairs
 from bench.rss import RssSampler, status_kib
 
 MIB = 2**20
@@ -37,21 +37,11 @@ WAYS = ("map-style", "stream")
 
 
 def _trainer(way: str, data: Path, tokenizer, *, out: Path, batch_size: int, max_length: int, steps: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from fastdpo.data import load_data, load_stream
-    from fastdpo.train import DPOConfig, DPOTrainer
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                         attn_implementation="sdpa")  # fmt: skip
-    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=batch_size, max_length=max_length,
-                     max_steps=steps, report_to=[], save_strategy="no", bf16=False, use_cpu=True, seed=0,
-                     disable_tqdm=True, gradient_checkpointing=False)  # fmt: skip
     dataset = load_data(str(data)) if way == "map-style" else load_stream(str(data))
-    return DPOTrainer(LlamaForCausalLM(config), args=args, train_dataset=dataset, processing_class=tokenizer)
+    return _tiny_trainer(tokenizer, dataset, out=out, batch_size=batch_size, max_length=max_length, num_proc=None,
+                         max_steps=steps)  # fmt: skip
 
 
 def _pass(loader, first_batch_at: list) -> dict:
@@ -122,8 +112,7 @@ def run(way: str, data: Path, tokenizer_dir: Path, tmp: Path, *, rows: int, batc
 
     cache = tmp / f"hf_datasets_{way}"
     cache.mkdir(exist_ok=True)
-    env = dict(os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads)), TOKENIZERS_PARALLELISM="true",
-               HF_DATASETS_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))  # fmt: skip
+    env = {**_worker_env(tmp, threads), "HF_DATASETS_CACHE": str(cache)}  # a cache of its own, to measure
     command = [sys.executable, "-m", "bench.stream_cpu", "--worker", way, "--data", str(data), "--tokenizer",
                str(tokenizer_dir), "--cache", str(cache), "--rows", str(rows), "--batch-size", str(batch_size),
                "--max-length", str(max_length)]  # fmt: skip
