@@ -61,13 +61,7 @@ def load_stream(source, *, split: str = "train") -> datasets.IterableDataset:
                         fix="pass a datasets.IterableDataset or Dataset, a local file or a hub name")  # fmt: skip
     path = Path(source)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise DataError(
-                f"{path}: no such file", fix="check the path (relative paths start from the current folder)"
-            )
-        kind = LOCAL_SUFFIXES.get(path.suffix.lower())
-        if kind is None:
-            raise DataError(f"{path}: unknown file type {path.suffix!r}", fix="use .jsonl, .json, .parquet or .csv")
+        kind = _local_kind(path)
         return datasets.load_dataset(kind, data_files={split: str(path)}, split=split, streaming=True)
     return datasets.load_dataset(str(source), split=split, streaming=True)
 
@@ -99,12 +93,19 @@ def _pick_split(data: datasets.DatasetDict, split: str, name: str) -> datasets.D
     return data[split]
 
 
-def _load_local(path: Path, split: str | None):
+def _local_kind(path: Path) -> str:
+    """The ``datasets`` builder of a local file (``json``, ``parquet``, ``csv``); DataError when there is no such
+    file or its suffix is none of ours."""
     if not path.is_file():
         raise DataError(f"{path}: no such file", fix="check the path (relative paths start from the current folder)")
     kind = LOCAL_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unknown file type {path.suffix!r}", fix="use .jsonl, .json, .parquet or .csv")
+    return kind
+
+
+def _load_local(path: Path, split: str | None):
+    kind = _local_kind(path)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty", fix="point to a file with at least one row")
     if kind == "json":
