@@ -31,7 +31,9 @@ class RunFiles(TrainerCallback):
         if state.global_step > 0 and self.metrics.is_file():  # resumed: the logs up to its checkpoint's step stay,
             for line in self.metrics.read_text().splitlines():  # those after it are logged again
                 with contextlib.suppress(ValueError):  # a line a killed run left half-written
-                    if json.loads(line)["step"] <= state.global_step:
+                    log = json.loads(line)
+                    # a stopped run's end-of-training summary (at the step it saved) goes: the resumed run logs its own
+                    if log["step"] <= state.global_step and "train_runtime" not in log:
                         kept.append(line + "\n")
         from fastdpo.atomic import atomic_write
 

@@ -134,6 +134,9 @@ def assert_unfinished(out: Path) -> None:
 
 
 def assert_same_run(command: str, resumed: Path, straight: Path) -> None:
+    # one end-of-training summary, the last line: a stopped run's own summary is not kept on resume
+    assert ["train_runtime" in log for log in logs(resumed)][-2:] == [False, True]
+    assert sum("train_runtime" in log for log in logs(resumed)) == 1
     ours, theirs = train_steps(resumed), train_steps(straight)
     assert [log["step"] for log in ours] == [log["step"] for log in theirs] == list(range(1, MAX_STEPS + 1))
     for a, b in zip(theirs, ours, strict=True):
