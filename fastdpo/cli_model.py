@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 
@@ -93,6 +94,26 @@ def _bnb(run_args: AdapterArguments, model_init_kwargs: dict | None):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute,
                               bnb_4bit_quant_type=run_args.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=run_args.use_bnb_nested_quant)  # fmt: skip
+
+
+def run_quantization(run_dir: Path):
+    """``(BitsAndBytesConfig, key)`` the ``fastdpo dpo|sft`` run saved in ``run_dir`` loaded its base with (its
+    ``config.yaml``'s ``load_in_4bit``/``load_in_8bit`` and the keys beside them), or ``(None, None)``: a folder no
+    run wrote, or a run that did not quantize."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None, None
+    import yaml
+
+    keys = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(keys, dict) or not (keys.get("load_in_4bit") or keys.get("load_in_8bit")):
+        return None, None
+    run_args = AdapterArguments(**{f.name: keys[f.name] for f in fields(AdapterArguments) if f.name in keys})
+    key = "load_in_4bit" if run_args.load_in_4bit else "load_in_8bit"
+    try:
+        return peft_and_quantization(run_args, keys.get("model_init_kwargs"))[1], key
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error.message}", column=error.column, fix=error.fix) from error
 
 
 def streamed_splits(command: str, run_args) -> tuple:

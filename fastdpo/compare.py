@@ -1,7 +1,7 @@
 """The policy against its reference, answer by answer: ``fastdpo compare``.
 
     fastdpo compare --policy DIR --reference DIR [--prompts builtin|quickstart|FILE] [--pairs FILE]
-                    [--samples 4] [--max-new-tokens 48] [--beta 0.1] [--out DIR] [--overwrite]
+                    [--samples 4] [--max-new-tokens 48] [--beta 0.1] [--out DIR] [--overwrite] [--unquantized]
 
 For every prompt, each model's greedy answer (and ``--samples`` sampled answers of the policy), with:
 
@@ -19,8 +19,9 @@ For every prompt, each model's greedy answer (and ``--samples`` sampled answers 
 ``builtin`` prompts are edge cases: empty, one character, near the model's context length, Chinese and mixed
 script, emoji, code, a prompt-injection attempt, a repeated token, a multi-turn conversation (rendered with the
 tokenizer's chat template when it has one). A prompt too long for the context keeps its last tokens, and the
-report says so. Output in ``--out``: ``compare.json``, ``compare.md`` and ``compare.html`` (one self-contained
-page, its plots inline).
+report says so. A QLoRA run's folder (``load_in_4bit``/``load_in_8bit`` in its ``config.yaml``) loads its base, and
+the reference, quantized as the run loaded its base: the reference it trained against. Output in ``--out``:
+``compare.json``, ``compare.md`` and ``compare.html`` (one self-contained page, its plots inline).
 """
 
 from __future__ import annotations
@@ -410,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N prompts")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
+    parser.add_argument("--unquantized", action="store_true", help="load a QLoRA run's base and reference in full "
+                        "precision (default: quantized as the run loaded its base, from its config.yaml)")  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     refuse_non_empty(
@@ -420,13 +423,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fastdpo.cli_model import run_quantization
+
+    # a QLoRA run trained on its base quantized, against that quantized base: both are loaded so again (and fit so)
+    quantization, key = (None, None) if args.unquantized else run_quantization(args.policy)
+    if quantization is not None:
+        bits = 4 if key == "load_in_4bit" else 8
+        print(f"loading the policy's base and the reference in {bits} bits, as the run loaded its base "
+              f"({args.policy / 'config.yaml'}: {key}; --unquantized to load them in full precision)")  # fmt: skip
     models = []
     for name, folder in (("--policy", args.policy), ("--reference", args.reference)):
         if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
             raise ConfigError(f"{folder} holds no model (no config.json, no adapter_config.json)", column=name,
                               fix="pass the folder a trainer saved (save_pretrained)")  # fmt: skip
         try:  # a LoRA run's folder holds its adapter: transformers loads the base it names, then the adapter
-            models.append(AutoModelForCausalLM.from_pretrained(folder))
+            quantized = {} if quantization is None else {"quantization_config": quantization}
+            models.append(AutoModelForCausalLM.from_pretrained(folder, **quantized))
         except (OSError, ValueError) as error:
             fix = "pass the folder a trainer saved (save_pretrained)"
             if (folder / "adapter_config.json").is_file():

@@ -149,3 +149,53 @@ def test_compare_loads_a_lora_runs_adapter_folder_and_names_a_missing_base(tmp_p
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert cli([*common, "--reference", "moved", "--out", "out2"]) == 2
     assert "base_model_name_or_path" in capsys.readouterr().err
+
+
+def test_compare_loads_a_qlora_runs_base_and_reference_quantized(tmp_path, capsys, monkeypatch):
+    # a QLoRA run trained on its base in 4 bits, against that base in 4 bits: compare loads both so (and --unquantized
+    # in full precision). bitsandbytes' 4-bit layers run on a CPU.
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    tokenizer = build_tiny_tokenizer()
+    monkeypatch.chdir(tmp_path)
+    tiny_llama(tokenizer, 0).float().save_pretrained("base")
+    tokenizer.save_pretrained("base")
+    four_bits = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
+    adapted = peft.get_peft_model(LlamaForCausalLM.from_pretrained("base", quantization_config=four_bits),
+                                  peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    adapted.save_pretrained("run")
+    tokenizer.save_pretrained("run")
+    # the keys a `fastdpo dpo --use_peft --load_in_4bit` run writes to its config.yaml (with many others)
+    (tmp_path / "run" / "config.yaml").write_text("use_peft: true\nload_in_4bit: true\nbnb_4bit_quant_type: nf4\n"
+                                                  "model_init_kwargs: null\nbeta: 0.25\n")  # fmt: skip
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in CONVERSATIONAL))
+    common = ["compare", "--policy", "run", "--reference", "base", "--limit", "1", "--samples", "0",
+              "--max-new-tokens", "2", "--pairs", "pairs.jsonl"]  # fmt: skip
+    assert cli([*common, "--out", "out"]) == 0
+    assert "in 4 bits, as the run loaded its base (run/config.yaml: load_in_4bit" in capsys.readouterr().out
+    assert cli([*common, "--out", "full", "--unquantized"]) == 0
+    reported, full = (json.loads((tmp_path / d / "compare.json").read_text())["pairs"] for d in ("out", "full"))
+    policy = LlamaForCausalLM.from_pretrained("run", quantization_config=four_bits)
+    reference = LlamaForCausalLM.from_pretrained("base", quantization_config=four_bits)
+    assert {type(model.model.layers[0].mlp.up_proj).__name__ for model in (policy, reference)} == {"Linear4bit"}
+    # the same 4-bit models, loaded here: equal up to fp32 sums of ~10 tokens
+    assert reported == pytest.approx(pair_metrics(policy, reference, tokenizer, CONVERSATIONAL, beta=0.1), rel=1e-5)
+    policy, reference = LlamaForCausalLM.from_pretrained("run"), LlamaForCausalLM.from_pretrained("base")
+    assert full == pytest.approx(pair_metrics(policy, reference, tokenizer, CONVERSATIONAL, beta=0.1), rel=1e-5)
+    # and the 4-bit report is not the full-precision one: NF4 moves this tiny model's (near-uniform) log-probs by
+    # 1e-3 to 1e-2 (measured: chosen under the policy -25.146 vs -25.133, margin -0.0046 vs -0.0082), far past the
+    # 2.5e-4 that the agreement above allows
+    assert abs(reported["logps_chosen_policy"] - full["logps_chosen_policy"]) > 1e-3
+    assert abs(reported["reward_margin"] - full["reward_margin"]) > 1e-3
+    # a config.yaml the run could not have trained with: one line naming the file and the key
+    (tmp_path / "run" / "config.yaml").write_text("use_peft: true\nload_in_4bit: true\nbnb_4bit_quant_type: nf5\n")
+    capsys.readouterr()
+    assert cli([*common, "--out", "bad"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "column 'bnb_4bit_quant_type'" in err and "run/config.yaml" in err and "'nf4' or 'fp4'" in err, err
