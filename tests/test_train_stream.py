@@ -127,6 +127,29 @@ def test_each_pass_over_a_stream_counts_its_drops_again():
                                   "the stream counts its rows again)")  # fmt: skip
 
 
+def test_drops_in_dataloader_workers_are_logged_there_and_the_summary_says_so(tmp_path, capfd, caplog):
+    # a worker reads its own copy of the prepared stream: it logs its first drop of each kind (to stderr, from its
+    # process), and the trainer's summary says that its own counts miss those rows rather than report none
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    handler = logging.StreamHandler()  # stderr, which the worker's process shares
+    logging.getLogger("fastdpo").addHandler(handler)
+    try:
+        args = DPOConfig(**{**common_args(tmp_path, "workers"), "dataloader_num_workers": 1})
+        trainer = DPOTrainer(model=load(), ref_model=load(), args=args, processing_class=tokenizer,
+                             train_dataset=stream_file(streamed_pairs(tmp_path, "standard")))  # fmt: skip
+        with caplog.at_level(logging.WARNING, logger="fastdpo"):
+            trainer.train()
+    finally:
+        logging.getLogger("fastdpo").removeHandler(handler)
+    assert "dataloader worker 0: train stream: row 3 of the shards it reads dropped (prompt_fills_max_length" in (
+        capfd.readouterr().err
+    )
+    assert trainer.dropped_rows["train"] == {}  # counted in the worker, not here
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("1 dataloader worker(s) read the stream(s)") for m in messages), messages
+
+
 def test_bad_rows_of_a_stream_fail_where_they_are_read(tmp_path):
     tokenizer = build_tiny_tokenizer()
     rows = synthetic_pairs(150).to_list()

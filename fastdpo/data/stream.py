@@ -28,6 +28,7 @@ import logging
 from dataclasses import dataclass, field
 
 import datasets
+import torch.utils.data
 
 from fastdpo.data.formats import (
     DEFAULT_INPUT_TEMPLATE,
@@ -85,8 +86,15 @@ class PreparedStream:
         rows.append(row)
         if len(rows) == 1:
             what = "dropped" if kind == "dropped" else "trained on as it is"
-            logger.warning("%s stream: row %d %s (%s: %s); further such rows are counted in dropped_rows/flagged_rows "
-                           "and summed up when training ends", self.name, row, what, reason, why)  # fmt: skip
+            worker = torch.utils.data.get_worker_info()
+            if worker is None:
+                logger.warning("%s stream: row %d %s (%s: %s); further such rows are counted in dropped_rows/"
+                               "flagged_rows and summed up when training ends", self.name, row, what, reason,
+                               why)  # fmt: skip
+            else:  # a copy of this object in a dataloader worker's process: its counts stay there
+                logger.warning("dataloader worker %d: %s stream: row %d of the shards it reads %s (%s: %s); this "
+                               "worker counts further such rows, the trainer's dropped_rows does not see them",
+                               worker.id, self.name, row, what, reason, why)  # fmt: skip
 
     def summary(self) -> str | None:
         """One line of what was dropped and flagged, None when nothing was."""

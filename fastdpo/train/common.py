@@ -390,9 +390,15 @@ def check_stream_args(args, name: str, *, cached_reference: bool = False) -> Non
         logger.info("balance_ranks does not apply to an iterable dataset: its lengths are not known ahead")
 
 
-def report_streams(streams) -> None:
-    """One warning per prepared stream that dropped or flagged rows (``PreparedStream.summary``)."""
+def report_streams(streams, workers: int = 0) -> None:
+    """One warning per prepared stream that dropped or flagged rows (``PreparedStream.summary``); with dataloader
+    ``workers``, one more: the rows they read were counted in their processes, not in these summaries."""
     for stream in streams:
         summary = stream.summary()
         if summary:
             logger.warning("%s", summary)
+    if streams and workers > 0:
+        logger.warning("%d dataloader worker(s) read the stream(s): each counted the rows it dropped or flagged "
+                       "and logged the first of each kind (lines starting 'dataloader worker'); dropped_rows and "
+                       "the summaries here do not hold them (dataloader_num_workers=0 counts them here)",
+                       workers)  # fmt: skip

@@ -253,7 +253,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         try:
             return super().train(*args, **kwargs)
         finally:
-            report_streams(self._streams)
+            report_streams(self._streams, self.args.dataloader_num_workers)
 
     def _set_signature_columns_if_needed(self) -> None:
         # the columns the collator reads (the Trainer drops the others when remove_unused_columns is on)

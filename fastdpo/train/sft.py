@@ -437,7 +437,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
         try:
             return super().train(*args, **kwargs)
         finally:
-            report_streams(self._streams)
+            report_streams(self._streams, self.args.dataloader_num_workers)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
