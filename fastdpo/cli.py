@@ -3,7 +3,7 @@
     fastdpo dpo --config run.yaml [--beta 0.2 ...] [--overwrite] [--debug]
     fastdpo sft --config run.yaml [...]
     fastdpo env [--json]
-    fastdpo data check|stats DATA [--columns JSON] [--tokenizer T] [--max-length N] [--json]
+    fastdpo data check|stats DATA [--columns JSON] [--tokenizer T] [--max-length N] [--json] [--limit N]
     fastdpo data filter DATA OUT [--drop REASONS] [--where 'chosen_score >= 8']
     fastdpo data pairs DATA OUT [--strategy best_vs_worst] [--margin M]     (rated completions → pairs)
     fastdpo data split DATA TRAIN_OUT EVAL_OUT [--test-size 0.1] [--seed 0] (held out by prompt)
@@ -165,6 +165,8 @@ def _parser() -> argparse.ArgumentParser:
             action.add_argument("--tokenizer", help="a tokenizer folder or hub name: token statistics")
             action.add_argument("--max-length", type=int, help="with --tokenizer: flag rows that would be cut")
             action.add_argument("--json", action="store_true")
+            action.add_argument("--limit", type=int, help="only the first N rows, streamed: a large file or hub "
+                                "dataset is not read whole (duplicates are then found among those rows)")  # fmt: skip
         if name == "filter":
             action.add_argument("--drop", help="comma-separated reasons to drop (default: every 'drop' reason)")
             action.add_argument("--where", help="keep only rows where '<column> <op> <value>' holds")
@@ -381,7 +383,8 @@ def _loaded_splits(command: str, run_args: RunArguments, seed: int):
 def _data(known: argparse.Namespace) -> int:
     from fastdpo.data import build_pairs, check_preferences, load_data, split_by_prompt
 
-    dataset = load_data(known.data)
+    limit = getattr(known, "limit", None)
+    dataset = load_data(known.data) if limit is None else _first_rows(known.data, limit)
     if getattr(known, "columns", None):
         dataset = _mapped(dataset, known.columns)
     if known.action in ("check", "stats"):
@@ -419,6 +422,19 @@ def _data(known: argparse.Namespace) -> int:
     _write(held_out, known.eval_out, known, summary)
     print(f"train {len(train)} rows, eval {len(held_out)} rows; no prompt in both")
     return 0
+
+
+def _first_rows(source: str, limit: int):
+    """The first ``limit`` rows of ``source`` (read as a stream, so no further), as a Dataset."""
+    from fastdpo.data.load import as_dataset, load_stream
+
+    if limit < 1:
+        raise ConfigError(f"must be at least 1, got {limit}", column="--limit", fix="pass a number of rows")
+    rows = list(load_stream(source).take(limit))
+    if not rows:
+        raise DataError(f"{source} has no rows", column="data", fix="check the file or the split")
+    print(f"fastdpo: the first {len(rows)} rows of {source} (--limit {limit})", file=sys.stderr)
+    return as_dataset(rows)
 
 
 def _mapped(dataset, columns: dict):

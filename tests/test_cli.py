@@ -249,6 +249,20 @@ def test_data_check_and_stats(workdir, data_cli):
     assert stats.returncode == 0, stats.stderr[-2000:]
     lengths = json.loads(stats.stdout)
     assert lengths["pairs"] == 23 and lengths["tokens"]["chosen"]["max"] >= lengths["tokens"]["chosen"]["min"] > 0
+    # --limit: the first N rows, read as a stream: a broken line 26 MB on is never reached (datasets' JSON stream
+    # reads 10 MiB blocks, here two; loading the file whole fails on it)
+    lines = (workdir / "pairs.jsonl").read_text().splitlines(keepends=True)
+    (workdir / "broken_tail.jsonl").write_text("".join(lines) * 10_000 + "{not json\n")  # 26 MB
+    limited = data_cli("check", "broken_tail.jsonl", *MAPPED, "--json", "--limit", "10")
+    assert limited.returncode == 0, limited.stderr[-2000:]
+    assert "the first 10 rows of broken_tail.jsonl (--limit 10)" in limited.stderr
+    report = json.loads(limited.stdout)
+    assert report["num_rows"] == 10 and report["rows"]["identical"] == [5]
+    assert json.loads(data_cli("stats", "pairs.jsonl", *MAPPED, "--json", "--limit", "100").stdout)["pairs"] == 23
+    whole = data_cli("check", "broken_tail.jsonl", *MAPPED, "--json")
+    assert whole.returncode != 0 and "broken_tail.jsonl" in whole.stderr, whole.stderr[-2000:]
+    refused = data_cli("check", "pairs.jsonl", "--limit", "0")
+    assert refused.returncode == 2 and "column '--limit': must be at least 1" in refused.stderr
 
 
 def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_cli):
