@@ -31,6 +31,7 @@ SUITES = {
         "memory_model": "the head op's memory per approach from formulas, against the measured peaks",
         "load_cpu": "200k pairs through check, tokenize and packing (peak RSS); RSS over 500 tiny training steps",
         "stream_cpu": "200k pairs trained on as a stream against loaded first: first batch, memory, cache on disk",
+        "kl_estimate_cpu": "compare's KL estimate against the plain Monte-Carlo one: spread over seeds",
     },
     "gpu": {"gpu.sh": "gpu tests, head op (with cut-cross-entropy and Liger FLCE), end-to-end DPO, on a CUDA GPU"},
 }

@@ -10,8 +10,8 @@ and evaluation rows are computed by the first run and read from disk by the othe
 
 Per β, on the held-out pairs: reward accuracy and margin, the chosen answers' log-probability under the policy
 (``logps/chosen``, the mean over pairs of each answer's sum) against the reference's, and a KL estimate (the mean
-over the policy's own samples, ``--samples`` per prompt on ``--kl-prompts`` held-out prompts, of
-``log π − log π_ref``; ``fastdpo.compare``).
+over the policy's own samples, ``--samples`` per prompt on ``--kl-prompts`` held-out prompts, of the next-token
+distributions' KL summed along each; ``fastdpo.compare``).
 
 The rule: among the β whose held-out chosen NLL rose by less than ``--nll-rise`` (a fraction of the reference's),
 the one with the highest held-out reward accuracy (ties: the larger margin). If none qualifies, the β whose NLL

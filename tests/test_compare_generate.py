@@ -1,12 +1,16 @@
 """``fastdpo compare``'s generation with the model's KV cache: the same answers as running the whole sequence at
-every step (the way it generated before), greedy and sampled, and for a model that returns no cache."""
+every step (the way it generated before), greedy and sampled, and for a model that returns no cache. Its KL
+estimate: unbiased, checked against the exact KL of the answers it samples, enumerated."""
 
 from __future__ import annotations
 
-import torch
-from test_model_packed import make_model
+from types import SimpleNamespace
 
-from fastdpo.compare import _generate
+import pytest
+import torch
+from test_model_packed import VOCAB, make_model
+
+from fastdpo.compare import _generate, _scores, compare
 
 
 def uncached(model, ids, *, max_new_tokens, eos, sample, generator=None):
@@ -66,3 +70,52 @@ def test_an_answer_stops_at_eos_and_a_model_without_a_cache_still_generates(monk
     monkeypatch.setattr(model, "forward", no_cache)
     assert _generate(model, [5, 9, 14], max_new_tokens=6, eos=-1, sample=False) == first
     assert calls == [3, 4, 5, 6, 7, 8]
+
+
+def peaked_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    # two fp64 models whose next-token distributions are peaked and differ (a random tiny model's are near uniform)
+    policy, reference = make_model("llama").double(), make_model("llama").double()
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(40)
+        reference.lm_head.weight.mul_(40).add_(torch.randn_like(reference.lm_head.weight, dtype=torch.float64))
+    return policy, reference
+
+
+def next_token_log_probs(model, prefixes: list[list[int]]) -> torch.Tensor:
+    with torch.no_grad():  # one batch of equal-length prefixes, the last position's distribution
+        return model(input_ids=torch.tensor(prefixes)).logits[:, -1].log_softmax(-1)
+
+
+def test_the_kl_estimate_averages_to_the_exact_kl_of_the_answers_it_samples():
+    # answers of up to 2 tokens, stopping at EOS: KL(π ‖ π_ref) over them, exactly, by enumerating the first token
+    policy, reference = peaked_pair()
+    prompt, eos = [5, 9, 14], 7
+    p1, r1 = (next_token_log_probs(m, [prompt])[0] for m in (policy, reference))
+    seconds = [[*prompt, t] for t in range(VOCAB)]
+    p2, r2 = next_token_log_probs(policy, seconds), next_token_log_probs(reference, seconds)
+    step2 = (p2.exp() * (p2 - r2)).sum(-1)  # the second token's KL after each first token
+    step2[eos] = 0.0  # an answer ends at EOS
+    exact = float((p1.exp() * (p1 - r1)).sum() + (p1.exp() * step2).sum())
+    assert exact > 0.1  # 0.31 nats, far from zero: the check below could not pass by both being ~0
+    # the estimate of one answer is Σ_t KL of its next-token distributions; its expectation over the answers the
+    # policy samples (the first token weighted by π; the second token does not change it) is the exact KL
+    answers = [[t] if t == eos else [t, 3] for t in range(VOCAB)]
+    estimates = torch.tensor([_scores(policy, reference, prompt, answer)[1] for answer in answers], dtype=torch.float64)
+    # fp64 sums over 160 tokens: agreement to ~1e-13; 1e-9 leaves room
+    assert float((p1.exp() * estimates).sum()) == pytest.approx(exact, rel=1e-9)
+    # and the log-ratio of an answer is its log π − log π_ref
+    ratio, _ = _scores(policy, reference, prompt, [11, 3])
+    assert ratio == pytest.approx(float(p1[11] - r1[11] + p2[11, 3] - r2[11, 3]), rel=1e-9)
+
+
+def test_compare_reports_the_mean_of_its_samples_kl():
+    # one-token answers: every sample's estimate is the exact KL of the first token's distribution, whatever it drew
+    policy, reference = peaked_pair()
+    tokenizer = SimpleNamespace(eos_token_id=7, bos_token_id=1, chat_template=None, decode=lambda ids: str(ids))
+    prompts = [("a", [5, 9, 14]), ("b", [20, 21])]
+    rows = compare(policy, reference, tokenizer, prompts, samples=3, max_new_tokens=1, beta=0.5)
+    for (_, prompt), row in zip(prompts, rows, strict=True):
+        p1, r1 = (next_token_log_probs(m, [prompt])[0] for m in (policy, reference))
+        exact = float((p1.exp() * (p1 - r1)).sum())
+        assert len(row.samples) == 3 and row.kl_estimate == pytest.approx(exact, rel=1e-9)
+        assert all(answer.kl == pytest.approx(exact, rel=1e-9) for answer in row.samples)
