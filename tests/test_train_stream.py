@@ -184,6 +184,59 @@ def test_bad_rows_of_a_stream_fail_where_they_are_read(tmp_path):
                        .to_iterable_dataset(), tokenizer)  # fmt: skip
 
 
+def generated(rows: list[dict]):
+    """A generator's stream: no features, and a row may lack a column another row has."""
+    return datasets.IterableDataset.from_generator(lambda: iter(rows))
+
+
+def test_rows_that_lack_a_renamed_column_read_as_map_style_rows_do(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    # a score alias (score_chosen → chosen_score) that a later row lacks: None there, as in a map-style dataset
+    rows = [{"prompt": "a?", "chosen": " b.", "rejected": " c.", "score_chosen": 9.0},
+            {"prompt": "d?", "chosen": " e.", "rejected": " f."}]  # fmt: skip
+    expected = tokenize_preferences(prepare_preferences(rows), tokenizer).dataset
+    got = list(prepare_stream(generated(rows), tokenizer).dataset)
+    assert [{name: row[name] for name in TOKENS} for row in got] == expected.select_columns(list(TOKENS)).to_list()
+    assert [row["chosen_score"] for row in got] == [9.0, None] and "score_chosen" not in got[0]
+    # a mapped column a later row lacks: the row's one DataError, where the map-style path finds it
+    mapped = [{"prompt": "a?", "good": " b.", "rejected": " c."}, {"prompt": "d?", "rejected": " f."}]
+    with pytest.raises(DataError) as map_style:
+        prepare_preferences(mapped, columns={"chosen": "good"})
+    with pytest.raises(DataError) as streamed:
+        list(prepare_stream(generated(mapped), tokenizer, columns={"chosen": "good"}).dataset)
+    assert (streamed.value.row, streamed.value.column) == (map_style.value.row, map_style.value.column) == (1, "chosen")
+    # a column map that moves "input" (itself a column joined into the prompt) does not join it a second time
+    inputs = [{"input": "What is 2+2?", "chosen": " 4", "rejected": " 5"}]
+    expected = tokenize_preferences(prepare_preferences(inputs, columns={"prompt": "input"}), tokenizer).dataset
+    got = list(prepare_stream(generated(inputs), tokenizer, columns={"prompt": "input"}).dataset)
+    assert got[0]["prompt_ids"] == expected[0]["prompt_ids"]
+
+
+def test_interleaved_streams_whose_columns_differ_train_as_in_trl(tmp_path):
+    # datasets' batched map joins the sources' Arrow tables and fails when their columns differ in set or order;
+    # the stream is normalized row by row first
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    rows = synthetic_pairs(12).to_list()
+
+    def interleaved():
+        plain = datasets.Dataset.from_list(rows[:6]).to_iterable_dataset()
+        reordered = [{"source": "b", "rejected": r["rejected"], "chosen": r["chosen"], "prompt": r["prompt"]}
+                     for r in rows[6:]]  # fmt: skip
+        other = datasets.Dataset.from_list(reordered).to_iterable_dataset()
+        return datasets.interleave_datasets([plain, other])
+
+    order = [row["prompt"] for row in interleaved()]
+    expected = tokenize_preferences(prepare_preferences([next(r for r in rows if r["prompt"] == p) for p in order]),
+                                    tokenizer, max_length=64).dataset  # fmt: skip
+    got = list(prepare_stream(interleaved(), tokenizer, max_length=64).dataset)
+    assert [{name: row[name] for name in TOKENS} for row in got] == expected.select_columns(list(TOKENS)).to_list()
+    _, theirs, _ = run(trl.DPOTrainer, trl.DPOConfig, load, tokenizer, tmp_path, "trl", interleaved(),
+                       eval_strategy="no")  # fmt: skip
+    _, ours, _ = run(DPOTrainer, DPOConfig, load, tokenizer, tmp_path, "ours", interleaved(), eval_strategy="no")
+    assert_first_steps_match(ours, theirs)
+
+
 def test_what_a_stream_cannot_do_is_refused_with_the_option_to_change(tmp_path):
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
@@ -260,10 +313,23 @@ def sft_model(tokenizer, tmp_path):
 
 
 def test_sft_streams_are_checked_row_by_row_and_refuse_what_they_cannot_do(tmp_path):
+    from fastdpo.data import prepare_sft, tokenize_sft
     from fastdpo.data.stream import prepare_sft_stream
     from fastdpo.train import SFTConfig, SFTTrainer
 
     tokenizer = build_tiny_tokenizer()
+    # a row that lacks the layout's column: the map-style path's DataError at that row, not a KeyError
+    lacking = {"text": [{"text": "hello there"}, {"other": "x"}],
+               "messages": [{"messages": [{"role": "user", "content": "hi"}]}, {"other": "x"}],
+               "sharegpt": [{"conversations": [{"from": "human", "value": "hi"}]}, {"other": "x"}],
+               "prompt_completion": [{"prompt": "a", "completion": " b"}, {"prompt": "c"}]}  # fmt: skip
+    for layout, rows in lacking.items():
+        with pytest.raises(DataError) as map_style:
+            tokenize_sft(prepare_sft(rows), tokenizer)
+        with pytest.raises(DataError) as streamed:
+            list(prepare_sft_stream(generated(rows), tokenizer).dataset)
+        assert streamed.value.row == map_style.value.row == 1, layout
+        assert streamed.value.column == map_style.value.column, (layout, str(streamed.value), str(map_style.value))
     sharegpt = [{"conversations": [{"from": "user", "value": f"question {i}"}, {"from": "assistant", "value": "ok"}]}
                 for i in range(5)]  # fmt: skip
     sharegpt[2]["conversations"] = [{"from": "user", "value": "no answer"}, {"from": "assistant"}]
@@ -279,3 +345,24 @@ def test_sft_streams_are_checked_row_by_row_and_refuse_what_they_cannot_do(tmp_p
     with pytest.raises(ConfigError, match="column 'max_steps': an iterable train dataset has no length"):
         SFTTrainer(sft_model(tokenizer, tmp_path)(), args=args, train_dataset=texts.rename_column("body", "text"),
                    processing_class=tokenizer)  # fmt: skip
+
+
+def test_an_sft_eval_set_keyed_train_is_evaluated_as_an_eval_set(tmp_path):
+    # eval_dataset={"train": ...}: named eval_train (as DPOTrainer names it), not taken for the train set's checks
+    # and counts; evaluated as TRL evaluates it
+    from test_train_sft import prompt_completion_rows, train
+
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = sft_model(tokenizer, tmp_path)
+    evals = lambda: {"train": prompt_completion_rows(6, seed=9).to_iterable_dataset()}  # noqa: E731
+    data = prompt_completion_rows(12)
+    trainer, ours = train(SFTTrainer, SFTConfig, load, data.to_iterable_dataset(), tokenizer, tmp_path, "ours",
+                          eval_data=evals(), packing=False)  # fmt: skip
+    _, theirs = train(trl.SFTTrainer, trl.SFTConfig, load, data.to_iterable_dataset(), tokenizer, tmp_path, "trl",
+                      eval_data=evals(), packing=False)  # fmt: skip
+    assert ours[-1]["eval_train_loss"] == pytest.approx(theirs[-1]["eval_train_loss"], rel=1e-4)
+    # row 3 of each is longer than max_length: dropped and counted under its own set's name
+    assert trainer.dropped_rows == {"train": {"no_labels_after_truncation": [3]},
+                                    "eval_train": {"no_labels_after_truncation": [3]}}  # fmt: skip

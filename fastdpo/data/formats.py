@@ -29,9 +29,10 @@ import datasets
 from fastdpo.data.load import load_data
 from fastdpo.data.schema import (
     SCORE_ALIASES,
+    apply_renames,
+    column_renames,
     is_message_list,
     missing_column,
-    rename_columns,
     source_version,
     template_inputs_problem,
     value_format,
@@ -107,16 +108,22 @@ def prepare_preferences(
 def rename_preference_columns(dataset, columns: dict[str, str], present: list[str] | None = None):
     """``columns`` applied, then the score aliases; ``present``: the column names, for a stream that does not know
     them (``IterableDataset.column_names`` is None without features), read from its first row."""
-    present = list(dataset.column_names if present is None else present)
-    dataset = rename_columns(dataset, columns, KNOWN_TARGETS, present=present)
-    renamed = {theirs: ours for ours, theirs in columns.items()}
-    present = [renamed.get(name, name) for name in present]
+    renames, present = preference_renames(columns, list(dataset.column_names if present is None else present))
+    return apply_renames(dataset, renames), present
+
+
+def preference_renames(columns: dict[str, str], present: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The ``{the dataset's name: ours}`` renames of ``columns`` then of the score aliases, composed into one
+    (an alias the column map produced is renamed from its source), and the column names after them."""
+    renames = column_renames(columns, KNOWN_TARGETS, present)
+    present = [renames.get(name, name) for name in present]
     for ours, aliases in SCORE_ALIASES.items():
         found = [a for a in aliases if a in present]
         if ours not in present and found:  # the first alias in our order wins; others stay as they are
-            dataset = dataset.rename_column(found[0], ours)
+            source = next((theirs for theirs, target in renames.items() if target == found[0]), found[0])
+            renames[source] = ours
             present[present.index(found[0])] = ours
-    return dataset, present
+    return renames, present
 
 
 def _detect_format(dataset: datasets.Dataset, format: str) -> str:

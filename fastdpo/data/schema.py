@@ -103,6 +103,30 @@ def rename_columns(dataset, columns: dict[str, str], known: tuple[str, ...], *, 
     """Apply a ``{our name: the dataset's name}`` map; our names must be in ``known``, theirs present, no clash.
     ``present``: the dataset's column names, when it does not know them (a stream without features)."""
     present = dataset.column_names if present is None else present
+    return apply_renames(dataset, column_renames(columns, known, present))
+
+
+def apply_renames(dataset, renames: dict[str, str]):
+    """``renames`` (``{the dataset's name: ours}``) applied to a Dataset, or to a stream row by row as it is read:
+    there a row without the column gets None under our name (a map-style dataset's missing value; datasets' own
+    rename raises on such a row)."""
+    if not renames:
+        return dataset
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):  # the old names removed where a row has them
+        return dataset.map(renamed_row, fn_kwargs={"renames": renames}, remove_columns=list(renames))
+    return dataset.rename_columns(renames)
+
+
+def renamed_row(row: dict, *, renames: dict[str, str]) -> dict:
+    """The renamed columns of one row (``renames``: ``{the dataset's name: ours}``), None where it lacks one."""
+    return {ours: row.get(theirs) for theirs, ours in renames.items()}
+
+
+def column_renames(columns: dict[str, str], known: tuple[str, ...], present: list[str]) -> dict[str, str]:
+    """``columns`` (``{our name: the dataset's name}``) checked against ``known`` and ``present``, as the
+    ``{the dataset's name: ours}`` renames to apply."""
     renames = {}
     for ours, theirs in columns.items():
         if ours not in known:
@@ -118,4 +142,4 @@ def rename_columns(dataset, columns: dict[str, str], known: tuple[str, ...], *, 
             column=clashes[0],
             fix=f"drop or rename it before mapping another column to {clashes[0]!r}",
         )
-    return dataset.rename_columns(renames) if renames else dataset
+    return renames

@@ -37,9 +37,9 @@ from fastdpo.data.formats import (
     check_row,
     check_template,
     normalize_row,
-    rename_preference_columns,
+    preference_renames,
 )
-from fastdpo.data.schema import missing_column, rename_columns, value_format
+from fastdpo.data.schema import missing_column, rename_columns, renamed_row, value_format
 from fastdpo.data.sft import (
     SFT_COLUMNS,
     chatml_row,
@@ -149,7 +149,8 @@ def prepare_stream(
     check_template("input_template", input_template, ("prompt", "input"))
     check_lengths(truncation_mode, max_length, max_prompt_length, max_completion_length)
     first = first_row(dataset, name)
-    dataset, present = rename_preference_columns(dataset, columns or {}, present=dataset.column_names or list(first))
+    # the renames are applied row by row in the normalizing map (a row without a renamed column gets None there)
+    renames, present = preference_renames(columns or {}, list(dataset.column_names or first))
     for needed in ("chosen", "rejected"):
         if needed not in present:
             raise missing_column(needed, present)
@@ -162,44 +163,51 @@ def prepare_stream(
                         column="chosen", fix=fix)  # fmt: skip
     check_tokenizer(tokenizer, first_chosen)
     prepared = PreparedStream(dataset, name=name)
-    options = {
-        "kind": kind, "has_prompt": "prompt" in present, "system_template": system_template,
-        "input_template": input_template, "tokenizer": tokenizer, "max_length": max_length,
-        "truncation_mode": truncation_mode, "clip": (max_prompt_length, max_completion_length), "prepared": prepared,
-    }  # fmt: skip
-    # small batches: the first pairs reach training after 64 rows are tokenized, not 1000 (the default)
-    mapped = dataset.map(_prepare_batch, batched=True, batch_size=STREAM_BATCH, with_indices=True, fn_kwargs=options)
+    normalize = {"renames": renames, "kind": kind, "has_prompt": "prompt" in present,
+                 "system_template": system_template, "input_template": input_template,
+                 "prepared": prepared}  # fmt: skip
+    tokenize = {"kind": kind, "tokenizer": tokenizer, "max_length": max_length, "truncation_mode": truncation_mode,
+                "clip": (max_prompt_length, max_completion_length), "prepared": prepared}  # fmt: skip
+    # row by row first: a batched map over an interleaved stream whose sources differ in columns fails in datasets
+    # (it joins their Arrow tables), and a row-wise map hands the batched one plain rows. Then small batches: the
+    # first pairs reach training after 64 rows are tokenized, not 1000 (the default)
+    normalized = dataset.map(_normalized_row, with_indices=True, fn_kwargs=normalize, remove_columns=list(renames))
+    mapped = normalized.map(_tokenized_batch, batched=True, batch_size=STREAM_BATCH, with_indices=True,
+                            fn_kwargs=tokenize)  # fmt: skip
     prepared.dataset = mapped.filter(lambda keep: keep, input_columns="_keep").remove_columns("_keep")
     return prepared
 
 
-def _prepare_batch(batch: dict, indices: list[int], *, kind, has_prompt, system_template, input_template, tokenizer,
-                   max_length, truncation_mode, clip, prepared: PreparedStream) -> dict:  # fmt: skip
-    """Check, normalize and tokenize one batch of stream rows (``indices``: their rows in the stream)."""
-    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-    normalized: dict[str, list] = {}
-    for row, index in zip(rows, indices, strict=True):
+def _normalized_row(row: dict, index: int, *, renames, kind, has_prompt, system_template, input_template,
+                    prepared: PreparedStream) -> dict:  # fmt: skip
+    """One stream row renamed, checked and normalized (``index``: its row in the stream): what ``prepare_preferences``
+    gives it (the system and input columns joined into the prompt stay in the row, unread)."""
+    row = {**{k: v for k, v in row.items() if k not in renames}, **renamed_row(row, renames=renames)}
+    try:
+        check_row(row, index, kind)
+    except DataError as error:  # a shuffled stream's row number alone does not find the row: its prompt does
+        raise _located(error, row, prepared.name) from None
+    fields = normalize_row(row, kind=kind, has_prompt=has_prompt, system_template=system_template,
+                           input_template=input_template, version="")  # fmt: skip
+    fields.pop("prompt_split_mid_word", None)
+    out = {**row, **fields}
+    if kind == "conversational":
         try:
-            check_row(row, index, kind)
-        except DataError as error:  # a shuffled stream's row number alone does not find the row: its prompt does
+            fits = [conversation_fits(out[c], index, c) for c in ("prompt", "chosen", "rejected")]
+        except DataError as error:
             raise _located(error, row, prepared.name) from None
-        fields = normalize_row(row, kind=kind, has_prompt=has_prompt, system_template=system_template,
-                                input_template=input_template, version="")  # fmt: skip
-        fields.pop("prompt_split_mid_word", None)
-        out = {**{k: v for k, v in row.items() if k not in ("system", "input", "context")}, **fields}
-        if kind == "conversational":
-            try:
-                fits = [conversation_fits(out[c], index, c) for c in ("prompt", "chosen", "rejected")]
-            except DataError as error:
-                raise _located(error, row, prepared.name) from None
-            if not all(fits):
-                prepared.note("flagged", "roles_out_of_order", index,
-                              "a prompt not ending with a user or tool turn, or a completion not starting with the "
-                              "assistant")  # fmt: skip
-        for key, value in out.items():
-            normalized.setdefault(key, []).append(value)
+        if not all(fits):
+            prepared.note("flagged", "roles_out_of_order", index,
+                          "a prompt not ending with a user or tool turn, or a completion not starting with the "
+                          "assistant")  # fmt: skip
+    return out
+
+
+def _tokenized_batch(batch: dict, indices: list[int], *, kind, tokenizer, max_length, truncation_mode, clip,
+                     prepared: PreparedStream) -> dict:  # fmt: skip
+    """Tokenize one batch of normalized stream rows; mark the rows TRL drops (``_keep``)."""
     eos = tokenizer.eos_token if kind == "standard" else None
-    tokens = tokenize_preference_batch(normalized, indices, tokenizer, eos, "")
+    tokens = tokenize_preference_batch(batch, indices, tokenizer, eos, "")
     if clip != (None, None):
         for i in range(len(indices)):
             example = {name: tokens[name][i] for name in TOKEN_COLUMNS}
@@ -297,6 +305,9 @@ def prepare_sft_stream(
 def _raw_sft_row(example: dict, index: int, *, source: str | None, sharegpt: bool, tokenize: dict,
                  prepared: PreparedStream) -> dict:  # fmt: skip
     layout, conversational = tokenize["layout"], tokenize["conversational"]
+    needed = {"text": ("text",), "messages": (source or "messages",)}.get(layout, ("prompt", "completion"))
+    if any(column not in example for column in needed):  # a features-less stream's row without it: None, as a
+        example = {**dict.fromkeys(needed), **example}  # map-style dataset has it there, and checked as such
     if sharegpt:  # ShareGPT from/value → role/content (TRL's conversion), conversations → messages
         if example[source] is not None and not isinstance(example[source], list):
             _, message, fix = messages_problem(example[source], source)
