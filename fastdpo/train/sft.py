@@ -346,7 +346,8 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
     def _prepare_eval(self, eval_dataset, tokenizer, args: SFTConfig):
         packing = args.packing if args.eval_packing is None else args.eval_packing
         if isinstance(eval_dataset, dict):
-            return {key: self._prepare(d, tokenizer, args, packing, key) for key, d in eval_dataset.items()}
+            # named eval_<key> (as DPOTrainer names them): a key "train" is not the train set's checks and counts
+            return {key: self._prepare(d, tokenizer, args, packing, f"eval_{key}") for key, d in eval_dataset.items()}
         return self._prepare(eval_dataset, tokenizer, args, packing, "eval")
 
     def _prepare(self, dataset, tokenizer, args: SFTConfig, packing: bool, name: str) -> datasets.Dataset:
