@@ -147,7 +147,8 @@ def _scores(policy, reference, prompt_ids: list[int], answer_ids: list[int]) -> 
     ours, theirs = log_probs[0], log_probs[1].to(log_probs[0].dtype)
     target = torch.tensor(ids[start:])[:, None]
     ratio = float(ours.gather(-1, target).sum() - theirs.gather(-1, target).sum())
-    return ratio, float((ours.exp() * (ours - theirs)).sum())
+    # each position's KL is ≥ 0; rounding makes one of two near-equal distributions a few ulps negative: 0 there
+    return ratio, float((ours.exp() * (ours - theirs)).sum(-1).clamp_min(0).sum())
 
 
 @torch.no_grad()
