@@ -128,10 +128,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, config in COMMANDS.items():
         sub = commands.add_parser(
             name,
+            add_help=False,
             help=f"train ({name.upper()}) from a YAML config",
             description=f"Train with fastdpo's {config}. Every field of RunArguments and {config} can be set in "
             f"the YAML file or as --field value (flags win); see fastdpo.cli's docstring for the run directory.",
         )
+        sub.add_argument("-h", "--help", action=_HelpWithFields, config=config)
         sub.add_argument("--config", required=True, type=Path, help="the YAML file")
         sub.add_argument("--overwrite", action="store_true", help="write into an existing run directory")
         sub.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
@@ -156,7 +158,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "split":
             action.add_argument("train_out", type=Path)
             action.add_argument("eval_out", type=Path)
-            action.add_argument("--test-size", type=float, default=0.1, help="a fraction, or a number of rows")
+            action.add_argument("--test-size", type=_fraction_or_count, default=0.1,
+                                help="a fraction (0.1), or a number of rows (500)")  # fmt: skip
             action.add_argument("--seed", type=int, default=0)
         if name in ("check", "stats", "filter", "split"):
             action.add_argument("--columns", type=json.loads, default=None,
@@ -180,6 +183,14 @@ def _parser() -> argparse.ArgumentParser:
             action.add_argument("--overwrite", action="store_true", help="replace existing output files")
         action.add_argument("--debug", action="store_true")
     return parser
+
+
+def _fraction_or_count(text: str) -> float | int:
+    """``--test-size``: ``"500"`` is a number of rows, ``"0.1"`` a fraction (``split_by_prompt`` takes either)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 DATA_ACTIONS = {
@@ -266,21 +277,44 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     return trainer
 
 
-def _resolve(config_cls, values: dict, flags: list[str]):
-    """``(RunArguments, config)`` from the YAML ``values`` overridden by ``flags``; unknown keys fail."""
+def _fields_parser(config_cls):
     from transformers import HfArgumentParser
 
+    return HfArgumentParser((RunArguments, config_cls))
+
+
+class _HelpWithFields(argparse.Action):
+    """``fastdpo dpo|sft --help``: the command's own options, then every field a config may set (as ``trl dpo
+    --help`` lists them)."""
+
+    def __init__(self, option_strings, dest, config: str, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show this help, with every config field, and exit")
+        self.config = config
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import fastdpo.train
+
+        fields = _fields_parser(getattr(fastdpo.train, self.config)).format_help()
+        listed = fields[fields.index("options:") :].split("\n", 2)[2]  # its options, less its own -h line
+        print(parser.format_help() + f"\nfields ({self.config} and the run's keys; in the YAML file, or as --field "
+              "value, flags winning):\n" + listed)  # fmt: skip
+        parser.exit()
+
+
+def _resolve(config_cls, values: dict, flags: list[str]):
+    """``(RunArguments, config)`` from the YAML ``values`` overridden by ``flags``; unknown keys fail."""
+    listing = f"fastdpo {'sft' if config_cls.__name__ == 'SFTConfig' else 'dpo'} --help lists the fields"
     known = {f.name for cls in (RunArguments, config_cls) for f in dataclasses.fields(cls) if f.init}
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "see --help for the fields"
+            hint = f"did you mean {close[0]!r}?" if close else listing
             raise ConfigError(f"unknown field {key!r} in the config", column=key, fix=hint)
-    parser = HfArgumentParser((RunArguments, config_cls))
+    parser = _fields_parser(config_cls)
     parser.set_defaults(**values)
 
     def error(message: str):  # argparse's own error prints the whole usage and exits: one line instead
-        raise ConfigError(message, column="flags", fix="fastdpo dpo --help lists the fields")
+        raise ConfigError(message, column="flags", fix=listing)
 
     parser.error = error
     for action in parser._actions:
@@ -292,7 +326,7 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     if rest:
         names = [r for r in rest if r.startswith("--")]
         close = difflib.get_close_matches(names[0][2:], known, n=1) if names else []
-        hint = f"did you mean --{close[0]}?" if close else "see --help for the fields"
+        hint = f"did you mean --{close[0]}?" if close else listing
         raise ConfigError(f"unknown flags {rest}", column="flags", fix=hint)
     if run_args.model_name_or_path is None or run_args.dataset_name is None:
         raise ConfigError("a run needs model_name_or_path and dataset_name", column="config",
@@ -401,9 +435,11 @@ def _data(known: argparse.Namespace) -> int:
         return 0
     if known.action == "filter":
         reasons = known.drop.split(",") if known.drop else None
-        kept, dropped = check_preferences(dataset).filter(dataset, reasons, where=known.where)
+        report = check_preferences(dataset)
+        kept, dropped = report.filter(dataset, reasons, where=known.where)
+        rows = report.dropped_rows(dataset, reasons, where=known.where)
         _write(kept, known.out, known, {"input": known.data, "rows": len(dataset), "kept": len(kept),
-                                        "dropped": dropped})  # fmt: skip
+                                        "dropped": dropped, "dropped_rows": rows})  # fmt: skip
         print(f"kept {len(kept)} of {len(dataset)} rows; dropped {dropped} (see {_dropped_path(known.out)})")
         return 0
     if known.action == "pairs":

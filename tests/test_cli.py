@@ -113,6 +113,7 @@ def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, caps
     ("config", "flags", "expected"),
     [({"betta": 0.2}, [], "did you mean 'beta'?"),
      ({}, ["--bta", "0.3"], "did you mean --beta?"),
+     ({}, ["--max_steps", "abc"], "invalid int value: 'abc' — fastdpo dpo --help lists the fields"),
      ({"data_filter": "some"}, [], "column 'data_filter'"),
      ({"loss_type": "sigmod"}, [], "column 'loss_type'"),
      ({}, ["--dataset_columns", "{prompt"], "is not JSON"),
@@ -194,7 +195,12 @@ def test_every_subcommand_has_help(capsys):
     for args in ([], ["dpo"], ["sft"], ["env"], ["data"], *data):
         with pytest.raises(SystemExit) as exit_info:
             main([*args, "--help"])
-        assert exit_info.value.code == 0 and "usage: fastdpo" in capsys.readouterr().out, args
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0 and "usage: fastdpo" in out, args
+        if args in (["dpo"], ["sft"]):  # the config's fields too, as `trl dpo --help` lists them
+            assert "--max_steps MAX_STEPS" in out and "--model_name_or_path" in out and "--use_peft" in out, out
+            assert ("--beta BETA" in out) == (args == ["dpo"])
+            assert ("--completion_only_loss" in out) == (args == ["sft"])
 
 
 def test_env_reports_versions_device_and_head(workdir):
@@ -273,6 +279,7 @@ def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_c
     assert hashlib.sha256(source.read_bytes()).hexdigest() == before
     summary = json.loads((workdir / "clean.jsonl.dropped.json").read_text())
     assert summary["dropped"] == {"identical": 1} and summary["kept"] == 23
+    assert summary["dropped_rows"] == {"identical": [5]}  # what was left out, by reason and row
     again = json.loads(data_cli("check", "clean.jsonl", "--json").stdout)
     assert not any(again["severity"][reason] == "drop" for reason in again["counts"])  # nothing left to drop
     assert again["num_rows"] == 23
@@ -283,7 +290,9 @@ def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_c
     where = data_cli("filter", "pairs.jsonl", "short.jsonl", *MAPPED, "--drop", "identical",
                     "--where", "chosen != x")  # fmt: skip
     assert where.returncode == 0, where.stderr[-2000:]
-    assert json.loads((workdir / "short.jsonl.dropped.json").read_text())["dropped"] == {"identical": 1, "where": 0}
+    where_summary = json.loads((workdir / "short.jsonl.dropped.json").read_text())
+    assert where_summary["dropped"] == {"identical": 1, "where": 0}
+    assert where_summary["dropped_rows"] == {"identical": [5], "where": []}
 
 
 def test_data_pairs_and_split(workdir, data_cli):
@@ -298,6 +307,8 @@ def test_data_pairs_and_split(workdir, data_cli):
     summary = json.loads((workdir / "rated_pairs.jsonl.dropped.json").read_text())
     assert summary["dropped_rows"]["too_few_completions"] == [1] and summary["dropped_rows"]["ties"] == [2]
     split = data_cli("split", "pairs.jsonl", "train.jsonl", "eval.jsonl", *MAPPED, "--test-size", "0.25")  # fmt: skip
+    by_count = data_cli("split", "pairs.jsonl", "t6.jsonl", "e6.jsonl", *MAPPED, "--test-size", "6")  # a row count
+    assert by_count.returncode == 0 and "eval 6 rows" in by_count.stdout, by_count.stderr[-2000:]
     assert split.returncode == 0, split.stderr[-2000:]
     train = [json.loads(line) for line in (workdir / "train.jsonl").read_text().splitlines()]
     held_out = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]

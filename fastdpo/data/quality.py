@@ -2,7 +2,7 @@
 
     report = check_preferences(dataset, tokenizer, max_length=1024, min_score_margin=1.0)
     print(report.to_markdown())
-    kept, dropped = report.filter(dataset, where="chosen_score >= 8")  # dropped: reason → rows, none silently
+    kept, dropped = report.filter(dataset, where="chosen_score >= 8")  # dropped: reason → count, none silently
 
 The dataset is a ``datasets.Dataset`` or a list of dicts whose columns already have our names (``prompt``,
 ``chosen``, ``rejected`` and the optional ``status``, ``chosen_score``, ``rejected_score``, ``tools``,
@@ -136,27 +136,42 @@ class QualityReport:
     ) -> tuple[Any, dict[str, int]]:
         """``(kept, dropped)``: ``dataset`` without the rows of ``drop_rows(reasons)`` and those failing ``where``.
 
-        ``dropped`` counts each removed row once, under its first reason in ``REASONS`` order, or ``"where"``.
-        ``where``: a callable on a row (dict), or ``"<column> <op> <value>"`` (``parse_where``), e.g.
-        ``"chosen_score >= 8"``, ``"status != tie"``. A ``Dataset`` stays a ``Dataset``, a list a list.
+        ``dropped`` counts each removed row once, under its first reason in ``REASONS`` order, or ``"where"``
+        (``dropped_rows`` gives the rows themselves). ``where``: a callable on a row (dict), or
+        ``"<column> <op> <value>"`` (``parse_where``), e.g. ``"chosen_score >= 8"``, ``"status != tie"``. A
+        ``Dataset`` stays a ``Dataset``, a list a list.
         """
+        kept, removed = self._plan(dataset, reasons, where)
+        dropped = {reason: len(rows) for reason, rows in removed.items()}
+        if isinstance(dataset, datasets.Dataset):
+            return dataset.select(kept), dropped
+        return [dataset[i] for i in kept], dropped
+
+    def dropped_rows(
+        self, dataset, reasons: Iterable[str] | str | None = None, *, where: str | Callable[[Any], bool] | None = None
+    ) -> dict[str, list[int]]:
+        """The rows ``filter`` with the same arguments removes, by the reason it counts each under."""
+        return self._plan(dataset, reasons, where)[1]
+
+    def _plan(self, dataset, reasons, where) -> tuple[list[int], dict[str, list[int]]]:
+        """(the rows kept, the rows removed by reason)."""
         num_rows, names = _size_and_columns(dataset)
         if num_rows != self.num_rows:
             fix = "filter the dataset the report was made from"
             raise DataError(f"the report is for {self.num_rows} rows, this dataset has {num_rows}", fix=fix)
         first_reason: dict[int, str] = {}
-        for reason in self._reasons(reasons):
+        wanted = self._reasons(reasons)
+        for reason in wanted:
             for row in self.rows.get(reason, ()):
                 first_reason.setdefault(row, reason)
-        dropped = dict(Counter(first_reason.values()))
+        removed = {reason: sorted(r for r, first in first_reason.items() if first == reason) for reason in wanted}
+        removed = {reason: rows for reason, rows in removed.items() if rows}
         kept = [i for i in range(num_rows) if i not in first_reason]
         if where is not None:
             passing = _where_mask(dataset, names, where, kept)
-            dropped["where"] = sum(not ok for ok in passing)
+            removed["where"] = [i for i, ok in zip(kept, passing, strict=True) if not ok]
             kept = [i for i, ok in zip(kept, passing, strict=True) if ok]
-        if isinstance(dataset, datasets.Dataset):
-            return dataset.select(kept), dropped
-        return [dataset[i] for i in kept], dropped
+        return kept, removed
 
     def _reasons(self, reasons: Iterable[str] | str | None) -> list[str]:
         if reasons is None:
