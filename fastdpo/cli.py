@@ -3,7 +3,7 @@
     fastdpo dpo --config run.yaml [--beta 0.2 ...] [--overwrite] [--debug]
     fastdpo sft --config run.yaml [...]
     fastdpo env [--json]
-    fastdpo data check|stats DATA [--columns JSON] [--tokenizer T] [--max-length N] [--json] [--limit N]
+    fastdpo data check|stats DATA [--columns JSON] [--tokenizer T] [--max-length N (check)] [--json] [--limit N]
     fastdpo data filter DATA OUT [--drop REASONS] [--where 'chosen_score >= 8']
     fastdpo data pairs DATA OUT [--strategy best_vs_worst] [--margin M]     (rated completions → pairs)
     fastdpo data split DATA TRAIN_OUT EVAL_OUT [--test-size 0.1] [--seed 0] (held out by prompt)
@@ -166,19 +166,21 @@ def _parser() -> argparse.ArgumentParser:
                                 help='column names in the data, e.g. \'{"prompt": "question"}\'')  # fmt: skip
         if name in ("check", "stats"):
             action.add_argument("--tokenizer", help="a tokenizer folder or hub name: token statistics")
-            action.add_argument("--max-length", type=int, help="with --tokenizer: flag rows that would be cut")
+            if name == "check":
+                action.add_argument("--max-length", type=int, help="with --tokenizer: flag rows that would be cut")
             action.add_argument("--json", action="store_true")
             action.add_argument("--limit", type=int, help="only the first N rows, streamed: a large file or hub "
                                 "dataset is not read whole (duplicates are then found among those rows)")  # fmt: skip
         if name == "filter":
             action.add_argument("--drop", help="comma-separated reasons to drop (default: every 'drop' reason)")
             action.add_argument("--where", help="keep only rows where '<column> <op> <value>' holds")
-        if name == "pairs":
-            action.add_argument("--strategy", default="best_vs_worst")
-            action.add_argument("--margin", type=float, default=0.0)
-            action.add_argument("--seed", type=int, default=0)
-            for column in ("prompt", "completions", "scores", "response_key", "score_key"):
-                action.add_argument(f"--{column.replace('_', '-')}", dest=column, default=None)
+        if name == "pairs":  # rows like {"prompt": ..., "completions": [...], "scores": [...]} (fastdpo.data.pairs)
+            action.add_argument("--strategy", default="best_vs_worst",
+                                help="best_vs_worst, best_vs_random_lower or all_above_margin")  # fmt: skip
+            action.add_argument("--margin", type=float, default=0.0, help="a pair's scores differ by more than this")
+            action.add_argument("--seed", type=int, default=0, help="best_vs_random_lower's draws")
+            for column, meaning in PAIRS_COLUMNS.items():
+                action.add_argument(f"--{column.replace('_', '-')}", dest=column, default=None, help=meaning)
         if name in ("filter", "pairs", "split"):
             action.add_argument("--overwrite", action="store_true", help="replace existing output files")
         action.add_argument("--debug", action="store_true")
@@ -193,11 +195,18 @@ def _fraction_or_count(text: str) -> float | int:
         return float(text)
 
 
+PAIRS_COLUMNS = {
+    "prompt": "the prompt column (default: prompt)",
+    "completions": "the column of completions (default: completions)",
+    "scores": "the column of one score per completion (default: scores)",
+    "response_key": "completions as dicts: the key of the text (e.g. response)",
+    "score_key": "completions as dicts: the key of the score (e.g. overall_score)",
+}
 DATA_ACTIONS = {
     "check": "the quality report: every problem by reason and row, lengths, dataset warnings",
     "stats": "length statistics (characters; tokens with --tokenizer)",
     "filter": "write the data without the rows of the given reasons (and/or failing --where)",
-    "pairs": "rated multi-completion rows → preference pairs",
+    "pairs": 'rated rows ({"prompt": ..., "completions": [...], "scores": [...]}) → preference pairs',
     "split": "a held-out split with no prompt in both parts",
 }
 
@@ -417,6 +426,9 @@ def _loaded_splits(command: str, run_args: RunArguments, seed: int):
 def _data(known: argparse.Namespace) -> int:
     from fastdpo.data import build_pairs, check_preferences, load_data, split_by_prompt
 
+    if getattr(known, "max_length", None) is not None and not known.tokenizer:
+        raise ConfigError("counts tokens", column="--max-length", fix="pass --tokenizer (a folder or hub name) too")
+
     limit = getattr(known, "limit", None)
     dataset = load_data(known.data) if limit is None else _first_rows(known.data, limit)
     if getattr(known, "columns", None):
@@ -427,7 +439,7 @@ def _data(known: argparse.Namespace) -> int:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(known.tokenizer)
-        report = check_preferences(dataset, tokenizer, max_length=known.max_length)
+        report = check_preferences(dataset, tokenizer, max_length=getattr(known, "max_length", None))
         if known.action == "stats":
             print(json.dumps(report.length_stats, indent=1) if known.json else _stats_table(report.length_stats))
         else:

@@ -425,10 +425,11 @@ def main(argv: list[str] | None = None) -> int:
                         "conversational): accuracy, displacement")  # fmt: skip
     parser.add_argument("--samples", type=int, default=4, help="sampled policy answers per prompt (KL estimate)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="at most a quarter of the context")
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--beta", type=float, default=0.1, help="of the implicit rewards (default 0.1; not read "
+                        "from the run: pass the β it trained with)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, help="only the first N prompts")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="default: runs/compare")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
     parser.add_argument("--unquantized", action="store_true", help="load a QLoRA run's base and reference in full "
                         "precision (default: quantized as the run loaded its base, from its config.yaml)")  # fmt: skip

@@ -367,9 +367,11 @@ def render(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastdpo quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--short", action="store_true", help="fewer steps (a smoke run)")
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"),
+                        help="the folder for both models and the reports (default: runs/quickstart)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data, the models and training (default: 0)")
+    parser.add_argument("--short", action="store_true", help="400 SFT and 100 DPO steps instead of 1000 and 500 "
+                        "(a smoke run)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)

@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastdpo sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="the YAML file fastdpo dpo takes")
     parser.add_argument("--beta", required=True, help="comma-separated values, e.g. 0.01,0.05,0.1,0.5")
-    parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="one run per β in <out>/beta_<β> (the "
+                        "config's output_dir is not used), the reference cache, sweep.{md,json,png} (default: "
+                        "runs/sweep)")  # fmt: skip
     parser.add_argument("--nll-rise", type=float, default=0.1, help="the rule's limit on the chosen NLL's rise")
     parser.add_argument("--samples", type=int, default=2, help="policy samples per prompt for the KL estimate")
     parser.add_argument("--kl-prompts", type=int, default=32, help="held-out prompts for the KL estimate")

@@ -269,6 +269,8 @@ def test_data_check_and_stats(workdir, data_cli):
     assert whole.returncode != 0 and "broken_tail.jsonl" in whole.stderr, whole.stderr[-2000:]
     refused = data_cli("check", "pairs.jsonl", "--limit", "0")
     assert refused.returncode == 2 and "column '--limit': must be at least 1" in refused.stderr
+    refused = data_cli("check", "pairs.jsonl", "--max-length", "64")  # tokens: no tokenizer to count them with
+    assert refused.returncode == 2 and "column '--max-length': counts tokens — pass --tokenizer" in refused.stderr
 
 
 def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_cli):
