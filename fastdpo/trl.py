@@ -138,7 +138,8 @@ class DPOTrainer(trl.DPOTrainer):
             self.data_collator = packer_for(self.model, args, self.packed_attention_impl, self._tokenizer.pad_token_id)
         check_lean_activations(self)
         self.loss_config = loss_config_of(args)
-        self._displacement = DisplacementWatch(FastDPOConfig.displacement_margin)  # fastdpo's default margin
+        self._displacement = DisplacementWatch(FastDPOConfig.displacement_margin,  # fastdpo's default margin
+                                               None if self.loss_config.reference_free else args.beta)  # fmt: skip
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # held across the backward: gradient checkpointing recomputes the layers there (use_attention, lean)
@@ -153,7 +154,7 @@ class DPOTrainer(trl.DPOTrainer):
         # fastdpo's likelihood-displacement watch on the averages TRL's log is about to write (it clears them after)
         if self.model.training and "loss" in logs:
             watched = {name: sum(values) / len(values) for name, values in self._metrics["train"].items()
-                       if name in ("logps/chosen", "rewards/accuracies") and values}  # fmt: skip
+                       if name in ("logps/chosen", "rewards/accuracies", "rewards/chosen") and values}  # fmt: skip
             self._displacement.update(watched, learning_rate=self.args.learning_rate, warn=self.is_world_process_zero())
             if "logps/chosen_change" in watched:
                 logs["logps/chosen_change"] = watched["logps/chosen_change"]

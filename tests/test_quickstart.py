@@ -139,6 +139,23 @@ def test_displacement_watch_rules():
         DPOConfig(output_dir="unused", displacement_margin=-0.5)
 
 
+def test_displacement_with_a_reference_is_measured_on_each_batch_against_the_reference():
+    # rewards/chosen / β: the batch's chosen log-prob minus the reference's on the same answers. A batch of longer
+    # answers (logps/chosen 30 nats lower, the log-ratio unchanged) is not displacement; a log-ratio 6 nats down is
+    watch = DisplacementWatch(0.1, beta=0.5)
+    watch.update({"logps/chosen": -50.0, "rewards/accuracies": 0.0, "rewards/chosen": 0.0}, learning_rate=1e-4)
+    longer = {"logps/chosen": -80.0, "rewards/accuracies": 0.9, "rewards/chosen": 0.1}
+    assert not watch.update(longer, learning_rate=1e-4) and longer["logps/chosen_change"] == -30.0
+    with pytest.warns(LikelihoodDisplacementWarning, match="fell 6.00 nats against the reference's"):
+        assert watch.update({"logps/chosen": -45.0, "rewards/accuracies": 0.9, "rewards/chosen": -3.0},
+                            learning_rate=1e-4)  # fmt: skip
+    # a checkpoint from before the log-ratio was kept: the batch-to-batch rule, as the run started with
+    resumed = DisplacementWatch(0.1, beta=0.5)
+    resumed.load_state({"start": -50.0, "start_accuracy": 0.0, "warned": False})
+    assert resumed.update({"logps/chosen": -56.0, "rewards/accuracies": 0.5, "rewards/chosen": 0.0},
+                          learning_rate=1e-4, warn=False)  # fmt: skip
+
+
 def test_cli_refuses_a_non_empty_out_without_overwrite(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     assert cli(["quickstart", "--out", str(tmp_path)]) == 2
@@ -211,7 +228,7 @@ def test_batched_greedy_answers_and_log_probs_equal_one_at_a_time(short_run):
     out, _ = short_run
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastdpo.compare import _logp, _logps
+    from fastdpo.compare import _logps
     from fastdpo.quickstart import greedy_answers
 
     tokenizer = AutoTokenizer.from_pretrained(out / "dpo")
@@ -223,7 +240,7 @@ def test_batched_greedy_answers_and_log_probs_equal_one_at_a_time(short_run):
     items = [(tokenizer(p)["input_ids"], tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
              for p, a in zip(prompts, [*answers[:-1], ""], strict=True)]  # fmt: skip
     items[-1] = (items[-1][0], [])  # an empty answer scores 0
-    alone = [_logp(model, *item) for item in items]
+    alone = [_logps(model, [item])[0] for item in items]  # one row a call
     # fp32 sums of a few log-probs; a batched product may round otherwise than a lone row's
     assert _logps(model, items) == pytest.approx(alone, rel=1e-5, abs=1e-6) and alone[-1] == 0.0
 

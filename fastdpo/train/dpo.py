@@ -209,7 +209,8 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, compute_metrics=compute_metrics)  # fmt: skip
         check_lean_activations(self)
-        self._displacement = DisplacementWatch(args.displacement_margin)
+        self._displacement = DisplacementWatch(args.displacement_margin,
+                                               None if self.loss_config.reference_free else args.beta)  # fmt: skip
         self.ref_model, self._ref_resident, self._ref_engine = None, None, None
         if self.reference_mode == "separate":
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
@@ -415,25 +416,31 @@ class LikelihoodDisplacementWarning(UserWarning):
 
 
 class DisplacementWatch:
-    """Watches ``logps/chosen`` against its value at the first training log and warns once on displacement.
+    """Watches the chosen answers' log-probability and warns once on likelihood displacement.
 
     DPO can raise reward accuracy while the chosen answers themselves become less likely: both log-probabilities
     fall, the rejected ones faster, and greedy answers often get worse (likelihood displacement; common at high
-    learning rates). ``update`` adds ``logps/chosen_change`` (now minus the first log) to the metrics and warns with
-    ``LikelihoodDisplacementWarning`` the first time the chosen log-probability has fallen by more than
-    ``max(1, margin × |first value|)`` nats while ``rewards/accuracies`` is above its first value. ``margin`` None:
-    no watch (the change is still logged).
+    learning rates). ``update`` adds ``logps/chosen_change`` (``logps/chosen`` now minus at the first training log)
+    to the metrics and warns with ``LikelihoodDisplacementWarning`` the first time the chosen log-probability has
+    fallen by more than ``max(1, margin × |first logps/chosen|)`` nats while ``rewards/accuracies`` is above its
+    first value. With a reference (``beta`` given), "fallen" is measured on the logged batch itself: the chosen
+    answers' log-ratio to the reference (``rewards/chosen / β``) against its first value, so that a batch of longer
+    or harder answers (a lower ``logps/chosen`` whatever the weights) does not read as displacement; reference-free
+    losses compare ``logps/chosen`` across batches. ``margin`` None: no watch (the change is still logged).
     """
 
-    def __init__(self, margin: float | None):
-        self.margin, self.start, self.start_accuracy, self.warned = margin, None, None, False
+    def __init__(self, margin: float | None, beta: float | None = None):
+        self.margin, self.beta, self.warned = margin, beta, False
+        self.start = self.start_accuracy = self.start_ratio = None
 
     def state(self) -> dict:
         """What a checkpoint keeps (``fastdpo.train.resume``): the first values and whether it warned."""
-        return {"start": self.start, "start_accuracy": self.start_accuracy, "warned": self.warned}
+        return {"start": self.start, "start_accuracy": self.start_accuracy, "start_ratio": self.start_ratio,
+                "warned": self.warned}  # fmt: skip
 
     def load_state(self, state: dict) -> None:
         self.start, self.start_accuracy, self.warned = state["start"], state["start_accuracy"], bool(state["warned"])
+        self.start_ratio = state.get("start_ratio")  # absent in checkpoints from before 2026-11-27
 
     def update(self, metrics: dict[str, float], *, learning_rate: float, warn: bool = True) -> bool:
         """Record one log's metrics (in place: adds the change); True when this call found displacement (and warned,
@@ -441,10 +448,13 @@ class DisplacementWatch:
         chosen, accuracy = metrics.get("logps/chosen"), metrics.get("rewards/accuracies")
         if chosen is None or accuracy is None:
             return False
+        matched = self.beta is not None and self.beta != 0 and "rewards/chosen" in metrics
+        ratio = metrics["rewards/chosen"] / self.beta if matched else None
         if self.start is None:
-            self.start, self.start_accuracy = chosen, accuracy
+            self.start, self.start_accuracy, self.start_ratio = chosen, accuracy, ratio
         metrics["logps/chosen_change"] = chosen - self.start
-        fallen = self.start - chosen
+        matched = matched and self.start_ratio is not None
+        fallen = self.start_ratio - ratio if matched else self.start - chosen
         if self.warned or self.margin is None or fallen <= max(1.0, self.margin * abs(self.start)):
             return False
         if accuracy <= self.start_accuracy:
@@ -452,13 +462,15 @@ class DisplacementWatch:
         self.warned = True
         if not warn:
             return True
+        what = (f"fell {fallen:.2f} nats against the reference's on the same answers (rewards/chosen / beta: "
+                f"{self.start_ratio:.2f} at the first log, {ratio:.2f} now)" if matched else
+                f"(logps/chosen) fell from {self.start:.2f} to {chosen:.2f}")  # fmt: skip
         warnings.warn(
-            f"likelihood displacement: the chosen answers' log-probability (logps/chosen) fell from {self.start:.2f} "
-            f"to {chosen:.2f} while reward accuracy rose from {self.start_accuracy:.2f} to {accuracy:.2f}. The policy "
-            "pushes the rejected answers down faster than it keeps the chosen ones up, and its own answers often get "
-            "worse. What helps: add an SFT term on the chosen answers (loss_type=['sigmoid', 'sft'] with "
-            f"loss_weights=[1.0, 1.0], TRL's RPO) or lower the learning rate (now {learning_rate:g}). "
-            "displacement_margin=None turns this check off.",
+            f"likelihood displacement: the chosen answers' log-probability {what} while reward accuracy rose from "
+            f"{self.start_accuracy:.2f} to {accuracy:.2f}. The policy pushes the rejected answers down faster than "
+            "it keeps the chosen ones up, and its own answers often get worse. What helps: add an SFT term on the "
+            "chosen answers (loss_type=['sigmoid', 'sft'] with loss_weights=[1.0, 1.0], TRL's RPO) or lower the "
+            f"learning rate (now {learning_rate:g}). displacement_margin=None turns this check off.",
             LikelihoodDisplacementWarning,
             stacklevel=2,
         )
