@@ -25,16 +25,15 @@ match. The run directory (``output_dir``) gets:
 - the Trainer's checkpoints and the final model.
 
 ``data`` writes ``.jsonl``, ``.parquet`` or ``.csv`` files, each with ``<OUT>.dropped.json`` beside it (what was
-left out, and why), never over its input and never over an existing file without ``--overwrite``.
-An existing, non-empty run directory is not written into without ``--overwrite``; nothing is written before the
-trainer is built (data loaded, tokenized, checked), so a run that fails on its data leaves no directory behind.
-``--resume`` goes on in its run directory from the last complete checkpoint (``--resume PATH``: that one), with
-the settings ``config.yaml`` recorded (``fastdpo.cli_resume`` says which may change); ``metrics.jsonl`` keeps the
-lines up to the checkpoint's step. The first Ctrl-C (SIGINT) or SIGTERM finishes the optimizer step under way,
-saves a checkpoint of it and exits with status 128 + the signal's number (130, 143), without the final model; a
-second one stops at once (``fastdpo.train.interrupt``).
-Errors are one line on stderr
-(``fastdpo: error: ...``) and exit status 2; ``--debug`` shows the traceback instead.
+left out, and why), never over its input and never over an existing file without ``--overwrite``. An existing,
+non-empty run directory is not written into without ``--overwrite``; nothing is written before the trainer is built
+(data loaded, tokenized, checked), so a run that fails on its data leaves no directory behind. ``--resume`` goes on
+in its run directory from the last complete checkpoint (``--resume PATH``: that one), with the settings
+``config.yaml`` recorded (``fastdpo.cli_resume`` says which may change); ``metrics.jsonl`` keeps the lines up to the
+checkpoint's step. The first Ctrl-C (SIGINT) or SIGTERM finishes the optimizer step under way, saves a checkpoint of
+it and exits with status 128 + the signal's number (130, 143), without the final model; a second one stops at once
+(``fastdpo.train.interrupt``). Errors are one line on stderr (``fastdpo: error: ...``) and exit status 2;
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -85,8 +84,10 @@ COMMANDS = {"dpo": "DPOConfig", "sft": "SFTConfig"}
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # configs use TRL's field names, gradient_checkpointing among them, which transformers 5 warns about
+    # not the user's to fix: TRL's field gradient_checkpointing (transformers 5 warns), and on a CPU the Trainer's
+    # default dataloader_pin_memory=True (torch warns at each data loader)
     warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator")
     if argv[:1] in (["quickstart"], ["compare"], ["sweep"]):  # their own parsers (fastdpo.quickstart, ...)
         from fastdpo.compare import main as compare
         from fastdpo.quickstart import main as quickstart
@@ -195,13 +196,11 @@ def _fraction_or_count(text: str) -> float | int:
         return float(text)
 
 
-PAIRS_COLUMNS = {
-    "prompt": "the prompt column (default: prompt)",
-    "completions": "the column of completions (default: completions)",
-    "scores": "the column of one score per completion (default: scores)",
-    "response_key": "completions as dicts: the key of the text (e.g. response)",
-    "score_key": "completions as dicts: the key of the score (e.g. overall_score)",
-}
+PAIRS_COLUMNS = {"prompt": "the prompt column (default: prompt)",
+                 "completions": "the column of completions (default: completions)",
+                 "scores": "the column of one score per completion (default: scores)",
+                 "response_key": "completions as dicts: the key of the text (e.g. response)",
+                 "score_key": "completions as dicts: the key of the score (e.g. overall_score)"}  # fmt: skip
 DATA_ACTIONS = {
     "check": "the quality report: every problem by reason and row, lengths, dataset warnings",
     "stats": "length statistics (characters; tokens with --tokenizer)",
