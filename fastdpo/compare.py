@@ -308,11 +308,16 @@ def markdown(rows: list[Row], stats: dict, pairs: dict | None, beta: float) -> s
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         mark = {True: " ✓", False: " ✗", None: ""}
-        lines.append(f"| {_cell(r.name + ': ' + r.prompt, 40)}{' (cut)' if r.truncated else ''} | "
+        lines.append(f"| {_cell(_label(r), 40)}{' (cut)' if r.truncated else ''} | "
                      f"{_cell(r.policy.text)}{mark[r.policy.correct]} | {r.policy.reward:.3f} | {r.policy.tokens} | "
                      f"{_cell(r.reference.text)}{mark[r.reference.correct]} | {r.reference.reward:.3f} | "
                      f"{r.reference.tokens} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _label(row: Row) -> str:
+    """``name: prompt``, or the prompt alone where it starts with its name (the quickstart's ``prev: 51``)."""
+    return row.prompt if row.prompt.startswith(row.name) else f"{row.name}: {row.prompt}"
 
 
 def _plot(rows: list[Row]) -> str:
@@ -350,7 +355,7 @@ def html_page(rows: list[Row], stats: dict, pairs: dict | None, beta: float) -> 
     body.append("<table><thead><tr><th>prompt</th><th>policy answer</th><th>reward</th><th>tokens</th>"
                 "<th>reference answer</th><th>reward</th><th>tokens</th></tr></thead><tbody>")  # fmt: skip
     for r in rows:
-        prompt = f"{r.name}: {r.prompt}" + (" (cut)" if r.truncated else "")
+        prompt = _label(r) + (" (cut)" if r.truncated else "")
         cells = [prompt, r.policy.text, f"{r.policy.reward:.3f}", str(r.policy.tokens), r.reference.text,
                  f"{r.reference.reward:.3f}", str(r.reference.tokens)]  # fmt: skip
         body.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")

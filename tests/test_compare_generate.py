@@ -133,3 +133,12 @@ def test_the_kl_of_two_near_equal_models_is_not_negative():
     rows = compare(policy, reference, tokenizer, prompts, samples=2, max_new_tokens=6)
     kls = [answer.kl for row in rows for answer in (row.policy, row.reference, *row.samples)]
     assert min(kls) >= 0 and max(kls) < 1e-4  # ~1e-6 measured: two models this close
+
+
+def test_a_prompt_that_starts_with_its_name_is_not_labelled_twice():
+    from fastdpo.compare import Answer, Row, html_page, markdown, summary
+
+    answer = Answer(text="50", tokens=2, reward=0.1)
+    rows = [Row("prev", "prev: 51 ", 4, False, answer, answer), Row("emoji", "🙂🚀", 3, False, answer, answer)]
+    for page in (markdown(rows, summary(rows), None, 0.1), html_page(rows, summary(rows), None, 0.1)):
+        assert "prev: 51" in page and "prev: prev:" not in page and "emoji: 🙂🚀" in page
