@@ -309,6 +309,8 @@ def test_data_pairs_and_split(workdir, data_cli):
     summary = json.loads((workdir / "rated_pairs.jsonl.dropped.json").read_text())
     assert summary["dropped_rows"]["too_few_completions"] == [1] and summary["dropped_rows"]["ties"] == [2]
     split = data_cli("split", "pairs.jsonl", "train.jsonl", "eval.jsonl", *MAPPED, "--test-size", "0.25")  # fmt: skip
+    unmapped = data_cli("split", "pairs.jsonl", "t0.jsonl", "e0.jsonl")  # its prompts are in "question"
+    assert unmapped.returncode == 2 and """fastdpo data: --columns '{"prompt": "<your column>"}'""" in unmapped.stderr
     by_count = data_cli("split", "pairs.jsonl", "t6.jsonl", "e6.jsonl", *MAPPED, "--test-size", "6")  # a row count
     assert by_count.returncode == 0 and "eval 6 rows" in by_count.stdout, by_count.stderr[-2000:]
     assert split.returncode == 0, split.stderr[-2000:]

@@ -47,7 +47,7 @@ def split_by_prompt(
     """
     present = table_columns(dataset)
     if prompt not in present:
-        raise missing_column("prompt", prompt, present)
+        raise missing_column("prompt", prompt, present, cli="""--columns '{"prompt": "<your column>"}'""")
     num_rows = len(dataset)
     groups: dict[str, list[int]] = {}
     for row, value in enumerate(column_values(dataset, prompt)):
