@@ -10,6 +10,7 @@ Each test then checks what the block's comments promise. A block added to README
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -159,13 +160,13 @@ def test_trainers_block(in_tmp):
     import datasets
 
     datasets.disable_progress_bars()
-    chats = datasets.load_dataset("json", data_files=str(FIXTURES / "sft_messages.jsonl"), split="train")
-    # 80 pairs: 10 steps an epoch, so that the default logging_steps (10) logs a step
+    shutil.copy(FIXTURES / "sft_messages.jsonl", in_tmp / "chats.jsonl")  # the files the block reads
+    # 84 pairs, 4 held out: 10 steps an epoch, so that the default logging_steps (10) logs a step
     rows = [{"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}.", "rejected": f"{2 * i + 1}."} for i in range(84)]
-    pairs, held_out = datasets.Dataset.from_list(rows[:80]), datasets.Dataset.from_list(rows[80:])
+    (in_tmp / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     model_dir = tiny_model_dir(in_tmp / "model")
-    ns = run("trainers", {"chats": chats, "pairs": pairs, "held_out": held_out},
-             replace={'"path/to/model"': repr(str(model_dir))})  # fmt: skip
+    ns = run("trainers", {}, replace={'"path/to/model"': repr(str(model_dir))})
+    assert len(ns["held_out"]) == 4 and len(ns["pairs"]) == 80
     assert ns["sft"].state.global_step > 0 and (in_tmp / "sft" / "config.json").is_file()
     assert (in_tmp / "sft" / "tokenizer.json").is_file()  # "loads straight into DPO"
     logged = {key for log in ns["trainer"].state.log_history for key in log}
