@@ -1,0 +1,200 @@
+"""``fastdpo data check|stats|filter|pairs|split``: the quality report, length statistics, filtering, pairs from
+rated rows and a held-out split by prompt, on files or hub datasets (``fastdpo.cli`` dispatches here).
+
+Each writing action writes ``.jsonl``, ``.parquet`` or ``.csv`` with ``<OUT>.dropped.json`` beside it (what was left
+out, by reason and row), never over its input and never over an existing file without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fastdpo.errors import ConfigError, DataError
+
+
+def add_data_parser(commands) -> None:
+    """The ``data`` command and its actions, on the ``fastdpo`` parser's subcommands."""
+    data = commands.add_parser("data", help="check, filter, describe, pair and split preference data")
+    actions = data.add_subparsers(dest="action", required=True)
+    for name, help_text in DATA_ACTIONS.items():
+        action = actions.add_parser(name, help=help_text, description=help_text)
+        action.add_argument("data", help="a .jsonl/.json/.parquet/.csv file or a hub name")
+        if name in ("filter", "pairs"):
+            action.add_argument("out", type=Path, help="the file to write (.jsonl, .parquet or .csv)")
+        if name == "split":
+            action.add_argument("train_out", type=Path)
+            action.add_argument("eval_out", type=Path)
+            action.add_argument("--test-size", type=_fraction_or_count, default=0.1,
+                                help="a fraction (0.1), or a number of rows (500)")  # fmt: skip
+            action.add_argument("--seed", type=int, default=0)
+        if name in ("check", "stats", "filter", "split"):
+            action.add_argument("--columns", type=json.loads, default=None,
+                                help='column names in the data, e.g. \'{"prompt": "question"}\'')  # fmt: skip
+        if name in ("check", "stats"):
+            action.add_argument("--tokenizer", help="a tokenizer folder or hub name: token statistics")
+            if name == "check":
+                action.add_argument("--max-length", type=int, help="with --tokenizer: flag rows that would be cut")
+            action.add_argument("--json", action="store_true")
+            action.add_argument("--limit", type=int, help="only the first N rows, streamed: a large file or hub "
+                                "dataset is not read whole (duplicates are then found among those rows)")  # fmt: skip
+        if name == "filter":
+            action.add_argument("--drop", help="comma-separated reasons to drop (default: every 'drop' reason)")
+            action.add_argument("--where", help="keep only rows where '<column> <op> <value>' holds")
+        if name == "pairs":  # rows like {"prompt": ..., "completions": [...], "scores": [...]} (fastdpo.data.pairs)
+            action.add_argument("--strategy", default="best_vs_worst",
+                                help="best_vs_worst, best_vs_random_lower or all_above_margin")  # fmt: skip
+            action.add_argument("--margin", type=float, default=0.0, help="a pair's scores differ by more than this")
+            action.add_argument("--seed", type=int, default=0, help="best_vs_random_lower's draws")
+            for column, meaning in PAIRS_COLUMNS.items():
+                action.add_argument(f"--{column.replace('_', '-')}", dest=column, default=None, help=meaning)
+        if name in ("filter", "pairs", "split"):
+            action.add_argument("--overwrite", action="store_true", help="replace existing output files")
+        action.add_argument("--debug", action="store_true")
+
+
+def _fraction_or_count(text: str) -> float | int:
+    """``--test-size``: ``"500"`` is a number of rows, ``"0.1"`` a fraction (``split_by_prompt`` takes either)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+PAIRS_COLUMNS = {"prompt": "the prompt column (default: prompt)",
+                 "completions": "the column of completions (default: completions)",
+                 "scores": "the column of one score per completion (default: scores)",
+                 "response_key": "completions as dicts: the key of the text (e.g. response)",
+                 "score_key": "completions as dicts: the key of the score (e.g. overall_score)"}  # fmt: skip
+DATA_ACTIONS = {
+    "check": "the quality report: every problem by reason and row, lengths, dataset warnings",
+    "stats": "length statistics (characters; tokens with --tokenizer)",
+    "filter": "write the data without the rows of the given reasons (and/or failing --where)",
+    "pairs": 'rated rows ({"prompt": ..., "completions": [...], "scores": [...]}) → preference pairs',
+    "split": "a held-out split with no prompt in both parts",
+}
+
+
+def run_data(known: argparse.Namespace) -> int:
+    """Run ``fastdpo data <action>``; the exit status."""
+    from fastdpo.data import build_pairs, check_preferences, load_data, split_by_prompt
+
+    if getattr(known, "max_length", None) is not None and not known.tokenizer:
+        raise ConfigError("counts tokens", column="--max-length", fix="pass --tokenizer (a folder or hub name) too")
+
+    limit = getattr(known, "limit", None)
+    dataset = load_data(known.data) if limit is None else _first_rows(known.data, limit)
+    if getattr(known, "columns", None):
+        dataset = _mapped(dataset, known.columns)
+    if known.action in ("check", "stats"):
+        tokenizer = None
+        if known.tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(known.tokenizer)
+        report = check_preferences(dataset, tokenizer, max_length=getattr(known, "max_length", None))
+        if known.action == "stats":
+            print(json.dumps(report.length_stats, indent=1) if known.json else _stats_table(report.length_stats))
+        else:
+            print(report.to_json() if known.json else report.to_markdown())
+        return 0
+    if known.action == "filter":
+        reasons = known.drop.split(",") if known.drop else None
+        report = check_preferences(dataset)
+        kept, dropped = report.filter(dataset, reasons, where=known.where)
+        rows = report.dropped_rows(dataset, reasons, where=known.where)
+        _write(kept, known.out, known, {"input": known.data, "rows": len(dataset), "kept": len(kept),
+                                        "dropped": dropped, "dropped_rows": rows})  # fmt: skip
+        print(f"kept {len(kept)} of {len(dataset)} rows; dropped {dropped} (see {_dropped_path(known.out)})")
+        return 0
+    if known.action == "pairs":
+        options = {k: getattr(known, k) for k in ("prompt", "completions", "scores", "response_key", "score_key")}
+        result = build_pairs(dataset, strategy=known.strategy, margin=known.margin, seed=known.seed,
+                             **{k: v for k, v in options.items() if v is not None})  # fmt: skip
+        _write(result.dataset, known.out, known, {"input": known.data, "rows": result.num_rows,
+                                                  "pairs": len(result.dataset), "dropped": result.dropped,
+                                                  "dropped_rows": result.dropped_rows})  # fmt: skip
+        print(f"{len(result.dataset)} pairs from {result.num_rows} rows; dropped {result.dropped}")
+        return 0
+    train, held_out = split_by_prompt(dataset, test_size=known.test_size, seed=known.seed)
+    summary = {"input": known.data, "rows": len(dataset), "train": len(train), "eval": len(held_out)}
+    _check_outputs([known.train_out, known.eval_out], known)
+    _write(train, known.train_out, known, summary)
+    _write(held_out, known.eval_out, known, summary)
+    print(f"train {len(train)} rows, eval {len(held_out)} rows; no prompt in both")
+    return 0
+
+
+def _first_rows(source: str, limit: int):
+    """The first ``limit`` rows of ``source`` (read as a stream, so no further), as a Dataset."""
+    from fastdpo.data.load import as_dataset, load_stream
+
+    if limit < 1:
+        raise ConfigError(f"must be at least 1, got {limit}", column="--limit", fix="pass a number of rows")
+    rows = list(load_stream(source).take(limit))
+    if not rows:
+        raise DataError(f"{source} has no rows", column="data", fix="check the file or the split")
+    print(f"fastdpo: the first {len(rows)} rows of {source} (--limit {limit})", file=sys.stderr)
+    return as_dataset(rows)
+
+
+def _mapped(dataset, columns: dict):
+    """``columns`` maps fastdpo's names to the data's (``{"prompt": "question"}``)."""
+    missing = [source for source in columns.values() if source not in dataset.column_names]
+    if missing:
+        raise DataError(f"columns {missing} are not in the data (it has {dataset.column_names})", column="columns",
+                        fix="map fastdpo's names to columns the data has")  # fmt: skip
+    return dataset.rename_columns({source: name for name, source in columns.items() if source != name})
+
+
+def _dropped_path(out: Path) -> Path:
+    return out.with_name(out.name + ".dropped.json")
+
+
+def _check_outputs(paths: list[Path], known: argparse.Namespace) -> None:
+    source = Path(known.data).resolve()
+    for path in paths:
+        if path.suffix not in WRITERS:
+            raise ConfigError(f"cannot write {path.name!r}", column="out", fix=f"use one of {', '.join(WRITERS)}")
+        if path.resolve() == source:
+            raise ConfigError(f"{path} is the input", column="out", fix="write to another file: inputs are kept")
+        for target in (path, _dropped_path(path)):
+            if target.exists() and not known.overwrite:
+                raise ConfigError(f"{target} exists", column="out", fix="pass --overwrite, or another path")
+
+
+WRITERS = {".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _write(dataset, out: Path, known: argparse.Namespace, summary: dict) -> None:
+    """``dataset`` to ``out`` and the summary beside it, each written to a temporary file and renamed."""
+    import os
+
+    from fastdpo.atomic import atomic_write
+
+    _check_outputs([out], known)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.partial{out.suffix}")
+    kind = WRITERS[out.suffix]
+    if kind == "json":
+        dataset.to_json(temporary, lines=True)
+    elif kind == "parquet":
+        dataset.to_parquet(temporary)
+    else:
+        dataset.to_csv(temporary, index=False)
+    os.replace(temporary, out)
+    atomic_write(_dropped_path(out), json.dumps(summary, indent=1, default=str))
+
+
+def _stats_table(stats: dict) -> str:
+    lines = [f"{stats.get('pairs', 0):,} valid pairs", "", "| column | unit | min | mean | median | max |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for unit in ("chars", "tokens"):
+        for column, s in (stats.get(unit) or {}).items():
+            lines.append(f"| {column} | {unit} | {s['min']:,} | {s['mean']:,.1f} | {s['median']:,.1f} | {s['max']:,} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------- env
