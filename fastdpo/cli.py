@@ -269,11 +269,17 @@ def _resolve(config_cls, values: dict, flags: list[str]):
         raise ConfigError(message, column="flags", fix=listing)
 
     parser.error = error
+    # the annotations as written (HfArgumentParser rewrites a dataclass field's type, Optional[float] to float)
+    nullable = {name for cls in (RunArguments, config_cls) for klass in cls.__mro__
+                for name, hint in vars(klass).get("__annotations__", {}).items()
+                if "None" in str(hint) or "Optional" in str(hint)}  # fmt: skip
     for action in parser._actions:
         if action.dest in values:  # the YAML may give what a flag must otherwise give
             action.required = False
         if action.type is dict:  # a dict field as a flag: JSON text
             action.type = _json_dict
+        elif action.dest in nullable and action.type in (int, float, str):  # --field null unsets what the YAML set
+            action.type = _or_null(action.type)
     run_args, args, rest = parser.parse_args_into_dataclasses(args=flags, return_remaining_strings=True)
     if rest:
         names = [r for r in rest if r.startswith("--")]
@@ -289,6 +295,16 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     if run_args.data_filter not in ("drop", "none"):
         raise ConfigError(f"must be 'drop' or 'none', got {run_args.data_filter!r}", column="data_filter")
     return run_args, args
+
+
+def _or_null(convert):
+    """``convert``, but ``null`` (YAML's word; ``None``, ``none`` too) is None."""
+
+    def parse(text: str):
+        return None if text in ("null", "None", "none") else convert(text)
+
+    parse.__name__ = convert.__name__  # argparse's "invalid int value" names it
+    return parse
 
 
 def _json_dict(text: str) -> dict:

@@ -339,3 +339,15 @@ def test_lora_and_quantization_keys_build_trls_configs(caplog):
         assert quantization.bnb_4bit_quant_type == "fp4" and quantization.bnb_4bit_use_double_quant
     with pytest.raises(ConfigError, match="'nf4' or 'fp4'"):
         peft_and_quantization(RunArguments(use_peft=True, load_in_4bit=True, bnb_4bit_quant_type="int4"), None)
+
+
+def test_a_flag_null_unsets_what_the_yaml_set():
+    from fastdpo.cli import _resolve
+    from fastdpo.errors import ConfigError
+    from fastdpo.train import DPOConfig
+
+    values = {"model_name_or_path": "m", "dataset_name": "d", "output_dir": "o", "eval_fraction": 0.1, "max_length": 9}
+    run_args, args = _resolve(DPOConfig, values, ["--eval_fraction", "null", "--max_length", "None"])
+    assert run_args.eval_fraction is None and args.max_length is None
+    with pytest.raises(ConfigError, match="--beta: invalid float value: 'null'"):  # beta is a number, never None
+        _resolve(DPOConfig, values, ["--beta", "null"])
