@@ -69,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the benchmarks of each suite")
     args = parser.parse_args(argv)
     if args.command == "list":
+        width = max(len(name) for entries in SUITES.values() for name in entries)
         for suite, entries in SUITES.items():
             for name, what in entries.items():
-                print(f"{suite:4} {name:14} {what}")
+                print(f"{suite:4} {name:{width}} {what}")
         return 0
     known = {n for entries in SUITES.values() for n in entries}
     if args.only and set(args.only) - known:

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdpo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fastdpo", description=__doc__.splitlines()[0].replace("``", ""))
     commands = parser.add_subparsers(dest="command")
     for name, config in COMMANDS.items():
         sub = commands.add_parser(

@@ -422,7 +422,7 @@ def _load_prompts(spec: str, context: int, tokenizer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastdpo compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fastdpo compare", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--policy", type=Path, required=True, help="the trained model's folder")
     parser.add_argument("--reference", type=Path, required=True, help="the reference model's folder")
     parser.add_argument("--prompts", default="builtin", help="builtin (edge cases), quickstart, or a .txt/.jsonl file")

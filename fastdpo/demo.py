@@ -123,7 +123,8 @@ def _report(results: list[dict], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastdpo.demo", description=__doc__.splitlines()[0])
+    description = __doc__.splitlines()[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog="python -m fastdpo.demo", description=description)
     parser.add_argument("--steps", type=int, default=8, help="DPO steps per head (the first is a warm-up)")
     parser.add_argument("--pairs", type=int, default=8, help="preference pairs per step")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (prompt + completion)")

@@ -366,7 +366,7 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastdpo quickstart", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fastdpo quickstart", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"),
                         help="the folder for both models and the reports (default: runs/quickstart)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seeds the data, the models and training (default: 0)")

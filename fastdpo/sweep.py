@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastdpo.atomic import atomic_write
     from fastdpo.cli import load_config, run_training
 
-    parser = argparse.ArgumentParser(prog="fastdpo sweep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fastdpo sweep", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--config", type=Path, required=True, help="the YAML file fastdpo dpo takes")
     parser.add_argument("--beta", required=True, help="comma-separated values, e.g. 0.01,0.05,0.1,0.5")
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="one run per β in <out>/beta_<β> (the "
