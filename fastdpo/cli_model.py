@@ -96,17 +96,23 @@ def _bnb(run_args: AdapterArguments, model_init_kwargs: dict | None):
                               bnb_4bit_use_double_quant=run_args.use_bnb_nested_quant)  # fmt: skip
 
 
+def run_config(run_dir: Path) -> dict:
+    """The settings a ``fastdpo dpo|sft`` run recorded in ``run_dir/config.yaml``; {} for a folder no run wrote."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    keys = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return keys if isinstance(keys, dict) else {}
+
+
 def run_quantization(run_dir: Path):
     """``(BitsAndBytesConfig, key)`` the ``fastdpo dpo|sft`` run saved in ``run_dir`` loaded its base with (its
     ``config.yaml``'s ``load_in_4bit``/``load_in_8bit`` and the keys beside them), or ``(None, None)``: a folder no
     run wrote, or a run that did not quantize."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None, None
-    import yaml
-
-    keys = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(keys, dict) or not (keys.get("load_in_4bit") or keys.get("load_in_8bit")):
+    keys, path = run_config(run_dir), run_dir / "config.yaml"
+    if not (keys.get("load_in_4bit") or keys.get("load_in_8bit")):
         return None, None
     run_args = AdapterArguments(**{f.name: keys[f.name] for f in fields(AdapterArguments) if f.name in keys})
     key = "load_in_4bit" if run_args.load_in_4bit else "load_in_8bit"

@@ -1,7 +1,7 @@
 """The policy against its reference, answer by answer: ``fastdpo compare``.
 
     fastdpo compare --policy DIR --reference DIR [--prompts builtin|quickstart|FILE] [--pairs FILE]
-                    [--samples 4] [--max-new-tokens 48] [--beta 0.1] [--out DIR] [--overwrite] [--unquantized]
+                    [--samples 4] [--max-new-tokens 48] [--beta B] [--out DIR] [--overwrite] [--unquantized]
 
 For every prompt, each model's greedy answer (and ``--samples`` sampled answers of the policy), with:
 
@@ -20,12 +20,13 @@ For every prompt, each model's greedy answer (and ``--samples`` sampled answers 
   log-probability of the chosen answers: lower under the policy while accuracy is high is likelihood
   displacement, flagged in the report.
 
-``builtin`` prompts are edge cases: empty, one character, near the model's context length, Chinese and mixed
-script, emoji, code, a prompt-injection attempt, a repeated token, a multi-turn conversation (rendered with the
-tokenizer's chat template when it has one). A prompt too long for the context keeps its last tokens, and the
-report says so. A QLoRA run's folder (``load_in_4bit``/``load_in_8bit`` in its ``config.yaml``) loads its base, and
-the reference, quantized as the run loaded its base: the reference it trained against. Output in ``--out``:
-``compare.json``, ``compare.md`` and ``compare.html`` (one self-contained page, its plots inline).
+``builtin`` prompts are edge cases: empty, one character, near the model's context length, Chinese and mixed script,
+emoji, code, a prompt-injection attempt, a repeated token, a multi-turn conversation (rendered with the tokenizer's
+chat template when it has one). A prompt too long for the context keeps its last tokens, and the report says so. A
+QLoRA run's folder (``load_in_4bit``/``load_in_8bit`` in its ``config.yaml``) loads its base, and the reference,
+quantized as the run loaded its base: the reference it trained against; ``--beta`` defaults to the β a run's
+``config.yaml`` recorded (else 0.1). Output in ``--out``: ``compare.json``, ``compare.md`` and ``compare.html`` (one
+self-contained page, its plots inline).
 """
 
 from __future__ import annotations
@@ -430,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                         "conversational): accuracy, displacement")  # fmt: skip
     parser.add_argument("--samples", type=int, default=4, help="sampled policy answers per prompt (KL estimate)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="at most a quarter of the context")
-    parser.add_argument("--beta", type=float, default=0.1, help="of the implicit rewards (default 0.1; not read "
-                        "from the run: pass the β it trained with)")  # fmt: skip
+    parser.add_argument("--beta", type=float, help="of the implicit rewards (default: the β the policy's run "
+                        "recorded in its config.yaml, else 0.1)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, help="only the first N prompts")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="default: runs/compare")
@@ -448,7 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastdpo.cli_model import run_quantization
+    from fastdpo.cli_model import run_config, run_quantization
+
+    if args.beta is None:  # the β the policy trained with, where its run recorded one
+        recorded = run_config(args.policy).get("beta")
+        args.beta = float(recorded) if isinstance(recorded, (int, float)) else 0.1
+        source = f"{args.policy / 'config.yaml'}'s" if isinstance(recorded, (int, float)) else "the default"
+        print(f"beta {args.beta:g}: {source} (--beta to set another)")
 
     # a QLoRA run trained on its base quantized, against that quantized base: both are loaded so again (and fit so)
     quantization, key = (None, None) if args.unquantized else run_quantization(args.policy)

@@ -178,16 +178,19 @@ def test_compare_loads_a_qlora_runs_base_and_reference_quantized(tmp_path, capsy
     common = ["compare", "--policy", "run", "--reference", "base", "--limit", "1", "--samples", "0",
               "--max-new-tokens", "2", "--pairs", "pairs.jsonl"]  # fmt: skip
     assert cli([*common, "--out", "out"]) == 0
-    assert "in 4 bits, as the run loaded its base (run/config.yaml: load_in_4bit" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "in 4 bits, as the run loaded its base (run/config.yaml: load_in_4bit" in out
+    assert "beta 0.25: run/config.yaml's (--beta to set another)" in out
     assert cli([*common, "--out", "full", "--unquantized"]) == 0
     reported, full = (json.loads((tmp_path / d / "compare.json").read_text())["pairs"] for d in ("out", "full"))
     policy = LlamaForCausalLM.from_pretrained("run", quantization_config=four_bits)
     reference = LlamaForCausalLM.from_pretrained("base", quantization_config=four_bits)
     assert {type(model.model.layers[0].mlp.up_proj).__name__ for model in (policy, reference)} == {"Linear4bit"}
     # the same 4-bit models, loaded here: equal up to fp32 sums of ~10 tokens
-    assert reported == pytest.approx(pair_metrics(policy, reference, tokenizer, CONVERSATIONAL, beta=0.1), rel=1e-5)
+    # at the run's beta (0.25 in its config.yaml): compare reads it, as it reads the quantization
+    assert reported == pytest.approx(pair_metrics(policy, reference, tokenizer, CONVERSATIONAL, beta=0.25), rel=1e-5)
     policy, reference = LlamaForCausalLM.from_pretrained("run"), LlamaForCausalLM.from_pretrained("base")
-    assert full == pytest.approx(pair_metrics(policy, reference, tokenizer, CONVERSATIONAL, beta=0.1), rel=1e-5)
+    assert full == pytest.approx(pair_metrics(policy, reference, tokenizer, CONVERSATIONAL, beta=0.25), rel=1e-5)
     # and the 4-bit report is not the full-precision one: NF4 moves this tiny model's (near-uniform) log-probs by
     # 1e-3 to 1e-2 (measured: chosen under the policy -25.146 vs -25.133, margin -0.0046 vs -0.0082), far past the
     # 2.5e-4 that the agreement above allows
