@@ -401,6 +401,30 @@ def test_rows_round_up_to_pad_to_multiple_of_and_a_tokenizer_without_pad_uses_eo
     assert int(batch["num_padding"]) > 0 and bool((batch["input_ids"][:, -1] == tokenizer.eos_token_id).all())
 
 
+def test_the_configs_pad_token_is_used_as_trl_uses_it_and_unused_init_kwargs_are_said(data, tmp_path):
+    # deprecated in TRL 1.16, which warns and still sets it on the tokenizer and the model's configs (and refuses a
+    # token the vocabulary lacks): the same here
+    import trl
+
+    states = []
+    for trainer_cls, config_cls in ((DPOTrainer, DPOConfig), (trl.DPOTrainer, trl.DPOConfig)):
+        tokenizer = build_tiny_tokenizer()
+        load = tiny_model(tokenizer, tmp_path / "model")
+        with pytest.warns(FutureWarning, match="pad_token"):
+            args = config_cls(**common_args(tmp_path, trainer_cls.__module__), pad_token="<|bos|>")
+        trainer = trainer_cls(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+        states.append(
+            (tokenizer.pad_token, trainer.model.config.pad_token_id, trainer.model.generation_config.pad_token_id)
+        )
+    assert states[0] == states[1] == ("<|bos|>", tokenizer.bos_token_id, tokenizer.bos_token_id)
+    with pytest.warns(UserWarning, match="model_init_kwargs: the model is already built, they are not used"):
+        DPOTrainer(load(), args=DPOConfig(**common_args(tmp_path, "y"), model_init_kwargs={"dtype": "bfloat16"}),
+                   train_dataset=data, processing_class=build_tiny_tokenizer())  # fmt: skip
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="column 'pad_token': 'NOT_A_TOKEN' is not in"):
+        DPOTrainer(load(), ref_model=load(), args=DPOConfig(**common_args(tmp_path, "x"), pad_token="NOT_A_TOKEN"),
+                   train_dataset=data, processing_class=build_tiny_tokenizer())  # fmt: skip
+
+
 def test_packing_off_puts_each_pair_in_its_own_row_and_trains_the_same(tmp_path):
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")

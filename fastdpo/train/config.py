@@ -129,8 +129,8 @@ class DPOConfig(TrainingArguments):
         check_weighting(self)
         if self.padding_free:
             warnings.warn("padding_free: fastdpo always packs sequences; the option changes nothing", stacklevel=3)
-        if self.pad_token is not None:  # deprecated in TRL 1.16, which warns and does not use it either
-            warnings.warn("pad_token is deprecated and unused: set tokenizer.pad_token instead", FutureWarning,
+        if self.pad_token is not None:  # deprecated in TRL 1.16, which warns and still uses it (so does fastdpo)
+            warnings.warn("pad_token is deprecated (as in TRL): set tokenizer.pad_token instead", FutureWarning,
                           stacklevel=3)  # fmt: skip
         if self.use_liger_kernel:
             message = ("use_liger_kernel: fastdpo's fused head already computes the loss without logits; "

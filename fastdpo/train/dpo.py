@@ -166,6 +166,10 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         if isinstance(model, str):
             processing_class = processing_class or load_tokenizer(model)
             model = load_causal_lm(model, init_kwargs, trust_remote_code=args.trust_remote_code, column="model")
+        elif args.model_init_kwargs is not None and not isinstance(ref_model, str):
+            # TRL 1.16 says so too, yet loads its reference from the model's path with them; fastdpo copies the model
+            warnings.warn("model_init_kwargs: the model is already built, they are not used (nor for a reference "
+                          "copied from it)", stacklevel=2)  # fmt: skip
         if isinstance(ref_model, str):  # quantized as the policy, as TRL loads it
             ref_model = load_causal_lm(ref_model, init_kwargs, trust_remote_code=args.trust_remote_code,
                                        column="ref_model")  # fmt: skip
@@ -186,11 +190,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
             warnings.warn(f"ref_model is not used: loss_type {list(args.loss_type)} is reference-free", stacklevel=2)
             ref_model = None
         text_tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds one
-        if text_tokenizer.pad_token is None:  # as TRL: the EOS token pads (never attended to, never a target)
-            text_tokenizer.pad_token = text_tokenizer.eos_token
-        if text_tokenizer.pad_token_id is None:
-            raise ConfigError("the tokenizer has neither a pad token nor an EOS token", column="processing_class",
-                              fix="set tokenizer.pad_token")  # fmt: skip
+        _set_pad_token(model, text_tokenizer, args.pad_token, mirror=data_collator is None)
         self.loss_config = args.loss_config()
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
         self._streams: list[PreparedStream] = []
@@ -475,6 +475,23 @@ class DisplacementWatch:
             stacklevel=2,
         )
         return True
+
+
+def _set_pad_token(model: nn.Module, tokenizer, pad_token: str | None, *, mirror: bool) -> None:
+    """TRL's pad token: ``pad_token`` (the config's, deprecated), else the tokenizer's, else its EOS (never attended
+    to, never a target); with fastdpo's collator (``mirror``) the model's configs get its id too, as TRL sets them."""
+    pad_token = pad_token or tokenizer.pad_token or tokenizer.eos_token
+    if pad_token is None:
+        raise ConfigError("the tokenizer has neither a pad token nor an EOS token", column="processing_class",
+                          fix="set tokenizer.pad_token")  # fmt: skip
+    if pad_token not in tokenizer.get_vocab():
+        raise ConfigError(f"{pad_token!r} is not in the tokenizer's vocabulary", column="pad_token",
+                          fix="set tokenizer.pad_token (or the config's pad_token) to a token it has")  # fmt: skip
+    tokenizer.pad_token = pad_token
+    if mirror:
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def _reference_mode(args: DPOConfig, is_peft: bool) -> str:

@@ -121,6 +121,10 @@ class SFTConfig(TrainingArguments):
         check_label_smoothing(self.label_smoothing_factor, self.loss_type)
         if self.padding_free:
             warnings.warn("padding_free: fastdpo never pads sequences; the option changes nothing", stacklevel=4)
+        if self.eval_packing and not self.packing:
+            warnings.warn("eval_packing=True with packing=False: fastdpo scores each sequence of a packed eval row on "
+                          "its own; TRL 1.16 collates such rows as plain padded rows (their sequences attend to each "
+                          "other), so its eval loss differs a little", stacklevel=4)  # fmt: skip
         if self.loss_type not in LOSS_TYPES:
             raise unknown_choice("loss_type", self.loss_type, LOSS_TYPES)
         if self.packing_strategy not in SFT_PACKING_STRATEGIES:
