@@ -114,6 +114,7 @@ def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, caps
     [({"betta": 0.2}, [], "did you mean 'beta'?"),
      ({}, ["--bta", "0.3"], "did you mean --beta?"),
      ({}, ["--max_steps", "abc"], "invalid int value: 'abc' — fastdpo dpo --help lists the fields"),
+     ({"dataset_test_split": "test"}, [], "pairs.jsonl is one file, whose one split is 'train': there is no split"),
      ({"data_filter": "some"}, [], "column 'data_filter'"),
      ({"loss_type": "sigmod"}, [], "column 'loss_type'"),
      ({}, ["--dataset_columns", "{prompt"], "is not JSON"),

@@ -62,6 +62,7 @@ def load_stream(source, *, split: str = "train") -> datasets.IterableDataset:
     path = Path(source)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         kind = _local_kind(path)
+        _one_split(path, split)
         return datasets.load_dataset(kind, data_files={split: str(path)}, split=split, streaming=True)
     return datasets.load_dataset(str(source), split=split, streaming=True)
 
@@ -104,8 +105,17 @@ def _local_kind(path: Path) -> str:
     return kind
 
 
+def _one_split(path: Path, split: str | None) -> None:
+    """A local file is one split, ``train`` (as ``datasets`` names it): another name is a mistake, not that split."""
+    if split not in (None, "train"):
+        raise DataError(f"{path} is one file, whose one split is 'train': there is no split {split!r}", column="split",
+                        fix="hold rows out with eval_fraction (fastdpo dpo|sft) or split_by_prompt, or evaluate on a "
+                            "file of its own")  # fmt: skip
+
+
 def _load_local(path: Path, split: str | None):
     kind = _local_kind(path)
+    _one_split(path, split)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty", fix="point to a file with at least one row")
     if kind == "json":
