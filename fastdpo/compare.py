@@ -417,9 +417,38 @@ def _load_prompts(spec: str, context: int, tokenizer):
             if not isinstance(record, dict) or "prompt" not in record:
                 raise DataError(f"{path}: line {number} has no 'prompt' field", column="prompt", row=number - 1,
                                 fix='write {"prompt": "..."} on every line')  # fmt: skip
+            if not _prompt_value(record["prompt"]):
+                raise DataError(f"{path}: line {number}'s prompt is {type(record['prompt']).__name__} "
+                                f"{json.dumps(record['prompt'])[:40]}", column="prompt", row=number - 1,
+                                fix="a prompt is a string, a non-empty list of {'role', 'content'} messages, or a "
+                                    "non-empty list of token ids")  # fmt: skip
             prompts.append((f"line {number}", record["prompt"]))
-        return prompts, None
-    return [(f"line {i}", line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)], None
+    else:  # one prompt a line; blank lines skipped, as in a .jsonl file
+        lines = enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        prompts = [(f"line {i}", line) for i, line in lines if line.strip()]
+    if not prompts:
+        raise DataError(f"{path} holds no prompt", column="--prompts", fix="one prompt per line")
+    return prompts, None
+
+
+def _prompt_value(value) -> bool:
+    """Whether ``value`` is a prompt ``compare`` takes: a string, messages, or token ids (checked against the
+    vocabulary when tokenized)."""
+    if isinstance(value, str):
+        return True
+    if not isinstance(value, list) or not value:
+        return False
+    return all(isinstance(m, dict) and "role" in m and "content" in m for m in value) or all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    )
+
+
+def check_counts(args: argparse.Namespace, at_least: dict[str, int]) -> None:
+    """A ``ConfigError`` naming the first option of ``at_least`` set below its least value (None: unset, fine)."""
+    for name, least in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise ConfigError(f"must be at least {least}, got {value}", column="--" + name.replace("_", "-"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
                         "precision (default: quantized as the run loaded its base, from its config.yaml)")  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    check_counts(args, at_least={"limit": 1, "samples": 0, "max_new_tokens": 1})
+    if args.beta is not None and not 0 < args.beta < float("inf"):
+        raise ConfigError(f"must be a number > 0, got {args.beta}", column="--beta")
     refuse_non_empty(
         args.out,
         overwrite=args.overwrite,
@@ -481,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
     context = getattr(policy.config, "max_position_embeddings", None) or 2048
     prompts, checkers = _load_prompts(args.prompts, context, tokenizer)
+    vocab = policy.get_input_embeddings().num_embeddings
+    for name, prompt in prompts:  # token ids: each must have an embedding
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) and max(prompt) >= vocab:
+            raise DataError(f"{name}: token id {max(prompt)} is outside the vocabulary ({vocab} ids)", column="prompt",
+                            fix="pass ids the policy's tokenizer gives, or the text")  # fmt: skip
     if args.limit is not None:
         prompts, checkers = prompts[: args.limit], None if checkers is None else checkers[: args.limit]
     rows = compare(policy, reference, tokenizer, prompts, beta=args.beta, samples=args.samples,

@@ -35,8 +35,9 @@ def parse_betas(text: str) -> list[float]:
     except ValueError:
         raise ConfigError(f"{text!r} is not a comma-separated list of numbers", column="--beta",
                           fix="e.g. --beta 0.01,0.05,0.1,0.5") from None  # fmt: skip
-    if not betas or any(not b > 0 for b in betas) or len(set(betas)) != len(betas):
-        raise ConfigError(f"needs distinct values > 0, got {text!r}", column="--beta", fix="e.g. --beta 0.05,0.1,0.5")
+    if not betas or any(not 0 < b < float("inf") for b in betas) or len(set(betas)) != len(betas):
+        raise ConfigError(f"needs distinct finite values > 0, got {text!r}", column="--beta",
+                          fix="e.g. --beta 0.05,0.1,0.5")  # fmt: skip
     return sorted(betas)
 
 
@@ -119,6 +120,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from fastdpo.atomic import atomic_write
     from fastdpo.cli import load_config, run_training
+    from fastdpo.compare import check_counts
 
     parser = argparse.ArgumentParser(prog="fastdpo sweep", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--config", type=Path, required=True, help="the YAML file fastdpo dpo takes")
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args, flags = parser.parse_known_args(argv)
+    check_counts(args, at_least={"samples": 0, "kl_prompts": 0, "nll_rise": 0})
     betas = parse_betas(args.beta)
     refuse_non_empty(
         args.out,

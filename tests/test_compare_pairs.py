@@ -202,3 +202,33 @@ def test_compare_loads_a_qlora_runs_base_and_reference_quantized(tmp_path, capsy
     assert cli([*common, "--out", "bad"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "column 'bnb_4bit_quant_type'" in err and "run/config.yaml" in err and "'nf4' or 'fp4'" in err, err
+
+
+def test_compare_refuses_bad_options_and_prompts_in_one_line(tmp_path, capsys, monkeypatch):
+    tokenizer = build_tiny_tokenizer()
+    monkeypatch.chdir(tmp_path)
+    tiny_llama(tokenizer, 0).float().save_pretrained("model")
+    tokenizer.save_pretrained("model")
+    common = ["compare", "--policy", "model", "--reference", "model", "--samples", "0", "--max-new-tokens", "2"]
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "blank_lines.txt").write_text("first\n\nsecond\n")
+    (tmp_path / "number.jsonl").write_text('{"prompt": "ok"}\n{"prompt": 5}\n')
+    (tmp_path / "ids.jsonl").write_text('{"prompt": [1, 2, 99999]}\n')
+    cases = [(["--limit", "0"], "column '--limit': must be at least 1, got 0"),
+             (["--limit", "-1"], "column '--limit': must be at least 1, got -1"),
+             (["--samples", "-1"], "column '--samples': must be at least 0"),
+             (["--max-new-tokens", "0"], "column '--max-new-tokens': must be at least 1"),
+             (["--beta", "0"], "column '--beta': must be a number > 0, got 0.0"),
+             (["--beta", "nan"], "column '--beta': must be a number > 0, got nan"),
+             (["--prompts", "empty.txt"], "empty.txt holds no prompt"),
+             (["--prompts", "number.jsonl"], "row 1, column 'prompt': number.jsonl: line 2's prompt is int 5"),
+             (["--prompts", "ids.jsonl"], "line 1: token id 99999 is outside the vocabulary")]  # fmt: skip
+    for i, (flags, expected) in enumerate(cases):
+        capsys.readouterr()
+        assert cli([*common, *flags, "--out", f"out{i}"]) == 2, flags
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("fastdpo: error:") and expected in line, (flags, line)
+    # blank lines of a .txt file are skipped, as in a .jsonl file
+    assert cli([*common, "--prompts", "blank_lines.txt", "--out", "blank"]) == 0
+    assert [row["name"] for row in json.loads((tmp_path / "blank" / "compare.json").read_text())["rows"]] == [
+        "line 1", "line 3"]  # fmt: skip
