@@ -406,6 +406,11 @@ def test_where_strings_and_callables():
         report.filter(rows, where="chosen_scor >= 8")
     with pytest.raises(DataError, match=r"cannot read where='chosen_score 8'"):
         report.filter(rows, where="chosen_score 8")
+    # an ordering needs a number: '8,5' compared as text kept 9 and dropped 10 and 12; a doubled operator read as '>'
+    with pytest.raises(DataError, match=r"'8,5' is not a number, and >= compares numbers — write a number \(8.5"):
+        report.filter(rows, where="chosen_score >= 8,5")
+    with pytest.raises(DataError, match=r"'>>=' is not an operator"):
+        report.filter(rows, where="chosen_score >>= 8")
 
 
 def test_unknown_reason_names_the_close_match(standard_rows):

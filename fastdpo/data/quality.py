@@ -576,6 +576,14 @@ def parse_where(text: str, columns: Iterable[str]) -> tuple[str, Callable[[Any],
             fix="write '<column> <op> <value>' with op one of >=, <=, >, <, ==, != (e.g. 'chosen_score >= 8')",
         )
     column, op, raw = match[1], _OPS[match[2]], match[3]
+    if raw[0] in "<>=!":  # '>>= 8', '=< 8': not an operator this reads
+        raise DataError(f"cannot read where={text!r}: {match[2] + raw.split()[0]!r} is not an operator", column="where",
+                        fix="use one of >=, <=, >, <, ==, !=")  # fmt: skip
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    if match[2] in (">=", "<=", ">", "<") and not quoted and not _NUMBER.match(raw):
+        raise DataError(f"cannot read where={text!r}: {raw!r} is not a number, and {match[2]} compares numbers",
+                        column="where", fix=f"write a number (8.5, not 8,5), or quote text: '{column} {match[2]} "
+                        f'"{raw}"\'')  # fmt: skip
     columns = list(columns)
     if column not in columns:
         hint = _did_you_mean(column, columns)
