@@ -262,6 +262,17 @@ def _resolve(config_cls, values: dict, flags: list[str]):
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else listing
             raise ConfigError(f"unknown field {key!r} in the config", column=key, fix=hint)
+    # the annotations as written (HfArgumentParser rewrites a dataclass field's type, Optional[float] to float)
+    hints = {
+        name: str(hint).replace("typing.", "").replace(" ", "")
+        for cls in (RunArguments, config_cls)
+        for klass in reversed(cls.__mro__)
+        for name, hint in vars(klass).get("__annotations__", {}).items()
+    }
+    for key, value in values.items():
+        expected = _scalar_problem(hints.get(key, ""), value)
+        if expected:
+            raise ConfigError(f"expected {expected}, got {type(value).__name__} {value!r}", column=key, fix=listing)
     parser = _fields_parser(config_cls)
     parser.set_defaults(**values)
 
@@ -269,10 +280,7 @@ def _resolve(config_cls, values: dict, flags: list[str]):
         raise ConfigError(message, column="flags", fix=listing)
 
     parser.error = error
-    # the annotations as written (HfArgumentParser rewrites a dataclass field's type, Optional[float] to float)
-    nullable = {name for cls in (RunArguments, config_cls) for klass in cls.__mro__
-                for name, hint in vars(klass).get("__annotations__", {}).items()
-                if "None" in str(hint) or "Optional" in str(hint)}  # fmt: skip
+    nullable = {name for name, hint in hints.items() if "None" in hint or "Optional" in hint}
     for action in parser._actions:
         if action.dest in values:  # the YAML may give what a flag must otherwise give
             action.required = False
@@ -280,7 +288,12 @@ def _resolve(config_cls, values: dict, flags: list[str]):
             action.type = _json_dict
         elif action.dest in nullable and action.type in (int, float, str):  # --field null unsets what the YAML set
             action.type = _or_null(action.type)
-    run_args, args, rest = parser.parse_args_into_dataclasses(args=flags, return_remaining_strings=True)
+    try:
+        run_args, args, rest = parser.parse_args_into_dataclasses(args=flags, return_remaining_strings=True)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:  # the configs' own checks (transformers', TRL's): one line
+        raise ConfigError(str(error).strip().splitlines()[0], column="config", fix=listing) from None
     if rest:
         names = [r for r in rest if r.startswith("--")]
         close = difflib.get_close_matches(names[0][2:], known, n=1) if names else []
@@ -295,6 +308,25 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     if run_args.data_filter not in ("drop", "none"):
         raise ConfigError(f"must be 'drop' or 'none', got {run_args.data_filter!r}", column="data_filter")
     return run_args, args
+
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "<class'int'>": int, "<class'float'>": float,
+            "<class'str'>": str, "<class'bool'>": bool, "None": type(None), "NoneType": type(None)}  # fmt: skip
+
+
+def _scalar_problem(hint: str, value) -> str | None:
+    """What a YAML ``value`` of a field annotated ``hint`` (int, float, str, bool, or one of them or None) should
+    have been, when it is not that (a list where a number goes, 1.5 for an int); None when it fits or the hint is
+    another type. Strings pass: argparse converts a string default as it converts a flag."""
+    if hint.startswith("Optional[") and hint.endswith("]"):
+        hint = hint[len("Optional[") : -1] + "|None"
+    kinds = [_SCALARS.get(part) for part in hint.split("|")]
+    if not hint or None in kinds or isinstance(value, str):
+        return None
+    fits = (value is None and type(None) in kinds) or (isinstance(value, bool) and bool in kinds) or (
+        not isinstance(value, bool) and isinstance(value, int) and (int in kinds or float in kinds)) or (
+        isinstance(value, float) and float in kinds)  # fmt: skip
+    return None if fits else " or ".join(k.__name__.replace("NoneType", "null") for k in kinds)
 
 
 def _or_null(convert):

@@ -115,6 +115,13 @@ def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, caps
      ({}, ["--bta", "0.3"], "did you mean --beta?"),
      ({}, ["--max_steps", "abc"], "invalid int value: 'abc' — fastdpo dpo --help lists the fields"),
      ({"dataset_test_split": "test"}, [], "pairs.jsonl is one file, whose one split is 'train': there is no split"),
+     # values that failed inside torch, numpy or transformers, with a traceback
+     ({"beta": [0.1, 0.2]}, [], "column 'beta': expected float, got list [0.1, 0.2]"),
+     ({"seed": 1.5}, [], "column 'seed': expected int, got float 1.5"),
+     ({"eval_strategy": "stepz"}, [], "column 'config': stepz is not a valid IntervalStrategy"),
+     ({"per_device_train_batch_size": 0}, [], "column 'per_device_train_batch_size': must be a whole number ≥ 1"),
+     ({"gradient_accumulation_steps": 0}, [], "column 'gradient_accumulation_steps': must be a whole number ≥ 1"),
+     ({"learning_rate": -1}, [], "column 'learning_rate': must be ≥ 0, got -1"),
      ({"data_filter": "some"}, [], "column 'data_filter'"),
      ({"loss_type": "sigmod"}, [], "column 'loss_type'"),
      ({}, ["--dataset_columns", "{prompt"], "is not JSON"),

@@ -297,6 +297,12 @@ def check_shared_options(config, not_yet: dict) -> None:
         raise unknown_choice("head_impl", config.head_impl, IMPLS)
     if config.max_length is not None and config.max_length < 1:
         raise ConfigError(f"must be positive or None, got {config.max_length}", column="max_length")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(config, name)  # (torch's and transformers' own errors come later, from deep inside)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"must be a whole number ≥ 1, got {value!r}", column=name)
+    if not config.learning_rate >= 0:
+        raise ConfigError(f"must be ≥ 0, got {config.learning_rate}", column="learning_rate")
 
 
 def check_reference(model: nn.Module, reference: nn.Module, tokenizer) -> None:
