@@ -325,6 +325,21 @@ def test_unsupported_trainer_arguments_are_refused(load, tokenizer, tmp_path):
         SFTTrainer(load(), args=bad, train_dataset=data, processing_class=tokenizer)
 
 
+def test_packing_that_cuts_every_completion_away_is_refused_and_a_partial_loss_is_counted(load, tokenizer, tmp_path,
+                                                                                          caplog):  # fmt: skip
+    # packing cuts each sequence to max_length (as TRL): a prompt longer than that leaves no completion token
+    long = [{"prompt": "word " * 40, "completion": " end"}] * 4
+    args = SFTConfig(**common_args(tmp_path, "cut", packing=True, max_length=8))
+    with pytest.raises(DataError, match="column 'max_length': no completion token is left in the packed train rows"):
+        SFTTrainer(load(), args=args, train_dataset=datasets.Dataset.from_list(long), processing_class=tokenizer)
+    short = [{"prompt": "a", "completion": " b"}] * 2
+    with caplog.at_level("WARNING", logger="fastdpo"):
+        trainer = SFTTrainer(load(), args=args, train_dataset=datasets.Dataset.from_list(long[:2] + short),
+                             processing_class=tokenizer)  # fmt: skip
+    empty = sum(set(labels) == {-100} for labels in trainer.train_dataset["labels"])
+    assert empty == 2 and f"2 of {len(trainer.train_dataset)} packed train rows hold no completion token" in caplog.text
+
+
 def test_dataset_preparation_options(load, tokenizer, tmp_path):
     args = SFTConfig(**common_args(tmp_path, "x", dataset_kwargs={"skip_prepare_dataset": True}))
     rows = datasets.Dataset.from_list([{"input_ids": [1, 5, 6, 7], "labels": [-100, -100, 6, 7]}])

@@ -16,6 +16,7 @@ SFT has single sequences: ``pack_sft_dataset`` packs a whole tokenized dataset i
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ import torch
 from fastdpo.data.load import as_dataset
 from fastdpo.data.tokenize import truncate
 from fastdpo.errors import ConfigError, DataError, unknown_choice
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import datasets
@@ -468,3 +471,21 @@ def _sft_batch(sequences, owners, bins, pad_token_id, pad_to_multiple_of) -> Pac
         pair_ids=pair_ids,
         num_padding=len(ids) - sum(len(sequences[i][0]) for items in bins for i in items),
     )
+
+
+def check_packed_labels(dataset: datasets.Dataset, name: str, max_length: int) -> None:
+    """Packing cuts sequences to ``max_length`` as TRL does, which can leave a row with no completion token: a
+    warning counts such rows (they train nothing); a ``DataError`` when no row has one (the loss would be 0)."""
+    import pyarrow.compute as pc
+
+    labels = dataset.data.column("labels").combine_chunks()
+    kept = pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX)
+    labelled = len(pc.unique(pc.filter(pc.list_parent_indices(labels), kept)))
+    if labelled == 0:
+        raise DataError(f"no completion token is left in the packed {name} rows: packing cut every sequence to "
+                        f"max_length={max_length} before its completion", column="max_length",
+                        fix="raise max_length, shorten the prompts, or packing_strategy='bfd_split'")  # fmt: skip
+    if labelled < len(dataset):
+        logger.warning("%d of %d packed %s rows hold no completion token (their sequences were cut to max_length=%d "
+                       "before it): they count for nothing in the loss", len(dataset) - labelled, len(dataset), name,
+                       max_length)  # fmt: skip

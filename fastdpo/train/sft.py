@@ -39,7 +39,14 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments, set_seed
 
-from fastdpo.data.packing import IGNORE_INDEX, ROW_ATTENTION, PackedBatch, pack_sft, pack_sft_dataset
+from fastdpo.data.packing import (
+    IGNORE_INDEX,
+    ROW_ATTENTION,
+    PackedBatch,
+    check_packed_labels,
+    pack_sft,
+    pack_sft_dataset,
+)
 from fastdpo.data.sft import (
     cut_to_window,
     label_masks,
@@ -388,6 +395,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
                 dataset = dataset.shuffle(seed=args.seed)
             dataset = pack_sft_dataset(dataset, args.max_length, strategy=args.packing_strategy,
                                        num_proc=args.dataset_num_proc)  # fmt: skip
+            check_packed_labels(dataset, name, args.max_length)
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
