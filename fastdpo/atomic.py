@@ -68,9 +68,12 @@ def _fsync_dir(directory: Path) -> None:
 def refuse_non_empty(path: Path, *, overwrite: bool, column: str, fix: str, what: str = "") -> None:
     """``ConfigError`` when ``path`` is a non-empty folder and ``overwrite`` was not given: nothing a user wrote is
     replaced without asking. ``what`` names the folder in the message (e.g. "the run directory ")."""
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        from fastdpo.errors import ConfigError
+    from fastdpo.errors import ConfigError
 
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}{path} is a file, not a folder", column=column,
+                          fix=f"move the file, or set {column} to another path")  # fmt: skip
+    if path.exists() and any(path.iterdir()) and not overwrite:
         raise ConfigError(f"{what}{path} exists and is not empty", column=column, fix=fix)
 
 

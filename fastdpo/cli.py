@@ -184,6 +184,8 @@ def load_config(known: argparse.Namespace, flags: list[str]):
     from fastdpo.train import DPOConfig, SFTConfig
 
     config_cls = DPOConfig if known.command == "dpo" else SFTConfig
+    if not known.config.is_file():
+        raise ConfigError(f"{known.config}: no such file", column="--config", fix="pass the path of a YAML file")
     try:
         values = yaml.safe_load(known.config.read_text()) or {}
     except yaml.YAMLError as error:

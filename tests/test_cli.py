@@ -359,3 +359,13 @@ def test_a_flag_null_unsets_what_the_yaml_set():
     assert run_args.eval_fraction is None and args.max_length is None
     with pytest.raises(ConfigError, match="--beta: invalid float value: 'null'"):  # beta is a number, never None
         _resolve(DPOConfig, values, ["--beta", "null"])
+
+
+def test_a_missing_config_and_an_output_dir_that_is_a_file_are_one_line(workdir, monkeypatch, capsys):
+    done = in_process("dpo", "--config", "nosuch.yaml", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
+    assert done.returncode == 2 and "column '--config': nosuch.yaml: no such file" in done.stderr
+    (workdir / "afile").write_text("mine\n")
+    done = in_process("dpo", "--config", "dpo.yaml", "--output_dir", "afile", cwd=workdir, monkeypatch=monkeypatch,
+                      capsys=capsys)  # fmt: skip
+    assert done.returncode == 2 and "afile is a file, not a folder" in done.stderr, done.stderr[-2000:]
+    assert (workdir / "afile").read_text() == "mine\n"

@@ -12,7 +12,7 @@ import pytest
 from tiny_tokenizer import build_tiny_tokenizer
 
 from fastdpo.data.quality import REASONS, QualityReport, check_preferences
-from fastdpo.errors import DataError
+from fastdpo.errors import ConfigError, DataError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_REASONS = {"prompt_fills_max_length", "will_be_truncated", "chat_template_error"}
@@ -411,6 +411,13 @@ def test_where_strings_and_callables():
         report.filter(rows, where="chosen_score >= 8,5")
     with pytest.raises(DataError, match=r"'>>=' is not an operator"):
         report.filter(rows, where="chosen_score >>= 8")
+
+
+def test_bad_check_options_are_config_errors(standard_rows):
+    with pytest.raises(ConfigError, match="column 'max_length': must be a number ≥ 1 or None, got 0"):
+        check_preferences(standard_rows, max_length=0)
+    with pytest.raises(ConfigError, match="column 'min_score_margin': must be a number or None, got '1'"):
+        check_preferences(standard_rows, min_score_margin="1")
 
 
 def test_unknown_reason_names_the_close_match(standard_rows):

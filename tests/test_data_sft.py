@@ -192,6 +192,8 @@ def test_column_map_and_text_field():
         prepare_sft(data, columns={"text": "body"}, text_field="other")
     with pytest.raises(ConfigError, match=r"column 'columns': unknown value 'txt' — did you mean 'text'\?"):
         prepare_sft(data, columns={"txt": "body"})
+    with pytest.raises(ConfigError, match="column 'columns': must map fastdpo's names to the data's columns, got list"):
+        prepare_sft(data, columns=["body"])
 
 
 # ------------------------------------------------------------------------------------------------------- errors

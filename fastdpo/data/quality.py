@@ -44,7 +44,7 @@ import datasets
 import numpy as np
 
 from fastdpo.data.schema import PREFERENCE_COLUMNS
-from fastdpo.errors import DataError, close_match
+from fastdpo.errors import ConfigError, DataError, close_match
 
 DROP, WARN = "drop", "warn"
 # Row reasons in precedence order (filter() counts a row under the first of its reasons in this order)
@@ -216,6 +216,10 @@ def check_preferences(
         min_score_margin: warn when ``chosen_score - rejected_score`` is below it.
         length_ratio_warn: warn when one completion has more than this many times the other's characters (None: off).
     """
+    for name, value, least in (("max_length", max_length, 1), ("min_score_margin", min_score_margin, -math.inf)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least):
+            floor = f" ≥ {least}" if least > -math.inf else ""
+            raise ConfigError(f"must be a number{floor} or None, got {value!r}", column=name)
     num_rows, names, columns = _read_columns(dataset)
     found = _Findings()
     warnings: list[str] = []

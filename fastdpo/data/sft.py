@@ -75,6 +75,9 @@ def prepare_sft(
         num_proc: processes for the ShareGPT conversion.
     """
     dataset = load_data(data, split=split)
+    if columns is not None and not isinstance(columns, dict):
+        raise ConfigError(f"must map fastdpo's names to the data's columns, got {type(columns).__name__}",
+                          column="columns", fix="e.g. columns={'text': 'body'}")  # fmt: skip
     columns = dict(columns or {})
     if text_field != "text":
         if columns.get("text", text_field) != text_field:
