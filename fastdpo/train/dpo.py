@@ -163,8 +163,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
                 fix="launch one process per GPU: accelerate launch (or torchrun) your script",
             )
         init_kwargs = with_quantization(model, args.model_init_kwargs, quantization_config)
-        if isinstance(model, str):
-            processing_class = processing_class or load_tokenizer(model)
+        if isinstance(model, str):  # the model first: a wrong path is then said as a model's, not a tokenizer's
             model = load_causal_lm(model, init_kwargs, trust_remote_code=args.trust_remote_code, column="model")
         elif args.model_init_kwargs is not None and not isinstance(ref_model, str):
             # TRL 1.16 says so too, yet loads its reference from the model's path with them; fastdpo copies the model

@@ -292,8 +292,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
             warnings.warn("SFTTrainer(tokenizer=...) is deprecated: use processing_class", FutureWarning, stacklevel=2)
             processing_class = processing_class if processing_class is not None else tokenizer
         init_kwargs = with_quantization(model, args.model_init_kwargs, quantization_config)
-        if isinstance(model, str):
-            processing_class = processing_class or load_tokenizer(model)
+        if isinstance(model, str):  # the model first: a wrong path is then said as a model's, not a tokenizer's
             model = load_causal_lm(model, init_kwargs, trust_remote_code=args.trust_remote_code, column="model")
         elif args.model_init_kwargs is not None:
             warnings.warn("model_init_kwargs: the model is already built, they are not used", stacklevel=2)
