@@ -44,6 +44,7 @@ import difflib
 import json
 import logging
 import platform
+import re
 import signal
 import sys
 import warnings
@@ -279,6 +280,10 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     parser.set_defaults(**values)
 
     def error(message: str):  # argparse's own error prints the whole usage and exits: one line instead
+        named = re.match(r"argument --([\w-]+)", message)
+        field = named[1].replace("-", "_") if named else None
+        if field in values and not any(f.split("=")[0] in (f"--{field}", f"--{named[1]}") for f in flags):
+            raise ConfigError(message.split(": ", 1)[-1], column=field, fix="fix its value in the YAML file")
         raise ConfigError(message, column="flags", fix=listing)
 
     parser.error = error

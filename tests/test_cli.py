@@ -117,6 +117,7 @@ def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, caps
      ({"dataset_test_split": "test"}, [], "pairs.jsonl is one file, whose one split is 'train': there is no split"),
      # values that failed inside torch, numpy or transformers, with a traceback
      ({"beta": [0.1, 0.2]}, [], "column 'beta': expected float, got list [0.1, 0.2]"),
+     ({"beta": "abc"}, [], "column 'beta': invalid float value: 'abc' — fix its value in the YAML file"),
      ({"seed": 1.5}, [], "column 'seed': expected int, got float 1.5"),
      ({"eval_strategy": "stepz"}, [], "column 'config': stepz is not a valid IntervalStrategy"),
      ({"per_device_train_batch_size": 0}, [], "column 'per_device_train_batch_size': must be a whole number ≥ 1"),
