@@ -305,6 +305,24 @@ def check_shared_options(config, not_yet: dict) -> None:
         raise ConfigError(f"must be ≥ 0, got {config.learning_rate}", column="learning_rate")
 
 
+def set_pad_token(model: nn.Module, tokenizer, pad_token: str | None, *, mirror: bool) -> None:
+    """TRL's pad token: ``pad_token`` (the config's, deprecated), else the tokenizer's, else its EOS (never attended
+    to, never a target); with fastdpo's collator (``mirror``) the model's configs get its id too, as TRL sets them."""
+    pad_token = pad_token or tokenizer.pad_token or tokenizer.eos_token
+    if pad_token is None:
+        raise ConfigError("the tokenizer has neither a pad token nor an EOS token", column="processing_class",
+                          fix="set tokenizer.pad_token")  # fmt: skip
+    if pad_token not in tokenizer.get_vocab():
+        raise ConfigError(f"{pad_token!r} is not in the tokenizer's vocabulary", column="pad_token",
+                          fix="set tokenizer.pad_token (or the config's pad_token or eos_token) to a token it "
+                              "has")  # fmt: skip
+    tokenizer.pad_token = pad_token
+    if mirror:
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 def check_reference(model: nn.Module, reference: nn.Module, tokenizer) -> None:
     """ConfigError when ``reference`` cannot score the policy's token ids: another vocabulary size, or (when it was
     saved with a tokenizer in a local folder) another tokenizer."""

@@ -76,6 +76,7 @@ from fastdpo.train.common import (
     load_tokenizer,
     report_dropped,
     report_streams,
+    set_pad_token,
     with_quantization,
 )
 from fastdpo.train.config import DPOConfig
@@ -189,7 +190,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
             warnings.warn(f"ref_model is not used: loss_type {list(args.loss_type)} is reference-free", stacklevel=2)
             ref_model = None
         text_tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds one
-        _set_pad_token(model, text_tokenizer, args.pad_token, mirror=data_collator is None)
+        set_pad_token(model, text_tokenizer, args.pad_token, mirror=data_collator is None)
         self.loss_config = args.loss_config()
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
         self._streams: list[PreparedStream] = []
@@ -474,23 +475,6 @@ class DisplacementWatch:
             stacklevel=2,
         )
         return True
-
-
-def _set_pad_token(model: nn.Module, tokenizer, pad_token: str | None, *, mirror: bool) -> None:
-    """TRL's pad token: ``pad_token`` (the config's, deprecated), else the tokenizer's, else its EOS (never attended
-    to, never a target); with fastdpo's collator (``mirror``) the model's configs get its id too, as TRL sets them."""
-    pad_token = pad_token or tokenizer.pad_token or tokenizer.eos_token
-    if pad_token is None:
-        raise ConfigError("the tokenizer has neither a pad token nor an EOS token", column="processing_class",
-                          fix="set tokenizer.pad_token")  # fmt: skip
-    if pad_token not in tokenizer.get_vocab():
-        raise ConfigError(f"{pad_token!r} is not in the tokenizer's vocabulary", column="pad_token",
-                          fix="set tokenizer.pad_token (or the config's pad_token) to a token it has")  # fmt: skip
-    tokenizer.pad_token = pad_token
-    if mirror:
-        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def _reference_mode(args: DPOConfig, is_peft: bool) -> str:

@@ -76,6 +76,7 @@ from fastdpo.train.common import (
     load_tokenizer,
     report_dropped,
     report_streams,
+    set_pad_token,
     with_quantization,
 )
 from fastdpo.train.interrupt import InterruptibleTrainer
@@ -523,15 +524,8 @@ def _set_special_tokens(model: nn.Module, tokenizer, args: SFTConfig, *, set_pad
     if args.chat_template_path is not None:
         with open(args.chat_template_path, encoding="utf-8") as file:
             tokenizer.chat_template = file.read()
-    if set_pad:
-        pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
-        if pad_token not in vocab:
-            raise ConfigError(f"{pad_token!r} is not in the tokenizer's vocabulary", column="pad_token",
-                              fix="set tokenizer.pad_token (or eos_token) to a token it has")  # fmt: skip
-        tokenizer.pad_token = pad_token
-        text_config.pad_token_id = tokenizer.pad_token_id
-        if generation is not None:
-            generation.pad_token_id = tokenizer.pad_token_id
+    if set_pad:  # after eos_token: the pad falls back to the EOS set here
+        set_pad_token(model, tokenizer, args.pad_token, mirror=True)
 
 
 def _enable_router_aux_loss(model: nn.Module, args: SFTConfig) -> float:
