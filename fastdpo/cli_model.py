@@ -107,11 +107,10 @@ def run_config(run_dir: Path) -> dict:
     return keys if isinstance(keys, dict) else {}
 
 
-def run_quantization(run_dir: Path):
-    """``(BitsAndBytesConfig, key)`` the ``fastdpo dpo|sft`` run saved in ``run_dir`` loaded its base with (its
-    ``config.yaml``'s ``load_in_4bit``/``load_in_8bit`` and the keys beside them), or ``(None, None)``: a folder no
-    run wrote, or a run that did not quantize."""
-    keys, path = run_config(run_dir), run_dir / "config.yaml"
+def run_quantization(keys: dict, path: Path):
+    """``(BitsAndBytesConfig, key)`` a run loaded its base with, from the settings it recorded (``run_config``; its
+    ``config.yaml``'s ``load_in_4bit``/``load_in_8bit`` and the keys beside them; ``path``: that file, for errors),
+    or ``(None, None)``: no run wrote them, or the run did not quantize."""
     if not (keys.get("load_in_4bit") or keys.get("load_in_8bit")):
         return None, None
     run_args = AdapterArguments(**{f.name: keys[f.name] for f in fields(AdapterArguments) if f.name in keys})

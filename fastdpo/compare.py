@@ -483,14 +483,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastdpo.cli_model import run_config, run_quantization
 
+    recorded, path = run_config(args.policy), args.policy / "config.yaml"  # what the policy's run recorded, if any
     if args.beta is None:  # the β the policy trained with, where its run recorded one
-        recorded = run_config(args.policy).get("beta")
-        args.beta = float(recorded) if isinstance(recorded, (int, float)) else 0.1
-        source = f"{args.policy / 'config.yaml'}'s" if isinstance(recorded, (int, float)) else "the default"
+        beta = recorded.get("beta")
+        from_run = isinstance(beta, (int, float))
+        args.beta = float(beta) if from_run else 0.1
+        source = f"{path}'s" if from_run else "the default"
         print(f"beta {args.beta:g}: {source} (--beta to set another)")
 
     # a QLoRA run trained on its base quantized, against that quantized base: both are loaded so again (and fit so)
-    quantization, key = (None, None) if args.unquantized else run_quantization(args.policy)
+    quantization, key = (None, None) if args.unquantized else run_quantization(recorded, path)
     if quantization is not None:
         bits = 4 if key == "load_in_4bit" else 8
         print(f"loading the policy's base and the reference in {bits} bits, as the run loaded its base "
