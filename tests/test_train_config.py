@@ -61,6 +61,17 @@ def test_bad_or_unsupported_options_name_the_option(options, column, tmp_path):
         DPOConfig(output_dir=str(tmp_path), report_to=[], **options)
 
 
+@pytest.mark.parametrize("report_to", ["wandbb", ["tensorboard", "tensorbord"]])
+def test_an_unknown_report_to_is_named_with_a_guess(report_to, tmp_path):
+    from fastdpo.train import SFTConfig
+
+    # transformers' own ValueError comes later, from inside the Trainer's constructor
+    for config_cls in (DPOConfig, SFTConfig):
+        with pytest.raises(ConfigError, match=r"column 'report_to': unknown value 'tensorbord|wandbb' — did you mean"):
+            config_cls(output_dir=str(tmp_path), report_to=report_to)
+    assert DPOConfig(output_dir=str(tmp_path), report_to="none").report_to == []
+
+
 def test_padding_free_warns_and_a_string_loss_type_is_a_list(tmp_path):
     with pytest.warns(UserWarning, match="always packs"):
         config = DPOConfig(output_dir=str(tmp_path), report_to=[], padding_free=True, loss_type="ipo")

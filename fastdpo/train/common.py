@@ -305,6 +305,16 @@ def check_shared_options(config, not_yet: dict) -> None:
         raise ConfigError(f"must be ≥ 0, got {config.learning_rate}", column="learning_rate")
 
 
+def check_report_to(config) -> None:
+    """A ``ConfigError`` naming ``report_to`` for an integration transformers does not know (its own ``ValueError``
+    comes from inside the Trainer's constructor); call after ``TrainingArguments.__post_init__`` made it a list."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in config.report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise unknown_choice("report_to", name, [*INTEGRATION_TO_CALLBACK, "all", "none"])
+
+
 def set_pad_token(model: nn.Module, tokenizer, pad_token: str | None, *, mirror: bool) -> None:
     """TRL's pad token: ``pad_token`` (the config's, deprecated), else the tokenizer's, else its EOS (never attended
     to, never a target); with fastdpo's collator (``mirror``) the model's configs get its id too, as TRL sets them."""

@@ -45,7 +45,7 @@ from transformers import TrainingArguments
 from fastdpo.errors import ConfigError, unknown_choice
 from fastdpo.model.attention import PACKED_ATTENTION
 from fastdpo.ops import REFERENCE_FREE, LossConfig
-from fastdpo.train.common import check_shared_options
+from fastdpo.train.common import check_report_to, check_shared_options
 
 REFERENCES = ("auto", "separate", "cached", "adapter", "none")
 
@@ -115,6 +115,7 @@ class DPOConfig(TrainingArguments):
             self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         self._check_options()
         super().__post_init__()
+        check_report_to(self)
         if isinstance(self.pad_to_multiple_of, str) and self.pad_to_multiple_of != "auto":  # from a CLI or YAML
             text = self.pad_to_multiple_of.strip().lower()
             if text not in ("none", "null") and not text.isdigit():
