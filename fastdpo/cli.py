@@ -188,13 +188,36 @@ def load_config(known: argparse.Namespace, flags: list[str]):
     if not known.config.is_file():
         raise ConfigError(f"{known.config}: no such file", column="--config", fix="pass the path of a YAML file")
     try:
-        values = yaml.safe_load(known.config.read_text()) or {}
+        values = yaml.load(known.config.read_text(), Loader=_unique_keys_loader(known.config)) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{known.config} is not valid YAML ({str(error).splitlines()[0]})", column="config") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{known.config} holds a {type(values).__name__}, not a mapping of field: value",
                           column="config")  # fmt: skip
     return _resolve(config_cls, values, flags)
+
+
+def _unique_keys_loader(path: Path):
+    """A safe YAML loader that refuses a key set twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    def mapping(loader, node):
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' merges a mapping in, to override it
+                continue
+            key = loader.construct_object(key_node)
+            if key in lines:
+                raise ConfigError(f"{path} sets {key!r} twice (lines {lines[key]} and {key_node.start_mark.line + 1})",
+                                  column="config", fix="keep one of them")  # fmt: skip
+            lines[key] = key_node.start_mark.line + 1
+        return loader.construct_mapping(node)
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
 
 
 def run_training(known: argparse.Namespace, flags: list[str]):

@@ -362,6 +362,21 @@ def test_a_flag_null_unsets_what_the_yaml_set():
         _resolve(DPOConfig, values, ["--beta", "null"])
 
 
+def test_a_key_set_twice_in_the_yaml_is_refused_with_its_lines(workdir, monkeypatch, capsys):
+    # PyYAML alone keeps the last value (0.5) silently
+    (workdir / "twice.yaml").write_text("model_name_or_path: model\nbeta: 0.1\ndataset_columns:\n  prompt: question\n"
+                                        "beta: 0.5\n")  # fmt: skip
+    done = in_process("dpo", "--config", "twice.yaml", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
+    assert done.returncode == 2 and "twice.yaml sets 'beta' twice (lines 2 and 5) — keep one" in done.stderr
+    (workdir / "nested.yaml").write_text("dataset_columns:\n  prompt: question\n  prompt: q\n")
+    done = in_process("dpo", "--config", "nested.yaml", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
+    assert done.returncode == 2 and "sets 'prompt' twice (lines 2 and 3)" in done.stderr
+    from fastdpo.cli import _unique_keys_loader
+
+    merged = "base: &b\n  beta: 0.1\n  max_length: 64\nrun:\n  <<: *b\n  beta: 0.2\n"  # overriding a merge is fine
+    assert yaml.load(merged, Loader=_unique_keys_loader(Path("m.yaml"))) == yaml.safe_load(merged)
+
+
 def test_a_missing_config_and_an_output_dir_that_is_a_file_are_one_line(workdir, monkeypatch, capsys):
     done = in_process("dpo", "--config", "nosuch.yaml", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 2 and "column '--config': nosuch.yaml: no such file" in done.stderr
