@@ -12,6 +12,7 @@ A few go through the ``fastdpo`` command too, where the error must be one ``fast
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fastdpo import cli
 from fastdpo.data import check_preferences, pack, pack_pairs, prepare_preferences, tokenize_preferences
 from fastdpo.errors import ConfigError, DataError
-from fastdpo.train import DPOConfig, DPOTrainer
+from fastdpo.train import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 datasets.disable_progress_bars()
 GOOD = {"prompt": "the cat sat", "chosen": " on the mat.", "rejected": " on the dog."}
@@ -422,6 +423,38 @@ def test_model_that_needs_remote_code(tokenizer, tmp_path):
     (folder / "configuration_tiny.py").write_text("raise SystemExit('the custom code ran')\n")
     build = lambda: DPOTrainer(str(folder), args=config(tmp_path), processing_class=tokenizer)  # noqa: E731
     expect(ConfigError, build, column="model", fix="trust_remote_code=True", message="custom code")
+
+
+def test_attention_that_cannot_load_or_train_here(model_dir, tokenizer, tmp_path):
+    def build(implementation):
+        args = config(tmp_path, model_init_kwargs={"attn_implementation": implementation})
+        return DPOTrainer(str(model_dir), args=args, train_dataset=datasets.Dataset.from_list([GOOD]),
+                          processing_class=tokenizer)  # fmt: skip
+
+    # a misspelling is the setting's fault, not the model folder's
+    expect(ConfigError, lambda: build("eagr"), column="model_init_kwargs", fix="'sdpa' or 'eager'", message="eagr")
+    if importlib.util.find_spec("flash_attn") is None:  # transformers' ImportError, from inside from_pretrained
+        expect(ConfigError, lambda: build("flash_attention_2"), column="model_init_kwargs", fix="install it")
+    if not torch.cuda.is_available():  # torch has no flex-attention backward on a CPU: it failed in the first step
+        expect(ConfigError, lambda: build("flex_attention"), column="model_init_kwargs", fix="train on a GPU")
+        flex = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="flex_attention")
+        expect(ConfigError, lambda: SFTTrainer(flex, args=SFTConfig(output_dir=str(tmp_path / "s"), report_to=[]),
+                                               train_dataset=datasets.Dataset.from_list([{"text": "a b"}]),
+                                               processing_class=tokenizer),
+               column="model_init_kwargs", fix="'sdpa' or 'eager'")  # fmt: skip
+
+
+def test_torch_dtype_is_read_as_dtype(model_dir, tokenizer, tmp_path):
+    def build(kwargs):
+        return DPOTrainer(str(model_dir), args=config(tmp_path, model_init_kwargs=kwargs),
+                          train_dataset=datasets.Dataset.from_list([GOOD]), processing_class=tokenizer)  # fmt: skip
+
+    # transformers' deprecated name: under the float32 that TRL passes as dtype it was silently lost
+    with pytest.warns(FutureWarning, match="torch_dtype is the deprecated name of dtype"):
+        assert build({"torch_dtype": "bfloat16"}).model.dtype == torch.bfloat16
+    expect(ConfigError, lambda: build({"torch_dtype": "float17"}), column="model_init_kwargs", fix="torch.dtype")
+    expect(ConfigError, lambda: build({"torch_dtype": "float16", "dtype": "float32"}), column="model_init_kwargs",
+           fix="keep dtype only")  # fmt: skip
 
 
 def test_unknown_format_and_bad_template():

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections import defaultdict
 
 import torch
@@ -85,6 +86,14 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(init_kwargs or {})
+    if "torch_dtype" in kwargs:  # transformers' old name, which TRL 1.16 leaves to it: under TRL's float32 it is lost
+        if "dtype" in kwargs:
+            raise ConfigError("sets both dtype and torch_dtype, its deprecated name", column="model_init_kwargs",
+                              fix="keep dtype only")  # fmt: skip
+        message = (f"model_init_kwargs: torch_dtype is the deprecated name of dtype; loading with dtype="
+                   f"{kwargs['torch_dtype']!r} (TRL 1.16 loads float32 regardless)")  # fmt: skip
+        warnings.warn(message, FutureWarning, stacklevel=3)
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
     dtype = kwargs.get("dtype", "float32")
     if isinstance(dtype, str) and dtype in DTYPES:
         dtype = DTYPES[dtype]
@@ -98,10 +107,19 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_
     kwargs.setdefault("trust_remote_code", trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except ImportError as error:  # an attn_implementation whose package is missing (flash-attn)
+        raise ConfigError(
+            f"{str(error).splitlines()[0]}",
+            column="model_init_kwargs",
+            fix="install it, or set attn_implementation to 'sdpa' or 'eager'",
+        ) from error
     except (OSError, ValueError) as error:  # not a directory with a config, not a valid hub name, or unreachable
         fix = "pass a directory written by save_pretrained, a hub name, or a model object"
         if "custom code" in str(error) and not kwargs["trust_remote_code"]:  # off unless asked: never run it unasked
             fix = f"read the code in {name_or_path}; if you trust it, set trust_remote_code=True"
+        if "attn_implementation" in str(error) and "attn_implementation" in kwargs:  # the path is fine
+            column, fix = "model_init_kwargs", "set attn_implementation to 'sdpa' or 'eager' (or an attention kernel "
+            "that is installed: flash_attention_2, flex_attention), or leave it out"
         raise ConfigError(
             f"cannot load a model from {name_or_path!r} ({error.__class__.__name__}: {str(error).splitlines()[0]})",
             column=column,
@@ -275,6 +293,16 @@ def check_lean_activations(trainer) -> None:
             column="lean_activations",
             fix="use lean_activations=False with FSDP or DeepSpeed ZeRO-3",
         )
+
+
+def check_attention_device(trainer) -> None:
+    """Refuse to train with flex attention on a CPU, where torch has no backward for it (a ``NotImplementedError``
+    from inside the first step, after its compile); evaluation alone would run."""
+    impl = trainer.packed_attention_impl or getattr(trainer.model.config, "_attn_implementation", None)
+    if impl == "flex_attention" and trainer.args.device.type == "cpu":
+        raise ConfigError("the model attends with flex_attention, which torch cannot differentiate on a CPU",
+                          column="model_init_kwargs", fix="load it with attn_implementation='sdpa' or 'eager', or "
+                          "train on a GPU")  # fmt: skip
 
 
 def check_shared_options(config, not_yet: dict) -> None:

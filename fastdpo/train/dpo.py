@@ -66,6 +66,7 @@ from fastdpo.train.common import (
     StepMetrics,
     SyncReference,
     TokenRate,
+    check_attention_device,
     check_lean_activations,
     check_reference,
     check_run_dir,
@@ -209,6 +210,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, compute_metrics=compute_metrics)  # fmt: skip
         check_lean_activations(self)
+        check_attention_device(self)
         self._displacement = DisplacementWatch(args.displacement_margin,
                                                None if self.loss_config.reference_free else args.beta)  # fmt: skip
         self.ref_model, self._ref_resident, self._ref_engine = None, None, None

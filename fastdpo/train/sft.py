@@ -68,6 +68,7 @@ from fastdpo.ops.label_smoothing import target_logit_gap
 from fastdpo.train.common import (
     NumericsGuard,
     TokenRate,
+    check_attention_device,
     check_lean_activations,
     check_run_dir,
     check_stream_args,
@@ -335,6 +336,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs)  # fmt: skip
         check_lean_activations(self)
+        check_attention_device(self)
         if self.args.n_gpu > 1:
             raise ConfigError(f"{self.args.n_gpu} GPUs in one process would run nn.DataParallel", column="n_gpu",
                               fix="launch with accelerate launch or torchrun, or make one GPU visible")  # fmt: skip
