@@ -121,8 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, OSError) as error:
         if known.debug:
             raise
-        print(f"fastdpo: error: {error}", file=sys.stderr)
+        print(f"fastdpo: error: {_in_cli_terms(error, known.command)}", file=sys.stderr)
         return 2
+
+
+def _in_cli_terms(error: Exception, command: str) -> Exception:
+    """``error`` with a fix that names the Python API's ``columns={...}`` rewritten as this command's option for it:
+    ``dataset_columns`` in the YAML (dpo, sft), ``--columns`` with JSON (data)."""
+    import ast
+    import re
+
+    found = re.search(r"columns=(\{[^}]*\})( in prepare_preferences)?", getattr(error, "fix", None) or "")
+    if not isinstance(error, DataError) or found is None:
+        return error
+    mapping = json.dumps(ast.literal_eval(found.group(1)))
+    option = f"dataset_columns: {mapping} in the YAML" if command in COMMANDS else f"--columns '{mapping}'"
+    return DataError(error.message, row=error.row, column=error.column, fix=error.fix.replace(found.group(0), option))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -377,6 +377,20 @@ def test_a_key_set_twice_in_the_yaml_is_refused_with_its_lines(workdir, monkeypa
     assert yaml.load(merged, Loader=_unique_keys_loader(Path("m.yaml"))) == yaml.safe_load(merged)
 
 
+def test_a_missing_column_names_the_commands_option_for_the_map(workdir, monkeypatch, capsys):
+    # the library's fix says columns={...} (a Python argument); each command names its own option, in its syntax
+    done = in_process("dpo", "--config", "dpo.yaml", "--dataset_columns", '{"prompt": "query"}', cwd=workdir,
+                      monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    assert done.returncode == 2 and "column 'query': column not found" in done.stderr, done.stderr[-2000:]
+    assert 'map your column with dataset_columns: {"prompt": "<your column>"} in the YAML' in done.stderr
+    (workdir / "no_chosen.jsonl").write_text(json.dumps({"prompt": "p", "good": "a", "rejected": "b"}) + "\n")
+    done = in_process("data", "check", "no_chosen.jsonl", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
+    assert done.returncode == 2 and "column 'chosen': column not found" in done.stderr
+    assert """map your column with --columns '{"chosen": "<your column>"}' (columns present: prompt, good""" in (
+        done.stderr
+    )
+
+
 def test_a_missing_config_and_an_output_dir_that_is_a_file_are_one_line(workdir, monkeypatch, capsys):
     done = in_process("dpo", "--config", "nosuch.yaml", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 2 and "column '--config': nosuch.yaml: no such file" in done.stderr

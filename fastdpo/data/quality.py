@@ -277,7 +277,8 @@ def _read_columns(dataset) -> tuple[int, list[str], dict[str, list]]:
     missing = [c for c in ("chosen", "rejected") if c not in names]
     if missing and (names or num_rows):  # an empty list has no columns: that is an empty dataset, not an error
         hint = _did_you_mean(missing[0], names)
-        fix = f"{hint}rename your column (columns present: {', '.join(names) or 'none'}), or use prepare_preferences"
+        fix = (f"{hint}map your column with columns={{{missing[0]!r}: '<your column>'}} in prepare_preferences "
+               f"(columns present: {', '.join(names) or 'none'})")  # fmt: skip
         raise DataError("column not found", column=missing[0], fix=fix)
     wanted = [c for c in (*PREFERENCE_COLUMNS, *META_COLUMNS) if c in names]
     if isinstance(dataset, datasets.Dataset):
