@@ -86,7 +86,8 @@ def _bnb(run_args: AdapterArguments, model_init_kwargs: dict | None):
         raise ConfigError("needs the bitsandbytes package", column=column, fix="pip install bitsandbytes")
     if run_args.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
-    dtype = (model_init_kwargs or {}).get("dtype", "float32")
+    kwargs = model_init_kwargs or {}
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype", "float32"))  # (torch_dtype: the old name, read as dtype)
     compute = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
     if not isinstance(compute, torch.dtype):
         raise ConfigError(f"the 4-bit products run in model_init_kwargs' dtype, got {dtype!r}",

@@ -346,6 +346,8 @@ def test_lora_and_quantization_keys_build_trls_configs(caplog):
         _, quantization = peft_and_quantization(qlora, {"dtype": "bfloat16"})
         assert quantization.load_in_4bit and quantization.bnb_4bit_compute_dtype == torch.bfloat16
         assert quantization.bnb_4bit_quant_type == "fp4" and quantization.bnb_4bit_use_double_quant
+        _, quantization = peft_and_quantization(qlora, {"torch_dtype": "float16"})  # the old name of dtype
+        assert quantization.bnb_4bit_compute_dtype == torch.float16
     with pytest.raises(ConfigError, match="'nf4' or 'fp4'"):
         peft_and_quantization(RunArguments(use_peft=True, load_in_4bit=True, bnb_4bit_quant_type="int4"), None)
 
