@@ -131,8 +131,17 @@ def test_a_list_of_row_dicts_is_a_dataset_everywhere_and_bad_rows_are_named():
     assert packed["input_ids"] == pack_sft_dataset(tokenize_sft(sft, tokenizer).dataset, 64)["input_ids"]
     with pytest.raises(DataError, match=r"row 1: is a str, not a dict of column values — pass one dict per row"):
         tokenize_preferences([listed[0], "p2 c2 r2"], tokenizer)
-    with pytest.raises(DataError, match="the rows do not form one table: .* — give each column values of one type"):
-        load_data([listed[0], {"prompt": "p2", "chosen": [user("c2")], "rejected": "r2"}])
+    # the row and column that break the table: a kind that differs from the column's first value
+    mixed = [listed[0], {**listed[1], "prompt": None}, {"prompt": "p3", "chosen": [user("c3")], "rejected": "r3"}]
+    with pytest.raises(DataError, match=r"row 2, column 'chosen': is a list where row 0 has a string — give each"):
+        load_data(mixed)
+    with pytest.raises(DataError, match=r"row 1, column 'text': is a number where row 0 has a string"):
+        prepare_sft([{"text": "a"}, {"text": 5}, {"text": "c"}])
+    # ... or a structure deeper down (a message's content as a list of parts among strings), found by bisection
+    chats = [{"prompt": [user(f"p{i}")], "chosen": [user("c")], "rejected": [user("r")]} for i in range(13)]
+    chats[9]["prompt"] = [{"role": "user", "content": ["parts"]}]
+    with pytest.raises(DataError, match=r"row 9, column 'prompt': its value's structure differs from the rows before"):
+        load_data(chats)
     with pytest.raises(DataError, match="got tuple — load it first"):
         tokenize_preferences(tuple(listed), tokenizer)
 

@@ -83,9 +83,63 @@ def as_dataset(data) -> datasets.Dataset:
     try:
         return datasets.Dataset.from_dict({name: [row.get(name) for row in data] for name in columns})
     except (pyarrow.lib.ArrowException, TypeError, ValueError) as error:
-        raise DataError(f"the rows do not form one table: {error}",
-                        fix="give each column values of one type in every row (all strings, or all message "
-                        "lists), or None where a row has none") from None  # fmt: skip
+        fix = "give each column values of one type in every row (all strings, or all message lists), or None where " \
+              "a row has none"  # fmt: skip
+        clash = _first_type_clash(data, columns)
+        if clash is not None:
+            row, column, kind, first, first_kind = clash
+            raise DataError(f"is a {kind} where row {first} has a {first_kind}", row=row, column=column,
+                            fix=fix) from None  # fmt: skip
+        for column in columns:  # the clash is deeper (inside message lists): the first row that cannot join the rows
+            row = _first_row_that_fails(data, column)  # before it
+            if row is not None:
+                raise DataError(f"its value's structure differs from the rows before ({error})", row=row,
+                                column=column, fix=fix) from None  # fmt: skip
+        raise DataError(f"the rows do not form one table: {error}", fix=fix) from None
+
+
+def _first_row_that_fails(rows: list[dict], column: str) -> int | None:
+    """The first row whose ``column`` value cannot join the earlier rows' in one Arrow column (a binary search over
+    prefixes: a failing prefix stays failing as it grows); None when the whole column converts."""
+
+    def converts(count: int) -> bool:
+        try:
+            datasets.Dataset.from_dict({column: [row.get(column) for row in rows[:count]]})
+        except (pyarrow.lib.ArrowException, TypeError, ValueError):
+            return False
+        return True
+
+    if converts(len(rows)):
+        return None
+    if not converts(1):  # (a value Arrow cannot hold at all)
+        return 0
+    low, high = 1, len(rows)  # converts(low) holds, converts(high) does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if converts(middle) else (low, middle)
+    return high - 1
+
+
+def _first_type_clash(rows: list[dict], columns: list[str]) -> tuple[int, str, str, int, str] | None:
+    """(row, column, its kind, the first row with a value there, that value's kind) of the first value whose kind
+    (string, number, list, ...) differs from the column's first non-None value; None when the kinds agree (the
+    clash is deeper, e.g. inside message lists)."""
+    for column in columns:
+        first = None
+        for index, row in enumerate(rows):
+            value = row.get(column)
+            if value is None:
+                continue
+            kind = _KINDS.get(type(value), type(value).__name__)
+            if first is None:
+                first = (index, kind)
+            elif kind != first[1]:
+                return index, column, kind, first[0], first[1]
+    return None
+
+
+_KINDS = {str: "string", int: "number", float: "number", bool: "boolean", list: "list", tuple: "list", dict: "dict",
+          bytes: "bytes"}  # fmt: skip
 
 
 def _pick_split(data: datasets.DatasetDict, split: str, name: str) -> datasets.Dataset:
