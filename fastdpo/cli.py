@@ -330,6 +330,8 @@ def _resolve(config_cls, values: dict, flags: list[str]):
             action.required = False
         if action.type is dict:  # a dict field as a flag: JSON text
             action.type = _json_dict
+        elif action.dest == "report_to":  # its own word for no integration is 'none' (a string, not None)
+            action.type = _none_word
         elif action.dest in nullable and action.type in (int, float, str):  # --field null unsets what the YAML set
             action.type = _or_null(action.type)
     try:
@@ -381,6 +383,11 @@ def _or_null(convert):
 
     parse.__name__ = convert.__name__  # argparse's "invalid int value" names it
     return parse
+
+
+def _none_word(text: str) -> str:
+    """``report_to``'s flag: ``null`` (YAML's word; ``None`` too) is its ``'none'``."""
+    return "none" if text in ("null", "None") else text
 
 
 def _json_dict(text: str) -> dict:

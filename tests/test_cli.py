@@ -362,6 +362,11 @@ def test_a_flag_null_unsets_what_the_yaml_set():
     assert run_args.eval_fraction is None and args.max_length is None
     with pytest.raises(ConfigError, match="--beta: invalid float value: 'null'"):  # beta is a number, never None
         _resolve(DPOConfig, values, ["--beta", "null"])
+    # report_to's own 'none' (also its default) is no integration, not [None], which the Trainer refused
+    cases = (({}, []), ({}, ["--report_to", "none"]), ({"report_to": None}, []), ({}, ["--report_to", "null"]))
+    for extra, flags in cases:
+        assert _resolve(DPOConfig, {**values, **extra}, flags)[1].report_to == [], (extra, flags)
+    assert _resolve(DPOConfig, values, ["--report_to", "tensorboard"])[1].report_to == ["tensorboard"]
 
 
 def test_a_key_set_twice_in_the_yaml_is_refused_with_its_lines(workdir, monkeypatch, capsys):
@@ -381,8 +386,8 @@ def test_a_key_set_twice_in_the_yaml_is_refused_with_its_lines(workdir, monkeypa
 
 def test_a_missing_column_names_the_commands_option_for_the_map(workdir, monkeypatch, capsys):
     # the library's fix says columns={...} (a Python argument); each command names its own option, in its syntax
-    done = in_process("dpo", "--config", "dpo.yaml", "--dataset_columns", '{"prompt": "query"}', cwd=workdir,
-                      monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    done = in_process("dpo", "--config", "dpo.yaml", "--dataset_columns", '{"prompt": "query"}', "--output_dir",
+                      "unmapped_run", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
     assert done.returncode == 2 and "column 'query': column not found" in done.stderr, done.stderr[-2000:]
     assert 'map your column with dataset_columns: {"prompt": "<your column>"} in the YAML' in done.stderr
     (workdir / "no_chosen.jsonl").write_text(json.dumps({"prompt": "p", "good": "a", "rejected": "b"}) + "\n")

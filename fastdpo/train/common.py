@@ -335,9 +335,12 @@ def check_shared_options(config, not_yet: dict) -> None:
 
 def check_report_to(config) -> None:
     """A ``ConfigError`` naming ``report_to`` for an integration transformers does not know (its own ``ValueError``
-    comes from inside the Trainer's constructor); call after ``TrainingArguments.__post_init__`` made it a list."""
+    comes from inside the Trainer's constructor); call after ``TrainingArguments.__post_init__`` made it a list.
+    None (YAML's null), which transformers turns into ``[None]`` and then refuses, means no integration."""
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
+    if config.report_to == [None]:
+        config.report_to = []
     for name in config.report_to or []:
         if name not in INTEGRATION_TO_CALLBACK:
             raise unknown_choice("report_to", name, [*INTEGRATION_TO_CALLBACK, "all", "none"])
