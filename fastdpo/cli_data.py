@@ -115,8 +115,9 @@ def run_data(known: argparse.Namespace) -> int:
                              **{k: v for k, v in options.items() if v is not None})  # fmt: skip
         _write(result.dataset, known.out, known, {"input": known.data, "rows": result.num_rows,
                                                   "pairs": len(result.dataset), "dropped": result.dropped,
-                                                  "dropped_rows": result.dropped_rows})  # fmt: skip
-        print(f"{len(result.dataset)} pairs from {result.num_rows} rows; dropped {result.dropped}")
+                                                  "dropped_rows": result.dropped_rows, "excluded": result.excluded,
+                                                  "excluded_rows": result.excluded_rows})  # fmt: skip
+        print(f"{result.summary()} (see {_dropped_path(known.out)})")
         return 0
     train, held_out = split_by_prompt(dataset, test_size=known.test_size, seed=known.seed)
     summary = {"input": known.data, "rows": len(dataset), "train": len(train), "eval": len(held_out)}

@@ -309,14 +309,17 @@ def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_c
 def test_data_pairs_and_split(workdir, data_cli):
     rows = [{"prompt": "q1?", "completions": ["a.", "b.", "c."], "scores": [3, 1, 2]},
             {"prompt": "q2?", "completions": ["x."], "scores": [1]},
-            {"prompt": "q3?", "completions": ["y.", "z."], "scores": [2, 2]}]  # fmt: skip
+            {"prompt": "q3?", "completions": ["y.", "z."], "scores": [2, 2]},
+            {"prompt": "q4?", "completions": ["w.", "w.", ""], "scores": [2, 1, 0]}]  # fmt: skip
     (workdir / "rated.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     done = data_cli("pairs", "rated.jsonl", "rated_pairs.jsonl")
     assert done.returncode == 0, done.stderr[-2000:]
     pairs = [json.loads(line) for line in (workdir / "rated_pairs.jsonl").read_text().splitlines()]
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a.", "b.")]  # best against worst
     summary = json.loads((workdir / "rated_pairs.jsonl.dropped.json").read_text())
-    assert summary["dropped_rows"]["too_few_completions"] == [1] and summary["dropped_rows"]["ties"] == [2]
+    assert summary["dropped_rows"]["too_few_completions"] == [1, 3] and summary["dropped_rows"]["ties"] == [2]
+    assert summary["excluded"] == {"blank": 1, "repeated": 1} and summary["excluded_rows"]["repeated"] == [3]
+    assert "; not candidates: 2 completions (blank 1, repeated 1)" in done.stdout
     split = data_cli("split", "pairs.jsonl", "train.jsonl", "eval.jsonl", *MAPPED, "--test-size", "0.25")  # fmt: skip
     unmapped = data_cli("split", "pairs.jsonl", "t0.jsonl", "e0.jsonl")  # its prompts are in "question"
     assert unmapped.returncode == 2 and """fastdpo data: --columns '{"prompt": "<your column>"}'""" in unmapped.stderr

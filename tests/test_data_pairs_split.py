@@ -25,7 +25,8 @@ ROWS = [
     ("p7", ["r", "s", "t"], [2, 9, 7]),  # s > r
     ("p8", ["u", "v"], [1.0, 2.0]),  # v > u, a difference of 1 only
 ]
-NO_DROPS = {"too_few_completions": [], "bad_scores": [], "bad_completions": [], "ties": [], "below_margin": []}
+NO_DROPS = {"bad_prompt": [], "too_few_completions": [], "bad_scores": [], "bad_completions": [], "ties": [],
+            "below_margin": []}  # fmt: skip
 
 
 def rated_rows() -> list[dict]:
@@ -49,8 +50,8 @@ def test_best_vs_worst_pairs_and_counted_drops():
         (8, "v", "u", 2.0, 1.0),
     ]
     assert result.dropped_rows == {**NO_DROPS, "too_few_completions": [3], "bad_scores": [4, 5, 6], "ties": [2]}
-    assert result.dropped == {"too_few_completions": 1, "bad_scores": 3, "bad_completions": 0, "ties": 1,
-                              "below_margin": 0}  # fmt: skip
+    assert result.dropped == {"bad_prompt": 0, "too_few_completions": 1, "bad_scores": 3, "bad_completions": 0,
+                              "ties": 1, "below_margin": 0}  # fmt: skip
     assert result.summary() == (
         "best_vs_worst: 4 pairs from 9 rows; dropped 5 rows (too_few_completions 1, bad_scores 3, ties 1)"
     )
@@ -185,6 +186,34 @@ def test_bad_completions_are_counted():
     result = build_pairs(rows)
     assert result.dataset == []
     assert result.dropped_rows == {**NO_DROPS, "bad_completions": [0, 1], "too_few_completions": [2]}
+
+
+def test_blank_and_repeated_completions_are_no_candidates_and_bad_prompts_drop_the_row():
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    said = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rows = [
+        {"prompt": "q0", "completions": ["good", " ", "bad"], "scores": [5, 0, 1]},  # blank worst: good > bad
+        {"prompt": "q1", "completions": ["same", "other", "same"], "scores": [9, 5, 1]},  # repeat keeps 9: same > other
+        {"prompt": "q2", "completions": ["x", "x"], "scores": [2, 1]},  # one candidate left
+        {"prompt": None, "completions": ["a", "b"], "scores": [2, 1]},
+        {"prompt": "  ", "completions": ["a", "b"], "scores": [2, 1]},
+        {"prompt": "q5", "completions": ["a", said("b")], "scores": [2, 1]},  # mixed formats
+        {"prompt": user("q6"), "completions": ["a", "b"], "scores": [2, 1]},  # messages prompt, string completions
+        {"prompt": user("q7"), "completions": [said("a"), said(""), said("b")], "scores": [2, 3, 1]},
+    ]
+    result = build_pairs(rows)
+    assert [(r["source_row"], r["chosen"], r["rejected"]) for r in result.dataset] == [
+        (0, "good", "bad"), (1, "same", "other"), (7, said("a"), said("b"))]  # fmt: skip
+    assert result.dropped_rows == {**NO_DROPS, "too_few_completions": [2], "bad_prompt": [3, 4],
+                                   "bad_completions": [5, 6]}  # fmt: skip
+    assert result.excluded == {"blank": 2, "repeated": 2} and result.excluded_rows == {"blank": [0, 7],
+                                                                                       "repeated": [1, 2]}  # fmt: skip
+    assert result.summary().endswith("; not candidates: 4 completions (blank 2, repeated 2)")
+    # the pairs pass the quality check: none is empty or identical (it would be dropped there, uncounted here); the
+    # conversational one is checked apart, as rows of another format than the first are flagged ("mixed_format")
+    from fastdpo.data import check_preferences
+
+    assert check_preferences(result.dataset[:2]).drop_rows() == check_preferences(result.dataset[2:]).drop_rows() == []
 
 
 def test_empty_result_keeps_the_column_types():

@@ -9,12 +9,18 @@ either in a parallel ``scores`` column or inside each completion when completion
   more than ``margin`` below it (seeded per row, so the draw does not depend on the other rows);
 - ``all_above_margin``: every pair (i, j) with ``score_i - score_j > margin``, chosen = i, in (i, j) row order.
 
-The best (and the worst) is the first such completion in row order when several share the score. A row that
-yields no pair is dropped and counted, with its index, under one reason:
+The best (and the worst) is the first such completion in row order when several share the score. A completion
+that is blank (empty or whitespace text; messages with no text) or that repeats an earlier completion of its row
+word for word is no candidate: a pair of it would be dropped later as empty or identical. Such completions are
+counted in ``excluded`` (``blank``, ``repeated``) with their rows in ``excluded_rows``; the first occurrence of a
+repeated completion keeps its score. A row that yields no pair is dropped and counted, with its index, under one
+reason:
 
-- ``too_few_completions``: fewer than 2 completions;
+- ``bad_prompt``: a prompt that is None, blank, or neither a string nor a list of messages;
+- ``too_few_completions``: fewer than 2 completions (candidates, after the exclusions);
 - ``bad_scores``: a score that is None, NaN, infinite or not a number, or not one score per completion;
-- ``bad_completions``: a completion that is neither a string nor a list of messages (e.g. None);
+- ``bad_completions``: a completion that is neither a string nor a list of messages (e.g. None), or completions
+  whose format (strings or message lists) differs from each other's or from the prompt's;
 - ``ties``: every score is equal, so no completion is better than another;
 - ``below_margin``: scores differ, but never by more than ``margin``.
 
@@ -40,26 +46,33 @@ from fastdpo.data.schema import value_format
 from fastdpo.errors import ConfigError, DataError, close_match, unknown_choice
 
 STRATEGIES = ("best_vs_worst", "best_vs_random_lower", "all_above_margin")
-DROP_REASONS = ("too_few_completions", "bad_scores", "bad_completions", "ties", "below_margin")
+DROP_REASONS = ("bad_prompt", "too_few_completions", "bad_scores", "bad_completions", "ties", "below_margin")
+EXCLUDED = ("blank", "repeated")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "source_row")
 
 
 @dataclass
 class PairsResult:
-    """The pairs and what was dropped: ``dropped[reason]`` rows, whose indices are ``dropped_rows[reason]``."""
+    """The pairs and what was dropped: ``dropped[reason]`` rows, whose indices are ``dropped_rows[reason]``; and
+    the completions that were no candidates, ``excluded[reason]`` of them, in rows ``excluded_rows[reason]``."""
 
     dataset: datasets.Dataset | list[dict[str, Any]]
     dropped: dict[str, int] = field(default_factory=dict)
     dropped_rows: dict[str, list[int]] = field(default_factory=dict)
     strategy: str = "best_vs_worst"
     num_rows: int = 0  # input rows
+    excluded: dict[str, int] = field(default_factory=dict)
+    excluded_rows: dict[str, list[int]] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line, e.g. ``best_vs_worst: 8 pairs from 10 rows; dropped 2 rows (ties 1, bad_scores 1)``."""
         counts = [f"{reason} {count}" for reason, count in self.dropped.items() if count]
         total = sum(self.dropped.values())
         dropped = f"dropped {_plural(total, 'row')} ({', '.join(counts)})" if total else "dropped none"
-        return f"{self.strategy}: {_plural(len(self.dataset), 'pair')} from {_plural(self.num_rows, 'row')}; {dropped}"
+        excluded = [f"{reason} {count}" for reason, count in self.excluded.items() if count]
+        skipped = f"; not candidates: {_plural(sum(self.excluded.values()), 'completion')} ({', '.join(excluded)})"
+        pairs = f"{self.strategy}: {_plural(len(self.dataset), 'pair')} from {_plural(self.num_rows, 'row')}"
+        return f"{pairs}; {dropped}{skipped if excluded else ''}"
 
 
 def _plural(count: int, noun: str) -> str:
@@ -103,8 +116,13 @@ def build_pairs(
     all_scores = column_values(dataset, scores) if score_key is None else [None] * len(all_items)
     out: dict[str, list[Any]] = {name: [] for name in PAIR_COLUMNS}
     dropped_rows: dict[str, list[int]] = {reason: [] for reason in DROP_REASONS}
+    excluded_rows: dict[str, list[int]] = {reason: [] for reason in EXCLUDED}
     for row, (items, row_scores) in enumerate(zip(all_items, all_scores, strict=True)):
         parsed = _parse_row(row, items, row_scores, completions, response_key, score_key)
+        if isinstance(parsed, str):
+            dropped_rows[parsed].append(row)
+            continue
+        parsed = _candidates(prompts[row], *parsed, row, excluded_rows)
         if isinstance(parsed, str):
             dropped_rows[parsed].append(row)
             continue
@@ -125,7 +143,37 @@ def build_pairs(
         pairs_data = datasets.Dataset.from_dict(result, features=features)
     else:
         pairs_data = [dict(zip(result, values, strict=True)) for values in zip(*result.values(), strict=True)]
-    return PairsResult(pairs_data, dropped, dropped_rows, strategy=strategy, num_rows=len(dataset))
+    excluded = {reason: len(rows) for reason, rows in excluded_rows.items()}
+    return PairsResult(pairs_data, dropped, dropped_rows, strategy=strategy, num_rows=len(dataset), excluded=excluded,
+                       excluded_rows={reason: sorted(set(rows)) for reason, rows in excluded_rows.items()})  # fmt: skip
+
+
+def _candidates(prompt, responses: list, values: list[float], row: int, excluded_rows: dict[str, list[int]]):
+    """(responses, scores) that can make a pair, without blank and repeated completions (each noted under ``row``,
+    once per completion, in ``excluded_rows``), or the reason the row is dropped."""
+    if value_format(prompt) is None or _blank(prompt):
+        return "bad_prompt"
+    formats = {value_format(response) for response in responses}
+    if formats != {value_format(prompt)}:
+        return "bad_completions"
+    kept, seen = [], []
+    for response, value in zip(responses, values, strict=True):
+        reason = "blank" if _blank(response) else "repeated" if response in seen else None
+        if reason is not None:
+            excluded_rows[reason].append(row)
+            continue
+        seen.append(response)
+        kept.append((response, value))
+    if len(kept) < 2:
+        return "too_few_completions"
+    return [response for response, _ in kept], [value for _, value in kept]
+
+
+def _blank(value) -> bool:
+    """Empty or whitespace text, or messages none of which has any text."""
+    if isinstance(value, str):
+        return not value.strip()
+    return not any(isinstance(message.get("content"), str) and message["content"].strip() for message in value)
 
 
 def _check_options(strategy: str, margin: float, seed: int) -> None:
