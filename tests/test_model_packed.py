@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -62,7 +63,13 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
-}
+    # bodies that build their masks without position_ids: each segment runs alone in a padded row (_unpacked_body)
+    "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 64, "word_embed_proj_dim": 32, "max_position_embeddings": 64,
+                                            "dropout": 0.0, "attention_dropout": 0.0}),
+    "bloom": ("BloomConfig", "BloomForCausalLM", {"hidden_dropout": 0.0, "attention_dropout": 0.0}),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {"head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                                      "sliding_window": 6, "router_aux_loss_coef": 0.0}),
+}  # fmt: skip
 BACKENDS = ("eager", "sdpa")
 
 # (prompt, chosen, rejected) lengths: 1-token prompts, 1-token completions, up to 13-token sequences
@@ -190,6 +197,30 @@ def test_gradients_reach_the_body_and_the_head():
     embedding = model.get_input_embeddings().weight
     assert embedding.grad is not None and bool(embedding.grad.abs().sum() > 0)
     assert all(p.grad is not None for n, p in model.named_parameters() if "layers.1." in n)
+
+
+def test_bodies_that_build_masks_without_position_ids_run_unpacked_with_the_same_gradients():
+    from fastdpo.model.packed import isolates_packed_sequences
+
+    llama, opt = make_model("llama"), make_model("opt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for a body that isolates packed sequences
+        assert isolates_packed_sequences(llama.get_decoder(), torch.device("cpu"))
+    with pytest.warns(UserWarning, match="OPTDecoder builds its attention mask without position_ids, so packed"):
+        assert not isolates_packed_sequences(opt.get_decoder(), torch.device("cpu"))
+    examples = make_examples()
+    batch = make_batch(examples)
+    sequences = segment_sequences(batch, examples)
+    packed_logps(opt, batch, impl="torch").seq_logps[batch.seq_pair >= 0].sum().backward()
+    packed_grads = {name: p.grad.clone() for name, p in opt.named_parameters() if p.grad is not None}
+    opt.zero_grad()
+    for seq in filter(None, sequences):  # each sequence alone through the model: the gradient packing must give
+        ids = torch.tensor(seq[0] + seq[1])
+        logp = opt(input_ids=ids[None]).logits[0].log_softmax(-1)[:-1].gather(-1, ids[1:, None])[:, 0]
+        logp[len(seq[0]) - 1 :].sum().backward()
+    assert packed_grads.keys() == {name for name, p in opt.named_parameters() if p.grad is not None}
+    for name, p in opt.named_parameters():  # fp32 sums over ~50 tokens of a tiny model: ~1e-6 apart
+        torch.testing.assert_close(packed_grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # --- the head --------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ block-diagonal mask of packed sequences from ``position_ids`` only when ``attent
 turns that detection off and every sequence silently attends to the ones before it in its row. The flash-attention
 path never builds a mask: it isolates sequences only through ``cu_seq_lens_q/k`` (or position ids at batch size 1),
 so for flash the rows are flattened into one row of ``R·L`` tokens and the batch's ``cu_seqlens`` are passed.
+Bodies whose masks never see ``position_ids`` (OPT, Bloom, GPT-OSS, ...; ``isolates_packed_sequences`` probes once)
+run each segment alone in a padded row instead (``_unpacked_body``).
 fastdpo's own ``fastdpo_varlen`` (``fastdpo.model.attention``: causal attention per sequence, flash's varlen kernel
 inside torch on a GPU) runs the same way.
 
@@ -25,6 +27,7 @@ applies to the logits (Gemma-2/3 final soft-capping, Cohere's ``logit_scale``, G
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -328,8 +331,10 @@ def packed_body(
                 **batch.flash_attn_kwargs(),
                 **extra,
             )
-        elif implementation in MASK_BACKENDS:
+        elif implementation in MASK_BACKENDS and isolates_packed_sequences(body, device):
             output = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **extra)
+        elif implementation in MASK_BACKENDS:  # each segment alone in a row of its own: slower, never wrong
+            output = _unpacked_body(body, batch, extra)
         else:
             raise ConfigError(
                 f"attention implementation {implementation!r} gets no packed-sequence mask from transformers, so "
@@ -340,6 +345,55 @@ def packed_body(
     hidden = output.last_hidden_state
     router_logits = getattr(output, "router_logits", None) if output_router_logits else None
     return BodyOutput(hidden.reshape(-1, hidden.shape[-1]), router_logits)
+
+
+def isolates_packed_sequences(body: nn.Module, device: torch.device) -> bool:
+    """Whether ``body`` (a transformers decoder on eager/sdpa/flex attention) keeps the sequences of a packed row
+    apart: every mask it builds must go through transformers' mask preparation with ``position_ids`` and no
+    ``attention_mask``. Llama, Qwen, Mistral, Gemma, GPT-2 and most others do; OPT, Bloom, GPT-OSS, MPT and BioGPT
+    leave ``position_ids`` out, and remote code may build its own masks. Found once per body by running it on one
+    row of two 2-token sequences (no gradients) with that preparation watched; kept on the body."""
+    verdict = getattr(body, "_fastdpo_isolates_packed", None)
+    if verdict is not None:
+        return verdict
+    from transformers import masking_utils
+
+    prepare = masking_utils._preprocess_mask_arguments
+    calls = []
+
+    def watched(config, inputs_embeds, attention_mask, cache, position_ids, *args, **kwargs):
+        calls.append(attention_mask is None and position_ids is not None)
+        return prepare(config, inputs_embeds, attention_mask, cache, position_ids, *args, **kwargs)
+
+    ids = torch.zeros((1, 4), dtype=torch.long, device=device)
+    masking_utils._preprocess_mask_arguments = watched
+    try:
+        with torch.no_grad():
+            body(input_ids=ids, position_ids=torch.tensor([[0, 1, 0, 1]], device=device), use_cache=False)
+    finally:
+        masking_utils._preprocess_mask_arguments = prepare
+    body._fastdpo_isolates_packed = bool(calls) and all(calls)
+    if not body._fastdpo_isolates_packed:
+        how = "without position_ids" if calls else "by its own code"
+        warnings.warn(f"{type(body).__name__} builds its attention mask {how}, so packed sequences would attend to "
+                      "each other: each runs alone in a padded row instead (slower); packed_attention='varlen' packs "
+                      "it where its attention allows", stacklevel=2)  # fmt: skip
+    return body._fastdpo_isolates_packed
+
+
+def _unpacked_body(body: nn.Module, batch: PackedBatch, extra: dict):
+    """The body's output on ``batch`` with every segment (sequences and row-end padding) alone in a row, padded at
+    its end (causal attention never looks there); ``last_hidden_state`` as ``[1, R·L, H]`` in the packed order."""
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+    steps = torch.arange(int(lengths.max()), device=lengths.device)
+    index = batch.cu_seqlens[:-1].long()[:, None] + steps[None, :]  # [S, longest]
+    real = steps[None, :] < lengths[:, None]
+    flat = batch.input_ids.reshape(-1)
+    input_ids = torch.where(real, flat[index.clamp(max=flat.numel() - 1)], 0)
+    position_ids = steps.expand_as(index)
+    output = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
+    output.last_hidden_state = output.last_hidden_state[real].unsqueeze(0)  # segments tile the rows in order
+    return output
 
 
 # ---------------------------------------------------------------------------------------------------------------------
