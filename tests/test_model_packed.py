@@ -63,7 +63,9 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
-    # bodies that build their masks without position_ids: each segment runs alone in a padded row (_unpacked_body)
+}
+# bodies that build their masks without position_ids: each segment runs alone in a padded row (_unpacked_body)
+UNPACKED_FAMILIES = {
     "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 64, "word_embed_proj_dim": 32, "max_position_embeddings": 64,
                                             "dropout": 0.0, "attention_dropout": 0.0}),
     "bloom": ("BloomConfig", "BloomForCausalLM", {"hidden_dropout": 0.0, "attention_dropout": 0.0}),
@@ -77,7 +79,7 @@ SHAPES = [(3, 5, 2), (7, 2, 4), (1, 6, 6), (4, 3, 1), (5, 5, 5), (2, 1, 8), (6, 
 
 
 def make_model(family: str, **overrides) -> torch.nn.Module:
-    config_name, model_name, settings = FAMILIES[family]
+    config_name, model_name, settings = {**FAMILIES, **UNPACKED_FAMILIES}[family]
     config = getattr(transformers, config_name)(**{**COMMON, **settings, **overrides})
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config).eval()
@@ -145,7 +147,7 @@ def reference_case(family: str):
 
 
 def sdpa_unsupported_reason(family: str) -> str | None:
-    model_class = getattr(transformers, FAMILIES[family][1])
+    model_class = getattr(transformers, {**FAMILIES, **UNPACKED_FAMILIES}[family][1])
     if not model_class._supports_sdpa:
         return (
             f"transformers {transformers.__version__}: {model_class.__name__} has no sdpa path (_supports_sdpa=False)"
@@ -154,7 +156,7 @@ def sdpa_unsupported_reason(family: str) -> str | None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, *UNPACKED_FAMILIES])
 def test_packed_equals_one_by_one(family, backend):
     if backend == "sdpa" and (reason := sdpa_unsupported_reason(family)):
         pytest.skip(reason)  # Gemma-2: sdpa cannot soft-cap attention scores; eager (and flex, flash) only
@@ -200,18 +202,17 @@ def test_gradients_reach_the_body_and_the_head():
 
 
 def test_bodies_that_build_masks_without_position_ids_run_unpacked_with_the_same_gradients():
-    from fastdpo.model.packed import isolates_packed_sequences
-
     llama, opt = make_model("llama"), make_model("opt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning for a body that isolates packed sequences
-        assert isolates_packed_sequences(llama.get_decoder(), torch.device("cpu"))
-    with pytest.warns(UserWarning, match="OPTDecoder builds its attention mask without position_ids, so packed"):
-        assert not isolates_packed_sequences(opt.get_decoder(), torch.device("cpu"))
     examples = make_examples()
     batch = make_batch(examples)
     sequences = segment_sequences(batch, examples)
-    packed_logps(opt, batch, impl="torch").seq_logps[batch.seq_pair >= 0].sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for a body that isolates packed sequences
+        packed_logps(llama, batch, impl="torch")
+    assert llama.get_decoder()._fastdpo_isolates_packed is True  # (found in its first forward on shared rows)
+    with pytest.warns(UserWarning, match="OPTDecoder builds its attention mask without position_ids, so packed"):
+        packed_logps(opt, batch, impl="torch").seq_logps[batch.seq_pair >= 0].sum().backward()
+    assert opt.get_decoder()._fastdpo_isolates_packed is False
     packed_grads = {name: p.grad.clone() for name, p in opt.named_parameters() if p.grad is not None}
     opt.zero_grad()
     for seq in filter(None, sequences):  # each sequence alone through the model: the gradient packing must give

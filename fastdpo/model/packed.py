@@ -14,8 +14,8 @@ block-diagonal mask of packed sequences from ``position_ids`` only when ``attent
 turns that detection off and every sequence silently attends to the ones before it in its row. The flash-attention
 path never builds a mask: it isolates sequences only through ``cu_seq_lens_q/k`` (or position ids at batch size 1),
 so for flash the rows are flattened into one row of ``R·L`` tokens and the batch's ``cu_seqlens`` are passed.
-Bodies whose masks never see ``position_ids`` (OPT, Bloom, GPT-OSS, ...; ``isolates_packed_sequences`` probes once)
-run each segment alone in a padded row instead (``_unpacked_body``).
+Bodies whose masks never see ``position_ids`` (OPT, Bloom, GPT-OSS, ...; found in their first forward, see
+``_masked_body``) run each segment alone in a padded row instead (``_unpacked_body``).
 fastdpo's own ``fastdpo_varlen`` (``fastdpo.model.attention``: causal attention per sequence, flash's varlen kernel
 inside torch on a GPU) runs the same way.
 
@@ -331,10 +331,8 @@ def packed_body(
                 **batch.flash_attn_kwargs(),
                 **extra,
             )
-        elif implementation in MASK_BACKENDS and isolates_packed_sequences(body, device):
-            output = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **extra)
-        elif implementation in MASK_BACKENDS:  # each segment alone in a row of its own: slower, never wrong
-            output = _unpacked_body(body, batch, extra)
+        elif implementation in MASK_BACKENDS:
+            output = _masked_body(body, batch, extra)
         else:
             raise ConfigError(
                 f"attention implementation {implementation!r} gets no packed-sequence mask from transformers, so "
@@ -347,15 +345,17 @@ def packed_body(
     return BodyOutput(hidden.reshape(-1, hidden.shape[-1]), router_logits)
 
 
-def isolates_packed_sequences(body: nn.Module, device: torch.device) -> bool:
-    """Whether ``body`` (a transformers decoder on eager/sdpa/flex attention) keeps the sequences of a packed row
-    apart: every mask it builds must go through transformers' mask preparation with ``position_ids`` and no
-    ``attention_mask``. Llama, Qwen, Mistral, Gemma, GPT-2 and most others do; OPT, Bloom, GPT-OSS, MPT and BioGPT
-    leave ``position_ids`` out, and remote code may build its own masks. Found once per body by running it on one
-    row of two 2-token sequences (no gradients) with that preparation watched; kept on the body."""
+def _masked_body(body: nn.Module, batch: PackedBatch, extra: dict):
+    """The body on the packed rows, where transformers builds the per-sequence mask from ``position_ids``. Some
+    bodies leave ``position_ids`` out of their masks (OPT, Bloom, GPT-OSS, MPT, BioGPT) or build masks of their own
+    (remote code): packed sequences would attend to each other. The first forward on a row holding two sequences
+    watches transformers' mask preparation to find out, and the verdict is kept on the body; such a body then runs
+    each segment alone in a padded row (``_unpacked_body``), that first forward included."""
     verdict = getattr(body, "_fastdpo_isolates_packed", None)
-    if verdict is not None:
-        return verdict
+    if verdict is False:
+        return _unpacked_body(body, batch, extra)
+    if verdict is True or not _rows_are_shared(batch):
+        return body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **extra)
     from transformers import masking_utils
 
     prepare = masking_utils._preprocess_mask_arguments
@@ -365,20 +365,26 @@ def isolates_packed_sequences(body: nn.Module, device: torch.device) -> bool:
         calls.append(attention_mask is None and position_ids is not None)
         return prepare(config, inputs_embeds, attention_mask, cache, position_ids, *args, **kwargs)
 
-    ids = torch.zeros((1, 4), dtype=torch.long, device=device)
     masking_utils._preprocess_mask_arguments = watched
     try:
-        with torch.no_grad():
-            body(input_ids=ids, position_ids=torch.tensor([[0, 1, 0, 1]], device=device), use_cache=False)
+        output = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **extra)
     finally:
         masking_utils._preprocess_mask_arguments = prepare
     body._fastdpo_isolates_packed = bool(calls) and all(calls)
-    if not body._fastdpo_isolates_packed:
-        how = "without position_ids" if calls else "by its own code"
-        warnings.warn(f"{type(body).__name__} builds its attention mask {how}, so packed sequences would attend to "
-                      "each other: each runs alone in a padded row instead (slower); packed_attention='varlen' packs "
-                      "it where its attention allows", stacklevel=2)  # fmt: skip
-    return body._fastdpo_isolates_packed
+    if body._fastdpo_isolates_packed:
+        return output
+    how = "without position_ids" if calls else "by its own code"
+    warnings.warn(f"{type(body).__name__} builds its attention mask {how}, so packed sequences would attend to each "
+                  "other: each runs alone in a padded row instead (slower); packed_attention='varlen' packs it where "
+                  "its attention allows", stacklevel=2)  # fmt: skip
+    del output
+    return _unpacked_body(body, batch, extra)
+
+
+def _rows_are_shared(batch: PackedBatch) -> bool:
+    """Whether a row holds two sequences (row-end padding aside)."""
+    rows = (batch.cu_seqlens[:-1].long() // batch.input_ids.shape[1])[batch.seq_pair.to(batch.cu_seqlens.device) >= 0]
+    return bool(rows.unique().numel() < rows.numel())
 
 
 def _unpacked_body(body: nn.Module, batch: PackedBatch, extra: dict):
