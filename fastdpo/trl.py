@@ -14,7 +14,8 @@ saving, the model card). Two things are replaced, on this trainer instance only 
 patched):
 
 - the collator: the batch's pairs are packed without padding (``fastdpo.train.dpo.PairPacker``; the Trainer's
-  sampler still picks the same pairs per step as TRL), unless a ``data_collator`` is passed;
+  sampler still picks the same pairs per step as TRL); a ``data_collator`` must be one (a ``ConfigError`` names
+  any other: the packed step cannot read padded batches);
 - the loss: ``_compute_loss`` runs fastdpo's reference pass and policy pass on the packed batch
   (``preference_step``: the fused head, segment sums, TRL's loss family), through the DDP/FSDP wrapper's forward,
   and logs TRL's metrics under TRL's names the way TRL does (one value per micro-batch, averaged at each log).
@@ -68,10 +69,10 @@ from trl.trainer.utils import use_adapter  # noqa: E402
 from fastdpo.model.attention import PACKED_ATTENTION, packed_attention, use_attention  # noqa: E402
 from fastdpo.model.hooks import forward_as  # noqa: E402
 from fastdpo.model.packed import head_softcap  # noqa: E402
-from fastdpo.train.common import check_lean_activations, lean_layers  # noqa: E402
+from fastdpo.train.common import check_collator, check_lean_activations, lean_layers, warn_no_logits  # noqa: E402
 from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
 from fastdpo.train.config import check_weighting, loss_config_of  # noqa: E402
-from fastdpo.train.dpo import DisplacementWatch, _as_batch, packer_for  # noqa: E402
+from fastdpo.train.dpo import DisplacementWatch, PairPacker, _as_batch, packer_for  # noqa: E402
 from fastdpo.train.sft import (  # noqa: E402
     PackedSFTLoss,
     SequencePacker,
@@ -125,6 +126,7 @@ class DPOTrainer(trl.DPOTrainer):
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None) -> None:  # fmt: skip
         _refuse(args, compute_metrics)
+        check_collator(data_collator, PairPacker)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
@@ -134,6 +136,7 @@ class DPOTrainer(trl.DPOTrainer):
                               fix="use trl.DPOTrainer for vision-language models")  # fmt: skip
         args = self.args
         self.packed_attention_impl = _attention_of(args)
+        self._trl_collator = self.data_collator  # TRL's padded batches: its reference precompute in evaluate()
         if data_collator is None:
             self.data_collator = packer_for(self.model, args, self.packed_attention_impl, self._tokenizer.pad_token_id)
         check_lean_activations(self)
@@ -146,9 +149,18 @@ class DPOTrainer(trl.DPOTrainer):
         with use_attention([self.model, self.ref_model], self.packed_attention_impl), lean_layers(self):
             return super().training_step(model, inputs, num_items_in_batch)
 
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        # TRL's precompute (at init, and for a dataset given to evaluate()) runs its forward on its padded batches
+        packer, self.data_collator = self.data_collator, getattr(self, "_trl_collator", self.data_collator)
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self.data_collator = packer
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        warn_no_logits(prediction_loss_only)  # (TRL would return its full logits: predict())
         with use_attention([self.model, self.ref_model], self.packed_attention_impl):
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+            return super().prediction_step(model, inputs, True, ignore_keys=ignore_keys)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # fastdpo's likelihood-displacement watch on the averages TRL's log is about to write (it clears them after)
@@ -167,6 +179,8 @@ class DPOTrainer(trl.DPOTrainer):
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
         ref_logps = inputs.pop("ref_logps", None)
+        if not self.precompute_ref_logps:  # stale columns of an earlier run's precompute, which TRL ignores too
+            ref_logps = None
         batch = _as_batch(inputs)
         inner = self.accelerator.unwrap_model(model)
         if ref_logps is None:
@@ -218,6 +232,8 @@ class SFTTrainer(PackedSFTLoss, trl.SFTTrainer):
     ``fastdpo.ops.label_smoothing``) from the fused head (``fastdpo.train.sft.sft_step``).
     """
 
+    logs_padding_fraction = False  # TRL's metrics, under TRL's names, and no others
+
     def __init__(self, model, args: trl.SFTConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_loss_func=None, compute_metrics=None,
                  callbacks=None, optimizers=(None, None), optimizer_cls_and_kwargs=None,
@@ -225,6 +241,7 @@ class SFTTrainer(PackedSFTLoss, trl.SFTTrainer):
                  formatting_func=None) -> None:  # fmt: skip
         refuse_logit_hooks(TRL_FALLBACK, compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
                            preprocess_logits_for_metrics=preprocess_logits_for_metrics)  # fmt: skip
+        check_collator(data_collator, SequencePacker)
         with warnings.catch_warnings():  # TRL's says label smoothing costs a second forward: not here
             warnings.filterwarnings("ignore", message="`label_smoothing_factor` is deprecated", category=FutureWarning)
             super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,

@@ -12,6 +12,7 @@ from test_train_dpo import TRL_CASES, assert_first_steps_match, common_args, dat
 from tiny_tokenizer import build_tiny_tokenizer
 
 from fastdpo.errors import ConfigError
+from fastdpo.train import DPOConfig, DPOTrainer
 
 trl = pytest.importorskip("trl")
 dropin = pytest.importorskip("fastdpo.trl")
@@ -148,6 +149,49 @@ def test_sft_options_that_need_logits_are_refused(tmp_path):
                               **{name: lambda *a: None})  # fmt: skip
 
 
+def test_predict_gives_the_loss_and_a_padded_collator_is_refused(data, tmp_path):  # noqa: F811
+    from test_train_sft import common_args as sft_args
+    from test_train_sft import prompt_completion_rows
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    losses = {}
+    for name, cls in (("dropin", dropin.DPOTrainer), ("trl", trl.DPOTrainer), ("native", DPOTrainer)):
+        config = DPOConfig if name == "native" else trl.DPOConfig
+        trainer = cls(model=load(), ref_model=load(), args=config(**common_args(tmp_path, f"predict_{name}")),
+                      train_dataset=data, processing_class=tokenizer)  # fmt: skip
+        held_out = trainer.train_dataset.select(range(5))  # tokenized (predict, unlike evaluate, takes it so)
+        if name == "trl":  # TRL returns its full logits (its deprecated path); the fused head has none
+            out = trainer.predict(held_out)
+        else:  # predict() asked TRL's step for logits: a ConfigError blaming compute_metrics, which nobody passed
+            with pytest.warns(UserWarning, match="predictions are None: fastdpo's fused head builds no logits"):
+                out = trainer.predict(held_out)
+            assert out.predictions is None and out.label_ids is None
+        losses[name] = out.metrics["test_loss"]
+    assert losses["dropin"] == pytest.approx(losses["trl"], rel=1e-5) == losses["native"]
+    with pytest.warns(UserWarning, match="predictions are None"):  # SFT returned None without a word
+        sft = dropin.SFTTrainer(load(), args=trl.SFTConfig(**sft_args(tmp_path, "sft_predict")),
+                                train_dataset=prompt_completion_rows(4), processing_class=tokenizer)  # fmt: skip
+        assert sft.predict(sft.train_dataset.select(range(2))).predictions is None
+    assert "eval_padding_fraction" not in sft.evaluate(prompt_completion_rows(4))  # the drop-in logs TRL's only
+    # a padded collator: a bare KeyError ('pair_ids') at the first step
+    padded = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
+    message = "column 'data_collator': a DataCollatorForPreference makes padded batches"
+    for cls, config in ((dropin.DPOTrainer, trl.DPOConfig), (DPOTrainer, DPOConfig)):
+        with pytest.raises(ConfigError, match=message):
+            cls(model=load(), ref_model=load(), args=config(**common_args(tmp_path, "collate")), train_dataset=data,
+                processing_class=tokenizer, data_collator=padded)  # fmt: skip
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    for cls, config in ((dropin.SFTTrainer, trl.SFTConfig), (SFTTrainer, SFTConfig)):
+        with pytest.raises(ConfigError, match="a DataCollatorForLanguageModeling makes padded batches"):
+            cls(load(), args=config(**sft_args(tmp_path, "collate_sft")), train_dataset=prompt_completion_rows(4),
+                processing_class=tokenizer, data_collator=padded)  # fmt: skip
+
+
 def test_sync_ref_model_through_the_dropin(data, tmp_path):  # noqa: F811
     # TR-DPO: TRL's own callback moves the reference the drop-in reads; step 3 sees a moved reference
     tokenizer = build_tiny_tokenizer()
@@ -195,6 +239,32 @@ def test_a_body_whose_masks_ignore_position_ids_takes_trls_steps(data, tmp_path)
         ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin", **options)
     theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **options)
     assert_first_steps_match(ours, theirs)
+
+
+def test_stale_reference_columns_and_evaluate_on_a_new_set_under_precompute(data, tmp_path):  # noqa: F811
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    # a set saved by an earlier precompute run, now trained with a reference model: TRL runs the model (the columns
+    # made the drop-in's step-1 loss 0.04, rewards 3.35, where the policy still equals its reference)
+    stale = data.add_column("ref_chosen_logps", [-50.0] * len(data)).add_column("ref_rejected_logps",
+                                                                                [-60.0] * len(data))  # fmt: skip
+    ours = run(dropin.DPOTrainer, trl.DPOConfig, load, stale, tokenizer, tmp_path, "dropin")
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, stale, tokenizer, tmp_path, "trl")
+    assert_first_steps_match(ours, theirs)
+    assert ours[0]["rewards/margins"] == 0.0
+    native = DPOTrainer(load(), ref_model=load(), args=DPOConfig(**common_args(tmp_path, "native")),
+                        train_dataset=stale, processing_class=tokenizer)  # fmt: skip
+    native.train()
+    assert native.state.log_history[0]["rewards/margins"] == 0.0
+    # a set given to evaluate() under precompute: TRL precomputes it with its padded collator (a KeyError before)
+    metrics = {}
+    for name, cls in (("dropin", dropin.DPOTrainer), ("trl", trl.DPOTrainer)):
+        args = trl.DPOConfig(**common_args(tmp_path, f"eval_{name}"), precompute_ref_log_probs=True)
+        trainer = cls(model=load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+        trainer.train()
+        metrics[name] = trainer.evaluate(eval_dataset=data.select(range(5)))
+    for key in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen"):
+        assert metrics["dropin"][key] == pytest.approx(metrics["trl"][key], rel=1e-4, abs=1e-6), key
 
 
 def test_model_as_a_path_with_its_reference_loaded_by_trl(data, tmp_path):  # noqa: F811

@@ -333,6 +333,23 @@ def check_shared_options(config, not_yet: dict) -> None:
         raise ConfigError(f"must be ≥ 0, got {config.learning_rate}", column="learning_rate")
 
 
+def check_collator(collator, packer_cls: type) -> None:
+    """A ``ConfigError`` for a ``data_collator`` that is not fastdpo's packer (TRL's or transformers' make padded
+    batches, which the packed step cannot read: a ``KeyError`` at the first step)."""
+    if collator is not None and not isinstance(collator, packer_cls):
+        raise ConfigError(f"a {type(collator).__name__} makes padded batches; fastdpo's steps read packed ones",
+                          column="data_collator", fix=f"leave it unset (fastdpo packs each batch), or pass a "
+                          f"{packer_cls.__module__}.{packer_cls.__name__}")  # fmt: skip
+
+
+def warn_no_logits(prediction_loss_only: bool) -> None:
+    """``predict()`` (and any evaluation loop asked for predictions) gets the loss and metrics only: the fused head
+    never builds the logits that TRL's prediction step returns."""
+    if not prediction_loss_only:
+        warnings.warn("predictions are None: fastdpo's fused head builds no logits (the loss and metrics are "
+                      "computed as usual; prediction_loss_only=True asks for just those)", stacklevel=3)  # fmt: skip
+
+
 def check_report_to(config) -> None:
     """A ``ConfigError`` naming ``report_to`` for an integration transformers does not know (its own ``ValueError``
     comes from inside the Trainer's constructor); call after ``TrainingArguments.__post_init__`` made it a list.

@@ -67,6 +67,7 @@ from fastdpo.train.common import (
     SyncReference,
     TokenRate,
     check_attention_device,
+    check_collator,
     check_lean_activations,
     check_reference,
     check_run_dir,
@@ -78,6 +79,7 @@ from fastdpo.train.common import (
     report_dropped,
     report_streams,
     set_pad_token,
+    warn_no_logits,
     with_quantization,
 )
 from fastdpo.train.config import DPOConfig
@@ -164,6 +166,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
                 column="n_gpu",
                 fix="launch one process per GPU: accelerate launch (or torchrun) your script",
             )
+        check_collator(data_collator, PairPacker)
         init_kwargs = with_quantization(model, args.model_init_kwargs, quantization_config)
         if isinstance(model, str):  # the model first: a wrong path is then said as a model's, not a tokenizer's
             model = load_causal_lm(model, init_kwargs, trust_remote_code=args.trust_remote_code, column="model")
@@ -331,6 +334,8 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         ref_logps = inputs.pop("ref_logps", None)
+        if self.reference_mode != "cached":  # the columns of an earlier run's cache: this run's reference decides
+            ref_logps = None
         batch = _as_batch(inputs)
         inner = self.accelerator.unwrap_model(model)
 
@@ -394,6 +399,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
             return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        warn_no_logits(prediction_loss_only)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), use_attention([self.model, self.ref_model], self.packed_attention_impl):
             loss = self.compute_loss(model, inputs)

@@ -17,15 +17,14 @@ are dropped and counted in ``self.dropped_rows``), then ``pack_sft_dataset`` whe
 names (``loss``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``, and ``eval_*``) plus ``padding_fraction``.
 
 A model may be given as a path (loaded with ``model_init_kwargs`` as TRL loads it, fp32 unless ``dtype`` says
-otherwise; quantized with ``quantization_config``), and trained whole or through a PEFT adapter (``peft_config``, or
-a ``PeftModel``; on a quantized base its adapters train in bf16, as TRL sets QLoRA up). Non-finite
-steps are skipped by ``NumericsGuard`` (``max_nonfinite_steps``).
-Options it does not implement raise ``ConfigError``: ``compute_loss_func``, ``compute_metrics`` and
-``preprocess_logits_for_metrics`` (they need the logits), vision datasets. Streams (``datasets.IterableDataset``,
-with ``max_steps``) are prepared as they are read (``prepare_sft_stream``), packed block by block as TRL packs them.
-``assistant_only_loss`` needs a chat template with ``{% generation %}`` markers (TRL swaps in a training template
-for some model families; here ``tokenize_sft`` names the row instead). ``num_tokens`` counts real tokens; TRL's
-packed runs with ``pad_to_multiple_of`` also count their padding.
+otherwise; quantized with ``quantization_config``), and trained whole or through a PEFT adapter (``peft_config``, or a
+``PeftModel``; on a quantized base its adapters train in bf16, as TRL sets QLoRA up). Non-finite steps are skipped by
+``NumericsGuard`` (``max_nonfinite_steps``). Options it does not implement raise ``ConfigError``:
+``compute_loss_func``, ``compute_metrics`` and ``preprocess_logits_for_metrics`` (they need the logits), vision
+datasets. Streams (``datasets.IterableDataset``, with ``max_steps``) are prepared as they are read
+(``prepare_sft_stream``), packed block by block as TRL packs them. ``assistant_only_loss`` needs a chat template with
+``{% generation %}`` markers (TRL swaps one in for some families; ``tokenize_sft`` names the row). ``num_tokens``
+counts real tokens; TRL's packed runs with ``pad_to_multiple_of`` also count their padding.
 """
 
 from __future__ import annotations
@@ -69,6 +68,7 @@ from fastdpo.train.common import (
     NumericsGuard,
     TokenRate,
     check_attention_device,
+    check_collator,
     check_lean_activations,
     check_run_dir,
     check_stream_args,
@@ -78,6 +78,7 @@ from fastdpo.train.common import (
     report_dropped,
     report_streams,
     set_pad_token,
+    warn_no_logits,
     with_quantization,
 )
 from fastdpo.train.interrupt import InterruptibleTrainer
@@ -202,6 +203,7 @@ class PackedSFTLoss:
     ``self.packed_attention_impl`` (None: the model's own; ``use_attention``, held through the backward)."""
 
     packed_attention_impl: str | None = None
+    logs_padding_fraction = True  # fastdpo's own metric (the TRL drop-in logs TRL's alone)
 
     def training_step(self, *args, **kwargs):
         # held across the backward: gradient checkpointing recomputes the layers there (use_attention)
@@ -248,7 +250,8 @@ class PackedSFTLoss:
         num_valid, entropy, top1 = sums.reshape(-1, 3).sum(0).tolist()
         self._metrics[mode]["entropy"].append(entropy / num_valid if num_valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append(top1 / num_valid if num_valid > 0 else 0.0)
-        self._metrics[mode]["padding_fraction"].append(batch.padding_fraction)
+        if self.logs_padding_fraction:
+            self._metrics[mode]["padding_fraction"].append(batch.padding_fraction)
         if out.aux_loss is not None:
             self._metrics[mode]["aux_loss"].append(float(gather(out.aux_loss.detach()[None]).mean()))
         if mode == "train":  # every real token of the batch (padding excluded), as TRL counts
@@ -257,6 +260,7 @@ class PackedSFTLoss:
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        warn_no_logits(prediction_loss_only)
         inputs = self._prepare_inputs(inputs)
         attention = use_attention([self.model], self.packed_attention_impl)
         with torch.no_grad(), self.compute_loss_context_manager(), attention:
@@ -293,6 +297,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
         if tokenizer is not None:  # the old name, as the seed's example uses it
             warnings.warn("SFTTrainer(tokenizer=...) is deprecated: use processing_class", FutureWarning, stacklevel=2)
             processing_class = processing_class if processing_class is not None else tokenizer
+        check_collator(data_collator, SequencePacker)
         init_kwargs = with_quantization(model, args.model_init_kwargs, quantization_config)
         if isinstance(model, str):  # the model first: a wrong path is then said as a model's, not a tokenizer's
             model = load_causal_lm(model, init_kwargs, trust_remote_code=args.trust_remote_code, column="model")
