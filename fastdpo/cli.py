@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, DataError, OSError) as error:
             if "--debug" in argv:
                 raise
-            print(f"fastdpo: error: {error}", file=sys.stderr)
+            print(f"fastdpo: error: {_in_cli_terms(error, argv[0])}", file=sys.stderr)
             return 2
     parser = _parser()
     known, rest = parser.parse_known_args(argv)
@@ -127,15 +127,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _in_cli_terms(error: Exception, command: str) -> Exception:
     """``error`` with a fix that names the Python API's ``columns={...}`` rewritten as this command's option for it:
-    ``dataset_columns`` in the YAML (dpo, sft), ``--columns`` with JSON (data)."""
+    ``dataset_columns`` in the YAML (dpo, sft), ``--columns`` with JSON (data); a column to rename (compare)."""
     import ast
     import re
 
-    found = re.search(r"columns=(\{[^}]*\})( in prepare_preferences)?", getattr(error, "fix", None) or "")
+    found = re.search(r"(map your column with )?columns=(\{[^}]*\})( in prepare_preferences)?",
+                      getattr(error, "fix", None) or "")  # fmt: skip
     if not isinstance(error, DataError) or found is None:
         return error
-    mapping = json.dumps(ast.literal_eval(found.group(1)))
-    option = f"dataset_columns: {mapping} in the YAML" if command in COMMANDS else f"--columns '{mapping}'"
+    mapping = ast.literal_eval(found.group(2))
+    if command in COMMANDS:
+        option = f"{found.group(1) or ''}dataset_columns: {json.dumps(mapping)} in the YAML"
+    elif command == "data":
+        option = f"{found.group(1) or ''}--columns '{json.dumps(mapping)}'"
+    else:  # compare takes no column map
+        option = f"rename your column to {next(iter(mapping))!r} in the file"
     return DataError(error.message, row=error.row, column=error.column, fix=error.fix.replace(found.group(0), option))
 
 

@@ -522,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
                             fix="pass ids the policy's tokenizer gives, or the text")  # fmt: skip
     if args.limit is not None:
         prompts, checkers = prompts[: args.limit], None if checkers is None else checkers[: args.limit]
+    if args.pairs:  # read and checked before the answers are generated, which takes the time
+        from fastdpo.data import prepare_preferences
+
+        args.pairs = prepare_preferences(args.pairs)
     rows = compare(policy, reference, tokenizer, prompts, beta=args.beta, samples=args.samples,
                    max_new_tokens=args.max_new_tokens, checkers=checkers, seed=args.seed)  # fmt: skip
     pairs = pair_metrics(policy, reference, tokenizer, args.pairs, beta=args.beta) if args.pairs else None

@@ -100,7 +100,7 @@ def test_pair_metrics_scores_the_trainers_token_ids_against_a_token_by_token_ref
     assert same["reward_margin"] == 0 and same["reward_accuracy"] == 0
 
 
-def test_compare_cli_takes_a_conversational_pairs_file_and_names_a_bad_one(tmp_path, capsys):
+def test_compare_cli_takes_a_conversational_pairs_file_and_names_a_bad_one(tmp_path, capsys, monkeypatch):
     tokenizer = build_tiny_tokenizer()
     for name, seed in (("policy", 0), ("reference", 1)):
         tiny_llama(tokenizer, seed).float().save_pretrained(tmp_path / name)
@@ -116,8 +116,14 @@ def test_compare_cli_takes_a_conversational_pairs_file_and_names_a_bad_one(tmp_p
     # the CLI ran in fp32 (the saved models' dtype), the check in fp64: log-prob sums of ~10 tokens agree to 1e-4
     assert reported["pairs"] == 2 and reported == pytest.approx(want, rel=1e-4, abs=1e-4)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
+    import fastdpo.compare
+
+    # the file is read before any answer is generated (it failed only after), and the fix is one compare can take
+    monkeypatch.setattr(fastdpo.compare, "compare", lambda *a, **k: pytest.fail("answers generated first"))
+    capsys.readouterr()
     assert cli([*common, "--pairs", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out2")]) == 2
-    assert "rejected" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "column 'rejected': column not found — rename your column to 'rejected' in the file" in error
 
 
 def test_compare_loads_a_lora_runs_adapter_folder_and_names_a_missing_base(tmp_path, capsys, monkeypatch):
