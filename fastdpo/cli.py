@@ -219,6 +219,8 @@ def load_config(known: argparse.Namespace, flags: list[str]):
 
 def _unique_keys_loader(path: Path):
     """A safe YAML loader that refuses a key set twice in one mapping (PyYAML keeps the last silently)."""
+    from collections.abc import Hashable
+
     import yaml
 
     def mapping(loader, node):
@@ -227,6 +229,9 @@ def _unique_keys_loader(path: Path):
             if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' merges a mapping in, to override it
                 continue
             key = loader.construct_object(key_node)
+            if not isinstance(key, Hashable):  # ('? [a, b]': a list as a key)
+                raise yaml.constructor.ConstructorError(None, None, f"a {type(key).__name__} as a key",
+                                                        key_node.start_mark)  # fmt: skip
             if key in lines:
                 raise ConfigError(f"{path} sets {key!r} twice (lines {lines[key]} and {key_node.start_mark.line + 1})",
                                   column="config", fix="keep one of them")  # fmt: skip

@@ -86,7 +86,9 @@ def run_data(known: argparse.Namespace) -> int:
 
     limit = getattr(known, "limit", None)
     dataset = load_data(known.data) if limit is None else _first_rows(known.data, limit)
-    if getattr(known, "columns", None):
+    if known.action in ("check", "stats", "filter"):  # the rows as the trainers read them
+        checked = _prepared(dataset, getattr(known, "columns", None))
+    elif getattr(known, "columns", None):
         dataset = _mapped(dataset, known.columns)
     if known.action in ("check", "stats"):
         tokenizer = None
@@ -94,17 +96,19 @@ def run_data(known: argparse.Namespace) -> int:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(known.tokenizer)
-        report = check_preferences(dataset, tokenizer, max_length=getattr(known, "max_length", None))
+        report = check_preferences(checked, tokenizer, max_length=getattr(known, "max_length", None))
         if known.action == "stats":
             print(json.dumps(report.length_stats, indent=1) if known.json else _stats_table(report.length_stats))
         else:
             print(report.to_json() if known.json else report.to_markdown())
         return 0
-    if known.action == "filter":
+    if known.action == "filter":  # judged as the trainers read the rows; the rows kept are written as they are
         reasons = known.drop.split(",") if known.drop else None
-        report = check_preferences(dataset)
-        kept, dropped = report.filter(dataset, reasons, where=known.where)
-        rows = report.dropped_rows(dataset, reasons, where=known.where)
+        rows = check_preferences(checked).dropped_rows(checked, reasons, where=known.where)
+        gone = {row for removed in rows.values() for row in removed}
+        mapped = _mapped(dataset, known.columns) if known.columns else dataset  # (under fastdpo's column names)
+        kept = mapped.select([row for row in range(len(dataset)) if row not in gone])
+        dropped = {reason: len(removed) for reason, removed in rows.items()}
         _write(kept, known.out, known, {"input": known.data, "rows": len(dataset), "kept": len(kept),
                                         "dropped": dropped, "dropped_rows": rows})  # fmt: skip
         print(f"kept {len(kept)} of {len(dataset)} rows; dropped {dropped} (see {_dropped_path(known.out)})")
@@ -139,6 +143,20 @@ def _first_rows(source: str, limit: int):
         raise DataError(f"{source} has no rows", column="data", fix="check the file or the split")
     print(f"fastdpo: the first {len(rows)} rows of {source} (--limit {limit})", file=sys.stderr)
     return as_dataset(rows)
+
+
+def _prepared(dataset, columns: dict | None):
+    """``dataset`` as the trainers read it (``prepare_preferences``: columns mapped, score aliases, the prompt taken
+    out of whole conversations, system/input columns joined in), row for row; where a row stops that, the rows as
+    they are (mapped), so that the report lists every problem, with a note saying so."""
+    from fastdpo.data import prepare_preferences
+
+    try:
+        return prepare_preferences(dataset, columns=columns)
+    except DataError as error:
+        print(f"fastdpo: the rows are checked as they are, not as the trainers would read them: {error}",
+              file=sys.stderr)  # fmt: skip
+        return _mapped(dataset, columns) if columns else dataset
 
 
 def _mapped(dataset, columns: dict):

@@ -425,6 +425,18 @@ def test_model_that_needs_remote_code(tokenizer, tmp_path):
     expect(ConfigError, build, column="model", fix="trust_remote_code=True", message="custom code")
 
 
+def test_model_code_that_needs_a_missing_package(model_dir, tokenizer, tmp_path):
+    folder = tmp_path / "needs_package"
+    shutil.copytree(model_dir, folder)
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, "auto_map": {"AutoModelForCausalLM": "modeling_x.M"}}))
+    (folder / "modeling_x.py").write_text("import nonexistent_pkg_xyz\n")
+    args = config(tmp_path, trust_remote_code=True)
+    build = lambda: DPOTrainer(str(folder), args=args, processing_class=tokenizer)  # noqa: E731
+    # the model's own ImportError, blamed on the model (not on an attention setting it does not have)
+    expect(ConfigError, build, column="model", fix="install it", message="nonexistent_pkg_xyz")
+
+
 def test_attention_that_cannot_load_or_train_here(model_dir, tokenizer, tmp_path):
     def build(implementation):
         args = config(tmp_path, model_init_kwargs={"attn_implementation": implementation})
@@ -432,7 +444,9 @@ def test_attention_that_cannot_load_or_train_here(model_dir, tokenizer, tmp_path
                           processing_class=tokenizer)  # fmt: skip
 
     # a misspelling is the setting's fault, not the model folder's
-    expect(ConfigError, lambda: build("eagr"), column="model_init_kwargs", fix="'sdpa' or 'eager'", message="eagr")
+    expect(ConfigError, lambda: build("eagr"), column="model_init_kwargs", message="eagr",
+           fix="'sdpa' or 'eager' (or an attention kernel that is installed: flash_attention_2, flex_attention), or "
+           "leave it out")  # fmt: skip
     if importlib.util.find_spec("flash_attn") is None:  # transformers' ImportError, from inside from_pretrained
         expect(ConfigError, lambda: build("flash_attention_2"), column="model_init_kwargs", fix="install it")
     if not torch.cuda.is_available():  # torch has no flex-attention backward on a CPU: it failed in the first step

@@ -306,6 +306,32 @@ def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_c
     assert where_summary["dropped_rows"] == {"identical": [5], "where": []}
 
 
+def test_data_commands_judge_the_rows_as_the_trainers_read_them(workdir, data_cli):
+    # UltraFeedback-binarized's shape: a prompt string, whole conversations (the user turn first) and score aliases.
+    # Judged raw, every row was 'roles_out_of_order' (filter wrote an empty file) and score_chosen went unread
+    def row(prompt, good, bad, scores):
+        turn = {"role": "user", "content": prompt}
+        return {"prompt": prompt, "chosen": [turn, {"role": "assistant", "content": good}],
+                "rejected": [turn, {"role": "assistant", "content": bad}], "score_chosen": scores[0],
+                "score_rejected": scores[1]}  # fmt: skip
+
+    rows = [row("Sky?", "Blue.", "Green.", (8.5, 3.0)), row("Haiku?", "Leaves fall.", "Autumn.", (7.0, 7.0)),
+            row("French?", "Bonjour.", "Hola.", (9.0, 2.5))]  # fmt: skip
+    (workdir / "ufb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check = data_cli("check", "ufb.jsonl", "--json")
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert json.loads(check.stdout)["rows"] == {"tie": [1]}  # the equal scores, read through the alias
+    kept = data_cli("filter", "ufb.jsonl", "ufb_kept.jsonl", "--where", "chosen_score >= 8")
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    written = [json.loads(line) for line in (workdir / "ufb_kept.jsonl").read_text().splitlines()]
+    assert written == [rows[0], rows[2]]  # the rows as they were, not normalized
+    # rows that the trainers' preparation refuses are still all reported, as they are
+    (workdir / "bad_row.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [rows[0], {**rows[1], "chosen": 5}]))
+    bad = data_cli("check", "bad_row.jsonl", "--json")
+    assert bad.returncode == 0 and "checked as they are, not as the trainers would read them" in bad.stderr
+    assert json.loads(bad.stdout)["rows"]["not_text"] == [1]
+
+
 def test_data_pairs_and_split(workdir, data_cli):
     rows = [{"prompt": "q1?", "completions": ["a.", "b.", "c."], "scores": [3, 1, 2]},
             {"prompt": "q2?", "completions": ["x."], "scores": [1]},
@@ -383,6 +409,9 @@ def test_a_key_set_twice_in_the_yaml_is_refused_with_its_lines(workdir, monkeypa
     assert done.returncode == 2 and "sets 'prompt' twice (lines 2 and 3)" in done.stderr
     from fastdpo.cli import _unique_keys_loader
 
+    (workdir / "listkey.yaml").write_text("? [a, b]\n: 1\n")  # a list as a key: a TypeError from the check before
+    done = in_process("dpo", "--config", "listkey.yaml", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
+    assert done.returncode == 2 and "listkey.yaml is not valid YAML (a list as a key)" in done.stderr
     merged = "base: &b\n  beta: 0.1\n  max_length: 64\nrun:\n  <<: *b\n  beta: 0.2\n"  # overriding a merge is fine
     assert yaml.load(merged, Loader=_unique_keys_loader(Path("m.yaml"))) == yaml.safe_load(merged)
 

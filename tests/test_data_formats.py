@@ -137,6 +137,12 @@ def test_a_list_of_row_dicts_is_a_dataset_everywhere_and_bad_rows_are_named():
         load_data(mixed)
     with pytest.raises(DataError, match=r"row 1, column 'text': is a number where row 0 has a string"):
         prepare_sft([{"text": "a"}, {"text": 5}, {"text": "c"}])
+    import numpy
+
+    # kinds Arrow joins (numpy's float among Python's, ints among floats) are not the clash
+    scored = [{**row, "score": score} for row, score in zip(mixed, (1, numpy.float64(2.0), 3.5), strict=True)]
+    with pytest.raises(DataError, match=r"row 2, column 'chosen': is a list where row 0 has a string"):
+        load_data(scored)
     # ... or a structure deeper down (a message's content as a list of parts among strings), found by bisection
     chats = [{"prompt": [user(f"p{i}")], "chosen": [user("c")], "rejected": [user("r")]} for i in range(13)]
     chats[9]["prompt"] = [{"role": "user", "content": ["parts"]}]

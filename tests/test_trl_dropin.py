@@ -217,28 +217,42 @@ def test_moe_aux_loss_through_the_dropin(data, tmp_path):  # noqa: F811
             assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4), (step, name)
 
 
-def test_a_body_whose_masks_ignore_position_ids_takes_trls_steps(data, tmp_path):  # noqa: F811
-    # OPT builds its causal mask without position_ids: packed sequences attended to each other (log-probs and
-    # gradients off from the first step); its segments now run unpacked
-    from transformers import OPTConfig, OPTForCausalLM
+UNPACKED_BODIES = {  # bodies that build their masks without position_ids: (model class, config), tiny
+    "opt": ("OPT", {"ffn_dim": 64, "word_embed_proj_dim": 32, "max_position_embeddings": 256, "dropout": 0.0,
+                    "attention_dropout": 0.0}),
+    "bloom": ("Bloom", {"hidden_dropout": 0.0, "attention_dropout": 0.0}),
+    "gpt_oss": ("GptOss", {"intermediate_size": 32, "num_key_value_heads": 2, "head_dim": 8, "num_local_experts": 4,
+                           "num_experts_per_tok": 2, "sliding_window": 128}),  # (router_aux_loss_coef: its default)
+}  # fmt: skip
 
+
+@pytest.mark.parametrize("family", list(UNPACKED_BODIES))
+def test_a_body_whose_masks_ignore_position_ids_takes_trls_steps(family, data, tmp_path):  # noqa: F811
+    # these bodies build their causal masks without position_ids: packed sequences attended to each other (log-probs
+    # and gradients off from the first step); their segments now run unpacked, router logits (GPT-OSS) too
+    import transformers
+
+    name, settings = UNPACKED_BODIES[family]
     tokenizer = build_tiny_tokenizer()
-    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                       num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=256, dropout=0.0,
-                       attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = getattr(transformers, f"{name}Config")(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, pad_token_id=tokenizer.pad_token_id,
+                                                    bos_token_id=tokenizer.bos_token_id,
+                                                    eos_token_id=tokenizer.eos_token_id, **settings)  # fmt: skip
+    model_class = getattr(transformers, f"{name}ForCausalLM")
     torch.manual_seed(0)
-    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
-    load = lambda: OPTForCausalLM.from_pretrained(tmp_path / "opt", dtype=torch.float32)  # noqa: E731
+    model_class(config).save_pretrained(tmp_path / family)
+    load = lambda: model_class.from_pretrained(tmp_path / family, dtype=torch.float32)  # noqa: E731
     options = {"per_device_train_batch_size": 4}
     args = trl.DPOConfig(**{**common_args(tmp_path, "p"), **options})
     probe = dropin.DPOTrainer(model=load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
     batch = probe.data_collator([probe.train_dataset[i] for i in range(4)])
     assert bool((batch["position_ids"][:, 1:] == 0).any())  # a row holds two sequences: the case that leaked
-    with pytest.warns(UserWarning, match="OPTDecoder builds its attention mask without position_ids"):
+    with pytest.warns(UserWarning, match="builds its attention mask without position_ids"):
         ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin", **options)
     theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **options)
     assert_first_steps_match(ours, theirs)
+    if family == "gpt_oss":  # the router loss over the packed tokens, as TRL's over its padded batch's
+        assert ours[0]["aux_loss"] == pytest.approx(theirs[0]["aux_loss"], rel=1e-4)
 
 
 def test_stale_reference_columns_and_evaluate_on_a_new_set_under_precompute(data, tmp_path):  # noqa: F811

@@ -130,16 +130,27 @@ def _first_type_clash(rows: list[dict], columns: list[str]) -> tuple[int, str, s
             value = row.get(column)
             if value is None:
                 continue
-            kind = _KINDS.get(type(value), type(value).__name__)
+            kind = _kind(value)
             if first is None:
                 first = (index, kind)
-            elif kind != first[1]:
+            elif kind != first[1] and _first_row_that_fails(rows, column) is not None:  # (Arrow may join the kinds)
                 return index, column, kind, first[0], first[1]
     return None
 
 
-_KINDS = {str: "string", int: "number", float: "number", bool: "boolean", list: "list", tuple: "list", dict: "dict",
-          bytes: "bytes"}  # fmt: skip
+def _kind(value) -> str:
+    """What a value is, in words: numpy's scalars and arrays are numbers and lists as Python's are."""
+    import numbers
+
+    import numpy
+
+    if isinstance(value, (bool, numpy.bool_)):
+        return "boolean"
+    for types, kind in ((str, "string"), (numbers.Number, "number"), ((list, tuple, numpy.ndarray), "list"),
+                        (dict, "dict"), (bytes, "bytes")):  # fmt: skip
+        if isinstance(value, types):
+            return kind
+    return type(value).__name__
 
 
 def _pick_split(data: datasets.DatasetDict, split: str, name: str) -> datasets.Dataset:

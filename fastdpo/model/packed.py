@@ -348,13 +348,14 @@ def packed_body(
 def _masked_body(body: nn.Module, batch: PackedBatch, extra: dict):
     """The body on the packed rows, where transformers builds the per-sequence mask from ``position_ids``. Some
     bodies leave ``position_ids`` out of their masks (OPT, Bloom, GPT-OSS, MPT, BioGPT) or build masks of their own
-    (remote code): packed sequences would attend to each other. The first forward on a row holding two sequences
-    watches transformers' mask preparation to find out, and the verdict is kept on the body; such a body then runs
-    each segment alone in a padded row (``_unpacked_body``), that first forward included."""
+    (remote code): packed sequences would attend to each other. The body's first forward watches transformers' mask
+    preparation to find out, and the verdict is kept on the body; such a body then runs each segment alone in a
+    padded row (``_unpacked_body``), that first forward included. The watch does not depend on the batch, so every
+    process of a sharded run (FSDP, ZeRO-3) runs the body as often as the others."""
     verdict = getattr(body, "_fastdpo_isolates_packed", None)
     if verdict is False:
         return _unpacked_body(body, batch, extra)
-    if verdict is True or not _rows_are_shared(batch):
+    if verdict is True:
         return body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **extra)
     from transformers import masking_utils
 
@@ -375,16 +376,10 @@ def _masked_body(body: nn.Module, batch: PackedBatch, extra: dict):
         return output
     how = "without position_ids" if calls else "by its own code"
     warnings.warn(f"{type(body).__name__} builds its attention mask {how}, so packed sequences would attend to each "
-                  "other: each runs alone in a padded row instead (slower); packed_attention='varlen' packs it where "
-                  "its attention allows", stacklevel=2)  # fmt: skip
+                  "other: each runs alone in a padded row instead (slower, and more memory where lengths differ a lot);"
+                  " packed_attention='varlen' packs it where its attention allows", stacklevel=2)  # fmt: skip
     del output
     return _unpacked_body(body, batch, extra)
-
-
-def _rows_are_shared(batch: PackedBatch) -> bool:
-    """Whether a row holds two sequences (row-end padding aside)."""
-    rows = (batch.cu_seqlens[:-1].long() // batch.input_ids.shape[1])[batch.seq_pair.to(batch.cu_seqlens.device) >= 0]
-    return bool(rows.unique().numel() < rows.numel())
 
 
 def _unpacked_body(body: nn.Module, batch: PackedBatch, extra: dict):
@@ -399,6 +394,8 @@ def _unpacked_body(body: nn.Module, batch: PackedBatch, extra: dict):
     position_ids = steps.expand_as(index)
     output = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
     output.last_hidden_state = output.last_hidden_state[real].unsqueeze(0)  # segments tile the rows in order
+    if getattr(output, "router_logits", None) is not None:  # [S·longest, E] per layer → the packed tokens' [R·L, E]
+        output.router_logits = tuple(logits.reshape(*real.shape, -1)[real] for logits in output.router_logits)
     return output
 
 

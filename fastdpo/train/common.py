@@ -107,19 +107,21 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_
     kwargs.setdefault("trust_remote_code", trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except ImportError as error:  # an attn_implementation whose package is missing (flash-attn)
+    except ImportError as error:  # a package the model needs: flash-attn for its attn_implementation, or its code's
+        attention = "attn_implementation" in kwargs
         raise ConfigError(
-            f"{str(error).splitlines()[0]}",
-            column="model_init_kwargs",
-            fix="install it, or set attn_implementation to 'sdpa' or 'eager'",
+            f"cannot load a model from {name_or_path!r}: {str(error).splitlines()[0]}",
+            column="model_init_kwargs" if attention else column,
+            fix="install it" + (", or set attn_implementation to 'sdpa' or 'eager'" if attention else ""),
         ) from error
     except (OSError, ValueError) as error:  # not a directory with a config, not a valid hub name, or unreachable
         fix = "pass a directory written by save_pretrained, a hub name, or a model object"
         if "custom code" in str(error) and not kwargs["trust_remote_code"]:  # off unless asked: never run it unasked
             fix = f"read the code in {name_or_path}; if you trust it, set trust_remote_code=True"
         if "attn_implementation" in str(error) and "attn_implementation" in kwargs:  # the path is fine
-            column, fix = "model_init_kwargs", "set attn_implementation to 'sdpa' or 'eager' (or an attention kernel "
-            "that is installed: flash_attention_2, flex_attention), or leave it out"
+            column, fix = "model_init_kwargs", ("set attn_implementation to 'sdpa' or 'eager' (or an attention "
+                                                "kernel that is installed: flash_attention_2, flex_attention), or "
+                                                "leave it out")  # fmt: skip
         raise ConfigError(
             f"cannot load a model from {name_or_path!r} ({error.__class__.__name__}: {str(error).splitlines()[0]})",
             column=column,
