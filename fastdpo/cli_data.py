@@ -48,6 +48,7 @@ def add_data_parser(commands) -> None:
                                 help="best_vs_worst, best_vs_random_lower or all_above_margin")  # fmt: skip
             action.add_argument("--margin", type=float, default=0.0, help="a pair's scores differ by more than this")
             action.add_argument("--seed", type=int, default=0, help="best_vs_random_lower's draws")
+            action.add_argument("--lower-is-better", action="store_true", help="the scores are ranks: 1 is the best")
             for column, meaning in PAIRS_COLUMNS.items():
                 action.add_argument(f"--{column.replace('_', '-')}", dest=column, default=None, help=meaning)
         if name in ("filter", "pairs", "split"):
@@ -116,6 +117,7 @@ def run_data(known: argparse.Namespace) -> int:
     if known.action == "pairs":
         options = {k: getattr(known, k) for k in ("prompt", "completions", "scores", "response_key", "score_key")}
         result = build_pairs(dataset, strategy=known.strategy, margin=known.margin, seed=known.seed,
+                             lower_is_better=known.lower_is_better,
                              **{k: v for k, v in options.items() if v is not None})  # fmt: skip
         _write(result.dataset, known.out, known, {"input": known.data, "rows": result.num_rows,
                                                   "pairs": len(result.dataset), "dropped": result.dropped,

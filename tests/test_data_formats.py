@@ -269,6 +269,20 @@ def test_input_column_joined_by_the_template():
     assert conv[0]["prompt"] == [user("Summarize.\n\nText.")]
     with pytest.raises(ConfigError, match="column 'input_template'"):
         prepare_preferences(rows({"prompt": "p", "chosen": "c", "rejected": "r"}), input_template="{prompt} {text}")
+    # a row with both: the context was dropped without a word
+    both = prepare_preferences(
+        rows({"prompt": "Q.", "input": "In.", "context": "Ctx.", "chosen": "c", "rejected": "r"})
+    )
+    assert both["prompt"] == ["Q.\n\nIn.\n\nCtx."]
+
+
+def test_whole_conversations_next_to_a_prompt_of_their_first_turns():
+    # the turns were kept in both: the model was trained on the user's question twice
+    row = {"prompt": [user("Q?")], "chosen": [user("Q?"), assistant("A.")], "rejected": [user("Q?"), assistant("B.")]}
+    data = prepare_preferences(rows(row, {"prompt": [user("R?")], "chosen": [assistant("C.")],
+                                          "rejected": [assistant("D.")]}))  # fmt: skip
+    assert data[0] == {**data[0], "prompt": [user("Q?")], "chosen": [assistant("A.")], "rejected": [assistant("B.")]}
+    assert data[1]["chosen"] == [assistant("C.")]  # completions that do not repeat the prompt: as they are
 
 
 # ------------------------------------------------------------------------------------------------- bad rows

@@ -198,7 +198,7 @@ def test_blank_and_repeated_completions_are_no_candidates_and_bad_prompts_drop_t
         {"prompt": None, "completions": ["a", "b"], "scores": [2, 1]},
         {"prompt": "  ", "completions": ["a", "b"], "scores": [2, 1]},
         {"prompt": "q5", "completions": ["a", said("b")], "scores": [2, 1]},  # mixed formats
-        {"prompt": user("q6"), "completions": ["a", "b"], "scores": [2, 1]},  # messages prompt, string completions
+        {"prompt": user("q6"), "completions": ["a", "b"], "scores": [2, 1]},  # strings under a prompt of messages
         {"prompt": user("q7"), "completions": [said("a"), said(""), said("b")], "scores": [2, 3, 1]},
     ]
     result = build_pairs(rows)
@@ -214,6 +214,25 @@ def test_blank_and_repeated_completions_are_no_candidates_and_bad_prompts_drop_t
     from fastdpo.data import check_preferences
 
     assert check_preferences(result.dataset[:2]).drop_rows() == check_preferences(result.dataset[2:]).drop_rows() == []
+
+
+def test_ranks_whitespace_repeats_and_a_string_prompt_over_messages():
+    said = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    # Nectar's ranks: 1 is the best; read as scores, the worst answer was chosen, with nothing said
+    ranked = [{"prompt": "q", "answers": [{"answer": "Green.", "rank": 3}, {"answer": "Blue.", "rank": 1},
+                                           {"answer": "Teal.", "rank": 2}]}]  # fmt: skip
+    with pytest.warns(UserWarning, match="scores from 'rank': the highest is chosen; if 1 is the best rank"):
+        assert pairs_of(build_pairs(ranked, completions="answers", response_key="answer", score_key="rank").dataset) \
+            == [(0, "Green.", "Blue.", 3.0, 1.0)]  # fmt: skip
+    best = build_pairs(ranked, completions="answers", response_key="answer", score_key="rank", lower_is_better=True)
+    assert pairs_of(best.dataset) == [(0, "Blue.", "Green.", 1.0, 3.0)]  # the scores as given
+    rows = [
+        {"prompt": "q0", "completions": ["Hello!", "Hello! ", "Bye.\n"], "scores": [3, 2, 1]},  # whitespace only
+        {"prompt": "q1", "completions": [said("a"), said("b")], "scores": [2, 1]},
+    ]  # the prompt: the user's turn
+    result = build_pairs(rows)
+    assert pairs_of(result.dataset) == [(0, "Hello!", "Bye.\n", 3.0, 1.0), (1, said("a"), said("b"), 2.0, 1.0)]
+    assert result.excluded == {"blank": 0, "repeated": 1}
 
 
 def test_empty_result_keeps_the_column_types():

@@ -247,6 +247,17 @@ def test_no_prompt_column_checks_the_completions_alone():
     assert "prompt" not in report.length_stats["chars"]
 
 
+def test_pairs_that_differ_in_whitespace_only_are_identical():
+    rows = [{"prompt": "p", "chosen": "Hello!\n", "rejected": "Hello!"}, {"prompt": "p", "chosen": "a\r\nb",
+             "rejected": "a\nb"}, {"prompt": "p", "chosen": "a b", "rejected": "ab"},  # (not whitespace only)
+            {"prompt": "p", "chosen": "Bye.  ", "rejected": "Bye."}]  # fmt: skip
+    report = check_preferences(rows)
+    assert report.rows == {"identical": [0, 1, 3]}
+    assert report.to_dict()["details"]["0"] == ["identical (they differ in whitespace only)"]
+    chats = [{"prompt": [user("Q")], "chosen": [assistant("A. ")], "rejected": [assistant("A.")]}]
+    assert check_preferences(chats).rows == {"identical": [0]}
+
+
 # --------------------------------------------------------------------------------------------- lengths and tokens
 
 

@@ -12,11 +12,13 @@
   strings). For strings this can end inside a word; such rows get ``prompt_split_mid_word = True``;
 - UltraFeedback-style rows (a string ``prompt`` next to whole conversations that begin with the user): the
   prompt is taken from the conversations, as above; a string prompt next to completions that begin with the
-  assistant becomes one user message;
+  assistant becomes one user message; a prompt of messages that whole conversations begin with is taken out of
+  them (the turns once, in the prompt);
 - ``system`` (ours; TRL ignores the column): a system message put first in a conversational prompt that has
   none, or ``system_template`` (default ``"{system}\\n\\n{prompt}"``) for strings; empty systems change nothing;
 - ``input``/``context`` (instruction datasets): joined to the prompt with ``input_template`` (default
-  ``"{prompt}\\n\\n{input}"``; for conversations, appended to the last user message); empty ones change nothing;
+  ``"{prompt}\\n\\n{input}"``; for conversations, appended to the last user message), ``input`` then ``context``
+  where a row has both; empty ones change nothing;
 - every other column (``tools``, ``chat_template_kwargs``, metadata) kept as it came.
 """
 
@@ -217,17 +219,26 @@ def normalize_row(example: dict, *, kind, has_prompt, system_template, input_tem
         # the prompt is taken from the conversations. Completions that start with the assistant get it as a turn.
         whole = chosen[0].get("role") != "assistant" and rejected[0].get("role") != "assistant"
         prompt = None if whole else [{"role": "user", "content": prompt}]
+    elif kind == "conversational" and prompt and _starts_with(chosen, prompt) and _starts_with(rejected, prompt):
+        # whole conversations next to their own first turns as the prompt: the turns once, in the prompt
+        chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
     if prompt is None:
         prompt, chosen, rejected = extract_prompt(chosen, rejected)
         if kind == "standard":
             out["prompt_split_mid_word"] = bool(prompt and chosen and prompt[-1].isalnum() and chosen[0].isalnum())
-    extra = next((example.get(c) for c in ("input", "context") if example.get(c)), None)
-    if extra:
-        prompt = _join_input(prompt, extra, input_template)
+    for extra in (example.get(c) for c in ("input", "context")):  # (both, in that order, where a row has both)
+        if extra:
+            prompt = _join_input(prompt, extra, input_template)
     if example.get("system"):
         prompt = _add_system(prompt, example["system"], system_template)
     out.update(prompt=prompt, chosen=chosen, rejected=rejected)
     return out
+
+
+def _starts_with(messages: list, turns: list) -> bool:
+    """Whether ``messages`` go on past ``turns`` after beginning with them (role and content)."""
+    same = [(m.get("role"), m.get("content")) for m in messages[: len(turns)]]
+    return len(messages) > len(turns) and same == [(t.get("role"), t.get("content")) for t in turns]
 
 
 def _join_input(prompt, extra: str, template: str):

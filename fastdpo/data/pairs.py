@@ -2,7 +2,8 @@
 
 A row holds a ``prompt``, several ``completions`` (strings or message lists) and one score per completion,
 either in a parallel ``scores`` column or inside each completion when completions are dicts
-(``response_key="response", score_key="overall_score"``). ``build_pairs`` turns each row into pairs:
+(``response_key="response", score_key="overall_score"``). Higher is better, unless ``lower_is_better`` (ranks, 1
+the best). ``build_pairs`` turns each row into pairs:
 
 - ``best_vs_worst``: one pair, the highest score against the lowest;
 - ``best_vs_random_lower``: one pair, the highest score against a completion drawn uniformly among those scored
@@ -11,7 +12,7 @@ either in a parallel ``scores`` column or inside each completion when completion
 
 The best (and the worst) is the first such completion in row order when several share the score. A completion
 that is blank (empty or whitespace text; messages with no text) or that repeats an earlier completion of its row
-word for word is no candidate: a pair of it would be dropped later as empty or identical. Such completions are
+(whitespace aside) is no candidate: a pair of it would be dropped later as empty or identical. Such completions are
 counted in ``excluded`` (``blank``, ``repeated``) with their rows in ``excluded_rows``; the first occurrence of a
 repeated completion keeps its score. A row that yields no pair is dropped and counted, with its index, under one
 reason:
@@ -20,7 +21,7 @@ reason:
 - ``too_few_completions``: fewer than 2 completions (candidates, after the exclusions);
 - ``bad_scores``: a score that is None, NaN, infinite or not a number, or not one score per completion;
 - ``bad_completions``: a completion that is neither a string nor a list of messages (e.g. None), or completions
-  whose format (strings or message lists) differs from each other's or from the prompt's;
+  of both formats (strings and message lists), or strings under a prompt of messages;
 - ``ties``: every score is equal, so no completion is better than another;
 - ``below_margin``: scores differ, but never by more than ``margin``.
 
@@ -37,11 +38,13 @@ import hashlib
 import math
 import numbers
 import random
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 
+from fastdpo.data.quality import squeezed
 from fastdpo.data.schema import value_format
 from fastdpo.errors import ConfigError, DataError, close_match, unknown_choice
 
@@ -90,6 +93,7 @@ def build_pairs(
     score_key: str | None = None,
     margin: float = 0.0,
     seed: int = 0,
+    lower_is_better: bool = False,
 ) -> PairsResult:
     """Preference pairs from rows with several scored completions (see the module docstring for the rules).
 
@@ -101,12 +105,18 @@ def build_pairs(
         response_key, score_key: for completions that are dicts, the keys of the response and of its score.
         margin: a pair needs ``chosen_score - rejected_score > margin`` (≥ 0).
         seed: for ``best_vs_random_lower``; row ``i`` draws from its own generator seeded by (seed, i).
+        lower_is_better: the scores are ranks (1 the best, as Nectar's): the lowest is chosen. A score column or key
+            named like a rank without it gets a warning.
 
     Returns:
         ``PairsResult``: rows ``prompt, chosen, rejected, chosen_score, rejected_score, source_row`` (float scores,
         the input row index) then every other input column, and the dropped counts and row indices.
     """
     _check_options(strategy, margin, seed)
+    score_name = score_key if score_key is not None else scores
+    if "rank" in str(score_name).lower() and not lower_is_better:
+        warnings.warn(f"scores from {score_name!r}: the highest is chosen; if 1 is the best rank, pass "
+                      "lower_is_better=True (fastdpo data pairs --lower-is-better)", stacklevel=2)  # fmt: skip
     columns = {"prompt": prompt, "completions": completions}
     if score_key is None:
         columns["scores"] = scores
@@ -127,7 +137,7 @@ def build_pairs(
             dropped_rows[parsed].append(row)
             continue
         responses, values = parsed
-        pairs = _pick_pairs(strategy, values, margin, seed, row)
+        pairs = _pick_pairs(strategy, [-v for v in values] if lower_is_better else values, margin, seed, row)
         if isinstance(pairs, str):
             dropped_rows[pairs].append(row)
             continue
@@ -154,15 +164,17 @@ def _candidates(prompt, responses: list, values: list[float], row: int, excluded
     if value_format(prompt) is None or _blank(prompt):
         return "bad_prompt"
     formats = {value_format(response) for response in responses}
-    if formats != {value_format(prompt)}:
+    # one format; a string prompt may go with messages (it becomes the user's turn), not messages with strings
+    if len(formats) > 1 or (value_format(prompt) == "conversational" and formats != {"conversational"}):
         return "bad_completions"
-    kept, seen = [], []
+    kept, seen = [], set()
     for response, value in zip(responses, values, strict=True):
-        reason = "blank" if _blank(response) else "repeated" if response in seen else None
+        text = squeezed(response)  # (whitespace aside, as the quality check's 'identical')
+        reason = "blank" if _blank(response) else "repeated" if text in seen else None
         if reason is not None:
             excluded_rows[reason].append(row)
             continue
-        seen.append(response)
+        seen.add(text)
         kept.append((response, value))
     if len(kept) < 2:
         return "too_few_completions"

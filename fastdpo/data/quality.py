@@ -56,7 +56,7 @@ REASONS: dict[str, tuple[str, str]] = {
     "invalid_text": (DROP, "lone surrogates or control characters"),
     "roles_out_of_order": (DROP, "prompt not ending with a user/tool turn, or completion not starting with assistant"),
     "mixed_format": (DROP, "strings and message lists in one row, or against the dataset's format"),
-    "identical": (DROP, "chosen == rejected"),
+    "identical": (DROP, "chosen == rejected (whitespace aside)"),
     "duplicate": (DROP, "same prompt, chosen and rejected as an earlier row"),
     "chat_template_error": (DROP, "the chat template failed on the prompt"),
     "prompt_fills_max_length": (DROP, "the prompt alone has >= max_length tokens"),
@@ -385,8 +385,8 @@ def _check_pairs(num_rows, columns, formats, majority, found) -> tuple[list[int]
         key = tuple(_key(columns[c][row]) for c in names)
         if len(names) == 2:
             key = ("", *key)
-        if key[1] == key[2]:
-            found.add(row, "identical")
+        if key[1] == key[2] or squeezed(columns[names[-2]][row]) == squeezed(columns[names[-1]][row]):
+            found.add(row, "identical", "" if key[1] == key[2] else "they differ in whitespace only")
             continue
         valid.append(row)
         keys.append(key)
@@ -396,6 +396,20 @@ def _check_pairs(num_rows, columns, formats, majority, found) -> tuple[list[int]
 def _key(value: str | list) -> str:
     """A string as it is; messages as JSON without None fields (Arrow gives every message every key, None-filled)."""
     return value if isinstance(value, str) else json.dumps(_without_none(value), sort_keys=True, default=str)
+
+
+def squeezed(value: Any) -> str:
+    """``value`` as text with every run of whitespace one space (ends stripped), and messages without None fields:
+    two values with the same squeezed text differ in whitespace only."""
+
+    def squeeze(part):
+        if isinstance(part, str):
+            return " ".join(part.split())
+        if isinstance(part, Mapping):
+            return {k: squeeze(v) for k, v in part.items() if v is not None}
+        return [squeeze(v) for v in part] if isinstance(part, list) else part
+
+    return json.dumps(squeeze(value), sort_keys=True, default=str)
 
 
 def _without_none(value: Any) -> Any:
