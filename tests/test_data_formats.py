@@ -276,6 +276,42 @@ def test_input_column_joined_by_the_template():
     assert both["prompt"] == ["Q.\n\nIn.\n\nCtx."]
 
 
+TOOL_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m['content'] %}{{ m['content'] }}{% endif %}"
+                 "{% if m.tool_calls %}{% for c in m.tool_calls %}<call>{{ c.function.name }} "
+                 "{{ c.function.arguments | tojson }}</call>{% endfor %}{% endif %}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # fmt: skip
+
+
+@pytest.mark.parametrize("source", ["rows", "parquet"])
+def test_tool_call_arguments_keep_their_own_keys(source, tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    from fastdpo.data.sft import tokenize_sft
+
+    def call(name, arguments):
+        return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": name, "arguments": arguments}}]}  # fmt: skip
+
+    pairs = [{"prompt": [user("Weather?")], "chosen": [call("weather", {"city": "Paris"})],
+              "rejected": [assistant("Sun.")]},
+             {"prompt": [user("Cats?")], "chosen": [call("search", {"query": "cats", "limit": 3})],
+              "rejected": [assistant("Nice.")]}]  # fmt: skip
+    data = pairs
+    if source == "parquet":  # pyarrow's structs: every call gets every key any row's call has, None-filled
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(pairs), tmp_path / "calls.parquet")
+        data = str(tmp_path / "calls.parquet")
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = TOOL_TEMPLATE
+    tokenized = tokenize_preferences(prepare_preferences(data), tokenizer).dataset
+    for row, pair in zip(tokenized, pairs, strict=True):  # rendered with "limit": null, "query": null before
+        whole = tokenizer.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=True, return_dict=True)
+        assert row["prompt_ids"] + row["chosen_ids"] == whole["input_ids"]
+    sft = tokenize_sft([{"messages": p["prompt"] + p["chosen"]} for p in pairs], tokenizer).dataset
+    assert sft[0]["input_ids"] == tokenizer.apply_chat_template(pairs[0]["prompt"] + pairs[0]["chosen"],
+                                                                return_dict=True)["input_ids"]  # fmt: skip
+
+
 def test_whole_conversations_next_to_a_prompt_of_their_first_turns():
     # the turns were kept in both: the model was trained on the user's question twice
     row = {"prompt": [user("Q?")], "chosen": [user("Q?"), assistant("A.")], "rejected": [user("Q?"), assistant("B.")]}

@@ -42,7 +42,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from fastdpo.data.schema import PREFERENCE_COLUMNS
+from fastdpo.data.schema import PREFERENCE_COLUMNS, without_null_arguments
 from fastdpo.data.where import where_mask
 from fastdpo.errors import ConfigError, DataError, close_match
 
@@ -567,7 +567,11 @@ def _chat_prompt_lengths(tokenizer, prompts, pairs, columns, errors: dict[int, s
             extra = {} if kwargs is None or kwargs is _ABSENT else dict(kwargs)
             rendered.append(
                 tokenizer.apply_chat_template(
-                    prompts[k], tools=tools or None, tokenize=False, add_generation_prompt=True, **extra
+                    without_null_arguments(prompts[k]),
+                    tools=tools or None,
+                    tokenize=False,
+                    add_generation_prompt=True,
+                    **extra,
                 )
             )
         except Exception as error:  # a user's template, tools or kwargs can raise anything: report it on the row

@@ -46,6 +46,22 @@ def value_format(value: Any) -> str | None:
     return None
 
 
+def without_null_arguments(messages: list) -> list:
+    """``messages`` with the None-valued keys of tool calls' ``arguments`` dicts left out: Arrow gives a struct
+    column every key any row has, so a call that had ``{"city": "Paris"}`` comes back with the other calls' keys as
+    ``None`` (``"query": null`` in the rendered call). An argument that really was null goes too."""
+
+    def call(tool_call):
+        function = tool_call.get("function") if isinstance(tool_call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("arguments"), dict):
+            return tool_call
+        arguments = {key: value for key, value in function["arguments"].items() if value is not None}
+        return {**tool_call, "function": {**function, "arguments": arguments}}
+
+    return [{**m, "tool_calls": [call(c) for c in m["tool_calls"]]} if isinstance(m, dict) and m.get("tool_calls")
+            else m for m in messages]  # fmt: skip
+
+
 def template_inputs_problem(row: dict) -> tuple[str, str, str] | None:
     """(column, message, fix) when a row's ``tools`` or ``chat_template_kwargs`` cannot be given to
     ``apply_chat_template``: tools must be a list of JSON schemas (dicts), or that list as a JSON string; the kwargs

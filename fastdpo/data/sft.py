@@ -43,6 +43,7 @@ from fastdpo.data.schema import (
     source_version,
     template_inputs_problem,
     value_format,
+    without_null_arguments,
 )
 from fastdpo.data.tokenize import common_prefix_length
 from fastdpo.errors import ConfigError, DataError, unknown_choice
@@ -481,6 +482,7 @@ def _encode_conversation(example: dict, layout: str, tokenizer, chat_template, a
     kwargs = {"chat_template": chat_template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
 
     def encode(messages, **extra):
+        messages = without_null_arguments(messages)
         return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs, **extra)
 
     if layout == "messages":

@@ -29,7 +29,7 @@ from jinja2.exceptions import TemplateError
 
 from fastdpo.data.load import as_dataset
 from fastdpo.data.quality import message_problem
-from fastdpo.data.schema import is_message_list, source_version
+from fastdpo.data.schema import is_message_list, source_version, without_null_arguments
 from fastdpo.errors import ConfigError, DataError, unknown_choice
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def _conversation_ids(example: dict, tokenizer) -> tuple[list[int], list[int], l
     kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
 
     def encode(messages, **extra):
+        messages = without_null_arguments(messages)
         return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs, **extra)["input_ids"]
 
     prompt = example["prompt"]
