@@ -70,6 +70,15 @@ def test_jsonl_string_with_a_raw_line_separator_loads(tmp_path):
     assert prepare_preferences(path)[0]["prompt"] == "a\u2028b"
 
 
+@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.json"])
+def test_a_byte_order_mark_first_loads_as_datasets_reads_it(name, tmp_path):
+    # some editors (Notepad) write one; the line check refused the file at line 1 where datasets reads it
+    rows = [{"prompt": "Hi", "chosen": "Hello", "rejected": "Go"}, {"prompt": "Yo", "chosen": "Hey", "rejected": "No"}]
+    text = "\r\n".join(map(json.dumps, rows)) + "\r\n" if name.endswith("l") else json.dumps(rows)
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert prepare_preferences(tmp_path / name).to_list() == rows
+
+
 def test_broken_json_document_names_line_and_column(tmp_path):
     path = tmp_path / "data.json"
     path.write_text('[\n {"chosen": "a", "rejected": "b"},\n {"chosen": "a" "rejected": "b"}\n]\n')

@@ -194,12 +194,13 @@ def _load_local(path: Path, split: str | None):
 
 _UNHOLDABLE_FIX = "fix or remove the value: Arrow holds no lone surrogate (\\ud800-\\udfff), no integer over 64 bits"
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write first
 
 
 def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
     """DataError for a file ``datasets`` failed on: the first JSON Lines value Arrow cannot hold, by line and column
     (found only now, on the error path), else the reader's own message."""
-    text = path.read_text(encoding="utf-8") if kind == "json" else ""
+    text = path.read_text(encoding="utf-8-sig") if kind == "json" else ""
     if text and not text.lstrip().startswith("["):  # _check_json has parsed every line: each is an object
         for number, line in enumerate(text.splitlines(), start=1):
             for column, value in (json.loads(line) if line.strip() else {}).items():
@@ -231,7 +232,7 @@ def _check_json(path: Path) -> None:
     with open(path, "rb") as handle:
         first = b""
         while not first and (chunk := handle.read(1 << 16)):
-            first = chunk.lstrip()[:1]
+            first = chunk.lstrip().removeprefix(_BOM).lstrip()[:1]
     if first == b"[":  # one JSON document (a list of rows)
         _check_json_document(path)
         return
@@ -239,7 +240,7 @@ def _check_json(path: Path) -> None:
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # (a byte-order mark, as datasets reads)
             except UnicodeDecodeError:
                 raise DataError(f"{path}: line {number}: not valid UTF-8", fix="re-encode the file as UTF-8") from None
             if not line.strip():
@@ -264,7 +265,7 @@ def _check_json(path: Path) -> None:
 def _check_json_document(path: Path) -> None:
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: not valid UTF-8", fix="re-encode the file as UTF-8") from None
