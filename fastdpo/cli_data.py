@@ -105,9 +105,9 @@ def run_data(known: argparse.Namespace) -> int:
         return 0
     if known.action == "filter":  # judged as the trainers read the rows; the rows kept are written as they are
         reasons = known.drop.split(",") if known.drop else None
-        rows = check_preferences(checked).dropped_rows(checked, reasons, where=known.where)
-        gone = {row for removed in rows.values() for row in removed}
         mapped = _mapped(dataset, known.columns) if known.columns else dataset  # (under fastdpo's column names)
+        rows = check_preferences(checked).dropped_rows(_where_view(checked, mapped), reasons, where=known.where)
+        gone = {row for removed in rows.values() for row in removed}
         kept = mapped.select([row for row in range(len(dataset)) if row not in gone])
         dropped = {reason: len(removed) for reason, removed in rows.items()}
         _write(kept, known.out, known, {"input": known.data, "rows": len(dataset), "kept": len(kept),
@@ -149,16 +149,50 @@ def _first_rows(source: str, limit: int):
 
 def _prepared(dataset, columns: dict | None):
     """``dataset`` as the trainers read it (``prepare_preferences``: columns mapped, score aliases, the prompt taken
-    out of whole conversations, system/input columns joined in), row for row; where a row stops that, the rows as
-    they are (mapped), so that the report lists every problem, with a note saying so."""
+    out of whole conversations, system/input columns joined in), row for row; a row that preparation refuses stays
+    as it is (mapped; a list of rows is returned then), so that the report lists its problem and judges the others
+    prepared."""
     from fastdpo.data import prepare_preferences
+    from fastdpo.data.formats import _detect_format, check_row, rename_preference_columns
 
     try:
-        return prepare_preferences(dataset, columns=columns)
+        prepared = prepare_preferences(dataset, columns=columns)
     except DataError as error:
-        print(f"fastdpo: the rows are checked as they are, not as the trainers would read them: {error}",
-              file=sys.stderr)  # fmt: skip
-        return _mapped(dataset, columns) if columns else dataset
+        if error.row is None:  # the whole dataset's problem (a missing column): the check says the same
+            raise
+        renamed, _ = rename_preference_columns(dataset, columns or {})
+        kind = _detect_format(renamed, "auto")
+        raw = renamed.to_list()
+        refused = {}
+        for row, example in enumerate(raw):
+            try:
+                check_row(example, row, kind)
+            except DataError as problem:
+                refused[row] = problem
+        kept = [row for row in range(len(raw)) if row not in refused]
+        if kept:  # (a row _check_rows refuses that check_row passes cannot be: they run the same checks)
+            for row, example in zip(kept, prepare_preferences(renamed.select(kept)).to_list(), strict=True):
+                raw[row] = example
+        first = next(iter(refused.values()), error)
+        print(f"fastdpo: {len(refused) or 1} rows are checked as they are, the others as the trainers read them "
+              f"(preparation refuses those; the first: {first})", file=sys.stderr)  # fmt: skip
+        return raw
+    if "prompt" not in (dataset.column_names if hasattr(dataset, "column_names") else []) and not columns:
+        split = sum(prepared["prompt_split_mid_word"]) if "prompt_split_mid_word" in prepared.column_names else 0
+        print(f"fastdpo: no prompt column: each pair's prompt is the text chosen and rejected share (TRL's "
+              f"extract_prompt); {split} rows have it end inside a word", file=sys.stderr)  # fmt: skip
+    return prepared
+
+
+def _where_view(checked, mapped):
+    """The prepared rows with the input's own columns beside them (``score_chosen``, ``system``), for ``--where``."""
+    if not hasattr(checked, "column_names"):  # (a list of rows: some were refused by the preparation)
+        return [{**row, **{k: v for k, v in original.items() if k not in row}}
+                for row, original in zip(checked, mapped.to_list(), strict=True)]  # fmt: skip
+    for name in mapped.column_names:
+        if name not in checked.column_names:
+            checked = checked.add_column(name, mapped[name])
+    return checked
 
 
 def _mapped(dataset, columns: dict):

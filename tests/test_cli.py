@@ -325,11 +325,21 @@ def test_data_commands_judge_the_rows_as_the_trainers_read_them(workdir, data_cl
     assert kept.returncode == 0, kept.stderr[-2000:]
     written = [json.loads(line) for line in (workdir / "ufb_kept.jsonl").read_text().splitlines()]
     assert written == [rows[0], rows[2]]  # the rows as they were, not normalized
-    # rows that the trainers' preparation refuses are still all reported, as they are
-    (workdir / "bad_row.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [rows[0], {**rows[1], "chosen": 5}]))
+    # the file's own names work in --where too
+    own = data_cli("filter", "ufb.jsonl", "ufb_own.jsonl", "--where", "score_chosen >= 8")
+    assert own.returncode == 0 and "kept 2 of 3 rows" in own.stdout, own.stderr[-2000:]
+    # a row the trainers' preparation refuses is reported as it is; the others are still judged prepared (one bad
+    # row made every row 'roles_out_of_order' again, and filter kept none)
+    (workdir / "bad_row.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, {**rows[1], "chosen": 5}]))
     bad = data_cli("check", "bad_row.jsonl", "--json")
-    assert bad.returncode == 0 and "checked as they are, not as the trainers would read them" in bad.stderr
-    assert json.loads(bad.stdout)["rows"]["not_text"] == [1]
+    assert bad.returncode == 0 and "1 rows are checked as they are, the others as the trainers read them" in bad.stderr
+    found = json.loads(bad.stdout)["rows"]
+    assert found["not_text"] == [3] and {row for rows in found.values() for row in rows} == {1, 3}  # (1: the tie)
+    cleaned = data_cli("filter", "bad_row.jsonl", "bad_row_kept.jsonl")
+    assert cleaned.returncode == 0 and "kept 3 of 4 rows" in cleaned.stdout, cleaned.stderr[-2000:]
+    # with no prompt column the prompt is the shared text: said, as the raw check's no_prompt_column said it
+    implicit = data_cli("check", str(Path(__file__).parent / "fixtures" / "hh_rlhf.jsonl"))
+    assert implicit.returncode == 0 and "no prompt column: each pair's prompt is the text" in implicit.stderr
 
 
 def test_data_pairs_and_split(workdir, data_cli):

@@ -305,7 +305,11 @@ def test_tool_call_arguments_keep_their_own_keys(source, tmp_path):
     pairs = [{"prompt": [user("Weather?")], "chosen": [call("weather", {"city": "Paris"})],
               "rejected": [assistant("Sun.")]},
              {"prompt": [user("Cats?")], "chosen": [call("search", {"query": "cats", "limit": 3})],
-              "rejected": [assistant("Nice.")]}]  # fmt: skip
+              "rejected": [assistant("Nice.")]},
+             {"prompt": [user("Map?")], "chosen": [call("map", {"options": {"zoom": 2}})],
+              "rejected": [assistant("No.")]},
+             {"prompt": [user("Map!")], "chosen": [call("map", {"options": {"style": "dark"}})],
+              "rejected": [assistant("No!")]}]  # fmt: skip
     data = pairs
     if source == "parquet":  # pyarrow's structs: every call gets every key any row's call has, None-filled
         pyarrow.parquet.write_table(pyarrow.Table.from_pylist(pairs), tmp_path / "calls.parquet")

@@ -227,12 +227,20 @@ def test_ranks_whitespace_repeats_and_a_string_prompt_over_messages():
     best = build_pairs(ranked, completions="answers", response_key="answer", score_key="rank", lower_is_better=True)
     assert pairs_of(best.dataset) == [(0, "Blue.", "Green.", 1.0, 3.0)]  # the scores as given
     rows = [
-        {"prompt": "q0", "completions": ["Hello!", "Hello! ", "Bye.\n"], "scores": [3, 2, 1]},  # whitespace only
+        # whitespace only; but indentation is meaning: "a\nb" is no repeat of "a\n  b"
+        {"prompt": "q0", "completions": ["Hello!", "Hello! ", "Bye.\n", "a\n  b", "a\nb"], "scores": [3, 2, 1, 0.5, 0]},
         {"prompt": "q1", "completions": [said("a"), said("b")], "scores": [2, 1]},
     ]  # the prompt: the user's turn
     result = build_pairs(rows)
-    assert pairs_of(result.dataset) == [(0, "Hello!", "Bye.\n", 3.0, 1.0), (1, said("a"), said("b"), 2.0, 1.0)]
+    assert pairs_of(result.dataset) == [(0, "Hello!", "a\nb", 3.0, 0.0), (1, said("a"), said("b"), 2.0, 1.0)]
     assert result.excluded == {"blank": 0, "repeated": 1}
+    # the string prompt over messages comes out as the user's turn, so the pairs check clean (not mixed_format)
+    from fastdpo.data import check_preferences
+
+    for source in (rows[1:], datasets.Dataset.from_list(rows[1:])):
+        pairs = build_pairs(source).dataset
+        assert pairs[0]["prompt"] == [{"role": "user", "content": "q1"}]
+        assert check_preferences(pairs).drop_rows() == []
 
 
 def test_empty_result_keeps_the_column_types():

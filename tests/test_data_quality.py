@@ -256,6 +256,10 @@ def test_pairs_that_differ_in_whitespace_only_are_identical():
     assert report.to_dict()["details"]["0"] == ["identical (they differ in whitespace only)"]
     chats = [{"prompt": [user("Q")], "chosen": [assistant("A. ")], "rejected": [assistant("A.")]}]
     assert check_preferences(chats).rows == {"identical": [0]}
+    # whitespace that means something: indentation, a newline against a space, a blank line
+    meaningful = [("def f():\n    return 1", "def f():\nreturn 1"), ("- apple\n- pear", "- apple - pear"),
+                  ("a\n\nb", "a\nb"), ("x  \ny", "x\n  y")]  # fmt: skip
+    assert check_preferences([{"prompt": "p", "chosen": a, "rejected": b} for a, b in meaningful]).rows == {}
 
 
 # --------------------------------------------------------------------------------------------- lengths and tokens

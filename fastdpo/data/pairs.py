@@ -141,8 +141,11 @@ def build_pairs(
         if isinstance(pairs, str):
             dropped_rows[pairs].append(row)
             continue
+        prompt_value = prompts[row]
+        if isinstance(prompt_value, str) and value_format(responses[0]) == "conversational":  # the user's turn, as
+            prompt_value = [{"role": "user", "content": prompt_value}]  # prepare_preferences reads it: checks clean
         for i, j in pairs:
-            pair = (prompts[row], responses[i], responses[j], values[i], values[j], row)
+            pair = (prompt_value, responses[i], responses[j], values[i], values[j], row)
             for name, value in zip(PAIR_COLUMNS, pair, strict=True):
                 out[name].append(value)
 
@@ -313,6 +316,8 @@ def _pair_features(features: datasets.Features, prompt, completions, response_ke
     if item is None:
         return None
     score, index = datasets.Value("float64"), datasets.Value("int64")
+    if features[prompt] == datasets.Value("string") and isinstance(item, (list, datasets.Sequence, datasets.List)):
+        return None  # a string prompt over messages comes out as a user's turn: its type is inferred
     new = {"prompt": features[prompt], "chosen": item, "rejected": item, "chosen_score": score, "rejected_score": score}
     return datasets.Features({**new, "source_row": index, **{name: features[name] for name in carried}})
 

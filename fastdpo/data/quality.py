@@ -385,7 +385,8 @@ def _check_pairs(num_rows, columns, formats, majority, found) -> tuple[list[int]
         key = tuple(_key(columns[c][row]) for c in names)
         if len(names) == 2:
             key = ("", *key)
-        if key[1] == key[2] or squeezed(columns[names[-2]][row]) == squeezed(columns[names[-1]][row]):
+        chosen, rejected = columns[names[-2]][row], columns[names[-1]][row]
+        if key[1] == key[2] or (_solid(chosen) == _solid(rejected) and squeezed(chosen) == squeezed(rejected)):
             found.add(row, "identical", "" if key[1] == key[2] else "they differ in whitespace only")
             continue
         valid.append(row)
@@ -399,17 +400,32 @@ def _key(value: str | list) -> str:
 
 
 def squeezed(value: Any) -> str:
-    """``value`` as text with every run of whitespace one space (ends stripped), and messages without None fields:
-    two values with the same squeezed text differ in whitespace only."""
+    """``value`` with the whitespace that carries no meaning left out: ``\\r\\n`` read as ``\\n``, spaces and tabs at
+    line ends, and whitespace at both ends (indentation, blank lines and a space against a newline stay); messages
+    as JSON without None fields. Two values with the same squeezed text differ in such whitespace only."""
+    if isinstance(value, str):
+        return _LINE_END_SPACE.sub("\n", value.replace("\r\n", "\n")).strip()
 
     def squeeze(part):
         if isinstance(part, str):
-            return " ".join(part.split())
+            return squeezed(part)
         if isinstance(part, Mapping):
             return {k: squeeze(v) for k, v in part.items() if v is not None}
         return [squeeze(v) for v in part] if isinstance(part, list) else part
 
     return json.dumps(squeeze(value), sort_keys=True, default=str)
+
+
+_LINE_END_SPACE = re.compile(r"[ \t]+\n")
+
+
+def _solid(value: Any) -> int:
+    """How many characters of ``value``'s text are not whitespace: equal for values that squeeze to the same text
+    (a quick test first: most pairs differ in it)."""
+    if isinstance(value, str):
+        return len(value) - value.count(" ") - value.count("\n") - value.count("\t") - value.count("\r")
+    parts = value.values() if isinstance(value, Mapping) else value if isinstance(value, list) else ()
+    return sum(map(_solid, parts))
 
 
 def _without_none(value: Any) -> Any:

@@ -47,16 +47,20 @@ def value_format(value: Any) -> str | None:
 
 
 def without_null_arguments(messages: list) -> list:
-    """``messages`` with the None-valued keys of tool calls' ``arguments`` dicts left out: Arrow gives a struct
-    column every key any row has, so a call that had ``{"city": "Paris"}`` comes back with the other calls' keys as
-    ``None`` (``"query": null`` in the rendered call). An argument that really was null goes too."""
+    """``messages`` with the None-valued keys of tool calls' ``arguments`` dicts (at any depth) left out: Arrow gives
+    a struct column every key any row has, so a call that had ``{"city": "Paris"}`` comes back with the other calls'
+    keys as ``None`` (``"query": null`` in the rendered call). An argument that really was null goes too."""
 
     def call(tool_call):
         function = tool_call.get("function") if isinstance(tool_call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("arguments"), dict):
             return tool_call
-        arguments = {key: value for key, value in function["arguments"].items() if value is not None}
-        return {**tool_call, "function": {**function, "arguments": arguments}}
+        return {**tool_call, "function": {**function, "arguments": without_none(function["arguments"])}}
+
+    def without_none(value):  # (nested objects are structs too)
+        if isinstance(value, dict):
+            return {key: without_none(item) for key, item in value.items() if item is not None}
+        return [without_none(item) for item in value] if isinstance(value, list) else value
 
     return [{**m, "tool_calls": [call(c) for c in m["tool_calls"]]} if isinstance(m, dict) and m.get("tool_calls")
             else m for m in messages]  # fmt: skip
