@@ -174,10 +174,12 @@ def _prepared(dataset, columns: dict | None):
             for row, example in zip(kept, prepare_preferences(renamed.select(kept)).to_list(), strict=True):
                 raw[row] = example
         first = next(iter(refused.values()), error)
-        print(f"fastdpo: {len(refused) or 1} rows are checked as they are, the others as the trainers read them "
-              f"(preparation refuses those; the first: {first})", file=sys.stderr)  # fmt: skip
+        print(f"fastdpo: rows the trainers' preparation refuses, checked as they are: {len(refused)} of {len(raw)} "
+              f"(the first: {first}); the others are checked as the trainers read them", file=sys.stderr)  # fmt: skip
         return raw
-    if "prompt" not in (dataset.column_names if hasattr(dataset, "column_names") else []) and not columns:
+    if "prompt" not in (dataset.column_names if hasattr(dataset, "column_names") else []) and "prompt" not in (
+        columns or {}
+    ):
         split = sum(prepared["prompt_split_mid_word"]) if "prompt_split_mid_word" in prepared.column_names else 0
         print(f"fastdpo: no prompt column: each pair's prompt is the text chosen and rejected share (TRL's "
               f"extract_prompt); {split} rows have it end inside a word", file=sys.stderr)  # fmt: skip

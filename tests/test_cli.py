@@ -332,7 +332,7 @@ def test_data_commands_judge_the_rows_as_the_trainers_read_them(workdir, data_cl
     # row made every row 'roles_out_of_order' again, and filter kept none)
     (workdir / "bad_row.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, {**rows[1], "chosen": 5}]))
     bad = data_cli("check", "bad_row.jsonl", "--json")
-    assert bad.returncode == 0 and "1 rows are checked as they are, the others as the trainers read them" in bad.stderr
+    assert bad.returncode == 0 and "rows the trainers' preparation refuses, checked as they are: 1 of 4" in bad.stderr
     found = json.loads(bad.stdout)["rows"]
     assert found["not_text"] == [3] and {row for rows in found.values() for row in rows} == {1, 3}  # (1: the tie)
     cleaned = data_cli("filter", "bad_row.jsonl", "bad_row_kept.jsonl")
