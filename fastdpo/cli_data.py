@@ -177,9 +177,7 @@ def _prepared(dataset, columns: dict | None):
         print(f"fastdpo: rows the trainers' preparation refuses, checked as they are: {len(refused)} of {len(raw)} "
               f"(the first: {first}); the others are checked as the trainers read them", file=sys.stderr)  # fmt: skip
         return raw
-    if "prompt" not in (dataset.column_names if hasattr(dataset, "column_names") else []) and "prompt" not in (
-        columns or {}
-    ):
+    if "prompt" not in getattr(dataset, "column_names", []) and "prompt" not in (columns or {}):
         split = sum(prepared["prompt_split_mid_word"]) if "prompt_split_mid_word" in prepared.column_names else 0
         print(f"fastdpo: no prompt column: each pair's prompt is the text chosen and rejected share (TRL's "
               f"extract_prompt); {split} rows have it end inside a word", file=sys.stderr)  # fmt: skip
