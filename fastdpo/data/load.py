@@ -125,7 +125,7 @@ def _first_type_clash(rows: list[dict], columns: list[str]) -> tuple[int, str, s
     (string, number, list, ...) differs from the column's first non-None value; None when the kinds agree (the
     clash is deeper, e.g. inside message lists)."""
     for column in columns:
-        first = None
+        first, joins = None, None
         for index, row in enumerate(rows):
             value = row.get(column)
             if value is None:
@@ -133,8 +133,12 @@ def _first_type_clash(rows: list[dict], columns: list[str]) -> tuple[int, str, s
             kind = _kind(value)
             if first is None:
                 first = (index, kind)
-            elif kind != first[1] and _first_row_that_fails(rows, column) is not None:  # (Arrow may join the kinds)
-                return index, column, kind, first[0], first[1]
+            elif kind != first[1]:
+                if joins is None:  # (Arrow joins some kinds, ints and floats: then the clash is elsewhere)
+                    joins = _first_row_that_fails(rows, column) is None
+                if not joins:
+                    return index, column, kind, first[0], first[1]
+                break
     return None
 
 
