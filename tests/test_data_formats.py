@@ -79,6 +79,12 @@ def test_a_byte_order_mark_first_loads_as_datasets_reads_it(name, tmp_path):
     assert prepare_preferences(tmp_path / name).to_list() == rows
 
 
+def test_a_csv_of_number_answers_says_why_they_are_numbers(tmp_path):
+    (tmp_path / "math.csv").write_text("prompt,chosen,rejected\nWhat is 2+2?,4,5\nWhat is 3+3?,6,7\n")
+    with pytest.raises(DataError, match=r"got int — .*a CSV reader reads a column of answers like 4 as numbers"):
+        prepare_preferences(tmp_path / "math.csv")
+
+
 def test_broken_json_document_names_line_and_column(tmp_path):
     path = tmp_path / "data.json"
     path.write_text('[\n {"chosen": "a", "rejected": "b"},\n {"chosen": "a" "rejected": "b"}\n]\n')

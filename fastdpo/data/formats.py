@@ -134,11 +134,17 @@ def _detect_format(dataset: datasets.Dataset, format: str) -> str:
     first = dataset[0]
     kind = value_format(first["chosen"])
     if kind is None:
+        numbers = isinstance(first["chosen"], (int, float)) and not isinstance(first["chosen"], bool)
         raise DataError(
             f"expected a string or a list of {{'role', 'content'}} messages, got {type(first['chosen']).__name__}",
             row=0,
             column="chosen",
-            fix="fix the value, or run fastdpo.data.check_preferences to list every such row",
+            fix="fix the value, or run fastdpo.data.check_preferences to list every such row"
+            + (
+                "; a CSV reader reads a column of answers like 4 as numbers: write the file as .jsonl"
+                if numbers
+                else ""
+            ),
         )
     return kind
 
