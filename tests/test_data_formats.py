@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import datasets
@@ -329,6 +330,20 @@ def test_tool_call_arguments_keep_their_own_keys(source, tmp_path):
     sft = tokenize_sft([{"messages": p["prompt"] + p["chosen"]} for p in pairs], tokenizer).dataset
     assert sft[0]["input_ids"] == tokenizer.apply_chat_template(pairs[0]["prompt"] + pairs[0]["chosen"],
                                                                 return_dict=True)["input_ids"]  # fmt: skip
+
+
+def test_whole_transcripts_next_to_their_prompt_are_warned_about_and_kept(caplog):
+    prompt = "\n\nHuman: Sky?\n\nAssistant:"
+    transcript = {"prompt": prompt, "chosen": prompt + " Blue.", "rejected": prompt + " Green."}
+    plain = {"prompt": "Sky?", "chosen": " Blue.", "rejected": " Green."}
+    with caplog.at_level(logging.WARNING, logger="fastdpo.data.formats"):
+        data = prepare_preferences(rows(plain, transcript, transcript))
+    assert "2 of 3 rows have a chosen and a rejected that both begin with their prompt (rows [1, 2])" in caplog.text
+    assert data[1]["chosen"] == prompt + " Blue."  # kept: a completion may repeat its prompt on purpose
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastdpo.data.formats"):
+        prepare_preferences(rows(plain))
+    assert "begin with their prompt" not in caplog.text
 
 
 def test_whole_conversations_next_to_a_prompt_of_their_first_turns():

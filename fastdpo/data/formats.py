@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import datasets
@@ -40,6 +41,8 @@ from fastdpo.data.schema import (
     value_format,
 )
 from fastdpo.errors import ConfigError, DataError, unknown_choice
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "standard", "conversational")
 KNOWN_TARGETS = (
@@ -98,6 +101,8 @@ def prepare_preferences(
         "version": _VERSION,
     }
     has_prompt = "prompt" in dataset.column_names
+    if has_prompt and kind == "standard":
+        _warn_repeated_prompts(dataset)
     return dataset.map(
         normalize_row,
         fn_kwargs={**fn_kwargs, "has_prompt": has_prompt},
@@ -105,6 +110,21 @@ def prepare_preferences(
         num_proc=num_proc,
         desc="Normalizing preference rows",
     )
+
+
+def _warn_repeated_prompts(dataset: datasets.Dataset) -> None:
+    """One counted warning for string rows whose chosen and rejected both begin with their prompt (whole
+    transcripts, HH-RLHF's, next to a prompt column): the model would read the prompt twice. They are kept as they
+    are: a completion may repeat its prompt on purpose."""
+    columns = dataset.with_format(None).select_columns(["prompt", "chosen", "rejected"]).to_dict()
+    rows = [row for row, (prompt, chosen, rejected) in enumerate(zip(*columns.values(), strict=True))
+            if isinstance(prompt, str) and prompt.strip() and isinstance(chosen, str) and isinstance(rejected, str)
+            and chosen.startswith(prompt) and rejected.startswith(prompt)]  # fmt: skip
+    if rows:
+        logger.warning("%d of %d rows have a chosen and a rejected that both begin with their prompt (rows %s): the "
+                       "model reads the prompt twice. If they are whole transcripts, drop the prompt column (the "
+                       "shared text becomes the prompt) or cut it from them", len(rows), len(dataset),
+                       rows[:5])  # fmt: skip
 
 
 def rename_preference_columns(dataset, columns: dict[str, str], present: list[str] | None = None):
