@@ -234,6 +234,16 @@ def test_ranks_whitespace_repeats_and_a_string_prompt_over_messages():
     result = build_pairs(rows)
     assert pairs_of(result.dataset) == [(0, "Hello!", "a\nb", 3.0, 0.0), (1, said("a"), said("b"), 2.0, 1.0)]
     assert result.excluded == {"blank": 0, "repeated": 1}
+    # a completion that only calls a tool is no blank one (the quality check's 'empty' rule, which it now shares)
+    call = [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}],
+        }
+    ]
+    tools = build_pairs([{"prompt": "q", "completions": [call, said("text")], "scores": [2, 1]}])
+    assert pairs_of(tools.dataset) == [(0, call, said("text"), 2.0, 1.0)] and tools.excluded["blank"] == 0
     # the string prompt over messages comes out as the user's turn, so the pairs check clean (not mixed_format)
     from fastdpo.data import check_preferences
 

@@ -10,12 +10,12 @@ the best). ``build_pairs`` turns each row into pairs:
   more than ``margin`` below it (seeded per row, so the draw does not depend on the other rows);
 - ``all_above_margin``: every pair (i, j) with ``score_i - score_j > margin``, chosen = i, in (i, j) row order.
 
-The best (and the worst) is the first such completion in row order when several share the score. A completion
-that is blank (empty or whitespace text; messages with no text) or that repeats an earlier completion of its row
-(whitespace aside) is no candidate: a pair of it would be dropped later as empty or identical. Such completions are
-counted in ``excluded`` (``blank``, ``repeated``) with their rows in ``excluded_rows``; the first occurrence of a
-repeated completion keeps its score. A row that yields no pair is dropped and counted, with its index, under one
-reason:
+The best (and the worst) is the first such completion in row order when several share the score. A completion that
+is blank (the quality check's ``empty``: blank text, or messages with no text and no tool call) or that repeats an
+earlier completion of its row (whitespace aside) is no candidate: a pair of it would be dropped later as empty or
+identical. Such completions are counted in ``excluded`` (``blank``, ``repeated``) with their rows in
+``excluded_rows``; the first occurrence of a repeated completion keeps its score. A row that yields no pair is
+dropped and counted, with its index, under one reason:
 
 - ``bad_prompt``: a prompt that is None, blank, or neither a string nor a list of messages;
 - ``too_few_completions``: fewer than 2 completions (candidates, after the exclusions);
@@ -44,7 +44,7 @@ from typing import Any
 
 import datasets
 
-from fastdpo.data.quality import squeezed
+from fastdpo.data.quality import is_empty, squeezed
 from fastdpo.data.schema import value_format
 from fastdpo.errors import ConfigError, DataError, close_match, unknown_choice
 
@@ -164,7 +164,7 @@ def build_pairs(
 def _candidates(prompt, responses: list, values: list[float], row: int, excluded_rows: dict[str, list[int]]):
     """(responses, scores) that can make a pair, without blank and repeated completions (each noted under ``row``,
     once per completion, in ``excluded_rows``), or the reason the row is dropped."""
-    if value_format(prompt) is None or _blank(prompt):
+    if value_format(prompt) is None or is_empty(prompt):
         return "bad_prompt"
     formats = {value_format(response) for response in responses}
     # one format; a string prompt may go with messages (it becomes the user's turn), not messages with strings
@@ -173,7 +173,7 @@ def _candidates(prompt, responses: list, values: list[float], row: int, excluded
     kept, seen = [], set()
     for response, value in zip(responses, values, strict=True):
         text = squeezed(response)  # (whitespace aside, as the quality check's 'identical')
-        reason = "blank" if _blank(response) else "repeated" if text in seen else None
+        reason = "blank" if is_empty(response) else "repeated" if text in seen else None
         if reason is not None:
             excluded_rows[reason].append(row)
             continue
@@ -182,13 +182,6 @@ def _candidates(prompt, responses: list, values: list[float], row: int, excluded
     if len(kept) < 2:
         return "too_few_completions"
     return [response for response, _ in kept], [value for _, value in kept]
-
-
-def _blank(value) -> bool:
-    """Empty or whitespace text, or messages none of which has any text."""
-    if isinstance(value, str):
-        return not value.strip()
-    return not any(isinstance(message.get("content"), str) and message["content"].strip() for message in value)
 
 
 def _check_options(strategy: str, margin: float, seed: int) -> None:

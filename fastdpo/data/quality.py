@@ -320,6 +320,12 @@ def _check_value(value: Any, column: str, check_roles: bool) -> tuple[str | None
     return "conversational", *message_problem(value, column, check_roles)
 
 
+def is_empty(value: Any) -> bool:
+    """Whether the quality check finds ``value`` (a string or messages) ``empty``: blank text, no messages, or
+    messages whose contents are all blank and that call no tool."""
+    return _check_value(value, "value", check_roles=False)[1] == "empty"
+
+
 def _check_text(text: str) -> tuple[str | None, str]:
     bad = _INVALID_TEXT.search(text)
     return (None, "") if bad is None else ("invalid_text", f"{bad.group()!r} at character {bad.start()}")
@@ -405,15 +411,7 @@ def squeezed(value: Any) -> str:
     as JSON without None fields. Two values with the same squeezed text differ in such whitespace only."""
     if isinstance(value, str):
         return _LINE_END_SPACE.sub("\n", value.replace("\r\n", "\n")).strip()
-
-    def squeeze(part):
-        if isinstance(part, str):
-            return squeezed(part)
-        if isinstance(part, Mapping):
-            return {k: squeeze(v) for k, v in part.items() if v is not None}
-        return [squeeze(v) for v in part] if isinstance(part, list) else part
-
-    return json.dumps(squeeze(value), sort_keys=True, default=str)
+    return json.dumps(_without_none(value, squeezed), sort_keys=True, default=str)
 
 
 _LINE_END_SPACE = re.compile(r"[ \t]+\n")
@@ -428,10 +426,13 @@ def _solid(value: Any) -> int:
     return sum(map(_solid, parts))
 
 
-def _without_none(value: Any) -> Any:
+def _without_none(value: Any, text: Callable[[str], str] | None = None) -> Any:
+    """``value`` without None fields at any depth; its strings through ``text`` when given."""
     if isinstance(value, Mapping):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
-    return [_without_none(v) for v in value] if isinstance(value, list) else value
+        return {k: _without_none(v, text) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v, text) for v in value]
+    return text(value) if text is not None and isinstance(value, str) else value
 
 
 def _check_duplicates(valid: list[int], keys: list[tuple], found: _Findings) -> list[int]:
