@@ -129,7 +129,6 @@ def _in_cli_terms(error: Exception, command: str) -> Exception:
     """``error`` with a fix that names the Python API's ``columns={...}`` rewritten as this command's option for it:
     ``dataset_columns`` in the YAML (dpo, sft), ``--columns`` with JSON (data); a column to rename (compare)."""
     import ast
-    import re
 
     found = re.search(r"(map your column with )?columns=(\{[^}]*\})( in prepare_preferences)?",
                       getattr(error, "fix", None) or "")  # fmt: skip

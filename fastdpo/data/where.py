@@ -42,7 +42,7 @@ def parse_where(text: str, columns: Iterable[str]) -> tuple[str, Callable[[Any],
         guess = close_match(column, columns)
         hint = f"did you mean {guess!r}? " if guess else ""
         raise DataError("unknown column in where", column=column, fix=f"{hint}columns: {', '.join(columns)}")
-    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+    if quoted:
         target: float | str = raw[1:-1]
     else:
         target = float(raw) if _NUMBER.match(raw) else raw
