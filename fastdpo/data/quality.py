@@ -42,7 +42,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from fastdpo.data.schema import PREFERENCE_COLUMNS, without_null_arguments
+from fastdpo.data.schema import PREFERENCE_COLUMNS, without_none, without_null_arguments
 from fastdpo.data.where import where_mask
 from fastdpo.errors import ConfigError, DataError, close_match
 
@@ -402,7 +402,7 @@ def _check_pairs(num_rows, columns, formats, majority, found) -> tuple[list[int]
 
 def _key(value: str | list) -> str:
     """A string as it is; messages as JSON without None fields (Arrow gives every message every key, None-filled)."""
-    return value if isinstance(value, str) else json.dumps(_without_none(value), sort_keys=True, default=str)
+    return value if isinstance(value, str) else json.dumps(without_none(value), sort_keys=True, default=str)
 
 
 def squeezed(value: Any) -> str:
@@ -411,7 +411,7 @@ def squeezed(value: Any) -> str:
     as JSON without None fields. Two values with the same squeezed text differ in such whitespace only."""
     if isinstance(value, str):
         return _LINE_END_SPACE.sub("\n", value.replace("\r\n", "\n")).strip()
-    return json.dumps(_without_none(value, squeezed), sort_keys=True, default=str)
+    return json.dumps(without_none(value, squeezed), sort_keys=True, default=str)
 
 
 _LINE_END_SPACE = re.compile(r"[ \t]+\n")
@@ -424,15 +424,6 @@ def _solid(value: Any) -> int:
         return len(value) - value.count(" ") - value.count("\n") - value.count("\t") - value.count("\r")
     parts = value.values() if isinstance(value, Mapping) else value if isinstance(value, list) else ()
     return sum(map(_solid, parts))
-
-
-def _without_none(value: Any, text: Callable[[str], str] | None = None) -> Any:
-    """``value`` without None fields at any depth; its strings through ``text`` when given."""
-    if isinstance(value, Mapping):
-        return {k: _without_none(v, text) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_none(v, text) for v in value]
-    return text(value) if text is not None and isinstance(value, str) else value
 
 
 def _check_duplicates(valid: list[int], keys: list[tuple], found: _Findings) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,16 @@ def value_format(value: Any) -> str | None:
     return None
 
 
+def without_none(value: Any, text: Callable[[str], str] | None = None) -> Any:
+    """``value`` without None fields at any depth (Arrow gives every struct every key, None-filled); its strings
+    through ``text`` when given."""
+    if isinstance(value, Mapping):
+        return {k: without_none(v, text) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_none(v, text) for v in value]
+    return text(value) if text is not None and isinstance(value, str) else value
+
+
 def without_null_arguments(messages: list) -> list:
     """``messages`` with the None-valued keys of tool calls' ``arguments`` dicts (at any depth) left out: Arrow gives
     a struct column every key any row has, so a call that had ``{"city": "Paris"}`` comes back with the other calls'
@@ -56,11 +67,6 @@ def without_null_arguments(messages: list) -> list:
         if not isinstance(function, dict) or not isinstance(function.get("arguments"), dict):
             return tool_call
         return {**tool_call, "function": {**function, "arguments": without_none(function["arguments"])}}
-
-    def without_none(value):  # (nested objects are structs too)
-        if isinstance(value, dict):
-            return {key: without_none(item) for key, item in value.items() if item is not None}
-        return [without_none(item) for item in value] if isinstance(value, list) else value
 
     return [{**m, "tool_calls": [call(c) for c in m["tool_calls"]]} if isinstance(m, dict) and m.get("tool_calls")
             else m for m in messages]  # fmt: skip
