@@ -81,12 +81,14 @@ DATA_ACTIONS = {
 def run_data(known: argparse.Namespace) -> int:
     """Run ``fastdpo data <action>``; the exit status."""
     from fastdpo.data import build_pairs, check_preferences, load_data, split_by_prompt
+    from fastdpo.data.load import text_columns
 
     if getattr(known, "max_length", None) is not None and not known.tokenizer:
         raise ConfigError("counts tokens", column="--max-length", fix="pass --tokenizer (a folder or hub name) too")
 
     limit = getattr(known, "limit", None)
-    dataset = load_data(known.data) if limit is None else _first_rows(known.data, limit)
+    text = text_columns(getattr(known, "columns", None))  # (a CSV file's text columns)
+    dataset = load_data(known.data, text=text) if limit is None else _first_rows(known.data, limit, text)
     if known.action in ("check", "stats", "filter"):  # the rows as the trainers read them
         checked = _prepared(dataset, getattr(known, "columns", None))
     elif getattr(known, "columns", None):
@@ -134,13 +136,13 @@ def run_data(known: argparse.Namespace) -> int:
     return 0
 
 
-def _first_rows(source: str, limit: int):
+def _first_rows(source: str, limit: int, text: tuple[str, ...]):
     """The first ``limit`` rows of ``source`` (read as a stream, so no further), as a Dataset."""
     from fastdpo.data.load import as_dataset, load_stream
 
     if limit < 1:
         raise ConfigError(f"must be at least 1, got {limit}", column="--limit", fix="pass a number of rows")
-    rows = list(load_stream(source).take(limit))
+    rows = list(load_stream(source, text=text).take(limit))
     if not rows:
         raise DataError(f"{source} has no rows", column="data", fix="check the file or the split")
     print(f"fastdpo: the first {len(rows)} rows of {source} (--limit {limit})", file=sys.stderr)

@@ -126,6 +126,7 @@ def streamed_splits(command: str, run_args) -> tuple:
     """(train, eval or None) as streams (``dataset_streaming``), their columns renamed as ``dataset_columns`` says,
     lazily. The quality report and its filter need every row: skipped, with a warning when ``data_filter`` asks."""
     from fastdpo.data import load_stream
+    from fastdpo.data.load import text_columns
     from fastdpo.data.formats import KNOWN_TARGETS
     from fastdpo.data.schema import rename_columns
     from fastdpo.data.sft import SFT_COLUMNS
@@ -136,7 +137,7 @@ def streamed_splits(command: str, run_args) -> tuple:
         raise ConfigError("a stream cannot be split by prompt before it is read", column="eval_fraction", fix=fix)
 
     def stream(split: str):
-        data = load_stream(run_args.dataset_name, split=split)
+        data = load_stream(run_args.dataset_name, split=split, text=text_columns(run_args.dataset_columns))
         present = list(data.column_names or first_row(data, split))
         known = KNOWN_TARGETS if command == "dpo" else SFT_COLUMNS
         return rename_columns(data, run_args.dataset_columns or {}, known, present=present)

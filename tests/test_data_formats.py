@@ -80,10 +80,53 @@ def test_a_byte_order_mark_first_loads_as_datasets_reads_it(name, tmp_path):
     assert prepare_preferences(tmp_path / name).to_list() == rows
 
 
-def test_a_csv_of_number_answers_says_why_they_are_numbers(tmp_path):
-    (tmp_path / "math.csv").write_text("prompt,chosen,rejected\nWhat is 2+2?,4,5\nWhat is 3+3?,6,7\n")
-    with pytest.raises(DataError, match=r"got int — .*a CSV reader reads a column of answers like 4 as numbers"):
-        prepare_preferences(tmp_path / "math.csv")
+def test_a_csv_reads_its_text_columns_as_text_and_its_numbers_as_numbers(tmp_path):
+    # pandas alone reads an answer 4 as the number 4 (every row then refused), 007 as 7 and NA or None as missing
+    path = tmp_path / "math.csv"
+    path.write_text(
+        "prompt,chosen,rejected,system,score_chosen,votes\n"
+        "What is 2+2?,4,5,,8,3\n"
+        "Bond?,007,NA,Be brief.,NA,\n"
+        "Null?,None,4.50,,7.5,2\n"
+    )
+    rows = load_data(path).to_list()
+    assert [(r["prompt"], r["chosen"], r["rejected"], r["system"]) for r in rows] == [
+        ("What is 2+2?", "4", "5", None),
+        ("Bond?", "007", "NA", "Be brief."),
+        ("Null?", "None", "4.50", None),
+    ]
+    assert [r["score_chosen"] for r in rows] == [8.0, None, 7.5]  # the other columns as pandas reads them
+    assert [r["votes"] for r in rows] == [3.0, None, 2.0]
+    prepared = prepare_preferences(path)
+    assert prepared["chosen"] == ["4", "007", "None"] and prepared["chosen_score"] == [8.0, None, 7.5]
+    assert prepared["prompt"] == ["What is 2+2?", "Be brief.\n\nBond?", "Null?"]  # (an empty system is none)
+    assert prepared["rejected"] == ["5", "NA", "4.50"]
+
+
+def test_a_csv_reads_mapped_text_columns_as_text_in_every_loader(tmp_path):
+    from fastdpo.data import load_stream, prepare_sft
+
+    path = tmp_path / "mapped.csv"
+    path.write_text("question,good,bad,answer\n12,4,5,10\n13,06,7,11\n")
+    prepared = prepare_preferences(path, columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    assert prepared.select_columns(["prompt", "chosen", "rejected"]).to_list() == [
+        {"prompt": "12", "chosen": "4", "rejected": "5"},
+        {"prompt": "13", "chosen": "06", "rejected": "7"},
+    ]
+    assert prepared["answer"] == [10, 11]  # unmapped: a number, as before
+    sft = prepare_sft(path, columns={"prompt": "question", "completion": "answer"})
+    assert sft.select_columns(["prompt", "completion"]).to_list() == [
+        {"prompt": "12", "completion": "10"},
+        {"prompt": "13", "completion": "11"},
+    ]
+    assert prepare_sft(path, text_field="good")["text"] == ["4", "06"]
+    streamed = list(load_stream(path, text=("good",)))
+    assert [(r["good"], r["bad"]) for r in streamed] == [("4", 5), ("06", 7)]  # only the columns asked for
+
+
+def test_numbers_as_answers_outside_a_csv_are_refused_with_the_reason():
+    with pytest.raises(DataError, match=r"got int — .*a CSV or spreadsheet reader may read answers like 4 as numbers"):
+        prepare_preferences([{"prompt": "What is 2+2?", "chosen": 4, "rejected": 5}] * 2)
 
 
 def test_broken_json_document_names_line_and_column(tmp_path):

@@ -29,7 +29,7 @@ from typing import Any
 
 import datasets
 
-from fastdpo.data.load import load_data
+from fastdpo.data.load import load_data, text_columns
 from fastdpo.data.schema import (
     SCORE_ALIASES,
     apply_renames,
@@ -81,7 +81,7 @@ def prepare_preferences(
     num_proc: int | None = None,
 ) -> datasets.Dataset:
     """Normalize a preference dataset (see the module docstring); returns a ``datasets.Dataset``."""
-    dataset = load_data(data, split=split)
+    dataset = load_data(data, split=split, text=text_columns(columns))
     if format not in FORMATS:
         raise unknown_choice("format", format, FORMATS)
     check_template("system_template", system_template, ("system", "prompt"))
@@ -161,7 +161,8 @@ def _detect_format(dataset: datasets.Dataset, format: str) -> str:
             column="chosen",
             fix="fix the value, or run fastdpo.data.check_preferences to list every such row"
             + (
-                "; a CSV reader reads a column of answers like 4 as numbers: write the file as .jsonl"
+                "; a CSV or spreadsheet reader may read answers like 4 as numbers: read those columns as text "
+                "(fastdpo.data.load_data does)"
                 if numbers
                 else ""
             ),

@@ -3,14 +3,17 @@ name.
 
 Local JSON Lines and JSON files are checked line by line first, so a broken line is reported by its number
 instead of as a parser traceback from deep inside ``datasets``; so is a value Arrow cannot hold (a lone surrogate,
-an integer beyond 64 bits), when ``datasets`` fails on one.
+an integer beyond 64 bits), when ``datasets`` fails on one. A CSV file's text columns are read as text: pandas
+would read an answer ``4`` as a number, ``007`` as 7 and ``NA`` as missing.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import datasets
@@ -22,14 +25,33 @@ from fastdpo.errors import DataError
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
+# fastdpo's text fields: a CSV file's columns of these names (or of the names a column map gives them) are read as
+# text, an empty cell as missing
+TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "text", "system", "input", "context", "status")
+try:  # what pandas reads as missing in the other columns (its default)
+    from pandas._libs.parsers import STR_NA_VALUES as _PANDAS_MISSING
+except ImportError:  # (a private name: pandas' documented list)
+    _PANDAS_MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                       "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}  # fmt: skip
 
-def load_data(source, *, split: str | None = "train") -> datasets.Dataset | datasets.DatasetDict:
+
+def text_columns(columns) -> tuple[str, ...]:
+    """The columns a CSV file's text is read from: ours (``TEXT_COLUMNS``) and the dataset's names that ``columns``
+    (our name → the dataset's) gives our text fields."""
+    mapped = columns.items() if isinstance(columns, dict) else ()
+    return TEXT_COLUMNS + tuple(theirs for ours, theirs in mapped if ours in TEXT_COLUMNS and isinstance(theirs, str))
+
+
+def load_data(
+    source, *, split: str | None = "train", text: Iterable[str] = TEXT_COLUMNS
+) -> datasets.Dataset | datasets.DatasetDict:
     """A ``datasets.Dataset`` (or ``DatasetDict`` with ``split=None``) from ``source``.
 
     Args:
         source: a ``Dataset``/``DatasetDict``; a list of dicts, one per row; a local ``.jsonl``, ``.json``,
             ``.parquet`` or ``.csv`` file; or a hub name, passed to ``datasets.load_dataset``.
         split: which split of a ``DatasetDict`` or hub dataset; None keeps them all.
+        text: a CSV file's columns to read as text (see ``text_columns``).
     """
     if isinstance(source, datasets.DatasetDict):
         return source if split is None else _pick_split(source, split, str(split))
@@ -43,15 +65,16 @@ def load_data(source, *, split: str | None = "train") -> datasets.Dataset | data
         )
     path = Path(source)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
-        return _load_local(path, split)
+        return _load_local(path, split, text)
     loaded = datasets.load_dataset(str(source), split=split)
     return loaded
 
 
-def load_stream(source, *, split: str = "train") -> datasets.IterableDataset:
+def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLUMNS) -> datasets.IterableDataset:
     """``source`` as a ``datasets.IterableDataset``, read as it is iterated: a stream as it is, a Dataset through
     ``to_iterable_dataset``, a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a hub name with
-    ``load_dataset(..., streaming=True)``. A local file is not read ahead (a broken line fails where it is read)."""
+    ``load_dataset(..., streaming=True)``. A local file is not read ahead (a broken line fails where it is read);
+    ``text``: as for ``load_data``."""
     if isinstance(source, datasets.IterableDataset):
         return source
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
@@ -63,7 +86,9 @@ def load_stream(source, *, split: str = "train") -> datasets.IterableDataset:
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         kind = _local_kind(path)
         _one_split(path, split)
-        return datasets.load_dataset(kind, data_files={split: str(path)}, split=split, streaming=True)
+        return datasets.load_dataset(
+            kind, data_files={split: str(path)}, split=split, streaming=True, **_csv_options(path, kind, text)
+        )
     return datasets.load_dataset(str(source), split=split, streaming=True)
 
 
@@ -182,7 +207,22 @@ def _one_split(path: Path, split: str | None) -> None:
                             "file of its own")  # fmt: skip
 
 
-def _load_local(path: Path, split: str | None):
+def _csv_options(path: Path, kind: str, text: Iterable[str]) -> dict:
+    """The reader options that read a CSV file's ``text`` columns as text (an empty cell as missing) and its others
+    as pandas does; none for other kinds."""
+    if kind != "csv":
+        return {}
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
+        header = next(csv.reader(file), [])
+    text = set(text)
+    return {
+        "converters": {name: str for name in header if name in text},
+        "keep_default_na": False,
+        "na_values": {name: [""] if name in text else sorted(_PANDAS_MISSING) for name in header},
+    }
+
+
+def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMNS):
     kind = _local_kind(path)
     _one_split(path, split)
     if path.stat().st_size == 0:
@@ -190,7 +230,9 @@ def _load_local(path: Path, split: str | None):
     if kind == "json":
         _check_json(path)
     try:
-        loaded = datasets.load_dataset(kind, data_files={"train": str(path)}, split="train")
+        loaded = datasets.load_dataset(
+            kind, data_files={"train": str(path)}, split="train", **_csv_options(path, kind, text)
+        )
     except (DatasetGenerationError, ValueError) as error:  # Arrow or pandas refused a value
         raise _unreadable(path, kind, error) from None
     return datasets.DatasetDict({"train": loaded}) if split is None else loaded

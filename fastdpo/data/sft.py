@@ -35,7 +35,7 @@ from typing import Any
 import datasets
 from jinja2.exceptions import TemplateError
 
-from fastdpo.data.load import as_dataset, load_data
+from fastdpo.data.load import as_dataset, load_data, text_columns
 from fastdpo.data.schema import (
     is_message_list,
     missing_column,
@@ -75,7 +75,7 @@ def prepare_sft(
         split: which split to load.
         num_proc: processes for the ShareGPT conversion.
     """
-    dataset = load_data(data, split=split)
+    dataset = load_data(data, split=split, text=text_columns(columns) + (text_field,))
     if columns is not None and not isinstance(columns, dict):
         raise ConfigError(f"must map fastdpo's names to the data's columns, got {type(columns).__name__}",
                           column="columns", fix="e.g. columns={'text': 'body'}")  # fmt: skip
