@@ -308,6 +308,32 @@ def test_token_counts_follow_the_documented_formula(standard_rows, conversation_
     assert report.length_stats["pairs"] == 3  # the two clean rows and the one whose tools do not parse
 
 
+def test_prompt_token_counts_render_tool_calls_without_arrows_null_arguments(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+    from test_data_formats import TOOL_TEMPLATE
+
+    from fastdpo.data.formats import prepare_preferences
+
+    def turns(question, name, arguments):  # a prompt that already holds a tool call and its result
+        call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "done"}, {"role": "user", "content": "So?"}]  # fmt: skip
+
+    prompts = [turns("Weather?", "weather", {"city": "Paris"}), turns("Cats?", "search", {"query": "cats", "n": 3})]
+    pairs = [{"prompt": p, "chosen": [{"role": "assistant", "content": "Yes."}],
+              "rejected": [{"role": "assistant", "content": "No."}]} for p in prompts]  # fmt: skip
+    path = tmp_path / "calls.parquet"  # (Arrow gives both calls city, query and n, None-filled)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(pairs), path)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = TOOL_TEMPLATE
+    expected = [len(tokenizer.apply_chat_template(p, tokenize=True, return_dict=True, add_generation_prompt=True)
+                    ["input_ids"]) for p in prompts]  # fmt: skip
+    assert expected[0] != expected[1]
+    stats = check_preferences(prepare_preferences(path), tokenizer).length_stats["tokens"]["prompt"]
+    assert (stats["min"], stats["max"]) == (min(expected), max(expected))  # with "query": null they were longer
+
+
 def test_chat_template_errors_are_rows_not_exceptions(tokenizer):
     rows = [
         pair(prompt=[user("Q")], chosen=[assistant("A")], rejected=[assistant("B")], tools="not json"),
