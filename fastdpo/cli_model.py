@@ -126,8 +126,8 @@ def streamed_splits(command: str, run_args) -> tuple:
     """(train, eval or None) as streams (``dataset_streaming``), their columns renamed as ``dataset_columns`` says,
     lazily. The quality report and its filter need every row: skipped, with a warning when ``data_filter`` asks."""
     from fastdpo.data import load_stream
-    from fastdpo.data.load import text_columns
     from fastdpo.data.formats import KNOWN_TARGETS
+    from fastdpo.data.load import text_columns
     from fastdpo.data.schema import rename_columns
     from fastdpo.data.sft import SFT_COLUMNS
     from fastdpo.data.stream import first_row

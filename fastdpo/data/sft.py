@@ -75,7 +75,7 @@ def prepare_sft(
         split: which split to load.
         num_proc: processes for the ShareGPT conversion.
     """
-    dataset = load_data(data, split=split, text=text_columns(columns) + (text_field,))
+    dataset = load_data(data, split=split, text=(*text_columns(columns), text_field))
     if columns is not None and not isinstance(columns, dict):
         raise ConfigError(f"must map fastdpo's names to the data's columns, got {type(columns).__name__}",
                           column="columns", fix="e.g. columns={'text': 'body'}")  # fmt: skip
