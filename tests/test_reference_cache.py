@@ -138,6 +138,31 @@ def test_trainer_with_cached_reference_trains_as_with_a_separate_one_and_reuses_
     assert counter.calls == 0  # another beta: the reference log-probs come from the files
 
 
+def test_the_cache_is_computed_under_the_trainers_autocast_and_keyed_by_it(tmp_path):
+    # the policy's and a separate reference's passes run under bf16/fp16 autocast: the cached values must too, or
+    # step 1's rewards are off zero where the policy still equals its reference
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    data = synthetic_pairs(6)
+    cache = tmp_path / "cache"
+
+    def cached_values(bf16: bool):
+        args = DPOConfig(**{**common_args(tmp_path, f"bf16_{bf16}"), "bf16": bf16}, use_cpu=True, reference="cached",
+                         ref_cache_dir=str(cache), precompute_ref_batch_size=4)  # fmt: skip
+        trainer = DPOTrainer(load(), args=args, train_dataset=data, processing_class=tokenizer)
+        columns = trainer.train_dataset.select_columns(["ref_chosen_logps", "ref_rejected_logps"])
+        return torch.tensor(list(zip(*columns.to_dict().values(), strict=True))), trainer.train_dataset
+
+    full, tokenized = cached_values(False)
+    half, _ = cached_values(True)
+    assert len(list(cache.glob("*.arrow"))) == 2  # two keys: neither read for the other
+    rows = tokenized.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = compute_reference_logps(load(), rows, max_length=64, batch_size=4, progress=False)
+    assert torch.equal(half, expected)  # the same computation, in the same batches
+    assert not torch.equal(half, full)
+
+
 def test_reference_options_that_contradict_are_refused(tmp_path):
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")

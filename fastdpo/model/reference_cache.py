@@ -5,7 +5,8 @@
 
 The reference model runs once over the dataset (packed batches, no grad, a progress bar) and the per-pair sums
 are written as an Arrow file named by a key: a fingerprint of everything the values depend on — the model's
-weights and config, the tokenizer, the tokenized rows (every id, in order) and the truncation settings. A later
+weights and config, the tokenizer, the tokenized rows (every id, in order), the truncation settings and the mixed
+precision they were computed under (a trainer computes them under its autocast, as its own passes run). A later
 call with the same key reads the file and runs no reference forward at all; any change of key computes a new
 file. A file is used only if its embedded key, row count and checksum match and every value is finite; anything
 else (a truncated or corrupted file, a stale one) is reported with a warning and rebuilt, never used. Files are
@@ -147,13 +148,17 @@ def compute_reference_logps(
 
 
 def cache_key(reference: nn.Module, rows, *, tokenizer, max_length: int | None, truncation_mode: str,
-              ld_alpha: float | None = None) -> dict:  # fmt: skip
-    """What the cached values depend on; its hash names the file (``ld_alpha`` only when set, so that the files
-    of plain sums keep the names they had before the option existed)."""
+              ld_alpha: float | None = None, autocast: str | None = None) -> dict:  # fmt: skip
+    """What the cached values depend on; its hash names the file (``ld_alpha`` and ``autocast`` only when set, so
+    that the files of plain sums in full precision keep the names they had before these options existed)."""
     data, count = rows_fingerprint(rows)
     key = {"format": FORMAT, "model": model_fingerprint(reference), "tokenizer": tokenizer_fingerprint(tokenizer),
            "rows": data, "num_rows": count, "max_length": max_length, "truncation_mode": truncation_mode}  # fmt: skip
-    return key if ld_alpha is None else {**key, "ld_alpha": float(ld_alpha)}
+    if ld_alpha is not None:
+        key["ld_alpha"] = float(ld_alpha)
+    if autocast is not None:
+        key["autocast"] = str(autocast)
+    return key
 
 
 def cached_reference_logps(
@@ -168,11 +173,13 @@ def cached_reference_logps(
     head_impl: str = "auto",
     progress: bool = True,
     ld_alpha: float | None = None,
+    autocast: str | None = None,
 ) -> Tensor:
     """``[rows, 2]`` reference log-probs: read from the cache when a valid file has this key, else computed and
-    written. See the module docstring."""
+    written. See the module docstring. ``autocast``: the mixed precision (``"bf16"``, ``"fp16"``) the caller computes
+    them under, a part of the key (the values differ from full precision's); None for none."""
     key = cache_key(reference, rows, tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode,
-                    ld_alpha=ld_alpha)  # fmt: skip
+                    ld_alpha=ld_alpha, autocast=autocast)  # fmt: skip
     name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / f"{name}.arrow"
     if path.exists():

@@ -268,17 +268,20 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
 
     def _with_reference_logps(self, reference: nn.Module, dataset, name: str):
         """``dataset`` with the reference's log-probs as columns, from the cache (computed on the first process
-        first; the others then read its file)."""
+        first; the others then read its file), under the autocast the policy's passes run under (``bf16``/``fp16``),
+        as a separate reference's pass would be."""
         if isinstance(dataset, dict):
             return {key: self._with_reference_logps(reference, part, f"{name}_{key}") for key, part in dataset.items()}
         args = self.args
         batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
-        with args.main_process_first(local=False, desc=f"reference log-probs ({name})"):
+        precision = self.accelerator.mixed_precision  # "no", "fp16" or "bf16"
+        with args.main_process_first(local=False, desc=f"reference log-probs ({name})"), self.accelerator.autocast():
             values = cached_reference_logps(reference, dataset, cache_dir=args.ref_cache_dir,
                                             tokenizer=self.processing_class, max_length=args.max_length,
                                             truncation_mode=args.truncation_mode, batch_size=batch_size,
                                             head_impl=args.head_impl, progress=not args.disable_tqdm,
-                                            ld_alpha=args.ld_alpha)  # fmt: skip
+                                            ld_alpha=args.ld_alpha,
+                                            autocast=None if precision == "no" else precision)  # fmt: skip
         dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
         dataset = dataset.add_column(REFERENCE_COLUMNS[0], values[:, 0].tolist())
         return dataset.add_column(REFERENCE_COLUMNS[1], values[:, 1].tolist())
