@@ -144,6 +144,26 @@ def test_trl_script_with_the_import_changed(case, load, tokenizer, tmp_path):
     assert_first_steps_match(ours, theirs, eval_data="eval_data" in options)
 
 
+def test_dropin_on_a_model_without_loss_kwargs_divides_by_accumulation_once(load, tokenizer, tmp_path):
+    # accepts_loss_kwargs = False (Qwen2.5-VL, PaliGemma): transformers counts no items, each micro-batch's mean is
+    # divided by GA; the drop-in counted them and was divided by GA on top (loss 1.57 for TRL's 6.30 at GA 4)
+    trl = pytest.importorskip("trl")
+    dropin = pytest.importorskip("fastdpo.trl")
+
+    class NoLossKwargs(LlamaForCausalLM):
+        accepts_loss_kwargs = False
+
+    def load_without():
+        model = load()
+        model.__class__ = NoLossKwargs
+        return model
+
+    data, options = prompt_completion_rows(16, seed=2), {"packing": False, "gradient_accumulation_steps": 4}
+    _, ours = train(dropin.SFTTrainer, trl.SFTConfig, load_without, data, tokenizer, tmp_path, "dropin", **options)
+    _, theirs = train(trl.SFTTrainer, trl.SFTConfig, load_without, data, tokenizer, tmp_path, "trl", **options)
+    assert_first_steps_match(ours, theirs, eval_data=False)
+
+
 def assert_first_steps_match(ours: list[dict], theirs: list[dict], *, eval_data: bool) -> None:
     if eval_data:
         ours_eval, theirs_eval = ours.pop(), theirs.pop()

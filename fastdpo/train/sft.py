@@ -211,7 +211,10 @@ class PackedSFTLoss:
             return super().training_step(*args, **kwargs)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
-        """Targets (labels that are not -100, after the causal shift) over the step's micro-batches and processes."""
+        """Targets (not -100, after the causal shift) over the step's micro-batches and processes; None where
+        transformers counts none (a model without loss kwargs: each micro-batch's mean, divided by GA)."""
+        if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
+            return None
         if not batch_samples or "targets" not in batch_samples[0]:
             return None
         count = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batch_samples)
