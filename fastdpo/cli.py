@@ -419,7 +419,9 @@ def _write_config(path: Path, run_args: RunArguments, args) -> None:
 
 
 def _resolved_config(run_args: RunArguments, args) -> dict:
-    return {**dataclasses.asdict(run_args), **{k: v for k, v in args.to_dict().items() if _plain(v)}}
+    from fastdpo.train.common import config_values
+
+    return {**dataclasses.asdict(run_args), **{k: v for k, v in config_values(args).items() if _plain(v)}}
 
 
 def _plain(value) -> bool:

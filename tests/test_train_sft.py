@@ -306,6 +306,21 @@ def test_every_trl_sft_option_exists_with_the_same_default(tmp_path):
     assert config.pad_to_multiple_of is None and config.packing is False
 
 
+def test_trls_config_keeps_its_token_settings_in_fastdpos_trainer_and_in_config_yaml(load, tokenizer, tmp_path):
+    # TrainingArguments.to_dict hides every field whose name ends in _token: eos_token became '<EOS_TOKEN>'
+    trl = pytest.importorskip("trl")
+    from fastdpo.cli import RunArguments, _resolved_config
+
+    options = common_args(tmp_path, "trl_config", eos_token="<|pad|>", hub_token="secret")
+    trainer = SFTTrainer(load(), args=trl.SFTConfig(**options), train_dataset=prompt_completion_rows(4),
+                         processing_class=tokenizer)  # fmt: skip
+    assert (trainer.args.eos_token, trainer.args.hub_token) == ("<|pad|>", "secret")
+    assert trainer.processing_class.eos_token == "<|pad|>"
+    recorded = _resolved_config(RunArguments(), SFTConfig(**options))
+    assert recorded["eos_token"] == "<|pad|>" and recorded["pad_token"] is None
+    assert recorded["hub_token"] == "<HUB_TOKEN>"  # a secret stays out of config.yaml
+
+
 @pytest.mark.parametrize(
     ("options", "column"),
     [({"label_smoothing_factor": 1.5}, "label_smoothing_factor"),

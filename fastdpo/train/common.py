@@ -335,6 +335,16 @@ def check_shared_options(config, not_yet: dict) -> None:
         raise ConfigError(f"must be ≥ 0, got {config.learning_rate}", column="learning_rate")
 
 
+def config_values(args) -> dict:
+    """``args.to_dict()`` (enums as their values) with the settings it hides because their names end in ``_token``
+    given back (SFT's ``eos_token``, ``pad_token``); the hub's token stays hidden."""
+    values = args.to_dict()
+    for name in values:
+        if name.endswith("_token") and "hub" not in name:
+            values[name] = getattr(args, name)
+    return values
+
+
 def check_collator(collator, packer_cls: type) -> None:
     """A ``ConfigError`` for a ``data_collator`` that is not fastdpo's packer (TRL's or transformers' make padded
     batches, which the packed step cannot read: a ``KeyError`` at the first step)."""

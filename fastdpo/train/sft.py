@@ -83,7 +83,7 @@ from fastdpo.train.common import (
 )
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.resume import ResumableTrainer
-from fastdpo.train.sft_config import SFTConfig, check_label_smoothing
+from fastdpo.train.sft_config import SFTConfig, as_sft_config, check_label_smoothing
 
 TOKEN_COLUMNS = ("input_ids", "labels", "seq_lengths")
 METRIC_OUTPUTS = ("logp", "entropy", "is_top1")
@@ -296,7 +296,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
         formatting_func=None,
         tokenizer=None,
     ) -> None:
-        args = _sft_config(args)
+        args = as_sft_config(args)
         if tokenizer is not None:  # the old name, as the seed's example uses it
             warnings.warn("SFTTrainer(tokenizer=...) is deprecated: use processing_class", FutureWarning, stacklevel=2)
             processing_class = processing_class if processing_class is not None else tokenizer
@@ -473,18 +473,6 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
 # ---------------------------------------------------------------------------------------------------------------------
 # Constructor helpers
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _sft_config(args) -> SFTConfig:
-    if args is None:
-        return SFTConfig(output_dir="trainer_output")
-    if isinstance(args, SFTConfig):
-        return args
-    if isinstance(args, TrainingArguments):  # as TRL: the same training arguments, SFT options at their defaults
-        values = args.to_dict()
-        values["hub_token"] = args.hub_token  # to_dict hides it
-        return SFTConfig(**values)
-    raise ConfigError(f"expected an SFTConfig, got {type(args).__name__}", column="args")
 
 
 def refuse_logit_hooks(fix_suffix: str = "", **hooks) -> None:

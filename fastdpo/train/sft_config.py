@@ -173,3 +173,17 @@ def check_label_smoothing(factor: float, loss_type: str, softcap: float | None =
         raise ConfigError("is not supported with a soft-capped LM head (final_logit_softcapping): the mean logit "
                           "is then no longer linear in the head's weights, and fastdpo builds no logits",
                           column="label_smoothing_factor", fix="set label_smoothing_factor=0")  # fmt: skip
+
+
+def as_sft_config(args) -> SFTConfig:
+    """``args`` as an ``SFTConfig``: None → the defaults; TRL's ``SFTConfig`` or ``TrainingArguments`` → the same
+    settings (TRL's SFT options at their defaults where it has none)."""
+    from fastdpo.train.common import config_values
+
+    if args is None:
+        return SFTConfig(output_dir="trainer_output")
+    if isinstance(args, SFTConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        return SFTConfig(**{**config_values(args), "hub_token": args.hub_token})
+    raise ConfigError(f"expected an SFTConfig, got {type(args).__name__}", column="args")
