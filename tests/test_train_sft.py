@@ -144,6 +144,27 @@ def test_trl_script_with_the_import_changed(case, load, tokenizer, tmp_path):
     assert_first_steps_match(ours, theirs, eval_data="eval_data" in options)
 
 
+def test_dataset_text_field_is_read_where_trl_reads_it(load, tokenizer, tmp_path):
+    # TRL reads prompt/completion first, then messages, then dataset_text_field: a field the rows lack, or a 'text'
+    # column beside the field, failed here and trains there
+    trl = pytest.importorskip("trl")
+    rows = prompt_completion_rows(12, seed=5)
+    texts = rows.map(lambda r: {"formatted": r["prompt"] + r["completion"], "text": "ignored"})
+    cases = [(message_rows(8), "content"), (rows, "content"), (texts.remove_columns(["prompt", "completion"]),
+             "formatted")]  # fmt: skip
+    for index, (data, field) in enumerate(cases):
+        options = {"packing": False, "dataset_text_field": field}
+        _, ours = train(SFTTrainer, SFTConfig, load, data, tokenizer, tmp_path, f"ours{index}", **options)
+        _, theirs = train(trl.SFTTrainer, trl.SFTConfig, load, data, tokenizer, tmp_path, f"trl{index}", **options)
+        assert_first_steps_match(ours, theirs, eval_data=False)
+    # a formatting function whose text TRL would not read (the rows have prompt/completion): said, not ignored
+    args = SFTConfig(**common_args(tmp_path, "formatted", completion_only_loss=False))
+    with pytest.raises(ConfigError, match=r"column 'formatting_func': its text would not be read: the rows have "
+                                          r"\['completion', 'prompt'\].*remove formatting_func"):  # fmt: skip
+        SFTTrainer(load(), args=args, train_dataset=rows, processing_class=tokenizer,
+                   formatting_func=lambda r: r["prompt"] + r["completion"])  # fmt: skip
+
+
 def test_dropin_on_a_model_without_loss_kwargs_divides_by_accumulation_once(load, tokenizer, tmp_path):
     # accepts_loss_kwargs = False (Qwen2.5-VL, PaliGemma): transformers counts no items, each micro-batch's mean is
     # divided by GA; the drop-in counted them and was divided by GA on top (loss 1.57 for TRL's 6.30 at GA 4)

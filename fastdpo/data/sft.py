@@ -520,3 +520,20 @@ def no_assistant_error(messages: list, row: int, layout: str) -> DataError:
         fix="the chat template needs {% generation %} markers around assistant turns: pass chat_template= with "
         "them, or set assistant_only_loss=False",
     )
+
+
+def as_trl_reads(dataset, text_field: str, formatted: bool, names: list[str] | None = None):
+    """``(dataset, text_field)`` read as TRL reads rows: prompt/completion first, then messages, then the text column
+    ``dataset_text_field``. Text columns it would not read are dropped (a formatting function's is refused)."""
+    names = set(dataset.column_names if names is None else names)
+    read_first = {"prompt", "completion"} <= names or bool({"messages", "conversations"} & names)
+    if read_first:
+        unread = [c for c in {"text", text_field} - {"prompt", "completion", "messages", "conversations"} if c in names]
+    else:
+        unread = ["text"] if text_field != "text" and {"text", text_field} <= names else []
+    if formatted and "text" in unread:  # (TRL trains on the other columns, silently)
+        reads = sorted(names & {"prompt", "completion", "messages", "conversations", text_field} - {"text"})
+        raise ConfigError(f"its text would not be read: the rows have {reads}, which TRL reads first",
+                          column="formatting_func", fix=f"remove formatting_func, or drop {reads} from the dataset "
+                          "(dataset.remove_columns) so that its text is trained on")  # fmt: skip
+    return (dataset.remove_columns(unread) if unread else dataset), "text" if read_first else text_field

@@ -47,6 +47,7 @@ from fastdpo.data.packing import (
     pack_sft_dataset,
 )
 from fastdpo.data.sft import (
+    as_trl_reads,
     cut_to_window,
     label_masks,
     labels_from_masks,
@@ -386,7 +387,8 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
             if self._formatting_func is not None:
                 fn = self._formatting_func
                 dataset = dataset.map(lambda example: {"text": fn(example)}, num_proc=args.dataset_num_proc)
-            prepared = prepare_sft(dataset, text_field=args.dataset_text_field, num_proc=args.dataset_num_proc)
+            dataset, text_field = as_trl_reads(dataset, args.dataset_text_field, self._formatting_func is not None)
+            prepared = prepare_sft(dataset, text_field=text_field, num_proc=args.dataset_num_proc)
             completion_only_loss = args.completion_only_loss  # an explicit True on other data is an error
             if completion_only_loss is None:
                 is_prompt_completion = {"prompt", "completion"} <= set(prepared.column_names)
@@ -417,8 +419,9 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
         completion_only_loss = self.completion_only_loss if "input_ids" in names else args.completion_only_loss
         if completion_only_loss is None:  # as _prepare decides it for raw rows
             completion_only_loss = self.completion_only_loss and {"prompt", "completion"} <= set(names)
+        dataset, text_field = as_trl_reads(dataset, args.dataset_text_field, formatted=False, names=names)
         prepared = prepare_sft_stream(
-            dataset, tokenizer, text_field=args.dataset_text_field, max_length=None if packing else args.max_length,
+            dataset, tokenizer, text_field=text_field, max_length=None if packing else args.max_length,
             truncation_mode=args.truncation_mode, completion_only_loss=completion_only_loss,
             assistant_only_loss=args.assistant_only_loss, formatting_func=self._formatting_func, name=name,
         )  # fmt: skip
