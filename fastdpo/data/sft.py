@@ -371,7 +371,8 @@ def resolve_options(
         raise ConfigError(
             f"needs prompt/completion rows, but the data is {layout!r}",
             column="completion_only_loss",
-            fix="set it to None or False, or give the data 'prompt' and 'completion' columns",
+            fix="set it to None or False (TRL then trains the whole sequence), assistant_only_loss=True to learn "
+            "only the assistant's turns of messages, or give the data 'prompt' and 'completion' columns",
         )
     if assistant_only_loss and not conversational:
         raise ConfigError(
