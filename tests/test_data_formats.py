@@ -124,6 +124,23 @@ def test_a_csv_reads_mapped_text_columns_as_text_in_every_loader(tmp_path):
     assert [(r["good"], r["bad"]) for r in streamed] == [("4", 5), ("06", 7)]  # only the columns asked for
 
 
+@pytest.mark.parametrize("name", ["mixed.jsonl", "mixed.json"])
+def test_a_json_text_column_of_mixed_kinds_names_the_odd_value_instead_of_changing_the_others(name, tmp_path):
+    # datasets reads such a column as Json, which gives back the valid strings "42" and "4" as numbers: every row
+    # would then be refused (or dropped as not_text) for one unquoted number
+    rows = [{"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green.", "meta": "x"},
+            {"prompt": "6 * 7?", "chosen": "42", "rejected": "48", "meta": 1},
+            {"prompt": "2 + 2?", "chosen": "4", "rejected": "5", "meta": None},
+            {"prompt": "12 + 7?", "chosen": 19, "rejected": "21", "meta": [1]}]  # fmt: skip
+    path = tmp_path / name
+    path.write_text("\n".join(map(json.dumps, rows)) if name.endswith("l") else json.dumps(rows))
+    where = "line 4: is a number where line 1" if name.endswith("l") else "row 3: is a number where row 0"
+    with pytest.raises(DataError, match=rf"column 'chosen': .*{name}: {where} has a string .*quote a number"):
+        load_data(path)
+    path.write_text("\n".join(json.dumps({**r, "chosen": str(r["chosen"])}) for r in rows))
+    assert load_data(path)["chosen"] == ["Blue.", "42", "4", "19"]  # a column of other kinds (meta) is not ours
+
+
 def test_numbers_as_answers_outside_a_csv_are_refused_with_the_reason():
     with pytest.raises(DataError, match=r"got int — .*a CSV or spreadsheet reader may read answers like 4 as numbers"):
         prepare_preferences([{"prompt": "What is 2+2?", "chosen": 4, "rejected": 5}] * 2)

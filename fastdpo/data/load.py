@@ -235,7 +235,36 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
         )
     except (DatasetGenerationError, ValueError) as error:  # Arrow or pandas refused a value
         raise _unreadable(path, kind, error) from None
+    _refuse_mixed_text(path, loaded, text)
     return datasets.DatasetDict({"train": loaded}) if split is None else loaded
+
+
+def _refuse_mixed_text(path: Path, loaded: datasets.Dataset, text: Iterable[str]) -> None:
+    """One DataError at the first value of another kind in a text column of a JSON file (a number among strings).
+    ``datasets`` reads such a column as a ``Json`` one, which gives back a string that reads as JSON (``"42"``,
+    ``"true"``) as that value: the valid rows would change too."""
+    text = set(text)
+    mixed = [name for name, feature in loaded.features.items() if name in text and type(feature).__name__ == "Json"]
+    if not mixed:
+        return
+    with open(path, encoding="utf-8-sig") as handle:
+        document = handle.read(1 << 16).lstrip()[:1] == "["
+        handle.seek(0)
+        if document:
+            rows = enumerate(json.load(handle))
+        else:
+            rows = ((number, json.loads(raw)) for number, raw in enumerate(handle, start=1) if raw.strip())
+        where = "row" if document else "line"
+        first: dict[str, tuple[int, str]] = {}
+        for number, row in rows:
+            for name in mixed:
+                if row.get(name) is None:
+                    continue
+                seen = first.setdefault(name, (number, _kind(row[name])))
+                if seen[1] != _kind(row[name]):
+                    raise DataError(f"{path}: {where} {number}: is a {_kind(row[name])} where {where} {seen[0]} has "
+                                    f"a {seen[1]}", column=name, fix="give the column one kind of value in every row "
+                                    '(quote a number answer: "4")')  # fmt: skip
 
 
 _UNHOLDABLE_FIX = "fix or remove the value: Arrow holds no lone surrogate (\\ud800-\\udfff), no integer over 64 bits"
