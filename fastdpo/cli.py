@@ -45,6 +45,7 @@ import json
 import logging
 import platform
 import re
+import shutil
 import signal
 import sys
 import warnings
@@ -246,14 +247,21 @@ def _unique_keys_loader(path: Path):
 
 def run_training(known: argparse.Namespace, flags: list[str]):
     """``fastdpo dpo|sft``: the run directory, training, the final model; returns the trainer."""
+    import yaml
+
+    from fastdpo.cli_resume import checkpoint_to_resume, refuse_changed_config, stale_checkpoints
+
     run_args, args = load_config(known, flags)
     out = Path(args.output_dir)
+    resolved = _resolved_config(run_args, args)  # as given (building the trainer may adjust args: a stream's)
+    resume = getattr(known, "resume", None) or args.resume_from_checkpoint  # (TRL's key, as its scripts read it)
     checkpoint = None
-    if getattr(known, "resume", None):  # into its own, non-empty run directory: that is the point
-        from fastdpo.cli_resume import checkpoint_to_resume, refuse_changed_config
-
-        checkpoint = checkpoint_to_resume(out, known.resume)
-        refuse_changed_config(out / "config.yaml", _resolved_config(run_args, args), overwrite=known.overwrite)
+    if resume:  # into its own, non-empty run directory: that is the point
+        checkpoint = checkpoint_to_resume(out, resume)
+        recorded = out / "config.yaml"  # (resumed into a new run directory: the checkpoint's run's settings)
+        if not recorded.is_file() and (Path(checkpoint).parent / "config.yaml").is_file():
+            recorded = Path(checkpoint).parent / "config.yaml"
+        refuse_changed_config(recorded, resolved, overwrite=known.overwrite)
     else:
         refuse_non_empty(
             out,
@@ -262,13 +270,18 @@ def run_training(known: argparse.Namespace, flags: list[str]):
             what="the run directory ",
             fix="pass --overwrite, or set another output_dir; or --resume to go on from its last checkpoint",
         )
+    stale = stale_checkpoints(out, checkpoint, overwrite=known.overwrite)  # a later --resume would go on from them
     # nothing is written before the trainer is built: a run that fails on its data or model leaves no directory to
     # --overwrite next time
     trainer, files = _build_trainer(known.command, run_args, args, out)
     from fastdpo.atomic import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_config(out / "config.yaml", run_args, args)
+    for folder in stale:
+        shutil.rmtree(folder)
+    if stale:
+        print(f"fastdpo: removed {len(stale)} checkpoint(s) of the run this one replaces in {out}", file=sys.stderr)
+    atomic_write(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=True))
     # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation)
     files["dropped_rows.json"] = json.dumps(trainer.dropped_rows, indent=1)
     for name, text in files.items():
@@ -408,14 +421,6 @@ def _json_dict(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
     return value
-
-
-def _write_config(path: Path, run_args: RunArguments, args) -> None:
-    import yaml
-
-    from fastdpo.atomic import atomic_write
-
-    atomic_write(path, yaml.safe_dump(_resolved_config(run_args, args), sort_keys=True))
 
 
 def _resolved_config(run_args: RunArguments, args) -> dict:

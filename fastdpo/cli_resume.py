@@ -5,12 +5,19 @@ one a kill cut short is skipped), ``--resume PATH`` that checkpoint. The setting
 directory's ``config.yaml``: a field that changes what a step computes or which data it sees (anything outside
 ``RESUME_MAY_CHANGE``) fails, naming each one with both values, unless ``--overwrite`` is given too (then a warning,
 and ``config.yaml`` records the new settings). A resumed run with, say, another learning rate or data file would
-otherwise look like one run in its run directory and logs while being two.
+otherwise look like one run in its run directory and logs while being two. ``resume_from_checkpoint`` in the config
+(TRL's key) is ``--resume PATH``; resumed into a new run directory, the settings are compared with those of the
+checkpoint's run.
+
+Checkpoints that a later ``--resume`` would go on from, though the run no longer leads to them, are removed once the
+trainer is built (``stale_checkpoints``): with ``--overwrite`` (a run started over), the earlier run's; with
+``--resume PATH`` back to an earlier step, those after it (refused without ``--overwrite``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from fastdpo.errors import ConfigError
@@ -72,3 +79,25 @@ def refuse_changed_config(recorded_path: Path, resolved: dict, *, overwrite: boo
         raise ConfigError(f"the settings differ from the run's, in {recorded_path} ({details})", column="resume",
                           fix="resume with the recorded settings, or add --overwrite to go on with these")  # fmt: skip
     logger.warning("resuming with settings that differ from %s: %s", recorded_path, details)
+
+
+def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool) -> list[Path]:
+    """The ``checkpoint-<step>`` folders in ``out`` that this run leaves behind (see the module docstring); a
+    ``ConfigError`` when they would need ``--overwrite`` and it was not given."""
+    if not out.is_dir():
+        return []
+    matches = (re.fullmatch(r"checkpoint-(\d+)", path.name) for path in out.iterdir() if path.is_dir())
+    steps = {int(match.group(1)): out / match.group(0) for match in matches if match}
+    if checkpoint is None:
+        return sorted(steps.values()) if overwrite else []
+    if Path(checkpoint).resolve().parent != out.resolve():  # resumed from another run's: this one's are its own
+        return []
+    step = int(re.fullmatch(r"checkpoint-(\d+)", Path(checkpoint).name).group(1))
+    later = [steps[s] for s in sorted(steps) if s > step]
+    if later and not overwrite:
+        names = ", ".join(path.name for path in later[:3]) + (f" and {len(later) - 3} more" if len(later) > 3 else "")
+        raise ConfigError(f"{out} has checkpoints after {Path(checkpoint).name} ({names}), which a later --resume "
+                          "would go on from", column="resume",
+                          fix="add --overwrite to remove them and go on from this one, or resume from the last one"
+                          )  # fmt: skip
+    return later

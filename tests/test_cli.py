@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -180,7 +181,7 @@ def test_sft_run(workdir):
     assert json.loads((workdir / "sft_run" / "dropped_rows.json").read_text()) == {}  # no row lost its labels
 
 
-def test_streamed_runs(workdir):
+def test_streamed_runs(workdir, monkeypatch):
     # dataset_streaming (TRL's key): the file read as training goes, its columns renamed, a split to evaluate on
     config = yaml.safe_load((workdir / "dpo.yaml").read_text())
     del config["eval_fraction"]
@@ -194,6 +195,14 @@ def test_streamed_runs(workdir):
     assert any("eval_loss" in log for log in logs)
     assert json.loads((workdir / "dpo_stream" / "dropped_rows.json").read_text()) == {"train": {}, "eval": {}}
     assert not (workdir / "dpo_stream" / "data_quality.json").exists()  # no report was made: none is written
+    # config.yaml records the settings as given, not as the trainer adjusted them for a stream (dispatch_batches):
+    # --resume compares them with the same config's and goes on (it was refused)
+    from fastdpo.cli import _resolved_config, load_config
+    from fastdpo.cli_resume import refuse_changed_config
+
+    monkeypatch.chdir(workdir)
+    run_args, args = load_config(argparse.Namespace(command="dpo", config=Path("dpo_stream.yaml")), [])
+    refuse_changed_config(Path("dpo_stream/config.yaml"), _resolved_config(run_args, args), overwrite=False)
     # (SFT streams: the same streamed_splits, with SFT's column names; SFTTrainer's streams in test_train_stream.py)
 
 

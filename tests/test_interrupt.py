@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,6 +207,35 @@ def test_resume_refuses_other_settings_and_a_directory_without_checkpoints(workd
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("fastdpo: error: column 'resume'") and "no complete checkpoint" in line, line
     assert not (workdir / "never_ran").exists()
+
+
+def test_no_checkpoint_is_left_that_a_later_resume_would_wrongly_take(workdir, straight, capsys):
+    run = workdir / "branches"
+    shutil.copytree(straight("dpo"), run)
+    capsys.readouterr()
+
+    def last_error() -> str:
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    # --resume PATH back to an earlier step: the later checkpoints are another future of the run
+    assert fastdpo(workdir, "dpo", run, "--resume", str(run / "checkpoint-4"), "--max_steps", "6") == 2
+    line = last_error()
+    assert "checkpoints after checkpoint-4 (checkpoint-8, checkpoint-12, checkpoint-16 and 12 more)" in line, line
+    # resumed into a new run directory: compared with the settings of the checkpoint's run
+    elsewhere = workdir / "elsewhere"
+    assert fastdpo(workdir, "dpo", elsewhere, "--resume", str(run / "checkpoint-4"), "--beta", "0.9") == 2
+    assert "beta: 0.5 -> 0.9" in last_error() and not elsewhere.exists()
+    # TRL's resume_from_checkpoint key resumes as --resume PATH does (it was recorded and ignored)
+    checkpoint = str(run / "checkpoint-4")
+    assert fastdpo(workdir, "dpo", elsewhere, "--resume_from_checkpoint", checkpoint, "--max_steps", "6") == 0
+    theirs = {log["step"]: log["loss"] for log in train_steps(run)}
+    assert {log["step"]: log["loss"] for log in train_steps(elsewhere)} == pytest.approx({5: theirs[5], 6: theirs[6]})
+    # with --overwrite the later checkpoints go; then a run started over removes the earlier run's
+    assert fastdpo(workdir, "dpo", run, "--resume", checkpoint, "--overwrite", "--max_steps", "6") == 0
+    assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # (6: the end)
+    assert fastdpo(workdir, "dpo", run, "--overwrite", "--max_steps", "2") == 0
+    assert "removed 2 checkpoint(s) of the run this one replaces" in capsys.readouterr().err
+    assert [path.name for path in run.glob("checkpoint-*")] == ["checkpoint-2"]  # its own: --resume goes on from it
 
 
 @pytest.fixture
