@@ -1,7 +1,7 @@
 """One DPO run per β on a cached reference, and a recommendation: ``fastdpo sweep``.
 
     fastdpo sweep --config run.yaml --beta 0.01,0.05,0.1,0.5 [--out runs/sweep] [--nll-rise 0.1]
-                  [--samples 2] [--kl-prompts 32] [--overwrite] [--field value ...]
+                  [--samples 2] [--kl-prompts 32] [--overwrite | --resume] [--field value ...]
 
 The config is the one ``fastdpo dpo`` takes (flags after the sweep's own override its fields) and must hold out
 evaluation data (``eval_fraction`` or ``dataset_test_split``). Each β trains in ``<out>/beta_<β>/`` with
@@ -15,13 +15,19 @@ distributions' KL summed along each; ``fastdpo.compare``).
 
 The rule: among the β whose held-out chosen NLL rose by less than ``--nll-rise`` (a fraction of the reference's),
 the one with the highest held-out reward accuracy (ties: the larger margin). If none qualifies, the β whose NLL
-rose least, said so. Output in ``--out``: ``sweep.json``, ``sweep.md``, ``sweep.png``.
+rose least, said so. Output in ``--out``: ``sweep.json``, ``sweep.md``, ``sweep.png``; each β's measurements in
+``beta_<β>/sweep_row.json``. A sweep stopped by Ctrl-C or SIGTERM prints the command that goes on with it
+(``--resume``): the β that finished are read back (their settings checked against the config's), the one under way
+resumes from its last checkpoint, the others train. Reference-free losses (SimPO, CPO, ORPO) have no reference to
+measure against: refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +41,7 @@ def parse_betas(text: str) -> list[float]:
     except ValueError:
         raise ConfigError(f"{text!r} is not a comma-separated list of numbers", column="--beta",
                           fix="e.g. --beta 0.01,0.05,0.1,0.5") from None  # fmt: skip
-    if not betas or any(not 0 < b < float("inf") for b in betas) or len(set(betas)) != len(betas):
+    if not betas or any(not 0 < b < float("inf") for b in betas) or len(set(betas)) != len(betas):  # (named by repr)
         raise ConfigError(f"needs distinct finite values > 0, got {text!r}", column="--beta",
                           fix="e.g. --beta 0.05,0.1,0.5")  # fmt: skip
     return sorted(betas)
@@ -46,11 +52,11 @@ def recommend(rows: list[dict], nll_rise: float) -> tuple[float, str]:
     ok = [r for r in rows if r["nll_rise"] < nll_rise]
     if ok:
         best = max(ok, key=lambda r: (r["reward_accuracy"], r["reward_margin"]))
-        return best["beta"], (f"β = {best['beta']:g}: the highest held-out reward accuracy "
+        return best["beta"], (f"β = {best['beta']!r}: the highest held-out reward accuracy "
                               f"({best['reward_accuracy']:.1%}) among the β whose held-out chosen NLL rose by "
                               f"less than {nll_rise:.0%} of the reference's")  # fmt: skip
     best = min(rows, key=lambda r: r["nll_rise"])
-    return best["beta"], (f"β = {best['beta']:g}: no β kept the held-out chosen NLL within {nll_rise:.0%} of the "
+    return best["beta"], (f"β = {best['beta']!r}: no β kept the held-out chosen NLL within {nll_rise:.0%} of the "
                           f"reference's; this one raised it least ({best['nll_rise']:+.1%})")  # fmt: skip
 
 
@@ -60,7 +66,9 @@ def _evaluate(trainer, run_args, beta: float, samples: int, kl_prompts: int) -> 
     from fastdpo.compare import compare, summary
     from fastdpo.model.adapters import AdapterReference, is_peft_model
 
-    metrics = trainer.evaluate()
+    evals = [log for log in trainer.state.log_history if "eval_rewards/accuracies" in log]
+    at_end = evals and evals[-1]["step"] == trainer.state.global_step and not trainer.args.load_best_model_at_end
+    metrics = evals[-1] if at_end else trainer.evaluate()  # (the run's own evaluation at its last step, if it had one)
     dataset = trainer.eval_dataset
     reference_chosen = sum(dataset["ref_chosen_logps"]) / len(dataset)
     policy_chosen = metrics["eval_logps/chosen"]
@@ -90,7 +98,7 @@ def table(rows: list[dict], recommendation: str) -> str:
     for r in rows:
         kl = f"{r['kl_estimate']:.3f}" if r.get("kl_estimate") is not None else "-"
         chosen = f"{r['logps_chosen']:.2f} ({r['logps_chosen_reference']:.2f})"
-        lines.append(f"| {r['beta']:g} | {r['reward_accuracy']:.1%} | {r['reward_margin']:.3f} | {chosen} | "
+        lines.append(f"| {r['beta']!r} | {r['reward_accuracy']:.1%} | {r['reward_margin']:.3f} | {chosen} | "
                      f"{r['nll_rise']:+.1%} | {kl} |")  # fmt: skip
     return "\n".join(["# fastdpo sweep", "", *lines, "", f"Recommended: {recommendation}."]) + "\n"
 
@@ -117,11 +125,42 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta: float) -> dict:
+    """One β's run and its measurements (``beta_<β>/sweep_row.json``); with ``--resume``, read back when it
+    finished, resumed from its last checkpoint when it has one."""
+    from fastdpo.atomic import atomic_write
+    from fastdpo.cli import _resolved_config, load_config, run_training
+    from fastdpo.cli_resume import refuse_changed_config
+    from fastdpo.train.resume import last_checkpoint
+
+    run_dir = args.out / f"beta_{beta!r}"
+    run_flags = [*flags, "--beta", repr(beta), "--output_dir", str(run_dir), "--precompute_ref_log_probs", "true",
+                 "--ref_cache_dir", str(args.out / "ref_cache")]  # fmt: skip
+    done = run_dir / "sweep_row.json"
+    if args.resume and done.is_file():
+        resolved = _resolved_config(*load_config(known, run_flags))
+        refuse_changed_config(run_dir / "config.yaml", resolved, overwrite=False)
+        print(f"sweep: β = {beta!r} finished before: read from {done}", flush=True)
+        return json.loads(done.read_text())
+    resume = args.resume and last_checkpoint(run_dir) is not None
+    print(f"sweep: β = {beta!r} → {run_dir}" + (" (resumed)" if resume else ""), flush=True)
+    # with --resume, a β without a checkpoint starts over in its folder
+    run_known = argparse.Namespace(**{**vars(known), "resume": True if resume else None,
+                                      "overwrite": args.overwrite or (args.resume and not resume)})  # fmt: skip
+    done.unlink(missing_ok=True)  # (an earlier sweep's, under --overwrite)
+    trainer = run_training(run_known, run_flags)
+    row = _evaluate(trainer, run_args, beta, args.samples, args.kl_prompts)
+    atomic_write(done, json.dumps(row, indent=1))
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastdpo.atomic import atomic_write
-    from fastdpo.cli import load_config, run_training
+    from fastdpo.cli import load_config
     from fastdpo.compare import check_counts
+    from fastdpo.ops import REFERENCE_FREE
 
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="fastdpo sweep", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--config", type=Path, required=True, help="the YAML file fastdpo dpo takes")
     parser.add_argument("--beta", required=True, help="comma-separated values, e.g. 0.01,0.05,0.1,0.5")
@@ -132,30 +171,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2, help="policy samples per prompt for the KL estimate")
     parser.add_argument("--kl-prompts", type=int, default=32, help="held-out prompts for the KL estimate")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
+    parser.add_argument("--resume", action="store_true", help="go on with a sweep that stopped (see above)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args, flags = parser.parse_known_args(argv)
     check_counts(args, at_least={"samples": 0, "kl_prompts": 0, "nll_rise": 0})
     betas = parse_betas(args.beta)
-    refuse_non_empty(
-        args.out,
-        overwrite=args.overwrite,
-        column="--out",
-        fix="pass another --out, or --overwrite to replace the runs there",
-    )
+    if args.resume and not args.out.is_dir():
+        raise ConfigError(f"{args.out} holds no sweep to go on with", column="--resume", fix="run it without --resume")
+    if not args.resume:
+        refuse_non_empty(args.out, overwrite=args.overwrite, column="--out",
+                         fix="pass another --out, --overwrite to replace the runs there, or --resume")  # fmt: skip
     known = argparse.Namespace(command="dpo", config=args.config, overwrite=args.overwrite, debug=args.debug)
-    run_args, _ = load_config(known, flags)
+    run_args, run_config = load_config(known, flags)
     if run_args.eval_fraction is None and run_args.dataset_test_split is None:
         raise ConfigError("a sweep compares the runs on held-out pairs, and the config holds none out",
                           column="eval_fraction", fix="set eval_fraction (e.g. 0.1) or dataset_test_split")  # fmt: skip
+    free = sorted(REFERENCE_FREE.intersection(run_config.loss_type))
+    if free:
+        raise ConfigError(f"{', '.join(free)} has no reference, which a sweep measures each β against",
+                          column="loss_type", fix="tune β with one fastdpo dpo run per value (--beta)")  # fmt: skip
     rows = []
     for beta in betas:
-        run_dir = args.out / f"beta_{beta:g}"
-        run_flags = [*flags, "--beta", str(beta), "--output_dir", str(run_dir), "--precompute_ref_log_probs", "true",
-                     "--ref_cache_dir", str(args.out / "ref_cache")]  # fmt: skip
-        print(f"sweep: β = {beta:g} → {run_dir}", flush=True)
-        trainer = run_training(known, run_flags)
-        rows.append(_evaluate(trainer, run_args, beta, args.samples, args.kl_prompts))
-        del trainer
+        try:
+            rows.append(_run_beta(args, known, flags, run_args, beta))
+        except KeyboardInterrupt as stop:  # TrainingInterrupted (a checkpoint saved), or a second Ctrl-C
+            number = getattr(stop, "signum", signal.SIGINT)
+            again = shlex.join(["fastdpo", "sweep", *[a for a in argv if a not in ("--overwrite", "--resume")],
+                                "--resume"])  # fmt: skip
+            print(f"fastdpo sweep: stopped by {signal.Signals(number).name} during β = {beta!r}; go on with: "
+                  f"{again}", file=sys.stderr)  # fmt: skip
+            return 128 + number
     chosen, why = recommend(rows, args.nll_rise)
     text = table(rows, why)
     atomic_write(args.out / "sweep.json", json.dumps({"rows": rows, "recommended_beta": chosen, "rule": why,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import warnings
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
@@ -246,7 +248,9 @@ def test_batched_greedy_answers_and_log_probs_equal_one_at_a_time(short_run):
 
 
 @pytest.mark.slow
-def test_sweep_reuses_one_reference_cache_and_recommends_a_beta(short_run, tmp_path, monkeypatch):
+def test_sweep_reuses_one_reference_cache_goes_on_after_a_stop_and_recommends_a_beta(
+    short_run, tmp_path, monkeypatch, capsys
+):
     import fastdpo.model.reference_cache as reference_cache
 
     out, _ = short_run
@@ -257,14 +261,32 @@ def test_sweep_reuses_one_reference_cache_and_recommends_a_beta(short_run, tmp_p
     config.write_text(f"model_name_or_path: {out / 'sft'}\ndataset_name: {pairs}\neval_fraction: 0.1\nmax_steps: 8\n"
                       "per_device_train_batch_size: 32\nlearning_rate: 0.0001\nloss_type: [sigmoid, sft]\n"
                       "loss_weights: [1.0, 1.0]\nuse_cpu: true\nreport_to: []\nsave_strategy: 'no'\n"
-                      "gradient_checkpointing: false\ndisable_tqdm: true\n")  # fmt: skip
+                      "gradient_checkpointing: false\ndisable_tqdm: true\nlogging_steps: 1\n")  # fmt: skip
     computed = []
     real = reference_cache.compute_reference_logps
     monkeypatch.setattr(reference_cache, "compute_reference_logps",
                         lambda *a, **k: computed.append(1) or real(*a, **k))  # fmt: skip
     sweep_dir = tmp_path / "sweep"
     command = ["sweep", "--config", str(config), "--beta", "0.5,0.05", "--out", str(sweep_dir), "--kl-prompts", "4"]
-    assert cli(command) == 0
+    import fastdpo.cli
+    from fastdpo.train import TrainingInterrupted
+
+    real_run, runs = fastdpo.cli.run_training, []
+
+    def stopped_at_step_4(known, flags):  # the second β's run, as SIGTERM stops it: a checkpoint, then the raise
+        runs.append(flags[flags.index("--output_dir") + 1])
+        if runs[-1].endswith("beta_0.5") and known.resume is None:
+            real_run(known, [*flags, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "4"])
+            raise TrainingInterrupted(signal.SIGTERM, 4, runs[-1] + "/checkpoint-4")
+        return real_run(known, flags)
+
+    monkeypatch.setattr(fastdpo.cli, "run_training", stopped_at_step_4)
+    assert cli(command) == 143
+    assert f"go on with: fastdpo sweep {' '.join(command[1:])} --resume" in capsys.readouterr().err
+    assert cli([*command, "--resume"]) == 0  # β 0.05 read back, β 0.5 resumed from its checkpoint
+    assert [Path(run).name for run in runs] == ["beta_0.05", "beta_0.5", "beta_0.5"]
+    logs = [json.loads(line) for line in (sweep_dir / "beta_0.5" / "metrics.jsonl").read_text().splitlines()]
+    assert [log["step"] for log in logs if "loss" in log] == list(range(1, 9))  # each step once, through the stop
     assert len(computed) == 2  # the training and the held-out rows, once, for the first β; the second read the files
     result = json.loads((sweep_dir / "sweep.json").read_text())
     assert [r["beta"] for r in result["rows"]] == [0.05, 0.5] and result["recommended_beta"] in (0.05, 0.5)
@@ -282,3 +304,9 @@ def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, cap
     assert "--beta" in capsys.readouterr().err
     assert cli(["sweep", "--config", str(config), "--beta", "0.1,0.2", "--out", str(tmp_path / "b")]) == 2
     assert "eval_fraction" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    config.write_text("model_name_or_path: some/model\ndataset_name: pairs.jsonl\neval_fraction: 0.1\n"
+                      "loss_type: [simpo, sft]\nreport_to: []\n")  # fmt: skip
+    assert cli(["sweep", "--config", str(config), "--beta", "0.1,0.2", "--out", str(tmp_path / "c")]) == 2
+    assert "column 'loss_type': simpo has no reference" in capsys.readouterr().err  # (it crashed after one β)
+    assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "d"), "--resume"]) == 2
+    assert "holds no sweep to go on with" in capsys.readouterr().err
