@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str | Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, _mode_for(path))  # (mkstemp's is 0600: the file gets the mode a plain open would give it)
     if encoding is None and mode == "w":
         encoding = "utf-8"
     try:
@@ -53,6 +55,16 @@ def save_figure(figure, path: str | os.PathLike, **kwargs) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
     atomic_write(path, buffer.getvalue())
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions ``path`` has, else those a new file gets (0666 less the umask)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _fsync_dir(directory: Path) -> None:

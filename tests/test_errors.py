@@ -34,6 +34,21 @@ def test_atomic_write_replaces_whole_files(tmp_path):
     assert os.listdir(target.parent) == ["out.json"]
 
 
+def test_atomic_write_gives_the_mode_a_plain_write_would(tmp_path):
+    # mkstemp's temporary file is 0600: reports and configs were unreadable to the group, whatever the umask
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "new.md", "x")
+        shared = tmp_path / "shared.md"
+        shared.write_text("old")
+        shared.chmod(0o664)
+        atomic_write(shared, "new")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.md").stat().st_mode & 0o777 == 0o644
+    assert shared.stat().st_mode & 0o777 == 0o664  # an existing file keeps its own
+
+
 def test_atomic_open_keeps_the_old_file_on_error(tmp_path):
     target = tmp_path / "keep.txt"
     target.write_text("original")
