@@ -84,6 +84,8 @@ def refuse_changed_config(recorded_path: Path, resolved: dict, *, overwrite: boo
 def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool) -> list[Path]:
     """The ``checkpoint-<step>`` folders in ``out`` that this run leaves behind (see the module docstring); a
     ``ConfigError`` when they would need ``--overwrite`` and it was not given."""
+    from fastdpo.train.resume import is_complete
+
     if not out.is_dir():
         return []
     matches = (re.fullmatch(r"checkpoint-(\d+)", path.name) for path in out.iterdir() if path.is_dir())
@@ -93,7 +95,7 @@ def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool) -> 
     if Path(checkpoint).resolve().parent != out.resolve():  # resumed from another run's: this one's are its own
         return []
     step = int(re.fullmatch(r"checkpoint-(\d+)", Path(checkpoint).name).group(1))
-    later = [steps[s] for s in sorted(steps) if s > step]
+    later = [steps[s] for s in sorted(steps) if s > step and is_complete(steps[s])]  # (a cut-short one is saved over)
     if later and not overwrite:
         names = ", ".join(path.name for path in later[:3]) + (f" and {len(later) - 3} more" if len(later) > 3 else "")
         raise ConfigError(f"{out} has checkpoints after {Path(checkpoint).name} ({names}), which a later --resume "
