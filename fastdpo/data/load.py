@@ -240,7 +240,7 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
 
 
 def _refuse_mixed_text(path: Path, loaded: datasets.Dataset, text: Iterable[str]) -> None:
-    """One DataError at the first number or boolean among another kind in a text column of a JSON file.
+    """One DataError at the first number or boolean among strings (or string among them) in a JSON file's text column.
     ``datasets`` reads such a column as a ``Json`` one, which gives back a string that reads as JSON (``"42"``,
     ``"true"``) as that value: the valid rows would change too."""
     text = set(text)
@@ -261,8 +261,8 @@ def _refuse_mixed_text(path: Path, loaded: datasets.Dataset, text: Iterable[str]
                 if row.get(name) is None:
                     continue
                 seen = first.setdefault(name, (number, _kind(row[name])))
-                kinds = {seen[1], _kind(row[name])}  # (strings among lists: the format check says it, refusing all)
-                if len(kinds) > 1 and kinds & {"number", "boolean"}:
+                kinds = {seen[1], _kind(row[name])}  # (a number among lists changes no string: checked as a row)
+                if "string" in kinds and kinds & {"number", "boolean"}:
                     raise DataError(f"{path}: {where} {number}: is a {_kind(row[name])} where {where} {seen[0]} has "
                                     f"a {seen[1]}", column=name, fix="give the column one kind of value in every row "
                                     '(quote a number answer: "4")')  # fmt: skip
