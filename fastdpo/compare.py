@@ -13,27 +13,33 @@ For every prompt, each model's greedy answer (and ``--samples`` sampled answers 
   it averages over every token the policy could have picked, not only the one it sampled: less spread over seeds
   (``python -m bench.kl_estimate_cpu``: 2.3x for a policy near its reference, 1.5x for the short quickstart's
   policy; what is left comes from which answers are sampled);
-- with a checker (``--prompts quickstart``: the quickstart's held-out problems), each greedy answer's correctness
-  and the policy's win / tie / loss rate against the reference;
+- with a checker (``--prompts quickstart``: the held-out problems of the seed the run recorded in its
+  ``report.json``, else of ``--seed``), each greedy answer's correctness and the policy's win / tie / loss rate;
 - with ``--pairs FILE`` (held-out preference pairs in any format the trainers take: standard or conversational,
-  .jsonl/.json/.parquet/.csv, tokenized as they tokenize them), reward accuracy and margin and both models' mean
-  log-probability of the chosen answers: lower under the policy while accuracy is high is likelihood
-  displacement, flagged in the report.
+  .jsonl/.json/.parquet/.csv, tokenized as they tokenize them, the pairs they drop dropped and counted), reward
+  accuracy and margin and both models' mean log-probability of the chosen answers: lower under the policy while
+  accuracy is high is likelihood displacement, flagged in the report.
 
-``builtin`` prompts are edge cases: empty, one character, near the model's context length, Chinese and mixed script,
-emoji, code, a prompt-injection attempt, a repeated token, a multi-turn conversation (rendered with the tokenizer's
-chat template when it has one). A prompt too long for the context keeps its last tokens, and the report says so. A
-QLoRA run's folder (``load_in_4bit``/``load_in_8bit`` in its ``config.yaml``) loads its base, and the reference,
-quantized as the run loaded its base: the reference it trained against; ``--beta`` defaults to the β a run's
-``config.yaml`` recorded (else 0.1). Output in ``--out``: ``compare.json``, ``compare.md`` and ``compare.html`` (one
-self-contained page, its plots inline).
+A ``FILE`` of prompts: .txt (one a line), .jsonl (``{"prompt": ...}`` a line) or .json (an array of them); a prompt
+is text, messages (rendered as the trainers render them) or token ids. ``builtin`` prompts are edge cases: empty,
+one character, near the model's context length, Chinese and mixed script, emoji, code, a prompt-injection attempt,
+a repeated token, a multi-turn conversation (rendered with the tokenizer's chat template when it has one). A prompt
+too long for the context keeps its last tokens, and the report says so. A QLoRA run's folder
+(``load_in_4bit``/``load_in_8bit`` in its ``config.yaml``) loads its base, and the reference, quantized as the run
+loaded its base: the reference it trained against; ``--beta`` defaults to the β a run's ``config.yaml`` recorded
+(else 0.1). Output in ``--out``: ``compare.json``, ``compare.md`` and ``compare.html`` (one
+self-contained page, its plots inline). Answers end at the tokenizer's EOS or any of the generation config's; the
+models run on the GPU where there is one; a folder saved without its tokenizer uses its adapter's base's or the
+reference's, said so.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
+import inspect
 import io
 import json
 import sys
@@ -92,14 +98,13 @@ class Row:
 def _prompt_ids(tokenizer, prompt, limit: int) -> tuple[list[int], bool]:
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:  # token ids already
         return (prompt[-limit:], True) if len(prompt) > limit else (prompt, False)
-    if isinstance(prompt, list):
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        else:
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant: "
+    if isinstance(prompt, list) and tokenizer.chat_template:  # as the trainers: the template's own special tokens only
+        ids = tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True, add_generation_prompt=True)
+        ids = list(ids["input_ids"])
+    elif isinstance(prompt, list):
+        ids = tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant: ")["input_ids"]
     else:
-        text = prompt
-    ids = tokenizer(text)["input_ids"]
+        ids = tokenizer(prompt)["input_ids"]
     if not ids:  # an empty prompt with a tokenizer that adds no BOS: start from BOS (or EOS)
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [start]
@@ -107,16 +112,49 @@ def _prompt_ids(tokenizer, prompt, limit: int) -> tuple[list[int], bool]:
     return (ids[-limit:] if truncated else ids), truncated
 
 
+def _stop_ids(tokenizer, *models) -> set[int]:
+    """The tokenizer's EOS and every EOS id of the models' generation configs (an int or a list: ChatML's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``)."""
+    ids = {tokenizer.eos_token_id}
+    for model in models:
+        config = getattr(model, "generation_config", None) or getattr(model, "config", None)
+        eos = getattr(config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return {i for i in ids if isinstance(i, int)}
+
+
+@functools.cache
+def _keeps_logits(cls: type) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _last_logits(model, ids: torch.Tensor, keep: int, **kwargs):
+    """``model``'s output with ``.logits`` of the last ``keep`` positions only (batch, keep, vocab): the LM head
+    runs on those alone where the forward takes transformers' ``logits_to_keep``, else all are computed and cut."""
+    if _keeps_logits(type(model)):
+        kwargs["logits_to_keep"] = keep
+    output = model(input_ids=ids, **kwargs)
+    output.logits = output.logits[:, -keep:]
+    return output
+
+
 @torch.no_grad()
-def _generate(model, ids: list[int], *, max_new_tokens: int, eos: int, sample: bool, generator=None) -> list[int]:
-    """Up to ``max_new_tokens`` after ``ids``, greedy or sampled (on the CPU generator), with the model's KV cache
-    where it returns one (each step then runs the new token only), else the whole sequence again at every step."""
+def _generate(
+    model, ids: list[int], *, max_new_tokens: int, eos: int | set[int], sample: bool, generator=None
+) -> list[int]:
+    """Up to ``max_new_tokens`` after ``ids``, greedy or sampled (on the CPU generator), ending at ``eos`` (an id
+    or a set of them), with the model's KV cache where it returns one (each step then runs the new token only),
+    else the whole sequence again at every step."""
     device = next(model.parameters()).device
+    stops = {eos} if isinstance(eos, int) else set(eos)
     out: list[int] = []
     cache = None  # (keyword, cache): "cache" in transformers ≥ 5.x's renaming, "past_key_values" before it
     for _ in range(max_new_tokens):
         if cache is None:
-            output = model(input_ids=torch.tensor([ids + out], device=device), use_cache=not out)
+            output = _last_logits(model, torch.tensor([ids + out], device=device), 1, use_cache=not out)
             if not out:
                 cache = next(((name, getattr(output, name)) for name in ("cache", "past_key_values")
                               if getattr(output, name, None) is not None), None)  # fmt: skip
@@ -129,9 +167,17 @@ def _generate(model, ids: list[int], *, max_new_tokens: int, eos: int, sample: b
         else:
             token = int(logits.argmax())
         out.append(token)
-        if token == eos:
+        if token in stops:
             break
     return out
+
+
+@torch.no_grad()
+def _answer_log_probs(model, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """(batch, length − start, vocab) log-probabilities of the tokens ``ids[:, start:]`` (fp32 at least): the LM head
+    applied to their positions only."""
+    logits = _last_logits(model, ids, ids.shape[1] - start + 1).logits[:, :-1]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # half → fp32; fp64 stays
 
 
 @torch.no_grad()
@@ -141,10 +187,8 @@ def _scores(policy, reference, prompt_ids: list[int], answer_ids: list[int]) -> 
     start, ids = max(1, len(prompt_ids)), prompt_ids + answer_ids
     if len(ids) <= start:
         return 0.0, 0.0
-    log_probs = []
-    for model in (policy, reference):
-        logits = model(input_ids=torch.tensor([ids], device=next(model.parameters()).device)).logits[0, start - 1 : -1]
-        log_probs.append(logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1).cpu())
+    log_probs = [_answer_log_probs(m, torch.tensor([ids], device=next(m.parameters()).device), start)[0].cpu()
+                 for m in (policy, reference)]  # fmt: skip
     ours, theirs = log_probs[0], log_probs[1].to(log_probs[0].dtype)
     target = torch.tensor(ids[start:])[:, None]
     ratio = float(ours.gather(-1, target).sum() - theirs.gather(-1, target).sum())
@@ -166,17 +210,15 @@ def _logps(model, items: list[tuple[list[int], list[int]]]) -> list[float]:
     for (prompt_length, _), rows in groups.items():
         start = max(1, prompt_length)  # the first scored position
         ids = torch.tensor([items[i][0] + items[i][1] for i in rows], device=device)
-        logits = model(input_ids=ids).logits[:, start - 1 : -1]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half → fp32; fp64 stays
-        scores = logits.log_softmax(-1).gather(-1, ids[:, start:, None]).sum((1, 2))
+        scores = _answer_log_probs(model, ids, start).gather(-1, ids[:, start:, None]).sum((1, 2))
         for i, score in zip(rows, scores.tolist(), strict=True):
             sums[i] = score
     return sums
 
 
-def _answer(policy, reference, tokenizer, prompt_ids, answer_ids, beta, checker=None) -> Answer:
+def _answer(policy, reference, tokenizer, prompt_ids, answer_ids, beta, checker=None, stops=()) -> Answer:
     ratio, kl = _scores(policy, reference, prompt_ids, answer_ids)
-    text = tokenizer.decode([t for t in answer_ids if t != tokenizer.eos_token_id])
+    text = tokenizer.decode([t for t in answer_ids if t != tokenizer.eos_token_id and t not in stops])
     return Answer(text=text, tokens=len(answer_ids), reward=beta * ratio, correct=None if checker is None else
                   checker(text), kl=kl)  # fmt: skip
 
@@ -187,9 +229,12 @@ def compare(policy, reference, tokenizer, prompts: list[tuple[str, object]], *, 
     policy.eval()
     reference.eval()
     context = getattr(policy.config, "max_position_embeddings", None) or 2048
-    max_new_tokens = min(max_new_tokens, max(1, context // 4))  # a small model's context keeps room for the prompt
+    if max_new_tokens > max(1, context // 4):  # a small model's context keeps room for the prompt
+        print(f"max_new_tokens {max_new_tokens} capped to {max(1, context // 4)}: a quarter of the policy's context "
+              f"({context} tokens), the rest left to the prompt")  # fmt: skip
+        max_new_tokens = max(1, context // 4)
     limit = max(1, context - max_new_tokens - 1)
-    eos = tokenizer.eos_token_id
+    eos = _stop_ids(tokenizer, policy, reference)
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for i, (name, prompt) in enumerate(prompts):
@@ -199,11 +244,11 @@ def compare(policy, reference, tokenizer, prompts: list[tuple[str, object]], *, 
         reference_ids = _generate(reference, ids, max_new_tokens=max_new_tokens, eos=eos, sample=False)
         row = Row(name=name, prompt=prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False),
                   prompt_tokens=len(ids), truncated=truncated,
-                  policy=_answer(policy, reference, tokenizer, ids, policy_ids, beta, checker),
-                  reference=_answer(policy, reference, tokenizer, ids, reference_ids, beta, checker))  # fmt: skip
+                  policy=_answer(policy, reference, tokenizer, ids, policy_ids, beta, checker, eos),
+                  reference=_answer(policy, reference, tokenizer, ids, reference_ids, beta, checker, eos))  # fmt: skip
         for _ in range(samples):
             sampled = _generate(policy, ids, max_new_tokens=max_new_tokens, eos=eos, sample=True, generator=generator)
-            row.samples.append(_answer(policy, reference, tokenizer, ids, sampled, beta, checker))
+            row.samples.append(_answer(policy, reference, tokenizer, ids, sampled, beta, checker, eos))
         if row.samples:  # the exact KL of each next-token distribution, summed along the policy's own samples
             row.kl_estimate = sum(a.kl for a in row.samples) / len(row.samples)
         rows.append(row)
@@ -211,7 +256,7 @@ def compare(policy, reference, tokenizer, prompts: list[tuple[str, object]], *, 
 
 
 @torch.no_grad()
-def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1) -> dict:
+def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data_filter: str = "drop") -> dict:
     """Reward accuracy and margin on held-out preference pairs, both models' mean chosen log-probability, and
     whether it fell under the policy while accuracy is high (likelihood displacement).
 
@@ -219,15 +264,24 @@ def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1) -> d
     or conversational message lists, system and input columns), prepared and tokenized as they do it
     (``prepare_preferences``, ``tokenize_preferences``: a conversation through the tokenizer's chat template, EOS
     after a string completion). Each sequence is scored whole up to the policy's context length
-    (``max_position_embeddings``), the end cut beyond it; pairs whose prompt fills the context are dropped, as the
-    trainers drop them, and counted in ``dropped_pairs``.
+    (``max_position_embeddings``), the end cut beyond it. The pairs the trainers drop are dropped: with
+    ``data_filter="drop"`` (their default) those of the quality check's "drop" reasons (identical, empty,
+    duplicate, ...), and those whose prompt fills the context; counted by reason in ``dropped``, in all in
+    ``dropped_pairs``.
     """
-    from fastdpo.data import prepare_preferences, tokenize_preferences
+    from fastdpo.data import check_preferences, prepare_preferences, tokenize_preferences
     from fastdpo.data.tokenize import truncate
 
+    if data_filter not in ("drop", "none"):
+        raise ConfigError(f"must be 'drop' or 'none', got {data_filter!r}", column="data_filter")
     context = getattr(policy.config, "max_position_embeddings", None)
-    tokenized = tokenize_preferences(prepare_preferences(pairs), tokenizer, max_length=context)
-    rows = tokenized.dataset
+    prepared = prepare_preferences(pairs)
+    kept, dropped = check_preferences(prepared).filter(prepared) if data_filter == "drop" else (prepared, {})
+    if len(kept) == 0:
+        raise DataError(f"every pair has a problem the trainers drop it for ({dropped})", column="pairs",
+                        fix="run 'fastdpo data check' on the file to list them")  # fmt: skip
+    tokenized = tokenize_preferences(kept, tokenizer, max_length=context)
+    rows, dropped = tokenized.dataset, {**dropped, **tokenized.dropped}
     if len(rows) == 0:
         raise DataError(f"every pair's prompt fills the policy's context ({context} tokens)", column="prompt",
                         fix="pass pairs with shorter prompts")  # fmt: skip
@@ -247,7 +301,7 @@ def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1) -> d
     chosen_policy_mean, chosen_reference_mean = sum(chosen_policy) / n, sum(chosen_reference) / n
     result = {"pairs": n, "reward_accuracy": sum(m > 0 for m in margins) / n, "reward_margin": sum(margins) / n,
               "logps_chosen_policy": chosen_policy_mean, "logps_chosen_reference": chosen_reference_mean,
-              "dropped_pairs": sum(tokenized.dropped.values())}  # fmt: skip
+              "dropped_pairs": sum(dropped.values()), "dropped": dropped}  # fmt: skip
     fallen = chosen_reference_mean - chosen_policy_mean
     result["displacement"] = result["reward_accuracy"] > 0.5 and fallen > max(1.0, 0.1 * abs(chosen_reference_mean))
     return result
@@ -275,9 +329,15 @@ def summary(rows: list[Row]) -> dict:
     return out
 
 
+_BREAKS = str.maketrans(dict.fromkeys("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029", "⏎"))
+
+
 def _cell(text: str, width: int = 60) -> str:
-    text = text.replace("\n", "⏎").replace("|", "\\|")
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """One markdown table cell: every line break (``\\r``, ``\\u2028``, ... too) as ⏎, cut to ``width``, then the
+    HTML in it escaped (model output may hold tags) and ``|`` too (it would end the cell)."""
+    text = text.replace("\r\n", "\n").translate(_BREAKS)
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    return html.escape(text, quote=False).replace("|", "\\|")
 
 
 def markdown(rows: list[Row], stats: dict, pairs: dict | None, beta: float) -> str:
@@ -300,7 +360,11 @@ def markdown(rows: list[Row], stats: dict, pairs: dict | None, beta: float) -> s
                      f"{pairs['reward_margin']:.3f}; chosen log-prob policy {pairs['logps_chosen_policy']:.2f}, "
                      f"reference {pairs['logps_chosen_reference']:.2f}")  # fmt: skip
         if pairs.get("dropped_pairs"):
-            lines.append(f"- {pairs['dropped_pairs']} more pairs dropped: their prompts fill the policy's context")
+            from fastdpo.data.quality import REASONS
+
+            why = {**{r: d for r, (_, d) in REASONS.items()}, "prompt_fills_max_length": "prompt fills the context"}
+            reasons = ", ".join(f"{n} {r} ({why.get(r, r)})" for r, n in pairs.get("dropped", {}).items())
+            lines.append(f"- {pairs['dropped_pairs']} more pairs dropped, as the trainers drop them: {reasons}")
         if pairs["displacement"]:
             lines.append("- **likelihood displacement**: the policy finds the chosen answers less likely than the "
                          "reference does, although it ranks them above the rejected ones. Add an SFT term "
@@ -390,59 +454,6 @@ def write_report(out: Path, rows: list[Row], pairs: dict | None, beta: float) ->
     return text
 
 
-def _load_prompts(spec: str, context: int, tokenizer):
-    """(name, prompt) pairs, and per prompt a checker or None."""
-    if spec == "builtin":
-        return builtin_prompts(context), None
-    if spec == "quickstart":
-        from fastdpo.quickstart import check, make_data
-
-        _, _, _, problems = make_data(0)
-        return [(p.command, p.prompt) for p in problems], [lambda text, p=p: check(p, text) for p in problems]
-    path = Path(spec)
-    if not path.is_file():
-        raise ConfigError(f"{spec} is neither 'builtin', 'quickstart' nor a file", column="--prompts",
-                          fix="pass builtin, quickstart, a .txt file (one prompt per line) or a .jsonl file with "
-                              "a 'prompt' field")  # fmt: skip
-    if path.suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: line {number} is not JSON ({error.msg})", column="prompt", row=number - 1,
-                                fix="one JSON object per line") from None  # fmt: skip
-            if not isinstance(record, dict) or "prompt" not in record:
-                raise DataError(f"{path}: line {number} has no 'prompt' field", column="prompt", row=number - 1,
-                                fix='write {"prompt": "..."} on every line')  # fmt: skip
-            if not _prompt_value(record["prompt"]):
-                raise DataError(f"{path}: line {number}'s prompt is {type(record['prompt']).__name__} "
-                                f"{json.dumps(record['prompt'])[:40]}", column="prompt", row=number - 1,
-                                fix="a prompt is a string, a non-empty list of {'role', 'content'} messages, or a "
-                                    "non-empty list of token ids")  # fmt: skip
-            prompts.append((f"line {number}", record["prompt"]))
-    else:  # one prompt a line; blank lines skipped, as in a .jsonl file
-        lines = enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        prompts = [(f"line {i}", line) for i, line in lines if line.strip()]
-    if not prompts:
-        raise DataError(f"{path} holds no prompt", column="--prompts", fix="one prompt per line")
-    return prompts, None
-
-
-def _prompt_value(value) -> bool:
-    """Whether ``value`` is a prompt ``compare`` takes: a string, messages, or token ids (checked against the
-    vocabulary when tokenized)."""
-    if isinstance(value, str):
-        return True
-    if not isinstance(value, list) or not value:
-        return False
-    return all(isinstance(m, dict) and "role" in m and "content" in m for m in value) or all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
-    )
-
-
 def check_counts(args: argparse.Namespace, at_least: dict[str, int]) -> None:
     """A ``ConfigError`` naming the first option of ``at_least`` set below its least value (None: unset, fine)."""
     for name, least in at_least.items():
@@ -455,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastdpo compare", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--policy", type=Path, required=True, help="the trained model's folder")
     parser.add_argument("--reference", type=Path, required=True, help="the reference model's folder")
-    parser.add_argument("--prompts", default="builtin", help="builtin (edge cases), quickstart, or a .txt/.jsonl file")
+    parser.add_argument("--prompts", default="builtin", help="builtin (edge cases), quickstart (its held-out "
+                        "problems), or a .txt/.jsonl/.json file")  # fmt: skip
     parser.add_argument("--pairs", type=Path, help="held-out preference pairs (.jsonl/.json/.parquet/.csv, standard or "
                         "conversational): accuracy, displacement")  # fmt: skip
     parser.add_argument("--samples", type=int, default=4, help="sampled policy answers per prompt (KL estimate)")
@@ -479,9 +491,11 @@ def main(argv: list[str] | None = None) -> int:
         column="--out",
         fix="pass another --out, or --overwrite to replace the report there",
     )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from fastdpo.cli_model import run_config, run_quantization
+    from fastdpo.compare_io import load_tokenizer, quickstart_prompts, read_pairs, read_prompts
+    from fastdpo.train.common import check_reference
 
     recorded, path = run_config(args.policy), args.policy / "config.yaml"  # what the policy's run recorded, if any
     if args.beta is None:  # the β the policy trained with, where its run recorded one
@@ -497,13 +511,13 @@ def main(argv: list[str] | None = None) -> int:
         bits = 4 if key == "load_in_4bit" else 8
         print(f"loading the policy's base and the reference in {bits} bits, as the run loaded its base "
               f"({args.policy / 'config.yaml'}: {key}; --unquantized to load them in full precision)")  # fmt: skip
-    models = []
+    models, device = [], "cuda" if torch.cuda.is_available() else "cpu"
     for name, folder in (("--policy", args.policy), ("--reference", args.reference)):
         if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
             raise ConfigError(f"{folder} holds no model (no config.json, no adapter_config.json)", column=name,
                               fix="pass the folder a trainer saved (save_pretrained)")  # fmt: skip
         try:  # a LoRA run's folder holds its adapter: transformers loads the base it names, then the adapter
-            quantized = {} if quantization is None else {"quantization_config": quantization}
+            quantized = {} if quantization is None else {"quantization_config": quantization}  # on the GPU if any
             models.append(AutoModelForCausalLM.from_pretrained(folder, **quantized))
         except (OSError, ValueError) as error:
             fix = "pass the folder a trainer saved (save_pretrained)"
@@ -511,10 +525,21 @@ def main(argv: list[str] | None = None) -> int:
                 fix = ("an adapter's base model (base_model_name_or_path in its adapter_config.json) is found from "
                        "the directory you trained in: run from there, or edit that path")  # fmt: skip
             raise ConfigError(f"cannot load {folder} ({str(error).splitlines()[0]})", column=name, fix=fix) from error
+        if quantization is None:  # (bitsandbytes places a quantized model on the GPU as it loads it)
+            models[-1].to(device)
     policy, reference = models
-    tokenizer = AutoTokenizer.from_pretrained(args.policy)
+    tokenizer = load_tokenizer(args.policy, args.reference)
+    try:  # as the trainers check it: the same vocabulary size, and the same tokenizer where one is saved with it
+        check_reference(policy, reference, tokenizer)
+    except ConfigError as error:
+        raise ConfigError(error.message, column="--reference", fix=error.fix) from None
     context = getattr(policy.config, "max_position_embeddings", None) or 2048
-    prompts, checkers = _load_prompts(args.prompts, context, tokenizer)
+    if args.prompts == "builtin":
+        prompts, checkers = builtin_prompts(context), None
+    elif args.prompts == "quickstart":  # the held-out problems of the seed the quickstart run recorded
+        prompts, checkers = quickstart_prompts(args.policy, args.seed)
+    else:
+        prompts, checkers = read_prompts(Path(args.prompts)), None
     vocab = policy.get_input_embeddings().num_embeddings
     for name, prompt in prompts:  # token ids: each must have an embedding
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) and max(prompt) >= vocab:
@@ -523,9 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None:
         prompts, checkers = prompts[: args.limit], None if checkers is None else checkers[: args.limit]
     if args.pairs:  # read and checked before the answers are generated, which takes the time
-        from fastdpo.data import prepare_preferences
-
-        args.pairs = prepare_preferences(args.pairs)
+        args.pairs = read_pairs(args.pairs)
     rows = compare(policy, reference, tokenizer, prompts, beta=args.beta, samples=args.samples,
                    max_new_tokens=args.max_new_tokens, checkers=checkers, seed=args.seed)  # fmt: skip
     pairs = pair_metrics(policy, reference, tokenizer, args.pairs, beta=args.beta) if args.pairs else None

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_model_packed import VOCAB, make_model
 
-from fastdpo.compare import _generate, _scores, compare
+from fastdpo.compare import _generate, _logps, _scores, compare
 
 
 def uncached(model, ids, *, max_new_tokens, eos, sample, generator=None):
@@ -142,3 +142,59 @@ def test_a_prompt_that_starts_with_its_name_is_not_labelled_twice():
     rows = [Row("prev", "prev: 51 ", 4, False, answer, answer), Row("emoji", "🙂🚀", 3, False, answer, answer)]
     for page in (markdown(rows, summary(rows), None, 0.1), html_page(rows, summary(rows), None, 0.1)):
         assert "prev: 51" in page and "prev: prev:" not in page and "emoji: 🙂🚀" in page
+
+
+def test_an_answer_stops_at_the_generation_configs_eos_ids_too():
+    # ChatML's <|im_end|>, Llama 3's <|eot_id|>: the generation config's EOS (an int or a list), not the tokenizer's
+    model = make_model("llama").double()
+    prompt = [5, 9, 14]
+    first = _generate(model, prompt, max_new_tokens=5, eos=-1, sample=False)
+    tokenizer = SimpleNamespace(eos_token_id=None, bos_token_id=1, chat_template=None, decode=lambda ids: str(ids))
+    for eos in ([first[0], 3], first[0]):
+        model.generation_config.eos_token_id = eos
+        (row,) = compare(model, model, tokenizer, [("a", prompt)], max_new_tokens=5)
+        # it ended at its first token, which the text leaves out as it leaves out the tokenizer's EOS
+        assert (row.policy.tokens, row.policy.text, row.reference.tokens) == (1, "[]", 1), eos
+    model.generation_config.eos_token_id = -1
+    assert compare(model, model, tokenizer, [("a", prompt)], max_new_tokens=5)[0].policy.tokens == 5
+
+
+class NoLogitsToKeep(torch.nn.Module):
+    """A model whose forward takes no ``logits_to_keep``: every position's logits, cut afterwards."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, input_ids, **kwargs):
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+def full_log_probs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():  # every position, the LM head on all of them
+        return model(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)
+
+
+def test_scores_run_the_lm_head_on_the_answer_positions_only_and_equal_full_logits_in_fp64():
+    policy, reference = peaked_pair()
+    prompt, answer = list(range(3, 40)), [11, 3, 7, 20]
+    seen = []  # the positions the LM head computes, per call
+    hook = policy.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    ratio, kl = _scores(policy, reference, prompt, answer)
+    (chosen,) = _logps(policy, [(prompt, answer)])
+    _generate(policy, prompt, max_new_tokens=1, eos=-1, sample=False)
+    hook.remove()
+    # the answer's positions and the one before them (not the 37 of the prompt); the first token: the last position
+    assert seen == [len(answer) + 1, len(answer) + 1, 1]
+    ids = prompt + answer
+    p, r = full_log_probs(policy, ids)[len(prompt) - 1 : -1], full_log_probs(reference, ids)[len(prompt) - 1 : -1]
+    target = torch.tensor(answer)[:, None]
+    want_ratio = float(p.gather(-1, target).sum() - r.gather(-1, target).sum())
+    want_kl = float((p.exp() * (p - r)).sum())
+    # fp64 both ways, the same sums over 4 positions: agreement to ~1e-14
+    assert ratio == pytest.approx(want_ratio, rel=1e-9) and kl == pytest.approx(want_kl, rel=1e-9)
+    assert chosen == pytest.approx(float(p.gather(-1, target).sum()), rel=1e-9)
+    # a model without logits_to_keep: every position computed, then cut; the same numbers
+    wrapped = NoLogitsToKeep(policy), NoLogitsToKeep(reference)
+    assert _scores(*wrapped, prompt, answer) == pytest.approx((ratio, kl), rel=1e-12)
+    assert _logps(wrapped[0], [(prompt, answer)]) == pytest.approx([chosen], rel=1e-12)

@@ -59,6 +59,11 @@ def expected(policy, reference, tokenizer, rows) -> dict:
             "ids": kept}  # fmt: skip
 
 
+def numbers(result: dict) -> dict:
+    # pair_metrics' result without its per-reason counts (a dict: pytest.approx takes no nested one)
+    return {key: value for key, value in result.items() if key != "dropped"}
+
+
 STANDARD = [
     {"prompt": "What color is the sky?", "chosen": " Blue on a clear day.", "rejected": " Green."},
     {"prompt": "", "chosen": "bonjour", "rejected": "buenos dias and more words"},  # empty prompt
@@ -91,12 +96,15 @@ def test_pair_metrics_scores_the_trainers_token_ids_against_a_token_by_token_ref
             ids["prompt_ids"][0]
             == tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True)["input_ids"]
         )
-    got = pair_metrics(policy, reference, tokenizer, rows, beta=BETA)
+    got = pair_metrics(policy, reference, tokenizer, rows, beta=BETA, data_filter="none")  # the empty prompt kept
     assert got.pop("displacement") is False  # (its rule: tests/test_quickstart.py's displacement tests)
+    assert got.pop("dropped") == ({"prompt_fills_max_length": 1} if rows is STANDARD else {})
     # fp64 both ways, batched against one sequence at a time: equal to ~1e-12
     assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
     assert 0 < got["reward_accuracy"] < 1 or rows is CONVERSATIONAL  # the draws give both signs on the standard rows
-    same = pair_metrics(policy, policy, tokenizer, rows, beta=BETA)  # policy = reference: no margin, no accuracy
+    same = pair_metrics(
+        policy, policy, tokenizer, rows, beta=BETA, data_filter="none"
+    )  # policy = reference: no margin, no accuracy
     assert same["reward_margin"] == 0 and same["reward_accuracy"] == 0
 
 
@@ -114,7 +122,7 @@ def test_compare_cli_takes_a_conversational_pairs_file_and_names_a_bad_one(tmp_p
     policy, reference = (LlamaForCausalLM.from_pretrained(tmp_path / name).double() for name in ("policy", "reference"))
     want = pair_metrics(policy, reference, tokenizer, CONVERSATIONAL, beta=0.1)
     # the CLI ran in fp32 (the saved models' dtype), the check in fp64: log-prob sums of ~10 tokens agree to 1e-4
-    assert reported["pairs"] == 2 and reported == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert reported["pairs"] == 2 and numbers(reported) == pytest.approx(numbers(want), rel=1e-4, abs=1e-4)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
     import fastdpo.compare
 
@@ -149,7 +157,7 @@ def test_compare_loads_a_lora_runs_adapter_folder_and_names_a_missing_base(tmp_p
     base = LlamaForCausalLM.from_pretrained("base").double()
     want = pair_metrics(adapted.double(), base, tokenizer, CONVERSATIONAL, beta=0.1)
     # the policy is the adapter on its base (fp32 in the CLI, fp64 here): not the base alone
-    assert reported == pytest.approx(want, rel=1e-4, abs=1e-4) and reported["reward_margin"] != 0
+    assert numbers(reported) == pytest.approx(numbers(want), rel=1e-4, abs=1e-4) and reported["reward_margin"] != 0
     (tmp_path / "base").rename(tmp_path / "moved")
     # offline: the adapter's "base" is then looked up on no hub (with one, ~20 s of retries here, then the same error)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
@@ -194,9 +202,11 @@ def test_compare_loads_a_qlora_runs_base_and_reference_quantized(tmp_path, capsy
     assert {type(model.model.layers[0].mlp.up_proj).__name__ for model in (policy, reference)} == {"Linear4bit"}
     # the same 4-bit models, loaded here: equal up to fp32 sums of ~10 tokens
     # at the run's beta (0.25 in its config.yaml): compare reads it, as it reads the quantization
-    assert reported == pytest.approx(pair_metrics(policy, reference, tokenizer, CONVERSATIONAL, beta=0.25), rel=1e-5)
+    want = pair_metrics(policy, reference, tokenizer, CONVERSATIONAL, beta=0.25)
+    assert numbers(reported) == pytest.approx(numbers(want), rel=1e-5)
     policy, reference = LlamaForCausalLM.from_pretrained("run"), LlamaForCausalLM.from_pretrained("base")
-    assert full == pytest.approx(pair_metrics(policy, reference, tokenizer, CONVERSATIONAL, beta=0.25), rel=1e-5)
+    want = pair_metrics(policy, reference, tokenizer, CONVERSATIONAL, beta=0.25)
+    assert numbers(full) == pytest.approx(numbers(want), rel=1e-5)
     # and the 4-bit report is not the full-precision one: NF4 moves this tiny model's (near-uniform) log-probs by
     # 1e-3 to 1e-2 (measured: chosen under the policy -25.146 vs -25.133, margin -0.0046 vs -0.0082), far past the
     # 2.5e-4 that the agreement above allows

@@ -1,0 +1,153 @@
+"""What ``fastdpo compare`` reads besides the models: its prompts (the quickstart's held-out problems, or a
+.txt/.jsonl/.json file), the policy's tokenizer (or the one beside it) and its held-out pairs file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from fastdpo.errors import ConfigError, DataError
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def quickstart_prompts(policy: Path, seed: int):
+    """The held-out problems of the quickstart run ``policy`` comes from (the seed its ``report.json`` recorded,
+    beside the policy's folder; else ``seed``), and per problem its checker."""
+    from fastdpo.quickstart import check, make_data
+
+    seed = _quickstart_seed(policy, seed)
+    _, _, _, problems = make_data(seed)
+    return [(p.command, p.prompt) for p in problems], [lambda text, p=p: check(p, text) for p in problems]
+
+
+def _quickstart_seed(policy: Path, fallback: int) -> int:
+    for report in (policy / "report.json", policy.parent / "report.json"):  # quickstart's OUT/dpo: OUT/report.json
+        try:
+            recorded = json.loads(report.read_text(encoding="utf-8"))["settings"]["seed"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(recorded, int) and not isinstance(recorded, bool):
+            print(f"--prompts quickstart: the held-out problems of seed {recorded}, the seed {report} recorded")
+            return recorded
+    print(f"--prompts quickstart: no quickstart report.json beside {policy}: the held-out problems of seed "
+          f"{fallback} (--seed); pass the seed the run used, or its training problems may be among them")  # fmt: skip
+    return fallback
+
+
+def read_prompts(path: Path) -> list[tuple[str, object]]:
+    """(name, prompt) per prompt of a .txt (one a line), .jsonl (``{"prompt": ...}`` a line) or .json file (an
+    array of prompts or of ``{"prompt": ...}`` objects); a DataError naming the line or item of a bad one."""
+    if not path.is_file():
+        raise ConfigError(f"{path} is neither 'builtin', 'quickstart' nor a file", column="--prompts",
+                          fix="pass builtin, quickstart, a .txt file (one prompt per line), a .jsonl file with a "
+                              "'prompt' field or a .json array of prompts")  # fmt: skip
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text (byte {error.start})", column="--prompts",
+                        fix="save the file as UTF-8") from None  # fmt: skip
+    if path.suffix == ".json":
+        items = _parse(path, text, "the file", fix='a JSON array of prompts or of {"prompt": ...} objects')
+        if not isinstance(items, list):
+            raise DataError(f"{path} holds a JSON {type(items).__name__}, not an array", column="--prompts",
+                            fix='write [{"prompt": "..."}, ...] or ["...", ...]')  # fmt: skip
+        records = [(f"item {i}", i - 1, item.get("prompt") if isinstance(item, dict) else item, isinstance(item, dict)
+                    and "prompt" not in item) for i, item in enumerate(items, 1)]  # fmt: skip
+    elif path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                record = _parse(path, line, f"line {number}", fix="one JSON object per line", row=number - 1)
+                missing = not isinstance(record, dict) or "prompt" not in record
+                records.append((f"line {number}", number - 1, None if missing else record["prompt"], missing))
+    else:  # one prompt a line; blank lines skipped, as in a .jsonl file
+        records = [(f"line {i}", i - 1, line, False) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for name, row, prompt, missing in records:
+        _check_prompt(path, name, row, prompt, missing)
+    if not records:
+        raise DataError(f"{path} holds no prompt", column="--prompts", fix="one prompt per line")
+    return [(name, prompt) for name, _, prompt, _ in records]
+
+
+def _parse(path: Path, text: str, where: str, *, fix: str, row: int | None = None):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: {where} is not JSON ({error.msg})", column="prompt", row=row, fix=fix) from None
+
+
+def _check_prompt(path: Path, name: str, row: int, prompt, missing: bool) -> None:
+    if missing:
+        raise DataError(f"{path}: {name} has no 'prompt' field", column="prompt", row=row,
+                        fix='write {"prompt": "..."} for every prompt')  # fmt: skip
+    if not _prompt_value(prompt):
+        raise DataError(f"{path}: {name}'s prompt is {type(prompt).__name__} {json.dumps(prompt)[:40]}",
+                        column="prompt", row=row, fix="a prompt is a string, a non-empty list of {'role', 'content'} "
+                        "messages, or a non-empty list of token ids")  # fmt: skip
+    try:
+        json.dumps(prompt, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:  # "\ud83d" alone: half of an emoji's surrogate pair, no character
+        raise DataError(f"{path}: {name}'s prompt holds a lone surrogate ({error.object[error.start]!r})",
+                        column="prompt", row=row, fix="write the whole character (both halves of the pair), "
+                        "or remove it") from None  # fmt: skip
+
+
+def _prompt_value(value) -> bool:
+    """Whether ``value`` is a prompt ``compare`` takes: a string, messages, or token ids (checked against the
+    vocabulary when tokenized)."""
+    if isinstance(value, str):
+        return True
+    if not isinstance(value, list) or not value:
+        return False
+    return all(isinstance(m, dict) and "role" in m and "content" in m for m in value) or all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    )
+
+
+def load_tokenizer(policy: Path, reference: Path):
+    """The policy's tokenizer; for a folder saved without one (a LoRA adapter's, a model's alone), the adapter's base
+    model's or the reference's, with a note; a ConfigError where none of them holds one."""
+    from transformers import AutoTokenizer
+
+    folders = [policy]
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # a LoRA adapter names its base: its vocabulary
+        folders.append(Path(json.loads((policy / "adapter_config.json").read_text())["base_model_name_or_path"]))
+    folders.append(reference)
+    found = next((f for f in folders if any((f / name).is_file() for name in TOKENIZER_FILES)), None)
+    if found is None:
+        raise ConfigError(f"{policy} holds no tokenizer (no {' or '.join(TOKENIZER_FILES)}), nor does {reference}",
+                          column="--policy", fix="save the tokenizer with the model: "
+                          "tokenizer.save_pretrained(folder)")  # fmt: skip
+    if found != policy:
+        print(f"{policy} holds no tokenizer: using {found}'s (save the tokenizer with the model to use its own)")
+    try:
+        return AutoTokenizer.from_pretrained(found)
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigError(
+            f"cannot load the tokenizer in {found} ({str(error).splitlines()[0]})",
+            column="--policy",
+            fix="save the tokenizer with the model: tokenizer.save_pretrained(folder)",
+        ) from None
+
+
+def read_pairs(path: Path):
+    """The pairs file prepared as the trainers prepare it. Without a ``prompt`` column each pair's prompt is the
+    text its chosen and rejected begin with (TRL's implicit prompt), said so; a ConfigError where no pair has one
+    (a prompt column under another name: compare takes no column map)."""
+    from fastdpo.data import prepare_preferences
+    from fastdpo.data.load import load_data
+
+    raw = load_data(path)
+    prepared = prepare_preferences(raw)
+    if "prompt" not in raw.column_names:
+        empty = sum(not prompt for prompt in prepared["prompt"])
+        if empty == len(prepared):
+            raise ConfigError(f"{path} has no 'prompt' column, and no pair's chosen and rejected begin alike: every "
+                              "pair would be scored without its prompt", column="--pairs",
+                              fix=f"rename your prompt column to 'prompt' in the file (columns: "
+                              f"{', '.join(raw.column_names)})")  # fmt: skip
+        print(f"--pairs: {path} has no 'prompt' column: a pair's prompt is the text its chosen and rejected begin "
+              f"with, as the trainers read it ({empty} of {len(prepared)} pairs have none)")  # fmt: skip
+    return prepared
