@@ -258,10 +258,9 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     checkpoint = None
     if resume:  # into its own, non-empty run directory: that is the point
         checkpoint = checkpoint_to_resume(out, resume)
-        recorded = out / "config.yaml"  # (resumed into a new run directory: the checkpoint's run's settings)
-        if not recorded.is_file() and (Path(checkpoint).parent / "config.yaml").is_file():
-            recorded = Path(checkpoint).parent / "config.yaml"
-        refuse_changed_config(recorded, resolved, overwrite=known.overwrite)
+        recorded = Path(checkpoint).resolve().parent / "config.yaml"  # the settings of the run it goes on with
+        refuse_changed_config(recorded if recorded.is_file() else out / "config.yaml", resolved,
+                              overwrite=known.overwrite)  # fmt: skip
     else:
         refuse_non_empty(
             out,
@@ -270,7 +269,8 @@ def run_training(known: argparse.Namespace, flags: list[str]):
             what="the run directory ",
             fix="pass --overwrite, or set another output_dir; or --resume to go on from its last checkpoint",
         )
-    stale = stale_checkpoints(out, checkpoint, overwrite=known.overwrite)  # a later --resume would go on from them
+    stale = stale_checkpoints(out, checkpoint, overwrite=known.overwrite,  # a later --resume would go on from them
+                              keep=(run_args.model_name_or_path, run_args.ref_model_name_or_path))  # fmt: skip
     # nothing is written before the trainer is built: a run that fails on its data or model leaves no directory to
     # --overwrite next time
     trainer, files = _build_trainer(known.command, run_args, args, out)
@@ -281,7 +281,9 @@ def run_training(known: argparse.Namespace, flags: list[str]):
         shutil.rmtree(folder)
     if stale:
         print(f"fastdpo: removed {len(stale)} checkpoint(s) of the run this one replaces in {out}", file=sys.stderr)
-    atomic_write(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=True))
+    # (without resume_from_checkpoint: a rerun of this config starts the run, as a run started with --resume's does)
+    recorded = {key: value for key, value in resolved.items() if key != "resume_from_checkpoint"}
+    atomic_write(out / "config.yaml", yaml.safe_dump(recorded, sort_keys=True))
     # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation)
     files["dropped_rows.json"] = json.dumps(trainer.dropped_rows, indent=1)
     for name, text in files.items():
@@ -439,7 +441,7 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
     from fastdpo.train import DPOTrainer, SFTTrainer
 
     if run_args.dataset_streaming:  # read as training goes: no quality report (it needs every row)
-        train, evaluation = streamed_splits(command, run_args)
+        train, evaluation = streamed_splits(command, run_args, getattr(args, "dataset_text_field", None))
         files = {}
     else:
         train, evaluation, files = _loaded_splits(command, run_args, args.seed)

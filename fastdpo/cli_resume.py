@@ -81,25 +81,38 @@ def refuse_changed_config(recorded_path: Path, resolved: dict, *, overwrite: boo
     logger.warning("resuming with settings that differ from %s: %s", recorded_path, details)
 
 
-def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool) -> list[Path]:
-    """The ``checkpoint-<step>`` folders in ``out`` that this run leaves behind (see the module docstring); a
-    ``ConfigError`` when they would need ``--overwrite`` and it was not given."""
+def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool, keep=()) -> list[Path]:
+    """The Trainer checkpoints (``checkpoint-<step>`` folders written completely) in ``out`` that this run leaves
+    behind (see the module docstring): with ``checkpoint`` in ``out``, those of later steps; from another run's, or
+    with none under ``overwrite``, all of them. Never a folder in ``keep`` (the run's model and reference paths).
+    A ``ConfigError`` when resuming would need ``--overwrite`` to remove them and it was not given."""
     from fastdpo.train.resume import is_complete
 
-    if not out.is_dir():
+    if not out.is_dir() or (checkpoint is None and not overwrite):
         return []
-    matches = (re.fullmatch(r"checkpoint-(\d+)", path.name) for path in out.iterdir() if path.is_dir())
-    steps = {int(match.group(1)): out / match.group(0) for match in matches if match}
+    kept = {Path(path).resolve() for path in keep if path}
+    found = {path.resolve(): path for path in out.iterdir() if path.is_dir() and re.fullmatch(r"checkpoint-\d+",
+             path.name) and is_complete(path)}  # fmt: skip
+    candidates = {real: path for real, path in found.items() if real not in kept}
     if checkpoint is None:
-        return sorted(steps.values()) if overwrite else []
-    if Path(checkpoint).resolve().parent != out.resolve():  # resumed from another run's: this one's are its own
-        return []
-    step = int(re.fullmatch(r"checkpoint-(\d+)", Path(checkpoint).name).group(1))
-    later = [steps[s] for s in sorted(steps) if s > step and is_complete(steps[s])]  # (a cut-short one is saved over)
+        return sorted(candidates.values(), key=_global_step)
+    real = Path(checkpoint).resolve()
+    if real.parent == out.resolve():  # this run's own: the checkpoints of later steps are another future of it
+        step = _global_step(real)
+        later = [path for other, path in candidates.items() if other != real and _global_step(other) > step]
+    else:  # another run's checkpoint: every one here is an earlier run's
+        later = list(candidates.values())
+    later.sort(key=_global_step)
     if later and not overwrite:
         names = ", ".join(path.name for path in later[:3]) + (f" and {len(later) - 3} more" if len(later) > 3 else "")
-        raise ConfigError(f"{out} has checkpoints after {Path(checkpoint).name} ({names}), which a later --resume "
-                          "would go on from", column="resume",
+        raise ConfigError(f"{out} has checkpoints of another run or of later steps than {Path(checkpoint).name} "
+                          f"({names}), which a later --resume would go on from", column="resume",
                           fix="add --overwrite to remove them and go on from this one, or resume from the last one"
                           )  # fmt: skip
     return later
+
+
+def _global_step(checkpoint: Path) -> int:
+    import json
+
+    return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])

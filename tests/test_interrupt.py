@@ -220,7 +220,7 @@ def test_no_checkpoint_is_left_that_a_later_resume_would_wrongly_take(workdir, s
     # --resume PATH back to an earlier step: the later checkpoints are another future of the run
     assert fastdpo(workdir, "dpo", run, "--resume", str(run / "checkpoint-4"), "--max_steps", "6") == 2
     line = last_error()
-    assert "checkpoints after checkpoint-4 (checkpoint-8, checkpoint-12, checkpoint-16 and 12 more)" in line, line
+    assert "later steps than checkpoint-4 (checkpoint-8, checkpoint-12, checkpoint-16 and 12 more)" in line, line
     # resumed into a new run directory: compared with the settings of the checkpoint's run
     elsewhere = workdir / "elsewhere"
     assert fastdpo(workdir, "dpo", elsewhere, "--resume", str(run / "checkpoint-4"), "--beta", "0.9") == 2
@@ -236,6 +236,35 @@ def test_no_checkpoint_is_left_that_a_later_resume_would_wrongly_take(workdir, s
     assert fastdpo(workdir, "dpo", run, "--overwrite", "--max_steps", "2") == 0
     assert "removed 2 checkpoint(s) of the run this one replaces" in capsys.readouterr().err
     assert [path.name for path in run.glob("checkpoint-*")] == ["checkpoint-2"]  # its own: --resume goes on from it
+
+
+def test_stale_checkpoints_are_only_the_trainers_own_and_never_the_runs_model(tmp_path):
+    from fastdpo.cli_resume import stale_checkpoints
+    from fastdpo.errors import ConfigError
+
+    def saved(folder: Path, step: int | None) -> Path:  # None: a folder that is no Trainer checkpoint (a model)
+        folder.mkdir(parents=True)
+        if step is not None:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        return folder
+
+    run = tmp_path / "run"
+    two, six, nine = saved(run / "checkpoint-2", 2), saved(run / "checkpoint-6", 6), saved(run / "checkpoint-9", 9)
+    model = saved(run / "checkpoint-500", None)  # a model saved under a checkpoint's name: the run starts from it
+    start = saved(run / "checkpoint-700", 700)  # a Trainer checkpoint, named as the run's model_name_or_path
+    best = saved(run / "best", 6)
+    (run / "latest").symlink_to(six, target_is_directory=True)
+    other = saved(tmp_path / "other" / "checkpoint-3", 3)
+    keep = (str(start), None)
+    assert stale_checkpoints(run, None, overwrite=False, keep=keep) == []
+    assert stale_checkpoints(run, None, overwrite=True, keep=keep) == [two, six, nine]  # never the model or start
+    for checkpoint in (six, best, run / "latest"):  # by its step, whatever its name or link
+        assert stale_checkpoints(run, str(checkpoint), overwrite=True, keep=keep) == [nine]
+        with pytest.raises(ConfigError, match="later steps than .*\\(checkpoint-9\\)"):
+            stale_checkpoints(run, str(checkpoint), overwrite=False, keep=keep)
+    assert stale_checkpoints(run, str(nine), overwrite=False, keep=keep) == []
+    assert stale_checkpoints(run, str(other), overwrite=True, keep=keep) == [two, six, nine]  # another run's
+    assert model.is_dir()
 
 
 @pytest.fixture
