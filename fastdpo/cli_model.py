@@ -122,9 +122,10 @@ def run_quantization(keys: dict, path: Path):
         raise ConfigError(f"{path}: {error.message}", column=error.column, fix=error.fix) from error
 
 
-def streamed_splits(command: str, run_args) -> tuple:
+def streamed_splits(command: str, run_args, text_field: str | None = None) -> tuple:
     """(train, eval or None) as streams (``dataset_streaming``), their columns renamed as ``dataset_columns`` says,
-    lazily. The quality report and its filter need every row: skipped, with a warning when ``data_filter`` asks."""
+    lazily (a CSV file's text columns, SFT's ``text_field`` too, read as text). The quality report and its filter
+    need every row: skipped, with a warning when ``data_filter`` asks."""
     from fastdpo.data import load_stream
     from fastdpo.data.formats import KNOWN_TARGETS
     from fastdpo.data.load import text_columns
@@ -137,7 +138,8 @@ def streamed_splits(command: str, run_args) -> tuple:
         raise ConfigError("a stream cannot be split by prompt before it is read", column="eval_fraction", fix=fix)
 
     def stream(split: str):
-        data = load_stream(run_args.dataset_name, split=split, text=text_columns(run_args.dataset_columns))
+        text = (*text_columns(run_args.dataset_columns), *filter(None, [text_field]))
+        data = load_stream(run_args.dataset_name, split=split, text=text)
         present = list(data.column_names or first_row(data, split))
         known = KNOWN_TARGETS if command == "dpo" else SFT_COLUMNS
         return rename_columns(data, run_args.dataset_columns or {}, known, present=present)

@@ -122,22 +122,32 @@ def test_a_csv_reads_mapped_text_columns_as_text_in_every_loader(tmp_path):
     assert prepare_sft(path, text_field="good")["text"] == ["4", "06"]
     streamed = list(load_stream(path, text=("good",)))
     assert [(r["good"], r["bad"]) for r in streamed] == [("4", 5), ("06", 7)]  # only the columns asked for
+    # a streamed CLI run reads SFT's dataset_text_field as text too; a blank line before the header changes nothing
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import streamed_splits
+
+    path.write_text("\n" + path.read_text())
+    assert load_data(path, text=("good",))["good"] == ["4", "06"]
+    train, _ = streamed_splits("sft", RunArguments(dataset_name=str(path), dataset_streaming=True), "answer")
+    assert [row["answer"] for row in train] == ["10", "11"]
 
 
 @pytest.mark.parametrize("name", ["mixed.jsonl", "mixed.json"])
 def test_a_json_text_column_of_mixed_kinds_names_the_odd_value_instead_of_changing_the_others(name, tmp_path):
     # datasets reads such a column as Json, which gives back the valid strings "42" and "4" as numbers: every row
     # would then be refused (or dropped as not_text) for one unquoted number
-    rows = [{"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green.", "meta": "x"},
+    messages = [{"role": "assistant", "content": "Hi."}]
+    rows = [{"prompt": "Hi?", "chosen": messages, "rejected": messages, "meta": 0},  # (a list first: still found)
+            {"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green.", "meta": "x"},
             {"prompt": "6 * 7?", "chosen": "42", "rejected": "48", "meta": 1},
             {"prompt": "2 + 2?", "chosen": "4", "rejected": "5", "meta": None},
             {"prompt": "12 + 7?", "chosen": 19, "rejected": "21", "meta": [1]}]  # fmt: skip
     path = tmp_path / name
     path.write_text("\n".join(map(json.dumps, rows)) if name.endswith("l") else json.dumps(rows))
-    where = "line 4: is a number where line 1" if name.endswith("l") else "row 3: is a number where row 0"
+    where = "line 5: is a number where line 2" if name.endswith("l") else "row 4: is a number where row 1"
     with pytest.raises(DataError, match=rf"column 'chosen': .*{name}: {where} has a string .*quote a number"):
         load_data(path)
-    path.write_text("\n".join(json.dumps({**r, "chosen": str(r["chosen"])}) for r in rows))
+    path.write_text("\n".join(json.dumps({**r, "chosen": str(r["chosen"])}) for r in rows[1:]))
     assert load_data(path)["chosen"] == ["Blue.", "42", "4", "19"]  # a column of other kinds (meta) is not ours
 
 

@@ -27,7 +27,7 @@ LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 
 # fastdpo's text fields: a CSV file's columns of these names (or of the names a column map gives them) are read as
 # text, an empty cell as missing
-TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "text", "system", "input", "context", "status")
+TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "text", "system", "input", "context")
 try:  # what pandas reads as missing in the other columns (its default)
     from pandas._libs.parsers import STR_NA_VALUES as _PANDAS_MISSING
 except ImportError:  # (a private name: pandas' documented list)
@@ -213,7 +213,7 @@ def _csv_options(path: Path, kind: str, text: Iterable[str]) -> dict:
     if kind != "csv":
         return {}
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
-        header = next(csv.reader(file), [])
+        header = next((row for row in csv.reader(file) if row), [])  # (pandas skips blank lines before it too)
     text = set(text)
     return {
         "converters": {name: str for name in header if name in text},
@@ -255,16 +255,18 @@ def _refuse_mixed_text(path: Path, loaded: datasets.Dataset, text: Iterable[str]
         else:
             rows = ((number, json.loads(raw)) for number, raw in enumerate(handle, start=1) if raw.strip())
         where = "row" if document else "line"
-        first: dict[str, tuple[int, str]] = {}
+        seen: dict[str, dict[str, int]] = {name: {} for name in mixed}  # column → kind → its first row
         for number, row in rows:
             for name in mixed:
                 if row.get(name) is None:
                     continue
-                seen = first.setdefault(name, (number, _kind(row[name])))
-                kinds = {seen[1], _kind(row[name])}  # (a number among lists changes no string: checked as a row)
-                if "string" in kinds and kinds & {"number", "boolean"}:
-                    raise DataError(f"{path}: {where} {number}: is a {_kind(row[name])} where {where} {seen[0]} has "
-                                    f"a {seen[1]}", column=name, fix="give the column one kind of value in every row "
+                kind, kinds = _kind(row[name]), seen[name]
+                kinds.setdefault(kind, number)
+                clashes = ("string",) if kind in ("number", "boolean") else ("number", "boolean") * (kind == "string")
+                other = next((k for k in clashes if k in kinds), None)
+                if other is not None:
+                    raise DataError(f"{path}: {where} {number}: is a {kind} where {where} {kinds[other]} has a "
+                                    f"{other}", column=name, fix="give the column one kind of value in every row "
                                     '(quote a number answer: "4")')  # fmt: skip
 
 
