@@ -62,9 +62,17 @@ def _mode_for(path: Path) -> int:
     try:
         return stat.S_IMODE(path.stat().st_mode)
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc where there is one (setting it to read it back would, for that instant,
+    give files other threads create no mask)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status", encoding="ascii") as status:
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0o077)  # (elsewhere: the briefest window, with the strictest mask)
+    os.umask(umask)
+    return umask
 
 
 def _fsync_dir(directory: Path) -> None:
