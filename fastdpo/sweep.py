@@ -17,9 +17,10 @@ The rule: among the β whose held-out chosen NLL rose by less than ``--nll-rise`
 the one with the highest held-out reward accuracy (ties: the larger margin). If none qualifies, the β whose NLL
 rose least, said so. Output in ``--out``: ``sweep.json``, ``sweep.md``, ``sweep.png``; each β's measurements in
 ``beta_<β>/sweep_row.json``. A sweep stopped by Ctrl-C or SIGTERM prints the command that goes on with it
-(``--resume``): the β that finished are read back (their settings checked against the config's), the one under way
-resumes from its last checkpoint, the others train. Reference-free losses (SimPO, CPO, ORPO) have no reference to
-measure against: refused.
+(``--resume``): the β that finished are read back when their settings (all but where and how often they logged and
+saved; ``--samples`` and ``--kl-prompts`` too) are these (else refused; with ``--overwrite`` trained again), the
+one under way resumes from its last checkpoint, the others train. Reference-free losses (SimPO, CPO, ORPO) have no
+reference to measure against: refused.
 """
 
 from __future__ import annotations
@@ -125,24 +126,40 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# what a finished β's row does not depend on: where and how often its run logged and saved
+_MAY_DIFFER = frozenset({"output_dir", "resume_from_checkpoint", "report_to", "disable_tqdm", "logging_steps",
+                         "logging_strategy", "logging_first_step", "log_level", "save_steps", "save_strategy",
+                         "save_total_limit", "run_name", "dataloader_num_workers"})  # fmt: skip
+
+
 def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta: float) -> dict:
-    """One β's run and its measurements (``beta_<β>/sweep_row.json``); with ``--resume``, read back when it
-    finished, resumed from its last checkpoint when it has one."""
+    """One β's run and its measurements (``beta_<β>/sweep_row.json``, with the settings they came from); with
+    ``--resume``, read back when it finished under these settings, resumed from its last checkpoint when it has
+    one."""
     from fastdpo.atomic import atomic_write
     from fastdpo.cli import _resolved_config, load_config, run_training
-    from fastdpo.cli_resume import refuse_changed_config
     from fastdpo.train.resume import last_checkpoint
 
     run_dir = args.out / f"beta_{beta!r}"
     run_flags = [*flags, "--beta", repr(beta), "--output_dir", str(run_dir), "--precompute_ref_log_probs", "true",
                  "--ref_cache_dir", str(args.out / "ref_cache")]  # fmt: skip
-    done = run_dir / "sweep_row.json"
+    resolved = _resolved_config(*load_config(known, run_flags))
+    settings = json.loads(json.dumps({**{k: v for k, v in resolved.items() if k not in _MAY_DIFFER},
+                                      "samples": args.samples, "kl_prompts": args.kl_prompts}))  # fmt: skip
+    done, again = run_dir / "sweep_row.json", False
     if args.resume and done.is_file():
-        resolved = _resolved_config(*load_config(known, run_flags))
-        refuse_changed_config(run_dir / "config.yaml", resolved, overwrite=False)
-        print(f"sweep: β = {beta!r} finished before: read from {done}", flush=True)
-        return json.loads(done.read_text())
-    resume = args.resume and last_checkpoint(run_dir) is not None
+        saved = json.loads(done.read_text())
+        changed = sorted(k for k in saved["settings"].keys() | settings.keys() if saved["settings"].get(k) !=
+                         settings.get(k))  # fmt: skip
+        if not changed:
+            print(f"sweep: β = {beta!r} finished before: read from {done}", flush=True)
+            return saved["row"]
+        if not args.overwrite:
+            raise ConfigError(f"β = {beta!r} finished under other settings ({', '.join(changed)})", column="--resume",
+                              fix="go on with the recorded settings, or add --overwrite to train it again with "
+                              "these")  # fmt: skip
+        again = True  # trained again from the start
+    resume = args.resume and not again and last_checkpoint(run_dir) is not None
     print(f"sweep: β = {beta!r} → {run_dir}" + (" (resumed)" if resume else ""), flush=True)
     # with --resume, a β without a checkpoint starts over in its folder
     run_known = argparse.Namespace(**{**vars(known), "resume": True if resume else None,
@@ -150,7 +167,7 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
     done.unlink(missing_ok=True)  # (an earlier sweep's, under --overwrite)
     trainer = run_training(run_known, run_flags)
     row = _evaluate(trainer, run_args, beta, args.samples, args.kl_prompts)
-    atomic_write(done, json.dumps(row, indent=1))
+    atomic_write(done, json.dumps({"row": row, "settings": settings}, indent=1))
     return row
 
 

@@ -287,6 +287,9 @@ def test_sweep_reuses_one_reference_cache_goes_on_after_a_stop_and_recommends_a_
     assert [Path(run).name for run in runs] == ["beta_0.05", "beta_0.5", "beta_0.5"]
     logs = [json.loads(line) for line in (sweep_dir / "beta_0.5" / "metrics.jsonl").read_text().splitlines()]
     assert [log["step"] for log in logs if "loss" in log] == list(range(1, 9))  # each step once, through the stop
+    for changed in (["--max_steps", "9"], ["--samples", "3"]):  # finished under other settings: not read back
+        assert cli([*command, "--resume", *changed]) == 2
+        assert "β = 0.05 finished under other settings" in capsys.readouterr().err
     assert len(computed) == 2  # the training and the held-out rows, once, for the first β; the second read the files
     result = json.loads((sweep_dir / "sweep.json").read_text())
     assert [r["beta"] for r in result["rows"]] == [0.05, 0.5] and result["recommended_beta"] in (0.05, 0.5)
