@@ -27,9 +27,9 @@ MB = 10**6
 def runs(tmp_path_factory):
     with ThreadPoolExecutor(2) as pool:
         yield {
-            # 20k pairs at a tenth of the bench's lengths (median words: prompt 7, completions 22): 6.3 MB of JSONL
+            # 10k pairs at a tenth of the bench's lengths (median words: prompt 7, completions 22): 3.2 MB of JSONL
             "pipeline": pool.submit(
-                run_pipeline, 20_000, tmp_path_factory.mktemp("pipeline"), scale=0.1, threads=1, timeout=300
+                run_pipeline, 10_000, tmp_path_factory.mktemp("pipeline"), scale=0.1, threads=1, timeout=300
             ),
             "steps": pool.submit(run_steps, "dpo", tmp_path_factory.mktemp("steps"), steps=300, threads=1, timeout=300),
         }
@@ -39,8 +39,8 @@ def test_pipeline_peak_memory_stays_proportional_to_the_data(runs):
     result = runs["pipeline"].result()
     size, above = result["written"]["bytes"], result["peak_above_start_bytes"]
     # Peak RSS above the baseline (libraries imported, the pipeline warmed up on 64 rows; the kernel's high-water
-    # mark is reset there), measured on 2 cores: 67-73 MB for these 6.3 MB of JSONL, 2,291 MB for the bench's 557 MB
-    # (bench/results/load_cpu.md). Until 2026-11-26 the peak was the process's whole-life high-water mark, which
+    # mark is reset there), measured on 2 cores: 57 MB for these 3.2 MB of JSONL (67-73 MB for 20k pairs' 6.3 MB),
+    # 2,291 MB for the bench's 557 MB (bench/results/load_cpu.md). Until 2026-11-26 the peak was the process's whole-life high-water mark, which
     # after the rest of the suite held a transient from before the baseline (924 MB against a 590 MB start): the
     # "fixed cost of a fresh environment" earlier notes could not pin down, and two CI failures at 335-345 MB. The
     # issue's bar (4 GB at 200k pairs, less the 0.58 GB baseline) leaves 6.2 bytes per byte of JSONL. Bound: 6.2 per
