@@ -255,12 +255,16 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     out = Path(args.output_dir)
     resolved = _resolved_config(run_args, args)  # as given (building the trainer may adjust args: a stream's)
     resume = getattr(known, "resume", None) or args.resume_from_checkpoint  # (TRL's key, as its scripts read it)
-    checkpoint = None
+    checkpoint, foreign = None, False
     if resume:  # into its own, non-empty run directory: that is the point
         checkpoint = checkpoint_to_resume(out, resume)
         recorded = Path(checkpoint).resolve().parent / "config.yaml"  # the settings of the run it goes on with
         refuse_changed_config(recorded if recorded.is_file() else out / "config.yaml", resolved,
                               overwrite=known.overwrite)  # fmt: skip
+        foreign = Path(checkpoint).resolve().parent != out.resolve()
+        if foreign:  # another run's checkpoint: out must be free too
+            refuse_non_empty(out, overwrite=known.overwrite, column="output_dir", what="the run directory ",
+                             fix="resume into an empty or new output_dir, or pass --overwrite")  # fmt: skip
     else:
         refuse_non_empty(
             out,
@@ -269,18 +273,22 @@ def run_training(known: argparse.Namespace, flags: list[str]):
             what="the run directory ",
             fix="pass --overwrite, or set another output_dir; or --resume to go on from its last checkpoint",
         )
-    stale = stale_checkpoints(out, checkpoint, overwrite=known.overwrite,  # a later --resume would go on from them
-                              keep=(run_args.model_name_or_path, run_args.ref_model_name_or_path))  # fmt: skip
+    inputs = (run_args.model_name_or_path, run_args.ref_model_name_or_path, run_args.dataset_name, known.config,
+              getattr(args, "ref_cache_dir", None))  # fmt: skip
+    stale = stale_checkpoints(out, checkpoint, overwrite=known.overwrite, keep=inputs)  # a later --resume's pick
     # nothing is written before the trainer is built: a run that fails on its data or model leaves no directory to
     # --overwrite next time
     trainer, files = _build_trainer(known.command, run_args, args, out)
     from fastdpo.atomic import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
-    for folder in stale:
-        shutil.rmtree(folder)
-    if stale:
+    if stale and trainer.is_world_process_zero():  # (one process removes them; the others wait)
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
         print(f"fastdpo: removed {len(stale)} checkpoint(s) of the run this one replaces in {out}", file=sys.stderr)
+    if checkpoint and foreign and trainer.is_world_process_zero():  # the log of the run out held is not this one's
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    trainer.accelerator.wait_for_everyone()
     # (without resume_from_checkpoint: a rerun of this config starts the run, as a run started with --resume's does)
     recorded = {key: value for key, value in resolved.items() if key != "resume_from_checkpoint"}
     atomic_write(out / "config.yaml", yaml.safe_dump(recorded, sort_keys=True))
@@ -444,7 +452,9 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
         train, evaluation = streamed_splits(command, run_args, getattr(args, "dataset_text_field", None))
         files = {}
     else:
-        train, evaluation, files = _loaded_splits(command, run_args, args.seed)
+        train, evaluation, files = _loaded_splits(command, run_args, args.seed, getattr(args, "dataset_text_field", ""))
+        if command == "sft":  # (config.yaml keeps the field as given)
+            args.dataset_text_field = "text"  # prepared: its column is named text now
     peft_config, quantization_config = peft_and_quantization(run_args, args.model_init_kwargs)
     options = {"args": args, "train_dataset": train, "eval_dataset": evaluation, "callbacks": [RunFiles(out)],
                "peft_config": peft_config, "quantization_config": quantization_config}  # fmt: skip
@@ -455,13 +465,15 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
     return SFTTrainer(run_args.model_name_or_path, **options), files
 
 
-def _loaded_splits(command: str, run_args: RunArguments, seed: int):
-    """(train, eval or None, files): the data loaded and prepared; for DPO its quality report (the files) and
-    the rows it drops (``data_filter``)."""
+def _loaded_splits(command: str, run_args: RunArguments, seed: int, text_field: str = "text"):
+    """(train, eval or None, files): the data loaded and prepared (SFT's text from ``text_field``); for DPO its
+    quality report (the files) and the rows it drops (``data_filter``)."""
+    import functools
+
     from fastdpo.data import check_preferences, prepare_preferences, prepare_sft, split_by_prompt
 
     columns = run_args.dataset_columns
-    prepare = prepare_preferences if command == "dpo" else prepare_sft
+    prepare = prepare_preferences if command == "dpo" else functools.partial(prepare_sft, text_field=text_field)
     train = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_train_split)
     evaluation = None
     if run_args.dataset_test_split is not None:

@@ -82,28 +82,26 @@ def refuse_changed_config(recorded_path: Path, resolved: dict, *, overwrite: boo
 
 
 def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool, keep=()) -> list[Path]:
-    """The Trainer checkpoints (``checkpoint-<step>`` folders written completely) in ``out`` that this run leaves
-    behind (see the module docstring): with ``checkpoint`` in ``out``, those of later steps; from another run's, or
-    with none under ``overwrite``, all of them. Never a folder in ``keep`` (the run's model and reference paths).
-    A ``ConfigError`` when resuming would need ``--overwrite`` to remove them and it was not given."""
-    from fastdpo.train.resume import is_complete
-
+    """The Trainer checkpoints (``checkpoint-<step>`` folders, not links, written completely) in ``out`` that this run
+    leaves behind (see the module docstring): with ``checkpoint`` in ``out``, those of later steps; from another
+    run's, or with none under ``overwrite``, all of them. Never one that holds a path in ``keep`` (the run's model,
+    reference, data, cache). A ``ConfigError`` when resuming would need ``--overwrite`` and it was not given."""
     if not out.is_dir() or (checkpoint is None and not overwrite):
         return []
-    kept = {Path(path).resolve() for path in keep if path}
-    found = {path.resolve(): path for path in out.iterdir() if path.is_dir() and re.fullmatch(r"checkpoint-\d+",
-             path.name) and is_complete(path)}  # fmt: skip
-    candidates = {real: path for real, path in found.items() if real not in kept}
-    if checkpoint is None:
-        return sorted(candidates.values(), key=_global_step)
-    real = Path(checkpoint).resolve()
-    if real.parent == out.resolve():  # this run's own: the checkpoints of later steps are another future of it
-        step = _global_step(real)
-        later = [path for other, path in candidates.items() if other != real and _global_step(other) > step]
-    else:  # another run's checkpoint: every one here is an earlier run's
-        later = list(candidates.values())
-    later.sort(key=_global_step)
-    if later and not overwrite:
+    inputs = [Path(path).resolve() for path in keep if path]
+    steps = {path.resolve(): _global_step(path) for path in out.iterdir() if not path.is_symlink() and path.is_dir()
+             and re.fullmatch(r"checkpoint-\d+", path.name)}  # fmt: skip
+    steps = {real: step for real, step in steps.items() if step is not None  # (None: incomplete, or no checkpoint)
+             and not any(path == real or real in path.parents for path in inputs)}  # fmt: skip
+    if checkpoint is not None:
+        real = Path(checkpoint).resolve()
+        if real.parent == out.resolve():  # this run's own: the checkpoints of later steps are another future of it
+            least = _global_step(real)
+            steps = {other: step for other, step in steps.items() if other != real and step > (least or 0)}
+        else:  # another run's checkpoint: every one here is an earlier run's
+            steps.pop(real, None)
+    later = [out / real.name for real in sorted(steps, key=steps.get)]
+    if later and checkpoint is not None and not overwrite:
         names = ", ".join(path.name for path in later[:3]) + (f" and {len(later) - 3} more" if len(later) > 3 else "")
         raise ConfigError(f"{out} has checkpoints of another run or of later steps than {Path(checkpoint).name} "
                           f"({names}), which a later --resume would go on from", column="resume",
@@ -112,7 +110,12 @@ def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool, kee
     return later
 
 
-def _global_step(checkpoint: Path) -> int:
+def _global_step(checkpoint: Path) -> int | None:
+    """The step a complete checkpoint's ``trainer_state.json`` records; None where there is none."""
     import json
 
-    return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    try:
+        step = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None

@@ -230,6 +230,8 @@ def test_no_checkpoint_is_left_that_a_later_resume_would_wrongly_take(workdir, s
     assert fastdpo(workdir, "dpo", elsewhere, "--resume_from_checkpoint", checkpoint, "--max_steps", "6") == 0
     theirs = {log["step"]: log["loss"] for log in train_steps(run)}
     assert {log["step"]: log["loss"] for log in train_steps(elsewhere)} == pytest.approx({5: theirs[5], 6: theirs[6]})
+    assert fastdpo(workdir, "dpo", elsewhere, "--resume", checkpoint) == 2  # another run's, into a run directory
+    assert "elsewhere exists and is not empty" in last_error()
     # with --overwrite the later checkpoints go; then a run started over removes the earlier run's
     assert fastdpo(workdir, "dpo", run, "--resume", checkpoint, "--overwrite", "--max_steps", "6") == 0
     assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # (6: the end)
@@ -252,10 +254,13 @@ def test_stale_checkpoints_are_only_the_trainers_own_and_never_the_runs_model(tm
     two, six, nine = saved(run / "checkpoint-2", 2), saved(run / "checkpoint-6", 6), saved(run / "checkpoint-9", 9)
     model = saved(run / "checkpoint-500", None)  # a model saved under a checkpoint's name: the run starts from it
     start = saved(run / "checkpoint-700", 700)  # a Trainer checkpoint, named as the run's model_name_or_path
+    holder = saved(run / "checkpoint-800", 800)  # a checkpoint that holds the run's data file
+    saved(run / "checkpoint-900", None).joinpath("trainer_state.json").write_text("{}")  # no step: no checkpoint
     best = saved(run / "best", 6)
     (run / "latest").symlink_to(six, target_is_directory=True)
     other = saved(tmp_path / "other" / "checkpoint-3", 3)
-    keep = (str(start), None)
+    (run / "checkpoint-40").symlink_to(other, target_is_directory=True)  # a link is never removed (nor followed)
+    keep = (str(start), None, str(holder / "data" / "pairs.jsonl"))
     assert stale_checkpoints(run, None, overwrite=False, keep=keep) == []
     assert stale_checkpoints(run, None, overwrite=True, keep=keep) == [two, six, nine]  # never the model or start
     for checkpoint in (six, best, run / "latest"):  # by its step, whatever its name or link
@@ -264,6 +269,7 @@ def test_stale_checkpoints_are_only_the_trainers_own_and_never_the_runs_model(tm
             stale_checkpoints(run, str(checkpoint), overwrite=False, keep=keep)
     assert stale_checkpoints(run, str(nine), overwrite=False, keep=keep) == []
     assert stale_checkpoints(run, str(other), overwrite=True, keep=keep) == [two, six, nine]  # another run's
+    assert stale_checkpoints(run, str(run / "checkpoint-40"), overwrite=True, keep=keep) == [two, six, nine]
     assert model.is_dir()
 
 
