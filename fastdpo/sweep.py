@@ -129,7 +129,7 @@ def plot(rows: list[dict], path: Path) -> None:
 # what a finished β's row does not depend on: where and how often its run logged and saved
 _MAY_DIFFER = frozenset({"output_dir", "resume_from_checkpoint", "report_to", "disable_tqdm", "logging_steps",
                          "logging_strategy", "logging_first_step", "log_level", "save_steps", "save_strategy",
-                         "save_total_limit", "run_name", "dataloader_num_workers"})  # fmt: skip
+                         "save_total_limit", "run_name", "dataloader_num_workers", "ref_cache_dir"})  # fmt: skip
 
 
 def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta: float) -> dict:
@@ -149,8 +149,11 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
     done, again = run_dir / "sweep_row.json", False
     if args.resume and done.is_file():
         saved = json.loads(done.read_text())
-        changed = sorted(k for k in saved["settings"].keys() | settings.keys() if saved["settings"].get(k) !=
-                         settings.get(k))  # fmt: skip
+        recorded = saved.get("settings") if isinstance(saved, dict) else None
+        if not isinstance(recorded, dict):  # (a row written before the settings were)
+            saved, recorded = {"row": saved}, {}
+        changed = sorted(k for k in recorded.keys() | settings.keys() if recorded.get(k) != settings.get(k))
+        changed = changed if recorded else ["none recorded"]
         if not changed:
             print(f"sweep: β = {beta!r} finished before: read from {done}", flush=True)
             return saved["row"]

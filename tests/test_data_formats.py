@@ -126,10 +126,13 @@ def test_a_csv_reads_mapped_text_columns_as_text_in_every_loader(tmp_path):
     from fastdpo.cli import RunArguments
     from fastdpo.cli_model import streamed_splits
 
-    path.write_text("\n" + path.read_text())
+    path.write_text("\n  \n" + path.read_text())
     assert load_data(path, text=("good",))["good"] == ["4", "06"]
     train, _ = streamed_splits("sft", RunArguments(dataset_name=str(path), dataset_streaming=True), "answer")
     assert [row["answer"] for row in train] == ["10", "11"]
+    from fastdpo.cli import _loaded_splits  # and a run that loads it first ('no SFT columns' before)
+
+    assert _loaded_splits("sft", RunArguments(dataset_name=str(path)), 0, "answer")[0]["text"] == ["10", "11"]
 
 
 @pytest.mark.parametrize("name", ["mixed.jsonl", "mixed.json"])

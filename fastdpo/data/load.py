@@ -213,7 +213,7 @@ def _csv_options(path: Path, kind: str, text: Iterable[str]) -> dict:
     if kind != "csv":
         return {}
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
-        header = next((row for row in csv.reader(file) if row), [])  # (pandas skips blank lines before it too)
+        header = next((row for row in csv.reader(file) if "".join(row).strip()), [])  # (pandas skips blank lines)
     text = set(text)
     return {
         "converters": {name: str for name in header if name in text},
