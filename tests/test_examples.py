@@ -27,7 +27,7 @@ def test_notebook_is_the_script():
 
 @pytest.mark.slow
 def test_tutorial_script_runs_on_the_embedded_default(tmp_path):
-    done = subprocess.run([sys.executable, str(EXAMPLES / "dpo_tutorial.py"), "--sft-steps", "60", "--dpo-steps", "20",
+    done = subprocess.run([sys.executable, str(EXAMPLES / "dpo_tutorial.py"), "--sft-steps", "15", "--dpo-steps", "6",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "eval_rewards/accuracies:" in done.stdout and "kl_estimate" in done.stdout
