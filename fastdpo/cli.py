@@ -45,7 +45,6 @@ import json
 import logging
 import platform
 import re
-import shutil
 import signal
 import sys
 import warnings
@@ -249,7 +248,13 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     """``fastdpo dpo|sft``: the run directory, training, the final model; returns the trainer."""
     import yaml
 
-    from fastdpo.cli_resume import checkpoint_to_resume, refuse_changed_config, stale_checkpoints
+    from fastdpo.cli_resume import (
+        checkpoint_to_resume,
+        is_own,
+        refuse_changed_config,
+        remove_checkpoints,
+        stale_checkpoints,
+    )
 
     run_args, args = load_config(known, flags)
     out = Path(args.output_dir)
@@ -258,10 +263,10 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     checkpoint, foreign = None, False
     if resume:  # into its own, non-empty run directory: that is the point
         checkpoint = checkpoint_to_resume(out, resume)
-        recorded = Path(checkpoint).resolve().parent / "config.yaml"  # the settings of the run it goes on with
+        foreign = not is_own(out, checkpoint)
+        recorded = Path(checkpoint).resolve().parent / "config.yaml" if foreign else out / "config.yaml"
         refuse_changed_config(recorded if recorded.is_file() else out / "config.yaml", resolved,
-                              overwrite=known.overwrite)  # fmt: skip
-        foreign = Path(checkpoint).resolve().parent != out.resolve()
+                              overwrite=known.overwrite)  # (the settings of the run it goes on with)  # fmt: skip
         if foreign:  # another run's checkpoint: out must be free too
             refuse_non_empty(out, overwrite=known.overwrite, column="output_dir", what="the run directory ",
                              fix="resume into an empty or new output_dir, or pass --overwrite")  # fmt: skip
@@ -283,9 +288,10 @@ def run_training(known: argparse.Namespace, flags: list[str]):
 
     out.mkdir(parents=True, exist_ok=True)
     if stale and trainer.is_world_process_zero():  # (one process removes them; the others wait)
-        for folder in stale:
-            shutil.rmtree(folder, ignore_errors=True)
-        print(f"fastdpo: removed {len(stale)} checkpoint(s) of the run this one replaces in {out}", file=sys.stderr)
+        left = remove_checkpoints(stale)
+        print(f"fastdpo: removed {len(stale) - len(left)} checkpoint(s) of the run this one replaces in {out}"
+              + (f"; {', '.join(left)} could not be removed whole (no longer resumable)" if left else ""),
+              file=sys.stderr)  # fmt: skip
     if checkpoint and foreign and trainer.is_world_process_zero():  # the log of the run out held is not this one's
         (out / "metrics.jsonl").unlink(missing_ok=True)
     trainer.accelerator.wait_for_everyone()

@@ -17,7 +17,9 @@ trainer is built (``stale_checkpoints``): with ``--overwrite`` (a run started ov
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
 
 from fastdpo.errors import ConfigError
@@ -95,7 +97,7 @@ def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool, kee
              and not any(path == real or real in path.parents for path in inputs)}  # fmt: skip
     if checkpoint is not None:
         real = Path(checkpoint).resolve()
-        if real.parent == out.resolve():  # this run's own: the checkpoints of later steps are another future of it
+        if is_own(out, checkpoint):  # this run's own: the checkpoints of later steps are another future of it
             least = _global_step(real)
             steps = {other: step for other, step in steps.items() if other != real and step > (least or 0)}
         else:  # another run's checkpoint: every one here is an earlier run's
@@ -119,3 +121,23 @@ def _global_step(checkpoint: Path) -> int | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def is_own(out: Path, checkpoint: str) -> bool:
+    """Whether ``checkpoint`` is a folder of ``out`` (itself perhaps a link to elsewhere), not another run's."""
+    return Path(os.path.abspath(checkpoint)).parent.resolve() == out.resolve()
+
+
+def remove_checkpoints(folders: list[Path]) -> list[str]:
+    """Remove ``folders``; each loses its ``trainer_state.json`` first, so that what cannot be removed is no
+    longer a checkpoint a ``--resume`` would take (a ``ConfigError`` where even that fails). The names of those
+    left in part."""
+    for folder in folders:
+        try:
+            (folder / "trainer_state.json").unlink(missing_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot remove {folder} ({error.strerror})", column="output_dir",
+                              fix="make it writable, or remove it yourself") from None  # fmt: skip
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    return [folder.name for folder in folders if folder.exists()]

@@ -269,8 +269,12 @@ def test_stale_checkpoints_are_only_the_trainers_own_and_never_the_runs_model(tm
             stale_checkpoints(run, str(checkpoint), overwrite=False, keep=keep)
     assert stale_checkpoints(run, str(nine), overwrite=False, keep=keep) == []
     assert stale_checkpoints(run, str(other), overwrite=True, keep=keep) == [two, six, nine]  # another run's
-    assert stale_checkpoints(run, str(run / "checkpoint-40"), overwrite=True, keep=keep) == [two, six, nine]
+    # a link in the run directory is the run's own checkpoint, stored elsewhere: only the later ones are stale
+    assert stale_checkpoints(run, str(run / "checkpoint-40"), overwrite=True, keep=keep) == [six, nine]
     assert model.is_dir()
+    from fastdpo.cli_resume import remove_checkpoints
+
+    assert remove_checkpoints([six, nine]) == [] and not six.exists() and not nine.exists() and two.is_dir()
 
 
 @pytest.fixture
