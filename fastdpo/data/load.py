@@ -239,6 +239,10 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
     return datasets.DatasetDict({"train": loaded}) if split is None else loaded
 
 
+# the kinds a Json column cannot hold beside a kind without changing a string ("42" read back as 42)
+_JSON_CHANGES = {"number": ("string",), "boolean": ("string",), "string": ("number", "boolean")}
+
+
 def _refuse_mixed_text(path: Path, loaded: datasets.Dataset, text: Iterable[str]) -> None:
     """One DataError at the first number or boolean among strings (or string among them) in a JSON file's text column.
     ``datasets`` reads such a column as a ``Json`` one, which gives back a string that reads as JSON (``"42"``,
@@ -247,9 +251,8 @@ def _refuse_mixed_text(path: Path, loaded: datasets.Dataset, text: Iterable[str]
     mixed = [name for name, feature in loaded.features.items() if name in text and type(feature).__name__ == "Json"]
     if not mixed:
         return
+    document = _is_document(path)
     with open(path, encoding="utf-8-sig") as handle:
-        document = handle.read(1 << 16).lstrip()[:1] == "["
-        handle.seek(0)
         if document:
             rows = enumerate(json.load(handle))
         else:
@@ -262,8 +265,7 @@ def _refuse_mixed_text(path: Path, loaded: datasets.Dataset, text: Iterable[str]
                     continue
                 kind, kinds = _kind(row[name]), seen[name]
                 kinds.setdefault(kind, number)
-                clashes = ("string",) if kind in ("number", "boolean") else ("number", "boolean") * (kind == "string")
-                other = next((k for k in clashes if k in kinds), None)
+                other = next((k for k in _JSON_CHANGES.get(kind, ()) if k in kinds), None)
                 if other is not None:
                     raise DataError(f"{path}: {where} {number}: is a {kind} where {where} {kinds[other]} has a "
                                     f"{other}", column=name, fix="give the column one kind of value in every row "
@@ -278,8 +280,8 @@ _BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write firs
 def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
     """DataError for a file ``datasets`` failed on: the first JSON Lines value Arrow cannot hold, by line and column
     (found only now, on the error path), else the reader's own message."""
-    text = path.read_text(encoding="utf-8-sig") if kind == "json" else ""
-    if text and not text.lstrip().startswith("["):  # _check_json has parsed every line: each is an object
+    text = path.read_text(encoding="utf-8-sig") if kind == "json" and not _is_document(path) else ""
+    if text:  # JSON Lines, whose every line _check_json has parsed: each is an object
         for number, line in enumerate(text.splitlines(), start=1):
             for column, value in (json.loads(line) if line.strip() else {}).items():
                 problem = _unholdable(value)
@@ -307,11 +309,7 @@ def _check_json(path: Path) -> None:
     held whole (three copies of it were: bytes, text, lines), and a raw U+2028 or U+0085 inside a string, valid
     JSON, does not end a line (``str.splitlines`` would split there).
     """
-    with open(path, "rb") as handle:
-        first = b""
-        while not first and (chunk := handle.read(1 << 16)):
-            first = chunk.lstrip().removeprefix(_BOM).lstrip()[:1]
-    if first == b"[":  # one JSON document (a list of rows)
+    if _is_document(path):  # one JSON document (a list of rows)
         _check_json_document(path)
         return
     blank = True
@@ -338,6 +336,15 @@ def _check_json(path: Path) -> None:
                 )
     if blank:  # datasets would fail with "Instruction 'train' corresponds to no data"
         raise DataError(f"{path}: the file has only blank lines", fix="point to a file with at least one row")
+
+
+def _is_document(path: Path) -> bool:
+    """Whether a JSON file is one document (a list of rows, ``[`` first) rather than JSON Lines."""
+    with open(path, "rb") as handle:
+        first = b""
+        while not first and (chunk := handle.read(1 << 16)):
+            first = chunk.lstrip().removeprefix(_BOM).lstrip()[:1]
+    return first == b"["
 
 
 def _check_json_document(path: Path) -> None:
