@@ -264,9 +264,9 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     if resume:  # into its own, non-empty run directory: that is the point
         checkpoint = checkpoint_to_resume(out, resume)
         foreign = not is_own(out, checkpoint)
-        recorded = Path(checkpoint).resolve().parent / "config.yaml" if foreign else out / "config.yaml"
-        refuse_changed_config(recorded if recorded.is_file() else out / "config.yaml", resolved,
-                              overwrite=known.overwrite)  # (the settings of the run it goes on with)  # fmt: skip
+        recorded = Path(checkpoint).resolve().parent / "config.yaml"  # (the settings of the run it goes on with)
+        refuse_changed_config(recorded if foreign and recorded.is_file() else out / "config.yaml", resolved,
+                              overwrite=known.overwrite)  # fmt: skip
         if foreign:  # another run's checkpoint: out must be free too
             refuse_non_empty(out, overwrite=known.overwrite, column="output_dir", what="the run directory ",
                              fix="resume into an empty or new output_dir, or pass --overwrite")  # fmt: skip
@@ -287,13 +287,14 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     from fastdpo.atomic import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
-    if stale and trainer.is_world_process_zero():  # (one process removes them; the others wait)
-        left = remove_checkpoints(stale)
-        print(f"fastdpo: removed {len(stale) - len(left)} checkpoint(s) of the run this one replaces in {out}"
-              + (f"; {', '.join(left)} could not be removed whole (no longer resumable)" if left else ""),
-              file=sys.stderr)  # fmt: skip
-    if checkpoint and foreign and trainer.is_world_process_zero():  # the log of the run out held is not this one's
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if trainer.is_world_process_zero():  # (one process removes them; the others wait)
+        if stale:
+            left = remove_checkpoints(stale)
+            print(f"fastdpo: removed {len(stale) - len(left)} checkpoint(s) of the run this one replaces in {out}"
+                  + (f"; {', '.join(left)} could not be removed whole (no longer resumable)" if left else ""),
+                  file=sys.stderr)  # fmt: skip
+        if foreign:  # the log of the run out held is not this one's
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     trainer.accelerator.wait_for_everyone()
     # (without resume_from_checkpoint: a rerun of this config starts the run, as a run started with --resume's does)
     recorded = {key: value for key, value in resolved.items() if key != "resume_from_checkpoint"}
