@@ -313,12 +313,12 @@ def test_quantized_weights_are_the_bytes_bitsandbytes_keeps(tmp_path, quantizati
 @pytest.mark.parametrize("targets", ["all-linear", ("q_proj", "v_proj")], ids=["lora", "lora_qv"])
 def test_qlora_activations_are_what_autograd_saves(tmp_path, targets, lean):
     from fastdpo.data.packing import pack_pairs
-    from fastdpo.model.adapters import qlora_adapters_to_bf16
+    from fastdpo.model.adapters import prepare_quantized_training
 
     peft = pytest.importorskip("peft")
     targets = targets if isinstance(targets, str) else list(targets)
     model = peft.get_peft_model(quantized_tiny_model(tmp_path, "4bit"), peft.LoraConfig(r=4, target_modules=targets))
-    qlora_adapters_to_bf16(model)  # as the trainers set QLoRA up
+    prepare_quantized_training(model)  # as the trainers set QLoRA up
     gen = torch.Generator().manual_seed(0)
     pairs = [{"prompt_ids": torch.randint(3, 211, (16,), generator=gen).tolist(),
               "chosen_ids": torch.randint(3, 211, (48,), generator=gen).tolist(),

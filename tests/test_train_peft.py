@@ -165,6 +165,36 @@ def test_qlora_from_a_path_takes_trls_steps(kind, data, tmp_path):
 
 
 @needs_bnb
+def test_qlora_trains_the_same_after_an_evaluation(data, tmp_path):
+    # on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for inference at its first forward in eval mode
+    # without grad, and that layout has no backward: a QLoRA run that evaluated first then trained its adapters on
+    # nothing, silently. The trainers keep that layout off (the model 64 wide: the least that repacking takes)
+    import bitsandbytes
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    runs = {}
+    for evaluated in (False, True):
+        args = DPOConfig(**{**common_args(tmp_path, f"run{evaluated}"), "learning_rate": 5e-2})
+        trainer = DPOTrainer(str(tmp_path / "model"), args=args, train_dataset=data, eval_dataset=data.select(range(2)),
+                             processing_class=tokenizer, peft_config=lora(), quantization_config=nf4())  # fmt: skip
+        layers = [m for m in trainer.model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+        assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+        if evaluated:
+            trainer.evaluate()
+        trainer.train()
+        runs[evaluated] = [log for log in trainer.state.log_history if "loss" in log]
+    for step in (0, 1):
+        assert runs[True][step]["grad_norm"] > 0  # (it was 0: no gradient reached the adapters)
+        for name in ("loss", "grad_norm"):  # the same computation: bit-equal
+            assert runs[True][step][name] == runs[False][step][name], (step, name)
+
+
+@needs_bnb
 def test_quantization_config_needs_a_model_the_trainer_loads(data, tmp_path):
     from fastdpo.train import SFTConfig, SFTTrainer
 

@@ -53,14 +53,22 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def qlora_adapters_to_bf16(model: nn.Module) -> None:
+def prepare_quantized_training(model: nn.Module) -> None:
     """QLoRA as TRL 1.16 sets it up: on a quantized base, the trainable adapter parameters in bf16 (the QLoRA paper's
-    recipe), except DoRA's magnitude vectors (bf16 would swallow their small updates)."""
+    recipe), except DoRA's magnitude vectors (bf16 would swallow their small updates).
+
+    And bitsandbytes' CPU inference layout kept off: on a CPU with AVX512-BF16, a 4-bit layer's first forward in
+    eval mode without grad (an evaluation, a reference pass) repacks its weight for a kernel that has no backward,
+    and every later training forward uses it: no gradient reaches the adapters from then on, silently (bitsandbytes
+    0.50; layers narrower than 64 inputs or 32 outputs crash on that repacking instead)."""
     if not is_quantized(model):
         return
     for name, parameter in model.named_parameters():
         if parameter.requires_grad and "lora_magnitude_vector" not in name:
             parameter.data = parameter.data.to(torch.bfloat16)
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def prepare_adapter_model(model: nn.Module, *, gradient_checkpointing: bool, new_adapter: bool) -> nn.Module:

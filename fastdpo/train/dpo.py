@@ -52,7 +52,7 @@ from fastdpo.model.adapters import (
     adapter_reference,
     is_peft_model,
     prepare_adapter_model,
-    qlora_adapters_to_bf16,
+    prepare_quantized_training,
     wrap_with_adapter,
 )
 from fastdpo.model.attention import attends_per_sequence, packed_attention, use_attention
@@ -187,7 +187,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         elif is_peft_model(model) and ref_model is None:  # a trained adapter: a frozen copy of it is the reference
             model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=False)
         if is_peft_model(model):
-            qlora_adapters_to_bf16(model)
+            prepare_quantized_training(model)
         check_run_dir(args, model)
         self.reference_mode = _reference_mode(args, is_peft_model(model))
         if ref_model is not None and self.reference_mode == "none":
