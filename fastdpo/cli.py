@@ -252,7 +252,7 @@ def run_training(known: argparse.Namespace, flags: list[str]):
         checkpoint_to_resume,
         is_own,
         refuse_changed_config,
-        remove_checkpoints,
+        remove_when_training_begins,
         stale_checkpoints,
     )
 
@@ -283,19 +283,12 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     stale = stale_checkpoints(out, checkpoint, overwrite=known.overwrite, keep=inputs)  # a later --resume's pick
     # nothing is written before the trainer is built: a run that fails on its data or model leaves no directory to
     # --overwrite next time
-    trainer, files = _build_trainer(known.command, run_args, args, out)
+    # (resumed from another run's checkpoint: the log that out holds is not this run's)
+    trainer, files = _build_trainer(known.command, run_args, args, out, restart_log=foreign)
     from fastdpo.atomic import atomic_write
 
+    remove_when_training_begins(trainer, stale)  # (a checkpoint that fails to load leaves them)
     out.mkdir(parents=True, exist_ok=True)
-    if trainer.is_world_process_zero():  # (one process removes them; the others wait)
-        if stale:
-            left = remove_checkpoints(stale)
-            print(f"fastdpo: removed {len(stale) - len(left)} checkpoint(s) of the run this one replaces in {out}"
-                  + (f"; {', '.join(left)} could not be removed whole (no longer resumable)" if left else ""),
-                  file=sys.stderr)  # fmt: skip
-        if foreign:  # the log of the run out held is not this one's
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-    trainer.accelerator.wait_for_everyone()
     # (without resume_from_checkpoint: a rerun of this config starts the run, as a run started with --resume's does)
     recorded = {key: value for key, value in resolved.items() if key != "resume_from_checkpoint"}
     atomic_write(out / "config.yaml", yaml.safe_dump(recorded, sort_keys=True))
@@ -450,8 +443,9 @@ def _plain(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool, list, dict))
 
 
-def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
-    """The trainer, and the files (name → text) the run directory gets before training."""
+def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, restart_log: bool = False):
+    """The trainer, and the files (name → text) the run directory gets before training. ``restart_log``: the
+    ``metrics.jsonl`` in ``out`` starts over, even when resuming."""
     from fastdpo.run_files import RunFiles  # transformers' Trainer (seconds to import): only for training
     from fastdpo.train import DPOTrainer, SFTTrainer
 
@@ -463,8 +457,9 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path):
         if command == "sft":  # (config.yaml keeps the field as given)
             args.dataset_text_field = "text"  # prepared: its column is named text now
     peft_config, quantization_config = peft_and_quantization(run_args, args.model_init_kwargs)
-    options = {"args": args, "train_dataset": train, "eval_dataset": evaluation, "callbacks": [RunFiles(out)],
-               "peft_config": peft_config, "quantization_config": quantization_config}  # fmt: skip
+    options = {"args": args, "train_dataset": train, "eval_dataset": evaluation,
+               "callbacks": [RunFiles(out, restart=restart_log)], "peft_config": peft_config,
+               "quantization_config": quantization_config}  # fmt: skip
     if command == "dpo":
         return DPOTrainer(run_args.model_name_or_path, ref_model=run_args.ref_model_name_or_path, **options), files
     if run_args.ref_model_name_or_path is not None:

@@ -9,9 +9,10 @@ otherwise look like one run in its run directory and logs while being two. ``res
 (TRL's key) is ``--resume PATH``; resumed into a new run directory, the settings are compared with those of the
 checkpoint's run.
 
-Checkpoints that a later ``--resume`` would go on from, though the run no longer leads to them, are removed once the
-trainer is built (``stale_checkpoints``): with ``--overwrite`` (a run started over), the earlier run's; with
-``--resume PATH`` back to an earlier step, those after it (refused without ``--overwrite``).
+Checkpoints that a later ``--resume`` would go on from, though the run no longer leads to them, are removed when
+training begins, once the checkpoint resumed from has loaded (``stale_checkpoints``, ``remove_when_training_begins``):
+with ``--overwrite`` (a run started over), the earlier run's; with ``--resume PATH`` back to an earlier step, those
+after it (refused without ``--overwrite``). A checkpoint that fails to load leaves them all.
 """
 
 from __future__ import annotations
@@ -126,6 +127,26 @@ def _global_step(checkpoint: Path) -> int | None:
 def is_own(out: Path, checkpoint: str) -> bool:
     """Whether ``checkpoint`` is a folder of ``out`` (itself perhaps a link to elsewhere), not another run's."""
     return Path(os.path.abspath(checkpoint)).parent.resolve() == out.resolve()
+
+
+def remove_when_training_begins(trainer, stale: list[Path]) -> None:
+    """The main process removes ``stale`` (``remove_checkpoints``, said on stderr) at ``on_train_begin``: after the
+    trainer has loaded the checkpoint it resumes (weights, optimizer, state), before its first step; the other
+    processes wait."""
+    import sys
+
+    from transformers import TrainerCallback
+
+    class RemoveStale(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if stale and state.is_world_process_zero:
+                left = remove_checkpoints(stale)
+                print(f"fastdpo: removed {len(stale) - len(left)} checkpoint(s) of the run this one replaces in "
+                      f"{stale[0].parent}" + (f"; {', '.join(left)} could not be removed whole (no longer "
+                      "resumable)" if left else ""), file=sys.stderr)  # fmt: skip
+            trainer.accelerator.wait_for_everyone()
+
+    trainer.add_callback(RemoveStale())
 
 
 def remove_checkpoints(folders: list[Path]) -> list[str]:

@@ -20,16 +20,18 @@ class RunFiles(TrainerCallback):
 
     PLOTS = ("loss", "rewards/margins", "rewards/accuracies")
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, *, restart: bool = False) -> None:
         self.out = out
         self.metrics = out / "metrics.jsonl"
+        self.restart = restart  # the log starts over, even resumed (from another run's checkpoint: not this one's)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
         kept = []
-        if state.global_step > 0 and self.metrics.is_file():  # resumed: the logs up to its checkpoint's step stay,
-            for line in self.metrics.read_text().splitlines():  # those after it are logged again
+        # resumed: the logs up to its checkpoint's step stay, those after it are logged again
+        if state.global_step > 0 and not self.restart and self.metrics.is_file():
+            for line in self.metrics.read_text().splitlines():
                 with contextlib.suppress(ValueError):  # a line a killed run left half-written
                     log = json.loads(line)
                     # a stopped run's end-of-training summary (at the step it saved) goes: the resumed run logs its own

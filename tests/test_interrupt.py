@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from test_train_dpo import tiny_model
 from test_train_resume import pairs, prompt_completions
@@ -232,6 +233,14 @@ def test_no_checkpoint_is_left_that_a_later_resume_would_wrongly_take(workdir, s
     assert {log["step"]: log["loss"] for log in train_steps(elsewhere)} == pytest.approx({5: theirs[5], 6: theirs[6]})
     assert fastdpo(workdir, "dpo", elsewhere, "--resume", checkpoint) == 2  # another run's, into a run directory
     assert "elsewhere exists and is not empty" in last_error()
+    # a checkpoint that fails to load leaves the later ones: they go once it has loaded, when training begins
+    damaged = run / "damaged"
+    shutil.copytree(run / "checkpoint-4", damaged)
+    (damaged / "model.safetensors").write_bytes(b"not a model")
+    with pytest.raises(SafetensorError, match="header"):
+        fastdpo(workdir, "dpo", run, "--resume", str(damaged), "--overwrite", "--max_steps", "6")
+    assert len(list(run.glob("checkpoint-*"))) == 16 and "removed" not in capsys.readouterr().err
+    shutil.rmtree(damaged)
     # with --overwrite the later checkpoints go; then a run started over removes the earlier run's
     assert fastdpo(workdir, "dpo", run, "--resume", checkpoint, "--overwrite", "--max_steps", "6") == 0
     assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # (6: the end)
