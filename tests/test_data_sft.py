@@ -190,6 +190,15 @@ def test_column_map_and_text_field():
     assert prepare_sft(data, columns={"text": "body"})["text"] == ["Hello there.", "Bye."]
     with pytest.raises(ConfigError, match="column 'text_field'"):
         prepare_sft(data, columns={"text": "body"}, text_field="other")
+    # TRL reads prompt/completion, then messages, before dataset_text_field: rows of those are read from them, the
+    # field not needed (it was refused, 'column not found')
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    mapped = [{"question": "Hi?", "completion": " Yo.", "body": "not read"}]
+    plain = [{"prompt": "Hi?", "completion": " Yo."}]
+    for rows, columns in (([{"messages": messages}], None), ([{"conversations": messages}], None), (plain, None),
+                          (mapped, {"prompt": "question"})):  # fmt: skip
+        prepared = prepare_sft(datasets.Dataset.from_list(rows), columns=columns, text_field="body")
+        assert "text" not in prepared.column_names and sft_layout(prepared.column_names) != "text", rows
     with pytest.raises(ConfigError, match=r"column 'columns': unknown value 'txt' — did you mean 'text'\?"):
         prepare_sft(data, columns={"txt": "body"})
     with pytest.raises(ConfigError, match="column 'columns': must map fastdpo's names to the data's columns, got list"):

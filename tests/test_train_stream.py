@@ -340,6 +340,9 @@ def test_sft_streams_are_checked_row_by_row_and_refuse_what_they_cannot_do(tmp_p
     rows = list(prepare_sft_stream(texts, tokenizer, text_field="body").dataset)
     expected = [tokenizer(f"text {i}{tokenizer.eos_token}")["input_ids"] for i in range(3)]
     assert [row["input_ids"] for row in rows] == [row["labels"] for row in rows] == expected
+    pairs = datasets.Dataset.from_list([{"prompt": "Hi?", "completion": " Yo."}]).to_iterable_dataset()
+    rows = list(prepare_sft_stream(pairs, tokenizer, text_field="body").dataset)  # not read (TRL's order)
+    assert rows[0]["input_ids"] == tokenizer(f"Hi? Yo.{tokenizer.eos_token}")["input_ids"]
 
     args = SFTConfig(output_dir=str(tmp_path / "x"), max_steps=-1, report_to=[], bf16=False)
     with pytest.raises(ConfigError, match="column 'max_steps': an iterable train dataset has no length"):

@@ -79,15 +79,7 @@ def prepare_sft(
     if columns is not None and not isinstance(columns, dict):
         raise ConfigError(f"must map fastdpo's names to the data's columns, got {type(columns).__name__}",
                           column="columns", fix="e.g. columns={'text': 'body'}")  # fmt: skip
-    columns = dict(columns or {})
-    if text_field != "text":
-        if columns.get("text", text_field) != text_field:
-            raise ConfigError(
-                f"{text_field!r} disagrees with columns['text'] = {columns['text']!r}",
-                column="text_field",
-                fix="set only one of them",
-            )
-        columns["text"] = text_field
+    columns = with_text_field(dict(columns or {}), text_field, dataset.column_names)
     dataset = rename_columns(dataset, columns, SFT_COLUMNS)
     if len(dataset) == 0:
         raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
@@ -95,6 +87,22 @@ def prepare_sft(
     layout = sft_layout(dataset.column_names)
     _check_rows(dataset, layout)
     return dataset
+
+
+def with_text_field(columns: dict[str, str], text_field: str, names) -> dict[str, str]:
+    """``columns`` with TRL's ``dataset_text_field`` as the text column, where TRL reads it: rows (columns ``names``,
+    renamed by ``columns``) with prompt/completion or messages are read from those, and the field is not read (nor
+    needed), as in TRL."""
+    if text_field == "text":
+        return columns
+    if columns.get("text", text_field) != text_field:
+        raise ConfigError(f"{text_field!r} disagrees with columns['text'] = {columns['text']!r}",
+                          column="text_field", fix="set only one of them")  # fmt: skip
+    renamed = {theirs: ours for ours, theirs in columns.items()}
+    present = {renamed.get(name, name) for name in names}
+    if {"prompt", "completion"} <= present or {"messages", "conversations"} & present:
+        return columns
+    return {**columns, "text": text_field}
 
 
 def sft_layout(column_names: list[str]) -> str:

@@ -55,6 +55,7 @@ from fastdpo.data.sft import (
     sft_row_problem,
     tokenize_sft_row,
     truncation_window,
+    with_text_field,
 )
 from fastdpo.data.tokenize import (
     check_lengths,
@@ -271,9 +272,7 @@ def prepare_sft_stream(
         if formatting_func is not None:
             dataset = dataset.map(lambda example: {"text": formatting_func(example)})
             first, present = {**first, "text": formatting_func(first)}, [*present, "text"]
-        columns = dict(columns or {})
-        if text_field != "text":
-            columns.setdefault("text", text_field)
+        columns = with_text_field(dict(columns or {}), text_field, present)
         dataset = rename_columns(dataset, columns, SFT_COLUMNS, present=present)
         renamed = {theirs: ours for ours, theirs in columns.items()}
         first = {renamed.get(key, key): value for key, value in first.items()}
