@@ -89,17 +89,19 @@ def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool, kee
     leaves behind (see the module docstring): with ``checkpoint`` in ``out``, those of later steps; from another
     run's, or with none under ``overwrite``, all of them. Never one that holds a path in ``keep`` (the run's model,
     reference, data, cache). A ``ConfigError`` when resuming would need ``--overwrite`` and it was not given."""
+    from fastdpo.train.resume import saved_step
+
     if not out.is_dir() or (checkpoint is None and not overwrite):
         return []
     inputs = [Path(path).resolve() for path in keep if path]
-    steps = {path.resolve(): _global_step(path) for path in out.iterdir() if not path.is_symlink() and path.is_dir()
+    steps = {path.resolve(): saved_step(path) for path in out.iterdir() if not path.is_symlink() and path.is_dir()
              and re.fullmatch(r"checkpoint-\d+", path.name)}  # fmt: skip
     steps = {real: step for real, step in steps.items() if step is not None  # (None: incomplete, or no checkpoint)
              and not any(path == real or real in path.parents for path in inputs)}  # fmt: skip
     if checkpoint is not None:
         real = Path(checkpoint).resolve()
         if is_own(out, checkpoint):  # this run's own: the checkpoints of later steps are another future of it
-            least = _global_step(real)
+            least = saved_step(real)
             steps = {other: step for other, step in steps.items() if other != real and step > (least or 0)}
         else:  # another run's checkpoint: every one here is an earlier run's
             steps.pop(real, None)
@@ -111,17 +113,6 @@ def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool, kee
                           fix="add --overwrite to remove them and go on from this one, or resume from the last one"
                           )  # fmt: skip
     return later
-
-
-def _global_step(checkpoint: Path) -> int | None:
-    """The step a complete checkpoint's ``trainer_state.json`` records; None where there is none."""
-    import json
-
-    try:
-        step = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def is_own(out: Path, checkpoint: str) -> bool:

@@ -83,14 +83,21 @@ def load_reference(reference, checkpoint: str) -> None:
     load_model(reference, path, device=str(next(reference.parameters()).device))
 
 
-def is_complete(checkpoint: str | os.PathLike) -> bool:
-    """Whether ``checkpoint`` was written to the end: its ``trainer_state.json``, written last, reads as JSON."""
+def saved_step(checkpoint: str | os.PathLike) -> int | None:
+    """The step ``checkpoint``'s ``trainer_state.json`` records; None where it does not read (written last: a run
+    stopped while saving leaves none) or records no step."""
     try:
         with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as file:
-            json.load(file)
-    except (OSError, ValueError):
-        return False
-    return True
+            step = json.load(file)["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def is_complete(checkpoint: str | os.PathLike) -> bool:
+    """Whether ``checkpoint`` was written to the end: its ``trainer_state.json``, written last, reads and records
+    its step."""
+    return saved_step(checkpoint) is not None
 
 
 def last_checkpoint(folder: str | os.PathLike) -> str | None:
