@@ -281,7 +281,10 @@ def test_stale_checkpoints_are_only_the_trainers_own_and_never_the_runs_model(tm
     # a link in the run directory is the run's own checkpoint, stored elsewhere: only the later ones are stale
     assert stale_checkpoints(run, str(run / "checkpoint-40"), overwrite=True, keep=keep) == [six, nine]
     assert model.is_dir()
-    from fastdpo.cli_resume import remove_checkpoints
+    from fastdpo.cli_resume import checkpoint_to_resume, remove_checkpoints
+
+    with pytest.raises(ConfigError, match="checkpoint-900 is not a complete checkpoint"):  # (no step recorded)
+        checkpoint_to_resume(run, str(run / "checkpoint-900"))
 
     assert remove_checkpoints([six, nine]) == [] and not six.exists() and not nine.exists() and two.is_dir()
 
