@@ -7,6 +7,7 @@ import contextlib
 import json
 from pathlib import Path
 
+from fastdpo.data.load import unholdable
 from fastdpo.errors import ConfigError, DataError
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -86,12 +87,10 @@ def _check_prompt(path: Path, name: str, row: int, prompt, missing: bool) -> Non
         raise DataError(f"{path}: {name}'s prompt is {type(prompt).__name__} {json.dumps(prompt)[:40]}",
                         column="prompt", row=row, fix="a prompt is a string, a non-empty list of {'role', 'content'} "
                         "messages, or a non-empty list of token ids")  # fmt: skip
-    try:
-        json.dumps(prompt, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as error:  # "\ud83d" alone: half of an emoji's surrogate pair, no character
-        raise DataError(f"{path}: {name}'s prompt holds a lone surrogate ({error.object[error.start]!r})",
-                        column="prompt", row=row, fix="write the whole character (both halves of the pair), "
-                        "or remove it") from None  # fmt: skip
+    problem = unholdable(prompt)  # e.g. "\ud83d" alone: half of an emoji's surrogate pair, no character
+    if problem:
+        raise DataError(f"{path}: {name}'s prompt holds {problem}", column="prompt", row=row,
+                        fix="write the whole character (both halves of a surrogate pair), or remove it")  # fmt: skip
 
 
 def _prompt_value(value) -> bool:

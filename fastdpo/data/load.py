@@ -284,7 +284,7 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
     if text:  # JSON Lines, whose every line _check_json has parsed: each is an object
         for number, line in enumerate(text.splitlines(), start=1):
             for column, value in (json.loads(line) if line.strip() else {}).items():
-                problem = _unholdable(value)
+                problem = unholdable(value)
                 if problem:
                     return DataError(f"{path}: line {number}: {problem}", column=column, fix=_UNHOLDABLE_FIX)
     cause = error.__cause__ or error
@@ -292,14 +292,15 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
                      fix="check the file there (each column should hold one kind of value)")  # fmt: skip
 
 
-def _unholdable(value) -> str | None:
+def unholdable(value) -> str | None:
+    """What in ``value`` (nested lists and dicts too) Arrow cannot hold: a lone surrogate, an integer over 64 bits."""
     if isinstance(value, str):
         bad = _SURROGATE.search(value)
         return None if bad is None else f"a lone surrogate {bad.group()!r} at character {bad.start()}"
     if isinstance(value, int) and not isinstance(value, bool):
         return None if -(2**63) <= value < 2**63 else f"the integer {value} does not fit in 64 bits"
     children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return next(filter(None, map(_unholdable, children)), None)
+    return next(filter(None, map(unholdable, children)), None)
 
 
 def _check_json(path: Path) -> None:
