@@ -350,6 +350,36 @@ def test_model_given_as_a_path_loads_with_its_tokenizer_in_fp32(tmp_path):
         DPOTrainer(str(tmp_path / "model"), args=bad, train_dataset=synthetic_pairs(4))
 
 
+def test_a_tokenizer_with_its_own_code_loads_with_trust_remote_code_at_the_models_revision(tmp_path, monkeypatch):
+    # as TRL loads it: trust_remote_code reached the model only (the tokenizer then asked on stdin, and failed)
+    import json
+
+    import datasets
+    import transformers
+
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    model = tmp_path / "model"
+    tiny_model(build_tiny_tokenizer(), model)
+    build_tiny_tokenizer().save_pretrained(model)
+    code = "from transformers import PreTrainedTokenizerFast\n\n\nclass Custom(PreTrainedTokenizerFast):\n    pass\n"
+    (model / "custom_tokenizer.py").write_text(code)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="Custom", auto_map={"AutoTokenizer": [None, "custom_tokenizer.Custom"]})
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    asked = []
+    load = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: asked.append(k.get("revision")) or load(*a, **k))  # fmt: skip
+    options = {"trust_remote_code": True, "model_init_kwargs": {"revision": "main"}, "max_steps": 1}
+    dpo = DPOTrainer(str(model), args=DPOConfig(**{**common_args(tmp_path, "dpo"), **options}),
+                     train_dataset=synthetic_pairs(4))  # fmt: skip
+    sft = SFTTrainer(str(model), args=SFTConfig(output_dir=str(tmp_path / "sft"), report_to=[], **options),
+                     train_dataset=datasets.Dataset.from_list([{"text": "a b c"}] * 4))  # fmt: skip
+    assert type(dpo.processing_class).__name__ == type(sft.processing_class).__name__ == "Custom"
+    assert asked == ["main", "main"]
+
+
 def test_evaluation_and_the_best_checkpoint_by_eval_reward_accuracy(tmp_path):
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")

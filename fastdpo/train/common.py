@@ -150,15 +150,17 @@ def with_quantization(model, init_kwargs: dict | None, quantization_config) -> d
     return kwargs
 
 
-def load_tokenizer(model: nn.Module | str, column: str = "processing_class"):
-    """The tokenizer saved with ``model`` (a path, or a model loaded from one), as TRL finds it when none is given."""
+def load_tokenizer(model: nn.Module | str, column: str = "processing_class", *, revision: str | None = None,
+                   trust_remote_code: bool = False):  # fmt: skip
+    """The tokenizer saved with ``model`` (a path, or a model loaded from one), as TRL finds it when none is given:
+    at the ``revision`` the model was loaded at (``model_init_kwargs``'), with the config's ``trust_remote_code``."""
     from transformers import AutoTokenizer
 
     source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
     if not source:
         raise ConfigError("a tokenizer is needed to tokenize the dataset", column=column, fix="pass processing_class")
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ConfigError(
             f"no tokenizer was given and none could be loaded from {source!r}",

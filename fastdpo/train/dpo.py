@@ -168,6 +168,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
             )
         check_collator(data_collator, PairPacker)
         init_kwargs = with_quantization(model, args.model_init_kwargs, quantization_config)
+        revision = (init_kwargs or {}).get("revision") if isinstance(model, str) else None  # (the tokenizer's too)
         if isinstance(model, str):  # the model first: a wrong path is then said as a model's, not a tokenizer's
             model = load_causal_lm(model, init_kwargs, trust_remote_code=args.trust_remote_code, column="model")
         elif args.model_init_kwargs is not None and not isinstance(ref_model, str):
@@ -178,7 +179,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
             ref_model = load_causal_lm(ref_model, init_kwargs, trust_remote_code=args.trust_remote_code,
                                        column="ref_model")  # fmt: skip
         if processing_class is None:
-            processing_class = load_tokenizer(model)
+            processing_class = load_tokenizer(model, revision=revision, trust_remote_code=args.trust_remote_code)
         if ref_model is not None:
             check_reference(model, ref_model, processing_class)
         if peft_config is not None:

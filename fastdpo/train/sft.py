@@ -303,12 +303,13 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
             processing_class = processing_class if processing_class is not None else tokenizer
         check_collator(data_collator, SequencePacker)
         init_kwargs = with_quantization(model, args.model_init_kwargs, quantization_config)
+        revision = (init_kwargs or {}).get("revision") if isinstance(model, str) else None  # (the tokenizer's too)
         if isinstance(model, str):  # the model first: a wrong path is then said as a model's, not a tokenizer's
             model = load_causal_lm(model, init_kwargs, trust_remote_code=args.trust_remote_code, column="model")
         elif args.model_init_kwargs is not None:
             warnings.warn("model_init_kwargs: the model is already built, they are not used", stacklevel=2)
         if processing_class is None:
-            processing_class = load_tokenizer(model)
+            processing_class = load_tokenizer(model, revision=revision, trust_remote_code=args.trust_remote_code)
         _refuse_unsupported(model, args, train_dataset, processing_class, compute_loss_func, compute_metrics,
                             preprocess_logits_for_metrics)  # fmt: skip
         if peft_config is not None:
