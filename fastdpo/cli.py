@@ -436,7 +436,9 @@ def _json_dict(text: str) -> dict:
 def _resolved_config(run_args: RunArguments, args) -> dict:
     from fastdpo.train.common import config_values
 
-    return {**dataclasses.asdict(run_args), **{k: v for k, v in config_values(args).items() if _plain(v)}}
+    # (no hub_token: a secret, out of config.yaml; a rerun logs in as the run did, by its login or HF_TOKEN)
+    values = {k: v for k, v in config_values(args).items() if _plain(v) and k != "hub_token"}
+    return {**dataclasses.asdict(run_args), **values}
 
 
 def _plain(value) -> bool:

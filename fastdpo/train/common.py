@@ -339,10 +339,11 @@ def check_shared_options(config, not_yet: dict) -> None:
 
 def config_values(args) -> dict:
     """``args.to_dict()`` (enums as their values) with the settings it hides because their names end in ``_token``
-    given back (SFT's ``eos_token``, ``pad_token``); the hub's token stays hidden."""
+    given back (SFT's ``eos_token``, ``pad_token``, and ``hub_token``: a secret, kept out of files by their
+    writers)."""
     values = args.to_dict()
     for name in values:
-        if name.endswith("_token") and "hub" not in name:
+        if name.endswith("_token"):
             values[name] = getattr(args, name)
     return values
 

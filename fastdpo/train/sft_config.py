@@ -185,5 +185,5 @@ def as_sft_config(args) -> SFTConfig:
     if isinstance(args, SFTConfig):
         return args
     if isinstance(args, TrainingArguments):
-        return SFTConfig(**{**config_values(args), "hub_token": args.hub_token})
+        return SFTConfig(**config_values(args))
     raise ConfigError(f"expected an SFTConfig, got {type(args).__name__}", column="args")
