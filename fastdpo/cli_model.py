@@ -70,8 +70,11 @@ def _lora(run_args: AdapterArguments):
         from peft import LoraConfig
     except ImportError as error:
         raise ConfigError("needs the peft package", column="use_peft", fix="pip install 'fastdpo[peft]'") from error
+    targets = run_args.lora_target_modules
+    if targets == ["all-linear"]:  # (--lora_target_modules all-linear: PEFT's keyword, which it takes as a string)
+        targets = "all-linear"
     return LoraConfig(task_type="CAUSAL_LM", r=run_args.lora_r, lora_alpha=run_args.lora_alpha,
-                      lora_dropout=run_args.lora_dropout, target_modules=run_args.lora_target_modules,
+                      lora_dropout=run_args.lora_dropout, target_modules=targets,
                       modules_to_save=run_args.lora_modules_to_save, use_rslora=run_args.use_rslora,
                       use_dora=run_args.use_dora, bias="none")  # fmt: skip
 

@@ -387,6 +387,9 @@ def test_lora_and_quantization_keys_build_trls_configs(caplog):
     assert "['lora_r'] set but use_peft is false" in caplog.text  # counted, not silently dropped
     lora, quantization = peft_and_quantization(RunArguments(use_peft=True, lora_r=8, use_dora=True), None)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.use_dora, quantization) == (8, 32, 0.05, True, None)
+    # --lora_target_modules all-linear (a list of one, from the flag): PEFT's keyword, as TRL's ModelConfig passes it
+    lora, _ = peft_and_quantization(RunArguments(use_peft=True, lora_target_modules=["all-linear"]), None)
+    assert lora.target_modules == "all-linear"
     if importlib.util.find_spec("bitsandbytes") is not None:
         import torch
 
