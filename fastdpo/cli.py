@@ -361,12 +361,14 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     for action in parser._actions:
         if action.dest in values:  # the YAML may give what a flag must otherwise give
             action.required = False
-        if action.type is dict:  # a dict field as a flag: JSON text
-            action.type = _json_dict
+        if action.type is dict:  # a dict field as a flag: JSON text (or null, where the field may be None)
+            action.type = _json_dict if action.dest not in nullable else _or_null(_json_dict)
         elif action.dest == "report_to":  # its own word for no integration is 'none' (a string, not None)
             action.type = _none_word
         elif action.dest in nullable and action.type in (int, float, str):  # --field null unsets what the YAML set
             action.type = _or_null(action.type)
+            if action.nargs in ("+", "*"):  # a list field: null alone unsets it
+                action.__class__ = _ListOrNull
     try:
         run_args, args, rest = parser.parse_args_into_dataclasses(args=flags, return_remaining_strings=True)
     except ConfigError:
@@ -406,6 +408,15 @@ def _scalar_problem(hint: str, value) -> str | None:
         not isinstance(value, bool) and isinstance(value, int) and (int in kinds or float in kinds)) or (
         isinstance(value, float) and float in kinds)  # fmt: skip
     return None if fits else " or ".join(k.__name__.replace("NoneType", "null") for k in kinds)
+
+
+class _ListOrNull(argparse._StoreAction):
+    """A list flag whose ``null`` alone (``--lora_target_modules null``) is None, not ``[None]``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if None in values and len(values) > 1:
+            raise argparse.ArgumentError(self, "null unsets the list: give it alone")
+        setattr(namespace, self.dest, None if values == [None] else values)
 
 
 def _or_null(convert):

@@ -418,6 +418,16 @@ def test_a_flag_null_unsets_what_the_yaml_set():
     for extra, flags in cases:
         assert _resolve(DPOConfig, {**values, **extra}, flags)[1].report_to == [], (extra, flags)
     assert _resolve(DPOConfig, values, ["--report_to", "tensorboard"])[1].report_to == ["tensorboard"]
+    # list and dict fields too (lists became [None]: a traceback; dicts were refused as not a JSON object)
+    lists = {**values, "lora_target_modules": ["q_proj"], "loss_weights": [1.0], "model_init_kwargs": {"dtype": "auto"},
+             "dataset_columns": {"prompt": "question"}}  # fmt: skip
+    flags = ["--lora_target_modules", "null", "--loss_weights", "None", "--model_init_kwargs", "null",
+             "--dataset_columns", "null"]  # fmt: skip
+    run_args, args = _resolve(DPOConfig, lists, flags)
+    assert (run_args.lora_target_modules, args.loss_weights, args.model_init_kwargs) == (None, None, None)
+    assert run_args.dataset_columns is None
+    with pytest.raises(ConfigError, match="null unsets the list: give it alone"):
+        _resolve(DPOConfig, lists, ["--lora_target_modules", "q_proj", "null"])
 
 
 def test_a_key_set_twice_in_the_yaml_is_refused_with_its_lines(workdir, monkeypatch, capsys):
