@@ -244,8 +244,9 @@ def _unique_keys_loader(path: Path):
     return Loader
 
 
-def run_training(known: argparse.Namespace, flags: list[str]):
-    """``fastdpo dpo|sft``: the run directory, training, the final model; returns the trainer."""
+def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after: bool = False):
+    """``fastdpo dpo|sft``: the run directory, training, the final model; returns the trainer. ``evaluated_after``:
+    the caller evaluates the held-out rows itself (``fastdpo sweep``), whatever ``eval_strategy`` says."""
     import yaml
 
     from fastdpo.cli_resume import (
@@ -257,6 +258,7 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     )
 
     run_args, args = load_config(known, flags)
+    _check_evaluation(run_args, args, evaluated_after=evaluated_after)
     out = Path(args.output_dir)
     resolved = _resolved_config(run_args, args)  # as given (building the trainer may adjust args: a stream's)
     resume = getattr(known, "resume", None) or args.resume_from_checkpoint  # (TRL's key, as its scripts read it)
@@ -300,6 +302,26 @@ def run_training(known: argparse.Namespace, flags: list[str]):
     trainer.save_model(str(out))
     atomic_write(out / "dropped_rows.json", json.dumps(trainer.dropped_rows, indent=1))  # a stream's, now read
     return trainer
+
+
+def _check_evaluation(run_args: RunArguments, args, *, evaluated_after: bool) -> None:
+    """A ConfigError where the held-out rows and the evaluation strategy disagree: rows held out (``eval_fraction``)
+    that ``eval_strategy: no`` never evaluates (lost to training, silently), an evaluation with nothing to evaluate
+    on (transformers' traceback), both ways of holding rows out at once."""
+    held_out = {"eval_fraction": run_args.eval_fraction, "dataset_test_split": run_args.dataset_test_split}
+    given = [key for key, value in held_out.items() if value is not None]
+    if len(given) == 2:
+        raise ConfigError("eval_fraction and dataset_test_split both give the evaluation rows", column="eval_fraction",
+                          fix="keep one of them")  # fmt: skip
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if strategy == "no" and run_args.eval_fraction is not None and not evaluated_after:
+        fix = "set eval_strategy (steps, with eval_steps; or epoch); or drop eval_fraction"
+        raise ConfigError(f"holds out {run_args.eval_fraction} of the rows, which eval_strategy 'no' never "
+                          "evaluates: they would be lost to training", column="eval_fraction", fix=fix)  # fmt: skip
+    if strategy != "no" and not given:
+        raise ConfigError(f"eval_strategy {strategy!r} evaluates held-out rows, and the config holds none out",
+                          column="eval_strategy", fix="set eval_fraction (e.g. 0.1), or dataset_test_split (TRL's "
+                          "scripts read the split 'test'), or eval_strategy: no")  # fmt: skip
 
 
 def _fields_parser(config_cls):

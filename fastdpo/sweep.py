@@ -168,7 +168,7 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
     run_known = argparse.Namespace(**{**vars(known), "resume": True if resume else None,
                                       "overwrite": args.overwrite or (args.resume and not resume)})  # fmt: skip
     done.unlink(missing_ok=True)  # (an earlier sweep's, under --overwrite)
-    trainer = run_training(run_known, run_flags)
+    trainer = run_training(run_known, run_flags, evaluated_after=True)
     row = _evaluate(trainer, run_args, beta, args.samples, args.kl_prompts)
     atomic_write(done, json.dumps({"row": row, "settings": settings}, indent=1))
     return row

@@ -129,7 +129,13 @@ def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, caps
      ({}, ["--dataset_columns", "{prompt"], "is not JSON"),
      ({"load_in_4bit": True}, [], "column 'load_in_4bit': a quantized model trains through adapters only"),
      ({"use_peft": True}, ["--load_in_4bit", "--load_in_8bit"], "pick one"),
-     ({"dataset_streaming": True, "eval_fraction": 0.25}, [], "column 'eval_fraction': a stream cannot be split"),
+     ({"dataset_streaming": True, "eval_fraction": 0.25, "eval_strategy": "steps"}, [],
+      "column 'eval_fraction': a stream cannot be split"),
+     # held-out rows that no evaluation reads: a quarter of the data lost to training, silently (TRL's eval split
+     # is a split of its own); an evaluation with no rows (transformers' traceback)
+     ({"eval_fraction": 0.25}, [], "column 'eval_fraction': holds out 0.25 of the rows, which eval_strategy 'no'"),
+     ({"eval_strategy": "steps"}, [], "column 'eval_strategy': eval_strategy 'steps' evaluates held-out rows"),
+     ({"eval_strategy": "steps", "eval_fraction": 0.25}, ["--dataset_test_split", "test"], "keep one of them"),
      ({"dataset_streaming": True}, [], "column 'max_steps': an iterable train dataset has no length")],
 )  # fmt: skip
 def test_bad_configs_fail_with_one_clear_line(workdir, config, flags, expected, monkeypatch, capsys):

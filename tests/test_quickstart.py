@@ -273,12 +273,12 @@ def test_sweep_reuses_one_reference_cache_goes_on_after_a_stop_and_recommends_a_
 
     real_run, runs = fastdpo.cli.run_training, []
 
-    def stopped_at_step_4(known, flags):  # the second β's run, as SIGTERM stops it: a checkpoint, then the raise
+    def stopped_at_step_4(known, flags, **options):  # the second β's run, as SIGTERM stops it: a checkpoint, a raise
         runs.append(flags[flags.index("--output_dir") + 1])
         if runs[-1].endswith("beta_0.5") and known.resume is None:
-            real_run(known, [*flags, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "4"])
+            real_run(known, [*flags, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "4"], **options)
             raise TrainingInterrupted(signal.SIGTERM, 4, runs[-1] + "/checkpoint-4")
-        return real_run(known, flags)
+        return real_run(known, flags, **options)
 
     monkeypatch.setattr(fastdpo.cli, "run_training", stopped_at_step_4)
     assert cli(command) == 143
