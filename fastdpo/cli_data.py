@@ -232,6 +232,11 @@ def _write(dataset, out: Path, known: argparse.Namespace, summary: dict) -> None
     from fastdpo.atomic import atomic_write
 
     _check_outputs([out], known)
+    nested = [name for name, feature in dataset.features.items() if type(feature).__name__ != "Value"]
+    if out.suffix == ".csv" and nested:  # pandas writes their Python repr, which reads back as one string
+        raise ConfigError(f"{out.name}: a CSV cell holds text or a number, and {', '.join(map(repr, nested))} hold "
+                          "lists or records (messages): they would be read back as their Python text", column="out",
+                          fix="write a .jsonl or .parquet file")  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.name}.partial{out.suffix}")
     kind = WRITERS[out.suffix]

@@ -381,6 +381,14 @@ def test_data_pairs_and_split(workdir, data_cli):
     held_out = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
     assert len(train) + len(held_out) == 24 and held_out
     assert not {row["prompt"] for row in train} & {row["prompt"] for row in held_out}
+    # message lists in a CSV: pandas wrote their Python repr, which read back (and trained) as one string
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    rejected = [messages[0], {"role": "assistant", "content": "No."}]
+    (workdir / "chat.jsonl").write_text(json.dumps({"chosen": messages, "rejected": rejected}) + "\n")
+    done = data_cli("filter", "chat.jsonl", "chat.csv")
+    assert done.returncode == 2 and "'chosen', 'rejected' hold lists or records" in done.stderr, done.stderr
+    assert not (workdir / "chat.csv").exists()
+    assert data_cli("filter", "chat.jsonl", "chat_kept.jsonl").returncode == 0
 
 
 def test_lora_and_quantization_keys_build_trls_configs(caplog):
