@@ -380,6 +380,17 @@ def test_a_tokenizer_with_its_own_code_loads_with_trust_remote_code_at_the_model
     assert asked == ["main", "main"]
 
 
+def test_vision_datasets_are_refused_as_the_sft_trainer_and_trl_refuse_them(tmp_path):
+    # an images column was left unread: the pairs trained on their text alone, silently
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    pairs = synthetic_pairs(4).add_column("images", [["a.png"]] * 4)
+    args = DPOConfig(**common_args(tmp_path, "vision"))
+    for train in (pairs, pairs.to_iterable_dataset()):
+        with pytest.raises(ConfigError, match="column 'train_dataset': vision datasets are not supported yet"):
+            DPOTrainer(load(), ref_model=load(), args=args, train_dataset=train, processing_class=tokenizer)
+
+
 def test_evaluation_and_the_best_checkpoint_by_eval_reward_accuracy(tmp_path):
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
