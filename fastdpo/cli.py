@@ -507,7 +507,7 @@ def _loaded_splits(command: str, run_args: RunArguments, seed: int, text_field: 
     quality report (the files) and the rows it drops (``data_filter``)."""
     import functools
 
-    from fastdpo.data import check_preferences, prepare_preferences, prepare_sft, split_by_prompt
+    from fastdpo.data import check_preferences, prepare_preferences, prepare_sft, split_by_prompt, split_sft_by_prompt
 
     columns = run_args.dataset_columns
     prepare = prepare_preferences if command == "dpo" else functools.partial(prepare_sft, text_field=text_field)
@@ -516,7 +516,8 @@ def _loaded_splits(command: str, run_args: RunArguments, seed: int, text_field: 
     if run_args.dataset_test_split is not None:
         evaluation = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_test_split)
     elif run_args.eval_fraction is not None:
-        train, evaluation = split_by_prompt(train, test_size=run_args.eval_fraction, seed=seed)
+        split = split_by_prompt if command == "dpo" else split_sft_by_prompt  # (SFT: messages or text rows too)
+        train, evaluation = split(train, test_size=run_args.eval_fraction, seed=seed)
     if command != "dpo":
         return train, evaluation, {}
     report = check_preferences(train)

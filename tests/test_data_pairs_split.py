@@ -345,6 +345,31 @@ def test_split_groups_conversational_prompts():
     assert from_dataset["id"][:] == [r["id"] for r in held_out]
 
 
+def test_sft_rows_split_by_what_they_ask(tmp_path):
+    # fastdpo sft's eval_fraction on messages or text rows: refused before ("column 'prompt': column not found")
+    from fastdpo.data import prepare_sft, split_sft_by_prompt
+
+    def chat(k, answer):
+        return [{"role": "user", "content": f"question {k % 5}"}, {"role": "assistant", "content": answer}]
+
+    rows = [{"messages": chat(i, f"answer {i}")} for i in range(30)]  # 5 questions, each answered 6 ways
+    train, held_out = split_sft_by_prompt(prepare_sft(datasets.Dataset.from_list(rows)), test_size=0.2, seed=0)
+    asked = [{row["messages"][0]["content"] for row in part} for part in (train, held_out)]
+    assert len(train) + len(held_out) == 30 and len(held_out) == 6 and not asked[0] & asked[1]
+    from fastdpo.cli import RunArguments, _loaded_splits  # and as fastdpo sft splits a file
+
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    train, held_out, _ = _loaded_splits("sft", RunArguments(dataset_name=str(tmp_path / "chat.jsonl"),
+                                                            eval_fraction=0.2), 0)  # fmt: skip
+    assert len(held_out) == 6 and len(train) == 24
+    texts = prepare_sft(datasets.Dataset.from_list([{"text": f"line {i % 7}"} for i in range(21)]))
+    train, held_out = split_sft_by_prompt(texts, test_size=0.3, seed=1)
+    assert not set(train["text"]) & set(held_out["text"]) and len(held_out) == 6
+    pairs = prepare_sft(datasets.Dataset.from_list([{"prompt": f"p{i % 3}", "completion": " c"} for i in range(9)]))
+    train, held_out = split_sft_by_prompt(pairs, test_size=3, seed=0)
+    assert not set(train["prompt"]) & set(held_out["prompt"]) and len(held_out) == 3
+
+
 def test_split_always_leaves_both_parts_non_empty():
     rows = [{"prompt": "a"}] * 3 + [{"prompt": "b"}] * 5
     for test_size in (0.01, 0.99, 1, 7):

@@ -25,7 +25,7 @@ from fastdpo.data.quality import REASONS, QualityReport, check_preferences
 from fastdpo.data.sampler import TokenBudgetBatchSampler
 from fastdpo.data.schema import PREFERENCE_COLUMNS, SCORE_ALIASES
 from fastdpo.data.sft import TokenizedSFT, prepare_sft, tokenize_sft
-from fastdpo.data.split import split_by_prompt
+from fastdpo.data.split import split_by_prompt, split_sft_by_prompt
 from fastdpo.data.stream import PreparedStream, prepare_sft_stream, prepare_stream
 from fastdpo.data.tokenize import TokenizedPreferences, tokenize_preferences, truncate
 
@@ -57,6 +57,7 @@ __all__ = [
     "prepare_sft_stream",
     "prepare_stream",
     "split_by_prompt",
+    "split_sft_by_prompt",
     "tokenize_preferences",
     "tokenize_sft",
     "truncate",

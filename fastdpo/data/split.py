@@ -48,14 +48,33 @@ def split_by_prompt(
     present = table_columns(dataset)
     if prompt not in present:
         raise missing_column("prompt", prompt, present, cli="""--columns '{"prompt": "<your column>"}'""")
+    return _split_by_keys(dataset, column_values(dataset, prompt), test_size, seed, prompt)
+
+
+def split_sft_by_prompt(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0):
+    """``split_by_prompt`` for ``prepare_sft``'s rows: by their ``prompt``; a conversation (``messages``) by its
+    messages before the last assistant turn; a ``text`` row by its text."""
+    if "prompt" in dataset.column_names or "messages" not in dataset.column_names:
+        key = "prompt" if "prompt" in dataset.column_names else "text"
+        return split_by_prompt(dataset, test_size=test_size, seed=seed, prompt=key)
+
+    def asked(messages: list[dict]) -> list[dict]:
+        answers = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
+        return messages[: answers[-1]] if answers else messages
+
+    return _split_by_keys(dataset, [asked(m) for m in dataset["messages"]], test_size, seed, "messages")
+
+
+def _split_by_keys(dataset, keys, test_size: float | int, seed: int, column: str):
+    """``dataset`` split as the module docstring says, each row grouped by its key in ``keys`` (from ``column``)."""
     num_rows = len(dataset)
     groups: dict[str, list[int]] = {}
-    for row, value in enumerate(column_values(dataset, prompt)):
+    for row, value in enumerate(keys):
         groups.setdefault(prompt_key(value), []).append(row)
     if len(groups) < 2:
         raise DataError(
             f"a split grouped by prompt needs at least 2 distinct prompts, found {len(groups)}",
-            column=prompt,
+            column=column,
             fix="add rows with other prompts, or split by row without grouping",
         )
     target = _target_rows(test_size, num_rows)
