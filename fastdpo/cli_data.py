@@ -82,6 +82,8 @@ def run_data(known: argparse.Namespace) -> int:
     """Run ``fastdpo data <action>``; the exit status."""
     from fastdpo.data import build_pairs, check_preferences, load_data, split_by_prompt
     from fastdpo.data.load import text_columns
+    from fastdpo.data.pairs import missing_column
+    from fastdpo.data.split import split_by_keys
 
     if getattr(known, "max_length", None) is not None and not known.tokenizer:
         raise ConfigError("counts tokens", column="--max-length", fix="pass --tokenizer (a folder or hub name) too")
@@ -127,7 +129,18 @@ def run_data(known: argparse.Namespace) -> int:
                                                   "excluded_rows": result.excluded_rows})  # fmt: skip
         print(f"{result.summary()} (see {_dropped_path(known.out)})")
         return 0
-    train, held_out = split_by_prompt(dataset, test_size=known.test_size, seed=known.seed)
+    if "prompt" in dataset.column_names:
+        train, held_out = split_by_prompt(dataset, test_size=known.test_size, seed=known.seed)
+    else:  # grouped by the prompt the trainers take out of chosen and rejected (TRL's implicit prompt)
+        prepared = _prepared(dataset, None)
+        keys = [row["prompt"] for row in prepared] if isinstance(prepared, list) else prepared["prompt"]
+        if not all(keys):  # pairs whose chosen and rejected begin with nothing alike: a prompt under another name?
+            error = missing_column("prompt", "prompt", dataset.column_names,
+                                   cli="""--columns '{"prompt": "<your column>"}'""")  # fmt: skip
+            empty = sum(not key for key in keys)
+            raise DataError(f"{error.message}, and in {empty} of {len(keys)} rows chosen and rejected begin with no "
+                            "shared prompt to group by", column=error.column, fix=error.fix)  # fmt: skip
+        train, held_out = split_by_keys(dataset, keys, test_size=known.test_size, seed=known.seed, column="prompt")
     summary = {"input": known.data, "rows": len(dataset), "train": len(train), "eval": len(held_out)}
     _check_outputs([known.train_out, known.eval_out], known)
     _write(train, known.train_out, known, summary)

@@ -374,6 +374,14 @@ def test_data_pairs_and_split(workdir, data_cli):
     split = data_cli("split", "pairs.jsonl", "train.jsonl", "eval.jsonl", *MAPPED, "--test-size", "0.25")  # fmt: skip
     unmapped = data_cli("split", "pairs.jsonl", "t0.jsonl", "e0.jsonl")  # its prompts are in "question"
     assert unmapped.returncode == 2 and """fastdpo data: --columns '{"prompt": "<your column>"}'""" in unmapped.stderr
+    # no prompt column: grouped by the prompt the trainers take out of chosen and rejected (refused before)
+    hh = str(Path(__file__).parent / "fixtures" / "hh_rlhf.jsonl")
+    implicit = data_cli("split", hh, "hh_train.jsonl", "hh_eval.jsonl", "--test-size", "0.3")
+    assert implicit.returncode == 0, implicit.stderr[-2000:]
+    from fastdpo.data import prepare_preferences
+
+    prompts = [set(prepare_preferences(str(workdir / f"hh_{part}.jsonl"))["prompt"]) for part in ("train", "eval")]
+    assert prompts[0] and prompts[1] and not prompts[0] & prompts[1]
     by_count = data_cli("split", "pairs.jsonl", "t6.jsonl", "e6.jsonl", *MAPPED, "--test-size", "6")  # a row count
     assert by_count.returncode == 0 and "eval 6 rows" in by_count.stdout, by_count.stderr[-2000:]
     assert split.returncode == 0, split.stderr[-2000:]

@@ -48,7 +48,7 @@ def split_by_prompt(
     present = table_columns(dataset)
     if prompt not in present:
         raise missing_column("prompt", prompt, present, cli="""--columns '{"prompt": "<your column>"}'""")
-    return _split_by_keys(dataset, column_values(dataset, prompt), test_size, seed, prompt)
+    return split_by_keys(dataset, column_values(dataset, prompt), test_size=test_size, seed=seed, column=prompt)
 
 
 def split_sft_by_prompt(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0):
@@ -62,11 +62,13 @@ def split_sft_by_prompt(dataset: datasets.Dataset, *, test_size: float | int = 0
         answers = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
         return messages[: answers[-1]] if answers else messages
 
-    return _split_by_keys(dataset, [asked(m) for m in dataset["messages"]], test_size, seed, "messages")
+    keys = [asked(messages) for messages in dataset["messages"]]
+    return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column="messages")
 
 
-def _split_by_keys(dataset, keys, test_size: float | int, seed: int, column: str):
-    """``dataset`` split as the module docstring says, each row grouped by its key in ``keys`` (from ``column``)."""
+def split_by_keys(dataset, keys, *, test_size: float | int, seed: int, column: str):
+    """``dataset`` split as the module docstring says, each row grouped by its prompt in ``keys`` (``column``'s, or
+    the prompt that preparing the row gives)."""
     num_rows = len(dataset)
     groups: dict[str, list[int]] = {}
     for row, value in enumerate(keys):
