@@ -78,6 +78,11 @@ def _conversation_ids(example: dict, tokenizer) -> tuple[list[int], list[int], l
 
 def _rendered_ids(example: dict, row: int, tokenizer) -> tuple[list[int], list[int], list[int]]:
     """``_conversation_ids``, with a chat template that refuses the row (e.g. "roles must alternate") reported there."""
+    if not example["prompt"]:  # (apply_chat_template's ValueError "empty conversation", deep inside Dataset.map)
+        raise DataError("the prompt is an empty conversation: chosen and rejected share no first message to take it "
+                        "from (a first user turn that differs, even by a space?)", row=row, column="prompt",
+                        fix="give the row a prompt, or drop such rows with fastdpo.data.check_preferences(dataset)"
+                        ".filter(dataset) (empty)")  # fmt: skip
     try:
         return _conversation_ids(example, tokenizer)
     except TemplateError as error:
