@@ -151,11 +151,17 @@ def run_data(known: argparse.Namespace) -> int:
 
 def _first_rows(source: str, limit: int, text: tuple[str, ...]):
     """The first ``limit`` rows of ``source`` (read as a stream, so no further), as a Dataset."""
-    from fastdpo.data.load import as_dataset, load_stream
+    import pyarrow
+    from datasets.exceptions import DatasetGenerationError
+
+    from fastdpo.data.load import as_dataset, load_stream, stream_failure
 
     if limit < 1:
         raise ConfigError(f"must be at least 1, got {limit}", column="--limit", fix="pass a number of rows")
-    rows = list(load_stream(source, text=text).take(limit))
+    try:
+        rows = list(load_stream(source, text=text).take(limit))
+    except (DatasetGenerationError, pyarrow.lib.ArrowException, ValueError) as error:  # (Arrow's parse error)
+        raise stream_failure(source, error) from None
     if not rows:
         raise DataError(f"{source} has no rows", column="data", fix="check the file or the split")
     print(f"fastdpo: the first {len(rows)} rows of {source} (--limit {limit})", file=sys.stderr)

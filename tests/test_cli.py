@@ -291,6 +291,10 @@ def test_data_check_and_stats(workdir, data_cli):
     assert json.loads(data_cli("stats", "pairs.jsonl", *MAPPED, "--json", "--limit", "100").stdout)["pairs"] == 23
     whole = data_cli("check", "broken_tail.jsonl", *MAPPED, "--json")
     assert whole.returncode != 0 and "broken_tail.jsonl" in whole.stderr, whole.stderr[-2000:]
+    # a value Arrow cannot hold within the first rows: named by line, as loading names it (Arrow's traceback before)
+    (workdir / "surrogate.jsonl").write_text(lines[0] + lines[1].replace('?"', '?\\ud800"', 1))
+    refused = data_cli("check", "surrogate.jsonl", *MAPPED, "--limit", "5")
+    assert refused.returncode == 2 and "surrogate.jsonl: line 2: a lone surrogate '\\ud800'" in refused.stderr
     refused = data_cli("check", "pairs.jsonl", "--limit", "0")
     assert refused.returncode == 2 and "column '--limit': must be at least 1" in refused.stderr
     refused = data_cli("check", "pairs.jsonl", "--max-length", "64")  # tokens: no tokenizer to count them with

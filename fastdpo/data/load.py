@@ -277,6 +277,18 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write first
 
 
+def stream_failure(source, error: Exception) -> Exception:
+    """What a stream of the local file ``source`` failed on, as ``load_data`` says it (a broken line, a value Arrow
+    cannot hold, by line), found by reading the file now; ``error`` itself for other sources."""
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    if path is None or not path.is_file():
+        return error
+    kind = _local_kind(path)
+    if kind == "json":
+        _check_json(path)  # (a DataError naming the broken line)
+    return _unreadable(path, kind, error)
+
+
 def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
     """DataError for a file ``datasets`` failed on: the first JSON Lines value Arrow cannot hold, by line and column
     (found only now, on the error path), else the reader's own message."""
