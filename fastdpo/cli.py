@@ -54,7 +54,7 @@ from pathlib import Path
 
 from fastdpo.atomic import refuse_non_empty
 from fastdpo.cli_data import add_data_parser, run_data
-from fastdpo.cli_model import AdapterArguments, peft_and_quantization, streamed_splits
+from fastdpo.cli_model import TRL_KEYS, AdapterArguments, peft_and_quantization, streamed_splits
 from fastdpo.errors import ConfigError, DataError
 
 logger = logging.getLogger("fastdpo")
@@ -79,6 +79,10 @@ class RunArguments(AdapterArguments):
     dataset_streaming: bool = field(
         default=False, metadata={"help": "read the data as training goes (needs max_steps; no quality report)"}
     )
+    # TRL's ModelConfig keys for loading the model, which its scripts put in model_init_kwargs (whose own keys win)
+    model_revision: str = field(default="main", metadata={"help": "the model's branch, tag or commit (hub)"})
+    dtype: str | None = field(default=None, metadata={"help": "'float32' (unset), 'bfloat16', 'float16' or 'auto'"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. 'sdpa', 'flash_attention_2'"})
 
 
 COMMANDS = {"dpo": "DPOConfig", "sft": "SFTConfig"}
@@ -355,7 +359,7 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else listing
+            hint = TRL_KEYS.get(key) or (f"did you mean {close[0]!r}?" if close else listing)
             raise ConfigError(f"unknown field {key!r} in the config", column=key, fix=hint)
     # the annotations as written (HfArgumentParser rewrites a dataclass field's type, Optional[float] to float)
     hints = {
@@ -410,6 +414,11 @@ def _resolve(config_cls, values: dict, flags: list[str]):
                           fix='e.g. {"prompt": "question"}')  # fmt: skip
     if run_args.data_filter not in ("drop", "none"):
         raise ConfigError(f"must be 'drop' or 'none', got {run_args.data_filter!r}", column="data_filter")
+    loading = {"revision": None if run_args.model_revision == "main" else run_args.model_revision,
+               "dtype": run_args.dtype, "attn_implementation": run_args.attn_implementation}  # fmt: skip
+    loading = {key: value for key, value in loading.items() if value is not None}
+    if loading:  # as TRL's scripts merge them: model_init_kwargs' own keys win
+        args.model_init_kwargs = {**loading, **(args.model_init_kwargs or {})}
     return run_args, args
 
 

@@ -42,6 +42,17 @@ class AdapterArguments:
     use_bnb_nested_quant: bool = field(default=False, metadata={"help": "quantize the quantization constants too"})
 
 
+# TRL scripts' keys that fastdpo has no field for: what to write instead (an unknown key's closest field misleads:
+# model_revision is not hub_revision, torch_dtype not torch_compile)
+TRL_KEYS = {
+    "torch_dtype": "dtype (its new name)",
+    "dataset_config": "not supported: load the config's split into a file, or write a Dataset (the Python API)",
+    "datasets": "dataset mixtures are not supported: set dataset_name (one file or hub dataset)",
+    "ignore_bias_buffers": "not supported: remove it",
+    "lora_task_type": "remove it: fastdpo's adapters are CAUSAL_LM",
+    "streaming": "dataset_streaming (ScriptArguments' name)",
+}
+
 _LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
                 "use_dora")  # fmt: skip
 

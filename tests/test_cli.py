@@ -456,6 +456,26 @@ def test_a_flag_null_unsets_what_the_yaml_set():
         _resolve(DPOConfig, lists, ["--lora_target_modules", "q_proj", "null"])
 
 
+def test_trls_model_config_keys_load_the_model_as_trls_scripts_do():
+    # dtype, attn_implementation, model_revision (in most TRL recipes) were refused as unknown keys; the closest
+    # field the error offered could mislead (model_revision -> hub_revision, the branch pushed to)
+    from fastdpo.cli import _resolve
+    from fastdpo.errors import ConfigError
+    from fastdpo.train import DPOConfig
+
+    values = {"model_name_or_path": "m", "dataset_name": "d", "output_dir": "o", "dtype": "bfloat16",
+              "attn_implementation": "eager", "model_revision": "v2"}  # fmt: skip
+    assert _resolve(DPOConfig, values, [])[1].model_init_kwargs == {"revision": "v2", "dtype": "bfloat16",
+                                                                    "attn_implementation": "eager"}  # fmt: skip
+    mine = {**values, "model_init_kwargs": {"dtype": "float16"}}  # its own keys win, as in TRL's scripts
+    assert _resolve(DPOConfig, mine, ["--model_revision", "main"])[1].model_init_kwargs == {
+        "dtype": "float16", "attn_implementation": "eager"}  # fmt: skip
+    assert _resolve(DPOConfig, {**values, "dtype": None, "attn_implementation": None}, [])[1].model_init_kwargs == {
+        "revision": "v2"}  # fmt: skip
+    with pytest.raises(ConfigError, match="column 'torch_dtype': unknown field 'torch_dtype' in the config — dtype"):
+        _resolve(DPOConfig, {**values, "torch_dtype": "bfloat16"}, [])
+
+
 def test_a_key_set_twice_in_the_yaml_is_refused_with_its_lines(workdir, monkeypatch, capsys):
     # PyYAML alone keeps the last value (0.5) silently
     (workdir / "twice.yaml").write_text("model_name_or_path: model\nbeta: 0.1\ndataset_columns:\n  prompt: question\n"
