@@ -54,7 +54,7 @@ from pathlib import Path
 
 from fastdpo.atomic import refuse_non_empty
 from fastdpo.cli_data import add_data_parser, run_data
-from fastdpo.cli_model import TRL_KEYS, AdapterArguments, peft_and_quantization, streamed_splits
+from fastdpo.cli_model import TRL_KEYS, AdapterArguments, check_evaluation, peft_and_quantization, streamed_splits
 from fastdpo.errors import ConfigError, DataError
 
 logger = logging.getLogger("fastdpo")
@@ -262,10 +262,11 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
     )
 
     run_args, args = load_config(known, flags)
-    _check_evaluation(run_args, args, evaluated_after=evaluated_after)
+    check_evaluation(run_args, args, evaluated_after=evaluated_after)
     out = Path(args.output_dir)
     resolved = _resolved_config(run_args, args)  # as given (building the trainer may adjust args: a stream's)
     resume = getattr(known, "resume", None) or args.resume_from_checkpoint  # (TRL's key, as its scripts read it)
+    resume = True if str(resume).lower() == "true" else None if str(resume).lower() == "false" else resume  # YAML's
     checkpoint, foreign = None, False
     if resume:  # into its own, non-empty run directory: that is the point
         checkpoint = checkpoint_to_resume(out, resume)
@@ -308,26 +309,6 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
     return trainer
 
 
-def _check_evaluation(run_args: RunArguments, args, *, evaluated_after: bool) -> None:
-    """A ConfigError where the held-out rows and the evaluation strategy disagree: rows held out (``eval_fraction``)
-    that ``eval_strategy: no`` never evaluates (lost to training, silently), an evaluation with nothing to evaluate
-    on (transformers' traceback), both ways of holding rows out at once."""
-    held_out = {"eval_fraction": run_args.eval_fraction, "dataset_test_split": run_args.dataset_test_split}
-    given = [key for key, value in held_out.items() if value is not None]
-    if len(given) == 2:
-        raise ConfigError("eval_fraction and dataset_test_split both give the evaluation rows", column="eval_fraction",
-                          fix="keep one of them")  # fmt: skip
-    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
-    if strategy == "no" and run_args.eval_fraction is not None and not evaluated_after:
-        fix = "set eval_strategy (steps, with eval_steps; or epoch); or drop eval_fraction"
-        raise ConfigError(f"holds out {run_args.eval_fraction} of the rows, which eval_strategy 'no' never "
-                          "evaluates: they would be lost to training", column="eval_fraction", fix=fix)  # fmt: skip
-    if strategy != "no" and not given:
-        raise ConfigError(f"eval_strategy {strategy!r} evaluates held-out rows, and the config holds none out",
-                          column="eval_strategy", fix="set eval_fraction (e.g. 0.1), or dataset_test_split (TRL's "
-                          "scripts read the split 'test'), or eval_strategy: no")  # fmt: skip
-
-
 def _fields_parser(config_cls):
     from transformers import HfArgumentParser
 
@@ -368,6 +349,8 @@ def _resolve(config_cls, values: dict, flags: list[str]):
         for klass in reversed(cls.__mro__)
         for name, hint in vars(klass).get("__annotations__", {}).items()
     }
+    if isinstance(values.get("resume_from_checkpoint"), bool):  # TRL's scripts: true resumes the last checkpoint
+        values = {**values, "resume_from_checkpoint": str(values["resume_from_checkpoint"]).lower()}
     for key, value in values.items():
         expected = _scalar_problem(hints.get(key, ""), value)
         if expected:

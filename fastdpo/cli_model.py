@@ -6,7 +6,8 @@
 ``load_in_4bit`` / ``load_in_8bit`` load the model with bitsandbytes (``bnb_4bit_quant_type``,
 ``use_bnb_nested_quant``; 4-bit products in ``model_init_kwargs``' ``dtype``, float32 unless set), and need
 ``use_peft``: a quantized model trains through adapters only. ``streamed_splits``: the data of a run with
-``dataset_streaming`` (TRL's ``ScriptArguments`` name), read as training goes.
+``dataset_streaming`` (TRL's ``ScriptArguments`` name), read as training goes. ``check_evaluation``: the held-out
+rows and ``eval_strategy`` agree. ``TRL_KEYS``: what to write instead of TRL keys fastdpo has no field for.
 """
 
 from __future__ import annotations
@@ -109,6 +110,26 @@ def _bnb(run_args: AdapterArguments, model_init_kwargs: dict | None):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute,
                               bnb_4bit_quant_type=run_args.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=run_args.use_bnb_nested_quant)  # fmt: skip
+
+
+def check_evaluation(run_args, args, *, evaluated_after: bool) -> None:
+    """A ConfigError where the held-out rows and the evaluation strategy disagree: rows held out (``eval_fraction``)
+    that ``eval_strategy: no`` never evaluates (lost to training, silently), an evaluation with nothing to evaluate
+    on (transformers' traceback), both ways of holding rows out at once."""
+    held_out = {"eval_fraction": run_args.eval_fraction, "dataset_test_split": run_args.dataset_test_split}
+    given = [key for key, value in held_out.items() if value is not None]
+    if len(given) == 2:
+        raise ConfigError("eval_fraction and dataset_test_split both give the evaluation rows", column="eval_fraction",
+                          fix="keep one of them")  # fmt: skip
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if strategy == "no" and run_args.eval_fraction is not None and not evaluated_after:
+        fix = "set eval_strategy (steps, with eval_steps; or epoch); or drop eval_fraction"
+        raise ConfigError(f"holds out {run_args.eval_fraction} of the rows, which eval_strategy 'no' never "
+                          "evaluates: they would be lost to training", column="eval_fraction", fix=fix)  # fmt: skip
+    if strategy != "no" and not given:
+        raise ConfigError(f"eval_strategy {strategy!r} evaluates held-out rows, and the config holds none out",
+                          column="eval_strategy", fix="set eval_fraction (e.g. 0.1), or dataset_test_split (TRL's "
+                          "scripts read the split 'test'), or eval_strategy: no")  # fmt: skip
 
 
 def run_config(run_dir: Path) -> dict:

@@ -247,6 +247,14 @@ def test_no_checkpoint_is_left_that_a_later_resume_would_wrongly_take(workdir, s
     assert fastdpo(workdir, "dpo", run, "--overwrite", "--max_steps", "2") == 0
     assert "removed 2 checkpoint(s) of the run this one replaces" in capsys.readouterr().err
     assert [path.name for path in run.glob("checkpoint-*")] == ["checkpoint-2"]  # its own: --resume goes on from it
+    # TRL's resume_from_checkpoint: true (YAML's boolean, or the flag's word) is the last checkpoint (refused before)
+    assert fastdpo(workdir, "dpo", run, "--resume_from_checkpoint", "true", "--max_steps", "3") == 0
+    assert [log["step"] for log in train_steps(run)] == [1, 2, 3]
+    from fastdpo.cli import _resolve
+    from fastdpo.train import DPOConfig
+
+    values = {"model_name_or_path": "m", "dataset_name": "d", "output_dir": "o", "resume_from_checkpoint": True}
+    assert _resolve(DPOConfig, values, [])[1].resume_from_checkpoint == "true"
 
 
 def test_stale_checkpoints_are_only_the_trainers_own_and_never_the_runs_model(tmp_path):
