@@ -198,6 +198,33 @@ def test_parquet_csv_json_and_dataset_dict_load_the_same_rows(tmp_path):
         load_data(both, split="validation")
 
 
+def test_a_folder_of_one_file_per_split_loads_as_load_dataset_finds_its_splits(tmp_path):
+    # as TRL's scripts load a local folder (dataset_name: folder, dataset_test_split: test); refused before
+    from fastdpo.cli import RunArguments, _loaded_splits
+    from fastdpo.data.load import load_stream
+
+    data = rows({"prompt": "p1", "chosen": "c1", "rejected": "r1"}, {"prompt": "p2", "chosen": "c2", "rejected": "r2"})
+    folder = tmp_path / "ds"
+    (folder / "data").mkdir(parents=True)
+    data.to_json(folder / "train.jsonl")
+    data.select([1]).to_parquet(folder / "data" / "test-00000-of-00001.parquet")
+    assert load_data(folder).to_list() == data.to_list() and load_data(folder, split="test").to_list() == [data[1]]
+    assert set(load_data(folder, split=None)) == {"train", "test"}
+    assert list(load_stream(folder, split="test")) == [data[1]]
+    assert prepare_preferences(folder, split="test")["prompt"] == ["p2"]
+    run = RunArguments(dataset_name=str(folder), dataset_test_split="test")
+    train, held_out, _ = _loaded_splits("dpo", run, 0)
+    assert (len(train), held_out["prompt"]) == (2, ["p2"])
+    with pytest.raises(DataError, match=r"has no file for split 'validation' \(its splits: test, train\)"):
+        load_data(folder, split="validation")
+    data.to_json(folder / "train-2.jsonl")
+    with pytest.raises(DataError, match="split 'train' has several files"):
+        load_data(folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="a folder with no .jsonl"):
+        load_data(tmp_path / "empty")
+
+
 def test_a_list_of_row_dicts_is_a_dataset_everywhere_and_bad_rows_are_named():
     from fastdpo.data import prepare_sft, tokenize_sft
 

@@ -49,7 +49,8 @@ def load_data(
 
     Args:
         source: a ``Dataset``/``DatasetDict``; a list of dicts, one per row; a local ``.jsonl``, ``.json``,
-            ``.parquet`` or ``.csv`` file; or a hub name, passed to ``datasets.load_dataset``.
+            ``.parquet`` or ``.csv`` file, or a folder of one per split (``split_files``); or a hub name, passed to
+            ``datasets.load_dataset``.
         split: which split of a ``DatasetDict`` or hub dataset; None keeps them all.
         text: a CSV file's columns to read as text (see ``text_columns``).
     """
@@ -64,10 +65,40 @@ def load_data(
             "name",
         )
     path = Path(source)
+    if path.is_dir():  # one file per split, as datasets finds them (train.jsonl, data/test-00000-of-00001.parquet)
+        files = split_files(path)
+        if split is None:
+            return datasets.DatasetDict({name: _load_local(file, "train", text) for name, file in files.items()})
+        return _load_local(_split_file(path, files, split), "train", text)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         return _load_local(path, split, text)
     loaded = datasets.load_dataset(str(source), split=split)
     return loaded
+
+
+def split_files(folder: Path) -> dict[str, Path]:
+    """A local dataset folder's data files by split: the split is the name up to its first ``-``, ``_`` or ``.``
+    (``train.jsonl``, ``test-00000-of-00001.parquet``), in the folder or its ``data/``. A DataError for a split of
+    several files (shards: merge them, or give one file) or a folder with none."""
+    files: dict[str, Path] = {}
+    for file in sorted([*folder.glob("*"), *folder.glob("data/*")]):
+        if file.is_file() and file.suffix.lower() in LOCAL_SUFFIXES:
+            name = re.split(r"[-_.]", file.name, maxsplit=1)[0]
+            if name in files:
+                raise DataError(f"{folder}: split {name!r} has several files ({files[name].name}, {file.name})",
+                                fix="merge them into one file, or give the file you mean")  # fmt: skip
+            files[name] = file
+    if not files:
+        raise DataError(f"{folder}: a folder with no .jsonl, .json, .parquet or .csv file",
+                        fix="give a data file, or a folder of one per split (train.jsonl, test.jsonl)")  # fmt: skip
+    return files
+
+
+def _split_file(folder: Path, files: dict[str, Path], split: str) -> Path:
+    if split not in files:
+        raise DataError(f"{folder} has no file for split {split!r} (its splits: {', '.join(files)})", column="split",
+                        fix=f"name it {split}.jsonl (or .json, .parquet, .csv), or pick one of its splits")  # fmt: skip
+    return files[split]
 
 
 def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLUMNS) -> datasets.IterableDataset:
@@ -83,6 +114,8 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
         raise DataError(f"cannot stream a dataset from {type(source).__name__}",
                         fix="pass a datasets.IterableDataset or Dataset, a local file or a hub name")  # fmt: skip
     path = Path(source)
+    if path.is_dir():
+        path, split = _split_file(path, split_files(path), split), "train"
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         kind = _local_kind(path)
         _one_split(path, split)
@@ -203,8 +236,8 @@ def _one_split(path: Path, split: str | None) -> None:
     """A local file is one split, ``train`` (as ``datasets`` names it): another name is a mistake, not that split."""
     if split not in (None, "train"):
         raise DataError(f"{path} is one file, whose one split is 'train': there is no split {split!r}", column="split",
-                        fix="hold rows out with eval_fraction (fastdpo dpo|sft) or split_by_prompt, or evaluate on a "
-                            "file of its own")  # fmt: skip
+                        fix="hold rows out with eval_fraction (fastdpo dpo|sft) or split_by_prompt, or give a folder "
+                            "with one file per split (train.jsonl, test.jsonl)")  # fmt: skip
 
 
 def _csv_options(path: Path, kind: str, text: Iterable[str]) -> dict:
