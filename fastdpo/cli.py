@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
             f"the YAML file or as --field value (flags win); see fastdpo.cli's docstring for the run directory.",
         )
         sub.add_argument("-h", "--help", action=_HelpWithFields, config=config)
-        sub.add_argument("--config", required=True, type=Path, help="the YAML file")
+        sub.add_argument("--config", type=Path, help="the YAML file (optional: every field can be a flag)")
         sub.add_argument("--overwrite", action="store_true", help="write into an existing run directory")
         sub.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
                          help="go on from the last complete checkpoint in output_dir (or from CHECKPOINT)")  # fmt: skip
@@ -189,7 +189,8 @@ def _train(known: argparse.Namespace, flags: list[str]) -> int:
     try:
         run_training(known, flags)
     except TrainingInterrupted as stop:  # the first SIGINT/SIGTERM: a checkpoint, and no final model
-        again = shlex.join(["fastdpo", known.command, "--config", str(known.config), *flags, "--resume"])
+        config = ["--config", str(known.config)] if known.config else []
+        again = shlex.join(["fastdpo", known.command, *config, *flags, "--resume"])
         saved = f"saved {stop.checkpoint}" if stop.checkpoint else "no checkpoint of it was saved"
         print(f"fastdpo: stopped by {signal.Signals(stop.signum).name} after step {stop.step}: {saved}; "
               f"resume with: {again}", file=sys.stderr)  # fmt: skip
@@ -208,6 +209,8 @@ def load_config(known: argparse.Namespace, flags: list[str]):
     from fastdpo.train import DPOConfig, SFTConfig
 
     config_cls = DPOConfig if known.command == "dpo" else SFTConfig
+    if known.config is None:  # flags alone, as trl dpo takes them
+        return _resolve(config_cls, {}, flags)
     if not known.config.is_file():
         raise ConfigError(f"{known.config}: no such file", column="--config", fix="pass the path of a YAML file")
     try:

@@ -179,7 +179,10 @@ def test_qlora_dpo_run_from_trls_flags(workdir):
 
 
 def test_sft_run(workdir):
-    done = fastdpo("sft", "--config", "sft.yaml", cwd=workdir)
+    # sft.yaml's settings as flags alone, as trl sft takes them (--config was required)
+    config = yaml.safe_load((workdir / "sft.yaml").read_text())
+    flags = [word for key, value in config.items() for word in (f"--{key}", "none" if value == [] else str(value))]
+    done = fastdpo("sft", *flags, cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     logs = [json.loads(line) for line in (workdir / "sft_run" / "metrics.jsonl").read_text().splitlines()]
     assert [log["step"] for log in logs if "loss" in log] == [1, 2]
