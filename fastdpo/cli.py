@@ -386,7 +386,7 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     except ConfigError:
         raise
     except (TypeError, ValueError) as error:  # the configs' own checks (transformers', TRL's): one line
-        raise ConfigError(str(error).strip().splitlines()[0], column="config", fix=listing) from None
+        raise ConfigError(" ".join(str(error).split()), column="config", fix=listing) from None  # (all its lines)
     if rest:
         names = [r for r in rest if r.startswith("--")]
         close = difflib.get_close_matches(names[0][2:], known, n=1) if names else []
