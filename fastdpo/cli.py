@@ -54,7 +54,14 @@ from pathlib import Path
 
 from fastdpo.atomic import refuse_non_empty
 from fastdpo.cli_data import add_data_parser, run_data
-from fastdpo.cli_model import TRL_KEYS, AdapterArguments, check_evaluation, peft_and_quantization, streamed_splits
+from fastdpo.cli_model import (
+    TRL_KEYS,
+    AdapterArguments,
+    check_evaluation,
+    check_scheduler,
+    peft_and_quantization,
+    streamed_splits,
+)
 from fastdpo.errors import ConfigError, DataError
 
 logger = logging.getLogger("fastdpo")
@@ -266,6 +273,7 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
 
     run_args, args = load_config(known, flags)
     check_evaluation(run_args, args, evaluated_after=evaluated_after)
+    check_scheduler(args)
     out = Path(args.output_dir)
     resolved = _resolved_config(run_args, args)  # as given (building the trainer may adjust args: a stream's)
     resume = getattr(known, "resume", None) or args.resume_from_checkpoint  # (TRL's key, as its scripts read it)

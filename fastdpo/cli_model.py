@@ -132,6 +132,25 @@ def check_evaluation(run_args, args, *, evaluated_after: bool) -> None:
                           "scripts read the split 'test'), or eval_strategy: no")  # fmt: skip
 
 
+def check_scheduler(args) -> None:
+    """A ConfigError, before anything is written, for a learning-rate schedule the Trainer could not build at its
+    first step (``cosine_with_min_lr`` without ``min_lr``, an argument the schedule does not take): the run directory
+    was written by then, and the fixed run needed ``--overwrite``."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # (a stand-in: the schedule's build)
+    try:
+        get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=max(args.max_steps, 10),
+                      scheduler_specific_kwargs=args.lr_scheduler_kwargs)  # fmt: skip
+    except (TypeError, ValueError) as error:
+        name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        raise ConfigError(
+            f"lr_scheduler_type {name!r}: {' '.join(str(error).split())}",
+            column="lr_scheduler_kwargs",
+            fix='give the schedule its arguments in lr_scheduler_kwargs (e.g. {"min_lr": 1e-6})',
+        ) from None
+
+
 def run_config(run_dir: Path) -> dict:
     """The settings a ``fastdpo dpo|sft`` run recorded in ``run_dir/config.yaml``; {} for a folder no run wrote."""
     path = run_dir / "config.yaml"
