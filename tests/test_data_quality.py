@@ -180,13 +180,14 @@ def test_tie_wins_over_small_margin_and_unreadable_scores_are_counted():
         pair(chosen="C", rejected="D", chosen_score=3, rejected_score=4),
         pair(chosen="E", rejected="F", chosen_score=float("nan"), rejected_score=4),
         pair(chosen="G", rejected="H", chosen_score=True, rejected_score=True),
+        pair(chosen="I", rejected="J", chosen_score=float("inf"), rejected_score=2),  # (it passed as a score)
     ]
     report = check_preferences(rows, min_score_margin=0.5)
-    # NaN and booleans are no scores: counted (a warning), and neither a tie nor a margin
-    assert report.rows == {"tie": [0, 1], "small_score_margin": [2], "bad_score": [3, 4]}
+    # NaN, infinities and booleans are no scores: counted (a warning), and neither a tie nor a margin
+    assert report.rows == {"tie": [0, 1], "small_score_margin": [2], "bad_score": [3, 4, 5]}
     assert report.details[2] == ["small_score_margin (3 - 4 < 0.5)"]
     assert report.details[4] == ["column 'chosen_score': bad_score (True)", "column 'rejected_score': bad_score (True)"]
-    assert check_preferences(rows).rows == {"tie": [0, 1], "bad_score": [3, 4]}
+    assert check_preferences(rows).rows == {"tie": [0, 1], "bad_score": [3, 4, 5]}
 
 
 def test_control_characters_and_whitespace():

@@ -62,7 +62,7 @@ REASONS: dict[str, tuple[str, str]] = {
     "prompt_fills_max_length": (DROP, "the prompt alone has >= max_length tokens"),
     "will_be_truncated": (WARN, "prompt + a completion longer than max_length (approximate)"),
     "contradictory": (WARN, "another row prefers the other completion for the same prompt"),
-    "bad_score": (WARN, "chosen_score or rejected_score present but not a number (NaN, text)"),
+    "bad_score": (WARN, "chosen_score or rejected_score present but not a finite number (NaN, inf, text)"),
     "tie": (WARN, "status 'tie', or equal scores"),
     "small_score_margin": (WARN, "chosen_score - rejected_score < min_score_margin"),
     "length_ratio": (WARN, "one completion much longer than the other"),
@@ -444,7 +444,9 @@ def _check_duplicates(valid: list[int], keys: list[tuple], found: _Findings) -> 
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN != NaN
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):  # NaN, ±inf (an int is finite)
         return None
     return float(value)
 
