@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 
 import pytest
 import torch
@@ -94,6 +95,13 @@ def test_an_adapter_on_the_lm_head_is_refused(data, tmp_path):
     with pytest.raises(ConfigError, match="lm_head"):
         DPOTrainer(model, args=DPOConfig(**common_args(tmp_path, "x")), train_dataset=data,
                    processing_class=tokenizer, peft_config=config)  # fmt: skip
+    # what peft itself refuses: one line naming the setting (peft's tracebacks before)
+    for bad, said in (({"r": 0}, "`r` should be a positive integer"), ({"lora_dropout": 2.0}, "dropout probability"),
+                      ({"target_modules": ["nope"]}, "Target modules {'nope'} not found")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"column 'peft_config': peft refused it: {re.escape(said)}"):
+            DPOTrainer(tiny_model(tokenizer, tmp_path / "model")(), args=DPOConfig(**common_args(tmp_path, "x")),
+                       train_dataset=data, processing_class=tokenizer,
+                       peft_config=peft.LoraConfig(**{"r": 4, "target_modules": ["q_proj"], **bad}))  # fmt: skip
 
 
 def test_lora_sft_matches_trl_and_its_adapter_is_the_dpo_reference(data, tmp_path):

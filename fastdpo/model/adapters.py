@@ -44,7 +44,11 @@ def wrap_with_adapter(model: nn.Module, peft_config, *, gradient_checkpointing: 
         raise ConfigError("the model already has adapters and a peft_config was given too", column="peft_config",
                           fix="merge and unload the adapter first (merge_and_unload), or pass peft_config=None to "
                           "train the existing adapter")  # fmt: skip
-    model = get_peft_model(model, peft_config)
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as error:  # (peft's checks: r ≥ 1, the dropout a probability, target modules the model has)
+        raise ConfigError(f"peft refused it: {' '.join(str(error).split())}", column="peft_config",
+                          fix="fix the LoRA settings: lora_r, lora_dropout, lora_target_modules") from None  # fmt: skip
     return prepare_adapter_model(model, gradient_checkpointing=gradient_checkpointing, new_adapter=True)
 
 
