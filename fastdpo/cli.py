@@ -58,6 +58,7 @@ from fastdpo.cli_model import (
     TRL_KEYS,
     AdapterArguments,
     check_evaluation,
+    check_reporting,
     check_scheduler,
     peft_and_quantization,
     streamed_splits,
@@ -274,6 +275,7 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
     run_args, args = load_config(known, flags)
     check_evaluation(run_args, args, evaluated_after=evaluated_after)
     check_scheduler(args)
+    check_reporting(args)
     out = Path(args.output_dir)
     resolved = _resolved_config(run_args, args)  # as given (building the trainer may adjust args: a stream's)
     resume = getattr(known, "resume", None) or args.resume_from_checkpoint  # (TRL's key, as its scripts read it)

@@ -151,6 +151,17 @@ def check_scheduler(args) -> None:
         ) from None
 
 
+def check_reporting(args) -> None:
+    """A ConfigError for a ``report_to`` integration whose package is not installed (the Trainer's RuntimeError
+    traceback when it builds the callback)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    missing = [name for name in args.report_to or [] if name not in get_available_reporting_integrations()]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: not installed here", column="report_to",
+                          fix=f"pip install {' '.join(missing)}, or report_to: none")  # fmt: skip
+
+
 def run_config(run_dir: Path) -> dict:
     """The settings a ``fastdpo dpo|sft`` run recorded in ``run_dir/config.yaml``; {} for a folder no run wrote."""
     path = run_dir / "config.yaml"
