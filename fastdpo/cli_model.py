@@ -126,6 +126,9 @@ def check_evaluation(run_args, args, *, evaluated_after: bool) -> None:
         fix = "set eval_strategy (steps, with eval_steps; or epoch); or drop eval_fraction"
         raise ConfigError(f"holds out {run_args.eval_fraction} of the rows, which eval_strategy 'no' never "
                           "evaluates: they would be lost to training", column="eval_fraction", fix=fix)  # fmt: skip
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "best" and args.metric_for_best_model is None:
+        raise ConfigError("save_strategy 'best' saves at the best evaluation by a metric, and none is set",
+                          column="metric_for_best_model", fix="set it, e.g. eval_rewards/accuracies")  # fmt: skip
     if strategy != "no" and not given:
         raise ConfigError(f"eval_strategy {strategy!r} evaluates held-out rows, and the config holds none out",
                           column="eval_strategy", fix="set eval_fraction (e.g. 0.1), or dataset_test_split (TRL's "

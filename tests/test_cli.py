@@ -136,6 +136,8 @@ def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, caps
      ({"eval_fraction": 0.25}, [], "column 'eval_fraction': holds out 0.25 of the rows, which eval_strategy 'no'"),
      ({"eval_strategy": "steps"}, [], "column 'eval_strategy': eval_strategy 'steps' evaluates held-out rows"),
      ({"eval_strategy": "steps", "eval_fraction": 0.25}, ["--dataset_test_split", "test"], "keep one of them"),
+     ({"save_strategy": "best", "eval_strategy": "steps", "eval_fraction": 0.25}, [],
+      "column 'metric_for_best_model': save_strategy 'best' saves at the best evaluation by a metric"),
      # an integration whose package is missing (a RuntimeError traceback when the trainer was built)
      ({"report_to": "clearml"}, [], "column 'report_to': clearml: not installed here — pip install clearml"),
      # a schedule the Trainer cannot build: it failed at the first step, the run directory written
