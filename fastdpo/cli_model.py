@@ -115,7 +115,8 @@ def _bnb(run_args: AdapterArguments, model_init_kwargs: dict | None):
 def check_evaluation(run_args, args, *, evaluated_after: bool) -> None:
     """A ConfigError where the held-out rows and the evaluation strategy disagree: rows held out (``eval_fraction``)
     that ``eval_strategy: no`` never evaluates (lost to training, silently), an evaluation with nothing to evaluate
-    on (transformers' traceback), both ways of holding rows out at once."""
+    on (transformers' traceback), both ways of holding rows out at once; a best checkpoint with no metric to pick it
+    by."""
     held_out = {"eval_fraction": run_args.eval_fraction, "dataset_test_split": run_args.dataset_test_split}
     given = [key for key, value in held_out.items() if value is not None]
     if len(given) == 2:
