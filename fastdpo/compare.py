@@ -511,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         bits = 4 if key == "load_in_4bit" else 8
         print(f"loading the policy's base and the reference in {bits} bits, as the run loaded its base "
               f"({args.policy / 'config.yaml'}: {key}; --unquantized to load them in full precision)")  # fmt: skip
+    remote = recorded.get("trust_remote_code") is True  # (the run trusted the model's own code: loaded so again)
     models, device = [], "cuda" if torch.cuda.is_available() else "cpu"
     for name, folder in (("--policy", args.policy), ("--reference", args.reference)):
         if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
@@ -518,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                               fix="pass the folder a trainer saved (save_pretrained)")  # fmt: skip
         try:  # a LoRA run's folder holds its adapter: transformers loads the base it names, then the adapter
             quantized = {} if quantization is None else {"quantization_config": quantization}  # on the GPU if any
-            models.append(AutoModelForCausalLM.from_pretrained(folder, **quantized))
+            models.append(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, **quantized))
         except (OSError, ValueError) as error:
             fix = "pass the folder a trainer saved (save_pretrained)"
             if (folder / "adapter_config.json").is_file():
@@ -528,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         if quantization is None:  # (bitsandbytes places a quantized model on the GPU as it loads it)
             models[-1].to(device)
     policy, reference = models
-    tokenizer = load_tokenizer(args.policy, args.reference)
+    tokenizer = load_tokenizer(args.policy, args.reference, trust_remote_code=remote)
     try:  # as the trainers check it: the same vocabulary size, and the same tokenizer where one is saved with it
         check_reference(policy, reference, tokenizer)
     except ConfigError as error:

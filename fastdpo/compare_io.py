@@ -105,9 +105,10 @@ def _prompt_value(value) -> bool:
     )
 
 
-def load_tokenizer(policy: Path, reference: Path):
+def load_tokenizer(policy: Path, reference: Path, *, trust_remote_code: bool = False):
     """The policy's tokenizer; for a folder saved without one (a LoRA adapter's, a model's alone), the adapter's base
-    model's or the reference's, with a note; a ConfigError where none of them holds one."""
+    model's or the reference's, with a note; a ConfigError where none of them holds one. ``trust_remote_code``: as
+    the policy's run loaded it."""
     from transformers import AutoTokenizer
 
     folders = [policy]
@@ -122,7 +123,7 @@ def load_tokenizer(policy: Path, reference: Path):
     if found != policy:
         print(f"{policy} holds no tokenizer: using {found}'s (save the tokenizer with the model to use its own)")
     try:
-        return AutoTokenizer.from_pretrained(found)
+        return AutoTokenizer.from_pretrained(found, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:
         raise ConfigError(
             f"cannot load the tokenizer in {found} ({str(error).splitlines()[0]})",

@@ -144,6 +144,22 @@ def test_a_folder_without_a_tokenizer_uses_the_references_or_says_to_save_one(tm
     assert "column '--policy': bare holds no tokenizer" in line and "save the tokenizer with the model" in line
 
 
+def test_a_run_that_trusted_its_models_own_code_is_compared_so(tmp_path, capsys, monkeypatch):
+    # a tokenizer with its own code, from a run whose config.yaml says trust_remote_code: true (compare asked on
+    # stdin, and failed)
+    monkeypatch.chdir(tmp_path)
+    tokenizer = build_tiny_tokenizer()
+    for folder in ("policy", "reference"):
+        save(folder, tokenizer)
+    code = "from transformers import PreTrainedTokenizerFast\n\n\nclass Custom(PreTrainedTokenizerFast):\n    pass\n"
+    (tmp_path / "policy" / "custom_tokenizer.py").write_text(code)
+    config = json.loads((tmp_path / "policy" / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="Custom", auto_map={"AutoTokenizer": [None, "custom_tokenizer.Custom"]})
+    (tmp_path / "policy" / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "policy" / "config.yaml").write_text("trust_remote_code: true\nbeta: 0.1\n")
+    assert cli(["compare", "--policy", "policy", "--reference", "reference", "--limit", "1", *QUICK, "--out", "a"]) == 0
+
+
 def test_prompt_files_json_lone_surrogates_and_a_capped_answer_length(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tokenizer = build_tiny_tokenizer()
