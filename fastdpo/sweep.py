@@ -62,10 +62,9 @@ def recommend(rows: list[dict], nll_rise: float) -> tuple[float, str]:
 
 
 def _evaluate(trainer, run_args, beta: float, samples: int, kl_prompts: int) -> dict:
-    from transformers import AutoModelForCausalLM
-
     from fastdpo.compare import compare, summary
     from fastdpo.model.adapters import AdapterReference, is_peft_model
+    from fastdpo.train.common import load_causal_lm
 
     evals = [log for log in trainer.state.log_history if "eval_rewards/accuracies" in log]
     at_end = evals and evals[-1]["step"] == trainer.state.global_step and not trainer.args.load_best_model_at_end
@@ -83,8 +82,10 @@ def _evaluate(trainer, run_args, beta: float, samples: int, kl_prompts: int) -> 
             # the same model with its adapter off
             reference = AdapterReference(policy)
         else:
-            reference = AutoModelForCausalLM.from_pretrained(run_args.ref_model_name_or_path
-                                                             or run_args.model_name_or_path)  # fmt: skip
+            # loaded as the trainer loaded it: model_init_kwargs (dtype, revision), trust_remote_code
+            reference = load_causal_lm(run_args.ref_model_name_or_path or run_args.model_name_or_path,
+                                       trainer.args.model_init_kwargs, column="ref_model",
+                                       trust_remote_code=trainer.args.trust_remote_code)  # fmt: skip
             reference.to(next(policy.parameters()).device)
         prompts = [(f"held-out {i}", list(ids)) for i, ids in enumerate(dataset["prompt_ids"][:kl_prompts])]
         rows = compare(policy, reference, trainer.processing_class, prompts, beta=beta, samples=samples,
