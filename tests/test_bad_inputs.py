@@ -286,23 +286,6 @@ def test_chat_template_that_refuses_a_row():
     assert check_preferences(data, strict).rows["chat_template_error"] == [2]  # the filter drops it
 
 
-def test_conversations_that_share_no_first_message_have_no_prompt_to_render():
-    # the first user turn differs by a space: the prompt taken out is empty (a ValueError deep inside Dataset.map)
-    chat = build_tiny_tokenizer()
-    chat.chat_template = STRICT_TEMPLATE
-
-    def pair(asked: str, rejected_asked: str) -> dict:
-        return {
-            "chosen": [{"role": "user", "content": asked}, {"role": "assistant", "content": "yo"}],
-            "rejected": [{"role": "user", "content": rejected_asked}, {"role": "assistant", "content": "no"}],
-        }
-
-    data = prepare_preferences(datasets.Dataset.from_list([pair("hi", "hi"), pair("hi", "hi ")]))
-    expect(DataError, lambda: tokenize_preferences(data, chat), row=1, column="prompt", fix="(empty)",
-           message="the prompt is an empty conversation")  # fmt: skip
-    assert 1 in check_preferences(data, chat).rows["empty"]  # the filter drops it
-
-
 def test_chat_template_kwargs_that_set_what_tokenization_sets():
     rows = [{**MESSAGES, "chat_template_kwargs": {"enable_thinking": False}},
             {**MESSAGES, "chat_template_kwargs": {"return_dict": False}}]  # fmt: skip

@@ -482,3 +482,24 @@ def test_tokenizer_without_chat_template_or_eos():
         tokenize_preferences(prepare_preferences(rows({"prompt": "p", "chosen": "c", "rejected": "r"})), tok)
     with pytest.raises(ConfigError, match="did you mean 'keep_end'"):
         tokenize_preferences(conv, build_tiny_tokenizer(), truncation_mode="keep_ends")
+
+
+def test_conversations_that_share_no_first_message_have_no_prompt_to_render():
+    # the first user turn differs by a space: the prompt taken out is empty (a ValueError deep inside Dataset.map)
+    from test_bad_inputs import STRICT_TEMPLATE
+
+    from fastdpo.data.quality import check_preferences
+
+    chat = build_tiny_tokenizer()
+    chat.chat_template = STRICT_TEMPLATE
+
+    def pair(asked: str, rejected_asked: str) -> dict:
+        return {
+            "chosen": [{"role": "user", "content": asked}, {"role": "assistant", "content": "yo"}],
+            "rejected": [{"role": "user", "content": rejected_asked}, {"role": "assistant", "content": "no"}],
+        }
+
+    data = prepare_preferences(datasets.Dataset.from_list([pair("hi", "hi"), pair("hi", "hi ")]))
+    with pytest.raises(DataError, match=r"row 1, column 'prompt': the prompt is an empty conversation.*\(empty\)"):
+        tokenize_preferences(data, chat)
+    assert 1 in check_preferences(data, chat).rows["empty"]  # the filter drops it
