@@ -268,8 +268,8 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
         checkpoint_to_resume,
         is_own,
         refuse_changed_config,
-        remove_when_training_begins,
         stale_checkpoints,
+        when_training_begins,
     )
 
     run_args, args = load_config(known, flags)
@@ -307,11 +307,13 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
     trainer, files = _build_trainer(known.command, run_args, args, out, restart_log=foreign)
     from fastdpo.atomic import atomic_write
 
-    remove_when_training_begins(trainer, stale)  # (a checkpoint that fails to load leaves them)
     out.mkdir(parents=True, exist_ok=True)
     # (without resume_from_checkpoint: a rerun of this config starts the run, as a run started with --resume's does)
-    recorded = {key: value for key, value in resolved.items() if key != "resume_from_checkpoint"}
-    atomic_write(out / "config.yaml", yaml.safe_dump(recorded, sort_keys=True))
+    recorded = yaml.safe_dump({key: value for key, value in resolved.items() if key != "resume_from_checkpoint"},
+                              sort_keys=True)  # fmt: skip
+    # the stale checkpoints go, and config.yaml is written, once training begins (a checkpoint that fails to load,
+    # a run that fails to start, leave the directory's checkpoints and config.yaml as they were: in agreement)
+    when_training_begins(trainer, stale, lambda: atomic_write(out / "config.yaml", recorded))
     # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation)
     files["dropped_rows.json"] = json.dumps(trainer.dropped_rows, indent=1)
     for name, text in files.items():

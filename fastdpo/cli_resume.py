@@ -10,7 +10,7 @@ otherwise look like one run in its run directory and logs while being two. ``res
 checkpoint's run.
 
 Checkpoints that a later ``--resume`` would go on from, though the run no longer leads to them, are removed when
-training begins, once the checkpoint resumed from has loaded (``stale_checkpoints``, ``remove_when_training_begins``):
+training begins, once the checkpoint resumed from has loaded (``stale_checkpoints``, ``when_training_begins``):
 with ``--overwrite`` (a run started over), the earlier run's; with ``--resume PATH`` back to an earlier step, those
 after it (refused without ``--overwrite``). A checkpoint that fails to load leaves them all.
 """
@@ -120,24 +120,27 @@ def is_own(out: Path, checkpoint: str) -> bool:
     return Path(os.path.abspath(checkpoint)).parent.resolve() == out.resolve()
 
 
-def remove_when_training_begins(trainer, stale: list[Path]) -> None:
-    """The main process removes ``stale`` (``remove_checkpoints``, said on stderr) at ``on_train_begin``: after the
-    trainer has loaded the checkpoint it resumes (weights, optimizer, state), before its first step; the other
-    processes wait."""
+def when_training_begins(trainer, stale: list[Path], write_config) -> None:
+    """At ``on_train_begin`` (the checkpoint resumed from, if any, loaded: weights, optimizer, state; no step taken)
+    the main process removes ``stale`` (``remove_checkpoints``, said on stderr), then calls ``write_config`` (the
+    run's ``config.yaml``); the other processes wait. A run that fails before (a damaged checkpoint, memory, a
+    package) leaves the run directory's checkpoints and ``config.yaml`` as they were, in agreement."""
     import sys
 
     from transformers import TrainerCallback
 
-    class RemoveStale(TrainerCallback):
+    class Begin(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            if stale and state.is_world_process_zero:
-                left = remove_checkpoints(stale)
-                print(f"fastdpo: removed {len(stale) - len(left)} checkpoint(s) of the run this one replaces in "
-                      f"{stale[0].parent}" + (f"; {', '.join(left)} could not be removed whole (no longer "
-                      "resumable)" if left else ""), file=sys.stderr)  # fmt: skip
+            if state.is_world_process_zero:
+                if stale:
+                    left = remove_checkpoints(stale)
+                    print(f"fastdpo: removed {len(stale) - len(left)} checkpoint(s) of the run this one replaces in "
+                          f"{stale[0].parent}" + (f"; {', '.join(left)} could not be removed whole (no longer "
+                          "resumable)" if left else ""), file=sys.stderr)  # fmt: skip
+                write_config()
             trainer.accelerator.wait_for_everyone()
 
-    trainer.add_callback(RemoveStale())
+    trainer.add_callback(Begin())
 
 
 def remove_checkpoints(folders: list[Path]) -> list[str]:

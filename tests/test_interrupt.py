@@ -241,6 +241,13 @@ def test_no_checkpoint_is_left_that_a_later_resume_would_wrongly_take(workdir, s
         fastdpo(workdir, "dpo", run, "--resume", str(damaged), "--overwrite", "--max_steps", "6")
     assert len(list(run.glob("checkpoint-*"))) == 16 and "removed" not in capsys.readouterr().err
     shutil.rmtree(damaged)
+    # a run started over that fails before training begins (an optimizer whose package is missing) leaves the run it
+    # would replace whole: its checkpoints and the config.yaml they go with (a --resume took the old checkpoints on
+    # under the new config.yaml)
+    recorded = (run / "config.yaml").read_text()
+    with pytest.raises(ImportError, match="lomo"):
+        fastdpo(workdir, "dpo", run, "--overwrite", "--optim", "lomo", "--beta", "0.9")
+    assert len(list(run.glob("checkpoint-*"))) == 16 and (run / "config.yaml").read_text() == recorded
     # with --overwrite the later checkpoints go; then a run started over removes the earlier run's
     assert fastdpo(workdir, "dpo", run, "--resume", checkpoint, "--overwrite", "--max_steps", "6") == 0
     assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # (6: the end)
