@@ -133,7 +133,9 @@ def run_data(known: argparse.Namespace) -> int:
         train, held_out = split_by_prompt(dataset, test_size=known.test_size, seed=known.seed)
     else:  # grouped by the prompt the trainers take out of chosen and rejected (TRL's implicit prompt)
         prepared = _prepared(dataset, None)
-        keys = [row["prompt"] for row in prepared] if isinstance(prepared, list) else prepared["prompt"]
+        # (a row the preparation refuses, left as it is, is a group of its own: the trainers refuse it, as check says)
+        keys = prepared["prompt"] if not isinstance(prepared, list) else [
+            row.get("prompt", {"refused": row}) for row in prepared]  # fmt: skip
         if not all(keys):  # pairs whose chosen and rejected begin with nothing alike: a prompt under another name?
             error = missing_column("prompt", "prompt", dataset.column_names,
                                    cli="""--columns '{"prompt": "<your column>"}'""")  # fmt: skip

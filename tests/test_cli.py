@@ -396,6 +396,10 @@ def test_data_pairs_and_split(workdir, data_cli):
 
     prompts = [set(prepare_preferences(str(workdir / f"hh_{part}.jsonl"))["prompt"]) for part in ("train", "eval")]
     assert prompts[0] and prompts[1] and not prompts[0] & prompts[1]
+    rows = (workdir / "hh_train.jsonl").read_text().splitlines()  # a row the preparation refuses: a KeyError before
+    (workdir / "hh_refused.jsonl").write_text("\n".join([*rows, json.dumps({**json.loads(rows[0]), "chosen": None})]))
+    refused_row = data_cli("split", "hh_refused.jsonl", "hr_train.jsonl", "hr_eval.jsonl", "--test-size", "0.3")
+    assert refused_row.returncode == 0 and "rows the trainers' preparation refuses" in refused_row.stderr
     by_count = data_cli("split", "pairs.jsonl", "t6.jsonl", "e6.jsonl", *MAPPED, "--test-size", "6")  # a row count
     assert by_count.returncode == 0 and "eval 6 rows" in by_count.stdout, by_count.stderr[-2000:]
     assert split.returncode == 0, split.stderr[-2000:]
