@@ -223,6 +223,24 @@ def test_a_folder_of_one_file_per_split_loads_as_load_dataset_finds_its_splits(t
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="a folder with no .jsonl"):
         load_data(tmp_path / "empty")
+    # split names with '_' (ultrafeedback_binarized's layout), fastdpo's own summaries beside the files, a lone file
+    # named after no split (train, as datasets reads it), and a folder save_to_disk wrote
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    for name in ("train_prefs", "test_prefs", "train_sft"):
+        data.to_parquet(hub / f"{name}-00000-of-00001.parquet")
+    assert len(load_data(hub.parent, split="test_prefs")) == 2 and set(load_data(hub.parent, split=None)) == {
+        "train_prefs", "test_prefs", "train_sft"}  # fmt: skip
+    (tmp_path / "split_out").mkdir()
+    for name in ("train", "test"):
+        data.to_json(tmp_path / "split_out" / f"{name}.jsonl")
+        (tmp_path / "split_out" / f"{name}.jsonl.dropped.json").write_text("{}")
+    assert len(load_data(tmp_path / "split_out", split="test")) == 2
+    (tmp_path / "one").mkdir()
+    data.to_json(tmp_path / "one" / "prefs.jsonl")
+    assert load_data(tmp_path / "one").to_list() == data.to_list()
+    datasets.DatasetDict({"train": data, "test": data.select([0])}).save_to_disk(tmp_path / "saved")
+    assert len(load_data(tmp_path / "saved", split="test")) == 1 and len(list(load_stream(tmp_path / "saved"))) == 2
 
 
 def test_a_list_of_row_dicts_is_a_dataset_everywhere_and_bad_rows_are_named():

@@ -65,6 +65,8 @@ def load_data(
             "name",
         )
     path = Path(source)
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # Dataset(Dict).save_to_disk's
+        return load_data(datasets.load_from_disk(str(path)), split=split)
     if path.is_dir():  # one file per split, as datasets finds them (train.jsonl, data/test-00000-of-00001.parquet)
         files = split_files(path)
         if split is None:
@@ -76,14 +78,19 @@ def load_data(
     return loaded
 
 
+_EVAL_SPLITS = ("test", "validation", "valid", "dev", "eval")
+
+
 def split_files(folder: Path) -> dict[str, Path]:
-    """A local dataset folder's data files by split: the split is the name up to its first ``-``, ``_`` or ``.``
-    (``train.jsonl``, ``test-00000-of-00001.parquet``), in the folder or its ``data/``. A DataError for a split of
-    several files (shards: merge them, or give one file) or a folder with none."""
+    """A local dataset folder's data files by split, in the folder or its ``data/``: the split is the file's name
+    before its suffixes and any shard number (``train.jsonl``; ``train_prefs-00000-of-00001.parquet``: train_prefs);
+    a lone file named after no evaluation split is ``train``, as ``datasets`` reads it. fastdpo's own
+    ``*.dropped.json`` summaries are not data. A DataError for a split of several files (shards: merge them, or give
+    one file) or a folder with none."""
     files: dict[str, Path] = {}
     for file in sorted([*folder.glob("*"), *folder.glob("data/*")]):
-        if file.is_file() and file.suffix.lower() in LOCAL_SUFFIXES:
-            name = re.split(r"[-_.]", file.name, maxsplit=1)[0]
+        if file.is_file() and file.suffix.lower() in LOCAL_SUFFIXES and not file.name.endswith(".dropped.json"):
+            name = file.name.split(".", 1)[0].split("-", 1)[0]
             if name in files:
                 raise DataError(f"{folder}: split {name!r} has several files ({files[name].name}, {file.name})",
                                 fix="merge them into one file, or give the file you mean")  # fmt: skip
@@ -91,6 +98,8 @@ def split_files(folder: Path) -> dict[str, Path]:
     if not files:
         raise DataError(f"{folder}: a folder with no .jsonl, .json, .parquet or .csv file",
                         fix="give a data file, or a folder of one per split (train.jsonl, test.jsonl)")  # fmt: skip
+    if len(files) == 1 and next(iter(files)) not in _EVAL_SPLITS:
+        return {"train": next(iter(files.values()))}
     return files
 
 
@@ -114,6 +123,8 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
         raise DataError(f"cannot stream a dataset from {type(source).__name__}",
                         fix="pass a datasets.IterableDataset or Dataset, a local file or a hub name")  # fmt: skip
     path = Path(source)
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # save_to_disk's: on disk already
+        return load_data(path, split=split).to_iterable_dataset()
     if path.is_dir():
         path, split = _split_file(path, split_files(path), split), "train"
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
