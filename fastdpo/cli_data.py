@@ -144,7 +144,7 @@ def run_data(known: argparse.Namespace) -> int:
                             "shared prompt to group by", column=error.column, fix=error.fix)  # fmt: skip
         train, held_out = split_by_keys(dataset, keys, test_size=known.test_size, seed=known.seed, column="prompt")
     summary = {"input": known.data, "rows": len(dataset), "train": len(train), "eval": len(held_out)}
-    _check_outputs([known.train_out, known.eval_out], known)
+    _check_outputs([known.train_out, known.eval_out], known, dataset)
     _write(train, known.train_out, known, summary)
     _write(held_out, known.eval_out, known, summary)
     print(f"train {len(train)} rows, eval {len(held_out)} rows; no prompt in both")
@@ -231,9 +231,16 @@ def _dropped_path(out: Path) -> Path:
     return out.with_name(out.name + ".dropped.json")
 
 
-def _check_outputs(paths: list[Path], known: argparse.Namespace) -> None:
+def _check_outputs(paths: list[Path], known: argparse.Namespace, dataset=None) -> None:
+    """Each output path writable without losing a file or a value (``dataset``: the rows to write, when known)."""
     source = Path(known.data).resolve()
+    nested = [name for name, feature in getattr(dataset, "features", {}).items() if isinstance(feature, (dict, list))
+              or type(feature).__name__ in ("List", "LargeList", "Sequence", "Json")]  # fmt: skip
     for path in paths:
+        if path.suffix == ".csv" and nested:  # pandas writes their Python repr, which reads back as one string
+            raise ConfigError(f"{path.name}: a CSV cell holds text or a number, and {', '.join(map(repr, nested))} "
+                              "hold lists or records (messages): they would be read back as their Python text",
+                              column="out", fix="write a .jsonl or .parquet file")  # fmt: skip
         if path.suffix not in WRITERS:
             raise ConfigError(f"cannot write {path.name!r}", column="out", fix=f"use one of {', '.join(WRITERS)}")
         if path.resolve() == source:
@@ -252,12 +259,7 @@ def _write(dataset, out: Path, known: argparse.Namespace, summary: dict) -> None
 
     from fastdpo.atomic import atomic_write
 
-    _check_outputs([out], known)
-    nested = [name for name, feature in dataset.features.items() if type(feature).__name__ != "Value"]
-    if out.suffix == ".csv" and nested:  # pandas writes their Python repr, which reads back as one string
-        raise ConfigError(f"{out.name}: a CSV cell holds text or a number, and {', '.join(map(repr, nested))} hold "
-                          "lists or records (messages): they would be read back as their Python text", column="out",
-                          fix="write a .jsonl or .parquet file")  # fmt: skip
+    _check_outputs([out], known, dataset)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.name}.partial{out.suffix}")
     kind = WRITERS[out.suffix]

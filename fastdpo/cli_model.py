@@ -142,7 +142,7 @@ def check_scheduler(args) -> None:
     was written by then, and the fixed run needed ``--overwrite``."""
     from transformers import get_scheduler
 
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # (a stand-in: the schedule's build)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)  # (a stand-in)
     try:
         get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=max(args.max_steps, 10),
                       scheduler_specific_kwargs=args.lr_scheduler_kwargs)  # fmt: skip
@@ -151,7 +151,7 @@ def check_scheduler(args) -> None:
         raise ConfigError(
             f"lr_scheduler_type {name!r}: {' '.join(str(error).split())}",
             column="lr_scheduler_kwargs",
-            fix='give the schedule its arguments in lr_scheduler_kwargs (e.g. {"min_lr": 1e-6})',
+            fix="give the schedule the arguments it names in lr_scheduler_kwargs, or drop those it does not take",
         ) from None
 
 

@@ -89,8 +89,8 @@ def _check_prompt(path: Path, name: str, row: int, prompt, missing: bool) -> Non
                         "messages, or a non-empty list of token ids")  # fmt: skip
     problem = unholdable(prompt)  # e.g. "\ud83d" alone: half of an emoji's surrogate pair, no character
     if problem:
-        raise DataError(f"{path}: {name}'s prompt holds {problem}", column="prompt", row=row,
-                        fix="write the whole character (both halves of a surrogate pair), or remove it")  # fmt: skip
+        raise DataError(f"{path}: {name}'s prompt: {problem}", column="prompt", row=row,
+                        fix="write whole characters (both halves of a surrogate pair), token ids that fit")  # fmt: skip
 
 
 def _prompt_value(value) -> bool:

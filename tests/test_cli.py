@@ -143,6 +143,8 @@ def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, caps
      # a schedule the Trainer cannot build: it failed at the first step, the run directory written
      ({"lr_scheduler_type": "cosine_with_min_lr"}, [],
       "column 'lr_scheduler_kwargs': lr_scheduler_type 'cosine_with_min_lr': One of min_lr or min_lr_rate"),
+     ({"lr_scheduler_type": "polynomial", "lr_scheduler_kwargs": {"lr_end": 0.02}, "learning_rate": 0.01}, [],
+      "lr_end (0.02) must be smaller than initial lr (0.01)"),  # (against the run's own learning rate)
      ({"dataset_streaming": True}, [], "column 'max_steps': an iterable train dataset has no length")],
 )  # fmt: skip
 def test_bad_configs_fail_with_one_clear_line(workdir, config, flags, expected, monkeypatch, capsys):
@@ -414,6 +416,10 @@ def test_data_pairs_and_split(workdir, data_cli):
     done = data_cli("filter", "chat.jsonl", "chat.csv")
     assert done.returncode == 2 and "'chosen', 'rejected' hold lists or records" in done.stderr, done.stderr
     assert not (workdir / "chat.csv").exists()
+    (workdir / "chats.jsonl").write_text((workdir / "chat.jsonl").read_text().replace("Hi?", "Hey?") * 2 + (
+        workdir / "chat.jsonl").read_text() * 2)  # fmt: skip
+    done = data_cli("split", "chats.jsonl", "chat_train.jsonl", "chat_eval.csv", "--test-size", "0.5")
+    assert done.returncode == 2 and not (workdir / "chat_train.jsonl").exists()  # refused before either was written
     assert data_cli("filter", "chat.jsonl", "chat_kept.jsonl").returncode == 0
 
 

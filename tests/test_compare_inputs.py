@@ -168,7 +168,7 @@ def test_prompt_files_json_lone_surrogates_and_a_capped_answer_length(tmp_path, 
     # a lone surrogate (half an emoji): a traceback from the tokenizer before
     (tmp_path / "surrogate.jsonl").write_text('{"prompt": "ok"}\n{"prompt": "a\\ud83db"}\n')
     line = refused([*common, "--prompts", "surrogate.jsonl", "--out", "a"], capsys)
-    assert "row 1, column 'prompt': surrogate.jsonl: line 2's prompt holds a lone surrogate '\\ud83d' at" in line
+    assert "row 1, column 'prompt': surrogate.jsonl: line 2's prompt: a lone surrogate '\\ud83d' at" in line
     # a .json file: an array of prompts or of {"prompt": ...} objects (read as lines of text before)
     prompts = [{"prompt": "next: 5 "}, "prev: 9 ", {"prompt": [{"role": "user", "content": "hi"}]}]
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
