@@ -60,6 +60,7 @@ from fastdpo.cli_model import (
     check_evaluation,
     check_reporting,
     check_scheduler,
+    merge_model_keys,
     peft_and_quantization,
     streamed_splits,
 )
@@ -278,6 +279,7 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
     check_reporting(args)
     out = Path(args.output_dir)
     resolved = _resolved_config(run_args, args)  # as given (building the trainer may adjust args: a stream's)
+    merge_model_keys(run_args, args)  # (after: config.yaml keeps dtype, ... and model_init_kwargs apart, as given)
     resume = getattr(known, "resume", None) or args.resume_from_checkpoint  # (TRL's key, as its scripts read it)
     resume = True if str(resume).lower() == "true" else None if str(resume).lower() == "false" else resume  # YAML's
     checkpoint, foreign = None, False
@@ -412,11 +414,6 @@ def _resolve(config_cls, values: dict, flags: list[str]):
                           fix='e.g. {"prompt": "question"}')  # fmt: skip
     if run_args.data_filter not in ("drop", "none"):
         raise ConfigError(f"must be 'drop' or 'none', got {run_args.data_filter!r}", column="data_filter")
-    loading = {"revision": None if run_args.model_revision == "main" else run_args.model_revision,
-               "dtype": run_args.dtype, "attn_implementation": run_args.attn_implementation}  # fmt: skip
-    loading = {key: value for key, value in loading.items() if value is not None}
-    if loading:  # as TRL's scripts merge them: model_init_kwargs' own keys win
-        args.model_init_kwargs = {**loading, **(args.model_init_kwargs or {})}
     return run_args, args
 
 

@@ -112,6 +112,16 @@ def _bnb(run_args: AdapterArguments, model_init_kwargs: dict | None):
                               bnb_4bit_use_double_quant=run_args.use_bnb_nested_quant)  # fmt: skip
 
 
+def merge_model_keys(run_args, args) -> None:
+    """TRL's ModelConfig keys (``dtype``, ``attn_implementation``, ``model_revision``) into ``model_init_kwargs``, as
+    TRL's scripts merge them: ``model_init_kwargs``' own keys win."""
+    loading = {"revision": None if run_args.model_revision == "main" else run_args.model_revision,
+               "dtype": run_args.dtype, "attn_implementation": run_args.attn_implementation}  # fmt: skip
+    loading = {key: value for key, value in loading.items() if value is not None}
+    if loading:
+        args.model_init_kwargs = {**loading, **(args.model_init_kwargs or {})}
+
+
 def check_evaluation(run_args, args, *, evaluated_after: bool) -> None:
     """A ConfigError where the held-out rows and the evaluation strategy disagree: rows held out (``eval_fraction``)
     that ``eval_strategy: no`` never evaluates (lost to training, silently), an evaluation with nothing to evaluate
@@ -186,7 +196,8 @@ def run_quantization(keys: dict, path: Path):
     run_args = AdapterArguments(**{f.name: keys[f.name] for f in fields(AdapterArguments) if f.name in keys})
     key = "load_in_4bit" if run_args.load_in_4bit else "load_in_8bit"
     try:
-        return peft_and_quantization(run_args, keys.get("model_init_kwargs"))[1], key
+        init = {**({"dtype": keys["dtype"]} if keys.get("dtype") else {}), **(keys.get("model_init_kwargs") or {})}
+        return peft_and_quantization(run_args, init)[1], key  # (TRL's dtype key, as merge_model_keys merges it)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error.message}", column=error.column, fix=error.fix) from error
 

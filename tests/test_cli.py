@@ -479,19 +479,24 @@ def test_a_flag_null_unsets_what_the_yaml_set():
 def test_trls_model_config_keys_load_the_model_as_trls_scripts_do():
     # dtype, attn_implementation, model_revision (in most TRL recipes) were refused as unknown keys; the closest
     # field the error offered could mislead (model_revision -> hub_revision, the branch pushed to)
-    from fastdpo.cli import _resolve
+    from fastdpo.cli import _resolve, _resolved_config
+    from fastdpo.cli_model import merge_model_keys
     from fastdpo.errors import ConfigError
     from fastdpo.train import DPOConfig
 
+    def loaded(values, flags=()):
+        run_args, args = _resolve(DPOConfig, values, list(flags))
+        recorded = _resolved_config(run_args, args)  # config.yaml: the keys as given, not merged (a rerun's --dtype
+        merge_model_keys(run_args, args)  # was lost under the merged model_init_kwargs)
+        return args.model_init_kwargs, recorded["model_init_kwargs"]
+
     values = {"model_name_or_path": "m", "dataset_name": "d", "output_dir": "o", "dtype": "bfloat16",
               "attn_implementation": "eager", "model_revision": "v2"}  # fmt: skip
-    assert _resolve(DPOConfig, values, [])[1].model_init_kwargs == {"revision": "v2", "dtype": "bfloat16",
-                                                                    "attn_implementation": "eager"}  # fmt: skip
+    assert loaded(values) == ({"revision": "v2", "dtype": "bfloat16", "attn_implementation": "eager"}, None)
     mine = {**values, "model_init_kwargs": {"dtype": "float16"}}  # its own keys win, as in TRL's scripts
-    assert _resolve(DPOConfig, mine, ["--model_revision", "main"])[1].model_init_kwargs == {
-        "dtype": "float16", "attn_implementation": "eager"}  # fmt: skip
-    assert _resolve(DPOConfig, {**values, "dtype": None, "attn_implementation": None}, [])[1].model_init_kwargs == {
-        "revision": "v2"}  # fmt: skip
+    assert loaded(mine, ["--model_revision", "main"]) == ({"dtype": "float16", "attn_implementation": "eager"},
+                                                          {"dtype": "float16"})  # fmt: skip
+    assert loaded({**values, "dtype": None, "attn_implementation": None})[0] == {"revision": "v2"}
     with pytest.raises(ConfigError, match="column 'torch_dtype': unknown field 'torch_dtype' in the config — dtype"):
         _resolve(DPOConfig, {**values, "torch_dtype": "bfloat16"}, [])
 
