@@ -64,7 +64,8 @@ def prepare_quantized_training(model: nn.Module) -> None:
     And bitsandbytes' CPU inference layout kept off: on a CPU with AVX512-BF16, a 4-bit layer's first forward in
     eval mode without grad (an evaluation, a reference pass) repacks its weight for a kernel that has no backward,
     and every later training forward uses it: no gradient reaches the adapters from then on, silently (bitsandbytes
-    0.50; layers narrower than 64 inputs or 32 outputs crash on that repacking instead)."""
+    0.50; layers narrower than 64 inputs or 32 outputs crash on that repacking instead). A layer repacked already
+    (the model was run so before it was given) is unpacked, as bitsandbytes does before saving it."""
     if not is_quantized(model):
         return
     for name, parameter in model.named_parameters():
@@ -73,6 +74,11 @@ def prepare_quantized_training(model: nn.Module) -> None:
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):  # repacked already (run in eval mode before): back
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
+
+            module.weight.data, module.weight.quant_state = unpack(module.weight.data, state)
 
 
 def prepare_adapter_model(model: nn.Module, *, gradient_checkpointing: bool, new_adapter: bool) -> nn.Module:
