@@ -404,7 +404,7 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     if rest:
         names = [r for r in rest if r.startswith("--")]
         close = difflib.get_close_matches(names[0][2:], known, n=1) if names else []
-        hint = f"did you mean --{close[0]}?" if close else listing
+        hint = (TRL_KEYS.get(names[0][2:]) if names else None) or (f"did you mean --{close[0]}?" if close else listing)
         raise ConfigError(f"unknown flags {rest}", column="flags", fix=hint)
     if run_args.model_name_or_path is None or run_args.dataset_name is None:
         raise ConfigError("a run needs model_name_or_path and dataset_name", column="config",

@@ -139,7 +139,7 @@ def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, caps
      ({"save_strategy": "best", "eval_strategy": "steps", "eval_fraction": 0.25}, [],
       "column 'metric_for_best_model': save_strategy 'best' saves at the best evaluation by a metric"),
      # an integration whose package is missing (a RuntimeError traceback when the trainer was built)
-     ({"report_to": "clearml"}, [], "column 'report_to': clearml: not installed here — pip install clearml"),
+     ({"report_to": "clearml"}, [], "column 'report_to': clearml: not installed here — install the package"),
      # a schedule the Trainer cannot build: it failed at the first step, the run directory written
      ({"lr_scheduler_type": "cosine_with_min_lr"}, [],
       "column 'lr_scheduler_kwargs': lr_scheduler_type 'cosine_with_min_lr': One of min_lr or min_lr_rate"),
@@ -499,6 +499,8 @@ def test_trls_model_config_keys_load_the_model_as_trls_scripts_do():
     assert loaded({**values, "dtype": None, "attn_implementation": None})[0] == {"revision": "v2"}
     with pytest.raises(ConfigError, match="column 'torch_dtype': unknown field 'torch_dtype' in the config — dtype"):
         _resolve(DPOConfig, {**values, "torch_dtype": "bfloat16"}, [])
+    with pytest.raises(ConfigError, match="unknown flags .*--torch_dtype.* — dtype"):  # (--torch_compile?, before)
+        _resolve(DPOConfig, values, ["--torch_dtype", "bfloat16"])
 
 
 def test_a_key_set_twice_in_the_yaml_is_refused_with_its_lines(workdir, monkeypatch, capsys):
