@@ -266,9 +266,12 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
     import yaml
 
     from fastdpo.cli_resume import (
+        FINGERPRINT,
         checkpoint_to_resume,
+        data_fingerprint,
         is_own,
         refuse_changed_config,
+        refuse_changed_data,
         stale_checkpoints,
         when_training_begins,
     )
@@ -282,13 +285,14 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
     merge_model_keys(run_args, args)  # (after: config.yaml keeps dtype, ... and model_init_kwargs apart, as given)
     resume = getattr(known, "resume", None) or args.resume_from_checkpoint  # (TRL's key, as its scripts read it)
     resume = True if str(resume).lower() == "true" else None if str(resume).lower() == "false" else resume  # YAML's
-    checkpoint, foreign = None, False
+    checkpoint, foreign, fingerprint = None, False, data_fingerprint(run_args.dataset_name)
     if resume:  # into its own, non-empty run directory: that is the point
         checkpoint = checkpoint_to_resume(out, resume)
         foreign = not is_own(out, checkpoint)
         recorded = Path(checkpoint).resolve().parent / "config.yaml"  # (the settings of the run it goes on with)
-        refuse_changed_config(recorded if foreign and recorded.is_file() else out / "config.yaml", resolved,
-                              overwrite=known.overwrite)  # fmt: skip
+        recorded = recorded if foreign and recorded.is_file() else out / "config.yaml"
+        refuse_changed_config(recorded, resolved, overwrite=known.overwrite)
+        refuse_changed_data(recorded.parent / FINGERPRINT, fingerprint, overwrite=known.overwrite)
         if foreign:  # another run's checkpoint: out must be free too
             refuse_non_empty(out, overwrite=known.overwrite, column="output_dir", what="the run directory ",
                              fix="resume into an empty or new output_dir, or pass --overwrite")  # fmt: skip
@@ -315,7 +319,8 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
                               sort_keys=True)  # fmt: skip
     # the stale checkpoints go, and config.yaml is written, once training begins (a checkpoint that fails to load,
     # a run that fails to start, leave the directory's checkpoints and config.yaml as they were: in agreement)
-    when_training_begins(trainer, stale, lambda: atomic_write(out / "config.yaml", recorded))
+    settings = {"config.yaml": recorded, **({FINGERPRINT: json.dumps(fingerprint, indent=1)} if fingerprint else {})}
+    when_training_begins(trainer, stale, out, settings)
     # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation)
     files["dropped_rows.json"] = json.dumps(trainer.dropped_rows, indent=1)
     for name, text in files.items():

@@ -85,6 +85,51 @@ def refuse_changed_config(recorded_path: Path, resolved: dict, *, overwrite: boo
     logger.warning("resuming with settings that differ from %s: %s", recorded_path, details)
 
 
+FINGERPRINT = "data_fingerprint.json"
+
+
+def data_fingerprint(dataset_name: str | None) -> dict | None:
+    """What a resumed run compares to see that its local data did not change: each data file's size and a SHA-256 of
+    its first and last 4 MiB (a file copied elsewhere keeps it; an edit of the same size in the middle of a large
+    file escapes it). None for a hub dataset or a ``save_to_disk`` folder."""
+    import hashlib
+
+    from fastdpo.data.load import split_files
+
+    path = Path(dataset_name or "")
+    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    if not dataset_name or not path.exists() or saved:
+        return None
+    files = split_files(path) if path.is_dir() else {"": path}
+    prints = {}
+    for split, file in files.items():
+        size, digest, block = file.stat().st_size, hashlib.sha256(), 4 << 20
+        with open(file, "rb") as handle:
+            digest.update(handle.read(block))
+            if size > block:
+                handle.seek(max(block, size - block))
+                digest.update(handle.read())
+        prints[split or file.name] = {"size": size, "sha256": digest.hexdigest()}
+    return prints
+
+
+def refuse_changed_data(recorded_path: Path, fingerprint: dict | None, *, overwrite: bool) -> None:
+    """``ConfigError`` where the run's data files (``fingerprint``) differ from those ``recorded_path`` recorded
+    (a resumed run would go on over other rows: its sampler's order points elsewhere); with ``overwrite``, a
+    warning."""
+    import json
+
+    if fingerprint is None or not recorded_path.is_file():  # (a hub dataset; a run directory of an older fastdpo)
+        return
+    recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+    if recorded == fingerprint:
+        return
+    if not overwrite:
+        raise ConfigError(f"the data files differ from those the run trained on ({recorded_path})", column="resume",
+                          fix="resume with the run's data, or add --overwrite to go on with these")  # fmt: skip
+    logger.warning("resuming with data files that differ from those recorded in %s", recorded_path)
+
+
 def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool, keep=()) -> list[Path]:
     """The Trainer checkpoints (``checkpoint-<step>`` folders, not links, written completely) in ``out`` that this run
     leaves behind (see the module docstring): with ``checkpoint`` in ``out``, those of later steps; from another
@@ -121,14 +166,17 @@ def is_own(out: Path, checkpoint: str) -> bool:
     return Path(os.path.abspath(checkpoint)).parent.resolve() == out.resolve()
 
 
-def when_training_begins(trainer, stale: list[Path], write_config) -> None:
+def when_training_begins(trainer, stale: list[Path], out: Path, settings: dict[str, str]) -> None:
     """At ``on_train_begin`` (the checkpoint resumed from, if any, loaded: weights, optimizer, state; no step taken)
-    the main process removes ``stale`` (``remove_checkpoints``, said on stderr), then calls ``write_config`` (the
-    run's ``config.yaml``); the other processes wait. A run that fails before (a damaged checkpoint, memory, a
-    package) leaves the run directory's checkpoints and ``config.yaml`` as they were, in agreement."""
+    the main process removes ``stale`` (``remove_checkpoints``, said on stderr), then writes ``settings`` (file name
+    → text: ``config.yaml``, the data's fingerprint) into ``out``; the other processes wait. A run that fails before
+    (a damaged checkpoint, memory, a package) leaves the run directory's checkpoints and settings as they were, in
+    agreement."""
     import sys
 
     from transformers import TrainerCallback
+
+    from fastdpo.atomic import atomic_write
 
     class Begin(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -138,7 +186,8 @@ def when_training_begins(trainer, stale: list[Path], write_config) -> None:
                     print(f"fastdpo: removed {len(stale) - len(left)} checkpoint(s) of the run this one replaces in "
                           f"{stale[0].parent}" + (f"; {', '.join(left)} could not be removed whole (no longer "
                           "resumable)" if left else ""), file=sys.stderr)  # fmt: skip
-                write_config()
+                for name, text in settings.items():
+                    atomic_write(out / name, text)
             trainer.accelerator.wait_for_everyone()
 
     trainer.add_callback(Begin())
