@@ -499,3 +499,23 @@ def report_streams(streams, workers: int = 0) -> None:
                        "and logged the first of each kind (lines starting 'dataloader worker'); dropped_rows and "
                        "the summaries here do not hold them (dataloader_num_workers=0 counts them here)",
                        workers)  # fmt: skip
+
+
+def check_dataset(dataset, name: str) -> list[str]:
+    """The dataset's columns (a stream's from its first row when it does not know them), after checking it is one
+    the trainers take: a ``datasets.Dataset`` or ``IterableDataset``, of text (images would go unread)."""
+    import datasets
+
+    from fastdpo.data.stream import first_row
+
+    if isinstance(dataset, datasets.IterableDataset):
+        names = list(dataset.column_names or first_row(dataset, name))
+    elif isinstance(dataset, datasets.Dataset):
+        names = dataset.column_names
+    else:
+        raise ConfigError(f"the {name} dataset is a {type(dataset).__name__}", column=f"{name}_dataset",
+                          fix="pass a datasets.Dataset or a datasets.IterableDataset")  # fmt: skip
+    if {"image", "images"} & set(names):
+        raise ConfigError("vision datasets are not supported yet", column=f"{name}_dataset",
+                          fix="use TRL's trainers for vision-language models")  # fmt: skip
+    return names

@@ -68,6 +68,7 @@ from fastdpo.train.common import (
     TokenRate,
     check_attention_device,
     check_collator,
+    check_dataset,
     check_lean_activations,
     check_reference,
     check_run_dir,
@@ -290,11 +291,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
     def _prepare(self, dataset, tokenizer, args: DPOConfig, name: str):
         if isinstance(dataset, dict):  # several eval sets, evaluated (and logged) under their keys, as in TRL
             return {key: self._prepare(part, tokenizer, args, f"{name}_{key}") for key, part in dataset.items()}
-        names = dataset.column_names if not isinstance(dataset, IterableDataset) else None
-        names = names if names is not None else list(first_row(dataset, name))
-        if {"image", "images"} & set(names):  # (trained on the text alone, the images unread, silently)
-            raise ConfigError("vision datasets are not supported yet", column=f"{name}_dataset",
-                              fix="use trl.DPOTrainer for vision-language models")  # fmt: skip
+        check_dataset(dataset, name)  # (images were left unread: the pairs trained on their text alone)
         if isinstance(dataset, IterableDataset):
             return self._prepare_stream(dataset, tokenizer, args, name)
         if all(c in dataset.column_names for c in TOKEN_COLUMNS):

@@ -55,7 +55,7 @@ from fastdpo.data.sft import (
     tokenize_sft,
     truncation_window,
 )
-from fastdpo.data.stream import first_row, prepare_sft_stream
+from fastdpo.data.stream import prepare_sft_stream
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model import HeadSpec, packed_body, run_head
 from fastdpo.model.adapters import is_peft_model, prepare_adapter_model, prepare_quantized_training, wrap_with_adapter
@@ -70,6 +70,7 @@ from fastdpo.train.common import (
     TokenRate,
     check_attention_device,
     check_collator,
+    check_dataset,
     check_lean_activations,
     check_run_dir,
     check_stream_args,
@@ -328,7 +329,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
         # TRL decides once, from the training data's columns, and applies the decision to every dataset
         self.completion_only_loss = args.completion_only_loss
         if self.completion_only_loss is None:
-            self.completion_only_loss = {"prompt", "completion"} <= set(_check_dataset(train_dataset, "train"))
+            self.completion_only_loss = {"prompt", "completion"} <= set(check_dataset(train_dataset, "train"))
         if formatting_func is not None and self.completion_only_loss:
             raise ConfigError(
                 "a formatted text has no completion to learn alone (completion_only_loss is on)",
@@ -371,7 +372,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
 
     def _prepare(self, dataset, tokenizer, args: SFTConfig, packing: bool, name: str) -> datasets.Dataset:
         """TRL's ``_prepare_dataset``: tokenize (unless already), label, truncate or pack, shuffle."""
-        names = _check_dataset(dataset, name)
+        names = check_dataset(dataset, name)
         if isinstance(dataset, datasets.IterableDataset):
             check_stream_args(args, name)
         if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
@@ -562,21 +563,6 @@ def _label_tokenized(dataset: datasets.Dataset, completion_only_loss: bool, num_
     masks = label_masks(names, completion_only_loss)
     return dataset.map(lambda example: {"labels": labels_from_masks(example, masks)}, remove_columns=masks,
                        num_proc=num_proc)  # fmt: skip
-
-
-def _check_dataset(dataset, name: str) -> list[str]:
-    """The dataset's columns (a stream's from its first row when it does not know them), after checking it is one
-    this trainer takes."""
-    if isinstance(dataset, datasets.IterableDataset):
-        names = list(dataset.column_names or first_row(dataset, name))
-    elif isinstance(dataset, datasets.Dataset):
-        names = dataset.column_names
-    else:
-        raise ConfigError(f"the {name} dataset is a {type(dataset).__name__}", column=f"{name}_dataset",
-                          fix="pass a datasets.Dataset or a datasets.IterableDataset")  # fmt: skip
-    if {"image", "images"} & set(names):
-        raise ConfigError("vision datasets are not supported yet", column=f"{name}_dataset")
-    return names
 
 
 def _check_prepared(dataset, name: str, names: list[str]):
