@@ -94,11 +94,10 @@ def data_fingerprint(dataset_name: str | None) -> dict | None:
     file escapes it). None for a hub dataset or a ``save_to_disk`` folder."""
     import hashlib
 
-    from fastdpo.data.load import split_files
+    from fastdpo.data.load import saved_to_disk, split_files
 
     path = Path(dataset_name or "")
-    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-    if not dataset_name or not path.exists() or saved:
+    if not dataset_name or not path.exists() or saved_to_disk(path):
         return None
     files = split_files(path) if path.is_dir() else {"": path}
     prints = {}

@@ -65,7 +65,7 @@ def load_data(
             "name",
         )
     path = Path(source)
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # Dataset(Dict).save_to_disk's
+    if saved_to_disk(path):
         return load_data(datasets.load_from_disk(str(path)), split=split)
     if path.is_dir():  # one file per split, as datasets finds them (train.jsonl, data/test-00000-of-00001.parquet)
         files = split_files(path)
@@ -76,6 +76,11 @@ def load_data(
         return _load_local(path, split, text)
     loaded = datasets.load_dataset(str(source), split=split)
     return loaded
+
+
+def saved_to_disk(path: Path) -> bool:
+    """Whether ``path`` is a folder ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` wrote."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
 _EVAL_SPLITS = ("test", "validation", "valid", "dev", "eval")
@@ -123,7 +128,7 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
         raise DataError(f"cannot stream a dataset from {type(source).__name__}",
                         fix="pass a datasets.IterableDataset or Dataset, a local file or a hub name")  # fmt: skip
     path = Path(source)
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # save_to_disk's: on disk already
+    if saved_to_disk(path):  # (on disk already)
         return load_data(path, split=split).to_iterable_dataset()
     if path.is_dir():
         path, split = _split_file(path, split_files(path), split), "train"
