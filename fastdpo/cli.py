@@ -315,11 +315,11 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
 
     out.mkdir(parents=True, exist_ok=True)
     # (without resume_from_checkpoint: a rerun of this config starts the run, as a run started with --resume's does)
-    recorded = yaml.safe_dump({key: value for key, value in resolved.items() if key != "resume_from_checkpoint"},
-                              sort_keys=True)  # fmt: skip
+    config_text = yaml.safe_dump({key: value for key, value in resolved.items() if key != "resume_from_checkpoint"},
+                                 sort_keys=True)  # fmt: skip
     # the stale checkpoints go, and config.yaml is written, once training begins (a checkpoint that fails to load,
     # a run that fails to start, leave the directory's checkpoints and config.yaml as they were: in agreement)
-    settings = {"config.yaml": recorded, **({FINGERPRINT: json.dumps(fingerprint, indent=1)} if fingerprint else {})}
+    settings = {"config.yaml": config_text, **({FINGERPRINT: json.dumps(fingerprint, indent=1)} if fingerprint else {})}
     when_training_begins(trainer, stale, out, settings)
     # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation)
     files["dropped_rows.json"] = json.dumps(trainer.dropped_rows, indent=1)
