@@ -154,6 +154,63 @@ def test_a_json_text_column_of_mixed_kinds_names_the_odd_value_instead_of_changi
     assert load_data(path)["chosen"] == ["Blue.", "42", "4", "19"]  # a column of other kinds (meta) is not ours
 
 
+@pytest.mark.parametrize("name", ["parts.jsonl", "parts.json"])
+def test_a_string_that_datasets_would_read_back_changed_is_named_and_a_stream_keeps_it(name, tmp_path):
+    # datasets holds a field whose kinds differ between rows (a message's content a string here, a list of parts
+    # there) as JSON text, and reads a string there that is itself JSON back as that value: "4" as 4, '"five"' as
+    # five, silently (both before this check: the row trained on the changed text)
+    from fastdpo.data.load import load_stream
+
+    parts = [{"type": "text", "text": "Hello."}]
+    pairs = [{"prompt": [user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant('"five"')]},
+             {"prompt": [user("Hi?")], "chosen": [assistant(parts)], "rejected": [assistant(parts)]}]  # fmt: skip
+    path = tmp_path / name
+    path.write_text("\n".join(map(json.dumps, pairs)) if name.endswith("l") else json.dumps(pairs))
+    where = "line 1" if name.endswith("l") else "row 0"
+    with pytest.raises(
+        DataError,
+        match=rf"column 'chosen': .*{name}: {where}: the string '4' in chosen\[\]\.content "
+        r"would be read back as 4: .*give chosen\[\]\.content one kind of value",
+    ):
+        load_data(path)
+    assert list(load_stream(path)) == pairs  # a stream of the file reads each value as Python's json does
+    # strings that are not JSON come back from such a field as written: the file loads
+    pairs[0].update(chosen=[assistant("Four.")], rejected=[assistant("Five.")])
+    path.write_text("\n".join(map(json.dumps, pairs)) if name.endswith("l") else json.dumps(pairs))
+    assert load_data(path).to_list() == pairs
+
+
+def test_a_stream_of_a_json_file_keeps_its_strings_and_its_columns_or_names_the_line(tmp_path, monkeypatch):
+    from fastdpo.data import load
+    from fastdpo.data.stream import prepare_stream
+
+    # a number among strings: datasets' stream read that block's column as JSON, "4" and '"Hi"' changed in the rows
+    # trained before the number's own row stopped the run
+    rows = [{"prompt": '"Hi"', "chosen": "4", "rejected": "null"}] * 3 + [{"prompt": "p", "chosen": 5, "rejected": "r"}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert list(load.load_stream(path)) == rows
+    with pytest.raises(DataError, match="row 3, column 'chosen': expected a string like the first row, got int"):
+        list(prepare_stream(load.load_stream(path), build_tiny_tokenizer()).dataset)
+    # the columns are those of the first rows (a missing value None, as Arrow fills them); a later new one is named
+    monkeypatch.setattr(load, "STREAM_COLUMNS_FROM", 2)
+    sparse = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e", "rejected": "f",
+              "system": "Be brief."}, {"prompt": "g", "chosen": "h", "rejected": "i", "score": 1}]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n\n" for row in sparse[:2]))
+    assert [row["system"] for row in load.load_stream(path)] == [None, "Be brief."]
+    path.write_text("".join(json.dumps(row) + "\n\n" for row in sparse))
+    streamed = load.load_stream(path)
+    with pytest.raises(
+        DataError,
+        match=r"column 'score': .*mixed.jsonl: line 5: a column that none of the first 2 "
+        r"rows has .*give the first row 'score' too",
+    ):
+        list(streamed)
+    path.write_text(json.dumps(sparse[0]) + "\n" + json.dumps({**sparse[0], "prompt": "a\ud800"}) + "\n")
+    with pytest.raises(DataError, match=r"column 'prompt': .*line 2: a lone surrogate '\\ud800' at character 1"):
+        list(load.load_stream(path))
+
+
 def test_numbers_as_answers_outside_a_csv_are_refused_with_the_reason():
     with pytest.raises(DataError, match=r"got int — .*a CSV or spreadsheet reader may read answers like 4 as numbers"):
         prepare_preferences([{"prompt": "What is 2+2?", "chosen": 4, "rejected": 5}] * 2)

@@ -4,16 +4,19 @@ name.
 Local JSON Lines and JSON files are checked line by line first, so a broken line is reported by its number
 instead of as a parser traceback from deep inside ``datasets``; so is a value Arrow cannot hold (a lone surrogate,
 an integer beyond 64 bits), when ``datasets`` fails on one. A CSV file's text columns are read as text: pandas
-would read an answer ``4`` as a number, ``007`` as 7 and ``NA`` as missing.
+would read an answer ``4`` as a number, ``007`` as 7 and ``NA`` as missing. Where a JSON field's kinds differ
+between rows, ``datasets`` reads a string there that is itself JSON (``"4"``) back changed (4): ``load_data`` names
+such a string, and a stream of a local JSON file is read with Python's ``json``, which changes nothing.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
@@ -118,8 +121,9 @@ def _split_file(folder: Path, files: dict[str, Path], split: str) -> Path:
 def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLUMNS) -> datasets.IterableDataset:
     """``source`` as a ``datasets.IterableDataset``, read as it is iterated: a stream as it is, a Dataset through
     ``to_iterable_dataset``, a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a hub name with
-    ``load_dataset(..., streaming=True)``. A local file is not read ahead (a broken line fails where it is read);
-    ``text``: as for ``load_data``."""
+    ``load_dataset(..., streaming=True)``. A local file is not read ahead (a broken line fails where it is read),
+    but for a JSON file's first ``STREAM_COLUMNS_FROM`` rows, whose keys are its columns; ``text``: as for
+    ``load_data``."""
     if isinstance(source, datasets.IterableDataset):
         return source
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
@@ -135,10 +139,36 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         kind = _local_kind(path)
         _one_split(path, split)
+        if kind == "json":  # (as Python reads it: datasets' reader changes strings where a field's kinds differ)
+            return datasets.IterableDataset.from_generator(_streamed_json, gen_kwargs={"path": str(path)})
         return datasets.load_dataset(
             kind, data_files={split: str(path)}, split=split, streaming=True, **_csv_options(path, kind, text)
         )
     return datasets.load_dataset(str(source), split=split, streaming=True)
+
+
+STREAM_COLUMNS_FROM = 1000  # a JSON stream's columns: those of its first rows (datasets: its first 10 MiB)
+
+
+def _streamed_json(path: str) -> Iterator[dict]:
+    """The rows of a local JSON file for a stream, read one line at a time (a document whole, as ``datasets`` reads
+    one), each value as Python's ``json`` reads it. Every row has the columns of the first ``STREAM_COLUMNS_FROM``
+    rows (None where it lacks one, as Arrow fills them); DataError at the line of a later row with another column,
+    or of a value ``load_data`` could not hold (a lone surrogate, an integer over 64 bits)."""
+    where, rows = json_rows(Path(path))
+    first = list(itertools.islice(rows, STREAM_COLUMNS_FROM))
+    ordered = table_columns([row for _, row in first])
+    columns = set(ordered)
+    for number, row in itertools.chain(first, rows):
+        for name, value in row.items():
+            if name not in columns:
+                raise DataError(f"{path}: {where} {number}: a column that none of the first {STREAM_COLUMNS_FROM:,} "
+                                "rows has (a stream takes its columns from them)", column=name,
+                                fix=f"give the first row {name!r} too (null where it has none)")  # fmt: skip
+            problem = unholdable(value)
+            if problem:
+                raise DataError(f"{path}: {where} {number}: {problem}", column=name, fix=_UNHOLDABLE_FIX)
+        yield {name: row.get(name) for name in ordered}
 
 
 def as_dataset(data) -> datasets.Dataset:
@@ -284,7 +314,9 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
         )
     except (DatasetGenerationError, ValueError) as error:  # Arrow or pandas refused a value
         raise _unreadable(path, kind, error) from None
-    _refuse_mixed_text(path, loaded, text)
+    if kind == "json":
+        _refuse_mixed_text(path, loaded, text)
+        _refuse_changed_strings(path, loaded, text)
     return datasets.DatasetDict({"train": loaded}) if split is None else loaded
 
 
@@ -300,25 +332,81 @@ def _refuse_mixed_text(path: Path, loaded: datasets.Dataset, text: Iterable[str]
     mixed = [name for name, feature in loaded.features.items() if name in text and type(feature).__name__ == "Json"]
     if not mixed:
         return
-    document = _is_document(path)
-    with open(path, encoding="utf-8-sig") as handle:
-        if document:
-            rows = enumerate(json.load(handle))
-        else:
-            rows = ((number, json.loads(raw)) for number, raw in enumerate(handle, start=1) if raw.strip())
-        where = "row" if document else "line"
-        seen: dict[str, dict[str, int]] = {name: {} for name in mixed}  # column → kind → its first row
-        for number, row in rows:
-            for name in mixed:
-                if row.get(name) is None:
-                    continue
-                kind, kinds = _kind(row[name]), seen[name]
-                kinds.setdefault(kind, number)
-                other = next((k for k in _JSON_CHANGES.get(kind, ()) if k in kinds), None)
-                if other is not None:
-                    raise DataError(f"{path}: {where} {number}: is a {kind} where {where} {kinds[other]} has a "
-                                    f"{other}", column=name, fix="give the column one kind of value in every row "
-                                    '(quote a number answer: "4")')  # fmt: skip
+    where, rows = json_rows(path)
+    seen: dict[str, dict[str, int]] = {name: {} for name in mixed}  # column → kind → its first row
+    for number, row in rows:
+        for name in mixed:
+            if row.get(name) is None:
+                continue
+            kind, kinds = _kind(row[name]), seen[name]
+            kinds.setdefault(kind, number)
+            other = next((k for k in _JSON_CHANGES.get(kind, ()) if k in kinds), None)
+            if other is not None:
+                raise DataError(f"{path}: {where} {number}: is a {kind} where {where} {kinds[other]} has a "
+                                f"{other}", column=name, fix="give the column one kind of value in every row "
+                                '(quote a number answer: "4")')  # fmt: skip
+
+
+# columns whose nested values the trainers read, besides the text columns: conversations and tool schemas
+_CONVERSATION_COLUMNS = ("messages", "conversations", "tools")
+
+
+def _refuse_changed_strings(path: Path, loaded: datasets.Dataset, text: Iterable[str]) -> None:
+    """One DataError at the first string that ``datasets`` gives back changed. Where a field's kinds differ between
+    rows (a message's content a string in one, a list of parts in another), it holds every value there as JSON text,
+    and a string that is itself JSON (``"4"``, ``"\\"yes\\""``, ``"null"``) comes back as that value (4, yes, None)."""
+    names = [name for name in loaded.features if name in set(text) or name in _CONVERSATION_COLUMNS]
+    fields = [(name, *steps) for name in names for steps in _json_fields(loaded.features[name])]
+    if not fields:
+        return
+    where, rows = json_rows(path)
+    for number, row in rows:
+        for field in fields:
+            for value in _values_at(row, field):
+                read = _read_as_json(value) if isinstance(value, str) else None
+                if read is not None:
+                    named = field[0] + "".join("[]" if step is None else f".{step}" for step in field[1:])
+                    raise DataError(
+                        f"{path}: {where} {number}: the string {value[:60]!r} in {named} would be read "
+                        f"back as {read[0]!r}: datasets holds {named} as JSON, its kinds differing "
+                        "between rows",
+                        column=field[0],
+                        fix=f"give {named} one kind of value in every row (all strings, or all lists)",
+                    )
+
+
+def _json_fields(feature, steps: tuple = ()) -> list[tuple]:
+    """The steps (a key; None for each item of a list) to each ``Json`` value inside ``feature``."""
+    kind = type(feature).__name__
+    if kind == "Json":
+        return [steps]
+    if isinstance(feature, dict):
+        return [found for key, inner in feature.items() for found in _json_fields(inner, (*steps, key))]
+    if kind in ("List", "LargeList", "Sequence"):
+        return _json_fields(feature.feature, (*steps, None))
+    return []
+
+
+def _values_at(value, steps: tuple):
+    if not steps:
+        yield value
+    elif steps[0] is None and isinstance(value, list):
+        for item in value:
+            yield from _values_at(item, steps[1:])
+    elif isinstance(value, dict) and steps[0] in value:
+        yield from _values_at(value[steps[0]], steps[1:])
+
+
+def _read_as_json(value: str) -> tuple[object] | None:
+    """(what ``datasets``' Json feature reads ``value`` back as,) when it reads it as JSON; None when it does not."""
+    try:
+        from datasets.utils.json import ujson_loads as loads  # (the reader datasets uses: 'NaN' is None there)
+    except ImportError:
+        loads = json.loads
+    try:
+        return (loads(value),)
+    except ValueError:
+        return None
 
 
 _UNHOLDABLE_FIX = "fix or remove the value: Arrow holds no lone surrogate (\\ud800-\\udfff), no integer over 64 bits"
@@ -330,7 +418,7 @@ def stream_failure(source, error: Exception) -> Exception:
     """What a stream of the local file ``source`` failed on, as ``load_data`` says it (a broken line, a value Arrow
     cannot hold, by line), found by reading the file now; ``error`` itself for other sources."""
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
-    if path is None or not path.is_file():
+    if path is None or not path.is_file() or isinstance(error, DataError):  # (a JSON stream's rows say theirs)
         return error
     kind = _local_kind(path)
     if kind == "json":
@@ -365,16 +453,26 @@ def unholdable(value) -> str | None:
 
 
 def _check_json(path: Path) -> None:
-    """Raise DataError with the line number of the first line that is not valid JSON.
+    """Raise DataError naming the first line (of a JSON document: line and column) that is not valid JSON."""
+    if sum(1 for _ in json_rows(path)[1]) == 0:  # datasets would fail with "Instruction 'train' corresponds to no data"
+        raise DataError(f"{path}: the file has only blank lines", fix="point to a file with at least one row")
+
+
+def json_rows(path: Path) -> tuple[str, Iterator[tuple[int, dict]]]:
+    """How the rows of a local JSON file are counted (``line`` of JSON Lines, ``row`` of a document) and
+    (number, row) for each, as Python's ``json`` reads them; DataError at the first line that is not UTF-8, not
+    JSON or not an object (a document's whole text checked first).
 
     JSON Lines are read one line at a time, split at ``\\n`` only, as ``datasets`` reads them: the file is never
     held whole (three copies of it were: bytes, text, lines), and a raw U+2028 or U+0085 inside a string, valid
     JSON, does not end a line (``str.splitlines`` would split there).
     """
     if _is_document(path):  # one JSON document (a list of rows)
-        _check_json_document(path)
-        return
-    blank = True
+        return "row", enumerate(_check_json_document(path))
+    return "line", _json_lines(path)
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -383,7 +481,6 @@ def _check_json(path: Path) -> None:
                 raise DataError(f"{path}: line {number}: not valid UTF-8", fix="re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
-            blank = False
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as error:
@@ -396,8 +493,7 @@ def _check_json(path: Path) -> None:
                     f"{path}: line {number}: expected a JSON object per line, got {type(value).__name__}",
                     fix='write each row as an object such as {"prompt": ..., "chosen": ..., "rejected": ...}',
                 )
-    if blank:  # datasets would fail with "Instruction 'train' corresponds to no data"
-        raise DataError(f"{path}: the file has only blank lines", fix="point to a file with at least one row")
+            yield number, value
 
 
 def _is_document(path: Path) -> bool:
@@ -409,7 +505,7 @@ def _is_document(path: Path) -> bool:
     return first == b"["
 
 
-def _check_json_document(path: Path) -> None:
+def _check_json_document(path: Path) -> list[dict]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -425,3 +521,10 @@ def _check_json_document(path: Path) -> None:
         ) from None
     if not rows:
         raise DataError(f"{path}: the file holds an empty list", fix="point to a file with at least one row")
+    for number, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}: row {number}: expected a JSON object per row, got {type(row).__name__}",
+                fix='write each row as an object such as {"prompt": ..., "chosen": ..., "rejected": ...}',
+            )
+    return rows
