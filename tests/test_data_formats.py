@@ -34,52 +34,6 @@ def assistant(text):
 # ----------------------------------------------------------------------------------------------------- loading
 
 
-def test_broken_jsonl_line_is_named(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text('{"chosen": "a", "rejected": "b"}\n\n{"chosen": "a", "rejected": \n{"chosen": "c"}\n')
-    with pytest.raises(DataError, match=r"data.jsonl: line 3: invalid JSON .* fix or remove that line"):
-        load_data(path)
-
-
-def test_jsonl_line_that_is_not_an_object(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text('{"chosen": "a", "rejected": "b"}\n[1, 2]\n')
-    with pytest.raises(DataError, match=r"line 2: expected a JSON object per line, got list"):
-        load_data(path)
-
-
-def test_jsonl_check_holds_one_line_at_a_time(tmp_path):
-    import tracemalloc
-
-    from fastdpo.data.load import _check_json
-
-    path = tmp_path / "pairs.jsonl"
-    row = {"prompt": "word " * 200, "chosen": "yes " * 300, "rejected": "no " * 300}
-    path.write_text((json.dumps(row) + "\n") * 5000)  # ~13 MB
-    tracemalloc.start()
-    _check_json(path)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert peak < path.stat().st_size / 20, peak  # was ~3x the file: its bytes, its text and its lines at once
-
-
-def test_jsonl_string_with_a_raw_line_separator_loads(tmp_path):
-    # U+2028 and U+0085 are valid inside JSON strings; str.splitlines would end a line there
-    path = tmp_path / "pairs.jsonl"
-    row = {"prompt": "a\u2028b", "chosen": "c\x85d", "rejected": "e"}
-    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
-    assert prepare_preferences(path)[0]["prompt"] == "a\u2028b"
-
-
-@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.json"])
-def test_a_byte_order_mark_first_loads_as_datasets_reads_it(name, tmp_path):
-    # some editors (Notepad) write one; the line check refused the file at line 1 where datasets reads it
-    rows = [{"prompt": "Hi", "chosen": "Hello", "rejected": "Go"}, {"prompt": "Yo", "chosen": "Hey", "rejected": "No"}]
-    text = "\r\n".join(map(json.dumps, rows)) + "\r\n" if name.endswith("l") else json.dumps(rows)
-    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
-    assert prepare_preferences(tmp_path / name).to_list() == rows
-
-
 def test_a_csv_reads_its_text_columns_as_text_and_its_numbers_as_numbers(tmp_path):
     # pandas alone reads an answer 4 as the number 4 (every row then refused), 007 as 7 and NA or None as missing
     path = tmp_path / "math.csv"
@@ -135,111 +89,9 @@ def test_a_csv_reads_mapped_text_columns_as_text_in_every_loader(tmp_path):
     assert _loaded_splits("sft", RunArguments(dataset_name=str(path)), 0, "answer")[0]["text"] == ["10", "11"]
 
 
-@pytest.mark.parametrize("name", ["mixed.jsonl", "mixed.json"])
-def test_a_json_text_column_of_mixed_kinds_names_the_odd_value_instead_of_changing_the_others(name, tmp_path):
-    # datasets reads such a column as Json, which gives back the valid strings "42" and "4" as numbers: every row
-    # would then be refused (or dropped as not_text) for one unquoted number
-    messages = [{"role": "assistant", "content": "Hi."}]
-    rows = [{"prompt": "Hi?", "chosen": messages, "rejected": messages, "meta": 0},  # (a list first: still found)
-            {"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green.", "meta": "x"},
-            {"prompt": "6 * 7?", "chosen": "42", "rejected": "48", "meta": 1},
-            {"prompt": "2 + 2?", "chosen": "4", "rejected": "5", "meta": None},
-            {"prompt": "12 + 7?", "chosen": 19, "rejected": "21", "meta": [1]}]  # fmt: skip
-    path = tmp_path / name
-    path.write_text("\n".join(map(json.dumps, rows)) if name.endswith("l") else json.dumps(rows))
-    where = "line 5: is a number where line 2" if name.endswith("l") else "row 4: is a number where row 1"
-    with pytest.raises(DataError, match=rf"column 'chosen': .*{name}: {where} has a string .*quote a number"):
-        load_data(path)
-    path.write_text("\n".join(json.dumps({**r, "chosen": str(r["chosen"])}) for r in rows[1:]))
-    assert load_data(path)["chosen"] == ["Blue.", "42", "4", "19"]  # a column of other kinds (meta) is not ours
-
-
-@pytest.mark.parametrize("name", ["parts.jsonl", "parts.json"])
-def test_a_string_that_datasets_would_read_back_changed_is_named_and_a_stream_keeps_it(name, tmp_path):
-    # datasets holds a field whose kinds differ between rows (a message's content a string here, a list of parts
-    # there) as JSON text, and reads a string there that is itself JSON back as that value: "4" as 4, '"five"' as
-    # five, silently (both before this check: the row trained on the changed text)
-    from fastdpo.data.load import load_stream
-
-    parts = [{"type": "text", "text": "Hello."}]
-    pairs = [{"prompt": [user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant('"five"')]},
-             {"prompt": [user("Hi?")], "chosen": [assistant(parts)], "rejected": [assistant(parts)]}]  # fmt: skip
-    path = tmp_path / name
-    path.write_text("\n".join(map(json.dumps, pairs)) if name.endswith("l") else json.dumps(pairs))
-    where = "line 1" if name.endswith("l") else "row 0"
-    with pytest.raises(
-        DataError,
-        match=rf"column 'chosen': .*{name}: {where}: the string '4' in chosen\[\]\.content "
-        r"would be read back as 4: .*give chosen\[\]\.content one kind of value",
-    ):
-        load_data(path)
-    assert list(load_stream(path)) == pairs  # a stream of the file reads each value as Python's json does
-    # strings that are not JSON come back from such a field as written: the file loads
-    pairs[0].update(chosen=[assistant("Four.")], rejected=[assistant("Five.")])
-    path.write_text("\n".join(map(json.dumps, pairs)) if name.endswith("l") else json.dumps(pairs))
-    assert load_data(path).to_list() == pairs
-
-
-def test_a_stream_of_a_json_file_keeps_its_strings_and_its_columns_or_names_the_line(tmp_path, monkeypatch):
-    from fastdpo.data import load
-    from fastdpo.data.stream import prepare_stream
-
-    # a number among strings: datasets' stream read that block's column as JSON, "4" and '"Hi"' changed in the rows
-    # trained before the number's own row stopped the run
-    rows = [{"prompt": '"Hi"', "chosen": "4", "rejected": "null"}] * 3 + [{"prompt": "p", "chosen": 5, "rejected": "r"}]
-    path = tmp_path / "mixed.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert list(load.load_stream(path)) == rows
-    with pytest.raises(DataError, match="row 3, column 'chosen': expected a string like the first row, got int"):
-        list(prepare_stream(load.load_stream(path), build_tiny_tokenizer()).dataset)
-    # the columns are those of the first rows (a missing value None, as Arrow fills them); a later new one is named
-    monkeypatch.setattr(load, "STREAM_COLUMNS_FROM", 2)
-    sparse = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e", "rejected": "f",
-              "system": "Be brief."}, {"prompt": "g", "chosen": "h", "rejected": "i", "score": 1}]  # fmt: skip
-    path.write_text("".join(json.dumps(row) + "\n\n" for row in sparse[:2]))
-    assert [row["system"] for row in load.load_stream(path)] == [None, "Be brief."]
-    path.write_text("".join(json.dumps(row) + "\n\n" for row in sparse))
-    streamed = load.load_stream(path)
-    with pytest.raises(
-        DataError,
-        match=r"column 'score': .*mixed.jsonl: line 5: a column that none of the first 2 "
-        r"rows has .*give the first row 'score' too",
-    ):
-        list(streamed)
-    path.write_text(json.dumps(sparse[0]) + "\n" + json.dumps({**sparse[0], "prompt": "a\ud800"}) + "\n")
-    with pytest.raises(DataError, match=r"column 'prompt': .*line 2: a lone surrogate '\\ud800' at character 1"):
-        list(load.load_stream(path))
-
-
 def test_numbers_as_answers_outside_a_csv_are_refused_with_the_reason():
     with pytest.raises(DataError, match=r"got int — .*a CSV or spreadsheet reader may read answers like 4 as numbers"):
         prepare_preferences([{"prompt": "What is 2+2?", "chosen": 4, "rejected": 5}] * 2)
-
-
-def test_broken_json_document_names_line_and_column(tmp_path):
-    path = tmp_path / "data.json"
-    path.write_text('[\n {"chosen": "a", "rejected": "b"},\n {"chosen": "a" "rejected": "b"}\n]\n')
-    with pytest.raises(DataError, match=r"data.json: line 3, column 17: invalid JSON"):
-        load_data(path)
-
-
-def test_invalid_utf8_names_the_line(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_bytes(b'{"chosen": "a", "rejected": "b"}\n{"chosen": "\xff", "rejected": "b"}\n')
-    with pytest.raises(DataError, match=r"line 2: not valid UTF-8"):
-        load_data(path)
-
-
-@pytest.mark.parametrize(
-    ("name", "content", "match"),
-    [("missing.jsonl", None, "no such file"), ("data.txt", "x", "unknown file type '.txt'"), ("e.jsonl", "", "empty")],
-)
-def test_bad_files(tmp_path, name, content, match):
-    path = tmp_path / name
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(DataError, match=match):
-        load_data(path)
 
 
 def test_parquet_csv_json_and_dataset_dict_load_the_same_rows(tmp_path):

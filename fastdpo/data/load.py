@@ -473,6 +473,7 @@ def json_rows(path: Path) -> tuple[str, Iterator[tuple[int, dict]]]:
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    read = False
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -484,6 +485,8 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as error:
+                if not read and line.lstrip().startswith("{"):
+                    _refuse_one_object(path)  # (the whole file one JSON object over several lines: not JSON Lines)
                 raise DataError(
                     f"{path}: line {number}: invalid JSON ({error.msg} at character {error.colno})",
                     fix="fix or remove that line",
@@ -493,7 +496,33 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
                     f"{path}: line {number}: expected a JSON object per line, got {type(value).__name__}",
                     fix='write each row as an object such as {"prompt": ..., "chosen": ..., "rejected": ...}',
                 )
+            read = True
             yield number, value
+
+
+def _refuse_one_object(path: Path) -> None:
+    """DataError naming the layout when the whole file is one JSON object, not rows: columns (each key a list of
+    values), or rows under one key (``{"data": [...]}``); nothing when it is not."""
+    try:
+        whole = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return
+    if not isinstance(whole, dict) or not whole:
+        return
+    lists = {key: value for key, value in whole.items() if isinstance(value, list)}
+    under = [key for key, value in lists.items() if value and all(isinstance(row, dict) for row in value)]
+    if len(under) == 1 and (len(whole) == 1 or len(lists) < len(whole)):
+        raise DataError(f"{path}: one JSON object whose {under[0]!r} holds the rows, not a row per line",
+                        fix=f"write those rows one per line (.jsonl), or pass datasets.load_dataset('json', "
+                            f"data_files=..., field={under[0]!r}, split='train')")  # fmt: skip
+    if len(lists) == len(whole) and len({len(value) for value in lists.values()}) == 1:
+        raise DataError(f"{path}: one JSON object of columns (each key a list of values), not a row per line",
+                        fix="write one object per row, e.g. pandas.read_json(path).to_json(out, orient='records', "
+                            "lines=True) for a .jsonl file")  # fmt: skip
+    raise DataError(
+        f"{path}: one JSON object over several lines, not a row per line",
+        fix="write each row as one object on one line (.jsonl), or a list of row objects (.json)",
+    )
 
 
 def _is_document(path: Path) -> bool:
