@@ -88,6 +88,21 @@ def test_first_steps_match_trl(case, data, tmp_path):
     assert 0 < ours[0]["padding_fraction"] < 1
 
 
+@pytest.mark.parametrize("options", [{"loss_type": ["ipo"]}, {"loss_type": ["sigmoid_norm"]},
+                                     {"loss_type": ["ipo", "sigmoid_norm"], "ld_alpha": 1.0}],
+                         ids=["ipo", "sigmoid_norm", "plain_head"])  # fmt: skip
+def test_length_normalized_losses_count_a_completions_first_token_as_trl_does(options, data, tmp_path):
+    # keep_end at max_length 12 cuts the whole prompt of most pairs away: their sequences begin with a completion
+    # token, which no position predicts; TRL's ipo and sigmoid_norm still count it in the length (its unshifted
+    # completion mask), so the per-token means differed (grad norm 8/7 TRL's where 7 tokens were predicted)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    options = {**options, "truncation_mode": "keep_end", "max_length": 12, "per_device_train_batch_size": 4}
+    ours = run(DPOTrainer, DPOConfig, load, data, tokenizer, tmp_path, "ours", **options)
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **options)
+    assert_first_steps_match(ours, theirs)
+
+
 def test_ld_alpha_with_sft_matches_trl_where_chosen_and_rejected_lengths_differ(tmp_path):
     # LD-DPO weighs the DPO sums, not the SFT term's token mean (TRL's), on pairs where either side is the longer
     import datasets

@@ -83,6 +83,10 @@ class PackedBatch:
     """Which examples (positions in the list given to ``pack_pairs``) the pairs are, in pair order."""
     num_padding: int
     """Padding tokens in ``input_ids``."""
+    seq_starts_completion: torch.Tensor | None = None
+    """[S] bool: True for a sequence whose first token is a completion token (its prompt empty, or cut away by
+    ``keep_end``), which no position predicts; None: no such sequence. TRL's ``ipo`` and ``sigmoid_norm`` count it in
+    the completion's length."""
 
     @property
     def num_pairs(self) -> int:
@@ -215,6 +219,7 @@ def _fill_rows(
     seg_lengths: list[int] = []
     seq_pair: list[int] = []
     seq_is_chosen: list[bool] = []
+    starts_completion: list[bool] = []
     number: dict[int, int] = {i: i for i in range(len(sequences) // 2)} if keep_pair_order else {}
     for row, items in enumerate(bins):
         offset = 0
@@ -230,12 +235,14 @@ def _fill_rows(
             seg_lengths.append(n)
             seq_pair.append(number.setdefault(index // 2, len(number)))
             seq_is_chosen.append(index % 2 == 0)
+            starts_completion.append(bool(mask[0]))
             offset += n
         if offset < row_length:
             position_ids[row, offset:] = torch.arange(row_length - offset)
             seg_lengths.append(row_length - offset)
             seq_pair.append(-1)
             seq_is_chosen.append(False)
+            starts_completion.append(False)
     cu_seqlens = torch.zeros(len(seg_lengths) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(seg_lengths, dtype=torch.int32).cumsum(0)
     pair_ids = sorted(number, key=number.__getitem__)
@@ -249,6 +256,7 @@ def _fill_rows(
         seq_is_chosen=torch.tensor(seq_is_chosen, dtype=torch.bool),
         pair_ids=pair_ids,
         num_padding=input_ids.numel() - sum(len(ids) for ids, _ in sequences),
+        seq_starts_completion=torch.tensor(starts_completion, dtype=torch.bool),
     )
 
 

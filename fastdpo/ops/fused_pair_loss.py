@@ -65,6 +65,7 @@ def fused_pair_loss(
     chunk_bytes: int | None = None,
     token_metrics: bool = False,
     return_logps: bool = False,
+    seq_starts_completion: Tensor | None = None,
 ) -> LossOutput | tuple[LossOutput, Tensor]:
     """The preference loss of packed pairs, its gradient formed in the forward (see the module docstring).
 
@@ -79,6 +80,8 @@ def fused_pair_loss(
             ``entropy`` (over all completion tokens), ``logits/chosen|rejected`` (mean logit over the completion
             tokens), ``mean_token_accuracy`` (chosen completion tokens whose target is the first argmax).
         return_logps: also return the ``[P, 2]`` (chosen, rejected) log-prob sums, detached.
+        seq_starts_completion: ``[S]`` bool, the sequences whose first token is a completion token (``PackedBatch``'s):
+            ``ipo`` and ``sigmoid_norm`` count that token in the length, as TRL does; None: none.
 
     Returns:
         LossOutput whose ``loss`` carries the gradient to hidden, weight and bias; the rest is detached.
@@ -94,6 +97,7 @@ def fused_pair_loss(
         loss = _FusedPairLoss.apply(
             hidden, weight, bias, targets, cu_seqlens, pairs_of, ref_chosen, ref_rejected, config, transform,
             ignore_index, chunk_bytes, token_metrics, state,
+            None if seq_starts_completion is None else seq_starts_completion.to(pairs_of.device)[pairs_of].long(),
         )  # fmt: skip
     out = state["output"]
     result = LossOutput(loss, out.per_pair.detach(), out.chosen_rewards.detach(), out.rejected_rewards.detach(),
@@ -104,7 +108,7 @@ def fused_pair_loss(
 class _FusedPairLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, cu_seqlens, pairs_of, ref_chosen, ref_rejected, config,
-                transform, ignore_index, chunk_bytes, token_metrics, state):  # fmt: skip
+                transform, ignore_index, chunk_bytes, token_metrics, state, leads):  # fmt: skip
         acc = _acc_dtype(hidden, weight, bias)
         device, num_pairs, vocab = hidden.device, pairs_of.shape[0], weight.shape[0]
         valid = targets != ignore_index
@@ -114,6 +118,7 @@ class _FusedPairLoss(torch.autograd.Function):
         token_seg = segment_ids(cu_seqlens, len(targets))
         counts.index_add_(0, token_seg, valid.long())
         tokens = counts[pairs_of]  # [P, 2]
+        lengths = tokens if leads is None else tokens + leads  # ipo and sigmoid_norm's, as TRL counts them
         gemms = _HeadGemms(hidden, weight, bias, acc)
         chunk_bytes = gemms.chunk_bytes(chunk_bytes)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -144,7 +149,8 @@ class _FusedPairLoss(torch.autograd.Function):
             with torch.enable_grad():
                 chosen = zeros.index_put((chunk,), live[:, 0])
                 rejected = zeros.index_put((chunk,), live[:, 1])
-                pairs = PairLogps(chosen, rejected, ref_chosen, ref_rejected, tokens[:, 0], tokens[:, 1])
+                pairs = PairLogps(chosen, rejected, ref_chosen, ref_rejected, tokens[:, 0], tokens[:, 1],
+                                  chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1])  # fmt: skip
                 (grad_seq,) = torch.autograd.grad(preference_loss(pairs, config).loss, live)
             seq_logps[chunk] = live.detach()
             if gemms.epilogue is not None:
@@ -158,7 +164,8 @@ class _FusedPairLoss(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += dz.sum(0, dtype=acc)
             z = exp = dz = tanh = None  # this chunk's buffers go before the next product allocates its own
-        full = PairLogps(seq_logps[:, 0], seq_logps[:, 1], ref_chosen, ref_rejected, tokens[:, 0], tokens[:, 1])
+        full = PairLogps(seq_logps[:, 0], seq_logps[:, 1], ref_chosen, ref_rejected, tokens[:, 0], tokens[:, 1],
+                         chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1])  # fmt: skip
         state["seq_logps"] = seq_logps
         with torch.no_grad():
             state["output"] = output = preference_loss(full, config)
@@ -172,7 +179,7 @@ class _FusedPairLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
-        return (*scaled, *([None] * 11))
+        return (*scaled, *([None] * 12))
 
 
 def _chunk_stats(gemms, h: Tensor, y: Tensor, transform, token_metrics: bool):

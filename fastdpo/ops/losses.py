@@ -140,6 +140,11 @@ class PairLogps:
     chosen_unweighted: Tensor | None = None
     """When ``chosen`` holds weighted sums (LD-DPO's ``ld_alpha``): the plain sums, for the SFT/CPO NLL term (TRL's
     SFT term is the plain token mean)."""
+    chosen_lengths: Tensor | None = None
+    """``ipo`` and ``sigmoid_norm``'s divisor as TRL's DPOTrainer takes it (its unshifted completion mask): the token
+    counts, plus one for a sequence that begins with its completion (its first token, which no position predicts);
+    None: the token counts."""
+    rejected_lengths: Tensor | None = None
 
 
 @dataclass
@@ -237,7 +242,9 @@ def _pair_loss(loss_type: str, pairs: PairLogps, config: LossConfig, extra: dict
     if loss_type == "hinge":
         return torch.relu(1 - delta)
     if loss_type in ("ipo", "sigmoid_norm"):
-        mean_delta = _mean(chosen_score, pairs.chosen_tokens) - _mean(rejected_score, pairs.rejected_tokens)
+        chosen_length = pairs.chosen_tokens if pairs.chosen_lengths is None else pairs.chosen_lengths
+        rejected_length = pairs.rejected_tokens if pairs.rejected_lengths is None else pairs.rejected_lengths
+        mean_delta = _mean(chosen_score, chosen_length) - _mean(rejected_score, rejected_length)
         if loss_type == "ipo":
             return (mean_delta - 1 / (2 * beta)) ** 2
         return -F.logsigmoid(beta * mean_delta)

@@ -114,7 +114,7 @@ def _head_and_loss(
         def fused_head(states: Tensor, spec: HeadSpec):
             out = fused_pair_loss(states, spec.weight, targets, cu_seqlens, seq_pair, seq_is_chosen, config,
                                   ref_chosen=ref_c, ref_rejected=ref_r, token_metrics=token_metrics,
-                                  **_head_options(spec))  # fmt: skip
+                                  seq_starts_completion=batch.seq_starts_completion, **_head_options(spec))  # fmt: skip
             return out.loss, out
 
         loss, out = run_head(model, fused_head, hidden)
@@ -149,8 +149,12 @@ def _head_and_loss(
         scored = (targets != IGNORE_INDEX).to(logp.dtype)
         nll_sum = -segment_sum(logp, cu_seqlens)[pairs[:, 0]].sum()
         chosen_nll = nll_sum / segment_sum(scored, cu_seqlens)[pairs[:, 0]].sum().clamp(min=1.0)
+    lengths = counts  # ipo and sigmoid_norm's, as TRL counts them: a sequence's first token too, if a completion one
+    if batch.seq_starts_completion is not None:
+        lengths = counts + batch.seq_starts_completion.to(device=device, dtype=counts.dtype)
     pair_logps = PairLogps(sums[pairs[:, 0]], sums[pairs[:, 1]], ref_c, ref_r, counts[pairs[:, 0]],
-                           counts[pairs[:, 1]], chosen_nll, unweighted)  # fmt: skip
+                           counts[pairs[:, 1]], chosen_nll, unweighted, lengths[pairs[:, 0]],
+                           lengths[pairs[:, 1]])  # fmt: skip
     pair_weights = None
     if use_weighting:  # WPO (its eq. 2), as TRL 1.16 computes it: no gradient through the weights
         aligned = (logp.detach() - per_token.log_sum_sq_probs) * completion
