@@ -104,6 +104,30 @@ def test_an_adapter_on_the_lm_head_is_refused(data, tmp_path):
                        peft_config=peft.LoraConfig(**{"r": 4, "target_modules": ["q_proj"], **bad}))  # fmt: skip
 
 
+def test_prompt_learning_adapters_are_refused_by_every_trainer(data, tmp_path):
+    # their virtual tokens are added by PeftModel.forward, which the packed forward does not run: training failed
+    # deep in autograd, and evaluate() scored the bare base model (eval_loss log 2) where TRL scores the prompts
+    from test_train_sft import common_args as sft_args
+
+    import fastdpo.trl as dropin
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    prompts = lambda kind: kind(task_type="CAUSAL_LM", num_virtual_tokens=4)  # noqa: E731
+    trainers = [(DPOTrainer, DPOConfig(**common_args(tmp_path, "dpo"))), (dropin.DPOTrainer, trl.DPOConfig(
+                **common_args(tmp_path, "trl_dpo"))), (SFTTrainer, SFTConfig(**sft_args(tmp_path, "sft"))),
+                (dropin.SFTTrainer, trl.SFTConfig(**sft_args(tmp_path, "trl_sft")))]  # fmt: skip
+    said = r"column 'peft_config': prompt-learning adapters \({}\) are not supported.*e\.g\. LoraConfig"
+    for trainer_cls, args in trainers:
+        with pytest.raises(ConfigError, match=said.format("PROMPT_TUNING")):
+            trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer,
+                        peft_config=prompts(peft.PromptTuningConfig))  # fmt: skip
+        with pytest.raises(ConfigError, match=said.format("PREFIX_TUNING")):  # a PeftModel given
+            trainer_cls(model=peft.get_peft_model(load(), prompts(peft.PrefixTuningConfig)), args=args,
+                        train_dataset=data, processing_class=tokenizer)  # fmt: skip
+
+
 def test_lora_sft_matches_trl_and_its_adapter_is_the_dpo_reference(data, tmp_path):
     from test_train_sft import prompt_completion_rows
 

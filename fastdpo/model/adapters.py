@@ -40,6 +40,7 @@ def wrap_with_adapter(model: nn.Module, peft_config, *, gradient_checkpointing: 
     if not isinstance(peft_config, PeftConfig):
         raise ConfigError(f"expected a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}",
                           column="peft_config")  # fmt: skip
+    refuse_prompt_learning(peft_config)
     if is_peft_model(model):
         raise ConfigError("the model already has adapters and a peft_config was given too", column="peft_config",
                           fix="merge and unload the adapter first (merge_and_unload), or pass peft_config=None to "
@@ -50,6 +51,19 @@ def wrap_with_adapter(model: nn.Module, peft_config, *, gradient_checkpointing: 
         raise ConfigError(f"peft refused it: {' '.join(str(error).split())}", column="peft_config",
                           fix="fix the LoRA settings: lora_r, lora_dropout, lora_target_modules") from None  # fmt: skip
     return prepare_adapter_model(model, gradient_checkpointing=gradient_checkpointing, new_adapter=True)
+
+
+def refuse_prompt_learning(config_or_model) -> None:
+    """ConfigError for a prompt-learning adapter (prompt, prefix, P-tuning), given as a PeftConfig or a PeftModel: its
+    virtual tokens are added by ``PeftModel.forward``, which fastdpo's packed forward does not run (the model would
+    train no adapter, and evaluate as the bare base model)."""
+    configs = getattr(config_or_model, "peft_config", None)
+    configs = configs.values() if isinstance(configs, dict) else [config_or_model]
+    kinds = [str(getattr(c, "peft_type", type(c).__name__)) for c in configs if getattr(c, "is_prompt_learning", 0)]
+    if kinds:
+        raise ConfigError(f"prompt-learning adapters ({kinds[0].split('.')[-1]}) are not supported: their virtual "
+                          "tokens are added by PeftModel.forward, which fastdpo's packed forward does not run",
+                          column="peft_config", fix="use an adapter on the layers, e.g. LoraConfig")  # fmt: skip
 
 
 def is_quantized(model: nn.Module) -> bool:

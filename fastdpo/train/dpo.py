@@ -53,6 +53,7 @@ from fastdpo.model.adapters import (
     is_peft_model,
     prepare_adapter_model,
     prepare_quantized_training,
+    refuse_prompt_learning,
     wrap_with_adapter,
 )
 from fastdpo.model.attention import attends_per_sequence, packed_attention, use_attention
@@ -189,6 +190,7 @@ class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer)
         elif is_peft_model(model) and ref_model is None:  # a trained adapter: a frozen copy of it is the reference
             model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=False)
         if is_peft_model(model):
+            refuse_prompt_learning(model)
             prepare_quantized_training(model)
         check_run_dir(args, model)
         self.reference_mode = _reference_mode(args, is_peft_model(model))

@@ -58,7 +58,13 @@ from fastdpo.data.sft import (
 from fastdpo.data.stream import prepare_sft_stream
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model import HeadSpec, packed_body, run_head
-from fastdpo.model.adapters import is_peft_model, prepare_adapter_model, prepare_quantized_training, wrap_with_adapter
+from fastdpo.model.adapters import (
+    is_peft_model,
+    prepare_adapter_model,
+    prepare_quantized_training,
+    refuse_prompt_learning,
+    wrap_with_adapter,
+)
 from fastdpo.model.attention import packed_attention, use_attention
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import moe_aux_loss, router_aux_loss_coef
@@ -319,6 +325,7 @@ class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, Numerics
         elif is_peft_model(model):  # train the adapter it has
             model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=True)
         if is_peft_model(model):
+            refuse_prompt_learning(model)
             prepare_quantized_training(model)
         check_run_dir(args, model)
         _set_special_tokens(model, processing_class, args, set_pad=data_collator is None)
