@@ -70,7 +70,13 @@ from fastdpo.model.adapters import refuse_prompt_learning  # noqa: E402
 from fastdpo.model.attention import PACKED_ATTENTION, packed_attention, use_attention  # noqa: E402
 from fastdpo.model.hooks import forward_as  # noqa: E402
 from fastdpo.model.packed import head_softcap  # noqa: E402
-from fastdpo.train.common import check_collator, check_lean_activations, lean_layers, warn_no_logits  # noqa: E402
+from fastdpo.train.common import (  # noqa: E402
+    PackedTokenCount,
+    check_collator,
+    check_lean_activations,
+    lean_layers,
+    warn_no_logits,
+)
 from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
 from fastdpo.train.config import check_weighting, loss_config_of  # noqa: E402
 from fastdpo.train.dpo import DisplacementWatch, PairPacker, _as_batch, packer_for  # noqa: E402
@@ -120,7 +126,7 @@ def _refuse(args, compute_metrics) -> None:
     refuse_logit_hooks(TRL_FALLBACK, compute_metrics=compute_metrics)
 
 
-class DPOTrainer(trl.DPOTrainer):
+class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
     """``trl.DPOTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments."""
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
@@ -226,7 +232,7 @@ class DPOTrainer(trl.DPOTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
 
-class SFTTrainer(PackedSFTLoss, trl.SFTTrainer):
+class SFTTrainer(PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
     """``trl.SFTTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments.
 
     TRL prepares the dataset (tokenization, its labels, its packing into rows with ``seq_lengths``); the collator

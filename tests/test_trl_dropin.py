@@ -391,3 +391,35 @@ def test_sft_options_through_the_dropin_config(tmp_path, monkeypatch):
     for step in (0, 1):  # fp32: TRL's loss from full logits against the fused head's (~1e-6 relative)
         for name in ("loss", "grad_norm"):
             assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4), (step, name)
+
+
+def test_non_padding_input_tokens_are_counted_as_trl_counts_them(data, tmp_path):  # noqa: F811
+    # the Trainer counts tokens that are not the pad token where a batch has no attention mask (packed batches): with
+    # the pad token the EOS (TRL sets it so for most chat tokenizers), every completion's EOS was counted as padding
+    # (133 tokens where TRL's attention mask counts 141)
+    from test_train_sft import common_args as sft_args
+    from test_train_sft import prompt_completion_rows
+
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    load = tiny_model(tokenizer, tmp_path / "model")
+    seen = {}
+    dpo_trainers = (("trl", trl.DPOTrainer, trl.DPOConfig), ("dropin", dropin.DPOTrainer, trl.DPOConfig),
+                    ("ours", DPOTrainer, DPOConfig))  # fmt: skip
+    for name, trainer_cls, config_cls in dpo_trainers:
+        logs = run(trainer_cls, config_cls, load, data, tokenizer, tmp_path, name,
+                   include_num_input_tokens_seen="non_padding")  # fmt: skip
+        seen[name] = [log["num_input_tokens_seen"] for log in logs]
+    assert seen["dropin"] == seen["ours"] == seen["trl"]
+    sft_data = prompt_completion_rows(8)
+    sft_trainers = (("sft_trl", trl.SFTTrainer, trl.SFTConfig), ("sft_dropin", dropin.SFTTrainer, trl.SFTConfig),
+                    ("sft", SFTTrainer, SFTConfig))  # fmt: skip
+    for name, trainer_cls, config_cls in sft_trainers:
+        args = config_cls(**sft_args(tmp_path, name, packing=False, include_num_input_tokens_seen="non_padding"))
+        trainer = trainer_cls(model=load(), args=args, train_dataset=sft_data, processing_class=tokenizer)
+        trainer.train()
+        seen[name] = trainer.state.num_input_tokens_seen
+    assert seen["sft_dropin"] == seen["sft"] == seen["sft_trl"] > 0
+    assert seen["trl"][-1] > 0

@@ -185,6 +185,19 @@ class TokenRate:
         return rate
 
 
+class PackedTokenCount:
+    """``include_num_input_tokens_seen="non_padding"`` on packed batches: the Trainer counts the tokens that are not the
+    pad token (the batch has no attention mask), so every end-of-sequence token counted as padding where the pad
+    token is the EOS (TRL sets it so); the batch's real tokens are counted instead, as TRL's attention mask counts
+    them. ``"all"`` counts the packed rows' tokens: those computed, not TRL's padded ones."""
+
+    def _track_num_input_tokens(self, inputs):
+        if self.args.include_num_input_tokens_seen != "non_padding" or "num_padding" not in inputs:
+            return super()._track_num_input_tokens(inputs)
+        real = torch.as_tensor(inputs["input_ids"].numel() - int(inputs["num_padding"]), device=self.args.device)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(real.reshape(1)).sum())
+
+
 class StepMetrics:
     """Metrics of the micro-batches since the last log, averaged with a weight per micro-batch (pairs or tokens),
     over every process: a micro-batch of 1 pair weighs half one of 2, however the step was split."""

@@ -64,6 +64,7 @@ from fastdpo.model.reference_cache import cached_reference_logps
 from fastdpo.ops import LossOutput
 from fastdpo.train.common import (
     NumericsGuard,
+    PackedTokenCount,
     StepMetrics,
     SyncReference,
     TokenRate,
@@ -136,7 +137,7 @@ def _as_batch(inputs: dict) -> PackedBatch:
     return PackedBatch(**fields)
 
 
-class DPOTrainer(InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer):
+class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer):
     """DPO (and its family) on packed batches; TRL 1.16's constructor arguments."""
 
     # compute_loss normalizes per pair over the whole optimizer step (see _get_num_items_in_batch)

@@ -73,6 +73,7 @@ from fastdpo.ops import linear_logprobs
 from fastdpo.ops.label_smoothing import target_logit_gap
 from fastdpo.train.common import (
     NumericsGuard,
+    PackedTokenCount,
     TokenRate,
     check_attention_device,
     check_collator,
@@ -279,7 +280,7 @@ class PackedSFTLoss:
         return loss.detach(), None, None
 
 
-class SFTTrainer(PackedSFTLoss, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer):
+class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer):
     """Supervised fine-tuning on packed batches; TRL 1.16's constructor arguments."""
 
     # compute_loss divides by the targets of the whole optimizer step (num_items_in_batch): no further 1/GA
