@@ -119,6 +119,25 @@ def test_default_pack_length_follows_the_attention_backend():
         default_pack_length(0)
 
 
+def test_without_max_length_the_dpo_rows_hold_the_longest_sequence_for_any_attention():
+    # flex attention packs into rows of 4096 where max_length is set; without one (TRL's max_length=None) a longer
+    # sequence was refused with "raise pack_length", an option TRL's DPOConfig does not have
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from fastdpo.train.dpo import packer_for
+
+    args = SimpleNamespace(max_length=None, truncation_mode="keep_start", pad_to_multiple_of=None)
+    long = {"prompt_ids": [1, 2], "chosen_ids": list(range(3, 5003)), "rejected_ids": [7, 8]}
+    for attention in ("flex_attention", "sdpa"):
+        packer = packer_for(nn.Module(), args, attention, pad_token_id=0)
+        assert packer.pack_length is None
+        assert packer([long, EXAMPLES[0]])["input_ids"].shape[1] == 5002
+    assert packer_for(nn.Module(), SimpleNamespace(**{**vars(args), "max_length": 64}), "flex_attention",
+                      pad_token_id=0).pack_length == 4096  # fmt: skip
+
+
 def test_split_pairs_packs_sequences_into_rows_of_the_longest_sequence():
     gen = torch.Generator().manual_seed(3)
 

@@ -7,7 +7,7 @@ The Trainer's own seeded sampler picks ``per_device_train_batch_size`` pairs per
 the collator packs their sequences (``pack_pairs(split_pairs=True)``; rows as long as ``pack_length``, by default
 the whole batch in one row when the steps' attention works per sequence (``fastdpo_varlen`` with
 ``packed_attention="varlen"``, or flash-attention), else ``default_pack_length``: the batch's longest
-sequence on eager/sdpa). The steps run on that attention (``use_attention``, held through the backward, where
+sequence on eager/sdpa, and on any attention without a ``max_length``). The steps run on that attention (``use_attention``, held through the backward, where
 gradient checkpointing recomputes the layers), and ``compute_loss`` runs the reference pass
 and the policy pass on that one packed batch, through the DDP/FSDP/DeepSpeed wrapper's forward (``forward_as``;
 the head runs as the LM head module's forward, ``run_head``). With several processes, each step's pairs are dealt
@@ -524,11 +524,12 @@ def packer_for(model: nn.Module, args, attention: str | None, pad_token_id: int,
                packing: bool = True) -> PairPacker:  # fmt: skip
     """The collator of a DPO config (fastdpo's or TRL's): rows of ``pack_length`` when set, else one row per batch
     for attention that works per sequence, else ``default_pack_length`` for the attention the steps run with
-    (``attention``; None: the model's own)."""
+    (``attention``; None: the model's own) and ``max_length`` (None: rows as long as each batch's longest
+    sequence)."""
     attention = attention or getattr(model.config, "_attn_implementation", None) or "sdpa"
     one_row = pack_length is None and packing and attends_per_sequence(attention)
-    if pack_length is None and not one_row:
-        pack_length = default_pack_length(args.max_length or 1024, attention)
+    if pack_length is None and not one_row and args.max_length is not None:  # (no max_length: rows as long as each
+        pack_length = default_pack_length(args.max_length, attention)  # batch's longest sequence, which nothing caps)
     return PairPacker(pack_length=pack_length, max_length=args.max_length, truncation_mode=args.truncation_mode,
                       pad_token_id=pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of, packing=packing,
                       one_row=one_row)  # fmt: skip
