@@ -21,13 +21,6 @@ def test_broken_jsonl_line_is_named(tmp_path):
         load_data(path)
 
 
-def test_jsonl_line_that_is_not_an_object(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text('{"chosen": "a", "rejected": "b"}\n[1, 2]\n')
-    with pytest.raises(DataError, match=r"line 2: expected a JSON object per line, got list"):
-        load_data(path)
-
-
 def test_jsonl_check_holds_one_line_at_a_time(tmp_path):
     import tracemalloc
 
@@ -136,20 +129,6 @@ def test_a_stream_of_a_json_file_keeps_its_strings_and_its_columns_or_names_the_
         list(load.load_stream(path))
 
 
-def test_broken_json_document_names_line_and_column(tmp_path):
-    path = tmp_path / "data.json"
-    path.write_text('[\n {"chosen": "a", "rejected": "b"},\n {"chosen": "a" "rejected": "b"}\n]\n')
-    with pytest.raises(DataError, match=r"data.json: line 3, column 17: invalid JSON"):
-        load_data(path)
-
-
-def test_invalid_utf8_names_the_line(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_bytes(b'{"chosen": "a", "rejected": "b"}\n{"chosen": "\xff", "rejected": "b"}\n')
-    with pytest.raises(DataError, match=r"line 2: not valid UTF-8"):
-        load_data(path)
-
-
 PAIR = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
 
 
@@ -159,6 +138,21 @@ PAIR = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
         ("missing.jsonl", None, "no such file"),
         ("data.txt", "x", "unknown file type '.txt'"),
         ("e.jsonl", "", "empty"),
+        (
+            "list.jsonl",
+            '{"chosen": "a", "rejected": "b"}\n[1, 2]\n',
+            "line 2: expected a JSON object per line, got list",
+        ),
+        (
+            "doc.json",
+            '[\n {"chosen": "a", "rejected": "b"},\n {"chosen": "a" "rejected": "b"}\n]\n',
+            r"doc.json: line 3, column 17: invalid JSON",
+        ),
+        (
+            "latin1.jsonl",
+            b'{"chosen": "a", "rejected": "b"}\n{"chosen": "\xff", "rejected": "b"}\n',
+            "line 2: not valid UTF-8",
+        ),
         # one JSON object over several lines, valid JSON (it was "line 1: invalid JSON"): its layout is named
         (
             "columns.json",
@@ -176,7 +170,7 @@ PAIR = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
 def test_bad_files(tmp_path, name, content, match):
     path = tmp_path / name
     if content is not None:
-        path.write_text(content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(DataError, match=match):
         load_data(path)
     if content:  # a stream says the same
