@@ -7,10 +7,10 @@ The Trainer's own seeded sampler picks ``per_device_train_batch_size`` pairs per
 the collator packs their sequences (``pack_pairs(split_pairs=True)``; rows as long as ``pack_length``, by default
 the whole batch in one row when the steps' attention works per sequence (``fastdpo_varlen`` with
 ``packed_attention="varlen"``, or flash-attention), else ``default_pack_length``: the batch's longest
-sequence on eager/sdpa, and on any attention without a ``max_length``). The steps run on that attention (``use_attention``, held through the backward, where
-gradient checkpointing recomputes the layers), and ``compute_loss`` runs the reference pass
-and the policy pass on that one packed batch, through the DDP/FSDP/DeepSpeed wrapper's forward (``forward_as``;
-the head runs as the LM head module's forward, ``run_head``). With several processes, each step's pairs are dealt
+sequence on eager/sdpa, and on any attention without a ``max_length``). The steps run on that attention
+(``use_attention``, held through the backward, where gradient checkpointing recomputes the layers), and
+``compute_loss`` runs the reference pass and the policy pass on that one packed batch, through the
+DDP/FSDP/DeepSpeed wrapper's forward (``forward_as``; the head runs as the LM head module's forward, ``run_head``). With several processes, each step's pairs are dealt
 by tokens (``balance_ranks``). Every pair of an optimizer step weighs the same, whatever the micro-batches,
 processes or token budget (``max_tokens_per_batch``). Datasets go through
 ``prepare_preferences`` and ``tokenize_preferences`` (TRL-identical ids; the rows TRL drops are dropped and
