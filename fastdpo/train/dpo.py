@@ -3,21 +3,20 @@
     trainer = DPOTrainer(model, ref_model=None, args=DPOConfig(...), train_dataset=ds, processing_class=tokenizer)
     trainer.train()
 
-The Trainer's own seeded sampler picks ``per_device_train_batch_size`` pairs per step (the pairs TRL would see);
-the collator packs their sequences (``pack_pairs(split_pairs=True)``; rows as long as ``pack_length``, by default
-the whole batch in one row when the steps' attention works per sequence (``fastdpo_varlen`` with
-``packed_attention="varlen"``, or flash-attention), else ``default_pack_length``: the batch's longest
-sequence on eager/sdpa, and on any attention without a ``max_length``). The steps run on that attention
-(``use_attention``, held through the backward, where gradient checkpointing recomputes the layers), and
-``compute_loss`` runs the reference pass and the policy pass on that one packed batch, through the
-DDP/FSDP/DeepSpeed wrapper's forward (``forward_as``; the head runs as the LM head module's forward, ``run_head``). With several processes, each step's pairs are dealt
-by tokens (``balance_ranks``). Every pair of an optimizer step weighs the same, whatever the micro-batches,
-processes or token budget (``max_tokens_per_batch``). Datasets go through
-``prepare_preferences`` and ``tokenize_preferences`` (TRL-identical ids; the rows TRL drops are dropped and
-counted in ``self.dropped_rows``); streams (``datasets.IterableDataset``, with ``max_steps``) through
-``prepare_stream`` as they are read, and a dict of eval datasets under its keys. Metrics carry TRL's names
-(``rewards/*``, ``logps/*``, ``entropy``, ``logits/*``, ``mean_token_accuracy``, ``num_tokens``, ``aux_loss`` for
-MoE) plus ``padding_fraction`` and ``tokens_per_second``;
+The Trainer's own seeded sampler picks ``per_device_train_batch_size`` pairs per step (the pairs TRL would see); the
+collator packs their sequences (``pack_pairs(split_pairs=True)``; rows as long as ``pack_length``, by default the
+whole batch in one row when the steps' attention works per sequence (``fastdpo_varlen`` with
+``packed_attention="varlen"``, or flash-attention), else ``default_pack_length``: the batch's longest sequence on
+eager/sdpa, and on any attention without a ``max_length``). The steps run on that attention (``use_attention``, held
+through the backward, where gradient checkpointing recomputes the layers), and ``compute_loss`` runs the reference
+pass and the policy pass on that one packed batch, through the DDP/FSDP/DeepSpeed wrapper's forward (``forward_as``;
+the head runs as the LM head module's forward, ``run_head``). With several processes, each step's pairs are dealt by
+tokens (``balance_ranks``). Every pair of an optimizer step weighs the same, whatever the micro-batches, processes
+or token budget (``max_tokens_per_batch``). Datasets go through ``prepare_preferences`` and ``tokenize_preferences``
+(TRL-identical ids; the rows TRL drops are dropped and counted in ``self.dropped_rows``); streams
+(``datasets.IterableDataset``, with ``max_steps``) through ``prepare_stream`` as they are read, and a dict of eval
+datasets under its keys. Metrics carry TRL's names (``rewards/*``, ``logps/*``, ``entropy``, ``logits/*``,
+``mean_token_accuracy``, ``num_tokens``, ``aux_loss`` for MoE) plus ``padding_fraction`` and ``tokens_per_second``;
 non-finite steps are skipped (``NumericsGuard``).
 
 A model is an object or a path (``model_init_kwargs``; quantized with ``quantization_config``, whose adapters then
