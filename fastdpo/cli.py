@@ -43,13 +43,11 @@ import dataclasses
 import difflib
 import json
 import logging
-import platform
 import re
 import signal
 import sys
 import warnings
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 from fastdpo.atomic import refuse_non_empty
@@ -60,6 +58,7 @@ from fastdpo.cli_model import (
     check_evaluation,
     check_reporting,
     check_scheduler,
+    environment,
     merge_model_keys,
     peft_and_quantization,
     streamed_splits,
@@ -103,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     # default dataloader_pin_memory=True (torch warns at each data loader)
     warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator")
+    # nor bitsandbytes' word, at its import on a CPU with AVX512-BF16 (every command that loads a model), that HF's
+    # optional `kernels` package is missing: it falls back to its own 4-bit CPU kernel
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+    )
     if argv[:1] in (["quickstart"], ["compare"], ["sweep"]):  # their own parsers (fastdpo.quickstart, ...)
         from fastdpo.compare import main as compare
         from fastdpo.quickstart import main as quickstart
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if known.command == "env":
             if rest:
                 raise ConfigError(f"unexpected arguments {rest}", column="env", fix="fastdpo env [--json]")
-            print(_env(as_json=known.json))
+            print(environment(as_json=known.json))
             return 0
         return _train(known, rest)
     except (ConfigError, DataError, OSError) as error:
@@ -541,57 +545,6 @@ def _loaded_splits(command: str, run_args: RunArguments, seed: int, text_field: 
 
 
 # ----------------------------------------------------------------------------------------------------------- env
-
-
-def _auto_heads(device: str) -> dict[str, str]:
-    """What ``impl="auto"`` of the head ops picks here for bf16 and fp32 inputs (the ops' own choice, asked)."""
-    import torch
-
-    from fastdpo.ops.linear_logprobs import _resolve_impl
-
-    picks = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        hidden, weight = torch.empty(1, 8, dtype=dtype, device=device), torch.empty(4, 8, dtype=dtype, device=device)
-        picks[name] = _resolve_impl("auto", hidden, weight)
-    return picks
-
-
-def _env(*, as_json: bool) -> str:
-    import torch
-
-    versions = {"python": platform.python_version()}
-    for package in ("fastdpo", "torch", "transformers", "accelerate", "datasets", "trl", "peft", "triton",
-                    "deepspeed", "liger-kernel", "bitsandbytes"):  # fmt: skip
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})"
-    try:
-        import fastdpo._packer  # noqa: F401
-
-        packer = True
-    except ImportError:
-        packer = False
-    info = {
-        "versions": versions,
-        "device": device,
-        "cuda": cuda,
-        "head_impl_auto": _auto_heads("cuda" if cuda else "cpu"),
-        "lean_kernels": cuda and versions["triton"] is not None,
-        "cpp_packer": packer,
-    }
-    if as_json:
-        return json.dumps(info, indent=1)
-    lines = [f"{name:14s} {version or 'not installed'}" for name, version in versions.items()]
-    built = "built" if packer else "not built (the Python packer gives the same bins)"
-    heads = ", ".join(f"{dtype} → {impl}" for dtype, impl in info["head_impl_auto"].items())
-    lean = ("Triton RMSNorm, SiLU product and RoPE kernels" if info["lean_kernels"]
-            else "the modules' own ops (the kernels need CUDA and Triton)")  # fmt: skip
-    lines += [f"{'device':14s} {device}", f"{'head impl auto':14s} {heads}", f"{'lean layers':14s} {lean}",
-              f"{'C++ packer':14s} {built}"]  # fmt: skip
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,16 @@
 ``use_peft``: a quantized model trains through adapters only. ``streamed_splits``: the data of a run with
 ``dataset_streaming`` (TRL's ``ScriptArguments`` name), read as training goes. ``check_evaluation``: the held-out
 rows and ``eval_strategy`` agree. ``TRL_KEYS``: what to write instead of TRL keys fastdpo has no field for.
+``environment``: what ``fastdpo env`` reports.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import platform
 from dataclasses import dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -238,3 +242,55 @@ def streamed_splits(command: str, run_args, text_field: str | None = None) -> tu
                        "skipped; run 'fastdpo data check' on a sample of the data instead")  # fmt: skip
     evaluation = stream(run_args.dataset_test_split) if run_args.dataset_test_split is not None else None
     return stream(run_args.dataset_train_split), evaluation
+
+
+def _auto_heads(device: str) -> dict[str, str]:
+    """What ``impl="auto"`` of the head ops picks here for bf16 and fp32 inputs (the ops' own choice, asked)."""
+    import torch
+
+    from fastdpo.ops.linear_logprobs import _resolve_impl
+
+    picks = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        hidden, weight = torch.empty(1, 8, dtype=dtype, device=device), torch.empty(4, 8, dtype=dtype, device=device)
+        picks[name] = _resolve_impl("auto", hidden, weight)
+    return picks
+
+
+def environment(*, as_json: bool) -> str:
+    """What ``fastdpo env`` prints: versions, the device, what the head ops and lean layers run here, the packer."""
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for package in ("fastdpo", "torch", "transformers", "accelerate", "datasets", "trl", "peft", "triton",
+                    "deepspeed", "liger-kernel", "bitsandbytes"):  # fmt: skip
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    try:
+        import fastdpo._packer  # noqa: F401
+
+        packer = True
+    except ImportError:
+        packer = False
+    info = {
+        "versions": versions,
+        "device": device,
+        "cuda": cuda,
+        "head_impl_auto": _auto_heads("cuda" if cuda else "cpu"),
+        "lean_kernels": cuda and versions["triton"] is not None,
+        "cpp_packer": packer,
+    }
+    if as_json:
+        return json.dumps(info, indent=1)
+    lines = [f"{name:14s} {version or 'not installed'}" for name, version in versions.items()]
+    built = "built" if packer else "not built (the Python packer gives the same bins)"
+    heads = ", ".join(f"{dtype} → {impl}" for dtype, impl in info["head_impl_auto"].items())
+    lean = ("Triton RMSNorm, SiLU product and RoPE kernels" if info["lean_kernels"]
+            else "the modules' own ops (the kernels need CUDA and Triton)")  # fmt: skip
+    lines += [f"{'device':14s} {device}", f"{'head impl auto':14s} {heads}", f"{'lean layers':14s} {lean}",
+              f"{'C++ packer':14s} {built}"]  # fmt: skip
+    return "\n".join(lines)
