@@ -132,8 +132,9 @@ def refuse_changed_data(recorded_path: Path, fingerprint: dict | None, *, overwr
 def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool, keep=()) -> list[Path]:
     """The Trainer checkpoints (``checkpoint-<step>`` folders, not links, written completely) in ``out`` that this run
     leaves behind (see the module docstring): with ``checkpoint`` in ``out``, those of later steps; from another
-    run's, or with none under ``overwrite``, all of them. Never one that holds a path in ``keep`` (the run's model,
-    reference, data, cache). A ``ConfigError`` when resuming would need ``--overwrite`` and it was not given."""
+    run's, or with none under ``overwrite``, all of them. A ``ConfigError`` when one of them holds a path in ``keep``
+    (the run's model, reference, data, cache: it cannot go, and left it is what a later ``--resume`` would take), and
+    when resuming would need ``--overwrite`` and it was not given."""
     from fastdpo.train.resume import saved_step
 
     if not out.is_dir() or (checkpoint is None and not overwrite):
@@ -141,8 +142,7 @@ def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool, kee
     inputs = [Path(path).resolve() for path in keep if path]
     steps = {path.resolve(): saved_step(path) for path in out.iterdir() if not path.is_symlink() and path.is_dir()
              and re.fullmatch(r"checkpoint-\d+", path.name)}  # fmt: skip
-    steps = {real: step for real, step in steps.items() if step is not None  # (None: incomplete, or no checkpoint)
-             and not any(path == real or real in path.parents for path in inputs)}  # fmt: skip
+    steps = {real: step for real, step in steps.items() if step is not None}  # (None: incomplete, or no checkpoint)
     if checkpoint is not None:
         real = Path(checkpoint).resolve()
         if is_own(out, checkpoint):  # this run's own: the checkpoints of later steps are another future of it
@@ -150,6 +150,13 @@ def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool, kee
             steps = {other: step for other, step in steps.items() if other != real and step > (least or 0)}
         else:  # another run's checkpoint: every one here is an earlier run's
             steps.pop(real, None)
+    held = [real for real in steps if any(path == real or real in path.parents for path in inputs)]
+    if held:  # (it cannot be removed, and left it is what a later --resume would take)
+        raise ConfigError(f"{out / held[0].name} holds what this run reads (its model, reference, data or config), "
+                          "and this run leaves that checkpoint behind: a later --resume would go on from it, and "
+                          "the run's own saves could write over it", column="output_dir",
+                          fix="copy it out of the run directory first, or write this run to another output_dir"
+                          )  # fmt: skip
     later = [out / real.name for real in sorted(steps, key=steps.get)]
     if later and checkpoint is not None and not overwrite:
         names = ", ".join(path.name for path in later[:3]) + (f" and {len(later) - 3} more" if len(later) > 3 else "")

@@ -288,16 +288,14 @@ def test_stale_checkpoints_are_only_the_trainers_own_and_never_the_runs_model(tm
     run = tmp_path / "run"
     two, six, nine = saved(run / "checkpoint-2", 2), saved(run / "checkpoint-6", 6), saved(run / "checkpoint-9", 9)
     model = saved(run / "checkpoint-500", None)  # a model saved under a checkpoint's name: the run starts from it
-    start = saved(run / "checkpoint-700", 700)  # a Trainer checkpoint, named as the run's model_name_or_path
-    holder = saved(run / "checkpoint-800", 800)  # a checkpoint that holds the run's data file
     saved(run / "checkpoint-900", None).joinpath("trainer_state.json").write_text("{}")  # no step: no checkpoint
     best = saved(run / "best", 6)
     (run / "latest").symlink_to(six, target_is_directory=True)
     other = saved(tmp_path / "other" / "checkpoint-3", 3)
     (run / "checkpoint-40").symlink_to(other, target_is_directory=True)  # a link is never removed (nor followed)
-    keep = (str(start), None, str(holder / "data" / "pairs.jsonl"))
+    keep = (str(model), None)
     assert stale_checkpoints(run, None, overwrite=False, keep=keep) == []
-    assert stale_checkpoints(run, None, overwrite=True, keep=keep) == [two, six, nine]  # never the model or start
+    assert stale_checkpoints(run, None, overwrite=True, keep=keep) == [two, six, nine]  # never the model
     for checkpoint in (six, best, run / "latest"):  # by its step, whatever its name or link
         assert stale_checkpoints(run, str(checkpoint), overwrite=True, keep=keep) == [nine]
         with pytest.raises(ConfigError, match="later steps than .*\\(checkpoint-9\\)"):
@@ -306,6 +304,13 @@ def test_stale_checkpoints_are_only_the_trainers_own_and_never_the_runs_model(tm
     assert stale_checkpoints(run, str(other), overwrite=True, keep=keep) == [two, six, nine]  # another run's
     # a link in the run directory is the run's own checkpoint, stored elsewhere: only the later ones are stale
     assert stale_checkpoints(run, str(run / "checkpoint-40"), overwrite=True, keep=keep) == [six, nine]
+    # a Trainer checkpoint the run leaves behind that holds what it reads (its model; its data file) is refused: it
+    # cannot go, and a later --resume went on from it (an earlier run's optimizer and step, the new run's log)
+    start, holder = saved(run / "checkpoint-700", 700), saved(run / "checkpoint-800", 800)
+    for held, read in ((start, start), (holder, holder / "data" / "pairs.jsonl")):
+        for resumed in (None, str(six)):
+            with pytest.raises(ConfigError, match=rf"{held.name} holds what this run reads .*copy it out of the run"):
+                stale_checkpoints(run, resumed, overwrite=True, keep=(str(read),))
     assert model.is_dir()
     from fastdpo.cli_resume import checkpoint_to_resume, remove_checkpoints
 
