@@ -28,9 +28,10 @@ from fastdpo.errors import ConfigError
 logger = logging.getLogger("fastdpo")
 
 # what a resumed run may change: how long it runs, how often it logs, saves and evaluates, where it reports, how
-# its data is loaded. max_steps / num_train_epochs are here to extend a run; a decaying learning-rate schedule goes on
-# as its checkpoint left it, not over the new length (a linear one that reached 0 at step 2 of 2 stays at 0 for
-# step 3: measured), so extend runs trained with a constant one. dataset_test_split is the evaluation data only.
+# its data is loaded. max_steps / num_train_epochs are here to extend a run; the Trainer rebuilds the learning-rate
+# schedule for the new length: the first resumed step keeps the rate the checkpoint saved, the next ones take the
+# new schedule's at their step (a linear one that reached 0 at step 2 of 2, extended to 4: 0 at step 3, a quarter of
+# the peak at step 4; tests/test_train_resume.py). dataset_test_split is the evaluation data only.
 RESUME_MAY_CHANGE = frozenset({
     "output_dir", "max_steps", "num_train_epochs", "resume_from_checkpoint", "local_rank", "ddp_timeout",
     "save_steps", "save_strategy", "save_total_limit", "save_only_model", "save_on_each_node",

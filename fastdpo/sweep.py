@@ -192,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2, help="policy samples per prompt for the KL estimate")
     parser.add_argument("--kl-prompts", type=int, default=32, help="held-out prompts for the KL estimate")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
-    parser.add_argument("--resume", action="store_true", help="go on with a sweep that stopped (see above)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with a sweep that stopped: finished βs read back, the one under way resumed from its "
+        "last checkpoint, the others trained",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args, flags = parser.parse_known_args(argv)
     check_counts(args, at_least={"samples": 0, "kl_prompts": 0, "nll_rise": 0})

@@ -166,3 +166,17 @@ def test_the_numerics_guard_counts_go_on_after_a_resume(tokenizer, load, tmp_pat
         logs = [log for log in trainer.state.log_history if "loss" in log]
         assert [log.get("nonfinite_steps", 0) for log in logs] == [0, 0, 1, 2]
         assert trainer.state.global_step == 4
+
+
+def test_an_extended_run_takes_the_schedule_of_its_new_length_from_its_second_resumed_step(tokenizer, load, tmp_path):
+    # what README says of `fastdpo dpo --resume --max_steps N` (RESUME_MAY_CHANGE): the Trainer rebuilds the schedule
+    # for the new length; its first resumed step keeps the rate the checkpoint saved (0 at the end of a linear decay)
+    def rates(max_steps, **resume):
+        config = args(tmp_path, "run", SFTConfig, max_length=32, max_steps=max_steps, save_steps=2,
+                      learning_rate=1e-2, lr_scheduler_type="linear")  # fmt: skip
+        trainer = SFTTrainer(load(), args=config, train_dataset=prompt_completions(16), processing_class=tokenizer)
+        trainer.train(**resume)
+        return [log["learning_rate"] for log in trainer.state.log_history if "loss" in log]
+
+    assert rates(2) == pytest.approx([1e-2, 5e-3])
+    assert rates(4, resume_from_checkpoint=True)[-2:] == pytest.approx([0.0, 1e-2 / 4])
