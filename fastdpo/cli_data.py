@@ -129,6 +129,7 @@ def run_data(known: argparse.Namespace) -> int:
                                                   "excluded_rows": result.excluded_rows})  # fmt: skip
         print(f"{result.summary()} (see {_dropped_path(known.out)})")
         return 0
+    _check_outputs([known.train_out, known.eval_out], known, dataset)  # (before the split's work)
     if "prompt" in dataset.column_names:
         train, held_out = split_by_prompt(dataset, test_size=known.test_size, seed=known.seed)
     else:  # grouped by the prompt the trainers take out of chosen and rejected (TRL's implicit prompt)
@@ -144,7 +145,6 @@ def run_data(known: argparse.Namespace) -> int:
                             "shared prompt to group by", column=error.column, fix=error.fix)  # fmt: skip
         train, held_out = split_by_keys(dataset, keys, test_size=known.test_size, seed=known.seed, column="prompt")
     summary = {"input": known.data, "rows": len(dataset), "train": len(train), "eval": len(held_out)}
-    _check_outputs([known.train_out, known.eval_out], known, dataset)
     _write(train, known.train_out, known, summary)
     _write(held_out, known.eval_out, known, summary)
     print(f"train {len(train)} rows, eval {len(held_out)} rows; no prompt in both")
@@ -236,6 +236,9 @@ def _check_outputs(paths: list[Path], known: argparse.Namespace, dataset=None) -
     source = Path(known.data).resolve()
     nested = [name for name, feature in getattr(dataset, "features", {}).items() if isinstance(feature, (dict, list))
               or type(feature).__name__ in ("List", "LargeList", "Sequence", "Json")]  # fmt: skip
+    if len({path.resolve() for path in paths}) < len(paths):
+        raise ConfigError(f"{paths[0]} is given for both outputs", column="out",
+                          fix="give the train and eval splits a file each")  # fmt: skip
     for path in paths:
         if path.suffix == ".csv" and nested:  # pandas writes their Python repr, which reads back as one string
             raise ConfigError(f"{path.name}: a CSV cell holds text or a number, and {', '.join(map(repr, nested))} "

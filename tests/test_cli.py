@@ -418,6 +418,11 @@ def test_data_pairs_and_split(workdir, data_cli):
     refused_row = data_cli("split", "hh_refused.jsonl", "hr_train.jsonl", "hr_eval.jsonl", "--test-size", "0.3")
     assert refused_row.returncode == 0 and "rows the trainers' preparation refuses" in refused_row.stderr
     by_count = data_cli("split", "pairs.jsonl", "t6.jsonl", "e6.jsonl", *MAPPED, "--test-size", "6")  # a row count
+    # one file for both: the eval rows were written over the train rows (with --overwrite, silently)
+    for flags in ([], ["--overwrite"]):
+        same = data_cli("split", "pairs.jsonl", "u.jsonl", "./u.jsonl", *MAPPED, *flags)
+        assert same.returncode == 2 and "u.jsonl is given for both outputs" in same.stderr, same.stderr[-2000:]
+        assert not (workdir / "u.jsonl").exists()
     assert by_count.returncode == 0 and "eval 6 rows" in by_count.stdout, by_count.stderr[-2000:]
     assert split.returncode == 0, split.stderr[-2000:]
     train = [json.loads(line) for line in (workdir / "train.jsonl").read_text().splitlines()]
