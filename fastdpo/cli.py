@@ -39,6 +39,7 @@ it and exits with status 128 + the signal's number (130, 143), without the final
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import difflib
 import json
@@ -522,8 +523,10 @@ def _loaded_splits(command: str, run_args: RunArguments, seed: int, text_field: 
 
     from fastdpo.data import check_preferences, prepare_preferences, prepare_sft, split_by_prompt, split_sft_by_prompt
 
-    columns = run_args.dataset_columns
+    columns, refused = run_args.dataset_columns, {}
     prepare = prepare_preferences if command == "dpo" else functools.partial(prepare_sft, text_field=text_field)
+    if command == "dpo" and run_args.data_filter == "drop":  # rows preparation refuses: dropped, as the filter drops
+        prepare = functools.partial(_without_refused_rows, counts=refused)
     train = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_train_split)
     evaluation = None
     if run_args.dataset_test_split is not None:
@@ -534,9 +537,10 @@ def _loaded_splits(command: str, run_args: RunArguments, seed: int, text_field: 
     if command != "dpo":
         return train, evaluation, {}
     report = check_preferences(train)
-    dropped: dict[str, int] = {}
+    dropped: dict[str, int] = refused.get(run_args.dataset_train_split, {})
     if run_args.data_filter == "drop":
-        train, dropped = report.filter(train)
+        train, more = report.filter(train)
+        dropped = dict(collections.Counter(dropped) + collections.Counter(more))
         if dropped:
             logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
     files = {"data_quality.md": report.to_markdown() + f"\nRows removed before training: {dropped}\n",
@@ -544,7 +548,16 @@ def _loaded_splits(command: str, run_args: RunArguments, seed: int, text_field: 
     return train, evaluation, files
 
 
-# ----------------------------------------------------------------------------------------------------------- env
+def _without_refused_rows(source, *, columns: dict | None, split: str, counts: dict):
+    """``prepare_dropping``'s rows, its counts in ``counts[split]``, warned about."""
+    from fastdpo.data.refused import prepare_dropping
+
+    prepared, counts[split], rows = prepare_dropping(source, columns=columns, split=split)
+    if rows:
+        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        logger.warning("%s split: dropped %d rows the preparation refuses: %s (rows %s)", split, len(rows),
+                       counts[split], shown)  # fmt: skip
+    return prepared
 
 
 if __name__ == "__main__":

@@ -171,35 +171,16 @@ def _first_rows(source: str, limit: int, text: tuple[str, ...]):
 
 
 def _prepared(dataset, columns: dict | None):
-    """``dataset`` as the trainers read it (``prepare_preferences``: columns mapped, score aliases, the prompt taken
-    out of whole conversations, system/input columns joined in), row for row; a row that preparation refuses stays
-    as it is (mapped; a list of rows is returned then), so that the report lists its problem and judges the others
-    prepared."""
-    from fastdpo.data import prepare_preferences
-    from fastdpo.data.formats import _detect_format, check_row, rename_preference_columns
+    """``prepared_rows``' rows, said on stderr where preparation refused some: the report lists their problems and
+    judges the others prepared."""
+    from fastdpo.data.refused import prepared_rows
 
-    try:
-        prepared = prepare_preferences(dataset, columns=columns)
-    except DataError as error:
-        if error.row is None:  # the whole dataset's problem (a missing column): the check says the same
-            raise
-        renamed, _ = rename_preference_columns(dataset, columns or {})
-        kind = _detect_format(renamed, "auto")
-        raw = renamed.to_list()
-        refused = {}
-        for row, example in enumerate(raw):
-            try:
-                check_row(example, row, kind)
-            except DataError as problem:
-                refused[row] = problem
-        kept = [row for row in range(len(raw)) if row not in refused]
-        if kept:  # (a row _check_rows refuses that check_row passes cannot be: they run the same checks)
-            for row, example in zip(kept, prepare_preferences(renamed.select(kept)).to_list(), strict=True):
-                raw[row] = example
-        first = next(iter(refused.values()), error)
-        print(f"fastdpo: rows the trainers' preparation refuses, checked as they are: {len(refused)} of {len(raw)} "
-              f"(the first: {first}); the others are checked as the trainers read them", file=sys.stderr)  # fmt: skip
-        return raw
+    prepared, refused = prepared_rows(dataset, columns)
+    if refused:
+        print(f"fastdpo: rows the trainers' preparation refuses, checked as they are: {len(refused)} of "
+              f"{len(prepared)} (the first: {next(iter(refused.values()))}); the others are checked as the trainers "
+              "read them", file=sys.stderr)  # fmt: skip
+        return prepared
     if "prompt" not in getattr(dataset, "column_names", []) and "prompt" not in (columns or {}):
         split = sum(prepared["prompt_split_mid_word"]) if "prompt_split_mid_word" in prepared.column_names else 0
         print(f"fastdpo: no prompt column: each pair's prompt is the text chosen and rejected share (TRL's "

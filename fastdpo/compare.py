@@ -43,6 +43,7 @@ import inspect
 import io
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -270,13 +271,18 @@ def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data
     ``dropped_pairs``.
     """
     from fastdpo.data import check_preferences, prepare_preferences, tokenize_preferences
+    from fastdpo.data.refused import prepare_dropping
     from fastdpo.data.tokenize import truncate
 
     if data_filter not in ("drop", "none"):
         raise ConfigError(f"must be 'drop' or 'none', got {data_filter!r}", column="data_filter")
     context = getattr(policy.config, "max_position_embeddings", None)
-    prepared = prepare_preferences(pairs)
-    kept, dropped = check_preferences(prepared).filter(prepared) if data_filter == "drop" else (prepared, {})
+    if data_filter == "drop":  # (rows preparation refuses for a drop reason, empty answers: dropped too)
+        prepared, refused, _ = prepare_dropping(pairs)
+        kept, dropped = check_preferences(prepared).filter(prepared)
+        dropped = dict(Counter(refused) + Counter(dropped))
+    else:
+        kept, dropped = prepare_preferences(pairs), {}
     if len(kept) == 0:
         raise DataError(f"every pair has a problem the trainers drop it for ({dropped})", column="pairs",
                         fix="run 'fastdpo data check' on the file to list them")  # fmt: skip

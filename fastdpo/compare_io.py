@@ -133,14 +133,14 @@ def load_tokenizer(policy: Path, reference: Path, *, trust_remote_code: bool = F
 
 
 def read_pairs(path: Path):
-    """The pairs file prepared as the trainers prepare it. Without a ``prompt`` column each pair's prompt is the
-    text its chosen and rejected begin with (TRL's implicit prompt), said so; a ConfigError where no pair has one
-    (a prompt column under another name: compare takes no column map)."""
-    from fastdpo.data import prepare_preferences
+    """The pairs file, loaded and checked (``pair_metrics`` prepares it as the trainers do). Without a ``prompt``
+    column each pair's prompt is the text its chosen and rejected begin with (TRL's implicit prompt), said so; a
+    ConfigError where no pair has one (a prompt column under another name: compare takes no column map)."""
     from fastdpo.data.load import load_data
+    from fastdpo.data.refused import prepare_dropping
 
     raw = load_data(path)
-    prepared = prepare_preferences(raw)
+    prepared, _, _ = prepare_dropping(raw)  # (what the trainers refuse, refused before any answer is generated)
     if "prompt" not in raw.column_names:
         empty = sum(not prompt for prompt in prepared["prompt"])
         if empty == len(prepared):
@@ -150,4 +150,4 @@ def read_pairs(path: Path):
                               f"{', '.join(raw.column_names)})")  # fmt: skip
         print(f"--pairs: {path} has no 'prompt' column: a pair's prompt is the text its chosen and rejected begin "
               f"with, as the trainers read it ({empty} of {len(prepared)} pairs have none)")  # fmt: skip
-    return prepared
+    return raw

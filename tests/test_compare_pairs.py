@@ -109,6 +109,19 @@ def test_pair_metrics_scores_the_trainers_token_ids_against_a_token_by_token_ref
     assert same["reward_margin"] == 0 and same["reward_accuracy"] == 0
 
 
+def test_a_pair_with_an_empty_answer_is_dropped_and_counted_as_the_trainers_drop_it():
+    # "empty" is a drop reason of the quality check, but preparation refused such a row first: compare --pairs
+    # stopped at it, where the trainers' data_filter: drop (and README) leave it out, counted
+    tokenizer = build_tiny_tokenizer()
+    policy, reference = tiny_llama(tokenizer, 0), tiny_llama(tokenizer, 1)
+    clean = pair_metrics(policy, reference, tokenizer, STANDARD, beta=BETA)
+    empty = [*STANDARD[:2], {"prompt": "Hi?", "chosen": "  ", "rejected": " Bye."}, *STANDARD[2:]]
+    got = pair_metrics(policy, reference, tokenizer, empty, beta=BETA)
+    assert got["dropped"] == {**clean["dropped"], "empty": clean["dropped"].get("empty", 0) + 1}
+    assert got["dropped_pairs"] == clean["dropped_pairs"] + 1
+    assert numbers({**got, "dropped_pairs": 0}) == numbers({**clean, "dropped_pairs": 0})
+
+
 def test_compare_cli_takes_a_conversational_pairs_file_and_names_a_bad_one(tmp_path, capsys, monkeypatch):
     tokenizer = build_tiny_tokenizer()
     for name, seed in (("policy", 0), ("reference", 1)):

@@ -519,3 +519,28 @@ def test_to_markdown_lists_every_reason(standard_rows, conversation_rows, tokeni
         assert "| chosen | tokens |" in text
         assert "## Dataset warnings" in text
     assert "No row has a problem." in check_preferences([pair()]).to_markdown()
+
+
+def test_a_run_drops_the_rows_preparation_refuses_as_its_data_filter_drops_the_others(tmp_path, caplog):
+    # an empty or whitespace answer is a drop reason of the report, but preparation refused the row first: under
+    # data_filter: drop (the default) `fastdpo dpo` stopped at it, where README says such rows are dropped and counted
+    import logging
+
+    from fastdpo.cli import RunArguments, _loaded_splits
+
+    rows = [{"prompt": f"Question {i}?", "chosen": f" Yes {i}.", "rejected": f" No {i}."} for i in range(8)]
+    rows[2]["chosen"], rows[5]["rejected"], rows[6]["rejected"] = "", "   ", rows[6]["chosen"]  # (6: identical)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        train, _, files = _loaded_splits("dpo", RunArguments(dataset_name=str(path)), 0)
+    assert train["prompt"] == [rows[i]["prompt"] for i in (0, 1, 3, 4, 7)]
+    assert json.loads(files["data_quality.json"])["removed"] == {"empty": 2, "identical": 1}
+    assert any("train split: dropped 2 rows the preparation refuses: {'empty': 2} (rows 2, 5)" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    with pytest.raises(DataError, match="row 2, column 'chosen': is empty"):  # data_filter: none keeps every row
+        _loaded_splits("dpo", RunArguments(dataset_name=str(path), data_filter="none"), 0)
+    rows[3]["system"] = 7  # refused for a reason the report does not drop: the run stops at it, by its file row
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match="row 3, column 'system'"):
+        _loaded_splits("dpo", RunArguments(dataset_name=str(path)), 0)

@@ -1,0 +1,65 @@
+"""Rows ``prepare_preferences`` refuses, kept aside instead of stopping everything.
+
+``prepared_rows``: every row as the trainers read it, those preparation refuses as they are, for the quality check
+to judge (``fastdpo data check|filter|split``). ``prepare_dropping``: the prepared rows without those refused for a
+reason the quality check drops (an empty answer, a missing one, not text): what ``data_filter: drop`` (the
+trainers' CLI default) and ``fastdpo compare --pairs`` do with them, where preparation stopped at the first.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from fastdpo.data.formats import _detect_format, check_row, prepare_preferences, rename_preference_columns
+from fastdpo.data.load import load_data, text_columns
+from fastdpo.errors import DataError
+
+
+def prepared_rows(dataset, columns: dict | None):
+    """``(rows, refused)``: ``dataset`` as the trainers read it (``prepare_preferences``: columns mapped, score
+    aliases, the prompt taken out of whole conversations, system/input columns joined in), row for row, and
+    ``{row: its DataError}`` for the rows preparation refuses, which stay as they are (mapped; ``rows`` is a list
+    then) for the quality check to judge."""
+    try:
+        return prepare_preferences(dataset, columns=columns), {}
+    except DataError as error:
+        if error.row is None:  # the whole dataset's problem (a missing column): the check says the same
+            raise
+        renamed, _ = rename_preference_columns(dataset, columns or {})
+        kind = _detect_format(renamed, "auto")
+        raw = renamed.to_list()
+        refused = {}
+        for row, example in enumerate(raw):
+            try:
+                check_row(example, row, kind)
+            except DataError as problem:
+                refused[row] = problem
+        kept = [row for row in range(len(raw)) if row not in refused]
+        if kept:  # (a row _check_rows refuses that check_row passes cannot be: they run the same checks)
+            for row, example in zip(kept, prepare_preferences(renamed.select(kept)).to_list(), strict=True):
+                raw[row] = example
+        return raw, refused
+
+
+def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "train"):
+    """``(prepared, dropped, rows)``: ``prepare_preferences(data, columns=, split=)`` but for the rows it refuses for
+    a reason the quality check drops, counted by that reason in ``dropped``, ``rows`` their numbers in ``data``. A
+    refused row the check would keep is its DataError, as is any other problem, named by its row in ``data``."""
+    from fastdpo.data.quality import check_preferences
+
+    dataset = load_data(data, split=split, text=text_columns(columns))
+    checked, refused = prepared_rows(dataset, columns)
+    if not refused:
+        return checked, {}, []
+    reasons = {row: reason for reason, found in check_preferences(checked).dropped_rows(checked).items()
+               for row in found}  # fmt: skip
+    kept = [row for row in range(len(dataset)) if row not in refused]
+    if any(row not in reasons for row in refused):
+        raise next(error for row, error in refused.items() if row not in reasons)
+    try:
+        prepared = prepare_preferences(dataset.select(kept), columns=columns)
+    except DataError as error:  # (named by its row in data, not among the rows kept)
+        if error.row is None:
+            raise
+        raise DataError(error.message, row=kept[error.row], column=error.column, fix=error.fix) from None
+    return prepared, dict(Counter(reasons[row] for row in refused)), list(refused)
