@@ -529,3 +529,30 @@ def test_lean_activations_train_as_the_models_own_forwards(load, tokenizer, tmp_
     for step in (0, 1):  # fp32: the first norm's gradient summed in another order (~1e-7 relative)
         for name in ("loss", "grad_norm", "entropy"):
             assert runs[True][step][name] == pytest.approx(runs[False][step][name], rel=1e-5), (step, name)
+
+
+def test_neftune_noise_on_packed_rows_is_drawn_at_trls_scale(load, tokenizer, tmp_path, monkeypatch):
+    # transformers' hook draws the noise in ±α/√(L·d), L the row length: TRL's padding-free batch is one row of the
+    # batch's tokens, fastdpo's packed rows are shorter, so the noise was √(rows) times TRL's (1.41x at 2 rows)
+    import transformers.integrations.neftune as neftune
+
+    trl = pytest.importorskip("trl")
+    dropin = pytest.importorskip("fastdpo.trl")
+    drawn, hook = [], neftune.neftune_post_forward_hook
+
+    def spy(module, inputs, output):
+        if module.training:
+            drawn.append(module.neftune_noise_alpha / (output.shape[1] * output.shape[2]) ** 0.5)
+        return hook(module, inputs, output)
+
+    monkeypatch.setattr(neftune, "neftune_post_forward_hook", spy)
+    scales = {}
+    trainers = (("trl", trl.SFTTrainer, trl.SFTConfig), ("dropin", dropin.SFTTrainer, trl.SFTConfig),
+                ("ours", SFTTrainer, SFTConfig))  # fmt: skip
+    for name, trainer_cls, config_cls in trainers:
+        drawn.clear()
+        train(trainer_cls, config_cls, load, prompt_completion_rows(24), tokenizer, tmp_path, name, packing=True,
+              neftune_noise_alpha=5.0)  # fmt: skip
+        scales[name] = list(drawn)
+    assert len(scales["trl"]) == 2
+    assert scales["ours"] == pytest.approx(scales["trl"], rel=1e-6) and scales["dropin"] == pytest.approx(scales["trl"])

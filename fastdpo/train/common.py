@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -196,6 +197,26 @@ class PackedTokenCount:
             return super()._track_num_input_tokens(inputs)
         real = torch.as_tensor(inputs["input_ids"].numel() - int(inputs["num_padding"]), device=self.args.device)
         self.state.num_input_tokens_seen += int(self.accelerator.gather(real.reshape(1)).sum())
+
+
+@contextlib.contextmanager
+def neftune_as_padding_free(model: nn.Module, batch, args):
+    """NEFTune's noise on a packed SFT batch as on TRL's padding-free one of the same tokens (``padding_free``, or
+    packing ``bfd``/``bfd_split``): transformers' hook draws it in ±α/√(L·d), L the batch's row length, which TRL's
+    one flattened row makes its real token count; rows of packed sequences would get √(L_TRL / L) times more. α is
+    scaled for the step; elsewhere (unpacked rows, TRL's padded ones) nothing changes."""
+    embeddings = model.get_input_embeddings()
+    alpha = getattr(embeddings, "neftune_noise_alpha", None)
+    padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
+    length, real = batch.input_ids.shape[-1], batch.input_ids.numel() - batch.num_padding
+    if alpha is None or not padding_free or length == real:
+        yield
+        return
+    embeddings.neftune_noise_alpha = alpha * math.sqrt(length / real)
+    try:
+        yield
+    finally:
+        embeddings.neftune_noise_alpha = alpha
 
 
 class StepMetrics:

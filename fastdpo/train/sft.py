@@ -84,6 +84,7 @@ from fastdpo.train.common import (
     lean_layers,
     load_causal_lm,
     load_tokenizer,
+    neftune_as_padding_free,
     report_dropped,
     report_streams,
     set_pad_token,
@@ -243,7 +244,11 @@ class PackedSFTLoss:
                             label_smoothing=self.args.label_smoothing_factor)  # fmt: skip
 
         # mixed precision as accelerate's forward wrapper would apply it; through the DDP/FSDP wrapper (forward_as)
-        with self.accelerator.autocast(), forward_as(inner, packed_forward):
+        with (
+            self.accelerator.autocast(),
+            forward_as(inner, packed_forward),
+            neftune_as_padding_free(inner, batch, self.args),
+        ):
             out = model()
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
