@@ -556,3 +556,18 @@ def test_neftune_noise_on_packed_rows_is_drawn_at_trls_scale(load, tokenizer, tm
         scales[name] = list(drawn)
     assert len(scales["trl"]) == 2
     assert scales["ours"] == pytest.approx(scales["trl"], rel=1e-6) and scales["dropin"] == pytest.approx(scales["trl"])
+
+
+def test_a_text_column_beside_prompt_completion_is_said_to_take_trls_eos(load, tokenizer, tmp_path, caplog):
+    # TRL 1.16 appends the EOS to the text column (dataset_text_field), which it does not train on, and none to the
+    # completion; fastdpo ends each completion with it, and says where it differs
+    import logging
+
+    rows = datasets.Dataset.from_list([{**row, "text": row["prompt"] + row["completion"]}
+                                       for row in prompt_completion_rows(4)])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        trainer = SFTTrainer(load(), args=SFTConfig(**common_args(tmp_path, "eos", packing=False)), train_dataset=rows,
+                             processing_class=tokenizer)  # fmt: skip
+    assert all(row["input_ids"][-1] == tokenizer.eos_token_id for row in trainer.train_dataset)
+    said = [r.getMessage() for r in caplog.records if "prompt/completion and a 'text' column" in r.getMessage()]
+    assert len(said) == 1 and "appends it to 'text' instead, which it does not train on" in said[0]

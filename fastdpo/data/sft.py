@@ -16,7 +16,8 @@ their TRL meaning; every other column is kept as it came.
 
 - strings: the EOS *string* is appended to ``text``/``completion`` when missing, then ``tokenizer(text)``
   (with the tokenizer's own special tokens, e.g. BOS); prompt/completion: ``tokenizer(prompt)`` and
-  ``tokenizer(prompt + completion)``;
+  ``tokenizer(prompt + completion)`` (one difference, warned about: TRL appends the EOS to a ``text`` column beside
+  prompt/completion, which it does not train on, and none to the completion);
 - conversations: ``apply_chat_template`` with the row's ``tools`` (a list or a JSON string) and
   ``chat_template_kwargs``; the prompt alone with ``add_generation_prompt=True``; no EOS is added;
 - the completion starts where the prompt's ids and the prompt+completion ids stop agreeing;
@@ -29,6 +30,7 @@ their TRL meaning; every other column is kept as it came.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -540,6 +542,14 @@ def as_trl_reads(dataset, text_field: str, formatted: bool, names: list[str] | N
         unread = [c for c in {"text", text_field} - {"prompt", "completion", "messages", "conversations"} if c in names]
     else:
         unread = ["text"] if text_field != "text" and {"text", text_field} <= names else []
+    strings = (
+        isinstance(dataset, datasets.Dataset) and len(dataset) > 0 and isinstance(dataset[0].get("completion"), str)
+    )
+    if strings and {"prompt", "completion"} <= names and text_field in names:
+        logging.getLogger("fastdpo").warning(
+            "the rows have prompt/completion and a %r column: fastdpo ends each completion with the EOS token; TRL "
+            "1.16's SFTTrainer appends it to %r instead, which it does not train on, so its completions end without "
+            "one", text_field, text_field)  # fmt: skip
     if formatted and "text" in unread:  # (TRL trains on the other columns, silently)
         reads = sorted(names & {"prompt", "completion", "messages", "conversations", text_field} - {"text"})
         raise ConfigError(f"its text would not be read: the rows have {reads}, which TRL reads first",
