@@ -66,7 +66,7 @@ from accelerate.utils import is_peft_model  # noqa: E402  (after the TRL check: 
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
-from fastdpo.model.adapters import refuse_prompt_learning  # noqa: E402
+from fastdpo.model.adapters import refuse_frozen_adapter, refuse_prompt_learning  # noqa: E402
 from fastdpo.model.attention import PACKED_ATTENTION, packed_attention, use_attention  # noqa: E402
 from fastdpo.model.hooks import forward_as  # noqa: E402
 from fastdpo.model.packed import head_softcap  # noqa: E402
@@ -136,6 +136,7 @@ class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
         check_collator(data_collator, PairPacker)
         refuse_prompt_learning(model)
         refuse_prompt_learning(peft_config)
+        refuse_frozen_adapter(model)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
@@ -253,6 +254,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
         check_collator(data_collator, SequencePacker)
         refuse_prompt_learning(model)
         refuse_prompt_learning(peft_config)
+        refuse_frozen_adapter(model)
         with warnings.catch_warnings():  # TRL's says label smoothing costs a second forward: not here
             warnings.filterwarnings("ignore", message="`label_smoothing_factor` is deprecated", category=FutureWarning)
             super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,

@@ -104,7 +104,7 @@ def test_an_adapter_on_the_lm_head_is_refused(data, tmp_path):
                        peft_config=peft.LoraConfig(**{"r": 4, "target_modules": ["q_proj"], **bad}))  # fmt: skip
 
 
-def test_prompt_learning_adapters_are_refused_by_every_trainer(data, tmp_path):
+def test_prompt_learning_and_frozen_adapters_are_refused_by_every_trainer(data, tmp_path):
     # their virtual tokens are added by PeftModel.forward, which the packed forward does not run: training failed
     # deep in autograd, and evaluate() scored the bare base model (eval_loss log 2) where TRL scores the prompts
     from test_train_sft import common_args as sft_args
@@ -125,6 +125,14 @@ def test_prompt_learning_adapters_are_refused_by_every_trainer(data, tmp_path):
                         peft_config=prompts(peft.PromptTuningConfig))  # fmt: skip
         with pytest.raises(ConfigError, match=said.format("PREFIX_TUNING")):  # a PeftModel given
             trainer_cls(model=peft.get_peft_model(load(), prompts(peft.PrefixTuningConfig)), args=args,
+                        train_dataset=data, processing_class=tokenizer)  # fmt: skip
+    # an adapter loaded for inference (PeftModel.from_pretrained's default): it failed deep in autograd, TRL's too
+    peft.get_peft_model(load(), lora()).save_pretrained(tmp_path / "adapter")
+    for trainer_cls, args in trainers:
+        with pytest.raises(
+            ConfigError, match=r"column 'model': the PeftModel has no trainable parameter.*is_trainable"
+        ):
+            trainer_cls(model=peft.PeftModel.from_pretrained(load(), tmp_path / "adapter"), args=args,
                         train_dataset=data, processing_class=tokenizer)  # fmt: skip
 
 

@@ -66,6 +66,15 @@ def refuse_prompt_learning(config_or_model) -> None:
                           column="peft_config", fix="use an adapter on the layers, e.g. LoraConfig")  # fmt: skip
 
 
+def refuse_frozen_adapter(model) -> None:
+    """ConfigError for a PeftModel none of whose parameters would train: ``PeftModel.from_pretrained`` loads an
+    adapter frozen (for inference) unless ``is_trainable=True``, and training failed deep in autograd."""
+    if is_peft_model(model) and not any(parameter.requires_grad for parameter in model.parameters()):
+        raise ConfigError("the PeftModel has no trainable parameter: PeftModel.from_pretrained loads its adapter "
+                          "frozen, for inference", column="model",
+                          fix="load it with PeftModel.from_pretrained(base, path, is_trainable=True)")  # fmt: skip
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Loaded in 4 or 8 bits (bitsandbytes): the attributes transformers sets on such models."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))

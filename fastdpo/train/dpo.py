@@ -52,6 +52,7 @@ from fastdpo.model.adapters import (
     is_peft_model,
     prepare_adapter_model,
     prepare_quantized_training,
+    refuse_frozen_adapter,
     refuse_prompt_learning,
     wrap_with_adapter,
 )
@@ -191,6 +192,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
             model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=False)
         if is_peft_model(model):
             refuse_prompt_learning(model)
+            refuse_frozen_adapter(model)
             prepare_quantized_training(model)
         check_run_dir(args, model)
         self.reference_mode = _reference_mode(args, is_peft_model(model))

@@ -62,6 +62,7 @@ from fastdpo.model.adapters import (
     is_peft_model,
     prepare_adapter_model,
     prepare_quantized_training,
+    refuse_frozen_adapter,
     refuse_prompt_learning,
     wrap_with_adapter,
 )
@@ -332,6 +333,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
             model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=True)
         if is_peft_model(model):
             refuse_prompt_learning(model)
+            refuse_frozen_adapter(model)
             prepare_quantized_training(model)
         check_run_dir(args, model)
         _set_special_tokens(model, processing_class, args, set_pad=data_collator is None)
