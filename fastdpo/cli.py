@@ -145,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _in_cli_terms(error: Exception, command: str) -> Exception:
     """``error`` with a fix that names the Python API's ``columns={...}`` rewritten as this command's option for it:
-    ``dataset_columns`` in the YAML (dpo, sft), ``--columns`` with JSON (data); a column to rename (compare)."""
+    ``dataset_columns`` in the YAML (dpo, sft), ``--columns`` with JSON (data); a column to rename (compare); and
+    ``check_preferences`` as ``fastdpo data check``."""
     import ast
 
+    if isinstance(error, DataError) and "fastdpo.data.check_preferences" in (error.fix or ""):  # its command
+        fix = error.fix.replace("fastdpo.data.check_preferences", "fastdpo data check FILE")
+        error = DataError(error.message, row=error.row, column=error.column, fix=fix)
     found = re.search(r"(map your column with )?columns=(\{[^}]*\})( in prepare_preferences)?",
                       getattr(error, "fix", None) or "")  # fmt: skip
     if not isinstance(error, DataError) or found is None:

@@ -563,3 +563,15 @@ def test_a_missing_config_and_an_output_dir_that_is_a_file_are_one_line(workdir,
                       capsys=capsys)  # fmt: skip
     assert done.returncode == 2 and "afile is a file, not a folder" in done.stderr, done.stderr[-2000:]
     assert (workdir / "afile").read_text() == "mine\n"
+
+
+def test_a_fix_naming_the_python_check_names_the_command_in_the_cli():
+    # the rows preparation refuses (data_filter: none, or the data commands) named fastdpo.data.check_preferences
+    from fastdpo.cli import _in_cli_terms
+    from fastdpo.errors import DataError
+
+    error = DataError(
+        "is empty", row=2, column="chosen", fix="drop the row (fastdpo.data.check_preferences lists them all)"
+    )
+    said = _in_cli_terms(error, "dpo")
+    assert str(said) == "row 2, column 'chosen': is empty — drop the row (fastdpo data check FILE lists them all)"
