@@ -17,8 +17,9 @@ match. The run directory (``output_dir``) gets:
 - ``config.yaml``: every field as resolved (what ran, re-runnable with ``--config``);
 - ``metrics.jsonl``: one JSON object per log (train and eval), with its step;
 - ``data_quality.md`` / ``.json`` (DPO): ``fastdpo.data.check_preferences`` of the training data, and the rows
-  removed (``data_filter: drop`` removes the rows with a "drop" reason, counted and warned about; ``none`` keeps
-  them, and the trainer then drops only what TRL would); none with ``dataset_streaming``;
+  removed (``data_filter: drop`` removes the rows with a "drop" reason, counted and warned about, and those the
+  preparation refuses for one, from the train and eval splits (``fastdpo.data.refused``); ``none`` keeps them, and
+  the trainer then drops only what TRL would); none with ``dataset_streaming``;
 - ``dropped_rows.json``: the rows tokenization dropped, by split and reason (DPO and SFT; a stream's once read);
 - ``plots/*.png``: loss, ``rewards/margins``, ``rewards/accuracies`` (train and eval), refreshed at each evaluation
   and at the end;
