@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator")
     # nor bitsandbytes' word, at its import on a CPU with AVX512-BF16 (every command that loads a model), that HF's
     # optional `kernels` package is missing: it falls back to its own 4-bit CPU kernel
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-    )
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_notice)  # (once: the same filter)
     if argv[:1] in (["quickstart"], ["compare"], ["sweep"]):  # their own parsers (fastdpo.quickstart, ...)
         from fastdpo.compare import main as compare
         from fastdpo.quickstart import main as quickstart
@@ -142,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastdpo: error: {_in_cli_terms(error, known.command)}", file=sys.stderr)
         return 2
+
+
+def _not_the_kernels_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
 def _in_cli_terms(error: Exception, command: str) -> Exception:

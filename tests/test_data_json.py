@@ -110,20 +110,19 @@ def test_a_stream_of_a_json_file_keeps_its_strings_and_its_columns_or_names_the_
     assert list(load.load_stream(path)) == rows
     with pytest.raises(DataError, match="row 3, column 'chosen': expected a string like the first row, got int"):
         list(prepare_stream(load.load_stream(path), build_tiny_tokenizer()).dataset)
-    # the columns are those of the first rows (a missing value None, as Arrow fills them); a later new one is named
-    monkeypatch.setattr(load, "STREAM_COLUMNS_FROM", 2)
+    # the columns are those of the rows in the first bytes (datasets' first block: 10 MiB; a missing value None, as
+    # Arrow fills it); a later new one is named
     sparse = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e", "rejected": "f",
               "system": "Be brief."}, {"prompt": "g", "chosen": "h", "rejected": "i", "score": 1}]  # fmt: skip
-    path.write_text("".join(json.dumps(row) + "\n\n" for row in sparse[:2]))
+    lines = [json.dumps(row) + "\n\n" for row in sparse]
+    size = len(lines[0]) + len(lines[1]) - 1  # (within the second row's line: its keys count)
+    monkeypatch.setattr(load, "STREAM_COLUMNS_FROM", size)
+    path.write_text("".join(lines))
+    said = rf"column 'score': .*mixed.jsonl: line 5: a column that none of the rows in the file's first {size} bytes"
+    with pytest.raises(DataError, match=said + " has .*give the first row 'score' too"):
+        list(load.load_stream(path))
+    path.write_text("".join(lines[:2]))
     assert [row["system"] for row in load.load_stream(path)] == [None, "Be brief."]
-    path.write_text("".join(json.dumps(row) + "\n\n" for row in sparse))
-    streamed = load.load_stream(path)
-    with pytest.raises(
-        DataError,
-        match=r"column 'score': .*mixed.jsonl: line 5: a column that none of the first 2 "
-        r"rows has .*give the first row 'score' too",
-    ):
-        list(streamed)
     path.write_text(json.dumps(sparse[0]) + "\n" + json.dumps({**sparse[0], "prompt": "a\ud800"}) + "\n")
     with pytest.raises(DataError, match=r"column 'prompt': .*line 2: a lone surrogate '\\ud800' at character 1"):
         list(load.load_stream(path))
@@ -153,6 +152,12 @@ PAIR = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
             b'{"chosen": "a", "rejected": "b"}\n{"chosen": "\xff", "rejected": "b"}\n',
             "line 2: not valid UTF-8",
         ),
+        # a raw U+2028 (valid in a JSON string) before a lone surrogate: the line counted as datasets counts it
+        (
+            "u2028.jsonl",
+            '{"chosen": "a\u2028b", "rejected": "c"}\n{"chosen": "\\ud800", "rejected": "c"}\n',
+            r"column 'chosen': .*u2028.jsonl: line 2: a lone surrogate",
+        ),
         # one JSON object over several lines, valid JSON (it was "line 1: invalid JSON"): its layout is named
         (
             "columns.json",
@@ -178,3 +183,14 @@ def test_bad_files(tmp_path, name, content, match):
 
         with pytest.raises(DataError, match=match):
             list(load_stream(path))
+
+
+def test_a_tools_column_of_lists_and_json_strings_loads(tmp_path):
+    # datasets reads such a column as Json (a JSON string comes back as its list), which the trainers read as JSON
+    # anyway: nothing changes, nothing to refuse
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    rows = [{"messages": [{"role": "user", "content": "Hi"}], "tools": [tool]},
+            {"messages": [{"role": "user", "content": "Hi"}], "tools": json.dumps([tool])}]  # fmt: skip
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert load_data(path)["tools"] == [[tool], [tool]]

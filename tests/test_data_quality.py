@@ -540,6 +540,9 @@ def test_a_run_drops_the_rows_preparation_refuses_as_its_data_filter_drops_the_o
                for r in caplog.records)  # fmt: skip
     with pytest.raises(DataError, match="row 2, column 'chosen': is empty"):  # data_filter: none keeps every row
         _loaded_splits("dpo", RunArguments(dataset_name=str(path), data_filter="none"), 0)
+    (tmp_path / "empty.jsonl").write_text(json.dumps({**rows[0], "chosen": ""}) + "\n")
+    with pytest.raises(DataError, match=r"every row is refused for a reason the quality check drops \({'empty': 1}\)"):
+        _loaded_splits("dpo", RunArguments(dataset_name=str(tmp_path / "empty.jsonl")), 0)
     rows[3]["system"] = 7  # refused for a reason the report does not drop: the run stops at it, by its file row
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(DataError, match="row 3, column 'system'"):

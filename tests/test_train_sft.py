@@ -559,8 +559,8 @@ def test_neftune_noise_on_packed_rows_is_drawn_at_trls_scale(load, tokenizer, tm
 
 
 def test_a_text_column_beside_prompt_completion_is_said_to_take_trls_eos(load, tokenizer, tmp_path, caplog):
-    # TRL 1.16 appends the EOS to the text column (dataset_text_field), which it does not train on, and none to the
-    # completion; fastdpo ends each completion with it, and says where it differs
+    # TRL 1.16 appends the EOS to the text column (dataset_text_field) where it lacks one, which it does not train on,
+    # and then none to the completion; fastdpo ends each completion with it, and says where it differs
     import logging
 
     rows = datasets.Dataset.from_list([{**row, "text": row["prompt"] + row["completion"]}
@@ -570,4 +570,4 @@ def test_a_text_column_beside_prompt_completion_is_said_to_take_trls_eos(load, t
                              processing_class=tokenizer)  # fmt: skip
     assert all(row["input_ids"][-1] == tokenizer.eos_token_id for row in trainer.train_dataset)
     said = [r.getMessage() for r in caplog.records if "prompt/completion and a 'text' column" in r.getMessage()]
-    assert len(said) == 1 and "appends it to 'text' instead, which it does not train on" in said[0]
+    assert len(said) == 1 and "appends it to 'text' instead where that text lacks one" in said[0]

@@ -12,7 +12,6 @@ such a string, and a stream of a local JSON file is read with Python's ``json``,
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import os
 import re
@@ -122,8 +121,8 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
     """``source`` as a ``datasets.IterableDataset``, read as it is iterated: a stream as it is, a Dataset through
     ``to_iterable_dataset``, a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a hub name with
     ``load_dataset(..., streaming=True)``. A local file is not read ahead (a broken line fails where it is read),
-    but for a JSON file's first ``STREAM_COLUMNS_FROM`` rows, whose keys are its columns; ``text``: as for
-    ``load_data``."""
+    but for the first ``STREAM_COLUMNS_FROM`` bytes of a JSON Lines file, whose rows' keys are its columns;
+    ``text``: as for ``load_data``."""
     if isinstance(source, datasets.IterableDataset):
         return source
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
@@ -140,35 +139,58 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
         kind = _local_kind(path)
         _one_split(path, split)
         if kind == "json":  # (as Python reads it: datasets' reader changes strings where a field's kinds differ)
-            return datasets.IterableDataset.from_generator(_streamed_json, gen_kwargs={"path": str(path)})
+            return datasets.IterableDataset.from_generator(_streamed_json, gen_kwargs={"path": str(path.resolve())})
         return datasets.load_dataset(
             kind, data_files={split: str(path)}, split=split, streaming=True, **_csv_options(path, kind, text)
         )
     return datasets.load_dataset(str(source), split=split, streaming=True)
 
 
-STREAM_COLUMNS_FROM = 1000  # a JSON stream's columns: those of its first rows (datasets: its first 10 MiB)
+STREAM_COLUMNS_FROM = 10 << 20  # bytes: a JSON Lines stream's columns, those of its rows in its first 10 MiB
 
 
 def _streamed_json(path: str) -> Iterator[dict]:
     """The rows of a local JSON file for a stream, read one line at a time (a document whole, as ``datasets`` reads
-    one), each value as Python's ``json`` reads it. Every row has the columns of the first ``STREAM_COLUMNS_FROM``
-    rows (None where it lacks one, as Arrow fills them); DataError at the line of a later row with another column,
-    or of a value ``load_data`` could not hold (a lone surrogate, an integer over 64 bits)."""
+    one), each value as Python's ``json`` reads it. Every row has the columns of the rows in the file's first
+    ``STREAM_COLUMNS_FROM`` bytes (all of a document's), as ``datasets``' reader takes them from its first block (None
+    where a row lacks one, as Arrow fills them); DataError at the line of a later row with another column, or of a
+    value ``load_data`` could not hold (a lone surrogate, an integer over 64 bits)."""
     where, rows = json_rows(Path(path))
-    first = list(itertools.islice(rows, STREAM_COLUMNS_FROM))
-    ordered = table_columns([row for _, row in first])
-    columns = set(ordered)
-    for number, row in itertools.chain(first, rows):
+    if where == "row":  # a document, held whole: every row's keys
+        rows = list(rows)
+        ordered = table_columns([row for _, row in rows])
+    else:
+        ordered = list(_first_columns(Path(path)))
+    columns, size = set(ordered), STREAM_COLUMNS_FROM
+    window = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size:,} bytes"
+    for number, row in rows:
         for name, value in row.items():
             if name not in columns:
-                raise DataError(f"{path}: {where} {number}: a column that none of the first {STREAM_COLUMNS_FROM:,} "
-                                "rows has (a stream takes its columns from them)", column=name,
+                raise DataError(f"{path}: {where} {number}: a column that none of the rows in the file's first "
+                                f"{window} has (a stream takes its columns from them)", column=name,
                                 fix=f"give the first row {name!r} too (null where it has none)")  # fmt: skip
             problem = unholdable(value)
             if problem:
                 raise DataError(f"{path}: {where} {number}: {problem}", column=name, fix=_UNHOLDABLE_FIX)
         yield {name: row.get(name) for name in ordered}
+
+
+def _first_columns(path: Path) -> dict[str, None]:
+    """The keys of the JSON Lines rows in the first ``STREAM_COLUMNS_FROM`` bytes of ``path``, in order (a line that
+    does not parse ends the scan: the rows' own pass names it)."""
+    keys: dict[str, None] = {}
+    read = 0
+    with open(path, "rb") as handle:
+        for raw in handle:
+            read += len(raw)
+            try:
+                row = json.loads(raw) if raw.strip() else {}
+            except ValueError:
+                break
+            keys.update(dict.fromkeys(row if isinstance(row, dict) else ()))
+            if read >= STREAM_COLUMNS_FROM:
+                break
+    return keys
 
 
 def as_dataset(data) -> datasets.Dataset:
@@ -347,8 +369,9 @@ def _refuse_mixed_text(path: Path, loaded: datasets.Dataset, text: Iterable[str]
                                 '(quote a number answer: "4")')  # fmt: skip
 
 
-# columns whose nested values the trainers read, besides the text columns: conversations and tool schemas
-_CONVERSATION_COLUMNS = ("messages", "conversations", "tools")
+# columns whose nested values the trainers read as they are, besides the text columns: conversations (not tools:
+# a tools string is read as JSON anyway)
+_CONVERSATION_COLUMNS = ("messages", "conversations")
 
 
 def _refuse_changed_strings(path: Path, loaded: datasets.Dataset, text: Iterable[str]) -> None:
@@ -427,15 +450,14 @@ def stream_failure(source, error: Exception) -> Exception:
 
 
 def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
-    """DataError for a file ``datasets`` failed on: the first JSON Lines value Arrow cannot hold, by line and column
-    (found only now, on the error path), else the reader's own message."""
-    text = path.read_text(encoding="utf-8-sig") if kind == "json" and not _is_document(path) else ""
-    if text:  # JSON Lines, whose every line _check_json has parsed: each is an object
-        for number, line in enumerate(text.splitlines(), start=1):
-            for column, value in (json.loads(line) if line.strip() else {}).items():
-                problem = unholdable(value)
-                if problem:
-                    return DataError(f"{path}: line {number}: {problem}", column=column, fix=_UNHOLDABLE_FIX)
+    """DataError for a file ``datasets`` failed on: the first JSON value Arrow cannot hold, by line (a document's: by
+    row) and column (found only now, on the error path), else the reader's own message."""
+    where, rows = json_rows(path) if kind == "json" else ("", ())
+    for number, row in rows:
+        for column, value in row.items():
+            problem = unholdable(value)
+            if problem:
+                return DataError(f"{path}: {where} {number}: {problem}", column=column, fix=_UNHOLDABLE_FIX)
     cause = error.__cause__ or error
     return DataError(f"{path}: datasets cannot read it ({type(cause).__name__}: {str(cause)[:200]})",
                      fix="check the file there (each column should hold one kind of value)")  # fmt: skip

@@ -85,8 +85,8 @@ class PackedBatch:
     """Padding tokens in ``input_ids``."""
     seq_starts_completion: torch.Tensor | None = None
     """[S] bool: True for a sequence whose first token is a completion token (its prompt empty, or cut away by
-    ``keep_end``), which no position predicts; None: no such sequence. TRL's ``ipo`` and ``sigmoid_norm`` count it in
-    the completion's length."""
+    ``keep_end``), which no position predicts; None: not known (SFT batches), counted as none. TRL's ``ipo`` and
+    ``sigmoid_norm`` count it in the completion's length."""
 
     @property
     def num_pairs(self) -> int:

@@ -34,8 +34,10 @@ def prepared_rows(dataset, columns: dict | None):
                 check_row(example, row, kind)
             except DataError as problem:
                 refused[row] = problem
+        if not refused:  # (a row _check_rows refuses that check_row passes cannot be: they run the same checks)
+            raise
         kept = [row for row in range(len(raw)) if row not in refused]
-        if kept:  # (a row _check_rows refuses that check_row passes cannot be: they run the same checks)
+        if kept:
             for row, example in zip(kept, prepare_preferences(renamed.select(kept)).to_list(), strict=True):
                 raw[row] = example
         return raw, refused
@@ -56,10 +58,14 @@ def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "
     kept = [row for row in range(len(dataset)) if row not in refused]
     if any(row not in reasons for row in refused):
         raise next(error for row, error in refused.items() if row not in reasons)
+    dropped = dict(Counter(reasons[row] for row in refused))
+    if not kept:
+        raise DataError(f"every row is refused for a reason the quality check drops ({dropped})",
+                        fix="fix the data: fastdpo.data.check_preferences lists them")  # fmt: skip
     try:
         prepared = prepare_preferences(dataset.select(kept), columns=columns)
     except DataError as error:  # (named by its row in data, not among the rows kept)
         if error.row is None:
             raise
         raise DataError(error.message, row=kept[error.row], column=error.column, fix=error.fix) from None
-    return prepared, dict(Counter(reasons[row] for row in refused)), list(refused)
+    return prepared, dropped, list(refused)

@@ -17,7 +17,7 @@ their TRL meaning; every other column is kept as it came.
 - strings: the EOS *string* is appended to ``text``/``completion`` when missing, then ``tokenizer(text)``
   (with the tokenizer's own special tokens, e.g. BOS); prompt/completion: ``tokenizer(prompt)`` and
   ``tokenizer(prompt + completion)`` (one difference, warned about: TRL appends the EOS to a ``text`` column beside
-  prompt/completion, which it does not train on, and none to the completion);
+  prompt/completion that lacks one, which it does not train on, and then none to the completion);
 - conversations: ``apply_chat_template`` with the row's ``tools`` (a list or a JSON string) and
   ``chat_template_kwargs``; the prompt alone with ``add_generation_prompt=True``; no EOS is added;
 - the completion starts where the prompt's ids and the prompt+completion ids stop agreeing;
@@ -548,8 +548,8 @@ def as_trl_reads(dataset, text_field: str, formatted: bool, names: list[str] | N
     if strings and {"prompt", "completion"} <= names and text_field in names:
         logging.getLogger("fastdpo").warning(
             "the rows have prompt/completion and a %r column: fastdpo ends each completion with the EOS token; TRL "
-            "1.16's SFTTrainer appends it to %r instead, which it does not train on, so its completions end without "
-            "one", text_field, text_field)  # fmt: skip
+            "1.16's SFTTrainer appends it to %r instead where that text lacks one, which it does not train on, and "
+            "then none to the completion", text_field, text_field)  # fmt: skip
     if formatted and "text" in unread:  # (TRL trains on the other columns, silently)
         reads = sorted(names & {"prompt", "completion", "messages", "conversations", text_field} - {"text"})
         raise ConfigError(f"its text would not be read: the rows have {reads}, which TRL reads first",
