@@ -75,6 +75,7 @@ from fastdpo.train.common import (  # noqa: E402
     check_collator,
     check_lean_activations,
     lean_layers,
+    neftune_as_trl,
     warn_no_logits,
 )
 from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
@@ -193,8 +194,6 @@ class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
             ref_logps = None
         batch = _as_batch(inputs)
         inner = self.accelerator.unwrap_model(model)
-        if ref_logps is None:
-            ref_logps = self._reference_logps(inner, batch)
         aux_coef = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0
 
         def packed_forward(*args, **kwargs):
@@ -202,8 +201,11 @@ class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
                                    token_metrics=True, aux_loss_coef=aux_coef, ld_alpha=self.args.ld_alpha,
                                    use_weighting=self.args.use_weighting)  # fmt: skip
 
-        with self.accelerator.autocast(), forward_as(inner, packed_forward):
-            out = model()  # through the DDP/FSDP wrapper (forward_as)
+        with neftune_as_trl(inner, batch, padding_free=False):  # (TRL's DPO batches are padded: its padding_free
+            if ref_logps is None:  # is ignored)
+                ref_logps = self._reference_logps(inner, batch)
+            with self.accelerator.autocast(), forward_as(inner, packed_forward):
+                out = model()  # through the DDP/FSDP wrapper (forward_as)
         self._record(out, batch, mode)
         return out.loss
 

@@ -423,3 +423,32 @@ def test_non_padding_input_tokens_are_counted_as_trl_counts_them(data, tmp_path)
         seen[name] = trainer.state.num_input_tokens_seen
     assert seen["sft_dropin"] == seen["sft"] == seen["sft_trl"] > 0
     assert seen["trl"][-1] > 0
+
+
+def test_neftune_noise_is_drawn_at_trls_scale_on_every_packing(data, tmp_path, monkeypatch):  # noqa: F811
+    # transformers' hook scales the noise by the row length: TRL's padded DPO rows are as long as the batch's longest
+    # sequence; fastdpo's one row of the whole batch (varlen attention) got √(rows' tokens / longest) times less
+    import transformers.integrations.neftune as neftune
+
+    drawn, hook = [], neftune.neftune_post_forward_hook
+
+    def spy(module, inputs, output):
+        if module.training:
+            drawn.append(module.neftune_noise_alpha / (output.shape[1] * output.shape[2]) ** 0.5)
+        return hook(module, inputs, output)
+
+    monkeypatch.setattr(neftune, "neftune_post_forward_hook", spy)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    scales = {}
+    varlen = {"packed_attention": "varlen"}
+    trainers = (("trl", trl.DPOTrainer, trl.DPOConfig, {}), ("dropin", dropin.DPOTrainer, dropin.DPOConfig, varlen),
+                ("ours", DPOTrainer, DPOConfig, {}), ("varlen", DPOTrainer, DPOConfig, varlen))  # fmt: skip
+    for name, trainer_cls, config_cls, extra in trainers:
+        drawn.clear()
+        run(trainer_cls, config_cls, load, data, tokenizer, tmp_path, name, neftune_noise_alpha=5.0,
+            per_device_train_batch_size=4, **extra)  # fmt: skip
+        scales[name] = list(drawn)
+    assert len(scales["trl"]) == 2
+    for name in ("dropin", "ours", "varlen"):
+        assert scales[name] == pytest.approx(scales["trl"], rel=1e-6), name

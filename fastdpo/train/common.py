@@ -200,19 +200,19 @@ class PackedTokenCount:
 
 
 @contextlib.contextmanager
-def neftune_as_padding_free(model: nn.Module, batch, args):
-    """NEFTune's noise on a packed SFT batch as on TRL's padding-free one of the same tokens (``padding_free``, or
-    packing ``bfd``/``bfd_split``): transformers' hook draws it in ±α/√(L·d), L the batch's row length, which TRL's
-    one flattened row makes its real token count; rows of packed sequences would get √(L_TRL / L) times more. α is
-    scaled for the step; elsewhere (unpacked rows, TRL's padded ones) nothing changes."""
+def neftune_as_trl(model: nn.Module, batch, *, padding_free: bool):
+    """NEFTune's noise on a packed batch as on TRL 1.16's batch of the same sequences: transformers' hook draws it in
+    ±α/√(L·d), L the row length, which is TRL's longest sequence (its padded batches: DPO's, SFT's unpacked) or all
+    the tokens (SFT's ``padding_free`` row); packed rows of another length got √(L_TRL / L) times TRL's noise. α is
+    scaled for the step (an adapter reference's pass included: TRL's noises it too)."""
     embeddings = model.get_input_embeddings()
     alpha = getattr(embeddings, "neftune_noise_alpha", None)
-    padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
-    length, real = batch.input_ids.shape[-1], batch.input_ids.numel() - batch.num_padding
-    if alpha is None or not padding_free or length == real:
+    if alpha is None:
         yield
         return
-    embeddings.neftune_noise_alpha = alpha * math.sqrt(length / real)
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1])[batch.seq_pair >= 0]
+    trl = batch.input_ids.numel() - batch.num_padding if padding_free else int(lengths.max())
+    embeddings.neftune_noise_alpha = alpha * math.sqrt(batch.input_ids.shape[-1] / trl)
     try:
         yield
     finally:

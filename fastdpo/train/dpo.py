@@ -79,6 +79,7 @@ from fastdpo.train.common import (
     lean_layers,
     load_causal_lm,
     load_tokenizer,
+    neftune_as_trl,
     report_dropped,
     report_streams,
     set_pad_token,
@@ -355,7 +356,8 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
                                    offload_activations=self.args.activation_offloading and model.training,
                                    ld_alpha=self.args.ld_alpha, use_weighting=self.args.use_weighting)  # fmt: skip
 
-        with self.accelerator.autocast():  # mixed precision, as accelerate's forward wrapper would apply it
+        # mixed precision, as accelerate's forward wrapper would apply it
+        with self.accelerator.autocast(), neftune_as_trl(inner, batch, padding_free=False):
             if ref_logps is None and self.ref_model is not None:
                 ref_logps = self._reference_pass(batch)
             elif ref_logps is None and self.reference_mode == "adapter":

@@ -85,7 +85,7 @@ from fastdpo.train.common import (
     lean_layers,
     load_causal_lm,
     load_tokenizer,
-    neftune_as_padding_free,
+    neftune_as_trl,
     report_dropped,
     report_streams,
     set_pad_token,
@@ -245,10 +245,11 @@ class PackedSFTLoss:
                             label_smoothing=self.args.label_smoothing_factor)  # fmt: skip
 
         # mixed precision as accelerate's forward wrapper would apply it; through the DDP/FSDP wrapper (forward_as)
+        bfd = self.args.packing and self.args.packing_strategy in ("bfd", "bfd_split")  # (TRL's padding-free row)
         with (
             self.accelerator.autocast(),
             forward_as(inner, packed_forward),
-            neftune_as_padding_free(inner, batch, self.args),
+            neftune_as_trl(inner, batch, padding_free=self.args.padding_free or bfd),
         ):
             out = model()
         loss = out.loss
