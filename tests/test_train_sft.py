@@ -531,13 +531,10 @@ def test_lean_activations_train_as_the_models_own_forwards(load, tokenizer, tmp_
             assert runs[True][step][name] == pytest.approx(runs[False][step][name], rel=1e-5), (step, name)
 
 
-def test_neftune_noise_on_packed_rows_is_drawn_at_trls_scale(load, tokenizer, tmp_path, monkeypatch):
-    # transformers' hook draws the noise in ±α/√(L·d), L the row length: TRL's padding-free batch is one row of the
-    # batch's tokens, fastdpo's packed rows are shorter, so the noise was √(rows) times TRL's (1.41x at 2 rows)
+def neftune_draws(monkeypatch) -> list[float]:
+    """Filled with the scale (α/√(L·d)) of each NEFTune draw in training mode, as transformers' hook draws it."""
     import transformers.integrations.neftune as neftune
 
-    trl = pytest.importorskip("trl")
-    dropin = pytest.importorskip("fastdpo.trl")
     drawn, hook = [], neftune.neftune_post_forward_hook
 
     def spy(module, inputs, output):
@@ -546,6 +543,15 @@ def test_neftune_noise_on_packed_rows_is_drawn_at_trls_scale(load, tokenizer, tm
         return hook(module, inputs, output)
 
     monkeypatch.setattr(neftune, "neftune_post_forward_hook", spy)
+    return drawn
+
+
+def test_neftune_noise_on_packed_rows_is_drawn_at_trls_scale(load, tokenizer, tmp_path, monkeypatch):
+    # transformers' hook draws the noise in ±α/√(L·d), L the row length: TRL's padding-free batch is one row of the
+    # batch's tokens, fastdpo's packed rows are shorter, so the noise was √(rows) times TRL's (1.41x at 2 rows)
+    trl = pytest.importorskip("trl")
+    dropin = pytest.importorskip("fastdpo.trl")
+    drawn = neftune_draws(monkeypatch)
     scales = {}
     trainers = (("trl", trl.SFTTrainer, trl.SFTConfig), ("dropin", dropin.SFTTrainer, trl.SFTConfig),
                 ("ours", SFTTrainer, SFTConfig))  # fmt: skip

@@ -428,16 +428,9 @@ def test_non_padding_input_tokens_are_counted_as_trl_counts_them(data, tmp_path)
 def test_neftune_noise_is_drawn_at_trls_scale_on_every_packing(data, tmp_path, monkeypatch):  # noqa: F811
     # transformers' hook scales the noise by the row length: TRL's padded DPO rows are as long as the batch's longest
     # sequence; fastdpo's one row of the whole batch (varlen attention) got √(rows' tokens / longest) times less
-    import transformers.integrations.neftune as neftune
+    from test_train_sft import neftune_draws
 
-    drawn, hook = [], neftune.neftune_post_forward_hook
-
-    def spy(module, inputs, output):
-        if module.training:
-            drawn.append(module.neftune_noise_alpha / (output.shape[1] * output.shape[2]) ** 0.5)
-        return hook(module, inputs, output)
-
-    monkeypatch.setattr(neftune, "neftune_post_forward_hook", spy)
+    drawn = neftune_draws(monkeypatch)
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
     scales = {}
