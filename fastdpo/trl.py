@@ -76,6 +76,7 @@ from fastdpo.train.common import (  # noqa: E402
     check_lean_activations,
     lean_layers,
     neftune_as_trl,
+    undispatched,
     warn_no_logits,
 )
 from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
@@ -138,6 +139,7 @@ class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
         refuse_prompt_learning(model)
         refuse_prompt_learning(peft_config)
         refuse_frozen_adapter(model)
+        undispatched(args, train_dataset, eval_dataset)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
@@ -257,6 +259,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
         refuse_prompt_learning(model)
         refuse_prompt_learning(peft_config)
         refuse_frozen_adapter(model)
+        undispatched(args, train_dataset, eval_dataset)
         with warnings.catch_warnings():  # TRL's says label smoothing costs a second forward: not here
             warnings.filterwarnings("ignore", message="`label_smoothing_factor` is deprecated", category=FutureWarning)
             super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,

@@ -369,3 +369,32 @@ def test_an_sft_eval_set_keyed_train_is_evaluated_as_an_eval_set(tmp_path):
     # row 3 of each is longer than max_length: dropped and counted under its own set's name
     assert trainer.dropped_rows == {"train": {"no_labels_after_truncation": [3]},
                                     "eval_train": {"no_labels_after_truncation": [3]}}  # fmt: skip
+
+
+def test_an_eval_stream_beside_a_map_style_train_set_is_evaluated(tmp_path):
+    # accelerate dispatched an eval stream's batches (only a train stream was undispatched): a packed batch cannot be
+    # concatenated, and every trainer failed at its first evaluation, where TRL evaluates
+    from test_train_sft import common_args as sft_args
+    from test_train_sft import prompt_completion_rows
+
+    import fastdpo.trl as dropin
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    pairs, rows = synthetic_pairs(6), prompt_completion_rows(6)
+    losses = {}
+    for name, trainer_cls, config_cls in (("ours", DPOTrainer, DPOConfig), ("dropin", dropin.DPOTrainer,
+                                          trl.DPOConfig), ("trl", trl.DPOTrainer, trl.DPOConfig)):  # fmt: skip
+        _, _, evals = run(trainer_cls, config_cls, load, tokenizer, tmp_path, name, pairs, pairs.to_iterable_dataset(),
+                          max_steps=2)  # fmt: skip
+        losses[name] = evals["eval_loss"]
+    # (after two steps at lr 1e-2: fp32 sums in another order, 1e-4 as the parity tests above)
+    assert losses["ours"] == pytest.approx(losses["trl"], rel=1e-4)
+    assert losses["dropin"] == pytest.approx(losses["trl"], rel=1e-4)
+    for trainer_cls, config_cls in ((SFTTrainer, SFTConfig), (dropin.SFTTrainer, trl.SFTConfig)):
+        args = config_cls(**sft_args(tmp_path, "sft", packing=False, eval_strategy="steps", eval_steps=1, max_steps=1))
+        trainer = trainer_cls(model=load(), args=args, train_dataset=rows, eval_dataset=rows.to_iterable_dataset(),
+                              processing_class=tokenizer)  # fmt: skip
+        trainer.train()
+        assert any("eval_loss" in log for log in trainer.state.log_history)

@@ -511,14 +511,26 @@ def check_stream_args(args, name: str, *, cached_reference: bool = False) -> Non
         raise ConfigError("token-budget batches are drawn from the lengths of every row, which a stream does not "
                           "know before it is read", column="max_tokens_per_batch",
                           fix=f"use per_device_train_batch_size, or {fix_map_style}")  # fmt: skip
-    config = args.accelerator_config
-    if name == "train" and config.dispatch_batches is not False:
-        if config.dispatch_batches:
-            logger.warning("dispatch_batches=True is set to False for an iterable dataset: each process reads its "
-                           "own batches from the stream")  # fmt: skip
-        config.dispatch_batches = False
+    undispatched(args)
     if name == "train" and getattr(args, "balance_ranks", False) and args.world_size > 1:
         logger.info("balance_ranks does not apply to an iterable dataset: its lengths are not known ahead")
+
+
+def undispatched(args, *datasets_given) -> None:
+    """accelerate set to give each process its own batches (``dispatch_batches=False``, as TRL sets it for a train
+    stream) where one of ``datasets_given`` (an eval dict's values too) is a stream, or with none given: a dispatched
+    stream concatenates the processes' batches, which packed batches (a 0-dim ``max_seqlen``) cannot be, evaluation
+    included (its first batch failed, where only a train stream was undispatched)."""
+    import datasets
+
+    given = [d for item in datasets_given for d in (item.values() if isinstance(item, dict) else [item])]
+    config = getattr(args, "accelerator_config", None)
+    if config is None or (given and not any(isinstance(d, datasets.IterableDataset) for d in given)):
+        return
+    if config.dispatch_batches:
+        logger.warning("dispatch_batches=True is set to False for an iterable dataset: each process reads its own "
+                       "batches from the stream")  # fmt: skip
+    config.dispatch_batches = False
 
 
 def report_streams(streams, workers: int = 0) -> None:
