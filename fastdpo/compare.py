@@ -42,6 +42,7 @@ import html
 import inspect
 import io
 import json
+import math
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -460,12 +461,17 @@ def write_report(out: Path, rows: list[Row], pairs: dict | None, beta: float) ->
     return text
 
 
-def check_counts(args: argparse.Namespace, at_least: dict[str, int]) -> None:
-    """A ``ConfigError`` naming the first option of ``at_least`` set below its least value (None: unset, fine)."""
+SEEDS = (0, 2**32 - 1)  # what numpy's seeding takes (transformers' set_seed seeds it too)
+
+
+def check_counts(args: argparse.Namespace, at_least: dict[str, int], at_most: dict[str, int] | None = None) -> None:
+    """A ``ConfigError`` naming the first option of ``at_least`` set below its least value (or not a number: NaN), or
+    of ``at_most`` above its most (None: unset, fine)."""
     for name, least in at_least.items():
-        value = getattr(args, name)
-        if value is not None and value < least:
-            raise ConfigError(f"must be at least {least}, got {value}", column="--" + name.replace("_", "-"))
+        value, most = getattr(args, name), (at_most or {}).get(name, math.inf)
+        if value is not None and not least <= value <= most:
+            bound = f"between {least} and {most}" if most < math.inf else f"at least {least}"
+            raise ConfigError(f"must be {bound}, got {value}", column="--" + name.replace("_", "-"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                         "precision (default: quantized as the run loaded its base, from its config.yaml)")  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    check_counts(args, at_least={"limit": 1, "samples": 0, "max_new_tokens": 1})
+    check_counts(args, at_least={"limit": 1, "samples": 0, "max_new_tokens": 1, "seed": SEEDS[0]},
+                 at_most={"seed": SEEDS[1]})  # fmt: skip
     if args.beta is not None and not 0 < args.beta < float("inf"):
         raise ConfigError(f"must be a number > 0, got {args.beta}", column="--beta")
     refuse_non_empty(

@@ -44,27 +44,32 @@ def read_prompts(path: Path) -> list[tuple[str, object]]:
         raise ConfigError(f"{path} is neither 'builtin', 'quickstart' nor a file", column="--prompts",
                           fix="pass builtin, quickstart, a .txt file (one prompt per line), a .jsonl file with a "
                               "'prompt' field or a .json array of prompts")  # fmt: skip
-    try:
-        text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix not in ("", ".txt", ".jsonl", ".ndjson", ".json"):  # (read as text, a JSON line was one prompt)
+        raise ConfigError(f"{path}: unknown prompts file type {path.suffix!r}", column="--prompts",
+                          fix="use .txt (one prompt per line), .jsonl or .json")  # fmt: skip
+    try:  # (a byte-order mark first is no part of a prompt; lines end at \n alone, as JSON Lines readers split)
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise DataError(f"{path} is not UTF-8 text (byte {error.start})", column="--prompts",
                         fix="save the file as UTF-8") from None  # fmt: skip
-    if path.suffix == ".json":
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if suffix == ".json":
         items = _parse(path, text, "the file", fix='a JSON array of prompts or of {"prompt": ...} objects')
         if not isinstance(items, list):
             raise DataError(f"{path} holds a JSON {type(items).__name__}, not an array", column="--prompts",
                             fix='write [{"prompt": "..."}, ...] or ["...", ...]')  # fmt: skip
         records = [(f"item {i}", i - 1, item.get("prompt") if isinstance(item, dict) else item, isinstance(item, dict)
                     and "prompt" not in item) for i, item in enumerate(items, 1)]  # fmt: skip
-    elif path.suffix == ".jsonl":
+    elif suffix in (".jsonl", ".ndjson"):
         records = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(lines, start=1):
             if line.strip():
                 record = _parse(path, line, f"line {number}", fix="one JSON object per line", row=number - 1)
                 missing = not isinstance(record, dict) or "prompt" not in record
                 records.append((f"line {number}", number - 1, None if missing else record["prompt"], missing))
     else:  # one prompt a line; blank lines skipped, as in a .jsonl file
-        records = [(f"line {i}", i - 1, line, False) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        records = [(f"line {i}", i - 1, line, False) for i, line in enumerate(lines, 1) if line.strip()]
     for name, row, prompt, missing in records:
         _check_prompt(path, name, row, prompt, missing)
     if not records:

@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    from fastdpo.compare import SEEDS, check_counts
+
+    check_counts(args, at_least={"seed": SEEDS[0]}, at_most={"seed": SEEDS[1]})  # (before --out is made)
     refuse_non_empty(
         args.out,
         overwrite=args.overwrite,

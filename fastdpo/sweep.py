@@ -139,6 +139,7 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
     one."""
     from fastdpo.atomic import atomic_write
     from fastdpo.cli import _resolved_config, load_config, run_training
+    from fastdpo.cli_resume import data_fingerprint
     from fastdpo.train.resume import last_checkpoint
 
     run_dir = args.out / f"beta_{beta!r}"
@@ -146,7 +147,8 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
                  "--ref_cache_dir", str(args.out / "ref_cache")]  # fmt: skip
     resolved = _resolved_config(*load_config(known, run_flags))
     settings = json.loads(json.dumps({**{k: v for k, v in resolved.items() if k not in _MAY_DIFFER},
-                                      "samples": args.samples, "kl_prompts": args.kl_prompts}))  # fmt: skip
+                                      "samples": args.samples, "kl_prompts": args.kl_prompts,  # the data file's
+                                      "data_fingerprint": data_fingerprint(run_args.dataset_name)}))  # fmt: skip
     done, again = run_dir / "sweep_row.json", False
     if args.resume and done.is_file():
         saved = json.loads(done.read_text())

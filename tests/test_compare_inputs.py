@@ -191,3 +191,19 @@ def test_model_output_cannot_break_the_markdown_table():
     assert table.count("\n") == 1  # one line per row: no break of any kind left in it
     assert "<" not in table and ">" not in table and "&lt;script&gt;" in table and "&amp; c" in table
     assert table.count("|") - table.count("\\|") == 8  # the row's own 8 cell borders; the answers' pipes escaped
+
+
+def test_prompt_files_read_as_json_lines_readers_read_them(tmp_path):
+    # str.splitlines split at U+2028 (valid inside a JSON string) and other separators; a byte-order mark was
+    # refused in JSON and kept in a prompt; an upper-case suffix read a JSON file as one text prompt per line
+    from fastdpo.compare_io import read_prompts
+    from fastdpo.errors import ConfigError
+
+    lines = [json.dumps({"prompt": text}, ensure_ascii=False) for text in ("a\u2028b", "c\x0cd")]
+    (tmp_path / "p.JSONL").write_text("\ufeff" + "\n".join(lines) + "\r\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "p.JSONL") == [("line 1", "a\u2028b"), ("line 2", "c\x0cd")]
+    (tmp_path / "p.txt").write_text("\ufeffone\u2028still one\ntwo\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "p.txt") == [("line 1", "one\u2028still one"), ("line 2", "two")]
+    (tmp_path / "p.md").write_text("one\n")
+    with pytest.raises(ConfigError, match=r"unknown prompts file type '.md' — use .txt"):
+        read_prompts(tmp_path / "p.md")

@@ -290,6 +290,13 @@ def test_sweep_reuses_one_reference_cache_goes_on_after_a_stop_and_recommends_a_
     for changed in (["--max_steps", "9"], ["--samples", "3"]):  # finished under other settings: not read back
         assert cli([*command, "--resume", *changed]) == 2
         assert "β = 0.05 finished under other settings" in capsys.readouterr().err
+    kept = pairs.read_text()  # other data in the same file: its rows were read back and ranked beside new ones
+    pairs.write_text(
+        kept.replace('"chosen"', '"swapped"').replace('"rejected"', '"chosen"').replace('"swapped"', '"rejected"')
+    )
+    assert cli([*command, "--resume"]) == 2
+    assert "β = 0.05 finished under other settings (data_fingerprint)" in capsys.readouterr().err
+    pairs.write_text(kept)
     assert len(computed) == 2  # the training and the held-out rows, once, for the first β; the second read the files
     result = json.loads((sweep_dir / "sweep.json").read_text())
     assert [r["beta"] for r in result["rows"]] == [0.05, 0.5] and result["recommended_beta"] in (0.05, 0.5)
@@ -313,3 +320,10 @@ def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, cap
     assert "column 'loss_type': simpo has no reference" in capsys.readouterr().err  # (it crashed after one β)
     assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "d"), "--resume"]) == 2
     assert "holds no sweep to go on with" in capsys.readouterr().err
+    # a NaN passed every comparison (each β trained, then "within nan%"); seeds numpy refuses: tracebacks before
+    assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "e"), "--nll-rise",
+                "nan"]) == 2  # fmt: skip
+    assert "column '--nll-rise': must be at least 0, got nan" in capsys.readouterr().err
+    assert cli(["quickstart", "--out", str(tmp_path / "q"), "--seed", "-1"]) == 2 and not (tmp_path / "q").exists()
+    assert cli(["compare", "--policy", "p", "--reference", "r", "--seed", str(2**70)]) == 2
+    assert "column '--seed': must be between 0 and 4294967295" in capsys.readouterr().err
