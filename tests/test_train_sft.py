@@ -575,5 +575,8 @@ def test_a_text_column_beside_prompt_completion_is_said_to_take_trls_eos(load, t
         trainer = SFTTrainer(load(), args=SFTConfig(**common_args(tmp_path, "eos", packing=False)), train_dataset=rows,
                              processing_class=tokenizer)  # fmt: skip
     assert all(row["input_ids"][-1] == tokenizer.eos_token_id for row in trainer.train_dataset)
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):  # a stream says it too (it was silent)
+        SFTTrainer(load(), args=SFTConfig(**common_args(tmp_path, "eos_stream", packing=False)),
+                   train_dataset=rows.to_iterable_dataset(), processing_class=tokenizer)  # fmt: skip
     said = [r.getMessage() for r in caplog.records if "prompt/completion and a 'text' column" in r.getMessage()]
-    assert len(said) == 1 and "appends it to 'text' instead where that text lacks one" in said[0]
+    assert len(said) == 2 and "appends it to 'text' instead where that text lacks one" in said[0]

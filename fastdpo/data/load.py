@@ -510,7 +510,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
                 if not read and line.lstrip().startswith("{"):
                     _refuse_one_object(path)  # (the whole file one JSON object over several lines: not JSON Lines)
                 raise DataError(
-                    f"{path}: line {number}: invalid JSON ({error.msg} at character {error.colno})",
+                    f"{path}: line {number}: invalid JSON ({error.msg.removesuffix(' at')} at character {error.colno})",
                     fix="fix or remove that line",
                 ) from None
             if not isinstance(value, dict):

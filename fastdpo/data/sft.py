@@ -542,10 +542,11 @@ def as_trl_reads(dataset, text_field: str, formatted: bool, names: list[str] | N
         unread = [c for c in {"text", text_field} - {"prompt", "completion", "messages", "conversations"} if c in names]
     else:
         unread = ["text"] if text_field != "text" and {"text", text_field} <= names else []
-    strings = (
-        isinstance(dataset, datasets.Dataset) and len(dataset) > 0 and isinstance(dataset[0].get("completion"), str)
-    )
-    if strings and {"prompt", "completion"} <= names and text_field in names:
+    first = {}  # (a stream's first row read once more: only where the rows have these columns)
+    if {"prompt", "completion"} <= names and text_field in names:
+        streamed = isinstance(dataset, datasets.IterableDataset)
+        first = next(iter(dataset.take(1)), {}) if streamed else dataset[0] if len(dataset) else {}
+    if isinstance(first.get("completion"), str):
         logging.getLogger("fastdpo").warning(
             "the rows have prompt/completion and a %r column: fastdpo ends each completion with the EOS token; TRL "
             "1.16's SFTTrainer appends it to %r instead where that text lacks one, which it does not train on, and "
