@@ -139,7 +139,7 @@ class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
         refuse_prompt_learning(model)
         refuse_prompt_learning(peft_config)
         refuse_frozen_adapter(model)
-        undispatched(args, train_dataset, eval_dataset)
+        undispatched(args)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
@@ -259,7 +259,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
         refuse_prompt_learning(model)
         refuse_prompt_learning(peft_config)
         refuse_frozen_adapter(model)
-        undispatched(args, train_dataset, eval_dataset)
+        undispatched(args)
         with warnings.catch_warnings():  # TRL's says label smoothing costs a second forward: not here
             warnings.filterwarnings("ignore", message="`label_smoothing_factor` is deprecated", category=FutureWarning)
             super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,

@@ -429,6 +429,11 @@ def test_evaluation_and_the_best_checkpoint_by_eval_reward_accuracy(tmp_path):
     torch.testing.assert_close(trainer.model.lm_head.weight.detach(), saved["lm_head.weight"], rtol=0, atol=0)
     metrics = trainer.evaluate()  # the loaded best model, evaluated again: the same numbers
     assert metrics["eval_rewards/accuracies"] == pytest.approx(best["eval_rewards/accuracies"])
+    # raw rows given to evaluate() are prepared as the constructor prepares them (as TRL's evaluate does; a
+    # ValueError for a Dataset, a KeyError deep in the packer for a stream before), and score as the same rows did
+    held_out = synthetic_pairs(5, seed=1)
+    for given in (held_out, held_out.to_iterable_dataset()):
+        assert trainer.evaluate(eval_dataset=given)["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
 
 
 def test_moe_aux_loss_matches_trl(data, tmp_path):

@@ -516,20 +516,17 @@ def check_stream_args(args, name: str, *, cached_reference: bool = False) -> Non
         logger.info("balance_ranks does not apply to an iterable dataset: its lengths are not known ahead")
 
 
-def undispatched(args, *datasets_given) -> None:
+def undispatched(args) -> None:
     """accelerate set to give each process its own batches (``dispatch_batches=False``, as TRL sets it for a train
-    stream) where one of ``datasets_given`` (an eval dict's values too) is a stream, or with none given: a dispatched
-    stream concatenates the processes' batches, which packed batches (a 0-dim ``max_seqlen``) cannot be, evaluation
-    included (its first batch failed, where only a train stream was undispatched)."""
-    import datasets
-
-    given = [d for item in datasets_given for d in (item.values() if isinstance(item, dict) else [item])]
+    stream): dispatching concatenates the processes' batches, which packed batches (a 0-dim ``max_seqlen``) cannot
+    be. accelerate dispatches streams by default, so an eval stream (given to the trainer or to ``evaluate``) failed
+    at its first batch where only a train stream was undispatched; map-style data is not dispatched by default."""
     config = getattr(args, "accelerator_config", None)
-    if config is None or (given and not any(isinstance(d, datasets.IterableDataset) for d in given)):
+    if config is None or config.dispatch_batches is False:
         return
     if config.dispatch_batches:
-        logger.warning("dispatch_batches=True is set to False for an iterable dataset: each process reads its own "
-                       "batches from the stream")  # fmt: skip
+        logger.warning("dispatch_batches=True is set to False: packed batches cannot be concatenated across processes; "
+                       "each process reads its own")  # fmt: skip
     config.dispatch_batches = False
 
 

@@ -83,6 +83,7 @@ from fastdpo.train.common import (
     report_dropped,
     report_streams,
     set_pad_token,
+    undispatched,
     warn_no_logits,
     with_quantization,
 )
@@ -205,6 +206,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         self.loss_config = args.loss_config()
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
         self._streams: list[PreparedStream] = []
+        undispatched(args)  # (every stream, an eval set given to evaluate() later too)
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
@@ -267,6 +269,17 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
             return super().train(*args, **kwargs)
         finally:
             report_streams(self._streams, self.args.dataloader_num_workers)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        # a dataset passed here is prepared as the constructor prepares eval sets (TRL's evaluate tokenizes it too)
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            if self.reference_mode == "cached":
+                raise ConfigError("the cached reference was computed for the eval sets given to the trainer, and "
+                                  "its reference model is not kept", column="eval_dataset",
+                                  fix="pass the set as DPOTrainer(eval_dataset=...), or use a separate reference"
+                                  )  # fmt: skip
+            eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, "eval")
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _set_signature_columns_if_needed(self) -> None:
         # the columns the collator reads (the Trainer drops the others when remove_unused_columns is on)
