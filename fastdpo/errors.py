@@ -22,6 +22,9 @@ class _UserError(ValueError):
         column: str | None = None,
         fix: str | None = None,
     ) -> None:
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message and row is column is fix is None:
+            # torch re-raising it from a DataLoader worker with the worker's traceback as its message: its own line
+            message = message.rstrip("\n").rsplit("\n", 1)[-1].split(": ", 1)[-1]
         self.message = message
         self.row = row
         self.column = column

@@ -59,3 +59,18 @@ def test_atomic_open_keeps_the_old_file_on_error(tmp_path):
     assert os.listdir(tmp_path) == ["keep.txt"]
     with pytest.raises(ValueError, match="^mode:"), atomic_open(target, "a"):
         pass
+
+
+def test_an_error_raised_again_from_a_dataloader_worker_is_its_own_line():
+    # torch re-raises a worker's exception with the worker's traceback as its message: the CLI printed 56 lines
+    from torch._utils import ExceptionWrapper
+
+    from fastdpo.errors import DataError
+
+    try:
+        raise DataError("is empty", row=5, column="chosen", fix="drop the row")
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as raised:
+        wrapped.reraise()
+    assert str(raised.value) == "row 5, column 'chosen': is empty — drop the row"
