@@ -563,9 +563,10 @@ def main(argv: list[str] | None = None) -> int:
         prompts, checkers = prompts[: args.limit], None if checkers is None else checkers[: args.limit]
     if args.pairs:  # read and checked before the answers are generated, which takes the time
         args.pairs = read_pairs(args.pairs)
+    # the pairs first: what they cannot do (no chat template, every prompt past the context) before any answer
+    pairs = pair_metrics(policy, reference, tokenizer, args.pairs, beta=args.beta) if args.pairs else None
     rows = compare(policy, reference, tokenizer, prompts, beta=args.beta, samples=args.samples,
                    max_new_tokens=args.max_new_tokens, checkers=checkers, seed=args.seed)  # fmt: skip
-    pairs = pair_metrics(policy, reference, tokenizer, args.pairs, beta=args.beta) if args.pairs else None
     print(write_report(args.out, rows, pairs, args.beta))
     print(f"report: {args.out}/compare.{{md,html,json}}")
     return 0

@@ -146,6 +146,14 @@ def test_compare_cli_takes_a_conversational_pairs_file_and_names_a_bad_one(tmp_p
     assert cli([*common, "--pairs", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out2")]) == 2
     error = capsys.readouterr().err
     assert "column 'rejected': column not found — rename your column to 'rejected' in the file" in error
+    # what only tokenizing finds is found before any answer too: a chat conversation without a chat template
+    tokenizer.chat_template = None
+    for name, seed in (("plain_policy", 0), ("plain_reference", 1)):
+        tiny_llama(tokenizer, seed).float().save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    plain = [*common[:2], str(tmp_path / "plain_policy"), common[3], str(tmp_path / "plain_reference"), *common[5:]]
+    assert cli([*plain, "--pairs", str(pairs), "--out", str(tmp_path / "out3")]) == 2
+    assert "chat template" in capsys.readouterr().err
 
 
 def test_compare_loads_a_lora_runs_adapter_folder_and_names_a_missing_base(tmp_path, capsys, monkeypatch):
