@@ -441,10 +441,15 @@ def html_page(rows: list[Row], stats: dict, pairs: dict | None, beta: float) -> 
 # --------------------------------------------------------------------------------------------------------- CLI
 
 
-def builtin_prompts(context: int) -> list[tuple[str, object]]:
-    """The edge cases of ``BUILTIN``, the long one sized to about the whole ``context`` (so it is cut to fit)."""
-    near = "next: 1 " * max(1, context // 8)
-    return [(name, near if prompt is None else prompt) for name, prompt in BUILTIN]
+def builtin_prompts(context: int, tokenizer=None) -> list[tuple[str, object]]:
+    """The edge cases of ``BUILTIN``, the long one past the ``context`` by a few tokens (so it is cut to fit): sized
+    in ``tokenizer``'s tokens (characters alone: ``context // 8`` repeats, which most tokenizers read as fewer
+    tokens than the context, so it went uncut)."""
+    unit, repeats = "next: 1 ", max(1, context // 8)
+    if tokenizer is not None:  # tokens per repeat, measured on 64 of them
+        per_unit = len(tokenizer(unit * 64, add_special_tokens=False)["input_ids"]) / 64
+        repeats = math.ceil((context + 8) / max(per_unit, 1e-3))
+    return [(name, unit * repeats if prompt is None else prompt) for name, prompt in BUILTIN]
 
 
 def write_report(out: Path, rows: list[Row], pairs: dict | None, beta: float) -> str:
@@ -549,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(error.message, column="--reference", fix=error.fix) from None
     context = getattr(policy.config, "max_position_embeddings", None) or 2048
     if args.prompts == "builtin":
-        prompts, checkers = builtin_prompts(context), None
+        prompts, checkers = builtin_prompts(context, tokenizer), None
     elif args.prompts == "quickstart":  # the held-out problems of the seed the quickstart run recorded
         prompts, checkers = quickstart_prompts(args.policy, args.seed)
     else:

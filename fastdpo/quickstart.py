@@ -324,7 +324,7 @@ def _compare(model, reference, tokenizer, pairs: list[dict], problems: list[Prob
     """``fastdpo compare`` on the built-in edge cases and some held-out problems (with the checker)."""
     from fastdpo.compare import builtin_prompts, compare, pair_metrics, summary, write_report
 
-    edge = builtin_prompts(model.config.max_position_embeddings)
+    edge = builtin_prompts(model.config.max_position_embeddings, tokenizer)
     prompts = [*edge, *((p.command, p.prompt) for p in problems)]
     checkers = [None] * len(edge) + [lambda text, p=p: check(p, text) for p in problems]
     rows = compare(model, reference, tokenizer, prompts, beta=beta, samples=2, max_new_tokens=8, checkers=checkers)

@@ -207,3 +207,13 @@ def test_prompt_files_read_as_json_lines_readers_read_them(tmp_path):
     (tmp_path / "p.md").write_text("one\n")
     with pytest.raises(ConfigError, match=r"unknown prompts file type '.md' — use .txt"):
         read_prompts(tmp_path / "p.md")
+
+
+def test_the_near_context_prompt_is_longer_than_the_context_in_tokens():
+    # sized in characters it was 88% of a 512-token context under this tokenizer, never cut (README: "cut to fit")
+    from fastdpo.compare import builtin_prompts
+
+    tokenizer = build_tiny_tokenizer()
+    for context in (64, 512, 2048):
+        near = dict(builtin_prompts(context, tokenizer))["near the context length"]
+        assert context < len(tokenizer(near)["input_ids"]) <= context + 32
