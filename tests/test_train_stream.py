@@ -398,3 +398,23 @@ def test_an_eval_stream_beside_a_map_style_train_set_is_evaluated(tmp_path):
                               processing_class=tokenizer)  # fmt: skip
         trainer.train()
         assert any("eval_loss" in log for log in trainer.state.log_history)
+
+
+def test_a_formatting_function_trl_would_not_read_is_refused_on_a_stream_as_on_a_dataset(tmp_path):
+    # a stream applied the function after the check that refuses it map-style: messages rows trained on the chat,
+    # the function silently unused; text rows under another dataset_text_field hit a misleading 'text' collision
+    from test_train_sft import common_args as sft_args
+
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    said = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(4)]
+    chats = datasets.Dataset.from_list([{"messages": messages} for messages in said])
+    bodies = datasets.Dataset.from_list([{"body": f"hello {i}"} for i in range(4)])
+    for rows, field in ((chats, "text"), (bodies, "body")):
+        args = SFTConfig(**sft_args(tmp_path, "fmt", packing=False, dataset_text_field=field))
+        for given in (rows, rows.to_iterable_dataset()):
+            with pytest.raises(ConfigError, match="column 'formatting_func': its text would not be read"):
+                SFTTrainer(load(), args=args, train_dataset=given, processing_class=tokenizer,
+                           formatting_func=lambda row: "formatted")  # fmt: skip

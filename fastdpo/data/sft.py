@@ -536,7 +536,8 @@ def no_assistant_error(messages: list, row: int, layout: str) -> DataError:
 def as_trl_reads(dataset, text_field: str, formatted: bool, names: list[str] | None = None):
     """``(dataset, text_field)`` read as TRL reads rows: prompt/completion first, then messages, then the text column
     ``dataset_text_field``. Text columns it would not read are dropped (a formatting function's is refused)."""
-    names = set(dataset.column_names if names is None else names)
+    names = set(dataset.column_names if names is None else names) | ({"text"} if formatted else set())  # (a
+    # stream's formatting function writes its text column as it is read, after this)
     read_first = {"prompt", "completion"} <= names or bool({"messages", "conversations"} & names)
     if read_first:
         unread = [c for c in {"text", text_field} - {"prompt", "completion", "messages", "conversations"} if c in names]
@@ -556,4 +557,5 @@ def as_trl_reads(dataset, text_field: str, formatted: bool, names: list[str] | N
         raise ConfigError(f"its text would not be read: the rows have {reads}, which TRL reads first",
                           column="formatting_func", fix=f"remove formatting_func, or drop {reads} from the dataset "
                           "(dataset.remove_columns) so that its text is trained on")  # fmt: skip
+    unread = [name for name in unread if name in (dataset.column_names or names)]  # (not a stream's future text)
     return (dataset.remove_columns(unread) if unread else dataset), "text" if read_first else text_field

@@ -439,7 +439,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         completion_only_loss = self.completion_only_loss if "input_ids" in names else args.completion_only_loss
         if completion_only_loss is None:  # as _prepare decides it for raw rows
             completion_only_loss = self.completion_only_loss and {"prompt", "completion"} <= set(names)
-        dataset, text_field = as_trl_reads(dataset, args.dataset_text_field, formatted=False, names=names)
+        dataset, text_field = as_trl_reads(dataset, args.dataset_text_field, self._formatting_func is not None, names)
         prepared = prepare_sft_stream(
             dataset, tokenizer, text_field=text_field, max_length=None if packing else args.max_length,
             truncation_mode=args.truncation_mode, completion_only_loss=completion_only_loss,
