@@ -418,3 +418,19 @@ def test_a_formatting_function_trl_would_not_read_is_refused_on_a_stream_as_on_a
             with pytest.raises(ConfigError, match="column 'formatting_func': its text would not be read"):
                 SFTTrainer(load(), args=args, train_dataset=given, processing_class=tokenizer,
                            formatting_func=lambda row: "formatted")  # fmt: skip
+
+
+def test_a_train_stream_whose_every_row_is_dropped_is_an_error_not_a_finished_run(tmp_path):
+    # it ended at step 0 with warnings, and the CLI saved the untrained model as the run's result (exit 0), where a
+    # map-style dataset with no row left is refused
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    long = " ".join(["word"] * 70)  # the prompt alone fills max_length=64: TRL drops the row, as fastdpo does
+    rows = datasets.Dataset.from_list(
+        [{"prompt": f"Q {i}? {long}", "chosen": " y.", "rejected": " n."} for i in range(6)]
+    )
+    trainer = DPOTrainer(load(), ref_model=load(), args=DPOConfig(**common_args(tmp_path, "dropped")),
+                         train_dataset=rows.to_iterable_dataset(), processing_class=tokenizer)  # fmt: skip
+    with pytest.raises(DataError, match="column 'train_dataset': the train stream gave no batch: every row read was"):
+        trainer.train()
+    assert trainer.dropped_rows["train"] == {"prompt_fills_max_length": list(range(6))}

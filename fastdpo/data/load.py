@@ -304,8 +304,8 @@ def _one_split(path: Path, split: str | None) -> None:
     """A local file is one split, ``train`` (as ``datasets`` names it): another name is a mistake, not that split."""
     if split not in (None, "train"):
         raise DataError(f"{path} is one file, whose one split is 'train': there is no split {split!r}", column="split",
-                        fix="give a folder with one file per split (train.jsonl, test.jsonl; fastdpo data split "
-                            "writes them), or hold rows out with eval_fraction (not with dataset_streaming)")  # fmt: skip
+                        fix="give a folder with one file per split (train.jsonl, test.jsonl: fastdpo data split "
+                            "writes them), or hold rows out with eval_fraction (not on a stream)")  # fmt: skip
 
 
 def _csv_options(path: Path, kind: str, text: Iterable[str]) -> dict:

@@ -530,6 +530,25 @@ def undispatched(args) -> None:
     config.dispatch_batches = False
 
 
+def train_reporting_streams(trainer, train, *args, **kwargs):
+    """``train(*args, **kwargs)``, then the streams' summaries (``report_streams``; when it fails too); a DataError
+    where a train stream gave no batch (every row read was dropped): the run ended at step 0 and saved the untrained
+    model as its result, where a map-style dataset with no row left is refused."""
+    import datasets
+
+    try:
+        output = train(*args, **kwargs)
+    finally:
+        report_streams(trainer._streams, trainer.args.dataloader_num_workers)
+    if trainer.state.global_step == 0 and isinstance(trainer.train_dataset, datasets.IterableDataset):
+        raise DataError(
+            "the train stream gave no batch: every row read was dropped (dropped_rows says why)",
+            column="train_dataset",
+            fix="check the data (fastdpo data check FILE), or raise max_length",
+        )
+    return output
+
+
 def report_streams(streams, workers: int = 0) -> None:
     """One warning per prepared stream that dropped or flagged rows (``PreparedStream.summary``); with dataloader
     ``workers``, one more: the rows they read were counted in their processes, not in these summaries."""

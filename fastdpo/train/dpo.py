@@ -81,8 +81,8 @@ from fastdpo.train.common import (
     load_tokenizer,
     neftune_as_trl,
     report_dropped,
-    report_streams,
     set_pad_token,
+    train_reporting_streams,
     undispatched,
     warn_no_logits,
     with_quantization,
@@ -265,10 +265,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
 
     def train(self, *args, **kwargs):
         self._token_rate.restart(self._total_train_tokens)
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            report_streams(self._streams, self.args.dataloader_num_workers)
+        return train_reporting_streams(self, super().train, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         # a dataset passed here is prepared as the constructor prepares eval sets (TRL's evaluate tokenizes it too)

@@ -87,8 +87,8 @@ from fastdpo.train.common import (
     load_tokenizer,
     neftune_as_trl,
     report_dropped,
-    report_streams,
     set_pad_token,
+    train_reporting_streams,
     undispatched,
     warn_no_logits,
     with_quantization,
@@ -476,10 +476,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
 
     def train(self, *args, **kwargs):
         self._token_rate.restart(self._total_train_tokens)
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            report_streams(self._streams, self.args.dataloader_num_workers)
+        return train_reporting_streams(self, super().train, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
