@@ -247,8 +247,11 @@ def _write(dataset, out: Path, known: argparse.Namespace, summary: dict) -> None
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.name}.partial{out.suffix}")
     kind = WRITERS[out.suffix]
-    if kind == "json":
-        dataset.to_json(temporary, lines=True)
+    if kind == "json":  # (row by row with Python's json: pandas' to_json rounds floats to 10 digits, 1e-12 to 0.0)
+        with open(temporary, "w", encoding="utf-8") as handle:
+            for batch in dataset.iter(batch_size=1000):
+                rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+                handle.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
     elif kind == "parquet":
         dataset.to_parquet(temporary)
     else:

@@ -575,3 +575,12 @@ def test_a_fix_naming_the_python_check_names_the_command_in_the_cli():
     )
     said = _in_cli_terms(error, "dpo")
     assert str(said) == "row 2, column 'chosen': is empty — drop the row (fastdpo data check FILE lists them all)"
+
+
+def test_a_jsonl_output_keeps_every_float_as_it_came(workdir, data_cli):
+    # pandas' to_json wrote 10 significant digits: a score of 1e-12 came back 0.0 (a tie), 0.30000000001 as 0.3
+    row = {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 1e-12, "rejected_score": 0.0,
+           "ref_logp": -123.456789012345}  # fmt: skip
+    (workdir / "floats.jsonl").write_text(json.dumps(row) + "\n")
+    assert data_cli("filter", "floats.jsonl", "floats_kept.jsonl").returncode == 0
+    assert json.loads((workdir / "floats_kept.jsonl").read_text()) == row
