@@ -389,3 +389,26 @@ def test_split_errors():
     for bad in (0, 0.0, 1.0, -0.1, 1.5, 20, 25, -3, True, "0.1", NAN):
         with pytest.raises(ConfigError, match="test_size"):
             split_by_prompt(rows, test_size=bad)
+
+
+def test_a_prompt_written_two_ways_stays_on_one_side():
+    # a trailing space, \r\n, decomposed accents, None-filled message keys (Dataset.to_list()'s): each was a group of
+    # its own, and the same prompt went to train and eval (11 of 21 in the hunt's repro)
+    import unicodedata
+
+    rows = []
+    for i in range(20):
+        text = f"Quelle est la capitale {i} ?\nRéponds."
+        for written in (text, text + " ", text.replace("\n", "\r\n"), unicodedata.normalize("NFD", text)):
+            rows.append({"prompt": written, "chosen": f" yes {len(rows)}", "rejected": f" no {len(rows)}"})
+        said = [{"role": "user", "content": text}]
+        rows.append({"prompt": said, "chosen": [{"role": "assistant", "content": "y"}], "rejected": [
+            {"role": "assistant", "content": "n"}]})  # fmt: skip
+        rows.append({**rows[-1], "prompt": [{**said[0], "tool_calls": None, "name": None}]})
+    chats = [row for row in rows if isinstance(row["prompt"], list)]
+    texts = [row for row in rows if isinstance(row["prompt"], str)]
+    for data in (texts, chats):
+        train, held_out = split_by_prompt(data, test_size=0.25, seed=0)
+        key = (lambda p: unicodedata.normalize("NFC", p.replace("\r\n", "\n").strip())) if data is texts else (
+            lambda p: p[0]["content"])  # fmt: skip
+        assert held_out and not {key(r["prompt"]) for r in train} & {key(r["prompt"]) for r in held_out}

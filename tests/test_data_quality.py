@@ -547,3 +547,10 @@ def test_a_run_drops_the_rows_preparation_refuses_as_its_data_filter_drops_the_o
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(DataError, match="row 3, column 'system'"):
         _loaded_splits("dpo", RunArguments(dataset_name=str(path)), 0)
+
+
+def test_answers_that_differ_in_non_ascii_whitespace_only_are_identical():
+    # a no-break or ideographic space at the end: squeezed alike, but the quick count left them out, so the pair
+    # passed as two answers (build_pairs already called them repeated)
+    rows = [{"prompt": "Capital?", "chosen": "Paris." + space, "rejected": "Paris."} for space in ("\u00a0", "\u3000")]
+    assert check_preferences(rows).rows == {"identical": [0, 1]}

@@ -421,7 +421,7 @@ def _solid(value: Any) -> int:
     """How many characters of ``value``'s text are not whitespace: equal for values that squeeze to the same text
     (a quick test first: most pairs differ in it)."""
     if isinstance(value, str):
-        return len(value) - value.count(" ") - value.count("\n") - value.count("\t") - value.count("\r")
+        return len("".join(value.split()))  # (every Unicode space: squeezed strips them all at the ends)
     parts = value.values() if isinstance(value, Mapping) else value if isinstance(value, list) else ()
     return sum(map(_solid, parts))
 

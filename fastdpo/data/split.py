@@ -91,8 +91,19 @@ def split_by_keys(dataset, keys, *, test_size: float | int, seed: int, column: s
 
 
 def prompt_key(value: Any) -> str:
-    """The grouping key of a prompt: canonical JSON, so equal message lists give equal keys."""
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    """The grouping key of a prompt: canonical JSON of its text as the quality check compares it (``squeezed``:
+    whitespace that carries no meaning left out; messages without None fields), in Unicode's NFC form. A prompt
+    written with a trailing space, ``\r\n``, decomposed accents or ``Dataset.to_list()``'s None-filled message keys
+    was another group, and went to both sides (a prompt without such variants keeps its key, and its side)."""
+    import unicodedata
+
+    from fastdpo.data.quality import squeezed
+    from fastdpo.data.schema import without_none
+
+    def text(part: str) -> str:
+        return unicodedata.normalize("NFC", squeezed(part))
+
+    return json.dumps(without_none(value, text), sort_keys=True, ensure_ascii=False, default=str)
 
 
 def _seeded_digest(seed: int, key: str) -> bytes:
