@@ -137,6 +137,9 @@ def run_data(known: argparse.Namespace) -> int:
         # (a row the preparation refuses, left as it is, is a group of its own: the trainers refuse it, as check says)
         keys = prepared["prompt"] if not isinstance(prepared, list) else [
             row.get("prompt", {"refused": row}) for row in prepared]  # fmt: skip
+        # cut back to the last line break: answers that begin alike ("Sure..." / "Sorry...") carry the extracted
+        # prompt into them ("...Assistant: S"), so one HH dialogue had a key per pair, and went to both sides
+        keys = [key.rsplit("\n", 1)[0] if isinstance(key, str) and "\n" in key.strip() else key for key in keys]
         if not all(keys):  # pairs whose chosen and rejected begin with nothing alike: a prompt under another name?
             error = missing_column("prompt", "prompt", dataset.column_names,
                                    cli="""--columns '{"prompt": "<your column>"}'""")  # fmt: skip

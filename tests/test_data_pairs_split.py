@@ -412,3 +412,19 @@ def test_a_prompt_written_two_ways_stays_on_one_side():
         key = (lambda p: unicodedata.normalize("NFC", p.replace("\r\n", "\n").strip())) if data is texts else (
             lambda p: p[0]["content"])  # fmt: skip
         assert held_out and not {key(r["prompt"]) for r in train} & {key(r["prompt"]) for r in held_out}
+
+
+def test_data_split_keeps_an_hh_dialogue_on_one_side(tmp_path, monkeypatch, capsys):
+    # answers that begin alike ("Sure..."/"Sorry...") carry TRL's extracted prompt into them ("...Assistant: S"):
+    # one dialogue had a key per pair, and 13 of 30 went to both sides while the command said "no prompt in both"
+    from fastdpo.cli import main
+
+    answers = [("Sure, here it is.", "Sorry, I can't."), ("Yes, gladly.", "No."), ("Sure thing!", "Stop asking.")]
+    rows = [{"chosen": f"\n\nHuman: question {q}?\n\nAssistant: {good}", "rejected": f"\n\nHuman: question {q}?\n\n"
+             f"Assistant: {bad}"} for q in range(30) for good, bad in answers]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hh.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["data", "split", "hh.jsonl", "train.jsonl", "eval.jsonl", "--test-size", "0.3"]) == 0
+    dialogues = [{json.loads(line)["chosen"].split("\n\nAssistant:")[0] for line in (tmp_path / name).open()}
+                 for name in ("train.jsonl", "eval.jsonl")]  # fmt: skip
+    assert dialogues[1] and not dialogues[0] & dialogues[1]
