@@ -440,7 +440,10 @@ def test_where_strings_and_callables():
 
     assert prompts("chosen_score >= 8") == ["Name a color.", "Q4"]
     assert prompts("chosen_score<8") == ["Q2"]
-    assert prompts("status != tie") == ["Name a color.", "Q4", "Q5"]  # None fails every predicate
+    # None (and a value no number compares with) fails every predicate but !=: it is not the value, so README's
+    # where="status != tie" keeps a row without a status (it dropped every such row)
+    assert prompts("status != tie") == ["Name a color.", "Q3", "Q4", "Q5"]
+    assert prompts("chosen_score != 8") == ["Name a color.", "Q2", "Q3", "Q5"]
     assert prompts("status == 'tie'") == ["Q2"]
     assert prompts('prompt == "Q3"') == ["Q3"]
     assert prompts(lambda row: row["prompt"].startswith("Q")) == ["Q2", "Q3", "Q4", "Q5"]

@@ -20,7 +20,8 @@ _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt
 
 def parse_where(text: str, columns: Iterable[str]) -> tuple[str, Callable[[Any], bool]]:
     """``"<column> <op> <value>"`` → (column, test of one value). None, NaN, and values that cannot be compared
-    with a number fail the test; a string value is compared with the column's value as a string."""
+    with a number fail the test, but for ``!=``, which they pass (they are not the value: ``status != tie`` keeps a
+    row without a status); a string value is compared with the column's value as a string."""
     match = _WHERE.match(text)
     if match is None or not match[3]:
         raise DataError(
@@ -47,15 +48,17 @@ def parse_where(text: str, columns: Iterable[str]) -> tuple[str, Callable[[Any],
     else:
         target = float(raw) if _NUMBER.match(raw) else raw
 
+    incomparable = match[2] == "!="  # (what a value that cannot be compared gives)
+
     def test(value: Any) -> bool:
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            return False
+            return incomparable
         if isinstance(target, float):
             try:
                 value = float(value)
             except (TypeError, ValueError):
-                return False
-            return not math.isnan(value) and op(value, target)
+                return incomparable
+            return incomparable if math.isnan(value) else op(value, target)
         return op(value if isinstance(value, str) else str(value), target)
 
     return column, test
