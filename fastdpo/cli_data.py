@@ -107,7 +107,7 @@ def run_data(known: argparse.Namespace) -> int:
         else:
             print(report.to_json() if known.json else report.to_markdown())
         return 0
-    if known.action == "filter":  # judged as the trainers read the rows; the rows kept are written as they are
+    if known.action == "filter":  # judged as the trainers read the rows; those kept written under fastdpo's names
         reasons = known.drop.split(",") if known.drop else None
         mapped = _mapped(dataset, known.columns) if known.columns else dataset  # (under fastdpo's column names)
         rows = check_preferences(checked).dropped_rows(_where_view(checked, mapped), reasons, where=known.where)

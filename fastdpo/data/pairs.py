@@ -25,7 +25,10 @@ dropped and counted, with its index, under one reason:
 - ``ties``: every score is equal, so no completion is better than another;
 - ``below_margin``: scores differ, but never by more than ``margin``.
 
-Rows are checked in that order. In the plain torch-free terms of one row with ``margin = 0``::
+A row is counted under the first problem found: its completions and scores are read first (fewer than 2
+completions given, then ``bad_scores``, then a completion of no known type), then its prompt, the completions'
+formats against it and the candidates left after the exclusions, then ``ties`` and ``below_margin``. In the plain
+torch-free terms of one row with ``margin = 0``::
 
     best = max(range(n), key=scores.__getitem__)       # first of the best
     worst = min(range(n), key=scores.__getitem__)      # first of the worst
