@@ -93,24 +93,37 @@ def data_fingerprint(dataset_name: str | None) -> dict | None:
     """What a resumed run compares to see that its local data did not change: each data file's size and a SHA-256 of
     its first and last 4 MiB (a file copied elsewhere keeps it; an edit of the same size in the middle of a large
     file escapes it). None for a hub dataset or a ``save_to_disk`` folder."""
-    import hashlib
-
     from fastdpo.data.load import saved_to_disk, split_files
 
     path = Path(dataset_name or "")
     if not dataset_name or not path.exists() or saved_to_disk(path):
         return None
     files = split_files(path) if path.is_dir() else {"": path}
-    prints = {}
-    for split, file in files.items():
-        size, digest, block = file.stat().st_size, hashlib.sha256(), 4 << 20
-        with open(file, "rb") as handle:
-            digest.update(handle.read(block))
-            if size > block:
-                handle.seek(max(block, size - block))
-                digest.update(handle.read())
-        prints[split or file.name] = {"size": size, "sha256": digest.hexdigest()}
-    return prints
+    return {split or file.name: _file_print(file) for split, file in files.items()}
+
+
+def model_fingerprint(name: str | None) -> dict | None:
+    """``data_fingerprint``'s print of a local model folder's weights and configs (None for a hub name): what a
+    sweep resumed from finished runs compares, so that runs of other weights at the same path are not ranked as
+    one sweep."""
+    path = Path(name or "")
+    if not name or not path.is_dir():
+        return None
+    files = sorted(file for pattern in ("*.safetensors", "*.bin", "*config.json") for file in path.glob(pattern))
+    return {file.name: _file_print(file) for file in files}
+
+
+def _file_print(file: Path) -> dict:
+    """A file's size and a SHA-256 of its first and last 4 MiB."""
+    import hashlib
+
+    size, digest, block = file.stat().st_size, hashlib.sha256(), 4 << 20
+    with open(file, "rb") as handle:
+        digest.update(handle.read(block))
+        if size > block:
+            handle.seek(max(block, size - block))
+            digest.update(handle.read())
+    return {"size": size, "sha256": digest.hexdigest()}
 
 
 def refuse_changed_data(recorded_path: Path, fingerprint: dict | None, *, overwrite: bool) -> None:

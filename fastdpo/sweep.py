@@ -139,16 +139,19 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
     one."""
     from fastdpo.atomic import atomic_write
     from fastdpo.cli import _resolved_config, load_config, run_training
-    from fastdpo.cli_resume import data_fingerprint
+    from fastdpo.cli_resume import data_fingerprint, model_fingerprint
     from fastdpo.train.resume import last_checkpoint
 
     run_dir = args.out / f"beta_{beta!r}"
     run_flags = [*flags, "--beta", repr(beta), "--output_dir", str(run_dir), "--precompute_ref_log_probs", "true",
                  "--ref_cache_dir", str(args.out / "ref_cache")]  # fmt: skip
     resolved = _resolved_config(*load_config(known, run_flags))
+    prints = {
+        "data_fingerprint": data_fingerprint(run_args.dataset_name),  # (other files at the same paths)
+        "model_fingerprint": model_fingerprint(run_args.model_name_or_path),
+    }
     settings = json.loads(json.dumps({**{k: v for k, v in resolved.items() if k not in _MAY_DIFFER},
-                                      "samples": args.samples, "kl_prompts": args.kl_prompts,  # the data file's
-                                      "data_fingerprint": data_fingerprint(run_args.dataset_name)}))  # fmt: skip
+                                      "samples": args.samples, "kl_prompts": args.kl_prompts, **prints}))  # fmt: skip
     done, again = run_dir / "sweep_row.json", False
     if args.resume and done.is_file():
         saved = json.loads(done.read_text())

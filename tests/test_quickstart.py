@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import signal
 import warnings
 from html.parser import HTMLParser
@@ -297,6 +298,15 @@ def test_sweep_reuses_one_reference_cache_goes_on_after_a_stop_and_recommends_a_
     assert cli([*command, "--resume"]) == 2
     assert "β = 0.05 finished under other settings (data_fingerprint)" in capsys.readouterr().err
     pairs.write_text(kept)
+    from fastdpo.cli_resume import model_fingerprint  # and other weights at the model's path
+
+    before = model_fingerprint(str(out / "sft"))
+    assert before and any(name.endswith(".safetensors") for name in before) and model_fingerprint("org/name") is None
+    changed = out.parent / "changed_sft"
+    shutil.copytree(out / "sft", changed)
+    weights = next(changed.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    assert model_fingerprint(str(changed)) != {**before} and model_fingerprint(str(changed)).keys() == before.keys()
     assert len(computed) == 2  # the training and the held-out rows, once, for the first β; the second read the files
     result = json.loads((sweep_dir / "sweep.json").read_text())
     assert [r["beta"] for r in result["rows"]] == [0.05, 0.5] and result["recommended_beta"] in (0.05, 0.5)
