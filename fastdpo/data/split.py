@@ -21,11 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
+import unicodedata
 from typing import Any
 
 import datasets
 
 from fastdpo.data.pairs import column_values, missing_column, table_columns
+from fastdpo.data.quality import squeezed
+from fastdpo.data.schema import without_none
 from fastdpo.errors import ConfigError, DataError
 
 
@@ -95,15 +98,11 @@ def prompt_key(value: Any) -> str:
     whitespace that carries no meaning left out; messages without None fields), in Unicode's NFC form. A prompt
     written with a trailing space, ``\r\n``, decomposed accents or ``Dataset.to_list()``'s None-filled message keys
     was another group, and went to both sides (a prompt without such variants keeps its key, and its side)."""
-    import unicodedata
+    return json.dumps(without_none(value, _compared_text), sort_keys=True, ensure_ascii=False, default=str)
 
-    from fastdpo.data.quality import squeezed
-    from fastdpo.data.schema import without_none
 
-    def text(part: str) -> str:
-        return unicodedata.normalize("NFC", squeezed(part))
-
-    return json.dumps(without_none(value, text), sort_keys=True, ensure_ascii=False, default=str)
+def _compared_text(text: str) -> str:
+    return unicodedata.normalize("NFC", squeezed(text))
 
 
 def _seeded_digest(seed: int, key: str) -> bytes:
