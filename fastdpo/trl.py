@@ -66,7 +66,7 @@ from accelerate.utils import is_peft_model  # noqa: E402  (after the TRL check: 
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
-from fastdpo.model.adapters import refuse_frozen_adapter, refuse_prompt_learning  # noqa: E402
+from fastdpo.model.adapters import refuse_unsupported_adapter  # noqa: E402
 from fastdpo.model.attention import PACKED_ATTENTION, packed_attention, use_attention  # noqa: E402
 from fastdpo.model.hooks import forward_as  # noqa: E402
 from fastdpo.model.packed import head_softcap  # noqa: E402
@@ -136,9 +136,7 @@ class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
                  optimizers=(None, None), quantization_config=None, peft_config=None) -> None:  # fmt: skip
         _refuse(args, compute_metrics)
         check_collator(data_collator, PairPacker)
-        refuse_prompt_learning(model)
-        refuse_prompt_learning(peft_config)
-        refuse_frozen_adapter(model)
+        refuse_unsupported_adapter(model, peft_config)
         undispatched(args)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
@@ -256,9 +254,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
         refuse_logit_hooks(TRL_FALLBACK, compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
                            preprocess_logits_for_metrics=preprocess_logits_for_metrics)  # fmt: skip
         check_collator(data_collator, SequencePacker)
-        refuse_prompt_learning(model)
-        refuse_prompt_learning(peft_config)
-        refuse_frozen_adapter(model)
+        refuse_unsupported_adapter(model, peft_config)
         undispatched(args)
         with warnings.catch_warnings():  # TRL's says label smoothing costs a second forward: not here
             warnings.filterwarnings("ignore", message="`label_smoothing_factor` is deprecated", category=FutureWarning)

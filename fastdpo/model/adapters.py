@@ -40,7 +40,7 @@ def wrap_with_adapter(model: nn.Module, peft_config, *, gradient_checkpointing: 
     if not isinstance(peft_config, PeftConfig):
         raise ConfigError(f"expected a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}",
                           column="peft_config")  # fmt: skip
-    refuse_prompt_learning(peft_config)
+    _refuse_prompt_learning(peft_config)
     if is_peft_model(model):
         raise ConfigError("the model already has adapters and a peft_config was given too", column="peft_config",
                           fix="merge and unload the adapter first (merge_and_unload), or pass peft_config=None to "
@@ -53,10 +53,21 @@ def wrap_with_adapter(model: nn.Module, peft_config, *, gradient_checkpointing: 
     return prepare_adapter_model(model, gradient_checkpointing=gradient_checkpointing, new_adapter=True)
 
 
-def refuse_prompt_learning(config_or_model) -> None:
-    """ConfigError for a prompt-learning adapter (prompt, prefix, P-tuning), given as a PeftConfig or a PeftModel: its
-    virtual tokens are added by ``PeftModel.forward``, which fastdpo's packed forward does not run (the model would
-    train no adapter, and evaluate as the bare base model)."""
+def refuse_unsupported_adapter(model, peft_config=None) -> None:
+    """ConfigError for an adapter the packed forward cannot train: a prompt-learning one (prompt, prefix, P-tuning) in
+    ``model`` (a PeftModel) or ``peft_config`` (its virtual tokens are added by ``PeftModel.forward``, which the
+    packed forward does not run: the model would train no adapter, and evaluate as the bare base model), or a PeftModel
+    none of whose parameters would train (``PeftModel.from_pretrained`` loads an adapter frozen, for inference,
+    unless ``is_trainable=True``: training failed deep in autograd)."""
+    _refuse_prompt_learning(model)
+    _refuse_prompt_learning(peft_config)
+    if is_peft_model(model) and not any(parameter.requires_grad for parameter in model.parameters()):
+        raise ConfigError("the PeftModel has no trainable parameter: PeftModel.from_pretrained loads its adapter "
+                          "frozen, for inference", column="model",
+                          fix="load it with PeftModel.from_pretrained(base, path, is_trainable=True)")  # fmt: skip
+
+
+def _refuse_prompt_learning(config_or_model) -> None:
     configs = getattr(config_or_model, "peft_config", None)
     configs = configs.values() if isinstance(configs, dict) else [config_or_model]
     kinds = [str(getattr(c, "peft_type", type(c).__name__)) for c in configs if getattr(c, "is_prompt_learning", 0)]
@@ -64,15 +75,6 @@ def refuse_prompt_learning(config_or_model) -> None:
         raise ConfigError(f"prompt-learning adapters ({kinds[0].split('.')[-1]}) are not supported: their virtual "
                           "tokens are added by PeftModel.forward, which fastdpo's packed forward does not run",
                           column="peft_config", fix="use an adapter on the layers, e.g. LoraConfig")  # fmt: skip
-
-
-def refuse_frozen_adapter(model) -> None:
-    """ConfigError for a PeftModel none of whose parameters would train: ``PeftModel.from_pretrained`` loads an
-    adapter frozen (for inference) unless ``is_trainable=True``, and training failed deep in autograd."""
-    if is_peft_model(model) and not any(parameter.requires_grad for parameter in model.parameters()):
-        raise ConfigError("the PeftModel has no trainable parameter: PeftModel.from_pretrained loads its adapter "
-                          "frozen, for inference", column="model",
-                          fix="load it with PeftModel.from_pretrained(base, path, is_trainable=True)")  # fmt: skip
 
 
 def is_quantized(model: nn.Module) -> bool:

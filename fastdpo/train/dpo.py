@@ -52,8 +52,7 @@ from fastdpo.model.adapters import (
     is_peft_model,
     prepare_adapter_model,
     prepare_quantized_training,
-    refuse_frozen_adapter,
-    refuse_prompt_learning,
+    refuse_unsupported_adapter,
     wrap_with_adapter,
 )
 from fastdpo.model.attention import attends_per_sequence, packed_attention, use_attention
@@ -193,8 +192,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         elif is_peft_model(model) and ref_model is None:  # a trained adapter: a frozen copy of it is the reference
             model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=False)
         if is_peft_model(model):
-            refuse_prompt_learning(model)
-            refuse_frozen_adapter(model)
+            refuse_unsupported_adapter(model)
             prepare_quantized_training(model)
         check_run_dir(args, model)
         self.reference_mode = _reference_mode(args, is_peft_model(model))

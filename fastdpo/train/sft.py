@@ -62,8 +62,7 @@ from fastdpo.model.adapters import (
     is_peft_model,
     prepare_adapter_model,
     prepare_quantized_training,
-    refuse_frozen_adapter,
-    refuse_prompt_learning,
+    refuse_unsupported_adapter,
     wrap_with_adapter,
 )
 from fastdpo.model.attention import packed_attention, use_attention
@@ -334,8 +333,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         elif is_peft_model(model):  # train the adapter it has
             model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=True)
         if is_peft_model(model):
-            refuse_prompt_learning(model)
-            refuse_frozen_adapter(model)
+            refuse_unsupported_adapter(model)
             prepare_quantized_training(model)
         check_run_dir(args, model)
         _set_special_tokens(model, processing_class, args, set_pad=data_collator is None)
