@@ -497,8 +497,8 @@ def check_run_dir(args, model: nn.Module) -> None:
 
 
 def check_stream_args(args, name: str, *, cached_reference: bool = False) -> None:
-    """ConfigError for what an iterable (streaming) ``name`` dataset cannot do with ``args``; accelerate is set to
-    give each process its own batches (``dispatch_batches=False``, as TRL sets it for streams)."""
+    """ConfigError for what an iterable (streaming) ``name`` dataset cannot do with ``args`` (the trainers have set
+    accelerate to give each process its own batches before: ``undispatched``)."""
     fix_map_style = "load the data without streaming=True (a map-style Dataset)"
     if name == "train" and args.max_steps <= 0:
         raise ConfigError("an iterable train dataset has no length, so num_train_epochs cannot be turned into steps",
@@ -511,7 +511,6 @@ def check_stream_args(args, name: str, *, cached_reference: bool = False) -> Non
         raise ConfigError("token-budget batches are drawn from the lengths of every row, which a stream does not "
                           "know before it is read", column="max_tokens_per_batch",
                           fix=f"use per_device_train_batch_size, or {fix_map_style}")  # fmt: skip
-    undispatched(args)
     if name == "train" and getattr(args, "balance_ranks", False) and args.world_size > 1:
         logger.info("balance_ranks does not apply to an iterable dataset: its lengths are not known ahead")
 
