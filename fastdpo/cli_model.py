@@ -246,8 +246,6 @@ def streamed_splits(command: str, run_args, text_field: str | None = None) -> tu
 
 def _auto_heads(device: str) -> dict[str, str]:
     """What ``impl="auto"`` of the head ops picks here for bf16 and fp32 inputs (the ops' own choice, asked)."""
-    import torch
-
     from fastdpo.ops.linear_logprobs import _resolve_impl
 
     picks = {}
@@ -259,8 +257,6 @@ def _auto_heads(device: str) -> dict[str, str]:
 
 def environment(*, as_json: bool) -> str:
     """What ``fastdpo env`` prints: versions, the device, what the head ops and lean layers run here, the packer."""
-    import torch
-
     versions = {"python": platform.python_version()}
     for package in ("fastdpo", "torch", "transformers", "accelerate", "datasets", "trl", "peft", "triton",
                     "deepspeed", "liger-kernel", "bitsandbytes"):  # fmt: skip
