@@ -446,6 +446,11 @@ def test_where_strings_and_callables():
     assert prompts("chosen_score != 8") == ["Name a color.", "Q2", "Q3", "Q5"]
     assert prompts("status == 'tie'") == ["Q2"]
     assert prompts('prompt == "Q3"') == ["Q3"]
+    # an unquoted None/null is the missing value (it compared the text 'None' and matched no row); quoted, the text
+    assert prompts("status == null") == ["Q3"]
+    assert prompts("chosen_score == None") == ["Q3"]
+    assert prompts("status != NULL") == ["Name a color.", "Q2", "Q4", "Q5"]
+    assert prompts("status == 'None'") == []
     assert prompts(lambda row: row["prompt"].startswith("Q")) == ["Q2", "Q3", "Q4", "Q5"]
     with pytest.raises(DataError, match=r"column 'chosen_scor': unknown column in where — did you mean 'chosen_score'"):
         report.filter(rows, where="chosen_scor >= 8")

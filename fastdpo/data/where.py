@@ -21,7 +21,8 @@ _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt
 def parse_where(text: str, columns: Iterable[str]) -> tuple[str, Callable[[Any], bool]]:
     """``"<column> <op> <value>"`` → (column, test of one value). None, NaN, and values that cannot be compared
     with a number fail the test, but for ``!=``, which they pass (they are not the value: ``status != tie`` keeps a
-    row without a status); a string value is compared with the column's value as a string."""
+    row without a status); a string value is compared with the column's value as a string. An unquoted ``None`` or
+    ``null`` is the missing value: ``status == null`` holds where it is None or NaN, ``status != null`` elsewhere."""
     match = _WHERE.match(text)
     if match is None or not match[3]:
         raise DataError(
@@ -43,6 +44,13 @@ def parse_where(text: str, columns: Iterable[str]) -> tuple[str, Callable[[Any],
         guess = close_match(column, columns)
         hint = f"did you mean {guess!r}? " if guess else ""
         raise DataError("unknown column in where", column=column, fix=f"{hint}columns: {', '.join(columns)}")
+    if not quoted and raw.lower() in ("none", "null"):  # (== or !=: an ordering was refused above, not a number)
+        wants_missing = match[2] == "=="
+
+        def missing(value: Any) -> bool:
+            return (value is None or (isinstance(value, float) and math.isnan(value))) == wants_missing
+
+        return column, missing
     if quoted:
         target: float | str = raw[1:-1]
     else:
