@@ -92,6 +92,14 @@ def test_a_string_that_datasets_would_read_back_changed_is_named_and_a_stream_ke
     ):
         load_data(path)
     assert list(load_stream(path)) == pairs  # a stream of the file reads each value as Python's json does
+    # ... under another name that a column map gives our conversation column too (the check looked for 'messages')
+    from fastdpo.data import prepare_sft
+
+    renamed = tmp_path / f"dialog.{name.split('.')[1]}"
+    dialogs = [{"dialog": [user("2+2?"), *pair["chosen"]]} for pair in pairs]
+    renamed.write_text("\n".join(map(json.dumps, dialogs)) if name.endswith("l") else json.dumps(dialogs))
+    with pytest.raises(DataError, match=rf"{where}: the string '4' in dialog\[\]\.content would be read back as 4"):
+        prepare_sft(renamed, columns={"messages": "dialog"})
     # strings that are not JSON come back from such a field as written: the file loads
     pairs[0].update(chosen=[assistant("Four.")], rejected=[assistant("Five.")])
     path.write_text("\n".join(map(json.dumps, pairs)) if name.endswith("l") else json.dumps(pairs))

@@ -38,10 +38,12 @@ except ImportError:  # (a private name: pandas' documented list)
 
 
 def text_columns(columns) -> tuple[str, ...]:
-    """The columns a CSV file's text is read from: ours (``TEXT_COLUMNS``) and the dataset's names that ``columns``
-    (our name → the dataset's) gives our text fields."""
+    """The columns a file's text is read from: ours (``TEXT_COLUMNS``) and the dataset's names that ``columns``
+    (our name → the dataset's) gives our text fields and conversations (``messages`` under another name, whose
+    strings a JSON file's check reads as it reads ours)."""
     mapped = columns.items() if isinstance(columns, dict) else ()
-    return TEXT_COLUMNS + tuple(theirs for ours, theirs in mapped if ours in TEXT_COLUMNS and isinstance(theirs, str))
+    ours = (*TEXT_COLUMNS, *_CONVERSATION_COLUMNS)
+    return TEXT_COLUMNS + tuple(theirs for name, theirs in mapped if name in ours and isinstance(theirs, str))
 
 
 def load_data(
