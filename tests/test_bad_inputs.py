@@ -282,7 +282,7 @@ def test_chat_template_that_refuses_a_row():
     twice = {**MESSAGES, "prompt": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}
     data = prepare_preferences(datasets.Dataset.from_list([MESSAGES, MESSAGES, twice]))
     expect(DataError, lambda: tokenize_preferences(data, strict), row=2, column="prompt", fix="chat_template_error",
-           message="the chat template failed: Conversation roles must alternate")  # fmt: skip
+           message="the chat template failed on the prompt: Conversation roles must alternate")  # fmt: skip
     assert check_preferences(data, strict).rows["chat_template_error"] == [2]  # the filter drops it
 
 

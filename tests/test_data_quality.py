@@ -342,9 +342,11 @@ def test_chat_template_errors_are_rows_not_exceptions(tokenizer):
     ]
     report = check_preferences(rows, tokenizer, max_length=4)
     assert report.rows == {"chat_template_error": [0, 1]}
-    assert report.details[0] == ["chat_template_error (JSONDecodeError: Expecting value: line 1 column 1 (char 0))"]
-    assert "prompt" not in report.length_stats["tokens"]  # no prompt could be rendered
-    assert "| chosen | tokens |" in report.to_markdown()
+    assert report.details == {  # each names the column that failed
+        0: ["column 'tools': chat_template_error (JSONDecodeError: Expecting value: line 1 column 1 (char 0))"],
+        1: ["column 'chat_template_kwargs': chat_template_error (TypeError: 'list' object is not a mapping)"],
+    }
+    assert report.length_stats["tokens"] == {}  # no row could be rendered
 
 
 def test_max_length_boundaries(tokenizer):

@@ -16,17 +16,16 @@ Precedence: each problem is reported once per row, and never one that only follo
 2. The pair, for rows whose values all passed: ``mixed_format``, else ``identical``.
 3. Between rows, for rows that passed 1-2: ``duplicate``. The first copy is kept and carries every other finding;
    later copies get ``duplicate`` and nothing else (exact copies are never ``contradictory``).
-4. The *valid pairs* (rows that passed 1-3) only: ``chat_template_error``, else ``prompt_fills_max_length``,
-   else ``will_be_truncated``; ``contradictory``; ``length_ratio``; the length statistics and the length bias.
+4. The *valid pairs* (rows that passed 1-3) only: ``chat_template_error``, else ``identical_tokens``, else
+   ``prompt_fills_max_length``, else ``will_be_truncated``; ``contradictory``; ``length_ratio``; the length
+   statistics and the length bias.
 
 ``bad_score``, ``tie``, else ``small_score_margin``, look only at ``status`` and the scores: all rows but later copies.
 
-Token counts (with a tokenizer) approximate what ``tokenize_preferences`` builds: the prompt exactly
-(``tokenizer(prompt)`` with its special tokens, or the chat template with the generation prompt and the row's
-``tools``/``chat_template_kwargs``), plus each completion tokenized alone without special tokens (conversations:
-contents joined by newlines, the template's markers not counted), plus the EOS TRL appends to a string
-completion. The seam of the joined text and the template's per-turn markers shift the count by a few tokens, so
-``will_be_truncated`` can miss a row within a few tokens of ``max_length``; ``prompt_fills_max_length`` is exact.
+Token counts (with a tokenizer) are those ``tokenize_preferences`` builds (``fastdpo.data.quality_lengths``):
+each valid pair's ``prompt_ids``, ``chosen_ids`` and ``rejected_ids``, the chat template rendering the prompt, the
+prompt + chosen and the prompt + rejected (``chat_template_error`` names the one it failed on), so
+``prompt_fills_max_length`` and ``will_be_truncated`` are exact.
 """
 
 from __future__ import annotations
@@ -40,9 +39,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import datasets
-import numpy as np
 
-from fastdpo.data.schema import PREFERENCE_COLUMNS, without_none, without_null_arguments
+from fastdpo.data.quality_lengths import ABSENT, check_lengths
+from fastdpo.data.schema import PREFERENCE_COLUMNS, without_none
 from fastdpo.data.where import where_mask
 from fastdpo.errors import ConfigError, DataError, close_match
 
@@ -58,9 +57,10 @@ REASONS: dict[str, tuple[str, str]] = {
     "mixed_format": (DROP, "strings and message lists in one row, or against the dataset's format"),
     "identical": (DROP, "chosen == rejected (whitespace aside)"),
     "duplicate": (DROP, "same prompt, chosen and rejected as an earlier row"),
-    "chat_template_error": (DROP, "the chat template failed on the prompt"),
+    "chat_template_error": (DROP, "the chat template failed on the prompt, or on the prompt + a completion"),
+    "identical_tokens": (DROP, "chosen and rejected are the same tokens (the chat template renders them alike)"),
     "prompt_fills_max_length": (DROP, "the prompt alone has >= max_length tokens"),
-    "will_be_truncated": (WARN, "prompt + a completion longer than max_length (approximate)"),
+    "will_be_truncated": (WARN, "prompt + a completion longer than max_length"),
     "contradictory": (WARN, "another row prefers the other completion for the same prompt"),
     "bad_score": (WARN, "chosen_score or rejected_score present but not a finite number (NaN, inf, text)"),
     "tie": (WARN, "status 'tie', or equal scores"),
@@ -76,9 +76,7 @@ ROLES = ("system", "user", "assistant", "tool")
 META_COLUMNS = ("status", "chosen_score", "rejected_score", "tools", "chat_template_kwargs")
 # C0 and C1 control characters except \t \n \r, and lone surrogates (not encodable as UTF-8)
 _INVALID_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
-_ABSENT = object()  # a key missing from a row of a list input (None is a value there)
-_HIST_BINS = 10
-_CHUNK = 2048
+_ABSENT = ABSENT  # a key missing from a row of a list input (None is a value there)
 
 
 @dataclass
@@ -234,7 +232,7 @@ def check_preferences(
     valid, keys = _check_pairs(num_rows, columns, formats, majority, found)
     pairs = _check_duplicates(valid, keys, found)
     _check_metadata(num_rows, columns, found, min_score_margin, skip=found.rows.get("duplicate", set()))
-    length_stats, bias = _check_lengths(
+    length_stats, bias = check_lengths(
         pairs, columns, text_columns, majority, found,
         tokenizer=tokenizer, max_length=max_length, length_ratio_warn=length_ratio_warn,
     )  # fmt: skip
@@ -470,121 +468,3 @@ def _check_metadata(num_rows, columns, found, min_score_margin, *, skip: set[int
             found.add(row, "tie", f"both scores {a:g}")
         elif min_score_margin is not None and a - b < min_score_margin:
             found.add(row, "small_score_margin", f"{a:g} - {b:g} < {min_score_margin:g}")
-
-
-# ------------------------------------------------------------------------------------------------ 4. lengths
-
-
-def _chars(value: str | list) -> int:
-    return len(value) if isinstance(value, str) else sum(len(m.get("content") or "") for m in value)
-
-
-def _check_lengths(pairs, columns, text_columns, majority, found, *, tokenizer, max_length, length_ratio_warn):
-    """length_ratio, the token checks, and (length_stats, length_bias) over the valid pairs."""
-    chars = {c: [_chars(columns[c][row]) for row in pairs] for c in text_columns}
-    if length_ratio_warn is not None:
-        for row, a, b in zip(pairs, chars["chosen"], chars["rejected"], strict=True):
-            ratio = max(a, b) / max(1, min(a, b))
-            if ratio > length_ratio_warn:
-                found.add(row, "length_ratio", f"{ratio:.1f}x: chosen {a:,} chars, rejected {b:,}")
-    stats: dict[str, Any] = {"pairs": len(pairs), "chars": {c: _summary(v) for c, v in chars.items() if v}}
-    if tokenizer is not None and pairs:
-        tokens, errors = _token_counts(tokenizer, pairs, columns, text_columns, majority)
-        for k, error in errors.items():
-            found.add(pairs[k], "chat_template_error", error)
-        prompts = tokens.get("prompt") or [0] * len(pairs)
-        for k, row in enumerate(pairs):
-            if max_length is None or k in errors:
-                continue
-            longest = prompts[k] + max(tokens["chosen"][k], tokens["rejected"][k])
-            if prompts[k] >= max_length:
-                found.add(row, "prompt_fills_max_length", f"prompt {prompts[k]:,} tokens >= max_length {max_length:,}")
-            elif longest > max_length:
-                found.add(row, "will_be_truncated", f"~{longest:,} tokens > max_length {max_length:,}")
-        stats["tokens"] = {c: s for c, v in tokens.items() if (s := _summary([n for n in v if n is not None]))}
-    if not pairs:
-        return stats, None
-    longer = sum(a > b for a, b in zip(chars["chosen"], chars["rejected"], strict=True))
-    shorter = sum(a < b for a, b in zip(chars["chosen"], chars["rejected"], strict=True))
-    bias = {
-        "pairs": len(pairs),
-        "pairs_differing": longer + shorter,  # equal lengths say nothing about a length preference
-        "chosen_longer_fraction": round(longer / (longer + shorter), 4) if longer + shorter else None,
-        "mean_chosen_chars": round(float(np.mean(chars["chosen"])), 2),
-        "mean_rejected_chars": round(float(np.mean(chars["rejected"])), 2),
-    }
-    return stats, bias
-
-
-def _summary(values: list[int]) -> dict[str, Any] | None:
-    if not values:
-        return None
-    array = np.asarray(values)
-    counts, edges = np.histogram(array, bins=_HIST_BINS)
-    return {
-        "min": int(array.min()),
-        "mean": round(float(array.mean()), 2),
-        "median": float(np.median(array)),
-        "max": int(array.max()),
-        "histogram": {"bin_edges": [round(float(e), 2) for e in edges], "counts": [int(c) for c in counts]},
-    }
-
-
-def _token_counts(tokenizer, pairs, columns, text_columns, majority) -> tuple[dict[str, list], dict[int, str]]:
-    """Per column, the token count of each valid pair (None where the chat template failed); errors by index."""
-    counts: dict[str, list] = {}
-    errors: dict[int, str] = {}
-    if "prompt" in text_columns:
-        prompts = [columns["prompt"][row] for row in pairs]
-        if majority == "standard":
-            counts["prompt"] = _encoded_lengths(tokenizer, prompts, special_tokens=True)
-        else:
-            counts["prompt"] = _chat_prompt_lengths(tokenizer, prompts, pairs, columns, errors)
-    eos = getattr(tokenizer, "eos_token", None)
-    for c in ("chosen", "rejected"):
-        values = [columns[c][row] for row in pairs]
-        if majority == "standard":
-            lengths = _encoded_lengths(tokenizer, values, special_tokens=False)
-            counts[c] = [n + (eos is not None and not v.endswith(eos)) for n, v in zip(lengths, values, strict=True)]
-        else:
-            texts = ["\n".join(m.get("content") or "" for m in v) for v in values]
-            counts[c] = _encoded_lengths(tokenizer, texts, special_tokens=False)
-    return counts, errors
-
-
-def _encoded_lengths(tokenizer, texts: list[str], *, special_tokens: bool) -> list[int]:
-    lengths: list[int] = []
-    for start in range(0, len(texts), _CHUNK):
-        encoded = tokenizer(
-            texts[start : start + _CHUNK],
-            add_special_tokens=special_tokens,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,  # no "longer than model_max_length" warning: measuring long rows is the point
-        )["input_ids"]
-        lengths.extend(len(ids) for ids in encoded)
-    return lengths
-
-
-def _chat_prompt_lengths(tokenizer, prompts, pairs, columns, errors: dict[int, str]) -> list[int | None]:
-    """Prompt tokens through the chat template: rendered row by row (each with its tools and kwargs), then
-    tokenized in batches without special tokens, which is what ``apply_chat_template(tokenize=True)`` does."""
-    rendered: list[str] = []
-    for k, row in enumerate(pairs):
-        tools, kwargs = columns["tools"][row], columns["chat_template_kwargs"][row]
-        try:
-            tools = json.loads(tools) if isinstance(tools, str) else None if tools is _ABSENT else tools
-            extra = {} if kwargs is None or kwargs is _ABSENT else dict(kwargs)
-            rendered.append(
-                tokenizer.apply_chat_template(
-                    without_null_arguments(prompts[k]),
-                    tools=tools or None,
-                    tokenize=False,
-                    add_generation_prompt=True,
-                    **extra,
-                )
-            )
-        except Exception as error:  # a user's template, tools or kwargs can raise anything: report it on the row
-            errors[k] = f"{type(error).__name__}: {str(error)[:60]}"
-    lengths = iter(_encoded_lengths(tokenizer, rendered, special_tokens=False))
-    return [None if k in errors else next(lengths) for k in range(len(pairs))]

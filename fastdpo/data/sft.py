@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
-from jinja2.exceptions import TemplateError
 
 from fastdpo.data.load import as_dataset, load_data, text_columns
+from fastdpo.data.render import TemplateFailure, common_prefix_length
 from fastdpo.data.schema import (
     is_message_list,
     missing_column,
@@ -47,7 +47,6 @@ from fastdpo.data.schema import (
     value_format,
     without_null_arguments,
 )
-from fastdpo.data.tokenize import common_prefix_length
 from fastdpo.errors import ConfigError, DataError, unknown_choice
 
 SFT_COLUMNS = ("text", "messages", "prompt", "completion", "tools", "chat_template_kwargs")
@@ -453,9 +452,11 @@ def tokenize_sft_row(
             input_ids, assistant_mask, completion_start = _encode_conversation(
                 example, layout, tokenizer, chat_template, assistant_only_loss
             )
-        except TemplateError as error:
+        except DataError:
+            raise
+        except Exception as error:  # a user's template raises what it likes (a TypeError from `str + list`, ...)
             raise DataError(
-                f"the chat template failed: {error}",
+                f"the chat template failed: {TemplateFailure(layout, error).describe()}",
                 row=index,
                 column="messages" if layout == "messages" else "completion",
                 fix="fix the row's messages (roles, order), or use a chat template that accepts them",

@@ -20,16 +20,15 @@ silently; here it is dropped and counted. ``max_prompt_length`` (keep the prompt
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 
 import datasets
-from jinja2.exceptions import TemplateError
 
 from fastdpo.data.load import as_dataset
 from fastdpo.data.quality import message_problem
-from fastdpo.data.schema import is_message_list, source_version, without_null_arguments
+from fastdpo.data.render import TemplateFailure, conversation_ids, split_pair, string_ids
+from fastdpo.data.schema import is_message_list, source_version
 from fastdpo.errors import ConfigError, DataError, unknown_choice
 
 logger = logging.getLogger(__name__)
@@ -50,45 +49,21 @@ class TokenizedPreferences:
         return {reason: len(rows) for reason, rows in self.dropped_rows.items()}
 
 
-def common_prefix_length(ids: list[int], other: list[int]) -> int:
-    n = 0
-    for a, b in zip(ids, other):  # noqa: B905 - stops at the shorter one on purpose
-        if a != b:
-            break
-        n += 1
-    return n
-
-
-def _conversation_ids(example: dict, tokenizer) -> tuple[list[int], list[int], list[int]]:
-    tools = example.get("tools")
-    tools = json.loads(tools) if isinstance(tools, str) else tools
-    kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
-
-    def encode(messages, **extra):
-        messages = without_null_arguments(messages)
-        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs, **extra)["input_ids"]
-
-    prompt = example["prompt"]
-    return (
-        encode(prompt, add_generation_prompt=True),
-        encode(prompt + example["chosen"]),
-        encode(prompt + example["rejected"]),
-    )
-
-
 def _rendered_ids(example: dict, row: int, tokenizer) -> tuple[list[int], list[int], list[int]]:
-    """``_conversation_ids``, with a chat template that refuses the row (e.g. "roles must alternate") reported there."""
+    """``conversation_ids``, with a chat template that refuses the row (e.g. "roles must alternate") reported there,
+    in the column whose conversation it refused."""
     if not example["prompt"]:  # (apply_chat_template's ValueError "empty conversation", deep inside Dataset.map)
         raise DataError("the prompt is an empty conversation: chosen and rejected share no first message to take it "
                         "from (a first user turn that differs, even by a space?)", row=row, column="prompt",
                         fix="give the row a prompt, or drop such rows with fastdpo.data.check_preferences(dataset)"
                         ".filter(dataset) (empty)")  # fmt: skip
     try:
-        return _conversation_ids(example, tokenizer)
-    except TemplateError as error:
-        raise DataError(f"the chat template failed: {str(error)[:200]}", row=row, column="prompt",
-                        fix="fix the row's messages, or drop such rows with fastdpo.data.check_preferences(dataset)"
-                        ".filter(dataset) (chat_template_error)") from None  # fmt: skip
+        return conversation_ids(example, tokenizer)
+    except TemplateFailure as failure:
+        which = "the prompt" if failure.column == "prompt" else f"the prompt + {failure.column}"
+        raise DataError(f"the chat template failed on {which}: {failure.describe()}", row=row, column=failure.column,
+                        fix="fix the row's messages, or drop such rows with fastdpo.data.check_preferences(dataset, "
+                        "tokenizer).filter(dataset) (chat_template_error)") from None  # fmt: skip
 
 
 def tokenize_preference_batch(batch: dict, indices: list[int], tokenizer, eos_token: str | None, version: str) -> dict:
@@ -97,20 +72,12 @@ def tokenize_preference_batch(batch: dict, indices: list[int], tokenizer, eos_to
     if chosen and is_message_list(chosen[0]):
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         encoded = [_rendered_ids(row, index, tokenizer) for row, index in zip(rows, indices, strict=True)]
-        prompt_ids, chosen_full, rejected_full = map(list, zip(*encoded, strict=True))
     else:
-        if eos_token is not None:
-            chosen = [c if c.endswith(eos_token) else c + eos_token for c in chosen]
-            rejected = [r if r.endswith(eos_token) else r + eos_token for r in rejected]
-        prompt_ids = tokenizer(prompts)["input_ids"]
-        chosen_full = tokenizer([p + c for p, c in zip(prompts, chosen, strict=True)])["input_ids"]
-        rejected_full = tokenizer([p + r for p, r in zip(prompts, rejected, strict=True)])["input_ids"]
+        encoded = zip(*string_ids(prompts, chosen, rejected, tokenizer, eos_token), strict=True)
     out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-    for p_ids, c_ids, r_ids in zip(prompt_ids, chosen_full, rejected_full, strict=True):
-        start = min(common_prefix_length(p_ids, c_ids), common_prefix_length(p_ids, r_ids))
-        out["prompt_ids"].append(p_ids[:start])
-        out["chosen_ids"].append(c_ids[start:])
-        out["rejected_ids"].append(r_ids[start:])
+    for ids in encoded:
+        for column, part in zip(out, split_pair(*ids), strict=True):
+            out[column].append(part)
     return out
 
 
@@ -154,6 +121,12 @@ def tokenize_preferences(
             num_proc=num_proc,
             desc="Clipping prompts and completions",
         )
+    same = _same_completions(tokenized)
+    if same:
+        logger.warning("%d of %d rows have chosen and rejected of the same tokens (e.g. a chat template that drops "
+                       "the reasoning they differ in), rows %s: no preference to learn, trained on as TRL does; "
+                       "fastdpo.data.check_preferences(dataset, tokenizer).filter drops them (identical_tokens)",
+                       len(same), len(tokenized), _some(same))  # fmt: skip
     dropped: dict[str, list[int]] = {}
     prompt_lengths = [len(ids) for ids in tokenized["prompt_ids"]]
     if max_length is not None and truncation_mode == "keep_start":
@@ -163,6 +136,16 @@ def tokenize_preferences(
         gone = set().union(*map(set, dropped.values()))
         tokenized = tokenized.select([i for i in range(len(tokenized)) if i not in gone])
     return TokenizedPreferences(tokenized, dropped)
+
+
+def _same_completions(tokenized: datasets.Dataset, batch_size: int = 2048) -> list[int]:
+    """The rows whose ``chosen_ids`` equal their ``rejected_ids``, read a batch at a time."""
+    columns = tokenized.select_columns(["chosen_ids", "rejected_ids"]).iter(batch_size)
+    same = []
+    for start, batch in zip(range(0, len(tokenized), batch_size), columns, strict=True):
+        pairs = zip(batch["chosen_ids"], batch["rejected_ids"], strict=True)
+        same.extend(start + k for k, (chosen, rejected) in enumerate(pairs) if chosen == rejected)
+    return same
 
 
 def check_lengths(truncation_mode: str, max_length, max_prompt_length, max_completion_length) -> None:

@@ -1,0 +1,129 @@
+"""Chat templates with real templates' quirks: the quality report counts the tokens tokenization builds, and a
+template that fails names the row and the conversation it failed on (found by rendering real templates)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from test_data_quality import assistant, pair, user
+from tiny_tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer
+
+from fastdpo.data import check_preferences, tokenize_preferences
+from fastdpo.data.sft import tokenize_sft
+from fastdpo.errors import DataError
+
+# like DeepSeek-R1's distills: the reasoning is cut from an assistant turn, and the generation prompt opens a
+# think block that the rendered conversation does not have, so the prompt rendered alone is longer than the
+# prompt tokenization keeps (the ids prompt + completion begin with)
+THINK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% set c = m['content'] %}"
+    "{% if m['role'] == 'assistant' and '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+    "{{ c }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+# like Gemma's: roles must alternate user/assistant
+ALTERNATING = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# like Llama-3.1's: a date header from a kwarg, which Arrow gives as None in a row that lacked it
+DATED = "{{ 'Today: ' + date_string + '\n' }}" + CHAT_TEMPLATE
+
+
+def tokenizer_with(template: str):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def test_token_checks_count_the_prompt_tokenization_keeps_not_the_prompt_rendered_alone():
+    # the report counted the prompt rendered alone with the generation prompt (and tokenizer(prompt) for strings):
+    # prompt_fills_max_length dropped rows that TRL and tokenize_preferences keep
+    tokenizer = tokenizer_with(THINK_TEMPLATE)
+    row = pair(prompt=[user("What color is the sky?")], chosen=[assistant("<think>It is day.</think>Blue.")],
+               rejected=[assistant("<think>Hmm.</think>Green, I think.")])  # fmt: skip
+    kept = tokenize_preferences([row], tokenizer, max_length=None).dataset[0]
+    prompt = len(kept["prompt_ids"])
+    alone = tokenizer.apply_chat_template(row["prompt"], tokenize=True, return_dict=True, add_generation_prompt=True)
+    assert len(alone["input_ids"]) > prompt  # (what the report counted)
+    assert check_preferences([row], tokenizer, max_length=prompt + 1).rows == {"will_be_truncated": [0]}
+    assert len(tokenize_preferences([row], tokenizer, max_length=prompt + 1).dataset) == 1
+    assert check_preferences([row], tokenizer, max_length=prompt).rows == {"prompt_fills_max_length": [0]}
+    assert len(tokenize_preferences([row], tokenizer, max_length=prompt).dataset) == 0
+    # and the completions: exact too (they were the contents joined, without the template's markers)
+    longest = prompt + max(len(kept["chosen_ids"]), len(kept["rejected_ids"]))
+    assert check_preferences([row], tokenizer, max_length=longest).rows == {}
+    assert check_preferences([row], tokenizer, max_length=longest - 1).rows == {"will_be_truncated": [0]}
+    stats = check_preferences([row], tokenizer).length_stats["tokens"]
+    assert [stats[c]["max"] for c in ("prompt", "chosen", "rejected")] == [
+        prompt, len(kept["chosen_ids"]), len(kept["rejected_ids"])
+    ]  # fmt: skip
+
+    # a string prompt ending in a space, which the completion's first token takes
+    tokenizer = build_tiny_tokenizer()
+    row = pair(prompt="The sky is ", chosen="blue.", rejected="green.")
+    kept = tokenize_preferences([row], tokenizer, max_length=None).dataset[0]
+    prompt = len(kept["prompt_ids"])
+    assert len(tokenizer(row["prompt"])["input_ids"]) > prompt
+    assert check_preferences([row], tokenizer, max_length=prompt + 1).rows == {"will_be_truncated": [0]}
+
+
+def test_chosen_and_rejected_the_template_renders_alike_are_named(caplog):
+    tokenizer = tokenizer_with(THINK_TEMPLATE)
+    rows = [
+        pair(prompt=[user("2+2?")], chosen=[assistant("<think>2+2 is 4.</think>4.")],
+             rejected=[assistant("<think>2+2 is 5.</think>4.")]),
+        pair(prompt=[user("3+3?")], chosen=[assistant("6.")], rejected=[assistant("7.")]),
+    ]  # fmt: skip
+    report = check_preferences(rows, tokenizer)
+    assert report.rows == {"identical_tokens": [0]}
+    assert report.severity["identical_tokens"] == "drop"
+    kept, dropped = report.filter(rows)
+    assert (kept, dropped) == ([rows[1]], {"identical_tokens": 1})
+    with caplog.at_level(logging.WARNING, logger="fastdpo.data.tokenize"):
+        tokenized = tokenize_preferences(rows, tokenizer)
+    assert len(tokenized.dataset) == 2  # trained on as TRL does, but said
+    assert "1 of 2 rows have chosen and rejected of the same tokens" in caplog.text
+    assert "rows 0:" in caplog.text
+
+
+def test_a_template_failing_on_a_completion_names_that_column_and_the_report_finds_it():
+    # it said "column 'prompt'", and pointed to check_preferences(dataset), which rendered only the prompt: the
+    # filter dropped nothing and the same error came back
+    tokenizer = tokenizer_with(ALTERNATING)
+    rows = [
+        pair(prompt=[user("Hi?")], chosen=[assistant("Hello.")], rejected=[assistant("Hello."), assistant("Bye.")]),
+        pair(prompt=[user("Yo?")], chosen=[assistant("Hey.")], rejected=[assistant("Go.")]),
+    ]
+    with pytest.raises(DataError) as raised:
+        tokenize_preferences(rows, tokenizer)
+    assert str(raised.value) == (
+        "row 0, column 'rejected': the chat template failed on the prompt + rejected: Conversation roles must "
+        "alternate user/assistant/user/assistant/... — fix the row's messages, or drop such rows with "
+        "fastdpo.data.check_preferences(dataset, tokenizer).filter(dataset) (chat_template_error)"
+    )
+    report = check_preferences(rows, tokenizer)
+    assert report.details == {0: ["column 'rejected': chat_template_error (Conversation roles must alternate "
+                                  "user/assistant/user/assistant/...)"]}  # fmt: skip
+    kept, dropped = report.filter(rows)
+    assert dropped == {"chat_template_error": 1}
+    assert len(tokenize_preferences(kept, tokenizer).dataset) == 1
+
+
+def test_a_template_raising_a_python_error_is_a_data_error_on_the_row():
+    # a TypeError from inside the template (a kwarg None in one row) escaped Dataset.map as a 17-frame traceback
+    tokenizer = tokenizer_with(DATED)
+    rows = [
+        pair(prompt=[user("Hi?")], chosen=[assistant("A.")], rejected=[assistant("B.")],
+             chat_template_kwargs={"date_string": "1 May"}),
+        pair(prompt=[user("Yo?")], chosen=[assistant("C.")], rejected=[assistant("D.")],
+             chat_template_kwargs={"date_string": None}),
+    ]  # fmt: skip
+    with pytest.raises(DataError, match=r"^row 1, column 'prompt': the chat template failed on the prompt: TypeError"):
+        tokenize_preferences(rows, tokenizer)
+    assert check_preferences(rows, tokenizer).rows == {"chat_template_error": [1]}
+    sft = [{"messages": [user("Hi?"), assistant("A.")], "chat_template_kwargs": {"date_string": None}}]
+    with pytest.raises(DataError, match=r"^row 0, column 'messages': the chat template failed: TypeError"):
+        tokenize_sft(sft, tokenizer)
