@@ -4,7 +4,7 @@
     fastdpo sft --config run.yaml [...]
     fastdpo env [--json]
     fastdpo data check|stats DATA [--columns JSON] [--tokenizer T] [--max-length N (check)] [--json] [--limit N]
-    fastdpo data filter DATA OUT [--drop REASONS] [--where 'chosen_score >= 8']
+    fastdpo data filter DATA OUT [--drop REASONS] [--where 'chosen_score >= 8'] [--tokenizer T] [--max-length N]
     fastdpo data pairs DATA OUT [--strategy best_vs_worst] [--margin M]     (rated completions → pairs)
     fastdpo data split DATA TRAIN_OUT EVAL_OUT [--test-size 0.1] [--seed 0] (held out by prompt)
 
@@ -149,11 +149,14 @@ def _not_the_kernels_notice(record: logging.LogRecord) -> bool:
 def _in_cli_terms(error: Exception, command: str) -> Exception:
     """``error`` with a fix that names the Python API's ``columns={...}`` rewritten as this command's option for it:
     ``dataset_columns`` in the YAML (dpo, sft), ``--columns`` with JSON (data); a column to rename (compare); and
-    ``check_preferences`` as ``fastdpo data check``."""
+    ``check_preferences`` as ``fastdpo data check``, its ``.filter`` as ``fastdpo data filter``."""
     import ast
 
-    if isinstance(error, DataError) and "fastdpo.data.check_preferences" in (error.fix or ""):  # its command
-        fix = error.fix.replace("fastdpo.data.check_preferences", "fastdpo data check FILE")
+    if isinstance(error, DataError) and "fastdpo.data.check_preferences" in (error.fix or ""):  # its commands
+        fix = error.fix.replace("fastdpo.data.check_preferences(dataset, tokenizer).filter(dataset)",
+                                "fastdpo data filter FILE OUT --tokenizer TOKENIZER")  # fmt: skip
+        fix = fix.replace("fastdpo.data.check_preferences(dataset).filter(dataset)", "fastdpo data filter FILE OUT")
+        fix = fix.replace("fastdpo.data.check_preferences", "fastdpo data check FILE")
         error = DataError(error.message, row=error.row, column=error.column, fix=fix)
     found = re.search(r"(map your column with )?columns=(\{[^}]*\})( in prepare_preferences)?",
                       getattr(error, "fix", None) or "")  # fmt: skip

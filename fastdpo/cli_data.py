@@ -33,10 +33,12 @@ def add_data_parser(commands) -> None:
         if name in ("check", "stats", "filter", "split"):
             action.add_argument("--columns", type=json.loads, default=None,
                                 help='column names in the data, e.g. \'{"prompt": "question"}\'')  # fmt: skip
-        if name in ("check", "stats"):
-            action.add_argument("--tokenizer", help="a tokenizer folder or hub name: token statistics")
-            if name == "check":
+        if name in ("check", "stats", "filter"):
+            action.add_argument("--tokenizer", help="a tokenizer folder or hub name: token statistics and checks "
+                                "(chat_template_error, identical_tokens)")  # fmt: skip
+            if name in ("check", "filter"):
                 action.add_argument("--max-length", type=int, help="with --tokenizer: flag rows that would be cut")
+        if name in ("check", "stats"):
             action.add_argument("--json", action="store_true")
             action.add_argument("--limit", type=int, help="only the first N rows, streamed: a large file or hub "
                                 "dataset is not read whole (duplicates are then found among those rows)")  # fmt: skip
@@ -95,12 +97,12 @@ def run_data(known: argparse.Namespace) -> int:
         checked = _prepared(dataset, getattr(known, "columns", None))
     elif getattr(known, "columns", None):
         dataset = _mapped(dataset, known.columns)
-    if known.action in ("check", "stats"):
-        tokenizer = None
-        if known.tokenizer:
-            from transformers import AutoTokenizer
+    tokenizer = None
+    if getattr(known, "tokenizer", None):
+        from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(known.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(known.tokenizer)
+    if known.action in ("check", "stats"):
         report = check_preferences(checked, tokenizer, max_length=getattr(known, "max_length", None))
         if known.action == "stats":
             print(json.dumps(report.length_stats, indent=1) if known.json else _stats_table(report.length_stats))
@@ -110,7 +112,8 @@ def run_data(known: argparse.Namespace) -> int:
     if known.action == "filter":  # judged as the trainers read the rows; those kept written under fastdpo's names
         reasons = known.drop.split(",") if known.drop else None
         mapped = _mapped(dataset, known.columns) if known.columns else dataset  # (under fastdpo's column names)
-        rows = check_preferences(checked).dropped_rows(_where_view(checked, mapped), reasons, where=known.where)
+        report = check_preferences(checked, tokenizer, max_length=known.max_length)
+        rows = report.dropped_rows(_where_view(checked, mapped), reasons, where=known.where)
         gone = {row for removed in rows.values() for row in removed}
         kept = mapped.select([row for row in range(len(dataset)) if row not in gone])
         dropped = {reason: len(removed) for reason, removed in rows.items()}

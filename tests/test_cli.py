@@ -340,6 +340,14 @@ def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_c
     again = json.loads(data_cli("check", "clean.jsonl", "--json").stdout)
     assert not any(again["severity"][reason] == "drop" for reason in again["counts"])  # nothing left to drop
     assert again["num_rows"] == 23
+    # with --tokenizer, the token checks' drop reasons too: a prompt that fills --max-length (it took no tokenizer)
+    checked = data_cli("check", "pairs.jsonl", *MAPPED, "--tokenizer", "model", "--max-length", "12", "--json")
+    fills = json.loads(checked.stdout)["rows"]["prompt_fills_max_length"]
+    assert fills and 5 not in fills
+    fits = data_cli("filter", "pairs.jsonl", "fits.jsonl", *MAPPED, "--tokenizer", "model", "--max-length", "12")
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    fits_summary = json.loads((workdir / "fits.jsonl.dropped.json").read_text())
+    assert fits_summary["dropped_rows"] == {"identical": [5], "prompt_fills_max_length": fills}
     for args in (["pairs.jsonl", "pairs.jsonl"], ["pairs.jsonl", "clean.jsonl"]):  # its input; an existing file
         refused = data_cli("filter", *args, *MAPPED)
         assert refused.returncode == 2 and "fastdpo: error: column 'out'" in refused.stderr, args
@@ -575,6 +583,13 @@ def test_a_fix_naming_the_python_check_names_the_command_in_the_cli():
     )
     said = _in_cli_terms(error, "dpo")
     assert str(said) == "row 2, column 'chosen': is empty — drop the row (fastdpo data check FILE lists them all)"
+    # its .filter(dataset) as the filter command (it read "fastdpo data check FILE(dataset).filter(dataset)")
+    commands = {"(dataset)": "fastdpo data filter FILE OUT",
+                "(dataset, tokenizer)": "fastdpo data filter FILE OUT --tokenizer TOKENIZER"}  # fmt: skip
+    for python, command in commands.items():
+        fix = f"fix the row, or drop such rows with fastdpo.data.check_preferences{python}.filter(dataset) (empty)"
+        said = _in_cli_terms(DataError("is empty", row=2, column="chosen", fix=fix), "dpo")
+        assert said.fix == f"fix the row, or drop such rows with {command} (empty)"
 
 
 def test_a_jsonl_output_keeps_every_float_as_it_came(workdir, data_cli):
