@@ -291,3 +291,59 @@ def test_adapter_reference_runs_the_policy_as_its_reference(tmp_path):
     rows = compare(trained, AdapterReference(trained), tokenizer, [("p", "the cat")], samples=2, max_new_tokens=4)
     assert rows[0].kl_estimate == rows[0].kl_estimate and rows[0].policy.tokens >= 1  # generated, finite
     torch.testing.assert_close(trained(input_ids=ids).logits, before)  # the policy's adapter is active again
+
+
+def test_a_ref_model_given_beside_an_adapter_is_the_reference_as_in_trl(data, tmp_path):
+    # reference='auto' took the policy with its adapter off, the ref_model given unused and unsaid (margins 0 at
+    # step 1 where TRL's were 0.015)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+
+    def other():  # a reference that is not the policy's base
+        torch.manual_seed(2)
+        model = load()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        return model
+
+    def trained():  # a PeftModel with a trained adapter
+        torch.manual_seed(1)
+        model = peft.get_peft_model(load(), lora())
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.5)
+        return model
+
+    for name, policy, extra in (("new", load, {"peft_config": lora()}), ("trained", trained, {})):
+        trainer, ours = train(DPOTrainer, DPOConfig, policy(), data, tokenizer, tmp_path, f"ours_{name}",
+                              ref_model=other(), **extra)  # fmt: skip
+        _, theirs = train(trl.DPOTrainer, trl.DPOConfig, policy(), data, tokenizer, tmp_path, f"trl_{name}",
+                          ref_model=other(), **extra)  # fmt: skip
+        assert trainer.reference_mode == "separate" and trainer.ref_model is not None
+        assert "ref" not in trainer.model.peft_config  # (no frozen copy of the adapter: it is not the reference)
+        assert ours[0]["loss"] != pytest.approx(math.log(2), rel=1e-3)
+        assert_match(ours, theirs)
+    with pytest.raises(ConfigError, match=r"column 'reference': 'adapter' takes the policy with its adapter off"):
+        DPOTrainer(load(), args=DPOConfig(**common_args(tmp_path, "x"), reference="adapter"), train_dataset=data,
+                   processing_class=tokenizer, ref_model=other(), peft_config=lora())  # fmt: skip
+
+
+def test_a_cached_reference_of_an_adapter_policy_is_its_base_model_as_in_trl(data, tmp_path):
+    # the cache was computed by the policy with its adapter on: an adapter that does not start at zero (PiSSA, a
+    # random B) gave rewards 0 at step 1 where TRL's precompute (adapter off) gave -0.0078
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    args = {**common_args(tmp_path, "cached"), "learning_rate": 5e-2, "precompute_ref_log_probs": True}
+    trainer = DPOTrainer(load(), args=DPOConfig(**args, ref_cache_dir=str(tmp_path / "cache")), train_dataset=data,
+                         processing_class=tokenizer, peft_config=lora(init_lora_weights=False))  # fmt: skip
+    trainer.train()
+    theirs = trl.DPOTrainer(load(), args=trl.DPOConfig(**{**args, "output_dir": str(tmp_path / "trl")}),
+                            train_dataset=data, processing_class=tokenizer,
+                            peft_config=lora(init_lora_weights=False))  # fmt: skip
+    theirs.train()
+    logs = [[log for log in t.state.log_history if "loss" in log] for t in (trainer, theirs)]
+    assert trainer.reference_mode == "cached"
+    assert logs[0][0]["loss"] != pytest.approx(math.log(2), rel=1e-3)  # the adapter moves the policy off its base
+    assert_match(*logs)

@@ -148,9 +148,11 @@ def compute_reference_logps(
 
 
 def cache_key(reference: nn.Module, rows, *, tokenizer, max_length: int | None, truncation_mode: str,
-              ld_alpha: float | None = None, autocast: str | None = None) -> dict:  # fmt: skip
-    """What the cached values depend on; its hash names the file (``ld_alpha`` and ``autocast`` only when set, so
-    that the files of plain sums in full precision keep the names they had before these options existed)."""
+              ld_alpha: float | None = None, autocast: str | None = None,
+              adapter_off: bool = False) -> dict:  # fmt: skip
+    """What the cached values depend on; its hash names the file (``ld_alpha``, ``autocast`` and ``adapter_off``
+    only when set, so that the files of plain sums in full precision keep the names they had before these options
+    existed; ``adapter_off``: a PEFT model computed them with its adapter off, or its "ref" adapter)."""
     data, count = rows_fingerprint(rows)
     key = {"format": FORMAT, "model": model_fingerprint(reference), "tokenizer": tokenizer_fingerprint(tokenizer),
            "rows": data, "num_rows": count, "max_length": max_length, "truncation_mode": truncation_mode}  # fmt: skip
@@ -158,6 +160,8 @@ def cache_key(reference: nn.Module, rows, *, tokenizer, max_length: int | None, 
         key["ld_alpha"] = float(ld_alpha)
     if autocast is not None:
         key["autocast"] = str(autocast)
+    if adapter_off:
+        key["adapter"] = "off"
     return key
 
 
@@ -174,12 +178,14 @@ def cached_reference_logps(
     progress: bool = True,
     ld_alpha: float | None = None,
     autocast: str | None = None,
+    adapter_off: bool = False,
 ) -> Tensor:
     """``[rows, 2]`` reference log-probs: read from the cache when a valid file has this key, else computed and
     written. See the module docstring. ``autocast``: the mixed precision (``"bf16"``, ``"fp16"``) the caller computes
-    them under, a part of the key (the values differ from full precision's); None for none."""
+    them under, a part of the key (the values differ from full precision's); None for none. ``adapter_off``: the
+    caller runs a PEFT ``reference`` with its adapter off (``adapter_reference``), a part of the key."""
     key = cache_key(reference, rows, tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode,
-                    ld_alpha=ld_alpha, autocast=autocast)  # fmt: skip
+                    ld_alpha=ld_alpha, autocast=autocast, adapter_off=adapter_off)  # fmt: skip
     name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / f"{name}.arrow"
     if path.exists():

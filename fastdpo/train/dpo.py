@@ -189,13 +189,14 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's random init, reproducible (and TRL's)
             model = wrap_with_adapter(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
-        elif is_peft_model(model) and ref_model is None:  # a trained adapter: a frozen copy of it is the reference
-            model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing, new_adapter=False)
+        elif is_peft_model(model):  # a trained adapter: a frozen copy of it is the reference, unless ref_model is
+            model = prepare_adapter_model(model, gradient_checkpointing=args.gradient_checkpointing,
+                                          new_adapter=ref_model is not None)  # (True: no copy)  # fmt: skip
         if is_peft_model(model):
             refuse_unsupported_adapter(model)
             prepare_quantized_training(model)
         check_run_dir(args, model)
-        self.reference_mode = _reference_mode(args, is_peft_model(model))
+        self.reference_mode = _reference_mode(args, is_peft_model(model), has_ref_model=ref_model is not None)
         if ref_model is not None and self.reference_mode == "none":
             warnings.warn(f"ref_model is not used: loss_type {list(args.loss_type)} is reference-free", stacklevel=2)
             ref_model = None
@@ -253,10 +254,13 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
                                   "the weights and no engine gathers them yet", column="precompute_ref_log_probs",
                                   fix="compute the cache in a run without ZeRO-3 (same ref_cache_dir; it is reused), "
                                       "or use a separate reference")  # fmt: skip
+            # no ref_model: the policy, a PEFT one with its adapter off (or its "ref" adapter), as a separate or
+            # adapter reference sees it (and TRL's precompute)
             reference = ref_model.to(self.args.device) if ref_model is not None else model
-            self.train_dataset = self._with_reference_logps(reference, self.train_dataset, "train")
+            adapter_off = ref_model is None and is_peft_model(model)
+            self.train_dataset = self._with_reference_logps(reference, self.train_dataset, "train", adapter_off)
             if self.eval_dataset is not None:
-                self.eval_dataset = self._with_reference_logps(reference, self.eval_dataset, "eval")
+                self.eval_dataset = self._with_reference_logps(reference, self.eval_dataset, "eval", adapter_off)
         self._metrics = {"train": StepMetrics(), "eval": StepMetrics()}
         self._total_train_tokens = 0
         self._token_rate = TokenRate()
@@ -281,21 +285,24 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         if self._signature_columns is None:
             self._signature_columns = [*TOKEN_COLUMNS, *REFERENCE_COLUMNS]
 
-    def _with_reference_logps(self, reference: nn.Module, dataset, name: str):
+    def _with_reference_logps(self, reference: nn.Module, dataset, name: str, adapter_off: bool = False):
         """``dataset`` with the reference's log-probs as columns, from the cache (computed on the first process
         first; the others then read its file), under the autocast the policy's passes run under (``bf16``/``fp16``),
-        as a separate reference's pass would be."""
+        as a separate reference's pass would be; ``adapter_off``: ``reference`` is a PEFT policy, run within
+        ``adapter_reference``."""
         if isinstance(dataset, dict):
-            return {key: self._with_reference_logps(reference, part, f"{name}_{key}") for key, part in dataset.items()}
+            return {key: self._with_reference_logps(reference, part, f"{name}_{key}", adapter_off)
+                    for key, part in dataset.items()}  # fmt: skip
         args = self.args
         batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
         precision = self.accelerator.mixed_precision  # "no", "fp16" or "bf16"
-        with args.main_process_first(local=False, desc=f"reference log-probs ({name})"), self.accelerator.autocast():
+        with (args.main_process_first(local=False, desc=f"reference log-probs ({name})"), self.accelerator.autocast(),
+              adapter_reference(reference) if adapter_off else nullcontext()):  # fmt: skip
             values = cached_reference_logps(reference, dataset, cache_dir=args.ref_cache_dir,
                                             tokenizer=self.processing_class, max_length=args.max_length,
                                             truncation_mode=args.truncation_mode, batch_size=batch_size,
                                             head_impl=args.head_impl, progress=not args.disable_tqdm,
-                                            ld_alpha=args.ld_alpha,
+                                            ld_alpha=args.ld_alpha, adapter_off=adapter_off,
                                             autocast=None if precision == "no" else precision)  # fmt: skip
         dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
         dataset = dataset.add_column(REFERENCE_COLUMNS[0], values[:, 0].tolist())
@@ -505,17 +512,21 @@ class DisplacementWatch:
         return True
 
 
-def _reference_mode(args: DPOConfig, is_peft: bool) -> str:
+def _reference_mode(args: DPOConfig, is_peft: bool, *, has_ref_model: bool = False) -> str:
     """``separate``, ``cached``, ``adapter`` or ``none``: what ``reference`` (and TRL's ``precompute_ref_log_probs``)
-    select for this model."""
+    select for this model; a ``ref_model`` given is the reference, a PEFT policy's too (TRL's rule)."""
     reference_free = args.loss_config().reference_free
     mode = args.reference
     if mode == "auto":
-        automatic = "cached" if args.precompute_ref_log_probs else "adapter" if is_peft else "separate"
-        mode = "none" if reference_free else automatic
+        adapter = "adapter" if is_peft and not has_ref_model else "separate"
+        mode = "none" if reference_free else "cached" if args.precompute_ref_log_probs else adapter
     if mode == "adapter" and not is_peft:
         raise ConfigError("'adapter' needs a PEFT model (pass peft_config, or a PeftModel)", column="reference",
                           fix="use 'separate' or 'cached', or pass peft_config")  # fmt: skip
+    if mode == "adapter" and has_ref_model:
+        raise ConfigError("'adapter' takes the policy with its adapter off as the reference, and a ref_model is given "
+                          "too", column="reference", fix="use reference='separate' (or 'auto') to train against "
+                          "ref_model, or drop ref_model")  # fmt: skip
     if args.precompute_ref_log_probs and mode != "cached" and not reference_free:
         raise ConfigError(f"precompute_ref_log_probs=True asks for a cached reference, reference={mode!r} for another",
                           column="reference", fix="use reference='cached' (or 'auto')")  # fmt: skip
