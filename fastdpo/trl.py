@@ -76,6 +76,7 @@ from fastdpo.train.common import (  # noqa: E402
     check_lean_activations,
     lean_layers,
     neftune_as_trl,
+    uncompiled,
     undispatched,
     warn_no_logits,
 )
@@ -138,6 +139,7 @@ class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
         check_collator(data_collator, PairPacker)
         refuse_unsupported_adapter(model, peft_config)
         undispatched(args)
+        uncompiled(args)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
@@ -256,6 +258,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
         check_collator(data_collator, SequencePacker)
         refuse_unsupported_adapter(model, peft_config)
         undispatched(args)
+        uncompiled(args)
         with warnings.catch_warnings():  # TRL's says label smoothing costs a second forward: not here
             warnings.filterwarnings("ignore", message="`label_smoothing_factor` is deprecated", category=FutureWarning)
             super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,

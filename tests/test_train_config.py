@@ -77,3 +77,32 @@ def test_padding_free_warns_and_a_string_loss_type_is_a_list(tmp_path):
         config = DPOConfig(output_dir=str(tmp_path), report_to=[], padding_free=True, loss_type="ipo")
     assert config.loss_type == ["ipo"]
     assert DPOConfig(output_dir=str(tmp_path), report_to=[], pack_length=2048).pack_length == 2048
+
+
+def test_torch_compile_is_said_and_turned_off_by_every_trainer(tmp_path):
+    # the packed step runs the layers itself and never calls the compiled module's forward: torch_compile=True
+    # compiled nothing (0 frames traced, TRL's DPO 19), looking applied (an OptimizedModule), unsaid
+    from test_train_dpo import common_args, tiny_model
+    from test_train_peft import data as dpo_data
+    from test_train_sft import common_args as sft_args
+    from test_train_sft import prompt_completion_rows
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    import fastdpo.trl as dropin
+    from fastdpo.train import DPOTrainer, SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    pairs, rows = dpo_data.__wrapped__(), prompt_completion_rows(4)
+    compiled = {"torch_compile": True, "torch_compile_backend": "eager"}
+    for trainer_cls, config_cls, args, data in (
+        (DPOTrainer, DPOConfig, common_args(tmp_path, "dpo"), pairs),
+        (dropin.DPOTrainer, trl.DPOConfig, common_args(tmp_path, "trl_dpo"), pairs),
+        (SFTTrainer, SFTConfig, sft_args(tmp_path, "sft"), rows),
+        (dropin.SFTTrainer, trl.SFTConfig, sft_args(tmp_path, "trl_sft"), rows),
+    ):
+        with pytest.warns(UserWarning, match=r"torch_compile=True is not applied and is set to False"):
+            trainer = trainer_cls(model=load(), args=config_cls(**args, **compiled), train_dataset=data,
+                                  processing_class=tokenizer)  # fmt: skip
+        assert not trainer.args.torch_compile and trainer.args.torch_compile_backend is None
+        assert trainer.accelerator.state.dynamo_plugin.backend.value == "NO", trainer_cls

@@ -529,6 +529,17 @@ def undispatched(args) -> None:
     config.dispatch_batches = False
 
 
+def uncompiled(args) -> None:
+    """``torch_compile`` off, with a warning: the trainers run the model's layers in their own packed step and never
+    call the compiled module's forward, so it compiled nothing (TRL's compiled step does not apply)."""
+    if not getattr(args, "torch_compile", False):
+        return
+    warnings.warn("torch_compile=True is not applied and is set to False: fastdpo's packed step runs the model's "
+                  "layers itself, never the compiled module's forward (its GPU head and lean_activations run fused "
+                  "Triton kernels instead)", stacklevel=3)  # fmt: skip
+    args.torch_compile, args.torch_compile_backend, args.torch_compile_mode = False, None, None
+
+
 def train_reporting_streams(trainer, train, *args, **kwargs):
     """``train(*args, **kwargs)``, then the streams' summaries (``report_streams``; when it fails too); a DataError
     where a train stream gave no batch (every row read was dropped): the run ended at step 0 and saved the untrained

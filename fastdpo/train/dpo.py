@@ -82,6 +82,7 @@ from fastdpo.train.common import (
     report_dropped,
     set_pad_token,
     train_reporting_streams,
+    uncompiled,
     undispatched,
     warn_no_logits,
     with_quantization,
@@ -206,6 +207,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
         self._streams: list[PreparedStream] = []
         undispatched(args)  # (every stream, an eval set given to evaluate() later too)
+        uncompiled(args)
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")

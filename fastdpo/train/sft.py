@@ -88,6 +88,7 @@ from fastdpo.train.common import (
     report_dropped,
     set_pad_token,
     train_reporting_streams,
+    uncompiled,
     undispatched,
     warn_no_logits,
     with_quantization,
@@ -352,6 +353,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
                 fix="format the data first, or set completion_only_loss=False",
             )
         undispatched(args)  # (every stream, an eval set given to evaluate() later too)
+        uncompiled(args)
         train_dataset = self._prepare(train_dataset, processing_class, args, args.packing, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare_eval(eval_dataset, processing_class, args)
