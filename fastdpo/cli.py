@@ -372,6 +372,8 @@ class _HelpWithFields(argparse.Action):
 
 def _resolve(config_cls, values: dict, flags: list[str]):
     """``(RunArguments, config)`` from the YAML ``values`` overridden by ``flags``; unknown keys fail."""
+    from transformers.hf_argparser import string_to_bool  # (a bool field's flag type)
+
     listing = f"fastdpo {'sft' if config_cls.__name__ == 'SFTConfig' else 'dpo'} --help lists the fields"
     known = {f.name for cls in (RunArguments, config_cls) for f in dataclasses.fields(cls) if f.init}
     for key in values:
@@ -411,7 +413,8 @@ def _resolve(config_cls, values: dict, flags: list[str]):
             action.type = _json_dict if action.dest not in nullable else _or_null(_json_dict)
         elif action.dest == "report_to":  # its own word for no integration is 'none' (a string, not None)
             action.type = _none_word
-        elif action.dest in nullable and action.type in (int, float, str):  # --field null unsets what the YAML set
+        elif action.dest in nullable and action.type in (int, float, str, string_to_bool):  # --field null unsets
+            # what the YAML set (bool | None: completion_only_loss, eval_packing, bf16)
             action.type = _or_null(action.type)
             if action.nargs in ("+", "*"):  # a list field: null alone unsets it
                 action.__class__ = _ListOrNull

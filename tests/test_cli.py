@@ -487,6 +487,15 @@ def test_a_flag_null_unsets_what_the_yaml_set():
     assert run_args.eval_fraction is None and args.max_length is None
     with pytest.raises(ConfigError, match="--beta: invalid float value: 'null'"):  # beta is a number, never None
         _resolve(DPOConfig, values, ["--beta", "null"])
+    # bool | None fields too ("Truthy value expected" before); a plain bool stays a bool
+    from fastdpo.train import SFTConfig
+
+    sft = {**values, "completion_only_loss": False, "eval_packing": True}
+    args = _resolve(SFTConfig, sft, ["--completion_only_loss", "null", "--eval_packing", "None"])[1]
+    assert (args.completion_only_loss, args.eval_packing) == (None, None)
+    assert _resolve(SFTConfig, sft, ["--completion_only_loss", "true"])[1].completion_only_loss is True
+    with pytest.raises(ConfigError, match="--packing: Truthy value expected"):
+        _resolve(SFTConfig, sft, ["--packing", "null"])
     # report_to's own 'none' (also its default) is no integration, not [None], which the Trainer refused
     cases = (({}, []), ({}, ["--report_to", "none"]), ({"report_to": None}, []), ({}, ["--report_to", "null"]))
     for extra, flags in cases:
