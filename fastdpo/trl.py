@@ -203,8 +203,9 @@ class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
                                    token_metrics=True, aux_loss_coef=aux_coef, ld_alpha=self.args.ld_alpha,
                                    use_weighting=self.args.use_weighting)  # fmt: skip
 
-        with neftune_as_trl(inner, batch, padding_free=False):  # (TRL's DPO batches are padded: its padding_free
-            if ref_logps is None:  # is ignored)
+        # (TRL's DPO batches are padded: its padding_free is ignored)
+        with neftune_as_trl(inner, batch, padding_free=False, pad_to_multiple_of=self.args.pad_to_multiple_of):
+            if ref_logps is None:
                 ref_logps = self._reference_logps(inner, batch)
             with self.accelerator.autocast(), forward_as(inner, packed_forward):
                 out = model()  # through the DDP/FSDP wrapper (forward_as)

@@ -433,15 +433,16 @@ def test_neftune_noise_is_drawn_at_trls_scale_on_every_packing(data, tmp_path, m
     drawn = neftune_draws(monkeypatch)
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
-    scales = {}
     varlen = {"packed_attention": "varlen"}
     trainers = (("trl", trl.DPOTrainer, trl.DPOConfig, {}), ("dropin", dropin.DPOTrainer, dropin.DPOConfig, varlen),
                 ("ours", DPOTrainer, DPOConfig, {}), ("varlen", DPOTrainer, DPOConfig, varlen))  # fmt: skip
-    for name, trainer_cls, config_cls, extra in trainers:
-        drawn.clear()
-        run(trainer_cls, config_cls, load, data, tokenizer, tmp_path, name, neftune_noise_alpha=5.0,
-            per_device_train_batch_size=4, **extra)  # fmt: skip
-        scales[name] = list(drawn)
-    assert len(scales["trl"]) == 2
-    for name in ("dropin", "ours", "varlen"):
-        assert scales[name] == pytest.approx(scales["trl"], rel=1e-6), name
+    for padded in ({}, {"pad_to_multiple_of": 8}):  # (TRL's rows padded up to a multiple: a smaller scale)
+        scales = {}
+        for name, trainer_cls, config_cls, extra in trainers:
+            drawn.clear()
+            run(trainer_cls, config_cls, load, data, tokenizer, tmp_path, name, neftune_noise_alpha=5.0,
+                per_device_train_batch_size=4, **extra, **padded)  # fmt: skip
+            scales[name] = list(drawn)
+        assert len(scales["trl"]) == 2
+        for name in ("dropin", "ours", "varlen"):
+            assert scales[name] == pytest.approx(scales["trl"], rel=1e-6), (name, padded)

@@ -200,11 +200,12 @@ class PackedTokenCount:
 
 
 @contextlib.contextmanager
-def neftune_as_trl(model: nn.Module, batch, *, padding_free: bool):
+def neftune_as_trl(model: nn.Module, batch, *, padding_free: bool, pad_to_multiple_of: int | None = None):
     """NEFTune's noise on a packed batch as on TRL 1.16's batch of the same sequences: transformers' hook draws it in
     ±α/√(L·d), L the row length, which is TRL's longest sequence (its padded batches: DPO's, SFT's unpacked) or all
-    the tokens (SFT's ``padding_free`` row); packed rows of another length got √(L_TRL / L) times TRL's noise. α is
-    scaled for the step (an adapter reference's pass included: TRL's noises it too)."""
+    the tokens (SFT's ``padding_free`` row), padded up to ``pad_to_multiple_of``; packed rows of another length got
+    √(L_TRL / L) times TRL's noise. α is scaled for the step (an adapter reference's pass included: TRL's noises it
+    too)."""
     embeddings = model.get_input_embeddings()
     alpha = getattr(embeddings, "neftune_noise_alpha", None)
     if alpha is None:
@@ -212,6 +213,8 @@ def neftune_as_trl(model: nn.Module, batch, *, padding_free: bool):
         return
     lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1])[batch.seq_pair >= 0]
     trl = batch.input_ids.numel() - batch.num_padding if padding_free else int(lengths.max())
+    if pad_to_multiple_of:
+        trl = -(-trl // pad_to_multiple_of) * pad_to_multiple_of
     embeddings.neftune_noise_alpha = alpha * math.sqrt(batch.input_ids.shape[-1] / trl)
     try:
         yield

@@ -374,7 +374,10 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
                                    ld_alpha=self.args.ld_alpha, use_weighting=self.args.use_weighting)  # fmt: skip
 
         # mixed precision, as accelerate's forward wrapper would apply it
-        with self.accelerator.autocast(), neftune_as_trl(inner, batch, padding_free=False):
+        with (
+            self.accelerator.autocast(),
+            neftune_as_trl(inner, batch, padding_free=False, pad_to_multiple_of=self.args.pad_to_multiple_of),
+        ):
             if ref_logps is None and self.ref_model is not None:
                 ref_logps = self._reference_pass(batch)
             elif ref_logps is None and self.reference_mode == "adapter":

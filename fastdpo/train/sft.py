@@ -250,7 +250,12 @@ class PackedSFTLoss:
         with (
             self.accelerator.autocast(),
             forward_as(inner, packed_forward),
-            neftune_as_trl(inner, batch, padding_free=self.args.padding_free or bfd),
+            neftune_as_trl(
+                inner,
+                batch,
+                padding_free=self.args.padding_free or bfd,
+                pad_to_multiple_of=self.args.pad_to_multiple_of,
+            ),
         ):
             out = model()
         loss = out.loss
