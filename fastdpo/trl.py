@@ -244,7 +244,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
     TRL prepares the dataset (tokenization, its labels, its packing into rows with ``seq_lengths``); the collator
     packs a step's examples without padding between them, and the loss is TRL's (the NLL of every label that is not
     -100 over the optimizer step's labels, ``dft`` too, and ``label_smoothing_factor`` without TRL's second forward:
-    ``fastdpo.ops.label_smoothing``) from the fused head (``fastdpo.train.sft.sft_step``).
+    ``fastdpo.ops.label_smoothing``) from the fused head (``fastdpo.train.step.sft_step``).
     """
 
     logs_padding_fraction = False  # TRL's metrics, under TRL's names, and no others

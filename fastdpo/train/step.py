@@ -12,9 +12,13 @@ scores the prompt tokens of the chosen sequences. TRL's two options that change 
 path: ``ld_alpha`` (LD-DPO: the completion tokens of a pair beyond the shorter side's length count ``ld_alpha`` times,
 in the policy's sums and the reference's) and ``use_weighting`` (WPO: each pair's loss times the product of its two
 sequences' ``exp(mean(log p(y_t) - log Σ_v p_v²))``, without gradient, from the same head pass).
+
+``sft_step`` is the SFT counterpart: the NLL (or DFT) of a packed batch from the same fused head.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +29,9 @@ from fastdpo.model.moe import moe_aux_loss
 from fastdpo.model.packed import ld_weights
 from fastdpo.ops import LossConfig, LossOutput, PairLogps, fused_pair_loss, linear_logprobs, preference_loss
 from fastdpo.ops.fused_pair_loss import _token_metrics, supports_fused
+from fastdpo.ops.label_smoothing import target_logit_gap
 from fastdpo.ops.segments import ld_token_weights, pair_segments, segment_ids, segment_sum
+from fastdpo.train.sft_config import check_label_smoothing
 
 
 def reference_logps(ref_model: nn.Module, batch: PackedBatch, *, impl: str = "auto",
@@ -179,3 +185,79 @@ def _next_token_targets(batch: PackedBatch) -> Tensor:
     ends = batch.cu_seqlens[1:].long() - 1
     nxt[ends] = IGNORE_INDEX
     return nxt
+
+
+# The SFT step
+# ---------------------------------------------------------------------------------------------------------------------
+
+METRIC_OUTPUTS = ("logp", "entropy", "is_top1")  # the per-token outputs SFT's metrics are made of
+
+
+class SFTStepOutput(NamedTuple):
+    """The loss of one packed batch and the sums TRL's metrics are made of."""
+
+    loss: Tensor
+    """Scalar, differentiable: the summed per-token loss over the targets, divided by ``num_items`` (or by
+    ``num_targets`` when it is None), at least 1."""
+    num_targets: Tensor
+    """Targets that are not -100 in this batch (int64)."""
+    entropy_sum: Tensor
+    """Sum over those targets of the next-token entropy (detached)."""
+    top1_sum: Tensor
+    """How many of those targets are the first argmax of the logits (detached)."""
+    aux_loss: Tensor | None
+    """Mixture-of-experts models, when asked: the router load-balancing loss (differentiable, unweighted)."""
+
+
+def sft_step(
+    model: nn.Module,
+    batch: PackedBatch,
+    *,
+    loss_type: str = "nll",
+    num_items: Tensor | int | None = None,
+    head_impl: str = "auto",
+    aux_loss: bool = False,
+    offload_activations: bool = False,
+    label_smoothing: float = 0.0,
+) -> SFTStepOutput:
+    """The SFT loss of ``batch`` under ``model``; in plain torch, with ``logits`` the model's on the packed rows::
+
+        logp = logits.log_softmax(-1).gather(-1, targets)            # 0 where targets == -100
+        loss = -(logp * (logp.exp().detach() if dft else 1)).sum() / num_items
+
+    With ``label_smoothing`` ε (``nll`` only), transformers' ``LabelSmoother``: ``(1 − ε)·loss + ε·`` the same sum
+    of ``−mean_v log p_v``, computed without the logits (``fastdpo.ops.label_smoothing``).
+
+    Args:
+        model: a transformers ``*ForCausalLM``.
+        batch: a ``PackedBatch`` from ``pack_sft``.
+        loss_type: ``"nll"``, or ``"dft"`` (each token's loss weighted by its detached probability).
+        num_items: the divisor (the targets of the whole optimizer step); None divides by this batch's targets.
+        head_impl: the ``linear_logprobs`` implementation.
+        aux_loss: also return a mixture-of-experts model's router load-balancing loss over the real tokens.
+        offload_activations: the body's saved activations wait in host memory until the backward
+            (``fastdpo.model.offload``).
+        label_smoothing: ε in [0, 1); not with ``dft`` nor with a soft-capped head (``ConfigError``).
+    """
+    check_label_smoothing(label_smoothing, loss_type)
+    body = packed_body(model, batch, output_router_logits=aux_loss, offload_activations=offload_activations)
+    hidden = body.hidden
+    targets = batch.targets.reshape(-1).to(hidden.device)
+
+    def head(states: Tensor, spec: HeadSpec):  # run as the LM head module's forward (wrappers' hooks: run_head)
+        per_token = linear_logprobs(states, spec.weight, targets, impl=head_impl, outputs=METRIC_OUTPUTS,
+                                    bias=spec.bias, logit_scale=spec.logit_scale, softcap=spec.softcap)  # fmt: skip
+        if not label_smoothing:
+            return per_token.logp, per_token
+        check_label_smoothing(label_smoothing, loss_type, spec.softcap)
+        # −log p_y + ε·(z_y − mean_v z_v) is (1 − ε)·NLL + ε·(−mean_v log p_v): minus it, as the log-prob
+        gap = target_logit_gap(states, spec.weight, targets, bias=spec.bias, logit_scale=spec.logit_scale)
+        return per_token.logp - label_smoothing * gap.to(per_token.logp.dtype), per_token
+
+    logp, per_token = run_head(model, head, hidden)
+    token_loss = -logp if loss_type == "nll" else -logp * logp.detach().exp()
+    num_targets = (targets != IGNORE_INDEX).sum()
+    divisor = num_targets if num_items is None else torch.as_tensor(num_items, device=hidden.device)
+    loss = token_loss.sum() / divisor.clamp(min=1)
+    aux = moe_aux_loss(model, body.router_logits, batch).to(loss.device) if aux_loss else None
+    return SFTStepOutput(loss, num_targets, per_token.entropy.detach().sum(), per_token.is_top1.sum(), aux)
