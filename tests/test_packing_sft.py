@@ -104,3 +104,39 @@ def test_bad_packing_options():
     with pytest.raises(DataError, match="no sequences"):
         pack_sft([])
     assert torch.equal(pack_sft([{"input_ids": [3]}]).targets, torch.tensor([[IGNORE_INDEX]]))
+
+
+def test_rows_packed_before_and_longer_than_max_length_are_refused(tmp_path):
+    # a dataset TRL's pack_dataset packed at 32 tokens, trained with max_length=16: the native trainer trained on
+    # the whole rows (63 tokens in step 0, TRL 32); the drop-in failed on seq_lengths TRL had not cut, saying nothing
+    # of why
+    from test_train_sft import common_args, prompt_completion_rows, tiny_llama_config
+    from tiny_tokenizer import build_tiny_tokenizer
+    from transformers import LlamaForCausalLM
+
+    from fastdpo.data import tokenize_sft
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    data_utils = pytest.importorskip("trl.data_utils")
+    dropin = pytest.importorskip("fastdpo.trl")
+    tokenizer = build_tiny_tokenizer()
+    tokenized = tokenize_sft(prompt_completion_rows(12), tokenizer, max_length=None).dataset
+    packed = data_utils.pack_dataset(tokenized.select_columns(["input_ids", "labels"]), 32, "bfd")
+    longest = max(len(ids) for ids in packed["input_ids"])
+    assert longest > 16
+    args = SFTConfig(**common_args(tmp_path, "native", max_length=16, packing=False))
+    with pytest.raises(DataError, match=r"column 'seq_lengths': a train row packed before, of \d+ tokens, longer "
+                       r"than max_length 16: packed rows are trained on as they are"):  # fmt: skip
+        SFTTrainer(LlamaForCausalLM(tiny_llama_config(tokenizer)), args=args, train_dataset=packed,
+                   processing_class=tokenizer)  # fmt: skip
+    args = SFTConfig(**common_args(tmp_path, "native", max_length=32, packing=False))
+    SFTTrainer(
+        LlamaForCausalLM(tiny_llama_config(tokenizer)), args=args, train_dataset=packed, processing_class=tokenizer
+    )  # rows that fit: taken as they are
+    trl = pytest.importorskip("trl")
+    args = trl.SFTConfig(**common_args(tmp_path, "dropin", max_length=16, packing=False))
+    trainer = dropin.SFTTrainer(LlamaForCausalLM(tiny_llama_config(tokenizer)), args=args, train_dataset=packed,
+                                processing_class=tokenizer)  # fmt: skip
+    with pytest.raises(DataError, match=r"column 'seq_lengths': adds up to \d+, not 16 tokens .*\(TRL cuts input_ids, "
+                       r"not seq_lengths"):  # fmt: skip
+        next(iter(trainer.get_train_dataloader()))

@@ -420,7 +420,10 @@ def pack_sft(
         if any(length < 0 for length in lengths):  # would slice from the end: tokens lost or repeated, silently
             raise DataError(f"has a negative length {min(lengths)}", row=position, column="seq_lengths")
         if sum(lengths) != len(ids):
-            raise DataError(f"adds up to {sum(lengths)}, not {len(ids)} tokens", row=position, column="seq_lengths")
+            raise DataError(f"adds up to {sum(lengths)}, not {len(ids)} tokens", row=position, column="seq_lengths",
+                            fix="make seq_lengths the row's sequence lengths; a row packed before and then cut to "
+                            "max_length (TRL cuts input_ids, not seq_lengths): pack with a smaller max_length, or "
+                            "raise max_length")  # fmt: skip
         row, start = [], 0
         for length in lengths:
             if length > 0:

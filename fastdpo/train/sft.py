@@ -324,7 +324,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         if isinstance(dataset, datasets.IterableDataset):
             return self._prepare_stream(dataset, tokenizer, args, packing, name, names)
         if "seq_lengths" in dataset.column_names:  # already packed (e.g. self.eval_dataset given to evaluate again)
-            return dataset
+            return _check_packed_rows(dataset, name, args.max_length)
         if "input_ids" in dataset.column_names:
             dataset = _label_tokenized(dataset, self.completion_only_loss, args.dataset_num_proc)
             if args.max_length is not None and not packing:
@@ -504,6 +504,27 @@ def _label_tokenized(dataset: datasets.Dataset, completion_only_loss: bool, num_
     masks = label_masks(names, completion_only_loss)
     return dataset.map(lambda example: {"labels": labels_from_masks(example, masks)}, remove_columns=masks,
                        num_proc=num_proc)  # fmt: skip
+
+
+def _check_packed_rows(dataset: datasets.Dataset, name: str, max_length: int | None) -> datasets.Dataset:
+    """A dataset packed before (``seq_lengths``: fastdpo's, or TRL's ``pack_dataset``) is trained on as it is, each
+    sequence attending to itself; a row longer than ``max_length`` is a ``DataError`` (it was trained on whole)."""
+    if max_length is None:
+        return dataset
+    import pyarrow.compute as pc
+
+    rows = dataset.select_columns(["input_ids"]).with_format("arrow")
+    for start, batch in zip(range(0, len(dataset), 4096), rows.iter(4096), strict=False):
+        lengths = pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False)
+        longer = (lengths > max_length).nonzero()[0]
+        if len(longer):
+            row = start + int(longer[0])
+            raise DataError(f"a {name} row packed before, of {int(lengths[longer[0]])} tokens, longer than "
+                            f"max_length {max_length}: packed rows are trained on as they are", row=row,
+                            column="seq_lengths",
+                            fix="pack them with max_length at most this max_length, raise max_length, or give the "
+                            "rows unpacked (without seq_lengths)")  # fmt: skip
+    return dataset
 
 
 def _check_prepared(dataset, name: str, names: list[str]):
