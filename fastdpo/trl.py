@@ -90,6 +90,7 @@ from fastdpo.train.sft import (  # noqa: E402
     check_label_smoothing,
     refuse_logit_hooks,
 )
+from fastdpo.train.sft_config import warn_eval_packing  # noqa: E402
 from fastdpo.train.step import preference_step, reference_logps  # noqa: E402
 
 TRL_FALLBACK = ", or use TRL's own trainer for this run"
@@ -270,6 +271,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.SFTTrainer for vision-language models")  # fmt: skip
+        warn_eval_packing(self.args, stacklevel=2)
         if self.args.label_smoothing_factor:
             check_label_smoothing(self.args.label_smoothing_factor, self.args.loss_type, head_softcap(self.model))
         self.packed_attention_impl = _attention_of(self.args)

@@ -408,6 +408,10 @@ def test_dataset_preparation_options(load, tokenizer, tmp_path):
     # formatting_func makes the text; eval datasets pack with eval_packing and stay packed when evaluated again
     with pytest.warns(UserWarning, match="eval_packing=True with packing=False: fastdpo scores each sequence"):
         args = SFTConfig(**common_args(tmp_path, "y", eval_packing=True))  # (TRL collates such rows padded)
+    trl, dropin = pytest.importorskip("trl"), pytest.importorskip("fastdpo.trl")
+    with pytest.warns(UserWarning, match="eval_packing=True with packing=False"):  # TRL's config too (silent before)
+        dropin.SFTTrainer(load(), args=trl.SFTConfig(**common_args(tmp_path, "z", eval_packing=True)),
+                          train_dataset=prompt_completion_rows(4), processing_class=tokenizer)  # fmt: skip
     data = prompt_completion_rows(6)
     with pytest.raises(ConfigError, match="column 'formatting_func'"):  # TRL refuses it with completion_only_loss
         SFTTrainer(load(), args=args, train_dataset=data, processing_class=tokenizer, formatting_func=str)

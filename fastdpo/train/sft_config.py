@@ -122,10 +122,7 @@ class SFTConfig(TrainingArguments):
         check_label_smoothing(self.label_smoothing_factor, self.loss_type)
         if self.padding_free:
             warnings.warn("padding_free: fastdpo never pads sequences; the option changes nothing", stacklevel=4)
-        if self.eval_packing and not self.packing:
-            warnings.warn("eval_packing=True with packing=False: fastdpo scores each sequence of a packed eval row on "
-                          "its own; TRL 1.16 collates such rows as plain padded rows (their sequences attend to each "
-                          "other), so its eval loss differs a little", stacklevel=4)  # fmt: skip
+        warn_eval_packing(self, stacklevel=5)
         if self.loss_type not in LOSS_TYPES:
             raise unknown_choice("loss_type", self.loss_type, LOSS_TYPES)
         if self.packing_strategy not in SFT_PACKING_STRATEGIES:
@@ -158,6 +155,15 @@ def _int(text: str, name: str) -> int:
         return int(text)
     except ValueError:
         raise ConfigError(f"expected an integer, 'auto' or None, got {text!r}", column=name) from None
+
+
+def warn_eval_packing(args, stacklevel: int) -> None:
+    """A warning where ``eval_packing=True`` beside ``packing=False`` (fastdpo's config or TRL's): the eval rows are
+    then scored unlike TRL's."""
+    if getattr(args, "eval_packing", None) and not args.packing:
+        warnings.warn("eval_packing=True with packing=False: fastdpo scores each sequence of a packed eval row on its "
+                      "own; TRL 1.16 collates such rows as plain padded rows (their sequences attend to each other), "
+                      "so its eval metrics differ a little", stacklevel=stacklevel)  # fmt: skip
 
 
 def check_label_smoothing(factor: float, loss_type: str, softcap: float | None = None) -> None:
