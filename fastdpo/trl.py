@@ -38,6 +38,7 @@ import warnings
 
 import torch
 
+from fastdpo.data.vocabulary import check_token_ids
 from fastdpo.errors import ConfigError
 
 try:
@@ -145,6 +146,8 @@ class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          quantization_config=quantization_config, peft_config=peft_config)  # fmt: skip
+        check_token_ids(self.train_dataset, self.model, "train")
+        check_token_ids(self.eval_dataset, self.model, "eval")
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.DPOTrainer for vision-language models")  # fmt: skip
@@ -268,6 +271,8 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
                              optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
                              quantization_config=quantization_config, peft_config=peft_config,
                              formatting_func=formatting_func)  # fmt: skip
+        check_token_ids(self.train_dataset, self.model, "train")
+        check_token_ids(self.eval_dataset, self.model, "eval")
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.SFTTrainer for vision-language models")  # fmt: skip

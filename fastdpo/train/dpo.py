@@ -46,6 +46,7 @@ from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs, p
 from fastdpo.data.sampler import RankBalancedBatchSampler, TokenBudgetBatchSampler
 from fastdpo.data.stream import PreparedStream, first_row, is_tokenized, prepare_stream
 from fastdpo.data.tokenize import tokenize_preferences
+from fastdpo.data.vocabulary import check_token_ids
 from fastdpo.errors import ConfigError
 from fastdpo.model.adapters import (
     adapter_reference,
@@ -211,6 +212,8 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
+        check_token_ids(train_dataset, model, "train")
+        check_token_ids(eval_dataset, model, "eval")
         self.packed_attention_impl = packed_attention(args.packed_attention)
         collator = data_collator or packer_for(model, args, self.packed_attention_impl, text_tokenizer.pad_token_id,
                                                pack_length=args.pack_length, packing=args.packing)  # fmt: skip

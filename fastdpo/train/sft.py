@@ -55,6 +55,7 @@ from fastdpo.data.sft import (
     truncation_window,
 )
 from fastdpo.data.stream import prepare_sft_stream
+from fastdpo.data.vocabulary import check_token_ids
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model.adapters import (
     is_peft_model,
@@ -283,6 +284,8 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         train_dataset = self._prepare(train_dataset, processing_class, args, args.packing, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare_eval(eval_dataset, processing_class, args)
+        check_token_ids(train_dataset, model, "train")
+        check_token_ids(eval_dataset, model, "eval")
         self.packed_attention_impl = packed_attention(args.packed_attention)
         collator = data_collator or SequencePacker(pack_length=_pack_length(model, args, self.packed_attention_impl),
                                                    pad_token_id=processing_class.pad_token_id or 0,

@@ -1,0 +1,57 @@
+"""A token the tokenizer has and the model's embedding has not (added, never resized): every trainer names the row
+(it was torch's "IndexError: index out of range in self" from deep inside the embedding, TRL's too)."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+from test_train_dpo import common_args, tiny_model
+from test_train_sft import common_args as sft_args
+from tiny_tokenizer import build_tiny_tokenizer
+
+from fastdpo.data.vocabulary import check_token_ids
+from fastdpo.errors import DataError
+from fastdpo.train import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+trl = pytest.importorskip("trl")
+dropin = pytest.importorskip("fastdpo.trl")
+
+
+def test_a_token_past_the_embedding_is_named_by_every_trainer(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")  # (its vocabulary: the tokenizer's before the new token)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    rows = {"prompt": ["Name a color.", "Say <tool> twice."], "chosen": [" Blue.", " Red."],
+            "rejected": [" Green.", " No."]}  # fmt: skip
+    pairs = datasets.Dataset.from_dict(rows)
+    texts = datasets.Dataset.from_dict({"prompt": rows["prompt"], "completion": rows["chosen"]})
+    rows_vocab = load().get_input_embeddings().num_embeddings
+    said = rf"row 1, column '(input_ids|prompt_ids)': token id {rows_vocab} in the train data: the model's input "
+    said += rf"embedding has {rows_vocab} rows .* model\.resize_token_embeddings\(len\(tokenizer\)\)"
+    for trainer_cls, args, data in (
+        (DPOTrainer, DPOConfig(**common_args(tmp_path, "dpo")), pairs),
+        (dropin.DPOTrainer, trl.DPOConfig(**common_args(tmp_path, "trl_dpo")), pairs),
+        (SFTTrainer, SFTConfig(**sft_args(tmp_path, "sft")), texts),
+        (dropin.SFTTrainer, trl.SFTConfig(**sft_args(tmp_path, "trl_sft")), texts),
+    ):
+        with pytest.raises(DataError, match=said):
+            trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    model = load()
+    model.resize_token_embeddings(len(tokenizer))  # the fix the error gives
+    DPOTrainer(model=model, args=DPOConfig(**common_args(tmp_path, "fixed")), train_dataset=pairs,
+               processing_class=tokenizer)  # fmt: skip
+
+
+def test_ids_are_checked_batch_by_batch_and_negative_ids_too():
+    class Model:
+        def get_input_embeddings(self):
+            import torch
+
+            return torch.nn.Embedding(10, 2)
+
+    rows = [[1, 2], [], [3]] * 3000 + [[4, -1]]  # (a bad id in the third batch of 4096)
+    data = datasets.Dataset.from_dict({"input_ids": rows})
+    with pytest.raises(DataError, match=r"row 9000, column 'input_ids': token id -1 in the eval data"):
+        check_token_ids(data, Model(), "eval")
+    check_token_ids(data.select(range(9000)), Model(), "eval")  # all within 0..9
+    check_token_ids({"a": data.select(range(5))}, Model(), "eval")
