@@ -212,7 +212,13 @@ def test_message_shapes():
         pair(prompt=[user(" ")], **answers),
         pair(prompt=question, chosen=[assistant("A"), "text"], rejected=[assistant("B")]),
         pair(prompt=question, chosen=[assistant("A")], rejected=[{"role": "assistant", "content": [{"text": "B"}]}]),
-    ]
+        # text parts (as multimodal formats write text) and the roles templates render (developer, ipython): fine
+        pair(prompt=[{"role": "developer", "content": "Be brief."}, user([{"type": "text", "text": "Q"}])],
+             chosen=[assistant([{"type": "text", "text": "A"}])], rejected=[assistant("B")]),
+        pair(prompt=[user("Q"), {"role": "ipython", "content": "42"}], **answers),
+        pair(prompt=question, chosen=[assistant([{"type": "image", "url": "x.png"}])], rejected=[assistant("B")]),
+        pair(prompt=question, chosen=[assistant([{"type": "text", "text": " "}])], rejected=[assistant("B")]),
+    ]  # fmt: skip
     report = check_preferences(rows)
     assert reasons_by_row(report) == {
         0: set(),
@@ -221,9 +227,18 @@ def test_message_shapes():
         3: {"empty"},
         4: {"not_text"},
         5: {"bad_message"},
+        6: set(),
+        7: set(),
+        8: {"bad_message"},
+        9: {"empty"},
     }
     assert report.details[1] == ["column 'rejected': bad_message (message 1: no content)"]
-    assert report.details[5] == ["column 'rejected': bad_message (message 0: content is list)"]
+    assert report.details[5] == [
+        "column 'rejected': bad_message (message 0: content is a list with a part of no 'type')"
+    ]
+    assert report.details[8] == [
+        "column 'chosen': bad_message (message 0: content is a list with a 'image' part (text parts only))"
+    ]
 
 
 def test_majority_format_decides_mixed_rows():

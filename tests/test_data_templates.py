@@ -127,3 +127,41 @@ def test_a_template_raising_a_python_error_is_a_data_error_on_the_row():
     sft = [{"messages": [user("Hi?"), assistant("A.")], "chat_template_kwargs": {"date_string": None}}]
     with pytest.raises(DataError, match=r"^row 0, column 'messages': the chat template failed: TypeError"):
         tokenize_sft(sft, tokenizer)
+
+
+# like Llama-3.2's: a content is a string or a list of text parts
+PARTS_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_text_parts_and_the_roles_templates_render_are_tokenized_as_trl_does(tmp_path):
+    # DPO refused them ("content is list: a chat template cannot render it", "role 'developer'"), SFT and TRL not
+    import datasets
+    from test_data_tokenize_trl import trl_prepared
+
+    from fastdpo.data import prepare_preferences
+
+    tokenizer = tokenizer_with(PARTS_TEMPLATE)
+    text = lambda words: [{"type": "text", "text": words}]  # noqa: E731
+    rows = [
+        pair(prompt=[user(text("What color is the sky?"))], chosen=[assistant(text("Blue."))],
+             rejected=[assistant("Green.")]),
+        pair(prompt=[{"role": "developer", "content": "Be brief."}, user("2+2?")], chosen=[assistant("4.")],
+             rejected=[assistant("5.")]),
+        pair(prompt=[user("Weather?"), {"role": "ipython", "content": "sunny"}], chosen=[assistant("Sunny.")],
+             rejected=[assistant("Rain.")]),
+    ]  # fmt: skip
+    rows[0]["rejected"] = [assistant(text("Green."))]  # (Arrow holds a column of strings or of lists, not both)
+    for data in (datasets.Dataset.from_list(rows[:1]), datasets.Dataset.from_list(rows[1:])):
+        ours = tokenize_preferences(prepare_preferences(data), tokenizer, max_length=None).dataset
+        theirs = trl_prepared(data, tokenizer, tmp_path)
+        for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            assert ours[column] == theirs[column], column
+    assert check_preferences(rows, tokenizer).rows == {}
+    # an input column joins a prompt of text parts as parts: the text the template renders is the string case's
+    joined = prepare_preferences([{**rows[0], "input": "Today."}])[0]["prompt"][0]["content"]
+    plain = prepare_preferences([{**rows[0], "prompt": [user("What color is the sky?")], "input": "Today."}])
+    assert "".join(p["text"] for p in joined) == plain[0]["prompt"][0]["content"]

@@ -275,6 +275,10 @@ def _join_input(prompt, extra: str, template: str):
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if last_user is None:
         messages.append({"role": "user", "content": extra})
+    elif isinstance(messages[last_user]["content"], list):  # text parts: the template's text around them, as parts
+        before, after = (text.format(input=extra) for text in template.partition("{prompt}")[::2])
+        parts = [[{"type": "text", "text": text}] if text else [] for text in (before, after)]
+        messages[last_user]["content"] = [*parts[0], *messages[last_user]["content"], *parts[1]]
     else:
         messages[last_user]["content"] = template.format(prompt=messages[last_user]["content"], input=extra)
     return messages

@@ -72,7 +72,9 @@ DATASET_REASONS: dict[str, tuple[str, str]] = {
     "no_prompt_column": (WARN, "no prompt column: prompt checks skipped"),
     "length_bias": (WARN, "chosen is mostly longer (or shorter) than rejected"),
 }
-ROLES = ("system", "user", "assistant", "tool")
+# the roles chat templates render: OpenAI's developer, Llama-3.1's ipython (a tool's result), the older function
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
+_TURN_ENDS = ("user", "tool", "ipython", "function")  # what a prompt may end with: the model answers next
 META_COLUMNS = ("status", "chosen_score", "rejected_score", "tools", "chat_template_kwargs")
 # C0 and C1 control characters except \t \n \r, and lone surrogates (not encodable as UTF-8)
 _INVALID_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -329,6 +331,17 @@ def _check_text(text: str) -> tuple[str | None, str]:
     return (None, "") if bad is None else ("invalid_text", f"{bad.group()!r} at character {bad.start()}")
 
 
+def content_text(content: Any) -> str | None:
+    """A message's text: its content string, or the texts of a list of text parts (``{"type": "text", "text": ...}``,
+    as multimodal chat formats write text alone) joined; None for anything else (an image part, a number)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):  # fmt: skip
+        return "".join(p["text"] for p in content)
+    return None
+
+
 def message_problem(messages: list, column: str, check_roles: bool) -> tuple[str | None, str]:
     """(reason, note) of a message list: bad_message, empty, invalid_text, roles_out_of_order; (None, "") if fine."""
     for k, message in enumerate(messages):
@@ -338,20 +351,32 @@ def message_problem(messages: list, column: str, check_roles: bool) -> tuple[str
         # an assistant turn that only calls tools has no content (OpenAI format; TRL's templates accept it)
         if content is None and not (role == "assistant" and message.get("tool_calls")):
             return "bad_message", f"message {k}: no content"
-        if content is not None and not isinstance(content, str):
-            return "bad_message", f"message {k}: content is {type(content).__name__}"
+        if content is not None and content_text(content) is None:
+            return "bad_message", f"message {k}: content is {_parts(content)}"
     calls = any(m.get("tool_calls") for m in messages)
-    if not calls and all(not m["content"] or m["content"].isspace() for m in messages):
+    if not calls and all(not (text := content_text(m["content"])) or text.isspace() for m in messages):
         return "empty", "every content empty"
     for k, message in enumerate(messages):
-        reason, note = _check_text(message.get("content") or "")
+        reason, note = _check_text(content_text(message.get("content")) or "")
         if reason:
             return reason, f"message {k}: {note}"
-    if column == "prompt" and messages[-1]["role"] not in ("user", "tool"):
+    if column == "prompt" and messages[-1]["role"] not in _TURN_ENDS:
         return "roles_out_of_order", f"prompt ends with {messages[-1]['role']}"
     if column != "prompt" and check_roles and messages[0]["role"] != "assistant":
         return "roles_out_of_order", f"starts with {messages[0]['role']}"
     return None, ""
+
+
+def _parts(content: Any) -> str:
+    """What a content that is not text is: its type, or the first part that is not a text part."""
+    if not isinstance(content, list):
+        return type(content).__name__
+    part = next(p for p in content if not (isinstance(p, Mapping) and p.get("type") == "text"
+                                           and isinstance(p.get("text"), str)))  # fmt: skip
+    if not isinstance(part, Mapping):
+        return f"a list with a {type(part).__name__} in it (text parts only)"
+    kind = part.get("type")
+    return f"a list with a {_short(kind)} part (text parts only)" if kind else "a list with a part of no 'type'"
 
 
 def _did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -18,7 +18,12 @@ TOKEN_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def _chars(value: str | list) -> int:
-    return len(value) if isinstance(value, str) else sum(len(m.get("content") or "") for m in value)
+    return len(value) if isinstance(value, str) else sum(len(_text(m.get("content"))) for m in value)
+
+
+def _text(content) -> str:
+    """A message's text (its string, or its text parts joined: ``quality.content_text``)."""
+    return content if isinstance(content, str) else "".join(p["text"] for p in content or ())
 
 
 def check_lengths(pairs, columns, text_columns, majority, found, *, tokenizer, max_length, length_ratio_warn):
