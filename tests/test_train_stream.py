@@ -165,7 +165,7 @@ def test_bad_rows_of_a_stream_fail_where_they_are_read(tmp_path):
     messages = conversational(synthetic_pairs(4).to_list())
     del messages[2]["rejected"][0]["role"]
     stream = datasets.Dataset.from_list(messages).to_iterable_dataset()
-    with pytest.raises(DataError, match="row 2, column 'rejected': message 0: no role: a chat template cannot"):
+    with pytest.raises(DataError, match="row 2, column 'rejected': message 0: no role: not a message fastdpo takes"):
         list(prepare_stream(stream, tokenizer).dataset)
 
     def rows_without_features():  # a generator's stream: no features, and a row may lack a column

@@ -193,14 +193,15 @@ def _check_conversations(dataset: datasets.Dataset, *, batch_size: int = 2048) -
 
 
 def conversation_fits(messages, row: int, column: str) -> bool:
-    """DataError when a chat template cannot render ``messages`` (not a list, a message without role or content);
+    """DataError where ``messages`` are not a list of messages fastdpo takes (a known role, text content);
     False when their roles are out of order (trained on as they are, but worth a warning); True otherwise."""
     if not isinstance(messages, list):
         raise DataError(f"expected a list of messages, got {type(messages).__name__}", row=row, column=column,
                         fix=_DROP_FIX)  # fmt: skip
     reason, note = message_problem(messages, column, check_roles=True)
     if reason == "bad_message":
-        raise DataError(f"{note}: a chat template cannot render it", row=row, column=column, fix=_DROP_FIX)
+        raise DataError(f"{note}: not a message fastdpo takes (a role of quality.ROLES; a content string or text "
+                        "parts)", row=row, column=column, fix=_DROP_FIX)  # fmt: skip
     return reason != "roles_out_of_order"
 
 
