@@ -54,6 +54,17 @@ def assert_match(ours, theirs):
         assert ours[1][name] == pytest.approx(theirs[1][name], rel=1e-3, abs=2e-6), name
 
 
+def adapted(load):
+    """A PeftModel whose adapter is already trained (as after LoRA SFT): B is not zero."""
+    torch.manual_seed(1)
+    model = peft.get_peft_model(load(), lora())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    return model
+
+
 def test_new_adapter_reference_is_the_base_model_as_in_trl(data, tmp_path):
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
@@ -70,17 +81,8 @@ def test_trained_adapter_becomes_the_reference_as_in_trl(data, tmp_path):
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
 
-    def adapted():  # an adapter already trained (as after LoRA SFT): B is not zero
-        torch.manual_seed(1)
-        model = peft.get_peft_model(load(), lora())
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.normal_(0, 0.5)
-        return model
-
-    trainer, ours = train(DPOTrainer, DPOConfig, adapted(), data, tokenizer, tmp_path, "ours")
-    _, theirs = train(trl.DPOTrainer, trl.DPOConfig, adapted(), data, tokenizer, tmp_path, "trl")
+    trainer, ours = train(DPOTrainer, DPOConfig, adapted(load), data, tokenizer, tmp_path, "ours")
+    _, theirs = train(trl.DPOTrainer, trl.DPOConfig, adapted(load), data, tokenizer, tmp_path, "trl")
     assert "ref" in trainer.model.peft_config and trainer.ref_model is None
     assert ours[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the reference is the adapted model itself
     assert_match(ours, theirs)
@@ -307,16 +309,7 @@ def test_a_ref_model_given_beside_an_adapter_is_the_reference_as_in_trl(data, tm
                 parameter.add_(0.05 * torch.randn_like(parameter))
         return model
 
-    def trained():  # a PeftModel with a trained adapter
-        torch.manual_seed(1)
-        model = peft.get_peft_model(load(), lora())
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.normal_(0, 0.5)
-        return model
-
-    for name, policy, extra in (("new", load, {"peft_config": lora()}), ("trained", trained, {})):
+    for name, policy, extra in (("new", load, {"peft_config": lora()}), ("trained", lambda: adapted(load), {})):
         trainer, ours = train(DPOTrainer, DPOConfig, policy(), data, tokenizer, tmp_path, f"ours_{name}",
                               ref_model=other(), **extra)  # fmt: skip
         _, theirs = train(trl.DPOTrainer, trl.DPOConfig, policy(), data, tokenizer, tmp_path, f"trl_{name}",
