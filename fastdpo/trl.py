@@ -73,6 +73,7 @@ from fastdpo.model.hooks import forward_as  # noqa: E402
 from fastdpo.model.packed import head_softcap  # noqa: E402
 from fastdpo.train.common import (  # noqa: E402
     PackedTokenCount,
+    check_attention_device,
     check_collator,
     check_lean_activations,
     lean_layers,
@@ -157,6 +158,7 @@ class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
         if data_collator is None:
             self.data_collator = packer_for(self.model, args, self.packed_attention_impl, self._tokenizer.pad_token_id)
         check_lean_activations(self)
+        check_attention_device(self)
         self.loss_config = loss_config_of(args)
         self._displacement = DisplacementWatch(FastDPOConfig.displacement_margin,  # fastdpo's default margin
                                                None if self.loss_config.reference_free else args.beta)  # fmt: skip
@@ -286,6 +288,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
                                                 pad_token_id=self._tokenizer.pad_token_id,
                                                 pad_to_multiple_of=self.args.pad_to_multiple_of)  # fmt: skip
         check_lean_activations(self)
+        check_attention_device(self)
         self.aux_loss_coef = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0
 
 

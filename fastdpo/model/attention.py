@@ -49,6 +49,64 @@ def attends_per_sequence(attn_implementation: str) -> bool:
     return "flash" in attn_implementation or attn_implementation == VARLEN
 
 
+# layer types (transformers' cache_utils.get_layer_types_and_kwargs) whose state runs along the sequence: Mamba,
+# gated-delta and lightning linear attention, short convolutions (Qwen3.5, Qwen3-Next, LFM2, Jamba, Falcon-H1, ...)
+_STATEFUL_LAYERS = ("conv", "linear_attention", "hybrid", "hybrid_sliding")
+_STEP = {"packed": 0, "varlen_calls": 0}  # inside packed_body's per-sequence forward; varlen_attention's calls
+
+
+def carries_state(config) -> bool:
+    """Whether a model (its config) has layers whose state runs along a row (recurrent, convolution, linear
+    attention): sequences packed in one row would then read the ones before them, whatever the attention mask."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types = get_layer_types_and_kwargs(config)[0]
+    except Exception:  # (a config of another shape: its own layer_types, if any)
+        types = getattr(config, "layer_types", None) or []
+    return any(kind in _STATEFUL_LAYERS for kind in types)
+
+
+def check_per_sequence(inner: nn.Module, implementation: str) -> None:
+    """ConfigError where attention per sequence over one row of the whole batch (flash, ``fastdpo_varlen``) would
+    not keep ``inner``'s packed sequences apart: layers with state along the row, attention that does not go through
+    transformers' attention functions, a sliding window or chunked attention that the config sets (``varlen``)."""
+    name, fix = type(inner).__name__, "use packed_attention='model' (the model's own attention: packed rows, or each " \
+        "sequence alone where they would not keep sequences apart)"  # fmt: skip
+    if carries_state(inner.config):
+        raise ConfigError(f"{name} has recurrent or convolution layers, whose state runs along a row: over one row "
+                          f"of the whole batch ({implementation}) each sequence would read the ones before it",
+                          column="packed_attention", fix=fix)  # fmt: skip
+    if not getattr(inner, "_supports_attention_backend", False):
+        raise ConfigError(f"{name} does not call transformers' attention functions, so {implementation} would not "
+                          "run and packed sequences would attend to each other", column="packed_attention",
+                          fix=fix)  # fmt: skip
+    config = inner.config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    chunk = getattr(config, "attention_chunk_size", None)
+    if implementation == VARLEN and (window or chunk):
+        what = f"a sliding window of {window}" if window else f"chunked attention of {chunk}"
+        raise ConfigError(f"{name}'s config sets {what} tokens, which {VARLEN} does not implement",
+                          column="packed_attention", fix=fix)  # fmt: skip
+
+
+@contextmanager
+def per_sequence_step(inner: nn.Module, implementation: str) -> Iterator[None]:
+    """``packed_body``'s forward with attention per sequence: ``check_per_sequence`` first, and a ConfigError after
+    a ``fastdpo_varlen`` forward that never called it (a model whose layers bypass it)."""
+    check_per_sequence(inner, implementation)
+    calls = _STEP["varlen_calls"]
+    _STEP["packed"] += 1
+    try:
+        yield
+    finally:
+        _STEP["packed"] -= 1
+    if implementation == VARLEN and _STEP["varlen_calls"] == calls:
+        raise ConfigError(f"{type(inner).__name__} never called {VARLEN}: packed sequences would attend to each other",
+                          column="packed_attention", fix="use packed_attention='model'")  # fmt: skip
+
+
 def varlen_attention(
     module: nn.Module,
     query: Tensor,
@@ -65,6 +123,7 @@ def varlen_attention(
     every token) and ``max_length_q``, as ``PackedBatch.flash_attn_kwargs`` gives them.
     """
     _check_call(module, attention_mask, kwargs)
+    _STEP["varlen_calls"] += 1
     cu_seqlens, max_length = kwargs["cu_seq_lens_q"], int(kwargs["max_length_q"])
     batch, heads, length, dim = query.shape
     # [B, H, L, D] → [B·L, H, D]: the token-major layout both paths take
@@ -79,6 +138,10 @@ def varlen_attention(
 
 
 def _check_call(module: nn.Module, attention_mask: Tensor | None, kwargs: dict) -> None:
+    if (kwargs.get("cu_seq_lens_q") is None or kwargs.get("max_length_q") is None) and _STEP["packed"]:
+        raise ConfigError(f"{type(module).__name__} does not pass the packed batch's cu_seq_lens_q/max_length_q on to "
+                          f"its attention function, which {VARLEN} needs", column="packed_attention",
+                          fix="use packed_attention='model' (the model's own attention)")  # fmt: skip
     if kwargs.get("cu_seq_lens_q") is None or kwargs.get("max_length_q") is None:
         raise ConfigError(
             f"{VARLEN} attention was called without the packed batch's cu_seq_lens_q/max_length_q (e.g. by "
@@ -174,11 +237,11 @@ def switched_attention(model: nn.Module, requested: str | None) -> Iterator[str]
         ) from error
     active = inner.config._attn_implementation
     if active == current:  # transformers only warns when a model cannot switch
-        raise ConfigError(
-            f"{type(inner).__name__} cannot switch attention from {current!r} at run time",
-            column="attn_implementation",
-            fix=f"load the model with attn_implementation={requested!r}",
-        )
+        fix = f"load the model with attn_implementation={requested!r}"
+        if requested == VARLEN or not getattr(inner, "_supports_attention_backend", False):
+            fix = "use packed_attention='model' (the model's own attention)"  # (loaded with it, it would not run)
+        raise ConfigError(f"{type(inner).__name__} cannot switch attention from {current!r} at run time",
+                          column="attn_implementation", fix=fix)  # fmt: skip
     try:
         yield active
     finally:

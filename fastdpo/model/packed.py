@@ -38,7 +38,13 @@ from torch import Tensor, nn
 
 from fastdpo.data.packing import IGNORE_INDEX, PackedBatch
 from fastdpo.errors import ConfigError
-from fastdpo.model.attention import attends_per_sequence, register_varlen_attention, switched_attention
+from fastdpo.model.attention import (
+    attends_per_sequence,
+    carries_state,
+    per_sequence_step,
+    register_varlen_attention,
+    switched_attention,
+)
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.offload import offload_activations as _offload
 from fastdpo.ops import LinearLogprobs, linear_logprobs, segment_sum
@@ -312,6 +318,11 @@ def packed_body(
     if batch.input_ids.device != device:
         batch = batch.to(device)
     body = model.get_decoder()
+    inner = _unwrap(model)
+    if body is inner or body is model or body is inner.get_output_embeddings():  # (Llama4, ModernBERT-decoder)
+        what = "its LM head" if body is inner.get_output_embeddings() else "the whole model"
+        raise ConfigError(f"{type(inner).__name__}.get_decoder() gives {what}, not a body to run without the head",
+                          column="model", fix="train this model with TRL's own trainer")  # fmt: skip
     extra = {"output_router_logits": True} if output_router_logits else {}
     offload = _offload(model) if offload_activations else nullcontext()
     if attn_implementation not in (None, _unwrap(model).config._attn_implementation) and _recomputes(model):
@@ -324,13 +335,14 @@ def packed_body(
     with switched_attention(model, attn_implementation) as implementation, offload:
         if attends_per_sequence(implementation):
             # transformers' flash path isolates sequences only at batch size 1 (varlen kernels over one token axis)
-            output = body(
-                input_ids=batch.input_ids.reshape(1, -1),
-                position_ids=batch.position_ids.reshape(1, -1),
-                use_cache=False,
-                **batch.flash_attn_kwargs(),
-                **extra,
-            )
+            with per_sequence_step(inner, implementation):
+                output = body(
+                    input_ids=batch.input_ids.reshape(1, -1),
+                    position_ids=batch.position_ids.reshape(1, -1),
+                    use_cache=False,
+                    **batch.flash_attn_kwargs(),
+                    **extra,
+                )
         elif implementation in MASK_BACKENDS:
             output = _masked_body(body, batch, extra)
         else:
@@ -353,6 +365,11 @@ def _masked_body(body: nn.Module, batch: PackedBatch, extra: dict):
     padded row (``_unpacked_body``), that first forward included. The watch does not depend on the batch, so every
     process of a sharded run (FSDP, ZeRO-3) runs the body as often as the others."""
     verdict = getattr(body, "_fastdpo_isolates_packed", None)
+    if verdict is None and carries_state(body.config):
+        body._fastdpo_isolates_packed = verdict = False
+        warnings.warn(f"{type(body).__name__} has recurrent or convolution layers, whose state runs along a row, so "
+                      "packed sequences would read the ones before them: each runs alone in a padded row instead "
+                      "(slower, and more memory where lengths differ a lot)", stacklevel=2)  # fmt: skip
     if verdict is False:
         return _unpacked_body(body, batch, extra)
     if verdict is True:

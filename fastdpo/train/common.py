@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 from fastdpo.atomic import check_output_dir
 from fastdpo.data.tokenize import TRUNCATION_MODES
 from fastdpo.errors import ConfigError, DataError, unknown_choice
+from fastdpo.model.attention import attends_per_sequence, check_per_sequence
 from fastdpo.model.lean import use_lean_layers
 from fastdpo.ops.linear_logprobs import IMPLS
 
@@ -338,8 +339,11 @@ def check_lean_activations(trainer) -> None:
 
 def check_attention_device(trainer) -> None:
     """Refuse to train with flex attention on a CPU, where torch has no backward for it (a ``NotImplementedError``
-    from inside the first step, after its compile); evaluation alone would run."""
+    from inside the first step, after its compile); evaluation alone would run. ``check_per_sequence`` too."""
     impl = trainer.packed_attention_impl or getattr(trainer.model.config, "_attn_implementation", None)
+    if impl and attends_per_sequence(impl):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        check_per_sequence(model.get_base_model() if hasattr(model, "get_base_model") else model, impl)
     if impl == "flex_attention" and trainer.args.device.type == "cpu":
         raise ConfigError("the model attends with flex_attention, which torch cannot differentiate on a CPU",
                           column="model_init_kwargs", fix="load it with attn_implementation='sdpa' or 'eager', or "
