@@ -288,6 +288,7 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
         refuse_changed_config,
         refuse_changed_data,
         stale_checkpoints,
+        stale_outputs,
         when_training_begins,
     )
 
@@ -335,7 +336,8 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
     # the stale checkpoints go, and config.yaml is written, once training begins (a checkpoint that fails to load,
     # a run that fails to start, leave the directory's checkpoints and config.yaml as they were: in agreement)
     settings = {"config.yaml": config_text, **({FINGERPRINT: json.dumps(fingerprint, indent=1)} if fingerprint else {})}
-    when_training_begins(trainer, stale, out, settings)
+    outputs = [] if resume else stale_outputs(out, overwrite=known.overwrite, keep=inputs)
+    when_training_begins(trainer, stale, out, settings, outputs)
     # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation)
     files["dropped_rows.json"] = json.dumps(trainer.dropped_rows, indent=1)
     for name, text in files.items():
@@ -522,11 +524,14 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     options = {"args": args, "train_dataset": train, "eval_dataset": evaluation,
                "callbacks": [RunFiles(out, restart=restart_log)], "peft_config": peft_config,
                "quantization_config": quantization_config}  # fmt: skip
+    # a local folder by its absolute path: a LoRA run's adapter_config.json then names a base found from anywhere
+    model, reference = (str(Path(name).resolve()) if name and Path(name).exists() else name
+                        for name in (run_args.model_name_or_path, run_args.ref_model_name_or_path))  # fmt: skip
     if command == "dpo":
-        return DPOTrainer(run_args.model_name_or_path, ref_model=run_args.ref_model_name_or_path, **options), files
-    if run_args.ref_model_name_or_path is not None:
+        return DPOTrainer(model, ref_model=reference, **options), files
+    if reference is not None:
         raise ConfigError("SFT has no reference model", column="ref_model_name_or_path", fix="remove it")
-    return SFTTrainer(run_args.model_name_or_path, **options), files
+    return SFTTrainer(model, **options), files
 
 
 def _loaded_splits(command: str, run_args: RunArguments, seed: int, text_field: str = "text"):

@@ -186,12 +186,32 @@ def is_own(out: Path, checkpoint: str) -> bool:
     return Path(os.path.abspath(checkpoint)).parent.resolve() == out.resolve()
 
 
-def when_training_begins(trainer, stale: list[Path], out: Path, settings: dict[str, str]) -> None:
+# what a finished run leaves in its directory besides checkpoints, which the run that --overwrite starts may not
+# write again (a LoRA run writes adapter_* where a full run wrote model.safetensors: from_pretrained read both)
+RUN_OUTPUTS = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors",
+               "adapter_model.bin", "training_args.bin", "data_quality.md", "data_quality.json", "plots")  # fmt: skip
+
+
+def stale_outputs(out: Path, *, overwrite: bool, keep) -> list[Path]:
+    """The previous run's final model and run files in ``out`` (``RUN_OUTPUTS``, weight shards) that a fresh run
+    started with ``--overwrite`` removes when training begins; none where ``out`` is one of the run's inputs
+    (``keep``: the model trained in place) or without ``--overwrite``."""
+    if not overwrite or not out.is_dir():
+        return []
+    if any(path and Path(path).exists() and Path(path).resolve() == out.resolve() for path in keep):
+        return []
+    shards = [*out.glob("model-*-of-*.safetensors"), *out.glob("pytorch_model-*-of-*.bin")]
+    return [out / name for name in RUN_OUTPUTS if (out / name).exists()] + sorted(shards)
+
+
+def when_training_begins(trainer, stale: list[Path], out: Path, settings: dict[str, str],
+                         outputs: list[Path] = ()) -> None:  # fmt: skip
     """At ``on_train_begin`` (the checkpoint resumed from, if any, loaded: weights, optimizer, state; no step taken)
-    the main process removes ``stale`` (``remove_checkpoints``, said on stderr), then writes ``settings`` (file name
-    → text: ``config.yaml``, the data's fingerprint) into ``out``; the other processes wait. A run that fails before
-    (a damaged checkpoint, memory, a package) leaves the run directory's checkpoints and settings as they were, in
-    agreement."""
+    the main process removes ``stale`` (``remove_checkpoints``, said on stderr) and ``outputs`` (``stale_outputs``),
+    then writes ``settings`` (file name → text: ``config.yaml``, the data's fingerprint) into ``out``; the other
+    processes wait. A run that fails before (a damaged checkpoint, memory, a package) leaves the run directory's
+    checkpoints and settings as they were, in agreement."""
     import sys
 
     from transformers import TrainerCallback
@@ -206,6 +226,15 @@ def when_training_begins(trainer, stale: list[Path], out: Path, settings: dict[s
                     print(f"fastdpo: removed {len(stale) - len(left)} checkpoint(s) of the run this one replaces in "
                           f"{stale[0].parent}" + (f"; {', '.join(left)} could not be removed whole (no longer "
                           "resumable)" if left else ""), file=sys.stderr)  # fmt: skip
+                for path in outputs:
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                if outputs:
+                    print(f"fastdpo: removed the replaced run's {', '.join(p.name for p in outputs[:4])}"
+                          + (f" and {len(outputs) - 4} more" if len(outputs) > 4 else "") + f" from {out}",
+                          file=sys.stderr)  # fmt: skip
                 for name, text in settings.items():
                     atomic_write(out / name, text)
             trainer.accelerator.wait_for_everyone()
