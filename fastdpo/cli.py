@@ -556,13 +556,25 @@ def _loaded_splits(command: str, run_args: RunArguments, seed: int, text_field: 
         return train, evaluation, {}
     report = check_preferences(train)
     dropped: dict[str, int] = refused.get(run_args.dataset_train_split, {})
+    removed_eval: dict[str, int] = {}
     if run_args.data_filter == "drop":
         train, more = report.filter(train)
         dropped = dict(collections.Counter(dropped) + collections.Counter(more))
         if dropped:
             logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
-    files = {"data_quality.md": report.to_markdown() + f"\nRows removed before training: {dropped}\n",
-             "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped}, indent=1)}  # fmt: skip
+        if evaluation is not None:  # (its rows preparation refused are gone already, as the train split's)
+            rows = len(evaluation)
+            evaluation, removed_eval = check_preferences(evaluation).filter(evaluation)
+            if removed_eval:
+                logger.warning("dropped %d evaluation rows: %s (data_quality.md)", rows - len(evaluation), removed_eval)
+            if len(evaluation) == 0:
+                raise DataError(f"every one of the {rows} evaluation rows is dropped ({removed_eval})",
+                                column="data_filter", fix="check the evaluation data (fastdpo data check FILE), or "
+                                "data_filter: none")  # fmt: skip
+    files = {"data_quality.md": report.to_markdown() + f"\nRows removed before training: {dropped}\n"
+             + (f"Evaluation rows removed: {removed_eval}\n" if removed_eval else ""),
+             "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped, "removed_eval": removed_eval},
+                                             indent=1)}  # fmt: skip
     return train, evaluation, files
 
 
