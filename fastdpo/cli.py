@@ -114,11 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return {"quickstart": quickstart, "compare": compare, "sweep": sweep}[argv[0]](argv[1:])
-        except (ConfigError, DataError, OSError) as error:
-            if "--debug" in argv:
-                raise
-            print(f"fastdpo: error: {_in_cli_terms(error, argv[0])}", file=sys.stderr)
-            return 2
+        except (Exception, KeyboardInterrupt) as error:
+            return _failed(error, argv[0], debug="--debug" in argv)
     parser = _parser()
     known, rest = parser.parse_known_args(argv)
     if known.command == "data" and rest:
@@ -135,11 +132,24 @@ def main(argv: list[str] | None = None) -> int:
             print(environment(as_json=known.json))
             return 0
         return _train(known, rest)
-    except (ConfigError, DataError, OSError) as error:
-        if known.debug:
-            raise
-        print(f"fastdpo: error: {_in_cli_terms(error, known.command)}", file=sys.stderr)
+    except (Exception, KeyboardInterrupt) as error:
+        return _failed(error, known.command, debug=known.debug)
+
+
+def _failed(error: BaseException, command: str, *, debug: bool) -> int:
+    """One line on stderr and the exit status for what stopped a command (``--debug``: the traceback instead): 2
+    for the errors that name their fix, 130 for Ctrl-C, 1 for anything else (its type and first line)."""
+    if debug:
+        raise error
+    if isinstance(error, KeyboardInterrupt):
+        print("fastdpo: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(error, (ConfigError, DataError, OSError)):
+        print(f"fastdpo: error: {_in_cli_terms(error, command)}", file=sys.stderr)
         return 2
+    said = (str(error).strip().splitlines() or [""])[0][:300]
+    print(f"fastdpo: error: {type(error).__name__}: {said} (--debug shows the traceback)", file=sys.stderr)
+    return 1
 
 
 def _not_the_kernels_notice(record: logging.LogRecord) -> bool:

@@ -31,7 +31,7 @@ def add_data_parser(commands) -> None:
                                 help="a fraction (0.1), or a number of rows (500)")  # fmt: skip
             action.add_argument("--seed", type=int, default=0)
         if name in ("check", "stats", "filter", "split"):
-            action.add_argument("--columns", type=json.loads, default=None,
+            action.add_argument("--columns", type=_json_object, default=None,
                                 help='column names in the data, e.g. \'{"prompt": "question"}\'')  # fmt: skip
         if name in ("check", "stats", "filter"):
             action.add_argument("--tokenizer", help="a tokenizer folder or hub name: token statistics and checks "
@@ -276,3 +276,10 @@ def _stats_table(stats: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------- env
+
+
+def _json_object(text: str) -> dict:
+    """``--columns``' JSON object (a list or a string there failed later with an AttributeError traceback)."""
+    from fastdpo.cli import _json_dict
+
+    return _json_dict(text)

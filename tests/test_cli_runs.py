@@ -72,3 +72,30 @@ def test_data_filter_drop_filters_the_evaluation_rows_too(workdir):  # noqa: F81
     assert quality["removed_eval"]["identical"] > 0 and "Evaluation rows removed" in files["data_quality.md"]
     run_args.data_filter = "none"
     assert len(_loaded_splits("dpo", run_args, seed=0)[1]) == len(evaluation) + quality["removed_eval"]["identical"]
+
+
+def test_an_unexpected_error_or_ctrl_c_is_one_line(workdir, monkeypatch, capsys):  # noqa: F811
+    # a list for --columns, a Latin-1 YAML file, seed -5, Ctrl-C in a data command: tracebacks before
+    from test_cli import in_process
+
+    import fastdpo.cli as cli
+
+    done = in_process("data", "check", "pairs.jsonl", "--columns", '["question"]', cwd=workdir,
+                      monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    assert done.returncode == 2 and "argument --columns: '[\"question\"]' is not a JSON object" in done.stderr
+    (workdir / "latin1.yaml").write_bytes("model_name_or_path: modèle\n".encode("latin-1"))
+    done = in_process("dpo", "--config", "latin1.yaml", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
+    assert done.returncode == 1 and done.stderr.startswith("fastdpo: error: UnicodeDecodeError: ")
+    assert done.stderr.rstrip().endswith("(--debug shows the traceback)") and "Traceback" not in done.stderr
+    cases = ((KeyboardInterrupt(), 130, "fastdpo: interrupted"),
+             (RuntimeError("boom\nmore"), 1, "fastdpo: error: RuntimeError: boom (--debug"))  # fmt: skip
+    for raised, status, said in cases:
+
+        def fail(known, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(cli, "run_data", fail)
+        done = in_process("data", "check", "pairs.jsonl", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
+        assert done.returncode == status and done.stderr.startswith(said), done.stderr
+    with pytest.raises(RuntimeError, match="boom"):  # --debug: the traceback
+        in_process("data", "check", "pairs.jsonl", "--debug", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
