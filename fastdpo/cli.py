@@ -40,7 +40,6 @@ it and exits with status 128 + the signal's number (130, 143), without the final
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import difflib
 import json
@@ -61,6 +60,7 @@ from fastdpo.cli_model import (
     check_reporting,
     check_scheduler,
     environment,
+    loaded_splits,
     merge_model_keys,
     peft_and_quantization,
     streamed_splits,
@@ -292,9 +292,11 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
 
     from fastdpo.cli_resume import (
         FINGERPRINT,
+        MODEL_FINGERPRINT,
         checkpoint_to_resume,
         data_fingerprint,
         is_own,
+        models_fingerprint,
         refuse_changed_config,
         refuse_changed_data,
         stale_checkpoints,
@@ -312,6 +314,7 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
     resume = getattr(known, "resume", None) or args.resume_from_checkpoint  # (TRL's key, as its scripts read it)
     resume = True if str(resume).lower() == "true" else None if str(resume).lower() == "false" else resume  # YAML's
     checkpoint, foreign, fingerprint = None, False, data_fingerprint(run_args.dataset_name)
+    models = models_fingerprint(run_args)
     if resume:  # into its own, non-empty run directory: that is the point
         checkpoint = checkpoint_to_resume(out, resume)
         foreign = not is_own(out, checkpoint)
@@ -319,6 +322,7 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
         recorded = recorded if foreign and recorded.is_file() else out / "config.yaml"
         refuse_changed_config(recorded, resolved, overwrite=known.overwrite)
         refuse_changed_data(recorded.parent / FINGERPRINT, fingerprint, overwrite=known.overwrite)
+        refuse_changed_data(recorded.parent / MODEL_FINGERPRINT, models, overwrite=known.overwrite, what="model")
         if foreign:  # another run's checkpoint: out must be free too
             refuse_non_empty(out, overwrite=known.overwrite, column="output_dir", what="the run directory ",
                              fix="resume into an empty or new output_dir, or pass --overwrite")  # fmt: skip
@@ -345,7 +349,8 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
                                  sort_keys=True)  # fmt: skip
     # the stale checkpoints go, and config.yaml is written, once training begins (a checkpoint that fails to load,
     # a run that fails to start, leave the directory's checkpoints and config.yaml as they were: in agreement)
-    settings = {"config.yaml": config_text, **({FINGERPRINT: json.dumps(fingerprint, indent=1)} if fingerprint else {})}
+    settings = {"config.yaml": config_text, **({FINGERPRINT: json.dumps(fingerprint, indent=1)} if fingerprint else {}),
+                **({MODEL_FINGERPRINT: json.dumps(models, indent=1)} if models else {})}  # fmt: skip
     outputs = [] if resume else stale_outputs(out, overwrite=known.overwrite, keep=inputs)
     when_training_begins(trainer, stale, out, settings, outputs)
     # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation)
@@ -527,7 +532,7 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
         train, evaluation = streamed_splits(command, run_args, getattr(args, "dataset_text_field", None))
         files = {}
     else:
-        train, evaluation, files = _loaded_splits(command, run_args, args.seed, getattr(args, "dataset_text_field", ""))
+        train, evaluation, files = loaded_splits(command, run_args, args.seed, getattr(args, "dataset_text_field", ""))
         if command == "sft":  # (config.yaml keeps the field as given)
             args.dataset_text_field = "text"  # prepared: its column is named text now
     peft_config, quantization_config = peft_and_quantization(run_args, args.model_init_kwargs)
@@ -542,62 +547,6 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     if reference is not None:
         raise ConfigError("SFT has no reference model", column="ref_model_name_or_path", fix="remove it")
     return SFTTrainer(model, **options), files
-
-
-def _loaded_splits(command: str, run_args: RunArguments, seed: int, text_field: str = "text"):
-    """(train, eval or None, files): the data loaded and prepared (SFT's text from ``text_field``); for DPO its
-    quality report (the files) and the rows it drops (``data_filter``)."""
-    import functools
-
-    from fastdpo.data import check_preferences, prepare_preferences, prepare_sft, split_by_prompt, split_sft_by_prompt
-
-    columns, refused = run_args.dataset_columns, {}
-    prepare = prepare_preferences if command == "dpo" else functools.partial(prepare_sft, text_field=text_field)
-    if command == "dpo" and run_args.data_filter == "drop":  # rows preparation refuses: dropped, as the filter drops
-        prepare = functools.partial(_without_refused_rows, counts=refused)
-    train = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_train_split)
-    evaluation = None
-    if run_args.dataset_test_split is not None:
-        evaluation = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_test_split)
-    elif run_args.eval_fraction is not None:
-        split = split_by_prompt if command == "dpo" else split_sft_by_prompt  # (SFT: messages or text rows too)
-        train, evaluation = split(train, test_size=run_args.eval_fraction, seed=seed)
-    if command != "dpo":
-        return train, evaluation, {}
-    report = check_preferences(train)
-    dropped: dict[str, int] = refused.get(run_args.dataset_train_split, {})
-    removed_eval: dict[str, int] = {}
-    if run_args.data_filter == "drop":
-        train, more = report.filter(train)
-        dropped = dict(collections.Counter(dropped) + collections.Counter(more))
-        if dropped:
-            logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
-        if evaluation is not None:  # (its rows preparation refused are gone already, as the train split's)
-            rows = len(evaluation)
-            evaluation, removed_eval = check_preferences(evaluation).filter(evaluation)
-            if removed_eval:
-                logger.warning("dropped %d evaluation rows: %s (data_quality.md)", rows - len(evaluation), removed_eval)
-            if len(evaluation) == 0:
-                raise DataError(f"every one of the {rows} evaluation rows is dropped ({removed_eval})",
-                                column="data_filter", fix="check the evaluation data (fastdpo data check FILE), or "
-                                "data_filter: none")  # fmt: skip
-    files = {"data_quality.md": report.to_markdown() + f"\nRows removed before training: {dropped}\n"
-             + (f"Evaluation rows removed: {removed_eval}\n" if removed_eval else ""),
-             "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped, "removed_eval": removed_eval},
-                                             indent=1)}  # fmt: skip
-    return train, evaluation, files
-
-
-def _without_refused_rows(source, *, columns: dict | None, split: str, counts: dict):
-    """``prepare_dropping``'s rows, its counts in ``counts[split]``, warned about."""
-    from fastdpo.data.refused import prepare_dropping
-
-    prepared, counts[split], rows = prepare_dropping(source, columns=columns, split=split)
-    if rows:
-        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
-        logger.warning("%s split: dropped %d rows the preparation refuses: %s (rows %s)", split, len(rows),
-                       counts[split], shown)  # fmt: skip
-    return prepared
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ rows and ``eval_strategy`` agree. ``TRL_KEYS``: what to write instead of TRL key
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import platform
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.errors import ConfigError
+from fastdpo.errors import ConfigError, DataError
 
 logger = logging.getLogger("fastdpo")
 
@@ -290,3 +291,59 @@ def environment(*, as_json: bool) -> str:
     lines += [f"{'device':14s} {device}", f"{'head impl auto':14s} {heads}", f"{'lean layers':14s} {lean}",
               f"{'C++ packer':14s} {built}"]  # fmt: skip
     return "\n".join(lines)
+
+
+def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
+    """(train, eval or None, files): the data loaded and prepared (SFT's text from ``text_field``); for DPO its
+    quality report (the files) and the rows it drops (``data_filter``)."""
+    import functools
+
+    from fastdpo.data import check_preferences, prepare_preferences, prepare_sft, split_by_prompt, split_sft_by_prompt
+
+    columns, refused = run_args.dataset_columns, {}
+    prepare = prepare_preferences if command == "dpo" else functools.partial(prepare_sft, text_field=text_field)
+    if command == "dpo" and run_args.data_filter == "drop":  # rows preparation refuses: dropped, as the filter drops
+        prepare = functools.partial(_without_refused_rows, counts=refused)
+    train = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_train_split)
+    evaluation = None
+    if run_args.dataset_test_split is not None:
+        evaluation = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_test_split)
+    elif run_args.eval_fraction is not None:
+        split = split_by_prompt if command == "dpo" else split_sft_by_prompt  # (SFT: messages or text rows too)
+        train, evaluation = split(train, test_size=run_args.eval_fraction, seed=seed)
+    if command != "dpo":
+        return train, evaluation, {}
+    report = check_preferences(train)
+    dropped: dict[str, int] = refused.get(run_args.dataset_train_split, {})
+    removed_eval: dict[str, int] = {}
+    if run_args.data_filter == "drop":
+        train, more = report.filter(train)
+        dropped = dict(collections.Counter(dropped) + collections.Counter(more))
+        if dropped:
+            logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
+        if evaluation is not None:  # (its rows preparation refused are gone already, as the train split's)
+            rows = len(evaluation)
+            evaluation, removed_eval = check_preferences(evaluation).filter(evaluation)
+            if removed_eval:
+                logger.warning("dropped %d evaluation rows: %s (data_quality.md)", rows - len(evaluation), removed_eval)
+            if len(evaluation) == 0:
+                raise DataError(f"every one of the {rows} evaluation rows is dropped ({removed_eval})",
+                                column="data_filter", fix="check the evaluation data (fastdpo data check FILE), or "
+                                "data_filter: none")  # fmt: skip
+    files = {"data_quality.md": report.to_markdown() + f"\nRows removed before training: {dropped}\n"
+             + (f"Evaluation rows removed: {removed_eval}\n" if removed_eval else ""),
+             "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped, "removed_eval": removed_eval},
+                                             indent=1)}  # fmt: skip
+    return train, evaluation, files
+
+
+def _without_refused_rows(source, *, columns: dict | None, split: str, counts: dict):
+    """``prepare_dropping``'s rows, its counts in ``counts[split]``, warned about."""
+    from fastdpo.data.refused import prepare_dropping
+
+    prepared, counts[split], rows = prepare_dropping(source, columns=columns, split=split)
+    if rows:
+        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        logger.warning("%s split: dropped %d rows the preparation refuses: %s (rows %s)", split, len(rows),
+                       counts[split], shown)  # fmt: skip
+    return prepared

@@ -87,6 +87,7 @@ def refuse_changed_config(recorded_path: Path, resolved: dict, *, overwrite: boo
 
 
 FINGERPRINT = "data_fingerprint.json"
+MODEL_FINGERPRINT = "model_fingerprint.json"  # the local policy's and reference's files (model_fingerprint)
 
 
 def data_fingerprint(dataset_name: str | None) -> dict | None:
@@ -126,10 +127,11 @@ def _file_print(file: Path) -> dict:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
-def refuse_changed_data(recorded_path: Path, fingerprint: dict | None, *, overwrite: bool) -> None:
+def refuse_changed_data(recorded_path: Path, fingerprint: dict | None, *, overwrite: bool, what: str = "data") -> None:
     """``ConfigError`` where the run's data files (``fingerprint``) differ from those ``recorded_path`` recorded
     (a resumed run would go on over other rows: its sampler's order points elsewhere); with ``overwrite``, a
-    warning."""
+    warning. ``what="model"``: the local model files (``MODEL_FINGERPRINT``: a reference of other weights, or an
+    adapter on another base, would go on from the checkpoint as if it were the same run)."""
     import json
 
     if fingerprint is None or not recorded_path.is_file():  # (a hub dataset; a run directory of an older fastdpo)
@@ -138,9 +140,16 @@ def refuse_changed_data(recorded_path: Path, fingerprint: dict | None, *, overwr
     if recorded == fingerprint:
         return
     if not overwrite:
-        raise ConfigError(f"the data files differ from those the run trained on ({recorded_path})", column="resume",
-                          fix="resume with the run's data, or add --overwrite to go on with these")  # fmt: skip
-    logger.warning("resuming with data files that differ from those recorded in %s", recorded_path)
+        raise ConfigError(f"the {what} files differ from those the run trained on ({recorded_path})", column="resume",
+                          fix=f"resume with the run's {what}, or add --overwrite to go on with these")  # fmt: skip
+    logger.warning("resuming with %s files that differ from those recorded in %s", what, recorded_path)
+
+
+def models_fingerprint(run_args) -> dict | None:
+    """``model_fingerprint`` of the run's local policy and reference folders; None where both are hub names."""
+    prints = {"model": model_fingerprint(run_args.model_name_or_path),
+              "reference": model_fingerprint(getattr(run_args, "ref_model_name_or_path", None))}  # fmt: skip
+    return {name: value for name, value in prints.items() if value is not None} or None
 
 
 def stale_checkpoints(out: Path, checkpoint: str | None, *, overwrite: bool, keep=()) -> list[Path]:

@@ -55,7 +55,8 @@ def test_overwrite_removes_the_replaced_runs_model_files(workdir):  # noqa: F811
 def test_data_filter_drop_filters_the_evaluation_rows_too(workdir):  # noqa: F811
     # README: the rows of a drop reason go "in the train and eval splits"; the eval split kept them (identical pairs
     # always counted as misses: eval_rewards/accuracies 0.417 where the kept rows give 0.625)
-    from fastdpo.cli import RunArguments, _loaded_splits
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import loaded_splits as _loaded_splits
 
     rows = [json.loads(line) for line in (workdir / "pairs.jsonl").read_text().splitlines()]
     for row in rows[::3]:
@@ -99,3 +100,27 @@ def test_an_unexpected_error_or_ctrl_c_is_one_line(workdir, monkeypatch, capsys)
         assert done.returncode == status and done.stderr.startswith(said), done.stderr
     with pytest.raises(RuntimeError, match="boom"):  # --debug: the traceback
         in_process("data", "check", "pairs.jsonl", "--debug", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
+
+
+def test_resume_refuses_a_model_whose_files_changed(workdir):  # noqa: F811
+    # the model at model_name_or_path retrained or replaced between the stop and --resume: the reference became the
+    # new model while the policy went on from the checkpoint, silently (rewards/chosen 0.305 where 0.438)
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(workdir / "model", workdir / "model_copy")
+    args = ["--config", "dpo.yaml", "--model_name_or_path", "model_copy", "--output_dir", "resumed", "--save_strategy",
+            "steps", "--save_steps", "1", "--eval_strategy", "no", "--eval_fraction", "null"]  # fmt: skip
+    done = fastdpo("dpo", *args, "--max_steps", "2", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((workdir / "resumed" / "model_fingerprint.json").read_text())["model"]
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model_copy")
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)
+    model.save_pretrained(workdir / "model_copy")
+    done = fastdpo("dpo", *args, "--max_steps", "3", "--resume", cwd=workdir)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "column 'resume': the model files differ from those the run trained on" in done.stderr
+    assert "add --overwrite to go on with these" in done.stderr

@@ -551,7 +551,8 @@ def test_a_run_drops_the_rows_preparation_refuses_as_its_data_filter_drops_the_o
     # data_filter: drop (the default) `fastdpo dpo` stopped at it, where README says such rows are dropped and counted
     import logging
 
-    from fastdpo.cli import RunArguments, _loaded_splits
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import loaded_splits as _loaded_splits
 
     rows = [{"prompt": f"Question {i}?", "chosen": f" Yes {i}.", "rejected": f" No {i}."} for i in range(8)]
     rows[2]["chosen"], rows[5]["rejected"], rows[6]["rejected"] = "", "   ", rows[6]["chosen"]  # (6: identical)
