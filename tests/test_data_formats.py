@@ -84,7 +84,8 @@ def test_a_csv_reads_mapped_text_columns_as_text_in_every_loader(tmp_path):
     assert load_data(path, text=("good",))["good"] == ["4", "06"]
     train, _ = streamed_splits("sft", RunArguments(dataset_name=str(path), dataset_streaming=True), "answer")
     assert [row["answer"] for row in train] == ["10", "11"]
-    from fastdpo.cli import _loaded_splits  # and a run that loads it first ('no SFT columns' before)
+    # and a run that loads it first ('no SFT columns' before)
+    from fastdpo.cli_model import loaded_splits as _loaded_splits
 
     assert _loaded_splits("sft", RunArguments(dataset_name=str(path)), 0, "answer")[0]["text"] == ["10", "11"]
 
@@ -109,7 +110,8 @@ def test_parquet_csv_json_and_dataset_dict_load_the_same_rows(tmp_path):
 
 def test_a_folder_of_one_file_per_split_loads_as_load_dataset_finds_its_splits(tmp_path):
     # as TRL's scripts load a local folder (dataset_name: folder, dataset_test_split: test); refused before
-    from fastdpo.cli import RunArguments, _loaded_splits
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import loaded_splits as _loaded_splits
     from fastdpo.data.load import load_stream
 
     data = rows({"prompt": "p1", "chosen": "c1", "rejected": "r1"}, {"prompt": "p2", "chosen": "c2", "rejected": "r2"})
@@ -430,3 +432,20 @@ def test_conversations_that_share_no_first_message_have_no_prompt_to_render():
     with pytest.raises(DataError, match=r"row 1, column 'prompt': the prompt is an empty conversation.*\(empty\)"):
         tokenize_preferences(data, chat)
     assert 1 in check_preferences(data, chat).rows["empty"]  # the filter drops it
+
+
+def test_a_text_column_left_unread_beside_an_implicit_prompt_is_said(caplog):
+    # question/chosen/rejected without a column map: the prompt was what the answers share (mostly nothing) and
+    # 'question' was never read, with no word of it (the CLI then dropped 18 of 24 pairs as empty)
+    import logging
+
+    rows = datasets.Dataset.from_list([{"question": "Sky?", "chosen": " Blue.", "rejected": " Red.", "id": "a"}])
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        prepare_preferences(rows)
+    assert "no prompt column" in caplog.text and "the text column 'question' is not read" in caplog.text
+    assert "columns={'prompt': 'question'}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        prepare_preferences(rows, columns={"prompt": "question"})
+        prepare_preferences(rows.remove_columns("question"))  # (an id column is no prompt)
+    assert "no prompt column" not in caplog.text

@@ -356,7 +356,8 @@ def test_sft_rows_split_by_what_they_ask(tmp_path):
     train, held_out = split_sft_by_prompt(prepare_sft(datasets.Dataset.from_list(rows)), test_size=0.2, seed=0)
     asked = [{row["messages"][0]["content"] for row in part} for part in (train, held_out)]
     assert len(train) + len(held_out) == 30 and len(held_out) == 6 and not asked[0] & asked[1]
-    from fastdpo.cli import RunArguments, _loaded_splits  # and as fastdpo sft splits a file
+    from fastdpo.cli import RunArguments  # and as fastdpo sft splits a file
+    from fastdpo.cli_model import loaded_splits as _loaded_splits
 
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     train, held_out, _ = _loaded_splits("sft", RunArguments(dataset_name=str(tmp_path / "chat.jsonl"),

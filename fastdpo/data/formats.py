@@ -103,6 +103,8 @@ def prepare_preferences(
     has_prompt = "prompt" in dataset.column_names
     if has_prompt and kind == "standard":
         _warn_repeated_prompts(dataset)
+    if not has_prompt:
+        _warn_unused_text(dataset)
     return dataset.map(
         normalize_row,
         fn_kwargs={**fn_kwargs, "has_prompt": has_prompt},
@@ -125,6 +127,26 @@ def _warn_repeated_prompts(dataset: datasets.Dataset) -> None:
                        "model reads the prompt twice. If they are whole transcripts, drop the prompt column (the "
                        "shared text becomes the prompt) or cut it from them", len(rows), len(dataset),
                        rows[:5])  # fmt: skip
+
+
+# columns of ours besides prompt/chosen/rejected, and those a dataset carries that are not a prompt
+_NOT_A_PROMPT = ("system", "input", "context", "tools", "chat_template_kwargs", "status", "chosen_score",
+                 "rejected_score", "id", "source", "messages")  # fmt: skip
+
+
+def _warn_unused_text(dataset: datasets.Dataset) -> None:
+    """A warning where, without a prompt column, the dataset has another text column, e.g. ``question``: the prompt is
+    then what chosen and rejected begin with alike (TRL's implicit prompt), often nothing, and that column is not
+    read (the quality check then drops the pairs as empty, or trains on them with an empty prompt)."""
+    features = dataset.features
+    text = [name for name, feature in features.items() if name not in ("chosen", "rejected", *_NOT_A_PROMPT)
+            and getattr(feature, "dtype", None) in ("string", "large_string")]  # fmt: skip
+    if text:
+        logger.warning("no prompt column: the prompt is taken from what chosen and rejected begin with alike (TRL's "
+                       "implicit prompt), and the text column%s %s %s not read; if %s the prompt, map it: "
+                       "columns={'prompt': %r} (the CLI's dataset_columns)", "s" if len(text) > 1 else "",
+                       ", ".join(map(repr, text)), "are" if len(text) > 1 else "is",
+                       "one of them is" if len(text) > 1 else "it is", text[0])  # fmt: skip
 
 
 def rename_preference_columns(dataset, columns: dict[str, str], present: list[str] | None = None):
