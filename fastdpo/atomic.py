@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -124,3 +125,51 @@ def check_output_dir(path: str | os.PathLike, *, needed_bytes: int = 0, column: 
             column=column,
             fix=f"free some space, set {column} on another disk, or save less (save_only_model, save_strategy='no')",
         )
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, column: str = "output_dir") -> Iterator[None]:
+    """Held while a run uses the run directory ``out``: ``.<name>.fastdpo-lock`` beside it, made exclusively, holds
+    the process id and host; a second run into ``out`` meanwhile gets a ``ConfigError``. A lock left by a process
+    that is gone (on this host) is taken over. The other processes of a distributed run (``RANK`` > 0) take none:
+    their main process holds it. No lock where ``out``'s parent folder does not exist yet."""
+    from fastdpo.errors import ConfigError
+
+    if os.environ.get("RANK", "0") != "0" or not out.parent.is_dir():
+        yield
+        return
+    lock = out.parent / f".{out.name}.fastdpo-lock"
+    mine = f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock.read_text(errors="replace").split() if lock.exists() else []
+            if len(holder) == 2 and holder[1] == socket.gethostname() and not _alive(int(holder[0])):
+                lock.unlink(missing_ok=True)  # (its run was killed: no one holds it)
+                continue
+            raise ConfigError(f"another run is using {out} (process {' on '.join(holder) or 'unknown'}: {lock})",
+                              column=column, fix=f"wait for it, or set another {column}; if no run is using it, "
+                              f"remove {lock}") from None  # fmt: skip
+        except OSError:  # a read-only parent: nothing else can write there either
+            yield
+            return
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(mine)
+        break
+    else:  # (taken over twice, and made again by another run each time)
+        raise ConfigError(f"another run is using {out} ({lock})", column=column, fix=f"set another {column}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (someone else's process)
+        return True
+    return True

@@ -51,7 +51,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastdpo.atomic import refuse_non_empty
+from fastdpo.atomic import refuse_non_empty, run_lock
 from fastdpo.cli_data import add_data_parser, run_data
 from fastdpo.cli_model import (
     TRL_KEYS,
@@ -287,7 +287,14 @@ def _unique_keys_loader(path: Path):
 
 def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after: bool = False):
     """``fastdpo dpo|sft``: the run directory, training, the final model; returns the trainer. ``evaluated_after``:
-    the caller evaluates the held-out rows itself (``fastdpo sweep``), whatever ``eval_strategy`` says."""
+    the caller evaluates the held-out rows itself (``fastdpo sweep``), whatever ``eval_strategy`` says. One run at
+    a time in a run directory (``run_lock``: two started together mixed their logs and models)."""
+    run_args, args = load_config(known, flags)
+    with run_lock(Path(args.output_dir)):
+        return _run_training(known, run_args, args, evaluated_after)
+
+
+def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evaluated_after: bool):
     import yaml
 
     from fastdpo.cli_resume import (
@@ -304,7 +311,6 @@ def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after
         when_training_begins,
     )
 
-    run_args, args = load_config(known, flags)
     check_evaluation(run_args, args, evaluated_after=evaluated_after)
     check_scheduler(args)
     check_reporting(args)

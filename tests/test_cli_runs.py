@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from test_cli import fastdpo, workdir  # noqa: F401
@@ -124,3 +125,33 @@ def test_resume_refuses_a_model_whose_files_changed(workdir):  # noqa: F811
     assert done.returncode == 2, done.stderr[-3000:]
     assert "column 'resume': the model files differ from those the run trained on" in done.stderr
     assert "add --overwrite to go on with these" in done.stderr
+
+
+def test_one_run_at_a_time_in_a_run_directory(tmp_path, monkeypatch):
+    # two runs started into one output_dir both succeeded: metrics.jsonl interleaved their steps, the model was
+    # whichever saved last
+    import os
+
+    from fastdpo.atomic import run_lock
+    from fastdpo.errors import ConfigError
+
+    out = tmp_path / "run"
+    lock = tmp_path / ".run.fastdpo-lock"
+    with run_lock(out):
+        assert lock.read_text().split()[0] == str(os.getpid())
+        said = rf"column 'output_dir': another run is using {re.escape(str(out))} \(process \d+ on "
+        with pytest.raises(ConfigError, match=said), run_lock(out):
+            pass
+        assert lock.exists()  # (the refused one left the holder's lock alone)
+    assert not lock.exists()
+    import socket
+
+    lock.write_text(f"999999999 {socket.gethostname()}")  # a run that was killed: its lock is taken over
+    with run_lock(out):
+        assert lock.read_text().split()[0] == str(os.getpid())
+    lock.write_text("1 elsewhere")  # another host's: not known to be gone
+    with pytest.raises(ConfigError, match=r"if no run is using it, remove"), run_lock(out):
+        pass
+    monkeypatch.setenv("RANK", "1")  # a distributed run's other processes take none
+    with run_lock(out):
+        pass
