@@ -69,23 +69,21 @@ def carries_state(config) -> bool:
 
 
 def check_per_sequence(inner: nn.Module, implementation: str) -> None:
-    """ConfigError where attention per sequence over one row of the whole batch (flash, ``fastdpo_varlen``) would
-    not keep ``inner``'s packed sequences apart: layers with state along the row, attention that does not go through
-    transformers' attention functions, a sliding window or chunked attention that the config sets (``varlen``)."""
+    """ConfigError where ``fastdpo_varlen`` over one row of the whole batch would not keep ``inner``'s packed
+    sequences apart: layers with state along the row, a sliding window or chunked attention that the config sets.
+    (A model of its own flash implementation with state along the row runs each sequence alone instead.)"""
+    if implementation != VARLEN:
+        return
     name, fix = type(inner).__name__, "use packed_attention='model' (the model's own attention: packed rows, or each " \
         "sequence alone where they would not keep sequences apart)"  # fmt: skip
     if carries_state(inner.config):
         raise ConfigError(f"{name} has recurrent or convolution layers, whose state runs along a row: over one row "
                           f"of the whole batch ({implementation}) each sequence would read the ones before it",
                           column="packed_attention", fix=fix)  # fmt: skip
-    if not getattr(inner, "_supports_attention_backend", False):
-        raise ConfigError(f"{name} does not call transformers' attention functions, so {implementation} would not "
-                          "run and packed sequences would attend to each other", column="packed_attention",
-                          fix=fix)  # fmt: skip
     config = inner.config.get_text_config(decoder=True)
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     chunk = getattr(config, "attention_chunk_size", None)
-    if implementation == VARLEN and (window or chunk):
+    if window or chunk:
         what = f"a sliding window of {window}" if window else f"chunked attention of {chunk}"
         raise ConfigError(f"{name}'s config sets {what} tokens, which {VARLEN} does not implement",
                           column="packed_attention", fix=fix)  # fmt: skip
@@ -94,7 +92,8 @@ def check_per_sequence(inner: nn.Module, implementation: str) -> None:
 @contextmanager
 def per_sequence_step(inner: nn.Module, implementation: str) -> Iterator[None]:
     """``packed_body``'s forward with attention per sequence: ``check_per_sequence`` first, and a ConfigError after
-    a ``fastdpo_varlen`` forward that never called it (a model whose layers bypass it)."""
+    a ``fastdpo_varlen`` forward that never called it (a model whose attention does not go through transformers'
+    attention functions: Bloom loaded with it)."""
     check_per_sequence(inner, implementation)
     calls = _STEP["varlen_calls"]
     _STEP["packed"] += 1

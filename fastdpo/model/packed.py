@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from fastdpo.data.packing import IGNORE_INDEX, PackedBatch
 from fastdpo.errors import ConfigError
 from fastdpo.model.attention import (
+    VARLEN,
     attends_per_sequence,
     carries_state,
     per_sequence_step,
@@ -333,7 +334,9 @@ def packed_body(
             fix="wrap forward and backward in fastdpo.model.use_attention([model], ...) instead",
         )
     with switched_attention(model, attn_implementation) as implementation, offload:
-        if attends_per_sequence(implementation):
+        if attends_per_sequence(implementation) and implementation != VARLEN and carries_state(inner.config):
+            output = _unpacked_body(body, batch, extra)  # (its own flash: each sequence alone, padded at the end)
+        elif attends_per_sequence(implementation):
             # transformers' flash path isolates sequences only at batch size 1 (varlen kernels over one token axis)
             with per_sequence_step(inner, implementation):
                 output = body(
