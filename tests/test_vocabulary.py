@@ -55,3 +55,15 @@ def test_ids_are_checked_batch_by_batch_and_negative_ids_too():
         check_token_ids(data, Model(), "eval")
     check_token_ids(data.select(range(9000)), Model(), "eval")  # all within 0..9
     check_token_ids({"a": data.select(range(5))}, Model(), "eval")
+
+
+def test_the_row_is_the_inputs_past_the_rows_tokenization_dropped(tmp_path):
+    # a row dropped before (its prompt fills max_length) shifted the number: "row 3" for the input's row 4
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    prompts = ["Q0?", " ".join(["word"] * 80), "Q2?", "Q3?", "Say <tool>."]  # row 1: over max_length 64
+    pairs = datasets.Dataset.from_dict({"prompt": prompts, "chosen": [" A."] * 5, "rejected": [" B."] * 5})
+    with pytest.raises(DataError, match=r"^row 4, column 'prompt_ids': token id"):
+        DPOTrainer(model=load(), args=DPOConfig(**common_args(tmp_path, "dpo")), train_dataset=pairs,
+                   processing_class=tokenizer)  # fmt: skip

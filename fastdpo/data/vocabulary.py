@@ -11,12 +11,14 @@ ID_COLUMNS = ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids")
 _BATCH = 4096
 
 
-def check_token_ids(dataset, model, name: str) -> None:
+def check_token_ids(dataset, model, name: str, dropped: dict | None = None) -> None:
     """A ``DataError`` at the first row of ``dataset`` (a tokenized ``Dataset``, or a dict of them; streams are not
-    read) holding a token id the model's input embedding has no row for, or a negative one."""
+    read) holding a token id the model's input embedding has no row for, or a negative one. ``dropped``: the rows
+    tokenization dropped (split → reason → input rows, the trainers' ``dropped_rows``), so that the row is named as
+    the input numbers it; a packed dataset's rows are named as packed rows."""
     if isinstance(dataset, dict):
         for key, part in dataset.items():
-            check_token_ids(part, model, f"{name}_{key}")
+            check_token_ids(part, model, f"{name}_{key}", dropped)
         return
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embeddings, "num_embeddings", None)
@@ -35,9 +37,13 @@ def check_token_ids(dataset, model, name: str) -> None:
             if high.as_py() < rows and low.as_py() >= 0:
                 continue
             bad = pc.or_(pc.greater_equal(flat, rows), pc.less(flat, 0))
-            row = int(pc.list_parent_indices(ids).to_numpy()[pc.index(bad, True).as_py()])
+            row = start + int(pc.list_parent_indices(ids).to_numpy()[pc.index(bad, True).as_py()])
             value = flat[pc.index(bad, True).as_py()].as_py()
-            raise DataError(f"token id {value} in the {name} data: the model's input embedding has {rows} rows "
-                            f"(ids 0 to {rows - 1})", row=start + row, column=column,
+            packed = "seq_lengths" in dataset.column_names
+            gone = sorted(r for rows_of in ((dropped or {}).get(name) or {}).values() for r in rows_of)
+            for earlier in [] if packed else gone:  # the input's numbering: past the rows dropped before it
+                row += earlier <= row
+            raise DataError(f"token id {value} in the {name} data{' (a packed row)' if packed else ''}: the model's "
+                            f"input embedding has {rows} rows (ids 0 to {rows - 1})", row=row, column=column,
                             fix="resize the model to its tokenizer, model.resize_token_embeddings(len(tokenizer)), "
                             "or tokenize with the model's own tokenizer")  # fmt: skip

@@ -212,8 +212,8 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
-        check_token_ids(train_dataset, model, "train")
-        check_token_ids(eval_dataset, model, "eval")
+        check_token_ids(train_dataset, model, "train", self.dropped_rows)
+        check_token_ids(eval_dataset, model, "eval", self.dropped_rows)
         self.packed_attention_impl = packed_attention(args.packed_attention)
         collator = data_collator or packer_for(model, args, self.packed_attention_impl, text_tokenizer.pad_token_id,
                                                pack_length=args.pack_length, packing=args.packing)  # fmt: skip

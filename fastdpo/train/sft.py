@@ -284,8 +284,8 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         train_dataset = self._prepare(train_dataset, processing_class, args, args.packing, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare_eval(eval_dataset, processing_class, args)
-        check_token_ids(train_dataset, model, "train")
-        check_token_ids(eval_dataset, model, "eval")
+        check_token_ids(train_dataset, model, "train", self.dropped_rows)
+        check_token_ids(eval_dataset, model, "eval", self.dropped_rows)
         self.packed_attention_impl = packed_attention(args.packed_attention)
         collator = data_collator or SequencePacker(pack_length=_pack_length(model, args, self.packed_attention_impl),
                                                    pad_token_id=processing_class.pad_token_id or 0,
