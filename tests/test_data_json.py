@@ -178,6 +178,9 @@ PAIR = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
             r"one JSON object whose 'data' holds the rows.*field='data'",
         ),
         ("pretty.jsonl", json.dumps(PAIR, indent=1), "one JSON object over several lines.*one object on one line"),
+        # ... and on one line, as json.dumps writes it (it loaded as one row: "column not found", "got list")
+        ("columns_line.json", json.dumps({k: [v, v] for k, v in PAIR.items()}), r"one JSON object of columns"),
+        ("under_line.jsonl", json.dumps({"version": 1, "data": [PAIR, PAIR]}), r"one JSON object whose 'data' holds"),
     ],
 )
 def test_bad_files(tmp_path, name, content, match):
@@ -202,3 +205,15 @@ def test_a_tools_column_of_lists_and_json_strings_loads(tmp_path):
     path = tmp_path / "tools.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert load_data(path)["tools"] == [[tool], [tool]]
+
+
+def test_a_one_line_file_that_is_a_row_loads(tmp_path):
+    # (the layouts above are refused on one line too; these are rows: a tools list beside the answers, messages)
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    rows = [{**PAIR, "tools": [tool]}, {"messages": [{"role": "user", "content": "Hi"}]},
+            {"chosen": [assistant("A")], "rejected": [assistant("B")]},
+            {"input_ids": [1, 5, 6], "labels": [1, 5, 6]}]  # fmt: skip
+    for number, row in enumerate(rows):
+        path = tmp_path / f"row{number}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        assert load_data(path).to_list() == [row]

@@ -11,7 +11,9 @@ such a string, and a stream of a local JSON file is read with Python's ``json``,
 
 from __future__ import annotations
 
+import collections
 import csv
+import itertools
 import json
 import os
 import re
@@ -22,6 +24,7 @@ import datasets
 import pyarrow
 from datasets.exceptions import DatasetGenerationError
 
+from fastdpo.data.json_layout import refuse_one_object
 from fastdpo.data.pairs import table_columns
 from fastdpo.errors import DataError
 
@@ -163,6 +166,10 @@ def _streamed_json(path: str) -> Iterator[dict]:
         ordered = table_columns([row for _, row in rows])
     else:
         ordered = list(_first_columns(Path(path)))
+        head = list(itertools.islice(rows, 2))
+        if len(head) == 1:  # (one line: rows under a key, or columns, refused as load_data refuses them)
+            refuse_one_object(Path(path), head[0][1], one_line=True)
+        rows = itertools.chain(head, rows)
     columns, size = set(ordered), STREAM_COLUMNS_FROM
     window = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size:,} bytes"
     for number, row in rows:
@@ -477,9 +484,15 @@ def unholdable(value) -> str | None:
 
 
 def _check_json(path: Path) -> None:
-    """Raise DataError naming the first line (of a JSON document: line and column) that is not valid JSON."""
-    if sum(1 for _ in json_rows(path)[1]) == 0:  # datasets would fail with "Instruction 'train' corresponds to no data"
+    """DataError naming the first line (of a JSON document: line and column) that is not valid JSON, or the layout
+    of one object on one line holding the rows (``{"data": [...]}``, columns), which would load as one row."""
+    where, rows = json_rows(path)
+    first, second = next(rows, None), next(rows, None)
+    if first is None:  # datasets would fail with "Instruction 'train' corresponds to no data"
         raise DataError(f"{path}: the file has only blank lines", fix="point to a file with at least one row")
+    if second is None and where == "line":
+        refuse_one_object(path, first[1], one_line=True)
+    collections.deque(rows, maxlen=0)  # (every other line read, and checked)
 
 
 def json_rows(path: Path) -> tuple[str, Iterator[tuple[int, dict]]]:
@@ -510,7 +523,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
                 value = json.loads(line)
             except json.JSONDecodeError as error:
                 if not read and line.lstrip().startswith("{"):
-                    _refuse_one_object(path)  # (the whole file one JSON object over several lines: not JSON Lines)
+                    refuse_one_object(path)  # (the whole file one JSON object over several lines: not JSON Lines)
                 raise DataError(
                     f"{path}: line {number}: invalid JSON ({error.msg.removesuffix(' at')} at character {error.colno})",
                     fix="fix or remove that line",
@@ -522,31 +535,6 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
                 )
             read = True
             yield number, value
-
-
-def _refuse_one_object(path: Path) -> None:
-    """DataError naming the layout when the whole file is one JSON object, not rows: columns (each key a list of
-    values), or rows under one key (``{"data": [...]}``); nothing when it is not."""
-    try:
-        whole = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return
-    if not isinstance(whole, dict) or not whole:
-        return
-    lists = {key: value for key, value in whole.items() if isinstance(value, list)}
-    under = [key for key, value in lists.items() if value and all(isinstance(row, dict) for row in value)]
-    if len(under) == 1 and (len(whole) == 1 or len(lists) < len(whole)):
-        raise DataError(f"{path}: one JSON object whose {under[0]!r} holds the rows, not a row per line",
-                        fix=f"write those rows one per line (.jsonl), or pass datasets.load_dataset('json', "
-                            f"data_files=..., field={under[0]!r}, split='train')")  # fmt: skip
-    if len(lists) == len(whole) and len({len(value) for value in lists.values()}) == 1:
-        raise DataError(f"{path}: one JSON object of columns (each key a list of values), not a row per line",
-                        fix="write one object per row, e.g. pandas.read_json(path).to_json(out, orient='records', "
-                            "lines=True) for a .jsonl file")  # fmt: skip
-    raise DataError(
-        f"{path}: one JSON object over several lines, not a row per line",
-        fix="write each row as one object on one line (.jsonl), or a list of row objects (.json)",
-    )
 
 
 def _is_document(path: Path) -> bool:
