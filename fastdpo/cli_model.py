@@ -139,6 +139,10 @@ def check_evaluation(run_args, args, *, evaluated_after: bool) -> None:
     if len(given) == 2:
         raise ConfigError("eval_fraction and dataset_test_split both give the evaluation rows", column="eval_fraction",
                           fix="keep one of them")  # fmt: skip
+    fraction = run_args.eval_fraction  # (a fraction of the rows, or a number of them; said as the run's own key)
+    if fraction is not None and not (0 < fraction < 1 or (float(fraction).is_integer() and fraction >= 1)):
+        raise ConfigError(f"must be a fraction of the rows in (0, 1) or a number of rows, got {fraction!r}",
+                          column="eval_fraction", fix="e.g. eval_fraction: 0.1")  # fmt: skip
     strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
     if strategy == "no" and run_args.eval_fraction is not None and not evaluated_after:
         fix = "set eval_strategy (steps, with eval_steps; or epoch); or drop eval_fraction"

@@ -155,3 +155,18 @@ def test_one_run_at_a_time_in_a_run_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")  # a distributed run's other processes take none
     with run_lock(out):
         pass
+
+
+def test_eval_fraction_out_of_range_is_named_as_the_runs_key(tmp_path):
+    # it was refused as column 'test_size', a name the config does not have, after the data had loaded
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import check_evaluation
+    from fastdpo.errors import ConfigError
+    from fastdpo.train import DPOConfig
+
+    args = DPOConfig(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=1, report_to=[])
+    for bad in (1.5, 0, -0.1):
+        with pytest.raises(ConfigError, match=rf"column 'eval_fraction': must be a fraction .* got {bad!r}"):
+            check_evaluation(RunArguments(eval_fraction=bad), args)
+    for good in (0.25, 3):
+        check_evaluation(RunArguments(eval_fraction=good), args)
