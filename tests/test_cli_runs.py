@@ -167,6 +167,6 @@ def test_eval_fraction_out_of_range_is_named_as_the_runs_key(tmp_path):
     args = DPOConfig(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=1, report_to=[])
     for bad in (1.5, 0, -0.1):
         with pytest.raises(ConfigError, match=rf"column 'eval_fraction': must be a fraction .* got {bad!r}"):
-            check_evaluation(RunArguments(eval_fraction=bad), args)
+            check_evaluation(RunArguments(eval_fraction=bad), args, evaluated_after=False)
     for good in (0.25, 3):
-        check_evaluation(RunArguments(eval_fraction=good), args)
+        check_evaluation(RunArguments(eval_fraction=good), args, evaluated_after=False)
