@@ -69,17 +69,26 @@ def carries_state(config) -> bool:
 
 
 def check_per_sequence(inner: nn.Module, implementation: str) -> None:
-    """ConfigError where ``fastdpo_varlen`` over one row of the whole batch would not keep ``inner``'s packed
-    sequences apart: layers with state along the row, a sliding window or chunked attention that the config sets.
-    (A model of its own flash implementation with state along the row runs each sequence alone instead.)"""
-    if implementation != VARLEN:
-        return
+    """ConfigError where attention per sequence over one row of the whole batch would not keep ``inner``'s packed
+    sequences apart: a class that does not declare transformers' attention interface (BART's decoders embed
+    positions by their place in the row, whatever ``position_ids`` say); for ``fastdpo_varlen`` also layers with
+    state along the row and a sliding window or chunked attention that the config sets. (On its own flash
+    implementation, a model with state along the row runs each sequence alone instead.)"""
     name, fix = type(inner).__name__, "use packed_attention='model' (the model's own attention: packed rows, or each " \
         "sequence alone where they would not keep sequences apart)"  # fmt: skip
-    if carries_state(inner.config):
+    if carries_state(inner.config):  # (on its own flash: each sequence alone, in packed_body)
+        if implementation != VARLEN:
+            return
         raise ConfigError(f"{name} has recurrent or convolution layers, whose state runs along a row: over one row "
                           f"of the whole batch ({implementation}) each sequence would read the ones before it",
                           column="packed_attention", fix=fix)  # fmt: skip
+    if not getattr(inner, "_supports_attention_backend", False):
+        raise ConfigError(f"{name} does not declare transformers' attention interface, so packed sequences over one "
+                          f"row ({implementation}) are not known to stay apart (BART's decoders number positions by "
+                          "the row)", column="packed_attention", fix=fix if implementation == VARLEN else
+                          "load the model with attn_implementation='sdpa' (or 'eager')")  # fmt: skip
+    if implementation != VARLEN:
+        return
     config = inner.config.get_text_config(decoder=True)
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     chunk = getattr(config, "attention_chunk_size", None)
