@@ -127,49 +127,46 @@ def check_output_dir(path: str | os.PathLike, *, needed_bytes: int = 0, column: 
         )
 
 
+# the variables launchers set for a process's rank (torchrun, accelerate, MPI, MVAPICH), as accelerate reads them
+_RANKS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
 @contextlib.contextmanager
 def run_lock(out: Path, column: str = "output_dir") -> Iterator[None]:
-    """Held while a run uses the run directory ``out``: ``.<name>.fastdpo-lock`` beside it, made exclusively, holds
-    the process id and host; a second run into ``out`` meanwhile gets a ``ConfigError``. A lock left by a process
-    that is gone (on this host) is taken over. The other processes of a distributed run (``RANK`` > 0) take none:
-    their main process holds it. No lock where ``out``'s parent folder does not exist yet."""
+    """Held while a run uses the run directory ``out``: an exclusive ``flock`` on ``.<name>.fastdpo-lock`` beside
+    it (which names the holder's process and host); a second run into ``out`` meanwhile gets a ``ConfigError``. The
+    kernel lets the lock go with its process, however it ends (a killed run leaves no lock behind). The other
+    processes of a distributed run (rank > 0) take none: their main process holds it. No lock where ``out``'s
+    parent folder does not exist yet, or on a system without ``flock``."""
     from fastdpo.errors import ConfigError
 
-    if os.environ.get("RANK", "0") != "0" or not out.parent.is_dir():
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        fcntl = None
+    out = Path(os.path.abspath(out))  # ("." and its absolute path: one directory, one lock)
+    if fcntl is None or any(os.environ.get(name, "0") != "0" for name in _RANKS) or not out.parent.is_dir():
         yield
         return
     lock = out.parent / f".{out.name}.fastdpo-lock"
-    mine = f"{os.getpid()} {socket.gethostname()}"
-    for _ in range(2):
-        try:
-            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = lock.read_text(errors="replace").split() if lock.exists() else []
-            if len(holder) == 2 and holder[1] == socket.gethostname() and not _alive(int(holder[0])):
-                lock.unlink(missing_ok=True)  # (its run was killed: no one holds it)
-                continue
-            raise ConfigError(f"another run is using {out} (process {' on '.join(holder) or 'unknown'}: {lock})",
-                              column=column, fix=f"wait for it, or set another {column}; if no run is using it, "
-                              f"remove {lock}") from None  # fmt: skip
-        except OSError:  # a read-only parent: nothing else can write there either
-            yield
-            return
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(mine)
-        break
-    else:  # (taken over twice, and made again by another run each time)
-        raise ConfigError(f"another run is using {out} ({lock})", column=column, fix=f"set another {column}")
     try:
+        handle = open(lock, "a+")  # noqa: SIM115 - held open for the run: the flock lives with it
+    except OSError:  # a read-only parent: no other run can write there either
         yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # (someone else's process)
-        return True
-    return True
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ConfigError(f"another run is using {out} (process {holder}; {lock})", column=column,
+                              fix=f"wait for it, or set another {column}") from None  # fmt: skip
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # (still held: no run can have taken it meanwhile)

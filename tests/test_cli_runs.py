@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from test_cli import fastdpo, workdir  # noqa: F401
@@ -127,34 +128,38 @@ def test_resume_refuses_a_model_whose_files_changed(workdir):  # noqa: F811
     assert "add --overwrite to go on with these" in done.stderr
 
 
-def test_one_run_at_a_time_in_a_run_directory(tmp_path, monkeypatch):
+def test_one_run_at_a_time_in_a_run_directory(workdir, tmp_path, monkeypatch, capsys):  # noqa: F811
     # two runs started into one output_dir both succeeded: metrics.jsonl interleaved their steps, the model was
     # whichever saved last
     import os
 
+    from test_cli import in_process
+
     from fastdpo.atomic import run_lock
     from fastdpo.errors import ConfigError
 
-    out = tmp_path / "run"
-    lock = tmp_path / ".run.fastdpo-lock"
+    out, lock = tmp_path / "run", tmp_path / ".run.fastdpo-lock"
+    said = rf"column 'output_dir': another run is using {re.escape(str(out))} \(process {os.getpid()} on "
     with run_lock(out):
-        assert lock.read_text().split()[0] == str(os.getpid())
-        said = rf"column 'output_dir': another run is using {re.escape(str(out))} \(process \d+ on "
         with pytest.raises(ConfigError, match=said), run_lock(out):
             pass
-        assert lock.exists()  # (the refused one left the holder's lock alone)
+        monkeypatch.chdir(tmp_path / "..")  # the same directory by another path: the same lock
+        with pytest.raises(ConfigError, match="another run is using"), run_lock(Path(tmp_path.name) / "run"):
+            pass
     assert not lock.exists()
-    import socket
-
-    lock.write_text(f"999999999 {socket.gethostname()}")  # a run that was killed: its lock is taken over
-    with run_lock(out):
-        assert lock.read_text().split()[0] == str(os.getpid())
-    lock.write_text("1 elsewhere")  # another host's: not known to be gone
-    with pytest.raises(ConfigError, match=r"if no run is using it, remove"), run_lock(out):
-        pass
-    monkeypatch.setenv("RANK", "1")  # a distributed run's other processes take none
+    lock.write_text("12345 on elsewhere")  # a file left by a run that was killed: no flock on it, taken
     with run_lock(out):
         pass
+    for name in ("RANK", "PMI_RANK"):  # a distributed run's other processes take none
+        monkeypatch.setenv(name, "1")
+        with run_lock(out), run_lock(out):
+            pass
+        monkeypatch.delenv(name)
+    # and the command takes it: a second run into the run directory meanwhile is refused before anything loads
+    with run_lock(workdir / "locked"):
+        done = in_process("dpo", "--config", "dpo.yaml", "--output_dir", "locked", cwd=workdir,
+                          monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    assert done.returncode == 2 and "another run is using" in done.stderr and not (workdir / "locked").exists()
 
 
 def test_eval_fraction_out_of_range_is_named_as_the_runs_key(tmp_path):
