@@ -44,6 +44,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         return _train(known, rest)
     except (Exception, KeyboardInterrupt) as error:
         return _failed(error, known.command, debug=known.debug)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name: a hub id's shape
 
 
 def _failed(error: BaseException, command: str, *, debug: bool) -> int:
@@ -545,8 +549,9 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     options = {"args": args, "train_dataset": train, "eval_dataset": evaluation,
                "callbacks": [RunFiles(out, restart=restart_log)], "peft_config": peft_config,
                "quantization_config": quantization_config}  # fmt: skip
-    # a local folder by its absolute path: a LoRA run's adapter_config.json then names a base found from anywhere
-    model, reference = (str(Path(name).resolve()) if name and Path(name).exists() else name
+    # a local folder by its absolute path (links kept): a LoRA run's adapter_config.json then names a base found from
+    # anywhere; a name of a hub id's shape (org/name) stays as given, for an adapter pushed to the hub
+    model, reference = (os.path.abspath(name) if name and Path(name).exists() and not HUB_ID.fullmatch(name) else name
                         for name in (run_args.model_name_or_path, run_args.ref_model_name_or_path))  # fmt: skip
     if command == "dpo":
         return DPOTrainer(model, ref_model=reference, **options), files

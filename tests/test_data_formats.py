@@ -448,4 +448,9 @@ def test_a_text_column_left_unread_beside_an_implicit_prompt_is_said(caplog):
     with caplog.at_level(logging.WARNING, logger="fastdpo"):
         prepare_preferences(rows, columns={"prompt": "question"})
         prepare_preferences(rows.remove_columns("question"))  # (an id column is no prompt)
+        # whole conversations (dpo-mix-7k's layout) carry their prompt: its dataset/*_model columns are no prompt
+        turns = [{"role": "user", "content": "Sky?"}]
+        prepare_preferences([{"chosen": [*turns, {"role": "assistant", "content": "Blue."}],
+                              "rejected": [*turns, {"role": "assistant", "content": "Red."}],
+                              "dataset": "mix", "chosen_model": "a"}])  # fmt: skip
     assert "no prompt column" not in caplog.text

@@ -340,3 +340,26 @@ def test_a_cached_reference_of_an_adapter_policy_is_its_base_model_as_in_trl(dat
     assert trainer.reference_mode == "cached"
     assert logs[0][0]["loss"] != pytest.approx(math.log(2), rel=1e-3)  # the adapter moves the policy off its base
     assert_match(*logs)
+
+
+def test_a_frozen_model_is_refused_when_training_starts_not_before(data, tmp_path):
+    # (an adapter folder loaded by transformers: its adapter attached frozen) the native trainers failed deep in
+    # autograd; TRL's drop-in builds and evaluates such a model, so the refusal waits for train()
+    from test_train_sft import common_args as sft_args
+    from test_train_sft import prompt_completion_rows
+
+    import fastdpo.trl as dropin
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    rows = prompt_completion_rows(4)
+    cases = ((DPOTrainer, DPOConfig(**common_args(tmp_path, "dpo")), data),
+             (dropin.DPOTrainer, trl.DPOConfig(**common_args(tmp_path, "trl_dpo")), data),
+             (SFTTrainer, SFTConfig(**sft_args(tmp_path, "sft")), rows),
+             (dropin.SFTTrainer, trl.SFTConfig(**sft_args(tmp_path, "trl_sft")), rows))  # fmt: skip
+    for trainer_cls, args, dataset in cases:
+        trainer = trainer_cls(model=load().requires_grad_(False), args=args, train_dataset=dataset,
+                              processing_class=tokenizer)  # fmt: skip
+        with pytest.raises(ConfigError, match=r"column 'model': the model has no trainable parameter"):
+            trainer.train()

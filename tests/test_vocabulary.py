@@ -67,3 +67,17 @@ def test_the_row_is_the_inputs_past_the_rows_tokenization_dropped(tmp_path):
     with pytest.raises(DataError, match=r"^row 4, column 'prompt_ids': token id"):
         DPOTrainer(model=load(), args=DPOConfig(**common_args(tmp_path, "dpo")), train_dataset=pairs,
                    processing_class=tokenizer)  # fmt: skip
+
+
+def test_the_row_is_the_inputs_when_the_rows_were_shuffled(tmp_path):
+    # SFT shuffles its rows (shuffle_dataset): the error named the shuffled position ("row 0" for the input's 4)
+    from test_train_sft import prompt_completion_rows
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    rows = prompt_completion_rows(8).to_list()
+    rows[4]["prompt"] = "Say <tool>."
+    args = SFTConfig(**sft_args(tmp_path, "sft", shuffle_dataset=True, packing=False))
+    with pytest.raises(DataError, match=r"^row 4, column 'input_ids': token id"):
+        SFTTrainer(model=load(), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)

@@ -103,7 +103,7 @@ def prepare_preferences(
     has_prompt = "prompt" in dataset.column_names
     if has_prompt and kind == "standard":
         _warn_repeated_prompts(dataset)
-    if not has_prompt:
+    if not has_prompt and kind == "standard":  # (whole conversations carry their prompt: no column is missing)
         _warn_unused_text(dataset)
     return dataset.map(
         normalize_row,
@@ -131,7 +131,8 @@ def _warn_repeated_prompts(dataset: datasets.Dataset) -> None:
 
 # columns of ours besides prompt/chosen/rejected, and those a dataset carries that are not a prompt
 _NOT_A_PROMPT = ("system", "input", "context", "tools", "chat_template_kwargs", "status", "chosen_score",
-                 "rejected_score", "id", "source", "messages")  # fmt: skip
+                 "rejected_score", "id", "source", "messages", "dataset", "prompt_id", "chosen_model",
+                 "rejected_model", "model", "split", "language", "category")  # fmt: skip
 
 
 def _warn_unused_text(dataset: datasets.Dataset) -> None:

@@ -41,6 +41,8 @@ def check_token_ids(dataset, model, name: str, dropped: dict | None = None) -> N
             value = flat[pc.index(bad, True).as_py()].as_py()
             packed = "seq_lengths" in dataset.column_names
             gone = sorted(r for rows_of in ((dropped or {}).get(name) or {}).values() for r in rows_of)
+            if dataset._indices is not None:  # rows selected (those dropped left out), shuffled: the table's row
+                row, gone = int(dataset._indices.column(0)[row].as_py()), []
             for earlier in [] if packed else gone:  # the input's numbering: past the rows dropped before it
                 row += earlier <= row
             raise DataError(f"token id {value} in the {name} data{' (a packed row)' if packed else ''}: the model's "

@@ -65,9 +65,15 @@ def refuse_unsupported_adapter(model, peft_config=None) -> None:
         raise ConfigError("the PeftModel has no trainable parameter: PeftModel.from_pretrained loads its adapter "
                           "frozen, for inference", column="model",
                           fix="load it with PeftModel.from_pretrained(base, path, is_trainable=True)")  # fmt: skip
-    if isinstance(model, nn.Module) and peft_config is None and not any(p.requires_grad for p in model.parameters()):
+
+
+def refuse_frozen(model: nn.Module) -> None:
+    """ConfigError, when training starts, for a model none of whose parameters would train (an adapter folder loaded
+    by transformers attaches the adapter frozen): it failed deep in autograd, or took steps of gradient 0. A frozen
+    model may still be evaluated."""
+    if not any(parameter.requires_grad for parameter in model.parameters()):
         raise ConfigError("the model has no trainable parameter (e.g. an adapter folder loaded by transformers, "
-                          "which attaches the adapter frozen): every step would be a gradient of 0", column="model",
+                          "which attaches the adapter frozen)", column="model",
                           fix="load an adapter with peft's AutoPeftModelForCausalLM.from_pretrained(path, "
                           "is_trainable=True) (or pass its folder's path), or unfreeze the model")  # fmt: skip
 

@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 from fastdpo.atomic import check_output_dir
 from fastdpo.data.tokenize import TRUNCATION_MODES
 from fastdpo.errors import ConfigError, DataError, unknown_choice
+from fastdpo.model.adapters import refuse_frozen
 from fastdpo.model.attention import attends_per_sequence, check_per_sequence
 from fastdpo.model.lean import use_lean_layers
 from fastdpo.ops.linear_logprobs import IMPLS
@@ -110,6 +111,10 @@ class PackedTokenCount:
             return super()._track_num_input_tokens(inputs)
         real = torch.as_tensor(inputs["input_ids"].numel() - int(inputs["num_padding"]), device=self.args.device)
         self.state.num_input_tokens_seen += int(self.accelerator.gather(real.reshape(1)).sum())
+
+    def train(self, *args, **kwargs):  # (every trainer of fastdpo's: a frozen model is refused when training starts)
+        refuse_frozen(self.model)
+        return super().train(*args, **kwargs)
 
 
 @contextlib.contextmanager

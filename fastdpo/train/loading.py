@@ -21,6 +21,12 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_
     it frozen to a plain model, which then trained nothing, or lost it under a new ``peft_config``."""
     from transformers import AutoModelForCausalLM
 
+    weights = [f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+               if (Path(name_or_path) / f).is_file()]  # fmt: skip
+    if (Path(name_or_path) / "adapter_config.json").is_file() and weights:  # (an --overwrite of an older fastdpo)
+        raise ConfigError(f"{name_or_path} holds both a full model ({weights[0]}) and an adapter "
+                          "(adapter_config.json): which one is the run's is not known", column=column,
+                          fix="remove the files of the run it does not hold, or give the run's folder")  # fmt: skip
     if (Path(name_or_path) / "adapter_config.json").is_file():
         try:
             from peft import AutoPeftModelForCausalLM
