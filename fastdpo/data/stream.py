@@ -58,6 +58,7 @@ from fastdpo.data.sft import (
     with_text_field,
 )
 from fastdpo.data.tokenize import (
+    SAME,
     check_lengths,
     check_tokenizer,
     clip_lengths,
@@ -209,6 +210,7 @@ def _tokenized_batch(batch: dict, indices: list[int], *, kind, tokenizer, max_le
     """Tokenize one batch of normalized stream rows; mark the rows TRL drops (``_keep``)."""
     eos = tokenizer.eos_token if kind == "standard" else None
     tokens = tokenize_preference_batch(batch, indices, tokenizer, eos, "")
+    tokens.pop(SAME)  # (a stream's rows are not counted ahead)
     if clip != (None, None):
         for i in range(len(indices)):
             example = {name: tokens[name][i] for name in TOKEN_COLUMNS}

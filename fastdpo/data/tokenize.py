@@ -78,7 +78,11 @@ def tokenize_preference_batch(batch: dict, indices: list[int], tokenizer, eos_to
     for ids in encoded:
         for column, part in zip(out, split_pair(*ids), strict=True):
             out[column].append(part)
+    out[SAME] = [chosen == rejected for chosen, rejected in zip(out["chosen_ids"], out["rejected_ids"], strict=True)]
     return out
+
+
+SAME = "_same_ids"  # tokenize_preference_batch's flag: chosen and rejected of the same ids (counted, then removed)
 
 
 def tokenize_preferences(
@@ -121,7 +125,8 @@ def tokenize_preferences(
             num_proc=num_proc,
             desc="Clipping prompts and completions",
         )
-    same = _same_completions(tokenized)
+    same = [row for row, flag in enumerate(tokenized[SAME]) if flag]  # (a column of bools: the ids are not read)
+    tokenized = tokenized.remove_columns(SAME)
     if same:
         logger.warning("%d of %d rows have chosen and rejected of the same tokens (e.g. a chat template that drops "
                        "the reasoning they differ in), rows %s: no preference to learn, trained on as TRL does; "
@@ -136,36 +141,6 @@ def tokenize_preferences(
         gone = set().union(*map(set, dropped.values()))
         tokenized = tokenized.select([i for i in range(len(tokenized)) if i not in gone])
     return TokenizedPreferences(tokenized, dropped)
-
-
-def _same_completions(tokenized: datasets.Dataset, batch_size: int = 65536) -> list[int]:
-    """The rows whose ``chosen_ids`` equal their ``rejected_ids``, compared in numpy over Arrow's buffers a batch at
-    a time: rows of equal length whose first and last ids agree, then those whole."""
-    import numpy as np
-
-    same: list[int] = []
-    batches = tokenized.select_columns(["chosen_ids", "rejected_ids"]).with_format("arrow").iter(batch_size)
-    for start, batch in zip(range(0, len(tokenized), batch_size), batches, strict=True):
-        (c_ids, c_ends), (r_ids, r_ends) = (_flat(batch[name]) for name in ("chosen_ids", "rejected_ids"))
-        c_len, r_len = np.diff(c_ends), np.diff(r_ends)
-        rows = np.flatnonzero((c_len == r_len) & (c_len > 0))
-        first, last = c_ends[rows], c_ends[rows + 1] - 1
-        rows = rows[(c_ids[first] == r_ids[r_ends[rows]]) & (c_ids[last] == r_ids[r_ends[rows + 1] - 1])]
-        empty = np.flatnonzero((c_len == 0) & (r_len == 0))
-        whole = [row for row in rows.tolist() if np.array_equal(c_ids[c_ends[row] : c_ends[row + 1]],
-                                                                 r_ids[r_ends[row] : r_ends[row + 1]])]  # fmt: skip
-        same.extend(start + row for row in sorted([*whole, *empty.tolist()]))
-    return same
-
-
-def _flat(column):
-    """A list column's ids flattened and the offsets where each row's begin (and the last one's end)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    column = column.combine_chunks()
-    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
-    return pc.list_flatten(column).to_numpy(zero_copy_only=False), np.concatenate([[0], np.cumsum(lengths)])
 
 
 def check_lengths(truncation_mode: str, max_length, max_prompt_length, max_completion_length) -> None:
