@@ -582,25 +582,6 @@ def test_a_missing_config_and_an_output_dir_that_is_a_file_are_one_line(workdir,
     assert (workdir / "afile").read_text() == "mine\n"
 
 
-def test_a_fix_naming_the_python_check_names_the_command_in_the_cli():
-    # the rows preparation refuses (data_filter: none, or the data commands) named fastdpo.data.check_preferences
-    from fastdpo.cli import _in_cli_terms
-    from fastdpo.errors import DataError
-
-    error = DataError(
-        "is empty", row=2, column="chosen", fix="drop the row (fastdpo.data.check_preferences lists them all)"
-    )
-    said = _in_cli_terms(error, "dpo")
-    assert str(said) == "row 2, column 'chosen': is empty — drop the row (fastdpo data check FILE lists them all)"
-    # its .filter(dataset) as the filter command (it read "fastdpo data check FILE(dataset).filter(dataset)")
-    commands = {"(dataset)": "fastdpo data filter FILE OUT",
-                "(dataset, tokenizer)": "fastdpo data filter FILE OUT --tokenizer TOKENIZER"}  # fmt: skip
-    for python, command in commands.items():
-        fix = f"fix the row, or drop such rows with fastdpo.data.check_preferences{python}.filter(dataset) (empty)"
-        said = _in_cli_terms(DataError("is empty", row=2, column="chosen", fix=fix), "dpo")
-        assert said.fix == f"fix the row, or drop such rows with {command} (empty)"
-
-
 def test_a_jsonl_output_keeps_every_float_as_it_came(workdir, data_cli):
     # pandas' to_json wrote 10 significant digits: a score of 1e-12 came back 0.0 (a tie), 0.30000000001 as 0.3
     row = {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 1e-12, "rejected_score": 0.0,

@@ -1,4 +1,5 @@
-"""The ``fastdpo`` command across runs: a LoRA SFT run continued by DPO, a run directory replaced with --overwrite."""
+"""The ``fastdpo`` command across runs (a LoRA SFT run continued by DPO, a run directory replaced, resumed, locked)
+and its error lines."""
 
 from __future__ import annotations
 
@@ -176,3 +177,22 @@ def test_eval_fraction_out_of_range_is_named_as_the_runs_key(tmp_path):
             check_evaluation(RunArguments(eval_fraction=bad), args, evaluated_after=False)
     for good in (0.25, 3):
         check_evaluation(RunArguments(eval_fraction=good), args, evaluated_after=False)
+
+
+def test_a_fix_naming_the_python_check_names_the_command_in_the_cli():
+    # the rows preparation refuses (data_filter: none, or the data commands) named fastdpo.data.check_preferences
+    from fastdpo.cli import _in_cli_terms
+    from fastdpo.errors import DataError
+
+    error = DataError(
+        "is empty", row=2, column="chosen", fix="drop the row (fastdpo.data.check_preferences lists them all)"
+    )
+    said = _in_cli_terms(error, "dpo")
+    assert str(said) == "row 2, column 'chosen': is empty — drop the row (fastdpo data check FILE lists them all)"
+    # its .filter(dataset) as the filter command (it read "fastdpo data check FILE(dataset).filter(dataset)")
+    commands = {"(dataset)": "fastdpo data filter FILE OUT",
+                "(dataset, tokenizer)": "fastdpo data filter FILE OUT --tokenizer TOKENIZER"}  # fmt: skip
+    for python, command in commands.items():
+        fix = f"fix the row, or drop such rows with fastdpo.data.check_preferences{python}.filter(dataset) (empty)"
+        said = _in_cli_terms(DataError("is empty", row=2, column="chosen", fix=fix), "dpo")
+        assert said.fix == f"fix the row, or drop such rows with {command} (empty)"
