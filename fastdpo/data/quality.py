@@ -41,7 +41,7 @@ from typing import Any
 import datasets
 
 from fastdpo.data.quality_lengths import ABSENT, check_lengths
-from fastdpo.data.schema import PREFERENCE_COLUMNS, without_none
+from fastdpo.data.schema import PREFERENCE_COLUMNS, content_text, is_text_part, without_none
 from fastdpo.data.where import where_mask
 from fastdpo.errors import ConfigError, DataError, close_match
 
@@ -78,7 +78,6 @@ _TURN_ENDS = ("user", "tool", "ipython", "function")  # what a prompt may end wi
 META_COLUMNS = ("status", "chosen_score", "rejected_score", "tools", "chat_template_kwargs")
 # C0 and C1 control characters except \t \n \r, and lone surrogates (not encodable as UTF-8)
 _INVALID_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
-_ABSENT = ABSENT  # a key missing from a row of a list input (None is a value there)
 
 
 @dataclass
@@ -284,9 +283,9 @@ def _read_columns(dataset) -> tuple[int, list[str], dict[str, list]]:
     if isinstance(dataset, datasets.Dataset):
         values = dataset.with_format(None).select_columns(wanted).to_dict() if wanted else {}
     else:
-        values = {c: [row.get(c, _ABSENT) if isinstance(row, Mapping) else _ABSENT for row in dataset] for c in wanted}
+        values = {c: [row.get(c, ABSENT) if isinstance(row, Mapping) else ABSENT for row in dataset] for c in wanted}
     for c in (*PREFERENCE_COLUMNS, *META_COLUMNS):  # every check then finds its column (maybe all absent)
-        values.setdefault(c, [_ABSENT] * num_rows)
+        values.setdefault(c, [ABSENT] * num_rows)
     return num_rows, names, values
 
 
@@ -304,7 +303,7 @@ def _check_values(values: list, column: str, has_prompt: bool, found: _Findings)
 
 def _check_value(value: Any, column: str, check_roles: bool) -> tuple[str | None, str | None, str]:
     """(format, reason, note) for one prompt/chosen/rejected value; reason None when it is fine."""
-    if value is _ABSENT:
+    if value is ABSENT:
         return None, "missing_field", "absent"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None, "missing_field", repr(value)
@@ -329,17 +328,6 @@ def is_empty(value: Any) -> bool:
 def _check_text(text: str) -> tuple[str | None, str]:
     bad = _INVALID_TEXT.search(text)
     return (None, "") if bad is None else ("invalid_text", f"{bad.group()!r} at character {bad.start()}")
-
-
-def content_text(content: Any) -> str | None:
-    """A message's text: its content string, or the texts of a list of text parts (``{"type": "text", "text": ...}``,
-    as multimodal chat formats write text alone) joined; None for anything else (an image part, a number)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" and
-                                         isinstance(p.get("text"), str) for p in content):  # fmt: skip
-        return "".join(p["text"] for p in content)
-    return None
 
 
 def message_problem(messages: list, column: str, check_roles: bool) -> tuple[str | None, str]:
@@ -371,8 +359,7 @@ def _parts(content: Any) -> str:
     """What a content that is not text is: its type, or the first part that is not a text part."""
     if not isinstance(content, list):
         return type(content).__name__
-    part = next(p for p in content if not (isinstance(p, Mapping) and p.get("type") == "text"
-                                           and isinstance(p.get("text"), str)))  # fmt: skip
+    part = next(p for p in content if not is_text_part(p))
     if not isinstance(part, Mapping):
         return f"a list with a {type(part).__name__} in it (text parts only)"
     kind = part.get("type")
@@ -481,7 +468,7 @@ def _check_metadata(num_rows, columns, found, min_score_margin, *, skip: set[int
         if row in skip:
             continue
         for name, score in (("chosen_score", chosen_score[row]), ("rejected_score", rejected_score[row])):
-            if score is not _ABSENT and score is not None and _number(score) is None:
+            if score is not ABSENT and score is not None and _number(score) is None:
                 found.add(row, "bad_score", _short(score), column=name)
         if isinstance(status[row], str) and status[row].strip().lower() == "tie":
             found.add(row, "tie", f"status {_short(status[row])}")

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from fastdpo.data.render import TemplateFailure, conversation_ids, split_pair, string_ids
+from fastdpo.data.render import TemplateFailure, conversation_ids, describe_error, split_pair, string_ids
+from fastdpo.data.schema import content_text
 
 ABSENT = object()  # a key missing from a row of a list input (None is a value there)
 _HIST_BINS = 10
@@ -18,12 +19,7 @@ TOKEN_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def _chars(value: str | list) -> int:
-    return len(value) if isinstance(value, str) else sum(len(_text(m.get("content"))) for m in value)
-
-
-def _text(content) -> str:
-    """A message's text (its string, or its text parts joined: ``quality.content_text``)."""
-    return content if isinstance(content, str) else "".join(p["text"] for p in content or ())
+    return len(value) if isinstance(value, str) else sum(len(content_text(m.get("content")) or "") for m in value)
 
 
 def check_lengths(pairs, columns, text_columns, majority, found, *, tokenizer, max_length, length_ratio_warn):
@@ -102,7 +98,7 @@ def _token_counts(tokenizer, pairs, columns, majority, has_prompt):
                 try:
                     encoded.append(conversation_ids(_example(columns, row, has_prompt), tokenizer))
                 except TemplateFailure as failure:
-                    errors[k] = (failure.column, failure.describe(120))
+                    errors[k] = (failure.column, describe_error(failure.error, 120))
                     encoded.append(None)
         for k, ids in enumerate(encoded, start=begin):
             split = split_pair(*ids) if ids is not None else (None, None, None)

@@ -24,10 +24,11 @@ class TemplateFailure(Exception):
         super().__init__(column, error)
         self.column, self.error = column, error
 
-    def describe(self, limit: int = 200) -> str:
-        """The template's error in a line: its type where it is not jinja's own (a TypeError inside the template)."""
-        text = str(self.error)[:limit]
-        return text if type(self.error).__name__ == "TemplateError" else f"{type(self.error).__name__}: {text}"
+
+def describe_error(error: Exception, limit: int = 200) -> str:
+    """A chat template's error in a line: its type where it is not jinja's own (a TypeError inside the template)."""
+    text = str(error)[:limit]
+    return text if type(error).__name__ == "TemplateError" else f"{type(error).__name__}: {text}"
 
 
 def conversation_ids(example: dict, tokenizer) -> tuple[list[int], list[int], list[int]]:

@@ -57,6 +57,21 @@ def without_none(value: Any, text: Callable[[str], str] | None = None) -> Any:
     return text(value) if text is not None and isinstance(value, str) else value
 
 
+def is_text_part(part: Any) -> bool:
+    """A content part that is text alone: ``{"type": "text", "text": ...}``, as multimodal chat formats write it."""
+    return isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
+def content_text(content: Any) -> str | None:
+    """A message's text: its content string, or the texts of a list of text parts joined; None for anything else
+    (an image part, a number)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(map(is_text_part, content)):
+        return "".join(part["text"] for part in content)
+    return None
+
+
 def without_null_arguments(messages: list) -> list:
     """``messages`` with the None-valued keys of tool calls' ``arguments`` dicts (at any depth) left out: Arrow gives
     a struct column every key any row has, so a call that had ``{"city": "Paris"}`` comes back with the other calls'

@@ -37,7 +37,7 @@ from typing import Any
 import datasets
 
 from fastdpo.data.load import as_dataset, load_data, text_columns
-from fastdpo.data.render import TemplateFailure, common_prefix_length
+from fastdpo.data.render import common_prefix_length, describe_error
 from fastdpo.data.schema import (
     is_message_list,
     missing_column,
@@ -456,7 +456,7 @@ def tokenize_sft_row(
             raise
         except Exception as error:  # a user's template raises what it likes (a TypeError from `str + list`, ...)
             raise DataError(
-                f"the chat template failed: {TemplateFailure(layout, error).describe()}",
+                f"the chat template failed: {describe_error(error)}",
                 row=index,
                 column="messages" if layout == "messages" else "completion",
                 fix="fix the row's messages (roles, order), or use a chat template that accepts them",

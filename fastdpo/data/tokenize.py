@@ -27,7 +27,7 @@ import datasets
 
 from fastdpo.data.load import as_dataset
 from fastdpo.data.quality import message_problem
-from fastdpo.data.render import TemplateFailure, conversation_ids, split_pair, string_ids
+from fastdpo.data.render import TemplateFailure, conversation_ids, describe_error, split_pair, string_ids
 from fastdpo.data.schema import is_message_list, source_version
 from fastdpo.errors import ConfigError, DataError, unknown_choice
 
@@ -61,7 +61,8 @@ def _rendered_ids(example: dict, row: int, tokenizer) -> tuple[list[int], list[i
         return conversation_ids(example, tokenizer)
     except TemplateFailure as failure:
         which = "the prompt" if failure.column == "prompt" else f"the prompt + {failure.column}"
-        raise DataError(f"the chat template failed on {which}: {failure.describe()}", row=row, column=failure.column,
+        raise DataError(f"the chat template failed on {which}: {describe_error(failure.error)}", row=row,
+                        column=failure.column,
                         fix="fix the row's messages, or drop such rows with fastdpo.data.check_preferences(dataset, "
                         "tokenizer).filter(dataset) (chat_template_error)") from None  # fmt: skip
 

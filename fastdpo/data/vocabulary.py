@@ -36,9 +36,9 @@ def check_token_ids(dataset, model, name: str, dropped: dict | None = None) -> N
             low, high = pc.min_max(flat).values()
             if high.as_py() < rows and low.as_py() >= 0:
                 continue
-            bad = pc.or_(pc.greater_equal(flat, rows), pc.less(flat, 0))
-            row = start + int(pc.list_parent_indices(ids).to_numpy()[pc.index(bad, True).as_py()])
-            value = flat[pc.index(bad, True).as_py()].as_py()
+            first = pc.index(pc.or_(pc.greater_equal(flat, rows), pc.less(flat, 0)), True).as_py()
+            row = start + int(pc.list_parent_indices(ids).to_numpy()[first])
+            value = flat[first].as_py()
             packed = "seq_lengths" in dataset.column_names
             gone = sorted(r for rows_of in ((dropped or {}).get(name) or {}).values() for r in rows_of)
             if dataset._indices is not None:  # rows selected (those dropped left out), shuffled: the table's row
