@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -21,19 +23,19 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_
     it frozen to a plain model, which then trained nothing, or lost it under a new ``peft_config``."""
     from transformers import AutoModelForCausalLM
 
+    adapter = (Path(name_or_path) / "adapter_config.json").is_file()
     weights = [f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
                if (Path(name_or_path) / f).is_file()]  # fmt: skip
-    if (Path(name_or_path) / "adapter_config.json").is_file() and weights:  # (an --overwrite of an older fastdpo)
+    if adapter and weights:  # (an --overwrite of an older fastdpo)
         raise ConfigError(f"{name_or_path} holds both a full model ({weights[0]}) and an adapter "
                           "(adapter_config.json): which one is the run's is not known", column=column,
                           fix="remove the files of the run it does not hold, or give the run's folder")  # fmt: skip
-    if (Path(name_or_path) / "adapter_config.json").is_file():
-        try:
-            from peft import AutoPeftModelForCausalLM
-        except ImportError as error:
+    load = AutoModelForCausalLM.from_pretrained
+    if adapter:
+        if importlib.util.find_spec("peft") is None:
             raise ConfigError(f"{name_or_path} holds a PEFT adapter, which needs the peft package", column=column,
-                              fix="pip install 'fastdpo[peft]'") from error  # fmt: skip
-        AutoModelForCausalLM = _as_peft(AutoPeftModelForCausalLM, trainable=column == "model")
+                              fix="pip install 'fastdpo[peft]'")  # fmt: skip
+        load = functools.partial(_from_adapter, trainable=column == "model")
 
     kwargs = dict(init_kwargs or {})
     if "torch_dtype" in kwargs:  # transformers' old name, which TRL 1.16 leaves to it: under TRL's float32 it is lost
@@ -56,7 +58,7 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_
     kwargs["dtype"] = dtype
     kwargs.setdefault("trust_remote_code", trust_remote_code)
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        return load(name_or_path, **kwargs)
     except ImportError as error:  # a package the model needs: flash-attn for its attn_implementation, or its code's
         attention = "attn_implementation" in kwargs
         raise ConfigError(
@@ -119,26 +121,22 @@ def load_tokenizer(model: nn.Module | str, column: str = "processing_class", *, 
         ) from error
 
 
-def _as_peft(loader, *, trainable: bool):
-    """``loader`` (peft's ``AutoPeftModelForCausalLM``) with ``from_pretrained`` taking the base model's arguments,
-    the adapter ``is_trainable`` or not; a base it cannot find named with the fix."""
+def _from_adapter(path, *, trainable: bool, **kwargs) -> nn.Module:
+    """peft's ``AutoPeftModelForCausalLM.from_pretrained`` (the base model's arguments in ``kwargs``), the adapter
+    ``is_trainable`` or not; a base it cannot find named with the fix."""
+    from peft import AutoPeftModelForCausalLM
 
-    class Loader:
-        @staticmethod
-        def from_pretrained(path, **kwargs):
-            try:
-                return loader.from_pretrained(path, is_trainable=trainable, **kwargs)
-            except (OSError, ValueError) as error:
-                base = _adapter_base(path)
-                if base is None or Path(base).exists():
-                    raise
-                raise OSError(
-                    f"its adapter's base model {base!r} (base_model_name_or_path in adapter_config.json) "
-                    "cannot be loaded from here: a relative path is relative to where that run started, "
-                    f"a hub name needs the hub ({type(error).__name__}: {str(error)[:120]})"
-                ) from error
-
-    return Loader
+    try:
+        return AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=trainable, **kwargs)
+    except (OSError, ValueError) as error:
+        base = _adapter_base(path)
+        if base is None or Path(base).exists():
+            raise
+        raise OSError(
+            f"its adapter's base model {base!r} (base_model_name_or_path in adapter_config.json) "
+            "cannot be loaded from here: a relative path is relative to where that run started, "
+            f"a hub name needs the hub ({type(error).__name__}: {str(error)[:120]})"
+        ) from error
 
 
 def _adapter_base(path) -> str | None:
