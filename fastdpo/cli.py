@@ -537,7 +537,11 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     ``metrics.jsonl`` in ``out`` starts over, even when resuming."""
     from fastdpo.run_files import RunFiles  # transformers' Trainer (seconds to import): only for training
     from fastdpo.train import DPOTrainer, SFTTrainer
+    from fastdpo.train.loading import refuse_missing_folder
 
+    for column in ("model_name_or_path", "ref_model_name_or_path"):  # before the data is read, which takes a while
+        if getattr(run_args, column):
+            refuse_missing_folder(getattr(run_args, column), column)
     if run_args.dataset_streaming:  # read as training goes: no quality report (it needs every row)
         train, evaluation = streamed_splits(command, run_args, getattr(args, "dataset_text_field", None))
         files = {}

@@ -411,8 +411,9 @@ def test_reference_given_to_a_reference_free_loss(model_dir, tokenizer, tmp_path
 
 
 def test_model_folder_that_does_not_exist(tokenizer, tmp_path):
+    # (transformers' own error read it as a malformed hub id: "Repo id must be in the form 'repo_name' or ...")
     build = lambda: DPOTrainer(str(tmp_path / "no-model"), args=config(tmp_path), processing_class=tokenizer)  # noqa: E731
-    expect(ConfigError, build, column="model", fix="save_pretrained")
+    expect(ConfigError, build, column="model", fix="check the path", message=f"no folder {tmp_path / 'no-model'}")
 
 
 def test_model_that_needs_remote_code(tokenizer, tmp_path):

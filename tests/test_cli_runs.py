@@ -196,3 +196,19 @@ def test_a_fix_naming_the_python_check_names_the_command_in_the_cli():
         fix = f"fix the row, or drop such rows with fastdpo.data.check_preferences{python}.filter(dataset) (empty)"
         said = _in_cli_terms(DataError("is empty", row=2, column="chosen", fix=fix), "dpo")
         assert said.fix == f"fix the row, or drop such rows with {command} (empty)"
+
+
+def test_a_model_folder_that_is_not_there_is_named_before_the_data_loads(workdir, monkeypatch, capsys):  # noqa: F811
+    # transformers read ./typo as a malformed hub id ("Repo id must use alphanumeric chars..."), after the data
+    from test_cli import in_process
+
+    import fastdpo.cli as cli
+
+    monkeypatch.setattr(cli, "loaded_splits", lambda *args: pytest.fail("the data was read first"))
+    for flag, name in (("--model_name_or_path", "./typo"), ("--ref_model_name_or_path", "../runs/typo")):
+        done = in_process("dpo", "--config", "dpo.yaml", flag, name, "--output_dir", "typo_run", cwd=workdir,
+                          monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+        column = flag.removeprefix("--")
+        said = f"column '{column}': there is no folder {os.path.abspath(workdir / name)} — check the path"
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+        assert not (workdir / "typo_run").exists()

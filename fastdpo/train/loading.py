@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -14,6 +16,16 @@ from torch import nn
 from fastdpo.errors import ConfigError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+HUB_NAME = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")  # name or org/name: what the hub can hold
+
+
+def refuse_missing_folder(name_or_path: str, column: str) -> None:
+    """A ``ConfigError`` naming the folder for a name that is no folder here and cannot be a hub name either
+    (``./model``, ``runs/a/b``, ``/abs/x``): transformers reads it as a malformed hub id ("Repo id must ...")."""
+    if Path(name_or_path).exists() or HUB_NAME.fullmatch(name_or_path):
+        return
+    fix = f"check the path (a relative one is read from {os.getcwd()}), or give a hub name"
+    raise ConfigError(f"there is no folder {os.path.abspath(name_or_path)}", column=column, fix=fix)
 
 
 def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_code: bool, column: str) -> nn.Module:
@@ -23,6 +35,7 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_
     it frozen to a plain model, which then trained nothing, or lost it under a new ``peft_config``."""
     from transformers import AutoModelForCausalLM
 
+    refuse_missing_folder(name_or_path, column)
     adapter = (Path(name_or_path) / "adapter_config.json").is_file()
     weights = [f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
                if (Path(name_or_path) / f).is_file()]  # fmt: skip
