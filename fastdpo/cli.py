@@ -542,6 +542,12 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     for column in ("model_name_or_path", "ref_model_name_or_path"):  # before the data is read, which takes a while
         if getattr(run_args, column):
             refuse_missing_folder(getattr(run_args, column), column)
+    model = run_args.model_name_or_path
+    if run_args.use_peft and model and Path(model, "adapter_config.json").is_file():  # (a LoRA run's folder)
+        raise ConfigError(f"{model} holds a LoRA adapter, which the run trains on; use_peft "
+                          "would add a new one beside it", column="use_peft",
+                          fix="drop --use_peft to go on training that adapter, or merge it into its base first "
+                          "(peft's merge_and_unload, then save_pretrained) and give that folder")  # fmt: skip
     if run_args.dataset_streaming:  # read as training goes: no quality report (it needs every row)
         train, evaluation = streamed_splits(command, run_args, getattr(args, "dataset_text_field", None))
         files = {}

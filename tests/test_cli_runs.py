@@ -212,3 +212,10 @@ def test_a_model_folder_that_is_not_there_is_named_before_the_data_loads(workdir
         said = f"column '{column}': there is no folder {os.path.abspath(workdir / name)} — check the path"
         assert done.returncode == 2 and said in done.stderr, done.stderr
         assert not (workdir / "typo_run").exists()
+    # a LoRA run's folder with --use_peft: the trainer's error named peft_config, merge_and_unload, peft_config=None
+    (workdir / "lora_run").mkdir()
+    (workdir / "lora_run" / "adapter_config.json").write_text("{}")
+    done = in_process("dpo", "--config", "dpo.yaml", "--model_name_or_path", "lora_run", *LORA, "--output_dir",
+                      "typo_run", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    said = "column 'use_peft': lora_run holds a LoRA adapter, which the run trains on; use_peft would add a new one"
+    assert done.returncode == 2 and said in done.stderr and "drop --use_peft" in done.stderr, done.stderr
