@@ -111,7 +111,15 @@ def model_fingerprint(name: str | None) -> dict | None:
     if not name or not path.is_dir():
         return None
     files = sorted(file for pattern in ("*.safetensors", "*.bin", "*config.json") for file in path.glob(pattern))
-    return {file.name: _file_print(file) for file in files}
+    prints = {file.name: _file_print(file) for file in files}
+    if (path / "adapter_config.json").is_file():  # a LoRA run's folder: its adapter's base model (when a folder) too
+        from fastdpo.train.loading import adapter_base
+
+        base = adapter_base(path)
+        own = base and Path(base).resolve() == path.resolve()
+        base = model_fingerprint(base) if base and not own and Path(base, "config.json").is_file() else None
+        prints.update({"base_model": base} if base else {})
+    return prints
 
 
 def _file_print(file: Path) -> dict:

@@ -198,7 +198,7 @@ def test_a_fix_naming_the_python_check_names_the_command_in_the_cli():
         assert said.fix == f"fix the row, or drop such rows with {command} (empty)"
 
 
-def test_a_model_folder_that_is_not_there_is_named_before_the_data_loads(workdir, monkeypatch, capsys):  # noqa: F811
+def test_a_missing_model_or_a_lora_folder_with_use_peft_is_named_before_the_data(workdir, monkeypatch, capsys):  # noqa: F811
     # transformers read ./typo as a malformed hub id ("Repo id must use alphanumeric chars..."), after the data
     from test_cli import in_process
 
@@ -219,3 +219,23 @@ def test_a_model_folder_that_is_not_there_is_named_before_the_data_loads(workdir
                       "typo_run", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
     said = "column 'use_peft': lora_run holds a LoRA adapter, which the run trains on; use_peft would add a new one"
     assert done.returncode == 2 and said in done.stderr and "drop --use_peft" in done.stderr, done.stderr
+
+
+def test_a_lora_folders_model_fingerprint_covers_its_base(tmp_path):
+    # --resume of a DPO run on a LoRA run's folder took another base model under it unnoticed (the folder's own files,
+    # the adapter's, were all the fingerprint held)
+    from fastdpo.cli_resume import model_fingerprint
+
+    base, lora = tmp_path / "base", tmp_path / "lora"
+    for folder in (base, lora):
+        folder.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(bytes(range(256)))
+    (lora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (lora / "adapter_model.safetensors").write_bytes(bytes(64))
+    before = model_fingerprint(str(lora))
+    assert before["base_model"] == model_fingerprint(str(base)) and "adapter_model.safetensors" in before
+    (base / "model.safetensors").write_bytes(bytes(reversed(range(256))))
+    assert model_fingerprint(str(lora)) != before
+    (lora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(lora)}))  # (no recursion)
+    assert "base_model" not in model_fingerprint(str(lora))

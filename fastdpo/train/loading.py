@@ -142,7 +142,7 @@ def _from_adapter(path, *, trainable: bool, **kwargs) -> nn.Module:
     try:
         return AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=trainable, **kwargs)
     except (OSError, ValueError) as error:
-        base = _adapter_base(path)
+        base = adapter_base(path)
         if base is None or Path(base).exists():
             raise
         raise OSError(
@@ -152,7 +152,8 @@ def _from_adapter(path, *, trainable: bool, **kwargs) -> nn.Module:
         ) from error
 
 
-def _adapter_base(path) -> str | None:
+def adapter_base(path) -> str | None:
+    """The ``base_model_name_or_path`` that the adapter folder ``path``'s ``adapter_config.json`` names, if any."""
     import json
 
     try:
