@@ -136,8 +136,9 @@ def run_lock(out: Path, column: str = "output_dir") -> Iterator[None]:
     """Held while a run uses the run directory ``out``: an exclusive ``flock`` on ``.<name>.fastdpo-lock`` beside
     it (which names the holder's process and host); a second run into ``out`` meanwhile gets a ``ConfigError``. The
     kernel lets the lock go with its process, however it ends (a killed run leaves no lock behind). The other
-    processes of a distributed run (rank > 0) take none: their main process holds it. No lock where ``out``'s
-    parent folder does not exist yet, or on a system without ``flock``."""
+    processes of a distributed run (rank > 0) take none: their main process holds it. ``out``'s parent folder is made
+    where missing (``runs/`` of ``runs/a``: two runs started together into a new one took no lock). None on a system
+    without ``flock``, or where the parent cannot be written."""
     from fastdpo.errors import ConfigError
 
     try:
@@ -145,11 +146,12 @@ def run_lock(out: Path, column: str = "output_dir") -> Iterator[None]:
     except ImportError:  # (Windows)
         fcntl = None
     out = Path(os.path.abspath(out))  # ("." and its absolute path: one directory, one lock)
-    if fcntl is None or any(os.environ.get(name, "0") != "0" for name in _RANKS) or not out.parent.is_dir():
+    if fcntl is None or any(os.environ.get(name, "0") != "0" for name in _RANKS):
         yield
         return
     lock = out.parent / f".{out.name}.fastdpo-lock"
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock, "a+")  # noqa: SIM115 - held open for the run: the flock lives with it
     except OSError:  # a read-only parent: no other run can write there either
         yield

@@ -157,6 +157,10 @@ def test_one_run_at_a_time_in_a_run_directory(workdir, tmp_path, monkeypatch, ca
         with run_lock(out), run_lock(out):
             pass
         monkeypatch.delenv(name)
+    nested = tmp_path / "new" / "runs" / "a"  # a parent that is not there yet: made, and locked in (it took none)
+    with run_lock(nested), pytest.raises(ConfigError, match="another run is using"), run_lock(nested):
+        pass
+    assert nested.parent.is_dir() and not nested.exists()
     # and the command takes it: a second run into the run directory meanwhile is refused before anything loads
     with run_lock(workdir / "locked"):
         done = in_process("dpo", "--config", "dpo.yaml", "--output_dir", "locked", cwd=workdir,
