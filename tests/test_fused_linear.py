@@ -104,8 +104,9 @@ def test_orpo_nll_target_matches_liger():
     assert_same(ours, theirs)
 
 
-def naive_dpo(values, target, beta, loss_type):
-    """fp64, full logits: the sigmoid/ipo DPO loss of the padded rows."""
+def naive_dpo(values, target, beta, loss_type, average=False):
+    """fp64, full logits: the loss of the padded rows; ``average``: Liger's ``average_log_prob`` (the log-probs are
+    means over each row's tokens), which the types that average by themselves (ipo, sigmoid_norm, sft) do anyway."""
 
     def logps(hidden, weight, bias):
         logits = hidden @ weight.T + (0 if bias is None else bias)
@@ -115,22 +116,27 @@ def naive_dpo(values, target, beta, loss_type):
 
     policy, counts = logps(values["hidden"], values["weight"], values["bias"])
     ref, _ = logps(values["ref_hidden"], values["ref_weight"], None)
+    if loss_type == "sft":  # TRL's: the token mean of the chosen rows' NLL
+        return -policy[:B].sum() / counts[:B].sum()
+    if average or loss_type in ("ipo", "sigmoid_norm"):  # (TRL's ipo and sigmoid_norm: log-ratios of token means)
+        policy, ref = policy / counts, ref / counts
     margin = (policy[:B] - ref[:B]) - (policy[B:] - ref[B:])
-    if loss_type == "ipo":  # TRL's IPO: log-ratios averaged over each completion's tokens
-        margin = (policy[:B] - ref[:B]) / counts[:B] - (policy[B:] - ref[B:]) / counts[B:]
+    if loss_type == "ipo":
         return ((margin - 1 / (2 * beta)) ** 2).mean()
     return -F.logsigmoid(beta * margin).mean()
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])  # ipo: a type Liger does not have
-def test_dpo_in_fp64_against_full_logits(loss_type):
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid_norm", "sft"])  # (Liger has none but sigmoid)
+def test_dpo_in_fp64_against_full_logits(loss_type, average):
+    # average_log_prob gave ipo, sigmoid_norm and sft means that they divided by the lengths again (sft 0.85 where 4.25)
     values, target = tensors(torch.float64, seed=3)
     leaves = {k: values[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
-    expected = naive_dpo({**values, **leaves}, target, 0.2, loss_type)
+    expected = naive_dpo({**values, **leaves}, target, 0.2, loss_type, average)
     expected.backward()
     want = {k: v.grad.clone() for k, v in leaves.items()}
-    ours = run(FusedLinearDPOLoss(beta=0.2, loss_type=loss_type), values, target, ref_input=values["ref_hidden"],
-               ref_weight=values["ref_weight"])  # fmt: skip
+    ours = run(FusedLinearDPOLoss(beta=0.2, loss_type=loss_type, average_log_prob=average), values, target,
+               ref_input=values["ref_hidden"], ref_weight=values["ref_weight"])  # fmt: skip
     torch.testing.assert_close(ours[0], expected.detach(), rtol=1e-12, atol=1e-12)
     for name, grad in want.items():
         torch.testing.assert_close(ours[2][name], grad, rtol=1e-10, atol=1e-12, msg=name)
