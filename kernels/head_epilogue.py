@@ -128,13 +128,16 @@ def _grad_kernel(
 # ---------------------------------------------------------------------------------------------------- launchers
 
 
-def _check(z: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> None:
+def _checked(z: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
+    """``bias`` and ``targets`` contiguous (the kernels read them so: a strided bias was read wrong, 0.37 off), once
+    their shapes are checked against ``z``'s."""
     if z.dim() != 2 or z.stride(1) != 1:
         raise ValueError(f"z: expected a [n, V] tensor with contiguous rows, got shape {tuple(z.shape)}")
     if bias is not None and tuple(bias.shape) != (z.shape[1],):
         raise ValueError(f"bias: expected shape ({z.shape[1]},), got {tuple(bias.shape)}")
     if tuple(targets.shape) != (z.shape[0],):
         raise ValueError(f"targets: expected shape ({z.shape[0]},), got {tuple(targets.shape)}")
+    return None if bias is None else bias.contiguous(), targets.contiguous()
 
 
 def row_stats(
@@ -149,7 +152,7 @@ def row_stats(
     ``z`` is ``[n, V]`` raw logits (any float dtype, rows contiguous), ``targets`` ``[n]`` in ``[0, V)``;
     ``wanted`` says which of the last four to compute (the others are None).
     """
-    _check(z, bias, targets)
+    bias, targets = _checked(z, bias, targets)
     n, vocab = z.shape
     out = torch.empty(6, n, dtype=torch.float32, device=z.device)
     if n:
@@ -176,7 +179,7 @@ def logits_grad(
     ``lse`` is what ``row_stats`` returned for the same rows; ``grad`` ``[n]`` is dL/dlogp per row (fp32). With
     ``dtype == z.dtype`` the result overwrites ``z`` (each tile is read before it is written) and is ``z``.
     """
-    _check(z, bias, targets)
+    bias, targets = _checked(z, bias, targets)
     n, vocab = z.shape
     dz = z if dtype == z.dtype else torch.empty(n, vocab, dtype=dtype, device=z.device)
     if n:

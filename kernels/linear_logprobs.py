@@ -139,8 +139,10 @@ def _fold_tile(
     argmax. Returns them in the order taken."""
     tile_max = tl.max(z_or_inf, axis=1)
     new_max = tl.maximum(run_max, tile_max)
-    alpha = tl.exp(run_max - new_max)
-    e = tl.where(col_ok[None, :], tl.exp(z - new_max[:, None]), 0.0)
+    # while every logit so far is -inf (a bias of -inf over whole tiles), shift by 0: exp(-inf - -inf) was NaN
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    alpha = tl.exp(run_max - shift)
+    e = tl.where(col_ok[None, :], tl.exp(z - shift[:, None]), 0.0)
     run_sum = run_sum * alpha + tl.sum(e, axis=1)
     if WANT_ENTROPY:
         run_ez = run_ez * alpha + tl.sum(e * z, axis=1)
@@ -226,8 +228,9 @@ def _combine_kernel(part_ptr, tgt_logit_ptr, tgt_ptr, out_ptr, n_rows, n_splits,
         part = part_ptr + split * n_rows + offs
         m = tl.load(part, mask=ok, other=0.0)
         new_max = tl.maximum(run_max, m)
-        alpha = tl.exp(run_max - new_max)
-        w = tl.exp(m - new_max)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # (a split all -inf so far: as _fold_tile)
+        alpha = tl.exp(run_max - shift)
+        w = tl.exp(m - shift)
         # padded lanes read sums of 1, so that they stay finite (they are never stored)
         total = total * alpha + w * tl.load(part + plane, mask=ok, other=1.0)
         total_ez = total_ez * alpha + w * tl.load(part + 2 * plane, mask=ok, other=0.0)
@@ -445,6 +448,7 @@ def forward(
     """
     _check_inputs(hidden, weight, bias)
     hidden, weight = _last_dim_contiguous(hidden), _last_dim_contiguous(weight)
+    bias = None if bias is None else bias.contiguous()  # (read as contiguous: a strided one was read wrong)
     n, (vocab, size) = rows.numel(), weight.shape
     out = torch.empty(len(FORWARD_OUTPUTS), n, dtype=torch.float32, device=hidden.device)
     if n == 0:
@@ -505,6 +509,7 @@ def backward(
     """
     _check_inputs(hidden, weight, bias)
     hidden, weight = _last_dim_contiguous(hidden), _last_dim_contiguous(weight)
+    bias = None if bias is None else bias.contiguous()  # (read as contiguous: a strided one was read wrong)
     n, (vocab, size) = rows.numel(), weight.shape
     need_dh, need_dw, need_db = need[0], need[1], need[2] and bias is not None
     device = hidden.device
