@@ -87,6 +87,13 @@ def test_a_pair_without_its_rejected_segment_is_an_error():
         fused_pair_loss(h, w, targets, cu, broken, seq_is_chosen, LossConfig(), ref_chosen=ref[:, 0],
                         ref_rejected=ref[:, 1])  # fmt: skip
 
+    for bad in (97, -5):  # a target outside [0, V) that is not ignore_index: torch's gather error (CPU), or the
+        wrong = targets.clone()  # GPU's half-precision kernels reading past the row, silently
+        wrong[(targets >= 0).nonzero()[0]] = bad
+        with pytest.raises(ValueError, match=f"^targets: token id {bad} is outside the vocabulary \\[0, 97\\)"):
+            fused_pair_loss(h, w, wrong, cu, seq_pair, seq_is_chosen, LossConfig(), ref_chosen=ref[:, 0],
+                            ref_rejected=ref[:, 1])  # fmt: skip
+
 
 def test_token_metrics_equal_their_definitions():
     h, w, b, targets, cu, seq_pair, seq_is_chosen, ref = packed_case(seed=3)

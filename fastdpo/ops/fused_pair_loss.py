@@ -24,6 +24,7 @@ from torch import Tensor
 
 from fastdpo.ops.linear_logprobs import (
     _acc_dtype,
+    _check_targets,
     _dz_from_probs_,
     _HeadGemms,
     _transform_,
@@ -112,6 +113,7 @@ class _FusedPairLoss(torch.autograd.Function):
         acc = _acc_dtype(hidden, weight, bias)
         device, num_pairs, vocab = hidden.device, pairs_of.shape[0], weight.shape[0]
         valid = targets != ignore_index
+        _check_targets(targets, valid, vocab)  # (on a GPU the kernels read past the row; _chunks syncs here anyway)
         # completion token counts per pair (known before any logit): lengths for the length-normalized types
         num_segments = cu_seqlens.numel() - 1
         counts = torch.zeros(num_segments, dtype=torch.long, device=device)
