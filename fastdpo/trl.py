@@ -235,7 +235,12 @@ class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
         """TRL's metrics of this micro-batch, gathered over processes: one value each, averaged at the next log."""
         names = sorted(out.metrics)
         values = torch.stack([out.metrics[name].detach().float().reshape(()) for name in names])
-        values = self.accelerator.gather(values.to(self.accelerator.device)[None]).mean(0)  # [processes, M] → [M]
+        # per-token means over all processes' tokens, as TRL divides its gathered sums (the others: the processes' mean)
+        weights = torch.stack([out.token_counts[name].detach().float().reshape(()) if name in out.token_counts
+                               else values.new_ones(()) for name in names])  # fmt: skip
+        both = torch.stack([values * weights, weights]).to(self.accelerator.device)
+        sums = self.accelerator.gather(both[None]).sum(0)  # [processes, 2, M] → [2, M]
+        values = sums[0] / sums[1].clamp(min=1)
         for name, value in zip(names, values.tolist(), strict=True):
             self._metrics[mode][name].append(value)
         if mode == "train":  # every real token, prompts counted in both sequences of a pair, as TRL counts

@@ -39,6 +39,7 @@ def ddp_runs(tmp_path: Path, processes: int, name: str) -> dict[str, list[dict]]
         "cached": {**pairs, "precompute_ref_log_probs": True, "ref_cache_dir": str(tmp_path / f"cache_{name}")},
         # a stream: each process reads it whole and keeps its share of every 4 rows (accelerate's shard)
         "stream": {**pairs, "stream": True},
+        "dropin": {**pairs, "dropin": True},
     }
     results = launch(WORKER, tmp_path / name, tmp_path / "model", processes, runs)
     for result in results.values():
@@ -54,11 +55,15 @@ def one_process(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
     return tmp_path, ddp_runs(tmp_path, 1, "one")
 
 
+TOKEN_MEANS = ("logits/chosen", "logits/rejected", "mean_token_accuracy", "entropy")
+
+
 def assert_same_steps(ours: list[dict], expected: list[dict]) -> None:
     assert len(ours) == len(expected) == 2
     for got, want in zip(ours, expected, strict=True):
         assert got["num_tokens"] == want["num_tokens"]  # the same pairs, counted over both processes
-        for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):  # fp32 sums in another order
+        # per-token means too: a mean of the processes' token means was off (logits/rejected 9x, the token accuracy)
+        for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen", *TOKEN_MEANS):  # (fp32 sums reordered)
             assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-7), name
 
 
@@ -66,7 +71,7 @@ def assert_same_steps(ours: list[dict], expected: list[dict]) -> None:
 def test_two_processes_take_the_steps_of_one(one_process):
     tmp_path, one = one_process
     two = ddp_runs(tmp_path, 2, "two")
-    for run in ("pairs", "budget", "cached", "stream"):
+    for run in ("pairs", "budget", "cached", "stream", "dropin"):
         assert_same_steps(two[run], one[run])
     assert len(list((tmp_path / "cache_two").glob("*.arrow"))) == 1  # one file, written once
 

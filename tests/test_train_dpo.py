@@ -417,6 +417,10 @@ def test_evaluation_and_the_best_checkpoint_by_eval_reward_accuracy(tmp_path):
     trainer.train()
     evals = [log for log in trainer.state.log_history if "eval_loss" in log]
     assert [log["step"] for log in evals] == [2, 4]
+    # the closing summary holds TRL's keys only (it took num_tokens, and the unlogged steps' metrics after an eval)
+    summary = trainer.state.log_history[-1]
+    assert set(summary) == {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos",
+                            "train_loss", "epoch", "step"}  # fmt: skip
     for log in evals:
         for name in ("eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "eval_entropy"):
             assert name in log, name

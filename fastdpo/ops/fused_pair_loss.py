@@ -102,7 +102,7 @@ def fused_pair_loss(
         )  # fmt: skip
     out = state["output"]
     result = LossOutput(loss, out.per_pair.detach(), out.chosen_rewards.detach(), out.rejected_rewards.detach(),
-                        out.metrics)  # fmt: skip
+                        out.metrics, out.token_counts)  # fmt: skip
     return (result, state["seq_logps"]) if return_logps else result
 
 
@@ -172,7 +172,9 @@ class _FusedPairLoss(torch.autograd.Function):
         with torch.no_grad():
             state["output"] = output = preference_loss(full, config)
             if token_metrics:
-                output.metrics.update(_token_metrics(token_sums.view(3, num_pairs, 2), tokens))
+                means, counts = _token_metrics(token_sums.view(3, num_pairs, 2), tokens)
+                output.metrics.update(means)
+                output.token_counts.update(counts)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                               None if grad_b is None else grad_b.to(bias.dtype))  # fmt: skip
         return output.loss.detach().clone()
@@ -203,16 +205,17 @@ def _chunk_stats(gemms, h: Tensor, y: Tensor, transform, token_metrics: bool):
     return logp, entropy, mean_logit, is_top1, exp, sum_exp, tanh
 
 
-def _token_metrics(sums: Tensor, tokens: Tensor) -> dict[str, Tensor]:
-    """TRL's per-token metrics from per-(pair, side) sums ``[3, P, 2]`` and completion token counts ``[P, 2]``."""
+def _token_metrics(sums: Tensor, tokens: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """TRL's per-token metrics from per-(pair, side) sums ``[3, P, 2]`` and completion token counts ``[P, 2]``, and
+    the token count of each (``LossOutput.token_counts``)."""
     entropy, logits, top1 = sums
     count = tokens.to(sums.dtype)
-    return {
-        "entropy": entropy.sum() / count.sum().clamp(min=1),
-        "logits/chosen": logits[:, 0].sum() / count[:, 0].sum().clamp(min=1),
-        "logits/rejected": logits[:, 1].sum() / count[:, 1].sum().clamp(min=1),
-        "mean_token_accuracy": top1[:, 0].sum() / count[:, 0].sum().clamp(min=1),
-    }
+    chosen, rejected = count[:, 0].sum(), count[:, 1].sum()
+    counts = {"entropy": chosen + rejected, "logits/chosen": chosen, "logits/rejected": rejected,
+              "mean_token_accuracy": chosen}  # fmt: skip
+    totals = {"entropy": entropy.sum(), "logits/chosen": logits[:, 0].sum(), "logits/rejected": logits[:, 1].sum(),
+              "mean_token_accuracy": top1[:, 0].sum()}  # fmt: skip
+    return {name: total / counts[name].clamp(min=1) for name, total in totals.items()}, counts
 
 
 def _chunks(pair_tokens: Tensor, vocab: int, chunk_bytes: int) -> list[Tensor]:

@@ -158,6 +158,10 @@ class LossOutput:
     metrics: dict[str, Tensor]
     """Detached scalars named as TRL logs them: rewards/chosen|rejected|accuracies|margins, logps/chosen|rejected,
     and nll_loss, log_odds_ratio, log_odds_chosen where the type has them."""
+    token_counts: dict[str, Tensor] = field(default_factory=dict)
+    """For each per-token mean in ``metrics`` (entropy, logits/chosen|rejected, mean_token_accuracy), the number of
+    tokens it is a mean over: means of several micro-batches or processes weigh them so, as TRL divides its gathered
+    sums once (a mean of per-process means was off: logits/rejected 9x under 2 processes)."""
 
 
 def preference_loss(pairs: PairLogps, config: LossConfig, *, pair_weights: Tensor | None = None) -> LossOutput:

@@ -142,30 +142,32 @@ def neftune_as_trl(model: nn.Module, batch, *, padding_free: bool, pad_to_multip
 
 class StepMetrics:
     """Metrics of the micro-batches since the last log, averaged with a weight per micro-batch (pairs or tokens),
-    over every process: a micro-batch of 1 pair weighs half one of 2, however the step was split."""
+    over every process: a micro-batch of 1 pair weighs half one of 2, however the step was split. A metric given its
+    own weight (a per-token mean: its token count) is averaged with that instead."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
-        self.weight = 0.0
+        self.weights: dict[str, float] = defaultdict(float)
 
-    def add(self, values: dict[str, float], weight: float) -> None:
+    def add(self, values: dict[str, float], weight: float, weights: dict[str, float] | None = None) -> None:
         for name, value in values.items():
-            self.sums[name] += float(value) * weight
-        self.weight += weight
+            own = float((weights or {}).get(name, weight))
+            self.sums[name] += float(value) * own
+            self.weights[name] += own
 
     def pop(self, accelerator, totals: dict[str, float] | None = None) -> dict[str, float]:
         """The weighted means, plus ``totals`` summed over processes; then start over."""
         names, totals = sorted(self.sums), dict(totals or {})
-        values = torch.tensor([self.sums[n] for n in names] + [self.weight] + list(totals.values()),
+        values = torch.tensor([self.sums[n] for n in names] + [self.weights[n] for n in names] + list(totals.values()),
                               dtype=torch.float64, device=accelerator.device)  # fmt: skip
         if accelerator.num_processes > 1:
             values = accelerator.reduce(values, reduction="sum")
         values = values.tolist()
-        weight = values[len(names)]
-        means = {n: v / weight for n, v in zip(names, values, strict=False)} if weight else {}
-        means.update(zip(totals, values[len(names) + 1 :], strict=True))
+        sums, weights = values[: len(names)], values[len(names) : 2 * len(names)]
+        means = {n: v / w for n, v, w in zip(names, sums, weights, strict=True) if w}
+        means.update(zip(totals, values[2 * len(names) :], strict=True))
         self.sums.clear()
-        self.weight = 0.0
+        self.weights.clear()
         return means
 
 

@@ -390,7 +390,11 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
                 out = model()  # through the DDP/FSDP wrapper, if any (see forward_as)
         mode = "train" if model.training else "eval"
         values = {name: float(value) for name, value in out.metrics.items()}
-        self._metrics[mode].add({**values, "padding_fraction": batch.padding_fraction}, weight=batch.num_pairs)
+        self._metrics[mode].add(
+            {**values, "padding_fraction": batch.padding_fraction},
+            weight=batch.num_pairs,
+            weights={name: float(count) for name, count in out.token_counts.items()},
+        )
         if mode == "train":  # every real token (prompts counted in both sequences of a pair), as TRL counts
             self._total_train_tokens += batch.input_ids.numel() - batch.num_padding
         loss = out.loss
@@ -441,8 +445,9 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # training's closing summary comes after the last evaluation has left the model in eval mode
-        mode = "train" if self.model.training or "train_runtime" in logs else "eval"
+        mode = "train" if self.model.training else "eval"
+        if "train_runtime" in logs and not self._metrics[mode].sums:  # training's closing summary: TRL's keys only
+            return super().log(logs, start_time)  # (metrics of steps after the last log, in train mode, as TRL's)
         metrics = self._metrics[mode].pop(self.accelerator, totals={"num_tokens": self._total_train_tokens})
         if mode == "train" and "loss" in logs:
             metrics["tokens_per_second"] = self._token_rate(metrics["num_tokens"])

@@ -170,7 +170,9 @@ def _head_and_loss(
     if token_metrics:
         stats = [per_token.entropy, per_token.mean_logit, per_token.is_top1]
         sums = torch.stack([segment_sum(s.detach() * completion, cu_seqlens)[pairs] for s in stats])
-        out.metrics.update(_token_metrics(sums, torch.stack([counts[pairs[:, 0]], counts[pairs[:, 1]]], 1)))
+        means, token_counts = _token_metrics(sums, torch.stack([counts[pairs[:, 0]], counts[pairs[:, 1]]], 1))
+        out.metrics.update(means)
+        out.token_counts.update(token_counts)
     return out
 
 
