@@ -288,7 +288,8 @@ def test_every_pair_of_an_optimizer_step_weighs_the_same_under_gradient_accumula
     _, whole = train_ours(load, data, tokenizer, tmp_path, "whole", per_device_train_batch_size=4)
     assert [log["num_tokens"] for log in accumulated] == [log["num_tokens"] for log in whole]  # same pairs per step
     for step in (0, 1):  # fp32 sums in a different order: 1e-5 relative
-        for name in ("loss", "grad_norm", "rewards/margins"):
+        # (the per-token means average the step's tokens: as the whole batch's, as TRL's over processes)
+        for name in ("loss", "grad_norm", "rewards/margins", "entropy", "logits/rejected", "mean_token_accuracy"):
             assert accumulated[step][name] == pytest.approx(whole[step][name], rel=1e-5), (step, name)
 
 
