@@ -273,11 +273,18 @@ def test_stale_reference_columns_and_evaluate_on_a_new_set_under_precompute(data
                         train_dataset=stale, processing_class=tokenizer)  # fmt: skip
     native.train()
     assert native.state.log_history[0]["rewards/margins"] == 0.0
-    # a set given to evaluate() under precompute: TRL precomputes it with its padded collator (a KeyError before)
+    # a set given to evaluate() under precompute: TRL's precompute of it (a KeyError before)
     metrics = {}
     for name, cls in (("dropin", dropin.DPOTrainer), ("trl", trl.DPOTrainer)):
         args = trl.DPOConfig(**common_args(tmp_path, f"eval_{name}"), precompute_ref_log_probs=True)
         trainer = cls(model=load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+        # before training the policy equals its reference: the drop-in's margins are exactly 0, no pair "won" (its
+        # reference came from TRL's padded forward, its policy from the packed step: ±5e-7, accuracies of 0.3-0.5);
+        # TRL's own two forwards differ a little too
+        before = trainer.evaluate(eval_dataset=data)
+        assert before["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+        if name == "dropin":
+            assert before["eval_rewards/margins"] == 0.0 and before["eval_rewards/accuracies"] == 0.0, before
         trainer.train()
         metrics[name] = trainer.evaluate(eval_dataset=data.select(range(5)))
     for key in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen"):
