@@ -32,6 +32,8 @@ logger = logging.getLogger("fastdpo")
 # schedule for the new length: the first resumed step keeps the rate the checkpoint saved, the next ones take the
 # new schedule's at their step (a linear one that reached 0 at step 2 of 2, extended to 4: 0 at step 3, a quarter of
 # the peak at step 4; tests/test_train_resume.py). dataset_test_split is the evaluation data only.
+# (not metric_for_best_model or greater_is_better: the checkpoint's best value is the old metric's, which the new
+# metric's values would be compared with)
 RESUME_MAY_CHANGE = frozenset({
     "output_dir", "max_steps", "num_train_epochs", "resume_from_checkpoint", "local_rank", "ddp_timeout",
     "save_steps", "save_strategy", "save_total_limit", "save_only_model", "save_on_each_node",
@@ -41,8 +43,8 @@ RESUME_MAY_CHANGE = frozenset({
     "push_to_hub", "hub_always_push", "hub_model_id", "hub_private_repo", "hub_revision", "hub_strategy",
     "hub_token", "dataset_test_split", "eval_steps", "eval_strategy", "eval_delay", "eval_on_start",
     "eval_accumulation_steps", "per_device_eval_batch_size", "eval_do_concat_batches", "eval_use_gather_object",
-    "batch_eval_metrics", "prediction_loss_only", "include_for_metrics", "metric_for_best_model",
-    "greater_is_better", "load_best_model_at_end", "dataloader_num_workers", "dataloader_prefetch_factor",
+    "batch_eval_metrics", "prediction_loss_only", "include_for_metrics", "load_best_model_at_end",
+    "dataloader_num_workers", "dataloader_prefetch_factor",
     "dataloader_persistent_workers", "dataloader_pin_memory", "dataloader_multiprocessing_context",
     "torch_empty_cache_steps",
 })  # fmt: skip

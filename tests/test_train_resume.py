@@ -59,14 +59,15 @@ def args(tmp_path, name: str, config_cls, **extra):
     return config_cls(**{**values, **extra})
 
 
-def straight_and_resumed(make_trainer, tmp_path, resume_at: int):
-    """The straight run's trainer and the resumed run's (a fresh trainer resuming from checkpoint-``resume_at``)."""
+def straight_and_resumed(make_trainer, tmp_path, resume_at: int, *, by_path: bool = False):
+    """The straight run's trainer and the resumed run's (a fresh trainer resuming from checkpoint-``resume_at``: the
+    last in its output_dir, or ``by_path`` given as a ``Path``)."""
     straight = make_trainer("straight")
     straight.train()
     resumed = make_trainer("resumed")
     checkpoint = f"checkpoint-{resume_at}"
     shutil.copytree(tmp_path / "straight" / checkpoint, tmp_path / "resumed" / checkpoint)
-    resumed.train(resume_from_checkpoint=True)  # the last checkpoint in its output_dir
+    resumed.train(resume_from_checkpoint=tmp_path / "resumed" / checkpoint if by_path else True)
     return straight, resumed
 
 
@@ -113,7 +114,8 @@ def test_dpo_resumes_exactly(case, tokenizer, load, tmp_path):
         return DPOTrainer(load(), ref_model=load(), args=config, train_dataset=data, processing_class=tokenizer)
 
     resume_at = extra.get("save_steps", 3)
-    straight, resumed = straight_and_resumed(make_trainer, tmp_path, resume_at)
+    # (TR-DPO's by a Path, which transformers takes: fastdpo's counters and moving reference were not read then)
+    straight, resumed = straight_and_resumed(make_trainer, tmp_path, resume_at, by_path=case == "sync_ref_model")
     assert_same_steps(straight, resumed, ("rewards/margins", "logps/chosen", "logps/chosen_change"), resume_at)
 
 
@@ -180,3 +182,26 @@ def test_an_extended_run_takes_the_schedule_of_its_new_length_from_its_second_re
 
     assert rates(2) == pytest.approx([1e-2, 5e-3])
     assert rates(4, resume_from_checkpoint=True)[-2:] == pytest.approx([0.0, 1e-2 / 4])
+
+
+def test_a_checkpoint_of_the_model_only_is_refused_and_a_stops_checkpoint_is_whole(tokenizer, load, tmp_path):
+    # save_only_model=True: transformers resumed from such a checkpoint with a new optimizer and the schedule from
+    # step 0, silently (loss 5.16 where 2.78); the checkpoint of a stop, which says to resume from it, was one too
+    from fastdpo.errors import ConfigError
+    from fastdpo.train.common import NumericsError
+
+    config = args(tmp_path, "run", SFTConfig, max_length=32, packing=False, max_nonfinite_steps=2, save_steps=2,
+                  save_only_model=True)  # fmt: skip
+    trainer = SFTTrainer(load(), args=config, train_dataset=prompt_completions(10), processing_class=tokenizer)
+    trainer.model.model.norm.register_forward_hook(
+        lambda module, inputs, output: output * float("nan") if trainer.state.global_step + 1 in (3, 4) else output
+    )
+    with pytest.raises(NumericsError, match="2 optimizer steps in a row"):
+        trainer.train()
+    saved = tmp_path / "run"
+    assert not (saved / "checkpoint-2" / "optimizer.pt").exists()  # as asked
+    assert (saved / "checkpoint-4" / "optimizer.pt").is_file() and (saved / "checkpoint-4" / "scheduler.pt").is_file()
+    assert trainer.args.save_only_model  # (set back)
+    fresh = SFTTrainer(load(), args=config, train_dataset=prompt_completions(10), processing_class=tokenizer)
+    with pytest.raises(ConfigError, match="checkpoint-2 holds the model only \\(save_only_model=True\\)"):
+        fresh.train(resume_from_checkpoint=str(saved / "checkpoint-2"))

@@ -131,15 +131,51 @@ class ResumableTrainer:
         reference = moving_reference(self)
         if reference is not None and self.args.should_save:  # every process holds the same whole reference
             save_model(reference, os.path.join(folder, REFERENCE_FILE))
-        super()._save_checkpoint(model, trial)
+        # the checkpoint of a stop (a signal, the numerics guard), which says to resume from it: whole, whatever
+        # save_only_model says (that one held no optimizer, scheduler or RNG state to resume with)
+        whole = self.args.save_only_model and _stopping_early(self)
+        if whole:
+            self.args.save_only_model = False
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            if whole:
+                self.args.save_only_model = True
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, *args, **kwargs):
+        if isinstance(resume_from_checkpoint, os.PathLike):  # (a Path: transformers takes it; the checks below too)
+            resume_from_checkpoint = os.fspath(resume_from_checkpoint)
         checkpoint = resume_from_checkpoint
         if checkpoint is True:  # as transformers: the last checkpoint in output_dir (but a complete one)
             checkpoint = last_checkpoint(self.args.output_dir)
             resume_from_checkpoint = checkpoint or True  # none found: transformers raises its own error
         if isinstance(checkpoint, str):
+            refuse_model_only(checkpoint)
             load_counters(self, checkpoint)
             if moving_reference(self) is not None:
                 load_reference(moving_reference(self), checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def refuse_model_only(checkpoint: str) -> None:
+    """A ``ConfigError`` for a checkpoint saved with ``save_only_model=True``: transformers resumed from it with a new
+    optimizer and the learning-rate schedule from step 0, silently (the loss of step 5 of 6: 5.16 where 2.78)."""
+    from fastdpo.errors import ConfigError
+
+    if not os.path.isdir(checkpoint):
+        return
+    names = os.listdir(checkpoint)  # (optimizer.pt, FSDP's optimizer_0, DeepSpeed's global_step<N>)
+    if not any(name.startswith(("optimizer", "global_step")) for name in names):
+        raise ConfigError(f"{checkpoint} holds the model only (save_only_model=True): no optimizer, learning-rate "
+                          "schedule or random state to go on with", column="resume_from_checkpoint",
+                          fix="start a new run from its weights (model_name_or_path: the checkpoint), or set "
+                          "save_only_model=False for checkpoints to resume from")  # fmt: skip
+
+
+def _stopping_early(trainer) -> bool:
+    """Whether this save is a stop's: on a signal (``StopOnSignal``) or by the numerics guard."""
+    from fastdpo.train.interrupt import StopOnSignal
+
+    signalled = any(isinstance(callback, StopOnSignal) and callback.signum is not None
+                    for callback in trainer.callback_handler.callbacks)  # fmt: skip
+    return signalled or getattr(trainer, "_guard_message", None) is not None
