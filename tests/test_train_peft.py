@@ -321,6 +321,10 @@ def test_a_ref_model_given_beside_an_adapter_is_the_reference_as_in_trl(data, tm
     with pytest.raises(ConfigError, match=r"column 'reference': 'adapter' takes the policy with its adapter off"):
         DPOTrainer(load(), args=DPOConfig(**common_args(tmp_path, "x"), reference="adapter"), train_dataset=data,
                    processing_class=tokenizer, ref_model=other(), peft_config=lora())  # fmt: skip
+    # TR-DPO beside it: a shape error at the first sync step, deep inside (TRL refuses it when built)
+    with pytest.raises(ConfigError, match=r"column 'sync_ref_model': sync_ref_model mixes the policy's weights"):
+        DPOTrainer(load(), args=DPOConfig(**common_args(tmp_path, "x"), sync_ref_model=True), train_dataset=data,
+                   processing_class=tokenizer, ref_model=other(), peft_config=lora())  # fmt: skip
 
 
 def test_a_cached_reference_of_an_adapter_policy_is_its_base_model_as_in_trl(data, tmp_path):

@@ -549,6 +549,10 @@ def _reference_mode(args: DPOConfig, is_peft: bool, *, has_ref_model: bool = Fal
     if args.sync_ref_model and mode != "separate":
         raise ConfigError(f"sync_ref_model updates a reference model; reference={mode!r} has none to update",
                           column="sync_ref_model", fix="use reference='separate', or sync_ref_model=False")  # fmt: skip
+    if args.sync_ref_model and is_peft:  # (it mixed a full reference with the adapter's weights: a shape error, late)
+        raise ConfigError("sync_ref_model mixes the policy's weights into the reference's, and a PEFT policy's "
+                          "trained weights are its adapter's", column="sync_ref_model",
+                          fix="use sync_ref_model=False, or train without PEFT (TRL refuses it too)")  # fmt: skip
     if mode == "none" and not reference_free:
         fix = "use 'auto', 'separate' or 'cached', or a reference-free loss (simpo, cpo, orpo)"
         raise ConfigError(f"loss_type {list(args.loss_type)} needs a reference", column="reference", fix=fix)
