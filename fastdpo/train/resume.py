@@ -142,6 +142,14 @@ class ResumableTrainer:
             if whole:
                 self.args.save_only_model = True
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _requantize(model if model is not None else self.model)
+
+    def _load_best_model(self):
+        super()._load_best_model()
+        _requantize(self.model)
+
     def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, *args, **kwargs):
         if isinstance(resume_from_checkpoint, os.PathLike):  # (a Path: transformers takes it; the checks below too)
             resume_from_checkpoint = os.fspath(resume_from_checkpoint)
@@ -179,3 +187,11 @@ def _stopping_early(trainer) -> bool:
     signalled = any(isinstance(callback, StopOnSignal) and callback.signum is not None
                     for callback in trainer.callback_handler.callbacks)  # fmt: skip
     return signalled or getattr(trainer, "_guard_message", None) is not None
+
+
+def _requantize(model) -> None:
+    """A QLoRA model's trainable adapters back in bf16 after the Trainer loaded them from a checkpoint (peft's
+    ``load_adapter`` upcasts them to fp32: a resumed run trained them in another precision than the straight one)."""
+    from fastdpo.model.adapters import prepare_quantized_training
+
+    prepare_quantized_training(model)
