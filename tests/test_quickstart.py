@@ -312,7 +312,8 @@ def test_sweep_reuses_one_reference_cache_goes_on_after_a_stop_and_recommends_a_
     assert [r["beta"] for r in result["rows"]] == [0.05, 0.5] and result["recommended_beta"] in (0.05, 0.5)
     for row in result["rows"]:
         assert 0 <= row["reward_accuracy"] <= 1 and math.isfinite(row["kl_estimate"])
-        assert row["logps_chosen_reference"] == result["rows"][0]["logps_chosen_reference"]  # one reference
+        # one reference (its mean over the pairs evaluated: the policy's minus rewards/chosen over β, fp32 means)
+        assert row["logps_chosen_reference"] == pytest.approx(result["rows"][0]["logps_chosen_reference"], rel=1e-5)
     assert "Recommended: β =" in (sweep_dir / "sweep.md").read_text() and (sweep_dir / "sweep.png").is_file()
     assert (sweep_dir / "beta_0.05" / "config.json").is_file() and (sweep_dir / "beta_0.5" / "config.json").is_file()
 
@@ -337,3 +338,22 @@ def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, cap
     assert cli(["quickstart", "--out", str(tmp_path / "q"), "--seed", "-1"]) == 2 and not (tmp_path / "q").exists()
     assert cli(["compare", "--policy", "p", "--reference", "r", "--seed", str(2**70)]) == 2
     assert "column '--seed': must be between 0 and 4294967295" in capsys.readouterr().err
+
+
+def test_sweep_recommendation_ties_and_diverged_runs():
+    from fastdpo.errors import ConfigError
+    from fastdpo.sweep import recommend
+
+    def row(beta, accuracy, margin, nll_rise=0.01):
+        return {"beta": beta, "reward_accuracy": accuracy, "reward_margin": margin, "nll_rise": nll_rise}
+
+    # 12 of 18 pairs right for both, averaged from other batch fractions: the larger β-scaled margin won over the
+    # last bits of the accuracy, and on a tie the larger β always did (margins in β's units)
+    assert recommend([row(0.5, 0.6666666666666666, 0.2 * 0.5), row(2.0, 0.666666661699613, 0.9 * 2.0)], 0.1)[0] == 2.0
+    assert recommend([row(0.5, 0.867, 0.742 * 0.5), row(2.0, 0.867, 0.740 * 2.0)], 0.1)[0] == 0.5
+    # a diverged β (NaN) was "the highest accuracy (nan%)" when it came first
+    nan = float("nan")
+    assert recommend([row(0.1, nan, nan, nan), row(0.2, 0.6, 0.1)], 0.1)[0] == 0.2
+    assert recommend([row(0.1, 0.6, 0.1, nan), row(0.2, 0.6, 0.1, 0.5)], 0.1)[0] == 0.2  # (the least NLL rise)
+    with pytest.raises(ConfigError, match="every β's held-out measurements are NaN"):
+        recommend([row(0.1, nan, nan, nan)], 0.1)
