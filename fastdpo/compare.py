@@ -97,6 +97,36 @@ class Row:
 # ----------------------------------------------------------------------------------------------------- scoring
 
 
+def model_context(policy, reference) -> int:
+    """The positions both models have (``max_position_embeddings``; 2048 where neither says): a reference of a
+    shorter context than the policy's took the policy's, and an embedding lookup failed deep inside."""
+    sizes = [getattr(m.config, "max_position_embeddings", None) for m in (policy, reference)]
+    return min([s for s in sizes if isinstance(s, int)] or [2048])
+
+
+def _vocabulary(policy, reference) -> int:
+    return min(m.get_input_embeddings().num_embeddings for m in (policy, reference))
+
+
+def _checked_prompt_ids(tokenizer, name: str, prompt, limit: int, vocab: int) -> tuple[list[int], bool]:
+    """``_prompt_ids``, a ``DataError`` naming the prompt for a chat template that refuses it or a token id the
+    models have no embedding for (a token added to the tokenizer, the models never resized)."""
+    from fastdpo.data.render import describe_error
+
+    try:
+        ids, truncated = _prompt_ids(tokenizer, prompt, limit)
+    except Exception as error:  # (jinja's TemplateError, or a Python error inside the template)
+        if not isinstance(prompt, list) or not tokenizer.chat_template:
+            raise
+        raise DataError(f"{name}: the chat template refused it ({describe_error(error)})", column="prompt",
+                        fix="fix or remove that prompt, or use a template that renders it") from None  # fmt: skip
+    if ids and max(ids) >= vocab:
+        raise DataError(f"{name}: token id {max(ids)} has no embedding in the models ({vocab} ids)", column="prompt",
+                        fix="resize the models' embeddings to the tokenizer (resize_token_embeddings), or leave "
+                        "that token out")  # fmt: skip
+    return ids, truncated
+
+
 def _prompt_ids(tokenizer, prompt, limit: int) -> tuple[list[int], bool]:
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:  # token ids already
         return (prompt[-limit:], True) if len(prompt) > limit else (prompt, False)
@@ -230,9 +260,9 @@ def compare(policy, reference, tokenizer, prompts: list[tuple[str, object]], *, 
     """One ``Row`` per ``(name, prompt)``; ``checkers[i]`` (or None) judges an answer to prompt ``i``."""
     policy.eval()
     reference.eval()
-    context = getattr(policy.config, "max_position_embeddings", None) or 2048
+    context, vocab = model_context(policy, reference), _vocabulary(policy, reference)
     if max_new_tokens > max(1, context // 4):  # a small model's context keeps room for the prompt
-        print(f"max_new_tokens {max_new_tokens} capped to {max(1, context // 4)}: a quarter of the policy's context "
+        print(f"max_new_tokens {max_new_tokens} capped to {max(1, context // 4)}: a quarter of the models' context "
               f"({context} tokens), the rest left to the prompt")  # fmt: skip
         max_new_tokens = max(1, context // 4)
     limit = max(1, context - max_new_tokens - 1)
@@ -241,7 +271,7 @@ def compare(policy, reference, tokenizer, prompts: list[tuple[str, object]], *, 
     rows = []
     for i, (name, prompt) in enumerate(prompts):
         checker = checkers[i] if checkers else None
-        ids, truncated = _prompt_ids(tokenizer, prompt, limit)
+        ids, truncated = _checked_prompt_ids(tokenizer, name, prompt, limit, vocab)
         policy_ids = _generate(policy, ids, max_new_tokens=max_new_tokens, eos=eos, sample=False)
         reference_ids = _generate(reference, ids, max_new_tokens=max_new_tokens, eos=eos, sample=False)
         row = Row(name=name, prompt=prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False),
@@ -274,10 +304,11 @@ def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data
     from fastdpo.data import check_preferences, prepare_preferences, tokenize_preferences
     from fastdpo.data.refused import prepare_dropping
     from fastdpo.data.tokenize import truncate
+    from fastdpo.data.vocabulary import check_token_ids
 
     if data_filter not in ("drop", "none"):
         raise ConfigError(f"must be 'drop' or 'none', got {data_filter!r}", column="data_filter")
-    context = getattr(policy.config, "max_position_embeddings", None)
+    context = model_context(policy, reference)
     if data_filter == "drop":  # (rows preparation refuses for a drop reason, empty answers: dropped too)
         prepared, refused, _ = prepare_dropping(pairs)
         kept, dropped = check_preferences(prepared).filter(prepared)
@@ -289,6 +320,8 @@ def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data
                         fix="run 'fastdpo data check' on the file to list them")  # fmt: skip
     tokenized = tokenize_preferences(kept, tokenizer, max_length=context)
     rows, dropped = tokenized.dataset, {**dropped, **tokenized.dropped}
+    for model in (policy, reference):  # (an IndexError deep in the embedding before)
+        check_token_ids(rows, model, "pairs")
     if len(rows) == 0:
         raise DataError(f"every pair's prompt fills the policy's context ({context} tokens)", column="prompt",
                         fix="pass pairs with shorter prompts")  # fmt: skip
@@ -441,10 +474,14 @@ def html_page(rows: list[Row], stats: dict, pairs: dict | None, beta: float) -> 
 # --------------------------------------------------------------------------------------------------------- CLI
 
 
+LONG_PROMPT_TOKENS = 4096  # the long built-in prompt's most: a 128k context's took hours of full-context passes
+
+
 def builtin_prompts(context: int, tokenizer=None) -> list[tuple[str, object]]:
-    """The edge cases of ``BUILTIN``, the long one past the ``context`` by a few tokens (so it is cut to fit): sized
-    in ``tokenizer``'s tokens (characters alone: ``context // 8`` repeats, which most tokenizers read as fewer
-    tokens than the context, so it went uncut)."""
+    """The edge cases of ``BUILTIN``, the long one past the ``context`` by a few tokens (so it is cut to fit; at most
+    ``LONG_PROMPT_TOKENS``): sized in ``tokenizer``'s tokens (characters alone: ``context // 8`` repeats, which most
+    tokenizers read as fewer tokens than the context, so it went uncut)."""
+    context = min(context, LONG_PROMPT_TOKENS)
     unit, repeats = "next: 1 ", max(1, context // 8)
     if tokenizer is not None:  # tokens per repeat, measured on 64 of them
         per_unit = len(tokenizer(unit * 64, add_special_tokens=False)["input_ids"]) / 64
@@ -552,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         check_reference(policy, reference, tokenizer)
     except ConfigError as error:
         raise ConfigError(error.message, column="--reference", fix=error.fix) from None
-    context = getattr(policy.config, "max_position_embeddings", None) or 2048
+    context = model_context(policy, reference)
     if args.prompts == "builtin":
         prompts, checkers = builtin_prompts(context, tokenizer), None
     elif args.prompts == "quickstart":  # the held-out problems of the seed the quickstart run recorded

@@ -217,3 +217,36 @@ def test_the_near_context_prompt_is_longer_than_the_context_in_tokens():
     for context in (64, 512, 2048):
         near = dict(builtin_prompts(context, tokenizer))["near the context length"]
         assert context < len(tokenizer(near)["input_ids"]) <= context + 32
+    # capped: a 128k context's took 2 + samples full-context generations and scorings (hours on a CPU)
+    near = dict(builtin_prompts(131072, tokenizer))["near the context length"]
+    assert 4096 < len(tokenizer(near)["input_ids"]) <= 4096 + 32
+
+
+def test_prompts_a_model_cannot_take_are_named_and_a_shorter_reference_context_is_kept():
+    # an added token the models have no row for, a template that refuses a system message: an IndexError or a bare
+    # TemplateError deep inside before; a reference of a shorter context took the policy's (an IndexError)
+    from fastdpo.compare import compare
+    from fastdpo.errors import DataError
+
+    tokenizer = build_tiny_tokenizer()
+
+    def model(context):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=context))  # fmt: skip
+
+    policy, reference = model(64), model(32)
+    rows = compare(policy, reference, tokenizer, [("long", "word " * 100)], samples=0, max_new_tokens=4)
+    assert rows[0].truncated and rows[0].prompt_tokens <= 32 - 4 - 1  # the reference's context holds it all
+    tokenizer.add_tokens(["<new_token>"])
+    with pytest.raises(DataError, match=r"column 'prompt': added: token id 590 has no embedding in the models"):
+        compare(policy, policy, tokenizer, [("added", "a <new_token> b")], samples=0, max_new_tokens=1)
+    pairs = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "e", "chosen": "<new_token>", "rejected": "f"}]
+    with pytest.raises(DataError, match=r"row 1, column 'chosen_ids': token id 590 in the pairs data"):
+        pair_metrics(policy, policy, tokenizer, pairs)
+    tokenizer.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+    said = r"column 'prompt': system only: the chat template refused it \(no system\)"
+    with pytest.raises(DataError, match=said):
+        compare(policy, policy, tokenizer, [("system only", [{"role": "system", "content": "x"}])], samples=0,
+                max_new_tokens=1)  # fmt: skip
