@@ -85,6 +85,7 @@ from fastdpo.train.common import (  # noqa: E402
 from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
 from fastdpo.train.config import check_weighting, loss_config_of  # noqa: E402
 from fastdpo.train.dpo import DisplacementWatch, PairPacker, _as_batch, packer_for  # noqa: E402
+from fastdpo.train.resume import WatchResume  # noqa: E402
 from fastdpo.train.sft import (  # noqa: E402
     PackedSFTLoss,
     SequencePacker,
@@ -132,7 +133,7 @@ def _refuse(args, compute_metrics) -> None:
     refuse_logit_hooks(TRL_FALLBACK, compute_metrics=compute_metrics)
 
 
-class DPOTrainer(PackedTokenCount, trl.DPOTrainer):
+class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
     """``trl.DPOTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments."""
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,

@@ -205,3 +205,23 @@ def test_a_checkpoint_of_the_model_only_is_refused_and_a_stops_checkpoint_is_who
     fresh = SFTTrainer(load(), args=config, train_dataset=prompt_completions(10), processing_class=tokenizer)
     with pytest.raises(ConfigError, match="checkpoint-2 holds the model only \\(save_only_model=True\\)"):
         fresh.train(resume_from_checkpoint=str(saved / "checkpoint-2"))
+
+
+def test_the_dropin_resumes_as_trl_and_keeps_its_displacement_watch(tokenizer, load, tmp_path):
+    # TRL's steps (num_tokens starts again from 0, as TRL's does); fastdpo's own logps/chosen_change was measured
+    # from the first log after the resume (step 6: 4.25 where 1.57)
+    import trl
+
+    import fastdpo.trl as dropin
+
+    def make_trainer(name):
+        config = args(tmp_path, name, trl.DPOConfig, beta=0.5)
+        return dropin.DPOTrainer(load(), ref_model=load(), args=config, train_dataset=pairs(6),
+                                 processing_class=tokenizer)  # fmt: skip
+
+    straight, resumed = straight_and_resumed(make_trainer, tmp_path, 3)
+    logs = [[log for log in t.state.log_history if "loss" in log] for t in (straight, resumed)]
+    for ours, theirs in zip(logs[0][3:], logs[1][3:], strict=True):
+        for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen_change"):
+            assert theirs[name] == pytest.approx(ours[name], rel=1e-6), (ours["step"], name)
+    assert logs[1][3]["num_tokens"] < logs[0][3]["num_tokens"]  # (TRL's count, from 0)

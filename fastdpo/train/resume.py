@@ -39,9 +39,10 @@ def counters_file(checkpoint: str, process_index: int) -> str:
     return os.path.join(checkpoint, f"fastdpo_counters_{process_index}.json")
 
 
-def save_counters(trainer, checkpoint: str) -> None:
-    """Write ``trainer``'s counters into ``checkpoint`` (this process's file)."""
-    counters = {name: int(getattr(trainer, name)) for name in COUNTERS if hasattr(trainer, name)}
+def save_counters(trainer, checkpoint: str, names: tuple[str, ...] = COUNTERS) -> None:
+    """Write ``trainer``'s counters (those of ``names``, and DPO's displacement watch) into ``checkpoint`` (this
+    process's file)."""
+    counters = {name: int(getattr(trainer, name)) for name in names if hasattr(trainer, name)}
     watch = getattr(trainer, "_displacement", None)  # DPO: the first logged logps/chosen, the change's baseline
     if watch is not None:
         counters["displacement"] = watch.state()
@@ -50,17 +51,18 @@ def save_counters(trainer, checkpoint: str) -> None:
         json.dump(counters, file, indent=2)
 
 
-def load_counters(trainer, checkpoint: str) -> None:
-    """Set ``trainer``'s counters from ``checkpoint``; and the token rate's start, since ``train`` restarts it."""
+def load_counters(trainer, checkpoint: str, names: tuple[str, ...] = COUNTERS) -> None:
+    """Set ``trainer``'s counters (those of ``names``, and DPO's displacement watch) from ``checkpoint``; and the token
+    rate's start, since ``train`` restarts it."""
     path = counters_file(checkpoint, trainer.args.process_index)
     if not os.path.isfile(path):
-        logger.warning("%s has no %s: num_tokens and nonfinite_steps start again from 0", checkpoint,
-                       os.path.basename(path))  # fmt: skip
+        restarting = "num_tokens and nonfinite_steps start" if names else "logps/chosen_change starts"
+        logger.warning("%s has no %s: %s again from 0", checkpoint, os.path.basename(path), restarting)
         return
     with open(path, encoding="utf-8") as file:
         counters = json.load(file)
     for name, value in counters.items():
-        if name in COUNTERS:
+        if name in names:
             setattr(trainer, name, int(value))
     watch = getattr(trainer, "_displacement", None)
     if watch is not None and "displacement" in counters:
@@ -151,18 +153,40 @@ class ResumableTrainer:
         _requantize(self.model)
 
     def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, *args, **kwargs):
-        if isinstance(resume_from_checkpoint, os.PathLike):  # (a Path: transformers takes it; the checks below too)
-            resume_from_checkpoint = os.fspath(resume_from_checkpoint)
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:  # as transformers: the last checkpoint in output_dir (but a complete one)
-            checkpoint = last_checkpoint(self.args.output_dir)
-            resume_from_checkpoint = checkpoint or True  # none found: transformers raises its own error
-        if isinstance(checkpoint, str):
-            refuse_model_only(checkpoint)
-            load_counters(self, checkpoint)
+        resume_from_checkpoint = _resolved(self, resume_from_checkpoint)
+        if isinstance(resume_from_checkpoint, str):
+            refuse_model_only(resume_from_checkpoint)
+            load_counters(self, resume_from_checkpoint)
             if moving_reference(self) is not None:
-                load_reference(moving_reference(self), checkpoint)
+                load_reference(moving_reference(self), resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+class WatchResume:
+    """Trainer mixin of the TRL drop-in's DPO: the displacement watch (``logps/chosen_change``, fastdpo's own metric)
+    saved with each checkpoint and restored on resume; TRL's own counts (``num_tokens``) start again as TRL's do."""
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        save_counters(self, folder, names=())
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, *args, **kwargs):
+        resume_from_checkpoint = _resolved(self, resume_from_checkpoint)
+        if isinstance(resume_from_checkpoint, str):
+            load_counters(self, resume_from_checkpoint, names=())
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def _resolved(trainer, resume: str | os.PathLike | bool | None):
+    """``resume_from_checkpoint`` as a path where it names one: ``True`` as transformers takes it, the last
+    checkpoint in ``output_dir`` (but a complete one; ``True`` still where there is none, for transformers' own
+    error); a ``Path`` as a string (transformers takes one: the checks on a string missed it)."""
+    if isinstance(resume, os.PathLike):
+        return os.fspath(resume)
+    if resume is True:
+        return last_checkpoint(trainer.args.output_dir) or True
+    return resume
 
 
 def refuse_model_only(checkpoint: str) -> None:
