@@ -225,3 +225,28 @@ def test_the_dropin_resumes_as_trl_and_keeps_its_displacement_watch(tokenizer, l
         for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen_change"):
             assert theirs[name] == pytest.approx(ours[name], rel=1e-6), (ours["step"], name)
     assert logs[1][3]["num_tokens"] < logs[0][3]["num_tokens"]  # (TRL's count, from 0)
+
+
+def test_token_counts_of_a_run_resumed_with_another_number_of_processes_keep_their_total(tmp_path):
+    # DPO's num_tokens is each process's share, one file each: resumed in 1 process after 2, it read rank 0's
+    # share only and went backwards (670 after 863)
+    import json
+    from types import SimpleNamespace
+
+    from fastdpo.train.resume import load_counters
+
+    for rank, (tokens, skipped) in enumerate(((500, 1), (363, 1))):
+        counts = {"_total_train_tokens": tokens, "_nonfinite_total": skipped, "_nonfinite_in_row": 0}
+        (tmp_path / f"fastdpo_counters_{rank}.json").write_text(json.dumps(counts))
+
+    def loaded(rank, world, per_process=True):
+        counts = {"_total_train_tokens": 0, "_nonfinite_total": 0, "_nonfinite_in_row": 0}
+        trainer = SimpleNamespace(args=SimpleNamespace(process_index=rank, world_size=world),
+                                  tokens_per_process=per_process, **counts)  # fmt: skip
+        load_counters(trainer, str(tmp_path))
+        return trainer._total_train_tokens, trainer._nonfinite_total
+
+    assert loaded(0, 2) == (500, 1) and loaded(1, 2) == (363, 1)  # the same processes: their own
+    assert loaded(0, 1) == (863, 1)  # one process: both shares (the skips are every process's alike)
+    assert [loaded(rank, 4)[0] for rank in range(4)] == [500, 363, 0, 0]  # more: the total kept
+    assert loaded(0, 1, per_process=False) == (500, 1)  # SFT's count is the total already, on every process

@@ -143,6 +143,8 @@ def _as_batch(inputs: dict) -> PackedBatch:
 class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer):
     """DPO (and its family) on packed batches; TRL 1.16's constructor arguments."""
 
+    tokens_per_process = True  # _total_train_tokens: this process's share (resume.load_counters)
+
     # compute_loss normalizes per pair over the whole optimizer step (see _get_num_items_in_batch)
     loss_is_scaled_for_ga = True
 

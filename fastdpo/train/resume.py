@@ -8,7 +8,9 @@ steps (``nonfinite_steps``, and the skips in a row that stop training), and, der
 warning are measured from, and whether it warned). Nor is, with TR-DPO's ``sync_ref_model``, the reference model
 that training moves.
 ``ResumableTrainer`` writes the counts as JSON next to ``trainer_state.json``, one file per process (a count may be
-this process's own share, as DPO's tokens are), and such a reference as ``ref_model.safetensors``, and reads them
+this process's own share, as DPO's tokens are: ``tokens_per_process``; a run resumed with another number of
+processes takes the shares of the files ``i`` with ``i % world_size == rank``, so that their sum stays the total),
+and such a reference as ``ref_model.safetensors``, and reads them
 back when ``train`` is given ``resume_from_checkpoint``::
 
     class DPOTrainer(ResumableTrainer, NumericsGuard, Trainer): ...
@@ -54,16 +56,25 @@ def save_counters(trainer, checkpoint: str, names: tuple[str, ...] = COUNTERS) -
 def load_counters(trainer, checkpoint: str, names: tuple[str, ...] = COUNTERS) -> None:
     """Set ``trainer``'s counters (those of ``names``, and DPO's displacement watch) from ``checkpoint``; and the token
     rate's start, since ``train`` restarts it."""
-    path = counters_file(checkpoint, trainer.args.process_index)
-    if not os.path.isfile(path):
+    saved = {int(match.group(1)): os.path.join(checkpoint, name) for name in os.listdir(checkpoint)
+             if (match := re.fullmatch(r"fastdpo_counters_(\d+)\.json", name))}  # fmt: skip
+    if not saved:
         restarting = "num_tokens and nonfinite_steps start" if names else "logps/chosen_change starts"
-        logger.warning("%s has no %s: %s again from 0", checkpoint, os.path.basename(path), restarting)
+        logger.warning("%s has no fastdpo_counters_*.json: %s again from 0", checkpoint, restarting)
         return
-    with open(path, encoding="utf-8") as file:
+    rank, world = trainer.args.process_index, trainer.args.world_size
+    shares = {}  # the files of this process's share of the tokens (a run saved with another number of processes)
+    for index, path in saved.items():
+        if index % world == rank:
+            with open(path, encoding="utf-8") as file:
+                shares[index] = json.load(file)
+    with open(saved.get(rank, saved[min(saved)]), encoding="utf-8") as file:  # the counts every process holds alike
         counters = json.load(file)
     for name, value in counters.items():
         if name in names:
             setattr(trainer, name, int(value))
+    if "_total_train_tokens" in names and getattr(trainer, "tokens_per_process", False):  # (DPO's: summed at a log)
+        trainer._total_train_tokens = sum(int(share.get("_total_train_tokens", 0)) for share in shares.values())
     watch = getattr(trainer, "_displacement", None)
     if watch is not None and "displacement" in counters:
         watch.load_state(counters["displacement"])
