@@ -100,12 +100,14 @@ class Row:
 def model_context(policy, reference) -> int:
     """The positions both models have (``max_position_embeddings``; 2048 where neither says): a reference of a
     shorter context than the policy's took the policy's, and an embedding lookup failed deep inside."""
-    sizes = [getattr(m.config, "max_position_embeddings", None) for m in (policy, reference)]
+    sizes = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in (policy, reference)]
     return min([s for s in sizes if isinstance(s, int)] or [2048])
 
 
 def _vocabulary(policy, reference) -> int:
-    return min(m.get_input_embeddings().num_embeddings for m in (policy, reference))
+    # (the sweep's reference of a LoRA policy is a view of it, with no embedding of its own: the policy's)
+    models = [m for m in (policy, reference) if hasattr(m, "get_input_embeddings")]
+    return min(m.get_input_embeddings().num_embeddings for m in models)
 
 
 def _checked_prompt_ids(tokenizer, name: str, prompt, limit: int, vocab: int) -> tuple[list[int], bool]:
