@@ -20,7 +20,7 @@ def test_budget_and_every_pair_once():
     batches = list(sampler)
     assert sorted(i for b in batches for i in b) == list(range(len(LENGTHS)))
     assert all(sum(LENGTHS[i] for i in b) <= 4096 for b in batches)
-    assert len(sampler) == len(batches) and sampler.unused_pairs == 0
+    assert len(sampler) == len(batches)
     # greedy: a batch closes only when the next pair would overflow it
     for b, nxt in itertools.pairwise(batches):
         assert sum(LENGTHS[i] for i in b) + LENGTHS[nxt[0]] > 4096
@@ -40,12 +40,17 @@ def test_seeded_and_per_epoch():
 
 
 def test_processes_get_disjoint_batches_and_the_same_number_of_steps():
+    one = list(TokenBudgetBatchSampler(LENGTHS, 4096, seed=2))
+    assert len(one) % 3  # (a last round short of 3 batches)
     parts = [list(TokenBudgetBatchSampler(LENGTHS, 4096, seed=2, rank=r, world_size=3)) for r in range(3)]
     assert len({len(p) for p in parts}) == 1
-    seen = [i for p in parts for b in p for i in b]
-    assert len(seen) == len(set(seen))
-    unused = TokenBudgetBatchSampler(LENGTHS, 4096, seed=2, world_size=3).unused_pairs
-    assert len(seen) + unused == len(LENGTHS)  # the tail left out is counted, not silent
+    rounds = [batch for round_ in zip(*parts, strict=True) for batch in round_]
+    # every pair of the pass trains (the short last round was cut, its pairs left out silently), topped up with the
+    # pass's first batches as accelerate tops up fixed-size ones: the same batches as one process, in rounds
+    assert rounds[: len(one)] == one and rounds[len(one) :] == one[: -len(one) % 3]
+    # a pass of fewer batches than processes trained nothing at all (0 steps, the untrained model saved)
+    few = [list(TokenBudgetBatchSampler([100, 100, 100], 1000, rank=r, world_size=2)) for r in range(2)]
+    assert len(few[0]) == 1 and few[0] == few[1] and sorted(few[0][0]) == [0, 1, 2]
 
 
 def test_bad_settings():

@@ -5,8 +5,10 @@ Token-budget batches: as many pairs per step as fit a budget of real tokens (``m
 The default step semantics are TRL's (a fixed number of pairs per device per step, picked by the Trainer's
 seeded sampler, packed within the batch). With a token budget instead, each batch takes pairs in a seeded random
 order until the next pair would overflow ``max_tokens``, so steps carry about the same work whatever the lengths.
-Several processes: the batches are dealt round-robin (``rank`` takes every ``world_size``-th), and the number of
-batches is cut to a multiple of ``world_size`` so that every process runs the same number of steps.
+Several processes: the batches are dealt round-robin (``rank`` takes every ``world_size``-th), and a last round
+short of ``world_size`` batches is topped up with the pass's first batches (as accelerate tops up fixed-size ones),
+so that every process runs the same number of steps and every pair trains each pass (cutting the round left pairs
+out silently, and a pass of fewer batches than processes trained nothing).
 
 How many batches a pass over the data makes depends on its order, while transformers' Trainer takes the length of
 the first epoch for every epoch: it runs that many steps an epoch (dropping a longer pass's last batches, stopping
@@ -78,19 +80,14 @@ class TokenBudgetBatchSampler:
             used += n
         if current and not (self.drop_last and used < self.max_tokens):
             batches.append(current)
-        usable = len(batches) - len(batches) % self.world_size
-        return batches[:usable]
+        short = -len(batches) % self.world_size  # the last round's missing batches: the pass's first ones again
+        return batches + [batches[i % len(batches)] for i in range(short)] if batches else batches
 
     def _pass_size(self, number: int) -> int:
         """This process's batches in pass ``number``."""
         if number not in self._pass_sizes:
             self._pass_sizes[number] = len(self._batches_of_pass(number)) // self.world_size
         return self._pass_sizes[number]
-
-    @property
-    def unused_pairs(self) -> int:
-        """Pairs the first pass leaves out (the tail that did not make a full round of ``world_size`` batches)."""
-        return len(self.lengths) - sum(len(b) for b in self._batches_of_pass(0))
 
     def __iter__(self) -> Iterator[list[int]]:
         # this process's batches number epoch·len .. (epoch + 1)·len in the stream of passes
