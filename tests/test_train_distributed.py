@@ -40,6 +40,8 @@ def ddp_runs(tmp_path: Path, processes: int, name: str) -> dict[str, list[dict]]
         # a stream: each process reads it whole and keeps its share of every 4 rows (accelerate's shard)
         "stream": {**pairs, "stream": True},
         "dropin": {**pairs, "dropin": True},
+        # accelerate splits each batch of 4 over the processes: the balanced deal took other pairs per step before
+        "split": {"per_device_train_batch_size": 4, "accelerator_config": {"split_batches": True}},
     }
     results = launch(WORKER, tmp_path / name, tmp_path / "model", processes, runs)
     for result in results.values():
@@ -73,6 +75,7 @@ def test_two_processes_take_the_steps_of_one(one_process):
     two = ddp_runs(tmp_path, 2, "two")
     for run in ("pairs", "budget", "cached", "stream", "dropin"):
         assert_same_steps(two[run], one[run])
+    assert_same_steps(two["split"], one["pairs"])
     assert len(list((tmp_path / "cache_two").glob("*.arrow"))) == 1  # one file, written once
 
 

@@ -306,6 +306,18 @@ def test_token_budget_batches(tmp_path):
     assert all(log["tokens_per_second"] > 0 for log in logs)
 
 
+def test_token_budgets_with_split_batches_are_refused(tmp_path):
+    # accelerate's own error came from deep inside ("you must have a batch_size attribute")
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    args = DPOConfig(**common_args(tmp_path, "split"), max_tokens_per_batch=200,
+                     accelerator_config={"split_batches": True})  # fmt: skip
+    trainer = DPOTrainer(load(), ref_model=load(), args=args, train_dataset=synthetic_pairs(4),
+                         processing_class=tokenizer)  # fmt: skip
+    with pytest.raises(ConfigError, match="column 'max_tokens_per_batch': token-budget batches are each one process"):
+        trainer.train()
+
+
 def test_a_non_finite_step_is_skipped_and_too_many_stop_training(tmp_path):
     from fastdpo.train.common import NumericsError
 

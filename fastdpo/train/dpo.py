@@ -410,7 +410,14 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
     def get_train_dataloader(self):
         args = self.args
         budget = args.max_tokens_per_batch is not None
-        balance = args.balance_ranks and args.world_size > 1 and not isinstance(self.train_dataset, IterableDataset)
+        if budget and self.accelerator.split_batches:  # (accelerate's error, from deep inside, asked for a batch_size)
+            raise ConfigError("token-budget batches are each one process's; split_batches splits every batch over "
+                              "the processes", column="max_tokens_per_batch",
+                              fix="drop accelerator_config's split_batches, or max_tokens_per_batch")  # fmt: skip
+        # (split_batches: accelerate splits each batch over the processes, so a dealt round would be one step's pairs
+        # split again: the steps took other pairs than the sampler's)
+        balance = (args.balance_ranks and args.world_size > 1 and not isinstance(self.train_dataset, IterableDataset)
+                   and not self.accelerator.split_batches)  # fmt: skip
         if not budget and not balance:  # (a stream's batches are dealt as they come: its lengths are not known)
             return super().get_train_dataloader()
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
