@@ -365,11 +365,15 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     when_training_begins(trainer, stale, out, settings, outputs)
     # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation)
     files["dropped_rows.json"] = json.dumps(trainer.dropped_rows, indent=1)
-    for name, text in files.items():
+    # the main process writes the run's files (the others took no run_lock: one of a second run refused by the lock
+    # rewrote a running run's data_quality.json before it failed)
+    main = trainer.is_world_process_zero()
+    for name, text in files.items() if main else ():
         atomic_write(out / name, text)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(out))
-    atomic_write(out / "dropped_rows.json", json.dumps(trainer.dropped_rows, indent=1))  # a stream's, now read
+    if main:
+        atomic_write(out / "dropped_rows.json", json.dumps(trainer.dropped_rows, indent=1))  # a stream's, now read
     return trainer
 
 

@@ -243,3 +243,17 @@ def test_a_lora_folders_model_fingerprint_covers_its_base(tmp_path):
     assert model_fingerprint(str(lora)) != before
     (lora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(lora)}))  # (no recursion)
     assert "base_model" not in model_fingerprint(str(lora))
+
+
+def test_only_the_main_process_writes_the_run_files(workdir, monkeypatch, capsys):  # noqa: F811
+    # a process of rank > 0 takes no run_lock: that of a second run refused by the lock rewrote the running run's
+    # data_quality.json before it failed (accelerate launch, 2 processes)
+    from test_cli import in_process
+    from transformers import Trainer
+
+    monkeypatch.setattr(Trainer, "is_world_process_zero", lambda self: False)
+    done = in_process("sft", "--config", "sft.yaml", "--output_dir", "rank1_run", "--max_steps", "1", cwd=workdir,
+                      monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = {path.name for path in (workdir / "rank1_run").iterdir()} if (workdir / "rank1_run").exists() else set()
+    assert not written & {"data_quality.json", "data_quality.md", "dropped_rows.json"}, written
