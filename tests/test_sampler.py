@@ -134,3 +134,23 @@ def test_balanced_drop_last_and_bad_world_size():
     assert len(batches) == len(sampler) == 2  # the 3-pair tail dropped, as BatchSampler drops it
     with pytest.raises(ConfigError, match="world_size"):
         RankBalancedBatchSampler(SequentialSampler(range(3)), 1, lengths=[1, 2, 3], world_size=0)
+
+
+@pytest.mark.parametrize("count", [7, 3, 8])
+def test_a_short_last_round_is_topped_up_with_the_pairs_accelerate_takes(count):
+    # accelerate completes a short last round with the first batches the sampler gave: the dealt ones under
+    # balancing, so the last step trained another repeated pair than TRL's (loss 0.5748 where 0.5848)
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    def rounds(batch_sampler):
+        shards = [list(BatchSamplerShard(batch_sampler, num_processes=2, process_index=r, even_batches=True))
+                  for r in range(2)]  # fmt: skip
+        assert len(shards[0]) == len(shards[1]) == len(BatchSamplerShard(batch_sampler, num_processes=2))
+        return [sorted(a + b) for a, b in zip(*shards, strict=True)]
+
+    order = SequentialSampler(range(count))
+    plain = rounds(BatchSampler(order, 2, drop_last=False))
+    lengths = list(range(10, 10 + count))  # (the first pairs the shortest: dealt last, longest first)
+    balanced = rounds(RankBalancedBatchSampler(order, 2, lengths=lengths, world_size=2, top_up=True))
+    assert balanced == plain

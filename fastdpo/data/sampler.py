@@ -113,26 +113,40 @@ class RankBalancedBatchSampler(BatchSampler):
     """``BatchSampler(sampler, batch_size, drop_last)`` whose every round of ``world_size`` batches holds the same
     indices, dealt so that the batches' token sums (``lengths``) are as even as a greedy deal makes them.
 
-    A last round with fewer than ``world_size × batch_size`` indices is batched as ``BatchSampler`` would (accelerate
-    then tops it up as it does today). ``sampler`` stays an attribute: accelerate swaps in its seedable sampler.
+    A last round with fewer than ``world_size × batch_size`` indices is batched as ``BatchSampler`` would; with
+    ``top_up`` (accelerate's ``even_batches``, unless ``drop_last``) it is completed first as accelerate completes it,
+    with the epoch's first indices in the sampler's order, and dealt: accelerate's own top-up took the first dealt
+    batches, other pairs than TRL's. ``sampler`` stays an attribute: accelerate swaps in its seedable sampler.
     """
 
-    def __init__(
-        self, sampler: Sampler, batch_size: int, *, lengths: Sequence[int], world_size: int, drop_last: bool = False
-    ) -> None:
+    def __init__(self, sampler: Sampler, batch_size: int, *, lengths: Sequence[int], world_size: int,
+                 drop_last: bool = False, top_up: bool = False) -> None:  # fmt: skip
         super().__init__(sampler, batch_size, drop_last)
         if world_size < 1:
             raise ConfigError(f"must be positive, got {world_size}", column="world_size")
         self.lengths, self.world_size = [int(n) for n in lengths], world_size
+        self.top_up = top_up and not drop_last and world_size > 1
+
+    def __len__(self) -> int:
+        if not self.top_up:
+            return super().__len__()
+        return -(-len(self.sampler) // (self.batch_size * self.world_size)) * self.world_size
 
     def __iter__(self) -> Iterator[list[int]]:
         round_size = self.batch_size * self.world_size
         indices: list[int] = []
+        first: list[int] = []  # the epoch's first round of indices, in the sampler's order
         for index in self.sampler:
             indices.append(index)
+            if len(first) < round_size:
+                first.append(index)
             if len(indices) == round_size:
                 yield from self._deal(indices)
                 indices = []
+        if self.top_up and indices:
+            indices += [first[i % len(first)] for i in range(round_size - len(indices))]
+            yield from self._deal(indices)
+            return
         for start in range(0, len(indices), self.batch_size):
             batch = indices[start : start + self.batch_size]
             if len(batch) == self.batch_size or not self.drop_last:

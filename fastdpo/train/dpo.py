@@ -428,7 +428,8 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         else:  # the batches of every process, each step's dealt by tokens; accelerate's shard takes this rank's
             sampler = RankBalancedBatchSampler(self._get_train_sampler(dataset), args.per_device_train_batch_size,
                                                lengths=lengths, world_size=args.world_size,
-                                               drop_last=args.dataloader_drop_last)  # fmt: skip
+                                               drop_last=args.dataloader_drop_last,
+                                               top_up=self.accelerator.even_batches)  # fmt: skip
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                             num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
                             persistent_workers=args.dataloader_persistent_workers,
