@@ -257,13 +257,14 @@ class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
         weights = torch.stack([out.token_counts[name].detach().float().reshape(()) if name in out.token_counts
                                else values.new_ones(()) for name in names])  # fmt: skip
         both = torch.stack([values * weights, weights]).to(self.accelerator.device)
-        sums = self.accelerator.gather(both[None]).sum(0)  # [processes, 2, M] → [2, M]
+        # (gather_for_metrics, as TRL: at the end of the data it leaves out the processes past its sample count)
+        sums = self.accelerator.gather_for_metrics(both[None]).sum(0)  # [processes, 2, M] → [2, M]
         values = sums[0] / sums[1].clamp(min=1)
         for name, value in zip(names, values.tolist(), strict=True):
             self._metrics[mode][name].append(value)
         if mode == "train":  # every real token, prompts counted in both sequences of a pair, as TRL counts
             tokens = torch.tensor(batch.input_ids.numel() - batch.num_padding, device=self.accelerator.device)
-            self._total_train_tokens += int(self.accelerator.gather(tokens).sum()) // self._tp_size
+            self._total_train_tokens += int(self.accelerator.gather_for_metrics(tokens[None]).sum()) // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
 
@@ -277,6 +278,9 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
     """
 
     logs_padding_fraction = False  # TRL's metrics, under TRL's names, and no others
+
+    def _metric_gather(self):
+        return self.accelerator.gather_for_metrics  # TRL's (its end-of-data trimming too)
 
     def __init__(self, model, args: trl.SFTConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_loss_func=None, compute_metrics=None,

@@ -1,8 +1,9 @@
 """DPOTrainer runs for tests/test_train_distributed.py: ``python distributed_worker.py OUT MODEL JSON_RUNS``.
 
 Run alone, or under ``torchrun --nproc_per_node N`` (gloo on CPU). A run's ``stream: true`` streams the pairs
-(``to_iterable_dataset``); ``dropin: true`` trains with ``fastdpo.trl.DPOTrainer`` (TRL's config). Rank 0 writes
-each run's logged steps to OUT/<run>/logs.json (``launch.serve``).
+(``to_iterable_dataset``); ``pairs: N`` takes N pairs (16); ``trainer: dropin`` trains with
+``fastdpo.trl.DPOTrainer``, ``trainer: trl`` with ``trl.DPOTrainer`` (TRL's config). Rank 0 writes each run's
+logged steps to OUT/<run>/logs.json (``launch.serve``).
 """
 
 import datasets
@@ -22,14 +23,16 @@ def train(out, model_dir: str, options: dict) -> DPOTrainer:
         return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
     options = dict(options)
-    data = synthetic_pairs(16).to_iterable_dataset() if options.pop("stream", False) else synthetic_pairs(16)
+    data = synthetic_pairs(options.pop("pairs", 16))
+    data = data.to_iterable_dataset() if options.pop("stream", False) else data
     config, trainer_class = DPOConfig, DPOTrainer
-    if options.pop("dropin", False):
+    kind = options.pop("trainer", "native")
+    if kind != "native":
         import trl
 
         import fastdpo.trl
 
-        config, trainer_class = trl.DPOConfig, fastdpo.trl.DPOTrainer
+        config, trainer_class = trl.DPOConfig, (fastdpo.trl.DPOTrainer if kind == "dropin" else trl.DPOTrainer)
     args = config(**{**common_args(out, "run"), "disable_tqdm": True, "use_cpu": True, **options})
     trainer = trainer_class(load(), ref_model=load(), args=args, train_dataset=data,
                             processing_class=build_tiny_tokenizer())  # fmt: skip

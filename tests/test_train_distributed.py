@@ -26,6 +26,7 @@ WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
 # the token budget runs: rank r takes every 2nd batch, so a step of 2 processes = 2 accumulated batches of one
 BUDGET = {"max_tokens_per_batch": 150}
+TAIL = {"pairs": 7, "per_device_train_batch_size": 1, "max_steps": -1, "num_train_epochs": 1}  # an epoch of 4 steps
 
 
 def ddp_runs(tmp_path: Path, processes: int, name: str) -> dict[str, list[dict]]:
@@ -39,7 +40,10 @@ def ddp_runs(tmp_path: Path, processes: int, name: str) -> dict[str, list[dict]]
         "cached": {**pairs, "precompute_ref_log_probs": True, "ref_cache_dir": str(tmp_path / f"cache_{name}")},
         # a stream: each process reads it whole and keeps its share of every 4 rows (accelerate's shard)
         "stream": {**pairs, "stream": True},
-        "dropin": {**pairs, "dropin": True},
+        "dropin": {**pairs, "trainer": "dropin"},
+        # 7 pairs, 1 a process: accelerate repeats a pair to even out the last step, which TRL's metrics leave out
+        "dropin_tail": {**TAIL, "trainer": "dropin"},
+        "trl_tail": {**TAIL, "trainer": "trl"},
         # accelerate splits each batch of 4 over the processes: the balanced deal took other pairs per step before
         "split": {"per_device_train_batch_size": 4, "accelerator_config": {"split_batches": True}},
     }
@@ -76,6 +80,12 @@ def test_two_processes_take_the_steps_of_one(one_process):
     for run in ("pairs", "budget", "cached", "stream", "dropin"):
         assert_same_steps(two[run], one[run])
     assert_same_steps(two["split"], one["pairs"])
+    # the drop-in's metrics at the end of the data are TRL's (gather_for_metrics: num_tokens 601 where 476)
+    assert len(two["dropin_tail"]) == len(two["trl_tail"]) == 4
+    for ours, theirs in zip(two["dropin_tail"], two["trl_tail"], strict=True):
+        assert ours["num_tokens"] == theirs["num_tokens"]
+        for name in ("loss", "grad_norm", *TOKEN_MEANS):
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
     assert len(list((tmp_path / "cache_two").glob("*.arrow"))) == 1  # one file, written once
 
 

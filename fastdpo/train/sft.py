@@ -191,8 +191,14 @@ class PackedSFTLoss:
         self._record_metrics(out, batch, "train" if model.training else "eval")
         return (loss, {}) if return_outputs else loss
 
+    def _metric_gather(self):
+        """How the metrics' sums are gathered over processes: ``gather`` (not ``gather_for_metrics``, whose
+        end-of-data trimming counts samples, not processes: the rows accelerate repeats to even out the last batch
+        are trained on, and counted)."""
+        return self.accelerator.gather
+
     def _record_metrics(self, out: SFTStepOutput, batch: PackedBatch, mode: str) -> None:
-        gather = self.accelerator.gather  # not gather_for_metrics: its end-of-data trimming counts samples, not ranks
+        gather = self._metric_gather()
         sums = gather(torch.stack([out.num_targets.float(), out.entropy_sum.float(), out.top1_sum.float()])[None])
         num_valid, entropy, top1 = sums.reshape(-1, 3).sum(0).tolist()
         self._metrics[mode]["entropy"].append(entropy / num_valid if num_valid > 0 else 0.0)
