@@ -245,10 +245,12 @@ def _naive(hidden, weight, bias, targets, transform, ignore_index, wanted):
     )
     z = logits.to(acc)
     scale, softcap, temperature = transform
-    z = z * scale
+    if scale != 1.0:  # (only where set: each is a pass over [N, V] and another buffer, which a plain head has not)
+        z = z * scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
+    if temperature != 1.0:
+        z = z / temperature
     valid = targets != ignore_index
     _check_targets(targets, valid, weight.shape[0])
     safe_targets = torch.where(valid, targets, 0).long()
@@ -256,8 +258,7 @@ def _naive(hidden, weight, bias, targets, transform, ignore_index, wanted):
     logp = log_probs.gather(-1, safe_targets[:, None]).squeeze(-1).masked_fill(~valid, 0.0)
     want_entropy, want_mean, want_top1, want_sq = wanted
     with torch.no_grad():
-        probs = log_probs.exp()
-        entropy = -(probs * log_probs).sum(-1).masked_fill(~valid, 0.0) if want_entropy else None
+        entropy = -(log_probs.exp() * log_probs).sum(-1).masked_fill(~valid, 0.0) if want_entropy else None
         mean_logit = z.mean(-1).masked_fill(~valid, 0.0) if want_mean else None
         is_top1 = ((z.argmax(-1) == safe_targets) & valid).to(acc) if want_top1 else None
         log_sum_sq = torch.logsumexp(2 * log_probs, dim=-1).masked_fill(~valid, 0.0) if want_sq else None
