@@ -22,8 +22,9 @@ for their backward (``lean_activations``). ``fastdpo_varlen_leanact`` is the can
 each sequence attending only to itself in torch's flash varlen kernel, and the lean layers with their Triton
 kernels (norms, SiLU products, RoPE). Measured:
 
-- ``first step s``: from ``train()`` to the end of the first optimizer step (kernel compilation, cuBLAS handles,
-  TRL's reference precomputation);
+- ``setup s``: building the trainer (tokenization; TRL's ``precompute_ref_log_probs`` runs its reference pass over
+  every pair here, when the trainer is built, not in ``train()``);
+- ``first step s``: from ``train()`` to the end of the first optimizer step (kernel compilation, cuBLAS handles);
 - ``tokens/s``: real tokens (chosen and rejected sequences, prompt counted in both, as both trainers log
   ``num_tokens``) of steps 2..N over their time, from a callback that synchronizes the device at every step end;
 - ``peak GiB``: ``torch.cuda.max_memory_allocated`` during ``train()`` (weights, reference, optimizer states and
@@ -31,9 +32,11 @@ kernels (norms, SiLU products, RoPE). Measured:
 - ``padding``: padded positions over all positions the model ran on;
 - ``TFLOP/s``: useful FLOPs (``bench.flops.dpo_step_flops``: policy forward+backward, reference forward, head on
   the scored positions; no recomputation or padding) of steps 2..N over their time, and that as a share of this
-  device's bf16 GEMM rate, measured in its own process (``torch.mm`` 8192³, median of 20).
+  device's bf16 GEMM rate, measured in its own process (``torch.mm`` 8192³, median of 20). An engine whose
+  reference was precomputed (``PRECOMPUTED``) ran no reference pass in those steps: its FLOPs leave it out.
 
-Results: ``<out>/dpo_gpu.{json,md,png}``; ``--render DIR`` draws a stored run's png from its json.
+Results: ``<out>/dpo_gpu.{json,md,png}``; ``--render DIR`` summarizes a stored run's json again and rewrites its
+md and png.
 ``--device cpu --model tiny`` runs the same code on a CPU (a smoke test).
 
 ``--profile`` instead runs each engine under ``torch.profiler`` for two steps after two unrecorded ones and writes
@@ -74,6 +77,7 @@ ENGINES = {  # in the order they run: a run cut short keeps the first
     "trl_precompute": "TRL, precompute_ref_log_probs=True",
     "trl_liger": "TRL, use_liger_kernel=True",
 }
+PRECOMPUTED = frozenset({"trl_precompute"})  # engines whose reference pass ran before train(), in setup
 MODELS = {
     "1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
            "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096,
@@ -268,8 +272,11 @@ def summarize(result: dict, shape: ModelShape) -> dict:
     later = result["steps"][1:]
     span = result["step_ends"][-1] - result["step_ends"][0]
     tokens = sum(sum(s["seq_lens"]) for s in later)
-    flops = sum((dpo_step_flops(shape, s["seq_lens"], head_tokens=s["scored"]) for s in later),
-                StepFlops(0, 0, 0, 0, 0, 0)).total  # fmt: skip
+    parts = sum((dpo_step_flops(shape, s["seq_lens"], head_tokens=s["scored"]) for s in later),
+                StepFlops(0, 0, 0, 0, 0, 0))  # fmt: skip
+    flops = parts.total
+    if result["engine"] in PRECOMPUTED:  # (its reference pass ran when the trainer was built: not in these steps)
+        flops -= parts.reference_body + parts.reference_head + parts.reference_attention
     padded = sum(p for p, _ in result["padding"])
     positions = sum(n for _, n in result["padding"])
     all_tokens = sum(sum(s["seq_lens"]) for s in result["steps"])
@@ -290,15 +297,15 @@ def _table(meta: dict, gemm: dict | None, results: dict[str, list[dict]]) -> str
         f"{meta['versions']['transformers']}, trl {meta['versions']['trl']}, liger-kernel "
         f"{meta['versions']['liger-kernel']}. bf16 GEMM rate of this device: {rate} (torch.mm 8192³).",
         "",
-        "| data | engine | tokens/s (steps 2..N) | vs TRL | peak GiB | above setup GiB | vs TRL | first step s "
-        "| padding | mean seq len | useful TFLOP/s | % of GEMM rate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data | engine | tokens/s (steps 2..N) | vs TRL | peak GiB | above setup GiB | vs TRL | setup s "
+        "| first step s | padding | mean seq len | useful TFLOP/s | % of GEMM rate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for data, rows in results.items():
         base = next((r for r in rows if r["engine"] == "trl" and "tokens_per_s" in r), None)
         for r in rows:
             if "tokens_per_s" not in r:
-                lines.append(f"| {data} | {ENGINES[r['engine']]} | failed: {r['error']} | | | | | | | | | |")
+                lines.append(f"| {data} | {ENGINES[r['engine']]} | failed: {r['error']} | | | | | | | | | | |")
                 continue
             speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
             above = r["peak_bytes"] - r["base_bytes"]
@@ -306,7 +313,8 @@ def _table(meta: dict, gemm: dict | None, results: dict[str, list[dict]]) -> str
             share = f"{100 * r['useful_tflops'] / gemm['tflops']:.1f}%" if gemm else "n/a"
             lines.append(
                 f"| {data} | {ENGINES[r['engine']]} | {r['tokens_per_s']:,.0f} | {speed} "
-                f"| {r['peak_bytes'] / 2**30:.1f} | {above / 2**30:.1f} | {mem} | {r['first_step_s']:.1f} "
+                f"| {r['peak_bytes'] / 2**30:.1f} | {above / 2**30:.1f} | {mem} | {r['setup_s']:.1f} "
+                f"| {r['first_step_s']:.1f} "
                 f"| {100 * r['padding_fraction']:.1f}% "
                 f"| {r['mean_seq_len']:.0f} | {r['useful_tflops']:.0f} | {share} |"
             )
@@ -340,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", choices=(*ENGINES, "gemm"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device name>")
     parser.add_argument("--profile", action="store_true", help="profile two steps per engine (see the docstring)")
-    parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/dpo_gpu.png from its json")
+    parser.add_argument(
+        "--render", type=Path, metavar="DIR", help="only summarize DIR/dpo_gpu.json again and rewrite its md and png"
+    )
     args = parser.parse_args(argv)
     if args.render:
         render(args.render)
@@ -427,9 +437,17 @@ def _plot(meta: dict, results: dict[str, list[dict]], path: Path) -> None:
 
 
 def render(folder: Path) -> None:
-    """Draw ``dpo_gpu.png`` of a stored run from its ``dpo_gpu.json`` (no GPU needed; the run's md stays as it is)."""
+    """A stored run's ``dpo_gpu.json`` summarized again (``summarize``: its recorded steps) and its md and png
+    rewritten (no GPU needed)."""
     stored = json.loads((folder / "dpo_gpu.json").read_text())
-    _plot(stored["meta"], stored["results"], folder / "dpo_gpu.png")
+    from transformers import LlamaConfig
+
+    shape = ModelShape.from_config(LlamaConfig(**MODELS[stored["meta"]["model"]]))
+    for rows in stored["results"].values():
+        for result in rows:
+            if "error" not in result:
+                result.update(summarize(result, shape))
+    _write(folder, stored["meta"], stored["gemm"], stored["results"])
 
 
 if __name__ == "__main__":

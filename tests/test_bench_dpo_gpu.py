@@ -36,3 +36,21 @@ def test_option_engines_train_with_their_options(tmp_path, engine):
     row = re.search(rf"\| short \| {name} \| ([\d,]+) \|", report)
     assert row and int(row[1].replace(",", "")) > 0, report
     assert (tmp_path / "dpo_gpu.png").read_bytes().startswith(b"\x89PNG")  # its chart beside the table
+
+
+def test_a_precomputed_reference_is_not_counted_in_the_timed_steps():
+    # TRL's precompute runs its reference pass when the trainer is built: its steps' useful TFLOP/s counted that pass
+    # (151 where 114 on the H200), and the docstring put it in the first step, which it is not in
+    from transformers import LlamaConfig
+
+    from bench.flops import ModelShape, dpo_step_flops
+
+    shape = ModelShape.from_config(LlamaConfig(**dpo_gpu.MODELS["tiny"]))
+    steps = [{"seq_lens": [30, 40, 25, 35], "scored": 90}] * 3
+    result = {"steps": steps, "step_ends": [0.0, 1.0, 2.0], "padding": [(0, 130)] * 3, "num_tokens": 390}
+    plain = dpo_gpu.summarize({**result, "engine": "trl"}, shape)
+    cached = dpo_gpu.summarize({**result, "engine": "trl_precompute"}, shape)
+    parts = dpo_step_flops(shape, steps[0]["seq_lens"], head_tokens=90)
+    policy = parts.policy_body + parts.policy_head + parts.policy_attention
+    assert cached["useful_tflops"] == pytest.approx(plain["useful_tflops"] * policy / parts.total)
+    assert "setup s" in dpo_gpu.__doc__ and "not in ``train()``" in dpo_gpu.__doc__
