@@ -251,17 +251,24 @@ class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
 
     def _record(self, out, batch, mode: str) -> None:
         """TRL's metrics of this micro-batch, gathered over processes: one value each, averaged at the next log."""
-        names = sorted(out.metrics)
-        values = torch.stack([out.metrics[name].detach().float().reshape(()) for name in names])
-        # per-token means over all processes' tokens, as TRL divides its gathered sums (the others: the processes' mean)
-        weights = torch.stack([out.token_counts[name].detach().float().reshape(()) if name in out.token_counts
-                               else values.new_ones(()) for name in names])  # fmt: skip
-        both = torch.stack([values * weights, weights]).to(self.accelerator.device)
-        # (gather_for_metrics, as TRL: at the end of the data it leaves out the processes past its sample count)
-        sums = self.accelerator.gather_for_metrics(both[None]).sum(0)  # [processes, 2, M] → [2, M]
-        values = sums[0] / sums[1].clamp(min=1)
-        for name, value in zip(names, values.tolist(), strict=True):
-            self._metrics[mode][name].append(value)
+        # as TRL gathers each: the per-token means as sums over counts, and aux_loss, with gather_for_metrics (at the
+        # end of the data it leaves out the processes past its sample count: the pair accelerate repeats); the
+        # others (rewards, log-probs) with gather, the processes' mean
+        trimmed = [name for name in sorted(out.metrics) if name in out.token_counts or name == "aux_loss"]
+        plain = [name for name in sorted(out.metrics) if name not in trimmed]
+        device = self.accelerator.device
+        values = {}
+        if plain:
+            stacked = torch.stack([out.metrics[name].detach().float().reshape(()) for name in plain]).to(device)
+            values.update(zip(plain, self.accelerator.gather(stacked[None]).mean(0).tolist(), strict=True))
+        if trimmed:
+            means = torch.stack([out.metrics[name].detach().float().reshape(()) for name in trimmed])
+            weights = torch.stack([out.token_counts[name].detach().float().reshape(()) if name in out.token_counts
+                                   else means.new_ones(()) for name in trimmed])  # fmt: skip
+            sums = self.accelerator.gather_for_metrics(torch.stack([means * weights, weights]).to(device)[None]).sum(0)
+            values.update(zip(trimmed, (sums[0] / sums[1].clamp(min=1)).tolist(), strict=True))
+        for name in sorted(values):
+            self._metrics[mode][name].append(values[name])
         if mode == "train":  # every real token, prompts counted in both sequences of a pair, as TRL counts
             tokens = torch.tensor(batch.input_ids.numel() - batch.num_padding, device=self.accelerator.device)
             self._total_train_tokens += int(self.accelerator.gather_for_metrics(tokens[None]).sum()) // self._tp_size

@@ -80,11 +80,12 @@ def test_two_processes_take_the_steps_of_one(one_process):
     for run in ("pairs", "budget", "cached", "stream", "dropin"):
         assert_same_steps(two[run], one[run])
     assert_same_steps(two["split"], one["pairs"])
-    # the drop-in's metrics at the end of the data are TRL's (gather_for_metrics: num_tokens 601 where 476)
+    # the drop-in's metrics at the end of the data are TRL's: its token sums and num_tokens leave out the pair
+    # accelerate repeats (gather_for_metrics: num_tokens 601 where 476), its rewards and log-probs keep it (gather)
     assert len(two["dropin_tail"]) == len(two["trl_tail"]) == 4
     for ours, theirs in zip(two["dropin_tail"], two["trl_tail"], strict=True):
         assert ours["num_tokens"] == theirs["num_tokens"]
-        for name in ("loss", "grad_norm", *TOKEN_MEANS):
+        for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "rewards/accuracies", *TOKEN_MEANS):
             assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
     assert len(list((tmp_path / "cache_two").glob("*.arrow"))) == 1  # one file, written once
 
