@@ -66,6 +66,11 @@ def checkpoint_to_resume(out: Path, resume: str | bool) -> str:
     return str(resume)
 
 
+# may be set where the run had none (load_best_model_at_end added: transformers fills them in), not changed: the
+# checkpoint's best value is the old metric's, which the new one's values would be compared with
+_SET_FROM_NONE = frozenset({"metric_for_best_model", "greater_is_better"})
+
+
 def refuse_changed_config(recorded_path: Path, resolved: dict, *, overwrite: bool) -> None:
     """``ConfigError`` naming the fields outside ``RESUME_MAY_CHANGE`` where ``resolved`` (the settings as
     ``config.yaml`` records them) differs from ``recorded_path``; with ``overwrite``, a warning instead."""
@@ -78,7 +83,8 @@ def refuse_changed_config(recorded_path: Path, resolved: dict, *, overwrite: boo
     current = yaml.safe_load(yaml.safe_dump(resolved))  # compared as recorded: through YAML
     # a field only one side has comes from another version of fastdpo or transformers: not compared
     changed = sorted(key for key in recorded.keys() & current.keys()
-                     if key not in RESUME_MAY_CHANGE and recorded[key] != current[key])  # fmt: skip
+                     if key not in RESUME_MAY_CHANGE and recorded[key] != current[key]
+                     and not (key in _SET_FROM_NONE and recorded[key] is None))  # fmt: skip
     if not changed:
         return
     details = ", ".join(f"{key}: {recorded[key]!r} -> {current[key]!r}" for key in changed)
@@ -137,6 +143,20 @@ def _file_print(file: Path) -> dict:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
+def same_models(recorded: dict | None, current: dict | None) -> bool:
+    """Whether ``models_fingerprint``'s (or ``model_fingerprint``'s) ``current`` print equals ``recorded``, a LoRA
+    folder's base model left out where ``recorded`` (an earlier fastdpo's) has none."""
+
+    def without_base(prints, reference):
+        if not isinstance(prints, dict) or not isinstance(reference, dict):
+            return prints
+        if "base_model" in prints and "base_model" not in reference and "adapter_config.json" in prints:
+            prints = {name: value for name, value in prints.items() if name != "base_model"}
+        return {name: without_base(value, reference.get(name)) for name, value in prints.items()}
+
+    return recorded == without_base(current, recorded)
+
+
 def refuse_changed_data(recorded_path: Path, fingerprint: dict | None, *, overwrite: bool, what: str = "data") -> None:
     """``ConfigError`` where the run's data files (``fingerprint``) differ from those ``recorded_path`` recorded
     (a resumed run would go on over other rows: its sampler's order points elsewhere); with ``overwrite``, a
@@ -147,7 +167,7 @@ def refuse_changed_data(recorded_path: Path, fingerprint: dict | None, *, overwr
     if fingerprint is None or not recorded_path.is_file():  # (a hub dataset; a run directory of an older fastdpo)
         return
     recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
-    if recorded == fingerprint:
+    if recorded == fingerprint or same_models(recorded, fingerprint):
         return
     if not overwrite:
         raise ConfigError(f"the {what} files differ from those the run trained on ({recorded_path})", column="resume",

@@ -152,7 +152,7 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
     one."""
     from fastdpo.atomic import atomic_write
     from fastdpo.cli import _resolved_config, load_config, run_training
-    from fastdpo.cli_resume import data_fingerprint, model_fingerprint
+    from fastdpo.cli_resume import data_fingerprint, model_fingerprint, same_models
     from fastdpo.train.resume import last_checkpoint
 
     run_dir = args.out / f"beta_{beta!r}"
@@ -172,6 +172,8 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
         if not isinstance(recorded, dict):  # (a row written before the settings were)
             saved, recorded = {"row": saved}, {}
         changed = sorted(k for k in recorded.keys() | settings.keys() if recorded.get(k) != settings.get(k))
+        if same_models(recorded.get("model_fingerprint"), settings.get("model_fingerprint")):  # (an older print)
+            changed = [k for k in changed if k != "model_fingerprint"]
         changed = changed if recorded else ["none recorded"]
         if not changed:
             print(f"sweep: β = {beta!r} finished before: read from {done}", flush=True)

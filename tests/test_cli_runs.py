@@ -241,8 +241,32 @@ def test_a_lora_folders_model_fingerprint_covers_its_base(tmp_path):
     assert before["base_model"] == model_fingerprint(str(base)) and "adapter_model.safetensors" in before
     (base / "model.safetensors").write_bytes(bytes(reversed(range(256))))
     assert model_fingerprint(str(lora)) != before
+    # a run directory of an earlier fastdpo recorded the folder's own files only: resumed as the same model
+    from fastdpo.cli_resume import same_models
+
+    older = {"model": {name: value for name, value in model_fingerprint(str(lora)).items() if name != "base_model"}}
+    assert same_models(older, {"model": model_fingerprint(str(lora))})
+    assert not same_models({"model": before}, {"model": model_fingerprint(str(lora))})
     (lora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(lora)}))  # (no recursion)
     assert "base_model" not in model_fingerprint(str(lora))
+
+
+def test_a_best_model_metric_may_be_set_on_resume_where_the_run_had_none(tmp_path):
+    # load_best_model_at_end added on --resume (README: it may change): transformers fills in metric_for_best_model
+    # and greater_is_better, and the resume was refused for them; a metric changed from another is refused still
+    import yaml
+
+    from fastdpo.cli_resume import refuse_changed_config
+    from fastdpo.errors import ConfigError
+
+    recorded = tmp_path / "config.yaml"
+    recorded.write_text(yaml.safe_dump({"load_best_model_at_end": False, "metric_for_best_model": None,
+                                        "greater_is_better": None, "beta": 0.1}))  # fmt: skip
+    now = {"load_best_model_at_end": True, "metric_for_best_model": "loss", "greater_is_better": False, "beta": 0.1}
+    refuse_changed_config(recorded, now, overwrite=False)
+    recorded.write_text(yaml.safe_dump({**now, "metric_for_best_model": "eval_rewards/margins"}))
+    with pytest.raises(ConfigError, match="metric_for_best_model: 'eval_rewards/margins' -> 'loss'"):
+        refuse_changed_config(recorded, now, overwrite=False)
 
 
 def test_only_the_main_process_writes_the_run_files(workdir, monkeypatch, capsys):  # noqa: F811

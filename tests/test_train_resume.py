@@ -205,6 +205,8 @@ def test_a_checkpoint_of_the_model_only_is_refused_and_a_stops_checkpoint_is_who
     fresh = SFTTrainer(load(), args=config, train_dataset=prompt_completions(10), processing_class=tokenizer)
     with pytest.raises(ConfigError, match="checkpoint-2 holds the model only \\(save_only_model=True\\)"):
         fresh.train(resume_from_checkpoint=str(saved / "checkpoint-2"))
+    with pytest.raises(ValueError, match="Can't find a valid checkpoint at"):  # transformers' own (FileNotFoundError)
+        fresh.train(resume_from_checkpoint=str(saved / "no_such_checkpoint"))
 
 
 def test_the_dropin_resumes_as_trl_and_keeps_its_displacement_watch(tokenizer, load, tmp_path):

@@ -56,6 +56,8 @@ def save_counters(trainer, checkpoint: str, names: tuple[str, ...] = COUNTERS) -
 def load_counters(trainer, checkpoint: str, names: tuple[str, ...] = COUNTERS) -> None:
     """Set ``trainer``'s counters (those of ``names``, and DPO's displacement watch) from ``checkpoint``; and the token
     rate's start, since ``train`` restarts it."""
+    if not os.path.isdir(checkpoint):  # (transformers' own error names it: "Can't find a valid checkpoint")
+        return
     saved = {int(match.group(1)): os.path.join(checkpoint, name) for name in os.listdir(checkpoint)
              if (match := re.fullmatch(r"fastdpo_counters_(\d+)\.json", name))}  # fmt: skip
     if not saved:
@@ -207,8 +209,8 @@ def refuse_model_only(checkpoint: str) -> None:
 
     if not os.path.isdir(checkpoint):
         return
-    names = os.listdir(checkpoint)  # (optimizer.pt, FSDP's optimizer_0, DeepSpeed's global_step<N>)
-    if not any(name.startswith(("optimizer", "global_step")) for name in names):
+    names = os.listdir(checkpoint)  # (optimizer.pt, FSDP's optimizer_0, XLA's rank0-of-2-optimizer.pt, DeepSpeed's
+    if not any("optimizer" in name or name.startswith("global_step") for name in names):  # global_step<N>)
         raise ConfigError(f"{checkpoint} holds the model only (save_only_model=True): no optimizer, learning-rate "
                           "schedule or random state to go on with", column="resume_from_checkpoint",
                           fix="start a new run from its weights (model_name_or_path: the checkpoint), or set "
