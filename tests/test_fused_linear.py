@@ -140,6 +140,11 @@ def test_dpo_in_fp64_against_full_logits(loss_type, average):
     torch.testing.assert_close(ours[0], expected.detach(), rtol=1e-12, atol=1e-12)
     for name, grad in want.items():
         torch.testing.assert_close(ours[2][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    # the rewards returned are of the log-probs returned (means with average_log_prob), whatever the type
+    sigmoid = run(FusedLinearDPOLoss(beta=0.2, average_log_prob=average), values, target,
+                  ref_input=values["ref_hidden"], ref_weight=values["ref_weight"])  # fmt: skip
+    for index in (0, 1, 5, 6):  # chosen and rejected log-probs, chosen and rejected rewards
+        torch.testing.assert_close(ours[1][index], sigmoid[1][index], rtol=1e-12, atol=1e-12)
 
 
 def test_bad_calls_name_the_argument():

@@ -146,9 +146,12 @@ class FusedLinearDPOLoss(_FusedLinearPreferenceLoss):
             # ipo, sigmoid_norm, sft average (sft: token-mean) the sums themselves, as TRL's: given means with
             # average_log_prob, they divided by the lengths twice (ipo 6.39 where 6.95, sft 0.85 where 4.25)
             own_mean = self.average_log_prob and self.loss_type in NEEDS_LENGTHS
-            scored, ref = (logps * counts, ref * counts) if own_mean else (logps, ref)
-            out = preference_loss(PairLogps(scored[:pairs], scored[pairs:], ref[:pairs], ref[pairs:], counts[:pairs],
-                                            counts[pairs:]), self.config)  # fmt: skip
+            scored, scored_ref = (logps * counts, ref * counts) if own_mean else (logps, ref)
+            out = preference_loss(PairLogps(scored[:pairs], scored[pairs:], scored_ref[:pairs], scored_ref[pairs:],
+                                            counts[:pairs], counts[pairs:]), self.config)  # fmt: skip
+            if own_mean:  # the rewards of the log-probs returned, the means (as every other type's)
+                out.chosen_rewards = self.beta * (logps[:pairs] - ref[:pairs])
+                out.rejected_rewards = self.beta * (logps[pairs:] - ref[pairs:])
             nll = self._nll(token_logps, target, pairs)
             out.loss = out.loss + self.alpha * nll
         chosen_mean, rejected_mean = self._logits_means(_input, lin_weight, bias, pairs)
