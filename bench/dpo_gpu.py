@@ -35,8 +35,8 @@ kernels (norms, SiLU products, RoPE). Measured:
   device's bf16 GEMM rate, measured in its own process (``torch.mm`` 8192³, median of 20). An engine whose
   reference was precomputed (``PRECOMPUTED``) ran no reference pass in those steps: its FLOPs leave it out.
 
-Results: ``<out>/dpo_gpu.{json,md,png}``; ``--render DIR`` summarizes a stored run's json again and rewrites its
-md and png.
+Results: ``<out>/dpo_gpu.{json,md,png}``; ``--render DIR`` draws a stored run's png from its json; ``--summarize
+DIR`` summarizes its recorded steps again (``summarize``) and rewrites its json, md and png.
 ``--device cpu --model tiny`` runs the same code on a CPU (a smoke test).
 
 ``--profile`` instead runs each engine under ``torch.profiler`` for two steps after two unrecorded ones and writes
@@ -348,10 +348,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", choices=(*ENGINES, "gemm"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<device name>")
     parser.add_argument("--profile", action="store_true", help="profile two steps per engine (see the docstring)")
-    parser.add_argument(
-        "--render", type=Path, metavar="DIR", help="only summarize DIR/dpo_gpu.json again and rewrite its md and png"
-    )
+    parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/dpo_gpu.png from its json")
+    parser.add_argument("--summarize", type=Path, metavar="DIR", help="only summarize DIR/dpo_gpu.json again and "
+                        "rewrite its json, md and png")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.summarize:
+        resummarize(args.summarize)
+        return
     if args.render:
         render(args.render)
         return
@@ -437,11 +440,17 @@ def _plot(meta: dict, results: dict[str, list[dict]], path: Path) -> None:
 
 
 def render(folder: Path) -> None:
-    """A stored run's ``dpo_gpu.json`` summarized again (``summarize``: its recorded steps) and its md and png
-    rewritten (no GPU needed)."""
+    """Draw ``dpo_gpu.png`` of a stored run from its ``dpo_gpu.json`` (no GPU needed; the run's md stays as it is)."""
     stored = json.loads((folder / "dpo_gpu.json").read_text())
+    _plot(stored["meta"], stored["results"], folder / "dpo_gpu.png")
+
+
+def resummarize(folder: Path) -> None:
+    """A stored run's ``dpo_gpu.json`` summarized again (``summarize``: its recorded steps) and its json, md and png
+    rewritten (no GPU needed)."""
     from transformers import LlamaConfig
 
+    stored = json.loads((folder / "dpo_gpu.json").read_text())
     shape = ModelShape.from_config(LlamaConfig(**MODELS[stored["meta"]["model"]]))
     for rows in stored["results"].values():
         for result in rows:

@@ -54,3 +54,14 @@ def test_a_precomputed_reference_is_not_counted_in_the_timed_steps():
     policy = parts.policy_body + parts.policy_head + parts.policy_attention
     assert cached["useful_tflops"] == pytest.approx(plain["useful_tflops"] * policy / parts.total)
     assert "setup s" in dpo_gpu.__doc__ and "not in ``train()``" in dpo_gpu.__doc__
+
+
+def test_summarize_rewrites_a_stored_runs_table_from_its_recorded_steps(tmp_path):
+    import shutil
+
+    shutil.copy(dpo_gpu.RESULTS / "NVIDIA_H200" / "run3" / "dpo_gpu.json", tmp_path)
+    dpo_gpu.main(["--summarize", str(tmp_path)])
+    lines = (tmp_path / "dpo_gpu.md").read_text().splitlines()
+    row = next(line for line in lines if "precompute_ref_log_probs" in line)
+    cells = [cell.strip() for cell in row.split("|")]
+    assert cells[8:10] == ["16.2", "0.6"] and cells[12] == "114"  # setup s, first step s; useful TFLOP/s
