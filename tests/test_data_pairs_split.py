@@ -63,6 +63,17 @@ def test_best_vs_worst_applies_the_margin():
     assert result.dropped_rows["below_margin"] == [8]
     # a difference equal to the margin is not enough: "> margin"
     assert build_pairs(rated_rows(), margin=1.0).dropped_rows["below_margin"] == [8]
+    # ... nor one equal to it but for float rounding (8.3 - 8.0 = 0.3000000000000007 made a pair, 7.5 - 7.2 none),
+    # and the quality check's min_score_margin agrees (it warned of 7.5 / 7.2 only)
+    from fastdpo.data import check_preferences
+
+    gaps = [(8.0, 8.3), (0.1, 0.4), (7.2, 7.5)]
+    rows = [{"prompt": f"q{i}", "completions": ["a", "b"], "scores": list(gap)} for i, gap in enumerate(gaps)]
+    assert build_pairs(rows, margin=0.3).dropped_rows["below_margin"] == [0, 1, 2]
+    checked = [{"prompt": f"q{i}", "chosen": "b", "rejected": "a", "chosen_score": high, "rejected_score": low}
+               for i, (low, high) in enumerate(gaps)]  # fmt: skip
+    assert "small_score_margin" not in check_preferences(checked, min_score_margin=0.3).rows
+    assert check_preferences(checked, min_score_margin=0.31).rows["small_score_margin"] == [0, 1, 2]
 
 
 def test_all_above_margin_makes_every_ordered_pair():

@@ -273,6 +273,12 @@ def _as_score(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def above_margin(difference: float, margin: float) -> bool:
+    """``difference > margin``, a difference equal to the margin but for float rounding not above it (8.3 − 8.0 is
+    0.3000000000000007: a pair at margin 0.3 where 7.5 − 7.2, 0.2999999999999998, was none)."""
+    return difference > margin and not math.isclose(difference, margin, rel_tol=1e-9, abs_tol=1e-12)
+
+
 def _pick_pairs(strategy: str, scores: list[float], margin: float, seed: int, row: int) -> list[tuple[int, int]] | str:
     """(chosen, rejected) index pairs of one row, or the reason there are none ("ties" or "below_margin")."""
     n = len(scores)
@@ -281,11 +287,11 @@ def _pick_pairs(strategy: str, scores: list[float], margin: float, seed: int, ro
     if scores[best] == scores[worst]:
         return "ties"
     if strategy == "best_vs_worst":
-        return [(best, worst)] if scores[best] - scores[worst] > margin else "below_margin"
+        return [(best, worst)] if above_margin(scores[best] - scores[worst], margin) else "below_margin"
     if strategy == "best_vs_random_lower":
-        eligible = [j for j in range(n) if scores[best] - scores[j] > margin]
+        eligible = [j for j in range(n) if above_margin(scores[best] - scores[j], margin)]
         return [(best, row_rng(seed, row).choice(eligible))] if eligible else "below_margin"
-    pairs = [(i, j) for i in range(n) for j in range(n) if scores[i] - scores[j] > margin]
+    pairs = [(i, j) for i in range(n) for j in range(n) if above_margin(scores[i] - scores[j], margin)]
     return pairs or "below_margin"
 
 
