@@ -126,6 +126,12 @@ def run_data(known: argparse.Namespace) -> int:
         result = build_pairs(dataset, strategy=known.strategy, margin=known.margin, seed=known.seed,
                              lower_is_better=known.lower_is_better,
                              **{k: v for k, v in options.items() if v is not None})  # fmt: skip
+        if len(result.dataset) == 0:  # (an empty file, exit 0, before)
+            raise DataError(
+                f"no pair: {result.summary()}",
+                column="scores",
+                fix="check the scores (numbers, higher is better unless --lower-is-better) and --margin",
+            )
         _write(result.dataset, known.out, known, {"input": known.data, "rows": result.num_rows,
                                                   "pairs": len(result.dataset), "dropped": result.dropped,
                                                   "dropped_rows": result.dropped_rows, "excluded": result.excluded,

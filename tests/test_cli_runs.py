@@ -281,3 +281,15 @@ def test_only_the_main_process_writes_the_run_files(workdir, monkeypatch, capsys
     assert done.returncode == 0, done.stderr[-2000:]
     written = {path.name for path in (workdir / "rank1_run").iterdir()} if (workdir / "rank1_run").exists() else set()
     assert not written & {"data_quality.json", "data_quality.md", "dropped_rows.json"}, written
+
+
+def test_data_pairs_that_makes_no_pair_says_why(workdir, monkeypatch, capsys):  # noqa: F811
+    # every row dropped: an empty pairs file was written, exit 0
+    from test_cli import in_process
+
+    (workdir / "all_ties.jsonl").write_text(json.dumps({"prompt": "q", "completions": ["a", "b"], "scores": [1, 1]}))
+    done = in_process("data", "pairs", "all_ties.jsonl", "no_pairs.jsonl", cwd=workdir, monkeypatch=monkeypatch,
+                      capsys=capsys)  # fmt: skip
+    said = "column 'scores': no pair: best_vs_worst: 0 pairs from 1 row; dropped 1 row (ties 1)"
+    assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert not (workdir / "no_pairs.jsonl").exists()

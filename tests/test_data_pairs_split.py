@@ -76,6 +76,15 @@ def test_best_vs_worst_applies_the_margin():
     assert check_preferences(checked, min_score_margin=0.31).rows["small_score_margin"] == [0, 1, 2]
 
 
+def test_scores_written_as_text_are_numbers_whatever_the_other_rows():
+    # a file of text scores dropped every row (bad_scores); beside numeric rows, the loader made them numbers
+    rows = [{"prompt": "q", "completions": ["a", "b"], "scores": ["8", " 2.5 "]}]
+    assert [p[0] for p in pairs_of(build_pairs(rows).dataset)] == [0]
+    mixed = build_pairs([*rows, {"prompt": "r", "completions": ["c", "d"], "scores": [1, 2]}])
+    assert len(mixed.dataset) == 2 and not any(mixed.dropped.values())
+    assert build_pairs([{"prompt": "q", "completions": ["a", "b"], "scores": ["high", "2"]}]).dropped["bad_scores"] == 1
+
+
 def test_all_above_margin_makes_every_ordered_pair():
     result = build_pairs(rated_rows(), strategy="all_above_margin")
     assert pairs_of(result.dataset) == [

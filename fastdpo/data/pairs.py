@@ -19,7 +19,8 @@ dropped and counted, with its index, under one reason:
 
 - ``bad_prompt``: a prompt that is None, blank, or neither a string nor a list of messages;
 - ``too_few_completions``: fewer than 2 completions (candidates, after the exclusions);
-- ``bad_scores``: a score that is None, NaN, infinite or not a number, or not one score per completion;
+- ``bad_scores``: a score that is None, NaN, infinite or not a number (text that reads as one, "7.9", is one), or
+  not one score per completion;
 - ``bad_completions``: a completion that is neither a string nor a list of messages (e.g. None), or completions
   of both formats (strings and message lists), or strings under a prompt of messages;
 - ``ties``: every score is equal, so no completion is better than another;
@@ -266,7 +267,14 @@ def _get_key(row: int, item: Any, key: str, completions: str, option: str) -> An
 
 
 def _as_score(value: Any) -> float | None:
-    """The score as a float, or None when it is missing, not a number, NaN or infinite."""
+    """The score as a float, or None when it is missing, not a number, NaN or infinite. Text that is a number
+    ("7.9") is one: the loader reads it so in a column that also holds numbers, and a file of such text only
+    dropped every row."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     value = float(value)
