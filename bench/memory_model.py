@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"approach": key, "gpu_formula": gpu[key], "gpu_measured": g_meas, "cpu_formula": cpu[key],
                      "cpu_measured": c_meas})  # fmt: skip
     lines += ["", "Ratio = measured / formula (left out under 1 MiB, where allocator granularity dominates). Full "
-              "logits is a rough count: the CPU peak holds about one fp32 [N, V] buffer more than counted (1.32x), "
-              "the GPU peak a little less (0.92x). fastdpo impl='torch' on the GPU was measured before commit "
+              "logits: the CPU peak is the count (0.99x); the GPU peak, measured with impl='naive' before it "
+              "dropped its passes by a scale and a temperature of 1.0 and its unused exp, a little less (0.92x). "
+              "fastdpo impl='torch' on the GPU was measured before commit "
               "'linear_logprobs backward: free each chunk's dz': until then the previous chunk's dz (C·b/4 = 512 "
               "MiB) was still alive when the next one was written, so that code's formula is 512 MiB more (3,050, "
               "ratio 1.01); the fix is counted and tested (no earlier chunk alive when a product is formed: "

@@ -14,7 +14,8 @@ How many batches a pass over the data makes depends on its order, while transfor
 the first epoch for every epoch: it runs that many steps an epoch (dropping a longer pass's last batches, stopping
 short of ``max_steps`` after a shorter one) and finds where to resume as ``global_step // steps_per_epoch``. So an
 epoch here is a fixed number of batches, ``len(sampler)`` (the first pass's), taken from the stream of passes
-(pass 0, then pass 1 in another order, ...): epoch 1 may end in pass 2. Each pair still comes once a pass.
+(pass 0, then pass 1 in another order, ...): epoch 1 may end in pass 2. Each pair still comes once a pass (and
+on several processes, the pairs of a topped-up last round twice).
 
 Balanced ranks (``RankBalancedBatchSampler``): with a fixed number of pairs per device, accelerate gives process
 ``r`` the ``r``-th of every ``world_size`` consecutive batches, so the slowest process (the one that drew the long
