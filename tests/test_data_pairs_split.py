@@ -188,6 +188,9 @@ def test_dict_completions_with_response_and_score_keys():
         assert got == [{"prompt": "q0", "chosen": "great", "rejected": "bad", "chosen_score": 9.0,
                         "rejected_score": 2.0, "source_row": 0}]  # fmt: skip
         assert result.dropped_rows["bad_scores"] == [1]
+    # a None in place of a dict completion is a bad completion, as a None string one is (it was counted bad_scores)
+    none = [{"prompt": "q", "completions": [None, {"response": "y", "overall_score": 3.0}]}]
+    assert build_pairs(none, response_key="response", score_key="overall_score").dropped_rows["bad_completions"] == [0]
 
     with pytest.raises(DataError, match="did you mean score_key='overall_score'"):
         build_pairs(rows, prompt="instruction", response_key="response", score_key="overal_score")

@@ -235,6 +235,8 @@ def _parse_row(row, items, row_scores, completions, response_key, score_key) -> 
         )  # fmt: skip
     else:
         responses = items
+    if response_key is not None and any(item is None for item in items):  # (no score either: a completion's fault)
+        return "bad_completions"
     if score_key is not None:
         row_scores = [_get_key(row, item, score_key, completions, "score_key") for item in items]
     if not isinstance(row_scores, list) or len(row_scores) != len(responses):
