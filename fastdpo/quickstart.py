@@ -322,7 +322,8 @@ def run(out: Path, settings: Settings, *, log=print) -> dict:
 
 def _compare(model, reference, tokenizer, pairs: list[dict], problems: list[Problem], out: Path, beta: float) -> dict:
     """``fastdpo compare`` on the built-in edge cases and some held-out problems (with the checker)."""
-    from fastdpo.compare import builtin_prompts, compare, pair_metrics, summary, write_report
+    from fastdpo.compare import compare, pair_metrics, summary, write_report
+    from fastdpo.compare_io import builtin_prompts
 
     edge = builtin_prompts(model.config.max_position_embeddings, tokenizer)
     prompts = [*edge, *((p.command, p.prompt) for p in problems)]
@@ -355,7 +356,7 @@ def render(report: dict) -> str:
     ]
     if "compare" in report:
         c = report["compare"]
-        from fastdpo.compare import BUILTIN
+        from fastdpo.compare_io import BUILTIN
 
         lines += ["", f"Answer by answer (compare/compare.html): on {c['prompts']} prompts, {len(BUILTIN)} of them "
                   "edge cases, the "

@@ -14,7 +14,8 @@ from tiny_tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastdpo.cli import main as cli
-from fastdpo.compare import BUILTIN, Answer, Row, _prompt_ids, markdown, pair_metrics, summary
+from fastdpo.compare import Answer, Row, _prompt_ids, markdown, pair_metrics, summary
+from fastdpo.compare_io import BUILTIN
 from fastdpo.data import prepare_preferences, tokenize_preferences
 
 QUICK = ["--samples", "0", "--max-new-tokens", "1"]
@@ -211,7 +212,7 @@ def test_prompt_files_read_as_json_lines_readers_read_them(tmp_path):
 
 def test_the_near_context_prompt_is_longer_than_the_context_in_tokens():
     # sized in characters it was 88% of a 512-token context under this tokenizer, never cut (README: "cut to fit")
-    from fastdpo.compare import builtin_prompts
+    from fastdpo.compare_io import builtin_prompts
 
     tokenizer = build_tiny_tokenizer()
     for context in (64, 512, 2048):

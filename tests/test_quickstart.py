@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fastdpo.cli import main as cli
-from fastdpo.compare import BUILTIN
+from fastdpo.compare_io import BUILTIN
 from fastdpo.errors import ConfigError
 from fastdpo.quickstart import (
     Problem,
