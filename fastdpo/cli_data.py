@@ -179,7 +179,28 @@ def _first_rows(source: str, limit: int, text: tuple[str, ...]):
     if not rows:
         raise DataError(f"{source} has no rows", column="data", fix="check the file or the split")
     print(f"fastdpo: the first {len(rows)} rows of {source} (--limit {limit})", file=sys.stderr)
-    return as_dataset(rows)
+    try:
+        return as_dataset(rows)
+    except DataError:  # a column of text beside numbers (a score "high" beside 9): Json, as the whole file's load
+        return _mixed_as_json(rows)  # reads it (refused with --limit, reported as bad_score without)
+
+
+def _mixed_as_json(rows: list[dict]):
+    """``rows`` as a Dataset whose columns of scalars of more than one kind are ``Json`` columns; ``as_dataset``'s
+    error where another column does not form one."""
+    import datasets
+
+    from fastdpo.data.load import as_dataset, table_columns
+
+    columns = table_columns(rows)
+    scalar = (str, int, float, bool, type(None))
+    mixed = [name for name in columns if all(isinstance(row.get(name), scalar) for row in rows)
+             and len({type(row.get(name)) for row in rows} - {type(None)}) > 1]  # fmt: skip
+    if not mixed:
+        return as_dataset(rows)  # (raises its error)
+    rest = as_dataset([{name: value for name, value in row.items() if name not in mixed} for row in rows])
+    features = datasets.Features({name: datasets.Json() if name in mixed else rest.features[name] for name in columns})
+    return datasets.Dataset.from_dict({name: [row.get(name) for row in rows] for name in columns}, features=features)
 
 
 def _prepared(dataset, columns: dict | None):

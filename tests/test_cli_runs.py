@@ -293,3 +293,19 @@ def test_data_pairs_that_makes_no_pair_says_why(workdir, monkeypatch, capsys):  
     said = "column 'scores': no pair: best_vs_worst: 0 pairs from 1 row; dropped 1 row (ties 1)"
     assert done.returncode == 2 and said in done.stderr, done.stderr
     assert not (workdir / "no_pairs.jsonl").exists()
+
+
+def test_data_check_with_a_limit_reports_text_scores_as_the_whole_file_check_does(workdir, monkeypatch, capsys):  # noqa: F811
+    # a score "high" beside 9: the first rows did not form one Arrow column, and --limit refused the file
+    from test_cli import in_process
+
+    rows = [{"prompt": "p0", "chosen": "a", "rejected": "b", "chosen_score": 9, "rejected_score": 1},
+            {"prompt": "p1", "chosen": "c", "rejected": "d", "chosen_score": "high", "rejected_score": 2}]  # fmt: skip
+    (workdir / "mixed_scores.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    reports = []
+    for limit in ([], ["--limit", "10"]):
+        done = in_process("data", "check", "mixed_scores.jsonl", "--json", *limit, cwd=workdir, monkeypatch=monkeypatch,
+                          capsys=capsys)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        reports.append(json.loads(done.stdout)["rows"])
+    assert reports[0] == reports[1] and reports[0]["bad_score"] == [1]
