@@ -174,9 +174,10 @@ class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
         # packed batches, as the steps compute the policy's: TRL's padded forward rounded otherwise, and a policy still
         # equal to its reference had margins of ±1e-7 (rewards/accuracies 0.31 at step 1 where TRL's are 0). Under
         # DeepSpeed, TRL's own forward (its inference engine gathers the sharded weights).
-        self._packed_precompute = not self.is_deepspeed_enabled
-        collator = (packer_for(self.model, self.args, _attention_of(self.args), self._tokenizer.pad_token_id)
-                    if self._packed_precompute else getattr(self, "_trl_collator", self.data_collator))  # fmt: skip
+        if self.is_deepspeed_enabled:
+            collator = getattr(self, "_trl_collator", self.data_collator)
+        else:
+            collator = packer_for(self.model, self.args, _attention_of(self.args), self._tokenizer.pad_token_id)
         saved, self.data_collator = self.data_collator, collator
         try:
             return super()._precompute_ref_logps(dataset, name, batch_size)
@@ -184,7 +185,8 @@ class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
             self.data_collator = saved
 
     def compute_ref_log_probs(self, model, inputs):
-        if not getattr(self, "_packed_precompute", False):
+        # (TRL calls it from its precompute only, which runs on fastdpo's packed batches but under DeepSpeed)
+        if self.is_deepspeed_enabled:
             return super().compute_ref_log_probs(model, inputs)
         batch = _as_batch(dict(inputs))
         with use_attention([self.model, self.ref_model], _attention_of(self.args)):
