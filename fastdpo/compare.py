@@ -252,9 +252,10 @@ def compare(policy, reference, tokenizer, prompts: list[tuple[str, object]], *, 
     eos = _stop_ids(tokenizer, policy, reference)
     generator = torch.Generator().manual_seed(seed)
     rows = []
-    for i, (name, prompt) in enumerate(prompts):
+    # every prompt's ids before any answer is generated: a prompt that cannot be taken is named first
+    tokenized = [_checked_prompt_ids(tokenizer, name, prompt, limit, vocab) for name, prompt in prompts]
+    for i, ((name, prompt), (ids, truncated)) in enumerate(zip(prompts, tokenized, strict=True)):
         checker = checkers[i] if checkers else None
-        ids, truncated = _checked_prompt_ids(tokenizer, name, prompt, limit, vocab)
         policy_ids = _generate(policy, ids, max_new_tokens=max_new_tokens, eos=eos, sample=False)
         reference_ids = _generate(reference, ids, max_new_tokens=max_new_tokens, eos=eos, sample=False)
         row = Row(name=name, prompt=prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False),
