@@ -48,7 +48,7 @@ from typing import Any
 
 import datasets
 
-from fastdpo.data.quality import is_empty, squeezed
+from fastdpo.data.quality import at_margin, is_empty, squeezed
 from fastdpo.data.schema import value_format
 from fastdpo.errors import ConfigError, DataError, close_match, unknown_choice
 
@@ -284,9 +284,8 @@ def _as_score(value: Any) -> float | None:
 
 
 def above_margin(difference: float, margin: float) -> bool:
-    """``difference > margin``, a difference equal to the margin but for float rounding not above it (8.3 − 8.0 is
-    0.3000000000000007: a pair at margin 0.3 where 7.5 − 7.2, 0.2999999999999998, was none)."""
-    return difference > margin and not math.isclose(difference, margin, rel_tol=1e-9, abs_tol=1e-12)
+    """``difference > margin``, one equal to it but for float rounding not above it (``at_margin``)."""
+    return difference > margin and not at_margin(difference, margin)
 
 
 def _pick_pairs(strategy: str, scores: list[float], margin: float, seed: int, row: int) -> list[tuple[int, int]] | str:

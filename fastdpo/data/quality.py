@@ -461,6 +461,13 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def at_margin(difference: float, margin: float) -> bool:
+    """Whether a score ``difference`` equals ``margin`` but for float rounding (8.3 − 8.0 is 0.3000000000000007,
+    7.5 − 7.2 is 0.2999999999999998: both are 0.3), which is then neither above nor below it (the check's
+    ``min_score_margin``, ``fastdpo.data.pairs``' margin)."""
+    return math.isclose(difference, margin, rel_tol=1e-9, abs_tol=1e-12)
+
+
 def _check_metadata(num_rows, columns, found, min_score_margin, *, skip: set[int]) -> None:
     """bad_score; tie (status or equal scores), else small_score_margin."""
     status, chosen_score, rejected_score = columns["status"], columns["chosen_score"], columns["rejected_score"]
@@ -478,9 +485,5 @@ def _check_metadata(num_rows, columns, found, min_score_margin, *, skip: set[int
             continue
         if a == b:
             found.add(row, "tie", f"both scores {a:g}")
-        elif (
-            min_score_margin is not None
-            and a - b < min_score_margin
-            and not math.isclose(a - b, min_score_margin, rel_tol=1e-9, abs_tol=1e-12)
-        ):  # (a gap equal to the margin but for float rounding is not below it: 7.5 - 7.2 at 0.3)
+        elif min_score_margin is not None and a - b < min_score_margin and not at_margin(a - b, min_score_margin):
             found.add(row, "small_score_margin", f"{a:g} - {b:g} < {min_score_margin:g}")
