@@ -182,12 +182,15 @@ def _first_rows(source: str, limit: int, text: tuple[str, ...]):
     try:
         return as_dataset(rows)
     except DataError:  # a column of text beside numbers (a score "high" beside 9): Json, as the whole file's load
-        return _mixed_as_json(rows)  # reads it (refused with --limit, reported as bad_score without)
+        mixed = _mixed_as_json(rows)  # reads it (refused with --limit, reported as bad_score without)
+        if mixed is None:
+            raise
+        return mixed
 
 
 def _mixed_as_json(rows: list[dict]):
-    """``rows`` as a Dataset whose columns of scalars of more than one kind are ``Json`` columns; ``as_dataset``'s
-    error where another column does not form one."""
+    """``rows`` as a Dataset whose columns of scalars of more than one kind are ``Json`` columns; None where there
+    is no such column."""
     import datasets
 
     from fastdpo.data.load import as_dataset, table_columns
@@ -197,7 +200,7 @@ def _mixed_as_json(rows: list[dict]):
     mixed = [name for name in columns if all(isinstance(row.get(name), scalar) for row in rows)
              and len({type(row.get(name)) for row in rows} - {type(None)}) > 1]  # fmt: skip
     if not mixed:
-        return as_dataset(rows)  # (raises its error)
+        return None
     rest = as_dataset([{name: value for name, value in row.items() if name not in mixed} for row in rows])
     features = datasets.Features({name: datasets.Json() if name in mixed else rest.features[name] for name in columns})
     return datasets.Dataset.from_dict({name: [row.get(name) for row in rows] for name in columns}, features=features)
