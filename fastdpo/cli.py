@@ -137,9 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         return _failed(error, known.command, debug=known.debug)
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name: a hub id's shape
-
-
 def _failed(error: BaseException, command: str, *, debug: bool) -> int:
     """One line on stderr and the exit status for what stopped a command (``--debug``: the traceback instead): 2
     for the errors that name their fix, 130 for Ctrl-C, 1 for anything else (its type and first line)."""
@@ -541,7 +538,7 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     ``metrics.jsonl`` in ``out`` starts over, even when resuming."""
     from fastdpo.run_files import RunFiles  # transformers' Trainer (seconds to import): only for training
     from fastdpo.train import DPOTrainer, SFTTrainer
-    from fastdpo.train.loading import refuse_missing_folder
+    from fastdpo.train.loading import HUB_ID, refuse_missing_folder
 
     for column in ("model_name_or_path", "ref_model_name_or_path"):  # before the data is read, which takes a while
         if getattr(run_args, column):

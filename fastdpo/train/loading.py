@@ -16,7 +16,9 @@ from torch import nn
 from fastdpo.errors import ConfigError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-HUB_NAME = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")  # name or org/name: what the hub can hold
+_HUB_PART = r"[A-Za-z0-9][\w.-]*"
+HUB_NAME = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}")  # name or org/name: what the hub can hold
+HUB_ID = re.compile(rf"{_HUB_PART}/{_HUB_PART}")  # org/name: a hub id's shape
 
 
 def refuse_missing_folder(name_or_path: str, column: str) -> None:
