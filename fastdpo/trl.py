@@ -259,15 +259,19 @@ class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
         trimmed = [name for name in sorted(out.metrics) if name in out.token_counts or name == "aux_loss"]
         plain = [name for name in sorted(out.metrics) if name not in trimmed]
         device = self.accelerator.device
+
+        def stacked(values: dict, names: list) -> torch.Tensor:
+            ones = torch.ones((), device=device)
+            return torch.stack([values[name].detach().float().reshape(()).to(device) if name in values else ones
+                                for name in names])  # fmt: skip
+
         values = {}
         if plain:
-            stacked = torch.stack([out.metrics[name].detach().float().reshape(()) for name in plain]).to(device)
-            values.update(zip(plain, self.accelerator.gather(stacked[None]).mean(0).tolist(), strict=True))
+            gathered = self.accelerator.gather(stacked(out.metrics, plain)[None]).mean(0)
+            values.update(zip(plain, gathered.tolist(), strict=True))
         if trimmed:
-            means = torch.stack([out.metrics[name].detach().float().reshape(()) for name in trimmed])
-            weights = torch.stack([out.token_counts[name].detach().float().reshape(()) if name in out.token_counts
-                                   else means.new_ones(()) for name in trimmed])  # fmt: skip
-            sums = self.accelerator.gather_for_metrics(torch.stack([means * weights, weights]).to(device)[None]).sum(0)
+            means, weights = stacked(out.metrics, trimmed), stacked(out.token_counts, trimmed)  # aux_loss: weight 1
+            sums = self.accelerator.gather_for_metrics(torch.stack([means * weights, weights])[None]).sum(0)
             values.update(zip(trimmed, (sums[0] / sums[1].clamp(min=1)).tolist(), strict=True))
         for name in sorted(values):
             self._metrics[mode][name].append(values[name])
