@@ -538,13 +538,13 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     ``metrics.jsonl`` in ``out`` starts over, even when resuming."""
     from fastdpo.run_files import RunFiles  # transformers' Trainer (seconds to import): only for training
     from fastdpo.train import DPOTrainer, SFTTrainer
-    from fastdpo.train.loading import HUB_ID, refuse_missing_folder
+    from fastdpo.train.loading import HUB_ID, is_adapter_folder, refuse_missing_folder
 
     for column in ("model_name_or_path", "ref_model_name_or_path"):  # before the data is read, which takes a while
         if getattr(run_args, column):
             refuse_missing_folder(getattr(run_args, column), column)
     model = run_args.model_name_or_path
-    if run_args.use_peft and model and Path(model, "adapter_config.json").is_file():  # (a LoRA run's folder)
+    if run_args.use_peft and model and is_adapter_folder(model):  # (a LoRA run's folder)
         raise ConfigError(f"{model} holds a LoRA adapter, which the run trains on; use_peft "
                           "would add a new one beside it", column="use_peft",
                           fix="drop --use_peft to go on training that adapter, or merge it into its base first "

@@ -120,9 +120,9 @@ def model_fingerprint(name: str | None) -> dict | None:
         return None
     files = sorted(file for pattern in ("*.safetensors", "*.bin", "*config.json") for file in path.glob(pattern))
     prints = {file.name: _file_print(file) for file in files}
-    if (path / "adapter_config.json").is_file():  # a LoRA run's folder: its adapter's base model (when a folder) too
-        from fastdpo.train.loading import adapter_base
+    from fastdpo.train.loading import adapter_base, is_adapter_folder
 
+    if is_adapter_folder(path):  # a LoRA run's folder: its adapter's base model (when a folder) too
         base = adapter_base(path)
         own = base and Path(base).resolve() == path.resolve()
         base = model_fingerprint(base) if base and not own and Path(base, "config.json").is_file() else None

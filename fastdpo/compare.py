@@ -546,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
             models.append(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, **quantized))
         except (OSError, ValueError) as error:
             fix = "pass the folder a trainer saved (save_pretrained)"
-            if (folder / "adapter_config.json").is_file():
+            from fastdpo.train.loading import is_adapter_folder
+
+            if is_adapter_folder(folder):
                 fix = ("an adapter's base model (base_model_name_or_path in its adapter_config.json) is found from "
                        "the directory you trained in: run from there, or edit that path")  # fmt: skip
             raise ConfigError(f"cannot load {folder} ({str(error).splitlines()[0]})", column=name, fix=fix) from error

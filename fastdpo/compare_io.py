@@ -3,7 +3,6 @@ problems, or a .txt/.jsonl/.json file), the policy's tokenizer (or the one besid
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -153,8 +152,10 @@ def load_tokenizer(policy: Path, reference: Path, *, trust_remote_code: bool = F
     from transformers import AutoTokenizer
 
     folders = [policy]
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # a LoRA adapter names its base: its vocabulary
-        folders.append(Path(json.loads((policy / "adapter_config.json").read_text())["base_model_name_or_path"]))
+    from fastdpo.train.loading import adapter_base
+
+    if base := adapter_base(policy):  # a LoRA adapter names its base: its vocabulary
+        folders.append(Path(base))
     folders.append(reference)
     found = next((f for f in folders if any((f / name).is_file() for name in TOKENIZER_FILES)), None)
     if found is None:

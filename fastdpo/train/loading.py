@@ -38,7 +38,7 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_
     from transformers import AutoModelForCausalLM
 
     refuse_missing_folder(name_or_path, column)
-    adapter = (Path(name_or_path) / "adapter_config.json").is_file()
+    adapter = is_adapter_folder(name_or_path)
     weights = [f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
                if (Path(name_or_path) / f).is_file()]  # fmt: skip
     if adapter and weights:  # (an --overwrite of an older fastdpo)
@@ -154,11 +154,17 @@ def _from_adapter(path, *, trainable: bool, **kwargs) -> nn.Module:
         ) from error
 
 
+def is_adapter_folder(path) -> bool:
+    """Whether ``path`` is a folder holding a PEFT adapter (``adapter_config.json``: a LoRA run's output)."""
+    return Path(path, "adapter_config.json").is_file()
+
+
 def adapter_base(path) -> str | None:
     """The ``base_model_name_or_path`` that the adapter folder ``path``'s ``adapter_config.json`` names, if any."""
     import json
 
     try:
-        return json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError):
+        base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):  # (no file, no JSON, no JSON object)
         return None
+    return base if isinstance(base, str) and base else None
