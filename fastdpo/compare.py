@@ -567,13 +567,10 @@ def main(argv: list[str] | None = None) -> int:
         prompts, checkers = quickstart_prompts(args.policy, args.seed)
     else:
         prompts, checkers = read_prompts(Path(args.prompts)), None
-    vocab = policy.get_input_embeddings().num_embeddings
-    for name, prompt in prompts:  # token ids: each must have an embedding
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) and max(prompt) >= vocab:
-            raise DataError(f"{name}: token id {max(prompt)} is outside the vocabulary ({vocab} ids)", column="prompt",
-                            fix="pass ids the policy's tokenizer gives, or the text")  # fmt: skip
     if args.limit is not None:
         prompts, checkers = prompts[: args.limit], None if checkers is None else checkers[: args.limit]
+    for name, prompt in prompts:  # before the pairs: a prompt compare() cannot take is named first (it checks again)
+        _checked_prompt_ids(tokenizer, name, prompt, context, _vocabulary(policy, reference))
     if args.pairs:  # read and checked before the answers are generated, which takes the time
         args.pairs = read_pairs(args.pairs)
     # the pairs first: what they cannot do (no chat template, every prompt past the context) before any answer

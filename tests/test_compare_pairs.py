@@ -262,7 +262,7 @@ def test_compare_refuses_bad_options_and_prompts_in_one_line(tmp_path, capsys, m
              (["--beta", "nan"], "column '--beta': must be a number > 0, got nan"),
              (["--prompts", "empty.txt"], "empty.txt holds no prompt"),
              (["--prompts", "number.jsonl"], "row 1, column 'prompt': number.jsonl: line 2's prompt is int 5"),
-             (["--prompts", "ids.jsonl"], "line 1: token id 99999 is outside the vocabulary")]  # fmt: skip
+             (["--prompts", "ids.jsonl"], "line 1: token id 99999 has no embedding in the models")]  # fmt: skip
     for i, (flags, expected) in enumerate(cases):
         capsys.readouterr()
         assert cli([*common, *flags, "--out", f"out{i}"]) == 2, flags
