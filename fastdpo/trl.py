@@ -237,9 +237,11 @@ class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
 
     def _reference_logps(self, inner, batch, *, precompute: bool = False) -> torch.Tensor:
         """``[P, 2]``: TRL's reference for this setup, on the packed batch; ``precompute``: before training, where
-        TRL's reference without a ``ref_model`` is the policy itself."""
+        TRL's reference without a ``ref_model`` is the policy itself. Under accelerate's autocast (bf16/fp16), as
+        TRL's: its reference's forward is the prepared model's, and its precompute runs in ``accelerator.autocast``."""
         ld_alpha = self.args.ld_alpha
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with (torch.no_grad(), self.accelerator.autocast(),
+              disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)):  # fmt: skip
             if self.ref_model is not None:
                 return reference_logps(self.accelerator.unwrap_model(self.ref_model), batch, ld_alpha=ld_alpha)
             if precompute and not is_peft_model(inner):

@@ -453,3 +453,19 @@ def test_neftune_noise_is_drawn_at_trls_scale_on_every_packing(data, tmp_path, m
         assert len(scales["trl"]) == 2
         for name in ("dropin", "ours", "varlen"):
             assert scales[name] == pytest.approx(scales["trl"], rel=1e-6), (name, padded)
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_bf16_reference_runs_under_autocast_as_trl(precompute, data, tmp_path):  # noqa: F811
+    # bf16=True on fp32 weights: TRL's reference runs under accelerate's autocast (the prepared model's forward, its
+    # precompute's accelerator.autocast()), as its policy does, so at step 1 (the policy is the reference) every
+    # reward is 0. The drop-in's reference ran in fp32 against a bf16 policy: rewards/accuracies 0.625 where 0.
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    options = {"bf16": True, "use_cpu": True, "max_steps": 1, "precompute_ref_log_probs": precompute}
+    ours = run(dropin.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "dropin", **options)
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, load, data, tokenizer, tmp_path, "trl", **options)
+    # the same bf16 forwards on both sides give TRL's rewards to the last bit here (0; -7.6e-7 with the precompute);
+    # the reference in fp32 was 1.4e-5 (chosen) and 3.7e-5 (rejected) off: 1e-6 tells them apart
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert ours[0][name] == pytest.approx(theirs[0][name], abs=1e-6), name
