@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from types import SimpleNamespace
 
 import torch
 
@@ -160,9 +161,16 @@ class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
             self.data_collator = packer_for(self.model, args, self.packed_attention_impl, self._tokenizer.pad_token_id)
         check_lean_activations(self)
         check_attention_device(self)
-        self.loss_config = loss_config_of(args)
         self._displacement = DisplacementWatch(FastDPOConfig.displacement_margin,  # fastdpo's default margin
                                                None if self.loss_config.reference_free else args.beta)  # fmt: skip
+
+    @property
+    def loss_config(self):
+        """The loss of TRL's attributes as they are now: TRL's loss reads ``beta``, ``loss_types``, ``loss_weights``,
+        ``label_smoothing`` and the f-divergence's at every step (a subclass or a callback may change them)."""
+        names = ("beta", "loss_weights", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef")
+        now = {name: getattr(self, name) for name in names}
+        return loss_config_of(SimpleNamespace(**now, loss_type=self.loss_types, discopop_tau=self.args.discopop_tau))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # held across the backward: gradient checkpointing recomputes the layers there (use_attention, lean)
@@ -203,6 +211,8 @@ class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
         if self.model.training and "loss" in logs:
             watched = {name: sum(values) / len(values) for name, values in self._metrics["train"].items()
                        if name in ("logps/chosen", "rewards/accuracies", "rewards/chosen") and values}  # fmt: skip
+            if self._displacement.beta is not None:  # (a callback may anneal beta: rewards / beta now)
+                self._displacement.beta = self.beta
             self._displacement.update(watched, learning_rate=self.args.learning_rate, warn=self.is_world_process_zero())
             if "logps/chosen_change" in watched:
                 logs["logps/chosen_change"] = watched["logps/chosen_change"]
@@ -223,8 +233,8 @@ class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
 
         def packed_forward(*args, **kwargs):
             return preference_step(inner, batch, self.loss_config, ref_logps=ref_logps, head_impl="auto",
-                                   token_metrics=True, aux_loss_coef=aux_coef, ld_alpha=self.args.ld_alpha,
-                                   use_weighting=self.args.use_weighting)  # fmt: skip
+                                   token_metrics=True, aux_loss_coef=aux_coef, ld_alpha=self.ld_alpha,
+                                   use_weighting=self.use_weighting)  # fmt: skip
 
         # (TRL's DPO batches are padded: its padding_free is ignored)
         with neftune_as_trl(inner, batch, padding_free=False, pad_to_multiple_of=self.args.pad_to_multiple_of):
@@ -239,7 +249,7 @@ class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
         """``[P, 2]``: TRL's reference for this setup, on the packed batch; ``precompute``: before training, where
         TRL's reference without a ``ref_model`` is the policy itself. Under accelerate's autocast (bf16/fp16), as
         TRL's: its reference's forward is the prepared model's, and its precompute runs in ``accelerator.autocast``."""
-        ld_alpha = self.args.ld_alpha
+        ld_alpha = self.ld_alpha
         with (torch.no_grad(), self.accelerator.autocast(),
               disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)):  # fmt: skip
             if self.ref_model is not None:

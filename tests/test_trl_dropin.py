@@ -469,3 +469,25 @@ def test_bf16_reference_runs_under_autocast_as_trl(precompute, data, tmp_path): 
     # the reference in fp32 was 1.4e-5 (chosen) and 3.7e-5 (rejected) off: 1e-6 tells them apart
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert ours[0][name] == pytest.approx(theirs[0][name], abs=1e-6), name
+
+
+def test_loss_attributes_set_on_the_trainer_are_read_at_each_step_as_trl(data, tmp_path):  # noqa: F811
+    # TRL's loss reads trainer.beta, .loss_types, .loss_weights, .ld_alpha ... at every step: a subclass or a callback
+    # (a β schedule) may change them. The drop-in kept the config's: β 0.1 where the schedule set 0.5 at step 2.
+    from transformers import TrainerCallback
+
+    class BetaSchedule(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            trainer.beta = 0.1 * (1 + 4 * state.global_step)  # 0.1, then 0.5
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    logs = {}
+    for name, cls in (("dropin", dropin.DPOTrainer), ("trl", trl.DPOTrainer)):
+        args = trl.DPOConfig(**common_args(tmp_path, name))
+        trainer = cls(model=load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer,
+                      callbacks=[BetaSchedule()])  # fmt: skip
+        trainer.loss_types, trainer.loss_weights, trainer.ld_alpha = ["sigmoid", "ipo"], [1.0, 0.5], 0.5
+        trainer.train()
+        logs[name] = [log for log in trainer.state.log_history if "loss" in log]
+    assert_first_steps_match(logs["dropin"], logs["trl"])
