@@ -134,7 +134,18 @@ def _refuse(args, compute_metrics) -> None:
     refuse_logit_hooks(TRL_FALLBACK, compute_metrics=compute_metrics)
 
 
-class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
+class _CheckedEvalSets:
+    """A dataset given to ``evaluate()``, which TRL prepares there, checked for token ids the model has no embedding
+    for as the constructor checks its sets (an ``IndexError`` from inside torch's embedding, before)."""
+
+    def _prepare_dataset(self, dataset, *args, **kwargs):
+        prepared = super()._prepare_dataset(dataset, *args, **kwargs)
+        if getattr(self, "model", None) is not None:  # (in the constructor, before the Trainer's: checked after it)
+            check_token_ids(prepared, self.model, "eval")
+        return prepared
+
+
+class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer):
     """``trl.DPOTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments."""
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
@@ -181,7 +192,9 @@ class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
         # TRL's precompute (at init, and for a dataset given to evaluate()), with fastdpo's reference pass on fastdpo's
         # packed batches, as the steps compute the policy's: TRL's padded forward rounded otherwise, and a policy still
         # equal to its reference had margins of ±1e-7 (rewards/accuracies 0.31 at step 1 where TRL's are 0). Under
-        # DeepSpeed, TRL's own forward (its inference engine gathers the sharded weights).
+        # DeepSpeed, TRL's own forward (its inference engine gathers the sharded weights). The constructor's runs
+        # before its token-id check of the sets: checked here first.
+        check_token_ids(dataset, self.model, name)
         if self.is_deepspeed_enabled:
             collator = getattr(self, "_trl_collator", self.data_collator)
         else:
@@ -293,7 +306,7 @@ class DPOTrainer(PackedTokenCount, WatchResume, trl.DPOTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
 
-class SFTTrainer(PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
+class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
     """``trl.SFTTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments.
 
     TRL prepares the dataset (tokenization, its labels, its packing into rows with ``seq_lengths``); the collator

@@ -81,3 +81,30 @@ def test_the_row_is_the_inputs_when_the_rows_were_shuffled(tmp_path):
     args = SFTConfig(**sft_args(tmp_path, "sft", shuffle_dataset=True, packing=False))
     with pytest.raises(DataError, match=r"^row 4, column 'input_ids': token id"):
         SFTTrainer(model=load(), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+
+
+def test_a_set_given_to_evaluate_and_the_precompute_are_checked_too(tmp_path):
+    # evaluate(new set) (every trainer) and the drop-in's reference precompute (run inside TRL's constructor, before
+    # the sets were checked) reached torch's embedding with the id: "IndexError: index out of range in self"
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    good = {"prompt": ["Name a color.", "Name a fruit."], "chosen": [" Blue.", " Pear."], "rejected": [" No.", " Hm."]}
+    pairs = datasets.Dataset.from_dict(good)
+    texts = datasets.Dataset.from_dict({"prompt": good["prompt"], "completion": good["chosen"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    bad_pairs = datasets.Dataset.from_dict({**good, "prompt": ["Say <tool>.", "Name a fruit."]})
+    bad_texts = datasets.Dataset.from_dict({"prompt": ["Say <tool>.", "Hi."], "completion": [" Ok.", " Hi."]})
+    said = r"^row 0, column '(input_ids|prompt_ids)': token id \d+ in the eval data"
+    for trainer_cls, args, data, bad in (
+        (DPOTrainer, DPOConfig(**common_args(tmp_path, "dpo")), pairs, bad_pairs),
+        (dropin.DPOTrainer, trl.DPOConfig(**common_args(tmp_path, "trl_dpo")), pairs, bad_pairs),
+        (SFTTrainer, SFTConfig(**sft_args(tmp_path, "sft")), texts, bad_texts),
+        (dropin.SFTTrainer, trl.SFTConfig(**sft_args(tmp_path, "trl_sft")), texts, bad_texts),
+    ):
+        trainer = trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+        with pytest.raises(DataError, match=said):
+            trainer.evaluate(bad)
+    args = trl.DPOConfig(**common_args(tmp_path, "precompute"), precompute_ref_log_probs=True)
+    with pytest.raises(DataError, match=r"^row 0, column 'prompt_ids': token id \d+ in the eval data"):
+        dropin.DPOTrainer(model=load(), ref_model=load(), args=args, train_dataset=pairs, eval_dataset=bad_pairs,
+                          processing_class=tokenizer)  # fmt: skip

@@ -285,6 +285,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
                                   fix="pass the set as DPOTrainer(eval_dataset=...), or use a separate reference"
                                   )  # fmt: skip
             eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, "eval")
+            check_token_ids(eval_dataset, self.model, "eval", self.dropped_rows)
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _set_signature_columns_if_needed(self) -> None:

@@ -405,6 +405,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         # a dataset passed here is prepared as the constructor prepares eval datasets
         if eval_dataset is not None and not isinstance(eval_dataset, str):
             eval_dataset = self._prepare_eval(eval_dataset, self.processing_class, self.args)
+            check_token_ids(eval_dataset, self.model, "eval", self.dropped_rows)
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     # --- loss and metrics
