@@ -107,6 +107,34 @@ def test_an_adapter_on_the_lm_head_is_refused(data, tmp_path):
                        peft_config=peft.LoraConfig(**{"r": 4, "target_modules": ["q_proj"], **bad}))  # fmt: skip
 
 
+def test_a_head_in_modules_to_save_trains_its_copy_as_in_trl(data, tmp_path):
+    # LoRA with modules_to_save=["lm_head"] (TRL's SFT puts the head there when a chat template adds tokens): the
+    # policy scores with the adapter's trained copy of the head, the reference (adapters off) with the original. It
+    # was refused at the first step ("merge adapters on the LM head")
+    from fastdpo.trl import DPOTrainer as DropIn
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    logs, heads = {}, {}
+    for name, trainer_cls, config_cls in (("ours", DPOTrainer, DPOConfig), ("dropin", DropIn, trl.DPOConfig),
+                                          ("trl", trl.DPOTrainer, trl.DPOConfig)):  # fmt: skip
+        trainer, logs[name] = train(trainer_cls, config_cls, load(), data, tokenizer, tmp_path, name,
+                                    peft_config=lora(modules_to_save=["lm_head"]))  # fmt: skip
+        wrapper = trainer.model.get_output_embeddings()
+        heads[name] = (wrapper.modules_to_save["default"].weight.detach(), wrapper.original_module.weight.detach())
+    assert logs["ours"][0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the copy starts as the original
+    assert_match(logs["ours"], logs["trl"])
+    assert_match(logs["dropin"], logs["trl"])
+    original = load().get_output_embeddings().weight
+    for name, (copy, kept) in heads.items():
+        assert torch.equal(kept, original), name  # the reference's head is not trained
+        # two AdamW steps at lr 5e-2 move the copy by up to 0.075 here; Adam's first steps divide each gradient entry
+        # by its own size, so an entry of a gradient near 0 turns fp32 summation-order noise (packed against padded
+        # rows) into a visible step difference: 7.7e-5 observed (the native trainer), 1e-3 is still 75x below a move
+        torch.testing.assert_close(copy, heads["trl"][0], rtol=0, atol=1e-3, msg=name)
+        assert (copy - original).abs().max() > 1e-2, name
+
+
 def test_prompt_learning_and_frozen_adapters_are_refused_by_every_trainer(data, tmp_path):
     # their virtual tokens are added by PeftModel.forward, which the packed forward does not run: training failed
     # deep in autograd, and evaluate() scored the bare base model (eval_loss log 2) where TRL scores the prompts

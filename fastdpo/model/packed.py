@@ -152,6 +152,18 @@ class _Rest:
         self.value = value
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The LM head module the model's forward runs now: for a head in PEFT's ``modules_to_save`` (TRL's SFT adds it
+    there when a chat template adds tokens), the active adapter's trained copy, or the original with adapters off."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head).__name__ != "ModulesToSaveWrapper":
+        return head
+    active = list(head.active_adapters)
+    if head.disable_adapters or not active or active[0] not in head.modules_to_save:  # (as its forward decides)
+        return head.original_module
+    return head.modules_to_save[active[0]]
+
+
 def run_head(model: nn.Module, fn: Callable, hidden: Tensor):
     """``fn(hidden, head_spec(model))`` run as the LM head module's forward; ``fn`` returns ``(tensor, rest)``.
 
@@ -161,7 +173,7 @@ def run_head(model: nn.Module, fn: Callable, hidden: Tensor):
     its pre-forward hook and again before the head's backward (a hook on that output tensor), and FSDP2 does the
     same when the head is sharded on its own. Without a wrapper it is a plain call.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     if head is None:  # head_spec says what is wrong
         head_spec(model)
 
@@ -197,7 +209,7 @@ def head_spec(model: nn.Module) -> HeadSpec:
     """
     inner = _unwrap(model)
     name = type(inner).__name__
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     if head is None:
         raise ConfigError(
             f"{name} has no LM head (get_output_embeddings() is None)",
