@@ -233,8 +233,9 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
 
     def _compute_loss(self, model, inputs, return_outputs):
         if return_outputs:
-            raise ConfigError("return_outputs=True needs the full logits, which the fused head never builds",
-                              column="compute_metrics", fix="drop compute_metrics")  # fmt: skip
+            raise ConfigError("compute_loss(return_outputs=True) would return the model's outputs, whose full logits "
+                              "the fused head never builds", column="return_outputs",
+                              fix="call it with return_outputs=False (the metrics are in self._metrics)")  # fmt: skip
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
         ref_logps = inputs.pop("ref_logps", None)
