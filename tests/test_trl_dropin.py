@@ -95,6 +95,9 @@ def test_out_of_range_options_and_what_it_does_not_implement_are_refused(data, t
     with pytest.raises(ConfigError, match="compute_metrics"):
         dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer,
                           compute_metrics=lambda prediction: {})  # fmt: skip
+    trainer = dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    with pytest.raises(ConfigError, match="column 'return_outputs'"):  # (a subclass's call: it named compute_metrics)
+        trainer.compute_loss(trainer.model, {}, return_outputs=True)
 
 
 def test_trl_version_outside_the_range_is_refused():
