@@ -154,3 +154,29 @@ def test_a_short_last_round_is_topped_up_with_the_pairs_accelerate_takes(count):
     lengths = list(range(10, 10 + count))  # (the first pairs the shortest: dealt last, longest first)
     balanced = rounds(RankBalancedBatchSampler(order, 2, lengths=lengths, world_size=2, top_up=True))
     assert balanced == plain
+
+
+def test_the_trainer_seeds_budget_batches_with_data_seed_and_drops_a_short_last_one(tmp_path):
+    # transformers' sampler takes data_seed (else seed), and dataloader_drop_last drops a short last batch: the budget
+    # sampler took seed alone and kept every batch (data_seed 1 and 2 gave the same batches)
+    from test_train_dpo import common_args, synthetic_pairs, tiny_model
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    from fastdpo.train import DPOConfig, DPOTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    pairs = synthetic_pairs(24)
+
+    def batches(**options):
+        args = DPOConfig(**{**common_args(tmp_path, "budget"), "max_tokens_per_batch": 150, **options})
+        trainer = DPOTrainer(load(), ref_model=load(), args=args, train_dataset=pairs, processing_class=tokenizer)
+        sampler = trainer.get_train_dataloader().batch_sampler  # (one process: accelerate keeps it)
+        return list(sampler), sampler.lengths
+
+    unset, lengths = batches()
+    assert batches(data_seed=0)[0] == unset  # (seed 0: common_args')
+    assert batches(data_seed=1)[0] != unset != batches(data_seed=2)[0]
+    dropped = batches(dataloader_drop_last=True)[0]
+    assert sum(lengths[i] for i in unset[-1]) < 150  # the last batch is short of the budget here: dropped
+    assert dropped == unset[:-1]

@@ -24,6 +24,8 @@ OPTION_CASES = {
     "keep_start_truncation": {"max_length": 40},  # completions cut, none cut away (a zero gradient is noise)
     "pad_to_multiple_of": {"pad_to_multiple_of": 8},
     "gradient_accumulation": {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 1},
+    # 5 pairs: step 1 is micro-batches of 3 and 2 pairs; TRL weighs each micro-batch alike (fastdpo's trainer each pair)
+    "unequal_accumulation": {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 3},
     "precompute": {"precompute_ref_log_probs": True},
     "precompute_batch_size": {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 3},
     "precompute_ld_alpha": {"precompute_ref_log_probs": True, "ld_alpha": 0.5},  # TRL's cache weighs its sums

@@ -424,8 +424,10 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
         lengths = [pair_length(example, args.max_length, args.truncation_mode) for example in dataset]
         if budget:  # rank-aware itself: accelerate must not shard it again (below)
-            sampler = TokenBudgetBatchSampler(lengths, args.max_tokens_per_batch, seed=args.seed,
-                                              rank=args.process_index, world_size=args.world_size)  # fmt: skip
+            seed = args.data_seed if args.data_seed is not None else args.seed  # (the Trainer's sampler's seed)
+            sampler = TokenBudgetBatchSampler(lengths, args.max_tokens_per_batch, seed=seed,
+                                              rank=args.process_index, world_size=args.world_size,
+                                              drop_last=args.dataloader_drop_last)  # fmt: skip
         else:  # the batches of every process, each step's dealt by tokens; accelerate's shard takes this rank's
             sampler = RankBalancedBatchSampler(self._get_train_sampler(dataset), args.per_device_train_batch_size,
                                                lengths=lengths, world_size=args.world_size,
