@@ -258,9 +258,27 @@ def test_what_a_stream_cannot_do_is_refused_with_the_option_to_change(tmp_path):
     ready = DPOTrainer(model=load(), args=args, train_dataset=tokenized.to_iterable_dataset(),
                        processing_class=tokenizer)  # fmt: skip
     assert ready.args.accelerator_config.dispatch_batches is False
-    assert ready.dropped_rows == {}
+    assert ready.dropped_rows == {"train": {}}  # (filled as the stream is read: its keep_start drop)
     ready.train()
     assert ready.state.global_step == 2
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_rows_tokenized_before_lose_the_prompts_that_fill_max_length(streamed, tmp_path):
+    # a dataset tokenized without max_length (tokenize_preferences(max_length=None), saved), trained with one: the
+    # rows whose prompt fills it (TRL's prepare drops them) were kept, and the step that met one failed in the
+    # collator ("no completion token to learn from"), naming the row's place in its batch, not the dataset's row
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    rows = synthetic_pairs(6).to_list()
+    rows[4]["prompt"] = " ".join(["word"] * 40)
+    tokenized = tokenize_preferences(datasets.Dataset.from_list(rows), tokenizer, max_length=None).dataset
+    args = DPOConfig(**{**common_args(tmp_path, "pre"), "max_length": 32, "max_steps": 3})  # (other prompts: 8-26)
+    data = tokenized.to_iterable_dataset() if streamed else tokenized
+    trainer = DPOTrainer(model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()  # 5 pairs: 3 steps of 2 take the stream's rows 0-5 (row 4 dropped, as it is read)
+    assert trainer.dropped_rows["train"] == {"prompt_fills_max_length": [4]}
+    assert trainer.state.global_step == 3
 
 
 # ------------------------------------------------------------------------------------------------------------- SFT

@@ -63,6 +63,7 @@ from fastdpo.data.tokenize import (
     check_tokenizer,
     clip_lengths,
     conversation_fits,
+    prompt_fills,
     tokenize_preference_batch,
 )
 from fastdpo.errors import DataError, unknown_choice
@@ -216,14 +217,31 @@ def _tokenized_batch(batch: dict, indices: list[int], *, kind, tokenizer, max_le
             example = {name: tokens[name][i] for name in TOKEN_COLUMNS}
             for name, value in clip_lengths(example, max_prompt=clip[0], max_completion=clip[1], version="").items():
                 tokens[name][i] = value
-    tokens["_keep"] = []
-    for prompt_ids, index in zip(tokens["prompt_ids"], indices, strict=True):
-        keep = max_length is None or truncation_mode != "keep_start" or len(prompt_ids) < max_length
-        if not keep:
-            prepared.note("dropped", "prompt_fills_max_length", index,
-                          f"the prompt alone fills max_length={max_length} under keep_start")  # fmt: skip
-        tokens["_keep"].append(keep)
+    tokens["_keep"] = [_kept(len(prompt_ids), index, max_length, truncation_mode, prepared)
+                       for prompt_ids, index in zip(tokens["prompt_ids"], indices, strict=True)]  # fmt: skip
     return tokens
+
+
+def _kept(prompt_length: int, index: int, max_length, truncation_mode: str, prepared: PreparedStream) -> bool:
+    """False (and counted) for a row whose prompt fills ``max_length`` (``prompt_fills``)."""
+    if not prompt_fills(prompt_length, max_length, truncation_mode):
+        return True
+    prepared.note("dropped", "prompt_fills_max_length", index,
+                  f"the prompt alone fills max_length={max_length} under keep_start")  # fmt: skip
+    return False
+
+
+def prepare_tokenized_stream(dataset: datasets.IterableDataset, *, max_length: int | None,
+                             truncation_mode: str = "keep_start", name: str = "train") -> PreparedStream:  # fmt: skip
+    """A stream whose rows hold the token columns already (a prepared stream given again): the rows whose prompt
+    fills ``max_length`` dropped and counted, as ``prepare_stream`` drops them."""
+    prepared = PreparedStream(dataset, name=name)
+    if max_length is not None and truncation_mode == "keep_start":
+        prepared.dataset = dataset.filter(
+            lambda row, index: _kept(len(row["prompt_ids"]), index, max_length, truncation_mode, prepared),
+            with_indices=True,
+        )
+    return prepared
 
 
 def _located(error: DataError, row: dict, name: str) -> DataError:

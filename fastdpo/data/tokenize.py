@@ -133,15 +133,27 @@ def tokenize_preferences(
                        "the reasoning they differ in), rows %s: no preference to learn, trained on as TRL does; "
                        "fastdpo.data.check_preferences(dataset, tokenizer).filter drops them (identical_tokens)",
                        len(same), len(tokenized), _some(same))  # fmt: skip
-    dropped: dict[str, list[int]] = {}
-    prompt_lengths = [len(ids) for ids in tokenized["prompt_ids"]]
-    if max_length is not None and truncation_mode == "keep_start":
-        dropped["prompt_fills_max_length"] = [i for i, n in enumerate(prompt_lengths) if n >= max_length]
-    dropped = {reason: rows for reason, rows in dropped.items() if rows}
-    if dropped:
-        gone = set().union(*map(set, dropped.values()))
-        tokenized = tokenized.select([i for i in range(len(tokenized)) if i not in gone])
-    return TokenizedPreferences(tokenized, dropped)
+    return drop_filling_prompts(tokenized, max_length, truncation_mode)
+
+
+def prompt_fills(prompt_length: int, max_length: int | None, truncation_mode: str) -> bool:
+    """Whether a prompt of ``prompt_length`` tokens leaves nothing to learn: it fills ``max_length`` under
+    ``keep_start`` (TRL drops such rows)."""
+    return max_length is not None and truncation_mode == "keep_start" and prompt_length >= max_length
+
+
+def drop_filling_prompts(tokenized: datasets.Dataset, max_length: int | None,
+                         truncation_mode: str) -> TokenizedPreferences:  # fmt: skip
+    """``tokenized`` (with ``prompt_ids``) without the rows whose prompt fills ``max_length`` (``prompt_fills``),
+    counted as ``prompt_fills_max_length``."""
+    if max_length is None or truncation_mode != "keep_start":
+        return TokenizedPreferences(tokenized, {})
+    rows = [i for i, ids in enumerate(tokenized["prompt_ids"]) if prompt_fills(len(ids), max_length, truncation_mode)]
+    if not rows:
+        return TokenizedPreferences(tokenized, {})
+    gone = set(rows)
+    kept = tokenized.select([i for i in range(len(tokenized)) if i not in gone])
+    return TokenizedPreferences(kept, {"prompt_fills_max_length": rows})
 
 
 def check_lengths(truncation_mode: str, max_length, max_prompt_length, max_completion_length) -> None:

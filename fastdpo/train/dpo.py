@@ -44,8 +44,8 @@ from transformers.trainer_utils import seed_worker
 from fastdpo.data.formats import prepare_preferences
 from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs, pair_length
 from fastdpo.data.sampler import RankBalancedBatchSampler, TokenBudgetBatchSampler
-from fastdpo.data.stream import PreparedStream, first_row, is_tokenized, prepare_stream
-from fastdpo.data.tokenize import tokenize_preferences
+from fastdpo.data.stream import PreparedStream, first_row, is_tokenized, prepare_stream, prepare_tokenized_stream
+from fastdpo.data.tokenize import drop_filling_prompts, tokenize_preferences
 from fastdpo.data.vocabulary import check_token_ids
 from fastdpo.errors import ConfigError
 from fastdpo.model.adapters import (
@@ -322,8 +322,11 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         check_dataset(dataset, name)  # (images were left unread: the pairs trained on their text alone)
         if isinstance(dataset, IterableDataset):
             return self._prepare_stream(dataset, tokenizer, args, name)
-        if all(c in dataset.column_names for c in TOKEN_COLUMNS):
-            return dataset
+        if all(c in dataset.column_names for c in TOKEN_COLUMNS):  # tokenized before: TRL's keep_start drop only
+            kept = drop_filling_prompts(dataset, args.max_length, args.truncation_mode)
+            self.dropped_rows[name] = kept.dropped_rows
+            report_dropped(kept.dropped_rows, len(dataset), len(kept.dataset), name, args.max_length)
+            return kept.dataset
         prepared = prepare_preferences(dataset, num_proc=args.dataset_num_proc)
         tokenized = tokenize_preferences(
             prepared, tokenizer, max_length=args.max_length, truncation_mode=args.truncation_mode,
@@ -336,10 +339,12 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
     def _prepare_stream(self, dataset, tokenizer, args: DPOConfig, name: str):
         """An iterable dataset, prepared lazily (``prepare_stream``); what needs the whole dataset is refused."""
         check_stream_args(args, name, cached_reference=self.reference_mode == "cached")
-        if is_tokenized(first_row(dataset, name)):
-            return dataset
-        prepared = prepare_stream(dataset, tokenizer, max_length=args.max_length, truncation_mode=args.truncation_mode,
-                                  name=name)  # fmt: skip
+        if is_tokenized(first_row(dataset, name)):  # tokenized before: TRL's keep_start drop only
+            prepared = prepare_tokenized_stream(dataset, max_length=args.max_length,
+                                                truncation_mode=args.truncation_mode, name=name)  # fmt: skip
+        else:
+            prepared = prepare_stream(dataset, tokenizer, max_length=args.max_length,
+                                      truncation_mode=args.truncation_mode, name=name)  # fmt: skip
         self.dropped_rows[name] = prepared.dropped_rows  # filled as the stream is read
         self._streams.append(prepared)
         return prepared.dataset
