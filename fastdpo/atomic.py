@@ -6,6 +6,7 @@ Everything in fastdpo that writes a file (caches, configs, reports, checkpoints'
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -47,6 +48,26 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically."""
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as handle:
         handle.write(data)
+
+
+_NO_MATPLOTLIB: set[str] = set()  # what was said to be drawn without matplotlib (one warning each)
+
+
+def pyplot_or_none(what: str):
+    """``matplotlib.pyplot`` on the Agg backend, or None with one warning per ``what`` (e.g. "plots/") where
+    matplotlib is not installed (it is in the ``dev`` extra only): the charts are skipped, nothing else."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        if what not in _NO_MATPLOTLIB:
+            _NO_MATPLOTLIB.add(what)
+            logging.getLogger("fastdpo").warning("%s not drawn: matplotlib is not installed (pip install matplotlib)",
+                                                 what)  # fmt: skip
+        return None
+    return pyplot
 
 
 def save_figure(figure, path: str | os.PathLike, **kwargs) -> None:

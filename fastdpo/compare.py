@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.atomic import refuse_non_empty
+from fastdpo.atomic import pyplot_or_none, refuse_non_empty
 from fastdpo.errors import ConfigError, DataError
 
 
@@ -411,12 +411,8 @@ def _label(row: Row) -> str:
 
 def _plot(rows: list[Row]) -> str:
     """A PNG (base64) of both models' greedy-answer rewards and lengths, or '' without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none("compare's chart")
+    if plt is None:
         return ""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     axes[0].hist([[r.policy.reward for r in rows], [r.reference.reward for r in rows]], label=["policy", "reference"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from fastdpo.atomic import save_figure
+from fastdpo.atomic import pyplot_or_none, save_figure
 
 
 class RunFiles(TrainerCallback):
@@ -55,11 +55,9 @@ class RunFiles(TrainerCallback):
             self.plot()
 
     def plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-
+        plt = pyplot_or_none(f"{self.out / 'plots'}/")
+        if plt is None:
+            return
         logs = [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
         (self.out / "plots").mkdir(exist_ok=True)
         for name in self.PLOTS:

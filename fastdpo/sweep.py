@@ -34,7 +34,7 @@ import signal
 import sys
 from pathlib import Path
 
-from fastdpo.atomic import refuse_non_empty, save_figure
+from fastdpo.atomic import pyplot_or_none, refuse_non_empty, save_figure
 from fastdpo.errors import ConfigError
 
 
@@ -119,12 +119,8 @@ def table(rows: list[dict], recommendation: str) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none(str(path))
+    if plt is None:
         return
     betas = [r["beta"] for r in rows]
     panels = [("reward_accuracy", "held-out reward accuracy"), ("reward_margin", "held-out reward margin"),

@@ -309,3 +309,20 @@ def test_data_check_with_a_limit_reports_text_scores_as_the_whole_file_check_doe
         assert done.returncode == 0, done.stderr
         reports.append(json.loads(done.stdout)["rows"])
     assert reports[0] == reports[1] and reports[0]["bad_score"] == [1]
+
+
+def test_a_run_without_matplotlib_saves_its_model_and_skips_the_plots(workdir, monkeypatch, capsys, caplog):  # noqa: F811
+    # matplotlib is in the dev extra only: a run trained every step, then failed without saving the model
+    # (ModuleNotFoundError at the first evaluation, or at the end)
+    import sys
+
+    from test_cli import in_process
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails, as where it is not installed
+    done = in_process("dpo", "--config", "dpo.yaml", "--output_dir", "no_plots", "--max_steps", "2", cwd=workdir,
+                      monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (workdir / "no_plots" / "model.safetensors").is_file()
+    assert not list((workdir / "no_plots").glob("plots/*.png"))
+    said = [r.getMessage() for r in caplog.records if "matplotlib is not installed" in r.getMessage()]
+    assert len(said) == 1, said  # one warning, however many evaluations
