@@ -358,7 +358,10 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     # a run that fails to start, leave the directory's checkpoints and config.yaml as they were: in agreement)
     settings = {"config.yaml": config_text, **({FINGERPRINT: json.dumps(fingerprint, indent=1)} if fingerprint else {}),
                 **({MODEL_FINGERPRINT: json.dumps(models, indent=1)} if models else {})}  # fmt: skip
-    outputs = [] if resume else stale_outputs(out, overwrite=known.overwrite, keep=inputs)
+    # (resumed into another run's directory with --overwrite: that run's outputs go too, an adapter beside the new
+    # model; not the files this run writes before training begins, its quality report: the replaced run's rewritten)
+    outputs = [] if resume and not foreign else stale_outputs(out, overwrite=known.overwrite, keep=inputs)
+    outputs = [path for path in outputs if path.name not in files]
     when_training_begins(trainer, stale, out, settings, outputs)
     # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation)
     files["dropped_rows.json"] = json.dumps(trainer.dropped_rows, indent=1)

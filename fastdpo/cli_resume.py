@@ -227,9 +227,12 @@ def is_own(out: Path, checkpoint: str) -> bool:
 
 # what a finished run leaves in its directory besides checkpoints, which the run that --overwrite starts may not
 # write again (a LoRA run writes adapter_* where a full run wrote model.safetensors: from_pretrained read both)
+# (the tokenizer's files too: one the new run's tokenizer does not write, a chat template, stayed beside its own)
 RUN_OUTPUTS = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors",
-               "adapter_model.bin", "training_args.bin", "data_quality.md", "data_quality.json", "plots")  # fmt: skip
+               "adapter_model.bin", "training_args.bin", "data_quality.md", "data_quality.json", "plots",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
 
 
 def stale_outputs(out: Path, *, overwrite: bool, keep) -> list[Path]:

@@ -56,6 +56,31 @@ def test_overwrite_removes_the_replaced_runs_model_files(workdir):  # noqa: F811
     assert "adapter_config.json" in names and "model.safetensors" not in names
 
 
+def test_overwrite_keeps_the_new_runs_quality_report_and_drops_the_old_tokenizer_files(workdir):  # noqa: F811
+    # --overwrite over a DPO run: the replaced run's data_quality.* were listed for removal, the new run wrote its own
+    # and then lost them when training began; a tokenizer file the new run's tokenizer does not write (a chat template
+    # where it has none, a slow tokenizer's vocab.json) stayed, and from_pretrained(run) read it with the new one
+    args = ["--config", "dpo.yaml", "--output_dir", "dpo_replaced", "--max_steps", "1", "--eval_strategy", "no",
+            "--eval_fraction", "null"]  # fmt: skip
+    assert fastdpo("dpo", *args, cwd=workdir).returncode == 0
+    (workdir / "dpo_replaced" / "vocab.json").write_text("{}")  # (as the replaced run's tokenizer wrote it)
+    done = fastdpo("dpo", *args, "--overwrite", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = {path.name for path in (workdir / "dpo_replaced").iterdir()}
+    assert {"data_quality.md", "data_quality.json", "tokenizer.json"} <= names
+    assert "vocab.json" not in names
+    # resumed from another run's checkpoint into a LoRA run's directory (--overwrite): the adapter stayed beside the
+    # new full model, and from_pretrained(run) put it on the new weights
+    save = ["--save_strategy", "steps", "--save_steps", "1"]
+    assert fastdpo("dpo", *args, *save, "--output_dir", "dpo_source", cwd=workdir).returncode == 0
+    assert fastdpo("dpo", *args, *LORA, "--overwrite", cwd=workdir).returncode == 0
+    done = fastdpo("dpo", *args, *save, "--max_steps", "2", "--resume", "dpo_source/checkpoint-1", "--overwrite",
+                   cwd=workdir)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = {path.name for path in (workdir / "dpo_replaced").iterdir()}
+    assert "model.safetensors" in names and "adapter_config.json" not in names
+
+
 def test_data_filter_drop_filters_the_evaluation_rows_too(workdir):  # noqa: F811
     # README: the rows of a drop reason go "in the train and eval splits"; the eval split kept them (identical pairs
     # always counted as misses: eval_rewards/accuracies 0.417 where the kept rows give 0.625)
