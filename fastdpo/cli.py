@@ -426,6 +426,10 @@ def _resolve(config_cls, values: dict, flags: list[str]):
         if expected:
             raise ConfigError(f"expected {expected}, got {type(value).__name__} {value!r}", column=key, fix=listing)
     parser = _fields_parser(config_cls)
+    # a list field given one string in the YAML (lora_modules_to_save: norm) is that one item, as its flag makes it:
+    # PEFT walked the string letter by letter (every module ending in n, o, r or m trained in full)
+    lists = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
+    values = {key: [value] if key in lists and isinstance(value, str) else value for key, value in values.items()}
     parser.set_defaults(**values)
 
     def error(message: str):  # argparse's own error prints the whole usage and exits: one line instead

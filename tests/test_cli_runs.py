@@ -351,3 +351,21 @@ def test_a_run_without_matplotlib_saves_its_model_and_skips_the_plots(workdir, m
     assert not list((workdir / "no_plots").glob("plots/*.png"))
     said = [r.getMessage() for r in caplog.records if "matplotlib is not installed" in r.getMessage()]
     assert len(said) == 1, said  # one warning, however many evaluations
+
+
+def test_one_string_for_a_list_field_in_the_yaml_is_that_one_item():
+    # lora_modules_to_save: norm reached PEFT as the string 'norm', which it walked letter by letter: every module whose
+    # name ends in n, o, r or m trained in full (self_attn, act_fn), silently; the flag made it ['norm']
+    from fastdpo.cli import _resolve
+    from fastdpo.cli_model import peft_and_quantization
+    from fastdpo.train import DPOConfig
+
+    values = {"model_name_or_path": "m", "dataset_name": "d", "output_dir": "o", "use_peft": True,
+              "lora_modules_to_save": "norm", "lora_target_modules": "all-linear", "loss_type": "ipo"}  # fmt: skip
+    run_args, args = _resolve(DPOConfig, values, [])
+    flags = _resolve(DPOConfig, {**values, "lora_modules_to_save": None, "lora_target_modules": None},
+                     ["--lora_modules_to_save", "norm", "--lora_target_modules", "all-linear"])[0]  # fmt: skip
+    assert run_args.lora_modules_to_save == flags.lora_modules_to_save == ["norm"]
+    assert list(args.loss_type) == ["ipo"]
+    lora = peft_and_quantization(run_args, None)[0]
+    assert lora.modules_to_save == ["norm"] and lora.target_modules == "all-linear"  # (PEFT's keyword stays one)
