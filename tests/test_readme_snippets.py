@@ -142,17 +142,18 @@ def tokenized_pairs(tokenizer, n: int) -> list[dict]:
 def test_packing_block(tmp_path):
     tokenizer = build_tiny_tokenizer()
     model = tiny_model(tokenizer, tmp_path / "model")()
-    rows = tokenized_pairs(tokenizer, 3)
+    rows = tokenized_pairs(tokenizer, 4)
+    rows[1]["chosen_ids"] = rows[1]["chosen_ids"] * 4  # lengths that differ: the packer reorders the sequences in rows
     ns = run("packing", {"tokenized_rows": rows, "model": model})
-    batch, out = ns["batch"], ns["out"]
-    chosen = out.seq_logps[batch.seq_is_chosen & (batch.seq_pair >= 0)]
-    assert chosen.shape == (3,) and (chosen < 0).all()
-    # pair order: each chosen sum equals the same pair scored alone
+    batch, chosen, rejected = ns["batch"], ns["chosen"], ns["rejected"]
+    assert chosen.shape == rejected.shape == (4,) and (chosen < 0).all() and (rejected < 0).all()
+    assert batch.seq_pair[batch.seq_pair >= 0].tolist() != sorted(batch.seq_pair[batch.seq_pair >= 0].tolist())
+    # pair order: each sum equals the same pair scored alone (the boolean mask of the earlier snippet gave row order)
     for i, row in enumerate(rows):
         alone = ns["pack_pairs"]([row], pack_length=None, max_length=1024, split_pairs=True)
-        single = ns["packed_logps"](model, alone)
-        alone_chosen = single.seq_logps[alone.seq_is_chosen & (alone.seq_pair >= 0)]
-        torch.testing.assert_close(chosen[i], alone_chosen[0], rtol=1e-5, atol=1e-5)  # fp32 sums in another order
+        single = ns["packed_logps"](model, alone).seq_logps[alone.pair_segments()][0]
+        torch.testing.assert_close(chosen[i], single[0], rtol=1e-5, atol=1e-5)  # fp32 sums in another order
+        torch.testing.assert_close(rejected[i], single[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

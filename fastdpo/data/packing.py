@@ -96,6 +96,14 @@ class PackedBatch:
     def padding_fraction(self) -> float:
         return self.num_padding / max(1, self.input_ids.numel())
 
+    def pair_segments(self) -> torch.Tensor:
+        """``[P, 2]``: the segment of each pair's chosen and rejected sequence, in pair order (``pair_ids``): index a
+        per-segment tensor with it (``packed_logps(model, batch).seq_logps[batch.pair_segments()]``). The segments
+        themselves are in row order, which is not the pairs' once their lengths differ."""
+        from fastdpo.ops.segments import pair_segments
+
+        return pair_segments(self.cu_seqlens, self.seq_pair, self.seq_is_chosen)
+
     def flash_attn_kwargs(self) -> dict:
         """Varlen keyword arguments transformers' flash-attention path takes, for all rows flattened."""
         return {
