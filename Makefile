@@ -5,10 +5,12 @@ BIN := $(VENV)/bin
 
 .PHONY: quickstart demo test lint bench-cpu gpu-wheels kernel-report clean
 
-# torch goes first and pinned: a bare `torch` resolved by pip among the other dependencies pulls a multi-GB CUDA build.
+# torch goes first and pinned, so that the other dependencies resolve no other torch. TORCH_INDEX: an index for that
+# step, e.g. https://download.pytorch.org/whl/cpu (PyPI's Linux wheel is the CUDA build: several GB of nvidia-*).
+TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml setup.py csrc/packer.cpp
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
