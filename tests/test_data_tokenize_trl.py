@@ -119,3 +119,31 @@ def test_prompt_only_and_completion_only_limits_are_ours(tokenizer):
     ).dataset[0]
     assert clipped["prompt_ids"] == full["prompt_ids"][-3:]  # the prompt keeps its end
     assert clipped["chosen_ids"] == full["chosen_ids"][:2] and clipped["rejected_ids"] == full["rejected_ids"][:2]
+
+
+def test_a_prompt_whose_tokens_are_cut_is_counted_in_one_warning_every_tokenizer(tokenizer, caplog):
+    # "Assistant: " alone ends in the space token; with its answer the space joins the answer's first word. TRL trains
+    # on prompt + completion's own tokens and warns once; fastdpo did the same silently (DPO, SFT, their streams)
+    from fastdpo.data import prepare_sft, tokenize_sft
+    from fastdpo.data.stream import prepare_sft_stream, prepare_stream
+
+    rows = [{"prompt": "Q: bake bread? Assistant: ", "chosen": "mix flour", "rejected": "no"},
+            {"prompt": "Q: bake bread?", "chosen": " mix flour", "rejected": " no"},
+            {"prompt": "Q: why? Assistant: ", "chosen": "because", "rejected": "no"}]  # fmt: skip
+    space = tokenizer.convert_ids_to_tokens(tokenizer("Assistant: ")["input_ids"])[-1]
+    assert space != tokenizer.convert_ids_to_tokens(tokenizer("Assistant: mix")["input_ids"])[-2]  # (the premise)
+    said = "2 of 3 {} rows: the prompt's end {!r} is not where the prompt + completion tokens have it"
+    with caplog.at_level("WARNING"):
+        tokenize_preferences(prepare_preferences(rows), tokenizer, max_length=None)
+    assert said.format("preference", tokenizer.decode(tokenizer("Assistant: ")["input_ids"][-1:])) in caplog.text
+    assert "e.g. row 0; rows 0, 2." in caplog.text
+    caplog.clear()
+    sft = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in rows]
+    with caplog.at_level("WARNING"):
+        tokenize_sft(prepare_sft(sft), tokenizer, max_length=None)
+    assert "2 of 3 SFT rows: the prompt's end" in caplog.text and "rows 0, 2." in caplog.text
+    # streams: counted as they are read, under flagged_rows
+    stream = prepare_stream(datasets.Dataset.from_list(rows).to_iterable_dataset(), tokenizer, max_length=None)
+    assert len(list(stream.dataset)) == 3 and stream.flagged_rows == {"prompt_not_prefix": [0, 2]}
+    sft_stream = prepare_sft_stream(datasets.Dataset.from_list(sft).to_iterable_dataset(), tokenizer, max_length=None)
+    assert len(list(sft_stream.dataset)) == 3 and sft_stream.flagged_rows == {"prompt_not_prefix": [0, 2]}

@@ -11,8 +11,12 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from fastdpo.data.schema import without_null_arguments
+
+logger = logging.getLogger(__name__)
+PROMPT_CUT = "_prompt_cut"  # the tokenizers' flag column: the prompt's ids past where prompt + completion part
 
 
 class TemplateFailure(Exception):
@@ -91,6 +95,24 @@ def common_prefix_length(ids: list[int], other: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def prompt_cut_why(tokenizer, cut: list[int]) -> str:
+    """What a prompt whose tokens are not the start of prompt + completion's leaves out (``cut``: its ids past where
+    they part): the training sequence's context differs there from the one the prompt alone gives at inference."""
+    return (f"the prompt's end {tokenizer.decode(cut)!r} is not where the prompt + completion tokens have it (a chat "
+            "template that renders the prompt alone otherwise, or tokens merging across the boundary): the "
+            "completion starts where they part")  # fmt: skip
+
+
+def warn_prompt_cuts(cuts: list[list[int]], tokenizer, what: str) -> None:
+    """One counted warning for the rows whose ``cuts`` (``PROMPT_CUT``) are not empty (TRL warns once, of one)."""
+    rows = [row for row, cut in enumerate(cuts) if cut]
+    if rows:
+        more = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+        logger.warning("%d of %d %s rows: %s, e.g. row %d; rows %s. Trained on as TRL trains on them; end the prompts "
+                       "on a token boundary, or use a template that renders the prompt alike alone and with its answer",
+                       len(rows), len(cuts), what, prompt_cut_why(tokenizer, cuts[rows[0]]), rows[0], more)  # fmt: skip
 
 
 def split_pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> tuple[list[int], list[int], list[int]]:

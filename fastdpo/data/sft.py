@@ -37,7 +37,7 @@ from typing import Any
 import datasets
 
 from fastdpo.data.load import as_dataset, load_data, text_columns
-from fastdpo.data.render import common_prefix_length, describe_error
+from fastdpo.data.render import PROMPT_CUT, common_prefix_length, describe_error, warn_prompt_cuts
 from fastdpo.data.schema import (
     is_message_list,
     missing_column,
@@ -348,6 +348,7 @@ def tokenize_sft(
     tokenized = dataset.map(
         tokenize_sft_row, with_indices=True, fn_kwargs=fn_kwargs, num_proc=num_proc, desc="Tokenizing SFT rows"
     )
+    warn_prompt_cuts(tokenized[PROMPT_CUT], tokenizer, "SFT")  # (before any row is dropped: the input's numbering)
     if assistant_only_loss:
         missing = next((i for i, ok in enumerate(tokenized["_has_assistant"]) if not ok), None)
         if missing is not None:
@@ -359,7 +360,8 @@ def tokenize_sft(
             dropped["no_labels_after_truncation"] = gone
             gone_set = set(gone)
             tokenized = tokenized.select([i for i in range(len(tokenized)) if i not in gone_set])
-    tokenized = tokenized.remove_columns([c for c in ("_has_assistant", "_has_labels") if c in tokenized.column_names])
+    tokenized = tokenized.remove_columns([c for c in ("_has_assistant", "_has_labels", PROMPT_CUT)
+                                          if c in tokenized.column_names])  # fmt: skip
     return TokenizedSFT(tokenized, dropped)
 
 
@@ -446,10 +448,10 @@ def tokenize_sft_row(
     version: str,
 ) -> dict:
     assistant_mask = None
-    completion_start = 0
+    completion_start, prompt_cut = 0, []
     if conversational:
         try:
-            input_ids, assistant_mask, completion_start = _encode_conversation(
+            input_ids, assistant_mask, completion_start, prompt_cut = _encode_conversation(
                 example, layout, tokenizer, chat_template, assistant_only_loss
             )
         except DataError:
@@ -467,12 +469,13 @@ def tokenize_sft_row(
         prompt_ids = tokenizer(example["prompt"])["input_ids"]
         input_ids = tokenizer(example["prompt"] + _with_eos(example["completion"], eos_token))["input_ids"]
         completion_start = common_prefix_length(prompt_ids, input_ids)
+        prompt_cut = prompt_ids[completion_start:]
     labels = list(input_ids)
     if completion_only_loss:
         labels = [-100] * completion_start + labels[completion_start:]
     if assistant_mask is not None:
         labels = [token if bit else -100 for token, bit in zip(labels, assistant_mask, strict=False)]
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {PROMPT_CUT: prompt_cut}
     if assistant_only_loss:
         out["_has_assistant"] = assistant_mask is not None and 1 in assistant_mask
     if window is not None:
@@ -488,7 +491,8 @@ def _with_eos(text: str, eos_token: str) -> str:
 
 
 def _encode_conversation(example: dict, layout: str, tokenizer, chat_template, assistant_only_loss: bool):
-    """(input_ids, assistant mask or None, where the completion starts) of one conversational row."""
+    """(input_ids, assistant mask or None, where the completion starts, the prompt's ids past it) of one
+    conversational row."""
     tools = example.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
     kwargs = {"chat_template": chat_template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
@@ -499,13 +503,13 @@ def _encode_conversation(example: dict, layout: str, tokenizer, chat_template, a
 
     if layout == "messages":
         encoded = encode(example["messages"], return_assistant_tokens_mask=assistant_only_loss)
-        completion_start = 0
+        completion_start, prompt_ids = 0, []
     else:
         prompt_ids = encode(example["prompt"], add_generation_prompt=True)["input_ids"]
         encoded = encode(example["prompt"] + example["completion"], return_assistant_tokens_mask=assistant_only_loss)
         completion_start = common_prefix_length(prompt_ids, encoded["input_ids"])
     assistant_mask = list(encoded["assistant_masks"]) if assistant_only_loss else None
-    return list(encoded["input_ids"]), assistant_mask, completion_start
+    return list(encoded["input_ids"]), assistant_mask, completion_start, list(prompt_ids[completion_start:])
 
 
 def learned_messages(row: dict, layout: str) -> list:

@@ -39,6 +39,7 @@ from fastdpo.data.formats import (
     normalize_row,
     preference_renames,
 )
+from fastdpo.data.render import PROMPT_CUT, prompt_cut_why
 from fastdpo.data.schema import missing_column, rename_columns, renamed_row, value_format
 from fastdpo.data.sft import (
     SFT_COLUMNS,
@@ -212,6 +213,8 @@ def _tokenized_batch(batch: dict, indices: list[int], *, kind, tokenizer, max_le
     eos = tokenizer.eos_token if kind == "standard" else None
     tokens = tokenize_preference_batch(batch, indices, tokenizer, eos, "")
     tokens.pop(SAME)  # (a stream's rows are not counted ahead)
+    for cut, index in zip(tokens.pop(PROMPT_CUT), indices, strict=True):
+        _note_prompt_cut(cut, index, tokenizer, prepared)
     if clip != (None, None):
         for i in range(len(indices)):
             example = {name: tokens[name][i] for name in TOKEN_COLUMNS}
@@ -220,6 +223,11 @@ def _tokenized_batch(batch: dict, indices: list[int], *, kind, tokenizer, max_le
     tokens["_keep"] = [_kept(len(prompt_ids), index, max_length, truncation_mode, prepared)
                        for prompt_ids, index in zip(tokens["prompt_ids"], indices, strict=True)]  # fmt: skip
     return tokens
+
+
+def _note_prompt_cut(cut: list[int], index: int, tokenizer, prepared: PreparedStream) -> None:
+    if cut:  # (counted, trained on as it is: as tokenize_preferences and tokenize_sft warn of such rows)
+        prepared.note("flagged", "prompt_not_prefix", index, prompt_cut_why(tokenizer, cut))
 
 
 def _kept(prompt_length: int, index: int, max_length, truncation_mode: str, prepared: PreparedStream) -> bool:
@@ -339,6 +347,7 @@ def _raw_sft_row(example: dict, index: int, *, source: str | None, sharegpt: boo
         column, message, fix = problem
         raise _located(DataError(message, row=index, column=column, fix=fix), example, prepared.name)
     out = tokenize_sft_row(example, index, **tokenize)
+    _note_prompt_cut(out.pop(PROMPT_CUT), index, tokenize["tokenizer"], prepared)
     if tokenize["assistant_only_loss"] and not out.pop("_has_assistant"):
         raise no_assistant_error(learned_messages(example, layout), index, layout)
     return _keep_if_labelled(out, index, tokenize["window"], prepared)

@@ -27,7 +27,15 @@ import datasets
 
 from fastdpo.data.load import as_dataset
 from fastdpo.data.quality import message_problem
-from fastdpo.data.render import TemplateFailure, conversation_ids, describe_error, split_pair, string_ids
+from fastdpo.data.render import (
+    PROMPT_CUT,
+    TemplateFailure,
+    conversation_ids,
+    describe_error,
+    split_pair,
+    string_ids,
+    warn_prompt_cuts,
+)
 from fastdpo.data.schema import is_message_list, source_version
 from fastdpo.errors import ConfigError, DataError, unknown_choice
 
@@ -76,9 +84,12 @@ def tokenize_preference_batch(batch: dict, indices: list[int], tokenizer, eos_to
     else:
         encoded = zip(*string_ids(prompts, chosen, rejected, tokenizer, eos_token), strict=True)
     out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    cuts = []
     for ids in encoded:
         for column, part in zip(out, split_pair(*ids), strict=True):
             out[column].append(part)
+        cuts.append(ids[0][len(out["prompt_ids"][-1]) :])
+    out[PROMPT_CUT] = cuts
     out[SAME] = [chosen == rejected for chosen, rejected in zip(out["chosen_ids"], out["rejected_ids"], strict=True)]
     return out
 
@@ -127,7 +138,8 @@ def tokenize_preferences(
             desc="Clipping prompts and completions",
         )
     same = [row for row, flag in enumerate(tokenized[SAME]) if flag]  # (a column of bools: the ids are not read)
-    tokenized = tokenized.remove_columns(SAME)
+    warn_prompt_cuts(tokenized[PROMPT_CUT], tokenizer, "preference")
+    tokenized = tokenized.remove_columns([SAME, PROMPT_CUT])
     if same:
         logger.warning("%d of %d rows have chosen and rejected of the same tokens (e.g. a chat template that drops "
                        "the reasoning they differ in), rows %s: no preference to learn, trained on as TRL does; "
