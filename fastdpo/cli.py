@@ -3,8 +3,10 @@
     fastdpo dpo --config run.yaml [--beta 0.2 ...] [--overwrite] [--debug]
     fastdpo sft --config run.yaml [...]
     fastdpo env [--json]
-    fastdpo data check|stats DATA [--columns JSON] [--tokenizer T] [--max-length N (check)] [--json] [--limit N]
+    fastdpo data check|stats DATA [--columns JSON] [--tokenizer T] [--max-length N --truncation-mode M (check)] [--json]
+                                  [--limit N]
     fastdpo data filter DATA OUT [--drop REASONS] [--where 'chosen_score >= 8'] [--tokenizer T] [--max-length N]
+                                 [--truncation-mode M]
     fastdpo data pairs DATA OUT [--strategy best_vs_worst] [--margin M]     (rated completions → pairs)
     fastdpo data split DATA TRAIN_OUT EVAL_OUT [--test-size 0.1] [--seed 0] (held out by prompt)
 

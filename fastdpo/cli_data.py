@@ -38,6 +38,8 @@ def add_data_parser(commands) -> None:
                                 "(chat_template_error, identical_tokens)")  # fmt: skip
             if name in ("check", "filter"):
                 action.add_argument("--max-length", type=int, help="with --tokenizer: flag rows that would be cut")
+                action.add_argument("--truncation-mode", default="keep_start", choices=("keep_start", "keep_end"),
+                                    help="the training's: under keep_end a long prompt drops no row")  # fmt: skip
         if name in ("check", "stats"):
             action.add_argument("--json", action="store_true")
             action.add_argument("--limit", type=int, help="only the first N rows, streamed: a large file or hub "
@@ -103,7 +105,8 @@ def run_data(known: argparse.Namespace) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(known.tokenizer)
     if known.action in ("check", "stats"):
-        report = check_preferences(checked, tokenizer, max_length=getattr(known, "max_length", None))
+        report = check_preferences(checked, tokenizer, max_length=getattr(known, "max_length", None),
+                                   truncation_mode=getattr(known, "truncation_mode", "keep_start"))  # fmt: skip
         if known.action == "stats":
             print(json.dumps(report.length_stats, indent=1) if known.json else _stats_table(report.length_stats))
         else:
@@ -112,7 +115,8 @@ def run_data(known: argparse.Namespace) -> int:
     if known.action == "filter":  # judged as the trainers read the rows; those kept written under fastdpo's names
         reasons = known.drop.split(",") if known.drop else None
         mapped = _mapped(dataset, known.columns) if known.columns else dataset  # (under fastdpo's column names)
-        report = check_preferences(checked, tokenizer, max_length=known.max_length)
+        report = check_preferences(checked, tokenizer, max_length=known.max_length,
+                                   truncation_mode=known.truncation_mode)  # fmt: skip
         rows = report.dropped_rows(_where_view(checked, mapped), reasons, where=known.where)
         gone = {row for removed in rows.values() for row in removed}
         kept = mapped.select([row for row in range(len(dataset)) if row not in gone])

@@ -147,3 +147,27 @@ def test_a_prompt_whose_tokens_are_cut_is_counted_in_one_warning_every_tokenizer
     assert len(list(stream.dataset)) == 3 and stream.flagged_rows == {"prompt_not_prefix": [0, 2]}
     sft_stream = prepare_sft_stream(datasets.Dataset.from_list(sft).to_iterable_dataset(), tokenizer, max_length=None)
     assert len(list(sft_stream.dataset)) == 3 and sft_stream.flagged_rows == {"prompt_not_prefix": [0, 2]}
+
+
+def test_the_quality_report_counts_what_truncation_leaves_and_the_cut_prompts(tokenizer, tmp_path):
+    # chosen and rejected differing past max_length only train as the same tokens (TRL's collator cuts both): they
+    # were will_be_truncated; under keep_end a long prompt drops no row (TRL keeps it), yet the report dropped it
+    from fastdpo.data import check_preferences
+
+    shared = " the same long answer" * 6
+    rows = [{"prompt": "Q?", "chosen": shared + " yes", "rejected": shared + " no"},
+            {"prompt": " ".join(["word"] * 30) + "?", "chosen": " Fine.", "rejected": " Bad."},
+            {"prompt": "Q? Assistant: ", "chosen": "mix", "rejected": "no"}]  # fmt: skip
+    pairs = prepare_preferences(rows)
+    ids = tokenize_preferences(pairs, tokenizer, max_length=None).dataset
+    max_length = len(ids[0]["prompt_ids"]) + len(ids[0]["chosen_ids"]) - 3  # (cuts both before they differ)
+    assert len(ids[1]["prompt_ids"]) >= max_length  # (row 1's prompt fills it)
+    for mode, same in (("keep_start", True), ("keep_end", False)):  # TRL's own collator: what it trains on
+        collated = DataCollatorForPreference(pad_token_id=0, max_length=max_length, truncation_mode=mode)([ids[0]])
+        assert collated["input_ids"][0].equal(collated["input_ids"][1]) is same  # (rows: chosen, rejected)
+    start = check_preferences(pairs, tokenizer, max_length=max_length)
+    assert start.rows["identical_tokens"] == [0] and start.rows["prompt_fills_max_length"] == [1]
+    assert start.rows["prompt_not_prefix"] == [2]
+    end = check_preferences(pairs, tokenizer, max_length=max_length, truncation_mode="keep_end")
+    assert "prompt_fills_max_length" not in end.rows and 1 in end.rows["will_be_truncated"]
+    assert 0 not in end.rows.get("identical_tokens", [])  # (keep_end keeps the ends, where they differ)

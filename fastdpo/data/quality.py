@@ -17,7 +17,8 @@ Precedence: each problem is reported once per row, and never one that only follo
 3. Between rows, for rows that passed 1-2: ``duplicate``. The first copy is kept and carries every other finding;
    later copies get ``duplicate`` and nothing else (exact copies are never ``contradictory``).
 4. The *valid pairs* (rows that passed 1-3) only: ``chat_template_error``, else ``identical_tokens``, else
-   ``prompt_fills_max_length``, else ``will_be_truncated``; ``contradictory``; ``length_ratio``; the length
+   ``prompt_fills_max_length`` (``keep_start`` only), else ``will_be_truncated``; ``prompt_not_prefix``;
+   ``contradictory``; ``length_ratio``; the length
    statistics and the length bias.
 
 ``bad_score``, ``tie``, else ``small_score_margin``, look only at ``status`` and the scores: all rows but later copies.
@@ -41,9 +42,10 @@ from typing import Any
 import datasets
 
 from fastdpo.data.quality_lengths import ABSENT, check_lengths
+from fastdpo.data.render import TRUNCATION_MODES
 from fastdpo.data.schema import PREFERENCE_COLUMNS, content_text, is_text_part, without_none
 from fastdpo.data.where import where_mask
-from fastdpo.errors import ConfigError, DataError, close_match
+from fastdpo.errors import ConfigError, DataError, close_match, unknown_choice
 
 DROP, WARN = "drop", "warn"
 # Row reasons in precedence order (filter() counts a row under the first of its reasons in this order)
@@ -58,9 +60,13 @@ REASONS: dict[str, tuple[str, str]] = {
     "identical": (DROP, "chosen == rejected (whitespace aside)"),
     "duplicate": (DROP, "same prompt, chosen and rejected as an earlier row"),
     "chat_template_error": (DROP, "the chat template failed on the prompt, or on the prompt + a completion"),
-    "identical_tokens": (DROP, "chosen and rejected are the same tokens (the chat template renders them alike)"),
+    "identical_tokens": (
+        DROP,
+        "chosen and rejected are the same tokens (a template renders them alike, or cut to max_length)",
+    ),
     "prompt_fills_max_length": (DROP, "the prompt alone has >= max_length tokens"),
     "will_be_truncated": (WARN, "prompt + a completion longer than max_length"),
+    "prompt_not_prefix": (WARN, "the prompt's tokens are not how prompt + completion begin: its end is cut"),
     "contradictory": (WARN, "another row prefers the other completion for the same prompt"),
     "bad_score": (WARN, "chosen_score or rejected_score present but not a finite number (NaN, inf, text)"),
     "tie": (WARN, "status 'tie', or equal scores"),
@@ -205,6 +211,7 @@ def check_preferences(
     max_length: int | None = None,
     min_score_margin: float | None = None,
     length_ratio_warn: float | None = 3.0,
+    truncation_mode: str = "keep_start",
 ) -> QualityReport:
     """Check every row of a preference dataset (see the module docstring for the reasons and their precedence).
 
@@ -212,6 +219,8 @@ def check_preferences(
         dataset: a ``datasets.Dataset`` or a list of dicts, columns named ``prompt``/``chosen``/``rejected``.
         tokenizer: enables token statistics, and with ``max_length`` the truncation checks.
         max_length: the training ``max_length`` (prompt + completion tokens).
+        truncation_mode: the training's (``keep_start``: a prompt that fills ``max_length`` drops the row, as TRL
+            drops it; ``keep_end`` keeps the sequence's end: no row is dropped for it).
         min_score_margin: warn when ``chosen_score - rejected_score`` is below it.
         length_ratio_warn: warn when one completion has more than this many times the other's characters (None: off).
     """
@@ -219,6 +228,8 @@ def check_preferences(
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least):
             floor = f" ≥ {least}" if least > -math.inf else ""
             raise ConfigError(f"must be a number{floor} or None, got {value!r}", column=name)
+    if truncation_mode not in TRUNCATION_MODES:
+        raise unknown_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
     num_rows, names, columns = _read_columns(dataset)
     found = _Findings()
     warnings: list[str] = []
@@ -236,6 +247,7 @@ def check_preferences(
     length_stats, bias = check_lengths(
         pairs, columns, text_columns, majority, found,
         tokenizer=tokenizer, max_length=max_length, length_ratio_warn=length_ratio_warn,
+        truncation_mode=truncation_mode,
     )  # fmt: skip
     fraction = bias["chosen_longer_fraction"] if bias else None
     if fraction is not None and not 0.3 <= fraction <= 0.7:

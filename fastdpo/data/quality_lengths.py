@@ -9,7 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from fastdpo.data.render import TemplateFailure, conversation_ids, describe_error, split_pair, string_ids
+from fastdpo.data.render import (
+    TemplateFailure,
+    conversation_ids,
+    describe_error,
+    prompt_cut_why,
+    prompt_fills,
+    split_pair,
+    string_ids,
+    truncate,
+)
 from fastdpo.data.schema import content_text
 
 ABSENT = object()  # a key missing from a row of a list input (None is a value there)
@@ -22,7 +31,8 @@ def _chars(value: str | list) -> int:
     return len(value) if isinstance(value, str) else sum(len(content_text(m.get("content")) or "") for m in value)
 
 
-def check_lengths(pairs, columns, text_columns, majority, found, *, tokenizer, max_length, length_ratio_warn):
+def check_lengths(pairs, columns, text_columns, majority, found, *, tokenizer, max_length, length_ratio_warn,
+                  truncation_mode: str = "keep_start"):  # fmt: skip
     """length_ratio, the token checks, and (length_stats, length_bias) over the valid pairs."""
     chars = {c: [_chars(columns[c][row]) for row in pairs] for c in text_columns}
     if length_ratio_warn is not None:
@@ -32,17 +42,23 @@ def check_lengths(pairs, columns, text_columns, majority, found, *, tokenizer, m
                 found.add(row, "length_ratio", f"{ratio:.1f}x: chosen {a:,} chars, rejected {b:,}")
     stats: dict[str, Any] = {"pairs": len(pairs), "chars": {c: _summary(v) for c, v in chars.items() if v}}
     if tokenizer is not None and pairs:
-        tokens, errors, same = _token_counts(tokenizer, pairs, columns, majority, "prompt" in text_columns)
+        window = (max_length, truncation_mode)
+        tokens, errors, same, same_cut, cuts = _token_counts(tokenizer, pairs, columns, majority,
+                                                             "prompt" in text_columns, window)  # fmt: skip
         for k, row in enumerate(pairs):
             prompt, chosen, rejected = (tokens[c][k] for c in TOKEN_COLUMNS)
+            if k in cuts:
+                found.add(row, "prompt_not_prefix", cuts[k])
             if k in errors:
                 found.add(row, "chat_template_error", errors[k][1], column=errors[k][0])
             elif k in same:
                 found.add(row, "identical_tokens", f"the same {chosen:,} tokens")
             elif max_length is None:
                 continue
-            elif prompt >= max_length:
+            elif prompt_fills(prompt, max_length, truncation_mode):
                 found.add(row, "prompt_fills_max_length", f"prompt {prompt:,} tokens >= max_length {max_length:,}")
+            elif k in same_cut:  # (they differ past max_length only: TRL trains on the pair with a zero gradient)
+                found.add(row, "identical_tokens", f"the same tokens once cut to max_length {max_length:,}")
             elif prompt + max(chosen, rejected) > max_length:
                 longest = prompt + max(chosen, rejected)
                 found.add(row, "will_be_truncated", f"{longest:,} tokens > max_length {max_length:,}")
@@ -78,13 +94,17 @@ def _summary(values: list[int]) -> dict[str, Any] | None:
     }
 
 
-def _token_counts(tokenizer, pairs, columns, majority, has_prompt):
+def _token_counts(tokenizer, pairs, columns, majority, has_prompt, window):
     """Per column (prompt, chosen, rejected), the token count of each valid pair (None where the chat template
     failed); the failures by index, as (column, the template's error); the indices whose chosen and rejected are
-    the same tokens. Counted ``_CHUNK`` rows at a time: the ids of no more are held."""
+    the same tokens, and those that are only once cut as TRL's collator cuts them (``window``: ``max_length``,
+    ``truncation_mode``); the indices whose prompt's tokens are cut (``prompt_cut_why``). Counted ``_CHUNK`` rows
+    at a time: the ids of no more are held."""
     counts: dict[str, list] = {c: [] for c in TOKEN_COLUMNS}
     errors: dict[int, tuple[str, str]] = {}
     same: set[int] = set()
+    same_cut: set[int] = set()
+    cuts: dict[int, str] = {}
     eos = getattr(tokenizer, "eos_token", None)
     for begin in range(0, len(pairs), _CHUNK):
         rows = pairs[begin : begin + _CHUNK]
@@ -104,9 +124,15 @@ def _token_counts(tokenizer, pairs, columns, majority, has_prompt):
             split = split_pair(*ids) if ids is not None else (None, None, None)
             for column, part in zip(TOKEN_COLUMNS, split, strict=True):
                 counts[column].append(None if part is None else len(part))
-            if ids is not None and split[1] == split[2]:
+            if ids is None:
+                continue
+            if split[1] == split[2]:
                 same.add(k)
-    return counts, errors, same
+            elif truncate(split[0], split[1], *window)[0] == truncate(split[0], split[2], *window)[0]:
+                same_cut.add(k)
+            if len(split[0]) < len(ids[0]):
+                cuts[k] = prompt_cut_why(tokenizer, ids[0][len(split[0]) :])
+    return counts, errors, same, same_cut, cuts
 
 
 def _example(columns, row: int, has_prompt: bool) -> dict:

@@ -14,8 +14,10 @@ import json
 import logging
 
 from fastdpo.data.schema import without_null_arguments
+from fastdpo.errors import unknown_choice
 
 logger = logging.getLogger(__name__)
+TRUNCATION_MODES = ("keep_start", "keep_end")
 PROMPT_CUT = "_prompt_cut"  # the tokenizers' flag column: the prompt's ids past where prompt + completion part
 
 
@@ -120,3 +122,24 @@ def split_pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> tup
     prompt+completion ids stop agreeing."""
     start = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
     return prompt[:start], chosen[start:], rejected[start:]
+
+
+def prompt_fills(prompt_length: int, max_length: int | None, truncation_mode: str) -> bool:
+    """Whether a prompt of ``prompt_length`` tokens leaves nothing to learn: it fills ``max_length`` under
+    ``keep_start`` (TRL drops such rows)."""
+    return max_length is not None and truncation_mode == "keep_start" and prompt_length >= max_length
+
+
+def truncate(
+    prompt_ids: list[int], completion_ids: list[int], max_length: int | None, truncation_mode: str = "keep_start"
+) -> tuple[list[int], list[int]]:
+    """(input_ids, completion_mask) of one sequence, as TRL's ``DataCollatorForPreference`` builds it."""
+    ids = list(prompt_ids) + list(completion_ids)
+    mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
+    if max_length is None:
+        return ids, mask
+    if truncation_mode == "keep_start":
+        return ids[:max_length], mask[:max_length]
+    if truncation_mode == "keep_end":
+        return ids[-max_length:], mask[-max_length:]
+    raise unknown_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)

@@ -27,13 +27,16 @@ import datasets
 
 from fastdpo.data.load import as_dataset
 from fastdpo.data.quality import message_problem
-from fastdpo.data.render import (
+from fastdpo.data.render import (  # (truncate, prompt_fills: here for those that import them from here)
     PROMPT_CUT,
+    TRUNCATION_MODES,
     TemplateFailure,
     conversation_ids,
     describe_error,
+    prompt_fills,
     split_pair,
     string_ids,
+    truncate,  # noqa: F401 (imported from here by fastdpo.data, packing, compare)
     warn_prompt_cuts,
 )
 from fastdpo.data.schema import is_message_list, source_version
@@ -41,7 +44,6 @@ from fastdpo.errors import ConfigError, DataError, unknown_choice
 
 logger = logging.getLogger(__name__)
 
-TRUNCATION_MODES = ("keep_start", "keep_end")
 _VERSION = source_version(__file__)
 
 
@@ -148,12 +150,6 @@ def tokenize_preferences(
     return drop_filling_prompts(tokenized, max_length, truncation_mode)
 
 
-def prompt_fills(prompt_length: int, max_length: int | None, truncation_mode: str) -> bool:
-    """Whether a prompt of ``prompt_length`` tokens leaves nothing to learn: it fills ``max_length`` under
-    ``keep_start`` (TRL drops such rows)."""
-    return max_length is not None and truncation_mode == "keep_start" and prompt_length >= max_length
-
-
 def drop_filling_prompts(tokenized: datasets.Dataset, max_length: int | None,
                          truncation_mode: str) -> TokenizedPreferences:  # fmt: skip
     """``tokenized`` (with ``prompt_ids``) without the rows whose prompt fills ``max_length`` (``prompt_fills``),
@@ -241,18 +237,3 @@ def clip_lengths(example: dict, *, max_prompt: int | None, max_completion: int |
         out["chosen_ids"] = example["chosen_ids"][:max_completion]
         out["rejected_ids"] = example["rejected_ids"][:max_completion]
     return out
-
-
-def truncate(
-    prompt_ids: list[int], completion_ids: list[int], max_length: int | None, truncation_mode: str = "keep_start"
-) -> tuple[list[int], list[int]]:
-    """(input_ids, completion_mask) of one sequence, as TRL's ``DataCollatorForPreference`` builds it."""
-    ids = list(prompt_ids) + list(completion_ids)
-    mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
-    if max_length is None:
-        return ids, mask
-    if truncation_mode == "keep_start":
-        return ids[:max_length], mask[:max_length]
-    if truncation_mode == "keep_end":
-        return ids[-max_length:], mask[-max_length:]
-    raise unknown_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
