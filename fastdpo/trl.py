@@ -321,6 +321,10 @@ class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, trl.SFTTrain
     def _metric_gather(self):
         return self.accelerator.gather_for_metrics  # TRL's (its end-of-data trimming too)
 
+    def _aux_loss_trained(self) -> bool:
+        # TRL's label-smoothed loss is its smoother's over the logits alone: the aux loss is logged, not trained
+        return not (self.args.label_smoothing_factor and self.args.loss_type == "nll")
+
     def __init__(self, model, args: trl.SFTConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_loss_func=None, compute_metrics=None,
                  callbacks=None, optimizers=(None, None), optimizer_cls_and_kwargs=None,

@@ -184,12 +184,16 @@ class PackedSFTLoss:
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's targets and DDP averages the gradients over processes
             loss = loss * self.accelerator.num_processes
-        if out.aux_loss is not None:
+        if out.aux_loss is not None and self._aux_loss_trained():
             # a per-micro-batch mean (DDP averages it over processes): averaged over the accumulation steps, as TRL
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.aux_loss_coef * out.aux_loss / steps
         self._record_metrics(out, batch, "train" if model.training else "eval")
         return (loss, {}) if return_outputs else loss
+
+    def _aux_loss_trained(self) -> bool:
+        """Whether the MoE aux loss joins the loss (it is logged either way): always here."""
+        return True
 
     def _metric_gather(self):
         """How the metrics' sums are gathered over processes: ``gather`` (not ``gather_for_metrics``, whose
