@@ -167,3 +167,32 @@ def test_text_parts_and_the_roles_templates_render_are_tokenized_as_trl_does(tmp
     joined = prepare_preferences([{**rows[0], "input": "Today."}])[0]["prompt"][0]["content"]
     plain = prepare_preferences([{**rows[0], "prompt": [user("What color is the sky?")], "input": "Today."}])
     assert "".join(p["text"] for p in joined) == plain[0]["prompt"][0]["content"]
+
+
+def test_assistant_only_loss_takes_trls_training_template_of_a_known_template(tmp_path):
+    # Qwen2.5's template as its models ship it has no {% generation %} markers: TRL's SFTTrainer swaps in its training
+    # version (get_training_chat_template) and trains; fastdpo's refused every row ("has no assistant tokens")
+    import os
+
+    import torch
+    from test_train_sft import common_args, message_rows, tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    trl = pytest.importorskip("trl")
+    tokenizer = build_tiny_tokenizer()
+    with open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", "qwen2_5.jinja")) as file:
+        tokenizer.chat_template = file.read()
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(tmp_path / "model")
+    logs = {}
+    for name, trainer_cls, config_cls in (("ours", SFTTrainer, SFTConfig), ("trl", trl.SFTTrainer, trl.SFTConfig)):
+        args = config_cls(**common_args(tmp_path, name, assistant_only_loss=True, packing=False, max_length=64))
+        model = LlamaForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+        trainer = trainer_cls(model=model, args=args, train_dataset=message_rows(12), processing_class=tokenizer)
+        trainer.train()
+        logs[name] = [log for log in trainer.state.log_history if "loss" in log]
+    for step in (0, 1):
+        for key in ("loss", "grad_norm", "num_tokens"):  # fp32 sums in another order
+            assert logs["ours"][step][key] == pytest.approx(logs["trl"][step][key], rel=1e-4), (step, key)

@@ -533,8 +533,9 @@ def no_assistant_error(messages: list, row: int, layout: str) -> DataError:
         "has no assistant tokens in the chat template's assistant mask",
         row=row,
         column=column,
-        fix="the chat template needs {% generation %} markers around assistant turns: pass chat_template= with "
-        "them, or set assistant_only_loss=False",
+        fix="the chat template needs {% generation %} markers around assistant turns: use one with them "
+        "(SFTConfig's chat_template_path, tokenize_sft's chat_template; with TRL installed, SFTTrainer takes TRL's "
+        "training version of known templates), or set assistant_only_loss=False",
     )
 
 

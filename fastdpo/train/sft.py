@@ -356,6 +356,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
                 prepared, tokenizer, max_length=None if packing else args.max_length,
                 truncation_mode=args.truncation_mode, completion_only_loss=completion_only_loss,
                 assistant_only_loss=args.assistant_only_loss, num_proc=args.dataset_num_proc,
+                chat_template=training_template(tokenizer, args.assistant_only_loss),
             )  # fmt: skip
             dataset = tokenized.dataset
             if tokenized.dropped_rows:
@@ -383,6 +384,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
             dataset, tokenizer, text_field=text_field, max_length=None if packing else args.max_length,
             truncation_mode=args.truncation_mode, completion_only_loss=completion_only_loss,
             assistant_only_loss=args.assistant_only_loss, formatting_func=self._formatting_func, name=name,
+            chat_template=training_template(tokenizer, args.assistant_only_loss),
         )  # fmt: skip
         self.dropped_rows[name] = prepared.dropped_rows  # filled as the stream is read
         self._streams.append(prepared)
@@ -484,6 +486,25 @@ def _set_special_tokens(model: nn.Module, tokenizer, args: SFTConfig, *, set_pad
             tokenizer.chat_template = file.read()
     if set_pad:  # after eos_token: the pad falls back to the EOS set here
         set_pad_token(model, tokenizer, args.pad_token, mirror=True)
+
+
+def training_template(tokenizer, assistant_only_loss: bool) -> str | None:
+    """TRL's training template for ``assistant_only_loss`` where the tokenizer's has no ``{% generation %}`` markers
+    (TRL's ``get_training_chat_template``: Qwen2.5/3, Llama 3, Gemma, Phi-3, ... with the markers added), as TRL's
+    SFTTrainer swaps it in; None (the tokenizer's own) otherwise, or where TRL is not installed."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not assistant_only_loss or not isinstance(template, str):
+        return None
+    try:
+        from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    except ImportError:
+        return None
+    if has_generation_markers(template):
+        return None
+    try:
+        return get_training_chat_template(tokenizer)
+    except ValueError:  # (a template TRL has no training version of: the rows' check names what is missing)
+        return None
 
 
 def _enable_router_aux_loss(model: nn.Module, args: SFTConfig) -> float:
