@@ -104,7 +104,8 @@ class PackedTokenCount:
     """``include_num_input_tokens_seen="non_padding"`` on packed batches: the Trainer counts the tokens that are not the
     pad token (the batch has no attention mask), so every end-of-sequence token counted as padding where the pad
     token is the EOS (TRL sets it so); the batch's real tokens are counted instead, as TRL's attention mask counts
-    them. ``"all"`` counts the packed rows' tokens: those computed, not TRL's padded ones."""
+    them. ``"all"`` counts the packed rows' tokens, padding included: those computed (TRL's padded batches hold
+    more, its SFT bfd row fewer)."""
 
     def _track_num_input_tokens(self, inputs):
         if self.args.include_num_input_tokens_seen != "non_padding" or "num_padding" not in inputs:
