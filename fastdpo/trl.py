@@ -39,7 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fastdpo.data.vocabulary import check_token_ids
+from fastdpo.data.vocabulary import check_positions, check_token_ids
 from fastdpo.errors import ConfigError
 
 try:
@@ -142,6 +142,7 @@ class _CheckedEvalSets:
         prepared = super()._prepare_dataset(dataset, *args, **kwargs)
         if getattr(self, "model", None) is not None:  # (in the constructor, before the Trainer's: checked after it)
             check_token_ids(prepared, self.model, "eval")
+            check_positions(prepared, self.model, "eval", self.args.max_length)
         return prepared
 
 
@@ -160,8 +161,9 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          quantization_config=quantization_config, peft_config=peft_config)  # fmt: skip
-        check_token_ids(self.train_dataset, self.model, "train")
-        check_token_ids(self.eval_dataset, self.model, "eval")
+        for split, data in (("train", self.train_dataset), ("eval", self.eval_dataset)):
+            check_token_ids(data, self.model, split)
+            check_positions(data, self.model, split, self.args.max_length)
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.DPOTrainer for vision-language models")  # fmt: skip
@@ -195,6 +197,7 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
         # DeepSpeed, TRL's own forward (its inference engine gathers the sharded weights). The constructor's runs
         # before its token-id check of the sets: checked here first.
         check_token_ids(dataset, self.model, name)
+        check_positions(dataset, self.model, name, self.args.max_length)
         if self.is_deepspeed_enabled:
             collator = getattr(self, "_trl_collator", self.data_collator)
         else:
@@ -343,8 +346,9 @@ class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, trl.SFTTrain
                              optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
                              quantization_config=quantization_config, peft_config=peft_config,
                              formatting_func=formatting_func)  # fmt: skip
-        check_token_ids(self.train_dataset, self.model, "train")
-        check_token_ids(self.eval_dataset, self.model, "eval")
+        for split, data in (("train", self.train_dataset), ("eval", self.eval_dataset)):
+            check_token_ids(data, self.model, split)
+            check_positions(data, self.model, split, self.args.max_length)
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.SFTTrainer for vision-language models")  # fmt: skip

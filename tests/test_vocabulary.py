@@ -108,3 +108,36 @@ def test_a_set_given_to_evaluate_and_the_precompute_are_checked_too(tmp_path):
     with pytest.raises(DataError, match=r"^row 0, column 'prompt_ids': token id \d+ in the eval data"):
         dropin.DPOTrainer(model=load(), ref_model=load(), args=args, train_dataset=pairs, eval_dataset=bad_pairs,
                           processing_class=tokenizer)  # fmt: skip
+
+
+def test_a_sequence_past_a_learned_position_table_is_named_by_every_trainer(tmp_path):
+    # GPT-2's 32 learned positions and max_length 64: "IndexError: index out of range in self" inside the position
+    # embedding at the step that met a long row (TRL's too; a device-side assert on a GPU)
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    load = lambda: GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")  # noqa: E731
+    words = " ".join(["word"] * 40)
+    rows = {"prompt": ["Name a color.", "Q?", "Say it."], "chosen": [" Blue.", " " + words, " Ok."],
+            "rejected": [" Green.", " No.", " No."]}  # fmt: skip
+    pairs = datasets.Dataset.from_dict(rows)
+    texts = datasets.Dataset.from_dict({"prompt": rows["prompt"], "completion": rows["chosen"]})
+    said = r"^row 1, column '(input_ids|prompt_ids)': a sequence of \d+ tokens in the train data: GPT2LMHeadModel has "
+    said += r"a learned position table of 32 positions .* set max_length to at most 32"
+    for trainer_cls, args, data in (
+        (DPOTrainer, DPOConfig(**common_args(tmp_path, "dpo")), pairs),
+        (dropin.DPOTrainer, trl.DPOConfig(**common_args(tmp_path, "trl_dpo")), pairs),
+        (SFTTrainer, SFTConfig(**{**sft_args(tmp_path, "sft"), "max_length": 64, "packing": False}), texts),
+        (dropin.SFTTrainer, trl.SFTConfig(**{**sft_args(tmp_path, "trl_sft"), "max_length": 64}), texts),
+    ):
+        with pytest.raises(DataError, match=said):
+            trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    # cut to the table (max_length 32): trains
+    args = DPOConfig(**{**common_args(tmp_path, "fits"), "max_length": 32, "max_steps": 1})
+    DPOTrainer(model=load(), args=args, train_dataset=pairs, processing_class=tokenizer).train()

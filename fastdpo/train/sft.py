@@ -55,7 +55,7 @@ from fastdpo.data.sft import (
     truncation_window,
 )
 from fastdpo.data.stream import prepare_sft_stream
-from fastdpo.data.vocabulary import check_token_ids
+from fastdpo.data.vocabulary import check_positions, check_token_ids
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model.adapters import (
     is_peft_model,
@@ -294,8 +294,9 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         train_dataset = self._prepare(train_dataset, processing_class, args, args.packing, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare_eval(eval_dataset, processing_class, args)
-        check_token_ids(train_dataset, model, "train", self.dropped_rows)
-        check_token_ids(eval_dataset, model, "eval", self.dropped_rows)
+        for split, data in (("train", train_dataset), ("eval", eval_dataset)):
+            check_token_ids(data, model, split, self.dropped_rows)
+            check_positions(data, model, split, args.max_length, self.dropped_rows)
         self.packed_attention_impl = packed_attention(args.packed_attention)
         collator = data_collator or SequencePacker(pack_length=_pack_length(model, args, self.packed_attention_impl),
                                                    pad_token_id=processing_class.pad_token_id or 0,
@@ -412,6 +413,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         if eval_dataset is not None and not isinstance(eval_dataset, str):
             eval_dataset = self._prepare_eval(eval_dataset, self.processing_class, self.args)
             check_token_ids(eval_dataset, self.model, "eval", self.dropped_rows)
+            check_positions(eval_dataset, self.model, "eval", self.args.max_length, self.dropped_rows)
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     # --- loss and metrics
