@@ -141,3 +141,25 @@ def test_a_sequence_past_a_learned_position_table_is_named_by_every_trainer(tmp_
     # cut to the table (max_length 32): trains
     args = DPOConfig(**{**common_args(tmp_path, "fits"), "max_length": 32, "max_steps": 1})
     DPOTrainer(model=load(), args=args, train_dataset=pairs, processing_class=tokenizer).train()
+
+
+def test_a_sequence_longer_than_the_rows_is_named_when_the_trainer_is_built(tmp_path):
+    # pack_length without max_length (sequences of any length), or packing=False (a pair's two sequences in one
+    # row): the collator refused the long one at the step that met it, naming its place in the batch ("row 1")
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    rows = [{"prompt": f"Q{i}?", "chosen": " Yes.", "rejected": " No."} for i in range(8)]
+    rows[6]["chosen"] = " " + " ".join(["word"] * 60)
+    pairs = datasets.Dataset.from_list(rows)
+    said = r"^row 6, column 'prompt_ids': the "
+    cases = (({"max_length": None, "pack_length": 32}, said + r"sequence is \d+ tokens"),
+             ({"max_length": 40, "pack_length": 40, "packing": False},
+              said + r"pair \(chosen \+ rejected: packing=False\) is \d+ tokens"))  # fmt: skip
+    for options, expected in cases:
+        args = DPOConfig(**{**common_args(tmp_path, "dpo"), **options})
+        with pytest.raises(DataError, match=expected + r" in the train data but pack_length is \d+"):
+            DPOTrainer(model=load(), args=args, train_dataset=pairs, processing_class=tokenizer)
+    rows[6]["chosen"] = " Maybe."
+    args = DPOConfig(**{**common_args(tmp_path, "fits"), "max_length": None, "pack_length": 32, "max_steps": 1})
+    DPOTrainer(model=load(), args=args, train_dataset=datasets.Dataset.from_list(rows),
+               processing_class=tokenizer).train()  # fmt: skip

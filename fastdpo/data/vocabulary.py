@@ -87,28 +87,64 @@ def check_positions(dataset, model, name: str, max_length: int | None, dropped: 
     limit = position_limit(model)
     if limit is None or not isinstance(dataset, datasets.Dataset) or len(dataset) == 0:
         return
-    import numpy as np
-    import pyarrow.compute as pc
-
     names = dataset.column_names
     columns = (["seq_lengths"] if "seq_lengths" in names else ["input_ids"] if "input_ids" in names
                else ["prompt_ids", "chosen_ids", "rejected_ids"])  # fmt: skip
     if not set(columns) <= set(names):
         return
+    found = _first_over(dataset, columns, limit, max_length)
+    if found is not None:
+        row, longest = found
+        raise DataError(f"a sequence of {longest} tokens in the {name} data: {type(model).__name__} has a learned "
+                        f"position table of {limit} positions", row=_input_row(dataset, row, name, dropped),
+                        column=columns[0], fix=f"set max_length to at most {limit} (a longer sequence is cut to it), "
+                        "or drop such rows")  # fmt: skip
+
+
+def check_pack_length(dataset, collator, name: str, dropped: dict | None = None) -> None:
+    """A ``DataError`` at the first row of a tokenized DPO ``dataset`` (a dict of them; streams are not read) whose
+    sequence (or, ``packing=False``, pair) is longer than the rows of ``collator`` (a ``PairPacker`` with a
+    ``pack_length``; ``max_length`` None lets sequences be any length): the collator refused it mid-training,
+    naming its place in the batch."""
+    if isinstance(dataset, dict):
+        for key, part in dataset.items():
+            check_pack_length(part, collator, f"{name}_{key}", dropped)
+        return
+    capacity = getattr(collator, "pack_length", None)
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    if capacity is None or not isinstance(dataset, datasets.Dataset) or not set(columns) <= set(dataset.column_names):
+        return
+    found = _first_over(dataset, columns, capacity, collator.max_length, pairs=not collator.packing)
+    if found is not None:
+        what = "sequence" if collator.packing else "pair (chosen + rejected: packing=False)"
+        raise DataError(f"the {what} is {found[1]} tokens in the {name} data but pack_length is {capacity}",
+                        row=_input_row(dataset, found[0], name, dropped), column="prompt_ids",
+                        fix="raise pack_length (or leave it unset), or set max_length")  # fmt: skip
+
+
+def _first_over(dataset: datasets.Dataset, columns: list[str], limit: int, max_length: int | None,
+                pairs: bool = False) -> tuple[int, int] | None:  # fmt: skip
+    """(row, length) of the first row of ``dataset`` longer than ``limit``: its packed sequences (``seq_lengths``),
+    its ``input_ids``, or its DPO sequences (prompt + each completion, each cut to ``max_length``; ``pairs``: both
+    together); None where none is."""
+    import numpy as np
+    import pyarrow.compute as pc
+
     batches = dataset.select_columns(columns).with_format("arrow").iter(_BATCH)
     for start, batch in zip(range(0, len(dataset), _BATCH), batches, strict=False):
         if columns == ["seq_lengths"]:
             lengths = np.array([max(row or [0]) for row in batch["seq_lengths"].to_pylist()])
         else:
             lengths = [pc.list_value_length(batch[c]).to_numpy(zero_copy_only=False) for c in columns]
-            lengths = lengths[0] if len(lengths) == 1 else lengths[0] + np.maximum(lengths[1], lengths[2])
-        if max_length is not None:
+            if len(lengths) == 3:  # a DPO row: its two sequences, each cut to max_length
+                both = [lengths[0] + lengths[i] for i in (1, 2)]
+                both = [np.minimum(n, max_length) if max_length is not None else n for n in both]
+                lengths = both[0] + both[1] if pairs else np.maximum(*both)
+            else:
+                lengths = lengths[0]
+        if max_length is not None and not pairs:
             lengths = np.minimum(lengths, max_length)
         over = np.nonzero(lengths > limit)[0]
         if over.size:
-            row = _input_row(dataset, start + int(over[0]), name, dropped)
-            longest = int(lengths[over[0]])
-            raise DataError(f"a sequence of {longest} tokens in the {name} data: {type(model).__name__} has a learned "
-                            f"position table of {limit} positions", row=row, column=columns[0],
-                            fix=f"set max_length to at most {limit} (a longer sequence is cut to it), or drop such "
-                            "rows")  # fmt: skip
+            return start + int(over[0]), int(lengths[over[0]])
+    return None

@@ -46,7 +46,7 @@ from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs, p
 from fastdpo.data.sampler import RankBalancedBatchSampler, TokenBudgetBatchSampler
 from fastdpo.data.stream import PreparedStream, first_row, is_tokenized, prepare_stream, prepare_tokenized_stream
 from fastdpo.data.tokenize import drop_filling_prompts, tokenize_preferences
-from fastdpo.data.vocabulary import check_positions, check_token_ids
+from fastdpo.data.vocabulary import check_pack_length, check_positions, check_token_ids
 from fastdpo.errors import ConfigError
 from fastdpo.model.adapters import (
     adapter_reference,
@@ -214,12 +214,13 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         if eval_dataset is not None:
             eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
-        for split, data in (("train", train_dataset), ("eval", eval_dataset)):
-            check_token_ids(data, model, split, self.dropped_rows)
-            check_positions(data, model, split, args.max_length, self.dropped_rows)
         self.packed_attention_impl = packed_attention(args.packed_attention)
         collator = data_collator or packer_for(model, args, self.packed_attention_impl, text_tokenizer.pad_token_id,
                                                pack_length=args.pack_length, packing=args.packing)  # fmt: skip
+        for split, data in (("train", train_dataset), ("eval", eval_dataset)):
+            check_token_ids(data, model, split, self.dropped_rows)
+            check_positions(data, model, split, args.max_length, self.dropped_rows)
+            check_pack_length(data, collator, split, self.dropped_rows)
         self.aux_loss_coef = router_aux_loss_coef(model, args.router_aux_loss_coef)
         if args.disable_dropout:
             for module in model.modules():
@@ -288,6 +289,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
             eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, "eval")
             check_token_ids(eval_dataset, self.model, "eval", self.dropped_rows)
             check_positions(eval_dataset, self.model, "eval", self.args.max_length, self.dropped_rows)
+            check_pack_length(eval_dataset, self.data_collator, "eval", self.dropped_rows)
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _set_signature_columns_if_needed(self) -> None:
