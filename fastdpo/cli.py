@@ -261,10 +261,31 @@ def load_config(known: argparse.Namespace, flags: list[str]):
 
 
 def _unique_keys_loader(path: Path):
-    """A safe YAML loader that refuses a key set twice in one mapping (PyYAML keeps the last silently)."""
+    """A safe YAML loader that refuses a key set twice in one mapping (PyYAML keeps the last silently), and reads
+    scalars as YAML 1.2 does: only true/false are booleans (``save_strategy: no`` is the string "no", not False),
+    ``1e-3`` is a number (PyYAML's YAML 1.1 read it as a string inside a mapping), ``0755`` is 755."""
     from collections.abc import Hashable
 
     import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    replaced = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+    resolvers = yaml.SafeLoader.yaml_implicit_resolvers
+    Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in found if tag not in replaced]
+                                      for first, found in resolvers.items()}  # fmt: skip
+    number = r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
+    for tag, pattern, first in (("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+                                ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
+                                ("float", number, "-+0123456789.")):  # fmt: skip
+        Loader.add_implicit_resolver(f"tag:yaml.org,2002:{tag}", re.compile(f"^(?:{pattern})$"), list(first))
+
+    def integer(loader, node):  # (PyYAML's reads a leading 0 as octal: 0755 → 493)
+        text = loader.construct_scalar(node)
+        return int(text, 0) if text[:2] in ("0o", "0x") else int(text, 10)
+
+    Loader.add_constructor("tag:yaml.org,2002:int", integer)
 
     def mapping(loader, node):
         lines = {}
@@ -280,9 +301,6 @@ def _unique_keys_loader(path: Path):
                                   column="config", fix="keep one of them")  # fmt: skip
             lines[key] = key_node.start_mark.line + 1
         return loader.construct_mapping(node)
-
-    class Loader(yaml.SafeLoader):
-        pass
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     return Loader
@@ -410,6 +428,9 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     listing = f"fastdpo {'sft' if config_cls.__name__ == 'SFTConfig' else 'dpo'} --help lists the fields"
     known = {f.name for cls in (RunArguments, config_cls) for f in dataclasses.fields(cls) if f.init}
     for key in values:
+        if not isinstance(key, str):  # (1: 2, true: x; difflib failed on them)
+            raise ConfigError(f"{key!r} ({type(key).__name__}) is no field name", column="config",
+                              fix=f"keys are field names; {listing}")  # fmt: skip
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = TRL_KEYS.get(key) or (f"did you mean {close[0]!r}?" if close else listing)
@@ -421,6 +442,10 @@ def _resolve(config_cls, values: dict, flags: list[str]):
         for klass in reversed(cls.__mro__)
         for name, hint in vars(klass).get("__annotations__", {}).items()
     }
+    if "debug" in values and not isinstance(values["debug"], (str, list)):  # (it failed inside train(), files written)
+        raise ConfigError(f"expected TrainingArguments' debug options, got {values['debug']!r}", column="debug",
+                          fix="'underflow_overflow' or 'tpu_metrics_debug', or remove it; fastdpo's --debug "
+                          "(tracebacks) is a command-line flag")  # fmt: skip
     if isinstance(values.get("resume_from_checkpoint"), bool):  # TRL's scripts: true resumes the last checkpoint
         values = {**values, "resume_from_checkpoint": str(values["resume_from_checkpoint"]).lower()}
     for key, value in values.items():

@@ -369,3 +369,25 @@ def test_one_string_for_a_list_field_in_the_yaml_is_that_one_item():
     assert list(args.loss_type) == ["ipo"]
     lora = peft_and_quantization(run_args, None)[0]
     assert lora.modules_to_save == ["norm"] and lora.target_modules == "all-linear"  # (PEFT's keyword stays one)
+
+
+def test_yaml_scalars_read_as_yaml_1_2(tmp_path):
+    # PyYAML's YAML 1.1: save_strategy: no was the boolean False ("False is not a valid IntervalStrategy"), 1e-3 in a
+    # mapping the string '1e-3' (lr_scheduler_kwargs failed inside the scheduler), 0755 the octal 493; a key that is no
+    # name (1: 2) crashed difflib; debug: true failed inside train() after the run's files were written
+    import yaml
+
+    from fastdpo.cli import _resolve, _unique_keys_loader
+    from fastdpo.errors import ConfigError
+    from fastdpo.train import DPOConfig
+
+    text = ("model_name_or_path: m\ndataset_name: d\noutput_dir: o\nsave_strategy: no\neval_strategy: no\n"
+            "lr_scheduler_kwargs: {min_lr: 1e-3}\nseed: 0755\nbf16: false\n")  # fmt: skip
+    values = yaml.load(text, Loader=_unique_keys_loader(tmp_path / "run.yaml"))
+    assert values["lr_scheduler_kwargs"] == {"min_lr": 0.001} and values["seed"] == 755 and values["bf16"] is False
+    _, args = _resolve(DPOConfig, values, [])
+    assert (str(args.save_strategy.value), str(args.eval_strategy.value), args.seed) == ("no", "no", 755)
+    debug = "column 'debug': expected TrainingArguments' debug options, got True"
+    for bad, said in (({1: 2}, "column 'config': 1 (int) is no field name"), ({"debug": True}, debug)):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            _resolve(DPOConfig, {**values, **bad}, [])
