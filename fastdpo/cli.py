@@ -452,6 +452,7 @@ def _resolve(config_cls, values: dict, flags: list[str]):
         expected = _scalar_problem(hints.get(key, ""), value)
         if expected:
             raise ConfigError(f"expected {expected}, got {type(value).__name__} {value!r}", column=key, fix=listing)
+    values = _aliases_settled(values, flags)
     parser = _fields_parser(config_cls)
     # a list field given one string in the YAML (lora_modules_to_save: norm) is that one item, as its flag makes it:
     # PEFT walked the string letter by letter (every module ending in n, o, r or m trained in full)
@@ -504,6 +505,27 @@ def _resolve(config_cls, values: dict, flags: list[str]):
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "<class'int'>": int, "<class'float'>": float,
             "<class'str'>": str, "<class'bool'>": bool, "None": type(None), "NoneType": type(None)}  # fmt: skip
+
+
+# transformers 5's deprecated names: the new name wins where both are set, so a saved config.yaml (which records both)
+# ignored a --gradient_checkpointing flag and an edit of that key, silently
+_ALIASES = (("gradient_checkpointing", "activation_checkpointing"),
+            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))  # fmt: skip
+
+
+def _aliases_settled(values: dict, flags: list[str]) -> dict:
+    """``values`` where a deprecated name given as a flag wins over the YAML's new name (flags win); a ``ConfigError``
+    where the YAML sets both names to different values."""
+    given = {flag[2:].split("=")[0].replace("-", "_") for flag in flags if flag.startswith("--")}
+    values = dict(values)
+    for old, new in _ALIASES:
+        if old in given and new not in given:
+            values.pop(new, None)
+            values.pop(old, None)
+        elif old in values and new in values and values[old] != values[new]:
+            raise ConfigError(f"sets {old} {values[old]!r} and {new} {values[new]!r}: the first is the deprecated "
+                              "name of the second", column=old, fix=f"keep {new} only")  # fmt: skip
+    return values
 
 
 def _scalar_problem(hint: str, value) -> str | None:

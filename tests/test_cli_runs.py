@@ -391,3 +391,19 @@ def test_yaml_scalars_read_as_yaml_1_2(tmp_path):
     for bad, said in (({1: 2}, "column 'config': 1 (int) is no field name"), ({"debug": True}, debug)):
         with pytest.raises(ConfigError, match=re.escape(said)):
             _resolve(DPOConfig, {**values, **bad}, [])
+
+
+def test_the_deprecated_checkpointing_name_as_a_flag_wins_over_the_saved_config(tmp_path):
+    # a run's config.yaml records activation_checkpointing and its deprecated name gradient_checkpointing; rerun with
+    # --gradient_checkpointing false, transformers kept the new name's true (silently), and so for an edit of the old
+    from fastdpo.cli import _resolve
+    from fastdpo.errors import ConfigError
+    from fastdpo.train import DPOConfig
+
+    saved = {"model_name_or_path": "m", "dataset_name": "d", "output_dir": "o", "gradient_checkpointing": True,
+             "activation_checkpointing": True}  # fmt: skip
+    assert _resolve(DPOConfig, saved, [])[1].activation_checkpointing is True
+    args = _resolve(DPOConfig, saved, ["--gradient_checkpointing", "false"])[1]
+    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
+    with pytest.raises(ConfigError, match="column 'gradient_checkpointing': sets gradient_checkpointing False and "):
+        _resolve(DPOConfig, {**saved, "gradient_checkpointing": False}, [])
