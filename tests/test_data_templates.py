@@ -48,14 +48,15 @@ def test_token_checks_count_the_prompt_tokenization_keeps_not_the_prompt_rendere
     prompt = len(kept["prompt_ids"])
     alone = tokenizer.apply_chat_template(row["prompt"], tokenize=True, return_dict=True, add_generation_prompt=True)
     assert len(alone["input_ids"]) > prompt  # (what the report counted)
-    assert check_preferences([row], tokenizer, max_length=prompt + 1).rows == {"will_be_truncated": [0]}
+    cut = {"prompt_not_prefix": [0]}  # (the prompt alone's end, which training leaves out: warned of)
+    assert check_preferences([row], tokenizer, max_length=prompt + 1).rows == {**cut, "will_be_truncated": [0]}
     assert len(tokenize_preferences([row], tokenizer, max_length=prompt + 1).dataset) == 1
-    assert check_preferences([row], tokenizer, max_length=prompt).rows == {"prompt_fills_max_length": [0]}
+    assert check_preferences([row], tokenizer, max_length=prompt).rows == {**cut, "prompt_fills_max_length": [0]}
     assert len(tokenize_preferences([row], tokenizer, max_length=prompt).dataset) == 0
     # and the completions: exact too (they were the contents joined, without the template's markers)
     longest = prompt + max(len(kept["chosen_ids"]), len(kept["rejected_ids"]))
-    assert check_preferences([row], tokenizer, max_length=longest).rows == {}
-    assert check_preferences([row], tokenizer, max_length=longest - 1).rows == {"will_be_truncated": [0]}
+    assert check_preferences([row], tokenizer, max_length=longest).rows == cut
+    assert check_preferences([row], tokenizer, max_length=longest - 1).rows == {**cut, "will_be_truncated": [0]}
     stats = check_preferences([row], tokenizer).length_stats["tokens"]
     assert [stats[c]["max"] for c in ("prompt", "chosen", "rejected")] == [
         prompt, len(kept["chosen_ids"]), len(kept["rejected_ids"])
@@ -67,7 +68,7 @@ def test_token_checks_count_the_prompt_tokenization_keeps_not_the_prompt_rendere
     kept = tokenize_preferences([row], tokenizer, max_length=None).dataset[0]
     prompt = len(kept["prompt_ids"])
     assert len(tokenizer(row["prompt"])["input_ids"]) > prompt
-    assert check_preferences([row], tokenizer, max_length=prompt + 1).rows == {"will_be_truncated": [0]}
+    assert check_preferences([row], tokenizer, max_length=prompt + 1).rows == {**cut, "will_be_truncated": [0]}
 
 
 def test_chosen_and_rejected_the_template_renders_alike_are_named(caplog):
@@ -78,7 +79,8 @@ def test_chosen_and_rejected_the_template_renders_alike_are_named(caplog):
         pair(prompt=[user("3+3?")], chosen=[assistant("6.")], rejected=[assistant("7.")]),
     ]  # fmt: skip
     report = check_preferences(rows, tokenizer)
-    assert report.rows == {"identical_tokens": [0]}
+    # (this template renders a prompt alone with a generation prompt it leaves out before an answer: prompt_not_prefix)
+    assert report.rows == {"identical_tokens": [0], "prompt_not_prefix": [0, 1]}
     assert report.severity["identical_tokens"] == "drop"
     kept, dropped = report.filter(rows)
     assert (kept, dropped) == ([rows[1]], {"identical_tokens": 1})
