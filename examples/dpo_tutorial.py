@@ -22,6 +22,7 @@ import datasets
 import torch
 
 from fastdpo.compare import compare, summary
+from fastdpo.data import prepare_preferences
 from fastdpo.train import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 MODEL = "fastdpo:tiny"  # or a hub name, e.g. "Qwen/Qwen2.5-0.5B-Instruct"
@@ -104,7 +105,9 @@ for name in ("eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chos
 # ## Compare the policy with its reference, answer by answer
 
 # %%
-prompts = [(f"held-out {i}", row["prompt"]) for i, row in enumerate(test_data.select(range(8)))]
+# (prepare_preferences: the prompt as training read it, also where a dataset keeps it inside chosen/rejected)
+held_out = prepare_preferences(test_data.select(range(8)))
+prompts = [(f"held-out {i}", prompt) for i, prompt in enumerate(held_out["prompt"])]
 rows = compare(trainer.model, reference, tokenizer, prompts, beta=0.1, samples=2, max_new_tokens=16)
 for row in rows:
     print(f"{row.prompt!r:>24} policy {row.policy.text!r} ({row.policy.reward:+.3f})  reference {row.reference.text!r}")

@@ -32,3 +32,34 @@ def test_tutorial_script_runs_on_the_embedded_default(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "eval_rewards/accuracies:" in done.stdout and "kl_estimate" in done.stdout
     assert (tmp_path / "dpo" / "config.json").is_file() and (tmp_path / "sft" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_tutorial_script_runs_on_a_dataset_laid_out_as_trl_libs_ultrafeedback(tmp_path):
+    # trl-lib/ultrafeedback_binarized (README names it) keeps its prompt inside chosen/rejected: no 'prompt' column,
+    # and the compare cell failed with KeyError: 'prompt' after SFT and DPO had run. A local folder of that layout,
+    # a tiny model folder for the hub model
+    import torch
+    from tiny_tokenizer import build_tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    for split, count in (("train", 16), ("test", 8)):
+        rows = [{"chosen": [{"role": "user", "content": f"{split} question {i}?"},
+                            {"role": "assistant", "content": f"a good answer {i}"}],
+                 "rejected": [{"role": "user", "content": f"{split} question {i}?"},
+                              {"role": "assistant", "content": "no"}],
+                 "score_chosen": 8.0, "score_rejected": 2.0} for i in range(count)]  # fmt: skip
+        (tmp_path / "data" / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = subprocess.run([sys.executable, str(EXAMPLES / "dpo_tutorial.py"), "--model", str(tmp_path / "model"),
+                           "--dataset", str(tmp_path / "data"), "--sft-steps", "2", "--dpo-steps", "2",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kl_estimate" in done.stdout and "test question 7?" in done.stdout  # the held-out prompts compared
