@@ -178,10 +178,8 @@ def _in_cli_terms(error: Exception, command: str) -> Exception:
     mapping = ast.literal_eval(found.group(2))
     if command in COMMANDS:
         option = f"{found.group(1) or ''}dataset_columns: {json.dumps(mapping)} in the YAML"
-    elif command == "data":
+    else:  # data, compare
         option = f"{found.group(1) or ''}--columns '{json.dumps(mapping)}'"
-    else:  # compare takes no column map
-        option = f"rename your column to {next(iter(mapping))!r} in the file"
     return DataError(error.message, row=error.row, column=error.column, fix=error.fix.replace(found.group(0), option))
 
 

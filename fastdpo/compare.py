@@ -481,6 +481,12 @@ def check_counts(args: argparse.Namespace, at_least: dict[str, int], at_most: di
             raise ConfigError(f"must be {bound}, got {value}", column="--" + name.replace("_", "-"))
 
 
+def _columns(text: str) -> dict:
+    from fastdpo.cli import _json_dict
+
+    return _json_dict(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastdpo compare", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--policy", type=Path, required=True, help="the trained model's folder")
@@ -489,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                         "problems), or a .txt/.jsonl/.json file")  # fmt: skip
     parser.add_argument("--pairs", type=Path, help="held-out preference pairs (.jsonl/.json/.parquet/.csv, standard or "
                         "conversational): accuracy, displacement")  # fmt: skip
+    parser.add_argument("--columns", type=_columns, help='the pairs\' column names, e.g. \'{"prompt": "question"}\' '
+                        "(default: the policy run's dataset_columns where the file has those columns)")  # fmt: skip
     parser.add_argument("--samples", type=int, default=4, help="sampled policy answers per prompt (KL estimate)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="at most a quarter of the context")
     parser.add_argument("--beta", type=float, help="of the implicit rewards (default: the β the policy's run "
@@ -568,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, prompt in prompts:  # before the pairs: a prompt compare() cannot take is named first (it checks again)
         _checked_prompt_ids(tokenizer, name, prompt, context, _vocabulary(policy, reference))
     if args.pairs:  # read and checked before the answers are generated, which takes the time
-        args.pairs = read_pairs(args.pairs)
+        args.pairs = read_pairs(args.pairs, args.columns, recorded.get("dataset_columns"))
     # the pairs first: what they cannot do (no chat template, every prompt past the context) before any answer
     pairs = pair_metrics(policy, reference, tokenizer, args.pairs, beta=args.beta) if args.pairs else None
     rows = compare(policy, reference, tokenizer, prompts, beta=args.beta, samples=args.samples,

@@ -174,21 +174,33 @@ def load_tokenizer(policy: Path, reference: Path, *, trust_remote_code: bool = F
         ) from None
 
 
-def read_pairs(path: Path):
-    """The pairs file, loaded and checked (``pair_metrics`` prepares it as the trainers do). Without a ``prompt``
-    column each pair's prompt is the text its chosen and rejected begin with (TRL's implicit prompt), said so; a
-    ConfigError where no pair has one (a prompt column under another name: compare takes no column map)."""
+def read_pairs(path: Path, columns: dict | None = None, recorded: dict | None = None):
+    """The pairs file, loaded and checked (``pair_metrics`` prepares it as the trainers do), its columns renamed by
+    ``columns`` (fastdpo's name → the file's, as ``dataset_columns``), else by the policy run's ``recorded``
+    ``dataset_columns`` where the file has those columns (said so). Without a ``prompt`` column each pair's prompt
+    is the text its chosen and rejected begin with (TRL's implicit prompt), said so; a ConfigError where no pair has
+    one (a prompt column under another name)."""
     from fastdpo.data.load import load_data
     from fastdpo.data.refused import prepare_dropping
 
     raw = load_data(path)
+    known = isinstance(recorded, dict) and recorded and set(recorded.values()) <= set(raw.column_names)
+    if columns is None and known:
+        print(f"--pairs: columns read as the policy's run read its data (dataset_columns {recorded})")
+        columns = recorded
+    if columns:
+        missing = sorted(set(columns.values()) - set(raw.column_names))
+        if missing:
+            raise ConfigError(f"{path} has no column {missing[0]!r} (columns: {', '.join(raw.column_names)})",
+                              column="--columns", fix="map fastdpo's names to the file's columns")  # fmt: skip
+        raw = raw.rename_columns({theirs: ours for ours, theirs in columns.items() if theirs != ours})
     prepared, _, _ = prepare_dropping(raw)  # (what the trainers refuse, refused before any answer is generated)
     if "prompt" not in raw.column_names:
         empty = sum(not prompt for prompt in prepared["prompt"])
         if empty == len(prepared):
             raise ConfigError(f"{path} has no 'prompt' column, and no pair's chosen and rejected begin alike: every "
                               "pair would be scored without its prompt", column="--pairs",
-                              fix=f"rename your prompt column to 'prompt' in the file (columns: "
+                              fix=f"name your prompt column with --columns '{{\"prompt\": \"...\"}}' (columns: "
                               f"{', '.join(raw.column_names)})")  # fmt: skip
         print(f"--pairs: {path} has no 'prompt' column: a pair's prompt is the text its chosen and rejected begin "
               f"with, as the trainers read it ({empty} of {len(prepared)} pairs have none)")  # fmt: skip

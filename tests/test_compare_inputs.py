@@ -106,7 +106,16 @@ def test_pairs_without_a_prompt_column_or_with_pairs_the_trainers_drop(tmp_path,
     (tmp_path / "question.jsonl").write_text(json.dumps({"question": "next: 5 ", "chosen": "6", "rejected": "7"}))
     line = refused([*common, "--pairs", "question.jsonl", "--out", "a"], capsys)
     assert "column '--pairs': question.jsonl has no 'prompt' column" in line
-    assert "rename your prompt column to 'prompt' in the file (columns: question, chosen, rejected)" in line
+    fix = """name your prompt column with --columns '{"prompt": "..."}' (columns: question, chosen, rejected)"""
+    assert fix in line
+    # with --columns, or the columns the policy's run recorded (dataset_columns in its config.yaml): its prompts
+    for flags, note in ((["--columns", '{"prompt": "question"}'], None),
+                        ([], "columns read as the policy's run read its data")):  # fmt: skip
+        (tmp_path / "policy" / "config.yaml").write_text("dataset_columns: {prompt: question}\nbeta: 0.1\n")
+        assert cli(["compare", *common, "--pairs", "question.jsonl", *flags, "--out", f"q{len(flags)}"]) == 0
+        assert note is None or note in capsys.readouterr().out
+        assert json.loads((tmp_path / f"q{len(flags)}" / "compare.json").read_text())["pairs"]["pairs"] == 1
+        (tmp_path / "policy" / "config.yaml").unlink()
     # whole transcripts (HH-RLHF's): the shared start is the prompt, as the trainers read it, and the report says so
     transcripts = [{"chosen": "Human: What color is the sky? Assistant: Blue.", "rejected": "Human: What color "
                     "is the sky? Assistant: Green."}, {"chosen": "hello", "rejected": "bonjour"}]  # fmt: skip

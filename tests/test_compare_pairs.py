@@ -145,7 +145,7 @@ def test_compare_cli_takes_a_conversational_pairs_file_and_names_a_bad_one(tmp_p
     capsys.readouterr()
     assert cli([*common, "--pairs", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out2")]) == 2
     error = capsys.readouterr().err
-    assert "column 'rejected': column not found — rename your column to 'rejected' in the file" in error
+    assert "column 'rejected': column not found — map your column with --columns '{\"rejected\": " in error
     # what only tokenizing finds is found before any answer too: a chat conversation without a chat template
     tokenizer.chat_template = None
     for name, seed in (("plain_policy", 0), ("plain_reference", 1)):
