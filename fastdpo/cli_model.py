@@ -71,10 +71,20 @@ def peft_and_quantization(run_args: AdapterArguments, model_init_kwargs: dict | 
     if run_args.load_in_4bit and run_args.load_in_8bit:
         raise ConfigError("load_in_4bit and load_in_8bit are both set", column="load_in_4bit", fix="pick one")
     quantized = run_args.load_in_4bit or run_args.load_in_8bit
-    if quantized and not run_args.use_peft:
+    from fastdpo.train.loading import is_adapter_folder
+
+    model = getattr(run_args, "model_name_or_path", None)
+    adapter = bool(model) and is_adapter_folder(model)  # (a LoRA run's folder: its adapter trains on)
+    if quantized and not run_args.use_peft and not adapter:
         raise ConfigError("a quantized model trains through adapters only",
                           column="load_in_4bit" if run_args.load_in_4bit else "load_in_8bit",
                           fix="set use_peft: true (QLoRA), or load the model unquantized")  # fmt: skip
+    if adapter and not quantized:  # a QLoRA run's adapter, on its base in full precision: other weights, silently
+        _, key = run_quantization(run_config(Path(model)), Path(model, "config.yaml"))
+        if key:
+            logger.warning("%s's run trained its adapter on its base loaded with %s; this run loads the base in full "
+                           "precision (other weights than it trained on): add --%s to go on as it trained",
+                           model, key, key)  # fmt: skip
     defaults = {f.name: f.default for f in fields(AdapterArguments)}
     ignored = [name for name in _LORA_FIELDS if getattr(run_args, name) != defaults[name]]
     if ignored and not run_args.use_peft:

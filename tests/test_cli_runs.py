@@ -407,3 +407,23 @@ def test_the_deprecated_checkpointing_name_as_a_flag_wins_over_the_saved_config(
     assert args.activation_checkpointing is False and args.gradient_checkpointing is False
     with pytest.raises(ConfigError, match="column 'gradient_checkpointing': sets gradient_checkpointing False and "):
         _resolve(DPOConfig, {**saved, "gradient_checkpointing": False}, [])
+
+
+def test_a_qlora_runs_adapter_goes_on_quantized_as_it_trained(tmp_path, caplog):
+    # a QLoRA SFT run's folder into DPO: --load_in_4bit alone was refused ("trains through adapters only"), with
+    # --use_peft too ("holds a LoRA adapter"), and without either the adapter trained on the full-precision base,
+    # silently (its log-probs 0.3 apart from the SFT model's as trained)
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import peft_and_quantization
+
+    folder = tmp_path / "qlora_sft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base", "peft_type": "LORA"}))
+    (folder / "config.yaml").write_text("use_peft: true\nload_in_4bit: true\n")
+    peft_config, quantization = peft_and_quantization(RunArguments(model_name_or_path=str(folder), load_in_4bit=True),
+                                                      None)  # fmt: skip
+    assert peft_config is None and quantization.load_in_4bit  # the folder's adapter trains on, on a 4-bit base
+    with caplog.at_level("WARNING"):
+        assert peft_and_quantization(RunArguments(model_name_or_path=str(folder)), None) == (None, None)
+    assert "trained its adapter on its base loaded with load_in_4bit" in caplog.text
+    assert "add --load_in_4bit to go on as it trained" in caplog.text
