@@ -431,7 +431,8 @@ def _resolve(config_cls, values: dict, flags: list[str]):
                               fix=f"keys are field names; {listing}")  # fmt: skip
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = TRL_KEYS.get(key) or (f"did you mean {close[0]!r}?" if close else listing)
+            hint = TRL_KEYS.get(key) or _other_command(key, config_cls) or (
+                f"did you mean {close[0]!r}?" if close else listing)  # fmt: skip
             raise ConfigError(f"unknown field {key!r} in the config", column=key, fix=hint)
     # the annotations as written (HfArgumentParser rewrites a dataclass field's type, Optional[float] to float)
     hints = {
@@ -486,9 +487,10 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     except (TypeError, ValueError) as error:  # the configs' own checks (transformers', TRL's): one line
         raise ConfigError(" ".join(str(error).split()), column="config", fix=listing) from None  # (all its lines)
     if rest:
-        names = [r for r in rest if r.startswith("--")]
-        close = difflib.get_close_matches(names[0][2:], known, n=1) if names else []
-        hint = (TRL_KEYS.get(names[0][2:]) if names else None) or (f"did you mean --{close[0]}?" if close else listing)
+        names = [r.split("=")[0][2:] for r in rest if r.startswith("--")]  # (--torch_dtype=bfloat16: its name)
+        close = difflib.get_close_matches(names[0], known, n=1) if names else []
+        hint = (TRL_KEYS.get(names[0]) or _other_command(names[0], config_cls) if names else None) or (
+            f"did you mean --{close[0]}?" if close else listing)  # fmt: skip
         raise ConfigError(f"unknown flags {rest}", column="flags", fix=hint)
     if run_args.model_name_or_path is None or run_args.dataset_name is None:
         raise ConfigError("a run needs model_name_or_path and dataset_name", column="config",
@@ -503,6 +505,17 @@ def _resolve(config_cls, values: dict, flags: list[str]):
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "<class'int'>": int, "<class'float'>": float,
             "<class'str'>": str, "<class'bool'>": bool, "None": type(None), "NoneType": type(None)}  # fmt: skip
+
+
+def _other_command(key: str, config_cls) -> str | None:
+    """A hint for a key of the other command's config (beta in an SFT run, dataset_text_field in a DPO run)."""
+    from fastdpo.train import DPOConfig, SFTConfig
+
+    other = SFTConfig if config_cls.__name__ == "DPOConfig" else DPOConfig
+    if key in {f.name for f in dataclasses.fields(other)} - {f.name for f in dataclasses.fields(config_cls)}:
+        command, this = ("sft", "dpo") if other is SFTConfig else ("dpo", "sft")
+        return f"a field of fastdpo {command}, not of fastdpo {this}: remove it"
+    return None
 
 
 # transformers 5's deprecated names: the new name wins where both are set, so a saved config.yaml (which records both)

@@ -59,6 +59,11 @@ TRL_KEYS = {
     "streaming": "dataset_streaming (ScriptArguments' name)",
     "lora_target_parameters": "not supported: LoRA adapts modules (lora_target_modules)",
     "bnb_4bit_quant_storage": "not supported: 4-bit weights are stored as bitsandbytes stores them by default",
+    "rpo_alpha": "TRL 1.x's RPO is a loss mix: loss_type: [sigmoid, sft] with loss_weights: [1.0, ALPHA]",
+    "max_prompt_length": "not a TRL 1.16 DPOConfig field: max_length cuts prompt + completion (truncation_mode)",
+    "max_completion_length": "not a TRL 1.16 DPOConfig field: max_length cuts prompt + completion (truncation_mode)",
+    "env": "TRL's YAML env: section is not read: set the environment variables in the shell",
+    "lora_rank": "lora_r (TRL's name for the rank)",
 }
 
 _LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",

@@ -427,3 +427,21 @@ def test_a_qlora_runs_adapter_goes_on_quantized_as_it_trained(tmp_path, caplog):
         assert peft_and_quantization(RunArguments(model_name_or_path=str(folder)), None) == (None, None)
     assert "trained its adapter on its base loaded with load_in_4bit" in caplog.text
     assert "add --load_in_4bit to go on as it trained" in caplog.text
+
+
+def test_unknown_keys_get_the_hint_that_applies():
+    # rpo_alpha pointed to cpo_alpha (loss_type cpo only), a DPO key in an SFT run to a near name, --lora_rank to
+    # --local_rank, and --torch_dtype=bfloat16 lost its hint
+    from fastdpo.cli import _resolve
+    from fastdpo.errors import ConfigError
+    from fastdpo.train import DPOConfig, SFTConfig
+
+    base = {"model_name_or_path": "m", "dataset_name": "d", "output_dir": "o"}
+    cases = ((DPOConfig, {"rpo_alpha": 1.0}, [], "loss_type: [sigmoid, sft] with loss_weights: [1.0, ALPHA]"),
+             (SFTConfig, {"beta": 0.1}, [], "a field of fastdpo dpo, not of fastdpo sft"),
+             (DPOConfig, {"dataset_text_field": "t"}, [], "a field of fastdpo sft, not of fastdpo dpo"),
+             (DPOConfig, {}, ["--torch_dtype=bfloat16"], "dtype (its new name)"),
+             (DPOConfig, {}, ["--lora_rank", "4"], "lora_r (TRL's name for the rank)"))  # fmt: skip
+    for config_cls, values, flags, said in cases:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            _resolve(config_cls, {**base, **values}, flags)
