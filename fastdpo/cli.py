@@ -500,6 +500,10 @@ def _resolve(config_cls, values: dict, flags: list[str]):
                           fix='e.g. {"prompt": "question"}')  # fmt: skip
     if run_args.data_filter not in ("drop", "none"):
         raise ConfigError(f"must be 'drop' or 'none', got {run_args.data_filter!r}", column="data_filter")
+    for name in ("model_name_or_path", "ref_model_name_or_path", "dataset_name"):  # ~ as output_dir takes it
+        path = getattr(run_args, name)
+        if isinstance(path, str) and path.startswith("~"):
+            setattr(run_args, name, os.path.expanduser(path))
     return run_args, args
 
 

@@ -445,3 +445,7 @@ def test_unknown_keys_get_the_hint_that_applies():
     for config_cls, values, flags, said in cases:
         with pytest.raises(ConfigError, match=re.escape(said)):
             _resolve(config_cls, {**base, **values}, flags)
+    # ~ in a model or data path, as transformers takes it in output_dir (it read "no folder CWD/~/m")
+    run_args = _resolve(DPOConfig, {**base, "model_name_or_path": "~/m", "dataset_name": "~/d.jsonl"}, [])[0]
+    assert (run_args.model_name_or_path, run_args.dataset_name) == (os.path.expanduser("~/m"),
+                                                                    os.path.expanduser("~/d.jsonl"))  # fmt: skip
