@@ -42,7 +42,7 @@ FIRST_LINES = {
     "packing": "from fastdpo.data import pack_pairs",
     "trainers": "from fastdpo import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer",
     "dropin": "from fastdpo.trl import DPOTrainer",
-    "step": "from fastdpo.train import preference_step",
+    "step": "from fastdpo.ops import LossConfig\nfrom fastdpo.train import preference_step",
 }
 
 
@@ -197,13 +197,12 @@ def test_dropin_block(in_tmp):
 
 def test_step_block(tmp_path):
     from fastdpo.data import pack_pairs
-    from fastdpo.ops import LossConfig
 
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
     policy, reference = load(), load()
     batch = pack_pairs(tokenized_pairs(tokenizer, 3), pack_length=None, max_length=64)
-    ns = run("step", {"policy": policy, "batch": batch, "reference": reference, "LossConfig": LossConfig})
+    ns = run("step", {"policy": policy, "batch": batch, "reference": reference})  # (the block imports the rest)
     out = ns["out"]
     # policy == reference: every reward is 0, the loss log 2
     assert out.loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-6)
