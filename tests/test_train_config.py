@@ -106,3 +106,26 @@ def test_torch_compile_is_said_and_turned_off_by_every_trainer(tmp_path):
                                   processing_class=tokenizer)  # fmt: skip
         assert not trainer.args.torch_compile and trainer.args.torch_compile_backend is None
         assert trainer.accelerator.state.dynamo_plugin.backend.value == "NO", trainer_cls
+
+
+def test_a_triton_head_off_cuda_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch):
+    # it was refused at the first step, from inside the head op (after the data's preparation and the model's load)
+    import datasets
+    from test_train_dpo import common_args, tiny_model
+    from test_train_sft import common_args as sft_args
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    from fastdpo.train import DPOTrainer, SFTConfig, SFTTrainer
+
+    if torch.cuda.is_available():
+        pytest.skip("the trainer's device is CUDA here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    pairs = datasets.Dataset.from_dict({"prompt": ["Q?"], "chosen": [" A."], "rejected": [" B."]})
+    texts = datasets.Dataset.from_dict({"prompt": ["Q?"], "completion": [" A."]})
+    cases = ((DPOTrainer, DPOConfig(**common_args(tmp_path, "d"), head_impl="triton"), pairs),
+             (SFTTrainer, SFTConfig(**sft_args(tmp_path, "s"), head_impl="triton"), texts))  # fmt: skip
+    for trainer_cls, args, data in cases:
+        with pytest.raises(ConfigError, match="column 'head_impl': 'triton' runs on CUDA tensors"):
+            trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer)

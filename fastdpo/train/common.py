@@ -259,7 +259,12 @@ def check_lean_activations(trainer) -> None:
 
 def check_attention_device(trainer) -> None:
     """Refuse to train with flex attention on a CPU, where torch has no backward for it (a ``NotImplementedError``
-    from inside the first step, after its compile); evaluation alone would run. ``check_per_sequence`` too."""
+    from inside the first step, after its compile); evaluation alone would run. ``check_per_sequence`` too; and
+    ``head_impl="triton"`` off CUDA (refused at the first step before), but under the Triton interpreter."""
+    head = getattr(trainer.args, "head_impl", "auto")
+    if head == "triton" and trainer.args.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"'triton' runs on CUDA tensors; the trainer's device is {trainer.args.device.type}",
+                          column="head_impl", fix="use head_impl='auto' (or 'torch') here")  # fmt: skip
     impl = trainer.packed_attention_impl or getattr(trainer.model.config, "_attn_implementation", None)
     if impl and attends_per_sequence(impl):
         model = trainer.accelerator.unwrap_model(trainer.model)
