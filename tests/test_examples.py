@@ -39,17 +39,9 @@ def test_tutorial_script_runs_on_a_dataset_laid_out_as_trl_libs_ultrafeedback(tm
     # trl-lib/ultrafeedback_binarized (README names it) keeps its prompt inside chosen/rejected: no 'prompt' column,
     # and the compare cell failed with KeyError: 'prompt' after SFT and DPO had run. A local folder of that layout,
     # a tiny model folder for the hub model
-    import torch
-    from tiny_tokenizer import build_tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from test_readme_snippets import tiny_model_dir
 
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    tiny_model_dir(tmp_path / "model")  # (a tiny Llama and the tiny tokenizer, with its chat template)
     (tmp_path / "data").mkdir()
     for split, count in (("train", 16), ("test", 8)):
         rows = [{"chosen": [{"role": "user", "content": f"{split} question {i}?"},
