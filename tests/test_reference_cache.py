@@ -171,3 +171,45 @@ def test_reference_options_that_contradict_are_refused(tmp_path):
         with pytest.raises(ConfigError, match=rf"column '{column}'"):
             args = DPOConfig(**common_args(tmp_path, "x"), **options)
             DPOTrainer(load(), args=args, train_dataset=synthetic_pairs(2), processing_class=tokenizer)
+
+
+def test_the_key_is_what_the_values_depend_on_not_a_label(tmp_path, monkeypatch):
+    # (a) computed under bf16 autocast without autocast= (the API, or DeepSpeed's label without its autocast): the
+    # values were keyed as fp32 and a fp32 run read them (1e-3 off); (b) LoRA's alpha scales the same weights
+    # (a run with another alpha read the first's file); (c) an unwritable folder failed after the whole pass
+    from peft import LoraConfig, get_peft_model
+
+    from fastdpo.model.reference_cache import default_cache_dir
+
+    model = tiny_llama(4).float()
+    rows = make_pairs(seed=3, count=5)
+    common = {"cache_dir": tmp_path / "cache", "max_length": None, "progress": False}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = cached_reference_logps(model, rows, **common)
+    full = cached_reference_logps(model, rows, **common)
+    assert len(list((tmp_path / "cache").glob("*.arrow"))) == 2 and not torch.equal(half, full)
+    torch.testing.assert_close(full, compute_reference_logps(model, rows, max_length=None, progress=False),
+                               rtol=0, atol=0)  # fmt: skip
+    adapted = []
+    for alpha in (8, 32):
+        torch.manual_seed(0)
+        lora = get_peft_model(tiny_llama(4).float(), LoraConfig(r=4, lora_alpha=alpha, target_modules=["q_proj"]))
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.5)  # (the same weights in both: seeded)
+        adapted.append(cached_reference_logps(lora, rows, **common))
+    assert not torch.equal(*adapted)  # a file of its own each
+    import fastdpo.model.reference_cache as cache_module
+
+    def unwritable(path, key, values):  # (as a folder the user cannot write: root writes into a chmod'ed one)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cache_module, "write_cache", unwritable)
+    said = "reference log-probs not cached: .*locked .*Permission denied.* ref_cache_dir"
+    with pytest.warns(UserWarning, match=said):
+        values = cached_reference_logps(model, rows, **{**common, "cache_dir": tmp_path / "locked"})
+    assert torch.equal(values, full)
+    monkeypatch.delenv("FASTDPO_CACHE", raising=False)
+    for xdg in ("", "relative/cache"):  # the XDG spec: unset (it wrote into the current folder)
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        assert default_cache_dir().is_absolute()

@@ -15,12 +15,14 @@ written atomically (``fastdpo.atomic``), so an interrupted run leaves no half fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,10 +39,12 @@ TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 def default_cache_dir() -> Path:
     """``$FASTDPO_CACHE/reference_logps``, else ``$XDG_CACHE_HOME/fastdpo/...``, else ``~/.cache/fastdpo/...``."""
-    root = os.environ.get("FASTDPO_CACHE")
+    root = os.environ.get("FASTDPO_CACHE") or None
     if root is None:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastdpo")
-    return Path(root) / "reference_logps"
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        # (an empty or relative XDG_CACHE_HOME is unset, as the XDG spec says: it wrote into the current folder)
+        root = os.path.join(xdg if os.path.isabs(xdg) else os.path.expanduser("~/.cache"), "fastdpo")
+    return Path(root).expanduser() / "reference_logps"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -49,11 +53,17 @@ def default_cache_dir() -> Path:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A hash of every parameter and buffer (names, shapes, dtypes, bytes) and of the model's config."""
+    """A hash of every parameter and buffer (names, shapes, dtypes, bytes), of the model's config and of its PEFT
+    adapters' configs (LoRA's alpha and rsLoRA scale the adapter: the same weights give other log-probs)."""
     digest = hashlib.blake2b(digest_size=16)
     config = getattr(model, "config", None)
     if config is not None:
         digest.update(config.to_json_string(use_diff=False).encode())
+    adapters = getattr(model, "peft_config", None)
+    if isinstance(adapters, dict):
+        for name, adapter in sorted(adapters.items()):
+            settings = adapter.to_dict() if hasattr(adapter, "to_dict") else vars(adapter)
+            digest.update(f"adapter {name}: {json.dumps(settings, sort_keys=True, default=str)}".encode())
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
@@ -181,11 +191,17 @@ def cached_reference_logps(
     adapter_off: bool = False,
 ) -> Tensor:
     """``[rows, 2]`` reference log-probs: read from the cache when a valid file has this key, else computed and
-    written. See the module docstring. ``autocast``: the mixed precision (``"bf16"``, ``"fp16"``) the caller computes
-    them under, a part of the key (the values differ from full precision's); None for none. ``adapter_off``: the
-    caller runs a PEFT ``reference`` with its adapter off (``adapter_reference``), a part of the key."""
+    written. See the module docstring. The mixed precision the values are computed under (``"bf16"``, ``"fp16"``: the
+    caller's ``torch.autocast`` for the reference's device) is a part of the key, read from the autocast in effect;
+    ``autocast``, where given, must agree with it (a label alone keyed fp32 values as bf16, and the other way round).
+    ``adapter_off``: the caller runs a PEFT ``reference`` with its adapter off (``adapter_reference``), a part of
+    the key."""
+    actual = autocast_in_effect(reference)
+    if autocast is not None and autocast != actual:
+        warnings.warn(f"cached_reference_logps(autocast={autocast!r}) but the autocast in effect is {actual}: the "
+                      f"values are keyed as computed, {actual}", stacklevel=2)  # fmt: skip
     key = cache_key(reference, rows, tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode,
-                    ld_alpha=ld_alpha, autocast=autocast, adapter_off=adapter_off)  # fmt: skip
+                    ld_alpha=ld_alpha, autocast=actual, adapter_off=adapter_off)  # fmt: skip
     name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / f"{name}.arrow"
     if path.exists():
@@ -200,8 +216,40 @@ def cached_reference_logps(
     if not bool(torch.isfinite(values).all()):
         bad = torch.nonzero(~torch.isfinite(values).all(1)).flatten()[:5].tolist()
         raise ValueError(f"reference log-probs are not finite at rows {bad}: the reference model overflows there")
-    write_cache(path, key, values)
+    try:
+        write_cache(path, key, values)
+    except OSError as error:  # (after the whole pass: the values are good, only the reuse is lost)
+        why = error.strerror or error
+        warnings.warn(f"reference log-probs not cached: {path.parent} cannot be written ({why}); set ref_cache_dir "
+                      "(or FASTDPO_CACHE) to a writable folder to reuse them", stacklevel=2)  # fmt: skip
     return values
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device) -> Iterator[None]:
+    """``model`` on ``device`` within the block, and back where it was after: the policy a cached reference runs,
+    which the Trainer leaves where it was loaded under DeepSpeed and FSDP (it places the model itself later); the
+    pass ran there, on the host. Left alone: a model on several devices, quantized, or with meta tensors."""
+    devices = {parameter.device for parameter in model.parameters()}
+    quantized = getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None
+    if len(devices) != 1 or devices == {torch.device(device)} or quantized or torch.device("meta") in devices:
+        yield
+        return
+    origin = devices.pop()
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(origin)
+
+
+def autocast_in_effect(model: nn.Module) -> str | None:
+    """``"bf16"``/``"fp16"`` where ``torch.autocast`` is on for ``model``'s device (its first parameter's); None."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device.type if parameter is not None else "cpu"
+    if not torch.is_autocast_enabled(device):
+        return None
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch.get_autocast_dtype(device), "other")
 
 
 def _checksum(values: Tensor) -> str:

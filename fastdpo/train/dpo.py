@@ -60,7 +60,7 @@ from fastdpo.model.attention import attends_per_sequence, packed_attention, use_
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import router_aux_loss_coef
 from fastdpo.model.offload import HostResident
-from fastdpo.model.reference_cache import cached_reference_logps
+from fastdpo.model.reference_cache import cached_reference_logps, on_device
 from fastdpo.ops import LossOutput
 from fastdpo.train.common import (
     NumericsGuard,
@@ -265,7 +265,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
                                       "or use a separate reference")  # fmt: skip
             # no ref_model: the policy, a PEFT one with its adapter off (or its "ref" adapter), as a separate or
             # adapter reference sees it (and TRL's precompute)
-            reference = ref_model.to(self.args.device) if ref_model is not None else model
+            reference = ref_model if ref_model is not None else model  # (on args.device for the pass: on_device)
             adapter_off = ref_model is None and is_peft_model(model)
             self.train_dataset = self._with_reference_logps(reference, self.train_dataset, "train", adapter_off)
             if self.eval_dataset is not None:
@@ -307,15 +307,16 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
                     for key, part in dataset.items()}  # fmt: skip
         args = self.args
         batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
-        precision = self.accelerator.mixed_precision  # "no", "fp16" or "bf16"
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # (a processor holds one)
+        # (the key's precision: the autocast in effect, not accelerate's label, which DeepSpeed's does not apply)
         with (args.main_process_first(local=False, desc=f"reference log-probs ({name})"), self.accelerator.autocast(),
+              on_device(reference, args.device),
               adapter_reference(reference) if adapter_off else nullcontext()):  # fmt: skip
-            values = cached_reference_logps(reference, dataset, cache_dir=args.ref_cache_dir,
-                                            tokenizer=self.processing_class, max_length=args.max_length,
-                                            truncation_mode=args.truncation_mode, batch_size=batch_size,
-                                            head_impl=args.head_impl, progress=not args.disable_tqdm,
-                                            ld_alpha=args.ld_alpha, adapter_off=adapter_off,
-                                            autocast=None if precision == "no" else precision)  # fmt: skip
+            values = cached_reference_logps(reference, dataset, cache_dir=args.ref_cache_dir, tokenizer=tokenizer,
+                                            max_length=args.max_length, truncation_mode=args.truncation_mode,
+                                            batch_size=batch_size, head_impl=args.head_impl,
+                                            progress=not args.disable_tqdm, ld_alpha=args.ld_alpha,
+                                            adapter_off=adapter_off)  # fmt: skip
         dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
         dataset = dataset.add_column(REFERENCE_COLUMNS[0], values[:, 0].tolist())
         return dataset.add_column(REFERENCE_COLUMNS[1], values[:, 1].tolist())
