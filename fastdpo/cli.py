@@ -454,8 +454,11 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     values = _aliases_settled(values, flags)
     parser = _fields_parser(config_cls)
     # a list field given one string in the YAML (lora_modules_to_save: norm) is that one item, as its flag makes it:
-    # PEFT walked the string letter by letter (every module ending in n, o, r or m trained in full)
-    lists = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
+    # PEFT walked the string letter by letter (every module ending in n, o, r or m trained in full). Not where a
+    # string means something of its own: a field that takes a string too (debug's space-separated options,
+    # report_to), and lora_target_modules, whose string PEFT reads as a regular expression (as TRL passes it)
+    takes_string = {name for name, hint in hints.items() if "str|" in hint or "|str" in hint} | {"lora_target_modules"}
+    lists = {action.dest for action in parser._actions if action.nargs in ("+", "*")} - takes_string
     values = {key: [value] if key in lists and isinstance(value, str) else value for key, value in values.items()}
     parser.set_defaults(**values)
 

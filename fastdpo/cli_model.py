@@ -226,6 +226,9 @@ def run_quantization(keys: dict, path: Path):
     or ``(None, None)``: no run wrote them, or the run did not quantize."""
     if not (keys.get("load_in_4bit") or keys.get("load_in_8bit")):
         return None, None
+    # (use_peft as the base was loaded for an adapter: a QLoRA adapter continued with load_in_4bit alone records
+    # use_peft false, and its folder read again was refused as "a quantized model trains through adapters only")
+    keys = {**keys, "use_peft": True}
     run_args = AdapterArguments(**{f.name: keys[f.name] for f in fields(AdapterArguments) if f.name in keys})
     key = "load_in_4bit" if run_args.load_in_4bit else "load_in_8bit"
     try:

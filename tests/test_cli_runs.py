@@ -361,14 +361,16 @@ def test_one_string_for_a_list_field_in_the_yaml_is_that_one_item():
     from fastdpo.train import DPOConfig
 
     values = {"model_name_or_path": "m", "dataset_name": "d", "output_dir": "o", "use_peft": True,
-              "lora_modules_to_save": "norm", "lora_target_modules": "all-linear", "loss_type": "ipo"}  # fmt: skip
+              "lora_modules_to_save": "norm", "lora_target_modules": r".*\.(q|v)_proj", "loss_type": "ipo",
+              "debug": "underflow_overflow"}  # fmt: skip
     run_args, args = _resolve(DPOConfig, values, [])
-    flags = _resolve(DPOConfig, {**values, "lora_modules_to_save": None, "lora_target_modules": None},
-                     ["--lora_modules_to_save", "norm", "--lora_target_modules", "all-linear"])[0]  # fmt: skip
+    flags = _resolve(DPOConfig, {**values, "lora_modules_to_save": None}, ["--lora_modules_to_save", "norm"])[0]
     assert run_args.lora_modules_to_save == flags.lora_modules_to_save == ["norm"]
     assert list(args.loss_type) == ["ipo"]
+    # not where a string means something of its own: PEFT's regular expression (as TRL passes it), debug's options
     lora = peft_and_quantization(run_args, None)[0]
-    assert lora.modules_to_save == ["norm"] and lora.target_modules == "all-linear"  # (PEFT's keyword stays one)
+    assert lora.modules_to_save == ["norm"] and lora.target_modules == r".*\.(q|v)_proj"
+    assert [option.value for option in args.debug] == ["underflow_overflow"]
 
 
 def test_yaml_scalars_read_as_yaml_1_2(tmp_path):
@@ -425,6 +427,12 @@ def test_a_qlora_runs_adapter_goes_on_quantized_as_it_trained(tmp_path, caplog):
     assert peft_config is None and quantization.load_in_4bit  # the folder's adapter trains on, on a 4-bit base
     with caplog.at_level("WARNING"):
         assert peft_and_quantization(RunArguments(model_name_or_path=str(folder)), None) == (None, None)
+    # the DPO run that went on so records use_peft false and load_in_4bit: its folder read again (a third run,
+    # compare) was refused as "a quantized model trains through adapters only"
+    from fastdpo.cli_model import run_quantization
+
+    keys = {"use_peft": False, "load_in_4bit": True}
+    assert run_quantization(keys, folder / "config.yaml")[0].load_in_4bit
     assert "trained its adapter on its base loaded with load_in_4bit" in caplog.text
     assert "add --load_in_4bit to go on as it trained" in caplog.text
 
