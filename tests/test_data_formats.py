@@ -152,6 +152,12 @@ def test_a_folder_of_one_file_per_split_loads_as_load_dataset_finds_its_splits(t
     assert load_data(tmp_path / "one").to_list() == data.to_list()
     datasets.DatasetDict({"train": data, "test": data.select([0])}).save_to_disk(tmp_path / "saved")
     assert len(load_data(tmp_path / "saved", split="test")) == 1 and len(list(load_stream(tmp_path / "saved"))) == 2
+    # one saved Dataset (no splits) gave its rows for any split: a test split evaluated on the training rows
+    data.save_to_disk(tmp_path / "saved_one")
+    assert len(load_data(tmp_path / "saved_one")) == 2
+    for load in (load_data, load_stream):
+        with pytest.raises(DataError, match="saved_one is one saved Dataset, whose one split is 'train': there is no"):
+            load(tmp_path / "saved_one", split="test")
 
 
 def test_a_list_of_row_dicts_is_a_dataset_everywhere_and_bad_rows_are_named():

@@ -73,7 +73,7 @@ def load_data(
         )
     path = Path(source)
     if saved_to_disk(path):
-        return load_data(datasets.load_from_disk(str(path)), split=split)
+        return load_data(_saved(path, split), split=split)
     if path.is_dir():  # one file per split, as datasets finds them (train.jsonl, data/test-00000-of-00001.parquet)
         files = split_files(path)
         if split is None:
@@ -83,6 +83,17 @@ def load_data(
         return _load_local(path, split, text)
     loaded = datasets.load_dataset(str(source), split=split)
     return loaded
+
+
+def _saved(path: Path, split: str | None):
+    """What ``save_to_disk`` wrote at ``path``; a DataError for a split other than train of one saved Dataset (its
+    rows were returned for any split: a held-out split evaluated on the training rows, silently)."""
+    saved = datasets.load_from_disk(str(path))
+    if isinstance(saved, datasets.Dataset) and split not in (None, "train"):
+        raise DataError(f"{path} is one saved Dataset, whose one split is 'train': there is no split {split!r}",
+                        column="split", fix="save a DatasetDict with that split (DatasetDict({'train': ..., "
+                        f"{split!r}: ...}}).save_to_disk), or hold rows out of it (eval_fraction)")  # fmt: skip
+    return saved
 
 
 def saved_to_disk(path: Path) -> bool:
