@@ -314,6 +314,6 @@ def _stats_table(stats: dict) -> str:
 
 def _json_object(text: str) -> dict:
     """``--columns``' JSON object (a list or a string there failed later with an AttributeError traceback)."""
-    from fastdpo.cli import _json_dict
+    from fastdpo.cli_values import _json_dict
 
     return _json_dict(text)

@@ -482,7 +482,7 @@ def check_counts(args: argparse.Namespace, at_least: dict[str, int], at_most: di
 
 
 def _columns(text: str) -> dict:
-    from fastdpo.cli import _json_dict
+    from fastdpo.cli_values import _json_dict
 
     return _json_dict(text)
 
