@@ -180,3 +180,11 @@ def test_the_trainer_seeds_budget_batches_with_data_seed_and_drops_a_short_last_
     dropped = batches(dataloader_drop_last=True)[0]
     assert sum(lengths[i] for i in unset[-1]) < 150  # the last batch is short of the budget here: dropped
     assert dropped == unset[:-1]
+
+
+def test_drop_last_keeps_a_pass_whose_only_batch_is_short():
+    # dataloader_drop_last drops a last batch short of the budget; a set within one budget made no batch at all, and
+    # train() ended at step 0 without a word
+    assert list(TokenBudgetBatchSampler([10, 20], 100, shuffle=False, drop_last=True)) == [[0, 1]]
+    assert list(TokenBudgetBatchSampler([60, 60, 10], 100, shuffle=False, drop_last=True)) == [[0]]  # ([1, 2] short)
+    assert list(TokenBudgetBatchSampler([60, 60, 10], 125, shuffle=False, drop_last=True)) == [[0, 1]]

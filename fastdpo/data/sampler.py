@@ -79,8 +79,8 @@ class TokenBudgetBatchSampler:
                 current, used = [], 0
             current.append(index)
             used += n
-        if current and not (self.drop_last and used < self.max_tokens):
-            batches.append(current)
+        if current and not (self.drop_last and used < self.max_tokens and batches):  # (a pass's only batch is kept:
+            batches.append(current)  # a set within one budget trained 0 steps, silently)
         short = -len(batches) % self.world_size  # the last round's missing batches: the pass's first ones again
         return batches + [batches[i % len(batches)] for i in range(short)] if batches else batches
 
