@@ -169,12 +169,14 @@ def check_batch(batch, expected: list[tuple[int, bool, list[int], list[int]]], p
     assert len(batch.seq_pair) == len(batch.seq_is_chosen) == len(cu) - 1
     ids, positions = batch.input_ids.reshape(-1).tolist(), batch.position_ids.reshape(-1).tolist()
     targets = batch.targets.reshape(-1).tolist()
+    longest = max(len(ids) for _, _, ids, _ in expected)
     seen, used = [], [0] * rows
     for s, (a, b) in enumerate(itertools.pairwise(cu)):
         assert positions[a:b] == list(range(b - a))
         number = int(batch.seq_pair[s])
-        if number < 0:  # padding: at the end of its row, never a target
-            assert b % row_length == 0 and ids[a:b] == [pad_token_id] * (b - a)
+        if number < 0:  # padding: at the end of its row (in pieces no longer than a sequence), never a target
+            end = (a // row_length + 1) * row_length
+            assert ids[a:end] == [pad_token_id] * (end - a) and b - a <= longest
             assert targets[a:b] == [IGNORE_INDEX] * (b - a) and not batch.seq_is_chosen[s]
             continue
         seen.append((batch.pair_ids[number], bool(batch.seq_is_chosen[s]), ids[a:b], targets[a:b]))

@@ -125,7 +125,7 @@ def test_a_sequence_past_a_learned_position_table_is_named_by_every_trainer(tmp_
     load = lambda: GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")  # noqa: E731
     words = " ".join(["word"] * 40)
     rows = {"prompt": ["Name a color.", "Q?", "Say it."], "chosen": [" Blue.", " " + words, " Ok."],
-            "rejected": [" Green.", " No.", " No."]}  # fmt: skip
+            "rejected": [" Green.", " " + words + " no", " No."]}  # fmt: skip
     pairs = datasets.Dataset.from_dict(rows)
     texts = datasets.Dataset.from_dict({"prompt": rows["prompt"], "completion": rows["chosen"]})
     said = r"^row 1, column '(input_ids|prompt_ids)': a sequence of \d+ tokens in the train data: GPT2LMHeadModel has "
@@ -138,9 +138,14 @@ def test_a_sequence_past_a_learned_position_table_is_named_by_every_trainer(tmp_
     ):
         with pytest.raises(DataError, match=said):
             trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer)
-    # cut to the table (max_length 32): trains
-    args = DPOConfig(**{**common_args(tmp_path, "fits"), "max_length": 32, "max_steps": 1})
-    DPOTrainer(model=load(), args=args, train_dataset=pairs, processing_class=tokenizer).train()
+    # cut to the table (max_length 32): trains, also where a row of 32-token sequences pads a short one's row
+    # (packing=False: one pair per row, 64 tokens; its padding was one segment of positions 0..55, past the table)
+    for options in ({}, {"packing": False, "per_device_train_batch_size": 3}, {"pack_length": 64}):
+        args = DPOConfig(**{**common_args(tmp_path, "fits"), "max_length": 32, "max_steps": 1, **options})
+        DPOTrainer(model=load(), args=args, train_dataset=pairs, processing_class=tokenizer).train()
+    args = SFTConfig(**{**sft_args(tmp_path, "sft_fits"), "max_length": 32, "packing": False, "max_steps": 1,
+                        "pad_to_multiple_of": 24, "per_device_train_batch_size": 3})  # fmt: skip
+    SFTTrainer(model=load(), args=args, train_dataset=texts, processing_class=tokenizer).train()
 
 
 def test_a_sequence_longer_than_the_rows_is_named_when_the_trainer_is_built(tmp_path):

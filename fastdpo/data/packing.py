@@ -7,7 +7,10 @@ Both sequences of a pair are always in the same batch, so in the same step. Rows
 longest row of the batch. Every token belongs to one segment of ``cu_seqlens``: a real sequence, or the padding
 at the end of a row (``seq_pair == -1``), so segment sums over ``cu_seqlens`` and flash-attention's varlen kernels
 see the same boundaries. ``position_ids`` restart at 0 in every segment: with no attention mask and no cache,
-transformers' eager and sdpa paths derive the block-diagonal mask from them.
+transformers' eager and sdpa paths derive the block-diagonal mask from them. A row's padding is cut into segments
+no longer than the batch's longest sequence (``pad_segments``), so its positions stay within those a learned position
+table must hold for the sequences themselves (GPT-2's ``wpe``: one padding segment of a long row past a short one
+indexed past the table).
 
 SFT has single sequences: ``pack_sft_dataset`` packs a whole tokenized dataset into rows as TRL 1.16's
 ``SFTConfig(packing=True)`` does (same rows, same order; ``bfd_bins_fifo`` is TRL's best-fit-decreasing), and
@@ -213,6 +216,13 @@ def _check_completions(pairs: list, row_ids: Sequence[int] | None) -> None:
                 )
 
 
+def pad_segments(pad: int, longest: int) -> list[int]:
+    """The lengths of the segments ``pad`` tokens of padding at a row's end are cut into: none longer than
+    ``longest`` (the batch's longest sequence), whose positions the model takes already."""
+    longest = max(longest, 1)
+    return [longest] * (pad // longest) + ([pad % longest] if pad % longest else [])
+
+
 def _fill_rows(
     bins: list[list[int]], sequences: list, *, pad_token_id: int, pad_to_multiple_of: int | None, keep_pair_order: bool
 ) -> PackedBatch:
@@ -229,6 +239,7 @@ def _fill_rows(
     seq_is_chosen: list[bool] = []
     starts_completion: list[bool] = []
     number: dict[int, int] = {i: i for i in range(len(sequences) // 2)} if keep_pair_order else {}
+    longest = max(len(ids) for ids, _ in sequences)
     for row, items in enumerate(bins):
         offset = 0
         for index in items:
@@ -245,12 +256,13 @@ def _fill_rows(
             seq_is_chosen.append(index % 2 == 0)
             starts_completion.append(bool(mask[0]))
             offset += n
-        if offset < row_length:
-            position_ids[row, offset:] = torch.arange(row_length - offset)
-            seg_lengths.append(row_length - offset)
+        for piece in pad_segments(row_length - offset, longest):
+            position_ids[row, offset : offset + piece] = torch.arange(piece)
+            seg_lengths.append(piece)
             seq_pair.append(-1)
             seq_is_chosen.append(False)
             starts_completion.append(False)
+            offset += piece
     cu_seqlens = torch.zeros(len(seg_lengths) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(seg_lengths, dtype=torch.int32).cumsum(0)
     pair_ids = sorted(number, key=number.__getitem__)
@@ -455,6 +467,7 @@ def _sft_batch(sequences, owners, bins, pad_token_id, pad_to_multiple_of) -> Pac
     if pad_to_multiple_of:
         row_length = -(-row_length // pad_to_multiple_of) * pad_to_multiple_of
     ids, positions, targets, seg_lengths, seq_pair, pair_ids = [], [], [], [], [], []
+    longest = max(len(seq_ids) for seq_ids, _ in sequences)
     for items in bins:
         used = 0
         for item in items:
@@ -468,12 +481,11 @@ def _sft_batch(sequences, owners, bins, pad_token_id, pad_to_multiple_of) -> Pac
             seq_pair.append(len(pair_ids))
             pair_ids.append(owners[item])
             used += n
-        if used < row_length:
-            pad = row_length - used
-            ids.extend([pad_token_id] * pad)
-            positions.extend(range(pad))
-            targets.extend([IGNORE_INDEX] * pad)
-            seg_lengths.append(pad)
+        for piece in pad_segments(row_length - used, longest):
+            ids.extend([pad_token_id] * piece)
+            positions.extend(range(piece))
+            targets.extend([IGNORE_INDEX] * piece)
+            seg_lengths.append(piece)
             seq_pair.append(-1)
     shape = (len(bins), row_length)
     cu_seqlens = torch.zeros(len(seg_lengths) + 1, dtype=torch.int32)
