@@ -217,3 +217,44 @@ def test_a_one_line_file_that_is_a_row_loads(tmp_path):
         path = tmp_path / f"row{number}.jsonl"
         path.write_text(json.dumps(row) + "\n")
         assert load_data(path).to_list() == [row]
+
+
+def test_kinds_that_mix_only_past_datasets_first_block_are_named_not_quoted(tmp_path):
+    # datasets reads JSON Lines in 10 MiB blocks and casts each to the first block's columns: a later block whose
+    # column mixed kinds came back as JSON text, its strings quoted ("fine" read '"fine"'), silently
+    filler = "x" * 1000
+    head = "".join(
+        json.dumps({"prompt": f"p{i} {filler}", "chosen": "yes", "rejected": "no", "meta": "a"}) + "\n"
+        for i in range(11_000)
+    )  # fmt: skip (over 10 MiB)
+    odd = {
+        "chosen": (42, "number where line 1 has a string"),  # a text column: one kind in every row
+        "meta": (5, "number where the rows before it have strings"),
+        "rejected": ([{"role": "assistant", "content": "No."}], "list where the rows before it have strings"),
+    }
+    for column, (value, said) in odd.items():
+        path = tmp_path / f"{column}.jsonl"
+        tail = [
+            {"prompt": "q", "chosen": "ok", "rejected": "no", "meta": "b", column: value},
+            {"prompt": "q2", "chosen": "fine", "rejected": "no", "meta": "c"},
+        ]
+        path.write_text(head + "".join(json.dumps(row) + "\n" for row in tail))
+        with pytest.raises(DataError, match=rf"column '{column}': .*: line 11001: is a {said}"):
+            load_data(path)
+    tail[0][column] = "no"  # one kind again: every string as written
+    path.write_text(head + "".join(json.dumps(row) + "\n" for row in tail))
+    assert load_data(path)[-2:] == {"prompt": ["q", "q2"], "chosen": ["ok", "fine"], "rejected": ["no", "no"],
+                                    "meta": ["b", "c"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["dates.jsonl", "dates.json"])
+def test_strings_that_read_as_dates_load_as_written(name, tmp_path):
+    # Arrow's JSON reader read a column holding only ISO dates as timestamps: a prompt "2024-01-01" came back as
+    # datetime(2024, 1, 1), and metadata "2024-02-02T01:02:03+02:00" as datetime(2024, 2, 1, 23, 2, 3), its zone lost
+    rows = [{"prompt": f"2024-01-0{i + 1}", "chosen": "2024-01-01T10:00:00Z", "rejected": "No.",
+             "created_at": "2024-02-02T01:02:03+02:00", "day": None if i else "2024-02-02"}
+            for i in range(3)]  # fmt: skip
+    path = tmp_path / name
+    path.write_text("\n".join(map(json.dumps, rows)) if name.endswith("l") else json.dumps(rows))
+    loaded = load_data(path)
+    assert loaded.to_list() == rows and list(loaded.features) == list(rows[0])

@@ -11,7 +11,6 @@ such a string, and a stream of a local JSON file is read with Python's ``json``,
 
 from __future__ import annotations
 
-import collections
 import csv
 import itertools
 import json
@@ -348,8 +347,7 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
     _one_split(path, split)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty", fix="point to a file with at least one row")
-    if kind == "json":
-        _check_json(path)
+    not_strings, dates = _check_json(path, text) if kind == "json" else ({}, set())
     try:
         loaded = datasets.load_dataset(
             kind, data_files={"train": str(path)}, split="train", **_csv_options(path, kind, text)
@@ -357,8 +355,9 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
     except (DatasetGenerationError, ValueError) as error:  # Arrow or pandas refused a value
         raise _unreadable(path, kind, error) from None
     if kind == "json":
-        _refuse_mixed_text(path, loaded, text)
+        _refuse_cast_blocks(path, loaded, not_strings)
         _refuse_changed_strings(path, loaded, text)
+        loaded = _restore_date_strings(path, loaded, dates - set(not_strings))
     return datasets.DatasetDict({"train": loaded}) if split is None else loaded
 
 
@@ -366,18 +365,17 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
 _JSON_CHANGES = {"number": ("string",), "boolean": ("string",), "string": ("number", "boolean")}
 
 
-def _refuse_mixed_text(path: Path, loaded: datasets.Dataset, text: Iterable[str]) -> None:
-    """One DataError at the first number or boolean among strings (or string among them) in a JSON file's text column.
-    ``datasets`` reads such a column as a ``Json`` one, which gives back a string that reads as JSON (``"42"``,
-    ``"true"``) as that value: the valid rows would change too."""
-    text = set(text)
-    mixed = [name for name, feature in loaded.features.items() if name in text and type(feature).__name__ == "Json"]
-    if not mixed:
-        return
-    where, rows = json_rows(path)
-    seen: dict[str, dict[str, int]] = {name: {} for name in mixed}  # column → kind → its first row
-    for number, row in rows:
-        for name in mixed:
+def _mixed_text_check(path: Path, where: str, text: Iterable[str]):
+    """A function of (number, row) that raises one DataError at the first number or boolean among strings (or string
+    among them) in a JSON file's text column. ``datasets`` reads such a column as a ``Json`` one, which gives back a
+    string that reads as JSON (``"42"``, ``"true"``) as that value; where the kinds first mix past its first block of
+    rows (10 MiB), it casts that block to the first's strings, JSON-quoting every string there (``"fine"`` became
+    ``'"fine"'``). Either way the valid rows would change too, so every row is checked, not the loaded features."""
+    text = tuple(text)
+    seen: dict[str, dict[str, int]] = {name: {} for name in text}  # column → kind → its first row
+
+    def check(number: int, row: dict) -> None:
+        for name in text:
             if row.get(name) is None:
                 continue
             kind, kinds = _kind(row[name]), seen[name]
@@ -387,6 +385,8 @@ def _refuse_mixed_text(path: Path, loaded: datasets.Dataset, text: Iterable[str]
                 raise DataError(f"{path}: {where} {number}: is a {kind} where {where} {kinds[other]} has a "
                                 f"{other}", column=name, fix="give the column one kind of value in every row "
                                 '(quote a number answer: "4")')  # fmt: skip
+
+    return check
 
 
 # columns whose nested values the trainers read as they are, besides the text columns: conversations (not tools:
@@ -494,16 +494,69 @@ def unholdable(value) -> str | None:
     return next(filter(None, map(unholdable, children)), None)
 
 
-def _check_json(path: Path) -> None:
+def _check_json(path: Path, text: Iterable[str] = ()) -> tuple[dict[str, tuple[str, int, str]], set[str]]:
     """DataError naming the first line (of a JSON document: line and column) that is not valid JSON, or the layout
-    of one object on one line holding the rows (``{"data": [...]}``, columns), which would load as one row."""
+    of one object on one line holding the rows (``{"data": [...]}``, columns), which would load as one row, or the
+    first row whose ``text`` column mixes strings with numbers or booleans (``_mixed_text_check``). Returns, for each
+    column, where its first value that is not a string (nor null) is: (``line``/``row``, its number, its kind); and
+    the columns holding a string that reads as a date (``_DATE``)."""
     where, rows = json_rows(path)
     first, second = next(rows, None), next(rows, None)
     if first is None:  # datasets would fail with "Instruction 'train' corresponds to no data"
         raise DataError(f"{path}: the file has only blank lines", fix="point to a file with at least one row")
     if second is None and where == "line":
         refuse_one_object(path, first[1], one_line=True)
-    collections.deque(rows, maxlen=0)  # (every other line read, and checked)
+    check = _mixed_text_check(path, where, text)
+    not_strings: dict[str, tuple[str, int, str]] = {}
+    dates: set[str] = set()
+    for number, row in itertools.chain((first,), () if second is None else (second,), rows):
+        check(number, row)  # (every other line read, and checked)
+        for name, value in row.items():
+            if isinstance(value, str):
+                if name not in dates and _DATE.match(value):
+                    dates.add(name)
+            elif value is not None and name not in not_strings:
+                not_strings[name] = (where, number, _kind(value))
+    return not_strings, dates
+
+
+# a string Arrow's JSON reader reads as a timestamp (ISO 8601) where a block's column holds only such strings
+_DATE = re.compile(r"\s*\d{4}-\d{2}-\d{2}([T ]\d{2}(:\d{2}(:\d{2}([.,]\d+)?)?)?)?\s*(Z|[+-]\d{2}(:?\d{2})?)?\s*$")
+
+
+def _restore_date_strings(path: Path, loaded: datasets.Dataset, columns: set[str]) -> datasets.Dataset:
+    """``loaded`` with the file's own strings in ``columns`` (of strings only, some reading as dates). Arrow's JSON
+    reader read a block whose column held only such strings as timestamps (``"2024-05-01T12:00:00Z"`` came back as
+    ``datetime(2024, 5, 1, 12, 0)``, its zone lost; a prompt ``"2024-01-01"`` as a datetime), and a later such
+    block of a column of strings as the timestamp's text (``"2024-05-01 12:00:00"``)."""
+    import pyarrow as pa
+
+    columns = [name for name in loaded.column_names if name in columns]
+    if not columns:
+        return loaded
+    values: dict[str, list] = {name: [] for name in columns}
+    for _, row in json_rows(path)[1]:
+        for name in columns:
+            values[name].append(row.get(name))
+    order = loaded.column_names
+    loaded = loaded.remove_columns(columns)
+    for name in columns:
+        loaded = loaded.add_column(name, pa.array(values.pop(name), pa.string()), feature=datasets.Value("string"))
+    return loaded.select_columns(order)
+
+
+def _refuse_cast_blocks(path: Path, loaded: datasets.Dataset, not_strings: dict[str, tuple[str, int, str]]) -> None:
+    """One DataError where ``datasets`` made a column of strings from a file whose column holds other values too.
+    It reads JSON Lines in blocks (10 MiB) and casts each to the first block's columns: a later block whose column
+    mixes kinds was turned into JSON text, strings and all (``"fine"`` became ``'"fine"'``, a list its JSON)."""
+    for name, feature in loaded.features.items():
+        if name in not_strings and getattr(feature, "dtype", None) in ("string", "large_string"):
+            where, number, kind = not_strings[name]
+            raise DataError(f"{path}: {where} {number}: is a {kind} where the rows before it have strings: datasets "
+                            "turned the block of rows around it into strings, as JSON text (its strings came back "
+                            "quoted: '\"text\"')",
+                            column=name, fix="give the column one kind of value in every row (or put rows of "
+                            "different kinds in different files)")  # fmt: skip
 
 
 def json_rows(path: Path) -> tuple[str, Iterator[tuple[int, dict]]]:
