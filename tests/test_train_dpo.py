@@ -417,6 +417,12 @@ def test_vision_datasets_are_refused_as_the_sft_trainer_and_trl_refuse_them(tmp_
     for train in (pairs, pairs.to_iterable_dataset()):
         with pytest.raises(ConfigError, match="column 'train_dataset': vision datasets are not supported yet"):
             DPOTrainer(load(), ref_model=load(), args=args, train_dataset=train, processing_class=tokenizer)
+    # a DatasetDict trains nothing (TRL refuses it); it was prepared as several eval sets are, then failed later
+    import datasets
+
+    splits = datasets.DatasetDict({"train": synthetic_pairs(4)})
+    with pytest.raises(ConfigError, match=r"the train dataset is a DatasetDict .* such as train_dataset\['train'\]"):
+        DPOTrainer(load(), ref_model=load(), args=args, train_dataset=splits, processing_class=tokenizer)
 
 
 def test_evaluation_and_the_best_checkpoint_by_eval_reward_accuracy(tmp_path):

@@ -517,8 +517,10 @@ def check_dataset(dataset, name: str) -> list[str]:
     elif isinstance(dataset, datasets.Dataset):
         names = dataset.column_names
     else:
+        splits = f": one of its splits, such as {name}_dataset[{next(iter(dataset))!r}]" if isinstance(
+            dataset, dict) and dataset else ""  # fmt: skip
         raise ConfigError(f"the {name} dataset is a {type(dataset).__name__}", column=f"{name}_dataset",
-                          fix="pass a datasets.Dataset or a datasets.IterableDataset")  # fmt: skip
+                          fix=f"pass a datasets.Dataset or a datasets.IterableDataset{splits}")  # fmt: skip
     if {"image", "images"} & set(names):
         raise ConfigError("vision datasets are not supported yet", column=f"{name}_dataset",
                           fix="use TRL's trainers for vision-language models")  # fmt: skip

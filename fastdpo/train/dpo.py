@@ -322,7 +322,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         return dataset.add_column(REFERENCE_COLUMNS[1], values[:, 1].tolist())
 
     def _prepare(self, dataset, tokenizer, args: DPOConfig, name: str):
-        if isinstance(dataset, dict):  # several eval sets, evaluated (and logged) under their keys, as in TRL
+        if isinstance(dataset, dict) and name == "eval":  # several eval sets, evaluated under their keys, as TRL's
             return {key: self._prepare(part, tokenizer, args, f"{name}_{key}") for key, part in dataset.items()}
         check_dataset(dataset, name)  # (images were left unread: the pairs trained on their text alone)
         if isinstance(dataset, IterableDataset):
