@@ -119,7 +119,8 @@ def run_data(known: argparse.Namespace) -> int:
                                    truncation_mode=known.truncation_mode)  # fmt: skip
         rows = report.dropped_rows(_where_view(checked, mapped), reasons, where=known.where)
         gone = {row for removed in rows.values() for row in removed}
-        kept = mapped.select([row for row in range(len(dataset)) if row not in gone])
+        kept_rows = [row for row in range(len(dataset)) if row not in gone]
+        kept = _as_written(known, known.out, text, mapped).select(kept_rows)
         dropped = {reason: len(removed) for reason, removed in rows.items()}
         _write(kept, known.out, known, {"input": known.data, "rows": len(dataset), "kept": len(kept),
                                         "dropped": dropped, "dropped_rows": rows})  # fmt: skip
@@ -143,6 +144,8 @@ def run_data(known: argparse.Namespace) -> int:
         print(f"{result.summary()} (see {_dropped_path(known.out)})")
         return 0
     _check_outputs([known.train_out, known.eval_out], known, dataset)  # (before the split's work)
+    if known.train_out.suffix == known.eval_out.suffix:  # (their prompts are text either way: the same split)
+        dataset = _as_written(known, known.train_out, text, dataset)
     if "prompt" in dataset.column_names:
         train, held_out = split_by_prompt(dataset, test_size=known.test_size, seed=known.seed)
     else:  # grouped by the prompt the trainers take out of chosen and rejected (TRL's implicit prompt)
@@ -208,6 +211,19 @@ def _mixed_as_json(rows: list[dict]):
     rest = as_dataset([{name: value for name, value in row.items() if name not in mixed} for row in rows])
     features = datasets.Features({name: datasets.Json() if name in mixed else rest.features[name] for name in columns})
     return datasets.Dataset.from_dict({name: [row.get(name) for row in rows] for name in columns}, features=features)
+
+
+def _as_written(known: argparse.Namespace, out: Path, text: tuple[str, ...], dataset):
+    """``dataset`` (a local CSV file's rows, written to a CSV file) with every column read as the text the file has:
+    pandas reads the others as numbers, booleans and missing values, and wrote them back changed ("001" as 1, "NA"
+    as an empty cell, "false" as False). Other inputs and outputs: ``dataset``."""
+    from fastdpo.data.load import LOCAL_SUFFIXES, csv_header, load_data
+
+    source = Path(known.data).expanduser()
+    if out.suffix != ".csv" or LOCAL_SUFFIXES.get(source.suffix.lower()) != "csv" or not source.is_file():
+        return dataset
+    verbatim = load_data(source, text=(*text, *csv_header(source)))
+    return _mapped(verbatim, known.columns) if getattr(known, "columns", None) else verbatim
 
 
 def _prepared(dataset, columns: dict | None):

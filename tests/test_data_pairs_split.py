@@ -452,3 +452,31 @@ def test_data_split_keeps_an_hh_dialogue_on_one_side(tmp_path, monkeypatch, caps
     dialogues = [{json.loads(line)["chosen"].split("\n\nAssistant:")[0] for line in (tmp_path / name).open()}
                  for name in ("train.jsonl", "eval.jsonl")]  # fmt: skip
     assert dialogues[1] and not dialogues[0] & dialogues[1]
+
+
+def test_data_filter_and_split_write_a_csv_files_cells_as_they_were(tmp_path, monkeypatch, capsys):
+    # pandas read the columns other than the text as numbers, booleans and missing values, and the rows kept were
+    # written back changed: id "001" as 1, note "NA" as an empty cell, flag "false" as False
+    import csv
+
+    from fastdpo.cli import main
+
+    header = ["question", "chosen", "rejected", "id", "note", "flag"]
+    rows = [["Hi?", "Hello.", "Go.", "001", "NA", "false"], ["Sky?", "Blue.", "Green.", "002", "", "True"],
+            ["2+2?", "4", "5", "1e3", "x", "TRUE"], ["Same?", "Yes.", "Yes.", "004", "nan", "0"]]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "in.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    columns = ["--columns", '{"prompt": "question"}']
+    assert main(["data", "filter", "in.csv", "kept.csv", *columns]) == 0  # (the last row: identical answers)
+    assert main(["data", "split", "in.csv", "train.csv", "eval.csv", "--test-size", "1", *columns]) == 0
+
+    def read(name):
+        with open(tmp_path / name, newline="") as handle:
+            return list(csv.reader(handle))
+
+    assert read("kept.csv") == [["prompt", *header[1:]], *rows[:3]]  # (under fastdpo's column names, as before)
+    assert sorted(read("train.csv")[1:] + read("eval.csv")[1:]) == sorted(rows)
+    assert read("train.csv")[0] == read("eval.csv")[0] == ["prompt", *header[1:]]
+    assert main(["data", "filter", "in.csv", "kept.jsonl", *columns]) == 0  # (JSON: the values as pandas reads them)
+    assert [json.loads(line)["id"] for line in (tmp_path / "kept.jsonl").read_text().splitlines()] == [1, 2, 1000]

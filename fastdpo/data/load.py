@@ -327,13 +327,18 @@ def _one_split(path: Path, split: str | None) -> None:
                             "writes them), or hold rows out with eval_fraction (not on a stream)")  # fmt: skip
 
 
+def csv_header(path: Path) -> list[str]:
+    """The column names of a CSV file (its first line that is not blank, as pandas reads it)."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
+        return next((row for row in csv.reader(file) if "".join(row).strip()), [])
+
+
 def _csv_options(path: Path, kind: str, text: Iterable[str]) -> dict:
     """The reader options that read a CSV file's ``text`` columns as text (an empty cell as missing) and its others
     as pandas does; none for other kinds."""
     if kind != "csv":
         return {}
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
-        header = next((row for row in csv.reader(file) if "".join(row).strip()), [])  # (pandas skips blank lines)
+    header = csv_header(path)
     text = set(text)
     return {
         "converters": {name: str for name in header if name in text},
