@@ -241,6 +241,10 @@ def test_kinds_that_mix_only_past_datasets_first_block_are_named_not_quoted(tmp_
         path.write_text(head + "".join(json.dumps(row) + "\n" for row in tail))
         with pytest.raises(DataError, match=rf"column '{column}': .*: line 11001: is a {said}"):
             load_data(path)
+    path.write_text(head + json.dumps({"prompt": "q", "chosen": "ok", "rejected": "no", "system": "Be brief."}) + "\n")
+    late = r"column 'system': .*: line 11001: a column that none of the rows in the file's first 10 MiB has"
+    with pytest.raises(DataError, match=late):  # (datasets' CastError: "column names don't match", no line)
+        load_data(path)
     tail[0][column] = "no"  # one kind again: every string as written
     path.write_text(head + "".join(json.dumps(row) + "\n" for row in tail))
     assert load_data(path)[-2:] == {"prompt": ["q", "q2"], "chosen": ["ok", "fine"], "rejected": ["no", "no"],

@@ -478,11 +478,18 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
     """DataError for a file ``datasets`` failed on: the first JSON value Arrow cannot hold, by line (a document's: by
     row) and column (found only now, on the error path), else the reader's own message."""
     where, rows = json_rows(path) if kind == "json" else ("", ())
+    first = _first_columns(path) if where == "line" else None
+    late = "column names don't match" in str(error.__cause__ or error)
     for number, row in rows:
         for column, value in row.items():
             problem = unholdable(value)
             if problem:
                 return DataError(f"{path}: {where} {number}: {problem}", column=column, fix=_UNHOLDABLE_FIX)
+            if late and first is not None and column not in first:
+                return DataError(f"{path}: line {number}: a column that none of the rows in the file's first "
+                                 f"{STREAM_COLUMNS_FROM >> 20} MiB has (datasets reads JSON Lines in blocks, and "
+                                 "takes the columns from the first)", column=column,
+                                 fix=f"give the first row {column!r} too (null where it has none)")  # fmt: skip
     cause = error.__cause__ or error
     return DataError(f"{path}: datasets cannot read it ({type(cause).__name__}: {str(cause)[:200]})",
                      fix="check the file there (each column should hold one kind of value)")  # fmt: skip
