@@ -107,8 +107,9 @@ def data_fingerprint(dataset_name: str | None) -> dict | None:
     path = Path(dataset_name or "")
     if not dataset_name or not path.exists() or saved_to_disk(path):
         return None
-    files = split_files(path) if path.is_dir() else {"": path}
-    return {split or file.name: _file_print(file) for split, file in files.items()}
+    files = split_files(path) if path.is_dir() else {"": [path]}
+    return {(split if len(shards) == 1 else f"{split}/{file.name}") or file.name: _file_print(file)
+            for split, shards in files.items() for file in shards}  # fmt: skip
 
 
 def model_fingerprint(name: str | None) -> dict | None:

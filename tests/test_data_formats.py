@@ -142,6 +142,17 @@ def test_a_folder_of_one_file_per_split_loads_as_load_dataset_finds_its_splits(t
         data.to_parquet(hub / f"{name}-00000-of-00001.parquet")
     assert len(load_data(hub.parent, split="test_prefs")) == 2 and set(load_data(hub.parent, split=None)) == {
         "train_prefs", "test_prefs", "train_sft"}  # fmt: skip
+    # a split in shards (ultrachat_200k's train_sft-0000k-of-00003.parquet): its shards in order, as datasets reads
+    # them; refused as "several files" before
+    (hub / "train_sft-00000-of-00001.parquet").unlink()
+    many = rows(*({"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(5)))
+    for shard, picked in ((2, [4]), (0, [0, 1]), (1, [2, 3])):
+        many.select(picked).to_parquet(hub / f"train_sft-{shard:05d}-of-00003.parquet")
+    assert load_data(hub.parent, split="train_sft").to_list() == many.to_list()
+    assert list(load_stream(hub.parent, split="train_sft")) == many.to_list()
+    (hub / "train_sft-00001-of-00003.parquet").unlink()
+    with pytest.raises(DataError, match=r"split 'train_sft' has 2 of its 3 shards \(shard 00001 is missing\)"):
+        load_data(hub.parent, split="train_sft")
     (tmp_path / "split_out").mkdir()
     for name in ("train", "test"):
         data.to_json(tmp_path / "split_out" / f"{name}.jsonl")

@@ -76,8 +76,8 @@ def load_data(
     if path.is_dir():  # one file per split, as datasets finds them (train.jsonl, data/test-00000-of-00001.parquet)
         files = split_files(path)
         if split is None:
-            return datasets.DatasetDict({name: _load_local(file, "train", text) for name, file in files.items()})
-        return _load_local(_split_file(path, files, split), "train", text)
+            return datasets.DatasetDict({name: _load_shards(shards, text) for name, shards in files.items()})
+        return _load_shards(_split_file(path, files, split), text)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         return _load_local(path, split, text)
     loaded = datasets.load_dataset(str(source), split=split)
@@ -103,20 +103,37 @@ def saved_to_disk(path: Path) -> bool:
 _EVAL_SPLITS = ("test", "validation", "valid", "dev", "eval")
 
 
-def split_files(folder: Path) -> dict[str, Path]:
+_SHARD = re.compile(r"^(.+?)-(\d{5})-of-(\d{5})(\.|$)")  # train_sft-00001-of-00003.parquet: shard 1 of 3
+
+
+def split_files(folder: Path) -> dict[str, list[Path]]:
     """A local dataset folder's data files by split, in the folder or its ``data/``: the split is the file's name
     before its suffixes and any shard number (``train.jsonl``; ``train_prefs-00000-of-00001.parquet``: train_prefs);
-    a lone file named after no evaluation split is ``train``, as ``datasets`` reads it. fastdpo's own
-    ``*.dropped.json`` summaries are not data. A DataError for a split of several files (shards: merge them, or give
-    one file) or a folder with none."""
-    files: dict[str, Path] = {}
+    a split's shards (``train_sft-00000-of-00003.parquet`` ...) are its files in their order, as ``datasets`` reads
+    them; a lone file named after no evaluation split is ``train``, as ``datasets`` reads it. fastdpo's own
+    ``*.dropped.json`` summaries are not data. A DataError for a split of several files that are not its shards
+    (merge them, or give one file), a shard missing, or a folder with none."""
+    files: dict[str, list[Path]] = {}
+    shards: dict[str, tuple[int, str]] = {}  # split → (its shard count, its files' suffix)
     for file in sorted([*folder.glob("*"), *folder.glob("data/*")]):
         if file.is_file() and file.suffix.lower() in LOCAL_SUFFIXES and not file.name.endswith(".dropped.json"):
-            name = file.name.split(".", 1)[0].split("-", 1)[0]
-            if name in files:
-                raise DataError(f"{folder}: split {name!r} has several files ({files[name].name}, {file.name})",
+            shard = _SHARD.match(file.name)
+            name = shard[1] if shard else file.name.split(".", 1)[0].split("-", 1)[0]
+            count = (int(shard[3]), file.suffix.lower()) if shard else None
+            if name in files and (count is None or shards.get(name) != count):
+                raise DataError(f"{folder}: split {name!r} has several files ({files[name][0].name}, {file.name})",
                                 fix="merge them into one file, or give the file you mean")  # fmt: skip
-            files[name] = file
+            files.setdefault(name, []).append(file)
+            if count is not None:
+                shards[name] = count
+    for name, (count, _) in shards.items():
+        numbers = sorted(int(_SHARD.match(file.name)[2]) for file in files[name])
+        if numbers != list(range(count)):
+            missing = sorted(set(range(count)) - set(numbers))
+            raise DataError(f"{folder}: split {name!r} has {len(numbers)} of its {count} shards"
+                            + (f" (shard {missing[0]:05d} is missing)" if missing else ""),
+                            fix="download the missing shards, or give the files you mean")  # fmt: skip
+        files[name].sort(key=lambda file: int(_SHARD.match(file.name)[2]))
     if not files:
         raise DataError(f"{folder}: a folder with no .jsonl, .json, .parquet or .csv file",
                         fix="give a data file, or a folder of one per split (train.jsonl, test.jsonl)")  # fmt: skip
@@ -125,11 +142,24 @@ def split_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _split_file(folder: Path, files: dict[str, Path], split: str) -> Path:
+def _split_file(folder: Path, files: dict[str, list[Path]], split: str) -> list[Path]:
     if split not in files:
         raise DataError(f"{folder} has no file for split {split!r} (its splits: {', '.join(files)})", column="split",
                         fix=f"name it {split}.jsonl (or .json, .parquet, .csv), or pick one of its splits")  # fmt: skip
     return files[split]
+
+
+def _load_shards(files: list[Path], text: Iterable[str], stream: bool = False):
+    """A split's files (its shards, in order) as one dataset (a stream: ``stream``); a DataError where their columns
+    differ."""
+    parts = [load_stream(file, text=text) if stream else _load_local(file, "train", text) for file in files]
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as error:
+        raise DataError(f"{files[0].parent}: the shards {files[0].name} ... {files[-1].name} do not have the same "
+                        f"columns ({str(error)[:200]})", fix="give each shard the same columns") from None  # fmt: skip
 
 
 def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLUMNS) -> datasets.IterableDataset:
@@ -149,7 +179,7 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
     if saved_to_disk(path):  # (on disk already)
         return load_data(path, split=split).to_iterable_dataset()
     if path.is_dir():
-        path, split = _split_file(path, split_files(path), split), "train"
+        return _load_shards(_split_file(path, split_files(path), split), text, stream=True)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         kind = _local_kind(path)
         _one_split(path, split)
