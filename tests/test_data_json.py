@@ -262,3 +262,12 @@ def test_strings_that_read_as_dates_load_as_written(name, tmp_path):
     path.write_text("\n".join(map(json.dumps, rows)) if name.endswith("l") else json.dumps(rows))
     loaded = load_data(path)
     assert loaded.to_list() == rows and list(loaded.features) == list(rows[0])
+
+
+def test_a_key_written_twice_is_named_by_line(tmp_path):
+    # datasets refuses it with Arrow's "Column(/prompt) was specified twice in row 0" (row 0 of its block, not the
+    # file's); a stream reads it as Python's json does, the last value kept
+    path = tmp_path / "twice.jsonl"
+    path.write_text(json.dumps(PAIR) + "\n" + json.dumps(PAIR)[:-1] + ', "prompt": "again"}\n')
+    with pytest.raises(DataError, match=r"column 'prompt': .*twice.jsonl: line 2: the key 'prompt' is written twice"):
+        load_data(path)

@@ -521,8 +521,38 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
                                  "takes the columns from the first)", column=column,
                                  fix=f"give the first row {column!r} too (null where it has none)")  # fmt: skip
     cause = error.__cause__ or error
+    if where == "line" and "was specified twice" in str(cause):
+        found = _first_repeated_key(path)
+        if found is not None:
+            return DataError(f"{path}: line {found[0]}: the key {found[1]!r} is written twice in one object (Python's "
+                             "json would keep the last, datasets refuses it)", column=found[1],
+                             fix="keep one of them")  # fmt: skip
     return DataError(f"{path}: datasets cannot read it ({type(cause).__name__}: {str(cause)[:200]})",
                      fix="check the file there (each column should hold one kind of value)")  # fmt: skip
+
+
+def _first_repeated_key(path: Path) -> tuple[int, str] | None:
+    """(line, key) of the first JSON Lines object of ``path`` (nested ones too) that holds a key twice."""
+
+    class Repeated(Exception):
+        pass
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        keys = [key for key, _ in items]
+        if len(set(keys)) < len(keys):
+            raise Repeated(next(key for i, key in enumerate(keys) if key in keys[:i]))
+        return dict(items)
+
+    with open(path, "rb") as handle:  # (split at \n only, as the rows are counted)
+        for number, raw in enumerate(handle, start=1):
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8", errors="replace")
+            try:
+                json.loads(line, object_pairs_hook=pairs) if line.strip() else None
+            except Repeated as repeated:
+                return number, str(repeated)
+            except ValueError:
+                continue
+    return None
 
 
 def unholdable(value) -> str | None:
