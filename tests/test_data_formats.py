@@ -150,6 +150,10 @@ def test_a_folder_of_one_file_per_split_loads_as_load_dataset_finds_its_splits(t
         many.select(picked).to_parquet(hub / f"train_sft-{shard:05d}-of-00003.parquet")
     assert load_data(hub.parent, split="train_sft").to_list() == many.to_list()
     assert list(load_stream(hub.parent, split="train_sft")) == many.to_list()
+    streamed = datasets.IterableDatasetDict({"train": many.to_iterable_dataset()})  # (it was "cannot stream" it)
+    assert list(load_stream(streamed)) == many.to_list()
+    with pytest.raises(DataError, match="the streamed dataset has no split 'test'"):
+        load_stream(streamed, split="test")
     (hub / "train_sft-00001-of-00003.parquet").unlink()
     with pytest.raises(DataError, match=r"split 'train_sft' has 2 of its 3 shards \(shard 00001 is missing\)"):
         load_data(hub.parent, split="train_sft")

@@ -170,6 +170,8 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
     ``text``: as for ``load_data``."""
     if isinstance(source, datasets.IterableDataset):
         return source
+    if isinstance(source, datasets.IterableDatasetDict):  # (load_dataset(..., streaming=True) of every split)
+        return _pick_split(source, split, "the streamed dataset")
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
         return load_data(source, split=split).to_iterable_dataset()
     if not isinstance(source, (str, os.PathLike)):
@@ -332,7 +334,7 @@ def _kind(value) -> str:
     return type(value).__name__
 
 
-def _pick_split(data: datasets.DatasetDict, split: str, name: str) -> datasets.Dataset:
+def _pick_split(data, split: str, name: str):
     if split not in data:
         raise DataError(f"{name} has no split {split!r}", fix=f"choose one of {', '.join(repr(s) for s in data)}")
     return data[split]
