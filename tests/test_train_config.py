@@ -129,3 +129,23 @@ def test_a_triton_head_off_cuda_is_refused_when_the_trainer_is_built(tmp_path, m
     for trainer_cls, args, data in cases:
         with pytest.raises(ConfigError, match="column 'head_impl': 'triton' runs on CUDA tensors"):
             trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+
+
+def test_without_a_config_the_output_folder_is_trls(tmp_path, monkeypatch):
+    # TRL names it after the model, f"{name_or_path.split('/')[-1]}-DPO" ("-SFT"; its trainers' args=None branch:
+    # they cannot be built so on a CPU, their default bf16 refused); fastdpo wrote to transformers' "trainer_output"
+    import datasets
+    from test_train_dpo import tiny_model
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    from fastdpo import DPOTrainer, SFTTrainer
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "org" / "tiny")
+    tokenizer.save_pretrained(tmp_path / "org" / "tiny")
+    pairs = datasets.Dataset.from_list([{"prompt": "Q?", "chosen": " Yes.", "rejected": " No."}] * 2)
+    texts = datasets.Dataset.from_list([{"prompt": "Q?", "completion": " Yes."}] * 2)
+    for trainer, data, expected in ((DPOTrainer, pairs, "tiny-DPO"), (SFTTrainer, texts, "tiny-SFT")):
+        assert trainer(model=load(), train_dataset=data, processing_class=tokenizer).args.output_dir == expected
+        assert trainer(model=str(tmp_path / "org" / "tiny"), train_dataset=data).args.output_dir == expected

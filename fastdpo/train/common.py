@@ -505,6 +505,13 @@ def report_streams(streams, workers: int = 0) -> None:
                        workers)  # fmt: skip
 
 
+def default_output_dir(model, suffix: str) -> str:
+    """TRL's output folder where no config is given: the model's name, its last part, then ``-DPO``/``-SFT``
+    (``Qwen2-0.5B-DPO``), in the current folder."""
+    name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+    return f"{str(name).split('/')[-1]}-{suffix}"
+
+
 def check_dataset(dataset, name: str) -> list[str]:
     """The dataset's columns (a stream's from its first row when it does not know them), after checking it is one
     the trainers take: a ``datasets.Dataset`` or ``IterableDataset``, of text (images would go unread)."""

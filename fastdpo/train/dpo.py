@@ -76,6 +76,7 @@ from fastdpo.train.common import (
     check_run_dir,
     check_stream_args,
     deepspeed_zero3_reference,
+    default_output_dir,
     lean_layers,
     load_causal_lm,
     load_tokenizer,
@@ -164,7 +165,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         quantization_config=None,
         tokenizer=None,
     ) -> None:
-        args = args or DPOConfig(output_dir="trainer_output")
+        args = args or DPOConfig(output_dir=default_output_dir(model, "DPO"))  # (TRL's)
         if tokenizer is not None:  # the old name, as the seed's example uses it
             warnings.warn("DPOTrainer(tokenizer=...) is deprecated: use processing_class", FutureWarning, stacklevel=2)
             processing_class = processing_class or tokenizer
