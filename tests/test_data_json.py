@@ -271,3 +271,13 @@ def test_a_key_written_twice_is_named_by_line(tmp_path):
     path.write_text(json.dumps(PAIR) + "\n" + json.dumps(PAIR)[:-1] + ', "prompt": "again"}\n')
     with pytest.raises(DataError, match=r"column 'prompt': .*twice.jsonl: line 2: the key 'prompt' is written twice"):
         load_data(path)
+
+
+def test_a_later_block_of_dates_in_a_column_of_strings_loads_as_written(tmp_path):
+    # past datasets' first 10 MiB block, a block whose column held only dates was cast to the first block's strings
+    # as the timestamp's text: "2024-01-01T10:00:00Z" came back as "2024-01-01 10:00:00", silently
+    filler = "x" * 1000
+    rows = [{"prompt": f"p{i} {filler}", "meta": "a" if i < 11_000 else "2024-01-01T10:00:00Z"} for i in range(33_000)]
+    path = tmp_path / "later.jsonl"
+    path.write_text("".join(json.dumps({**row, "chosen": "Yes.", "rejected": "No."}) + "\n" for row in rows))
+    assert load_data(path)["meta"] == [row["meta"] for row in rows]

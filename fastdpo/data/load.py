@@ -599,13 +599,23 @@ _DATE = re.compile(r"\s*\d{4}-\d{2}-\d{2}([T ]\d{2}(:\d{2}(:\d{2}([.,]\d+)?)?)?)
 
 
 def _restore_date_strings(path: Path, loaded: datasets.Dataset, columns: set[str]) -> datasets.Dataset:
-    """``loaded`` with the file's own strings in ``columns`` (of strings only, some reading as dates). Arrow's JSON
-    reader read a block whose column held only such strings as timestamps (``"2024-05-01T12:00:00Z"`` came back as
-    ``datetime(2024, 5, 1, 12, 0)``, its zone lost; a prompt ``"2024-01-01"`` as a datetime), and a later such
-    block of a column of strings as the timestamp's text (``"2024-05-01 12:00:00"``)."""
+    """``loaded`` with the file's own strings in ``columns`` (strings only, some reading as dates) where they came
+    back otherwise. Arrow's JSON reader read a block whose column held only such strings as timestamps
+    (``"2024-05-01T12:00:00Z"`` came back as ``datetime(2024, 5, 1, 12, 0)``, its zone lost; a prompt
+    ``"2024-01-01"`` as a datetime), and a later such block (past the first 10 MiB) of a column of strings as the
+    timestamp's text (``"2024-05-01 12:00:00"``): such a column is compared with the file, one row at a time."""
     import pyarrow as pa
 
     columns = [name for name in loaded.column_names if name in columns]
+    strings = [name for name in columns if getattr(loaded.features[name], "dtype", None) in ("string", "large_string")]
+    if strings and path.stat().st_size > STREAM_COLUMNS_FROM:  # (one block: its strings are as written)
+        values = loaded.select_columns(strings).with_format("arrow").iter(batch_size=4096)
+        read = (row for batch in values for row in batch.to_pylist())
+        written = (row for _, row in json_rows(path)[1])
+        changed = {name for ours, theirs in zip(read, written, strict=False) for name in strings
+                   if ours[name] != theirs.get(name)}  # fmt: skip
+        strings = [name for name in strings if name not in changed]
+    columns = [name for name in columns if name not in strings]
     if not columns:
         return loaded
     values: dict[str, list] = {name: [] for name in columns}
