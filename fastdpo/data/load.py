@@ -402,30 +402,6 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
 _JSON_CHANGES = {"number": ("string",), "boolean": ("string",), "string": ("number", "boolean")}
 
 
-def _mixed_text_check(path: Path, where: str, text: Iterable[str]):
-    """A function of (number, row) that raises one DataError at the first number or boolean among strings (or string
-    among them) in a JSON file's text column. ``datasets`` reads such a column as a ``Json`` one, which gives back a
-    string that reads as JSON (``"42"``, ``"true"``) as that value; where the kinds first mix past its first block of
-    rows (10 MiB), it casts that block to the first's strings, JSON-quoting every string there (``"fine"`` became
-    ``'"fine"'``). Either way the valid rows would change too, so every row is checked, not the loaded features."""
-    text = tuple(text)
-    seen: dict[str, dict[str, int]] = {name: {} for name in text}  # column → kind → its first row
-
-    def check(number: int, row: dict) -> None:
-        for name in text:
-            if row.get(name) is None:
-                continue
-            kind, kinds = _kind(row[name]), seen[name]
-            kinds.setdefault(kind, number)
-            other = next((k for k in _JSON_CHANGES.get(kind, ()) if k in kinds), None)
-            if other is not None:
-                raise DataError(f"{path}: {where} {number}: is a {kind} where {where} {kinds[other]} has a "
-                                f"{other}", column=name, fix="give the column one kind of value in every row "
-                                '(quote a number answer: "4")')  # fmt: skip
-
-    return check
-
-
 # columns whose nested values the trainers read as they are, besides the text columns: conversations (not tools:
 # a tools string is read as JSON anyway)
 _CONVERSATION_COLUMNS = ("messages", "conversations")
@@ -571,7 +547,10 @@ def unholdable(value) -> str | None:
 def _check_json(path: Path, text: Iterable[str] = ()) -> tuple[dict[str, tuple[str, int, str]], set[str]]:
     """DataError naming the first line (of a JSON document: line and column) that is not valid JSON, or the layout
     of one object on one line holding the rows (``{"data": [...]}``, columns), which would load as one row, or the
-    first row whose ``text`` column mixes strings with numbers or booleans (``_mixed_text_check``). Returns, for each
+    first row whose ``text`` column mixes strings with numbers or booleans: ``datasets`` reads such a column as a
+    ``Json`` one, which gives back a string that reads as JSON (``"42"``, ``"true"``) as that value, and where the
+    kinds first mix past its first block of rows (10 MiB), it casts that block to the first's strings, JSON-quoting
+    every string there (``"fine"`` became ``'"fine"'``): either way the valid rows would change too. Returns, for each
     column, where its first value that is not a string (nor null) is: (``line``/``row``, its number, its kind); and
     the columns holding a string that reads as a date (``_DATE``)."""
     where, rows = json_rows(path)
@@ -580,22 +559,40 @@ def _check_json(path: Path, text: Iterable[str] = ()) -> tuple[dict[str, tuple[s
         raise DataError(f"{path}: the file has only blank lines", fix="point to a file with at least one row")
     if second is None and where == "line":
         refuse_one_object(path, first[1], one_line=True)
-    check = _mixed_text_check(path, where, text)
     not_strings: dict[str, tuple[str, int, str]] = {}
     dates: set[str] = set()
+    seen: dict[str, dict[str, int]] = {name: {} for name in text}  # text column → kind → its first row
     for number, row in itertools.chain((first,), () if second is None else (second,), rows):
-        check(number, row)  # (every other line read, and checked)
-        for name, value in row.items():
-            if isinstance(value, str):
-                if name not in dates and _DATE.match(value):
+        for name, value in row.items():  # (every other line read, and checked)
+            if type(value) is str:
+                if value[:4].isdigit() and name not in dates and _DATE.match(value):
                     dates.add(name)
-            elif value is not None and name not in not_strings:
-                not_strings[name] = (where, number, _kind(value))
+                if name in seen and "string" not in seen[name]:
+                    _text_kind(path, where, number, name, "string", seen[name])
+            elif value is not None:
+                kind = _kind(value)
+                if name not in not_strings:
+                    not_strings[name] = (where, number, kind)
+                if name in seen and kind not in seen[name]:
+                    _text_kind(path, where, number, name, kind, seen[name])
     return not_strings, dates
 
 
+def _text_kind(path: Path, where: str, number: int, name: str, kind: str, kinds: dict[str, int]) -> None:
+    """Note ``kind`` (of row ``number`` of the text column ``name``) in ``kinds`` (kind → its first row); a DataError
+    where it clashes with a kind seen before (``_JSON_CHANGES``)."""
+    kinds.setdefault(kind, number)
+    other = next((k for k in _JSON_CHANGES.get(kind, ()) if k in kinds), None)
+    if other is not None:
+        raise DataError(
+            f"{path}: {where} {number}: is a {kind} where {where} {kinds[other]} has a {other}",
+            column=name,
+            fix='give the column one kind of value in every row (quote a number answer: "4")',
+        )
+
+
 # a string Arrow's JSON reader reads as a timestamp (ISO 8601) where a block's column holds only such strings
-_DATE = re.compile(r"\s*\d{4}-\d{2}-\d{2}([T ]\d{2}(:\d{2}(:\d{2}([.,]\d+)?)?)?)?\s*(Z|[+-]\d{2}(:?\d{2})?)?\s*$")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}(:\d{2}(:\d{2}([.,]\d+)?)?)?)?\s*(Z|[+-]\d{2}(:?\d{2})?)?\s*$")
 
 
 def _restore_date_strings(path: Path, loaded: datasets.Dataset, columns: set[str]) -> datasets.Dataset:
