@@ -39,7 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fastdpo.data.vocabulary import check_positions, check_token_ids
+from fastdpo.data.vocabulary import check_positions, check_token_ids, cut_length
 from fastdpo.errors import ConfigError
 
 try:
@@ -142,7 +142,7 @@ class _CheckedEvalSets:
         prepared = super()._prepare_dataset(dataset, *args, **kwargs)
         if getattr(self, "model", None) is not None:  # (in the constructor, before the Trainer's: checked after it)
             check_token_ids(prepared, self.model, "eval")
-            check_positions(prepared, self.model, "eval", self.args.max_length)
+            check_positions(prepared, self.model, "eval", cut_length(self.args))
         return prepared
 
 
@@ -163,7 +163,7 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
                          quantization_config=quantization_config, peft_config=peft_config)  # fmt: skip
         for split, data in (("train", self.train_dataset), ("eval", self.eval_dataset)):
             check_token_ids(data, self.model, split)
-            check_positions(data, self.model, split, self.args.max_length)
+            check_positions(data, self.model, split, cut_length(self.args))
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.DPOTrainer for vision-language models")  # fmt: skip
@@ -348,7 +348,7 @@ class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, trl.SFTTrain
                              formatting_func=formatting_func)  # fmt: skip
         for split, data in (("train", self.train_dataset), ("eval", self.eval_dataset)):
             check_token_ids(data, self.model, split)
-            check_positions(data, self.model, split, self.args.max_length)
+            check_positions(data, self.model, split, cut_length(self.args))
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.SFTTrainer for vision-language models")  # fmt: skip

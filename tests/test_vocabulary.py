@@ -168,3 +168,23 @@ def test_a_sequence_longer_than_the_rows_is_named_when_the_trainer_is_built(tmp_
     args = DPOConfig(**{**common_args(tmp_path, "fits"), "max_length": None, "pack_length": 32, "max_steps": 1})
     DPOTrainer(model=load(), args=args, train_dataset=datasets.Dataset.from_list(rows),
                processing_class=tokenizer).train()  # fmt: skip
+
+
+def test_sequences_kept_as_given_are_checked_against_the_position_table_uncut(tmp_path):
+    # dataset_kwargs={"skip_prepare_dataset": True} trains the rows as given, not cut to max_length: the check took
+    # them as cut, passed, and the step failed inside the embedding ("IndexError: index out of range in self")
+    import torch
+    import trl
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    rows = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], list(range(5, 45))]})  # 40 tokens in row 1
+    for trainer_cls, config_cls in ((SFTTrainer, SFTConfig), (dropin.SFTTrainer, trl.SFTConfig)):
+        args = config_cls(**{**sft_args(tmp_path, "sft"), "max_length": 32, "packing": False,
+                             "dataset_kwargs": {"skip_prepare_dataset": True}})  # fmt: skip
+        with pytest.raises(DataError, match=r"^row 1, column 'input_ids': a sequence of 40 tokens in the train data"):
+            trainer_cls(model=model, args=args, train_dataset=rows, processing_class=tokenizer)

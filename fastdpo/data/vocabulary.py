@@ -75,6 +75,12 @@ def position_limit(model) -> int | None:
     return None
 
 
+def cut_length(args) -> int | None:
+    """The length an SFT trainer cuts sequences to: ``max_length``; None where ``dataset_kwargs``'
+    ``skip_prepare_dataset`` keeps them as given (a longer one passed the position check, then failed)."""
+    return None if (getattr(args, "dataset_kwargs", None) or {}).get("skip_prepare_dataset") else args.max_length
+
+
 def check_positions(dataset, model, name: str, max_length: int | None, dropped: dict | None = None) -> None:
     """A ``DataError`` at the first row of ``dataset`` (tokenized; a dict of them; streams are not read) with a
     sequence longer, once cut to ``max_length``, than the model's learned position table (``position_limit``): it

@@ -55,7 +55,7 @@ from fastdpo.data.sft import (
     truncation_window,
 )
 from fastdpo.data.stream import prepare_sft_stream
-from fastdpo.data.vocabulary import check_positions, check_token_ids
+from fastdpo.data.vocabulary import check_positions, check_token_ids, cut_length
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model.adapters import (
     is_peft_model,
@@ -296,8 +296,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         if eval_dataset is not None:
             eval_dataset = self._prepare_eval(eval_dataset, processing_class, args)
         for split, data in (("train", train_dataset), ("eval", eval_dataset)):
-            check_token_ids(data, model, split, self.dropped_rows)
-            check_positions(data, model, split, args.max_length, self.dropped_rows)
+            self._check_ids(data, model, split, args)
         self.packed_attention_impl = packed_attention(args.packed_attention)
         collator = data_collator or SequencePacker(pack_length=_pack_length(model, args, self.packed_attention_impl),
                                                    pad_token_id=processing_class.pad_token_id or 0,
@@ -321,6 +320,11 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         # the columns the collator reads (the Trainer drops the others when remove_unused_columns is on)
         if self._signature_columns is None:
             self._signature_columns = list(TOKEN_COLUMNS)
+
+    def _check_ids(self, dataset, model, split: str, args: SFTConfig) -> None:
+        """Token ids the model embeds, sequences its position table holds (as they are cut: ``cut_length``)."""
+        check_token_ids(dataset, model, split, self.dropped_rows)
+        check_positions(dataset, model, split, cut_length(args), self.dropped_rows)
 
     def _prepare_eval(self, eval_dataset, tokenizer, args: SFTConfig):
         packing = args.packing if args.eval_packing is None else args.eval_packing
@@ -413,8 +417,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         # a dataset passed here is prepared as the constructor prepares eval datasets
         if eval_dataset is not None and not isinstance(eval_dataset, str):
             eval_dataset = self._prepare_eval(eval_dataset, self.processing_class, self.args)
-            check_token_ids(eval_dataset, self.model, "eval", self.dropped_rows)
-            check_positions(eval_dataset, self.model, "eval", self.args.max_length, self.dropped_rows)
+            self._check_ids(eval_dataset, self.model, "eval", self.args)
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     # --- loss and metrics
