@@ -141,8 +141,10 @@ class _CheckedEvalSets:
     def _prepare_dataset(self, dataset, *args, **kwargs):
         prepared = super()._prepare_dataset(dataset, *args, **kwargs)
         if getattr(self, "model", None) is not None:  # (in the constructor, before the Trainer's: checked after it)
-            check_token_ids(prepared, self.model, "eval")
-            check_positions(prepared, self.model, "eval", cut_length(self.args))
+            key = kwargs.get("dataset_name", args[-1] if args else "eval")  # (one of a dict's sets: its key)
+            name = key if key == "eval" else f"eval_{key}"  # (as the constructor names a dict's sets)
+            check_token_ids(prepared, self.model, name)
+            check_positions(prepared, self.model, name, cut_length(self.args))
         return prepared
 
 

@@ -104,6 +104,8 @@ def test_a_set_given_to_evaluate_and_the_precompute_are_checked_too(tmp_path):
         trainer = trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer)
         with pytest.raises(DataError, match=said):
             trainer.evaluate(bad)
+        with pytest.raises(DataError, match=said.replace("the eval data", "the eval_held data")):  # (a dict's set)
+            trainer.evaluate({"held": bad})
     args = trl.DPOConfig(**common_args(tmp_path, "precompute"), precompute_ref_log_probs=True)
     with pytest.raises(DataError, match=r"^row 0, column 'prompt_ids': token id \d+ in the eval data"):
         dropin.DPOTrainer(model=load(), ref_model=load(), args=args, train_dataset=pairs, eval_dataset=bad_pairs,
