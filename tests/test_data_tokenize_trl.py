@@ -147,6 +147,10 @@ def test_a_prompt_whose_tokens_are_cut_is_counted_in_one_warning_every_tokenizer
     assert len(list(stream.dataset)) == 3 and stream.flagged_rows == {"prompt_not_prefix": [0, 2]}
     sft_stream = prepare_sft_stream(datasets.Dataset.from_list(sft).to_iterable_dataset(), tokenizer, max_length=None)
     assert len(list(sft_stream.dataset)) == 3 and sft_stream.flagged_rows == {"prompt_not_prefix": [0, 2]}
+    # chosen and rejected of the same tokens: warned of in a dataset, counted in a stream too (it said nothing)
+    rows[1]["rejected"] = rows[1]["chosen"]
+    stream = prepare_stream(datasets.Dataset.from_list(rows).to_iterable_dataset(), tokenizer, max_length=None)
+    assert len(list(stream.dataset)) == 3 and stream.flagged_rows["identical_tokens"] == [1]
 
 
 def test_the_quality_report_counts_what_truncation_leaves_and_the_cut_prompts(tokenizer, tmp_path):

@@ -212,9 +212,11 @@ def _tokenized_batch(batch: dict, indices: list[int], *, kind, tokenizer, max_le
     """Tokenize one batch of normalized stream rows; mark the rows TRL drops (``_keep``)."""
     eos = tokenizer.eos_token if kind == "standard" else None
     tokens = tokenize_preference_batch(batch, indices, tokenizer, eos, "")
-    tokens.pop(SAME)  # (a stream's rows are not counted ahead)
-    for cut, index in zip(tokens.pop(PROMPT_CUT), indices, strict=True):
+    for same, cut, index in zip(tokens.pop(SAME), tokens.pop(PROMPT_CUT), indices, strict=True):
         _note_prompt_cut(cut, index, tokenizer, prepared)
+        if same:  # (counted, trained on as it is: as tokenize_preferences warns of such rows)
+            prepared.note("flagged", "identical_tokens", index, "chosen and rejected of the same tokens: no "
+                          "preference to learn")  # fmt: skip
     if clip != (None, None):
         for i in range(len(indices)):
             example = {name: tokens[name][i] for name in TOKEN_COLUMNS}
