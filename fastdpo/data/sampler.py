@@ -21,7 +21,9 @@ Balanced ranks (``RankBalancedBatchSampler``): with a fixed number of pairs per 
 ``r`` the ``r``-th of every ``world_size`` consecutive batches, so the slowest process (the one that drew the long
 pairs) sets every step's pace. This sampler takes the same ``world_size × batch_size`` pairs a round would take
 and deals them again, longest first, each to the batch with the fewest tokens that still has room: every process
-keeps ``batch_size`` pairs, and the step's pairs are unchanged (so is the loss, up to summation order).
+keeps ``batch_size`` pairs, and the step's pairs are unchanged (so is the loss, up to summation order, where it is
+a sum of per-pair terms: the trainer leaves it off for the loss types that take a token mean or a sort over each
+process's micro-batch, ``fastdpo.ops.losses.BATCH_COUPLED``: RPO's ``sft``, ``cpo``, ``orpo``, ``aot``).
 """
 
 from __future__ import annotations

@@ -42,6 +42,8 @@ LOSS_TYPES: dict[str, str] = {
 REFERENCE_FREE = frozenset({"simpo", "cpo", "orpo"})
 NEEDS_LENGTHS = frozenset({"ipo", "sigmoid_norm", "sft", "simpo", "orpo", "cpo"})
 SORTING = frozenset({"aot", "aot_unpaired"})
+# types whose loss is not a sum of per-pair terms: a sort or a token mean over the micro-batch (its pairs matter)
+BATCH_COUPLED = SORTING | {"sft", "cpo", "orpo"}
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # The f-DPO reparameterization leaves a β·log Z(x) term that cancels only in the chosen − rejected difference
 F_DIVERGENCE_TYPES = frozenset(

@@ -21,7 +21,8 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
   ``max_nonfinite_steps`` (the numerics guard, ``fastdpo.train.common.NumericsGuard``; 0 turns it off),
   ``ref_offload`` (a separate reference waits in host memory between its passes: ``HostResident``),
   ``balance_ranks`` (several processes: each step's pairs are dealt so that every process packs about as many
-  tokens; the pairs of a step are the same as without it: ``fastdpo.data.sampler.RankBalancedBatchSampler``),
+  tokens; the pairs of a step are the same as without it: ``fastdpo.data.sampler.RankBalancedBatchSampler``; off
+  for loss types that take a mean or a sort over a process's micro-batch, ``coupled_losses``),
   ``displacement_margin`` (warn once when ``logps/chosen`` has fallen by more than this fraction of its first logged
   value, at least 1 nat, while reward accuracy rises: ``fastdpo.train.dpo.DisplacementWatch``; None: off; the change
   is logged as ``logps/chosen_change`` either way), ``packed_attention`` (``auto|varlen|model``: the attention the
@@ -35,6 +36,7 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -45,7 +47,10 @@ from transformers import TrainingArguments
 from fastdpo.errors import ConfigError, unknown_choice
 from fastdpo.model.attention import PACKED_ATTENTION
 from fastdpo.ops import REFERENCE_FREE, LossConfig
+from fastdpo.ops.losses import BATCH_COUPLED
 from fastdpo.train.common import check_report_to, check_shared_options
+
+logger = logging.getLogger(__name__)
 
 REFERENCES = ("auto", "separate", "cached", "adapter", "none")
 
@@ -197,3 +202,14 @@ def loss_config_of(args) -> LossConfig:
                       label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
                       f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
                       **extra)  # fmt: skip
+
+
+def coupled_losses(args: DPOConfig) -> list[str]:
+    """The loss types whose loss takes a token mean or a sort over a process's micro-batch (``BATCH_COUPLED``):
+    ``balance_ranks`` would deal a step's pairs to other processes than TRL's sampler does, changing the loss, so it
+    is off for them (said once, on the first process)."""
+    coupled = sorted(BATCH_COUPLED.intersection(args.loss_type))
+    if coupled and args.balance_ranks and args.world_size > 1 and args.process_index == 0:
+        logger.info("balance_ranks is off: %s take a mean or a sort over each process's micro-batch, which the "
+                    "balanced deal would change (the batches are TRL's)", ", ".join(coupled))  # fmt: skip
+    return coupled

@@ -89,7 +89,7 @@ from fastdpo.train.common import (
     warn_no_logits,
     with_quantization,
 )
-from fastdpo.train.config import DPOConfig
+from fastdpo.train.config import DPOConfig, coupled_losses
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.step import preference_step, reference_logps
@@ -429,7 +429,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         # (split_batches: accelerate splits each batch over the processes, so a dealt round would be one step's pairs
         # split again: the steps took other pairs than the sampler's)
         balance = (args.balance_ranks and args.world_size > 1 and not isinstance(self.train_dataset, IterableDataset)
-                   and not self.accelerator.split_batches)  # fmt: skip
+                   and not self.accelerator.split_batches and not coupled_losses(args))  # fmt: skip
         if not budget and not balance:  # (a stream's batches are dealt as they come: its lengths are not known)
             return super().get_train_dataloader()
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
