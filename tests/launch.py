@@ -89,9 +89,9 @@ def end_processes() -> None:
     os._exit(0)
 
 
-def run_processes(command: list[str], timeout: float = 300) -> None:
-    """Run a launcher command; on failure, fail with its stderr's end. On a timeout the launcher's whole process
-    group is killed: killing only the launcher would leave its workers running."""
+def run_processes(command: list[str], timeout: float = 300) -> str:
+    """Run a launcher command; its stderr. On failure, fail with its stderr's end. On a timeout the launcher's whole
+    process group is killed: killing only the launcher would leave its workers running."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # fmt: skip
@@ -102,12 +102,14 @@ def run_processes(command: list[str], timeout: float = 300) -> None:
         _, stderr = process.communicate()
         raise AssertionError(f"{command[0]} ran over {timeout} s and was killed: {stderr[-3000:]}") from None
     assert process.returncode == 0, stderr[-3000:]
+    return stderr
 
 
 def launch(worker: Path, out: Path, model: Path, processes: int, runs: dict[str, dict],
            accelerate_config: Path | None = None) -> dict[str, dict]:  # fmt: skip
     """What ``worker`` wrote for each of ``runs`` (name: options), all trained by one launch of ``processes``
-    processes (``serve``): torchrun, or ``accelerate launch --config_file accelerate_config``."""
+    processes (``serve``): torchrun, or ``accelerate launch --config_file accelerate_config``; their stderr is kept
+    in ``out/stderr.txt``."""
     out.mkdir()
     arguments = [str(worker), str(out), str(model), json.dumps(runs)]
     port = str(free_port())
@@ -118,7 +120,7 @@ def launch(worker: Path, out: Path, model: Path, processes: int, runs: dict[str,
         command = [sys.executable, *arguments]
     else:
         command = [TORCHRUN, "--nproc_per_node", str(processes), "--master_port", port, *arguments]
-    run_processes(command)
+    (out / "stderr.txt").write_text(run_processes(command))
     results = {name: json.loads((out / name / "logs.json").read_text()) for name in runs}
     assert all(result["world_size"] == processes for result in results.values())
     return results

@@ -49,6 +49,8 @@ def ddp_runs(tmp_path: Path, processes: int, name: str) -> dict[str, list[dict]]
         # RPO's NLL is a token mean over each process's micro-batch: the balanced deal changed its pairs, and the loss
         "rpo": {**pairs, "loss_type": ["sigmoid", "sft"]},
         "trl_rpo": {**pairs, "loss_type": ["sigmoid", "sft"], "trainer": "trl"},
+        # prompts that fill max_length: dropped by every process, warned of once
+        "drops": {**pairs, "max_length": 12},
     }
     results = launch(WORKER, tmp_path / name, tmp_path / "model", processes, runs)
     for result in results.values():
@@ -95,6 +97,7 @@ def test_two_processes_take_the_steps_of_one(one_process):
         for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "rewards/accuracies", *TOKEN_MEANS):
             assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
     assert len(list((tmp_path / "cache_two").glob("*.arrow"))) == 1  # one file, written once
+    assert (tmp_path / "two" / "stderr.txt").read_text().count("train data: ") == 1  # (it was said by each process)
 
 
 # What fastdpo/configs/accelerate/zero3.yaml asks of DeepSpeed, as TrainingArguments(deepspeed=...) takes it

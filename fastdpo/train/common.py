@@ -410,7 +410,14 @@ def report_dropped(dropped: dict[str, list[int]], before: int, after: int, split
             column=f"{split}_dataset",
             fix=f"raise max_length (now {max_length}), set truncation_mode='keep_end', or shorten the prompts",
         )
-    logger.warning("%s data: %d of %d rows dropped: %s", split, before - after, before, reasons)
+    if _first_process():  # (every process prepares the data: said once)
+        logger.warning("%s data: %d of %d rows dropped: %s", split, before - after, before, reasons)
+
+
+def _first_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _first(rows: list[int], limit: int = 5) -> str:

@@ -212,9 +212,10 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         self._streams: list[PreparedStream] = []
         undispatched(args)  # (every stream, an eval set given to evaluate() later too)
         uncompiled(args)
-        train_dataset = self._prepare(train_dataset, processing_class, args, "train")
-        if eval_dataset is not None:
-            eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
+        with args.main_process_first(desc="preparing the datasets"):  # (the others then read its cache, as in TRL)
+            train_dataset = self._prepare(train_dataset, processing_class, args, "train")
+            if eval_dataset is not None:
+                eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
         self.packed_attention_impl = packed_attention(args.packed_attention)
         collator = data_collator or packer_for(model, args, self.packed_attention_impl, text_tokenizer.pad_token_id,
                                                pack_length=args.pack_length, packing=args.packing)  # fmt: skip

@@ -292,9 +292,10 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
             )
         undispatched(args)  # (every stream, an eval set given to evaluate() later too)
         uncompiled(args)
-        train_dataset = self._prepare(train_dataset, processing_class, args, args.packing, "train")
-        if eval_dataset is not None:
-            eval_dataset = self._prepare_eval(eval_dataset, processing_class, args)
+        with args.main_process_first(desc="preparing the datasets"):  # (the others then read its cache, as in TRL)
+            train_dataset = self._prepare(train_dataset, processing_class, args, args.packing, "train")
+            if eval_dataset is not None:
+                eval_dataset = self._prepare_eval(eval_dataset, processing_class, args)
         for split, data in (("train", train_dataset), ("eval", eval_dataset)):
             self._check_ids(data, model, split, args)
         self.packed_attention_impl = packed_attention(args.packed_attention)
