@@ -84,10 +84,9 @@ DATA_ACTIONS = {
 
 def run_data(known: argparse.Namespace) -> int:
     """Run ``fastdpo data <action>``; the exit status."""
-    from fastdpo.data import build_pairs, check_preferences, load_data, split_by_prompt
+    from fastdpo.data import build_pairs, check_preferences, load_data
     from fastdpo.data.load import text_columns
-    from fastdpo.data.pairs import missing_column
-    from fastdpo.data.split import split_by_keys
+    from fastdpo.data.split import split_pairs
 
     if getattr(known, "max_length", None) is not None and not known.tokenizer:
         raise ConfigError("counts tokens", column="--max-length", fix="pass --tokenizer (a folder or hub name) too")
@@ -146,23 +145,9 @@ def run_data(known: argparse.Namespace) -> int:
     _check_outputs([known.train_out, known.eval_out], known, dataset)  # (before the split's work)
     if known.train_out.suffix == known.eval_out.suffix:  # (their prompts are text either way: the same split)
         dataset = _as_written(known, known.train_out, text, dataset)
-    if "prompt" in dataset.column_names:
-        train, held_out = split_by_prompt(dataset, test_size=known.test_size, seed=known.seed)
-    else:  # grouped by the prompt the trainers take out of chosen and rejected (TRL's implicit prompt)
-        prepared = _prepared(dataset, None)
-        # (a row the preparation refuses, left as it is, is a group of its own: the trainers refuse it, as check says)
-        keys = prepared["prompt"] if not isinstance(prepared, list) else [
-            row.get("prompt", {"refused": row}) for row in prepared]  # fmt: skip
-        # cut back to the last line break: answers that begin alike ("Sure..." / "Sorry...") carry the extracted
-        # prompt into them ("...Assistant: S"), so one HH dialogue had a key per pair, and went to both sides
-        keys = [key.rsplit("\n", 1)[0] if isinstance(key, str) and "\n" in key.strip() else key for key in keys]
-        if not all(keys):  # pairs whose chosen and rejected begin with nothing alike: a prompt under another name?
-            error = missing_column("prompt", "prompt", dataset.column_names,
-                                   cli="""--columns '{"prompt": "<your column>"}'""")  # fmt: skip
-            empty = sum(not key for key in keys)
-            raise DataError(f"{error.message}, and in {empty} of {len(keys)} rows chosen and rejected begin with no "
-                            "shared prompt to group by", column=error.column, fix=error.fix)  # fmt: skip
-        train, held_out = split_by_keys(dataset, keys, test_size=known.test_size, seed=known.seed, column="prompt")
+    if "prompt" not in dataset.column_names:
+        _prepared(dataset, None)  # (what preparation refuses or takes out of chosen and rejected, said on stderr)
+    train, held_out = split_pairs(dataset, test_size=known.test_size, seed=known.seed)
     summary = {"input": known.data, "rows": len(dataset), "train": len(train), "eval": len(held_out)}
     _write(train, known.train_out, known, summary)
     _write(held_out, known.eval_out, known, summary)

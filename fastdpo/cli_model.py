@@ -320,19 +320,27 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
     quality report (the files) and the rows it drops (``data_filter``)."""
     import functools
 
-    from fastdpo.data import check_preferences, prepare_preferences, prepare_sft, split_by_prompt, split_sft_by_prompt
+    from fastdpo.data import check_preferences, load_data, prepare_preferences, prepare_sft, split_sft_by_prompt
+    from fastdpo.data.formats import rename_preference_columns
+    from fastdpo.data.split import split_pairs
 
     columns, refused = run_args.dataset_columns, {}
     prepare = prepare_preferences if command == "dpo" else functools.partial(prepare_sft, text_field=text_field)
     if command == "dpo" and run_args.data_filter == "drop":  # rows preparation refuses: dropped, as the filter drops
         prepare = functools.partial(_without_refused_rows, counts=refused)
-    train = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_train_split)
     evaluation = None
+    if command == "dpo" and run_args.eval_fraction is not None:  # split as given, as `fastdpo data split` splits
+        given, _ = rename_preference_columns(load_data(run_args.dataset_name, split=run_args.dataset_train_split),
+                                             columns or {})  # fmt: skip
+        given, held_out = _held_out(split_pairs, given, run_args.eval_fraction, seed)
+        train = prepare(given, columns=None, split=run_args.dataset_train_split)
+        evaluation = prepare(held_out, columns=None, split="eval")
+    else:
+        train = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_train_split)
     if run_args.dataset_test_split is not None:
         evaluation = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_test_split)
-    elif run_args.eval_fraction is not None:
-        split = split_by_prompt if command == "dpo" else split_sft_by_prompt  # (SFT: messages or text rows too)
-        train, evaluation = split(train, test_size=run_args.eval_fraction, seed=seed)
+    elif run_args.eval_fraction is not None and command != "dpo":  # (SFT: messages or text rows too)
+        train, evaluation = _held_out(split_sft_by_prompt, train, run_args.eval_fraction, seed)
     if command != "dpo":
         return train, evaluation, {}
     report = check_preferences(train)
@@ -357,6 +365,18 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
              "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped, "removed_eval": removed_eval},
                                              indent=1)}  # fmt: skip
     return train, evaluation, files
+
+
+def _held_out(split, dataset, fraction: float, seed: int):
+    """``split(dataset)`` by ``eval_fraction``: a fraction in (0, 1), or a whole number of rows (``5.0`` as the flag
+    reads it too); its errors under the name ``eval_fraction``."""
+    test_size = int(fraction) if fraction >= 1 and float(fraction).is_integer() else fraction
+    try:
+        return split(dataset, test_size=test_size, seed=seed)
+    except ConfigError as error:
+        if error.column != "test_size":
+            raise
+        raise ConfigError(error.message, column="eval_fraction", fix=error.fix) from None
 
 
 def _without_refused_rows(source, *, columns: dict | None, split: str, counts: dict):

@@ -480,3 +480,28 @@ def test_data_filter_and_split_write_a_csv_files_cells_as_they_were(tmp_path, mo
     assert read("train.csv")[0] == read("eval.csv")[0] == ["prompt", *header[1:]]
     assert main(["data", "filter", "in.csv", "kept.jsonl", *columns]) == 0  # (JSON: the values as pandas reads them)
     assert [json.loads(line)["id"] for line in (tmp_path / "kept.jsonl").read_text().splitlines()] == [1, 2, 1000]
+
+
+def test_a_runs_eval_fraction_holds_out_as_data_split_does(tmp_path):
+    # eval_fraction split the prepared rows: an HH dialogue's implicit prompt carried the answers' shared start
+    # ("...Assistant: S"), a key per pair (10 of 20 dialogues in both parts), and a system column joined into the
+    # prompt made a question under 3 personas 3 keys (14 of 20 questions in both); `data split` kept them apart
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import loaded_splits
+    from fastdpo.errors import ConfigError
+
+    answers = [("Sure, here it is.", "Sorry, I can't."), ("Yes, gladly.", "No."), ("Sure thing!", "Stop asking.")]
+    hh = [{"chosen": f"\n\nHuman: question {q}?\n\nAssistant: {good}", "rejected": f"\n\nHuman: question {q}?\n\n"
+           f"Assistant: {bad}"} for q in range(20) for good, bad in answers]  # fmt: skip
+    personas = [{"system": f"persona {k}", "prompt": f"question {q}?", "chosen": f" answer {k}.",
+                 "rejected": f" wrong {k}."} for q in range(20) for k in range(3)]  # fmt: skip
+    for name, rows, asked in (("hh", hh, lambda r: r["prompt"].split("\n\nAssistant:")[0]),
+                              ("personas", personas, lambda r: r["prompt"].split("\n\n")[-1])):  # fmt: skip
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        for fraction in (0.3, 18.0):  # (a whole number is a row count, 18.0 as the flag reads "18" too)
+            train, held_out, _ = loaded_splits("dpo", RunArguments(dataset_name=str(path), eval_fraction=fraction), 0)
+            assert len(train) + len(held_out) == 60 and len(held_out) in range(15, 22)
+            assert not {asked(row) for row in train} & {asked(row) for row in held_out}, name
+    with pytest.raises(ConfigError, match=r"column 'eval_fraction': 100 rows out of 60"):
+        loaded_splits("dpo", RunArguments(dataset_name=str(path), eval_fraction=100.0), 0)

@@ -54,6 +54,30 @@ def split_by_prompt(
     return split_by_keys(dataset, column_values(dataset, prompt), test_size=test_size, seed=seed, column=prompt)
 
 
+def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0):
+    """``split_by_prompt`` for DPO rows as given (fastdpo's column names), as ``fastdpo data split`` and a run's
+    ``eval_fraction`` split them: by the ``prompt`` column (without a ``system`` column's text, so a question asked
+    under several system prompts stays on one side); without one, by the prompt the trainers take out of chosen and
+    rejected (TRL's implicit prompt), cut back to its last line break: answers that begin alike ("Sure..." /
+    "Sorry...") carry the extracted prompt into them ("...Assistant: S"), so one HH dialogue had a key per pair, and
+    went to both sides. A row the preparation refuses is a group of its own."""
+    from fastdpo.data.refused import prepared_rows
+
+    if "prompt" in dataset.column_names:
+        return split_by_prompt(dataset, test_size=test_size, seed=seed)
+    prepared, _ = prepared_rows(dataset, None)
+    keys = prepared["prompt"] if not isinstance(prepared, list) else [
+        row.get("prompt", {"refused": row}) for row in prepared]  # fmt: skip
+    keys = [key.rsplit("\n", 1)[0] if isinstance(key, str) and "\n" in key.strip() else key for key in keys]
+    if not all(keys):  # pairs whose chosen and rejected begin with nothing alike: a prompt under another name?
+        error = missing_column("prompt", "prompt", dataset.column_names,
+                               cli="""--columns '{"prompt": "<your column>"}'""")  # fmt: skip
+        empty = sum(not key for key in keys)
+        raise DataError(f"{error.message}, and in {empty} of {len(keys)} rows chosen and rejected begin with no "
+                        "shared prompt to group by", column=error.column, fix=error.fix)  # fmt: skip
+    return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column="prompt")
+
+
 def split_sft_by_prompt(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0):
     """``split_by_prompt`` for ``prepare_sft``'s rows: by their ``prompt``; a conversation (``messages``) by its
     messages before the last assistant turn; a ``text`` row by its text."""
