@@ -272,18 +272,20 @@ def compare(policy, reference, tokenizer, prompts: list[tuple[str, object]], *, 
 
 
 @torch.no_grad()
-def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data_filter: str = "drop") -> dict:
+def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data_filter: str = "drop",
+                 max_length: int | None = None, truncation_mode: str = "keep_start") -> dict:  # fmt: skip
     """Reward accuracy and margin on held-out preference pairs, both models' mean chosen log-probability, and
     whether it fell under the policy while accuracy is high (likelihood displacement).
 
     ``pairs`` takes what the trainers take (a ``datasets.Dataset``, a list of row dicts or a file; standard strings
     or conversational message lists, system and input columns), prepared and tokenized as they do it
     (``prepare_preferences``, ``tokenize_preferences``: a conversation through the tokenizer's chat template, EOS
-    after a string completion). Each sequence is scored whole up to the policy's context length
-    (``max_position_embeddings``), the end cut beyond it. The pairs the trainers drop are dropped: with
-    ``data_filter="drop"`` (their default) those of the quality check's "drop" reasons (identical, empty,
-    duplicate, ...), and those whose prompt fills the context; counted by reason in ``dropped``, in all in
-    ``dropped_pairs``.
+    after a string completion). Each sequence is scored cut as the trainers cut it: to ``max_length`` (the run's:
+    its held-out evaluation's numbers) under ``truncation_mode``, and never past the policy's context length
+    (``max_position_embeddings``; ``max_length`` None: whole up to it, the end cut beyond). The pairs the trainers
+    drop are dropped: with ``data_filter="drop"`` (their default) those of the quality check's "drop" reasons
+    (identical, empty, duplicate, ...), and those whose prompt fills the length (keep_start); counted by reason in
+    ``dropped``, in all in ``dropped_pairs``.
     """
     from fastdpo.data import check_preferences, prepare_preferences, tokenize_preferences
     from fastdpo.data.refused import prepare_dropping
@@ -293,6 +295,7 @@ def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data
     if data_filter not in ("drop", "none"):
         raise ConfigError(f"must be 'drop' or 'none', got {data_filter!r}", column="data_filter")
     context = model_context(policy, reference)
+    length = context if max_length is None else min(max_length, context)
     if data_filter == "drop":  # (rows preparation refuses for a drop reason, empty answers: dropped too)
         prepared, refused, _ = prepare_dropping(pairs)
         kept, dropped = check_preferences(prepared).filter(prepared)
@@ -302,18 +305,20 @@ def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data
     if len(kept) == 0:
         raise DataError(f"every pair has a problem the trainers drop it for ({dropped})", column="pairs",
                         fix="run 'fastdpo data check' on the file to list them")  # fmt: skip
-    tokenized = tokenize_preferences(kept, tokenizer, max_length=context)
+    tokenized = tokenize_preferences(kept, tokenizer, max_length=length, truncation_mode=truncation_mode)
     rows, dropped = tokenized.dataset, {**dropped, **tokenized.dropped}
     for model in (policy, reference):  # (an IndexError deep in the embedding before)
         check_token_ids(rows, model, "pairs")
     if len(rows) == 0:
-        raise DataError(f"every pair's prompt fills the policy's context ({context} tokens)", column="prompt",
-                        fix="pass pairs with shorter prompts")  # fmt: skip
+        raise DataError(f"every pair's prompt fills {'the context' if length == context else 'max_length'} "
+                        f"({length} tokens)", column="prompt", fix="pass pairs with shorter prompts")  # fmt: skip
 
     def answers(side: str) -> list[tuple[list[int], list[int]]]:
-        # the prompts kept are shorter than the context: truncation cuts the answer's end only
-        return [(prompt, truncate(prompt, answer, context)[0][len(prompt) :])
-                for prompt, answer in zip(rows["prompt_ids"], rows[f"{side}_ids"], strict=True)]  # fmt: skip
+        # (prompt, answer) as truncation leaves them: keep_start cuts the answer's end (the prompts kept are
+        # shorter), keep_end the sequence's start; the scored tokens are the answer's that remain
+        sides = zip(rows["prompt_ids"], rows[f"{side}_ids"], strict=True)
+        cut = [truncate(prompt, answer, length, truncation_mode) for prompt, answer in sides]
+        return [(ids[: mask.count(0)], ids[mask.count(0) :]) for ids, mask in cut]  # (the mask: 0s, then 1s)
 
     chosen, rejected = answers("chosen"), answers("rejected")
     chosen_policy, chosen_reference = _logps(policy, chosen), _logps(reference, chosen)
@@ -578,7 +583,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs:  # read and checked before the answers are generated, which takes the time
         args.pairs = read_pairs(args.pairs, args.columns, recorded.get("dataset_columns"))
     # the pairs first: what they cannot do (no chat template, every prompt past the context) before any answer
-    pairs = pair_metrics(policy, reference, tokenizer, args.pairs, beta=args.beta) if args.pairs else None
+    cut = {"max_length": recorded.get("max_length"), "truncation_mode": recorded.get("truncation_mode", "keep_start")}
+    if args.pairs and cut["max_length"] is not None:
+        print(f"--pairs: sequences cut as the policy's run cut them (max_length {cut['max_length']}, "
+              f"{cut['truncation_mode']})")  # fmt: skip
+    pairs = pair_metrics(policy, reference, tokenizer, args.pairs, beta=args.beta, **cut) if args.pairs else None
     rows = compare(policy, reference, tokenizer, prompts, beta=args.beta, samples=args.samples,
                    max_new_tokens=args.max_new_tokens, checkers=checkers, seed=args.seed)  # fmt: skip
     print(write_report(args.out, rows, pairs, args.beta))

@@ -272,3 +272,27 @@ def test_compare_refuses_bad_options_and_prompts_in_one_line(tmp_path, capsys, m
     assert cli([*common, "--prompts", "blank_lines.txt", "--out", "blank"]) == 0
     assert [row["name"] for row in json.loads((tmp_path / "blank" / "compare.json").read_text())["rows"]] == [
         "line 1", "line 3"]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_pairs_cut_to_the_runs_max_length_score_as_its_own_evaluation(mode, tmp_path):
+    # compare --pairs scored whole sequences (to the context) and dropped prompts that fill the context, where the
+    # run's evaluation cuts to max_length and drops by it: accuracy 1.0 against the run's 0.667, 6 pairs against 3
+    from fastdpo import DPOConfig, DPOTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    policy, reference = tiny_llama(tokenizer, 0), tiny_llama(tokenizer, 1)
+    rows = [row for row in STANDARD if row["prompt"]]  # (the trainers refuse an empty prompt's pair at evaluation)
+    got = pair_metrics(policy, reference, tokenizer, rows, beta=BETA, data_filter="none", max_length=20,
+                       truncation_mode=mode)  # fmt: skip
+    args = DPOConfig(output_dir=str(tmp_path / mode), report_to=[], beta=BETA, max_length=20, truncation_mode=mode,
+                     per_device_eval_batch_size=8, bf16=False, use_cpu=True)  # fmt: skip
+    trainer = DPOTrainer(policy, ref_model=reference, args=args, train_dataset=prepare_preferences(rows),
+                         processing_class=tokenizer)  # fmt: skip
+    run = trainer.evaluate(prepare_preferences(rows))
+    dropped = 1 if mode == "keep_start" else 0  # (the prompt of 60 tokens fills 20: TRL's keep_start drop)
+    assert got["pairs"] == len(rows) - dropped and got["dropped_pairs"] == dropped
+    # fp64 models: the packed evaluation and the batched scoring agree to ~1e-9
+    assert got["reward_margin"] == pytest.approx(run["eval_rewards/margins"], rel=1e-6, abs=1e-9)
+    assert got["reward_accuracy"] == pytest.approx(run["eval_rewards/accuracies"])
+    assert got["logps_chosen_policy"] == pytest.approx(run["eval_logps/chosen"], rel=1e-6)
