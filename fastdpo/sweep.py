@@ -228,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     if run_args.eval_fraction is None and run_args.dataset_test_split is None:
         raise ConfigError("a sweep compares the runs on held-out pairs, and the config holds none out",
                           column="eval_fraction", fix="set eval_fraction (e.g. 0.1) or dataset_test_split")  # fmt: skip
+    if getattr(run_args, "dataset_streaming", False):  # (it failed in the first run, after loading the model)
+        raise ConfigError("a sweep computes the reference's log-probs once, over the whole dataset, for all its runs; "
+                          "a stream is only read as training goes", column="dataset_streaming",
+                          fix="set dataset_streaming: false for the sweep")  # fmt: skip
     free = sorted(REFERENCE_FREE.intersection(run_config.loss_type))
     if free:
         raise ConfigError(f"{', '.join(free)} has no reference, which a sweep measures each β against",

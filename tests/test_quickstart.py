@@ -329,6 +329,10 @@ def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, cap
                       "loss_type: [simpo, sft]\nreport_to: []\n")  # fmt: skip
     assert cli(["sweep", "--config", str(config), "--beta", "0.1,0.2", "--out", str(tmp_path / "c")]) == 2
     assert "column 'loss_type': simpo has no reference" in capsys.readouterr().err  # (it crashed after one β)
+    config.write_text("model_name_or_path: some/model\ndataset_name: pairs.jsonl\neval_fraction: 0.1\n"
+                      "dataset_streaming: true\nreport_to: []\n")  # fmt: skip
+    assert cli(["sweep", "--config", str(config), "--beta", "0.1,0.2", "--out", str(tmp_path / "s")]) == 2
+    assert "column 'dataset_streaming': a sweep computes the reference's" in capsys.readouterr().err  # (not the model)
     assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "d"), "--resume"]) == 2
     assert "holds no sweep to go on with" in capsys.readouterr().err
     # a NaN passed every comparison (each β trained, then "within nan%"); seeds numpy refuses: tracebacks before
