@@ -169,8 +169,7 @@ def check_batch(batch, expected: list[tuple[int, bool, list[int], list[int]]], p
     assert len(batch.seq_pair) == len(batch.seq_is_chosen) == len(cu) - 1
     ids, positions = batch.input_ids.reshape(-1).tolist(), batch.position_ids.reshape(-1).tolist()
     targets = batch.targets.reshape(-1).tolist()
-    longest = max(len(ids) for _, _, ids, _ in expected)
-    seen, used = [], [0] * rows
+    seen, used, longest = [], [0] * rows, max(len(ids) for _, _, ids, _ in expected)
     for s, (a, b) in enumerate(itertools.pairwise(cu)):
         assert positions[a:b] == list(range(b - a))
         number = int(batch.seq_pair[s])
