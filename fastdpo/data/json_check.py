@@ -1,0 +1,313 @@
+"""JSON and JSON Lines files as ``load_data`` checks them: every row read with Python's ``json`` (``json_rows``,
+one line at a time), the first problem named by line (or a document's row) and column, and what ``datasets``'
+reader would change restored or refused (strings of mixed-kind columns, blocks cast past its first 10 MiB,
+date strings read as timestamps)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import datasets
+
+from fastdpo.data.json_layout import refuse_one_object
+from fastdpo.errors import DataError
+
+STREAM_COLUMNS_FROM = 10 << 20  # bytes: a JSON Lines stream's columns, those of its rows in its first 10 MiB
+
+
+def _kind(value) -> str:
+    """What a value is, in words: numpy's scalars and arrays are numbers and lists as Python's are."""
+    import numbers
+
+    import numpy
+
+    if isinstance(value, (bool, numpy.bool_)):
+        return "boolean"
+    for types, kind in ((str, "string"), (numbers.Number, "number"), ((list, tuple, numpy.ndarray), "list"),
+                        (dict, "dict"), (bytes, "bytes")):  # fmt: skip
+        if isinstance(value, types):
+            return kind
+    return type(value).__name__
+
+
+# the kinds a Json column cannot hold beside a kind without changing a string ("42" read back as 42)
+_JSON_CHANGES = {"number": ("string",), "boolean": ("string",), "string": ("number", "boolean")}
+
+
+# columns whose nested values the trainers read as they are, besides the text columns: conversations (not tools:
+# a tools string is read as JSON anyway)
+_CONVERSATION_COLUMNS = ("messages", "conversations")
+
+
+def _refuse_changed_strings(path: Path, loaded: datasets.Dataset, text: Iterable[str]) -> None:
+    """One DataError at the first string that ``datasets`` gives back changed. Where a field's kinds differ between
+    rows (a message's content a string in one, a list of parts in another), it holds every value there as JSON text,
+    and a string that is itself JSON (``"4"``, ``"\\"yes\\""``, ``"null"``) comes back as that value (4, yes, None)."""
+    names = [name for name in loaded.features if name in set(text) or name in _CONVERSATION_COLUMNS]
+    fields = [(name, *steps) for name in names for steps in _json_fields(loaded.features[name])]
+    if not fields:
+        return
+    where, rows = json_rows(path)
+    for number, row in rows:
+        for field in fields:
+            for value in _values_at(row, field):
+                read = _read_as_json(value) if isinstance(value, str) else None
+                if read is not None:
+                    named = field[0] + "".join("[]" if step is None else f".{step}" for step in field[1:])
+                    raise DataError(
+                        f"{path}: {where} {number}: the string {value[:60]!r} in {named} would be read "
+                        f"back as {read[0]!r}: datasets holds {named} as JSON, its kinds differing "
+                        "between rows",
+                        column=field[0],
+                        fix=f"give {named} one kind of value in every row (all strings, or all lists)",
+                    )
+
+
+def _json_fields(feature, steps: tuple = ()) -> list[tuple]:
+    """The steps (a key; None for each item of a list) to each ``Json`` value inside ``feature``."""
+    kind = type(feature).__name__
+    if kind == "Json":
+        return [steps]
+    if isinstance(feature, dict):
+        return [found for key, inner in feature.items() for found in _json_fields(inner, (*steps, key))]
+    if kind in ("List", "LargeList", "Sequence"):
+        return _json_fields(feature.feature, (*steps, None))
+    return []
+
+
+def _values_at(value, steps: tuple):
+    if not steps:
+        yield value
+    elif steps[0] is None and isinstance(value, list):
+        for item in value:
+            yield from _values_at(item, steps[1:])
+    elif isinstance(value, dict) and steps[0] in value:
+        yield from _values_at(value[steps[0]], steps[1:])
+
+
+def _read_as_json(value: str) -> tuple[object] | None:
+    """(what ``datasets``' Json feature reads ``value`` back as,) when it reads it as JSON; None when it does not."""
+    try:
+        from datasets.utils.json import ujson_loads as loads  # (the reader datasets uses: 'NaN' is None there)
+    except ImportError:
+        loads = json.loads
+    try:
+        return (loads(value),)
+    except ValueError:
+        return None
+
+
+_UNHOLDABLE_FIX = "fix or remove the value: Arrow holds no lone surrogate (\\ud800-\\udfff), no integer over 64 bits"
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write first
+
+
+def _first_repeated_key(path: Path) -> tuple[int, str] | None:
+    """(line, key) of the first JSON Lines object of ``path`` (nested ones too) that holds a key twice."""
+
+    class Repeated(Exception):
+        pass
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        keys = [key for key, _ in items]
+        if len(set(keys)) < len(keys):
+            raise Repeated(next(key for i, key in enumerate(keys) if key in keys[:i]))
+        return dict(items)
+
+    with open(path, "rb") as handle:  # (split at \n only, as the rows are counted)
+        for number, raw in enumerate(handle, start=1):
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8", errors="replace")
+            try:
+                json.loads(line, object_pairs_hook=pairs) if line.strip() else None
+            except Repeated as repeated:
+                return number, str(repeated)
+            except ValueError:
+                continue
+    return None
+
+
+def unholdable(value) -> str | None:
+    """What in ``value`` (nested lists and dicts too) Arrow cannot hold: a lone surrogate, an integer over 64 bits."""
+    if isinstance(value, str):
+        bad = _SURROGATE.search(value)
+        return None if bad is None else f"a lone surrogate {bad.group()!r} at character {bad.start()}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if -(2**63) <= value < 2**63 else f"the integer {value} does not fit in 64 bits"
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next(filter(None, map(unholdable, children)), None)
+
+
+def _check_json(path: Path, text: Iterable[str] = ()) -> tuple[dict[str, tuple[str, int, str]], set[str]]:
+    """DataError naming the first line (of a JSON document: line and column) that is not valid JSON, or the layout
+    of one object on one line holding the rows (``{"data": [...]}``, columns), which would load as one row, or the
+    first row whose ``text`` column mixes strings with numbers or booleans: ``datasets`` reads such a column as a
+    ``Json`` one, which gives back a string that reads as JSON (``"42"``, ``"true"``) as that value, and where the
+    kinds first mix past its first block of rows (10 MiB), it casts that block to the first's strings, JSON-quoting
+    every string there (``"fine"`` became ``'"fine"'``): either way the valid rows would change too. Returns, for each
+    column, where its first value that is not a string (nor null) is: (``line``/``row``, its number, its kind); and
+    the columns holding a string that reads as a date (``_DATE``)."""
+    where, rows = json_rows(path)
+    first, second = next(rows, None), next(rows, None)
+    if first is None:  # datasets would fail with "Instruction 'train' corresponds to no data"
+        raise DataError(f"{path}: the file has only blank lines", fix="point to a file with at least one row")
+    if second is None and where == "line":
+        refuse_one_object(path, first[1], one_line=True)
+    not_strings: dict[str, tuple[str, int, str]] = {}
+    dates: set[str] = set()
+    seen: dict[str, dict[str, int]] = {name: {} for name in text}  # text column → kind → its first row
+    for number, row in itertools.chain((first,), () if second is None else (second,), rows):
+        for name, value in row.items():  # (every other line read, and checked)
+            if type(value) is str:
+                if value[:4].isdigit() and name not in dates and _DATE.match(value):
+                    dates.add(name)
+                if name in seen and "string" not in seen[name]:
+                    _text_kind(path, where, number, name, "string", seen[name])
+            elif value is not None:
+                kind = _kind(value)
+                if name not in not_strings:
+                    not_strings[name] = (where, number, kind)
+                if name in seen and kind not in seen[name]:
+                    _text_kind(path, where, number, name, kind, seen[name])
+    return not_strings, dates
+
+
+def _text_kind(path: Path, where: str, number: int, name: str, kind: str, kinds: dict[str, int]) -> None:
+    """Note ``kind`` (of row ``number`` of the text column ``name``) in ``kinds`` (kind → its first row); a DataError
+    where it clashes with a kind seen before (``_JSON_CHANGES``)."""
+    kinds.setdefault(kind, number)
+    other = next((k for k in _JSON_CHANGES.get(kind, ()) if k in kinds), None)
+    if other is not None:
+        raise DataError(
+            f"{path}: {where} {number}: is a {kind} where {where} {kinds[other]} has a {other}",
+            column=name,
+            fix='give the column one kind of value in every row (quote a number answer: "4")',
+        )
+
+
+# a string Arrow's JSON reader reads as a timestamp (ISO 8601) where a block's column holds only such strings
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}(:\d{2}(:\d{2}([.,]\d+)?)?)?)?\s*(Z|[+-]\d{2}(:?\d{2})?)?\s*$")
+
+
+def _restore_date_strings(path: Path, loaded: datasets.Dataset, columns: set[str]) -> datasets.Dataset:
+    """``loaded`` with the file's own strings in ``columns`` (strings only, some reading as dates) where they came
+    back otherwise. Arrow's JSON reader read a block whose column held only such strings as timestamps
+    (``"2024-05-01T12:00:00Z"`` came back as ``datetime(2024, 5, 1, 12, 0)``, its zone lost; a prompt
+    ``"2024-01-01"`` as a datetime), and a later such block (past the first 10 MiB) of a column of strings as the
+    timestamp's text (``"2024-05-01 12:00:00"``): such a column is compared with the file, one row at a time."""
+    import pyarrow as pa
+
+    columns = [name for name in loaded.column_names if name in columns]
+    strings = [name for name in columns if getattr(loaded.features[name], "dtype", None) in ("string", "large_string")]
+    if strings and path.stat().st_size > STREAM_COLUMNS_FROM:  # (one block: its strings are as written)
+        values = loaded.select_columns(strings).with_format("arrow").iter(batch_size=4096)
+        read = (row for batch in values for row in batch.to_pylist())
+        written = (row for _, row in json_rows(path)[1])
+        changed = {name for ours, theirs in zip(read, written, strict=False) for name in strings
+                   if ours[name] != theirs.get(name)}  # fmt: skip
+        strings = [name for name in strings if name not in changed]
+    columns = [name for name in columns if name not in strings]
+    if not columns:
+        return loaded
+    values: dict[str, list] = {name: [] for name in columns}
+    for _, row in json_rows(path)[1]:
+        for name in columns:
+            values[name].append(row.get(name))
+    order = loaded.column_names
+    loaded = loaded.remove_columns(columns)
+    for name in columns:
+        loaded = loaded.add_column(name, pa.array(values.pop(name), pa.string()), feature=datasets.Value("string"))
+    return loaded.select_columns(order)
+
+
+def _refuse_cast_blocks(path: Path, loaded: datasets.Dataset, not_strings: dict[str, tuple[str, int, str]]) -> None:
+    """One DataError where ``datasets`` made a column of strings from a file whose column holds other values too.
+    It reads JSON Lines in blocks (10 MiB) and casts each to the first block's columns: a later block whose column
+    mixes kinds was turned into JSON text, strings and all (``"fine"`` became ``'"fine"'``, a list its JSON)."""
+    for name, feature in loaded.features.items():
+        if name in not_strings and getattr(feature, "dtype", None) in ("string", "large_string"):
+            where, number, kind = not_strings[name]
+            raise DataError(f"{path}: {where} {number}: is a {kind} where the rows before it have strings: datasets "
+                            "turned the block of rows around it into strings, as JSON text (its strings came back "
+                            "quoted: '\"text\"')",
+                            column=name, fix="give the column one kind of value in every row (or put rows of "
+                            "different kinds in different files)")  # fmt: skip
+
+
+def json_rows(path: Path) -> tuple[str, Iterator[tuple[int, dict]]]:
+    """How the rows of a local JSON file are counted (``line`` of JSON Lines, ``row`` of a document) and
+    (number, row) for each, as Python's ``json`` reads them; DataError at the first line that is not UTF-8, not
+    JSON or not an object (a document's whole text checked first).
+
+    JSON Lines are read one line at a time, split at ``\\n`` only, as ``datasets`` reads them: the file is never
+    held whole (three copies of it were: bytes, text, lines), and a raw U+2028 or U+0085 inside a string, valid
+    JSON, does not end a line (``str.splitlines`` would split there).
+    """
+    if _is_document(path):  # one JSON document (a list of rows)
+        return "row", enumerate(_check_json_document(path))
+    return "line", _json_lines(path)
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    read = False
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # (a byte-order mark, as datasets reads)
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: line {number}: not valid UTF-8", fix="re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                if not read and line.lstrip().startswith("{"):
+                    refuse_one_object(path)  # (the whole file one JSON object over several lines: not JSON Lines)
+                raise DataError(
+                    f"{path}: line {number}: invalid JSON ({error.msg.removesuffix(' at')} at character {error.colno})",
+                    fix="fix or remove that line",
+                ) from None
+            if not isinstance(value, dict):
+                raise DataError(
+                    f"{path}: line {number}: expected a JSON object per line, got {type(value).__name__}",
+                    fix='write each row as an object such as {"prompt": ..., "chosen": ..., "rejected": ...}',
+                )
+            read = True
+            yield number, value
+
+
+def _is_document(path: Path) -> bool:
+    """Whether a JSON file is one document (a list of rows, ``[`` first) rather than JSON Lines."""
+    with open(path, "rb") as handle:
+        first = b""
+        while not first and (chunk := handle.read(1 << 16)):
+            first = chunk.lstrip().removeprefix(_BOM).lstrip()[:1]
+    return first == b"["
+
+
+def _check_json_document(path: Path) -> list[dict]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not valid UTF-8", fix="re-encode the file as UTF-8") from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}: line {error.lineno}, column {error.colno}: invalid JSON ({error.msg})",
+            fix="fix the file, or write one JSON object per line (.jsonl)",
+        ) from None
+    if not rows:
+        raise DataError(f"{path}: the file holds an empty list", fix="point to a file with at least one row")
+    for number, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}: row {number}: expected a JSON object per row, got {type(row).__name__}",
+                fix='write each row as an object such as {"prompt": ..., "chosen": ..., "rejected": ...}',
+            )
+    return rows
