@@ -322,6 +322,7 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
 
     from fastdpo.data import check_preferences, load_data, prepare_preferences, prepare_sft, split_sft_by_prompt
     from fastdpo.data.formats import rename_preference_columns
+    from fastdpo.data.load import text_columns
     from fastdpo.data.split import split_pairs
 
     columns, refused = run_args.dataset_columns, {}
@@ -330,11 +331,11 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
         prepare = functools.partial(_without_refused_rows, counts=refused)
     evaluation = None
     if command == "dpo" and run_args.eval_fraction is not None:  # split as given, as `fastdpo data split` splits
-        given, _ = rename_preference_columns(load_data(run_args.dataset_name, split=run_args.dataset_train_split),
-                                             columns or {})  # fmt: skip
-        given, held_out = _held_out(split_pairs, given, run_args.eval_fraction, seed)
-        train = prepare(given, columns=None, split=run_args.dataset_train_split)
-        evaluation = prepare(held_out, columns=None, split="eval")
+        loaded = load_data(run_args.dataset_name, split=run_args.dataset_train_split, text=text_columns(columns))
+        given, held_out = _held_out(split_pairs, rename_preference_columns(loaded, columns or {})[0],
+                                    run_args.eval_fraction, seed)  # fmt: skip
+        train = _in_file_rows(prepare, given, split=run_args.dataset_train_split)
+        evaluation = _in_file_rows(prepare, held_out, split="eval")
     else:
         train = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_train_split)
     if run_args.dataset_test_split is not None:
@@ -365,6 +366,18 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
              "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped, "removed_eval": removed_eval},
                                              indent=1)}  # fmt: skip
     return train, evaluation, files
+
+
+def _in_file_rows(prepare, part, *, split: str):
+    """``prepare(part)`` for one part of a split file (a ``select`` of it), an error's row named as the file numbers
+    it, not as the part does."""
+    try:
+        return prepare(part, columns=None, split=split)
+    except DataError as error:
+        if error.row is None or part._indices is None:
+            raise
+        row = int(part._indices.column(0)[error.row].as_py())
+        raise type(error)(error.message, row=row, column=error.column, fix=error.fix) from None
 
 
 def _held_out(split, dataset, fraction: float, seed: int):

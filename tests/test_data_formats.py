@@ -146,15 +146,15 @@ def test_a_folder_of_one_file_per_split_loads_as_load_dataset_finds_its_splits(t
     # them; refused as "several files" before
     (hub / "train_sft-00000-of-00001.parquet").unlink()
     many = rows(*({"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(5)))
-    for shard, picked in ((2, [4]), (0, [0, 1]), (1, [2, 3])):
-        many.select(picked).to_parquet(hub / f"train_sft-{shard:05d}-of-00003.parquet")
+    for shard, picked in ((2, [4]), (0, [0, 1]), (1, [2, 3])):  # (the hub's names, a hash after the count)
+        many.select(picked).to_parquet(hub / f"train_sft-{shard:05d}-of-00003-a3ecf9275699358{shard}.parquet")
     assert load_data(hub.parent, split="train_sft").to_list() == many.to_list()
     assert list(load_stream(hub.parent, split="train_sft")) == many.to_list()
     streamed = datasets.IterableDatasetDict({"train": many.to_iterable_dataset()})  # (it was "cannot stream" it)
     assert list(load_stream(streamed)) == many.to_list()
     with pytest.raises(DataError, match="the streamed dataset has no split 'test'"):
         load_stream(streamed, split="test")
-    (hub / "train_sft-00001-of-00003.parquet").unlink()
+    (hub / "train_sft-00001-of-00003-a3ecf92756993581.parquet").unlink()
     with pytest.raises(DataError, match=r"split 'train_sft' has 2 of its 3 shards \(shard 00001 is missing\)"):
         load_data(hub.parent, split="train_sft")
     (tmp_path / "split_out").mkdir()

@@ -505,3 +505,19 @@ def test_a_runs_eval_fraction_holds_out_as_data_split_does(tmp_path):
             assert not {asked(row) for row in train} & {asked(row) for row in held_out}, name
     with pytest.raises(ConfigError, match=r"column 'eval_fraction': 100 rows out of 60"):
         loaded_splits("dpo", RunArguments(dataset_name=str(path), eval_fraction=100.0), 0)
+    # split as given: a CSV's text cells still read as text ("NA" stayed "NA"), an error names the file's row
+    import csv
+
+    from fastdpo.errors import DataError
+
+    with open(tmp_path / "pairs.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["question", "good", "bad"]] + [[f"q{i}?", "NA" if i == 5 else f"y{i}",
+                                      "" if i == 8 else f"n{i}"] for i in range(10)])  # fmt: skip
+    mapped = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    run = RunArguments(dataset_name=str(tmp_path / "pairs.csv"), eval_fraction=0.2, dataset_columns=mapped,
+                       data_filter="none")  # fmt: skip
+    with pytest.raises(DataError, match=r"^row 8, column 'rejected'"):  # (row 6 of its part, before)
+        loaded_splits("dpo", run, 0)
+    run.data_filter = "drop"  # (row 8 dropped, counted)
+    train, held_out, _ = loaded_splits("dpo", run, 0)
+    assert "NA" in [*train["chosen"], *held_out["chosen"]]

@@ -116,7 +116,8 @@ def saved_to_disk(path: Path) -> bool:
 _EVAL_SPLITS = ("test", "validation", "valid", "dev", "eval")
 
 
-_SHARD = re.compile(r"^(.+?)-(\d{5})-of-(\d{5})(\.|$)")  # train_sft-00001-of-00003.parquet: shard 1 of 3
+# train_sft-00001-of-00003.parquet: shard 1 of 3 (the hub's names may add a hash: -00003-a3ecf92756993583.parquet)
+_SHARD = re.compile(r"^(.+?)-(\d{5})-of-(\d{5})(-[^.]+)?(\.|$)")
 
 
 def split_files(folder: Path) -> dict[str, list[Path]]:
