@@ -145,9 +145,9 @@ def run_data(known: argparse.Namespace) -> int:
     _check_outputs([known.train_out, known.eval_out], known, dataset)  # (before the split's work)
     if known.train_out.suffix == known.eval_out.suffix:  # (their prompts are text either way: the same split)
         dataset = _as_written(known, known.train_out, text, dataset)
-    if "prompt" not in dataset.column_names:
-        _prepared(dataset, None)  # (what preparation refuses or takes out of chosen and rejected, said on stderr)
-    train, held_out = split_pairs(dataset, test_size=known.test_size, seed=known.seed)
+    # (without a prompt column: what preparation refuses or takes out of chosen and rejected, said on stderr)
+    prepared = None if "prompt" in dataset.column_names else _prepared(dataset, None)
+    train, held_out = split_pairs(dataset, test_size=known.test_size, seed=known.seed, prepared=prepared)
     summary = {"input": known.data, "rows": len(dataset), "train": len(train), "eval": len(held_out)}
     _write(train, known.train_out, known, summary)
     _write(held_out, known.eval_out, known, summary)

@@ -129,6 +129,7 @@ def split_files(folder: Path) -> dict[str, list[Path]]:
     (merge them, or give one file), a shard missing, or a folder with none."""
     files: dict[str, list[Path]] = {}
     shards: dict[str, tuple[int, str]] = {}  # split → (its shard count, its files' suffix)
+    numbers: dict[Path, int] = {}  # a shard → its number
     for file in sorted([*folder.glob("*"), *folder.glob("data/*")]):
         if file.is_file() and file.suffix.lower() in LOCAL_SUFFIXES and not file.name.endswith(".dropped.json"):
             shard = _SHARD.match(file.name)
@@ -139,15 +140,15 @@ def split_files(folder: Path) -> dict[str, list[Path]]:
                                 fix="merge them into one file, or give the file you mean")  # fmt: skip
             files.setdefault(name, []).append(file)
             if count is not None:
-                shards[name] = count
+                shards[name], numbers[file] = count, int(shard[2])
     for name, (count, _) in shards.items():
-        numbers = sorted(int(_SHARD.match(file.name)[2]) for file in files[name])
-        if numbers != list(range(count)):
-            missing = sorted(set(range(count)) - set(numbers))
-            raise DataError(f"{folder}: split {name!r} has {len(numbers)} of its {count} shards"
+        found = sorted(numbers[file] for file in files[name])
+        if found != list(range(count)):
+            missing = sorted(set(range(count)) - set(found))
+            raise DataError(f"{folder}: split {name!r} has {len(found)} of its {count} shards"
                             + (f" (shard {missing[0]:05d} is missing)" if missing else ""),
                             fix="download the missing shards, or give the files you mean")  # fmt: skip
-        files[name].sort(key=lambda file: int(_SHARD.match(file.name)[2]))
+        files[name].sort(key=numbers.__getitem__)
     if not files:
         raise DataError(f"{folder}: a folder with no .jsonl, .json, .parquet or .csv file",
                         fix="give a data file, or a folder of one per split (train.jsonl, test.jsonl)")  # fmt: skip

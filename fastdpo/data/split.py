@@ -54,18 +54,20 @@ def split_by_prompt(
     return split_by_keys(dataset, column_values(dataset, prompt), test_size=test_size, seed=seed, column=prompt)
 
 
-def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0):
+def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0, prepared=None):
     """``split_by_prompt`` for DPO rows as given (fastdpo's column names), as ``fastdpo data split`` and a run's
     ``eval_fraction`` split them: by the ``prompt`` column (without a ``system`` column's text, so a question asked
     under several system prompts stays on one side); without one, by the prompt the trainers take out of chosen and
     rejected (TRL's implicit prompt), cut back to its last line break: answers that begin alike ("Sure..." /
     "Sorry...") carry the extracted prompt into them ("...Assistant: S"), so one HH dialogue had a key per pair, and
-    went to both sides. A row the preparation refuses is a group of its own."""
+    went to both sides. A row the preparation refuses is a group of its own. ``prepared``: ``prepared_rows``' rows of
+    ``dataset``, where the caller has them already."""
     from fastdpo.data.refused import prepared_rows
 
     if "prompt" in dataset.column_names:
         return split_by_prompt(dataset, test_size=test_size, seed=seed)
-    prepared, _ = prepared_rows(dataset, None)
+    if prepared is None:
+        prepared, _ = prepared_rows(dataset, None)
     keys = prepared["prompt"] if not isinstance(prepared, list) else [
         row.get("prompt", {"refused": row}) for row in prepared]  # fmt: skip
     keys = [key.rsplit("\n", 1)[0] if isinstance(key, str) and "\n" in key.strip() else key for key in keys]
