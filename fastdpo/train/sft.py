@@ -78,7 +78,6 @@ from fastdpo.train.common import (
     check_lean_activations,
     check_run_dir,
     check_stream_args,
-    default_output_dir,
     lean_layers,
     load_causal_lm,
     load_tokenizer,
@@ -251,7 +250,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         formatting_func=None,
         tokenizer=None,
     ) -> None:
-        args = as_sft_config(args) if args is not None else SFTConfig(output_dir=default_output_dir(model, "SFT"))
+        args = as_sft_config(args, model)
         if tokenizer is not None:  # the old name, as the seed's example uses it
             warnings.warn("SFTTrainer(tokenizer=...) is deprecated: use processing_class", FutureWarning, stacklevel=2)
             processing_class = processing_class if processing_class is not None else tokenizer

@@ -181,13 +181,14 @@ def check_label_smoothing(factor: float, loss_type: str, softcap: float | None =
                           column="label_smoothing_factor", fix="set label_smoothing_factor=0")  # fmt: skip
 
 
-def as_sft_config(args) -> SFTConfig:
-    """``args`` as an ``SFTConfig``: None → the defaults; TRL's ``SFTConfig`` or ``TrainingArguments`` → the same
-    settings (TRL's SFT options at their defaults where it has none)."""
-    from fastdpo.train.common import config_values
+def as_sft_config(args, model) -> SFTConfig:
+    """``args`` as an ``SFTConfig``: None → the defaults, writing where TRL's would (``<model name>-SFT``); TRL's
+    ``SFTConfig`` or ``TrainingArguments`` → the same settings (TRL's SFT options at their defaults where it has
+    none)."""
+    from fastdpo.train.common import config_values, default_output_dir
 
     if args is None:
-        return SFTConfig(output_dir="trainer_output")
+        return SFTConfig(output_dir=default_output_dir(model, "SFT"))
     if isinstance(args, SFTConfig):
         return args
     if isinstance(args, TrainingArguments):
