@@ -264,6 +264,49 @@ def test_strings_that_read_as_dates_load_as_written(name, tmp_path):
     assert loaded.to_list() == rows and list(loaded.features) == list(rows[0])
 
 
+def test_dates_in_messages_load_as_written(tmp_path):
+    # an answer's content "2024-01-01" in every row came back as datetime(2024, 1, 1) and was trained on as the
+    # chat template's "2024-01-01 00:00:00"; a field beside it (a tool call's arguments, a number) keeps its kind
+    rows = [{"prompt": [user("What day was it?")],
+             "chosen": [{"role": "assistant", "content": f"2024-01-0{i + 1}", "weight": i}],
+             "rejected": [{"role": "assistant", "content": "2023-12-31T23:59:59+01:00", "weight": None}]}
+            for i in range(3)]  # fmt: skip
+    path = tmp_path / "dates.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert load_data(path).to_list() == rows
+    prepared = prepare_preferences(str(path))
+    assert prepared[0]["chosen"][0]["content"] == "2024-01-01"
+
+
+def test_later_blocks_whose_kinds_datasets_cast_or_cannot_cast_are_named_by_line(tmp_path):
+    # datasets casts each 10 MiB block of a JSON Lines file to the first block's kinds: a message's content that is
+    # a list of parts there came back as its JSON text (and a plain one quoted: '"plain"'), a "0042" in a column of
+    # integers as 42, silently; where the cast fails (a string after only nulls, a fraction after integers, text
+    # after dates) its error named neither line nor column
+    filler = "x" * 1000
+    first = {"prompt": [user(filler)], "chosen": [assistant("Yes.")], "rejected": [assistant("No.")],
+             "score": 1, "system": None, "day": "2024-01-01"}  # fmt: skip
+    head = (json.dumps(first) + "\n") * 11_000  # (over 10 MiB)
+    odd = {
+        "prompt": ([user([{"type": "text", "text": "parts"}])], "prompt\\[\\]\\.content is a list where the rows "
+                   "before it have strings: datasets cast"),
+        "score": ("0042", 'is a string where the rows before it have numbers: .*"0042" came back as 42'),
+        "system": ("Be brief.", "is a string where the rows in the file's first 10 MiB have only nulls"),
+        "day": ("today", "is a string where the rows in the file's first 10 MiB have date strings"),
+    }
+    for column, (value, said) in odd.items():
+        path = tmp_path / f"{column}.jsonl"
+        path.write_text(head + json.dumps({**first, column: value}) + "\n")
+        with pytest.raises(DataError, match=rf"column '{column}': .*: line 11001: {said}"):
+            load_data(path)
+    path.write_text(head + json.dumps({**first, "score": 1.5}) + "\n")
+    fix = "move a row with a decimal number there to the top of the file"
+    with pytest.raises(DataError, match=rf"line 11001: is a decimal number where .* have integers .*{fix}"):
+        load_data(path)
+    path.write_text(json.dumps({**first, "score": 1.5}) + "\n" + head)  # the fix said: it loads
+    assert load_data(path)["score"][:2] == [1.5, 1.0]
+
+
 def test_a_key_written_twice_is_named_by_line(tmp_path):
     # datasets refuses it with Arrow's "Column(/prompt) was specified twice in row 0" (row 0 of its block, not the
     # file's); a stream reads it as Python's json does, the last value kept

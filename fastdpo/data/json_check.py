@@ -57,7 +57,7 @@ def _refuse_changed_strings(path: Path, loaded: datasets.Dataset, text: Iterable
             for value in _values_at(row, field):
                 read = _read_as_json(value) if isinstance(value, str) else None
                 if read is not None:
-                    named = field[0] + "".join("[]" if step is None else f".{step}" for step in field[1:])
+                    named = _field_name(field)
                     raise DataError(
                         f"{path}: {where} {number}: the string {value[:60]!r} in {named} would be read "
                         f"back as {read[0]!r}: datasets holds {named} as JSON, its kinds differing "
@@ -141,38 +141,82 @@ def unholdable(value) -> str | None:
     return next(filter(None, map(unholdable, children)), None)
 
 
-def _check_json(path: Path, text: Iterable[str] = ()) -> tuple[dict[str, tuple[str, int, str]], set[str]]:
+Kinds = dict[tuple, dict[str, tuple[str, int]]]  # field (a column, then keys; None: a list's items) → kind → where
+
+
+def _check_json(path: Path, text: Iterable[str] = ()) -> tuple[Kinds, set[str]]:
     """DataError naming the first line (of a JSON document: line and column) that is not valid JSON, or the layout
     of one object on one line holding the rows (``{"data": [...]}``, columns), which would load as one row, or the
     first row whose ``text`` column mixes strings with numbers or booleans: ``datasets`` reads such a column as a
     ``Json`` one, which gives back a string that reads as JSON (``"42"``, ``"true"``) as that value, and where the
     kinds first mix past its first block of rows (10 MiB), it casts that block to the first's strings, JSON-quoting
     every string there (``"fine"`` became ``'"fine"'``): either way the valid rows would change too. Returns, for each
-    column, where its first value that is not a string (nor null) is: (``line``/``row``, its number, its kind); and
-    the columns holding a string that reads as a date (``_DATE``)."""
+    column and (in JSON Lines over one block) each field inside the text and conversation columns' lists and dicts (a
+    message's content), where its first value of each kind is: kind → (``line``/``row``, its number); and the columns
+    holding a string (theirs, or there their messages') that reads as a date (``_DATE``)."""
     where, rows = json_rows(path)
     first, second = next(rows, None), next(rows, None)
     if first is None:  # datasets would fail with "Instruction 'train' corresponds to no data"
         raise DataError(f"{path}: the file has only blank lines", fix="point to a file with at least one row")
     if second is None and where == "line":
         refuse_one_object(path, first[1], one_line=True)
-    not_strings: dict[str, tuple[str, int, str]] = {}
+    kinds: Kinds = {}
+    strings: dict[str, int] = {}  # column → the first row holding a string there
     dates: set[str] = set()
     seen: dict[str, dict[str, int]] = {name: {} for name in text}  # text column → kind → its first row
+    # the columns whose messages the trainers read, where a later block can be cast (one block's kinds are its own)
+    later = where == "line" and path.stat().st_size > STREAM_COLUMNS_FROM
+    nested = {*text, *_CONVERSATION_COLUMNS} if later else set()
     for number, row in itertools.chain((first,), () if second is None else (second,), rows):
         for name, value in row.items():  # (every other line read, and checked)
             if type(value) is str:
+                if name not in strings:
+                    strings[name] = number
                 if value[:4].isdigit() and name not in dates and _DATE.match(value):
                     dates.add(name)
                 if name in seen and "string" not in seen[name]:
                     _text_kind(path, where, number, name, "string", seen[name])
             elif value is not None:
                 kind = _kind(value)
-                if name not in not_strings:
-                    not_strings[name] = (where, number, kind)
+                kinds.setdefault((name,), {}).setdefault(kind, (where, number))
                 if name in seen and kind not in seen[name]:
                     _text_kind(path, where, number, name, kind, seen[name])
-    return not_strings, dates
+                if name in nested and kind in ("list", "dict"):
+                    _note_nested(value, (name,), (where, number), kinds, dates)
+    for name, number in strings.items():
+        kinds.setdefault((name,), {})["string"] = (where, number)
+    return kinds, dates
+
+
+def _note_nested(value, steps: tuple, at: tuple[str, int], kinds: Kinds, dates: set[str]) -> None:
+    """Note in ``kinds`` where each field inside ``value`` (steps: keys; None for a list's items) first holds each
+    kind of value (null not counted), and in ``dates`` the column when one of its strings reads as a date."""
+    if type(value) is dict:
+        for key, inner in value.items():
+            if inner is not None:
+                _note_field(inner, (*steps, key), at, kinds, dates)
+    else:
+        field = (*steps, None)
+        for inner in value:
+            if inner is not None:
+                _note_field(inner, field, at, kinds, dates)
+
+
+_JSON_KINDS = {str: "string", int: "number", float: "number", bool: "boolean", list: "list", dict: "dict"}
+
+
+def _note_field(value, field: tuple, at: tuple[str, int], kinds: Kinds, dates: set[str]) -> None:
+    kind = _JSON_KINDS[type(value)]  # (a value Python's json read)
+    found = kinds.get(field)
+    if found is None:
+        kinds[field] = {kind: at}
+    elif kind not in found:
+        found[kind] = at
+    if kind == "string":
+        if value[:4].isdigit() and field[0] not in dates and _DATE.match(value):
+            dates.add(field[0])
+    elif kind == "list" or kind == "dict":
+        _note_nested(value, field, at, kinds, dates)
 
 
 def _text_kind(path: Path, where: str, number: int, name: str, kind: str, kinds: dict[str, int]) -> None:
@@ -193,48 +237,137 @@ _DATE = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}(:\d{2}(:\d{2}([.,]\d+)?)?)?)?\s
 
 
 def _restore_date_strings(path: Path, loaded: datasets.Dataset, columns: set[str]) -> datasets.Dataset:
-    """``loaded`` with the file's own strings in ``columns`` (strings only, some reading as dates) where they came
-    back otherwise. Arrow's JSON reader read a block whose column held only such strings as timestamps
-    (``"2024-05-01T12:00:00Z"`` came back as ``datetime(2024, 5, 1, 12, 0)``, its zone lost; a prompt
-    ``"2024-01-01"`` as a datetime), and a later such block (past the first 10 MiB) of a column of strings as the
-    timestamp's text (``"2024-05-01 12:00:00"``): such a column is compared with the file, one row at a time."""
-    import pyarrow as pa
-
-    columns = [name for name in loaded.column_names if name in columns]
-    strings = [name for name in columns if getattr(loaded.features[name], "dtype", None) in ("string", "large_string")]
-    if strings and path.stat().st_size > STREAM_COLUMNS_FROM:  # (one block: its strings are as written)
-        values = loaded.select_columns(strings).with_format("arrow").iter(batch_size=4096)
+    """``loaded`` with the file's own strings in ``columns`` (whose strings, or those of their messages, some read as
+    dates) where they came back otherwise. Arrow's JSON reader read a block whose field held only such strings as
+    timestamps (``"2024-05-01T12:00:00Z"`` came back as ``datetime(2024, 5, 1, 12, 0)``, its zone lost; a prompt
+    or an answer's content ``"2024-01-01"`` as a datetime), and a later such block (past the first 10 MiB) of a
+    field of strings as the timestamp's text (``"2024-05-01 12:00:00"``): such a column is compared with the file,
+    one row at a time. (A column holding timestamps is restored too: JSON has none.)"""
+    features = {name: _dates_as_strings(feature) for name, feature in loaded.features.items()}
+    columns = [name for name, feature in loaded.features.items() if name in columns or features[name] != feature]
+    same = [name for name in columns if features[name] == loaded.features[name]]
+    if same and path.stat().st_size > STREAM_COLUMNS_FROM:  # (one block: its strings are as written)
+        values = loaded.select_columns(same).with_format("arrow").iter(batch_size=4096)
         read = (row for batch in values for row in batch.to_pylist())
         written = (row for _, row in json_rows(path)[1])
-        changed = {name for ours, theirs in zip(read, written, strict=False) for name in strings
+        changed = {name for ours, theirs in zip(read, written, strict=False) for name in same
                    if ours[name] != theirs.get(name)}  # fmt: skip
-        strings = [name for name in strings if name not in changed]
-    columns = [name for name in columns if name not in strings]
+        same = [name for name in same if name not in changed]
+    columns = [name for name in columns if name not in same]
     if not columns:
         return loaded
     values: dict[str, list] = {name: [] for name in columns}
     for _, row in json_rows(path)[1]:
         for name in columns:
             values[name].append(row.get(name))
+    written = datasets.Dataset.from_dict(values, features=datasets.Features({name: features[name] for name in columns}))
     order = loaded.column_names
-    loaded = loaded.remove_columns(columns)
-    for name in columns:
-        loaded = loaded.add_column(name, pa.array(values.pop(name), pa.string()), feature=datasets.Value("string"))
-    return loaded.select_columns(order)
+    return datasets.concatenate_datasets([loaded.remove_columns(columns), written], axis=1).select_columns(order)
 
 
-def _refuse_cast_blocks(path: Path, loaded: datasets.Dataset, not_strings: dict[str, tuple[str, int, str]]) -> None:
-    """One DataError where ``datasets`` made a column of strings from a file whose column holds other values too.
-    It reads JSON Lines in blocks (10 MiB) and casts each to the first block's columns: a later block whose column
-    mixes kinds was turned into JSON text, strings and all (``"fine"`` became ``'"fine"'``, a list its JSON)."""
-    for name, feature in loaded.features.items():
-        if name in not_strings and getattr(feature, "dtype", None) in ("string", "large_string"):
-            where, number, kind = not_strings[name]
-            raise DataError(f"{path}: {where} {number}: is a {kind} where the rows before it have strings: datasets "
-                            "turned the block of rows around it into strings, as JSON text (its strings came back "
-                            "quoted: '\"text\"')",
-                            column=name, fix="give the column one kind of value in every row (or put rows of "
+def _dates_as_strings(feature):
+    """``feature`` with each timestamp or date value in it (nested too) a string."""
+    kind = type(feature).__name__
+    if kind == "Value":
+        return datasets.Value("string") if feature.dtype.startswith(("timestamp", "date")) else feature
+    if isinstance(feature, dict):
+        return {key: _dates_as_strings(inner) for key, inner in feature.items()}
+    if kind == "List":
+        return datasets.List(_dates_as_strings(feature.feature), length=feature.length)
+    if kind == "LargeList":
+        return datasets.LargeList(_dates_as_strings(feature.feature))
+    return feature
+
+
+_CAST_SAYS = {
+    "strings": ", as JSON text (its strings came back quoted: '\"text\"')",
+    "numbers": ' (a string "0042" came back as 42)',
+    "booleans": ' (a string "true" came back as True)',
+}
+
+
+def _refuse_cast_blocks(path: Path, loaded: datasets.Dataset, kinds: Kinds) -> None:
+    """One DataError where ``datasets`` cast a column (or a field inside one: a message's content) to a kind the file
+    does not hold there in every row. It reads JSON Lines in blocks (10 MiB) and casts each to the first block's
+    kinds: a later block whose field mixes kinds was turned into JSON text, strings and all (``"fine"`` became
+    ``'"fine"'``, a list its JSON), and a later block's number strings into numbers (``"0042"`` became 42)."""
+    for field, found in kinds.items():
+        dtype = str(getattr(_feature_at(loaded.features, field), "dtype", ""))
+        if dtype in ("string", "large_string"):
+            odd = [(at, kind) for kind, at in found.items() if kind != "string"]
+            before = "strings"
+        elif dtype.startswith(("int", "uint", "float", "bool")) and "string" in found:
+            odd, before = [(found["string"], "string")], "numbers" if dtype != "bool" else "booleans"
+        else:
+            continue
+        if odd:
+            (where, number), kind = min(odd, key=lambda item: item[0][1])
+            named = _field_name(field)
+            raise DataError(f"{path}: {where} {number}: {'' if len(field) == 1 else named + ' '}is a {kind} where the "
+                            f"rows before it have {before}: datasets cast the block of rows around it to {before}"
+                            + _CAST_SAYS[before],
+                            column=field[0], fix=f"give {named} one kind of value in every row (or put rows of "
                             "different kinds in different files)")  # fmt: skip
+
+
+def _feature_at(features, field: tuple):
+    """The feature of ``features`` (a dataset's) at ``field`` (a column, then keys; None for a list's items), or
+    None where there is none."""
+    feature = features
+    for step in field:
+        if step is None:
+            listed = type(feature).__name__ in ("List", "LargeList", "Sequence")
+            feature = feature.feature if listed else None
+        else:
+            feature = feature.get(step) if isinstance(feature, dict) else None
+        if feature is None:
+            return None
+    return feature
+
+
+def _field_name(field: tuple) -> str:
+    """``("prompt", None, "content")`` as ``prompt[].content``."""
+    return field[0] + "".join("[]" if step is None else f".{step}" for step in field[1:])
+
+
+def _block_kind(value) -> str | None:
+    """A value's kind as Arrow's JSON reader types a block's column: a date string and an integer apart."""
+    if value is None:
+        return None
+    if type(value) is str:
+        return "date string" if value[:4].isdigit() and _DATE.match(value) else "string"
+    return {int: "integer", float: "decimal number"}.get(type(value)) or _kind(value)
+
+
+# a kind a column of the first block's kind takes as it is (a float column an integer, a string column a date)
+_TAKES = {"integer": "decimal number", "date string": "string"}
+
+
+def first_new_kind(path: Path) -> tuple[int, str, str, list[str]] | None:
+    """(line, column, kind, the kinds its rows in the first block have) of the first value of a JSON Lines file past
+    ``datasets``' first block (10 MiB) whose kind that block does not hold in its column (one kind only there: two
+    make a ``Json`` column, which takes any); None where every value fits. ``datasets`` casts each block to the
+    first's kinds: a string where that block's column held only nulls, or only dates (read as timestamps), a
+    fraction where it held integers, fail there."""
+    kinds: dict[str, set[str]] = {}
+    read = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            first, read = read < STREAM_COLUMNS_FROM, read + len(raw)  # (the line across the 10 MiB is the first's)
+            try:
+                row = json.loads(raw) if raw.strip() else {}
+            except ValueError:
+                return None
+            for name, value in row.items() if isinstance(row, dict) else ():
+                kind = _block_kind(value)
+                held = kinds.setdefault(name, set())
+                if kind is None:
+                    continue
+                if first:
+                    held.add(kind)
+                elif len(held) < 2 and kind not in held and _TAKES.get(kind) not in held:
+                    return number, name, kind, sorted(held)
+    return None
 
 
 def json_rows(path: Path) -> tuple[str, Iterator[tuple[int, dict]]]:

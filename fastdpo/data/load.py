@@ -33,6 +33,7 @@ from fastdpo.data.json_check import (
     _refuse_cast_blocks,
     _refuse_changed_strings,
     _restore_date_strings,
+    first_new_kind,
     json_rows,
     unholdable,
 )
@@ -376,12 +377,15 @@ def _csv_options(path: Path, kind: str, text: Iterable[str]) -> dict:
     }
 
 
+_HOLDING_STRINGS = {"string", "list", "dict"}  # a column's kinds whose dates are restored (strings, or messages')
+
+
 def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMNS):
     kind = _local_kind(path)
     _one_split(path, split)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty", fix="point to a file with at least one row")
-    not_strings, dates = _check_json(path, text) if kind == "json" else ({}, set())
+    kinds, dates = _check_json(path, text) if kind == "json" else ({}, set())
     try:
         loaded = datasets.load_dataset(
             kind, data_files={"train": str(path)}, split="train", **_csv_options(path, kind, text)
@@ -389,9 +393,10 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
     except (DatasetGenerationError, ValueError) as error:  # Arrow or pandas refused a value
         raise _unreadable(path, kind, error) from None
     if kind == "json":
-        _refuse_cast_blocks(path, loaded, not_strings)
+        _refuse_cast_blocks(path, loaded, kinds)
         _refuse_changed_strings(path, loaded, text)
-        loaded = _restore_date_strings(path, loaded, dates - set(not_strings))
+        mixed = {field[0] for field, found in kinds.items() if len(field) == 1 and {*found} - _HOLDING_STRINGS}
+        loaded = _restore_date_strings(path, loaded, dates - mixed)
     return datasets.DatasetDict({"train": loaded}) if split is None else loaded
 
 
@@ -430,5 +435,14 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
             return DataError(f"{path}: line {found[0]}: the key {found[1]!r} is written twice in one object (Python's "
                              "json would keep the last, datasets refuses it)", column=found[1],
                              fix="keep one of them")  # fmt: skip
+    found = first_new_kind(path) if where == "line" else None
+    if found is not None:
+        number, column, kind, held = found
+        held = " or ".join(k + "s" for k in held) or "only nulls"
+        return DataError(f"{path}: line {number}: is a {kind} where the rows in the file's first "
+                         f"{STREAM_COLUMNS_FROM >> 20} MiB have {held} "
+                         "(datasets reads JSON Lines in blocks, and casts each to the first's kinds)", column=column,
+                         fix=f"give {column!r} one kind of value in every row, or move a row with a {kind} there to "
+                         "the top of the file")  # fmt: skip
     return DataError(f"{path}: datasets cannot read it ({type(cause).__name__}: {str(cause)[:200]})",
                      fix="check the file there (each column should hold one kind of value)")  # fmt: skip
