@@ -143,16 +143,21 @@ def run_data(known: argparse.Namespace) -> int:
         print(f"{result.summary()} (see {_dropped_path(known.out)})")
         return 0
     _check_outputs([known.train_out, known.eval_out], known, dataset)  # (before the split's work)
-    if known.train_out.suffix == known.eval_out.suffix:  # (their prompts are text either way: the same split)
-        dataset = _as_written(known, known.train_out, text, dataset)
     # (without a prompt column: what preparation refuses or takes out of chosen and rejected, said on stderr)
     prepared = None if "prompt" in dataset.column_names else _prepared(dataset, None)
-    train, held_out = split_pairs(dataset, test_size=known.test_size, seed=known.seed, prepared=prepared)
-    summary = {"input": known.data, "rows": len(dataset), "train": len(train), "eval": len(held_out)}
-    _write(train, known.train_out, known, summary)
-    _write(held_out, known.eval_out, known, summary)
-    print(f"train {len(train)} rows, eval {len(held_out)} rows; no prompt in both")
+    numbered = dataset.add_column(_ROW, list(range(len(dataset))))  # (each side written from its output's view)
+    parts = split_pairs(numbered, test_size=known.test_size, seed=known.seed, prepared=prepared)
+    summary = {"input": known.data, "rows": len(dataset), "train": len(parts[0]), "eval": len(parts[1])}
+    views = {}  # output suffix → the rows as that output writes them (a CSV's cells as the CSV file has them)
+    for part, out in zip(parts, (known.train_out, known.eval_out), strict=True):
+        if out.suffix not in views:
+            views[out.suffix] = _as_written(known, out, text, dataset)
+        _write(views[out.suffix].select(part[_ROW]), out, known, summary)
+    print(f"train {len(parts[0])} rows, eval {len(parts[1])} rows; no prompt in both")
     return 0
+
+
+_ROW = "__fastdpo_row__"  # the input's row number, through a split
 
 
 def _first_rows(source: str, limit: int, text: tuple[str, ...]):

@@ -480,6 +480,12 @@ def test_data_filter_and_split_write_a_csv_files_cells_as_they_were(tmp_path, mo
     assert read("train.csv")[0] == read("eval.csv")[0] == ["prompt", *header[1:]]
     assert main(["data", "filter", "in.csv", "kept.jsonl", *columns]) == 0  # (JSON: the values as pandas reads them)
     assert [json.loads(line)["id"] for line in (tmp_path / "kept.jsonl").read_text().splitlines()] == [1, 2, 1000]
+    # one side to CSV, the other to JSON Lines: each side written as its own kind would (the CSV's "001" was 1.0)
+    assert main(["data", "split", "in.csv", "train2.csv", "eval2.jsonl", "--test-size", "2", *columns]) == 0
+    held_out = [json.loads(line) for line in (tmp_path / "eval2.jsonl").read_text().splitlines()]
+    trained = read("train2.csv")[1:]
+    assert len(trained) == 2 and all(row in rows for row in trained)  # (the cells as written)
+    assert sorted([row[0] for row in trained] + [pair["prompt"] for pair in held_out]) == sorted(r[0] for r in rows)
 
 
 def test_a_runs_eval_fraction_holds_out_as_data_split_does(tmp_path):
