@@ -39,7 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fastdpo.data.vocabulary import check_positions, check_token_ids, cut_length
+from fastdpo.data.vocabulary import check_positions, check_token_ids, cut_length, kept_as_given
 from fastdpo.errors import ConfigError
 
 try:
@@ -144,7 +144,7 @@ class _CheckedEvalSets:
             key = kwargs.get("dataset_name", args[-1] if args else "eval")  # (one of a dict's sets: its key)
             name = key if key == "eval" else f"eval_{key}"  # (as the constructor names a dict's sets)
             check_token_ids(prepared, self.model, name)
-            check_positions(prepared, self.model, name, cut_length(self.args))
+            check_positions(prepared, self.model, name, cut_length(self.args), as_given=kept_as_given(self.args))
         return prepared
 
 
@@ -165,7 +165,7 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
                          quantization_config=quantization_config, peft_config=peft_config)  # fmt: skip
         for split, data in (("train", self.train_dataset), ("eval", self.eval_dataset)):
             check_token_ids(data, self.model, split)
-            check_positions(data, self.model, split, cut_length(self.args))
+            check_positions(data, self.model, split, cut_length(self.args), as_given=kept_as_given(self.args))
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.DPOTrainer for vision-language models")  # fmt: skip
@@ -350,7 +350,7 @@ class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, trl.SFTTrain
                              formatting_func=formatting_func)  # fmt: skip
         for split, data in (("train", self.train_dataset), ("eval", self.eval_dataset)):
             check_token_ids(data, self.model, split)
-            check_positions(data, self.model, split, cut_length(self.args))
+            check_positions(data, self.model, split, cut_length(self.args), as_given=kept_as_given(self.args))
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.SFTTrainer for vision-language models")  # fmt: skip
@@ -366,6 +366,14 @@ class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, trl.SFTTrain
         check_lean_activations(self)
         check_attention_device(self)
         self.aux_loss_coef = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # under skip_prepare_dataset TRL's evaluate() takes a set given there as it is: checked as the constructor's
+        # sets are (an IndexError from inside the embedding, before)
+        if self._skip_prepare_dataset and eval_dataset is not None and not isinstance(eval_dataset, str):
+            check_token_ids(eval_dataset, self.model, "eval")
+            check_positions(eval_dataset, self.model, "eval", None, as_given=True)
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
 
 __all__ = ["DPOConfig", "DPOTrainer", "SFTConfig", "SFTTrainer"]

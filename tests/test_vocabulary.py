@@ -188,5 +188,12 @@ def test_sequences_kept_as_given_are_checked_against_the_position_table_uncut(tm
     for trainer_cls, config_cls in ((SFTTrainer, SFTConfig), (dropin.SFTTrainer, trl.SFTConfig)):
         args = config_cls(**{**sft_args(tmp_path, "sft"), "max_length": 32, "packing": False,
                              "dataset_kwargs": {"skip_prepare_dataset": True}})  # fmt: skip
-        with pytest.raises(DataError, match=r"^row 1, column 'input_ids': a sequence of 40 tokens in the train data"):
+        said = "a sequence of 40 tokens in the {} data: .* cut the sequences to at most 32 tokens"
+        with pytest.raises(DataError, match=r"^row 1, column 'input_ids': " + said.format("train")):
             trainer_cls(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+        # a set given to evaluate() (TRL's takes it as given there too) and each of a dict's
+        trainer = trainer_cls(model=model, args=args, train_dataset=rows.select([0]), processing_class=tokenizer)
+        with pytest.raises(DataError, match=r"^row 1, column 'input_ids': " + said.format("eval")):
+            trainer.evaluate(rows)
+        with pytest.raises(DataError, match=r"^row 1, column 'input_ids': " + said.format("eval_test")):
+            trainer.evaluate({"test": rows})

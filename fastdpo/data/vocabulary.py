@@ -75,20 +75,27 @@ def position_limit(model) -> int | None:
     return None
 
 
+def kept_as_given(args) -> bool:
+    """Whether an SFT trainer keeps its sequences as given: ``dataset_kwargs``' ``skip_prepare_dataset``."""
+    return bool((getattr(args, "dataset_kwargs", None) or {}).get("skip_prepare_dataset"))
+
+
 def cut_length(args) -> int | None:
-    """The length an SFT trainer cuts sequences to: ``max_length``; None where ``dataset_kwargs``'
-    ``skip_prepare_dataset`` keeps them as given (a longer one passed the position check, then failed)."""
-    return None if (getattr(args, "dataset_kwargs", None) or {}).get("skip_prepare_dataset") else args.max_length
+    """The length an SFT trainer cuts sequences to: ``max_length``; None where it keeps them as given
+    (``kept_as_given``: a longer one passed the position check, then failed)."""
+    return None if kept_as_given(args) else args.max_length
 
 
-def check_positions(dataset, model, name: str, max_length: int | None, dropped: dict | None = None) -> None:
+def check_positions(dataset, model, name: str, max_length: int | None, dropped: dict | None = None, *,
+                    as_given: bool = False) -> None:  # fmt: skip
     """A ``DataError`` at the first row of ``dataset`` (tokenized; a dict of them; streams are not read) with a
     sequence longer, once cut to ``max_length``, than the model's learned position table (``position_limit``): it
     failed deep inside the embedding (``IndexError``; on a GPU a device-side assert), TRL's too. A DPO row's
-    sequences are its prompt + each completion; a packed row's are its ``seq_lengths``."""
+    sequences are its prompt + each completion; a packed row's are its ``seq_lengths``. ``as_given``: sequences that
+    nothing cuts (``kept_as_given``), which the fix says."""
     if isinstance(dataset, dict):
         for key, part in dataset.items():
-            check_positions(part, model, f"{name}_{key}", max_length, dropped)
+            check_positions(part, model, f"{name}_{key}", max_length, dropped, as_given=as_given)
         return
     limit = position_limit(model)
     if limit is None or not isinstance(dataset, datasets.Dataset) or len(dataset) == 0:
@@ -103,8 +110,9 @@ def check_positions(dataset, model, name: str, max_length: int | None, dropped: 
         row, longest = found
         raise DataError(f"a sequence of {longest} tokens in the {name} data: {type(model).__name__} has a learned "
                         f"position table of {limit} positions", row=_input_row(dataset, row, name, dropped),
-                        column=columns[0], fix=f"set max_length to at most {limit} (a longer sequence is cut to it), "
-                        "or drop such rows")  # fmt: skip
+                        column=columns[0], fix=f"cut the sequences to at most {limit} tokens (skip_prepare_dataset "
+                        "keeps them as given), or drop such rows" if as_given else f"set max_length to at most "
+                        f"{limit} (a longer sequence is cut to it), or drop such rows")  # fmt: skip
 
 
 def check_pack_length(dataset, collator, name: str, dropped: dict | None = None) -> None:
