@@ -79,6 +79,7 @@ from fastdpo.train.common import (  # noqa: E402
     check_lean_activations,
     lean_layers,
     neftune_as_trl,
+    refuse_outputs,
     uncompiled,
     undispatched,
     warn_no_logits,
@@ -237,10 +238,7 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
         super().log(logs, start_time)
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if return_outputs:
-            raise ConfigError("compute_loss(return_outputs=True) would return the model's outputs, whose full logits "
-                              "the fused head never builds", column="return_outputs",
-                              fix="call it with return_outputs=False (the metrics are in self._metrics)")  # fmt: skip
+        refuse_outputs(return_outputs)
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
         ref_logps = inputs.pop("ref_logps", None)

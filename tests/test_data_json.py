@@ -288,8 +288,10 @@ def test_later_blocks_whose_kinds_datasets_cast_or_cannot_cast_are_named_by_line
              "score": 1, "system": None, "day": "2024-01-01"}  # fmt: skip
     head = (json.dumps(first) + "\n") * 11_000  # (over 10 MiB)
     odd = {
-        "prompt": ([user([{"type": "text", "text": "parts"}])], "prompt\\[\\]\\.content is a list where the rows "
-                   "before it have strings: datasets cast"),
+        "prompt": (
+            [user([{"type": "text", "text": "parts"}])],
+            "prompt\\[\\]\\.content is a list where the rows before it have strings: datasets cast",
+        ),
         "score": ("0042", 'is a string where the rows before it have numbers: .*"0042" came back as 42'),
         "system": ("Be brief.", "is a string where the rows in the file's first 10 MiB have only nulls"),
         "day": ("today", "is a string where the rows in the file's first 10 MiB have date strings"),

@@ -588,3 +588,25 @@ def test_a_text_column_beside_prompt_completion_is_said_to_take_trls_eos(load, t
                    train_dataset=rows.to_iterable_dataset(), processing_class=tokenizer)  # fmt: skip
     said = [r.getMessage() for r in caplog.records if "prompt/completion and a 'text' column" in r.getMessage()]
     assert len(said) == 2 and "appends it to 'text' instead where that text lacks one" in said[0]
+
+
+def test_compute_loss_asked_for_outputs_says_there_are_no_logits(load, tokenizer, tmp_path):
+    # TRL returns (loss, the model's outputs) to a subclass's compute_loss(..., return_outputs=True); fastdpo's
+    # native trainers and drop-in SFT gave (loss, {}), whose outputs["logits"] failed later with a bare KeyError
+    import trl
+
+    import fastdpo.trl as dropin
+
+    data = prompt_completion_rows(4)
+    pairs = datasets.Dataset.from_list([{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}])
+    options = {"processing_class": tokenizer}
+    trainers = [
+        SFTTrainer(load(), args=SFTConfig(**common_args(tmp_path, "a")), train_dataset=data, **options),
+        dropin.SFTTrainer(load(), args=trl.SFTConfig(**common_args(tmp_path, "b")), train_dataset=data, **options),
+        DPOTrainer(load(), args=DPOConfig(**common_args(tmp_path, "c")), train_dataset=pairs, **options),
+    ]
+    for trainer in trainers:
+        batch = next(iter(trainer.get_train_dataloader()))
+        with pytest.raises(ConfigError, match="column 'return_outputs': .*full logits the fused head never builds"):
+            trainer.compute_loss(trainer.model, batch, return_outputs=True)
+        assert torch.isfinite(trainer.compute_loss(trainer.model, batch))  # (without: the loss, as before)

@@ -331,6 +331,15 @@ def warn_no_logits(prediction_loss_only: bool) -> None:
                       "computed as usual; prediction_loss_only=True asks for just those)", stacklevel=3)  # fmt: skip
 
 
+def refuse_outputs(return_outputs: bool) -> None:
+    """A ``ConfigError`` for ``compute_loss(return_outputs=True)`` (a subclass's call): TRL returns the model's
+    outputs there, whose full logits the fused head never builds (an empty dict came back, a ``KeyError`` later)."""
+    if return_outputs:
+        raise ConfigError("compute_loss(return_outputs=True) would return the model's outputs, whose full logits the "
+                          "fused head never builds", column="return_outputs",
+                          fix="call it with return_outputs=False (the metrics are in self._metrics)")  # fmt: skip
+
+
 def check_report_to(config) -> None:
     """A ``ConfigError`` naming ``report_to`` for an integration transformers does not know (its own ``ValueError``
     comes from inside the Trainer's constructor); call after ``TrainingArguments.__post_init__`` made it a list.

@@ -81,6 +81,7 @@ from fastdpo.train.common import (
     load_causal_lm,
     load_tokenizer,
     neftune_as_trl,
+    refuse_outputs,
     report_dropped,
     set_pad_token,
     train_reporting_streams,
@@ -378,6 +379,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         return pairs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        refuse_outputs(return_outputs)
         inputs = dict(inputs)
         ref_logps = inputs.pop("ref_logps", None)
         if self.reference_mode != "cached":  # the columns of an earlier run's cache: this run's reference decides
@@ -418,7 +420,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
             # micro-batches, all processes; DDP then averages over processes), every pair of the optimizer step
             # counts the same however the pairs were split into micro-batches or packed.
             loss = loss * (batch.num_pairs * self.accelerator.num_processes / num_items_in_batch)
-        return (loss, {}) if return_outputs else loss
+        return loss
 
     def get_train_dataloader(self):
         args = self.args

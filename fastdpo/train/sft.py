@@ -82,6 +82,7 @@ from fastdpo.train.common import (
     load_causal_lm,
     load_tokenizer,
     neftune_as_trl,
+    refuse_outputs,
     report_dropped,
     set_pad_token,
     train_reporting_streams,
@@ -158,6 +159,7 @@ class PackedSFTLoss:
         return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        refuse_outputs(return_outputs)
         batch = batch_from_fields(inputs)
         inner = self.accelerator.unwrap_model(model)
 
@@ -189,7 +191,7 @@ class PackedSFTLoss:
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.aux_loss_coef * out.aux_loss / steps
         self._record_metrics(out, batch, "train" if model.training else "eval")
-        return (loss, {}) if return_outputs else loss
+        return loss
 
     def _aux_loss_trained(self) -> bool:
         """Whether the MoE aux loss joins the loss (it is logged either way): always here."""
