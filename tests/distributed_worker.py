@@ -13,11 +13,18 @@ from test_train_dpo import common_args, synthetic_pairs
 from tiny_tokenizer import build_tiny_tokenizer
 from transformers import LlamaForCausalLM
 
+from fastdpo.model import reference_cache
 from fastdpo.train import DPOConfig, DPOTrainer
 
 
 def train(out, model_dir: str, options: dict) -> DPOTrainer:
     datasets.disable_progress_bars()
+    computed = []  # the rows whose reference log-probs this process computed (a cached reference: its share)
+    compute = reference_cache.compute_reference_logps
+
+    def counted(reference, rows, **kwargs):
+        computed.append(len(rows))
+        return compute(reference, rows, **kwargs)
 
     def load():
         return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -34,8 +41,13 @@ def train(out, model_dir: str, options: dict) -> DPOTrainer:
 
         config, trainer_class = trl.DPOConfig, (fastdpo.trl.DPOTrainer if kind == "dropin" else trl.DPOTrainer)
     args = config(**{**common_args(out, "run"), "disable_tqdm": True, "use_cpu": True, **options})
-    trainer = trainer_class(load(), ref_model=load(), args=args, train_dataset=data,
-                            processing_class=build_tiny_tokenizer())  # fmt: skip
+    reference_cache.compute_reference_logps = counted
+    try:
+        trainer = trainer_class(load(), ref_model=load(), args=args, train_dataset=data,
+                                processing_class=build_tiny_tokenizer())  # fmt: skip
+    finally:
+        reference_cache.compute_reference_logps = compute
+    trainer.reference_rows_computed = sum(computed)
     trainer.train()
     return trainer
 

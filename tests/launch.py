@@ -59,14 +59,15 @@ def skip_deepspeed_shm_build() -> None:
 
 
 def write_logs(trainer, out: Path) -> None:
-    """``out/logs.json``: the trainer's logged steps, its world size, whether ZeRO-3 partitioned its models, and the
-    class that wrapped the policy."""
+    """``out/logs.json``: the trainer's logged steps, its world size, whether ZeRO-3 partitioned its models, the
+    class that wrapped the policy, and the rows whose reference log-probs it computed (where the worker counts them)."""
     logs = [log for log in trainer.state.log_history if "loss" in log]
     models = [trainer.model, *([trainer.ref_model] if getattr(trainer, "ref_model", None) is not None else [])]
     # under ZeRO-3, parameters over DeepSpeed's persistence threshold are partitioned: numel 0 outside a gather
     partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for m in models for p in m.parameters())
     result = {"world_size": trainer.args.world_size, "logs": logs, "zero3_partitioned": partitioned,
-              "engine": type(trainer.model_wrapped).__name__}  # fmt: skip
+              "engine": type(trainer.model_wrapped).__name__,
+              "reference_rows_computed": getattr(trainer, "reference_rows_computed", None)}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs.json").write_text(json.dumps(result))
 

@@ -35,6 +35,43 @@ def test_values_equal_a_naive_padded_computation():
     torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-5)
 
 
+class Shares:
+    """Rank ``rank`` of ``world`` processes, as ``_shared_pass`` uses an Accelerator: its ``gather`` gives
+    ``shares`` (each rank's tensor, taken from an earlier pass as that rank) where given, else stops the pass
+    with the tensor this rank would send."""
+
+    def __init__(self, world: int, rank: int, shares: list | None = None):
+        self.num_processes, self.process_index, self.shares, self.device = world, rank, shares, "cpu"
+
+    def gather(self, tensor):
+        if self.shares is None:
+            raise Sent(tensor)
+        return torch.cat(self.shares)
+
+
+class Sent(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("count", "world"), [(7, 2), (5, 4), (2, 3)])
+def test_processes_sharing_the_pass_gather_every_row_in_order(count, world):
+    # each process computes one share (the last padded, a share past the rows all padding: as many batches each)
+    from fastdpo.model.reference_cache import _shared_pass
+
+    model = tiny_llama(5)  # fp64
+    rows = make_pairs(seed=15, count=count)
+    options = {"max_length": None, "batch_size": 2, "progress": False}
+    sent = []
+    for rank in range(world):
+        with pytest.raises(Sent) as caught:
+            _shared_pass(Shares(world, rank), model, rows, **options)
+        sent.append(caught.value.args[0])
+    assert {len(share) for share in sent} == {-(-count // world)}  # (every process ran as many rows)
+    got = _shared_pass(Shares(world, 0, sent), model, rows, **options)
+    expected, _, _ = naive_sums(model, rows)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-5)  # stored in fp32, as above
+
+
 def test_ld_alpha_values_equal_a_naive_padded_computation_and_have_their_own_file(tmp_path):
     from fastdpo.data import pack_pairs
     from fastdpo.train.step import reference_logps

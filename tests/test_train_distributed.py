@@ -3,7 +3,7 @@
 Two processes with 2 pairs each must take the optimizer steps one process takes with 4 pairs: the same pairs, the
 same gradients (DDP's all-reduce armed by a forward through its wrapper), metrics gathered over both. With token
 budget batches the processes hold different numbers of pairs; every pair must still weigh the same. A cached
-reference is computed by the first process and read by the other. A stream is shared by the processes. DeepSpeed
+reference is computed by both processes, each its share of the rows. A stream is shared by the processes. DeepSpeed
 ZeRO-3 (its CPU accelerator runs on gloo) partitions the policy and the reference and must take the same steps too.
 """
 
@@ -31,8 +31,8 @@ TAIL = {"pairs": 7, "per_device_train_batch_size": 1, "max_steps": -1, "num_trai
 
 def ddp_runs(tmp_path: Path, processes: int, name: str) -> dict[str, list[dict]]:
     """Each run's logged steps, all trained in one launch of ``processes`` processes: 4 pairs per step (2 per
-    process), the token budget, and the cached reference (process 0 computes the file, process 1 waits and reads
-    it) written under ``tmp_path/cache_<name>``."""
+    process), the token budget, and the cached reference (each process computes its share, process 0 writes the
+    file) written under ``tmp_path/cache_<name>``."""
     pairs = {"per_device_train_batch_size": 4 // processes}
     runs = {
         "pairs": pairs,
@@ -55,6 +55,9 @@ def ddp_runs(tmp_path: Path, processes: int, name: str) -> dict[str, list[dict]]
     results = launch(WORKER, tmp_path / name, tmp_path / "model", processes, runs)
     for result in results.values():
         assert not result["zero3_partitioned"] and result["engine"] != "DeepSpeedEngine"
+    # the cached reference: each process computes its share of the 16 pairs (process 0 computed all of them, while
+    # the other waited: on NCCL, up to ddp_timeout); a cache read computes none
+    assert results["cached"]["reference_rows_computed"] == 16 // processes
     return {run: result["logs"] for run, result in results.items()}
 
 

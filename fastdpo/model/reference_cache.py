@@ -189,13 +189,16 @@ def cached_reference_logps(
     ld_alpha: float | None = None,
     autocast: str | None = None,
     adapter_off: bool = False,
+    processes=None,
 ) -> Tensor:
     """``[rows, 2]`` reference log-probs: read from the cache when a valid file has this key, else computed and
     written. See the module docstring. The mixed precision the values are computed under (``"bf16"``, ``"fp16"``: the
     caller's ``torch.autocast`` for the reference's device) is a part of the key, read from the autocast in effect;
     ``autocast``, where given, must agree with it (a label alone keyed fp32 values as bf16, and the other way round).
     ``adapter_off``: the caller runs a PEFT ``reference`` with its adapter off (``adapter_reference``), a part of
-    the key."""
+    the key. ``processes``: an ``accelerate.Accelerator`` of several processes, every one of which calls this with
+    the same rows: each computes its share of the rows (``_shared_pass``) unless every one reads the file, and the
+    first writes it."""
     actual = autocast_in_effect(reference)
     if autocast is not None and autocast != actual:
         warnings.warn(f"cached_reference_logps(autocast={autocast!r}) but the autocast in effect is {actual}: the "
@@ -204,25 +207,57 @@ def cached_reference_logps(
                     ld_alpha=ld_alpha, autocast=actual, adapter_off=adapter_off)  # fmt: skip
     name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / f"{name}.arrow"
+    values = None
     if path.exists():
         values, problem = read_cache(path, key)
         if values is not None:
             logger.info("reference log-probs: %d rows read from %s", len(values), path)
-            return values
-        warnings.warn(f"reference log-prob cache {path} is not usable ({problem}): computing it again", stacklevel=2)
-    values = compute_reference_logps(reference, rows, max_length=max_length, truncation_mode=truncation_mode,
-                                     batch_size=batch_size, head_impl=head_impl, progress=progress,
-                                     ld_alpha=ld_alpha)  # fmt: skip
+        else:
+            warnings.warn(f"reference log-prob cache {path} is not usable ({problem}): computed again", stacklevel=2)
+    several = processes is not None and processes.num_processes > 1
+    if several and not _everyone(processes, values is not None):  # (a node without the file: all compute it)
+        values = None
+    if values is not None:
+        return values
+    options = {"max_length": max_length, "truncation_mode": truncation_mode, "batch_size": batch_size,
+               "head_impl": head_impl, "ld_alpha": ld_alpha}  # fmt: skip
+    if several:
+        values = _shared_pass(processes, reference, rows, progress=progress and processes.is_main_process, **options)
+    else:
+        values = compute_reference_logps(reference, rows, progress=progress, **options)
     if not bool(torch.isfinite(values).all()):
         bad = torch.nonzero(~torch.isfinite(values).all(1)).flatten()[:5].tolist()
         raise ValueError(f"reference log-probs are not finite at rows {bad}: the reference model overflows there")
     try:
-        write_cache(path, key, values)
+        if not several or processes.is_local_main_process:  # (one writer a machine: the folder may be its own)
+            write_cache(path, key, values)
     except OSError as error:  # (after the whole pass: the values are good, only the reuse is lost)
         why = error.strerror or error
         warnings.warn(f"reference log-probs not cached: {path.parent} cannot be written ({why}); set ref_cache_dir "
                       "(or FASTDPO_CACHE) to a writable folder to reuse them", stacklevel=2)  # fmt: skip
+    if several:
+        processes.wait_for_everyone()  # (the file complete before any process goes on: a later run reads it)
     return values
+
+
+def _everyone(processes, flag: bool) -> bool:
+    """Whether ``flag`` holds on every process of ``processes``."""
+    flags = processes.gather(torch.tensor([int(flag)], device=processes.device))
+    return bool(flags.min())
+
+
+def _shared_pass(processes, reference: nn.Module, rows, *, progress: bool, **options) -> Tensor:
+    """``compute_reference_logps`` of ``rows`` on several processes: each computes one contiguous share, as many
+    rows each (the last share padded with its own rows: every process runs as many batches), and all gather them,
+    in order. One process computed every row before while the others waited, on NCCL as long as ``ddp_timeout``."""
+    count, world, rank = len(rows), processes.num_processes, processes.process_index
+    share = -(-count // world)
+    mine = list(range(min(rank * share, count), min((rank + 1) * share, count)))
+    padded = mine + [mine[-1] if mine else 0] * (share - len(mine))
+    part = rows.select(padded) if hasattr(rows, "select") else [rows[i] for i in padded]
+    values = compute_reference_logps(reference, part, progress=progress, **options)
+    gathered = processes.gather(values.to(processes.device)).cpu()  # [world * share, 2], process by process
+    return gathered[:count]  # (every share before the last rows' is full: the rows in order, padding after)
 
 
 @contextlib.contextmanager

@@ -301,8 +301,8 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
             self._signature_columns = [*TOKEN_COLUMNS, *REFERENCE_COLUMNS]
 
     def _with_reference_logps(self, reference: nn.Module, dataset, name: str, adapter_off: bool = False):
-        """``dataset`` with the reference's log-probs as columns, from the cache (computed on the first process
-        first; the others then read its file), under the autocast the policy's passes run under (``bf16``/``fp16``),
+        """``dataset`` with the reference's log-probs as columns, from the cache (computed where no file has them,
+        each process its share of the rows), under the autocast the policy's passes run under (``bf16``/``fp16``),
         as a separate reference's pass would be; ``adapter_off``: ``reference`` is a PEFT policy, run within
         ``adapter_reference``."""
         if isinstance(dataset, dict):
@@ -312,14 +312,13 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # (a processor holds one)
         # (the key's precision: the autocast in effect, not accelerate's label, which DeepSpeed's does not apply)
-        with (args.main_process_first(local=False, desc=f"reference log-probs ({name})"), self.accelerator.autocast(),
-              on_device(reference, args.device),
+        with (self.accelerator.autocast(), on_device(reference, args.device),
               adapter_reference(reference) if adapter_off else nullcontext()):  # fmt: skip
             values = cached_reference_logps(reference, dataset, cache_dir=args.ref_cache_dir, tokenizer=tokenizer,
                                             max_length=args.max_length, truncation_mode=args.truncation_mode,
                                             batch_size=batch_size, head_impl=args.head_impl,
                                             progress=not args.disable_tqdm, ld_alpha=args.ld_alpha,
-                                            adapter_off=adapter_off)  # fmt: skip
+                                            adapter_off=adapter_off, processes=self.accelerator)  # fmt: skip
         dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
         dataset = dataset.add_column(REFERENCE_COLUMNS[0], values[:, 0].tolist())
         return dataset.add_column(REFERENCE_COLUMNS[1], values[:, 1].tolist())
