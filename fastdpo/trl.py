@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import torch
 
 from fastdpo.data.vocabulary import check_positions, check_token_ids, cut_length, kept_as_given
-from fastdpo.errors import ConfigError
+from fastdpo.errors import ConfigError, DataError, close_match
 
 try:
     import trl
@@ -149,8 +149,29 @@ class _CheckedEvalSets:
         return prepared
 
 
+def _check_pair_columns(dataset, name: str) -> None:
+    """A DataError for a dataset without the ``chosen`` or ``rejected`` text TRL's preparation reads (its
+    ``KeyError: 'chosen'`` from inside a map, before), naming a close column or fastdpo's trainer for tokenized rows
+    (TRL 1.16 tokenizes every pair itself)."""
+    columns = getattr(dataset, "column_names", None)  # (None: a stream that does not know them)
+    missing = [column for column in ("chosen", "rejected") if columns is not None and column not in columns]
+    if not missing:
+        return
+    guess = close_match(missing[0], columns)
+    if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns):
+        fix = "TRL's DPOTrainer tokenizes text pairs itself: train tokenized rows with fastdpo.DPOTrainer"
+    else:
+        fix = f"rename your column to {missing[0]!r} (dataset.rename_column({guess or '<your column>'!r}, "
+        fix += f"{missing[0]!r})); columns present: {', '.join(columns)}"
+    raise DataError(f"the {name} data has no {missing[0]!r} column", column=missing[0], fix=fix)
+
+
 class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer):
     """``trl.DPOTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
+        _check_pair_columns(dataset, dataset_name if dataset_name in ("train", "eval") else f"eval_{dataset_name}")
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,

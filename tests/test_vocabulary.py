@@ -83,6 +83,34 @@ def test_the_row_is_the_inputs_when_the_rows_were_shuffled(tmp_path):
         SFTTrainer(model=load(), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
 
 
+def test_the_row_is_the_inputs_when_the_user_selected_tokenized_rows(tmp_path):
+    # tokenized pairs are kept as given: a selection or shuffle of the user's own named its source table's row
+    # ("row 7" for the row 2 the user passed)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    vocabulary = load().get_input_embeddings().num_embeddings
+    rows = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9, 10]} for _ in range(10)]
+    rows[7]["chosen_ids"] = [7, vocabulary]
+    table = datasets.Dataset.from_list(rows)
+    for given in (table.select([9, 8, 7, 6, 5]), table.shuffle(seed=0)):
+        row = next(i for i, pair in enumerate(given) if vocabulary in pair["chosen_ids"])
+        assert row != 7
+        with pytest.raises(DataError, match=rf"^row {row}, column 'chosen_ids': token id {vocabulary}"):
+            DPOTrainer(model=load(), args=DPOConfig(**common_args(tmp_path, "dpo")), train_dataset=given,
+                       processing_class=tokenizer)  # fmt: skip
+    # TRL's trainer tokenizes text pairs only (its KeyError: 'chosen' from inside a map): the drop-in says so
+    with pytest.raises(DataError, match="column 'chosen': the train data has no 'chosen' column .*fastdpo.DPOTrainer"):
+        dropin.DPOTrainer(model=load(), args=trl.DPOConfig(**common_args(tmp_path, "dropin")), train_dataset=table,
+                          processing_class=tokenizer)  # fmt: skip
+    texts = datasets.Dataset.from_dict({"prompt": ["Hi?"], "Chosen": [" Hello."], "rejected": [" Go."]})
+    args = trl.DPOConfig(**common_args(tmp_path, "eval"))
+    pairs = texts.rename_column("Chosen", "chosen")
+    trainer = dropin.DPOTrainer(model=load(), args=args, train_dataset=pairs, processing_class=tokenizer)
+    said = r"column 'chosen': the eval_held data has no 'chosen' .*rename_column\('Chosen'"
+    with pytest.raises(DataError, match=said):
+        trainer.evaluate({"held": texts})
+
+
 def test_a_set_given_to_evaluate_and_the_precompute_are_checked_too(tmp_path):
     # evaluate(new set) (every trainer) and the drop-in's reference precompute (run inside TRL's constructor, before
     # the sets were checked) reached torch's embedding with the id: "IndexError: index out of range in self"

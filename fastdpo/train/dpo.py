@@ -330,6 +330,8 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         if isinstance(dataset, IterableDataset):
             return self._prepare_stream(dataset, tokenizer, args, name)
         if all(c in dataset.column_names for c in TOKEN_COLUMNS):  # tokenized before: TRL's keep_start drop only
+            if dataset._indices is not None:  # the user's selection or shuffle, as its own table: rows are then
+                dataset = dataset.flatten_indices()  # named as the user numbers them, not as its source table did
             kept = drop_filling_prompts(dataset, args.max_length, args.truncation_mode)
             self.dropped_rows[name] = kept.dropped_rows
             report_dropped(kept.dropped_rows, len(dataset), len(kept.dataset), name, args.max_length)
