@@ -157,6 +157,26 @@ def test_a_folder_of_one_file_per_split_loads_as_load_dataset_finds_its_splits(t
     (hub / "train_sft-00001-of-00003-a3ecf92756993581.parquet").unlink()
     with pytest.raises(DataError, match=r"split 'train_sft' has 2 of its 3 shards \(shard 00001 is missing\)"):
         load_data(hub.parent, split="train_sft")
+    # shards of JSON Lines: a score 8 in one and 7.5 in another read as datasets reads them (they were "not the same
+    # columns"); a score 8 beside "high" named by column and shards; a shard both in the folder and in data/ named
+    shards = tmp_path / "shards"
+    (shards / "data").mkdir(parents=True)
+    for shard, score in enumerate((8, 7.5)):
+        pair = json.dumps({"prompt": f"p{shard}", "chosen": "Yes.", "rejected": "No.", "score": score})
+        (shards / f"train-{shard:05d}-of-00002.jsonl").write_text(pair + "\n")
+    for load in (load_data, load_stream):
+        assert [row["score"] for row in load(shards)] == [8.0, 7.5]
+    (shards / "train-00001-of-00002.jsonl").write_text(json.dumps({"prompt": "p1", "chosen": "Yes.", "rejected":
+                                                                  "No.", "score": "high"}) + "\n")  # fmt: skip
+    said = "column 'score' holds int64 in the shard train-00000-of-00002.jsonl and string in train-00001-of-00002.jsonl"
+    for load in (load_data, load_stream):
+        with pytest.raises(DataError, match=said):
+            load(shards)
+    (shards / "train-00000-of-00002.jsonl").rename(shards / "data" / "train-00000-of-00002.jsonl")
+    (shards / "train-00000-of-00002.jsonl").write_text((shards / "data" / "train-00000-of-00002.jsonl").read_text())
+    twice = r"split 'train' has shard 00000 twice \(data/train-00000-of-00002.jsonl, train-00000-of-00002.jsonl\)"
+    with pytest.raises(DataError, match=twice):  # ("has 3 of its 2 shards", before)
+        load_data(shards)
     (tmp_path / "split_out").mkdir()
     for name in ("train", "test"):
         data.to_json(tmp_path / "split_out" / f"{name}.jsonl")

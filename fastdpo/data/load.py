@@ -144,6 +144,11 @@ def split_files(folder: Path) -> dict[str, list[Path]]:
                 shards[name], numbers[file] = count, int(shard[2])
     for name, (count, _) in shards.items():
         found = sorted(numbers[file] for file in files[name])
+        twice = [file for file in files[name] if found.count(numbers[file]) > 1]
+        if twice:
+            raise DataError(f"{folder}: split {name!r} has shard {numbers[twice[0]]:05d} twice ("
+                            + ", ".join(str(file.relative_to(folder)) for file in twice[:2]) + ")",
+                            fix="keep one copy of each shard (in the folder or in its data/)")  # fmt: skip
         if found != list(range(count)):
             missing = sorted(set(range(count)) - set(found))
             raise DataError(f"{folder}: split {name!r} has {len(found)} of its {count} shards"
@@ -171,11 +176,42 @@ def _load_shards(files: list[Path], text: Iterable[str], stream: bool = False):
     parts = [load_stream(file, text=text) if stream else _load_local(file, "train", text) for file in files]
     if len(parts) == 1:
         return parts[0]
+    parts = _shared_kinds(parts, files)
     try:
         return datasets.concatenate_datasets(parts)
     except ValueError as error:
         raise DataError(f"{files[0].parent}: the shards {files[0].name} ... {files[-1].name} do not have the same "
                         f"columns ({str(error)[:200]})", fix="give each shard the same columns") from None  # fmt: skip
+
+
+_NUMBERS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64")
+
+
+def _shared_kinds(parts: list, files: list[Path]) -> list:
+    """A split's shards with a column of whole numbers in one and of fractions in another as fractions in every
+    one, as ``datasets`` reads several files of one split; a DataError naming the column and two shards where its
+    kinds differ otherwise (a number in one, text in another)."""
+    seen: dict[str, tuple[object, Path]] = {}  # column → its feature, the first shard with it
+    wider: dict[str, object] = {}
+    if any(part.features is None for part in parts):  # streams: their first rows' (as concatenating reads them)
+        parts = [part._resolve_features() if part.features is None else part for part in parts]
+    for part, file in zip(parts, files, strict=True):
+        for name, feature in (part.features or {}).items():
+            first = seen.setdefault(name, (feature, file))
+            if first[0] == feature:
+                continue
+            kinds = {getattr(first[0], "dtype", None), getattr(feature, "dtype", None)}
+            if kinds <= set(_NUMBERS):
+                wider[name] = datasets.Value("float64")
+                continue
+            said = [str(getattr(f, "dtype", None) or type(f).__name__) for f in (first[0], feature)]
+            raise DataError(f"{files[0].parent}: column {name!r} holds {said[0]} in the shard {first[1].name} and "
+                            f"{said[1]} in {file.name}", column=name,
+                            fix="give the column one kind of value in every shard")  # fmt: skip
+    if not wider:
+        return parts
+    return [part.cast(datasets.Features({**part.features, **{k: v for k, v in wider.items() if k in part.features}}))
+            for part in parts]  # fmt: skip
 
 
 def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLUMNS) -> datasets.IterableDataset:
