@@ -316,6 +316,13 @@ def test_a_key_written_twice_is_named_by_line(tmp_path):
     path.write_text(json.dumps(PAIR) + "\n" + json.dumps(PAIR)[:-1] + ', "prompt": "again"}\n')
     with pytest.raises(DataError, match=r"column 'prompt': .*twice.jsonl: line 2: the key 'prompt' is written twice"):
         load_data(path)
+    # inside a message: the column holding it named (it named the message's key as the column)
+    row = {"prompt": [user("Hi?")], "chosen": [assistant("Hello.")], "rejected": [assistant("Go.")]}
+    twice = json.dumps(row).replace('"content": "Hello."', '"content": "Hello.", "content": "Hi."')
+    path.write_text(json.dumps(row) + "\n" + twice + "\n")
+    said = r"column 'chosen': .*line 2: the key 'content' is written twice in one object inside the column 'chosen'"
+    with pytest.raises(DataError, match=said):
+        load_data(path)
 
 
 def test_a_later_block_of_dates_in_a_column_of_strings_loads_as_written(tmp_path):

@@ -106,27 +106,38 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write first
 
 
-def _first_repeated_key(path: Path) -> tuple[int, str] | None:
-    """(line, key) of the first JSON Lines object of ``path`` (nested ones too) that holds a key twice."""
+def _first_repeated_key(path: Path) -> tuple[int, str, str] | None:
+    """(line, column, key) of the first JSON Lines object of ``path`` that holds a key twice: a row (the column is
+    the key), or an object nested in a row's column."""
 
-    class Repeated(Exception):
-        pass
+    class Twice(dict):  # an object that held ``key`` twice
+        key = ""
 
     def pairs(items: list[tuple[str, object]]) -> dict:
         keys = [key for key, _ in items]
-        if len(set(keys)) < len(keys):
-            raise Repeated(next(key for i, key in enumerate(keys) if key in keys[:i]))
-        return dict(items)
+        if len(set(keys)) == len(keys):
+            return dict(items)
+        found = Twice(items)
+        found.key = next(key for i, key in enumerate(keys) if key in keys[:i])
+        return found
+
+    def held(value) -> Twice | None:
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        return value if isinstance(value, Twice) else next(filter(None, map(held, children)), None)
 
     with open(path, "rb") as handle:  # (split at \n only, as the rows are counted)
         for number, raw in enumerate(handle, start=1):
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8", errors="replace")
             try:
-                json.loads(line, object_pairs_hook=pairs) if line.strip() else None
-            except Repeated as repeated:
-                return number, str(repeated)
+                row = json.loads(line, object_pairs_hook=pairs) if line.strip() else None
             except ValueError:
                 continue
+            if isinstance(row, Twice):
+                return number, row.key, row.key
+            for column, value in row.items() if isinstance(row, dict) else ():
+                inner = held(value)
+                if inner is not None:
+                    return number, column, inner.key
     return None
 
 

@@ -468,8 +468,10 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
     if where == "line" and "was specified twice" in str(cause):
         found = _first_repeated_key(path)
         if found is not None:
-            return DataError(f"{path}: line {found[0]}: the key {found[1]!r} is written twice in one object (Python's "
-                             "json would keep the last, datasets refuses it)", column=found[1],
+            number, column, key = found
+            inside = "" if key == column else f" inside the column {column!r}"
+            return DataError(f"{path}: line {number}: the key {key!r} is written twice in one object{inside} (Python's "
+                             "json would keep the last, datasets refuses it)", column=column,
                              fix="keep one of them")  # fmt: skip
     found = first_new_kind(path) if where == "line" else None
     if found is not None:
