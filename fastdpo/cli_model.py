@@ -371,8 +371,11 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
 def _in_file_rows(prepare, part, *, split: str):
     """``prepare(part)`` for one part of a split file (a ``select`` of it), an error's row named as the file numbers
     it, not as the part does."""
+    numbering = {}
+    if getattr(prepare, "func", None) is _without_refused_rows and part._indices is not None:  # (its warning's rows)
+        numbering["file_rows"] = part._indices.column(0).to_pylist()
     try:
-        return prepare(part, columns=None, split=split)
+        return prepare(part, columns=None, split=split, **numbering)
     except DataError as error:
         if error.row is None or part._indices is None:
             raise
@@ -392,11 +395,14 @@ def _held_out(split, dataset, fraction: float, seed: int):
         raise ConfigError(error.message, column="eval_fraction", fix=error.fix) from None
 
 
-def _without_refused_rows(source, *, columns: dict | None, split: str, counts: dict):
-    """``prepare_dropping``'s rows, its counts in ``counts[split]``, warned about."""
+def _without_refused_rows(source, *, columns: dict | None, split: str, counts: dict, file_rows: list | None = None):
+    """``prepare_dropping``'s rows, its counts in ``counts[split]``, warned about (the rows as ``file_rows`` number
+    them: a part's rows in its file)."""
     from fastdpo.data.refused import prepare_dropping
 
     prepared, counts[split], rows = prepare_dropping(source, columns=columns, split=split)
+    if file_rows is not None:
+        rows = [file_rows[row] for row in rows]
     if rows:
         shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
         logger.warning("%s split: dropped %d rows the preparation refuses: %s (rows %s)", split, len(rows),

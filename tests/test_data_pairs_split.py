@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import datasets
@@ -488,7 +489,7 @@ def test_data_filter_and_split_write_a_csv_files_cells_as_they_were(tmp_path, mo
     assert sorted([row[0] for row in trained] + [pair["prompt"] for pair in held_out]) == sorted(r[0] for r in rows)
 
 
-def test_a_runs_eval_fraction_holds_out_as_data_split_does(tmp_path):
+def test_a_runs_eval_fraction_holds_out_as_data_split_does(tmp_path, caplog):
     # eval_fraction split the prepared rows: an HH dialogue's implicit prompt carried the answers' shared start
     # ("...Assistant: S"), a key per pair (10 of 20 dialogues in both parts), and a system column joined into the
     # prompt made a question under 3 personas 3 keys (14 of 20 questions in both); `data split` kept them apart
@@ -524,6 +525,8 @@ def test_a_runs_eval_fraction_holds_out_as_data_split_does(tmp_path):
                        data_filter="none")  # fmt: skip
     with pytest.raises(DataError, match=r"^row 8, column 'rejected'"):  # (row 6 of its part, before)
         loaded_splits("dpo", run, 0)
-    run.data_filter = "drop"  # (row 8 dropped, counted)
-    train, held_out, _ = loaded_splits("dpo", run, 0)
+    run.data_filter = "drop"  # (row 8 dropped, counted, and named as the file numbers it: "rows 6", before)
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        train, held_out, _ = loaded_splits("dpo", run, 0)
     assert "NA" in [*train["chosen"], *held_out["chosen"]]
+    assert "dropped 1 rows the preparation refuses: {'missing_field': 1} (rows 8)" in caplog.text
