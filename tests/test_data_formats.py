@@ -55,6 +55,15 @@ def test_a_csv_reads_its_text_columns_as_text_and_its_numbers_as_numbers(tmp_pat
     assert prepared["chosen"] == ["4", "007", "None"] and prepared["chosen_score"] == [8.0, None, 7.5]
     assert prepared["prompt"] == ["What is 2+2?", "Be brief.\n\nBond?", "Null?"]  # (an empty system is none)
     assert prepared["rejected"] == ["5", "NA", "4.50"]
+    from fastdpo.data import load_stream
+
+    assert list(load_stream(path)) == rows  # (a stream reads them alike)
+    # a line with more fields than the header: pandas' ParserError named no file, raised where a stream read it
+    path.write_text(path.read_text() + "Comma?,Yes, really,No,,1,1\n")
+    said = r"math.csv: line 5: 7 fields where the header has 6 — quote a field that holds a comma"
+    for read in (load_data, lambda source: list(load_stream(source))):
+        with pytest.raises(DataError, match=said):
+            read(path)
 
 
 def test_a_csv_reads_mapped_text_columns_as_text_in_every_loader(tmp_path):

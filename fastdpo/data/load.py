@@ -239,10 +239,21 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
         _one_split(path, split)
         if kind == "json":  # (as Python reads it: datasets' reader changes strings where a field's kinds differ)
             return datasets.IterableDataset.from_generator(_streamed_json, gen_kwargs={"path": str(path.resolve())})
-        return datasets.load_dataset(
+        stream = datasets.load_dataset(
             kind, data_files={split: str(path)}, split=split, streaming=True, **_csv_options(path, kind, text)
         )
+        if kind == "csv":  # (pandas' ParserError, raised where the broken line is read, names no file)
+            return datasets.IterableDataset.from_generator(_named_failures, gen_kwargs={"stream": stream, "path": path})
+        return stream
     return datasets.load_dataset(str(source), split=split, streaming=True)
+
+
+def _named_failures(stream, path: Path) -> Iterator[dict]:
+    """The rows of ``stream`` (of the local file ``path``); a failure to read one as ``load_data`` names it."""
+    try:
+        yield from stream
+    except (DatasetGenerationError, ValueError) as error:  # (pandas' ParserError is a ValueError)
+        raise _unreadable(path, _local_kind(path), error) from None
 
 
 def _streamed_json(path: str) -> Iterator[dict]:
@@ -473,6 +484,10 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
             return DataError(f"{path}: line {number}: the key {key!r} is written twice in one object{inside} (Python's "
                              "json would keep the last, datasets refuses it)", column=column,
                              fix="keep one of them")  # fmt: skip
+    fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(cause))
+    if kind == "csv" and fields:  # (pandas counts the header as line 1, as an editor does)
+        return DataError(f"{path}: line {fields[2]}: {fields[3]} fields where the header has {fields[1]}",
+                         fix='quote a field that holds a comma ("a, b"), or remove the extra ones')  # fmt: skip
     found = first_new_kind(path) if where == "line" else None
     if found is not None:
         number, column, kind, held = found
