@@ -311,18 +311,23 @@ def test_later_blocks_whose_kinds_datasets_cast_or_cannot_cast_are_named_by_line
 
 def test_a_key_written_twice_is_named_by_line(tmp_path):
     # datasets refuses it with Arrow's "Column(/prompt) was specified twice in row 0" (row 0 of its block, not the
-    # file's); a stream reads it as Python's json does, the last value kept
+    # file's); a stream read it as Python's json does, the last value kept, silently
+    from fastdpo.data.load import load_stream
+
     path = tmp_path / "twice.jsonl"
     path.write_text(json.dumps(PAIR) + "\n" + json.dumps(PAIR)[:-1] + ', "prompt": "again"}\n')
-    with pytest.raises(DataError, match=r"column 'prompt': .*twice.jsonl: line 2: the key 'prompt' is written twice"):
-        load_data(path)
+    said = r"column 'prompt': .*twice.jsonl: line 2: the key 'prompt' is written twice"
+    for read in (load_data, lambda source: list(load_stream(source))):
+        with pytest.raises(DataError, match=said):
+            read(path)
     # inside a message: the column holding it named (it named the message's key as the column)
     row = {"prompt": [user("Hi?")], "chosen": [assistant("Hello.")], "rejected": [assistant("Go.")]}
     twice = json.dumps(row).replace('"content": "Hello."', '"content": "Hello.", "content": "Hi."')
     path.write_text(json.dumps(row) + "\n" + twice + "\n")
     said = r"column 'chosen': .*line 2: the key 'content' is written twice in one object inside the column 'chosen'"
-    with pytest.raises(DataError, match=said):
-        load_data(path)
+    for read in (load_data, lambda source: list(load_stream(source))):
+        with pytest.raises(DataError, match=said):
+            read(path)
 
 
 def test_a_later_block_of_dates_in_a_column_of_strings_loads_as_written(tmp_path):

@@ -141,6 +141,14 @@ def _first_repeated_key(path: Path) -> tuple[int, str, str] | None:
     return None
 
 
+def repeated_key(path: Path, found: tuple[int, str, str]) -> DataError:
+    """DataError for ``_first_repeated_key``'s (line, column, key)."""
+    number, column, key = found
+    inside = "" if key == column else f" inside the column {column!r}"
+    return DataError(f"{path}: line {number}: the key {key!r} is written twice in one object{inside} (Python's json "
+                     "would keep the last, datasets refuses it)", column=column, fix="keep one of them")  # fmt: skip
+
+
 def unholdable(value) -> str | None:
     """What in ``value`` (nested lists and dicts too) Arrow cannot hold: a lone surrogate, an integer over 64 bits."""
     if isinstance(value, str):
@@ -381,7 +389,7 @@ def first_new_kind(path: Path) -> tuple[int, str, str, list[str]] | None:
     return None
 
 
-def json_rows(path: Path) -> tuple[str, Iterator[tuple[int, dict]]]:
+def json_rows(path: Path, *, one_key: bool = False) -> tuple[str, Iterator[tuple[int, dict]]]:
     """How the rows of a local JSON file are counted (``line`` of JSON Lines, ``row`` of a document) and
     (number, row) for each, as Python's ``json`` reads them; DataError at the first line that is not UTF-8, not
     JSON or not an object (a document's whole text checked first).
@@ -392,10 +400,25 @@ def json_rows(path: Path) -> tuple[str, Iterator[tuple[int, dict]]]:
     """
     if _is_document(path):  # one JSON document (a list of rows)
         return "row", enumerate(_check_json_document(path))
-    return "line", _json_lines(path)
+    return "line", _json_lines(path, one_key)
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+def _one_of_each(items: list[tuple[str, object]]) -> dict:
+    """An object's pairs as a dict; ``_Twice`` where one of its keys is written twice."""
+    keys = [key for key, _ in items]
+    if len(set(keys)) < len(keys):
+        raise _Twice(next(key for i, key in enumerate(keys) if key in keys[:i]))
+    return dict(items)
+
+
+class _Twice(Exception):
+    pass
+
+
+def _json_lines(path: Path, one_key: bool = False) -> Iterator[tuple[int, dict]]:
+    """``json_rows``' rows of JSON Lines; ``one_key``: a DataError at a line with a key written twice in an object
+    (as ``datasets`` refuses it; Python's json keeps the last)."""
+    hook = _one_of_each if one_key else None
     read = False
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -406,7 +429,10 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = json.loads(line, object_pairs_hook=hook)
+            except _Twice as twice:
+                found = _first_repeated_key(path) or (number, str(twice), str(twice))
+                raise repeated_key(path, found) from None
             except json.JSONDecodeError as error:
                 if not read and line.lstrip().startswith("{"):
                     refuse_one_object(path)  # (the whole file one JSON object over several lines: not JSON Lines)

@@ -35,6 +35,7 @@ from fastdpo.data.json_check import (
     _restore_date_strings,
     first_new_kind,
     json_rows,
+    repeated_key,
     unholdable,
 )
 from fastdpo.data.json_layout import refuse_one_object
@@ -262,7 +263,7 @@ def _streamed_json(path: str) -> Iterator[dict]:
     ``STREAM_COLUMNS_FROM`` bytes (all of a document's), as ``datasets``' reader takes them from its first block (None
     where a row lacks one, as Arrow fills them); DataError at the line of a later row with another column, or of a
     value ``load_data`` could not hold (a lone surrogate, an integer over 64 bits)."""
-    where, rows = json_rows(Path(path))
+    where, rows = json_rows(Path(path), one_key=True)  # (a key written twice: refused, as load_data refuses it)
     if where == "row":  # a document, held whole: every row's keys
         rows = list(rows)
         ordered = table_columns([row for _, row in rows])
@@ -479,11 +480,7 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
     if where == "line" and "was specified twice" in str(cause):
         found = _first_repeated_key(path)
         if found is not None:
-            number, column, key = found
-            inside = "" if key == column else f" inside the column {column!r}"
-            return DataError(f"{path}: line {number}: the key {key!r} is written twice in one object{inside} (Python's "
-                             "json would keep the last, datasets refuses it)", column=column,
-                             fix="keep one of them")  # fmt: skip
+            return repeated_key(path, found)
     fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(cause))
     if kind == "csv" and fields:  # (pandas counts the header as line 1, as an editor does)
         return DataError(f"{path}: line {fields[2]}: {fields[3]} fields where the header has {fields[1]}",
