@@ -133,6 +133,12 @@ def test_rows_packed_before_and_longer_than_max_length_are_refused(tmp_path):
     SFTTrainer(
         LlamaForCausalLM(tiny_llama_config(tokenizer)), args=args, train_dataset=packed, processing_class=tokenizer
     )  # rows that fit: taken as they are
+    args = SFTConfig(**common_args(tmp_path, "stream", max_length=16, packing=False, max_steps=2))
+    trainer = SFTTrainer(LlamaForCausalLM(tiny_llama_config(tokenizer)), args=args,
+                         train_dataset=packed.to_iterable_dataset(), processing_class=tokenizer)  # fmt: skip
+    row = next(i for i, ids in enumerate(packed["input_ids"]) if len(ids) > 16)
+    with pytest.raises(DataError, match=rf"^row {row}, column 'seq_lengths': a train row packed before"):
+        trainer.train()  # a stream: as it is read (its rows were trained on whole)
     trl = pytest.importorskip("trl")
     args = trl.SFTConfig(**common_args(tmp_path, "dropin", max_length=16, packing=False))
     trainer = dropin.SFTTrainer(LlamaForCausalLM(tiny_llama_config(tokenizer)), args=args, train_dataset=packed,

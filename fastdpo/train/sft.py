@@ -382,8 +382,9 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
 
     def _prepare_stream(self, dataset, tokenizer, args: SFTConfig, packing: bool, name: str, names: list[str]):
         """``_prepare`` of a stream, lazily (``prepare_sft_stream``), the shuffles and packing where TRL has them."""
-        if "seq_lengths" in names:
-            return dataset
+        if "seq_lengths" in names:  # packed before: each row checked as it is read (_check_packed_rows)
+            limit = {"name": name, "max_length": args.max_length}
+            return dataset.map(_packed_row_fits, with_indices=True, fn_kwargs=limit) if args.max_length else dataset
         completion_only_loss = self.completion_only_loss if "input_ids" in names else args.completion_only_loss
         if completion_only_loss is None:  # as _prepare decides it for raw rows
             completion_only_loss = self.completion_only_loss and {"prompt", "completion"} <= set(names)
@@ -561,13 +562,22 @@ def _check_packed_rows(dataset: datasets.Dataset, name: str, max_length: int | N
         lengths = pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False)
         longer = (lengths > max_length).nonzero()[0]
         if len(longer):
-            row = start + int(longer[0])
-            raise DataError(f"a {name} row packed before, of {int(lengths[longer[0]])} tokens, longer than "
-                            f"max_length {max_length}: packed rows are trained on as they are", row=row,
-                            column="seq_lengths",
-                            fix="pack them with max_length at most this max_length, raise max_length, or give the "
-                            "rows unpacked (without seq_lengths)")  # fmt: skip
+            raise _packed_too_long(name, int(lengths[longer[0]]), max_length, start + int(longer[0]))
     return dataset
+
+
+def _packed_too_long(name: str, length: int, max_length: int, row: int) -> DataError:
+    return DataError(f"a {name} row packed before, of {length} tokens, longer than max_length {max_length}: packed "
+                     "rows are trained on as they are", row=row, column="seq_lengths",
+                     fix="pack them with max_length at most this max_length, raise max_length, or give the rows "
+                     "unpacked (without seq_lengths)")  # fmt: skip
+
+
+def _packed_row_fits(row: dict, index: int, *, name: str, max_length: int) -> dict:
+    """``_check_packed_rows`` for one row of a stream, as it is read (a map's function: no change)."""
+    if len(row["input_ids"]) > max_length:
+        raise _packed_too_long(name, len(row["input_ids"]), max_length, index)
+    return {}
 
 
 def _check_prepared(dataset, name: str, names: list[str]):
