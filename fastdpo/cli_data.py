@@ -260,7 +260,8 @@ def _dropped_path(out: Path) -> Path:
 
 def _check_outputs(paths: list[Path], known: argparse.Namespace, dataset=None) -> None:
     """Each output path writable without losing a file or a value (``dataset``: the rows to write, when known)."""
-    source = Path(known.data).resolve()
+    source = Path(known.data).expanduser().resolve()
+    inputs = {source, *_folder_files(source)}  # (a folder's data files are the input too)
     nested = [name for name, feature in getattr(dataset, "features", {}).items() if isinstance(feature, (dict, list))
               or type(feature).__name__ in ("List", "LargeList", "Sequence", "Json")]  # fmt: skip
     if len({path.resolve() for path in paths}) < len(paths):
@@ -273,11 +274,26 @@ def _check_outputs(paths: list[Path], known: argparse.Namespace, dataset=None) -
                               column="out", fix="write a .jsonl or .parquet file")  # fmt: skip
         if path.suffix not in WRITERS:
             raise ConfigError(f"cannot write {path.name!r}", column="out", fix=f"use one of {', '.join(WRITERS)}")
-        if path.resolve() == source:
-            raise ConfigError(f"{path} is the input", column="out", fix="write to another file: inputs are kept")
+        if path.resolve() in inputs:
+            what = "the input" if path.resolve() == source else f"a file of the input folder {known.data}"
+            raise ConfigError(f"{path} is {what}", column="out", fix="write to another file: inputs are kept")
         for target in (path, _dropped_path(path)):
             if target.exists() and not known.overwrite:
                 raise ConfigError(f"{target} exists", column="out", fix="pass --overwrite, or another path")
+
+
+def _folder_files(source: Path) -> list[Path]:
+    """The data files of a local dataset folder (every split's); none for a file or a hub name."""
+    from fastdpo.data.load import saved_to_disk, split_files
+
+    if not source.is_dir():
+        return []
+    if saved_to_disk(source):
+        return [file.resolve() for file in source.rglob("*") if file.is_file()]
+    try:
+        return [file.resolve() for files in split_files(source).values() for file in files]
+    except DataError:  # (a folder the load refuses: its error comes from there)
+        return []
 
 
 WRITERS = {".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -530,3 +530,19 @@ def test_a_runs_eval_fraction_holds_out_as_data_split_does(tmp_path, caplog):
         train, held_out, _ = loaded_splits("dpo", run, 0)
     assert "NA" in [*train["chosen"], *held_out["chosen"]]
     assert "dropped 1 rows the preparation refuses: {'missing_field': 1} (rows 8)" in caplog.text
+
+
+def test_data_commands_never_write_over_a_file_of_an_input_folder(tmp_path, monkeypatch, capsys):
+    # the output was compared with the input's path only: a folder's own train.jsonl was written over (24 → 23 rows)
+    from fastdpo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    pairs = [{"prompt": f"Q{i}?", "chosen": f"Yes {i}.", "rejected": f"No {i}."} for i in range(6)]
+    written = "".join(json.dumps(pair) + "\n" for pair in pairs)
+    (tmp_path / "folder" / "train.jsonl").write_text(written)
+    for command in (["filter", "folder", "folder/train.jsonl"], ["split", "folder", "out.jsonl", "folder/train.jsonl"]):
+        assert main(["data", *command, "--overwrite"]) == 2
+        assert "folder/train.jsonl is a file of the input folder folder" in capsys.readouterr().err
+    assert (tmp_path / "folder" / "train.jsonl").read_text() == written
+    assert main(["data", "filter", "folder", "folder/kept.jsonl"]) == 0  # (a new file there: nothing lost)
