@@ -5,7 +5,9 @@ annotators); a row-level split then leaks the eval prompts into training. ``spli
 rows together. The rule, seeded and independent of Python's hash salting and of the input's row order:
 
 1. Rows are grouped by the prompt as a canonical string, ``json.dumps(prompt, sort_keys=True, ensure_ascii=False)``
-   (so a message list is one key whatever the order of its dicts' keys).
+   (so a message list is one key whatever the order of its dicts' keys), a message list's leading system (and
+   developer) messages left out: a question asked under several system prompts is one group, as it is where the
+   system prompt is a column of its own.
 2. Groups are visited in the order of ``blake2b(f"{seed}:" + key)``.
 3. A group joins eval when taking it leaves eval closer to the target (``test_size`` rows, or
    ``test_size × rows``) than leaving it out, so a group that fits under the target always joins; the others
@@ -101,7 +103,7 @@ def split_by_keys(dataset, keys, *, test_size: float | int, seed: int, column: s
     num_rows = len(dataset)
     groups: dict[str, list[int]] = {}
     for row, value in enumerate(keys):
-        groups.setdefault(prompt_key(value), []).append(row)
+        groups.setdefault(prompt_key(_asked(value)), []).append(row)
     if len(groups) < 2:
         raise DataError(
             f"a split grouped by prompt needs at least 2 distinct prompts, found {len(groups)}",
@@ -117,6 +119,18 @@ def split_by_keys(dataset, keys, *, test_size: float | int, seed: int, column: s
     if isinstance(dataset, datasets.Dataset):
         return dataset.select(train_rows), dataset.select(eval_rows)
     return [dataset[row] for row in train_rows], [dataset[row] for row in eval_rows]
+
+
+def _asked(prompt: Any) -> Any:
+    """A message list without its leading system and developer messages; any other prompt as it is."""
+    if not isinstance(prompt, list):
+        return prompt
+    start = 0
+    while (
+        start < len(prompt) and isinstance(prompt[start], dict) and prompt[start].get("role") in ("system", "developer")
+    ):
+        start += 1
+    return prompt[start:] if start < len(prompt) else prompt
 
 
 def prompt_key(value: Any) -> str:
