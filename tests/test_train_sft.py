@@ -610,3 +610,21 @@ def test_compute_loss_asked_for_outputs_says_there_are_no_logits(load, tokenizer
         with pytest.raises(ConfigError, match="column 'return_outputs': .*full logits the fused head never builds"):
             trainer.compute_loss(trainer.model, batch, return_outputs=True)
         assert torch.isfinite(trainer.compute_loss(trainer.model, batch))  # (without: the loss, as before)
+
+
+def test_a_dataset_with_a_format_trains_and_one_with_a_transform_is_refused(load, tokenizer, tmp_path):
+    # set_format("torch") / numpy: the preparation's maps read tensors ("Boolean value of Tensor ... is ambiguous"
+    # inside the packer) where TRL's train; with_transform: TRL refuses it, ours failed with KeyError '_prompt_cut'
+    data = prompt_completion_rows(8)
+    losses = []
+    for rows in (data, data.with_format("torch"), data.with_format("numpy")):
+        args = SFTConfig(**common_args(tmp_path, "f", packing=True, max_steps=1, report_to="none"))
+        trainer = SFTTrainer(load(), args=args, train_dataset=rows, eval_dataset=rows.select(range(2)),
+                             processing_class=tokenizer)  # fmt: skip
+        trainer.train()
+        losses.append(trainer.state.log_history[0]["loss"])
+    assert losses[1] == losses[2] == losses[0]  # (the same rows: the same step)
+    shouting = data.with_transform(lambda batch: {**batch, "prompt": [p.upper() for p in batch["prompt"]]})
+    with pytest.raises(ConfigError, match="column 'train_dataset': the train dataset has a transform"):
+        SFTTrainer(load(), args=SFTConfig(**common_args(tmp_path, "t")), train_dataset=shouting,
+                   processing_class=tokenizer)  # fmt: skip

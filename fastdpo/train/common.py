@@ -528,6 +528,26 @@ def default_output_dir(model, suffix: str) -> str:
     return f"{str(name).split('/')[-1]}-{suffix}"
 
 
+def checked_rows(dataset, name: str, *, as_given: bool = False) -> tuple[object, list[str]]:
+    """(``dataset`` read as Python values, its columns) after ``check_dataset``: a format set on it
+    (``set_format("torch")``, numpy's) dropped, as the preparation's maps read lists and strings (a tensor's truth
+    value failed inside them; TRL's maps take it); a transform (``with_transform``) refused, as TRL refuses it: the
+    preparation would write what it gives into the tokenized columns. ``as_given``: rows the trainer does not
+    prepare (``skip_prepare_dataset``), kept as they are."""
+    import datasets
+
+    names = check_dataset(dataset, name)
+    formatting = getattr(dataset, "_formatting", None)  # (a stream's)
+    kind = dataset.format["type"] if isinstance(dataset, datasets.Dataset) else getattr(formatting, "format_type", None)
+    if kind is None or as_given:
+        return dataset, names
+    if kind == "custom":
+        raise ConfigError(f"the {name} dataset has a transform (with_transform / set_transform), whose output "
+                          "preparation would write into its tokenized columns", column=f"{name}_dataset",
+                          fix="apply it with dataset.map(...) first, or drop it (with_format(None))")  # fmt: skip
+    return dataset.with_format(None), names
+
+
 def check_dataset(dataset, name: str) -> list[str]:
     """The dataset's columns (a stream's from its first row when it does not know them), after checking it is one
     the trainers take: a ``datasets.Dataset`` or ``IterableDataset``, of text (images would go unread)."""

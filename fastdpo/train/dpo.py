@@ -70,11 +70,11 @@ from fastdpo.train.common import (
     TokenRate,
     check_attention_device,
     check_collator,
-    check_dataset,
     check_lean_activations,
     check_reference,
     check_run_dir,
     check_stream_args,
+    checked_rows,
     deepspeed_zero3_reference,
     default_output_dir,
     lean_layers,
@@ -102,17 +102,9 @@ REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # TRL's names fo
 class PairPacker:
     """Collator: a list of tokenized pairs → the fields of one ``PackedBatch`` (a dict the Trainer can move)."""
 
-    def __init__(
-        self,
-        *,
-        pack_length: int | None,
-        max_length: int | None,
-        truncation_mode: str,
-        pad_token_id: int,
-        pad_to_multiple_of: int | None = None,
-        packing: bool = True,
-        one_row: bool = False,
-    ) -> None:
+    def __init__(self, *, pack_length: int | None, max_length: int | None, truncation_mode: str, pad_token_id: int,
+                 pad_to_multiple_of: int | None = None, packing: bool = True,
+                 one_row: bool = False) -> None:  # fmt: skip
         # pack_length None: rows as long as each batch's longest sequence (see default_pack_length); one_row: the
         # whole batch in one row, for attention that works per sequence (attends_per_sequence), with no padding
         self.pack_length, self.max_length = pack_length, max_length
@@ -326,7 +318,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
     def _prepare(self, dataset, tokenizer, args: DPOConfig, name: str):
         if isinstance(dataset, dict) and name == "eval":  # several eval sets, evaluated under their keys, as TRL's
             return {key: self._prepare(part, tokenizer, args, f"{name}_{key}") for key, part in dataset.items()}
-        check_dataset(dataset, name)  # (images were left unread: the pairs trained on their text alone)
+        dataset, _ = checked_rows(dataset, name)  # (images were left unread: the pairs trained on their text alone)
         if isinstance(dataset, IterableDataset):
             return self._prepare_stream(dataset, tokenizer, args, name)
         if all(c in dataset.column_names for c in TOKEN_COLUMNS):  # tokenized before: TRL's keep_start drop only

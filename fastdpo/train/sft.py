@@ -78,6 +78,7 @@ from fastdpo.train.common import (
     check_lean_activations,
     check_run_dir,
     check_stream_args,
+    checked_rows,
     lean_layers,
     load_causal_lm,
     load_tokenizer,
@@ -337,7 +338,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
 
     def _prepare(self, dataset, tokenizer, args: SFTConfig, packing: bool, name: str) -> datasets.Dataset:
         """TRL's ``_prepare_dataset``: tokenize (unless already), label, truncate or pack, shuffle."""
-        names = check_dataset(dataset, name)
+        dataset, names = checked_rows(dataset, name, as_given=kept_as_given(args))
         if isinstance(dataset, datasets.IterableDataset):
             check_stream_args(args, name)
         if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
