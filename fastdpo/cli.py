@@ -310,7 +310,8 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
         recorded = Path(checkpoint).resolve().parent / "config.yaml"  # (the settings of the run it goes on with)
         recorded = recorded if foreign and recorded.is_file() else out / "config.yaml"
         refuse_changed_config(recorded, resolved, overwrite=known.overwrite)
-        refuse_changed_data(recorded.parent / FINGERPRINT, fingerprint, overwrite=known.overwrite)
+        refuse_changed_data(recorded.parent / FINGERPRINT, fingerprint, overwrite=known.overwrite,
+                            split=run_args.dataset_train_split)  # fmt: skip
         refuse_changed_data(recorded.parent / MODEL_FINGERPRINT, models, overwrite=known.overwrite, what="model")
         if foreign:  # another run's checkpoint: out must be free too
             refuse_non_empty(out, overwrite=known.overwrite, column="output_dir", what="the run directory ",

@@ -41,7 +41,8 @@ RESUME_MAY_CHANGE = frozenset({
     "log_level_replica", "log_on_each_node", "disable_tqdm", "skip_memory_metrics", "include_num_input_tokens_seen",
     "report_to", "run_name", "project", "trackio_bucket_id", "trackio_space_id", "trackio_static_space_id",
     "push_to_hub", "hub_always_push", "hub_model_id", "hub_private_repo", "hub_revision", "hub_strategy",
-    "hub_token", "dataset_test_split", "eval_steps", "eval_strategy", "eval_delay", "eval_on_start",
+    "hub_token", "dataset_test_split", "eval_steps", "eval_strategy", "do_eval", "do_predict", "eval_delay",
+    "eval_on_start",
     "eval_accumulation_steps", "per_device_eval_batch_size", "eval_do_concat_batches", "eval_use_gather_object",
     "batch_eval_metrics", "prediction_loss_only", "include_for_metrics", "load_best_model_at_end",
     "dataloader_num_workers", "dataloader_prefetch_factor",
@@ -158,16 +159,22 @@ def same_models(recorded: dict | None, current: dict | None) -> bool:
     return recorded == without_base(current, recorded)
 
 
-def refuse_changed_data(recorded_path: Path, fingerprint: dict | None, *, overwrite: bool, what: str = "data") -> None:
+def refuse_changed_data(recorded_path: Path, fingerprint: dict | None, *, overwrite: bool, what: str = "data",
+                        split: str | None = None) -> None:  # fmt: skip
     """``ConfigError`` where the run's data files (``fingerprint``) differ from those ``recorded_path`` recorded
     (a resumed run would go on over other rows: its sampler's order points elsewhere); with ``overwrite``, a
-    warning. ``what="model"``: the local model files (``MODEL_FINGERPRINT``: a reference of other weights, or an
-    adapter on another base, would go on from the checkpoint as if it were the same run)."""
+    warning. ``split``: the training split, whose files alone are compared where a folder holds it (the evaluation
+    data may change, as ``dataset_test_split`` may). ``what="model"``: the local model files (``MODEL_FINGERPRINT``:
+    a reference of other weights, or an adapter on another base, would go on from the checkpoint as if it were the
+    same run)."""
     import json
 
     if fingerprint is None or not recorded_path.is_file():  # (a hub dataset; a run directory of an older fastdpo)
         return
     recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+    if split is not None and any(key == split or key.startswith(f"{split}/") for key in fingerprint):
+        recorded, fingerprint = ({key: value for key, value in prints.items() if key == split
+                                  or key.startswith(f"{split}/")} for prints in (recorded, fingerprint))  # fmt: skip
     if recorded == fingerprint or same_models(recorded, fingerprint):
         return
     if not overwrite:

@@ -457,3 +457,31 @@ def test_unknown_keys_get_the_hint_that_applies():
     run_args = _resolve(DPOConfig, {**base, "model_name_or_path": "~/m", "dataset_name": "~/d.jsonl"}, [])[0]
     assert (run_args.model_name_or_path, run_args.dataset_name) == (os.path.expanduser("~/m"),
                                                                     os.path.expanduser("~/d.jsonl"))  # fmt: skip
+
+
+def test_a_resumed_run_may_turn_evaluation_on_and_change_its_evaluation_file(tmp_path):
+    # do_eval follows eval_strategy (transformers sets it): evaluating the resumed part was refused as a change of
+    # settings; and the fingerprint of every split's file refused a corrected test.jsonl, which is evaluation data
+    import yaml
+
+    from fastdpo.cli_resume import data_fingerprint, refuse_changed_config, refuse_changed_data
+    from fastdpo.errors import ConfigError
+
+    settings = {"learning_rate": 0.1, "eval_strategy": "no", "do_eval": False, "dataset_test_split": None}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    evaluating = {**settings, "eval_strategy": "steps", "do_eval": True, "dataset_test_split": "test"}
+    refuse_changed_config(tmp_path / "config.yaml", evaluating, overwrite=False)
+    with pytest.raises(ConfigError, match="learning_rate: 0.1 -> 0.2"):
+        refuse_changed_config(tmp_path / "config.yaml", {**evaluating, "learning_rate": 0.2}, overwrite=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text(json.dumps({"prompt": split, "chosen": "a", "rejected": "b"}) + "\n")
+    (tmp_path / "data_fingerprint.json").write_text(json.dumps(data_fingerprint(str(data))))
+    (data / "test.jsonl").write_text(json.dumps({"prompt": "test", "chosen": "fixed", "rejected": "b"}) + "\n")
+    refuse_changed_data(tmp_path / "data_fingerprint.json", data_fingerprint(str(data)), overwrite=False,
+                        split="train")  # fmt: skip
+    (data / "train.jsonl").write_text(json.dumps({"prompt": "train", "chosen": "other", "rejected": "b"}) + "\n")
+    with pytest.raises(ConfigError, match="the data files differ from those the run trained on"):
+        refuse_changed_data(tmp_path / "data_fingerprint.json", data_fingerprint(str(data)), overwrite=False,
+                            split="train")  # fmt: skip
