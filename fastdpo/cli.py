@@ -492,7 +492,7 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     ``metrics.jsonl`` in ``out`` starts over, even when resuming."""
     from fastdpo.run_files import RunFiles  # transformers' Trainer (seconds to import): only for training
     from fastdpo.train import DPOTrainer, SFTTrainer
-    from fastdpo.train.loading import HUB_ID, is_adapter_folder, refuse_missing_folder
+    from fastdpo.train.loading import is_adapter_folder, refuse_missing_folder
 
     for column in ("model_name_or_path", "ref_model_name_or_path"):  # before the data is read, which takes a while
         if getattr(run_args, column):
@@ -514,9 +514,9 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     options = {"args": args, "train_dataset": train, "eval_dataset": evaluation,
                "callbacks": [RunFiles(out, restart=restart_log)], "peft_config": peft_config,
                "quantization_config": quantization_config}  # fmt: skip
-    # a local folder by its absolute path (links kept): a LoRA run's adapter_config.json then names a base found from
-    # anywhere; a name of a hub id's shape (org/name) stays as given, for an adapter pushed to the hub
-    model, reference = (os.path.abspath(name) if name and Path(name).exists() and not HUB_ID.fullmatch(name) else name
+    # a local folder by its absolute path (links kept), of a hub id's shape too (runs/sft: transformers loads the
+    # folder): a LoRA run's adapter_config.json then names a base found from anywhere; a hub name stays as given
+    model, reference = (os.path.abspath(name) if name and Path(name).exists() else name
                         for name in (run_args.model_name_or_path, run_args.ref_model_name_or_path))  # fmt: skip
     if command == "dpo":
         return DPOTrainer(model, ref_model=reference, **options), files

@@ -23,12 +23,15 @@ def train_logs(out) -> list[dict]:
 def test_a_lora_sft_run_continues_into_dpo_with_its_adapter(workdir):  # noqa: F811
     # transformers loaded the run's folder with its adapter attached frozen to a plain model: DPO trained nothing
     # (grad_norm 0 every step, then a traceback saving it); with --use_peft the SFT adapter was replaced by a new one
+    import shutil
+
+    shutil.copytree(workdir / "model", workdir / "models" / "base")  # (a hub id's shape: it was kept relative)
     done = fastdpo("sft", "--config", "sft.yaml", *LORA, "--output_dir", "lora_sft", "--learning_rate", "0.1",
-                   cwd=workdir)  # fmt: skip
+                   "--model_name_or_path", "models/base", cwd=workdir)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert (workdir / "lora_sft" / "adapter_config.json").is_file()
     base = json.loads((workdir / "lora_sft" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert base == os.path.abspath(workdir / "model")  # absolute: the folder loads from anywhere
+    assert base == os.path.abspath(workdir / "models" / "base")  # absolute: the folder loads from anywhere
     done = fastdpo("dpo", "--config", "dpo.yaml", "--model_name_or_path", "lora_sft", "--output_dir", "lora_dpo",
                    "--max_steps", "2", "--eval_strategy", "no", "--eval_fraction", "null", cwd=workdir)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
