@@ -64,6 +64,15 @@ def test_a_csv_reads_its_text_columns_as_text_and_its_numbers_as_numbers(tmp_pat
     for read in (load_data, lambda source: list(load_stream(source))):
         with pytest.raises(DataError, match=said):
             read(path)
+    # a Latin-1 file and a broken Parquet file: named, streamed too (pandas' and Arrow's errors named no file)
+    path.write_bytes("prompt,chosen,rejected\nQ,A,B\nCaf\u00e9?,Oui,Non\n".encode("latin-1"))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet at all")
+    for source, said in ((path, r"math.csv: line 3: not valid UTF-8 \(byte 0xe9\) — re-encode the file as UTF-8"),
+                         (broken, r"broken.parquet: datasets cannot read it .* — write the file again")):  # fmt: skip
+        for read in (load_data, lambda source: list(load_stream(source))):
+            with pytest.raises(DataError, match=said):
+                read(source)
 
 
 def test_a_csv_reads_mapped_text_columns_as_text_in_every_loader(tmp_path):

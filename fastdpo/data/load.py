@@ -240,12 +240,15 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
         _one_split(path, split)
         if kind == "json":  # (as Python reads it: datasets' reader changes strings where a field's kinds differ)
             return datasets.IterableDataset.from_generator(_streamed_json, gen_kwargs={"path": str(path.resolve())})
-        stream = datasets.load_dataset(
-            kind, data_files={split: str(path)}, split=split, streaming=True, **_csv_options(path, kind, text)
-        )
-        if kind == "csv":  # (pandas' ParserError, raised where the broken line is read, names no file)
-            return datasets.IterableDataset.from_generator(_named_failures, gen_kwargs={"stream": stream, "path": path})
-        return stream
+        try:  # (a Parquet file's schema is read here)
+            stream = datasets.load_dataset(
+                kind, data_files={split: str(path)}, split=split, streaming=True, **_csv_options(path, kind, text)
+            )
+        except (DatasetGenerationError, ValueError) as error:
+            raise _unreadable(path, kind, error) from None
+        # (pandas' ParserError, Arrow's on a broken Parquet file, raised where it is read, name no file)
+        return datasets.IterableDataset.from_generator(_named_failures, features=stream.features,
+                                                       gen_kwargs={"stream": stream, "path": path})  # fmt: skip
     return datasets.load_dataset(str(source), split=split, streaming=True)
 
 
@@ -481,6 +484,14 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
         found = _first_repeated_key(path)
         if found is not None:
             return repeated_key(path, found)
+    if isinstance(cause, UnicodeDecodeError):  # (its position is in a block: the file's first is found here)
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            line = raw[: error.start].count(b"\n") + 1
+            return DataError(f"{path}: line {line}: not valid UTF-8 (byte 0x{raw[error.start]:02x})",
+                             fix="re-encode the file as UTF-8")  # fmt: skip
     fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(cause))
     if kind == "csv" and fields:  # (pandas counts the header as line 1, as an editor does)
         return DataError(f"{path}: line {fields[2]}: {fields[3]} fields where the header has {fields[1]}",
@@ -494,5 +505,6 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
                          "(datasets reads JSON Lines in blocks, and casts each to the first's kinds)", column=column,
                          fix=f"give {column!r} one kind of value in every row, or move a row with a {kind} there to "
                          "the top of the file")  # fmt: skip
-    return DataError(f"{path}: datasets cannot read it ({type(cause).__name__}: {str(cause)[:200]})",
-                     fix="check the file there (each column should hold one kind of value)")  # fmt: skip
+    fix = ("write the file again, or download it again: it is not Parquet datasets can read" if kind == "parquet"
+           else "check the file there (each column should hold one kind of value)")  # fmt: skip
+    return DataError(f"{path}: datasets cannot read it ({type(cause).__name__}: {str(cause)[:200]})", fix=fix)
