@@ -42,6 +42,18 @@ def test_blocks_of_a_thousand_rows_and_worker_shards_as_trl():
         assert pack_sft_dataset(data, 16, num_proc=num_proc).to_dict() == theirs.to_dict(), num_proc
 
 
+def test_a_stream_of_several_shards_shuffled_after_packing_gives_trls_rows_in_trls_order():
+    # the stream was packed in Python's format, TRL's in Arrow's: the same bins, but a shuffle after them (TRL's
+    # shuffle_dataset) ordered a stream of several shards otherwise, and the steps trained other rows than TRL's
+    data_utils = pytest.importorskip("trl.data_utils")
+    data = random_tokenized(4, count=40, longest=10).select_columns(["input_ids", "labels"])
+    for strategy in ("bfd", "wrapped"):
+        streams = [data.to_iterable_dataset(num_shards=2).shuffle(seed=0) for _ in range(2)]
+        theirs = data_utils.pack_dataset(streams[0], 12, strategy).shuffle(seed=0)
+        ours = pack_sft_dataset(streams[1], 12, strategy=strategy).shuffle(seed=0)
+        assert list(ours) == list(theirs), strategy
+
+
 def test_trls_tie_break_differs_from_lowest_bin_index():
     # bins 5 and 6 both come to have room 1; bin 6 got there first, so TRL puts the first 1-token item there
     lengths = [7, 1, 2, 9, 2, 6, 1, 9, 4, 1, 2, 7, 7, 2, 4, 2, 9, 7, 1, 2, 4]

@@ -354,11 +354,12 @@ def pack_sft_dataset(
     import datasets  # at run time: the module imports it for type checking only
 
     fn_kwargs = {"seq_length": seq_length, "strategy": strategy}
-    if isinstance(dataset, datasets.IterableDataset):  # a stream: packed block by block as it is read
-        return dataset.select_columns(["input_ids", "labels"]).map(
-            _pack_block, batched=True, batch_size=TRL_PACKING_BLOCK, fn_kwargs=fn_kwargs,
-            remove_columns=["input_ids", "labels"],
-        )  # fmt: skip
+    if isinstance(dataset, datasets.IterableDataset):  # a stream: packed block by block as it is read, in Arrow's
+        # format as TRL's pack_dataset maps it (a later shuffle of a stream of several shards orders the rows by it:
+        # the Python format's rows came in another order than TRL's)
+        return dataset.select_columns(["input_ids", "labels"]).with_format("arrow").map(
+            _pack_table, batched=True, batch_size=TRL_PACKING_BLOCK, fn_kwargs=fn_kwargs,
+        ).with_format(None)  # fmt: skip
     dataset = as_dataset(dataset).select_columns(["input_ids", "labels"])
     return dataset.map(
         _pack_block,
@@ -369,6 +370,13 @@ def pack_sft_dataset(
         num_proc=num_proc,
         desc=f"Packing SFT sequences ({strategy})",
     )
+
+
+def _pack_table(table, *, seq_length: int, strategy: str):
+    """``_pack_block`` of a block in Arrow's format."""
+    import pyarrow as pa
+
+    return pa.Table.from_pydict(_pack_block(table.to_pydict(), seq_length=seq_length, strategy=strategy))
 
 
 def _pack_block(block: dict, *, seq_length: int, strategy: str) -> dict:
