@@ -215,6 +215,33 @@ def test_moe_aux_loss_matches_trl(tokenizer, tmp_path):
             assert ours[step][name] == pytest.approx(theirs[step][name], rel=1e-4), (step, name)
 
 
+def test_dropin_on_a_model_transformers_does_not_count_as_causal_divides_as_trl(tokenizer, tmp_path):
+    # GPT2LMHeadModel has no loss_type transformers maps to its causal loss (_loss_shifts_labels is False): TRL's
+    # padded batches count every label, each row's first too, which no position predicts; the drop-in divided by
+    # the targets (loss 6.376 where TRL's 5.705). fastdpo's own trainer keeps the mean over the targets.
+    trl = pytest.importorskip("trl")
+    dropin = pytest.importorskip("fastdpo.trl")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                        pad_token_id=tokenizer.pad_token_id, **dropout)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+
+    def load():
+        return GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2", dtype=torch.float32)
+
+    rng = random.Random(3)
+    data = datasets.Dataset.from_dict({"text": [sentence(rng, 3, 12) for _ in range(8)]})
+    options = {"packing": False, "gradient_accumulation_steps": 2}
+    _, ours = train(dropin.SFTTrainer, trl.SFTConfig, load, data, tokenizer, tmp_path, "dropin", **options)
+    _, theirs = train(trl.SFTTrainer, trl.SFTConfig, load, data, tokenizer, tmp_path, "trl", **options)
+    assert_first_steps_match(ours, theirs, eval_data=False)
+    _, native = train(SFTTrainer, SFTConfig, load, data, tokenizer, tmp_path, "native", **options)
+    assert native[0]["loss"] > theirs[0]["loss"] * 1.02  # (the mean over targets: fewer items than TRL counts)
+
+
 # --------------------------------------------------------------------------------------- the loss against a naive one
 
 

@@ -124,7 +124,7 @@ def batch_from_fields(fields: dict) -> PackedBatch:
     """The ``PackedBatch`` a ``SequencePacker`` dict describes (after the Trainer moved it to the device)."""
     plain = {"pair_ids": fields["pair_ids"].tolist(), "max_seqlen": int(fields["max_seqlen"]),
              "num_padding": int(fields["num_padding"])}  # fmt: skip
-    return PackedBatch(**{**fields, **plain})
+    return PackedBatch(**{**{k: v for k, v in fields.items() if k in PackedBatch.__dataclass_fields__}, **plain})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -153,7 +153,8 @@ class PackedSFTLoss:
             return None
         if not batch_samples or "targets" not in batch_samples[0]:
             return None
-        count = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batch_samples)
+        # (+ the drop-in's count of rows' first labels on models TRL counts them for: fastdpo.trl._FirstLabels)
+        count = sum(int((b["targets"] != IGNORE_INDEX).sum()) + int(b.get("first_labels", 0)) for b in batch_samples)
         count = torch.tensor(count, device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
