@@ -59,6 +59,7 @@ from fastdpo.cli_data import add_data_parser, run_data
 from fastdpo.cli_model import (
     TRL_KEYS,
     AdapterArguments,
+    check_checkpointing,
     check_evaluation,
     check_reporting,
     check_scheduler,
@@ -296,6 +297,7 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
 
     check_evaluation(run_args, args, evaluated_after=evaluated_after)
     check_scheduler(args)
+    check_checkpointing(args)
     check_reporting(args)
     out = Path(args.output_dir)
     resolved = _resolved_config(run_args, args)  # as given (building the trainer may adjust args: a stream's)

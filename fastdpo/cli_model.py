@@ -191,6 +191,24 @@ def check_scheduler(args) -> None:
         ) from None
 
 
+def check_checkpointing(args) -> None:
+    """A ConfigError, before anything is written, for a ``gradient_checkpointing_kwargs`` key that torch's
+    checkpoint does not take (a typo, ``use_reentrnt``: torch's ValueError at the first step, the run directory
+    written by then)."""
+    import inspect
+
+    from torch.utils.checkpoint import checkpoint
+
+    taken = {*inspect.signature(checkpoint).parameters, "preserve_rng_state"} - {"function", "args", "kwargs"}
+    unknown = sorted(set((args.gradient_checkpointing_kwargs or {}) if args.gradient_checkpointing else ()) - taken)
+    if unknown:
+        raise ConfigError(
+            f"torch's checkpoint takes no {', '.join(map(repr, unknown))}",
+            column="gradient_checkpointing_kwargs",
+            fix=f"use its keys: {', '.join(sorted(taken))}",
+        )
+
+
 # the report_to integrations transformers can tell installed (get_available_reporting_integrations); azure_ml is
 # left out there beside mlflow, flyte never listed: those two are not judged here
 _JUDGED = ("comet_ml", "dagshub", "dvclive", "mlflow", "neptune", "tensorboard", "wandb", "codecarbon", "clearml",

@@ -145,7 +145,12 @@ def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, caps
       "column 'lr_scheduler_kwargs': lr_scheduler_type 'cosine_with_min_lr': One of min_lr or min_lr_rate"),
      ({"lr_scheduler_type": "polynomial", "lr_scheduler_kwargs": {"lr_end": 0.02}, "learning_rate": 0.01}, [],
       "lr_end (0.02) must be smaller than initial lr (0.01)"),  # (against the run's own learning rate)
-     ({"dataset_streaming": True}, [], "column 'max_steps': an iterable train dataset has no length")],
+     ({"dataset_streaming": True}, [], "column 'max_steps': an iterable train dataset has no length"),
+     # torch's ValueError at the first step, the run directory written; a model __init__'s TypeError, exit 1
+     ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrnt": False}}, [],
+      "column 'gradient_checkpointing_kwargs': torch's checkpoint takes no 'use_reentrnt' — use its keys:"),
+     ({"model_init_kwargs": {"dtpye": "float32"}}, [], "model': LlamaForCausalLM.__init__() got an unexpected "
+      "keyword argument 'dtpye' — fix or remove that key")],
 )  # fmt: skip
 def test_bad_configs_fail_with_one_clear_line(workdir, config, flags, expected, monkeypatch, capsys):
     path = workdir / "bad.yaml"

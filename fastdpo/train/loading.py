@@ -81,6 +81,11 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_
             column="model_init_kwargs" if attention else column,
             fix="install it" + (", or set attn_implementation to 'sdpa' or 'eager'" if attention else ""),
         ) from error
+    except TypeError as error:  # a model_init_kwargs key the model's __init__ does not take (a typo: dtpye)
+        if "unexpected keyword argument" not in str(error):
+            raise
+        raise ConfigError(f"cannot load a model from {name_or_path!r}: {str(error).splitlines()[0]}",
+                          column="model_init_kwargs", fix="fix or remove that key") from None  # fmt: skip
     except (OSError, ValueError) as error:  # not a directory with a config, not a valid hub name, or unreachable
         fix = "pass a directory written by save_pretrained, a hub name, or a model object"
         if "custom code" in str(error) and not kwargs["trust_remote_code"]:  # off unless asked: never run it unasked
