@@ -27,7 +27,7 @@ match. The run directory (``output_dir``) gets:
   and at the end;
 - the Trainer's checkpoints and the final model.
 
-``data`` writes ``.jsonl``, ``.parquet`` or ``.csv`` files, each with ``<OUT>.dropped.json`` beside it (what was
+``data`` writes ``.jsonl``, ``.parquet`` or ``.csv`` files, each with ``.<OUT>.dropped.json`` beside it (what was
 left out, and why), never over its input and never over an existing file without ``--overwrite``. An existing,
 non-empty run directory is not written into without ``--overwrite``; nothing is written before the trainer is built
 (data loaded, tokenized, checked), so a run that fails on its data leaves no directory behind. ``--resume`` goes on

@@ -1,7 +1,7 @@
 """``fastdpo data check|stats|filter|pairs|split``: the quality report, length statistics, filtering, pairs from
 rated rows and a held-out split by prompt, on files or hub datasets (``fastdpo.cli`` dispatches here).
 
-Each writing action writes ``.jsonl``, ``.parquet`` or ``.csv`` with ``<OUT>.dropped.json`` beside it (what was left
+Each writing action writes ``.jsonl``, ``.parquet`` or ``.csv`` with ``.<OUT>.dropped.json`` beside it (what was left
 out, by reason and row), never over its input and never over an existing file without ``--overwrite``.
 """
 
@@ -255,7 +255,9 @@ def _mapped(dataset, columns: dict):
 
 
 def _dropped_path(out: Path) -> Path:
-    return out.with_name(out.name + ".dropped.json")
+    """The summary beside ``out``, hidden: ``datasets.load_dataset`` (and ``trl dpo``) of a folder of splits read a
+    ``train.jsonl.dropped.json`` beside ``train.jsonl`` as data, and failed."""
+    return out.with_name(f".{out.name}.dropped.json")
 
 
 def _check_outputs(paths: list[Path], known: argparse.Namespace, dataset=None) -> None:

@@ -339,7 +339,7 @@ def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_c
     done = data_cli("filter", "pairs.jsonl", "clean.jsonl", *MAPPED)
     assert done.returncode == 0, done.stderr[-2000:]
     assert hashlib.sha256(source.read_bytes()).hexdigest() == before
-    summary = json.loads((workdir / "clean.jsonl.dropped.json").read_text())
+    summary = json.loads((workdir / ".clean.jsonl.dropped.json").read_text())
     assert summary["dropped"] == {"identical": 1} and summary["kept"] == 23
     assert summary["dropped_rows"] == {"identical": [5]}  # what was left out, by reason and row
     again = json.loads(data_cli("check", "clean.jsonl", "--json").stdout)
@@ -351,7 +351,7 @@ def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_c
     assert fills and 5 not in fills
     fits = data_cli("filter", "pairs.jsonl", "fits.jsonl", *MAPPED, "--tokenizer", "model", "--max-length", "12")
     assert fits.returncode == 0, fits.stderr[-2000:]
-    fits_summary = json.loads((workdir / "fits.jsonl.dropped.json").read_text())
+    fits_summary = json.loads((workdir / ".fits.jsonl.dropped.json").read_text())
     assert fits_summary["dropped_rows"] == {"identical": [5], "prompt_fills_max_length": fills}
     for args in (["pairs.jsonl", "pairs.jsonl"], ["pairs.jsonl", "clean.jsonl"]):  # its input; an existing file
         refused = data_cli("filter", *args, *MAPPED)
@@ -360,7 +360,7 @@ def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_c
     where = data_cli("filter", "pairs.jsonl", "short.jsonl", *MAPPED, "--drop", "identical",
                     "--where", "chosen != x")  # fmt: skip
     assert where.returncode == 0, where.stderr[-2000:]
-    where_summary = json.loads((workdir / "short.jsonl.dropped.json").read_text())
+    where_summary = json.loads((workdir / ".short.jsonl.dropped.json").read_text())
     assert where_summary["dropped"] == {"identical": 1, "where": 0}
     assert where_summary["dropped_rows"] == {"identical": [5], "where": []}
 
@@ -411,7 +411,7 @@ def test_data_pairs_and_split(workdir, data_cli):
     assert done.returncode == 0, done.stderr[-2000:]
     pairs = [json.loads(line) for line in (workdir / "rated_pairs.jsonl").read_text().splitlines()]
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a.", "b.")]  # best against worst
-    summary = json.loads((workdir / "rated_pairs.jsonl.dropped.json").read_text())
+    summary = json.loads((workdir / ".rated_pairs.jsonl.dropped.json").read_text())
     assert summary["dropped_rows"]["too_few_completions"] == [1, 3] and summary["dropped_rows"]["ties"] == [2]
     assert summary["excluded"] == {"blank": 1, "repeated": 1} and summary["excluded_rows"]["repeated"] == [3]
     assert "; not candidates: 2 completions (blank 1, repeated 1)" in done.stdout

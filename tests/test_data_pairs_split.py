@@ -564,3 +564,20 @@ def test_a_question_under_several_system_messages_is_held_out_on_one_side():
     for column, parts in splits.items():
         questions = [{messages[1]["content"] for messages in part[column]} for part in parts]
         assert len(parts[1]) == 6 and questions[1] and not questions[0] & questions[1]
+
+
+def test_a_folder_of_the_splits_data_split_writes_loads_with_datasets(tmp_path, monkeypatch):
+    # the summaries beside the splits (train.jsonl.dropped.json) were read as data by datasets.load_dataset(folder),
+    # and so by `trl dpo --dataset_name folder`: DatasetGenerationError; hidden, datasets leaves them alone
+    from fastdpo.cli import main
+    from fastdpo.data.load import load_data
+
+    monkeypatch.chdir(tmp_path)
+    pairs = [{"prompt": f"Q{i}?", "chosen": f"Yes {i}.", "rejected": f"No {i}."} for i in range(8)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    assert main(["data", "split", "pairs.jsonl", "out/train.jsonl", "out/test.jsonl", "--test-size", "2"]) == 0
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        ".test.jsonl.dropped.json", ".train.jsonl.dropped.json", "test.jsonl", "train.jsonl"]  # fmt: skip
+    theirs = datasets.load_dataset(str(tmp_path / "out"))
+    assert (len(theirs["train"]), len(theirs["test"])) == (6, 2)
+    assert len(load_data(tmp_path / "out", split="test")) == 2

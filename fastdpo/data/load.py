@@ -133,7 +133,8 @@ def split_files(folder: Path) -> dict[str, list[Path]]:
     shards: dict[str, tuple[int, str]] = {}  # split → (its shard count, its files' suffix)
     numbers: dict[Path, int] = {}  # a shard → its number
     for file in sorted([*folder.glob("*"), *folder.glob("data/*")]):
-        if file.is_file() and file.suffix.lower() in LOCAL_SUFFIXES and not file.name.endswith(".dropped.json"):
+        if (file.is_file() and file.suffix.lower() in LOCAL_SUFFIXES and not file.name.endswith(".dropped.json")
+                and not file.name.startswith(".")):  # (hidden files: not data, as datasets reads a folder)  # fmt: skip
             shard = _SHARD.match(file.name)
             name = shard[1] if shard else file.name.split(".", 1)[0].split("-", 1)[0]
             count = (int(shard[3]), file.suffix.lower()) if shard else None
