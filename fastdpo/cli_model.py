@@ -345,8 +345,12 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
 
     columns, refused = run_args.dataset_columns, {}
     prepare = prepare_preferences if command == "dpo" else functools.partial(prepare_sft, text_field=text_field)
-    if command == "dpo" and run_args.data_filter == "drop":  # rows preparation refuses: dropped, as the filter drops
-        prepare = functools.partial(_without_refused_rows, counts=refused)
+    if run_args.data_filter == "drop":  # rows preparation refuses: dropped, as the filter drops
+        from fastdpo.data.refused import prepare_dropping, prepare_sft_dropping
+
+        dropping = prepare_dropping if command == "dpo" else functools.partial(prepare_sft_dropping,
+                                                                               text_field=text_field)  # fmt: skip
+        prepare = functools.partial(_without_refused_rows, counts=refused, dropping=dropping)
     evaluation = None
     if command == "dpo" and run_args.eval_fraction is not None:  # split as given, as `fastdpo data split` splits
         loaded = load_data(run_args.dataset_name, split=run_args.dataset_train_split, text=text_columns(columns))
@@ -413,12 +417,11 @@ def _held_out(split, dataset, fraction: float, seed: int):
         raise ConfigError(error.message, column="eval_fraction", fix=error.fix) from None
 
 
-def _without_refused_rows(source, *, columns: dict | None, split: str, counts: dict, file_rows: list | None = None):
-    """``prepare_dropping``'s rows, its counts in ``counts[split]``, warned about (the rows as ``file_rows`` number
-    them: a part's rows in its file)."""
-    from fastdpo.data.refused import prepare_dropping
-
-    prepared, counts[split], rows = prepare_dropping(source, columns=columns, split=split)
+def _without_refused_rows(source, *, columns: dict | None, split: str, counts: dict, dropping,
+                          file_rows: list | None = None):  # fmt: skip
+    """``dropping``'s rows (``prepare_dropping``, ``prepare_sft_dropping``), its counts in ``counts[split]``, warned
+    about (the rows as ``file_rows`` number them: a part's rows in its file)."""
+    prepared, counts[split], rows = dropping(source, columns=columns, split=split)
     if file_rows is not None:
         rows = [file_rows[row] for row in rows]
     if rows:

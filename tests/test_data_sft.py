@@ -355,3 +355,22 @@ def test_chat_template_failure_names_the_row(tokenizers):
     rows = _rows(CHAT, {"messages": [{"role": "bad", "content": "x"}, ASSISTANT]})
     with pytest.raises(DataError, match=r"row 1, column 'messages': the chat template failed: no bad roles"):
         tokenize_sft(rows, tokenizers["plain"], chat_template=template)
+
+
+def test_a_cli_runs_data_filter_drops_the_sft_rows_preparation_refuses(tmp_path, caplog):
+    # data_filter applied to DPO runs only: one empty completion stopped an SFT run under the default `drop`
+    import json
+    import logging
+
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import loaded_splits
+    from fastdpo.errors import DataError
+
+    rows = [{"prompt": f"Q{i}?", "completion": "" if i == 2 else f" A{i}."} for i in range(5)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        train, _, _ = loaded_splits("sft", RunArguments(dataset_name=str(tmp_path / "sft.jsonl")), 0)
+    assert train["prompt"] == ["Q0?", "Q1?", "Q3?", "Q4?"]
+    assert "dropped 1 rows the preparation refuses: {'completion': 1} (rows 2)" in caplog.text
+    with pytest.raises(DataError, match="^row 2, column 'completion': is empty"):
+        loaded_splits("sft", RunArguments(dataset_name=str(tmp_path / "sft.jsonl"), data_filter="none"), 0)

@@ -69,3 +69,14 @@ def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "
             raise
         raise DataError(error.message, row=kept[error.row], column=error.column, fix=error.fix) from None
     return prepared, dropped, list(refused)
+
+
+def prepare_sft_dropping(data, *, columns: dict | None = None, split: str | None = "train", text_field: str = "text"):
+    """``(prepared, dropped, rows)``: ``prepare_sft`` but for the rows it refuses (an empty completion, a message
+    without content, ...), counted in ``dropped`` by the column at fault, ``rows`` their numbers in ``data``; a
+    DataError where none is left (the first row's)."""
+    from fastdpo.data.sft import prepare_sft
+
+    refused: dict[int, DataError] = {}
+    prepared = prepare_sft(data, columns=columns, split=split, text_field=text_field, refused=refused)
+    return prepared, dict(Counter(error.column or "row" for error in refused.values())), sorted(refused)

@@ -65,6 +65,7 @@ def prepare_sft(
     text_field: str = "text",
     split: str = "train",
     num_proc: int | None = None,
+    refused: dict[int, DataError] | None = None,
 ) -> datasets.Dataset:
     """Load, map columns, convert ShareGPT conversations, and check every row (see the module docstring).
 
@@ -75,6 +76,8 @@ def prepare_sft(
         text_field: the dataset's text column (TRL's ``dataset_text_field``); the same as ``columns={"text": ...}``.
         split: which split to load.
         num_proc: processes for the ShareGPT conversion.
+        refused: where given, the rows that do not fit go there (row → its DataError) and out of the dataset,
+            instead of the first stopping everything.
     """
     dataset = load_data(data, split=split, text=(*text_columns(columns), text_field))
     if columns is not None and not isinstance(columns, dict):
@@ -86,7 +89,12 @@ def prepare_sft(
         raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
     dataset = _to_messages(dataset, num_proc)
     layout = sft_layout(dataset.column_names)
-    _check_rows(dataset, layout)
+    _check_rows(dataset, layout, refused)
+    if refused:
+        kept = [row for row in range(len(dataset)) if row not in refused]
+        if not kept:
+            raise next(iter(refused.values()))
+        dataset = dataset.select(kept)
     return dataset
 
 
@@ -191,31 +199,35 @@ def sft_row_problem(row: dict, layout: str, conversational: bool) -> tuple[str, 
     return problem if problem is not None or not conversational else template_inputs_problem(row)
 
 
-def _check_rows(dataset: datasets.Dataset, layout: str) -> None:
-    """One DataError at the first row that does not fit ``layout`` (and the first row's format)."""
+def _check_rows(dataset: datasets.Dataset, layout: str, refused: dict | None = None) -> None:
+    """One DataError at the first row that does not fit ``layout`` (and the first row's format); ``refused``: each
+    such row's DataError goes there instead."""
     if layout == "text":
-        _scan(dataset, ["text"], lambda row: _check_string(row["text"], "text"))
+        _scan(dataset, ["text"], lambda row: _check_string(row["text"], "text"), refused)
         return
     if layout == "messages":
         conversational = True
-        _scan(dataset, ["messages"], lambda row: messages_problem(row["messages"], "messages"))
+        _scan(dataset, ["messages"], lambda row: messages_problem(row["messages"], "messages"), refused)
     else:
         conversational = value_format(dataset[0]["completion"]) == "conversational"
-        _scan(dataset, ["prompt", "completion"], lambda row: _check_prompt_completion(row, conversational))
+        _scan(dataset, ["prompt", "completion"], lambda row: _check_prompt_completion(row, conversational), refused)
     optional = [c for c in ("tools", "chat_template_kwargs") if c in dataset.column_names]
     if conversational and optional:  # TRL reads them for conversations only
-        _scan(dataset, optional, template_inputs_problem)
+        _scan(dataset, optional, template_inputs_problem, refused)
 
 
-def _scan(dataset: datasets.Dataset, names: list[str], check) -> None:
-    """Run ``check(row)`` on every row; a ``(column, message, fix)`` it returns becomes a DataError at that row."""
+def _scan(dataset: datasets.Dataset, names: list[str], check, refused: dict | None = None) -> None:
+    """Run ``check(row)`` on every row; a ``(column, message, fix)`` it returns becomes a DataError at that row
+    (raised; or, with ``refused``, kept there by row: its first)."""
     start = 0
     for batch in dataset.select_columns(names).iter(batch_size=_CHECK_BATCH):
         for offset in range(len(batch[names[0]])):
             problem = check({name: batch[name][offset] for name in names})
             if problem is not None:
                 column, message, fix = problem
-                raise DataError(message, row=start + offset, column=column, fix=fix)
+                if refused is None:
+                    raise DataError(message, row=start + offset, column=column, fix=fix)
+                refused.setdefault(start + offset, DataError(message, row=start + offset, column=column, fix=fix))
         start += len(batch[names[0]])
 
 
