@@ -14,6 +14,7 @@ rows and ``eval_strategy`` agree. ``TRL_KEYS``: what to write instead of TRL key
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import platform
@@ -343,23 +344,26 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
     from fastdpo.data.load import text_columns
     from fastdpo.data.split import split_pairs
 
-    columns, refused = run_args.dataset_columns, {}
+    columns, refused, gone = run_args.dataset_columns, {}, {}
     prepare = prepare_preferences if command == "dpo" else functools.partial(prepare_sft, text_field=text_field)
     if run_args.data_filter == "drop":  # rows preparation refuses: dropped, as the filter drops
         from fastdpo.data.refused import prepare_dropping, prepare_sft_dropping
 
         dropping = prepare_dropping if command == "dpo" else functools.partial(prepare_sft_dropping,
                                                                                text_field=text_field)  # fmt: skip
-        prepare = functools.partial(_without_refused_rows, counts=refused, dropping=dropping)
-    evaluation = None
+        prepare = functools.partial(_without_refused_rows, counts=refused, dropping=dropping, gone=gone)
+    evaluation, file_rows = None, None  # (the file's row of each of the train split's rows, for the report)
     if command == "dpo" and run_args.eval_fraction is not None:  # split as given, as `fastdpo data split` splits
         loaded = load_data(run_args.dataset_name, split=run_args.dataset_train_split, text=text_columns(columns))
         given, held_out = _held_out(split_pairs, rename_preference_columns(loaded, columns or {})[0],
                                     run_args.eval_fraction, seed)  # fmt: skip
         train = _in_file_rows(prepare, given, split=run_args.dataset_train_split)
         evaluation = _in_file_rows(prepare, held_out, split="eval")
+        file_rows = given._indices.column(0).to_pylist() if given._indices is not None else None
     else:
         train = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_train_split)
+    out = set(gone.get(run_args.dataset_train_split, ()))
+    file_rows = [row for row in file_rows or range(len(train) + len(out)) if row not in out]
     if run_args.dataset_test_split is not None:
         evaluation = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_test_split)
     elif run_args.eval_fraction is not None and command != "dpo":  # (SFT: messages or text rows too)
@@ -383,7 +387,11 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
                 raise DataError(f"every one of the {rows} evaluation rows is dropped ({removed_eval})",
                                 column="data_filter", fix="check the evaluation data (fastdpo data check FILE), or "
                                 "data_filter: none")  # fmt: skip
-    files = {"data_quality.md": report.to_markdown() + f"\nRows removed before training: {dropped}\n"
+    report = dataclasses.replace(report, rows={reason: [file_rows[row] for row in rows] for reason, rows in
+                                               report.rows.items()},
+                                 details={file_rows[row]: notes for row, notes in report.details.items()})  # fmt: skip
+    files = {"data_quality.md": report.to_markdown() + "\nRow ids are the data file's rows (from 0), as `fastdpo data "
+             f"check` numbers them.\nRows removed before training: {dropped}\n"
              + (f"Evaluation rows removed: {removed_eval}\n" if removed_eval else ""),
              "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped, "removed_eval": removed_eval},
                                              indent=1)}  # fmt: skip
@@ -417,13 +425,14 @@ def _held_out(split, dataset, fraction: float, seed: int):
         raise ConfigError(error.message, column="eval_fraction", fix=error.fix) from None
 
 
-def _without_refused_rows(source, *, columns: dict | None, split: str, counts: dict, dropping,
+def _without_refused_rows(source, *, columns: dict | None, split: str, counts: dict, dropping, gone: dict,
                           file_rows: list | None = None):  # fmt: skip
-    """``dropping``'s rows (``prepare_dropping``, ``prepare_sft_dropping``), its counts in ``counts[split]``, warned
-    about (the rows as ``file_rows`` number them: a part's rows in its file)."""
+    """``dropping``'s rows (``prepare_dropping``, ``prepare_sft_dropping``), its counts in ``counts[split]``, the rows
+    it dropped in ``gone[split]``, warned about (the rows as ``file_rows`` number them: a part's rows in its file)."""
     prepared, counts[split], rows = dropping(source, columns=columns, split=split)
     if file_rows is not None:
         rows = [file_rows[row] for row in rows]
+    gone[split] = rows
     if rows:
         shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
         logger.warning("%s split: dropped %d rows the preparation refuses: %s (rows %s)", split, len(rows),

@@ -104,7 +104,12 @@ def test_data_filter_drop_filters_the_evaluation_rows_too(workdir):  # noqa: F81
     assert quality["removed"]["identical"] + quality["removed_eval"]["identical"] == identical
     assert quality["removed_eval"]["identical"] > 0 and "Evaluation rows removed" in files["data_quality.md"]
     run_args.data_filter = "none"
-    assert len(_loaded_splits("dpo", run_args, seed=0)[1]) == len(evaluation) + quality["removed_eval"]["identical"]
+    held_out = _loaded_splits("dpo", run_args, seed=0)[1]
+    assert len(held_out) == len(evaluation) + quality["removed_eval"]["identical"]
+    # the report's row ids are the file's, as `fastdpo data check` numbers them (they were the train part's)
+    trained = [i for i, row in enumerate(rows) if row["chosen"] == row["rejected"] and row["question"] not in
+               set(held_out["prompt"])]  # fmt: skip
+    assert quality["rows"]["identical"] == trained and trained != list(range(len(trained)))
 
 
 def test_an_unexpected_error_or_ctrl_c_is_one_line(workdir, monkeypatch, capsys):  # noqa: F811
