@@ -420,13 +420,15 @@ def _resolve(config_cls, values: dict, flags: list[str]):
             raise ConfigError(f"expected {expected}, got {type(value).__name__} {value!r}", column=key, fix=listing)
     values = _aliases_settled(values, flags)
     parser = _fields_parser(config_cls)
-    # a list field given one string in the YAML (lora_modules_to_save: norm) is that one item, as its flag makes it:
-    # PEFT walked the string letter by letter (every module ending in n, o, r or m trained in full). Not where a
-    # string means something of its own: a field that takes a string too (debug's space-separated options,
-    # report_to), and lora_target_modules, whose string PEFT reads as a regular expression (as TRL passes it)
+    # a list field given one string or number in the YAML (lora_modules_to_save: norm; loss_weights: 1.0) is that
+    # one item, as its flag makes it: PEFT walked the string letter by letter (every module ending in n, o, r or m
+    # trained in full). Not where a string means something of its own: a field that takes a string too (debug's
+    # space-separated options, report_to), and lora_target_modules, whose string PEFT reads as a regular expression
+    # (as TRL passes it)
     takes_string = {name for name, hint in hints.items() if "str|" in hint or "|str" in hint} | {"lora_target_modules"}
     lists = {action.dest for action in parser._actions if action.nargs in ("+", "*")} - takes_string
-    values = {key: [value] if key in lists and isinstance(value, str) else value for key, value in values.items()}
+    values = {key: [value] if key in lists and isinstance(value, (str, int, float)) and not isinstance(value, bool)
+              else value for key, value in values.items()}  # (a number too: loss_weights: 1.0)  # fmt: skip
     parser.set_defaults(**values)
 
     def error(message: str):  # argparse's own error prints the whole usage and exits: one line instead

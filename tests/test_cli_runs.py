@@ -379,6 +379,8 @@ def test_one_string_for_a_list_field_in_the_yaml_is_that_one_item():
     lora = peft_and_quantization(run_args, None)[0]
     assert lora.modules_to_save == ["norm"] and lora.target_modules == r".*\.(q|v)_proj"
     assert [option.value for option in args.debug] == ["underflow_overflow"]
+    # one number too: loss_weights: 1.0 failed as "column 'config': 'float' object is not iterable"
+    assert _resolve(DPOConfig, {**values, "loss_weights": 1.0}, [])[1].loss_weights == [1.0]
 
 
 def test_yaml_scalars_read_as_yaml_1_2(tmp_path):
