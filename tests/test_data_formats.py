@@ -513,3 +513,17 @@ def test_a_text_column_left_unread_beside_an_implicit_prompt_is_said(caplog):
                               "rejected": [*turns, {"role": "assistant", "content": "Red."}],
                               "dataset": "mix", "chosen_model": "a"}])  # fmt: skip
     assert "no prompt column" not in caplog.text
+
+
+def test_a_data_file_named_without_its_suffix_is_suggested(tmp_path, monkeypatch):
+    # dataset_name: pairs beside pairs.jsonl went to the hub: "Couldn't reach 'pairs' on the Hub", nothing more
+    from fastdpo.data.load import load_stream
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # (no hub here: at once)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "Q?", "chosen": "A.", "rejected": "B."}) + "\n")
+    for load in (load_data, load_stream):
+        with pytest.raises(DataError, match="pairs: no file or folder of that name here, .* — give the file's whole "
+                           "name: pairs.jsonl"):  # fmt: skip
+            load("pairs")

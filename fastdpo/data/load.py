@@ -95,8 +95,22 @@ def load_data(
         return _load_shards(_split_file(path, files, split), text)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         return _load_local(path, split, text)
-    loaded = datasets.load_dataset(str(source), split=split)
-    return loaded
+    return _from_hub(source, split=split)
+
+
+def _from_hub(source, **options):
+    """``datasets.load_dataset(source, **options)``; where the hub has no such dataset (or cannot be reached) and a
+    local data file of that name is here (``pairs`` beside ``pairs.jsonl``), a DataError naming the file."""
+    try:
+        return datasets.load_dataset(str(source), **options)
+    except (ConnectionError, FileNotFoundError, ValueError) as error:  # (DatasetNotFoundError is a FileNotFoundError)
+        near = [str(Path(f"{source}{suffix}")) for suffix in LOCAL_SUFFIXES if Path(f"{source}{suffix}").is_file()]
+        if not near:
+            raise
+        raise DataError(
+            f"{source}: no file or folder of that name here, and the hub gave none ({type(error).__name__})",
+            fix=f"give the file's whole name: {near[0]}",
+        ) from None
 
 
 def _saved(path: Path, split: str | None):
@@ -250,7 +264,7 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
         # (pandas' ParserError, Arrow's on a broken Parquet file, raised where it is read, name no file)
         return datasets.IterableDataset.from_generator(_named_failures, features=stream.features,
                                                        gen_kwargs={"stream": stream, "path": path})  # fmt: skip
-    return datasets.load_dataset(str(source), split=split, streaming=True)
+    return _from_hub(source, split=split, streaming=True)
 
 
 def _named_failures(stream, path: Path) -> Iterator[dict]:
