@@ -176,6 +176,14 @@ def _in_cli_terms(error: Exception, command: str) -> Exception:
     ``check_preferences`` as ``fastdpo data check``, its ``.filter`` as ``fastdpo data filter``."""
     import ast
 
+    if isinstance(error, ConfigError) and command in COMMANDS and "streaming=True" in (error.fix or ""):
+        fix = error.fix.replace("load the data without streaming=True (a map-style Dataset)",
+                                "set dataset_streaming: false").replace(
+            "use reference='separate' (or 'adapter' with PEFT)", "set precompute_ref_log_probs: false")  # fmt: skip
+        error = ConfigError(error.message, column=error.column, fix=fix)
+    if isinstance(error, DataError) and (error.fix or "").endswith(", or pass format="):  # (a Python option)
+        error = DataError(error.message, row=error.row, column=error.column, fix=error.fix.removesuffix(
+            ", or pass format="))  # fmt: skip
     if isinstance(error, DataError) and "fastdpo.data.check_preferences" in (error.fix or ""):  # its commands
         fix = error.fix.replace("fastdpo.data.check_preferences(dataset, tokenizer).filter(dataset)",
                                 "fastdpo data filter FILE OUT --tokenizer TOKENIZER")  # fmt: skip

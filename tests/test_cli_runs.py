@@ -233,6 +233,20 @@ def test_a_fix_naming_the_python_check_names_the_command_in_the_cli():
         fix = f"fix the row, or drop such rows with fastdpo.data.check_preferences{python}.filter(dataset) (empty)"
         said = _in_cli_terms(DataError("is empty", row=2, column="chosen", fix=fix), "dpo")
         assert said.fix == f"fix the row, or drop such rows with {command} (empty)"
+    # a stream's refusals named streaming=True and reference=; a row of the other format, format= (Python's)
+    from types import SimpleNamespace
+
+    from fastdpo.errors import ConfigError
+    from fastdpo.train.common import check_stream_args
+
+    args = SimpleNamespace(max_steps=2, max_tokens_per_batch=None, balance_ranks=False, world_size=1)
+    with pytest.raises(ConfigError) as caught:
+        check_stream_args(args, "train", cached_reference=True)
+    said = _in_cli_terms(caught.value, "dpo").fix
+    assert said == "set dataset_streaming: false, or set precompute_ref_log_probs: false", said
+    fix = "fix or drop the row (fastdpo.data.check_preferences lists every such row), or pass format="
+    said = _in_cli_terms(DataError("expected a string like the first row, got None", fix=fix), "dpo")
+    assert said.fix == "fix or drop the row (fastdpo data check FILE lists every such row)"
 
 
 def test_a_missing_model_or_a_lora_folder_with_use_peft_is_named_before_the_data(workdir, monkeypatch, capsys):  # noqa: F811

@@ -145,8 +145,8 @@ def _warn_unused_text(dataset: datasets.Dataset) -> None:
     if text:
         logger.warning("no prompt column: the prompt is taken from what chosen and rejected begin with alike (TRL's "
                        "implicit prompt), and the text column%s %s %s not read; if %s the prompt, map it: "
-                       "columns={'prompt': %r} (the CLI's dataset_columns)", "s" if len(text) > 1 else "",
-                       ", ".join(map(repr, text)), "are" if len(text) > 1 else "is",
+                       "columns={'prompt': %r} (a run's dataset_columns; fastdpo data's --columns)",
+                       "s" if len(text) > 1 else "", ", ".join(map(repr, text)), "are" if len(text) > 1 else "is",
                        "one of them is" if len(text) > 1 else "it is", text[0])  # fmt: skip
 
 
