@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -28,15 +29,20 @@ class RunFiles(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        kept = []
+        kept, reached = [], 0
         # resumed: the logs up to its checkpoint's step stay, those after it are logged again
         if state.global_step > 0 and not self.restart and self.metrics.is_file():
             for line in self.metrics.read_text().splitlines():
                 with contextlib.suppress(ValueError):  # a line a killed run left half-written
                     log = json.loads(line)
+                    reached = max(reached, log["step"])
                     # a stopped run's end-of-training summary (at the step it saved) goes: the resumed run logs its own
                     if log["step"] <= state.global_step and "train_runtime" not in log:
                         kept.append(line + "\n")
+        if reached > state.global_step:  # (save_total_limit with load_best_model_at_end keeps the best one alone)
+            logging.getLogger("fastdpo").warning(
+                "resuming from the checkpoint of step %d, where the run had reached step %d: its later steps are "
+                "trained again (no later checkpoint is left)", state.global_step, reached)  # fmt: skip
         from fastdpo.atomic import atomic_write
 
         atomic_write(self.metrics, "".join(kept))

@@ -509,3 +509,23 @@ def test_a_resumed_run_may_turn_evaluation_on_and_change_its_evaluation_file(tmp
     with pytest.raises(ConfigError, match="the data files differ from those the run trained on"):
         refuse_changed_data(tmp_path / "data_fingerprint.json", data_fingerprint(str(data)), overwrite=False,
                             split="train")  # fmt: skip
+
+
+def test_resuming_from_an_earlier_step_than_the_run_reached_is_said(tmp_path, caplog):
+    # save_total_limit: 1 with load_best_model_at_end keeps the best checkpoint alone: --resume went on from step 4
+    # of a run that had reached step 6, training 5 and 6 again, silently
+    import logging
+    from types import SimpleNamespace
+
+    from fastdpo.run_files import RunFiles
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in
+                                                    range(1, 7)))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        RunFiles(tmp_path).on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=4), None)
+    assert "resuming from the checkpoint of step 4, where the run had reached step 6" in caplog.text
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):  # (from the last step: nothing to say)
+        RunFiles(tmp_path).on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=4), None)
+    assert "resuming" not in caplog.text
