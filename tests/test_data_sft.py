@@ -374,3 +374,11 @@ def test_a_cli_runs_data_filter_drops_the_sft_rows_preparation_refuses(tmp_path,
     assert "dropped 1 rows the preparation refuses: {'completion': 1} (rows 2)" in caplog.text
     with pytest.raises(DataError, match="^row 2, column 'completion': is empty"):
         loaded_splits("sft", RunArguments(dataset_name=str(tmp_path / "sft.jsonl"), data_filter="none"), 0)
+    # a conversational row 0 without a completion: the others judged by the first row with one (not all refused)
+    from fastdpo.data.refused import prepare_sft_dropping
+
+    answers = [None] + [[{"role": "assistant", "content": f"A{i}."}] for i in range(1, 4)]
+    talks = [{"prompt": [{"role": "user", "content": f"Q{i}?"}], "completion": answers[i]} for i in range(4)]
+    (tmp_path / "talks.jsonl").write_text("".join(json.dumps(row) + "\n" for row in talks))
+    prepared, dropped, rows = prepare_sft_dropping(str(tmp_path / "talks.jsonl"))
+    assert (len(prepared), dropped, rows) == (3, {"completion": 1}, [0])

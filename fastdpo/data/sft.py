@@ -209,7 +209,10 @@ def _check_rows(dataset: datasets.Dataset, layout: str, refused: dict | None = N
         conversational = True
         _scan(dataset, ["messages"], lambda row: messages_problem(row["messages"], "messages"), refused)
     else:
-        conversational = value_format(dataset[0]["completion"]) == "conversational"
+        # the first row's format, or the first row's with a completion: a refused row 0 (None) judged no other by it
+        given = (value for batch in dataset.select_columns(["completion"]).iter(_CHECK_BATCH)
+                 for value in batch["completion"] if value is not None)  # fmt: skip
+        conversational = value_format(next(given, None)) == "conversational"
         _scan(dataset, ["prompt", "completion"], lambda row: _check_prompt_completion(row, conversational), refused)
     optional = [c for c in ("tools", "chat_template_kwargs") if c in dataset.column_names]
     if conversational and optional:  # TRL reads them for conversations only
