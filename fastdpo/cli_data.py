@@ -224,8 +224,8 @@ def _prepared(dataset, columns: dict | None):
     prepared, refused = prepared_rows(dataset, columns)
     if refused:
         print(f"fastdpo: rows the trainers' preparation refuses, checked as they are: {len(refused)} of "
-              f"{len(prepared)} (the first: {next(iter(refused.values()))}); the others are checked as the trainers "
-              "read them", file=sys.stderr)  # fmt: skip
+              f"{len(prepared)} (the first: {str(next(iter(refused.values()))).split(' — ')[0]}); the others are "
+              "checked as the trainers read them", file=sys.stderr)  # fmt: skip
         return prepared
     if "prompt" not in getattr(dataset, "column_names", []) and "prompt" not in (columns or {}):
         split = sum(prepared["prompt_split_mid_word"]) if "prompt_split_mid_word" in prepared.column_names else 0

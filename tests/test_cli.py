@@ -392,6 +392,7 @@ def test_data_commands_judge_the_rows_as_the_trainers_read_them(workdir, data_cl
     (workdir / "bad_row.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, {**rows[1], "chosen": 5}]))
     bad = data_cli("check", "bad_row.jsonl", "--json")
     assert bad.returncode == 0 and "rows the trainers' preparation refuses, checked as they are: 1 of 4" in bad.stderr
+    assert "(the first: row 3, column 'chosen': " in bad.stderr and "check_preferences" not in bad.stderr  # (Python's)
     found = json.loads(bad.stdout)["rows"]
     assert found["not_text"] == [3] and {row for rows in found.values() for row in rows} == {1, 3}  # (1: the tie)
     cleaned = data_cli("filter", "bad_row.jsonl", "bad_row_kept.jsonl")
