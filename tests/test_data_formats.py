@@ -185,6 +185,10 @@ def test_a_folder_of_one_file_per_split_loads_as_load_dataset_finds_its_splits(t
     for load in (load_data, load_stream):
         assert [row["score"] for row in load(shards)] == [8.0, 7.5]
     (shards / "train-00001-of-00002.jsonl").write_text(json.dumps({"prompt": "p1", "chosen": "Yes.", "rejected":
+                                                                  "No.", "score": None}) + "\n")  # fmt: skip
+    for load in (load_data, load_stream):  # (a column of nulls alone in one shard takes the other's kind)
+        assert [row["score"] for row in load(shards)] == [8, None]
+    (shards / "train-00001-of-00002.jsonl").write_text(json.dumps({"prompt": "p1", "chosen": "Yes.", "rejected":
                                                                   "No.", "score": "high"}) + "\n")  # fmt: skip
     said = "column 'score' holds int64 in the shard train-00000-of-00002.jsonl and string in train-00001-of-00002.jsonl"
     for load in (load_data, load_stream):

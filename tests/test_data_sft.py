@@ -379,6 +379,16 @@ def test_a_cli_runs_data_filter_drops_the_sft_rows_preparation_refuses(tmp_path,
 
     answers = [None] + [[{"role": "assistant", "content": f"A{i}."}] for i in range(1, 4)]
     talks = [{"prompt": [{"role": "user", "content": f"Q{i}?"}], "completion": answers[i]} for i in range(4)]
-    (tmp_path / "talks.jsonl").write_text("".join(json.dumps(row) + "\n" for row in talks))
-    prepared, dropped, rows = prepare_sft_dropping(str(tmp_path / "talks.jsonl"))
-    assert (len(prepared), dropped, rows) == (3, {"completion": 1}, [0])
+    for first in (None, []):  # (an empty list as None: the first row with a format decides)
+        talks[0]["completion"] = first
+        (tmp_path / "talks.jsonl").write_text("".join(json.dumps(row) + "\n" for row in talks))
+        prepared, dropped, rows = prepare_sft_dropping(str(tmp_path / "talks.jsonl"))
+        assert (len(prepared), dropped, rows) == (3, {"completion": 1}, [0])
+    # ShareGPT conversations were told apart by row 0 alone: none converted, every row refused
+    turns = [[{"from": "human", "value": f"Q{i}?"}, {"from": "gpt", "value": f"A{i}."}] for i in range(4)]
+    for first in (None, []):
+        (tmp_path / "share.jsonl").write_text("".join(json.dumps({"conversations": talk}) + "\n"
+                                                      for talk in [first, *turns[1:]]))  # fmt: skip
+        prepared, dropped, rows = prepare_sft_dropping(str(tmp_path / "share.jsonl"))
+        assert (len(prepared), dropped, rows) == (3, {"messages": 1}, [0])
+        assert prepared[0]["messages"][0] == {"role": "human", "content": "Q1?"}  # (keys converted, as TRL)

@@ -206,13 +206,15 @@ _NUMBERS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uin
 def _shared_kinds(parts: list, files: list[Path]) -> list:
     """A split's shards with a column of whole numbers in one and of fractions in another as fractions in every
     one, as ``datasets`` reads several files of one split; a DataError naming the column and two shards where its
-    kinds differ otherwise (a number in one, text in another)."""
-    seen: dict[str, tuple[object, Path]] = {}  # column → its feature, the first shard with it
+    kinds differ otherwise (a number in one, text in another; a shard where the column holds nulls alone takes any)."""
+    seen: dict[str, tuple[object, Path]] = {}  # column → its feature, the first shard with a value there
     wider: dict[str, object] = {}
     if any(part.features is None for part in parts):  # streams: their first rows' (as concatenating reads them)
         parts = [part._resolve_features() if part.features is None else part for part in parts]
     for part, file in zip(parts, files, strict=True):
         for name, feature in (part.features or {}).items():
+            if getattr(feature, "dtype", None) == "null":  # (a column with no value in this shard takes any kind)
+                continue
             first = seen.setdefault(name, (feature, file))
             if first[0] == feature:
                 continue
