@@ -406,8 +406,8 @@ class _FirstLabels(SequencePacker):
 
     def __call__(self, examples: list[dict]) -> dict:
         fields = super().__call__(examples)
-        firsts = [(example.get("labels") or example["input_ids"])[:1] for example in examples]
-        fields["first_labels"] = torch.tensor(sum(first != [-100] and first != [] for first in firsts))
+        labels = [example["input_ids"] if example.get("labels") is None else example["labels"] for example in examples]
+        fields["first_labels"] = torch.tensor(sum(len(row) > 0 and int(row[0]) != -100 for row in labels))
         return fields
 
 
