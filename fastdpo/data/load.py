@@ -515,12 +515,12 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
                          fix='quote a field that holds a comma ("a, b"), or remove the extra ones')  # fmt: skip
     found = first_new_kind(path) if where == "line" else None
     if found is not None:
-        number, column, kind, held = found
+        number, column, odd, held = found
         held = " or ".join(k + "s" for k in held) or "only nulls"
-        return DataError(f"{path}: line {number}: is a {kind} where the rows in the file's first "
+        return DataError(f"{path}: line {number}: is a {odd} where the rows in the file's first "
                          f"{STREAM_COLUMNS_FROM >> 20} MiB have {held} "
                          "(datasets reads JSON Lines in blocks, and casts each to the first's kinds)", column=column,
-                         fix=f"give {column!r} one kind of value in every row, or move a row with a {kind} there to "
+                         fix=f"give {column!r} one kind of value in every row, or move a row with a {odd} there to "
                          "the top of the file")  # fmt: skip
     fix = ("write the file again, or download it again: it is not Parquet datasets can read" if kind == "parquet"
            else "check the file there (each column should hold one kind of value)")  # fmt: skip
