@@ -114,11 +114,11 @@ def _first_repeated_key(path: Path) -> tuple[int, str, str] | None:
         key = ""
 
     def pairs(items: list[tuple[str, object]]) -> dict:
-        keys = [key for key, _ in items]
-        if len(set(keys)) == len(keys):
+        key = _repeated([key for key, _ in items])
+        if key is None:
             return dict(items)
         found = Twice(items)
-        found.key = next(key for i, key in enumerate(keys) if key in keys[:i])
+        found.key = key
         return found
 
     def held(value) -> Twice | None:
@@ -405,10 +405,17 @@ def json_rows(path: Path, *, one_key: bool = False) -> tuple[str, Iterator[tuple
 
 def _one_of_each(items: list[tuple[str, object]]) -> dict:
     """An object's pairs as a dict; ``_Twice`` where one of its keys is written twice."""
-    keys = [key for key, _ in items]
-    if len(set(keys)) < len(keys):
-        raise _Twice(next(key for i, key in enumerate(keys) if key in keys[:i]))
+    key = _repeated([key for key, _ in items])
+    if key is not None:
+        raise _Twice(key)
     return dict(items)
+
+
+def _repeated(keys: list[str]) -> str | None:
+    """The first of ``keys`` written a second time; None where each is there once."""
+    if len(set(keys)) == len(keys):
+        return None
+    return next(key for i, key in enumerate(keys) if key in keys[:i])
 
 
 class _Twice(Exception):

@@ -150,7 +150,7 @@ def _to_messages(dataset: datasets.Dataset, num_proc: int | None) -> datasets.Da
     source = "messages" if "messages" in names else "conversations" if "conversations" in names else None
     if source is None:
         return dataset
-    if is_sharegpt(next(filter(None, dataset[source]), None)):  # (the first conversation: a refused row 0 has none)
+    if is_sharegpt(_first_given(dataset, source)):  # (the first conversation: a refused row 0 may have none)
         for row, value in enumerate(dataset[source]):  # the conversion iterates each value: a list, or None
             if value is not None and not isinstance(value, list):
                 _, message, fix = messages_problem(value, source)
@@ -209,14 +209,20 @@ def _check_rows(dataset: datasets.Dataset, layout: str, refused: dict | None = N
         conversational = True
         _scan(dataset, ["messages"], lambda row: messages_problem(row["messages"], "messages"), refused)
     else:
-        # the first row's format, or the first row's with a completion: a refused row 0 (None, []) judged no other
-        given = (value_format(value) for batch in dataset.select_columns(["completion"]).iter(_CHECK_BATCH)
-                 for value in batch["completion"])  # fmt: skip
-        conversational = next(filter(None, given), None) == "conversational"
+        # the format of the first row with a completion: a refused row 0 (None, []) judged no other by its own
+        first = _first_given(dataset, "completion", lambda value: value_format(value) is not None)
+        conversational = value_format(first) == "conversational"
         _scan(dataset, ["prompt", "completion"], lambda row: _check_prompt_completion(row, conversational), refused)
     optional = [c for c in ("tools", "chat_template_kwargs") if c in dataset.column_names]
     if conversational and optional:  # TRL reads them for conversations only
         _scan(dataset, optional, template_inputs_problem, refused)
+
+
+def _first_given(dataset: datasets.Dataset, name: str, given=bool):
+    """The first value of column ``name`` that is ``given`` (default: not None nor empty), None where none is, read
+    batch by batch until it comes (the column whole was read for it)."""
+    values = (value for batch in dataset.select_columns([name]).iter(_CHECK_BATCH) for value in batch[name])
+    return next(filter(given, values), None)
 
 
 def _scan(dataset: datasets.Dataset, names: list[str], check, refused: dict | None = None) -> None:
