@@ -359,7 +359,7 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
                                     run_args.eval_fraction, seed)  # fmt: skip
         train = _in_file_rows(prepare, given, split=run_args.dataset_train_split)
         evaluation = _in_file_rows(prepare, held_out, split="eval")
-        file_rows = given._indices.column(0).to_pylist() if given._indices is not None else None
+        file_rows = _file_rows(given)
     else:
         train = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_train_split)
     out = set(gone.get(run_args.dataset_train_split, ()))
@@ -401,16 +401,21 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
 def _in_file_rows(prepare, part, *, split: str):
     """``prepare(part)`` for one part of a split file (a ``select`` of it), an error's row named as the file numbers
     it, not as the part does."""
-    numbering = {}
-    if getattr(prepare, "func", None) is _without_refused_rows and part._indices is not None:  # (its warning's rows)
-        numbering["file_rows"] = part._indices.column(0).to_pylist()
-    try:
+    rows = _file_rows(part)
+    numbering = (
+        {"file_rows": rows} if getattr(prepare, "func", None) is _without_refused_rows and rows is not None else {}
+    )
+    try:  # (the refused rows' warning numbers them too)
         return prepare(part, columns=None, split=split, **numbering)
     except DataError as error:
-        if error.row is None or part._indices is None:
+        if error.row is None or rows is None:
             raise
-        row = int(part._indices.column(0)[error.row].as_py())
-        raise type(error)(error.message, row=row, column=error.column, fix=error.fix) from None
+        raise type(error)(error.message, row=rows[error.row], column=error.column, fix=error.fix) from None
+
+
+def _file_rows(part) -> list[int] | None:
+    """The file's row of each row of ``part`` (a ``select`` of a split file); None where it is no selection."""
+    return None if part._indices is None else part._indices.column(0).to_pylist()
 
 
 def _held_out(split, dataset, fraction: float, seed: int):

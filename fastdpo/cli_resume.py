@@ -172,9 +172,13 @@ def refuse_changed_data(recorded_path: Path, fingerprint: dict | None, *, overwr
     if fingerprint is None or not recorded_path.is_file():  # (a hub dataset; a run directory of an older fastdpo)
         return
     recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
-    if split is not None and any(key == split or key.startswith(f"{split}/") for key in fingerprint):
-        recorded, fingerprint = ({key: value for key, value in prints.items() if key == split
-                                  or key.startswith(f"{split}/")} for prints in (recorded, fingerprint))  # fmt: skip
+
+    def of_split(key: str) -> bool:  # (a split's one file, or its shards)
+        return key == split or key.startswith(f"{split}/")
+
+    if split is not None and any(map(of_split, fingerprint)):
+        recorded, fingerprint = ({key: value for key, value in prints.items() if of_split(key)}
+                                 for prints in (recorded, fingerprint))  # fmt: skip
     if recorded == fingerprint or same_models(recorded, fingerprint):
         return
     if not overwrite:

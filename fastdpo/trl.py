@@ -135,6 +135,12 @@ def _refuse(args, compute_metrics) -> None:
     refuse_logit_hooks(TRL_FALLBACK, compute_metrics=compute_metrics)
 
 
+def _set_name(key: str) -> str:
+    """How errors name a set TRL prepares under ``key``: ``train``, ``eval``, or one of a dict's eval sets as
+    ``eval_<key>`` (as the constructor names them)."""
+    return key if key in ("train", "eval") else f"eval_{key}"
+
+
 class _CheckedEvalSets:
     """A dataset given to ``evaluate()``, which TRL prepares there, checked for token ids the model has no embedding
     for as the constructor checks its sets (an ``IndexError`` from inside torch's embedding, before)."""
@@ -142,8 +148,7 @@ class _CheckedEvalSets:
     def _prepare_dataset(self, dataset, *args, **kwargs):
         prepared = super()._prepare_dataset(dataset, *args, **kwargs)
         if getattr(self, "model", None) is not None:  # (in the constructor, before the Trainer's: checked after it)
-            key = kwargs.get("dataset_name", args[-1] if args else "eval")  # (one of a dict's sets: its key)
-            name = key if key == "eval" else f"eval_{key}"  # (as the constructor names a dict's sets)
+            name = _set_name(kwargs.get("dataset_name", args[-1] if args else "eval"))  # (a dict's sets: their keys)
             check_token_ids(prepared, self.model, name)
             check_positions(prepared, self.model, name, cut_length(self.args), as_given=kept_as_given(self.args))
         return prepared
@@ -170,7 +175,7 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
     """``trl.DPOTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
-        _check_pair_columns(dataset, dataset_name if dataset_name in ("train", "eval") else f"eval_{dataset_name}")
+        _check_pair_columns(dataset, _set_name(dataset_name))
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
