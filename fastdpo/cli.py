@@ -22,7 +22,8 @@ match. The run directory (``output_dir``) gets:
   removed (``data_filter: drop`` removes the rows with a "drop" reason, counted and warned about, and those the
   preparation refuses for one, from the train and eval splits (``fastdpo.data.refused``); ``none`` keeps them, and
   the trainer then drops only what TRL would); none with ``dataset_streaming``;
-- ``dropped_rows.json``: the rows tokenization dropped, by split and reason (DPO and SFT; a stream's once read);
+- ``dropped_rows.json``: the rows tokenization dropped, by split and reason, by the data file's rows (DPO and SFT; a
+  stream's once read);
 - ``plots/*.png``: loss, ``rewards/margins``, ``rewards/accuracies`` (train and eval), refreshed at each evaluation
   and at the end;
 - the Trainer's checkpoints and the final model.
@@ -340,7 +341,7 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     # nothing is written before the trainer is built: a run that fails on its data or model leaves no directory to
     # --overwrite next time
     # (resumed from another run's checkpoint: the log that out holds is not this run's)
-    trainer, files = _build_trainer(known.command, run_args, args, out, restart_log=foreign)
+    trainer, files, numbering = _build_trainer(known.command, run_args, args, out, restart_log=foreign)
     from fastdpo.atomic import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
@@ -356,8 +357,9 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     outputs = [] if resume and not foreign else stale_outputs(out, overwrite=known.overwrite, keep=inputs)
     outputs = [path for path in outputs if path.name not in files]
     when_training_begins(trainer, stale, out, settings, outputs)
-    # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation)
-    files["dropped_rows.json"] = json.dumps(trainer.dropped_rows, indent=1)
+    # the rows tokenization dropped (those TRL drops too: e.g. no completion token left after truncation), as the
+    # data file numbers them
+    files["dropped_rows.json"] = json.dumps(numbering(trainer.dropped_rows), indent=1)
     # the main process writes the run's files (the others took no run_lock: one of a second run refused by the lock
     # rewrote a running run's data_quality.json before it failed)
     main = trainer.is_world_process_zero()
@@ -366,7 +368,7 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(out))
     if main:
-        atomic_write(out / "dropped_rows.json", json.dumps(trainer.dropped_rows, indent=1))  # a stream's, now read
+        atomic_write(out / "dropped_rows.json", json.dumps(numbering(trainer.dropped_rows), indent=1))  # (a stream's)
     return trainer
 
 
@@ -500,8 +502,10 @@ def _plain(value) -> bool:
 
 
 def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, restart_log: bool = False):
-    """The trainer, and the files (name → text) the run directory gets before training. ``restart_log``: the
-    ``metrics.jsonl`` in ``out`` starts over, even when resuming."""
+    """The trainer, the files (name → text) the run directory gets before training, and a function giving the
+    trainer's ``dropped_rows`` by the data file's rows. ``restart_log``: the ``metrics.jsonl`` in ``out`` starts
+    over, even when resuming."""
+    from fastdpo.data.source_rows import numbered_as, source_dropped
     from fastdpo.run_files import RunFiles  # transformers' Trainer (seconds to import): only for training
     from fastdpo.train import DPOTrainer, SFTTrainer
     from fastdpo.train.loading import is_adapter_folder, refuse_missing_folder
@@ -515,11 +519,13 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
                           "would add a new one beside it", column="use_peft",
                           fix="drop --use_peft to go on training that adapter, or merge it into its base first "
                           "(peft's merge_and_unload, then save_pretrained) and give that folder")  # fmt: skip
+    rows: dict = {}  # (the file's row of each row the trainer is given, where the command dropped some)
     if run_args.dataset_streaming:  # read as training goes: no quality report (it needs every row)
         train, evaluation = streamed_splits(command, run_args, getattr(args, "dataset_text_field", None))
         files = {}
     else:
-        train, evaluation, files = loaded_splits(command, run_args, args.seed, getattr(args, "dataset_text_field", ""))
+        train, evaluation, files = loaded_splits(command, run_args, args.seed, getattr(args, "dataset_text_field", ""),
+                                                 numbering=rows)  # fmt: skip
         if command == "sft":  # (config.yaml keeps the field as given)
             args.dataset_text_field = "text"  # prepared: its column is named text now
     peft_config, quantization_config = peft_and_quantization(run_args, args.model_init_kwargs)
@@ -530,11 +536,17 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     # folder): a LoRA run's adapter_config.json then names a base found from anywhere; a hub name stays as given
     model, reference = (os.path.abspath(name) if name and Path(name).exists() else name
                         for name in (run_args.model_name_or_path, run_args.ref_model_name_or_path))  # fmt: skip
-    if command == "dpo":
-        return DPOTrainer(model, ref_model=reference, **options), files
-    if reference is not None:
+    if command != "dpo" and reference is not None:
         raise ConfigError("SFT has no reference model", column="ref_model_name_or_path", fix="remove it")
-    return SFTTrainer(model, **options), files
+
+    def numbering(dropped: dict) -> dict:
+        with numbered_as(rows):
+            return source_dropped(dropped)
+
+    with numbered_as(rows):  # (its warnings and errors name a row as the data file numbers it)
+        if command == "dpo":
+            return DPOTrainer(model, ref_model=reference, **options), files, numbering
+        return SFTTrainer(model, **options), files, numbering
 
 
 if __name__ == "__main__":

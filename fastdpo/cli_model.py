@@ -334,9 +334,10 @@ def environment(*, as_json: bool) -> str:
     return "\n".join(lines)
 
 
-def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
+def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", numbering: dict | None = None):
     """(train, eval or None, files): the data loaded and prepared (SFT's text from ``text_field``); for DPO its
-    quality report (the files) and the rows it drops (``data_filter``)."""
+    quality report (the files) and the rows it drops (``data_filter``). ``numbering`` gets the file's row of each row
+    of the splits (``"train"``, ``"eval"``: ``fastdpo.data.source_rows.numbered_as``'s)."""
     import functools
 
     from fastdpo.data import check_preferences, load_data, prepare_preferences, prepare_sft, split_sft_by_prompt
@@ -352,7 +353,8 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
         dropping = prepare_dropping if command == "dpo" else functools.partial(prepare_sft_dropping,
                                                                                text_field=text_field)  # fmt: skip
         prepare = functools.partial(_without_refused_rows, counts=refused, dropping=dropping, gone=gone)
-    evaluation, file_rows = None, None  # (the file's row of each of the train split's rows, for the report)
+    # the file's row of each row of the train split (for the report) and of the evaluation rows
+    evaluation, file_rows, eval_rows = None, None, None
     if command == "dpo" and run_args.eval_fraction is not None:  # split as given, as `fastdpo data split` splits
         loaded = load_data(run_args.dataset_name, split=run_args.dataset_train_split, text=text_columns(columns))
         given, held_out = _held_out(split_pairs, rename_preference_columns(loaded, columns or {})[0],
@@ -360,31 +362,42 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
         train = _in_file_rows(prepare, given, split=run_args.dataset_train_split)
         evaluation = _in_file_rows(prepare, held_out, split="eval")
         file_rows = _file_rows(given)
+        eval_rows = _left(_file_rows(held_out), gone.get("eval"))
     else:
         train = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_train_split)
-    out = set(gone.get(run_args.dataset_train_split, ()))
-    file_rows = [row for row in file_rows or range(len(train) + len(out)) if row not in out]
+    file_rows = _left(file_rows or range(len(train) + len(gone.get(run_args.dataset_train_split, ()))),
+                      gone.get(run_args.dataset_train_split))  # fmt: skip
     if run_args.dataset_test_split is not None:
         evaluation = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_test_split)
+        eval_rows = _left(range(len(evaluation) + len(gone.get(run_args.dataset_test_split, ()))),
+                          gone.get(run_args.dataset_test_split))  # fmt: skip
     elif run_args.eval_fraction is not None and command != "dpo":  # (SFT: messages or text rows too)
-        train, evaluation = _held_out(split_sft_by_prompt, train, run_args.eval_fraction, seed)
+        whole, (train, evaluation) = train, _held_out(split_sft_by_prompt, train, run_args.eval_fraction, seed)
+        eval_rows = [file_rows[row] for row in _positions(evaluation, whole)]
+        file_rows = [file_rows[row] for row in _positions(train, whole)]
+    if numbering is not None:
+        numbering.update(train=file_rows, eval=eval_rows)
     if command != "dpo":
         return train, evaluation, {}
     report = check_preferences(train)
     dropped: dict[str, int] = refused.get(run_args.dataset_train_split, {})
     removed_eval: dict[str, int] = {}
     if run_args.data_filter == "drop":
-        train, more = report.filter(train)
+        whole, (train, more) = train, report.filter(train)
+        if numbering is not None:
+            numbering["train"] = [file_rows[row] for row in _positions(train, whole)]
         dropped = dict(collections.Counter(dropped) + collections.Counter(more))
         if dropped:
             logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
         if evaluation is not None:  # (its rows preparation refused are gone already, as the train split's)
-            rows = len(evaluation)
-            evaluation, removed_eval = check_preferences(evaluation).filter(evaluation)
+            whole, (evaluation, removed_eval) = evaluation, check_preferences(evaluation).filter(evaluation)
+            if numbering is not None:
+                numbering["eval"] = [eval_rows[row] for row in _positions(evaluation, whole)]
             if removed_eval:
-                logger.warning("dropped %d evaluation rows: %s (data_quality.md)", rows - len(evaluation), removed_eval)
+                logger.warning("dropped %d evaluation rows: %s (data_quality.md)", len(whole) - len(evaluation),
+                               removed_eval)  # fmt: skip
             if len(evaluation) == 0:
-                raise DataError(f"every one of the {rows} evaluation rows is dropped ({removed_eval})",
+                raise DataError(f"every one of the {len(whole)} evaluation rows is dropped ({removed_eval})",
                                 column="data_filter", fix="check the evaluation data (fastdpo data check FILE), or "
                                 "data_filter: none")  # fmt: skip
     report = dataclasses.replace(report, rows={reason: [file_rows[row] for row in rows] for reason, rows in
@@ -396,6 +409,23 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text"):
              "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped, "removed_eval": removed_eval},
                                              indent=1)}  # fmt: skip
     return train, evaluation, files
+
+
+def _left(rows, gone) -> list[int]:
+    """``rows`` but those in ``gone`` (the rows preparation refused and dropped, as the file numbers them)."""
+    out = set(gone or ())
+    return [row for row in rows if row not in out]
+
+
+def _positions(part, whole) -> list[int]:
+    """The row of ``whole`` that each row of ``part`` (a ``select`` of it) is."""
+    rows, base = _file_rows(part), _file_rows(whole)
+    if rows is None:  # (not a selection: the same rows)
+        return list(range(len(part)))
+    if base is None:
+        return rows
+    where = {row: place for place, row in enumerate(base)}
+    return [where[row] for row in rows]
 
 
 def _in_file_rows(prepare, part, *, split: str):

@@ -7,6 +7,7 @@ import re
 
 import datasets
 
+from fastdpo.data.source_rows import source_rows
 from fastdpo.errors import DataError
 
 ID_COLUMNS = ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids")
@@ -55,9 +56,11 @@ def _input_row(dataset: datasets.Dataset, row: int, name: str, dropped: dict | N
     gone = sorted(r for rows_of in ((dropped or {}).get(name) or {}).values() for r in rows_of)
     if dataset._indices is not None:  # rows selected (those dropped left out), shuffled: the table's row
         row, gone = int(dataset._indices.column(0)[row].as_py()), []
-    for earlier in [] if "seq_lengths" in dataset.column_names else gone:  # past the rows dropped before it
+    if "seq_lengths" in dataset.column_names:
+        return row
+    for earlier in gone:  # past the rows dropped before it
         row += earlier <= row
-    return row
+    return source_rows(name, [row])[0]  # (the data file's row, in a run of the fastdpo command)
 
 
 _POSITIONS = re.compile(r"(^|\.)(wpe|embed_positions|position_embeddings)$")

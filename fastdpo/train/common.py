@@ -29,6 +29,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from fastdpo.atomic import check_output_dir
+from fastdpo.data.source_rows import source_rows
 from fastdpo.data.tokenize import TRUNCATION_MODES
 from fastdpo.errors import ConfigError, DataError, unknown_choice
 from fastdpo.model.adapters import refuse_frozen
@@ -411,7 +412,8 @@ def report_dropped(dropped: dict[str, list[int]], before: int, after: int, split
     """One warning counting the rows tokenization dropped from ``split``; a DataError when none is left."""
     if not dropped:
         return
-    reasons = ", ".join(f"{len(rows)} {reason} (rows {_first(rows)})" for reason, rows in dropped.items())
+    reasons = ", ".join(f"{len(rows)} {reason} (rows {_first(source_rows(split, rows))})"
+                        for reason, rows in dropped.items())  # fmt: skip
     if after == 0:
         raise DataError(
             f"no row of the {split} data is left to {'train' if split == 'train' else 'evaluate'} on: all {before} "

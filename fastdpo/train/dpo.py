@@ -44,6 +44,7 @@ from transformers.trainer_utils import seed_worker
 from fastdpo.data.formats import prepare_preferences
 from fastdpo.data.packing import PackedBatch, default_pack_length, pack_pairs, pair_length
 from fastdpo.data.sampler import RankBalancedBatchSampler, TokenBudgetBatchSampler
+from fastdpo.data.source_rows import rows_of
 from fastdpo.data.stream import PreparedStream, first_row, is_tokenized, prepare_stream, prepare_tokenized_stream
 from fastdpo.data.tokenize import drop_filling_prompts, tokenize_preferences
 from fastdpo.data.vocabulary import check_pack_length, check_positions, check_token_ids
@@ -328,11 +329,11 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
             self.dropped_rows[name] = kept.dropped_rows
             report_dropped(kept.dropped_rows, len(dataset), len(kept.dataset), name, args.max_length)
             return kept.dataset
-        prepared = prepare_preferences(dataset, num_proc=args.dataset_num_proc)
-        tokenized = tokenize_preferences(
-            prepared, tokenizer, max_length=args.max_length, truncation_mode=args.truncation_mode,
-            num_proc=args.dataset_num_proc,
-        )  # fmt: skip
+        with rows_of(name):  # (a row named as the data file numbers it, in a run of the fastdpo command)
+            prepared = prepare_preferences(dataset, num_proc=args.dataset_num_proc)
+            tokenized = tokenize_preferences(prepared, tokenizer, max_length=args.max_length,
+                                             truncation_mode=args.truncation_mode,
+                                             num_proc=args.dataset_num_proc)  # fmt: skip
         self.dropped_rows[name] = tokenized.dropped_rows
         report_dropped(tokenized.dropped_rows, len(prepared), len(tokenized.dataset), name, args.max_length)
         return tokenized.dataset

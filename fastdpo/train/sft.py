@@ -54,6 +54,7 @@ from fastdpo.data.sft import (
     tokenize_sft,
     truncation_window,
 )
+from fastdpo.data.source_rows import rows_of
 from fastdpo.data.stream import prepare_sft_stream
 from fastdpo.data.vocabulary import check_positions, check_token_ids, cut_length, kept_as_given
 from fastdpo.errors import ConfigError, DataError
@@ -357,17 +358,18 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
                 fn = self._formatting_func
                 dataset = dataset.map(lambda example: {"text": fn(example)}, num_proc=args.dataset_num_proc)
             dataset, text_field = as_trl_reads(dataset, args.dataset_text_field, self._formatting_func is not None)
-            prepared = prepare_sft(dataset, text_field=text_field, num_proc=args.dataset_num_proc)
-            completion_only_loss = args.completion_only_loss  # an explicit True on other data is an error
-            if completion_only_loss is None:
-                is_prompt_completion = {"prompt", "completion"} <= set(prepared.column_names)
-                completion_only_loss = self.completion_only_loss and is_prompt_completion
-            tokenized = tokenize_sft(
-                prepared, tokenizer, max_length=None if packing else args.max_length,
-                truncation_mode=args.truncation_mode, completion_only_loss=completion_only_loss,
-                assistant_only_loss=args.assistant_only_loss, num_proc=args.dataset_num_proc,
-                chat_template=training_template(tokenizer, args.assistant_only_loss),
-            )  # fmt: skip
+            with rows_of(name):  # (a row named as the data file numbers it, in a run of the fastdpo command)
+                prepared = prepare_sft(dataset, text_field=text_field, num_proc=args.dataset_num_proc)
+                completion_only_loss = args.completion_only_loss  # an explicit True on other data is an error
+                if completion_only_loss is None:
+                    is_prompt_completion = {"prompt", "completion"} <= set(prepared.column_names)
+                    completion_only_loss = self.completion_only_loss and is_prompt_completion
+                tokenized = tokenize_sft(
+                    prepared, tokenizer, max_length=None if packing else args.max_length,
+                    truncation_mode=args.truncation_mode, completion_only_loss=completion_only_loss,
+                    assistant_only_loss=args.assistant_only_loss, num_proc=args.dataset_num_proc,
+                    chat_template=training_template(tokenizer, args.assistant_only_loss),
+                )  # fmt: skip
             dataset = tokenized.dataset
             if tokenized.dropped_rows:
                 self.dropped_rows[name] = tokenized.dropped_rows

@@ -1,0 +1,122 @@
+"""The ``fastdpo`` command names a row the trainer drops or refuses by its row in the data file: it hands the trainer
+what is left once it dropped rows itself (refused by preparation, the quality filter's, the held-out ones), and the
+trainer's own warnings, errors and ``dropped_rows.json`` numbered the rows among those it was given."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from test_cli import in_process
+
+pytestmark = pytest.mark.slow
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "big", "red", "tree"]
+LONG = [6, 11, 17]  # rows whose prompt fills max_length (24 tokens): tokenization drops them, as TRL does
+
+
+def _text(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+@pytest.fixture(scope="module")
+def rows_dir(tmp_path_factory):
+    import torch
+    from tiny_tokenizer import build_tiny_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("cli_rows")
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id}  # fmt: skip
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **ids,
+        )
+    ).save_pretrained(root / "llama")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4, n_positions=24,
+                               **ids)).save_pretrained(root / "gpt2")  # fmt: skip
+    for name in ("llama", "gpt2"):
+        tokenizer.save_pretrained(root / name)
+    rng = random.Random(0)
+    pairs = [{"prompt": _text(rng, 2, 5) + "?", "chosen": " " + _text(rng, 1, 4) + ".",
+              "rejected": " " + _text(rng, 1, 4) + "."} for _ in range(24)]  # fmt: skip
+    pairs[1]["chosen"] = ""  # refused by preparation: data_filter drops it
+    pairs[3]["chosen"] = pairs[3]["rejected"]  # the quality filter drops it ("identical")
+    for row in LONG:
+        pairs[row]["prompt"] = _text(rng, 40, 40)
+    (root / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    sft = [{"prompt": pair["prompt"], "completion": pair["chosen"] or " yes."} for pair in pairs]
+    sft[2]["completion"] = ""  # refused by preparation: dropped
+    (root / "sft.jsonl").write_text("".join(json.dumps(row) + "\n" for row in sft))
+    return root
+
+
+def _run(rows_dir, monkeypatch, capsys, command: str, *flags: str):
+    common = ["--max_steps", "1", "--report_to", "none", "--save_strategy", "no", "--per_device_train_batch_size",
+              "4", "--overwrite"]  # fmt: skip
+    return in_process(command, *common, *flags, cwd=rows_dir, monkeypatch=monkeypatch, capsys=capsys)
+
+
+@pytest.mark.parametrize("held_out", [[], ["--eval_fraction", "6", "--eval_strategy", "steps", "--eval_steps", "1"]])
+def test_a_dpo_runs_tokenization_drops_name_the_files_rows(rows_dir, monkeypatch, capsys, caplog, held_out):
+    # rows 1 and 3 removed before the trainer: it named the long rows 6, 11, 17 as 4, 9, 15 (its own places)
+    done = _run(rows_dir, monkeypatch, capsys, "dpo", "--model_name_or_path", "llama", "--dataset_name", "pairs.jsonl",
+                "--max_length", "24", "--output_dir", "dpo", *held_out)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    dropped = json.loads((rows_dir / "dpo" / "dropped_rows.json").read_text())
+    named = [row for split in dropped.values() for row in split.get("prompt_fills_max_length", [])]
+    assert sorted(named) == LONG, dropped  # each long row once, by its row in pairs.jsonl, wherever it went
+    assert set(dropped) == ({"train", "eval"} if held_out else {"train"})
+    for split, reasons in dropped.items():
+        rows = reasons.get("prompt_fills_max_length", [])
+        assert (f"{split} data: {len(rows)} of" in caplog.text and f"(rows {', '.join(map(str, rows))})" in caplog.text
+                if rows else True), caplog.text  # the warning too  # fmt: skip
+    quality = json.loads((rows_dir / "dpo" / "data_quality.json").read_text())
+    assert quality["rows"]["identical"] == [3]  # (the report named the file's rows before: unchanged)
+
+
+@pytest.mark.parametrize("held_out", [[], ["--eval_fraction", "6", "--eval_strategy", "steps", "--eval_steps", "1"]])
+def test_an_sft_runs_tokenization_drops_name_the_files_rows(rows_dir, monkeypatch, capsys, caplog, held_out):
+    # keep_start cuts the long rows' completions away: dropped (no label left), named among the rows given (row 2 out)
+    done = _run(rows_dir, monkeypatch, capsys, "sft", "--model_name_or_path", "llama", "--dataset_name", "sft.jsonl",
+                "--max_length", "24", "--output_dir", "sft", *held_out)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    dropped = json.loads((rows_dir / "sft" / "dropped_rows.json").read_text())
+    named = [row for split in dropped.values() for row in split.get("no_labels_after_truncation", [])]
+    assert sorted(named) == LONG, dropped
+    for split, reasons in dropped.items():
+        rows = reasons["no_labels_after_truncation"]
+        assert f"{split} data: {len(rows)} of" in caplog.text and f"(rows {', '.join(map(str, rows))})" in caplog.text
+
+
+def test_a_row_the_model_cannot_hold_is_named_as_the_file_numbers_it(rows_dir, monkeypatch, capsys):
+    # GPT-2's 24 positions: the first long row (file row 6) is refused before training, named row 4 before
+    done = _run(rows_dir, monkeypatch, capsys, "dpo", "--model_name_or_path", "gpt2", "--dataset_name", "pairs.jsonl",
+                "--max_length", "1000", "--output_dir", "gpt2_dpo")  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "fastdpo: error: row 6, column 'prompt_ids': a sequence of" in done.stderr, done.stderr[-2000:]
+
+
+def test_rows_are_named_as_their_source_numbers_them_within_numbered_as_only():
+    from fastdpo.data.source_rows import numbered_as, rows_of, source_dropped, source_rows
+    from fastdpo.errors import DataError
+
+    with numbered_as({"train": [0, 2, 5, 9], "eval": None}):
+        assert source_rows("train", [1, 3]) == [2, 9]
+        assert source_rows("eval", [1, 3]) == [1, 3]  # (no entry: its own numbering)
+        assert source_dropped({"train": {"too_long": [3]}, "eval": {"too_long": [3]}}) == {
+            "train": {"too_long": [9]}, "eval": {"too_long": [3]}}  # fmt: skip
+        with pytest.raises(DataError, match="^row 5, column 'prompt': bad") as caught, rows_of("train"):
+            raise DataError("bad", row=2, column="prompt", fix="fix it")
+        assert caught.value.fix == "fix it"
+        with pytest.raises(DataError, match="^row 2, column 'prompt'"), rows_of("eval"):
+            raise DataError("bad", row=2, column="prompt")
+    assert source_rows("train", [1, 3]) == [1, 3]  # (outside: the rows given)
