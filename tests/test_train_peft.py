@@ -91,6 +91,30 @@ def test_trained_adapter_becomes_the_reference_as_in_trl(data, tmp_path):
     assert frozen and not any(p.requires_grad for p in frozen)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_trained_adapters_token_rows_are_in_its_reference_copy(data, tmp_path, tied):
+    # trainable_token_indices: the "ref" copy of a trained adapter took its LoRA weights alone (as TRL 1.16's does),
+    # so the reference scored with the original rows: step-0 loss 0.7000 on an untied model, 2.836 on a tied one
+    # (whose head holds the rows too: that case was refused at the first step), not log 2
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=tied)  # fmt: skip
+    rows = sorted({i for text in data["chosen"][:4] for i in tokenizer(text)["input_ids"]})
+    model = peft.get_peft_model(LlamaForCausalLM(config), lora(trainable_token_indices=rows))
+    with torch.no_grad():  # a trained adapter: its token rows and LoRA weights moved
+        for parameter in (p for p in model.parameters() if p.requires_grad):
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    trainer, logs = train(DPOTrainer, DPOConfig, model, data, tokenizer, tmp_path, "tokens")
+    assert logs[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # the reference is the adapted model itself
+    frozen = [name for name, p in trainer.model.named_parameters() if name.endswith(".ref") or ".ref." in name]
+    assert any("trainable_tokens_delta" in name for name in frozen)
+    assert not any(trainer.model.get_parameter(name).requires_grad for name in frozen)
+
+
 def test_an_adapter_on_the_lm_head_is_refused(data, tmp_path):
     tokenizer = build_tiny_tokenizer()
     model = tiny_model(tokenizer, tmp_path / "model")()

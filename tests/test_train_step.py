@@ -227,3 +227,44 @@ def test_five_step_trace_follows_the_naive_padded_step(loss_type):
         if step == 0:  # the trace covers real updates: the first step changed the loss of its pairs by > 1%
             moved = abs(float(naive_loss(loss_type, naive_policy, reference, pairs)) / float(expected) - 1)
     assert moved > 0.01
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_trainable_tokens_on_a_tied_head_equal_the_naive_padded_step(fused):
+    # PEFT's trainable_token_indices on a model whose embedding is tied to its LM head wraps the head as well (a
+    # TrainableTokensWrapper): it was refused at the first step ("not a plain nn.Linear"; TRL 1.16 fails there too,
+    # AttributeError 'bias'). The policy scores with the trained rows, the reference (adapters off) with the original
+    peft = pytest.importorskip("peft")
+    from fastdpo.model.adapters import adapter_reference
+    from fastdpo.train.step import reference_logps
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+                         tie_word_embeddings=True)  # fmt: skip
+    pairs = make_pairs()
+    tokens = sorted({pair[column][0] for pair in pairs for column in ("prompt_ids", "chosen_ids", "rejected_ids")})
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=tokens)
+    policy = peft.get_peft_model(LlamaForCausalLM(config).double(), lora)
+    assert type(policy.get_output_embeddings()).__name__ == "TrainableTokensWrapper"  # (the case under test)
+    trainable = [(name, p) for name, p in policy.named_parameters() if p.requires_grad]
+    with torch.no_grad():  # trained rows that differ from the original (they start equal), and a LoRA B that is not 0
+        for _, parameter in trainable:
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    pi, _, _ = naive_sums(policy, pairs)
+    with torch.no_grad(), policy.disable_adapter():
+        ref, _, _ = naive_sums(policy, pairs)
+    assert not torch.allclose(pi, ref)  # the policy's rows are its own
+    expected = -F.logsigmoid(BETA * ((pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1]))).mean()
+    expected_grads = torch.autograd.grad(expected, [p for _, p in trainable])
+
+    batch = pack_pairs(pairs, pack_length=32, backend="python")
+    with torch.no_grad(), adapter_reference(policy):
+        ref_logps = reference_logps(policy, batch, impl="torch")
+    got = preference_step(policy, batch, LossConfig(loss_type="sigmoid", beta=BETA), ref_logps=ref_logps, fused=fused,
+                          head_impl="torch")  # fmt: skip
+    got_grads = torch.autograd.grad(got.loss, [p for _, p in trainable])
+    # fp64 both ways: packed-vs-padded attention and chunked-vs-full head differ by rounding only
+    torch.testing.assert_close(got.loss, expected, rtol=1e-9, atol=1e-12)
+    for (name, _), g, e in zip(trainable, got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-10, msg=name)

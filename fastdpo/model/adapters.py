@@ -128,11 +128,11 @@ def prepare_adapter_model(model: nn.Module, *, gradient_checkpointing: bool, new
     if not new_adapter and REFERENCE_ADAPTER not in model.peft_config:
         active = model.active_adapter
         model.add_adapter(REFERENCE_ADAPTER, model.peft_config[active])
+        for name, parameter in model.named_parameters():  # (trainable_token_indices' rows too: TRL 1.16 leaves them)
+            if _of_adapter(name, active):
+                model.get_parameter(_renamed(name, active, REFERENCE_ADAPTER)).data.copy_(parameter.data)
         for name, parameter in model.named_parameters():
-            if f".{active}." in name:
-                model.get_parameter(name.replace(f".{active}.", f".{REFERENCE_ADAPTER}.")).data.copy_(parameter.data)
-        for name, parameter in model.named_parameters():
-            if f".{REFERENCE_ADAPTER}." in name:
+            if _of_adapter(name, REFERENCE_ADAPTER):
                 parameter.requires_grad_(False)
     if gradient_checkpointing:
         model.enable_input_require_grads()
@@ -153,8 +153,21 @@ def adapter_reference(model: nn.Module) -> Iterator[None]:
     finally:
         model.set_adapter(active)
         for name, parameter in model.named_parameters():  # set_adapter made "ref" trainable: freeze it again
-            if f".{REFERENCE_ADAPTER}." in name:
+            if _of_adapter(name, REFERENCE_ADAPTER):
                 parameter.requires_grad_(False)
+
+
+def _of_adapter(name: str, adapter: str) -> bool:
+    """Whether the parameter ``name`` is adapter ``adapter``'s: ``...lora_A.<adapter>.weight``, or a ParameterDict's
+    ``...trainable_tokens_delta.<adapter>`` (PEFT's ``trainable_token_indices``)."""
+    return f".{adapter}." in name or name.endswith(f".{adapter}")
+
+
+def _renamed(name: str, adapter: str, other: str) -> str:
+    """``name`` of adapter ``adapter``'s parameter, as adapter ``other``'s."""
+    if name.endswith(f".{adapter}"):
+        return name[: -len(adapter)] + other
+    return name.replace(f".{adapter}.", f".{other}.")
 
 
 class AdapterReference(nn.Module):

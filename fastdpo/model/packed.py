@@ -216,10 +216,13 @@ def head_spec(model: nn.Module) -> HeadSpec:
             column="model",
             fix="pass the *ForCausalLM model, not its base model",
         )
+    # PEFT's trainable_token_indices on a model whose embedding is tied to its head wraps the head too: its weight
+    # reads as the linear's with the trained rows in (the linear's own with adapters off), its forward is that
+    linear = head.original_module if type(head).__name__ == "TrainableTokensWrapper" else head
     weight = getattr(head, "weight", None)
     # subclasses that only add hooks (FSDP2 wraps the class) are fine; ones with their own forward (quantized
     # layers, custom heads) compute something else; LoRA's wrapper is no nn.Linear at all
-    plain = isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+    plain = isinstance(linear, nn.Linear) and type(linear).forward is nn.Linear.forward
     if not plain or weight is None or weight.dim() != 2:
         shape = None if weight is None else tuple(weight.shape)
         raise ConfigError(
@@ -246,13 +249,13 @@ def head_spec(model: nn.Module) -> HeadSpec:
                     fix="add the class to fastdpo.model.packed._HEAD_RULES after checking its forward, or use a "
                     "supported family",
                 )
-        return HeadSpec(weight=weight, bias=head.bias)
+        return HeadSpec(weight=weight, bias=linear.bias)
     logit_scale = 1.0
     if rule.scale and (scale := _config_value(config, rule.scale)) is not None:
         logit_scale *= scale
     if rule.divide and (divisor := _config_value(config, rule.divide)) is not None:
         logit_scale /= divisor
-    return HeadSpec(weight=weight, bias=head.bias, logit_scale=logit_scale, softcap=head_softcap(inner))
+    return HeadSpec(weight=weight, bias=linear.bias, logit_scale=logit_scale, softcap=head_softcap(inner))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
