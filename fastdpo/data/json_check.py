@@ -465,13 +465,25 @@ def _is_document(path: Path) -> bool:
     return first == b"["
 
 
+def not_utf8(path: Path, raw: bytes | None = None) -> DataError | None:
+    """DataError naming the line and byte of the first bytes of ``path`` (its ``raw`` bytes) that are not UTF-8;
+    None where all are."""
+    raw = path.read_bytes() if raw is None else raw
+    try:
+        raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        return DataError(f"{path}: line {line}: not valid UTF-8 (byte 0x{raw[error.start]:02x})",
+                         fix="re-encode the file as UTF-8")  # fmt: skip
+    return None
+
+
 def _check_json_document(path: Path) -> list[dict]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not valid UTF-8", fix="re-encode the file as UTF-8") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path, raw) from None
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:

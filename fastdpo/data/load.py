@@ -35,6 +35,7 @@ from fastdpo.data.json_check import (
     _restore_date_strings,
     first_new_kind,
     json_rows,
+    not_utf8,
     repeated_key,
     unholdable,
 )
@@ -501,14 +502,8 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
         found = _first_repeated_key(path)
         if found is not None:
             return repeated_key(path, found)
-    if isinstance(cause, UnicodeDecodeError):  # (its position is in a block: the file's first is found here)
-        raw = path.read_bytes()
-        try:
-            raw.decode("utf-8-sig")
-        except UnicodeDecodeError as error:
-            line = raw[: error.start].count(b"\n") + 1
-            return DataError(f"{path}: line {line}: not valid UTF-8 (byte 0x{raw[error.start]:02x})",
-                             fix="re-encode the file as UTF-8")  # fmt: skip
+    if isinstance(cause, UnicodeDecodeError) and (found := not_utf8(path)):  # (its position is in a block: the
+        return found  # file's first is found here)
     fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(cause))
     if kind == "csv" and fields:  # (pandas counts the header as line 1, as an editor does)
         return DataError(f"{path}: line {fields[2]}: {fields[3]} fields where the header has {fields[1]}",
