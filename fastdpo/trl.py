@@ -85,7 +85,7 @@ from fastdpo.train.common import (  # noqa: E402
     warn_no_logits,
 )
 from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
-from fastdpo.train.config import check_weighting, loss_config_of  # noqa: E402
+from fastdpo.train.config import check_loss_options, loss_config_of  # noqa: E402
 from fastdpo.train.dpo import DisplacementWatch, PairPacker, _as_batch, packer_for  # noqa: E402
 from fastdpo.train.resume import WatchResume  # noqa: E402
 from fastdpo.train.sft import (  # noqa: E402
@@ -131,7 +131,7 @@ def _attention_of(args) -> str | None:
 
 def _refuse(args, compute_metrics) -> None:
     if args is not None:
-        check_weighting(args)
+        check_loss_options(args)
     refuse_logit_hooks(TRL_FALLBACK, compute_metrics=compute_metrics)
 
 

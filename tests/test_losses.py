@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -229,6 +230,14 @@ def test_pair_weights_scale_each_pair():
         ({"f_divergence_type": "kl"}, "f_divergence_type", "use one of|did you mean"),
         ({"loss_type": "bco_pair", "f_divergence_type": "forward_kl"}, "f_divergence_type", "reverse_kl"),
         ({"discopop_tau": 0.0}, "discopop_tau", "0.05"),
+        # NaN passed: every step's loss NaN (skipped by the numerics guard), or alpha NaN taken as reverse KL; a
+        # weight that is no number failed in float() without naming the option
+        ({"discopop_tau": float("nan")}, "discopop_tau", "0.05"),
+        ({"loss_type": "discopop", "f_alpha_divergence_coef": float("nan")}, "f_alpha_divergence_coef", "finite"),
+        ({"loss_type": "simpo", "simpo_gamma": float("nan")}, "simpo_gamma", "finite"),
+        ({"loss_type": "cpo", "cpo_alpha": float("inf")}, "cpo_alpha", "finite"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, float("nan")]}, "loss_weights", "finite"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, "a"]}, "loss_weights", "expected numbers"),
     ],
 )
 def test_bad_settings_raise_config_error(kw, column, hint):
@@ -246,3 +255,29 @@ def test_missing_inputs_are_named():
     pairs.chosen_tokens = pairs.rejected_tokens = torch.ones(2)
     with pytest.raises(ValueError, match="chosen_nll"):
         preference_loss(pairs, LossConfig(loss_type="orpo"))
+
+
+def test_tr_dpo_settings_are_checked_and_unused_loss_options_said(tmp_path):
+    # ref_model_sync_steps=0 failed after the first optimizer step (ZeroDivisionError in on_step_end; TRL's too);
+    # mixup α = 2 extrapolated the reference (2·policy − reference) silently; label_smoothing with a type that has no
+    # ε, and cpo_alpha with simpo (TRL's CPO-SimPO adds cpo_alpha · NLL), changed nothing, silently
+    import warnings
+
+    from fastdpo.train import DPOConfig
+
+    base = {"output_dir": str(tmp_path), "report_to": [], "bf16": False, "use_cpu": True}
+    for bad, column in (({"ref_model_sync_steps": 0}, "ref_model_sync_steps"),
+                        ({"ref_model_mixup_alpha": 2.0}, "ref_model_mixup_alpha")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"^column '{column}'"):
+            DPOConfig(**base, sync_ref_model=True, **bad)
+        DPOConfig(**base, **bad)  # (not used without sync_ref_model)
+    for options, said in (({"label_smoothing": 0.2}, "label_smoothing=0.2 is not used by loss_type ['sigmoid']"),
+                          ({"loss_type": ["simpo"], "cpo_alpha": 0.5}, "loss_type=['simpo', 'sft'], loss_weights=[1, "
+                                                                       "0.5]")):  # fmt: skip
+        with pytest.warns(UserWarning, match=re.escape(said)):
+            DPOConfig(**base, **options)
+    with warnings.catch_warnings(record=True) as caught:  # smoothed types, and cpo_alpha with cpo: nothing said
+        warnings.simplefilter("always")
+        DPOConfig(**base, loss_type=["cdpo"], label_smoothing=0.2)
+        DPOConfig(**base, loss_type=["cpo"], cpo_alpha=0.5)
+    assert not [w for w in caught if "label_smoothing" in str(w.message) or "cpo_alpha" in str(w.message)]

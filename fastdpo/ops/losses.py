@@ -40,6 +40,7 @@ LOSS_TYPES: dict[str, str] = {
     "orpo": "ORPO (reference-free): NLL(chosen) − β·log σ(log odds(π̄_c) − log odds(π̄_r)).",
 }
 REFERENCE_FREE = frozenset({"simpo", "cpo", "orpo"})
+SMOOTHED = frozenset({"cdpo", "robust", "exo_pair", "aot", "aot_unpaired", "simpo", "cpo"})  # take label_smoothing
 NEEDS_LENGTHS = frozenset({"ipo", "sigmoid_norm", "sft", "simpo", "orpo", "cpo"})
 SORTING = frozenset({"aot", "aot_unpaired"})
 # types whose loss is not a sum of per-pair terms: a sort or a token mean over the micro-batch (its pairs matter)
@@ -74,7 +75,7 @@ class LossConfig:
         for name in types:
             if name not in LOSS_TYPES:
                 raise unknown_choice("loss_type", name, LOSS_TYPES)
-        weights = [1.0] * len(types) if self.loss_weights is None else [float(w) for w in self.loss_weights]
+        weights = [1.0] * len(types) if self.loss_weights is None else _numbers(self.loss_weights, "loss_weights")
         if len(weights) != len(types):
             raise ConfigError(
                 f"has {len(weights)} weights for {len(types)} loss types",
@@ -92,8 +93,12 @@ class LossConfig:
             raise ConfigError(f"must be > 0, got {self.beta}", column="beta", fix="typical values are 0.01 to 0.5")
         self._check_smoothing(types)
         self._check_divergence(types)
-        if self.discopop_tau <= 0:
+        if not self.discopop_tau > 0:
             raise ConfigError(f"must be > 0, got {self.discopop_tau}", column="discopop_tau", fix="the paper uses 0.05")
+        for name in ("f_alpha_divergence_coef", "simpo_gamma", "cpo_alpha"):  # (NaN: every step's loss NaN, or the
+            value = getattr(self, name)  # option silently taken as another value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"must be a finite number, got {value!r}", column=name)
         self.loss_types, self.weights = tuple(types), tuple(weights)
 
     def _check_smoothing(self, types: list[str]) -> None:
@@ -226,6 +231,17 @@ def _scores(log_ratio: Tensor, config: LossConfig) -> Tensor:
 
 def _mean(total: Tensor, tokens: Tensor) -> Tensor:
     return total / tokens.to(total.dtype).clamp(min=1.0)
+
+
+def _numbers(values, column: str) -> list[float]:
+    """``values`` as finite floats; a ConfigError naming ``column`` where one is not."""
+    try:
+        numbers = [float(value) for value in values]
+    except (TypeError, ValueError):
+        raise ConfigError(f"expected numbers, got {list(values)!r}", column=column) from None
+    if not all(map(math.isfinite, numbers)):
+        raise ConfigError(f"must be finite, got {numbers}", column=column)
+    return numbers
 
 
 def _smoothed(logits: Tensor, eps: float) -> Tensor:

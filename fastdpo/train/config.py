@@ -47,7 +47,7 @@ from transformers import TrainingArguments
 from fastdpo.errors import ConfigError, unknown_choice
 from fastdpo.model.attention import PACKED_ATTENTION
 from fastdpo.ops import REFERENCE_FREE, LossConfig
-from fastdpo.ops.losses import BATCH_COUPLED
+from fastdpo.ops.losses import BATCH_COUPLED, SMOOTHED
 from fastdpo.train.common import check_report_to, check_shared_options
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class DPOConfig(TrainingArguments):
 
     def _check_options(self) -> None:
         check_shared_options(self, {})
-        check_weighting(self)
+        check_loss_options(self)
         if self.padding_free:
             warnings.warn("padding_free: fastdpo always packs sequences; the option changes nothing", stacklevel=3)
         if self.pad_token is not None:  # deprecated in TRL 1.16, which warns and still uses it (so does fastdpo)
@@ -172,6 +172,30 @@ class DPOConfig(TrainingArguments):
     def loss_config(self) -> LossConfig:
         """The ``LossConfig`` these options describe."""
         return loss_config_of(self)
+
+
+def check_loss_options(args) -> None:
+    """The DPO options fastdpo's and TRL's configs share, checked: ``check_weighting``; TR-DPO's sync settings (a
+    period of 0 failed after the first step, ``ZeroDivisionError``, TRL's too; a mixing weight outside [0, 1]
+    extrapolated the reference); a warning for ``label_smoothing`` or ``cpo_alpha`` that no loss type uses."""
+    check_weighting(args)
+    if getattr(args, "sync_ref_model", False):
+        steps, alpha = args.ref_model_sync_steps, args.ref_model_mixup_alpha
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"must be a whole number ≥ 1, got {steps!r}", column="ref_model_sync_steps",
+                              fix="the reference moves toward the policy every this many steps (TRL: 512)")  # fmt: skip
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ConfigError(f"must be in [0, 1], got {alpha!r}", column="ref_model_mixup_alpha",
+                              fix="the reference becomes α·policy + (1 − α)·reference (TRL: 0.6)")  # fmt: skip
+    types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+    if args.label_smoothing and not SMOOTHED.intersection(types):
+        warnings.warn(f"label_smoothing={args.label_smoothing} is not used by loss_type {types} (as in TRL 1.16): "
+                      f"it smooths {sorted(SMOOTHED)}; conservative DPO is loss_type='cdpo'", stacklevel=3)  # fmt: skip
+    alpha = getattr(args, "cpo_alpha", 1.0)
+    if alpha != 1.0 and "cpo" not in types:
+        warnings.warn(f"cpo_alpha={alpha} is used by loss_type 'cpo' alone, not by {types}; CPO-SimPO (TRL's CPO "
+                      f"trainer with loss_type='simpo') is loss_type=['simpo', 'sft'], loss_weights=[1, {alpha}]",
+                      stacklevel=3)  # fmt: skip
 
 
 def check_weighting(args) -> None:
