@@ -250,3 +250,23 @@ def test_the_key_is_what_the_values_depend_on_not_a_label(tmp_path, monkeypatch)
     for xdg in ("", "relative/cache"):  # the XDG spec: unset (it wrote into the current folder)
         monkeypatch.setenv("XDG_CACHE_HOME", xdg)
         assert default_cache_dir().is_absolute()
+
+
+def test_the_cache_is_computed_on_the_steps_attention_and_keyed_by_it(tmp_path):
+    # packed_attention="varlen": the cache was computed on the model's own (sdpa) attention, whose rounding differs,
+    # and a file computed so was read by a varlen run (the key lacked it): step 1 of a policy still equal to its
+    # reference had rewards/accuracies 0.125 and margins 3.6e-7 where they are exactly 0
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    data = synthetic_pairs(8)
+    cache = tmp_path / "cache"
+    logs = {}
+    for attention in ("model", "varlen"):  # (the model's own first: its file must not be the one varlen reads)
+        args = DPOConfig(**{**common_args(tmp_path, attention), "max_steps": 1, "per_device_train_batch_size": 8},
+                         packed_attention=attention, reference="cached", ref_cache_dir=str(cache))  # fmt: skip
+        trainer = DPOTrainer(load(), args=args, train_dataset=data, processing_class=tokenizer)
+        trainer.train()
+        logs[attention] = trainer.state.log_history[0]
+    assert len(list(cache.glob("*.arrow"))) == 2  # two keys
+    for attention, log in logs.items():
+        assert log["rewards/margins"] == 0 and log["rewards/accuracies"] == 0, (attention, log)

@@ -158,11 +158,13 @@ def compute_reference_logps(
 
 
 def cache_key(reference: nn.Module, rows, *, tokenizer, max_length: int | None, truncation_mode: str,
-              ld_alpha: float | None = None, autocast: str | None = None,
-              adapter_off: bool = False) -> dict:  # fmt: skip
-    """What the cached values depend on; its hash names the file (``ld_alpha``, ``autocast`` and ``adapter_off``
-    only when set, so that the files of plain sums in full precision keep the names they had before these options
-    existed; ``adapter_off``: a PEFT model computed them with its adapter off, or its "ref" adapter)."""
+              ld_alpha: float | None = None, autocast: str | None = None, adapter_off: bool = False,
+              attention: str | None = None) -> dict:  # fmt: skip
+    """What the cached values depend on; its hash names the file (``ld_alpha``, ``autocast``, ``adapter_off`` and
+    ``attention`` only when set, so that the files of plain sums in full precision keep the names they had before
+    these options existed; ``adapter_off``: a PEFT model computed them with its adapter off, or its "ref" adapter;
+    ``attention``: an implementation that attends per sequence computed them, whose rounding differs from masked
+    attention's: a policy still equal to its reference then has margins of exactly 0 on either)."""
     data, count = rows_fingerprint(rows)
     key = {"format": FORMAT, "model": model_fingerprint(reference), "tokenizer": tokenizer_fingerprint(tokenizer),
            "rows": data, "num_rows": count, "max_length": max_length, "truncation_mode": truncation_mode}  # fmt: skip
@@ -172,7 +174,19 @@ def cache_key(reference: nn.Module, rows, *, tokenizer, max_length: int | None, 
         key["autocast"] = str(autocast)
     if adapter_off:
         key["adapter"] = "off"
+    if attention is not None:
+        key["attention"] = attention
     return key
+
+
+def _per_sequence_attention(model: nn.Module) -> str | None:
+    """The model's attention implementation in effect where it attends per sequence (``attends_per_sequence``:
+    varlen, flash-attention), else None."""
+    from fastdpo.model.attention import attends_per_sequence
+
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    current = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    return current if isinstance(current, str) and attends_per_sequence(current) else None
 
 
 def cached_reference_logps(
@@ -204,7 +218,8 @@ def cached_reference_logps(
         warnings.warn(f"cached_reference_logps(autocast={autocast!r}) but the autocast in effect is {actual}: the "
                       f"values are keyed as computed, {actual}", stacklevel=2)  # fmt: skip
     key = cache_key(reference, rows, tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode,
-                    ld_alpha=ld_alpha, autocast=actual, adapter_off=adapter_off)  # fmt: skip
+                    ld_alpha=ld_alpha, autocast=actual, adapter_off=adapter_off,
+                    attention=_per_sequence_attention(reference))  # fmt: skip
     name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / f"{name}.arrow"
     values = None

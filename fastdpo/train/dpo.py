@@ -305,7 +305,9 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # (a processor holds one)
         # (the key's precision: the autocast in effect, not accelerate's label, which DeepSpeed's does not apply)
+        # (and on the steps' attention: a policy still equal to its reference then has margins of exactly 0)
         with (self.accelerator.autocast(), on_device(reference, args.device),
+              use_attention([reference], self.packed_attention_impl),
               adapter_reference(reference) if adapter_off else nullcontext()):  # fmt: skip
             values = cached_reference_logps(reference, dataset, cache_dir=args.ref_cache_dir, tokenizer=tokenizer,
                                             max_length=args.max_length, truncation_mode=args.truncation_mode,
