@@ -39,7 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fastdpo.data.vocabulary import check_positions, check_sft_positions, check_token_ids
+from fastdpo.data.vocabulary import check_positions, check_positions_as_cut, check_token_ids
 from fastdpo.errors import ConfigError, DataError, close_match
 
 try:
@@ -150,7 +150,7 @@ class _CheckedEvalSets:
         if getattr(self, "model", None) is not None:  # (in the constructor, before the Trainer's: checked after it)
             name = _set_name(kwargs.get("dataset_name", args[-1] if args else "eval"))  # (a dict's sets: their keys)
             check_token_ids(prepared, self.model, name)
-            check_sft_positions(prepared, self.model, name, self.args)
+            check_positions_as_cut(prepared, self.model, name, self.args)
         return prepared
 
 
@@ -192,7 +192,7 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
                          quantization_config=quantization_config, peft_config=peft_config)  # fmt: skip
         for split, data in (("train", self.train_dataset), ("eval", self.eval_dataset)):
             check_token_ids(data, self.model, split)
-            check_sft_positions(data, self.model, split, self.args)
+            check_positions_as_cut(data, self.model, split, self.args)
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.DPOTrainer for vision-language models")  # fmt: skip
@@ -374,7 +374,7 @@ class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, trl.SFTTrain
                              formatting_func=formatting_func)  # fmt: skip
         for split, data in (("train", self.train_dataset), ("eval", self.eval_dataset)):
             check_token_ids(data, self.model, split)
-            check_sft_positions(data, self.model, split, self.args)
+            check_positions_as_cut(data, self.model, split, self.args)
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.SFTTrainer for vision-language models")  # fmt: skip

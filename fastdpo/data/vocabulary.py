@@ -89,8 +89,8 @@ def cut_length(args) -> int | None:
     return None if kept_as_given(args) else args.max_length
 
 
-def check_sft_positions(dataset, model, name: str, args, dropped: dict | None = None) -> None:
-    """``check_positions`` for an SFT trainer's ``args``: its sequences as it cuts them (``cut_length``), the fix for
+def check_positions_as_cut(dataset, model, name: str, args, dropped: dict | None = None) -> None:
+    """``check_positions`` for a trainer's ``args``: its sequences as it cuts them (``cut_length``), the fix for
     those it keeps as given (``kept_as_given``) saying to cut them."""
     check_positions(dataset, model, name, cut_length(args), dropped, as_given=kept_as_given(args))
 

@@ -56,7 +56,7 @@ from fastdpo.data.sft import (
 )
 from fastdpo.data.source_rows import rows_of
 from fastdpo.data.stream import prepare_sft_stream
-from fastdpo.data.vocabulary import check_sft_positions, check_token_ids, kept_as_given
+from fastdpo.data.vocabulary import check_positions_as_cut, check_token_ids, kept_as_given
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model.adapters import (
     is_peft_model,
@@ -329,7 +329,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
     def _check_ids(self, dataset, model, split: str, args: SFTConfig) -> None:
         """Token ids the model embeds, sequences its position table holds (as they are cut: ``cut_length``)."""
         check_token_ids(dataset, model, split, self.dropped_rows)
-        check_sft_positions(dataset, model, split, args, self.dropped_rows)
+        check_positions_as_cut(dataset, model, split, args, self.dropped_rows)
 
     def _prepare_eval(self, eval_dataset, tokenizer, args: SFTConfig):
         packing = args.packing if args.eval_packing is None else args.eval_packing
