@@ -74,6 +74,7 @@ from fastdpo.model.hooks import forward_as  # noqa: E402
 from fastdpo.model.packed import head_softcap  # noqa: E402
 from fastdpo.train.common import (  # noqa: E402
     PackedTokenCount,
+    _first_process,
     check_attention_device,
     check_collator,
     check_lean_activations,
@@ -171,12 +172,35 @@ def _check_pair_columns(dataset, name: str) -> None:
     raise DataError(f"the {name} data has no {missing[0]!r} column", column=missing[0], fix=fix)
 
 
+def _count_dropped(given, prepared, name: str, max_length: int | None) -> None:
+    """TRL's drop of the pairs whose prompt fills ``max_length`` (``keep_start``), said: a set it emptied failed
+    later, deep inside (the sampler's ``num_samples=0``; the precompute's ``torch.cat`` of nothing) or, an eval set,
+    gave no eval metrics at all; a part dropped went unsaid. A DataError where none is left, else one warning."""
+    import datasets
+
+    if not isinstance(given, datasets.Dataset) or not isinstance(prepared, datasets.Dataset):
+        return  # (a stream: read as training goes)
+    gone = len(given) - len(prepared)
+    if gone <= 0:
+        return
+    why = f"their prompt fills max_length ({max_length} tokens), and TRL drops such pairs under keep_start"
+    if len(prepared) == 0:
+        raise DataError(f"no pair of the {name} data is left to {'train' if name == 'train' else 'evaluate'} on: all "
+                        f"{gone} were dropped, {why}", column=f"{name}_dataset",
+                        fix=f"raise max_length (now {max_length}), set truncation_mode='keep_end', or shorten the "
+                        "prompts")  # fmt: skip
+    if _first_process():
+        warnings.warn(f"{name} data: {gone} of {len(given)} pairs dropped: {why}", stacklevel=4)
+
+
 class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer):
     """``trl.DPOTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
         _check_pair_columns(dataset, _set_name(dataset_name))
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        _count_dropped(dataset, prepared, _set_name(dataset_name), args.max_length)
+        return prepared
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,

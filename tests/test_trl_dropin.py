@@ -102,6 +102,29 @@ def test_out_of_range_options_and_what_it_does_not_implement_are_refused(data, t
         trainer.compute_loss(trainer.model, {}, return_outputs=True)
 
 
+def test_a_set_trls_max_length_drop_empties_is_named_and_a_part_dropped_said(data, tmp_path):  # noqa: F811
+    # TRL drops the pairs whose prompt fills max_length (keep_start): a train set it emptied failed in torch's
+    # sampler (num_samples=0), an eval set under precompute in TRL's torch.cat, and without it gave no eval metrics
+    from fastdpo.errors import DataError
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    lengths = [len(tokenizer(prompt)["input_ids"]) for prompt in data["prompt"]]
+    for options, column in (({}, "train_dataset"), ({"precompute_ref_log_probs": True}, "eval_dataset"),
+                            ({"eval_strategy": "steps"}, "eval_dataset")):  # fmt: skip
+        short = min(lengths) if column == "train_dataset" else max(lengths) + 1  # (the eval set's are longer)
+        held_out = data.map(lambda row: {"prompt": row["prompt"] + " and more" * 40})
+        args = trl.DPOConfig(**{**common_args(tmp_path, "x"), "max_length": short}, **options)
+        with pytest.raises(DataError, match=f"^column '{column}': no pair of the .* data is left"):
+            dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, eval_dataset=held_out,
+                              processing_class=tokenizer)  # fmt: skip
+    short = sorted(lengths)[2]  # (the two shortest prompts stay)
+    args = trl.DPOConfig(**{**common_args(tmp_path, "y"), "max_length": short})
+    dropped = sum(n >= short for n in lengths)
+    with pytest.warns(UserWarning, match=f"train data: {dropped} of {len(data)} pairs dropped"):
+        dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+
+
 def test_trl_version_outside_the_range_is_refused():
     with pytest.raises(ImportError, match="TRL 1.16"):
         dropin._check_version("1.17.0")
