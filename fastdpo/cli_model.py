@@ -353,51 +353,41 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", n
         dropping = prepare_dropping if command == "dpo" else functools.partial(prepare_sft_dropping,
                                                                                text_field=text_field)  # fmt: skip
         prepare = functools.partial(_without_refused_rows, counts=refused, dropping=dropping, gone=gone)
-    # the file's row of each row of the train split (for the report) and of the evaluation rows
-    evaluation, file_rows, eval_rows = None, None, None
+    # the file's row of each row, in a column the preparation, the split and the filter carry along (a Dataset.select
+    # of consecutive rows keeps no indices to read them from)
+    evaluation, train_split, test_split = None, run_args.dataset_train_split, run_args.dataset_test_split
     if command == "dpo" and run_args.eval_fraction is not None:  # split as given, as `fastdpo data split` splits
-        loaded = load_data(run_args.dataset_name, split=run_args.dataset_train_split, text=text_columns(columns))
-        given, held_out = _held_out(split_pairs, rename_preference_columns(loaded, columns or {})[0],
-                                    run_args.eval_fraction, seed)  # fmt: skip
-        train = _in_file_rows(prepare, given, split=run_args.dataset_train_split)
+        loaded = load_data(run_args.dataset_name, split=train_split, text=text_columns(columns))
+        loaded = rename_preference_columns(loaded, columns or {})[0]
+        given, held_out = _held_out(split_pairs, _numbered(loaded, range(len(loaded))), run_args.eval_fraction, seed)
+        train = _in_file_rows(prepare, given, split=train_split)
         evaluation = _in_file_rows(prepare, held_out, split="eval")
-        file_rows = _file_rows(given)
-        eval_rows = _left(_file_rows(held_out), gone.get("eval"))
     else:
-        train = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_train_split)
-    file_rows = _left(file_rows or range(len(train) + len(gone.get(run_args.dataset_train_split, ()))),
-                      gone.get(run_args.dataset_train_split))  # fmt: skip
-    if run_args.dataset_test_split is not None:
-        evaluation = prepare(run_args.dataset_name, columns=columns, split=run_args.dataset_test_split)
-        eval_rows = _left(range(len(evaluation) + len(gone.get(run_args.dataset_test_split, ()))),
-                          gone.get(run_args.dataset_test_split))  # fmt: skip
+        prepared = prepare(run_args.dataset_name, columns=columns, split=train_split)
+        train = _numbered_left(prepared, gone.get(train_split))
+    if test_split is not None:
+        evaluation = _numbered_left(prepare(run_args.dataset_name, columns=columns, split=test_split),
+                                    gone.get(test_split))  # fmt: skip
     elif run_args.eval_fraction is not None and command != "dpo":  # (SFT: messages or text rows too)
-        whole, (train, evaluation) = train, _held_out(split_sft_by_prompt, train, run_args.eval_fraction, seed)
-        eval_rows = [file_rows[row] for row in _positions(evaluation, whole)]
-        file_rows = [file_rows[row] for row in _positions(train, whole)]
-    if numbering is not None:
-        numbering.update(train=file_rows, eval=eval_rows)
+        train, evaluation = _held_out(split_sft_by_prompt, train, run_args.eval_fraction, seed)
     if command != "dpo":
-        return train, evaluation, {}
+        return (*_without_numbers(train, evaluation, numbering), {})
+    file_rows = list(train[_ROW])  # (the report's rows: those of the train split before its filter)
     report = check_preferences(train)
-    dropped: dict[str, int] = refused.get(run_args.dataset_train_split, {})
+    dropped: dict[str, int] = refused.get(train_split, {})
     removed_eval: dict[str, int] = {}
     if run_args.data_filter == "drop":
-        whole, (train, more) = train, report.filter(train)
-        if numbering is not None:
-            numbering["train"] = [file_rows[row] for row in _positions(train, whole)]
+        train, more = report.filter(train)
         dropped = dict(collections.Counter(dropped) + collections.Counter(more))
         if dropped:
             logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
         if evaluation is not None:  # (its rows preparation refused are gone already, as the train split's)
-            whole, (evaluation, removed_eval) = evaluation, check_preferences(evaluation).filter(evaluation)
-            if numbering is not None:
-                numbering["eval"] = [eval_rows[row] for row in _positions(evaluation, whole)]
+            rows = len(evaluation)
+            evaluation, removed_eval = check_preferences(evaluation).filter(evaluation)
             if removed_eval:
-                logger.warning("dropped %d evaluation rows: %s (data_quality.md)", len(whole) - len(evaluation),
-                               removed_eval)  # fmt: skip
+                logger.warning("dropped %d evaluation rows: %s (data_quality.md)", rows - len(evaluation), removed_eval)
             if len(evaluation) == 0:
-                raise DataError(f"every one of the {len(whole)} evaluation rows is dropped ({removed_eval})",
+                raise DataError(f"every one of the {rows} evaluation rows is dropped ({removed_eval})",
                                 column="data_filter", fix="check the evaluation data (fastdpo data check FILE), or "
                                 "data_filter: none")  # fmt: skip
     report = dataclasses.replace(report, rows={reason: [file_rows[row] for row in rows] for reason, rows in
@@ -408,44 +398,42 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", n
              + (f"Evaluation rows removed: {removed_eval}\n" if removed_eval else ""),
              "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped, "removed_eval": removed_eval},
                                              indent=1)}  # fmt: skip
-    return train, evaluation, files
+    return (*_without_numbers(train, evaluation, numbering), files)
 
 
-def _left(rows, gone) -> list[int]:
-    """``rows`` but those in ``gone`` (the rows preparation refused and dropped, as the file numbers them)."""
+_ROW = "__fastdpo_file_row__"  # a row's place in its data file, through preparation, split and filter
+
+
+def _numbered(dataset, rows):
+    """``dataset`` with its rows' file rows (``rows``) in the ``_ROW`` column."""
+    return dataset.add_column(_ROW, list(rows))
+
+
+def _numbered_left(prepared, gone) -> object:
+    """A prepared split ``_numbered``: its rows are the file's, but those in ``gone`` (the rows preparation refused
+    and dropped), in order."""
     out = set(gone or ())
-    return [row for row in rows if row not in out]
+    return _numbered(prepared, [row for row in range(len(prepared) + len(out)) if row not in out])
 
 
-def _positions(part, whole) -> list[int]:
-    """The row of ``whole`` that each row of ``part`` (a ``select`` of it) is."""
-    rows, base = _file_rows(part), _file_rows(whole)
-    if rows is None:  # (not a selection: the same rows)
-        return list(range(len(part)))
-    if base is None:
-        return rows
-    where = {row: place for place, row in enumerate(base)}
-    return [where[row] for row in rows]
+def _without_numbers(train, evaluation, numbering: dict | None) -> tuple:
+    """(train, evaluation) without the ``_ROW`` column, their file rows in ``numbering`` (``"train"``, ``"eval"``)."""
+    if numbering is not None:
+        numbering.update(train=list(train[_ROW]), eval=None if evaluation is None else list(evaluation[_ROW]))
+    return train.remove_columns(_ROW), None if evaluation is None else evaluation.remove_columns(_ROW)
 
 
 def _in_file_rows(prepare, part, *, split: str):
-    """``prepare(part)`` for one part of a split file (a ``select`` of it), an error's row named as the file numbers
-    it, not as the part does."""
-    rows = _file_rows(part)
-    numbering = (
-        {"file_rows": rows} if getattr(prepare, "func", None) is _without_refused_rows and rows is not None else {}
-    )
+    """``prepare(part)`` for one part of a split file (``_numbered``), an error's row named as the file numbers it,
+    not as the part does."""
+    rows = list(part[_ROW])
+    numbering = {"file_rows": rows} if getattr(prepare, "func", None) is _without_refused_rows else {}
     try:  # (the refused rows' warning numbers them too)
         return prepare(part, columns=None, split=split, **numbering)
     except DataError as error:
-        if error.row is None or rows is None:
+        if error.row is None:
             raise
         raise type(error)(error.message, row=rows[error.row], column=error.column, fix=error.fix) from None
-
-
-def _file_rows(part) -> list[int] | None:
-    """The file's row of each row of ``part`` (a ``select`` of a split file); None where it is no selection."""
-    return None if part._indices is None else part._indices.column(0).to_pylist()
 
 
 def _held_out(split, dataset, fraction: float, seed: int):

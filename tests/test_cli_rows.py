@@ -120,3 +120,48 @@ def test_rows_are_named_as_their_source_numbers_them_within_numbered_as_only():
         with pytest.raises(DataError, match="^row 2, column 'prompt'"), rows_of("eval"):
             raise DataError("bad", row=2, column="prompt")
     assert source_rows("train", [1, 3]) == [1, 3]  # (outside: the rows given)
+
+
+@pytest.mark.parametrize("command", ["dpo", "sft"])
+def test_each_rows_file_row_through_refusal_split_and_filter(tmp_path, command):
+    # Dataset.select of consecutive rows keeps no indices: numbering read from them failed where the held-out rows,
+    # or the rows the filter kept, were consecutive (eval_fraction 1: TypeError; row 0 filtered alone: rows off by 1)
+    import itertools
+    import re
+
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import loaded_splits
+    from fastdpo.errors import DataError
+
+    def ident(row) -> int:  # (each row's prompt names its file row)
+        return int(re.search(r"q(\d+)", json.dumps(row)).group(1))
+
+    rng, checked = random.Random(0), 0
+    for fraction, (identical, refused) in itertools.product((None, 1.0, 3.0, 0.3), (((), ()), ((0,), ()),
+                                                            ((0, 1), (11,)), ((5,), (2,)))):  # fmt: skip
+        pairs = [{"prompt": f"q{i} {_text(rng, 2, 5)}?", "chosen": f" {_text(rng, 1, 4)}.",
+                  "rejected": f" x {_text(rng, 1, 4)}."} for i in range(12)]  # fmt: skip
+        for row in identical if command == "dpo" else ():
+            pairs[row]["chosen"] = pairs[row]["rejected"]
+        for row in refused:
+            pairs[row]["chosen"] = ""
+        rows = pairs if command == "dpo" else [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+        path = tmp_path / f"{command}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        numbering, case = {}, (fraction, identical, refused)
+        try:
+            train, evaluation, _ = loaded_splits(command, RunArguments(dataset_name=str(path), eval_fraction=fraction),
+                                                 0, numbering=numbering)  # fmt: skip
+        except DataError as error:  # a held-out part of refused or filtered rows alone: nothing to evaluate on
+            assert fraction in (1.0, 3.0) and "every" in str(error), case
+            continue
+        checked += 1
+        assert numbering["train"] == [ident(row) for row in train], case
+        assert "__fastdpo_file_row__" not in train.column_names  # (the trainer gets the rows as given)
+        if fraction is None:
+            assert evaluation is None and numbering["eval"] is None, case
+        else:
+            assert numbering["eval"] == [ident(row) for row in evaluation], case
+        gone = set(refused) | (set(identical) if command == "dpo" else set())
+        assert not gone & set(numbering["train"] + (numbering["eval"] or [])), case
+    assert checked >= 12  # (of 16 cases)
