@@ -136,9 +136,12 @@ def _refuse(args, compute_metrics) -> None:
     refuse_logit_hooks(TRL_FALLBACK, compute_metrics=compute_metrics)
 
 
-def _set_name(key: str) -> str:
+def _set_name(key: str, train_prepared: bool = True) -> str:
     """How errors name a set TRL prepares under ``key``: ``train``, ``eval``, or one of a dict's eval sets as
-    ``eval_<key>`` (as the constructor names them)."""
+    ``eval_<key>`` (as the constructor names them); ``train_prepared``: the train set was prepared already, so that a
+    set under ``"train"`` is a dict's eval set (it was named as the train set)."""
+    if key == "train" and train_prepared:
+        return "eval_train"
     return key if key in ("train", "eval") else f"eval_{key}"
 
 
@@ -149,7 +152,8 @@ class _CheckedEvalSets:
     def _prepare_dataset(self, dataset, *args, **kwargs):
         prepared = super()._prepare_dataset(dataset, *args, **kwargs)
         if getattr(self, "model", None) is not None:  # (in the constructor, before the Trainer's: checked after it)
-            name = _set_name(kwargs.get("dataset_name", args[-1] if args else "eval"))  # (a dict's sets: their keys)
+            name = _set_name(kwargs.get("dataset_name", args[-1] if args else "eval"))  # (a dict's sets: their keys;
+            # after the constructor: a key "train" is an eval set's)
             check_token_ids(prepared, self.model, name)
             check_positions_as_cut(prepared, self.model, name, self.args)
         return prepared
@@ -172,10 +176,11 @@ def _check_pair_columns(dataset, name: str) -> None:
     raise DataError(f"the {name} data has no {missing[0]!r} column", column=missing[0], fix=fix)
 
 
-def _count_dropped(given, prepared, name: str, max_length: int | None) -> None:
+def _count_dropped(given, prepared, name: str, max_length: int | None, *, needed: bool = True) -> None:
     """TRL's drop of the pairs whose prompt fills ``max_length`` (``keep_start``), said: a set it emptied failed
     later, deep inside (the sampler's ``num_samples=0``; the precompute's ``torch.cat`` of nothing) or, an eval set,
-    gave no eval metrics at all; a part dropped went unsaid. A DataError where none is left, else one warning."""
+    gave no eval metrics at all; a part dropped went unsaid. A DataError where none is left and the set is
+    ``needed`` (an eval set nothing evaluates is not), else one warning."""
     import datasets
 
     if not isinstance(given, datasets.Dataset) or not isinstance(prepared, datasets.Dataset):
@@ -184,7 +189,7 @@ def _count_dropped(given, prepared, name: str, max_length: int | None) -> None:
     if gone <= 0:
         return
     why = f"their prompt fills max_length ({max_length} tokens), and TRL drops such pairs under keep_start"
-    if len(prepared) == 0:
+    if len(prepared) == 0 and needed:
         raise DataError(f"no pair of the {name} data is left to {'train' if name == 'train' else 'evaluate'} on: all "
                         f"{gone} were dropped, {why}", column=f"{name}_dataset",
                         fix=f"raise max_length (now {max_length}), set truncation_mode='keep_end', or shorten the "
@@ -197,9 +202,14 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
     """``trl.DPOTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
-        _check_pair_columns(dataset, _set_name(dataset_name))
+        name = _set_name(dataset_name, getattr(self, "_train_prepared", False))  # (TRL prepares the train set first)
+        self._train_prepared = True
+        _check_pair_columns(dataset, name)
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        _count_dropped(dataset, prepared, _set_name(dataset_name), args.max_length)
+        # (an eval set is needed now in evaluate(), after the constructor, or where training evaluates)
+        strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+        needed = name == "train" or getattr(self, "model", None) is not None or str(strategy) != "no"
+        _count_dropped(dataset, prepared, name, args.max_length, needed=needed)
         return prepared
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,

@@ -110,14 +110,22 @@ def test_a_set_trls_max_length_drop_empties_is_named_and_a_part_dropped_said(dat
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
     lengths = [len(tokenizer(prompt)["input_ids"]) for prompt in data["prompt"]]
-    for options, column in (({}, "train_dataset"), ({"precompute_ref_log_probs": True}, "eval_dataset"),
-                            ({"eval_strategy": "steps"}, "eval_dataset")):  # fmt: skip
+    held_out = data.map(lambda row: {"prompt": row["prompt"] + " and more" * 40})
+    for options, column, sets in (({}, "train_dataset", held_out),
+                                  ({"precompute_ref_log_probs": True, "eval_strategy": "steps"}, "eval_dataset",
+                                   held_out),
+                                  ({"eval_strategy": "steps"}, "eval_dataset", held_out),
+                                  ({"eval_strategy": "steps"}, "eval_train_dataset", {"train": held_out})):  # fmt: skip
         short = min(lengths) if column == "train_dataset" else max(lengths) + 1  # (the eval set's are longer)
-        held_out = data.map(lambda row: {"prompt": row["prompt"] + " and more" * 40})
         args = trl.DPOConfig(**{**common_args(tmp_path, "x"), "max_length": short}, **options)
         with pytest.raises(DataError, match=f"^column '{column}': no pair of the .* data is left"):
-            dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, eval_dataset=held_out,
+            dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, eval_dataset=sets,
                               processing_class=tokenizer)  # fmt: skip
+    # an eval set nothing evaluates (eval_strategy "no"): trained on, as TRL trains, the drop said
+    args = trl.DPOConfig(**{**common_args(tmp_path, "z"), "max_length": max(lengths) + 1})
+    with pytest.warns(UserWarning, match=f"eval data: {len(held_out)} of {len(held_out)} pairs dropped"):
+        dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, eval_dataset=held_out,
+                          processing_class=tokenizer).train()  # fmt: skip
     short = sorted(lengths)[2]  # (the two shortest prompts stay)
     args = trl.DPOConfig(**{**common_args(tmp_path, "y"), "max_length": short})
     dropped = sum(n >= short for n in lengths)
