@@ -237,7 +237,8 @@ def test_pair_weights_scale_each_pair():
         ({"loss_type": "simpo", "simpo_gamma": float("nan")}, "simpo_gamma", "finite"),
         ({"loss_type": "cpo", "cpo_alpha": float("inf")}, "cpo_alpha", "finite"),
         ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, float("nan")]}, "loss_weights", "finite"),
-        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, "a"]}, "loss_weights", "expected numbers"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, "a"]}, "loss_weights", "expected a list of numbers"),
+        ({"loss_type": "sigmoid", "loss_weights": 0.5}, "loss_weights", "expected a list of numbers, got 0.5"),
     ],
 )
 def test_bad_settings_raise_config_error(kw, column, hint):
@@ -280,4 +281,5 @@ def test_tr_dpo_settings_are_checked_and_unused_loss_options_said(tmp_path):
         warnings.simplefilter("always")
         DPOConfig(**base, loss_type=["cdpo"], label_smoothing=0.2)
         DPOConfig(**base, loss_type=["cpo"], cpo_alpha=0.5)
+        DPOConfig(**base, loss_type=["simpo"], cpo_alpha=0.0)  # (TRL's CPO trainer's SimPO: what simpo is)
     assert not [w for w in caught if "label_smoothing" in str(w.message) or "cpo_alpha" in str(w.message)]

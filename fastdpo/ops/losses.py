@@ -238,7 +238,7 @@ def _numbers(values, column: str) -> list[float]:
     try:
         numbers = [float(value) for value in values]
     except (TypeError, ValueError):
-        raise ConfigError(f"expected numbers, got {list(values)!r}", column=column) from None
+        raise ConfigError(f"expected a list of numbers, got {values!r}", column=column) from None
     if not all(map(math.isfinite, numbers)):
         raise ConfigError(f"must be finite, got {numbers}", column=column)
     return numbers
