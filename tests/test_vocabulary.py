@@ -225,3 +225,19 @@ def test_sequences_kept_as_given_are_checked_against_the_position_table_uncut(tm
             trainer.evaluate(rows)
         with pytest.raises(DataError, match=r"^row 1, column 'input_ids': " + said.format("eval_test")):
             trainer.evaluate({"test": rows})
+
+
+def test_a_packed_rows_sequence_past_the_position_table_is_named_as_a_packed_row():
+    # a packed dataset's rows are its packed rows (not the input's): said, as the token-id check says it
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fastdpo.data.vocabulary import check_positions
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    packed = datasets.Dataset.from_dict({"input_ids": [list(range(10)), list(range(30))],
+                                         "seq_lengths": [[4, 6], [10, 20]]})  # fmt: skip
+    with pytest.raises(DataError, match=r"^row 1, column 'seq_lengths': a sequence of 20 tokens in the train data "
+                                        r"\(a packed row\)"):  # fmt: skip
+        check_positions(packed, model, "train", None)

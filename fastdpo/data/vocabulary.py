@@ -117,8 +117,9 @@ def check_positions(dataset, model, name: str, max_length: int | None, dropped: 
     found = _first_over(dataset, columns, limit, max_length)
     if found is not None:
         row, longest = found
-        raise DataError(f"a sequence of {longest} tokens in the {name} data: {type(model).__name__} has a learned "
-                        f"position table of {limit} positions", row=_input_row(dataset, row, name, dropped),
+        packed = " (a packed row)" if columns == ["seq_lengths"] else ""
+        raise DataError(f"a sequence of {longest} tokens in the {name} data{packed}: {type(model).__name__} has a "
+                        f"learned position table of {limit} positions", row=_input_row(dataset, row, name, dropped),
                         column=columns[0], fix=f"cut the sequences to at most {limit} tokens (skip_prepare_dataset "
                         "keeps them as given), or drop such rows" if as_given else f"set max_length to at most "
                         f"{limit} (a longer sequence is cut to it), or drop such rows")  # fmt: skip
