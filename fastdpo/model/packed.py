@@ -219,7 +219,7 @@ def head_spec(model: nn.Module) -> HeadSpec:
     # PEFT's trainable_token_indices on a model whose embedding is tied to its head wraps the head too: its weight
     # reads as the linear's with the trained rows in (the linear's own with adapters off), its forward is that
     linear = head.original_module if type(head).__name__ == "TrainableTokensWrapper" else head
-    weight = getattr(head, "weight", None)
+    weight = getattr(linear, "weight", None)  # (the wrapper's, with its rows in, once the linear's is checked)
     # subclasses that only add hooks (FSDP2 wraps the class) are fine; ones with their own forward (quantized
     # layers, custom heads) compute something else; LoRA's wrapper is no nn.Linear at all
     plain = isinstance(linear, nn.Linear) and type(linear).forward is nn.Linear.forward
@@ -234,8 +234,11 @@ def head_spec(model: nn.Module) -> HeadSpec:
         raise ConfigError(
             f"{name}'s LM head weight is sharded (FSDP2 DTensor or DeepSpeed ZeRO-3 parameter) outside its forward",
             column="model",
-            fix="compute log-probs through fastdpo.model (run_head calls the head module, so the wrapper gathers it)",
-        )
+            fix="compute log-probs through fastdpo.model (run_head calls the head module, so the wrapper gathers it)"
+            + ("; a head holding trainable_token_indices' rows is not gathered so: train it unsharded, or untie it"
+               if linear is not head else ""),
+        )  # fmt: skip
+    weight = head.weight if linear is not head else weight
     config = inner.config.get_text_config()
     rule = _HEAD_RULES.get(name)
     if rule is None:
