@@ -158,6 +158,8 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
     prints = {
         "data_fingerprint": data_fingerprint(run_args.dataset_name),  # (other files at the same paths)
         "model_fingerprint": model_fingerprint(run_args.model_name_or_path),
+        # (a reference folder given: the rows' margins and accuracy are measured against it)
+        "reference_fingerprint": model_fingerprint(getattr(run_args, "ref_model_name_or_path", None)),
     }
     settings = json.loads(json.dumps({**{k: v for k, v in resolved.items() if k not in _MAY_DIFFER},
                                       "samples": args.samples, "kl_prompts": args.kl_prompts, **prints}))  # fmt: skip
@@ -168,8 +170,11 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
         if not isinstance(recorded, dict):  # (a row written before the settings were)
             saved, recorded = {"row": saved}, {}
         changed = sorted(k for k in recorded.keys() | settings.keys() if recorded.get(k) != settings.get(k))
-        if same_models(recorded.get("model_fingerprint"), settings.get("model_fingerprint")):  # (an older print)
-            changed = [k for k in changed if k != "model_fingerprint"]
+        for key in ("model_fingerprint", "reference_fingerprint"):  # (an older print; a row from before the
+            if same_models(recorded.get(key), settings.get(key)) or (  # reference's was recorded: not known)
+                key == "reference_fingerprint" and key not in recorded
+            ):
+                changed = [k for k in changed if k != key]
         changed = changed if recorded else ["none recorded"]
         if not changed:
             print(f"sweep: β = {beta!r} finished before: read from {done}", flush=True)

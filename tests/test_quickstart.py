@@ -258,8 +258,10 @@ def test_sweep_reuses_one_reference_cache_goes_on_after_a_stop_and_recommends_a_
     pairs = tmp_path / "pairs.jsonl"
     _, train_pairs, _, _ = make_data(3, sft_rows=0, pairs=400, held_out=10)
     pairs.write_text("".join(json.dumps(p) + "\n" for p in train_pairs))
-    config = tmp_path / "run.yaml"
-    config.write_text(f"model_name_or_path: {out / 'sft'}\ndataset_name: {pairs}\neval_fraction: 0.1\nmax_steps: 8\n"
+    config, reference = tmp_path / "run.yaml", tmp_path / "reference"
+    shutil.copytree(out / "sft", reference)  # (a reference folder of its own: its weights are a part of the rows)
+    config.write_text(f"model_name_or_path: {out / 'sft'}\nref_model_name_or_path: {reference}\n"
+                      f"dataset_name: {pairs}\neval_fraction: 0.1\nmax_steps: 8\n"
                       "per_device_train_batch_size: 32\nlearning_rate: 0.0001\nloss_type: [sigmoid, sft]\n"
                       "loss_weights: [1.0, 1.0]\nuse_cpu: true\nreport_to: []\nsave_strategy: 'no'\n"
                       "gradient_checkpointing: false\ndisable_tqdm: true\nlogging_steps: 1\n")  # fmt: skip
@@ -307,6 +309,10 @@ def test_sweep_reuses_one_reference_cache_goes_on_after_a_stop_and_recommends_a_
     weights = next(changed.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
     assert model_fingerprint(str(changed)) != {**before} and model_fingerprint(str(changed)).keys() == before.keys()
+    shutil.rmtree(reference)  # other weights at the reference's path: rows measured against the old one were read
+    shutil.copytree(changed, reference)  # back and ranked beside the new
+    assert cli([*command, "--resume"]) == 2
+    assert "β = 0.05 finished under other settings (reference_fingerprint)" in capsys.readouterr().err
     assert len(computed) == 2  # the training and the held-out rows, once, for the first β; the second read the files
     result = json.loads((sweep_dir / "sweep.json").read_text())
     assert [r["beta"] for r in result["rows"]] == [0.05, 0.5] and result["recommended_beta"] in (0.05, 0.5)
