@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     # optional `kernels` package is missing: it falls back to its own 4-bit CPU kernel
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_notice)  # (once: the same filter)
     if argv[:1] in (["quickstart"], ["compare"], ["sweep"]):  # their own parsers (fastdpo.quickstart, ...)
-        from fastdpo.compare import main as compare
+        from fastdpo.compare_cli import main as compare
         from fastdpo.quickstart import main as quickstart
         from fastdpo.sweep import main as sweep
 

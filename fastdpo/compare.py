@@ -1,6 +1,6 @@
 """The policy against its reference, answer by answer: ``fastdpo compare``.
 
-    fastdpo compare --policy DIR --reference DIR [--prompts builtin|quickstart|FILE] [--pairs FILE]
+    fastdpo compare --policy DIR --reference DIR [--prompts builtin|quickstart|FILE] [--pairs FILE [--pairs-split S]]
                     [--samples 4] [--max-new-tokens 48] [--beta B] [--out DIR] [--overwrite] [--unquantized]
 
 For every prompt, each model's greedy answer (and ``--samples`` sampled answers of the policy), with:
@@ -20,8 +20,10 @@ For every prompt, each model's greedy answer (and ``--samples`` sampled answers 
   accuracy and margin and both models' mean log-probability of the chosen answers: lower under the policy while
   accuracy is high is likelihood displacement, flagged in the report.
 
-A ``FILE`` of prompts: .txt (one a line), .jsonl (``{"prompt": ...}`` a line) or .json (an array of them); a prompt
-is text, messages (rendered as the trainers render them) or token ids. ``builtin`` prompts are edge cases: empty,
+A ``FILE`` of prompts: .txt (one a line), .jsonl (``{"prompt": ...}`` or a prompt a line) or .json (an array of
+them; an object's ``system``/``input``/``context`` joined in as the trainers join them); a prompt is text, messages
+(rendered as the trainers render them) or token ids. The command line (``fastdpo.compare_cli``) reads what the
+policy's run recorded. ``builtin`` prompts are edge cases: empty,
 one character, near the model's context length, Chinese and mixed script, emoji, code, a prompt-injection attempt,
 a repeated token, a multi-turn conversation (rendered with the tokenizer's chat template when it has one). A prompt
 too long for the context keeps its last tokens, and the report says so. A QLoRA run's folder
@@ -43,14 +45,13 @@ import inspect
 import io
 import json
 import math
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from fastdpo.atomic import pyplot_or_none, refuse_non_empty
+from fastdpo.atomic import pyplot_or_none
 from fastdpo.errors import ConfigError, DataError
 
 
@@ -273,7 +274,8 @@ def compare(policy, reference, tokenizer, prompts: list[tuple[str, object]], *, 
 
 @torch.no_grad()
 def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data_filter: str = "drop",
-                 max_length: int | None = None, truncation_mode: str = "keep_start") -> dict:  # fmt: skip
+                 max_length: int | None = None, truncation_mode: str = "keep_start",
+                 displacement_margin: float | None = 0.1) -> dict:  # fmt: skip
     """Reward accuracy and margin on held-out preference pairs, both models' mean chosen log-probability, and
     whether it fell under the policy while accuracy is high (likelihood displacement).
 
@@ -285,8 +287,10 @@ def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data
     (``max_position_embeddings``; ``max_length`` None: whole up to it, the end cut beyond). The pairs the trainers
     drop are dropped: with ``data_filter="drop"`` (their default) those of the quality check's "drop" reasons
     (identical, empty, duplicate, ...), and those whose prompt fills the length (keep_start); counted by reason in
-    ``dropped``, in all in ``dropped_pairs``.
-    """
+    ``dropped``, in all in ``dropped_pairs``. Likelihood displacement: the chosen answers' mean log-probability
+    fallen under the policy by more than ``max(1, displacement_margin × |the reference's|)`` nats while accuracy is
+    above 0.5 (the trainers' ``displacement_margin``; None: not flagged). The sums are plain: an ``ld_alpha`` run's
+    evaluation weighs the tokens past the shorter answer's length, and its margins differ from these."""
     from fastdpo.data import check_preferences, prepare_preferences, tokenize_preferences
     from fastdpo.data.refused import prepare_dropping
     from fastdpo.data.tokenize import truncate
@@ -332,7 +336,8 @@ def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data
               "logps_chosen_policy": chosen_policy_mean, "logps_chosen_reference": chosen_reference_mean,
               "dropped_pairs": sum(dropped.values()), "dropped": dropped}  # fmt: skip
     fallen = chosen_reference_mean - chosen_policy_mean
-    result["displacement"] = result["reward_accuracy"] > 0.5 and fallen > max(1.0, 0.1 * abs(chosen_reference_mean))
+    result["displacement"] = (displacement_margin is not None and result["reward_accuracy"] > 0.5
+                              and fallen > max(1.0, displacement_margin * abs(chosen_reference_mean)))  # fmt: skip
     return result
 
 
@@ -459,14 +464,16 @@ def html_page(rows: list[Row], stats: dict, pairs: dict | None, beta: float) -> 
 # --------------------------------------------------------------------------------------------------------- CLI
 
 
-def write_report(out: Path, rows: list[Row], pairs: dict | None, beta: float) -> str:
-    """``compare.{json,md,html}`` in ``out``; returns the markdown."""
+def write_report(out: Path, rows: list[Row], pairs: dict | None, beta: float, settings: dict | None = None) -> str:
+    """``compare.{json,md,html}`` in ``out``; returns the markdown. ``settings``: what the numbers were computed
+    with, kept in the JSON beside β (samples, seed, sources, ...)."""
     from fastdpo.atomic import atomic_write
 
     stats = summary(rows)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "compare.json", json.dumps({"summary": stats, "pairs": pairs, "rows": [asdict(r) for r in rows]},
-                                                  indent=1, ensure_ascii=False))  # fmt: skip
+    report = {"settings": {"beta": beta, **(settings or {})}, "summary": stats, "pairs": pairs,
+              "rows": [asdict(r) for r in rows]}  # fmt: skip
+    atomic_write(out / "compare.json", json.dumps(report, indent=1, ensure_ascii=False, default=str))
     text = markdown(rows, stats, pairs, beta)
     atomic_write(out / "compare.md", text)
     atomic_write(out / "compare.html", html_page(rows, stats, pairs, beta))
@@ -484,116 +491,3 @@ def check_counts(args: argparse.Namespace, at_least: dict[str, int], at_most: di
         if value is not None and not least <= value <= most:
             bound = f"between {least} and {most}" if most < math.inf else f"at least {least}"
             raise ConfigError(f"must be {bound}, got {value}", column="--" + name.replace("_", "-"))
-
-
-def _columns(text: str) -> dict:
-    from fastdpo.cli_values import _json_dict
-
-    return _json_dict(text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastdpo compare", description=__doc__.splitlines()[0].replace("``", ""))
-    parser.add_argument("--policy", type=Path, required=True, help="the trained model's folder")
-    parser.add_argument("--reference", type=Path, required=True, help="the reference model's folder")
-    parser.add_argument("--prompts", default="builtin", help="builtin (edge cases), quickstart (its held-out "
-                        "problems), or a .txt/.jsonl/.json file")  # fmt: skip
-    parser.add_argument("--pairs", type=Path, help="held-out preference pairs (.jsonl/.json/.parquet/.csv, standard or "
-                        "conversational): accuracy, displacement")  # fmt: skip
-    parser.add_argument("--columns", type=_columns, help='the pairs\' column names, e.g. \'{"prompt": "question"}\' '
-                        "(default: the policy run's dataset_columns where the file has those columns)")  # fmt: skip
-    parser.add_argument("--samples", type=int, default=4, help="sampled policy answers per prompt (KL estimate)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="at most a quarter of the context")
-    parser.add_argument("--beta", type=float, help="of the implicit rewards (default: the β the policy's run "
-                        "recorded in its config.yaml, else 0.1)")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, help="only the first N prompts")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="default: runs/compare")
-    parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
-    parser.add_argument("--unquantized", action="store_true", help="load a QLoRA run's base and reference in full "
-                        "precision (default: quantized as the run loaded its base, from its config.yaml)")  # fmt: skip
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    check_counts(args, at_least={"limit": 1, "samples": 0, "max_new_tokens": 1, "seed": SEEDS[0]},
-                 at_most={"seed": SEEDS[1]})  # fmt: skip
-    if args.beta is not None and not 0 < args.beta < float("inf"):
-        raise ConfigError(f"must be a number > 0, got {args.beta}", column="--beta")
-    refuse_non_empty(
-        args.out,
-        overwrite=args.overwrite,
-        column="--out",
-        fix="pass another --out, or --overwrite to replace the report there",
-    )
-    from transformers import AutoModelForCausalLM
-
-    from fastdpo.cli_model import run_config, run_quantization
-    from fastdpo.compare_io import builtin_prompts, load_tokenizer, quickstart_prompts, read_pairs, read_prompts
-    from fastdpo.train.common import check_reference
-
-    recorded, path = run_config(args.policy), args.policy / "config.yaml"  # what the policy's run recorded, if any
-    if args.beta is None:  # the β the policy trained with, where its run recorded one
-        beta = recorded.get("beta")
-        from_run = isinstance(beta, (int, float))
-        args.beta = float(beta) if from_run else 0.1
-        source = f"{path}'s" if from_run else "the default"
-        print(f"beta {args.beta:g}: {source} (--beta to set another)")
-
-    # a QLoRA run trained on its base quantized, against that quantized base: both are loaded so again (and fit so)
-    quantization, key = (None, None) if args.unquantized else run_quantization(recorded, path)
-    if quantization is not None:
-        bits = 4 if key == "load_in_4bit" else 8
-        print(f"loading the policy's base and the reference in {bits} bits, as the run loaded its base "
-              f"({args.policy / 'config.yaml'}: {key}; --unquantized to load them in full precision)")  # fmt: skip
-    remote = recorded.get("trust_remote_code") is True  # (the run trusted the model's own code: loaded so again)
-    models, device = [], "cuda" if torch.cuda.is_available() else "cpu"
-    for name, folder in (("--policy", args.policy), ("--reference", args.reference)):
-        if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
-            raise ConfigError(f"{folder} holds no model (no config.json, no adapter_config.json)", column=name,
-                              fix="pass the folder a trainer saved (save_pretrained)")  # fmt: skip
-        try:  # a LoRA run's folder holds its adapter: transformers loads the base it names, then the adapter
-            quantized = {} if quantization is None else {"quantization_config": quantization}  # on the GPU if any
-            models.append(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, **quantized))
-        except (OSError, ValueError) as error:
-            fix = "pass the folder a trainer saved (save_pretrained)"
-            from fastdpo.train.loading import is_adapter_folder
-
-            if is_adapter_folder(folder):
-                fix = ("an adapter's base model (base_model_name_or_path in its adapter_config.json) is found from "
-                       "the directory you trained in: run from there, or edit that path")  # fmt: skip
-            raise ConfigError(f"cannot load {folder} ({str(error).splitlines()[0]})", column=name, fix=fix) from error
-        if quantization is None:  # (bitsandbytes places a quantized model on the GPU as it loads it)
-            models[-1].to(device)
-    policy, reference = models
-    tokenizer = load_tokenizer(args.policy, args.reference, trust_remote_code=remote)
-    try:  # as the trainers check it: the same vocabulary size, and the same tokenizer where one is saved with it
-        check_reference(policy, reference, tokenizer)
-    except ConfigError as error:
-        raise ConfigError(error.message, column="--reference", fix=error.fix) from None
-    context = model_context(policy, reference)
-    if args.prompts == "builtin":
-        prompts, checkers = builtin_prompts(context, tokenizer), None
-    elif args.prompts == "quickstart":  # the held-out problems of the seed the quickstart run recorded
-        prompts, checkers = quickstart_prompts(args.policy, args.seed)
-    else:
-        prompts, checkers = read_prompts(Path(args.prompts)), None
-    if args.limit is not None:
-        prompts, checkers = prompts[: args.limit], None if checkers is None else checkers[: args.limit]
-    for name, prompt in prompts:  # before the pairs: a prompt compare() cannot take is named first (it checks again)
-        _checked_prompt_ids(tokenizer, name, prompt, context, _vocabulary(policy, reference))
-    if args.pairs:  # read and checked before the answers are generated, which takes the time
-        args.pairs = read_pairs(args.pairs, args.columns, recorded.get("dataset_columns"))
-    # the pairs first: what they cannot do (no chat template, every prompt past the context) before any answer
-    cut = {"max_length": recorded.get("max_length"), "truncation_mode": recorded.get("truncation_mode", "keep_start")}
-    if args.pairs and cut["max_length"] is not None:
-        print(f"--pairs: sequences cut as the policy's run cut them (max_length {cut['max_length']}, "
-              f"{cut['truncation_mode']})")  # fmt: skip
-    pairs = pair_metrics(policy, reference, tokenizer, args.pairs, beta=args.beta, **cut) if args.pairs else None
-    rows = compare(policy, reference, tokenizer, prompts, beta=args.beta, samples=args.samples,
-                   max_new_tokens=args.max_new_tokens, checkers=checkers, seed=args.seed)  # fmt: skip
-    print(write_report(args.out, rows, pairs, args.beta))
-    print(f"report: {args.out}/compare.{{md,html,json}}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

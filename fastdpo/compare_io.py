@@ -94,22 +94,42 @@ def read_prompts(path: Path) -> list[tuple[str, object]]:
         if not isinstance(items, list):
             raise DataError(f"{path} holds a JSON {type(items).__name__}, not an array", column="--prompts",
                             fix='write [{"prompt": "..."}, ...] or ["...", ...]')  # fmt: skip
-        records = [(f"item {i}", i - 1, item.get("prompt") if isinstance(item, dict) else item, isinstance(item, dict)
-                    and "prompt" not in item) for i, item in enumerate(items, 1)]  # fmt: skip
-    elif suffix in (".jsonl", ".ndjson"):
-        records = []
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                record = _parse(path, line, f"line {number}", fix="one JSON object per line", row=number - 1)
-                missing = not isinstance(record, dict) or "prompt" not in record
-                records.append((f"line {number}", number - 1, None if missing else record["prompt"], missing))
+        records = [(f"item {i}", i - 1, item) for i, item in enumerate(items, 1)]
+    elif suffix in (".jsonl", ".ndjson"):  # a {"prompt": ...} object a line, or a prompt itself (as a .json array's)
+        records = [(f"line {number}", number - 1, _parse(path, line, f"line {number}", fix="one JSON value per line",
+                                                         row=number - 1))
+                   for number, line in enumerate(lines, start=1) if line.strip()]  # fmt: skip
     else:  # one prompt a line; blank lines skipped, as in a .jsonl file
-        records = [(f"line {i}", i - 1, line, False) for i, line in enumerate(lines, 1) if line.strip()]
-    for name, row, prompt, missing in records:
-        _check_prompt(path, name, row, prompt, missing)
-    if not records:
+        records = [(f"line {i}", i - 1, line) for i, line in enumerate(lines, 1) if line.strip()]
+    prompts = [(name, _record_prompt(path, name, row, record)) for name, row, record in records]
+    if not prompts:
         raise DataError(f"{path} holds no prompt", column="--prompts", fix="one prompt per line")
-    return [(name, prompt) for name, _, prompt, _ in records]
+    return prompts
+
+
+def _record_prompt(path: Path, name: str, row: int, record):
+    """The prompt of one record of a prompts file, checked: the record itself, or an object's ``prompt`` with its
+    ``input``/``context`` and ``system`` fields joined in as the trainers join them (the default templates)."""
+    if not isinstance(record, dict):
+        _check_prompt(path, name, row, record, False)
+        return record
+    _check_prompt(path, name, row, record.get("prompt"), "prompt" not in record)
+    prompt = record["prompt"]
+    extras = {column: record.get(column) for column in ("input", "context", "system") if record.get(column)}
+    for column, value in extras.items():
+        tokenized = isinstance(prompt, list) and not isinstance(prompt[0], dict)
+        if not isinstance(value, str) or tokenized:
+            raise DataError(f"{path}: {name}'s {column} is {type(value).__name__}" + (" beside a tokenized prompt"
+                            if tokenized else ""), column=column, row=row,
+                            fix=f"write the {column} as a string beside a text or messages prompt, or leave it out"
+                            )  # fmt: skip
+        from fastdpo.data.formats import DEFAULT_INPUT_TEMPLATE, DEFAULT_SYSTEM_TEMPLATE, _add_system, _join_input
+
+        if column == "system":
+            prompt = _add_system(prompt, value, DEFAULT_SYSTEM_TEMPLATE)
+        else:
+            prompt = _join_input(prompt, value, DEFAULT_INPUT_TEMPLATE)
+    return prompt
 
 
 def _parse(path: Path, text: str, where: str, *, fix: str, row: int | None = None):
@@ -174,16 +194,16 @@ def load_tokenizer(policy: Path, reference: Path, *, trust_remote_code: bool = F
         ) from None
 
 
-def read_pairs(path: Path, columns: dict | None = None, recorded: dict | None = None):
+def read_pairs(path: Path, columns: dict | None = None, recorded: dict | None = None, split: str | None = None):
     """The pairs file, loaded and checked (``pair_metrics`` prepares it as the trainers do), its columns renamed by
     ``columns`` (fastdpo's name → the file's, as ``dataset_columns``), else by the policy run's ``recorded``
     ``dataset_columns`` where the file has those columns (said so). Without a ``prompt`` column each pair's prompt
     is the text its chosen and rejected begin with (TRL's implicit prompt), said so; a ConfigError where no pair has
-    one (a prompt column under another name)."""
+    one (a prompt column under another name). ``split``: the split of a folder or hub dataset to read."""
     from fastdpo.data.load import load_data
     from fastdpo.data.refused import prepare_dropping
 
-    raw = load_data(path)
+    raw = load_data(path) if split is None else load_data(path, split=split)
     known = isinstance(recorded, dict) and recorded and set(recorded.values()) <= set(raw.column_names)
     if columns is None and known:
         print(f"--pairs: columns read as the policy's run read its data (dataset_columns {recorded})")

@@ -1,0 +1,185 @@
+"""``fastdpo compare``'s command line (``fastdpo.compare`` says what it computes): the models and files it names,
+read with what the policy's run recorded in its ``config.yaml`` (β, the cut, the quantization, the pairs' columns,
+``data_filter``, ``displacement_margin``, the held-out split); a Trainer checkpoint (``RUN/checkpoint-N``) reads its
+run's, in the folder above it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from fastdpo.atomic import refuse_non_empty
+from fastdpo.compare import (
+    SEEDS,
+    _checked_prompt_ids,
+    _vocabulary,
+    check_counts,
+    compare,
+    model_context,
+    pair_metrics,
+    write_report,
+)
+from fastdpo.errors import ConfigError
+
+
+def _columns(text: str) -> dict:
+    from fastdpo.cli_values import _json_dict
+
+    return _json_dict(text)
+
+
+def run_settings(policy: Path) -> tuple[dict, Path]:
+    """(what the policy's run recorded, the file it is read from): ``policy/config.yaml``; for a Trainer checkpoint
+    without one (``checkpoint-N`` with its ``trainer_state.json``), its run's ``config.yaml`` above it, said so."""
+    from fastdpo.cli_model import run_config
+
+    path = policy / "config.yaml"
+    run = policy.parent
+    checkpoint = policy.name.startswith("checkpoint-") and (policy / "trainer_state.json").is_file()
+    if not path.is_file() and checkpoint and (run / "config.yaml").is_file():
+        path = run / "config.yaml"
+        print(f"{policy} is a checkpoint of the run in {run}: its settings read from {path}")
+    return run_config(path.parent), path
+
+
+def pairs_split(pairs: Path, split: str | None, recorded: dict, path: Path) -> str | None:
+    """The split of a folder or hub dataset ``--pairs`` names to read (None for a file): ``--pairs-split``, else the
+    run's ``dataset_test_split`` (``path``: where it is recorded); a ConfigError where neither says (it read the
+    training split and called it held out)."""
+    if pairs.is_file():
+        if split is not None:
+            raise ConfigError(f"{pairs} is one file, one split", column="--pairs-split",
+                              fix="drop --pairs-split, or give --pairs the folder (or hub name) of splits")  # fmt: skip
+        return None
+    chosen = split or recorded.get("dataset_test_split")
+    if not isinstance(chosen, str):
+        from fastdpo.data.load import split_files
+
+        known = f" (its splits: {', '.join(split_files(pairs))})" if pairs.is_dir() else ""
+        raise ConfigError(f"{pairs} holds several splits and the policy's run recorded no dataset_test_split: which "
+                          f"holds the held-out pairs?{known}", column="--pairs-split",
+                          fix="pass --pairs-split NAME, or the held-out file itself (fastdpo data split writes "
+                          "one)")  # fmt: skip
+    source = "--pairs-split" if split else f"{path}'s dataset_test_split"
+    print(f"--pairs: the split {chosen!r} of {pairs} ({source})")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastdpo compare", description="A policy against its reference, answer by "
+                                     "answer: rewards, KL estimate, held-out pairs.")  # fmt: skip
+    parser.add_argument("--policy", type=Path, required=True, help="the trained model's folder")
+    parser.add_argument("--reference", type=Path, required=True, help="the reference model's folder")
+    parser.add_argument("--prompts", default="builtin", help="builtin (edge cases), quickstart (its held-out "
+                        "problems), or a .txt/.jsonl/.json file")  # fmt: skip
+    parser.add_argument("--pairs", type=Path, help="held-out preference pairs (.jsonl/.json/.parquet/.csv, standard or "
+                        "conversational; a folder or hub name of splits): accuracy, displacement")  # fmt: skip
+    parser.add_argument("--pairs-split", help="the split of a --pairs folder or hub name (default: the policy run's "
+                        "dataset_test_split)")  # fmt: skip
+    parser.add_argument("--columns", type=_columns, help='the pairs\' column names, e.g. \'{"prompt": "question"}\' '
+                        "(default: the policy run's dataset_columns where the file has those columns)")  # fmt: skip
+    parser.add_argument("--samples", type=int, default=4, help="sampled policy answers per prompt (KL estimate)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="at most a quarter of the context")
+    parser.add_argument("--beta", type=float, help="of the implicit rewards (default: the β the policy's run "
+                        "recorded in its config.yaml, else 0.1)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, help="only the first N prompts")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="default: runs/compare")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
+    parser.add_argument("--unquantized", action="store_true", help="load a QLoRA run's base and reference in full "
+                        "precision (default: quantized as the run loaded its base, from its config.yaml)")  # fmt: skip
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    check_counts(args, at_least={"limit": 1, "samples": 0, "max_new_tokens": 1, "seed": SEEDS[0]},
+                 at_most={"seed": SEEDS[1]})  # fmt: skip
+    if args.beta is not None and not 0 < args.beta < float("inf"):
+        raise ConfigError(f"must be a number > 0, got {args.beta}", column="--beta")
+    refuse_non_empty(
+        args.out,
+        overwrite=args.overwrite,
+        column="--out",
+        fix="pass another --out, or --overwrite to replace the report there",
+    )
+    from transformers import AutoModelForCausalLM
+
+    from fastdpo.cli_model import run_quantization
+    from fastdpo.compare_io import builtin_prompts, load_tokenizer, quickstart_prompts, read_pairs, read_prompts
+    from fastdpo.train.common import check_reference
+
+    recorded, path = run_settings(args.policy)  # what the policy's run recorded, if any
+    if args.beta is None:  # the β the policy trained with, where its run recorded one
+        beta = recorded.get("beta")
+        from_run = isinstance(beta, (int, float))
+        args.beta = float(beta) if from_run else 0.1
+        source = f"{path}'s" if from_run else "the default"
+        print(f"beta {args.beta:g}: {source} (--beta to set another)")
+
+    # a QLoRA run trained on its base quantized, against that quantized base: both are loaded so again (and fit so)
+    quantization, key = (None, None) if args.unquantized else run_quantization(recorded, path)
+    if quantization is not None:
+        bits = 4 if key == "load_in_4bit" else 8
+        print(f"loading the policy's base and the reference in {bits} bits, as the run loaded its base "
+              f"({path}: {key}; --unquantized to load them in full precision)")  # fmt: skip
+    remote = recorded.get("trust_remote_code") is True  # (the run trusted the model's own code: loaded so again)
+    models, device = [], "cuda" if torch.cuda.is_available() else "cpu"
+    for name, folder in (("--policy", args.policy), ("--reference", args.reference)):
+        if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ConfigError(f"{folder} holds no model (no config.json, no adapter_config.json)", column=name,
+                              fix="pass the folder a trainer saved (save_pretrained)")  # fmt: skip
+        try:  # a LoRA run's folder holds its adapter: transformers loads the base it names, then the adapter
+            quantized = {} if quantization is None else {"quantization_config": quantization}  # on the GPU if any
+            models.append(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, **quantized))
+        except (OSError, ValueError) as error:
+            fix = "pass the folder a trainer saved (save_pretrained)"
+            from fastdpo.train.loading import is_adapter_folder
+
+            if is_adapter_folder(folder):
+                fix = ("an adapter's base model (base_model_name_or_path in its adapter_config.json) is found from "
+                       "the directory you trained in: run from there, or edit that path")  # fmt: skip
+            raise ConfigError(f"cannot load {folder} ({str(error).splitlines()[0]})", column=name, fix=fix) from error
+        if quantization is None:  # (bitsandbytes places a quantized model on the GPU as it loads it)
+            models[-1].to(device)
+    policy, reference = models
+    tokenizer = load_tokenizer(args.policy, args.reference, trust_remote_code=remote)
+    try:  # as the trainers check it: the same vocabulary size, and the same tokenizer where one is saved with it
+        check_reference(policy, reference, tokenizer)
+    except ConfigError as error:
+        raise ConfigError(error.message, column="--reference", fix=error.fix) from None
+    context = model_context(policy, reference)
+    if args.prompts == "builtin":
+        prompts, checkers = builtin_prompts(context, tokenizer), None
+    elif args.prompts == "quickstart":  # the held-out problems of the seed the quickstart run recorded
+        prompts, checkers = quickstart_prompts(args.policy, args.seed)
+    else:
+        prompts, checkers = read_prompts(Path(args.prompts)), None
+    if args.limit is not None:
+        prompts, checkers = prompts[: args.limit], None if checkers is None else checkers[: args.limit]
+    for name, prompt in prompts:  # before the pairs: a prompt compare() cannot take is named first (it checks again)
+        _checked_prompt_ids(tokenizer, name, prompt, context, _vocabulary(policy, reference))
+    source, split = args.pairs, None
+    if args.pairs:  # read and checked before the answers are generated, which takes the time
+        split = pairs_split(args.pairs, args.pairs_split, recorded, path)
+        args.pairs = read_pairs(args.pairs, args.columns, recorded.get("dataset_columns"), split=split)
+    elif args.pairs_split is not None:
+        raise ConfigError("names a split of --pairs, which is not given", column="--pairs-split", fix="add --pairs")
+    # the pairs first: what they cannot do (no chat template, every prompt past the context) before any answer
+    cut = {"max_length": recorded.get("max_length"), "truncation_mode": recorded.get("truncation_mode", "keep_start")}
+    if args.pairs and cut["max_length"] is not None:
+        print(f"--pairs: sequences cut as the policy's run cut them (max_length {cut['max_length']}, "
+              f"{cut['truncation_mode']})")  # fmt: skip
+    # the pairs the run's trainer dropped (its data_filter), its displacement watch's margin
+    kept = {"data_filter": "none" if recorded.get("data_filter") == "none" else "drop",
+            "displacement_margin": recorded.get("displacement_margin", 0.1)}  # fmt: skip
+    pairs = None if not args.pairs else pair_metrics(policy, reference, tokenizer, args.pairs, beta=args.beta, **cut,
+                                                     **kept)  # fmt: skip
+    rows = compare(policy, reference, tokenizer, prompts, beta=args.beta, samples=args.samples,
+                   max_new_tokens=args.max_new_tokens, checkers=checkers, seed=args.seed)  # fmt: skip
+    settings = {"samples": args.samples, "max_new_tokens": min(args.max_new_tokens, max(1, context // 4)),
+                "seed": args.seed, "prompts": args.prompts, "policy": args.policy, "reference": args.reference,
+                "pairs": source, "pairs_split": split if source else None, "pairs_cut": cut if source else None,
+                **(kept if source else {})}  # fmt: skip
+    print(write_report(args.out, rows, pairs, args.beta, settings))
+    print(f"report: {args.out}/compare.{{md,html,json}}")
+    return 0

@@ -1,0 +1,89 @@
+"""``fastdpo compare`` reads what the policy's run recorded: the held-out split of a data folder, its data_filter,
+a Trainer checkpoint's run settings; a prompts file's system and input fields join its prompts as the trainers join
+them; compare.json records the settings its numbers were computed with."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from test_compare_inputs import QUICK, refused, save
+from test_compare_pairs import STANDARD
+from tiny_tokenizer import build_tiny_tokenizer
+
+from fastdpo.cli import main as cli
+
+
+def _write(path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_a_data_folder_a_checkpoint_and_the_runs_data_filter(tmp_path, capsys, monkeypatch):
+    # --pairs FOLDER scored its train split as "held-out pairs"; RUN/checkpoint-N read no config.yaml (β 0.1, no cut);
+    # a data_filter: none run's pairs were dropped as data_filter: drop drops them
+    monkeypatch.chdir(tmp_path)
+    tokenizer = build_tiny_tokenizer()
+    save("run", tokenizer)
+    save("reference", tokenizer, seed=1)
+    train, test = [STANDARD[0], STANDARD[4]], [STANDARD[0], STANDARD[4], {**STANDARD[0], "rejected": " Blue."}]
+    test.append(dict(test[0]))  # a duplicate: data_filter none keeps it, as the run's trainer did
+    _write(tmp_path / "data" / "train.jsonl", train)
+    _write(tmp_path / "data" / "test.jsonl", test)
+    (tmp_path / "run" / "config.yaml").write_text("beta: 0.3\ndata_filter: none\ndataset_test_split: test\n"
+                                                  "displacement_margin: null\n")  # fmt: skip
+    common = ["--reference", "reference", "--limit", "1", *QUICK]
+    assert cli(["compare", "--policy", "run", *common, "--pairs", "data", "--out", "a"]) == 0
+    assert "--pairs: the split 'test' of data (run/config.yaml's dataset_test_split)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "a" / "compare.json").read_text())
+    assert report["pairs"]["pairs"] == 4 and report["pairs"]["dropped_pairs"] == 0  # every pair, as the run kept them
+    settings = report["settings"]
+    assert settings["beta"] == 0.3 and settings["data_filter"] == "none" and settings["pairs_split"] == "test"
+    assert settings["samples"] == 0 and settings["seed"] == 0 and settings["displacement_margin"] is None
+    # a checkpoint of the run: the run's settings, from the folder above
+    checkpoint = tmp_path / "run" / "checkpoint-5"
+    checkpoint.mkdir()
+    for file in (tmp_path / "run").iterdir():
+        if file.is_file() and file.name != "config.yaml":
+            shutil.copy(file, checkpoint)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    assert cli(["compare", "--policy", str(checkpoint), *common, "--pairs", "data", "--out", "b"]) == 0
+    out = capsys.readouterr().out
+    assert f"{checkpoint} is a checkpoint of the run in {checkpoint.parent}" in out and "beta 0.3:" in out
+    assert json.loads((tmp_path / "b" / "compare.json").read_text())["pairs"]["pairs"] == 4
+    # a run that recorded no held-out split: the folder's split is asked for, then taken as given
+    (tmp_path / "run" / "config.yaml").write_text("beta: 0.3\n")
+    line = refused(["--policy", "run", *common, "--pairs", "data", "--out", "c"], capsys)
+    assert "column '--pairs-split': data holds several splits" in line and "(its splits: " in line
+    assert "train" in line and "test" in line
+    assert cli(["compare", "--policy", "run", *common, "--pairs", "data", "--pairs-split", "train", "--out", "d"]) == 0
+    assert json.loads((tmp_path / "d" / "compare.json").read_text())["pairs"]["pairs"] == 2
+    line = refused(["--policy", "run", *common, "--pairs", "data/test.jsonl", "--pairs-split", "x", "--out", "e"],
+                   capsys)  # fmt: skip
+    assert "column '--pairs-split': data/test.jsonl is one file, one split" in line
+
+
+def test_a_prompts_files_system_and_input_fields_join_its_prompts(tmp_path):
+    # {"system": ..., "prompt": ...} generated from the prompt alone, where the trainers (and --pairs) put the system
+    # first; a JSON Lines file of plain prompts was refused ("line 1 has no 'prompt' field")
+    from fastdpo.compare_io import read_prompts
+    from fastdpo.errors import DataError
+
+    messages = [{"role": "user", "content": "Hi"}]
+    rows = [{"system": "You are a pirate.", "prompt": "What color is the sky?"},
+            {"prompt": "Translate:", "input": "bonjour"},
+            {"system": "Be brief.", "prompt": messages},
+            "a plain prompt", messages]  # fmt: skip
+    path = tmp_path / "p.jsonl"
+    _write(path, rows)
+    assert [prompt for _, prompt in read_prompts(path)] == [
+        "You are a pirate.\n\nWhat color is the sky?", "Translate:\n\nbonjour",
+        [{"role": "system", "content": "Be brief."}, *messages], "a plain prompt", messages,
+    ]  # fmt: skip
+    _write(path, [{"prompt": [5, 6, 7], "system": "Be brief."}])
+    with pytest.raises(DataError, match="line 1's system is str beside a tokenized prompt"):
+        read_prompts(path)
+    _write(path, [{"prompt": "x", "input": 3}])
+    with pytest.raises(DataError, match="line 1's input is int"):
+        read_prompts(path)
