@@ -405,7 +405,10 @@ _ROW = "__fastdpo_file_row__"  # a row's place in its data file, through prepara
 
 
 def _numbered(dataset, rows):
-    """``dataset`` with its rows' file rows (``rows``) in the ``_ROW`` column."""
+    """``dataset`` with its rows' file rows (``rows``) in the ``_ROW`` column (a file's own column of that name, no
+    column a trainer reads, replaced)."""
+    if _ROW in dataset.column_names:
+        dataset = dataset.remove_columns(_ROW)
     return dataset.add_column(_ROW, list(rows))
 
 

@@ -146,6 +146,7 @@ def test_each_rows_file_row_through_refusal_split_and_filter(tmp_path, command):
         for row in refused:
             pairs[row]["chosen"] = ""
         rows = pairs if command == "dpo" else [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+        rows = [{**row, "__fastdpo_file_row__": "a file's own"} for row in rows]  # (the name the numbering takes)
         path = tmp_path / f"{command}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         numbering, case = {}, (fraction, identical, refused)
