@@ -66,35 +66,28 @@ def _run(rows_dir, monkeypatch, capsys, command: str, *flags: str):
 
 
 @pytest.mark.parametrize("held_out", [[], ["--eval_fraction", "6", "--eval_strategy", "steps", "--eval_steps", "1"]])
-def test_a_dpo_runs_tokenization_drops_name_the_files_rows(rows_dir, monkeypatch, capsys, caplog, held_out):
-    # rows 1 and 3 removed before the trainer: it named the long rows 6, 11, 17 as 4, 9, 15 (its own places)
-    done = _run(rows_dir, monkeypatch, capsys, "dpo", "--model_name_or_path", "llama", "--dataset_name", "pairs.jsonl",
-                "--max_length", "24", "--output_dir", "dpo", *held_out)  # fmt: skip
+@pytest.mark.parametrize(
+    ("command", "data", "reason"),
+    [("dpo", "pairs.jsonl", "prompt_fills_max_length"), ("sft", "sft.jsonl", "no_labels_after_truncation")],
+)
+def test_a_runs_tokenization_drops_name_the_files_rows(rows_dir, monkeypatch, capsys, caplog, held_out, command, data,
+                                                       reason):  # fmt: skip
+    # DPO: rows 1 and 3 removed before the trainer, which named the long rows 6, 11, 17 as 4, 9, 15 (its own places);
+    # SFT: keep_start cuts the long rows' completions away (no label left), named among the rows given (row 2 out)
+    done = _run(rows_dir, monkeypatch, capsys, command, "--model_name_or_path", "llama", "--dataset_name", data,
+                "--max_length", "24", "--output_dir", command, *held_out)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    dropped = json.loads((rows_dir / "dpo" / "dropped_rows.json").read_text())
-    named = [row for split in dropped.values() for row in split.get("prompt_fills_max_length", [])]
-    assert sorted(named) == LONG, dropped  # each long row once, by its row in pairs.jsonl, wherever it went
-    assert set(dropped) == ({"train", "eval"} if held_out else {"train"})
+    dropped = json.loads((rows_dir / command / "dropped_rows.json").read_text())
+    named = [row for split in dropped.values() for row in split.get(reason, [])]
+    assert sorted(named) == LONG, dropped  # each long row once, by its row in the file, wherever it went
     for split, reasons in dropped.items():
-        rows = reasons.get("prompt_fills_max_length", [])
+        rows = reasons.get(reason, [])
         assert (f"{split} data: {len(rows)} of" in caplog.text and f"(rows {', '.join(map(str, rows))})" in caplog.text
                 if rows else True), caplog.text  # the warning too  # fmt: skip
-    quality = json.loads((rows_dir / "dpo" / "data_quality.json").read_text())
-    assert quality["rows"]["identical"] == [3]  # (the report named the file's rows before: unchanged)
-
-
-@pytest.mark.parametrize("held_out", [[], ["--eval_fraction", "6", "--eval_strategy", "steps", "--eval_steps", "1"]])
-def test_an_sft_runs_tokenization_drops_name_the_files_rows(rows_dir, monkeypatch, capsys, caplog, held_out):
-    # keep_start cuts the long rows' completions away: dropped (no label left), named among the rows given (row 2 out)
-    done = _run(rows_dir, monkeypatch, capsys, "sft", "--model_name_or_path", "llama", "--dataset_name", "sft.jsonl",
-                "--max_length", "24", "--output_dir", "sft", *held_out)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    dropped = json.loads((rows_dir / "sft" / "dropped_rows.json").read_text())
-    named = [row for split in dropped.values() for row in split.get("no_labels_after_truncation", [])]
-    assert sorted(named) == LONG, dropped
-    for split, reasons in dropped.items():
-        rows = reasons["no_labels_after_truncation"]
-        assert f"{split} data: {len(rows)} of" in caplog.text and f"(rows {', '.join(map(str, rows))})" in caplog.text
+    if command == "dpo":
+        assert set(dropped) == ({"train", "eval"} if held_out else {"train"})
+        quality = json.loads((rows_dir / "dpo" / "data_quality.json").read_text())
+        assert quality["rows"]["identical"] == [3]  # (the report named the file's rows before: unchanged)
 
 
 def test_a_row_the_model_cannot_hold_is_named_as_the_file_numbers_it(rows_dir, monkeypatch, capsys):
