@@ -343,6 +343,7 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", n
     from fastdpo.data import check_preferences, load_data, prepare_preferences, prepare_sft, split_sft_by_prompt
     from fastdpo.data.formats import rename_preference_columns
     from fastdpo.data.load import text_columns
+    from fastdpo.data.refused import prepared_rows
     from fastdpo.data.split import split_pairs
 
     columns, refused, gone = run_args.dataset_columns, {}, {}
@@ -359,7 +360,10 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", n
     if command == "dpo" and run_args.eval_fraction is not None:  # split as given, as `fastdpo data split` splits
         loaded = load_data(run_args.dataset_name, split=train_split, text=text_columns(columns))
         loaded = rename_preference_columns(loaded, columns or {})[0]
-        given, held_out = _held_out(split_pairs, _numbered(loaded, range(len(loaded))), run_args.eval_fraction, seed)
+        # (the groups of rows without a prompt column keyed on the rows as given: the numbering left out of them)
+        prepared = None if "prompt" in loaded.column_names else prepared_rows(loaded, None)[0]
+        split = functools.partial(split_pairs, prepared=prepared)
+        given, held_out = _held_out(split, _numbered(loaded, range(len(loaded))), run_args.eval_fraction, seed)
         train = _in_file_rows(prepare, given, split=train_split)
         evaluation = _in_file_rows(prepare, held_out, split="eval")
     else:

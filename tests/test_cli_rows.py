@@ -159,3 +159,27 @@ def test_each_rows_file_row_through_refusal_split_and_filter(tmp_path, command):
         gone = set(refused) | (set(identical) if command == "dpo" else set())
         assert not gone & set(numbering["train"] + (numbering["eval"] or [])), case
     assert checked >= 12  # (of 16 cases)
+
+
+def test_a_runs_held_out_rows_are_data_splits_where_rows_have_no_prompt_column(tmp_path):
+    # a row preparation refuses is a group of its own, keyed on the row as given: the numbering column in that key
+    # moved every group's seeded place, and the run held out other rows than `fastdpo data split` on the same file
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import loaded_splits
+    from fastdpo.data import load_data
+    from fastdpo.data.split import split_pairs
+
+    rng, words = random.Random(1), WORDS  # (the draws of a case that moved)
+    rows = []
+    for i in range(40):
+        asked = f"Human: q{i} " + " ".join(rng.choice(words) for _ in range(4)) + "\n\nAssistant:"
+        rows.append({"chosen": f"{asked} yes {rng.choice(words)}", "rejected": f"{asked} no {rng.choice(words)}"})
+    for row in (3, 11, 12, 25, 31):
+        rows[row]["chosen"] = ""  # refused (empty): dropped by the run, kept as its own group by the split
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    numbering = {}
+    loaded_splits("dpo", RunArguments(dataset_name=str(path), eval_fraction=0.25), 0, numbering=numbering)
+    _, held_out = split_pairs(load_data(str(path)), test_size=0.25, seed=0)
+    expected = sorted(rows.index(row) for row in held_out.to_list() if row["chosen"])
+    assert numbering["eval"] == expected
