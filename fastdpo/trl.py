@@ -206,9 +206,11 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
         self._train_prepared = True
         _check_pair_columns(dataset, name)
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        # (an eval set is needed now in evaluate(), after the constructor, or where training evaluates)
+        # (an eval set is needed now in evaluate(), after the constructor, where training evaluates, or by the
+        # constructor's precompute of the reference, which runs on every set)
         strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
-        needed = name == "train" or getattr(self, "model", None) is not None or str(strategy) != "no"
+        needed = (name == "train" or getattr(self, "model", None) is not None or str(strategy) != "no"
+                  or args.precompute_ref_log_probs)  # fmt: skip
         _count_dropped(dataset, prepared, name, args.max_length, needed=needed)
         return prepared
 
@@ -258,9 +260,11 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
         # packed batches, as the steps compute the policy's: TRL's padded forward rounded otherwise, and a policy still
         # equal to its reference had margins of ±1e-7 (rewards/accuracies 0.31 at step 1 where TRL's are 0). Under
         # DeepSpeed, TRL's own forward (its inference engine gathers the sharded weights). The constructor's runs
-        # before its token-id check of the sets: checked here first.
-        check_token_ids(dataset, self.model, name)
-        check_positions(dataset, self.model, name, self.args.max_length)
+        # before its token-id check of the sets: checked here first (named as the constructor names the sets: TRL's
+        # name for a dict's eval set is its key)
+        label = _set_name(name, train_prepared=dataset is not self.train_dataset)
+        check_token_ids(dataset, self.model, label)
+        check_positions(dataset, self.model, label, self.args.max_length)
         if self.is_deepspeed_enabled:
             collator = getattr(self, "_trl_collator", self.data_collator)
         else:

@@ -112,8 +112,7 @@ def test_a_set_trls_max_length_drop_empties_is_named_and_a_part_dropped_said(dat
     lengths = [len(tokenizer(prompt)["input_ids"]) for prompt in data["prompt"]]
     held_out = data.map(lambda row: {"prompt": row["prompt"] + " and more" * 40})
     for options, column, sets in (({}, "train_dataset", held_out),
-                                  ({"precompute_ref_log_probs": True, "eval_strategy": "steps"}, "eval_dataset",
-                                   held_out),
+                                  ({"precompute_ref_log_probs": True}, "eval_dataset", held_out),  # (no eval_strategy)
                                   ({"eval_strategy": "steps"}, "eval_dataset", held_out),
                                   ({"eval_strategy": "steps"}, "eval_train_dataset", {"train": held_out})):  # fmt: skip
         short = min(lengths) if column == "train_dataset" else max(lengths) + 1  # (the eval set's are longer)

@@ -168,6 +168,11 @@ def test_a_sequence_past_a_learned_position_table_is_named_by_every_trainer(tmp_
     ):
         with pytest.raises(DataError, match=said):
             trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    # a dict's eval set keyed "train", under the drop-in's precompute (which checks it first): named as the eval set
+    args = trl.DPOConfig(**common_args(tmp_path, "trl_dpo"), precompute_ref_log_probs=True)
+    with pytest.raises(DataError, match=said.replace("the train data", "the eval_train data")):
+        dropin.DPOTrainer(model=load(), args=args, train_dataset=pairs.select([0, 2]), eval_dataset={"train": pairs},
+                          processing_class=tokenizer)  # fmt: skip
     # cut to the table (max_length 32): trains, also where a row of 32-token sequences pads a short one's row
     # (packing=False: one pair per row, 64 tokens; its padding was one segment of positions 0..55, past the table)
     for options in ({}, {"packing": False, "per_device_train_batch_size": 3}, {"pack_length": 64}):
