@@ -6,6 +6,7 @@ run's, in the folder above it."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -45,19 +46,28 @@ def run_settings(policy: Path) -> tuple[dict, Path]:
 
 
 def pairs_split(pairs: Path, split: str | None, recorded: dict, path: Path) -> str | None:
-    """The split of a folder or hub dataset ``--pairs`` names to read (None for a file): ``--pairs-split``, else the
+    """The split of a folder or hub dataset of several that ``--pairs`` names to read (None for one file, one saved
+    Dataset, a folder of one split, or a path that is not there, which loading names): ``--pairs-split``, else the
     run's ``dataset_test_split`` (``path``: where it is recorded); a ConfigError where neither says (it read the
     training split and called it held out)."""
-    if pairs.is_file():
-        if split is not None:
+    from fastdpo.data.load import LOCAL_SUFFIXES, saved_to_disk, split_files
+
+    splits = None  # (a hub name's are not known here)
+    if pairs.is_dir() and saved_to_disk(pairs):
+        listed = pairs / "dataset_dict.json"
+        splits = json.loads(listed.read_text()).get("splits", []) if listed.is_file() else ["train"]
+    elif pairs.is_dir():
+        splits = list(split_files(pairs))
+    missing = not pairs.exists() and pairs.suffix.lower() in LOCAL_SUFFIXES  # (a file's name: loading says so)
+    one = pairs.is_file() or missing or (splits is not None and len(splits) == 1)
+    if one:
+        if split is not None and pairs.is_file():
             raise ConfigError(f"{pairs} is one file, one split", column="--pairs-split",
                               fix="drop --pairs-split, or give --pairs the folder (or hub name) of splits")  # fmt: skip
-        return None
+        return split
     chosen = split or recorded.get("dataset_test_split")
     if not isinstance(chosen, str):
-        from fastdpo.data.load import split_files
-
-        known = f" (its splits: {', '.join(split_files(pairs))})" if pairs.is_dir() else ""
+        known = f" (its splits: {', '.join(splits)})" if splits else ""
         raise ConfigError(f"{pairs} holds several splits and the policy's run recorded no dataset_test_split: which "
                           f"holds the held-out pairs?{known}", column="--pairs-split",
                           fix="pass --pairs-split NAME, or the held-out file itself (fastdpo data split writes "
@@ -178,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                    max_new_tokens=args.max_new_tokens, checkers=checkers, seed=args.seed)  # fmt: skip
     settings = {"samples": args.samples, "max_new_tokens": min(args.max_new_tokens, max(1, context // 4)),
                 "seed": args.seed, "prompts": args.prompts, "policy": args.policy, "reference": args.reference,
-                "pairs": source, "pairs_split": split if source else None, "pairs_cut": cut if source else None,
+                "quantization": key, "pairs": source, "pairs_split": split if source else None,
+                "pairs_columns": args.columns, "pairs_cut": cut if source else None,
                 **(kept if source else {})}  # fmt: skip
     print(write_report(args.out, rows, pairs, args.beta, settings))
     print(f"report: {args.out}/compare.{{md,html,json}}")

@@ -138,10 +138,10 @@ def test_compare_cli_takes_a_conversational_pairs_file_and_names_a_bad_one(tmp_p
     # the CLI ran in fp32 (the saved models' dtype), the check in fp64: log-prob sums of ~10 tokens agree to 1e-4
     assert reported["pairs"] == 2 and numbers(reported) == pytest.approx(numbers(want), rel=1e-4, abs=1e-4)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
-    import fastdpo.compare
+    import fastdpo.compare_cli
 
     # the file is read before any answer is generated (it failed only after), and the fix is one compare can take
-    monkeypatch.setattr(fastdpo.compare, "compare", lambda *a, **k: pytest.fail("answers generated first"))
+    monkeypatch.setattr(fastdpo.compare_cli, "compare", lambda *a, **k: pytest.fail("answers generated first"))
     capsys.readouterr()
     assert cli([*common, "--pairs", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out2")]) == 2
     error = capsys.readouterr().err

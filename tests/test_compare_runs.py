@@ -41,6 +41,7 @@ def test_a_data_folder_a_checkpoint_and_the_runs_data_filter(tmp_path, capsys, m
     settings = report["settings"]
     assert settings["beta"] == 0.3 and settings["data_filter"] == "none" and settings["pairs_split"] == "test"
     assert settings["samples"] == 0 and settings["seed"] == 0 and settings["displacement_margin"] is None
+    assert settings["quantization"] is None and settings["pairs_columns"] is None
     # a checkpoint of the run: the run's settings, from the folder above
     checkpoint = tmp_path / "run" / "checkpoint-5"
     checkpoint.mkdir()
@@ -62,6 +63,15 @@ def test_a_data_folder_a_checkpoint_and_the_runs_data_filter(tmp_path, capsys, m
     line = refused(["--policy", "run", *common, "--pairs", "data/test.jsonl", "--pairs-split", "x", "--out", "e"],
                    capsys)  # fmt: skip
     assert "column '--pairs-split': data/test.jsonl is one file, one split" in line
+    # one split however given (a saved Dataset, a folder of one file) is read as it is; a missing file is named so
+    import datasets
+
+    datasets.Dataset.from_list(test).save_to_disk(tmp_path / "saved")
+    _write(tmp_path / "one" / "held_out.jsonl", test)
+    for name, folder in (("f", "saved"), ("g", "one")):
+        assert cli(["compare", "--policy", "run", *common, "--pairs", folder, "--out", name]) == 0, folder
+        assert json.loads((tmp_path / name / "compare.json").read_text())["pairs"]["pairs"] == 3  # (drop: 1 duplicate)
+    assert "missing.jsonl: no such file" in refused(["--policy", "run", *common, "--pairs", "missing.jsonl"], capsys)
 
 
 def test_a_prompts_files_system_and_input_fields_join_its_prompts(tmp_path):
@@ -84,6 +94,14 @@ def test_a_prompts_files_system_and_input_fields_join_its_prompts(tmp_path):
     _write(path, [{"prompt": [5, 6, 7], "system": "Be brief."}])
     with pytest.raises(DataError, match="line 1's system is str beside a tokenized prompt"):
         read_prompts(path)
-    _write(path, [{"prompt": "x", "input": 3}])
-    with pytest.raises(DataError, match="line 1's input is int"):
-        read_prompts(path)
+    for value, said in (
+        (3, "line 1's input is int"),
+        (0, "line 1's input is int"),
+        ([], "line 1's input is list"),
+        ("be \ud83d", "line 1's input: "),
+    ):  # (falsy ones passed; a lone surrogate failed later)
+        _write(path, [{"prompt": "x", "input": value}])
+        with pytest.raises(DataError, match=said):
+            read_prompts(path)
+    _write(path, [{"prompt": "x", "input": "", "system": None}])  # (empty ones change nothing, as in the trainers)
+    assert read_prompts(path) == [("line 1", "x")]
