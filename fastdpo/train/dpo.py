@@ -78,6 +78,7 @@ from fastdpo.train.common import (
     checked_rows,
     deepspeed_zero3_reference,
     default_output_dir,
+    evaluate_afresh,
     lean_layers,
     load_causal_lm,
     load_tokenizer,
@@ -286,7 +287,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
             check_token_ids(eval_dataset, self.model, "eval", self.dropped_rows)
             check_positions(eval_dataset, self.model, "eval", self.args.max_length, self.dropped_rows)
             check_pack_length(eval_dataset, self.data_collator, "eval", self.dropped_rows)
-        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        return evaluate_afresh(self, super().evaluate, eval_dataset, ignore_keys, metric_key_prefix)
 
     def _set_signature_columns_if_needed(self) -> None:
         # the columns the collator reads (the Trainer drops the others when remove_unused_columns is on)

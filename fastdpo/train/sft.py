@@ -80,6 +80,7 @@ from fastdpo.train.common import (
     check_run_dir,
     check_stream_args,
     checked_rows,
+    evaluate_afresh,
     lean_layers,
     load_causal_lm,
     load_tokenizer,
@@ -416,8 +417,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         if gone:
             self.dropped_rows[name] = {"no_labels_after_truncation": gone}
             report_dropped(self.dropped_rows[name], len(dataset), len(dataset) - len(gone), name, args.max_length)
-            gone_set = set(gone)
-            dataset = dataset.select([i for i in range(len(dataset)) if i not in gone_set])
+            dataset = dataset.select(sorted(set(range(len(dataset))) - set(gone)))
         return dataset.remove_columns("_has_labels")
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -425,7 +425,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         if eval_dataset is not None and not isinstance(eval_dataset, str):
             eval_dataset = self._prepare_eval(eval_dataset, self.processing_class, self.args)
             self._check_ids(eval_dataset, self.model, "eval", self.args)
-        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        return evaluate_afresh(self, super().evaluate, eval_dataset, ignore_keys, metric_key_prefix)
 
     # --- loss and metrics
 
