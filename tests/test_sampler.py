@@ -180,6 +180,13 @@ def test_the_trainer_seeds_budget_batches_with_data_seed_and_drops_a_short_last_
     dropped = batches(dataloader_drop_last=True)[0]
     assert sum(lengths[i] for i in unset[-1]) < 150  # the last batch is short of the budget here: dropped
     assert dropped == unset[:-1]
+    # train_sampling_strategy "sequential" (shuffled as "random" under a budget before): the pairs in order
+    ordered = batches(train_sampling_strategy="sequential")[0]
+    assert [i for batch in ordered for i in batch] == list(range(len(pairs))) and ordered != unset
+    from fastdpo.errors import ConfigError  # auto_find_batch_size: its retries halved a size no batch read
+
+    with pytest.raises(ConfigError, match="^column 'auto_find_batch_size'"):
+        DPOConfig(**common_args(tmp_path, "x"), max_tokens_per_batch=150, auto_find_batch_size=True)
 
 
 def test_drop_last_keeps_a_pass_whose_only_batch_is_short():

@@ -154,6 +154,12 @@ class DPOConfig(TrainingArguments):
             )
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ConfigError(f"must be positive, got {self.max_tokens_per_batch}", column="max_tokens_per_batch")
+        # (its retries shrank a batch size the budget's batches never read, until accelerate gave up at zero)
+        if self.max_tokens_per_batch is not None and self.auto_find_batch_size:
+            raise ConfigError("halves the batch size after an out-of-memory error; max_tokens_per_batch batches "
+                              "by tokens and has none to halve", column="auto_find_batch_size",
+                              fix="lower max_tokens_per_batch yourself, or batch by per_device_train_batch_size"
+                              )  # fmt: skip
         if self.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
             raise ConfigError(
                 f"{self.train_sampling_strategy!r} sorts examples to save padding; packed batches have none",

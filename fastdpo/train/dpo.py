@@ -438,7 +438,8 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
             seed = args.data_seed if args.data_seed is not None else args.seed  # (the Trainer's sampler's seed)
             sampler = TokenBudgetBatchSampler(lengths, args.max_tokens_per_batch, seed=seed,
                                               rank=args.process_index, world_size=args.world_size,
-                                              drop_last=args.dataloader_drop_last)  # fmt: skip
+                                              drop_last=args.dataloader_drop_last,
+                                              shuffle=args.train_sampling_strategy != "sequential")  # fmt: skip
         else:  # the batches of every process, each step's dealt by tokens; accelerate's shard takes this rank's
             sampler = RankBalancedBatchSampler(self._get_train_sampler(dataset), args.per_device_train_batch_size,
                                                lengths=lengths, world_size=args.world_size,
@@ -446,7 +447,8 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
                                                top_up=self.accelerator.even_batches)  # fmt: skip
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                             num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
-                            persistent_workers=args.dataloader_persistent_workers,
+                            persistent_workers=args.dataloader_persistent_workers, in_order=args.dataloader_in_order,
+                            multiprocessing_context=args.dataloader_multiprocessing_context,
                             prefetch_factor=args.dataloader_prefetch_factor,
                             worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers,
                                                    rank=args.process_index))  # fmt: skip
