@@ -24,3 +24,41 @@ def test_a_set_given_to_evaluate_is_scored_under_persistent_workers(tmp_path):
     assert given["eval_logps/chosen"] == pytest.approx(alone["eval_logps/chosen"], rel=1e-6)
     assert again["eval_logps/chosen"] == pytest.approx(first["eval_logps/chosen"], rel=1e-6)  # (its own set again)
     assert given["eval_logps/chosen"] != pytest.approx(first["eval_logps/chosen"], rel=1e-3)
+
+
+def test_eval_metrics_are_each_evaluations_own_under_its_prefix(tmp_path):
+    # predict() never logs: its batches' metrics were averaged into the next evaluate()'s (accuracy 0.5 where the
+    # set's is 0.75); evaluate(metric_key_prefix="test") and a dict's sets logged theirs as eval_* (one name: the
+    # last set's values)
+    from test_train_sft import common_args as sft_args
+    from test_train_sft import prompt_completion_rows
+
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    sets = {"x": synthetic_pairs(4, seed=1), "y": synthetic_pairs(6, seed=5)}
+    cases = (("dpo", DPOTrainer, DPOConfig(**common_args(tmp_path, "d")), sets, "logps/chosen"),
+             ("sft", SFTTrainer, SFTConfig(**sft_args(tmp_path, "s")), {"x": prompt_completion_rows(4, seed=1),
+                                                                        "y": prompt_completion_rows(6, seed=5)},
+              "entropy"))  # fmt: skip
+    for name, trainer_cls, args, data, metric in cases:
+        trainer = trainer_cls(load(), args=args, train_dataset=data["x"], eval_dataset=data["x"],
+                              processing_class=tokenizer)  # fmt: skip
+        alone = {key: trainer.evaluate(eval_dataset=part)[f"eval_{metric}"] for key, part in data.items()}
+        assert alone["x"] != pytest.approx(alone["y"], rel=1e-6), name  # (sets that differ in it)
+
+        def prepared(part, trainer=trainer, name=name, args=args):  # (predict() and the trainer's sets: prepared)
+            return trainer._prepare(part, tokenizer, args, "eval") if name == "dpo" else trainer._prepare_eval(
+                part, tokenizer, args)  # fmt: skip
+
+        trainer.predict(prepared(data["y"]))
+        # (the same set again: the same batches and fp32 sums; a mix of another set's batches moves it by ~5e-5)
+        assert trainer.evaluate()[f"eval_{metric}"] == pytest.approx(alone["x"], rel=1e-7), name
+        assert trainer.evaluate(metric_key_prefix="test")[f"test_{metric}"] == pytest.approx(alone["x"], rel=1e-7)
+        logged = trainer.state.log_history[-1]
+        assert f"test_{metric}" in logged and f"eval_{metric}" not in logged, (name, logged)
+        trainer.eval_dataset = {key: prepared(part) for key, part in data.items()}  # each its own, under its name
+        both = trainer.evaluate()
+        for key in data:
+            assert both[f"eval_{key}_{metric}"] == pytest.approx(alone[key], rel=1e-7), (name, key)

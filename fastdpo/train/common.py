@@ -408,22 +408,6 @@ def _vocab_size(model: nn.Module) -> int | None:
     return getattr(head.weight, "ds_shape", head.weight.shape)[0]  # a ZeRO-3 partitioned weight is empty
 
 
-def evaluate_afresh(trainer, evaluate, eval_dataset, ignore_keys, metric_key_prefix: str) -> dict[str, float]:
-    """``evaluate(eval_dataset=...)`` (the Trainer's) on a DataLoader of the set given: under
-    ``dataloader_persistent_workers`` transformers returns its cached loader of the trainer's eval set for any set
-    given (scoring that one instead, silently); the cached loader is kept for the calls without a set."""
-    cache = getattr(trainer, "_eval_dataloaders", None)
-    given = isinstance(cache, dict) and eval_dataset is not None and not isinstance(eval_dataset, str)
-    kept = cache.pop("eval", None) if given else None
-    try:
-        return evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-    finally:
-        if given:
-            cache.pop("eval", None)
-            if kept is not None:
-                cache["eval"] = kept
-
-
 def report_dropped(dropped: dict[str, list[int]], before: int, after: int, split: str, max_length: int | None) -> None:
     """One warning counting the rows tokenization dropped from ``split``; a DataError when none is left."""
     if not dropped:

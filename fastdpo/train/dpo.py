@@ -78,7 +78,6 @@ from fastdpo.train.common import (
     checked_rows,
     deepspeed_zero3_reference,
     default_output_dir,
-    evaluate_afresh,
     lean_layers,
     load_causal_lm,
     load_tokenizer,
@@ -93,6 +92,7 @@ from fastdpo.train.common import (
     with_quantization,
 )
 from fastdpo.train.config import DPOConfig, coupled_losses
+from fastdpo.train.evaluation import eval_prefix, evaluate_afresh
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.step import preference_step, reference_logps
@@ -480,7 +480,7 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
             self._displacement.update(metrics, learning_rate=self.args.learning_rate,
                                       warn=self.is_world_process_zero())  # fmt: skip
         if mode == "eval":
-            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+            metrics = {f"{eval_prefix(logs)}_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
         super().log(logs, start_time)
 

@@ -80,7 +80,6 @@ from fastdpo.train.common import (
     check_run_dir,
     check_stream_args,
     checked_rows,
-    evaluate_afresh,
     lean_layers,
     load_causal_lm,
     load_tokenizer,
@@ -94,6 +93,7 @@ from fastdpo.train.common import (
     warn_no_logits,
     with_quantization,
 )
+from fastdpo.train.evaluation import eval_prefix, evaluate_afresh
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.sft_config import SFTConfig, as_sft_config, check_label_smoothing
@@ -439,7 +439,7 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         if mode == "train" and "loss" in logs:
             metrics["tokens_per_second"] = self._token_rate(self._total_train_tokens)
         if mode == "eval":
-            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+            metrics = {f"{eval_prefix(logs)}_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
         super().log(logs, start_time)
         self._metrics[mode].clear()
