@@ -168,9 +168,13 @@ class StepMetrics:
         sums, weights = values[: len(names)], values[len(names) : 2 * len(names)]
         means = {n: v / w for n, v, w in zip(names, sums, weights, strict=True) if w}
         means.update(zip(totals, values[2 * len(names) :], strict=True))
+        self.clear()
+        return means
+
+    def clear(self) -> None:
+        """Start over: nothing added."""
         self.sums.clear()
         self.weights.clear()
-        return means
 
 
 class NumericsGuard:

@@ -24,11 +24,9 @@ def evaluate_afresh(trainer, evaluate, eval_dataset, ignore_keys, metric_key_pre
 def forget_eval_metrics(trainer) -> None:
     """The eval-mode metrics that a ``predict()`` (which never logs) left, forgotten before an evaluation counts its
     own: they were averaged into the next evaluation's (eval_rewards/accuracies 0.5 where the set's is 0.75)."""
-    metrics = getattr(trainer, "_metrics", {}).get("eval")
-    if isinstance(metrics, dict):  # (SFT's lists by name)
+    metrics = getattr(trainer, "_metrics", {}).get("eval")  # (SFT's lists by name, DPO's StepMetrics)
+    if metrics is not None:
         metrics.clear()
-    elif metrics is not None:  # (DPO's StepMetrics)
-        trainer._metrics["eval"] = type(metrics)()
 
 
 def eval_prefix(logs: dict) -> str:
