@@ -116,26 +116,20 @@ def _record_prompt(path: Path, name: str, row: int, record):
     _check_prompt(path, name, row, record.get("prompt"), "prompt" not in record)
     prompt = record["prompt"]
     extras = {column: record.get(column) for column in ("input", "context", "system") if record.get(column) is not None}
-    for column, value in extras.items():  # (an empty one changes nothing, as in the trainers)
+    for column, value in extras.items():  # (checked: an empty one changes nothing, as in the trainers)
         tokenized = isinstance(prompt, list) and not isinstance(prompt[0], dict)
         if not isinstance(value, str) or (tokenized and value):
             raise DataError(f"{path}: {name}'s {column} is {type(value).__name__}" + (" beside a tokenized prompt"
                             if tokenized else ""), column=column, row=row,
                             fix=f"write the {column} as a string beside a text or messages prompt, or leave it out"
                             )  # fmt: skip
-        if not value:
-            continue
-        problem = unholdable(value)  # (half of a surrogate pair failed inside the tokenizer)
+        problem = unholdable(value) if value else None  # (half of a surrogate pair failed inside the tokenizer)
         if problem:
             raise DataError(f"{path}: {name}'s {column}: {problem}", column=column, row=row,
                             fix="write whole characters (both halves of a surrogate pair)")  # fmt: skip
-        from fastdpo.data.formats import DEFAULT_INPUT_TEMPLATE, DEFAULT_SYSTEM_TEMPLATE, _add_system, _join_input
+    from fastdpo.data.formats import with_extras
 
-        if column == "system":
-            prompt = _add_system(prompt, value, DEFAULT_SYSTEM_TEMPLATE)
-        else:
-            prompt = _join_input(prompt, value, DEFAULT_INPUT_TEMPLATE)
-    return prompt
+    return with_extras(prompt, record)
 
 
 def _parse(path: Path, text: str, where: str, *, fix: str, row: int | None = None):

@@ -276,13 +276,20 @@ def normalize_row(example: dict, *, kind, has_prompt, system_template, input_tem
         prompt, chosen, rejected = extract_prompt(chosen, rejected)
         if kind == "standard":
             out["prompt_split_mid_word"] = bool(prompt and chosen and prompt[-1].isalnum() and chosen[0].isalnum())
-    for extra in (example.get(c) for c in ("input", "context")):  # (both, in that order, where a row has both)
+    out.update(prompt=with_extras(prompt, example, system_template, input_template), chosen=chosen, rejected=rejected)
+    return out
+
+
+def with_extras(prompt, row: dict, system_template: str = DEFAULT_SYSTEM_TEMPLATE,
+                input_template: str = DEFAULT_INPUT_TEMPLATE):  # fmt: skip
+    """``prompt`` with ``row``'s ``input`` and ``context`` (both, in that order) and then its ``system`` joined in;
+    empty ones change nothing."""
+    for extra in (row.get(c) for c in ("input", "context")):
         if extra:
             prompt = _join_input(prompt, extra, input_template)
-    if example.get("system"):
-        prompt = _add_system(prompt, example["system"], system_template)
-    out.update(prompt=prompt, chosen=chosen, rejected=rejected)
-    return out
+    if row.get("system"):
+        prompt = _add_system(prompt, row["system"], system_template)
+    return prompt
 
 
 def _starts_with(messages: list, turns: list) -> bool:
