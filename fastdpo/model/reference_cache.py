@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from fastdpo.atomic import atomic_open
 from fastdpo.data.packing import pack_pairs
-from fastdpo.model.packed import ld_weights, packed_logps
+from fastdpo.model.packed import _unwrap, ld_weights, packed_logps
 
 logger = logging.getLogger(__name__)
 FORMAT = "fastdpo-reference-logps-1"
@@ -184,8 +184,7 @@ def _per_sequence_attention(model: nn.Module) -> str | None:
     varlen, flash-attention), else None."""
     from fastdpo.model.attention import attends_per_sequence
 
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    current = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    current = getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
     return current if isinstance(current, str) and attends_per_sequence(current) else None
 
 
