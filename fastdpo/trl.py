@@ -87,7 +87,8 @@ from fastdpo.train.common import (  # noqa: E402
 )
 from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
 from fastdpo.train.config import check_loss_options, loss_config_of  # noqa: E402
-from fastdpo.train.dpo import DisplacementWatch, PairPacker, _as_batch, packer_for  # noqa: E402
+from fastdpo.train.displacement import DisplacementWatch  # noqa: E402
+from fastdpo.train.dpo import PairPacker, _as_batch, packer_for  # noqa: E402
 from fastdpo.train.resume import WatchResume  # noqa: E402
 from fastdpo.train.sft import (  # noqa: E402
     PackedSFTLoss,

@@ -27,7 +27,7 @@ from fastdpo.quickstart import (
     run,
 )
 from fastdpo.train import DPOConfig
-from fastdpo.train.dpo import DisplacementWatch, LikelihoodDisplacementWarning
+from fastdpo.train.displacement import DisplacementWatch, LikelihoodDisplacementWarning
 
 
 def test_problems_answers_and_slips():

@@ -341,7 +341,7 @@ def test_model_as_a_path_with_its_reference_loaded_by_trl(data, tmp_path):  # no
 
 
 def test_the_dropin_watches_likelihood_displacement(data, tmp_path):  # noqa: F811
-    from fastdpo.train.dpo import LikelihoodDisplacementWarning
+    from fastdpo.train.displacement import LikelihoodDisplacementWarning
 
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
