@@ -526,3 +526,35 @@ def test_loss_attributes_set_on_the_trainer_are_read_at_each_step_as_trl(data, t
         trainer.train()
         logs[name] = [log for log in trainer.state.log_history if "loss" in log]
     assert_first_steps_match(logs["dropin"], logs["trl"])
+
+
+def test_native_trainer_reads_its_loss_attributes_at_each_step_as_trl(data, tmp_path):  # noqa: F811
+    # fastdpo.DPOTrainer kept its config's loss settings: a callback setting trainer.beta (a β schedule, as TRL's
+    # trainer reads it) changed nothing, silently (step 2's loss at β 0.1 where TRL's is at 0.5).
+    from transformers import TrainerCallback
+
+    class BetaSchedule(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            trainer.beta = 0.1 * (1 + 4 * state.global_step)  # 0.1, then 0.5
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    logs, options = {}, {"loss_type": ["sigmoid", "ipo"], "ld_alpha": 0.5}
+    for name, cls, config in (("native", DPOTrainer, DPOConfig), ("trl", trl.DPOTrainer, trl.DPOConfig)):
+        args = config(**common_args(tmp_path, name), **options)
+        trainer = cls(model=load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer,
+                      callbacks=[BetaSchedule()])  # fmt: skip
+        trainer.loss_weights = [1.0, 0.5]
+        trainer.train()
+        logs[name] = [log for log in trainer.state.log_history if "loss" in log]
+    assert_first_steps_match(logs["native"], logs["trl"])
+    assert trainer.args.beta == 0.1  # the config is as given, in both
+    native = DPOTrainer(model=load(), ref_model=load(), args=DPOConfig(**common_args(tmp_path, "checked")),
+                        train_dataset=data, processing_class=tokenizer)  # fmt: skip
+    native.beta = 0.25
+    assert native.loss_config.beta == 0.25 and native._displacement.beta == 0.25  # (its ratio: rewards / β now)
+    with pytest.raises(ConfigError, match="beta"):  # checked as the config checks it
+        native.beta = 0.0
+    with pytest.raises(ConfigError, match="loss_weights"):
+        native.loss_weights = [1.0, 2.0]  # two weights for one loss type
+    assert native.beta == 0.25 and native.loss_weights is None  # a refused value changes nothing

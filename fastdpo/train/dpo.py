@@ -30,6 +30,7 @@ and ``none`` for reference-free losses. A separate reference can wait in host me
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from contextlib import nullcontext
 from functools import partial
@@ -137,6 +138,21 @@ def _as_batch(inputs: dict) -> PackedBatch:
     return PackedBatch(**fields)
 
 
+def _loss_option(name: str) -> property:
+    """A ``LossConfig`` field as a trainer attribute, as TRL 1.16 keeps its loss settings (``trainer.beta``, ...): every
+    step reads it, so a callback or a subclass may change it (β annealing); a new value is checked as the config's."""
+
+    def get(self):
+        return getattr(self.loss_config, name)
+
+    def put(self, value) -> None:
+        self.loss_config = dataclasses.replace(self.loss_config, **{name: value})
+        if name == "beta" and self._displacement.beta is not None:  # (its ratio is rewards / β now)
+            self._displacement.beta = value
+
+    return property(get, put, doc=f"The loss's ``{name}``, read at every step.")
+
+
 class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer):
     """DPO (and its family) on packed batches; TRL 1.16's constructor arguments."""
 
@@ -144,6 +160,15 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
 
     # compute_loss normalizes per pair over the whole optimizer step (see _get_num_items_in_batch)
     loss_is_scaled_for_ga = True
+
+    # TRL's attributes of the loss settings (set from args at construction, read by every step)
+    beta = _loss_option("beta")
+    label_smoothing = _loss_option("label_smoothing")
+    loss_weights = _loss_option("loss_weights")
+    f_divergence_type = _loss_option("f_divergence_type")
+    f_alpha_divergence_coef = _loss_option("f_alpha_divergence_coef")
+    simpo_gamma = _loss_option("simpo_gamma")
+    cpo_alpha = _loss_option("cpo_alpha")
 
     def __init__(
         self,
