@@ -150,10 +150,12 @@ def test_simpo_and_cpo_match_trl_cpo_trainer():
     ours = preference_loss(pairs, LossConfig(loss_type="simpo", beta=2.0, label_smoothing=0.1, simpo_gamma=0.8))
     torch.testing.assert_close(ours.per_pair, losses, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(ours.chosen_rewards, chosen_r, rtol=1e-9, atol=1e-12)
+    # TRL's CPO trainer logs its chosen NLL (the token mean over chosen completions) under SimPO too
+    nll = -per_token[:b][completion[:b, 1:].bool()].mean()
+    assert abs(ours.metrics["nll_loss"].item() - nll.item()) <= 1e-12
 
     # CPO: sigmoid on summed log-probs + cpo_alpha · NLL, TRL's NLL being the token mean over chosen completions
     losses, chosen_r, _ = CPOTrainer.cpo_loss(_cpo_self("sigmoid", 0.1, 0.05), sums[:b], sums[b:])
-    nll = -per_token[:b][completion[:b, 1:].bool()].mean()
     ours = preference_loss(pairs, LossConfig(loss_type="cpo", beta=0.1, label_smoothing=0.05, cpo_alpha=0.7))
     assert abs(ours.loss.item() - (losses.mean() + 0.7 * nll).item()) <= 1e-9
     assert abs(ours.metrics["nll_loss"].item() - nll.item()) <= 1e-12
