@@ -6,6 +6,7 @@ import pytest
 from test_train_dpo import common_args, synthetic_pairs, tiny_model
 from tiny_tokenizer import build_tiny_tokenizer
 
+from fastdpo.errors import ConfigError
 from fastdpo.train import DPOConfig, DPOTrainer
 
 
@@ -62,3 +63,39 @@ def test_eval_metrics_are_each_evaluations_own_under_its_prefix(tmp_path):
         both = trainer.evaluate()
         for key in data:
             assert both[f"eval_{key}_{metric}"] == pytest.approx(alone[key], rel=1e-7), (name, key)
+
+
+def test_predict_takes_raw_rows_as_evaluate_does(tmp_path):
+    # predict() of raw rows failed in transformers' column check ("No columns in the dataset match the model's
+    # forward method signature"), where evaluate() of the same rows prepared them
+    from test_train_sft import common_args as sft_args
+    from test_train_sft import prompt_completion_rows
+
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    cases = (("dpo", DPOTrainer, DPOConfig(**common_args(tmp_path, "d")), synthetic_pairs(5, seed=3)),
+             ("sft", SFTTrainer, SFTConfig(**sft_args(tmp_path, "s")), prompt_completion_rows(5, seed=3)))  # fmt: skip
+    for name, trainer_cls, args, rows in cases:
+        trainer = trainer_cls(load(), args=args, train_dataset=rows, processing_class=tokenizer)
+        raw = trainer.predict(rows)
+        assert raw.predictions is None and raw.label_ids is None  # (the fused head builds no logits)
+        prepared = trainer.predict(trainer.train_dataset)  # the constructor's preparation of the same rows
+        evaluated = trainer.evaluate(eval_dataset=rows)
+        # the same rows, batches and weights: the same fp32 sums
+        assert raw.metrics["test_loss"] == pytest.approx(prepared.metrics["test_loss"], rel=1e-7), name
+        assert raw.metrics["test_loss"] == pytest.approx(evaluated["eval_loss"], rel=1e-7), name
+
+
+def test_predict_under_a_cached_reference_takes_the_trainers_sets(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    rows = synthetic_pairs(4, seed=2)
+    args = DPOConfig(**common_args(tmp_path, "c"), precompute_ref_log_probs=True, ref_cache_dir=str(tmp_path / "cache"))
+    trainer = DPOTrainer(load(), args=args, train_dataset=rows, eval_dataset=rows, processing_class=tokenizer)
+    # its eval set carries the reference's values: scored as evaluate() scores it (a policy equal to its reference)
+    assert trainer.predict(trainer.eval_dataset).metrics["test_loss"] == pytest.approx(trainer.evaluate()["eval_loss"])
+    for score in (trainer.predict, trainer.evaluate):  # raw rows: no reference to compute their values with
+        with pytest.raises(ConfigError, match="cached reference"):
+            score(rows)

@@ -94,7 +94,7 @@ from fastdpo.train.common import (
 )
 from fastdpo.train.config import DPOConfig, coupled_losses
 from fastdpo.train.displacement import DisplacementWatch, LikelihoodDisplacementWarning  # noqa: F401 (its old home)
-from fastdpo.train.evaluation import eval_prefix, evaluate_afresh
+from fastdpo.train.evaluation import ScoresGivenSets, eval_prefix
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.step import preference_step, reference_logps
@@ -153,7 +153,7 @@ def _loss_option(name: str) -> property:
     return property(get, put, doc=f"The loss's ``{name}``, read at every step.")
 
 
-class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer):
+class DPOTrainer(ScoresGivenSets, PackedTokenCount, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer):
     """DPO (and its family) on packed batches; TRL 1.16's constructor arguments."""
 
     tokens_per_process = True  # _total_train_tokens: this process's share (resume.load_counters)
@@ -301,19 +301,23 @@ class DPOTrainer(PackedTokenCount, InterruptibleTrainer, ResumableTrainer, Numer
         self._token_rate.restart(self._total_train_tokens)
         return train_reporting_streams(self, super().train, *args, **kwargs)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        # a dataset passed here is prepared as the constructor prepares eval sets (TRL's evaluate tokenizes it too)
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            if self.reference_mode == "cached":
-                raise ConfigError("the cached reference was computed for the eval sets given to the trainer, and "
-                                  "its reference model is not kept", column="eval_dataset",
-                                  fix="pass the set as DPOTrainer(eval_dataset=...), or use a separate reference"
-                                  )  # fmt: skip
-            eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, "eval")
-            check_token_ids(eval_dataset, self.model, "eval", self.dropped_rows)
-            check_positions(eval_dataset, self.model, "eval", self.args.max_length, self.dropped_rows)
-            check_pack_length(eval_dataset, self.data_collator, "eval", self.dropped_rows)
-        return evaluate_afresh(self, super().evaluate, eval_dataset, ignore_keys, metric_key_prefix)
+    def _to_score(self, dataset, name: str):
+        """A set given to ``evaluate()`` or ``predict()``, prepared as the constructor prepares eval sets (TRL's
+        evaluate tokenizes it too); under a cached reference, rows that carry its values already (the trainer's own
+        sets) only."""
+        if self.reference_mode == "cached":
+            columns = getattr(dataset, "column_names", None) or []
+            if all(c in columns for c in (*TOKEN_COLUMNS, *REFERENCE_COLUMNS)):
+                return dataset
+            raise ConfigError("the cached reference was computed for the sets given to the trainer, and its "
+                              "reference model is not kept", column="eval_dataset",
+                              fix="pass the set as DPOTrainer(eval_dataset=...) (then trainer.eval_dataset holds it "
+                                  "with its reference values), or use a separate reference")  # fmt: skip
+        dataset = self._prepare(dataset, self.processing_class, self.args, name)
+        check_token_ids(dataset, self.model, name, self.dropped_rows)
+        check_positions(dataset, self.model, name, self.args.max_length, self.dropped_rows)
+        check_pack_length(dataset, self.data_collator, name, self.dropped_rows)
+        return dataset
 
     def _set_signature_columns_if_needed(self) -> None:
         # the columns the collator reads (the Trainer drops the others when remove_unused_columns is on)

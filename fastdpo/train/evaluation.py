@@ -1,7 +1,22 @@
-"""The native trainers' evaluations: a set given to ``evaluate()`` is the set scored, its metrics its own and under
-its ``metric_key_prefix``."""
+"""The native trainers' evaluations: a set given to ``evaluate()`` or ``predict()`` is prepared as the constructor
+prepares its eval sets and is the set scored, its metrics its own and under its ``metric_key_prefix``."""
 
 from __future__ import annotations
+
+
+class ScoresGivenSets:
+    """``evaluate()`` and ``predict()`` of a dataset given: its rows prepared as the constructor prepares its eval sets
+    (the trainer's ``_to_score(dataset, name)``: raw rows tokenized, tokenized ones checked), as TRL's ``evaluate()``
+    prepares them (transformers' ``predict()`` of raw rows failed in its column check, TRL's too)."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._to_score(eval_dataset, "eval")
+        return evaluate_afresh(self, super().evaluate, eval_dataset, ignore_keys, metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        test_dataset = self._to_score(test_dataset, metric_key_prefix)
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
 
 def evaluate_afresh(trainer, evaluate, eval_dataset, ignore_keys, metric_key_prefix: str) -> dict[str, float]:

@@ -93,7 +93,7 @@ from fastdpo.train.common import (
     warn_no_logits,
     with_quantization,
 )
-from fastdpo.train.evaluation import eval_prefix, evaluate_afresh
+from fastdpo.train.evaluation import ScoresGivenSets, eval_prefix
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.sft_config import SFTConfig, as_sft_config, check_label_smoothing
@@ -231,7 +231,9 @@ class PackedSFTLoss:
         return loss.detach(), None, None
 
 
-class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer):
+class SFTTrainer(
+    ScoresGivenSets, PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer
+):
     """Supervised fine-tuning on packed batches; TRL 1.16's constructor arguments."""
 
     # compute_loss divides by the targets of the whole optimizer step (num_items_in_batch): no further 1/GA
@@ -332,12 +334,12 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
         check_token_ids(dataset, model, split, self.dropped_rows)
         check_positions_as_cut(dataset, model, split, args, self.dropped_rows)
 
-    def _prepare_eval(self, eval_dataset, tokenizer, args: SFTConfig):
+    def _prepare_eval(self, eval_dataset, tokenizer, args: SFTConfig, name: str = "eval"):
         packing = args.packing if args.eval_packing is None else args.eval_packing
         if isinstance(eval_dataset, dict):
             # named eval_<key> (as DPOTrainer names them): a key "train" is not the train set's checks and counts
-            return {key: self._prepare(d, tokenizer, args, packing, f"eval_{key}") for key, d in eval_dataset.items()}
-        return self._prepare(eval_dataset, tokenizer, args, packing, "eval")
+            return {key: self._prepare(d, tokenizer, args, packing, f"{name}_{key}") for key, d in eval_dataset.items()}
+        return self._prepare(eval_dataset, tokenizer, args, packing, name)
 
     def _prepare(self, dataset, tokenizer, args: SFTConfig, packing: bool, name: str) -> datasets.Dataset:
         """TRL's ``_prepare_dataset``: tokenize (unless already), label, truncate or pack, shuffle."""
@@ -420,12 +422,11 @@ class SFTTrainer(PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, Resumabl
             dataset = dataset.select(sorted(set(range(len(dataset))) - set(gone)))
         return dataset.remove_columns("_has_labels")
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        # a dataset passed here is prepared as the constructor prepares eval datasets
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            eval_dataset = self._prepare_eval(eval_dataset, self.processing_class, self.args)
-            self._check_ids(eval_dataset, self.model, "eval", self.args)
-        return evaluate_afresh(self, super().evaluate, eval_dataset, ignore_keys, metric_key_prefix)
+    def _to_score(self, dataset, name: str):
+        """A set given to ``evaluate()`` or ``predict()``, prepared as the constructor prepares eval sets."""
+        dataset = self._prepare_eval(dataset, self.processing_class, self.args, name)
+        self._check_ids(dataset, self.model, name, self.args)
+        return dataset
 
     # --- loss and metrics
 
@@ -537,10 +538,9 @@ def _pack_length(model: nn.Module, args: SFTConfig, attention: str | None = None
     if pack_length is not None or args.max_length is None:
         return pack_length
     attention = attention or getattr(model.config, "_attn_implementation", None) or "sdpa"
-    # eager/sdpa attend over whole rows (cost ∝ row length²): rows as long as the step's longest sequence (None),
-    # as long as TRL's padded ones; rows of max_length made a step of 64 sequences of ~15 tokens one 954-token row,
-    # 2.2x the time of the quickstart's SFT steps. Kernels that work per sequence (flash, flex, fastdpo_varlen) lose
-    # nothing with long rows, which leave less padding.
+    # eager/sdpa attend over whole rows (cost ∝ row length²): rows as long as the step's longest sequence (None), as
+    # TRL's padded ones; max_length rows made 64 sequences of ~15 tokens one 954-token row, 2.2x the quickstart SFT
+    # steps' time. Kernels that work per sequence (flash, flex, fastdpo_varlen) lose nothing with long rows.
     return None if attention in ROW_ATTENTION else max(args.max_length, 4096)
 
 
