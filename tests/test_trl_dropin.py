@@ -508,7 +508,8 @@ def test_bf16_reference_runs_under_autocast_as_trl(precompute, data, tmp_path): 
 
 def test_loss_attributes_set_on_the_trainer_are_read_at_each_step_as_trl(data, tmp_path):  # noqa: F811
     # TRL's loss reads trainer.beta, .loss_types, .loss_weights, .ld_alpha ... at every step: a subclass or a callback
-    # (a β schedule) may change them. The drop-in kept the config's: β 0.1 where the schedule set 0.5 at step 2.
+    # (a β schedule) may change them. The drop-in kept the config's: β 0.1 where the schedule set 0.5 at step 2; so
+    # did fastdpo.DPOTrainer, silently (its loss types and ld_alpha are its config's: set there)
     from transformers import TrainerCallback
 
     class BetaSchedule(TrainerCallback):
@@ -517,38 +518,20 @@ def test_loss_attributes_set_on_the_trainer_are_read_at_each_step_as_trl(data, t
 
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
-    logs = {}
-    for name, cls in (("dropin", dropin.DPOTrainer), ("trl", trl.DPOTrainer)):
-        args = trl.DPOConfig(**common_args(tmp_path, name))
+    logs, native_options = {}, {"loss_type": ["sigmoid", "ipo"], "ld_alpha": 0.5}
+    for name, cls in (("dropin", dropin.DPOTrainer), ("native", DPOTrainer), ("trl", trl.DPOTrainer)):
+        args = DPOConfig(**common_args(tmp_path, name), **native_options) if name == "native" else trl.DPOConfig(
+            **common_args(tmp_path, name))  # fmt: skip
         trainer = cls(model=load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer,
                       callbacks=[BetaSchedule()])  # fmt: skip
-        trainer.loss_types, trainer.loss_weights, trainer.ld_alpha = ["sigmoid", "ipo"], [1.0, 0.5], 0.5
-        trainer.train()
-        logs[name] = [log for log in trainer.state.log_history if "loss" in log]
-    assert_first_steps_match(logs["dropin"], logs["trl"])
-
-
-def test_native_trainer_reads_its_loss_attributes_at_each_step_as_trl(data, tmp_path):  # noqa: F811
-    # fastdpo.DPOTrainer kept its config's loss settings: a callback setting trainer.beta (a β schedule, as TRL's
-    # trainer reads it) changed nothing, silently (step 2's loss at β 0.1 where TRL's is at 0.5).
-    from transformers import TrainerCallback
-
-    class BetaSchedule(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            trainer.beta = 0.1 * (1 + 4 * state.global_step)  # 0.1, then 0.5
-
-    tokenizer = build_tiny_tokenizer()
-    load = tiny_model(tokenizer, tmp_path / "model")
-    logs, options = {}, {"loss_type": ["sigmoid", "ipo"], "ld_alpha": 0.5}
-    for name, cls, config in (("native", DPOTrainer, DPOConfig), ("trl", trl.DPOTrainer, trl.DPOConfig)):
-        args = config(**common_args(tmp_path, name), **options)
-        trainer = cls(model=load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer,
-                      callbacks=[BetaSchedule()])  # fmt: skip
+        if name != "native":
+            trainer.loss_types, trainer.ld_alpha = ["sigmoid", "ipo"], 0.5
         trainer.loss_weights = [1.0, 0.5]
         trainer.train()
         logs[name] = [log for log in trainer.state.log_history if "loss" in log]
+    assert_first_steps_match(logs["dropin"], logs["trl"])
     assert_first_steps_match(logs["native"], logs["trl"])
-    assert trainer.args.beta == 0.1  # the config is as given, in both
+    assert trainer.args.beta == 0.1  # TRL's config keeps the value given
     native = DPOTrainer(model=load(), ref_model=load(), args=DPOConfig(**common_args(tmp_path, "checked")),
                         train_dataset=data, processing_class=tokenizer)  # fmt: skip
     native.beta = 0.25
