@@ -90,14 +90,9 @@ from fastdpo.train.config import check_loss_options, loss_config_of  # noqa: E40
 from fastdpo.train.displacement import DisplacementWatch  # noqa: E402
 from fastdpo.train.dpo import PairPacker, _as_batch, packer_for  # noqa: E402
 from fastdpo.train.resume import WatchResume  # noqa: E402
-from fastdpo.train.sft import (  # noqa: E402
-    PackedSFTLoss,
-    SequencePacker,
-    _pack_length,
-    check_label_smoothing,
-    refuse_logit_hooks,
-)
-from fastdpo.train.sft_config import warn_eval_packing  # noqa: E402
+from fastdpo.train.sft import PackedSFTLoss, SequencePacker  # noqa: E402
+from fastdpo.train.sft_config import check_label_smoothing, warn_eval_packing  # noqa: E402
+from fastdpo.train.sft_setup import _pack_length, refuse_logit_hooks  # noqa: E402
 from fastdpo.train.step import preference_step, reference_logps  # noqa: E402
 
 TRL_FALLBACK = ", or use TRL's own trainer for this run"
