@@ -121,6 +121,31 @@ class SFTConfig(_StepOptions, trl.SFTConfig):
     """``trl.SFTConfig`` with fastdpo's ``packed_attention`` and ``lean_activations`` (as ``fastdpo.SFTConfig``'s)."""
 
 
+def _from_native(args, config_cls: type):
+    """``args`` for a drop-in: a config of fastdpo's own trainer (``fastdpo.DPOConfig``, ``fastdpo.SFTConfig``) as the
+    drop-in's ``config_cls`` (TRL's SFT trainer rebuilt it from ``to_dict()``: a TypeError from inside TRL naming a
+    fastdpo field; TRL's DPO trainer took it as it is and ignored fastdpo's fields), refused where it sets a field of
+    fastdpo's own trainer, which TRL's has not."""
+    from fastdpo.train.config import DPOConfig as NativeDPO
+    from fastdpo.train.sft_config import SFTConfig as NativeSFT
+
+    if not isinstance(args, (NativeDPO, NativeSFT)):
+        return args
+    known = {field.name for field in dataclasses.fields(config_cls) if field.init}
+    fresh = type(args)(output_dir=args.output_dir)  # (the defaults, as the config's own checks leave them)
+    own = [field.name for field in dataclasses.fields(args) if field.init and field.name not in known]
+    changed = [name for name in own if getattr(args, name) != getattr(fresh, name)]
+    if changed:
+        trainer = config_cls.__name__.replace("Config", "Trainer")
+        raise ConfigError(f"{', '.join(changed)}: options of fastdpo's own trainer, and fastdpo.trl.{trainer} runs "
+                          "TRL's, which has none", column=changed[0],
+                          fix=f"train with fastdpo.{trainer} (same arguments), or leave them out and use "
+                              f"fastdpo.trl.{config_cls.__name__}")  # fmt: skip
+    values = {name: value for name, value in args.to_dict().items() if name in known}
+    values.update({name: getattr(args, name) for name in values if name.endswith("_token")})  # (to_dict hides them)
+    return config_cls(**values)
+
+
 def _attention_of(args) -> str | None:
     """The packed steps' attention implementation (None: the model's own); TRL's own configs have no option."""
     return packed_attention(getattr(args, "packed_attention", "auto"))
@@ -213,6 +238,7 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None) -> None:  # fmt: skip
+        args = _from_native(args, DPOConfig)
         _refuse(args, compute_metrics)
         check_collator(data_collator, PairPacker)
         refuse_unsupported_adapter(model, peft_config)
@@ -393,6 +419,7 @@ class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, trl.SFTTrain
                  callbacks=None, optimizers=(None, None), optimizer_cls_and_kwargs=None,
                  preprocess_logits_for_metrics=None, quantization_config=None, peft_config=None,
                  formatting_func=None) -> None:  # fmt: skip
+        args = _from_native(args, SFTConfig)
         refuse_logit_hooks(TRL_FALLBACK, compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
                            preprocess_logits_for_metrics=preprocess_logits_for_metrics)  # fmt: skip
         check_collator(data_collator, SequencePacker)
