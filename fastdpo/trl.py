@@ -197,11 +197,12 @@ def _check_pair_columns(dataset, name: str) -> None:
     raise DataError(f"the {name} data has no {missing[0]!r} column", column=missing[0], fix=fix)
 
 
-def _count_dropped(given, prepared, name: str, max_length: int | None, *, needed: bool = True) -> None:
-    """TRL's drop of the pairs whose prompt fills ``max_length`` (``keep_start``), said: a set it emptied failed
-    later, deep inside (the sampler's ``num_samples=0``; the precompute's ``torch.cat`` of nothing) or, an eval set,
-    gave no eval metrics at all; a part dropped went unsaid. A DataError where none is left and the set is
-    ``needed`` (an eval set nothing evaluates is not), else one warning."""
+def _count_dropped(given, prepared, name: str, why: str, max_length: int | None, *, unit: str = "pairs",
+                   needed: bool = True) -> None:  # fmt: skip
+    """TRL's drop of the ``unit`` whose prompt fills ``max_length`` (``why``: as TRL decides it), said: a set it
+    emptied failed later, deep inside (the sampler's ``num_samples=0``; DPO's precompute's ``torch.cat`` of nothing)
+    or, an eval set, gave no eval metrics at all; a part dropped went unsaid. A DataError where none is left and the
+    set is ``needed`` (an eval set nothing evaluates is not), else one warning."""
     import datasets
 
     if not isinstance(given, datasets.Dataset) or not isinstance(prepared, datasets.Dataset):
@@ -209,14 +210,21 @@ def _count_dropped(given, prepared, name: str, max_length: int | None, *, needed
     gone = len(given) - len(prepared)
     if gone <= 0:
         return
-    why = f"their prompt fills max_length ({max_length} tokens), and TRL drops such pairs under keep_start"
     if len(prepared) == 0 and needed:
-        raise DataError(f"no pair of the {name} data is left to {'train' if name == 'train' else 'evaluate'} on: all "
-                        f"{gone} were dropped, {why}", column=f"{name}_dataset",
+        raise DataError(f"no {unit[:-1]} of the {name} data is left to {'train' if name == 'train' else 'evaluate'} "
+                        f"on: all {gone} were dropped, {why}", column=f"{name}_dataset",
                         fix=f"raise max_length (now {max_length}), set truncation_mode='keep_end', or shorten the "
                         "prompts")  # fmt: skip
     if _first_process():
-        warnings.warn(f"{name} data: {gone} of {len(given)} pairs dropped: {why}", stacklevel=4)
+        warnings.warn(f"{name} data: {gone} of {len(given)} {unit} dropped: {why}", stacklevel=4)
+
+
+def _needed(trainer, name: str, args) -> bool:
+    """Whether a set TRL prepares is scored: the train set; an eval set given to ``evaluate()`` (after the
+    constructor), or where training evaluates; DPO's precompute of the reference runs on every set."""
+    strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+    return (name == "train" or getattr(trainer, "model", None) is not None or str(strategy) != "no"
+            or getattr(args, "precompute_ref_log_probs", False))  # fmt: skip
 
 
 class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer):
@@ -227,12 +235,8 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
         self._train_prepared = True
         _check_pair_columns(dataset, name)
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        # (an eval set is needed now in evaluate(), after the constructor, where training evaluates, or by the
-        # constructor's precompute of the reference, which runs on every set)
-        strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
-        needed = (name == "train" or getattr(self, "model", None) is not None or str(strategy) != "no"
-                  or args.precompute_ref_log_probs)  # fmt: skip
-        _count_dropped(dataset, prepared, name, args.max_length, needed=needed)
+        why = f"their prompt fills max_length ({args.max_length} tokens), and TRL drops such pairs under keep_start"
+        _count_dropped(dataset, prepared, name, why, args.max_length, needed=_needed(self, name, args))
         return prepared
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
@@ -409,6 +413,16 @@ class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, trl.SFTTrain
 
     def _metric_gather(self):
         return self.accelerator.gather_for_metrics  # TRL's (its end-of-data trimming too)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name: str):
+        name = _set_name(dataset_name, getattr(self, "_train_prepared", False))  # (TRL prepares the train set first)
+        self._train_prepared = True
+        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if not packing:  # (packed, a set's rows are others: TRL keeps the rows cut before their completion there)
+            why = (f"no token with a loss (a completion's) is left within max_length ({args.max_length} tokens), and "
+                   "TRL drops such rows")  # fmt: skip
+            _count_dropped(dataset, prepared, name, why, args.max_length, unit="rows", needed=_needed(self, name, args))
+        return prepared
 
     def _aux_loss_trained(self) -> bool:
         # TRL's label-smoothed loss is its smoother's over the logits alone: the aux loss is logged, not trained

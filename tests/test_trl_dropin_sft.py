@@ -38,3 +38,35 @@ def test_fastdpo_configs_given_to_the_dropins(tmp_path):
     with pytest.raises(ConfigError, match="reference, ref_offload: options of fastdpo's own trainer"):
         dropin.DPOTrainer(load(), args=DPOConfig(output_dir=str(tmp_path / "dpo"), reference="separate",
                                                  ref_offload=True))  # fmt: skip
+
+
+def test_rows_trls_sft_preparation_drops_are_counted_and_an_emptied_set_named(tmp_path):
+    # TRL's SFT preparation (packing off) drops the rows whose prompt fills max_length: the drop-in said nothing
+    # of a part dropped, failed in torch's sampler (num_samples=0) where the train set was emptied, and gave no
+    # eval metrics at all for an emptied eval set (as fastdpo.trl.DPOTrainer and fastdpo.SFTTrainer do not)
+    from fastdpo.errors import DataError
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+
+    def long_prompts(rows, which):  # a prompt filling max_length (64 tokens) before its completion
+        return rows.map(lambda row, i: {"prompt": "sky " * 80 if i in which else row["prompt"]}, with_indices=True)
+
+    def build(name, train, eval_rows=None, **options):
+        args = trl.SFTConfig(**sft_args(tmp_path, name, max_length=64), packing=False, **options)
+        return dropin.SFTTrainer(load(), args=args, train_dataset=train, eval_dataset=eval_rows,
+                                 processing_class=tokenizer)  # fmt: skip
+
+    with pytest.warns(UserWarning, match=r"train data: 2 of 8 rows dropped: no token with a loss"):
+        trainer = build("part", long_prompts(prompt_completion_rows(8), {0, 5}))
+    assert len(trainer.train_dataset) == 6  # (TRL's drop itself, as TRL's)
+    with pytest.raises(DataError, match="no row of the train data is left to train on: all 4 were dropped"):
+        build("all", long_prompts(prompt_completion_rows(4), {0, 1, 2, 3}))
+    emptied = long_prompts(prompt_completion_rows(4, seed=9), {0, 1, 2, 3})
+    with pytest.raises(DataError, match="no row of the eval data is left to evaluate on"):
+        build("eval", prompt_completion_rows(4), emptied, eval_strategy="steps", eval_steps=1)
+    with pytest.warns(UserWarning, match="eval data: 4 of 4 rows dropped"):  # nothing evaluates it: TRL trains
+        build("unused", prompt_completion_rows(4), emptied)
+    trainer = build("later", prompt_completion_rows(4))
+    with pytest.raises(DataError, match="no row of the eval data is left to evaluate on"):
+        trainer.evaluate(emptied)
