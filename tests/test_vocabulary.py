@@ -246,3 +246,26 @@ def test_a_packed_rows_sequence_past_the_position_table_is_named_as_a_packed_row
     with pytest.raises(DataError, match=r"^row 1, column 'seq_lengths': a sequence of 20 tokens in the train data "
                                         r"\(a packed row\)"):  # fmt: skip
         check_positions(packed, model, "train", None)
+
+
+def test_tokenized_labels_are_checked_when_the_trainer_is_built(tmp_path):
+    # labels past the head, -1 used as the ignore index, or fewer labels than input_ids were found mid-training, when
+    # a step reached the row (after 3 optimizer steps here: the head's error naming no row, or a batch's row 0)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    head = load().get_output_embeddings().weight.shape[0]
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]} for _ in range(8)]
+    cases = (("past", [-100, -100, 7, head], rf"row 5, column 'labels': label {head} in the train data: the model's "
+                                             rf"head has {head} rows"),
+             ("minus_one", [-1, -1, 7, 8], "row 5, column 'labels': label -1 in the train data"),
+             ("short", [7, 8], "row 5, column 'labels': the train data has 2 labels for 4 input_ids"))  # fmt: skip
+    for name, labels, said in cases:
+        bad = [dict(row) for row in rows]
+        bad[5]["labels"] = labels
+        data = datasets.Dataset.from_list(bad)
+        for trainer_cls, config in ((SFTTrainer, SFTConfig), (dropin.SFTTrainer, trl.SFTConfig)):
+            args = config(**sft_args(tmp_path, f"{name}_{trainer_cls.__module__}"), packing=False)
+            with pytest.raises(DataError, match=said):
+                trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    SFTTrainer(model=load(), args=SFTConfig(**sft_args(tmp_path, "fine"), packing=False),
+               train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)  # fmt: skip

@@ -48,6 +48,45 @@ def check_token_ids(dataset, model, name: str, dropped: dict | None = None) -> N
                             f"input embedding has {rows} rows (ids 0 to {rows - 1})", row=row, column=column,
                             fix="resize the model to its tokenizer, model.resize_token_embeddings(len(tokenizer)), "
                             "or tokenize with the model's own tokenizer")  # fmt: skip
+    if "labels" in dataset.column_names and "input_ids" in dataset.column_names:
+        _check_labels(dataset, _head_rows(model, rows), name, dropped)
+
+
+def _head_rows(model, rows: int) -> int:
+    """The rows of the model's LM head (the ids a label may hold); ``rows``, the input embedding's, where unknown."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if getattr(weight, "ndim", 0) == 2 else rows
+
+
+def _check_labels(dataset: datasets.Dataset, rows: int, name: str, dropped: dict | None) -> None:
+    """A ``DataError`` at the first row whose ``labels`` are not as many as its ``input_ids``, or hold an id the head
+    has no row for (or a negative one other than -100, the ignored label): found mid-training before, when the
+    step reached the row (a batch's row named, or the head's error naming none)."""
+    import pyarrow.compute as pc
+
+    packed = " (a packed row)" if "seq_lengths" in dataset.column_names else ""
+    batches = dataset.select_columns(["input_ids", "labels"]).with_format("arrow").iter(_BATCH)
+    for start, batch in zip(range(0, len(dataset), _BATCH), batches, strict=False):
+        ids, labels = batch["input_ids"], batch["labels"]
+        unequal = pc.not_equal(pc.list_value_length(ids), pc.list_value_length(labels))
+        if pc.any(unequal).as_py():
+            at = pc.index(unequal, True).as_py()
+            raise DataError(f"the {name} data{packed} has {len(labels[at])} labels for {len(ids[at])} input_ids",
+                            row=_input_row(dataset, start + at, name, dropped), column="labels",
+                            fix="give every row one label per input id (-100 where no loss is wanted)")  # fmt: skip
+        flat = pc.list_flatten(labels)
+        if len(flat) == 0:
+            continue
+        bad = pc.and_(pc.not_equal(flat, -100), pc.or_(pc.greater_equal(flat, rows), pc.less(flat, 0)))
+        if not pc.any(bad).as_py():
+            continue
+        first = pc.index(bad, True).as_py()
+        row = start + int(pc.list_parent_indices(labels).to_numpy()[first])
+        raise DataError(f"label {flat[first].as_py()} in the {name} data{packed}: the model's head has {rows} rows "
+                        f"(ids 0 to {rows - 1}), and -100 marks a token without a loss",
+                        row=_input_row(dataset, row, name, dropped), column="labels",
+                        fix="use -100 for the tokens without a loss, and the model's own tokenizer's ids")  # fmt: skip
 
 
 def _input_row(dataset: datasets.Dataset, row: int, name: str, dropped: dict | None) -> int:
