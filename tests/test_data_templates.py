@@ -198,3 +198,56 @@ def test_assistant_only_loss_takes_trls_training_template_of_a_known_template(tm
     for step in (0, 1):
         for key in ("loss", "grad_norm", "num_tokens"):  # fp32 sums in another order
             assert logs["ours"][step][key] == pytest.approx(logs["trl"][step][key], rel=1e-4), (step, key)
+
+
+def test_a_template_that_never_trains_the_end_of_turn_is_warned_about(tmp_path):
+    # assistant_only_loss with a {% generation %} span that ends before <|im_end|>: the model never learns to stop,
+    # and the loss looks healthy. TRL 1.16 warns; fastdpo.SFTTrainer said nothing
+    import warnings
+
+    import torch
+    from test_data_sft import MARKER_TEMPLATE
+    from test_train_sft import common_args, message_rows, tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    pytest.importorskip("trl")
+    from trl.chat_template_utils import is_chat_template_stop_token_trained
+
+    outside = MARKER_TEMPLATE.replace("{{ message['content'] }}<|im_end|>{% endgeneration %}",
+                                      "{{ message['content'] }}{% endgeneration %}<|im_end|>")  # fmt: skip
+    assert outside != MARKER_TEMPLATE
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(tmp_path / "model")
+    for name, template in (("inside", MARKER_TEMPLATE), ("outside", outside)):
+        tokenizer.chat_template = template
+        args = SFTConfig(**common_args(tmp_path, name, assistant_only_loss=True, packing=False, max_length=64))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            SFTTrainer(model=str(tmp_path / "model"), args=args, train_dataset=message_rows(4),
+                       processing_class=tokenizer)  # fmt: skip
+        said = [str(w.message) for w in caught if "never learns to stop" in str(w.message)]
+        # TRL's own check of the same template as the reference
+        assert bool(said) == (not is_chat_template_stop_token_trained(tokenizer)), (name, said)
+        assert bool(said) == (name == "outside")
+
+
+def test_context_parallelism_is_refused_by_the_sft_trainer(tmp_path):
+    # CP/SP shard each row over processes; the packed step's targets and sequence bounds would not follow (TRL refuses
+    # them with packing): a ConfigError before anything is built
+    from types import SimpleNamespace
+
+    from test_train_sft import common_args, message_rows, tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from fastdpo.errors import ConfigError
+    from fastdpo.train import SFTConfig, SFTTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    args = SFTConfig(**common_args(tmp_path, "cp"))
+    args.parallelism_config = SimpleNamespace(cp_enabled=True, sp_enabled=False)  # (accelerate's, on 2 GPUs)
+    with pytest.raises(ConfigError, match="parallelism_config.*context and sequence parallelism"):
+        SFTTrainer(model=LlamaForCausalLM(tiny_llama_config(tokenizer)), args=args, train_dataset=message_rows(4),
+                   processing_class=tokenizer)  # fmt: skip

@@ -101,6 +101,7 @@ from fastdpo.train.sft_setup import (
     _refuse_unsupported,
     _set_special_tokens,
     training_template,
+    warn_untrained_stop,
 )
 from fastdpo.train.step import SFTStepOutput, sft_step
 
@@ -288,6 +289,8 @@ class SFTTrainer(
             prepare_quantized_training(model)
         check_run_dir(args, model)
         _set_special_tokens(model, processing_class, args, set_pad=data_collator is None)
+        if args.assistant_only_loss:
+            warn_untrained_stop(processing_class, training_template(processing_class, True))
         self.aux_loss_coef = _enable_router_aux_loss(model, args)
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
         self._streams: list = []

@@ -3,6 +3,8 @@ template, the MoE aux loss, the pack length, tokenized and packed datasets given
 
 from __future__ import annotations
 
+import warnings
+
 import datasets
 from torch import nn
 
@@ -37,11 +39,42 @@ def _refuse_unsupported(model, args, train_dataset, processing_class, compute_lo
         fix = "pass the tokenizer (processors of vision-language models are not supported yet)"
         raise ConfigError(f"expected a tokenizer, got {type(processing_class).__name__}", column="processing_class",
                           fix=fix)  # fmt: skip
+    parallelism = getattr(args, "parallelism_config", None)  # (transformers' own check does not know packed rows)
+    if getattr(parallelism, "cp_enabled", False) or getattr(parallelism, "sp_enabled", False):
+        raise ConfigError("context and sequence parallelism split each row over processes, and the packed steps' "
+                          "targets and sequence bounds would not follow", column="parallelism_config",
+                          fix="use cp_size=1 and sp_size=1 (TRL refuses them with packing too)")  # fmt: skip
     checkpointing = args.gradient_checkpointing_kwargs or {}
     if checkpointing.get("selective"):
         raise ConfigError("selective activation checkpointing is not supported yet",
                           column="gradient_checkpointing_kwargs", fix="drop the 'selective' key")  # fmt: skip
     checkpointing.pop("selective", None)
+
+
+def warn_untrained_stop(tokenizer, template: str | None) -> None:
+    """A warning where ``assistant_only_loss`` would never train the end of an assistant turn: a template whose
+    ``{% generation %}`` span ends before the end-of-turn token (it is given to the next message), found by rendering
+    a user, assistant, user exchange and reading the last masked token that is not whitespace (TRL 1.16 warns so too;
+    the loss looks healthy, the model never learns to stop)."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"}]  # fmt: skip
+    from jinja2 import TemplateError
+
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True, chat_template=template)  # fmt: skip
+    except (TemplateError, TypeError, ValueError):  # (no template: the rows' preparation says what is missing)
+        return
+    masked = [token for token, kept in zip(out["input_ids"], out.get("assistant_masks") or [], strict=False) if kept]
+    last = next((token for token in reversed(masked) if tokenizer.decode([token]).strip()), None)
+    if last is None or last in set(tokenizer.get_added_vocab().values()):
+        return
+    warnings.warn(
+        "assistant_only_loss: the chat template's {% generation %} span ends before the assistant turn's "
+        "end-of-turn token, so the model never learns to stop (the loss looks healthy). Put the token "
+        "inside {% generation %}...{% endgeneration %}, or set assistant_only_loss=False",
+        stacklevel=3,
+    )
 
 
 def _set_special_tokens(model: nn.Module, tokenizer, args: SFTConfig, *, set_pad: bool) -> None:
