@@ -29,7 +29,8 @@ def add_data_parser(commands) -> None:
             action.add_argument("eval_out", type=Path)
             action.add_argument("--test-size", type=_fraction_or_count, default=0.1,
                                 help="a fraction (0.1), or a number of rows (500)")  # fmt: skip
-            action.add_argument("--seed", type=int, default=0)
+            action.add_argument("--seed", type=int, default=42, help="the held-out draw's seed (a run's eval_fraction "
+                                "draws with its seed, 42 by default: one seed, the same rows)")  # fmt: skip
         if name in ("check", "stats", "filter", "split"):
             action.add_argument("--columns", type=_json_object, default=None,
                                 help='column names in the data, e.g. \'{"prompt": "question"}\'')  # fmt: skip

@@ -183,3 +183,21 @@ def test_a_runs_held_out_rows_are_data_splits_where_rows_have_no_prompt_column(t
     _, held_out = split_pairs(load_data(str(path)), test_size=0.25, seed=0)
     expected = sorted(rows.index(row) for row in held_out.to_list() if row["chosen"])
     assert numbering["eval"] == expected
+
+
+def test_data_split_and_a_runs_eval_fraction_hold_out_the_same_rows_by_default(tmp_path, monkeypatch):
+    # README: eval_fraction holds rows out as `data split` does; with their defaults they did not (the split's seed
+    # was 0, a run's is TrainingArguments' 42): other eval rows, other eval losses
+    from fastdpo.cli import RunArguments, main
+    from fastdpo.cli_model import loaded_splits
+    from fastdpo.train import DPOConfig
+
+    rows = [{"prompt": f"q{i} {WORDS[i % len(WORDS)]}", "chosen": " yes", "rejected": " no"} for i in range(24)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "split", "pairs.jsonl", "train.jsonl", "eval.jsonl", "--test-size", "0.25"]) == 0
+    split_eval = [json.loads(line)["prompt"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    seed = DPOConfig(output_dir=str(tmp_path / "run")).seed  # a run's default seed
+    _, held_out, _ = loaded_splits("dpo", RunArguments(dataset_name=str(path), eval_fraction=0.25), seed)
+    assert sorted(held_out["prompt"]) == sorted(split_eval) and len(split_eval) == 6
