@@ -184,6 +184,25 @@ def test_an_extended_run_takes_the_schedule_of_its_new_length_from_its_second_re
     assert rates(4, resume_from_checkpoint=True)[-2:] == pytest.approx([0.0, 1e-2 / 4])
 
 
+def test_a_finished_run_is_not_trained_past_its_last_step(tokenizer, load, tmp_path):
+    # resumed from its last checkpoint, a finished run trained one step past max_steps (transformers' loop: TRL's
+    # too) and saved the model again: weights moved by 1.2e-3 under a constant schedule, silently
+    from fastdpo.errors import ConfigError
+
+    for name, length in (("steps", {"max_steps": 2}), ("epochs", {"max_steps": -1, "num_train_epochs": 1})):
+        config = args(tmp_path, name, SFTConfig, max_length=32, save_steps=2, lr_scheduler_type="constant", **length)
+        SFTTrainer(load(), args=config, train_dataset=prompt_completions(8), processing_class=tokenizer).train()
+        again = SFTTrainer(load(), args=config, train_dataset=prompt_completions(8), processing_class=tokenizer)
+        with pytest.raises(ConfigError, match=r"checkpoint-2 is at step 2, the run's last") as error:
+            again.train(resume_from_checkpoint=True)
+        assert ("max_steps (now 2)" if name == "steps" else "num_train_epochs (now 1)") in error.value.fix
+        assert again.state.global_step == 0  # nothing trained
+    longer = args(tmp_path, "steps", SFTConfig, max_length=32, save_steps=2, lr_scheduler_type="constant", max_steps=3)
+    extended = SFTTrainer(load(), args=longer, train_dataset=prompt_completions(8), processing_class=tokenizer)
+    extended.train(resume_from_checkpoint=True)  # a longer run goes on
+    assert extended.state.global_step == 3
+
+
 def test_a_checkpoint_of_the_model_only_is_refused_and_a_stops_checkpoint_is_whole(tokenizer, load, tmp_path):
     # save_only_model=True: transformers resumed from such a checkpoint with a new optimizer and the schedule from
     # step 0, silently (loss 5.16 where 2.78); the checkpoint of a stop, which says to resume from it, was one too

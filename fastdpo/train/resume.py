@@ -169,6 +169,7 @@ class ResumableTrainer:
         resume_from_checkpoint = _resolved(self, resume_from_checkpoint)
         if isinstance(resume_from_checkpoint, str):
             refuse_model_only(resume_from_checkpoint)
+            refuse_finished(self, resume_from_checkpoint)
             load_counters(self, resume_from_checkpoint)
             if moving_reference(self) is not None:
                 load_reference(moving_reference(self), resume_from_checkpoint)
@@ -215,6 +216,32 @@ def refuse_model_only(checkpoint: str) -> None:
                           "schedule or random state to go on with", column="resume_from_checkpoint",
                           fix="start a new run from its weights (model_name_or_path: the checkpoint), or set "
                           "save_only_model=False for checkpoints to resume from")  # fmt: skip
+
+
+def refuse_finished(trainer, checkpoint: str) -> None:
+    """A ``ConfigError`` for a checkpoint at the run's last step (its ``global_step`` ≥ ``max_steps``, or the
+    checkpoint's own ``max_steps`` under the same ``num_train_epochs``): transformers trained one step past it and
+    saved the model again (weights moved by 1.2e-3 under a constant schedule), silently."""
+    import json
+
+    from fastdpo.errors import ConfigError
+
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as file:
+        state = json.load(file)
+    step, args = state.get("global_step") or 0, trainer.args
+    if args.max_steps > 0:
+        last, option = args.max_steps, f"max_steps (now {args.max_steps})"
+    elif state.get("num_train_epochs") == args.num_train_epochs and state.get("max_steps"):
+        last, option = state["max_steps"], f"num_train_epochs (now {args.num_train_epochs:g})"
+    else:
+        return
+    if step >= last:
+        raise ConfigError(f"{checkpoint} is at step {step}, the run's last: there is nothing left to train",
+                          column="resume_from_checkpoint",
+                          fix=f"raise {option} to train further; the finished model is in output_dir")  # fmt: skip
 
 
 def _stopping_early(trainer) -> bool:
