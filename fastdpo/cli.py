@@ -268,14 +268,33 @@ def load_config(known: argparse.Namespace, flags: list[str]):
         return _resolve(config_cls, {}, flags)
     if not known.config.is_file():
         raise ConfigError(f"{known.config}: no such file", column="--config", fix="pass the path of a YAML file")
+    raw = known.config.read_bytes()
     try:
-        values = yaml.load(known.config.read_text(), Loader=_unique_keys_loader(known.config)) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{known.config}: line {line} is not UTF-8 (byte {raw[error.start]:#04x})", column="config",
+                          fix="save the file as UTF-8 (an editor's 'save with encoding')") from None  # fmt: skip
+    try:
+        values = yaml.load(text, Loader=_unique_keys_loader(known.config)) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{known.config} is not valid YAML ({str(error).splitlines()[0]})", column="config") from None
+        raise _yaml_error(known.config, error) from None
     if not isinstance(values, dict):
         raise ConfigError(f"{known.config} holds a {type(values).__name__}, not a mapping of field: value",
                           column="config")  # fmt: skip
     return _resolve(config_cls, values, flags)
+
+
+def _yaml_error(path: Path, error) -> ConfigError:
+    """PyYAML's error as one line naming where and what (its first line alone named neither: "while scanning for
+    the next token")."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or not problem:
+        return ConfigError(f"{path} is not valid YAML ({str(error).splitlines()[0]})", column="config")
+    fix = "indent with spaces: YAML takes no tabs" if "\\t" in problem or "\t" in problem else None
+    return ConfigError(f"{path} is not valid YAML: line {mark.line + 1}, column {mark.column + 1}: {problem}"
+                       + (f" ({error.context})" if getattr(error, "context", None) else ""), column="config",
+                       fix=fix)  # fmt: skip
 
 
 def run_training(known: argparse.Namespace, flags: list[str], *, evaluated_after: bool = False):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fastdpo.errors import DataError, close_match, unknown_choice
+from fastdpo.errors import ConfigError, DataError, close_match, unknown_choice
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -172,6 +172,9 @@ def column_renames(columns: dict[str, str], known: tuple[str, ...], present: lis
     for ours, theirs in columns.items():
         if ours not in known:
             raise unknown_choice("columns", ours, known)
+        if not isinstance(theirs, str):  # (a TypeError from inside the close-match search, before)
+            raise ConfigError(f"maps {ours!r} to {theirs!r}, not to a column name", column="columns",
+                              fix=f"give the data's column as a string, e.g. {{{ours!r}: 'question'}}")  # fmt: skip
         if theirs not in present:
             raise missing_column(theirs, present, mapped_to=ours)
         if theirs != ours:

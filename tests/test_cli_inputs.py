@@ -1,0 +1,29 @@
+"""The command line given what users write by hand: YAML configs with a tab, an unclosed bracket or another
+encoding, column maps that are not names, outputs in the way; each one error naming where, what and the fix."""
+
+from __future__ import annotations
+
+from test_bad_inputs import command_error, model_dir, tokenizer, workdir  # noqa: F401
+
+
+def test_yaml_errors_say_where_and_what(workdir, capsys):  # noqa: F811
+    # where and what (PyYAML's first line alone said "while scanning for the next token"); a file not in UTF-8 was a
+    # UnicodeDecodeError naming no file
+    cases = {"beta: [0.1\nx: 1\n": "is not valid YAML: line 2, column 2: expected ',' or ']'",
+             "beta 0.1\nx: 1\n": "line 2, column 2: mapping values are not allowed here"}  # fmt: skip
+    for text, said in cases.items():
+        (workdir / "broken.yaml").write_text(text)
+        assert said in command_error(capsys, "dpo", "--config", "broken.yaml")
+    (workdir / "tab.yaml").write_text("beta: 0.1\n\tx: 1\n")
+    said = command_error(capsys, "dpo", "--config", "tab.yaml")
+    assert "line 2, column 1: found character '\\t'" in said and "indent with spaces: YAML takes no tabs" in said
+    (workdir / "latin.yaml").write_bytes("beta: 0.1\n# café\n".encode("latin-1"))
+    assert "latin.yaml: line 2 is not UTF-8 (byte 0xe9)" in command_error(capsys, "dpo", "--config", "latin.yaml")
+
+
+def test_a_column_map_to_something_other_than_a_name(workdir, capsys):  # noqa: F811
+    # a TypeError from inside the close-match search ("'int' object is not iterable")
+    said = command_error(capsys, "data", "check", "pairs.jsonl", "--columns", '{"prompt": 5}')
+    assert "column 'columns': maps 'prompt' to 5, not to a column name" in said
+    (workdir / "null.yaml").write_text((workdir / "run.yaml").read_text() + "dataset_columns: {prompt: null}\n")
+    assert "maps 'prompt' to None, not to a column name" in command_error(capsys, "dpo", "--config", "null.yaml")
