@@ -318,6 +318,7 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
         models_fingerprint,
         refuse_changed_config,
         refuse_changed_data,
+        refuse_replacing_the_config,
         stale_checkpoints,
         stale_outputs,
         when_training_begins,
@@ -354,6 +355,7 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
             what="the run directory ",
             fix="pass --overwrite, or set another output_dir; or --resume to go on from its last checkpoint",
         )
+    refuse_replacing_the_config(known.config, out)
     inputs = (run_args.model_name_or_path, run_args.ref_model_name_or_path, run_args.dataset_name, known.config,
               getattr(args, "ref_cache_dir", None))  # fmt: skip
     stale = stale_checkpoints(out, checkpoint, overwrite=known.overwrite, keep=inputs)  # a later --resume's pick

@@ -309,3 +309,23 @@ def remove_checkpoints(folders: list[Path]) -> list[str]:
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
     return [folder.name for folder in folders if folder.exists()]
+
+
+def refuse_replacing_the_config(config: Path | None, out: Path) -> None:
+    """A ``ConfigError`` where ``--config`` is ``out/config.yaml`` as a user wrote it (comments, layout: not as a run
+    writes it, sorted keys alone), which the run would replace with its resolved settings: the user's text lost."""
+    import yaml
+
+    target = out / "config.yaml"
+    if config is None or not target.is_file() or Path(config).resolve() != target.resolve():
+        return
+    text = target.read_text(encoding="utf-8")
+    try:
+        as_written = yaml.safe_dump(yaml.safe_load(text), sort_keys=True) == text
+    except yaml.YAMLError:
+        as_written = False
+    if not as_written:
+        raise ConfigError(f"--config is {target}, which the run replaces with its resolved settings: the file as you "
+                          "wrote it (its comments, its layout) would be lost", column="config",
+                          fix=f"keep your config outside the run directory (e.g. copy it to {out.name}.yaml) and "
+                              "pass that")  # fmt: skip

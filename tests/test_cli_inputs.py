@@ -27,3 +27,22 @@ def test_a_column_map_to_something_other_than_a_name(workdir, capsys):  # noqa: 
     assert "column 'columns': maps 'prompt' to 5, not to a column name" in said
     (workdir / "null.yaml").write_text((workdir / "run.yaml").read_text() + "dataset_columns: {prompt: null}\n")
     assert "maps 'prompt' to None, not to a column name" in command_error(capsys, "dpo", "--config", "null.yaml")
+
+
+def test_overwrite_keeps_the_config_a_user_wrote_in_the_run_directory(workdir, capsys):  # noqa: F811
+    # `--config run/config.yaml --overwrite`: the run replaced the user's file (comments, layout) with its resolved
+    # settings; a config.yaml as a run writes it (re-runnable with --config, README) is still taken
+    import yaml
+
+    from fastdpo import cli
+
+    (workdir / "run").mkdir()
+    mine = "# beta tuned on the pilot\n" + (workdir / "run.yaml").read_text() + "beta: 0.3  # tuned\n"
+    (workdir / "run" / "config.yaml").write_text(mine)
+    said = command_error(capsys, "dpo", "--config", "run/config.yaml", "--overwrite")
+    assert "--config is run/config.yaml, which the run replaces with its resolved settings" in said
+    assert (workdir / "run" / "config.yaml").read_text() == mine  # untouched
+    canonical = yaml.safe_dump(yaml.safe_load(mine), sort_keys=True)
+    (workdir / "run" / "config.yaml").write_text(canonical)
+    assert cli.main(["dpo", "--config", "run/config.yaml", "--overwrite"]) == 0
+    assert yaml.safe_load((workdir / "run" / "config.yaml").read_text())["beta"] == 0.3
