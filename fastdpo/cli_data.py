@@ -281,6 +281,8 @@ def _check_outputs(paths: list[Path], known: argparse.Namespace, dataset=None) -
             what = "the input" if path.resolve() == source else f"a file of the input folder {known.data}"
             raise ConfigError(f"{path} is {what}", column="out", fix="write to another file: inputs are kept")
         for target in (path, _dropped_path(path)):
+            if target.is_dir():  # (--overwrite failed on it with the OS's "Is a directory", a partial file left)
+                raise ConfigError(f"{target} is a folder", column="out", fix="give a file path (e.g. its_name.jsonl)")
             if target.exists() and not known.overwrite:
                 raise ConfigError(f"{target} exists", column="out", fix="pass --overwrite, or another path")
 

@@ -46,3 +46,11 @@ def test_overwrite_keeps_the_config_a_user_wrote_in_the_run_directory(workdir, c
     (workdir / "run" / "config.yaml").write_text(canonical)
     assert cli.main(["dpo", "--config", "run/config.yaml", "--overwrite"]) == 0
     assert yaml.safe_load((workdir / "run" / "config.yaml").read_text())["beta"] == 0.3
+
+
+def test_an_output_that_is_a_folder(workdir, capsys):  # noqa: F811
+    # --overwrite onto a folder failed with the OS's "[Errno 21] Is a directory" and left a partial file behind
+    (workdir / "train.jsonl").mkdir()
+    said = command_error(capsys, "data", "split", "pairs.jsonl", "train.jsonl", "eval.jsonl", "--overwrite")
+    assert "train.jsonl is a folder" in said
+    assert sorted(path.name for path in workdir.iterdir() if "train" in path.name) == ["train.jsonl"]  # nothing left
