@@ -122,6 +122,9 @@ def run_data(known: argparse.Namespace) -> int:
         kept_rows = [row for row in range(len(dataset)) if row not in gone]
         kept = _as_written(known, known.out, text, mapped).select(kept_rows)
         dropped = {reason: len(removed) for reason, removed in rows.items()}
+        if not kept_rows:  # (a file of no rows, which nothing then reads)
+            raise DataError(f"none of the {len(dataset)} rows is kept (dropped: {dropped}): nothing was written",
+                            column="out", fix="drop fewer reasons, or loosen --where")  # fmt: skip
         _write(kept, known.out, known, {"input": known.data, "rows": len(dataset), "kept": len(kept),
                                         "dropped": dropped, "dropped_rows": rows})  # fmt: skip
         print(f"kept {len(kept)} of {len(dataset)} rows; dropped {dropped} (see {_dropped_path(known.out)})")

@@ -54,3 +54,19 @@ def test_an_output_that_is_a_folder(workdir, capsys):  # noqa: F811
     said = command_error(capsys, "data", "split", "pairs.jsonl", "train.jsonl", "eval.jsonl", "--overwrite")
     assert "train.jsonl is a folder" in said
     assert sorted(path.name for path in workdir.iterdir() if "train" in path.name) == ["train.jsonl"]  # nothing left
+
+
+def test_files_of_no_rows(workdir, capsys):  # noqa: F811
+    # `data filter` wrote a file of no rows (exit 0), which fastdpo then called "not Parquet datasets can read"; a
+    # header-only CSV read as "Instruction 'train' corresponds to no data!"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    said = command_error(capsys, "data", "filter", "pairs.jsonl", "kept.parquet", "--where", "prompt == nothing")
+    assert "none of the 4 rows is kept (dropped: {'duplicate': 3, 'where': 1}): nothing was written" in said
+    assert not (workdir / "kept.parquet").exists()
+    (workdir / "header.csv").write_text("prompt,chosen,rejected\n")
+    pq.write_table(pa.table({name: pa.array([], pa.string()) for name in ("prompt", "chosen", "rejected")}),
+                   workdir / "empty.parquet")  # fmt: skip
+    for name in ("header.csv", "empty.parquet"):
+        assert f"{name}: the file has columns but no rows" in command_error(capsys, "data", "check", name)

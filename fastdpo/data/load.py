@@ -481,6 +481,22 @@ def stream_failure(source, error: Exception) -> Exception:
     return _unreadable(path, kind, error)
 
 
+def _no_rows(path: Path, kind: str) -> bool:
+    """Whether a CSV file is its header alone, or a Parquet file holds no row (on the error path only)."""
+    if kind == "csv":
+        with open(path, encoding="utf-8", errors="replace") as file:
+            next(file, None)  # (the header)
+            return not any(line.strip() for line in file)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        except (OSError, ValueError):  # (not Parquet at all: the reader's error says so)
+            return False
+    return False
+
+
 def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
     """DataError for a file ``datasets`` failed on: the first JSON value Arrow cannot hold, by line (a document's: by
     row) and column (found only now, on the error path), else the reader's own message."""
@@ -517,6 +533,8 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
                          "(datasets reads JSON Lines in blocks, and casts each to the first's kinds)", column=column,
                          fix=f"give {column!r} one kind of value in every row, or move a row with a {odd} there to "
                          "the top of the file")  # fmt: skip
+    if _no_rows(path, kind):  # (datasets' own words: "corresponds to no data!", "BatchSize must be greater than 0")
+        return DataError(f"{path}: the file has columns but no rows", fix="point to a file with at least one row")
     fix = ("write the file again, or download it again: it is not Parquet datasets can read" if kind == "parquet"
            else "check the file there (each column should hold one kind of value)")  # fmt: skip
     return DataError(f"{path}: datasets cannot read it ({type(cause).__name__}: {str(cause)[:200]})", fix=fix)
