@@ -70,3 +70,18 @@ def test_files_of_no_rows(workdir, capsys):  # noqa: F811
                    workdir / "empty.parquet")  # fmt: skip
     for name in ("header.csv", "empty.parquet"):
         assert f"{name}: the file has columns but no rows" in command_error(capsys, "data", "check", name)
+
+
+def test_a_key_written_twice_in_a_json_document_or_a_csv_header(workdir, capsys):  # noqa: F811
+    # JSON Lines refused it; a .json document kept the last value silently, and a CSV header's second "chosen" was
+    # read as "chosen.1" (the first trained on, silently)
+    first = '{"prompt": "a", "chosen": " b", "rejected": " c"}'
+    second = '{"prompt": "d", "chosen": " e", "rejected": " f", "rejected": " z"}'
+    (workdir / "doc.json").write_text(f"[{first},\n {second}]")
+    said = command_error(capsys, "data", "check", "doc.json")
+    assert "doc.json: row 1: the key 'rejected' is written twice in one object" in said
+    (workdir / "nested.json").write_text('[{"prompt": [{"role": "user", "content": "a", "content": "b"}], '
+                                         '"chosen": " b", "rejected": " c"}]')  # fmt: skip
+    assert "inside the column 'prompt'" in command_error(capsys, "data", "check", "nested.json")
+    (workdir / "twice.csv").write_text("prompt,chosen,chosen,rejected\na,b,c,d\n")
+    assert "twice.csv: the header names 'chosen' twice" in command_error(capsys, "data", "check", "twice.csv")

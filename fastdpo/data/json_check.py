@@ -106,38 +106,53 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write first
 
 
+class _TwiceDict(dict):
+    """An object that held ``key`` twice (``_mark_twice``)."""
+
+    key = ""
+
+
+def _mark_twice(items: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook`` marking an object that holds a key twice as a ``_TwiceDict``."""
+    key = _repeated([key for key, _ in items])
+    if key is None:
+        return dict(items)
+    found = _TwiceDict(items)
+    found.key = key
+    return found
+
+
+def _held_twice(value) -> _TwiceDict | None:
+    """The first ``_TwiceDict`` in ``value`` (nested lists and dicts too)."""
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return value if isinstance(value, _TwiceDict) else next(filter(None, map(_held_twice, children)), None)
+
+
+def _twice_in(row) -> tuple[str, str] | None:
+    """(column, key) of a parsed row (``_mark_twice``) that holds a key twice: itself (the column is the key), or an
+    object nested in a column."""
+    if isinstance(row, _TwiceDict):
+        return row.key, row.key
+    for column, value in row.items() if isinstance(row, dict) else ():
+        inner = _held_twice(value)
+        if inner is not None:
+            return column, inner.key
+    return None
+
+
 def _first_repeated_key(path: Path) -> tuple[int, str, str] | None:
     """(line, column, key) of the first JSON Lines object of ``path`` that holds a key twice: a row (the column is
     the key), or an object nested in a row's column."""
-
-    class Twice(dict):  # an object that held ``key`` twice
-        key = ""
-
-    def pairs(items: list[tuple[str, object]]) -> dict:
-        key = _repeated([key for key, _ in items])
-        if key is None:
-            return dict(items)
-        found = Twice(items)
-        found.key = key
-        return found
-
-    def held(value) -> Twice | None:
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        return value if isinstance(value, Twice) else next(filter(None, map(held, children)), None)
-
     with open(path, "rb") as handle:  # (split at \n only, as the rows are counted)
         for number, raw in enumerate(handle, start=1):
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8", errors="replace")
             try:
-                row = json.loads(line, object_pairs_hook=pairs) if line.strip() else None
+                row = json.loads(line, object_pairs_hook=_mark_twice) if line.strip() else None
             except ValueError:
                 continue
-            if isinstance(row, Twice):
-                return number, row.key, row.key
-            for column, value in row.items() if isinstance(row, dict) else ():
-                inner = held(value)
-                if inner is not None:
-                    return number, column, inner.key
+            found = _twice_in(row)
+            if found is not None:
+                return number, *found
     return None
 
 
@@ -485,12 +500,19 @@ def _check_json_document(path: Path) -> list[dict]:
     except UnicodeDecodeError:
         raise not_utf8(path, raw) from None
     try:
-        rows = json.loads(text)
+        rows = json.loads(text, object_pairs_hook=_mark_twice)
     except json.JSONDecodeError as error:
         raise DataError(
             f"{path}: line {error.lineno}, column {error.colno}: invalid JSON ({error.msg})",
             fix="fix the file, or write one JSON object per line (.jsonl)",
         ) from None
+    for number, row in enumerate(rows if isinstance(rows, list) else ()):  # (Python's json kept the last, silently)
+        found = _twice_in(row)
+        if found is not None:
+            column, key = found
+            inside = "" if key == column else f" inside the column {column!r}"
+            raise DataError(f"{path}: row {number}: the key {key!r} is written twice in one object{inside} (Python's "
+                            "json would keep the last)", column=column, fix="keep one of them")  # fmt: skip
     if not rows:
         raise DataError(f"{path}: the file holds an empty list", fix="point to a file with at least one row")
     for number, row in enumerate(rows):

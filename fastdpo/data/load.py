@@ -455,6 +455,12 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty", fix="point to a file with at least one row")
     kinds, dates = _check_json(path, text) if kind == "json" else ({}, set())
+    if kind == "csv":  # (pandas read a repeated name's second column as "<name>.1", silently)
+        header = csv_header(path)
+        twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+        if twice is not None:
+            raise DataError(f"{path}: the header names {twice!r} twice", column=twice,
+                            fix="rename or remove one of the two columns")  # fmt: skip
     try:
         loaded = datasets.load_dataset(
             kind, data_files={"train": str(path)}, split="train", **_csv_options(path, kind, text)
