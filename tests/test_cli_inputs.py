@@ -85,3 +85,22 @@ def test_a_key_written_twice_in_a_json_document_or_a_csv_header(workdir, capsys)
     assert "inside the column 'prompt'" in command_error(capsys, "data", "check", "nested.json")
     (workdir / "twice.csv").write_text("prompt,chosen,chosen,rejected\na,b,c,d\n")
     assert "twice.csv: the header names 'chosen' twice" in command_error(capsys, "data", "check", "twice.csv")
+
+
+def test_blank_lines_in_json_lines_whose_column_holds_mixed_kinds(workdir):  # noqa: F811
+    # a message's content a string in one row and text parts in another reads (README); a blank line too (a
+    # trailing one is common) failed: "datasets cannot read it (ValueError: Expected object or value)", no line named
+    import json
+
+    from fastdpo.data import load_data
+
+    def row(content):
+        return json.dumps({"prompt": [{"role": "user", "content": "hi"}],
+                           "chosen": [{"role": "assistant", "content": content}],
+                           "rejected": [{"role": "assistant", "content": "no"}]})  # fmt: skip
+
+    lines = [row("a"), row([{"type": "text", "text": "b"}]), row("c")]
+    (workdir / "plain.jsonl").write_text("\n".join(lines) + "\n")
+    (workdir / "blank.jsonl").write_text(lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n\n")
+    plain, blank = load_data(str(workdir / "plain.jsonl")), load_data(str(workdir / "blank.jsonl"))
+    assert blank.to_list() == plain.to_list() and len(blank) == 3

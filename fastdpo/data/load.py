@@ -466,7 +466,7 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
             kind, data_files={"train": str(path)}, split="train", **_csv_options(path, kind, text)
         )
     except (DatasetGenerationError, ValueError) as error:  # Arrow or pandas refused a value
-        raise _unreadable(path, kind, error) from None
+        loaded = _without_blank_lines(path, kind, error)
     if kind == "json":
         _refuse_cast_blocks(path, loaded, kinds)
         _refuse_changed_strings(path, loaded, text)
@@ -485,6 +485,26 @@ def stream_failure(source, error: Exception) -> Exception:
     if kind == "json":
         _check_json(path)  # (a DataError naming the broken line)
     return _unreadable(path, kind, error)
+
+
+def _without_blank_lines(path: Path, kind: str, error: Exception) -> datasets.Dataset:
+    """JSON Lines with blank lines, which datasets' reader failed on where a column holds mixed kinds (its fallback
+    parses every line, blank ones too: "Expected object or value", naming no line), read from a copy without them
+    (the same rows); any other failure, as ``_unreadable`` says it."""
+    import tempfile
+
+    raw = path.read_bytes() if kind == "json" else b""
+    lines = raw.split(b"\n")
+    kept = [line for line in lines if line.strip()]
+    if kind != "json" or raw.lstrip()[:1] == b"[" or len(kept) == len(lines) - (lines[-1] == b""):
+        raise _unreadable(path, kind, error) from None
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / path.name
+        copy.write_bytes(b"\n".join(kept) + b"\n")
+        try:
+            return datasets.load_dataset("json", data_files={"train": str(copy)}, split="train")
+        except (DatasetGenerationError, ValueError) as again:
+            raise _unreadable(path, kind, again) from None
 
 
 def _no_rows(path: Path, kind: str) -> bool:
