@@ -377,7 +377,7 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", n
     if command != "dpo":
         return (*_without_numbers(train, evaluation, numbering), {})
     file_rows = list(train[_ROW])  # (the report's rows: those of the train split before its filter)
-    report = check_preferences(train)
+    report = check_preferences(train, row_ids=file_rows)
     dropped: dict[str, int] = refused.get(train_split, {})
     removed_eval: dict[str, int] = {}
     if run_args.data_filter == "drop":
@@ -394,15 +394,28 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", n
                 raise DataError(f"every one of the {rows} evaluation rows is dropped ({removed_eval})",
                                 column="data_filter", fix="check the evaluation data (fastdpo data check FILE), or "
                                 "data_filter: none")  # fmt: skip
-    report = dataclasses.replace(report, rows={reason: [file_rows[row] for row in rows] for reason, rows in
-                                               report.rows.items()},
-                                 details={file_rows[row]: notes for row, notes in report.details.items()})  # fmt: skip
+    report = _in_file_rows_of(report, file_rows, gone.get(train_split) or {})
     files = {"data_quality.md": report.to_markdown() + "\nRow ids are the data file's rows (from 0), as `fastdpo data "
              f"check` numbers them.\nRows removed before training: {dropped}\n"
              + (f"Evaluation rows removed: {removed_eval}\n" if removed_eval else ""),
              "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped, "removed_eval": removed_eval},
                                              indent=1)}  # fmt: skip
     return (*_without_numbers(train, evaluation, numbering), files)
+
+
+def _in_file_rows_of(report, file_rows: list[int], refused: dict[int, str | None]):
+    """``report`` (of the rows left after preparation) by the file's rows, with the rows preparation refused under
+    their reasons, as ``fastdpo data check`` lists them (they were counted only)."""
+    rows = {reason: [file_rows[row] for row in found] for reason, found in report.rows.items()}
+    details = {file_rows[row]: notes for row, notes in report.details.items()}
+    for row, why in refused.items():
+        if why is not None:
+            rows[why] = sorted([*rows.get(why, []), row])
+            details[row] = [f"{why} (refused by the preparation: not trained on)"]
+    counts = {**report.counts, **{reason: len(found) for reason, found in rows.items()}}
+    named = sum(why is not None for why in refused.values())
+    return dataclasses.replace(report, rows=rows, details=dict(sorted(details.items())), counts=counts,
+                               num_rows=report.num_rows + named)  # fmt: skip
 
 
 _ROW = "__fastdpo_file_row__"  # a row's place in its data file, through preparation, split and filter
@@ -460,11 +473,11 @@ def _without_refused_rows(source, *, columns: dict | None, split: str, counts: d
     """``dropping``'s rows (``prepare_dropping``, ``prepare_sft_dropping``), its counts in ``counts[split]``, the rows
     it dropped in ``gone[split]``, warned about (the rows as ``file_rows`` number them: a part's rows in its file)."""
     prepared, counts[split], rows = dropping(source, columns=columns, split=split)
-    if file_rows is not None:
-        rows = [file_rows[row] for row in rows]
+    rows = rows if isinstance(rows, dict) else dict.fromkeys(rows)  # (row → its reason; SFT's: none)
+    rows = {row if file_rows is None else file_rows[row]: why for row, why in rows.items()}
     gone[split] = rows
     if rows:
-        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        shown = ", ".join(map(str, list(rows)[:10])) + (" ..." if len(rows) > 10 else "")
         logger.warning("%s split: dropped %d rows the preparation refuses: %s (rows %s)", split, len(rows),
                        counts[split], shown)  # fmt: skip
     return prepared

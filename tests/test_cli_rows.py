@@ -201,3 +201,26 @@ def test_data_split_and_a_runs_eval_fraction_hold_out_the_same_rows_by_default(t
     seed = DPOConfig(output_dir=str(tmp_path / "run")).seed  # a run's default seed
     _, held_out, _ = loaded_splits("dpo", RunArguments(dataset_name=str(path), eval_fraction=0.25), seed)
     assert sorted(held_out["prompt"]) == sorted(split_eval) and len(split_eval) == 6
+
+
+def test_a_runs_quality_report_names_rows_as_data_check_does(tmp_path):
+    # the run's data_quality.json named other rows by their place after the refused ones ("of row 4" for the file's
+    # row 5), and the rows preparation refused (an empty answer) were counted, not listed
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import loaded_splits
+    from fastdpo.data import check_preferences, load_data
+
+    rows = [{"prompt": f"question {i}?", "chosen": f" yes {i}.", "rejected": f" no {i} at all."} for i in range(12)]
+    rows[1]["chosen"] = ""  # refused by the preparation
+    rows[6] = dict(rows[5])  # a duplicate of row 5
+    rows[9] = {"prompt": rows[8]["prompt"], "chosen": rows[8]["rejected"], "rejected": rows[8]["chosen"]}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    files = loaded_splits("dpo", RunArguments(dataset_name=str(path)), 42)[2]
+    run = json.loads(files["data_quality.json"])
+    check = check_preferences(load_data(str(path)))  # `fastdpo data check`'s: every row of the file, in place
+    assert run["rows"] == check.rows == {"empty": [1], "duplicate": [6], "contradictory": [8, 9]}
+    assert run["counts"] == check.counts and run["num_rows"] == check.num_rows == 12
+    for row in (6, 8, 9):
+        assert run["details"][str(row)] == check.details[row]  # "duplicate (of row 5)", "row 9 prefers ..."
+    assert run["details"]["1"] == ["empty (refused by the preparation: not trained on)"]

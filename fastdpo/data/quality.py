@@ -194,9 +194,13 @@ class QualityReport:
 class _Findings:
     """Reason → rows, and row → notes, filled check by check."""
 
-    def __init__(self) -> None:
+    def __init__(self, row_ids=None) -> None:
         self.rows: dict[str, set[int]] = {}
         self.details: dict[int, list[str]] = {}
+        self.row_ids = row_ids  # how a note names another row (None: by its place)
+
+    def named(self, row: int) -> int:
+        return row if self.row_ids is None else self.row_ids[row]
 
     def add(self, row: int, reason: str, note: str = "", column: str | None = None) -> None:
         self.rows.setdefault(reason, set()).add(row)
@@ -212,6 +216,7 @@ def check_preferences(
     min_score_margin: float | None = None,
     length_ratio_warn: float | None = 3.0,
     truncation_mode: str = "keep_start",
+    row_ids=None,
 ) -> QualityReport:
     """Check every row of a preference dataset (see the module docstring for the reasons and their precedence).
 
@@ -223,6 +228,8 @@ def check_preferences(
             drops it; ``keep_end`` keeps the sequence's end: no row is dropped for it).
         min_score_margin: warn when ``chosen_score - rejected_score`` is below it.
         length_ratio_warn: warn when one completion has more than this many times the other's characters (None: off).
+        row_ids: how the notes name other rows (``details``: "duplicate (of row 5)"), by place: the data file's rows
+            of a dataset that lost some before the check (the report's keys stay places; None: places).
     """
     for name, value, least in (("max_length", max_length, 1), ("min_score_margin", min_score_margin, -math.inf)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least):
@@ -231,7 +238,7 @@ def check_preferences(
     if truncation_mode not in TRUNCATION_MODES:
         raise unknown_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
     num_rows, names, columns = _read_columns(dataset)
-    found = _Findings()
+    found = _Findings(row_ids)
     warnings: list[str] = []
     has_prompt = "prompt" in names
     text_columns = [c for c in PREFERENCE_COLUMNS if c in names or c != "prompt"]
@@ -455,13 +462,13 @@ def _check_duplicates(valid: list[int], keys: list[tuple], found: _Findings) -> 
     for row, key in zip(valid, keys, strict=True):
         earlier = first.setdefault(key, row)
         if earlier != row:
-            found.add(row, "duplicate", f"of row {earlier}")
+            found.add(row, "duplicate", f"of row {found.named(earlier)}")
         else:
             pairs.append(row)
     for (prompt, chosen, rejected), row in first.items():
         other = first.get((prompt, rejected, chosen))
         if other is not None:
-            found.add(row, "contradictory", f"row {other} prefers the other completion")
+            found.add(row, "contradictory", f"row {found.named(other)} prefers the other completion")
     return pairs
 
 

@@ -45,14 +45,15 @@ def prepared_rows(dataset, columns: dict | None):
 
 def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "train"):
     """``(prepared, dropped, rows)``: ``prepare_preferences(data, columns=, split=)`` but for the rows it refuses for
-    a reason the quality check drops, counted by that reason in ``dropped``, ``rows`` their numbers in ``data``. A
+    a reason the quality check drops, counted by that reason in ``dropped``, ``rows`` their numbers in ``data`` (each
+    with its reason). A
     refused row the check would keep is its DataError, as is any other problem, named by its row in ``data``."""
     from fastdpo.data.quality import check_preferences
 
     dataset = load_data(data, split=split, text=text_columns(columns))
     checked, refused = prepared_rows(dataset, columns)
     if not refused:
-        return checked, {}, []
+        return checked, {}, {}
     reasons = {row: reason for reason, found in check_preferences(checked).dropped_rows(checked).items()
                for row in found}  # fmt: skip
     kept = [row for row in range(len(dataset)) if row not in refused]
@@ -68,7 +69,7 @@ def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "
         if error.row is None:
             raise
         raise DataError(error.message, row=kept[error.row], column=error.column, fix=error.fix) from None
-    return prepared, dropped, list(refused)
+    return prepared, dropped, {row: reasons[row] for row in refused}
 
 
 def prepare_sft_dropping(data, *, columns: dict | None = None, split: str | None = "train", text_field: str = "text"):
