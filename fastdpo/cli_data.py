@@ -58,6 +58,8 @@ def add_data_parser(commands) -> None:
                 action.add_argument(f"--{column.replace('_', '-')}", dest=column, default=None, help=meaning)
         if name in ("filter", "pairs", "split"):
             action.add_argument("--overwrite", action="store_true", help="replace existing output files")
+        action.add_argument("--split", default="train", help="the split of a folder of splits (train.jsonl, "
+                            "test.jsonl, ...) or a hub dataset to read (default: train)")  # fmt: skip
         action.add_argument("--debug", action="store_true")
 
 
@@ -94,7 +96,10 @@ def run_data(known: argparse.Namespace) -> int:
 
     limit = getattr(known, "limit", None)
     text = text_columns(getattr(known, "columns", None))  # (a CSV file's text columns)
-    dataset = load_data(known.data, text=text) if limit is None else _first_rows(known.data, limit, text)
+    split = getattr(known, "split", "train")
+    dataset = load_data(known.data, split=split, text=text) if limit is None else _first_rows(known.data, limit, text,
+                                                                                              split)  # fmt: skip
+    _say_split(known.data, split)
     if known.action in ("check", "stats", "filter"):  # the rows as the trainers read them
         checked = _prepared(dataset, getattr(known, "columns", None))
     elif getattr(known, "columns", None):
@@ -164,7 +169,18 @@ def run_data(known: argparse.Namespace) -> int:
 _ROW = "__fastdpo_row__"  # the input's row number, through a split
 
 
-def _first_rows(source: str, limit: int, text: tuple[str, ...]):
+def _say_split(source: str, split: str) -> None:
+    """Which split of a local folder of several was read (the others were left unread, unsaid)."""
+    from fastdpo.data.load import saved_to_disk, split_files
+
+    path = Path(source).expanduser()
+    if path.is_dir() and not saved_to_disk(path):
+        others = [name for name in split_files(path) if name != split]
+        if others:
+            print(f"read split {split!r} of {source} (also: {', '.join(others)}; --split picks one)", file=sys.stderr)
+
+
+def _first_rows(source: str, limit: int, text: tuple[str, ...], split: str = "train"):
     """The first ``limit`` rows of ``source`` (read as a stream, so no further), as a Dataset."""
     import pyarrow
     from datasets.exceptions import DatasetGenerationError
@@ -174,7 +190,7 @@ def _first_rows(source: str, limit: int, text: tuple[str, ...]):
     if limit < 1:
         raise ConfigError(f"must be at least 1, got {limit}", column="--limit", fix="pass a number of rows")
     try:
-        rows = list(load_stream(source, text=text).take(limit))
+        rows = list(load_stream(source, split=split, text=text).take(limit))
     except (DatasetGenerationError, pyarrow.lib.ArrowException, ValueError) as error:  # (Arrow's parse error)
         raise stream_failure(source, error) from None
     if not rows:

@@ -104,3 +104,25 @@ def test_blank_lines_in_json_lines_whose_column_holds_mixed_kinds(workdir):  # n
     (workdir / "blank.jsonl").write_text(lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n\n")
     plain, blank = load_data(str(workdir / "plain.jsonl")), load_data(str(workdir / "blank.jsonl"))
     assert blank.to_list() == plain.to_list() and len(blank) == 3
+
+
+def test_data_actions_read_the_split_asked_for_and_say_which(workdir, capsys):  # noqa: F811
+    # `data check FOLDER` read the train split alone, unsaid ("No row has a problem" where test.jsonl holds a
+    # duplicate and an empty answer), and no flag picked another
+    import json
+
+    from fastdpo import cli
+
+    folder = workdir / "splits"
+    folder.mkdir()
+    good = [{"prompt": f"q{i}", "chosen": " yes", "rejected": " no"} for i in range(4)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in good))
+    bad = [*good[:2], good[1], {"prompt": "q9", "chosen": "", "rejected": " no"}]
+    (folder / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in bad))
+    capsys.readouterr()
+    assert cli.main(["data", "check", "splits"]) == 0
+    out, err = capsys.readouterr()
+    assert "No row has a problem" in out and "read split 'train' of splits (also: test; --split picks one)" in err
+    assert cli.main(["data", "check", "splits", "--split", "test", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"]["duplicate"] == [2] and report["rows"]["empty"] == [3]
