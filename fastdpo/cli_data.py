@@ -66,9 +66,10 @@ def add_data_parser(commands) -> None:
 def _fraction_or_count(text: str) -> float | int:
     """``--test-size``: ``"500"`` is a number of rows, ``"0.1"`` a fraction (``split_by_prompt`` takes either)."""
     try:
-        return int(text)
-    except ValueError:
-        return float(text)
+        value = float(text)
+    except ValueError:  # (argparse said "invalid _fraction_or_count value")
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction (0.1) nor a number of rows (500)") from None
+    return int(value) if value.is_integer() and value >= 1 else value  # ("5.0" 5 rows, as eval_fraction reads it)
 
 
 PAIRS_COLUMNS = {"prompt": "the prompt column (default: prompt)",

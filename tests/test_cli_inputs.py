@@ -3,6 +3,7 @@ encoding, column maps that are not names, outputs in the way; each one error nam
 
 from __future__ import annotations
 
+import pytest
 from test_bad_inputs import command_error, model_dir, tokenizer, workdir  # noqa: F401
 
 
@@ -126,3 +127,19 @@ def test_data_actions_read_the_split_asked_for_and_say_which(workdir, capsys):  
     assert cli.main(["data", "check", "splits", "--split", "test", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rows"]["duplicate"] == [2] and report["rows"]["empty"] == [3]
+
+
+def test_test_size_as_a_run_reads_eval_fraction(workdir, capsys):  # noqa: F811
+    # "--test-size abc" said "invalid _fraction_or_count value"; "--test-size 2.0" was refused where a run's
+    # eval_fraction 2.0 holds out 2 rows
+    import json
+
+    from fastdpo import cli
+
+    with pytest.raises(SystemExit):  # (argparse's own exit, status 2)
+        cli.main(["data", "split", "pairs.jsonl", "t.jsonl", "e.jsonl", "--test-size", "abc"])
+    assert "'abc' is neither a fraction (0.1) nor a number of rows (500)" in capsys.readouterr().err
+    rows = [{"prompt": f"q{i}", "chosen": " yes", "rejected": " no"} for i in range(6)]
+    (workdir / "six.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert cli.main(["data", "split", "six.jsonl", "t.jsonl", "e.jsonl", "--test-size", "2.0"]) == 0
+    assert len((workdir / "e.jsonl").read_text().splitlines()) == 2
