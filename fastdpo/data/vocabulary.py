@@ -55,8 +55,8 @@ def check_token_ids(dataset, model, name: str, dropped: dict | None = None) -> N
 def _head_rows(model, rows: int) -> int:
     """The rows of the model's LM head (the ids a label may hold); ``rows``, the input embedding's, where unknown."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    return int(weight.shape[0]) if getattr(weight, "ndim", 0) == 2 else rows
+    out = getattr(head, "out_features", None)  # (a quantized head's weight is packed: its shape is not the rows)
+    return out if isinstance(out, int) else rows
 
 
 def _check_labels(dataset: datasets.Dataset, rows: int, name: str, dropped: dict | None) -> None:
