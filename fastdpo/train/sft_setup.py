@@ -56,10 +56,10 @@ def warn_untrained_stop(tokenizer, template: str | None) -> None:
     ``{% generation %}`` span ends before the end-of-turn token (it is given to the next message), found by rendering
     a user, assistant, user exchange and reading the last masked token that is not whitespace (TRL 1.16 warns so too;
     the loss looks healthy, the model never learns to stop)."""
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                {"role": "user", "content": "bye"}]  # fmt: skip
     from jinja2 import TemplateError
 
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"}]  # fmt: skip
     try:
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True, chat_template=template)  # fmt: skip
