@@ -143,3 +143,11 @@ def test_test_size_as_a_run_reads_eval_fraction(workdir, capsys):  # noqa: F811
     (workdir / "six.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert cli.main(["data", "split", "six.jsonl", "t.jsonl", "e.jsonl", "--test-size", "2.0"]) == 0
     assert len((workdir / "e.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_column_map_for_a_column_the_data_has_under_our_name(workdir, capsys):  # noqa: F811
+    # after `data split --columns '{"prompt": "question"}'` (written under fastdpo's names), the same map on the
+    # split's files said to map the column, which the user had done
+    said = command_error(capsys, "data", "check", "pairs.jsonl", "--columns", '{"prompt": "question"}')
+    assert "column 'question': column not found (the column map names it for 'prompt')" in said
+    assert "the data has 'prompt' already: drop 'prompt' from the column map" in said
