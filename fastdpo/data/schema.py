@@ -137,7 +137,8 @@ def missing_column(name: str, present: list[str], mapped_to: str | None = None) 
     hint = f"did you mean {guess!r}? " if guess else ""
     target = mapped_to or name
     if mapped_to is not None and mapped_to in present:  # (e.g. a file fastdpo data split/filter wrote: our names)
-        fix = f"the data has {mapped_to!r} already: drop {mapped_to!r} from the column map"
+        fix = (f"the data has {mapped_to!r} already: drop {mapped_to!r} from the column map, or name one of its "
+               f"columns ({', '.join(present)})")
         return DataError(f"column not found (the column map names it for {mapped_to!r})", column=name, fix=fix)
     fix = f"{hint}map your column with columns={{{target!r}: '<your column>'}} (columns present: {', '.join(present)})"
     return DataError("column not found", column=name, fix=fix)
