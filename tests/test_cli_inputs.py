@@ -25,9 +25,11 @@ def test_yaml_errors_say_where_and_what(workdir, capsys):  # noqa: F811
 def test_a_column_map_to_something_other_than_a_name(workdir, capsys):  # noqa: F811
     # a TypeError from inside the close-match search ("'int' object is not iterable")
     said = command_error(capsys, "data", "check", "pairs.jsonl", "--columns", '{"prompt": 5}')
-    assert "column 'columns': maps 'prompt' to 5, not to a column name" in said
+    assert "column 'columns': maps 'prompt' to 5: both are column names" in said
     (workdir / "null.yaml").write_text((workdir / "run.yaml").read_text() + "dataset_columns: {prompt: null}\n")
-    assert "maps 'prompt' to None, not to a column name" in command_error(capsys, "dpo", "--config", "null.yaml")
+    assert "maps 'prompt' to None: both are column names" in command_error(capsys, "dpo", "--config", "null.yaml")
+    (workdir / "key.yaml").write_text((workdir / "run.yaml").read_text() + "dataset_columns: {1: question}\n")
+    assert "maps 1 to 'question': both are column names" in command_error(capsys, "dpo", "--config", "key.yaml")
 
 
 def test_overwrite_keeps_the_config_a_user_wrote_in_the_run_directory(workdir, capsys):  # noqa: F811
@@ -85,7 +87,13 @@ def test_a_key_written_twice_in_a_json_document_or_a_csv_header(workdir, capsys)
                                          '"chosen": " b", "rejected": " c"}]')  # fmt: skip
     assert "inside the column 'prompt'" in command_error(capsys, "data", "check", "nested.json")
     (workdir / "twice.csv").write_text("prompt,chosen,chosen,rejected\na,b,c,d\n")
-    assert "twice.csv: the header names 'chosen' twice" in command_error(capsys, "data", "check", "twice.csv")
+    for limit in ((), ("--limit", "5")):  # (a stream's too)
+        said = command_error(capsys, "data", "check", "twice.csv", *limit)
+        assert "twice.csv: the header names 'chosen' twice" in said
+    from fastdpo.data import load_data
+
+    (workdir / "blank.csv").write_text("prompt,chosen,rejected,,\na, b, c,,\n")  # (a spreadsheet's empty columns)
+    assert load_data(str(workdir / "blank.csv"))[0]["chosen"] == " b"
 
 
 def test_blank_lines_in_json_lines_whose_column_holds_mixed_kinds(workdir):  # noqa: F811
@@ -151,3 +159,5 @@ def test_a_column_map_for_a_column_the_data_has_under_our_name(workdir, capsys):
     said = command_error(capsys, "data", "check", "pairs.jsonl", "--columns", '{"prompt": "question"}')
     assert "column 'question': column not found (the column map names it for 'prompt')" in said
     assert "the data has 'prompt' already: drop 'prompt' from the column map" in said
+    said = command_error(capsys, "data", "check", "pairs.jsonl", "--columns", '{"prompt": "chosn"}')
+    assert "did you mean 'chosen'?" in said  # (a close match is the likelier fix)

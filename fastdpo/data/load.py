@@ -256,6 +256,8 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         kind = _local_kind(path)
         _one_split(path, split)
+        if kind == "csv":
+            _refuse_repeated_names(path)
         if kind == "json":  # (as Python reads it: datasets' reader changes strings where a field's kinds differ)
             return datasets.IterableDataset.from_generator(_streamed_json, gen_kwargs={"path": str(path.resolve())})
         try:  # (a Parquet file's schema is read here)
@@ -426,6 +428,17 @@ def _one_split(path: Path, split: str | None) -> None:
                             "writes them), or hold rows out with eval_fraction (not on a stream)")  # fmt: skip
 
 
+def _refuse_repeated_names(path: Path) -> None:
+    """A DataError for a CSV header that names a column twice: pandas read the second as "<name>.1", silently (the
+    first trained on). Blank names are not names: pandas reads each as its own "Unnamed: <i>" (a spreadsheet's empty
+    trailing columns)."""
+    header = csv_header(path)
+    twice = next((name for i, name in enumerate(header) if name.strip() and name in header[:i]), None)
+    if twice is not None:
+        raise DataError(f"{path}: the header names {twice!r} twice", column=twice,
+                        fix="rename or remove one of the two columns")  # fmt: skip
+
+
 def csv_header(path: Path) -> list[str]:
     """The column names of a CSV file (its first line that is not blank, as pandas reads it)."""
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
@@ -455,12 +468,8 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty", fix="point to a file with at least one row")
     kinds, dates = _check_json(path, text) if kind == "json" else ({}, set())
-    if kind == "csv":  # (pandas read a repeated name's second column as "<name>.1", silently)
-        header = csv_header(path)
-        twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
-        if twice is not None:
-            raise DataError(f"{path}: the header names {twice!r} twice", column=twice,
-                            fix="rename or remove one of the two columns")  # fmt: skip
+    if kind == "csv":
+        _refuse_repeated_names(path)
     try:
         loaded = datasets.load_dataset(
             kind, data_files={"train": str(path)}, split="train", **_csv_options(path, kind, text)
@@ -501,8 +510,9 @@ def _without_blank_lines(path: Path, kind: str, error: Exception) -> datasets.Da
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / path.name
         copy.write_bytes(b"\n".join(kept) + b"\n")
-        try:
-            return datasets.load_dataset("json", data_files={"train": str(copy)}, split="train")
+        try:  # (in memory, its cache in the copy's folder: a copy's path is new each time, its cache never reused)
+            return datasets.load_dataset("json", data_files={"train": str(copy)}, split="train", cache_dir=folder,
+                                         keep_in_memory=True)  # fmt: skip
         except (DatasetGenerationError, ValueError) as again:
             raise _unreadable(path, kind, again) from None
 

@@ -136,9 +136,9 @@ def missing_column(name: str, present: list[str], mapped_to: str | None = None) 
     guess = close_match(name, present)
     hint = f"did you mean {guess!r}? " if guess else ""
     target = mapped_to or name
-    if mapped_to is not None and mapped_to in present:  # (e.g. a file fastdpo data split/filter wrote: our names)
-        fix = (f"the data has {mapped_to!r} already: drop {mapped_to!r} from the column map, or name one of its "
-               f"columns ({', '.join(present)})")
+    if mapped_to is not None and mapped_to in present and guess is None:  # (e.g. a file data split wrote)
+        fix = f"the data has {mapped_to!r} already: drop {mapped_to!r} from the column map, or name one of its "
+        fix += f"columns ({', '.join(present)})"
         return DataError(f"column not found (the column map names it for {mapped_to!r})", column=name, fix=fix)
     fix = f"{hint}map your column with columns={{{target!r}: '<your column>'}} (columns present: {', '.join(present)})"
     return DataError("column not found", column=name, fix=fix)
@@ -174,11 +174,12 @@ def column_renames(columns: dict[str, str], known: tuple[str, ...], present: lis
     ``{the dataset's name: ours}`` renames to apply."""
     renames = {}
     for ours, theirs in columns.items():
+        if not isinstance(ours, str) or not isinstance(theirs, str):  # (a TypeError from inside the close-match
+            raise ConfigError(f"maps {ours!r} to {theirs!r}: both are column names", column="columns",  # search)
+                              fix=f"give names as strings, e.g. {{'prompt': 'question'}} (fastdpo's: "
+                                  f"{', '.join(known)})")  # fmt: skip
         if ours not in known:
             raise unknown_choice("columns", ours, known)
-        if not isinstance(theirs, str):  # (a TypeError from inside the close-match search, before)
-            raise ConfigError(f"maps {ours!r} to {theirs!r}, not to a column name", column="columns",
-                              fix=f"give the data's column as a string, e.g. {{{ours!r}: 'question'}}")  # fmt: skip
         if theirs not in present:
             raise missing_column(theirs, present, mapped_to=ours)
         if theirs != ours:
