@@ -130,7 +130,7 @@ def run_data(known: argparse.Namespace) -> int:
         dropped = {reason: len(removed) for reason, removed in rows.items()}
         if not kept_rows:  # (a file of no rows, which nothing then reads)
             raise DataError(f"none of the {len(dataset)} rows is kept (dropped: {dropped}): nothing was written",
-                            column="out", fix="drop fewer reasons, or loosen --where")  # fmt: skip
+                            fix="drop fewer reasons (--drop), or loosen --where")  # fmt: skip
         _write(kept, known.out, known, {"input": known.data, "rows": len(dataset), "kept": len(kept),
                                         "dropped": dropped, "dropped_rows": rows})  # fmt: skip
         print(f"kept {len(kept)} of {len(dataset)} rows; dropped {dropped} (see {_dropped_path(known.out)})")
@@ -300,6 +300,9 @@ def _check_outputs(paths: list[Path], known: argparse.Namespace, dataset=None) -
         if path.resolve() in inputs:
             what = "the input" if path.resolve() == source else f"a file of the input folder {known.data}"
             raise ConfigError(f"{path} is {what}", column="out", fix="write to another file: inputs are kept")
+        parent = next((folder for folder in path.resolve().parents if folder.exists()), None)
+        if parent is not None and not parent.is_dir():  # (found after the other output was written, before)
+            raise ConfigError(f"{path}: {parent} is a file, not a folder", column="out", fix="give a path in a folder")
         for target in (path, _dropped_path(path)):
             if target.is_dir():  # (--overwrite failed on it with the OS's "Is a directory", a partial file left)
                 raise ConfigError(f"{target} is a folder", column="out", fix="give a file path (e.g. its_name.jsonl)")

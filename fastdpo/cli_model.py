@@ -379,7 +379,7 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", n
     file_rows = list(train[_ROW])  # (the report's rows: those of the train split before its filter)
     report = check_preferences(train, row_ids=file_rows)
     dropped: dict[str, int] = refused.get(train_split, {})
-    removed_eval: dict[str, int] = {}
+    removed_eval: dict[str, int] = dict(refused.get(test_split if test_split is not None else "eval", {}))
     if run_args.data_filter == "drop":
         train, more = report.filter(train)
         dropped = dict(collections.Counter(dropped) + collections.Counter(more))
@@ -387,9 +387,10 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", n
             logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
         if evaluation is not None:  # (its rows preparation refused are gone already, as the train split's)
             rows = len(evaluation)
-            evaluation, removed_eval = check_preferences(evaluation).filter(evaluation)
-            if removed_eval:
-                logger.warning("dropped %d evaluation rows: %s (data_quality.md)", rows - len(evaluation), removed_eval)
+            evaluation, more = check_preferences(evaluation).filter(evaluation)
+            if more:
+                logger.warning("dropped %d evaluation rows: %s (data_quality.md)", rows - len(evaluation), more)
+            removed_eval = dict(collections.Counter(removed_eval) + collections.Counter(more))  # (the refused too)
             if len(evaluation) == 0:
                 raise DataError(f"every one of the {rows} evaluation rows is dropped ({removed_eval})",
                                 column="data_filter", fix="check the evaluation data (fastdpo data check FILE), or "
@@ -403,17 +404,24 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", n
     return (*_without_numbers(train, evaluation, numbering), files)
 
 
-def _in_file_rows_of(report, file_rows: list[int], refused: dict[int, str | None]):
+def _in_file_rows_of(report, file_rows: list[int], refused: dict):
     """``report`` (of the rows left after preparation) by the file's rows, with the rows preparation refused under
-    their reasons, as ``fastdpo data check`` lists them (they were counted only)."""
+    every reason the check finds for them (``prepare_dropping``'s), as ``fastdpo data check`` lists them (they were
+    counted only)."""
+    from fastdpo.data.quality import REASONS
+
     rows = {reason: [file_rows[row] for row in found] for reason, found in report.rows.items()}
     details = {file_rows[row]: notes for row, notes in report.details.items()}
-    for row, why in refused.items():
-        if why is not None:
-            rows[why] = sorted([*rows.get(why, []), row])
-            details[row] = [f"{why} (refused by the preparation: not trained on)"]
-    counts = {**report.counts, **{reason: len(found) for reason, found in rows.items()}}
-    named = sum(why is not None for why in refused.values())
+    named = 0
+    for row, found in refused.items():
+        if found is not None:
+            reasons, notes = found
+            for reason in reasons:
+                rows[reason] = sorted([*rows.get(reason, []), row])
+            details[row], named = [*notes, "refused by the preparation: not trained on"], named + 1
+    order = list(REASONS)  # (as the check orders them)
+    rows = dict(sorted(rows.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+    counts = {reason: len(found) for reason, found in rows.items()}
     return dataclasses.replace(report, rows=rows, details=dict(sorted(details.items())), counts=counts,
                                num_rows=report.num_rows + named)  # fmt: skip
 
@@ -473,7 +481,7 @@ def _without_refused_rows(source, *, columns: dict | None, split: str, counts: d
     """``dropping``'s rows (``prepare_dropping``, ``prepare_sft_dropping``), its counts in ``counts[split]``, the rows
     it dropped in ``gone[split]``, warned about (the rows as ``file_rows`` number them: a part's rows in its file)."""
     prepared, counts[split], rows = dropping(source, columns=columns, split=split)
-    rows = rows if isinstance(rows, dict) else dict.fromkeys(rows)  # (row → its reason; SFT's: none)
+    rows = rows if isinstance(rows, dict) else dict.fromkeys(rows)  # (row → the check's reasons, notes; SFT's: none)
     rows = {row if file_rows is None else file_rows[row]: why for row, why in rows.items()}
     gone[split] = rows
     if rows:

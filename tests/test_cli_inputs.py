@@ -161,3 +161,10 @@ def test_a_column_map_for_a_column_the_data_has_under_our_name(workdir, capsys):
     assert "the data has 'prompt' already: drop 'prompt' from the column map" in said
     said = command_error(capsys, "data", "check", "pairs.jsonl", "--columns", '{"prompt": "chosn"}')
     assert "did you mean 'chosen'?" in said  # (a close match is the likelier fix)
+
+
+def test_an_output_in_a_file_as_if_a_folder(workdir, capsys):  # noqa: F811
+    # `data split pairs.jsonl t.jsonl notes.txt/e.jsonl`: "[Errno 17] File exists", t.jsonl written already
+    (workdir / "notes.txt").write_text("mine\n")
+    said = command_error(capsys, "data", "split", "pairs.jsonl", "t.jsonl", "notes.txt/e.jsonl")
+    assert "notes.txt is a file, not a folder" in said and not (workdir / "t.jsonl").exists()

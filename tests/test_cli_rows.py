@@ -212,6 +212,7 @@ def test_a_runs_quality_report_names_rows_as_data_check_does(tmp_path):
 
     rows = [{"prompt": f"question {i}?", "chosen": f" yes {i}.", "rejected": f" no {i} at all."} for i in range(12)]
     rows[1]["chosen"] = ""  # refused by the preparation
+    rows[4].update(prompt=None, chosen="")  # refused, for two reasons (data check lists both)
     rows[6] = dict(rows[5])  # a duplicate of row 5
     rows[9] = {"prompt": rows[8]["prompt"], "chosen": rows[8]["rejected"], "rejected": rows[8]["chosen"]}
     path = tmp_path / "pairs.jsonl"
@@ -219,8 +220,26 @@ def test_a_runs_quality_report_names_rows_as_data_check_does(tmp_path):
     files = loaded_splits("dpo", RunArguments(dataset_name=str(path)), 42)[2]
     run = json.loads(files["data_quality.json"])
     check = check_preferences(load_data(str(path)))  # `fastdpo data check`'s: every row of the file, in place
-    assert run["rows"] == check.rows == {"empty": [1], "duplicate": [6], "contradictory": [8, 9]}
+    assert run["rows"] == check.rows
+    assert check.rows == {"missing_field": [4], "empty": [1, 4], "duplicate": [6], "contradictory": [8, 9]}
     assert run["counts"] == check.counts and run["num_rows"] == check.num_rows == 12
     for row in (6, 8, 9):
         assert run["details"][str(row)] == check.details[row]  # "duplicate (of row 5)", "row 9 prefers ..."
-    assert run["details"]["1"] == ["empty (refused by the preparation: not trained on)"]
+    for row in (1, 4):  # (and said not to be trained on)
+        assert run["details"][str(row)] == [*check.details[row], "refused by the preparation: not trained on"]
+
+
+def test_a_runs_quality_report_counts_the_eval_rows_preparation_refused(tmp_path):
+    # removed_eval held the quality filter's drops alone: an empty answer in the test split went uncounted
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import loaded_splits
+
+    rows = [{"prompt": f"q{i}?", "chosen": f" yes {i}.", "rejected": f" no {i}."} for i in range(6)]
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:4]))
+    test = [rows[4], {**rows[5], "chosen": ""}]  # (refused by the preparation)
+    (folder / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in test))
+    _, evaluation, files = loaded_splits("dpo", RunArguments(dataset_name=str(folder), dataset_test_split="test"), 42)
+    assert len(evaluation) == 1 and json.loads(files["data_quality.json"])["removed_eval"] == {"empty": 1}
+    assert "Evaluation rows removed: {'empty': 1}" in files["data_quality.md"]

@@ -46,7 +46,7 @@ def prepared_rows(dataset, columns: dict | None):
 def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "train"):
     """``(prepared, dropped, rows)``: ``prepare_preferences(data, columns=, split=)`` but for the rows it refuses for
     a reason the quality check drops, counted by that reason in ``dropped``, ``rows`` their numbers in ``data`` (each
-    with its reason). A
+    with the quality check's reasons and notes for it, as ``fastdpo data check`` gives them). A
     refused row the check would keep is its DataError, as is any other problem, named by its row in ``data``."""
     from fastdpo.data.quality import check_preferences
 
@@ -54,8 +54,8 @@ def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "
     checked, refused = prepared_rows(dataset, columns)
     if not refused:
         return checked, {}, {}
-    reasons = {row: reason for reason, found in check_preferences(checked).dropped_rows(checked).items()
-               for row in found}  # fmt: skip
+    report = check_preferences(checked)
+    reasons = {row: reason for reason, found in report.dropped_rows(checked).items() for row in found}
     kept = [row for row in range(len(dataset)) if row not in refused]
     if any(row not in reasons for row in refused):
         raise next(error for row, error in refused.items() if row not in reasons)
@@ -69,7 +69,8 @@ def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "
         if error.row is None:
             raise
         raise DataError(error.message, row=kept[error.row], column=error.column, fix=error.fix) from None
-    return prepared, dropped, {row: reasons[row] for row in refused}
+    found = {row: [reason for reason, rows in report.rows.items() if row in rows] for row in refused}
+    return prepared, dropped, {row: (found[row], report.details.get(row, [])) for row in refused}
 
 
 def prepare_sft_dropping(data, *, columns: dict | None = None, split: str | None = "train", text_field: str = "text"):
