@@ -186,21 +186,28 @@ def test_an_extended_run_takes_the_schedule_of_its_new_length_from_its_second_re
 
 def test_a_finished_run_is_not_trained_past_its_last_step(tokenizer, load, tmp_path):
     # resumed from its last checkpoint, a finished run trained one step past max_steps (transformers' loop: TRL's
-    # too) and saved the model again: weights moved by 1.2e-3 under a constant schedule, silently
+    # too) and saved the model again: weights moved by 1.2e-3 under a constant schedule, silently. The run's end is
+    # this run's max_steps, as the Trainer computes it (more data or epochs: a longer run, which goes on)
     from fastdpo.errors import ConfigError
 
-    for name, length in (("steps", {"max_steps": 2}), ("epochs", {"max_steps": -1, "num_train_epochs": 1})):
-        config = args(tmp_path, name, SFTConfig, max_length=32, save_steps=2, lr_scheduler_type="constant", **length)
-        SFTTrainer(load(), args=config, train_dataset=prompt_completions(8), processing_class=tokenizer).train()
-        again = SFTTrainer(load(), args=config, train_dataset=prompt_completions(8), processing_class=tokenizer)
-        with pytest.raises(ConfigError, match=r"checkpoint-2 is at step 2, the run's last") as error:
+    def trainer(name, rows=8, **length):
+        config = args(tmp_path, name, SFTConfig, max_length=32, save_steps=1, lr_scheduler_type="constant", **length)
+        return SFTTrainer(load(), args=config, train_dataset=prompt_completions(rows), processing_class=tokenizer)
+
+    for name, length, last in (("steps", {"max_steps": 2}, 2), ("epochs", {"max_steps": -1, "num_train_epochs": 1}, 2),
+                               ("half", {"max_steps": -1, "num_train_epochs": 0.5}, 1)):  # fmt: skip
+        trainer(name, **length).train()  # (batch 4: 2 steps an epoch)
+        again = trainer(name, **length)
+        with pytest.raises(ConfigError, match=rf"checkpoint-{last} is at step {last}, the run's last") as error:
             again.train(resume_from_checkpoint=True)
-        assert ("max_steps (now 2)" if name == "steps" else "num_train_epochs (now 1)") in error.value.fix
-        assert again.state.global_step == 0  # nothing trained
-    longer = args(tmp_path, "steps", SFTConfig, max_length=32, save_steps=2, lr_scheduler_type="constant", max_steps=3)
-    extended = SFTTrainer(load(), args=longer, train_dataset=prompt_completions(8), processing_class=tokenizer)
+        assert ("max_steps (now 2)" if name == "steps" else "num_train_epochs (now") in error.value.fix
+        assert again.state.global_step == last  # nothing trained
+    extended = trainer("steps", max_steps=3)
     extended.train(resume_from_checkpoint=True)  # a longer run goes on
     assert extended.state.global_step == 3
+    more = trainer("epochs", rows=16, max_steps=-1, num_train_epochs=1)  # (the same epochs of more data: 4 steps)
+    more.train(resume_from_checkpoint=True)
+    assert more.state.global_step == 4
 
 
 def test_a_checkpoint_of_the_model_only_is_refused_and_a_stops_checkpoint_is_whole(tokenizer, load, tmp_path):

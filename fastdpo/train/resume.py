@@ -161,6 +161,14 @@ class ResumableTrainer:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         _requantize(model if model is not None else self.model)
 
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):  # fmt: skip
+        # (the checkpoint's state loaded and this run's max_steps set, before any step)
+        started = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                               resume_from_checkpoint, trial)  # fmt: skip
+        refuse_finished(self, resume_from_checkpoint)
+        return started
+
     def _load_best_model(self):
         super()._load_best_model()
         _requantize(self.model)
@@ -169,7 +177,6 @@ class ResumableTrainer:
         resume_from_checkpoint = _resolved(self, resume_from_checkpoint)
         if isinstance(resume_from_checkpoint, str):
             refuse_model_only(resume_from_checkpoint)
-            refuse_finished(self, resume_from_checkpoint)
             load_counters(self, resume_from_checkpoint)
             if moving_reference(self) is not None:
                 load_reference(moving_reference(self), resume_from_checkpoint)
@@ -218,28 +225,17 @@ def refuse_model_only(checkpoint: str) -> None:
                           "save_only_model=False for checkpoints to resume from")  # fmt: skip
 
 
-def refuse_finished(trainer, checkpoint: str) -> None:
-    """A ``ConfigError`` for a checkpoint at the run's last step (its ``global_step`` ≥ ``max_steps``, or the
-    checkpoint's own ``max_steps`` under the same ``num_train_epochs``): transformers trained one step past it and
-    saved the model again (weights moved by 1.2e-3 under a constant schedule), silently."""
-    import json
-
+def refuse_finished(trainer, checkpoint: str | None) -> None:
+    """A ``ConfigError`` for a run resumed at or past its last step (the checkpoint's ``global_step`` ≥ this run's
+    ``max_steps``, as the Trainer has just computed it from its data, batch and epochs): transformers trained one step
+    past it and saved the model again (weights moved by 1.2e-3 under a constant schedule), silently."""
     from fastdpo.errors import ConfigError
 
-    path = os.path.join(checkpoint, "trainer_state.json")
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as file:
-        state = json.load(file)
-    step, args = state.get("global_step") or 0, trainer.args
-    if args.max_steps > 0:
-        last, option = args.max_steps, f"max_steps (now {args.max_steps})"
-    elif state.get("num_train_epochs") == args.num_train_epochs and state.get("max_steps"):
-        last, option = state["max_steps"], f"num_train_epochs (now {args.num_train_epochs:g})"
-    else:
-        return
-    if step >= last:
-        raise ConfigError(f"{checkpoint} is at step {step}, the run's last: there is nothing left to train",
+    step, last = trainer.state.global_step, trainer.state.max_steps
+    if checkpoint is not None and last and step >= last:
+        option = f"max_steps (now {trainer.args.max_steps})" if trainer.args.max_steps > 0 else (
+            f"num_train_epochs (now {trainer.args.num_train_epochs:g})")  # fmt: skip
+        raise ConfigError(f"{checkpoint} is at step {step}, the run's last ({last}): there is nothing left to train",
                           column="resume_from_checkpoint",
                           fix=f"raise {option} to train further; the finished model is in output_dir")  # fmt: skip
 
