@@ -96,6 +96,14 @@ def test_predict_under_a_cached_reference_takes_the_trainers_sets(tmp_path):
     trainer = DPOTrainer(load(), args=args, train_dataset=rows, eval_dataset=rows, processing_class=tokenizer)
     # its eval set carries the reference's values: scored as evaluate() scores it (a policy equal to its reference)
     assert trainer.predict(trainer.eval_dataset).metrics["test_loss"] == pytest.approx(trainer.evaluate()["eval_loss"])
-    for score in (trainer.predict, trainer.evaluate):  # raw rows: no reference to compute their values with
-        with pytest.raises(ConfigError, match="cached reference"):
-            score(rows)
+    stale = trainer.eval_dataset.map(lambda row: {"ref_chosen_logps": row["ref_chosen_logps"] - 5.0})  # another
+    for score in (trainer.predict, trainer.evaluate):  # raw rows: no reference to compute their values with; a set
+        for given in (rows, stale):  # with another run's values: scored against that run's reference (loss 5.1 where
+            with pytest.raises(ConfigError, match="cached reference"):  # the trainer's own is log 2), before
+                score(given)
+    sets = {"a": synthetic_pairs(4, seed=2), "b": synthetic_pairs(3, seed=4)}
+    args = DPOConfig(**common_args(tmp_path, "d"), precompute_ref_log_probs=True, ref_cache_dir=str(tmp_path / "cache"))
+    several = DPOTrainer(load(), args=args, train_dataset=rows, eval_dataset=sets, processing_class=tokenizer)
+    given, own = several.evaluate(several.eval_dataset), several.evaluate()  # (a dict of its own sets: taken)
+    for key in ("eval_a_loss", "eval_b_loss", "eval_a_rewards/margins", "eval_b_logps/chosen"):
+        assert given[key] == pytest.approx(own[key], rel=1e-6), key

@@ -303,11 +303,14 @@ class DPOTrainer(ScoresGivenSets, PackedTokenCount, InterruptibleTrainer, Resuma
 
     def _to_score(self, dataset, name: str):
         """A set given to ``evaluate()`` or ``predict()``, prepared as the constructor prepares eval sets (TRL's
-        evaluate tokenizes it too); under a cached reference, rows that carry its values already (the trainer's own
-        sets) only."""
+        evaluate tokenizes it too); under a cached reference, the trainer's own sets only (they carry its values: a
+        set with another run's columns scored against that run's reference)."""
         if self.reference_mode == "cached":
-            columns = getattr(dataset, "column_names", None) or []
-            if all(c in columns for c in (*TOKEN_COLUMNS, *REFERENCE_COLUMNS)):
+            own = [self.train_dataset, *(self.eval_dataset.values() if isinstance(self.eval_dataset, dict)
+                                         else [self.eval_dataset])]  # fmt: skip
+            prints = {getattr(part, "_fingerprint", None) for part in own} - {None}
+            parts = dataset.values() if isinstance(dataset, dict) else [dataset]
+            if all(getattr(part, "_fingerprint", None) in prints for part in parts):
                 return dataset
             raise ConfigError("the cached reference was computed for the sets given to the trainer, and its "
                               "reference model is not kept", column="eval_dataset",
