@@ -508,25 +508,27 @@ def test_bf16_reference_runs_under_autocast_as_trl(precompute, data, tmp_path): 
 
 def test_loss_attributes_set_on_the_trainer_are_read_at_each_step_as_trl(data, tmp_path):  # noqa: F811
     # TRL's loss reads trainer.beta, .loss_types, .loss_weights, .ld_alpha ... at every step: a subclass or a callback
-    # (a β schedule) may change them. The drop-in kept the config's: β 0.1 where the schedule set 0.5 at step 2; so
-    # did fastdpo.DPOTrainer, silently (its loss types and ld_alpha are its config's: set there)
+    # (a β schedule, a weight set to 0 in place) may change them. The drop-in kept the config's: β 0.1 where the
+    # schedule set 0.5 at step 2; so did fastdpo.DPOTrainer, silently (its loss types are its config's: set there)
     from transformers import TrainerCallback
 
-    class BetaSchedule(TrainerCallback):
+    class Schedule(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             trainer.beta = 0.1 * (1 + 4 * state.global_step)  # 0.1, then 0.5
+            if state.global_step == 1:
+                trainer.loss_weights[1] = 0.25  # in place, as TRL reads its list
 
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
-    logs, native_options = {}, {"loss_type": ["sigmoid", "ipo"], "ld_alpha": 0.5}
+    logs = {}
     for name, cls in (("dropin", dropin.DPOTrainer), ("native", DPOTrainer), ("trl", trl.DPOTrainer)):
-        args = DPOConfig(**common_args(tmp_path, name), **native_options) if name == "native" else trl.DPOConfig(
-            **common_args(tmp_path, name))  # fmt: skip
+        args = DPOConfig(**common_args(tmp_path, name), loss_type=["sigmoid", "ipo"]) if name == "native" else (
+            trl.DPOConfig(**common_args(tmp_path, name)))  # fmt: skip
         trainer = cls(model=load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer,
-                      callbacks=[BetaSchedule()])  # fmt: skip
+                      callbacks=[Schedule()])  # fmt: skip
         if name != "native":
-            trainer.loss_types, trainer.ld_alpha = ["sigmoid", "ipo"], 0.5
-        trainer.loss_weights = [1.0, 0.5]
+            trainer.loss_types = ["sigmoid", "ipo"]
+        trainer.loss_weights, trainer.ld_alpha = [1.0, 0.5], 0.5
         trainer.train()
         logs[name] = [log for log in trainer.state.log_history if "loss" in log]
     assert_first_steps_match(logs["dropin"], logs["trl"])
@@ -534,10 +536,19 @@ def test_loss_attributes_set_on_the_trainer_are_read_at_each_step_as_trl(data, t
     assert trainer.args.beta == 0.1  # TRL's config keeps the value given
     native = DPOTrainer(model=load(), ref_model=load(), args=DPOConfig(**common_args(tmp_path, "checked")),
                         train_dataset=data, processing_class=tokenizer)  # fmt: skip
+    assert native.loss_weights == [1.0] and native.loss_types == ["sigmoid"]  # (TRL's defaults)
     native.beta = 0.25
     assert native.loss_config.beta == 0.25 and native._displacement.beta == 0.25  # (its ratio: rewards / β now)
-    with pytest.raises(ConfigError, match="beta"):  # checked as the config checks it
-        native.beta = 0.0
-    with pytest.raises(ConfigError, match="loss_weights"):
-        native.loss_weights = [1.0, 2.0]  # two weights for one loss type
-    assert native.beta == 0.25 and native.loss_weights is None  # a refused value changes nothing
+    for name, value in (("beta", 0.0), ("loss_weights", [1.0, 2.0])):  # checked as the config checks them, when read
+        setattr(native, name, value)
+        with pytest.raises(ConfigError, match=name):
+            _ = native.loss_config
+        setattr(native, name, 0.25 if name == "beta" else [1.0])
+    with pytest.raises(ConfigError, match="loss_types"):  # its reference was chosen for its loss types
+        native.loss_types = ["simpo"]
+    cached = DPOTrainer(model=load(), args=DPOConfig(**common_args(tmp_path, "cached"), precompute_ref_log_probs=True,
+                                                     ref_cache_dir=str(tmp_path / "cache")),
+                        train_dataset=data, processing_class=tokenizer)  # fmt: skip
+    cached.ld_alpha = 0.5  # (its reference values were computed without it: another weighting's)
+    with pytest.raises(ConfigError, match="'ld_alpha': changed from None to 0.5, and the cached reference"):
+        cached.train()

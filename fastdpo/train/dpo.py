@@ -30,7 +30,6 @@ and ``none`` for reference-free losses. A separate reference can wait in host me
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 from contextlib import nullcontext
 from functools import partial
@@ -96,6 +95,7 @@ from fastdpo.train.config import DPOConfig, coupled_losses
 from fastdpo.train.displacement import DisplacementWatch, LikelihoodDisplacementWarning  # noqa: F401 (its old home)
 from fastdpo.train.evaluation import ScoresGivenSets, eval_prefix
 from fastdpo.train.interrupt import InterruptibleTrainer
+from fastdpo.train.loss_attributes import LossAttributes
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.step import preference_step, reference_logps
 
@@ -138,37 +138,15 @@ def _as_batch(inputs: dict) -> PackedBatch:
     return PackedBatch(**fields)
 
 
-def _loss_option(name: str) -> property:
-    """A ``LossConfig`` field as a trainer attribute, as TRL 1.16 keeps its loss settings (``trainer.beta``, ...): every
-    step reads it, so a callback or a subclass may change it (β annealing); a new value is checked as the config's."""
-
-    def get(self):
-        return getattr(self.loss_config, name)
-
-    def put(self, value) -> None:
-        self.loss_config = dataclasses.replace(self.loss_config, **{name: value})
-        if name == "beta" and self._displacement.beta is not None:  # (its ratio is rewards / β now)
-            self._displacement.beta = value
-
-    return property(get, put, doc=f"The loss's ``{name}``, read at every step.")
-
-
-class DPOTrainer(ScoresGivenSets, PackedTokenCount, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer):
+class DPOTrainer(
+    ScoresGivenSets, LossAttributes, PackedTokenCount, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer
+):
     """DPO (and its family) on packed batches; TRL 1.16's constructor arguments."""
 
     tokens_per_process = True  # _total_train_tokens: this process's share (resume.load_counters)
 
     # compute_loss normalizes per pair over the whole optimizer step (see _get_num_items_in_batch)
     loss_is_scaled_for_ga = True
-
-    # TRL's attributes of the loss settings (set from args at construction, read by every step)
-    beta = _loss_option("beta")
-    label_smoothing = _loss_option("label_smoothing")
-    loss_weights = _loss_option("loss_weights")
-    f_divergence_type = _loss_option("f_divergence_type")
-    f_alpha_divergence_coef = _loss_option("f_alpha_divergence_coef")
-    simpo_gamma = _loss_option("simpo_gamma")
-    cpo_alpha = _loss_option("cpo_alpha")
 
     def __init__(
         self,
@@ -228,7 +206,7 @@ class DPOTrainer(ScoresGivenSets, PackedTokenCount, InterruptibleTrainer, Resuma
             ref_model = None
         text_tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds one
         set_pad_token(model, text_tokenizer, args.pad_token, mirror=data_collator is None)
-        self.loss_config = args.loss_config()
+        self._set_loss_attributes(args.loss_config(), args.ld_alpha)  # (TRL's trainer.beta, ...: read at each step)
         self.dropped_rows: dict[str, dict[str, list[int]]] = {}
         self._streams: list[PreparedStream] = []
         undispatched(args)  # (every stream, an eval set given to evaluate() later too)
@@ -393,7 +371,7 @@ class DPOTrainer(ScoresGivenSets, PackedTokenCount, InterruptibleTrainer, Resuma
         reference = self.ref_model
 
         def forward(*args, **kwargs) -> torch.Tensor:
-            return reference_logps(reference, batch, impl=self.args.head_impl, ld_alpha=self.args.ld_alpha)
+            return reference_logps(reference, batch, impl=self.args.head_impl, ld_alpha=self._step_ld_alpha())
 
         resident = self._ref_resident.on(self.args.device) if self._ref_resident else nullcontext()
         with resident, forward_as(reference, forward):
@@ -421,7 +399,7 @@ class DPOTrainer(ScoresGivenSets, PackedTokenCount, InterruptibleTrainer, Resuma
             return preference_step(inner, batch, self.loss_config, ref_logps=ref_logps, head_impl=self.args.head_impl,
                                    token_metrics=True, aux_loss_coef=self.aux_loss_coef,
                                    offload_activations=self.args.activation_offloading and model.training,
-                                   ld_alpha=self.args.ld_alpha, use_weighting=self.args.use_weighting)  # fmt: skip
+                                   ld_alpha=self._step_ld_alpha(), use_weighting=self.args.use_weighting)  # fmt: skip
 
         # mixed precision, as accelerate's forward wrapper would apply it
         with (
@@ -432,7 +410,7 @@ class DPOTrainer(ScoresGivenSets, PackedTokenCount, InterruptibleTrainer, Resuma
                 ref_logps = self._reference_pass(batch)
             elif ref_logps is None and self.reference_mode == "adapter":
                 with adapter_reference(inner):
-                    ref_logps = reference_logps(inner, batch, impl=self.args.head_impl, ld_alpha=self.args.ld_alpha)
+                    ref_logps = reference_logps(inner, batch, impl=self.args.head_impl, ld_alpha=self._step_ld_alpha())
             with forward_as(inner, packed_forward):
                 out = model()  # through the DDP/FSDP wrapper, if any (see forward_as)
         mode = "train" if model.training else "eval"
