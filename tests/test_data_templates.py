@@ -234,7 +234,7 @@ def test_a_template_that_never_trains_the_end_of_turn_is_warned_about(tmp_path):
         assert bool(said) == (name == "outside")
 
 
-def test_context_parallelism_is_refused_by_the_sft_trainer(tmp_path):
+def test_context_parallelism_is_refused_by_the_sft_trainer(tmp_path, monkeypatch):
     # CP/SP shard each row over processes; the packed step's targets and sequence bounds would not follow (TRL refuses
     # them with packing): a ConfigError before anything is built
     from types import SimpleNamespace
@@ -251,3 +251,13 @@ def test_context_parallelism_is_refused_by_the_sft_trainer(tmp_path):
     with pytest.raises(ConfigError, match="parallelism_config.*context and sequence parallelism"):
         SFTTrainer(model=LlamaForCausalLM(tiny_llama_config(tokenizer)), args=args, train_dataset=message_rows(4),
                    processing_class=tokenizer)  # fmt: skip
+    # accelerate's own (`accelerate launch --parallelism_config_cp_size 2`), where the args have none: TRL reads it
+    from fastdpo.train.common import check_attention_device
+
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer))
+    trainer = SFTTrainer(model=model, args=SFTConfig(**common_args(tmp_path, "a")), train_dataset=message_rows(4),
+                         processing_class=tokenizer)  # fmt: skip
+    split = SimpleNamespace(cp_enabled=False, sp_enabled=True)
+    monkeypatch.setattr(type(trainer.accelerator), "parallelism_config", property(lambda self: split))
+    with pytest.raises(ConfigError, match="context and sequence parallelism"):
+        check_attention_device(trainer)  # (every trainer's constructor calls it once the accelerator is built)

@@ -262,10 +262,22 @@ def check_lean_activations(trainer) -> None:
         )
 
 
+def refuse_context_parallel(parallelism) -> None:
+    """A ConfigError for context or sequence parallelism (``parallelism_config``'s, TrainingArguments' or
+    accelerate's): it splits each row over processes, and the packed steps' targets and sequence bounds would not
+    follow (TRL refuses it with packing too)."""
+    if getattr(parallelism, "cp_enabled", False) or getattr(parallelism, "sp_enabled", False):
+        raise ConfigError("context and sequence parallelism split each row over processes, and the packed steps' "
+                          "targets and sequence bounds would not follow", column="parallelism_config",
+                          fix="use cp_size=1 and sp_size=1 (accelerate's too)")  # fmt: skip
+
+
 def check_attention_device(trainer) -> None:
     """Refuse to train with flex attention on a CPU, where torch has no backward for it (a ``NotImplementedError``
     from inside the first step, after its compile); evaluation alone would run. ``check_per_sequence`` too; and
-    ``head_impl="triton"`` off CUDA (refused at the first step before), but under the Triton interpreter."""
+    ``head_impl="triton"`` off CUDA (refused at the first step before), but under the Triton interpreter. Context
+    parallelism, as the accelerator has it (``accelerate launch --parallelism_config_cp_size``): refused."""
+    refuse_context_parallel(getattr(trainer.accelerator, "parallelism_config", None))
     head = getattr(trainer.args, "head_impl", "auto")
     if head == "triton" and trainer.args.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"'triton' runs on CUDA tensors; the trainer's device is {trainer.args.device.type}",

@@ -13,7 +13,7 @@ from fastdpo.data.sft import label_masks, labels_from_masks
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model.moe import router_aux_loss_coef
 from fastdpo.model.packed import head_softcap
-from fastdpo.train.common import set_pad_token
+from fastdpo.train.common import refuse_context_parallel, set_pad_token
 from fastdpo.train.sft_config import SFTConfig, check_label_smoothing
 
 
@@ -39,11 +39,7 @@ def _refuse_unsupported(model, args, train_dataset, processing_class, compute_lo
         fix = "pass the tokenizer (processors of vision-language models are not supported yet)"
         raise ConfigError(f"expected a tokenizer, got {type(processing_class).__name__}", column="processing_class",
                           fix=fix)  # fmt: skip
-    parallelism = getattr(args, "parallelism_config", None)  # (transformers' own check does not know packed rows)
-    if getattr(parallelism, "cp_enabled", False) or getattr(parallelism, "sp_enabled", False):
-        raise ConfigError("context and sequence parallelism split each row over processes, and the packed steps' "
-                          "targets and sequence bounds would not follow", column="parallelism_config",
-                          fix="use cp_size=1 and sp_size=1 (TRL refuses them with packing too)")  # fmt: skip
+    refuse_context_parallel(getattr(args, "parallelism_config", None))  # (before the Trainer builds on it)
     checkpointing = args.gradient_checkpointing_kwargs or {}
     if checkpointing.get("selective"):
         raise ConfigError("selective activation checkpointing is not supported yet",
