@@ -150,9 +150,13 @@ def test_simpo_and_cpo_match_trl_cpo_trainer():
     ours = preference_loss(pairs, LossConfig(loss_type="simpo", beta=2.0, label_smoothing=0.1, simpo_gamma=0.8))
     torch.testing.assert_close(ours.per_pair, losses, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(ours.chosen_rewards, chosen_r, rtol=1e-9, atol=1e-12)
-    # TRL's CPO trainer logs its chosen NLL (the token mean over chosen completions) under SimPO too
+    # TRL's CPO trainer logs its chosen NLL (the token mean over chosen completions) under CPO-SimPO, fastdpo's
+    # ['simpo', 'sft'] (under plain SimPO a 0: not logged here)
     nll = -per_token[:b][completion[:b, 1:].bool()].mean()
-    assert abs(ours.metrics["nll_loss"].item() - nll.item()) <= 1e-12
+    assert "nll_loss" not in ours.metrics
+    both = LossConfig(loss_type=["simpo", "sft"], loss_weights=[1.0, 0.7], beta=2.0, label_smoothing=0.1,
+                      simpo_gamma=0.8)  # fmt: skip
+    assert abs(preference_loss(pairs, both).metrics["nll_loss"].item() - nll.item()) <= 1e-12
 
     # CPO: sigmoid on summed log-probs + cpo_alpha · NLL, TRL's NLL being the token mean over chosen completions
     losses, chosen_r, _ = CPOTrainer.cpo_loss(_cpo_self("sigmoid", 0.1, 0.05), sums[:b], sums[b:])

@@ -321,8 +321,9 @@ def _reference_free_loss(loss_type: str, pairs: PairLogps, config: LossConfig, e
         return _smoothed(beta * (pairs.chosen - pairs.rejected), eps) + config.cpo_alpha * nll
     chosen_mean = _mean(pairs.chosen, pairs.chosen_tokens)
     rejected_mean = _mean(pairs.rejected, pairs.rejected_tokens)
-    if loss_type == "simpo":  # (its chosen NLL logged, as TRL's CPO trainer logs CPO-SimPO's; 0 for cpo_alpha=0 there)
-        extra["nll_loss"] = _chosen_nll(pairs).detach()
+    if loss_type == "simpo":
+        if "sft" in config.loss_types:  # CPO-SimPO: its NLL logged, as TRL's CPO trainer logs it (for plain SimPO,
+            extra["nll_loss"] = _chosen_nll(pairs).detach()  # cpo_alpha=0, TRL logs a 0: not here)
         return _smoothed(beta * (chosen_mean - rejected_mean) - config.simpo_gamma, eps)
     # orpo: log odds(p) = log p − log(1 − p) on mean completion log-probs
     log_odds = (chosen_mean - rejected_mean) - (_log1mexp(chosen_mean) - _log1mexp(rejected_mean))
