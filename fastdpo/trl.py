@@ -214,7 +214,8 @@ def _count_dropped(given, prepared, name: str, why: str, max_length: int | None,
         raise DataError(f"no {unit[:-1]} of the {name} data is left to {'train' if name == 'train' else 'evaluate'} "
                         f"on: all {gone} were dropped, {why}", column=f"{name}_dataset",
                         fix=f"raise max_length (now {max_length}), set truncation_mode='keep_end', or shorten the "
-                        "prompts")  # fmt: skip
+                        f"prompts{'; give each row a completion (a token with a loss)' if unit == 'rows' else ''}"
+                        )  # fmt: skip
     if _first_process():
         warnings.warn(f"{name} data: {gone} of {len(given)} {unit} dropped: {why}", stacklevel=4)
 
@@ -419,8 +420,8 @@ class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, trl.SFTTrain
         self._train_prepared = True
         prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         if not packing:  # (packed, a set's rows are others: TRL keeps the rows cut before their completion there)
-            why = (f"no token with a loss (a completion's) is left within max_length ({args.max_length} tokens), and "
-                   "TRL drops such rows")  # fmt: skip
+            why = (f"no token with a loss (a completion's) is left in them within max_length ({args.max_length} "
+                   "tokens), or they had none, and TRL drops such rows")  # fmt: skip
             _count_dropped(dataset, prepared, name, why, args.max_length, unit="rows", needed=_needed(self, name, args))
         return prepared
 
