@@ -337,7 +337,21 @@ def environment(*, as_json: bool) -> str:
 def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", numbering: dict | None = None):
     """(train, eval or None, files): the data loaded and prepared (SFT's text from ``text_field``); for DPO its
     quality report (the files) and the rows it drops (``data_filter``). ``numbering`` gets the file's row of each row
-    of the splits (``"train"``, ``"eval"``: ``fastdpo.data.source_rows.numbered_as``'s)."""
+    of the splits (``"train"``, ``"eval"``: ``fastdpo.data.source_rows.numbered_as``'s). An error about a column the
+    run's ``dataset_columns`` maps names the data's column (it named fastdpo's: ``'chosen'`` for the file's
+    ``good``)."""
+    try:
+        return _loaded_splits(command, run_args, seed, text_field, numbering)
+    except DataError as error:
+        theirs = (run_args.dataset_columns or {}).get(error.column)
+        if not isinstance(theirs, str) or theirs == error.column:
+            raise
+        raise DataError(
+            f"{error.message} (the column map's {error.column!r})", row=error.row, column=theirs, fix=error.fix
+        ) from None
+
+
+def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering: dict | None):
     import functools
 
     from fastdpo.data import check_preferences, load_data, prepare_preferences, prepare_sft, split_sft_by_prompt

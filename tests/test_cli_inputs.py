@@ -168,3 +168,15 @@ def test_an_output_in_a_file_as_if_a_folder(workdir, capsys):  # noqa: F811
     (workdir / "notes.txt").write_text("mine\n")
     said = command_error(capsys, "data", "split", "pairs.jsonl", "t.jsonl", "notes.txt/e.jsonl")
     assert "notes.txt is a file, not a folder" in said and not (workdir / "t.jsonl").exists()
+
+
+def test_a_preparation_error_names_the_column_as_the_data_does(workdir, capsys):  # noqa: F811
+    # under dataset_columns {chosen: good}, an empty answer was named "column 'chosen'", a column the file lacks
+    import json
+
+    rows = [{"prompt": "a", "good": "", "rejected": " c"}, {"prompt": "b", "good": " x", "rejected": " y"}]
+    (workdir / "good.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    extra = "dataset_name: good.jsonl\ndataset_columns: {chosen: good}\ndata_filter: none\n"
+    (workdir / "good.yaml").write_text((workdir / "run.yaml").read_text().replace("dataset_name: pairs.jsonl\n", extra))
+    said = command_error(capsys, "dpo", "--config", "good.yaml")
+    assert "row 0, column 'good': is empty (the column map's 'chosen')" in said
