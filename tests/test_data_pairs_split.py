@@ -523,7 +523,7 @@ def test_a_runs_eval_fraction_holds_out_as_data_split_does(tmp_path, caplog):
     mapped = {"prompt": "question", "chosen": "good", "rejected": "bad"}
     run = RunArguments(dataset_name=str(tmp_path / "pairs.csv"), eval_fraction=0.2, dataset_columns=mapped,
                        data_filter="none")  # fmt: skip
-    with pytest.raises(DataError, match=r"^row 8, column 'rejected'"):  # (row 6 of its part, before)
+    with pytest.raises(DataError, match=r"^row 8, column 'bad': .*the column map's 'rejected'"):  # (row 6 of its part)
         loaded_splits("dpo", run, 0)
     run.data_filter = "drop"  # (row 8 dropped, counted, and named as the file numbers it: "rows 6", before)
     with caplog.at_level(logging.WARNING, logger="fastdpo"):
