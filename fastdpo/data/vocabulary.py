@@ -27,25 +27,18 @@ def check_token_ids(dataset, model, name: str, dropped: dict | None = None) -> N
     rows = getattr(embeddings, "num_embeddings", None)
     if not isinstance(dataset, datasets.Dataset) or not isinstance(rows, int):
         return
-    import pyarrow.compute as pc
 
     for column in (c for c in ID_COLUMNS if c in dataset.column_names):
         batches = dataset.select_columns([column]).with_format("arrow").iter(_BATCH)
         for start, batch in zip(range(0, len(dataset), _BATCH), batches, strict=False):
-            ids = batch[column]
-            flat = pc.list_flatten(ids)
-            if len(flat) == 0:
+            found = _first_outside(batch[column], rows)
+            if found is None:
                 continue
-            low, high = pc.min_max(flat).values()
-            if high.as_py() < rows and low.as_py() >= 0:
-                continue
-            first = pc.index(pc.or_(pc.greater_equal(flat, rows), pc.less(flat, 0)), True).as_py()
-            row = start + int(pc.list_parent_indices(ids).to_numpy()[first])
-            value = flat[first].as_py()
+            row, value = found
             packed = "seq_lengths" in dataset.column_names
-            row = _input_row(dataset, row, name, dropped)
             raise DataError(f"token id {value} in the {name} data{' (a packed row)' if packed else ''}: the model's "
-                            f"input embedding has {rows} rows (ids 0 to {rows - 1})", row=row, column=column,
+                            f"input embedding has {rows} rows (ids 0 to {rows - 1})",
+                            row=_input_row(dataset, start + row, name, dropped), column=column,
                             fix="resize the model to its tokenizer, model.resize_token_embeddings(len(tokenizer)), "
                             "or tokenize with the model's own tokenizer")  # fmt: skip
     if "labels" in dataset.column_names and "input_ids" in dataset.column_names:
@@ -75,18 +68,31 @@ def _check_labels(dataset: datasets.Dataset, rows: int, name: str, dropped: dict
             raise DataError(f"the {name} data{packed} has {len(labels[at])} labels for {len(ids[at])} input_ids",
                             row=_input_row(dataset, start + at, name, dropped), column="labels",
                             fix="give every row one label per input id (-100 where no loss is wanted)")  # fmt: skip
-        flat = pc.list_flatten(labels)
-        if len(flat) == 0:
+        found = _first_outside(labels, rows, ignored=-100)
+        if found is None:
             continue
-        bad = pc.and_(pc.not_equal(flat, -100), pc.or_(pc.greater_equal(flat, rows), pc.less(flat, 0)))
-        if not pc.any(bad).as_py():
-            continue
-        first = pc.index(bad, True).as_py()
-        row = start + int(pc.list_parent_indices(labels).to_numpy()[first])
-        raise DataError(f"label {flat[first].as_py()} in the {name} data{packed}: the model's head has {rows} rows "
+        row, value = found
+        raise DataError(f"label {value} in the {name} data{packed}: the model's head has {rows} rows "
                         f"(ids 0 to {rows - 1}), and -100 marks a token without a loss",
-                        row=_input_row(dataset, row, name, dropped), column="labels",
+                        row=_input_row(dataset, start + row, name, dropped), column="labels",
                         fix="use -100 for the tokens without a loss, and the model's own tokenizer's ids")  # fmt: skip
+
+
+def _first_outside(ids, rows: int, ignored: int | None = None) -> tuple[int, int] | None:
+    """(row within the batch, value) of the first id in the Arrow list array ``ids`` outside [0, ``rows``) but
+    ``ignored``; None where every one is within."""
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(ids)
+    if len(flat) == 0:
+        return None
+    bad = pc.or_(pc.greater_equal(flat, rows), pc.less(flat, 0))
+    if ignored is not None:
+        bad = pc.and_(bad, pc.not_equal(flat, ignored))
+    if not pc.any(bad).as_py():
+        return None
+    first = pc.index(bad, True).as_py()
+    return int(pc.list_parent_indices(ids).to_numpy()[first]), flat[first].as_py()
 
 
 def _input_row(dataset: datasets.Dataset, row: int, name: str, dropped: dict | None) -> int:
