@@ -32,6 +32,7 @@ from fastdpo.data.json_check import (
     _kind,
     _refuse_cast_blocks,
     _refuse_changed_strings,
+    _repeated,
     _restore_date_strings,
     first_new_kind,
     json_rows,
@@ -432,8 +433,7 @@ def _refuse_repeated_names(path: Path) -> None:
     """A DataError for a CSV header that names a column twice: pandas read the second as "<name>.1", silently (the
     first trained on). Blank names are not names: pandas reads each as its own "Unnamed: <i>" (a spreadsheet's empty
     trailing columns)."""
-    header = csv_header(path)
-    twice = next((name for i, name in enumerate(header) if name.strip() and name in header[:i]), None)
+    twice = _repeated([name for name in csv_header(path) if name.strip()])
     if twice is not None:
         raise DataError(f"{path}: the header names {twice!r} twice", column=twice,
                         fix="rename or remove one of the two columns")  # fmt: skip
