@@ -156,12 +156,13 @@ def _first_repeated_key(path: Path) -> tuple[int, str, str] | None:
     return None
 
 
-def repeated_key(path: Path, found: tuple[int, str, str]) -> DataError:
-    """DataError for ``_first_repeated_key``'s (line, column, key)."""
+def repeated_key(path: Path, found: tuple[int, str, str], where: str = "line") -> DataError:
+    """DataError for ``_first_repeated_key``'s (line, column, key); ``where="row"``: a document's row."""
     number, column, key = found
     inside = "" if key == column else f" inside the column {column!r}"
-    return DataError(f"{path}: line {number}: the key {key!r} is written twice in one object{inside} (Python's json "
-                     "would keep the last, datasets refuses it)", column=column, fix="keep one of them")  # fmt: skip
+    refuses = ", datasets refuses it" if where == "line" else ""
+    return DataError(f"{path}: {where} {number}: the key {key!r} is written twice in one object{inside} (Python's "
+                     f"json would keep the last{refuses})", column=column, fix="keep one of them")  # fmt: skip
 
 
 def unholdable(value) -> str | None:
@@ -509,10 +510,7 @@ def _check_json_document(path: Path) -> list[dict]:
     for number, row in enumerate(rows if isinstance(rows, list) else ()):  # (Python's json kept the last, silently)
         found = _twice_in(row)
         if found is not None:
-            column, key = found
-            inside = "" if key == column else f" inside the column {column!r}"
-            raise DataError(f"{path}: row {number}: the key {key!r} is written twice in one object{inside} (Python's "
-                            "json would keep the last)", column=column, fix="keep one of them")  # fmt: skip
+            raise repeated_key(path, (number, *found), where="row")
     if not rows:
         raise DataError(f"{path}: the file holds an empty list", fix="point to a file with at least one row")
     for number, row in enumerate(rows):
