@@ -502,10 +502,12 @@ def _without_blank_lines(path: Path, kind: str, error: Exception) -> datasets.Da
     (the same rows); any other failure, as ``_unreadable`` says it."""
     import tempfile
 
-    raw = path.read_bytes() if kind == "json" else b""
+    if kind != "json":
+        raise _unreadable(path, kind, error) from None
+    raw = path.read_bytes()
     lines = raw.split(b"\n")
     kept = [line for line in lines if line.strip()]
-    if kind != "json" or raw.lstrip()[:1] == b"[" or len(kept) == len(lines) - (lines[-1] == b""):
+    if raw.lstrip()[:1] == b"[" or len(kept) == len(lines) - (lines[-1] == b""):  # (a document; no blank line)
         raise _unreadable(path, kind, error) from None
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / path.name
