@@ -278,16 +278,24 @@ def load_config(known: argparse.Namespace, flags: list[str]):
     try:
         values = yaml.load(text, Loader=_unique_keys_loader(known.config)) or {}
     except yaml.YAMLError as error:
-        raise _yaml_error(known.config, error) from None
+        raise _yaml_error(known.config, error, text) from None
     if not isinstance(values, dict):
         raise ConfigError(f"{known.config} holds a {type(values).__name__}, not a mapping of field: value",
                           column="config")  # fmt: skip
     return _resolve(config_cls, values, flags)
 
 
-def _yaml_error(path: Path, error) -> ConfigError:
+def _yaml_error(path: Path, error, text: str) -> ConfigError:
     """PyYAML's error as one line naming where and what (its first line alone named neither: "while scanning for
-    the next token")."""
+    the next token"; a control character's, the reader's, gave an offset into the text)."""
+    import yaml
+
+    if isinstance(error, yaml.reader.ReaderError):
+        before = text[: error.position]
+        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
+        return ConfigError(f"{path} is not valid YAML: line {line}, column {column}: character "
+                           f"{chr(error.character)!r} ({error.reason})", column="config",
+                           fix="remove it, or write it as an escape (\\x..) in double quotes")  # fmt: skip
     mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
     if mark is None or not problem:
         return ConfigError(f"{path} is not valid YAML ({str(error).splitlines()[0]})", column="config")

@@ -18,6 +18,10 @@ def test_yaml_errors_say_where_and_what(workdir, capsys):  # noqa: F811
     (workdir / "tab.yaml").write_text("beta: 0.1\n\tx: 1\n")
     said = command_error(capsys, "dpo", "--config", "tab.yaml")
     assert "line 2, column 1: found character '\\t'" in said and "indent with spaces: YAML takes no tabs" in said
+    # a control character (PyYAML's reader said an offset into the text, no line)
+    (workdir / "bell.yaml").write_text("beta: 0.1\nrun_name: a\x07b\n")
+    said = command_error(capsys, "dpo", "--config", "bell.yaml")
+    assert "line 2, column 12: character '\\x07' (special characters are not allowed)" in said, said
     (workdir / "latin.yaml").write_bytes("beta: 0.1\n# café\n".encode("latin-1"))
     assert "latin.yaml: line 2 is not UTF-8 (byte 0xe9)" in command_error(capsys, "dpo", "--config", "latin.yaml")
 
