@@ -65,7 +65,7 @@ def test_an_output_that_is_a_folder(workdir, capsys):  # noqa: F811
 
 def test_files_of_no_rows(workdir, capsys):  # noqa: F811
     # `data filter` wrote a file of no rows (exit 0), which fastdpo then called "not Parquet datasets can read"; a
-    # header-only CSV read as "Instruction 'train' corresponds to no data!"
+    # header-only CSV read as "Instruction 'train' corresponds to no data!" (after a blank line too)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -75,8 +75,11 @@ def test_files_of_no_rows(workdir, capsys):  # noqa: F811
     (workdir / "header.csv").write_text("prompt,chosen,rejected\n")
     pq.write_table(pa.table({name: pa.array([], pa.string()) for name in ("prompt", "chosen", "rejected")}),
                    workdir / "empty.parquet")  # fmt: skip
-    for name in ("header.csv", "empty.parquet"):
+    (workdir / "late.csv").write_text("\n\nprompt,chosen,rejected\n\n")  # (pandas skips blank lines)
+    for name in ("header.csv", "empty.parquet", "late.csv"):
         assert f"{name}: the file has columns but no rows" in command_error(capsys, "data", "check", name)
+    (workdir / "blank.csv").write_text("\n  \n")  # (pandas: "No columns to parse from file")
+    assert "blank.csv: the file has only blank lines" in command_error(capsys, "data", "check", "blank.csv")
 
 
 def test_a_key_written_twice_in_a_json_document_or_a_csv_header(workdir, capsys):  # noqa: F811

@@ -519,20 +519,23 @@ def _without_blank_lines(path: Path, kind: str, error: Exception) -> datasets.Da
             raise _unreadable(path, kind, again) from None
 
 
-def _no_rows(path: Path, kind: str) -> bool:
-    """Whether a CSV file is its header alone, or a Parquet file holds no row (on the error path only)."""
+def _rowless(path: Path, kind: str) -> str | None:
+    """What a CSV file of no rows has instead (its header alone, blank lines aside as pandas skips them; blank lines
+    alone), or that a Parquet file holds no row (on the error path only); None where it has rows."""
     if kind == "csv":
         with open(path, encoding="utf-8", errors="replace") as file:
-            next(file, None)  # (the header)
-            return not any(line.strip() for line in file)
+            filled = (line for line in file if line.strip())
+            if next(filled, None) is None:
+                return "has only blank lines"
+            return "has columns but no rows" if next(filled, None) is None else None
     if kind == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.ParquetFile(path).metadata.num_rows == 0
+            return "has columns but no rows" if pq.ParquetFile(path).metadata.num_rows == 0 else None
         except (OSError, ValueError):  # (not Parquet at all: the reader's error says so)
-            return False
-    return False
+            return None
+    return None
 
 
 def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
@@ -571,8 +574,9 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
                          "(datasets reads JSON Lines in blocks, and casts each to the first's kinds)", column=column,
                          fix=f"give {column!r} one kind of value in every row, or move a row with a {odd} there to "
                          "the top of the file")  # fmt: skip
-    if _no_rows(path, kind):  # (datasets' own words: "corresponds to no data!", "BatchSize must be greater than 0")
-        return DataError(f"{path}: the file has columns but no rows", fix="point to a file with at least one row")
+    rowless = _rowless(path, kind)  # (datasets': "corresponds to no data!", "BatchSize must be greater than 0")
+    if rowless:
+        return DataError(f"{path}: the file {rowless}", fix="point to a file with at least one row")
     fix = ("write the file again, or download it again: it is not Parquet datasets can read" if kind == "parquet"
            else "check the file there (each column should hold one kind of value)")  # fmt: skip
     return DataError(f"{path}: datasets cannot read it ({type(cause).__name__}: {str(cause)[:200]})", fix=fix)
