@@ -90,7 +90,7 @@ def run_data(known: argparse.Namespace) -> int:
     """Run ``fastdpo data <action>``; the exit status."""
     from fastdpo.data import build_pairs, check_preferences, load_data
     from fastdpo.data.load import text_columns
-    from fastdpo.data.split import split_pairs
+    from fastdpo.data.split import ROW_COLUMN, split_pairs
 
     if getattr(known, "max_length", None) is not None and not known.tokenizer:
         raise ConfigError("counts tokens", column="--max-length", fix="pass --tokenizer (a folder or hub name) too")
@@ -155,19 +155,16 @@ def run_data(known: argparse.Namespace) -> int:
     _check_outputs([known.train_out, known.eval_out], known, dataset)  # (before the split's work)
     # (without a prompt column: what preparation refuses or takes out of chosen and rejected, said on stderr)
     prepared = None if "prompt" in dataset.column_names else _prepared(dataset, None)
-    numbered = dataset.add_column(_ROW, list(range(len(dataset))))  # (each side written from its output's view)
+    numbered = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))  # (each side written from its output's view)
     parts = split_pairs(numbered, test_size=known.test_size, seed=known.seed, prepared=prepared)
     summary = {"input": known.data, "rows": len(dataset), "train": len(parts[0]), "eval": len(parts[1])}
     views = {}  # output suffix → the rows as that output writes them (a CSV's cells as the CSV file has them)
     for part, out in zip(parts, (known.train_out, known.eval_out), strict=True):
         if out.suffix not in views:
             views[out.suffix] = _as_written(known, out, text, dataset)
-        _write(views[out.suffix].select(part[_ROW]), out, known, summary)
+        _write(views[out.suffix].select(part[ROW_COLUMN]), out, known, summary)
     print(f"train {len(parts[0])} rows, eval {len(parts[1])} rows; no prompt in both")
     return 0
-
-
-_ROW = "__fastdpo_row__"  # the input's row number, through a split
 
 
 def _say_split(source: str, split: str) -> None:
@@ -267,12 +264,12 @@ def _where_view(checked, mapped):
 
 
 def _mapped(dataset, columns: dict):
-    """``columns`` maps fastdpo's names to the data's (``{"prompt": "question"}``)."""
-    missing = [source for source in columns.values() if source not in dataset.column_names]
-    if missing:
-        raise DataError(f"columns {missing} are not in the data (it has {dataset.column_names})", column="columns",
-                        fix="map fastdpo's names to columns the data has")  # fmt: skip
-    return dataset.rename_columns({source: name for name, source in columns.items() if source != name})
+    """``columns`` maps fastdpo's names to the data's (``{"prompt": "question"}``), checked as the trainers check it
+    (a name fastdpo does not know, a column not there with its close match)."""
+    from fastdpo.data.formats import KNOWN_TARGETS
+    from fastdpo.data.schema import rename_columns
+
+    return rename_columns(dataset, columns, KNOWN_TARGETS)
 
 
 def _dropped_path(out: Path) -> Path:

@@ -3,6 +3,8 @@ encoding, column maps that are not names, outputs in the way; each one error nam
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from test_bad_inputs import command_error, model_dir, tokenizer, workdir  # noqa: F401
 
@@ -34,6 +36,22 @@ def test_a_column_map_to_something_other_than_a_name(workdir, capsys):  # noqa: 
     assert "maps 'prompt' to None: both are column names" in command_error(capsys, "dpo", "--config", "null.yaml")
     (workdir / "key.yaml").write_text((workdir / "run.yaml").read_text() + "dataset_columns: {1: question}\n")
     assert "maps 1 to 'question': both are column names" in command_error(capsys, "dpo", "--config", "key.yaml")
+
+
+def test_data_split_maps_columns_as_the_trainers_do(workdir, capsys):  # noqa: F811
+    # `data split --columns` had a map of its own: a typo of fastdpo's name ("promt") was taken as a name, the split
+    # then failed naming fastdpo's row-number column; a typo of the data's had no close match
+    rows = [{"q": f"question {i}", "good": f"yes {i}", "bad": f"no {i}"} for i in range(4)]
+    (workdir / "named.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    split = ("data", "split", "named.jsonl", "tr.jsonl", "ev.jsonl", "--test-size", "1", "--columns")
+    said = command_error(capsys, *split, '{"promt": "q", "chosen": "good", "rejected": "bad"}')
+    assert "column 'columns': unknown value 'promt' — did you mean 'prompt'?" in said
+    said = command_error(capsys, *split, '{"prompt": "q", "chosen": "god", "rejected": "bad"}')
+    assert "column 'god': column not found — did you mean 'good'?" in said
+    (workdir / "bare.jsonl").write_text('{"chosen": "a b", "rejected": "c d"}\n{"chosen": "e f", "rejected": "g h"}\n')
+    said = command_error(capsys, "data", "split", "bare.jsonl", "tr.jsonl", "ev.jsonl", "--test-size", "1")
+    assert "(columns present: chosen, rejected)" in said and "__fastdpo" not in said
+    assert not any((workdir / name).exists() for name in ("tr.jsonl", "ev.jsonl"))
 
 
 def test_overwrite_keeps_the_config_a_user_wrote_in_the_run_directory(workdir, capsys):  # noqa: F811

@@ -56,6 +56,9 @@ def split_by_prompt(
     return split_by_keys(dataset, column_values(dataset, prompt), test_size=test_size, seed=seed, column=prompt)
 
 
+ROW_COLUMN = "__fastdpo_row__"  # ``fastdpo data split``'s row numbers, through a split (not the data's: never named)
+
+
 def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0, prepared=None):
     """``split_by_prompt`` for DPO rows as given (fastdpo's column names), as ``fastdpo data split`` and a run's
     ``eval_fraction`` split them: by the ``prompt`` column (without a ``system`` column's text, so a question asked
@@ -74,7 +77,7 @@ def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed
         row.get("prompt", {"refused": row}) for row in prepared]  # fmt: skip
     keys = [key.rsplit("\n", 1)[0] if isinstance(key, str) and "\n" in key.strip() else key for key in keys]
     if not all(keys):  # pairs whose chosen and rejected begin with nothing alike: a prompt under another name?
-        error = missing_column("prompt", "prompt", dataset.column_names,
+        error = missing_column("prompt", "prompt", [name for name in dataset.column_names if name != ROW_COLUMN],
                                cli="""--columns '{"prompt": "<your column>"}'""")  # fmt: skip
         empty = sum(not key for key in keys)
         raise DataError(f"{error.message}, and in {empty} of {len(keys)} rows chosen and rejected begin with no "
