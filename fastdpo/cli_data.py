@@ -90,7 +90,7 @@ def run_data(known: argparse.Namespace) -> int:
     """Run ``fastdpo data <action>``; the exit status."""
     from fastdpo.data import build_pairs, check_preferences, load_data
     from fastdpo.data.load import text_columns
-    from fastdpo.data.split import ROW_COLUMN, split_pairs
+    from fastdpo.data.split import ROW_COLUMN, split_pairs, split_sft_rows
 
     if getattr(known, "max_length", None) is not None and not known.tokenizer:
         raise ConfigError("counts tokens", column="--max-length", fix="pass --tokenizer (a folder or hub name) too")
@@ -153,10 +153,12 @@ def run_data(known: argparse.Namespace) -> int:
         print(f"{result.summary()} (see {_dropped_path(known.out)})")
         return 0
     _check_outputs([known.train_out, known.eval_out], known, dataset)  # (before the split's work)
-    # (without a prompt column: what preparation refuses or takes out of chosen and rejected, said on stderr)
-    prepared = None if "prompt" in dataset.column_names else _prepared(dataset, None)
     numbered = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))  # (each side written from its output's view)
-    parts = split_pairs(numbered, test_size=known.test_size, seed=known.seed, prepared=prepared)
+    if _holds_sft(dataset, None):  # (grouped as `fastdpo sft`'s eval_fraction groups them)
+        parts = split_sft_rows(numbered, test_size=known.test_size, seed=known.seed)
+    else:  # (without a prompt column: what preparation refuses or takes out of chosen and rejected, said on stderr)
+        prepared = None if "prompt" in dataset.column_names else _prepared(dataset, None)
+        parts = split_pairs(numbered, test_size=known.test_size, seed=known.seed, prepared=prepared)
     summary = {"input": known.data, "rows": len(dataset), "train": len(parts[0]), "eval": len(parts[1])}
     views = {}  # output suffix → the rows as that output writes them (a CSV's cells as the CSV file has them)
     for part, out in zip(parts, (known.train_out, known.eval_out), strict=True):
@@ -265,11 +267,20 @@ def _where_view(checked, mapped):
 
 def _mapped(dataset, columns: dict):
     """``columns`` maps fastdpo's names to the data's (``{"prompt": "question"}``), checked as the trainers check it
-    (a name fastdpo does not know, a column not there with its close match)."""
+    (a name fastdpo does not know, a column not there with its close match): SFT's names for SFT rows."""
     from fastdpo.data.formats import KNOWN_TARGETS
     from fastdpo.data.schema import rename_columns
+    from fastdpo.data.sft import SFT_COLUMNS
 
-    return rename_columns(dataset, columns, KNOWN_TARGETS)
+    return rename_columns(dataset, columns, SFT_COLUMNS if _holds_sft(dataset, columns) else KNOWN_TARGETS)
+
+
+def _holds_sft(dataset, columns: dict | None) -> bool:
+    """Whether ``dataset`` (its columns as ``columns`` maps them) holds SFT rows (text, a conversation, a prompt
+    and its completion), not preference pairs."""
+    renamed = {theirs: ours for ours, theirs in (columns or {}).items() if isinstance(theirs, str)}
+    names = {renamed.get(name, name) for name in dataset.column_names}
+    return not names & {"chosen", "rejected"} and bool(names & {"text", "messages", "conversations", "completion"})
 
 
 def _dropped_path(out: Path) -> Path:

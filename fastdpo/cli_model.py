@@ -354,11 +354,11 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", n
 def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering: dict | None):
     import functools
 
-    from fastdpo.data import check_preferences, load_data, prepare_preferences, prepare_sft, split_sft_by_prompt
+    from fastdpo.data import check_preferences, load_data, prepare_preferences, prepare_sft
     from fastdpo.data.formats import rename_preference_columns
     from fastdpo.data.load import text_columns
     from fastdpo.data.refused import prepared_rows
-    from fastdpo.data.split import split_pairs
+    from fastdpo.data.split import split_pairs, split_sft_rows
 
     columns, refused, gone = run_args.dataset_columns, {}, {}
     prepare = prepare_preferences if command == "dpo" else functools.partial(prepare_sft, text_field=text_field)
@@ -371,23 +371,24 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
     # the file's row of each row, in a column the preparation, the split and the filter carry along (a Dataset.select
     # of consecutive rows keeps no indices to read them from)
     evaluation, train_split, test_split = None, run_args.dataset_train_split, run_args.dataset_test_split
-    if command == "dpo" and run_args.eval_fraction is not None:  # split as given, as `fastdpo data split` splits
-        loaded = load_data(run_args.dataset_name, split=train_split, text=text_columns(columns))
-        loaded = rename_preference_columns(loaded, columns or {})[0]
-        # (the groups of rows without a prompt column keyed on the rows as given: the numbering left out of them)
-        prepared = None if "prompt" in loaded.column_names else prepared_rows(loaded, None)[0]
-        split = functools.partial(split_pairs, prepared=prepared)
+    if run_args.eval_fraction is not None:  # split as given, as `fastdpo data split` splits, then prepared
+        loaded = load_data(run_args.dataset_name, split=train_split, text=(*text_columns(columns), text_field))
+        if command == "dpo":
+            loaded, part_columns = rename_preference_columns(loaded, columns or {})[0], None
+            # (the groups of rows without a prompt column keyed on the rows as given: the numbering left out of them)
+            prepared = None if "prompt" in loaded.column_names else prepared_rows(loaded, None)[0]
+            split = functools.partial(split_pairs, prepared=prepared)
+        else:  # (the parts prepared under the run's column map, as the split's keys were)
+            split, part_columns = functools.partial(split_sft_rows, columns=columns, text_field=text_field), columns
         given, held_out = _held_out(split, _numbered(loaded, range(len(loaded))), run_args.eval_fraction, seed)
-        train = _in_file_rows(prepare, given, split=train_split)
-        evaluation = _in_file_rows(prepare, held_out, split="eval")
+        train = _in_file_rows(prepare, given, split=train_split, columns=part_columns)
+        evaluation = _in_file_rows(prepare, held_out, split="eval", columns=part_columns)
     else:
         prepared = prepare(run_args.dataset_name, columns=columns, split=train_split)
         train = _numbered_left(prepared, gone.get(train_split))
     if test_split is not None:
         evaluation = _numbered_left(prepare(run_args.dataset_name, columns=columns, split=test_split),
                                     gone.get(test_split))  # fmt: skip
-    elif run_args.eval_fraction is not None and command != "dpo":  # (SFT: messages or text rows too)
-        train, evaluation = _held_out(split_sft_by_prompt, train, run_args.eval_fraction, seed)
     if command != "dpo":
         return (*_without_numbers(train, evaluation, numbering), {})
     file_rows = list(train[_ROW])  # (the report's rows: those of the train split before its filter)
@@ -465,13 +466,13 @@ def _without_numbers(train, evaluation, numbering: dict | None) -> tuple:
     return train.remove_columns(_ROW), None if evaluation is None else evaluation.remove_columns(_ROW)
 
 
-def _in_file_rows(prepare, part, *, split: str):
+def _in_file_rows(prepare, part, *, split: str, columns: dict | None = None):
     """``prepare(part)`` for one part of a split file (``_numbered``), an error's row named as the file numbers it,
-    not as the part does."""
+    not as the part does; ``columns``: the part's column map (None: it has fastdpo's names)."""
     rows = list(part[_ROW])
     numbering = {"file_rows": rows} if getattr(prepare, "func", None) is _without_refused_rows else {}
     try:  # (the refused rows' warning numbers them too)
-        return prepare(part, columns=None, split=split, **numbering)
+        return prepare(part, columns=columns, split=split, **numbering)
     except DataError as error:
         if error.row is None:
             raise

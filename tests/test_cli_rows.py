@@ -203,6 +203,41 @@ def test_data_split_and_a_runs_eval_fraction_hold_out_the_same_rows_by_default(t
     assert sorted(held_out["prompt"]) == sorted(split_eval) and len(split_eval) == 6
 
 
+def test_sft_data_split_and_a_runs_eval_fraction_hold_out_the_same_rows(tmp_path, monkeypatch):
+    # `data split` refused SFT rows ("column 'chosen': column not found"), and `fastdpo sft`'s eval_fraction split
+    # the rows left after preparation: a refused row moved the draw, other rows were held out. Now both split the
+    # rows as given (a refused row its own group), in each SFT layout, under a column map too
+    from fastdpo.cli import RunArguments, main
+    from fastdpo.cli_model import loaded_splits
+
+    monkeypatch.chdir(tmp_path)
+    talk = [{"messages": [{"role": "user", "content": f"q{i} {WORDS[i % len(WORDS)]}"},
+                          {"role": "assistant", "content": f"a{i}"}]} for i in range(30)]  # fmt: skip
+    talk[9]["messages"][1]["content"] = None  # refused (no content), dropped by the run, held out by the split
+    talk[17]["messages"] = [talk[16]["messages"][0], {"role": "assistant", "content": "other"}]  # (a group of 2)
+    pairs = [{"question": f"q{i} {WORDS[i % len(WORDS)]}", "completion": f" a{i}"} for i in range(30)]
+    pairs[7]["completion"], pairs[20]["completion"] = "", None
+    texts = [{"body": f"q{i} {WORDS[i % len(WORDS)]}"} for i in range(30)]
+    texts[19]["body"] = ""
+    cases = {"talk": (talk, {}), "pairs": (pairs, {"prompt": "question"}), "texts": (texts, {"text": "body"})}
+    for name, (rows, columns) in cases.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        flags = ["--columns", json.dumps(columns)] if columns else []
+        assert main(["data", "split", f"{name}.jsonl", f"{name}_t.jsonl", f"{name}_e.jsonl", "--test-size", "0.25",
+                     *flags]) == 0, name  # fmt: skip
+        renamed = [{ours: row[theirs] for ours, theirs in columns.items()} | {k: v for k, v in row.items() if k not in
+                   columns.values()} for row in rows]  # fmt: skip
+        written = (tmp_path / f"{name}_e.jsonl").read_text().splitlines()
+        split_eval = [renamed.index(json.loads(line)) for line in written]
+        numbering = {}
+        loaded_splits("sft", RunArguments(dataset_name=f"{name}.jsonl", eval_fraction=0.25, dataset_columns=columns or
+                      None), 42, numbering=numbering)  # fmt: skip
+        refused = {9} if name == "talk" else {7, 20} if name == "pairs" else {19}
+        assert refused & set(split_eval), name  # (the case's teeth: the run split the rows left, and held out another)
+        assert numbering["eval"] == [row for row in split_eval if row not in refused], name
+        assert len(split_eval) in (7, 8) and (name != "talk" or (16 in split_eval) == (17 in split_eval)), name
+
+
 def test_a_runs_quality_report_names_rows_as_data_check_does(tmp_path):
     # the run's data_quality.json named other rows by their place after the refused ones ("of row 4" for the file's
     # row 5), and the rows preparation refused (an empty answer) were counted, not listed

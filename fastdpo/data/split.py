@@ -88,16 +88,40 @@ def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed
 def split_sft_by_prompt(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0):
     """``split_by_prompt`` for ``prepare_sft``'s rows: by their ``prompt``; a conversation (``messages``) by its
     messages before the last assistant turn; a ``text`` row by its text."""
-    if "prompt" in dataset.column_names or "messages" not in dataset.column_names:
-        key = "prompt" if "prompt" in dataset.column_names else "text"
-        return split_by_prompt(dataset, test_size=test_size, seed=seed, prompt=key)
+    keys, column = _sft_keys(dataset)
+    return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column=column)
+
+
+def split_sft_rows(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0,
+                   columns: dict[str, str] | None = None, text_field: str = "text"):  # fmt: skip
+    """``split_sft_by_prompt`` for SFT rows as given (``columns`` and ``text_field``: ``prepare_sft``'s), as ``fastdpo
+    data split`` and a run's ``eval_fraction`` split them: each row keyed as its prepared row is (a ShareGPT
+    conversation by its messages), a row the preparation refuses a group of its own, so the two hold out the same
+    rows whether or not some are refused (the run split the rows left after preparation)."""
+    from fastdpo.data.sft import prepare_sft
+
+    refused: dict[int, DataError] = {}
+    prepared = prepare_sft(dataset, columns=columns, text_field=text_field, refused=refused)
+    found, column = _sft_keys(prepared)
+    kept = iter(found)
+    keys = [{"refused": row} if row in refused else next(kept) for row in range(len(dataset))]
+    return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column=column)
+
+
+def _sft_keys(dataset) -> tuple[list, str]:
+    """Each prepared SFT row's grouping key, and the column it is read from."""
+    present = table_columns(dataset)
+    if "prompt" in present or "messages" not in present:
+        key = "prompt" if "prompt" in present else "text"
+        if key not in present:
+            raise missing_column("prompt", key, present, cli="""--columns '{"text": "<your column>"}'""")
+        return column_values(dataset, key), key
 
     def asked(messages: list[dict]) -> list[dict]:
         answers = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
         return messages[: answers[-1]] if answers else messages
 
-    keys = [asked(messages) for messages in dataset["messages"]]
-    return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column="messages")
+    return [asked(messages) for messages in dataset["messages"]], "messages"
 
 
 def split_by_keys(dataset, keys, *, test_size: float | int, seed: int, column: str):
