@@ -89,7 +89,7 @@ from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
 from fastdpo.train.config import check_loss_options, loss_config_of  # noqa: E402
 from fastdpo.train.displacement import DisplacementWatch  # noqa: E402
 from fastdpo.train.dpo import PairPacker, _as_batch, packer_for  # noqa: E402
-from fastdpo.train.resume import WatchResume  # noqa: E402
+from fastdpo.train.resume import ResumeChecks, WatchResume  # noqa: E402
 from fastdpo.train.sft import PackedSFTLoss, SequencePacker  # noqa: E402
 from fastdpo.train.sft_config import check_label_smoothing, warn_eval_packing  # noqa: E402
 from fastdpo.train.sft_setup import _pack_length, refuse_logit_hooks  # noqa: E402
@@ -401,7 +401,7 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
 
-class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, trl.SFTTrainer):
+class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, ResumeChecks, trl.SFTTrainer):
     """``trl.SFTTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments.
 
     TRL prepares the dataset (tokenization, its labels, its packing into rows with ``seq_lengths``); the collator

@@ -210,6 +210,43 @@ def test_a_finished_run_is_not_trained_past_its_last_step(tokenizer, load, tmp_p
     assert more.state.global_step == 4
 
 
+def test_the_dropins_refuse_what_trl_resumes_wrongly(tokenizer, load, tmp_path):
+    # TRL's trainers (and so the drop-ins) trained a finished run one step past max_steps, and went on from a
+    # model-only checkpoint with a new optimizer and the schedule from step 0, silently: both refused, as natively
+    import trl
+
+    import fastdpo.trl as dropin
+    from fastdpo.errors import ConfigError
+
+    def config(kind, name, **extra):  # (12 rows, batch 4: 3 steps an epoch, and the run's last is 2)
+        return args(tmp_path, name, kind, **{"max_steps": 2, "save_steps": 1, "max_length": 32, **extra})
+
+    def dpo(module, settings):
+        return module.DPOTrainer(load(), ref_model=load(), args=settings, train_dataset=pairs(12),
+                                 processing_class=tokenizer)  # fmt: skip
+
+    def sft(module, settings):
+        return module.SFTTrainer(
+            load(), args=settings, train_dataset=prompt_completions(12), processing_class=tokenizer
+        )
+
+    for name, make in {"dpo": dpo, "sft": sft}.items():
+        kind = trl.DPOConfig if name == "dpo" else trl.SFTConfig
+        make(trl, config(kind, name)).train()
+        again = make(trl, config(kind, name))
+        again.train(resume_from_checkpoint=True)  # TRL's: one step past its last
+        assert again.state.global_step == 3, name
+        shutil.rmtree(tmp_path / name / "checkpoint-3")
+        again = make(dropin, config(kind, name))
+        with pytest.raises(ConfigError, match="checkpoint-2 is at step 2, the run's last"):
+            again.train(resume_from_checkpoint=True)
+        assert again.state.global_step == 2, name
+        make(dropin, config(kind, f"{name}_model", save_only_model=True)).train()
+        with pytest.raises(ConfigError, match="checkpoint-1 holds the model only"):
+            checkpoint = str(tmp_path / f"{name}_model" / "checkpoint-1")
+            make(dropin, config(kind, f"{name}_model", max_steps=3)).train(resume_from_checkpoint=checkpoint)
+
+
 def test_a_checkpoint_of_the_model_only_is_refused_and_a_stops_checkpoint_is_whole(tokenizer, load, tmp_path):
     # save_only_model=True: transformers resumed from such a checkpoint with a new optimizer and the schedule from
     # step 0, silently (loss 5.16 where 2.78); the checkpoint of a stop, which says to resume from it, was one too

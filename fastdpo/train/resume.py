@@ -135,7 +135,31 @@ def last_checkpoint(folder: str | os.PathLike) -> str | None:
     return None
 
 
-class ResumableTrainer:
+class ResumeChecks:
+    """Trainer mixin (the native trainers' and the TRL drop-ins'): a resume refused where transformers would go on
+    wrongly, silently (``refuse_model_only``, ``refuse_finished``: TRL's trainers too); ``_restore`` the trainer's own
+    state from the checkpoint, before transformers' loop."""
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):  # fmt: skip
+        # (the checkpoint's state loaded and this run's max_steps set, before any step)
+        started = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                               resume_from_checkpoint, trial)  # fmt: skip
+        refuse_finished(self, resume_from_checkpoint)
+        return started
+
+    def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, *args, **kwargs):
+        resume_from_checkpoint = _resolved(self, resume_from_checkpoint)
+        if isinstance(resume_from_checkpoint, str):
+            refuse_model_only(resume_from_checkpoint)
+            self._restore(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _restore(self, checkpoint: str) -> None:
+        pass
+
+
+class ResumableTrainer(ResumeChecks):
     """Trainer mixin: ``COUNTERS`` (and a moving reference) saved with each checkpoint, restored on resume."""
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -161,29 +185,17 @@ class ResumableTrainer:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         _requantize(model if model is not None else self.model)
 
-    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
-                             trial):  # fmt: skip
-        # (the checkpoint's state loaded and this run's max_steps set, before any step)
-        started = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
-                                               resume_from_checkpoint, trial)  # fmt: skip
-        refuse_finished(self, resume_from_checkpoint)
-        return started
-
     def _load_best_model(self):
         super()._load_best_model()
         _requantize(self.model)
 
-    def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, *args, **kwargs):
-        resume_from_checkpoint = _resolved(self, resume_from_checkpoint)
-        if isinstance(resume_from_checkpoint, str):
-            refuse_model_only(resume_from_checkpoint)
-            load_counters(self, resume_from_checkpoint)
-            if moving_reference(self) is not None:
-                load_reference(moving_reference(self), resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+    def _restore(self, checkpoint: str) -> None:
+        load_counters(self, checkpoint)
+        if moving_reference(self) is not None:
+            load_reference(moving_reference(self), checkpoint)
 
 
-class WatchResume:
+class WatchResume(ResumeChecks):
     """Trainer mixin of the TRL drop-in's DPO: the displacement watch (``logps/chosen_change``, fastdpo's own metric)
     saved with each checkpoint and restored on resume; TRL's own counts (``num_tokens``) start again as TRL's do."""
 
@@ -192,11 +204,8 @@ class WatchResume:
         save_counters(self, folder, names=())
         super()._save_checkpoint(model, trial)
 
-    def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, *args, **kwargs):
-        resume_from_checkpoint = _resolved(self, resume_from_checkpoint)
-        if isinstance(resume_from_checkpoint, str):
-            load_counters(self, resume_from_checkpoint, names=())
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+    def _restore(self, checkpoint: str) -> None:
+        load_counters(self, checkpoint, names=())
 
 
 def _resolved(trainer, resume: str | os.PathLike | bool | None):
