@@ -180,6 +180,19 @@ class _CheckedEvalSets:
         return prepared
 
 
+class _PredictsRows:
+    """``predict()`` of rows as given (text pairs, messages): prepared first as TRL's ``evaluate()`` prepares a set
+    given to it (``_as_evaluate_prepares``); TRL's ``predict()`` left them to transformers' column check, which failed
+    ("No columns in the dataset match the model's forward method signature"). Tokenized rows go as they are."""
+
+    _tokenized = "input_ids"  # a column of the rows as TRL's preparation leaves them
+
+    def predict(self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"):
+        if self._tokenized not in (getattr(test_dataset, "column_names", None) or ()):
+            test_dataset = self._as_evaluate_prepares(test_dataset)
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+
 def _check_pair_columns(dataset, name: str) -> None:
     """A DataError for a dataset without the ``chosen`` or ``rejected`` text TRL's preparation reads (its
     ``KeyError: 'chosen'`` from inside a map, before), naming a close column or fastdpo's trainer for tokenized rows
@@ -228,7 +241,7 @@ def _needed(trainer, name: str, args) -> bool:
             or getattr(args, "precompute_ref_log_probs", False))  # fmt: skip
 
 
-class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer):
+class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer):
     """``trl.DPOTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
@@ -238,6 +251,25 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         why = f"their prompt fills max_length ({args.max_length} tokens), and TRL drops such pairs under keep_start"
         _count_dropped(dataset, prepared, name, why, args.max_length, needed=_needed(self, name, args))
+        return prepared
+
+    _tokenized = "prompt_ids"
+
+    def _as_evaluate_prepares(self, dataset):
+        if self._is_vision_dataset:
+            return dataset
+        trained = self.state.global_step > 0  # (TRL's evaluate() refuses it too: the policy is no reference now)
+        if self.precompute_ref_logps and self.ref_model is None and not is_peft_model(self.model) and trained:
+            raise ConfigError(
+                "rows given to predict() after training began need their reference log-probs, and "
+                "with precompute_ref_log_probs and no ref_model the policy is no longer the reference",
+                column="test_dataset",
+                fix="predict() on them before training, or pass a ref_model",
+            )
+        prepared = self._prepare_dataset(dataset, self.processing_class, self.args, "test")
+        if self.precompute_ref_logps:
+            size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+            prepared = self._precompute_ref_logps(prepared, "test", size)
         return prepared
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
@@ -401,7 +433,7 @@ class DPOTrainer(_CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
 
-class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, ResumeChecks, trl.SFTTrainer):
+class SFTTrainer(_PredictsRows, _CheckedEvalSets, PackedSFTLoss, PackedTokenCount, ResumeChecks, trl.SFTTrainer):
     """``trl.SFTTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments.
 
     TRL prepares the dataset (tokenization, its labels, its packing into rows with ``seq_lengths``); the collator
@@ -424,6 +456,12 @@ class SFTTrainer(_CheckedEvalSets, PackedSFTLoss, PackedTokenCount, ResumeChecks
                    "tokens), or they had none, and TRL drops such rows")  # fmt: skip
             _count_dropped(dataset, prepared, name, why, args.max_length, unit="rows", needed=_needed(self, name, args))
         return prepared
+
+    def _as_evaluate_prepares(self, dataset):
+        if self._skip_prepare_dataset:
+            return dataset
+        packing = self.args.packing if self.args.eval_packing is None else self.args.eval_packing
+        return self._prepare_dataset(dataset, self.processing_class, self.args, packing, self._formatting_func, "test")
 
     def _aux_loss_trained(self) -> bool:
         # TRL's label-smoothed loss is its smoother's over the logits alone: the aux loss is logged, not trained

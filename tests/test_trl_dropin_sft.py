@@ -70,3 +70,39 @@ def test_rows_trls_sft_preparation_drops_are_counted_and_an_emptied_set_named(tm
     trainer = build("later", prompt_completion_rows(4))
     with pytest.raises(DataError, match="no row of the eval data is left to evaluate on"):
         trainer.evaluate(emptied)
+
+
+def test_the_dropins_predict_rows_as_given(tmp_path):
+    # TRL's predict() of rows as given failed in transformers' column check ("No columns in the dataset match the
+    # model's forward method signature"), where its evaluate() prepares them: the drop-ins prepare them as evaluate()
+    # does, DPO's reference log-probs precomputed where TRL precomputes them
+    import math
+
+    from test_train_dpo import common_args, synthetic_pairs
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    rows = {"dpo": synthetic_pairs(5, seed=3), "sft": prompt_completion_rows(5, seed=3)}
+
+    def trainer(module, kind, name, **extra):
+        if kind == "dpo":
+            args = module.DPOConfig(**common_args(tmp_path, name), **extra)
+            return module.DPOTrainer(load(), ref_model=None if extra else load(), args=args, train_dataset=rows["dpo"],
+                                     processing_class=tokenizer)  # fmt: skip
+        args = module.SFTConfig(**sft_args(tmp_path, name))
+        return module.SFTTrainer(load(), args=args, train_dataset=rows["sft"], processing_class=tokenizer)
+
+    for kind in ("dpo", "sft"):
+        theirs = trainer(trl, kind, f"trl_{kind}").evaluate(eval_dataset=rows[kind])["eval_loss"]
+        with pytest.raises(ValueError, match="No columns in the dataset match"):  # (TRL's predict, for the record)
+            trainer(trl, kind, f"trl_{kind}").predict(rows[kind])
+        with pytest.warns(UserWarning, match="predictions are None"):
+            ours = trainer(dropin, kind, f"dropin_{kind}").predict(rows[kind])
+        # the same rows, weights and batches (per_device_eval_batch_size): TRL's fp32 loss up to summation order
+        assert ours.metrics["test_loss"] == pytest.approx(theirs, rel=1e-5), kind
+    precomputed = trainer(dropin, "dpo", "precompute", precompute_ref_log_probs=True)
+    with pytest.warns(UserWarning, match="predictions are None"):  # the policy is its reference: loss log 2
+        assert precomputed.predict(rows["dpo"]).metrics["test_loss"] == pytest.approx(math.log(2), rel=1e-6)
+    precomputed.train()
+    with pytest.raises(ConfigError, match="the policy is no longer the reference"):
+        precomputed.predict(rows["dpo"])
