@@ -66,7 +66,7 @@ step head_gpu "${GPU_HEAD_TIMEOUT:-150}" "$PY" -m bench.head_gpu --out "$out" \
     ${GPU_HEAD_ARGS:---tokens 8192 32768 --hidden 2048 4096 --vocab 32000 128256 --repeats 5}
 cat "$out/head_gpu.md" 2>/dev/null
 # 3. end to end (results written after every engine)
-step dpo_gpu "${GPU_DPO_TIMEOUT:-210}" "$PY" -m bench.dpo_gpu --out "$out" \
+step dpo_gpu "${GPU_DPO_TIMEOUT:-330}" "$PY" -m bench.dpo_gpu --out "$out" \
     ${GPU_DPO_ARGS:---pairs 128 --steps 10 --timeout 90}
 cat "$out/dpo_gpu.md" 2>/dev/null
 # 4. optional: end to end at a second setting (e.g. a larger batch, where the logits outweigh the optimizer states)

@@ -51,7 +51,8 @@ VARIANTS = {
     "liger_dpo": "Liger 0.8.5 LigerFusedLinearDPOLoss (compiled, no reference; rows of 256)",
     "fastdpo_fused_pair": "fastdpo fused_pair_loss, sigmoid DPO, reference given (3 GEMMs; rows of 256)",
     # DPOTrainer on a model loaded in fp32 with bf16=True: the same inputs upcast to fp32, run under bf16 autocast
-    # (their extra memory counts the fp32 gradients of h and W, which the other rows leave out)
+    # (the fp32 leaves' gradients from the warm-up are in the baseline, as the other rows' are: their extra memory is
+    # the step's own)
     "fastdpo_fused_pair_fp32_autocast": "fastdpo fused_pair_loss as above, fp32 h and W under bf16 autocast",
     "trl_chunked_fp32_autocast": "TRL 1.16 ChunkedLogProbFunction, fp32 h and W under bf16 autocast",
 }

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         "items": args.items, "low": args.low, "high": args.high, "capacity": args.capacity, "seed": args.seed,
         "repeats": args.repeats, "bins": len(reference), "fill": int(array.sum()) / (len(reference) * args.capacity),
         "identical": identical, "cpu": _cpu_name(), "versions": _versions(), "date": time.strftime("%Y-%m-%d"),
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "render")},
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "packer.json", json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
