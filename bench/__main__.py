@@ -22,9 +22,11 @@ SUITES = {
         "dpo_profile": "where the end-to-end step's time goes",
         "ref_cache_cpu": "cached reference against a separate one",
         "memory_cpu": "measured peaks against fastdpo.estimate_memory",
+        "memory_estimates": "fastdpo.estimate_memory's table at published models' shapes (formulas, no measuring)",
         "data_cpu": "data check and tokenization rows/s",
         "packer": "the BFD packer, C++ against Python",
-        "packing_cpu": "padding and attention work, packed against TRL's padding",
+        "packing_cpu": "padding and attention work, packed against TRL's padding; a Llama body timed on both",
+        "packing_cpu_widths": "the Llama body's timing at two widths (H=256, 1024)",
         "pack_rows_cpu": "pair rows against sequence rows on eager/sdpa",
         "rank_balance": "tokens of the busiest process with and without rank balancing",
         "quickstart_seeds": "the quickstart over seeds 0-2 against its targets",
@@ -37,10 +39,21 @@ SUITES = {
 }
 
 
+# entries run as a module with arguments: (module, arguments) (the others: bench.<name> with none)
+COMMANDS = {
+    "packing_cpu": ("packing_cpu", ["--model-timing"]),
+    "packing_cpu_widths": ("packing_cpu", ["--model-timing", "--timing-hidden", "256", "1024", "--timing-layers", "2",
+                                           "--timing-repeats", "1", "--pack-lengths", "2048", "4096",
+                                           "--name", "packing_cpu_widths"]),
+    "memory_estimates": ("memory_cpu", ["--estimates"]),
+}  # fmt: skip
+
+
 def _command(name: str) -> list[str]:
     if name.endswith(".sh"):
         return ["bash", str(ROOT / "bench" / name)]
-    return [sys.executable, "-m", f"bench.{name}"]
+    module, arguments = COMMANDS.get(name, (name, []))
+    return [sys.executable, "-m", f"bench.{module}", *arguments]
 
 
 def run(suite: str, only: list[str] | None = None) -> int:

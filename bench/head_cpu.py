@@ -37,6 +37,8 @@ VARIANTS = {
     "liger_dpo_eager": "Liger 0.8.5 LigerFusedLinearDPOLoss (compiled=False, no reference)",
     "fastdpo_liger_api": "fastdpo FusedLinearDPOLoss (Liger's call, no reference)",
     "fastdpo_fused_pair": "fastdpo fused_pair_loss, sigmoid DPO, reference log-probs given (3 GEMMs)",
+    "cce_torch_compile": "cut-cross-entropy 25.1.1 impl='torch_compile' (its CPU path: full logits, compiled; its "
+    "'cce' kernels need a GPU)",
     "gemms_3": "bare GEMMs: h@W.T, dz@W, dz.T@h at full size (3 GEMMs)",
 }
 
@@ -109,6 +111,14 @@ def _variant(name: str, hidden, weight, targets, upstream):
             out.loss.backward()
             return [out.loss]
 
+    elif name == "cce_torch_compile":
+        from cut_cross_entropy import linear_cross_entropy
+
+        def run():  # its per-token cross-entropy is -log p of the target: the same output and gradient
+            logp = -linear_cross_entropy(hidden, weight, targets, reduction="none", impl="torch_compile")
+            (logp * upstream).sum().backward()
+            return [logp]
+
     elif name == "gemms_3":
 
         def run():
@@ -145,7 +155,7 @@ def _worker(args: argparse.Namespace) -> dict:
 
 def _versions() -> dict:
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("trl", "liger-kernel", "transformers", "fastdpo"):
+    for package in ("trl", "liger-kernel", "cut-cross-entropy", "transformers", "fastdpo"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -184,8 +194,9 @@ def _table(results: list[dict], meta: dict) -> str:
     lines = [
         f"Head op fwd+bwd, N={meta['tokens']} H={meta['hidden']} V={meta['vocab']} fp32, all targets valid; "
         f"{meta['cpu']}, {meta['threads']} threads; torch {meta['versions']['torch']}, trl "
-        f"{meta['versions']['trl']}, liger-kernel {meta['versions']['liger-kernel']}; median of {meta['repeats']} "
-        "(min–max), after one warm-up call.",
+        f"{meta['versions']['trl']}, liger-kernel {meta['versions']['liger-kernel']}, cut-cross-entropy "
+        f"{meta['versions'].get('cut-cross-entropy', '?')}; median of {meta['repeats']} (min–max), after one warm-up "
+        f"call (first call s: that call, compiling included); {meta.get('date', 'undated')}.",
         "",
         "| variant | time s (min–max) | vs full logits | extra peak MiB | first call s |",
         "|---|---|---|---|---|",

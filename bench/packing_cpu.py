@@ -24,9 +24,11 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
+from bench.head_cpu import _cpu_name, _versions
 from bench.plots import bar_panels, palette
 from fastdpo.atomic import atomic_write
 
@@ -146,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timing-hidden", type=int, nargs="+", default=[256], help="model widths to time")
     parser.add_argument("--timing-layers", type=int, default=4)
     parser.add_argument("--timing-repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for packing_cpu.{json,md,png}")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for NAME.{json,md,png}")
+    parser.add_argument("--name", default="packing_cpu", help="the files' name (a second setting's: its own)")
     parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/packing_cpu*.png from their json")
     args = parser.parse_args(argv)
     if args.render:
@@ -155,7 +158,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     lengths = ultrafeedback_like(args.pairs, args.max_length)
     table = padding_table(lengths, args.batch_sizes, args.pack_lengths)
+    given = sys.argv[1:] if argv is None else list(argv)
+    if "--out" in given:  # (the folder written to: not how the numbers were made)
+        del given[given.index("--out") : given.index("--out") + 2]
+    command = " ".join(["python -m bench.packing_cpu", *given])
     lines = [
+        f"Command: {command} ({_provenance(args)}).",
+        "",
         f"{args.pairs} UltraFeedback-like pairs (prompts 10–500, completions 10–800 tokens, max_length "
         f"{args.max_length}); consecutive batches of B pairs.",
         "",
@@ -177,10 +186,24 @@ def main(argv: list[str] | None = None) -> None:
             lines += [f"| {t['variant']} | {t['seconds']:.2f} | {t['real_tokens_per_s']:,.0f} |" for t in rows]
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "packing_cpu.json", json.dumps({"padding": table, "timing": timing}, indent=1))
-    atomic_write(args.out / "packing_cpu.md", text)
-    _plot({"padding": table, "timing": timing}, args.out / "packing_cpu.png")
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu_name(), "versions": _versions(),
+            "args": {k: v for k, v in vars(args).items() if k not in ("out", "render")}}  # fmt: skip
+    stored = {"meta": meta, "padding": table, "timing": timing}
+    atomic_write(args.out / f"{args.name}.json", json.dumps(stored, indent=1, default=str))
+    atomic_write(args.out / f"{args.name}.md", text)
+    _plot(stored, args.out / f"{args.name}.png")
     print(text)
+
+
+def _provenance(args: argparse.Namespace) -> str:
+    """The run's date, machine and versions, for the table's first line."""
+    import os
+
+    versions = _versions()
+    threads = os.environ.get("OMP_NUM_THREADS") or f"{os.cpu_count()} cores"
+    timing = f"; timings: the median of {args.timing_repeats} after one warm-up" if args.model_timing else ""
+    return (f"{time.strftime('%Y-%m-%d')}, {_cpu_name()}, {threads}, torch {versions['torch']}, transformers "
+            f"{versions['transformers']}{timing}")  # fmt: skip
 
 
 def _plot(stored: dict, path: Path) -> None:

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from bench.__main__ import ROOT, SUITES, main
+from bench.__main__ import ROOT, SUITES, _command, main
 
 
 def test_every_listed_benchmark_exists(capsys):
@@ -14,8 +14,12 @@ def test_every_listed_benchmark_exists(capsys):
         for name in entries:
             if name.endswith(".sh"):
                 assert (ROOT / "bench" / name).is_file()
-            else:
-                assert callable(importlib.import_module(f"bench.{name}").main), name
+            else:  # (its module, and the arguments its entry passes parse)
+                command = _command(name)
+                module = importlib.import_module(command[2])
+                assert callable(module.main), name
+                parsed = _parsed(module, command[3:])
+                assert parsed is None or not getattr(parsed, "worker", None), name
     assert main(["list"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == sum(len(e) for e in SUITES.values())
 
@@ -24,3 +28,24 @@ def test_unknown_benchmark_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--only", "head_cpuu"])
     assert "head_cpuu" in capsys.readouterr().err
+
+
+def _parsed(module, arguments: list[str]):
+    """``module.main``'s parse of ``arguments`` (its parser stopped before any work: a SystemExit on --help)."""
+    if not arguments:
+        return None
+    import argparse
+
+    seen, original = {}, argparse.ArgumentParser.parse_args
+
+    def stop(self, args=None, namespace=None):
+        seen["args"] = original(self, args, namespace)
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = stop
+    try:
+        with pytest.raises(SystemExit):
+            module.main(arguments)
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return seen["args"]

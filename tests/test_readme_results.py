@@ -29,3 +29,14 @@ def test_render_replaces_a_block_with_the_file(tmp_path):
         "gone.md"
     ]
     assert tables_outside_blocks("## Benchmarks\n| x |\n" + fresh + "## Next\n| y |\n") == [2]
+
+
+def test_the_formula_tables_are_what_the_code_computes(tmp_path, capsys):
+    # memory_estimates.md and memory_model.md are formulas (and stored measurements), no timing: a change to
+    # estimate_memory or to the formulas left README's tables as they were, no test failing
+    from bench import memory_cpu, memory_model
+
+    results = README.parent / "bench" / "results"
+    assert memory_cpu.estimates_table() == (results / "memory_estimates.md").read_text(encoding="utf-8")
+    memory_model.main(["--out", str(tmp_path)])
+    assert (tmp_path / "memory_model.md").read_text() == (results / "memory_model.md").read_text(encoding="utf-8")
