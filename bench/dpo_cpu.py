@@ -1,13 +1,17 @@
 """End-to-end DPO training on CPU: fastdpo's DPOTrainer and the drop-in (``fastdpo.trl``) against TRL 1.16's.
 
-    python -m bench.dpo_cpu [--pairs 256] [--batch 8] [--steps 8] [--threads 2] [--out bench/results]
+    python -m bench.dpo_cpu [--pairs 256] [--batch 8] [--steps 8] [--threads 2] [--repeats 3] [--out bench/results]
 
 A tiny Llama (hidden 256, 4 layers, vocab 32000, sdpa, fp32) and 256 synthetic pairs (prompts of 5–60 words,
 completions of 5–200, seeded) tokenized by the locally trained tiny tokenizer. Both engines run with fp32
 (``bf16=False``) and otherwise their defaults (gradient checkpointing on, max_length 1024), each in its own
-process. Timed: ``trainer.train()`` only (setup and tokenization excluded and reported). Tokens are counted the
-same way for both: the ``num_tokens`` both trainers log (every real token of every sequence). Peak RSS is the
-whole process, measured from a baseline taken after setup. Results: bench/results/dpo_cpu.{json,md,png}.
+process; ``--repeats`` rounds of every engine in turn (a round's engines in the order of the one before reversed,
+so a machine that slows down or speeds up over the run weighs on each alike), the median (min–max) reported. Timed:
+``trainer.train()`` only (setup and tokenization excluded and reported). Tokens are counted the same way for all:
+the ``num_tokens`` the trainers log (every real token of every sequence). Peak RSS is the whole process, measured
+from a baseline taken after setup. TRL with ``precompute_ref_log_probs=True`` runs its reference pass when its
+trainer is built (in ``setup s``), so its steps run no reference forward: its useful FLOPs leave that pass out.
+Results: bench/results/dpo_cpu.{json,md,png}.
 
 Useful FLOP/s: each worker records the real length of every sequence and the number of scored positions (whose
 next token is a completion token) of every step it trains on; ``bench.flops.dpo_step_flops`` turns them into the
@@ -37,7 +41,8 @@ from fastdpo.profiling import peak_rss, reset_peak_rss, run_measured
 RESULTS = Path(__file__).parent / "results"
 # fastdpo.trl: TRL's script with only the import changed; fastdpo_varlen: packed_attention="varlen" (each sequence
 # attends only to itself, one row per batch) against the default's sdpa over rows of the longest sequence
-ENGINES = ("trl", "fastdpo", "fastdpo_varlen", "fastdpo.trl")
+ENGINES = ("trl", "trl_precompute", "fastdpo", "fastdpo_varlen", "fastdpo.trl")
+PRECOMPUTED = frozenset({"trl_precompute"})  # engines whose reference pass ran before train(), in setup
 FASTDPO_OPTIONS = {  # fastdpo's engines: the DPOConfig options each sets (the rest at their defaults)
     "fastdpo": {},
     "fastdpo_varlen": {"packed_attention": "varlen"},
@@ -158,8 +163,24 @@ def useful_flops(result: dict, shape: ModelShape) -> dict:
     tokens = sum(sum(s["seq_lens"]) for s in result["steps"])
     if tokens != result["num_tokens"]:
         raise RuntimeError(f"{result['engine']}: recorded {tokens} tokens, the trainer logged {result['num_tokens']}")
-    return {"useful_flops": scored.total, "useful_flops_head_all_tokens": every.total,
+    totals = [scored.total, every.total]
+    if result["engine"] in PRECOMPUTED:  # (its reference pass ran when the trainer was built: not in these steps)
+        totals = [total - parts.reference_body - parts.reference_head - parts.reference_attention
+                  for total, parts in zip(totals, (scored, every), strict=True)]  # fmt: skip
+    return {"useful_flops": totals[0], "useful_flops_head_all_tokens": totals[1],
             "useful_parts": vars(scored), "scored_positions": sum(s["scored"] for s in result["steps"])}  # fmt: skip
+
+
+def merged(runs: list[dict]) -> dict:
+    """One engine's rounds as one result: the medians of its times and peaks (each round's kept beside them), the
+    rest from the first round (the same steps, tokens and losses in each: a worker is deterministic)."""
+    import statistics
+
+    first = dict(runs[0])
+    for key in ("train_s", "setup_s", "peak_extra_bytes"):
+        first[f"{key}_runs"] = [run[key] for run in runs]
+        first[key] = statistics.median(first[f"{key}_runs"])
+    return first
 
 
 def _table(args: argparse.Namespace, meta: dict, gemm: dict, results: list[dict]) -> str:
@@ -168,14 +189,16 @@ def _table(args: argparse.Namespace, meta: dict, gemm: dict, results: list[dict]
     best = max(gemm["shapes"], key=lambda g: g["gflops"])
     lines = [
         f"DPO, tiny Llama (H=256, 4 layers, V=32000, fp32, sdpa), {args.pairs} pairs, batch {args.batch}, "
-        f"{args.steps} steps, {args.threads} threads; train() only. {meta['cpu']}; torch {meta['versions']['torch']}, "
-        f"transformers {meta['versions']['transformers']}, trl {meta['versions']['trl']}.",
+        f"{args.steps} steps, {args.threads} threads; train() only; {meta.get('repeats', 1)} rounds of every engine. "
+        f"{meta['cpu']}; torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}, trl "
+        f"{meta['versions']['trl']}; {meta.get('date', 'undated')}.",
         "",
         f"fp32 GEMM rate of this machine: {gemm['best_gflops']:.1f} GFLOP/s (torch.mm, {gemm['threads']} threads, "
         f"best of {gemm['repeats']} runs; the fastest of the step's {len(gemm['shapes'])} GEMM shapes at "
         f"{args.gemm_tokens} tokens, [{best['m']},{best['k']}]x[{best['k']},{best['n']}]; all in the json).",
         "",
-        "| engine | train s | tokens | tokens/s | vs TRL | peak extra RSS MiB | vs TRL | setup s | useful GFLOP/s "
+        "| engine | train s, median (min–max) | tokens | tokens/s | vs TRL | peak extra RSS MiB | vs TRL | setup s "
+        "| useful GFLOP/s "
         "| % of GEMM rate | % of GEMM rate, head on all tokens |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -185,7 +208,8 @@ def _table(args: argparse.Namespace, meta: dict, gemm: dict, results: list[dict]
         gflops = r["useful_flops"] / r["train_s"] / 1e9
         all_heads = r["useful_flops_head_all_tokens"] / r["train_s"] / 1e9
         lines.append(
-            f"| {r['engine']} | {r['train_s']:.1f} | {r['num_tokens']:.0f} | {rate:,.0f} | {rate / base_rate:.2f}x | "
+            f"| {r['engine']} | {r['train_s']:.1f} ({_spread(r, 'train_s')}) | {r['num_tokens']:.0f} | {rate:,.0f} | "
+            f"{rate / base_rate:.2f}x | "
             f"{r['peak_extra_bytes'] / 2**20:.0f} | {r['peak_extra_bytes'] / trl_row['peak_extra_bytes']:.2f}x | "
             f"{r['setup_s']:.1f} | {gflops:.2f} | {100 * gflops / gemm['best_gflops']:.1f}% | "
             f"{100 * all_heads / gemm['best_gflops']:.1f}% |"
@@ -204,6 +228,11 @@ def _table(args: argparse.Namespace, meta: dict, gemm: dict, results: list[dict]
     return "\n".join(lines) + "\n"
 
 
+def _spread(result: dict, key: str) -> str:
+    runs = result.get(f"{key}_runs", [result[key]])
+    return f"{min(runs):.1f}–{max(runs):.1f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.dpo_cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=256)
@@ -212,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gemm-tokens", type=int, default=4096, help="rows of the timed GEMMs (a step's tokens)")
     parser.add_argument("--gemm-repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every engine (the median reported)")
     parser.add_argument("--worker", choices=(*ENGINES, *OPTION_ENGINES, "gemm"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for dpo_cpu.{json,md,png}")
     parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/dpo_cpu.png from its json")
@@ -225,23 +255,29 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import LlamaConfig
 
     shape = ModelShape.from_config(LlamaConfig(**MODEL))
-    runs = {}
-    for worker in (*ENGINES, "gemm"):
-        print(f"running {worker} ...", file=sys.stderr, flush=True)
-        command = [sys.executable, "-m", "bench.dpo_cpu", "--worker", worker, "--pairs", str(args.pairs),
-                   "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads),
-                   "--gemm-tokens", str(args.gemm_tokens), "--gemm-repeats", str(args.gemm_repeats)]  # fmt: skip
-        runs[worker] = run_measured(command, env={"OMP_NUM_THREADS": str(args.threads)},
-                                    cwd=Path(__file__).parents[1])  # fmt: skip
-    results = [runs[engine] for engine in ENGINES]  # TRL first: the baseline of the ratios
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    runs: dict[str, list[dict]] = {}
+    order = list(ENGINES)
+    for round_ in range(args.repeats):
+        for worker in [*order, "gemm"] if round_ == 0 else order:
+            print(f"round {round_ + 1}: running {worker} ...", file=sys.stderr, flush=True)
+            command = [sys.executable, "-m", "bench.dpo_cpu", "--worker", worker, "--pairs", str(args.pairs),
+                       "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads),
+                       "--gemm-tokens", str(args.gemm_tokens), "--gemm-repeats", str(args.gemm_repeats)]  # fmt: skip
+            runs.setdefault(worker, []).append(run_measured(command, env={"OMP_NUM_THREADS": str(args.threads)},
+                                                            cwd=Path(__file__).parents[1]))  # fmt: skip
+        order.reverse()
+    results = [merged(runs[engine]) for engine in ENGINES]  # TRL first: the baseline of the ratios
     for r in results:
         r.update(useful_flops(r, shape), body_params=shape.body_params, head_params=shape.head_params)
     meta = {"cpu": _cpu_name(), "versions": _versions(), "threads": args.threads, "pairs": args.pairs,
-            "batch": args.batch, "steps": args.steps, "model": MODEL}  # fmt: skip
-    text = _table(args, meta, runs["gemm"], results)
+            "batch": args.batch, "steps": args.steps, "model": MODEL, "repeats": args.repeats,
+            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    gemm = runs["gemm"][0]
+    text = _table(args, meta, gemm, results)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "dpo_cpu.json", json.dumps({"meta": meta, "gemm": runs["gemm"], "results": results},
-                                                       indent=1))  # fmt: skip
+    atomic_write(args.out / "dpo_cpu.json", json.dumps({"meta": meta, "gemm": gemm, "results": results}, indent=1))
     atomic_write(args.out / "dpo_cpu.md", text)
     _plot(meta, results, args.out / "dpo_cpu.png")
     print(text)

@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 from bench.data_cpu import WORDS
-from bench.dpo_cpu import engine_trainer, record_lengths
+from bench.dpo_cpu import PRECOMPUTED, engine_trainer, record_lengths
 from bench.flops import ModelShape, StepFlops, dpo_step_flops
 from bench.plots import bar_panels
 from fastdpo.atomic import atomic_write
@@ -77,7 +77,6 @@ ENGINES = {  # in the order they run: a run cut short keeps the first
     "trl_precompute": "TRL, precompute_ref_log_probs=True",
     "trl_liger": "TRL, use_liger_kernel=True",
 }
-PRECOMPUTED = frozenset({"trl_precompute"})  # engines whose reference pass ran before train(), in setup
 MODELS = {
     "1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
            "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096,
