@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> None:
         "Extra memory of the head op (beyond inputs, outputs and gradients), MiB: formulas (bench/memory_model.py) "
         "against measured peaks. Llama-3-8B's head (H=4096, V=128256), 8192 tokens, bf16, measured on an H200 "
         f"(bench/results/NVIDIA_H200/{MEASURED_RUN}); and the CPU benchmark's shape (N=8192, H=256, V=32000, fp32, "
-        "bench/results/head_cpu.json). The CPU run has no Triton or cut-cross-entropy row; Liger's CPU row is its "
-        "DPO loss, another op.",
+        "bench/results/head_cpu.json). The CPU run has no Triton row, and its cut-cross-entropy row is its "
+        "torch_compile path (compiled full logits), not the cce kernel counted here; Liger's CPU row is its DPO loss, "
+        "another op.",
         "",
         "| approach | what it keeps | 8B head, 8k tokens: formula | measured (H200) | ratio | CPU shape: formula "
         "| measured (CPU) | ratio |",
