@@ -258,10 +258,12 @@ def test_head_spec_of_a_tied_llama_is_the_input_embedding():
 
 def test_unknown_head_transformation_is_refused():
     # HyperCLOVA X MULTIPLIES its logits by `logits_scaling` where Granite divides: the attribute name alone cannot
-    # tell, so a class that is not in the table and sets such an attribute is an error, not a guess
-    config = transformers.HyperCLOVAXConfig(**COMMON, logits_scaling=4.0)
-    model = transformers.HyperCLOVAXForCausalLM(config)
-    with pytest.raises(ConfigError, match="HyperCLOVAXForCausalLM sets logits_scaling=4.0"):
+    # tell, so a class that is not in the table and sets such an attribute is an error, not a guess (a Llama given
+    # one stands for a family not read yet)
+    config = transformers.LlamaConfig(**COMMON)
+    config.logits_scaling = 4.0
+    model = transformers.LlamaForCausalLM(config)
+    with pytest.raises(ConfigError, match="LlamaForCausalLM sets logits_scaling=4.0"):
         head_spec(model)
     model.config.logits_scaling = 1.0  # neutral: a plain head
     assert head_spec(model) == HeadSpec(weight=model.lm_head.weight, bias=None)

@@ -96,6 +96,11 @@ def check_per_sequence(inner: nn.Module, implementation: str) -> None:
         what = f"a sliding window of {window}" if window else f"chunked attention of {chunk}"
         raise ConfigError(f"{name}'s config sets {what} tokens, which {VARLEN} does not implement",
                           column="packed_attention", fix=fix)  # fmt: skip
+    # DeepSeek-V3.2's and GLM-MoE-DSA's indexer reads the attention mask, None under varlen (a TypeError inside)
+    if getattr(config, "index_topk", None):
+        raise ConfigError(f"{name}'s sparse attention picks each query's top {config.index_topk} keys by an indexer "
+                          f"that reads the attention mask, which {VARLEN} does not build", column="packed_attention",
+                          fix=fix)  # fmt: skip
 
 
 @contextmanager
@@ -162,7 +167,8 @@ def _check_call(module: nn.Module, attention_mask: Tensor | None, kwargs: dict) 
     if attention_mask is not None or (cu_k is not None and cu_k is not kwargs["cu_seq_lens_q"]):
         raise ConfigError(f"{VARLEN} attention takes no attention mask and no separate key offsets",
                           column="attn_implementation", fix="run it through fastdpo.model.packed_body")  # fmt: skip
-    unsupported = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name) is not None]
+    unsupported = [name for name in ("sliding_window", "softcap", "s_aux", "sinks", "indices", "position_bias",
+                                     "block_indices") if kwargs.get(name) is not None]  # fmt: skip
     if getattr(module, "is_causal", True) is False:
         unsupported.append("non-causal attention")
     if unsupported:

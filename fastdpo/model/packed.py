@@ -115,6 +115,13 @@ _HEAD_RULES: dict[str, _HeadRule] = {
     "GraniteMoeHybridForCausalLM": _GRANITE,
     "Gemma2ForCausalLM": _GEMMA,
     "Gemma3ForCausalLM": _GEMMA,
+    "VaultGemmaForCausalLM": _GEMMA,
+    "NanoChatForCausalLM": _GEMMA,
+    "GraniteSWAForCausalLM": _GRANITE,
+    "GraniteMoeSWAForCausalLM": _GRANITE,
+    "HyperCLOVAXForCausalLM": _HeadRule(scale="logits_scaling"),
+    "MiniCPM3ForCausalLM": _HeadRule(divide="logits_scaling"),  # (the hidden states, before a head without bias)
+    "FalconH1ForCausalLM": _HeadRule(scale="lm_head_multiplier"),
 }
 
 # Config attributes with which some transformers family changes its logits after the LM head, and the values that
@@ -201,6 +208,15 @@ def head_softcap(model: nn.Module) -> float | None:
     return _config_value(inner.config.get_text_config(), rule.softcap)
 
 
+def _owns(model: nn.Module, head: nn.Module | None) -> bool:
+    """Whether ``head`` is ``model``'s own child, or one of a transformers model it holds (a multimodal model's
+    language model): not a layer inside a head block of its own (BERT's ``cls.predictions.decoder``)."""
+    from transformers import PreTrainedModel
+
+    return any(child is head or (isinstance(child, PreTrainedModel) and _owns(child, head))
+               for child in model.children())  # fmt: skip
+
+
 def head_spec(model: nn.Module) -> HeadSpec:
     """The ``HeadSpec`` of a transformers ``*ForCausalLM`` model (or a PEFT wrapper of one).
 
@@ -215,6 +231,13 @@ def head_spec(model: nn.Module) -> HeadSpec:
             f"{name} has no LM head (get_output_embeddings() is None)",
             column="model",
             fix="pass the *ForCausalLM model, not its base model",
+        )
+    if not _owns(inner, inner.get_output_embeddings()):  # (BERT-style: dense, activation and norm first; RoBERTa's
+        raise ConfigError(  # positions from padding_idx + 1 besides: log-probs 0.8 nats off, silently)
+            f"{name}'s LM head sits inside a block of its own, which transforms the hidden states before it: fastdpo "
+            "scores the body's states with the head's last layer alone",
+            column="model",
+            fix="use a decoder-only *ForCausalLM (Llama, Qwen, Gemma, Mistral, ...)",
         )
     # PEFT's trainable_token_indices on a model whose embedding is tied to its head wraps the head too: its weight
     # reads as the linear's with the trained rows in (the linear's own with adapters off), its forward is that
@@ -240,6 +263,14 @@ def head_spec(model: nn.Module) -> HeadSpec:
         )  # fmt: skip
     weight = head.weight if linear is not head else weight
     config = inner.config.get_text_config()
+    rows, kept = getattr(weight, "ds_shape", weight.shape)[0], getattr(config, "unpadded_vocab_size", None)
+    if kept is not None and kept != rows:  # (the model cuts its logits to the first ones: a softmax over fewer)
+        raise ConfigError(
+            f"{name} keeps the first {kept} of its head's {rows} logits (unpadded_vocab_size), which fastdpo's head "
+            "does not",
+            column="model",
+            fix="use a model whose head rows are its vocabulary",
+        )
     rule = _HEAD_RULES.get(name)
     if rule is None:
         for attribute, neutral in _HEAD_ATTRIBUTES.items():
