@@ -65,6 +65,11 @@ TRL_KEYS = {
     "max_completion_length": "not a TRL 1.16 DPOConfig field: max_length cuts prompt + completion (truncation_mode)",
     "env": "TRL's YAML env: section is not read: set the environment variables in the shell",
     "lora_rank": "lora_r (TRL's name for the rank)",
+    # removed before TRL 1.16 (their close matches mean other things: sync_ref_model turns TR-DPO on)
+    "force_use_ref_model": "not a TRL 1.16 field: a ref_model_name_or_path given is used (with a PEFT policy too)",
+    "model_adapter_name": "not a TRL 1.16 field: the policy trains its active adapter",
+    "ref_adapter_name": "not a TRL 1.16 field: a PEFT policy's reference is its base (adapters off), or "
+    "ref_model_name_or_path",
 }
 
 _LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastdpo.cli_model import run_quantization
     from fastdpo.compare_io import builtin_prompts, load_tokenizer, quickstart_prompts, read_pairs, read_prompts
-    from fastdpo.train.common import check_reference
+    from fastdpo.train.model_checks import check_reference
 
     recorded, path = run_settings(args.policy)  # what the policy's run recorded, if any
     if args.beta is None:  # the β the policy trained with, where its run recorded one

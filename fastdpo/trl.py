@@ -89,6 +89,7 @@ from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
 from fastdpo.train.config import check_loss_options, loss_config_of  # noqa: E402
 from fastdpo.train.displacement import DisplacementWatch  # noqa: E402
 from fastdpo.train.dpo import PairPacker, _as_batch, packer_for  # noqa: E402
+from fastdpo.train.model_checks import check_sync_reference, disable_dropout  # noqa: E402
 from fastdpo.train.resume import ResumeChecks, WatchResume  # noqa: E402
 from fastdpo.train.sft import PackedSFTLoss, SequencePacker  # noqa: E402
 from fastdpo.train.sft_config import check_label_smoothing, warn_eval_packing  # noqa: E402
@@ -288,6 +289,13 @@ class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume,
         for split, data in (("train", self.train_dataset), ("eval", self.eval_dataset)):
             check_token_ids(data, self.model, split)
             check_positions_as_cut(data, self.model, split, self.args)
+        if self.args.disable_dropout:  # (TRL's left the rates attention modules keep as numbers on)
+            for module in (self.model, self.ref_model):
+                if module is not None:
+                    disable_dropout(module)
+        if self.args.sync_ref_model and self.ref_model is not None:  # (TRL's error came at the first sync, deep inside)
+            unwrap = self.accelerator.unwrap_model
+            check_sync_reference(unwrap(self.model), unwrap(self.ref_model))
         if self._is_vision_dataset:
             raise ConfigError("vision datasets are not supported by fastdpo.trl", column="train_dataset",
                               fix="use trl.DPOTrainer for vision-language models")  # fmt: skip
@@ -328,11 +336,18 @@ class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume,
             collator = getattr(self, "_trl_collator", self.data_collator)
         else:
             collator = packer_for(self.model, self.args, _attention_of(self.args), self._tokenizer.pad_token_id)
+        # TRL names its cache file by the dataset's fingerprint and the model's hash alone: a run at another
+        # max_length (keep_end, or None), truncation_mode or ld_alpha read the first run's values, silently (step-1
+        # margins 11.1 where 0). Those settings join the model's hash here
+        from datasets.fingerprint import Hasher
+
+        model_hash, args = self._precompute_model_hash, self.args
         saved, self.data_collator = self.data_collator, collator
+        self._precompute_model_hash = Hasher.hash((model_hash, args.max_length, args.truncation_mode, args.ld_alpha))
         try:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         finally:
-            self.data_collator = saved
+            self.data_collator, self._precompute_model_hash = saved, model_hash
 
     def compute_ref_log_probs(self, model, inputs):
         # (TRL calls it from its precompute only, which runs on fastdpo's packed batches but under DeepSpeed)

@@ -473,7 +473,10 @@ def test_unknown_keys_get_the_hint_that_applies():
              (SFTConfig, {"beta": 0.1}, [], "a field of fastdpo dpo, not of fastdpo sft"),
              (DPOConfig, {"dataset_text_field": "t"}, [], "a field of fastdpo sft, not of fastdpo dpo"),
              (DPOConfig, {}, ["--torch_dtype=bfloat16"], "dtype (its new name)"),
-             (DPOConfig, {}, ["--lora_rank", "4"], "lora_r (TRL's name for the rank)"))  # fmt: skip
+             (DPOConfig, {}, ["--lora_rank", "4"], "lora_r (TRL's name for the rank)"),
+             # keys TRL removed before 1.16: "did you mean --sync_ref_model?" (TR-DPO), "--dataset_name?"
+             (DPOConfig, {}, ["--force_use_ref_model", "true"], "not a TRL 1.16 field: a ref_model_name_or_path"),
+             (DPOConfig, {"ref_adapter_name": "ref"}, [], "a PEFT policy's reference is its base"))  # fmt: skip
     for config_cls, values, flags, said in cases:
         with pytest.raises(ConfigError, match=re.escape(said)):
             _resolve(config_cls, {**base, **values}, flags)

@@ -3,8 +3,7 @@
 - ``load_causal_lm``: a model given as a path or hub name is loaded as TRL 1.16 loads it (``model_init_kwargs``
   passed to ``from_pretrained``, ``dtype`` defaulting to float32 and given as a ``torch.dtype`` or one of
   ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"auto"``; ``trust_remote_code`` from the config).
-- ``SyncReference``: TR-DPO's reference updates (``sync_ref_model``).
-- ``deepspeed_zero3_reference``: a separate reference under DeepSpeed ZeRO-3.
+- (the reference's checks, TR-DPO's ``SyncReference`` and a ZeRO-3 reference: ``fastdpo.train.model_checks``)
 - ``NumericsGuard``: a Trainer mixin. An optimizer step whose loss (on any micro-batch, any process) or gradient
   norm is not finite is skipped: every gradient is dropped before ``optimizer.step()``, so no parameter and no
   optimizer state moves (the learning-rate schedule still advances, as it does when fp16's scaler skips a step).
@@ -16,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import os
@@ -26,7 +24,6 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from fastdpo.atomic import check_output_dir
 from fastdpo.data.source_rows import source_rows
@@ -39,46 +36,6 @@ from fastdpo.ops.linear_logprobs import IMPLS
 from fastdpo.train.loading import DTYPES, load_causal_lm, load_tokenizer, with_quantization  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-
-class SyncReference(TrainerCallback):
-    """TR-DPO: every ``ref_model_sync_steps`` optimizer steps the reference moves toward the policy,
-    ``ref ← α·policy + (1 − α)·ref`` with ``α = ref_model_mixup_alpha`` (TRL's ``sync_ref_model``)."""
-
-    def __init__(self, reference: nn.Module, accelerator) -> None:
-        self.reference, self.accelerator = reference, accelerator
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % args.ref_model_sync_steps:
-            return
-        policy = self.accelerator.unwrap_model(model)
-        alpha = args.ref_model_mixup_alpha
-        with torch.no_grad():
-            for target, source in zip(self.reference.parameters(), policy.parameters(), strict=True):
-                target.mul_(1.0 - alpha).add_(source.to(target.device, target.dtype), alpha=alpha)
-
-
-def deepspeed_zero3_reference(model: nn.Module, accelerator):
-    """A frozen reference under DeepSpeed ZeRO-3: its own engine (no optimizer), whose hooks gather each module's
-    parameters around its forward, as TRL prepares one. None when ZeRO-3 is not in use (the reference is then a
-    plain replica on the device)."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None or plugin.deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
-        return None
-    import deepspeed
-
-    config = copy.deepcopy(plugin.deepspeed_config)
-    config.pop("optimizer", None)
-    config.pop("scheduler", None)
-    zero = config["zero_optimization"]
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if hidden is not None:  # the sizes the Trainer sets from the model for its own engine, where left to "auto"
-        sizes = {"reduce_bucket_size": hidden * hidden, "stage3_param_persistence_threshold": 10 * hidden,
-                 "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden)}  # fmt: skip
-        zero.update({key: value for key, value in sizes.items() if zero.get(key, "auto") == "auto"})
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine
 
 
 class NumericsError(RuntimeError):
@@ -386,42 +343,6 @@ def set_pad_token(model: nn.Module, tokenizer, pad_token: str | None, *, mirror:
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-
-
-def check_reference(model: nn.Module, reference: nn.Module, tokenizer) -> None:
-    """ConfigError when ``reference`` cannot score the policy's token ids: another vocabulary size, or (when it was
-    saved with a tokenizer in a local folder) another tokenizer."""
-    sizes = [_vocab_size(m) for m in (model, reference)]
-    if None not in sizes and sizes[0] != sizes[1]:
-        raise ConfigError(
-            f"the reference's vocabulary has {sizes[1]} entries and the policy's {sizes[0]}: the same token id "
-            "would mean different tokens",
-            column="ref_model",
-            fix="use a reference that shares the policy's tokenizer (e.g. the model SFT started from), with its "
-            "embeddings resized as the policy's were",
-        )
-    folder = getattr(getattr(reference, "config", None), "_name_or_path", "")
-    if not folder or not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-        return  # no tokenizer saved with it (or a hub name: nothing is downloaded to compare)
-    from transformers import AutoTokenizer
-
-    ours = getattr(tokenizer, "tokenizer", tokenizer).get_vocab()
-    theirs = AutoTokenizer.from_pretrained(folder).get_vocab()
-    if ours != theirs:
-        token = next((t for t in sorted(ours.keys() | theirs.keys()) if ours.get(t) != theirs.get(t)), None)
-        raise ConfigError(
-            f"the tokenizer saved with the reference ({folder}) differs from the policy's: token {token!r} has id "
-            f"{theirs.get(token)} there and {ours.get(token)} here",
-            column="ref_model",
-            fix="use a reference trained with the policy's tokenizer, or pass the matching processing_class",
-        )
-
-
-def _vocab_size(model: nn.Module) -> int | None:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return None
-    return getattr(head.weight, "ds_shape", head.weight.shape)[0]  # a ZeRO-3 partitioned weight is empty
 
 
 def report_dropped(dropped: dict[str, list[int]], before: int, after: int, split: str, max_length: int | None) -> None:

@@ -67,16 +67,13 @@ from fastdpo.train.common import (
     NumericsGuard,
     PackedTokenCount,
     StepMetrics,
-    SyncReference,
     TokenRate,
     check_attention_device,
     check_collator,
     check_lean_activations,
-    check_reference,
     check_run_dir,
     check_stream_args,
     checked_rows,
-    deepspeed_zero3_reference,
     default_output_dir,
     lean_layers,
     load_causal_lm,
@@ -96,6 +93,15 @@ from fastdpo.train.displacement import DisplacementWatch, LikelihoodDisplacement
 from fastdpo.train.evaluation import ScoresGivenSets, eval_prefix
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.loss_attributes import LossAttributes
+from fastdpo.train.model_checks import (
+    SyncReference,
+    check_best_metric,
+    check_reference,
+    check_sync_reference,
+    deepspeed_zero3_reference,
+    disable_dropout,
+    warn_batch_dependent_rope,
+)
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.step import preference_step, reference_logps
 
@@ -200,6 +206,8 @@ class DPOTrainer(
             refuse_unsupported_adapter(model)
             prepare_quantized_training(model)
         check_run_dir(args, model)
+        check_best_metric(args, eval_dataset)
+        warn_batch_dependent_rope(model, args.max_length)
         self.reference_mode = _reference_mode(args, is_peft_model(model), has_ref_model=ref_model is not None)
         if ref_model is not None and self.reference_mode == "none":
             warnings.warn(f"ref_model is not used: loss_type {list(args.loss_type)} is reference-free", stacklevel=2)
@@ -224,9 +232,7 @@ class DPOTrainer(
             check_pack_length(data, collator, split, self.dropped_rows)
         self.aux_loss_coef = router_aux_loss_coef(model, args.router_aux_loss_coef)
         if args.disable_dropout:
-            for module in model.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = 0.0
+            disable_dropout(model)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers, compute_metrics=compute_metrics)  # fmt: skip
@@ -257,6 +263,7 @@ class DPOTrainer(
             else:
                 self.ref_model.to(self.args.device)
             if args.sync_ref_model:
+                check_sync_reference(self.model, self.ref_model)
                 self.add_callback(SyncReference(self.ref_model, self.accelerator))
         elif self.reference_mode == "cached":  # computed once (or read), then no reference model is kept
             if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:

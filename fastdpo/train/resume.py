@@ -188,6 +188,9 @@ class ResumableTrainer(ResumeChecks):
     def _load_best_model(self):
         super()._load_best_model()
         _requantize(self.model)
+        reference = moving_reference(self)  # (TR-DPO: the best policy's reference, not the last step's; transformers
+        if reference is not None and self.state.best_model_checkpoint:  # restored the policy alone)
+            load_reference(reference, self.state.best_model_checkpoint)
 
     def _restore(self, checkpoint: str) -> None:
         load_counters(self, checkpoint)

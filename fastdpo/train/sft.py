@@ -89,6 +89,7 @@ from fastdpo.train.common import (
 )
 from fastdpo.train.evaluation import ScoresGivenSets, eval_prefix
 from fastdpo.train.interrupt import InterruptibleTrainer
+from fastdpo.train.model_checks import check_best_metric, warn_batch_dependent_rope
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.sft_config import SFTConfig, as_sft_config
 from fastdpo.train.sft_setup import (
@@ -288,6 +289,8 @@ class SFTTrainer(
             refuse_unsupported_adapter(model)
             prepare_quantized_training(model)
         check_run_dir(args, model)
+        check_best_metric(args, eval_dataset)
+        warn_batch_dependent_rope(model, args.max_length)
         _set_special_tokens(model, processing_class, args, set_pad=data_collator is None)
         if args.assistant_only_loss:
             warn_untrained_stop(processing_class, training_template(processing_class, True))
