@@ -36,6 +36,22 @@ def test_sliding_window_and_softcap_families_are_refused(family):
     assert model.config._attn_implementation == "eager"
 
 
+def test_a_sliding_window_no_layer_uses_is_not_refused():
+    # SmolLM3 sets use_sliding_window and a window, and every layer of its full attention: varlen refused it
+    import transformers
+
+    from fastdpo.model.attention import check_per_sequence
+
+    sizes = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0, "sliding_window": 4}  # fmt: skip
+    config = transformers.SmolLM3Config(**sizes, use_sliding_window=True)
+    assert set(config.layer_types) == {"full_attention"}
+    check_per_sequence(transformers.SmolLM3ForCausalLM(config), VARLEN)
+    config = transformers.Qwen2Config(**sizes, use_sliding_window=True, max_window_layers=1)  # (layer 2 slides)
+    with pytest.raises(ConfigError, match="sliding window of 4 tokens"):
+        check_per_sequence(transformers.Qwen2ForCausalLM(config), VARLEN)
+
+
 def test_gradients_match_sdpa_in_fp64_under_gradient_checkpointing():
     # the recomputation in the backward looks the attention up again: use_attention must hold across it
     grads = {}

@@ -91,6 +91,9 @@ def check_per_sequence(inner: nn.Module, implementation: str) -> None:
         return
     config = inner.config.get_text_config(decoder=True)
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    types = getattr(config, "layer_types", None)  # (SmolLM3 sets a window that no layer of its uses)
+    if window and types is not None and not any("sliding" in str(kind) for kind in types):
+        window = None
     chunk = getattr(config, "attention_chunk_size", None)
     if window or chunk:
         what = f"a sliding window of {window}" if window else f"chunked attention of {chunk}"
