@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
     "cpu": {
-        "head_cpu": "head op fwd+bwd against full logits, TRL's chunked path and Liger's DPO loss",
-        "dpo_cpu": "end-to-end DPO: TRL 1.16, fastdpo, the drop-in",
+        "head_cpu": "head op fwd+bwd against full logits, TRL's chunked path, Liger's DPO loss, cut-cross-entropy",
+        "dpo_cpu": "end-to-end DPO: TRL 1.16 (and with a precomputed reference), fastdpo, the drop-in; 3 rounds",
         "dpo_profile": "where the end-to-end step's time goes",
         "ref_cache_cpu": "cached reference against a separate one",
         "memory_cpu": "measured peaks against fastdpo.estimate_memory",
