@@ -25,6 +25,8 @@ HEADS = {
     "vaultgemma": ("VaultGemma", {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 8,
                                   "final_logit_softcapping": 3.0, "attn_implementation": "eager"}),
     "nanochat": ("NanoChat", {"final_logit_softcapping": 3.0}),
+    "gemma4": ("Gemma4", {"head_dim": 8, "final_logit_softcapping": 3.0}),
+    "beam": ("Beam", {"head_dim": 8, "final_logit_softcapping": 3.0}),
     "granite_swa": ("GraniteSWA", {"logits_scaling": 4.0}),
     "granitemoe_swa": ("GraniteMoeSWA", {"logits_scaling": 4.0, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "hyperclovax": ("HyperCLOVAX", {"logits_scaling": 4.0}),
@@ -36,7 +38,8 @@ HEADS = {
 
 
 def _built(family: str, **settings):
-    config = getattr(T, f"{family}Config")(**{**BASE, **settings})
+    config_cls = getattr(T, f"{family}TextConfig", None) or getattr(T, f"{family}Config")  # (Gemma 4's text model)
+    config = config_cls(**{**BASE, **settings})
     torch.manual_seed(0)
     model = getattr(T, f"{family}ForCausalLM")(config).eval()
     with torch.no_grad():  # (weights large enough that a head transform left out shows)
@@ -58,6 +61,25 @@ def test_head_transforms_of_more_families_reproduce_their_logits(name):
     assert (own - ours).abs().max() < 1e-5  # fp32, the same ops in the same order but for the scale's placement
     plain = torch.nn.functional.linear(hidden, model.lm_head.weight)
     assert (own - plain).abs().max() > 1e-2  # (the transform matters at these weights: the case has teeth)
+
+
+@pytest.mark.parametrize("name", ["gemma4", "beam"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_newly_accepted_soft_capped_families_pack_as_they_run_alone(name, backend):
+    # their heads were refused before, so their packed bodies were never run: each sequence of a packed batch
+    # scores what the model gives it alone (fp32 tiny models: ~1e-6 apart; a leaking context moves them by > 1e-2)
+    from test_model_packed import VOCAB, make_batch, make_examples, one_by_one_logps, segment_sequences
+
+    from fastdpo.model import packed_logps
+
+    family, settings = HEADS[name]
+    model = _built(family, **settings, vocab_size=VOCAB)
+    examples = make_examples()
+    batch = make_batch(examples)
+    sequences = segment_sequences(batch, examples)
+    with torch.no_grad():
+        out = packed_logps(model, batch, impl="torch", attn_implementation=backend)
+    torch.testing.assert_close(out.seq_logps.double(), one_by_one_logps(model, sequences), rtol=0, atol=1e-4)
 
 
 def test_a_head_inside_a_block_of_its_own_and_cut_logits_are_refused():

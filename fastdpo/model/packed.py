@@ -115,6 +115,8 @@ _HEAD_RULES: dict[str, _HeadRule] = {
     "GraniteMoeHybridForCausalLM": _GRANITE,
     "Gemma2ForCausalLM": _GEMMA,
     "Gemma3ForCausalLM": _GEMMA,
+    "Gemma4ForCausalLM": _GEMMA,
+    "BeamForCausalLM": _GEMMA,
     "VaultGemmaForCausalLM": _GEMMA,
     "NanoChatForCausalLM": _GEMMA,
     "GraniteSWAForCausalLM": _GRANITE,
