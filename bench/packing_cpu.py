@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     lengths = ultrafeedback_like(args.pairs, args.max_length)
     table = padding_table(lengths, args.batch_sizes, args.pack_lengths)
     given = sys.argv[1:] if argv is None else list(argv)
-    if "--out" in given:  # (the folder written to: not how the numbers were made)
-        del given[given.index("--out") : given.index("--out") + 2]
+    for index, flag in reversed(list(enumerate(given))):  # (the folder written to: not how the numbers were made)
+        if flag.startswith("--o") and "--out".startswith(flag.split("=")[0]):
+            del given[index : index + (1 if "=" in flag else 2)]
     command = " ".join(["python -m bench.packing_cpu", *given])
     lines = [
         f"Command: {command} ({_provenance(args)}).",
@@ -200,7 +201,8 @@ def _provenance(args: argparse.Namespace) -> str:
     import os
 
     versions = _versions()
-    threads = os.environ.get("OMP_NUM_THREADS") or f"{os.cpu_count()} cores"
+    threads = f"{os.environ['OMP_NUM_THREADS']} threads" if os.environ.get("OMP_NUM_THREADS") else (
+        f"{os.cpu_count()} cores")  # fmt: skip
     timing = f"; timings: the median of {args.timing_repeats} after one warm-up" if args.model_timing else ""
     return (f"{time.strftime('%Y-%m-%d')}, {_cpu_name()}, {threads}, torch {versions['torch']}, transformers "
             f"{versions['transformers']}{timing}")  # fmt: skip

@@ -293,6 +293,7 @@ def _yaml_error(path: Path, error, text: str) -> ConfigError:
     if isinstance(error, yaml.reader.ReaderError):
         before = text[: error.position]
         line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
+        column -= line == 1 and text.startswith("\ufeff")  # (a BOM, which editors and PyYAML's scanner do not count)
         return ConfigError(f"{path} is not valid YAML: line {line}, column {column}: character "
                            f"{chr(error.character)!r} ({error.reason})", column="config",
                            fix="remove it, or write it as an escape (\\x..) in double quotes")  # fmt: skip

@@ -278,9 +278,12 @@ def _mapped(dataset, columns: dict):
 def _holds_sft(dataset, columns: dict | None) -> bool:
     """Whether ``dataset`` (its columns as ``columns`` maps them) holds SFT rows (text, a conversation, a prompt
     and its completion), not preference pairs."""
+    answers = {"text", "messages", "conversations", "completion"}  # (SFT's names that no preference row has)
+    if set(columns or {}) & answers:  # a map to SFT's names: SFT, whatever else the file holds
+        return True
     renamed = {theirs: ours for ours, theirs in (columns or {}).items() if isinstance(theirs, str)}
     names = {renamed.get(name, name) for name in dataset.column_names}
-    return not names & {"chosen", "rejected"} and bool(names & {"text", "messages", "conversations", "completion"})
+    return not {"chosen", "rejected"} <= names and bool(names & answers)  # (text beside chosen: SFT trains on it)
 
 
 def _dropped_path(out: Path) -> Path:

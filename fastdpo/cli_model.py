@@ -348,7 +348,7 @@ def loaded_splits(command: str, run_args, seed: int, text_field: str = "text", n
     try:
         return _loaded_splits(command, run_args, seed, text_field, numbering)
     except DataError as error:
-        theirs = (run_args.dataset_columns or {}).get(error.column)
+        theirs = {"text": text_field, **(run_args.dataset_columns or {})}.get(error.column)
         if not isinstance(theirs, str) or theirs == error.column:
             raise
         raise DataError(

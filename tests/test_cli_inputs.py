@@ -24,6 +24,8 @@ def test_yaml_errors_say_where_and_what(workdir, capsys):  # noqa: F811
     (workdir / "bell.yaml").write_text("beta: 0.1\nrun_name: a\x07b\n")
     said = command_error(capsys, "dpo", "--config", "bell.yaml")
     assert "line 2, column 12: character '\\x07' (special characters are not allowed)" in said, said
+    (workdir / "bom.yaml").write_text("\ufeffrun_name: a\x07b\n")  # (the BOM is no column: PyYAML's scanner agrees)
+    assert "line 1, column 12: character '\\x07'" in command_error(capsys, "dpo", "--config", "bom.yaml")
     (workdir / "latin.yaml").write_bytes("beta: 0.1\n# café\n".encode("latin-1"))
     assert "latin.yaml: line 2 is not UTF-8 (byte 0xe9)" in command_error(capsys, "dpo", "--config", "latin.yaml")
 
@@ -98,6 +100,8 @@ def test_files_of_no_rows(workdir, capsys):  # noqa: F811
         assert f"{name}: the file has columns but no rows" in command_error(capsys, "data", "check", name)
     (workdir / "blank.csv").write_text("\n  \n")  # (pandas: "No columns to parse from file")
     assert "blank.csv: the file has only blank lines" in command_error(capsys, "data", "check", "blank.csv")
+    (workdir / "bom.csv").write_text("\ufeff\n\n")  # (a BOM alone is no header)
+    assert "bom.csv: the file has only blank lines" in command_error(capsys, "data", "check", "bom.csv")
 
 
 def test_a_key_written_twice_in_a_json_document_or_a_csv_header(workdir, capsys):  # noqa: F811

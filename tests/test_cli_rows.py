@@ -233,9 +233,43 @@ def test_sft_data_split_and_a_runs_eval_fraction_hold_out_the_same_rows(tmp_path
         loaded_splits("sft", RunArguments(dataset_name=f"{name}.jsonl", eval_fraction=0.25, dataset_columns=columns or
                       None), 42, numbering=numbering)  # fmt: skip
         refused = {9} if name == "talk" else {7, 20} if name == "pairs" else {19}
-        assert refused & set(split_eval), name  # (the case's teeth: the run split the rows left, and held out another)
         assert numbering["eval"] == [row for row in split_eval if row not in refused], name
         assert len(split_eval) in (7, 8) and (name != "talk" or (16 in split_eval) == (17 in split_eval)), name
+
+
+def test_refused_rows_never_make_a_held_out_part_and_sharegpt_questions_stay_on_one_side(tmp_path, monkeypatch):
+    # a refused row's group of its own could be the whole held-out part, which preparation then emptied: the run
+    # failed ("row 4, column 'text': is empty" with data_filter drop); ShareGPT's answers are "gpt" turns, so a whole
+    # conversation was its question's key and a question went to both sides; a map to SFT's names on a file with
+    # preference columns was refused ("unknown value 'completion'")
+    from fastdpo.cli import RunArguments, main
+    from fastdpo.cli_model import loaded_splits
+
+    monkeypatch.chdir(tmp_path)
+    texts = [{"text": f"text number {i}"} for i in range(10)]
+    texts[4]["text"] = ""
+    pairs = [{"prompt": f"q{i}", "chosen": f" yes {i}", "rejected": f" no {i}"} for i in range(9)]
+    pairs[4]["chosen"] = None
+    for command, rows in (("sft", texts), ("dpo", pairs)):
+        (tmp_path / f"{command}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        for seed in range(12):  # (seed 0 held out the refused SFT row alone, seed 6 the DPO one)
+            numbering = {}
+            loaded_splits(command, RunArguments(dataset_name=f"{command}.jsonl", eval_fraction=1), seed,
+                          numbering=numbering)  # fmt: skip
+            assert len(numbering["eval"]) == 1 and 4 not in numbering["eval"] + numbering["train"], (command, seed)
+    talks = [{"conversations": [{"from": "human", "value": f"question {i % 4}"},
+                                {"from": "gpt", "value": f"answer {i}"}]} for i in range(12)]  # fmt: skip
+    (tmp_path / "talks.jsonl").write_text("".join(json.dumps(row) + "\n" for row in talks))
+    assert main(["data", "split", "talks.jsonl", "t_train.jsonl", "t_eval.jsonl", "--test-size", "0.25"]) == 0
+
+    def asked(name):
+        return {json.loads(line)["conversations"][0]["value"] for line in (tmp_path / name).read_text().splitlines()}
+
+    assert asked("t_eval.jsonl") and not asked("t_train.jsonl") & asked("t_eval.jsonl")
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs if row["chosen"]))
+    assert main(["data", "split", "prefs.jsonl", "p_train.jsonl", "p_eval.jsonl", "--test-size", "2", "--columns",
+                 '{"completion": "chosen"}']) == 0  # fmt: skip
+    assert "completion" in json.loads((tmp_path / "p_eval.jsonl").read_text().splitlines()[0])
 
 
 def test_a_runs_quality_report_names_rows_as_data_check_does(tmp_path):

@@ -523,7 +523,7 @@ def _rowless(path: Path, kind: str) -> str | None:
     """What a CSV file of no rows has instead (its header alone, blank lines aside as pandas skips them; blank lines
     alone), or that a Parquet file holds no row (on the error path only); None where it has rows."""
     if kind == "csv":
-        with open(path, encoding="utf-8", errors="replace") as file:
+        with open(path, encoding="utf-8-sig", errors="replace") as file:  # (a BOM alone is no header)
             filled = (line for line in file if line.strip())
             if next(filled, None) is None:
                 return "has only blank lines"

@@ -65,12 +65,18 @@ def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed
     under several system prompts stays on one side); without one, by the prompt the trainers take out of chosen and
     rejected (TRL's implicit prompt), cut back to its last line break: answers that begin alike ("Sure..." /
     "Sorry...") carry the extracted prompt into them ("...Assistant: S"), so one HH dialogue had a key per pair, and
-    went to both sides. A row the preparation refuses is a group of its own. ``prepared``: ``prepared_rows``' rows of
-    ``dataset``, where the caller has them already."""
+    went to both sides. A row the preparation refuses goes with its prompt's group (without a prompt column: a group
+    of its own) and counts toward no size (``split_by_keys``). ``prepared``: ``prepared_rows``' rows of ``dataset``,
+    where the caller has them already."""
     from fastdpo.data.refused import prepared_rows
 
-    if "prompt" in dataset.column_names:
-        return split_by_prompt(dataset, test_size=test_size, seed=seed)
+    if "prompt" in dataset.column_names:  # (the rows preparation refuses count toward no size: see split_by_keys)
+        try:
+            refused = set(prepared_rows(dataset, None)[1])
+        except DataError:  # (the whole dataset's problem: the trainers say it)
+            refused = set()
+        keys = column_values(dataset, "prompt")
+        return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column="prompt", refused=refused)
     if prepared is None:
         prepared, _ = prepared_rows(dataset, None)
     keys = prepared["prompt"] if not isinstance(prepared, list) else [
@@ -82,7 +88,8 @@ def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed
         empty = sum(not key for key in keys)
         raise DataError(f"{error.message}, and in {empty} of {len(keys)} rows chosen and rejected begin with no "
                         "shared prompt to group by", column=error.column, fix=error.fix)  # fmt: skip
-    return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column="prompt")
+    refused = {row for row, key in enumerate(keys) if isinstance(key, dict) and "refused" in key}
+    return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column="prompt", refused=refused)
 
 
 def split_sft_by_prompt(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0):
@@ -104,8 +111,19 @@ def split_sft_rows(dataset: datasets.Dataset, *, test_size: float | int = 0.1, s
     prepared = prepare_sft(dataset, columns=columns, text_field=text_field, refused=refused)
     found, column = _sft_keys(prepared)
     kept = iter(found)
-    keys = [{"refused": row} if row in refused else next(kept) for row in range(len(dataset))]
-    return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column=column)
+    names = {"prompt": "prompt", "text": text_field, **(columns or {})}  # (a refused row's own prompt, as given)
+    keys = [_raw_sft_key(dataset[row], names, row) if row in refused else next(kept) for row in range(len(dataset))]
+    return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column=column, refused=set(refused))
+
+
+def _raw_sft_key(row: dict, names: dict, number: int):
+    """A refused SFT row's grouping key: its prompt (or text) as given where it has one it can be read by, so it
+    stays on its question's side; else a group of its own."""
+    for ours in ("prompt", "text"):
+        value = row.get(names.get(ours, ours))
+        if isinstance(value, str) and value.strip():
+            return value
+    return {"refused": number}
 
 
 def _sft_keys(dataset) -> tuple[list, str]:
@@ -117,29 +135,38 @@ def _sft_keys(dataset) -> tuple[list, str]:
             raise missing_column("prompt", key, present, cli="""--columns '{"text": "<your column>"}'""")
         return column_values(dataset, key), key
 
-    def asked(messages: list[dict]) -> list[dict]:
-        answers = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
+    def asked(messages: list[dict]) -> list[dict]:  # (ShareGPT's converted rows keep its roles: "gpt")
+        answers = [i for i, message in enumerate(messages) if message.get("role") in _ANSWERING]
         return messages[: answers[-1]] if answers else messages
 
     return [asked(messages) for messages in dataset["messages"]], "messages"
 
 
-def split_by_keys(dataset, keys, *, test_size: float | int, seed: int, column: str):
+_ANSWERING = frozenset({"assistant", "gpt", "model", "bot"})  # the roles of an answer (ShareGPT's too)
+
+
+def split_by_keys(dataset, keys, *, test_size: float | int, seed: int, column: str, refused=frozenset()):
     """``dataset`` split as the module docstring says, each row grouped by its prompt in ``keys`` (``column``'s, or
-    the prompt that preparing the row gives)."""
-    num_rows = len(dataset)
+    the prompt that preparing the row gives). ``refused``: rows the preparation refuses, which the trainers drop:
+    they go with their group, count toward no size, and a group of them alone stays in train (a held-out part of
+    refused rows alone was empty once prepared, and the run failed)."""
     groups: dict[str, list[int]] = {}
     for row, value in enumerate(keys):
         groups.setdefault(prompt_key(_asked(value)), []).append(row)
-    if len(groups) < 2:
+    sizes = {key: sum(row not in refused for row in rows) for key, rows in groups.items()}
+    eligible = [key for key, size in sizes.items() if size]
+    if len(eligible) < 2:
         raise DataError(
-            f"a split grouped by prompt needs at least 2 distinct prompts, found {len(groups)}",
+            f"a split grouped by prompt needs at least 2 distinct prompts, found {len(eligible)}"
+            + (f" among the rows the preparation keeps ({len(refused)} refused)" if refused else ""),
             column=column,
             fix="add rows with other prompts, or split by row without grouping",
         )
+    num_rows = sum(sizes.values())
     target = _target_rows(test_size, num_rows)
-    order = sorted(groups, key=lambda key: (_seeded_digest(seed, key), key))
-    eval_keys = _choose_groups([(key, len(groups[key])) for key in order], target, num_rows)
+    order = sorted(eligible, key=lambda key: (_seeded_digest(seed, key), key))
+    eval_keys = _choose_groups([(key, sizes[key]) for key in order], target, num_rows)
+    num_rows = len(dataset)
     eval_rows = sorted(row for key in eval_keys for row in groups[key])
     taken = set(eval_rows)
     train_rows = [row for row in range(num_rows) if row not in taken]
