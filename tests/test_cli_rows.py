@@ -270,6 +270,12 @@ def test_refused_rows_never_make_a_held_out_part_and_sharegpt_questions_stay_on_
     assert main(["data", "split", "prefs.jsonl", "p_train.jsonl", "p_eval.jsonl", "--test-size", "2", "--columns",
                  '{"completion": "chosen"}']) == 0  # fmt: skip
     assert "completion" in json.loads((tmp_path / "p_eval.jsonl").read_text().splitlines()[0])
+    from fastdpo.errors import DataError
+
+    (tmp_path / "body.jsonl").write_text("".join(json.dumps({"body": row["text"]}) + "\n" for row in texts))
+    with pytest.raises(DataError) as error:  # (it named 'text', which the file has not)
+        loaded_splits("sft", RunArguments(dataset_name="body.jsonl", data_filter="none"), 0, text_field="body")
+    assert error.value.column == "body" and error.value.row == 4
 
 
 def test_a_runs_quality_report_names_rows_as_data_check_does(tmp_path):
