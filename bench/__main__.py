@@ -1,9 +1,9 @@
 """One entry point for the benchmarks: ``python -m bench run --suite cpu|gpu|all``, ``python -m bench list``.
 
 Each benchmark runs as its own module (``python -m bench.<name>``, in a fresh process, writing its files under
-bench/results/), one after another; a failing one is reported and the next still runs. The GPU suite is
-``bench/gpu.sh`` (tests, head op, end to end; see README "GPU"). Afterwards README.md's results blocks are
-refreshed from the files (``python -m bench.report``). Timings mean something only on a quiet machine.
+bench/results/<device>/, named by bench/machine.py), one after another; a failing one is reported and the next still
+runs. The GPU suite is ``bench/gpu.sh`` (tests, head op, end to end; see README "GPU"). Afterwards README.md's results
+blocks are refreshed from the files (``python -m bench.report``). Timings mean something only on a quiet machine.
 """
 
 from __future__ import annotations

@@ -1,33 +1,31 @@
 """Data-layer throughput on CPU: normalizing, tokenizing and checking synthetic preference pairs.
 
     python -m bench.data_cpu [--rows 100000] [--num-proc 1 2]
-    python -m bench.data_cpu --render bench/results   # only draw data_cpu.png from a stored data_cpu.json
+    python -m bench.data_cpu --render bench/results/AMD_EPYC_2cpu   # only draw data_cpu.png from a stored data_cpu.json
 
 Synthetic standard-format pairs (prompts of ~30 words, completions of ~40, drawn from a fixed word list with a
 seeded generator) and the locally trained tiny tokenizer. Each stage is timed once on a fresh in-memory dataset
 with caching disabled, so nothing is read back from a previous run; rows/s = rows / wall seconds. Results go to
-bench/results/data_cpu.{json,md,png}.
+bench/results/<cpu>/data_cpu.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 from pathlib import Path
 
 import datasets
 
-from bench.head_cpu import _cpu_name
+from bench.machine import DATA_PACKAGES, cpu_results, environment
 from bench.plots import bar_panels, palette
 from fastdpo.atomic import atomic_write
 from fastdpo.data.formats import prepare_preferences
 from fastdpo.data.tiny_tokenizer import build_tiny_tokenizer
 from fastdpo.data.tokenize import tokenize_preferences
 
-RESULTS = Path(__file__).parent / "results"
 WORDS = tuple(
     [
         "the",
@@ -120,25 +118,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.data_cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for data_cpu.{json,md,png}")
+    parser.add_argument("--out", type=Path, help="folder for data_cpu.{json,md,png} (default: bench/results/<cpu>)")
     parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/data_cpu.png from its json")
     args = parser.parse_args(argv)
     if args.render:
         stored = json.loads((args.render / "data_cpu.json").read_text())
         _plot(stored["rows"], stored["results"], args.render / "data_cpu.png")
         return
+    args.out = args.out or cpu_results()
     results = run(args.rows, args.num_proc)
-    cpu = _cpu_name()
+    meta = environment(packages=DATA_PACKAGES)
     header = (
-        f"Data layer on {args.rows} synthetic standard pairs, tiny BPE tokenizer, {os.cpu_count()} CPUs ({cpu}), "
-        f"datasets {datasets.__version__}; one timed run per stage, caching off.\n\n"
+        f"Data layer on {args.rows} synthetic standard pairs, tiny BPE tokenizer, {meta['cpus']} CPUs ({meta['cpu']}), "
+        f"datasets {datasets.__version__}, tokenizers {meta['versions']['tokenizers']}; one timed run per stage, "
+        f"caching off; {meta['date']}.\n\n"
         "| stage | num_proc | seconds | rows/s |\n|---|---|---|---|\n"
     )
     table = header + "".join(
         f"| {r['stage']} | {r['num_proc']} | {r['seconds']:.2f} | {args.rows / r['seconds']:,.0f} |\n" for r in results
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "data_cpu.json", json.dumps({"rows": args.rows, "results": results}, indent=1))
+    stored = {"meta": meta, "rows": args.rows, "results": results}
+    atomic_write(args.out / "data_cpu.json", json.dumps(stored, indent=1))
     atomic_write(args.out / "data_cpu.md", table)
     _plot(args.rows, results, args.out / "data_cpu.png")
     print(table)

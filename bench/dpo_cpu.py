@@ -11,7 +11,7 @@ so a machine that slows down or speeds up over the run weighs on each alike), th
 the ``num_tokens`` the trainers log (every real token of every sequence). Peak RSS is the whole process, measured
 from a baseline taken after setup. TRL with ``precompute_ref_log_probs=True`` runs its reference pass when its
 trainer is built (in ``setup s``), so its steps run no reference forward: its useful FLOPs leave that pass out.
-Results: bench/results/dpo_cpu.{json,md,png}.
+Results: bench/results/<cpu>/dpo_cpu.{json,md,png}.
 
 Useful FLOP/s: each worker records the real length of every sequence and the number of scored positions (whose
 next token is a completion token) of every step it trains on; ``bench.flops.dpo_step_flops`` turns them into the
@@ -33,12 +33,11 @@ import torch
 
 from bench.data_cpu import WORDS
 from bench.flops import ModelShape, StepFlops, dpo_step_flops, gemm_rates, gemm_shapes
-from bench.head_cpu import _cpu_name, _versions
+from bench.machine import cpu_results, environment, pin
 from bench.plots import bar_panels
 from fastdpo.atomic import atomic_write
 from fastdpo.profiling import peak_rss, reset_peak_rss, run_measured
 
-RESULTS = Path(__file__).parent / "results"
 # fastdpo.trl: TRL's script with only the import changed; fastdpo_varlen: packed_attention="varlen" (each sequence
 # attends only to itself, one row per batch) against the default's sdpa over rows of the longest sequence
 ENGINES = ("trl", "trl_precompute", "fastdpo", "fastdpo_varlen", "fastdpo.trl")
@@ -243,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gemm-repeats", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every engine (the median reported)")
     parser.add_argument("--worker", choices=(*ENGINES, *OPTION_ENGINES, "gemm"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for dpo_cpu.{json,md,png}")
+    parser.add_argument("--out", type=Path, help="folder for dpo_cpu.{json,md,png} (default: bench/results/<cpu>)")
     parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/dpo_cpu.png from its json")
     args = parser.parse_args(argv)
     if args.render:
@@ -257,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     shape = ModelShape.from_config(LlamaConfig(**MODEL))
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    pin(args.threads)  # the workers inherit the affinity
+    args.out = args.out or cpu_results()
     runs: dict[str, list[dict]] = {}
     order = list(ENGINES)
     for round_ in range(args.repeats):
@@ -271,9 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     results = [merged(runs[engine]) for engine in ENGINES]  # TRL first: the baseline of the ratios
     for r in results:
         r.update(useful_flops(r, shape), body_params=shape.body_params, head_params=shape.head_params)
-    meta = {"cpu": _cpu_name(), "versions": _versions(), "threads": args.threads, "pairs": args.pairs,
-            "batch": args.batch, "steps": args.steps, "model": MODEL, "repeats": args.repeats,
-            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    meta = {**environment(args.threads), "pairs": args.pairs, "batch": args.batch, "steps": args.steps,
+            "model": MODEL, "repeats": args.repeats}  # fmt: skip
     gemm = runs["gemm"][0]
     text = _table(args, meta, gemm, results)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -61,11 +61,11 @@ import torch
 from bench.data_cpu import WORDS
 from bench.dpo_cpu import PRECOMPUTED, engine_trainer, record_lengths
 from bench.flops import ModelShape, StepFlops, dpo_step_flops
+from bench.machine import RESULTS, folder_name
 from bench.plots import bar_panels
 from fastdpo.atomic import atomic_write
 from fastdpo.profiling import run_measured
 
-RESULTS = Path(__file__).parent / "results"
 ENGINES = {  # in the order they run: a run cut short keeps the first
     "trl": "TRL 1.16 DPOTrainer, defaults",
     "fastdpo": "fastdpo DPOTrainer",
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.head_gpu import _device, _versions
 
     device = _device() if args.device == "cuda" else {"name": "cpu", "driver": "-"}
-    out = args.out or RESULTS / device["name"].replace(" ", "_")
+    out = args.out or RESULTS / folder_name(device["name"])
     out.mkdir(parents=True, exist_ok=True)
     shape = ModelShape.from_config(LlamaConfig(**MODELS[args.model]))
     meta = {"device": device, "versions": _versions(), "model": args.model, "batch": args.batch, "steps": args.steps,

@@ -1,6 +1,6 @@
 """Where a DPO training run's time goes on CPU: fastdpo's DPOTrainer and TRL 1.16's, same model, data and steps.
 
-    python -m bench.dpo_profile [--pairs 256] [--batch 8] [--steps 8] [--threads 2] [--out bench/results]
+    python -m bench.dpo_profile [--pairs 256] [--batch 8] [--steps 8] [--threads 2] [--out DIR]
 
 Each engine runs ``trainer.train()`` in its own process, built as in ``bench.dpo_cpu``. Wall time is split into
 exclusive sections (a nested section pauses the one around it) by wrapping this trainer instance's methods and
@@ -17,7 +17,7 @@ by module hooks; nothing in fastdpo or TRL is changed:
 - optimizer: gradient clipping and ``optimizer.step()`` (between the Trainer's optimizer callbacks);
 - other: ``train()`` wall time less all the above (zero_grad, scheduler, logging, the Trainer's loop).
 
-Results: bench/results/dpo_profile.{json,md}.
+Results: bench/results/<cpu>/dpo_profile.{json,md}.
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from bench.dpo_cpu import build_trainer
-from bench.head_cpu import _cpu_name, _versions
+from bench.machine import cpu_results, environment, pin
 from fastdpo.atomic import atomic_write
 from fastdpo.profiling import run_measured
 
-RESULTS = Path(__file__).parent / "results"
 SECTIONS = ("data", "reference forward", "policy body forward", "policy head + loss forward", "backward, head",
             "backward, body", "backward, body recompute", "optimizer", "other")  # fmt: skip
 
@@ -182,7 +181,7 @@ def _table(args: argparse.Namespace, meta: dict, results: list[dict]) -> str:
     lines = [
         f"Where train() time goes: DPO, tiny Llama (H=256, 4 layers, V=32000, fp32, sdpa), {args.pairs} pairs, batch "
         f"{args.batch}, {args.steps} steps, {args.threads} threads. {meta['cpu']}; torch {meta['versions']['torch']}, "
-        f"transformers {meta['versions']['transformers']}, trl {meta['versions']['trl']}.",
+        f"transformers {meta['versions']['transformers']}, trl {meta['versions']['trl']}; {meta['date']}.",
         "",
         f"| section | {header} |",
         "|---|" + "---|---|" * len(results),
@@ -210,11 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", nargs="+", choices=("trl", "fastdpo"), default=["trl", "fastdpo"])
     parser.add_argument("--worker", choices=("fastdpo", "trl"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for dpo_profile.{json,md}")
+    parser.add_argument("--out", type=Path, help="folder for dpo_profile.{json,md} (default: bench/results/<cpu>)")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args)))
         return
+    pin(args.threads)  # the workers inherit the affinity
+    args.out = args.out or cpu_results()
     results = []
     for engine in args.engines:
         print(f"profiling {engine} ...", file=sys.stderr, flush=True)
@@ -222,8 +223,7 @@ def main(argv: list[str] | None = None) -> None:
                    "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
         results.append(run_measured(command, env={"OMP_NUM_THREADS": str(args.threads)},
                                     cwd=Path(__file__).parents[1]))  # fmt: skip
-    meta = {"cpu": _cpu_name(), "versions": _versions(), "threads": args.threads, "pairs": args.pairs,
-            "batch": args.batch, "steps": args.steps}  # fmt: skip
+    meta = {**environment(args.threads), "pairs": args.pairs, "batch": args.batch, "steps": args.steps}
     text = _table(args, meta, results)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "dpo_profile.json", json.dumps({"meta": meta, "results": results}, indent=1))

@@ -5,7 +5,8 @@
 Every variant runs in its own process (threads pinned, one warm-up call not timed, then the median of
 ``--repeats`` timed calls) so its peak RSS is measured from a baseline taken after setup and warm-up; "extra"
 memory excludes the inputs, the outputs and the gradients, which every variant must hold. All targets are
-valid tokens (nothing to skip), fp32 throughout. Results go to bench/results/head_cpu.{json,csv,md,png}.
+valid tokens (nothing to skip), fp32 throughout. Results go to bench/results/<cpu>/head_cpu.{json,csv,md,png}
+(bench/machine.py names the folder).
 """
 
 from __future__ import annotations
@@ -13,21 +14,17 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import statistics
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from bench.machine import cpu_results, environment, pin
 from bench.plots import bar_panels
 from fastdpo.atomic import atomic_open, atomic_write
 from fastdpo.profiling import peak_rss, reset_peak_rss, run_measured
-
-RESULTS = Path(__file__).parent / "results"
 
 VARIANTS = {
     "full_logits": "full logits: h@W.T, log_softmax, gather (fastdpo impl='naive')",
@@ -153,27 +150,6 @@ def _worker(args: argparse.Namespace) -> dict:
     return {"variant": args.worker, "times": times, "first_call_s": first_call, "extra_bytes": max(extras)}
 
 
-def _versions() -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("trl", "liger-kernel", "cut-cross-entropy", "transformers", "fastdpo"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _run_all(args: argparse.Namespace) -> list[dict]:
     results = []
     for name in args.variants:
@@ -235,20 +211,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for head_cpu.{json,csv,md,png}")
+    parser.add_argument("--out", type=Path, help="folder for head_cpu.{json,csv,md,png} (default: bench/results/<cpu>)")
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args)))
         return
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+    pin(args.threads)  # the workers inherit the affinity
+    args.out = args.out or cpu_results()
     results = _run_all(args)
-    meta = {
-        "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab, "repeats": args.repeats,
-        "threads": args.threads, "cpu": _cpu_name(), "versions": _versions(),
-        "date": time.strftime("%Y-%m-%d"),
-    }  # fmt: skip
+    meta = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab, "repeats": args.repeats,
+            **environment(args.threads)}  # fmt: skip
     table = _table(results, meta)
     atomic_write(args.out / "head_cpu.json", json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     with atomic_open(args.out / "head_cpu.csv") as handle:

@@ -31,10 +31,9 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import RESULTS, folder_name
 from bench.plots import bar_panels, timing_panel
 from fastdpo.atomic import atomic_open, atomic_write
-
-RESULTS = Path(__file__).parent / "results"
 
 VARIANTS = {
     "gemms_4": "cuBLAS GEMMs: h@W.T twice, dz@W, dz.T@h (the yardstick)",
@@ -276,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (the CPU benchmark is python -m bench.head_cpu)")
     device = _device()
-    out = args.out or RESULTS / device["name"].replace(" ", "_")
+    out = args.out or RESULTS / folder_name(device["name"])
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "versions": _versions(), "dtype": args.dtype, "logit_std": args.logit_std,
             "repeats": args.repeats}  # fmt: skip

@@ -13,7 +13,7 @@ seeds; per seed, the mean over prompts (what the report prints). Reported per es
 over seeds, min, max. Two policies: the quickstart's DPO model against its SFT reference, and a policy near its
 reference (each weight 10% of the way from the SFT model's to the DPO model's), where a sweep's β values land and
 the KL is small. Without ``--run`` the short quickstart is trained first (~2 min) in a temporary folder. Results:
-bench/results/kl_estimate_cpu.{json,md}. Threads pinned to 2.
+bench/results/<cpu>/kl_estimate_cpu.{json,md}. Threads pinned to 2.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.load_cpu import RESULTS, _versions
+from bench.machine import DATA_PACKAGES, cpu_results, environment, pin
 
 MIXES = {"DPO policy": 1.0, "10% of the way": 0.1}
 
@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="folder for kl_estimate_cpu.{json,md} (default: bench/results/<cpu>)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    pin(2)
+    args.out = args.out or cpu_results()
     with tempfile.TemporaryDirectory() as folder:
         run = args.run
         if run is None:
@@ -106,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             if quickstart(["--short", "--out", str(run)]) != 0:
                 return 1
         report = measure(run, seeds=args.seeds, samples=args.samples, max_new_tokens=args.max_new_tokens)
-    from bench.head_cpu import _cpu_name
-
-    report.update(cpu=_cpu_name(), versions=_versions(), date=time.strftime("%Y-%m-%d"))
+    report.update(environment(2, DATA_PACKAGES))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kl_estimate_cpu.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / "kl_estimate_cpu.md").write_text(render(report))

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from bench.head_gpu import RESULTS, _device, _versions, ms_cell
+from bench.head_gpu import _device, _versions, ms_cell
+from bench.machine import RESULTS, folder_name
 from bench.plots import bar_panels, timing_panel
 from fastdpo.atomic import atomic_write
 
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --device cpu for a smoke run)")
     info = _device() if device.type == "cuda" else {"name": "CPU", "driver": "n/a"}
-    out = args.out or RESULTS / info["name"].replace(" ", "_")
+    out = args.out or RESULTS / folder_name(info["name"])
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": info, "versions": _versions(), "repeats": args.repeats, "activation": args.activation,
             "norm": args.norm}  # fmt: skip

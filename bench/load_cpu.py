@@ -16,7 +16,7 @@ its ``num_proc`` workers (by PSS). What a user's script would keep (report, data
 Steps: ``DPOTrainer`` (and ``SFTTrainer``) on a tiny Llama (H=32, 2 layers), CPU fp32, 4 pairs a step, max_length
 128, logging every step, in a fresh process; RSS read at every step's end. Reported: RSS at step 50 and at the
 last step, the growth, the highest RSS in between, the least-squares slope (bytes a step; a leak shows there
-first). Results: bench/results/load_cpu.{json,md,png} (``--render DIR`` draws DIR/load_cpu.png from its json).
+first). Results: bench/results/<cpu>/load_cpu.{json,md,png} (``--render DIR`` draws DIR/load_cpu.png from its json).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.machine import DATA_PACKAGES, cpu_results, environment, pin
 from bench.rss import RssSampler, rss_bytes, status_kib
 
-RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 SYLLABLES = ("ba", "ko", "ri", "te", "mu", "sa", "lo", "ne", "di", "fa", "gu", "pi", "ra", "ve", "zo", "ha", "ki",
@@ -137,9 +137,7 @@ def train_tokenizer(path: Path, out: Path, *, vocab_size: int = 16_000, sample_r
 
 
 def _pin_threads() -> None:
-    import torch
-
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    pin(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _stage(records: list, sampler: RssSampler, name: str, rows: int, fn):
@@ -381,19 +379,6 @@ def run_steps(kind: str, tmp: Path, *, steps: int = 500, first: int = 50, rows: 
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def _versions() -> dict:
-    import platform
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "datasets", "pyarrow", "tokenizers", "fastdpo"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
 def _mib(value: float) -> str:
     return f"{value / MIB:,.0f}"
 
@@ -477,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1], help="datasets num_proc (1: none)")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--skip-sft", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="folder for load_cpu.{json,md,png} (default: bench/results/<cpu>)")
     parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/load_cpu.png from its json")
     parser.add_argument("--worker", choices=("pipeline", "steps"), help=argparse.SUPPRESS)
     for name in ("--data", "--tokenizer", "--kind"):
@@ -502,7 +487,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_all(args: argparse.Namespace) -> None:
-    from bench.head_cpu import _cpu_name
     from fastdpo.atomic import atomic_write
     from fastdpo.data.tiny_tokenizer import build_tiny_tokenizer
 
@@ -518,11 +502,12 @@ def run_all(args: argparse.Namespace) -> None:
         for kind in ("dpo",) if args.skip_sft else ("dpo", "sft"):
             print(f"{kind}: {args.steps} steps ...", file=sys.stderr, flush=True)
             steps.append(run_steps(kind, tmp, steps=args.steps))
-    meta = {"cpu": _cpu_name(), "cpus": os.cpu_count(), "versions": _versions(), "date": time.strftime("%Y-%m-%d"),
+    meta = {**environment(2, DATA_PACKAGES),
             "vocab": len(build_tiny_tokenizer()), "seconds": time.perf_counter() - start,
             "args": {k: v for k, v in vars(args).items()
                      if k in ("rows", "num_proc", "steps", "skip_sft")}}  # fmt: skip
     text = table(meta, pipelines, steps)
+    args.out = args.out or cpu_results()
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "load_cpu.json", json.dumps({"meta": meta, "pipelines": pipelines, "steps": steps},
                                                         indent=1) + "\n")  # fmt: skip

@@ -10,7 +10,7 @@ backward, gradient clipping, fused ``torch.optim.AdamW``, gradients set to None.
 transformers' (non-reentrant). The measured peak is the process's resident memory at its highest during the steps
 above its resident memory before the models were built; a warm-up step on a one-layer model first initializes the
 libraries (thread pools, kernels), and the construction's own transient peak is reset away. So it holds the
-weights, and everything the steps add. Results: bench/results/memory_cpu.{json,md,png}.
+weights, and everything the steps add. Results: bench/results/<cpu>/memory_cpu.{json,md,png}.
 
 The estimate is computed from the same config and batch (``device="cpu"``, ``pair_tokens`` of the batch);
 nothing in it is fitted to these measurements.
@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
 SMALL = {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
 MEDIUM = {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
@@ -231,8 +230,8 @@ def _table(results: list[dict], meta: dict) -> str:
     lines = [
         f"Peak memory of DPO steps on CPU, measured (whole-process peak RSS above the RSS before the models were "
         f"built) against `fastdpo.estimate_memory(..., device='cpu')`. {meta['steps']} steps each, "
-        f"{meta['threads']} threads; {meta['cpu']}; torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"peft {meta['peft']}.",
+        f"{meta['threads']} threads; {meta['cpu']}; torch {meta['versions']['torch']}, transformers "
+        f"{meta['versions']['transformers']}, peft {meta['versions']['peft']}; {meta['date']}.",
         "",
         "S: Llama H=256, 2 layers, I=688, 4 heads / 2 kv, V=32000; M: H=512, 4 layers, I=1376, 8 / 4, V=32000; "
         "W: H=256, 2 layers, I=1024, 4 / 2, V=4096 (a small head, so that the decoder layers set the peak); "
@@ -319,9 +318,9 @@ def estimates_table() -> str:
         "host memory, one layer's back for its backward (host RAM must hold them); lean_activations: the RMSNorms "
         "keep only their inputs and the MLPs gate and up. 'Fits' leaves 10% of the card for the CUDA context, cuBLAS "
         "workspaces and the caching allocator's fragmentation: an allowance, not a measurement. These sizes were not "
-        "measured on a GPU; the same counting is within bench/results/memory_cpu.md's ratios of measured CPU peaks, "
-        "and within 0.96–1.03x of the peaks of a 1.24B Llama's full DPO steps on an H200 at 1.8k to 59k tokens "
-        "(bench/results/NVIDIA_H200/README.md).",
+        "measured on a GPU; the same counting is within bench/results/AMD_EPYC_2cpu/memory_cpu.md's ratios of "
+        "measured CPU peaks, and within 0.96–1.03x of the peaks of a 1.24B Llama's full DPO steps on an H200 at 1.8k "
+        "to 59k tokens (bench/results/NVIDIA_H200/README.md).",
         "",
         "Where the memory goes, Llama-3-8B, LoRA r=16, adapter reference, checkpointing, 16k tokens (GiB):",
         "",
@@ -337,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
     parser.add_argument("--estimates", action="store_true", help="only write memory_estimates.md (no measuring)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="folder (default: bench/results/<cpu>; --estimates: bench/results)")
     parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/memory_cpu.png from its json")
     args = parser.parse_args(argv)
     if args.worker:
@@ -347,27 +346,24 @@ def main(argv: list[str] | None = None) -> None:
         stored = json.loads((args.render / "memory_cpu.json").read_text())
         _plot(stored["results"], stored["meta"], args.render / "memory_cpu.png")
         return
+    from bench.machine import RESULTS, cpu_results, environment, pin
     from fastdpo.atomic import atomic_write
 
-    if args.estimates:
+    if args.estimates:  # formulas: no machine's
+        args.out = args.out or RESULTS
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out / "memory_estimates.md", estimates_table())
         print(estimates_table())
         return
-    import peft
-    import torch
-    import transformers
-
-    from bench.head_cpu import _cpu_name
-
+    pin(args.threads)  # the workers inherit the affinity
+    args.out = args.out or cpu_results()
     results = []
     for config in CONFIGS:
         if args.only and config["name"] not in args.only:
             continue
         print(f"running {config['name']} ...", file=sys.stderr, flush=True)
         results.append(measure(config, steps=args.steps, threads=args.threads))
-    meta = {"cpu": _cpu_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "steps": args.steps, "threads": args.threads}  # fmt: skip
+    meta = {**environment(args.threads, ("torch", "transformers", "peft", "fastdpo")), "steps": args.steps}
     text = _table(results, meta)
     if not args.only:
         args.out.mkdir(parents=True, exist_ok=True)

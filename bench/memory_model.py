@@ -21,7 +21,7 @@ each read off the code (fastdpo's) or off the tool's design (marked "not derived
 
 Results: ``<out>/memory_model.{md,json}``: the formulas at Llama-3-8B's head (H = 4096, V = 128256) and 8192 tokens
 in bf16 next to the H200 measurement of that exact shape (bench/results/NVIDIA_H200/run3/head_gpu.json), and at the
-CPU benchmark's shape (N = 8192, H = 256, V = 32000, fp32) next to bench/results/head_cpu.json.
+CPU benchmark's shape (N = 8192, H = 256, V = 32000, fp32) next to bench/results/AMD_EPYC_2cpu/head_cpu.json.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ MiB = 2**20
 CPU_CHUNK, GPU_CHUNK = 64 * MiB, 2**30
 PAIR_ROW = 256  # the benchmarks' pair loss: each sequence a row of 256 tokens (bench/head_cpu.py)
 MEASURED_RUN = "run3"  # bench/results/NVIDIA_H200/<run>/head_gpu.json
+CPU_MEASURED = "AMD_EPYC_2cpu"  # bench/results/<cpu>/head_cpu.json
 
 
 def formulas(n: int, h: int, v: int, b: int, gpu: bool) -> dict[str, float | None]:
@@ -94,16 +95,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     gpu_measured = _measured(RESULTS / "NVIDIA_H200" / MEASURED_RUN / "head_gpu.json")
-    cpu_measured = _measured(RESULTS / "head_cpu.json")
+    cpu_measured = _measured(RESULTS / CPU_MEASURED / "head_cpu.json")
     gpu = formulas(8192, 4096, 128256, 2, gpu=True)
     cpu = formulas(8192, 256, 32000, 4, gpu=False)
     lines = [
         "Extra memory of the head op (beyond inputs, outputs and gradients), MiB: formulas (bench/memory_model.py) "
         "against measured peaks. Llama-3-8B's head (H=4096, V=128256), 8192 tokens, bf16, measured on an H200 "
         f"(bench/results/NVIDIA_H200/{MEASURED_RUN}); and the CPU benchmark's shape (N=8192, H=256, V=32000, fp32, "
-        "bench/results/head_cpu.json). The CPU run has no Triton row, and its cut-cross-entropy row is its "
-        "torch_compile path (compiled full logits), not the cce kernel counted here; Liger's CPU row is its DPO loss, "
-        "another op.",
+        f"bench/results/{CPU_MEASURED}/head_cpu.json). The CPU run has no Triton row, and its cut-cross-entropy row is "
+        "its torch_compile path (compiled full logits), not the cce kernel counted here; Liger's CPU row is its DPO "
+        "loss, another op.",
         "",
         "| approach | what it keeps | 8B head, 8k tokens: formula | measured (H200) | ratio | CPU shape: formula "
         "| measured (CPU) | ratio |",

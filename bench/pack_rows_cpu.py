@@ -14,7 +14,7 @@ batches of the same synthetic pairs, three ways:
 sdpa computes every entry of each row's L×L mask, so the layout changes the attention work; varlen computes each
 sequence's own n×n block (counted as n² here, like the rows' L²). Timed: ``preference_step`` forward + backward over
 all batches (reference pass included), best of ``--repeats`` after a warm-up batch. Results:
-bench/results/pack_rows_cpu.{json,md}.
+bench/results/<cpu>/pack_rows_cpu.{json,md}.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from bench.dpo_cpu import MODEL, _pairs
+from bench.machine import cpu_results, environment, pin
 from fastdpo.atomic import atomic_write
 from fastdpo.data.packing import pack_pairs
 from fastdpo.model import VARLEN, use_attention
 
-RESULTS = Path(__file__).parent / "results"
 LAYOUTS = {  # name: (pack_pairs options, attention)
     "pairs in rows of 2048, sdpa": ({"pack_length": 2048}, "sdpa"),
     "sequences in rows of the longest sequence, sdpa": ({"pack_length": None, "split_pairs": True}, "sdpa"),
@@ -59,9 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="folder for pack_rows_cpu.{json,md} (default: bench/results/<cpu>)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    pin(args.threads)
+    meta = environment(args.threads, ("torch", "transformers", "fastdpo"))
     datasets.disable_progress_bars()
     tokenizer = build_tiny_tokenizer()
     rows = datasets.Dataset.from_list(_pairs(args.pairs))
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"DPO step fwd+bwd (reference included), tiny Llama H=256, 4 layers, V=32000, fp32, checkpointing; "
         f"{args.pairs} pairs in batches of {args.batch}; {args.threads} threads; best of {args.repeats}. "
-        f"torch {torch.__version__}.",
+        f"{meta['cpu']}; torch {torch.__version__}, transformers {meta['versions']['transformers']}; {meta['date']}.",
         "",
         "| layout | s (all batches) | vs pairs | padding | attention entries vs pairs |",
         "|---|---|---|---|---|",
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     worst = max(abs(a - b) for r in results[1:] for a, b in zip(base["losses"], r["losses"], strict=True))
     lines += ["", f"Largest loss difference between the layouts over the batches: {worst:.1e} (fp32 rounding)."]
     text = "\n".join(lines) + "\n"
+    args.out = args.out or cpu_results()
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "pack_rows_cpu.json", json.dumps(results, indent=1))
+    atomic_write(args.out / "pack_rows_cpu.json", json.dumps({"meta": meta, "results": results}, indent=1))
     atomic_write(args.out / "pack_rows_cpu.md", text)
     print(text)
 

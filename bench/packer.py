@@ -1,13 +1,13 @@
 """Best-fit-decreasing packing: the Python backend against the C++ one on the same lengths.
 
     python -m bench.packer [--items 1000000] [--low 10] [--high 1300] [--capacity 4096] [--repeats 3] [--seed 0]
-    python -m bench.packer --render bench/results   # only draw packer.png from a stored packer.json
+    python -m bench.packer --render bench/results/AMD_EPYC_2cpu   # only draw packer.png from a stored packer.json
 
 Lengths are drawn uniformly from low..high with a seeded numpy generator and packed into bins of ``capacity``
 with ``fastdpo.data.packer.pack``, once from a numpy int64 array and once from a Python list of ints (what
 ``pack_pairs`` passes). Each (input, backend) pair is called once untimed, then timed ``repeats`` times, with a
 full garbage collection between calls outside the timed region; we report the median (min–max). The outputs of
-the two backends are compared for equality. Results go to bench/results/packer.{json,md,png}.
+the two backends are compared for equality. Results go to bench/results/<cpu>/packer.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -15,23 +15,19 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import shutil
 import statistics
 import subprocess
 import sysconfig
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from bench.head_cpu import _cpu_name
+from bench.machine import cpu_results, environment, pin
 from bench.plots import bar_panels, palette
 from fastdpo.atomic import atomic_write
 from fastdpo.data.packer import cpp_available, pack
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _time(lengths, capacity: int, backend: str, repeats: int) -> tuple[list[float], list[list[int]]]:
@@ -52,15 +48,6 @@ def _compiler() -> str:
         return "none"
     result = subprocess.run([command, "--version"], capture_output=True, text=True, check=False)
     return result.stdout.splitlines()[0] if result.stdout else command
-
-
-def _versions() -> dict:
-    versions = {"python": platform.python_version(), "numpy": np.__version__, "c++ compiler": _compiler()}
-    try:
-        versions["fastdpo"] = metadata.version("fastdpo")
-    except metadata.PackageNotFoundError:
-        versions["fastdpo"] = "not installed"
-    return versions
 
 
 def _table(results: list[dict], meta: dict) -> str:
@@ -91,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for packer.{json,md,png}")
+    parser.add_argument("--out", type=Path, help="folder for packer.{json,md,png} (default: bench/results/<cpu>)")
     parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/packer.png from its json")
     args = parser.parse_args(argv)
     if args.render:
@@ -99,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not cpp_available():
         raise SystemExit("fastdpo._packer is not built: reinstall with a C++ compiler ('pip install -e .')")
+    pin(1)  # both backends run on one thread
+    environ = environment(1, ("numpy", "fastdpo"))
+    environ["versions"]["c++ compiler"] = _compiler()
 
     array = np.random.default_rng(args.seed).integers(args.low, args.high + 1, size=args.items, dtype=np.int64)
     inputs = {"numpy int64 array": array, "list of ints": array.tolist()}
@@ -119,9 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "items": args.items, "low": args.low, "high": args.high, "capacity": args.capacity, "seed": args.seed,
         "repeats": args.repeats, "bins": len(reference), "fill": int(array.sum()) / (len(reference) * args.capacity),
-        "identical": identical, "cpu": _cpu_name(), "versions": _versions(), "date": time.strftime("%Y-%m-%d"),
+        "identical": identical, **environ,
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "render")},
     }  # fmt: skip
+    args.out = args.out or cpu_results()
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "packer.json", json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     table = _table(results, meta)

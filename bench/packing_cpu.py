@@ -2,7 +2,7 @@
 
     python -m bench.packing_cpu [--pairs 20000] [--batch-sizes 4 8 16 32 64] [--pack-lengths 2048 4096 8192]
                                 [--model-timing]
-    python -m bench.packing_cpu --render bench/results   # only draw packing_cpu*.png from the stored json
+    python -m bench.packing_cpu --render bench/results/AMD_EPYC_2cpu   # only draw packing_cpu*.png from the stored json
 
 Lengths follow an UltraFeedback-like distribution (seeded): prompts uniform in 10–500 tokens, chosen and rejected
 completions uniform in 10–800, each sequence truncated to ``--max-length`` (1024, TRL's default) as TRL's collator
@@ -15,7 +15,7 @@ does. For each batch size B the pairs are taken in order, B at a time (the same 
 Reported: padding fraction, computed tokens per real token, and the attention work of eager/sdpa, which build a
 dense mask per row and so cost Σ rows L² (relative to TRL's). With ``--model-timing``, a tiny Llama body is run
 forward+backward on packed rows of each ``pack_length`` and on TRL-style padded batches, to time real tokens/s.
-Results go to bench/results/packing_cpu.{json,md,png}.
+Results go to bench/results/<cpu>/packing_cpu.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.head_cpu import _cpu_name, _versions
+from bench.machine import cpu_results, environment
 from bench.plots import bar_panels, palette
 from fastdpo.atomic import atomic_write
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def ultrafeedback_like(pairs: int, max_length: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -148,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timing-hidden", type=int, nargs="+", default=[256], help="model widths to time")
     parser.add_argument("--timing-layers", type=int, default=4)
     parser.add_argument("--timing-repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for NAME.{json,md,png}")
+    parser.add_argument("--out", type=Path, help="folder for NAME.{json,md,png} (default: bench/results/<cpu>)")
     parser.add_argument("--name", default="packing_cpu", help="the files' name (a second setting's: its own)")
     parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/packing_cpu*.png from their json")
     args = parser.parse_args(argv)
@@ -156,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         for stored in sorted(args.render.glob("packing_cpu*.json")):  # also runs stored under another name
             _plot(json.loads(stored.read_text()), stored.with_suffix(".png"))
         return
+    import torch
+
+    meta = {**environment(torch.get_num_threads()),
+            "args": {k: v for k, v in vars(args).items() if k not in ("out", "render")}}  # fmt: skip
     lengths = ultrafeedback_like(args.pairs, args.max_length)
     table = padding_table(lengths, args.batch_sizes, args.pack_lengths)
     given = sys.argv[1:] if argv is None else list(argv)
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             del given[index : index + (1 if "=" in flag else 2)]
     command = " ".join(["python -m bench.packing_cpu", *given])
     lines = [
-        f"Command: {command} ({_provenance(args)}).",
+        f"Command: {command} ({_provenance(args, meta)}).",
         "",
         f"{args.pairs} UltraFeedback-like pairs (prompts 10–500, completions 10–800 tokens, max_length "
         f"{args.max_length}); consecutive batches of B pairs.",
@@ -186,9 +188,8 @@ def main(argv: list[str] | None = None) -> None:
                       "| variant | seconds | real tokens/s |", "|---|---|---|"]  # fmt: skip
             lines += [f"| {t['variant']} | {t['seconds']:.2f} | {t['real_tokens_per_s']:,.0f} |" for t in rows]
     text = "\n".join(lines) + "\n"
+    args.out = args.out or cpu_results()
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu_name(), "versions": _versions(),
-            "args": {k: v for k, v in vars(args).items() if k not in ("out", "render")}}  # fmt: skip
     stored = {"meta": meta, "padding": table, "timing": timing}
     atomic_write(args.out / f"{args.name}.json", json.dumps(stored, indent=1, default=str))
     atomic_write(args.out / f"{args.name}.md", text)
@@ -196,16 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
 
 
-def _provenance(args: argparse.Namespace) -> str:
+def _provenance(args: argparse.Namespace, meta: dict) -> str:
     """The run's date, machine and versions, for the table's first line."""
-    import os
-
-    versions = _versions()
-    threads = f"{os.environ['OMP_NUM_THREADS']} threads" if os.environ.get("OMP_NUM_THREADS") else (
-        f"{os.cpu_count()} cores")  # fmt: skip
     timing = f"; timings: the median of {args.timing_repeats} after one warm-up" if args.model_timing else ""
-    return (f"{time.strftime('%Y-%m-%d')}, {_cpu_name()}, {threads}, torch {versions['torch']}, transformers "
-            f"{versions['transformers']}{timing}")  # fmt: skip
+    return (f"{meta['date']}, {meta['cpu']}, {meta['threads']} threads, torch {meta['versions']['torch']}, "
+            f"transformers {meta['versions']['transformers']}{timing}")  # fmt: skip
 
 
 def _plot(stored: dict, path: Path) -> None:

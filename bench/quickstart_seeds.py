@@ -1,11 +1,11 @@
 """The quickstart over several seeds, against its targets: held-out reward accuracy ≥ 0.9, checker success up by
 ≥ 20 points over the reference, under 10 minutes each on a 2-core CPU.
 
-    python -m bench.quickstart_seeds [--seeds 0 1 2] [--runs DIR ...] [--out bench/results]
+    python -m bench.quickstart_seeds [--seeds 0 1 2] [--runs DIR ...] [--out DIR]
 
 Each seed runs ``fastdpo quickstart --seed S`` in its own process (wall time measured around it); ``--runs`` reads
 the ``report.json`` of finished runs instead (with their wall times as recorded in ``wall_s.txt`` beside them, if
-any). Results: ``<out>/quickstart_cpu.{json,md}``.
+any; then the machine recorded is the one reading them). Results: bench/results/<cpu>/quickstart_cpu.{json,md}.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.machine import cpu_results, environment
 from fastdpo.atomic import atomic_write
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _run_seed(seed: int, root: Path) -> Path:
@@ -32,10 +31,12 @@ def _run_seed(seed: int, root: Path) -> Path:
     return out
 
 
-def table(reports: list[dict]) -> str:
+def table(reports: list[dict], meta: dict) -> str:
     lines = [
-        "fastdpo quickstart per seed (2-core CPU): held-out reward accuracy of the policy against its reference, and "
-        "the task checker's success rate on greedy answers to held-out prompts (reference = the SFT model).",
+        f"fastdpo quickstart per seed ({meta['cpus']} CPUs, {meta['cpu']}; torch {meta['versions']['torch']}, "
+        f"transformers {meta['versions']['transformers']}; {meta['date']}): held-out reward accuracy of the policy "
+        "against its reference, and the task checker's success rate on greedy answers to held-out prompts "
+        "(reference = the SFT model).",
         "",
         "| seed | wall s | reward accuracy | reward margin | checker: reference → policy | points | carry/borrow: "
         "reference → policy | chosen NLL/token: reference → policy | length-only accuracy |",
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quickstart_seeds", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", type=Path, nargs="+", help="finished run folders to read instead of running")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="folder for quickstart_cpu.{json,md} (default: bench/results/<cpu>)")
     args = parser.parse_args(argv)
     if args.runs:
         runs = args.runs
@@ -75,8 +76,11 @@ def main(argv: list[str] | None = None) -> None:
         wall = run / "wall_s.txt"
         report["wall_s"] = float(wall.read_text()) if wall.is_file() else None
         reports.append(report)
-    text = table(reports)
-    atomic_write(args.out / "quickstart_cpu.json", json.dumps(reports, indent=1))
+    meta = {**environment(packages=("torch", "transformers", "fastdpo")), "runs_given": bool(args.runs)}
+    text = table(reports, meta)
+    args.out = args.out or cpu_results()
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "quickstart_cpu.json", json.dumps({"meta": meta, "results": reports}, indent=1))
     atomic_write(args.out / "quickstart_cpu.md", text)
     print(text)
 

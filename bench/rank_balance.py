@@ -1,13 +1,13 @@
 """Tokens per process per step, with and without ``balance_ranks`` (``RankBalancedBatchSampler``).
 
-    python -m bench.rank_balance [--pairs 20000] [--seed 1]
+    python -m bench.rank_balance [--pairs 20000] [--seed 1] [--out bench/results]
 
 A step of DDP waits for its busiest process, so the measure is the busiest process's tokens over the mean of the
 step's processes, averaged over the steps of one epoch. Pair lengths (prompt + chosen + prompt + rejected tokens)
 are drawn from a lognormal (median ≈ 545 tokens, capped at 4096), a shape typical of chat preference data; the
 sampler order is torch's seeded ``RandomSampler``, as the Trainer's. Without balancing, process ``r`` takes the
-``r``-th of every ``world_size`` consecutive batches (accelerate's sharding). Counting only: no model runs.
-Results: bench/results/rank_balance.{json,md}.
+``r``-th of every ``world_size`` consecutive batches (accelerate's sharding). Counting only: no model runs,
+nothing depends on the machine. Results: bench/results/rank_balance.{json,md} (no machine's folder).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
+from bench.machine import RESULTS, environment
 from fastdpo.atomic import atomic_write
 from fastdpo.data.sampler import RankBalancedBatchSampler
 
-RESULTS = Path(__file__).parent / "results"
 SETUPS = [(2, 4), (8, 4), (8, 8), (8, 16)]  # (processes, pairs per process per step)
 
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.rank_balance", description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for rank_balance.{json,md}")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     lengths = [min(4096, int(rng.lognormvariate(6.3, 0.7))) for _ in range(args.pairs)]
@@ -55,14 +56,17 @@ def main(argv: list[str] | None = None) -> None:
                                                              world_size=world_size))  # fmt: skip
         rows.append({"processes": world_size, "pairs_per_process": batch_size,
                      **{name: busiest_over_mean(b, lengths, world_size) for name, b in orders.items()}})  # fmt: skip
+    meta = environment(packages=("torch", "fastdpo"))
     lines = [f"{args.pairs} pairs, lognormal lengths (median {statistics.median(lengths):.0f} tokens): the busiest "
-             "process's tokens over the step's mean, averaged over an epoch (1.00 = perfectly even).", "",
+             "process's tokens over the step's mean, averaged over an epoch (1.00 = perfectly even). Seed "
+             f"{args.seed}; torch {meta['versions']['torch']}; {meta['date']}.", "",
              "| processes | pairs per process | without balance_ranks | with balance_ranks |",
              "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['processes']} | {r['pairs_per_process']} | {r['plain']:.3f} | {r['balanced']:.3f} |" for r in rows]
-    RESULTS.mkdir(exist_ok=True)
-    atomic_write(RESULTS / "rank_balance.json", json.dumps({"pairs": args.pairs, "rows": rows}, indent=1))
-    atomic_write(RESULTS / "rank_balance.md", "\n".join(lines) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stored = {"meta": meta, "pairs": args.pairs, "seed": args.seed, "rows": rows}
+    atomic_write(args.out / "rank_balance.json", json.dumps(stored, indent=1))
+    atomic_write(args.out / "rank_balance.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,7 +1,7 @@
 """The cached reference on CPU: a run that computes the cache, a run that reuses it, and a separate reference.
 
     python -m bench.ref_cache_cpu [--pairs 256] [--batch 8] [--steps 8] [--threads 2]
-    python -m bench.ref_cache_cpu --render bench/results   # only draw ref_cache_cpu.png from its json
+    python -m bench.ref_cache_cpu --render bench/results/AMD_EPYC_2cpu   # only draw ref_cache_cpu.png from its json
 
 fastdpo's DPOTrainer on bench/dpo_cpu.py's model and pairs, each run in its own process:
 
@@ -13,7 +13,7 @@ fastdpo's DPOTrainer on bench/dpo_cpu.py's model and pairs, each run in its own 
 
 Timed: construction (setup: tokenization, and for the first cached run the reference pass over every pair) and
 ``train()``. Peak RSS is the whole process above its state before construction. Results:
-bench/results/ref_cache_cpu.{json,md,png}.
+bench/results/<cpu>/ref_cache_cpu.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from bench.dpo_cpu import MODEL, _pairs
+from bench.machine import cpu_results, environment, pin
 from bench.plots import bar_panels
 from fastdpo.atomic import atomic_write
 from fastdpo.profiling import peak_rss, reset_peak_rss, run_measured
 
-RESULTS = Path(__file__).parent / "results"
 RUNS = {"separate": {}, "cached, first run": {"precompute_ref_log_probs": True},
         "cached, second run": {"precompute_ref_log_probs": True, "beta": 0.2}}  # fmt: skip
 
@@ -74,15 +74,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for ref_cache_cpu.{json,md,png}")
+    parser.add_argument("--out", type=Path, help="folder for ref_cache_cpu.{json,md,png} (default: results/<cpu>)")
     parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/ref_cache_cpu.png from its json")
     args = parser.parse_args(argv)
     if args.render:
-        _plot(json.loads((args.render / "ref_cache_cpu.json").read_text()), args.render / "ref_cache_cpu.png")
+        stored = json.loads((args.render / "ref_cache_cpu.json").read_text())
+        runs = stored["results"] if isinstance(stored, dict) else stored  # a list: written before meta was recorded
+        _plot(runs, args.render / "ref_cache_cpu.png")
         return
     if args.worker:
         print(json.dumps(_worker(args)))
         return
+    pin(args.threads)  # the workers inherit the affinity
+    args.out = args.out or cpu_results()
+    meta = {**environment(args.threads, ("torch", "transformers", "fastdpo")), "pairs": args.pairs,
+            "batch": args.batch, "steps": args.steps}  # fmt: skip
     cache_dir = tempfile.mkdtemp(prefix="fastdpo_ref_cache_")
     results = []
     try:
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     first, second = results[1], results[2]
     lines = [
         f"fastdpo DPOTrainer, tiny Llama (H=256, 4 layers, V=32000, fp32, sdpa), {args.pairs} pairs, batch "
-        f"{args.batch}, {args.steps} steps, {args.threads} threads; torch {torch.__version__}.",
+        f"{args.batch}, {args.steps} steps, {args.threads} threads; {meta['cpu']}; torch {torch.__version__}, "
+        f"transformers {meta['versions']['transformers']}; {meta['date']}.",
         "",
         "| run | setup s | train s | total s | peak extra RSS MiB |",
         "|---|---|---|---|---|",
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{first['train_s']:.1f} s against {results[0]['train_s']:.1f} s with a separate reference."]  # fmt: skip
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "ref_cache_cpu.json", json.dumps(results, indent=1))
+    atomic_write(args.out / "ref_cache_cpu.json", json.dumps({"meta": meta, "results": results}, indent=1))
     atomic_write(args.out / "ref_cache_cpu.md", text)
     _plot(results, args.out / "ref_cache_cpu.png")
     print(text)

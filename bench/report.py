@@ -5,7 +5,7 @@
 
 A results block is::
 
-    <!-- results: bench/results/dpo_cpu.md -->
+    <!-- results: bench/results/AMD_EPYC_2cpu/dpo_cpu.md -->
     (the file's content, verbatim)
     <!-- /results -->
 

@@ -16,20 +16,19 @@ the map-style sampler shuffles, the stream is read in file order). Reported: sec
 first batch and for the whole pass; pairs per second over all of it; the peak resident memory above the start
 (``VmHWM``; and, sampled every 20 ms, the anonymous pages apart from file-backed ones); the bytes ``datasets``
 wrote to its cache. No quality report in either (a stream has none; ``bench.load_cpu`` times it). Results:
-bench/results/stream_cpu.{json,md}.
+bench/results/<cpu>/stream_cpu.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.load_cpu import RESULTS, ROOT, _epoch, _pin_threads, _tiny_trainer, _worker_env, train_tokenizer, write_pairs
+from bench.load_cpu import ROOT, _epoch, _pin_threads, _tiny_trainer, _worker_env, train_tokenizer, write_pairs
 from bench.rss import RssSampler, status_kib
 
 MIB = 2**20
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.stream_cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="folder for stream_cpu.{json,md} (default: bench/results/<cpu>)")
     parser.add_argument("--worker", choices=WAYS, help=argparse.SUPPRESS)
     for name in ("--data", "--tokenizer", "--cache"):
         parser.add_argument(name, type=Path, help=argparse.SUPPRESS)
@@ -167,8 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from statistics import median
 
-    from bench.head_cpu import _cpu_name
-    from bench.load_cpu import _versions
+    from bench.machine import DATA_PACKAGES, cpu_results, environment
     from fastdpo.atomic import atomic_write
 
     start = time.perf_counter()
@@ -188,10 +186,11 @@ def main(argv: list[str] | None = None) -> None:
         middle = sorted(found, key=lambda r: r["total_seconds"])[len(found) // 2]
         results.append({**middle, "total_seconds_all": [r["total_seconds"] for r in found],
                         "median_total_seconds": median(r["total_seconds"] for r in found)})  # fmt: skip
-    meta = {"cpu": _cpu_name(), "cpus": os.cpu_count(), "versions": _versions(), "date": time.strftime("%Y-%m-%d"),
-            "written": written, "repeats": args.repeats, "batch_size": args.batch_size, "max_length": args.max_length,
+    meta = {**environment(2, DATA_PACKAGES), "written": written, "repeats": args.repeats,
+            "batch_size": args.batch_size, "max_length": args.max_length,
             "seconds": time.perf_counter() - start}  # fmt: skip
     text = table(meta, results)
+    args.out = args.out or cpu_results()
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "stream_cpu.json", json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     atomic_write(args.out / "stream_cpu.md", text)

@@ -39,14 +39,14 @@ and ``kv`` the query and key widths, ``V`` vocabulary:
   inside the product. The reference's head there is the same chunked path (one fp32 chunk).
 
 What it means: on CUDA, ``torch.cuda.max_memory_allocated()`` of the training process — the caching allocator's
-fragmentation, the CUDA context, cuBLAS workspaces and NCCL buffers come on top. On CPU, the growth of resident
-memory over the run; ``bench/memory_cpu.py`` measures it (fp32 and bf16, full and LoRA, checkpointing on and off:
-``bench/results/memory_cpu.md``). The CUDA-only paths (autocast with LoRA, flash attention, the Triton reference
-head) are counted from the code, not measured. Not modeled: fp32 master weights under autocast (``bf16=True`` on an
-fp32 model: 16 bytes per parameter plus autocast's weight copies), mixture-of-experts layers, FSDP/DeepSpeed
-sharding, the SFT step, eager attention. ``ref_offload`` and ``activation_offloading`` are counted from the code
-(what leaves the device and when it comes back; tensors under the 1 MiB offloading threshold are neglected), not
-measured: on a CPU nothing moves.
+fragmentation, the CUDA context, cuBLAS workspaces and NCCL buffers come on top. On CPU, the growth of resident memory
+over the run; ``bench/memory_cpu.py`` measures it (fp32 and bf16, full and LoRA, checkpointing on and off:
+``bench/results/AMD_EPYC_2cpu/memory_cpu.md``). The CUDA-only paths (autocast with LoRA, flash attention, the Triton
+reference head) are counted from the code, not measured. Not modeled: fp32 master weights under autocast (``bf16=True``
+on an fp32 model: 16 bytes per parameter plus autocast's weight copies), mixture-of-experts layers, FSDP/DeepSpeed
+sharding, the SFT step, eager attention. ``ref_offload`` and ``activation_offloading`` are counted from the code (what
+leaves the device and when it comes back; tensors under the 1 MiB offloading threshold are neglected), not measured: on
+a CPU nothing moves.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Load regressions at CI size (``python -m bench.load_cpu`` runs 200k pairs and 500 steps; its results are in
-bench/results/load_cpu.md): the data pipeline's peak memory against the size of the data, and the resident memory
-over 300 tiny DPO steps.
+bench/results/AMD_EPYC_2cpu/load_cpu.md): the data pipeline's peak memory against the size of the data, and the
+resident memory over 300 tiny DPO steps.
 
 Each is measured in a fresh process (``bench.load_cpu``'s workers), so what pytest and the other tests hold is not
 counted. The two processes run side by side, one thread each (on two cores: about the time of the longer one;
@@ -38,14 +38,14 @@ def runs(tmp_path_factory):
 def test_pipeline_peak_memory_stays_proportional_to_the_data(runs):
     result = runs["pipeline"].result()
     size, above = result["written"]["bytes"], result["peak_above_start_bytes"]
-    # Peak RSS above the baseline (libraries imported, the pipeline warmed up on 64 rows; the kernel's high-water
-    # mark is reset there), measured on 2 cores: 57 MB for these 3.2 MB of JSONL (67-73 MB for 20k pairs' 6.3 MB),
-    # 2,291 MB for the bench's 557 MB (bench/results/load_cpu.md). Until 2026-11-26 the peak was the process's
+    # Peak RSS above the baseline (libraries imported, the pipeline warmed up on 64 rows; the kernel's high-water mark
+    # is reset there), measured on 2 cores: 57 MB for these 3.2 MB of JSONL (67-73 MB for 20k pairs' 6.3 MB), 2,291 MB
+    # for the bench's 557 MB (bench/results/AMD_EPYC_2cpu/load_cpu.md). Until 2026-11-26 the peak was the process's
     # whole-life high-water mark, which after the rest of the suite held a transient from before the baseline (924 MB
     # against a 590 MB start): the "fixed cost of a fresh environment" earlier notes could not pin down, and two CI
-    # failures at 335-345 MB. The issue's bar (4 GB at 200k pairs, less the 0.58 GB baseline) leaves 6.2 bytes per
-    # byte of JSONL. Bound: 6.2 per byte, and 200 MB of slack. It fails on a cost of more than ~5 KB a pair, or on
-    # memory growing faster than the data.
+    # failures at 335-345 MB. The issue's bar (4 GB at 200k pairs, less the 0.58 GB baseline) leaves 6.2 bytes per byte
+    # of JSONL. Bound: 6.2 per byte, and 200 MB of slack. It fails on a cost of more than ~5 KB a pair, or on memory
+    # growing faster than the data.
     assert above < 200 * MB + 6.2 * size, (
         f"the pipeline's peak RSS is {above / MB:.0f} MB above the imported libraries' for {size / MB:.0f} MB of "
         f"JSONL (RSS at the start {result['start_rss_bytes'] / MB:.0f} MB, the process's VmHWM "

@@ -266,8 +266,9 @@ def test_estimate_within_20_percent_of_a_measured_dpo_step():
 
     # One configuration of bench/memory_cpu.py: a 2-layer H=256 Llama (V=32000), a separate reference, gradient
     # checkpointing, 2048 tokens, two AdamW steps. The bench runs 11 such configurations (results in
-    # bench/results/memory_cpu.md). 20%: the bound for CPU peak RSS, which holds allocator slack, MKL and
-    # thread buffers and page rounding the estimate does not count; nothing in the estimate is fitted to this run.
+    # bench/results/AMD_EPYC_2cpu/memory_cpu.md). 20%: the bound for CPU peak RSS, which holds allocator slack,
+    # MKL and thread buffers and page rounding the estimate does not count; nothing in the estimate is fitted to this
+    # run.
     config = next(c for c in CONFIGS if c["name"] == "S sep ckpt 2k")
     result = measure(config, steps=2, threads=2)
     assert 0.8 < result["estimate_bytes"] / result["peak_bytes"] < 1.2, result
