@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -132,6 +134,8 @@ def _variant(name: str, hidden, weight, targets, upstream):
 
 def _worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    if args.memory_limit:  # an allocation past it fails in this process (recorded), not the machine's OOM killer
+        resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
     hidden, weight, targets, upstream = _inputs(args.tokens, args.hidden, args.vocab)
     run = _variant(args.worker, hidden, weight, targets, upstream)
     start = time.perf_counter()
@@ -156,13 +160,28 @@ def _run_all(args: argparse.Namespace) -> list[dict]:
         command = [sys.executable, "-m", "bench.head_cpu", "--worker", name]
         command += ["--tokens", str(args.tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
         command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
-        print(f"running {name} ...", file=sys.stderr, flush=True)
+        command += ["--memory-limit", str(memory_limit(args.memory_limit_gib))]
+        print(f"running {name} (N={args.tokens}, V={args.vocab}) ...", file=sys.stderr, flush=True)
         try:
             env = {"OMP_NUM_THREADS": str(args.threads)}
-            results.append(run_measured(command, env=env, cwd=Path(__file__).parents[1]))
+            results.append(run_measured(command, env=env, cwd=Path(__file__).parents[1], timeout=args.timeout))
         except RuntimeError as error:
-            results.append({"variant": name, "error": str(error).strip().splitlines()[-1][:300]})
+            last = str(error).strip().splitlines()[-1]
+            if any(sign in last for sign in ("allocate memory", "not enough memory", "MemoryError")):
+                last = f"out of memory (limit {args.memory_limit_gib or memory_limit(None) / 2**30:.1f} GiB): {last}"
+            results.append({"variant": name, "error": last[:300]})
+        except subprocess.TimeoutExpired:
+            results.append({"variant": name, "error": f"timed out after {args.timeout:.0f} s"})
     return results
+
+
+def memory_limit(gib: float | None) -> int:
+    """Bytes of address space a worker may take: ``gib``, or 80% of the machine's memory (``/proc/meminfo``)."""
+    if gib:
+        return int(gib * 2**30)
+    with open("/proc/meminfo") as info:
+        total_kib = next(int(line.split()[1]) for line in info if line.startswith("MemTotal:"))
+    return int(0.8 * total_kib * 1024)
 
 
 def _table(results: list[dict], meta: dict) -> str:
@@ -212,7 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, help="folder for head_cpu.{json,csv,md,png} (default: bench/results/<cpu>)")
+    parser.add_argument("--memory-limit-gib", type=float, help="address space per variant (default: 80%% of RAM)")
+    parser.add_argument("--timeout", type=float, help="seconds per variant, warm-up and repeats included")
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-limit", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args)))
