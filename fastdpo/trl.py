@@ -89,7 +89,8 @@ from fastdpo.train.config import DPOConfig as FastDPOConfig  # noqa: E402
 from fastdpo.train.config import check_loss_options, loss_config_of  # noqa: E402
 from fastdpo.train.displacement import DisplacementWatch  # noqa: E402
 from fastdpo.train.dpo import PairPacker, _as_batch, packer_for  # noqa: E402
-from fastdpo.train.model_checks import check_sync_reference, disable_dropout  # noqa: E402
+from fastdpo.train.dropout import SavesUserDropout, disable_dropout  # noqa: E402
+from fastdpo.train.model_checks import check_best_metric, check_sync_reference  # noqa: E402
 from fastdpo.train.resume import ResumeChecks, WatchResume  # noqa: E402
 from fastdpo.train.sft import PackedSFTLoss, SequencePacker  # noqa: E402
 from fastdpo.train.sft_config import check_label_smoothing, warn_eval_packing  # noqa: E402
@@ -182,15 +183,14 @@ class _CheckedEvalSets:
 
 
 class _PredictsRows:
-    """``predict()`` of rows as given (text pairs, messages): prepared first as TRL's ``evaluate()`` prepares a set
+    """``predict()`` of rows as given (text pairs, messages) prepared first as TRL's ``evaluate()`` prepares a set
     given to it (``_as_evaluate_prepares``); TRL's ``predict()`` left them to transformers' column check, which failed
-    ("No columns in the dataset match the model's forward method signature"). Tokenized rows go as they are."""
-
-    _tokenized = "input_ids"  # a column of the rows as TRL's preparation leaves them
+    ("No columns in the dataset match the model's forward method signature"). Tokenized rows too: SFT's are cut to
+    ``max_length`` and packed as ``evaluate()`` does (their loss differed from its), DPO's get the reference log-probs
+    ``precompute_ref_log_probs`` reads."""
 
     def predict(self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"):
-        if self._tokenized not in (getattr(test_dataset, "column_names", None) or ()):
-            test_dataset = self._as_evaluate_prepares(test_dataset)
+        test_dataset = self._as_evaluate_prepares(test_dataset)
         return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
 
@@ -242,7 +242,7 @@ def _needed(trainer, name: str, args) -> bool:
             or getattr(args, "precompute_ref_log_probs", False))  # fmt: skip
 
 
-class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume, trl.DPOTrainer):
+class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume, SavesUserDropout, trl.DPOTrainer):
     """``trl.DPOTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
@@ -254,21 +254,24 @@ class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume,
         _count_dropped(dataset, prepared, name, why, args.max_length, needed=_needed(self, name, args))
         return prepared
 
-    _tokenized = "prompt_ids"
-
     def _as_evaluate_prepares(self, dataset):
         if self._is_vision_dataset:
             return dataset
+        columns = set(getattr(dataset, "column_names", None) or ())
+        needs_reference = self.precompute_ref_logps and "ref_chosen_logps" not in columns  # (given: kept)
         trained = self.state.global_step > 0  # (TRL's evaluate() refuses it too: the policy is no reference now)
-        if self.precompute_ref_logps and self.ref_model is None and not is_peft_model(self.model) and trained:
+        if needs_reference and self.ref_model is None and not is_peft_model(self.model) and trained:
             raise ConfigError(
                 "rows given to predict() after training began need their reference log-probs, and "
                 "with precompute_ref_log_probs and no ref_model the policy is no longer the reference",
                 column="test_dataset",
                 fix="predict() on them before training, or pass a ref_model",
             )
-        prepared = self._prepare_dataset(dataset, self.processing_class, self.args, "test")
-        if self.precompute_ref_logps:
+        if "prompt_ids" in columns and not {"chosen", "rejected"} <= columns:
+            prepared = dataset  # token ids alone: TRL's preparation needs the text (evaluate() fails on them)
+        else:  # (TRL's preparation of its own output gives the same ids)
+            prepared = self._prepare_dataset(dataset, self.processing_class, self.args, "test")
+        if needs_reference:
             size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
             prepared = self._precompute_ref_logps(prepared, "test", size)
         return prepared
@@ -278,6 +281,7 @@ class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume,
                  optimizers=(None, None), quantization_config=None, peft_config=None) -> None:  # fmt: skip
         args = _from_native(args, DPOConfig)
         _refuse(args, compute_metrics)
+        check_best_metric(args, eval_dataset)
         check_collator(data_collator, PairPacker)
         refuse_unsupported_adapter(model, peft_config)
         undispatched(args)
@@ -330,6 +334,10 @@ class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume,
         # before its token-id check of the sets: checked here first (named as the constructor names the sets: TRL's
         # name for a dict's eval set is its key)
         label = _set_name(name, train_prepared=dataset is not self.train_dataset)
+        if self.args.disable_dropout:  # (the constructor's precompute runs before its disable_dropout below: a model
+            for module in (self.model, getattr(self, "ref_model", None)):  # given in train mode scored its
+                if module is not None:  # reference with the attention rates on; margins at step 1 were not 0)
+                    disable_dropout(module)
         check_token_ids(dataset, self.model, label)
         check_positions(dataset, self.model, label, self.args.max_length)
         if self.is_deepspeed_enabled:
@@ -338,12 +346,14 @@ class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume,
             collator = packer_for(self.model, self.args, _attention_of(self.args), self._tokenizer.pad_token_id)
         # TRL names its cache file by the dataset's fingerprint and the model's hash alone: a run at another
         # max_length (keep_end, or None), truncation_mode or ld_alpha read the first run's values, silently (step-1
-        # margins 11.1 where 0). Those settings join the model's hash here
+        # margins 11.1 where 0). Those settings join the model's hash here, and the autocast the pass runs under
+        # (bf16/fp16: the values differ from fp32's in the fourth digit)
         from datasets.fingerprint import Hasher
 
         model_hash, args = self._precompute_model_hash, self.args
         saved, self.data_collator = self.data_collator, collator
-        self._precompute_model_hash = Hasher.hash((model_hash, args.max_length, args.truncation_mode, args.ld_alpha))
+        settings = (args.max_length, args.truncation_mode, args.ld_alpha, args.bf16, args.fp16)
+        self._precompute_model_hash = Hasher.hash((model_hash, *settings))
         try:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         finally:
@@ -488,6 +498,7 @@ class SFTTrainer(_PredictsRows, _CheckedEvalSets, PackedSFTLoss, PackedTokenCoun
                  preprocess_logits_for_metrics=None, quantization_config=None, peft_config=None,
                  formatting_func=None) -> None:  # fmt: skip
         args = _from_native(args, SFTConfig)
+        check_best_metric(args, eval_dataset)
         refuse_logit_hooks(TRL_FALLBACK, compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
                            preprocess_logits_for_metrics=preprocess_logits_for_metrics)  # fmt: skip
         check_collator(data_collator, SequencePacker)

@@ -156,6 +156,16 @@ def test_the_best_metric_names_a_set_of_a_dict_of_eval_sets(tokenizer, load, tmp
     config = args(tmp_path, "dict", DPOConfig, eval_strategy="steps", eval_steps=3, save_steps=3,
                   load_best_model_at_end=True, metric_for_best_model="eval_b_rewards/accuracies")  # fmt: skip
     DPOTrainer(load(), args=config, train_dataset=pairs(8), eval_dataset=sets, processing_class=tokenizer)
+    import trl
+
+    import fastdpo.trl as dropin
+
+    # save_strategy="best" alone reads the metric too; the drop-ins check it as well (TRL: the same KeyError)
+    for trainer_cls, config_cls in ((DPOTrainer, DPOConfig), (dropin.DPOTrainer, trl.DPOConfig)):
+        config = args(tmp_path, "best", config_cls, eval_strategy="steps", eval_steps=3, save_strategy="best",
+                      metric_for_best_model="loss")  # fmt: skip
+        with pytest.raises(ConfigError, match="is no eval set's metric"):
+            trainer_cls(load(), args=config, train_dataset=pairs(8), eval_dataset=sets, processing_class=tokenizer)
 
 
 def test_disable_dropout_turns_off_the_rates_attention_modules_keep(tokenizer, tmp_path):  # noqa: F811
@@ -231,3 +241,52 @@ def test_sparse_attention_indexers_are_refused_under_varlen():
                                  moe_intermediate_size=16, index_topk=4, index_n_heads=2, index_head_dim=8)  # fmt: skip
     with pytest.raises(ConfigError, match="sparse attention picks each query's top 4 keys"):
         check_per_sequence(T.DeepseekV32ForCausalLM(config), VARLEN)
+
+
+def test_rates_a_model_reads_from_its_config_are_off_and_saved_as_given(tokenizer, tmp_path):  # noqa: F811
+    # Falcon reads hidden_dropout and attention_dropout from its config at every call, GPT-Neo attention_dropout:
+    # two training forwards differed by 0.22 in the logits after disable_dropout. Zeroed for training, saved as given
+    from fastdpo.train.dropout import disable_dropout
+
+    ids = torch.tensor([[5, 17, 42, 9, 33, 21, 8, 70]])
+    for model in (T.FalconForCausalLM(T.FalconConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, hidden_dropout=0.3,
+                                                     attention_dropout=0.3)),
+                  T.GPTNeoForCausalLM(T.GPTNeoConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=2,
+                                                     num_heads=4, attention_types=[[["global"], 2]],
+                                                     attention_dropout=0.3))):  # fmt: skip
+        model.train()
+        with torch.no_grad():
+            assert not torch.equal(model(ids).logits, model(ids).logits)  # (on, as given)
+            disable_dropout(model)
+            assert torch.equal(model(ids).logits, model(ids).logits), type(model).__name__
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.2,
+                           pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    T.LlamaForCausalLM(config).save_pretrained(tmp_path / "given")
+    given = T.LlamaForCausalLM.from_pretrained(tmp_path / "given")
+    trainer = DPOTrainer(given, args=args(tmp_path, "saved", DPOConfig), train_dataset=pairs(4),
+                         processing_class=tokenizer)  # fmt: skip
+    assert trainer.model.config.attention_dropout == 0.0
+    trainer.save_model(tmp_path / "out")
+    assert T.AutoConfig.from_pretrained(tmp_path / "out").attention_dropout == 0.2  # the user's rate, not training's
+    assert trainer.model.config.attention_dropout == 0.0  # (still off for the rest of training)
+
+
+def test_the_dropins_precomputed_reference_is_scored_without_dropout(tokenizer, tmp_path):  # noqa: F811
+    # TRL's constructor precomputes the reference before the drop-in turned dropout off: a model given in train mode
+    # (as a fresh one is) had its reference scored with attention dropout on (step-1 margins -0.0018 where 0)
+    import fastdpo.trl as dropin
+
+    config = T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5,
+                           pad_token_id=tokenizer.pad_token_id, attn_implementation="eager")  # fmt: skip
+    precomputed = {}
+    for mode in ("train", "eval"):
+        torch.manual_seed(0)
+        model = T.LlamaForCausalLM(config).train(mode == "train")
+        config_args = args(tmp_path, mode, dropin.DPOConfig, precompute_ref_log_probs=True)
+        trainer = dropin.DPOTrainer(model, args=config_args, train_dataset=pairs(4), processing_class=tokenizer)
+        precomputed[mode] = torch.tensor(trainer.train_dataset["ref_chosen_logps"])
+    assert torch.equal(precomputed["train"], precomputed["eval"])  # (the same forward, dropout off in both)

@@ -106,3 +106,31 @@ def test_the_dropins_predict_rows_as_given(tmp_path):
     precomputed.train()
     with pytest.raises(ConfigError, match="the policy is no longer the reference"):
         precomputed.predict(rows["dpo"])
+
+
+def test_the_dropins_predict_tokenized_rows_as_evaluate_does(tmp_path):
+    # Tokenized rows went to TRL's predict() as they were: SFT's longer than max_length were scored uncut (6.3634
+    # where evaluate() 6.3582), DPO's under precompute_ref_log_probs had no reference log-probs ("no reference: ...
+    # pass precompute_ref_log_probs=True", which was set)
+    import math
+
+    import datasets
+    from test_train_dpo import common_args, synthetic_pairs
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    sft = dropin.SFTTrainer(load(), args=dropin.SFTConfig(**sft_args(tmp_path, "sft"), packing=False),
+                            train_dataset=prompt_completion_rows(6, seed=3), processing_class=tokenizer)  # fmt: skip
+    assert sft.args.max_length < 60
+    long = datasets.Dataset.from_dict({"input_ids": [[5 + (i * 7 + j) % 50 for j in range(60)] for i in range(4)]})
+    with pytest.warns(UserWarning, match="predictions are None"):
+        predicted = sft.predict(long).metrics["test_loss"]
+    assert predicted == pytest.approx(sft.evaluate(long)["eval_loss"], rel=1e-6)  # the same batches: fp32 rounding
+    pairs = synthetic_pairs(5, seed=3)
+    args = dropin.DPOConfig(**common_args(tmp_path, "dpo"), precompute_ref_log_probs=True)
+    dpo = dropin.DPOTrainer(load(), args=args, train_dataset=pairs, processing_class=tokenizer)
+    prepared = dpo._prepare_dataset(pairs, tokenizer, dpo.args, "x")  # text and token ids, as TRL leaves them
+    only_ids = prepared.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    for rows in (prepared, only_ids):
+        with pytest.warns(UserWarning, match="predictions are None"):  # the policy is its reference: log 2
+            assert dpo.predict(rows).metrics["test_loss"] == pytest.approx(math.log(2), rel=1e-6)

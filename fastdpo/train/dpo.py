@@ -90,6 +90,7 @@ from fastdpo.train.common import (
 )
 from fastdpo.train.config import DPOConfig, coupled_losses
 from fastdpo.train.displacement import DisplacementWatch, LikelihoodDisplacementWarning  # noqa: F401 (its old home)
+from fastdpo.train.dropout import SavesUserDropout, disable_dropout
 from fastdpo.train.evaluation import ScoresGivenSets, eval_prefix
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.loss_attributes import LossAttributes
@@ -99,7 +100,6 @@ from fastdpo.train.model_checks import (
     check_reference,
     check_sync_reference,
     deepspeed_zero3_reference,
-    disable_dropout,
     warn_batch_dependent_rope,
 )
 from fastdpo.train.resume import ResumableTrainer
@@ -145,7 +145,14 @@ def _as_batch(inputs: dict) -> PackedBatch:
 
 
 class DPOTrainer(
-    ScoresGivenSets, LossAttributes, PackedTokenCount, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer
+    ScoresGivenSets,
+    LossAttributes,
+    PackedTokenCount,
+    InterruptibleTrainer,
+    ResumableTrainer,
+    NumericsGuard,
+    SavesUserDropout,
+    Trainer,
 ):
     """DPO (and its family) on packed batches; TRL 1.16's constructor arguments."""
 

@@ -1,6 +1,7 @@
 """Checks and settings of the policy and its reference that the trainers make when they are built: the reference
 (not the policy, the policy's vocabulary and tokenizer; TR-DPO's parameter-by-parameter match and its callback; a
-ZeRO-3 engine), dropout off, the best-model metric under several eval sets, and batch-dependent rotary frequencies."""
+ZeRO-3 engine), the best-model metric under several eval sets, and batch-dependent rotary frequencies (dropout:
+``fastdpo.train.dropout``)."""
 
 from __future__ import annotations
 
@@ -30,18 +31,6 @@ class SyncReference(TrainerCallback):
         with torch.no_grad():
             for target, source in zip(self.reference.parameters(), policy.parameters(), strict=True):
                 target.mul_(1.0 - alpha).add_(source.to(target.device, target.dtype), alpha=alpha)
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Every dropout of ``model`` off: its ``nn.Dropout`` modules, and the rates modules keep as numbers and pass to
-    their attention call (``self.attention_dropout``, GPT-BigCode's ``attn_pdrop``: 231 of transformers' modeling
-    files), which TRL's ``disable_dropout`` left on (two training forwards differed by 2.9 in the logits)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for name, value in vars(module).items():
-            if ("dropout" in name or "pdrop" in name) and type(value) is float and value > 0:
-                setattr(module, name, 0.0)
 
 
 def warn_batch_dependent_rope(model: nn.Module, max_length: int | None) -> None:
@@ -106,10 +95,12 @@ def deepspeed_zero3_reference(model: nn.Module, accelerator):
 
 
 def check_best_metric(args, eval_dataset) -> None:
-    """ConfigError for ``load_best_model_at_end`` with a dict of eval sets whose ``metric_for_best_model`` names no
-    set's metric: each set's are logged as ``eval_<name>_<metric>``, and transformers' KeyError came at the first
-    evaluation, before any checkpoint was saved."""
-    if not (getattr(args, "load_best_model_at_end", False) and isinstance(eval_dataset, dict) and eval_dataset):
+    """ConfigError for ``load_best_model_at_end`` or ``save_strategy="best"`` with a dict of eval sets whose
+    ``metric_for_best_model`` names no set's metric: each set's are logged as ``eval_<name>_<metric>``, and
+    transformers' KeyError came at the first evaluation, before any checkpoint was saved."""
+    strategy = getattr(args, "save_strategy", None)
+    best = getattr(args, "load_best_model_at_end", False) or str(getattr(strategy, "value", strategy)) == "best"
+    if not (best and isinstance(eval_dataset, dict) and eval_dataset):
         return
     metric = args.metric_for_best_model or "loss"
     key = metric if metric.startswith("eval_") else f"eval_{metric}"
