@@ -1,6 +1,7 @@
 """The CPU head op across the issue's shapes: N ∈ {2k, 8k, 32k} tokens × V ∈ {32k, 128k}, H = 256, fp32.
 
     python -m bench.head_cpu_grid [--tokens 2048 8192 32768] [--vocab 32000 128256] [--repeats 2] [--threads 2]
+    python -m bench.head_cpu_grid --render bench/results/Intel_Xeon_2cpu   # only draw the chart from its json
 
 Each shape runs ``bench.head_cpu``'s variants as that benchmark does (each variant in its own process, threads
 pinned, one warm-up call, the median of ``--repeats`` timed calls, peak RSS above a baseline taken after setup), by
@@ -79,7 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-limit-gib", type=float, help="address space per variant (default: 80%% of RAM)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per variant and shape")
     parser.add_argument("--out", type=Path, help="folder for head_cpu_grid.{json,md,png} (default: results/<cpu>)")
+    parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/head_cpu_grid.png from its json")
     args = parser.parse_args(argv)
+    if args.render:
+        stored = json.loads((args.render / "head_cpu_grid.json").read_text())
+        plot(stored["meta"], stored["shapes"], args.render / "head_cpu_grid.png")
+        return
     pin(args.threads)  # the workers inherit the affinity
     args.out = args.out or cpu_results()
     shapes = []

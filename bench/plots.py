@@ -23,7 +23,7 @@ def bar_panels(path: Path, title: str, panels: list[dict], *, columns: int = 4, 
     (``[(low, high)]`` around each value, e.g. min and max of repeats) and ``"reference"`` (a value marked with a
     dashed line, e.g. a baseline's or a bar to stay under; the axis reaches it). Bars run top to bottom in the order
     given, each annotated with its value; ``"color"`` may be one color or one per bar. Each row of panels is as tall
-    as its longest panel needs, and its first panel carries the labels (those of a row are meant to be the same).
+    as its longest panel needs; its first panel carries the labels, and any other whose labels differ its own.
     """
     try:
         import matplotlib
@@ -51,8 +51,8 @@ def bar_panels(path: Path, title: str, panels: list[dict], *, columns: int = 4, 
             xerr = [[v - low for v, (low, _) in zip(panel["values"], errors, strict=True)],
                     [high - v for v, (_, high) in zip(panel["values"], errors, strict=True)]]  # fmt: skip
         ax.barh(positions, panel["values"], xerr=xerr, color=panel.get("color", "tab:blue"), capsize=2)
-        first = index % across == 0  # labels on the first panel of each row
-        ax.set_yticks(positions, panel["labels"] if first else [""] * len(positions), fontsize=8)
+        shown = shows_labels(panels, index, across)
+        ax.set_yticks(positions, panel["labels"] if shown else [""] * len(positions), fontsize=8)
         ax.set_title(panel["title"], fontsize=9)
         ax.set_xlabel(panel["unit"], fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
@@ -69,6 +69,13 @@ def bar_panels(path: Path, title: str, panels: list[dict], *, columns: int = 4, 
         fig.savefig(handle, format="png", dpi=110)
     plt.close(fig)
     return True
+
+
+def shows_labels(panels: list[dict], index: int, across: int) -> bool:
+    """Whether panel ``index`` of rows of ``across`` shows its bars' labels: the first of its row does, and one whose
+    labels are not the first's (a variant that failed at one shape: its bars would read as the first panel's)."""
+    first = index - index % across
+    return index == first or panels[index]["labels"] != panels[first]["labels"]
 
 
 def palette(keys) -> dict:

@@ -8,8 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from bench import data_cpu, dpo_cpu, dpo_gpu, head_gpu, load_cpu, memory_cpu, packer, packing_cpu, ref_cache_cpu
-from bench.plots import bar_panels, timing_panel
+from bench import (
+    data_cpu,
+    dpo_cpu,
+    dpo_gpu,
+    head_cpu_grid,
+    head_gpu,
+    load_cpu,
+    memory_cpu,
+    packer,
+    packing_cpu,
+    ref_cache_cpu,
+)
+from bench.plots import bar_panels, shows_labels, timing_panel
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 CPU = "AMD_EPYC_2cpu"  # the CPU results README shows (bench/machine.py names the folder)
@@ -34,6 +45,14 @@ def test_each_row_of_panels_is_as_tall_as_its_longest_panel_needs(tmp_path):
     assert height == pytest.approx(110 * ((0.9 + 0.34 * 20) + 2.2), abs=2)  # not two rows of 20 bars' height
 
 
+def test_a_panel_whose_bars_differ_from_its_rows_first_shows_its_own_labels():
+    # the grid's largest shape had no full-logits bar (out of memory): its bars read as the first panel's labels,
+    # fastdpo_torch's time under "full_logits"
+    same, fewer = {"labels": ["a", "b", "c"]}, {"labels": ["b", "c"]}
+    panels = [same, same, same, fewer]
+    assert [shows_labels(panels, index, 2) for index in range(4)] == [True, False, True, True]
+
+
 def test_without_matplotlib_no_chart_and_a_note(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a GPU image without it: import fails
     path = tmp_path / "chart.png"
@@ -56,7 +75,8 @@ def test_a_timing_panel_is_in_ms_with_the_baselines_median_dashed():
     [(dpo_gpu, "NVIDIA_H200/run4/batch64", "dpo_gpu"), (head_gpu, "NVIDIA_H200/run5", "head_gpu"),
      (dpo_cpu, CPU, "dpo_cpu"), (memory_cpu, CPU, "memory_cpu"), (packer, CPU, "packer"),
      (data_cpu, CPU, "data_cpu"), (packing_cpu, CPU, "packing_cpu"), (packing_cpu, CPU, "packing_cpu_widths"),
-     (ref_cache_cpu, CPU, "ref_cache_cpu"), (load_cpu, CPU, "load_cpu")],
+     (ref_cache_cpu, CPU, "ref_cache_cpu"), (load_cpu, CPU, "load_cpu"),
+     (head_cpu_grid, "Intel_Xeon_2cpu", "head_cpu_grid")],
 )  # fmt: skip
 def test_render_draws_a_stored_runs_chart_from_its_json_and_leaves_its_table(tmp_path, module, stored, name):
     shutil.copy(RESULTS / stored / f"{name}.json", tmp_path)
