@@ -155,12 +155,12 @@ def _worker(args: argparse.Namespace) -> dict:
 
 
 def _run_all(args: argparse.Namespace) -> list[dict]:
-    results = []
+    results, limit = [], memory_limit(args.memory_limit_gib)
     for name in args.variants:
         command = [sys.executable, "-m", "bench.head_cpu", "--worker", name]
         command += ["--tokens", str(args.tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
         command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
-        command += ["--memory-limit", str(memory_limit(args.memory_limit_gib))]
+        command += ["--memory-limit", str(limit)]
         print(f"running {name} (N={args.tokens}, V={args.vocab}) ...", file=sys.stderr, flush=True)
         try:
             env = {"OMP_NUM_THREADS": str(args.threads)}
@@ -168,7 +168,7 @@ def _run_all(args: argparse.Namespace) -> list[dict]:
         except RuntimeError as error:
             last = str(error).strip().splitlines()[-1]
             if any(sign in last for sign in ("allocate memory", "not enough memory", "MemoryError")):
-                last = f"out of memory (limit {args.memory_limit_gib or memory_limit(None) / 2**30:.1f} GiB): {last}"
+                last = f"out of memory (limit {limit / 2**30:.1f} GiB): {last}"
             results.append({"variant": name, "error": last[:300]})
         except subprocess.TimeoutExpired:
             results.append({"variant": name, "error": f"timed out after {args.timeout:.0f} s"})

@@ -22,16 +22,14 @@ import csv
 import importlib
 import itertools
 import json
-import platform
 import statistics
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from bench.machine import RESULTS, folder_name
+from bench.machine import RESULTS, folder_name, versions
 from bench.plots import bar_panels, timing_panel
 from fastdpo.atomic import atomic_open, atomic_write
 
@@ -184,13 +182,8 @@ def _measure(run, hidden, weight, repeats: int) -> dict:
 
 
 def _versions() -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for package in ("triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers", "fastdpo"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+    found = versions("triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers", "fastdpo")
+    return {"python": found.pop("python"), "torch": torch.__version__, "cuda": torch.version.cuda, **found}
 
 
 def _device() -> dict:

@@ -30,9 +30,9 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.machine import RESULTS
 from fastdpo.atomic import atomic_write
 
-RESULTS = Path(__file__).parent / "results"
 MiB = 2**20
 CPU_CHUNK, GPU_CHUNK = 64 * MiB, 2**30
 PAIR_ROW = 256  # the benchmarks' pair loss: each sequence a row of 256 tokens (bench/head_cpu.py)
