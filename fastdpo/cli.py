@@ -539,6 +539,7 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     from fastdpo.run_files import RunFiles  # transformers' Trainer (seconds to import): only for training
     from fastdpo.train import DPOTrainer, SFTTrainer
     from fastdpo.train.loading import is_adapter_folder, refuse_missing_folder
+    from fastdpo.train.model_card import hub_name
 
     for column in ("model_name_or_path", "ref_model_name_or_path"):  # before the data is read, which takes a while
         if getattr(run_args, column):
@@ -575,8 +576,11 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
 
     with numbered_as(rows):  # (its warnings and errors name a row as the data file numbers it)
         if command == "dpo":
-            return DPOTrainer(model, ref_model=reference, **options), files, numbering
-        return SFTTrainer(model, **options), files, numbering
+            trainer = DPOTrainer(model, ref_model=reference, **options)
+        else:
+            trainer = SFTTrainer(model, **options)
+    trainer.card_dataset = hub_name(run_args.dataset_name)  # (the model card's; a local file has none)
+    return trainer, files, numbering
 
 
 if __name__ == "__main__":

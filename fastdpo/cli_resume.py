@@ -256,7 +256,15 @@ def stale_outputs(out: Path, *, overwrite: bool, keep) -> list[Path]:
     if any(path and Path(path).exists() and Path(path).resolve() == out.resolve() for path in keep):
         return []
     shards = [*out.glob("model-*-of-*.safetensors"), *out.glob("pytorch_model-*-of-*.bin")]
-    return [out / name for name in RUN_OUTPUTS if (out / name).exists()] + sorted(shards)
+    return [out / name for name in RUN_OUTPUTS if (out / name).exists()] + sorted(shards) + _card(out)
+
+
+def _card(out: Path) -> list[Path]:
+    """The replaced run's model card, where fastdpo wrote it (a README.md of the user's own stays)."""
+    from fastdpo.train.model_card import MARK
+
+    card = out / "README.md"
+    return [card] if card.is_file() and MARK in card.read_text(encoding="utf-8", errors="replace") else []
 
 
 def when_training_begins(trainer, stale: list[Path], out: Path, settings: dict[str, str],

@@ -245,6 +245,8 @@ def _needed(trainer, name: str, args) -> bool:
 class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume, SavesUserDropout, trl.DPOTrainer):
     """``trl.DPOTrainer`` on fastdpo's packed batches and fused head; the same constructor arguments."""
 
+    _tag_names = (*trl.DPOTrainer._tag_names, "fastdpo")  # (TRL's model card and the model's hub tags)
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
         name = _set_name(dataset_name, getattr(self, "_train_prepared", False))  # (TRL prepares the train set first)
         self._train_prepared = True
@@ -466,6 +468,8 @@ class SFTTrainer(_PredictsRows, _CheckedEvalSets, PackedSFTLoss, PackedTokenCoun
     -100 over the optimizer step's labels, ``dft`` too, and ``label_smoothing_factor`` without TRL's second forward:
     ``fastdpo.ops.label_smoothing``) from the fused head (``fastdpo.train.step.sft_step``).
     """
+
+    _tag_names = (*trl.SFTTrainer._tag_names, "fastdpo")  # (TRL's model card and the model's hub tags)
 
     logs_padding_fraction = False  # TRL's metrics, under TRL's names, and no others
 

@@ -74,6 +74,8 @@ def test_dpo_run_writes_its_run_directory(workdir):
     assert quality["removed"] == {"identical": 1} and quality["rows"]["identical"] == [5]
     assert "Rows removed before training" in (out / "data_quality.md").read_text()
     assert isinstance(json.loads((out / "dropped_rows.json").read_text()), dict)
+    card = (out / "README.md").read_text()  # the model card, with the final model
+    assert "# dpo_run" in card and "| trained | 3 of 3 steps," in card and "beta 0.2 |" in card
     for name in ("loss", "rewards_margins", "rewards_accuracies"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     from transformers import AutoModelForCausalLM

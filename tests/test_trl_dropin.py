@@ -66,6 +66,11 @@ def test_five_steps_and_the_saved_model(data, tmp_path):  # noqa: F811
     for (name, got), want in zip(saved.state_dict().items(), reference.state_dict().values(), strict=True):
         # five AdamW steps at lr 1e-2: a weight moves by about lr x sign(gradient) per step
         torch.testing.assert_close(got, want, rtol=0, atol=5e-3, msg=name)
+    # TRL's model card, written with the checkpoint, with the drop-in's tag added
+    from huggingface_hub import ModelCard
+
+    tags = {name: set(ModelCard.load(tmp_path / name / "README.md").data.tags) for name in ("dropin", "trl")}
+    assert tags["dropin"] - tags["trl"] == {"fastdpo"} and {"trl", "dpo"} <= tags["trl"]
 
 
 def test_lora_with_the_adapter_reference(data, tmp_path):  # noqa: F811

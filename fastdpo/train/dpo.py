@@ -94,6 +94,7 @@ from fastdpo.train.dropout import SavesUserDropout, disable_dropout
 from fastdpo.train.evaluation import ScoresGivenSets, eval_prefix
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.loss_attributes import LossAttributes
+from fastdpo.train.model_card import WritesModelCard
 from fastdpo.train.model_checks import (
     SyncReference,
     check_best_metric,
@@ -152,6 +153,7 @@ class DPOTrainer(
     ResumableTrainer,
     NumericsGuard,
     SavesUserDropout,
+    WritesModelCard,
     Trainer,
 ):
     """DPO (and its family) on packed batches; TRL 1.16's constructor arguments."""

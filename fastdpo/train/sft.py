@@ -89,6 +89,7 @@ from fastdpo.train.common import (
 )
 from fastdpo.train.evaluation import ScoresGivenSets, eval_prefix
 from fastdpo.train.interrupt import InterruptibleTrainer
+from fastdpo.train.model_card import WritesModelCard
 from fastdpo.train.model_checks import check_best_metric, warn_batch_dependent_rope
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.sft_config import SFTConfig, as_sft_config
@@ -239,7 +240,14 @@ class PackedSFTLoss:
 
 
 class SFTTrainer(
-    ScoresGivenSets, PackedSFTLoss, PackedTokenCount, InterruptibleTrainer, ResumableTrainer, NumericsGuard, Trainer
+    ScoresGivenSets,
+    PackedSFTLoss,
+    PackedTokenCount,
+    InterruptibleTrainer,
+    ResumableTrainer,
+    NumericsGuard,
+    WritesModelCard,
+    Trainer,
 ):
     """Supervised fine-tuning on packed batches; TRL 1.16's constructor arguments."""
 
