@@ -90,3 +90,21 @@ def test_hub_names(tmp_path):
     assert hub_name("org/name") == "org/name" and hub_name("gpt2") == "gpt2"
     for local in (str(tmp_path / "data.jsonl"), "./model", "/abs/model", "~/model", "a/b/c", "", None):
         assert hub_name(local) is None
+
+
+def test_lora_card_replaces_peft_template(load, tokenizer, tmp_path):  # noqa: F811
+    # PEFT's save_pretrained writes its own template card into the folder it saves to; a run that saved no checkpoint
+    # (so no card of fastdpo's yet) kept PEFT's template and warned that the user had written it
+    from peft import LoraConfig
+
+    trainer = DPOTrainer(load(), args=args(tmp_path, "lora", DPOConfig, max_steps=2, save_strategy="no"),
+                         train_dataset=pairs(8), processing_class=tokenizer,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    written = card(trainer)
+    assert MARK in written.text and written.data.library_name == "peft"
+    assert "| adapter | LORA r=4, alpha 8 |" in written.text and "| reference | the model with its adapter off |" in (
+        written.text
+    )
+    assert "from peft import AutoPeftModelForCausalLM as Model" in written.text

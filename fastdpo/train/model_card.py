@@ -49,28 +49,40 @@ class WritesModelCard:
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:  # fmt: skip
         """transformers' arguments (``push_to_hub`` passes them); the card is fastdpo's own (see the module)."""
+        self._write_card(tags=tags, model_name=model_name, base=finetuned_from, dataset=dataset, language=language,
+                         license=license)  # fmt: skip
+
+    def _write_card(self, *, replace: bool = False, **fields) -> None:
+        """The card into ``output_dir``, over a README.md of fastdpo's (or, ``replace``, over whatever is there)."""
         if not self.is_world_process_zero():
             return
         path = Path(self.args.output_dir) / "README.md"
-        if path.exists() and MARK not in path.read_text(encoding="utf-8", errors="replace"):
+        if not replace and path.exists() and not _ours(path):
             if not self._card_warned:
                 self._card_warned = True
                 logger.warning("%s was not written by fastdpo: kept as it is (the model card is not written)", path)
             return
         from fastdpo.atomic import atomic_write
 
-        atomic_write(path, card_text(self, tags=tags, model_name=model_name, base=finetuned_from,
-                                     dataset=dataset, language=language, license=license))  # fmt: skip
+        atomic_write(path, card_text(self, **fields))
 
     def _save_checkpoint(self, model, trial) -> None:
         self.create_model_card()
         super()._save_checkpoint(model, trial)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
         target = self.args.output_dir if output_dir is None else output_dir
-        if os.path.abspath(target) == os.path.abspath(self.args.output_dir):
-            self.create_model_card()
+        final = os.path.abspath(target) == os.path.abspath(self.args.output_dir)
+        path = Path(target) / "README.md"
+        # a PEFT model's save_pretrained writes a card of its own there: over none, or over ours, it is replaced
+        replace = final and (not path.exists() or _ours(path))
+        super().save_model(output_dir, _internal_call)
+        if final:
+            self._write_card(replace=replace)
+
+
+def _ours(path: Path) -> bool:
+    return MARK in path.read_text(encoding="utf-8", errors="replace")
 
 
 def card_text(trainer, *, tags=None, model_name=None, base=None, dataset=None, language=None, license=None) -> str:
