@@ -236,8 +236,8 @@ def head_spec(model: nn.Module) -> HeadSpec:
         )
     if not _owns(inner, inner.get_output_embeddings()):  # (BERT-style: dense, activation and norm first; RoBERTa's
         raise ConfigError(  # positions from padding_idx + 1 besides: log-probs 0.8 nats off, silently)
-            f"{name}'s LM head sits inside a block of its own, which transforms the hidden states before it: fastdpo "
-            "scores the body's states with the head's last layer alone",
+            f"{name}'s LM head sits inside a block of its own, whose forward fastdpo does not run (BERT's transforms "
+            "the hidden states before its last layer): fastdpo scores the body's states with that layer alone",
             column="model",
             fix="use a decoder-only *ForCausalLM (Llama, Qwen, Gemma, Mistral, ...)",
         )
