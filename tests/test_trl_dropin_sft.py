@@ -134,3 +134,25 @@ def test_the_dropins_predict_tokenized_rows_as_evaluate_does(tmp_path):
     for rows in (prepared, only_ids):
         with pytest.warns(UserWarning, match="predictions are None"):  # the policy is its reference: log 2
             assert dpo.predict(rows).metrics["test_loss"] == pytest.approx(math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"packing": True, "pad_to_multiple_of": 8}, {"padding_free": True, "max_length": None, "pad_to_multiple_of": 7},
+     {"packing": False, "pad_to_multiple_of": 8}],
+    ids=["bfd", "padding_free", "padded"],
+)  # fmt: skip
+def test_num_tokens_as_trl_counts_them(options, tmp_path):
+    # TRL counts a padding-free batch (bfd packing, padding_free) by its flattened row, padded to pad_to_multiple_of
+    # (position_ids.size(1)), a padded one by its attention mask: the drop-in counted real tokens alone (36 where TRL
+    # logged 40 under bfd and pad_to_multiple_of=8)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    rows = prompt_completion_rows(8)
+    counts = {}
+    for name, trainer_cls in (("trl", trl.SFTTrainer), ("dropin", dropin.SFTTrainer)):
+        args = trl.SFTConfig(**{**sft_args(tmp_path, name), **options})
+        trainer = trainer_cls(load(), args=args, train_dataset=rows, processing_class=tokenizer)
+        trainer.train()
+        counts[name] = [log["num_tokens"] for log in trainer.state.log_history if "loss" in log]
+    assert counts["dropin"] == counts["trl"] and len(counts["trl"]) >= 2

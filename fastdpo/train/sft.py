@@ -215,6 +215,10 @@ class PackedSFTLoss:
         are trained on, and counted)."""
         return self.accelerator.gather
 
+    def _counted_tokens(self, batch: PackedBatch) -> int:
+        """This process's share of ``num_tokens`` for ``batch``: every real token (padding excluded)."""
+        return batch.input_ids.numel() - batch.num_padding
+
     def _record_metrics(self, out: SFTStepOutput, batch: PackedBatch, mode: str) -> None:
         gather = self._metric_gather()
         sums = gather(torch.stack([out.num_targets.float(), out.entropy_sum.float(), out.top1_sum.float()])[None])
@@ -225,9 +229,9 @@ class PackedSFTLoss:
             self._metrics[mode]["padding_fraction"].append(batch.padding_fraction)
         if out.aux_loss is not None:
             self._metrics[mode]["aux_loss"].append(float(gather(out.aux_loss.detach()[None]).mean()))
-        if mode == "train":  # every real token of the batch (padding excluded), as TRL counts
-            real = torch.tensor(batch.input_ids.numel() - batch.num_padding, device=out.num_targets.device)
-            self._total_train_tokens += int(gather(real[None]).sum())
+        if mode == "train":
+            counted = torch.tensor(self._counted_tokens(batch), device=out.num_targets.device)
+            self._total_train_tokens += int(gather(counted[None]).sum())
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
