@@ -593,3 +593,22 @@ def test_remote_code_is_off_unless_asked():
 
     assert DPOConfig(output_dir="x").trust_remote_code is False
     assert SFTConfig(output_dir="x").trust_remote_code is False
+
+
+def test_an_unknown_role_is_named_with_the_roles_taken():
+    # the error named "a role of quality.ROLES" without saying which roles those are, nor how to map others
+    import datasets
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    from fastdpo.data import prepare_preferences, tokenize_preferences
+    from fastdpo.errors import DataError
+
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "model", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": "b"}]}]  # fmt: skip
+    with pytest.raises(DataError) as error:
+        tokenize_preferences(
+            prepare_preferences(datasets.Dataset.from_list(rows)), build_tiny_tokenizer(), max_length=64
+        )
+    assert error.value.row == 0 and error.value.column == "chosen"
+    assert "role 'model'" in str(error.value) and "roles system, developer, user, assistant," in str(error.value)
+    assert "'model' to 'assistant'" in error.value.fix

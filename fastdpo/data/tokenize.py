@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import datasets
 
 from fastdpo.data.load import as_dataset
-from fastdpo.data.quality import message_problem
+from fastdpo.data.quality import ROLES, message_problem
 from fastdpo.data.render import (  # (truncate, prompt_fills: here for those that import them from here)
     PROMPT_CUT,
     TRUNCATION_MODES,
@@ -216,8 +216,10 @@ def conversation_fits(messages, row: int, column: str) -> bool:
                         fix=_DROP_FIX)  # fmt: skip
     reason, note = message_problem(messages, column, check_roles=True)
     if reason == "bad_message":
-        raise DataError(f"{note}: not a message fastdpo takes (a role of quality.ROLES; a content string or text "
-                        "parts)", row=row, column=column, fix=_DROP_FIX)  # fmt: skip
+        raise DataError(f"{note}: not a message fastdpo takes (roles {', '.join(ROLES)}; a content string or "
+                        "text parts)", row=row, column=column, fix="rename other roles (dataset.map: 'human' to "
+                        "'user', 'gpt' or 'model' to 'assistant'), fix the row, or drop such rows with "
+                        "fastdpo.data.check_preferences(dataset).filter(dataset)")  # fmt: skip
     return reason != "roles_out_of_order"
 
 

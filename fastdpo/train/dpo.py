@@ -13,7 +13,8 @@ pass and the policy pass on that one packed batch, through the DDP/FSDP/DeepSpee
 the head runs as the LM head module's forward, ``run_head``). With several processes, each step's pairs are dealt by
 tokens (``balance_ranks``). Every pair of an optimizer step weighs the same, whatever the micro-batches, processes
 or token budget (``max_tokens_per_batch``). Datasets go through ``prepare_preferences`` and ``tokenize_preferences``
-(TRL-identical ids; the rows TRL drops are dropped and counted in ``self.dropped_rows``); streams
+(TRL-identical ids from TRL's columns, but for a ``system``/``input``/``context`` column, joined into the prompt where
+TRL ignores it; the rows TRL drops are dropped and counted in ``self.dropped_rows``); streams
 (``datasets.IterableDataset``, with ``max_steps``) through ``prepare_stream`` as they are read, and a dict of eval
 datasets under its keys. Metrics carry TRL's names (``rewards/*``, ``logps/*``, ``entropy``, ``logits/*``,
 ``mean_token_accuracy``, ``num_tokens``, ``aux_loss`` for MoE) plus ``padding_fraction`` and ``tokens_per_second``;
