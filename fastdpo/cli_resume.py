@@ -17,6 +17,7 @@ after it (refused without ``--overwrite``). A checkpoint that fails to load leav
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -242,7 +243,8 @@ def is_own(out: Path, checkpoint: str) -> bool:
 # (the tokenizer's files too: one the new run's tokenizer does not write, a chat template, stayed beside its own)
 RUN_OUTPUTS = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_config.json", "adapter_model.safetensors",
-               "adapter_model.bin", "training_args.bin", "data_quality.md", "data_quality.json", "plots",
+               "adapter_model.bin", "training_args.bin", "data_quality.md", "data_quality.json",
+               *(f"plots/{name}.png" for name in ("loss", "rewards_margins", "rewards_accuracies")),  # RunFiles'
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
 
@@ -250,8 +252,10 @@ RUN_OUTPUTS = ("config.json", "generation_config.json", "model.safetensors", "mo
 def stale_outputs(out: Path, *, overwrite: bool, keep) -> list[Path]:
     """The previous run's final model and run files in ``out`` (``RUN_OUTPUTS``, weight shards) that a fresh run
     started with ``--overwrite`` removes when training begins; none where ``out`` is one of the run's inputs
-    (``keep``: the model trained in place) or without ``--overwrite``."""
-    if not overwrite or not out.is_dir():
+    (``keep``: the model trained in place), without ``--overwrite``, or where no fastdpo run was there (no
+    ``metrics.jsonl``, which every run writes as training begins: a folder of the user's own keeps its files, but
+    those the new run writes over)."""
+    if not overwrite or not out.is_dir() or not (out / "metrics.jsonl").is_file():
         return []
     if any(path and Path(path).exists() and Path(path).resolve() == out.resolve() for path in keep):
         return []
@@ -289,10 +293,9 @@ def when_training_begins(trainer, stale: list[Path], out: Path, settings: dict[s
                           f"{stale[0].parent}" + (f"; {', '.join(left)} could not be removed whole (no longer "
                           "resumable)" if left else ""), file=sys.stderr)  # fmt: skip
                 for path in outputs:
-                    if path.is_dir():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        path.unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # (the plots' folder, where nothing else is left in it)
+                    (out / "plots").rmdir()
                 if outputs:
                     print(f"fastdpo: removed the replaced run's {', '.join(p.name for p in outputs[:4])}"
                           + (f" and {len(outputs) - 4} more" if len(outputs) > 4 else "") + f" from {out}",

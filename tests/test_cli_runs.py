@@ -59,6 +59,25 @@ def test_overwrite_removes_the_replaced_runs_model_files(workdir):  # noqa: F811
     assert "adapter_config.json" in names and "model.safetensors" not in names
 
 
+def test_overwrite_into_a_folder_no_run_wrote_keeps_its_files(workdir):  # noqa: F811
+    # --overwrite into a folder of the user's own removed the files named as a run's outputs there (a plots/ folder
+    # whole, an adapter_config.json), though no run had written them
+    mine = workdir / "mine"
+    (mine / "plots").mkdir(parents=True)
+    files = {"plots/figure.png": "png", "adapter_config.json": "{}", "notes.txt": "mine", "data_quality.md": "mine"}
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    args = ["--config", "dpo.yaml", "--output_dir", "mine", "--max_steps", "1", "--eval_strategy", "no",
+            "--eval_fraction", "null", "--overwrite"]  # fmt: skip
+    done = fastdpo("dpo", *args, cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "removed the replaced run's" not in done.stderr
+    for name, text in files.items():
+        if name != "data_quality.md":  # (the run writes its own report: that one is replaced, as --overwrite says)
+            assert (mine / name).read_text() == text, name
+    assert (mine / "model.safetensors").is_file() and (mine / "plots" / "loss.png").is_file()
+
+
 def test_overwrite_keeps_the_new_runs_quality_report_and_drops_the_old_tokenizer_files(workdir):  # noqa: F811
     # --overwrite over a DPO run: the replaced run's data_quality.* were listed for removal, the new run wrote its own
     # and then lost them when training began; a tokenizer file the new run's tokenizer does not write (a chat template

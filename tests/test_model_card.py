@@ -81,6 +81,7 @@ def test_overwrite_removes_our_card_only(tmp_path):
         folder.mkdir()
         (folder / "README.md").write_text(text)
         (folder / "config.json").write_text("{}")
+        (folder / "metrics.jsonl").write_text("")  # (a fastdpo run was there)
     assert sorted(p.name for p in stale_outputs(ours, overwrite=True, keep=())) == ["README.md", "config.json"]
     assert [p.name for p in stale_outputs(theirs, overwrite=True, keep=())] == ["config.json"]
 
