@@ -357,13 +357,22 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
             refuse_non_empty(out, overwrite=known.overwrite, column="output_dir", what="the run directory ",
                              fix="resume into an empty or new output_dir, or pass --overwrite")  # fmt: skip
     else:
+        model_folder = run_args.model_name_or_path and Path(run_args.model_name_or_path).is_dir() and out.is_dir()
+        in_place = model_folder and Path(run_args.model_name_or_path).resolve() == out.resolve()
         refuse_non_empty(
             out,
             overwrite=known.overwrite,
             column="output_dir",
-            what="the run directory ",
-            fix="pass --overwrite, or set another output_dir; or --resume to go on from its last checkpoint",
+            what="the run directory (the model_name_or_path folder: the trained model would replace the weights it "
+            "starts from) "
+            if in_place
+            else "the run directory ",
+            fix="set another output_dir (--overwrite replaces them)"
+            if in_place
+            else "pass --overwrite, or set another output_dir; or --resume to go on from its last checkpoint",
         )
+        if in_place:
+            print(f"fastdpo: training in place: the trained model replaces the weights in {out}", file=sys.stderr)
     refuse_replacing_the_config(known.config, out)
     inputs = (run_args.model_name_or_path, run_args.ref_model_name_or_path, run_args.dataset_name, known.config,
               getattr(args, "ref_cache_dir", None))  # fmt: skip

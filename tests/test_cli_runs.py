@@ -78,6 +78,22 @@ def test_overwrite_into_a_folder_no_run_wrote_keeps_its_files(workdir):  # noqa:
     assert (mine / "model.safetensors").is_file() and (mine / "plots" / "loss.png").is_file()
 
 
+def test_training_in_place_says_it_replaces_the_model(workdir):  # noqa: F811
+    # output_dir = model_name_or_path: refused as any non-empty run directory, with --overwrite as the fix, and with
+    # it the model's weights were replaced without a word
+    import shutil
+
+    shutil.copytree(workdir / "model", workdir / "inplace")
+    args = ["--config", "dpo.yaml", "--model_name_or_path", "inplace", "--output_dir", "inplace", "--max_steps", "1",
+            "--eval_strategy", "no", "--eval_fraction", "null"]  # fmt: skip
+    refused = fastdpo("dpo", *args, cwd=workdir)
+    assert refused.returncode == 2 and "the trained model would replace the weights it starts from" in refused.stderr
+    assert "set another output_dir" in refused.stderr
+    done = fastdpo("dpo", *args, "--overwrite", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "training in place: the trained model replaces the weights in inplace" in done.stderr
+
+
 def test_overwrite_keeps_the_new_runs_quality_report_and_drops_the_old_tokenizer_files(workdir):  # noqa: F811
     # --overwrite over a DPO run: the replaced run's data_quality.* were listed for removal, the new run wrote its own
     # and then lost them when training began; a tokenizer file the new run's tokenizer does not write (a chat template
