@@ -66,3 +66,29 @@ def test_resident_memory_stays_flat_over_300_dpo_steps(runs):
     # ~30 KB a step, the growth bound from ~60 KB.
     assert growth["growth_bytes"] < 15 * MB, growth
     assert growth["slope_bytes_per_step"] < 30_000, growth
+
+
+def test_a_mistyped_path_is_named_with_the_file_meant(tmp_path, monkeypatch):
+    # a local path the hub was then asked for ("pairs.jsonll", "pair"): datasets' own error about the hub came out,
+    # which never said that no such local file exists
+    import datasets
+
+    from fastdpo.data import load_data
+    from fastdpo.errors import DataError
+
+    def hub(name, **options):
+        raise datasets.exceptions.DatasetNotFoundError(
+            f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed."
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(
+        DataError, match=r"pairs.jsonll: no file or folder of that name in .*DatasetNotFoundError"
+    ) as error:
+        load_data("pairs.jsonll")
+    assert error.value.fix == "did you mean pairs.jsonl?"
+    with pytest.raises(DataError) as error:
+        load_data("elsewhere")
+    assert "check the path (a data file with its suffix: .jsonl" in error.value.fix

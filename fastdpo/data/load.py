@@ -107,6 +107,21 @@ def _from_hub(source, **options):
         return datasets.load_dataset(str(source), **options)
     except (ConnectionError, FileNotFoundError, ValueError) as error:  # (DatasetNotFoundError is a FileNotFoundError)
         near = [str(Path(f"{source}{suffix}")) for suffix in LOCAL_SUFFIXES if Path(f"{source}{suffix}").is_file()]
+        if not near and isinstance(error, (ConnectionError, FileNotFoundError)):  # (a path mistyped, most often)
+            import difflib
+
+            folder = Path(source).parent
+            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+            close = [str(folder / name) for name in difflib.get_close_matches(Path(source).name, names, n=1)]
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            raise DataError(
+                f"{source}: no file or folder of that name in {folder.resolve()}, and the hub gave none "
+                f"({type(error).__name__}: {first})",
+                fix=f"did you mean {close[0]}?"
+                if close
+                else "check the path (a data file with its suffix: "
+                f"{', '.join(LOCAL_SUFFIXES)}), or the hub name and your connection",
+            ) from None
         if not near:
             raise
         raise DataError(
