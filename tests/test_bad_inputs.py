@@ -612,3 +612,12 @@ def test_an_unknown_role_is_named_with_the_roles_taken():
     assert error.value.row == 0 and error.value.column == "chosen"
     assert "role 'model'" in str(error.value) and "roles system, developer, user, assistant," in str(error.value)
     assert "'model' to 'assistant'" in error.value.fix
+
+
+def test_missing_column_errors_do_not_list_the_commands_row_numbers():
+    # the CLI numbers a file's rows in a column of its own, which the "columns present" of the error listed
+    from fastdpo.data import pairs, schema
+
+    present = ["question", "answer", "__fastdpo_file_row__", "__fastdpo_row__"]
+    for error in (schema.missing_column("chosen", present), pairs.missing_column("prompt", "prompt", present)):
+        assert "(columns present: question, answer)" in error.fix

@@ -133,6 +133,7 @@ def source_version(*files: str) -> str:
 
 def missing_column(name: str, present: list[str], mapped_to: str | None = None) -> DataError:
     """DataError for a column that is not there, suggesting the close match and the ``columns=`` map."""
+    present = [column for column in present if not column.startswith("__fastdpo")]  # (the commands' own numbering)
     guess = close_match(name, present)
     hint = f"did you mean {guess!r}? " if guess else ""
     target = mapped_to or name
