@@ -204,7 +204,10 @@ def _in_cli_terms(error: Exception, command: str) -> Exception:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from fastdpo import __version__
+
     parser = argparse.ArgumentParser(prog="fastdpo", description=__doc__.splitlines()[0].replace("``", ""))
+    parser.add_argument("--version", action="version", version=f"fastdpo {__version__}")
     commands = parser.add_subparsers(dest="command")
     for name, config in COMMANDS.items():
         sub = commands.add_parser(
