@@ -109,3 +109,19 @@ def test_lora_card_replaces_peft_template(load, tokenizer, tmp_path):  # noqa: F
         written.text
     )
     assert "from peft import AutoPeftModelForCausalLM as Model" in written.text
+
+
+def test_a_card_that_fails_does_not_stop_training(load, tokenizer, tmp_path, monkeypatch, caplog):  # noqa: F811
+    from fastdpo.train import model_card
+
+    def broken(trainer, **fields):
+        raise KeyError("reference_mode")
+
+    monkeypatch.setattr(model_card, "card_text", broken)
+    trainer = DPOTrainer(load(), args=args(tmp_path, "dpo", DPOConfig, max_steps=2, save_steps=1),
+                         train_dataset=pairs(8), processing_class=tokenizer)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        trainer.train()
+    assert (tmp_path / "dpo" / "checkpoint-2").is_dir() and not (tmp_path / "dpo" / "README.md").exists()
+    said = [record.message for record in caplog.records if "the model card was not written" in record.message]
+    assert said and "KeyError" in said[0]

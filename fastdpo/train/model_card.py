@@ -64,7 +64,12 @@ class WritesModelCard:
             return
         from fastdpo.atomic import atomic_write
 
-        atomic_write(path, card_text(self, **fields))
+        try:
+            text = card_text(self, **fields)
+        except Exception as error:  # (a card is not worth a checkpoint, nor a long run: said, and training goes on)
+            logger.warning("the model card was not written (%s: %s)", type(error).__name__, error)
+            return
+        atomic_write(path, text)
 
     def _save_checkpoint(self, model, trial) -> None:
         self.create_model_card()
