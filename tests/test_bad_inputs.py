@@ -621,3 +621,14 @@ def test_missing_column_errors_do_not_list_the_commands_row_numbers():
     present = ["question", "answer", "__fastdpo_file_row__", "__fastdpo_row__"]
     for error in (schema.missing_column("chosen", present), pairs.missing_column("prompt", "prompt", present)):
         assert "(columns present: question, answer)" in error.fix
+
+
+def test_an_empty_dataset_is_said_to_have_no_rows():
+    # Dataset.from_list([]) has no columns either: the error named a missing 'chosen' column ("columns present: ")
+    import datasets
+
+    from fastdpo.data import prepare_preferences
+    from fastdpo.errors import DataError
+
+    with pytest.raises(DataError, match="the dataset has no rows"):
+        prepare_preferences(datasets.Dataset.from_list([]))

@@ -86,12 +86,12 @@ def prepare_preferences(
         raise unknown_choice("format", format, FORMATS)
     check_template("system_template", system_template, ("system", "prompt"))
     check_template("input_template", input_template, ("prompt", "input"))
+    if len(dataset) == 0:  # (before its columns: an empty list's dataset has none to name)
+        raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
     dataset, _ = rename_preference_columns(dataset, columns or {})
     for name in ("chosen", "rejected"):
         if name not in dataset.column_names:
             raise missing_column(name, dataset.column_names)
-    if len(dataset) == 0:
-        raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
     kind = _detect_format(dataset, format)
     _check_rows(dataset, kind)
     fn_kwargs = {
