@@ -91,6 +91,15 @@ def test_hub_names(tmp_path):
     assert hub_name("org/name") == "org/name" and hub_name("gpt2") == "gpt2"
     for local in (str(tmp_path / "data.jsonl"), "./model", "/abs/model", "~/model", "a/b/c", "", None):
         assert hub_name(local) is None
+    # the name datasets records: a builder's ("json") or a hub dataset's without its owner links no page
+    import datasets
+
+    from fastdpo.train.model_card import _dataset_name
+
+    rows = datasets.Dataset.from_list([{"prompt": "a"}])
+    for recorded, named in (("json", None), ("ultrafeedback_binarized", None), ("org/prefs", "org/prefs")):
+        rows.info.dataset_name = recorded
+        assert _dataset_name(rows) == named
 
 
 def test_lora_card_replaces_peft_template(load, tokenizer, tmp_path):  # noqa: F811

@@ -16,8 +16,6 @@ from pathlib import Path
 logger = logging.getLogger("fastdpo")
 
 MARK = "<!-- written by fastdpo; it replaces a README.md that has this line, and no other -->"
-# the builders datasets names a local file's dataset by: no hub name to cite
-_LOCAL_BUILDERS = {None, "", "json", "csv", "parquet", "arrow", "text", "generator", "pandas", "sql", "webdataset"}
 _METRICS = {
     "dpo": ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
             "logps/rejected"),
@@ -196,9 +194,10 @@ def hub_name(name) -> str | None:
 
 
 def _dataset_name(dataset) -> str | None:
-    info = getattr(dataset, "info", None)
-    name = getattr(info, "dataset_name", None)
-    return None if name in _LOCAL_BUILDERS else name
+    """The hub name datasets recorded for ``dataset``, where it is a whole one (``org/name``): a builder's name
+    alone (``json``, or a hub dataset's name without its owner) names no page to link."""
+    name = getattr(getattr(dataset, "info", None), "dataset_name", None)
+    return name if isinstance(name, str) and "/" in name else None
 
 
 def _unwrapped(model):
