@@ -597,11 +597,3 @@ def test_a_jsonl_output_keeps_every_float_as_it_came(workdir, data_cli):
     (workdir / "floats.jsonl").write_text(json.dumps(row) + "\n")
     assert data_cli("filter", "floats.jsonl", "floats_kept.jsonl").returncode == 0
     assert json.loads((workdir / "floats_kept.jsonl").read_text()) == row
-
-
-def test_version(tmp_path):
-    # `fastdpo --version` printed the whole help with exit status 2
-    import fastdpo as package
-
-    done = fastdpo("--version", cwd=tmp_path)
-    assert done.returncode == 0 and done.stdout.strip() == f"fastdpo {package.__version__}"

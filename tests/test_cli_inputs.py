@@ -209,3 +209,15 @@ def test_a_preparation_error_names_the_column_as_the_data_does(workdir, capsys):
     (workdir / "good.yaml").write_text((workdir / "run.yaml").read_text().replace("dataset_name: pairs.jsonl\n", extra))
     said = command_error(capsys, "dpo", "--config", "good.yaml")
     assert "row 0, column 'good': is empty (the column map's 'chosen')" in said
+
+
+def test_version(tmp_path):
+    # `fastdpo --version` printed the whole help with exit status 2
+    import subprocess
+    import sys
+
+    import fastdpo as package
+
+    done = subprocess.run([sys.executable, "-m", "fastdpo.cli", "--version"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == f"fastdpo {package.__version__}"
