@@ -265,10 +265,10 @@ def stale_outputs(out: Path, *, overwrite: bool, keep) -> list[Path]:
 
 def _card(out: Path) -> list[Path]:
     """The replaced run's model card, where fastdpo wrote it (a README.md of the user's own stays)."""
-    from fastdpo.train.model_card import MARK
+    from fastdpo.train.model_card import written_by_fastdpo
 
     card = out / "README.md"
-    return [card] if card.is_file() and MARK in card.read_text(encoding="utf-8", errors="replace") else []
+    return [card] if card.is_file() and written_by_fastdpo(card) else []
 
 
 def when_training_begins(trainer, stale: list[Path], out: Path, settings: dict[str, str],

@@ -98,7 +98,6 @@ from fastdpo.train.sft_setup import _pack_length, refuse_logit_hooks  # noqa: E4
 from fastdpo.train.step import preference_step, reference_logps  # noqa: E402
 
 TRL_FALLBACK = ", or use TRL's own trainer for this run"
-BFD = ("bfd", "bfd_split")  # TRL's packing strategies that make its batches padding-free
 
 
 _PACKED_ATTENTION_HELP = (f"attention of the packed steps, one of {PACKED_ATTENTION}: 'varlen' runs each sequence on "
@@ -478,13 +477,11 @@ class SFTTrainer(_PredictsRows, _CheckedEvalSets, PackedSFTLoss, PackedTokenCoun
         return self.accelerator.gather_for_metrics  # TRL's (its end-of-data trimming too)
 
     def _counted_tokens(self, batch) -> int:
-        # TRL counts a padding-free batch (padding_free, or bfd packing) by its one flattened row's length, padded
+        # TRL counts a padding-free batch (its padding_free: the option, or bfd packing) by its flattened row, padded
         # to pad_to_multiple_of (position_ids.size(1)); a padded one by its attention mask (padding excluded)
         real = super()._counted_tokens(batch)
         multiple = self.args.pad_to_multiple_of
-        if multiple and (self.args.padding_free or (self.args.packing and self.args.packing_strategy in BFD)):
-            return -(-real // multiple) * multiple
-        return real
+        return -(-real // multiple) * multiple if multiple and self.padding_free else real
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name: str):
         name = _set_name(dataset_name, getattr(self, "_train_prepared", False))  # (TRL prepares the train set first)
@@ -539,8 +536,7 @@ class SFTTrainer(_PredictsRows, _CheckedEvalSets, PackedSFTLoss, PackedTokenCoun
         if data_collator is None:
             # TRL's padded rows on a model whose loss transformers does not know as causal count the rows' first
             # labels too, which no position predicts (GPT-2's LMHeadModel: loss 5.705 where the mean is 6.376)
-            bfd = self.args.packing and self.args.packing_strategy in BFD  # (padding-free rows)
-            padded = not (self.args.padding_free or bfd)
+            padded = not self.padding_free  # (TRL's: padding_free, or bfd packing)
             packer = _FirstLabels if padded and not getattr(self, "_loss_shifts_labels", True) else SequencePacker
             self.data_collator = packer(pack_length=_pack_length(self.model, self.args, self.packed_attention_impl),
                                         pad_token_id=self._tokenizer.pad_token_id,

@@ -49,7 +49,7 @@ from typing import Any
 import datasets
 
 from fastdpo.data.quality import at_margin, is_empty, squeezed
-from fastdpo.data.schema import value_format
+from fastdpo.data.schema import data_columns, value_format
 from fastdpo.errors import ConfigError, DataError, close_match, unknown_choice
 
 STRATEGIES = ("best_vs_worst", "best_vs_random_lower", "all_above_margin")
@@ -355,7 +355,7 @@ def column_values(data: datasets.Dataset | list[dict[str, Any]], name: str) -> l
 def missing_column(option: str, name: str, present: list[str], cli: str | None = None) -> DataError:
     """A DataError for column ``name`` (given as ``option=``) not in ``present``, suggesting the closest one;
     ``cli``: how ``fastdpo data`` takes it (default: ``--option <your column>``)."""
-    present = [column for column in present if not column.startswith("__fastdpo")]  # (the commands' own numbering)
+    present = data_columns(present)
     guess = close_match(name, present)
     hint = f"did you mean {guess!r}? pass {option}={guess!r}" if guess else f"pass {option}='<your column>'"
     cli = cli or f"--{option.replace('_', '-')} <your column>"

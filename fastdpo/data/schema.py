@@ -131,9 +131,14 @@ def source_version(*files: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def data_columns(present: list[str]) -> list[str]:
+    """``present`` without the columns fastdpo's commands add to number the rows (``__fastdpo_*``)."""
+    return [column for column in present if not column.startswith("__fastdpo")]
+
+
 def missing_column(name: str, present: list[str], mapped_to: str | None = None) -> DataError:
     """DataError for a column that is not there, suggesting the close match and the ``columns=`` map."""
-    present = [column for column in present if not column.startswith("__fastdpo")]  # (the commands' own numbering)
+    present = data_columns(present)
     guess = close_match(name, present)
     hint = f"did you mean {guess!r}? " if guess else ""
     target = mapped_to or name

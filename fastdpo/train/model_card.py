@@ -55,7 +55,7 @@ class WritesModelCard:
         if not self.is_world_process_zero():
             return
         path = Path(self.args.output_dir) / "README.md"
-        if not replace and path.exists() and not _ours(path):
+        if not replace and path.exists() and not written_by_fastdpo(path):
             if not self._card_warned:
                 self._card_warned = True
                 logger.warning("%s was not written by fastdpo: kept as it is (the model card is not written)", path)
@@ -78,13 +78,14 @@ class WritesModelCard:
         final = os.path.abspath(target) == os.path.abspath(self.args.output_dir)
         path = Path(target) / "README.md"
         # a PEFT model's save_pretrained writes a card of its own there: over none, or over ours, it is replaced
-        replace = final and (not path.exists() or _ours(path))
+        replace = final and (not path.exists() or written_by_fastdpo(path))
         super().save_model(output_dir, _internal_call)
         if final:
             self._write_card(replace=replace)
 
 
-def _ours(path: Path) -> bool:
+def written_by_fastdpo(path: Path) -> bool:
+    """Whether the README.md at ``path`` is a card fastdpo wrote (it carries ``MARK``)."""
     return MARK in path.read_text(encoding="utf-8", errors="replace")
 
 
