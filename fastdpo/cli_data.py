@@ -95,6 +95,7 @@ def run_data(known: argparse.Namespace) -> int:
     if getattr(known, "max_length", None) is not None and not known.tokenizer:
         raise ConfigError("counts tokens", column="--max-length", fix="pass --tokenizer (a folder or hub name) too")
 
+    tokenizer = _tokenizer(known.tokenizer) if getattr(known, "tokenizer", None) else None  # (before the data)
     limit = getattr(known, "limit", None)
     text = text_columns(getattr(known, "columns", None))  # (a CSV file's text columns)
     split = getattr(known, "split", "train")
@@ -105,18 +106,19 @@ def run_data(known: argparse.Namespace) -> int:
         checked = _prepared(dataset, getattr(known, "columns", None))
     elif getattr(known, "columns", None):
         dataset = _mapped(dataset, known.columns)
-    tokenizer = None
-    if getattr(known, "tokenizer", None):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(known.tokenizer)
     if known.action in ("check", "stats"):
         report = check_preferences(checked, tokenizer, max_length=getattr(known, "max_length", None),
                                    truncation_mode=getattr(known, "truncation_mode", "keep_start"))  # fmt: skip
         if known.action == "stats":
             print(json.dumps(report.length_stats, indent=1) if known.json else _stats_table(report.length_stats))
-        else:
-            print(report.to_json() if known.json else report.to_markdown())
+            return 0
+        print(report.to_json() if known.json else report.to_markdown())
+        if report.num_rows and len(report.drop_rows()) == report.num_rows:  # (a check that passed, status 0, before)
+            raise DataError(
+                f"every one of the {report.num_rows} rows would be dropped (above, by reason): a run "
+                "would have no data to train on",
+                fix="fix the rows, or map the columns (--columns)",
+            )
         return 0
     if known.action == "filter":  # judged as the trainers read the rows; those kept written under fastdpo's names
         reasons = known.drop.split(",") if known.drop else None
@@ -167,6 +169,25 @@ def run_data(known: argparse.Namespace) -> int:
         _write(views[out.suffix].select(part[ROW_COLUMN]), out, known, summary)
     print(f"train {len(parts[0])} rows, eval {len(parts[1])} rows; no prompt in both")
     return 0
+
+
+def _tokenizer(name: str):
+    """``--tokenizer``: the tokenizer of a folder or hub name, or one ``ConfigError`` saying what is missing (a path
+    that is no folder read as a malformed hub id, "Repo id must ...", before)."""
+    from transformers import AutoTokenizer
+
+    from fastdpo.train.loading import refuse_missing_folder
+
+    refuse_missing_folder(name, "--tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:  # (a folder without tokenizer files; a hub name not found or offline)
+        files = sorted(p.name for p in Path(name).iterdir())[:8] if Path(name).is_dir() else None
+        what = (f"the folder {name} holds no tokenizer (its files: {', '.join(files) or 'none'})" if files is not None
+                else f"cannot load a tokenizer from {name!r}: {str(error).splitlines()[0]}")  # fmt: skip
+        raise ConfigError(what, column="--tokenizer",
+                          fix="give a folder with the tokenizer's files (tokenizer.json, tokenizer_config.json), "
+                          "as save_pretrained writes them, or a hub name") from None  # fmt: skip
 
 
 def _say_split(source: str, split: str) -> None:
@@ -362,12 +383,9 @@ def _write(dataset, out: Path, known: argparse.Namespace, summary: dict) -> None
 
 
 def _stats_table(stats: dict) -> str:
-    lines = [f"{stats.get('pairs', 0):,} valid pairs", "", "| column | unit | min | mean | median | max |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for unit in ("chars", "tokens"):
-        for column, s in (stats.get(unit) or {}).items():
-            lines.append(f"| {column} | {unit} | {s['min']:,} | {s['mean']:,.1f} | {s['median']:,.1f} | {s['max']:,} |")
-    return "\n".join(lines)
+    from fastdpo.data.quality import length_table
+
+    return "\n".join([f"{stats.get('pairs', 0):,} valid pairs", "", *length_table(stats)])
 
 
 # ----------------------------------------------------------------------------------------------------------- env

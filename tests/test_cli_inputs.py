@@ -4,9 +4,12 @@ encoding, column maps that are not names, outputs in the way; each one error nam
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
-from test_bad_inputs import command_error, model_dir, tokenizer, workdir  # noqa: F401
+from test_bad_inputs import command_error, jsonl, model_dir, tokenizer, workdir  # noqa: F401
+
+from fastdpo import cli
 
 
 def test_yaml_errors_say_where_and_what(workdir, capsys):  # noqa: F811
@@ -60,8 +63,6 @@ def test_overwrite_keeps_the_config_a_user_wrote_in_the_run_directory(workdir, c
     # `--config run/config.yaml --overwrite`: the run replaced the user's file (comments, layout) with its resolved
     # settings; a config.yaml as a run writes it (re-runnable with --config, README) is still taken
     import yaml
-
-    from fastdpo import cli
 
     (workdir / "run").mkdir()
     mine = "# beta tuned on the pilot\n" + (workdir / "run.yaml").read_text() + "beta: 0.3  # tuned\n"
@@ -128,7 +129,6 @@ def test_a_key_written_twice_in_a_json_document_or_a_csv_header(workdir, capsys)
 def test_blank_lines_in_json_lines_whose_column_holds_mixed_kinds(workdir):  # noqa: F811
     # a message's content a string in one row and text parts in another reads (README); a blank line too (a
     # trailing one is common) failed: "datasets cannot read it (ValueError: Expected object or value)", no line named
-    import json
 
     from fastdpo.data import load_data
 
@@ -147,9 +147,6 @@ def test_blank_lines_in_json_lines_whose_column_holds_mixed_kinds(workdir):  # n
 def test_data_actions_read_the_split_asked_for_and_say_which(workdir, capsys):  # noqa: F811
     # `data check FOLDER` read the train split alone, unsaid ("No row has a problem" where test.jsonl holds a
     # duplicate and an empty answer), and no flag picked another
-    import json
-
-    from fastdpo import cli
 
     folder = workdir / "splits"
     folder.mkdir()
@@ -169,9 +166,6 @@ def test_data_actions_read_the_split_asked_for_and_say_which(workdir, capsys):  
 def test_test_size_as_a_run_reads_eval_fraction(workdir, capsys):  # noqa: F811
     # "--test-size abc" said "invalid _fraction_or_count value"; "--test-size 2.0" was refused where a run's
     # eval_fraction 2.0 holds out 2 rows
-    import json
-
-    from fastdpo import cli
 
     with pytest.raises(SystemExit):  # (argparse's own exit, status 2)
         cli.main(["data", "split", "pairs.jsonl", "t.jsonl", "e.jsonl", "--test-size", "abc"])
@@ -201,7 +195,6 @@ def test_an_output_in_a_file_as_if_a_folder(workdir, capsys):  # noqa: F811
 
 def test_a_preparation_error_names_the_column_as_the_data_does(workdir, capsys):  # noqa: F811
     # under dataset_columns {chosen: good}, an empty answer was named "column 'chosen'", a column the file lacks
-    import json
 
     rows = [{"prompt": "a", "good": "", "rejected": " c"}, {"prompt": "b", "good": " x", "rejected": " y"}]
     (workdir / "good.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -221,3 +214,29 @@ def test_version(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fastdpo.cli", "--version"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == f"fastdpo {package.__version__}"
+
+
+def test_data_check_of_rows_all_dropped_fails_after_its_report(workdir, capsys):  # noqa: F811
+    # every row would be dropped (chosen == rejected; the later two duplicates too): the report, then exit 2
+    # (it passed, status 0, under an empty length table, and `fastdpo dpo` then had no data)
+    jsonl(workdir / "same.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "a"}] * 3)
+    said = command_error(capsys, "data", "check", "same.jsonl")
+    assert said.startswith("fastdpo: error: every one of the 3 rows would be dropped (above, by reason)"), said
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["data", "stats", "same.jsonl"]) == 0  # (statistics, no verdict)
+    assert "No valid pair to measure." in capsys.readouterr().out
+    assert cli.main(["data", "check", "pairs.jsonl"]) == 0  # (three of four dropped: one kept)
+
+
+def test_a_tokenizer_that_is_not_there(workdir, model_dir, capsys):  # noqa: F811
+    # a missing folder read as a malformed hub id ("Repo id must use alphanumeric chars"), an empty one as
+    # "Couldn't instantiate the backend tokenizer": both before the data is read, naming the folder
+    said = command_error(capsys, "data", "check", "pairs.jsonl", "--tokenizer", "./nosuch", "--max-length", "9")
+    assert said.startswith(f"fastdpo: error: column '--tokenizer': there is no folder {workdir / 'nosuch'}"), said
+    (workdir / "weights").mkdir()
+    (workdir / "weights" / "config.json").write_text("{}")
+    said = command_error(capsys, "data", "stats", "pairs.jsonl", "--tokenizer", "weights")
+    assert "the folder weights holds no tokenizer (its files: config.json)" in said, said
+    assert cli.main(["data", "stats", "pairs.jsonl", "--tokenizer", str(model_dir)]) == 0
+    assert "| chosen | tokens |" in capsys.readouterr().out

@@ -124,10 +124,7 @@ class QualityReport:
         warned = {row for reason, rows in self.rows.items() for row in rows} - dropped
         lines += ["", f"{len(dropped):,} rows would be dropped; {len(warned):,} kept rows have warnings.", ""]
         lines += [f"## Lengths ({self.length_stats.get('pairs', 0):,} valid pairs)", ""]
-        lines += ["| column | unit | min | mean | median | max |", "|---|---|---|---|---|---|"]
-        for unit in ("chars", "tokens"):
-            for c, s in (self.length_stats.get(unit) or {}).items():
-                lines += [f"| {c} | {unit} | {s['min']:,} | {s['mean']:,.1f} | {s['median']:,.1f} | {s['max']:,} |"]
+        lines += length_table(self.length_stats)
         lines += ["", "## Dataset warnings", ""] + ([f"- {w}" for w in self.dataset_warnings] or ["None."])
         return "\n".join(lines) + "\n"
 
@@ -189,6 +186,17 @@ class QualityReport:
                 hint = _did_you_mean(name, REASONS)
                 raise DataError(f"unknown reason {name!r}", fix=f"{hint}reasons are: {', '.join(REASONS)}")
         return [r for r in REASONS if r in wanted]
+
+
+def length_table(stats: dict[str, Any]) -> list[str]:
+    """``length_stats`` as markdown lines: a row per column and unit (characters; tokens with a tokenizer)."""
+    if not stats.get("pairs"):
+        return ["No valid pair to measure."]
+    lines = ["| column | unit | min | mean | median | max |", "|---|---|---|---|---|---|"]
+    for unit in ("chars", "tokens"):
+        for c, s in (stats.get(unit) or {}).items():
+            lines.append(f"| {c} | {unit} | {s['min']:,} | {s['mean']:,.1f} | {s['median']:,.1f} | {s['max']:,} |")
+    return lines
 
 
 class _Findings:
