@@ -57,6 +57,7 @@ from pathlib import Path
 
 from fastdpo.atomic import refuse_non_empty, run_lock
 from fastdpo.cli_data import add_data_parser, run_data
+from fastdpo.cli_errors import in_cli_terms
 from fastdpo.cli_model import (
     TRL_KEYS,
     AdapterArguments,
@@ -160,7 +161,7 @@ def _failed(error: BaseException, command: str, *, debug: bool) -> int:
         print("fastdpo: interrupted", file=sys.stderr)
         return 130
     if isinstance(error, (ConfigError, DataError, OSError)):
-        print(f"fastdpo: error: {_in_cli_terms(error, command)}", file=sys.stderr)
+        print(f"fastdpo: error: {in_cli_terms(error, trains=command in COMMANDS)}", file=sys.stderr)
         return 2
     said = (str(error).strip().splitlines() or [""])[0][:300]
     print(f"fastdpo: error: {type(error).__name__}: {said} (--debug shows the traceback)", file=sys.stderr)
@@ -169,38 +170,6 @@ def _failed(error: BaseException, command: str, *, debug: bool) -> int:
 
 def _not_the_kernels_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-
-
-def _in_cli_terms(error: Exception, command: str) -> Exception:
-    """``error`` with a fix that names the Python API's ``columns={...}`` rewritten as this command's option for it:
-    ``dataset_columns`` in the YAML (dpo, sft), ``--columns`` with JSON (data); a column to rename (compare); and
-    ``check_preferences`` as ``fastdpo data check``, its ``.filter`` as ``fastdpo data filter``."""
-    import ast
-
-    if isinstance(error, ConfigError) and command in COMMANDS and "streaming=True" in (error.fix or ""):
-        fix = error.fix.replace("load the data without streaming=True (a map-style Dataset)",
-                                "set dataset_streaming: false").replace(
-            "use reference='separate' (or 'adapter' with PEFT)", "set precompute_ref_log_probs: false")  # fmt: skip
-        error = ConfigError(error.message, column=error.column, fix=fix)
-    if isinstance(error, DataError) and (error.fix or "").endswith(", or pass format="):  # (a Python option)
-        error = DataError(error.message, row=error.row, column=error.column, fix=error.fix.removesuffix(
-            ", or pass format="))  # fmt: skip
-    if isinstance(error, DataError) and "fastdpo.data.check_preferences" in (error.fix or ""):  # its commands
-        fix = error.fix.replace("fastdpo.data.check_preferences(dataset, tokenizer).filter(dataset)",
-                                "fastdpo data filter FILE OUT --tokenizer TOKENIZER")  # fmt: skip
-        fix = fix.replace("fastdpo.data.check_preferences(dataset).filter(dataset)", "fastdpo data filter FILE OUT")
-        fix = fix.replace("fastdpo.data.check_preferences", "fastdpo data check FILE")
-        error = DataError(error.message, row=error.row, column=error.column, fix=fix)
-    found = re.search(r"(map your column with )?columns=(\{[^}]*\})( in prepare_preferences)?",
-                      getattr(error, "fix", None) or "")  # fmt: skip
-    if not isinstance(error, DataError) or found is None:
-        return error
-    mapping = ast.literal_eval(found.group(2))
-    if command in COMMANDS:
-        option = f"{found.group(1) or ''}dataset_columns: {json.dumps(mapping)} in the YAML"
-    else:  # data, compare
-        option = f"{found.group(1) or ''}--columns '{json.dumps(mapping)}'"
-    return DataError(error.message, row=error.row, column=error.column, fix=error.fix.replace(found.group(0), option))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -405,6 +405,10 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
         dropped = dict(collections.Counter(dropped) + collections.Counter(more))
         if dropped:
             logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
+        if len(train) == 0 and dropped:  # ("the dataset has no rows, check the file or the split", from tokenizing)
+            raise DataError(f"every one of the {sum(dropped.values())} training rows is dropped ({dropped})",
+                            column="data_filter", fix="check the data (fastdpo data check FILE) and the column map "
+                            "(dataset_columns), or data_filter: none to stop at the first such row")  # fmt: skip
         if evaluation is not None:  # (its rows preparation refused are gone already, as the train split's)
             rows = len(evaluation)
             evaluation, more = check_preferences(evaluation).filter(evaluation)

@@ -420,7 +420,8 @@ def test_data_pairs_and_split(workdir, data_cli):
     assert "; not candidates: 2 completions (blank 1, repeated 1)" in done.stdout
     split = data_cli("split", "pairs.jsonl", "train.jsonl", "eval.jsonl", *MAPPED, "--test-size", "0.25")  # fmt: skip
     unmapped = data_cli("split", "pairs.jsonl", "t0.jsonl", "e0.jsonl")  # its prompts are in "question"
-    assert unmapped.returncode == 2 and """fastdpo data: --columns '{"prompt": "<your column>"}'""" in unmapped.stderr
+    assert unmapped.returncode == 2 and """with --columns '{"prompt": "<your column>"}'""" in unmapped.stderr
+    assert "prompt='" not in unmapped.stderr  # (no Python words: the fix began "pass prompt='<your column>'")
     # no prompt column: grouped by the prompt the trainers take out of chosen and rejected (refused before)
     hh = str(Path(__file__).parent / "fixtures" / "hh_rlhf.jsonl")
     implicit = data_cli("split", hh, "hh_train.jsonl", "hh_eval.jsonl", "--test-size", "0.3")

@@ -240,3 +240,37 @@ def test_a_tokenizer_that_is_not_there(workdir, model_dir, capsys):  # noqa: F81
     assert "the folder weights holds no tokenizer (its files: config.json)" in said, said
     assert cli.main(["data", "stats", "pairs.jsonl", "--tokenizer", str(model_dir)]) == 0
     assert "| chosen | tokens |" in capsys.readouterr().out
+
+
+def test_hints_speak_the_command_line(workdir, capsys):  # noqa: F811
+    # data pairs said "pass completions='completion'; fastdpo data: --completions <your column>"; a missing
+    # `rejected` suggested the rating column `rejected_score` as the answers; `data split` of one prompt advised
+    # "split by row without grouping", which no option does
+    jsonl(workdir / "rated.jsonl", [{"prompt": f"q{i}", "completion": ["a", "b"], "scores": [1, 2]} for i in range(3)])
+    said = command_error(capsys, "data", "pairs", "rated.jsonl", "out.jsonl")
+    assert said.endswith("did you mean 'completion'? pass --completions completion (columns present: prompt, "
+                         "completion, scores)"), said  # fmt: skip
+    jsonl(workdir / "rated.jsonl", [{"prompt": "q", "chosen": "a", "rejected_score": 1, "chosen_score": 2}])
+    said = command_error(capsys, "data", "check", "rated.jsonl")
+    assert said.endswith("""— map your column with --columns '{"rejected": "<your column>"}' (columns present: """
+                         "prompt, chosen, rejected_score, chosen_score)"), said  # fmt: skip
+    jsonl(workdir / "one.jsonl", [{"prompt": "q", "chosen": "a", "rejected": f"b{i}"} for i in range(4)])
+    said = command_error(capsys, "data", "split", "one.jsonl", "t.jsonl", "e.jsonl")
+    assert said.endswith("found 1 — add rows with other prompts (no prompt is in both parts of the split)"), said
+
+
+def test_a_run_whose_every_row_is_dropped(workdir, capsys):  # noqa: F811
+    # DPO: every row dropped by data_filter went on to "the dataset has no rows — check the file or the split you
+    # loaded"; SFT: every row refused gave the first row's error alone, "drop the row"
+    jsonl(workdir / "same.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "a"}] * 2)
+    said = command_error(capsys, "dpo", "--config", "run.yaml", "--dataset_name", "same.jsonl")
+    assert said == ("fastdpo: error: column 'data_filter': every one of the 2 training rows is dropped ({'identical': "
+                    "2}) — check the data (fastdpo data check FILE) and the column map (dataset_columns), or "
+                    "data_filter: none to stop at the first such row")  # fmt: skip
+    jsonl(workdir / "sft.jsonl", [{"prompt": f"q{i}", "completion": ""} for i in range(3)])
+    said = command_error(capsys, "sft", "--config", "run.yaml", "--dataset_name", "sft.jsonl")
+    assert said == (
+        "fastdpo: error: row 0, column 'completion': is empty, and no row is left: all 3 are refused "
+        "({'completion': 3}) — check the data and its column map (the first row's fix: drop the row)"
+    )
+    assert not (workdir / "run").exists()

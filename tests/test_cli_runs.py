@@ -253,20 +253,20 @@ def test_eval_fraction_out_of_range_is_named_as_the_runs_key(tmp_path):
 
 def test_a_fix_naming_the_python_check_names_the_command_in_the_cli():
     # the rows preparation refuses (data_filter: none, or the data commands) named fastdpo.data.check_preferences
-    from fastdpo.cli import _in_cli_terms
+    from fastdpo.cli_errors import in_cli_terms
     from fastdpo.errors import DataError
 
     error = DataError(
         "is empty", row=2, column="chosen", fix="drop the row (fastdpo.data.check_preferences lists them all)"
     )
-    said = _in_cli_terms(error, "dpo")
+    said = in_cli_terms(error, trains=True)
     assert str(said) == "row 2, column 'chosen': is empty — drop the row (fastdpo data check FILE lists them all)"
     # its .filter(dataset) as the filter command (it read "fastdpo data check FILE(dataset).filter(dataset)")
     commands = {"(dataset)": "fastdpo data filter FILE OUT",
                 "(dataset, tokenizer)": "fastdpo data filter FILE OUT --tokenizer TOKENIZER"}  # fmt: skip
     for python, command in commands.items():
         fix = f"fix the row, or drop such rows with fastdpo.data.check_preferences{python}.filter(dataset) (empty)"
-        said = _in_cli_terms(DataError("is empty", row=2, column="chosen", fix=fix), "dpo")
+        said = in_cli_terms(DataError("is empty", row=2, column="chosen", fix=fix), trains=True)
         assert said.fix == f"fix the row, or drop such rows with {command} (empty)"
     # a stream's refusals named streaming=True and reference=; a row of the other format, format= (Python's)
     from types import SimpleNamespace
@@ -277,10 +277,10 @@ def test_a_fix_naming_the_python_check_names_the_command_in_the_cli():
     args = SimpleNamespace(max_steps=2, max_tokens_per_batch=None, balance_ranks=False, world_size=1)
     with pytest.raises(ConfigError) as caught:
         check_stream_args(args, "train", cached_reference=True)
-    said = _in_cli_terms(caught.value, "dpo").fix
+    said = in_cli_terms(caught.value, trains=True).fix
     assert said == "set dataset_streaming: false, or set precompute_ref_log_probs: false", said
     fix = "fix or drop the row (fastdpo.data.check_preferences lists every such row), or pass format="
-    said = _in_cli_terms(DataError("expected a string like the first row, got None", fix=fix), "dpo")
+    said = in_cli_terms(DataError("expected a string like the first row, got None", fix=fix), trains=True)
     assert said.fix == "fix or drop the row (fastdpo data check FILE lists every such row)"
 
 

@@ -354,10 +354,10 @@ def column_values(data: datasets.Dataset | list[dict[str, Any]], name: str) -> l
 
 def missing_column(option: str, name: str, present: list[str], cli: str | None = None) -> DataError:
     """A DataError for column ``name`` (given as ``option=``) not in ``present``, suggesting the closest one;
-    ``cli``: how ``fastdpo data`` takes it (default: ``--option <your column>``)."""
+    ``cli``: how ``fastdpo data`` takes it (default: ``--option <the guess or your column>``)."""
     present = data_columns(present)
     guess = close_match(name, present)
     hint = f"did you mean {guess!r}? pass {option}={guess!r}" if guess else f"pass {option}='<your column>'"
-    cli = cli or f"--{option.replace('_', '-')} <your column>"
+    cli = cli or f"--{option.replace('_', '-')} {guess or '<your column>'}"
     return DataError("column not found", column=name,
                      fix=f"{hint}; fastdpo data: {cli} (columns present: {', '.join(present)})")  # fmt: skip

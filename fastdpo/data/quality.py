@@ -43,7 +43,7 @@ import datasets
 
 from fastdpo.data.quality_lengths import ABSENT, check_lengths
 from fastdpo.data.render import TRUNCATION_MODES
-from fastdpo.data.schema import PREFERENCE_COLUMNS, content_text, is_text_part, without_none
+from fastdpo.data.schema import PREFERENCE_COLUMNS, column_guess, content_text, is_text_part, without_none
 from fastdpo.data.where import where_mask
 from fastdpo.errors import ConfigError, DataError, close_match, unknown_choice
 
@@ -302,7 +302,8 @@ def _read_columns(dataset) -> tuple[int, list[str], dict[str, list]]:
     num_rows, names = _size_and_columns(dataset)
     missing = [c for c in ("chosen", "rejected") if c not in names]
     if missing and (names or num_rows):  # an empty list has no columns: that is an empty dataset, not an error
-        hint = _did_you_mean(missing[0], names)
+        guess = column_guess(missing[0], names)
+        hint = f"did you mean {guess!r}? " if guess else ""
         fix = (f"{hint}map your column with columns={{{missing[0]!r}: '<your column>'}} in prepare_preferences "
                f"(columns present: {', '.join(names) or 'none'})")  # fmt: skip
         raise DataError("column not found", column=missing[0], fix=fix)

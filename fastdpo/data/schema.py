@@ -136,10 +136,17 @@ def data_columns(present: list[str]) -> list[str]:
     return [column for column in present if not column.startswith("__fastdpo")]
 
 
+def column_guess(name: str, present: list[str]) -> str | None:
+    """The column of ``present`` most like the missing ``name``: for a text column (``rejected``) never a rating
+    (``rejected_score``, ``score_rejected``), which was suggested as the answers' column."""
+    scores = {alias for aliases in SCORE_ALIASES.values() for alias in aliases}
+    return close_match(name, present if name in scores else [c for c in present if c not in scores])
+
+
 def missing_column(name: str, present: list[str], mapped_to: str | None = None) -> DataError:
     """DataError for a column that is not there, suggesting the close match and the ``columns=`` map."""
     present = data_columns(present)
-    guess = close_match(name, present)
+    guess = column_guess(name, present)
     hint = f"did you mean {guess!r}? " if guess else ""
     target = mapped_to or name
     if mapped_to is not None and mapped_to in present and guess is None:  # (e.g. a file data split wrote)

@@ -29,6 +29,7 @@ their TRL meaning; every other column is kept as it came.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 from dataclasses import dataclass, field
@@ -92,8 +93,14 @@ def prepare_sft(
     _check_rows(dataset, layout, refused)
     if refused:
         kept = [row for row in range(len(dataset)) if row not in refused]
-        if not kept:
-            raise next(iter(refused.values()))
+        if not kept:  # (the first row's error alone said "drop the row" where every row was refused)
+            first = next(iter(refused.values()))
+            if len(refused) == 1:
+                raise first
+            counts = dict(collections.Counter(error.column or "row" for error in refused.values()))
+            raise DataError(f"{first.message}, and no row is left: all {len(refused)} are refused ({counts})",
+                            row=first.row, column=first.column,
+                            fix=f"check the data and its column map (the first row's fix: {first.fix})")  # fmt: skip
         dataset = dataset.select(kept)
     return dataset
 

@@ -30,6 +30,7 @@ import datasets
 
 from fastdpo.data.pairs import column_values, missing_column, table_columns
 from fastdpo.data.quality import squeezed
+from fastdpo.data.schema import missing_column as schema_missing_column
 from fastdpo.data.schema import without_none
 from fastdpo.errors import ConfigError, DataError
 
@@ -83,8 +84,7 @@ def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed
         row.get("prompt", {"refused": row}) for row in prepared]  # fmt: skip
     keys = [key.rsplit("\n", 1)[0] if isinstance(key, str) and "\n" in key.strip() else key for key in keys]
     if not all(keys):  # pairs whose chosen and rejected begin with nothing alike: a prompt under another name?
-        error = missing_column("prompt", "prompt", [name for name in dataset.column_names if name != ROW_COLUMN],
-                               cli="""--columns '{"prompt": "<your column>"}'""")  # fmt: skip
+        error = schema_missing_column("prompt", dataset.column_names)  # (the CLI words its column map for itself)
         empty = sum(not key for key in keys)
         raise DataError(f"{error.message}, and in {empty} of {len(keys)} rows chosen and rejected begin with no "
                         "shared prompt to group by", column=error.column, fix=error.fix)  # fmt: skip
@@ -132,7 +132,7 @@ def _sft_keys(dataset) -> tuple[list, str]:
     if "prompt" in present or "messages" not in present:
         key = "prompt" if "prompt" in present else "text"
         if key not in present:
-            raise missing_column("prompt", key, present, cli="""--columns '{"text": "<your column>"}'""")
+            raise schema_missing_column(key, present)
         return column_values(dataset, key), key
 
     def asked(messages: list[dict]) -> list[dict]:  # (ShareGPT's converted rows keep its roles: "gpt")
@@ -160,7 +160,7 @@ def split_by_keys(dataset, keys, *, test_size: float | int, seed: int, column: s
             f"a split grouped by prompt needs at least 2 distinct prompts, found {len(eligible)}"
             + (f" among the rows the preparation keeps ({len(refused)} refused)" if refused else ""),
             column=column,
-            fix="add rows with other prompts, or split by row without grouping",
+            fix="add rows with other prompts (no prompt is in both parts of the split)",
         )
     num_rows = sum(sizes.values())
     target = _target_rows(test_size, num_rows)

@@ -1,0 +1,44 @@
+"""The Python API's words in an error's fix, as the ``fastdpo`` command takes them (``fastdpo.cli``'s, apart for its
+length)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+from fastdpo.errors import ConfigError, DataError
+
+
+def in_cli_terms(error: Exception, *, trains: bool) -> Exception:
+    """``error`` with a fix that names the Python API's ``columns={...}`` rewritten as this command's option for it:
+    ``dataset_columns`` in the YAML (``trains``: dpo, sft), ``--columns`` with JSON (data, compare); ``build_pairs``'
+    ``prompt=`` as ``--prompt``; ``check_preferences`` as ``fastdpo data check``, its ``.filter`` as ``fastdpo data
+    filter``; a stream's and a row format's Python options as the YAML's."""
+    if isinstance(error, ConfigError) and trains and "streaming=True" in (error.fix or ""):
+        fix = error.fix.replace("load the data without streaming=True (a map-style Dataset)",
+                                "set dataset_streaming: false").replace(
+            "use reference='separate' (or 'adapter' with PEFT)", "set precompute_ref_log_probs: false")  # fmt: skip
+        error = ConfigError(error.message, column=error.column, fix=fix)
+    if isinstance(error, DataError) and (error.fix or "").endswith(", or pass format="):  # (a Python option)
+        error = DataError(error.message, row=error.row, column=error.column, fix=error.fix.removesuffix(
+            ", or pass format="))  # fmt: skip
+    if isinstance(error, DataError) and "; fastdpo data: " in (error.fix or ""):  # (build_pairs' prompt=...)
+        fix = re.sub(r"pass \w+=[^;]*; fastdpo data: ", "pass ", error.fix)
+        error = DataError(error.message, row=error.row, column=error.column, fix=fix)
+    if isinstance(error, DataError) and "fastdpo.data.check_preferences" in (error.fix or ""):  # its commands
+        fix = error.fix.replace("fastdpo.data.check_preferences(dataset, tokenizer).filter(dataset)",
+                                "fastdpo data filter FILE OUT --tokenizer TOKENIZER")  # fmt: skip
+        fix = fix.replace("fastdpo.data.check_preferences(dataset).filter(dataset)", "fastdpo data filter FILE OUT")
+        fix = fix.replace("fastdpo.data.check_preferences", "fastdpo data check FILE")
+        error = DataError(error.message, row=error.row, column=error.column, fix=fix)
+    found = re.search(r"(map your column with )?columns=(\{[^}]*\})( in prepare_preferences)?",
+                      getattr(error, "fix", None) or "")  # fmt: skip
+    if not isinstance(error, DataError) or found is None:
+        return error
+    mapping = ast.literal_eval(found.group(2))
+    if trains:
+        option = f"{found.group(1) or ''}dataset_columns: {json.dumps(mapping)} in the YAML"
+    else:  # data, compare
+        option = f"{found.group(1) or ''}--columns '{json.dumps(mapping)}'"
+    return DataError(error.message, row=error.row, column=error.column, fix=error.fix.replace(found.group(0), option))
