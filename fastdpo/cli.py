@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import os
@@ -115,14 +116,32 @@ COMMANDS = {"dpo": "DPOConfig", "sft": "SFTConfig"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    shown = warnings.formatwarning
+    warnings.formatwarning = functools.partial(_as_said, shown)  # (restored: cli.main is called in-process too)
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    finally:
+        warnings.formatwarning = shown
+
+
+def _as_said(shown, message, category, filename, lineno, line=None) -> str:
+    """fastdpo's own warnings as one line, ``fastdpo: warning: ...`` (they showed the Python file and line that
+    warned, and its source line); other packages' as Python shows them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        return f"fastdpo: warning: {message}\n"
+    return shown(message, category, filename, lineno, line)
+
+
+def _main(argv: list[str]) -> int:
     # not the user's to fix: TRL's field gradient_checkpointing (transformers 5 warns), and on a CPU the Trainer's
     # default dataloader_pin_memory=True (torch warns at each data loader)
     warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator")
     # nor bitsandbytes' word, at its import on a CPU with AVX512-BF16 (every command that loads a model), that HF's
-    # optional `kernels` package is missing: it falls back to its own 4-bit CPU kernel
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_notice)  # (once: the same filter)
+    # optional `kernels` package is missing: it falls back to its own 4-bit CPU kernel; nor DeepSpeed's, where it is
+    # installed, that it found no GPU (on stdout, with its file and line, at every run on a CPU)
+    for name in _NOTICES:
+        logging.getLogger(name).addFilter(_not_a_notice)  # (once: the same filter)
     if argv[:1] in (["quickstart"], ["compare"], ["sweep"]):  # their own parsers (fastdpo.quickstart, ...)
         from fastdpo.compare_cli import main as compare
         from fastdpo.quickstart import main as quickstart
@@ -168,8 +187,12 @@ def _failed(error: BaseException, command: str, *, debug: bool) -> int:
     return 1
 
 
-def _not_the_kernels_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+_NOTICES = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+            "DeepSpeed": "Setting accelerator to CPU."}  # fmt: skip
+
+
+def _not_a_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_NOTICES.get(record.name, "\0"))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -268,21 +268,6 @@ def test_env_reports_versions_device_and_head(workdir):
     assert "trainer imported: False" in done.stdout
 
 
-def test_bitsandbytes_word_on_a_missing_optional_package_is_not_printed(caplog):
-    # at its import on a CPU with AVX512-BF16 (any command that loads a model), bitsandbytes logs that HF's `kernels`
-    # package is missing, and falls back to its own kernel: noise beside the command's output
-    import logging
-
-    from fastdpo.cli import main
-
-    main(["env"])
-    said = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    with caplog.at_level(logging.WARNING):
-        said.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "no kernels")
-        said.warning("another warning")
-    assert [record.getMessage() for record in caplog.records] == ["another warning"]
-
-
 # --- fastdpo data (in this process: main() prints and returns the exit status as the command does)
 
 MAPPED = ["--columns", '{"prompt": "question"}']

@@ -274,3 +274,37 @@ def test_a_run_whose_every_row_is_dropped(workdir, capsys):  # noqa: F811
         "({'completion': 3}) — check the data and its column map (the first row's fix: drop the row)"
     )
     assert not (workdir / "run").exists()
+
+
+def test_notices_of_other_packages_are_not_printed(caplog):
+    # bitsandbytes at its import on a CPU with AVX512-BF16 (any command that loads a model): HF's `kernels` package
+    # is missing, it falls back to its own kernel; DeepSpeed, where installed, at every run on a CPU: "Setting
+    # accelerator to CPU" (on stdout, with its file and line). Noise beside the command's output
+    import logging
+
+    cli.main(["env"])
+    for name, notice in [("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-"
+                          "community: no kernels. Please ..."), ("DeepSpeed", "Setting accelerator to CPU. If you "
+                          "have GPU or other accelerator, we were unable to detect it.")]:  # fmt: skip
+        said = logging.getLogger(name)
+        with caplog.at_level(logging.WARNING):
+            said.warning(notice)
+            said.warning("another warning")
+        assert [record.getMessage() for record in caplog.records] == ["another warning"], name
+        caplog.clear()
+
+
+def test_fastdpo_warnings_are_one_line_without_the_python_file(workdir, capsys):  # noqa: F811
+    # "/.../fastdpo/cli.py:560: UserWarning: ref_model is not used: ...", then the source line that warned
+    import subprocess
+    import sys
+
+    script = ("import warnings, yaml, fastdpo.cli as c\n"
+              "c.main(['dpo', '--config', 'run.yaml', '--loss_type', 'simpo', '--ref_model_name_or_path', "
+              "yaml.safe_load(open('run.yaml'))['model_name_or_path']])\n"
+              "warnings.warn_explicit('theirs', UserWarning, '/elsewhere/pkg.py', 7)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], cwd=workdir, capture_output=True, text=True, timeout=600)
+    lines = done.stderr.splitlines()
+    assert "fastdpo: warning: ref_model is not used: loss_type ['simpo'] is reference-free" in lines, done.stderr
+    assert not [line for line in lines if "UserWarning: ref_model" in line or "ref_model=reference" in line]
+    assert "/elsewhere/pkg.py:7: UserWarning: theirs" in lines  # (after main: Python's format again)
