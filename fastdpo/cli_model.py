@@ -179,11 +179,18 @@ def check_evaluation(run_args, args, *, evaluated_after: bool) -> None:
 
 
 def check_scheduler(args) -> None:
-    """A ConfigError, before anything is written, for a learning-rate schedule the Trainer could not build at its
-    first step (``cosine_with_min_lr`` without ``min_lr``, an argument the schedule does not take): the run directory
-    was written by then, and the fixed run needed ``--overwrite``."""
+    """A ConfigError, before anything is written, for a negative ``max_steps`` other than -1, and for a learning-rate
+    schedule the Trainer could not build at its first step (``cosine_with_min_lr`` without ``min_lr``, an argument
+    the schedule does not take): the run directory was written by then, and the fixed run needed ``--overwrite``."""
     from transformers import get_scheduler
 
+    if args.max_steps < -1:  # (transformers trains num_train_epochs for any max_steps <= 0: -5 trained 3 epochs)
+        raise ConfigError(
+            f"{args.max_steps} is no number of steps (transformers would train num_train_epochs, "
+            f"{args.num_train_epochs:g}, for it)",
+            column="max_steps",
+            fix="give a positive number of optimizer steps, or -1 (the default) for num_train_epochs",
+        )
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)  # (a stand-in)
     try:
         get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=max(args.max_steps, 10),

@@ -308,3 +308,12 @@ def test_fastdpo_warnings_are_one_line_without_the_python_file(workdir, capsys):
     assert "fastdpo: warning: ref_model is not used: loss_type ['simpo'] is reference-free" in lines, done.stderr
     assert not [line for line in lines if "UserWarning: ref_model" in line or "ref_model=reference" in line]
     assert "/elsewhere/pkg.py:7: UserWarning: theirs" in lines  # (after main: Python's format again)
+
+
+def test_a_negative_number_of_steps(workdir, capsys):  # noqa: F811
+    # transformers trains num_train_epochs for any max_steps <= 0: --max_steps -5 trained 3 epochs; -1 is its default
+    said = command_error(capsys, "dpo", "--config", "run.yaml", "--max_steps", "-5", "--num_train_epochs", "2")
+    assert said == ("fastdpo: error: column 'max_steps': -5 is no number of steps (transformers would train "
+                    "num_train_epochs, 2, for it) — give a positive number of optimizer steps, or -1 (the default) "
+                    "for num_train_epochs")  # fmt: skip
+    assert not (workdir / "run").exists()
