@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                          fix="pass another --out, --overwrite to replace the runs there, or --resume")  # fmt: skip
     known = argparse.Namespace(command="dpo", config=args.config, overwrite=args.overwrite, debug=args.debug)
     run_args, run_config = load_config(known, flags)
+    if "--out" not in argv and run_config.output_dir:  # (the runs went to runs/sweep, unsaid)
+        print(f"fastdpo sweep: the runs go to {args.out}/beta_<β>, as --out sets; the config's output_dir "
+              f"({run_config.output_dir}) is not used", file=sys.stderr)  # fmt: skip
     if run_args.eval_fraction is None and run_args.dataset_test_split is None:
         raise ConfigError("a sweep compares the runs on held-out pairs, and the config holds none out",
                           column="eval_fraction", fix="set eval_fraction (e.g. 0.1) or dataset_test_split")  # fmt: skip

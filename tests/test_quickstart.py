@@ -324,7 +324,7 @@ def test_sweep_reuses_one_reference_cache_goes_on_after_a_stop_and_recommends_a_
     assert (sweep_dir / "beta_0.05" / "config.json").is_file() and (sweep_dir / "beta_0.5" / "config.json").is_file()
 
 
-def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, capsys):
+def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, capsys, monkeypatch):
     config = tmp_path / "run.yaml"
     config.write_text("model_name_or_path: some/model\ndataset_name: pairs.jsonl\n")
     assert cli(["sweep", "--config", str(config), "--beta", "0.1,-1", "--out", str(tmp_path / "a")]) == 2
@@ -339,6 +339,10 @@ def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, cap
                       "dataset_streaming: true\nreport_to: []\n")  # fmt: skip
     assert cli(["sweep", "--config", str(config), "--beta", "0.1,0.2", "--out", str(tmp_path / "s")]) == 2
     assert "column 'dataset_streaming': a sweep computes the reference's" in capsys.readouterr().err  # (not the model)
+    monkeypatch.chdir(tmp_path)  # without --out, the runs went to runs/sweep, unsaid, where the config names another
+    assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--output_dir", "mine"]) == 2
+    assert "fastdpo sweep: the runs go to runs/sweep/beta_<β>, as --out sets; the config's output_dir (mine) is not " \
+        "used" in capsys.readouterr().err and not (tmp_path / "runs").exists()  # fmt: skip
     assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "d"), "--resume"]) == 2
     assert "holds no sweep to go on with" in capsys.readouterr().err
     # a NaN passed every comparison (each β trained, then "within nan%"); seeds numpy refuses: tracebacks before
