@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastdpo.errors import ConfigError, DataError
+from fastdpo.errors import ConfigError, DataError, offline_hint
 
 
 def add_data_parser(commands) -> None:
@@ -187,7 +187,7 @@ def _tokenizer(name: str):
                 else f"cannot load a tokenizer from {name!r}: {str(error).splitlines()[0]}")  # fmt: skip
         raise ConfigError(what, column="--tokenizer",
                           fix="give a folder with the tokenizer's files (tokenizer.json, tokenizer_config.json), "
-                          "as save_pretrained writes them, or a hub name") from None  # fmt: skip
+                          f"as save_pretrained writes them, or a hub name{offline_hint(error)}") from None  # fmt: skip
 
 
 def _say_split(source: str, split: str) -> None:

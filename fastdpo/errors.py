@@ -71,3 +71,25 @@ def unknown_choice(option: str, value: str, choices: Iterable[str]) -> ConfigErr
     guess = close_match(value, choices)
     fix = f"did you mean '{guess}'?" if guess else f"use one of {', '.join(repr(c) for c in choices)}"
     return ConfigError(f"unknown value {value!r}", column=option, fix=fix)
+
+
+_UNREACHABLE = ("couldn't connect", "couldn't reach", "name or service not known", "temporary failure in name "
+                "resolution", "max retries exceeded", "connection refused", "network is unreachable")  # fmt: skip
+
+
+def offline_hint(error: BaseException) -> str:
+    """``", or, without network, ..."`` where ``error`` (or what caused it) says the hub could not be reached and
+    offline mode is off: huggingface_hub retried for 25-50 s before that error; ``HF_HUB_OFFLINE=1`` reads its
+    cache at once. Else ``""``."""
+    import os
+
+    if any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in (
+            "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")):  # fmt: skip
+        return ""
+    said, seen = [], error
+    while seen is not None and len(said) < 8:
+        said.append(f"{type(seen).__name__}: {seen}".lower())
+        seen = seen.__cause__ or seen.__context__
+    if not any(word in text for text in said for word in (*_UNREACHABLE, "localentrynotfounderror")):
+        return ""
+    return ", or, without network, set HF_HUB_OFFLINE=1 to read the local cache at once (the hub was retried first)"

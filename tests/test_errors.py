@@ -74,3 +74,24 @@ def test_an_error_raised_again_from_a_dataloader_worker_is_its_own_line():
     with pytest.raises(DataError) as raised:
         wrapped.reraise()
     assert str(raised.value) == "row 5, column 'chosen': is empty — drop the row"
+
+
+def test_an_unreachable_hub_error_says_how_to_skip_the_retries(monkeypatch):
+    # offline, huggingface_hub retried a mistyped or uncached hub name for 25-50 s before the error, which did not
+    # say that HF_HUB_OFFLINE=1 looks in the cache at once
+    from fastdpo.errors import offline_hint
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    try:  # (as transformers raises it: its message, the cause a requests error)
+        try:
+            raise ConnectionError("'[Errno -2] Name or service not known' thrown while requesting HEAD https://x")
+        except ConnectionError as cause:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from cause
+    except OSError as error:
+        unreachable = error
+    assert offline_hint(unreachable).startswith(", or, without network, set HF_HUB_OFFLINE=1 to read the local cache")
+    assert offline_hint(unreachable.__cause__) == offline_hint(unreachable)  # (the cause alone says it too)
+    assert offline_hint(OSError("some/model does not appear to have a file named config.json")) == ""  # (reached)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # (set: nothing was retried)
+    assert offline_hint(unreachable) == ""

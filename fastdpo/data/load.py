@@ -42,7 +42,7 @@ from fastdpo.data.json_check import (
 )
 from fastdpo.data.json_layout import refuse_one_object
 from fastdpo.data.pairs import table_columns
-from fastdpo.errors import DataError
+from fastdpo.errors import DataError, offline_hint
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -120,7 +120,7 @@ def _from_hub(source, **options):
                 fix=f"did you mean {close[0]}?"
                 if close
                 else "check the path (a data file with its suffix: "
-                f"{', '.join(LOCAL_SUFFIXES)}), or the hub name and your connection",
+                f"{', '.join(LOCAL_SUFFIXES)}), or the hub name and your connection{offline_hint(error)}",
             ) from None
         if not near:
             raise

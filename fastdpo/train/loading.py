@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastdpo.errors import ConfigError
+from fastdpo.errors import ConfigError, offline_hint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _HUB_PART = r"[A-Za-z0-9][\w.-]*"
@@ -97,7 +97,7 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None, *, trust_remote_
         raise ConfigError(
             f"cannot load a model from {name_or_path!r} ({error.__class__.__name__}: {str(error).splitlines()[0]})",
             column=column,
-            fix=fix,
+            fix=fix + offline_hint(error),
         ) from error
 
 
