@@ -28,6 +28,7 @@ def test_dpo_card_after_training(load, tokenizer, tmp_path):  # noqa: F811
     written = card(trainer)
     assert MARK in written.text
     assert written.data.library_name == "transformers" and written.data.tags == ["fastdpo", "dpo", "sigmoid", "sft"]
+    assert trainer.model.model_tags == written.data.tags  # (the model's own push_to_hub: as TRL's trainers tag it)
     assert written.data.base_model is None and written.data.datasets is None  # (a local model and local rows)
     text = written.text
     assert "| loss | sigmoid, sft (weights 1, 0.5), beta 0.25 |" in text
@@ -50,6 +51,7 @@ def test_card_on_checkpoint_and_hub_arguments(load, tokenizer, tmp_path):  # noq
     trainer.train()  # (no save_model: the checkpoints write it, as TRL's do)
     written = card(trainer)
     assert written.data.base_model == "org/base-model" and written.data.tags == ["fastdpo", "sft"]
+    assert trainer.model.model_tags == ["fastdpo", "sft"]
     assert "# tiny-sft" in written.text and 'Model.from_pretrained("me/tiny-sft")' in written.text
     assert "| loss | completion tokens |" in written.text and "| trained | 2 of 2 steps," in written.text
     assert "Citation" not in written.text
@@ -118,6 +120,7 @@ def test_lora_card_replaces_peft_template(load, tokenizer, tmp_path):  # noqa: F
         written.text
     )
     assert "from peft import AutoPeftModelForCausalLM as Model" in written.text
+    assert trainer.model.get_base_model().model_tags == ["fastdpo", "dpo", "sigmoid"]
 
 
 def test_a_card_that_fails_does_not_stop_training(load, tokenizer, tmp_path, monkeypatch, caplog):  # noqa: F811

@@ -44,6 +44,11 @@ class WritesModelCard:
     card_dataset: str | None = None
     _card_warned = False
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if hasattr(self.model, "add_model_tags"):  # (as TRL's trainers tag it: the model's own push_to_hub has them)
+            self.model.add_model_tags(card_tags(self))
+
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:  # fmt: skip
         """transformers' arguments (``push_to_hub`` passes them); the card is fastdpo's own (see the module)."""
@@ -89,6 +94,12 @@ def written_by_fastdpo(path: Path) -> bool:
     return MARK in path.read_text(encoding="utf-8", errors="replace")
 
 
+def card_tags(trainer) -> list[str]:
+    """``fastdpo``, the method (``dpo``, ``sft``) and a DPO run's loss types."""
+    method = "dpo" if hasattr(trainer, "reference_mode") else "sft"
+    return ["fastdpo", method, *(trainer.args.loss_type if method == "dpo" else [])]
+
+
 def card_text(trainer, *, tags=None, model_name=None, base=None, dataset=None, language=None, license=None) -> str:
     """The card of ``trainer`` (a native DPOTrainer or SFTTrainer) as it stands."""
     method = "dpo" if hasattr(trainer, "reference_mode") else "sft"
@@ -97,8 +108,7 @@ def card_text(trainer, *, tags=None, model_name=None, base=None, dataset=None, l
     dataset = dataset or trainer.card_dataset or _dataset_name(trainer.train_dataset)
     datasets_named = [dataset] if isinstance(dataset, str) else list(dataset or [])
     name = model_name or (args.hub_model_id or "").split("/")[-1] or Path(args.output_dir).resolve().name
-    losses = list(args.loss_type) if method == "dpo" else []
-    all_tags = ["fastdpo", method, *losses, *([tags] if isinstance(tags, str) else tags or [])]
+    all_tags = [*card_tags(trainer), *([tags] if isinstance(tags, str) else tags or [])]
     front = ["---", "library_name: " + ("peft" if _is_peft(trainer.model) else "transformers")]
     if base:
         front.append(f"base_model: {base}")
@@ -110,7 +120,7 @@ def card_text(trainer, *, tags=None, model_name=None, base=None, dataset=None, l
 
     whose = f"[{base}](https://huggingface.co/{base})" if base else "a local model"
     data = ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets_named) or "local data"
-    what = f"Preference optimization ({', '.join(losses)})" if method == "dpo" else "Supervised fine-tuning"
+    what = f"Preference optimization ({', '.join(args.loss_type)})" if method == "dpo" else "Supervised fine-tuning"
     version = _version("fastdpo")
     lines = [*front, MARK, "", f"# {name}", "", f"{what} of {whose} on {data}, trained with fastdpo {version}.", ""]
     lines += ["## Training", "", "| setting | value |", "|---|---|"]
