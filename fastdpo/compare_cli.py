@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     remote = recorded.get("trust_remote_code") is True  # (the run trusted the model's own code: loaded so again)
     models, device = [], "cuda" if torch.cuda.is_available() else "cpu"
     for name, folder in (("--policy", args.policy), ("--reference", args.reference)):
+        if not folder.is_dir():  # (it said the folder "holds no model")
+            raise ConfigError(f"there is no folder {folder.resolve()}", column=name,
+                              fix=f"check the path (a relative one is read from {Path.cwd()})")  # fmt: skip
         if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
             raise ConfigError(f"{folder} holds no model (no config.json, no adapter_config.json)", column=name,
                               fix="pass the folder a trainer saved (save_pretrained)")  # fmt: skip

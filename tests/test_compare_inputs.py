@@ -65,6 +65,9 @@ def test_a_reference_with_another_vocabulary_or_tokenizer_is_refused(tmp_path, c
     save("wide_other", other, seed=1, vocab=640)
     line = refused(["--policy", "wide_policy", "--reference", "wide_other", *QUICK, "--out", "b"], capsys)
     assert "column '--reference': the tokenizer saved with the reference (wide_other) differs" in line
+    # a path that is no folder said that folder "holds no model (no config.json, ...)"
+    line = refused(["--policy", "polcy", "--reference", "smaller", *QUICK, "--out", "d"], capsys)
+    assert line.startswith(f"fastdpo: error: column '--policy': there is no folder {tmp_path / 'polcy'} — "), line
     save("reference", ours, seed=1)  # the same tokenizer: fine
     assert cli(["compare", "--policy", "policy", "--reference", "reference", "--limit", "1", *QUICK, "--out", "c"]) == 0
 
