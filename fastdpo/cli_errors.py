@@ -9,12 +9,20 @@ import re
 
 from fastdpo.errors import ConfigError, DataError
 
+_PAIRS_KEYS = r"\b(response_key|score_key)=('([^']*)')?"
+
+
+def _as_flag(found: re.Match) -> str:
+    """``response_key='text'`` as ``--response-key text``; ``score_key=`` as ``--score-key``."""
+    return f"--{found[1].replace('_', '-')}" + (f" {found[3]}" if found[2] else "")
+
 
 def in_cli_terms(error: Exception, *, trains: bool) -> Exception:
     """``error`` with a fix that names the Python API's ``columns={...}`` rewritten as this command's option for it:
     ``dataset_columns`` in the YAML (``trains``: dpo, sft), ``--columns`` with JSON (data, compare); ``build_pairs``'
-    ``prompt=`` as ``--prompt``; ``check_preferences`` as ``fastdpo data check``, its ``.filter`` as ``fastdpo data
-    filter``; a stream's and a row format's Python options as the YAML's."""
+    ``prompt=``, ``response_key=``, ``score_key=`` as ``--prompt``, ``--response-key``, ``--score-key``;
+    ``check_preferences`` as ``fastdpo data check``, its ``.filter`` as ``fastdpo data filter``; a stream's and a
+    row format's Python options as the YAML's."""
     if isinstance(error, ConfigError) and trains and "streaming=True" in (error.fix or ""):
         fix = error.fix.replace("load the data without streaming=True (a map-style Dataset)",
                                 "set dataset_streaming: false").replace(
@@ -26,6 +34,9 @@ def in_cli_terms(error: Exception, *, trains: bool) -> Exception:
     if isinstance(error, DataError) and "; fastdpo data: " in (error.fix or ""):  # (build_pairs' prompt=...)
         fix = re.sub(r"pass \w+=[^;]*; fastdpo data: ", "pass ", error.fix)
         error = DataError(error.message, row=error.row, column=error.column, fix=fix)
+    if isinstance(error, DataError) and not trains and re.search(_PAIRS_KEYS, f"{error.message} {error.fix}"):
+        message, fix = (re.sub(_PAIRS_KEYS, _as_flag, text) for text in (error.message, error.fix or ""))
+        error = DataError(message, row=error.row, column=error.column, fix=fix)  # (build_pairs' dict completions)
     if isinstance(error, DataError) and "fastdpo.data.check_preferences" in (error.fix or ""):  # its commands
         fix = error.fix.replace("fastdpo.data.check_preferences(dataset, tokenizer).filter(dataset)",
                                 "fastdpo data filter FILE OUT --tokenizer TOKENIZER")  # fmt: skip

@@ -250,6 +250,13 @@ def test_hints_speak_the_command_line(workdir, capsys):  # noqa: F811
     said = command_error(capsys, "data", "pairs", "rated.jsonl", "out.jsonl")
     assert said.endswith("did you mean 'completion'? pass --completions completion (columns present: prompt, "
                          "completion, scores)"), said  # fmt: skip
+    dicts = [{"response": "a", "overall_score": 1}, {"response": "b", "overall_score": 2}]  # ("pass response_key=")
+    jsonl(workdir / "rated.jsonl", [{"prompt": f"q{i}", "completions": dicts, "scores": [1, 2]} for i in range(3)])
+    said = command_error(capsys, "data", "pairs", "rated.jsonl", "out.jsonl")
+    assert said.endswith("— pass --response-key (and --score-key) naming the fields; keys present: response, "
+                         "overall_score"), said  # fmt: skip
+    said = command_error(capsys, "data", "pairs", "rated.jsonl", "out.jsonl", "--response-key", "respons")
+    assert said.endswith("did you mean --response-key response? keys present: response, overall_score"), said
     jsonl(workdir / "rated.jsonl", [{"prompt": "q", "chosen": "a", "rejected_score": 1, "chosen_score": 2}])
     said = command_error(capsys, "data", "check", "rated.jsonl")
     assert said.endswith("""— map your column with --columns '{"rejected": "<your column>"}' (columns present: """

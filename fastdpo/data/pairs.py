@@ -258,7 +258,7 @@ def _get_key(row: int, item: Any, key: str, completions: str, option: str) -> An
     if not isinstance(item, dict):
         raise DataError(
             f"{option}={key!r} needs dict completions, got {type(item).__name__}", row=row, column=completions,
-            fix=f"leave {option} out for completions that are strings or message lists",
+            fix=f"leave {option}= out for completions that are strings or message lists",
         )  # fmt: skip
     guess = close_match(key, [str(k) for k in item])
     hint = f"did you mean {option}={guess!r}? " if guess else ""
