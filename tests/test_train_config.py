@@ -149,3 +149,28 @@ def test_without_a_config_the_output_folder_is_trls(tmp_path, monkeypatch):
     for trainer, data, expected in ((DPOTrainer, pairs, "tiny-DPO"), (SFTTrainer, texts, "tiny-SFT")):
         assert trainer(model=load(), train_dataset=data, processing_class=tokenizer).args.output_dir == expected
         assert trainer(model=str(tmp_path / "org" / "tiny"), train_dataset=data).args.output_dir == expected
+
+
+def test_the_trainers_take_trls_arguments_in_trls_order_and_refuse_compute_metrics(tmp_path):
+    # fastdpo's DPOTrainer put train_dataset fourth (TRL: data_collator): DPOTrainer(model, None, args, None, pairs)
+    # gave the pairs to eval_dataset and refused "the train dataset is a NoneType"; compute_metrics was accepted and
+    # never called (its evaluation builds no logits), where README said it was refused
+    import inspect
+
+    import datasets
+    from test_train_dpo import common_args, tiny_model
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    from fastdpo.train import DPOTrainer, SFTTrainer
+
+    for ours, theirs in ((DPOTrainer, trl.DPOTrainer), (SFTTrainer, trl.SFTTrainer)):
+        names = list(inspect.signature(theirs.__init__).parameters)
+        assert list(inspect.signature(ours.__init__).parameters)[: len(names)] == names, ours
+    tokenizer = build_tiny_tokenizer()
+    model = tiny_model(tokenizer, tmp_path / "model")()
+    pairs = datasets.Dataset.from_dict({"prompt": ["Q?"] * 2, "chosen": [" A."] * 2, "rejected": [" B."] * 2})
+    args = DPOConfig(**common_args(tmp_path, "d"))
+    trainer = DPOTrainer(model, None, args, None, pairs, None, tokenizer)  # (TRL's positional order)
+    assert len(trainer.train_dataset) == 2 and trainer.eval_dataset is None
+    with pytest.raises(ConfigError, match="column 'compute_metrics': is not supported: fastdpo never builds"):
+        DPOTrainer(model, args=args, train_dataset=pairs, processing_class=tokenizer, compute_metrics=len)

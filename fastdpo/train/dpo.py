@@ -105,6 +105,7 @@ from fastdpo.train.model_checks import (
     warn_batch_dependent_rope,
 )
 from fastdpo.train.resume import ResumableTrainer
+from fastdpo.train.sft_setup import refuse_logit_hooks
 from fastdpo.train.step import preference_step, reference_logps
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -169,18 +170,19 @@ class DPOTrainer(
         model: nn.Module,
         ref_model: nn.Module | None = None,
         args: DPOConfig | None = None,
+        data_collator=None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
-        peft_config=None,
-        callbacks=None,
-        data_collator=None,
-        optimizers=(None, None),
         compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
         quantization_config=None,
+        peft_config=None,
         tokenizer=None,
-    ) -> None:
+    ) -> None:  # (TRL 1.16's order: a positional call means what it means there)
         args = args or DPOConfig(output_dir=default_output_dir(model, "DPO"))  # (TRL's)
+        refuse_logit_hooks(compute_metrics=compute_metrics)  # (it was never called: evaluation builds no logits)
         if tokenizer is not None:  # the old name, as the seed's example uses it
             warnings.warn("DPOTrainer(tokenizer=...) is deprecated: use processing_class", FutureWarning, stacklevel=2)
             processing_class = processing_class or tokenizer
@@ -245,7 +247,7 @@ class DPOTrainer(
             disable_dropout(model)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
-                         optimizers=optimizers, compute_metrics=compute_metrics)  # fmt: skip
+                         optimizers=optimizers)  # fmt: skip
         check_lean_activations(self)
         check_attention_device(self)
         self._displacement = DisplacementWatch(args.displacement_margin,
