@@ -152,9 +152,9 @@ def _settings(trainer, method: str) -> list[tuple[str, str]]:
         only = "completion tokens" if getattr(trainer, "completion_only_loss", False) else "every token"
         rows.append(("loss", "assistant tokens" if args.assistant_only_loss else only))
     if method == "dpo":
-        packed = "a pair's chosen and rejected packed together with other pairs', no padding"
+        packed = "a pair's chosen and rejected packed together with other pairs' (padding only at a row's end)"
     elif args.packing:
-        packed = f"rows packed into sequences ({args.packing_strategy}), no padding"
+        packed = f"rows packed into sequences ({args.packing_strategy}; padding only at a sequence's end)"
     else:
         packed = "one row per sequence, concatenated into each batch without padding"
     cut = "no max_length" if args.max_length is None else f"max_length {args.max_length}"
