@@ -45,14 +45,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import functools
 import json
 import logging
 import os
 import re
 import signal
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +69,9 @@ from fastdpo.cli_model import (
     merge_model_keys,
     peft_and_quantization,
     streamed_splits,
+    without_trl_defaults,
 )
+from fastdpo.cli_output import speaking
 from fastdpo.cli_values import (
     _aliases_settled,
     _json_dict,
@@ -82,7 +82,7 @@ from fastdpo.cli_values import (
     _scalar_problem,
     _unique_keys_loader,
 )
-from fastdpo.errors import ConfigError, DataError
+from fastdpo.errors import ConfigError, DataError, offline_hint
 
 logger = logging.getLogger("fastdpo")
 
@@ -116,32 +116,11 @@ COMMANDS = {"dpo": "DPOConfig", "sft": "SFTConfig"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    shown = warnings.formatwarning
-    warnings.formatwarning = functools.partial(_as_said, shown)  # (restored: cli.main is called in-process too)
-    try:
+    with speaking():  # (fastdpo's warnings as one line each, others' notices quiet; as it was again after)
         return _main(sys.argv[1:] if argv is None else list(argv))
-    finally:
-        warnings.formatwarning = shown
-
-
-def _as_said(shown, message, category, filename, lineno, line=None) -> str:
-    """fastdpo's own warnings as one line, ``fastdpo: warning: ...`` (they showed the Python file and line that
-    warned, and its source line); other packages' as Python shows them."""
-    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
-        return f"fastdpo: warning: {message}\n"
-    return shown(message, category, filename, lineno, line)
 
 
 def _main(argv: list[str]) -> int:
-    # not the user's to fix: TRL's field gradient_checkpointing (transformers 5 warns), and on a CPU the Trainer's
-    # default dataloader_pin_memory=True (torch warns at each data loader)
-    warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator")
-    # nor bitsandbytes' word, at its import on a CPU with AVX512-BF16 (every command that loads a model), that HF's
-    # optional `kernels` package is missing: it falls back to its own 4-bit CPU kernel; nor DeepSpeed's, where it is
-    # installed, that it found no GPU (on stdout, with its file and line, at every run on a CPU)
-    for name in _NOTICES:
-        logging.getLogger(name).addFilter(_not_a_notice)  # (once: the same filter)
     if argv[:1] in (["quickstart"], ["compare"], ["sweep"]):  # their own parsers (fastdpo.quickstart, ...)
         from fastdpo.compare_cli import main as compare
         from fastdpo.quickstart import main as quickstart
@@ -183,16 +162,24 @@ def _failed(error: BaseException, command: str, *, debug: bool) -> int:
         print(f"fastdpo: error: {in_cli_terms(error, trains=command in COMMANDS)}", file=sys.stderr)
         return 2
     said = (str(error).strip().splitlines() or [""])[0][:300]
+    if offline_hint(error):  # (httpx's ConnectError of push_to_hub's repository, offline: the error alone)
+        print(
+            f"fastdpo: error: {type(error).__name__}: {said} — the hub could not be reached (push_to_hub, a hub "
+            f"name): check the connection, or set push_to_hub: false{offline_hint(error)}",
+            file=sys.stderr,
+        )
+        return 2
     print(f"fastdpo: error: {type(error).__name__}: {said} (--debug shows the traceback)", file=sys.stderr)
     return 1
 
 
-_NOTICES = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
-            "DeepSpeed": "Setting accelerator to CPU."}  # fmt: skip
+class _Once(argparse.Action):
+    """An option given once: a second ``--config`` replaced the first, unsaid."""
 
-
-def _not_a_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(_NOTICES.get(record.name, "\0"))
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}): give one")
+        setattr(namespace, self.dest, values)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -210,7 +197,8 @@ def _parser() -> argparse.ArgumentParser:
             f"the YAML file or as --field value (flags win); see fastdpo.cli's docstring for the run directory.",
         )
         sub.add_argument("-h", "--help", action=_HelpWithFields, config=config)
-        sub.add_argument("--config", type=Path, help="the YAML file (optional: every field can be a flag)")
+        sub.add_argument("--config", type=Path, action=_Once,
+                         help="the YAML file (optional: every field can be a flag)")  # fmt: skip
         sub.add_argument("--overwrite", action="store_true", help="write into an existing run directory")
         sub.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
                          help="go on from the last complete checkpoint in output_dir (or from CHECKPOINT)")  # fmt: skip
@@ -375,7 +363,13 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     # nothing is written before the trainer is built: a run that fails on its data or model leaves no directory to
     # --overwrite next time
     # (resumed from another run's checkpoint: the log that out holds is not this run's)
-    trainer, files, numbering = _build_trainer(known.command, run_args, args, out, restart_log=foreign)
+    read = run_args  # (TRL's scripts pass no eval split where eval_strategy is 'no': a missing one failed the run)
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if run_args.dataset_test_split and not evaluated_after and strategy == "no":
+        read = dataclasses.replace(run_args, dataset_test_split=None)
+        logger.warning("dataset_test_split %r is not read: eval_strategy 'no' evaluates nothing",
+                    run_args.dataset_test_split)  # fmt: skip
+    trainer, files, numbering = _build_trainer(known.command, read, args, out, restart_log=foreign)
     from fastdpo.atomic import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
@@ -435,6 +429,7 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     from transformers.hf_argparser import string_to_bool  # (a bool field's flag type)
 
     listing = f"fastdpo {'sft' if config_cls.__name__ == 'SFTConfig' else 'dpo'} --help lists the fields"
+    values, flags = without_trl_defaults(values, flags)
     known = {f.name for cls in (RunArguments, config_cls) for f in dataclasses.fields(cls) if f.init}
     for key in values:
         if not isinstance(key, str):  # (1: 2, true: x; difflib failed on them)

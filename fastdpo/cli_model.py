@@ -65,12 +65,59 @@ TRL_KEYS = {
     "max_completion_length": "not a TRL 1.16 DPOConfig field: max_length cuts prompt + completion (truncation_mode)",
     "env": "TRL's YAML env: section is not read: set the environment variables in the shell",
     "lora_rank": "lora_r (TRL's name for the rank)",
+    "test_split_size": "eval_fraction (the rows held out, by prompt; dataset mixtures are not supported)",
+    "gradient_checkpointing_use_reentrant": "gradient_checkpointing_kwargs: {use_reentrant: false}",
+    "warmup_ratio": "warmup_steps, which takes a fraction of the steps below 1 (transformers 5's name for it)",
+    # TRL's CLI hands what its parser does not know to `accelerate launch`; fastdpo's command is the script
+    **dict.fromkeys(
+        (
+            "accelerate_config",
+            "num_processes",
+            "mixed_precision",
+            "config_file",
+            "num_machines",
+            "main_process_port",
+            "multi_gpu",
+        ),
+        "an `accelerate launch` option, which `trl` passes on: launch fastdpo with it, `accelerate launch "
+        "--config_file fastdpo/configs/accelerate/ddp.yaml --num_processes N -m fastdpo.cli dpo --config "
+        "run.yaml` (ddp, fsdp2, zero3; README, Several processes)",
+    ),
     # removed before TRL 1.16 (their close matches mean other things: sync_ref_model turns TR-DPO on)
     "force_use_ref_model": "not a TRL 1.16 field: a ref_model_name_or_path given is used (with a PEFT policy too)",
     "model_adapter_name": "not a TRL 1.16 field: the policy trains its active adapter",
     "ref_adapter_name": "not a TRL 1.16 field: a PEFT policy's reference is its base (adapters off), or "
     "ref_model_name_or_path",
 }
+
+# TRL keys fastdpo has no field for, taken where they hold TRL's default, what fastdpo does (recipes write them)
+TRL_DEFAULTS = {"lora_task_type": "CAUSAL_LM", "ignore_bias_buffers": False, "dataset_config": None}
+
+
+def without_trl_defaults(values: dict, flags: list[str]) -> tuple[dict, list[str]]:
+    """``values`` (the YAML's) and ``flags`` without the ``TRL_DEFAULTS`` keys set to their defaults; set otherwise,
+    they are left for ``TRL_KEYS``' refusal."""
+    written = {False: ("false",), None: ("none", "null")}  # (a flag's value as written, any case; a string: exactly)
+
+    def is_default(key: str | None, text: str) -> bool:
+        default = TRL_DEFAULTS.get(key, ...)
+        return default is not ... and (text.lower() in written[default] if default in written else text == default)
+
+    values = {key: value for key, value in values.items()
+              if not (key in TRL_DEFAULTS and value == TRL_DEFAULTS[key])}  # fmt: skip
+    kept, i = [], 0
+    while i < len(flags):
+        name, equals, inline = flags[i].partition("=")
+        key = name[2:] if name.startswith("--") else None
+        if equals and is_default(key, inline):  # --key=value
+            i += 1
+        elif not equals and i + 1 < len(flags) and is_default(key, flags[i + 1]):  # --key value
+            i += 2
+        else:
+            kept.append(flags[i])
+            i += 1
+    return values, kept
+
 
 _LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
                 "use_dora")  # fmt: skip
@@ -142,7 +189,13 @@ def _bnb(run_args: AdapterArguments, model_init_kwargs: dict | None):
 
 def merge_model_keys(run_args, args) -> None:
     """TRL's ModelConfig keys (``dtype``, ``attn_implementation``, ``model_revision``) into ``model_init_kwargs``, as
-    TRL's scripts merge them: ``model_init_kwargs``' own keys win."""
+    TRL's scripts merge them: ``model_init_kwargs``' own keys win. A ``dtype`` that names none is said as ``dtype``'s
+    (it was said as ``model_init_kwargs``', where it went)."""
+    from fastdpo.train.loading import DTYPES
+
+    if run_args.dtype not in (None, "auto", *DTYPES):
+        raise ConfigError(f"{run_args.dtype!r} is no dtype", column="dtype",
+                          fix=f"use one of {', '.join(map(repr, [*DTYPES, 'auto']))}")  # fmt: skip
     loading = {"revision": None if run_args.model_revision == "main" else run_args.model_revision,
                "dtype": run_args.dtype, "attn_implementation": run_args.attn_implementation}  # fmt: skip
     loading = {key: value for key, value in loading.items() if value is not None}
@@ -373,12 +426,12 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
     from fastdpo.data.split import split_pairs, split_sft_rows
 
     columns, refused, gone = run_args.dataset_columns, {}, {}
-    prepare = prepare_preferences if command == "dpo" else functools.partial(prepare_sft, text_field=text_field)
+    as_trl = {"text_field": text_field, "read_as_trl": True}  # (SFT: the columns TRL's trainer reads, the others out)
+    prepare = prepare_preferences if command == "dpo" else functools.partial(prepare_sft, **as_trl)
     if run_args.data_filter == "drop":  # rows preparation refuses: dropped, as the filter drops
         from fastdpo.data.refused import prepare_dropping, prepare_sft_dropping
 
-        dropping = prepare_dropping if command == "dpo" else functools.partial(prepare_sft_dropping,
-                                                                               text_field=text_field)  # fmt: skip
+        dropping = prepare_dropping if command == "dpo" else functools.partial(prepare_sft_dropping, **as_trl)
         prepare = functools.partial(_without_refused_rows, counts=refused, dropping=dropping, gone=gone)
     # the file's row of each row, in a column the preparation, the split and the filter carry along (a Dataset.select
     # of consecutive rows keeps no indices to read them from)

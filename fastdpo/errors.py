@@ -73,6 +73,22 @@ def unknown_choice(option: str, value: str, choices: Iterable[str]) -> ConfigErr
     return ConfigError(f"unknown value {value!r}", column=option, fix=fix)
 
 
+def every_row_refused(refused: dict[int, DataError]) -> DataError:
+    """The error of data whose every row was refused (row → its error): the first row's, saying that none is left."""
+    first = next(iter(refused.values()))
+    if len(refused) == 1:
+        return first
+    counts: dict[str, int] = {}
+    for error in refused.values():
+        counts[error.column or "row"] = counts.get(error.column or "row", 0) + 1
+    return DataError(
+        f"{first.message}, and no row is left: all {len(refused)} are refused ({counts})",
+        row=first.row,
+        column=first.column,
+        fix=f"check the data and its column map (the first row's fix: {first.fix})",
+    )
+
+
 _UNREACHABLE = ("couldn't connect", "couldn't reach", "name or service not known", "temporary failure in name "
                 "resolution", "max retries exceeded", "connection refused", "network is unreachable")  # fmt: skip
 
@@ -92,4 +108,4 @@ def offline_hint(error: BaseException) -> str:
         seen = seen.__cause__ or seen.__context__
     if not any(word in text for text in said for word in (*_UNREACHABLE, "localentrynotfounderror")):
         return ""
-    return ", or, without network, set HF_HUB_OFFLINE=1 to read the local cache at once (the hub was retried first)"
+    return ", or, without network, set HF_HUB_OFFLINE=1 to read the local cache only (no retries of the hub)"

@@ -117,7 +117,7 @@ def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, caps
     [({"betta": 0.2}, [], "did you mean 'beta'?"),
      ({}, ["--bta", "0.3"], "did you mean --beta?"),
      ({}, ["--max_steps", "abc"], "invalid int value: 'abc' — fastdpo dpo --help lists the fields"),
-     ({"dataset_test_split": "test"}, [], "pairs.jsonl is one file, whose one split is 'train': there is no split"),
+     ({"dataset_test_split": "test", "eval_strategy": "steps"}, [], "whose one split is 'train': there is no split"),
      # values that failed inside torch, numpy or transformers, with a traceback
      ({"beta": [0.1, 0.2]}, [], "column 'beta': expected float, got list [0.1, 0.2]"),
      ({"beta": "abc"}, [], "column 'beta': invalid float value: 'abc' — fix its value in the YAML file"),

@@ -324,3 +324,74 @@ def test_a_negative_number_of_steps(workdir, capsys):  # noqa: F811
                     "num_train_epochs, 2, for it) — give a positive number of optimizer steps, or -1 (the default) "
                     "for num_train_epochs")  # fmt: skip
     assert not (workdir / "run").exists()
+
+
+def test_trl_configs_as_trl_users_write_them(workdir, capsys):  # noqa: F811
+    # from running TRL recipes' keys through both commands: TRL keys at TRL's defaults were refused; `trl`'s
+    # accelerate options, test_split_size, warmup_ratio got misleading close matches; a bad dtype was said as
+    # model_init_kwargs'; a second --config replaced the first, unsaid
+    defaults = ["--lora_task_type", "CAUSAL_LM", "--ignore_bias_buffers=false", "--dataset_config", "null"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["dpo", "--config", "run.yaml", *defaults]) == 0
+    capsys.readouterr()
+    said = command_error(capsys, "dpo", "--config", "run.yaml", "--overwrite", "--lora_task_type", "SEQ_CLS")
+    assert "unknown flags ['--lora_task_type', 'SEQ_CLS'] — remove it: fastdpo's adapters are CAUSAL_LM" in said
+    expected = {"--num_processes": "an `accelerate launch` option, which `trl` passes on: launch fastdpo with it, "
+                "`accelerate launch --config_file fastdpo/configs/accelerate/ddp.yaml --num_processes N -m fastdpo.cli",
+                "--warmup_ratio": "warmup_steps, which takes a fraction of the steps below 1",
+                "--test_split_size": "eval_fraction (the rows held out, by prompt"}  # fmt: skip
+    for flag, hint in expected.items():
+        assert hint in command_error(capsys, "dpo", "--config", "run.yaml", flag, "0.1"), flag
+    said = command_error(capsys, "dpo", "--config", "run.yaml", "--overwrite", "--dtype", "fp16")
+    assert said == ("fastdpo: error: column 'dtype': 'fp16' is no dtype — use one of 'bfloat16', 'float16', "
+                    "'float32', 'auto'")  # fmt: skip
+    with pytest.raises(SystemExit) as stop:  # (argparse's usage error, status 2)
+        cli.main(["dpo", "--config", "run.yaml", "--config", "other.yaml"])
+    assert stop.value.code == 2 and "--config given twice (run.yaml, other.yaml): give one" in capsys.readouterr().err
+
+
+def test_a_test_split_is_not_read_where_nothing_evaluates(workdir, capsys):  # noqa: F811
+    # TRL's scripts pass no eval split under eval_strategy 'no'; a folder without test.jsonl failed the run
+    (workdir / "splits").mkdir()
+    (workdir / "splits" / "train.jsonl").write_text((workdir / "pairs.jsonl").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert (
+            cli.main(["dpo", "--config", "run.yaml", "--dataset_name", "splits", "--dataset_test_split", "test"]) == 0
+        )
+    err = capsys.readouterr().err  # (the fastdpo logger's warnings: one line each, as its warnings)
+    assert "fastdpo: warning: dataset_test_split 'test' is not read: eval_strategy 'no' evaluates nothing" in err
+    assert "fastdpo: warning: dropped 3 training rows: {'duplicate': 3} (data_quality.md)" in err.splitlines()
+
+
+def test_sft_rows_are_read_as_trls_trainer_reads_them(workdir, capsys):  # noqa: F811
+    # prompt/completion beside a text column: the command refused them ("unclear which to train on", a Python fix)
+    # where TRL and fastdpo's SFTTrainer train on prompt/completion; dataset_text_field naming the prompt: its EOS
+    # warning did not show (the command prepared the rows first)
+    rows = [{"prompt": f"the cat {i}", "completion": " sat.", "text": "whole"} for i in range(4)]
+    jsonl(workdir / "sft.jsonl", rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["sft", "--config", "run.yaml", "--dataset_name", "sft.jsonl"]) == 0
+        warned = "fastdpo: warning: the rows have prompt/completion and a {!r} column: fastdpo ends each completion"
+        assert warned.format("text") in capsys.readouterr().err
+        jsonl(workdir / "sft.jsonl", [{key: row[key] for key in ("prompt", "completion")} for row in rows])
+        assert cli.main(["sft", "--config", "run.yaml", "--dataset_name", "sft.jsonl", "--overwrite",
+                         "--dataset_text_field", "prompt"]) == 0  # fmt: skip
+        assert warned.format("prompt") in capsys.readouterr().err
+
+
+def test_an_unreachable_hub_at_push_to_hub_says_so(capsys, monkeypatch):
+    # push_to_hub offline: "fastdpo: error: ConnectError: [Errno -2] Name or service not known (--debug shows the
+    # traceback)", exit 1, naming neither push_to_hub nor what to do (httpx's error is no OSError)
+    class ConnectError(Exception):
+        pass
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert cli._failed(ConnectError("[Errno -2] Name or service not known"), "dpo", debug=False) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.startswith("fastdpo: error: ConnectError: [Errno -2] Name or service not known — the hub could not be "
+                           "reached (push_to_hub, a hub name): check the connection, or set push_to_hub: false, or, "
+                           "without network, set HF_HUB_OFFLINE=1"), said  # fmt: skip
+    assert cli._failed(ConnectError("something else"), "dpo", debug=False) == 1  # (no word of the network: as before)

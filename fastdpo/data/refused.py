@@ -73,12 +73,14 @@ def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "
     return prepared, dropped, {row: (found[row], report.details.get(row, [])) for row in refused}
 
 
-def prepare_sft_dropping(data, *, columns: dict | None = None, split: str | None = "train", text_field: str = "text"):
+def prepare_sft_dropping(data, *, columns: dict | None = None, split: str | None = "train", text_field: str = "text",
+                         read_as_trl: bool = False):  # fmt: skip
     """``(prepared, dropped, rows)``: ``prepare_sft`` but for the rows it refuses (an empty completion, a message
     without content, ...), counted in ``dropped`` by the column at fault, ``rows`` their numbers in ``data``; a
     DataError where none is left (the first row's)."""
     from fastdpo.data.sft import prepare_sft
 
     refused: dict[int, DataError] = {}
-    prepared = prepare_sft(data, columns=columns, split=split, text_field=text_field, refused=refused)
+    prepared = prepare_sft(data, columns=columns, split=split, text_field=text_field, refused=refused,
+                           read_as_trl=read_as_trl)  # fmt: skip
     return prepared, dict(Counter(error.column or "row" for error in refused.values())), sorted(refused)

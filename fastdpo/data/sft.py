@@ -29,7 +29,6 @@ their TRL meaning; every other column is kept as it came.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from fastdpo.data.schema import (
     value_format,
     without_null_arguments,
 )
-from fastdpo.errors import ConfigError, DataError, unknown_choice
+from fastdpo.errors import ConfigError, DataError, every_row_refused, unknown_choice
 
 SFT_COLUMNS = ("text", "messages", "prompt", "completion", "tools", "chat_template_kwargs")
 SFT_TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -67,6 +66,7 @@ def prepare_sft(
     split: str = "train",
     num_proc: int | None = None,
     refused: dict[int, DataError] | None = None,
+    read_as_trl: bool = False,
 ) -> datasets.Dataset:
     """Load, map columns, convert ShareGPT conversations, and check every row (see the module docstring).
 
@@ -79,12 +79,19 @@ def prepare_sft(
         num_proc: processes for the ShareGPT conversion.
         refused: where given, the rows that do not fit go there (row → its DataError) and out of the dataset,
             instead of the first stopping everything.
+        read_as_trl: drop the columns TRL's SFTTrainer would not read (``as_trl_reads``), where they are refused.
     """
     dataset = load_data(data, split=split, text=(*text_columns(columns), text_field))
     if columns is not None and not isinstance(columns, dict):
         raise ConfigError(f"must map fastdpo's names to the data's columns, got {type(columns).__name__}",
                           column="columns", fix="e.g. columns={'text': 'body'}")  # fmt: skip
-    columns = with_text_field(dict(columns or {}), text_field, dataset.column_names)
+    columns = dict(columns or {})
+    if read_as_trl:  # (the other columns under fastdpo's names first: the text column as TRL's field)
+        field = columns.pop("text", text_field) if text_field == "text" else text_field
+        dataset = rename_columns(dataset, columns, SFT_COLUMNS)
+        dataset, text_field = as_trl_reads(dataset, field, formatted=False)
+        columns = {}
+    columns = with_text_field(columns, text_field, dataset.column_names)
     dataset = rename_columns(dataset, columns, SFT_COLUMNS)
     if len(dataset) == 0:
         raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
@@ -94,13 +101,7 @@ def prepare_sft(
     if refused:
         kept = [row for row in range(len(dataset)) if row not in refused]
         if not kept:  # (the first row's error alone said "drop the row" where every row was refused)
-            first = next(iter(refused.values()))
-            if len(refused) == 1:
-                raise first
-            counts = dict(collections.Counter(error.column or "row" for error in refused.values()))
-            raise DataError(f"{first.message}, and no row is left: all {len(refused)} are refused ({counts})",
-                            row=first.row, column=first.column,
-                            fix=f"check the data and its column map (the first row's fix: {first.fix})")  # fmt: skip
+            raise every_row_refused(refused)
         dataset = dataset.select(kept)
     return dataset
 
