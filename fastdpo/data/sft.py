@@ -87,6 +87,7 @@ def prepare_sft(
                           column="columns", fix="e.g. columns={'text': 'body'}")  # fmt: skip
     columns = dict(columns or {})
     if read_as_trl:  # (the other columns under fastdpo's names first: the text column as TRL's field)
+        with_text_field(dict(columns), text_field, dataset.column_names)  # (columns' text and text_field disagreeing)
         field = columns.pop("text", text_field) if text_field == "text" else text_field
         dataset = rename_columns(dataset, columns, SFT_COLUMNS)
         dataset, text_field = as_trl_reads(dataset, field, formatted=False)
