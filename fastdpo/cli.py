@@ -328,7 +328,8 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     checkpoint, foreign, fingerprint = None, False, data_fingerprint(run_args.dataset_name)
     models = models_fingerprint(run_args)
     if resume:  # into its own, non-empty run directory: that is the point
-        checkpoint = checkpoint_to_resume(out, resume)
+        asked = "--resume" if getattr(known, "resume", None) else "resume_from_checkpoint: true in the config"
+        checkpoint = checkpoint_to_resume(out, resume, asked)
         foreign = not is_own(out, checkpoint)
         recorded = Path(checkpoint).resolve().parent / "config.yaml"  # (the settings of the run it goes on with)
         recorded = recorded if foreign and recorded.is_file() else out / "config.yaml"

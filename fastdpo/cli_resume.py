@@ -52,15 +52,16 @@ RESUME_MAY_CHANGE = frozenset({
 })  # fmt: skip
 
 
-def checkpoint_to_resume(out: Path, resume: str | bool) -> str:
-    """``--resume``: the last complete checkpoint in ``out``; ``--resume PATH``: PATH, if it is a checkpoint."""
+def checkpoint_to_resume(out: Path, resume: str | bool, asked: str = "--resume") -> str:
+    """``--resume``: the last complete checkpoint in ``out``; ``--resume PATH``: PATH, if it is a checkpoint.
+    ``asked``: what asked for it, as the fix names it (the config's ``resume_from_checkpoint``, TRL's key)."""
     from fastdpo.train.resume import is_complete, last_checkpoint
 
     if resume is True:
         checkpoint = last_checkpoint(out)
         if checkpoint is None:
             raise ConfigError(f"{out} has no complete checkpoint to resume from", column="resume",
-                              fix="run without --resume to start the run (--overwrite to start it over)")  # fmt: skip
+                              fix=f"run without {asked} to start the run (--overwrite to start it over)")  # fmt: skip
         return checkpoint
     if not is_complete(resume):
         raise ConfigError(f"{resume} is not a complete checkpoint (no readable trainer_state.json)", column="resume",

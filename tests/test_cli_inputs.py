@@ -346,6 +346,10 @@ def test_trl_configs_as_trl_users_write_them(workdir, capsys):  # noqa: F811
     said = command_error(capsys, "dpo", "--config", "run.yaml", "--overwrite", "--dtype", "fp16")
     assert said == ("fastdpo: error: column 'dtype': 'fp16' is no dtype — use one of 'bfloat16', 'float16', "
                     "'float32', 'auto'")  # fmt: skip
+    said = command_error(capsys, "dpo", "--config", "run.yaml", "--output_dir", "fresh", "--resume_from_checkpoint",
+                         "true")  # (TRL's key: the fix named --resume, which the user had not written)  # fmt: skip
+    assert said.endswith("— run without resume_from_checkpoint: true in the config to start the run (--overwrite to "
+                         "start it over)"), said  # fmt: skip
     with pytest.raises(SystemExit) as stop:  # (argparse's usage error, status 2)
         cli.main(["dpo", "--config", "run.yaml", "--config", "other.yaml"])
     assert stop.value.code == 2 and "--config given twice (run.yaml, other.yaml): give one" in capsys.readouterr().err
