@@ -82,6 +82,7 @@ from fastdpo.cli_values import (
     _scalar_problem,
     _unique_keys_loader,
 )
+from fastdpo.data.hub_config import hub_config
 from fastdpo.errors import ConfigError, DataError, offline_hint
 
 logger = logging.getLogger("fastdpo")
@@ -96,6 +97,7 @@ class RunArguments(AdapterArguments):
     dataset_name: str | None = field(default=None, metadata={"help": "a .jsonl/.json/.parquet/.csv file or hub name"})
     dataset_train_split: str = field(default="train", metadata={"help": "the split to train on"})
     dataset_test_split: str | None = field(default=None, metadata={"help": "a split of the dataset to evaluate on"})
+    dataset_config: str | None = field(default=None, metadata={"help": "a hub dataset's configuration name"})
     eval_fraction: float | None = field(
         default=None, metadata={"help": "hold out this fraction of the rows by prompt (no prompt in both parts)"}
     )
@@ -531,6 +533,16 @@ def _plain(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool, list, dict))
 
 
+def _splits(command: str, run_args: RunArguments, args, rows: dict) -> tuple:
+    """(train, eval or None, the run directory's data files): streams, or the rows loaded and prepared."""
+    if run_args.dataset_streaming:  # read as training goes: no quality report (it needs every row)
+        return (*streamed_splits(command, run_args, getattr(args, "dataset_text_field", None)), {})
+    splits = loaded_splits(command, run_args, args.seed, getattr(args, "dataset_text_field", ""), numbering=rows)
+    if command == "sft":  # (config.yaml keeps the field as given)
+        args.dataset_text_field = "text"  # prepared: its column is named text now
+    return splits
+
+
 def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, restart_log: bool = False):
     """The trainer, the files (name → text) the run directory gets before training, and a function giving the
     trainer's ``dropped_rows`` by the data file's rows. ``restart_log``: the ``metrics.jsonl`` in ``out`` starts
@@ -551,14 +563,8 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
                           fix="drop --use_peft to go on training that adapter, or merge it into its base first "
                           "(peft's merge_and_unload, then save_pretrained) and give that folder")  # fmt: skip
     rows: dict = {}  # (the file's row of each row the trainer is given, where the command dropped some)
-    if run_args.dataset_streaming:  # read as training goes: no quality report (it needs every row)
-        train, evaluation = streamed_splits(command, run_args, getattr(args, "dataset_text_field", None))
-        files = {}
-    else:
-        train, evaluation, files = loaded_splits(command, run_args, args.seed, getattr(args, "dataset_text_field", ""),
-                                                 numbering=rows)  # fmt: skip
-        if command == "sft":  # (config.yaml keeps the field as given)
-            args.dataset_text_field = "text"  # prepared: its column is named text now
+    with hub_config(run_args.dataset_config):  # (a hub dataset's configuration, for each split read)
+        train, evaluation, files = _splits(command, run_args, args, rows)
     peft_config, quantization_config = peft_and_quantization(run_args, args.model_init_kwargs)
     options = {"args": args, "train_dataset": train, "eval_dataset": evaluation,
                "callbacks": [RunFiles(out, restart=restart_log)], "peft_config": peft_config,

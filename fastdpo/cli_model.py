@@ -53,7 +53,6 @@ class AdapterArguments:
 # model_revision is not hub_revision, torch_dtype not torch_compile)
 TRL_KEYS = {
     "torch_dtype": "dtype (its new name)",
-    "dataset_config": "not supported: load the config's split into a file, or write a Dataset (the Python API)",
     "datasets": "dataset mixtures are not supported: set dataset_name (one file or hub dataset)",
     "ignore_bias_buffers": "not supported: remove it",
     "lora_task_type": "remove it: fastdpo's adapters are CAUSAL_LM",
@@ -91,7 +90,7 @@ TRL_KEYS = {
 }
 
 # TRL keys fastdpo has no field for, taken where they hold TRL's default, what fastdpo does (recipes write them)
-TRL_DEFAULTS = {"lora_task_type": "CAUSAL_LM", "ignore_bias_buffers": False, "dataset_config": None}
+TRL_DEFAULTS = {"lora_task_type": "CAUSAL_LM", "ignore_bias_buffers": False}
 
 
 def without_trl_defaults(values: dict, flags: list[str]) -> tuple[dict, list[str]]:

@@ -399,3 +399,24 @@ def test_an_unreachable_hub_at_push_to_hub_says_so(capsys, monkeypatch):
                            "reached (push_to_hub, a hub name): check the connection, or set push_to_hub: false, or, "
                            "without network, set HF_HUB_OFFLINE=1"), said  # fmt: skip
     assert cli._failed(ConnectError("something else"), "dpo", debug=False) == 1  # (no word of the network: as before)
+
+
+def test_a_hub_datasets_configuration(workdir, capsys, monkeypatch):  # noqa: F811
+    # TRL's dataset_config (load_dataset's name) was refused: a hub dataset that needs one could not be trained on.
+    # The hub is not reachable here: datasets.load_dataset is replaced by one that records what it was asked
+    import datasets
+
+    asked = []
+
+    def load_dataset(path, **options):
+        asked.append((path, options))
+        return datasets.Dataset.from_list([{"prompt": f"q{i}", "chosen": " a.", "rejected": " b."} for i in range(4)])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["dpo", "--config", "run.yaml", "--dataset_name", "org/pairs", "--dataset_config", "en"]) == 0
+    assert asked == [("org/pairs", {"split": "train", "name": "en"})]
+    said = command_error(capsys, "dpo", "--config", "run.yaml", "--overwrite", "--dataset_config", "en")
+    assert said.endswith("column 'dataset_config': 'en' names a hub dataset's configuration; pairs.jsonl is a local "
+                         "file or folder, which has none — remove dataset_config"), said  # fmt: skip

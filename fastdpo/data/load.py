@@ -23,6 +23,7 @@ import datasets
 import pyarrow
 from datasets.exceptions import DatasetGenerationError
 
+from fastdpo.data.hub_config import refuse_config_of_local, with_config
 from fastdpo.data.json_check import (
     _CONVERSATION_COLUMNS,
     _UNHOLDABLE_FIX,
@@ -88,6 +89,7 @@ def load_data(
             "name",
         )
     path = Path(source)
+    refuse_config_of_local(path, path.exists() or path.suffix.lower() in LOCAL_SUFFIXES)
     if saved_to_disk(path):
         return load_data(_saved(path, split), split=split)
     if path.is_dir():  # one file per split, as datasets finds them (train.jsonl, data/test-00000-of-00001.parquet)
@@ -104,7 +106,7 @@ def _from_hub(source, **options):
     """``datasets.load_dataset(source, **options)``; where the hub has no such dataset (or cannot be reached) and a
     local data file of that name is here (``pairs`` beside ``pairs.jsonl``), a DataError naming the file."""
     try:
-        return datasets.load_dataset(str(source), **options)
+        return datasets.load_dataset(str(source), **with_config(options))
     except (ConnectionError, FileNotFoundError, ValueError) as error:  # (DatasetNotFoundError is a FileNotFoundError)
         near = [str(Path(f"{source}{suffix}")) for suffix in LOCAL_SUFFIXES if Path(f"{source}{suffix}").is_file()]
         if not near and isinstance(error, (ConnectionError, FileNotFoundError)):  # (a path mistyped, most often)
@@ -265,6 +267,7 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
         raise DataError(f"cannot stream a dataset from {type(source).__name__}",
                         fix="pass a datasets.IterableDataset or Dataset, a local file or a hub name")  # fmt: skip
     path = Path(source)
+    refuse_config_of_local(path, path.exists() or path.suffix.lower() in LOCAL_SUFFIXES)
     if saved_to_disk(path):  # (on disk already)
         return load_data(path, split=split).to_iterable_dataset()
     if path.is_dir():

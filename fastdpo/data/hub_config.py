@@ -1,0 +1,36 @@
+"""A hub dataset's configuration name (TRL's ``dataset_config``, ``datasets.load_dataset``'s ``name``), for the
+loads made inside ``hub_config(name)``: the ``fastdpo`` command's, which reach the hub through several preparations
+(``load_data``, ``load_stream`` and the functions that call them) that take no such argument themselves."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from pathlib import Path
+
+from fastdpo.errors import ConfigError
+
+_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdpo_hub_config", default=None)
+
+
+@contextlib.contextmanager
+def hub_config(name: str | None):
+    """Hub datasets loaded inside are loaded with ``name`` (None: their default configuration)."""
+    token = _NAME.set(name)
+    try:
+        yield
+    finally:
+        _NAME.reset(token)
+
+
+def with_config(options: dict) -> dict:
+    """``load_dataset``'s keyword arguments with the configuration's ``name``, where one is set."""
+    name = _NAME.get()
+    return options if name is None else {**options, "name": name}
+
+
+def refuse_config_of_local(path: Path, local: bool) -> None:
+    """A ConfigError where a configuration is set and the data is a local file or folder, which has none."""
+    if local and _NAME.get() is not None:
+        raise ConfigError(f"{_NAME.get()!r} names a hub dataset's configuration; {path} is a local file or folder, "
+                          "which has none", column="dataset_config", fix="remove dataset_config")  # fmt: skip
