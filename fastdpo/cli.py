@@ -371,7 +371,7 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     if run_args.dataset_test_split and not evaluated_after and strategy == "no":
         read = dataclasses.replace(run_args, dataset_test_split=None)
         logger.warning("dataset_test_split %r is not read: eval_strategy 'no' evaluates nothing",
-                    run_args.dataset_test_split)  # fmt: skip
+                       run_args.dataset_test_split)  # fmt: skip
     trainer, files, numbering = _build_trainer(known.command, read, args, out, restart_log=foreign)
     from fastdpo.atomic import atomic_write
 
