@@ -318,7 +318,7 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
         when_training_begins,
     )
 
-    check_evaluation(run_args, args, evaluated_after=evaluated_after)
+    read = check_evaluation(run_args, args, evaluated_after=evaluated_after)  # (the splits as they are read)
     check_scheduler(args)
     check_checkpointing(args)
     check_reporting(args)
@@ -366,12 +366,6 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     # nothing is written before the trainer is built: a run that fails on its data or model leaves no directory to
     # --overwrite next time
     # (resumed from another run's checkpoint: the log that out holds is not this run's)
-    read = run_args  # (TRL's scripts pass no eval split where eval_strategy is 'no': a missing one failed the run)
-    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
-    if run_args.dataset_test_split and not evaluated_after and strategy == "no":
-        read = dataclasses.replace(run_args, dataset_test_split=None)
-        logger.warning("dataset_test_split %r is not read: eval_strategy 'no' evaluates nothing",
-                       run_args.dataset_test_split)  # fmt: skip
     trainer, files, numbering = _build_trainer(known.command, read, args, out, restart_log=foreign)
     from fastdpo.atomic import atomic_write
 

@@ -96,11 +96,10 @@ TRL_DEFAULTS = {"lora_task_type": "CAUSAL_LM", "ignore_bias_buffers": False}
 def without_trl_defaults(values: dict, flags: list[str]) -> tuple[dict, list[str]]:
     """``values`` (the YAML's) and ``flags`` without the ``TRL_DEFAULTS`` keys set to their defaults; set otherwise,
     they are left for ``TRL_KEYS``' refusal."""
-    written = {False: ("false",), None: ("none", "null")}  # (a flag's value as written, any case; a string: exactly)
 
-    def is_default(key: str | None, text: str) -> bool:
+    def is_default(key: str | None, text: str) -> bool:  # (a flag's value as written: false in any case)
         default = TRL_DEFAULTS.get(key, ...)
-        return default is not ... and (text.lower() in written[default] if default in written else text == default)
+        return default is not ... and (text.lower() == "false" if default is False else text == default)
 
     values = {key: value for key, value in values.items()
               if not (key in TRL_DEFAULTS and value == TRL_DEFAULTS[key])}  # fmt: skip
@@ -202,11 +201,12 @@ def merge_model_keys(run_args, args) -> None:
         args.model_init_kwargs = {**loading, **(args.model_init_kwargs or {})}
 
 
-def check_evaluation(run_args, args, *, evaluated_after: bool) -> None:
+def check_evaluation(run_args, args, *, evaluated_after: bool):
     """A ConfigError where the held-out rows and the evaluation strategy disagree: rows held out (``eval_fraction``)
     that ``eval_strategy: no`` never evaluates (lost to training, silently), an evaluation with nothing to evaluate
     on (transformers' traceback), both ways of holding rows out at once; a best checkpoint with no metric to pick it
-    by."""
+    by. Returns the run arguments the splits are read with: without a ``dataset_test_split`` that nothing evaluates
+    (TRL's scripts pass no eval split then; a missing one failed the run), said in a warning."""
     held_out = {"eval_fraction": run_args.eval_fraction, "dataset_test_split": run_args.dataset_test_split}
     given = [key for key, value in held_out.items() if value is not None]
     if len(given) == 2:
@@ -228,6 +228,11 @@ def check_evaluation(run_args, args, *, evaluated_after: bool) -> None:
         raise ConfigError(f"eval_strategy {strategy!r} evaluates held-out rows, and the config holds none out",
                           column="eval_strategy", fix="set eval_fraction (e.g. 0.1), or dataset_test_split (TRL's "
                           "scripts read the split 'test'), or eval_strategy: no")  # fmt: skip
+    if run_args.dataset_test_split and not evaluated_after and strategy == "no":
+        logger.warning("dataset_test_split %r is not read: eval_strategy 'no' evaluates nothing",
+                       run_args.dataset_test_split)  # fmt: skip
+        return dataclasses.replace(run_args, dataset_test_split=None)
+    return run_args
 
 
 def check_scheduler(args) -> None:

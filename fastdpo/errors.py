@@ -7,6 +7,7 @@ Both subclass ``ValueError`` so code that already catches ``ValueError`` keeps w
 
 from __future__ import annotations
 
+import collections
 import difflib
 from collections.abc import Iterable
 
@@ -78,9 +79,7 @@ def every_row_refused(refused: dict[int, DataError]) -> DataError:
     first = next(iter(refused.values()))
     if len(refused) == 1:
         return first
-    counts: dict[str, int] = {}
-    for error in refused.values():
-        counts[error.column or "row"] = counts.get(error.column or "row", 0) + 1
+    counts = dict(collections.Counter(error.column or "row" for error in refused.values()))
     return DataError(
         f"{first.message}, and no row is left: all {len(refused)} are refused ({counts})",
         row=first.row,
