@@ -60,6 +60,8 @@ def add_data_parser(commands) -> None:
             action.add_argument("--overwrite", action="store_true", help="replace existing output files")
         action.add_argument("--split", default="train", help="the split of a folder of splits (train.jsonl, "
                             "test.jsonl, ...) or a hub dataset to read (default: train)")  # fmt: skip
+        action.add_argument("--dataset-config", help="a hub dataset's configuration name (load_dataset's name; "
+                            "a run's dataset_config)")  # fmt: skip
         action.add_argument("--debug", action="store_true")
 
 
@@ -88,6 +90,13 @@ DATA_ACTIONS = {
 
 def run_data(known: argparse.Namespace) -> int:
     """Run ``fastdpo data <action>``; the exit status."""
+    from fastdpo.data.hub_config import hub_config
+
+    with hub_config(known.dataset_config, "--dataset-config"):  # (each read below: whole, first rows, verbatim)
+        return _run_data(known)
+
+
+def _run_data(known: argparse.Namespace) -> int:
     from fastdpo.data import build_pairs, check_preferences, load_data
     from fastdpo.data.load import text_columns
     from fastdpo.data.split import ROW_COLUMN, split_pairs, split_sft_rows

@@ -22,6 +22,7 @@ from fastdpo.compare import (
     pair_metrics,
     write_report,
 )
+from fastdpo.data.hub_config import hub_config
 from fastdpo.errors import ConfigError
 
 
@@ -77,6 +78,15 @@ def pairs_split(pairs: Path, split: str | None, recorded: dict, path: Path) -> s
     return chosen
 
 
+def pairs_config(pairs: Path, config: str | None, recorded: dict, path: Path) -> str | None:
+    """The hub configuration to read ``--pairs`` with: ``--pairs-config``, else the run's ``dataset_config`` where
+    ``--pairs`` names the run's own ``dataset_name`` (said so), else None (the dataset's default)."""
+    if config is not None or recorded.get("dataset_config") is None or str(pairs) != recorded.get("dataset_name"):
+        return config
+    print(f"--pairs: the configuration {recorded['dataset_config']!r} of {pairs} ({path}'s dataset_config)")
+    return recorded["dataset_config"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastdpo compare", description="A policy against its reference, answer by "
                                      "answer: rewards, KL estimate, held-out pairs.")  # fmt: skip
@@ -88,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                         "conversational; a folder or hub name of splits): accuracy, displacement")  # fmt: skip
     parser.add_argument("--pairs-split", help="the split of a --pairs folder or hub name (default: the policy run's "
                         "dataset_test_split)")  # fmt: skip
+    parser.add_argument("--pairs-config", help="the configuration of a --pairs hub dataset (load_dataset's name; "
+                        "default: the policy run's dataset_config where --pairs is its dataset_name)")  # fmt: skip
     parser.add_argument("--columns", type=_columns, help='the pairs\' column names, e.g. \'{"prompt": "question"}\' '
                         "(default: the policy run's dataset_columns where the file has those columns)")  # fmt: skip
     parser.add_argument("--samples", type=int, default=4, help="sampled policy answers per prompt (KL estimate)")
@@ -171,12 +183,15 @@ def main(argv: list[str] | None = None) -> int:
         prompts, checkers = prompts[: args.limit], None if checkers is None else checkers[: args.limit]
     for name, prompt in prompts:  # before the pairs: a prompt compare() cannot take is named first (it checks again)
         _checked_prompt_ids(tokenizer, name, prompt, context, _vocabulary(policy, reference))
-    source, split = args.pairs, None
+    source, split, config = args.pairs, None, None
     if args.pairs:  # read and checked before the answers are generated, which takes the time
         split = pairs_split(args.pairs, args.pairs_split, recorded, path)
-        args.pairs = read_pairs(args.pairs, args.columns, recorded.get("dataset_columns"), split=split)
-    elif args.pairs_split is not None:
-        raise ConfigError("names a split of --pairs, which is not given", column="--pairs-split", fix="add --pairs")
+        config = pairs_config(args.pairs, args.pairs_config, recorded, path)
+        with hub_config(config, "--pairs-config"):
+            args.pairs = read_pairs(args.pairs, args.columns, recorded.get("dataset_columns"), split=split)
+    for flag, what in (("--pairs-split", "a split"), ("--pairs-config", "a hub configuration")):
+        if getattr(args, flag[2:].replace("-", "_")) is not None and not source:
+            raise ConfigError(f"names {what} of --pairs, which is not given", column=flag, fix="add --pairs")
     # the pairs first: what they cannot do (no chat template, every prompt past the context) before any answer
     cut = {"max_length": recorded.get("max_length"), "truncation_mode": recorded.get("truncation_mode", "keep_start")}
     if args.pairs and cut["max_length"] is not None:
@@ -192,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"samples": args.samples, "max_new_tokens": min(args.max_new_tokens, max(1, context // 4)),
                 "seed": args.seed, "prompts": args.prompts, "policy": args.policy, "reference": args.reference,
                 "quantization": key, "pairs": source, "pairs_split": split if source else None,
-                "pairs_columns": args.columns, "pairs_cut": cut if source else None,
+                "pairs_config": config, "pairs_columns": args.columns, "pairs_cut": cut if source else None,
                 **(kept if source else {})}  # fmt: skip
     print(write_report(args.out, rows, pairs, args.beta, settings))
     print(f"report: {args.out}/compare.{{md,html,json}}")

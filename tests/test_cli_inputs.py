@@ -403,16 +403,7 @@ def test_an_unreachable_hub_at_push_to_hub_says_so(capsys, monkeypatch):
 
 def test_a_hub_datasets_configuration(workdir, capsys, monkeypatch):  # noqa: F811
     # TRL's dataset_config (load_dataset's name) was refused: a hub dataset that needs one could not be trained on.
-    # The hub is not reachable here: datasets.load_dataset is replaced by one that records what it was asked
-    import datasets
-
-    asked = []
-
-    def load_dataset(path, **options):
-        asked.append((path, options))
-        return datasets.Dataset.from_list([{"prompt": f"q{i}", "chosen": " a.", "rejected": " b."} for i in range(4)])
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    asked = recording_hub(monkeypatch, [{"prompt": f"q{i}", "chosen": " a.", "rejected": " b."} for i in range(4)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cli.main(["dpo", "--config", "run.yaml", "--dataset_name", "org/pairs", "--dataset_config", "en"]) == 0
@@ -420,3 +411,35 @@ def test_a_hub_datasets_configuration(workdir, capsys, monkeypatch):  # noqa: F8
     said = command_error(capsys, "dpo", "--config", "run.yaml", "--overwrite", "--dataset_config", "en")
     assert said.endswith("column 'dataset_config': 'en' names a hub dataset's configuration; pairs.jsonl is a local "
                          "file or folder, which has none — remove dataset_config"), said  # fmt: skip
+
+
+def recording_hub(monkeypatch, rows: list[dict]) -> list:
+    """``datasets.load_dataset`` replaced by one that records what it was asked and returns ``rows`` (the hub is not
+    reachable here); the record."""
+    import datasets
+
+    asked = []
+
+    def load_dataset(path, **options):
+        asked.append((path, options))
+        loaded = datasets.Dataset.from_list(rows)
+        return loaded.to_iterable_dataset() if options.get("streaming") else loaded
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return asked
+
+
+def test_the_data_commands_take_a_hub_datasets_configuration(workdir, capsys, monkeypatch):  # noqa: F811
+    # `fastdpo data` of a hub dataset that needs a configuration name could not read it: no option took one
+    rows = [{"prompt": f"q{i}?", "chosen": " Yes.", "rejected": " No."} for i in range(4)]
+    asked = recording_hub(monkeypatch, rows)
+    assert cli.main(["data", "check", "org/pairs", "--dataset-config", "en"]) == 0
+    assert cli.main(["data", "stats", "org/pairs", "--dataset-config", "en", "--limit", "2", "--split", "test"]) == 0
+    assert cli.main(["data", "split", "org/pairs", "a.jsonl", "b.jsonl", "--dataset-config", "en"]) == 0
+    assert asked == [("org/pairs", {"split": "train", "name": "en"}),
+                     ("org/pairs", {"split": "test", "streaming": True, "name": "en"}),
+                     ("org/pairs", {"split": "train", "name": "en"})]  # fmt: skip
+    assert cli.main(["data", "check", "org/pairs"]) == 0 and asked[-1] == ("org/pairs", {"split": "train"})
+    said = command_error(capsys, "data", "check", "pairs.jsonl", "--dataset-config", "en")
+    assert said.endswith("column '--dataset-config': 'en' names a hub dataset's configuration; pairs.jsonl is a local "
+                         "file or folder, which has none — remove --dataset-config"), said  # fmt: skip

@@ -105,3 +105,31 @@ def test_a_prompts_files_system_and_input_fields_join_its_prompts(tmp_path):
             read_prompts(path)
     _write(path, [{"prompt": "x", "input": "", "system": None}])  # (empty ones change nothing, as in the trainers)
     assert read_prompts(path) == [("line 1", "x")]
+
+
+def test_hub_pairs_read_with_their_configuration(tmp_path, capsys, monkeypatch):
+    # `compare --pairs` of a hub dataset that needs a configuration name could not read it: nothing took one
+    from test_cli_inputs import recording_hub
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = build_tiny_tokenizer()
+    save("run", tokenizer)
+    save("reference", tokenizer, seed=1)
+    asked = recording_hub(monkeypatch, [STANDARD[0], STANDARD[4]])
+    (tmp_path / "run" / "config.yaml").write_text("dataset_name: org/pairs\ndataset_config: en\n"
+                                                  "dataset_test_split: test\n")  # fmt: skip
+    common = ["--policy", "run", "--reference", "reference", "--limit", "1", *QUICK]
+    assert cli(["compare", *common, "--pairs", "org/pairs", "--out", "a"]) == 0  # the run's own dataset: its config
+    assert "--pairs: the configuration 'en' of org/pairs (run/config.yaml's dataset_config)" in capsys.readouterr().out
+    assert cli(["compare", *common, "--pairs", "org/other", "--pairs-config", "de", "--out", "b"]) == 0
+    assert cli(["compare", *common, "--pairs", "org/other", "--out", "c"]) == 0  # another dataset: its default
+    assert asked == [("org/pairs", {"split": "test", "name": "en"}), ("org/other", {"split": "test", "name": "de"}),
+                     ("org/other", {"split": "test"})]  # fmt: skip
+    settings = json.loads((tmp_path / "b" / "compare.json").read_text())["settings"]
+    assert settings["pairs_config"] == "de" and settings["pairs_split"] == "test"
+    line = refused([*common, "--pairs-config", "de", "--out", "d"], capsys)
+    assert line.endswith("column '--pairs-config': names a hub configuration of --pairs, which is not given — add "
+                         "--pairs"), line  # fmt: skip
+    _write(tmp_path / "held_out.jsonl", [STANDARD[0]])
+    line = refused([*common, "--pairs", "held_out.jsonl", "--pairs-config", "de", "--out", "e"], capsys)
+    assert "column '--pairs-config': 'de' names a hub dataset's configuration; held_out.jsonl is a local" in line

@@ -10,13 +10,16 @@ from pathlib import Path
 
 from fastdpo.errors import ConfigError
 
-_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdpo_hub_config", default=None)
+_NAME: contextvars.ContextVar[tuple[str | None, str]] = contextvars.ContextVar(
+    "fastdpo_hub_config", default=(None, "dataset_config")
+)
 
 
 @contextlib.contextmanager
-def hub_config(name: str | None):
-    """Hub datasets loaded inside are loaded with ``name`` (None: their default configuration)."""
-    token = _NAME.set(name)
+def hub_config(name: str | None, option: str = "dataset_config"):
+    """Hub datasets loaded inside are loaded with ``name`` (None: their default configuration); ``option``: where the
+    user set it, as errors name it (the YAML's ``dataset_config``, a command's ``--dataset-config``)."""
+    token = _NAME.set((name, option))
     try:
         yield
     finally:
@@ -25,12 +28,13 @@ def hub_config(name: str | None):
 
 def with_config(options: dict) -> dict:
     """``load_dataset``'s keyword arguments with the configuration's ``name``, where one is set."""
-    name = _NAME.get()
+    name = _NAME.get()[0]
     return options if name is None else {**options, "name": name}
 
 
 def refuse_config_of_local(path: Path, local: bool) -> None:
     """A ConfigError where a configuration is set and the data is a local file or folder, which has none."""
-    if local and _NAME.get() is not None:
-        raise ConfigError(f"{_NAME.get()!r} names a hub dataset's configuration; {path} is a local file or folder, "
-                          "which has none", column="dataset_config", fix="remove dataset_config")  # fmt: skip
+    name, option = _NAME.get()
+    if local and name is not None:
+        raise ConfigError(f"{name!r} names a hub dataset's configuration; {path} is a local file or folder, which has "
+                          "none", column=option, fix=f"remove {option}")  # fmt: skip
