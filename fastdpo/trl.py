@@ -78,6 +78,7 @@ from fastdpo.train.common import (  # noqa: E402
     check_attention_device,
     check_collator,
     check_lean_activations,
+    check_liger,
     lean_layers,
     neftune_as_trl,
     refuse_outputs,
@@ -288,6 +289,7 @@ class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume,
         refuse_unsupported_adapter(model, peft_config)
         undispatched(args)
         uncompiled(args)
+        check_liger(args)
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
@@ -516,6 +518,7 @@ class SFTTrainer(_PredictsRows, _CheckedEvalSets, PackedSFTLoss, PackedTokenCoun
         refuse_unsupported_adapter(model, peft_config)
         undispatched(args)
         uncompiled(args)
+        check_liger(args)
         with warnings.catch_warnings():  # TRL's says label smoothing costs a second forward: not here
             warnings.filterwarnings("ignore", message="`label_smoothing_factor` is deprecated", category=FutureWarning)
             super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,

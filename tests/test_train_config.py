@@ -174,3 +174,33 @@ def test_the_trainers_take_trls_arguments_in_trls_order_and_refuse_compute_metri
     assert len(trainer.train_dataset) == 2 and trainer.eval_dataset is None
     with pytest.raises(ConfigError, match="column 'compute_metrics': is not supported: fastdpo never builds"):
         DPOTrainer(model, args=args, train_dataset=pairs, processing_class=tokenizer, compute_metrics=len)
+
+
+def test_liger_kernels_on_a_cpu_refused_before_the_first_step(tmp_path):
+    # use_liger_kernel on a CPU ended at the first step in Triton's "0 active drivers ([]). There should only be one."
+    # (TRL's too); native configs refuse it as they are made, the drop-ins as they are built
+    import datasets
+    from test_train_dpo import common_args, tiny_model
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    from fastdpo.train.sft_config import SFTConfig
+    from fastdpo.trl import DPOTrainer, SFTTrainer
+
+    said = "column 'use_liger_kernel': patches the model with Liger's Triton kernels, which run on a GPU only; this "
+    for config in (DPOConfig, SFTConfig):
+        with pytest.raises(ConfigError, match=said) as error:
+            config(output_dir=str(tmp_path / "n"), use_liger_kernel=True, use_cpu=True)
+        assert str(error.value).endswith("remove use_liger_kernel: fastdpo's fused head needs no Liger to compute the "
+                                         "loss without logits"), error.value  # fmt: skip
+    if torch.cuda.is_available():  # (this test's configs are CPU runs; without use_cpu a GPU would take them)
+        return
+    tokenizer = build_tiny_tokenizer()
+    model = tiny_model(tokenizer, tmp_path / "model")()
+    pairs = datasets.Dataset.from_dict({"prompt": ["Q?"] * 2, "chosen": [" A."] * 2, "rejected": [" B."] * 2})
+    with pytest.raises(ConfigError, match=said):
+        DPOTrainer(model, args=trl.DPOConfig(**common_args(tmp_path, "d"), use_liger_kernel=True),
+                   train_dataset=pairs, processing_class=tokenizer)  # fmt: skip
+    text = datasets.Dataset.from_dict({"text": ["Q? A."] * 2})
+    with pytest.raises(ConfigError, match=said):
+        SFTTrainer(model, args=trl.SFTConfig(output_dir=str(tmp_path / "s"), use_liger_kernel=True, bf16=False),
+                   train_dataset=text, processing_class=tokenizer)  # fmt: skip

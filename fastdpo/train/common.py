@@ -275,6 +275,7 @@ def check_shared_options(config, not_yet: dict) -> None:
             raise ConfigError(f"must be a whole number ≥ 1, got {value!r}", column=name)
     if not config.learning_rate >= 0:
         raise ConfigError(f"must be ≥ 0, got {config.learning_rate}", column="learning_rate")
+    check_liger(config)
 
 
 def config_values(args) -> dict:
@@ -414,6 +415,19 @@ def undispatched(args) -> None:
         logger.warning("dispatch_batches=True is set to False: packed batches cannot be concatenated across processes; "
                        "each process reads its own")  # fmt: skip
     config.dispatch_batches = False
+
+
+def check_liger(args) -> None:
+    """``use_liger_kernel``: refused on a CPU, where Liger's Triton kernels cannot run (Triton's "0 active drivers"
+    RuntimeError came at the first step, TRL's too); a warning elsewhere, as fastdpo's head replaces Liger's loss."""
+    if not getattr(args, "use_liger_kernel", False):  # (None: the drop-in's TRL default config)
+        return
+    if args.device.type == "cpu":
+        raise ConfigError("patches the model with Liger's Triton kernels, which run on a GPU only; this run is on the "
+                          "CPU", column="use_liger_kernel", fix="remove use_liger_kernel: fastdpo's fused head needs "
+                          "no Liger to compute the loss without logits")  # fmt: skip
+    warnings.warn("use_liger_kernel: fastdpo's fused head already computes the loss without logits; transformers "
+                  "will still patch the model body with Liger's kernels", stacklevel=3)  # fmt: skip
 
 
 def uncompiled(args) -> None:

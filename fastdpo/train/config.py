@@ -138,10 +138,6 @@ class DPOConfig(TrainingArguments):
         if self.pad_token is not None:  # deprecated in TRL 1.16, which warns and still uses it (so does fastdpo)
             warnings.warn("pad_token is deprecated (as in TRL): set tokenizer.pad_token instead", FutureWarning,
                           stacklevel=3)  # fmt: skip
-        if self.use_liger_kernel:
-            message = ("use_liger_kernel: fastdpo's fused head already computes the loss without logits; "
-                       "transformers will still patch the model body with Liger's kernels")  # fmt: skip
-            warnings.warn(message, stacklevel=3)
         if self.reference not in REFERENCES:
             raise unknown_choice("reference", self.reference, REFERENCES)
         if self.packed_attention not in PACKED_ATTENTION:
