@@ -145,7 +145,7 @@ def _fold_tile(
     e = tl.where(col_ok[None, :], tl.exp(z - shift[:, None]), 0.0)
     run_sum = run_sum * alpha + tl.sum(e, axis=1)
     if WANT_ENTROPY:
-        run_ez = run_ez * alpha + tl.sum(e * z, axis=1)
+        run_ez = run_ez * alpha + tl.sum(tl.where(e > 0.0, e * z, 0.0), axis=1)  # (a -inf logit: 0, not 0 * -inf)
     if WANT_SQ:
         run_sq = run_sq * alpha * alpha + tl.sum(e * e, axis=1)
     if WANT_MEAN:

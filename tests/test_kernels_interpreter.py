@@ -230,7 +230,8 @@ def test_opt_in_tuner_picks_a_candidate_and_the_result_is_unchanged():
 def test_minus_inf_logits_over_whole_tiles_and_a_strided_bias(masked):
     # a bias of -inf over part of the vocabulary (tokens never to be predicted): a whole tile or split of -inf made
     # the online softmax exp(-inf - -inf) = NaN in every row, logp and gradients; and a strided bias was read as
-    # if contiguous (2.2 off). Both kernels and the GPU's epilogue kernels (which share the tile fold).
+    # if contiguous (2.2 off); the entropy stayed NaN. Both kernels and the GPU's epilogue kernels (which share the
+    # tile fold).
     from fastdpo.kernels import head_epilogue
 
     hidden, weight, _, _ = make(9, 16, 100, torch.float32, ignore="none", seed=11)
@@ -242,12 +243,14 @@ def test_minus_inf_logits_over_whole_tiles_and_a_strided_bias(masked):
     targets = torch.tensor(allowed)[torch.randint(0, len(allowed), (9,), generator=torch.Generator().manual_seed(3))]
     want = reference(hidden, weight, bias.contiguous(), targets)
     leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
-    out = linear_logprobs(*leaves, targets, bias=bias, impl="triton", outputs=("logp", "is_top1"))
-    assert max_err(out.logp, want["logp"]) < 1e-5  # (fp32 ulps of logits of a few units)
+    out = linear_logprobs(*leaves, targets, bias=bias, impl="triton", outputs=("logp", "is_top1", "entropy",
+                                                                               "log_sum_sq_probs"))  # fmt: skip
+    for name in ("logp", "entropy", "log_sum_sq_probs"):  # (the entropy was NaN: p log p = 0 * -inf)
+        assert max_err(getattr(out, name), want[name]) < 1e-5, name  # (fp32 ulps of logits of a few units)
     expected = torch.autograd.grad(linear_logprobs(*leaves, targets, bias=bias.contiguous(), impl="naive").logp.sum(),
                                    leaves)  # fmt: skip
     for got, exact in zip(torch.autograd.grad(out.logp.sum(), leaves), expected, strict=True):
         assert torch.isfinite(got).all() and max_err(got, exact) < 1e-5
     z = hidden @ weight.T
-    stats = head_epilogue.row_stats(z, bias, targets, head_epilogue.Transform(), (False,) * 4)
-    assert max_err(stats[1], want["logp"]) < 1e-5
+    stats = head_epilogue.row_stats(z, bias, targets, head_epilogue.Transform(), (True, False, False, False))
+    assert max_err(stats[1], want["logp"]) < 1e-5 and max_err(stats[2], want["entropy"]) < 1e-5

@@ -315,3 +315,18 @@ def test_autocast_leaves_fp64_and_matching_inputs_alone(monkeypatch):
         lowered = autocast_head_inputs(h16.float(), w16.float(), torch.zeros(5))
         assert [t.dtype for t in lowered] == [torch.bfloat16] * 3
     assert autocast_head_inputs(h16.float(), w16, None)[0].dtype == torch.float32  # no autocast: unchanged
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch"])
+def test_entropy_with_minus_inf_logits(impl):
+    # a bias of -inf on tokens never to be predicted: p log p = 0 * -inf made the entropy NaN (SFT's `entropy` metric
+    # NaN every step, TRL's too); log Σp² and the log-probs were finite. Chunks of 4 rows: one tile holds no -inf.
+    hidden, weight, _, targets = make(11, 16, 37, torch.float32, ignore="some", seed=5)
+    bias = torch.randn(37, generator=torch.Generator().manual_seed(6)) * 0.5
+    bias[[0, 1, 2, 20, 36]] = float("-inf")
+    targets = torch.where((targets >= 0) & (bias[targets.clamp(min=0)] == float("-inf")), 5, targets)
+    ref = reference(hidden.detach(), weight.detach(), bias, targets)
+    out = linear_logprobs(hidden, weight, targets, bias=bias, impl=impl, outputs=ALL_OUTPUTS, chunk_bytes=4 * 37 * 4)
+    for name in ("logp", "entropy", "log_sum_sq_probs"):
+        assert torch.isfinite(getattr(out, name)).all(), name
+        assert max_err(getattr(out, name), ref[name]) < 1e-5, name  # (fp32 ulps of values of a few units)

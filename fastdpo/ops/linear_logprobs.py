@@ -258,7 +258,10 @@ def _naive(hidden, weight, bias, targets, transform, ignore_index, wanted):
     logp = log_probs.gather(-1, safe_targets[:, None]).squeeze(-1).masked_fill(~valid, 0.0)
     want_entropy, want_mean, want_top1, want_sq = wanted
     with torch.no_grad():
-        entropy = -(log_probs.exp() * log_probs).sum(-1).masked_fill(~valid, 0.0) if want_entropy else None
+        entropy = None  # (p log p is 0 where a logit is -inf, a bias banning tokens: 0 * -inf was NaN)
+        if want_entropy:
+            p_log_p = torch.where(log_probs > float("-inf"), log_probs.exp() * log_probs, 0.0)
+            entropy = -p_log_p.sum(-1).masked_fill(~valid, 0.0)
         mean_logit = z.mean(-1).masked_fill(~valid, 0.0) if want_mean else None
         is_top1 = ((z.argmax(-1) == safe_targets) & valid).to(acc) if want_top1 else None
         log_sum_sq = torch.logsumexp(2 * log_probs, dim=-1).masked_fill(~valid, 0.0) if want_sq else None
@@ -503,7 +506,8 @@ def _fold_chunk(z, targets, wanted, lse, stats, scratch):
     lse.copy_(row_max + log_sum_exp)
     logp.copy_(target_logit - lse)
     if want_entropy:
-        # H = log s - Σ e (z - m) / s, with e = exp(z - m) and s = Σ e
+        # H = log s - Σ e (z - m) / s, with e = exp(z - m) and s = Σ e; a -inf logit (e = 0) adds 0, not 0 * -inf
+        shifted.clamp_(min=torch.finfo(shifted.dtype).min)
         weighted = torch.bmm(exp[:, None, :], shifted[:, :, None]).view(-1)
         entropy.copy_(log_sum_exp - weighted / sum_exp)
     if want_sq:
