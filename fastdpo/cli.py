@@ -57,6 +57,7 @@ from pathlib import Path
 from fastdpo.atomic import refuse_non_empty, run_lock
 from fastdpo.cli_data import add_data_parser, run_data
 from fastdpo.cli_errors import in_cli_terms
+from fastdpo.cli_mixture import MixtureArguments, card_datasets, data_prints, settle_mixture
 from fastdpo.cli_model import (
     TRL_KEYS,
     AdapterArguments,
@@ -89,7 +90,7 @@ logger = logging.getLogger("fastdpo")
 
 
 @dataclass
-class RunArguments(AdapterArguments):
+class RunArguments(MixtureArguments, AdapterArguments):
     """The run's own keys (beside the trainer config's); LoRA and quantization: ``fastdpo.cli_model``."""
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "the policy: a folder or a hub name"})
@@ -307,7 +308,6 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
         FINGERPRINT,
         MODEL_FINGERPRINT,
         checkpoint_to_resume,
-        data_fingerprint,
         is_own,
         models_fingerprint,
         refuse_changed_config,
@@ -327,7 +327,7 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     merge_model_keys(run_args, args)  # (after: config.yaml keeps dtype, ... and model_init_kwargs apart, as given)
     resume = getattr(known, "resume", None) or args.resume_from_checkpoint  # (TRL's key, as its scripts read it)
     resume = True if str(resume).lower() == "true" else None if str(resume).lower() == "false" else resume  # YAML's
-    checkpoint, foreign, fingerprint = None, False, data_fingerprint(run_args.dataset_name)
+    checkpoint, foreign, fingerprint = None, False, data_prints(run_args)
     models = models_fingerprint(run_args)
     if resume:  # into its own, non-empty run directory: that is the point
         asked = "--resume" if getattr(known, "resume", None) else "resume_from_checkpoint: true in the config"
@@ -500,9 +500,10 @@ def _resolve(config_cls, values: dict, flags: list[str]):
         hint = (TRL_KEYS.get(names[0]) or _other_command(names[0], config_cls) if names else None) or (
             f"did you mean --{close[0]}?" if close else listing)  # fmt: skip
         raise ConfigError(f"unknown flags {rest}", column="flags", fix=hint)
-    if run_args.model_name_or_path is None or run_args.dataset_name is None:
-        raise ConfigError("a run needs model_name_or_path and dataset_name", column="config",
+    if run_args.model_name_or_path is None or (run_args.dataset_name is None and not run_args.datasets):
+        raise ConfigError("a run needs model_name_or_path and dataset_name (or datasets, a mixture)", column="config",
                           fix="set both in the YAML file or as flags")  # fmt: skip
+    settle_mixture(run_args)
     if run_args.dataset_columns is not None and not isinstance(run_args.dataset_columns, dict):
         raise ConfigError("must map fastdpo's column names to the data's", column="dataset_columns",
                           fix='e.g. {"prompt": "question"}')  # fmt: skip
@@ -545,7 +546,6 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     from fastdpo.run_files import RunFiles  # transformers' Trainer (seconds to import): only for training
     from fastdpo.train import DPOTrainer, SFTTrainer
     from fastdpo.train.loading import is_adapter_folder, refuse_missing_folder
-    from fastdpo.train.model_card import hub_name
 
     for column in ("model_name_or_path", "ref_model_name_or_path"):  # before the data is read, which takes a while
         if getattr(run_args, column):
@@ -579,7 +579,7 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
             trainer = DPOTrainer(model, ref_model=reference, **options)
         else:
             trainer = SFTTrainer(model, **options)
-    trainer.card_dataset = hub_name(run_args.dataset_name)  # (the model card's; a local file has none)
+    trainer.card_dataset = card_datasets(run_args)  # (the model card's hub names; a local file has none)
     return trainer, files, numbering
 
 

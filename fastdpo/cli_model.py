@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fastdpo.cli_mixture import mixture_rows
 from fastdpo.errors import ConfigError, DataError
 
 logger = logging.getLogger("fastdpo")
@@ -53,10 +54,8 @@ class AdapterArguments:
 # model_revision is not hub_revision, torch_dtype not torch_compile)
 TRL_KEYS = {
     "torch_dtype": "dtype (its new name)",
-    "datasets": "dataset mixtures are not supported: set dataset_name (one file or hub dataset)",
     "ignore_bias_buffers": "not supported: remove it",
     "lora_task_type": "remove it: fastdpo's adapters are CAUSAL_LM",
-    "streaming": "dataset_streaming (ScriptArguments' name)",
     "lora_target_parameters": "not supported: LoRA adapts modules (lora_target_modules)",
     "bnb_4bit_quant_storage": "not supported: 4-bit weights are stored as bitsandbytes stores them by default",
     "rpo_alpha": "TRL 1.x's RPO is a loss mix: loss_type: [sigmoid, sft] with loss_weights: [1.0, ALPHA]",
@@ -64,7 +63,6 @@ TRL_KEYS = {
     "max_completion_length": "not a TRL 1.16 DPOConfig field: max_length cuts prompt + completion (truncation_mode)",
     "env": "TRL's YAML env: section is not read: set the environment variables in the shell",
     "lora_rank": "lora_r (TRL's name for the rank)",
-    "test_split_size": "eval_fraction (the rows held out, by prompt; dataset mixtures are not supported)",
     "gradient_checkpointing_use_reentrant": "gradient_checkpointing_kwargs: {use_reentrant: false}",
     "warmup_ratio": "warmup_steps, which takes a fraction of the steps below 1 (transformers 5's name for it)",
     # TRL's CLI hands what its parser does not know to `accelerate launch`; fastdpo's command is the script
@@ -213,14 +211,15 @@ def check_evaluation(run_args, args, *, evaluated_after: bool):
         raise ConfigError("eval_fraction and dataset_test_split both give the evaluation rows", column="eval_fraction",
                           fix="keep one of them")  # fmt: skip
     fraction = run_args.eval_fraction  # (a fraction of the rows, or a number of them; said as the run's own key)
+    key = "eval_fraction" if getattr(run_args, "test_split_size", None) is None else "test_split_size"  # (a mixture's)
     if fraction is not None and not (0 < fraction < 1 or (float(fraction).is_integer() and fraction >= 1)):
         raise ConfigError(f"must be a fraction of the rows in (0, 1) or a number of rows, got {fraction!r}",
-                          column="eval_fraction", fix="e.g. eval_fraction: 0.1")  # fmt: skip
+                          column=key, fix=f"e.g. {key}: 0.1")  # fmt: skip
     strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
     if strategy == "no" and run_args.eval_fraction is not None and not evaluated_after:
-        fix = "set eval_strategy (steps, with eval_steps; or epoch); or drop eval_fraction"
+        fix = f"set eval_strategy (steps, with eval_steps; or epoch); or drop {key}"
         raise ConfigError(f"holds out {run_args.eval_fraction} of the rows, which eval_strategy 'no' never "
-                          "evaluates: they would be lost to training", column="eval_fraction", fix=fix)  # fmt: skip
+                          "evaluates: they would be lost to training", column=key, fix=fix)  # fmt: skip
     if str(getattr(args.save_strategy, "value", args.save_strategy)) == "best" and args.metric_for_best_model is None:
         raise ConfigError("save_strategy 'best' saves at the best evaluation by a metric, and none is set",
                           column="metric_for_best_model", fix="set it, e.g. eval_rewards/accuracies")  # fmt: skip
@@ -343,7 +342,10 @@ def streamed_splits(command: str, run_args, text_field: str | None = None) -> tu
 
     def stream(split: str):
         text = (*text_columns(run_args.dataset_columns), *filter(None, [text_field]))
-        data = load_stream(run_args.dataset_name, split=split, text=text)
+        if run_args.datasets:  # (a mixture: one split, train, as settle_mixture checked)
+            data = mixture_rows(run_args, text, streaming=True)[0]
+        else:
+            data = load_stream(run_args.dataset_name, split=split, text=text)
         present = list(data.column_names or first_row(data, split))
         known = KNOWN_TARGETS if command == "dpo" else SFT_COLUMNS
         return rename_columns(data, run_args.dataset_columns or {}, known, present=present)
@@ -430,6 +432,9 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
     from fastdpo.data.split import split_pairs, split_sft_rows
 
     columns, refused, gone = run_args.dataset_columns, {}, {}
+    source, mixed = run_args.dataset_name, None  # (a mixture: its rows, read once; which dataset gave which)
+    if run_args.datasets:
+        source, mixed = mixture_rows(run_args, (*text_columns(columns), text_field))
     as_trl = {"text_field": text_field, "read_as_trl": True}  # (SFT: the columns TRL's trainer reads, the others out)
     prepare = prepare_preferences if command == "dpo" else functools.partial(prepare_sft, **as_trl)
     if run_args.data_filter == "drop":  # rows preparation refuses: dropped, as the filter drops
@@ -441,7 +446,7 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
     # of consecutive rows keeps no indices to read them from)
     evaluation, train_split, test_split = None, run_args.dataset_train_split, run_args.dataset_test_split
     if run_args.eval_fraction is not None:  # split as given, as `fastdpo data split` splits, then prepared
-        loaded = load_data(run_args.dataset_name, split=train_split, text=(*text_columns(columns), text_field))
+        loaded = load_data(source, split=train_split, text=(*text_columns(columns), text_field))
         if command == "dpo":
             loaded, part_columns = rename_preference_columns(loaded, columns or {})[0], None
             # (the groups of rows without a prompt column keyed on the rows as given: the numbering left out of them)
@@ -453,7 +458,7 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
         train = _in_file_rows(prepare, given, split=train_split, columns=part_columns)
         evaluation = _in_file_rows(prepare, held_out, split="eval", columns=part_columns)
     else:
-        prepared = prepare(run_args.dataset_name, columns=columns, split=train_split)
+        prepared = prepare(source, columns=columns, split=train_split)
         train = _numbered_left(prepared, gone.get(train_split))
     if test_split is not None:
         evaluation = _numbered_left(prepare(run_args.dataset_name, columns=columns, split=test_split),
@@ -484,8 +489,9 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
                                 column="data_filter", fix="check the evaluation data (fastdpo data check FILE), or "
                                 "data_filter: none")  # fmt: skip
     report = _in_file_rows_of(report, file_rows, gone.get(train_split) or {})
+    mixed = f" (a mixture, its datasets' rows one after another: {mixed})" if mixed else ""
     files = {"data_quality.md": report.to_markdown() + "\nRow ids are the data file's rows (from 0), as `fastdpo data "
-             f"check` numbers them.\nRows removed before training: {dropped}\n"
+             f"check` numbers them{mixed}.\nRows removed before training: {dropped}\n"
              + (f"Evaluation rows removed: {removed_eval}\n" if removed_eval else ""),
              "data_quality.json": json.dumps({**report.to_dict(), "removed": dropped, "removed_eval": removed_eval},
                                              indent=1)}  # fmt: skip

@@ -148,7 +148,8 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
     one."""
     from fastdpo.atomic import atomic_write
     from fastdpo.cli import _resolved_config, load_config, run_training
-    from fastdpo.cli_resume import data_fingerprint, model_fingerprint, same_models
+    from fastdpo.cli_mixture import data_prints
+    from fastdpo.cli_resume import model_fingerprint, same_models
     from fastdpo.train.resume import last_checkpoint
 
     run_dir = args.out / f"beta_{beta!r}"
@@ -156,7 +157,7 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
                  "--ref_cache_dir", str(args.out / "ref_cache")]  # fmt: skip
     resolved = _resolved_config(*load_config(known, run_flags))
     prints = {
-        "data_fingerprint": data_fingerprint(run_args.dataset_name),  # (other files at the same paths)
+        "data_fingerprint": data_prints(run_args),  # (other files at the same paths)
         "model_fingerprint": model_fingerprint(run_args.model_name_or_path),
         # (a reference folder given: the rows' margins and accuracy are measured against it)
         "reference_fingerprint": model_fingerprint(getattr(run_args, "ref_model_name_or_path", None)),

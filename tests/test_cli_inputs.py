@@ -330,7 +330,8 @@ def test_trl_configs_as_trl_users_write_them(workdir, capsys):  # noqa: F811
     # from running TRL recipes' keys through both commands: TRL keys at TRL's defaults were refused; `trl`'s
     # accelerate options, test_split_size, warmup_ratio got misleading close matches; a bad dtype was said as
     # model_init_kwargs'; a second --config replaced the first, unsaid
-    defaults = ["--lora_task_type", "CAUSAL_LM", "--ignore_bias_buffers=false", "--dataset_config", "null"]
+    defaults = ["--lora_task_type", "CAUSAL_LM", "--ignore_bias_buffers=false", "--dataset_config", "null",
+                "--streaming", "false", "--test_split_size", "null"]  # (mixture keys at defaults)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cli.main(["dpo", "--config", "run.yaml", *defaults]) == 0
@@ -340,7 +341,8 @@ def test_trl_configs_as_trl_users_write_them(workdir, capsys):  # noqa: F811
     expected = {"--num_processes": "an `accelerate launch` option, which `trl` passes on: launch fastdpo with it, "
                 "`accelerate launch --config_file fastdpo/configs/accelerate/ddp.yaml --num_processes N -m fastdpo.cli",
                 "--warmup_ratio": "warmup_steps, which takes a fraction of the steps below 1",
-                "--test_split_size": "eval_fraction (the rows held out, by prompt"}  # fmt: skip
+                "--test_split_size": "applies to a dataset mixture (datasets), and the config has none — use "
+                "eval_fraction for dataset_name"}  # fmt: skip
     for flag, hint in expected.items():
         assert hint in command_error(capsys, "dpo", "--config", "run.yaml", flag, "0.1"), flag
     said = command_error(capsys, "dpo", "--config", "run.yaml", "--overwrite", "--dtype", "fp16")

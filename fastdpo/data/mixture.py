@@ -1,0 +1,325 @@
+"""TRL's dataset mixtures (``DatasetMixtureConfig``, the ``datasets:`` list of a ``trl dpo|sft`` config): several
+datasets, each with its own configuration (``name``), split, files (``data_dir``, ``data_files``), columns kept and,
+optionally, share of the mixture (``fraction``), concatenated into one set of rows as TRL's ``get_dataset`` does.
+
+Each part is read as ``load_data`` reads a file, folder or hub name (a generic builder's local files, ``path: json``
+with ``data_files``, file by file; other ``data_files``/``data_dir`` parts by ``datasets.load_dataset``), and every
+problem names the part: ``datasets[1].columns``, ``datasets[0].name``. Parts whose columns or column types differ
+are refused before they are concatenated (``datasets.concatenate_datasets`` said "features can't be aligned")."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import math
+import sys
+from pathlib import Path
+
+from fastdpo.data.hub_config import hub_config
+from fastdpo.errors import ConfigError, DataError, offline_hint
+
+PART_KEYS = ("path", "name", "data_dir", "data_files", "split", "columns", "fraction")
+BUILDERS = {"json": (".json", ".jsonl", ".ndjson"), "csv": (".csv",), "parquet": (".parquet",)}
+_EXAMPLE = "e.g. datasets: [{path: pairs.jsonl}, {path: org/name, name: en, split: train_prefs, columns: [prompt, "
+_EXAMPLE += "chosen, rejected]}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One dataset of a mixture, as TRL's ``DatasetConfig`` names its keys; ``index``: its place in the list."""
+
+    index: int
+    path: str
+    name: str | None = None
+    data_dir: str | None = None
+    data_files: str | list | dict | None = None
+    split: str = "train"
+    columns: list | None = None
+    fraction: float | None = None
+
+    @property
+    def where(self) -> str:
+        return f"datasets[{self.index}]"
+
+    @property
+    def label(self) -> str:
+        named = [f"name {self.name}"] if self.name else []
+        split = [] if self.split == "train" else [f"split {self.split}"]
+        return f"{self.where} ({', '.join([self.path, *named, *split])})"
+
+
+def parts_of(value) -> list[Part]:
+    """The mixture's parts from the config's ``datasets`` value, each key checked; a ConfigError naming the part and
+    key otherwise (TRL took a misspelt key as a TypeError from its dataclass, naming no part)."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"must be a list of datasets, got {value!r}", column="datasets", fix=_EXAMPLE)
+    parts = [_part(index, item) for index, item in enumerate(value)]
+    given = [part.fraction is not None for part in parts]
+    if any(given) and not all(given):
+        part = parts[given.index(False)]
+        raise ConfigError("has no fraction where other datasets of the mixture have one", column=f"{part.where}",
+                          fix="give every dataset a fraction (their shares of the mixture), or none")  # fmt: skip
+    if all(given) and not sum(part.fraction for part in parts) > 0:
+        raise ConfigError("every dataset's fraction is 0: the mixture would have no rows", column="datasets",
+                          fix="give at least one dataset a share above 0")  # fmt: skip
+    return parts
+
+
+def _part(index: int, item) -> Part:
+    where = f"datasets[{index}]"
+    if not isinstance(item, dict):
+        keys = ", ".join(PART_KEYS)
+        raise ConfigError(f"is a {type(item).__name__} ({item!r}), not a mapping of keys", column=where,
+                          fix=f"write each dataset as {{path: ..., split: ...}}; keys: {keys}")  # fmt: skip
+    for key in item:
+        if key not in PART_KEYS:
+            close = difflib.get_close_matches(str(key), PART_KEYS, n=1)
+            fix = f"did you mean {close[0]!r}?" if close else f"its keys: {', '.join(PART_KEYS)}"
+            raise ConfigError(f"unknown key {key!r} of a mixture's dataset", column=f"{where}.{key}", fix=fix)
+    values = dict(item)
+    for key in ("path", "name", "data_dir", "split"):  # (path always; split where given; the others unless null)
+        value = values.get(key)
+        if key != "path" and (key not in values or (value is None and key != "split")):
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"must be a name, got {value!r}", column=f"{where}.{key}",
+                              fix="a file, folder or hub name" if key == "path" else None)  # fmt: skip
+    values["data_files"] = _files_value(values.get("data_files"), f"{where}.data_files")
+    columns = values.get("columns")
+    if isinstance(columns, str):  # (one column, as a list field's flag takes one item)
+        columns = [columns]
+    names = isinstance(columns, list) and columns and all(isinstance(c, str) for c in columns)
+    if columns is not None and (not names or len(set(columns)) < len(columns)):
+        raise ConfigError(f"must be a list of distinct column names, got {values.get('columns')!r}",
+                          column=f"{where}.columns", fix="e.g. columns: [prompt, chosen, rejected]")  # fmt: skip
+    values["columns"] = columns
+    fraction = values.get("fraction")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not math.isfinite(fraction) or fraction < 0):  # fmt: skip
+        raise ConfigError(f"must be a number ≥ 0 (the dataset's share of the mixture), got {fraction!r}",
+                          column=f"{where}.fraction")  # fmt: skip
+    return Part(index=index, **values)
+
+
+def _files_value(value, column: str):
+    """``data_files`` as ``datasets.load_dataset`` takes it: a file, a list of them, or split → file(s)."""
+
+    def files(item) -> bool:
+        return isinstance(item, str) or (isinstance(item, list) and item and all(isinstance(f, str) for f in item))
+
+    mapping = isinstance(value, dict) and value and all(isinstance(k, str) and files(v) for k, v in value.items())
+    if value is None or files(value) or mapping:
+        return value
+    raise ConfigError(f"must be a file, a list of files, or a mapping of split to file(s), got {value!r}",
+                      column=column, fix="e.g. data_files: {train: data/train.jsonl}")  # fmt: skip
+
+
+def load_mixture(parts: list[Part], *, text: tuple[str, ...] = (), streaming: bool = False):
+    """``(rows, sizes)``: the parts read (``load_stream``'s streams with ``streaming``), their ``columns`` kept, cut
+    to their ``fraction`` shares as TRL's ``get_dataset`` cuts them (the first ``round(share × N)`` rows of each, N
+    the largest mixture no part is too short for), and concatenated; ``sizes``: each part's number of rows (None
+    for a stream). ``text``: a CSV file's text columns."""
+    loaded = [_concatenated([_kept(part, *piece) for piece in _load_part(part, text, streaming)]) for part in parts]
+    if parts[0].fraction is not None:
+        if streaming:
+            raise ConfigError("is a share of the mixture's rows, which a stream does not know before it is read",
+                              column=f"{parts[0].where}.fraction", fix="leave fraction out, or streaming")  # fmt: skip
+        total = sum(part.fraction for part in parts)
+        shares = [part.fraction / total for part in parts]
+        size = min(len(data) / share for data, share in zip(loaded, shares, strict=True) if share > 0)
+        loaded = [data.select(range(round(share * size))) for data, share in zip(loaded, shares, strict=True)]
+    sizes = [None if streaming else len(data) for data in loaded]
+    if not streaming and not sum(sizes):
+        raise DataError("the mixture has no rows", column="datasets", fix="check each dataset's path and split")
+    return _concatenated([(part.label, part.where, data) for part, data in zip(parts, loaded, strict=True)]), sizes
+
+
+def _kept(part: Part, label: str, column: str, data) -> tuple:
+    """A piece of ``part`` (one of its files, or all of it) with the part's ``columns`` alone."""
+    if part.columns is None:
+        return label, column, data
+    have = list(data.column_names or [])
+    missing = [name for name in part.columns if name not in have]
+    if missing and have:
+        raise ConfigError(f"{label} has no column {missing[0]!r} (its columns: {', '.join(have)})",
+                          column=f"{part.where}.columns", fix="keep columns it has, or leave columns out to keep "
+                          "them all")  # fmt: skip
+    return label, column, data.select_columns(part.columns)
+
+
+def _load_part(part: Part, text: tuple[str, ...], streaming: bool) -> list[tuple]:
+    """One part's rows as pieces ``(label, column, rows)``: ``load_data``/``load_stream``'s of a file, folder or hub
+    name, a builder's local files one by one; ``datasets.load_dataset``'s for a hub dataset's
+    ``data_dir``/``data_files``. Errors name the part."""
+    from fastdpo.data.load import load_data, load_stream
+
+    read = load_stream if streaming else load_data
+    path = str(Path(part.path).expanduser()) if part.path.startswith("~") else part.path
+    try:
+        with hub_config(part.name, f"{part.where}.name"):
+            if part.data_files is None and part.data_dir is None:
+                return [(part.label, part.where, read(path, split=part.split, text=text))]
+            if part.data_files is None and Path(path).is_dir():  # a local folder's data_dir: a folder of splits
+                return [(part.label, part.where, read(str(Path(path) / part.data_dir), split=part.split, text=text))]
+            files = _local_files(part, path)
+            if files is not None:
+                return [(f"{part.where}'s {file}", f"{part.where}.data_files", read(file, text=text)) for file in files]
+            return [(part.label, part.where, _from_builder(part, path, streaming))]
+    except (ConfigError, DataError) as error:
+        if error.message.startswith(part.where) or str(error.column or "").startswith(part.where):
+            raise
+        said = f"{part.label}: {error.message}"
+        raise type(error)(said, row=getattr(error, "row", None), column=error.column, fix=error.fix) from None
+
+
+def _local_files(part: Part, path: str) -> list[str] | None:
+    """A generic builder's (``path: json``, ``csv``, ``parquet``) local ``data_files`` for the part's split, globs
+    expanded; None where the files are not all local files of the builder's suffixes (datasets reads them)."""
+    if path not in BUILDERS or part.data_dir is not None:
+        return None
+    files = part.data_files
+    if isinstance(files, dict):
+        if part.split not in files:
+            raise ConfigError(f"data_files has no split {part.split!r} (its splits: {', '.join(files)})",
+                              column=f"{part.where}.split", fix="name one of data_files' splits")  # fmt: skip
+        files = files[part.split]
+    found = []
+    for pattern in [files] if isinstance(files, str) else files:
+        pattern = str(Path(pattern).expanduser())
+        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matched:
+            raise ConfigError(f"{pattern} matches no file", column=f"{part.where}.data_files",
+                              fix="check the pattern (relative paths are read from the current directory)")  # fmt: skip
+        found += matched
+    if not all(Path(file).suffix.lower() in BUILDERS[path] for file in found):
+        return None
+    return found
+
+
+def _from_builder(part: Part, path: str, streaming: bool):
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, name=part.name, data_dir=part.data_dir, data_files=part.data_files,
+                                     split=part.split, streaming=streaming)  # fmt: skip
+    except (OSError, ValueError, ImportError, ConnectionError) as error:  # (datasets' and the hub's errors)
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        fix = f"check its path, data_dir, data_files and split{offline_hint(error)}"
+        raise ConfigError(f"cannot load {part.label} ({first})", column=part.where, fix=fix) from None
+
+
+def _concatenated(pieces: list[tuple]):
+    """The rows of ``pieces`` (``(label, column, rows)``) one after another, a column's type made one where it can
+    be (whole numbers in one piece, decimals in another: decimals); a ConfigError naming both pieces where their
+    columns differ, or a column's kind does (plain text in one, messages in another)."""
+    import datasets
+
+    if len(pieces) == 1:
+        return pieces[0][2]
+    first_label, _, first = pieces[0]
+    columns, out = list(first.column_names or []), [first]
+    for label, column, data in pieces[1:]:
+        theirs = list(data.column_names or [])
+        if columns and theirs and set(theirs) != set(columns):
+            only = sorted(set(theirs) ^ set(columns))
+            shared = [name for name in columns if name in theirs]
+            raise ConfigError(f"{label} has columns {theirs}, {first_label} {columns} (not in both: {only}): a "
+                              "mixture's datasets are concatenated row by row", column=column,
+                              fix=f"keep the columns they share in each, columns: {shared}" if shared else
+                              "map them to the same names first (fastdpo data filter writes a file)")  # fmt: skip
+        target = out[0].features
+        if data.features is not None and target is not None and data.features != target:
+            merged, unlike = _merged(target, data.features)
+            if unlike is not None:
+                raise _unlike(label, column, first_label, data.features, target, unlike)
+            out, data = [earlier.cast(merged) for earlier in out], data.cast(merged)
+        out.append(data)
+    try:  # (streams' types are known once read: datasets reads their first rows here)
+        return datasets.concatenate_datasets(out)
+    except ValueError as error:
+        said = " ".join(str(error).split())
+        raise ConfigError(f"{', '.join(label for label, _, _ in pieces)} cannot be read as one set of rows ({said})",
+                          column=pieces[-1][1], fix="give each column one type in every dataset, or leave it out "
+                          "with columns: [...]") from None  # fmt: skip
+
+
+_NUMBERS = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "float16", "float32", "float64")
+
+
+def _merged(ours, theirs) -> tuple:
+    """``(features, None)``: one type per column for two pieces (``_one_type``), or ``(None, column)``: the first
+    column whose kinds differ otherwise."""
+    import datasets
+
+    merged = {}
+    for name, mine in ours.items():
+        merged[name] = _one_type(mine, theirs[name])
+        if merged[name] is None:
+            return None, name
+    return datasets.Features(merged), None
+
+
+def _one_type(mine, other):
+    """A type both features cast to, or None: a column of nulls takes the other's type, whole numbers and decimals
+    the wider, messages with other keys in one dataset (``name``, ``tool_calls``) every key (absent ones None, which
+    the preparation leaves out, as it does within one file)."""
+    import datasets
+
+    if mine == other:
+        return mine
+    if isinstance(mine, datasets.Value) and isinstance(other, datasets.Value):
+        if "null" in (mine.dtype, other.dtype):
+            return other if mine.dtype == "null" else mine
+        if mine.dtype in _NUMBERS and other.dtype in _NUMBERS:
+            return max(mine, other, key=lambda value: _NUMBERS.index(value.dtype))
+        return None
+    if isinstance(mine, dict) and isinstance(other, dict):
+        both = {key: _one_type(mine[key], other[key]) if key in mine and key in other else mine.get(key, other.get(key))
+                for key in {**mine, **other}}  # fmt: skip
+        return None if None in both.values() else both
+    if isinstance(mine, list) and isinstance(other, list) and len(mine) == len(other) == 1:
+        inner = _one_type(mine[0], other[0])
+        return None if inner is None else [inner]
+    if type(mine) is type(other) and dataclasses.is_dataclass(mine) and hasattr(mine, "feature"):  # List, Sequence
+        inner = _one_type(mine.feature, other.feature)
+        same = getattr(mine, "length", -1) == getattr(other, "length", -1)
+        return None if inner is None or not same else dataclasses.replace(mine, feature=inner)
+    return None
+
+
+def _unlike(label: str, column: str, first_label: str, features, target, name: str) -> ConfigError:
+    kinds = [_kind(features[name]), _kind(target[name])]
+    if kinds[0] == kinds[1]:  # (messages with other keys in one: the features themselves)
+        kinds = [f"{kind}: {str(feature)[:160]}" for kind, feature in zip(kinds, (features[name], target[name]),
+                                                                          strict=True)]  # fmt: skip
+    formats = "text" in kinds and any(kind.startswith("a list") for kind in kinds)
+    fix = ("mix datasets of one format: all plain text, or all conversational messages" if formats else
+           f"give {name!r} one type in every dataset, or leave it out with columns: [...]")  # fmt: skip
+    return ConfigError(f"column {name!r} of {label} is {kinds[0]}, of {first_label} {kinds[1]}", column=column, fix=fix)
+
+
+def _kind(feature) -> str:
+    import datasets
+
+    if isinstance(feature, datasets.Value):
+        return "text" if feature.dtype in ("string", "large_string") else f"{feature.dtype} values"
+    if isinstance(feature, (list, dict)) or type(feature).__name__ in ("Sequence", "List", "LargeList"):
+        return "a list or mapping (messages, or values)"
+    return type(feature).__name__
+
+
+def describe(parts: list[Part], sizes: list) -> str:
+    """The mixture's rows by part, as errors and the quality report number them (rows 0–99: datasets[0] ...)."""
+    if any(size is None for size in sizes):
+        return "; ".join(part.label for part in parts)
+    ranges, start = [], 0
+    for part, size in zip(parts, sizes, strict=True):
+        span = f"row {start}" if size == 1 else f"rows {start}–{start + size - 1}"
+        ranges.append(f"{span}: {part.label}" if size else f"no rows: {part.label}")
+        start += size
+    return "; ".join(ranges)
+
+
+def say(parts: list[Part], sizes: list) -> None:
+    print(f"fastdpo: a mixture of {len(parts)} datasets, {describe(parts, sizes)}", file=sys.stderr)

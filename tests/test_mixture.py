@@ -1,0 +1,231 @@
+"""TRL's dataset mixtures (``datasets:`` in a config, ``DatasetMixtureConfig``): the rows TRL's ``get_dataset`` gives,
+each dataset's problems named by its place in the list, and the ``fastdpo`` command training on them (they were
+refused: "dataset mixtures are not supported")."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import yaml
+from test_bad_inputs import command_error, jsonl, model_dir, tokenizer, workdir  # noqa: F401
+from test_cli_inputs import recording_hub
+
+from fastdpo import cli
+from fastdpo.data.mixture import load_mixture, parts_of
+from fastdpo.errors import ConfigError, DataError
+
+trl = pytest.importorskip("trl")
+
+
+def _pairs(tag: str, n: int, **extra) -> list[dict]:
+    return [
+        {"prompt": f"{tag} {i}?", "chosen": f" {tag} yes {i}.", "rejected": f" {tag} no.", **extra} for i in range(n)
+    ]
+
+
+def _mixture(value, **options):
+    rows, sizes = load_mixture(parts_of(value), **options)
+    return rows, sizes
+
+
+def test_the_rows_are_trls(tmp_path, monkeypatch):
+    # TRL's get_dataset on the same files and keys (its json builder; fastdpo reads the files as load_data does)
+    from trl.scripts.utils import DatasetConfig, DatasetMixtureConfig, get_dataset
+
+    monkeypatch.chdir(tmp_path)
+    jsonl(tmp_path / "a.jsonl", _pairs("a", 7, score=2))
+    jsonl(tmp_path / "b.jsonl", _pairs("b", 5, score=3, source="web"))
+    jsonl(tmp_path / "c.jsonl", _pairs("c", 3, score=1))
+    keep = ["prompt", "chosen", "rejected", "score"]
+    cases = [
+        [{"path": "json", "data_files": "a.jsonl"}, {"path": "json", "data_files": ["b.jsonl"], "columns": keep}],
+        [{"path": "json", "data_files": "a.jsonl", "fraction": 0.5},  # (shares: 7 and 5 rows at 1:1 → 5 and 5)
+         {"path": "json", "data_files": "b.jsonl", "columns": keep, "fraction": 0.5}],
+        [{"path": "json", "data_files": {"train": ["a.jsonl", "c.jsonl"]}, "fraction": 3},
+         {"path": "json", "data_files": {"train": "b.jsonl"}, "columns": keep, "fraction": 1}],
+    ]  # fmt: skip
+    for value in cases:
+        ours, _ = _mixture(value)
+        theirs = get_dataset(DatasetMixtureConfig(datasets=[DatasetConfig(**part) for part in value]))["train"]
+        assert ours.to_list() == theirs.to_list(), value
+    # a plain path (a file, as dataset_name takes one) reads the same rows as TRL's json builder of it
+    ours, sizes = _mixture([{"path": "a.jsonl", "columns": keep}, {"path": "c.jsonl"}])
+    assert sizes == [7, 3] and ours.to_list() == [*_pairs("a", 7, score=2), *_pairs("c", 3, score=1)]
+
+
+def test_columns_of_one_type_where_they_can_be_and_named_where_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    jsonl(tmp_path / "whole.jsonl", _pairs("w", 2, score=2))
+    jsonl(tmp_path / "decimal.jsonl", _pairs("d", 2, score=2.5))
+    rows, _ = _mixture([{"path": "whole.jsonl"}, {"path": "decimal.jsonl"}])  # (TRL: "features can't be aligned")
+    assert [row["score"] for row in rows] == [2.0, 2.0, 2.5, 2.5]
+    turn = [{"role": "user", "content": "hi"}]
+    jsonl(tmp_path / "chat.jsonl", [{"prompt": turn, "chosen": [{"role": "assistant", "content": "a"}],
+                                     "rejected": [{"role": "assistant", "content": "b"}]}])  # fmt: skip
+    named = [{**turn[0], "name": "bob"}]
+    jsonl(tmp_path / "named.jsonl", [{"prompt": named, "chosen": [{"role": "assistant", "content": "c"}],
+                                      "rejected": [{"role": "assistant", "content": "d"}]}])  # fmt: skip
+    rows, _ = _mixture([{"path": "chat.jsonl"}, {"path": "named.jsonl"}])  # messages with another key in one
+    assert rows[1]["prompt"] == named and rows[0]["prompt"] == [{**turn[0], "name": None}]
+    with pytest.raises(ConfigError) as error:
+        _mixture([{"path": "whole.jsonl", "columns": ["prompt", "chosen", "rejected"]}, {"path": "chat.jsonl"}])
+    assert str(error.value) == (
+        "column 'datasets[1]': column 'prompt' of datasets[1] (chat.jsonl) is a list or mapping (messages, or "
+        "values), of datasets[0] (whole.jsonl) text — mix datasets of one format: all plain text, or all "
+        "conversational messages")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"column 'datasets\[1\]': datasets\[1\] \(decimal.jsonl\) has columns \["):
+        _mixture([{"path": "whole.jsonl", "columns": ["prompt", "score"]}, {"path": "decimal.jsonl"}])
+
+
+def test_each_datasets_problem_names_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    jsonl(tmp_path / "a.jsonl", _pairs("a", 2))
+    cases = [
+        ("a.jsonl", "column 'datasets': must be a list of datasets, got 'a.jsonl' — e.g. datasets: [{path: "),
+        (["a.jsonl"], "column 'datasets[0]': is a str ('a.jsonl'), not a mapping of keys"),
+        ([{"path": "a.jsonl", "splt": "x"}], "column 'datasets[0].splt': unknown key 'splt' of a mixture's dataset — "
+         "did you mean 'split'?"),
+        ([{"split": "train"}], "column 'datasets[0].path': must be a name, got None"),
+        ([{"path": "a.jsonl", "split": None}], "column 'datasets[0].split': must be a name, got None"),
+        ([{"path": "a.jsonl", "columns": [1]}], "column 'datasets[0].columns': must be a list of distinct column"),
+        ([{"path": "json", "data_files": 3}], "column 'datasets[0].data_files': must be a file, a list of files"),
+        ([{"path": "a.jsonl", "fraction": -1}], "column 'datasets[0].fraction': must be a number ≥ 0"),
+        ([{"path": "a.jsonl", "fraction": 1}, {"path": "a.jsonl"}], "column 'datasets[1]': has no fraction where "
+         "other datasets of the mixture have one"),
+        ([{"path": "a.jsonl", "fraction": 0}], "column 'datasets': every dataset's fraction is 0"),
+        ([{"path": "a.jsonl"}, {"path": "missing.jsonl"}], "datasets[1] (missing.jsonl): missing.jsonl: no such "
+         "file"),
+        ([{"path": "a.jsonl", "columns": ["prompt", "answer"]}], "column 'datasets[0].columns': datasets[0] "
+         "(a.jsonl) has no column 'answer' (its columns: prompt, chosen, rejected)"),
+        ([{"path": "a.jsonl", "name": "en"}], "column 'datasets[0].name': 'en' names a hub dataset's configuration; "
+         "a.jsonl is a local file or folder, which has none — remove datasets[0].name"),
+        ([{"path": "json", "data_files": {"test": "a.jsonl"}}], "column 'datasets[0].split': data_files has no split "
+         "'train' (its splits: test)"),
+        ([{"path": "json", "data_files": "*.parquet"}], "column 'datasets[0].data_files': *.parquet matches no file"),
+    ]  # fmt: skip
+    for value, said in cases:
+        with pytest.raises((ConfigError, DataError)) as error:
+            _mixture(value)
+        assert said in str(error.value), (value, str(error.value))
+
+
+def test_hub_datasets_with_their_configuration_and_files(monkeypatch):
+    asked = recording_hub(monkeypatch, _pairs("h", 3))
+    keep = ["prompt", "chosen", "rejected"]
+    rows, sizes = _mixture([{"path": "org/a", "name": "en", "split": "train_prefs"},
+                            {"path": "org/b", "data_dir": "v2", "columns": keep}])  # fmt: skip
+    assert sizes == [3, 3] and len(rows) == 6
+    assert asked == [("org/a", {"split": "train_prefs", "name": "en"}),
+                     ("org/b", {"name": None, "data_dir": "v2", "data_files": None, "split": "train",
+                                "streaming": False})]  # fmt: skip
+
+
+def _run(*argv) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cli.main(list(argv))
+
+
+def _config(folder, name: str, **changes) -> str:
+    run = {**yaml.safe_load((folder / "run.yaml").read_text()), **changes}
+    run = {key: value for key, value in run.items() if value is not None}
+    (folder / name).write_text(yaml.safe_dump(run))
+    return name
+
+
+def test_a_run_trains_and_evaluates_on_a_mixture(workdir, capsys, caplog):  # noqa: F811
+    jsonl(workdir / "a.jsonl", _pairs("a", 6, score=1))
+    jsonl(workdir / "b.jsonl", _pairs("b", 4, score=1.5, source="web"))
+    mixture = [{"path": "a.jsonl"}, {"path": "b.jsonl", "columns": ["prompt", "chosen", "rejected", "score"]}]
+    config = _config(workdir, "mix.yaml", dataset_name=None, datasets=mixture, test_split_size=0.2,
+                     eval_strategy="steps", eval_steps=1, max_steps=2)  # fmt: skip
+    assert _run("dpo", "--config", config) == 0
+    said = capsys.readouterr().err
+    assert "fastdpo: a mixture of 2 datasets, rows 0–5: datasets[0] (a.jsonl); rows 6–9: datasets[1] (b.jsonl)" in said
+    recorded = yaml.safe_load((workdir / "run" / "config.yaml").read_text())
+    assert recorded["datasets"] == mixture and recorded["eval_fraction"] == recorded["test_split_size"] == 0.2
+    logs = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [log for log in logs if "eval_loss" in log]
+    assert len(evaluated) == 2 and all(log["eval_num_tokens"] > 0 for log in evaluated)
+    assert (
+        "the data file's rows (from 0), as `fastdpo data check` numbers them (a mixture, its datasets' rows one "
+        "after another: rows 0–5: datasets[0] (a.jsonl); rows 6–9" in (workdir / "run" / "data_quality.md").read_text()
+    )
+    # the run's config.yaml runs again as it ran (test_split_size and the eval_fraction it became agree)
+    assert _run("dpo", "--config", "run/config.yaml", "--output_dir", "again") == 0
+    # dataset_name beside it is not read, as in TRL's scripts: said
+    assert _run("dpo", "--config", _config(workdir, "both.yaml", datasets=mixture, output_dir="both")) == 0
+    assert "datasets (a mixture) is read; dataset_name 'pairs.jsonl' is not, as in TRL's scripts" in caplog.text
+    # as a flag: JSON, one dataset a word
+    assert _run("dpo", "--config", "run.yaml", "--output_dir", "flags", "--datasets", '{"path": "a.jsonl"}',
+                '{"path": "a.jsonl"}') == 0  # fmt: skip
+    assert "rows 0–5: datasets[0] (a.jsonl); rows 6–11: datasets[1] (a.jsonl)" in capsys.readouterr().err
+
+
+def test_what_a_mixture_cannot_mean_is_refused(workdir, capsys):  # noqa: F811
+    jsonl(workdir / "a.jsonl", _pairs("a", 6))
+    mixture = [{"path": "a.jsonl"}]
+    cases = {
+        "column 'dataset_test_split': names a split ('test'), and a mixture has one — hold rows out with "
+        "test_split_size (or eval_fraction)": {"datasets": mixture, "dataset_test_split": "test"},
+        "column 'dataset_train_split': is 'train_prefs': a mixture is one split, train — name each dataset's own "
+        "split with its split: key": {"datasets": mixture, "dataset_train_split": "train_prefs"},
+        "column 'streaming': applies to a dataset mixture (datasets), and the config has none — use "
+        "dataset_streaming for dataset_name": {"streaming": True},
+        "column 'test_split_size': applies to a dataset mixture (datasets), and the config has none — use "
+        "eval_fraction for dataset_name": {"test_split_size": 0.1},
+        "column 'test_split_size': holds out 0.2 of the rows, which eval_strategy 'no' never evaluates": {
+            "datasets": mixture, "test_split_size": 0.2},
+        "column 'test_split_size': and eval_fraction both hold rows out — keep one": {
+            "datasets": mixture, "test_split_size": 0.2, "eval_fraction": 0.1, "eval_strategy": "epoch"},
+        "column 'test_split_size': a stream cannot be split by prompt before it is read": {
+            "datasets": mixture, "test_split_size": 0.2, "streaming": True, "eval_strategy": "epoch"},
+        "column 'datasets[0].fraction': is a share of the mixture's rows, which a stream does not know": {
+            "datasets": [{"path": "a.jsonl", "fraction": 1}], "streaming": True},
+    }  # fmt: skip
+    for said, changes in cases.items():
+        line = command_error(capsys, "dpo", "--config", _config(workdir, "bad.yaml", **changes))
+        assert said in line, (changes, line)
+
+
+def test_a_streamed_mixture_and_an_sft_mixture(workdir, capsys):  # noqa: F811
+    jsonl(workdir / "a.jsonl", _pairs("a", 6))
+    jsonl(workdir / "b.jsonl", _pairs("b", 4))
+    mixture = [{"path": "a.jsonl"}, {"path": "json", "data_files": ["b.jsonl"]}]
+    config = _config(workdir, "stream.yaml", dataset_name=None, datasets=mixture, streaming=True, max_steps=2,
+                     logging_steps=1, data_filter="none")  # fmt: skip
+    assert _run("dpo", "--config", config) == 0
+    assert "fastdpo: a mixture of 2 datasets, datasets[0] (a.jsonl); datasets[1] (json)" in capsys.readouterr().err
+    logs = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [log["step"] for log in logs if "loss" in log] == [1, 2]
+    jsonl(workdir / "sft_a.jsonl", [{"prompt": f"q{i}?", "completion": f" a{i}."} for i in range(4)])
+    jsonl(workdir / "sft_b.jsonl", [{"prompt": f"r{i}?", "completion": f" b{i}.", "id": i} for i in range(3)])
+    sft = [{"path": "sft_a.jsonl"}, {"path": "sft_b.jsonl", "columns": ["prompt", "completion"]}]
+    config = _config(workdir, "sft.yaml", dataset_name=None, datasets=sft, output_dir="sft", test_split_size=2,
+                     eval_strategy="epoch", per_device_eval_batch_size=2, logging_steps=1)  # fmt: skip
+    assert _run("sft", "--config", config) == 0
+    logs = [json.loads(line) for line in (workdir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in log for log in logs) and any("loss" in log for log in logs)
+
+
+def test_a_resumed_run_sees_each_local_dataset_change(tmp_path, monkeypatch):
+    # the run directory's data_fingerprint.json (what --resume compares) printed dataset_name alone: None here
+    from types import SimpleNamespace
+
+    from fastdpo.cli_mixture import data_prints
+
+    monkeypatch.chdir(tmp_path)
+    jsonl(tmp_path / "a.jsonl", _pairs("a", 2))
+    (tmp_path / "parts").mkdir()
+    jsonl(tmp_path / "parts" / "b1.jsonl", _pairs("b", 2))
+    jsonl(tmp_path / "parts" / "b2.jsonl", _pairs("c", 2))
+    parts = [{"path": "a.jsonl"}, {"path": "org/hub"}, {"path": "json", "data_files": {"train": "parts/*.jsonl"}}]
+    run = SimpleNamespace(dataset_name=None, datasets=parts)
+    before = data_prints(run)
+    assert sorted(before) == ["datasets[0]/a.jsonl", "datasets[2]/b1.jsonl", "datasets[2]/b2.jsonl"]
+    jsonl(tmp_path / "parts" / "b2.jsonl", _pairs("d", 2))
+    after = data_prints(run)
+    assert after["datasets[2]/b2.jsonl"] != before["datasets[2]/b2.jsonl"]
+    assert after["datasets[0]/a.jsonl"] == before["datasets[0]/a.jsonl"]
