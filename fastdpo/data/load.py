@@ -89,7 +89,7 @@ def load_data(
             "name",
         )
     path = Path(source)
-    refuse_config_of_local(path, path.exists() or path.suffix.lower() in LOCAL_SUFFIXES)
+    refuse_config_of_local(path, local := path.exists() or path.suffix.lower() in LOCAL_SUFFIXES)  # (there or not)
     if saved_to_disk(path):
         return load_data(_saved(path, split), split=split)
     if path.is_dir():  # one file per split, as datasets finds them (train.jsonl, data/test-00000-of-00001.parquet)
@@ -97,7 +97,7 @@ def load_data(
         if split is None:
             return datasets.DatasetDict({name: _load_shards(shards, text) for name, shards in files.items()})
         return _load_shards(_split_file(path, files, split), text)
-    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+    if local:
         return _load_local(path, split, text)
     return _from_hub(source, split=split)
 
@@ -267,12 +267,12 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
         raise DataError(f"cannot stream a dataset from {type(source).__name__}",
                         fix="pass a datasets.IterableDataset or Dataset, a local file or a hub name")  # fmt: skip
     path = Path(source)
-    refuse_config_of_local(path, path.exists() or path.suffix.lower() in LOCAL_SUFFIXES)
+    refuse_config_of_local(path, local := path.exists() or path.suffix.lower() in LOCAL_SUFFIXES)  # (there or not)
     if saved_to_disk(path):  # (on disk already)
         return load_data(path, split=split).to_iterable_dataset()
     if path.is_dir():
         return _load_shards(_split_file(path, split_files(path), split), text, stream=True)
-    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+    if local:
         kind = _local_kind(path)
         _one_split(path, split)
         if kind == "csv":
