@@ -45,14 +45,27 @@ def test_the_rows_are_trls(tmp_path, monkeypatch):
          {"path": "json", "data_files": "b.jsonl", "columns": keep, "fraction": 0.5}],
         [{"path": "json", "data_files": {"train": ["a.jsonl", "c.jsonl"]}, "fraction": 3},
          {"path": "json", "data_files": {"train": "b.jsonl"}, "columns": keep, "fraction": 1}],
+        # slices of a split, as datasets cuts them (the split was not read: every row of every file came back)
+        [{"path": "json", "data_files": ["a.jsonl", "c.jsonl"], "split": "train[:50%]"},
+         {"path": "json", "data_files": "b.jsonl", "split": "train[-2:]", "columns": keep}],
+        [{"path": "json", "data_files": {"test": "a.jsonl"}, "split": "test[1:33%]"},
+         {"path": "json", "data_files": "c.jsonl", "split": "train[0_1:]"}],
+        [{"path": "json", "data_files": "a.jsonl", "split": "train[-35%:-15%]"}],
     ]  # fmt: skip
     for value in cases:
         ours, _ = _mixture(value)
         theirs = get_dataset(DatasetMixtureConfig(datasets=[DatasetConfig(**part) for part in value]))["train"]
         assert ours.to_list() == theirs.to_list(), value
     # a plain path (a file, as dataset_name takes one) reads the same rows as TRL's json builder of it
-    ours, sizes = _mixture([{"path": "a.jsonl", "columns": keep}, {"path": "c.jsonl"}])
-    assert sizes == [7, 3] and ours.to_list() == [*_pairs("a", 7, score=2), *_pairs("c", 3, score=1)]
+    ours, sizes = _mixture([{"path": "a.jsonl", "columns": keep}, {"path": "c.jsonl", "split": "train[1:]"}])
+    assert sizes == [7, 2] and ours.to_list() == [*_pairs("a", 7, score=2), *_pairs("c", 3, score=1)[1:]]
+    # a file or list of files is the split train (TRL: 'Unknown split "test"'; it read every row as test)
+    with pytest.raises(ConfigError, match=r"column 'datasets\[0\].split': datasets\[0\] \(json, split test\): "
+                       "data_files as a file or a list is one split, train: 'test' names none of it"):  # fmt: skip
+        _mixture([{"path": "json", "data_files": "a.jsonl", "split": "test"}])
+    said = r"column 'datasets\[1\].split': 'train\[5:\]' holds none of the 3 rows of datasets\[1\] \(c.jsonl, split"
+    with pytest.raises(ConfigError, match=said):  # (datasets: "corresponds to no data")
+        _mixture([{"path": "a.jsonl"}, {"path": "c.jsonl", "split": "train[5:]"}])
 
 
 def test_columns_of_one_type_where_they_can_be_and_named_where_not(tmp_path, monkeypatch):
@@ -61,6 +74,9 @@ def test_columns_of_one_type_where_they_can_be_and_named_where_not(tmp_path, mon
     jsonl(tmp_path / "decimal.jsonl", _pairs("d", 2, score=2.5))
     rows, _ = _mixture([{"path": "whole.jsonl"}, {"path": "decimal.jsonl"}])  # (TRL: "features can't be aligned")
     assert [row["score"] for row in rows] == [2.0, 2.0, 2.5, 2.5]
+    (tmp_path / "more.csv").write_text("prompt,chosen,rejected,score\nc 0?, yes.,no.,3\n")  # (CSV's text: large)
+    rows, _ = _mixture([{"path": "whole.jsonl"}, {"path": "more.csv"}])  # (it said 'text ..., of ... text')
+    assert rows[2] == {"prompt": "c 0?", "chosen": " yes.", "rejected": "no.", "score": 3}
     turn = [{"role": "user", "content": "hi"}]
     jsonl(tmp_path / "chat.jsonl", [{"prompt": turn, "chosen": [{"role": "assistant", "content": "a"}],
                                      "rejected": [{"role": "assistant", "content": "b"}]}])  # fmt: skip
@@ -145,7 +161,8 @@ def test_a_run_trains_and_evaluates_on_a_mixture(workdir, capsys, caplog):  # no
     said = capsys.readouterr().err
     assert "fastdpo: a mixture of 2 datasets, rows 0–5: datasets[0] (a.jsonl); rows 6–9: datasets[1] (b.jsonl)" in said
     recorded = yaml.safe_load((workdir / "run" / "config.yaml").read_text())
-    assert recorded["datasets"] == mixture and recorded["eval_fraction"] == recorded["test_split_size"] == 0.2
+    assert recorded["datasets"] == mixture and recorded["test_split_size"] == 0.2  # (as given: no eval_fraction)
+    assert recorded["eval_fraction"] is None and recorded["dataset_streaming"] is False
     logs = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
     evaluated = [log for log in logs if "eval_loss" in log]
     assert len(evaluated) == 2 and all(log["eval_num_tokens"] > 0 for log in evaluated)
@@ -224,8 +241,47 @@ def test_a_resumed_run_sees_each_local_dataset_change(tmp_path, monkeypatch):
     parts = [{"path": "a.jsonl"}, {"path": "org/hub"}, {"path": "json", "data_files": {"train": "parts/*.jsonl"}}]
     run = SimpleNamespace(dataset_name=None, datasets=parts)
     before = data_prints(run)
-    assert sorted(before) == ["datasets[0]/a.jsonl", "datasets[2]/b1.jsonl", "datasets[2]/b2.jsonl"]
+    assert sorted(before) == ["a.jsonl", "parts/b1.jsonl", "parts/b2.jsonl"]
     jsonl(tmp_path / "parts" / "b2.jsonl", _pairs("d", 2))
     after = data_prints(run)
-    assert after["datasets[2]/b2.jsonl"] != before["datasets[2]/b2.jsonl"]
-    assert after["datasets[0]/a.jsonl"] == before["datasets[0]/a.jsonl"]
+    assert after["parts/b2.jsonl"] != before["parts/b2.jsonl"] and after["a.jsonl"] == before["a.jsonl"]
+    # two datasets' files of one name are two files (they shared a key: a change to one went unseen)
+    (tmp_path / "x").mkdir()
+    jsonl(tmp_path / "x" / "b1.jsonl", _pairs("x", 2))
+    run.datasets = [{"path": "json", "data_files": ["x/b1.jsonl", "parts/b1.jsonl"]}]
+    before = data_prints(run)
+    jsonl(tmp_path / "x" / "b1.jsonl", _pairs("y", 2))
+    assert data_prints(run)["x/b1.jsonl"] != before["x/b1.jsonl"]
+
+
+def test_the_config_keeps_what_was_written_and_the_run_keeps_its_files(workdir, capsys):  # noqa: F811
+    # config.yaml recorded dataset_streaming: true for `streaming: true` (a rerun with --streaming false streamed);
+    # a mixture's file inside a checkpoint the run leaves behind was deleted under --overwrite (dataset_name's is not)
+    import argparse
+    from pathlib import Path
+
+    from fastdpo.cli import _resolved_config, load_config
+
+    jsonl(workdir / "a.jsonl", _pairs("a", 6))
+    config = _config(workdir, "s.yaml", dataset_name=None, datasets=[{"path": "a.jsonl"}], streaming=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(_resolved_config(*load_config(
+        argparse.Namespace(command="dpo", config=Path(config)), []))))  # fmt: skip
+    run_args, _ = load_config(argparse.Namespace(command="dpo", config=Path("config.yaml")), ["--streaming", "false"])
+    assert run_args.dataset_streaming is False
+    assert _run("dpo", "--config", "run.yaml", "--save_strategy", "steps", "--save_steps", "1") == 0
+    kept = workdir / "run" / "checkpoint-1" / "mine.jsonl"
+    jsonl(kept, _pairs("m", 4))
+    config = _config(workdir, "in.yaml", dataset_name=None, datasets=[{"path": "run/checkpoint-1/mine.jsonl"}])
+    said = command_error(capsys, "dpo", "--config", config, "--overwrite")
+    assert "column 'output_dir': run/checkpoint-1 holds what this run reads" in said and kept.is_file()
+
+
+def test_a_sweep_names_the_mixtures_keys(tmp_path, capsys):
+    # it named eval_fraction for a streamed mixture (settled as dataset_streaming), and for one holding nothing out
+    config = tmp_path / "run.yaml"
+    for text, said in (("streaming: true\n", "column 'streaming': a sweep computes the reference's log-probs once"),
+                       ("", "column 'test_split_size': a sweep compares the runs on held-out pairs, and the config "
+                        "holds none out — set test_split_size (e.g. 0.1)")):  # fmt: skip
+        config.write_text(f"model_name_or_path: some/model\ndatasets: [{{path: pairs.jsonl}}]\n{text}")
+        assert cli.main(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "s")]) == 2
+        assert said in capsys.readouterr().err

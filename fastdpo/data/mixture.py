@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import glob
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -120,7 +121,10 @@ def load_mixture(parts: list[Part], *, text: tuple[str, ...] = (), streaming: bo
     to their ``fraction`` shares as TRL's ``get_dataset`` cuts them (the first ``round(share × N)`` rows of each, N
     the largest mixture no part is too short for), and concatenated; ``sizes``: each part's number of rows (None
     for a stream). ``text``: a CSV file's text columns."""
-    loaded = [_concatenated([_kept(part, *piece) for piece in _load_part(part, text, streaming)]) for part in parts]
+    loaded = []
+    for part in parts:
+        pieces, cut = _load_part(part, text, streaming)
+        loaded.append(_cut(_concatenated([_kept(part, *piece) for piece in pieces]), cut, part))
     if parts[0].fraction is not None:
         if streaming:
             raise ConfigError("is a share of the mixture's rows, which a stream does not know before it is read",
@@ -148,42 +152,92 @@ def _kept(part: Part, label: str, column: str, data) -> tuple:
     return label, column, data.select_columns(part.columns)
 
 
-def _load_part(part: Part, text: tuple[str, ...], streaming: bool) -> list[tuple]:
+def _load_part(part: Part, text: tuple[str, ...], streaming: bool) -> tuple[list[tuple], tuple | None]:
     """One part's rows as pieces ``(label, column, rows)``: ``load_data``/``load_stream``'s of a file, folder or hub
     name, a builder's local files one by one; ``datasets.load_dataset``'s for a hub dataset's
-    ``data_dir``/``data_files``. Errors name the part."""
-    from fastdpo.data.load import load_data, load_stream
+    ``data_dir``/``data_files``; and the slice of its split (``train[:50%]``) left to cut from them (datasets cuts a
+    hub split itself). Errors name the part."""
+    from fastdpo.data.load import LOCAL_SUFFIXES, load_data, load_stream
 
     read = load_stream if streaming else load_data
     path = str(Path(part.path).expanduser()) if part.path.startswith("~") else part.path
+    split, cut = _sliced(part.split)
+    local = path in BUILDERS or Path(path).exists() or Path(path).suffix.lower() in LOCAL_SUFFIXES
+    if cut is not None and local and streaming:
+        raise ConfigError(f"{part.split!r} is a slice of the rows, which a stream does not know before it is read",
+                          column=f"{part.where}.split", fix=f"split: {split}, or leave streaming out")  # fmt: skip
+    if not local:  # (datasets reads a hub split's slice)
+        split, cut = part.split, None
     try:
         with hub_config(part.name, f"{part.where}.name"):
             if part.data_files is None and part.data_dir is None:
-                return [(part.label, part.where, read(path, split=part.split, text=text))]
+                return [(part.label, part.where, read(path, split=split, text=text))], cut
             if part.data_files is None and Path(path).is_dir():  # a local folder's data_dir: a folder of splits
-                return [(part.label, part.where, read(str(Path(path) / part.data_dir), split=part.split, text=text))]
-            files = _local_files(part, path)
+                return [(part.label, part.where, read(str(Path(path) / part.data_dir), split=split, text=text))], cut
+            files = _local_files(part, path, split)
             if files is not None:
-                return [(f"{part.where}'s {file}", f"{part.where}.data_files", read(file, text=text)) for file in files]
-            return [(part.label, part.where, _from_builder(part, path, streaming))]
+                return [(f"{part.where}'s {file}", f"{part.where}.data_files", read(file, text=text))
+                        for file in files], cut  # fmt: skip
+            return [(part.label, part.where, _from_builder(part, path, streaming))], None
     except (ConfigError, DataError) as error:
         if error.message.startswith(part.where) or str(error.column or "").startswith(part.where):
             raise
+        column = {"split": f"{part.where}.split"}.get(error.column, error.column)  # (as the mixture names it)
+        fix = (error.fix or "").replace("eval_fraction", "test_split_size") or None
         said = f"{part.label}: {error.message}"
-        raise type(error)(said, row=getattr(error, "row", None), column=error.column, fix=error.fix) from None
+        raise type(error)(said, row=getattr(error, "row", None), column=column, fix=fix) from None
 
 
-def _local_files(part: Part, path: str) -> list[str] | None:
-    """A generic builder's (``path: json``, ``csv``, ``parquet``) local ``data_files`` for the part's split, globs
-    expanded; None where the files are not all local files of the builder's suffixes (datasets reads them)."""
+_SLICE = re.compile(r"(?P<name>[^\[\]+]+)\[(?P<start>-?[\d_]+)?(?P<start_pct>%)?:(?P<stop>-?[\d_]+)?(?P<stop_pct>%)?\]")
+
+
+def _sliced(split: str) -> tuple[str, tuple | None]:
+    """``(name, cut)`` of a split as datasets writes its slices: ``train[:50%]``, ``train[10:-5]``; cut None where
+    the split is a name alone."""
+    found = _SLICE.fullmatch(split)
+    if found is None:
+        return split, None
+    percent = bool(found["start_pct"] or found["stop_pct"])  # (one % makes both percentages, as datasets reads them)
+    return found["name"], (found["start"], found["stop"], percent)
+
+
+def _cut(data, cut: tuple | None, part: Part):
+    """``data``'s rows in the slice ``cut``, as datasets cuts a split: percentages rounded to the closest row,
+    negative bounds from the end; a ConfigError where it holds none (datasets': "corresponds to no data")."""
+    if cut is None:
+        return data
+    size, (start, stop, percent) = len(data), cut
+
+    def bound(text: str | None, default: int) -> int:
+        if text is None:
+            return default
+        value = int(text.replace("_", ""))
+        value = round(value * size / 100.0) if percent else value
+        return min(max(size + value, 0) if value < 0 else value, size)
+
+    first, last = bound(start, 0), bound(stop, size)
+    if first >= last:
+        raise ConfigError(f"{part.split!r} holds none of the {size} rows of {part.label}", column=f"{part.where}.split",
+                          fix="widen the slice, or leave the dataset out")  # fmt: skip
+    return data.select(range(first, last))
+
+
+def _local_files(part: Part, path: str, split: str) -> list[str] | None:
+    """A generic builder's (``path: json``, ``csv``, ``parquet``) local ``data_files`` of ``split`` (a file or list
+    of them: the split ``train``, as datasets names it), globs expanded; None where the files are not all local
+    files of the builder's suffixes (datasets reads them)."""
     if path not in BUILDERS or part.data_dir is not None:
         return None
     files = part.data_files
+    if not isinstance(files, dict) and split != "train":  # (it read every file as split 'test', said nothing)
+        raise ConfigError(f"{part.label}: data_files as a file or a list is one split, train: {split!r} names none "
+                          "of it", column=f"{part.where}.split", fix="split: train (or a slice, train[:50%]), or "
+                          "data_files: {SPLIT: FILES}")  # fmt: skip
     if isinstance(files, dict):
-        if part.split not in files:
-            raise ConfigError(f"data_files has no split {part.split!r} (its splits: {', '.join(files)})",
+        if split not in files:
+            raise ConfigError(f"data_files has no split {split!r} (its splits: {', '.join(files)})",
                               column=f"{part.where}.split", fix="name one of data_files' splits")  # fmt: skip
-        files = files[part.split]
+        files = files[split]
     found = []
     for pattern in [files] if isinstance(files, str) else files:
         pattern = str(Path(pattern).expanduser())
@@ -273,6 +327,8 @@ def _one_type(mine, other):
             return other if mine.dtype == "null" else mine
         if mine.dtype in _NUMBERS and other.dtype in _NUMBERS:
             return max(mine, other, key=lambda value: _NUMBERS.index(value.dtype))
+        if {mine.dtype, other.dtype} == {"string", "large_string"}:  # (JSON's text and CSV's, Parquet's from pandas)
+            return datasets.Value("large_string")
         return None
     if isinstance(mine, dict) and isinstance(other, dict):
         both = {key: _one_type(mine[key], other[key]) if key in mine and key in other else mine.get(key, other.get(key))
@@ -322,4 +378,5 @@ def describe(parts: list[Part], sizes: list) -> str:
 
 
 def say(parts: list[Part], sizes: list) -> None:
-    print(f"fastdpo: a mixture of {len(parts)} datasets, {describe(parts, sizes)}", file=sys.stderr)
+    what = "1 dataset" if len(parts) == 1 else f"{len(parts)} datasets"
+    print(f"fastdpo: a mixture of {what}, {describe(parts, sizes)}", file=sys.stderr)
