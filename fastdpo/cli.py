@@ -57,7 +57,7 @@ from pathlib import Path
 from fastdpo.atomic import refuse_non_empty, run_lock
 from fastdpo.cli_data import add_data_parser, run_data
 from fastdpo.cli_errors import in_cli_terms
-from fastdpo.cli_mixture import MixtureArguments, card_datasets, data_prints, settle_mixture
+from fastdpo.cli_mixture import MixtureArguments, card_datasets, data_prints, local_paths, settle_mixture
 from fastdpo.cli_model import (
     TRL_KEYS,
     AdapterArguments,
@@ -361,7 +361,7 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
             print(f"fastdpo: training in place: the trained model replaces the weights in {out}", file=sys.stderr)
     refuse_replacing_the_config(known.config, out)
     inputs = (run_args.model_name_or_path, run_args.ref_model_name_or_path, run_args.dataset_name, known.config,
-              getattr(args, "ref_cache_dir", None))  # fmt: skip
+              getattr(args, "ref_cache_dir", None), *local_paths(run_args))  # fmt: skip
     stale = stale_checkpoints(out, checkpoint, overwrite=known.overwrite, keep=inputs)  # a later --resume's pick
     # nothing is written before the trainer is built: a run that fails on its data or model leaves no directory to
     # --overwrite next time
@@ -521,7 +521,7 @@ def _resolved_config(run_args: RunArguments, args) -> dict:
 
     # (no hub_token: a secret, out of config.yaml; a rerun logs in as the run did, by its login or HF_TOKEN)
     values = {k: v for k, v in config_values(args).items() if _plain(v) and k != "hub_token"}
-    return {**dataclasses.asdict(run_args), **values}
+    return {**dataclasses.asdict(run_args), **getattr(run_args, "as_given", {}), **values}  # (a mixture's: as given)
 
 
 def _plain(value) -> bool:

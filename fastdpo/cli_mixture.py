@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 from dataclasses import dataclass, field
 
 from fastdpo.errors import ConfigError
@@ -31,8 +32,9 @@ class MixtureArguments:
 
 def settle_mixture(run_args) -> None:
     """The mixture's keys checked and put in fastdpo's terms, before anything is read (``run_args`` changed in
-    place, so that a run's ``config.yaml`` runs again as it ran): ``test_split_size`` as ``eval_fraction``,
-    ``streaming`` as ``dataset_streaming``. A ConfigError where a key cannot mean what it says."""
+    place): ``test_split_size`` as ``eval_fraction``, ``streaming`` as ``dataset_streaming``; the fields as the user
+    gave them kept in ``run_args.as_given`` for the run's ``config.yaml`` (so that it runs again as written: with
+    ``--streaming false`` too). A ConfigError where a key cannot mean what it says."""
     from fastdpo.data.mixture import parts_of
 
     if not run_args.datasets:  # (TRL's default is an empty list)
@@ -43,6 +45,8 @@ def settle_mixture(run_args) -> None:
                                   fix=f"use {instead} for dataset_name")  # fmt: skip
         return
     parts_of(run_args.datasets)  # (each dataset's keys)
+    run_args.as_given = {key: getattr(run_args, key) for key in ("eval_fraction", "dataset_test_split",
+                                                                  "dataset_streaming")}  # fmt: skip
     if run_args.dataset_name is not None or run_args.dataset_config is not None:
         logger.warning("datasets (a mixture) is read; dataset_name %r is not, as in TRL's scripts",
                        run_args.dataset_name)  # fmt: skip
@@ -77,22 +81,31 @@ def mixture_rows(run_args, text: tuple[str, ...], *, streaming: bool = False):
     return rows, describe(parts, sizes)
 
 
+def local_paths(run_args) -> list[str]:
+    """The mixture's local files and folders as given (``~`` and globs expanded), in the order of its datasets: what
+    the run reads, and so must not delete (a checkpoint folder holding one) nor see change under ``--resume``."""
+    from fastdpo.data.mixture import parts_of
+
+    paths = []
+    for part in parts_of(run_args.datasets) if run_args.datasets else []:
+        given = part.data_files if part.data_files is not None else part.path
+        given = [*given.values()] if isinstance(given, dict) else [given]
+        names = [os.path.expanduser(name) for item in given for name in ([item] if isinstance(item, str) else item)]
+        paths += sorted({found for name in names for found in glob.glob(name) or [name] if os.path.exists(found)})
+    return paths
+
+
 def data_prints(run_args) -> dict | None:
     """What a resumed run compares to see that its local data did not change (``data_fingerprint``): the mixture's
-    local files and folders, by dataset."""
+    local files and folders, each under its path as given (two datasets' ``train.jsonl`` are two files)."""
     from fastdpo.cli_resume import data_fingerprint
-    from fastdpo.data.mixture import parts_of
 
     if not run_args.datasets:
         return data_fingerprint(run_args.dataset_name)
     prints = {}
-    for part in parts_of(run_args.datasets):
-        given = part.data_files if part.data_files is not None else part.path
-        given = [*given.values()] if isinstance(given, dict) else [given]
-        names = [name for item in given for name in ([item] if isinstance(item, str) else item)]
-        for file in sorted({found for name in names for found in glob.glob(name) or [name]}):
-            found = data_fingerprint(file)
-            prints.update({f"{part.where}/{key}": value for key, value in (found or {}).items()})
+    for path in local_paths(run_args):
+        prints.update({f"{path}/{key}" if os.path.isdir(path) else path: value
+                       for key, value in (data_fingerprint(path) or {}).items()})  # fmt: skip
     return prints or None
 
 

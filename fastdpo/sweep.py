@@ -234,13 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     if "--out" not in argv and run_config.output_dir:  # (the runs went to runs/sweep, unsaid)
         print(f"fastdpo sweep: the runs go to {args.out}/beta_<β>, as --out sets; the config's output_dir "
               f"({run_config.output_dir}) is not used", file=sys.stderr)  # fmt: skip
-    if run_args.eval_fraction is None and run_args.dataset_test_split is None:
-        raise ConfigError("a sweep compares the runs on held-out pairs, and the config holds none out",
-                          column="eval_fraction", fix="set eval_fraction (e.g. 0.1) or dataset_test_split")  # fmt: skip
     if getattr(run_args, "dataset_streaming", False):  # (it failed in the first run, after loading the model)
-        raise ConfigError("a sweep computes the reference's log-probs once, over the whole dataset, for all its runs; "
-                          "a stream is only read as training goes", column="dataset_streaming",
-                          fix="set dataset_streaming: false for the sweep")  # fmt: skip
+        key = "streaming" if run_args.streaming else "dataset_streaming"  # (a mixture's key, as written)
+        raise ConfigError(
+            "a sweep computes the reference's log-probs once, over the whole dataset, for all its runs; "
+            "a stream is only read as training goes",
+            column=key,
+            fix=f"set {key}: false for the sweep",
+        )
+    if run_args.eval_fraction is None and run_args.dataset_test_split is None:
+        key, fix = ("test_split_size", "set test_split_size (e.g. 0.1)") if run_args.datasets else (
+            "eval_fraction", "set eval_fraction (e.g. 0.1) or dataset_test_split")  # fmt: skip
+        raise ConfigError("a sweep compares the runs on held-out pairs, and the config holds none out", column=key,
+                          fix=fix)  # fmt: skip
     free = sorted(REFERENCE_FREE.intersection(run_config.loss_type))
     if free:
         raise ConfigError(f"{', '.join(free)} has no reference, which a sweep measures each β against",
