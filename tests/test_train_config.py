@@ -204,3 +204,32 @@ def test_liger_kernels_on_a_cpu_refused_before_the_first_step(tmp_path):
     with pytest.raises(ConfigError, match=said):
         SFTTrainer(model, args=trl.SFTConfig(output_dir=str(tmp_path / "s"), use_liger_kernel=True, bf16=False),
                    train_dataset=text, processing_class=tokenizer)  # fmt: skip
+
+
+def test_liger_is_checked_after_accelerates_state_is_set_up(tmp_path):
+    # DPOConfig read self.device (for use_liger_kernel) before TrainingArguments' __post_init__ had read
+    # accelerator_config: use_configured_state was ignored and the user's PartialState reset. A non-CPU device
+    # (accelerate's meta stand-in) so that the option is taken, with its warning; in a process of its own
+    import subprocess
+    import sys
+
+    script = f"""
+import os, warnings
+os.environ["ACCELERATE_TORCH_DEVICE"] = "meta"
+from accelerate import PartialState
+from fastdpo.train import DPOConfig, SFTConfig
+for config in (DPOConfig, SFTConfig):
+    PartialState._reset_state()
+    mine = PartialState(cpu=True)
+    mine.marker = "the user's"
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        args = config(output_dir={str(tmp_path)!r}, use_liger_kernel=True, report_to=[], bf16=False,
+                      accelerator_config={{"use_configured_state": True}})
+    assert any("fused head already computes the loss" in str(w.message) for w in said), config
+    assert PartialState().__dict__.get("marker") == "the user's", config
+    assert args.distributed_state.__dict__.get("marker") == "the user's", config
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

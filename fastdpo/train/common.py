@@ -275,7 +275,6 @@ def check_shared_options(config, not_yet: dict) -> None:
             raise ConfigError(f"must be a whole number ≥ 1, got {value!r}", column=name)
     if not config.learning_rate >= 0:
         raise ConfigError(f"must be ≥ 0, got {config.learning_rate}", column="learning_rate")
-    check_liger(config)
 
 
 def config_values(args) -> dict:
@@ -419,7 +418,9 @@ def undispatched(args) -> None:
 
 def check_liger(args) -> None:
     """``use_liger_kernel``: refused on a CPU, where Liger's Triton kernels cannot run (Triton's "0 active drivers"
-    RuntimeError came at the first step, TRL's too); a warning elsewhere, as fastdpo's head replaces Liger's loss."""
+    RuntimeError came at the first step, TRL's too); a warning elsewhere, as fastdpo's head replaces Liger's loss.
+    Called once TrainingArguments' own ``__post_init__`` has run: ``args.device`` sets up accelerate's state by its
+    ``accelerator_config``."""
     if not getattr(args, "use_liger_kernel", False):  # (None: the drop-in's TRL default config)
         return
     if args.device.type == "cpu":

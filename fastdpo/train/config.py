@@ -48,7 +48,7 @@ from fastdpo.errors import ConfigError, unknown_choice
 from fastdpo.model.attention import PACKED_ATTENTION
 from fastdpo.ops import REFERENCE_FREE, LossConfig
 from fastdpo.ops.losses import BATCH_COUPLED, SMOOTHED
-from fastdpo.train.common import check_report_to, check_shared_options
+from fastdpo.train.common import check_liger, check_report_to, check_shared_options
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class DPOConfig(TrainingArguments):
         self._check_options()
         super().__post_init__()
         check_report_to(self)
+        check_liger(self)  # (after: it reads self.device)
         if isinstance(self.pad_to_multiple_of, str) and self.pad_to_multiple_of != "auto":  # from a CLI or YAML
             text = self.pad_to_multiple_of.strip().lower()
             if text not in ("none", "null") and not text.isdigit():

@@ -43,7 +43,7 @@ from transformers import TrainingArguments
 from fastdpo.data.packing import SFT_PACKING_STRATEGIES
 from fastdpo.errors import ConfigError, unknown_choice
 from fastdpo.model.attention import PACKED_ATTENTION
-from fastdpo.train.common import check_report_to, check_shared_options
+from fastdpo.train.common import check_liger, check_report_to, check_shared_options
 
 LOSS_TYPES = ("nll", "dft")
 
@@ -99,6 +99,7 @@ class SFTConfig(TrainingArguments):
         self._normalize()
         super().__post_init__()  # parses the dict fields given as JSON strings
         self._check_options()
+        check_liger(self)
         check_report_to(self)
 
     def _normalize(self) -> None:
