@@ -330,3 +330,14 @@ def test_entropy_with_minus_inf_logits(impl):
     for name in ("logp", "entropy", "log_sum_sq_probs"):
         assert torch.isfinite(getattr(out, name)).all(), name
         assert max_err(getattr(out, name), ref[name]) < 1e-5, name  # (fp32 ulps of values of a few units)
+
+
+def test_a_nan_logit_stays_nan_in_the_entropy():
+    # the -inf guard (p log p = 0 where a logit is -inf) turned a NaN logit's entropy into -0.0 in the naive impl,
+    # the reference the others are held to, while its logp was NaN
+    hidden, weight, _, targets = make(3, 8, 11, torch.float32, ignore="none", seed=1)
+    bias = torch.zeros(11)
+    bias[4] = float("nan")
+    for impl in ("naive", "torch"):
+        out = linear_logprobs(hidden, weight, targets, bias=bias, impl=impl, outputs=("logp", "entropy"))
+        assert out.logp.isnan().all() and out.entropy.isnan().all(), impl

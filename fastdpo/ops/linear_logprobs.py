@@ -260,7 +260,7 @@ def _naive(hidden, weight, bias, targets, transform, ignore_index, wanted):
     with torch.no_grad():
         entropy = None  # (p log p is 0 where a logit is -inf, a bias banning tokens: 0 * -inf was NaN)
         if want_entropy:
-            p_log_p = torch.where(log_probs > float("-inf"), log_probs.exp() * log_probs, 0.0)
+            p_log_p = torch.where(log_probs == float("-inf"), 0.0, log_probs.exp() * log_probs)  # (a NaN stays NaN)
             entropy = -p_log_p.sum(-1).masked_fill(~valid, 0.0)
         mean_logit = z.mean(-1).masked_fill(~valid, 0.0) if want_mean else None
         is_top1 = ((z.argmax(-1) == safe_targets) & valid).to(acc) if want_top1 else None
