@@ -51,6 +51,8 @@ def test_the_rows_are_trls(tmp_path, monkeypatch):
         [{"path": "json", "data_files": {"test": "a.jsonl"}, "split": "test[1:33%]"},
          {"path": "json", "data_files": "c.jsonl", "split": "train[0_1:]"}],
         [{"path": "json", "data_files": "a.jsonl", "split": "train[-35%:-15%]"}],
+        # splits joined (it said "data_files has no split 'train+test'")
+        [{"path": "json", "data_files": {"train": "a.jsonl", "test": "c.jsonl"}, "split": "train[:2]+test[-1:]"}],
     ]  # fmt: skip
     for value in cases:
         ours, _ = _mixture(value)
@@ -60,7 +62,7 @@ def test_the_rows_are_trls(tmp_path, monkeypatch):
     ours, sizes = _mixture([{"path": "a.jsonl", "columns": keep}, {"path": "c.jsonl", "split": "train[1:]"}])
     assert sizes == [7, 2] and ours.to_list() == [*_pairs("a", 7, score=2), *_pairs("c", 3, score=1)[1:]]
     # a file or list of files is the split train (TRL: 'Unknown split "test"'; it read every row as test)
-    with pytest.raises(ConfigError, match=r"column 'datasets\[0\].split': datasets\[0\] \(json, split test\): "
+    with pytest.raises(ConfigError, match=r"column 'datasets\[0\].split': datasets\[0\] \(json a.jsonl, split test\): "
                        "data_files as a file or a list is one split, train: 'test' names none of it"):  # fmt: skip
         _mixture([{"path": "json", "data_files": "a.jsonl", "split": "test"}])
     said = r"column 'datasets\[1\].split': 'train\[5:\]' holds none of the 3 rows of datasets\[1\] \(c.jsonl, split"
@@ -91,8 +93,30 @@ def test_columns_of_one_type_where_they_can_be_and_named_where_not(tmp_path, mon
         "column 'datasets[1]': column 'prompt' of datasets[1] (chat.jsonl) is a list or mapping (messages, or "
         "values), of datasets[0] (whole.jsonl) text — mix datasets of one format: all plain text, or all "
         "conversational messages")  # fmt: skip
-    with pytest.raises(ConfigError, match=r"column 'datasets\[1\]': datasets\[1\] \(decimal.jsonl\) has columns \["):
-        _mixture([{"path": "whole.jsonl", "columns": ["prompt", "score"]}, {"path": "decimal.jsonl"}])
+
+
+def test_a_column_one_dataset_lacks_is_none_in_its_rows_as_trls(tmp_path, monkeypatch, caplog):
+    # it was refused; TRL's get_dataset (datasets' concatenation) fills it with None
+    from trl.scripts.utils import DatasetConfig, DatasetMixtureConfig, get_dataset
+
+    monkeypatch.chdir(tmp_path)
+    jsonl(tmp_path / "whole.jsonl", _pairs("w", 2, score=2))
+    jsonl(tmp_path / "decimal.jsonl", _pairs("d", 2, score=2.5, source="web"))
+    value = [{"path": "json", "data_files": "whole.jsonl", "columns": ["prompt", "chosen", "rejected"]},
+             {"path": "json", "data_files": "decimal.jsonl"}]  # fmt: skip
+    rows, _ = _mixture(value)
+    theirs = get_dataset(DatasetMixtureConfig(datasets=[DatasetConfig(**part) for part in value]))["train"]
+    assert rows.to_list() == theirs.to_list() and rows[0]["score"] is None and rows[3]["source"] == "web"
+    assert "datasets[0] (json whole.jsonl) has no column 'score'; datasets[0] (json whole.jsonl) has no column " \
+        "'source': their rows get None there, as TRL's get_dataset fills them" in caplog.text  # fmt: skip
+    # a stream: its columns and types read from its first rows, checked as the loaded rows are (it failed with
+    # datasets' "features can't be aligned", or a KeyError for a missing column at the first batch)
+    stream, _ = _mixture([{"path": "whole.jsonl"}, {"path": "decimal.jsonl", "columns": ["prompt", "score"]}],
+                         streaming=True)  # fmt: skip
+    assert [row["score"] for row in stream] == [2.0, 2.0, 2.5, 2.5] and list(stream)[3]["chosen"] is None
+    with pytest.raises(ConfigError, match=r"column 'datasets\[1\].columns': datasets\[1\] \(decimal.jsonl\) has no "
+                       "column 'answer'"):  # fmt: skip
+        _mixture([{"path": "whole.jsonl"}, {"path": "decimal.jsonl", "columns": ["answer"]}], streaming=True)
 
 
 def test_each_datasets_problem_names_it(tmp_path, monkeypatch):
@@ -195,6 +219,8 @@ def test_what_a_mixture_cannot_mean_is_refused(workdir, capsys):  # noqa: F811
         "eval_fraction for dataset_name": {"test_split_size": 0.1},
         "column 'test_split_size': holds out 0.2 of the rows, which eval_strategy 'no' never evaluates": {
             "datasets": mixture, "test_split_size": 0.2},
+        "column 'eval_strategy': eval_strategy 'epoch' evaluates held-out rows, and the config holds none out — set "
+        "test_split_size (e.g. 0.1), or eval_strategy: no": {"datasets": mixture, "eval_strategy": "epoch"},
         "column 'test_split_size': and eval_fraction both hold rows out — keep one": {
             "datasets": mixture, "test_split_size": 0.2, "eval_fraction": 0.1, "eval_strategy": "epoch"},
         "column 'test_split_size': a stream cannot be split by prompt before it is read": {
@@ -214,7 +240,10 @@ def test_a_streamed_mixture_and_an_sft_mixture(workdir, capsys):  # noqa: F811
     config = _config(workdir, "stream.yaml", dataset_name=None, datasets=mixture, streaming=True, max_steps=2,
                      logging_steps=1, data_filter="none")  # fmt: skip
     assert _run("dpo", "--config", config) == 0
-    assert "fastdpo: a mixture of 2 datasets, datasets[0] (a.jsonl); datasets[1] (json)" in capsys.readouterr().err
+    assert (
+        "fastdpo: a mixture of 2 datasets, datasets[0] (a.jsonl); datasets[1] (json [b.jsonl])"
+        in capsys.readouterr().err
+    )
     logs = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [log["step"] for log in logs if "loss" in log] == [1, 2]
     jsonl(workdir / "sft_a.jsonl", [{"prompt": f"q{i}?", "completion": f" a{i}."} for i in range(4)])

@@ -4,14 +4,16 @@ optionally, share of the mixture (``fraction``), concatenated into one set of ro
 
 Each part is read as ``load_data`` reads a file, folder or hub name (a generic builder's local files, ``path: json``
 with ``data_files``, file by file; other ``data_files``/``data_dir`` parts by ``datasets.load_dataset``), and every
-problem names the part: ``datasets[1].columns``, ``datasets[0].name``. Parts whose columns or column types differ
-are refused before they are concatenated (``datasets.concatenate_datasets`` said "features can't be aligned")."""
+problem names the part: ``datasets[1].columns``, ``datasets[0].name``. A column's type is made one across parts
+where it can be (``datasets.concatenate_datasets`` said "features can't be aligned"), a column some parts lack is
+None in their rows (as datasets fills it), and other differences are refused naming both parts."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import glob
+import logging
 import math
 import re
 import sys
@@ -20,6 +22,7 @@ from pathlib import Path
 from fastdpo.data.hub_config import hub_config
 from fastdpo.errors import ConfigError, DataError, offline_hint
 
+logger = logging.getLogger("fastdpo")
 PART_KEYS = ("path", "name", "data_dir", "data_files", "split", "columns", "fraction")
 BUILDERS = {"json": (".json", ".jsonl", ".ndjson"), "csv": (".csv",), "parquet": (".parquet",)}
 _EXAMPLE = "e.g. datasets: [{path: pairs.jsonl}, {path: org/name, name: en, split: train_prefs, columns: [prompt, "
@@ -45,9 +48,12 @@ class Part:
 
     @property
     def label(self) -> str:
+        files = self.data_files if self.path in BUILDERS else None  # (path: json names no file: its data_files do)
+        files = files if isinstance(files, str) or files is None else str(files).replace("'", "")
+        shown = self.path if files is None else f"{self.path} {files if len(files) < 60 else files[:57] + '...'}"
         named = [f"name {self.name}"] if self.name else []
         split = [] if self.split == "train" else [f"split {self.split}"]
-        return f"{self.where} ({', '.join([self.path, *named, *split])})"
+        return f"{self.where} ({', '.join([shown, *named, *split])})"
 
 
 def parts_of(value) -> list[Part]:
@@ -121,10 +127,7 @@ def load_mixture(parts: list[Part], *, text: tuple[str, ...] = (), streaming: bo
     to their ``fraction`` shares as TRL's ``get_dataset`` cuts them (the first ``round(share × N)`` rows of each, N
     the largest mixture no part is too short for), and concatenated; ``sizes``: each part's number of rows (None
     for a stream). ``text``: a CSV file's text columns."""
-    loaded = []
-    for part in parts:
-        pieces, cut = _load_part(part, text, streaming)
-        loaded.append(_cut(_concatenated([_kept(part, *piece) for piece in pieces]), cut, part))
+    loaded = [_concatenated(_load_part(part, text, streaming)) for part in parts]
     if parts[0].fraction is not None:
         if streaming:
             raise ConfigError("is a share of the mixture's rows, which a stream does not know before it is read",
@@ -140,45 +143,59 @@ def load_mixture(parts: list[Part], *, text: tuple[str, ...] = (), streaming: bo
 
 
 def _kept(part: Part, label: str, column: str, data) -> tuple:
-    """A piece of ``part`` (one of its files, or all of it) with the part's ``columns`` alone."""
+    """A piece of ``part`` (one of its files, or all of it) with the part's ``columns`` alone; a stream's columns
+    and their types read from its first rows, so that it is checked as a loaded piece is."""
+    if getattr(data, "features", True) is None and hasattr(data, "_resolve_features"):  # (a JSON file's stream)
+        data = data._resolve_features()
     if part.columns is None:
         return label, column, data
     have = list(data.column_names or [])
     missing = [name for name in part.columns if name not in have]
-    if missing and have:
+    if missing:
         raise ConfigError(f"{label} has no column {missing[0]!r} (its columns: {', '.join(have)})",
                           column=f"{part.where}.columns", fix="keep columns it has, or leave columns out to keep "
                           "them all")  # fmt: skip
     return label, column, data.select_columns(part.columns)
 
 
-def _load_part(part: Part, text: tuple[str, ...], streaming: bool) -> tuple[list[tuple], tuple | None]:
-    """One part's rows as pieces ``(label, column, rows)``: ``load_data``/``load_stream``'s of a file, folder or hub
-    name, a builder's local files one by one; ``datasets.load_dataset``'s for a hub dataset's
-    ``data_dir``/``data_files``; and the slice of its split (``train[:50%]``) left to cut from them (datasets cuts a
-    hub split itself). Errors name the part."""
-    from fastdpo.data.load import LOCAL_SUFFIXES, load_data, load_stream
+def _load_part(part: Part, text: tuple[str, ...], streaming: bool) -> list[tuple]:
+    """One part's rows as pieces ``(label, column, rows)``, its ``columns`` kept: of each split its ``split`` joins
+    (``train+test``; datasets joins a hub dataset's), each cut to its slice (``train[:50%]``; datasets cuts a hub
+    split itself)."""
+    from fastdpo.data.load import LOCAL_SUFFIXES
+
+    path = str(Path(part.path).expanduser()) if part.path.startswith("~") else part.path
+    local = path in BUILDERS or Path(path).exists() or Path(path).suffix.lower() in LOCAL_SUFFIXES
+    pieces = []
+    for split in re.split(r"\s*\+\s*", part.split) if local else [part.split]:
+        name, cut = _sliced(split)
+        if cut is not None and streaming:
+            raise ConfigError(f"{split!r} is a slice of the rows, which a stream does not know before it is read",
+                              column=f"{part.where}.split", fix=f"split: {name}, or leave streaming out")  # fmt: skip
+        read = _read_split(part, path, name if local else split, text, streaming)
+        whole = _concatenated([_kept(part, *piece) for piece in read])
+        pieces.append((part.label, part.where, _cut(whole, cut, part, split)))
+    return pieces
+
+
+def _read_split(part: Part, path: str, split: str, text: tuple[str, ...], streaming: bool) -> list[tuple]:
+    """One split of a part as pieces ``(label, column, rows)``: ``load_data``/``load_stream``'s of a file, folder or
+    hub name, a builder's local files one by one; ``datasets.load_dataset``'s for a hub dataset's
+    ``data_dir``/``data_files``. Errors name the part."""
+    from fastdpo.data.load import load_data, load_stream
 
     read = load_stream if streaming else load_data
-    path = str(Path(part.path).expanduser()) if part.path.startswith("~") else part.path
-    split, cut = _sliced(part.split)
-    local = path in BUILDERS or Path(path).exists() or Path(path).suffix.lower() in LOCAL_SUFFIXES
-    if cut is not None and local and streaming:
-        raise ConfigError(f"{part.split!r} is a slice of the rows, which a stream does not know before it is read",
-                          column=f"{part.where}.split", fix=f"split: {split}, or leave streaming out")  # fmt: skip
-    if not local:  # (datasets reads a hub split's slice)
-        split, cut = part.split, None
     try:
         with hub_config(part.name, f"{part.where}.name"):
             if part.data_files is None and part.data_dir is None:
-                return [(part.label, part.where, read(path, split=split, text=text))], cut
+                return [(part.label, part.where, read(path, split=split, text=text))]
             if part.data_files is None and Path(path).is_dir():  # a local folder's data_dir: a folder of splits
-                return [(part.label, part.where, read(str(Path(path) / part.data_dir), split=split, text=text))], cut
+                return [(part.label, part.where, read(str(Path(path) / part.data_dir), split=split, text=text))]
             files = _local_files(part, path, split)
             if files is not None:
                 return [(f"{part.where}'s {file}", f"{part.where}.data_files", read(file, text=text))
-                        for file in files], cut  # fmt: skip
-            return [(part.label, part.where, _from_builder(part, path, streaming))], None
+                        for file in files]  # fmt: skip
+            return [(part.label, part.where, _from_builder(part, path, streaming))]
     except (ConfigError, DataError) as error:
         if error.message.startswith(part.where) or str(error.column or "").startswith(part.where):
             raise
@@ -201,7 +218,7 @@ def _sliced(split: str) -> tuple[str, tuple | None]:
     return found["name"], (found["start"], found["stop"], percent)
 
 
-def _cut(data, cut: tuple | None, part: Part):
+def _cut(data, cut: tuple | None, part: Part, split: str):
     """``data``'s rows in the slice ``cut``, as datasets cuts a split: percentages rounded to the closest row,
     negative bounds from the end; a ConfigError where it holds none (datasets': "corresponds to no data")."""
     if cut is None:
@@ -217,7 +234,7 @@ def _cut(data, cut: tuple | None, part: Part):
 
     first, last = bound(start, 0), bound(stop, size)
     if first >= last:
-        raise ConfigError(f"{part.split!r} holds none of the {size} rows of {part.label}", column=f"{part.where}.split",
+        raise ConfigError(f"{split!r} holds none of the {size} rows of {part.label}", column=f"{part.where}.split",
                           fix="widen the slice, or leave the dataset out")  # fmt: skip
     return data.select(range(first, last))
 
@@ -265,37 +282,43 @@ def _from_builder(part: Part, path: str, streaming: bool):
 
 def _concatenated(pieces: list[tuple]):
     """The rows of ``pieces`` (``(label, column, rows)``) one after another, a column's type made one where it can
-    be (whole numbers in one piece, decimals in another: decimals); a ConfigError naming both pieces where their
-    columns differ, or a column's kind does (plain text in one, messages in another)."""
+    be (whole numbers in one piece, decimals in another: decimals); a column some pieces lack is None in their rows,
+    as TRL's ``get_dataset`` fills it, said in a warning; a ConfigError naming both pieces where a column's kind
+    differs (plain text in one, messages in another)."""
     import datasets
 
     if len(pieces) == 1:
         return pieces[0][2]
     first_label, _, first = pieces[0]
-    columns, out = list(first.column_names or []), [first]
+    out, target = [first], first.features
     for label, column, data in pieces[1:]:
-        theirs = list(data.column_names or [])
-        if columns and theirs and set(theirs) != set(columns):
-            only = sorted(set(theirs) ^ set(columns))
-            shared = [name for name in columns if name in theirs]
-            raise ConfigError(f"{label} has columns {theirs}, {first_label} {columns} (not in both: {only}): a "
-                              "mixture's datasets are concatenated row by row", column=column,
-                              fix=f"keep the columns they share in each, columns: {shared}" if shared else
-                              "map them to the same names first (fastdpo data filter writes a file)")  # fmt: skip
-        target = out[0].features
         if data.features is not None and target is not None and data.features != target:
+            missing = sorted(set(target) ^ set(data.features))
+            if missing:
+                lacking = {name: label if name in target else first_label for name in missing}
+                logger.warning("%s: their rows get None there, as TRL's get_dataset fills them (columns: [...] keeps "
+                               "the shared ones)", "; ".join(f"{who} has no column {name!r}"
+                                                             for name, who in lacking.items()))  # fmt: skip
             merged, unlike = _merged(target, data.features)
             if unlike is not None:
                 raise _unlike(label, column, first_label, data.features, target, unlike)
-            out, data = [earlier.cast(merged) for earlier in out], data.cast(merged)
+            out = [earlier.cast(_only(merged, earlier)) for earlier in out]
+            data, target = data.cast(_only(merged, data)), merged
         out.append(data)
-    try:  # (streams' types are known once read: datasets reads their first rows here)
+    try:  # (a stream whose types could not be read ahead: datasets reads its first rows here)
         return datasets.concatenate_datasets(out)
     except ValueError as error:
         said = " ".join(str(error).split())
         raise ConfigError(f"{', '.join(label for label, _, _ in pieces)} cannot be read as one set of rows ({said})",
                           column=pieces[-1][1], fix="give each column one type in every dataset, or leave it out "
                           "with columns: [...]") from None  # fmt: skip
+
+
+def _only(features, data):
+    """``features`` of ``data``'s own columns (a cast takes no column the rows lack)."""
+    import datasets
+
+    return datasets.Features({name: feature for name, feature in features.items() if name in data.features})
 
 
 _NUMBERS = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "float16", "float32", "float64")
@@ -307,8 +330,9 @@ def _merged(ours, theirs) -> tuple:
     import datasets
 
     merged = {}
-    for name, mine in ours.items():
-        merged[name] = _one_type(mine, theirs[name])
+    for name in {**ours, **theirs}:
+        mine, other = ours.get(name, theirs.get(name)), theirs.get(name, ours.get(name))  # (one piece's alone: its own)
+        merged[name] = _one_type(mine, other)
         if merged[name] is None:
             return None, name
     return datasets.Features(merged), None
