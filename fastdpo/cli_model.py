@@ -224,9 +224,10 @@ def check_evaluation(run_args, args, *, evaluated_after: bool):
         raise ConfigError("save_strategy 'best' saves at the best evaluation by a metric, and none is set",
                           column="metric_for_best_model", fix="set it, e.g. eval_rewards/accuracies")  # fmt: skip
     if strategy != "no" and not given:
+        fix = "set eval_fraction (e.g. 0.1), or dataset_test_split (TRL's scripts read the split 'test')"
+        fix = "set test_split_size (e.g. 0.1)" if getattr(run_args, "datasets", None) else fix  # (a mixture: one split)
         raise ConfigError(f"eval_strategy {strategy!r} evaluates held-out rows, and the config holds none out",
-                          column="eval_strategy", fix="set eval_fraction (e.g. 0.1), or dataset_test_split (TRL's "
-                          "scripts read the split 'test'), or eval_strategy: no")  # fmt: skip
+                          column="eval_strategy", fix=f"{fix}, or eval_strategy: no")  # fmt: skip
     if run_args.dataset_test_split and not evaluated_after and strategy == "no":
         logger.warning("dataset_test_split %r is not read: eval_strategy 'no' evaluates nothing",
                        run_args.dataset_test_split)  # fmt: skip
