@@ -47,12 +47,15 @@ def settle_mixture(run_args) -> None:
     parts_of(run_args.datasets)  # (each dataset's keys)
     run_args.as_given = {key: getattr(run_args, key) for key in ("eval_fraction", "dataset_test_split",
                                                                   "dataset_streaming")}  # fmt: skip
-    if run_args.dataset_name is not None or run_args.dataset_config is not None:
-        logger.warning("datasets (a mixture) is read; dataset_name %r is not, as in TRL's scripts",
-                       run_args.dataset_name)  # fmt: skip
+    unread = [f"{key} {getattr(run_args, key)!r}" for key in ("dataset_name", "dataset_config")
+              if getattr(run_args, key) is not None]  # fmt: skip
+    if unread:
+        logger.warning("datasets (a mixture) is read; %s %s not, as in TRL's scripts", ", ".join(unread),
+                       "is" if len(unread) == 1 else "are")  # fmt: skip
     if run_args.dataset_train_split != "train":
-        raise ConfigError(f"is {run_args.dataset_train_split!r}: a mixture is one split, train", column=
-                          "dataset_train_split", fix="name each dataset's own split with its split: key")  # fmt: skip
+        fix = "name each dataset's own split with its split: key"
+        raise ConfigError(f"is {run_args.dataset_train_split!r}: a mixture is one split, train",
+                          column="dataset_train_split", fix=fix)  # fmt: skip
     size = run_args.test_split_size
     if size is not None:
         if run_args.eval_fraction not in (None, size):
