@@ -65,7 +65,7 @@ def test_the_rows_are_trls(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"column 'datasets\[0\].split': datasets\[0\] \(json a.jsonl, split test\): "
                        "data_files as a file or a list is one split, train: 'test' names none of it"):  # fmt: skip
         _mixture([{"path": "json", "data_files": "a.jsonl", "split": "test"}])
-    said = r"column 'datasets\[1\].split': 'train\[5:\]' holds none of the 3 rows of datasets\[1\] \(c.jsonl, split"
+    said = r"column 'datasets\[1\].split': 'train\[5:\]' holds no row of datasets\[1\] \(c.jsonl, split"
     with pytest.raises(ConfigError, match=said):  # (datasets: "corresponds to no data")
         _mixture([{"path": "a.jsonl"}, {"path": "c.jsonl", "split": "train[5:]"}])
 
@@ -109,13 +109,17 @@ def test_a_column_one_dataset_lacks_is_none_in_its_rows_as_trls(tmp_path, monkey
     assert rows.to_list() == theirs.to_list() and rows[0]["score"] is None and rows[3]["source"] == "web"
     assert "datasets[0] (json whole.jsonl) has no column 'score'; datasets[0] (json whole.jsonl) has no column " \
         "'source': their rows get None there, as TRL's get_dataset fills them" in caplog.text  # fmt: skip
-    # a stream: its columns and types read from its first rows, checked as the loaded rows are (it failed with
-    # datasets' "features can't be aligned", or a KeyError for a missing column at the first batch)
-    stream, _ = _mixture([{"path": "whole.jsonl"}, {"path": "decimal.jsonl", "columns": ["prompt", "score"]}],
+    # a stream: its rows as the file holds them, one dataset after another, a column one lacks None there (it failed
+    # with datasets' "features can't be aligned", or a KeyError for a missing column at the first batch; typed by
+    # the first 5 rows, a later 0.25 was read as 0 and a message's name dropped)
+    jsonl(tmp_path / "late.jsonl", [*_pairs("l", 5, score=1), {**_pairs("m", 1)[0], "score": 0.25, "name": "alice"}])
+    stream, _ = _mixture([{"path": "late.jsonl"}, {"path": "decimal.jsonl", "columns": ["prompt", "score"]}],
                          streaming=True)  # fmt: skip
-    assert [row["score"] for row in stream] == [2.0, 2.0, 2.5, 2.5] and list(stream)[3]["chosen"] is None
-    with pytest.raises(ConfigError, match=r"column 'datasets\[1\].columns': datasets\[1\] \(decimal.jsonl\) has no "
-                       "column 'answer'"):  # fmt: skip
+    rows = list(stream)
+    assert [row["score"] for row in rows] == [1, 1, 1, 1, 1, 0.25, 2.5, 2.5] and rows[5]["name"] == "alice"
+    assert rows[7]["chosen"] is None and rows[0]["name"] is None
+    with pytest.raises(DataError, match=r"row 0, column 'datasets\[1\].columns': datasets\[1\] \(decimal.jsonl\) has "
+                       "no column 'answer'"):  # fmt: skip
         _mixture([{"path": "whole.jsonl"}, {"path": "decimal.jsonl", "columns": ["answer"]}], streaming=True)
 
 
@@ -314,3 +318,46 @@ def test_a_sweep_names_the_mixtures_keys(tmp_path, capsys):
         config.write_text(f"model_name_or_path: some/model\ndatasets: [{{path: pairs.jsonl}}]\n{text}")
         assert cli.main(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "s")]) == 2
         assert said in capsys.readouterr().err
+
+
+def test_nulls_numbers_and_slices_as_datasets_reads_them(tmp_path, monkeypatch):
+    # a column of nulls (or of empty lists) in one dataset beside lists in another was refused (TRL reads it);
+    # Parquet's uint8 beside JSON's int64 became uint8 (-1 failed in Arrow's words); a slice's rounding suffix and a
+    # joined split with an empty part were refused, a slice past 100% taken
+    import pandas as pd
+    from trl.scripts.utils import DatasetConfig, DatasetMixtureConfig, get_dataset
+
+    monkeypatch.chdir(tmp_path)
+    turn = [{"role": "user", "content": "hi"}]
+    jsonl(tmp_path / "listed.jsonl", [{"prompt": "p0", "tags": ["a"], "turns": turn, "n": -1}])
+    jsonl(tmp_path / "empty.jsonl", [{"prompt": "p1", "tags": None, "turns": [], "n": 2}])
+    pd.DataFrame({"prompt": ["p2"], "tags": [["b"]], "turns": [turn], "n": pd.Series([3], dtype="uint8")}).to_parquet(
+        tmp_path / "small.parquet")  # fmt: skip
+    value = [{"path": "json", "data_files": "listed.jsonl"}, {"path": "json", "data_files": "empty.jsonl"}]
+    rows, _ = _mixture(value)
+    theirs = get_dataset(DatasetMixtureConfig(datasets=[DatasetConfig(**part) for part in value]))["train"]
+    assert rows.to_list() == theirs.to_list() and rows[1]["tags"] is None and rows[1]["turns"] == []
+    rows, _ = _mixture([{"path": "listed.jsonl"}, {"path": "small.parquet"}])
+    assert [row["n"] for row in rows] == [-1, 3]
+    jsonl(tmp_path / "big.jsonl", [{"prompt": "q", "n": 2**60 + 1}])
+    jsonl(tmp_path / "decimal.jsonl", [{"prompt": "r", "n": 0.5}])
+    with pytest.raises(ConfigError, match=r"column 'datasets\[1\]': datasets\[1\] \(decimal.jsonl\) and the datasets "
+                       "before it cannot be read as one set of rows"):  # fmt: skip
+        _mixture([{"path": "big.jsonl"}, {"path": "decimal.jsonl"}])
+    jsonl(tmp_path / "text.jsonl", [{"prompt": "s", "tags": "x", "turns": [], "n": 1}])
+    with pytest.raises(ConfigError, match=r"column 'tags' of datasets\[2\] \(text.jsonl\) is text, of datasets\[1\] "
+                       r"\(small.parquet\) a list"):  # (the list: datasets[1]'s; datasets[0]'s tags: null)  # fmt: skip
+        _mixture([{"path": "empty.jsonl"}, {"path": "small.parquet"}, {"path": "text.jsonl"}])
+    jsonl(tmp_path / "hundred.jsonl", _pairs("h", 150))
+    jsonl(tmp_path / "test.jsonl", _pairs("t", 3))
+    for split in ("train[:10%](closest)", "train[:10%](pct1_dropremainder)", "train[-1%:]"):
+        value = [{"path": "json", "data_files": {"train": "hundred.jsonl", "test": "test.jsonl"}, "split": split}]
+        theirs = get_dataset(DatasetMixtureConfig(datasets=[DatasetConfig(**part) for part in value]))["train"]
+        assert _mixture(value)[0].to_list() == theirs.to_list(), split
+    value = [
+        {"path": "json", "data_files": {"train": "hundred.jsonl", "test": "test.jsonl"}, "split": "test+train[:0]"}
+    ]
+    theirs = get_dataset(DatasetMixtureConfig(datasets=[DatasetConfig(**part) for part in value]))["train"]
+    assert _mixture(value)[0].to_list() == theirs.to_list() == _pairs("t", 3)
+    with pytest.raises(ConfigError, match=r"'train\[:150%\]': a percentage is at most 100"):
+        _mixture([{"path": "hundred.jsonl", "split": "train[:150%]"}])

@@ -143,19 +143,33 @@ def load_mixture(parts: list[Part], *, text: tuple[str, ...] = (), streaming: bo
 
 
 def _kept(part: Part, label: str, column: str, data) -> tuple:
-    """A piece of ``part`` (one of its files, or all of it) with the part's ``columns`` alone; a stream's columns
-    and their types read from its first rows, so that it is checked as a loaded piece is."""
-    if getattr(data, "features", True) is None and hasattr(data, "_resolve_features"):  # (a JSON file's stream)
-        data = data._resolve_features()
+    """A piece of ``part`` (one of its files, or all of it) with the part's ``columns`` alone; a stream whose
+    columns are not known before it is read (a JSON file's: its rows as Python reads them) has them picked row by
+    row, a row without one a DataError naming the piece and row."""
     if part.columns is None:
         return label, column, data
-    have = list(data.column_names or [])
+    if data.column_names is None:
+        import datasets
+
+        named = {"label": label, "column": f"{part.where}.columns", "columns": tuple(part.columns)}  # (a list: shards)
+        return label, column, datasets.IterableDataset.from_generator(_picked, gen_kwargs={"stream": data, **named})
+    have = list(data.column_names)
     missing = [name for name in part.columns if name not in have]
     if missing:
         raise ConfigError(f"{label} has no column {missing[0]!r} (its columns: {', '.join(have)})",
                           column=f"{part.where}.columns", fix="keep columns it has, or leave columns out to keep "
                           "them all")  # fmt: skip
     return label, column, data.select_columns(part.columns)
+
+
+def _picked(stream, label: str, column: str, columns: tuple):
+    fix = "keep columns it has, or leave columns out to keep them all"
+    for number, row in enumerate(stream):
+        missing = [name for name in columns if name not in row]
+        if missing:
+            raise DataError(f"{label} has no column {missing[0]!r} (its columns: {', '.join(row)})", row=number,
+                            column=column, fix=fix)  # fmt: skip
+        yield {name: row[name] for name in columns}
 
 
 def _load_part(part: Part, text: tuple[str, ...], streaming: bool) -> list[tuple]:
@@ -175,6 +189,12 @@ def _load_part(part: Part, text: tuple[str, ...], streaming: bool) -> list[tuple
         read = _read_split(part, path, name if local else split, text, streaming)
         whole = _concatenated([_kept(part, *piece) for piece in read])
         pieces.append((part.label, part.where, _cut(whole, cut, part, split)))
+    if not streaming and "[" in part.split and not sum(len(data) for _, _, data in pieces):
+        raise ConfigError(
+            f"{part.split!r} holds no row of {part.label}",
+            column=f"{part.where}.split",
+            fix="widen the slice, or leave the dataset out",
+        )  # (datasets: "corresponds to no data")
     return pieces
 
 
@@ -205,38 +225,43 @@ def _read_split(part: Part, path: str, split: str, text: tuple[str, ...], stream
         raise type(error)(said, row=getattr(error, "row", None), column=column, fix=fix) from None
 
 
-_SLICE = re.compile(r"(?P<name>[^\[\]+]+)\[(?P<start>-?[\d_]+)?(?P<start_pct>%)?:(?P<stop>-?[\d_]+)?(?P<stop_pct>%)?\]")
+_SLICE = re.compile(r"(?P<name>[^\[\]+]+)\[(?P<start>-?[\d_]+)?(?P<start_pct>%)?:(?P<stop>-?[\d_]+)?(?P<stop_pct>%)?\]"
+                    r"(\((?P<rounding>closest|pct1_dropremainder)\))?")  # fmt: skip
 
 
 def _sliced(split: str) -> tuple[str, tuple | None]:
-    """``(name, cut)`` of a split as datasets writes its slices: ``train[:50%]``, ``train[10:-5]``; cut None where
-    the split is a name alone."""
+    """``(name, cut)`` of a split as datasets writes its slices: ``train[:50%]``, ``train[10:-5]``,
+    ``train[:10%](pct1_dropremainder)``; cut None where the split is a name alone."""
     found = _SLICE.fullmatch(split)
     if found is None:
         return split, None
     percent = bool(found["start_pct"] or found["stop_pct"])  # (one % makes both percentages, as datasets reads them)
-    return found["name"], (found["start"], found["stop"], percent)
+    return found["name"], (found["start"], found["stop"], percent, found["rounding"] or "closest")
 
 
 def _cut(data, cut: tuple | None, part: Part, split: str):
-    """``data``'s rows in the slice ``cut``, as datasets cuts a split: percentages rounded to the closest row,
-    negative bounds from the end; a ConfigError where it holds none (datasets': "corresponds to no data")."""
+    """``data``'s rows in the slice ``cut``, as datasets cuts a split: percentages (at most 100) rounded to the
+    closest row, or by whole hundredths (``pct1_dropremainder``, of 100 rows or more), negative bounds from the
+    end."""
     if cut is None:
         return data
-    size, (start, stop, percent) = len(data), cut
+    size, (start, stop, percent, rounding) = len(data), cut
+    if percent and rounding != "closest" and size < 100:
+        raise ConfigError(f"{split!r}: pct1_dropremainder of {size} rows (fewer than 100) is always empty",
+                          column=f"{part.where}.split", fix="drop (pct1_dropremainder)")  # fmt: skip
 
     def bound(text: str | None, default: int) -> int:
         if text is None:
             return default
         value = int(text.replace("_", ""))
-        value = round(value * size / 100.0) if percent else value
+        if percent and abs(value) > 100:
+            raise ConfigError(f"{split!r}: a percentage is at most 100", column=f"{part.where}.split")
+        if percent:
+            value = round(value * size / 100.0) if rounding == "closest" else value * math.trunc(size / 100)
         return min(max(size + value, 0) if value < 0 else value, size)
 
     first, last = bound(start, 0), bound(stop, size)
-    if first >= last:
-        raise ConfigError(f"{split!r} holds none of the {size} rows of {part.label}", column=f"{part.where}.split",
-                          fix="widen the slice, or leave the dataset out")  # fmt: skip
-    return data.select(range(first, last))
+    return data.select(range(first, last) if first < last else [])  # (an empty range at the end: datasets' IndexError)
 
 
 def _local_files(part: Part, path: str, split: str) -> list[str] | None:
@@ -289,29 +314,49 @@ def _concatenated(pieces: list[tuple]):
 
     if len(pieces) == 1:
         return pieces[0][2]
+    if isinstance(pieces[0][2], datasets.IterableDataset):  # (rows as read, one stream after another: datasets'
+        # concatenation types a JSON stream by its first 5 rows and changed later ones, 0.25 to 0, a name dropped)
+        firsts = [next(iter(data), {}) for _, _, data in pieces]  # (the columns of each: its first row's)
+        columns = tuple(dict.fromkeys(name for row in firsts for name in row))
+        _say_lacking([label for label, _, _ in pieces], [set(row) for row in firsts], columns)
+        return datasets.IterableDataset.from_generator(_one_after_another, gen_kwargs={
+            "streams": [data for _, _, data in pieces], "columns": columns})  # fmt: skip
     first_label, _, first = pieces[0]
     out, target = [first], first.features
+    origin = dict.fromkeys(target, first_label)  # (the piece each column's type came from, as errors name it)
     for label, column, data in pieces[1:]:
-        if data.features is not None and target is not None and data.features != target:
-            missing = sorted(set(target) ^ set(data.features))
-            if missing:
-                lacking = {name: label if name in target else first_label for name in missing}
-                logger.warning("%s: their rows get None there, as TRL's get_dataset fills them (columns: [...] keeps "
-                               "the shared ones)", "; ".join(f"{who} has no column {name!r}"
-                                                             for name, who in lacking.items()))  # fmt: skip
+        if data.features != target:
             merged, unlike = _merged(target, data.features)
             if unlike is not None:
-                raise _unlike(label, column, first_label, data.features, target, unlike)
-            out = [earlier.cast(_only(merged, earlier)) for earlier in out]
-            data, target = data.cast(_only(merged, data)), merged
+                raise _unlike(label, column, origin.get(unlike, first_label), data.features, target, unlike)
+            origin.update({name: label for name in merged if name not in target or target[name] != merged[name]})
+            try:
+                out = [earlier.cast(_only(merged, earlier)) for earlier in out]
+                data, target = data.cast(_only(merged, data)), merged
+            except (ValueError, TypeError, OverflowError) as error:  # (Arrow's: -1 into uint8, 2**60+1 into float64)
+                said = " ".join(str(error).split())[:200]
+                raise ConfigError(f"{label} and the datasets before it cannot be read as one set of rows ({said})",
+                                  column=column, fix="give each column one type in every dataset, or leave it out "
+                                  "with columns: [...]") from None  # fmt: skip
         out.append(data)
-    try:  # (a stream whose types could not be read ahead: datasets reads its first rows here)
-        return datasets.concatenate_datasets(out)
-    except ValueError as error:
-        said = " ".join(str(error).split())
-        raise ConfigError(f"{', '.join(label for label, _, _ in pieces)} cannot be read as one set of rows ({said})",
-                          column=pieces[-1][1], fix="give each column one type in every dataset, or leave it out "
-                          "with columns: [...]") from None  # fmt: skip
+    _say_lacking([label for label, _, _ in pieces], [set(data.column_names) for data in out], target)
+    return datasets.concatenate_datasets(out)
+
+
+def _say_lacking(labels: list[str], columns: list[set], names) -> None:
+    """A warning naming the pieces (``labels``, their ``columns``) that lack one of ``names``."""
+    lacking = {name: [label for label, have in zip(labels, columns, strict=True) if name not in have] for name in names}
+    said = [f"{', '.join(found)} {'has' if len(found) == 1 else 'have'} no column {name!r}"
+            for name, found in lacking.items() if found]  # fmt: skip
+    if said:
+        logger.warning("%s: their rows get None there, as TRL's get_dataset fills them (columns: [...] keeps the "
+                       "shared ones)", "; ".join(said))  # fmt: skip
+
+
+def _one_after_another(streams: list, columns: tuple):
+    for stream in streams:
+        for row in stream:
+            yield {**dict.fromkeys(columns), **row}  # (a column one dataset lacks: None, as in loaded rows)
 
 
 def _only(features, data):
@@ -321,7 +366,8 @@ def _only(features, data):
     return datasets.Features({name: feature for name, feature in features.items() if name in data.features})
 
 
-_NUMBERS = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "float16", "float32", "float64")
+_NUMBERS = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32",
+            "float64")  # fmt: skip
 
 
 def _merged(ours, theirs) -> tuple:
@@ -346,11 +392,12 @@ def _one_type(mine, other):
 
     if mine == other:
         return mine
+    for null, kept in ((mine, other), (other, mine)):  # (a column, or a list, that held no value in one dataset)
+        if isinstance(null, datasets.Value) and null.dtype == "null":
+            return kept
     if isinstance(mine, datasets.Value) and isinstance(other, datasets.Value):
-        if "null" in (mine.dtype, other.dtype):
-            return other if mine.dtype == "null" else mine
-        if mine.dtype in _NUMBERS and other.dtype in _NUMBERS:
-            return max(mine, other, key=lambda value: _NUMBERS.index(value.dtype))
+        if mine.dtype in _NUMBERS and other.dtype in _NUMBERS:  # (decimals where either has them, else int64: wide)
+            return datasets.Value("float64" if "float" in mine.dtype + other.dtype else "int64")
         if {mine.dtype, other.dtype} == {"string", "large_string"}:  # (JSON's text and CSV's, Parquet's from pandas)
             return datasets.Value("large_string")
         return None
