@@ -165,10 +165,11 @@ def _failed(error: BaseException, command: str, *, debug: bool) -> int:
         print(f"fastdpo: error: {in_cli_terms(error, trains=command in COMMANDS)}", file=sys.stderr)
         return 2
     said = (str(error).strip().splitlines() or [""])[0][:300]
-    if offline_hint(error):  # (httpx's ConnectError of push_to_hub's repository, offline: the error alone)
+    hint = offline_hint(error)
+    if hint:  # (httpx's ConnectError of push_to_hub's repository, offline: the error alone)
         print(
             f"fastdpo: error: {type(error).__name__}: {said} — the hub could not be reached (push_to_hub, a hub "
-            f"name): check the connection, or set push_to_hub: false{offline_hint(error)}",
+            f"name): check the connection, or set push_to_hub: false{hint}",
             file=sys.stderr,
         )
         return 2
