@@ -3,6 +3,9 @@
     from fastdpo.trl import DPOTrainer        # was: from trl import DPOTrainer  (SFTTrainer likewise)
     from trl import DPOConfig                 # unchanged, as every other argument
 
+``fastdpo.trl.ORPOTrainer`` and ``fastdpo.trl.CPOTrainer`` (CPO, SimPO, AlphaPO) do the same for TRL's experimental
+``trl.experimental.orpo.ORPOTrainer`` and ``trl.experimental.cpo.CPOTrainer`` (``fastdpo.trl_experimental``).
+
 ``fastdpo.trl.DPOConfig`` and ``fastdpo.trl.SFTConfig`` are TRL's configs with fastdpo's two step options added
 (``packed_attention``, ``lean_activations``, both off by default; see ``fastdpo.DPOConfig``): import them instead of
 TRL's to turn those on; anything that takes TRL's config takes them.
@@ -569,4 +572,7 @@ class _FirstLabels(SequencePacker):
         return fields
 
 
-__all__ = ["DPOConfig", "DPOTrainer", "SFTConfig", "SFTTrainer"]
+# TRL's experimental ORPO and CPO trainers' drop-ins (their own module: TRL's classes are others)
+from fastdpo.trl_experimental import CPOTrainer, ORPOTrainer  # noqa: E402
+
+__all__ = ["CPOTrainer", "DPOConfig", "DPOTrainer", "ORPOTrainer", "SFTConfig", "SFTTrainer"]

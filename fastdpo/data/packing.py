@@ -125,6 +125,9 @@ class PackedBatch:
 
 
 def _sequences(example: dict, max_length: int | None, truncation_mode: str) -> list[tuple[list[int], list[int]]]:
+    if "chosen_labels" in example:  # TRL's ORPO/CPO rows: each side whole (cut by TRL), its prompt's labels -100
+        return [(list(example[f"{side}_input_ids"]), [label != IGNORE_INDEX for label in example[f"{side}_labels"]])
+                for side in ("chosen", "rejected")]  # fmt: skip
     return [truncate(example["prompt_ids"], example[name], max_length, truncation_mode)
             for name in ("chosen_ids", "rejected_ids")]  # fmt: skip
 
@@ -152,7 +155,8 @@ def pack_pairs(
     """Pack tokenized pairs into a ``PackedBatch``.
 
     Args:
-        examples: dicts with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``.
+        examples: dicts with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``; or TRL's ORPO/CPO rows,
+            ``chosen_input_ids`` and ``chosen_labels`` (-100 on the prompt) and the same of ``rejected``.
         pack_length: the longest a row may be; an item longer than this is a DataError naming the row. None: as
             long as the longest item of this batch.
         max_length, truncation_mode: per-sequence truncation, as TRL's collator applies it.

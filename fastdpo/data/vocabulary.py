@@ -10,7 +10,7 @@ import datasets
 from fastdpo.data.source_rows import source_rows
 from fastdpo.errors import DataError
 
-ID_COLUMNS = ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids")
+ID_COLUMNS = ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_input_ids", "rejected_input_ids")
 _BATCH = 4096
 
 

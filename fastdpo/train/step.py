@@ -128,11 +128,8 @@ def _head_and_loss(
         return out
     pairs = pair_segments(cu_seqlens, seq_pair, seq_is_chosen)
     completion = targets != IGNORE_INDEX
-    if "orpo" in config.loss_types:
-        # ORPO's NLL scores every next token of the chosen sequences, prompt included: in the same head pass
-        segment = segment_ids(cu_seqlens, len(targets))
-        in_chosen = seq_is_chosen[segment] & (seq_pair[segment] >= 0)
-        targets = torch.where(in_chosen, _next_token_targets(batch).to(device), targets)
+    if "orpo" in config.loss_types:  # ORPO's NLL scores the chosen prompts too: in the same head pass
+        targets = with_chosen_prompts(batch, targets)
     outputs = ("logp", "entropy", "mean_logit", "is_top1") if token_metrics else ("logp",)
     if use_weighting:
         outputs += ("log_sum_sq_probs",)
@@ -178,6 +175,16 @@ def _head_and_loss(
 
 def _head_options(spec: HeadSpec) -> dict:
     return {"bias": spec.bias, "logit_scale": spec.logit_scale, "softcap": spec.softcap}
+
+
+def with_chosen_prompts(batch: PackedBatch, targets: Tensor) -> Tensor:
+    """``targets`` (``[R·L]``, on their device) with every next token of the chosen sequences a target, prompt
+    included: what ORPO's NLL scores, as TRL's ORPO computes it."""
+    cu_seqlens, seq_pair, seq_is_chosen = (t.to(targets.device) for t in (batch.cu_seqlens, batch.seq_pair,
+                                                                           batch.seq_is_chosen))  # fmt: skip
+    segment = segment_ids(cu_seqlens, len(targets))
+    in_chosen = seq_is_chosen[segment] & (seq_pair[segment] >= 0)
+    return torch.where(in_chosen, _next_token_targets(batch).to(targets.device), targets)
 
 
 def _next_token_targets(batch: PackedBatch) -> Tensor:
