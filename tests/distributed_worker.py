@@ -2,9 +2,12 @@
 
 Run alone, or under ``torchrun --nproc_per_node N`` (gloo on CPU). A run's ``stream: true`` streams the pairs
 (``to_iterable_dataset``); ``pairs: N`` takes N pairs (16); ``trainer: dropin`` trains with
-``fastdpo.trl.DPOTrainer``, ``trainer: trl`` with ``trl.DPOTrainer`` (TRL's config). Rank 0 writes each run's
+``fastdpo.trl.DPOTrainer``, ``trainer: trl`` with ``trl.DPOTrainer`` (TRL's config), ``trainer: orpo_dropin`` /
+``orpo_trl`` with ``fastdpo.trl.ORPOTrainer`` / TRL's experimental ``ORPOTrainer``. Rank 0 writes each run's
 logged steps to OUT/<run>/logs.json (``launch.serve``).
 """
+
+import warnings
 
 import datasets
 import torch
@@ -34,7 +37,16 @@ def train(out, model_dir: str, options: dict) -> DPOTrainer:
     data = data.to_iterable_dataset() if options.pop("stream", False) else data
     config, trainer_class = DPOConfig, DPOTrainer
     kind = options.pop("trainer", "native")
-    if kind != "native":
+    reference = {"ref_model": load()}
+    if kind in ("orpo_dropin", "orpo_trl"):  # TRL's experimental ORPO trainer, or the drop-in: no reference
+        import fastdpo.trl
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        config, reference = ORPOConfig, {}
+        trainer_class = fastdpo.trl.ORPOTrainer if kind == "orpo_dropin" else ORPOTrainer
+    elif kind != "native":
         import trl
 
         import fastdpo.trl
@@ -43,8 +55,8 @@ def train(out, model_dir: str, options: dict) -> DPOTrainer:
     args = config(**{**common_args(out, "run"), "disable_tqdm": True, "use_cpu": True, **options})
     reference_cache.compute_reference_logps = counted
     try:
-        trainer = trainer_class(load(), ref_model=load(), args=args, train_dataset=data,
-                                processing_class=build_tiny_tokenizer())  # fmt: skip
+        trainer = trainer_class(load(), args=args, train_dataset=data, processing_class=build_tiny_tokenizer(),
+                                **reference)  # fmt: skip
     finally:
         reference_cache.compute_reference_logps = compute
     trainer.reference_rows_computed = sum(computed)

@@ -49,6 +49,9 @@ def ddp_runs(tmp_path: Path, processes: int, name: str) -> dict[str, list[dict]]
         # RPO's NLL is a token mean over each process's micro-batch: the balanced deal changed its pairs, and the loss
         "rpo": {**pairs, "loss_type": ["sigmoid", "sft"]},
         "trl_rpo": {**pairs, "loss_type": ["sigmoid", "sft"], "trainer": "trl"},
+        # the ORPO drop-in against TRL's (its NLL too is a token mean over each process's micro-batch)
+        "orpo": {**pairs, "trainer": "orpo_dropin"},
+        "trl_orpo": {**pairs, "trainer": "orpo_trl"},
         # prompts that fill max_length: dropped by every process, warned of once
         "drops": {**pairs, "max_length": 12},
     }
@@ -91,6 +94,9 @@ def test_two_processes_take_the_steps_of_one(one_process):
     # (TRL's batches: balance_ranks is off; 1e-4: our packed forward against TRL's padded one, fp32 sums reordered)
     for ours, theirs in zip(two["rpo"], two["trl_rpo"], strict=True):
         for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
+    for ours, theirs in zip(two["orpo"], two["trl_orpo"], strict=True):  # (DDP's all-reduce armed through the wrapper)
+        for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "nll_loss", "log_odds_ratio"):
             assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
     # the drop-in's metrics at the end of the data are TRL's: its token sums and num_tokens leave out the pair
     # accelerate repeats (gather_for_metrics: num_tokens 601 where 476), its rewards and log-probs keep it (gather)
