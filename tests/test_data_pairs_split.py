@@ -455,6 +455,50 @@ def test_data_split_keeps_an_hh_dialogue_on_one_side(tmp_path, monkeypatch, caps
     assert dialogues[1] and not dialogues[0] & dialogues[1]
 
 
+def _hh_rows(answers: list[tuple[str, str]], questions: int = 30) -> list[dict]:
+    return [{"chosen": f"\n\nHuman: question {q}?\n\nAssistant:{good}", "rejected": f"\n\nHuman: question {q}?\n\n"
+             f"Assistant:{bad}"} for q in range(questions) for good, bad in answers]  # fmt: skip
+
+
+def _questions(rows) -> set[str]:
+    return {(row.get("prompt") or row["chosen"]).split("\n\nAssistant:")[0] for row in rows}
+
+
+def test_split_by_prompt_keeps_an_hh_question_together_after_preparation():
+    # README's recipe (prepare, then split_by_prompt): the prepared prompts of one question's pairs were
+    # "...Assistant:", "...Assistant: Sure" (answers that begin alike), and the question went to both sides (5 of 6
+    # seeds in a review's repro); a prompt that begins with another whole prompt, then whitespace, joins its group
+    from fastdpo.data import prepare_preferences
+
+    answers = [(" Mix flour and water.", " Buy it."), (" Knead it.", " No."), (" Sure! Mix.", " Sure, no.")]
+    prepared = prepare_preferences(_hh_rows(answers))
+    assert len(set(prepared["prompt"])) == 60  # (two prompts per question: the split's keys differ)
+    for seed in range(6):
+        train, held_out = split_by_prompt(prepared, test_size=0.25, seed=seed)
+        assert held_out and not _questions(train) & _questions(held_out), seed
+    # a prompt that merely begins like another (not at a whitespace) is a question of its own
+    rows = [{"prompt": prompt, "chosen": " a", "rejected": " b"} for prompt in ("What is 2", "What is 2+2?") * 3]
+    keys = {row["prompt"] for row in split_by_prompt(rows, test_size=0.5, seed=0)[1]}
+    assert len(keys) == 1
+
+
+def test_data_split_keeps_an_hh_question_whose_answers_share_a_first_line_together(tmp_path, monkeypatch, capsys):
+    # answers sharing a first line ("Sure.\n...") ended the key with it ("...Assistant: Sure."): cut back to the line
+    # break before the key's last line, their pairs went to both sides (3 of 6 seeds) while the command said
+    # "no prompt in both"
+    from fastdpo.cli import main
+
+    answers = [(" Sure.\nMix flour and water.", " Sure.\nBuy it."), (" Knead it.", " No."),
+               (" Sure.\nKnead.", " Sure.\nNo.")]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hh.jsonl").write_text("".join(json.dumps(row) + "\n" for row in _hh_rows(answers, 8)))
+    for seed in range(6):
+        command = ["data", "split", "hh.jsonl", "train.jsonl", "eval.jsonl", "--test-size", "0.25", "--seed", str(seed)]
+        assert main([*command, "--overwrite"]) == 0
+        parts = [[json.loads(line) for line in (tmp_path / name).open()] for name in ("train.jsonl", "eval.jsonl")]
+        assert parts[1] and not _questions(parts[0]) & _questions(parts[1]), seed
+
+
 def test_data_filter_and_split_write_a_csv_files_cells_as_they_were(tmp_path, monkeypatch, capsys):
     # pandas read the columns other than the text as numbers, booleans and missing values, and the rows kept were
     # written back changed: id "001" as 1, note "NA" as an empty cell, flag "false" as False

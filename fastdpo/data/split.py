@@ -7,7 +7,10 @@ rows together. The rule, seeded and independent of Python's hash salting and of 
 1. Rows are grouped by the prompt as a canonical string, ``json.dumps(prompt, sort_keys=True, ensure_ascii=False)``
    (so a message list is one key whatever the order of its dicts' keys), a message list's leading system (and
    developer) messages left out: a question asked under several system prompts is one group, as it is where the
-   system prompt is a column of its own.
+   system prompt is a column of its own. A string prompt that begins with another whole prompt, followed by
+   whitespace, joins its group: a prompt taken out of chosen and rejected (TRL's implicit prompt, HH-RLHF's
+   transcripts) runs into what the two answers share at their start (``...Assistant: Sure``), and such a pair
+   of one question goes with the question's other pairs (``...Assistant:``).
 2. Groups are visited in the order of ``blake2b(f"{seed}:" + key)``.
 3. A group joins eval when taking it leaves eval closer to the target (``test_size`` rows, or
    ``test_size × rows``) than leaving it out, so a group that fits under the target always joins; the others
@@ -82,7 +85,9 @@ def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed
         prepared, _ = prepared_rows(dataset, None)
     keys = prepared["prompt"] if not isinstance(prepared, list) else [
         row.get("prompt", {"refused": row}) for row in prepared]  # fmt: skip
-    keys = [key.rsplit("\n", 1)[0] if isinstance(key, str) and "\n" in key.strip() else key for key in keys]
+    # (cut back to the line break before the last line: an answer's shared first line ends the key with its own)
+    keys = [key.rstrip("\n").rsplit("\n", 1)[0] if isinstance(key, str) and "\n" in key.strip() else key
+            for key in keys]  # fmt: skip
     if not all(keys):  # pairs whose chosen and rejected begin with nothing alike: a prompt under another name?
         error = schema_missing_column("prompt", dataset.column_names)  # (the CLI words its column map for itself)
         empty = sum(not key for key in keys)
@@ -150,9 +155,12 @@ def split_by_keys(dataset, keys, *, test_size: float | int, seed: int, column: s
     the prompt that preparing the row gives). ``refused``: rows the preparation refuses, which the trainers drop:
     they go with their group, count toward no size, and a group of them alone stays in train (a held-out part of
     refused rows alone was empty once prepared, and the run failed)."""
+    asked = [_asked(value) for value in keys]
+    row_keys = [prompt_key(value) for value in asked]
+    root = _within_prompts({key: value for key, value in zip(row_keys, asked, strict=True) if isinstance(value, str)})
     groups: dict[str, list[int]] = {}
-    for row, value in enumerate(keys):
-        groups.setdefault(prompt_key(_asked(value)), []).append(row)
+    for row, key in enumerate(row_keys):
+        groups.setdefault(root.get(key, key), []).append(row)
     sizes = {key: sum(row not in refused for row in rows) for key, rows in groups.items()}
     eligible = [key for key, size in sizes.items() if size]
     if len(eligible) < 2:
@@ -173,6 +181,25 @@ def split_by_keys(dataset, keys, *, test_size: float | int, seed: int, column: s
     if isinstance(dataset, datasets.Dataset):
         return dataset.select(train_rows), dataset.select(eval_rows)
     return [dataset[row] for row in train_rows], [dataset[row] for row in eval_rows]
+
+
+def _within_prompts(prompts: dict[str, str]) -> dict[str, str]:
+    """key → the key of its group, for string prompts (``prompts``: key → text): a prompt that begins with another
+    whole prompt, followed by whitespace, goes with it (rule 1). Keys missing from the answer are their own."""
+    root: dict[str, str] = {}
+    chain: list[tuple[str, str]] = []  # (text, key): each a prefix of the next, at a whitespace
+    # sorted, a prompt's continuations at a whitespace (tab, newline, space) come before those at any other character
+    for text, key in sorted((_compared_text(text), key) for key, text in prompts.items()):
+        while chain and not _continues(text, chain[-1][0]):
+            chain.pop()
+        root[key] = chain[0][1] if chain else key
+        chain.append((text, key))
+    return root
+
+
+def _continues(text: str, prompt: str) -> bool:
+    """``text`` is ``prompt`` and more, from a whitespace on."""
+    return text.startswith(prompt) and text[len(prompt) : len(prompt) + 1].isspace()
 
 
 def _asked(prompt: Any) -> Any:
