@@ -462,6 +462,27 @@ def test_mixed_formats_name_the_first_bad_row():
                                                                                    "rejected": "  "}))  # fmt: skip
 
 
+def test_a_list_that_is_no_message_list_is_said_why():
+    # an empty list, a message without 'role' and ShareGPT's {"from", "value"} were all "got list" (or, where Arrow
+    # filled the missing 'role' with None, refused at tokenization with no word of ShareGPT's keys)
+    chats = [{"prompt": [user("q")], "chosen": [assistant("y")], "rejected": [assistant("x")]}]
+    cases = (({"chosen": []}, "chosen", "got an empty list"),
+             ({"prompt": [{"content": "q"}]}, "prompt", r"got a list whose first item has no 'role' \('content'\)"),
+             ({"chosen": ["y"]}, "chosen", "got a list of str"))  # fmt: skip
+    for change, column, said in cases:
+        with pytest.raises(DataError, match=rf"row 0, column '{column}': expected .*{said}"):
+            prepare_preferences(rows({**chats[0], **change}))
+    with pytest.raises(DataError, match="row 1, column 'chosen': expected a list of messages like the first row, got "
+                                        "an empty list"):  # fmt: skip
+        prepare_preferences(rows(chats[0], {**chats[0], "chosen": []}))
+    sharegpt = {**chats[0], "chosen": [{"from": "gpt", "value": "y"}]}
+    with pytest.raises(DataError, match=r"got a list of ShareGPT messages \('from', 'value': rename 'from' and "):
+        prepare_preferences(rows(sharegpt))
+    prepared = prepare_preferences(rows(chats[0], sharegpt))  # (Arrow gives the message every key: 'role' None)
+    with pytest.raises(DataError, match=r"row 1, column 'chosen': message 0: no role \(ShareGPT's 'from' and 'value'"):
+        tokenize_preferences(prepared, build_tiny_tokenizer())
+
+
 def test_tokenizer_without_chat_template_or_eos():
     tok = build_tiny_tokenizer()
     conv = prepare_preferences(FIXTURES / "conversational_tools.jsonl")

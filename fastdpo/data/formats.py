@@ -34,6 +34,7 @@ from fastdpo.data.schema import (
     SCORE_ALIASES,
     apply_renames,
     column_renames,
+    described,
     is_message_list,
     missing_column,
     source_version,
@@ -179,7 +180,7 @@ def _detect_format(dataset: datasets.Dataset, format: str) -> str:
     if kind is None:
         numbers = isinstance(first["chosen"], (int, float)) and not isinstance(first["chosen"], bool)
         raise DataError(
-            f"expected a string or a list of {{'role', 'content'}} messages, got {type(first['chosen']).__name__}",
+            f"expected a string or a list of {{'role', 'content'}} messages, got {described(first['chosen'])}",
             row=0,
             column="chosen",
             fix="fix the value, or run fastdpo.data.check_preferences to list every such row"
@@ -240,7 +241,7 @@ def value_problem(name: str, value, kind: str) -> tuple[str, str] | None:
         return "is empty", "drop the row (fastdpo.data.check_preferences lists them all)"
     if ok:
         return None
-    what = "None" if value is None else got or type(value).__name__
+    what = got or described(value)
     return (
         f"expected {'a string' if kind == 'standard' else 'a list of messages'} like the first row, got {what}",
         "fix or drop the row (fastdpo.data.check_preferences lists every such row), or pass format=",

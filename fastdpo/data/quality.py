@@ -363,6 +363,11 @@ def message_problem(messages: list, column: str, check_roles: bool) -> tuple[str
     for k, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
+            if role is None and message.get("from") is not None and "value" in message:  # (ShareGPT's keys)
+                return (
+                    "bad_message",
+                    f"message {k}: no role (ShareGPT's 'from' and 'value': rename them 'role' and 'content')",
+                )
             return "bad_message", f"message {k}: " + ("no role" if role is None else f"role {_short(role)}")
         # an assistant turn that only calls tools has no content (OpenAI format; TRL's templates accept it)
         if content is None and not (role == "assistant" and message.get("tool_calls")):

@@ -38,6 +38,21 @@ def is_message_list(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and is_message(value[0])
 
 
+def described(value: Any) -> str:
+    """``value`` as an error names it: its type, and for a list that is no message list, why not."""
+    if value is None or not isinstance(value, list):
+        return "None" if value is None else type(value).__name__
+    if not value:
+        return "an empty list"
+    first = value[0]
+    if not isinstance(first, dict):
+        return f"a list of {type(first).__name__}"
+    keys = ", ".join(repr(key) for key in first)
+    if "from" in first and "value" in first:  # (ShareGPT's)
+        return f"a list of ShareGPT messages ({keys}: rename 'from' and 'value' to 'role' and 'content')"
+    return f"a list whose first item has no 'role' ({keys})"
+
+
 def value_format(value: Any) -> str | None:
     """``"standard"`` for a string, ``"conversational"`` for a message list, None for anything else."""
     if isinstance(value, str):
