@@ -294,6 +294,11 @@ def test_length_bias_and_length_stats():
     assert len(chosen["histogram"]["bin_edges"]) == len(chosen["histogram"]["counts"]) + 1
     balanced = rows + [pair(prompt=f"Other {i}?", chosen="short", rejected="a long answer") for i in range(10)]
     assert check_preferences(balanced, length_ratio_warn=None).dataset_warnings == []
+    # a bias fair coins would give often is no finding: one pair (0% of 1 was warned of), 7 of 7; 8 of 8 is
+    for count, warned in ((1, False), (7, False), (8, True)):
+        report = check_preferences(rows[:count], length_ratio_warn=None)
+        assert bool(report.dataset_warnings) == warned, count
+        assert report.length_bias["chosen_longer_fraction"] == 1.0  # (still measured)
 
 
 def test_token_counts_follow_the_documented_formula(standard_rows, conversation_rows, tokenizer):

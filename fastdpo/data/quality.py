@@ -265,7 +265,7 @@ def check_preferences(
         truncation_mode=truncation_mode,
     )  # fmt: skip
     fraction = bias["chosen_longer_fraction"] if bias else None
-    if fraction is not None and not 0.3 <= fraction <= 0.7:
+    if fraction is not None and not 0.3 <= fraction <= 0.7 and _beyond_chance(fraction, bias["pairs_differing"]):
         warnings.append(
             f"length_bias: chosen is longer than rejected in {fraction:.0%} of the {bias['pairs_differing']:,} valid "
             f"pairs whose lengths differ (mean {bias['mean_chosen_chars']:,.0f} vs {bias['mean_rejected_chars']:,.0f} "
@@ -356,6 +356,16 @@ def is_empty(value: Any) -> bool:
 def _check_text(text: str) -> tuple[str | None, str]:
     bad = _INVALID_TEXT.search(text)
     return (None, "") if bad is None else ("invalid_text", f"{bad.group()!r} at character {bad.start()}")
+
+
+def _beyond_chance(fraction: float, pairs: int, alpha: float = 0.01) -> bool:
+    """A length bias that fair coins would seldom give: ``fraction`` of ``pairs`` chosen longer, two-sided binomial
+    p below ``alpha`` (8 of 8 pairs one way is, 7 of 7 is not; a single pair never; from 50 pairs on, every fraction
+    outside [0.3, 0.7] is)."""
+    if pairs >= 50:
+        return True
+    fewer = min(round(fraction * pairs), pairs - round(fraction * pairs))
+    return 2 * sum(math.comb(pairs, k) for k in range(fewer + 1)) / 2**pairs < alpha
 
 
 def message_problem(messages: list, column: str, check_roles: bool) -> tuple[str | None, str]:
