@@ -438,6 +438,27 @@ def test_whole_transcripts_next_to_their_prompt_are_warned_about_and_kept(caplog
     assert "begin with their prompt" not in caplog.text
 
 
+def test_message_lists_written_as_text_are_warned_about(tmp_path, caplog):
+    # a DataFrame of message lists saved to CSV: its cells are JSON (or Python's str of a list), read as strings,
+    # checked as fine and trained on as that text, brackets and all, without a word
+    import pandas
+
+    said = [{"role": "user", "content": "2+2?"}]
+    frame = pandas.DataFrame({"prompt": [json.dumps(said), str(said), "plain?"],
+                              "chosen": [json.dumps([{"role": "assistant", "content": "4"}]), "4", "[{not json"],
+                              "rejected": ["5", "5", "[1, 2]"]})  # fmt: skip
+    frame.to_csv(tmp_path / "pairs.csv", index=False)
+    with caplog.at_level(logging.WARNING, logger="fastdpo.data.formats"):
+        prepared = prepare_preferences(tmp_path / "pairs.csv")
+    assert ("2 of 3 rows hold message lists written as text in prompt (2), chosen (1) (rows [0, 1]): they are "
+            "trained on as that text") in caplog.text  # fmt: skip
+    assert prepared[0]["prompt"] == json.dumps(said)  # (kept as given: a warning, not a change)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastdpo.data.formats"):
+        prepare_preferences(rows({"prompt": "[{ a bracket", "chosen": "[{}]", "rejected": "r"}))
+    assert "written as text" not in caplog.text
+
+
 def test_whole_conversations_next_to_a_prompt_of_their_first_turns():
     # the turns were kept in both: the model was trained on the user's question twice
     row = {"prompt": [user("Q?")], "chosen": [user("Q?"), assistant("A.")], "rejected": [user("Q?"), assistant("B.")]}

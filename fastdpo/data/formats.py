@@ -24,6 +24,8 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import logging
 from typing import Any
 
@@ -102,6 +104,8 @@ def prepare_preferences(
         "version": _VERSION,
     }
     has_prompt = "prompt" in dataset.column_names
+    if kind == "standard":
+        _warn_written_messages(dataset)
     if has_prompt and kind == "standard":
         _warn_repeated_prompts(dataset)
     if not has_prompt and kind == "standard":  # (whole conversations carry their prompt: no column is missing)
@@ -128,6 +132,32 @@ def _warn_repeated_prompts(dataset: datasets.Dataset) -> None:
                        "model reads the prompt twice. If they are whole transcripts, drop the prompt column (the "
                        "shared text becomes the prompt) or cut it from them", len(rows), len(dataset),
                        rows[:5])  # fmt: skip
+
+
+def _warn_written_messages(dataset: datasets.Dataset) -> None:
+    """One counted warning for string values that are message lists written as text (JSON, or Python's ``str`` of
+    a list, as pandas writes a column of lists to CSV): they would be trained on as that text, brackets and all."""
+    names = [name for name in ("prompt", "chosen", "rejected") if name in dataset.column_names]
+    columns = dataset.with_format(None).select_columns(names).to_dict()
+    found = {name: [row for row, value in enumerate(values) if _written_messages(value)]
+             for name, values in columns.items()}  # fmt: skip
+    rows = sorted({row for found_rows in found.values() for row in found_rows})
+    if rows:
+        where = ", ".join(f"{name} ({len(found_rows)})" for name, found_rows in found.items() if found_rows)
+        logger.warning("%d of %d rows hold message lists written as text in %s (rows %s): they are trained on as that "
+                       "text. Decode them into lists (dataset.map with json.loads), or keep conversations in JSONL "
+                       "or Parquet, which hold lists", len(rows), len(dataset), where, rows[:5])  # fmt: skip
+
+
+def _written_messages(value) -> bool:
+    if not isinstance(value, str) or not value.lstrip().startswith("[{"):
+        return False
+    for read in (json.loads, ast.literal_eval):
+        try:
+            return is_message_list(read(value))
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+    return False
 
 
 # columns of ours besides prompt/chosen/rejected, and those a dataset carries that are not a prompt
