@@ -20,6 +20,7 @@ SUITES = {
         "head_cpu": "head op fwd+bwd against full logits, TRL's chunked path, Liger's DPO loss, cut-cross-entropy",
         "head_cpu_grid": "the head op's variants across N in {2k, 8k, 32k} tokens x V in {32k, 128k}, H=256",
         "dpo_cpu": "end-to-end DPO: TRL 1.16 (and with a precomputed reference), fastdpo, the drop-in; 3 rounds",
+        "orpo_cpu": "end-to-end ORPO and SimPO: TRL 1.16's experimental trainers against the drop-ins; 3 rounds",
         "dpo_profile": "where the end-to-end step's time goes",
         "ref_cache_cpu": "cached reference against a separate one",
         "memory_cpu": "measured peaks against fastdpo.estimate_memory",
