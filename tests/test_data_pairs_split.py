@@ -476,10 +476,45 @@ def test_split_by_prompt_keeps_an_hh_question_together_after_preparation():
     for seed in range(6):
         train, held_out = split_by_prompt(prepared, test_size=0.25, seed=seed)
         assert held_out and not _questions(train) & _questions(held_out), seed
-    # a prompt that merely begins like another (not at a whitespace) is a question of its own
-    rows = [{"prompt": prompt, "chosen": " a", "rejected": " b"} for prompt in ("What is 2", "What is 2+2?") * 3]
-    keys = {row["prompt"] for row in split_by_prompt(rows, test_size=0.5, seed=0)[1]}
-    assert len(keys) == 1
+    # (prepare_preferences marks prompts it took out of the pairs: prompt_split_mid_word; a prompt column has none)
+    assert "prompt_split_mid_word" in prepared.column_names
+
+
+def test_explicit_prompts_are_grouped_exactly_however_they_begin():
+    # the implicit prompts' grouping (a prompt going on from another at a whitespace joins it) applied to every
+    # prompt column in a review's check: one bare "Summarize the following text." (an empty input) took in all the
+    # summaries, and eval held none for seeds 0-2; a set of summaries alone failed ("found 1 distinct prompts")
+    task = "Summarize the following text."
+    rows = [{"prompt": f"{task}\n\ntext {i} " + "word " * (i % 7), "chosen": " a", "rejected": " b"} for i in range(60)]
+    rows.append({"prompt": task, "chosen": " a", "rejected": " b"})
+    held_out = split_by_prompt(rows, test_size=0.25, seed=0)[1]
+    assert len(held_out) == 15  # (every prompt a group of its own: eval on the target)
+    held_out = split_by_prompt(datasets.Dataset.from_list(rows), test_size=0.25, seed=1)[1]
+    assert len(held_out) == 15
+
+
+def test_implicit_prompts_are_cut_at_their_last_line_break_not_before():
+    # pairs that differ at the first character after a line break ("...\nBonne" / "...\nMauvaise"): their prompt is
+    # cut back to the sentence's line, not the shared header ("Translate to French:" held every pair: none in eval)
+    from fastdpo.data.split import split_pairs
+
+    rows = [{"chosen": f"Translate to French:\nsentence {i}\nBonne {i}", "rejected": f"Translate to French:\nsentence "
+             f"{i}\nMauvaise {i}"} for i in range(20)]  # fmt: skip
+    held_out = split_pairs(datasets.Dataset.from_list(rows), test_size=0.25, seed=0)[1]
+    assert len(held_out) == 5
+
+
+def test_implicit_prompts_that_go_on_at_any_whitespace_stay_together():
+    # a continuation at a no-break space (which sorts after the letters) was missed once a prompt that goes on at
+    # another character ("Q:x ...") sorted between them, and landed on the other side in 8 of 20 seeds
+    from fastdpo.data.split import _within_prompts, prompt_key
+
+    texts = ["Q", "Q\xa0more", "Q:x other", "Q\u3000third", "R", "R more"]
+    root = _within_prompts({prompt_key(text): text for text in texts})
+    groups = {}
+    for text in texts:
+        groups.setdefault(root[prompt_key(text)], set()).add(text)
+    assert sorted(map(sorted, groups.values())) == [["Q", "Q\xa0more", "Q\u3000third"], ["Q:x other"], ["R", "R more"]]
 
 
 def test_data_split_keeps_an_hh_question_whose_answers_share_a_first_line_together(tmp_path, monkeypatch, capsys):

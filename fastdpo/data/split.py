@@ -7,10 +7,11 @@ rows together. The rule, seeded and independent of Python's hash salting and of 
 1. Rows are grouped by the prompt as a canonical string, ``json.dumps(prompt, sort_keys=True, ensure_ascii=False)``
    (so a message list is one key whatever the order of its dicts' keys), a message list's leading system (and
    developer) messages left out: a question asked under several system prompts is one group, as it is where the
-   system prompt is a column of its own. A string prompt that begins with another whole prompt, followed by
-   whitespace, joins its group: a prompt taken out of chosen and rejected (TRL's implicit prompt, HH-RLHF's
-   transcripts) runs into what the two answers share at their start (``...Assistant: Sure``), and such a pair
-   of one question goes with the question's other pairs (``...Assistant:``).
+   system prompt is a column of its own. A prompt taken out of chosen and rejected (TRL's implicit prompt,
+   HH-RLHF's transcripts: ``prepare_preferences`` marks such rows with a ``prompt_split_mid_word`` column) runs
+   into what the two answers share at their start (``...Assistant: Sure``): such prompts are cut back to their
+   last line break, and one that goes on from another's at a whitespace joins its group, so that one question's
+   pairs stay together. Explicit prompts are grouped as they are.
 2. Groups are visited in the order of ``blake2b(f"{seed}:" + key)``.
 3. A group joins eval when taking it leaves eval closer to the target (``test_size`` rows, or
    ``test_size × rows``) than leaving it out, so a group that fits under the target always joins; the others
@@ -57,7 +58,21 @@ def split_by_prompt(
     present = table_columns(dataset)
     if prompt not in present:
         raise missing_column("prompt", prompt, present, cli="""--columns '{"prompt": "<your column>"}'""")
-    return split_by_keys(dataset, column_values(dataset, prompt), test_size=test_size, seed=seed, column=prompt)
+    keys = column_values(dataset, prompt)
+    implicit = prompt == "prompt" and IMPLICIT_MARK in present  # (prepare_preferences took them out of the pairs)
+    return split_by_keys(dataset, implicit_keys(keys) if implicit else keys, test_size=test_size, seed=seed,
+                         column=prompt, implicit=implicit)  # fmt: skip
+
+
+IMPLICIT_MARK = "prompt_split_mid_word"  # the column prepare_preferences adds where it took the prompt out of the pairs
+
+
+def implicit_keys(keys: list) -> list:
+    """The grouping keys of prompts taken out of chosen and rejected (TRL's implicit prompt), each cut back to its
+    last line break: answers that begin alike ("Sure..." / "Sorry...") carry the prompt into them ("...Assistant:
+    S"); with ``split_by_keys(implicit=True)``, a key that goes on from another's at a whitespace joins its group
+    (answers sharing a whole first line: "...Assistant: Sure." goes on from "...Human: Q")."""
+    return [key.rsplit("\n", 1)[0] if isinstance(key, str) and "\n" in key.strip() else key for key in keys]
 
 
 ROW_COLUMN = "__fastdpo_row__"  # ``fastdpo data split``'s row numbers, through a split (not the data's: never named)
@@ -67,9 +82,8 @@ def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed
     """``split_by_prompt`` for DPO rows as given (fastdpo's column names), as ``fastdpo data split`` and a run's
     ``eval_fraction`` split them: by the ``prompt`` column (without a ``system`` column's text, so a question asked
     under several system prompts stays on one side); without one, by the prompt the trainers take out of chosen and
-    rejected (TRL's implicit prompt), cut back to its last line break: answers that begin alike ("Sure..." /
-    "Sorry...") carry the extracted prompt into them ("...Assistant: S"), so one HH dialogue had a key per pair, and
-    went to both sides. A row the preparation refuses goes with its prompt's group (without a prompt column: a group
+    rejected (TRL's implicit prompt), keyed by ``implicit_keys``: one HH dialogue had a key per pair, and went to
+    both sides. A row the preparation refuses goes with its prompt's group (without a prompt column: a group
     of its own) and counts toward no size (``split_by_keys``). ``prepared``: ``prepared_rows``' rows of ``dataset``,
     where the caller has them already."""
     from fastdpo.data.refused import prepared_rows
@@ -85,16 +99,15 @@ def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed
         prepared, _ = prepared_rows(dataset, None)
     keys = prepared["prompt"] if not isinstance(prepared, list) else [
         row.get("prompt", {"refused": row}) for row in prepared]  # fmt: skip
-    # (cut back to the line break before the last line: an answer's shared first line ends the key with its own)
-    keys = [key.rstrip("\n").rsplit("\n", 1)[0] if isinstance(key, str) and "\n" in key.strip() else key
-            for key in keys]  # fmt: skip
+    keys = implicit_keys(keys)
     if not all(keys):  # pairs whose chosen and rejected begin with nothing alike: a prompt under another name?
         error = schema_missing_column("prompt", dataset.column_names)  # (the CLI words its column map for itself)
         empty = sum(not key for key in keys)
         raise DataError(f"{error.message}, and in {empty} of {len(keys)} rows chosen and rejected begin with no "
                         "shared prompt to group by", column=error.column, fix=error.fix)  # fmt: skip
     refused = {row for row, key in enumerate(keys) if isinstance(key, dict) and "refused" in key}
-    return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column="prompt", refused=refused)
+    return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column="prompt", refused=refused,
+                         implicit=True)  # fmt: skip
 
 
 def split_sft_by_prompt(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0):
@@ -150,14 +163,18 @@ def _sft_keys(dataset) -> tuple[list, str]:
 _ANSWERING = frozenset({"assistant", "gpt", "model", "bot"})  # the roles of an answer (ShareGPT's too)
 
 
-def split_by_keys(dataset, keys, *, test_size: float | int, seed: int, column: str, refused=frozenset()):
+def split_by_keys(dataset, keys, *, test_size: float | int, seed: int, column: str, refused=frozenset(),
+                  implicit: bool = False):  # fmt: skip
     """``dataset`` split as the module docstring says, each row grouped by its prompt in ``keys`` (``column``'s, or
     the prompt that preparing the row gives). ``refused``: rows the preparation refuses, which the trainers drop:
     they go with their group, count toward no size, and a group of them alone stays in train (a held-out part of
-    refused rows alone was empty once prepared, and the run failed)."""
+    refused rows alone was empty once prepared, and the run failed). ``implicit``: the keys are ``implicit_keys``, and
+    one that goes on from another's at a whitespace joins its group (explicit prompts are grouped exactly: a bare
+    "Summarize the text." would take in every prompt that begins with it)."""
     asked = [_asked(value) for value in keys]
     row_keys = [prompt_key(value) for value in asked]
-    root = _within_prompts({key: value for key, value in zip(row_keys, asked, strict=True) if isinstance(value, str)})
+    strings = {key: value for key, value in zip(row_keys, asked, strict=True) if isinstance(value, str)}
+    root = _within_prompts(strings) if implicit else {}
     groups: dict[str, list[int]] = {}
     for row, key in enumerate(row_keys):
         groups.setdefault(root.get(key, key), []).append(row)
@@ -187,12 +204,11 @@ def _within_prompts(prompts: dict[str, str]) -> dict[str, str]:
     """key → the key of its group, for string prompts (``prompts``: key → text): a prompt that begins with another
     whole prompt, followed by whitespace, goes with it (rule 1). Keys missing from the answer are their own."""
     root: dict[str, str] = {}
-    chain: list[tuple[str, str]] = []  # (text, key): each a prefix of the next, at a whitespace
-    # sorted, a prompt's continuations at a whitespace (tab, newline, space) come before those at any other character
+    chain: list[tuple[str, str]] = []  # (text, key): each a prefix of the next (sorted, a text's prefixes are here)
     for text, key in sorted((_compared_text(text), key) for key, text in prompts.items()):
-        while chain and not _continues(text, chain[-1][0]):
+        while chain and not text.startswith(chain[-1][0]):
             chain.pop()
-        root[key] = chain[0][1] if chain else key
+        root[key] = next((root[shorter] for prefix, shorter in chain if _continues(text, prefix)), key)
         chain.append((text, key))
     return root
 
