@@ -20,8 +20,10 @@ pairs, the chat template, its own tokenization into ``chosen_input_ids`` / ``cho
 Differences from TRL: ``logits/chosen`` and ``logits/rejected`` are the mean logit over the completion tokens (TRL's
 averages every position of its padded batch, padding included, so its value changes with the batch's padding);
 pairs whose completion TRL's truncation emptied (the prompt fills ``max_length``) are dropped with a warning (TRL
-trains on them: ORPO's mean log-prob of no token is NaN); refused with a ``ConfigError``: ``compute_metrics`` and
-``preprocess_logits_for_metrics`` (they need the full logits), ``generate_during_eval``, encoder-decoder models, a
+trains on them: ORPO's mean log-prob of no token is NaN), in the constructor's sets and in those given to
+``evaluate()``/``predict()``; ``disable_dropout`` zeroes attention modules' rates too (``fastdpo.train.dropout``, as
+the DPO drop-in). Refused with a ``ConfigError``: ``compute_metrics`` and ``preprocess_logits_for_metrics`` (they
+need the full logits), ``generate_during_eval``, prompt-learning adapters, encoder-decoder models, a
 ``data_collator`` other than fastdpo's packer.
 """
 
@@ -40,12 +42,13 @@ from fastdpo.data.packing import IGNORE_INDEX, default_pack_length
 from fastdpo.data.vocabulary import check_token_ids
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model import packed_body, run_head
+from fastdpo.model.adapters import refuse_unsupported_adapter
 from fastdpo.model.attention import attends_per_sequence
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import moe_aux_loss
 from fastdpo.ops import linear_logprobs
 from fastdpo.ops.segments import pair_segments, segment_sum
-from fastdpo.train.common import PackedTokenCount, check_collator, check_liger, uncompiled, undispatched
+from fastdpo.train.common import PackedTokenCount, check_collator, check_liger, neftune_as_trl, uncompiled, undispatched
 from fastdpo.train.dpo import PairPacker, _as_batch
 from fastdpo.train.dropout import SavesUserDropout, disable_dropout
 from fastdpo.train.resume import ResumeChecks
@@ -88,6 +91,9 @@ def pair_pass(model, batch, *, average: bool, nll: str | None, aux: bool = False
     return out
 
 
+TRL_ID_COLUMNS = ("chosen_input_ids", "rejected_input_ids")  # TRL's ORPO/CPO sequences (the prompt in each)
+
+
 def _has_completions(row: dict) -> bool:
     """Both sides keep a completion token that a position predicts (labels past the first that are not -100)."""
     return all(any(label != IGNORE_INDEX for label in row[f"{side}_labels"][1:]) for side in ("chosen", "rejected"))
@@ -112,6 +118,7 @@ class _PackedPairTrainer(PackedTokenCount, ResumeChecks, SavesUserDropout):
                 raise ConfigError(f"needs the full logits, which fastdpo.trl.{name} never builds", column=option,
                                   fix=f"leave it unset, or use TRL's own {name} for this run")  # fmt: skip
         check_collator(data_collator, PairPacker)
+        refuse_unsupported_adapter(model, peft_config)
         if args is not None:
             if args.generate_during_eval:
                 raise ConfigError(f"is not supported by fastdpo.trl.{name}", column="generate_during_eval",
@@ -134,7 +141,7 @@ class _PackedPairTrainer(PackedTokenCount, ResumeChecks, SavesUserDropout):
         elif self.eval_dataset is not None:
             self.eval_dataset = self._with_completions(self.eval_dataset, "eval")
         for split, data in (("train", self.train_dataset), ("eval", self.eval_dataset)):
-            check_token_ids(data, self.model, split)  # (an IndexError from inside the embedding, in TRL's)
+            check_token_ids(data, self.model, split, columns=TRL_ID_COLUMNS)  # (TRL's: an IndexError, deep inside)
         if data_collator is None:
             attention = getattr(self.accelerator.unwrap_model(self.model).config, "_attn_implementation", None)
             one_row = attends_per_sequence(attention or "sdpa")
@@ -172,6 +179,22 @@ class _PackedPairTrainer(PackedTokenCount, ResumeChecks, SavesUserDropout):
             )
         return kept
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # a tokenized set given here: its emptied pairs dropped as the constructor drops them (the packer refused the
+        # first, naming fastdpo's own tokenizer as the fix; TRL's evaluate() gave a NaN loss)
+        return super().evaluate(self._given_set(eval_dataset), ignore_keys=ignore_keys,
+                                metric_key_prefix=metric_key_prefix)  # fmt: skip
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        return super().predict(self._given_set(test_dataset, "test"), ignore_keys=ignore_keys,
+                               metric_key_prefix=metric_key_prefix)  # fmt: skip
+
+    def _given_set(self, dataset, name: str = "eval"):
+        columns = getattr(dataset, "column_names", None)
+        if isinstance(dataset, dict):
+            return {key: self._given_set(part, f"{name}_{key}") for key, part in dataset.items()}
+        return self._with_completions(dataset, name) if columns and "chosen_labels" in columns else dataset
+
     def concatenated_forward(self, model, batch):
         inner = self.accelerator.unwrap_model(model)
         packed = _as_batch({name: value for name, value in batch.items() if name != "ref_logps"})
@@ -180,7 +203,8 @@ class _PackedPairTrainer(PackedTokenCount, ResumeChecks, SavesUserDropout):
         def forward(*args, **kwargs):
             return pair_pass(inner, packed, average=self._average(), nll=self._nll(), aux=aux)
 
-        with self.accelerator.autocast(), forward_as(inner, forward):
+        # (NEFTune's noise as on TRL's padded batch, whose rows are as long as the longest sequence)
+        with neftune_as_trl(inner, packed, padding_free=False), self.accelerator.autocast(), forward_as(inner, forward):
             out = model()  # through the DDP/FSDP wrapper (forward_as)
         logits = out["logits"]
         result = (out["chosen"], out["rejected"], logits[0], logits[1], out["nll"])

@@ -68,6 +68,24 @@ def test_targets_are_the_next_completion_token_only():
         assert flat_targets[a:b].tolist() == expected
 
 
+def test_trls_orpo_rows_pack_as_the_same_pairs_of_fastdpos_columns():
+    # TRL's ORPO/CPO tokenization (each side whole, its prompt's labels -100) gives the batch fastdpo's own columns
+    # give; a row holding both (a dataset that kept an earlier TRL tokenization's columns) is read by fastdpo's
+    ours = [pair(3, 4, 2), pair(1, 5, 6, start=40)]
+    theirs = [{f"{side}_{name}": values for side in ("chosen", "rejected")
+               for name, values in (("input_ids", e["prompt_ids"] + e[f"{side}_ids"]),
+                                    ("labels", [IGNORE_INDEX] * len(e["prompt_ids"]) + e[f"{side}_ids"]))}
+              for e in ours]  # fmt: skip
+    want = pack_pairs(ours, pack_length=16, backend="python")
+    for examples in (theirs, [{**t, **o} for t, o in zip(theirs, ours, strict=True)]):
+        got = pack_pairs(examples, pack_length=16, backend="python")
+        for name in ("input_ids", "position_ids", "targets", "cu_seqlens", "seq_pair", "seq_is_chosen"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+    stale = [{**o, "chosen_input_ids": [9] * 3, "chosen_labels": [9] * 3, "rejected_input_ids": [9],
+              "rejected_labels": [9]} for o in ours]  # fmt: skip
+    assert torch.equal(pack_pairs(stale, pack_length=16, backend="python").input_ids, want.input_ids)
+
+
 def test_padding_only_at_row_ends_and_counted():
     batch = pack_pairs(EXAMPLES, pack_length=16, pad_token_id=7, backend="python")
     real = sum(len(e["prompt_ids"]) * 2 + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in EXAMPLES)

@@ -192,3 +192,53 @@ def test_a_token_the_model_has_no_embedding_for_is_named(data, tmp_path):  # noq
     with pytest.raises(DataError, match="the model's input embedding has 40 rows") as error:
         dropin.ORPOTrainer(LlamaForCausalLM(config), args=args, train_dataset=data, processing_class=tokenizer)
     assert error.value.column == "chosen_input_ids" and error.value.row is not None
+
+
+def test_neftune_noise_is_drawn_at_trls_scale_on_one_row(data, tmp_path, monkeypatch):  # noqa: F811
+    # attention that works per sequence (fastdpo_varlen, flash) packs the batch into one row, and transformers' hook
+    # scales the noise by the row length: TRL's padded rows are as long as the longest sequence (2.2x less noise
+    # per token in a review's check, before)
+    from test_train_sft import neftune_draws  # (fastdpo.trl imported fastdpo.model: fastdpo_varlen is registered)
+
+    drawn = neftune_draws(monkeypatch)
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+
+    def varlen():
+        model = load()
+        model.set_attn_implementation("fastdpo_varlen")
+        return model
+
+    scales = {}
+    for name, ours, loader in (("trl", False, load), ("dropin", True, varlen)):
+        drawn.clear()
+        run("orpo", ours, loader, data, tokenizer, tmp_path, name, neftune_noise_alpha=5.0,
+            per_device_train_batch_size=4)  # fmt: skip
+        scales[name] = list(drawn)
+    assert len(scales["trl"]) == 2 and scales["dropin"] == pytest.approx(scales["trl"], rel=1e-6)
+
+
+def test_a_prompt_learning_adapter_is_refused(data, tmp_path):  # noqa: F811
+    # its virtual tokens are added by PeftModel.forward, which the packed forward does not run: train() failed in
+    # autograd, evaluate() scored the bare base model
+    from peft import PromptTuningConfig
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    args = ORPOConfig(**common_args(tmp_path, "x"))
+    with pytest.raises(ConfigError, match="peft_config"):
+        dropin.ORPOTrainer(load(), args=args, train_dataset=data, processing_class=tokenizer,
+                           peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))  # fmt: skip
+
+
+def test_evaluate_drops_a_given_sets_emptied_pairs_as_the_constructor(data, tmp_path):  # noqa: F811
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    trainer = dropin.ORPOTrainer(load(), args=ORPOConfig(**common_args(tmp_path, "x")), train_dataset=data,
+                                 processing_class=tokenizer)  # fmt: skip
+    tokenized = trainer.train_dataset
+    emptied = tokenized.map(lambda row, i: {"chosen_labels": [-100] * len(row["chosen_labels"]) if i == 0 else
+                                            row["chosen_labels"]}, with_indices=True)  # fmt: skip
+    with pytest.warns(UserWarning, match="eval data: 1 of 5 pairs dropped"):
+        metrics = trainer.evaluate(emptied)
+    assert metrics["eval_loss"] == pytest.approx(trainer.evaluate(tokenized.select(range(1, 5)))["eval_loss"])

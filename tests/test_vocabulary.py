@@ -55,6 +55,11 @@ def test_ids_are_checked_batch_by_batch_and_negative_ids_too():
         check_token_ids(data, Model(), "eval")
     check_token_ids(data.select(range(9000)), Model(), "eval")  # all within 0..9
     check_token_ids({"a": data.select(range(5))}, Model(), "eval")
+    # another tokenization's columns that nothing reads (TRL's ORPO/CPO names) are not checked unless asked for
+    stale = datasets.Dataset.from_dict({"prompt_ids": [[1]], "chosen_input_ids": [[128000]]})
+    check_token_ids(stale, Model(), "train")
+    with pytest.raises(DataError, match="column 'chosen_input_ids': token id 128000"):
+        check_token_ids(stale, Model(), "train", columns=("chosen_input_ids",))
 
 
 def test_the_row_is_the_inputs_past_the_rows_tokenization_dropped(tmp_path):

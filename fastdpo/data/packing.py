@@ -125,7 +125,8 @@ class PackedBatch:
 
 
 def _sequences(example: dict, max_length: int | None, truncation_mode: str) -> list[tuple[list[int], list[int]]]:
-    if "chosen_labels" in example:  # TRL's ORPO/CPO rows: each side whole (cut by TRL), its prompt's labels -100
+    if "prompt_ids" not in example and "chosen_labels" in example:  # TRL's ORPO/CPO rows: each side whole (cut by
+        # TRL), its prompt's labels -100 (a row with fastdpo's own columns too is read by those)
         return [(list(example[f"{side}_input_ids"]), [label != IGNORE_INDEX for label in example[f"{side}_labels"]])
                 for side in ("chosen", "rejected")]  # fmt: skip
     return [truncate(example["prompt_ids"], example[name], max_length, truncation_mode)

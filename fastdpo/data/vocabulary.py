@@ -10,25 +10,26 @@ import datasets
 from fastdpo.data.source_rows import source_rows
 from fastdpo.errors import DataError
 
-ID_COLUMNS = ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_input_ids", "rejected_input_ids")
+ID_COLUMNS = ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids")
 _BATCH = 4096
 
 
-def check_token_ids(dataset, model, name: str, dropped: dict | None = None) -> None:
+def check_token_ids(dataset, model, name: str, dropped: dict | None = None, columns: tuple = ID_COLUMNS) -> None:
     """A ``DataError`` at the first row of ``dataset`` (a tokenized ``Dataset``, or a dict of them; streams are not
     read) holding a token id the model's input embedding has no row for, or a negative one. ``dropped``: the rows
     tokenization dropped (split → reason → input rows, the trainers' ``dropped_rows``), so that the row is named as
-    the input numbers it; a packed dataset's rows are named as packed rows."""
+    the input numbers it; a packed dataset's rows are named as packed rows. ``columns``: those read (TRL's ORPO/CPO
+    rows: theirs)."""
     if isinstance(dataset, dict):
         for key, part in dataset.items():
-            check_token_ids(part, model, f"{name}_{key}", dropped)
+            check_token_ids(part, model, f"{name}_{key}", dropped, columns)
         return
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embeddings, "num_embeddings", None)
     if not isinstance(dataset, datasets.Dataset) or not isinstance(rows, int):
         return
 
-    for column in (c for c in ID_COLUMNS if c in dataset.column_names):
+    for column in (c for c in columns if c in dataset.column_names):
         batches = dataset.select_columns([column]).with_format("arrow").iter(_BATCH)
         for start, batch in zip(range(0, len(dataset), _BATCH), batches, strict=False):
             found = _first_outside(batch[column], rows)
