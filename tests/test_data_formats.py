@@ -453,10 +453,18 @@ def test_message_lists_written_as_text_are_warned_about(tmp_path, caplog):
     assert ("2 of 3 rows hold message lists written as text in prompt (2), chosen (1) (rows [0, 1]): they are "
             "trained on as that text") in caplog.text  # fmt: skip
     assert prepared[0]["prompt"] == json.dumps(said)  # (kept as given: a warning, not a change)
+    # the other ways lists get written: pretty-printed JSON, a NumPy array's print (Dataset.to_pandas().to_csv()),
+    # ShareGPT's keys; not a bracket that starts a text
+    import numpy
+
+    answers = [json.dumps([{"role": "assistant", "content": "4"}], indent=2),
+               str(numpy.array([{"role": "assistant", "content": "4"}, {"role": "user", "content": "ok"}])),
+               json.dumps([{"from": "gpt", "value": "4"}]), "[{ a bracket", "[{}]"]  # fmt: skip
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fastdpo.data.formats"):
-        prepare_preferences(rows({"prompt": "[{ a bracket", "chosen": "[{}]", "rejected": "r"}))
-    assert "written as text" not in caplog.text
+        prepare_preferences(rows(*({"prompt": "p", "chosen": answer, "rejected": "r"} for answer in answers)))
+    assert "3 of 5 rows hold message lists written as text in chosen (3) (rows [0, 1, 2])" in caplog.text
+    assert "json.loads, or ast.literal_eval" in caplog.text
 
 
 def test_whole_conversations_next_to_a_prompt_of_their_first_turns():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import re
 from typing import Any
 
 import datasets
@@ -145,18 +146,27 @@ def _warn_written_messages(dataset: datasets.Dataset) -> None:
     if rows:
         where = ", ".join(f"{name} ({len(found_rows)})" for name, found_rows in found.items() if found_rows)
         logger.warning("%d of %d rows hold message lists written as text in %s (rows %s): they are trained on as that "
-                       "text. Decode them into lists (dataset.map with json.loads), or keep conversations in JSONL "
-                       "or Parquet, which hold lists", len(rows), len(dataset), where, rows[:5])  # fmt: skip
+                       "text. Decode them into lists (dataset.map with json.loads, or ast.literal_eval for Python's "
+                       "writing), or keep conversations in JSONL or Parquet, which hold lists", len(rows),
+                       len(dataset), where, rows[:5])  # fmt: skip
+
+
+_WRITTEN_LIST = re.compile(r"\s*\[\s*\{")
+_NUMPY_ITEMS = re.compile(r"\}\s+\{")  # a NumPy array of dicts prints its items without commas between them
 
 
 def _written_messages(value) -> bool:
-    if not isinstance(value, str) or not value.lstrip().startswith("[{"):
+    """A message list written as text: JSON (pretty-printed too), Python's ``str`` of a list, or of a NumPy array
+    (``Dataset.to_pandas()`` then ``to_csv``); ShareGPT's ``from``/``value`` messages too."""
+    if not isinstance(value, str) or not _WRITTEN_LIST.match(value):
         return False
-    for read in (json.loads, ast.literal_eval):
+    for read in (json.loads, ast.literal_eval, lambda text: ast.literal_eval(_NUMPY_ITEMS.sub("}, {", text))):
         try:
-            return is_message_list(read(value))
+            items = read(value)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             continue
+        first = items[0] if isinstance(items, list) and items else None
+        return isinstance(first, dict) and ("role" in first or {"from", "value"} <= first.keys())
     return False
 
 
