@@ -232,15 +232,39 @@ def _spread(result: dict, key: str) -> str:
     return f"{min(runs):.1f}–{max(runs):.1f}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.dpo_cpu", description=__doc__.splitlines()[0])
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of an end-to-end run (this module's and bench/orpo_cpu.py's)."""
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every engine (the median reported)")
+
+
+def run_rounds(module: str, engines: list[str], args: argparse.Namespace, extra: list[str] = (),
+               first_only: tuple[str, ...] = ()) -> dict[str, list[dict]]:  # fmt: skip
+    """Each engine's results, ``args.repeats`` rounds of every engine in turn, each in its own process (``python -m
+    module --worker ENGINE`` with the run's options and ``extra``), each round's order the one before reversed, so
+    that a machine that slows down or speeds up over the run weighs on each alike; ``first_only``: workers run once,
+    after the first round."""
+    runs: dict[str, list[dict]] = {}
+    order = list(engines)
+    for round_ in range(args.repeats):
+        for worker in [*order, *first_only] if round_ == 0 else order:
+            print(f"round {round_ + 1}: running {worker} ...", file=sys.stderr, flush=True)
+            command = [sys.executable, "-m", module, "--worker", worker, "--pairs", str(args.pairs), "--batch",
+                       str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads), *extra]  # fmt: skip
+            runs.setdefault(worker, []).append(run_measured(command, env={"OMP_NUM_THREADS": str(args.threads)},
+                                                            cwd=Path(__file__).parents[1]))  # fmt: skip
+        order.reverse()
+    return runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.dpo_cpu", description=__doc__.splitlines()[0])
+    run_arguments(parser)
     parser.add_argument("--gemm-tokens", type=int, default=4096, help="rows of the timed GEMMs (a step's tokens)")
     parser.add_argument("--gemm-repeats", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of every engine (the median reported)")
     parser.add_argument("--worker", choices=(*ENGINES, *OPTION_ENGINES, "gemm"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help="folder for dpo_cpu.{json,md,png} (default: bench/results/<cpu>)")
     parser.add_argument("--render", type=Path, metavar="DIR", help="only draw DIR/dpo_cpu.png from its json")
@@ -258,17 +282,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeats must be at least 1")
     pin(args.threads)  # the workers inherit the affinity
     args.out = args.out or cpu_results()
-    runs: dict[str, list[dict]] = {}
-    order = list(ENGINES)
-    for round_ in range(args.repeats):
-        for worker in [*order, "gemm"] if round_ == 0 else order:
-            print(f"round {round_ + 1}: running {worker} ...", file=sys.stderr, flush=True)
-            command = [sys.executable, "-m", "bench.dpo_cpu", "--worker", worker, "--pairs", str(args.pairs),
-                       "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads),
-                       "--gemm-tokens", str(args.gemm_tokens), "--gemm-repeats", str(args.gemm_repeats)]  # fmt: skip
-            runs.setdefault(worker, []).append(run_measured(command, env={"OMP_NUM_THREADS": str(args.threads)},
-                                                            cwd=Path(__file__).parents[1]))  # fmt: skip
-        order.reverse()
+    runs = run_rounds(
+        "bench.dpo_cpu",
+        list(ENGINES),
+        args,
+        first_only=("gemm",),
+        extra=["--gemm-tokens", str(args.gemm_tokens), "--gemm-repeats", str(args.gemm_repeats)],
+    )
     results = [merged(runs[engine]) for engine in ENGINES]  # TRL first: the baseline of the ratios
     for r in results:
         r.update(useful_flops(r, shape), body_params=shape.body_params, head_params=shape.head_params)

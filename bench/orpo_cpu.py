@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from bench.dpo_cpu import MODEL, _pairs, _spread, merged
+from bench.dpo_cpu import MODEL, _pairs, _spread, merged, run_arguments, run_rounds
 from bench.machine import cpu_results, environment, pin
 from fastdpo.atomic import atomic_write
-from fastdpo.profiling import peak_rss, reset_peak_rss, run_measured
+from fastdpo.profiling import peak_rss, reset_peak_rss
 
 # engine → (trainer, drop-in or TRL's, the config's options)
 ENGINES = {
@@ -119,11 +118,7 @@ def _table(args: argparse.Namespace, meta: dict, results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.orpo_cpu", description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of every engine (the median reported)")
+    run_arguments(parser)
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help="folder for orpo_cpu.{json,md} (default: bench/results/<cpu>)")
     args = parser.parse_args(argv)
@@ -134,16 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeats must be at least 1")
     pin(args.threads)  # the workers inherit the affinity
     args.out = args.out or cpu_results()
-    runs: dict[str, list[dict]] = {}
-    order = list(ENGINES)
-    for round_ in range(args.repeats):
-        for worker in order:
-            print(f"round {round_ + 1}: running {worker} ...", file=sys.stderr, flush=True)
-            command = [sys.executable, "-m", "bench.orpo_cpu", "--worker", worker, "--pairs", str(args.pairs),
-                       "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
-            runs.setdefault(worker, []).append(run_measured(command, env={"OMP_NUM_THREADS": str(args.threads)},
-                                                            cwd=Path(__file__).parents[1]))  # fmt: skip
-        order.reverse()
+    runs = run_rounds("bench.orpo_cpu", list(ENGINES), args)
     results = [merged(runs[engine]) for engine in ENGINES]
     meta = {**environment(args.threads), "pairs": args.pairs, "batch": args.batch, "steps": args.steps,
             "model": MODEL, "repeats": args.repeats}  # fmt: skip
