@@ -42,7 +42,7 @@ from fastdpo.data.packing import IGNORE_INDEX, default_pack_length
 from fastdpo.data.vocabulary import check_token_ids
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.model import packed_body, run_head
-from fastdpo.model.adapters import refuse_unsupported_adapter
+from fastdpo.model.adapters import refuse_head_adapter, refuse_unsupported_adapter
 from fastdpo.model.attention import attends_per_sequence
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import moe_aux_loss
@@ -129,6 +129,7 @@ class _PackedPairTrainer(PackedTokenCount, ResumeChecks, SavesUserDropout):
         super().__init__(model=model, args=args, data_collator=None, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init,
                          callbacks=callbacks, optimizers=optimizers, peft_config=peft_config)  # fmt: skip
+        refuse_head_adapter(self.accelerator.unwrap_model(self.model))  # (at the first step, before)
         if self.is_encoder_decoder:
             raise ConfigError(f"encoder-decoder models are not supported by fastdpo.trl.{name}", column="model",
                               fix=f"use TRL's own {name} for this model")  # fmt: skip

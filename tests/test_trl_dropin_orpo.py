@@ -242,3 +242,17 @@ def test_evaluate_drops_a_given_sets_emptied_pairs_as_the_constructor(data, tmp_
     with pytest.warns(UserWarning, match="eval data: 1 of 5 pairs dropped"):
         metrics = trainer.evaluate(emptied)
     assert metrics["eval_loss"] == pytest.approx(trainer.evaluate(tokenized.select(range(1, 5)))["eval_loss"])
+
+
+def test_an_adapter_on_the_lm_head_is_refused_when_built(data, tmp_path):  # noqa: F811
+    # fastdpo's head reads lm_head.weight and never trains its adapter: refused at the first step before, once the
+    # constructor had loaded and prepared everything (TRL's DPO and SFT trainers refuse it themselves)
+    from peft import LoraConfig
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    for cls, config in ((dropin.ORPOTrainer, ORPOConfig), (dropin.CPOTrainer, CPOConfig)):
+        args = config(**common_args(tmp_path, "x"))
+        with pytest.raises(ConfigError, match="column 'peft_config': an adapter on the LM head would never be trained"):
+            cls(load(), args=args, train_dataset=data, processing_class=tokenizer,
+                peft_config=LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))  # fmt: skip

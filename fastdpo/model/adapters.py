@@ -117,14 +117,24 @@ def prepare_quantized_training(model: nn.Module) -> None:
             module.weight.data, module.weight.quant_state = unpack(module.weight.data, state)
 
 
-def prepare_adapter_model(model: nn.Module, *, gradient_checkpointing: bool, new_adapter: bool) -> nn.Module:
-    """Refuse an adapter on the LM head; copy a trained adapter into the frozen ``"ref"`` one; make checkpointing work
-    with frozen embeddings (their outputs must require grad for the checkpointed layers to backpropagate)."""
+def refuse_head_adapter(model: nn.Module) -> None:
+    """A ConfigError for an adapter on the LM head, which fastdpo's fused head never trains (it reads the head's
+    weight); nothing for a model without peft's adapters."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        return
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if isinstance(model.get_output_embeddings(), BaseTunerLayer):
         raise ConfigError("an adapter on the LM head would never be trained: fastdpo reads lm_head.weight directly",
                           column="peft_config", fix="remove 'lm_head' from target_modules")  # fmt: skip
+
+
+def prepare_adapter_model(model: nn.Module, *, gradient_checkpointing: bool, new_adapter: bool) -> nn.Module:
+    """Refuse an adapter on the LM head; copy a trained adapter into the frozen ``"ref"`` one; make checkpointing work
+    with frozen embeddings (their outputs must require grad for the checkpointed layers to backpropagate)."""
+    refuse_head_adapter(model)
     if not new_adapter and REFERENCE_ADAPTER not in model.peft_config:
         active = model.active_adapter
         model.add_adapter(REFERENCE_ADAPTER, model.peft_config[active])
