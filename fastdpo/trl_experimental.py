@@ -129,7 +129,7 @@ class _PackedPairTrainer(PackedTokenCount, ResumeChecks, SavesUserDropout):
         super().__init__(model=model, args=args, data_collator=None, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init,
                          callbacks=callbacks, optimizers=optimizers, peft_config=peft_config)  # fmt: skip
-        refuse_head_adapter(self.accelerator.unwrap_model(self.model))  # (at the first step, before)
+        refuse_head_adapter(self.accelerator.unwrap_model(self.model))  # (TRL's takes it: the first step failed)
         if self.is_encoder_decoder:
             raise ConfigError(f"encoder-decoder models are not supported by fastdpo.trl.{name}", column="model",
                               fix=f"use TRL's own {name} for this model")  # fmt: skip
