@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 from fastdpo.atomic import pyplot_or_none
+from fastdpo.data.schema import content_text
 from fastdpo.errors import ConfigError, DataError
 
 
@@ -117,8 +118,13 @@ def _prompt_ids(tokenizer, prompt, limit: int) -> tuple[list[int], bool]:
     if isinstance(prompt, list) and tokenizer.chat_template:  # as the trainers: the template's own special tokens only
         ids = tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True, add_generation_prompt=True)
         ids = list(ids["input_ids"])
-    elif isinstance(prompt, list):
-        ids = tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant: ")["input_ids"]
+    elif isinstance(prompt, list):  # (a content of text parts: their text)
+        texts = [content_text(message.get("content")) for message in prompt]
+        if None in texts:
+            raise DataError(f"message {texts.index(None)}'s content is no text (a string or text parts)",
+                            column="prompt", fix="give it text, or leave that prompt out")  # fmt: skip
+        text = "\n".join(f"{message['role']}: {said}" for message, said in zip(prompt, texts, strict=True))
+        ids = tokenizer(text + "\nassistant: ")["input_ids"]
     else:
         ids = tokenizer(prompt)["input_ids"]
     if not ids:  # an empty prompt with a tokenizer that adds no BOS: start from BOS (or EOS)
@@ -242,6 +248,7 @@ def _answer(policy, reference, tokenizer, prompt_ids, answer_ids, beta, checker=
 def compare(policy, reference, tokenizer, prompts: list[tuple[str, object]], *, beta: float = 0.1, samples: int = 0,
             max_new_tokens: int = 48, checkers: list | None = None, seed: int = 0) -> list[Row]:  # fmt: skip
     """One ``Row`` per ``(name, prompt)``; ``checkers[i]`` (or None) judges an answer to prompt ``i``."""
+    _check_compare_args(prompts, samples, max_new_tokens)
     policy.eval()
     reference.eval()
     context, vocab = model_context(policy, reference), _vocabulary(policy, reference)
@@ -270,6 +277,21 @@ def compare(policy, reference, tokenizer, prompts: list[tuple[str, object]], *, 
             row.kl_estimate = sum(a.kl for a in row.samples) / len(row.samples)
         rows.append(row)
     return rows
+
+
+def _check_compare_args(prompts, samples: int, max_new_tokens: int) -> None:
+    """``compare``'s arguments as ``fastdpo compare`` checks its flags (an empty list divided by zero in the summary;
+    no token to generate reported a KL of 0)."""
+    if not prompts:
+        raise ConfigError("no prompt to compare on", column="prompts", fix="pass a list of (name, prompt) pairs")
+    bad = next((i for i, item in enumerate(prompts) if not (isinstance(item, tuple | list) and len(item) == 2)), None)
+    if bad is not None:
+        raise ConfigError(f"item {bad} is {type(prompts[bad]).__name__} {str(prompts[bad])[:40]!r}, not a (name, "
+                          "prompt) pair", column="prompts", fix="pass [(name, prompt), ...], e.g. "
+                          "list(enumerate(prompts)) with str names")  # fmt: skip
+    for name, value, least in (("samples", samples, 0), ("max_new_tokens", max_new_tokens, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"must be a whole number of at least {least}, got {value!r}", column=name)
 
 
 @torch.no_grad()
@@ -334,7 +356,8 @@ def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data
     chosen_policy_mean, chosen_reference_mean = sum(chosen_policy) / n, sum(chosen_reference) / n
     result = {"pairs": n, "reward_accuracy": sum(m > 0 for m in margins) / n, "reward_margin": sum(margins) / n,
               "logps_chosen_policy": chosen_policy_mean, "logps_chosen_reference": chosen_reference_mean,
-              "dropped_pairs": sum(dropped.values()), "dropped": dropped}  # fmt: skip
+              "dropped_pairs": sum(dropped.values()), "dropped": dropped,
+              "length": {"tokens": length, "of": "the context" if length == context else "max_length"}}  # fmt: skip
     fallen = chosen_reference_mean - chosen_policy_mean
     result["displacement"] = (displacement_margin is not None and result["reward_accuracy"] > 0.5
                               and fallen > max(1.0, displacement_margin * abs(chosen_reference_mean)))  # fmt: skip
@@ -396,7 +419,9 @@ def markdown(rows: list[Row], stats: dict, pairs: dict | None, beta: float) -> s
         if pairs.get("dropped_pairs"):
             from fastdpo.data.quality import REASONS
 
-            why = {**{r: d for r, (_, d) in REASONS.items()}, "prompt_fills_max_length": "prompt fills the context"}
+            cut = pairs.get("length", {"of": "the context"})  # (a report written before: no length)
+            fills = f"prompt fills {cut['of']}" + (f" ({cut['tokens']} tokens)" if "tokens" in cut else "")
+            why = {**{r: d for r, (_, d) in REASONS.items()}, "prompt_fills_max_length": fills}
             reasons = ", ".join(f"{n} {r} ({why.get(r, r)})" for r, n in pairs.get("dropped", {}).items())
             lines.append(f"- {pairs['dropped_pairs']} more pairs dropped, as the trainers drop them: {reasons}")
         if pairs["displacement"]:

@@ -53,6 +53,38 @@ def test_a_chat_prompt_gets_the_trainers_ids_under_a_template_that_writes_bos():
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
 
 
+def test_a_chat_prompt_without_a_template_gets_its_text_parts_text():
+    # a content of text parts was written into the prompt as Python's print of the list ("user: [{'type': ...")
+    from fastdpo.errors import DataError
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = None
+    parts = [{"role": "user", "content": [{"type": "text", "text": "next: 5"}]}]
+    text = [{"role": "user", "content": "next: 5"}]
+    assert _prompt_ids(tokenizer, parts, 1000) == _prompt_ids(tokenizer, text, 1000)
+    image = [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}]
+    with pytest.raises(DataError, match="message 0's content is no text"):
+        _prompt_ids(tokenizer, image, 1000)
+
+
+def test_compare_refuses_what_the_command_refuses():
+    # compare() took max_new_tokens=0 (a KL estimate of 0.0 from no token), an empty list (ZeroDivisionError in
+    # the summary) and bare strings (a ValueError unpacking them, or a 2-character one split into name and prompt)
+    from fastdpo.compare import compare
+    from fastdpo.errors import ConfigError
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    for prompts, options, column in (([("p", "next: 5")], {"max_new_tokens": 0}, "max_new_tokens"),
+                                     ([("p", "next: 5")], {"samples": -1}, "samples"), ([], {}, "prompts"),
+                                     (["ab"], {}, "prompts")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"column '{column}'"):
+            compare(model, model, tokenizer, prompts, **options)
+
+
 def test_a_reference_with_another_vocabulary_or_tokenizer_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ours, other = build_tiny_tokenizer(), build_tiny_tokenizer(500)

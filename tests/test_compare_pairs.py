@@ -61,8 +61,8 @@ def expected(policy, reference, tokenizer, rows) -> dict:
 
 
 def numbers(result: dict) -> dict:
-    # pair_metrics' result without its per-reason counts (a dict: pytest.approx takes no nested one)
-    return {key: value for key, value in result.items() if key != "dropped"}
+    # pair_metrics' result without its per-reason counts and length (dicts: pytest.approx takes no nested one)
+    return {key: value for key, value in result.items() if key not in ("dropped", "length")}
 
 
 STANDARD = [
@@ -100,6 +100,7 @@ def test_pair_metrics_scores_the_trainers_token_ids_against_a_token_by_token_ref
     got = pair_metrics(policy, reference, tokenizer, rows, beta=BETA, data_filter="none")  # the empty prompt kept
     assert got.pop("displacement") is False  # (its rule: tests/test_quickstart.py's displacement tests)
     assert got.pop("dropped") == ({"prompt_fills_max_length": 1} if rows is STANDARD else {})
+    assert got.pop("length") == {"tokens": CONTEXT, "of": "the context"}
     # fp64 both ways, batched against one sequence at a time: equal to ~1e-12
     assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
     assert 0 < got["reward_accuracy"] < 1 or rows is CONVERSATIONAL  # the draws give both signs on the standard rows
@@ -120,6 +121,21 @@ def test_a_pair_with_an_empty_answer_is_dropped_and_counted_as_the_trainers_drop
     assert got["dropped"] == {**clean["dropped"], "empty": clean["dropped"].get("empty", 0) + 1}
     assert got["dropped_pairs"] == clean["dropped_pairs"] + 1
     assert numbers({**got, "dropped_pairs": 0}) == numbers({**clean, "dropped_pairs": 0})
+
+
+def test_the_report_says_which_length_a_dropped_prompt_filled():
+    # a prompt that fills the run's max_length (not the context) was said to fill "the context"
+    from fastdpo.compare import markdown
+
+    tokenizer = build_tiny_tokenizer()
+    policy, reference = tiny_llama(tokenizer, 0), tiny_llama(tokenizer, 1)
+    stats = {"prompts": 0, "truncated": 0, "mean_reward_policy": 0.0, "mean_reward_reference": 0.0,
+             "mean_tokens_policy": 0.0, "mean_tokens_reference": 0.0, "kl_estimate": None}  # fmt: skip
+    for max_length, said in ((None, f"prompt fills the context ({CONTEXT} tokens)"),
+                             (24, "prompt fills max_length (24 tokens)")):  # fmt: skip
+        pairs = pair_metrics(policy, reference, tokenizer, STANDARD, beta=BETA, max_length=max_length)
+        assert pairs["dropped"]["prompt_fills_max_length"] >= 1
+        assert f"prompt_fills_max_length ({said})" in markdown([], stats, pairs, BETA)
 
 
 def test_compare_cli_takes_a_conversational_pairs_file_and_names_a_bad_one(tmp_path, capsys, monkeypatch):
