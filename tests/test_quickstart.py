@@ -331,6 +331,11 @@ def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, cap
     assert "--beta" in capsys.readouterr().err
     assert cli(["sweep", "--config", str(config), "--beta", "0.1,0.2", "--out", str(tmp_path / "b")]) == 2
     assert "eval_fraction" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    for held in ("0.0", "1.5", "-1", "nan"):  # (refused by the first run, after its beta_0.1 folder was made)
+        assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "h"),
+                    "--eval_fraction", held]) == 2  # fmt: skip
+        assert "column 'eval_fraction': must be a fraction in (0, 1) or a whole number of rows" in \
+            capsys.readouterr().err and not (tmp_path / "h").exists()  # fmt: skip
     config.write_text("model_name_or_path: some/model\ndataset_name: pairs.jsonl\neval_fraction: 0.1\n"
                       "loss_type: [simpo, sft]\nreport_to: []\n")  # fmt: skip
     assert cli(["sweep", "--config", str(config), "--beta", "0.1,0.2", "--out", str(tmp_path / "c")]) == 2
