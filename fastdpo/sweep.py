@@ -200,6 +200,7 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
 def main(argv: list[str] | None = None) -> int:
     from fastdpo.atomic import atomic_write
     from fastdpo.cli import load_config
+    from fastdpo.cli_model import check_evaluation
     from fastdpo.compare import check_counts
     from fastdpo.ops import REFERENCE_FREE
 
@@ -247,10 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval_fraction", "set eval_fraction (e.g. 0.1) or dataset_test_split")  # fmt: skip
         raise ConfigError("a sweep compares the runs on held-out pairs, and the config holds none out", column=key,
                           fix=fix)  # fmt: skip
-    held = run_args.eval_fraction  # (a run refuses it after the split: here, before a first β's folder is made)
-    if held is not None and not (0 < held < 1 or (held >= 1 and float(held).is_integer())):
-        raise ConfigError(f"must be a fraction in (0, 1) or a whole number of rows, got {held}", column="eval_fraction",
-                          fix="set eval_fraction (e.g. 0.1)")  # fmt: skip
+    check_evaluation(run_args, run_config, evaluated_after=True)  # (each run's own check: before a β's folder is made)
     free = sorted(REFERENCE_FREE.intersection(run_config.loss_type))
     if free:
         raise ConfigError(f"{', '.join(free)} has no reference, which a sweep measures each β against",

@@ -334,7 +334,7 @@ def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, cap
     for held in ("0.0", "1.5", "-1", "nan"):  # (refused by the first run, after its beta_0.1 folder was made)
         assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "h"),
                     "--eval_fraction", held]) == 2  # fmt: skip
-        assert "column 'eval_fraction': must be a fraction in (0, 1) or a whole number of rows" in \
+        assert "column 'eval_fraction': must be a fraction of the rows in (0, 1) or a number of rows" in \
             capsys.readouterr().err and not (tmp_path / "h").exists()  # fmt: skip
     config.write_text("model_name_or_path: some/model\ndataset_name: pairs.jsonl\neval_fraction: 0.1\n"
                       "loss_type: [simpo, sft]\nreport_to: []\n")  # fmt: skip
