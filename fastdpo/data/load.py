@@ -66,6 +66,11 @@ def text_columns(columns) -> tuple[str, ...]:
     return TEXT_COLUMNS + tuple(theirs for name, theirs in mapped if name in ours and isinstance(theirs, str))
 
 
+def is_local(path: Path) -> bool:
+    """A local file or folder, there or not (a data file's suffix names one), not a hub name."""
+    return path.exists() or path.suffix.lower() in LOCAL_SUFFIXES
+
+
 def load_data(
     source, *, split: str | None = "train", text: Iterable[str] = TEXT_COLUMNS
 ) -> datasets.Dataset | datasets.DatasetDict:
@@ -83,13 +88,10 @@ def load_data(
     if isinstance(source, (datasets.Dataset, list)):
         return as_dataset(source)
     if not isinstance(source, (str, os.PathLike)):
-        raise DataError(
-            f"cannot load a dataset from {type(source).__name__}",
-            fix="pass a datasets.Dataset, a list of row dicts, a path to a .jsonl/.json/.parquet/.csv file, or a hub "
-            "name",
-        )
+        raise DataError(f"cannot load a dataset from {type(source).__name__}", fix="pass a datasets.Dataset, a list "
+                        "of row dicts, a path to a .jsonl/.json/.parquet/.csv file, or a hub name")  # fmt: skip
     path = Path(source)
-    refuse_config_of_local(path, local := path.exists() or path.suffix.lower() in LOCAL_SUFFIXES)  # (there or not)
+    refuse_config_of_local(path, local := is_local(path))
     if saved_to_disk(path):
         return load_data(_saved(path, split), split=split)
     if path.is_dir():  # one file per split, as datasets finds them (train.jsonl, data/test-00000-of-00001.parquet)
@@ -116,20 +118,16 @@ def _from_hub(source, **options):
             names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
             close = [str(folder / name) for name in difflib.get_close_matches(Path(source).name, names, n=1)]
             first = (str(error).strip().splitlines() or [""])[0][:200]
-            raise DataError(
-                f"{source}: no file or folder of that name in {folder.resolve()}, and the hub gave none "
-                f"({type(error).__name__}: {first})",
-                fix=f"did you mean {close[0]}?"
-                if close
-                else "check the path (a data file with its suffix: "
-                f"{', '.join(LOCAL_SUFFIXES)}), or the hub name and your connection{offline_hint(error)}",
-            ) from None
+            fix = f"did you mean {close[0]}?" if close else (
+                f"check the path (a data file with its suffix: {', '.join(LOCAL_SUFFIXES)}), or the hub name and "
+                f"your connection{offline_hint(error)}")  # fmt: skip
+            raise DataError(f"{source}: no file or folder of that name in {folder.resolve()}, and the hub gave none "
+                            f"({type(error).__name__}: {first})", fix=fix) from None  # fmt: skip
         if not near:
             raise
-        raise DataError(
-            f"{source}: no file or folder of that name here, and the hub gave none ({type(error).__name__})",
-            fix=f"give the file's whole name: {near[0]}",
-        ) from None
+        raise DataError(f"{source}: no file or folder of that name here, and the hub gave none "
+                        f"({type(error).__name__})",
+                        fix=f"give the file's whole name: {near[0]}") from None  # fmt: skip
 
 
 def _saved(path: Path, split: str | None):
@@ -267,7 +265,7 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
         raise DataError(f"cannot stream a dataset from {type(source).__name__}",
                         fix="pass a datasets.IterableDataset or Dataset, a local file or a hub name")  # fmt: skip
     path = Path(source)
-    refuse_config_of_local(path, local := path.exists() or path.suffix.lower() in LOCAL_SUFFIXES)  # (there or not)
+    refuse_config_of_local(path, local := is_local(path))
     if saved_to_disk(path):  # (on disk already)
         return load_data(path, split=split).to_iterable_dataset()
     if path.is_dir():

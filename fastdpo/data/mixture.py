@@ -176,10 +176,10 @@ def _load_part(part: Part, text: tuple[str, ...], streaming: bool) -> list[tuple
     """One part's rows as pieces ``(label, column, rows)``, its ``columns`` kept: of each split its ``split`` joins
     (``train+test``; datasets joins a hub dataset's), each cut to its slice (``train[:50%]``; datasets cuts a hub
     split itself)."""
-    from fastdpo.data.load import LOCAL_SUFFIXES
+    from fastdpo.data.load import is_local
 
     path = str(Path(part.path).expanduser()) if part.path.startswith("~") else part.path
-    local = path in BUILDERS or Path(path).exists() or Path(path).suffix.lower() in LOCAL_SUFFIXES
+    local = path in BUILDERS or is_local(Path(path))
     pieces = []
     for split in re.split(r"\s*\+\s*", part.split) if local else [part.split]:
         name, cut = _sliced(split)
