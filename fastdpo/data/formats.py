@@ -105,12 +105,14 @@ def prepare_preferences(
         "version": _VERSION,
     }
     has_prompt = "prompt" in dataset.column_names
-    if kind == "standard":
-        _warn_written_messages(dataset)
-    if has_prompt and kind == "standard":
-        _warn_repeated_prompts(dataset)
-    if not has_prompt and kind == "standard":  # (whole conversations carry their prompt: no column is missing)
-        _warn_unused_text(dataset)
+    if kind == "standard":  # (the text columns read once, for the two warnings that look at every row)
+        names = [name for name in ("prompt", "chosen", "rejected") if name in dataset.column_names]
+        columns = dataset.with_format(None).select_columns(names).to_dict()
+        _warn_written_messages(columns)
+        if has_prompt:
+            _warn_repeated_prompts(columns)
+        else:  # (whole conversations carry their prompt: no column is missing)
+            _warn_unused_text(dataset)
     return dataset.map(
         normalize_row,
         fn_kwargs={**fn_kwargs, "has_prompt": has_prompt},
@@ -120,26 +122,25 @@ def prepare_preferences(
     )
 
 
-def _warn_repeated_prompts(dataset: datasets.Dataset) -> None:
+def _warn_repeated_prompts(columns: dict[str, list]) -> None:
     """One counted warning for string rows whose chosen and rejected both begin with their prompt (whole
     transcripts, HH-RLHF's, next to a prompt column): the model would read the prompt twice. They are kept as they
-    are: a completion may repeat its prompt on purpose."""
-    columns = dataset.with_format(None).select_columns(["prompt", "chosen", "rejected"]).to_dict()
-    rows = [row for row, (prompt, chosen, rejected) in enumerate(zip(*columns.values(), strict=True))
+    are: a completion may repeat its prompt on purpose. ``columns``: prompt, chosen and rejected, read whole."""
+    together = zip(columns["prompt"], columns["chosen"], columns["rejected"], strict=True)
+    rows = [row for row, (prompt, chosen, rejected) in enumerate(together)
             if isinstance(prompt, str) and prompt.strip() and isinstance(chosen, str) and isinstance(rejected, str)
             and chosen.startswith(prompt) and rejected.startswith(prompt)]  # fmt: skip
     if rows:
         logger.warning("%d of %d rows have a chosen and a rejected that both begin with their prompt (rows %s): the "
                        "model reads the prompt twice. If they are whole transcripts, drop the prompt column (the "
-                       "shared text becomes the prompt) or cut it from them", len(rows), len(dataset),
+                       "shared text becomes the prompt) or cut it from them", len(rows), len(columns["chosen"]),
                        rows[:5])  # fmt: skip
 
 
-def _warn_written_messages(dataset: datasets.Dataset) -> None:
+def _warn_written_messages(columns: dict[str, list]) -> None:
     """One counted warning for string values that are message lists written as text (JSON, or Python's ``str`` of
-    a list, as pandas writes a column of lists to CSV): they would be trained on as that text, brackets and all."""
-    names = [name for name in ("prompt", "chosen", "rejected") if name in dataset.column_names]
-    columns = dataset.with_format(None).select_columns(names).to_dict()
+    a list, as pandas writes a column of lists to CSV): they would be trained on as that text, brackets and all.
+    ``columns``: the text columns of the rows, read whole."""
     found = {name: [row for row, value in enumerate(values) if _written_messages(value)]
              for name, values in columns.items()}  # fmt: skip
     rows = sorted({row for found_rows in found.values() for row in found_rows})
@@ -148,7 +149,7 @@ def _warn_written_messages(dataset: datasets.Dataset) -> None:
         logger.warning("%d of %d rows hold message lists written as text in %s (rows %s): they are trained on as that "
                        "text. Decode them into lists (dataset.map with json.loads, or ast.literal_eval for Python's "
                        "writing), or keep conversations in JSONL or Parquet, which hold lists", len(rows),
-                       len(dataset), where, rows[:5])  # fmt: skip
+                       len(columns["chosen"]), where, rows[:5])  # fmt: skip
 
 
 _WRITTEN_LIST = re.compile(r"\s*\[\s*\{")
