@@ -95,7 +95,7 @@ class RunArguments(MixtureArguments, AdapterArguments):
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "the policy: a folder or a hub name"})
     ref_model_name_or_path: str | None = field(default=None, metadata={"help": "DPO: a separate reference model"})
-    dataset_name: str | None = field(default=None, metadata={"help": "a .jsonl/.json/.parquet/.csv file or hub name"})
+    dataset_name: str | None = field(default=None, metadata={"help": "a data file, a folder of them, or a hub name"})
     dataset_train_split: str = field(default="train", metadata={"help": "the split to train on"})
     dataset_test_split: str | None = field(default=None, metadata={"help": "a split of the dataset to evaluate on"})
     dataset_config: str | None = field(default=None, metadata={"help": "a hub dataset's configuration name"})

@@ -21,7 +21,7 @@ def add_data_parser(commands) -> None:
     actions = data.add_subparsers(dest="action", required=True)
     for name, help_text in DATA_ACTIONS.items():
         action = actions.add_parser(name, help=help_text, description=help_text)
-        action.add_argument("data", help="a .jsonl/.json/.parquet/.csv file or a hub name")
+        action.add_argument("data", help="a .jsonl/.json/.parquet/.csv/.tsv file (or .gz of one) or a hub name")
         if name in ("filter", "pairs"):
             action.add_argument("out", type=Path, help="the file to write (.jsonl, .parquet or .csv)")
         if name == "split":
@@ -257,10 +257,11 @@ def _as_written(known: argparse.Namespace, out: Path, text: tuple[str, ...], dat
     """``dataset`` (a local CSV file's rows, written to a CSV file) with every column read as the text the file has:
     pandas reads the others as numbers, booleans and missing values, and wrote them back changed ("001" as 1, "NA"
     as an empty cell, "false" as False). Other inputs and outputs: ``dataset``."""
-    from fastdpo.data.load import LOCAL_SUFFIXES, csv_header, load_data
+    from fastdpo.data.load import load_data
+    from fastdpo.data.local_files import builder_of, csv_header
 
     source = Path(known.data).expanduser()
-    if out.suffix != ".csv" or LOCAL_SUFFIXES.get(source.suffix.lower()) != "csv" or not source.is_file():
+    if out.suffix != ".csv" or builder_of(source) != "csv" or not source.is_file():
         return dataset
     verbatim = load_data(source, text=(*text, *csv_header(source)))
     return _mapped(verbatim, known.columns) if getattr(known, "columns", None) else verbatim

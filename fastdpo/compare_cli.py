@@ -51,7 +51,8 @@ def pairs_split(pairs: Path, split: str | None, recorded: dict, path: Path) -> s
     Dataset, a folder of one split, or a path that is not there, which loading names): ``--pairs-split``, else the
     run's ``dataset_test_split`` (``path``: where it is recorded); a ConfigError where neither says (it read the
     training split and called it held out)."""
-    from fastdpo.data.load import LOCAL_SUFFIXES, saved_to_disk, split_files
+    from fastdpo.data.load import saved_to_disk, split_files
+    from fastdpo.data.local_files import builder_of
 
     splits = None  # (a hub name's are not known here)
     if pairs.is_dir() and saved_to_disk(pairs):
@@ -59,7 +60,7 @@ def pairs_split(pairs: Path, split: str | None, recorded: dict, path: Path) -> s
         splits = json.loads(listed.read_text()).get("splits", []) if listed.is_file() else ["train"]
     elif pairs.is_dir():
         splits = list(split_files(pairs))
-    missing = not pairs.exists() and pairs.suffix.lower() in LOCAL_SUFFIXES  # (a file's name: loading says so)
+    missing = not pairs.exists() and builder_of(pairs) is not None  # (a file's name: loading says so)
     one = pairs.is_file() or missing or (splits is not None and len(splits) == 1)
     if one:
         if split is not None and pairs.is_file():

@@ -11,7 +11,6 @@ such a string, and a stream of a local JSON file is read with Python's ``json``,
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import os
@@ -33,7 +32,6 @@ from fastdpo.data.json_check import (
     _kind,
     _refuse_cast_blocks,
     _refuse_changed_strings,
-    _repeated,
     _restore_date_strings,
     first_new_kind,
     json_rows,
@@ -42,19 +40,24 @@ from fastdpo.data.json_check import (
     unholdable,
 )
 from fastdpo.data.json_layout import refuse_one_object
+from fastdpo.data.local_files import (
+    DATA_SUFFIXES,
+    SAID_SUFFIXES,
+    builder_of,
+    csv_options,
+    local_kind,
+    named_as,
+    readable,
+    refuse_repeated_names,
+    renamed,
+    rowless,
+)
 from fastdpo.data.pairs import table_columns
 from fastdpo.errors import DataError, offline_hint
-
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 # fastdpo's text fields: a CSV file's columns of these names (or of the names a column map gives them) are read as
 # text, an empty cell as missing
 TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "text", "system", "input", "context")
-try:  # what pandas reads as missing in the other columns (its default)
-    from pandas._libs.parsers import STR_NA_VALUES as _PANDAS_MISSING
-except ImportError:  # (a private name: pandas' documented list)
-    _PANDAS_MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-                       "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}  # fmt: skip
 
 
 def text_columns(columns) -> tuple[str, ...]:
@@ -68,7 +71,7 @@ def text_columns(columns) -> tuple[str, ...]:
 
 def is_local(path: Path) -> bool:
     """A local file or folder, there or not (a data file's suffix names one), not a hub name."""
-    return path.exists() or path.suffix.lower() in LOCAL_SUFFIXES
+    return path.exists() or builder_of(path) is not None
 
 
 def load_data(
@@ -78,8 +81,8 @@ def load_data(
 
     Args:
         source: a ``Dataset``/``DatasetDict``; a list of dicts, one per row; a local ``.jsonl``, ``.json``,
-            ``.parquet`` or ``.csv`` file, or a folder of one per split (``split_files``); or a hub name, passed to
-            ``datasets.load_dataset``.
+            ``.parquet``, ``.csv`` or ``.tsv`` file (compressed too: ``.jsonl.gz``), or a folder of one per split
+            (``split_files``); or a hub name, passed to ``datasets.load_dataset``.
         split: which split of a ``DatasetDict`` or hub dataset; None keeps them all.
         text: a CSV file's columns to read as text (see ``text_columns``).
     """
@@ -89,7 +92,7 @@ def load_data(
         return as_dataset(source)
     if not isinstance(source, (str, os.PathLike)):
         raise DataError(f"cannot load a dataset from {type(source).__name__}", fix="pass a datasets.Dataset, a list "
-                        "of row dicts, a path to a .jsonl/.json/.parquet/.csv file, or a hub name")  # fmt: skip
+                        f"of row dicts, a path to a {SAID_SUFFIXES} file, or a hub name")  # fmt: skip
     path = Path(source)
     refuse_config_of_local(path, local := is_local(path))
     if saved_to_disk(path):
@@ -110,7 +113,7 @@ def _from_hub(source, **options):
     try:
         return datasets.load_dataset(str(source), **with_config(options))
     except (ConnectionError, FileNotFoundError, ValueError) as error:  # (DatasetNotFoundError is a FileNotFoundError)
-        near = [str(Path(f"{source}{suffix}")) for suffix in LOCAL_SUFFIXES if Path(f"{source}{suffix}").is_file()]
+        near = [str(Path(f"{source}{suffix}")) for suffix in DATA_SUFFIXES if Path(f"{source}{suffix}").is_file()]
         if not near and isinstance(error, (ConnectionError, FileNotFoundError)):  # (a path mistyped, most often)
             import difflib
 
@@ -119,7 +122,7 @@ def _from_hub(source, **options):
             close = [str(folder / name) for name in difflib.get_close_matches(Path(source).name, names, n=1)]
             first = (str(error).strip().splitlines() or [""])[0][:200]
             fix = f"did you mean {close[0]}?" if close else (
-                f"check the path (a data file with its suffix: {', '.join(LOCAL_SUFFIXES)}), or the hub name and "
+                f"check the path (a data file with its suffix: {', '.join(DATA_SUFFIXES)}), or the hub name and "
                 f"your connection{offline_hint(error)}")  # fmt: skip
             raise DataError(f"{source}: no file or folder of that name in {folder.resolve()}, and the hub gave none "
                             f"({type(error).__name__}: {first})", fix=fix) from None  # fmt: skip
@@ -164,11 +167,11 @@ def split_files(folder: Path) -> dict[str, list[Path]]:
     shards: dict[str, tuple[int, str]] = {}  # split → (its shard count, its files' suffix)
     numbers: dict[Path, int] = {}  # a shard → its number
     for file in sorted([*folder.glob("*"), *folder.glob("data/*")]):
-        if (file.is_file() and file.suffix.lower() in LOCAL_SUFFIXES and not file.name.endswith(".dropped.json")
+        if (file.is_file() and builder_of(file) and not file.name.endswith(".dropped.json")
                 and not file.name.startswith(".")):  # (hidden files: not data, as datasets reads a folder)  # fmt: skip
             shard = _SHARD.match(file.name)
             name = shard[1] if shard else file.name.split(".", 1)[0].split("-", 1)[0]
-            count = (int(shard[3]), file.suffix.lower()) if shard else None
+            count = (int(shard[3]), "".join(file.suffixes[-2:]).lower()) if shard else None
             if name in files and (count is None or shards.get(name) != count):
                 raise DataError(f"{folder}: split {name!r} has several files ({files[name][0].name}, {file.name})",
                                 fix="merge them into one file, or give the file you mean")  # fmt: skip
@@ -189,7 +192,7 @@ def split_files(folder: Path) -> dict[str, list[Path]]:
                             fix="download the missing shards, or give the files you mean")  # fmt: skip
         files[name].sort(key=numbers.__getitem__)
     if not files:
-        raise DataError(f"{folder}: a folder with no .jsonl, .json, .parquet or .csv file",
+        raise DataError(f"{folder}: a folder with no {SAID_SUFFIXES.replace(' (', ' file (')}",
                         fix="give a data file, or a folder of one per split (train.jsonl, test.jsonl)")  # fmt: skip
     if len(files) == 1 and next(iter(files)) not in _EVAL_SPLITS:
         return {"train": next(iter(files.values()))}
@@ -198,8 +201,9 @@ def split_files(folder: Path) -> dict[str, list[Path]]:
 
 def _split_file(folder: Path, files: dict[str, list[Path]], split: str) -> list[Path]:
     if split not in files:
-        raise DataError(f"{folder} has no file for split {split!r} (its splits: {', '.join(files)})", column="split",
-                        fix=f"name it {split}.jsonl (or .json, .parquet, .csv), or pick one of its splits")  # fmt: skip
+        raise DataError(f"{folder} has no file for split {split!r} (its splits: {', '.join(files)})",
+                        column="split", fix=f"name it {split}.jsonl (or .json, .parquet, .csv, .tsv), or pick one "
+                        "of its splits")  # fmt: skip
     return files[split]
 
 
@@ -271,33 +275,45 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
     if path.is_dir():
         return _load_shards(_split_file(path, split_files(path), split), text, stream=True)
     if local:
-        kind = _local_kind(path)
+        kind = local_kind(path)
         _one_split(path, split)
-        if kind == "csv":
-            _refuse_repeated_names(path)
+        copy = readable(path)  # (a compressed file's decompressed copy: errors name the file)
+        shown = {"path": str(copy.resolve()), "shown": str(path)}
         if kind == "json":  # (as Python reads it: datasets' reader changes strings where a field's kinds differ)
-            return datasets.IterableDataset.from_generator(_streamed_json, gen_kwargs={"path": str(path.resolve())})
-        try:  # (a Parquet file's schema is read here)
-            stream = datasets.load_dataset(
-                kind, data_files={split: str(path)}, split=split, streaming=True, **_csv_options(path, kind, text)
-            )
-        except (DatasetGenerationError, ValueError) as error:
-            raise _unreadable(path, kind, error) from None
+            return datasets.IterableDataset.from_generator(_streamed_json, gen_kwargs=shown)
+        with named_as(copy, path):
+            if kind == "csv":
+                refuse_repeated_names(path)
+            try:  # (a Parquet file's schema is read here)
+                stream = datasets.load_dataset(
+                    kind, data_files={split: str(copy)}, split=split, streaming=True, **csv_options(path, kind, text)
+                )
+            except (DatasetGenerationError, ValueError) as error:
+                raise _unreadable(copy, kind, error) from None
         # (pandas' ParserError, Arrow's on a broken Parquet file, raised where it is read, name no file)
         return datasets.IterableDataset.from_generator(_named_failures, features=stream.features,
-                                                       gen_kwargs={"stream": stream, "path": path})  # fmt: skip
+                                                       gen_kwargs={"stream": stream, **shown})  # fmt: skip
     return _from_hub(source, split=split, streaming=True)
 
 
-def _named_failures(stream, path: Path) -> Iterator[dict]:
-    """The rows of ``stream`` (of the local file ``path``); a failure to read one as ``load_data`` names it."""
+def _named_failures(stream, path: str, shown: str) -> Iterator[dict]:
+    """The rows of ``stream`` (of the local file ``path``, which the user gave as ``shown``: its decompressed copy,
+    or itself); a failure to read one as ``load_data`` names it."""
     try:
         yield from stream
     except (DatasetGenerationError, ValueError) as error:  # (pandas' ParserError is a ValueError)
-        raise _unreadable(path, _local_kind(path), error) from None
+        copy = Path(path)
+        raise renamed(_unreadable(copy, builder_of(copy), error), copy, Path(shown)) from None
 
 
-def _streamed_json(path: str) -> Iterator[dict]:
+def _streamed_json(path: str, shown: str) -> Iterator[dict]:
+    """``_json_stream``'s rows of ``path``, its errors naming ``shown`` (the file the user gave, which ``path``
+    decompresses, or ``path`` itself)."""
+    with named_as(Path(path), Path(shown)):
+        yield from _json_stream(path)
+
+
+def _json_stream(path: str) -> Iterator[dict]:
     """The rows of a local JSON file for a stream, read one line at a time (a document whole, as ``datasets`` reads
     one), each value as Python's ``json`` reads it. Every row has the columns of the rows in the file's first
     ``STREAM_COLUMNS_FROM`` bytes (all of a document's), as ``datasets``' reader takes them from its first block (None
@@ -426,17 +442,6 @@ def _pick_split(data, split: str, name: str):
     return data[split]
 
 
-def _local_kind(path: Path) -> str:
-    """The ``datasets`` builder of a local file (``json``, ``parquet``, ``csv``); DataError when there is no such
-    file or its suffix is none of ours."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file", fix="check the path (relative paths start from the current folder)")
-    kind = LOCAL_SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"{path}: unknown file type {path.suffix!r}", fix="use .jsonl, .json, .parquet or .csv")
-    return kind
-
-
 def _one_split(path: Path, split: str | None) -> None:
     """A local file is one split, ``train`` (as ``datasets`` names it): another name is a mistake, not that split."""
     if split not in (None, "train"):
@@ -445,50 +450,27 @@ def _one_split(path: Path, split: str | None) -> None:
                             "writes them), or hold rows out with eval_fraction (not on a stream)")  # fmt: skip
 
 
-def _refuse_repeated_names(path: Path) -> None:
-    """A DataError for a CSV header that names a column twice: pandas read the second as "<name>.1", silently (the
-    first trained on). Blank names are not names: pandas reads each as its own "Unnamed: <i>" (a spreadsheet's empty
-    trailing columns)."""
-    twice = _repeated([name for name in csv_header(path) if name.strip()])
-    if twice is not None:
-        raise DataError(f"{path}: the header names {twice!r} twice", column=twice,
-                        fix="rename or remove one of the two columns")  # fmt: skip
-
-
-def csv_header(path: Path) -> list[str]:
-    """The column names of a CSV file (its first line that is not blank, as pandas reads it)."""
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
-        return next((row for row in csv.reader(file) if "".join(row).strip()), [])
-
-
-def _csv_options(path: Path, kind: str, text: Iterable[str]) -> dict:
-    """The reader options that read a CSV file's ``text`` columns as text (an empty cell as missing) and its others
-    as pandas does; none for other kinds."""
-    if kind != "csv":
-        return {}
-    header = csv_header(path)
-    text = set(text)
-    return {
-        "converters": {name: str for name in header if name in text},
-        "keep_default_na": False,
-        "na_values": {name: [""] if name in text else sorted(_PANDAS_MISSING) for name in header},
-    }
-
-
 _HOLDING_STRINGS = {"string", "list", "dict"}  # a column's kinds whose dates are restored (strings, or messages')
 
 
 def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMNS):
-    kind = _local_kind(path)
+    kind = local_kind(path)
     _one_split(path, split)
+    copy = readable(path)  # (a compressed file's decompressed copy: errors name the file)
+    with named_as(copy, path):
+        loaded = _load_file(copy, kind, text)
+    return datasets.DatasetDict({"train": loaded}) if split is None else loaded
+
+
+def _load_file(path: Path, kind: str, text: Iterable[str]) -> datasets.Dataset:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty", fix="point to a file with at least one row")
     kinds, dates = _check_json(path, text) if kind == "json" else ({}, set())
     if kind == "csv":
-        _refuse_repeated_names(path)
+        refuse_repeated_names(path)
     try:
         loaded = datasets.load_dataset(
-            kind, data_files={"train": str(path)}, split="train", **_csv_options(path, kind, text)
+            kind, data_files={"train": str(path)}, split="train", **csv_options(path, kind, text)
         )
     except (DatasetGenerationError, ValueError) as error:  # Arrow or pandas refused a value
         loaded = _without_blank_lines(path, kind, error)
@@ -497,7 +479,7 @@ def _load_local(path: Path, split: str | None, text: Iterable[str] = TEXT_COLUMN
         _refuse_changed_strings(path, loaded, text)
         mixed = {field[0] for field, found in kinds.items() if len(field) == 1 and {*found} - _HOLDING_STRINGS}
         loaded = _restore_date_strings(path, loaded, dates - mixed)
-    return datasets.DatasetDict({"train": loaded}) if split is None else loaded
+    return loaded
 
 
 def stream_failure(source, error: Exception) -> Exception:
@@ -506,10 +488,11 @@ def stream_failure(source, error: Exception) -> Exception:
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
     if path is None or not path.is_file() or isinstance(error, DataError):  # (a JSON stream's rows say theirs)
         return error
-    kind = _local_kind(path)
-    if kind == "json":
-        _check_json(path)  # (a DataError naming the broken line)
-    return _unreadable(path, kind, error)
+    kind, copy = local_kind(path), readable(path)
+    with named_as(copy, path):
+        if kind == "json":
+            _check_json(copy)  # (a DataError naming the broken line)
+        return renamed(_unreadable(copy, kind, error), copy, path)
 
 
 def _without_blank_lines(path: Path, kind: str, error: Exception) -> datasets.Dataset:
@@ -533,25 +516,6 @@ def _without_blank_lines(path: Path, kind: str, error: Exception) -> datasets.Da
                                          keep_in_memory=True)  # fmt: skip
         except (DatasetGenerationError, ValueError) as again:
             raise _unreadable(path, kind, again) from None
-
-
-def _rowless(path: Path, kind: str) -> str | None:
-    """What a CSV file of no rows has instead (its header alone, blank lines aside as pandas skips them; blank lines
-    alone), or that a Parquet file holds no row (on the error path only); None where it has rows."""
-    if kind == "csv":
-        with open(path, encoding="utf-8-sig", errors="replace") as file:  # (a BOM alone is no header)
-            filled = (line for line in file if line.strip())
-            if next(filled, None) is None:
-                return "has only blank lines"
-            return "has columns but no rows" if next(filled, None) is None else None
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return "has columns but no rows" if pq.ParquetFile(path).metadata.num_rows == 0 else None
-        except (OSError, ValueError):  # (not Parquet at all: the reader's error says so)
-            return None
-    return None
 
 
 def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
@@ -590,9 +554,9 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
                          "(datasets reads JSON Lines in blocks, and casts each to the first's kinds)", column=column,
                          fix=f"give {column!r} one kind of value in every row, or move a row with a {odd} there to "
                          "the top of the file")  # fmt: skip
-    rowless = _rowless(path, kind)  # (datasets': "corresponds to no data!", "BatchSize must be greater than 0")
-    if rowless:
-        return DataError(f"{path}: the file {rowless}", fix="point to a file with at least one row")
+    empty = rowless(path, kind)  # (datasets': "corresponds to no data!", "BatchSize must be greater than 0")
+    if empty:
+        return DataError(f"{path}: the file {empty}", fix="point to a file with at least one row")
     fix = ("write the file again, or download it again: it is not Parquet datasets can read" if kind == "parquet"
            else "check the file there (each column should hold one kind of value)")  # fmt: skip
     return DataError(f"{path}: datasets cannot read it ({type(cause).__name__}: {str(cause)[:200]})", fix=fix)

@@ -24,7 +24,7 @@ from fastdpo.errors import ConfigError, DataError, offline_hint
 
 logger = logging.getLogger("fastdpo")
 PART_KEYS = ("path", "name", "data_dir", "data_files", "split", "columns", "fraction")
-BUILDERS = {"json": (".json", ".jsonl", ".ndjson"), "csv": (".csv",), "parquet": (".parquet",)}
+BUILDERS = ("json", "csv", "parquet")  # datasets' generic builders (path: json, with data_files)
 _EXAMPLE = "e.g. datasets: [{path: pairs.jsonl}, {path: org/name, name: en, split: train_prefs, columns: [prompt, "
 _EXAMPLE += "chosen, rejected]}]"
 
@@ -270,6 +270,8 @@ def _local_files(part: Part, path: str, split: str) -> list[str] | None:
     files of the builder's suffixes (datasets reads them)."""
     if path not in BUILDERS or part.data_dir is not None:
         return None
+    from fastdpo.data.local_files import builder_of
+
     files = part.data_files
     if not isinstance(files, dict) and split != "train":  # (it read every file as split 'test', said nothing)
         raise ConfigError(f"{part.label}: data_files as a file or a list is one split, train: {split!r} names none "
@@ -288,7 +290,7 @@ def _local_files(part: Part, path: str, split: str) -> list[str] | None:
             raise ConfigError(f"{pattern} matches no file", column=f"{part.where}.data_files",
                               fix="check the pattern (relative paths are read from the current directory)")  # fmt: skip
         found += matched
-    if not all(Path(file).suffix.lower() in BUILDERS[path] for file in found):
+    if not all(builder_of(Path(file)) == path for file in found):
         return None
     return found
 

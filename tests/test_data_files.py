@@ -1,0 +1,123 @@
+"""Local data files beyond plain JSON Lines, JSON, Parquet and CSV: compressed ones (``.gz``, ``.bz2``, ``.xz``, as
+HH-RLHF ships ``train.jsonl.gz``) and tab-separated ones (``.tsv``), read as their plain forms are, in a table and
+as a stream, on their own, in a folder of splits and in a mixture."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import os
+
+import datasets
+import pytest
+
+from fastdpo.data.load import load_data, load_stream
+from fastdpo.data.mixture import load_mixture, parts_of
+from fastdpo.errors import DataError
+
+datasets.disable_progress_bars()
+ROWS = [{"prompt": f"question {i}, in words", "chosen": "007", "rejected": "NA", "score": i} for i in range(7)]
+JSONL = "".join(json.dumps(row) + "\n" for row in ROWS)
+TSV = "prompt\tchosen\trejected\tscore\n" + "".join("\t".join(str(v) for v in row.values()) + "\n" for row in ROWS)
+CSV = "prompt,chosen,rejected,score\n" + "".join(f'"{r["prompt"]}",007,NA,{r["score"]}\n' for r in ROWS)
+COMPRESS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """datasets' cache (where decompressed copies go) in the test's folder."""
+    folder = tmp_path / "cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(folder))
+    return folder
+
+
+def write(folder, name, text: str):
+    path = folder / name
+    suffix = path.suffix.lower()
+    path.write_bytes(COMPRESS[suffix](text.encode()) if suffix in COMPRESS else text.encode())
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("pairs.jsonl.gz", JSONL),
+        ("pairs.jsonl.bz2", JSONL),
+        ("pairs.json.xz", json.dumps(ROWS)),
+        ("pairs.ndjson", JSONL),
+        ("pairs.tsv", TSV),
+        ("pairs.TSV.GZ", TSV),
+        ("pairs.csv.gz", CSV),
+    ],
+)
+def test_compressed_and_tab_separated_files_load_as_their_plain_forms(tmp_path, name, text):
+    path = write(tmp_path, name, text)
+    # the text columns as written ("007", "NA": pandas would read 7 and a missing value), the score a number
+    assert load_data(path).to_list() == ROWS
+    assert list(load_stream(path)) == ROWS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", name]  # (nothing written beside the file)
+
+
+def test_a_broken_line_in_a_compressed_file_is_named_by_the_file_and_its_line(tmp_path):
+    path = write(tmp_path, "pairs.jsonl.gz", JSONL + '{"prompt": oops}\n' + JSONL)
+    with pytest.raises(DataError, match=r"^.*pairs\.jsonl\.gz: line 8: invalid JSON") as loading:
+        load_data(path)
+    assert "fastdpo_decompressed" not in str(loading.value)
+    with pytest.raises(DataError, match=r"pairs\.jsonl\.gz: line 8: invalid JSON"):
+        list(load_stream(path))
+    tsv = write(tmp_path, "pairs.tsv.gz", "prompt\tchosen\tprompt\nq\ta\tb\n")
+    with pytest.raises(DataError, match=r"pairs\.tsv\.gz: the header names 'prompt' twice"):
+        load_data(tsv)
+
+
+@pytest.mark.parametrize(
+    "content, said",
+    [
+        (gzip.compress(JSONL.encode())[:-12], "EOFError"),  # cut short (a download stopped)
+        (JSONL.encode(), "BadGzipFile"),  # plain text under a .gz name
+    ],
+)
+def test_a_file_that_does_not_decompress_is_refused_naming_it(tmp_path, cache, content, said):
+    path = tmp_path / "pairs.jsonl.gz"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"pairs\.jsonl\.gz: cannot decompress it as \.gz \({said}.*download"):
+        load_data(path)
+    # no half copy is left to be read the next time
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_the_copy_is_made_once_per_version_of_the_file(tmp_path, cache):
+    path = write(tmp_path, "pairs.jsonl.gz", JSONL)
+    assert len(load_data(path)) == 7
+    (copy,) = (cache / "fastdpo_decompressed").rglob("pairs.jsonl")
+    made = copy.stat().st_mtime_ns
+    assert len(load_data(path)) == 7
+    assert copy.stat().st_mtime_ns == made  # (read again, not decompressed again)
+    path.write_bytes(gzip.compress((JSONL + JSONL).encode()))
+    os.utime(path, ns=(made + 10**9, made + 10**9))  # (a new version: its size and time differ)
+    assert len(load_data(path)) == 14
+
+
+def test_a_folder_of_compressed_splits_and_a_mixture_of_such_files(tmp_path):
+    folder = tmp_path / "hh"
+    folder.mkdir()
+    write(folder, "train.jsonl.gz", JSONL)
+    write(folder, "test.jsonl.gz", JSONL[: JSONL.index("\n") + 1])
+    splits = load_data(folder, split=None)
+    assert {name: len(split) for name, split in splits.items()} == {"train": 7, "test": 1}
+    write(tmp_path, "more.tsv", TSV)
+    mixture = [
+        {"path": str(folder), "split": "test"},
+        {"path": "csv", "data_files": str(tmp_path / "more.tsv")},  # (datasets' csv builder would split at commas)
+    ]
+    rows = load_mixture(parts_of(mixture), text=("prompt", "chosen", "rejected"))[0].to_list()
+    assert rows == ROWS[:1] + ROWS
+
+
+def test_an_unknown_compression_is_refused_with_the_suffixes_read(tmp_path):
+    path = tmp_path / "pairs.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(DataError, match=r"unknown file type '\.jsonl\.zst' — use \.jsonl.*\.tsv \(each may end in "):
+        load_data(path)
