@@ -157,8 +157,22 @@ def _attention_of(args) -> str | None:
     return packed_attention(getattr(args, "packed_attention", "auto"))
 
 
+# fastdpo's loss types that TRL 1.16's DPOTrainer has not (it fails on them at the first step), and where TRL has them
+_NOT_TRLS = {
+    "cdpo": "TRL 1.16 has no conservative DPO: train it with fastdpo.DPOTrainer, or use loss_type='robust' (rDPO)",
+    "simpo": "SimPO is TRL's CPO trainer's: from fastdpo.trl import CPOTrainer (trl.experimental.cpo's drop-in)",
+    "cpo": "CPO is TRL's CPO trainer's: from fastdpo.trl import CPOTrainer (trl.experimental.cpo's drop-in)",
+    "orpo": "ORPO is TRL's ORPO trainer's: from fastdpo.trl import ORPOTrainer (trl.experimental.orpo's drop-in)",
+}
+
+
 def _refuse(args, compute_metrics) -> None:
     if args is not None:
+        types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+        for name in types:
+            if name in _NOT_TRLS:  # (the drop-in trained them, a script that failed under TRL's import)
+                raise ConfigError(f"{name!r} is fastdpo's, not a loss type of TRL 1.16's DPOTrainer",
+                                  column="loss_type", fix=_NOT_TRLS[name])  # fmt: skip
         check_loss_options(args)
     refuse_logit_hooks(TRL_FALLBACK, compute_metrics=compute_metrics)
 
@@ -216,11 +230,12 @@ def _check_pair_columns(dataset, name: str) -> None:
 
 
 def _count_dropped(given, prepared, name: str, why: str, max_length: int | None, *, unit: str = "pairs",
-                   needed: bool = True) -> None:  # fmt: skip
+                   needed: bool = True, fix: str | None = None) -> None:  # fmt: skip
     """TRL's drop of the ``unit`` whose prompt fills ``max_length`` (``why``: as TRL decides it), said: a set it
     emptied failed later, deep inside (the sampler's ``num_samples=0``; DPO's precompute's ``torch.cat`` of nothing)
     or, an eval set, gave no eval metrics at all; a part dropped went unsaid. A DataError where none is left and the
-    set is ``needed`` (an eval set nothing evaluates is not), else one warning."""
+    set is ``needed`` (an eval set nothing evaluates is not; ``fix``: its fix where truncation_mode is none), else
+    one warning (on the first process)."""
     import datasets
 
     if not isinstance(given, datasets.Dataset) or not isinstance(prepared, datasets.Dataset):
@@ -231,8 +246,8 @@ def _count_dropped(given, prepared, name: str, why: str, max_length: int | None,
     if len(prepared) == 0 and needed:
         raise DataError(f"no {unit[:-1]} of the {name} data is left to {'train' if name == 'train' else 'evaluate'} "
                         f"on: all {gone} were dropped, {why}", column=f"{name}_dataset",
-                        fix=f"raise max_length (now {max_length}), set truncation_mode='keep_end', or shorten the "
-                        f"prompts{'; give each row a completion (a token with a loss)' if unit == 'rows' else ''}"
+                        fix=fix or f"raise max_length (now {max_length}), set truncation_mode='keep_end', or shorten "
+                        f"the prompts{'; give each row a completion (a token with a loss)' if unit == 'rows' else ''}"
                         )  # fmt: skip
     if _first_process():
         warnings.warn(f"{name} data: {gone} of {len(given)} {unit} dropped: {why}", stacklevel=4)

@@ -98,6 +98,14 @@ def test_out_of_range_options_and_what_it_does_not_implement_are_refused(data, t
         args = trl.DPOConfig(**common_args(tmp_path, "x"), **option)
         with pytest.raises(ConfigError, match=column):
             dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    # fastdpo's own loss types, which TRL 1.16's DPOTrainer fails on at its first step ("Unknown loss type"): the
+    # drop-in trained them (a script that fails under TRL's import), the reference-free ones beside a reference TRL
+    # built and never read
+    for name, fix in (("cdpo", "fastdpo.DPOTrainer"), ("simpo", "import CPOTrainer"), ("cpo", "import CPOTrainer"),
+                      ("orpo", "import ORPOTrainer")):  # fmt: skip
+        args = trl.DPOConfig(**common_args(tmp_path, "x"), loss_type=["sigmoid", name])
+        with pytest.raises(ConfigError, match=f"^column 'loss_type': '{name}' is fastdpo's, not .* — .*{fix}"):
+            dropin.DPOTrainer(load(), args=args, train_dataset=data, processing_class=tokenizer)
     args = trl.DPOConfig(**common_args(tmp_path, "y"))
     with pytest.raises(ConfigError, match="compute_metrics"):
         dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer,

@@ -193,7 +193,8 @@ def check_loss_options(args) -> None:
     types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
     if args.label_smoothing and not SMOOTHED.intersection(types):
         warnings.warn(f"label_smoothing={args.label_smoothing} is not used by loss_type {types} (as in TRL 1.16): "
-                      f"it smooths {sorted(SMOOTHED)}; conservative DPO is loss_type='cdpo'", stacklevel=3)  # fmt: skip
+                      f"it smooths {sorted(SMOOTHED)}; conservative DPO is fastdpo.DPOTrainer's loss_type='cdpo' "
+                      "(TRL 1.16 has none)", stacklevel=3)  # fmt: skip
     alpha = getattr(args, "cpo_alpha", 1.0)  # (0 beside simpo: TRL's CPO trainer's plain SimPO, as fastdpo's)
     if alpha != 1.0 and "cpo" not in types and not (alpha == 0 and "simpo" in types):
         warnings.warn(f"cpo_alpha={alpha} is used by loss_type 'cpo' alone, not by {types}; CPO-SimPO (TRL's CPO "
