@@ -40,7 +40,7 @@ with warnings.catch_warnings():  # (TRL warns at the first import from trl.exper
 
 from fastdpo.data.packing import IGNORE_INDEX, default_pack_length
 from fastdpo.data.vocabulary import check_token_ids
-from fastdpo.errors import ConfigError, DataError
+from fastdpo.errors import ConfigError
 from fastdpo.model import packed_body, run_head
 from fastdpo.model.adapters import refuse_head_adapter, refuse_unsupported_adapter
 from fastdpo.model.attention import attends_per_sequence
@@ -164,20 +164,13 @@ class _PackedPairTrainer(PackedTokenCount, ResumeChecks, SavesUserDropout):
         DataError where none is left."""
         import datasets
 
+        from fastdpo.trl import _count_dropped  # (fastdpo.trl imports this module)
+
         if not isinstance(dataset, datasets.Dataset):
             return dataset.filter(_has_completions) if dataset is not None else None  # (a stream: as it is read)
         kept = dataset.filter(_has_completions)
-        gone = len(dataset) - len(kept)
-        if gone and not len(kept):
-            raise DataError(f"no pair of the {name} data keeps a completion token within max_length "
-                            f"({self.max_length} tokens): TRL's truncation cut all {gone} away",
-                            column=f"{name}_dataset", fix="raise max_length, or shorten the prompts")  # fmt: skip
-        if gone:
-            warnings.warn(
-                f"{name} data: {gone} of {len(dataset)} pairs dropped: their prompt fills max_length "
-                f"({self.max_length} tokens), which leaves no completion token to score",
-                stacklevel=3,
-            )
+        why = f"their prompt fills max_length ({self.max_length} tokens), which leaves no completion token to score"
+        _count_dropped(dataset, kept, name, why, self.max_length, fix="raise max_length, or shorten the prompts")
         return kept
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):

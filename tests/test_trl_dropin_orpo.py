@@ -167,7 +167,7 @@ def test_pairs_whose_prompt_fills_max_length_are_dropped_and_said(data, tmp_path
     trainer.train()
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
     every = data.map(lambda row: {"prompt": row["prompt"] + " and more" * 40})
-    with pytest.raises(DataError, match="no pair of the train data keeps a completion token") as error:
+    with pytest.raises(DataError, match="no pair of the train data is left to train on: all 5 were dropped") as error:
         dropin.ORPOTrainer(load(), args=args, train_dataset=every, processing_class=tokenizer)
     assert error.value.column == "train_dataset" and "max_length" in error.value.fix
 
