@@ -127,9 +127,7 @@ def _warn_repeated_prompts(columns: dict[str, list]) -> None:
     transcripts, HH-RLHF's, next to a prompt column): the model would read the prompt twice. They are kept as they
     are: a completion may repeat its prompt on purpose. ``columns``: prompt, chosen and rejected, read whole."""
     together = zip(columns["prompt"], columns["chosen"], columns["rejected"], strict=True)
-    rows = [row for row, (prompt, chosen, rejected) in enumerate(together)
-            if isinstance(prompt, str) and prompt.strip() and isinstance(chosen, str) and isinstance(rejected, str)
-            and chosen.startswith(prompt) and rejected.startswith(prompt)]  # fmt: skip
+    rows = [row for row, values in enumerate(together) if repeats_prompt(*values)]
     if rows:
         logger.warning("%d of %d rows have a chosen and a rejected that both begin with their prompt (rows %s): the "
                        "model reads the prompt twice. If they are whole transcripts, drop the prompt column (the "
@@ -137,11 +135,22 @@ def _warn_repeated_prompts(columns: dict[str, list]) -> None:
                        rows[:5])  # fmt: skip
 
 
+def repeats_prompt(prompt, chosen, rejected) -> bool:
+    """Whether a string row's chosen and rejected both begin with its (non-blank) prompt."""
+    return (isinstance(prompt, str) and bool(prompt.strip()) and isinstance(chosen, str) and isinstance(rejected, str)
+            and chosen.startswith(prompt) and rejected.startswith(prompt))  # fmt: skip
+
+
+REPEATED_PROMPT_WHY = "chosen and rejected both begin with the prompt: the model reads it twice"
+WRITTEN_MESSAGES_WHY = ("a message list written as text, trained on as that text: decode it into a list (json.loads, "
+                        "or ast.literal_eval for Python's writing)")  # fmt: skip
+
+
 def _warn_written_messages(columns: dict[str, list]) -> None:
     """One counted warning for string values that are message lists written as text (JSON, or Python's ``str`` of
     a list, as pandas writes a column of lists to CSV): they would be trained on as that text, brackets and all.
     ``columns``: the text columns of the rows, read whole."""
-    found = {name: [row for row, value in enumerate(values) if _written_messages(value)]
+    found = {name: [row for row, value in enumerate(values) if written_messages(value)]
              for name, values in columns.items()}  # fmt: skip
     rows = sorted({row for found_rows in found.values() for row in found_rows})
     if rows:
@@ -156,7 +165,7 @@ _WRITTEN_LIST = re.compile(r"\s*\[\s*\{")
 _NUMPY_ITEMS = re.compile(r"\}\s+\{")  # a NumPy array of dicts prints its items without commas between them
 
 
-def _written_messages(value) -> bool:
+def written_messages(value) -> bool:
     """A message list written as text: JSON (pretty-printed too), Python's ``str`` of a list, or of a NumPy array
     (``Dataset.to_pandas()`` then ``to_csv``); ShareGPT's ``from``/``value`` messages too."""
     if not isinstance(value, str) or not _WRITTEN_LIST.match(value):

@@ -10,7 +10,8 @@ length and is read, not held: ``prepare_stream`` chains lazy maps onto it that g
   naming its row, counted from 0 over the stream as the trainer reads it (after any ``shuffle``; per DataLoader
   worker when there are several);
 - rows TRL drops (the prompt alone fills ``max_length`` under ``keep_start``) are dropped, and rows whose roles
-  are out of order are trained on as they are (TRL's behaviour); both are logged at the first such row and
+  are out of order, string rows holding message lists written as text or whose chosen and rejected both repeat
+  the prompt are trained on as they are (TRL's behaviour); each kind is logged at the first such row and
   counted, with their rows, in ``dropped_rows`` / ``flagged_rows``, which fill as the stream is read (in this
   process: DataLoader workers count in their own copies) — ``summary()`` says what they hold.
 
@@ -34,10 +35,14 @@ from fastdpo.data.formats import (
     DEFAULT_INPUT_TEMPLATE,
     DEFAULT_SYSTEM_TEMPLATE,
     FORMATS,
+    REPEATED_PROMPT_WHY,
+    WRITTEN_MESSAGES_WHY,
     check_row,
     check_template,
     normalize_row,
     preference_renames,
+    repeats_prompt,
+    written_messages,
 )
 from fastdpo.data.render import PROMPT_CUT, prompt_cut_why
 from fastdpo.data.schema import missing_column, rename_columns, renamed_row, value_format
@@ -191,6 +196,11 @@ def _normalized_row(row: dict, index: int, *, renames, kind, has_prompt, system_
         check_row(row, index, kind)
     except DataError as error:  # a shuffled stream's row number alone does not find the row: its prompt does
         raise _located(error, row, prepared.name) from None
+    if kind == "standard":  # (counted, trained on as they are: as prepare_preferences warns of such rows)
+        if any(written_messages(row.get(name)) for name in ("prompt", "chosen", "rejected")):
+            prepared.note("flagged", "messages_written_as_text", index, WRITTEN_MESSAGES_WHY)
+        if has_prompt and repeats_prompt(row.get("prompt"), row["chosen"], row["rejected"]):
+            prepared.note("flagged", "prompt_repeated_in_completions", index, REPEATED_PROMPT_WHY)
     fields = normalize_row(row, kind=kind, has_prompt=has_prompt, system_template=system_template,
                            input_template=input_template, version="")  # fmt: skip
     fields.pop("prompt_split_mid_word", None)
