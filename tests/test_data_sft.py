@@ -392,3 +392,30 @@ def test_a_cli_runs_data_filter_drops_the_sft_rows_preparation_refuses(tmp_path,
         prepared, dropped, rows = prepare_sft_dropping(str(tmp_path / "share.jsonl"))
         assert (len(prepared), dropped, rows) == (3, {"messages": 1}, [0])
         assert prepared[0]["messages"][0] == {"role": "human", "content": "Q1?"}  # (keys converted, as TRL)
+
+
+def test_message_lists_written_as_text_in_sft_rows_are_warned_about(caplog):
+    # an SFT set saved to CSV (or with json.dumps) holds its conversations as strings: prompt/completion and text
+    # rows read them as text, and were trained on as that text without a word (preference rows warn of it)
+    import json
+
+    turn = [{"role": "user", "content": "2+2?"}]
+    answer = [{"role": "assistant", "content": "4"}]
+    pairs = [{"prompt": json.dumps(turn), "completion": str(answer)}, {"prompt": "2+2?", "completion": "4"}]
+    with caplog.at_level("WARNING"):
+        prepared = prepare_sft(pairs)
+    assert "1 of 2 rows hold message lists written as text in prompt (1), completion (1) (rows [0])" in caplog.text
+    assert prepared[0]["prompt"] == json.dumps(turn)  # (kept as given: a warning, not a change)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        prepare_sft([{"text": "plain"}, {"text": str(turn + answer)}, {"text": "[{ a bracket"}])
+    assert "1 of 3 rows hold message lists written as text in text (1) (rows [1])" in caplog.text
+    from fastdpo.data.stream import prepare_sft_stream  # a stream: counted as it is read
+
+    stream = prepare_sft_stream(datasets.Dataset.from_list(pairs).to_iterable_dataset(), build_tiny_tokenizer())
+    assert len(list(stream.dataset)) == 2 and stream.flagged_rows == {"messages_written_as_text": [0]}
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # lists are lists: nothing to say
+        prepare_sft([{"prompt": turn, "completion": answer}])
+        prepare_sft([{"messages": turn + answer, "text": json.dumps(turn)}])  # (text beside messages: not read)
+    assert "written as text" not in caplog.text

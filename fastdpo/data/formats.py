@@ -24,10 +24,7 @@
 
 from __future__ import annotations
 
-import ast
-import json
 import logging
-import re
 from typing import Any
 
 import datasets
@@ -44,6 +41,7 @@ from fastdpo.data.schema import (
     template_inputs_problem,
     value_format,
 )
+from fastdpo.data.written import warn_written_messages
 from fastdpo.errors import ConfigError, DataError, unknown_choice
 
 logger = logging.getLogger(__name__)
@@ -108,7 +106,7 @@ def prepare_preferences(
     if kind == "standard":  # (the text columns read once, for the two warnings that look at every row)
         names = [name for name in ("prompt", "chosen", "rejected") if name in dataset.column_names]
         columns = dataset.with_format(None).select_columns(names).to_dict()
-        _warn_written_messages(columns)
+        warn_written_messages(columns)
         if has_prompt:
             _warn_repeated_prompts(columns)
         else:  # (whole conversations carry their prompt: no column is missing)
@@ -142,44 +140,6 @@ def repeats_prompt(prompt, chosen, rejected) -> bool:
 
 
 REPEATED_PROMPT_WHY = "chosen and rejected both begin with the prompt: the model reads it twice"
-WRITTEN_MESSAGES_WHY = ("a message list written as text, trained on as that text: decode it into a list (json.loads, "
-                        "or ast.literal_eval for Python's writing)")  # fmt: skip
-
-
-def _warn_written_messages(columns: dict[str, list]) -> None:
-    """One counted warning for string values that are message lists written as text (JSON, or Python's ``str`` of
-    a list, as pandas writes a column of lists to CSV): they would be trained on as that text, brackets and all.
-    ``columns``: the text columns of the rows, read whole."""
-    found = {name: [row for row, value in enumerate(values) if written_messages(value)]
-             for name, values in columns.items()}  # fmt: skip
-    rows = sorted({row for found_rows in found.values() for row in found_rows})
-    if rows:
-        where = ", ".join(f"{name} ({len(found_rows)})" for name, found_rows in found.items() if found_rows)
-        logger.warning("%d of %d rows hold message lists written as text in %s (rows %s): they are trained on as that "
-                       "text. Decode them into lists (dataset.map with json.loads, or ast.literal_eval for Python's "
-                       "writing), or keep conversations in JSONL or Parquet, which hold lists", len(rows),
-                       len(columns["chosen"]), where, rows[:5])  # fmt: skip
-
-
-_WRITTEN_LIST = re.compile(r"\s*\[\s*\{")
-_NUMPY_ITEMS = re.compile(r"\}\s+\{")  # a NumPy array of dicts prints its items without commas between them
-
-
-def written_messages(value) -> bool:
-    """A message list written as text: JSON (pretty-printed too), Python's ``str`` of a list, or of a NumPy array
-    (``Dataset.to_pandas()`` then ``to_csv``); ShareGPT's ``from``/``value`` messages too."""
-    if not isinstance(value, str) or not _WRITTEN_LIST.match(value):
-        return False
-    for read in (json.loads, ast.literal_eval, lambda text: ast.literal_eval(_NUMPY_ITEMS.sub("}, {", text))):
-        try:
-            items = read(value)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            continue
-        first = items[0] if isinstance(items, list) and items else None
-        return isinstance(first, dict) and ("role" in first or {"from", "value"} <= first.keys())
-    return False
-
-
 # columns of ours besides prompt/chosen/rejected, and those a dataset carries that are not a prompt
 _NOT_A_PROMPT = ("system", "input", "context", "tools", "chat_template_kwargs", "status", "chosen_score",
                  "rejected_score", "id", "source", "messages", "dataset", "prompt_id", "chosen_model",

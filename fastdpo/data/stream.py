@@ -36,13 +36,11 @@ from fastdpo.data.formats import (
     DEFAULT_SYSTEM_TEMPLATE,
     FORMATS,
     REPEATED_PROMPT_WHY,
-    WRITTEN_MESSAGES_WHY,
     check_row,
     check_template,
     normalize_row,
     preference_renames,
     repeats_prompt,
-    written_messages,
 )
 from fastdpo.data.render import PROMPT_CUT, prompt_cut_why
 from fastdpo.data.schema import missing_column, rename_columns, renamed_row, value_format
@@ -72,6 +70,7 @@ from fastdpo.data.tokenize import (
     prompt_fills,
     tokenize_preference_batch,
 )
+from fastdpo.data.written import WRITTEN_MESSAGES_WHY, written_messages
 from fastdpo.errors import DataError, unknown_choice
 
 logger = logging.getLogger(__name__)
@@ -358,6 +357,8 @@ def _raw_sft_row(example: dict, index: int, *, source: str | None, sharegpt: boo
     if problem is not None:
         column, message, fix = problem
         raise _located(DataError(message, row=index, column=column, fix=fix), example, prepared.name)
+    if layout != "messages" and any(written_messages(example.get(name)) for name in needed):  # (as prepare_sft)
+        prepared.note("flagged", "messages_written_as_text", index, WRITTEN_MESSAGES_WHY)
     out = tokenize_sft_row(example, index, **tokenize)
     _note_prompt_cut(out.pop(PROMPT_CUT), index, tokenize["tokenizer"], prepared)
     if tokenize["assistant_only_loss"] and not out.pop("_has_assistant"):
