@@ -544,6 +544,7 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     trainer's ``dropped_rows`` by the data file's rows. ``restart_log``: the ``metrics.jsonl`` in ``out`` starts
     over, even when resuming."""
     from fastdpo.data.source_rows import numbered_as, source_dropped
+    from fastdpo.data.written import row_warnings_said
     from fastdpo.run_files import RunFiles  # transformers' Trainer (seconds to import): only for training
     from fastdpo.train import DPOTrainer, SFTTrainer
     from fastdpo.train.loading import is_adapter_folder, refuse_missing_folder
@@ -575,7 +576,8 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
         with numbered_as(rows):
             return source_dropped(dropped)
 
-    with numbered_as(rows):  # (its warnings and errors name a row as the data file numbers it)
+    with numbered_as(rows), row_warnings_said():  # (its warnings and errors name a row as the data file numbers
+        # it; the rows' counted warnings were given as the data was read)
         if command == "dpo":
             trainer = DPOTrainer(model, ref_model=reference, **options)
         else:

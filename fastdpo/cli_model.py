@@ -431,6 +431,7 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
     from fastdpo.data.load import text_columns
     from fastdpo.data.refused import prepared_rows
     from fastdpo.data.split import split_pairs, split_sft_rows
+    from fastdpo.data.written import row_warnings_said  # (the rows' counted warnings: given for the whole set once)
 
     columns, refused, gone = run_args.dataset_columns, {}, {}
     source, mixed = run_args.dataset_name, None  # (a mixture: its rows, read once; which dataset gave which)
@@ -456,8 +457,9 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
         else:  # (the parts prepared under the run's column map, as the split's keys were)
             split, part_columns = functools.partial(split_sft_rows, columns=columns, text_field=text_field), columns
         given, held_out = _held_out(split, _numbered(loaded, range(len(loaded))), run_args.eval_fraction, seed)
-        train = _in_file_rows(prepare, given, split=train_split, columns=part_columns)
-        evaluation = _in_file_rows(prepare, held_out, split="eval", columns=part_columns)
+        with row_warnings_said():  # (the split gave them, for every row)
+            train = _in_file_rows(prepare, given, split=train_split, columns=part_columns)
+            evaluation = _in_file_rows(prepare, held_out, split="eval", columns=part_columns)
     else:
         prepared = prepare(source, columns=columns, split=train_split)
         train = _numbered_left(prepared, gone.get(train_split))
@@ -467,7 +469,8 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
     if command != "dpo":
         return (*_without_numbers(train, evaluation, numbering), {})
     file_rows = list(train[_ROW])  # (the report's rows: those of the train split before its filter)
-    report = check_preferences(train, row_ids=file_rows)
+    with row_warnings_said():
+        report = check_preferences(train, row_ids=file_rows)
     dropped: dict[str, int] = refused.get(train_split, {})
     removed_eval: dict[str, int] = dict(refused.get(test_split if test_split is not None else "eval", {}))
     if run_args.data_filter == "drop":
@@ -481,7 +484,8 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
                             "(dataset_columns), or data_filter: none to stop at the first such row")  # fmt: skip
         if evaluation is not None:  # (its rows preparation refused are gone already, as the train split's)
             rows = len(evaluation)
-            evaluation, more = check_preferences(evaluation).filter(evaluation)
+            with row_warnings_said():
+                evaluation, more = check_preferences(evaluation).filter(evaluation)
             if more:
                 logger.warning("dropped %d evaluation rows: %s (data_quality.md)", rows - len(evaluation), more)
             removed_eval = dict(collections.Counter(removed_eval) + collections.Counter(more))  # (the refused too)

@@ -318,3 +318,26 @@ def test_a_runs_quality_report_counts_the_eval_rows_preparation_refused(tmp_path
     _, evaluation, files = loaded_splits("dpo", RunArguments(dataset_name=str(folder), dataset_test_split="test"), 42)
     assert len(evaluation) == 1 and json.loads(files["data_quality.json"])["removed_eval"] == {"empty": 1}
     assert "Evaluation rows removed: {'empty': 1}" in files["data_quality.md"]
+
+
+@pytest.mark.parametrize("held_out", [[], ["--eval_fraction", "0.25", "--eval_strategy", "steps", "--eval_steps", "1"]])
+@pytest.mark.parametrize("command", ["dpo", "sft"])
+def test_a_runs_counted_row_warnings_are_given_once_by_the_files_rows(rows_dir, monkeypatch, capsys, held_out, command):
+    # the split, each part's preparation, the quality report's and the trainer's each gave them again (three
+    # times in a DPO run), the later ones by their parts' own row numbers
+    written = json.dumps([{"role": "user", "content": "two and two?"}])
+    rows = [{"prompt": written if i % 5 == 0 else f"the cat {i}?", "chosen": f" red {i}.", "rejected": f" big {i}."}
+            for i in range(20)]  # fmt: skip
+    rows[3]["chosen"], rows[3]["rejected"] = rows[3]["prompt"] + " red.", rows[3]["prompt"] + " big."
+    if command == "sft":
+        rows = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in rows]
+    (rows_dir / f"written_{command}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = _run(rows_dir, monkeypatch, capsys, command, "--model_name_or_path", "llama", "--dataset_name",
+                f"written_{command}.jsonl", "--output_dir", f"written_{command}", *held_out)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stderr  # (the command's warnings: "fastdpo: warning: ...")
+    assert said.count("rows hold message lists written as text") == 1, said
+    assert "4 of 20 rows hold message lists written as text in prompt (4) (rows [0, 5, 10, 15])" in said
+    if command == "dpo":
+        assert said.count("both begin with their prompt") == 1
+        assert "1 of 20 rows have a chosen and a rejected that both begin with their prompt (rows [3])" in said

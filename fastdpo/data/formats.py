@@ -41,7 +41,7 @@ from fastdpo.data.schema import (
     template_inputs_problem,
     value_format,
 )
-from fastdpo.data.written import warn_written_messages
+from fastdpo.data.written import said, warn_written_messages
 from fastdpo.errors import ConfigError, DataError, unknown_choice
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,8 @@ def _warn_repeated_prompts(columns: dict[str, list]) -> None:
     """One counted warning for string rows whose chosen and rejected both begin with their prompt (whole
     transcripts, HH-RLHF's, next to a prompt column): the model would read the prompt twice. They are kept as they
     are: a completion may repeat its prompt on purpose. ``columns``: prompt, chosen and rejected, read whole."""
+    if said():  # (given already, for the whole set: see row_warnings_said)
+        return
     together = zip(columns["prompt"], columns["chosen"], columns["rejected"], strict=True)
     rows = [row for row, values in enumerate(together) if repeats_prompt(*values)]
     if rows:

@@ -5,11 +5,32 @@ Preference and SFT preparation warn of such values once, counted; a stream count
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import json
 import logging
 import re
 
 logger = logging.getLogger(__name__)
+_SAID = contextvars.ContextVar("fastdpo_row_warnings_said", default=False)
+
+
+@contextlib.contextmanager
+def row_warnings_said():
+    """Within: the counted row warnings of preparation (message lists written as text, prompts both completions
+    repeat) are left out: a run gave them for the whole data set as its file numbers the rows, and its later
+    preparations (the held-out split's parts, the quality report's, the trainer's) gave them again by their own."""
+    token = _SAID.set(True)
+    try:
+        yield
+    finally:
+        _SAID.reset(token)
+
+
+def said() -> bool:
+    """Whether the row warnings are left out here (``row_warnings_said``)."""
+    return _SAID.get()
+
 
 WRITTEN_MESSAGES_WHY = ("a message list written as text, trained on as that text: decode it into a list (json.loads, "
                         "or ast.literal_eval for Python's writing)")  # fmt: skip
@@ -19,6 +40,8 @@ def warn_written_messages(columns: dict[str, list]) -> None:
     """One counted warning for string values that are message lists written as text (JSON, or Python's ``str`` of
     a list, as pandas writes a column of lists to CSV): they would be trained on as that text, brackets and all.
     ``columns``: the text columns of the rows, read whole (a column of lists: no string written)."""
+    if said():
+        return
     found = {name: [row for row, value in enumerate(values) if written_messages(value)]
              for name, values in columns.items()}  # fmt: skip
     rows = sorted({row for found_rows in found.values() for row in found_rows})
