@@ -341,3 +341,11 @@ def test_a_runs_counted_row_warnings_are_given_once_by_the_files_rows(rows_dir, 
     if command == "dpo":
         assert said.count("both begin with their prompt") == 1
         assert "1 of 20 rows have a chosen and a rejected that both begin with their prompt (rows [3])" in said
+        # without a prompt column, the text column left unread beside it: said once too
+        implicit = [{"question": f"the cat {i}?", "chosen": f"Q {i // 3}: red {i}.", "rejected": f"Q {i // 3}: big."}
+                    for i in range(20)]  # fmt: skip
+        (rows_dir / "implicit.jsonl").write_text("".join(json.dumps(row) + "\n" for row in implicit))
+        done = _run(rows_dir, monkeypatch, capsys, command, "--model_name_or_path", "llama", "--dataset_name",
+                    "implicit.jsonl", "--output_dir", "implicit", *held_out)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stderr.count("no prompt column: the prompt is taken from") == 1, done.stderr

@@ -152,6 +152,8 @@ def _warn_unused_text(dataset: datasets.Dataset) -> None:
     """A warning where, without a prompt column, the dataset has another text column, e.g. ``question``: the prompt is
     then what chosen and rejected begin with alike (TRL's implicit prompt), often nothing, and that column is not
     read (the quality check then drops the pairs as empty, or trains on them with an empty prompt)."""
+    if said():  # (given already, for the whole set: see row_warnings_said)
+        return
     features = dataset.features
     text = [name for name, feature in features.items() if name not in ("chosen", "rejected", *_NOT_A_PROMPT)
             and getattr(feature, "dtype", None) in ("string", "large_string")]  # fmt: skip

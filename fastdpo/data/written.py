@@ -17,9 +17,10 @@ _SAID = contextvars.ContextVar("fastdpo_row_warnings_said", default=False)
 
 @contextlib.contextmanager
 def row_warnings_said():
-    """Within: the counted row warnings of preparation (message lists written as text, prompts both completions
-    repeat) are left out: a run gave them for the whole data set as its file numbers the rows, and its later
-    preparations (the held-out split's parts, the quality report's, the trainer's) gave them again by their own."""
+    """Within: the data warnings of preparation (message lists written as text, prompts both completions repeat, a
+    text column left unread beside no prompt column) are left out: a run gave them for the whole data set as its
+    file numbers the rows, and its later preparations (the held-out split's parts, the quality report's, the
+    trainer's) gave them again by their own."""
     token = _SAID.set(True)
     try:
         yield
