@@ -16,7 +16,7 @@ For every prompt, each model's greedy answer (and ``--samples`` sampled answers 
 - with a checker (``--prompts quickstart``: the held-out problems of the seed the run recorded in its
   ``report.json``, else of ``--seed``), each greedy answer's correctness and the policy's win / tie / loss rate;
 - with ``--pairs FILE`` (held-out preference pairs in any format the trainers take: standard or conversational,
-  .jsonl/.json/.parquet/.csv, tokenized as they tokenize them, the pairs they drop dropped and counted), reward
+  any data file the trainers read, tokenized as they tokenize them, the pairs they drop dropped and counted), reward
   accuracy and margin and both models' mean log-probability of the chosen answers: lower under the policy while
   accuracy is high is likelihood displacement, flagged in the report.
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", type=Path, required=True, help="the reference model's folder")
     parser.add_argument("--prompts", default="builtin", help="builtin (edge cases), quickstart (its held-out "
                         "problems), or a .txt/.jsonl/.json file")  # fmt: skip
-    parser.add_argument("--pairs", type=Path, help="held-out preference pairs (.jsonl/.json/.parquet/.csv, standard or "
+    parser.add_argument("--pairs", type=Path, help="held-out preference pairs (a data file, standard or "
                         "conversational; a folder or hub name of splits): accuracy, displacement")  # fmt: skip
     parser.add_argument("--pairs-split", help="the split of a --pairs folder or hub name (default: the policy run's "
                         "dataset_test_split)")  # fmt: skip

@@ -121,3 +121,62 @@ def test_an_unknown_compression_is_refused_with_the_suffixes_read(tmp_path):
     path.write_bytes(b"\x28\xb5\x2f\xfd")
     with pytest.raises(DataError, match=r"unknown file type '\.jsonl\.zst' — use \.jsonl.*\.tsv \(each may end in "):
         load_data(path)
+
+
+def test_a_compressed_json_lines_stream_is_decompressed_as_it_is_read(tmp_path, cache):
+    # (it was decompressed whole into the cache first: a 3.7 MB .gz wrote 297 MB before `data check --limit 5`)
+    path = write(tmp_path, "pairs.jsonl.gz", JSONL * 3)
+    stream = load_stream(path)
+    assert next(iter(stream)) == ROWS[0]
+    assert not (cache / "fastdpo_decompressed").exists()
+    assert len(list(stream)) == 21
+    path.write_bytes(gzip.compress(JSONL.encode())[:-12])  # cut short: said where the stream reaches the cut
+    with pytest.raises(DataError, match=r"pairs\.jsonl\.gz: cannot decompress it as \.gz \(EOFError"):
+        list(load_stream(path))
+
+
+def test_a_copy_the_cache_cannot_take_is_the_caches_problem_not_the_files(tmp_path, monkeypatch):
+    (tmp_path / "taken").write_text("a file where the cache's folder would be")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "taken" / "cache"))
+    path = write(tmp_path, "pairs.jsonl.gz", JSONL)
+    with pytest.raises(DataError, match=r"pairs\.jsonl\.gz: cannot write its decompressed copy in .*taken.*"
+                                        r"point HF_DATASETS_CACHE to a folder"):  # fmt: skip
+        load_data(path)  # (it said: cannot decompress it as .gz ... download the file again)
+
+
+def test_csv_quoting_a_cell_goes_on_past_is_refused_and_a_tsvs_fields_are_tabs(tmp_path):
+    # pandas reads `"Hi," she said` (a writer that quotes nothing) as `Hi, she said`: the quotes gone, unsaid
+    for name, sep in (("said.tsv", "\t"), ("said.csv", ",")):
+        path = write(tmp_path, name, sep.join(["prompt", "chosen", "rejected"]) + '\nok\ta\tb\n'.replace("\t", sep)
+                     + sep.join(['"Hi" she said', "a", "b"]) + "\n")  # fmt: skip
+        with pytest.raises(DataError, match=rf"{name}: line 3: a cell that starts with a quote goes on past its"):
+            load_data(path)
+    quoted = write(tmp_path, "quoted.tsv", 'prompt\tchosen\trejected\n"a\tb ""c"""\td\te\n')
+    assert load_data(quoted).to_list() == [{"prompt": 'a\tb "c"', "chosen": "d", "rejected": "e"}]
+    ragged = write(tmp_path, "ragged.tsv", "prompt\tchosen\trejected\na\tb\tc\td\ne\tf\tg\n")
+    with pytest.raises(DataError, match=r"line 2: 4 fields where the header has 3 — quote a field that holds a tab"):
+        load_data(ragged)
+    # a first row with a cell more than the header: pandas took every row's first cell as an index and shifted the
+    # others under the wrong names (prompt 'b' for 'a', rejected None), without a word
+    shifted = write(tmp_path, "shifted.csv", "prompt,chosen,rejected\na,b,c,d\ne,f,g\n")
+    with pytest.raises(DataError, match=r"shifted\.csv: line 2: 4 fields where the header has 3 — .*a comma"):
+        load_data(shifted)
+    with pytest.warns(Warning, match="loss of data"):  # (a stream is not read ahead: pandas' own warning there)
+        streamed = list(load_stream(shifted))
+    names = ("prompt", "chosen", "rejected")
+    assert streamed == [dict(zip(names, "abc", strict=True)), dict(zip(names, "efg", strict=True))]
+
+
+def test_a_name_without_its_compression_suffix_is_pointed_to_the_file(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write(tmp_path, "pairs.jsonl.gz", JSONL)
+    with pytest.raises(DataError, match=r"pairs\.jsonl: no such file — did you mean pairs\.jsonl\.gz\?"):
+        load_data("pairs.jsonl")
+    with pytest.raises(DataError, match=r"give the file's whole name: pairs\.jsonl\.gz"):
+        load_data("pairs")
+    # datasets' reader logged its failure naming the cache's copy, beside fastdpo's error naming the file
+    write(tmp_path, "twice.jsonl.gz", '{"prompt": "a", "prompt": "b", "chosen": "c", "rejected": "d"}\n')
+    with caplog.at_level("INFO"), pytest.raises(DataError, match=r"twice\.jsonl\.gz: line 1"):
+        load_data("twice.jsonl.gz")
+    assert "fastdpo_decompressed" not in caplog.text

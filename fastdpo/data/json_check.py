@@ -14,6 +14,7 @@ from pathlib import Path
 import datasets
 
 from fastdpo.data.json_layout import refuse_one_object
+from fastdpo.data.local_files import open_data, read_data
 from fastdpo.errors import DataError
 
 STREAM_COLUMNS_FROM = 10 << 20  # bytes: a JSON Lines stream's columns, those of its rows in its first 10 MiB
@@ -143,7 +144,7 @@ def _twice_in(row) -> tuple[str, str] | None:
 def _first_repeated_key(path: Path) -> tuple[int, str, str] | None:
     """(line, column, key) of the first JSON Lines object of ``path`` that holds a key twice: a row (the column is
     the key), or an object nested in a row's column."""
-    with open(path, "rb") as handle:  # (split at \n only, as the rows are counted)
+    with open_data(path) as handle:  # (split at \n only, as the rows are counted)
         for number, raw in enumerate(handle, start=1):
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8", errors="replace")
             try:
@@ -386,7 +387,7 @@ def first_new_kind(path: Path) -> tuple[int, str, str, list[str]] | None:
     fraction where it held integers, fail there."""
     kinds: dict[str, set[str]] = {}
     read = 0
-    with open(path, "rb") as handle:
+    with open_data(path) as handle:
         for number, raw in enumerate(handle, start=1):
             first, read = read < STREAM_COLUMNS_FROM, read + len(raw)  # (the line across the 10 MiB is the first's)
             try:
@@ -443,7 +444,7 @@ def _json_lines(path: Path, one_key: bool = False) -> Iterator[tuple[int, dict]]
     (as ``datasets`` refuses it; Python's json keeps the last)."""
     hook = _one_of_each if one_key else None
     read = False
-    with open(path, "rb") as handle:
+    with open_data(path) as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # (a byte-order mark, as datasets reads)
@@ -474,7 +475,7 @@ def _json_lines(path: Path, one_key: bool = False) -> Iterator[tuple[int, dict]]
 
 def _is_document(path: Path) -> bool:
     """Whether a JSON file is one document (a list of rows, ``[`` first) rather than JSON Lines."""
-    with open(path, "rb") as handle:
+    with open_data(path) as handle:
         first = b""
         while not first and (chunk := handle.read(1 << 16)):
             first = chunk.lstrip().removeprefix(_BOM).lstrip()[:1]
@@ -484,7 +485,7 @@ def _is_document(path: Path) -> bool:
 def not_utf8(path: Path, raw: bytes | None = None) -> DataError | None:
     """DataError naming the line and byte of the first bytes of ``path`` (its ``raw`` bytes) that are not UTF-8;
     None where all are."""
-    raw = path.read_bytes() if raw is None else raw
+    raw = read_data(path) if raw is None else raw
     try:
         raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -495,7 +496,7 @@ def not_utf8(path: Path, raw: bytes | None = None) -> DataError | None:
 
 
 def _check_json_document(path: Path) -> list[dict]:
-    raw = path.read_bytes()
+    raw = read_data(path)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:

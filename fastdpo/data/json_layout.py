@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fastdpo.data.local_files import read_data
 from fastdpo.errors import DataError
 
 
@@ -13,7 +14,7 @@ def refuse_one_object(path: Path, whole: dict | None = None, *, one_line: bool =
     ``_a_row``), not rows: columns (each key a list of values), or rows under one key (``{"data": [...]}``)."""
     if whole is None:
         try:
-            whole = json.loads(path.read_text(encoding="utf-8-sig"))
+            whole = json.loads(read_data(path).decode("utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return
     if not isinstance(whole, dict) or not whole:

@@ -11,8 +11,10 @@ such a string, and a stream of a local JSON file is read with Python's ``json``,
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -41,12 +43,17 @@ from fastdpo.data.json_check import (
 )
 from fastdpo.data.json_layout import refuse_one_object
 from fastdpo.data.local_files import (
-    DATA_SUFFIXES,
+    ALL_SUFFIXES,
     SAID_SUFFIXES,
     builder_of,
+    check_csv_cells,
     csv_options,
+    decompress_errors,
+    extra_fields_fix,
     local_kind,
     named_as,
+    not_decompressed,
+    open_data,
     readable,
     refuse_repeated_names,
     renamed,
@@ -113,7 +120,7 @@ def _from_hub(source, **options):
     try:
         return datasets.load_dataset(str(source), **with_config(options))
     except (ConnectionError, FileNotFoundError, ValueError) as error:  # (DatasetNotFoundError is a FileNotFoundError)
-        near = [str(Path(f"{source}{suffix}")) for suffix in DATA_SUFFIXES if Path(f"{source}{suffix}").is_file()]
+        near = [str(Path(f"{source}{suffix}")) for suffix in ALL_SUFFIXES if Path(f"{source}{suffix}").is_file()]
         if not near and isinstance(error, (ConnectionError, FileNotFoundError)):  # (a path mistyped, most often)
             import difflib
 
@@ -122,7 +129,7 @@ def _from_hub(source, **options):
             close = [str(folder / name) for name in difflib.get_close_matches(Path(source).name, names, n=1)]
             first = (str(error).strip().splitlines() or [""])[0][:200]
             fix = f"did you mean {close[0]}?" if close else (
-                f"check the path (a data file with its suffix: {', '.join(DATA_SUFFIXES)}), or the hub name and "
+                f"check the path (a data file with its suffix: {SAID_SUFFIXES}), or the hub name and "
                 f"your connection{offline_hint(error)}")  # fmt: skip
             raise DataError(f"{source}: no file or folder of that name in {folder.resolve()}, and the hub gave none "
                             f"({type(error).__name__}: {first})", fix=fix) from None  # fmt: skip
@@ -255,10 +262,11 @@ def _shared_kinds(parts: list, files: list[Path]) -> list:
 
 def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLUMNS) -> datasets.IterableDataset:
     """``source`` as a ``datasets.IterableDataset``, read as it is iterated: a stream as it is, a Dataset through
-    ``to_iterable_dataset``, a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a hub name with
+    ``to_iterable_dataset``, a local data file (``local_files``' suffixes) or a hub name with
     ``load_dataset(..., streaming=True)``. A local file is not read ahead (a broken line fails where it is read),
-    but for the first ``STREAM_COLUMNS_FROM`` bytes of a JSON Lines file, whose rows' keys are its columns;
-    ``text``: as for ``load_data``."""
+    but for the first ``STREAM_COLUMNS_FROM`` bytes of a JSON Lines file, whose rows' keys are its columns (a
+    compressed JSON file is decompressed as it is read; a compressed CSV or Parquet file whole, first, into the
+    cache); ``text``: as for ``load_data``."""
     if isinstance(source, datasets.IterableDataset):
         return source
     if isinstance(source, datasets.IterableDatasetDict):  # (load_dataset(..., streaming=True) of every split)
@@ -277,10 +285,12 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
     if local:
         kind = local_kind(path)
         _one_split(path, split)
-        copy = readable(path)  # (a compressed file's decompressed copy: errors name the file)
+        if kind == "json":  # (as Python reads it: datasets' reader changes strings where a field's kinds differ; a
+            # compressed file decompressed as it is read)
+            return datasets.IterableDataset.from_generator(_streamed_json, gen_kwargs={"path": str(path.resolve()),
+                                                                                       "shown": str(path)})  # fmt: skip
+        copy = readable(path)  # (a compressed CSV or Parquet file's decompressed copy: errors name the file)
         shown = {"path": str(copy.resolve()), "shown": str(path)}
-        if kind == "json":  # (as Python reads it: datasets' reader changes strings where a field's kinds differ)
-            return datasets.IterableDataset.from_generator(_streamed_json, gen_kwargs=shown)
         with named_as(copy, path):
             if kind == "csv":
                 refuse_repeated_names(path)
@@ -310,7 +320,10 @@ def _streamed_json(path: str, shown: str) -> Iterator[dict]:
     """``_json_stream``'s rows of ``path``, its errors naming ``shown`` (the file the user gave, which ``path``
     decompresses, or ``path`` itself)."""
     with named_as(Path(path), Path(shown)):
-        yield from _json_stream(path)
+        try:
+            yield from _json_stream(path)
+        except decompress_errors() as error:  # (a compressed file cut short, or not of its suffix's compression)
+            raise not_decompressed(Path(shown), error) from None
 
 
 def _json_stream(path: str) -> Iterator[dict]:
@@ -348,7 +361,7 @@ def _first_columns(path: Path) -> dict[str, None]:
     does not parse ends the scan: the rows' own pass names it)."""
     keys: dict[str, None] = {}
     read = 0
-    with open(path, "rb") as handle:
+    with open_data(path) as handle:
         for raw in handle:
             read += len(raw)
             try:
@@ -468,10 +481,12 @@ def _load_file(path: Path, kind: str, text: Iterable[str]) -> datasets.Dataset:
     kinds, dates = _check_json(path, text) if kind == "json" else ({}, set())
     if kind == "csv":
         refuse_repeated_names(path)
-    try:
-        loaded = datasets.load_dataset(
-            kind, data_files={"train": str(path)}, split="train", **csv_options(path, kind, text)
-        )
+        check_csv_cells(path)
+    try:  # (datasets' JSON reader logs a failure, naming a compressed file's copy: the DataError below says it)
+        with _logger_at("datasets.packaged_modules.json.json", logging.CRITICAL):
+            loaded = datasets.load_dataset(
+                kind, data_files={"train": str(path)}, split="train", **csv_options(path, kind, text)
+            )
     except (DatasetGenerationError, ValueError) as error:  # Arrow or pandas refused a value
         loaded = _without_blank_lines(path, kind, error)
     if kind == "json":
@@ -480,6 +495,17 @@ def _load_file(path: Path, kind: str, text: Iterable[str]) -> datasets.Dataset:
         mixed = {field[0] for field, found in kinds.items() if len(field) == 1 and {*found} - _HOLDING_STRINGS}
         loaded = _restore_date_strings(path, loaded, dates - mixed)
     return loaded
+
+
+@contextlib.contextmanager
+def _logger_at(name: str, level: int):
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def stream_failure(source, error: Exception) -> Exception:
@@ -543,8 +569,9 @@ def _unreadable(path: Path, kind: str, error: Exception) -> DataError:
         return found  # file's first is found here)
     fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(cause))
     if kind == "csv" and fields:  # (pandas counts the header as line 1, as an editor does)
-        return DataError(f"{path}: line {fields[2]}: {fields[3]} fields where the header has {fields[1]}",
-                         fix='quote a field that holds a comma ("a, b"), or remove the extra ones')  # fmt: skip
+        return DataError(
+            f"{path}: line {fields[2]}: {fields[3]} fields where the header has {fields[1]}", fix=extra_fields_fix(path)
+        )
     found = first_new_kind(path) if where == "line" else None
     if found is not None:
         number, column, odd, held = found

@@ -21,6 +21,7 @@ from fastdpo.errors import DataError
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv",
                  ".tsv": "csv"}  # fmt: skip
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}  # suffix → the standard library's module
+ALL_SUFFIXES = (*DATA_SUFFIXES, *(data + packed for data in DATA_SUFFIXES for packed in COMPRESSIONS))
 SAID_SUFFIXES = ".jsonl, .json, .parquet, .csv or .tsv (each may end in .gz, .bz2 or .xz)"
 
 try:  # what pandas reads as missing in the other columns (its default)
@@ -47,7 +48,9 @@ def builder_of(path: Path) -> str | None:
 def local_kind(path: Path) -> str:
     """The builder of a local file; a DataError when there is no such file or its suffix is none of ours."""
     if not path.is_file():
-        raise DataError(f"{path}: no such file", fix="check the path (relative paths start from the current folder)")
+        packed = [f"{path}{suffix}" for suffix in COMPRESSIONS if Path(f"{path}{suffix}").is_file()]
+        raise DataError(f"{path}: no such file", fix=f"did you mean {packed[0]}?" if packed else "check the path "
+                        "(relative paths start from the current folder)")  # fmt: skip
     kind = builder_of(path)
     if kind is None:
         raise DataError(f"{path}: unknown file type {''.join(path.suffixes[-2:]) or '(no suffix)'!r}",
@@ -59,12 +62,41 @@ def is_compressed(path: Path) -> bool:
     return Path(path).suffix.lower() in COMPRESSIONS and data_suffix(path) is not None
 
 
+def open_data(path: Path):
+    """``path`` opened for reading bytes, decompressed as it is read where its suffix names a compression."""
+    if not is_compressed(path):
+        return open(path, "rb")
+    import importlib
+
+    return importlib.import_module(COMPRESSIONS[Path(path).suffix.lower()]).open(path, "rb")
+
+
+def read_data(path: Path) -> bytes:
+    """The bytes of ``path``, decompressed (``open_data``)."""
+    with open_data(path) as handle:
+        return handle.read()
+
+
+def not_decompressed(path: Path, error: Exception) -> DataError:
+    """The DataError of a compressed file whose bytes are not the compression its suffix names, or are cut short."""
+    return DataError(f"{path}: cannot decompress it as {Path(path).suffix} ({type(error).__name__}: {error})",
+                     fix="download the file again, or give it the suffix of its compression")  # fmt: skip
+
+
+def decompress_errors() -> tuple[type[Exception], ...]:
+    """What reading a broken compressed file raises: gzip's BadGzipFile (an OSError), EOFError where it is cut
+    short, lzma's LZMAError."""
+    try:
+        from lzma import LZMAError
+    except ImportError:  # (a Python built without liblzma)
+        return OSError, EOFError
+    return OSError, EOFError, LZMAError
+
+
 def decompressed(path: Path) -> Path:
     """The decompressed copy of the compressed data file ``path`` (``train.jsonl.gz``: ``.../train.jsonl``), made
     in the ``datasets`` cache where this version of the file has none yet; a DataError where the file is not the
     compression its suffix names, or is cut short."""
-    import importlib
-
     import datasets
 
     stat = path.stat()
@@ -72,19 +104,45 @@ def decompressed(path: Path) -> Path:
     copy = Path(datasets.config.HF_DATASETS_CACHE) / "fastdpo_decompressed" / key / path.with_suffix("").name
     if copy.is_file():
         return copy
-    copy.parent.mkdir(parents=True, exist_ok=True)
     partial = copy.with_name(f".{copy.name}.{os.getpid()}.partial")
-    module = importlib.import_module(COMPRESSIONS[path.suffix.lower()])
     try:
-        with module.open(path, "rb") as source, open(partial, "wb") as target:
-            while block := source.read(1 << 20):
-                target.write(block)
-    except (OSError, EOFError, ValueError) as error:  # (gzip's BadGzipFile is an OSError; lzma's LZMAError too)
-        partial.unlink(missing_ok=True)
-        raise DataError(f"{path}: cannot decompress it as {path.suffix} ({type(error).__name__}: {error})",
-                        fix="download the file again, or give it the suffix of its compression") from None  # fmt: skip
+        _decompress_to(path, partial)
+    except (_Unreadable, OSError) as error:
+        with contextlib.suppress(OSError):  # (no half copy left to be read later)
+            partial.unlink(missing_ok=True)
+        if isinstance(error, _Unreadable):
+            raise not_decompressed(path, error.__cause__) from None
+        raise _cache_error(path, copy, error) from None  # (a full disk, a quota: the cache's, not the file's)
     os.replace(partial, copy)  # (whole or not at all: a run stopped midway leaves no half copy to be read later)
     return copy
+
+
+class _Unreadable(Exception):
+    """Reading the compressed file failed (its bytes), told apart from writing the copy (the cache's)."""
+
+
+def _decompress_to(path: Path, partial: Path) -> None:
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "wb") as target:
+        try:
+            source = open_data(path)
+        except OSError as error:
+            raise _Unreadable(error) from error
+        with source:
+            while True:
+                try:
+                    block = source.read(1 << 20)
+                except decompress_errors() as error:
+                    raise _Unreadable(error) from error
+                if not block:
+                    return
+                target.write(block)
+
+
+def _cache_error(path: Path, copy: Path, error: OSError) -> DataError:
+    return DataError(f"{path}: cannot write its decompressed copy in {copy.parent.parent} ({type(error).__name__}: "
+                     f"{error})", fix="free space there, or point HF_DATASETS_CACHE to a folder with room for the "
+                     "decompressed file")  # fmt: skip
 
 
 def renamed(error: DataError, copy: Path, path: Path) -> DataError:
@@ -134,6 +192,33 @@ def refuse_repeated_names(path: Path) -> None:
                         fix="rename or remove one of the two columns")  # fmt: skip
 
 
+def check_csv_cells(path: Path) -> None:
+    """A DataError at the first line of a CSV (TSV) file that pandas would read otherwise than written, without a
+    word: a quoted cell that goes on past its closing quote (``"Hi," she said``, as a writer that quotes nothing
+    writes it), read as ``Hi, she said``; more cells than the header names (pandas took the first ones of every row
+    as an index, the others shifted under the wrong names; ``csv_options`` keeps it from that, dropping them)."""
+    with open(readable(path), newline="", encoding="utf-8-sig", errors="replace") as file:
+        rows = csv.reader(file, delimiter=_delimiter(path), strict=True)
+        try:
+            header = next((row for row in rows if "".join(row).strip()), [])  # (as csv_header finds it)
+            for row in rows:
+                if len(row) > len(header):
+                    raise DataError(f"{path}: line {rows.line_num}: {len(row)} fields where the header has "
+                                    f"{len(header)}", fix=extra_fields_fix(path))  # fmt: skip
+        except csv.Error as error:
+            if "expected after" not in str(error):  # (a cell past the csv module's size limit, an unclosed quote:
+                return  # pandas reads or refuses those itself)
+            raise DataError(f"{path}: line {rows.line_num}: a cell that starts with a quote goes on past its closing "
+                            "quote, and would be read without its quotes",
+                            fix='quote the whole cell, with each quote in it doubled ("""Hi,"" she said"), or write '
+                            "the file with a writer that quotes its cells (csv, pandas' to_csv)") from None  # fmt: skip
+
+
+def extra_fields_fix(path: Path) -> str:
+    held = "a tab" if data_suffix(path) == ".tsv" else 'a comma ("a, b")'
+    return f"quote a field that holds {held}, or remove the extra ones"
+
+
 def csv_options(path: Path, kind: str, text: Iterable[str]) -> dict:
     """The reader options that read a CSV file's ``text`` columns as text (an empty cell as missing) and its others
     as pandas does, split at tabs in a TSV file; none for other kinds."""
@@ -145,6 +230,7 @@ def csv_options(path: Path, kind: str, text: Iterable[str]) -> dict:
         "sep": _delimiter(path),
         "converters": {name: str for name in header if name in text},
         "keep_default_na": False,
+        "index_col": False,  # (pandas' default takes a row's cells past the header's as an index: see check_csv_cells)
         "na_values": {name: [""] if name in text else sorted(_PANDAS_MISSING) for name in header},
     }
 
