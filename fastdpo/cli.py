@@ -55,16 +55,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastdpo.atomic import refuse_non_empty, run_lock
+from fastdpo.cli_checks import check_checkpointing, check_evaluation, check_reporting, check_scheduler
 from fastdpo.cli_data import add_data_parser, run_data
 from fastdpo.cli_errors import in_cli_terms
 from fastdpo.cli_mixture import MixtureArguments, card_datasets, data_prints, local_paths, settle_mixture
 from fastdpo.cli_model import (
     TRL_KEYS,
     AdapterArguments,
-    check_checkpointing,
-    check_evaluation,
-    check_reporting,
-    check_scheduler,
     environment,
     loaded_splits,
     merge_model_keys,

@@ -6,7 +6,6 @@ run's, in the folder above it."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -51,15 +50,10 @@ def pairs_split(pairs: Path, split: str | None, recorded: dict, path: Path) -> s
     Dataset, a folder of one split, or a path that is not there, which loading names): ``--pairs-split``, else the
     run's ``dataset_test_split`` (``path``: where it is recorded); a ConfigError where neither says (it read the
     training split and called it held out)."""
-    from fastdpo.data.load import saved_to_disk, split_files
+    from fastdpo.data.load import folder_splits
     from fastdpo.data.local_files import builder_of
 
-    splits = None  # (a hub name's are not known here)
-    if pairs.is_dir() and saved_to_disk(pairs):
-        listed = pairs / "dataset_dict.json"
-        splits = json.loads(listed.read_text()).get("splits", []) if listed.is_file() else ["train"]
-    elif pairs.is_dir():
-        splits = list(split_files(pairs))
+    splits = folder_splits(pairs)  # (a hub name's are not known here)
     missing = not pairs.exists() and builder_of(pairs) is not None  # (a file's name: loading says so)
     one = pairs.is_file() or missing or (splits is not None and len(splits) == 1)
     if one:

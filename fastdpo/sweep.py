@@ -200,7 +200,7 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
 def main(argv: list[str] | None = None) -> int:
     from fastdpo.atomic import atomic_write
     from fastdpo.cli import load_config
-    from fastdpo.cli_model import check_evaluation
+    from fastdpo.cli_checks import check_evaluation
     from fastdpo.compare import check_counts
     from fastdpo.ops import REFERENCE_FREE
 

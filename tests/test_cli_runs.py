@@ -239,7 +239,7 @@ def test_one_run_at_a_time_in_a_run_directory(workdir, tmp_path, monkeypatch, ca
 def test_eval_fraction_out_of_range_is_named_as_the_runs_key(tmp_path):
     # it was refused as column 'test_size', a name the config does not have, after the data had loaded
     from fastdpo.cli import RunArguments
-    from fastdpo.cli_model import check_evaluation
+    from fastdpo.cli_checks import check_evaluation
     from fastdpo.errors import ConfigError
     from fastdpo.train import DPOConfig
 
@@ -249,6 +249,35 @@ def test_eval_fraction_out_of_range_is_named_as_the_runs_key(tmp_path):
             check_evaluation(RunArguments(eval_fraction=bad), args, evaluated_after=False)
     for good in (0.25, 3):
         check_evaluation(RunArguments(eval_fraction=good), args, evaluated_after=False)
+
+
+def test_evaluation_without_a_held_out_setting_reads_the_split_test_as_trls_scripts(workdir, monkeypatch, capsys,  # noqa: F811
+                                                                                      caplog):  # fmt: skip
+    # TRL's scripts evaluate on the split 'test' (ScriptArguments.dataset_test_split's default): an unchanged TRL
+    # config with eval_strategy: steps was refused ("the config holds none out")
+    from test_cli import in_process
+
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_checks import check_evaluation
+    from fastdpo.errors import ConfigError
+    from fastdpo.train import DPOConfig
+
+    rows = (workdir / "pairs.jsonl").read_text().splitlines(keepends=True)
+    (workdir / "splits").mkdir(exist_ok=True)
+    (workdir / "splits" / "train.jsonl").write_text("".join(rows[:18]))
+    (workdir / "splits" / "test.jsonl").write_text("".join(rows[18:]))
+    done = in_process("dpo", "--config", "dpo.yaml", "--dataset_name", "splits", "--eval_fraction", "null",
+                      "--max_steps", "1", "--eval_steps", "1", "--output_dir", "tested", cwd=workdir,
+                      monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = [json.loads(line) for line in (workdir / "tested" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in log for log in logs)
+    args = DPOConfig(output_dir=str(workdir / "x"), eval_strategy="steps", eval_steps=1, report_to=[])
+    with caplog.at_level("WARNING", logger="fastdpo"):  # a hub name: its splits are known when it is read
+        read = check_evaluation(RunArguments(dataset_name="org/pairs"), args, evaluated_after=False)
+    assert read.dataset_test_split == "test" and "evaluates the split 'test' of org/pairs" in caplog.text
+    with pytest.raises(ConfigError, match="column 'eval_strategy': .* holds none out"):  # one file: no test split
+        check_evaluation(RunArguments(dataset_name=str(workdir / "pairs.jsonl")), args, evaluated_after=False)
 
 
 def test_a_fix_naming_the_python_check_names_the_command_in_the_cli():

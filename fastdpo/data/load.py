@@ -151,6 +151,17 @@ def _saved(path: Path, split: str | None):
     return saved
 
 
+def folder_splits(path: Path) -> list[str] | None:
+    """The split names of a local dataset folder (its files', or what ``save_to_disk`` saved); None for anything
+    else (a file, a hub name: loading reads those)."""
+    if not path.is_dir():
+        return None
+    if saved_to_disk(path):
+        listed = path / "dataset_dict.json"
+        return json.loads(listed.read_text()).get("splits", []) if listed.is_file() else ["train"]
+    return list(split_files(path))
+
+
 def saved_to_disk(path: Path) -> bool:
     """Whether ``path`` is a folder ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` wrote."""
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
