@@ -106,6 +106,7 @@ class RunArguments(MixtureArguments, AdapterArguments):
     dataset_streaming: bool = field(
         default=False, metadata={"help": "read the data as training goes (needs max_steps; no quality report)"}
     )
+    ignore_bias_buffers: bool = field(default=False, metadata={"help": "DDP: the model's bool buffers not synced"})
     # TRL's ModelConfig keys for loading the model, which its scripts put in model_init_kwargs (whose own keys win)
     model_revision: str = field(default="main", metadata={"help": "the model's branch, tag or commit (hub)"})
     dtype: str | None = field(default=None, metadata={"help": "'float32' (unset), 'bfloat16', 'float16' or 'auto'"})
@@ -540,6 +541,8 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
     """The trainer, the files (name → text) the run directory gets before training, and a function giving the
     trainer's ``dropped_rows`` by the data file's rows. ``restart_log``: the ``metrics.jsonl`` in ``out`` starts
     over, even when resuming."""
+    import torch
+
     from fastdpo.data.source_rows import numbered_as, source_dropped
     from fastdpo.data.written import row_warnings_said
     from fastdpo.run_files import RunFiles  # transformers' Trainer (seconds to import): only for training
@@ -580,6 +583,10 @@ def _build_trainer(command: str, run_args: RunArguments, args, out: Path, *, res
         else:
             trainer = SFTTrainer(model, **options)
     trainer.card_dataset = card_datasets(run_args)  # (the model card's hub names; a local file has none)
+    if run_args.ignore_bias_buffers:  # (as TRL's scripts: DDP leaves them out, a mask's bool "bias" buffer its error)
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
     return trainer, files, numbering
 
 

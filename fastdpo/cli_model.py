@@ -54,7 +54,6 @@ class AdapterArguments:
 # model_revision is not hub_revision, torch_dtype not torch_compile)
 TRL_KEYS = {
     "torch_dtype": "dtype (its new name)",
-    "ignore_bias_buffers": "not supported: remove it",
     "lora_task_type": "remove it: fastdpo's adapters are CAUSAL_LM",
     "lora_target_parameters": "not supported: LoRA adapts modules (lora_target_modules)",
     "bnb_4bit_quant_storage": "not supported: 4-bit weights are stored as bitsandbytes stores them by default",
@@ -88,7 +87,7 @@ TRL_KEYS = {
 }
 
 # TRL keys fastdpo has no field for, taken where they hold TRL's default, what fastdpo does (recipes write them)
-TRL_DEFAULTS = {"lora_task_type": "CAUSAL_LM", "ignore_bias_buffers": False}
+TRL_DEFAULTS = {"lora_task_type": "CAUSAL_LM"}
 
 
 def without_trl_defaults(values: dict, flags: list[str]) -> tuple[dict, list[str]]:

@@ -445,3 +445,34 @@ def test_the_data_commands_take_a_hub_datasets_configuration(workdir, capsys, mo
     said = command_error(capsys, "data", "check", "pairs.jsonl", "--dataset-config", "en")
     assert said.endswith("column '--dataset-config': 'en' names a hub dataset's configuration; pairs.jsonl is a local "
                          "file or folder, which has none — remove --dataset-config"), said  # fmt: skip
+
+
+def test_ignore_bias_buffers_leaves_the_models_bool_buffers_out_of_ddp(workdir, capsys, monkeypatch):  # noqa: F811
+    # TRL's scripts' option (their model's _ddp_params_and_buffers_to_ignore) was refused ("not supported")
+    import torch
+
+    built = []
+    build = cli._build_trainer
+
+    def with_mask(*args, **kwargs):  # (a GPT-2-style causal mask kept as a bool buffer, as older models hold one)
+        from transformers import PreTrainedModel
+
+        load = PreTrainedModel.from_pretrained.__func__
+
+        def loaded(klass, *a, **k):
+            model = load(klass, *a, **k)
+            model.model.layers[0].register_buffer("bias", torch.ones(2, 2, dtype=torch.bool), persistent=False)
+            return model
+
+        monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(loaded))
+        result = build(*args, **kwargs)
+        built.append(result[0])
+        return result
+
+    monkeypatch.setattr(cli, "_build_trainer", with_mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        done = cli.main(["dpo", "--config", "run.yaml", "--ignore_bias_buffers", "true", "--max_steps", "1",
+                         "--output_dir", "bias_run"])  # fmt: skip
+    assert done == 0, capsys.readouterr().err[-2000:]
+    assert built[0].model._ddp_params_and_buffers_to_ignore == ["model.layers.0.bias"]
