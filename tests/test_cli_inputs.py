@@ -413,6 +413,10 @@ def test_a_hub_datasets_configuration(workdir, capsys, monkeypatch):  # noqa: F8
     said = command_error(capsys, "dpo", "--config", "run.yaml", "--overwrite", "--dataset_config", "en")
     assert said.endswith("column 'dataset_config': 'en' names a hub dataset's configuration; pairs.jsonl is a local "
                          "file or folder, which has none — remove dataset_config"), said  # fmt: skip
+    # 'default' (datasets' name for a folder's one configuration: a hub config kept beside a local copy) is taken
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["dpo", "--config", "run.yaml", "--overwrite", "--dataset_config", "default"]) == 0
 
 
 def recording_hub(monkeypatch, rows: list[dict]) -> list:

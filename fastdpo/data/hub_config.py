@@ -33,8 +33,9 @@ def with_config(options: dict) -> dict:
 
 
 def refuse_config_of_local(path: Path, local: bool) -> None:
-    """A ConfigError where a configuration is set and the data is a local file or folder, which has none."""
+    """A ConfigError where a configuration is set and the data is a local file or folder, which has none but
+    ``default`` (datasets' name for a folder's one configuration: a hub config copied beside a local mirror)."""
     name, option = _NAME.get()
-    if local and name is not None:
+    if local and name not in (None, "default"):
         raise ConfigError(f"{name!r} names a hub dataset's configuration; {path} is a local file or folder, which has "
                           "none", column=option, fix=f"remove {option}")  # fmt: skip
