@@ -1,6 +1,7 @@
 """Errors a user can cause, each with where it happened and how to fix it.
 
     DataError: row 17, column 'chosen': is empty — drop the row or run 'fastdpo data filter'
+    ConfigError: option 'loss_type': unknown value 'sigmod' — did you mean 'sigmoid'?
 
 Both subclass ``ValueError`` so code that already catches ``ValueError`` keeps working.
 """
@@ -13,7 +14,10 @@ from collections.abc import Iterable
 
 
 class _UserError(ValueError):
-    """An error in the user's data or settings: a message, and optionally the row, the column and a fix."""
+    """An error in the user's data or settings: a message, and optionally the row, the column (a ConfigError's: the
+    option) and a fix."""
+
+    _place = "column"  # (what ``column`` names, as the message says it)
 
     def __init__(
         self,
@@ -37,7 +41,7 @@ class _UserError(ValueError):
         if self.row is not None:
             where.append(f"row {self.row}")
         if self.column is not None:
-            where.append(f"column '{self.column}'")
+            where.append(f"{self._place} '{self.column}'")
         text = f"{', '.join(where)}: {self.message}" if where else self.message
         if self.fix:
             text = f"{text} — {self.fix}"
@@ -57,7 +61,9 @@ class DataError(_UserError):
 
 
 class ConfigError(_UserError):
-    """Something is wrong with a setting: ``column`` names the option."""
+    """Something is wrong with a setting: ``column`` names the option (said as ``option 'beta'``)."""
+
+    _place = "option"
 
 
 def close_match(name: str, choices: Iterable[str]) -> str | None:

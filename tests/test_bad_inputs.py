@@ -538,7 +538,7 @@ def command_error(capsys, *argv) -> str:
 def test_config_with_an_unknown_field(workdir, capsys):
     (workdir / "typo.yaml").write_text((workdir / "run.yaml").read_text() + "betta: 0.2\n")
     line = command_error(capsys, "dpo", "--config", "typo.yaml")
-    assert line == "fastdpo: error: column 'betta': unknown field 'betta' in the config — did you mean 'beta'?"
+    assert line == "fastdpo: error: option 'betta': unknown field 'betta' in the config — did you mean 'beta'?"
 
 
 def test_config_that_is_not_yaml(workdir, capsys):

@@ -107,7 +107,7 @@ def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, caps
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("fastdpo: error:")]
     assert len(errors) == 1 and "Traceback" not in done.stderr  # one line, no traceback
-    assert errors[0].startswith("fastdpo: error: column 'output_dir'") and "--overwrite" in errors[0]
+    assert errors[0].startswith("fastdpo: error: option 'output_dir'") and "--overwrite" in errors[0]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert hashlib.sha256((out / "notes.txt").read_bytes()).hexdigest() == before
 
@@ -119,38 +119,38 @@ def test_an_existing_run_directory_is_not_overwritten(workdir, monkeypatch, caps
      ({}, ["--max_steps", "abc"], "invalid int value: 'abc' — fastdpo dpo --help lists the fields"),
      ({"dataset_test_split": "test", "eval_strategy": "steps"}, [], "whose one split is 'train': there is no split"),
      # values that failed inside torch, numpy or transformers, with a traceback
-     ({"beta": [0.1, 0.2]}, [], "column 'beta': expected float, got list [0.1, 0.2]"),
-     ({"beta": "abc"}, [], "column 'beta': invalid float value: 'abc' — fix its value in the YAML file"),
-     ({"seed": 1.5}, [], "column 'seed': expected int, got float 1.5"),
-     ({"eval_strategy": "stepz"}, [], "column 'config': stepz is not a valid IntervalStrategy"),
-     ({"per_device_train_batch_size": 0}, [], "column 'per_device_train_batch_size': must be a whole number ≥ 1"),
-     ({"gradient_accumulation_steps": 0}, [], "column 'gradient_accumulation_steps': must be a whole number ≥ 1"),
-     ({"learning_rate": -1}, [], "column 'learning_rate': must be ≥ 0, got -1"),
-     ({"data_filter": "some"}, [], "column 'data_filter'"),
-     ({"loss_type": "sigmod"}, [], "column 'loss_type'"),
+     ({"beta": [0.1, 0.2]}, [], "option 'beta': expected float, got list [0.1, 0.2]"),
+     ({"beta": "abc"}, [], "option 'beta': invalid float value: 'abc' — fix its value in the YAML file"),
+     ({"seed": 1.5}, [], "option 'seed': expected int, got float 1.5"),
+     ({"eval_strategy": "stepz"}, [], "option 'config': stepz is not a valid IntervalStrategy"),
+     ({"per_device_train_batch_size": 0}, [], "option 'per_device_train_batch_size': must be a whole number ≥ 1"),
+     ({"gradient_accumulation_steps": 0}, [], "option 'gradient_accumulation_steps': must be a whole number ≥ 1"),
+     ({"learning_rate": -1}, [], "option 'learning_rate': must be ≥ 0, got -1"),
+     ({"data_filter": "some"}, [], "option 'data_filter'"),
+     ({"loss_type": "sigmod"}, [], "option 'loss_type'"),
      ({}, ["--dataset_columns", "{prompt"], "is not JSON"),
-     ({"load_in_4bit": True}, [], "column 'load_in_4bit': a quantized model trains through adapters only"),
+     ({"load_in_4bit": True}, [], "option 'load_in_4bit': a quantized model trains through adapters only"),
      ({"use_peft": True}, ["--load_in_4bit", "--load_in_8bit"], "pick one"),
      ({"dataset_streaming": True, "eval_fraction": 0.25, "eval_strategy": "steps"}, [],
-      "column 'eval_fraction': a stream cannot be split"),
+      "option 'eval_fraction': a stream cannot be split"),
      # held-out rows that no evaluation reads: a quarter of the data lost to training, silently (TRL's eval split
      # is a split of its own); an evaluation with no rows (transformers' traceback)
-     ({"eval_fraction": 0.25}, [], "column 'eval_fraction': holds out 0.25 of the rows, which eval_strategy 'no'"),
-     ({"eval_strategy": "steps"}, [], "column 'eval_strategy': eval_strategy 'steps' evaluates held-out rows"),
+     ({"eval_fraction": 0.25}, [], "option 'eval_fraction': holds out 0.25 of the rows, which eval_strategy 'no'"),
+     ({"eval_strategy": "steps"}, [], "option 'eval_strategy': eval_strategy 'steps' evaluates held-out rows"),
      ({"eval_strategy": "steps", "eval_fraction": 0.25}, ["--dataset_test_split", "test"], "keep one of them"),
      ({"save_strategy": "best", "eval_strategy": "steps", "eval_fraction": 0.25}, [],
-      "column 'metric_for_best_model': save_strategy 'best' saves at the best evaluation by a metric"),
+      "option 'metric_for_best_model': save_strategy 'best' saves at the best evaluation by a metric"),
      # an integration whose package is missing (a RuntimeError traceback when the trainer was built)
-     ({"report_to": "clearml"}, [], "column 'report_to': clearml: not installed here — install the package"),
+     ({"report_to": "clearml"}, [], "option 'report_to': clearml: not installed here — install the package"),
      # a schedule the Trainer cannot build: it failed at the first step, the run directory written
      ({"lr_scheduler_type": "cosine_with_min_lr"}, [],
-      "column 'lr_scheduler_kwargs': lr_scheduler_type 'cosine_with_min_lr': One of min_lr or min_lr_rate"),
+      "option 'lr_scheduler_kwargs': lr_scheduler_type 'cosine_with_min_lr': One of min_lr or min_lr_rate"),
      ({"lr_scheduler_type": "polynomial", "lr_scheduler_kwargs": {"lr_end": 0.02}, "learning_rate": 0.01}, [],
       "lr_end (0.02) must be smaller than initial lr (0.01)"),  # (against the run's own learning rate)
-     ({"dataset_streaming": True}, [], "column 'max_steps': an iterable train dataset has no length"),
+     ({"dataset_streaming": True}, [], "option 'max_steps': an iterable train dataset has no length"),
      # torch's ValueError at the first step, the run directory written; a model __init__'s TypeError, exit 1
      ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrnt": False}}, [],
-      "column 'gradient_checkpointing_kwargs': torch's checkpoint takes no 'use_reentrnt' — use its keys:"),
+      "option 'gradient_checkpointing_kwargs': torch's checkpoint takes no 'use_reentrnt' — use its keys:"),
      ({"model_init_kwargs": {"dtpye": "float32"}}, [], "model': LlamaForCausalLM.__init__() got an unexpected "
       "keyword argument 'dtpye' — fix or remove that key")],
 )  # fmt: skip
@@ -315,9 +315,9 @@ def test_data_check_and_stats(workdir, data_cli):
     refused = data_cli("check", "surrogate.jsonl", *MAPPED, "--limit", "5")
     assert refused.returncode == 2 and "surrogate.jsonl: line 2: a lone surrogate '\\ud800'" in refused.stderr
     refused = data_cli("check", "pairs.jsonl", "--limit", "0")
-    assert refused.returncode == 2 and "column '--limit': must be at least 1" in refused.stderr
+    assert refused.returncode == 2 and "option '--limit': must be at least 1" in refused.stderr
     refused = data_cli("check", "pairs.jsonl", "--max-length", "64")  # tokens: no tokenizer to count them with
-    assert refused.returncode == 2 and "column '--max-length': counts tokens — pass --tokenizer" in refused.stderr
+    assert refused.returncode == 2 and "option '--max-length': counts tokens — pass --tokenizer" in refused.stderr
 
 
 def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_cli):
@@ -342,7 +342,7 @@ def test_data_filter_keeps_its_input_and_its_output_checks_clean(workdir, data_c
     assert fits_summary["dropped_rows"] == {"identical": [5], "prompt_fills_max_length": fills}
     for args in (["pairs.jsonl", "pairs.jsonl"], ["pairs.jsonl", "clean.jsonl"]):  # its input; an existing file
         refused = data_cli("filter", *args, *MAPPED)
-        assert refused.returncode == 2 and "fastdpo: error: column 'out'" in refused.stderr, args
+        assert refused.returncode == 2 and "fastdpo: error: option 'out'" in refused.stderr, args
     assert hashlib.sha256(source.read_bytes()).hexdigest() == before
     where = data_cli("filter", "pairs.jsonl", "short.jsonl", *MAPPED, "--drop", "identical",
                     "--where", "chosen != x")  # fmt: skip
@@ -528,7 +528,7 @@ def test_trls_model_config_keys_load_the_model_as_trls_scripts_do():
     assert loaded(mine, ["--model_revision", "main"]) == ({"dtype": "float16", "attn_implementation": "eager"},
                                                           {"dtype": "float16"})  # fmt: skip
     assert loaded({**values, "dtype": None, "attn_implementation": None})[0] == {"revision": "v2"}
-    with pytest.raises(ConfigError, match="column 'torch_dtype': unknown field 'torch_dtype' in the config — dtype"):
+    with pytest.raises(ConfigError, match="option 'torch_dtype': unknown field 'torch_dtype' in the config — dtype"):
         _resolve(DPOConfig, {**values, "torch_dtype": "bfloat16"}, [])
     with pytest.raises(ConfigError, match="unknown flags .*--torch_dtype.* — dtype"):  # (--torch_compile?, before)
         _resolve(DPOConfig, values, ["--torch_dtype", "bfloat16"])
@@ -568,7 +568,7 @@ def test_a_missing_column_names_the_commands_option_for_the_map(workdir, monkeyp
 
 def test_a_missing_config_and_an_output_dir_that_is_a_file_are_one_line(workdir, monkeypatch, capsys):
     done = in_process("dpo", "--config", "nosuch.yaml", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)
-    assert done.returncode == 2 and "column '--config': nosuch.yaml: no such file" in done.stderr
+    assert done.returncode == 2 and "option '--config': nosuch.yaml: no such file" in done.stderr
     (workdir / "afile").write_text("mine\n")
     done = in_process("dpo", "--config", "dpo.yaml", "--output_dir", "afile", cwd=workdir, monkeypatch=monkeypatch,
                       capsys=capsys)  # fmt: skip

@@ -36,7 +36,7 @@ def test_yaml_errors_say_where_and_what(workdir, capsys):  # noqa: F811
 def test_a_column_map_to_something_other_than_a_name(workdir, capsys):  # noqa: F811
     # a TypeError from inside the close-match search ("'int' object is not iterable")
     said = command_error(capsys, "data", "check", "pairs.jsonl", "--columns", '{"prompt": 5}')
-    assert "column 'columns': maps 'prompt' to 5: both are column names" in said
+    assert "option 'columns': maps 'prompt' to 5: both are column names" in said
     (workdir / "null.yaml").write_text((workdir / "run.yaml").read_text() + "dataset_columns: {prompt: null}\n")
     assert "maps 'prompt' to None: both are column names" in command_error(capsys, "dpo", "--config", "null.yaml")
     (workdir / "key.yaml").write_text((workdir / "run.yaml").read_text() + "dataset_columns: {1: question}\n")
@@ -50,7 +50,7 @@ def test_data_split_maps_columns_as_the_trainers_do(workdir, capsys):  # noqa: F
     (workdir / "named.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     split = ("data", "split", "named.jsonl", "tr.jsonl", "ev.jsonl", "--test-size", "1", "--columns")
     said = command_error(capsys, *split, '{"promt": "q", "chosen": "good", "rejected": "bad"}')
-    assert "column 'columns': unknown value 'promt' — did you mean 'prompt'?" in said
+    assert "option 'columns': unknown value 'promt' — did you mean 'prompt'?" in said
     said = command_error(capsys, *split, '{"prompt": "q", "chosen": "god", "rejected": "bad"}')
     assert "column 'god': column not found — did you mean 'good'?" in said
     (workdir / "bare.jsonl").write_text('{"chosen": "a b", "rejected": "c d"}\n{"chosen": "e f", "rejected": "g h"}\n')
@@ -233,7 +233,7 @@ def test_a_tokenizer_that_is_not_there(workdir, model_dir, capsys):  # noqa: F81
     # a missing folder read as a malformed hub id ("Repo id must use alphanumeric chars"), an empty one as
     # "Couldn't instantiate the backend tokenizer": both before the data is read, naming the folder
     said = command_error(capsys, "data", "check", "pairs.jsonl", "--tokenizer", "./nosuch", "--max-length", "9")
-    assert said.startswith(f"fastdpo: error: column '--tokenizer': there is no folder {workdir / 'nosuch'}"), said
+    assert said.startswith(f"fastdpo: error: option '--tokenizer': there is no folder {workdir / 'nosuch'}"), said
     (workdir / "weights").mkdir()
     (workdir / "weights" / "config.json").write_text("{}")
     said = command_error(capsys, "data", "stats", "pairs.jsonl", "--tokenizer", "weights")
@@ -320,7 +320,7 @@ def test_fastdpo_warnings_are_one_line_without_the_python_file(workdir, capsys):
 def test_a_negative_number_of_steps(workdir, capsys):  # noqa: F811
     # transformers trains num_train_epochs for any max_steps <= 0: --max_steps -5 trained 3 epochs; -1 is its default
     said = command_error(capsys, "dpo", "--config", "run.yaml", "--max_steps", "-5", "--num_train_epochs", "2")
-    assert said == ("fastdpo: error: column 'max_steps': -5 is no number of steps (transformers would train "
+    assert said == ("fastdpo: error: option 'max_steps': -5 is no number of steps (transformers would train "
                     "num_train_epochs, 2, for it) — give a positive number of optimizer steps, or -1 (the default) "
                     "for num_train_epochs")  # fmt: skip
     assert not (workdir / "run").exists()
@@ -346,7 +346,7 @@ def test_trl_configs_as_trl_users_write_them(workdir, capsys):  # noqa: F811
     for flag, hint in expected.items():
         assert hint in command_error(capsys, "dpo", "--config", "run.yaml", flag, "0.1"), flag
     said = command_error(capsys, "dpo", "--config", "run.yaml", "--overwrite", "--dtype", "fp16")
-    assert said == ("fastdpo: error: column 'dtype': 'fp16' is no dtype — use one of 'bfloat16', 'float16', "
+    assert said == ("fastdpo: error: option 'dtype': 'fp16' is no dtype — use one of 'bfloat16', 'float16', "
                     "'float32', 'auto'")  # fmt: skip
     said = command_error(capsys, "dpo", "--config", "run.yaml", "--output_dir", "fresh", "--resume_from_checkpoint",
                          "true")  # (TRL's key: the fix named --resume, which the user had not written)  # fmt: skip
@@ -411,7 +411,7 @@ def test_a_hub_datasets_configuration(workdir, capsys, monkeypatch):  # noqa: F8
         assert cli.main(["dpo", "--config", "run.yaml", "--dataset_name", "org/pairs", "--dataset_config", "en"]) == 0
     assert asked == [("org/pairs", {"split": "train", "name": "en"})]
     said = command_error(capsys, "dpo", "--config", "run.yaml", "--overwrite", "--dataset_config", "en")
-    assert said.endswith("column 'dataset_config': 'en' names a hub dataset's configuration; pairs.jsonl is a local "
+    assert said.endswith("option 'dataset_config': 'en' names a hub dataset's configuration; pairs.jsonl is a local "
                          "file or folder, which has none — remove dataset_config"), said  # fmt: skip
     # 'default' (datasets' name for a folder's one configuration: a hub config kept beside a local copy) is taken
     with warnings.catch_warnings():
@@ -447,7 +447,7 @@ def test_the_data_commands_take_a_hub_datasets_configuration(workdir, capsys, mo
                      ("org/pairs", {"split": "train", "name": "en"})]  # fmt: skip
     assert cli.main(["data", "check", "org/pairs"]) == 0 and asked[-1] == ("org/pairs", {"split": "train"})
     said = command_error(capsys, "data", "check", "pairs.jsonl", "--dataset-config", "en")
-    assert said.endswith("column '--dataset-config': 'en' names a hub dataset's configuration; pairs.jsonl is a local "
+    assert said.endswith("option '--dataset-config': 'en' names a hub dataset's configuration; pairs.jsonl is a local "
                          "file or folder, which has none — remove --dataset-config"), said  # fmt: skip
 
 

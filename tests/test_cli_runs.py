@@ -194,7 +194,7 @@ def test_resume_refuses_a_model_whose_files_changed(workdir):  # noqa: F811
     model.save_pretrained(workdir / "model_copy")
     done = fastdpo("dpo", *args, "--max_steps", "3", "--resume", cwd=workdir)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "column 'resume': the model files differ from those the run trained on" in done.stderr
+    assert "option 'resume': the model files differ from those the run trained on" in done.stderr
     assert "add --overwrite to go on with these" in done.stderr
 
 
@@ -209,7 +209,7 @@ def test_one_run_at_a_time_in_a_run_directory(workdir, tmp_path, monkeypatch, ca
     from fastdpo.errors import ConfigError
 
     out, lock = tmp_path / "run", tmp_path / ".run.fastdpo-lock"
-    said = rf"column 'output_dir': another run is using {re.escape(str(out))} \(process {os.getpid()} on "
+    said = rf"option 'output_dir': another run is using {re.escape(str(out))} \(process {os.getpid()} on "
     with run_lock(out):
         with pytest.raises(ConfigError, match=said), run_lock(out):
             pass
@@ -237,7 +237,7 @@ def test_one_run_at_a_time_in_a_run_directory(workdir, tmp_path, monkeypatch, ca
 
 
 def test_eval_fraction_out_of_range_is_named_as_the_runs_key(tmp_path):
-    # it was refused as column 'test_size', a name the config does not have, after the data had loaded
+    # it was refused as option 'test_size', a name the config does not have, after the data had loaded
     from fastdpo.cli import RunArguments
     from fastdpo.cli_checks import check_evaluation
     from fastdpo.errors import ConfigError
@@ -245,7 +245,7 @@ def test_eval_fraction_out_of_range_is_named_as_the_runs_key(tmp_path):
 
     args = DPOConfig(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=1, report_to=[])
     for bad in (1.5, 0, -0.1):
-        with pytest.raises(ConfigError, match=rf"column 'eval_fraction': must be a fraction .* got {bad!r}"):
+        with pytest.raises(ConfigError, match=rf"option 'eval_fraction': must be a fraction .* got {bad!r}"):
             check_evaluation(RunArguments(eval_fraction=bad), args, evaluated_after=False)
     for good in (0.25, 3):
         check_evaluation(RunArguments(eval_fraction=good), args, evaluated_after=False)
@@ -276,7 +276,7 @@ def test_evaluation_without_a_held_out_setting_reads_the_split_test_as_trls_scri
     with caplog.at_level("WARNING", logger="fastdpo"):  # a hub name: its splits are known when it is read
         read = check_evaluation(RunArguments(dataset_name="org/pairs"), args, evaluated_after=False)
     assert read.dataset_test_split == "test" and "evaluates the split 'test' of org/pairs" in caplog.text
-    with pytest.raises(ConfigError, match="column 'eval_strategy': .* holds none out"):  # one file: no test split
+    with pytest.raises(ConfigError, match="option 'eval_strategy': .* holds none out"):  # one file: no test split
         check_evaluation(RunArguments(dataset_name=str(workdir / "pairs.jsonl")), args, evaluated_after=False)
 
 
@@ -324,7 +324,7 @@ def test_a_missing_model_or_a_lora_folder_with_use_peft_is_named_before_the_data
         done = in_process("dpo", "--config", "dpo.yaml", flag, name, "--output_dir", "typo_run", cwd=workdir,
                           monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
         column = flag.removeprefix("--")
-        said = f"column '{column}': there is no folder {os.path.abspath(workdir / name)} — check the path"
+        said = f"option '{column}': there is no folder {os.path.abspath(workdir / name)} — check the path"
         assert done.returncode == 2 and said in done.stderr, done.stderr
         assert not (workdir / "typo_run").exists()
     # a LoRA run's folder with --use_peft: the trainer's error named peft_config, merge_and_unload, peft_config=None
@@ -332,7 +332,7 @@ def test_a_missing_model_or_a_lora_folder_with_use_peft_is_named_before_the_data
     (workdir / "lora_run" / "adapter_config.json").write_text("{}")
     done = in_process("dpo", "--config", "dpo.yaml", "--model_name_or_path", "lora_run", *LORA, "--output_dir",
                       "typo_run", cwd=workdir, monkeypatch=monkeypatch, capsys=capsys)  # fmt: skip
-    said = "column 'use_peft': lora_run holds a LoRA adapter, which the run trains on; use_peft would add a new one"
+    said = "option 'use_peft': lora_run holds a LoRA adapter, which the run trains on; use_peft would add a new one"
     assert done.returncode == 2 and said in done.stderr and "drop --use_peft" in done.stderr, done.stderr
 
 
@@ -457,7 +457,7 @@ def test_one_string_for_a_list_field_in_the_yaml_is_that_one_item():
     lora = peft_and_quantization(run_args, None)[0]
     assert lora.modules_to_save == ["norm"] and lora.target_modules == r".*\.(q|v)_proj"
     assert [option.value for option in args.debug] == ["underflow_overflow"]
-    # one number too: loss_weights: 1.0 failed as "column 'config': 'float' object is not iterable"
+    # one number too: loss_weights: 1.0 failed as "option 'config': 'float' object is not iterable"
     assert _resolve(DPOConfig, {**values, "loss_weights": 1.0}, [])[1].loss_weights == [1.0]
 
 
@@ -477,8 +477,8 @@ def test_yaml_scalars_read_as_yaml_1_2(tmp_path):
     assert values["lr_scheduler_kwargs"] == {"min_lr": 0.001} and values["seed"] == 755 and values["bf16"] is False
     _, args = _resolve(DPOConfig, values, [])
     assert (str(args.save_strategy.value), str(args.eval_strategy.value), args.seed) == ("no", "no", 755)
-    debug = "column 'debug': expected TrainingArguments' debug options, got True"
-    for bad, said in (({1: 2}, "column 'config': 1 (int) is no field name"), ({"debug": True}, debug)):
+    debug = "option 'debug': expected TrainingArguments' debug options, got True"
+    for bad, said in (({1: 2}, "option 'config': 1 (int) is no field name"), ({"debug": True}, debug)):
         with pytest.raises(ConfigError, match=re.escape(said)):
             _resolve(DPOConfig, {**values, **bad}, [])
 
@@ -495,7 +495,7 @@ def test_the_deprecated_checkpointing_name_as_a_flag_wins_over_the_saved_config(
     assert _resolve(DPOConfig, saved, [])[1].activation_checkpointing is True
     args = _resolve(DPOConfig, saved, ["--gradient_checkpointing", "false"])[1]
     assert args.activation_checkpointing is False and args.gradient_checkpointing is False
-    with pytest.raises(ConfigError, match="column 'gradient_checkpointing': sets gradient_checkpointing False and "):
+    with pytest.raises(ConfigError, match="option 'gradient_checkpointing': sets gradient_checkpointing False and "):
         _resolve(DPOConfig, {**saved, "gradient_checkpointing": False}, [])
 
 

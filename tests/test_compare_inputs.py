@@ -81,7 +81,7 @@ def test_compare_refuses_what_the_command_refuses():
     for prompts, options, column in (([("p", "next: 5")], {"max_new_tokens": 0}, "max_new_tokens"),
                                      ([("p", "next: 5")], {"samples": -1}, "samples"), ([], {}, "prompts"),
                                      (["ab"], {}, "prompts")):  # fmt: skip
-        with pytest.raises(ConfigError, match=f"column '{column}'"):
+        with pytest.raises(ConfigError, match=f"option '{column}'"):
             compare(model, model, tokenizer, prompts, **options)
 
 
@@ -91,15 +91,15 @@ def test_a_reference_with_another_vocabulary_or_tokenizer_is_refused(tmp_path, c
     save("policy", ours)
     save("smaller", other, seed=1)  # 500 ids: an IndexError or a shape mismatch deep in the scoring before
     line = refused(["--policy", "policy", "--reference", "smaller", *QUICK, "--out", "a"], capsys)
-    assert "column '--reference': the reference's vocabulary has 500 entries and the policy's 590" in line
+    assert "option '--reference': the reference's vocabulary has 500 entries and the policy's 590" in line
     # the same size, another tokenizer saved with it: the same ids mean other tokens (meaningless numbers before)
     save("wide_policy", ours, vocab=640)
     save("wide_other", other, seed=1, vocab=640)
     line = refused(["--policy", "wide_policy", "--reference", "wide_other", *QUICK, "--out", "b"], capsys)
-    assert "column '--reference': the tokenizer saved with the reference (wide_other) differs" in line
+    assert "option '--reference': the tokenizer saved with the reference (wide_other) differs" in line
     # a path that is no folder said that folder "holds no model (no config.json, ...)"
     line = refused(["--policy", "polcy", "--reference", "smaller", *QUICK, "--out", "d"], capsys)
-    assert line.startswith(f"fastdpo: error: column '--policy': there is no folder {tmp_path / 'polcy'} — "), line
+    assert line.startswith(f"fastdpo: error: option '--policy': there is no folder {tmp_path / 'polcy'} — "), line
     save("reference", ours, seed=1)  # the same tokenizer: fine
     assert cli(["compare", "--policy", "policy", "--reference", "reference", "--limit", "1", *QUICK, "--out", "c"]) == 0
 
@@ -140,7 +140,7 @@ def test_pairs_without_a_prompt_column_or_with_pairs_the_trainers_drop(tmp_path,
     # the prompt under another name: every pair was scored without its prompt (reward accuracy 0.0%, no message)
     (tmp_path / "question.jsonl").write_text(json.dumps({"question": "next: 5 ", "chosen": "6", "rejected": "7"}))
     line = refused([*common, "--pairs", "question.jsonl", "--out", "a"], capsys)
-    assert "column '--pairs': question.jsonl has no 'prompt' column" in line
+    assert "option '--pairs': question.jsonl has no 'prompt' column" in line
     fix = """name your prompt column with --columns '{"prompt": "..."}' (columns: question, chosen, rejected)"""
     assert fix in line
     # with --columns, or the columns the policy's run recorded (dataset_columns in its config.yaml): its prompts
@@ -186,7 +186,7 @@ def test_a_folder_without_a_tokenizer_uses_the_references_or_says_to_save_one(tm
     assert "bare holds no tokenizer: using reference's" in capsys.readouterr().out
     save("bare_reference", tokenizer, seed=1, with_tokenizer=False)
     line = refused(["--policy", "bare", "--reference", "bare_reference", *QUICK, "--out", "b"], capsys)
-    assert "column '--policy': bare holds no tokenizer" in line and "save the tokenizer with the model" in line
+    assert "option '--policy': bare holds no tokenizer" in line and "save the tokenizer with the model" in line
 
 
 def test_a_run_that_trusted_its_models_own_code_is_compared_so(tmp_path, capsys, monkeypatch):

@@ -257,7 +257,7 @@ def test_compare_loads_a_qlora_runs_base_and_reference_quantized(tmp_path, capsy
     capsys.readouterr()
     assert cli([*common, "--out", "bad"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "column 'bnb_4bit_quant_type'" in err and "run/config.yaml" in err and "'nf4' or 'fp4'" in err, err
+    assert "option 'bnb_4bit_quant_type'" in err and "run/config.yaml" in err and "'nf4' or 'fp4'" in err, err
 
 
 def test_compare_refuses_bad_options_and_prompts_in_one_line(tmp_path, capsys, monkeypatch):
@@ -270,12 +270,12 @@ def test_compare_refuses_bad_options_and_prompts_in_one_line(tmp_path, capsys, m
     (tmp_path / "blank_lines.txt").write_text("first\n\nsecond\n")
     (tmp_path / "number.jsonl").write_text('{"prompt": "ok"}\n{"prompt": 5}\n')
     (tmp_path / "ids.jsonl").write_text('{"prompt": [1, 2, 99999]}\n')
-    cases = [(["--limit", "0"], "column '--limit': must be at least 1, got 0"),
-             (["--limit", "-1"], "column '--limit': must be at least 1, got -1"),
-             (["--samples", "-1"], "column '--samples': must be at least 0"),
-             (["--max-new-tokens", "0"], "column '--max-new-tokens': must be at least 1"),
-             (["--beta", "0"], "column '--beta': must be a number > 0, got 0.0"),
-             (["--beta", "nan"], "column '--beta': must be a number > 0, got nan"),
+    cases = [(["--limit", "0"], "option '--limit': must be at least 1, got 0"),
+             (["--limit", "-1"], "option '--limit': must be at least 1, got -1"),
+             (["--samples", "-1"], "option '--samples': must be at least 0"),
+             (["--max-new-tokens", "0"], "option '--max-new-tokens': must be at least 1"),
+             (["--beta", "0"], "option '--beta': must be a number > 0, got 0.0"),
+             (["--beta", "nan"], "option '--beta': must be a number > 0, got nan"),
              (["--prompts", "empty.txt"], "empty.txt holds no prompt"),
              (["--prompts", "number.jsonl"], "row 1, column 'prompt': number.jsonl: line 2's prompt is int 5"),
              (["--prompts", "ids.jsonl"], "line 1: token id 99999 has no embedding in the models")]  # fmt: skip

@@ -56,13 +56,13 @@ def test_a_data_folder_a_checkpoint_and_the_runs_data_filter(tmp_path, capsys, m
     # a run that recorded no held-out split: the folder's split is asked for, then taken as given
     (tmp_path / "run" / "config.yaml").write_text("beta: 0.3\n")
     line = refused(["--policy", "run", *common, "--pairs", "data", "--out", "c"], capsys)
-    assert "column '--pairs-split': data holds several splits" in line and "(its splits: " in line
+    assert "option '--pairs-split': data holds several splits" in line and "(its splits: " in line
     assert "train" in line and "test" in line
     assert cli(["compare", "--policy", "run", *common, "--pairs", "data", "--pairs-split", "train", "--out", "d"]) == 0
     assert json.loads((tmp_path / "d" / "compare.json").read_text())["pairs"]["pairs"] == 2
     line = refused(["--policy", "run", *common, "--pairs", "data/test.jsonl", "--pairs-split", "x", "--out", "e"],
                    capsys)  # fmt: skip
-    assert "column '--pairs-split': data/test.jsonl is one file, one split" in line
+    assert "option '--pairs-split': data/test.jsonl is one file, one split" in line
     # one split however given (a saved Dataset, a folder of one file) is read as it is; a missing file is named so
     import datasets
 
@@ -128,8 +128,8 @@ def test_hub_pairs_read_with_their_configuration(tmp_path, capsys, monkeypatch):
     settings = json.loads((tmp_path / "b" / "compare.json").read_text())["settings"]
     assert settings["pairs_config"] == "de" and settings["pairs_split"] == "test"
     line = refused([*common, "--pairs-config", "de", "--out", "d"], capsys)
-    assert line.endswith("column '--pairs-config': names a hub configuration of --pairs, which is not given — add "
+    assert line.endswith("option '--pairs-config': names a hub configuration of --pairs, which is not given — add "
                          "--pairs"), line  # fmt: skip
     _write(tmp_path / "held_out.jsonl", [STANDARD[0]])
     line = refused([*common, "--pairs", "held_out.jsonl", "--pairs-config", "de", "--out", "e"], capsys)
-    assert "column '--pairs-config': 'de' names a hub dataset's configuration; held_out.jsonl is a local" in line
+    assert "option '--pairs-config': 'de' names a hub dataset's configuration; held_out.jsonl is a local" in line

@@ -286,7 +286,7 @@ def test_missing_and_misspelled_columns_suggest_the_fix():
         prepare_preferences(rows({"prompt": "p", "choosen": "c", "rejected": "r"}))
     with pytest.raises(DataError, match=r"column 'inptu': column not found — did you mean 'input'\?"):
         prepare_preferences(rows({"input": "p", "chosen": "c", "rejected": "r"}), columns={"prompt": "inptu"})
-    with pytest.raises(ConfigError, match=r"column 'columns': unknown value 'promt' — did you mean 'prompt'\?"):
+    with pytest.raises(ConfigError, match=r"option 'columns': unknown value 'promt' — did you mean 'prompt'\?"):
         prepare_preferences(rows({"input": "p", "chosen": "c", "rejected": "r"}), columns={"promt": "input"})
     with pytest.raises(DataError, match="already has a column 'prompt'"):
         prepare_preferences(
@@ -375,7 +375,7 @@ def test_input_column_joined_by_the_template():
         )
     )
     assert conv[0]["prompt"] == [user("Summarize.\n\nText.")]
-    with pytest.raises(ConfigError, match="column 'input_template'"):
+    with pytest.raises(ConfigError, match="option 'input_template'"):
         prepare_preferences(rows({"prompt": "p", "chosen": "c", "rejected": "r"}), input_template="{prompt} {text}")
     # a row with both: the context was dropped without a word
     both = prepare_preferences(

@@ -486,9 +486,9 @@ def test_where_strings_and_callables():
 
 
 def test_bad_check_options_are_config_errors(standard_rows):
-    with pytest.raises(ConfigError, match="column 'max_length': must be a number ≥ 1 or None, got 0"):
+    with pytest.raises(ConfigError, match="option 'max_length': must be a number ≥ 1 or None, got 0"):
         check_preferences(standard_rows, max_length=0)
-    with pytest.raises(ConfigError, match="column 'min_score_margin': must be a number or None, got '1'"):
+    with pytest.raises(ConfigError, match="option 'min_score_margin': must be a number or None, got '1'"):
         check_preferences(standard_rows, min_score_margin="1")
 
 

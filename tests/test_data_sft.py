@@ -188,7 +188,7 @@ def test_column_map_and_text_field():
     data = datasets.Dataset.from_list([{"body": "Hello there."}, {"body": "Bye."}])
     assert prepare_sft(data, text_field="body")["text"] == ["Hello there.", "Bye."]
     assert prepare_sft(data, columns={"text": "body"})["text"] == ["Hello there.", "Bye."]
-    with pytest.raises(ConfigError, match="column 'text_field'"):
+    with pytest.raises(ConfigError, match="option 'text_field'"):
         prepare_sft(data, columns={"text": "body"}, text_field="other")
     # TRL reads prompt/completion, then messages, before dataset_text_field: rows of those are read from them, the
     # field not needed (it was refused, 'column not found')
@@ -199,9 +199,9 @@ def test_column_map_and_text_field():
                           (mapped, {"prompt": "question"})):  # fmt: skip
         prepared = prepare_sft(datasets.Dataset.from_list(rows), columns=columns, text_field="body")
         assert "text" not in prepared.column_names and sft_layout(prepared.column_names) != "text", rows
-    with pytest.raises(ConfigError, match=r"column 'columns': unknown value 'txt' — did you mean 'text'\?"):
+    with pytest.raises(ConfigError, match=r"option 'columns': unknown value 'txt' — did you mean 'text'\?"):
         prepare_sft(data, columns={"txt": "body"})
-    with pytest.raises(ConfigError, match="column 'columns': must map fastdpo's names to the data's columns, got list"):
+    with pytest.raises(ConfigError, match="option 'columns': must map fastdpo's names to the data's columns, got list"):
         prepare_sft(data, columns=["body"])
 
 
@@ -294,18 +294,18 @@ def test_assistant_tool_call_without_content_is_accepted():
 TOKENIZE_ERRORS = {
     "truncation_mode": (
         [{"text": "x"}], {"truncation_mode": "keep_middle"}, ConfigError,
-        r"column 'truncation_mode': unknown value 'keep_middle' — did you mean 'keep_",
+        r"option 'truncation_mode': unknown value 'keep_middle' — did you mean 'keep_",
     ),
-    "max_length": ([{"text": "x"}], {"max_length": 0}, ConfigError, r"column 'max_length': must be a positive integer"),
+    "max_length": ([{"text": "x"}], {"max_length": 0}, ConfigError, r"option 'max_length': must be a positive integer"),
     "completion_only_loss on text": (
-        [{"text": "x"}], {"completion_only_loss": True}, ConfigError, r"column 'completion_only_loss': needs prompt/"
+        [{"text": "x"}], {"completion_only_loss": True}, ConfigError, r"option 'completion_only_loss': needs prompt/"
     ),
     "completion_only_loss on messages": (
-        [CHAT], {"completion_only_loss": True}, ConfigError, r"column 'completion_only_loss': needs prompt/"
+        [CHAT], {"completion_only_loss": True}, ConfigError, r"option 'completion_only_loss': needs prompt/"
     ),
     "assistant_only_loss on strings": (
         [{"prompt": "p", "completion": "c"}], {"assistant_only_loss": True}, ConfigError,
-        r"column 'assistant_only_loss': needs conversational rows",
+        r"option 'assistant_only_loss': needs conversational rows",
     ),
     "already tokenized": (
         [{"text": "x", "input_ids": [1]}], {}, DataError, r"column 'input_ids': the dataset already has this column"

@@ -296,7 +296,7 @@ def test_a_runs_eval_fraction_holds_out_as_data_split_does(tmp_path, caplog):
             train, held_out, _ = loaded_splits("dpo", RunArguments(dataset_name=str(path), eval_fraction=fraction), 0)
             assert len(train) + len(held_out) == 60 and len(held_out) in range(15, 22)
             assert not {asked(row) for row in train} & {asked(row) for row in held_out}, name
-    with pytest.raises(ConfigError, match=r"column 'eval_fraction': 100 rows out of 60"):
+    with pytest.raises(ConfigError, match=r"option 'eval_fraction': 100 rows out of 60"):
         loaded_splits("dpo", RunArguments(dataset_name=str(path), eval_fraction=100.0), 0)
     # split as given: a CSV's text cells still read as text ("NA" stayed "NA"), an error names the file's row
     import csv

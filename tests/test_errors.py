@@ -21,7 +21,7 @@ def test_data_error_names_row_column_and_fix():
 def test_config_error_suggests_the_close_match():
     err = unknown_choice("loss_type", "simp0", ["sigmoid", "simpo", "ipo"])
     assert isinstance(err, ConfigError) and isinstance(err, ValueError)
-    assert str(err) == "column 'loss_type': unknown value 'simp0' — did you mean 'simpo'?"
+    assert str(err) == "option 'loss_type': unknown value 'simp0' — did you mean 'simpo'?"
     far = unknown_choice("loss_type", "zzz", ["sigmoid", "ipo"])
     assert "use one of 'sigmoid', 'ipo'" in str(far)
 

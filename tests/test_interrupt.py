@@ -200,7 +200,7 @@ def test_resume_refuses_other_settings_and_a_directory_without_checkpoints(workd
     code = fastdpo(workdir, "dpo", out, "--resume", "--learning_rate", "0.1", "--beta", "0.5", "--logging_steps", "2")
     assert code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("fastdpo: error: column 'resume'") and "learning_rate: 0.03 -> 0.1" in line, line
+    assert line.startswith("fastdpo: error: option 'resume'") and "learning_rate: 0.03 -> 0.1" in line, line
     assert "beta" not in line and "logging_steps" not in line and "--overwrite" in line
     assert (out / "config.yaml").read_text() == recorded  # nothing written
     # the data file changed under the run (it went on over other rows: its sampler's order points elsewhere)
@@ -210,13 +210,13 @@ def test_resume_refuses_other_settings_and_a_directory_without_checkpoints(workd
         data.write_text(original.replace('"prompt":"', '"prompt":"Q: ', 1))
         assert fastdpo(workdir, "dpo", out, "--resume", "--max_steps", "65") == 2
         line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert "column 'resume': the data files differ from those the run trained on" in line, line
+        assert "option 'resume': the data files differ from those the run trained on" in line, line
     finally:
         data.write_text(original)
     assert json.loads((out / "data_fingerprint.json").read_text())["pairs.jsonl"]["size"] == len(original.encode())
     assert fastdpo(workdir, "dpo", workdir / "never_ran", "--resume") == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("fastdpo: error: column 'resume'") and "no complete checkpoint" in line, line
+    assert line.startswith("fastdpo: error: option 'resume'") and "no complete checkpoint" in line, line
     assert not (workdir / "never_ran").exists()
 
 

@@ -244,7 +244,7 @@ def test_pair_weights_scale_each_pair():
 def test_bad_settings_raise_config_error(kw, column, hint):
     with pytest.raises(ConfigError, match=hint) as info:
         LossConfig(**kw)
-    assert info.value.column == column and str(info.value).startswith(f"column '{column}'")
+    assert info.value.column == column and str(info.value).startswith(f"option '{column}'")
 
 
 def test_missing_inputs_are_named():
@@ -269,7 +269,7 @@ def test_tr_dpo_settings_are_checked_and_unused_loss_options_said(tmp_path):
     base = {"output_dir": str(tmp_path), "report_to": [], "bf16": False, "use_cpu": True}
     for bad, column in (({"ref_model_sync_steps": 0}, "ref_model_sync_steps"),
                         ({"ref_model_mixup_alpha": 2.0}, "ref_model_mixup_alpha")):  # fmt: skip
-        with pytest.raises(ConfigError, match=f"^column '{column}'"):
+        with pytest.raises(ConfigError, match=f"^option '{column}'"):
             DPOConfig(**base, sync_ref_model=True, **bad)
         DPOConfig(**base, **bad)  # (not used without sync_ref_model)
     for options, said in (({"label_smoothing": 0.2}, "label_smoothing=0.2 is not used by loss_type ['sigmoid']"),

@@ -62,10 +62,10 @@ def test_the_rows_are_trls(tmp_path, monkeypatch):
     ours, sizes = _mixture([{"path": "a.jsonl", "columns": keep}, {"path": "c.jsonl", "split": "train[1:]"}])
     assert sizes == [7, 2] and ours.to_list() == [*_pairs("a", 7, score=2), *_pairs("c", 3, score=1)[1:]]
     # a file or list of files is the split train (TRL: 'Unknown split "test"'; it read every row as test)
-    with pytest.raises(ConfigError, match=r"column 'datasets\[0\].split': datasets\[0\] \(json a.jsonl, split test\): "
+    with pytest.raises(ConfigError, match=r"option 'datasets\[0\].split': datasets\[0\] \(json a.jsonl, split test\): "
                        "data_files as a file or a list is one split, train: 'test' names none of it"):  # fmt: skip
         _mixture([{"path": "json", "data_files": "a.jsonl", "split": "test"}])
-    said = r"column 'datasets\[1\].split': 'train\[5:\]' holds no row of datasets\[1\] \(c.jsonl, split"
+    said = r"option 'datasets\[1\].split': 'train\[5:\]' holds no row of datasets\[1\] \(c.jsonl, split"
     with pytest.raises(ConfigError, match=said):  # (datasets: "corresponds to no data")
         _mixture([{"path": "a.jsonl"}, {"path": "c.jsonl", "split": "train[5:]"}])
 
@@ -90,7 +90,7 @@ def test_columns_of_one_type_where_they_can_be_and_named_where_not(tmp_path, mon
     with pytest.raises(ConfigError) as error:
         _mixture([{"path": "whole.jsonl", "columns": ["prompt", "chosen", "rejected"]}, {"path": "chat.jsonl"}])
     assert str(error.value) == (
-        "column 'datasets[1]': column 'prompt' of datasets[1] (chat.jsonl) is a list or mapping (messages, or "
+        "option 'datasets[1]': column 'prompt' of datasets[1] (chat.jsonl) is a list or mapping (messages, or "
         "values), of datasets[0] (whole.jsonl) text — mix datasets of one format: all plain text, or all "
         "conversational messages")  # fmt: skip
 
@@ -127,27 +127,27 @@ def test_each_datasets_problem_names_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     jsonl(tmp_path / "a.jsonl", _pairs("a", 2))
     cases = [
-        ("a.jsonl", "column 'datasets': must be a list of datasets, got 'a.jsonl' — e.g. datasets: [{path: "),
-        (["a.jsonl"], "column 'datasets[0]': is a str ('a.jsonl'), not a mapping of keys"),
-        ([{"path": "a.jsonl", "splt": "x"}], "column 'datasets[0].splt': unknown key 'splt' of a mixture's dataset — "
+        ("a.jsonl", "option 'datasets': must be a list of datasets, got 'a.jsonl' — e.g. datasets: [{path: "),
+        (["a.jsonl"], "option 'datasets[0]': is a str ('a.jsonl'), not a mapping of keys"),
+        ([{"path": "a.jsonl", "splt": "x"}], "option 'datasets[0].splt': unknown key 'splt' of a mixture's dataset — "
          "did you mean 'split'?"),
-        ([{"split": "train"}], "column 'datasets[0].path': must be a name, got None"),
-        ([{"path": "a.jsonl", "split": None}], "column 'datasets[0].split': must be a name, got None"),
-        ([{"path": "a.jsonl", "columns": [1]}], "column 'datasets[0].columns': must be a list of distinct column"),
-        ([{"path": "json", "data_files": 3}], "column 'datasets[0].data_files': must be a file, a list of files"),
-        ([{"path": "a.jsonl", "fraction": -1}], "column 'datasets[0].fraction': must be a number ≥ 0"),
-        ([{"path": "a.jsonl", "fraction": 1}, {"path": "a.jsonl"}], "column 'datasets[1]': has no fraction where "
+        ([{"split": "train"}], "option 'datasets[0].path': must be a name, got None"),
+        ([{"path": "a.jsonl", "split": None}], "option 'datasets[0].split': must be a name, got None"),
+        ([{"path": "a.jsonl", "columns": [1]}], "option 'datasets[0].columns': must be a list of distinct column"),
+        ([{"path": "json", "data_files": 3}], "option 'datasets[0].data_files': must be a file, a list of files"),
+        ([{"path": "a.jsonl", "fraction": -1}], "option 'datasets[0].fraction': must be a number ≥ 0"),
+        ([{"path": "a.jsonl", "fraction": 1}, {"path": "a.jsonl"}], "option 'datasets[1]': has no fraction where "
          "other datasets of the mixture have one"),
-        ([{"path": "a.jsonl", "fraction": 0}], "column 'datasets': every dataset's fraction is 0"),
+        ([{"path": "a.jsonl", "fraction": 0}], "option 'datasets': every dataset's fraction is 0"),
         ([{"path": "a.jsonl"}, {"path": "missing.jsonl"}], "datasets[1] (missing.jsonl): missing.jsonl: no such "
          "file"),
-        ([{"path": "a.jsonl", "columns": ["prompt", "answer"]}], "column 'datasets[0].columns': datasets[0] "
+        ([{"path": "a.jsonl", "columns": ["prompt", "answer"]}], "option 'datasets[0].columns': datasets[0] "
          "(a.jsonl) has no column 'answer' (its columns: prompt, chosen, rejected)"),
-        ([{"path": "a.jsonl", "name": "en"}], "column 'datasets[0].name': 'en' names a hub dataset's configuration; "
+        ([{"path": "a.jsonl", "name": "en"}], "option 'datasets[0].name': 'en' names a hub dataset's configuration; "
          "a.jsonl is a local file or folder, which has none — remove datasets[0].name"),
-        ([{"path": "json", "data_files": {"test": "a.jsonl"}}], "column 'datasets[0].split': data_files has no split "
+        ([{"path": "json", "data_files": {"test": "a.jsonl"}}], "option 'datasets[0].split': data_files has no split "
          "'train' (its splits: test)"),
-        ([{"path": "json", "data_files": "*.parquet"}], "column 'datasets[0].data_files': *.parquet matches no file"),
+        ([{"path": "json", "data_files": "*.parquet"}], "option 'datasets[0].data_files': *.parquet matches no file"),
     ]  # fmt: skip
     for value, said in cases:
         with pytest.raises((ConfigError, DataError)) as error:
@@ -213,23 +213,23 @@ def test_what_a_mixture_cannot_mean_is_refused(workdir, capsys):  # noqa: F811
     jsonl(workdir / "a.jsonl", _pairs("a", 6))
     mixture = [{"path": "a.jsonl"}]
     cases = {
-        "column 'dataset_test_split': names a split ('test'), and a mixture has one — hold rows out with "
+        "option 'dataset_test_split': names a split ('test'), and a mixture has one — hold rows out with "
         "test_split_size (or eval_fraction)": {"datasets": mixture, "dataset_test_split": "test"},
-        "column 'dataset_train_split': is 'train_prefs': a mixture is one split, train — name each dataset's own "
+        "option 'dataset_train_split': is 'train_prefs': a mixture is one split, train — name each dataset's own "
         "split with its split: key": {"datasets": mixture, "dataset_train_split": "train_prefs"},
-        "column 'streaming': applies to a dataset mixture (datasets), and the config has none — use "
+        "option 'streaming': applies to a dataset mixture (datasets), and the config has none — use "
         "dataset_streaming for dataset_name": {"streaming": True},
-        "column 'test_split_size': applies to a dataset mixture (datasets), and the config has none — use "
+        "option 'test_split_size': applies to a dataset mixture (datasets), and the config has none — use "
         "eval_fraction for dataset_name": {"test_split_size": 0.1},
-        "column 'test_split_size': holds out 0.2 of the rows, which eval_strategy 'no' never evaluates": {
+        "option 'test_split_size': holds out 0.2 of the rows, which eval_strategy 'no' never evaluates": {
             "datasets": mixture, "test_split_size": 0.2},
-        "column 'eval_strategy': eval_strategy 'epoch' evaluates held-out rows, and the config holds none out — set "
+        "option 'eval_strategy': eval_strategy 'epoch' evaluates held-out rows, and the config holds none out — set "
         "test_split_size (e.g. 0.1), or eval_strategy: no": {"datasets": mixture, "eval_strategy": "epoch"},
-        "column 'test_split_size': and eval_fraction both hold rows out — keep one": {
+        "option 'test_split_size': and eval_fraction both hold rows out — keep one": {
             "datasets": mixture, "test_split_size": 0.2, "eval_fraction": 0.1, "eval_strategy": "epoch"},
-        "column 'test_split_size': a stream cannot be split by prompt before it is read": {
+        "option 'test_split_size': a stream cannot be split by prompt before it is read": {
             "datasets": mixture, "test_split_size": 0.2, "streaming": True, "eval_strategy": "epoch"},
-        "column 'datasets[0].fraction': is a share of the mixture's rows, which a stream does not know": {
+        "option 'datasets[0].fraction': is a share of the mixture's rows, which a stream does not know": {
             "datasets": [{"path": "a.jsonl", "fraction": 1}], "streaming": True},
     }  # fmt: skip
     for said, changes in cases.items():
@@ -306,14 +306,14 @@ def test_the_config_keeps_what_was_written_and_the_run_keeps_its_files(workdir, 
     jsonl(kept, _pairs("m", 4))
     config = _config(workdir, "in.yaml", dataset_name=None, datasets=[{"path": "run/checkpoint-1/mine.jsonl"}])
     said = command_error(capsys, "dpo", "--config", config, "--overwrite")
-    assert "column 'output_dir': run/checkpoint-1 holds what this run reads" in said and kept.is_file()
+    assert "option 'output_dir': run/checkpoint-1 holds what this run reads" in said and kept.is_file()
 
 
 def test_a_sweep_names_the_mixtures_keys(tmp_path, capsys):
     # it named eval_fraction for a streamed mixture (settled as dataset_streaming), and for one holding nothing out
     config = tmp_path / "run.yaml"
-    for text, said in (("streaming: true\n", "column 'streaming': a sweep computes the reference's log-probs once"),
-                       ("", "column 'test_split_size': a sweep compares the runs on held-out pairs, and the config "
+    for text, said in (("streaming: true\n", "option 'streaming': a sweep computes the reference's log-probs once"),
+                       ("", "option 'test_split_size': a sweep compares the runs on held-out pairs, and the config "
                         "holds none out — set test_split_size (e.g. 0.1)")):  # fmt: skip
         config.write_text(f"model_name_or_path: some/model\ndatasets: [{{path: pairs.jsonl}}]\n{text}")
         assert cli.main(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "s")]) == 2
@@ -341,7 +341,7 @@ def test_nulls_numbers_and_slices_as_datasets_reads_them(tmp_path, monkeypatch):
     assert [row["n"] for row in rows] == [-1, 3]
     jsonl(tmp_path / "big.jsonl", [{"prompt": "q", "n": 2**60 + 1}])
     jsonl(tmp_path / "decimal.jsonl", [{"prompt": "r", "n": 0.5}])
-    with pytest.raises(ConfigError, match=r"column 'datasets\[1\]': datasets\[1\] \(decimal.jsonl\) and the datasets "
+    with pytest.raises(ConfigError, match=r"option 'datasets\[1\]': datasets\[1\] \(decimal.jsonl\) and the datasets "
                        "before it cannot be read as one set of rows"):  # fmt: skip
         _mixture([{"path": "big.jsonl"}, {"path": "decimal.jsonl"}])
     jsonl(tmp_path / "text.jsonl", [{"prompt": "s", "tags": "x", "turns": [], "n": 1}])

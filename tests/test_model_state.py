@@ -51,7 +51,7 @@ def test_layers_with_state_along_the_row_run_each_sequence_alone_or_refuse_varle
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
         said = [str(w.message) for w in caught if "has recurrent or convolution layers" in str(w.message)]
         assert len(said) == (backend == "eager"), said  # said once: the verdict is kept on the body
-    with pytest.raises(ConfigError, match=r"column 'packed_attention': \w+ has recurrent or convolution layers, whose "
+    with pytest.raises(ConfigError, match=r"option 'packed_attention': \w+ has recurrent or convolution layers, whose "
                        r"state runs along a row: .* use packed_attention='model'"):  # fmt: skip
         packed_logps(model, batch, impl="torch", attn_implementation="fastdpo_varlen")
 
@@ -99,7 +99,7 @@ def test_a_model_whose_get_decoder_is_not_its_body_is_refused(case):
     batch, _ = case
     llama4 = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**COMMON, head_dim=8, num_local_experts=2,
                                                                           intermediate_size_mlp=64))  # fmt: skip
-    with pytest.raises(ConfigError, match=r"column 'model': Llama4ForCausalLM.get_decoder\(\) gives the whole model"):
+    with pytest.raises(ConfigError, match=r"option 'model': Llama4ForCausalLM.get_decoder\(\) gives the whole model"):
         packed_logps(llama4, batch, impl="torch")
 
 

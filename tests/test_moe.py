@@ -52,7 +52,7 @@ def test_a_family_whose_aux_loss_takes_other_arguments_is_refused_when_built(tmp
     tokenizer = build_tiny_tokenizer()
     load = save_family(tokenizer, tmp_path / "doge", "doge")
     args = SFTConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, max_steps=1)
-    with pytest.raises(ConfigError, match=r"column 'router_aux_loss_coef': DogeForCausalLM's load_balancing_loss_func"):
+    with pytest.raises(ConfigError, match=r"option 'router_aux_loss_coef': DogeForCausalLM's load_balancing_loss_func"):
         SFTTrainer(model=load(), args=args, train_dataset=prompt_completion_rows(4), processing_class=tokenizer)
     args = SFTConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, max_steps=1, router_aux_loss_coef=0)
     SFTTrainer(model=load(), args=args, train_dataset=prompt_completion_rows(4), processing_class=tokenizer)

@@ -225,15 +225,15 @@ def test_errors(backend):
         with pytest.raises(ConfigError) as err:
             pack([1], capacity, backend=backend)
         assert err.value.column == "capacity"
-        assert str(err.value).startswith(f"column 'capacity': must be at least 1, got {capacity}")
-    with pytest.raises(ConfigError, match=r"^column 'capacity': must be an integer, got 8.0"):
+        assert str(err.value).startswith(f"option 'capacity': must be at least 1, got {capacity}")
+    with pytest.raises(ConfigError, match=r"^option 'capacity': must be an integer, got 8.0"):
         pack([1], 8.0, backend=backend)
 
 
 def test_unknown_backend():
     with pytest.raises(ConfigError) as err:
         pack([1], 4, backend="cp")
-    assert str(err.value) == "column 'backend': unknown value 'cp' — did you mean 'cpp'?"
+    assert str(err.value) == "option 'backend': unknown value 'cp' — did you mean 'cpp'?"
     assert BACKENDS == ("auto", "python", "cpp")
 
 

@@ -109,9 +109,9 @@ def test_bad_examples_name_the_column(examples, column):
 
 def test_bad_packing_options():
     data = random_tokenized(0, count=3, longest=4)
-    with pytest.raises(ConfigError, match="column 'packing_strategy'"):
+    with pytest.raises(ConfigError, match="option 'packing_strategy'"):
         pack_sft_dataset(data, 8, strategy="bdf")
-    with pytest.raises(ConfigError, match="column 'max_length'"):
+    with pytest.raises(ConfigError, match="option 'max_length'"):
         pack_sft_dataset(data, 0)
     with pytest.raises(DataError, match="no sequences"):
         pack_sft([])

@@ -334,16 +334,16 @@ def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, cap
     for held in ("0.0", "1.5", "-1", "nan"):  # (refused by the first run, after its beta_0.1 folder was made)
         assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "h"),
                     "--eval_fraction", held]) == 2  # fmt: skip
-        assert "column 'eval_fraction': must be a fraction of the rows in (0, 1) or a number of rows" in \
+        assert "option 'eval_fraction': must be a fraction of the rows in (0, 1) or a number of rows" in \
             capsys.readouterr().err and not (tmp_path / "h").exists()  # fmt: skip
     config.write_text("model_name_or_path: some/model\ndataset_name: pairs.jsonl\neval_fraction: 0.1\n"
                       "loss_type: [simpo, sft]\nreport_to: []\n")  # fmt: skip
     assert cli(["sweep", "--config", str(config), "--beta", "0.1,0.2", "--out", str(tmp_path / "c")]) == 2
-    assert "column 'loss_type': simpo has no reference" in capsys.readouterr().err  # (it crashed after one β)
+    assert "option 'loss_type': simpo has no reference" in capsys.readouterr().err  # (it crashed after one β)
     config.write_text("model_name_or_path: some/model\ndataset_name: pairs.jsonl\neval_fraction: 0.1\n"
                       "dataset_streaming: true\nreport_to: []\n")  # fmt: skip
     assert cli(["sweep", "--config", str(config), "--beta", "0.1,0.2", "--out", str(tmp_path / "s")]) == 2
-    assert "column 'dataset_streaming': a sweep computes the reference's" in capsys.readouterr().err  # (not the model)
+    assert "option 'dataset_streaming': a sweep computes the reference's" in capsys.readouterr().err  # (not the model)
     monkeypatch.chdir(tmp_path)  # without --out, the runs went to runs/sweep, unsaid, where the config names another
     assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--output_dir", "mine"]) == 2
     assert "fastdpo sweep: the runs go to runs/sweep/beta_<β>, as --out sets; the config's output_dir (mine) is not " \
@@ -353,10 +353,10 @@ def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, cap
     # a NaN passed every comparison (each β trained, then "within nan%"); seeds numpy refuses: tracebacks before
     assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "e"), "--nll-rise",
                 "nan"]) == 2  # fmt: skip
-    assert "column '--nll-rise': must be at least 0, got nan" in capsys.readouterr().err
+    assert "option '--nll-rise': must be at least 0, got nan" in capsys.readouterr().err
     assert cli(["quickstart", "--out", str(tmp_path / "q"), "--seed", "-1"]) == 2 and not (tmp_path / "q").exists()
     assert cli(["compare", "--policy", "p", "--reference", "r", "--seed", str(2**70)]) == 2
-    assert "column '--seed': must be between 0 and 4294967295" in capsys.readouterr().err
+    assert "option '--seed': must be between 0 and 4294967295" in capsys.readouterr().err
 
 
 def test_sweep_recommendation_ties_and_diverged_runs():

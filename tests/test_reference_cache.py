@@ -205,7 +205,7 @@ def test_reference_options_that_contradict_are_refused(tmp_path):
     load = tiny_model(tokenizer, tmp_path / "model")
     for options, column in (({"precompute_ref_log_probs": True, "reference": "separate"}, "reference"),
                             ({"reference": "none"}, "reference"), ({"reference": "adapter"}, "reference")):  # fmt: skip
-        with pytest.raises(ConfigError, match=rf"column '{column}'"):
+        with pytest.raises(ConfigError, match=rf"option '{column}'"):
             args = DPOConfig(**common_args(tmp_path, "x"), **options)
             DPOTrainer(load(), args=args, train_dataset=synthetic_pairs(2), processing_class=tokenizer)
 

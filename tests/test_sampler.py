@@ -185,7 +185,7 @@ def test_the_trainer_seeds_budget_batches_with_data_seed_and_drops_a_short_last_
     assert [i for batch in ordered for i in batch] == list(range(len(pairs))) and ordered != unset
     from fastdpo.errors import ConfigError  # auto_find_batch_size: its retries halved a size no batch read
 
-    with pytest.raises(ConfigError, match="^column 'auto_find_batch_size'"):
+    with pytest.raises(ConfigError, match="^option 'auto_find_batch_size'"):
         DPOConfig(**common_args(tmp_path, "x"), max_tokens_per_batch=150, auto_find_batch_size=True)
 
 

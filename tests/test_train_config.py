@@ -57,7 +57,7 @@ def test_bf16_unset_means_fp32_on_a_cpu(tmp_path):
      ({"pack_length": 1000}, "pack_length"), ({"label_smoothing": 0.6, "loss_type": "robust"}, "label_smoothing")],
 )  # fmt: skip
 def test_bad_or_unsupported_options_name_the_option(options, column, tmp_path):
-    with pytest.raises(ConfigError, match=rf"column '{column}'"):
+    with pytest.raises(ConfigError, match=rf"option '{column}'"):
         DPOConfig(output_dir=str(tmp_path), report_to=[], **options)
 
 
@@ -67,7 +67,7 @@ def test_an_unknown_report_to_is_named_with_a_guess(report_to, tmp_path):
 
     # transformers' own ValueError comes later, from inside the Trainer's constructor
     for config_cls in (DPOConfig, SFTConfig):
-        with pytest.raises(ConfigError, match=r"column 'report_to': unknown value 'tensorbord|wandbb' — did you mean"):
+        with pytest.raises(ConfigError, match=r"option 'report_to': unknown value 'tensorbord|wandbb' — did you mean"):
             config_cls(output_dir=str(tmp_path), report_to=report_to)
     assert DPOConfig(output_dir=str(tmp_path), report_to="none").report_to == []
 
@@ -127,7 +127,7 @@ def test_a_triton_head_off_cuda_is_refused_when_the_trainer_is_built(tmp_path, m
     cases = ((DPOTrainer, DPOConfig(**common_args(tmp_path, "d"), head_impl="triton"), pairs),
              (SFTTrainer, SFTConfig(**sft_args(tmp_path, "s"), head_impl="triton"), texts))  # fmt: skip
     for trainer_cls, args, data in cases:
-        with pytest.raises(ConfigError, match="column 'head_impl': 'triton' runs on CUDA tensors"):
+        with pytest.raises(ConfigError, match="option 'head_impl': 'triton' runs on CUDA tensors"):
             trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer)
 
 
@@ -172,7 +172,7 @@ def test_the_trainers_take_trls_arguments_in_trls_order_and_refuse_compute_metri
     args = DPOConfig(**common_args(tmp_path, "d"))
     trainer = DPOTrainer(model, None, args, None, pairs, None, tokenizer)  # (TRL's positional order)
     assert len(trainer.train_dataset) == 2 and trainer.eval_dataset is None
-    with pytest.raises(ConfigError, match="column 'compute_metrics': is not supported: fastdpo never builds"):
+    with pytest.raises(ConfigError, match="option 'compute_metrics': is not supported: fastdpo never builds"):
         DPOTrainer(model, args=args, train_dataset=pairs, processing_class=tokenizer, compute_metrics=len)
 
 
@@ -186,7 +186,7 @@ def test_liger_kernels_on_a_cpu_refused_before_the_first_step(tmp_path):
     from fastdpo.train.sft_config import SFTConfig
     from fastdpo.trl import DPOTrainer, SFTTrainer
 
-    said = "column 'use_liger_kernel': patches the model with Liger's Triton kernels, which run on a GPU only; this "
+    said = "option 'use_liger_kernel': patches the model with Liger's Triton kernels, which run on a GPU only; this "
     for config in (DPOConfig, SFTConfig):
         with pytest.raises(ConfigError, match=said) as error:
             config(output_dir=str(tmp_path / "n"), use_liger_kernel=True, use_cpu=True)

@@ -249,7 +249,7 @@ def test_unsupported_arguments_are_refused(tmp_path):
     args = DPOConfig(**common_args(tmp_path, "x"))
     with pytest.raises(ConfigError, match="peft_config"):
         DPOTrainer(load(), args=args, train_dataset=None, processing_class=tokenizer, peft_config={"r": 8})
-    with pytest.raises(ConfigError, match="column 'model': there is no folder"):
+    with pytest.raises(ConfigError, match="option 'model': there is no folder"):
         DPOTrainer(str(tmp_path / "no-such-model"), args=args, processing_class=tokenizer)
 
 
@@ -314,7 +314,7 @@ def test_token_budgets_with_split_batches_are_refused(tmp_path):
                      accelerator_config={"split_batches": True})  # fmt: skip
     trainer = DPOTrainer(load(), ref_model=load(), args=args, train_dataset=synthetic_pairs(4),
                          processing_class=tokenizer)  # fmt: skip
-    with pytest.raises(ConfigError, match="column 'max_tokens_per_batch': token-budget batches are each one process"):
+    with pytest.raises(ConfigError, match="option 'max_tokens_per_batch': token-budget batches are each one process"):
         trainer.train()
 
 
@@ -371,7 +371,7 @@ def test_model_given_as_a_path_loads_with_its_tokenizer_in_fp32(tmp_path):
     assert trainer.model.dtype == torch.float32 and trainer.ref_model is not None
     assert trainer.processing_class.pad_token_id == tokenizer.pad_token_id
     trainer.train()
-    with pytest.raises(ConfigError, match="column 'model': there is no folder"):  # the model's error first,
+    with pytest.raises(ConfigError, match="option 'model': there is no folder"):  # the model's error first,
         DPOTrainer(str(tmp_path / "no_model"), args=args, train_dataset=synthetic_pairs(4))  # not a tokenizer's
     bad = DPOConfig(**{**common_args(tmp_path, "bad"), "model_init_kwargs": {"dtype": "float8"}})
     with pytest.raises(ConfigError, match="model_init_kwargs"):
@@ -415,7 +415,7 @@ def test_vision_datasets_are_refused_as_the_sft_trainer_and_trl_refuse_them(tmp_
     pairs = synthetic_pairs(4).add_column("images", [["a.png"]] * 4)
     args = DPOConfig(**common_args(tmp_path, "vision"))
     for train in (pairs, pairs.to_iterable_dataset()):
-        with pytest.raises(ConfigError, match="column 'train_dataset': vision datasets are not supported yet"):
+        with pytest.raises(ConfigError, match="option 'train_dataset': vision datasets are not supported yet"):
             DPOTrainer(load(), ref_model=load(), args=args, train_dataset=train, processing_class=tokenizer)
     # a DatasetDict trains nothing (TRL refuses it); it was prepared as several eval sets are, then failed later
     import datasets
@@ -506,7 +506,7 @@ def test_the_configs_pad_token_is_used_as_trl_uses_it_and_unused_init_kwargs_are
     with pytest.warns(UserWarning, match="model_init_kwargs: the model is already built, they are not used"):
         DPOTrainer(load(), args=DPOConfig(**common_args(tmp_path, "y"), model_init_kwargs={"dtype": "bfloat16"}),
                    train_dataset=data, processing_class=build_tiny_tokenizer())  # fmt: skip
-    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="column 'pad_token': 'NOT_A_TOKEN' is not in"):
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="option 'pad_token': 'NOT_A_TOKEN' is not in"):
         DPOTrainer(load(), ref_model=load(), args=DPOConfig(**common_args(tmp_path, "x"), pad_token="NOT_A_TOKEN"),
                    train_dataset=data, processing_class=build_tiny_tokenizer())  # fmt: skip
 

@@ -125,7 +125,7 @@ def test_an_adapter_on_the_lm_head_is_refused(data, tmp_path):
     # what peft itself refuses: one line naming the setting (peft's tracebacks before)
     for bad, said in (({"r": 0}, "`r` should be a positive integer"), ({"lora_dropout": 2.0}, "dropout probability"),
                       ({"target_modules": ["nope"]}, "Target modules {'nope'} not found")):  # fmt: skip
-        with pytest.raises(ConfigError, match=f"column 'peft_config': peft refused it: {re.escape(said)}"):
+        with pytest.raises(ConfigError, match=f"option 'peft_config': peft refused it: {re.escape(said)}"):
             DPOTrainer(tiny_model(tokenizer, tmp_path / "model")(), args=DPOConfig(**common_args(tmp_path, "x")),
                        train_dataset=data, processing_class=tokenizer,
                        peft_config=peft.LoraConfig(**{"r": 4, "target_modules": ["q_proj"], **bad}))  # fmt: skip
@@ -173,7 +173,7 @@ def test_prompt_learning_and_frozen_adapters_are_refused_by_every_trainer(data, 
     trainers = [(DPOTrainer, DPOConfig(**common_args(tmp_path, "dpo"))), (dropin.DPOTrainer, trl.DPOConfig(
                 **common_args(tmp_path, "trl_dpo"))), (SFTTrainer, SFTConfig(**sft_args(tmp_path, "sft"))),
                 (dropin.SFTTrainer, trl.SFTConfig(**sft_args(tmp_path, "trl_sft")))]  # fmt: skip
-    said = r"column 'peft_config': prompt-learning adapters \({}\) are not supported.*e\.g\. LoraConfig"
+    said = r"option 'peft_config': prompt-learning adapters \({}\) are not supported.*e\.g\. LoraConfig"
     for trainer_cls, args in trainers:
         with pytest.raises(ConfigError, match=said.format("PROMPT_TUNING")):
             trainer_cls(model=load(), args=args, train_dataset=data, processing_class=tokenizer,
@@ -185,7 +185,7 @@ def test_prompt_learning_and_frozen_adapters_are_refused_by_every_trainer(data, 
     peft.get_peft_model(load(), lora()).save_pretrained(tmp_path / "adapter")
     for trainer_cls, args in trainers:
         with pytest.raises(
-            ConfigError, match=r"column 'model': the PeftModel has no trainable parameter.*is_trainable"
+            ConfigError, match=r"option 'model': the PeftModel has no trainable parameter.*is_trainable"
         ):
             trainer_cls(model=peft.PeftModel.from_pretrained(load(), tmp_path / "adapter"), args=args,
                         train_dataset=data, processing_class=tokenizer)  # fmt: skip
@@ -371,11 +371,11 @@ def test_a_ref_model_given_beside_an_adapter_is_the_reference_as_in_trl(data, tm
         assert "ref" not in trainer.model.peft_config  # (no frozen copy of the adapter: it is not the reference)
         assert ours[0]["loss"] != pytest.approx(math.log(2), rel=1e-3)
         assert_match(ours, theirs)
-    with pytest.raises(ConfigError, match=r"column 'reference': 'adapter' takes the policy with its adapter off"):
+    with pytest.raises(ConfigError, match=r"option 'reference': 'adapter' takes the policy with its adapter off"):
         DPOTrainer(load(), args=DPOConfig(**common_args(tmp_path, "x"), reference="adapter"), train_dataset=data,
                    processing_class=tokenizer, ref_model=other(), peft_config=lora())  # fmt: skip
     # TR-DPO beside it: a shape error at the first sync step, deep inside (TRL refuses it when built)
-    with pytest.raises(ConfigError, match=r"column 'sync_ref_model': sync_ref_model mixes the policy's weights"):
+    with pytest.raises(ConfigError, match=r"option 'sync_ref_model': sync_ref_model mixes the policy's weights"):
         DPOTrainer(load(), args=DPOConfig(**common_args(tmp_path, "x"), sync_ref_model=True), train_dataset=data,
                    processing_class=tokenizer, ref_model=other(), peft_config=lora())  # fmt: skip
 
@@ -418,7 +418,7 @@ def test_a_frozen_model_is_refused_when_training_starts_not_before(data, tmp_pat
     for trainer_cls, args, dataset in cases:
         trainer = trainer_cls(model=load().requires_grad_(False), args=args, train_dataset=dataset,
                               processing_class=tokenizer)  # fmt: skip
-        with pytest.raises(ConfigError, match=r"column 'model': the model has no trainable parameter"):
+        with pytest.raises(ConfigError, match=r"option 'model': the model has no trainable parameter"):
             trainer.train()
 
 

@@ -159,7 +159,7 @@ def test_dataset_text_field_is_read_where_trl_reads_it(load, tokenizer, tmp_path
         assert_first_steps_match(ours, theirs, eval_data=False)
     # a formatting function whose text TRL would not read (the rows have prompt/completion): said, not ignored
     args = SFTConfig(**common_args(tmp_path, "formatted", completion_only_loss=False))
-    with pytest.raises(ConfigError, match=r"column 'formatting_func': its text would not be read: the rows have "
+    with pytest.raises(ConfigError, match=r"option 'formatting_func': its text would not be read: the rows have "
                                           r"\['completion', 'prompt'\].*remove formatting_func"):  # fmt: skip
         SFTTrainer(load(), args=args, train_dataset=rows, processing_class=tokenizer,
                    formatting_func=lambda r: r["prompt"] + r["completion"])  # fmt: skip
@@ -354,7 +354,7 @@ def test_trls_config_keeps_its_token_settings_in_fastdpos_trainer_and_in_config_
       "chat_template_path"), ({"pad_to_multiple_of": "eight"}, "pad_to_multiple_of")],
 )  # fmt: skip
 def test_bad_or_unsupported_options_name_the_option(options, column, tmp_path):
-    with pytest.raises(ConfigError, match=rf"column '{column}'"):
+    with pytest.raises(ConfigError, match=rf"option '{column}'"):
         SFTConfig(output_dir=str(tmp_path), report_to=[], **options)
 
 
@@ -375,10 +375,10 @@ def test_unsupported_trainer_arguments_are_refused(load, tokenizer, tmp_path):
              ({"train_dataset": data.to_list()}, "train_dataset")]  # fmt: skip
     for change, column in cases:
         kwargs = {"model": load(), "args": args, "train_dataset": data, "processing_class": tokenizer, **change}
-        with pytest.raises(ConfigError, match=rf"column '{column}'"):
+        with pytest.raises(ConfigError, match=rf"option '{column}'"):
             SFTTrainer(**kwargs)
     bad = SFTConfig(**common_args(tmp_path, "y", eos_token="<|nope|>"))
-    with pytest.raises(ConfigError, match="column 'eos_token'"):
+    with pytest.raises(ConfigError, match="option 'eos_token'"):
         SFTTrainer(load(), args=bad, train_dataset=data, processing_class=tokenizer)
 
 
@@ -413,7 +413,7 @@ def test_dataset_preparation_options(load, tokenizer, tmp_path):
         dropin.SFTTrainer(load(), args=trl.SFTConfig(**common_args(tmp_path, "z", eval_packing=True)),
                           train_dataset=prompt_completion_rows(4), processing_class=tokenizer)  # fmt: skip
     data = prompt_completion_rows(6)
-    with pytest.raises(ConfigError, match="column 'formatting_func'"):  # TRL refuses it with completion_only_loss
+    with pytest.raises(ConfigError, match="option 'formatting_func'"):  # TRL refuses it with completion_only_loss
         SFTTrainer(load(), args=args, train_dataset=data, processing_class=tokenizer, formatting_func=str)
     data = data.rename_columns({"prompt": "question", "completion": "answer"})
     trainer = SFTTrainer(load(), args=args, train_dataset=data, eval_dataset=data, processing_class=tokenizer,

@@ -66,7 +66,7 @@ def test_compute_loss_asked_for_outputs_says_there_are_no_logits(load, tokenizer
     ]
     for trainer in trainers:
         batch = next(iter(trainer.get_train_dataloader()))
-        with pytest.raises(ConfigError, match="column 'return_outputs': .*full logits the fused head never builds"):
+        with pytest.raises(ConfigError, match="option 'return_outputs': .*full logits the fused head never builds"):
             trainer.compute_loss(trainer.model, batch, return_outputs=True)
         assert torch.isfinite(trainer.compute_loss(trainer.model, batch))  # (without: the loss, as before)
 
@@ -84,6 +84,6 @@ def test_a_dataset_with_a_format_trains_and_one_with_a_transform_is_refused(load
         losses.append(trainer.state.log_history[0]["loss"])
     assert losses[1] == losses[2] == losses[0]  # (the same rows: the same step)
     shouting = data.with_transform(lambda batch: {**batch, "prompt": [p.upper() for p in batch["prompt"]]})
-    with pytest.raises(ConfigError, match="column 'train_dataset': the train dataset has a transform"):
+    with pytest.raises(ConfigError, match="option 'train_dataset': the train dataset has a transform"):
         SFTTrainer(load(), args=SFTConfig(**common_args(tmp_path, "t")), train_dataset=shouting,
                    processing_class=tokenizer)  # fmt: skip

@@ -249,11 +249,11 @@ def test_what_a_stream_cannot_do_is_refused_with_the_option_to_change(tmp_path):
         args = DPOConfig(**{**common_args(tmp_path, "x"), **options})
         return DPOTrainer(model=load(), args=args, train_dataset=stream, processing_class=tokenizer)
 
-    with pytest.raises(ConfigError, match="column 'max_steps': an iterable train dataset has no length"):
+    with pytest.raises(ConfigError, match="option 'max_steps': an iterable train dataset has no length"):
         trainer(max_steps=-1)
-    with pytest.raises(ConfigError, match="column 'precompute_ref_log_probs'.*without streaming=True"):
+    with pytest.raises(ConfigError, match="option 'precompute_ref_log_probs'.*without streaming=True"):
         trainer(precompute_ref_log_probs=True)
-    with pytest.raises(ConfigError, match="column 'max_tokens_per_batch'.*per_device_train_batch_size"):
+    with pytest.raises(ConfigError, match="option 'max_tokens_per_batch'.*per_device_train_batch_size"):
         trainer(max_tokens_per_batch=256)
     # a stream that is already tokenized (TRL's columns) is taken as it is, and accelerate reads it per process
     tokenized = tokenize_preferences(synthetic_pairs(8), tokenizer, max_length=64).dataset
@@ -366,7 +366,7 @@ def test_sft_streams_are_checked_row_by_row_and_refuse_what_they_cannot_do(tmp_p
     assert rows[0]["input_ids"] == tokenizer(f"Hi? Yo.{tokenizer.eos_token}")["input_ids"]
 
     args = SFTConfig(output_dir=str(tmp_path / "x"), max_steps=-1, report_to=[], bf16=False)
-    with pytest.raises(ConfigError, match="column 'max_steps': an iterable train dataset has no length"):
+    with pytest.raises(ConfigError, match="option 'max_steps': an iterable train dataset has no length"):
         SFTTrainer(sft_model(tokenizer, tmp_path)(), args=args, train_dataset=texts.rename_column("body", "text"),
                    processing_class=tokenizer)  # fmt: skip
 
@@ -436,7 +436,7 @@ def test_a_formatting_function_trl_would_not_read_is_refused_on_a_stream_as_on_a
     for rows, field in ((chats, "text"), (bodies, "body")):
         args = SFTConfig(**sft_args(tmp_path, "fmt", packing=False, dataset_text_field=field))
         for given in (rows, rows.to_iterable_dataset()):
-            with pytest.raises(ConfigError, match="column 'formatting_func': its text would not be read"):
+            with pytest.raises(ConfigError, match="option 'formatting_func': its text would not be read"):
                 SFTTrainer(load(), args=args, train_dataset=given, processing_class=tokenizer,
                            formatting_func=lambda row: "formatted")  # fmt: skip
 

@@ -104,14 +104,14 @@ def test_out_of_range_options_and_what_it_does_not_implement_are_refused(data, t
     for name, fix in (("cdpo", "fastdpo.DPOTrainer"), ("simpo", "import CPOTrainer"), ("cpo", "import CPOTrainer"),
                       ("orpo", "import ORPOTrainer")):  # fmt: skip
         args = trl.DPOConfig(**common_args(tmp_path, "x"), loss_type=["sigmoid", name])
-        with pytest.raises(ConfigError, match=f"^column 'loss_type': '{name}' is fastdpo's, not .* — .*{fix}"):
+        with pytest.raises(ConfigError, match=f"^option 'loss_type': '{name}' is fastdpo's, not .* — .*{fix}"):
             dropin.DPOTrainer(load(), args=args, train_dataset=data, processing_class=tokenizer)
     args = trl.DPOConfig(**common_args(tmp_path, "y"))
     with pytest.raises(ConfigError, match="compute_metrics"):
         dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer,
                           compute_metrics=lambda prediction: {})  # fmt: skip
     trainer = dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
-    with pytest.raises(ConfigError, match="column 'return_outputs'"):  # (a subclass's call: it named compute_metrics)
+    with pytest.raises(ConfigError, match="option 'return_outputs'"):  # (a subclass's call: it named compute_metrics)
         trainer.compute_loss(trainer.model, {}, return_outputs=True)
 
 
@@ -228,7 +228,7 @@ def test_predict_gives_the_loss_and_a_padded_collator_is_refused(data, tmp_path)
     assert "eval_padding_fraction" not in sft.evaluate(prompt_completion_rows(4))  # the drop-in logs TRL's only
     # a padded collator: a bare KeyError ('pair_ids') at the first step
     padded = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
-    message = "column 'data_collator': a DataCollatorForPreference makes padded batches"
+    message = "option 'data_collator': a DataCollatorForPreference makes padded batches"
     for cls, config in ((dropin.DPOTrainer, trl.DPOConfig), (DPOTrainer, DPOConfig)):
         with pytest.raises(ConfigError, match=message):
             cls(model=load(), ref_model=load(), args=config(**common_args(tmp_path, "collate")), train_dataset=data,

@@ -147,10 +147,10 @@ def test_what_needs_logits_or_padded_batches_is_refused(data, tmp_path):  # noqa
     for option, value in (("compute_metrics", lambda prediction: {}),
                           ("preprocess_logits_for_metrics", lambda logits, labels: logits),
                           ("data_collator", default_data_collator)):  # fmt: skip
-        with pytest.raises(ConfigError, match=f"column '{option}'"):
+        with pytest.raises(ConfigError, match=f"option '{option}'"):
             dropin.ORPOTrainer(load(), args=args, train_dataset=data, processing_class=tokenizer, **{option: value})
     args = CPOConfig(**common_args(tmp_path, "y"), generate_during_eval=True)
-    with pytest.raises(ConfigError, match="column 'generate_during_eval'"):
+    with pytest.raises(ConfigError, match="option 'generate_during_eval'"):
         dropin.CPOTrainer(load(), args=args, train_dataset=data, processing_class=tokenizer)
 
 
@@ -253,6 +253,6 @@ def test_an_adapter_on_the_lm_head_is_refused_when_built(data, tmp_path):  # noq
     load = tiny_model(tokenizer, tmp_path / "model")
     for cls, config in ((dropin.ORPOTrainer, ORPOConfig), (dropin.CPOTrainer, CPOConfig)):
         args = config(**common_args(tmp_path, "x"))
-        with pytest.raises(ConfigError, match="column 'peft_config': an adapter on the LM head would never be trained"):
+        with pytest.raises(ConfigError, match="option 'peft_config': an adapter on the LM head would never be trained"):
             cls(load(), args=args, train_dataset=data, processing_class=tokenizer,
                 peft_config=LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))  # fmt: skip
