@@ -4,7 +4,8 @@
 
 A compressed file is read from a decompressed copy in the ``datasets`` cache (``HF_DATASETS_CACHE``), made once
 per version of the file (its path, size and modification time), so its lines are checked as a plain file's are;
-errors name the compressed file, and its lines are those of the decompressed text.
+errors name the compressed file, and its lines are those of the decompressed text. A stream of a compressed JSON
+file decompresses it as it reads (``open_data``), without a copy.
 """
 
 from __future__ import annotations
