@@ -50,6 +50,7 @@ from fastdpo.data.local_files import (
     csv_options,
     decompress_errors,
     extra_fields_fix,
+    is_compressed,
     local_kind,
     named_as,
     not_decompressed,
@@ -334,6 +335,8 @@ def _streamed_json(path: str, shown: str) -> Iterator[dict]:
         try:
             yield from _json_stream(path)
         except decompress_errors() as error:  # (a compressed file cut short, or not of its suffix's compression)
+            if not is_compressed(Path(shown)):
+                raise
             raise not_decompressed(Path(shown), error) from None
 
 
