@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", type=Path, required=True, help="the trained model's folder")
     parser.add_argument("--reference", type=Path, required=True, help="the reference model's folder")
     parser.add_argument("--prompts", default="builtin", help="builtin (edge cases), quickstart (its held-out "
-                        "problems), or a .txt/.jsonl/.json file")  # fmt: skip
+                        "problems), or a .txt/.jsonl/.json file (.gz too)")  # fmt: skip
     parser.add_argument("--pairs", type=Path, help="held-out preference pairs (a data file, standard or "
                         "conversational; a folder or hub name of splits): accuracy, displacement")  # fmt: skip
     parser.add_argument("--pairs-split", help="the split of a --pairs folder or hub name (default: the policy run's "

@@ -79,12 +79,22 @@ def read_prompts(path: Path) -> list[tuple[str, object]]:
         raise ConfigError(f"{path} is neither 'builtin', 'quickstart' nor a file", column="--prompts",
                           fix="pass builtin, quickstart, a .txt file (one prompt per line), a .jsonl file with a "
                               "'prompt' field or a .json array of prompts")  # fmt: skip
-    suffix = path.suffix.lower()
+    from fastdpo.data.local_files import COMPRESSIONS, decompress_errors, not_decompressed, read_data
+
+    packed = path.suffix.lower() in COMPRESSIONS  # (prompts.jsonl.gz: read as it decompresses)
+    suffix = (path.with_suffix("") if packed else path).suffix.lower()
     if suffix not in ("", ".txt", ".jsonl", ".ndjson", ".json"):  # (read as text, a JSON line was one prompt)
         raise ConfigError(f"{path}: unknown prompts file type {path.suffix!r}", column="--prompts",
-                          fix="use .txt (one prompt per line), .jsonl or .json")  # fmt: skip
+                          fix="use .txt (one prompt per line), .jsonl or .json (or one of them .gz, .bz2, "
+                          ".xz)")  # fmt: skip
     try:  # (a byte-order mark first is no part of a prompt; lines end at \n alone, as JSON Lines readers split)
-        text = path.read_text(encoding="utf-8-sig")
+        raw = read_data(path)
+    except decompress_errors() as error:
+        if not packed:
+            raise
+        raise not_decompressed(path, error) from None
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise DataError(f"{path} is not UTF-8 text (byte {error.start})", column="--prompts",
                         fix="save the file as UTF-8") from None  # fmt: skip

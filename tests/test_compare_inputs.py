@@ -242,7 +242,7 @@ def test_prompt_files_read_as_json_lines_readers_read_them(tmp_path):
     # str.splitlines split at U+2028 (valid inside a JSON string) and other separators; a byte-order mark was
     # refused in JSON and kept in a prompt; an upper-case suffix read a JSON file as one text prompt per line
     from fastdpo.compare_io import read_prompts
-    from fastdpo.errors import ConfigError
+    from fastdpo.errors import ConfigError, DataError
 
     lines = [json.dumps({"prompt": text}, ensure_ascii=False) for text in ("a\u2028b", "c\x0cd")]
     (tmp_path / "p.JSONL").write_text("\ufeff" + "\n".join(lines) + "\r\n", encoding="utf-8")
@@ -252,6 +252,14 @@ def test_prompt_files_read_as_json_lines_readers_read_them(tmp_path):
     (tmp_path / "p.md").write_text("one\n")
     with pytest.raises(ConfigError, match=r"unknown prompts file type '.md' — use .txt"):
         read_prompts(tmp_path / "p.md")
+    # compressed, as the data files may be (it was 'unknown prompts file type .gz')
+    import gzip
+
+    (tmp_path / "p.jsonl.gz").write_bytes(gzip.compress((tmp_path / "p.JSONL").read_bytes()))
+    assert read_prompts(tmp_path / "p.jsonl.gz") == [("line 1", "a\u2028b"), ("line 2", "c\x0cd")]
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(b"one\ntwo\n")[:-6])
+    with pytest.raises(DataError, match=r"cut\.txt\.gz: cannot decompress it as \.gz \(EOFError"):
+        read_prompts(tmp_path / "cut.txt.gz")
 
 
 def test_the_near_context_prompt_is_longer_than_the_context_in_tokens():

@@ -65,7 +65,7 @@ def is_compressed(path: Path) -> bool:
 
 def open_data(path: Path):
     """``path`` opened for reading bytes, decompressed as it is read where its suffix names a compression."""
-    if not is_compressed(path):
+    if Path(path).suffix.lower() not in COMPRESSIONS:
         return open(path, "rb")
     import importlib
 
