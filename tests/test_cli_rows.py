@@ -329,6 +329,7 @@ def test_a_runs_counted_row_warnings_are_given_once_by_the_files_rows(rows_dir, 
     rows = [{"prompt": written if i % 5 == 0 else f"the cat {i}?", "chosen": f" red {i}.", "rejected": f" big {i}."}
             for i in range(20)]  # fmt: skip
     rows[3]["chosen"], rows[3]["rejected"] = rows[3]["prompt"] + " red.", rows[3]["prompt"] + " big."
+    rows[7]["chosen"] = ""  # (refused by preparation, dropped: the rows kept were prepared again, and numbered)
     if command == "sft":
         rows = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in rows]
     (rows_dir / f"written_{command}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))

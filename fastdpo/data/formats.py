@@ -103,14 +103,7 @@ def prepare_preferences(
         "version": _VERSION,
     }
     has_prompt = "prompt" in dataset.column_names
-    if kind == "standard":  # (the text columns read once, for the two warnings that look at every row)
-        names = [name for name in ("prompt", "chosen", "rejected") if name in dataset.column_names]
-        columns = dataset.with_format(None).select_columns(names).to_dict()
-        warn_written_messages(columns)
-        if has_prompt:
-            _warn_repeated_prompts(columns)
-        else:  # (whole conversations carry their prompt: no column is missing)
-            _warn_unused_text(dataset)
+    warn_of_rows(dataset, kind)
     return dataset.map(
         normalize_row,
         fn_kwargs={**fn_kwargs, "has_prompt": has_prompt},
@@ -118,6 +111,20 @@ def prepare_preferences(
         num_proc=num_proc,
         desc="Normalizing preference rows",
     )
+
+
+def warn_of_rows(dataset: datasets.Dataset, kind: str) -> None:
+    """The counted warnings of rows kept as they are (message lists written as text, prompts both completions
+    repeat) and of a text column left unread beside no prompt column, for standard rows (``dataset`` renamed)."""
+    if kind != "standard":
+        return
+    names = [name for name in ("prompt", "chosen", "rejected") if name in dataset.column_names]
+    columns = dataset.with_format(None).select_columns(names).to_dict()  # (read once, for the two row warnings)
+    warn_written_messages(columns)
+    if "prompt" in columns:
+        _warn_repeated_prompts(columns)
+    else:  # (whole conversations carry their prompt: no column is missing)
+        _warn_unused_text(dataset)
 
 
 def _warn_repeated_prompts(columns: dict[str, list]) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from fastdpo.data.formats import _detect_format, check_row, prepare_preferences, rename_preference_columns
+from fastdpo.data.formats import _detect_format, check_row, prepare_preferences, rename_preference_columns, warn_of_rows
 from fastdpo.data.load import load_data, text_columns
+from fastdpo.data.written import row_warnings_said
 from fastdpo.errors import DataError
 
 
@@ -37,8 +38,11 @@ def prepared_rows(dataset, columns: dict | None):
         if not refused:  # (a row _check_rows refuses that check_row passes cannot be: they run the same checks)
             raise
         kept = [row for row in range(len(raw)) if row not in refused]
+        warn_of_rows(renamed, kind)  # (by the rows as given; the kept rows' preparation would number its own)
         if kept:
-            for row, example in zip(kept, prepare_preferences(renamed.select(kept)).to_list(), strict=True):
+            with row_warnings_said():
+                prepared = prepare_preferences(renamed.select(kept)).to_list()
+            for row, example in zip(kept, prepared, strict=True):
                 raw[row] = example
         return raw, refused
 
@@ -54,7 +58,8 @@ def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "
     checked, refused = prepared_rows(dataset, columns)
     if not refused:
         return checked, {}, {}
-    report = check_preferences(checked)
+    with row_warnings_said():  # (prepared_rows gave them, by the rows as given)
+        report = check_preferences(checked)
     reasons = {row: reason for reason, found in report.dropped_rows(checked).items() for row in found}
     kept = [row for row in range(len(dataset)) if row not in refused]
     if any(row not in reasons for row in refused):
@@ -64,7 +69,8 @@ def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "
         raise DataError(f"every row is refused for a reason the quality check drops ({dropped})",
                         fix="fix the data: fastdpo.data.check_preferences lists them")  # fmt: skip
     try:
-        prepared = prepare_preferences(dataset.select(kept), columns=columns)
+        with row_warnings_said():
+            prepared = prepare_preferences(dataset.select(kept), columns=columns)
     except DataError as error:  # (named by its row in data, not among the rows kept)
         if error.row is None:
             raise
