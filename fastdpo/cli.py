@@ -323,6 +323,8 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     check_reporting(args)
     out = Path(args.output_dir)
     resolved = _resolved_config(run_args, args)  # as given (building the trainer may adjust args: a stream's)
+    if read.dataset_test_split and not run_args.dataset_test_split:  # (TRL's default split, read: compare reads it)
+        resolved["dataset_test_split"] = read.dataset_test_split
     merge_model_keys(run_args, args)  # (after: config.yaml keeps dtype, ... and model_init_kwargs apart, as given)
     resume = getattr(known, "resume", None) or args.resume_from_checkpoint  # (TRL's key, as its scripts read it)
     resume = True if str(resume).lower() == "true" else None if str(resume).lower() == "false" else resume  # YAML's

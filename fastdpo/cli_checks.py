@@ -3,6 +3,7 @@ learning-rate schedule, gradient checkpointing's keys, the reporting integration
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -48,7 +49,9 @@ def check_evaluation(run_args, args, *, evaluated_after: bool):
                 strategy,
                 run_args.dataset_name,
             )
-            return dataclasses.replace(run_args, dataset_test_split="test")
+            read = dataclasses.replace(run_args, dataset_test_split="test")
+            read.assumed_test_split = True  # (a hub dataset without one: said as such, see no_assumed_split)
+            return read
         fix = "set eval_fraction (e.g. 0.1), or dataset_test_split (TRL's scripts read the split 'test')"
         fix = "set test_split_size (e.g. 0.1)" if getattr(run_args, "datasets", None) else fix  # (a mixture: one split)
         raise ConfigError(f"eval_strategy {strategy!r} evaluates held-out rows, and the config holds none out",
@@ -58,6 +61,23 @@ def check_evaluation(run_args, args, *, evaluated_after: bool):
                        run_args.dataset_test_split)  # fmt: skip
         return dataclasses.replace(run_args, dataset_test_split=None)
     return run_args
+
+
+@contextlib.contextmanager
+def no_assumed_split(run_args):
+    """A hub dataset's loading error for the split ``test`` that ``check_evaluation`` assumed (TRL's scripts'
+    default), as a ConfigError naming the settings that choose the evaluation rows (it was datasets' "Unknown split",
+    after the train split had been read)."""
+    try:
+        yield
+    except ValueError as error:  # (datasets' "Unknown split"; a DataError's "has no split")
+        said = str(error).split(" — ")[0]
+        if not getattr(run_args, "assumed_test_split", False) or "split" not in said.lower():
+            raise
+        raise ConfigError(f"eval_strategy evaluates the split 'test' (TRL's scripts' default dataset_test_split), "
+                          f"and {run_args.dataset_name} has none ({said[:200]})", column="dataset_test_split",
+                          fix="set dataset_test_split to one of its splits, or eval_fraction to hold rows out of "
+                          "train, or eval_strategy: no") from None  # fmt: skip
 
 
 def _test_split_of(run_args) -> str | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fastdpo.cli_checks import no_assumed_split
 from fastdpo.cli_mixture import mixture_rows
 from fastdpo.errors import ConfigError, DataError
 
@@ -255,7 +256,8 @@ def streamed_splits(command: str, run_args, text_field: str | None = None) -> tu
     if command == "dpo" and run_args.data_filter == "drop":
         logger.warning("dataset_streaming: the quality report and its filter (data_filter) need every row and are "
                        "skipped; run 'fastdpo data check' on a sample of the data instead")  # fmt: skip
-    evaluation = stream(run_args.dataset_test_split) if run_args.dataset_test_split is not None else None
+    with no_assumed_split(run_args):
+        evaluation = stream(run_args.dataset_test_split) if run_args.dataset_test_split is not None else None
     return stream(run_args.dataset_train_split), evaluation
 
 
@@ -365,8 +367,9 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
         prepared = prepare(source, columns=columns, split=train_split)
         train = _numbered_left(prepared, gone.get(train_split))
     if test_split is not None:
-        evaluation = _numbered_left(prepare(run_args.dataset_name, columns=columns, split=test_split),
-                                    gone.get(test_split))  # fmt: skip
+        with no_assumed_split(run_args):
+            evaluation = _numbered_left(prepare(run_args.dataset_name, columns=columns, split=test_split),
+                                        gone.get(test_split))  # fmt: skip
     if command != "dpo":
         return (*_without_numbers(train, evaluation, numbering), {})
     file_rows = list(train[_ROW])  # (the report's rows: those of the train split before its filter)

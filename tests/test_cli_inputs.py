@@ -480,3 +480,29 @@ def test_ignore_bias_buffers_leaves_the_models_bool_buffers_out_of_ddp(workdir, 
                          "--output_dir", "bias_run"])  # fmt: skip
     assert done == 0, capsys.readouterr().err[-2000:]
     assert built[0].model._ddp_params_and_buffers_to_ignore == ["model.layers.0.bias"]
+
+
+def test_a_hub_dataset_without_the_split_test_an_evaluating_run_assumed(workdir, capsys, monkeypatch):  # noqa: F811
+    # TRL's default evaluation split, assumed where no held-out setting is given: a hub dataset without one ended the
+    # run after its train split was read, in datasets' words ("Unknown split"), naming no setting
+    import datasets
+
+    rows = [{"prompt": f"q{i}?", "chosen": " Yes.", "rejected": " No."} for i in range(4)]
+    asked = []
+
+    def load_dataset(path, **options):
+        asked.append(options["split"])
+        if options["split"] != "train":
+            raise ValueError(f"Unknown split \"{options['split']}\". Should be one of ['train'].")
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    said = command_error(capsys, "dpo", "--config", "run.yaml", "--dataset_name", "org/pairs", "--eval_strategy",
+                         "steps", "--eval_steps", "1")  # fmt: skip
+    assert asked == ["train", "test"]
+    assert said.startswith(
+        "fastdpo: error: option 'dataset_test_split': eval_strategy evaluates the split 'test' "
+        "(TRL's scripts' default dataset_test_split), and org/pairs has none (Unknown split"
+    ), said
+    assert said.endswith("— set dataset_test_split to one of its splits, or eval_fraction to hold rows out of train, "
+                         "or eval_strategy: no")  # fmt: skip

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from test_cli import fastdpo, workdir  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -272,6 +273,8 @@ def test_evaluation_without_a_held_out_setting_reads_the_split_test_as_trls_scri
     assert done.returncode == 0, done.stderr[-3000:]
     logs = [json.loads(line) for line in (workdir / "tested" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in log for log in logs)
+    recorded = yaml.safe_load((workdir / "tested" / "config.yaml").read_text())
+    assert recorded["dataset_test_split"] == "test"  # (compare --pairs splits reads the run's held-out split there)
     args = DPOConfig(output_dir=str(workdir / "x"), eval_strategy="steps", eval_steps=1, report_to=[])
     with caplog.at_level("WARNING", logger="fastdpo"):  # a hub name: its splits are known when it is read
         read = check_evaluation(RunArguments(dataset_name="org/pairs"), args, evaluated_after=False)
