@@ -9,6 +9,7 @@ import gzip
 import json
 import lzma
 import os
+import warnings
 
 import datasets
 import pytest
@@ -165,6 +166,18 @@ def test_csv_quoting_a_cell_goes_on_past_is_refused_and_a_tsvs_fields_are_tabs(t
         streamed = list(load_stream(shifted))
     names = ("prompt", "chosen", "rejected")
     assert streamed == [dict(zip(names, "abc", strict=True)), dict(zip(names, "efg", strict=True))]
+    # a record over several lines is named by its first; a cell past the csv module's 128 KiB did not end the check;
+    # a trailing delimiter's empty cells are no extra cells (spreadsheets write them), dropped without a warning
+    long = write(tmp_path, "long.csv", f'prompt,chosen,rejected\n{"x" * 200_000},a,b\n"two\nlines" she said,a,b\n')
+    with pytest.raises(DataError, match=r"long\.csv: line 3: a cell that starts with a quote goes on past"):
+        load_data(long)
+    trailing = write(tmp_path, "trailing.csv", "prompt,chosen,rejected\na,b,c,\nd,e,f,\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_data(trailing).to_list() == [
+            dict(zip(names, "abc", strict=True)),
+            dict(zip(names, "def", strict=True)),
+        ]
 
 
 def test_a_name_without_its_compression_suffix_is_pointed_to_the_file(tmp_path, monkeypatch, caplog):

@@ -11,10 +11,8 @@ such a string, and a stream of a local JSON file is read with Python's ``json``,
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -55,6 +53,7 @@ from fastdpo.data.local_files import (
     named_as,
     not_decompressed,
     open_data,
+    quiet_reader,
     readable,
     refuse_repeated_names,
     renamed,
@@ -496,8 +495,8 @@ def _load_file(path: Path, kind: str, text: Iterable[str]) -> datasets.Dataset:
     if kind == "csv":
         refuse_repeated_names(path)
         check_csv_cells(path)
-    try:  # (datasets' JSON reader logs a failure, naming a compressed file's copy: the DataError below says it)
-        with _logger_at("datasets.packaged_modules.json.json", logging.CRITICAL):
+    try:
+        with quiet_reader():
             loaded = datasets.load_dataset(
                 kind, data_files={"train": str(path)}, split="train", **csv_options(path, kind, text)
             )
@@ -509,17 +508,6 @@ def _load_file(path: Path, kind: str, text: Iterable[str]) -> datasets.Dataset:
         mixed = {field[0] for field, found in kinds.items() if len(field) == 1 and {*found} - _HOLDING_STRINGS}
         loaded = _restore_date_strings(path, loaded, dates - mixed)
     return loaded
-
-
-@contextlib.contextmanager
-def _logger_at(name: str, level: int):
-    logger = logging.getLogger(name)
-    before = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(before)
 
 
 def stream_failure(source, error: Exception) -> Exception:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -194,25 +196,49 @@ def refuse_repeated_names(path: Path) -> None:
 
 
 def check_csv_cells(path: Path) -> None:
-    """A DataError at the first line of a CSV (TSV) file that pandas would read otherwise than written, without a
-    word: a quoted cell that goes on past its closing quote (``"Hi," she said``, as a writer that quotes nothing
-    writes it), read as ``Hi, she said``; more cells than the header names (pandas took the first ones of every row
-    as an index, the others shifted under the wrong names; ``csv_options`` keeps it from that, dropping them)."""
-    with open(readable(path), newline="", encoding="utf-8-sig", errors="replace") as file:
-        rows = csv.reader(file, delimiter=_delimiter(path), strict=True)
-        try:
-            header = next((row for row in rows if "".join(row).strip()), [])  # (as csv_header finds it)
+    """A DataError at the first record of a CSV (TSV) file that pandas would read otherwise than written, without a
+    word, named by its first line: a quoted cell that goes on past its closing quote (``"Hi," she said``, as a writer
+    that quotes nothing writes it), read as ``Hi, she said``; more cells than the header names, not all empty
+    (pandas took the first ones of every row as an index, the others shifted under the wrong names; ``csv_options``
+    keeps it from that, dropping the extra cells: a trailing delimiter's empty ones are no loss)."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # (a cell over the module's 128 KiB ended the check: pandas reads it)
+    start = 1  # the first line of the record being read
+    try:
+        with open(readable(path), newline="", encoding="utf-8-sig", errors="replace") as file:
+            rows = csv.reader(file, delimiter=_delimiter(path), strict=True)
+            header = None
             for row in rows:
-                if len(row) > len(header):
-                    raise DataError(f"{path}: line {rows.line_num}: {len(row)} fields where the header has "
-                                    f"{len(header)}", fix=extra_fields_fix(path))  # fmt: skip
-        except csv.Error as error:
-            if "expected after" not in str(error):  # (a cell past the csv module's size limit, an unclosed quote:
-                return  # pandas reads or refuses those itself)
-            raise DataError(f"{path}: line {rows.line_num}: a cell that starts with a quote goes on past its closing "
-                            "quote, and would be read without its quotes",
-                            fix='quote the whole cell, with each quote in it doubled ("""Hi,"" she said"), or write '
-                            "the file with a writer that quotes its cells (csv, pandas' to_csv)") from None  # fmt: skip
+                if header is None:
+                    header = row if "".join(row).strip() else None  # (as csv_header finds it)
+                elif len(row) > len(header) and any(cell.strip() for cell in row[len(header) :]):
+                    raise DataError(f"{path}: line {start}: {len(row)} fields where the header has {len(header)}",
+                                    fix=extra_fields_fix(path))  # fmt: skip
+                start = rows.line_num + 1
+    except csv.Error as error:
+        if "expected after" not in str(error):  # (an unclosed quote: pandas refuses it itself)
+            return
+        raise DataError(f"{path}: line {start}: a cell that starts with a quote goes on past its closing quote, and "
+                        "would be read without its quotes",
+                        fix='quote the whole cell, with each quote in it doubled ("""Hi,"" she said"), or write '
+                        "the file with a writer that quotes its cells (csv, pandas' to_csv)") from None  # fmt: skip
+    finally:
+        csv.field_size_limit(limit)
+
+
+@contextlib.contextmanager
+def quiet_reader() -> Iterator[None]:
+    """Within, left unsaid: datasets' JSON reader's log of a failure (it names a compressed file's copy; fastdpo's
+    DataError says the failure), pandas' warning of a CSV row's empty cells past the header (dropped: no loss)."""
+    logger = logging.getLogger("datasets.packaged_modules.json.json")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Length of header or names does not match length of data")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def extra_fields_fix(path: Path) -> str:
