@@ -84,7 +84,7 @@ def read_prompts(path: Path) -> list[tuple[str, object]]:
     packed = path.suffix.lower() in COMPRESSIONS  # (prompts.jsonl.gz: read as it decompresses)
     suffix = (path.with_suffix("") if packed else path).suffix.lower()
     if suffix not in ("", ".txt", ".jsonl", ".ndjson", ".json"):  # (read as text, a JSON line was one prompt)
-        raise ConfigError(f"{path}: unknown prompts file type {path.suffix!r}", column="--prompts",
+        raise ConfigError(f"{path}: unknown prompts file type {suffix!r}", column="--prompts",
                           fix="use .txt (one prompt per line), .jsonl or .json (or one of them .gz, .bz2, "
                           ".xz)")  # fmt: skip
     try:  # (a byte-order mark first is no part of a prompt; lines end at \n alone, as JSON Lines readers split)

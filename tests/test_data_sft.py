@@ -410,6 +410,11 @@ def test_message_lists_written_as_text_in_sft_rows_are_warned_about(caplog):
     with caplog.at_level("WARNING"):
         prepare_sft([{"text": "plain"}, {"text": str(turn + answer)}, {"text": "[{ a bracket"}])
     assert "1 of 3 rows hold message lists written as text in text (1) (rows [1])" in caplog.text
+    caplog.clear()
+    large = datasets.Dataset.from_list([{"text": str(turn + answer)}])  # (Polars writes Parquet's large strings)
+    with caplog.at_level("WARNING"):
+        prepare_sft(large.cast(datasets.Features({"text": datasets.Value("large_string")})))
+    assert "1 of 1 rows hold message lists written as text in text (1)" in caplog.text
     from fastdpo.data.stream import prepare_sft_stream  # a stream: counted as it is read
 
     stream = prepare_sft_stream(datasets.Dataset.from_list(pairs).to_iterable_dataset(), build_tiny_tokenizer())

@@ -56,7 +56,7 @@ def warn_written_messages(columns: dict[str, list]) -> None:
 
 def warn_written_text(dataset, names) -> None:
     """``warn_written_messages`` over the string columns of ``dataset`` among ``names``."""
-    text = [name for name in names if getattr(dataset.features.get(name), "dtype", None) == "string"]
+    text = [name for name in names if getattr(dataset.features.get(name), "dtype", None) in ("string", "large_string")]
     if text:
         warn_written_messages(dataset.with_format(None).select_columns(text).to_dict())
 
