@@ -587,3 +587,27 @@ def test_bf16_mixed_precision_trains(data, tmp_path, monkeypatch, emulated_gpu_g
     assert logs[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
     restored = vars(model).get("forward")  # accelerate's wrapper, put back after each step
     assert restored is not None and "packed_forward" not in getattr(restored, "__qualname__", "")
+
+
+def test_padding_fraction_over_several_batches_is_their_padding_over_their_tokens(data, tmp_path):
+    # it was the pair-weighted mean of each batch's fraction: 0.1054 where the batches held 47 of 444 tokens padding
+    from fastdpo.train.dpo import PairPacker
+
+    seen = []
+    collate = PairPacker.__call__
+
+    def counting(self, features):
+        batch = collate(self, features)
+        seen.append((int(batch["num_padding"]), batch["input_ids"].numel()))
+        return batch
+
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PairPacker, "__call__", counting)
+        logs = run(DPOTrainer, DPOConfig, load, data, tokenizer, tmp_path, "ga", gradient_accumulation_steps=3,
+                   per_device_train_batch_size=1, max_steps=1)  # fmt: skip
+    step = seen[:3]  # (the step's three micro-batches; the loader may have collated the next one ahead)
+    assert len({tokens for _, tokens in step}) > 1  # (batches of unequal rows: the case)
+    expected = sum(pad for pad, _ in step) / sum(tokens for _, tokens in step)
+    assert logs[0]["padding_fraction"] == pytest.approx(expected, rel=1e-9)

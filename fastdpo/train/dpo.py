@@ -434,11 +434,9 @@ class DPOTrainer(
                 out = model()  # through the DDP/FSDP wrapper, if any (see forward_as)
         mode = "train" if model.training else "eval"
         values = {name: float(value) for name, value in out.metrics.items()}
-        self._metrics[mode].add(
-            {**values, "padding_fraction": batch.padding_fraction},
-            weight=batch.num_pairs,
-            weights={name: float(count) for name, count in out.token_counts.items()},
-        )
+        weights = {name: float(count) for name, count in out.token_counts.items()}
+        weights["padding_fraction"] = float(batch.input_ids.numel())  # (a share of the rows' tokens, over the batches)
+        self._metrics[mode].add({**values, "padding_fraction": batch.padding_fraction}, batch.num_pairs, weights)
         if mode == "train":  # every real token (prompts counted in both sequences of a pair), as TRL counts
             self._total_train_tokens += batch.input_ids.numel() - batch.num_padding
         loss = out.loss
