@@ -197,13 +197,15 @@ def test_a_sequence_longer_than_the_rows_is_named_when_the_trainer_is_built(tmp_
     rows[6]["chosen"] = " " + " ".join(["word"] * 60)
     pairs = datasets.Dataset.from_list(rows)
     said = r"^row 6, column 'prompt_ids': the "
-    cases = (({"max_length": None, "pack_length": 32}, said + r"sequence is \d+ tokens"),
+    cases = (({"max_length": None, "pack_length": 32}, said + r"sequence is \d+ tokens", "; or set max_length"),
              ({"max_length": 40, "pack_length": 40, "packing": False},
-              said + r"pair \(chosen \+ rejected: packing=False\) is \d+ tokens"))  # fmt: skip
-    for options, expected in cases:
+              said + r"pair \(chosen \+ rejected: packing=False\) is \d+ tokens",
+              ": a pair's row holds both sequences, up to 2 × max_length; or lower max_length (now 40)"))  # fmt: skip
+    for options, expected, fix in cases:  # (the fix said "or set max_length" where it was set)
         args = DPOConfig(**{**common_args(tmp_path, "dpo"), **options})
-        with pytest.raises(DataError, match=expected + r" in the train data but pack_length is \d+"):
+        with pytest.raises(DataError, match=expected + r" in the train data but pack_length is \d+") as error:
             DPOTrainer(model=load(), args=args, train_dataset=pairs, processing_class=tokenizer)
+        assert error.value.fix == f"raise pack_length (or leave it unset){fix}"
     rows[6]["chosen"] = " Maybe."
     args = DPOConfig(**{**common_args(tmp_path, "fits"), "max_length": None, "pack_length": 32, "max_steps": 1})
     DPOTrainer(model=load(), args=args, train_dataset=datasets.Dataset.from_list(rows),

@@ -187,9 +187,11 @@ def check_pack_length(dataset, collator, name: str, dropped: dict | None = None)
     found = _first_over(dataset, columns, capacity, collator.max_length, pairs=not collator.packing)
     if found is not None:
         what = "sequence" if collator.packing else "pair (chosen + rejected: packing=False)"
+        cut = "set max_length" if collator.max_length is None else f"lower max_length (now {collator.max_length})"
+        room = "" if collator.packing else ": a pair's row holds both sequences, up to 2 × max_length"
         raise DataError(f"the {what} is {found[1]} tokens in the {name} data but pack_length is {capacity}",
                         row=_input_row(dataset, found[0], name, dropped), column="prompt_ids",
-                        fix="raise pack_length (or leave it unset), or set max_length")  # fmt: skip
+                        fix=f"raise pack_length (or leave it unset){room}; or {cut}")  # fmt: skip
 
 
 def _first_over(dataset: datasets.Dataset, columns: list[str], limit: int, max_length: int | None,
