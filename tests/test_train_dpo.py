@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 
 import pytest
 import torch
@@ -350,6 +351,16 @@ def test_a_non_finite_step_is_skipped_and_too_many_stop_training(tmp_path):
     assert not torch.equal(snapshots[1], snapshots[2])  # step 3 trained again
     assert [log.get("nonfinite_steps", 0) for log in logs] == [0, 1, 1]
     assert all(torch.isfinite(p).all() for p in policy.parameters())
+    # the skipped step's log: its loss NaN (transformers' filter logged 0.0), its NaN metrics left out (a window
+    # holding it was NaN whole); a window of steps 1-3 averages steps 1 and 3
+    assert math.isnan(logs[1]["loss"]) and "rewards/margins" not in logs[1] and logs[1]["grad_norm"] != 0
+    poison.calls = 0
+    args = DPOConfig(**{**common_args(tmp_path, "window"), "max_steps": 3, "logging_steps": 3})
+    trainer = DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.model.model.norm.register_forward_hook(poison)
+    trainer.train()
+    (window,) = [log for log in trainer.state.log_history if "loss" in log]
+    assert window["nonfinite_steps"] == 1 and math.isfinite(window["loss"]) and math.isfinite(window["rewards/margins"])
 
     poisoned_calls.update(range(1, 100))  # every step from now on: 2 in a row stop with a checkpoint
     poison.calls = 0

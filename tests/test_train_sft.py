@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import re
 
@@ -445,6 +446,8 @@ def test_model_given_as_a_path_and_a_non_finite_step_skipped(tokenizer, tmp_path
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert [log.get("nonfinite_steps", 0) for log in logs] == [0, 1, 1]
     assert all(log["tokens_per_second"] > 0 for log in logs)
+    # the skipped step logs its loss as NaN (transformers' filter: 0.0) and none of its NaN metrics
+    assert math.isnan(logs[1]["loss"]) and "entropy" not in logs[1] and math.isfinite(logs[2]["entropy"])
     assert not torch.equal(before, trainer.model.lm_head.weight)  # steps 1 and 3 trained
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 

@@ -7,8 +7,10 @@
 - ``NumericsGuard``: a Trainer mixin. An optimizer step whose loss (on any micro-batch, any process) or gradient
   norm is not finite is skipped: every gradient is dropped before ``optimizer.step()``, so no parameter and no
   optimizer state moves (the learning-rate schedule still advances, as it does when fp16's scaler skips a step).
-  Skips are counted (``nonfinite_steps`` in the logs, cumulative) and warned about; ``max_nonfinite_steps`` in a
-  row save a checkpoint and stop training with ``NumericsError`` saying what was seen. The decision is the same on
+  Skips are counted (``nonfinite_steps`` in the logs, cumulative) and warned about; a skipped step's metrics are
+  left out of the logged means (its NaNs made a whole logging window's NaN), and a window of skipped steps alone
+  logs its loss as NaN (transformers' filter logged 0.0); ``max_nonfinite_steps`` in a row save a checkpoint, log
+  the count and stop training with ``NumericsError`` saying what was seen. The decision is the same on
   every process: the gradient norm is already global, and the loss flags are reduced across processes.
 """
 
@@ -133,6 +135,17 @@ class StepMetrics:
         self.sums.clear()
         self.weights.clear()
 
+    def mark(self) -> tuple[dict, dict]:
+        """What was added so far, for ``rollback``."""
+        return dict(self.sums), dict(self.weights)
+
+    def rollback(self, mark: tuple[dict, dict] | None) -> None:
+        """Back to ``mark`` (None: nothing added)."""
+        self.clear()
+        if mark is not None:
+            self.sums.update(mark[0])
+            self.weights.update(mark[1])
+
 
 class NumericsGuard:
     """Trainer mixin: skip optimizer steps with a non-finite loss or gradient; stop after too many in a row.
@@ -144,6 +157,8 @@ class NumericsGuard:
     _nonfinite_in_row = 0
     _loss_nonfinite = False
     _guard_message: str | None = None
+    _metrics_mark = None  # the train metrics as the last optimizer step left them (a skipped step's: dropped)
+    _window = (0, 0)  # (steps taken, steps skipped) since the last log
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -162,7 +177,11 @@ class NumericsGuard:
         norm = float(grad_norm) if grad_norm is not None else 0.0
         if math.isfinite(norm) and not bool(bad_loss):
             self._nonfinite_in_row = 0
+            self._window = (self._window[0] + 1, self._window[1])
+            self._metrics_mark = self._step_metrics(mark=True)
             return grad_norm
+        self._step_metrics(mark=False)  # (its NaNs left out of the logged means)
+        self._window = (self._window[0], self._window[1] + 1)
         for parameter in model.parameters():  # a parameter with no gradient is left alone by every torch optimizer
             parameter.grad = None
         self._nonfinite_total += 1
@@ -181,15 +200,39 @@ class NumericsGuard:
             self.control.should_training_stop = True
         return grad_norm
 
+    def _step_metrics(self, *, mark: bool):
+        """The train metrics' state now (``mark``), or back to the last mark (the step skipped): the native
+        trainers' ``StepMetrics``, or SFT's lists of micro-batch values (``num_tokens``: a running total)."""
+        metrics = getattr(self, "_metrics", {}).get("train")
+        if isinstance(metrics, StepMetrics):
+            return metrics.mark() if mark else metrics.rollback(self._metrics_mark)
+        if isinstance(metrics, dict):
+            lengths = self._metrics_mark or {}
+            if mark:
+                return {name: len(values) for name, values in metrics.items()}
+            for name, values in metrics.items():
+                if name != "num_tokens":
+                    del values[lengths.get(name, 0) :]
+        return None
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._nonfinite_total and "loss" in logs:
             logs["nonfinite_steps"] = self._nonfinite_total
+            taken, skipped = self._window
+            if skipped and not taken:  # (every step since the last log skipped: transformers' filter put the running
+                logs["loss"] = float("nan")  # mean of the window's losses there, 0.0 after a log)
+        if "loss" in logs:
+            self._window = (0, 0)
         super().log(logs, start_time)
+        if "loss" in logs:  # (the train metrics were popped: the next steps' start from nothing)
+            self._metrics_mark = None
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         if self._guard_message is not None:
             message, self._guard_message = self._guard_message, None
+            if self._window[1]:  # (the stopping steps were not logged yet: their count is)
+                self.log({"nonfinite_steps": self._nonfinite_total})
             raise NumericsError(message)
         return output
 
