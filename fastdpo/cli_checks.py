@@ -20,7 +20,9 @@ def check_evaluation(run_args, args, *, evaluated_after: bool):
     that ``eval_strategy: no`` never evaluates (lost to training, silently), an evaluation with nothing to evaluate
     on (transformers' traceback), both ways of holding rows out at once; a best checkpoint with no metric to pick it
     by. Returns the run arguments the splits are read with: without a ``dataset_test_split`` that nothing evaluates
-    (TRL's scripts pass no eval split then; a missing one failed the run), said in a warning."""
+    (TRL's scripts pass no eval split then; a missing one failed the run), said in a warning; with the split ``test``
+    where an evaluating run holds nothing out and its data has one or may (a local folder's, a hub dataset's), as
+    TRL's scripts read it by default (``assumed_test_split`` set: see ``no_assumed_split``)."""
     held_out = {"eval_fraction": run_args.eval_fraction, "dataset_test_split": run_args.dataset_test_split}
     given = [key for key, value in held_out.items() if value is not None]
     if len(given) == 2:
