@@ -224,7 +224,7 @@ def _first_rows(source: str, limit: int, text: tuple[str, ...], split: str = "tr
     except (DatasetGenerationError, pyarrow.lib.ArrowException, ValueError) as error:  # (Arrow's parse error)
         raise stream_failure(source, error) from None
     if not rows:
-        raise DataError(f"{source} has no rows", column="data", fix="check the file or the split")
+        raise DataError(f"{source} has no rows", option="data", fix="check the file or the split")
     print(f"fastdpo: the first {len(rows)} rows of {source} (--limit {limit})", file=sys.stderr)
     try:
         return as_dataset(rows)

@@ -29,20 +29,19 @@ def in_cli_terms(error: Exception, *, trains: bool) -> Exception:
             "use reference='separate' (or 'adapter' with PEFT)", "set precompute_ref_log_probs: false")  # fmt: skip
         error = ConfigError(error.message, column=error.column, fix=fix)
     if isinstance(error, DataError) and (error.fix or "").endswith(", or pass format="):  # (a Python option)
-        error = DataError(error.message, row=error.row, column=error.column, fix=error.fix.removesuffix(
-            ", or pass format="))  # fmt: skip
+        error = error.but(fix=error.fix.removesuffix(", or pass format="))
     if isinstance(error, DataError) and "; fastdpo data: " in (error.fix or ""):  # (build_pairs' prompt=...)
         fix = re.sub(r"pass \w+=[^;]*; fastdpo data: ", "pass ", error.fix)
-        error = DataError(error.message, row=error.row, column=error.column, fix=fix)
+        error = error.but(fix=fix)
     if isinstance(error, DataError) and not trains and re.search(_PAIRS_KEYS, f"{error.message} {error.fix}"):
         message, fix = (re.sub(_PAIRS_KEYS, _as_flag, text) for text in (error.message, error.fix or ""))
-        error = DataError(message, row=error.row, column=error.column, fix=fix)  # (build_pairs' dict completions)
+        error = error.but(message=message, fix=fix)  # (build_pairs' dict completions)
     if isinstance(error, DataError) and "fastdpo.data.check_preferences" in (error.fix or ""):  # its commands
         fix = error.fix.replace("fastdpo.data.check_preferences(dataset, tokenizer).filter(dataset)",
                                 "fastdpo data filter FILE OUT --tokenizer TOKENIZER")  # fmt: skip
         fix = fix.replace("fastdpo.data.check_preferences(dataset).filter(dataset)", "fastdpo data filter FILE OUT")
         fix = fix.replace("fastdpo.data.check_preferences", "fastdpo data check FILE")
-        error = DataError(error.message, row=error.row, column=error.column, fix=fix)
+        error = error.but(fix=fix)
     found = re.search(r"(map your column with )?columns=(\{[^}]*\})( in prepare_preferences)?",
                       getattr(error, "fix", None) or "")  # fmt: skip
     if not isinstance(error, DataError) or found is None:
@@ -52,4 +51,4 @@ def in_cli_terms(error: Exception, *, trains: bool) -> Exception:
         option = f"{found.group(1) or ''}dataset_columns: {json.dumps(mapping)} in the YAML"
     else:  # data, compare
         option = f"{found.group(1) or ''}--columns '{json.dumps(mapping)}'"
-    return DataError(error.message, row=error.row, column=error.column, fix=error.fix.replace(found.group(0), option))
+    return error.but(fix=error.fix.replace(found.group(0), option))

@@ -384,7 +384,7 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
             logger.warning("dropped %d training rows: %s (data_quality.md)", sum(dropped.values()), dropped)
         if len(train) == 0 and dropped:  # ("the dataset has no rows, check the file or the split", from tokenizing)
             raise DataError(f"every one of the {sum(dropped.values())} training rows is dropped ({dropped})",
-                            column="data_filter", fix="check the data (fastdpo data check FILE) and the column map "
+                            option="data_filter", fix="check the data (fastdpo data check FILE) and the column map "
                             "(dataset_columns), or data_filter: none to stop at the first such row")  # fmt: skip
         if evaluation is not None:  # (its rows preparation refused are gone already, as the train split's)
             rows = len(evaluation)
@@ -395,7 +395,7 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
             removed_eval = dict(collections.Counter(removed_eval) + collections.Counter(more))  # (the refused too)
             if len(evaluation) == 0:
                 raise DataError(f"every one of the {rows} evaluation rows is dropped ({removed_eval})",
-                                column="data_filter", fix="check the evaluation data (fastdpo data check FILE), or "
+                                option="data_filter", fix="check the evaluation data (fastdpo data check FILE), or "
                                 "data_filter: none")  # fmt: skip
     report = _in_file_rows_of(report, file_rows, gone.get(train_split) or {})
     mixed = f" (a mixture, its datasets' rows one after another: {mixed})" if mixed else ""

@@ -76,7 +76,7 @@ def read_prompts(path: Path) -> list[tuple[str, object]]:
     """(name, prompt) per prompt of a .txt (one a line), .jsonl (``{"prompt": ...}`` a line) or .json file (an
     array of prompts or of ``{"prompt": ...}`` objects); a DataError naming the line or item of a bad one."""
     if not path.is_file():
-        raise ConfigError(f"{path} is neither 'builtin', 'quickstart' nor a file", column="--prompts",
+        raise ConfigError(f"{path} is neither 'builtin', 'quickstart' nor a file", option="--prompts",
                           fix="pass builtin, quickstart, a .txt file (one prompt per line), a .jsonl file with a "
                               "'prompt' field or a .json array of prompts")  # fmt: skip
     from fastdpo.data.local_files import COMPRESSIONS, decompress_errors, not_decompressed, read_data
@@ -84,7 +84,7 @@ def read_prompts(path: Path) -> list[tuple[str, object]]:
     packed = path.suffix.lower() in COMPRESSIONS  # (prompts.jsonl.gz: read as it decompresses)
     suffix = (path.with_suffix("") if packed else path).suffix.lower()
     if suffix not in ("", ".txt", ".jsonl", ".ndjson", ".json"):  # (read as text, a JSON line was one prompt)
-        raise ConfigError(f"{path}: unknown prompts file type {suffix!r}", column="--prompts",
+        raise ConfigError(f"{path}: unknown prompts file type {suffix!r}", option="--prompts",
                           fix="use .txt (one prompt per line), .jsonl or .json (or one of them .gz, .bz2, "
                           ".xz)")  # fmt: skip
     try:  # (a byte-order mark first is no part of a prompt; lines end at \n alone, as JSON Lines readers split)
@@ -96,13 +96,13 @@ def read_prompts(path: Path) -> list[tuple[str, object]]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise DataError(f"{path} is not UTF-8 text (byte {error.start})", column="--prompts",
+        raise DataError(f"{path} is not UTF-8 text (byte {error.start})", option="--prompts",
                         fix="save the file as UTF-8") from None  # fmt: skip
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     if suffix == ".json":
         items = _parse(path, text, "the file", fix='a JSON array of prompts or of {"prompt": ...} objects')
         if not isinstance(items, list):
-            raise DataError(f"{path} holds a JSON {type(items).__name__}, not an array", column="--prompts",
+            raise DataError(f"{path} holds a JSON {type(items).__name__}, not an array", option="--prompts",
                             fix='write [{"prompt": "..."}, ...] or ["...", ...]')  # fmt: skip
         records = [(f"item {i}", i - 1, item) for i, item in enumerate(items, 1)]
     elif suffix in (".jsonl", ".ndjson"):  # a {"prompt": ...} object a line, or a prompt itself (as a .json array's)
@@ -113,7 +113,7 @@ def read_prompts(path: Path) -> list[tuple[str, object]]:
         records = [(f"line {i}", i - 1, line) for i, line in enumerate(lines, 1) if line.strip()]
     prompts = [(name, _record_prompt(path, name, row, record)) for name, row, record in records]
     if not prompts:
-        raise DataError(f"{path} holds no prompt", column="--prompts", fix="one prompt per line")
+        raise DataError(f"{path} holds no prompt", option="--prompts", fix="one prompt per line")
     return prompts
 
 

@@ -26,7 +26,10 @@ class _UserError(ValueError):
         row: int | None = None,
         column: str | None = None,
         fix: str | None = None,
+        option: str | None = None,
     ) -> None:
+        if option is not None:  # (a data problem found under a setting: said as "option 'data_filter'")
+            column, self._place = option, "option"
         if message.startswith("Caught ") and "\nOriginal Traceback" in message and row is column is fix is None:
             # torch re-raising it from a DataLoader worker with the worker's traceback as its message: its own line
             message = message.rstrip("\n").rsplit("\n", 1)[-1].split(": ", 1)[-1]
@@ -47,17 +50,26 @@ class _UserError(ValueError):
             text = f"{text} — {self.fix}"
         return text
 
+    def but(self, **changes) -> _UserError:
+        """This error with ``changes`` (``message``, ``row``, ``column``, ``fix``), of its type and said at the same
+        kind of place (a DataError under an option stays one)."""
+        fields = {"message": self.message, "row": self.row, "column": self.column, "fix": self.fix, **changes}
+        message, place = fields.pop("message"), "option" if self._place != type(self)._place else "column"
+        fields[place] = fields.pop("column")
+        return type(self)(message, **fields)
+
     def __reduce__(self):
         # Keep the fields when the error crosses a process boundary (dataloader workers, multiprocessing)
-        return (_rebuild, (type(self), self.message, self.row, self.column, self.fix))
+        return (_rebuild, (type(self), self.message, self.row, self.column, self.fix, self._place))
 
 
-def _rebuild(cls, message, row, column, fix):
-    return cls(message, row=row, column=column, fix=fix)
+def _rebuild(cls, message, row, column, fix, place="column"):
+    where = {"option": column} if place != cls._place else {"column": column}  # (a DataError under an option too)
+    return cls(message, row=row, fix=fix, **where)
 
 
 class DataError(_UserError):
-    """Something is wrong with a dataset: a row, a column, a file."""
+    """Something is wrong with a dataset: a row, a column, a file (``option``: found under a setting, said so)."""
 
 
 class ConfigError(_UserError):

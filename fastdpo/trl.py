@@ -245,7 +245,7 @@ def _count_dropped(given, prepared, name: str, why: str, max_length: int | None,
         return
     if len(prepared) == 0 and needed:
         raise DataError(f"no {unit[:-1]} of the {name} data is left to {'train' if name == 'train' else 'evaluate'} "
-                        f"on: all {gone} were dropped, {why}", column=f"{name}_dataset",
+                        f"on: all {gone} were dropped, {why}", option=f"{name}_dataset",
                         fix=fix or f"raise max_length (now {max_length}), set truncation_mode='keep_end', or shorten "
                         f"the prompts{'; give each row a completion (a token with a loss)' if unit == 'rows' else ''}"
                         )  # fmt: skip

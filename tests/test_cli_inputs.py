@@ -271,7 +271,7 @@ def test_a_run_whose_every_row_is_dropped(workdir, capsys):  # noqa: F811
     # loaded"; SFT: every row refused gave the first row's error alone, "drop the row"
     jsonl(workdir / "same.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "a"}] * 2)
     said = command_error(capsys, "dpo", "--config", "run.yaml", "--dataset_name", "same.jsonl")
-    assert said == ("fastdpo: error: column 'data_filter': every one of the 2 training rows is dropped ({'identical': "
+    assert said == ("fastdpo: error: option 'data_filter': every one of the 2 training rows is dropped ({'identical': "
                     "2}) — check the data (fastdpo data check FILE) and the column map (dataset_columns), or "
                     "data_filter: none to stop at the first such row")  # fmt: skip
     jsonl(workdir / "sft.jsonl", [{"prompt": f"q{i}", "completion": ""} for i in range(3)])

@@ -26,6 +26,28 @@ def test_config_error_suggests_the_close_match():
     assert "use one of 'sigmoid', 'ipo'" in str(far)
 
 
+def test_a_data_problem_under_a_setting_names_the_option_through_copies_and_processes(tmp_path):
+    # "column 'data_filter'" beside ConfigErrors' "option 'eval_strategy'" read as a data column
+    err = DataError("every one of the 2 training rows is dropped", option="data_filter", fix="check the data")
+    assert str(err) == "option 'data_filter': every one of the 2 training rows is dropped — check the data"
+    assert err.column == "data_filter"  # (code reading the place still finds it there)
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is DataError and str(again) == str(err)
+    moved = err.but(message="datasets[0]: no rows", column="datasets[0].split")  # (a mixture's re-raise)
+    assert str(moved) == "option 'datasets[0].split': datasets[0]: no rows — check the data"
+    assert str(DataError("is empty", row=3, column="chosen").but(row=7)) == "row 7, column 'chosen': is empty"
+    assert str(ConfigError("too big", column="beta").but(fix="lower it")) == "option 'beta': too big — lower it"
+    # a local file's missing split, from the mixture that read it
+    from fastdpo.data.load import load_data
+    from fastdpo.data.mixture import load_mixture, parts_of
+
+    (tmp_path / "a.jsonl").write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n')
+    with pytest.raises(DataError, match=r"^option 'split': .*a\.jsonl is one file"):
+        load_data(tmp_path / "a.jsonl", split="test")
+    with pytest.raises(DataError, match=r"^option 'datasets\[0\]\.split': datasets\[0\] .*is one file"):
+        load_mixture(parts_of([{"path": str(tmp_path / "a.jsonl"), "split": "test"}]))
+
+
 def test_atomic_write_replaces_whole_files(tmp_path):
     target = tmp_path / "sub" / "out.json"
     atomic_write(target, '{"a": 1}')

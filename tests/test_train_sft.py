@@ -388,7 +388,7 @@ def test_packing_that_cuts_every_completion_away_is_refused_and_a_partial_loss_i
     # packing cuts each sequence to max_length (as TRL): a prompt longer than that leaves no completion token
     long = [{"prompt": "word " * 40, "completion": " end"}] * 4
     args = SFTConfig(**common_args(tmp_path, "cut", packing=True, max_length=8))
-    with pytest.raises(DataError, match="column 'max_length': no completion token is left in the packed train rows"):
+    with pytest.raises(DataError, match="option 'max_length': no completion token is left in the packed train rows"):
         SFTTrainer(load(), args=args, train_dataset=datasets.Dataset.from_list(long), processing_class=tokenizer)
     short = [{"prompt": "a", "completion": " b"}] * 2
     with caplog.at_level("WARNING", logger="fastdpo"):

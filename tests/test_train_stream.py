@@ -452,6 +452,6 @@ def test_a_train_stream_whose_every_row_is_dropped_is_an_error_not_a_finished_ru
     )
     trainer = DPOTrainer(load(), ref_model=load(), args=DPOConfig(**common_args(tmp_path, "dropped")),
                          train_dataset=rows.to_iterable_dataset(), processing_class=tokenizer)  # fmt: skip
-    with pytest.raises(DataError, match="column 'train_dataset': the train stream gave no batch: every row read was"):
+    with pytest.raises(DataError, match="option 'train_dataset': the train stream gave no batch: every row read was"):
         trainer.train()
     assert trainer.dropped_rows["train"] == {"prompt_fills_max_length": list(range(6))}

@@ -130,7 +130,7 @@ def test_a_set_trls_max_length_drop_empties_is_named_and_a_part_dropped_said(dat
                                   ({"eval_strategy": "steps"}, "eval_train_dataset", {"train": held_out})):  # fmt: skip
         short = min(lengths) if column == "train_dataset" else max(lengths) + 1  # (the eval set's are longer)
         args = trl.DPOConfig(**{**common_args(tmp_path, "x"), "max_length": short}, **options)
-        with pytest.raises(DataError, match=f"^column '{column}': no pair of the .* data is left"):
+        with pytest.raises(DataError, match=f"^option '{column}': no pair of the .* data is left"):
             dropin.DPOTrainer(load(), ref_model=load(), args=args, train_dataset=data, eval_dataset=sets,
                               processing_class=tokenizer)  # fmt: skip
     # an eval set nothing evaluates (eval_strategy "no"): trained on, as TRL trains, the drop said

@@ -146,7 +146,7 @@ def _saved(path: Path, split: str | None):
     saved = datasets.load_from_disk(str(path))
     if isinstance(saved, datasets.Dataset) and split not in (None, "train"):
         raise DataError(f"{path} is one saved Dataset, whose one split is 'train': there is no split {split!r}",
-                        column="split", fix="save a DatasetDict with that split (DatasetDict({'train': ..., "
+                        option="split", fix="save a DatasetDict with that split (DatasetDict({'train': ..., "
                         f"{split!r}: ...}}).save_to_disk), or hold rows out of it (eval_fraction)")  # fmt: skip
     return saved
 
@@ -220,7 +220,7 @@ def split_files(folder: Path) -> dict[str, list[Path]]:
 def _split_file(folder: Path, files: dict[str, list[Path]], split: str) -> list[Path]:
     if split not in files:
         raise DataError(f"{folder} has no file for split {split!r} (its splits: {', '.join(files)})",
-                        column="split", fix=f"name it {split}.jsonl (or .json, .parquet, .csv, .tsv), or pick one "
+                        option="split", fix=f"name it {split}.jsonl (or .json, .parquet, .csv, .tsv), or pick one "
                         "of its splits")  # fmt: skip
     return files[split]
 
@@ -471,7 +471,7 @@ def _pick_split(data, split: str, name: str):
 def _one_split(path: Path, split: str | None) -> None:
     """A local file is one split, ``train`` (as ``datasets`` names it): another name is a mistake, not that split."""
     if split not in (None, "train"):
-        raise DataError(f"{path} is one file, whose one split is 'train': there is no split {split!r}", column="split",
+        raise DataError(f"{path} is one file, whose one split is 'train': there is no split {split!r}", option="split",
                         fix="give a folder with one file per split (train.jsonl, test.jsonl: fastdpo data split "
                             "writes them), or hold rows out with eval_fraction (not on a stream)")  # fmt: skip
 

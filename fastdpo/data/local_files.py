@@ -153,7 +153,7 @@ def renamed(error: DataError, copy: Path, path: Path) -> DataError:
     if copy == path:
         return error
     message, fix = (text.replace(str(copy), str(path)) if text else text for text in (error.message, error.fix))
-    return DataError(message, row=error.row, column=error.column, fix=fix)
+    return error.but(message=message, fix=fix)
 
 
 @contextlib.contextmanager

@@ -138,7 +138,7 @@ def load_mixture(parts: list[Part], *, text: tuple[str, ...] = (), streaming: bo
         loaded = [data.select(range(round(share * size))) for data, share in zip(loaded, shares, strict=True)]
     sizes = [None if streaming else len(data) for data in loaded]
     if not streaming and not sum(sizes):
-        raise DataError("the mixture has no rows", column="datasets", fix="check each dataset's path and split")
+        raise DataError("the mixture has no rows", option="datasets", fix="check each dataset's path and split")
     return _concatenated([(part.label, part.where, data) for part, data in zip(parts, loaded, strict=True)]), sizes
 
 
@@ -222,7 +222,7 @@ def _read_split(part: Part, path: str, split: str, text: tuple[str, ...], stream
         column = {"split": f"{part.where}.split"}.get(error.column, error.column)  # (as the mixture names it)
         fix = (error.fix or "").replace("eval_fraction", "test_split_size") or None
         said = f"{part.label}: {error.message}"
-        raise type(error)(said, row=getattr(error, "row", None), column=column, fix=fix) from None
+        raise error.but(message=said, column=column, fix=fix) from None
 
 
 _SLICE = re.compile(r"(?P<name>[^\[\]+]+)\[(?P<start>-?[\d_]+)?(?P<start_pct>%)?:(?P<stop>-?[\d_]+)?(?P<stop_pct>%)?\]"

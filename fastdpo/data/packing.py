@@ -527,7 +527,7 @@ def check_packed_labels(dataset: datasets.Dataset, name: str, max_length: int) -
     labelled = len(pc.unique(pc.filter(pc.list_parent_indices(labels), kept)))
     if labelled == 0:
         raise DataError(f"no completion token is left in the packed {name} rows: packing cut every sequence to "
-                        f"max_length={max_length} before its completion", column="max_length",
+                        f"max_length={max_length} before its completion", option="max_length",
                         fix="raise max_length, shorten the prompts, or packing_strategy='bfd_split'")  # fmt: skip
     if labelled < len(dataset):
         logger.warning("%d of %d packed %s rows hold no completion token (their sequences were cut to max_length=%d "

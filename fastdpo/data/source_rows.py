@@ -45,5 +45,4 @@ def rows_of(split: str) -> Iterator[None]:
     except DataError as error:
         if error.row is None or split not in (_SOURCE_ROWS.get() or {}):
             raise
-        raise type(error)(error.message, row=source_rows(split, [error.row])[0], column=error.column,
-                          fix=error.fix) from None  # fmt: skip
+        raise error.but(row=source_rows(split, [error.row])[0]) from None

@@ -124,7 +124,7 @@ def first_row(dataset: datasets.IterableDataset, name: str = "train") -> dict:
         return next(iter(dataset))
     except StopIteration:
         fix = "check the files or the split you stream, and any filter applied to it"
-        raise DataError(f"the {name} stream has no rows", column=f"{name}_dataset", fix=fix) from None
+        raise DataError(f"the {name} stream has no rows", option=f"{name}_dataset", fix=fix) from None
 
 
 def is_tokenized(row: dict) -> bool:

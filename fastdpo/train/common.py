@@ -398,7 +398,7 @@ def report_dropped(dropped: dict[str, list[int]], before: int, after: int, split
         raise DataError(
             f"no row of the {split} data is left to {'train' if split == 'train' else 'evaluate'} on: all {before} "
             f"were dropped, {reasons}",
-            column=f"{split}_dataset",
+            option=f"{split}_dataset",
             fix=f"raise max_length (now {max_length}), set truncation_mode='keep_end', or shorten the prompts",
         )
     if _first_process():  # (every process prepares the data: said once)
@@ -498,7 +498,7 @@ def train_reporting_streams(trainer, train, *args, **kwargs):
     if trainer.state.global_step == 0 and isinstance(trainer.train_dataset, datasets.IterableDataset):
         raise DataError(
             "the train stream gave no batch: every row read was dropped (dropped_rows says why)",
-            column="train_dataset",
+            option="train_dataset",
             fix="check the data (fastdpo data check FILE), or raise max_length",
         )
     return output
