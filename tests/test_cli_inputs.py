@@ -506,3 +506,18 @@ def test_a_hub_dataset_without_the_split_test_an_evaluating_run_assumed(workdir,
     ), said
     assert said.endswith("— set dataset_test_split to one of its splits, or eval_fraction to hold rows out of train, "
                          "or eval_strategy: no")  # fmt: skip
+
+
+def test_eval_fraction_out_of_range_is_named_as_the_runs_key(tmp_path):
+    # it was refused as option 'test_size', a name the config does not have, after the data had loaded
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_checks import check_evaluation
+    from fastdpo.errors import ConfigError
+    from fastdpo.train import DPOConfig
+
+    args = DPOConfig(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=1, report_to=[])
+    for bad in (1.5, 0, -0.1):
+        with pytest.raises(ConfigError, match=rf"option 'eval_fraction': must be a fraction .* got {bad!r}"):
+            check_evaluation(RunArguments(eval_fraction=bad), args, evaluated_after=False)
+    for good in (0.25, 3):
+        check_evaluation(RunArguments(eval_fraction=good), args, evaluated_after=False)

@@ -237,21 +237,6 @@ def test_one_run_at_a_time_in_a_run_directory(workdir, tmp_path, monkeypatch, ca
     assert done.returncode == 2 and "another run is using" in done.stderr and not (workdir / "locked").exists()
 
 
-def test_eval_fraction_out_of_range_is_named_as_the_runs_key(tmp_path):
-    # it was refused as option 'test_size', a name the config does not have, after the data had loaded
-    from fastdpo.cli import RunArguments
-    from fastdpo.cli_checks import check_evaluation
-    from fastdpo.errors import ConfigError
-    from fastdpo.train import DPOConfig
-
-    args = DPOConfig(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=1, report_to=[])
-    for bad in (1.5, 0, -0.1):
-        with pytest.raises(ConfigError, match=rf"option 'eval_fraction': must be a fraction .* got {bad!r}"):
-            check_evaluation(RunArguments(eval_fraction=bad), args, evaluated_after=False)
-    for good in (0.25, 3):
-        check_evaluation(RunArguments(eval_fraction=good), args, evaluated_after=False)
-
-
 def test_evaluation_without_a_held_out_setting_reads_the_split_test_as_trls_scripts(workdir, monkeypatch, capsys,  # noqa: F811
                                                                                       caplog):  # fmt: skip
     # TRL's scripts evaluate on the split 'test' (ScriptArguments.dataset_test_split's default): an unchanged TRL

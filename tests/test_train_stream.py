@@ -455,3 +455,24 @@ def test_a_train_stream_whose_every_row_is_dropped_is_an_error_not_a_finished_ru
     with pytest.raises(DataError, match="option 'train_dataset': the train stream gave no batch: every row read was"):
         trainer.train()
     assert trainer.dropped_rows["train"] == {"prompt_fills_max_length": list(range(6))}
+
+
+def test_a_stream_counts_written_message_lists_and_repeated_prompts(caplog):
+    # a stream's rows are read as training goes: the two warnings prepare_preferences gives over the whole set were
+    # never given for a stream; its rows are counted under flagged_rows and logged at the first of each
+    written = json.dumps([{"role": "user", "content": "2+2?"}])
+    prompt = "\n\nHuman: Sky?\n\nAssistant:"
+    pairs = [
+        {"prompt": "Sky?", "chosen": " Blue.", "rejected": " Green."},
+        {"prompt": written, "chosen": "4", "rejected": "5"},
+        {"prompt": prompt, "chosen": prompt + " Blue.", "rejected": prompt + " Green."},
+        {"prompt": "p", "chosen": str([{"role": "assistant", "content": "4"}]), "rejected": "[{ a bracket"},
+    ]
+    with caplog.at_level(logging.WARNING, logger="fastdpo.data.stream"):
+        stream = prepare_stream(datasets.Dataset.from_list(pairs).to_iterable_dataset(), build_tiny_tokenizer(),
+                                max_length=None)  # fmt: skip
+        assert len(list(stream.dataset)) == 4  # (trained on as they are)
+    assert stream.flagged_rows == {"messages_written_as_text": [1, 3], "prompt_repeated_in_completions": [2]}
+    assert "train stream: row 1 trained on as it is (messages_written_as_text: a message list written as text" \
+        in caplog.text  # fmt: skip
+    assert "2 flagged as messages_written_as_text, trained on (rows 1, 3)" in stream.summary()
