@@ -50,22 +50,26 @@ class _UserError(ValueError):
             text = f"{text} — {self.fix}"
         return text
 
-    def but(self, **changes) -> _UserError:
-        """This error with ``changes`` (``message``, ``row``, ``column``, ``fix``), of its type and said at the same
-        kind of place (a DataError under an option stays one)."""
-        fields = {"message": self.message, "row": self.row, "column": self.column, "fix": self.fix, **changes}
-        message, place = fields.pop("message"), "option" if self._place != type(self)._place else "column"
-        fields[place] = fields.pop("column")
-        return type(self)(message, **fields)
+    def _fields(self) -> dict:
+        """The keyword arguments that make this error again (a DataError under an option: ``option``)."""
+        place = "option" if self._place != type(self)._place else "column"
+        return {"row": self.row, place: self.column, "fix": self.fix}
+
+    def but(self, message: str | None = None, **changes) -> _UserError:
+        """This error with ``changes`` (``row``, ``column``, ``fix``) and its ``message``, of its type and said at
+        the same kind of place (a DataError under an option stays one)."""
+        fields = self._fields()
+        if "option" in fields and "column" in changes:
+            changes["option"] = changes.pop("column")
+        return type(self)(self.message if message is None else message, **{**fields, **changes})
 
     def __reduce__(self):
         # Keep the fields when the error crosses a process boundary (dataloader workers, multiprocessing)
-        return (_rebuild, (type(self), self.message, self.row, self.column, self.fix, self._place))
+        return (_rebuild, (type(self), self.message, self._fields()))
 
 
-def _rebuild(cls, message, row, column, fix, place="column"):
-    where = {"option": column} if place != cls._place else {"column": column}  # (a DataError under an option too)
-    return cls(message, row=row, fix=fix, **where)
+def _rebuild(cls, message, fields):
+    return cls(message, **fields)
 
 
 class DataError(_UserError):

@@ -221,11 +221,9 @@ class NumericsGuard:
             taken, skipped = self._window
             if skipped and not taken:  # (every step since the last log skipped: transformers' filter put the running
                 logs["loss"] = float("nan")  # mean of the window's losses there, 0.0 after a log)
-        if "loss" in logs:
-            self._window = (0, 0)
         super().log(logs, start_time)
-        if "loss" in logs:  # (the train metrics were popped: the next steps' start from nothing)
-            self._metrics_mark = None
+        if "loss" in logs:  # (a train log: its window is over, its metrics popped; the next steps' start from nothing)
+            self._window, self._metrics_mark = (0, 0), None
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
