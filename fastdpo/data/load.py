@@ -45,6 +45,7 @@ from fastdpo.data.local_files import (
     SAID_SUFFIXES,
     builder_of,
     check_csv_cells,
+    checked_csv_records,
     csv_options,
     decompress_errors,
     extra_fields_fix,
@@ -319,12 +320,24 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
 
 def _named_failures(stream, path: str, shown: str) -> Iterator[dict]:
     """The rows of ``stream`` (of the local file ``path``, which the user gave as ``shown``: its decompressed copy,
-    or itself); a failure to read one as ``load_data`` names it."""
+    or itself); a failure to read one as ``load_data`` names it. A CSV file's records are checked as ``load_data``
+    checks them ahead (``check_csv_cells``), each before its row is given."""
+    copy = Path(path)
+    kind = builder_of(copy)
+    checked = checked_csv_records(copy) if kind == "csv" else None
     try:
-        yield from stream
+        with quiet_reader():  # (held while the stream is read: a failure is said by the DataError below)
+            for row in stream:
+                if checked is not None and next(checked, True) is True:  # (its records checked: the file's end)
+                    checked = None
+                yield row
+    except DataError as error:  # (the check's)
+        raise renamed(error, copy, Path(shown)) from None
     except (DatasetGenerationError, ValueError) as error:  # (pandas' ParserError is a ValueError)
-        copy = Path(path)
-        raise renamed(_unreadable(copy, builder_of(copy), error), copy, Path(shown)) from None
+        raise renamed(_unreadable(copy, kind, error), copy, Path(shown)) from None
+    with named_as(copy, Path(shown)):
+        for _ in checked or ():  # (records pandas did not read as rows)
+            pass
 
 
 def _streamed_json(path: str, shown: str) -> Iterator[dict]:

@@ -15,7 +15,6 @@ import csv
 import hashlib
 import logging
 import os
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -201,44 +200,64 @@ def check_csv_cells(path: Path) -> None:
     that quotes nothing writes it), read as ``Hi, she said``; more cells than the header names, not all empty
     (pandas took the first ones of every row as an index, the others shifted under the wrong names; ``csv_options``
     keeps it from that, dropping the extra cells: a trailing delimiter's empty ones are no loss)."""
+    for _ in checked_csv_records(path):
+        pass
+
+
+def checked_csv_records(path: Path) -> Iterator[None]:
+    """``check_csv_cells`` record by record: one step per record after the header that is not a blank line (a row,
+    as pandas reads them), each checked before it is yielded (a stream checks its rows as it reads them)."""
+    with open(readable(path), newline="", encoding="utf-8-sig", errors="replace") as file:
+        rows = csv.reader(file, delimiter=_delimiter(path), strict=True)
+        header = None
+        while True:
+            start = rows.line_num + 1  # the first line of the record being read
+            with _wide_cells():  # (a cell over the csv module's 128 KiB ended the check: pandas reads it)
+                try:
+                    row = next(rows, None)
+                except csv.Error as error:
+                    if "expected after" not in str(error):  # (an unclosed quote: pandas refuses it itself)
+                        return
+                    raise DataError(f"{path}: line {start}: a cell that starts with a quote goes on past its "
+                                    "closing quote, and would be read without its quotes",
+                                    fix='quote the whole cell, with each quote in it doubled ("""Hi,"" she said"), '
+                                    "or write the file with a writer that quotes its cells (csv, pandas' to_csv)"
+                                    ) from None  # fmt: skip
+            if row is None:
+                return
+            if header is None:
+                header = row if "".join(row).strip() else None  # (as csv_header finds it)
+                continue
+            if len(row) > len(header) and any(cell.strip() for cell in row[len(header) :]):
+                raise DataError(f"{path}: line {start}: {len(row)} fields where the header has {len(header)}",
+                                fix=extra_fields_fix(path))  # fmt: skip
+            if row:  # (pandas skips a blank line)
+                yield
+
+
+@contextlib.contextmanager
+def _wide_cells() -> Iterator[None]:
     limit = csv.field_size_limit()
-    csv.field_size_limit(2**31 - 1)  # (a cell over the module's 128 KiB ended the check: pandas reads it)
-    start = 1  # the first line of the record being read
+    csv.field_size_limit(2**31 - 1)
     try:
-        with open(readable(path), newline="", encoding="utf-8-sig", errors="replace") as file:
-            rows = csv.reader(file, delimiter=_delimiter(path), strict=True)
-            header = None
-            for row in rows:
-                if header is None:
-                    header = row if "".join(row).strip() else None  # (as csv_header finds it)
-                elif len(row) > len(header) and any(cell.strip() for cell in row[len(header) :]):
-                    raise DataError(f"{path}: line {start}: {len(row)} fields where the header has {len(header)}",
-                                    fix=extra_fields_fix(path))  # fmt: skip
-                start = rows.line_num + 1
-    except csv.Error as error:
-        if "expected after" not in str(error):  # (an unclosed quote: pandas refuses it itself)
-            return
-        raise DataError(f"{path}: line {start}: a cell that starts with a quote goes on past its closing quote, and "
-                        "would be read without its quotes",
-                        fix='quote the whole cell, with each quote in it doubled ("""Hi,"" she said"), or write '
-                        "the file with a writer that quotes its cells (csv, pandas' to_csv)") from None  # fmt: skip
+        yield
     finally:
         csv.field_size_limit(limit)
 
 
 @contextlib.contextmanager
 def quiet_reader() -> Iterator[None]:
-    """Within, left unsaid: datasets' JSON reader's log of a failure (it names a compressed file's copy; fastdpo's
-    DataError says the failure), pandas' warning of a CSV row's empty cells past the header (dropped: no loss)."""
-    logger = logging.getLogger("datasets.packaged_modules.json.json")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """Within, left unsaid: datasets' JSON and CSV readers' logs of a failure (they name a compressed file's copy;
+    fastdpo's DataError says the failure)."""
+    loggers = [logging.getLogger(f"datasets.packaged_modules.{kind}.{kind}") for kind in ("json", "csv")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Length of header or names does not match length of data")
-            yield
+        yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def extra_fields_fix(path: Path) -> str:
@@ -258,6 +277,7 @@ def csv_options(path: Path, kind: str, text: Iterable[str]) -> dict:
         "converters": {name: str for name in header if name in text},
         "keep_default_na": False,
         "index_col": False,  # (pandas' default takes a row's cells past the header's as an index: see check_csv_cells)
+        "usecols": list(range(len(header))),  # (a row's cells past the header's: refused, or empty; dropped unsaid)
         "na_values": {name: [""] if name in text else sorted(_PANDAS_MISSING) for name in header},
     }
 
