@@ -42,7 +42,7 @@ def check_evaluation(run_args, args, *, evaluated_after: bool):
         raise ConfigError("save_strategy 'best' saves at the best evaluation by a metric, and none is set",
                           column="metric_for_best_model", fix="set it, e.g. eval_rewards/accuracies")  # fmt: skip
     if strategy != "no" and not given:
-        tests = _test_split_of(run_args)
+        tests = test_split_of(run_args)
         if tests:  # TRL's scripts' dataset_test_split ('test', their default), where the data has it or may have it
             said = logger.info if tests == "found" else logger.warning  # (a hub dataset's splits: found on loading)
             said(
@@ -82,7 +82,7 @@ def no_assumed_split(run_args):
                           "train, or eval_strategy: no") from None  # fmt: skip
 
 
-def _test_split_of(run_args) -> str | None:
+def test_split_of(run_args) -> str | None:
     """``"found"`` where the run's data is a local folder with a split ``test``, ``"hub"`` where it is a hub name
     (its splits known when it is read), None otherwise (one file, a mixture, a folder without one)."""
     from fastdpo.data.load import folder_splits, is_local

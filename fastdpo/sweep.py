@@ -4,7 +4,8 @@
                   [--samples 2] [--kl-prompts 32] [--overwrite | --resume] [--field value ...]
 
 The config is the one ``fastdpo dpo`` takes (flags after the sweep's own override its fields) and must hold out
-evaluation data (``eval_fraction`` or ``dataset_test_split``). Each β trains in ``<out>/beta_<β>/`` with
+evaluation data (``eval_fraction`` or ``dataset_test_split``; without either, the split ``test`` of a folder that has
+one or of a hub dataset, TRL's scripts' default). Each β trains in ``<out>/beta_<β>/`` with
 ``precompute_ref_log_probs`` on and one shared ``<out>/ref_cache/``: the reference's log-probs over the training
 and evaluation rows are computed by the first run and read from disk by the others.
 
@@ -200,7 +201,7 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
 def main(argv: list[str] | None = None) -> int:
     from fastdpo.atomic import atomic_write
     from fastdpo.cli import load_config
-    from fastdpo.cli_checks import check_evaluation
+    from fastdpo.cli_checks import check_evaluation, test_split_of
     from fastdpo.compare import check_counts
     from fastdpo.ops import REFERENCE_FREE
 
@@ -244,10 +245,17 @@ def main(argv: list[str] | None = None) -> int:
             fix=f"set {key}: false for the sweep",
         )
     if run_args.eval_fraction is None and run_args.dataset_test_split is None:
-        key, fix = ("test_split_size", "set test_split_size (e.g. 0.1)") if run_args.datasets else (
-            "eval_fraction", "set eval_fraction (e.g. 0.1) or dataset_test_split")  # fmt: skip
-        raise ConfigError("a sweep compares the runs on held-out pairs, and the config holds none out", column=key,
-                          fix=fix)  # fmt: skip
+        if not test_split_of(run_args):
+            key, fix = ("test_split_size", "set test_split_size (e.g. 0.1)") if run_args.datasets else (
+                "eval_fraction", "set eval_fraction (e.g. 0.1) or dataset_test_split")  # fmt: skip
+            raise ConfigError("a sweep compares the runs on held-out pairs, and the config holds none out", column=key,
+                              fix=fix)  # fmt: skip
+        # TRL's scripts' dataset_test_split ('test'), as a run that evaluates reads it; given to every β's run
+        print(f"fastdpo sweep: the held-out pairs are the split 'test' of {run_args.dataset_name}, as TRL's scripts "
+              "read it (dataset_test_split's default); set dataset_test_split or eval_fraction to choose",
+              file=sys.stderr)  # fmt: skip
+        flags = [*flags, "--dataset_test_split", "test"]
+        run_args, run_config = load_config(known, flags)
     check_evaluation(run_args, run_config, evaluated_after=True)  # (each run's own check: before a β's folder is made)
     free = sorted(REFERENCE_FREE.intersection(run_config.loss_type))
     if free:

@@ -331,6 +331,17 @@ def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, cap
     assert "--beta" in capsys.readouterr().err
     assert cli(["sweep", "--config", str(config), "--beta", "0.1,0.2", "--out", str(tmp_path / "b")]) == 2
     assert "eval_fraction" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    # a folder with a split 'test': its pairs held out, as a run that evaluates reads them (TRL's scripts' default);
+    # it was refused as holding none out (here the empty model folder ends it: a β's run got past the checks)
+    for folder in ("pairs", "empty_model"):
+        (tmp_path / folder).mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "pairs" / f"{split}.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "t"), "--dataset_name",
+                str(tmp_path / "pairs"), "--model_name_or_path", str(tmp_path / "empty_model")]) == 2  # fmt: skip
+    said = capsys.readouterr().err
+    assert f"the held-out pairs are the split 'test' of {tmp_path / 'pairs'}, as TRL's scripts read it" in said
+    assert "empty_model" in said and "holds none out" not in said
     for held in ("0.0", "1.5", "-1", "nan"):  # (refused by the first run, after its beta_0.1 folder was made)
         assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "h"),
                     "--eval_fraction", held]) == 2  # fmt: skip
