@@ -359,7 +359,7 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
             split = functools.partial(split_pairs, prepared=prepared)
         else:  # (the parts prepared under the run's column map, as the split's keys were)
             split, part_columns = functools.partial(split_sft_rows, columns=columns, text_field=text_field), columns
-        given, held_out = _held_out(split, _numbered(loaded, range(len(loaded))), run_args.eval_fraction, seed)
+        given, held_out = held_out_split(split, _numbered(loaded, range(len(loaded))), run_args.eval_fraction, seed)
         with row_warnings_said():  # (the split gave them, for every row)
             train = _in_file_rows(prepare, given, split=train_split, columns=part_columns)
             evaluation = _in_file_rows(prepare, held_out, split="eval", columns=part_columns)
@@ -467,7 +467,7 @@ def _in_file_rows(prepare, part, *, split: str, columns: dict | None = None):
         raise type(error)(error.message, row=rows[error.row], column=error.column, fix=error.fix) from None
 
 
-def _held_out(split, dataset, fraction: float, seed: int):
+def held_out_split(split, dataset, fraction: float, seed: int):
     """``split(dataset)`` by ``eval_fraction``: a fraction in (0, 1), or a whole number of rows (``5.0`` as the flag
     reads it too); its errors under the name ``eval_fraction``."""
     test_size = int(fraction) if fraction >= 1 and float(fraction).is_integer() else fraction

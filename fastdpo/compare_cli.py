@@ -6,6 +6,7 @@ run's, in the folder above it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from fastdpo.compare import (
     write_report,
 )
 from fastdpo.data.hub_config import hub_config
-from fastdpo.errors import ConfigError
+from fastdpo.errors import ConfigError, DataError
 
 
 def _columns(text: str) -> dict:
@@ -47,14 +48,19 @@ def run_settings(policy: Path) -> tuple[dict, Path]:
 
 def pairs_split(pairs: Path, split: str | None, recorded: dict, path: Path) -> str | None:
     """The split of a folder or hub dataset of several that ``--pairs`` names to read (None for one file, one saved
-    Dataset, a folder of one split, or a path that is not there, which loading names): ``--pairs-split``, else the
-    run's ``dataset_test_split`` (``path``: where it is recorded); a ConfigError where neither says (it read the
-    training split and called it held out)."""
-    from fastdpo.data.load import folder_splits
-    from fastdpo.data.local_files import builder_of
+    Dataset, a folder or hub dataset of one split, or a local path that is not there, which loading names):
+    ``--pairs-split``, else the run's ``dataset_test_split`` (``path``: where it is recorded); a ConfigError where
+    neither says (it read the training split and called it held out). A hub dataset's splits are asked of the hub
+    (in ``hub_config``'s configuration): a name it has not is named so at once (it was asked for a split first)."""
+    from fastdpo.data.hub import hub_split_names
+    from fastdpo.data.load import folder_splits, is_local
 
-    splits = folder_splits(pairs)  # (a hub name's are not known here)
-    missing = not pairs.exists() and builder_of(pairs) is not None  # (a file's name: loading says so)
+    splits = folder_splits(pairs)
+    if splits is None and not is_local(pairs) and split is None and recorded.get("dataset_test_split") is None:
+        splits = hub_split_names(str(pairs))  # (only where no split is named: loading checks a named one)
+        if len(splits) == 1:
+            return splits[0]
+    missing = not pairs.exists() and is_local(pairs)  # (a file's name: loading says so)
     one = pairs.is_file() or missing or (splits is not None and len(splits) == 1)
     if one:
         if split is not None and pairs.is_file():
@@ -71,6 +77,50 @@ def pairs_split(pairs: Path, split: str | None, recorded: dict, path: Path) -> s
     source = "--pairs-split" if split else f"{path}'s dataset_test_split"
     print(f"--pairs: the split {chosen!r} of {pairs} ({source})")
     return chosen
+
+
+def run_held_out(pairs: Path, split: str | None, recorded: dict, path: Path) -> tuple[float, int, str] | None:
+    """``(eval_fraction, seed, split)`` where ``--pairs`` names the data the policy's run held ``eval_fraction`` of
+    its train ``split`` out of (its ``dataset_name``; ``--pairs-split`` unset or that split): the pairs compared are
+    the rows the run held out, drawn as it drew them, said so (they were every row, trained on, reported as
+    held-out); None otherwise."""
+    fraction, name, seed = recorded.get("eval_fraction"), recorded.get("dataset_name"), recorded.get("seed", 42)
+    train = recorded.get("dataset_train_split") or "train"
+    if not isinstance(fraction, (int, float)) or not isinstance(name, str) or split not in (None, train):
+        return None
+    if str(pairs) != name and not _same_file(pairs, Path(name).expanduser()):
+        return None
+    print(f"--pairs: the pairs the policy's run held out of {pairs} ({path}'s eval_fraction {fraction}, drawn with "
+          f"its seed {seed}); the others trained it")  # fmt: skip
+    return fraction, seed, train
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return one.exists() and other.exists() and one.samefile(other)
+    except OSError:  # (a path that cannot be read: loading says so)
+        return False
+
+
+@contextlib.contextmanager
+def _as_pairs_split():
+    """DataErrors about the split to read said as ``--pairs-split``'s (they said "option 'split'")."""
+    try:
+        yield
+    except DataError as error:
+        if error.option != "split":
+            raise
+        raise error.but(column="--pairs-split") from None
+
+
+def reference_free(recorded: dict) -> list[str]:
+    """The loss types of the policy's run that read no reference (SimPO, CPO, ORPO), as its config.yaml records
+    ``loss_type`` (a name or a list)."""
+    from fastdpo.ops import REFERENCE_FREE
+
+    types = recorded.get("loss_type")
+    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    return [name for name in types if isinstance(name, str) and name in REFERENCE_FREE]
 
 
 def pairs_config(pairs: Path, config: str | None, recorded: dict, path: Path) -> str | None:
@@ -126,13 +176,35 @@ def main(argv: list[str] | None = None) -> int:
     from fastdpo.train.model_checks import check_reference
 
     recorded, path = run_settings(args.policy)  # what the policy's run recorded, if any
-    if args.beta is None:  # the β the policy trained with, where its run recorded one
+    free = reference_free(recorded)
+    if free:  # (its rewards, eval_rewards/*, are β/|y|·log π (SimPO's) or β·log π: not what compare measures)
+        print(f"the policy's run trained without a reference ({path}: loss_type {', '.join(free)}): its rewards are "
+              "not these; here rewards are β·(log π − log π_ref) against --reference")  # fmt: skip
+    if args.beta is None:  # the β the policy trained with, where its run recorded one (and it had a reference)
         beta = recorded.get("beta")
-        from_run = isinstance(beta, (int, float))
+        from_run = isinstance(beta, (int, float)) and not free
         args.beta = float(beta) if from_run else 0.1
-        source = f"{path}'s" if from_run else "the default"
+        other = f" (the run's beta {beta} scaled another reward)" if free and isinstance(beta, (int, float)) else ""
+        source = f"{path}'s" if from_run else f"the default{other}"
         print(f"beta {args.beta:g}: {source} (--beta to set another)")
 
+    for flag, what in (("--pairs-split", "a split"), ("--pairs-config", "a hub configuration")):
+        if getattr(args, flag[2:].replace("-", "_")) is not None and not args.pairs:
+            raise ConfigError(f"names {what} of --pairs, which is not given", column=flag, fix="add --pairs")
+    # the files read and checked before the models load, and before the answers are generated, which take the time
+    source, split, config, held = args.pairs, None, None, None
+    if args.pairs:
+        config = pairs_config(args.pairs, args.pairs_config, recorded, path)
+        held = run_held_out(args.pairs, args.pairs_split, recorded, path)
+        with hub_config(config, "--pairs-config"), _as_pairs_split():
+            split = held[2] if held else pairs_split(args.pairs, args.pairs_split, recorded, path)
+            args.pairs = read_pairs(args.pairs, args.columns, recorded.get("dataset_columns"), split=split,
+                                    held_out=held[:2] if held else None)  # fmt: skip
+    prompts, checkers = None, None
+    if args.prompts == "quickstart":  # the held-out problems of the seed the quickstart run recorded
+        prompts, checkers = quickstart_prompts(args.policy, args.seed)
+    elif args.prompts != "builtin":
+        prompts = read_prompts(Path(args.prompts))
     # a QLoRA run trained on its base quantized, against that quantized base: both are loaded so again (and fit so)
     quantization, key = (None, None) if args.unquantized else run_quantization(recorded, path)
     if quantization is not None:
@@ -168,25 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         raise ConfigError(error.message, column="--reference", fix=error.fix) from None
     context = model_context(policy, reference)
-    if args.prompts == "builtin":
-        prompts, checkers = builtin_prompts(context, tokenizer), None
-    elif args.prompts == "quickstart":  # the held-out problems of the seed the quickstart run recorded
-        prompts, checkers = quickstart_prompts(args.policy, args.seed)
-    else:
-        prompts, checkers = read_prompts(Path(args.prompts)), None
+    if args.prompts == "builtin":  # (sized in the models' context and tokens)
+        prompts = builtin_prompts(context, tokenizer)
     if args.limit is not None:
         prompts, checkers = prompts[: args.limit], None if checkers is None else checkers[: args.limit]
     for name, prompt in prompts:  # before the pairs: a prompt compare() cannot take is named first (it checks again)
         _checked_prompt_ids(tokenizer, name, prompt, context, _vocabulary(policy, reference))
-    source, split, config = args.pairs, None, None
-    if args.pairs:  # read and checked before the answers are generated, which takes the time
-        split = pairs_split(args.pairs, args.pairs_split, recorded, path)
-        config = pairs_config(args.pairs, args.pairs_config, recorded, path)
-        with hub_config(config, "--pairs-config"):
-            args.pairs = read_pairs(args.pairs, args.columns, recorded.get("dataset_columns"), split=split)
-    for flag, what in (("--pairs-split", "a split"), ("--pairs-config", "a hub configuration")):
-        if getattr(args, flag[2:].replace("-", "_")) is not None and not source:
-            raise ConfigError(f"names {what} of --pairs, which is not given", column=flag, fix="add --pairs")
     # the pairs first: what they cannot do (no chat template, every prompt past the context) before any answer
     cut = {"max_length": recorded.get("max_length"), "truncation_mode": recorded.get("truncation_mode", "keep_start")}
     if args.pairs and cut["max_length"] is not None:
@@ -202,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"samples": args.samples, "max_new_tokens": min(args.max_new_tokens, max(1, context // 4)),
                 "seed": args.seed, "prompts": args.prompts, "policy": args.policy, "reference": args.reference,
                 "quantization": key, "pairs": source, "pairs_split": split if source else None,
+                "pairs_held_out": dict(zip(("eval_fraction", "seed"), held[:2], strict=True)) if held else None,
                 "pairs_config": config, "pairs_columns": args.columns, "pairs_cut": cut if source else None,
                 **(kept if source else {})}  # fmt: skip
     print(write_report(args.out, rows, pairs, args.beta, settings))

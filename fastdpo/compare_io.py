@@ -3,6 +3,7 @@ problems, or a .txt/.jsonl/.json file), the policy's tokenizer (or the one besid
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -204,14 +205,19 @@ def load_tokenizer(policy: Path, reference: Path, *, trust_remote_code: bool = F
         ) from None
 
 
-def read_pairs(path: Path, columns: dict | None = None, recorded: dict | None = None, split: str | None = None):
+def read_pairs(path: Path, columns: dict | None = None, recorded: dict | None = None, split: str | None = None,
+               held_out: tuple[float, int] | None = None):  # fmt: skip
     """The pairs file, loaded and checked (``pair_metrics`` prepares it as the trainers do), its columns renamed by
     ``columns`` (fastdpo's name → the file's, as ``dataset_columns``), else by the policy run's ``recorded``
     ``dataset_columns`` where the file has those columns (said so). Without a ``prompt`` column each pair's prompt
     is the text its chosen and rejected begin with (TRL's implicit prompt), said so; a ConfigError where no pair has
-    one (a prompt column under another name). ``split``: the split of a folder or hub dataset to read."""
+    one (a prompt column under another name). ``split``: the split of a folder or hub dataset to read.
+    ``held_out``: ``(eval_fraction, seed)`` of a run that held rows out of it: those rows alone, drawn as it drew
+    them (``split_pairs``)."""
+    from fastdpo.cli_model import held_out_split
     from fastdpo.data.load import load_data
-    from fastdpo.data.refused import prepare_dropping
+    from fastdpo.data.refused import prepare_dropping, prepared_rows
+    from fastdpo.data.split import split_pairs
 
     raw = load_data(path) if split is None else load_data(path, split=split)
     known = isinstance(recorded, dict) and recorded and set(recorded.values()) <= set(raw.column_names)
@@ -224,6 +230,9 @@ def read_pairs(path: Path, columns: dict | None = None, recorded: dict | None = 
             raise ConfigError(f"{path} has no column {missing[0]!r} (columns: {', '.join(raw.column_names)})",
                               column="--columns", fix="map fastdpo's names to the file's columns")  # fmt: skip
         raw = raw.rename_columns({theirs: ours for ours, theirs in columns.items() if theirs != ours})
+    if held_out is not None:  # (grouped by prompt as the run grouped them: without a prompt column, the trainers')
+        keys = None if "prompt" in raw.column_names else prepared_rows(raw, None)[0]
+        raw = held_out_split(functools.partial(split_pairs, prepared=keys), raw, *held_out)[1]
     prepared, _, _ = prepare_dropping(raw)  # (what the trainers refuse, refused before any answer is generated)
     if "prompt" not in raw.column_names:
         empty = sum(not prompt for prompt in prepared["prompt"])

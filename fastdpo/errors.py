@@ -50,6 +50,11 @@ class _UserError(ValueError):
             text = f"{text} — {self.fix}"
         return text
 
+    @property
+    def option(self) -> str | None:
+        """The setting the error is said under ("option 'X'"), or None."""
+        return self.column if self._place == "option" else None
+
     def _fields(self) -> dict:
         """The keyword arguments that make this error again (a DataError under an option: ``option``)."""
         place = "option" if self._place != type(self)._place else "column"

@@ -130,6 +130,84 @@ def test_hub_pairs_read_with_their_configuration(tmp_path, capsys, monkeypatch):
     line = refused([*common, "--pairs-config", "de", "--out", "d"], capsys)
     assert line.endswith("option '--pairs-config': names a hub configuration of --pairs, which is not given — add "
                          "--pairs"), line  # fmt: skip
+    # a run that recorded no held-out split: a hub dataset's splits are asked of the hub (in the configuration);
+    # one is read, several are named (it said only "holds several splits")
+    import datasets
+
+    splits = {"org/one": ["test"], "org/two": ["train", "validation"]}
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda path, config_name: splits[path])
+    (tmp_path / "run" / "config.yaml").write_text("beta: 0.3\n")
+    assert cli(["compare", *common, "--pairs", "org/one", "--out", "f"]) == 0
+    assert asked[-1] == ("org/one", {"split": "test"})
+    line = refused([*common, "--pairs", "org/two", "--out", "g"], capsys)
+    assert "option '--pairs-split': org/two holds several splits" in line and "(its splits: train, validation)" in line
     _write(tmp_path / "held_out.jsonl", [STANDARD[0]])
     line = refused([*common, "--pairs", "held_out.jsonl", "--pairs-config", "de", "--out", "e"], capsys)
     assert "option '--pairs-config': 'de' names a hub dataset's configuration; held_out.jsonl is a local" in line
+
+
+def test_pairs_of_the_runs_own_data_are_the_rows_it_held_out(tmp_path, capsys, monkeypatch):
+    # --pairs naming the file a run held eval_fraction out of scored every row, the trained ones too, as "held-out":
+    # now the rows the run held out, drawn as it drew them, scoring as the run's own evaluation scored them
+    monkeypatch.chdir(tmp_path)
+    tokenizer = build_tiny_tokenizer()
+    save("sft", tokenizer)
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "sea", "sky", "rain", "snow"]
+    rows = [{"prompt": f"Say {word}.", "chosen": f" {word}.", "rejected": f" {words[(i + 3) % 12]}."}
+            for i, word in enumerate(words)]  # fmt: skip
+    _write(tmp_path / "data" / "train.jsonl", rows)
+    (tmp_path / "run.yaml").write_text(
+        "model_name_or_path: sft\ndataset_name: data/train.jsonl\neval_fraction: 0.3\nseed: 3\nmax_steps: 2\n"
+        "eval_strategy: steps\neval_steps: 2\noutput_dir: run\nreport_to: []\nper_device_train_batch_size: 2\n"
+        "per_device_eval_batch_size: 4\nbf16: false\nuse_cpu: true\nlearning_rate: 0.01\nbeta: 0.3\n"
+    )
+    assert cli(["dpo", "--config", "run.yaml"]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluation = next(row for row in logged if "eval_rewards/margins" in row)
+    capsys.readouterr()
+    assert cli(["compare", "--policy", "run", "--reference", "sft", "--pairs", "data/train.jsonl", "--limit", "1",
+                *QUICK, "--out", "a"]) == 0  # fmt: skip
+    assert "--pairs: the pairs the policy's run held out of data/train.jsonl (run/config.yaml's eval_fraction 0.3, " \
+        "drawn with its seed 3)" in capsys.readouterr().out  # fmt: skip
+    report = json.loads((tmp_path / "a" / "compare.json").read_text())
+    assert report["settings"]["pairs_held_out"] == {"eval_fraction": 0.3, "seed": 3}
+    pairs = report["pairs"]
+    assert pairs["pairs"] == 4 and pairs["reward_accuracy"] == evaluation["eval_rewards/accuracies"]  # (of 12 rows)
+    # fp32: the run's packed evaluation and compare's batched scoring agree to ~1e-6 relative
+    assert pairs["reward_margin"] == pytest.approx(evaluation["eval_rewards/margins"], rel=1e-4)
+    assert pairs["logps_chosen_policy"] == pytest.approx(evaluation["eval_logps/chosen"], rel=1e-4)
+    # the rows fastdpo data split holds out with the run's fraction and seed: the same numbers
+    assert cli(["data", "split", "data/train.jsonl", "t.jsonl", "e.jsonl", "--test-size", "0.3", "--seed", "3"]) == 0
+    assert cli(["compare", "--policy", "run", "--reference", "sft", "--pairs", "e.jsonl", "--limit", "1", *QUICK,
+                "--out", "b"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "b" / "compare.json").read_text())["pairs"] == pairs
+
+
+def test_a_reference_free_run_a_bad_pairs_split_and_files_named_before_the_models_load(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # (no hub here: at once)
+    tokenizer = build_tiny_tokenizer()
+    save("run", tokenizer)
+    save("reference", tokenizer, seed=1)
+    _write(tmp_path / "data" / "train.jsonl", [STANDARD[0]])
+    _write(tmp_path / "data" / "test.jsonl", [STANDARD[4]])
+    common = ["--policy", "run", "--reference", "reference", "--limit", "1", *QUICK]
+    # a SimPO run's β (2.0) scales its length-normalized reward: compare's β·(log π − log π_ref) took it, unsaid
+    (tmp_path / "run" / "config.yaml").write_text("beta: 2.0\nloss_type: [simpo]\ndataset_test_split: test\n")
+    assert cli(["compare", *common, "--pairs", "data", "--out", "a"]) == 0
+    out = capsys.readouterr().out
+    assert "the policy's run trained without a reference (run/config.yaml: loss_type simpo): its rewards are not " \
+        "these" in out and "beta 0.1: the default (the run's beta 2.0 scaled another reward)" in out  # fmt: skip
+    assert json.loads((tmp_path / "a" / "compare.json").read_text())["settings"]["beta"] == 0.1
+    # a split the folder has not: said as --pairs-split's (it said "option 'split'")
+    line = refused([*common, "--pairs", "data", "--pairs-split", "nope", "--out", "b"], capsys)
+    assert "option '--pairs-split': data has no file for split 'nope'" in line
+    # a mistyped folder name, read as a hub name: named at once (it asked for --pairs-split first)
+    (tmp_path / "run" / "config.yaml").write_text("beta: 0.3\n")
+    line = refused([*common, "--pairs", "dta", "--out", "c"], capsys)
+    assert "dta: no file or folder of that name" in line and "did you mean data?" in line
+    # the files are read before the models load: a missing reference folder is not what is said first
+    line = refused([*common[:2], "--reference", "gone", "--prompts", "missing.txt", "--out", "d"], capsys)
+    assert "option '--prompts': missing.txt is neither 'builtin', 'quickstart' nor a file" in line
+    line = refused([*common[:2], "--reference", "gone", "--pairs", "missing.jsonl", "--out", "e"], capsys)
+    assert "missing.jsonl: no such file" in line

@@ -22,7 +22,8 @@ import datasets
 import pyarrow
 from datasets.exceptions import DatasetGenerationError
 
-from fastdpo.data.hub_config import refuse_config_of_local, with_config
+from fastdpo.data.hub import from_hub
+from fastdpo.data.hub_config import refuse_config_of_local
 from fastdpo.data.json_check import (
     _CONVERSATION_COLUMNS,
     _UNHOLDABLE_FIX,
@@ -41,7 +42,6 @@ from fastdpo.data.json_check import (
 )
 from fastdpo.data.json_layout import refuse_one_object
 from fastdpo.data.local_files import (
-    ALL_SUFFIXES,
     SAID_SUFFIXES,
     builder_of,
     check_csv_cells,
@@ -61,7 +61,7 @@ from fastdpo.data.local_files import (
     rowless,
 )
 from fastdpo.data.pairs import table_columns
-from fastdpo.errors import DataError, offline_hint
+from fastdpo.errors import DataError
 
 # fastdpo's text fields: a CSV file's columns of these names (or of the names a column map gives them) are read as
 # text, an empty cell as missing
@@ -112,33 +112,7 @@ def load_data(
         return _load_shards(_split_file(path, files, split), text)
     if local:
         return _load_local(path, split, text)
-    return _from_hub(source, split=split)
-
-
-def _from_hub(source, **options):
-    """``datasets.load_dataset(source, **options)``; where the hub has no such dataset (or cannot be reached) and a
-    local data file of that name is here (``pairs`` beside ``pairs.jsonl``), a DataError naming the file."""
-    try:
-        return datasets.load_dataset(str(source), **with_config(options))
-    except (ConnectionError, FileNotFoundError, ValueError) as error:  # (DatasetNotFoundError is a FileNotFoundError)
-        near = [str(Path(f"{source}{suffix}")) for suffix in ALL_SUFFIXES if Path(f"{source}{suffix}").is_file()]
-        if not near and isinstance(error, (ConnectionError, FileNotFoundError)):  # (a path mistyped, most often)
-            import difflib
-
-            folder = Path(source).parent
-            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-            close = [str(folder / name) for name in difflib.get_close_matches(Path(source).name, names, n=1)]
-            first = (str(error).strip().splitlines() or [""])[0][:200]
-            fix = f"did you mean {close[0]}?" if close else (
-                f"check the path (a data file with its suffix: {SAID_SUFFIXES}), or the hub name and "
-                f"your connection{offline_hint(error)}")  # fmt: skip
-            raise DataError(f"{source}: no file or folder of that name in {folder.resolve()}, and the hub gave none "
-                            f"({type(error).__name__}: {first})", fix=fix) from None  # fmt: skip
-        if not near:
-            raise
-        raise DataError(f"{source}: no file or folder of that name here, and the hub gave none "
-                        f"({type(error).__name__})",
-                        fix=f"give the file's whole name: {near[0]}") from None  # fmt: skip
+    return from_hub(source, split=split)
 
 
 def _saved(path: Path, split: str | None):
@@ -315,7 +289,7 @@ def load_stream(source, *, split: str = "train", text: Iterable[str] = TEXT_COLU
         # (pandas' ParserError, Arrow's on a broken Parquet file, raised where it is read, name no file)
         return datasets.IterableDataset.from_generator(_named_failures, features=stream.features,
                                                        gen_kwargs={"stream": stream, **shown})  # fmt: skip
-    return _from_hub(source, split=split, streaming=True)
+    return from_hub(source, split=split, streaming=True)
 
 
 def _named_failures(stream, path: str, shown: str) -> Iterator[dict]:
