@@ -558,6 +558,14 @@ def test_a_text_column_left_unread_beside_an_implicit_prompt_is_said(caplog):
     assert "no prompt column" in caplog.text and "the text column 'question' is not read" in caplog.text
     assert "columns={'prompt': 'question'}" in caplog.text
     caplog.clear()
+    # distilabel's Orca pairs: the question in 'input', joined after the implicit prompt as context; the map
+    # suggested was of a metadata column ('labelling_model')
+    orca = load_data(FIXTURES / "distilabel_orca.jsonl")
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        prepare_preferences(orca)
+    assert "'input' joined after it as context; if 'input' holds the prompt, map it: columns={'prompt': 'input'}" \
+        in caplog.text  # fmt: skip
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fastdpo"):
         prepare_preferences(rows, columns={"prompt": "question"})
         prepare_preferences(rows.remove_columns("question"))  # (an id column is no prompt)

@@ -155,21 +155,32 @@ _NOT_A_PROMPT = ("system", "input", "context", "tools", "chat_template_kwargs", 
                  "rejected_model", "model", "split", "language", "category")  # fmt: skip
 
 
+# the names a prompt column goes by in datasets (suggested first where one of them is present)
+_PROMPT_NAMES = ("instruction", "question", "query", "problem", "user", "human", "input", "context")
+
+
 def _warn_unused_text(dataset: datasets.Dataset) -> None:
     """A warning where, without a prompt column, the dataset has another text column, e.g. ``question``: the prompt is
     then what chosen and rejected begin with alike (TRL's implicit prompt), often nothing, and that column is not
-    read (the quality check then drops the pairs as empty, or trains on them with an empty prompt)."""
+    read (the quality check then drops the pairs as empty, or trains on them with an empty prompt); or an ``input``
+    or ``context`` column, joined after that prompt as its context, where it often holds the question itself
+    (distilabel's Orca pairs). The map suggested: a column named as prompts are, else the first unread one."""
     if said():  # (given already, for the whole set: see row_warnings_said)
         return
     features = dataset.features
-    text = [name for name, feature in features.items() if name not in ("chosen", "rejected", *_NOT_A_PROMPT)
-            and getattr(feature, "dtype", None) in ("string", "large_string")]  # fmt: skip
-    if text:
-        logger.warning("no prompt column: the prompt is taken from what chosen and rejected begin with alike (TRL's "
-                       "implicit prompt), and the text column%s %s %s not read; if %s the prompt, map it: "
-                       "columns={'prompt': %r} (a run's dataset_columns; fastdpo data's --columns)",
-                       "s" if len(text) > 1 else "", ", ".join(map(repr, text)), "are" if len(text) > 1 else "is",
-                       "one of them is" if len(text) > 1 else "it is", text[0])  # fmt: skip
+    strings = [name for name, feature in features.items() if name not in ("chosen", "rejected")
+               and getattr(feature, "dtype", None) in ("string", "large_string")]  # fmt: skip
+    text = [name for name in strings if name not in _NOT_A_PROMPT]
+    joined = [name for name in ("input", "context") if name in strings]
+    if not text and not joined:
+        return
+    guess = next((name for name in _PROMPT_NAMES if name in text or name in joined), (text or joined)[0])
+    unread = (f", the text column{'s' if len(text) > 1 else ''} {', '.join(map(repr, text))} "
+              f"{'are' if len(text) > 1 else 'is'} not read") if text else ""  # fmt: skip
+    context = f", {' and '.join(map(repr, joined))} joined after it as context" if joined else ""
+    logger.warning("no prompt column: the prompt is taken from what chosen and rejected begin with alike (TRL's "
+                   "implicit prompt)%s%s; if %r holds the prompt, map it: columns={'prompt': %r} (a run's "
+                   "dataset_columns; fastdpo data's --columns)", unread, context, guess, guess)  # fmt: skip
 
 
 def rename_preference_columns(dataset, columns: dict[str, str], present: list[str] | None = None):
