@@ -367,3 +367,20 @@ def test_a_folder_of_the_splits_data_split_writes_loads_with_datasets(tmp_path, 
     theirs = datasets.load_dataset(str(tmp_path / "out"))
     assert (len(theirs["train"]), len(theirs["test"])) == (6, 2)
     assert len(load_data(tmp_path / "out", split="test")) == 2
+
+
+def test_the_python_split_draws_by_default_as_the_command_and_a_run_do(tmp_path):
+    # split_by_prompt's seed was 0 where `fastdpo data split` and a run's eval_fraction draw with 42: README's
+    # "the same rows under the same seed" held only with seed=42 written
+    from fastdpo.cli import main as cli
+    from fastdpo.data.split import split_pairs
+
+    rows = [{"prompt": f"q{i}?", "chosen": " yes.", "rejected": " no."} for i in range(40)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert cli(["data", "split", str(tmp_path / "pairs.jsonl"), str(tmp_path / "t.jsonl"), str(tmp_path / "e.jsonl"),
+                "--test-size", "0.25"]) == 0  # fmt: skip
+    written = [json.loads(line)["prompt"] for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert len(written) == 10
+    for split in (split_by_prompt, split_pairs):
+        held_out = split(datasets.Dataset.from_list(rows), test_size=0.25)[1]
+        assert held_out["prompt"] == written, split.__name__

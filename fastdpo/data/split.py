@@ -43,7 +43,7 @@ def split_by_prompt(
     dataset: datasets.Dataset | list[dict[str, Any]],
     *,
     test_size: float | int = 0.1,
-    seed: int = 0,
+    seed: int = 42,
     prompt: str = "prompt",
 ) -> tuple[datasets.Dataset, datasets.Dataset] | tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, eval) with no prompt in both (see the module docstring for the rule).
@@ -52,7 +52,8 @@ def split_by_prompt(
         dataset: a ``datasets.Dataset`` (the parts are ``.select`` of it) or a list of dicts (lists of the same
             dict objects back).
         test_size: a fraction of the rows in (0, 1), or a number of rows, 1 ≤ test_size < rows.
-        seed: picks which prompts go to eval; the same seed gives the same split.
+        seed: picks which prompts go to eval; the same seed gives the same split (42: as a run's
+            ``eval_fraction`` and ``fastdpo data split`` draw by default).
         prompt: the column to group by.
     """
     present = table_columns(dataset)
@@ -78,7 +79,7 @@ def implicit_keys(keys: list) -> list:
 ROW_COLUMN = "__fastdpo_row__"  # ``fastdpo data split``'s row numbers, through a split (not the data's: never named)
 
 
-def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0, prepared=None):
+def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 42, prepared=None):
     """``split_by_prompt`` for DPO rows as given (fastdpo's column names), as ``fastdpo data split`` and a run's
     ``eval_fraction`` split them: by the ``prompt`` column (without a ``system`` column's text, so a question asked
     under several system prompts stays on one side); without one, by the prompt the trainers take out of chosen and
@@ -110,14 +111,14 @@ def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed
                          implicit=True)  # fmt: skip
 
 
-def split_sft_by_prompt(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0):
+def split_sft_by_prompt(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 42):
     """``split_by_prompt`` for ``prepare_sft``'s rows: by their ``prompt``; a conversation (``messages``) by its
     messages before the last assistant turn; a ``text`` row by its text."""
     keys, column = _sft_keys(dataset)
     return split_by_keys(dataset, keys, test_size=test_size, seed=seed, column=column)
 
 
-def split_sft_rows(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 0,
+def split_sft_rows(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed: int = 42,
                    columns: dict[str, str] | None = None, text_field: str = "text"):  # fmt: skip
     """``split_sft_by_prompt`` for SFT rows as given (``columns`` and ``text_field``: ``prepare_sft``'s), as ``fastdpo
     data split`` and a run's ``eval_fraction`` split them: each row keyed as its prepared row is (a ShareGPT
