@@ -198,3 +198,17 @@ def test_one_row_holds_the_whole_batch_without_padding():
         pack_pairs(EXAMPLES, pack_length=64, one_row=True)
     with pytest.raises(ConfigError, match="one_row"):
         pack_pairs(EXAMPLES, pack_length=None, one_row=True, one_pair_per_row=True)
+
+
+def test_tokenize_preferences_result_packs_as_its_dataset():
+    # README's flow: tokenized = tokenize_preferences(...); pack_pairs(tokenized, ...) raised "not iterable"
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    from fastdpo.data import prepare_preferences, tokenize_preferences
+
+    rows = [{"prompt": "Sky?", "chosen": " Blue.", "rejected": " Red."}, {"prompt": "Cat?", "chosen": " Meow.",
+                                                                          "rejected": " Woof!"}]  # fmt: skip
+    tokenized = tokenize_preferences(prepare_preferences(rows), build_tiny_tokenizer())
+    assert len(tokenized) == 2 and tokenized[1] == tokenized.dataset[1] and list(tokenized) == list(tokenized.dataset)
+    ours, theirs = (pack_pairs(source, pack_length=None, split_pairs=True) for source in (tokenized, tokenized.dataset))
+    assert torch.equal(ours.input_ids, theirs.input_ids) and torch.equal(ours.targets, theirs.targets)

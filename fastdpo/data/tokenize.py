@@ -58,6 +58,16 @@ class TokenizedPreferences:
     def dropped(self) -> dict[str, int]:
         return {reason: len(rows) for reason, rows in self.dropped_rows.items()}
 
+    # its rows, as the dataset's (``pack_pairs(tokenized, ...)`` raised "not iterable"; ``.dataset`` was needed)
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __iter__(self):
+        return iter(self.dataset)
+
 
 def _rendered_ids(example: dict, row: int, tokenizer) -> tuple[list[int], list[int], list[int]]:
     """``conversation_ids``, with a chat template that refuses the row (e.g. "roles must alternate") reported there,
