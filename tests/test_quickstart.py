@@ -387,3 +387,16 @@ def test_sweep_recommendation_ties_and_diverged_runs():
     assert recommend([row(0.1, 0.6, 0.1, nan), row(0.2, 0.6, 0.1, 0.5)], 0.1)[0] == 0.2  # (the least NLL rise)
     with pytest.raises(ConfigError, match="every β's held-out measurements are NaN"):
         recommend([row(0.1, nan, nan, nan)], 0.1)
+
+
+def test_the_example_configs_train_on_the_quickstarts_outputs(short_run, tmp_path, monkeypatch):
+    # README sends a newcomer to examples/run.yaml and examples/sft.yaml after `make quickstart`, from the
+    # repository root: their fields and paths must hold
+    out, _ = short_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").symlink_to(out)
+    examples = Path(__file__).parent.parent / "examples"
+    for command, config, model in (("dpo", "run.yaml", "example_dpo"), ("sft", "sft.yaml", "example_sft")):
+        assert cli([command, "--config", str(examples / config), "--max_steps", "2"]) == 0, config
+        assert (tmp_path / "runs" / model / "model.safetensors").is_file()
