@@ -32,31 +32,32 @@ def test_every_trl_dpo_option_exists_with_the_same_default():
     for name in dpo_fields:
         assert name in ours, name
         assert ours[name] == theirs[name], name
-    # the TrainingArguments defaults TRL changes; bf16 is resolved in __post_init__ (see the next test), and
-    # gradient_checkpointing too (see test_checkpointing_is_on_by_default_without_a_deprecation_warning)
-    for name in ("learning_rate", "logging_steps", "bf16"):
+    # the TrainingArguments defaults TRL changes; bf16 is resolved in __post_init__ (see the next test)
+    for name in ("learning_rate", "logging_steps", "gradient_checkpointing", "bf16"):
         assert ours[name] == theirs[name], name
 
 
 def test_checkpointing_is_on_by_default_without_a_deprecation_warning(tmp_path):
-    # the default gradient_checkpointing=True made transformers 5 warn "`gradient_checkpointing` is deprecated" at
-    # every config, the user having written neither name; TRL's default (on) is kept, under the new name
+    # TRL's gradient_checkpointing=True made transformers 5 warn "`gradient_checkpointing` is deprecated" at every
+    # config, the user having written neither name; TRL's name and its flags (--gradient_checkpointing alone,
+    # --no_gradient_checkpointing) are kept
     import warnings
 
     from fastdpo.train import SFTConfig
 
     common = {"output_dir": str(tmp_path), "report_to": []}
-    trl_default = trl.DPOConfig(**common, bf16=False).gradient_checkpointing
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         for cls in (DPOConfig, SFTConfig):
             args = cls(**common)
-            assert args.gradient_checkpointing is args.activation_checkpointing is trl_default is True
-            off = cls(**common, activation_checkpointing=False)
-            assert off.gradient_checkpointing is off.activation_checkpointing is False
-    with pytest.warns(FutureWarning, match="gradient_checkpointing"):  # (the old name written: transformers' warning)
-        off = DPOConfig(**common, gradient_checkpointing=False)
-    assert off.gradient_checkpointing is off.activation_checkpointing is False
+            assert args.gradient_checkpointing is args.activation_checkpointing is True
+            for name in ("gradient_checkpointing", "activation_checkpointing"):
+                off = cls(**common, **{name: False})
+                assert off.gradient_checkpointing is off.activation_checkpointing is False, name
+            parser = transformers.HfArgumentParser(cls)
+            for flags, expected in ((["--no_gradient_checkpointing"], False), (["--gradient_checkpointing"], True)):
+                (parsed,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), *flags])
+                assert parsed.activation_checkpointing is expected, flags
 
 
 def test_bf16_unset_means_fp32_on_a_cpu(tmp_path):

@@ -91,7 +91,7 @@ class DPOConfig(TrainingArguments):
     # --- TrainingArguments defaults TRL changes
     learning_rate: float = 1e-6
     logging_steps: float = 10
-    gradient_checkpointing: bool | None = None  # on, as TRL's default (True): see __post_init__
+    gradient_checkpointing: bool = True
     bf16: bool | None = None
     # --- fastdpo's own
     packing: bool = True
@@ -118,10 +118,9 @@ class DPOConfig(TrainingArguments):
                               fix="e.g. 0.1 (the default), or None to turn it off")  # fmt: skip
         if self.bf16 is None:
             self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
-            # TRL's default (its gradient_checkpointing=True), set under the name transformers 5 reads: under the
-            # old one it warned "`gradient_checkpointing` is deprecated" at every config the user wrote none in
-            self.activation_checkpointing = True
+        if self.activation_checkpointing is None:  # TRL's name (on by default), under the one transformers 5 reads:
+            # it warned "`gradient_checkpointing` is deprecated" at every config, the user having written neither
+            self.activation_checkpointing = self.gradient_checkpointing
         self._check_options()
         super().__post_init__()
         check_report_to(self)

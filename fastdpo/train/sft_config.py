@@ -84,7 +84,7 @@ class SFTConfig(TrainingArguments):
     # --- TrainingArguments defaults TRL changes
     learning_rate: float = 2e-5
     logging_steps: float = 10
-    gradient_checkpointing: bool | None = None  # on, as TRL's default (True): see __post_init__
+    gradient_checkpointing: bool = True
     bf16: bool | None = None
     # --- fastdpo's own
     pack_length: int | None = None
@@ -96,10 +96,9 @@ class SFTConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if self.bf16 is None:
             self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
-            # TRL's default (its gradient_checkpointing=True), set under the name transformers 5 reads: under the
-            # old one it warned "`gradient_checkpointing` is deprecated" at every config the user wrote none in
-            self.activation_checkpointing = True
+        if self.activation_checkpointing is None:  # TRL's name (on by default), under the one transformers 5 reads:
+            # it warned "`gradient_checkpointing` is deprecated" at every config, the user having written neither
+            self.activation_checkpointing = self.gradient_checkpointing
         self._normalize()
         super().__post_init__()  # parses the dict fields given as JSON strings
         self._check_options()
