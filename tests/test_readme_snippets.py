@@ -144,7 +144,12 @@ def test_packing_block(tmp_path):
     model = tiny_model(tokenizer, tmp_path / "model")()
     rows = tokenized_pairs(tokenizer, 4)
     rows[1]["chosen_ids"] = rows[1]["chosen_ids"] * 4  # lengths that differ: the packer reorders the sequences in rows
-    ns = run("packing", {"tokenized_rows": rows, "model": model})
+    import datasets
+
+    from fastdpo.data.tokenize import TokenizedPreferences
+
+    # (the block packs tokenize_preferences' result, as the data block before it names it)
+    ns = run("packing", {"tokenized": TokenizedPreferences(datasets.Dataset.from_list(rows)), "model": model})
     batch, chosen, rejected = ns["batch"], ns["chosen"], ns["rejected"]
     assert chosen.shape == rejected.shape == (4,) and (chosen < 0).all() and (rejected < 0).all()
     assert batch.seq_pair[batch.seq_pair >= 0].tolist() != sorted(batch.seq_pair[batch.seq_pair >= 0].tolist())
