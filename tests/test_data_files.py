@@ -7,6 +7,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
+import logging
 import lzma
 import os
 import warnings
@@ -185,6 +186,12 @@ def test_csv_quoting_a_cell_goes_on_past_is_refused_and_a_tsvs_fields_are_tabs(t
         warnings.simplefilter("error")
         for read in (load_data(trailing).to_list(), list(load_stream(trailing))):
             assert read == [dict(zip(names, "abc", strict=True)), dict(zip(names, "def", strict=True))]
+    # streams read in turns leave datasets' reader loggers as they were (a level held across the rows given was
+    # left at CRITICAL by streams that did not end in the reverse order they began)
+    logger = logging.getLogger("datasets.packaged_modules.csv.csv")
+    level, first, second = logger.level, iter(load_stream(trailing)), iter(load_stream(trailing))
+    next(first), next(second), list(first), list(second)
+    assert logger.level == level and not logger.filters
 
 
 def test_a_name_without_its_compression_suffix_is_pointed_to_the_file(tmp_path, monkeypatch, caplog):

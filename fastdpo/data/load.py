@@ -299,12 +299,16 @@ def _named_failures(stream, path: str, shown: str) -> Iterator[dict]:
     copy = Path(path)
     kind = builder_of(copy)
     checked = checked_csv_records(copy) if kind == "csv" else None
+    rows, end = iter(stream), object()
     try:
-        with quiet_reader():  # (held while the stream is read: a failure is said by the DataError below)
-            for row in stream:
-                if checked is not None and next(checked, True) is True:  # (its records checked: the file's end)
-                    checked = None
-                yield row
+        while True:
+            with quiet_reader():  # (around each read, not across the yield: a failure is said by the DataError below)
+                row = next(rows, end)
+            if row is end:
+                break
+            if checked is not None and next(checked, True) is True:  # (its records checked: the file's end)
+                checked = None
+            yield row
     except DataError as error:  # (the check's)
         raise renamed(error, copy, Path(shown)) from None
     except (DatasetGenerationError, ValueError) as error:  # (pandas' ParserError is a ValueError)
