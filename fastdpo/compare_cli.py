@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -80,26 +81,39 @@ def pairs_split(pairs: Path, split: str | None, recorded: dict, path: Path) -> s
 
 
 def run_held_out(pairs: Path, split: str | None, recorded: dict, path: Path) -> tuple[float, int, str] | None:
-    """``(eval_fraction, seed, split)`` where ``--pairs`` names the data the policy's run held ``eval_fraction`` of
-    its train ``split`` out of (its ``dataset_name``; ``--pairs-split`` unset or that split): the pairs compared are
-    the rows the run held out, drawn as it drew them, said so (they were every row, trained on, reported as
-    held-out); None otherwise."""
+    """``(eval_fraction, seed, split)`` where ``--pairs`` is the data the policy's run held ``eval_fraction`` of its
+    train ``split`` out of (``_same_data``; ``--pairs-split`` unset or that split; not a mixture's run): the pairs
+    compared are the rows the run held out, drawn as it drew them, said so (they were every row, trained on,
+    reported as held-out); None otherwise."""
     fraction, name, seed = recorded.get("eval_fraction"), recorded.get("dataset_name"), recorded.get("seed", 42)
     train = recorded.get("dataset_train_split") or "train"
     if not isinstance(fraction, (int, float)) or not isinstance(name, str) or split not in (None, train):
         return None
-    if str(pairs) != name and not _same_file(pairs, Path(name).expanduser()):
+    if recorded.get("datasets") or not _same_data(pairs, name, path.parent):  # (a mixture's run reads no dataset_name)
         return None
     print(f"--pairs: the pairs the policy's run held out of {pairs} ({path}'s eval_fraction {fraction}, drawn with "
           f"its seed {seed}); the others trained it")  # fmt: skip
     return fraction, seed, train
 
 
-def _same_file(one: Path, other: Path) -> bool:
-    try:
-        return one.exists() and other.exists() and one.samefile(other)
-    except OSError:  # (a path that cannot be read: loading says so)
+def _same_data(pairs: Path, name: str, run: Path) -> bool:
+    """Whether ``--pairs`` is the run's ``dataset_name``: a hub dataset by its name; a local file or folder by its
+    contents, as the run's ``data_fingerprint.json`` (in ``run``) records them (the run's relative path was read
+    from another folder, maybe), else by being that file."""
+    from fastdpo.cli_resume import FINGERPRINT, data_fingerprint
+    from fastdpo.data.load import is_local
+
+    if not is_local(pairs) and not is_local(Path(name)):
+        return str(pairs) == name
+    if not pairs.exists():
         return False
+    try:
+        return json.loads((run / FINGERPRINT).read_text()) == data_fingerprint(str(pairs))
+    except (OSError, ValueError):  # (none recorded: a run of an older fastdpo, or a copied folder)
+        try:
+            return pairs.samefile(Path(name).expanduser())
+        except OSError:
+            return False
 
 
 @contextlib.contextmanager

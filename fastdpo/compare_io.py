@@ -215,11 +215,12 @@ def read_pairs(path: Path, columns: dict | None = None, recorded: dict | None = 
     ``held_out``: ``(eval_fraction, seed)`` of a run that held rows out of it: those rows alone, drawn as it drew
     them (``split_pairs``)."""
     from fastdpo.cli_model import held_out_split
-    from fastdpo.data.load import load_data
+    from fastdpo.data.load import load_data, text_columns
     from fastdpo.data.refused import prepare_dropping, prepared_rows
     from fastdpo.data.split import split_pairs
 
-    raw = load_data(path) if split is None else load_data(path, split=split)
+    text = text_columns(columns if columns is not None else recorded)  # (a CSV's mapped text columns as the run's)
+    raw = load_data(path, text=text) if split is None else load_data(path, split=split, text=text)
     known = isinstance(recorded, dict) and recorded and set(recorded.values()) <= set(raw.column_names)
     if columns is None and known:
         print(f"--pairs: columns read as the policy's run read its data (dataset_columns {recorded})")

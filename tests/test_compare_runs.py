@@ -181,6 +181,26 @@ def test_pairs_of_the_runs_own_data_are_the_rows_it_held_out(tmp_path, capsys, m
     assert cli(["compare", "--policy", "run", "--reference", "sft", "--pairs", "e.jsonl", "--limit", "1", *QUICK,
                 "--out", "b"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "b" / "compare.json").read_text())["pairs"] == pairs
+    # the run's data reached by another relative path is the run's (its recorded contents); another file under the
+    # run's relative name, from another folder, is not (it was cut to "the run's held-out tenth" by the name alone)
+    (tmp_path / "elsewhere" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    _write(tmp_path / "elsewhere" / "data" / "train.jsonl", rows[:6])
+    for pairs_file, held in (("../data/train.jsonl", True), ("data/train.jsonl", False)):
+        assert cli(["compare", "--policy", "../run", "--reference", "../sft", "--pairs", pairs_file, "--limit", "1",
+                    *QUICK, "--out", f"c{held}"]) == 0  # fmt: skip
+        said = capsys.readouterr().out
+        assert ("the pairs the policy's run held out" in said) is held, pairs_file
+        assert json.loads((tmp_path / "elsewhere" / f"c{held}" / "compare.json").read_text())["pairs"]["pairs"] == (
+            4 if held else 6)  # fmt: skip
+    # a mixture's run: its dataset_name (recorded, never read) is not the data it held rows out of
+    shutil.copytree(tmp_path / "run", tmp_path / "mix")
+    recorded = (tmp_path / "mix" / "config.yaml").read_text()
+    (tmp_path / "mix" / "config.yaml").write_text(recorded.replace("datasets: null", "datasets: [{path: x.jsonl}]"))
+    assert cli(["compare", "--policy", "../mix", "--reference", "../sft", "--pairs", "../data/train.jsonl", "--limit",
+                "1", *QUICK, "--out", "d"]) == 0  # fmt: skip
+    assert "held out" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "elsewhere" / "d" / "compare.json").read_text())["pairs"]["pairs"] == 12
 
 
 def test_a_reference_free_run_a_bad_pairs_split_and_files_named_before_the_models_load(tmp_path, capsys, monkeypatch):
@@ -211,3 +231,31 @@ def test_a_reference_free_run_a_bad_pairs_split_and_files_named_before_the_model
     assert "option '--prompts': missing.txt is neither 'builtin', 'quickstart' nor a file" in line
     line = refused([*common[:2], "--reference", "gone", "--pairs", "missing.jsonl", "--out", "e"], capsys)
     assert "missing.jsonl: no such file" in line
+
+
+def test_held_out_csv_rows_of_mapped_columns_are_read_as_the_run_read_them(tmp_path, capsys, monkeypatch):
+    # a CSV's mapped text columns were read as pandas reads other columns ("N/A" missing, its row refused): the rows
+    # drawn as held out were others than the run's
+    import csv
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = build_tiny_tokenizer()
+    save("run", tokenizer)
+    save("reference", tokenizer, seed=1)
+    prompts = ["N/A", "None", "null", "NA", *(f"q{i}" for i in range(8))]
+    with open("pairs.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["question", "good", "bad"])
+        writer.writerows([prompt, f" yes {i}.", f" no {i}."] for i, prompt in enumerate(prompts))
+    columns = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    (tmp_path / "run" / "config.yaml").write_text(f"dataset_name: pairs.csv\ndataset_columns: {json.dumps(columns)}\n"
+                                                  "eval_fraction: 0.5\nseed: 42\n")  # fmt: skip
+    assert cli(["compare", "--policy", "run", "--reference", "reference", "--pairs", "pairs.csv", "--limit", "1",
+                *QUICK, "--out", "a"]) == 0  # fmt: skip
+    assert "the pairs the policy's run held out of pairs.csv" in capsys.readouterr().out
+    assert cli(["data", "split", "pairs.csv", "t.csv", "e.csv", "--columns", json.dumps(columns), "--test-size",
+                "0.5"]) == 0  # fmt: skip
+    with open("e.csv", newline="") as file:
+        held_out = list(csv.DictReader(file))
+    assert any(row["prompt"] in ("N/A", "None", "null", "NA") for row in held_out)  # (written under our names)
+    assert json.loads((tmp_path / "a" / "compare.json").read_text())["pairs"]["pairs"] == len(held_out) == 6
