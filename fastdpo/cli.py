@@ -8,7 +8,7 @@
     fastdpo data filter DATA OUT [--drop REASONS] [--where 'chosen_score >= 8'] [--tokenizer T] [--max-length N]
                                  [--truncation-mode M]
     fastdpo data pairs DATA OUT [--strategy best_vs_worst] [--margin M]     (rated completions → pairs)
-    fastdpo data split DATA TRAIN_OUT EVAL_OUT [--test-size 0.1] [--seed 0] (held out by prompt)
+    fastdpo data split DATA TRAIN_OUT EVAL_OUT [--test-size 0.1] [--seed 42] (held out by prompt)
 
 A config is flat, as ``trl dpo --config`` takes it: the run's own keys (``RunArguments``: the model, the data and
 what to do with it) next to every field of ``DPOConfig`` / ``SFTConfig`` (fastdpo's configs, which carry TRL's

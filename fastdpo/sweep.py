@@ -4,8 +4,8 @@
                   [--samples 2] [--kl-prompts 32] [--overwrite | --resume] [--field value ...]
 
 The config is the one ``fastdpo dpo`` takes (flags after the sweep's own override its fields) and must hold out
-evaluation data (``eval_fraction`` or ``dataset_test_split``; without either, the split ``test`` of a folder that has
-one or of a hub dataset, TRL's scripts' default). Each β trains in ``<out>/beta_<β>/`` with
+evaluation data (``eval_fraction`` or ``dataset_test_split``; without either, the split ``test`` of a folder or hub
+dataset that has one, TRL's scripts' default). Each β trains in ``<out>/beta_<β>/`` with
 ``precompute_ref_log_probs`` on and one shared ``<out>/ref_cache/``: the reference's log-probs over the training
 and evaluation rows are computed by the first run and read from disk by the others.
 
@@ -198,10 +198,24 @@ def _run_beta(args, known: argparse.Namespace, flags: list[str], run_args, beta:
     return row
 
 
+def _has_test_split(run_args) -> bool:
+    """Whether the run's data has a split ``test`` (TRL's scripts' held-out split): a local folder's files, a hub
+    dataset's splits, asked of the hub (each β's run found out after reading the train split, in datasets' words)."""
+    from fastdpo.cli_checks import test_split_of
+    from fastdpo.data.hub import hub_split_names
+    from fastdpo.data.hub_config import hub_config
+
+    found = test_split_of(run_args)
+    if found != "hub":
+        return found == "found"
+    with hub_config(run_args.dataset_config):
+        return "test" in hub_split_names(run_args.dataset_name)
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastdpo.atomic import atomic_write
     from fastdpo.cli import load_config
-    from fastdpo.cli_checks import check_evaluation, test_split_of
+    from fastdpo.cli_checks import check_evaluation
     from fastdpo.compare import check_counts
     from fastdpo.ops import REFERENCE_FREE
 
@@ -245,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             fix=f"set {key}: false for the sweep",
         )
     if run_args.eval_fraction is None and run_args.dataset_test_split is None:
-        if not test_split_of(run_args):
+        if not _has_test_split(run_args):
             key, fix = ("test_split_size", "set test_split_size (e.g. 0.1)") if run_args.datasets else (
                 "eval_fraction", "set eval_fraction (e.g. 0.1) or dataset_test_split")  # fmt: skip
             raise ConfigError("a sweep compares the runs on held-out pairs, and the config holds none out", column=key,

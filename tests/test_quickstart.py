@@ -342,6 +342,15 @@ def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, cap
     said = capsys.readouterr().err
     assert f"the held-out pairs are the split 'test' of {tmp_path / 'pairs'}, as TRL's scripts read it" in said
     assert "empty_model" in said and "holds none out" not in said
+    # a hub dataset's splits are asked of the hub: without 'test', refused at once (each β's run failed on it, in
+    # datasets' words, after reading the train split)
+    import datasets
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, config_name: {"org/a": ["train"]}[name])
+    assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "u"), "--dataset_name",
+                "org/a"]) == 2  # fmt: skip
+    assert "option 'eval_fraction': a sweep compares the runs on held-out pairs, and the config holds none out" in \
+        capsys.readouterr().err and not (tmp_path / "u").exists()  # fmt: skip
     for held in ("0.0", "1.5", "-1", "nan"):  # (refused by the first run, after its beta_0.1 folder was made)
         assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "h"),
                     "--eval_fraction", held]) == 2  # fmt: skip
