@@ -152,6 +152,11 @@ def _ds_numel(weight: Tensor) -> int:
     return int(getattr(weight, "ds_numel", weight.numel()))
 
 
+def full_shape(weight: Tensor) -> tuple[int, ...]:
+    """A parameter's shape, whole where DeepSpeed ZeRO-3 partitioned it (its ``ds_shape``: the tensor is empty)."""
+    return tuple(getattr(weight, "ds_shape", weight.shape))
+
+
 class _Rest:
     """What ``run_head``'s function returns beside its differentiable tensor, opaque to wrappers' output hooks."""
 
@@ -265,7 +270,7 @@ def head_spec(model: nn.Module) -> HeadSpec:
         )  # fmt: skip
     weight = head.weight if linear is not head else weight
     config = inner.config.get_text_config()
-    rows, kept = getattr(weight, "ds_shape", weight.shape)[0], getattr(config, "unpadded_vocab_size", None)
+    rows, kept = full_shape(weight)[0], getattr(config, "unpadded_vocab_size", None)
     if kept is not None and kept != rows:  # (the model cuts its logits to the first ones: a softmax over fewer)
         raise ConfigError(
             f"{name} keeps the first {kept} of its head's {rows} logits (unpadded_vocab_size), which fastdpo's head "

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from fastdpo.errors import ConfigError
+from fastdpo.model.packed import full_shape
 
 
 class SyncReference(TrainerCallback):
@@ -59,8 +60,8 @@ def warn_batch_dependent_rope(model: nn.Module, max_length: int | None) -> None:
 def check_sync_reference(policy: nn.Module, reference: nn.Module) -> None:
     """ConfigError where TR-DPO cannot mix ``policy`` into ``reference`` parameter by parameter (another depth or
     width: transformers' broadcast error at the first sync, ``ref_model_sync_steps`` steps in, 512 by default)."""
-    ours = [(name, tuple(getattr(p, "ds_shape", p.shape))) for name, p in policy.named_parameters()]
-    theirs = [(name, tuple(getattr(p, "ds_shape", p.shape))) for name, p in reference.named_parameters()]
+    ours = [(name, full_shape(p)) for name, p in policy.named_parameters()]
+    theirs = [(name, full_shape(p)) for name, p in reference.named_parameters()]
     if ours == theirs:
         return
     first = next(((a, b) for a, b in zip(ours, theirs, strict=False) if a != b), None)
@@ -152,4 +153,4 @@ def _vocab_size(model: nn.Module) -> int | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         return None
-    return getattr(head.weight, "ds_shape", head.weight.shape)[0]  # a ZeRO-3 partitioned weight is empty
+    return full_shape(head.weight)[0]
