@@ -116,6 +116,14 @@ def test_a_folder_of_compressed_splits_and_a_mixture_of_such_files(tmp_path):
     ]
     rows = load_mixture(parts_of(mixture), text=("prompt", "chosen", "rejected"))[0].to_list()
     assert rows == ROWS[:1] + ROWS
+    # one set of shards of two kinds (some compressed) is said so (it said "several files: merge them")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write(shards, "train-00000-of-00002.jsonl", JSONL)
+    write(shards, "train-00001-of-00002.jsonl.gz", JSONL)
+    said = r"split 'train' has shards of two kinds \(train-00000-of-00002\.jsonl, train-00001-of-00002\.jsonl\.gz\)"
+    with pytest.raises(DataError, match=said + " — give a split's shards one suffix"):
+        load_data(shards)
 
 
 def test_an_unknown_compression_is_refused_with_the_suffixes_read(tmp_path):

@@ -166,6 +166,11 @@ def split_files(folder: Path) -> dict[str, list[Path]]:
             name = shard[1] if shard else file.name.split(".", 1)[0].split("-", 1)[0]
             count = (int(shard[3]), "".join(file.suffixes[-2:]).lower()) if shard else None
             if name in files and (count is None or shards.get(name) != count):
+                known = shards.get(name)
+                if count is not None and known is not None and known[0] == count[0]:  # (one set, two suffixes)
+                    raise DataError(f"{folder}: split {name!r} has shards of two kinds ({files[name][0].name}, "
+                                    f"{file.name})", fix="give a split's shards one suffix (compress all of them, or "
+                                    "none), or move the other kind's files out of the folder")  # fmt: skip
                 raise DataError(f"{folder}: split {name!r} has several files ({files[name][0].name}, {file.name})",
                                 fix="merge them into one file, or give the file you mean")  # fmt: skip
             files.setdefault(name, []).append(file)
