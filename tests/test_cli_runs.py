@@ -297,7 +297,7 @@ def test_a_fix_naming_the_python_check_names_the_command_in_the_cli():
     said = in_cli_terms(caught.value, trains=True).fix
     assert said == "set dataset_streaming: false, or set precompute_ref_log_probs: false", said
     fix = "fix or drop the row (fastdpo.data.check_preferences lists every such row), or pass format="
-    said = in_cli_terms(DataError("expected a string like the first row, got None", fix=fix), trains=True)
+    said = in_cli_terms(DataError("expected a string as the data's answers are, got None", fix=fix), trains=True)
     assert said.fix == "fix or drop the row (fastdpo data check FILE lists every such row)"
 
 

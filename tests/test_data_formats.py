@@ -482,7 +482,7 @@ def test_whole_conversations_next_to_a_prompt_of_their_first_turns():
 def test_mixed_formats_name_the_first_bad_row():
     data = rows({"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": "c", "rejected": "r"},
                 {"prompt": "p", "chosen": None, "rejected": "r"})  # fmt: skip
-    with pytest.raises(DataError, match=r"row 2, column 'chosen': expected a string like the first row, got None"):
+    with pytest.raises(DataError, match=r"row 2, column 'chosen': expected a string as the data's answers are, got N"):
         prepare_preferences(data)
     with pytest.raises(DataError, match=r"row 0, column 'chosen': expected a list of messages"):
         prepare_preferences(rows({"prompt": "p", "chosen": "c", "rejected": "r"}), format="conversational")
@@ -501,8 +501,8 @@ def test_a_list_that_is_no_message_list_is_said_why():
     for change, column, said in cases:
         with pytest.raises(DataError, match=rf"row 0, column '{column}': expected .*{said}"):
             prepare_preferences(rows({**chats[0], **change}))
-    with pytest.raises(DataError, match="row 1, column 'chosen': expected a list of messages like the first row, got "
-                                        "an empty list"):  # fmt: skip
+    with pytest.raises(DataError, match="row 1, column 'chosen': expected a list of messages as the data's answers "
+                                        "are, got an empty list"):  # fmt: skip
         prepare_preferences(rows(chats[0], {**chats[0], "chosen": []}))
     sharegpt = {**chats[0], "chosen": [{"from": "gpt", "value": "y"}]}
     with pytest.raises(DataError, match=r"got a list of ShareGPT messages \('from', 'value': rename 'from' and "):
@@ -589,3 +589,18 @@ def test_a_data_file_named_without_its_suffix_is_suggested(tmp_path, monkeypatch
         with pytest.raises(DataError, match="pairs: no file or folder of that name here, .* — give the file's whole "
                            "name: pairs.jsonl"):  # fmt: skip
             load("pairs")
+
+
+def test_a_first_row_without_an_answer_is_that_rows_problem():
+    # the format was read from row 0 alone: its null chosen stopped the whole file ("fix the value"), where the same
+    # problem in any other row is that row's, dropped and counted by the CLI's data_filter
+    from fastdpo.data.refused import prepare_dropping
+
+    rows = [{"prompt": "a", "chosen": None, "rejected": "x"}, {"prompt": "b", "chosen": "y", "rejected": "z"}]
+    with pytest.raises(DataError, match=r"row 0, column 'chosen': expected a string as the data's answers are, got "
+                                        r"None"):  # fmt: skip
+        prepare_preferences(rows)
+    prepared, dropped, _ = prepare_dropping(rows)
+    assert dropped == {"missing_field": 1} and prepared["prompt"] == ["b"]
+    with pytest.raises(DataError, match=r"row 0, column 'chosen': expected a string or a list of"):  # (no row has one)
+        prepare_preferences([{"prompt": "a", "chosen": None, "rejected": None}])

@@ -116,7 +116,7 @@ def test_a_stream_of_a_json_file_keeps_its_strings_and_its_columns_or_names_the_
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert list(load.load_stream(path)) == rows
-    with pytest.raises(DataError, match="row 3, column 'chosen': expected a string like the first row, got int"):
+    with pytest.raises(DataError, match="row 3, column 'chosen': expected a string as the data's answers are, got int"):
         list(prepare_stream(load.load_stream(path), build_tiny_tokenizer()).dataset)
     # the columns are those of the rows in the first bytes (datasets' first block: 10 MiB; a missing value None, as
     # Arrow fills it); a later new one is named

@@ -159,7 +159,7 @@ def test_bad_rows_of_a_stream_fail_where_they_are_read(tmp_path):
     rows[100]["chosen"] = None  # in the second batch of rows the stream tokenizes together (STREAM_BATCH)
     prepared = prepare_stream(stream_file(write_jsonl(tmp_path / "bad.jsonl", rows)), tokenizer)
     read = []
-    message = "row 100, column 'chosen': expected a string like the first row, got None"
+    message = "row 100, column 'chosen': expected a string as the data's answers are, got None"
     with pytest.raises(DataError, match=message) as e:
         read.extend(prepared.dataset)
     assert len(read) == STREAM_BATCH  # the rows before the bad one's batch were trained on
@@ -176,7 +176,7 @@ def test_bad_rows_of_a_stream_fail_where_they_are_read(tmp_path):
         yield {"prompt": "d?", "chosen": " e."}
 
     stream = datasets.IterableDataset.from_generator(rows_without_features)
-    with pytest.raises(DataError, match="row 1, column 'rejected': expected a string like the first row, got None"):
+    with pytest.raises(DataError, match="row 1, column 'rejected': expected a string as the data's answers are, got"):
         list(prepare_stream(stream, tokenizer).dataset)
 
     empty = datasets.Dataset.from_list(rows).to_iterable_dataset().filter(lambda row: False)

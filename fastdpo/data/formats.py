@@ -205,25 +205,30 @@ def preference_renames(columns: dict[str, str], present: list[str]) -> tuple[dic
 
 
 def _detect_format(dataset: datasets.Dataset, format: str) -> str:
+    """``format``, or the format of the first row whose chosen (else rejected) is text or messages: a first row
+    without one (null, missing, empty) is that row's problem, refused or dropped as any other row's (it stopped the
+    whole dataset, "fix the value" the only way on); a DataError at row 0 where no row has one."""
     if format != "auto":
         return format
-    first = dataset[0]
-    kind = value_format(first["chosen"])
-    if kind is None:
-        numbers = isinstance(first["chosen"], (int, float)) and not isinstance(first["chosen"], bool)
-        raise DataError(
-            f"expected a string or a list of {{'role', 'content'}} messages, got {described(first['chosen'])}",
-            row=0,
-            column="chosen",
-            fix="fix the value, or run fastdpo.data.check_preferences to list every such row"
-            + (
-                "; a CSV or spreadsheet reader may read answers like 4 as numbers: read those columns as text "
-                "(fastdpo.data.load_data does)"
-                if numbers
-                else ""
-            ),
-        )
-    return kind
+    answers = dataset.select_columns([name for name in ("chosen", "rejected") if name in dataset.column_names])
+    for row in answers:
+        kind = value_format(row.get("chosen")) or value_format(row.get("rejected"))
+        if kind is not None:
+            return kind
+    first = dataset[0]["chosen"]
+    numbers = isinstance(first, (int, float)) and not isinstance(first, bool)
+    raise DataError(
+        f"expected a string or a list of {{'role', 'content'}} messages, got {described(first)}",
+        row=0,
+        column="chosen",
+        fix="fix the value, or run fastdpo.data.check_preferences to list every such row"
+        + (
+            "; a CSV or spreadsheet reader may read answers like 4 as numbers: read those columns as text "
+            "(fastdpo.data.load_data does)"
+            if numbers
+            else ""
+        ),
+    )
 
 
 def _check_rows(dataset: datasets.Dataset, kind: str) -> None:
@@ -275,7 +280,7 @@ def value_problem(name: str, value, kind: str) -> tuple[str, str] | None:
         return None
     what = got or described(value)
     return (
-        f"expected {'a string' if kind == 'standard' else 'a list of messages'} like the first row, got {what}",
+        f"expected {'a string' if kind == 'standard' else 'a list of messages'} as the data's answers are, got {what}",
         "fix or drop the row (fastdpo.data.check_preferences lists every such row), or pass format=",
     )
 
