@@ -589,18 +589,3 @@ def test_a_data_file_named_without_its_suffix_is_suggested(tmp_path, monkeypatch
         with pytest.raises(DataError, match="pairs: no file or folder of that name here, .* — give the file's whole "
                            "name: pairs.jsonl"):  # fmt: skip
             load("pairs")
-
-
-def test_a_first_row_without_an_answer_is_that_rows_problem():
-    # the format was read from row 0 alone: its null chosen stopped the whole file ("fix the value"), where the same
-    # problem in any other row is that row's, dropped and counted by the CLI's data_filter
-    from fastdpo.data.refused import prepare_dropping
-
-    rows = [{"prompt": "a", "chosen": None, "rejected": "x"}, {"prompt": "b", "chosen": "y", "rejected": "z"}]
-    with pytest.raises(DataError, match=r"row 0, column 'chosen': expected a string as the data's answers are, got "
-                                        r"None"):  # fmt: skip
-        prepare_preferences(rows)
-    prepared, dropped, _ = prepare_dropping(rows)
-    assert dropped == {"missing_field": 1} and prepared["prompt"] == ["b"]
-    with pytest.raises(DataError, match=r"row 0, column 'chosen': expected a string or a list of"):  # (no row has one)
-        prepare_preferences([{"prompt": "a", "chosen": None, "rejected": None}])

@@ -36,7 +36,7 @@ from fastdpo.data.schema import (
     column_renames,
     described,
     is_message_list,
-    missing_column,
+    missing_answer,
     source_version,
     template_inputs_problem,
     value_format,
@@ -93,7 +93,7 @@ def prepare_preferences(
     dataset, _ = rename_preference_columns(dataset, columns or {})
     for name in ("chosen", "rejected"):
         if name not in dataset.column_names:
-            raise missing_column(name, dataset.column_names)
+            raise missing_answer(name, dataset.column_names)
     kind = _detect_format(dataset, format)
     _check_rows(dataset, kind)
     fn_kwargs = {

@@ -172,6 +172,24 @@ def missing_column(name: str, present: list[str], mapped_to: str | None = None) 
     return DataError("column not found", column=name, fix=fix)
 
 
+def missing_answer(name: str, present: list[str]) -> DataError:
+    """``missing_column`` for a pair's ``chosen``/``rejected``, saying what the data holds instead where its layout
+    is another trainer's: one completion per row with a label (KTO's unpaired rows; mapping a column, as the plain
+    error said, only moved it to the other answer), or SFT rows (text, messages, prompt/completion)."""
+    columns = set(present)
+    if {"completion", "label"} <= columns:
+        return DataError(f"column not found: the data holds one completion per row with a label ({', '.join(present)})"
+                         ", KTO's unpaired layout, where DPO reads a chosen and a rejected answer per row", column=name,
+                         fix="pair a desirable (label true) and an undesirable (label false) completion of one prompt "
+                         "into a row's chosen and rejected, or train it with TRL's KTOTrainer")  # fmt: skip
+    if not {"chosen", "rejected"} & columns and columns & {"text", "messages", "completion"}:
+        return DataError(f"column not found: the data holds SFT rows ({', '.join(present)}), where preference "
+                         "optimization reads a chosen and a rejected answer per row", column=name,
+                         fix="train on them with fastdpo sft (SFTTrainer); or, if they are pairs under other names, "
+                         f"map them: columns={{{name!r}: '<your column>'}}")  # fmt: skip
+    return missing_column(name, present)
+
+
 def rename_columns(dataset, columns: dict[str, str], known: tuple[str, ...], *, present: list[str] | None = None):
     """Apply a ``{our name: the dataset's name}`` map; our names must be in ``known``, theirs present, no clash.
     ``present``: the dataset's column names, when it does not know them (a stream without features)."""

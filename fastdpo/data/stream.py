@@ -43,7 +43,7 @@ from fastdpo.data.formats import (
     repeats_prompt,
 )
 from fastdpo.data.render import PROMPT_CUT, prompt_cut_why
-from fastdpo.data.schema import missing_column, rename_columns, renamed_row, value_format
+from fastdpo.data.schema import missing_answer, rename_columns, renamed_row, value_format
 from fastdpo.data.sft import (
     SFT_COLUMNS,
     chatml_row,
@@ -161,7 +161,7 @@ def prepare_stream(
     renames, present = preference_renames(columns or {}, list(dataset.column_names or first))
     for needed in ("chosen", "rejected"):
         if needed not in present:
-            raise missing_column(needed, present)
+            raise missing_answer(needed, present)
     first_chosen = first.get((columns or {}).get("chosen", "chosen"))
     kind = format if format != "auto" else value_format(first_chosen)
     if kind is None:

@@ -1,0 +1,37 @@
+"""Preference data in layouts the trainers do not read as given: a first row without an answer, KTO's unpaired
+rows, SFT rows; each said as what it is."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastdpo.data import prepare_preferences
+from fastdpo.errors import DataError
+
+
+def test_a_first_row_without_an_answer_is_that_rows_problem():
+    # the format was read from row 0 alone: its null chosen stopped the whole file ("fix the value"), where the same
+    # problem in any other row is that row's, dropped and counted by the CLI's data_filter
+    from fastdpo.data.refused import prepare_dropping
+
+    rows = [{"prompt": "a", "chosen": None, "rejected": "x"}, {"prompt": "b", "chosen": "y", "rejected": "z"}]
+    with pytest.raises(DataError, match=r"row 0, column 'chosen': expected a string as the data's answers are, got "
+                                        r"None"):  # fmt: skip
+        prepare_preferences(rows)
+    prepared, dropped, _ = prepare_dropping(rows)
+    assert dropped == {"missing_field": 1} and prepared["prompt"] == ["b"]
+    with pytest.raises(DataError, match=r"row 0, column 'chosen': expected a string or a list of"):  # (no row has one)
+        prepare_preferences([{"prompt": "a", "chosen": None, "rejected": None}])
+
+
+def test_unpaired_and_sft_rows_are_said_to_be_so():
+    # KTO's unpaired rows and SFT rows got "map your column with columns={'chosen': ...}", which only moved the error
+    # to 'rejected'
+    kto = [{"prompt": "a", "completion": " x", "label": True}, {"prompt": "a", "completion": " y", "label": False}]
+    with pytest.raises(DataError, match=r"column 'chosen': column not found: the data holds one completion per row "
+                                        r"with a label .*KTO's unpaired layout.* — pair a desirable"):  # fmt: skip
+        prepare_preferences(kto)
+    with pytest.raises(DataError, match=r"the data holds SFT rows \(text\), .* — train on them with fastdpo sft"):
+        prepare_preferences([{"text": "a b"}])
+    with pytest.raises(DataError, match=r"column 'rejected': column not found — did you mean"):  # (pairs misnamed)
+        prepare_preferences([{"prompt": "a", "chosen": " x", "rejectd": " y"}])
