@@ -35,3 +35,14 @@ def test_unpaired_and_sft_rows_are_said_to_be_so():
         prepare_preferences([{"text": "a b"}])
     with pytest.raises(DataError, match=r"column 'rejected': column not found — did you mean"):  # (pairs misnamed)
         prepare_preferences([{"prompt": "a", "chosen": " x", "rejectd": " y"}])
+
+
+def test_a_blank_prompt_takes_no_system_and_is_dropped_as_empty():
+    # Orca's rows with question "" and a system: the prompt became the system text alone, kept and trained on, where
+    # a blank prompt without a system is dropped as empty
+    from fastdpo.data import check_preferences
+
+    rows = [{"system": "Be brief.", "prompt": prompt, "chosen": " x.", "rejected": " y."} for prompt in (" ", "Q?")]
+    prepared = prepare_preferences(rows)
+    assert prepared["prompt"][0] == " " and prepared["prompt"][1] == "Be brief.\n\nQ?"
+    assert check_preferences(rows).rows["empty"] == [0]

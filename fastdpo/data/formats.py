@@ -321,11 +321,13 @@ def normalize_row(example: dict, *, kind, has_prompt, system_template, input_tem
 def with_extras(prompt, row: dict, system_template: str = DEFAULT_SYSTEM_TEMPLATE,
                 input_template: str = DEFAULT_INPUT_TEMPLATE):  # fmt: skip
     """``prompt`` with ``row``'s ``input`` and ``context`` (both, in that order) and then its ``system`` joined in;
-    empty ones change nothing."""
+    empty ones change nothing. A blank prompt takes no system (it trained on the system text alone, where a blank
+    prompt without one is the quality check's ``empty``, dropped)."""
     for extra in (row.get(c) for c in ("input", "context")):
         if extra:
             prompt = _join_input(prompt, extra, input_template)
-    if row.get("system"):
+    blank = not prompt or (isinstance(prompt, str) and not prompt.strip())
+    if row.get("system") and not blank:
         prompt = _add_system(prompt, row["system"], system_template)
     return prompt
 
