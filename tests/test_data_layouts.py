@@ -46,3 +46,21 @@ def test_a_blank_prompt_takes_no_system_and_is_dropped_as_empty():
     prepared = prepare_preferences(rows)
     assert prepared["prompt"][0] == " " and prepared["prompt"][1] == "Be brief.\n\nQ?"
     assert check_preferences(rows).rows["empty"] == [0]
+
+
+def test_a_labels_column_beside_mapped_answers_is_warned_of(caplog):
+    # Stanford SHP mapped as a user writes it (chosen: human_ref_A, rejected: human_ref_B) trained the rows whose
+    # labels say B won reversed, without a word
+    import logging
+
+    rows = [{"history": f"q{i}?", "human_ref_A": f" a{i}.", "human_ref_B": f" b{i}.", "labels": int(i % 3 == 0)}
+            for i in range(6)]  # fmt: skip
+    columns = {"prompt": "history", "chosen": "human_ref_A", "rejected": "human_ref_B"}
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        prepare_preferences(rows, columns=columns)
+    assert "the column 'labels' (0 or 1: 2 rows of 6 are 1) sits beside chosen 'human_ref_A' and rejected " \
+        "'human_ref_B'" in caplog.text and "train their pair reversed" in caplog.text  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):  # (one value: it says nothing of a side)
+        prepare_preferences([{**row, "labels": 1} for row in rows], columns=columns)
+    assert "sits beside" not in caplog.text

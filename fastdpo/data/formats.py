@@ -94,6 +94,7 @@ def prepare_preferences(
     for name in ("chosen", "rejected"):
         if name not in dataset.column_names:
             raise missing_answer(name, dataset.column_names)
+    _warn_preference_labels(dataset, columns or {})
     kind = _detect_format(dataset, format)
     _check_rows(dataset, kind)
     fn_kwargs = {
@@ -111,6 +112,27 @@ def prepare_preferences(
         num_proc=num_proc,
         desc="Normalizing preference rows",
     )
+
+
+_LABELS = ("labels", "label", "preference", "preferred", "choice")  # a column that may say which answer won
+
+
+def _warn_preference_labels(dataset: datasets.Dataset, columns: dict) -> None:
+    """A counted warning where the column map names chosen and rejected beside a 0/1 column that may say which of
+    the two won (Stanford SHP's ``labels``: 1 where ``human_ref_A`` is preferred): mapped as they are, its rows of
+    the other value train their pair reversed, without a word."""
+    label = next((name for name in _LABELS if name in dataset.column_names), None)
+    if said() or label is None or not {"chosen", "rejected"} <= columns.keys():
+        return
+    values = dataset[label]
+    if not set(values) <= {0, 1} or len(set(values)) < 2:  # (True and False are 1 and 0 here)
+        return
+    ones = sum(1 for value in values if value)
+    logger.warning("the column %r (0 or 1: %d rows of %d are 1) sits beside chosen %r and rejected %r, which the "
+                   "column map takes as they are in every row: if it says which answer is preferred (Stanford SHP's "
+                   "labels: 1 where human_ref_A is), the rows of its other value train their pair reversed; swap "
+                   "their answers first (e.g. Dataset.map)", label, ones, len(values), columns["chosen"],
+                   columns["rejected"])  # fmt: skip
 
 
 def warn_of_rows(dataset: datasets.Dataset, kind: str) -> None:
