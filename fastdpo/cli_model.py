@@ -370,6 +370,14 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
         with no_assumed_split(run_args):
             evaluation = _numbered_left(prepare(run_args.dataset_name, columns=columns, split=test_split),
                                         gone.get(test_split))  # fmt: skip
+    if {"image", "images"} & set(train.column_names):  # (before the quality check: its image parts are no text,
+        # every row a bad_message, and "every row is dropped" said instead)
+        from fastdpo.train.common import check_dataset
+
+        try:
+            check_dataset(train, "train")
+        except ConfigError as error:
+            raise error.but(column="dataset_name") from None
     if command != "dpo":
         return (*_without_numbers(train, evaluation, numbering), {})
     file_rows = list(train[_ROW])  # (the report's rows: those of the train split before its filter)

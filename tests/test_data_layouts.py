@@ -64,3 +64,23 @@ def test_a_labels_column_beside_mapped_answers_is_warned_of(caplog):
     with caplog.at_level(logging.WARNING, logger="fastdpo"):  # (one value: it says nothing of a side)
         prepare_preferences([{**row, "labels": 1} for row in rows], columns=columns)
     assert "sits beside" not in caplog.text
+
+
+def test_image_rows_are_refused_as_vision_data_before_the_quality_check(tmp_path, monkeypatch, capsys):
+    # TRL's vision layout (an images column, image parts in the prompt): every row a bad_message, and the run said
+    # "every one of the 12 training rows is dropped" (the vision refusal came with data_filter: none only)
+    import json
+
+    from fastdpo.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()  # (the data is read first: no model is loaded)
+    image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+    row = {"images": ["red.png"], "prompt": image, "chosen": [{"role": "assistant", "content": "Red"}],
+           "rejected": [{"role": "assistant", "content": "Blue"}]}  # fmt: skip
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    assert cli(["dpo", "--model_name_or_path", "model", "--dataset_name", "pairs.jsonl", "--output_dir", "out",
+                "--report_to", "none"]) == 2  # fmt: skip
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fastdpo: error: option 'dataset_name': vision datasets are not supported yet — use TRL's trainers for "
+        "vision-language models")  # fmt: skip
