@@ -298,3 +298,17 @@ def test_pair_errors_name_the_fix():
         build_pairs(datasets.Dataset.from_dict({"prompt": [], "completions": [], "scores": []}))
     with pytest.raises(DataError, match="expected a list of completions"):
         build_pairs([{"prompt": "q", "completions": "x y", "scores": [1, 2]}])
+
+
+def test_completions_are_guessed_among_list_columns_and_one_response_rows_are_explained():
+    # HelpSteer2's layout (a response and its ratings per row): "did you mean 'complexity'?" (an integer rating) for
+    # the completions, then "expected a list" with no word of grouping rows by prompt
+    rows = datasets.Dataset.from_list([{"prompt": "q", "response": "a", "complexity": 1, "helpfulness": 3}] * 2)
+    with pytest.raises(DataError, match=r"column 'completions': column not found — pass completions='<your column>'"):
+        build_pairs(rows)
+    with pytest.raises(DataError, match=r"row 0, column 'response': expected a list of completions, got str — .*rows "
+                                        r"of one response each.* are grouped by prompt first"):  # fmt: skip
+        build_pairs(rows, completions="response", scores="helpfulness")
+    listed = rows.add_column("completes", [["a", "b"]] * 2)  # (a list column of a near name is still guessed)
+    with pytest.raises(DataError, match=r"did you mean 'completes'\?"):
+        build_pairs(listed)

@@ -203,8 +203,9 @@ def _carried_columns(dataset, columns: dict[str, str]) -> list[str]:
     if not len(dataset):
         raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
     for option, name in columns.items():
-        if name not in present:
-            raise missing_column(option, name, present)
+        if name not in present:  # (completions guessed among list columns: a rating's name may be nearer)
+            raise missing_column(option, name, present, guesses=_lists(dataset, present) if option == "completions"
+                                 else None)  # fmt: skip
     carried = [name for name in present if name not in columns.values()]
     for name in carried:
         if name in PAIR_COLUMNS:
@@ -214,14 +215,29 @@ def _carried_columns(dataset, columns: dict[str, str]) -> list[str]:
     return carried
 
 
+def _lists(dataset, present: list[str]) -> list[str]:
+    """The columns of ``present`` that hold lists (all of them where the dataset does not say its features)."""
+    features = getattr(dataset, "features", None)
+    if not features:
+        return present
+    return [name for name in present if isinstance(features.get(name), list)
+            or type(features.get(name)).__name__ in ("List", "LargeList", "Sequence")]  # fmt: skip
+
+
 def _parse_row(row, items, row_scores, completions, response_key, score_key) -> tuple[list, list[float]] | str:
     """(responses, scores) of one row, or the reason it is dropped; a DataError when the shape is plainly wrong."""
     if items is None:
         items = []
     if not isinstance(items, list):
+        one = (
+            " (rows of one response each, as HelpSteer2's or an oasst tree's, are grouped by prompt first: "
+            "one row per prompt with the list of its responses and of their scores)"
+            if isinstance(items, str)
+            else ""
+        )
         raise DataError(
             f"expected a list of completions, got {type(items).__name__}", row=row, column=completions,
-            fix="pass the column that holds one list of responses per row as completions=",
+            fix=f"pass the column that holds one list of responses per row as completions={one}",
         )  # fmt: skip
     if len(items) < 2:
         return "too_few_completions"
@@ -352,11 +368,13 @@ def column_values(data: datasets.Dataset | list[dict[str, Any]], name: str) -> l
     return [row.get(name) for row in data]
 
 
-def missing_column(option: str, name: str, present: list[str], cli: str | None = None) -> DataError:
-    """A DataError for column ``name`` (given as ``option=``) not in ``present``, suggesting the closest one;
-    ``cli``: how ``fastdpo data`` takes it (default: ``--option <the guess or your column>``)."""
+def missing_column(option: str, name: str, present: list[str], cli: str | None = None,
+                   guesses: list[str] | None = None) -> DataError:  # fmt: skip
+    """A DataError for column ``name`` (given as ``option=``) not in ``present``, suggesting the closest one (of
+    ``guesses``, where given); ``cli``: how ``fastdpo data`` takes it (default: ``--option <the guess or your
+    column>``)."""
     present = data_columns(present)
-    guess = close_match(name, present)
+    guess = close_match(name, data_columns(guesses) if guesses is not None else present)
     hint = f"did you mean {guess!r}? pass {option}={guess!r}" if guess else f"pass {option}='<your column>'"
     cli = cli or f"--{option.replace('_', '-')} {guess or '<your column>'}"
     return DataError("column not found", column=name,
