@@ -84,3 +84,20 @@ def test_image_rows_are_refused_as_vision_data_before_the_quality_check(tmp_path
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "fastdpo: error: option 'dataset_name': vision datasets are not supported yet — use TRL's trainers for "
         "vision-language models")  # fmt: skip
+
+
+def test_an_answer_of_tool_calls_has_their_length():
+    # a turn of tool calls alone counted 0 characters: every pair flagged length_ratio, and the length bias said
+    # backwards (chosen shorter) on tool-calling data
+    from fastdpo.data import check_preferences
+
+    arguments = {"city": "Paris", "unit": "celsius"}
+    call = [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]}]  # fmt: skip
+    text = [{"role": "assistant", "content": "It is sunny in Paris today, about 20 degrees."}]
+    rows = [{"prompt": [{"role": "user", "content": f"Weather {i}?"}], "chosen": call, "rejected": text}
+            for i in range(3)]  # fmt: skip
+    report = check_preferences(rows)
+    expected = len("get_weather") + len('{"city": "Paris", "unit": "celsius"}')  # (the arguments as JSON)
+    assert report.length_stats["chars"]["chosen"]["min"] == expected == 47
+    assert "length_ratio" not in report.rows  # (47 against 45 characters; it was 0 against 45)

@@ -5,6 +5,7 @@ a dataset without a prompt column counts its whole conversations (or strings) as
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,19 @@ TOKEN_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def _chars(value: str | list) -> int:
-    return len(value) if isinstance(value, str) else sum(len(content_text(m.get("content")) or "") for m in value)
+    """A string's characters; a message list's: its contents' and its tool calls' (their function's name and
+    arguments, as JSON: a turn of calls alone counted 0 against the other answer's text)."""
+    if isinstance(value, str):
+        return len(value)
+    return sum(len(content_text(m.get("content")) or "") + _call_chars(m.get("tool_calls")) for m in value)
+
+
+def _call_chars(calls) -> int:
+    if not isinstance(calls, list):
+        return 0
+    functions = [call.get("function", call) for call in calls if isinstance(call, dict)]
+    return sum(len(str(function.get("name") or "")) + len(json.dumps(function.get("arguments"), ensure_ascii=False,
+               default=str)) for function in functions if isinstance(function, dict))  # fmt: skip
 
 
 def check_lengths(pairs, columns, text_columns, majority, found, *, tokenizer, max_length, length_ratio_warn,
