@@ -228,24 +228,23 @@ def _first_rows(source: str, limit: int, text: tuple[str, ...], split: str = "tr
     print(f"fastdpo: the first {len(rows)} rows of {source} (--limit {limit})", file=sys.stderr)
     try:
         return as_dataset(rows)
-    except DataError:  # a column of text beside numbers (a score "high" beside 9): Json, as the whole file's load
-        mixed = _mixed_as_json(rows)  # reads it (refused with --limit, reported as bad_score without)
+    except DataError:  # a column of values of several kinds (a score "high" beside 9): Json, as the whole file's
+        mixed = _mixed_as_json(rows)  # load reads it (refused with --limit, reported as bad_score without)
         if mixed is None:
             raise
         return mixed
 
 
 def _mixed_as_json(rows: list[dict]):
-    """``rows`` as a Dataset whose columns of scalars of more than one kind are ``Json`` columns; None where there
-    is no such column."""
+    """``rows`` as a Dataset whose columns of values of more than one kind (a score "high" beside 9; ``tools`` a
+    list in one row and its JSON text in another, as the whole file's load reads them) are ``Json`` columns; None
+    where there is no such column."""
     import datasets
 
     from fastdpo.data.load import as_dataset, table_columns
 
     columns = table_columns(rows)
-    scalar = (str, int, float, bool, type(None))
-    mixed = [name for name in columns if all(isinstance(row.get(name), scalar) for row in rows)
-             and len({type(row.get(name)) for row in rows} - {type(None)}) > 1]  # fmt: skip
+    mixed = [name for name in columns if len({type(row.get(name)) for row in rows} - {type(None)}) > 1]
     if not mixed:
         return None
     rest = as_dataset([{name: value for name, value in row.items() if name not in mixed} for row in rows])

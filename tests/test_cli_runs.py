@@ -408,6 +408,15 @@ def test_data_check_with_a_limit_reports_text_scores_as_the_whole_file_check_doe
         assert done.returncode == 0, done.stderr
         reports.append(json.loads(done.stdout)["rows"])
     assert reports[0] == reports[1] and reports[0]["bad_score"] == [1]
+    # tools a list in one row and its JSON text in another (as TRL takes both): "row 1, column 'tools': is a string
+    # where row 0 has a list" with --limit alone
+    tool = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "tools": tools} for tools in ([tool], json.dumps([tool]))]
+    (workdir / "mixed_tools.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for limit in ([], ["--limit", "10"]):
+        done = in_process("data", "check", "mixed_tools.jsonl", *limit, cwd=workdir, monkeypatch=monkeypatch,
+                          capsys=capsys)  # fmt: skip
+        assert done.returncode == 0, (limit, done.stderr)
 
 
 def test_a_run_without_matplotlib_saves_its_model_and_skips_the_plots(workdir, monkeypatch, capsys, caplog):  # noqa: F811
