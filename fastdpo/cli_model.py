@@ -330,7 +330,7 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
     import functools
 
     from fastdpo.data import check_preferences, load_data, prepare_preferences, prepare_sft
-    from fastdpo.data.formats import rename_preference_columns
+    from fastdpo.data.formats import rename_preference_columns, warn_preference_labels
     from fastdpo.data.load import text_columns
     from fastdpo.data.refused import prepared_rows
     from fastdpo.data.split import split_pairs, split_sft_rows
@@ -354,6 +354,7 @@ def _loaded_splits(command: str, run_args, seed: int, text_field: str, numbering
         loaded = load_data(source, split=train_split, text=(*text_columns(columns), text_field))
         if command == "dpo":
             loaded, part_columns = rename_preference_columns(loaded, columns or {})[0], None
+            warn_preference_labels(loaded, columns or {})  # (the parts are prepared without the map)
             # (the groups of rows without a prompt column keyed on the rows as given: the numbering left out of them)
             prepared = None if "prompt" in loaded.column_names else prepared_rows(loaded, None)[0]
             split = functools.partial(split_pairs, prepared=prepared)

@@ -35,17 +35,21 @@ def test_unpaired_and_sft_rows_are_said_to_be_so():
         prepare_preferences([{"text": "a b"}])
     with pytest.raises(DataError, match=r"column 'rejected': column not found — did you mean"):  # (pairs misnamed)
         prepare_preferences([{"prompt": "a", "chosen": " x", "rejectd": " y"}])
+    for pair in ({"completion": " c", "Chosen": " x", "Rejected": " y"}, {"text": "t", "response_a": " x"}):
+        with pytest.raises(DataError, match=r"column 'chosen': column not found — "):  # (pairs under other names)
+            prepare_preferences([{"prompt": "a", **pair}])
 
 
-def test_a_blank_prompt_takes_no_system_and_is_dropped_as_empty():
-    # Orca's rows with question "" and a system: the prompt became the system text alone, kept and trained on, where
-    # a blank prompt without a system is dropped as empty
-    from fastdpo.data import check_preferences
+def test_a_blank_prompt_beside_a_system_is_warned_of(caplog):
+    # Orca's rows with question "" and a system: the prompt is the system text alone, kept (a system-only prompt may
+    # be meant: conversational rows of one trained so), and it went unsaid
+    import logging
 
     rows = [{"system": "Be brief.", "prompt": prompt, "chosen": " x.", "rejected": " y."} for prompt in (" ", "Q?")]
-    prepared = prepare_preferences(rows)
-    assert prepared["prompt"][0] == " " and prepared["prompt"][1] == "Be brief.\n\nQ?"
-    assert check_preferences(rows).rows["empty"] == [0]
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        prepared = prepare_preferences(rows)
+    assert prepared["prompt"] == ["Be brief.\n\n ", "Be brief.\n\nQ?"]
+    assert "1 of 2 rows have a blank prompt beside a system text, which alone is their prompt (rows [0])" in caplog.text
 
 
 def test_a_labels_column_beside_mapped_answers_is_warned_of(caplog):
@@ -64,6 +68,8 @@ def test_a_labels_column_beside_mapped_answers_is_warned_of(caplog):
     with caplog.at_level(logging.WARNING, logger="fastdpo"):  # (one value: it says nothing of a side)
         prepare_preferences([{**row, "labels": 1} for row in rows], columns=columns)
     assert "sits beside" not in caplog.text
+    topics = [{**row, "labels": ["math", "easy"]} for row in rows]  # (a column of lists: no side said; it raised)
+    assert len(prepare_preferences(topics, columns=columns)) == 6
 
 
 def test_image_rows_are_refused_as_vision_data_before_the_quality_check(tmp_path, monkeypatch, capsys):
@@ -101,3 +107,29 @@ def test_an_answer_of_tool_calls_has_their_length():
     expected = len("get_weather") + len('{"city": "Paris", "unit": "celsius"}')  # (the arguments as JSON)
     assert report.length_stats["chars"]["chosen"]["min"] == expected == 47
     assert "length_ratio" not in report.rows  # (47 against 45 characters; it was 0 against 45)
+    # from a file: Arrow gives each call every key any row's call has, None-filled (not rendered: not counted)
+    import datasets
+
+    search = {"name": "search", "arguments": {"query": "x" * 40, "limit": 3}}
+    other = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": search}]}]
+    table = datasets.Dataset.from_list([*rows, {**rows[0], "chosen": other}])
+    assert table[0]["chosen"][0]["tool_calls"][0]["function"]["arguments"]["query"] is None
+    assert check_preferences(table).length_stats["chars"]["chosen"]["min"] == 47
+
+
+def test_the_labels_warning_is_given_by_a_run_that_holds_rows_out(tmp_path, caplog):
+    # with eval_fraction the rows are mapped before the split and the parts prepared without the map: never said
+    import json
+    import logging
+
+    from fastdpo.cli import RunArguments
+    from fastdpo.cli_model import loaded_splits
+
+    rows = [{"history": f"q{i}?", "human_ref_A": f" a{i}.", "human_ref_B": f" b{i}.", "labels": i % 2}
+            for i in range(10)]  # fmt: skip
+    (tmp_path / "shp.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    columns = {"prompt": "history", "chosen": "human_ref_A", "rejected": "human_ref_B"}
+    run = RunArguments(dataset_name=str(tmp_path / "shp.jsonl"), dataset_columns=columns, eval_fraction=0.2)
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        loaded_splits("dpo", run, 0)
+    assert caplog.text.count("the column 'labels' (0 or 1: 5 rows of 10 are 1) sits beside") == 1

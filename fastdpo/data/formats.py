@@ -94,7 +94,7 @@ def prepare_preferences(
     for name in ("chosen", "rejected"):
         if name not in dataset.column_names:
             raise missing_answer(name, dataset.column_names)
-    _warn_preference_labels(dataset, columns or {})
+    warn_preference_labels(dataset, columns or {})
     kind = _detect_format(dataset, format)
     _check_rows(dataset, kind)
     fn_kwargs = {
@@ -117,7 +117,7 @@ def prepare_preferences(
 _LABELS = ("labels", "label", "preference", "preferred", "choice")  # a column that may say which answer won
 
 
-def _warn_preference_labels(dataset: datasets.Dataset, columns: dict) -> None:
+def warn_preference_labels(dataset: datasets.Dataset, columns: dict) -> None:
     """A counted warning where the column map names chosen and rejected beside a 0/1 column that may say which of
     the two won (Stanford SHP's ``labels``: 1 where ``human_ref_A`` is preferred): mapped as they are, its rows of
     the other value train their pair reversed, without a word."""
@@ -125,7 +125,7 @@ def _warn_preference_labels(dataset: datasets.Dataset, columns: dict) -> None:
     if said() or label is None or not {"chosen", "rejected"} <= columns.keys():
         return
     values = dataset[label]
-    if not set(values) <= {0, 1} or len(set(values)) < 2:  # (True and False are 1 and 0 here)
+    if not all(isinstance(value, int) and value in (0, 1) for value in values) or len(set(values)) < 2:  # (bools too)
         return
     ones = sum(1 for value in values if value)
     logger.warning("the column %r (0 or 1: %d rows of %d are 1) sits beside chosen %r and rejected %r, which the "
@@ -140,13 +140,32 @@ def warn_of_rows(dataset: datasets.Dataset, kind: str) -> None:
     repeat) and of a text column left unread beside no prompt column, for standard rows (``dataset`` renamed)."""
     if kind != "standard":
         return
-    names = [name for name in ("prompt", "chosen", "rejected") if name in dataset.column_names]
-    columns = dataset.with_format(None).select_columns(names).to_dict()  # (read once, for the two row warnings)
-    warn_written_messages(columns)
+    names = [name for name in ("prompt", "chosen", "rejected", "system") if name in dataset.column_names]
+    columns = dataset.with_format(None).select_columns(names).to_dict()  # (read once, for the row warnings)
+    warn_written_messages({name: values for name, values in columns.items() if name != "system"})
     if "prompt" in columns:
         _warn_repeated_prompts(columns)
+        _warn_system_alone(columns)
     else:  # (whole conversations carry their prompt: no column is missing)
         _warn_unused_text(dataset)
+
+
+def _warn_system_alone(columns: dict[str, list]) -> None:
+    """One counted warning for string rows whose prompt is blank beside a system text: the system text alone is
+    their prompt (Orca's rows of an empty question), where a blank prompt without one is the quality check's
+    ``empty``. Kept: a system-only prompt may be meant."""
+    if said() or "system" not in columns:
+        return
+
+    def text(value) -> bool:
+        return isinstance(value, str) and bool(value.strip())
+
+    pairs = enumerate(zip(columns["prompt"], columns["system"], strict=True))
+    rows = [row for row, (prompt, system) in pairs if isinstance(prompt, str) and not text(prompt) and text(system)]
+    if rows:
+        logger.warning("%d of %d rows have a blank prompt beside a system text, which alone is their prompt (rows "
+                       "%s); if the prompt is in another column, map it (columns={'prompt': ...}), or drop the rows",
+                       len(rows), len(columns["prompt"]), rows[:5])  # fmt: skip
 
 
 def _warn_repeated_prompts(columns: dict[str, list]) -> None:
@@ -343,13 +362,11 @@ def normalize_row(example: dict, *, kind, has_prompt, system_template, input_tem
 def with_extras(prompt, row: dict, system_template: str = DEFAULT_SYSTEM_TEMPLATE,
                 input_template: str = DEFAULT_INPUT_TEMPLATE):  # fmt: skip
     """``prompt`` with ``row``'s ``input`` and ``context`` (both, in that order) and then its ``system`` joined in;
-    empty ones change nothing. A blank prompt takes no system (it trained on the system text alone, where a blank
-    prompt without one is the quality check's ``empty``, dropped)."""
+    empty ones change nothing."""
     for extra in (row.get(c) for c in ("input", "context")):
         if extra:
             prompt = _join_input(prompt, extra, input_template)
-    blank = not prompt or (isinstance(prompt, str) and not prompt.strip())
-    if row.get("system") and not blank:
+    if row.get("system"):
         prompt = _add_system(prompt, row["system"], system_template)
     return prompt
 

@@ -20,7 +20,7 @@ from fastdpo.data.render import (
     string_ids,
     truncate,
 )
-from fastdpo.data.schema import content_text
+from fastdpo.data.schema import content_text, without_null_arguments
 
 ABSENT = object()  # a key missing from a row of a list input (None is a value there)
 _HIST_BINS = 10
@@ -33,6 +33,7 @@ def _chars(value: str | list) -> int:
     arguments, as JSON: a turn of calls alone counted 0 against the other answer's text)."""
     if isinstance(value, str):
         return len(value)
+    value = without_null_arguments(value)  # (Arrow's None-filled keys of other calls: not rendered, not counted)
     return sum(len(content_text(m.get("content")) or "") + _call_chars(m.get("tool_calls")) for m in value)
 
 
@@ -40,8 +41,13 @@ def _call_chars(calls) -> int:
     if not isinstance(calls, list):
         return 0
     functions = [call.get("function", call) for call in calls if isinstance(call, dict)]
-    return sum(len(str(function.get("name") or "")) + len(json.dumps(function.get("arguments"), ensure_ascii=False,
-               default=str)) for function in functions if isinstance(function, dict))  # fmt: skip
+    return sum(len(str(function.get("name") or "")) + _arguments_chars(function.get("arguments"))
+               for function in functions if isinstance(function, dict))  # fmt: skip
+
+
+def _arguments_chars(arguments) -> int:
+    """A call's arguments as JSON text: a string of them as it is."""
+    return len(arguments) if isinstance(arguments, str) else len(json.dumps(arguments, ensure_ascii=False, default=str))
 
 
 def check_lengths(pairs, columns, text_columns, majority, found, *, tokenizer, max_length, length_ratio_warn,

@@ -172,6 +172,11 @@ def missing_column(name: str, present: list[str], mapped_to: str | None = None) 
     return DataError("column not found", column=name, fix=fix)
 
 
+# the columns of SFT rows (and their usual company): a dataset of these alone holds no pairs under other names
+_SFT_ROW_COLUMNS = frozenset({"text", "messages", "prompt", "completion", "system", "tools", "chat_template_kwargs",
+                              "id", "source", "images"})  # fmt: skip
+
+
 def missing_answer(name: str, present: list[str]) -> DataError:
     """``missing_column`` for a pair's ``chosen``/``rejected``, saying what the data holds instead where its layout
     is another trainer's: one completion per row with a label (KTO's unpaired rows; mapping a column, as the plain
@@ -182,7 +187,8 @@ def missing_answer(name: str, present: list[str]) -> DataError:
                          ", KTO's unpaired layout, where DPO reads a chosen and a rejected answer per row", column=name,
                          fix="pair a desirable (label true) and an undesirable (label false) completion of one prompt "
                          "into a row's chosen and rejected, or train it with TRL's KTOTrainer")  # fmt: skip
-    if not {"chosen", "rejected"} & columns and columns & {"text", "messages", "completion"}:
+    if columns & {"text", "messages", "completion"} and columns <= _SFT_ROW_COLUMNS:  # (pairs under other names:
+        # the plain error, with its guess)
         return DataError(f"column not found: the data holds SFT rows ({', '.join(present)}), where preference "
                          "optimization reads a chosen and a rejected answer per row", column=name,
                          fix="train on them with fastdpo sft (SFTTrainer); or, if they are pairs under other names, "
