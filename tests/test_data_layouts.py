@@ -90,6 +90,10 @@ def test_image_rows_are_refused_as_vision_data_before_the_quality_check(tmp_path
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "fastdpo: error: option 'dataset_name': vision datasets are not supported yet — use TRL's trainers for "
         "vision-language models")  # fmt: skip
+    # fastdpo data check listed every row as a bad_message, the image column unnamed (every row dropped: exit 2)
+    assert cli(["data", "check", "pairs.jsonl", "--json"]) == 2
+    warnings = json.loads(capsys.readouterr().out)["dataset_warnings"]
+    assert any(warning.startswith("vision_data: the column 'images' holds images") for warning in warnings), warnings
 
 
 def test_an_answer_of_tool_calls_has_their_length():

@@ -77,6 +77,7 @@ DATASET_REASONS: dict[str, tuple[str, str]] = {
     "empty_dataset": (WARN, "the dataset has no rows"),
     "no_prompt_column": (WARN, "no prompt column: prompt checks skipped"),
     "length_bias": (WARN, "chosen is mostly longer (or shorter) than rejected"),
+    "vision_data": (WARN, "an image column: the trainers do not read images"),
 }
 # the roles chat templates render: OpenAI's developer, Llama-3.1's ipython (a tool's result), the older function
 ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
@@ -254,6 +255,10 @@ def check_preferences(
         warnings.append("empty_dataset: the dataset has no rows")
     elif not has_prompt:
         warnings.append("no_prompt_column: prompt checks skipped (prepare_preferences extracts the implicit prompt)")
+    images = [name for name in ("image", "images") if name in names]
+    if images:  # (its rows' image parts read as bad messages below: the cause said once)
+        warnings.append(f"vision_data: the column {images[0]!r} holds images, which fastdpo's trainers do not read "
+                        "(a run refuses the dataset; TRL's trainers take vision-language data)")  # fmt: skip
     formats = {c: _check_values(columns[c], c, has_prompt, found) for c in text_columns}
     majority = _majority_format(formats["chosen"])
     valid, keys = _check_pairs(num_rows, columns, formats, majority, found)
