@@ -364,7 +364,7 @@ def test_a_folder_of_the_splits_data_split_writes_loads_with_datasets(tmp_path, 
     assert main(["data", "split", "pairs.jsonl", "out/train.jsonl", "out/test.jsonl", "--test-size", "2"]) == 0
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
         ".test.jsonl.dropped.json", ".train.jsonl.dropped.json", "test.jsonl", "train.jsonl"]  # fmt: skip
-    theirs = datasets.load_dataset(str(tmp_path / "out"))
+    theirs = datasets.load_dataset(str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))  # (not the user's)
     assert (len(theirs["train"]), len(theirs["test"])) == (6, 2)
     assert len(load_data(tmp_path / "out", split="test")) == 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,10 @@ def test_tutorial_script_runs_on_a_dataset_laid_out_as_trl_libs_ultrafeedback(tm
                               {"role": "assistant", "content": "no"}],
                  "score_chosen": 8.0, "score_rejected": 2.0} for i in range(count)]  # fmt: skip
         (tmp_path / "data" / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # (the tutorial loads the folder with datasets.load_dataset: its cache in tmp_path, not the user's)
     done = subprocess.run([sys.executable, str(EXAMPLES / "dpo_tutorial.py"), "--model", str(tmp_path / "model"),
                            "--dataset", str(tmp_path / "data"), "--sft-steps", "2", "--dpo-steps", "2",
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)  # fmt: skip
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kl_estimate" in done.stdout and "test question 7?" in done.stdout  # the held-out prompts compared
