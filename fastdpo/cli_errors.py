@@ -27,7 +27,7 @@ def in_cli_terms(error: Exception, *, trains: bool) -> Exception:
         fix = error.fix.replace("load the data without streaming=True (a map-style Dataset)",
                                 "set dataset_streaming: false").replace(
             "use reference='separate' (or 'adapter' with PEFT)", "set precompute_ref_log_probs: false")  # fmt: skip
-        error = ConfigError(error.message, column=error.column, fix=fix)
+        error = error.but(fix=fix)
     if isinstance(error, DataError) and (error.fix or "").endswith(", or pass format="):  # (a Python option)
         error = error.but(fix=error.fix.removesuffix(", or pass format="))
     if isinstance(error, DataError) and "; fastdpo data: " in (error.fix or ""):  # (build_pairs' prompt=...)

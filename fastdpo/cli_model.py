@@ -473,7 +473,7 @@ def _in_file_rows(prepare, part, *, split: str, columns: dict | None = None):
     except DataError as error:
         if error.row is None:
             raise
-        raise type(error)(error.message, row=rows[error.row], column=error.column, fix=error.fix) from None
+        raise error.but(row=rows[error.row]) from None
 
 
 def held_out_split(split, dataset, fraction: float, seed: int):
@@ -485,7 +485,7 @@ def held_out_split(split, dataset, fraction: float, seed: int):
     except ConfigError as error:
         if error.column != "test_size":
             raise
-        raise ConfigError(error.message, column="eval_fraction", fix=error.fix) from None
+        raise error.but(column="eval_fraction") from None
 
 
 def _without_refused_rows(source, *, columns: dict | None, split: str, counts: dict, dropping, gone: dict,

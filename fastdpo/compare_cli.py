@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # as the trainers check it: the same vocabulary size, and the same tokenizer where one is saved with it
         check_reference(policy, reference, tokenizer)
     except ConfigError as error:
-        raise ConfigError(error.message, column="--reference", fix=error.fix) from None
+        raise error.but(column="--reference") from None
     context = model_context(policy, reference)
     if args.prompts == "builtin":  # (sized in the models' context and tokens)
         prompts = builtin_prompts(context, tokenizer)

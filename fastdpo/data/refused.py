@@ -74,7 +74,7 @@ def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "
     except DataError as error:  # (named by its row in data, not among the rows kept)
         if error.row is None:
             raise
-        raise DataError(error.message, row=kept[error.row], column=error.column, fix=error.fix) from None
+        raise error.but(row=kept[error.row]) from None
     found = {row: [reason for reason, rows in report.rows.items() if row in rows] for row in refused}
     return prepared, dropped, {row: (found[row], report.details.get(row, [])) for row in refused}
 

@@ -270,7 +270,7 @@ def _located(error: DataError, row: dict, name: str) -> DataError:
         text = text[-1].get("content")
     where = f" (the {name} stream's row, counted as read" + (f"; its text begins {text[:60]!r})"
                                                               if isinstance(text, str) else ")")  # fmt: skip
-    return DataError(error.message + where, row=error.row, column=error.column, fix=error.fix)
+    return error.but(message=error.message + where)
 
 
 # ------------------------------------------------------------------------------------------------------------- SFT
