@@ -355,6 +355,18 @@ def refuse_outputs(return_outputs: bool) -> None:
                           fix="call it with return_outputs=False (the metrics are in self._metrics)")  # fmt: skip
 
 
+def resolve_trl_defaults(config) -> None:
+    """Two TrainingArguments defaults TRL changes, resolved before transformers' ``__post_init__``: ``bf16`` left
+    unset is True only on a GPU that supports it (and without ``fp16``; fp32 on a CPU, where TRL's would autocast);
+    ``activation_checkpointing`` left unset takes TRL's ``gradient_checkpointing`` (on by default), the name
+    transformers 5 reads (under the old one it warned "`gradient_checkpointing` is deprecated" at every config, the
+    user having written neither)."""
+    if config.bf16 is None:
+        config.bf16 = bool(not config.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if config.activation_checkpointing is None:
+        config.activation_checkpointing = config.gradient_checkpointing
+
+
 def check_report_to(config) -> None:
     """A ``ConfigError`` naming ``report_to`` for an integration transformers does not know (its own ``ValueError``
     comes from inside the Trainer's constructor); call after ``TrainingArguments.__post_init__`` made it a list.

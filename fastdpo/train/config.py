@@ -41,14 +41,13 @@ import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
 from transformers import TrainingArguments
 
 from fastdpo.errors import ConfigError, unknown_choice
 from fastdpo.model.attention import PACKED_ATTENTION
 from fastdpo.ops import REFERENCE_FREE, LossConfig
 from fastdpo.ops.losses import BATCH_COUPLED, SMOOTHED
-from fastdpo.train.common import check_liger, check_report_to, check_shared_options
+from fastdpo.train.common import check_liger, check_report_to, check_shared_options, resolve_trl_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +115,7 @@ class DPOConfig(TrainingArguments):
             raise ConfigError(f"must be a fraction >= 0 or None, got {self.displacement_margin}",
                               column="displacement_margin",
                               fix="e.g. 0.1 (the default), or None to turn it off")  # fmt: skip
-        if self.bf16 is None:
-            self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        if self.activation_checkpointing is None:  # TRL's name (on by default), under the one transformers 5 reads:
-            # it warned "`gradient_checkpointing` is deprecated" at every config, the user having written neither
-            self.activation_checkpointing = self.gradient_checkpointing
+        resolve_trl_defaults(self)
         self._check_options()
         super().__post_init__()
         check_report_to(self)

@@ -37,13 +37,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from transformers import TrainingArguments
 
 from fastdpo.data.packing import SFT_PACKING_STRATEGIES
 from fastdpo.errors import ConfigError, unknown_choice
 from fastdpo.model.attention import PACKED_ATTENTION
-from fastdpo.train.common import check_liger, check_report_to, check_shared_options
+from fastdpo.train.common import check_liger, check_report_to, check_shared_options, resolve_trl_defaults
 
 LOSS_TYPES = ("nll", "dft")
 
@@ -94,11 +93,7 @@ class SFTConfig(TrainingArguments):
     max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
-        if self.bf16 is None:
-            self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        if self.activation_checkpointing is None:  # TRL's name (on by default), under the one transformers 5 reads:
-            # it warned "`gradient_checkpointing` is deprecated" at every config, the user having written neither
-            self.activation_checkpointing = self.gradient_checkpointing
+        resolve_trl_defaults(self)
         self._normalize()
         super().__post_init__()  # parses the dict fields given as JSON strings
         self._check_options()
