@@ -32,6 +32,7 @@ import datasets
 from fastdpo.data.load import load_data, text_columns
 from fastdpo.data.schema import (
     SCORE_ALIASES,
+    TEXT_DTYPES,
     apply_renames,
     column_renames,
     described,
@@ -210,7 +211,7 @@ def _warn_unused_text(dataset: datasets.Dataset) -> None:
         return
     features = dataset.features
     strings = [name for name, feature in features.items() if name not in ("chosen", "rejected")
-               and getattr(feature, "dtype", None) in ("string", "large_string")]  # fmt: skip
+               and getattr(feature, "dtype", None) in TEXT_DTYPES]  # fmt: skip
     text = [name for name in strings if name not in _NOT_A_PROMPT]
     joined = [name for name in ("input", "context") if name in strings]
     if not text and not joined:

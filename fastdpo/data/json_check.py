@@ -15,6 +15,7 @@ import datasets
 
 from fastdpo.data.json_layout import refuse_one_object
 from fastdpo.data.local_files import open_data, read_data
+from fastdpo.data.schema import TEXT_DTYPES
 from fastdpo.errors import DataError
 
 STREAM_COLUMNS_FROM = 10 << 20  # bytes: a JSON Lines stream's columns, those of its rows in its first 10 MiB
@@ -329,7 +330,7 @@ def _refuse_cast_blocks(path: Path, loaded: datasets.Dataset, kinds: Kinds) -> N
     ``'"fine"'``, a list its JSON), and a later block's number strings into numbers (``"0042"`` became 42)."""
     for field, found in kinds.items():
         dtype = str(getattr(_feature_at(loaded.features, field), "dtype", ""))
-        if dtype in ("string", "large_string"):
+        if dtype in TEXT_DTYPES:
             odd = [(at, kind) for kind, at in found.items() if kind != "string"]
             before = "strings"
         elif dtype.startswith(("int", "uint", "float", "bool")) and "string" in found:

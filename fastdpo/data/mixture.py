@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from fastdpo.data.hub_config import hub_config
+from fastdpo.data.schema import TEXT_DTYPES
 from fastdpo.errors import ConfigError, DataError, offline_hint
 
 logger = logging.getLogger("fastdpo")
@@ -400,7 +401,7 @@ def _one_type(mine, other):
     if isinstance(mine, datasets.Value) and isinstance(other, datasets.Value):
         if mine.dtype in _NUMBERS and other.dtype in _NUMBERS:  # (decimals where either has them, else int64: wide)
             return datasets.Value("float64" if "float" in mine.dtype + other.dtype else "int64")
-        if {mine.dtype, other.dtype} == {"string", "large_string"}:  # (JSON's text and CSV's, Parquet's from pandas)
+        if {mine.dtype, other.dtype} == set(TEXT_DTYPES):  # (JSON's text and CSV's, Parquet's from pandas)
             return datasets.Value("large_string")
         return None
     if isinstance(mine, dict) and isinstance(other, dict):
@@ -432,7 +433,7 @@ def _kind(feature) -> str:
     import datasets
 
     if isinstance(feature, datasets.Value):
-        return "text" if feature.dtype in ("string", "large_string") else f"{feature.dtype} values"
+        return "text" if feature.dtype in TEXT_DTYPES else f"{feature.dtype} values"
     if isinstance(feature, (list, dict)) or type(feature).__name__ in ("Sequence", "List", "LargeList"):
         return "a list or mapping (messages, or values)"
     return type(feature).__name__

@@ -17,6 +17,8 @@ from typing import Any
 
 from fastdpo.errors import ConfigError, DataError, close_match, unknown_choice
 
+TEXT_DTYPES = ("string", "large_string")  # Arrow's text columns (JSON's; CSV's and Parquet's from pandas)
+
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 # Names real datasets use for the two ratings, mapped to ours (UltraFeedback: score_chosen; distilabel: chosen_rating)

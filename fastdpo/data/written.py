@@ -11,6 +11,8 @@ import json
 import logging
 import re
 
+from fastdpo.data.schema import TEXT_DTYPES
+
 logger = logging.getLogger(__name__)
 _SAID = contextvars.ContextVar("fastdpo_row_warnings_said", default=False)
 
@@ -56,7 +58,7 @@ def warn_written_messages(columns: dict[str, list]) -> None:
 
 def warn_written_text(dataset, names) -> None:
     """``warn_written_messages`` over the string columns of ``dataset`` among ``names``."""
-    text = [name for name in names if getattr(dataset.features.get(name), "dtype", None) in ("string", "large_string")]
+    text = [name for name in names if getattr(dataset.features.get(name), "dtype", None) in TEXT_DTYPES]
     if text:
         warn_written_messages(dataset.with_format(None).select_columns(text).to_dict())
 
