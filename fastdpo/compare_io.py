@@ -3,7 +3,6 @@ problems, or a .txt/.jsonl/.json file), the policy's tokenizer (or the one besid
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -216,7 +215,7 @@ def read_pairs(path: Path, columns: dict | None = None, recorded: dict | None = 
     them (``split_pairs``)."""
     from fastdpo.cli_model import held_out_split
     from fastdpo.data.load import load_data, text_columns
-    from fastdpo.data.refused import prepare_dropping, prepared_rows
+    from fastdpo.data.refused import prepare_dropping
     from fastdpo.data.split import split_pairs
 
     text = text_columns(columns if columns is not None else recorded)  # (a CSV's mapped text columns as the run's)
@@ -232,8 +231,7 @@ def read_pairs(path: Path, columns: dict | None = None, recorded: dict | None = 
                               column="--columns", fix="map fastdpo's names to the file's columns")  # fmt: skip
         raw = raw.rename_columns({theirs: ours for ours, theirs in columns.items() if theirs != ours})
     if held_out is not None:  # (grouped by prompt as the run grouped them: without a prompt column, the trainers')
-        keys = None if "prompt" in raw.column_names else prepared_rows(raw, None)[0]
-        raw = held_out_split(functools.partial(split_pairs, prepared=keys), raw, *held_out)[1]
+        raw = held_out_split(split_pairs, raw, *held_out)[1]
     prepared, _, _ = prepare_dropping(raw)  # (what the trainers refuse, refused before any answer is generated)
     if "prompt" not in raw.column_names:
         empty = sum(not prompt for prompt in prepared["prompt"])
