@@ -54,6 +54,9 @@ def add_data_parser(commands) -> None:
             action.add_argument("--margin", type=float, default=0.0, help="a pair's scores differ by more than this")
             action.add_argument("--seed", type=int, default=0, help="best_vs_random_lower's draws")
             action.add_argument("--lower-is-better", action="store_true", help="the scores are ranks: 1 is the best")
+            action.add_argument("--group-by-prompt", action="store_true", help="each row holds one response "
+                                "(--completions) and its score (--scores): the rows of one prompt are grouped "
+                                "(HelpSteer2's layout)")  # fmt: skip
             for column, meaning in PAIRS_COLUMNS.items():
                 action.add_argument(f"--{column.replace('_', '-')}", dest=column, default=None, help=meaning)
         if name in ("filter", "pairs", "split"):
@@ -149,7 +152,7 @@ def _run_data(known: argparse.Namespace) -> int:
     if known.action == "pairs":
         options = {k: getattr(known, k) for k in ("prompt", "completions", "scores", "response_key", "score_key")}
         result = build_pairs(dataset, strategy=known.strategy, margin=known.margin, seed=known.seed,
-                             lower_is_better=known.lower_is_better,
+                             lower_is_better=known.lower_is_better, group_by_prompt=known.group_by_prompt,
                              **{k: v for k, v in options.items() if v is not None})  # fmt: skip
         if len(result.dataset) == 0:  # (an empty file, exit 0, before)
             raise DataError(

@@ -9,18 +9,20 @@ import re
 
 from fastdpo.errors import ConfigError, DataError
 
-_PAIRS_KEYS = r"\b(response_key|score_key)=('([^']*)')?"
+_PAIRS_KEYS = r"\b(response_key|score_key|completions|group_by_prompt)=('([^']*)'|True)?"
 
 
 def _as_flag(found: re.Match) -> str:
-    """``response_key='text'`` as ``--response-key text``; ``score_key=`` as ``--score-key``."""
-    return f"--{found[1].replace('_', '-')}" + (f" {found[3]}" if found[2] else "")
+    """``response_key='text'`` as ``--response-key text``; ``score_key=`` as ``--score-key``;
+    ``group_by_prompt=True`` as ``--group-by-prompt``."""
+    return f"--{found[1].replace('_', '-')}" + (f" {found[3]}" if found[3] is not None else "")
 
 
 def in_cli_terms(error: Exception, *, trains: bool) -> Exception:
     """``error`` with a fix that names the Python API's ``columns={...}`` rewritten as this command's option for it:
     ``dataset_columns`` in the YAML (``trains``: dpo, sft), ``--columns`` with JSON (data, compare); ``build_pairs``'
-    ``prompt=``, ``response_key=``, ``score_key=`` as ``--prompt``, ``--response-key``, ``--score-key``;
+    ``prompt=``, ``response_key=``, ``score_key=``, ``completions=``, ``group_by_prompt=True`` as ``--prompt``,
+    ``--response-key``, ``--score-key``, ``--completions``, ``--group-by-prompt``;
     ``check_preferences`` as ``fastdpo data check``, its ``.filter`` as ``fastdpo data filter``; a stream's and a
     row format's Python options as the YAML's."""
     if isinstance(error, ConfigError) and trains and "streaming=True" in (error.fix or ""):

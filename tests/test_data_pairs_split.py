@@ -307,7 +307,7 @@ def test_completions_are_guessed_among_list_columns_and_one_response_rows_are_ex
     with pytest.raises(DataError, match=r"column 'completions': column not found — pass completions='<your column>'"):
         build_pairs(rows)
     with pytest.raises(DataError, match=r"row 0, column 'response': expected a list of completions, got str — .*rows "
-                                        r"of one response each.* are grouped by prompt first"):  # fmt: skip
+                                        r"of one response each.* with group_by_prompt=True"):  # fmt: skip
         build_pairs(rows, completions="response", scores="helpfulness")
     listed = rows.add_column("completes", [["a", "b"]] * 2)  # (a list column of a near name is still guessed)
     with pytest.raises(DataError, match=r"did you mean 'completes'\?"):

@@ -2,8 +2,14 @@
 
 A row holds a ``prompt``, several ``completions`` (strings or message lists) and one score per completion,
 either in a parallel ``scores`` column or inside each completion when completions are dicts
-(``response_key="response", score_key="overall_score"``). Higher is better, unless ``lower_is_better`` (ranks, 1
-the best). ``build_pairs`` turns each row into pairs:
+(``response_key="response", score_key="overall_score"``). Rows of one response each (HelpSteer2's layout: a prompt,
+a response and its ratings per row) are grouped by prompt first with ``group_by_prompt=True``: the rows whose
+prompts are equal (the same text, or the same messages) make one group, in the order of its first row, whose
+completions are the rows' responses in row order; each pair then names its two rows (``chosen_row``,
+``rejected_row``), a column equal within every group is carried as it is, and any other one once per side
+(``chosen_<name>``, ``rejected_<name>``); a group is read as a row is below (its draws seeded by its place), and
+its drops count each of its rows. Higher is better, unless ``lower_is_better`` (ranks, 1 the best). ``build_pairs``
+turns each row into pairs:
 
 - ``best_vs_worst``: one pair, the highest score against the lowest;
 - ``best_vs_random_lower``: one pair, the highest score against a completion drawn uniformly among those scored
@@ -39,6 +45,7 @@ torch-free terms of one row with ``margin = 0``::
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
 import random
@@ -56,6 +63,7 @@ STRATEGIES = ("best_vs_worst", "best_vs_random_lower", "all_above_margin")
 DROP_REASONS = ("bad_prompt", "too_few_completions", "bad_scores", "bad_completions", "ties", "below_margin")
 EXCLUDED = ("blank", "repeated")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "source_row")
+GROUPED_COLUMNS = (*PAIR_COLUMNS[:-1], "chosen_row", "rejected_row")  # (group_by_prompt: a pair of two rows)
 
 
 @dataclass
@@ -98,6 +106,7 @@ def build_pairs(
     margin: float = 0.0,
     seed: int = 0,
     lower_is_better: bool = False,
+    group_by_prompt: bool = False,
 ) -> PairsResult:
     """Preference pairs from rows with several scored completions (see the module docstring for the rules).
 
@@ -111,12 +120,20 @@ def build_pairs(
         seed: for ``best_vs_random_lower``; row ``i`` draws from its own generator seeded by (seed, i).
         lower_is_better: the scores are ranks (1 the best, as Nectar's): the lowest is chosen. A score column or key
             named like a rank without it gets a warning.
+        group_by_prompt: each row holds one response (``completions``) and its score (``scores``); the rows of one
+            prompt are grouped into one (see the module docstring). Not with ``response_key``/``score_key``.
 
     Returns:
         ``PairsResult``: rows ``prompt, chosen, rejected, chosen_score, rejected_score, source_row`` (float scores,
-        the input row index) then every other input column, and the dropped counts and row indices.
+        the input row index; ``chosen_row, rejected_row`` when grouped) then every other input column, and the
+        dropped counts and row indices (of the input's rows).
     """
     _check_options(strategy, margin, seed)
+    if group_by_prompt and (response_key is not None or score_key is not None):
+        raise ConfigError("group_by_prompt reads one response and one score per row, from columns",
+                          column="response_key" if response_key is not None else "score_key",
+                          fix="leave response_key= and score_key= out; name the columns with completions= and "
+                          "scores=")  # fmt: skip
     score_name = score_key if score_key is not None else scores
     if "rank" in str(score_name).lower() and not lower_is_better:
         warnings.warn(f"scores from {score_name!r}: the highest is chosen; if 1 is the best rank, pass "
@@ -124,50 +141,82 @@ def build_pairs(
     columns = {"prompt": prompt, "completions": completions}
     if score_key is None:
         columns["scores"] = scores
-    carried = _carried_columns(dataset, columns)
+    carried = _carried_columns(dataset, columns, GROUPED_COLUMNS if group_by_prompt else PAIR_COLUMNS)
     prompts = column_values(dataset, prompt)
     all_items = column_values(dataset, completions)
     all_scores = column_values(dataset, scores) if score_key is None else [None] * len(all_items)
-    out: dict[str, list[Any]] = {name: [] for name in PAIR_COLUMNS}
+    if group_by_prompt:
+        groups = _groups(prompts, all_items, completions)
+        prompts = [prompts[rows[0]] for rows in groups]
+        all_items = [[all_items[row] for row in rows] for rows in groups]
+        all_scores = [[all_scores[row] for row in rows] for rows in groups]
+    else:
+        groups = [[row] for row in range(len(all_items))]
+    names = GROUPED_COLUMNS if group_by_prompt else PAIR_COLUMNS
+    out: dict[str, list[Any]] = {name: [] for name in names}
     dropped_rows: dict[str, list[int]] = {reason: [] for reason in DROP_REASONS}
     excluded_rows: dict[str, list[int]] = {reason: [] for reason in EXCLUDED}
-    for row, (items, row_scores) in enumerate(zip(all_items, all_scores, strict=True)):
-        parsed = _parse_row(row, items, row_scores, completions, response_key, score_key)
+    for unit, (items, row_scores, rows) in enumerate(zip(all_items, all_scores, groups, strict=True)):
+        parsed = _parse_row(rows[0], items, row_scores, completions, response_key, score_key)
+        if not isinstance(parsed, str):
+            item_rows = rows if group_by_prompt else rows * len(parsed[0])
+            parsed = _candidates(prompts[unit], *parsed, item_rows, excluded_rows)
+        if not isinstance(parsed, str):
+            responses, values, item_rows = parsed
+            parsed = _pick_pairs(strategy, [-v for v in values] if lower_is_better else values, margin, seed, unit)
         if isinstance(parsed, str):
-            dropped_rows[parsed].append(row)
+            dropped_rows[parsed].extend(rows)
             continue
-        parsed = _candidates(prompts[row], *parsed, row, excluded_rows)
-        if isinstance(parsed, str):
-            dropped_rows[parsed].append(row)
-            continue
-        responses, values = parsed
-        pairs = _pick_pairs(strategy, [-v for v in values] if lower_is_better else values, margin, seed, row)
-        if isinstance(pairs, str):
-            dropped_rows[pairs].append(row)
-            continue
-        prompt_value = prompts[row]
+        prompt_value = prompts[unit]
         if isinstance(prompt_value, str) and value_format(responses[0]) == "conversational":  # the user's turn, as
             prompt_value = [{"role": "user", "content": prompt_value}]  # prepare_preferences reads it: checks clean
-        for i, j in pairs:
-            pair = (prompt_value, responses[i], responses[j], values[i], values[j], row)
-            for name, value in zip(PAIR_COLUMNS, pair, strict=True):
+        for i, j in parsed:
+            where = (item_rows[i], item_rows[j]) if group_by_prompt else (unit,)
+            pair = (prompt_value, responses[i], responses[j], values[i], values[j], *where)
+            for name, value in zip(names, pair, strict=True):
                 out[name].append(value)
 
-    result = {**out, **_carry(dataset, carried, out["source_row"])}
+    if group_by_prompt:
+        result = {**out, **_carry_sides(dataset, carried, groups, out["chosen_row"], out["rejected_row"])}
+    else:
+        result = {**out, **_carry(dataset, carried, out["source_row"])}
     dropped = {reason: len(rows) for reason, rows in dropped_rows.items()}
     if isinstance(dataset, datasets.Dataset):
-        features = _pair_features(dataset.features, prompt, completions, response_key, carried)
+        features = _pair_features(dataset.features, prompt, completions, response_key, result, group_by_prompt)
         pairs_data = datasets.Dataset.from_dict(result, features=features)
     else:
         pairs_data = [dict(zip(result, values, strict=True)) for values in zip(*result.values(), strict=True)]
     excluded = {reason: len(rows) for reason, rows in excluded_rows.items()}
-    return PairsResult(pairs_data, dropped, dropped_rows, strategy=strategy, num_rows=len(dataset), excluded=excluded,
+    return PairsResult(pairs_data, dropped, {reason: sorted(rows) for reason, rows in dropped_rows.items()},
+                       strategy=strategy, num_rows=len(dataset), excluded=excluded,
                        excluded_rows={reason: sorted(set(rows)) for reason, rows in excluded_rows.items()})  # fmt: skip
 
 
-def _candidates(prompt, responses: list, values: list[float], row: int, excluded_rows: dict[str, list[int]]):
-    """(responses, scores) that can make a pair, without blank and repeated completions (each noted under ``row``,
-    once per completion, in ``excluded_rows``), or the reason the row is dropped."""
+def _groups(prompts: list, items: list, completions: str) -> list[list[int]]:
+    """The rows of each prompt (equal text, or equal messages), groups in the order of their first rows; a DataError
+    for a row whose response is a list of responses (the grouped layout is one response per row)."""
+    groups: dict[Any, list[int]] = {}
+    for row, (prompt_value, item) in enumerate(zip(prompts, items, strict=True)):
+        if isinstance(item, dict):
+            raise DataError(
+                f"grouped by prompt (group_by_prompt=True), a row's response is text or messages, got a dict (keys: "
+                f"{', '.join(map(str, item))})", row=row, column=completions,
+                fix="name the column that holds the response's text with completions=",
+            )  # fmt: skip
+        if isinstance(item, (list, tuple)) and value_format(item) != "conversational" and item:
+            raise DataError(
+                f"grouped by prompt (group_by_prompt=True), a row holds one response; this one holds a list of "
+                f"{len(item)}", row=row, column=completions,
+                fix="rows that list their responses make pairs as they are: without group_by_prompt=True",
+            )  # fmt: skip
+        key = prompt_value if isinstance(prompt_value, str) else json.dumps(prompt_value, sort_keys=True, default=str)
+        groups.setdefault((isinstance(prompt_value, str), key), []).append(row)
+    return list(groups.values())
+
+
+def _candidates(prompt, responses: list, values: list[float], rows: list[int], excluded_rows: dict[str, list[int]]):
+    """(responses, scores, rows) that can make a pair, without blank and repeated completions (each noted under its
+    row, ``rows[i]`` for completion i, in ``excluded_rows``), or the reason the row is dropped."""
     if value_format(prompt) is None or is_empty(prompt):
         return "bad_prompt"
     formats = {value_format(response) for response in responses}
@@ -175,17 +224,17 @@ def _candidates(prompt, responses: list, values: list[float], row: int, excluded
     if len(formats) > 1 or (value_format(prompt) == "conversational" and formats != {"conversational"}):
         return "bad_completions"
     kept, seen = [], set()
-    for response, value in zip(responses, values, strict=True):
+    for response, value, row in zip(responses, values, rows, strict=True):
         text = squeezed(response)  # (whitespace aside, as the quality check's 'identical')
         reason = "blank" if is_empty(response) else "repeated" if text in seen else None
         if reason is not None:
             excluded_rows[reason].append(row)
             continue
         seen.add(text)
-        kept.append((response, value))
+        kept.append((response, value, row))
     if len(kept) < 2:
         return "too_few_completions"
-    return [response for response, _ in kept], [value for _, value in kept]
+    return [list(column) for column in zip(*kept, strict=True)]
 
 
 def _check_options(strategy: str, margin: float, seed: int) -> None:
@@ -197,7 +246,7 @@ def _check_options(strategy: str, margin: float, seed: int) -> None:
         raise ConfigError(f"must be an integer, got {seed!r}", column="seed")
 
 
-def _carried_columns(dataset, columns: dict[str, str]) -> list[str]:
+def _carried_columns(dataset, columns: dict[str, str], outputs: tuple[str, ...]) -> list[str]:
     """The input columns to carry over, after checking the dataset has rows and the ``columns`` (option → name)."""
     present = table_columns(dataset)
     if not len(dataset):
@@ -208,7 +257,7 @@ def _carried_columns(dataset, columns: dict[str, str]) -> list[str]:
                                  else None)  # fmt: skip
     carried = [name for name in present if name not in columns.values()]
     for name in carried:
-        if name in PAIR_COLUMNS:
+        if name in outputs:
             raise DataError(
                 "the dataset already has this output column", column=name, fix="drop or rename it before build_pairs"
             )
@@ -230,8 +279,8 @@ def _parse_row(row, items, row_scores, completions, response_key, score_key) -> 
         items = []
     if not isinstance(items, list):
         one = (
-            " (rows of one response each, as HelpSteer2's or an oasst tree's, are grouped by prompt first: "
-            "one row per prompt with the list of its responses and of their scores)"
+            " (rows of one response each and its score, as HelpSteer2's, are grouped by prompt with "
+            "group_by_prompt=True; an oasst tree's by its parent message first, into such rows)"
             if isinstance(items, str)
             else ""
         )
@@ -335,9 +384,29 @@ def _carry(dataset, carried: list[str], source_rows: list[int]) -> dict[str, lis
     return columns
 
 
-def _pair_features(features: datasets.Features, prompt, completions, response_key, carried) -> datasets.Features | None:
+def _carry_sides(dataset, carried: list[str], groups: list[list[int]], chosen: list[int], rejected: list[int]):
+    """The other input columns of grouped rows: one equal within every group as it is, any other once per side of
+    each pair (``chosen_<name>``, ``rejected_<name>``); a DataError where such a name is already a column."""
+    columns = {}
+    for name in carried:
+        values = column_values(dataset, name)
+        if all(all(values[row] == values[group[0]] for row in group) for group in groups):
+            columns[name] = [values[row] for row in chosen]
+            continue
+        for side, rows in (("chosen", chosen), ("rejected", rejected)):
+            if f"{side}_{name}" in carried or f"{side}_{name}" in GROUPED_COLUMNS:
+                raise DataError(
+                    f"the column {name!r} differs between rows of one prompt, so it is carried as {side}_{name}, "
+                    "which is already a column", column=f"{side}_{name}", fix="drop or rename one before build_pairs",
+                )  # fmt: skip
+            columns[f"{side}_{name}"] = [values[row] for row in rows]
+    return columns
+
+
+def _pair_features(features: datasets.Features, prompt, completions, response_key, result: dict[str, list],
+                   grouped: bool) -> datasets.Features | None:  # fmt: skip
     """The output features, from the input's (so an empty result keeps its types); None to let datasets infer."""
-    item = getattr(features[completions], "feature", None)
+    item = features[completions] if grouped else getattr(features[completions], "feature", None)
     if response_key is not None:
         item = item.get(response_key) if isinstance(item, dict) else None
     if item is None:
@@ -346,7 +415,10 @@ def _pair_features(features: datasets.Features, prompt, completions, response_ke
     if features[prompt] == datasets.Value("string") and isinstance(item, (list, datasets.Sequence, datasets.List)):
         return None  # a string prompt over messages comes out as a user's turn: its type is inferred
     new = {"prompt": features[prompt], "chosen": item, "rejected": item, "chosen_score": score, "rejected_score": score}
-    return datasets.Features({**new, "source_row": index, **{name: features[name] for name in carried}})
+    rows = {"chosen_row": index, "rejected_row": index} if grouped else {"source_row": index}
+    carried = {name: features[name if name in features else name.split("_", 1)[1]] for name in result
+               if name not in new and name not in rows}  # fmt: skip
+    return datasets.Features({**new, **rows, **carried})
 
 
 def table_columns(data: datasets.Dataset | list[dict[str, Any]]) -> list[str]:
