@@ -474,6 +474,14 @@ def test_where_strings_and_callables():
     assert prompts("status != NULL") == ["Name a color.", "Q2", "Q4", "Q5"]
     assert prompts("status == 'None'") == []
     assert prompts(lambda row: row["prompt"].startswith("Q")) == ["Q2", "Q3", "Q4", "Q5"]
+    # a boolean column against JSON's and YAML's true/false (KTO's label == true matched no row: 'True' != 'true')
+    flagged = [{**row, "flag": flag} for row, flag in zip(rows, [True, False, None, True, "true"], strict=True)]
+    assert [r["prompt"] for r in report.filter(flagged, reasons=[], where="flag == true")[0]] == [
+        "Name a color.",
+        "Q4",
+        "Q5",
+    ]
+    assert [r["prompt"] for r in report.filter(flagged, reasons=[], where="flag == FALSE")[0]] == ["Q2"]
     with pytest.raises(DataError, match=r"column 'chosen_scor': unknown column in where — did you mean 'chosen_score'"):
         report.filter(rows, where="chosen_scor >= 8")
     with pytest.raises(DataError, match=r"cannot read where='chosen_score 8'"):

@@ -22,7 +22,8 @@ def parse_where(text: str, columns: Iterable[str]) -> tuple[str, Callable[[Any],
     """``"<column> <op> <value>"`` → (column, test of one value). None, NaN, and values that cannot be compared
     with a number fail the test, but for ``!=``, which they pass (they are not the value: ``status != tie`` keeps a
     row without a status); a string value is compared with the column's value as a string. An unquoted ``None`` or
-    ``null`` is the missing value: ``status == null`` holds where it is None or NaN, ``status != null`` elsewhere."""
+    ``null`` is the missing value: ``status == null`` holds where it is None or NaN, ``status != null`` elsewhere;
+    an unquoted ``true`` or ``false`` (any case) is that boolean to a boolean value (``label == true``)."""
     match = _WHERE.match(text)
     if match is None or not match[3]:
         raise DataError(
@@ -57,10 +58,13 @@ def parse_where(text: str, columns: Iterable[str]) -> tuple[str, Callable[[Any],
         target = float(raw) if _NUMBER.match(raw) else raw
 
     incomparable = match[2] == "!="  # (what a value that cannot be compared gives)
+    truth = {"true": True, "false": False}.get(raw.lower()) if not quoted else None  # (JSON's and YAML's spelling)
 
     def test(value: Any) -> bool:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return incomparable
+        if isinstance(value, bool) and truth is not None:  # (KTO's label == true: it was "True" == "true")
+            return op(value, truth)
         if isinstance(target, float):
             try:
                 value = float(value)
