@@ -85,7 +85,7 @@ PAIRS_COLUMNS = {"prompt": "the prompt column (default: prompt)",
 DATA_ACTIONS = {
     "check": "the quality report: every problem by reason and row, lengths, dataset warnings",
     "stats": "length statistics (characters; tokens with --tokenizer)",
-    "filter": "write the data without the rows of the given reasons (and/or failing --where)",
+    "filter": "write the data without the rows of the given reasons (and/or failing --where; SFT rows: --where alone)",
     "pairs": 'rated rows ({"prompt": ..., "completions": [...], "scores": [...]}) → preference pairs',
     "split": "a held-out split with no prompt in both parts",
 }
@@ -114,6 +114,8 @@ def _run_data(known: argparse.Namespace) -> int:
     dataset = load_data(known.data, split=split, text=text) if limit is None else _first_rows(known.data, limit, text,
                                                                                               split)  # fmt: skip
     _say_split(known.data, split)
+    if known.action == "filter" and _holds_sft(dataset, known.columns):
+        return _filter_sft(known, dataset, text)
     if known.action in ("check", "stats", "filter"):  # the rows as the trainers read them
         checked = _prepared(dataset, getattr(known, "columns", None))
     elif getattr(known, "columns", None):
@@ -180,6 +182,38 @@ def _run_data(known: argparse.Namespace) -> int:
             views[out.suffix] = _as_written(known, out, text, dataset)
         _write(views[out.suffix].select(part[ROW_COLUMN]), out, known, summary)
     print(f"train {len(parts[0])} rows, eval {len(parts[1])} rows; no prompt in both")
+    return 0
+
+
+def _filter_sft(known: argparse.Namespace, dataset, text: tuple[str, ...]) -> int:
+    """``data filter`` of SFT rows (text, messages, a prompt and its completion): by ``--where`` alone, the quality
+    report's reasons being preference pairs' (it refused the rows as not pairs: KTO's ``label == true`` rows could
+    not be kept for ``fastdpo sft``)."""
+    from fastdpo.data.where import where_mask
+
+    for flag, given in (("--drop", known.drop), ("--tokenizer", known.tokenizer)):
+        if given:
+            raise ConfigError("judges preference pairs, and these are SFT rows (text, messages, or a prompt and its "
+                              "completion)", column=flag, fix=f"leave {flag} out: SFT rows are kept by --where "
+                              "'<column> <op> <value>' alone")  # fmt: skip
+    if not known.where:
+        raise ConfigError(
+            "SFT rows (text, messages, or a prompt and its completion) are kept by --where alone",
+            column="--where",
+            fix="pass --where '<column> <op> <value>', e.g. --where 'label == true'",
+        )
+    mapped = _mapped(dataset, known.columns) if known.columns else dataset  # (under fastdpo's column names)
+    keep = where_mask(mapped, mapped.column_names, known.where, list(range(len(mapped))))
+    kept_rows = [row for row, kept in enumerate(keep) if kept]
+    gone = [row for row, kept in enumerate(keep) if not kept]
+    if not kept_rows:
+        raise DataError(f"none of the {len(dataset)} rows holds where {known.where!r}: nothing was written",
+                        column="--where", fix="check the column's values in the file")  # fmt: skip
+    _write(_as_written(known, known.out, text, mapped).select(kept_rows), known.out, known,
+           {"input": known.data, "rows": len(dataset), "kept": len(kept_rows), "dropped": {"where": len(gone)},
+            "dropped_rows": {"where": gone}})  # fmt: skip
+    print(f"kept {len(kept_rows)} of {len(dataset)} SFT rows; dropped {{'where': {len(gone)}}} (see "
+          f"{_dropped_path(known.out)})")  # fmt: skip
     return 0
 
 

@@ -3,6 +3,9 @@ rows, SFT rows; each said as what it is."""
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 
 from fastdpo.data import prepare_preferences
@@ -137,3 +140,42 @@ def test_the_labels_warning_is_given_by_a_run_that_holds_rows_out(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="fastdpo"):
         loaded_splits("dpo", run, 0)
     assert caplog.text.count("the column 'labels' (0 or 1: 5 rows of 10 are 1) sits beside") == 1
+
+
+KTO = [{"prompt": "q1", "completion": " a", "label": True}, {"prompt": "q1", "completion": " b", "label": False},
+       {"prompt": "q1", "completion": " c", "label": False}, {"prompt": "q2", "completion": " d", "label": True},
+       {"prompt": "q3", "completion": " e", "label": False}]  # fmt: skip
+
+
+def test_kto_rows_given_to_sft_are_warned_of_and_can_be_kept_or_paired(tmp_path, monkeypatch, capsys, caplog):
+    # SFT trained KTO's undesirable completions as targets without a word (as TRL does); `data filter` refused the
+    # rows as not pairs, and `--where 'label == true'` matched none; `data pairs` took no boolean score
+    from fastdpo import cli
+    from fastdpo.data import build_pairs, prepare_sft
+
+    with caplog.at_level("WARNING", logger="fastdpo"):
+        assert len(prepare_sft(KTO)) == 5  # (kept: a warning, not a drop)
+    assert "3 of 5 rows are labelled false (KTO's undesirable completions; rows [1, 2, 4]): SFT trains" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastdpo"):
+        prepare_sft([{**row, "label": int(row["label"])} for row in KTO])  # (0/1 ints: not said to be KTO's)
+        prepare_sft([row for row in KTO if row["label"]])
+    assert "labelled false" not in caplog.text
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kto.jsonl").write_text("".join(json.dumps(row) + "\n" for row in KTO))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["data", "filter", "kto.jsonl", "good.jsonl", "--where", "label == true"]) == 0
+        assert capsys.readouterr().out.startswith("kept 2 of 5 SFT rows; dropped {'where': 3}")
+        assert [json.loads(line) for line in (tmp_path / "good.jsonl").read_text().splitlines()] == [KTO[0], KTO[3]]
+        assert json.loads((tmp_path / ".good.jsonl.dropped.json").read_text())["dropped_rows"] == {"where": [1, 2, 4]}
+        for extra, flag in ((["--drop", "identical"], "--drop"), ([], "--where")):  # (quality reasons are pairs')
+            where = [] if flag == "--where" else ["--where", "label == true"]
+            assert cli.main(["data", "filter", "kto.jsonl", "x.jsonl", *where, *extra]) == 2
+            assert f"option '{flag}': " in capsys.readouterr().err
+        assert not (tmp_path / "x.jsonl").exists()
+    pairs = build_pairs(KTO, completions="completion", scores="label", group_by_prompt=True,
+                        strategy="all_above_margin")  # fmt: skip
+    assert [(p["chosen"], p["rejected"], p["chosen_row"], p["rejected_row"]) for p in pairs.dataset] == [
+        (" a", " b", 0, 1), (" a", " c", 0, 2)]  # fmt: skip
+    assert pairs.dropped_rows["too_few_completions"] == [3, 4]

@@ -5,11 +5,12 @@ either in a parallel ``scores`` column or inside each completion when completion
 (``response_key="response", score_key="overall_score"``). Rows of one response each (HelpSteer2's layout: a prompt,
 a response and its ratings per row) are grouped by prompt first with ``group_by_prompt=True``: the rows whose
 prompts are equal (the same text, or the same messages) make one group, in the order of its first row, whose
-completions are the rows' responses in row order; each pair then names its two rows (``chosen_row``,
-``rejected_row``), a column equal within every group is carried as it is, and any other one once per side
-(``chosen_<name>``, ``rejected_<name>``); a group is read as a row is below (its draws seeded by its place), and
-its drops count each of its rows. Higher is better, unless ``lower_is_better`` (ranks, 1 the best). ``build_pairs``
-turns each row into pairs:
+completions are the rows' responses in row order (KTO's unpaired rows pair so, ``completions="completion",
+scores="label"``: a desirable completion against an undesirable one of its prompt); each pair then names its two
+rows (``chosen_row``, ``rejected_row``), a column equal within every group is carried as it is, and any other one
+once per side (``chosen_<name>``, ``rejected_<name>``); a group is read as a row is below (its draws seeded by its
+place), and its drops count each of its rows. Higher is better, unless ``lower_is_better`` (ranks, 1 the best).
+``build_pairs`` turns each row into pairs:
 
 - ``best_vs_worst``: one pair, the highest score against the lowest;
 - ``best_vs_random_lower``: one pair, the highest score against a completion drawn uniformly among those scored
@@ -25,8 +26,8 @@ dropped and counted, with its index, under one reason:
 
 - ``bad_prompt``: a prompt that is None, blank, or neither a string nor a list of messages;
 - ``too_few_completions``: fewer than 2 completions (candidates, after the exclusions);
-- ``bad_scores``: a score that is None, NaN, infinite or not a number (text that reads as one, "7.9", is one), or
-  not one score per completion;
+- ``bad_scores``: a score that is None, NaN, infinite or not a number (text that reads as one, "7.9", is one; a
+  boolean is 1 or 0), or not one score per completion;
 - ``bad_completions``: a completion that is neither a string nor a list of messages (e.g. None), or completions
   of both formats (strings and message lists), or strings under a prompt of messages;
 - ``ties``: every score is equal, so no completion is better than another;
@@ -336,13 +337,13 @@ def _get_key(row: int, item: Any, key: str, completions: str, option: str) -> An
 def _as_score(value: Any) -> float | None:
     """The score as a float, or None when it is missing, not a number, NaN or infinite. Text that is a number
     ("7.9") is one: the loader reads it so in a column that also holds numbers, and a file of such text only
-    dropped every row."""
+    dropped every row; a boolean is 1 or 0 (KTO's ``label``)."""
     if isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
             return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not isinstance(value, numbers.Real):  # (a boolean is 1 or 0: KTO's label, true for a desirable completion)
         return None
     value = float(value)
     return value if math.isfinite(value) else None

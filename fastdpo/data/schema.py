@@ -188,7 +188,9 @@ def missing_answer(name: str, present: list[str]) -> DataError:
         return DataError(f"column not found: the data holds one completion per row with a label ({', '.join(present)})"
                          ", KTO's unpaired layout, where DPO reads a chosen and a rejected answer per row", column=name,
                          fix="pair a desirable (label true) and an undesirable (label false) completion of one prompt "
-                         "into a row's chosen and rejected, or train it with TRL's KTOTrainer")  # fmt: skip
+                         "into a row's chosen and rejected (fastdpo data pairs FILE OUT --group-by-prompt "
+                         "--completions completion --scores label [--strategy all_above_margin]), or train it with "
+                         "TRL's KTOTrainer")  # fmt: skip
     if columns & {"text", "messages", "completion"} and columns <= _SFT_ROW_COLUMNS:  # (pairs under other names:
         # the plain error, with its guess)
         return DataError(f"column not found: the data holds SFT rows ({', '.join(present)}), where preference "

@@ -47,7 +47,7 @@ from fastdpo.data.schema import (
     value_format,
     without_null_arguments,
 )
-from fastdpo.data.written import warn_written_text
+from fastdpo.data.written import warn_undesirable_completions, warn_written_text
 from fastdpo.errors import ConfigError, DataError, every_row_refused, unknown_choice
 
 SFT_COLUMNS = ("text", "messages", "prompt", "completion", "tools", "chat_template_kwargs")
@@ -101,6 +101,7 @@ def prepare_sft(
     layout = sft_layout(dataset.column_names)
     _check_rows(dataset, layout, refused)
     warn_written_text(dataset, () if layout == "messages" else ("prompt", "completion", "text"))  # (counted, kept)
+    warn_undesirable_completions(dataset)
     if refused:
         kept = [row for row in range(len(dataset)) if row not in refused]
         if not kept:  # (the first row's error alone said "drop the row" where every row was refused)

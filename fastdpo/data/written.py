@@ -1,6 +1,7 @@
 """Message lists written as text: a conversation saved where only text fits (a CSV cell, pandas' ``str`` of a list, a
 JSON string) reads back as one string, is checked as fine text and is trained on as that text, brackets and all.
-Preference and SFT preparation warn of such values once, counted; a stream counts them as it reads them."""
+Preference and SFT preparation warn of such values once, counted; a stream counts them as it reads them. SFT
+preparation also warns of KTO's undesirable completions, which it would train as targets."""
 
 from __future__ import annotations
 
@@ -80,3 +81,21 @@ def written_messages(value) -> bool:
         first = items[0] if isinstance(items, list) and items else None
         return isinstance(first, dict) and ("role" in first or {"from", "value"} <= first.keys())
     return False
+
+
+def warn_undesirable_completions(dataset) -> None:
+    """One counted warning for SFT rows in KTO's unpaired layout (``prompt``, ``completion`` and a boolean ``label``)
+    where some are labelled false: SFT trains every completion as a target, the undesirable ones too (as TRL's
+    SFTTrainer does, without a word)."""
+    if said() or not {"prompt", "completion", "label"} <= set(dataset.column_names):
+        return
+    labels = dataset.with_format(None)["label"][:]
+    if not all(isinstance(label, bool) for label in labels):
+        return
+    false = [row for row, label in enumerate(labels) if not label]
+    if false:
+        logger.warning("%d of %d rows are labelled false (KTO's undesirable completions; rows %s): SFT trains every "
+                       "completion as a target, these too. Keep the desirable ones (fastdpo data filter FILE OUT "
+                       "--where 'label == true', or Dataset.filter), or pair them for DPO (fastdpo data pairs FILE OUT "
+                       "--group-by-prompt --completions completion --scores label)", len(false), len(labels),
+                       false[:5])  # fmt: skip
