@@ -119,3 +119,54 @@ def test_token_metrics_equal_their_definitions():
     }
     for name, value in expected.items():
         torch.testing.assert_close(got.metrics[name], value, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_under_no_grad_no_gradient_is_formed(monkeypatch):
+    # an evaluation step (no_grad, the head still a parameter) formed the full fp32 [V, H] weight gradient and its
+    # products: needs_input_grad ignores the grad mode
+    from fastdpo.ops.linear_logprobs import _HeadGemms
+
+    h, w, b, targets, cu, seq_pair, seq_is_chosen, ref = packed_case(seed=2)
+    refs = {"ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1], "bias": b, "chunk_bytes": 4 * 97 * 20}
+    calls = []
+    for name in ("grad_hidden", "add_grad_weight"):
+        original = getattr(_HeadGemms, name)
+        monkeypatch.setattr(_HeadGemms, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    with torch.no_grad():
+        quiet = fused_pair_loss(h, w, targets, cu, seq_pair, seq_is_chosen, LossConfig(), token_metrics=True, **refs)
+    assert calls == [] and not quiet.loss.requires_grad
+    trained = fused_pair_loss(h, w, targets, cu, seq_pair, seq_is_chosen, LossConfig(), token_metrics=True, **refs)
+    assert "add_grad_weight" in calls and trained.loss.requires_grad
+    # the same numbers either way (the same products, in the same order)
+    torch.testing.assert_close(quiet.loss, trained.loss.detach(), rtol=0, atol=0)
+    for name, value in trained.metrics.items():
+        torch.testing.assert_close(quiet.metrics[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_bad_arguments_name_the_argument_as_linear_logprobs_does():
+    # temperature 0 and softcap 0 raised ZeroDivisionError, a negative one trained as its absolute value, a NaN scale
+    # gave a NaN loss; a bias, weight or reference of the wrong size failed deep in torch; a [B, T, H] batch was
+    # blamed on cu_seqlens
+    h, w, b, targets, cu, seq_pair, seq_is_chosen, ref = packed_case()
+    args = (h, w, targets, cu, seq_pair, seq_is_chosen, LossConfig())
+    refs = {"ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+    cases = [({"temperature": 0.0}, "temperature"), ({"temperature": -1.0}, "temperature"),
+             ({"softcap": -2.0}, "softcap"), ({"softcap": 0.0}, "softcap"),
+             ({"logit_scale": float("nan")}, "logit_scale"), ({"bias": b[:-1]}, "bias"),
+             ({"chunk_bytes": 1e4}, "chunk_bytes"), ({"ref_chosen": ref[:-1, 0]}, "ref_chosen"),
+             ({"ref_rejected": 3.0}, "ref_rejected")]  # fmt: skip
+    for kwargs, argument in cases:
+        with pytest.raises(ValueError, match=rf"^{argument}:"):
+            fused_pair_loss(*args, **{**refs, **kwargs})
+    with pytest.raises(ValueError, match=r"^weight: has H=25"):
+        fused_pair_loss(h, torch.cat([w, w[:, :1]], 1), *args[2:], **refs)
+    with pytest.raises(ValueError, match=r"^hidden: expected \[N, H\], the packed rows flattened, got \(1, "):
+        fused_pair_loss(h[None], w, targets[None], *args[3:], **refs)
+
+
+def test_a_second_derivative_is_refused_not_wrong():
+    h, w, b, targets, cu, seq_pair, seq_is_chosen, ref = packed_case()
+    loss = fused_pair_loss(h, w, targets, cu, seq_pair, seq_is_chosen, LossConfig(), ref_chosen=ref[:, 0],
+                           ref_rejected=ref[:, 1], bias=b).loss  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"^fused_pair_loss: a second derivative \(create_graph=True\)"):
+        torch.autograd.grad(loss, h, create_graph=True)  # (the stored gradients have no graph of their own)

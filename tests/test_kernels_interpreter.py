@@ -254,3 +254,14 @@ def test_minus_inf_logits_over_whole_tiles_and_a_strided_bias(masked):
     z = hidden @ weight.T
     stats = head_epilogue.row_stats(z, bias, targets, head_epilogue.Transform(), (True, False, False, False))
     assert max_err(stats[1], want["logp"]) < 1e-5 and max_err(stats[2], want["entropy"]) < 1e-5
+
+
+def test_a_second_derivative_is_refused():
+    # a gradient penalty (create_graph=True) came back without its second-order terms and without a word: the
+    # kernels' backward is computed, not differentiable
+    hidden, weight, _, targets = make(9, 16, 33, torch.float32)
+    logp = run("triton", hidden, weight, None, targets).logp
+    with pytest.raises(RuntimeError, match=r"^linear_logprobs: a second derivative \(create_graph=True\)"):
+        torch.autograd.grad(logp.sum(), hidden, create_graph=True)
+    (grad,) = torch.autograd.grad(run("triton", hidden, weight, None, targets).logp.sum(), hidden)  # (plain: as ever)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -107,3 +107,30 @@ def test_the_soft_cap_is_read_from_the_class_and_config_alone():
     assert head_softcap(Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=30.0))) == 30.0
     assert head_softcap(Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=None))) is None
     assert head_softcap(LlamaForCausalLM(LlamaConfig(**small))) is None
+
+
+def test_gap_refuses_ids_outside_the_vocabulary_and_keeps_the_bias_dtype():
+    # a negative id other than ignore_index read a row from the end without a word; an fp32 bias beside an fp16 head
+    # got its gradient rounded to fp16
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(4, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 8, generator=gen)
+    for bad in (-3, 11):
+        with pytest.raises(ValueError, match=rf"^targets: token id {bad} is outside the vocabulary \[0, 11\)"):
+            target_logit_gap(hidden, weight, torch.tensor([0, bad, 2, -100]))
+    half, bias = weight.half(), torch.randn(11, generator=gen, requires_grad=True)
+    targets = torch.tensor([0, 5, 5, -100])
+    target_logit_gap(hidden.half(), half, targets, bias=bias).sum().backward()
+    # d gap / d bias = onehot counts − valid tokens / V, exactly: 2 − 3/11 for id 5, 1 − 3/11 for 0, −3/11 elsewhere
+    want = torch.full((11,), -3 / 11, dtype=torch.float64)
+    want[0] += 1
+    want[5] += 2
+    assert bias.grad.dtype == torch.float32
+    torch.testing.assert_close(bias.grad.double(), want, rtol=0, atol=1e-7)  # fp32 of the exact values (fp16: 1e-3)
+
+
+def test_a_second_derivative_of_the_gap_is_refused():
+    hidden = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    gap = target_logit_gap(hidden, torch.randn(7, 5, dtype=torch.float64), torch.tensor([1, 2, 3]))
+    with pytest.raises(RuntimeError, match=r"^target_logit_gap: a second derivative"):
+        torch.autograd.grad(gap.sum(), hidden, create_graph=True)

@@ -135,6 +135,7 @@ def test_only_logp_has_gradients():
         ({"outputs": "entropy"}, "outputs"),
         ({"bias": torch.zeros(5)}, "bias"),
         ({"chunk_bytes": 0}, "chunk_bytes"),
+        ({"chunk_bytes": 40000.0}, "chunk_bytes"),  # (a float failed deep in torch.empty)
         ({"grad_filter_eps": 1.0}, "grad_filter_eps"),
         ({"grad_filter_eps": -0.1}, "grad_filter_eps"),
     ],
@@ -161,6 +162,14 @@ def test_triton_on_cpu_or_fp64_says_what_to_use_instead():
 
 def test_bad_tensors_name_the_argument():
     hidden, weight, _, targets = make(4, 16, 33, torch.float32, ignore="none")
+    with pytest.raises(
+        ValueError,
+        match=r"^outputs: a tuple of names, got the string 'entropy'; write "
+        r"outputs=\('entropy',\)",
+    ):  # fmt: skip  (its letters were named unknown)
+        linear_logprobs(hidden, weight, targets, outputs="entropy")
+    with pytest.raises(ValueError, match="^hidden: the hidden size is 0"):  # (a reshape's RuntimeError)
+        linear_logprobs(hidden[:, :0], weight[:, :0], targets)
     with pytest.raises(ValueError, match="^weight:"):
         linear_logprobs(hidden, weight[:, :8], targets)
     with pytest.raises(ValueError, match="^targets:"):
@@ -341,3 +350,17 @@ def test_a_nan_logit_stays_nan_in_the_entropy():
     for impl in ("naive", "torch"):
         out = linear_logprobs(hidden, weight, targets, bias=bias, impl=impl, outputs=("logp", "entropy"))
         assert out.logp.isnan().all() and out.entropy.isnan().all(), impl
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+def test_a_second_derivative_is_refused_not_wrong(impl):
+    # the torch path failed inside its backward's out= products; the Triton path gave a wrong gradient without a
+    # word (its backward is not differentiable: tests/test_kernels_interpreter.py checks it says so)
+    hidden, weight, _, targets = make(5, 8, 11, torch.float64)
+    logp = linear_logprobs(hidden, weight, targets, impl=impl).logp
+    if impl == "naive":  # autograd's own ops: differentiable twice
+        (grad_hidden,) = torch.autograd.grad(logp.sum(), hidden, create_graph=True)
+        grad_hidden.pow(2).sum().backward()
+        return
+    with pytest.raises(RuntimeError, match=r"^linear_logprobs: a second derivative \(create_graph=True\)"):
+        torch.autograd.grad(logp.sum(), hidden, create_graph=True)

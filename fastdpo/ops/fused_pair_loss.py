@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastdpo.ops.head_checks import check_args, check_targets, refuse_second_derivative
 from fastdpo.ops.linear_logprobs import (
     _acc_dtype,
-    _check_targets,
     _dz_from_probs_,
     _HeadGemms,
     _transform_,
@@ -90,10 +90,17 @@ def fused_pair_loss(
     if not supports_fused(config):
         unsupported = sorted(set(config.loss_types) - FUSED_LOSS_TYPES)
         raise ValueError(f"config: fused_pair_loss does not take {unsupported}; use the plain path for them")
+    check_args(hidden, weight, targets, bias, logit_scale, temperature, softcap, (), chunk_bytes)
+    if hidden.dim() != 2:  # (a [B, T, H] batch was blamed on cu_seqlens)
+        raise ValueError(f"hidden: expected [N, H], the packed rows flattened, got {tuple(hidden.shape)}")
     hidden, weight, bias = autocast_head_inputs(hidden, weight, bias)  # what an nn.Linear head would multiply
     pairs_of = _pair_segments(cu_seqlens, seq_pair, seq_is_chosen)
+    for name, ref in (("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
+        if ref is not None and tuple(getattr(ref, "shape", ())) != (pairs_of.shape[0],):
+            raise ValueError(f"{name}: expected one log-prob per pair, shape ({pairs_of.shape[0]},), got "
+                             f"{tuple(getattr(ref, 'shape', ())) or type(ref).__name__}")  # fmt: skip
     transform = (float(logit_scale), None if softcap is None else float(softcap), float(temperature))
-    state: dict = {}
+    state: dict = {"grad": torch.is_grad_enabled()}  # (inside forward it is off; needs_input_grad ignores it)
     with autocast_off(hidden):
         loss = _FusedPairLoss.apply(
             hidden, weight, bias, targets, cu_seqlens, pairs_of, ref_chosen, ref_rejected, config, transform,
@@ -113,7 +120,7 @@ class _FusedPairLoss(torch.autograd.Function):
         acc = _acc_dtype(hidden, weight, bias)
         device, num_pairs, vocab = hidden.device, pairs_of.shape[0], weight.shape[0]
         valid = targets != ignore_index
-        _check_targets(targets, valid, vocab)  # (on a GPU the kernels read past the row; _chunks syncs here anyway)
+        check_targets(targets, valid, vocab)  # (on a GPU the kernels read past the row; _chunks syncs here anyway)
         # completion token counts per pair (known before any logit): lengths for the length-normalized types
         num_segments = cu_seqlens.numel() - 1
         counts = torch.zeros(num_segments, dtype=torch.long, device=device)
@@ -123,7 +130,7 @@ class _FusedPairLoss(torch.autograd.Function):
         lengths = tokens if leads is None else tokens + leads  # ipo and sigmoid_norm's, as TRL counts them
         gemms = _HeadGemms(hidden, weight, bias, acc)
         chunk_bytes = gemms.chunk_bytes(chunk_bytes)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_h, need_w, need_b = (need and state["grad"] for need in ctx.needs_input_grad[:3])  # (no_grad: none)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
@@ -146,15 +153,18 @@ class _FusedPairLoss(torch.autograd.Function):
             if token_metrics:
                 flat_seg = (chunk[:, None] * 2 + torch.arange(2, device=device)).view(-1)[row_seg]
                 token_sums.index_add_(1, flat_seg, torch.stack([entropy, mean_logit, is_top1]))
-            live = torch.zeros(segs.numel(), dtype=acc, device=device).index_add_(0, row_seg, logp)
-            live = live.view(-1, 2).requires_grad_()
+            live = torch.zeros(segs.numel(), dtype=acc, device=device).index_add_(0, row_seg, logp).view(-1, 2)
+            seq_logps[chunk] = live
+            if not (need_h or need_w or need_b):  # (an evaluation's step: the log-probs alone)
+                z = exp = tanh = None
+                continue
+            live.requires_grad_()
             with torch.enable_grad():
                 chosen = zeros.index_put((chunk,), live[:, 0])
                 rejected = zeros.index_put((chunk,), live[:, 1])
                 pairs = PairLogps(chosen, rejected, ref_chosen, ref_rejected, tokens[:, 0], tokens[:, 1],
                                   chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1])  # fmt: skip
                 (grad_seq,) = torch.autograd.grad(preference_loss(pairs, config).loss, live)
-            seq_logps[chunk] = live.detach()
             if gemms.epilogue is not None:
                 dz = gemms.dz(z, y, lse, grad_seq.view(-1)[row_seg], transform)
             else:
@@ -181,6 +191,7 @@ class _FusedPairLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        refuse_second_derivative("fused_pair_loss")
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
         return (*scaled, *([None] * 12))

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastdpo.ops.head_checks import check_targets, refuse_second_derivative
+
 TOKENS_PER_CHUNK = 4096
 """Tokens whose gathered ``weight`` rows exist at once (in the forward and again in the backward)."""
 
@@ -41,6 +43,7 @@ class _TargetLogitGap(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, scale, ignore_index):
         compute = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         valid = targets != ignore_index
+        check_targets(targets, valid, weight.shape[0])  # (a negative id read a row from the end)
         safe = torch.where(valid, targets, 0)
         mean_row = _mean_row(weight, compute)
         gap = torch.empty(hidden.shape[0], dtype=compute, device=hidden.device)
@@ -49,11 +52,12 @@ class _TargetLogitGap(torch.autograd.Function):
         if bias is not None:
             gap += bias.to(compute)[safe] - bias.to(compute).mean()
         ctx.save_for_backward(hidden, weight, safe, valid, mean_row)  # [H]: not a second pass over the weight
-        ctx.scale, ctx.has_bias, ctx.compute = scale, bias is not None, compute
+        ctx.scale, ctx.bias_dtype, ctx.compute = scale, None if bias is None else bias.dtype, compute
         return torch.where(valid, gap * scale, 0.0)
 
     @staticmethod
     def backward(ctx, grad):
+        refuse_second_derivative("target_logit_gap")
         hidden, weight, safe, valid, mean_row = ctx.saved_tensors
         compute, vocab = ctx.compute, weight.shape[0]
         g = torch.where(valid, grad.to(compute) * ctx.scale, 0.0)  # d gap / d (hidden · row) per token
@@ -72,9 +76,9 @@ class _TargetLogitGap(torch.autograd.Function):
             shared = sums.sum(0) / vocab
             grad_weight = (-shared).to(weight.dtype).expand(weight.shape).clone()
             grad_weight[rows] = (sums - shared).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = torch.zeros(vocab, dtype=compute, device=g.device).index_add_(0, safe, g)
-            grad_bias = (grad_bias - g.sum() / vocab).to(weight.dtype)
+            grad_bias = (grad_bias - g.sum() / vocab).to(ctx.bias_dtype)  # (its own dtype: an fp32 bias by fp16 rows)
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastdpo.kernels import triton_available
+from fastdpo.ops.head_checks import OUTPUT_NAMES, check_args, check_targets, refuse_second_derivative
 
-OUTPUT_NAMES = ("logp", "entropy", "mean_logit", "is_top1", "log_sum_sq_probs")
 IMPLS = ("auto", "torch", "naive", "triton")
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 GPU_CHUNK_BYTES = 2**30  # half-precision heads on a GPU: fewer, larger chunks (see _HeadGemms)
@@ -96,7 +95,7 @@ def linear_logprobs(
     Returns:
         LinearLogprobs of per-token tensors shaped like ``targets``.
     """
-    _check_args(hidden, weight, targets, bias, logit_scale, temperature, softcap, outputs, chunk_bytes)
+    check_args(hidden, weight, targets, bias, logit_scale, temperature, softcap, outputs, chunk_bytes)
     if grad_filter_eps is not None and not 0.0 <= grad_filter_eps < 1.0:
         raise ValueError(f"grad_filter_eps: must be in [0, 1) or None, got {grad_filter_eps}")
     hidden, weight, bias = autocast_head_inputs(hidden, weight, bias)
@@ -153,37 +152,6 @@ def autocast_off(tensor: Tensor):
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _check_args(hidden, weight, targets, bias, logit_scale, temperature, softcap, outputs, chunk_bytes) -> None:
-    if not isinstance(hidden, Tensor) or hidden.dim() < 1 or not hidden.is_floating_point():
-        raise ValueError("hidden: expected a floating-point tensor [..., H]")
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError("weight: expected a floating-point tensor [V, H]")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight: has H={weight.shape[1]} but hidden has H={hidden.shape[-1]}")
-    if weight.shape[0] < 1:
-        raise ValueError("weight: the vocabulary is empty (V = 0)")
-    if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError("targets: expected an int64 tensor of token ids")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets: shape {tuple(targets.shape)} does not match hidden {tuple(hidden.shape[:-1])}")
-    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
-        raise ValueError(f"bias: expected a tensor of shape ({weight.shape[0]},)")
-    for name, device in (("weight", weight.device), ("targets", targets.device)):
-        if device != hidden.device:
-            raise ValueError(f"{name}: on {device} but hidden is on {hidden.device}")
-    if not math.isfinite(logit_scale):
-        raise ValueError(f"logit_scale: must be finite, got {logit_scale}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature: must be > 0, got {temperature}")
-    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
-        raise ValueError(f"softcap: must be > 0 or None, got {softcap}")
-    unknown = [name for name in outputs if name not in OUTPUT_NAMES]
-    if isinstance(outputs, str) or unknown:
-        raise ValueError(f"outputs: unknown {unknown or outputs!r}; choose from {OUTPUT_NAMES}")
-    if chunk_bytes is not None and chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes: must be positive, got {chunk_bytes}")
 
 
 def _resolve_impl(impl: str, hidden: Tensor, weight: Tensor) -> str:
@@ -252,7 +220,7 @@ def _naive(hidden, weight, bias, targets, transform, ignore_index, wanted):
     if temperature != 1.0:
         z = z / temperature
     valid = targets != ignore_index
-    _check_targets(targets, valid, weight.shape[0])
+    check_targets(targets, valid, weight.shape[0])
     safe_targets = torch.where(valid, targets, 0).long()
     log_probs = torch.log_softmax(z, dim=-1)
     logp = log_probs.gather(-1, safe_targets[:, None]).squeeze(-1).masked_fill(~valid, 0.0)
@@ -268,13 +236,6 @@ def _naive(hidden, weight, bias, targets, transform, ignore_index, wanted):
     return logp, entropy, mean_logit, is_top1, log_sum_sq
 
 
-def _check_targets(targets: Tensor, valid: Tensor, vocab: int) -> None:
-    kept = targets[valid]
-    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab):
-        bad = kept[(kept < 0) | (kept >= vocab)][0].item()
-        raise ValueError(f"targets: token id {bad} is outside the vocabulary [0, {vocab}) and is not ignore_index")
-
-
 def _chunk_rows(num_rows: int, vocab: int, chunk_bytes: int) -> int:
     return max(1, min(num_rows, chunk_bytes // (4 * vocab)))
 
@@ -286,7 +247,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, transform, ignore_index, wanted, chunk_bytes):
         acc = _acc_dtype(hidden, weight, bias)
         valid = targets != ignore_index
-        _check_targets(targets, valid, weight.shape[0])
+        check_targets(targets, valid, weight.shape[0])
         rows = valid.nonzero().squeeze(-1)
         kept_targets = targets[rows].long()
         n_valid, vocab = rows.numel(), weight.shape[0]
@@ -324,6 +285,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, *_unused):
+        refuse_second_derivative("linear_logprobs")
         hidden, weight, bias, rows, kept_targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if grad_logp is None:
@@ -557,7 +519,7 @@ class _TritonLinearLogprobs(torch.autograd.Function):
         from fastdpo.kernels import linear_logprobs as kernels
 
         valid = targets != ignore_index
-        _check_targets(targets, valid, weight.shape[0])
+        check_targets(targets, valid, weight.shape[0])
         rows = valid.nonzero().squeeze(-1)
         kept_targets = targets[rows].long()
         dtype = torch.promote_types(hidden.dtype, weight.dtype)  # mixed inputs run in the wider dtype
@@ -579,6 +541,7 @@ class _TritonLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, *_unused):
         from fastdpo.kernels import linear_logprobs as kernels
 
+        refuse_second_derivative("linear_logprobs")
         if grad_logp is None:
             return (None,) * 8
         h, w, b, rows, kept_targets, lse = ctx.saved_tensors
