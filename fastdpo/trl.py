@@ -514,8 +514,9 @@ class SFTTrainer(_PredictsRows, _CheckedEvalSets, PackedSFTLoss, PackedTokenCoun
         return prepared
 
     def _as_evaluate_prepares(self, dataset):
-        if self._skip_prepare_dataset:
-            return dataset
+        if self._skip_prepare_dataset or "seq_lengths" in (getattr(dataset, "column_names", None) or ()):
+            return dataset  # (packed by TRL's preparation already, the trainer's own eval set: packed again, its
+            # rows' sequences attended to each other's)
         packing = self.args.packing if self.args.eval_packing is None else self.args.eval_packing
         return self._prepare_dataset(dataset, self.processing_class, self.args, packing, self._formatting_func, "test")
 

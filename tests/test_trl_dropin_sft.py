@@ -126,6 +126,15 @@ def test_the_dropins_predict_tokenized_rows_as_evaluate_does(tmp_path):
     with pytest.warns(UserWarning, match="predictions are None"):
         predicted = sft.predict(long).metrics["test_loss"]
     assert predicted == pytest.approx(sft.evaluate(long)["eval_loss"], rel=1e-6)  # the same batches: fp32 rounding
+    # the trainer's own eval set, packed by TRL's preparation: packed again (its rows' sequences then attended to
+    # each other's: 6.217257 where TRL's predict() and evaluate() gave 6.230246)
+    rows = prompt_completion_rows(6, seed=4)
+    packed = dropin.SFTTrainer(load(), args=dropin.SFTConfig(**sft_args(tmp_path, "packed"), packing=True),
+                               train_dataset=rows, eval_dataset=rows, processing_class=tokenizer)  # fmt: skip
+    assert "seq_lengths" in packed.eval_dataset.column_names
+    with pytest.warns(UserWarning, match="predictions are None"):
+        predicted = packed.predict(packed.eval_dataset).metrics["test_loss"]
+    assert predicted == pytest.approx(packed.evaluate()["eval_loss"], rel=1e-6)  # the same batches: fp32 rounding
     pairs = synthetic_pairs(5, seed=3)
     args = dropin.DPOConfig(**common_args(tmp_path, "dpo"), precompute_ref_log_probs=True)
     dpo = dropin.DPOTrainer(load(), args=args, train_dataset=pairs, processing_class=tokenizer)
