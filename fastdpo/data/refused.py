@@ -44,7 +44,37 @@ def prepared_rows(dataset, columns: dict | None):
                 prepared = prepare_preferences(renamed.select(kept)).to_list()
             for row, example in zip(kept, prepared, strict=True):
                 raw[row] = example
+        _read_around(raw, refused, kind)
         return raw, refused
+
+
+def _read_around(raw: list[dict], refused: dict[int, DataError], kind: str) -> None:
+    """Each refused row whose fault is one answer, beside a prompt column, as the trainers would read it but for that
+    answer (in place): the other answer stands in for it while the row is prepared (the prompt taken out of a whole
+    conversation, a system column joined), and it goes back as written. The quality check then judges the answer's
+    own fault alone: an UltraFeedback row's ``chosen: []`` also counted ``roles_out_of_order``, its rejected
+    conversation holding the user's turn still. Rows that will not prepare so stay as written."""
+    stand_ins = {}
+    for row, problem in refused.items():
+        other = {"chosen": "rejected", "rejected": "chosen"}.get(problem.column)
+        if other is None or "prompt" not in raw[row]:  # (without one, identical answers hold no prompt to take out)
+            continue
+        stand_in = {**raw[row], problem.column: raw[row].get(other)}
+        try:
+            check_row(stand_in, row, kind)
+        except DataError:
+            continue
+        stand_ins[row] = stand_in
+    if not stand_ins:
+        return
+    try:
+        with row_warnings_said():
+            read = prepare_preferences(list(stand_ins.values())).to_list()
+    except DataError:  # (check_row passed each: what preparation refuses; left as written all the same)
+        return
+    for (row, _), example in zip(stand_ins.items(), read, strict=True):
+        column = refused[row].column
+        raw[row] = {**example, column: raw[row].get(column)}
 
 
 def prepare_dropping(data, *, columns: dict | None = None, split: str | None = "train"):
