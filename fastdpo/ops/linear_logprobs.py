@@ -82,8 +82,10 @@ def linear_logprobs(
             torch).
         outputs: which of ``logp, entropy, mean_logit, is_top1, log_sum_sq_probs`` to compute;
             ``logp`` is always computed.
-        chunk_bytes: ``impl="torch"`` only: size of one chunk of fp32 logits; None: 64 MiB, or 1 GiB for
-            half-precision inputs on a GPU (whose products allocate each chunk, see ``_HeadGemms``).
+        chunk_bytes: ``impl="torch"`` only: the tokens of one chunk are ``chunk_bytes // (4·V)``, the size of
+            their logits in fp32 (fp64 inputs' logits take twice that, and ``entropy`` a second buffer of it); None:
+            64 MiB, or 1 GiB for half-precision inputs on a GPU (whose products allocate each chunk, see
+            ``_HeadGemms``).
         deterministic: ``impl="triton"``: bitwise reproducible gradients (two backward passes, one more logit
             recompute) instead of fp32 atomic adds; None (default) follows
             ``torch.are_deterministic_algorithms_enabled()``. ``naive`` and ``torch`` are always deterministic.
