@@ -100,6 +100,7 @@ def run_data(known: argparse.Namespace) -> int:
 
 
 def _run_data(known: argparse.Namespace) -> int:
+    from fastdpo.cli_errors import pairs_in_cli_terms
     from fastdpo.data import build_pairs, check_preferences, load_data
     from fastdpo.data.load import text_columns
     from fastdpo.data.split import ROW_COLUMN, split_pairs, split_sft_rows
@@ -153,9 +154,12 @@ def _run_data(known: argparse.Namespace) -> int:
         return 0
     if known.action == "pairs":
         options = {k: getattr(known, k) for k in ("prompt", "completions", "scores", "response_key", "score_key")}
-        result = build_pairs(dataset, strategy=known.strategy, margin=known.margin, seed=known.seed,
-                             lower_is_better=known.lower_is_better, group_by_prompt=known.group_by_prompt,
-                             **{k: v for k, v in options.items() if v is not None})  # fmt: skip
+        try:
+            result = build_pairs(dataset, strategy=known.strategy, margin=known.margin, seed=known.seed,
+                                 lower_is_better=known.lower_is_better, group_by_prompt=known.group_by_prompt,
+                                 **{k: v for k, v in options.items() if v is not None})  # fmt: skip
+        except (DataError, ConfigError) as error:
+            raise pairs_in_cli_terms(error) from None
         if len(result.dataset) == 0:  # (an empty file, exit 0, before)
             raise DataError(
                 f"no pair: {result.summary()}",

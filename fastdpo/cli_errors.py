@@ -9,7 +9,7 @@ import re
 
 from fastdpo.errors import ConfigError, DataError
 
-_PAIRS_KEYS = r"\b(response_key|score_key|completions|group_by_prompt)=('([^']*)'|True)?"
+_PAIRS_KEYS = r"\b(response_key|score_key|completions|scores|group_by_prompt)=('([^']*)'|True)?"
 
 
 def _as_flag(found: re.Match) -> str:
@@ -18,11 +18,25 @@ def _as_flag(found: re.Match) -> str:
     return f"--{found[1].replace('_', '-')}" + (f" {found[3]}" if found[3] is not None else "")
 
 
+def pairs_in_cli_terms(error: Exception) -> Exception:
+    """An error of ``build_pairs`` with its keyword arguments (``response_key=``, ``score_key=``, ``completions=``,
+    ``scores=``, ``group_by_prompt=True``) as ``fastdpo data pairs``' flags; for its errors alone, whose text names
+    no path (another error's folder ``completions=4`` was rewritten too). A fix that names both already (``pass
+    prompt=...; fastdpo data: --prompt ...``) is ``in_cli_terms``'."""
+    if not isinstance(error, (DataError, ConfigError)) or "; fastdpo data: " in (error.fix or ""):
+        return error
+    message, fix = (re.sub(_PAIRS_KEYS, _as_flag, text) for text in (error.message, error.fix or ""))
+    column = error.column  # (a DataError's names the data's column; a ConfigError's, an option: its flag)
+    if isinstance(error, ConfigError) and column in ("response_key", "score_key", "margin", "seed", "strategy"):
+        column = f"--{column.replace('_', '-')}"
+    return error.but(message=message, fix=fix or None, column=column)
+
+
 def in_cli_terms(error: Exception, *, trains: bool) -> Exception:
     """``error`` with a fix that names the Python API's ``columns={...}`` rewritten as this command's option for it:
     ``dataset_columns`` in the YAML (``trains``: dpo, sft), ``--columns`` with JSON (data, compare); ``build_pairs``'
-    ``prompt=``, ``response_key=``, ``score_key=``, ``completions=``, ``group_by_prompt=True`` as ``--prompt``,
-    ``--response-key``, ``--score-key``, ``--completions``, ``--group-by-prompt``;
+    missing columns' ``prompt=...; fastdpo data: --prompt ...`` as the flag alone (its other keywords:
+    ``pairs_in_cli_terms``);
     ``check_preferences`` as ``fastdpo data check``, its ``.filter`` as ``fastdpo data filter``; a stream's and a
     row format's Python options as the YAML's."""
     if isinstance(error, ConfigError) and trains and "streaming=True" in (error.fix or ""):
@@ -35,9 +49,6 @@ def in_cli_terms(error: Exception, *, trains: bool) -> Exception:
     if isinstance(error, DataError) and "; fastdpo data: " in (error.fix or ""):  # (build_pairs' prompt=...)
         fix = re.sub(r"pass \w+=[^;]*; fastdpo data: ", "pass ", error.fix)
         error = error.but(fix=fix)
-    if isinstance(error, DataError) and not trains and re.search(_PAIRS_KEYS, f"{error.message} {error.fix}"):
-        message, fix = (re.sub(_PAIRS_KEYS, _as_flag, text) for text in (error.message, error.fix or ""))
-        error = error.but(message=message, fix=fix)  # (build_pairs' dict completions)
     if isinstance(error, DataError) and "fastdpo.data.check_preferences" in (error.fix or ""):  # its commands
         fix = error.fix.replace("fastdpo.data.check_preferences(dataset, tokenizer).filter(dataset)",
                                 "fastdpo data filter FILE OUT --tokenizer TOKENIZER")  # fmt: skip

@@ -157,6 +157,13 @@ def test_kto_rows_given_to_sft_are_warned_of_and_can_be_kept_or_paired(tmp_path,
         assert len(prepare_sft(KTO)) == 5  # (kept: a warning, not a drop)
     assert "3 of 5 rows are labelled false (KTO's undesirable completions; rows [1, 2, 4]): SFT trains" in caplog.text
     caplog.clear()
+    with caplog.at_level("WARNING", logger="fastdpo"):  # (a row not trained is not counted: row 4, refused)
+        assert len(prepare_sft([*KTO[:4], {**KTO[4], "completion": ""}], refused=(refused := {}))) == 4
+    assert (
+        sorted(refused) == [4]
+        and "2 of 4 rows are labelled false (KTO's undesirable completions; rows [1, 2])" in caplog.text
+    )
+    caplog.clear()
     with caplog.at_level("WARNING", logger="fastdpo"):
         prepare_sft([{**row, "label": int(row["label"])} for row in KTO])  # (0/1 ints: not said to be KTO's)
         prepare_sft([row for row in KTO if row["label"]])
@@ -179,3 +186,24 @@ def test_kto_rows_given_to_sft_are_warned_of_and_can_be_kept_or_paired(tmp_path,
     assert [(p["chosen"], p["rejected"], p["chosen_row"], p["rejected_row"]) for p in pairs.dataset] == [
         (" a", " b", 0, 1), (" a", " c", 0, 2)]  # fmt: skip
     assert pairs.dropped_rows["too_few_completions"] == [3, 4]
+
+
+def test_a_refused_answer_is_judged_alone_beside_the_rows_prepared_prompt():
+    # an UltraFeedback row (whole conversations beside a prompt) with `chosen: []` is refused by preparation and was
+    # checked as written: its rejected conversation, the user's turn still in it, also counted roles_out_of_order
+    import datasets
+
+    from fastdpo.data import check_preferences
+    from fastdpo.data.refused import prepared_rows
+
+    def talk(question, answer):
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+    rows = [{"prompt": f"q{i}", "chosen": talk(f"q{i}", f"a{i}"), "rejected": talk(f"q{i}", f"b{i}"), "system": "s"}
+            for i in range(4)]  # fmt: skip
+    rows[1]["chosen"], rows[3]["rejected"] = [], talk("q3", " ")  # (3: prepared, and empty: the same one reason)
+    checked, refused = prepared_rows(datasets.Dataset.from_list(rows), None)
+    assert sorted(refused) == [1]
+    assert check_preferences(checked).rows == {"empty": [1, 3]}
+    assert checked[1]["chosen"] == [] and checked[1]["rejected"] == [{"role": "assistant", "content": "b1"}]
+    assert checked[1]["prompt"] == [*checked[0]["prompt"][:1], {"role": "user", "content": "q1"}]  # (system joined)

@@ -75,7 +75,9 @@ def test_grouping_refuses_what_it_cannot_read():
     with pytest.raises(DataError, match=r"row 0, column 'response': .*got a dict \(keys: text\)"):
         build_pairs([{"prompt": "q", "response": {"text": "a"}, "s": 1}], completions="response", scores="s",
                     group_by_prompt=True)  # fmt: skip
-    with pytest.raises(ConfigError, match="option 'response_key': group_by_prompt reads one response and one score"):
+    with pytest.raises(
+        ConfigError, match=r"option 'response_key': grouped by prompt \(group_by_prompt=True\), each row"
+    ):
         build_pairs(ROWS, response_key="text", **GROUPED)
     clash = [{**row, "chosen_correctness": 0} for row in ROWS]  # (correctness differs within a prompt)
     with pytest.raises(DataError, match=r"column 'chosen_correctness': the column 'correctness' differs between rows "
@@ -105,3 +107,39 @@ def test_the_command_groups_and_speaks_its_flags(tmp_path, monkeypatch, capsys):
     assert written == build_pairs(ROWS, **GROUPED).dataset
     dropped = json.loads((tmp_path / ".out.jsonl.dropped.json").read_text())
     assert dropped["dropped_rows"]["ties"] == [3, 4] and dropped["excluded_rows"]["repeated"] == [7]
+
+
+def test_a_bad_row_is_dropped_alone_and_nan_columns_are_carried_whole():
+    # one row's bad score or response dropped its prompt's other rows with it, all under its reason (the good rows
+    # listed as bad_completions); a column NaN in every row of a prompt was carried per side (NaN != NaN)
+    nan = float("nan")
+    rows = [{"prompt": "q1", "response": "a", "s": 2, "n": nan}, {"prompt": "q1", "response": "b", "s": None, "n": nan},
+            {"prompt": "q1", "response": "c", "s": 0, "n": nan}, {"prompt": "q2", "response": [], "s": 1, "n": 1.0},
+            {"prompt": "q2", "response": "d", "s": 3, "n": 1.0},
+            {"prompt": "q2", "response": "e", "s": 1, "n": 1.0}]  # fmt: skip
+    result = build_pairs(rows, completions="response", scores="s", group_by_prompt=True)
+    assert [(r["chosen_row"], r["rejected_row"]) for r in result.dataset] == [(0, 2), (4, 5)]
+    assert {reason: rows for reason, rows in result.dropped_rows.items() if rows} == {
+        "bad_scores": [1],
+        "bad_completions": [3],
+    }
+    assert "chosen_n" not in result.dataset[0] and result.dataset[1]["n"] == 1.0
+
+
+def test_the_commands_flags_stand_for_every_keyword_and_only_in_pairs_errors(tmp_path, monkeypatch, capsys):
+    # the ConfigError of --response-key with --group-by-prompt kept Python's words; the rewrite of build_pairs'
+    # keywords ran over every command's errors: a folder named completions=4 came out as --completions4
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rated.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    (tmp_path / "completions=4").mkdir()
+    (tmp_path / "completions=4" / "rows.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flags = ["--completions", "response", "--scores", "helpfulness", "--group-by-prompt", "--response-key", "x"]
+        assert cli.main(["data", "pairs", "rated.jsonl", "out.jsonl", *flags]) == 2
+        said = capsys.readouterr().err.strip().splitlines()[-1]
+        assert said == ("fastdpo: error: option '--response-key': grouped by prompt (--group-by-prompt), each row "
+                        "gives one response and one score, from columns — leave --response-key and --score-key out; "
+                        "name the columns with --completions and --scores"), said  # fmt: skip
+        assert cli.main(["data", "check", "completions=4/rows.jsonl", "--split", "test"]) == 2
+        assert "completions=4/rows.jsonl is one file" in capsys.readouterr().err

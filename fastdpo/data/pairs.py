@@ -8,9 +8,10 @@ prompts are equal (the same text, or the same messages) make one group, in the o
 completions are the rows' responses in row order (KTO's unpaired rows pair so, ``completions="completion",
 scores="label"``: a desirable completion against an undesirable one of its prompt); each pair then names its two
 rows (``chosen_row``, ``rejected_row``), a column equal within every group is carried as it is, and any other one
-once per side (``chosen_<name>``, ``rejected_<name>``); a group is read as a row is below (its draws seeded by its
-place), and its drops count each of its rows. Higher is better, unless ``lower_is_better`` (ranks, 1 the best).
-``build_pairs`` turns each row into pairs:
+once per side (``chosen_<name>``, ``rejected_<name>``); a row whose score or response is bad is dropped alone
+(``bad_scores``, ``bad_completions``), its prompt's other rows grouped without it; a group is read as a row is below
+(its draws seeded by its place), and its drops count each of its rows. Higher is better, unless
+``lower_is_better`` (ranks, 1 the best). ``build_pairs`` turns each row into pairs:
 
 - ``best_vs_worst``: one pair, the highest score against the lowest;
 - ``best_vs_random_lower``: one pair, the highest score against a completion drawn uniformly among those scored
@@ -131,7 +132,8 @@ def build_pairs(
     """
     _check_options(strategy, margin, seed)
     if group_by_prompt and (response_key is not None or score_key is not None):
-        raise ConfigError("group_by_prompt reads one response and one score per row, from columns",
+        raise ConfigError("grouped by prompt (group_by_prompt=True), each row gives one response and one score, "
+                          "from columns",
                           column="response_key" if response_key is not None else "score_key",
                           fix="leave response_key= and score_key= out; name the columns with completions= and "
                           "scores=")  # fmt: skip
@@ -146,8 +148,9 @@ def build_pairs(
     prompts = column_values(dataset, prompt)
     all_items = column_values(dataset, completions)
     all_scores = column_values(dataset, scores) if score_key is None else [None] * len(all_items)
+    dropped_rows: dict[str, list[int]] = {reason: [] for reason in DROP_REASONS}
     if group_by_prompt:
-        groups = _groups(prompts, all_items, completions)
+        groups = _groups(prompts, all_items, all_scores, completions, dropped_rows)
         prompts = [prompts[rows[0]] for rows in groups]
         all_items = [[all_items[row] for row in rows] for rows in groups]
         all_scores = [[all_scores[row] for row in rows] for rows in groups]
@@ -155,7 +158,6 @@ def build_pairs(
         groups = [[row] for row in range(len(all_items))]
     names = GROUPED_COLUMNS if group_by_prompt else PAIR_COLUMNS
     out: dict[str, list[Any]] = {name: [] for name in names}
-    dropped_rows: dict[str, list[int]] = {reason: [] for reason in DROP_REASONS}
     excluded_rows: dict[str, list[int]] = {reason: [] for reason in EXCLUDED}
     for unit, (items, row_scores, rows) in enumerate(zip(all_items, all_scores, groups, strict=True)):
         parsed = _parse_row(rows[0], items, row_scores, completions, response_key, score_key)
@@ -193,11 +195,12 @@ def build_pairs(
                        excluded_rows={reason: sorted(set(rows)) for reason, rows in excluded_rows.items()})  # fmt: skip
 
 
-def _groups(prompts: list, items: list, completions: str) -> list[list[int]]:
-    """The rows of each prompt (equal text, or equal messages), groups in the order of their first rows; a DataError
-    for a row whose response is a list of responses (the grouped layout is one response per row)."""
+def _groups(prompts: list, items: list, scores: list, completions: str, dropped_rows: dict) -> list[list[int]]:
+    """The rows of each prompt (equal text, or equal messages), groups in the order of their first rows, without the
+    rows whose score or response is bad (in ``dropped_rows``, each alone: it dropped its prompt's other rows with it
+    before); a DataError for a row whose response is a list of responses (one response per row here)."""
     groups: dict[Any, list[int]] = {}
-    for row, (prompt_value, item) in enumerate(zip(prompts, items, strict=True)):
+    for row, (prompt_value, item, score) in enumerate(zip(prompts, items, scores, strict=True)):
         if isinstance(item, dict):
             raise DataError(
                 f"grouped by prompt (group_by_prompt=True), a row's response is text or messages, got a dict (keys: "
@@ -210,6 +213,10 @@ def _groups(prompts: list, items: list, completions: str) -> list[list[int]]:
                 f"{len(item)}", row=row, column=completions,
                 fix="rows that list their responses make pairs as they are: without group_by_prompt=True",
             )  # fmt: skip
+        bad = "bad_scores" if _as_score(score) is None else "bad_completions" if value_format(item) is None else None
+        if bad is not None:
+            dropped_rows[bad].append(row)
+            continue
         key = prompt_value if isinstance(prompt_value, str) else json.dumps(prompt_value, sort_keys=True, default=str)
         groups.setdefault((isinstance(prompt_value, str), key), []).append(row)
     return list(groups.values())
@@ -391,7 +398,7 @@ def _carry_sides(dataset, carried: list[str], groups: list[list[int]], chosen: l
     columns = {}
     for name in carried:
         values = column_values(dataset, name)
-        if all(all(values[row] == values[group[0]] for row in group) for group in groups):
+        if all(all(_same(values[row], values[group[0]]) for row in group) for group in groups):
             columns[name] = [values[row] for row in chosen]
             continue
         for side, rows in (("chosen", chosen), ("rejected", rejected)):
@@ -402,6 +409,12 @@ def _carry_sides(dataset, carried: list[str], groups: list[list[int]], chosen: l
                 )  # fmt: skip
             columns[f"{side}_{name}"] = [values[row] for row in rows]
     return columns
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b``, NaN equal to NaN (a column NaN in every row of a prompt is carried whole, as one None is)."""
+    nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return nan or a == b
 
 
 def _pair_features(features: datasets.Features, prompt, completions, response_key, result: dict[str, list],

@@ -101,7 +101,7 @@ def prepare_sft(
     layout = sft_layout(dataset.column_names)
     _check_rows(dataset, layout, refused)
     warn_written_text(dataset, () if layout == "messages" else ("prompt", "completion", "text"))  # (counted, kept)
-    warn_undesirable_completions(dataset)
+    warn_undesirable_completions(dataset, refused)
     if refused:
         kept = [row for row in range(len(dataset)) if row not in refused]
         if not kept:  # (the first row's error alone said "drop the row" where every row was refused)

@@ -83,19 +83,19 @@ def written_messages(value) -> bool:
     return False
 
 
-def warn_undesirable_completions(dataset) -> None:
+def warn_undesirable_completions(dataset, refused=None) -> None:
     """One counted warning for SFT rows in KTO's unpaired layout (``prompt``, ``completion`` and a boolean ``label``)
     where some are labelled false: SFT trains every completion as a target, the undesirable ones too (as TRL's
-    SFTTrainer does, without a word)."""
+    SFTTrainer does, without a word). The ``refused`` rows are not trained: not counted."""
     if said() or not {"prompt", "completion", "label"} <= set(dataset.column_names):
         return
     labels = dataset.with_format(None)["label"][:]
     if not all(isinstance(label, bool) for label in labels):
         return
-    false = [row for row, label in enumerate(labels) if not label]
+    false = [row for row, label in enumerate(labels) if not label and row not in (refused or ())]
     if false:
         logger.warning("%d of %d rows are labelled false (KTO's undesirable completions; rows %s): SFT trains every "
                        "completion as a target, these too. Keep the desirable ones (fastdpo data filter FILE OUT "
                        "--where 'label == true', or Dataset.filter), or pair them for DPO (fastdpo data pairs FILE OUT "
-                       "--group-by-prompt --completions completion --scores label)", len(false), len(labels),
-                       false[:5])  # fmt: skip
+                       "--group-by-prompt --completions completion --scores label)", len(false),
+                       len(labels) - len(refused or ()), false[:5])  # fmt: skip
