@@ -56,7 +56,7 @@ def add_data_parser(commands) -> None:
             action.add_argument("--lower-is-better", action="store_true", help="the scores are ranks: 1 is the best")
             action.add_argument("--group-by-prompt", action="store_true", help="each row holds one response "
                                 "(--completions) and its score (--scores): the rows of one prompt are grouped "
-                                "(HelpSteer2's layout)")  # fmt: skip
+                                "(HelpSteer2's layout; KTO's: --completions completion --scores label)")  # fmt: skip
             for column, meaning in PAIRS_COLUMNS.items():
                 action.add_argument(f"--{column.replace('_', '-')}", dest=column, default=None, help=meaning)
         if name in ("filter", "pairs", "split"):
