@@ -226,13 +226,13 @@ def test_pair_weights_scale_each_pair():
         ({"beta": -0.1}, "beta", "must be > 0"),
         ({"loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing", "0.5"),
         ({"loss_type": "exo_pair"}, "label_smoothing", "1e-3"),
-        ({"label_smoothing": 1.2}, "label_smoothing", r"\[0, 1\)"),
+        ({"loss_type": "cdpo", "label_smoothing": 1.2}, "label_smoothing", r"\[0, 1\)"),
         ({"f_divergence_type": "kl"}, "f_divergence_type", "use one of|did you mean"),
         ({"loss_type": "bco_pair", "f_divergence_type": "forward_kl"}, "f_divergence_type", "reverse_kl"),
-        ({"discopop_tau": 0.0}, "discopop_tau", "0.05"),
+        ({"loss_type": "discopop", "discopop_tau": 0.0}, "discopop_tau", "0.05"),
         # NaN passed: every step's loss NaN (skipped by the numerics guard), or alpha NaN taken as reverse KL; a
         # weight that is no number failed in float() without naming the option
-        ({"discopop_tau": float("nan")}, "discopop_tau", "0.05"),
+        ({"loss_type": "discopop", "discopop_tau": float("nan")}, "discopop_tau", "0.05"),
         ({"loss_type": "discopop", "f_alpha_divergence_coef": float("nan")}, "f_alpha_divergence_coef", "finite"),
         ({"loss_type": "simpo", "simpo_gamma": float("nan")}, "simpo_gamma", "finite"),
         ({"loss_type": "cpo", "cpo_alpha": float("inf")}, "cpo_alpha", "finite"),
@@ -245,6 +245,13 @@ def test_bad_settings_raise_config_error(kw, column, hint):
     with pytest.raises(ConfigError, match=hint) as info:
         LossConfig(**kw)
     assert info.value.column == column and str(info.value).startswith(f"option '{column}'")
+
+
+def test_options_a_type_does_not_read_are_not_checked_for_it():
+    # sigmoid ignores label_smoothing and every type but discopop its tau, as TRL does (the trainers warn of an unused
+    # label_smoothing): label_smoothing=1.0 beside sigmoid, which TRL trains, was refused
+    assert LossConfig(loss_type="sigmoid", label_smoothing=1.0).label_smoothing == 1.0
+    assert LossConfig(loss_type="ipo", discopop_tau=-1.0).loss_types == ("ipo",)
 
 
 def test_missing_inputs_are_named():

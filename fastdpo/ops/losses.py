@@ -93,7 +93,7 @@ class LossConfig:
             raise ConfigError(f"must be > 0, got {self.beta}", column="beta", fix="typical values are 0.01 to 0.5")
         self._check_smoothing(types)
         self._check_divergence(types)
-        if not self.discopop_tau > 0:
+        if "discopop" in types and not self.discopop_tau > 0:  # (another type's run ignores it, as TRL does)
             raise ConfigError(f"must be > 0, got {self.discopop_tau}", column="discopop_tau", fix="the paper uses 0.05")
         for name in ("f_alpha_divergence_coef", "simpo_gamma", "cpo_alpha"):  # (NaN: every step's loss NaN, or the
             value = getattr(self, name)  # option silently taken as another value)
@@ -103,6 +103,8 @@ class LossConfig:
 
     def _check_smoothing(self, types: list[str]) -> None:
         eps = self.label_smoothing
+        if not SMOOTHED.intersection(types):  # ignored, as TRL ignores it (the trainers warn of it): sigmoid's 1.0 too
+            return
         if not 0.0 <= eps < 1.0:
             raise ConfigError(f"must be in [0, 1), got {eps}", column="label_smoothing")
         if "robust" in types and not eps < 0.5:
