@@ -95,12 +95,14 @@ def _signals_by_default() -> None:
         signal.signal(signum, signal.SIG_DFL)
 
 
-def start(workdir: Path, command: str, out: Path) -> subprocess.Popen:
-    # stderr to a file: a pipe nobody reads until the end could fill up and block the run
+def start(workdir: Path, command: str, out: Path, *flags: str, group: bool = False) -> subprocess.Popen:
+    # stderr to a file: a pipe nobody reads until the end could fill up and block the run; group: a process group of
+    # its own, which a signal can be sent to as a job scheduler sends it
     with (workdir / f"{out.name}.stderr").open("w") as stderr:
         return subprocess.Popen([sys.executable, "-m", "fastdpo.cli", command, "--config", f"{command}.yaml",
-                                 "--output_dir", str(out)], cwd=workdir, env=THREADS, stdout=subprocess.DEVNULL,
-                                stderr=stderr, preexec_fn=_signals_by_default)  # fmt: skip
+                                 "--output_dir", str(out), *flags], cwd=workdir, env=THREADS,
+                                stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_signals_by_default,
+                                start_new_session=group)  # fmt: skip
 
 
 def wait_until(ready, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -191,6 +193,22 @@ def test_a_signal_saves_a_checkpoint_and_stops_and_the_run_resumes(workdir, stra
     assert train_steps(out)[-1]["step"] == step  # stopped at the step it saved
     assert fastdpo(workdir, command, out, "--resume") == 0
     assert_same_run(command, out, reference)
+
+
+def test_a_sigterm_to_the_process_group_leaves_the_data_loader_workers_to_their_run(workdir):
+    # a scheduler's SIGTERM to the whole group (kill -TERM -PGID) killed torch's data-loader workers too, whose death
+    # raised "DataLoader worker ... is killed by signal: Terminated" in the run wherever it was: exit 1, often no
+    # checkpoint (2 runs in 4)
+    out = workdir / "dpo_group_SIGTERM"
+    process = start(workdir, "dpo", out, "--dataloader_num_workers", "1", group=True)
+    wait_until(lambda: len(train_steps(out)) >= 2, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    stderr = (workdir / f"{out.name}.stderr").read_text()
+    message = re.search(r"fastdpo: stopped by SIGTERM after step (\d+): saved (\S+);", stderr)
+    assert message and complete(Path(message[2])), stderr[-3000:]
+    assert "killed by signal" not in stderr and "Traceback" not in stderr
+    assert_unfinished(out)
 
 
 def test_resume_refuses_other_settings_and_a_directory_without_checkpoints(workdir, straight, capsys):

@@ -102,11 +102,37 @@ def stop_on_signals(trainer):
     try:
         for signum in previous:
             signal.signal(signum, receive)
-        yield callback
+        with _workers_leave_sigterm():
+            yield callback
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         trainer.remove_callback(callback)
+
+
+@contextlib.contextmanager
+def _workers_leave_sigterm():
+    """Within: the data-loader workers started here ignore SIGTERM, which their process stops them from after its
+    checkpoint. A SIGTERM sent to the whole process group (a job scheduler's, ``kill -TERM -PGID``) killed torch's
+    workers, whose handler dies of it, and their death raised "DataLoader worker ... is killed by signal:
+    Terminated" in the main process wherever it was: often no checkpoint. Workers call the hook patched here at their
+    start (a forked worker sees the patch; a spawned one does not, and dies as before)."""
+    from torch.utils.data._utils import signal_handling
+
+    original = getattr(signal_handling, "_set_worker_signal_handlers", None)
+    if original is None:  # (another torch: as before)
+        yield
+        return
+
+    def set_handlers(*args, **kwargs):
+        original(*args, **kwargs)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (SIGINT: torch's workers leave it to their process already)
+
+    signal_handling._set_worker_signal_handlers = set_handlers
+    try:
+        yield
+    finally:
+        signal_handling._set_worker_signal_handlers = original
 
 
 def _notice(text: str) -> None:
