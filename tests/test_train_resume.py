@@ -270,6 +270,14 @@ def test_a_checkpoint_of_the_model_only_is_refused_and_a_stops_checkpoint_is_who
         fresh.train(resume_from_checkpoint=str(saved / "checkpoint-2"))
     with pytest.raises(ValueError, match="Can't find a valid checkpoint at"):  # transformers' own (FileNotFoundError)
         fresh.train(resume_from_checkpoint=str(saved / "no_such_checkpoint"))
+    # a whole checkpoint that lost one file went on without it, silently: the learning rate back at its peak (no
+    # scheduler.pt), a new optimizer (no optimizer.pt: refused as a model-only one, which it was not)
+    for lost, said in (("scheduler.pt", "a new learning-rate schedule, from step 0"),
+                       ("optimizer.pt", "a new optimizer")):  # fmt: skip
+        damaged = shutil.copytree(saved / "checkpoint-4", tmp_path / f"without_{lost}")
+        (damaged / lost).unlink()
+        with pytest.raises(ConfigError, match=rf"without_{lost} lacks {lost}: the run would go on with {said}"):
+            fresh.train(resume_from_checkpoint=str(damaged))
 
 
 def test_the_dropin_resumes_as_trl_and_keeps_its_displacement_watch(tokenizer, load, tmp_path):

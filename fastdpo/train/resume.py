@@ -224,17 +224,26 @@ def _resolved(trainer, resume: str | os.PathLike | bool | None):
 
 def refuse_model_only(checkpoint: str) -> None:
     """A ``ConfigError`` for a checkpoint saved with ``save_only_model=True``: transformers resumed from it with a new
-    optimizer and the learning-rate schedule from step 0, silently (the loss of step 5 of 6: 5.16 where 2.78)."""
+    optimizer and the learning-rate schedule from step 0, silently (the loss of step 5 of 6: 5.16 where 2.78); and
+    for one that lost its optimizer's or its schedule's file (the learning rate back at its peak, silently)."""
     from fastdpo.errors import ConfigError
 
     if not os.path.isdir(checkpoint):
         return
     names = os.listdir(checkpoint)  # (optimizer.pt, FSDP's optimizer_0, XLA's rank0-of-2-optimizer.pt, DeepSpeed's
-    if not any("optimizer" in name or name.startswith("global_step") for name in names):  # global_step<N>)
+    optimizer = any("optimizer" in name or name.startswith("global_step") for name in names)  # global_step<N>)
+    state = [name for name in ("scheduler.pt", "optimizer.pt") if name not in names]  # (a plain run's files)
+    if not optimizer and "scheduler.pt" not in names and not any(name.startswith("rng_state") for name in names):
         raise ConfigError(f"{checkpoint} holds the model only (save_only_model=True): no optimizer, learning-rate "
                           "schedule or random state to go on with", column="resume_from_checkpoint",
                           fix="start a new run from its weights (model_name_or_path: the checkpoint), or set "
                           "save_only_model=False for checkpoints to resume from")  # fmt: skip
+    if not optimizer or ("optimizer.pt" in names and state):  # (a file lost: transformers went on without it,
+        # silently, with a new optimizer or the schedule from step 0)
+        raise ConfigError(f"{checkpoint} lacks {' and '.join(state)}: the run would go on with a new "
+                          f"{'optimizer' if not optimizer else 'learning-rate schedule, from step 0'}",
+                          column="resume_from_checkpoint", fix="resume from another checkpoint (--resume PATH), or "
+                          "put the file back")  # fmt: skip
 
 
 def refuse_finished(trainer, checkpoint: str | None) -> None:
