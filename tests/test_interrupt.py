@@ -372,3 +372,31 @@ def test_the_interruption_is_exported_where_the_trainers_are():
 
     assert fastdpo.train.TrainingInterrupted is interrupt.TrainingInterrupted
     assert issubclass(fastdpo.train.TrainingInterrupted, KeyboardInterrupt)  # a bare `except Exception` lets it pass
+
+
+def test_a_stops_checkpoint_outlives_save_total_limit_1_beside_the_best(interactive_sigint, tmp_path):
+    # save_total_limit=1 with a best checkpoint: the Trainer's end of training deletes every checkpoint but the best,
+    # the stop's too, just saved ("no checkpoint of it was saved"; --resume went back to the best's step)
+    from test_train_resume import args
+    from transformers import TrainerCallback
+
+    from fastdpo.train import DPOConfig, DPOTrainer, TrainingInterrupted
+
+    class SignalAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    tokenizer = build_tiny_tokenizer()
+    # (the best: step 2's, its eval loss the highest, as greater_is_better asks)
+    config = args(tmp_path, "run", DPOConfig, beta=0.5, save_steps=2, eval_strategy="steps", eval_steps=2,
+                  save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                  greater_is_better=True, max_steps=12)  # fmt: skip
+    trainer = DPOTrainer(tiny_model(tokenizer, tmp_path / "model")(), args=config, train_dataset=pairs(24),
+                         eval_dataset=pairs(8, seed=5), processing_class=tokenizer, callbacks=[SignalAt()])  # fmt: skip
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.train()
+    assert stopped.value.checkpoint == str(tmp_path / "run" / "checkpoint-5") and complete(tmp_path / "run" /
+                                                                                           "checkpoint-5")  # fmt: skip
+    assert sorted(path.name for path in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-5"]
+    assert trainer.args.save_total_limit == 1  # (the user's again)

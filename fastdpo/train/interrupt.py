@@ -56,24 +56,33 @@ class StopOnSignal(TrainerCallback):
     def __init__(self) -> None:
         self.signum: int | None = None
         self.stopped_at: int | None = None
+        self.kept_limit = False  # save_total_limit raised from 1 to 2 for the stop (set back by the trainer)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._stop(state, control)
+        self._stop(args, state, control)
 
     def on_evaluate(self, args, state, control, **kwargs):
         # a signal during an evaluation: its step is saved right after it, not one step later
-        self._stop(state, control)
+        self._stop(args, state, control)
 
     def on_save(self, args, state, control, **kwargs):
         if self.signum is not None:  # a signal during a save: that checkpoint is the one to stop at
             control.should_training_stop = True
             self.stopped_at = state.global_step
+            self._keep(args)
 
-    def _stop(self, state, control) -> None:
+    def _stop(self, args, state, control) -> None:
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
+            self._keep(args)
+
+    def _keep(self, args) -> None:
+        # under save_total_limit=1 with a best checkpoint, the Trainer's end of training deletes every other one:
+        # the stop's too, just saved (and its rotation keeps the best and the newest at 2)
+        if args.save_total_limit == 1:
+            args.save_total_limit, self.kept_limit = 2, True
 
 
 @contextlib.contextmanager
@@ -147,7 +156,11 @@ class InterruptibleTrainer:
 
     def train(self, *args, **kwargs):
         with stop_on_signals(self) as callback:
-            output = super().train(*args, **kwargs)
+            try:
+                output = super().train(*args, **kwargs)
+            finally:
+                if callback.kept_limit:  # (raised for the stop: the user's again)
+                    self.args.save_total_limit = 1
         if callback.stopped_at is not None and self.state.global_step < self.state.max_steps:
             folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             saved = is_complete(folder)
