@@ -352,7 +352,7 @@ def test_unknown_loss_type_suggests_the_close_match(tmp_path):
     expect(ConfigError, lambda: config(tmp_path, loss_type=["sigmod"]), column="loss_type", fix="'sigmoid'")
 
 
-@pytest.mark.parametrize(("loss", "epsilon", "bound"), [("sigmoid", 1.5, "[0, 1)"), ("robust", 0.5, "[0, 0.5)")])
+@pytest.mark.parametrize(("loss", "epsilon", "bound"), [("exo_pair", 1.5, "[0, 1)"), ("robust", 0.5, "[0, 0.5)")])
 def test_epsilon_outside_its_range(loss, epsilon, bound, tmp_path):
     with pytest.raises(ConfigError) as info:
         config(tmp_path, loss_type=[loss], label_smoothing=epsilon)
