@@ -236,8 +236,9 @@ def _train(known: argparse.Namespace, flags: list[str]) -> int:
               f"resume with: {again}", file=sys.stderr)  # fmt: skip
         return 128 + stop.signum
     except KeyboardInterrupt:  # a second one (or one before training): stopped at once
-        print("fastdpo: stopped at once, with no checkpoint of the step under way; --resume goes on from the last "
-              "complete one", file=sys.stderr)  # fmt: skip
+        from fastdpo.cli_resume import stopped_at_once
+
+        print(stopped_at_once(getattr(known, "run_dir", None)), file=sys.stderr)
         return 130
     return 0
 
@@ -321,7 +322,7 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     check_scheduler(args)
     check_checkpointing(args)
     check_reporting(args)
-    out = Path(args.output_dir)
+    out = known.run_dir = Path(args.output_dir)  # (a stop before training names its checkpoints: _train)
     resolved = _resolved_config(run_args, args)  # as given (building the trainer may adjust args: a stream's)
     if read.dataset_test_split and not run_args.dataset_test_split:  # (TRL's default split, read: compare reads it)
         resolved["dataset_test_split"] = read.dataset_test_split
@@ -391,10 +392,12 @@ def _run_training(known: argparse.Namespace, run_args: RunArguments, args, evalu
     main = trainer.is_world_process_zero()
     for name, text in files.items() if main else ():
         atomic_write(out / name, text)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:  # (a stream's rows are counted as they are read: written when training stops, a stop by signal too)
+        if main:
+            atomic_write(out / "dropped_rows.json", json.dumps(numbering(trainer.dropped_rows), indent=1))
     trainer.save_model(str(out))
-    if main:
-        atomic_write(out / "dropped_rows.json", json.dumps(numbering(trainer.dropped_rows), indent=1))  # (a stream's)
     return trainer
 
 

@@ -341,3 +341,14 @@ def refuse_replacing_the_config(config: Path | None, out: Path) -> None:
                           "wrote it (its comments, its layout) would be lost", column="config",
                           fix=f"keep your config outside the run directory (e.g. copy it to {out.name}.yaml) and "
                               "pass that")  # fmt: skip
+
+
+def stopped_at_once(out: Path | None) -> str:
+    """The line for a run stopped at once (a second signal, or one before training began): the checkpoint
+    ``--resume`` goes on from, or that there is none (it said "--resume goes on from the last complete one" where
+    there was none, and ``--resume`` was refused). ``out``: the run's directory, None before the config was read."""
+    from fastdpo.train.resume import last_checkpoint
+
+    last = None if out is None else last_checkpoint(out)
+    then = f"--resume goes on from the last complete one ({last})" if last else "there is no checkpoint to resume"
+    return f"fastdpo: stopped at once, with no checkpoint of the step under way; {then}"

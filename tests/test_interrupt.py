@@ -400,3 +400,27 @@ def test_a_stops_checkpoint_outlives_save_total_limit_1_beside_the_best(interact
                                                                                            "checkpoint-5")  # fmt: skip
     assert sorted(path.name for path in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-5"]
     assert trainer.args.save_total_limit == 1  # (the user's again)
+
+
+def test_a_stopped_streams_dropped_rows_are_written_and_a_stop_before_training_names_no_checkpoint(workdir, tmp_path):
+    # a stream counts its dropped rows as it reads them: dropped_rows.json was written when training ended, so a
+    # stopped run left it empty ({"train": {}}) where stderr had named them; a stop before training began said
+    # "--resume goes on from the last complete one", and --resume then found none
+    from fastdpo.cli_resume import stopped_at_once
+
+    rows = [json.loads(line) for line in (workdir / "pairs.jsonl").read_text().splitlines()]
+    for row in (1, 5):  # a prompt that fills max_length (64 tokens): TRL's drop, counted
+        rows[row]["prompt"] = "sky " * 80
+    (workdir / "long.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = workdir / "dpo_stream_SIGINT"
+    process = start(workdir, "dpo", out, "--dataset_name", "long.jsonl", "--dataset_streaming", "true")
+    wait_until(lambda: len(train_steps(out)) >= 2, process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    dropped = json.loads((out / "dropped_rows.json").read_text())["train"]
+    assert sorted(row for rows in dropped.values() for row in rows) == [1, 5], dropped
+    saved = re.search(r"fastdpo: stopped by SIGINT after step \d+: saved (\S+);", (workdir / f"{out.name}.stderr")
+                      .read_text())  # fmt: skip
+    assert stopped_at_once(out).endswith(f"; --resume goes on from the last complete one ({saved[1]})")
+    assert stopped_at_once(tmp_path).endswith("; there is no checkpoint to resume")
+    assert stopped_at_once(None).endswith("; there is no checkpoint to resume")  # (before the config was read)
