@@ -61,7 +61,7 @@ import torch
 from bench.data_cpu import WORDS
 from bench.dpo_cpu import PRECOMPUTED, engine_trainer, record_lengths
 from bench.flops import ModelShape, StepFlops, dpo_step_flops
-from bench.machine import RESULTS, folder_name
+from bench.machine import RESULTS, folder_name, run_record
 from bench.plots import bar_panels
 from fastdpo.atomic import atomic_write
 from fastdpo.profiling import run_measured
@@ -374,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     shape = ModelShape.from_config(LlamaConfig(**MODELS[args.model]))
     meta = {"device": device, "versions": _versions(), "model": args.model, "batch": args.batch, "steps": args.steps,
-            "pairs": args.pairs, "dtype": "bf16" if args.device == "cuda" else "fp32"}  # fmt: skip
+            "pairs": args.pairs, "dtype": "bf16" if args.device == "cuda" else "fp32",
+            **run_record("bench.dpo_gpu")}  # fmt: skip
     gemm = None
     if args.device == "cuda" and not args.profile:
         gemm = _run([sys.executable, "-m", "bench.dpo_gpu", "--worker", "gemm"], args.timeout)

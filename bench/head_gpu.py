@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import RESULTS, folder_name, versions
+from bench.machine import RESULTS, folder_name, run_record, versions
 from bench.plots import bar_panels, timing_panel
 from fastdpo.atomic import atomic_open, atomic_write
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or RESULTS / folder_name(device["name"])
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "versions": _versions(), "dtype": args.dtype, "logit_std": args.logit_std,
-            "repeats": args.repeats}  # fmt: skip
+            "repeats": args.repeats, **run_record("bench.head_gpu")}  # fmt: skip
     results = []
     for n, h, v in itertools.product(args.tokens, args.hidden, args.vocab):
         results += run_shape(n, h, v, args)

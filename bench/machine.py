@@ -73,3 +73,12 @@ def pin(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def run_record(module: str) -> dict:
+    """The date and the command of a run, for a json whose other fields are its own (the GPU benchmarks' recorded
+    neither: their runs' dates and arguments were known from the notes alone)."""
+    import shlex
+    import sys
+
+    return {"date": time.strftime("%Y-%m-%d"), "command": shlex.join(["python", "-m", module, *sys.argv[1:]])}

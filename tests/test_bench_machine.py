@@ -67,3 +67,18 @@ def test_pin_narrows_the_process_and_its_workers_to_the_first_cpus():
               "print(len(os.sched_getaffinity(0)), torch.get_num_threads(), child)")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["1", "1", "1"]
+
+
+def test_the_gpu_benchmarks_record_their_date_and_command(monkeypatch):
+    # head_gpu and dpo_gpu recorded neither: a run's date and arguments (9 of 15 variants, --repeats 3) were known
+    # from the session notes alone
+    import inspect
+
+    from bench import dpo_gpu, head_gpu
+
+    monkeypatch.setattr(sys, "argv", ["head_gpu.py", "--tokens", "8192", "--variants", "gemms_4", "a b"])
+    record = machine.run_record("bench.head_gpu")
+    assert record == {"date": time.strftime("%Y-%m-%d"),
+                      "command": "python -m bench.head_gpu --tokens 8192 --variants gemms_4 'a b'"}  # fmt: skip
+    for module in (head_gpu, dpo_gpu):  # (their metas, built where a GPU runs them)
+        assert f'run_record("{module.__name__}")' in inspect.getsource(module.main)
