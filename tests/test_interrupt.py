@@ -211,6 +211,21 @@ def test_a_sigterm_to_the_process_group_leaves_the_data_loader_workers_to_their_
     assert_unfinished(out)
 
 
+def test_a_run_with_persistent_data_loader_workers_ends(workdir):
+    # a first version of the workers' SIGTERM fix applied to persistent workers too: they outlive train(), and
+    # Python's exit stops them with a SIGTERM it then waits on: the run trained, saved, and never ended
+    out = workdir / "dpo_persistent"
+    process = start(workdir, "dpo", out, "--max_steps", "4", "--dataloader_num_workers", "1",
+                    "--dataloader_persistent_workers", "true")  # fmt: skip
+    try:
+        assert process.wait(timeout=180) == 0
+    finally:
+        if process.poll() is None:  # (hung: its workers first, while they are still its children)
+            subprocess.run(["pkill", "-KILL", "-P", str(process.pid)], check=False)
+            process.kill()
+    assert (out / "model.safetensors").is_file()
+
+
 def test_resume_refuses_other_settings_and_a_directory_without_checkpoints(workdir, straight, capsys):
     out = straight("dpo")
     recorded = (out / "config.yaml").read_text()
@@ -374,9 +389,11 @@ def test_the_interruption_is_exported_where_the_trainers_are():
     assert issubclass(fastdpo.train.TrainingInterrupted, KeyboardInterrupt)  # a bare `except Exception` lets it pass
 
 
-def test_a_stops_checkpoint_outlives_save_total_limit_1_beside_the_best(interactive_sigint, tmp_path):
+@pytest.mark.parametrize("best", [True, False])
+def test_a_stops_checkpoint_outlives_save_total_limit_1_beside_the_best(interactive_sigint, tmp_path, best):
     # save_total_limit=1 with a best checkpoint: the Trainer's end of training deletes every checkpoint but the best,
-    # the stop's too, just saved ("no checkpoint of it was saved"; --resume went back to the best's step)
+    # the stop's too, just saved ("no checkpoint of it was saved"; --resume went back to the best's step). Without a
+    # best, one checkpoint is kept, as the user asked (a first fix kept the one before the stop's too)
     from test_train_resume import args
     from transformers import TrainerCallback
 
@@ -389,16 +406,17 @@ def test_a_stops_checkpoint_outlives_save_total_limit_1_beside_the_best(interact
 
     tokenizer = build_tiny_tokenizer()
     # (the best: step 2's, its eval loss the highest, as greater_is_better asks)
-    config = args(tmp_path, "run", DPOConfig, beta=0.5, save_steps=2, eval_strategy="steps", eval_steps=2,
-                  save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",
-                  greater_is_better=True, max_steps=12)  # fmt: skip
+    ranked = {"eval_strategy": "steps", "eval_steps": 2, "load_best_model_at_end": True,
+              "metric_for_best_model": "eval_loss", "greater_is_better": True} if best else {}  # fmt: skip
+    config = args(tmp_path, "run", DPOConfig, beta=0.5, save_steps=2, save_total_limit=1, max_steps=12, **ranked)
     trainer = DPOTrainer(tiny_model(tokenizer, tmp_path / "model")(), args=config, train_dataset=pairs(24),
                          eval_dataset=pairs(8, seed=5), processing_class=tokenizer, callbacks=[SignalAt()])  # fmt: skip
     with pytest.raises(TrainingInterrupted) as stopped:
         trainer.train()
     assert stopped.value.checkpoint == str(tmp_path / "run" / "checkpoint-5") and complete(tmp_path / "run" /
                                                                                            "checkpoint-5")  # fmt: skip
-    assert sorted(path.name for path in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-5"]
+    kept = ["checkpoint-2", "checkpoint-5"] if best else ["checkpoint-5"]
+    assert sorted(path.name for path in (tmp_path / "run").glob("checkpoint-*")) == kept
     assert trainer.args.save_total_limit == 1  # (the user's again)
 
 

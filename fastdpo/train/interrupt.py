@@ -69,19 +69,20 @@ class StopOnSignal(TrainerCallback):
         if self.signum is not None:  # a signal during a save: that checkpoint is the one to stop at
             control.should_training_stop = True
             self.stopped_at = state.global_step
-            self._keep(args)
+            self._keep(args, state)
 
     def _stop(self, args, state, control) -> None:
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
-            self._keep(args)
+            self._keep(args, state)
 
-    def _keep(self, args) -> None:
+    def _keep(self, args, state) -> None:
         # under save_total_limit=1 with a best checkpoint, the Trainer's end of training deletes every other one:
-        # the stop's too, just saved (and its rotation keeps the best and the newest at 2)
-        if args.save_total_limit == 1:
+        # the stop's too, just saved (and its rotation keeps the best and the newest at 2). A best set by the stop's
+        # own save is the stop's checkpoint: kept anyway
+        if args.save_total_limit == 1 and state.best_model_checkpoint is not None:
             args.save_total_limit, self.kept_limit = 2, True
 
 
@@ -111,7 +112,7 @@ def stop_on_signals(trainer):
     try:
         for signum in previous:
             signal.signal(signum, receive)
-        with _workers_leave_sigterm():
+        with _workers_leave_sigterm(trainer.args):
             yield callback
     finally:
         for signum, handler in previous.items():
@@ -120,16 +121,17 @@ def stop_on_signals(trainer):
 
 
 @contextlib.contextmanager
-def _workers_leave_sigterm():
-    """Within: the data-loader workers started here ignore SIGTERM, which their process stops them from after its
-    checkpoint. A SIGTERM sent to the whole process group (a job scheduler's, ``kill -TERM -PGID``) killed torch's
+def _workers_leave_sigterm(args):
+    """Within: the data-loader workers started here ignore SIGTERM (their run stops them itself, after its
+    checkpoint). A SIGTERM sent to the whole process group (a job scheduler's, ``kill -TERM -PGID``) killed torch's
     workers, whose handler dies of it, and their death raised "DataLoader worker ... is killed by signal:
     Terminated" in the main process wherever it was: often no checkpoint. Workers call the hook patched here at their
-    start (a forked worker sees the patch; a spawned one does not, and dies as before)."""
+    start (a forked worker sees the patch; a spawned one does not, and dies as before). Not for persistent workers:
+    they outlive ``train``, and Python's exit stops them with a SIGTERM it then waits on (the process never ended)."""
     from torch.utils.data._utils import signal_handling
 
     original = getattr(signal_handling, "_set_worker_signal_handlers", None)
-    if original is None:  # (another torch: as before)
+    if original is None or getattr(args, "dataloader_persistent_workers", False):  # (as before)
         yield
         return
 
