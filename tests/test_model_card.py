@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 from huggingface_hub import ModelCard
 from test_train_resume import args, load, pairs, prompt_completions, tokenizer  # noqa: F401
 
@@ -19,8 +20,10 @@ def card(trainer) -> ModelCard:
 
 
 def test_dpo_card_after_training(load, tokenizer, tmp_path):  # noqa: F811
-    config = args(tmp_path, "dpo", DPOConfig, max_steps=4, save_steps=2, eval_strategy="steps", eval_steps=2,
-                  loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], beta=0.25)  # fmt: skip
+    with pytest.warns(UserWarning, match="label_smoothing=0.2 is not used by loss_type"):
+        config = args(tmp_path, "dpo", DPOConfig, max_steps=4, save_steps=2, eval_strategy="steps", eval_steps=2,
+                      loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], beta=0.25,
+                      label_smoothing=0.2)  # fmt: skip
     trainer = DPOTrainer(load(), args=config, train_dataset=pairs(16), eval_dataset=pairs(6, seed=1),
                          processing_class=tokenizer)  # fmt: skip
     trainer.train()
@@ -32,6 +35,7 @@ def test_dpo_card_after_training(load, tokenizer, tmp_path):  # noqa: F811
     assert written.data.base_model is None and written.data.datasets is None  # (a local model and local rows)
     text = written.text
     assert "| loss | sigmoid, sft (weights 1, 0.5), beta 0.25 |" in text
+    assert "label smoothing" not in text  # (neither type reads it: the card said "label smoothing 0.2")
     assert "| trained | 4 of 4 steps," in text and "= 4 pairs per step |" in text
     assert "rafailov2023direct" in text and f'Model.from_pretrained("{tmp_path / "dpo"}")' in text
     # the last logged train and eval values, as the trainer logged them

@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from fastdpo.ops.losses import SMOOTHED
+
 logger = logging.getLogger("fastdpo")
 
 MARK = "<!-- written by fastdpo; it replaces a README.md that has this line, and no other -->"
@@ -146,7 +148,7 @@ def _settings(trainer, method: str) -> list[tuple[str, str]]:
         losses = ", ".join(args.loss_type)
         weights = f" (weights {', '.join(f'{w:g}' for w in args.loss_weights)})" if args.loss_weights else ""
         rows += [("loss", f"{losses}{weights}, beta {args.beta:g}"), ("reference", _REFERENCES[trainer.reference_mode])]
-        if args.label_smoothing:
+        if args.label_smoothing and SMOOTHED.intersection(args.loss_type):  # (another type ignores it: not said)
             rows.append(("label smoothing", f"{args.label_smoothing:g}"))
     else:
         only = "completion tokens" if getattr(trainer, "completion_only_loss", False) else "every token"
