@@ -141,17 +141,9 @@ def _run_data(known: argparse.Namespace) -> int:
         report = check_preferences(checked, tokenizer, max_length=known.max_length,
                                    truncation_mode=known.truncation_mode)  # fmt: skip
         rows = report.dropped_rows(_where_view(checked, mapped), reasons, where=known.where)
-        gone = {row for removed in rows.values() for row in removed}
-        kept_rows = [row for row in range(len(dataset)) if row not in gone]
-        kept = _as_written(known, known.out, text, mapped).select(kept_rows)
-        dropped = {reason: len(removed) for reason, removed in rows.items()}
-        if not kept_rows:  # (a file of no rows, which nothing then reads)
-            raise DataError(f"none of the {len(dataset)} rows is kept (dropped: {dropped}): nothing was written",
-                            fix="drop fewer reasons (--drop), or loosen --where")  # fmt: skip
-        _write(kept, known.out, known, {"input": known.data, "rows": len(dataset), "kept": len(kept),
-                                        "dropped": dropped, "dropped_rows": rows})  # fmt: skip
-        print(f"kept {len(kept)} of {len(dataset)} rows; dropped {dropped} (see {_dropped_path(known.out)})")
-        return 0
+        return _write_kept(known, dataset, text, mapped, rows, "rows", lambda dropped: DataError(
+            f"none of the {len(dataset)} rows is kept (dropped: {dropped}): nothing was written",
+            fix="drop fewer reasons (--drop), or loosen --where"))  # fmt: skip
     if known.action == "pairs":
         options = {k: getattr(known, k) for k in ("prompt", "completions", "scores", "response_key", "score_key")}
         try:
@@ -208,16 +200,26 @@ def _filter_sft(known: argparse.Namespace, dataset, text: tuple[str, ...]) -> in
         )
     mapped = _mapped(dataset, known.columns) if known.columns else dataset  # (under fastdpo's column names)
     keep = where_mask(mapped, mapped.column_names, known.where, list(range(len(mapped))))
-    kept_rows = [row for row, kept in enumerate(keep) if kept]
-    gone = [row for row, kept in enumerate(keep) if not kept]
+    gone = {"where": [row for row, kept in enumerate(keep) if not kept]}
+    return _write_kept(known, dataset, text, mapped, gone, "SFT rows", lambda _: DataError(
+        f"none of the {len(dataset)} rows holds where {known.where!r}: nothing was written", column="--where",
+        fix="check the column's values in the file"))  # fmt: skip
+
+
+def _write_kept(known: argparse.Namespace, dataset, text: tuple[str, ...], mapped, rows: dict[str, list[int]],
+                noun: str, none_kept) -> int:  # fmt: skip
+    """``data filter``'s output: the rows of ``dataset`` in none of ``rows`` (reason → its rows), as the input has
+    them (``mapped``: under fastdpo's names), with the summary beside them; ``none_kept(dropped)``, the error where
+    no row is left (a file of no rows, which nothing then reads)."""
+    gone = {row for removed in rows.values() for row in removed}
+    kept_rows = [row for row in range(len(dataset)) if row not in gone]
+    dropped = {reason: len(removed) for reason, removed in rows.items()}
     if not kept_rows:
-        raise DataError(f"none of the {len(dataset)} rows holds where {known.where!r}: nothing was written",
-                        column="--where", fix="check the column's values in the file")  # fmt: skip
+        raise none_kept(dropped)
     _write(_as_written(known, known.out, text, mapped).select(kept_rows), known.out, known,
-           {"input": known.data, "rows": len(dataset), "kept": len(kept_rows), "dropped": {"where": len(gone)},
-            "dropped_rows": {"where": gone}})  # fmt: skip
-    print(f"kept {len(kept_rows)} of {len(dataset)} SFT rows; dropped {{'where': {len(gone)}}} (see "
-          f"{_dropped_path(known.out)})")  # fmt: skip
+           {"input": known.data, "rows": len(dataset), "kept": len(kept_rows), "dropped": dropped,
+            "dropped_rows": rows})  # fmt: skip
+    print(f"kept {len(kept_rows)} of {len(dataset)} {noun}; dropped {dropped} (see {_dropped_path(known.out)})")
     return 0
 
 
