@@ -201,7 +201,7 @@ def _filter_sft(known: argparse.Namespace, dataset, text: tuple[str, ...]) -> in
     mapped = _mapped(dataset, known.columns) if known.columns else dataset  # (under fastdpo's column names)
     keep = where_mask(mapped, mapped.column_names, known.where, list(range(len(mapped))))
     gone = {"where": [row for row, kept in enumerate(keep) if not kept]}
-    return _write_kept(known, dataset, text, mapped, gone, "SFT rows", lambda _: DataError(
+    return _write_kept(known, dataset, text, mapped, gone, "SFT rows", lambda _: ConfigError(
         f"none of the {len(dataset)} rows holds where {known.where!r}: nothing was written", column="--where",
         fix="check the column's values in the file"))  # fmt: skip
 

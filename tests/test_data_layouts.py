@@ -181,6 +181,10 @@ def test_kto_rows_given_to_sft_are_warned_of_and_can_be_kept_or_paired(tmp_path,
             assert cli.main(["data", "filter", "kto.jsonl", "x.jsonl", *where, *extra]) == 2
             assert f"option '{flag}': " in capsys.readouterr().err
         assert not (tmp_path / "x.jsonl").exists()
+        assert cli.main(["data", "filter", "kto.jsonl", "x.jsonl", "--where", "label == 7"]) == 2  # (no row holds it)
+        said = capsys.readouterr().err
+        assert "fastdpo: error: option '--where': none of the 5 rows holds where 'label == 7'" in said, said
+        assert not (tmp_path / "x.jsonl").exists()
     pairs = build_pairs(KTO, completions="completion", scores="label", group_by_prompt=True,
                         strategy="all_above_margin")  # fmt: skip
     assert [(p["chosen"], p["rejected"], p["chosen_row"], p["rejected_row"]) for p in pairs.dataset] == [
