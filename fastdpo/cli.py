@@ -79,6 +79,7 @@ from fastdpo.cli_values import (
     _other_command,
     _scalar_problem,
     _unique_keys_loader,
+    settle_data_filter,
 )
 from fastdpo.data.hub_config import hub_config
 from fastdpo.errors import ConfigError, DataError, offline_hint
@@ -511,8 +512,7 @@ def _resolve(config_cls, values: dict, flags: list[str]):
     if run_args.dataset_columns is not None and not isinstance(run_args.dataset_columns, dict):
         raise ConfigError("must map fastdpo's column names to the data's", column="dataset_columns",
                           fix='e.g. {"prompt": "question"}')  # fmt: skip
-    if run_args.data_filter not in ("drop", "none"):
-        raise ConfigError(f"must be 'drop' or 'none', got {run_args.data_filter!r}", column="data_filter")
+    settle_data_filter(run_args, args, values, flags)
     for name in ("model_name_or_path", "ref_model_name_or_path", "dataset_name"):  # ~ as output_dir takes it
         path = getattr(run_args, name)
         if isinstance(path, str) and path.startswith("~"):

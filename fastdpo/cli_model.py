@@ -231,7 +231,8 @@ def run_quantization(keys: dict, path: Path):
 def streamed_splits(command: str, run_args, text_field: str | None = None) -> tuple:
     """(train, eval or None) as streams (``dataset_streaming``), their columns renamed as ``dataset_columns`` says,
     lazily (a CSV file's text columns, SFT's ``text_field`` too, read as text). The quality report and its filter
-    need every row: skipped, with a warning when ``data_filter`` asks."""
+    need every row: skipped, with a warning when ``data_filter`` asks (its ``drop`` drops a stream's refused rows as
+    they are read: the config's ``stream_bad_rows``, set by the command line's parsing)."""
     from fastdpo.data import load_stream
     from fastdpo.data.formats import KNOWN_TARGETS
     from fastdpo.data.load import text_columns
@@ -255,7 +256,8 @@ def streamed_splits(command: str, run_args, text_field: str | None = None) -> tu
 
     if command == "dpo" and run_args.data_filter == "drop":
         logger.warning("dataset_streaming: the quality report and its filter (data_filter) need every row and are "
-                       "skipped; run 'fastdpo data check' on a sample of the data instead")  # fmt: skip
+                       "skipped (the rows preparation refuses are dropped as they are read, counted in "
+                       "dropped_rows.json); run 'fastdpo data check' on a sample of the data for the rest")  # fmt: skip
     with no_assumed_split(run_args):
         evaluation = stream(run_args.dataset_test_split) if run_args.dataset_test_split is not None else None
     return stream(run_args.dataset_train_split), evaluation

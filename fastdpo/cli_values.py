@@ -83,7 +83,7 @@ _ALIASES = (("gradient_checkpointing", "activation_checkpointing"),
 def _aliases_settled(values: dict, flags: list[str]) -> dict:
     """``values`` where a deprecated name given as a flag wins over the YAML's new name (flags win); a ``ConfigError``
     where the YAML sets both names to different values."""
-    given = {flag[2:].split("=")[0].replace("-", "_") for flag in flags if flag.startswith("--")}
+    given = _flag_names(flags)
     values = dict(values)
     for old, new in _ALIASES:
         if old in given and new not in given:
@@ -93,6 +93,21 @@ def _aliases_settled(values: dict, flags: list[str]) -> dict:
             raise ConfigError(f"sets {old} {values[old]!r} and {new} {values[new]!r}: the first is the deprecated "
                               "name of the second", column=old, fix=f"keep {new} only")  # fmt: skip
     return values
+
+
+def _flag_names(flags: list[str]) -> set[str]:
+    """The fields ``flags`` set (``--max-length=8``: ``max_length``)."""
+    return {flag[2:].split("=")[0].replace("-", "_") for flag in flags if flag.startswith("--")}
+
+
+def settle_data_filter(run_args, args, values: dict, flags: list[str]) -> None:
+    """``data_filter`` checked; on a stream (``dataset_streaming``) it decides, unless the run sets
+    ``stream_bad_rows`` itself, whether a row preparation refuses is dropped as it is read (``drop``) or stops the
+    run (``none``)."""
+    if run_args.data_filter not in ("drop", "none"):
+        raise ConfigError(f"must be 'drop' or 'none', got {run_args.data_filter!r}", column="data_filter")
+    if run_args.dataset_streaming and "stream_bad_rows" not in {*values, *_flag_names(flags)}:
+        args.stream_bad_rows = "drop" if run_args.data_filter == "drop" else "raise"
 
 
 def _scalar_problem(hint: str, value) -> str | None:

@@ -210,15 +210,23 @@ def test_streamed_runs(workdir, monkeypatch):
     # dataset_streaming (TRL's key): the file read as training goes, its columns renamed, a split to evaluate on
     config = yaml.safe_load((workdir / "dpo.yaml").read_text())
     del config["eval_fraction"]
-    config.update(dataset_streaming=True, dataset_test_split="train", output_dir="dpo_stream", max_steps=2)
+    # a row preparation refuses (an empty answer) is dropped as it is read under data_filter: drop (the default), as
+    # from a map-style dataset (it stopped the run mid-training), and counted by its row in the stream
+    rows = [json.loads(line) for line in (workdir / "pairs.jsonl").read_text().splitlines()]
+    rows[7]["chosen"] = " "
+    (workdir / "pairs_stream.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config.update(dataset_streaming=True, dataset_test_split="train", output_dir="dpo_stream", max_steps=2,
+                  dataset_name="pairs_stream.jsonl")  # fmt: skip
     (workdir / "dpo_stream.yaml").write_text(yaml.safe_dump(config))
     done = fastdpo("dpo", "--config", "dpo_stream.yaml", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "the quality report and its filter (data_filter) need every row and are skipped" in done.stderr
+    assert "train stream: row 7 dropped (empty: column 'chosen': is empty" in done.stderr
     logs = [json.loads(line) for line in (workdir / "dpo_stream" / "metrics.jsonl").read_text().splitlines()]
     assert [log["step"] for log in logs if "loss" in log] == [1, 2]
     assert any("eval_loss" in log for log in logs)
-    assert json.loads((workdir / "dpo_stream" / "dropped_rows.json").read_text()) == {"train": {}, "eval": {}}
+    dropped = json.loads((workdir / "dpo_stream" / "dropped_rows.json").read_text())
+    assert dropped["train"] == {"empty": [7]} and set(dropped["eval"]["empty"]) == {7}, dropped  # (each pass counts)
     assert not (workdir / "dpo_stream" / "data_quality.json").exists()  # no report was made: none is written
     # config.yaml records the settings as given, not as the trainer adjusted them for a stream (dispatch_batches):
     # --resume compares them with the same config's and goes on (it was refused)
@@ -228,6 +236,10 @@ def test_streamed_runs(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     run_args, args = load_config(argparse.Namespace(command="dpo", config=Path("dpo_stream.yaml")), [])
     refuse_changed_config(Path("dpo_stream/config.yaml"), _resolved_config(run_args, args), overwrite=False)
+    assert args.stream_bad_rows == "drop"  # (data_filter's; the run's own setting wins, as does data_filter: none)
+    for flags, expected in ((["--data_filter", "none"], "raise"), (["--stream_bad_rows", "raise"], "raise")):
+        run_args, args = load_config(argparse.Namespace(command="dpo", config=Path("dpo_stream.yaml")), flags)
+        assert args.stream_bad_rows == expected, flags
     # (SFT streams: the same streamed_splits, with SFT's column names; SFTTrainer's streams in test_train_stream.py)
 
 

@@ -8,7 +8,9 @@ length and is read, not held: ``prepare_stream`` chains lazy maps onto it that g
   ``prepare_preferences``); the tokenizer is checked against it;
 - each row is checked when it is read, with the map-style checks: the first bad value raises one ``DataError``
   naming its row, counted from 0 over the stream as the trainer reads it (after any ``shuffle``; per DataLoader
-  worker when there are several);
+  worker when there are several); with ``bad_rows="drop"`` a row refused for a reason the quality check drops
+  (``empty``, ``not_text``, ``bad_message``, ...: what ``data_filter: drop`` drops of a map-style dataset) is
+  dropped and counted under that reason instead, and a refused SFT row under ``refused_<column>``;
 - rows TRL drops (the prompt alone fills ``max_length`` under ``keep_start``) are dropped, and rows whose roles
   are out of order, string rows holding message lists written as text or whose chosen and rejected both repeat
   the prompt are trained on as they are (TRL's behaviour); each kind is logged at the first such row and
@@ -25,6 +27,7 @@ batches and balancing ranks by tokens (the trainer refuses or skips them, and sa
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -77,6 +80,9 @@ logger = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 STREAM_BATCH = 64  # rows tokenized together
+BAD_ROWS = ("raise", "drop")  # a row preparation refuses: one DataError, or dropped and counted
+_ROW, _DROPPED = "_row", "_dropped"  # (the normalizing map's: each row's number in the stream; refused and dropped)
+DROP_HINT = "or drop such rows as they are read: bad_rows='drop' (the trainers' stream_bad_rows, data_filter: drop)"
 
 
 @dataclass
@@ -145,6 +151,7 @@ def prepare_stream(
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
     name: str = "train",
+    bad_rows: str = "raise",
 ) -> PreparedStream:
     """The stream with ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` on every row it keeps (see the module
     docstring); nothing is read but its first row until the result is iterated."""
@@ -153,6 +160,8 @@ def prepare_stream(
                         fix="use prepare_preferences and tokenize_preferences for a map-style dataset")  # fmt: skip
     if format not in FORMATS:
         raise unknown_choice("format", format, FORMATS)
+    if bad_rows not in BAD_ROWS:
+        raise unknown_choice("bad_rows", bad_rows, BAD_ROWS)
     check_template("system_template", system_template, ("system", "prompt"))
     check_template("input_template", input_template, ("prompt", "input"))
     check_lengths(truncation_mode, max_length, max_prompt_length, max_completion_length)
@@ -162,8 +171,13 @@ def prepare_stream(
     for needed in ("chosen", "rejected"):
         if needed not in present:
             raise missing_answer(needed, present)
-    first_chosen = first.get((columns or {}).get("chosen", "chosen"))
+    chosen = (columns or {}).get("chosen", "chosen")
+    first_chosen = first.get(chosen)
     kind = format if format != "auto" else value_format(first_chosen)
+    if kind is None and bad_rows == "drop":  # (a first row to be dropped: the first of 100 with a format read)
+        first_chosen = next((row.get(chosen) for row in itertools.islice(dataset, 100) if value_format(
+            row.get(chosen))), first_chosen)  # fmt: skip
+        kind = value_format(first_chosen)
     if kind is None:
         fix = "fix the value, or run fastdpo.data.check_preferences on a sample to list such rows"
         got = type(first_chosen).__name__
@@ -173,28 +187,60 @@ def prepare_stream(
     prepared = PreparedStream(dataset, name=name)
     normalize = {"renames": renames, "kind": kind, "has_prompt": "prompt" in present,
                  "system_template": system_template, "input_template": input_template,
-                 "prepared": prepared}  # fmt: skip
+                 "prepared": prepared, "drop": bad_rows == "drop"}  # fmt: skip
     tokenize = {"kind": kind, "tokenizer": tokenizer, "max_length": max_length, "truncation_mode": truncation_mode,
-                "clip": (max_prompt_length, max_completion_length), "prepared": prepared}  # fmt: skip
+                "clip": (max_prompt_length, max_completion_length), "prepared": prepared,
+                "drop": bad_rows == "drop"}  # fmt: skip
     # row by row first: a batched map over an interleaved stream whose sources differ in columns fails in datasets
     # (it joins their Arrow tables), and a row-wise map hands the batched one plain rows. Then small batches: the
-    # first pairs reach training after 64 rows are tokenized, not 1000 (the default)
+    # first pairs reach training after 64 rows are tokenized, not 1000 (the default). The rows dropped as refused
+    # leave between the two maps; the second numbers the rest by the first's count (_ROW)
     normalized = dataset.map(_normalized_row, with_indices=True, fn_kwargs=normalize, remove_columns=list(renames))
-    mapped = normalized.map(_tokenized_batch, batched=True, batch_size=STREAM_BATCH, with_indices=True,
-                            fn_kwargs=tokenize)  # fmt: skip
-    prepared.dataset = mapped.filter(lambda keep: keep, input_columns="_keep").remove_columns("_keep")
+    normalized = normalized.filter(lambda dropped: not dropped, input_columns=_DROPPED)
+    mapped = normalized.map(_tokenized_batch, batched=True, batch_size=STREAM_BATCH, fn_kwargs=tokenize)
+    kept = mapped.filter(lambda keep: keep, input_columns="_keep")
+    prepared.dataset = kept.remove_columns(["_keep", _ROW, _DROPPED])
     return prepared
 
 
 def _normalized_row(row: dict, index: int, *, renames, kind, has_prompt, system_template, input_template,
-                    prepared: PreparedStream) -> dict:  # fmt: skip
+                    prepared: PreparedStream, drop: bool) -> dict:  # fmt: skip
     """One stream row renamed, checked and normalized (``index``: its row in the stream): what ``prepare_preferences``
-    gives it (the system and input columns joined into the prompt stay in the row, unread)."""
+    gives it (the system and input columns joined into the prompt stay in the row, unread); a refused row, under
+    ``drop``, marked dropped (``_DROPPED``) and counted."""
     row = {**{k: v for k, v in row.items() if k not in renames}, **renamed_row(row, renames=renames)}
     try:
         check_row(row, index, kind)
-    except DataError as error:  # a shuffled stream's row number alone does not find the row: its prompt does
-        raise _located(error, row, prepared.name) from None
+        out = _normalized(row, index, kind=kind, has_prompt=has_prompt, system_template=system_template,
+                          input_template=input_template, prepared=prepared)  # fmt: skip
+    except DataError as error:
+        reason = _drop_reason(row, kind, error) if drop else None
+        if reason is None:  # a shuffled stream's row number alone does not find the row: its prompt does
+            raise _located(error, row, prepared.name, hint=error.row is not None) from None
+        prepared.note("dropped", reason, index, f"column {error.column!r}: {error.message}")
+        return {**row, _ROW: index, _DROPPED: True}
+    return {**out, _ROW: index, _DROPPED: False}
+
+
+def _drop_reason(row: dict, kind: str, error: DataError, tokenizer=None) -> str | None:
+    """The reason the quality check drops a row preparation refused (``error``) for: its first, as ``data_filter:
+    drop`` counts it (``tokenizer``: its chat template checked too); ``mixed_format`` for an answer of the other
+    format than the stream's (the check of one row alone sees none); None where the check would keep the row (its
+    error stands)."""
+    from fastdpo.data.quality import check_preferences
+
+    if error.row is None:  # (the whole stream's problem, not this row's)
+        return None
+    reasons = check_preferences([row], tokenizer).dropped_rows([row])
+    if reasons:
+        return next(iter(reasons))
+    value = row.get(error.column) if error.column in ("prompt", "chosen", "rejected") else None
+    return "mixed_format" if value_format(value) not in (None, kind) else None
+
+
+def _normalized(row: dict, index: int, *, kind, has_prompt, system_template, input_template,
+                prepared: PreparedStream) -> dict:  # fmt: skip
+    """``row`` (checked) normalized, the rows trained on as they are counted."""
     if kind == "standard":  # (counted, trained on as they are: as prepare_preferences warns of such rows)
         if any(written_messages(row.get(name)) for name in ("prompt", "chosen", "rejected")):
             prepared.note("flagged", "messages_written_as_text", index, WRITTEN_MESSAGES_WHY)
@@ -205,10 +251,7 @@ def _normalized_row(row: dict, index: int, *, renames, kind, has_prompt, system_
     fields.pop("prompt_split_mid_word", None)
     out = {**row, **fields}
     if kind == "conversational":
-        try:
-            fits = [conversation_fits(out[c], index, c) for c in ("prompt", "chosen", "rejected")]
-        except DataError as error:
-            raise _located(error, row, prepared.name) from None
+        fits = [conversation_fits(out[c], index, c) for c in ("prompt", "chosen", "rejected")]
         if not all(fits):
             prepared.note("flagged", "roles_out_of_order", index,
                           "a prompt not ending with a user or tool turn, or a completion not starting with the "
@@ -216,12 +259,23 @@ def _normalized_row(row: dict, index: int, *, renames, kind, has_prompt, system_
     return out
 
 
-def _tokenized_batch(batch: dict, indices: list[int], *, kind, tokenizer, max_length, truncation_mode, clip,
-                     prepared: PreparedStream) -> dict:  # fmt: skip
-    """Tokenize one batch of normalized stream rows; mark the rows TRL drops (``_keep``)."""
+def _tokenized_batch(batch: dict, *, kind, tokenizer, max_length, truncation_mode, clip, prepared: PreparedStream,
+                     drop: bool) -> dict:  # fmt: skip
+    """Tokenize one batch of normalized stream rows (numbered in ``_ROW``); mark the rows TRL drops (``_keep``), and
+    under ``drop`` those the chat template refuses."""
+    indices, refused = batch[_ROW], set()
     eos = tokenizer.eos_token if kind == "standard" else None
-    tokens = tokenize_preference_batch(batch, indices, tokenizer, eos, "")
+    try:
+        tokens = tokenize_preference_batch(batch, indices, tokenizer, eos, "")
+    except DataError as error:
+        if error.row is None:
+            raise
+        if not drop:
+            raise error.but(fix=f"{error.fix}; {DROP_HINT}") from None
+        tokens, refused = _tokens_row_by_row(batch, indices, kind, tokenizer, eos, prepared)
     for same, cut, index in zip(tokens.pop(SAME), tokens.pop(PROMPT_CUT), indices, strict=True):
+        if index in refused:
+            continue
         _note_prompt_cut(cut, index, tokenizer, prepared)
         if same:  # (counted, trained on as it is: as tokenize_preferences warns of such rows)
             prepared.note("flagged", "identical_tokens", index, "chosen and rejected of the same tokens: no "
@@ -231,9 +285,30 @@ def _tokenized_batch(batch: dict, indices: list[int], *, kind, tokenizer, max_le
             example = {name: tokens[name][i] for name in TOKEN_COLUMNS}
             for name, value in clip_lengths(example, max_prompt=clip[0], max_completion=clip[1], version="").items():
                 tokens[name][i] = value
-    tokens["_keep"] = [_kept(len(prompt_ids), index, max_length, truncation_mode, prepared)
+    tokens["_keep"] = [index not in refused and _kept(len(prompt_ids), index, max_length, truncation_mode, prepared)
                        for prompt_ids, index in zip(tokens["prompt_ids"], indices, strict=True)]  # fmt: skip
     return tokens
+
+
+def _tokens_row_by_row(batch: dict, indices: list[int], kind: str, tokenizer, eos, prepared: PreparedStream):
+    """``(ids, refused)``: the batch tokenized a row at a time, a row the chat template refuses (or that leaves no
+    prompt to render) dropped under the quality check's reason (``refused``, its ids empty); another error raised."""
+    out: dict[str, list] = {}
+    refused = set()
+    for i, index in enumerate(indices):
+        row = {name: values[i : i + 1] for name, values in batch.items()}
+        try:
+            tokens = tokenize_preference_batch(row, [index], tokenizer, eos, "")
+        except DataError as error:
+            reason = _drop_reason({name: values[0] for name, values in row.items()}, kind, error, tokenizer)
+            if reason is None:
+                raise
+            prepared.note("dropped", reason, index, f"column {error.column!r}: {error.message}")
+            tokens = {**{name: [[]] for name in (*TOKEN_COLUMNS, PROMPT_CUT)}, SAME: [False]}
+            refused.add(index)
+        for name, values in tokens.items():
+            out.setdefault(name, []).extend(values)
+    return out, refused
 
 
 def _note_prompt_cut(cut: list[int], index: int, tokenizer, prepared: PreparedStream) -> None:
@@ -263,14 +338,16 @@ def prepare_tokenized_stream(dataset: datasets.IterableDataset, *, max_length: i
     return prepared
 
 
-def _located(error: DataError, row: dict, name: str) -> DataError:
-    """``error`` with the stream named and the start of the row's text, to find the row by."""
+def _located(error: DataError, row: dict, name: str, *, hint: bool = False) -> DataError:
+    """``error`` with the stream named and the start of the row's text, to find the row by; ``hint``: its fix says
+    how such rows are dropped instead."""
     text = next((row[c] for c in ("prompt", "text", "messages") if row.get(c) is not None), None)
     if isinstance(text, list) and text and isinstance(text[-1], dict):
         text = text[-1].get("content")
     where = f" (the {name} stream's row, counted as read" + (f"; its text begins {text[:60]!r})"
                                                               if isinstance(text, str) else ")")  # fmt: skip
-    return error.but(message=error.message + where)
+    fix = f"{error.fix}; {DROP_HINT}" if hint and error.fix else DROP_HINT if hint else error.fix
+    return error.but(message=error.message + where, fix=fix)
 
 
 # ------------------------------------------------------------------------------------------------------------- SFT
@@ -289,6 +366,7 @@ def prepare_sft_stream(
     chat_template: str | None = None,
     formatting_func=None,
     name: str = "train",
+    bad_rows: str = "raise",
 ) -> PreparedStream:
     """An SFT stream with ``input_ids`` and ``labels`` on every row it keeps, as ``prepare_sft`` then
     ``tokenize_sft`` give them (``formatting_func`` first, as TRL applies it), lazily; rows left without a label
@@ -298,6 +376,8 @@ def prepare_sft_stream(
     if not isinstance(dataset, datasets.IterableDataset):
         raise DataError(f"expected a datasets.IterableDataset, got {type(dataset).__name__}",
                         fix="use prepare_sft and tokenize_sft for a map-style dataset")  # fmt: skip
+    if bad_rows not in BAD_ROWS:
+        raise unknown_choice("bad_rows", bad_rows, BAD_ROWS)
     check_lengths(truncation_mode, max_length, None, None)  # (SFT's truncation modes are the preference ones)
     window = None if max_length is None else truncation_window(max_length, truncation_mode)
     first = first_row(dataset, name)
@@ -334,29 +414,35 @@ def prepare_sft_stream(
             "completion_only_loss": completion_only_loss, "assistant_only_loss": assistant_only_loss,
             "window": window, "version": "",
         }  # fmt: skip
-        options = {"source": source, "sharegpt": sharegpt, "tokenize": tokenize, "prepared": prepared}
+        options = {"source": source, "sharegpt": sharegpt, "tokenize": tokenize, "prepared": prepared,
+                   "drop": bad_rows == "drop"}  # fmt: skip
         mapped = dataset.map(_raw_sft_row, with_indices=True, fn_kwargs=options)
     prepared.dataset = mapped.filter(lambda keep: keep, input_columns="_keep").remove_columns("_keep")
     return prepared
 
 
 def _raw_sft_row(example: dict, index: int, *, source: str | None, sharegpt: bool, tokenize: dict,
-                 prepared: PreparedStream) -> dict:  # fmt: skip
+                 prepared: PreparedStream, drop: bool) -> dict:  # fmt: skip
+    """One raw SFT row checked and tokenized; a refused row, under ``drop``, counted as ``refused_<column>`` and
+    marked not kept."""
     layout, conversational = tokenize["layout"], tokenize["conversational"]
     needed = {"text": ("text",), "messages": (source or "messages",)}.get(layout, ("prompt", "completion"))
     if any(column not in example for column in needed):  # a features-less stream's row without it: None, as a
         example = {**dict.fromkeys(needed), **example}  # map-style dataset has it there, and checked as such
-    if sharegpt:  # ShareGPT from/value → role/content (TRL's conversion), conversations → messages
-        if example[source] is not None and not isinstance(example[source], list):
-            _, message, fix = messages_problem(example[source], source)
-            raise _located(DataError(message, row=index, column=source, fix=fix), example, prepared.name)
+    problem = None
+    if sharegpt and example[source] is not None and not isinstance(example[source], list):
+        problem = messages_problem(example[source], source)
+    elif sharegpt:  # ShareGPT from/value → role/content (TRL's conversion), conversations → messages
         example = {**example, **chatml_row(example, source=source, version="")}
     elif source == "conversations":
         example = {**example, "messages": example["conversations"]}
-    problem = sft_row_problem(example, layout, conversational)
+    problem = problem or sft_row_problem(example, layout, conversational)
     if problem is not None:
         column, message, fix = problem
-        raise _located(DataError(message, row=index, column=column, fix=fix), example, prepared.name)
+        if not drop:
+            raise _located(DataError(message, row=index, column=column, fix=fix), example, prepared.name, hint=True)
+        prepared.note("dropped", f"refused_{column}", index, message)
+        return {"input_ids": [], "labels": [], "_keep": False}
     if layout != "messages" and any(written_messages(example.get(name)) for name in needed):  # (as prepare_sft)
         prepared.note("flagged", "messages_written_as_text", index, WRITTEN_MESSAGES_WHY)
     out = tokenize_sft_row(example, index, **tokenize)

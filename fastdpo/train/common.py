@@ -29,6 +29,7 @@ from torch import nn
 
 from fastdpo.atomic import check_output_dir
 from fastdpo.data.source_rows import source_rows
+from fastdpo.data.stream import BAD_ROWS
 from fastdpo.data.tokenize import TRUNCATION_MODES
 from fastdpo.errors import ConfigError, DataError, unknown_choice
 from fastdpo.model.adapters import refuse_frozen
@@ -292,7 +293,8 @@ def check_attention_device(trainer) -> None:
 
 def check_shared_options(config, not_yet: dict) -> None:
     """The checks ``DPOConfig`` and ``SFTConfig`` share: TRL options not implemented yet (``not_yet``: name → the
-    value that means off), ``max_nonfinite_steps``, ``truncation_mode``, ``head_impl`` and ``max_length``."""
+    value that means off), ``max_nonfinite_steps``, ``truncation_mode``, ``head_impl``, ``stream_bad_rows`` and
+    ``max_length``."""
     for name, off in not_yet.items():
         if getattr(config, name) != off:
             raise ConfigError(
@@ -308,6 +310,8 @@ def check_shared_options(config, not_yet: dict) -> None:
         raise unknown_choice("truncation_mode", config.truncation_mode, TRUNCATION_MODES)
     if config.head_impl not in IMPLS:
         raise unknown_choice("head_impl", config.head_impl, IMPLS)
+    if config.stream_bad_rows not in BAD_ROWS:
+        raise unknown_choice("stream_bad_rows", config.stream_bad_rows, BAD_ROWS)
     if config.max_length is not None and config.max_length < 1:
         raise ConfigError(f"must be positive or None, got {config.max_length}", column="max_length")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

@@ -31,7 +31,10 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
   ``lean_activations`` (the policy's RMSNorms and gated MLPs keep less for the backward, with the same gradients,
   the MLPs working on blocks of tokens; on a GPU the Llama-form norms and SiLU MLPs, the reference's too, run
   fastdpo's Triton kernels: ``fastdpo.model.lean``; off by default until a GPU has timed it; refused under FSDP and
-  ZeRO-3).
+  ZeRO-3), ``stream_bad_rows`` (``raise|drop``: a stream's row that preparation refuses stops the run with one
+  ``DataError``, as TRL's does, or is dropped and counted in ``dropped_rows`` under the quality check's reason, as
+  the ``fastdpo`` command's ``data_filter: drop`` drops such rows of a map-style dataset;
+  ``fastdpo.data.stream``).
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ class DPOConfig(TrainingArguments):
     ref_offload: bool = False
     balance_ranks: bool = True
     displacement_margin: float | None = 0.1
+    stream_bad_rows: str = "raise"
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):

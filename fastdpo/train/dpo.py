@@ -379,7 +379,8 @@ class DPOTrainer(
                                                 truncation_mode=args.truncation_mode, name=name)  # fmt: skip
         else:
             prepared = prepare_stream(dataset, tokenizer, max_length=args.max_length,
-                                      truncation_mode=args.truncation_mode, name=name)  # fmt: skip
+                                      truncation_mode=args.truncation_mode, name=name,
+                                      bad_rows=getattr(args, "stream_bad_rows", "raise"))  # fmt: skip
         self.dropped_rows[name] = prepared.dropped_rows  # filled as the stream is read
         self._streams.append(prepared)
         return prepared.dataset

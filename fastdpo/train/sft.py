@@ -424,6 +424,7 @@ class SFTTrainer(
             truncation_mode=args.truncation_mode, completion_only_loss=completion_only_loss,
             assistant_only_loss=args.assistant_only_loss, formatting_func=self._formatting_func, name=name,
             chat_template=training_template(tokenizer, args.assistant_only_loss),
+            bad_rows=getattr(args, "stream_bad_rows", "raise"),
         )  # fmt: skip
         self.dropped_rows[name] = prepared.dropped_rows  # filled as the stream is read
         self._streams.append(prepared)

@@ -27,7 +27,9 @@ A TRL user's arguments mean the same thing here. Differences, each deliberate:
   attention, as DPO's, at least 4096 for flash-style attention, never less than the longest sequence of the step),
   ``head_impl``,
   ``packed_attention`` (as ``DPOConfig``'s: ``auto|varlen|model``, the attention the packed steps run with;
-  ``fastdpo.model.packed_attention``), ``lean_activations`` (as ``DPOConfig``'s: ``fastdpo.model.lean``).
+  ``fastdpo.model.packed_attention``), ``lean_activations`` (as ``DPOConfig``'s: ``fastdpo.model.lean``),
+  ``max_nonfinite_steps``, ``stream_bad_rows`` (as ``DPOConfig``'s; a row dropped from an SFT stream is counted as
+  ``refused_<column>``).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class SFTConfig(TrainingArguments):
     packed_attention: str = "auto"
     lean_activations: bool = False
     max_nonfinite_steps: int = 10
+    stream_bad_rows: str = "raise"
 
     def __post_init__(self) -> None:
         resolve_trl_defaults(self)

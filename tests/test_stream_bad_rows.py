@@ -1,0 +1,138 @@
+"""Streams' refused rows under ``bad_rows="drop"`` (the trainers' ``stream_bad_rows``, the CLI's ``data_filter:
+drop``): dropped and counted under the quality check's reason as they are read, the rest as without them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from test_train_dpo import common_args, synthetic_pairs, tiny_model
+from test_train_stream import conversational, sft_model, stream_file, write_jsonl
+from tiny_tokenizer import build_tiny_tokenizer
+
+from fastdpo.data.stream import STREAM_BATCH, prepare_sft_stream, prepare_stream
+from fastdpo.errors import ConfigError, DataError
+
+datasets = pytest.importorskip("datasets")
+
+TOKENS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def ids(prepared) -> list[tuple]:
+    return [tuple(tuple(row[name]) for name in TOKENS) for row in prepared.dataset]
+
+
+def test_refused_rows_of_a_preference_stream_are_dropped_under_their_reason_and_the_rest_kept(tmp_path, caplog):
+    tokenizer = build_tiny_tokenizer()
+    rows = synthetic_pairs(150).to_list()
+    good = [dict(row) for row in rows]
+    rows[2]["chosen"] = "   "  # empty (whitespace only): the quality check's "empty"
+    rows[100]["rejected"] = None  # in the second batch tokenized together: "missing_field"
+    rows[101]["chosen"] = 7  # "not_text"
+
+    def generated():  # (a generator's stream: a number among strings, which no JSON column holds)
+        yield from rows
+
+    with pytest.raises(DataError) as raised:
+        list(prepare_stream(datasets.IterableDataset.from_generator(generated), tokenizer).dataset)
+    assert raised.value.row == 2 and "bad_rows='drop'" in raised.value.fix  # the way to drop them, said
+
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        dropped = prepare_stream(datasets.IterableDataset.from_generator(generated), tokenizer, bad_rows="drop")
+        read = ids(dropped)
+    assert dropped.dropped_rows == {"empty": [2], "missing_field": [100], "not_text": [101]}
+    # the rows kept hold the ids the rows without the refused ones get (numbered as read: rows after them too)
+    kept = [row for i, row in enumerate(good) if i not in (2, 100, 101)]
+    assert read == ids(prepare_stream(datasets.Dataset.from_list(kept).to_iterable_dataset(), tokenizer))
+    assert len(read) == 147 > STREAM_BATCH
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("train stream: row 100 dropped (missing_field: column 'rejected'" in m for m in messages), messages
+
+
+def test_a_conversational_streams_refused_rows_and_the_other_format_are_dropped(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    rows = conversational(synthetic_pairs(6).to_list())
+    rows[0]["chosen"] = None  # missing_field, in the row the format is read from: read from the next then
+    del rows[1]["rejected"][0]["role"]  # bad_message
+    rows[3]["chosen"] = []  # empty
+    rows[4]["chosen"] = " a string among message lists"  # the other format: mixed_format
+
+    def generated():
+        yield from rows
+
+    prepared = prepare_stream(datasets.IterableDataset.from_generator(generated), tokenizer, bad_rows="drop")
+    read = ids(prepared)
+    assert prepared.dropped_rows == {"missing_field": [0], "bad_message": [1], "empty": [3], "mixed_format": [4]}
+    kept = [row for i, row in enumerate(rows) if i not in (0, 1, 3, 4)]
+    assert read == ids(prepare_stream(datasets.Dataset.from_list(kept).to_iterable_dataset(), tokenizer))
+    with pytest.raises(ConfigError, match="bad_rows"):
+        prepare_stream(datasets.IterableDataset.from_generator(generated), tokenizer, bad_rows="skip")
+
+
+def test_rows_a_streams_chat_template_refuses_are_dropped_as_chat_template_errors():
+    from test_bad_inputs import STRICT_TEMPLATE
+
+    strict = build_tiny_tokenizer()
+    strict.chat_template = STRICT_TEMPLATE  # roles must alternate, as Mistral's and Llama-2's templates say
+    rows = conversational(synthetic_pairs(70).to_list())
+    rows[66]["prompt"] = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]  # 2nd batch
+
+    def generated():
+        yield from rows
+
+    with pytest.raises(DataError) as raised:
+        list(prepare_stream(datasets.IterableDataset.from_generator(generated), strict).dataset)
+    assert raised.value.row == 66 and "bad_rows='drop'" in raised.value.fix
+    prepared = prepare_stream(datasets.IterableDataset.from_generator(generated), strict, bad_rows="drop")
+    read = ids(prepared)
+    assert prepared.dropped_rows == {"chat_template_error": [66]} and prepared.flagged_rows == {}
+    kept = [row for i, row in enumerate(rows) if i != 66]
+    assert read == ids(prepare_stream(datasets.Dataset.from_list(kept).to_iterable_dataset(), strict))
+
+
+def test_refused_rows_of_an_sft_stream_are_dropped_and_counted_by_their_column():
+    tokenizer = build_tiny_tokenizer()
+    rows = [{"prompt": f"question {i}?", "completion": f" answer {i}."} for i in range(6)]
+    rows[1]["completion"] = ""
+    rows[4]["prompt"] = None
+
+    def generated():
+        yield from rows
+
+    with pytest.raises(DataError) as raised:
+        list(prepare_sft_stream(datasets.IterableDataset.from_generator(generated), tokenizer).dataset)
+    assert raised.value.row == 1 and "bad_rows='drop'" in raised.value.fix
+    prepared = prepare_sft_stream(datasets.IterableDataset.from_generator(generated), tokenizer, bad_rows="drop")
+    read = [row["input_ids"] for row in prepared.dataset]
+    assert prepared.dropped_rows == {"refused_completion": [1], "refused_prompt": [4]}
+    kept = [row for i, row in enumerate(rows) if i not in (1, 4)]
+    expected = prepare_sft_stream(datasets.Dataset.from_list(kept).to_iterable_dataset(), tokenizer)
+    assert read == [row["input_ids"] for row in expected.dataset]
+
+
+def test_trainers_drop_a_streams_refused_rows_under_stream_bad_rows(tmp_path):
+    from fastdpo.train import DPOConfig, SFTConfig, SFTTrainer
+    from fastdpo.train.dpo import DPOTrainer
+
+    tokenizer = build_tiny_tokenizer()
+    rows = synthetic_pairs(12).to_list()
+    rows[5]["chosen"] = ""
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    load = tiny_model(tokenizer, tmp_path / "model")
+    with pytest.raises(ConfigError, match="stream_bad_rows"):
+        DPOConfig(**common_args(tmp_path, "bad"), stream_bad_rows="skip")
+    args = DPOConfig(**{**common_args(tmp_path, "drop"), "max_steps": 2}, stream_bad_rows="drop")
+    trainer = DPOTrainer(model=load(), ref_model=load(), args=args, processing_class=tokenizer,
+                         train_dataset=stream_file(path))  # fmt: skip
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert trainer.dropped_rows["train"]["empty"][0] == 5
+
+    texts = [{"prompt": f"q {i}?", "completion": f" a {i}."} for i in range(8)]
+    texts[3]["completion"] = ""
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                     bf16=False, stream_bad_rows="drop")  # fmt: skip
+    trainer = SFTTrainer(sft_model(tokenizer, tmp_path)(), args=args, processing_class=tokenizer,
+                         train_dataset=datasets.Dataset.from_list(texts).to_iterable_dataset())  # fmt: skip
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.dropped_rows["train"] == {"refused_completion": [3]}
