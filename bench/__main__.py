@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     known = {n for entries in SUITES.values() for n in entries}
     if args.only and set(args.only) - known:
         parser.error(f"unknown benchmarks {sorted(set(args.only) - known)}; python -m bench list shows them")
+    chosen = {n for suite in (("cpu", "gpu") if args.suite == "all" else (args.suite,)) for n in SUITES[suite]}
+    if args.only and set(args.only) - chosen:  # (they ran nothing, and the exit said success)
+        outside = sorted(set(args.only) - chosen)
+        theirs = sorted({suite for suite, entries in SUITES.items() for n in outside if n in entries})
+        parser.error(f"{', '.join(outside)} not in the {args.suite} suite: add --suite {' or '.join(theirs)} (or all)")
     return run(args.suite, args.only)
 
 

@@ -28,6 +28,9 @@ def test_unknown_benchmark_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--only", "head_cpuu"])
     assert "head_cpuu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the GPU suite's script under the default suite (cpu): it ran nothing, exit 0
+        main(["run", "--only", "gpu.sh"])
+    assert "gpu.sh not in the cpu suite: add --suite gpu (or all)" in capsys.readouterr().err
 
 
 def _parsed(module, arguments: list[str]):
