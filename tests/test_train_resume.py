@@ -323,3 +323,27 @@ def test_token_counts_of_a_run_resumed_with_another_number_of_processes_keep_the
     assert loaded(0, 1) == (863, 1)  # one process: both shares (the skips are every process's alike)
     assert [loaded(rank, 4)[0] for rank in range(4)] == [500, 363, 0, 0]  # more: the total kept
     assert loaded(0, 1, per_process=False) == (500, 1)  # SFT's count is the total already, on every process
+
+
+def test_a_checkpoint_file_cut_short_is_named(tokenizer, load, tmp_path):
+    # a run killed while saving (or a full disk) leaves a file cut short: safetensors' "incomplete metadata, file not
+    # fully covered" and the others' errors named no file
+    from fastdpo.errors import ConfigError
+
+    config = args(tmp_path, "run", SFTConfig, max_length=32, packing=False, save_steps=2, max_steps=2)
+    SFTTrainer(load(), args=config, train_dataset=prompt_completions(10), processing_class=tokenizer).train()
+    config = args(tmp_path, "more", SFTConfig, max_length=32, packing=False, max_steps=4)
+    fresh = SFTTrainer(load(), args=config, train_dataset=prompt_completions(10), processing_class=tokenizer)
+    for name, said in (("model.safetensors", "bytes where its tensors end at byte"),
+                       ("optimizer.pt", "a zip archive without its end"),
+                       ("trainer_state.json", "not whole JSON")):  # fmt: skip
+        damaged = shutil.copytree(tmp_path / "run" / "checkpoint-2", tmp_path / f"cut_{name}")
+        whole = (damaged / name).read_bytes()
+        (damaged / name).write_bytes(whole[: len(whole) - 100])
+        with pytest.raises(ConfigError, match=rf"cut_{name}/{name} is cut short \((\d+ )?{said}"):
+            fresh.train(resume_from_checkpoint=str(damaged))
+    (damaged / "trainer_state.json").write_bytes(b"")  # (an empty file: not whole either)
+    with pytest.raises(ConfigError, match="trainer_state.json is cut short"):
+        fresh.train(resume_from_checkpoint=str(damaged))
+    resumed = fresh.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))  # a whole one resumes
+    assert resumed.global_step == 4

@@ -137,7 +137,8 @@ def last_checkpoint(folder: str | os.PathLike) -> str | None:
 
 class ResumeChecks:
     """Trainer mixin (the native trainers' and the TRL drop-ins'): a resume refused where transformers would go on
-    wrongly, silently (``refuse_model_only``, ``refuse_finished``: TRL's trainers too); ``_restore`` the trainer's own
+    wrongly, silently (``refuse_model_only``, ``refuse_finished``: TRL's trainers too), or fail on a file it does not
+    name (``refuse_damaged``); ``_restore`` the trainer's own
     state from the checkpoint, before transformers' loop."""
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
@@ -151,6 +152,7 @@ class ResumeChecks:
     def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, *args, **kwargs):
         resume_from_checkpoint = _resolved(self, resume_from_checkpoint)
         if isinstance(resume_from_checkpoint, str):
+            refuse_damaged(resume_from_checkpoint)
             refuse_model_only(resume_from_checkpoint)
             self._restore(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -244,6 +246,62 @@ def refuse_model_only(checkpoint: str) -> None:
                           f"{'optimizer' if not optimizer else 'learning-rate schedule, from step 0'}",
                           column="resume_from_checkpoint", fix="resume from another checkpoint (--resume PATH), or "
                           "put the file back")  # fmt: skip
+
+
+def refuse_damaged(checkpoint: str) -> None:
+    """A ``ConfigError`` naming a checkpoint's file that is cut short (a run killed while saving it, a full disk):
+    safetensors' "incomplete metadata, file not fully covered", torch's "failed finding central directory" and
+    json's "Expecting value" named no file."""
+    from fastdpo.errors import ConfigError
+
+    if not os.path.isdir(checkpoint):
+        return
+    for folder, _, names in os.walk(checkpoint):  # (DeepSpeed's global_step<N>/ too)
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            problem = _cut_short(path)
+            if problem:
+                raise ConfigError(f"{path} is cut short ({problem}): a save that did not finish",
+                                  column="resume_from_checkpoint", fix="resume from the checkpoint before it "
+                                  "(--resume PATH), or delete this checkpoint")  # fmt: skip
+
+
+def _cut_short(path: str) -> str | None:
+    """What shows ``path`` cut short, by its kind: a safetensors file shorter than its header says, a torch file (a
+    zip archive) without the directory at its end, an empty one, a JSON file that does not parse; None otherwise."""
+    import zipfile
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        start = file.read(8)
+        if path.endswith(".safetensors"):
+            length = int.from_bytes(start, "little") if len(start) == 8 else size
+            try:
+                header = json.loads(file.read(length)) if length <= size - 8 else None
+            except ValueError:
+                return "its header is not whole"
+            if header is None:
+                return f"{size} bytes, shorter than its header says"
+            if not isinstance(header, dict):
+                return "its header is not whole"
+            ends = [
+                v.get("data_offsets", [0, 0])[-1]
+                for k, v in header.items()
+                if isinstance(v, dict) and k != "__metadata__"
+            ]
+            end = 8 + length + max(ends, default=0)
+            return f"{size} bytes where its tensors end at byte {end}" if size < end else None
+    if path.endswith((".pt", ".pth", ".bin")):
+        if size == 0:
+            return "empty"
+        return "a zip archive without its end" if start[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(path) else None
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as file:
+                json.load(file)
+        except ValueError:
+            return "not whole JSON"
+    return None
 
 
 def refuse_finished(trainer, checkpoint: str | None) -> None:
