@@ -38,12 +38,16 @@ def in_cli_terms(error: Exception, *, trains: bool) -> Exception:
     missing columns' ``prompt=...; fastdpo data: --prompt ...`` as the flag alone (its other keywords:
     ``pairs_in_cli_terms``);
     ``check_preferences`` as ``fastdpo data check``, its ``.filter`` as ``fastdpo data filter``; a stream's and a
-    row format's Python options as the YAML's."""
+    row format's Python options as the YAML's (``bad_rows='drop'``: ``data_filter: drop``)."""
     if isinstance(error, ConfigError) and trains and "streaming=True" in (error.fix or ""):
         fix = error.fix.replace("load the data without streaming=True (a map-style Dataset)",
                                 "set dataset_streaming: false").replace(
             "use reference='separate' (or 'adapter' with PEFT)", "set precompute_ref_log_probs: false")  # fmt: skip
         error = error.but(fix=fix)
+    if isinstance(error, DataError) and trains and "bad_rows='drop'" in (error.fix or ""):  # (a stream's refused row)
+        from fastdpo.data.stream import DROP_HINT
+
+        error = error.but(fix=error.fix.replace(DROP_HINT, "or set data_filter: drop to drop such rows as read"))
     if isinstance(error, DataError) and (error.fix or "").endswith(", or pass format="):  # (a Python option)
         error = error.but(fix=error.fix.removesuffix(", or pass format="))
     if isinstance(error, DataError) and "; fastdpo data: " in (error.fix or ""):  # (build_pairs' prompt=...)

@@ -36,6 +36,10 @@ def test_refused_rows_of_a_preference_stream_are_dropped_under_their_reason_and_
     with pytest.raises(DataError) as raised:
         list(prepare_stream(datasets.IterableDataset.from_generator(generated), tokenizer).dataset)
     assert raised.value.row == 2 and "bad_rows='drop'" in raised.value.fix  # the way to drop them, said
+    from fastdpo.cli_errors import in_cli_terms
+
+    said = in_cli_terms(raised.value, trains=True).fix  # (a fastdpo dpo run's: under data_filter: none)
+    assert said.endswith("or set data_filter: drop to drop such rows as read") and "bad_rows" not in said, said
 
     with caplog.at_level(logging.WARNING, logger="fastdpo"):
         dropped = prepare_stream(datasets.IterableDataset.from_generator(generated), tokenizer, bad_rows="drop")
