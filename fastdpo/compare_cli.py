@@ -89,17 +89,18 @@ def run_held_out(pairs: Path, split: str | None, recorded: dict, path: Path) -> 
     train = recorded.get("dataset_train_split") or "train"
     if not isinstance(fraction, (int, float)) or not isinstance(name, str) or split not in (None, train):
         return None
-    if recorded.get("datasets") or not _same_data(pairs, name, path.parent):  # (a mixture's run reads no dataset_name)
-        return None
+    if recorded.get("datasets") or not _same_data(pairs, name, path.parent, train):  # (a mixture's run reads no
+        return None  # dataset_name)
     print(f"--pairs: the pairs the policy's run held out of {pairs} ({path}'s eval_fraction {fraction}, drawn with "
           f"its seed {seed}); the others trained it")  # fmt: skip
-    return fraction, seed, train
+    return fraction, seed, None if pairs.is_file() else train  # (a file's one split: a folder's train split alone)
 
 
-def _same_data(pairs: Path, name: str, run: Path) -> bool:
+def _same_data(pairs: Path, name: str, run: Path, train: str) -> bool:
     """Whether ``--pairs`` is the run's ``dataset_name``: a hub dataset by its name; a local file or folder by its
     contents, as the run's ``data_fingerprint.json`` (in ``run``) records them (the run's relative path was read
-    from another folder, maybe), else by being that file."""
+    from another folder, maybe; a copy under another name; a folder's ``train`` split file given alone), else by
+    being that file."""
     from fastdpo.cli_resume import FINGERPRINT, data_fingerprint
     from fastdpo.data.load import is_local
 
@@ -108,7 +109,10 @@ def _same_data(pairs: Path, name: str, run: Path) -> bool:
     if not pairs.exists():
         return False
     try:
-        return json.loads((run / FINGERPRINT).read_text()) == data_fingerprint(str(pairs))
+        ran, given = json.loads((run / FINGERPRINT).read_text()), data_fingerprint(str(pairs))
+        prints = list(given.values()) if pairs.is_file() and given else None
+        return ran == given or (prints is not None and isinstance(ran, dict) and (
+            ran.get(train) == prints[0] or list(ran.values()) == prints))  # fmt: skip
     except (OSError, ValueError):  # (none recorded: a run of an older fastdpo, or a copied folder)
         try:
             return pairs.samefile(Path(name).expanduser())

@@ -186,13 +186,26 @@ def test_pairs_of_the_runs_own_data_are_the_rows_it_held_out(tmp_path, capsys, m
     (tmp_path / "elsewhere" / "data").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "elsewhere")
     _write(tmp_path / "elsewhere" / "data" / "train.jsonl", rows[:6])
-    for pairs_file, held in (("../data/train.jsonl", True), ("data/train.jsonl", False)):
+    shutil.copy(tmp_path / "data" / "train.jsonl", tmp_path / "elsewhere" / "copy.jsonl")  # (its contents: the run's)
+    cases = (("../data/train.jsonl", True), ("data/train.jsonl", False), ("copy.jsonl", True))
+    for case, (pairs_file, held) in enumerate(cases):
         assert cli(["compare", "--policy", "../run", "--reference", "../sft", "--pairs", pairs_file, "--limit", "1",
-                    *QUICK, "--out", f"c{held}"]) == 0  # fmt: skip
+                    *QUICK, "--out", f"c{case}"]) == 0  # fmt: skip
         said = capsys.readouterr().out
         assert ("the pairs the policy's run held out" in said) is held, pairs_file
-        assert json.loads((tmp_path / "elsewhere" / f"c{held}" / "compare.json").read_text())["pairs"]["pairs"] == (
-            4 if held else 6)  # fmt: skip
+        report = json.loads((tmp_path / "elsewhere" / f"c{case}" / "compare.json").read_text())
+        assert report["pairs"]["pairs"] == (4 if held else 6), pairs_file
+    # a run of a folder of splits, its train split's file given alone: the run's (it was "held-out", every row)
+    shutil.copytree(tmp_path / "run", tmp_path / "folder")
+    printed = json.loads((tmp_path / "run" / "data_fingerprint.json").read_text())
+    folder_print = {"train": printed["train.jsonl"], "test": printed["train.jsonl"]}
+    (tmp_path / "folder" / "data_fingerprint.json").write_text(json.dumps(folder_print))
+    (tmp_path / "folder" / "config.yaml").write_text((tmp_path / "folder" / "config.yaml").read_text().replace(
+        "dataset_name: data/train.jsonl", "dataset_name: data"))  # fmt: skip
+    assert cli(["compare", "--policy", "../folder", "--reference", "../sft", "--pairs", "../data/train.jsonl",
+                "--limit", "1", *QUICK, "--out", "f"]) == 0  # fmt: skip
+    assert "the pairs the policy's run held out" in capsys.readouterr().out
+    assert json.loads((tmp_path / "elsewhere" / "f" / "compare.json").read_text())["pairs"]["pairs"] == 4
     # a mixture's run: its dataset_name (recorded, never read) is not the data it held rows out of
     shutil.copytree(tmp_path / "run", tmp_path / "mix")
     recorded = (tmp_path / "mix" / "config.yaml").read_text()
