@@ -218,23 +218,32 @@ def _scores(policy, reference, prompt_ids: list[int], answer_ids: list[int]) -> 
     return ratio, float((ours.exp() * (ours - theirs)).sum(-1).clamp_min(0).sum())
 
 
+SCORE_BYTES = 1 << 28  # the fp32 log-probs of one scoring batch at most (256 MiB), whatever the pairs' number
+
+
 @torch.no_grad()
 def _logps(model, items: list[tuple[list[int], list[int]]]) -> list[float]:
     """Σ log π(answer | prompt) for each ``(prompt_ids, answer_ids)``, over the answer tokens that have a token
     before them (with an empty prompt the first answer token is context only, as in training); items whose prompts
-    and answers have the same lengths run as one batch, with no padding (a row attends to its own tokens only)."""
+    and answers have the same lengths run as batches, with no padding (a row attends to its own tokens only), of
+    ``SCORE_BYTES`` of log-probs at most (one batch of 400 short pairs of a 128k vocabulary took tens of GB)."""
     device = next(model.parameters()).device
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = embeddings.num_embeddings if embeddings is not None else model.config.get_text_config().vocab_size
     sums = [0.0] * len(items)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (prompt, answer) in enumerate(items):
         if len(prompt) + len(answer) > max(1, len(prompt)):  # an answer with no scored token scores 0
             groups.setdefault((len(prompt), len(answer)), []).append(i)
-    for (prompt_length, _), rows in groups.items():
+    for (prompt_length, answer_length), group in groups.items():
         start = max(1, prompt_length)  # the first scored position
-        ids = torch.tensor([items[i][0] + items[i][1] for i in rows], device=device)
-        scores = _answer_log_probs(model, ids, start).gather(-1, ids[:, start:, None]).sum((1, 2))
-        for i, score in zip(rows, scores.tolist(), strict=True):
-            sums[i] = score
+        rows_per_batch = max(1, SCORE_BYTES // (4 * (prompt_length + answer_length - start) * vocab))
+        for first in range(0, len(group), rows_per_batch):
+            rows = group[first : first + rows_per_batch]
+            ids = torch.tensor([items[i][0] + items[i][1] for i in rows], device=device)
+            scores = _answer_log_probs(model, ids, start).gather(-1, ids[:, start:, None]).sum((1, 2))
+            for i, score in zip(rows, scores.tolist(), strict=True):
+                sums[i] = score
     return sums
 
 

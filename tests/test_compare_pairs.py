@@ -110,6 +110,31 @@ def test_pair_metrics_scores_the_trainers_token_ids_against_a_token_by_token_ref
     assert same["reward_margin"] == 0 and same["reward_accuracy"] == 0
 
 
+def test_many_pairs_of_one_length_are_scored_in_batches_of_a_bounded_size(monkeypatch):
+    # every pair of the same prompt and answer lengths ran as one batch: its fp32 log-probs over the vocabulary grew
+    # with the pairs' number (400 short pairs of a 128k vocabulary: tens of GB); now in batches of SCORE_BYTES
+    import fastdpo.compare as compare
+
+    tokenizer = build_tiny_tokenizer()
+    policy, reference = tiny_llama(tokenizer, 0), tiny_llama(tokenizer, 1)
+    rows = [{"prompt": "Say red.", "chosen": " red.", "rejected": " blue."}] * 5  # (kept: data_filter none)
+    batches = []
+    real = compare._answer_log_probs
+    monkeypatch.setattr(compare, "_answer_log_probs", lambda model, ids, start: batches.append(len(ids)) or real(
+        model, ids, start))  # fmt: skip
+    whole = pair_metrics(policy, reference, tokenizer, rows, beta=BETA, data_filter="none")
+    assert max(batches) == 5, batches  # (the rows' prompts and answers of one length each: one group)
+    batches.clear()
+    monkeypatch.setattr(compare, "SCORE_BYTES", 4 * 2 * len(tokenizer) * 3)  # 2 rows' log-probs at 3 positions
+    pieces = pair_metrics(policy, reference, tokenizer, rows, beta=BETA, data_filter="none")
+    assert max(batches) <= 2 and sum(batches) == 4 * 5, batches  # (each model and side, in pieces)
+    # fp64 models: the same sums in any batch, to rounding
+    numbers = [key for key, value in whole.items() if isinstance(value, float)]
+    assert {key: pieces[key] for key in numbers} == pytest.approx({key: whole[key] for key in numbers}, rel=1e-9)
+    assert {key: value for key, value in pieces.items() if key not in numbers} == {
+        key: value for key, value in whole.items() if key not in numbers}  # fmt: skip
+
+
 def test_a_pair_with_an_empty_answer_is_dropped_and_counted_as_the_trainers_drop_it():
     # "empty" is a drop reason of the quality check, but preparation refused such a row first: compare --pairs
     # stopped at it, where the trainers' data_filter: drop (and README) leave it out, counted
