@@ -212,6 +212,14 @@ def _has_test_split(run_args) -> bool:
         return "test" in hub_split_names(run_args.dataset_name)
 
 
+def _holds_sweep(out: Path) -> bool:
+    """Whether ``out`` is a folder a sweep wrote into (or an empty one, where it stopped before writing)."""
+    if not out.is_dir():
+        return False
+    names = [path.name for path in out.iterdir()]
+    return not names or any(name.startswith("beta_") or name in ("ref_cache", "sweep.json") for name in names)
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastdpo.atomic import atomic_write
     from fastdpo.cli import load_config
@@ -240,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     args, flags = parser.parse_known_args(argv)
     check_counts(args, at_least={"samples": 0, "kl_prompts": 0, "nll_rise": 0})
     betas = parse_betas(args.beta)
-    if args.resume and not args.out.is_dir():
-        raise ConfigError(f"{args.out} holds no sweep to go on with", column="--resume", fix="run it without --resume")
+    if args.resume and not _holds_sweep(args.out):  # (a folder of other files: its sweep.md replaced, unasked)
+        raise ConfigError(f"{args.out} holds no sweep to go on with (no beta_<β> run, ref_cache or sweep.json)",
+                          column="--resume", fix="run it without --resume, with another --out")  # fmt: skip
     if not args.resume:
         refuse_non_empty(args.out, overwrite=args.overwrite, column="--out",
                          fix="pass another --out, --overwrite to replace the runs there, or --resume")  # fmt: skip

@@ -370,6 +370,11 @@ def test_sweep_refuses_bad_betas_and_configs_without_held_out_data(tmp_path, cap
         "used" in capsys.readouterr().err and not (tmp_path / "runs").exists()  # fmt: skip
     assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "d"), "--resume"]) == 2
     assert "holds no sweep to go on with" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()  # a folder of the user's: its sweep.md was replaced, unasked
+    (tmp_path / "notes" / "sweep.md").write_text("mine")
+    assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "notes"), "--resume"]) == 2
+    assert "holds no sweep to go on with" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "sweep.md").read_text() == "mine"
     # a NaN passed every comparison (each β trained, then "within nan%"); seeds numpy refuses: tracebacks before
     assert cli(["sweep", "--config", str(config), "--beta", "0.1", "--out", str(tmp_path / "e"), "--nll-rise",
                 "nan"]) == 2  # fmt: skip
