@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         held = run_held_out(args.pairs, args.pairs_split, recorded, path)
         with hub_config(config, "--pairs-config"), _as_pairs_split():
             split = held[2] if held else pairs_split(args.pairs, args.pairs_split, recorded, path)
-            args.pairs = read_pairs(args.pairs, args.columns, recorded.get("dataset_columns"), split=split,
-                                    held_out=held[:2] if held else None)  # fmt: skip
+            args.pairs, args.columns = read_pairs(args.pairs, args.columns, recorded.get("dataset_columns"),
+                                                  split=split, held_out=held[:2] if held else None)  # fmt: skip
     prompts, checkers = None, None
     if args.prompts == "quickstart":  # the held-out problems of the seed the quickstart run recorded
         prompts, checkers = quickstart_prompts(args.policy, args.seed)

@@ -206,7 +206,8 @@ def load_tokenizer(policy: Path, reference: Path, *, trust_remote_code: bool = F
 
 def read_pairs(path: Path, columns: dict | None = None, recorded: dict | None = None, split: str | None = None,
                held_out: tuple[float, int] | None = None):  # fmt: skip
-    """The pairs file, loaded and checked (``pair_metrics`` prepares it as the trainers do), its columns renamed by
+    """``(pairs, columns)``: the pairs file, loaded and checked (``pair_metrics`` prepares it as the trainers do), and
+    the column map read it with (None: none), its columns renamed by
     ``columns`` (fastdpo's name → the file's, as ``dataset_columns``), else by the policy run's ``recorded``
     ``dataset_columns`` where the file has those columns (said so). Without a ``prompt`` column each pair's prompt
     is the text its chosen and rejected begin with (TRL's implicit prompt), said so; a ConfigError where no pair has
@@ -242,4 +243,4 @@ def read_pairs(path: Path, columns: dict | None = None, recorded: dict | None = 
                               f"{', '.join(raw.column_names)})")  # fmt: skip
         print(f"--pairs: {path} has no 'prompt' column: a pair's prompt is the text its chosen and rejected begin "
               f"with, as the trainers read it ({empty} of {len(prepared)} pairs have none)")  # fmt: skip
-    return raw
+    return raw, columns or None

@@ -271,4 +271,6 @@ def test_held_out_csv_rows_of_mapped_columns_are_read_as_the_run_read_them(tmp_p
     with open("e.csv", newline="") as file:
         held_out = list(csv.DictReader(file))
     assert any(row["prompt"] in ("N/A", "None", "null", "NA") for row in held_out)  # (written under our names)
-    assert json.loads((tmp_path / "a" / "compare.json").read_text())["pairs"]["pairs"] == len(held_out) == 6
+    report = json.loads((tmp_path / "a" / "compare.json").read_text())
+    assert report["pairs"]["pairs"] == len(held_out) == 6
+    assert report["settings"]["pairs_columns"] == columns  # the run's, read with (it recorded null)
