@@ -157,6 +157,13 @@ def _check_prompt(path: Path, name: str, row: int, prompt, missing: bool) -> Non
         raise DataError(f"{path}: {name}'s prompt is {type(prompt).__name__} {json.dumps(prompt)[:40]}",
                         column="prompt", row=row, fix="a prompt is a string, a non-empty list of {'role', 'content'} "
                         "messages, or a non-empty list of token ids")  # fmt: skip
+    if isinstance(prompt, list) and isinstance(prompt[0], dict):  # (a content of no text: named, before any model)
+        from fastdpo.data.quality import message_problem
+
+        reason, note = message_problem(prompt, "prompt", check_roles=False)
+        if reason == "bad_message":
+            raise DataError(f"{path}: {name}'s prompt: {note}", column="prompt", row=row,
+                            fix="write each message as {'role': 'user', 'content': 'text'}")  # fmt: skip
     problem = unholdable(prompt)  # e.g. "\ud83d" alone: half of an emoji's surrogate pair, no character
     if problem:
         raise DataError(f"{path}: {name}'s prompt: {problem}", column="prompt", row=row,

@@ -295,6 +295,7 @@ def test_compare_refuses_bad_options_and_prompts_in_one_line(tmp_path, capsys, m
     (tmp_path / "blank_lines.txt").write_text("first\n\nsecond\n")
     (tmp_path / "number.jsonl").write_text('{"prompt": "ok"}\n{"prompt": 5}\n')
     (tmp_path / "ids.jsonl").write_text('{"prompt": [1, 2, 99999]}\n')
+    (tmp_path / "parts.json").write_text('[{"prompt": [{"role": "user", "content": ["x"]}]}]')  # no text content
     cases = [(["--limit", "0"], "option '--limit': must be at least 1, got 0"),
              (["--limit", "-1"], "option '--limit': must be at least 1, got -1"),
              (["--samples", "-1"], "option '--samples': must be at least 0"),
@@ -303,7 +304,9 @@ def test_compare_refuses_bad_options_and_prompts_in_one_line(tmp_path, capsys, m
              (["--beta", "nan"], "option '--beta': must be a number > 0, got nan"),
              (["--prompts", "empty.txt"], "empty.txt holds no prompt"),
              (["--prompts", "number.jsonl"], "row 1, column 'prompt': number.jsonl: line 2's prompt is int 5"),
-             (["--prompts", "ids.jsonl"], "line 1: token id 99999 has no embedding in the models")]  # fmt: skip
+             (["--prompts", "ids.jsonl"], "line 1: token id 99999 has no embedding in the models"),
+             (["--prompts", "parts.json"], "row 0, column 'prompt': parts.json: item 1's prompt: message 0: content "
+              "is")]  # fmt: skip
     for i, (flags, expected) in enumerate(cases):
         capsys.readouterr()
         assert cli([*common, *flags, "--out", f"out{i}"]) == 2, flags
