@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "answer: rewards, KL estimate, held-out pairs.")  # fmt: skip
     parser.add_argument("--policy", type=Path, required=True, help="the trained model's folder")
     parser.add_argument("--reference", type=Path, required=True, help="the reference model's folder")
-    parser.add_argument("--prompts", default="builtin", help="builtin (edge cases), quickstart (its held-out "
-                        "problems), or a .txt/.jsonl/.json file (.gz too)")  # fmt: skip
+    parser.add_argument("--prompts", default="builtin", help="builtin (edge cases; the default), quickstart (its "
+                        "held-out problems), or a .txt/.jsonl/.json file (.gz too)")  # fmt: skip
     parser.add_argument("--pairs", type=Path, help="held-out preference pairs (a data file, standard or "
                         "conversational; a folder or hub name of splits): accuracy, displacement")  # fmt: skip
     parser.add_argument("--pairs-split", help="the split of a --pairs folder or hub name (default: the policy run's "
@@ -165,11 +165,12 @@ def main(argv: list[str] | None = None) -> int:
                         "default: the policy run's dataset_config where --pairs is its dataset_name)")  # fmt: skip
     parser.add_argument("--columns", type=_columns, help='the pairs\' column names, e.g. \'{"prompt": "question"}\' '
                         "(default: the policy run's dataset_columns where the file has those columns)")  # fmt: skip
-    parser.add_argument("--samples", type=int, default=4, help="sampled policy answers per prompt (KL estimate)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="at most a quarter of the context")
+    parser.add_argument("--samples", type=int, default=4, help="sampled policy answers per prompt (KL estimate; "
+                        "default: 4)")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="at most a quarter of the context (default: 48)")
     parser.add_argument("--beta", type=float, help="of the implicit rewards (default: the β the policy's run "
                         "recorded in its config.yaml, else 0.1)")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the sampled answers (default: 0)")
     parser.add_argument("--limit", type=int, help="only the first N prompts")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="default: runs/compare")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")

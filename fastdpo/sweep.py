@@ -234,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="one run per β in <out>/beta_<β> (the "
                         "config's output_dir is not used), the reference cache, sweep.{md,json,png} (default: "
                         "runs/sweep)")  # fmt: skip
-    parser.add_argument("--nll-rise", type=float, default=0.1, help="the rule's limit on the chosen NLL's rise")
-    parser.add_argument("--samples", type=int, default=2, help="policy samples per prompt for the KL estimate")
-    parser.add_argument("--kl-prompts", type=int, default=32, help="held-out prompts for the KL estimate")
+    parser.add_argument("--nll-rise", type=float, default=0.1, help="the rule's limit on the chosen NLL's rise "
+                        "(default: 0.1, 10%%)")  # fmt: skip
+    parser.add_argument("--samples", type=int, default=2, help="policy samples per prompt for the KL estimate "
+                        "(default: 2)")  # fmt: skip
+    parser.add_argument("--kl-prompts", type=int, default=32, help="held-out prompts for the KL estimate (default: 32)")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
     parser.add_argument(
         "--resume",
