@@ -418,6 +418,10 @@ def test_a_stops_checkpoint_outlives_save_total_limit_1_beside_the_best(interact
     kept = ["checkpoint-2", "checkpoint-5"] if best else ["checkpoint-5"]
     assert sorted(path.name for path in (tmp_path / "run").glob("checkpoint-*")) == kept
     assert trainer.args.save_total_limit == 1  # (the user's again)
+    import torch
+
+    saved = torch.load(tmp_path / "run" / "checkpoint-5" / "training_args.bin", weights_only=False)
+    assert saved.save_total_limit == 1  # the checkpoint's settings: the user's (it recorded 2, the stop's)
 
 
 def test_a_stopped_streams_dropped_rows_are_written_and_a_stop_before_training_names_no_checkpoint(workdir, tmp_path):

@@ -72,16 +72,16 @@ class StopOnSignal(TrainerCallback):
             self._keep(args, state)
 
     def _stop(self, args, state, control) -> None:
-        if self.signum is not None:
+        if self.signum is not None:  # (the save it asks for ends in on_save)
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
-            self._keep(args, state)
 
     def _keep(self, args, state) -> None:
         # under save_total_limit=1 with a best checkpoint, the Trainer's end of training deletes every other one:
-        # the stop's too, just saved (and its rotation keeps the best and the newest at 2). A best set by the stop's
-        # own save is the stop's checkpoint: kept anyway
+        # the stop's too, just saved (its rotation keeps the best and the newest whatever the limit). Raised once
+        # the checkpoint is saved, its training_args.bin holds the user's limit. A best set by the stop's own save is
+        # the stop's checkpoint: kept anyway
         if args.save_total_limit == 1 and state.best_model_checkpoint is not None:
             args.save_total_limit, self.kept_limit = 2, True
 
