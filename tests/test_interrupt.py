@@ -269,9 +269,11 @@ def test_no_checkpoint_is_left_that_a_later_resume_would_wrongly_take(workdir, s
     elsewhere = workdir / "elsewhere"
     assert fastdpo(workdir, "dpo", elsewhere, "--resume", str(run / "checkpoint-4"), "--beta", "0.9") == 2
     assert "beta: 0.5 -> 0.9" in last_error() and not elsewhere.exists()
-    # TRL's resume_from_checkpoint key resumes as --resume PATH does (it was recorded and ignored)
+    # TRL's resume_from_checkpoint key resumes as --resume PATH does (it was recorded and ignored); without gradient
+    # checkpointing (a setting of memory, not of what a step computes: it was refused), to the same numbers
     checkpoint = str(run / "checkpoint-4")
-    assert fastdpo(workdir, "dpo", elsewhere, "--resume_from_checkpoint", checkpoint, "--max_steps", "6") == 0
+    assert fastdpo(workdir, "dpo", elsewhere, "--resume_from_checkpoint", checkpoint, "--max_steps", "6",
+                   "--gradient_checkpointing", "false") == 0  # fmt: skip
     theirs = {log["step"]: log["loss"] for log in train_steps(run)}
     assert {log["step"]: log["loss"] for log in train_steps(elsewhere)} == pytest.approx({5: theirs[5], 6: theirs[6]})
     assert fastdpo(workdir, "dpo", elsewhere, "--resume", checkpoint) == 2  # another run's, into a run directory
