@@ -22,6 +22,24 @@ def ids(prepared) -> list[tuple]:
     return [tuple(tuple(row[name]) for name in TOKENS) for row in prepared.dataset]
 
 
+def stream_of(rows: list[dict]):
+    """A generator's stream of ``rows``: no features (a number among strings, which no JSON column holds)."""
+
+    def generated():
+        yield from rows
+
+    return datasets.IterableDataset.from_generator(generated)
+
+
+def refused_then_dropped(prepare, rows: list[dict], first: int, tokenizer):
+    """``(error, prepared)``: reading the stream stops at its ``first`` refused row, the fix saying how such rows are
+    dropped; ``prepare``d with ``bad_rows="drop"``."""
+    with pytest.raises(DataError) as raised:
+        list(prepare(stream_of(rows), tokenizer).dataset)
+    assert raised.value.row == first and "bad_rows='drop'" in raised.value.fix
+    return raised.value, prepare(stream_of(rows), tokenizer, bad_rows="drop")
+
+
 def test_refused_rows_of_a_preference_stream_are_dropped_under_their_reason_and_the_rest_kept(tmp_path, caplog):
     tokenizer = build_tiny_tokenizer()
     rows = synthetic_pairs(150).to_list()
@@ -29,21 +47,13 @@ def test_refused_rows_of_a_preference_stream_are_dropped_under_their_reason_and_
     rows[2]["chosen"] = "   "  # empty (whitespace only): the quality check's "empty"
     rows[100]["rejected"] = None  # in the second batch tokenized together: "missing_field"
     rows[101]["chosen"] = 7  # "not_text"
-
-    def generated():  # (a generator's stream: a number among strings, which no JSON column holds)
-        yield from rows
-
-    with pytest.raises(DataError) as raised:
-        list(prepare_stream(datasets.IterableDataset.from_generator(generated), tokenizer).dataset)
-    assert raised.value.row == 2 and "bad_rows='drop'" in raised.value.fix  # the way to drop them, said
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        error, dropped = refused_then_dropped(prepare_stream, rows, 2, tokenizer)
+        read = ids(dropped)
     from fastdpo.cli_errors import in_cli_terms
 
-    said = in_cli_terms(raised.value, trains=True).fix  # (a fastdpo dpo run's: under data_filter: none)
+    said = in_cli_terms(error, trains=True).fix  # (a fastdpo dpo run's: under data_filter: none)
     assert said.endswith("or set data_filter: drop to drop such rows as read") and "bad_rows" not in said, said
-
-    with caplog.at_level(logging.WARNING, logger="fastdpo"):
-        dropped = prepare_stream(datasets.IterableDataset.from_generator(generated), tokenizer, bad_rows="drop")
-        read = ids(dropped)
     assert dropped.dropped_rows == {"empty": [2], "missing_field": [100], "not_text": [101]}
     # the rows kept hold the ids the rows without the refused ones get (numbered as read: rows after them too)
     kept = [row for i, row in enumerate(good) if i not in (2, 100, 101)]
@@ -60,17 +70,13 @@ def test_a_conversational_streams_refused_rows_and_the_other_format_are_dropped(
     del rows[1]["rejected"][0]["role"]  # bad_message
     rows[3]["chosen"] = []  # empty
     rows[4]["chosen"] = " a string among message lists"  # the other format: mixed_format
-
-    def generated():
-        yield from rows
-
-    prepared = prepare_stream(datasets.IterableDataset.from_generator(generated), tokenizer, bad_rows="drop")
+    prepared = prepare_stream(stream_of(rows), tokenizer, bad_rows="drop")
     read = ids(prepared)
     assert prepared.dropped_rows == {"missing_field": [0], "bad_message": [1], "empty": [3], "mixed_format": [4]}
     kept = [row for i, row in enumerate(rows) if i not in (0, 1, 3, 4)]
     assert read == ids(prepare_stream(datasets.Dataset.from_list(kept).to_iterable_dataset(), tokenizer))
     with pytest.raises(ConfigError, match="bad_rows"):
-        prepare_stream(datasets.IterableDataset.from_generator(generated), tokenizer, bad_rows="skip")
+        prepare_stream(stream_of(rows), tokenizer, bad_rows="skip")
 
 
 def test_rows_a_streams_chat_template_refuses_are_dropped_as_chat_template_errors():
@@ -80,14 +86,7 @@ def test_rows_a_streams_chat_template_refuses_are_dropped_as_chat_template_error
     strict.chat_template = STRICT_TEMPLATE  # roles must alternate, as Mistral's and Llama-2's templates say
     rows = conversational(synthetic_pairs(70).to_list())
     rows[66]["prompt"] = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]  # 2nd batch
-
-    def generated():
-        yield from rows
-
-    with pytest.raises(DataError) as raised:
-        list(prepare_stream(datasets.IterableDataset.from_generator(generated), strict).dataset)
-    assert raised.value.row == 66 and "bad_rows='drop'" in raised.value.fix
-    prepared = prepare_stream(datasets.IterableDataset.from_generator(generated), strict, bad_rows="drop")
+    prepared = refused_then_dropped(prepare_stream, rows, 66, strict)[1]
     read = ids(prepared)
     assert prepared.dropped_rows == {"chat_template_error": [66]} and prepared.flagged_rows == {}
     kept = [row for i, row in enumerate(rows) if i != 66]
@@ -99,14 +98,7 @@ def test_refused_rows_of_an_sft_stream_are_dropped_and_counted_by_their_column()
     rows = [{"prompt": f"question {i}?", "completion": f" answer {i}."} for i in range(6)]
     rows[1]["completion"] = ""
     rows[4]["prompt"] = None
-
-    def generated():
-        yield from rows
-
-    with pytest.raises(DataError) as raised:
-        list(prepare_sft_stream(datasets.IterableDataset.from_generator(generated), tokenizer).dataset)
-    assert raised.value.row == 1 and "bad_rows='drop'" in raised.value.fix
-    prepared = prepare_sft_stream(datasets.IterableDataset.from_generator(generated), tokenizer, bad_rows="drop")
+    prepared = refused_then_dropped(prepare_sft_stream, rows, 1, tokenizer)[1]
     read = [row["input_ids"] for row in prepared.dataset]
     assert prepared.dropped_rows == {"refused_completion": [1], "refused_prompt": [4]}
     kept = [row for i, row in enumerate(rows) if i not in (1, 4)]
