@@ -48,8 +48,8 @@ def in_cli_terms(error: Exception, *, trains: bool) -> Exception:
         from fastdpo.data.stream import DROP_HINT
 
         error = error.but(fix=error.fix.replace(DROP_HINT, "or set data_filter: drop to drop such rows as read"))
-    if isinstance(error, DataError) and (error.fix or "").endswith(", or pass format="):  # (a Python option)
-        error = error.but(fix=error.fix.removesuffix(", or pass format="))
+    if isinstance(error, DataError) and ", or pass format=" in (error.fix or ""):  # (a Python option; a stream's
+        error = error.but(fix=error.fix.replace(", or pass format=", ""))  # drop hint may follow it)
     if isinstance(error, DataError) and "; fastdpo data: " in (error.fix or ""):  # (build_pairs' prompt=...)
         fix = re.sub(r"pass \w+=[^;]*; fastdpo data: ", "pass ", error.fix)
         error = error.but(fix=fix)

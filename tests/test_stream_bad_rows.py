@@ -54,6 +54,10 @@ def test_refused_rows_of_a_preference_stream_are_dropped_under_their_reason_and_
 
     said = in_cli_terms(error, trains=True).fix  # (a fastdpo dpo run's: under data_filter: none)
     assert said.endswith("or set data_filter: drop to drop such rows as read") and "bad_rows" not in said, said
+    with pytest.raises(DataError) as raised:  # (a value of no format: its fix named format=, Python's, too)
+        list(prepare_stream(stream_of([rows[0], rows[101]]), tokenizer).dataset)
+    said = in_cli_terms(raised.value, trains=True).fix
+    assert "format=" not in said and said.endswith("or set data_filter: drop to drop such rows as read"), said
     assert dropped.dropped_rows == {"empty": [2], "missing_field": [100], "not_text": [101]}
     # the rows kept hold the ids the rows without the refused ones get (numbered as read: rows after them too)
     kept = [row for i, row in enumerate(good) if i not in (2, 100, 101)]
@@ -77,6 +81,25 @@ def test_a_conversational_streams_refused_rows_and_the_other_format_are_dropped(
     assert read == ids(prepare_stream(datasets.Dataset.from_list(kept).to_iterable_dataset(), tokenizer))
     with pytest.raises(ConfigError, match="bad_rows"):
         prepare_stream(stream_of(rows), tokenizer, bad_rows="skip")
+
+
+def test_a_drop_takes_the_format_of_most_rows_and_says_nothing_of_dropping_what_it_would_not_drop():
+    tokenizer = build_tiny_tokenizer()
+    rows = conversational(synthetic_pairs(40).to_list())
+    strings = synthetic_pairs(40, seed=1).to_list()
+    for i in (0, 7, 21):  # a few string pairs among conversations, the first row one of them
+        rows[i] = strings[i]
+    prepared = prepare_stream(stream_of(rows), tokenizer, bad_rows="drop")
+    read = ids(prepared)  # (the first row's format kept 3 rows and dropped the 37 others as mixed_format)
+    assert prepared.dropped_rows == {"mixed_format": [0, 7, 21]} and len(read) == 37
+    # a row refused for what the quality check does not drop (a system column of no text) stops the run either
+    # way, and its fix does not say that bad_rows='drop' would drop it
+    rows = [{"prompt": "a?", "chosen": " b.", "rejected": " c.", "system": "be brief"}] * 3
+    rows[1] = {**rows[1], "system": 5}
+    for bad_rows in ("raise", "drop"):
+        with pytest.raises(DataError, match="column 'system'") as raised:
+            list(prepare_stream(stream_of(rows), tokenizer, bad_rows=bad_rows).dataset)
+        assert "bad_rows" not in raised.value.fix, (bad_rows, raised.value.fix)
 
 
 def test_rows_a_streams_chat_template_refuses_are_dropped_as_chat_template_errors():
@@ -104,6 +127,18 @@ def test_refused_rows_of_an_sft_stream_are_dropped_and_counted_by_their_column()
     kept = [row for i, row in enumerate(rows) if i not in (1, 4)]
     expected = prepare_sft_stream(datasets.Dataset.from_list(kept).to_iterable_dataset(), tokenizer)
     assert read == [row["input_ids"] for row in expected.dataset]
+    # a refused first row does not set the layout's format (conversational completions, ShareGPT conversations):
+    # the first given does, as prepare_sft reads it (every row was dropped as refused)
+    chats = [{"prompt": [{"role": "user", "content": f"q {i}?"}], "completion": [{"role": "assistant",
+              "content": f"a {i}."}]} for i in range(5)]  # fmt: skip
+    shared = [{"conversations": [{"from": "human", "value": f"q {i}?"}, {"from": "gpt", "value": f"a {i}."}]}
+              for i in range(5)]  # fmt: skip
+    for rows, column, reason in (
+        (chats, "completion", "refused_completion"),
+        (shared, "conversations", "refused_messages"),
+    ):  # (converted to messages first)
+        prepared = prepare_sft_stream(stream_of([{**rows[0], column: None}, *rows[1:]]), tokenizer, bad_rows="drop")
+        assert len(list(prepared.dataset)) == 4 and prepared.dropped_rows == {reason: [0]}, column
 
 
 def test_trainers_drop_a_streams_refused_rows_under_stream_bad_rows(tmp_path):

@@ -452,9 +452,13 @@ def test_a_train_stream_whose_every_row_is_dropped_is_an_error_not_a_finished_ru
     )
     trainer = DPOTrainer(load(), ref_model=load(), args=DPOConfig(**common_args(tmp_path, "dropped")),
                          train_dataset=rows.to_iterable_dataset(), processing_class=tokenizer)  # fmt: skip
-    with pytest.raises(DataError, match="option 'train_dataset': the train stream gave no batch: every row read was"):
+    with pytest.raises(DataError, match="option 'train_dataset': the train stream gave no batch: every row read was") \
+            as raised:  # fmt: skip
         trainer.train()
     assert trainer.dropped_rows["train"] == {"prompt_fills_max_length": list(range(6))}
+    # its reasons said (where a stream's first row's format had every other row dropped, "raise max_length" misled)
+    assert "dropped: {'prompt_fills_max_length': 6}" in str(raised.value) and "rows whose prompt fills it" in str(
+        raised.value)  # fmt: skip
 
 
 def test_a_stream_counts_written_message_lists_and_repeated_prompts(caplog):

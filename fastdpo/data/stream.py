@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import datasets
@@ -74,13 +75,14 @@ from fastdpo.data.tokenize import (
     tokenize_preference_batch,
 )
 from fastdpo.data.written import WRITTEN_MESSAGES_WHY, written_messages
-from fastdpo.errors import DataError, unknown_choice
+from fastdpo.errors import ConfigError, DataError, unknown_choice
 
 logger = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 STREAM_BATCH = 64  # rows tokenized together
 BAD_ROWS = ("raise", "drop")  # a row preparation refuses: one DataError, or dropped and counted
+LOOK_AHEAD = 100  # rows read to settle a stream's format where its first row may not (a refused row, dropped)
 _ROW, _DROPPED = "_row", "_dropped"  # (the normalizing map's: each row's number in the stream; refused and dropped)
 DROP_HINT = "or drop such rows as they are read: bad_rows='drop' (the trainers' stream_bad_rows, data_filter: drop)"
 
@@ -122,6 +124,12 @@ class PreparedStream:
 
 def _first(rows: list[int], limit: int = 5) -> str:
     return ", ".join(map(str, rows[:limit])) + (", ..." if len(rows) > limit else "")
+
+
+def _ahead(dataset: datasets.IterableDataset, name: str, given=bool) -> list:
+    """The values of column ``name`` that are ``given`` (default: not None nor empty) in the stream's first
+    ``LOOK_AHEAD`` rows."""
+    return [row.get(name) for row in itertools.islice(dataset, LOOK_AHEAD) if given(row.get(name))]
 
 
 def first_row(dataset: datasets.IterableDataset, name: str = "train") -> dict:
@@ -174,10 +182,11 @@ def prepare_stream(
     chosen = (columns or {}).get("chosen", "chosen")
     first_chosen = first.get(chosen)
     kind = format if format != "auto" else value_format(first_chosen)
-    if kind is None and bad_rows == "drop":  # (a first row to be dropped: the first of 100 with a format read)
-        first_chosen = next((row.get(chosen) for row in itertools.islice(dataset, 100) if value_format(
-            row.get(chosen))), first_chosen)  # fmt: skip
-        kind = value_format(first_chosen)
+    if format == "auto" and bad_rows == "drop":  # the most common format of the first rows, as the quality check
+        # keeps the most common (a first row of the other format, to be dropped, set it: every other row dropped)
+        answers = _ahead(dataset, chosen, value_format)
+        kind = Counter(map(value_format, answers)).most_common(1)[0][0] if answers else kind
+        first_chosen = next((answer for answer in answers if value_format(answer) == kind), first_chosen)
     if kind is None:
         fix = "fix the value, or run fastdpo.data.check_preferences on a sample to list such rows"
         got = type(first_chosen).__name__
@@ -214,12 +223,20 @@ def _normalized_row(row: dict, index: int, *, renames, kind, has_prompt, system_
         out = _normalized(row, index, kind=kind, has_prompt=has_prompt, system_template=system_template,
                           input_template=input_template, prepared=prepared)  # fmt: skip
     except DataError as error:
-        reason = _drop_reason(row, kind, error) if drop else None
-        if reason is None:  # a shuffled stream's row number alone does not find the row: its prompt does
-            raise _located(error, row, prepared.name, hint=error.row is not None) from None
-        prepared.note("dropped", reason, index, f"column {error.column!r}: {error.message}")
+        _refused(row, index, kind, error, prepared, drop)
         return {**row, _ROW: index, _DROPPED: True}
     return {**out, _ROW: index, _DROPPED: False}
+
+
+def _refused(row: dict, index: int, kind: str, error: DataError, prepared: PreparedStream, drop: bool,
+             tokenizer=None) -> None:  # fmt: skip
+    """A row preparation refuses (``error``): under ``drop``, counted under the quality check's reason; else, or where
+    the check has none, its error raised, located (a shuffled stream's row number alone does not find the row: its
+    text does), its fix saying how such rows are dropped where ``drop`` would drop it."""
+    reason = _drop_reason(row, kind, error, tokenizer)
+    if not drop or reason is None:
+        raise _located(error, row, prepared.name, hint=not drop and reason is not None) from None
+    prepared.note("dropped", reason, index, f"column {error.column!r}: {error.message}")
 
 
 def _drop_reason(row: dict, kind: str, error: DataError, tokenizer=None) -> str | None:
@@ -231,7 +248,11 @@ def _drop_reason(row: dict, kind: str, error: DataError, tokenizer=None) -> str 
 
     if error.row is None:  # (the whole stream's problem, not this row's)
         return None
-    reasons = check_preferences([row], tokenizer).dropped_rows([row])
+    row = {"chosen": None, "rejected": None, **row}  # (a features-less stream's row may lack one: missing_field)
+    try:
+        reasons = check_preferences([row], tokenizer).dropped_rows([row])
+    except (DataError, ConfigError):  # (what the check cannot read: the row's own error stands)
+        return None
     if reasons:
         return next(iter(reasons))
     value = row.get(error.column) if error.column in ("prompt", "chosen", "rejected") else None
@@ -268,10 +289,11 @@ def _tokenized_batch(batch: dict, *, kind, tokenizer, max_length, truncation_mod
     try:
         tokens = tokenize_preference_batch(batch, indices, tokenizer, eos, "")
     except DataError as error:
-        if error.row is None:
+        if error.row not in indices:
             raise
-        if not drop:
-            raise error.but(fix=f"{error.fix}; {DROP_HINT}") from None
+        if not drop:  # (raises)
+            row = {name: values[indices.index(error.row)] for name, values in batch.items()}
+            _refused(row, error.row, kind, error, prepared, drop, tokenizer)
         tokens, refused = _tokens_row_by_row(batch, indices, kind, tokenizer, eos, prepared)
     for same, cut, index in zip(tokens.pop(SAME), tokens.pop(PROMPT_CUT), indices, strict=True):
         if index in refused:
@@ -300,10 +322,7 @@ def _tokens_row_by_row(batch: dict, indices: list[int], kind: str, tokenizer, eo
         try:
             tokens = tokenize_preference_batch(row, [index], tokenizer, eos, "")
         except DataError as error:
-            reason = _drop_reason({name: values[0] for name, values in row.items()}, kind, error, tokenizer)
-            if reason is None:
-                raise
-            prepared.note("dropped", reason, index, f"column {error.column!r}: {error.message}")
+            _refused({name: values[0] for name, values in row.items()}, index, kind, error, prepared, True, tokenizer)
             tokens = {**{name: [[]] for name in (*TOKEN_COLUMNS, PROMPT_CUT)}, SAME: [False]}
             refused.add(index)
         for name, values in tokens.items():
@@ -398,13 +417,18 @@ def prepare_sft_stream(
         present = [renamed.get(key, key) for key in present]
         source = "messages" if "messages" in present else "conversations" if "conversations" in present else None
         value = first.get(source) if source else None
+        if source and not value:  # (a refused first row: the first conversation given, as prepare_sft reads it)
+            value = next(iter(_ahead(dataset, source)), value)
         sharegpt = is_sharegpt(value)
         if source == "conversations":
             present = ["messages" if key == "conversations" else key for key in present]
             first = {**first, "messages": value}
         layout = sft_layout(present)
+        completion = first.get("completion")
+        if layout == "prompt_completion" and value_format(completion) is None:  # (as prepare_sft: the first read)
+            completion = next(iter(_ahead(dataset, "completion", value_format)), completion)
         conversational = layout == "messages" or (
-            layout == "prompt_completion" and value_format(first["completion"]) == "conversational"
+            layout == "prompt_completion" and value_format(completion) == "conversational"
         )
         completion_only_loss = resolve_options(present, tokenizer, layout, conversational, completion_only_loss,
                                                assistant_only_loss, chat_template)  # fmt: skip

@@ -510,10 +510,13 @@ def train_reporting_streams(trainer, train, *args, **kwargs):
     finally:
         report_streams(trainer._streams, trainer.args.dataloader_num_workers)
     if trainer.state.global_step == 0 and isinstance(trainer.train_dataset, datasets.IterableDataset):
+        counts = {reason: len(rows) for reason, rows in getattr(trainer, "dropped_rows", {}).get("train", {}).items()}
+        why = f": {counts}" if counts else " (dropped_rows says why)"  # (not where dataloader workers counted them)
         raise DataError(
-            "the train stream gave no batch: every row read was dropped (dropped_rows says why)",
+            f"the train stream gave no batch: every row read was dropped{why}",
             option="train_dataset",
-            fix="check the data (fastdpo data check FILE), or raise max_length",
+            fix="check the data (fastdpo data check FILE), or raise max_length"
+            + (" for rows whose prompt fills it" if set(counts) == {"prompt_fills_max_length"} else ""),
         )
     return output
 
