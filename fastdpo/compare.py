@@ -219,6 +219,7 @@ def _scores(policy, reference, prompt_ids: list[int], answer_ids: list[int]) -> 
 
 
 SCORE_BYTES = 1 << 28  # the fp32 log-probs of one scoring batch at most (256 MiB), whatever the pairs' number
+SCORE_TOKENS = 1 << 14  # and its tokens through the model (long prompts of one-token answers: few log-probs)
 
 
 @torch.no_grad()
@@ -226,7 +227,8 @@ def _logps(model, items: list[tuple[list[int], list[int]]]) -> list[float]:
     """Σ log π(answer | prompt) for each ``(prompt_ids, answer_ids)``, over the answer tokens that have a token
     before them (with an empty prompt the first answer token is context only, as in training); items whose prompts
     and answers have the same lengths run as batches, with no padding (a row attends to its own tokens only), of
-    ``SCORE_BYTES`` of log-probs at most (one batch of 400 short pairs of a 128k vocabulary took tens of GB)."""
+    ``SCORE_BYTES`` of log-probs and ``SCORE_TOKENS`` tokens at most (one batch of 400 short pairs of a 128k
+    vocabulary took tens of GB)."""
     device = next(model.parameters()).device
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = embeddings.num_embeddings if embeddings is not None else model.config.get_text_config().vocab_size
@@ -237,7 +239,8 @@ def _logps(model, items: list[tuple[list[int], list[int]]]) -> list[float]:
             groups.setdefault((len(prompt), len(answer)), []).append(i)
     for (prompt_length, answer_length), group in groups.items():
         start = max(1, prompt_length)  # the first scored position
-        rows_per_batch = max(1, SCORE_BYTES // (4 * (prompt_length + answer_length - start) * vocab))
+        length = prompt_length + answer_length
+        rows_per_batch = max(1, min(SCORE_BYTES // (4 * (length - start) * vocab), SCORE_TOKENS // length))
         for first in range(0, len(group), rows_per_batch):
             rows = group[first : first + rows_per_batch]
             ids = torch.tensor([items[i][0] + items[i][1] for i in rows], device=device)

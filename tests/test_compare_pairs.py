@@ -128,11 +128,17 @@ def test_many_pairs_of_one_length_are_scored_in_batches_of_a_bounded_size(monkey
     monkeypatch.setattr(compare, "SCORE_BYTES", 4 * 2 * len(tokenizer) * 3)  # 2 rows' log-probs at 3 positions
     pieces = pair_metrics(policy, reference, tokenizer, rows, beta=BETA, data_filter="none")
     assert max(batches) <= 2 and sum(batches) == 4 * 5, batches  # (each model and side, in pieces)
+    batches.clear()
+    monkeypatch.setattr(compare, "SCORE_BYTES", 1 << 40)  # and by the tokens through the model: 3 rows' at most
+    monkeypatch.setattr(compare, "SCORE_TOKENS", 3 * len(tokenizer("Say red. red.")["input_ids"]) + 2)
+    thirds = pair_metrics(policy, reference, tokenizer, rows, beta=BETA, data_filter="none")
+    assert max(batches) == 3 and sum(batches) == 4 * 5, batches
     # fp64 models: the same sums in any batch, to rounding
     numbers = [key for key, value in whole.items() if isinstance(value, float)]
-    assert {key: pieces[key] for key in numbers} == pytest.approx({key: whole[key] for key in numbers}, rel=1e-9)
-    assert {key: value for key, value in pieces.items() if key not in numbers} == {
-        key: value for key, value in whole.items() if key not in numbers}  # fmt: skip
+    for scored in (pieces, thirds):
+        assert {key: scored[key] for key in numbers} == pytest.approx({key: whole[key] for key in numbers}, rel=1e-9)
+        assert {key: value for key, value in scored.items() if key not in numbers} == {
+            key: value for key, value in whole.items() if key not in numbers}  # fmt: skip
 
 
 def test_a_pair_with_an_empty_answer_is_dropped_and_counted_as_the_trainers_drop_it():
