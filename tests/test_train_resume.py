@@ -345,5 +345,7 @@ def test_a_checkpoint_file_cut_short_is_named(tokenizer, load, tmp_path):
     (damaged / "trainer_state.json").write_bytes(b"")  # (an empty file: not whole either)
     with pytest.raises(ConfigError, match="trainer_state.json is cut short"):
         fresh.train(resume_from_checkpoint=str(damaged))
+    (tmp_path / "run" / "checkpoint-2" / "notes.json").symlink_to(tmp_path / "gone.json")  # (a dangling link: not
+    # read by transformers, nor refused by the check, which failed on it with a FileNotFoundError)
     resumed = fresh.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))  # a whole one resumes
     assert resumed.global_step == 4

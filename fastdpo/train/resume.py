@@ -268,40 +268,46 @@ def refuse_damaged(checkpoint: str) -> None:
 
 def _cut_short(path: str) -> str | None:
     """What shows ``path`` cut short, by its kind: a safetensors file shorter than its header says, a torch file (a
-    zip archive) without the directory at its end, an empty one, a JSON file that does not parse; None otherwise."""
+    zip archive) without the directory at its end, an empty one, a JSON file that does not parse; None otherwise,
+    and for a file of another kind or one that cannot be read (a dangling link: transformers' to say)."""
+    if not path.endswith((".safetensors", ".pt", ".pth", ".bin", ".json")) or not os.path.isfile(path):
+        return None
+    try:
+        return _cut_short_file(path, os.path.getsize(path))
+    except OSError:
+        return None
+
+
+def _cut_short_file(path: str, size: int) -> str | None:
     import zipfile
 
-    size = os.path.getsize(path)
-    with open(path, "rb") as file:
-        start = file.read(8)
-        if path.endswith(".safetensors"):
-            length = int.from_bytes(start, "little") if len(start) == 8 else size
-            try:
-                header = json.loads(file.read(length)) if length <= size - 8 else None
-            except ValueError:
-                return "its header is not whole"
-            if header is None:
-                return f"{size} bytes, shorter than its header says"
-            if not isinstance(header, dict):
-                return "its header is not whole"
-            ends = [
-                v.get("data_offsets", [0, 0])[-1]
-                for k, v in header.items()
-                if isinstance(v, dict) and k != "__metadata__"
-            ]
-            end = 8 + length + max(ends, default=0)
-            return f"{size} bytes where its tensors end at byte {end}" if size < end else None
-    if path.endswith((".pt", ".pth", ".bin")):
-        if size == 0:
-            return "empty"
-        return "a zip archive without its end" if start[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(path) else None
     if path.endswith(".json"):
         try:
             with open(path, encoding="utf-8") as file:
                 json.load(file)
         except ValueError:
             return "not whole JSON"
-    return None
+        return None
+    with open(path, "rb") as file:
+        start = file.read(8)
+        if not path.endswith(".safetensors"):
+            if size == 0:
+                return "empty"
+            return (
+                "a zip archive without its end" if start[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(file) else None
+            )
+        length = int.from_bytes(start, "little") if len(start) == 8 else size
+        try:
+            header = json.loads(file.read(length)) if length <= size - 8 else None
+        except ValueError:
+            return "its header is not whole"
+    if header is None:
+        return f"{size} bytes, shorter than its header says"
+    if not isinstance(header, dict):
+        return "its header is not whole"
+    ends = [v.get("data_offsets", [0, 0])[-1] for k, v in header.items() if isinstance(v, dict) and k != "__metadata__"]
+    end = 8 + length + max(ends, default=0)
+    return f"{size} bytes where its tensors end at byte {end}" if size < end else None
 
 
 def refuse_finished(trainer, checkpoint: str | None) -> None:
