@@ -58,9 +58,13 @@ def _command(name: str) -> list[str]:
     return [sys.executable, "-m", f"bench.{module}", *arguments]
 
 
+def _names(suite: str) -> list[str]:
+    """The benchmarks of ``suite`` (``all``: both)."""
+    return [name for part in (("cpu", "gpu") if suite == "all" else (suite,)) for name in SUITES[part]]
+
+
 def run(suite: str, only: list[str] | None = None) -> int:
-    names = [n for s in (("cpu", "gpu") if suite == "all" else (suite,)) for n in SUITES[s]]
-    names = [n for n in names if not only or n in only]
+    names = [n for n in _names(suite) if not only or n in only]
     failed = []
     for name in names:
         print(f"bench: {name} ...", flush=True)
@@ -92,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     known = {n for entries in SUITES.values() for n in entries}
     if args.only and set(args.only) - known:
         parser.error(f"unknown benchmarks {sorted(set(args.only) - known)}; python -m bench list shows them")
-    chosen = {n for suite in (("cpu", "gpu") if args.suite == "all" else (args.suite,)) for n in SUITES[suite]}
-    if args.only and set(args.only) - chosen:  # (they ran nothing, and the exit said success)
-        outside = sorted(set(args.only) - chosen)
-        theirs = sorted({suite for suite, entries in SUITES.items() for n in outside if n in entries})
-        parser.error(f"{', '.join(outside)} not in the {args.suite} suite: add --suite {' or '.join(theirs)} (or all)")
+    if args.only and set(args.only) - set(_names(args.suite)):  # (they ran nothing, and the exit said success)
+        outside = sorted(set(args.only) - set(_names(args.suite)))
+        theirs = {suite for suite, entries in SUITES.items() for n in args.only if n in entries}
+        suite = theirs.pop() if len(theirs) == 1 else "all"  # (names of both suites: all)
+        parser.error(f"{', '.join(outside)} not in the {args.suite} suite: add --suite {suite}")
     return run(args.suite, args.only)
 
 

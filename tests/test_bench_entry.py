@@ -30,7 +30,10 @@ def test_unknown_benchmark_is_refused(capsys):
     assert "head_cpuu" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the GPU suite's script under the default suite (cpu): it ran nothing, exit 0
         main(["run", "--only", "gpu.sh"])
-    assert "gpu.sh not in the cpu suite: add --suite gpu (or all)" in capsys.readouterr().err
+    assert "gpu.sh not in the cpu suite: add --suite gpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a name of each suite: both suites
+        main(["run", "--only", "gpu.sh", "head_cpu", "--suite", "gpu"])
+    assert "head_cpu not in the gpu suite: add --suite all" in capsys.readouterr().err
 
 
 def _parsed(module, arguments: list[str]):
