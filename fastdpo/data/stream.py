@@ -205,7 +205,8 @@ def prepare_stream(
     # first pairs reach training after 64 rows are tokenized, not 1000 (the default). The rows dropped as refused
     # leave between the two maps; the second numbers the rest by the first's count (_ROW)
     normalized = dataset.map(_normalized_row, with_indices=True, fn_kwargs=normalize, remove_columns=list(renames))
-    normalized = normalized.filter(lambda dropped: not dropped, input_columns=_DROPPED)
+    if bad_rows == "drop":
+        normalized = normalized.filter(lambda dropped: not dropped, input_columns=_DROPPED)
     mapped = normalized.map(_tokenized_batch, batched=True, batch_size=STREAM_BATCH, fn_kwargs=tokenize)
     kept = mapped.filter(lambda keep: keep, input_columns="_keep")
     prepared.dataset = kept.remove_columns(["_keep", _ROW, _DROPPED])
