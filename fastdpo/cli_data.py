@@ -57,6 +57,9 @@ def add_data_parser(commands) -> None:
             action.add_argument("--group-by-prompt", action="store_true", help="each row holds one response "
                                 "(--completions) and its score (--scores): the rows of one prompt are grouped "
                                 "(HelpSteer2's layout; KTO's: --completions completion --scores label)")  # fmt: skip
+            action.add_argument("--tree", action="store_true", help="a message tree, one message a row (oasst's "
+                                "message_id, parent_id, text, role, rank; --completions and --scores name the text "
+                                "and rank columns): the ranked replies to each message paired, 0 the best")  # fmt: skip
             for column, meaning in PAIRS_COLUMNS.items():
                 action.add_argument(f"--{column.replace('_', '-')}", dest=column, default=None, help=meaning)
         if name in ("filter", "pairs", "split"):
@@ -147,9 +150,12 @@ def _run_data(known: argparse.Namespace) -> int:
     if known.action == "pairs":
         options = {k: getattr(known, k) for k in ("prompt", "completions", "scores", "response_key", "score_key")}
         try:
-            result = build_pairs(dataset, strategy=known.strategy, margin=known.margin, seed=known.seed,
-                                 lower_is_better=known.lower_is_better, group_by_prompt=known.group_by_prompt,
-                                 **{k: v for k, v in options.items() if v is not None})  # fmt: skip
+            if known.tree:
+                result = _tree_pairs(dataset, known, options)
+            else:
+                result = build_pairs(dataset, strategy=known.strategy, margin=known.margin, seed=known.seed,
+                                     lower_is_better=known.lower_is_better, group_by_prompt=known.group_by_prompt,
+                                     **{k: v for k, v in options.items() if v is not None})  # fmt: skip
         except (DataError, ConfigError) as error:
             raise pairs_in_cli_terms(error) from None
         if len(result.dataset) == 0:  # (an empty file, exit 0, before)
@@ -346,6 +352,22 @@ def _mapped(dataset, columns: dict):
     from fastdpo.data.sft import SFT_COLUMNS
 
     return rename_columns(dataset, columns, SFT_COLUMNS if _holds_sft(dataset, columns) else KNOWN_TARGETS)
+
+
+def _tree_pairs(dataset, known, options: dict):
+    """``fastdpo data pairs --tree``: ``build_tree_pairs``, ``--completions`` and ``--scores`` naming the text and
+    rank columns; the options of rows that hold their prompt refused."""
+    from fastdpo.data.trees import build_tree_pairs
+
+    for name in ("prompt", "response_key", "score_key", "group_by_prompt"):
+        if getattr(known, name, None) or options.get(name):
+            flag = f"--{name.replace('_', '-')}"
+            raise ConfigError("a message tree's prompts are its conversations, grouped by the message replied to",
+                              column=flag, fix=f"drop {flag}; --completions and --scores name the text and rank "
+                              "columns")  # fmt: skip
+    names = {"text": options["completions"], "rank": options["scores"]}
+    return build_tree_pairs(dataset, strategy=known.strategy, margin=known.margin, seed=known.seed,
+                            **{k: v for k, v in names.items() if v is not None})  # fmt: skip
 
 
 def _holds_sft(dataset, columns: dict | None) -> bool:

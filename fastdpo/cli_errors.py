@@ -25,7 +25,8 @@ def pairs_in_cli_terms(error: Exception) -> Exception:
     prompt=...; fastdpo data: --prompt ...``) is ``in_cli_terms``'."""
     if not isinstance(error, (DataError, ConfigError)) or "; fastdpo data: " in (error.fix or ""):
         return error
-    message, fix = (re.sub(_PAIRS_KEYS, _as_flag, text) for text in (error.message, error.fix or ""))
+    message, fix = (re.sub(_PAIRS_KEYS, _as_flag, text).replace("fastdpo.data.build_tree_pairs", "--tree")
+                    for text in (error.message, error.fix or ""))  # fmt: skip
     column = error.column  # (a DataError's names the data's column; a ConfigError's, an option: its flag)
     if isinstance(error, ConfigError) and column in ("response_key", "score_key", "margin", "seed", "strategy"):
         column = f"--{column.replace('_', '-')}"

@@ -99,8 +99,7 @@ def test_the_command_groups_and_speaks_its_flags(tmp_path, monkeypatch, capsys):
         warnings.simplefilter("ignore")
         assert cli.main(argv) == 2
         said = capsys.readouterr().err.strip().splitlines()[-1]
-        assert said.endswith("grouped by prompt with --group-by-prompt; an oasst tree's by its parent message first, "
-                             "into such rows)"), said  # fmt: skip
+        assert said.endswith("grouped by prompt with --group-by-prompt; an oasst message tree's with --tree)"), said
         assert cli.main([*argv, "--group-by-prompt"]) == 0
     assert capsys.readouterr().out.startswith("best_vs_worst: 2 pairs from 10 rows; dropped 5 rows")
     written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]

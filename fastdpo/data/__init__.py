@@ -28,6 +28,7 @@ from fastdpo.data.sft import TokenizedSFT, prepare_sft, tokenize_sft
 from fastdpo.data.split import split_by_prompt, split_sft_by_prompt
 from fastdpo.data.stream import PreparedStream, prepare_sft_stream, prepare_stream
 from fastdpo.data.tokenize import TokenizedPreferences, tokenize_preferences, truncate
+from fastdpo.data.trees import build_tree_pairs
 
 __all__ = [
     "PREFERENCE_COLUMNS",
@@ -42,6 +43,7 @@ __all__ = [
     "TokenizedSFT",
     "bfd_bins_fifo",
     "build_pairs",
+    "build_tree_pairs",
     "check_preferences",
     "cpp_available",
     "default_pack_length",

@@ -288,7 +288,7 @@ def _parse_row(row, items, row_scores, completions, response_key, score_key) -> 
     if not isinstance(items, list):
         one = (
             " (rows of one response each and its score, as HelpSteer2's, are grouped by prompt with "
-            "group_by_prompt=True; an oasst tree's by its parent message first, into such rows)"
+            "group_by_prompt=True; an oasst message tree's with fastdpo.data.build_tree_pairs)"
             if isinstance(items, str)
             else ""
         )
