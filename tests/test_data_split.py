@@ -384,3 +384,21 @@ def test_the_python_split_draws_by_default_as_the_command_and_a_run_do(tmp_path)
     for split in (split_by_prompt, split_pairs):
         held_out = split(datasets.Dataset.from_list(rows), test_size=0.25)[1]
         assert held_out["prompt"] == written, split.__name__
+
+
+def test_the_rows_a_split_counts_toward_no_size_are_those_preparation_refuses():
+    # split_pairs prepared every row to find them (2.8 s of 50,000 rows), then the run prepared them again: the
+    # same checks (check_row's) find them alone now
+    import datasets
+
+    from fastdpo.data.refused import prepared_rows, refused_rows
+
+    standard = [{"prompt": f"q{i}?", "chosen": f" a{i}.", "rejected": f" b{i}.", "system": "be brief"}
+                for i in range(8)]  # fmt: skip
+    standard[1]["chosen"], standard[3]["rejected"], standard[6]["chosen"] = "", None, "   "
+    chat = [{"prompt": [{"role": "user", "content": f"q{i}?"}], "chosen": [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": f"b{i}"}], "tools": None} for i in range(6)]  # fmt: skip
+    chat[2]["chosen"], chat[4]["tools"] = [], "{not json"
+    for rows, expected in ((standard, {1, 3, 6}), (chat, {2, 4})):
+        dataset = datasets.Dataset.from_list(rows)
+        assert refused_rows(dataset) == set(prepared_rows(dataset, None)[1]) == expected

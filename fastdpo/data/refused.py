@@ -48,6 +48,29 @@ def prepared_rows(dataset, columns: dict | None):
         return raw, refused
 
 
+def refused_rows(dataset) -> set[int]:
+    """The rows ``prepare_preferences`` refuses, found by ``check_row`` (its checks) without preparing the others,
+    and the rows' counted warnings given as it gives them: what ``split_pairs`` counts toward no size (preparing
+    every row for it took 2.8 s of 50,000 rows). A DataError where the whole dataset is refused (no row of a known
+    format). ``dataset``: under fastdpo's column names."""
+    kind = _detect_format(dataset, "auto")
+    warn_of_rows(dataset, kind)
+    read = [name for name in (*ANSWERED, *TEMPLATE_INPUTS) if name in dataset.column_names]
+    refused, row = set(), 0
+    for batch in dataset.select_columns(read).iter(batch_size=1000):
+        for values in zip(*batch.values(), strict=True):
+            try:
+                check_row(dict(zip(read, values, strict=True)), row, kind)
+            except DataError:
+                refused.add(row)
+            row += 1
+    return refused
+
+
+ANSWERED = ("prompt", "chosen", "rejected", "system", "input", "context")  # (the columns check_row reads)
+TEMPLATE_INPUTS = ("tools", "chat_template_kwargs")
+
+
 def _read_around(raw: list[dict], refused: dict[int, DataError], kind: str) -> None:
     """Each refused row whose fault is one answer, beside a prompt column, as the trainers would read it but for that
     answer (in place): the other answer stands in for it while the row is prepared (the prompt taken out of a whole

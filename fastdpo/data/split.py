@@ -87,11 +87,11 @@ def split_pairs(dataset: datasets.Dataset, *, test_size: float | int = 0.1, seed
     both sides. A row the preparation refuses goes with its prompt's group (without a prompt column: a group
     of its own) and counts toward no size (``split_by_keys``). ``prepared``: ``prepared_rows``' rows of ``dataset``,
     where the caller has them already."""
-    from fastdpo.data.refused import prepared_rows
+    from fastdpo.data.refused import prepared_rows, refused_rows
 
     if "prompt" in dataset.column_names:  # (the rows preparation refuses count toward no size: see split_by_keys)
         try:
-            refused = set(prepared_rows(dataset, None)[1])
+            refused = refused_rows(dataset)
         except DataError:  # (the whole dataset's problem: the trainers say it)
             refused = set()
         keys = column_values(dataset, "prompt")
