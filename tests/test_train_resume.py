@@ -349,3 +349,29 @@ def test_a_checkpoint_file_cut_short_is_named(tokenizer, load, tmp_path):
     # read by transformers, nor refused by the check, which failed on it with a FileNotFoundError)
     resumed = fresh.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))  # a whole one resumes
     assert resumed.global_step == 4
+
+
+def test_an_fsdp_or_xla_checkpoint_that_lost_its_schedule_is_refused_and_deepspeeds_is_not(tmp_path):
+    # their optimizer's state lies in files of their own (optimizer_0/, rank0-of-2-optimizer.pt): a lost scheduler.pt
+    # went unseen (the learning rate back at its peak); DeepSpeed's engine keeps its schedule in global_step<N>/
+    from fastdpo.errors import ConfigError
+    from fastdpo.train.resume import refuse_model_only
+
+    layouts = {"fsdp": ["optimizer_0/", "pytorch_model_fsdp_0/", "rng_state_0.pth"],
+               "xla": ["rank0-of-2-optimizer.pt", "rng_state_0.pth"],
+               "deepspeed": ["global_step4/", "latest", "rng_state_0.pth"]}  # fmt: skip
+    for name, files in layouts.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in [*files, "trainer_state.json"]:
+            if file.endswith("/"):
+                (folder / file).mkdir()
+            else:
+                (folder / file).write_text("{}")
+        if name == "deepspeed":
+            refuse_model_only(str(folder))
+            continue
+        with pytest.raises(ConfigError, match=f"{name} lacks scheduler.pt: the run would go on with a new learning"):
+            refuse_model_only(str(folder))
+        (folder / "scheduler.pt").write_text("")
+        refuse_model_only(str(folder))

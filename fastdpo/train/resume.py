@@ -232,17 +232,21 @@ def refuse_model_only(checkpoint: str) -> None:
 
     if not os.path.isdir(checkpoint):
         return
-    names = os.listdir(checkpoint)  # (optimizer.pt, FSDP's optimizer_0, XLA's rank0-of-2-optimizer.pt, DeepSpeed's
-    optimizer = any("optimizer" in name or name.startswith("global_step") for name in names)  # global_step<N>)
-    state = [name for name in ("scheduler.pt", "optimizer.pt") if name not in names]  # (a plain run's files)
+    names = os.listdir(checkpoint)
+    deepspeed = any(name.startswith("global_step") for name in names)  # (its engine's files: optimizer, schedule)
+    # optimizer.pt, FSDP's optimizer_0, XLA's rank0-of-2-optimizer.pt
+    optimizer = deepspeed or any("optimizer" in name for name in names)
     if not optimizer and "scheduler.pt" not in names and not any(name.startswith("rng_state") for name in names):
         raise ConfigError(f"{checkpoint} holds the model only (save_only_model=True): no optimizer, learning-rate "
                           "schedule or random state to go on with", column="resume_from_checkpoint",
                           fix="start a new run from its weights (model_name_or_path: the checkpoint), or set "
                           "save_only_model=False for checkpoints to resume from")  # fmt: skip
-    if not optimizer or ("optimizer.pt" in names and state):  # (a file lost: transformers went on without it,
-        # silently, with a new optimizer or the schedule from step 0)
-        raise ConfigError(f"{checkpoint} lacks {' and '.join(state)}: the run would go on with a new "
+    # a file lost (FSDP's and XLA's schedules too): transformers went on without it, silently, with a new optimizer
+    # or the schedule from step 0
+    lost = [name for name, kept in (("scheduler.pt", deepspeed or "scheduler.pt" in names), ("optimizer.pt", optimizer))
+            if not kept]  # fmt: skip
+    if lost:
+        raise ConfigError(f"{checkpoint} lacks {' and '.join(lost)}: the run would go on with a new "
                           f"{'optimizer' if not optimizer else 'learning-rate schedule, from step 0'}",
                           column="resume_from_checkpoint", fix="resume from another checkpoint (--resume PATH), or "
                           "put the file back")  # fmt: skip
