@@ -459,9 +459,12 @@ def _fold_chunk(z, targets, wanted, lse, stats, scratch):
     if want_mean:
         mean_logit.copy_(z.mean(1))
     if want_top1:
-        # argmax returns the first maximum, so a tie with an earlier token is not a top-1 hit (as in TRL)
-        is_top1.copy_(z.argmax(1) == targets)
-    row_max = z.amax(1)
+        # max's index is the first maximum, so a tie with an earlier token is not a top-1 hit (as TRL's argmax);
+        # one pass for both (argmax alone took 3x max's time on a CPU)
+        row_max, first = z.max(1)
+        is_top1.copy_(first == targets)
+    else:
+        row_max = z.amax(1)
     shifted = z.sub_(row_max[:, None])  # z - max, in place
     # Entropy needs z - max and its exp side by side; otherwise exponentiate in place
     exp = torch.exp(shifted, out=scratch[: z.shape[0]]) if want_entropy else shifted.exp_()
@@ -471,8 +474,8 @@ def _fold_chunk(z, targets, wanted, lse, stats, scratch):
     logp.copy_(target_logit - lse)
     if want_entropy:
         # H = log s - Σ e (z - m) / s, with e = exp(z - m) and s = Σ e; a -inf logit (e = 0) adds 0, not 0 * -inf
-        shifted.clamp_(min=torch.finfo(shifted.dtype).min)
-        weighted = torch.bmm(exp[:, None, :], shifted[:, :, None]).view(-1)
+        # (in place on z - max, read no more: a batched dot product took 4x a product and a sum on a CPU)
+        weighted = shifted.clamp_(min=torch.finfo(shifted.dtype).min).mul_(exp).sum(1)
         entropy.copy_(log_sum_exp - weighted / sum_exp)
     if want_sq:
         # log Σ p² = log Σ e² - 2 log s; Σ e² >= 1 since the largest e is 1, so this cannot underflow
