@@ -369,12 +369,18 @@ class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume,
         # TRL names its cache file by the dataset's fingerprint and the model's hash alone: a run at another
         # max_length (keep_end, or None), truncation_mode or ld_alpha read the first run's values, silently (step-1
         # margins 11.1 where 0). Those settings join the model's hash here, and the autocast the pass runs under
-        # (bf16/fp16: the values differ from fp32's in the fourth digit)
+        # (bf16/fp16: the values differ from fp32's in the fourth digit); and, TRL's hash being the weights' alone,
+        # the reference's config and adapters' configs, attention and device (a config field changed at the same
+        # path read values 1.57 nats off)
         from datasets.fingerprint import Hasher
+
+        from fastdpo.model.reference_cache import config_fingerprint
 
         model_hash, args = self._precompute_model_hash, self.args
         saved, self.data_collator = self.data_collator, collator
-        settings = (args.max_length, args.truncation_mode, args.ld_alpha, args.bf16, args.fp16)
+        reference = self.ref_model if self.ref_model is not None else self.model
+        settings = (args.max_length, args.truncation_mode, args.ld_alpha, args.bf16, args.fp16,
+                    config_fingerprint(reference))  # fmt: skip
         self._precompute_model_hash = Hasher.hash((model_hash, *settings))
         try:
             return super()._precompute_ref_logps(dataset, name, batch_size)

@@ -217,17 +217,24 @@ def test_the_dropins_precomputed_reference_cache_follows_max_length(tokenizer, l
     path = tmp_path / "pairs.jsonl"
     pairs(8).to_json(path)
 
-    def first_step(**settings):
+    def first_step(eps=None, **settings):
         data = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
         config = args(tmp_path, "pre", trl.DPOConfig, max_steps=1, precompute_ref_log_probs=True,
                       truncation_mode="keep_end", beta=0.5, **settings)  # fmt: skip
-        trainer = dropin.DPOTrainer(load(), args=config, train_dataset=data, processing_class=tokenizer)
+        model = load()
+        if eps is not None:  # (the same weights: TRL's hash of the model)
+            model.config.rms_norm_eps = eps
+        trainer = dropin.DPOTrainer(model, args=config, train_dataset=data, processing_class=tokenizer)
         trainer.train()
         return next(log for log in trainer.state.log_history if "loss" in log)
 
     first_step(max_length=16)
     step = first_step(max_length=30)
     assert step["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # (fp32 packed rows' rounding: ~1e-6)
+    assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    # nor by its config (a field changed at the same path read values 1.57 nats off)
+    step = first_step(eps=1.0, max_length=30)
+    assert step["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 

@@ -270,3 +270,46 @@ def test_the_cache_is_computed_on_the_steps_attention_and_keyed_by_it(tmp_path):
     assert len(list(cache.glob("*.arrow"))) == 2  # two keys
     for attention, log in logs.items():
         assert log["rewards/margins"] == 0 and log["rewards/accuracies"] == 0, (attention, log)
+
+
+def test_the_key_holds_the_attention_and_the_device_and_not_where_the_model_was_loaded_from(tmp_path, monkeypatch):
+    # eager and sdpa round apart: an sdpa file read by an eager run gave margins of -2.4e-7 at step 1; the same weights
+    # saved at another path were computed again (the config's _name_or_path); a learned scalar (a 0-dim parameter)
+    # failed in the fingerprint; a folder above the cache that cannot be entered stopped the run
+    model = tiny_llama(2).float()
+    rows = make_pairs(seed=12, count=4)
+    counter = ForwardCounter(model)
+    common = {"cache_dir": tmp_path, "max_length": None, "batch_size": 4, "progress": False}
+    cached_reference_logps(model, rows, **common)
+    model.config._name_or_path = "somewhere/else"
+    cached_reference_logps(model, rows, **common)
+    assert counter.calls == 1
+    model.config._attn_implementation = "eager" if model.config._attn_implementation != "eager" else "sdpa"
+    cached_reference_logps(model, rows, **common)
+    assert counter.calls == 2 and len(list(tmp_path.glob("*.arrow"))) == 2
+    model.register_parameter("scale", torch.nn.Parameter(torch.tensor(1.0)))
+    cached_reference_logps(model, rows, **common)
+    assert counter.calls == 3
+    from pathlib import Path
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "exists", refused)  # (as a folder above it that cannot be entered makes it fail)
+    values = cached_reference_logps(model, rows, **{**common, "cache_dir": tmp_path / "locked" / "inner"})
+    assert counter.calls == 4 and torch.isfinite(values).all()  # computed (its write warned about, where it fails)
+
+
+def test_reference_log_probs_that_overflow_name_the_option_and_the_way_on(tmp_path, monkeypatch):
+    import fastdpo.model.reference_cache as cache
+
+    model = tiny_llama(2).float()
+    rows = make_pairs(seed=12, count=4)
+
+    def overflowing(*args, **kwargs):
+        return torch.tensor([[0.0, 0.0], [float("-inf"), 0.0], [0.0, 0.0], [0.0, float("nan")]])
+
+    monkeypatch.setattr(cache, "compute_reference_logps", overflowing)
+    with pytest.raises(ConfigError, match=r"option 'reference': reference log-probs are not finite at rows \[1, 3\] "
+                       "of the 4 prepared rows.*compute the reference in fp32"):  # fmt: skip
+        cached_reference_logps(model, rows, cache_dir=tmp_path, max_length=None, progress=False)

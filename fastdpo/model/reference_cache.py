@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from fastdpo.atomic import atomic_open
 from fastdpo.data.packing import pack_pairs
-from fastdpo.model.packed import _unwrap, ld_weights, packed_logps
+from fastdpo.errors import ConfigError
+from fastdpo.model.packed import ld_weights, packed_logps
 
 logger = logging.getLogger(__name__)
 FORMAT = "fastdpo-reference-logps-1"
@@ -53,21 +54,36 @@ def default_cache_dir() -> Path:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A hash of every parameter and buffer (names, shapes, dtypes, bytes), of the model's config and of its PEFT
-    adapters' configs (LoRA's alpha and rsLoRA scale the adapter: the same weights give other log-probs)."""
+    """A hash of every parameter and buffer (names, shapes, dtypes, bytes) and of ``config_fingerprint``'s."""
     digest = hashlib.blake2b(digest_size=16)
-    config = getattr(model, "config", None)
+    digest.update(config_fingerprint(model).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        # (reshaped: a 0-dim tensor, a learned scalar, has no byte view)
+        digest.update(tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def config_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's config (but where it was loaded from: the same weights elsewhere give the same values),
+    of its PEFT adapters' configs (LoRA's alpha and rsLoRA scale the adapter: the same weights give other
+    log-probs), and of the attention implementation in effect and the device (their rounding differs: a policy
+    still equal to its reference has margins of exactly 0 on its own only)."""
+    digest = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)  # (a PEFT model's: its base model's)
     if config is not None:
-        digest.update(config.to_json_string(use_diff=False).encode())
+        settings = json.loads(config.to_json_string(use_diff=False))
+        settings.pop("_name_or_path", None)
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        digest.update(f"attention: {getattr(config, '_attn_implementation', None)}".encode())
     adapters = getattr(model, "peft_config", None)
     if isinstance(adapters, dict):
         for name, adapter in sorted(adapters.items()):
             settings = adapter.to_dict() if hasattr(adapter, "to_dict") else vars(adapter)
             digest.update(f"adapter {name}: {json.dumps(settings, sort_keys=True, default=str)}".encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    device = next((tensor.device.type for tensor in model.parameters()), "cpu")
+    digest.update(f"device: {device}".encode())
     return digest.hexdigest()
 
 
@@ -157,14 +173,20 @@ def compute_reference_logps(
     return out
 
 
-def cache_key(reference: nn.Module, rows, *, tokenizer, max_length: int | None, truncation_mode: str,
-              ld_alpha: float | None = None, autocast: str | None = None, adapter_off: bool = False,
-              attention: str | None = None) -> dict:  # fmt: skip
-    """What the cached values depend on; its hash names the file (``ld_alpha``, ``autocast``, ``adapter_off`` and
-    ``attention`` only when set, so that the files of plain sums in full precision keep the names they had before
-    these options existed; ``adapter_off``: a PEFT model computed them with its adapter off, or its "ref" adapter;
-    ``attention``: an implementation that attends per sequence computed them, whose rounding differs from masked
-    attention's: a policy still equal to its reference then has margins of exactly 0 on either)."""
+def cache_key(
+    reference: nn.Module,
+    rows,
+    *,
+    tokenizer,
+    max_length: int | None,
+    truncation_mode: str,
+    ld_alpha: float | None = None,
+    autocast: str | None = None,
+    adapter_off: bool = False,
+) -> dict:
+    """What the cached values depend on; its hash names the file (``ld_alpha``, ``autocast`` and ``adapter_off``
+    only when set; ``adapter_off``: a PEFT model computed them with its adapter off, or its "ref" adapter; the
+    attention implementation and the device are the model's fingerprint's)."""
     data, count = rows_fingerprint(rows)
     key = {"format": FORMAT, "model": model_fingerprint(reference), "tokenizer": tokenizer_fingerprint(tokenizer),
            "rows": data, "num_rows": count, "max_length": max_length, "truncation_mode": truncation_mode}  # fmt: skip
@@ -174,18 +196,7 @@ def cache_key(reference: nn.Module, rows, *, tokenizer, max_length: int | None, 
         key["autocast"] = str(autocast)
     if adapter_off:
         key["adapter"] = "off"
-    if attention is not None:
-        key["attention"] = attention
     return key
-
-
-def _per_sequence_attention(model: nn.Module) -> str | None:
-    """The model's attention implementation in effect where it attends per sequence (``attends_per_sequence``:
-    varlen, flash-attention), else None."""
-    from fastdpo.model.attention import attends_per_sequence
-
-    current = getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
-    return current if isinstance(current, str) and attends_per_sequence(current) else None
 
 
 def cached_reference_logps(
@@ -217,12 +228,15 @@ def cached_reference_logps(
         warnings.warn(f"cached_reference_logps(autocast={autocast!r}) but the autocast in effect is {actual}: the "
                       f"values are keyed as computed, {actual}", stacklevel=2)  # fmt: skip
     key = cache_key(reference, rows, tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode,
-                    ld_alpha=ld_alpha, autocast=actual, adapter_off=adapter_off,
-                    attention=_per_sequence_attention(reference))  # fmt: skip
+                    ld_alpha=ld_alpha, autocast=actual, adapter_off=adapter_off)  # fmt: skip
     name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / f"{name}.arrow"
     values = None
-    if path.exists():
+    try:
+        present = path.exists()
+    except OSError:  # (a folder above it that cannot be entered: computed, and its write warned about)
+        present = False
+    if present:
         values, problem = read_cache(path, key)
         if values is not None:
             logger.info("reference log-probs: %d rows read from %s", len(values), path)
@@ -241,7 +255,10 @@ def cached_reference_logps(
         values = compute_reference_logps(reference, rows, progress=progress, **options)
     if not bool(torch.isfinite(values).all()):
         bad = torch.nonzero(~torch.isfinite(values).all(1)).flatten()[:5].tolist()
-        raise ValueError(f"reference log-probs are not finite at rows {bad}: the reference model overflows there")
+        raise ConfigError(f"reference log-probs are not finite at rows {bad} of the {len(values)} prepared rows: the "
+                          "reference model overflows there", column="reference",
+                          fix="compute the reference in fp32 (bf16: false, or a float32 ref_model), or check its "
+                          "weights (a separate reference overflows on those rows too)")  # fmt: skip
     try:
         if not several or processes.is_local_main_process:  # (one writer a machine: the folder may be its own)
             write_cache(path, key, values)
