@@ -313,3 +313,17 @@ def test_reference_log_probs_that_overflow_name_the_option_and_the_way_on(tmp_pa
     with pytest.raises(ConfigError, match=r"option 'reference': reference log-probs are not finite at rows \[1, 3\] "
                        "of the 4 prepared rows.*compute the reference in fp32"):  # fmt: skip
         cached_reference_logps(model, rows, cache_dir=tmp_path, max_length=None, progress=False)
+
+
+def test_a_killed_writes_temporary_file_is_removed_once_a_day_old(tmp_path):
+    # a write killed by SIGKILL leaves its temporary file (never read: only a renamed file is); it stayed for good
+    import os
+    import time
+
+    model = tiny_llama(2).float()
+    old, fresh = tmp_path / ".abc.arrow.x1.tmp", tmp_path / ".def.arrow.x2.tmp"
+    for leftover in (old, fresh):
+        leftover.write_bytes(b"half a file")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    cached_reference_logps(model, make_pairs(seed=12, count=2), cache_dir=tmp_path, max_length=None, progress=False)
+    assert not old.exists() and fresh.exists()  # (a fresh one may be another run's write under way)

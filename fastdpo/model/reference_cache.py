@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -334,6 +335,20 @@ def write_cache(path: Path, key: dict, values: Tensor) -> None:
         writer.write_table(table)
     with atomic_open(path, "wb") as handle:
         handle.write(sink.getvalue())
+    _remove_stale_temporaries(path.parent)
+
+
+STALE_SECONDS = 86400  # a temporary file this old is no write under way
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """The temporary files of writes killed mid-way (SIGKILL: never renamed, never read) a day old or more: they were
+    left in the folder for good."""
+    cutoff = time.time() - STALE_SECONDS
+    for leftover in folder.glob(".*.arrow.*.tmp"):
+        with contextlib.suppress(OSError):
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
 
 
 def read_cache(path: Path, key: dict) -> tuple[Tensor | None, str]:
