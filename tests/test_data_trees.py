@@ -85,3 +85,14 @@ def test_the_command_writes_the_trees_pairs_and_refuses_what_a_tree_does_not_tak
         assert said in capsys.readouterr().err, flags
     with pytest.raises(DataError, match="no assistant message of the 1 rows has its conversation whole"):
         build_tree_pairs([message("x", "y", "Lost.", "assistant", 0)])
+
+
+def test_replies_to_two_messages_of_the_same_text_pair_within_their_own_message():
+    # grouped by the prompt's text, two trees that open alike were one group: a reply of one against a reply of the
+    # other (ranks of two sibling sets compared), the other tree's pair lost without a count
+    trees = [message("r1", None, "Hello", "prompter"), message("a1", "r1", "Hi!", "assistant", 0),
+             message("b1", "r1", "What?", "assistant", 1), message("r2", None, "Hello", "prompter"),
+             message("a2", "r2", "Hey.", "assistant", 1), message("b2", "r2", "Yo.", "assistant", 0)]  # fmt: skip
+    result = build_tree_pairs(trees)
+    assert [(pair["chosen_row"], pair["rejected_row"]) for pair in result.dataset] == [(1, 2), (5, 4)]
+    assert "_parent_row" not in result.dataset[0] and sum(result.dropped.values()) == 0

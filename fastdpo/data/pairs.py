@@ -109,6 +109,7 @@ def build_pairs(
     seed: int = 0,
     lower_is_better: bool = False,
     group_by_prompt: bool = False,
+    group_key: str | None = None,
 ) -> PairsResult:
     """Preference pairs from rows with several scored completions (see the module docstring for the rules).
 
@@ -124,6 +125,8 @@ def build_pairs(
             named like a rank without it gets a warning.
         group_by_prompt: each row holds one response (``completions``) and its score (``scores``); the rows of one
             prompt are grouped into one (see the module docstring). Not with ``response_key``/``score_key``.
+        group_key: with ``group_by_prompt``, the column whose equal values make a group instead of the prompt's
+            (``build_tree_pairs``: the message replied to; two with the same text are two groups).
 
     Returns:
         ``PairsResult``: rows ``prompt, chosen, rejected, chosen_score, rejected_score, source_row`` (float scores,
@@ -150,7 +153,8 @@ def build_pairs(
     all_scores = column_values(dataset, scores) if score_key is None else [None] * len(all_items)
     dropped_rows: dict[str, list[int]] = {reason: [] for reason in DROP_REASONS}
     if group_by_prompt:
-        groups = _groups(prompts, all_items, all_scores, completions, dropped_rows)
+        keys = prompts if group_key is None else column_values(dataset, group_key)
+        groups = _groups(keys, all_items, all_scores, completions, dropped_rows)
         prompts = [prompts[rows[0]] for rows in groups]
         all_items = [[all_items[row] for row in rows] for rows in groups]
         all_scores = [[all_scores[row] for row in rows] for rows in groups]
@@ -196,7 +200,8 @@ def build_pairs(
 
 
 def _groups(prompts: list, items: list, scores: list, completions: str, dropped_rows: dict) -> list[list[int]]:
-    """The rows of each prompt (equal text, or equal messages), groups in the order of their first rows, without the
+    """The rows of each prompt (equal text, or equal messages; or of equal ``group_key`` values, passed as
+    ``prompts``), groups in the order of their first rows, without the
     rows whose score or response is bad (in ``dropped_rows``, each alone: it dropped its prompt's other rows with it
     before); a DataError for a row whose response is a list of responses (one response per row here)."""
     groups: dict[Any, list[int]] = {}

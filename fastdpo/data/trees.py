@@ -5,7 +5,8 @@ user turn), its ``text``, its ``role`` (``prompter`` or ``user``; ``assistant``)
 got, its ``rank`` (0 the best; None where the replies were not ranked). ``build_tree_pairs`` gives each assistant
 message whose ancestors are all there a row: the conversation from the root to its parent as the ``prompt``
 (messages), the message as its ``completion`` (an assistant turn) and its rank; the replies to one message share
-that prompt, and ``build_pairs(group_by_prompt=True, lower_is_better=True)`` pairs them (a pair's ``chosen_row`` and
+that prompt, and ``build_pairs(group_by_prompt=True, lower_is_better=True)`` pairs them, grouped by the message they
+reply to (two messages of the same text, two trees that open with "Hello", are two groups; a pair's ``chosen_row`` and
 ``rejected_row`` are the two messages' rows in the tree data; the message's other columns, ``lang`` say, carried as
 ``build_pairs`` carries them). User turns are context only: no pair has one as an answer.
 
@@ -33,7 +34,7 @@ from fastdpo.errors import DataError
 
 ROLES = {"prompter": "user", "user": "user", "assistant": "assistant"}
 TREE_REASONS = ("deleted", "missing_parent", "bad_message", "roles_out_of_order", "duplicate_id")
-_TREE_ROW = "_tree_row"
+_TREE_ROW, _PARENT = "_tree_row", "_parent_row"  # (bookkeeping columns: a reply's row, its parent's row)
 
 
 def build_tree_pairs(
@@ -65,7 +66,7 @@ def build_tree_pairs(
                         f"{ {reason: len(found) for reason, found in dropped.items() if found} })", column=role,
                         fix="give the tree whole: its user and assistant messages, linked by parent_id")  # fmt: skip
     result = build_pairs(replies, strategy=strategy, margin=margin, seed=seed, completions="completion",
-                         scores="rank", lower_is_better=True, group_by_prompt=True)  # fmt: skip
+                         scores="rank", lower_is_better=True, group_by_prompt=True, group_key=_PARENT)  # fmt: skip
     source = [reply[_TREE_ROW] for reply in replies]
     pairs = [_in_tree_rows(pair, source) for pair in result.dataset]
     for reason, found in result.dropped_rows.items():
@@ -79,8 +80,8 @@ def build_tree_pairs(
 
 
 def _in_tree_rows(pair: dict, source: list[int]) -> dict:
-    """A grouped pair of the reply rows, its rows the tree data's (the bookkeeping column out)."""
-    pair = {key: value for key, value in pair.items() if not key.endswith(_TREE_ROW)}
+    """A grouped pair of the reply rows, its rows the tree data's (the bookkeeping columns out)."""
+    pair = {key: value for key, value in pair.items() if not key.endswith((_TREE_ROW, _PARENT))}
     return {**pair, "chosen_row": source[pair["chosen_row"]], "rejected_row": source[pair["rejected_row"]]}
 
 
@@ -94,9 +95,9 @@ def _replies(rows: list[dict], names: dict[str, str]) -> tuple[list[dict], dict[
             dropped["duplicate_id"].append(row)
         else:
             where[message[names["message_id"]]] = row
-    replies = []
+    replies, duplicates = [], set(dropped["duplicate_id"])
     for row, message in enumerate(rows):
-        if ROLES.get(message[names["role"]]) != "assistant" or row in dropped["duplicate_id"]:
+        if ROLES.get(message[names["role"]]) != "assistant" or row in duplicates:
             continue
         chain = _conversation(rows, row, where, names)
         if isinstance(chain, str):
@@ -105,7 +106,7 @@ def _replies(rows: list[dict], names: dict[str, str]) -> tuple[list[dict], dict[
         turns = [{"role": ROLES[rows[i][names["role"]]], "content": rows[i][names["text"]]} for i in chain]
         others = {key: value for key, value in message.items() if key not in names.values()}
         replies.append({**others, "prompt": turns[:-1], "completion": turns[-1:], "rank": message[names["rank"]],
-                        "message_id": message[names["message_id"]], _TREE_ROW: row})  # fmt: skip
+                        "message_id": message[names["message_id"]], _TREE_ROW: row, _PARENT: chain[-2]})  # fmt: skip
     return replies, dropped
 
 
