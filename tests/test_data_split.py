@@ -402,3 +402,12 @@ def test_the_rows_a_split_counts_toward_no_size_are_those_preparation_refuses():
     for rows, expected in ((standard, {1, 3, 6}), (chat, {2, 4})):
         dataset = datasets.Dataset.from_list(rows)
         assert refused_rows(dataset) == set(prepared_rows(dataset, None)[1]) == expected
+    # the whole set's problems are preparation's DataErrors (a split of rows without rejected failed in a KeyError)
+    from fastdpo.data.split import split_pairs
+    from fastdpo.errors import DataError
+
+    lacking = datasets.Dataset.from_list([{"prompt": f"q{i}?", "chosen": " a."} for i in range(10)])
+    for dataset in (lacking, lacking.select([])):
+        with pytest.raises(DataError):
+            refused_rows(dataset)
+    assert sum(map(len, split_pairs(lacking, test_size=0.2))) == 10  # (split as before: the trainers say the rest)

@@ -12,6 +12,7 @@ from collections import Counter
 
 from fastdpo.data.formats import _detect_format, check_row, prepare_preferences, rename_preference_columns, warn_of_rows
 from fastdpo.data.load import load_data, text_columns
+from fastdpo.data.schema import missing_answer
 from fastdpo.data.written import row_warnings_said
 from fastdpo.errors import DataError
 
@@ -52,7 +53,13 @@ def refused_rows(dataset) -> set[int]:
     """The rows ``prepare_preferences`` refuses, found by ``check_row`` (its checks) without preparing the others,
     and the rows' counted warnings given as it gives them: what ``split_pairs`` counts toward no size (preparing
     every row for it took 2.8 s of 50,000 rows). A DataError where the whole dataset is refused (no row of a known
-    format). ``dataset``: under fastdpo's column names."""
+    format, none at all, no chosen or rejected column: ``prepare_preferences``' errors). ``dataset``: under fastdpo's
+    column names."""
+    if len(dataset) == 0:
+        raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
+    for name in ("chosen", "rejected"):
+        if name not in dataset.column_names:
+            raise missing_answer(name, dataset.column_names)
     kind = _detect_format(dataset, "auto")
     warn_of_rows(dataset, kind)
     read = [name for name in (*ANSWERED, *TEMPLATE_INPUTS) if name in dataset.column_names]
