@@ -380,7 +380,7 @@ class DPOTrainer(_PredictsRows, _CheckedEvalSets, PackedTokenCount, WatchResume,
         saved, self.data_collator = self.data_collator, collator
         reference = self.ref_model if self.ref_model is not None else self.model
         settings = (args.max_length, args.truncation_mode, args.ld_alpha, args.bf16, args.fp16,
-                    config_fingerprint(reference))  # fmt: skip
+                    config_fingerprint(reference), _attention_of(args))  # fmt: skip
         self._precompute_model_hash = Hasher.hash((model_hash, *settings))
         try:
             return super()._precompute_ref_logps(dataset, name, batch_size)

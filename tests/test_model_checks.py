@@ -217,9 +217,9 @@ def test_the_dropins_precomputed_reference_cache_follows_max_length(tokenizer, l
     path = tmp_path / "pairs.jsonl"
     pairs(8).to_json(path)
 
-    def first_step(eps=None, **settings):
+    def first_step(eps=None, config_cls=trl.DPOConfig, **settings):
         data = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
-        config = args(tmp_path, "pre", trl.DPOConfig, max_steps=1, precompute_ref_log_probs=True,
+        config = args(tmp_path, "pre", config_cls, max_steps=1, precompute_ref_log_probs=True,
                       truncation_mode="keep_end", beta=0.5, **settings)  # fmt: skip
         model = load()
         if eps is not None:  # (the same weights: TRL's hash of the model)
@@ -232,10 +232,16 @@ def test_the_dropins_precomputed_reference_cache_follows_max_length(tokenizer, l
     step = first_step(max_length=30)
     assert step["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # (fp32 packed rows' rounding: ~1e-6)
     assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    # nor by its config (a field changed at the same path read values 1.57 nats off)
+    # nor by its config (a field changed at the same path read values 1.57 nats off), nor the attention of its pass
+    # (a varlen run read the model's attention's file: its rounding, margins of ~1e-7)
+    files = set((tmp_path / "cache").rglob("cache-*.arrow"))
     step = first_step(eps=1.0, max_length=30)
     assert step["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert len(set((tmp_path / "cache").rglob("cache-*.arrow")) - files) == 1  # (its own file)
+    files = set((tmp_path / "cache").rglob("cache-*.arrow"))
+    first_step(eps=1.0, max_length=30, config_cls=dropin.DPOConfig, packed_attention="varlen")
+    assert len(set((tmp_path / "cache").rglob("cache-*.arrow")) - files) == 1
 
 
 def test_sparse_attention_indexers_are_refused_under_varlen():

@@ -287,6 +287,14 @@ def test_the_key_holds_the_attention_and_the_device_and_not_where_the_model_was_
     model.config._attn_implementation = "eager" if model.config._attn_implementation != "eager" else "sdpa"
     cached_reference_logps(model, rows, **common)
     assert counter.calls == 2 and len(list(tmp_path.glob("*.arrow"))) == 2
+    from fastdpo.model.reference_cache import config_fingerprint
+
+    class Engine(torch.nn.Module):  # (DeepSpeed's engine: the model as .module, its own config a dict)
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.config = module, {"train_batch_size": 8}
+
+    assert config_fingerprint(Engine(model)) == config_fingerprint(model)  # (it failed on the dict's to_json_string)
     model.register_parameter("scale", torch.nn.Parameter(torch.tensor(1.0)))
     cached_reference_logps(model, rows, **common)
     assert counter.calls == 3

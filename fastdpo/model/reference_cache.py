@@ -72,8 +72,10 @@ def config_fingerprint(model: nn.Module) -> str:
     log-probs), and of the attention implementation in effect and the device (their rounding differs: a policy
     still equal to its reference has margins of exactly 0 on its own only)."""
     digest = hashlib.blake2b(digest_size=16)
+    while isinstance(getattr(model, "module", None), nn.Module):  # a DeepSpeed engine (its .config: DeepSpeed's), DDP
+        model = model.module
     config = getattr(model, "config", None)  # (a PEFT model's: its base model's)
-    if config is not None:
+    if hasattr(config, "to_json_string"):
         settings = json.loads(config.to_json_string(use_diff=False))
         settings.pop("_name_or_path", None)
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -81,7 +83,8 @@ def config_fingerprint(model: nn.Module) -> str:
     adapters = getattr(model, "peft_config", None)
     if isinstance(adapters, dict):
         for name, adapter in sorted(adapters.items()):
-            settings = adapter.to_dict() if hasattr(adapter, "to_dict") else vars(adapter)
+            settings = dict(adapter.to_dict() if hasattr(adapter, "to_dict") else vars(adapter))
+            settings.pop("base_model_name_or_path", None)  # (where the base was loaded from, as the config's)
             digest.update(f"adapter {name}: {json.dumps(settings, sort_keys=True, default=str)}".encode())
     device = next((tensor.device.type for tensor in model.parameters()), "cpu")
     digest.update(f"device: {device}".encode())
