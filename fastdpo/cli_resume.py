@@ -49,10 +49,10 @@ RESUME_MAY_CHANGE = frozenset({
     "dataloader_num_workers", "dataloader_prefetch_factor",
     "dataloader_persistent_workers", "dataloader_pin_memory", "dataloader_multiprocessing_context",
     "torch_empty_cache_steps",
-    # how memory is spent, not what a step computes: recomputed activations equal those kept (no dropout: the trainers
-    # turn it off), moved ones too; torch_compile is not applied by fastdpo's trainers (said when set)
-    "gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing",
-    "activation_checkpointing_kwargs", "activation_offloading", "ref_offload", "torch_compile",
+    # how memory is spent, not what a step computes: recomputed activations equal those kept (dropout too: the
+    # recompute restores the random state, as its kwargs' preserve_rng_state says, so they are not here), moved ones
+    # too; torch_compile is not applied by fastdpo's trainers (said when set)
+    "gradient_checkpointing", "activation_checkpointing", "activation_offloading", "ref_offload", "torch_compile",
     "torch_compile_backend", "torch_compile_mode",
 })  # fmt: skip
 

@@ -448,3 +448,19 @@ def test_a_stopped_streams_dropped_rows_are_written_and_a_stop_before_training_n
     assert stopped_at_once(out).endswith(f"; --resume goes on from the last complete one ({saved[1]})")
     assert stopped_at_once(tmp_path).endswith("; there is no checkpoint to resume")
     assert stopped_at_once(None).endswith("; there is no checkpoint to resume")  # (before the config was read)
+
+
+def test_a_resume_may_turn_checkpointing_on_or_off_but_not_change_how_it_keeps_the_random_state(tmp_path):
+    # preserve_rng_state: false recomputes dropout otherwise (a model that keeps dropout: step-2 loss 0.7969095 where
+    # 0.7816908), so the kwargs are compared; gradient checkpointing itself is not (the same numbers, tested above)
+    import yaml
+
+    from fastdpo.cli_resume import refuse_changed_config
+    from fastdpo.errors import ConfigError
+
+    recorded = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}, "beta": 0.1}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    refuse_changed_config(tmp_path / "config.yaml", {**recorded, "gradient_checkpointing": False}, overwrite=False)
+    changed = {**recorded, "gradient_checkpointing_kwargs": {"preserve_rng_state": False}}
+    with pytest.raises(ConfigError, match="gradient_checkpointing_kwargs"):
+        refuse_changed_config(tmp_path / "config.yaml", changed, overwrite=False)
