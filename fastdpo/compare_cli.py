@@ -89,8 +89,9 @@ def run_held_out(pairs: Path, split: str | None, recorded: dict, path: Path) -> 
     train = recorded.get("dataset_train_split") or "train"
     if not isinstance(fraction, (int, float)) or not isinstance(name, str) or split not in (None, train):
         return None
-    if recorded.get("datasets") or not _same_data(pairs, name, path.parent, train):  # (a mixture's run reads no
-        return None  # dataset_name)
+    # (a mixture's run reads no dataset_name)
+    if recorded.get("datasets") or not _same_data(pairs, name, path.parent, train):
+        return None
     print(f"--pairs: the pairs the policy's run held out of {pairs} ({path}'s eval_fraction {fraction}, drawn with "
           f"its seed {seed}); the others trained it")  # fmt: skip
     return fraction, seed, None if pairs.is_file() else train  # (a file's one split: a folder's train split alone)

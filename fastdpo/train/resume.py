@@ -138,8 +138,7 @@ def last_checkpoint(folder: str | os.PathLike) -> str | None:
 class ResumeChecks:
     """Trainer mixin (the native trainers' and the TRL drop-ins'): a resume refused where transformers would go on
     wrongly, silently (``refuse_model_only``, ``refuse_finished``: TRL's trainers too), or fail on a file it does not
-    name (``refuse_damaged``); ``_restore`` the trainer's own
-    state from the checkpoint, before transformers' loop."""
+    name (``refuse_damaged``); ``_restore`` the trainer's own state from the checkpoint, before transformers' loop."""
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
                              trial):  # fmt: skip
