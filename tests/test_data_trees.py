@@ -96,3 +96,13 @@ def test_replies_to_two_messages_of_the_same_text_pair_within_their_own_message(
     result = build_tree_pairs(trees)
     assert [(pair["chosen_row"], pair["rejected_row"]) for pair in result.dataset] == [(1, 2), (5, 4)]
     assert "_parent_row" not in result.dataset[0] and sum(result.dropped.values()) == 0
+
+
+def test_a_users_columns_ending_like_the_bookkeeping_are_carried_and_its_own_names_refused():
+    # the bookkeeping columns were left out by their endings: a user's parent_row, carried per side, went with them
+    rows = [{**row, "parent_row": f"note {i}"} for i, row in enumerate(TREE[:4])]
+    pair = build_tree_pairs(rows).dataset[0]
+    assert (pair["chosen_parent_row"], pair["rejected_parent_row"]) == ("note 1", "note 2")
+    assert not {key for key in pair if key.startswith("_") or key.endswith("__tree_row")}
+    with pytest.raises(DataError, match="column '_tree_row': the column name '_tree_row' is build_tree_pairs' own"):
+        build_tree_pairs([{**row, "_tree_row": 0} for row in TREE[:4]])

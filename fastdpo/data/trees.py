@@ -58,6 +58,10 @@ def build_tree_pairs(
             cli = {"text": "--completions", "rank": "--scores"}.get(option)
             raise missing_column(option, name, present, cli=f"{cli} <your column>" if cli else "the tree's "
                                  "columns are oasst's: message_id, parent_id, text, role, rank")  # fmt: skip
+    reserved = sorted({_TREE_ROW, _PARENT} & set(present))
+    if reserved:  # (overwritten by the bookkeeping, then left out: lost without a word)
+        raise DataError(f"the column name {reserved[0]!r} is build_tree_pairs' own", column=reserved[0],
+                        fix="rename that column first (Dataset.rename_column)")  # fmt: skip
     columns = {name: column_values(dataset, name) for name in present}
     rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
     replies, dropped = _replies(rows, names)
@@ -80,8 +84,10 @@ def build_tree_pairs(
 
 
 def _in_tree_rows(pair: dict, source: list[int]) -> dict:
-    """A grouped pair of the reply rows, its rows the tree data's (the bookkeeping columns out)."""
-    pair = {key: value for key, value in pair.items() if not key.endswith((_TREE_ROW, _PARENT))}
+    """A grouped pair of the reply rows, its rows the tree data's (the bookkeeping columns out: by their exact names,
+    a user's column ending alike stays)."""
+    bookkeeping = {_PARENT, f"chosen_{_TREE_ROW}", f"rejected_{_TREE_ROW}"}
+    pair = {key: value for key, value in pair.items() if key not in bookkeeping}
     return {**pair, "chosen_row": source[pair["chosen_row"]], "rejected_row": source[pair["rejected_row"]]}
 
 
