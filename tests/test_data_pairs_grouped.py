@@ -142,3 +142,21 @@ def test_the_commands_flags_stand_for_every_keyword_and_only_in_pairs_errors(tmp
                         "name the columns with --completions and --scores"), said  # fmt: skip
         assert cli.main(["data", "check", "completions=4/rows.jsonl", "--split", "test"]) == 2
         assert "completions=4/rows.jsonl is one file" in capsys.readouterr().err
+
+
+def test_a_group_key_names_a_column_of_the_data_and_one_prompt_a_group():
+    # a misspelt key grouped every row into one (a list's missing column reads None), or failed in datasets' words;
+    # rows of one key under two prompts paired a response under the other's prompt
+    rows = [{"prompt": "p1", "response": " a", "score": 1, "g": 1}, {"prompt": "p1", "response": " b", "score": 2,
+            "g": 1}, {"prompt": "p2", "response": " c", "score": 3, "g": 2}]  # fmt: skip
+    grouped = {"completions": "response", "scores": "score", "group_by_prompt": True}
+    for data in (rows, datasets.Dataset.from_list(rows)):
+        with pytest.raises(DataError, match="column 'gg': column not found"):
+            build_pairs(data, **grouped, group_key="gg")
+    with pytest.raises(ConfigError, match="option 'group_key': groups rows of one response each"):
+        build_pairs(rows, completions="response", scores="score", group_key="g")
+    mixed = [*rows, {"prompt": "p3", "response": " d", "score": 0, "g": 2}]
+    with pytest.raises(DataError, match="row 3, column 'prompt': its prompt is not that of row 2, of the same 'g'"):
+        build_pairs(mixed, **grouped, group_key="g")
+    assert [(pair["chosen_row"], pair["rejected_row"]) for pair in build_pairs(rows, **grouped, group_key="g").dataset
+            ] == [(1, 0)]  # fmt: skip

@@ -140,6 +140,11 @@ def build_pairs(
                           column="response_key" if response_key is not None else "score_key",
                           fix="leave response_key= and score_key= out; name the columns with completions= and "
                           "scores=")  # fmt: skip
+    if group_key is not None and not group_by_prompt:
+        raise ConfigError("groups rows of one response each, with group_by_prompt=True", column="group_key",
+                          fix="pass group_by_prompt=True too, or leave group_key out")  # fmt: skip
+    if group_key is not None and group_key not in table_columns(dataset):
+        raise missing_column("group_key", group_key, table_columns(dataset))
     score_name = score_key if score_key is not None else scores
     if "rank" in str(score_name).lower() and not lower_is_better:
         warnings.warn(f"scores from {score_name!r}: the highest is chosen; if 1 is the best rank, pass "
@@ -155,6 +160,8 @@ def build_pairs(
     if group_by_prompt:
         keys = prompts if group_key is None else column_values(dataset, group_key)
         groups = _groups(keys, all_items, all_scores, completions, dropped_rows)
+        if group_key is not None:
+            _refuse_mixed_prompts(groups, prompts, group_key, prompt)
         prompts = [prompts[rows[0]] for rows in groups]
         all_items = [[all_items[row] for row in rows] for rows in groups]
         all_scores = [[all_scores[row] for row in rows] for rows in groups]
@@ -225,6 +232,19 @@ def _groups(prompts: list, items: list, scores: list, completions: str, dropped_
         key = prompt_value if isinstance(prompt_value, str) else json.dumps(prompt_value, sort_keys=True, default=str)
         groups.setdefault((isinstance(prompt_value, str), key), []).append(row)
     return list(groups.values())
+
+
+def _refuse_mixed_prompts(groups: list[list[int]], prompts: list, group_key: str, prompt: str) -> None:
+    """A DataError at the first row of a ``group_key`` group whose prompt is not its group's: its response would be
+    paired under another prompt."""
+    for rows in groups:
+        first = json.dumps(prompts[rows[0]], sort_keys=True, default=str)
+        other = next((row for row in rows if json.dumps(prompts[row], sort_keys=True, default=str) != first), None)
+        if other is not None:
+            raise DataError(f"its prompt is not that of row {rows[0]}, of the same {group_key!r}: its response would "
+                            "be paired under another prompt", row=other, column=prompt,
+                            fix=f"give the rows of one {group_key!r} one prompt, or group by the prompt (leave "
+                            "group_key out)")  # fmt: skip
 
 
 def _candidates(prompt, responses: list, values: list[float], rows: list[int], excluded_rows: dict[str, list[int]]):
