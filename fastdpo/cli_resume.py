@@ -49,9 +49,9 @@ RESUME_MAY_CHANGE = frozenset({
     "dataloader_num_workers", "dataloader_prefetch_factor",
     "dataloader_persistent_workers", "dataloader_pin_memory", "dataloader_multiprocessing_context",
     "torch_empty_cache_steps",
-    # how memory is spent, not what a step computes: recomputed activations equal those kept (dropout too: the
-    # recompute restores the random state, as its kwargs' preserve_rng_state says, so they are not here), moved ones
-    # too; torch_compile is not applied by fastdpo's trainers (said when set)
+    # how memory is spent, not what a step computes: recomputed activations equal those kept (dropout too, where the
+    # recompute restores the random state: its kwargs' preserve_rng_state, compared by _compared), moved ones too;
+    # torch_compile is not applied by fastdpo's trainers (said when set)
     "gradient_checkpointing", "activation_checkpointing", "activation_offloading", "ref_offload", "torch_compile",
     "torch_compile_backend", "torch_compile_mode",
 })  # fmt: skip
@@ -79,6 +79,18 @@ def checkpoint_to_resume(out: Path, resume: str | bool, asked: str = "--resume")
 _SET_FROM_NONE = frozenset({"metric_for_best_model", "greater_is_better"})
 
 
+_RANDOM_STATE_ONLY = ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")
+
+
+def _compared(key: str, value):
+    """What of a setting a resume compares: of checkpointing's kwargs, whether the recompute restores the random state
+    (``preserve_rng_state``, torch's default true: dropout recomputed otherwise changes the numbers); ``use_reentrant``
+    and the like compute the same values. Every other setting whole."""
+    if key in _RANDOM_STATE_ONLY and (value is None or isinstance(value, dict)):
+        return (value or {}).get("preserve_rng_state", True)
+    return value
+
+
 def refuse_changed_config(recorded_path: Path, resolved: dict, *, overwrite: bool) -> None:
     """``ConfigError`` naming the fields outside ``RESUME_MAY_CHANGE`` where ``resolved`` (the settings as
     ``config.yaml`` records them) differs from ``recorded_path``; with ``overwrite``, a warning instead."""
@@ -91,7 +103,7 @@ def refuse_changed_config(recorded_path: Path, resolved: dict, *, overwrite: boo
     current = yaml.safe_load(yaml.safe_dump(resolved))  # compared as recorded: through YAML
     # a field only one side has comes from another version of fastdpo or transformers: not compared
     changed = sorted(key for key in recorded.keys() & current.keys()
-                     if key not in RESUME_MAY_CHANGE and recorded[key] != current[key]
+                     if key not in RESUME_MAY_CHANGE and _compared(key, recorded[key]) != _compared(key, current[key])
                      and not (key in _SET_FROM_NONE and recorded[key] is None))  # fmt: skip
     if not changed:
         return

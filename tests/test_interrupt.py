@@ -461,6 +461,9 @@ def test_a_resume_may_turn_checkpointing_on_or_off_but_not_change_how_it_keeps_t
     recorded = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}, "beta": 0.1}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
     refuse_changed_config(tmp_path / "config.yaml", {**recorded, "gradient_checkpointing": False}, overwrite=False)
+    for kwargs in (None, {"use_reentrant": True}, {"use_reentrant": False, "preserve_rng_state": True}):  # (the same)
+        changed = {**recorded, "gradient_checkpointing": False, "gradient_checkpointing_kwargs": kwargs}
+        refuse_changed_config(tmp_path / "config.yaml", changed, overwrite=False)
     changed = {**recorded, "gradient_checkpointing_kwargs": {"preserve_rng_state": False}}
     with pytest.raises(ConfigError, match="gradient_checkpointing_kwargs"):
         refuse_changed_config(tmp_path / "config.yaml", changed, overwrite=False)
