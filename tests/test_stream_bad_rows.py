@@ -70,7 +70,7 @@ def test_refused_rows_of_a_preference_stream_are_dropped_under_their_reason_and_
 def test_a_conversational_streams_refused_rows_and_the_other_format_are_dropped(tmp_path):
     tokenizer = build_tiny_tokenizer()
     rows = conversational(synthetic_pairs(6).to_list())
-    rows[0]["chosen"] = None  # missing_field, in the row the format is read from: read from the next then
+    rows[0]["chosen"] = None  # missing_field, in the first row: the format is that of most of the first rows
     del rows[1]["rejected"][0]["role"]  # bad_message
     rows[3]["chosen"] = []  # empty
     rows[4]["chosen"] = " a string among message lists"  # the other format: mixed_format
@@ -90,7 +90,7 @@ def test_a_drop_takes_the_format_of_most_rows_and_says_nothing_of_dropping_what_
     for i in (0, 7, 21):  # a few string pairs among conversations, the first row one of them
         rows[i] = strings[i]
     prepared = prepare_stream(stream_of(rows), tokenizer, bad_rows="drop")
-    read = ids(prepared)  # (the first row's format kept 3 rows and dropped the 37 others as mixed_format)
+    read = ids(prepared)  # (the first row's format, taken before, kept 3 rows and dropped the 37 others)
     assert prepared.dropped_rows == {"mixed_format": [0, 7, 21]} and len(read) == 37
     # a row refused for what the quality check does not drop (a system column of no text) stops the run either
     # way, and its fix does not say that bad_rows='drop' would drop it
