@@ -63,7 +63,7 @@ step layers_gpu "${GPU_LAYERS_TIMEOUT:-60}" "$PY" -m bench.layers_gpu --out "$ou
 cat "$out/layers_gpu.md" 2>/dev/null
 # 2. the head op against its peers (results written after every shape)
 step head_gpu "${GPU_HEAD_TIMEOUT:-150}" "$PY" -m bench.head_gpu --out "$out" \
-    ${GPU_HEAD_ARGS:---tokens 8192 32768 --hidden 2048 4096 --vocab 32000 128256 --repeats 5}
+    ${GPU_HEAD_ARGS:---tokens 2048 8192 32768 --hidden 2048 4096 --vocab 32000 128256 --repeats 5}
 cat "$out/head_gpu.md" 2>/dev/null
 # 3. end to end (results written after every engine)
 step dpo_gpu "${GPU_DPO_TIMEOUT:-330}" "$PY" -m bench.dpo_gpu --out "$out" \
