@@ -59,11 +59,11 @@ class StopOnSignal(TrainerCallback):
         self.kept_limit = False  # save_total_limit raised from 1 to 2 for the stop (set back by the trainer)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._stop(args, state, control)
+        self._stop(state, control)
 
     def on_evaluate(self, args, state, control, **kwargs):
         # a signal during an evaluation: its step is saved right after it, not one step later
-        self._stop(args, state, control)
+        self._stop(state, control)
 
     def on_save(self, args, state, control, **kwargs):
         if self.signum is not None:  # a signal during a save: that checkpoint is the one to stop at
@@ -71,7 +71,7 @@ class StopOnSignal(TrainerCallback):
             self.stopped_at = state.global_step
             self._keep(args, state)
 
-    def _stop(self, args, state, control) -> None:
+    def _stop(self, state, control) -> None:
         if self.signum is not None:  # (the save it asks for ends in on_save)
             control.should_save = True
             control.should_training_stop = True
