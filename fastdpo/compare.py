@@ -223,15 +223,13 @@ SCORE_TOKENS = 1 << 14  # and its tokens through the model (long prompts of one-
 
 
 @torch.no_grad()
-def _logps(model, items: list[tuple[list[int], list[int]]]) -> list[float]:
+def _logps(model, items: list[tuple[list[int], list[int]]], vocab: int) -> list[float]:
     """Σ log π(answer | prompt) for each ``(prompt_ids, answer_ids)``, over the answer tokens that have a token
     before them (with an empty prompt the first answer token is context only, as in training); items whose prompts
     and answers have the same lengths run as batches, with no padding (a row attends to its own tokens only), of
     ``SCORE_BYTES`` of log-probs and ``SCORE_TOKENS`` tokens at most (one batch of 400 short pairs of a 128k
-    vocabulary took tens of GB)."""
+    vocabulary took tens of GB; ``vocab``: ``_vocabulary``'s)."""
     device = next(model.parameters()).device
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = embeddings.num_embeddings if embeddings is not None else model.config.get_text_config().vocab_size
     sums = [0.0] * len(items)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (prompt, answer) in enumerate(items):
@@ -359,8 +357,9 @@ def pair_metrics(policy, reference, tokenizer, pairs, *, beta: float = 0.1, data
         return [(ids[: mask.count(0)], ids[mask.count(0) :]) for ids, mask in cut]  # (the mask: 0s, then 1s)
 
     chosen, rejected = answers("chosen"), answers("rejected")
-    chosen_policy, chosen_reference = _logps(policy, chosen), _logps(reference, chosen)
-    rejected_policy, rejected_reference = _logps(policy, rejected), _logps(reference, rejected)
+    vocab = _vocabulary(policy, reference)
+    chosen_policy, chosen_reference = _logps(policy, chosen, vocab), _logps(reference, chosen, vocab)
+    rejected_policy, rejected_reference = _logps(policy, rejected, vocab), _logps(reference, rejected, vocab)
     chosen_gap = [p - r for p, r in zip(chosen_policy, chosen_reference, strict=True)]
     rejected_gap = [p - r for p, r in zip(rejected_policy, rejected_reference, strict=True)]
     margins = [beta * (c - r) for c, r in zip(chosen_gap, rejected_gap, strict=True)]

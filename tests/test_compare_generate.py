@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_model_packed import VOCAB, make_model
 
-from fastdpo.compare import _generate, _logps, _scores, compare
+from fastdpo.compare import _generate, _logps, _scores, _vocabulary, compare
 
 
 def uncached(model, ids, *, max_new_tokens, eos, sample, generator=None):
@@ -181,7 +181,8 @@ def test_scores_run_the_lm_head_on_the_answer_positions_only_and_equal_full_logi
     seen = []  # the positions the LM head computes, per call
     hook = policy.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
     ratio, kl = _scores(policy, reference, prompt, answer)
-    (chosen,) = _logps(policy, [(prompt, answer)])
+    vocab = _vocabulary(policy, reference)
+    (chosen,) = _logps(policy, [(prompt, answer)], vocab)
     _generate(policy, prompt, max_new_tokens=1, eos=-1, sample=False)
     hook.remove()
     # the answer's positions and the one before them (not the 37 of the prompt); the first token: the last position
@@ -197,4 +198,4 @@ def test_scores_run_the_lm_head_on_the_answer_positions_only_and_equal_full_logi
     # a model without logits_to_keep: every position computed, then cut; the same numbers
     wrapped = NoLogitsToKeep(policy), NoLogitsToKeep(reference)
     assert _scores(*wrapped, prompt, answer) == pytest.approx((ratio, kl), rel=1e-12)
-    assert _logps(wrapped[0], [(prompt, answer)]) == pytest.approx([chosen], rel=1e-12)
+    assert _logps(wrapped[0], [(prompt, answer)], vocab) == pytest.approx([chosen], rel=1e-12)
