@@ -92,9 +92,7 @@ def prepare_preferences(
     if len(dataset) == 0:  # (before its columns: an empty list's dataset has none to name)
         raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
     dataset, _ = rename_preference_columns(dataset, columns or {})
-    for name in ("chosen", "rejected"):
-        if name not in dataset.column_names:
-            raise missing_answer(name, dataset.column_names)
+    require_answers(dataset)
     warn_preference_labels(dataset, columns or {})
     kind = _detect_format(dataset, format)
     _check_rows(dataset, kind)
@@ -271,6 +269,13 @@ def _detect_format(dataset: datasets.Dataset, format: str) -> str:
             else ""
         ),
     )
+
+
+def require_answers(dataset: datasets.Dataset) -> None:
+    """A DataError naming the chosen or rejected column ``dataset`` (under fastdpo's names) lacks."""
+    for name in ("chosen", "rejected"):
+        if name not in dataset.column_names:
+            raise missing_answer(name, dataset.column_names)
 
 
 def _check_rows(dataset: datasets.Dataset, kind: str) -> None:

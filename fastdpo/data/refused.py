@@ -10,9 +10,15 @@ from __future__ import annotations
 
 from collections import Counter
 
-from fastdpo.data.formats import _detect_format, check_row, prepare_preferences, rename_preference_columns, warn_of_rows
+from fastdpo.data.formats import (
+    _detect_format,
+    check_row,
+    prepare_preferences,
+    rename_preference_columns,
+    require_answers,
+    warn_of_rows,
+)
 from fastdpo.data.load import load_data, text_columns
-from fastdpo.data.schema import missing_answer
 from fastdpo.data.written import row_warnings_said
 from fastdpo.errors import DataError
 
@@ -57,9 +63,7 @@ def refused_rows(dataset) -> set[int]:
     column names."""
     if len(dataset) == 0:
         raise DataError("the dataset has no rows", fix="check the file or the split you loaded")
-    for name in ("chosen", "rejected"):
-        if name not in dataset.column_names:
-            raise missing_answer(name, dataset.column_names)
+    require_answers(dataset)
     kind = _detect_format(dataset, "auto")
     warn_of_rows(dataset, kind)
     read = [name for name in (*ANSWERED, *TEMPLATE_INPUTS) if name in dataset.column_names]
