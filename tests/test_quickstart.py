@@ -231,7 +231,7 @@ def test_batched_greedy_answers_and_log_probs_equal_one_at_a_time(short_run):
     out, _ = short_run
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastdpo.compare import _logps
+    from fastdpo.compare import _logps, _vocabulary
     from fastdpo.quickstart import greedy_answers
 
     tokenizer = AutoTokenizer.from_pretrained(out / "dpo")
@@ -243,9 +243,10 @@ def test_batched_greedy_answers_and_log_probs_equal_one_at_a_time(short_run):
     items = [(tokenizer(p)["input_ids"], tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
              for p, a in zip(prompts, [*answers[:-1], ""], strict=True)]  # fmt: skip
     items[-1] = (items[-1][0], [])  # an empty answer scores 0
-    alone = [_logps(model, [item])[0] for item in items]  # one row a call
+    vocab = _vocabulary(model, model)
+    alone = [_logps(model, [item], vocab)[0] for item in items]  # one row a call
     # fp32 sums of a few log-probs; a batched product may round otherwise than a lone row's
-    assert _logps(model, items) == pytest.approx(alone, rel=1e-5, abs=1e-6) and alone[-1] == 0.0
+    assert _logps(model, items, vocab) == pytest.approx(alone, rel=1e-5, abs=1e-6) and alone[-1] == 0.0
 
 
 @pytest.mark.slow
