@@ -351,14 +351,14 @@ def test_a_checkpoint_file_cut_short_is_named(tokenizer, load, tmp_path):
     assert resumed.global_step == 4
 
 
-def test_an_fsdp_or_xla_checkpoint_that_lost_its_schedule_is_refused_and_deepspeeds_is_not(tmp_path):
+def test_an_fsdp_or_xla_checkpoint_that_lost_its_schedule_or_optimizer_is_refused_naming_it(tmp_path):
     # their optimizer's state lies in files of their own (optimizer_0/, rank0-of-2-optimizer.pt): a lost scheduler.pt
     # went unseen (the learning rate back at its peak); DeepSpeed's engine keeps its schedule in global_step<N>/
     from fastdpo.errors import ConfigError
     from fastdpo.train.resume import refuse_model_only
 
     layouts = {"fsdp": ["optimizer_0/", "pytorch_model_fsdp_0/", "rng_state_0.pth"],
-               "xla": ["rank0-of-2-optimizer.pt", "rng_state_0.pth"],
+               "xla": ["rank0-of-2-optimizer.pt", "rank0-of-2-pytorch_model.bin", "rng_state_0.pth"],
                "deepspeed": ["global_step4/", "latest", "rng_state_0.pth"]}  # fmt: skip
     for name, files in layouts.items():
         folder = tmp_path / name
@@ -375,3 +375,14 @@ def test_an_fsdp_or_xla_checkpoint_that_lost_its_schedule_is_refused_and_deepspe
             refuse_model_only(str(folder))
         (folder / "scheduler.pt").write_text("")
         refuse_model_only(str(folder))
+        # and its optimizer's state lost: named as its layout names it (it was told it lacked optimizer.pt)
+        optimizer = folder / files[0].rstrip("/")
+        if optimizer.is_dir():
+            shutil.rmtree(optimizer)
+        else:
+            optimizer.unlink()
+        said = {"fsdp": "optimizer_0 \\(FSDP's", "xla": "rank<i>-of-<N>-optimizer.pt \\(XLA FSDP's"}[name]
+        with pytest.raises(
+            ConfigError, match=f"{name} lacks {said} optimizer state\\): the run would go on with a new optimizer"
+        ):
+            refuse_model_only(str(folder))

@@ -233,7 +233,7 @@ def refuse_model_only(checkpoint: str) -> None:
         return
     names = os.listdir(checkpoint)
     deepspeed = any(name.startswith("global_step") for name in names)  # (its engine's files: optimizer, schedule)
-    # optimizer.pt, FSDP's optimizer_0, XLA's rank0-of-2-optimizer.pt
+    # optimizer.pt, FSDP's optimizer_0, XLA's rank0-of-2-optimizer.pt (_optimizer_file)
     optimizer = deepspeed or any("optimizer" in name for name in names)
     if not optimizer and "scheduler.pt" not in names and not any(name.startswith("rng_state") for name in names):
         raise ConfigError(f"{checkpoint} holds the model only (save_only_model=True): no optimizer, learning-rate "
@@ -242,13 +242,24 @@ def refuse_model_only(checkpoint: str) -> None:
                           "save_only_model=False for checkpoints to resume from")  # fmt: skip
     # a file lost (FSDP's and XLA's schedules too): transformers went on without it, silently, with a new optimizer
     # or the schedule from step 0
-    lost = [name for name, kept in (("scheduler.pt", deepspeed or "scheduler.pt" in names), ("optimizer.pt", optimizer))
+    own = _optimizer_file(names)
+    lost = [name for name, kept in (("scheduler.pt", deepspeed or "scheduler.pt" in names), (own, optimizer))
             if not kept]  # fmt: skip
     if lost:
         raise ConfigError(f"{checkpoint} lacks {' and '.join(lost)}: the run would go on with a new "
                           f"{'optimizer' if not optimizer else 'learning-rate schedule, from step 0'}",
                           column="resume_from_checkpoint", fix="resume from another checkpoint (--resume PATH), or "
                           "put the file back")  # fmt: skip
+
+
+def _optimizer_file(names: list[str]) -> str:
+    """The optimizer's file a checkpoint of these ``names`` would hold, by the layout its other files show."""
+    if any(name.startswith("pytorch_model_fsdp") for name in names):
+        return "optimizer_0 (FSDP's optimizer state)"
+    xla = [name for name in names if name.startswith("rank") and "-of-" in name]
+    if xla:
+        return "rank<i>-of-<N>-optimizer.pt (XLA FSDP's optimizer state)"
+    return "optimizer.pt"
 
 
 def refuse_damaged(checkpoint: str) -> None:
