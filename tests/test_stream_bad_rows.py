@@ -167,3 +167,10 @@ def test_trainers_drop_a_streams_refused_rows_under_stream_bad_rows(tmp_path):
                          train_dataset=datasets.Dataset.from_list(texts).to_iterable_dataset())  # fmt: skip
     trainer.train()
     assert trainer.state.global_step == 2 and trainer.dropped_rows["train"] == {"refused_completion": [3]}
+    # read by a dataloader worker: its drops written back, under a split of its own (they were not counted here)
+    args = SFTConfig(output_dir=str(tmp_path / "sft_worker"), max_steps=2, per_device_train_batch_size=2,
+                     report_to=[], bf16=False, stream_bad_rows="drop", dataloader_num_workers=1)  # fmt: skip
+    trainer = SFTTrainer(sft_model(tokenizer, tmp_path)(), args=args, processing_class=tokenizer,
+                         train_dataset=datasets.Dataset.from_list(texts).to_iterable_dataset())  # fmt: skip
+    trainer.train()
+    assert trainer.dropped_rows == {"train": {}, "train (dataloader worker 0)": {"refused_completion": [3]}}

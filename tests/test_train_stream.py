@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 from test_train_dpo import assert_first_steps_match, common_args, synthetic_pairs, tiny_model
@@ -130,27 +131,44 @@ def test_each_pass_over_a_stream_counts_its_drops_again():
                                   "the stream counts its rows again)")  # fmt: skip
 
 
-def test_drops_in_dataloader_workers_are_logged_there_and_the_summary_says_so(tmp_path, capfd, caplog):
-    # a worker reads its own copy of the prepared stream: it logs its first drop of each kind (to stderr, from its
-    # process), and the trainer's summary says that its own counts miss those rows rather than report none
+def test_drops_in_dataloader_workers_reach_the_trainers_dropped_rows(tmp_path, capfd, caplog):
+    # each worker reads its own copy of the prepared stream, in its own process: it logs its first drop of each kind
+    # (to stderr) and writes its rows back; they were missing from dropped_rows (and dropped_rows.json), a warning
+    # said so. Two files are two shards: one a worker, each numbering the rows it reads from 0
+    import gc
+
     tokenizer = build_tiny_tokenizer()
     load = tiny_model(tokenizer, tmp_path / "model")
-    handler = logging.StreamHandler()  # stderr, which the worker's process shares
+    rows = synthetic_pairs(18).to_list()
+    rows[3]["prompt"] = " ".join(["word"] * 80) + "?"  # alone fills max_length=64: dropped, as TRL drops it
+    rows[9 + 5]["chosen"] = ""  # refused; under stream_bad_rows="drop" dropped as the quality check's "empty"
+    files = [write_jsonl(tmp_path / f"part{i}.jsonl", rows[9 * i : 9 * (i + 1)]) for i in range(2)]
+    handler = logging.StreamHandler()  # stderr, which the workers' processes share
     logging.getLogger("fastdpo").addHandler(handler)
     try:
-        args = DPOConfig(**{**common_args(tmp_path, "workers"), "dataloader_num_workers": 1})
+        args = DPOConfig(**{**common_args(tmp_path, "workers"), "dataloader_num_workers": 2,
+                            "stream_bad_rows": "drop"})  # fmt: skip
+        stream = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
         trainer = DPOTrainer(model=load(), ref_model=load(), args=args, processing_class=tokenizer,
-                             train_dataset=stream_file(streamed_pairs(tmp_path, "standard")))  # fmt: skip
+                             train_dataset=stream)  # fmt: skip
         with caplog.at_level(logging.WARNING, logger="fastdpo"):
             trainer.train()
     finally:
         logging.getLogger("fastdpo").removeHandler(handler)
-    assert "dataloader worker 0: train stream: row 3 of the shards it reads dropped (prompt_fills_max_length" in (
-        capfd.readouterr().err
-    )
-    assert trainer.dropped_rows["train"] == {}  # counted in the worker, not here
+    err = capfd.readouterr().err
+    assert "dataloader worker 0: train stream: row 3 of the shards it reads dropped (prompt_fills_max_length" in err
+    assert "dataloader worker 1: train stream: row 5 of the shards it reads dropped (empty" in err
+    assert trainer.dropped_rows["train"] == {}  # (this process read no row)
+    assert trainer.dropped_rows["train (dataloader worker 0)"] == {"prompt_fills_max_length": [3]}
+    assert trainer.dropped_rows["train (dataloader worker 1)"] == {"empty": [5]}
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("1 dataloader worker(s) read the stream(s)") for m in messages), messages
+    assert ("train stream: dataloader worker 0: 1 dropped as prompt_fills_max_length (its rows 3); dataloader worker "
+            "1: 1 dropped as empty (its rows 5)") in messages, messages  # fmt: skip
+    spool = trainer._streams[0].spool
+    assert os.path.isdir(spool)
+    del trainer
+    gc.collect()
+    assert not os.path.exists(spool)  # (the workers' notes go with the stream)
 
 
 def test_bad_rows_of_a_stream_fail_where_they_are_read(tmp_path):

@@ -15,7 +15,8 @@ length and is read, not held: ``prepare_stream`` chains lazy maps onto it that g
   are out of order, string rows holding message lists written as text or whose chosen and rejected both repeat
   the prompt are trained on as they are (TRL's behaviour); each kind is logged at the first such row and
   counted, with their rows, in ``dropped_rows`` / ``flagged_rows``, which fill as the stream is read (in this
-  process: DataLoader workers count in their own copies) — ``summary()`` says what they hold.
+  process: DataLoader workers count in their own copies, and write them back to ``workers`` where
+  ``share_with_workers`` was called, as the trainers do) — ``summary()`` says what they hold.
 
 ``prepare_sft_stream`` does the same for SFT rows: ``prepare_sft`` then ``tokenize_sft``'s ``input_ids`` and
 ``labels`` (ShareGPT conversations converted as TRL converts them; a stream that is already tokenized labelled
@@ -28,7 +29,12 @@ batches and balancing ranks by tokens (the trainer refuses or skips them, and sa
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
+import shutil
+import tempfile
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -89,37 +95,84 @@ DROP_HINT = "or drop such rows as they are read: bad_rows='drop' (the trainers' 
 
 @dataclass
 class PreparedStream:
-    """A prepared stream, and what reading it has dropped or flagged so far (reason → stream rows)."""
+    """A prepared stream, and what reading it has dropped or flagged so far (reason → stream rows); with
+    ``share_with_workers``, what DataLoader workers dropped or flagged too (``workers``: worker → kind → reason → the
+    rows of the shards it reads), read back by ``collect_workers``."""
 
     dataset: datasets.IterableDataset
     name: str = "train"
     dropped_rows: dict[str, list[int]] = field(default_factory=dict)
     flagged_rows: dict[str, list[int]] = field(default_factory=dict)
+    spool: str | None = None  # the folder workers write their notes to (share_with_workers)
+    workers: dict[int, dict[str, dict[str, list[int]]]] = field(default_factory=dict)
 
     def note(self, kind: str, reason: str, row: int, why: str) -> None:
         """Count ``row`` under ``reason`` (``kind``: "dropped" or "flagged"), logging the first of each reason."""
         rows = (self.dropped_rows if kind == "dropped" else self.flagged_rows).setdefault(reason, [])
         rows.append(row)
-        if len(rows) == 1:
-            what = "dropped" if kind == "dropped" else "trained on as it is"
-            worker = torch.utils.data.get_worker_info()
-            if worker is None:
-                logger.warning("%s stream: row %d %s (%s: %s); further such rows are counted in dropped_rows/"
-                               "flagged_rows and summed up when training ends", self.name, row, what, reason,
-                               why)  # fmt: skip
-            else:  # a copy of this object in a dataloader worker's process: its counts stay there
-                logger.warning("dataloader worker %d: %s stream: row %d of the shards it reads %s (%s: %s); this "
-                               "worker counts further such rows, the trainer's dropped_rows does not see them",
-                               worker.id, self.name, row, what, reason, why)  # fmt: skip
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and self.spool is not None:  # (a copy of this object in a worker's process)
+            with open(os.path.join(self.spool, f"worker-{worker.id}.jsonl"), "a", encoding="utf-8") as notes:
+                notes.write(json.dumps([kind, reason, row]) + "\n")
+        if len(rows) > 1:
+            return
+        what = "dropped" if kind == "dropped" else "trained on as it is"
+        if worker is None:
+            logger.warning("%s stream: row %d %s (%s: %s); further such rows are counted in dropped_rows/"
+                           "flagged_rows and summed up when training ends", self.name, row, what, reason,
+                           why)  # fmt: skip
+        else:  # a copy of this object in a dataloader worker's process: its counts reach the trainer by the spool
+            seen = ("the trainer counts further such rows when training ends" if self.spool is not None else
+                    "this worker counts further such rows, the trainer's dropped_rows does not see them")  # fmt: skip
+            logger.warning("dataloader worker %d: %s stream: row %d of the shards it reads %s (%s: %s); %s",
+                           worker.id, self.name, row, what, reason, why, seen)  # fmt: skip
+
+    def share_with_workers(self) -> None:
+        """Have DataLoader workers (which read copies of this object in their own processes) write what they drop
+        and flag to a temporary folder, removed with this object; ``collect_workers`` reads it. Called before the
+        stream is first read."""
+        if self.spool is None:
+            self.spool = tempfile.mkdtemp(prefix="fastdpo-stream-")
+            weakref.finalize(self, _remove_spool, self.spool, os.getpid())
+
+    def collect_workers(self) -> dict[int, dict[str, dict[str, list[int]]]]:
+        """What the workers wrote so far (each pass over the stream appends), into ``workers``."""
+        found: dict[int, dict[str, dict[str, list[int]]]] = {}
+        names = sorted(os.listdir(self.spool)) if self.spool and os.path.isdir(self.spool) else []
+        for file in names:
+            worker = int(file.removeprefix("worker-").removesuffix(".jsonl"))
+            with open(os.path.join(self.spool, file), encoding="utf-8") as notes:
+                for line in notes:
+                    if line.endswith("\n"):  # (a line being written is read next time)
+                        kind, reason, row = json.loads(line)
+                        found.setdefault(worker, {}).setdefault(kind, {}).setdefault(reason, []).append(row)
+        self.workers = found
+        return found
 
     def summary(self) -> str | None:
-        """One line of what was dropped and flagged, None when nothing was."""
-        parts = [f"{len(rows)} dropped as {reason} (rows {_first(rows)})" for reason, rows in self.dropped_rows.items()]
-        parts += [f"{len(rows)} flagged as {reason}, trained on (rows {_first(rows)})"
-                  for reason, rows in self.flagged_rows.items()]  # fmt: skip
-        repeats = any(len(set(rows)) < len(rows) for rows in (*self.dropped_rows.values(), *self.flagged_rows.values()))
-        again = " (each pass over the stream counts its rows again)" if repeats else ""
+        """One line of what was dropped and flagged, None when nothing was (a worker's rows: of the shards it
+        reads)."""
+        parts = _parts(self.dropped_rows, self.flagged_rows, "rows")
+        for worker, kinds in sorted(self.workers.items()):
+            parts += [f"dataloader worker {worker}: {part}" for part in
+                      _parts(kinds.get("dropped", {}), kinds.get("flagged", {}), "its rows")]  # fmt: skip
+        listed = [*self.dropped_rows.values(), *self.flagged_rows.values()]
+        listed += [rows for kinds in self.workers.values() for reasons in kinds.values() for rows in reasons.values()]
+        again = (
+            " (each pass over the stream counts its rows again)" if any(len(set(r)) < len(r) for r in listed) else ""
+        )
         return f"{self.name} stream: {'; '.join(parts)}{again}" if parts else None
+
+
+def _remove_spool(spool: str, owner: int) -> None:
+    if os.getpid() == owner:  # (not a forked worker's copy as it is collected: the trainer reads the folder after)
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def _parts(dropped: dict[str, list[int]], flagged: dict[str, list[int]], rows: str) -> list[str]:
+    return [f"{len(found)} dropped as {reason} ({rows} {_first(found)})" for reason, found in dropped.items()] + [
+        f"{len(found)} flagged as {reason}, trained on ({rows} {_first(found)})" for reason, found in flagged.items()
+    ]
 
 
 def _first(rows: list[int], limit: int = 5) -> str:

@@ -22,7 +22,7 @@ import math
 import os
 import time
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 from torch import nn
@@ -500,18 +500,27 @@ def uncompiled(args) -> None:
 
 
 def train_reporting_streams(trainer, train, *args, **kwargs):
-    """``train(*args, **kwargs)``, then the streams' summaries (``report_streams``; when it fails too); a DataError
-    where a train stream gave no batch (every row read was dropped): the run ended at step 0 and saved the untrained
-    model as its result, where a map-style dataset with no row left is refused."""
+    """``train(*args, **kwargs)``, then the streams' summaries (``report_streams``; when it fails too), the rows
+    dataloader workers dropped in ``dropped_rows`` as splits of their own (``train (dataloader worker 0)``: their rows
+    are of the shards each reads); a DataError where a train stream gave no batch (every row read was dropped): the
+    run ended at step 0 and saved the untrained model as its result, where a map-style dataset with no row left is
+    refused."""
     import datasets
 
     try:
         output = train(*args, **kwargs)
     finally:
-        report_streams(trainer._streams, trainer.args.dataloader_num_workers)
+        report_streams(trainer._streams)
+        for stream in trainer._streams:
+            for worker, kinds in stream.workers.items():
+                if kinds.get("dropped"):
+                    trainer.dropped_rows[f"{stream.name} (dataloader worker {worker})"] = kinds["dropped"]
     if trainer.state.global_step == 0 and isinstance(trainer.train_dataset, datasets.IterableDataset):
-        counts = {reason: len(rows) for reason, rows in getattr(trainer, "dropped_rows", {}).get("train", {}).items()}
-        why = f": {counts}" if counts else " (dropped_rows says why)"  # (not where dataloader workers counted them)
+        counts = Counter()
+        for split, reasons in getattr(trainer, "dropped_rows", {}).items():
+            if split == "train" or split.startswith("train (dataloader worker"):
+                counts.update({reason: len(rows) for reason, rows in reasons.items()})
+        why = f": {dict(counts)}" if counts else " (dropped_rows says why)"
         raise DataError(
             f"the train stream gave no batch: every row read was dropped{why}",
             option="train_dataset",
@@ -521,18 +530,14 @@ def train_reporting_streams(trainer, train, *args, **kwargs):
     return output
 
 
-def report_streams(streams, workers: int = 0) -> None:
-    """One warning per prepared stream that dropped or flagged rows (``PreparedStream.summary``); with dataloader
-    ``workers``, one more: the rows they read were counted in their processes, not in these summaries."""
+def report_streams(streams) -> None:
+    """One warning per prepared stream that dropped or flagged rows (``PreparedStream.summary``, with what its
+    dataloader workers wrote back: ``collect_workers``)."""
     for stream in streams:
+        stream.collect_workers()
         summary = stream.summary()
         if summary:
             logger.warning("%s", summary)
-    if streams and workers > 0:
-        logger.warning("%d dataloader worker(s) read the stream(s): each counted the rows it dropped or flagged "
-                       "and logged the first of each kind (lines starting 'dataloader worker'); dropped_rows and "
-                       "the summaries here do not hold them (dataloader_num_workers=0 counts them here)",
-                       workers)  # fmt: skip
 
 
 def default_output_dir(model, suffix: str) -> str:
