@@ -411,9 +411,23 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs follow torch's own switch for fp32 matmuls: TF32 only where the user allowed it.
-    if dtype == torch.float32 and not INTERPRETED and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not INTERPRETED and tf32_allowed():
         return "tf32"
     return "ieee"
+
+
+def tf32_allowed() -> bool:
+    """Whether torch's fp32 matmuls may use TF32: the newer ``fp32_precision`` setting where it was set (torch >=
+    2.9; ``TrainingArguments(tf32=True)`` sets it there, and reading ``allow_tf32`` after that raises a
+    RuntimeError), else ``allow_tf32`` (``torch.set_float32_matmul_precision`` sets both)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision != "none":  # (it follows torch.backends.fp32_precision where only that was set)
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # (the two settings mixed: the newer one, unset, leaves TF32 off)
+        return False
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

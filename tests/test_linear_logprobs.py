@@ -364,3 +364,29 @@ def test_a_second_derivative_is_refused_not_wrong(impl):
         return
     with pytest.raises(RuntimeError, match=r"^linear_logprobs: a second derivative \(create_graph=True\)"):
         torch.autograd.grad(logp.sum(), hidden, create_graph=True)
+
+
+def test_the_kernels_read_tf32_from_the_setting_torch_was_given():
+    # TrainingArguments(tf32=True) sets torch's newer fp32_precision (torch >= 2.9); reading allow_tf32 after that
+    # raised a RuntimeError ("mix of the legacy and new APIs") in every fp32 Triton head call on a GPU. The settings
+    # are process-wide: each case in a fresh process
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    cases = {
+        "": "ieee",  # nothing set: torch's default, no TF32
+        "torch.backends.fp32_precision = 'tf32'": "tf32",  # transformers' enable_tf32(True)
+        "torch.backends.fp32_precision = 'ieee'": "ieee",
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'": "tf32",
+        "torch.backends.cuda.matmul.allow_tf32 = True": "tf32",  # the older setting
+        "torch.set_float32_matmul_precision('high')": "tf32",
+        "torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cuda.matmul.fp32_precision = 'ieee'": "ieee",
+    }
+    for setting, expected in cases.items():
+        code = (f"import torch; {setting}\nfrom fastdpo.kernels import linear_logprobs as k\n"
+                "print(k._dot_precision(torch.float32), k._dot_precision(torch.float16))")  # fmt: skip
+        env = {**os.environ, "TRITON_INTERPRET": "0"}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, (setting, done.stderr[-2000:])
+        assert done.stdout.split() == [expected, "ieee"], (setting, done.stdout)

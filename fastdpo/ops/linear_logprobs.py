@@ -167,7 +167,7 @@ def _resolve_impl(impl: str, hidden: Tensor, weight: Tensor) -> str:
         # half inputs of one dtype (autocast's included, see autocast_head_inputs): cuBLAS products and the
         # epilogue kernels (_HeadGemms) ran 2.1x faster than the fused kernels on an H200
         # (bench/results/NVIDIA_H200/run3); other dtype mixes keep the fused kernels, which take mixed inputs in the
-        # tensor cores' dtype where the chunked path would multiply in fp32
+        # wider dtype (fp32), as the chunked path would (fp32 on a GPU: not measured against it)
         same_half = hidden.dtype in HALF and weight.dtype == hidden.dtype and _half_branch(hidden.device)
         return "torch" if same_half else "triton"
     if impl == "triton":
