@@ -329,6 +329,9 @@ def _backward_rows_kernel(
     row_ok, rows, tgt, lse, grad = _row_block(rows_ptr, tgt_ptr, lse_ptr, grad_ptr, offs_n, n_rows, True)
     offs_k = tl.arange(0, BLOCK_K)
     for v0 in range(0, V, BLOCK_V):
+        # the last step's dh stores, by other threads than the loads below read them (two layouts): made visible
+        # here, where it held only by the barriers the compiler puts around the shared memory of the products
+        tl.debug_barrier()
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = offs_v < V
         dz, skip = _grad_tile(
@@ -362,6 +365,7 @@ def _backward_vocab_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     db = tl.zeros((BLOCK_V,), tl.float32)
     for n0 in range(0, n_rows, BLOCK_N):
+        tl.debug_barrier()  # (the last step's dW stores visible to this step's loads: as in _backward_rows_kernel)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         row_ok, rows, tgt, lse, grad = _row_block(rows_ptr, tgt_ptr, lse_ptr, grad_ptr, offs_n, n_rows, True)
         dz, skip = _grad_tile(
