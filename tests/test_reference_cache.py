@@ -16,9 +16,13 @@ from fastdpo.train import DPOConfig, DPOTrainer
 
 
 class ForwardCounter:
-    """Counts forward passes of a model's body."""
+    """Counts forward passes of a model's body (on batches: the once-per-model probe of fastdpo.model.probe is run
+    before counting)."""
 
     def __init__(self, model):
+        from fastdpo.model.probe import check_head
+
+        check_head(model)
         self.calls = 0
         model.get_decoder().register_forward_hook(self)
 

@@ -29,9 +29,9 @@ def test_a_non_finite_step_is_skipped_and_too_many_stop_training(tmp_path):
 
     poison.calls = 0
     policy = load()
-    policy.model.norm.register_forward_hook(poison)
     args = DPOConfig(**{**common_args(tmp_path, "guard"), "max_steps": 3})
     trainer = DPOTrainer(policy, ref_model=load(), args=args, train_dataset=data, processing_class=tokenizer)
+    policy.model.norm.register_forward_hook(poison)  # (after the trainer's once-per-model probe: the steps' forwards)
 
     from transformers import TrainerCallback
 

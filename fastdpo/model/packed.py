@@ -15,7 +15,9 @@ turns that detection off and every sequence silently attends to the ones before 
 path never builds a mask: it isolates sequences only through ``cu_seq_lens_q/k`` (or position ids at batch size 1),
 so for flash the rows are flattened into one row of ``R·L`` tokens and the batch's ``cu_seqlens`` are passed.
 Bodies whose masks never see ``position_ids`` (OPT, Bloom, GPT-OSS, ...; found in their first forward, see
-``_masked_body``) run each segment alone in a padded row instead (``_unpacked_body``).
+``_masked_body``) run each segment alone in a padded row instead (``_unpacked_body``). What this assumes of a
+model (its logits are the head's on the body's states; padding after a sequence changes nothing before it) is
+checked once per model on a probe (``fastdpo.model.probe``).
 fastdpo's own ``fastdpo_varlen`` (``fastdpo.model.attention``: causal attention per sequence, flash's varlen kernel
 inside torch on a GPU) runs the same way.
 
@@ -48,6 +50,7 @@ from fastdpo.model.attention import (
 )
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.offload import offload_activations as _offload
+from fastdpo.model.probe import check_head, check_padding
 from fastdpo.ops import LinearLogprobs, linear_logprobs, segment_sum
 from fastdpo.ops.segments import ld_token_weights
 
@@ -390,6 +393,7 @@ def packed_body(
             fix="wrap forward and backward in fastdpo.model.use_attention([model], ...) instead",
         )
     with switched_attention(model, attn_implementation) as implementation, offload:
+        check_head(model, implementation)  # (once per model: its logits are those of fastdpo's head)
         if attends_per_sequence(implementation) and implementation != VARLEN and carries_state(inner.config):
             output = _unpacked_body(body, batch, extra)  # (its own flash: each sequence alone, padded at the end)
         elif attends_per_sequence(implementation):
@@ -461,6 +465,7 @@ def _masked_body(body: nn.Module, batch: PackedBatch, extra: dict):
 def _unpacked_body(body: nn.Module, batch: PackedBatch, extra: dict):
     """The body's output on ``batch`` with every segment (sequences and row-end padding) alone in a row, padded at
     its end (causal attention never looks there); ``last_hidden_state`` as ``[1, R·L, H]`` in the packed order."""
+    check_padding(body, batch.input_ids.device)  # (once per body: padding at a row's end changes nothing before it)
     lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
     steps = torch.arange(int(lengths.max()), device=lengths.device)
     index = batch.cu_seqlens[:-1].long()[:, None] + steps[None, :]  # [S, longest]

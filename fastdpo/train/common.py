@@ -35,6 +35,7 @@ from fastdpo.errors import ConfigError, DataError, unknown_choice
 from fastdpo.model.adapters import refuse_frozen
 from fastdpo.model.attention import attends_per_sequence, check_per_sequence
 from fastdpo.model.lean import use_lean_layers
+from fastdpo.model.probe import check_head
 from fastdpo.ops.linear_logprobs import IMPLS
 from fastdpo.train.loading import DTYPES, load_causal_lm, load_tokenizer, with_quantization  # noqa: F401
 
@@ -281,6 +282,9 @@ def check_attention_device(trainer) -> None:
     if head == "triton" and trainer.args.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"'triton' runs on CUDA tensors; the trainer's device is {trainer.args.device.type}",
                           column="head_impl", fix="use head_impl='auto' (or 'torch') here")  # fmt: skip
+    for model in (trainer.model, getattr(trainer, "ref_model", None)):  # (once per model; not in the steps' counts)
+        if model is not None:
+            check_head(trainer.accelerator.unwrap_model(model))
     impl = trainer.packed_attention_impl or getattr(trainer.model.config, "_attn_implementation", None)
     if impl and attends_per_sequence(impl):
         model = trainer.accelerator.unwrap_model(trainer.model)

@@ -62,6 +62,7 @@ from fastdpo.model.attention import attends_per_sequence, packed_attention, use_
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.moe import router_aux_loss_coef
 from fastdpo.model.offload import HostResident
+from fastdpo.model.probe import check_head
 from fastdpo.model.reference_cache import cached_reference_logps, on_device
 from fastdpo.ops import LossOutput
 from fastdpo.train.common import (
@@ -99,6 +100,7 @@ from fastdpo.train.model_card import WritesModelCard
 from fastdpo.train.model_checks import (
     SyncReference,
     check_best_metric,
+    check_checkpointing,
     check_reference,
     check_sync_reference,
     deepspeed_zero3_reference,
@@ -208,6 +210,7 @@ class DPOTrainer(
             processing_class = load_tokenizer(model, revision=revision, trust_remote_code=args.trust_remote_code)
         if ref_model is not None:
             check_reference(model, ref_model, processing_class)
+        check_checkpointing(model, args)
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's random init, reproducible (and TRL's)
             model = wrap_with_adapter(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
@@ -274,6 +277,7 @@ class DPOTrainer(
                 self._ref_resident = HostResident(self.ref_model)
             else:
                 self.ref_model.to(self.args.device)
+            check_head(self.ref_model)  # (as check_attention_device the policy's: once, before the steps)
             if args.sync_ref_model:
                 check_sync_reference(self.model, self.ref_model)
                 self.add_callback(SyncReference(self.ref_model, self.accelerator))

@@ -57,6 +57,16 @@ def warn_batch_dependent_rope(model: nn.Module, max_length: int | None) -> None:
             return
 
 
+def check_checkpointing(model: nn.Module, args) -> None:
+    """A ConfigError where gradient checkpointing is on (the configs' default, as TRL's) for a model class that has
+    none (CTRL, OpenAI GPT, JetMoe, ...): transformers' ValueError named no option to change."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if args.gradient_checkpointing and not getattr(inner, "supports_gradient_checkpointing", True):
+        raise ConfigError(f"is on (the default, as in TRL), and {type(inner).__name__} does not support it",
+                          column="gradient_checkpointing", fix="set gradient_checkpointing=False "
+                          "(--no_gradient_checkpointing): the activations are kept, more memory")  # fmt: skip
+
+
 def check_sync_reference(policy: nn.Module, reference: nn.Module) -> None:
     """ConfigError where TR-DPO cannot mix ``policy`` into ``reference`` parameter by parameter (another depth or
     width: transformers' broadcast error at the first sync, ``ref_model_sync_steps`` steps in, 512 by default)."""

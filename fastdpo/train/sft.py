@@ -90,7 +90,7 @@ from fastdpo.train.common import (
 from fastdpo.train.evaluation import ScoresGivenSets, eval_prefix
 from fastdpo.train.interrupt import InterruptibleTrainer
 from fastdpo.train.model_card import WritesModelCard
-from fastdpo.train.model_checks import check_best_metric, warn_batch_dependent_rope
+from fastdpo.train.model_checks import check_best_metric, check_checkpointing, warn_batch_dependent_rope
 from fastdpo.train.resume import ResumableTrainer
 from fastdpo.train.sft_config import SFTConfig, as_sft_config
 from fastdpo.train.sft_setup import (
@@ -292,6 +292,7 @@ class SFTTrainer(
             processing_class = load_tokenizer(model, revision=revision, trust_remote_code=args.trust_remote_code)
         _refuse_unsupported(model, args, train_dataset, processing_class, compute_loss_func, compute_metrics,
                             preprocess_logits_for_metrics)  # fmt: skip
+        check_checkpointing(model, args)
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's random init, reproducible (and TRL's)
             model = wrap_with_adapter(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
