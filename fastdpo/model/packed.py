@@ -258,10 +258,13 @@ def head_spec(model: nn.Module) -> HeadSpec:
     plain = isinstance(linear, nn.Linear) and type(linear).forward is nn.Linear.forward
     if not plain or weight is None or weight.dim() != 2:
         shape = None if weight is None else tuple(weight.shape)
+        wrapped = type(head).__module__.split(".")[0] in ("peft", "bitsandbytes", "torchao", "optimum", "awq")
         raise ConfigError(
             f"{name}'s LM head is a {type(head).__name__} with weight {shape}, not a plain nn.Linear [V, H]",
             column="model",
-            fix="merge adapters on the LM head and do not quantize it (e.g. bitsandbytes' llm_int8_skip_modules)",
+            fix="merge adapters on the LM head and do not quantize it (e.g. bitsandbytes' llm_int8_skip_modules)"
+            if wrapped
+            else "a head of the model's own kind: train this model with TRL's own trainer",
         )
     if type(weight).__name__ == "DTensor" or (hasattr(weight, "ds_id") and weight.numel() != _ds_numel(weight)):
         raise ConfigError(
