@@ -11,7 +11,7 @@ from test_train_dpo import assert_first_steps_match, common_args, synthetic_pair
 from tiny_tokenizer import build_tiny_tokenizer
 
 from fastdpo.data import prepare_preferences, tokenize_preferences
-from fastdpo.data.stream import STREAM_BATCH, prepare_stream
+from fastdpo.data.stream import STREAM_BATCH, prepare_sft_stream, prepare_stream, prepare_tokenized_stream
 from fastdpo.errors import ConfigError, DataError
 from fastdpo.train import DPOConfig
 from fastdpo.train.dpo import DPOTrainer
@@ -169,6 +169,33 @@ def test_drops_in_dataloader_workers_reach_the_trainers_dropped_rows(tmp_path, c
     del trainer
     gc.collect()
     assert not os.path.exists(spool)  # (the workers' notes go with the stream)
+
+
+def test_a_prepared_stream_pickles_for_workers_started_by_spawn():
+    # macOS's start method (and forkserver, Python 3.14's on Linux) sends the dataset to the workers pickled: the
+    # stream's lambdas failed there ("Can't pickle local object 'prepare_stream.<locals>.<lambda>'")
+    import pickle
+
+    import torch
+
+    rows = synthetic_pairs(6).to_list()
+    rows[2]["prompt"] = " ".join(["word"] * 40)
+    rows[4]["chosen"] = ""
+    prepared = prepare_stream(datasets.Dataset.from_list(rows).to_iterable_dataset(), build_tiny_tokenizer(),
+                              max_length=32, bad_rows="drop")  # fmt: skip
+    prepared.share_with_workers()
+    loader = torch.utils.data.DataLoader(prepared.dataset, batch_size=None, num_workers=1,
+                                         multiprocessing_context="spawn")  # fmt: skip
+    assert len(list(loader)) == 4
+    assert prepared.collect_workers() == {0: {"dropped": {"prompt_fills_max_length": [2], "empty": [4]}}}
+    tokenized = datasets.Dataset.from_list(list(prepared.dataset)).to_iterable_dataset()
+    pickle.dumps(prepare_tokenized_stream(tokenized, max_length=32).dataset)
+    texts = datasets.Dataset.from_list([{"question": "q?", "answer": " a."}] * 3).to_iterable_dataset()
+    pickle.dumps(prepare_sft_stream(texts, build_tiny_tokenizer(), formatting_func=formatted_question).dataset)
+
+
+def formatted_question(row: dict) -> str:
+    return row["question"] + row["answer"]
 
 
 def test_bad_rows_of_a_stream_fail_where_they_are_read(tmp_path):

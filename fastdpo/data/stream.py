@@ -259,11 +259,31 @@ def prepare_stream(
     # leave between the two maps; the second numbers the rest by the first's count (_ROW)
     normalized = dataset.map(_normalized_row, with_indices=True, fn_kwargs=normalize, remove_columns=list(renames))
     if bad_rows == "drop":
-        normalized = normalized.filter(lambda dropped: not dropped, input_columns=_DROPPED)
+        normalized = normalized.filter(_not_dropped, input_columns=_DROPPED)
     mapped = normalized.map(_tokenized_batch, batched=True, batch_size=STREAM_BATCH, fn_kwargs=tokenize)
-    kept = mapped.filter(lambda keep: keep, input_columns="_keep")
+    kept = mapped.filter(_kept_flag, input_columns="_keep")
     prepared.dataset = kept.remove_columns(["_keep", _ROW, _DROPPED])
     return prepared
+
+
+# The maps' and filters' functions are the module's (a lambda or a closure cannot be pickled: DataLoader workers
+# started by spawn or forkserver, macOS's default and Python 3.14's on Linux, receive the stream pickled)
+
+
+def _not_dropped(dropped: bool) -> bool:
+    return not dropped
+
+
+def _kept_flag(keep: bool) -> bool:
+    return keep
+
+
+def _kept_tokenized(row: dict, index: int, *, max_length, truncation_mode, prepared: PreparedStream) -> bool:
+    return _kept(len(row["prompt_ids"]), index, max_length, truncation_mode, prepared)
+
+
+def _formatted(example: dict, *, formatting_func) -> dict:
+    return {"text": formatting_func(example)}
 
 
 def _normalized_row(row: dict, index: int, *, renames, kind, has_prompt, system_template, input_template,
@@ -404,10 +424,8 @@ def prepare_tokenized_stream(dataset: datasets.IterableDataset, *, max_length: i
     fills ``max_length`` dropped and counted, as ``prepare_stream`` drops them."""
     prepared = PreparedStream(dataset, name=name)
     if max_length is not None and truncation_mode == "keep_start":
-        prepared.dataset = dataset.filter(
-            lambda row, index: _kept(len(row["prompt_ids"]), index, max_length, truncation_mode, prepared),
-            with_indices=True,
-        )
+        options = {"max_length": max_length, "truncation_mode": truncation_mode, "prepared": prepared}
+        prepared.dataset = dataset.filter(_kept_tokenized, with_indices=True, fn_kwargs=options)
     return prepared
 
 
@@ -462,7 +480,7 @@ def prepare_sft_stream(
         mapped = dataset.map(_tokenized_sft_row, with_indices=True, fn_kwargs=options)
     else:
         if formatting_func is not None:
-            dataset = dataset.map(lambda example: {"text": formatting_func(example)})
+            dataset = dataset.map(_formatted, fn_kwargs={"formatting_func": formatting_func})
             first, present = {**first, "text": formatting_func(first)}, [*present, "text"]
         columns = with_text_field(dict(columns or {}), text_field, present)
         dataset = rename_columns(dataset, columns, SFT_COLUMNS, present=present)
@@ -495,7 +513,7 @@ def prepare_sft_stream(
         options = {"source": source, "sharegpt": sharegpt, "tokenize": tokenize, "prepared": prepared,
                    "drop": bad_rows == "drop"}  # fmt: skip
         mapped = dataset.map(_raw_sft_row, with_indices=True, fn_kwargs=options)
-    prepared.dataset = mapped.filter(lambda keep: keep, input_columns="_keep").remove_columns("_keep")
+    prepared.dataset = mapped.filter(_kept_flag, input_columns="_keep").remove_columns("_keep")
     return prepared
 
 
