@@ -357,7 +357,10 @@ def test_an_fsdp_or_xla_checkpoint_that_lost_its_schedule_or_optimizer_is_refuse
     from fastdpo.errors import ConfigError
     from fastdpo.train.resume import refuse_model_only
 
+    # (accelerate's FSDP names by state dict type: sharded through DCP, full, sharded without DCP)
     layouts = {"fsdp": ["optimizer_0/", "pytorch_model_fsdp_0/", "rng_state_0.pth"],
+               "fsdp_full": ["optimizer.bin", "pytorch_model_fsdp.bin", "rng_state_0.pth"],
+               "fsdp_ranks": ["optimizer_0_rank0.bin", "pytorch_model_fsdp_0_rank0.bin", "rng_state_0.pth"],
                "xla": ["rank0-of-2-optimizer.pt", "rank0-of-2-pytorch_model.bin", "rng_state_0.pth"],
                "deepspeed": ["global_step4/", "latest", "rng_state_0.pth"]}  # fmt: skip
     for name, files in layouts.items():
@@ -381,7 +384,12 @@ def test_an_fsdp_or_xla_checkpoint_that_lost_its_schedule_or_optimizer_is_refuse
             shutil.rmtree(optimizer)
         else:
             optimizer.unlink()
-        said = {"fsdp": "optimizer_0 \\(FSDP's", "xla": "rank<i>-of-<N>-optimizer.pt \\(XLA FSDP's"}[name]
+        said = {
+            "fsdp": "optimizer_0 \\(FSDP's",
+            "fsdp_full": "optimizer.bin \\(FSDP's",
+            "fsdp_ranks": "optimizer_0_rank<r>.bin \\(FSDP's",
+            "xla": "rank<i>-of-<N>-optimizer.pt \\(XLA FSDP's",
+        }[name]
         with pytest.raises(
             ConfigError, match=f"{name} lacks {said} optimizer state\\): the run would go on with a new optimizer"
         ):

@@ -254,7 +254,12 @@ def refuse_model_only(checkpoint: str) -> None:
 
 def _optimizer_file(names: list[str]) -> str:
     """The optimizer's file a checkpoint of these ``names`` would hold, by the layout its other files show."""
-    if any(name.startswith("pytorch_model_fsdp") for name in names):
+    fsdp = [name for name in names if name.startswith("pytorch_model_fsdp")]  # (accelerate's names, by state dict)
+    if "pytorch_model_fsdp.bin" in fsdp:  # FULL_STATE_DICT
+        return "optimizer.bin (FSDP's optimizer state)"
+    if any(name.startswith("pytorch_model_fsdp_0_rank") for name in fsdp):  # SHARDED_STATE_DICT without DCP
+        return "optimizer_0_rank<r>.bin (FSDP's optimizer state)"
+    if fsdp:  # SHARDED_STATE_DICT through DCP, LOCAL_STATE_DICT
         return "optimizer_0 (FSDP's optimizer state)"
     xla = [name for name in names if name.startswith("rank") and "-of-" in name]
     if xla:
