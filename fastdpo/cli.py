@@ -23,7 +23,8 @@ match. The run directory (``output_dir``) gets:
   preparation refuses for one, from the train and eval splits (``fastdpo.data.refused``); ``none`` keeps them, and
   the trainer then drops only what TRL would); none with ``dataset_streaming``;
 - ``dropped_rows.json``: the rows tokenization dropped, by split and reason, by the data file's rows (DPO and SFT; a
-  stream's once read);
+  stream's once read, numbered as read, and the rows its dataloader workers read under splits of their own,
+  ``train (dataloader worker N)``, numbered among the rows each read);
 - ``plots/*.png``: loss, ``rewards/margins``, ``rewards/accuracies`` (train and eval), refreshed at each evaluation
   and at the end;
 - the Trainer's checkpoints and the final model.

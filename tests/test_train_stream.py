@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 from test_train_dpo import assert_first_steps_match, common_args, synthetic_pairs, tiny_model
@@ -169,6 +171,42 @@ def test_drops_in_dataloader_workers_reach_the_trainers_dropped_rows(tmp_path, c
     del trainer
     gc.collect()
     assert not os.path.exists(spool)  # (the workers' notes go with the stream)
+
+
+def test_worker_notes_survive_a_lost_folder_and_a_cut_line(tmp_path, monkeypatch, caplog):
+    # the spool removed under a running worker (a cleaner of /tmp) stopped training with a FileNotFoundError; a line a
+    # killed worker cut short, appended to by the next pass's worker, made train() raise after its last step
+    import torch
+
+    prepared = prepare_stream(synthetic_pairs(4).to_iterable_dataset(), build_tiny_tokenizer())
+    prepared.share_with_workers()
+    (Path(prepared.spool) / "worker-1.jsonl").write_text(
+        '["dropped", "empty", 3]\n["dropped", "emp["dropped", "empty", 9]\n["flagged", "identical_tokens", 5]\n'
+        '["dropped", "empty", 1'  # (being written: read next time)
+    )
+    assert prepared.collect_workers() == {1: {"dropped": {"empty": [3]}, "flagged": {"identical_tokens": [5]}}}
+    shutil.rmtree(prepared.spool)
+    assert prepared.collect_workers() == {1: {"dropped": {"empty": [3]}, "flagged": {"identical_tokens": [5]}}}
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: type("Info", (), {"id": 1})())  # (a worker's)
+    with caplog.at_level(logging.WARNING, logger="fastdpo"):
+        prepared.note("dropped", "empty", 12, "an empty answer")
+        prepared.note("dropped", "empty", 13, "an empty answer")
+    assert prepared.dropped_rows == {"empty": [12, 13]}  # (counted in the worker, as before)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot be written back to the trainer any more" in m for m in messages) == 1, messages
+
+
+def test_an_evaluation_alone_collects_its_workers_drops(tmp_path):
+    # the worker's log said the trainer counts its rows "when training ends": evaluate() outside train() never did
+    tokenizer = build_tiny_tokenizer()
+    load = tiny_model(tokenizer, tmp_path / "model")
+    args = DPOConfig(**{**common_args(tmp_path, "eval_workers"), "dataloader_num_workers": 1,
+                        "per_device_eval_batch_size": 3})  # fmt: skip
+    trainer = DPOTrainer(model=load(), ref_model=load(), args=args, processing_class=tokenizer,
+                         train_dataset=synthetic_pairs(4),
+                         eval_dataset=stream_file(streamed_pairs(tmp_path, "standard")))  # fmt: skip
+    trainer.evaluate()
+    assert trainer.dropped_rows["eval (dataloader worker 0)"] == {"prompt_fills_max_length": [3]}
 
 
 def test_a_prepared_stream_pickles_for_workers_started_by_spawn():

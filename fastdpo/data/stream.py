@@ -112,8 +112,14 @@ class PreparedStream:
         rows.append(row)
         worker = torch.utils.data.get_worker_info()
         if worker is not None and self.spool is not None:  # (a copy of this object in a worker's process)
-            with open(os.path.join(self.spool, f"worker-{worker.id}.jsonl"), "a", encoding="utf-8") as notes:
-                notes.write(json.dumps([kind, reason, row]) + "\n")
+            try:
+                with open(os.path.join(self.spool, f"worker-{worker.id}.jsonl"), "a", encoding="utf-8") as notes:
+                    notes.write(json.dumps([kind, reason, row]) + "\n")
+            except OSError as error:  # (the folder removed by a cleaner of /tmp, a full disk: counted here only)
+                logger.warning("dataloader worker %d: %s stream: its dropped and flagged rows cannot be written back "
+                               "to the trainer any more (%s); counted in this worker only", worker.id, self.name,
+                               error)  # fmt: skip
+                self.spool = None
         if len(rows) > 1:
             return
         what = "dropped" if kind == "dropped" else "trained on as it is"
@@ -122,7 +128,7 @@ class PreparedStream:
                            "flagged_rows and summed up when training ends", self.name, row, what, reason,
                            why)  # fmt: skip
         else:  # a copy of this object in a dataloader worker's process: its counts reach the trainer by the spool
-            seen = ("the trainer counts further such rows when training ends" if self.spool is not None else
+            seen = ("the trainer collects them after each evaluation and when training ends" if self.spool else
                     "this worker counts further such rows, the trainer's dropped_rows does not see them")  # fmt: skip
             logger.warning("dataloader worker %d: %s stream: row %d of the shards it reads %s (%s: %s); %s",
                            worker.id, self.name, row, what, reason, why, seen)  # fmt: skip
@@ -138,14 +144,24 @@ class PreparedStream:
     def collect_workers(self) -> dict[int, dict[str, dict[str, list[int]]]]:
         """What the workers wrote so far (each pass over the stream appends), into ``workers``."""
         found: dict[int, dict[str, dict[str, list[int]]]] = {}
-        names = sorted(os.listdir(self.spool)) if self.spool and os.path.isdir(self.spool) else []
+        try:
+            names = sorted(os.listdir(self.spool)) if self.spool else []
+        except OSError:  # (removed: what was read before stands)
+            return self.workers
         for file in names:
             worker = int(file.removeprefix("worker-").removesuffix(".jsonl"))
-            with open(os.path.join(self.spool, file), encoding="utf-8") as notes:
-                for line in notes:
-                    if line.endswith("\n"):  # (a line being written is read next time)
-                        kind, reason, row = json.loads(line)
-                        found.setdefault(worker, {}).setdefault(kind, {}).setdefault(reason, []).append(row)
+            try:
+                with open(os.path.join(self.spool, file), encoding="utf-8") as notes:
+                    lines = notes.readlines()
+            except OSError:
+                continue
+            for line in lines:
+                try:  # (a line being written is read next time; one a killed worker cut short, never)
+                    kind, reason, row = json.loads(line) if line.endswith("\n") else (None, None, None)
+                except ValueError:
+                    continue
+                if kind is not None:
+                    found.setdefault(worker, {}).setdefault(kind, {}).setdefault(reason, []).append(row)
         self.workers = found
         return found
 
@@ -154,14 +170,23 @@ class PreparedStream:
         reads)."""
         parts = _parts(self.dropped_rows, self.flagged_rows, "rows")
         for worker, kinds in sorted(self.workers.items()):
-            parts += [f"dataloader worker {worker}: {part}" for part in
-                      _parts(kinds.get("dropped", {}), kinds.get("flagged", {}), "its rows")]  # fmt: skip
+            found = _parts(kinds.get("dropped", {}), kinds.get("flagged", {}), "its rows")
+            parts += [f"dataloader worker {worker}: {', '.join(found)}"] if found else []
         listed = [*self.dropped_rows.values(), *self.flagged_rows.values()]
         listed += [rows for kinds in self.workers.values() for reasons in kinds.values() for rows in reasons.values()]
         again = (
             " (each pass over the stream counts its rows again)" if any(len(set(r)) < len(r) for r in listed) else ""
         )
         return f"{self.name} stream: {'; '.join(parts)}{again}" if parts else None
+
+
+def gather_worker_drops(streams: list[PreparedStream], dropped_rows: dict) -> None:
+    """The rows the streams' dataloader workers dropped so far, into a trainer's ``dropped_rows`` (split → reason
+    → rows): a split each, ``<stream> (dataloader worker <N>)``, numbered among the rows that worker reads."""
+    for stream in streams:
+        for worker, kinds in stream.collect_workers().items():
+            if kinds.get("dropped"):
+                dropped_rows[f"{stream.name} (dataloader worker {worker})"] = kinds["dropped"]
 
 
 def _remove_spool(spool: str, owner: int) -> None:

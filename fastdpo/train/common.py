@@ -29,7 +29,7 @@ from torch import nn
 
 from fastdpo.atomic import check_output_dir
 from fastdpo.data.source_rows import source_rows
-from fastdpo.data.stream import BAD_ROWS
+from fastdpo.data.stream import BAD_ROWS, gather_worker_drops
 from fastdpo.data.tokenize import TRUNCATION_MODES
 from fastdpo.errors import ConfigError, DataError, unknown_choice
 from fastdpo.model.adapters import refuse_frozen
@@ -514,11 +514,8 @@ def train_reporting_streams(trainer, train, *args, **kwargs):
     try:
         output = train(*args, **kwargs)
     finally:
+        gather_worker_drops(trainer._streams, trainer.dropped_rows)
         report_streams(trainer._streams)
-        for stream in trainer._streams:
-            for worker, kinds in stream.workers.items():
-                if kinds.get("dropped"):
-                    trainer.dropped_rows[f"{stream.name} (dataloader worker {worker})"] = kinds["dropped"]
     if trainer.state.global_step == 0 and isinstance(trainer.train_dataset, datasets.IterableDataset):
         counts = Counter()
         for split, reasons in getattr(trainer, "dropped_rows", {}).items():
@@ -536,9 +533,8 @@ def train_reporting_streams(trainer, train, *args, **kwargs):
 
 def report_streams(streams) -> None:
     """One warning per prepared stream that dropped or flagged rows (``PreparedStream.summary``, with what its
-    dataloader workers wrote back: ``collect_workers``)."""
+    dataloader workers wrote back, as last collected: ``gather_worker_drops``)."""
     for stream in streams:
-        stream.collect_workers()
         summary = stream.summary()
         if summary:
             logger.warning("%s", summary)

@@ -3,6 +3,8 @@ prepares its eval sets and is the set scored, its metrics its own and under its 
 
 from __future__ import annotations
 
+from fastdpo.data.stream import gather_worker_drops
+
 
 class ScoresGivenSets:
     """``evaluate()`` and ``predict()`` of a dataset given: its rows prepared as the constructor prepares its eval sets
@@ -12,7 +14,10 @@ class ScoresGivenSets:
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         if eval_dataset is not None and not isinstance(eval_dataset, str):
             eval_dataset = self._to_score(eval_dataset, "eval")
-        return evaluate_afresh(self, super().evaluate, eval_dataset, ignore_keys, metric_key_prefix)
+        try:
+            return evaluate_afresh(self, super().evaluate, eval_dataset, ignore_keys, metric_key_prefix)
+        finally:  # (an eval stream's rows its dataloader workers dropped: in dropped_rows after each evaluation)
+            gather_worker_drops(getattr(self, "_streams", []), self.dropped_rows)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         test_dataset = self._to_score(test_dataset, metric_key_prefix)
