@@ -53,9 +53,21 @@ def check_head(model: nn.Module, implementation: str | None = None) -> None:
     kwargs = {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": ids.shape[1],
               "max_length_k": ids.shape[1], "position_ids": _positions(ids)} if per_sequence else {}  # fmt: skip
     step = per_sequence_step(inner, implementation) if per_sequence else nullcontext()
-    with _evaluating(inner), torch.no_grad(), step:
-        own = type(inner).forward(inner, input_ids=ids, use_cache=False, **kwargs).logits
-        states = body(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
+    seen: list = []  # (the body's states as the model's own forward computes them: one forward, not two)
+
+    def keep(module, args, output) -> None:
+        seen.append(getattr(output, "last_hidden_state", None))
+
+    hook = body.register_forward_hook(keep)
+    try:
+        with _evaluating(inner), torch.no_grad(), step:
+            own = type(inner).forward(inner, input_ids=ids, use_cache=False, **kwargs).logits
+            if len(seen) != 1 or seen[0] is None:  # (a forward that ran its body otherwise: run as packed_body runs it)
+                seen = [body(input_ids=ids, use_cache=False, **kwargs).last_hidden_state]
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        states = seen[-1]
         if states.shape[-1] != head.weight.shape[-1]:
             raise ConfigError(
                 f"{name}'s body gives hidden states of {states.shape[-1]} features and its LM head takes "
