@@ -15,6 +15,7 @@ from test_model_packed import make_batch, make_examples, make_model, one_by_one_
 
 from fastdpo.errors import ConfigError
 from fastdpo.model import packed_logps
+from fastdpo.model.probe import check_head
 
 TINY = {"vocab_size": 160, "initializer_range": 0.2, "pad_token_id": 0}
 
@@ -71,6 +72,29 @@ def test_a_transform_of_the_logits_the_head_rules_do_not_know_is_refused():
     with pytest.raises(ConfigError, match="ScaledLlama's own log-probs differ"):
         logps(scaled)
     logps(model)  # the same weights, unscaled: fine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_shift_of_one_logit_after_the_head_is_refused_in_half_precision_too(dtype):
+    # largest logit ~30, as a trained model's: bf16's tolerance was 8 units of the last place of it (1.85 nats here),
+    # which let a 1-nat shift through; 4 units (0.93); a family fastdpo knows (MiniCPM3, which divides the states
+    # where fastdpo divides the logits) came to 1.04 units on tiny models
+    class Shifted(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits[..., 7] += 1.0
+            return out
+
+    torch.manual_seed(0)
+    base = make_model("llama", initializer_range=0.02)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(80.0)
+    shifted = Shifted(base.config)
+    shifted.load_state_dict(base.state_dict())
+    with pytest.raises(ConfigError, match="Shifted's own log-probs differ"):
+        check_head(shifted.to(dtype))
+    check_head(base.to(dtype))  # (the same weights without the shift)
+    assert base._fastdpo_head_checked
 
 
 @pytest.mark.parametrize("make", [lambda: xlnet("bi"), cpmant], ids=["xlnet_bidirectional", "cpmant"])

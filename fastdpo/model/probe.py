@@ -127,9 +127,12 @@ def _apart(own: Tensor, ours: Tensor) -> float:
 
 def _tolerance(own: Tensor, ours: Tensor) -> float:
     """Rounding of the logits: the model's in its dtype (its head's output, a transform after it in that dtype)
-    against fastdpo's, a few units of the last place of the largest logit; 1e-4 of it in fp32."""
+    against fastdpo's, 4 units of the last place of the largest logit; 1e-4 of it in fp32. Measured on tiny models
+    of 20 families in bf16 and fp16 (max|z| up to 95, under autocast too): 0 apart but MiniCPM3, which divides the
+    states before its head where fastdpo divides the logits, at up to 1.04 units; 8 units let a shift of 1.9 nats
+    after the head through in bf16 (4: 0.9 at a largest logit of 30)."""
     dtype = own.dtype if own.dtype.itemsize < ours.dtype.itemsize else ours.dtype
-    unit = 8 * torch.finfo(dtype).eps if dtype.itemsize < 4 else 1e-4
+    unit = 4 * torch.finfo(dtype).eps if dtype.itemsize < 4 else 1e-4
     return 1e-4 + unit * max(own.float().abs().max().item(), ours.float().abs().max().item())
 
 
