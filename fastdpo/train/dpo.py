@@ -277,7 +277,8 @@ class DPOTrainer(
                 self._ref_resident = HostResident(self.ref_model)
             else:
                 self.ref_model.to(self.args.device)
-            check_head(self.ref_model)  # (as check_attention_device the policy's: once, before the steps)
+            if self._ref_resident is None and self._ref_engine is None:  # (else at its first pass, on the device)
+                check_head(self.ref_model)  # (as check_attention_device the policy's: once, before the steps)
             if args.sync_ref_model:
                 check_sync_reference(self.model, self.ref_model)
                 self.add_callback(SyncReference(self.ref_model, self.accelerator))
