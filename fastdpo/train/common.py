@@ -283,7 +283,8 @@ def check_attention_device(trainer) -> None:
         raise ConfigError(f"'triton' runs on CUDA tensors; the trainer's device is {trainer.args.device.type}",
                           column="head_impl", fix="use head_impl='auto' (or 'torch') here")  # fmt: skip
     for model in (trainer.model, getattr(trainer, "ref_model", None)):  # (once per model; not in the steps' counts)
-        if model is not None:
+        weight = None if model is None else next(model.parameters(), None)
+        if weight is not None and weight.device == trainer.args.device:  # (else at its first pass, on the device)
             check_head(trainer.accelerator.unwrap_model(model))
     impl = trainer.packed_attention_impl or getattr(trainer.model.config, "_attn_implementation", None)
     if impl and attends_per_sequence(impl):
