@@ -33,8 +33,8 @@ PAD_ID = 0  # what _unpacked_body pads with
 def check_head(model: nn.Module, implementation: str | None = None) -> None:
     """A ConfigError where the model's own logits on a probe are not ``head_spec``'s logits of its body's states
     (``model``: a transformers causal LM or its PEFT wrapper; ``implementation``: its attention's now, the model's
-    own where None). Once per model (kept on the transformers model); the trainers run it when they are built,
-    ``packed_body`` before its first forward. The class's forward is run: the trainers set the instance's to their
+    own where None). Once per model (kept on the transformers model); the trainers run it when they are built (a
+    model on the training device), ``packed_body`` before its first forward. The class's forward is run: the trainers set the instance's to their
     step."""
     from fastdpo.model.packed import _unwrap, head_spec
 
