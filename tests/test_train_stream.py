@@ -184,6 +184,7 @@ def test_worker_notes_survive_a_lost_folder_and_a_cut_line(tmp_path, monkeypatch
         '["dropped", "empty", 3]\n["dropped", "emp["dropped", "empty", 9]\n["flagged", "identical_tokens", 5]\n'
         '["dropped", "empty", 1'  # (being written: read next time)
     )
+    (Path(prepared.spool) / ".nfs0000000001").write_text("not a worker's")  # (a name that is not a worker's: skipped)
     assert prepared.collect_workers() == {1: {"dropped": {"empty": [3]}, "flagged": {"identical_tokens": [5]}}}
     shutil.rmtree(prepared.spool)
     assert prepared.collect_workers() == {1: {"dropped": {"empty": [3]}, "flagged": {"identical_tokens": [5]}}}

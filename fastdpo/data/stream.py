@@ -149,7 +149,10 @@ class PreparedStream:
         except OSError:  # (removed: what was read before stands)
             return self.workers
         for file in names:
-            worker = int(file.removeprefix("worker-").removesuffix(".jsonl"))
+            number = file.removeprefix("worker-").removesuffix(".jsonl")
+            if not (file.startswith("worker-") and file.endswith(".jsonl") and number.isdigit()):
+                continue  # (not a worker's: an NFS placeholder, a file someone put there)
+            worker = int(number)
             try:
                 with open(os.path.join(self.spool, file), encoding="utf-8") as notes:
                     lines = notes.readlines()
