@@ -14,7 +14,7 @@ import transformers
 from test_model_packed import make_batch, make_examples, make_model, one_by_one_logps, segment_sequences
 
 from fastdpo.errors import ConfigError
-from fastdpo.model import packed_logps
+from fastdpo.model import head_spec, packed_logps
 from fastdpo.model.probe import check_head
 
 TINY = {"vocab_size": 160, "initializer_range": 0.2, "pad_token_id": 0}
@@ -159,3 +159,42 @@ def test_checkpointing_on_for_a_model_without_it_is_refused_naming_the_option(tm
                               processing_class=tokenizer)  # fmt: skip
         trainer.train()
         assert trainer.state.global_step == 1
+
+
+def test_a_compiled_model_is_probed_through_its_wrapper_and_the_probe_calls_no_train_or_eval():
+    # torch.compile's wrapper has no forward of its own (the probe's class forward failed: "_forward_unimplemented()
+    # got an unexpected keyword argument 'input_ids'") and its class name matched no head rule (a compiled Gemma-2
+    # was refused for its soft-cap); the probe set eval mode by model.eval(), which a model's own train() may act on
+    # (use_kernels swaps its kernels for inference): the flags alone now
+    calls = []
+
+    class Watched(transformers.LlamaForCausalLM):
+        def train(self, mode: bool = True):
+            calls.append(mode)
+            return super().train(mode)
+
+    model = make_model("llama")
+    watched = Watched(model.config)
+    watched.load_state_dict(model.state_dict())
+    watched.train()
+    calls.clear()
+    compiled = torch.compile(watched)
+    logps(compiled)
+    assert watched._fastdpo_head_checked and calls == [] and watched.training
+    gemma = torch.compile(make_model("gemma2"))
+    assert head_spec(gemma).softcap == 3.0
+    logps(gemma)
+
+
+def test_a_quantized_head_is_told_not_to_quantize_it_and_a_models_own_head_to_use_trl():
+    from torch.ao.quantization import quantize_dynamic
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    model = make_model("llama")
+    model.lm_head = AutoBitLinear(32, 160, bias=False)  # (transformers' own quantized layers: its integrations)
+    with pytest.raises(ConfigError, match="AutoBitLinear .* not a plain nn.Linear .* do not quantize it"):
+        head_spec(model)
+    model = make_model("llama")  # (torch.ao's dynamic quantization: its weight is a method; the error failed on it)
+    model.lm_head = quantize_dynamic(torch.nn.Sequential(model.lm_head), {torch.nn.Linear}, dtype=torch.qint8)[0]
+    with pytest.raises(ConfigError, match="a Linear with weight None, not a plain nn.Linear .* do not quantize it"):
+        head_spec(model)

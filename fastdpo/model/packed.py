@@ -146,6 +146,8 @@ _HEAD_ATTRIBUTES: dict[str, tuple] = {
 
 def _unwrap(model: nn.Module) -> nn.Module:
     # PEFT wrappers forward attributes to the transformers model; the class that decides the head is the inner one
+    # (torch.compile's wrapper first: its class has no forward of its own, its name no head rule)
+    model = getattr(model, "_orig_mod", model)
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
 
@@ -227,6 +229,12 @@ def _owns(model: nn.Module, head: nn.Module | None) -> bool:
                for child in model.children())  # fmt: skip
 
 
+# packages whose layers replace a plain linear one: adapters and quantization (transformers' own quantized layers
+# live in transformers.integrations; a model's own head class in transformers.models)
+_WRAPPERS = ("peft", "bitsandbytes", "torchao", "optimum", "awq", "hqq", "gptqmodel", "auto_gptq",
+             "compressed_tensors", "quanto", "fbgemm_gpu")  # fmt: skip
+
+
 def head_spec(model: nn.Module) -> HeadSpec:
     """The ``HeadSpec`` of a transformers ``*ForCausalLM`` model (or a PEFT wrapper of one).
 
@@ -256,9 +264,10 @@ def head_spec(model: nn.Module) -> HeadSpec:
     # subclasses that only add hooks (FSDP2 wraps the class) are fine; ones with their own forward (quantized
     # layers, custom heads) compute something else; LoRA's wrapper is no nn.Linear at all
     plain = isinstance(linear, nn.Linear) and type(linear).forward is nn.Linear.forward
-    if not plain or weight is None or weight.dim() != 2:
-        shape = None if weight is None else tuple(weight.shape)
-        wrapped = type(head).__module__.split(".")[0] in ("peft", "bitsandbytes", "torchao", "optimum", "awq")
+    if not plain or not isinstance(weight, Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else None  # (torch.ao's quantized: a method)
+        module = type(head).__module__
+        wrapped = module.split(".")[0] in _WRAPPERS or module.startswith(("transformers.integrations", "torch.ao"))
         raise ConfigError(
             f"{name}'s LM head is a {type(head).__name__} with weight {shape}, not a plain nn.Linear [V, H]",
             column="model",

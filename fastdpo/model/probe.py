@@ -34,8 +34,8 @@ def check_head(model: nn.Module, implementation: str | None = None) -> None:
     """A ConfigError where the model's own logits on a probe are not ``head_spec``'s logits of its body's states
     (``model``: a transformers causal LM or its PEFT wrapper; ``implementation``: its attention's now, the model's
     own where None). Once per model (kept on the transformers model); the trainers run it when they are built (a
-    model on the training device), ``packed_body`` before its first forward. The class's forward is run: the trainers set the instance's to their
-    step."""
+    model on the training device), ``packed_body`` before its first forward. The class's forward is run: the
+    trainers set the instance's to their step."""
     from fastdpo.model.packed import _unwrap, head_spec
 
     inner, body = _unwrap(model), model.get_decoder()
@@ -165,10 +165,8 @@ def _evaluating(module: nn.Module) -> Iterator[None]:
     runs other kernels in eval mode than training does (its CPU inference kernel failed on a tiny model's rows that
     training ran; a model is in eval mode when it is loaded)."""
     modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    for m, _ in modes:
-        if type(getattr(m, "weight", None)).__name__ in _QUANTIZED:
-            m.training = True
+    for m, _ in modes:  # (the flags alone: a model's own train()/eval() may do more, e.g. swap use_kernels' kernels)
+        m.training = type(getattr(m, "weight", None)).__name__ in _QUANTIZED
     try:
         yield
     finally:
