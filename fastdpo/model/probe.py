@@ -9,9 +9,11 @@ its first packed forward (``packed_body``); the model's own forward is the refer
   ``_unpacked_body`` pads each segment at its end. Bidirectional attention (XLNet's default ``attn_type="bi"``) and
   masks that assume padding on the left (CPM-Ant) read it: their log-probs were 0.2 to 2 nats off, silently.
 
-Both run in eval mode (no dropout) without gradients and leave the modules' training flags as they were. They are
-skipped for sharded models (FSDP, DeepSpeed ZeRO-3), whose forward outside the engine would not gather the
-weights, or would not run in step with the other processes.
+Both run in eval mode (no dropout; bitsandbytes' layers as training runs them) without gradients, setting the
+modules' training flags alone and putting them back. They are skipped for sharded models (FSDP, DeepSpeed ZeRO-3),
+whose forward outside the engine would not gather the weights, or would not run in step with the other processes.
+They are a net, not a proof: the padding check measures the change against the largest state, so a body whose
+states hold one very large feature hides a small change beside it.
 """
 
 from __future__ import annotations
