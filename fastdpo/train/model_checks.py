@@ -62,7 +62,7 @@ def check_checkpointing(model: nn.Module, args) -> None:
     none (CTRL, OpenAI GPT, JetMoe, ...): transformers' ValueError named no option to change."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if args.gradient_checkpointing and not getattr(inner, "supports_gradient_checkpointing", True):
-        raise ConfigError(f"is on (the default, as in TRL), and {type(inner).__name__} does not support it",
+        raise ConfigError(f"is on (it is by default, as in TRL), and {type(inner).__name__} does not support it",
                           column="gradient_checkpointing", fix="set gradient_checkpointing=False "
                           "(--no_gradient_checkpointing): the activations are kept, more memory")  # fmt: skip
 

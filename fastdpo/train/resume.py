@@ -233,7 +233,7 @@ def refuse_model_only(checkpoint: str) -> None:
         return
     names = os.listdir(checkpoint)
     deepspeed = any(name.startswith("global_step") for name in names)  # (its engine's files: optimizer, schedule)
-    # optimizer.pt, FSDP's optimizer_0, XLA's rank0-of-2-optimizer.pt (_optimizer_file)
+    # optimizer.pt, FSDP's optimizer.bin or optimizer_0*, XLA's rank0-of-2-optimizer.pt (_optimizer_file)
     optimizer = deepspeed or any("optimizer" in name for name in names)
     if not optimizer and "scheduler.pt" not in names and not any(name.startswith("rng_state") for name in names):
         raise ConfigError(f"{checkpoint} holds the model only (save_only_model=True): no optimizer, learning-rate "

@@ -428,7 +428,7 @@ class SFTTrainer(
             bad_rows=getattr(args, "stream_bad_rows", "raise"),
         )  # fmt: skip
         self.dropped_rows[name] = prepared.dropped_rows  # filled as the stream is read
-        if args.dataloader_num_workers > 0:  # (the workers' counts: collected when training ends)
+        if args.dataloader_num_workers > 0:  # (the workers' counts: collected after evaluations and training)
             prepared.share_with_workers()
         self._streams.append(prepared)
         dataset = prepared.dataset
