@@ -407,7 +407,7 @@ def packed_body(
     with switched_attention(model, attn_implementation) as implementation, offload:
         check_head(model, implementation)  # (once per model: its logits are those of fastdpo's head)
         if attends_per_sequence(implementation) and implementation != VARLEN and carries_state(inner.config):
-            output = _unpacked_body(body, batch, extra)  # (its own flash: each sequence alone, padded at the end)
+            output = _unpacked_body(body, batch, extra, model)  # (its own flash: each sequence alone, padded)
         elif attends_per_sequence(implementation):
             # transformers' flash path isolates sequences only at batch size 1 (varlen kernels over one token axis)
             with per_sequence_step(inner, implementation):
@@ -419,7 +419,7 @@ def packed_body(
                     **extra,
                 )
         elif implementation in MASK_BACKENDS:
-            output = _masked_body(body, batch, extra)
+            output = _masked_body(body, batch, extra, model)
         else:
             raise ConfigError(
                 f"attention implementation {implementation!r} gets no packed-sequence mask from transformers, so "
@@ -432,7 +432,7 @@ def packed_body(
     return BodyOutput(hidden.reshape(-1, hidden.shape[-1]), router_logits)
 
 
-def _masked_body(body: nn.Module, batch: PackedBatch, extra: dict):
+def _masked_body(body: nn.Module, batch: PackedBatch, extra: dict, model: nn.Module | None = None):
     """The body on the packed rows, where transformers builds the per-sequence mask from ``position_ids``. Some
     bodies leave ``position_ids`` out of their masks (OPT, Bloom, GPT-OSS, MPT, BioGPT) or build masks of their own
     (remote code): packed sequences would attend to each other. The body's first forward watches transformers' mask
@@ -446,7 +446,7 @@ def _masked_body(body: nn.Module, batch: PackedBatch, extra: dict):
                       "packed sequences would read the ones before them: each runs alone in a padded row instead "
                       "(slower, and more memory where lengths differ a lot)", stacklevel=2)  # fmt: skip
     if verdict is False:
-        return _unpacked_body(body, batch, extra)
+        return _unpacked_body(body, batch, extra, model)
     if verdict is True:
         return body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **extra)
     from transformers import masking_utils
@@ -471,13 +471,13 @@ def _masked_body(body: nn.Module, batch: PackedBatch, extra: dict):
                   "other: each runs alone in a padded row instead (slower, and more memory where lengths differ a lot);"
                   " packed_attention='varlen' packs it where its attention allows", stacklevel=2)  # fmt: skip
     del output
-    return _unpacked_body(body, batch, extra)
+    return _unpacked_body(body, batch, extra, model)
 
 
-def _unpacked_body(body: nn.Module, batch: PackedBatch, extra: dict):
+def _unpacked_body(body: nn.Module, batch: PackedBatch, extra: dict, model: nn.Module | None = None):
     """The body's output on ``batch`` with every segment (sequences and row-end padding) alone in a row, padded at
     its end (causal attention never looks there); ``last_hidden_state`` as ``[1, R·L, H]`` in the packed order."""
-    check_padding(body, batch.input_ids.device)  # (once per body: padding at a row's end changes nothing before it)
+    check_padding(body, batch.input_ids.device, model)  # (once per body: padding at a row's end changes nothing)
     lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
     steps = torch.arange(int(lengths.max()), device=lengths.device)
     index = batch.cu_seqlens[:-1].long()[:, None] + steps[None, :]  # [S, longest]
