@@ -50,7 +50,7 @@ from fastdpo.model.attention import (
 )
 from fastdpo.model.hooks import forward_as
 from fastdpo.model.offload import offload_activations as _offload
-from fastdpo.model.probe import check_head, check_padding
+from fastdpo.model.probe import PAD_ID, check_head, check_padding
 from fastdpo.ops import LinearLogprobs, linear_logprobs, segment_sum
 from fastdpo.ops.segments import ld_token_weights
 
@@ -319,6 +319,14 @@ def head_spec(model: nn.Module) -> HeadSpec:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def not_a_body(model: nn.Module, inner: nn.Module, body: nn.Module) -> str | None:
+    """What ``model.get_decoder()`` (``body``) gives where it is no body to run without the head (Llama4: the whole
+    model, ModernBERT-decoder: its LM head); None where it is one."""
+    if body is inner.get_output_embeddings():
+        return "its LM head"
+    return "the whole model" if body is inner or body is model else None
+
+
 def _recomputes(model: nn.Module) -> bool:
     """Whether a forward now will be recomputed in the backward (gradient checkpointing with gradients on)."""
     inner = _unwrap(model)
@@ -391,8 +399,8 @@ def packed_body(
         batch = batch.to(device)
     body = model.get_decoder()
     inner = _unwrap(model)
-    if body is inner or body is model or body is inner.get_output_embeddings():  # (Llama4, ModernBERT-decoder)
-        what = "its LM head" if body is inner.get_output_embeddings() else "the whole model"
+    what = not_a_body(model, inner, body)
+    if what is not None:
         raise ConfigError(f"{type(inner).__name__}.get_decoder() gives {what}, not a body to run without the head",
                           column="model", fix="train this model with TRL's own trainer")  # fmt: skip
     extra = {"output_router_logits": True} if output_router_logits else {}
@@ -483,7 +491,7 @@ def _unpacked_body(body: nn.Module, batch: PackedBatch, extra: dict, model: nn.M
     index = batch.cu_seqlens[:-1].long()[:, None] + steps[None, :]  # [S, longest]
     real = steps[None, :] < lengths[:, None]
     flat = batch.input_ids.reshape(-1)
-    input_ids = torch.where(real, flat[index.clamp(max=flat.numel() - 1)], 0)
+    input_ids = torch.where(real, flat[index.clamp(max=flat.numel() - 1)], PAD_ID)
     position_ids = steps.expand_as(index)
     output = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
     output.last_hidden_state = output.last_hidden_state[real].unsqueeze(0)  # segments tile the rows in order

@@ -29,7 +29,7 @@ from fastdpo.model.attention import attends_per_sequence, per_sequence_step
 
 PROBE_TOKENS = 3  # real tokens of the probe
 PROBE_PADDING = 13  # padding after them in the padding check: most of the row, so that attention to it shows
-PAD_ID = 0  # what _unpacked_body pads with
+PAD_ID = 0  # what _unpacked_body pads a row's segments with
 
 
 def check_head(model: nn.Module, implementation: str | None = None) -> None:
@@ -38,12 +38,12 @@ def check_head(model: nn.Module, implementation: str | None = None) -> None:
     own where None). Once per model (kept on the transformers model); the trainers run it when they are built (a
     model on the training device), ``packed_body`` before its first forward. The class's forward is run: the
     trainers set the instance's to their step."""
-    from fastdpo.model.packed import _unwrap, head_spec
+    from fastdpo.model.packed import _unwrap, head_spec, not_a_body
 
     inner, body = _unwrap(model), model.get_decoder()
     if getattr(inner, "_fastdpo_head_checked", False) or _sharded(inner):
         return
-    if body is inner or body is model or body is inner.get_output_embeddings():
+    if not_a_body(model, inner, body) is not None:
         return  # (no body to run without the head: packed_body refuses the model)
     implementation = implementation or getattr(inner.config, "_attn_implementation", None)
     name = type(inner).__name__
